@@ -1,0 +1,1 @@
+"""CPU stage: splits, heads, metrics and the evaluation grid, read straight from the store."""
