@@ -1,1 +1,55 @@
-"""placeholder"""
+"""The scdm store: chunked Zarr v3 embedding arrays indexed by a DuckDB catalog.
+
+This package is the one owner of persistent state and never imports torch. Open a store with
+:class:`Store` (default directory ``$SCDM_STORE`` or ``./scdm-store``)::
+
+    from store import Store
+    st = Store("scdm-store")
+    st.ingest("a375.h5ad", label_key="response_PLX4720", study="GSE108383")
+    st.embeddings()
+"""
+
+from store._catalog import SCHEMA_VERSION
+from store._store import DatasetInfo, Embedding, Store, default_store_path, open_store, space_id_of
+from store.errors import (
+    DatasetNotFoundError,
+    EmbeddingIncompleteError,
+    EmbeddingNotFoundError,
+    InputDataError,
+    ReadOnlyQueryError,
+    ScdmError,
+    StoreFormatError,
+)
+
+__all__ = [
+    "Store",
+    "DatasetInfo",
+    "Embedding",
+    "open_store",
+    "default_store_path",
+    "space_id_of",
+    "example_data",
+    "SCHEMA_VERSION",
+    "ScdmError",
+    "InputDataError",
+    "DatasetNotFoundError",
+    "EmbeddingNotFoundError",
+    "EmbeddingIncompleteError",
+    "ReadOnlyQueryError",
+    "StoreFormatError",
+]
+
+
+def example_data(name: str = "A375") -> str:
+    """Path of a real dataset shipped with the package (see ``store/_data/PROVENANCE.md``).
+
+    ``"A375"``: 108 A375 melanoma cells, real PLX4720 response (GSE108383), z-scored values,
+    Entrez ``var_names`` with ``var.symbol``.
+    """
+    from importlib import resources
+
+    files = {"A375": "A375_melanoma_GSE108383.h5ad"}
+    if name not in files:
+        msg = f"No example dataset {name!r}; available: {', '.join(files)}."
+        raise KeyError(msg)
+    return str(resources.files("store").joinpath("_data").joinpath(files[name]))

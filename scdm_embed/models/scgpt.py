@@ -1,0 +1,520 @@
+"""scGPT (bowang-lab/scGPT): a post-LN transformer over (gene, binned expression) tokens.
+
+Checkpoint folder, exactly as the scGPT "Model Zoo" Google Drive folders ship it::
+
+    best_model.pt   plain state_dict (official files use flash-attn ``self_attn.Wqkv`` keys)
+    args.json       training arguments (embsize, nheads, d_hid, nlayers, pad_token, pad_value, ...)
+    vocab.json      {gene_symbol: id}; ``<pad>``, ``<cls>``, ``<eoc>`` are appended when missing
+
+What one cell becomes (``scgpt.tasks.embed_data``, MODELS.md section 2):
+
+1. the dataset's genes are matched to the vocabulary by HGNC symbol; the raw values of ``X`` are
+   used as given (no normalisation);
+2. the cell's non-zero genes, prefixed by ``<cls>`` whose value is ``pad_value`` (-2);
+3. the non-zero values are binned per cell into 51 bins: ``bins = quantile(values,
+   linspace(0, 1, 50))`` and each value gets a uniformly random bin between
+   ``digitize(v, bins)`` and ``digitize(v, bins, right=True)`` (rounded up), so tied values are
+   spread over the bins they span;
+4. at most ``max_length`` tokens (``<cls>`` + 1199 genes by default): larger cells keep a random
+   subset of genes, drawn after binning;
+5. gene embedding (+ LayerNorm) + continuous value embedding -> post-LN transformer ->
+   the last layer's ``<cls>`` vector, L2-normalised (512-d for whole-human).
+
+Where we differ from the reference, on purpose:
+
+* Random draws (bin tie-breaks, gene subsample) come from ``numpy.random.default_rng([seed,
+  row])``, one generator per cell, so a cell's tokens do not depend on chunking, batching or
+  DataLoader workers. The reference draws from the global numpy RNG inside DataLoader workers
+  (and ``torch.randperm`` for the subsample), so its embeddings cannot be replayed bit-for-bit;
+  ours are a draw from the same distribution.
+* A subsampled cell keeps its genes in dataset order (the reference shuffles them). scGPT has no
+  positional encoding, so the order does not change the embedding.
+* A cell with no counts over the vocabulary is refused (the reference crashes in ``binning``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
+from store.errors import CheckpointError, InputDataError
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+__all__ = ["ScGPTAdapter", "ScGPTModel", "write_tiny_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "best_model.pt"
+ARGS_FILE = "args.json"
+VOCAB_FILE = "vocab.json"
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+N_BINS = 51  # hard-coded in scGPT's DataCollator, whatever args.json says
+MAX_VALUE = 512  # ContinuousValueEncoder clamps its input to this
+_USED_PREFIXES = ("encoder.", "value_encoder.", "transformer_encoder.")
+_WQKV_RENAMES = (  # flash-attn v1 FlashMHA -> torch MultiheadAttention names (same [3d, d] layout)
+    ("self_attn._impl.Wqkv.", "self_attn.in_proj_"),
+    ("self_attn.Wqkv.", "self_attn.in_proj_"),
+    ("self_attn._impl.out_proj.", "self_attn.out_proj."),
+)
+
+
+# ---- model -------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, run by SDPA.
+
+    ``out_proj`` is a real ``nn.Linear`` called through its ``forward``, so LoRA can target it
+    (a stock ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly and would bypass it).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            msg = f"d_model={d_model} is not divisible by n_heads={n_heads}."
+            raise CheckpointError(msg)
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        n, length, d_model = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(n, length, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
+        # boolean mask: True = attend; padded keys are excluded exactly (no additive bias)
+        keep = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer layer with ReLU, named like ``nn.TransformerEncoderLayer``."""
+
+    def __init__(self, d_model: int, n_heads: int, d_hid: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(d_model, n_heads, dropout)
+        self.linear1 = nn.Linear(d_model, d_hid)
+        self.linear2 = nn.Linear(d_hid, d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.self_attn(x, padding_mask)))
+        return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of layers at ``transformer_encoder.layers.{i}`` (the official key prefix)."""
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_hid: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_hid, dropout) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, padding_mask)
+        return x
+
+
+class GeneEncoder(nn.Module):
+    """Gene-id embedding followed by LayerNorm (``encoder.embedding``, ``encoder.enc_norm``)."""
+
+    def __init__(self, n_tokens: int, d_model: int, padding_idx: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, d_model, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(ids))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """Expression value -> vector: clamp(max=512) -> Linear(1, d) -> ReLU -> Linear -> LayerNorm."""
+
+    def __init__(self, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(1, d_model)
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(values.unsqueeze(-1), max=MAX_VALUE)
+        return self.dropout(self.norm(self.linear2(F.relu(self.linear1(x)))))
+
+
+class ScGPTModel(nn.Module):
+    """The embedding part of scGPT's ``TransformerModel`` (heads are not built).
+
+    Parameters
+    ----------
+    n_tokens, d_model, n_heads, d_hid, n_layers
+        Vocabulary size and ``args.json``'s ``embsize``, ``nheads``, ``d_hid``, ``nlayers``.
+    pad_id
+        Vocabulary id of ``<pad>`` (the embedding's ``padding_idx``).
+    dropout
+        ``args.json``'s ``dropout`` (only active in training mode).
+    """
+
+    def __init__(self, *, n_tokens: int, d_model: int, n_heads: int, d_hid: int, n_layers: int, pad_id: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.encoder = GeneEncoder(n_tokens, d_model, pad_id)
+        self.value_encoder = ContinuousValueEncoder(d_model, dropout)
+        self.transformer_encoder = TransformerEncoder(n_layers, d_model, n_heads, d_hid, dropout)
+
+    def forward(self, input_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states of the last layer, shape (n_cells, n_tokens, d_model)."""
+        x = self.encoder(input_ids) + self.value_encoder(values)
+        return self.transformer_encoder(x, padding_mask)
+
+
+# ---- tokenisation ------------------------------------------------------------------------------
+def bin_values(values: np.ndarray, rng: np.random.Generator, n_bins: int = N_BINS) -> np.ndarray:
+    """scGPT's per-cell quantile binning of positive values into bins 1..n_bins-1.
+
+    Parameters
+    ----------
+    values
+        ndarray of shape (n_genes,): the cell's non-zero expression values (float32).
+    rng
+        Source of the uniform numbers that break ties between equal bin edges.
+    n_bins
+        51 in scGPT (bin 0 is reserved for zero expression).
+
+    Returns
+    -------
+    ndarray of float32, shape (n_genes,)
+    """
+    bins = np.quantile(values, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(values, bins)
+    right = np.digitize(values, bins, right=True)
+    spread = rng.random(len(values)) * (right - left) + left
+    return np.ceil(spread).astype(np.int64).astype(np.float32)
+
+
+def _torch_load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` on CPU, tensors only when possible (full unpickling is logged)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        logger.warning("%s holds more than tensors; unpickling it fully (only load checkpoints you trust).", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except RuntimeError as err:
+        if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
+            return _torch_load(path, mmap=False)
+        msg = f"Cannot read {str(path)!r} as a torch file ({err}). Re-download it."
+        raise CheckpointError(msg) from err
+
+
+# ---- adapter -----------------------------------------------------------------------------------
+@register_adapter
+class ScGPTAdapter(Adapter):
+    """scGPT cell embeddings: CLS token of the last layer, L2-normalised.
+
+    Parameters
+    ----------
+    checkpoint
+        Folder with ``best_model.pt``, ``args.json`` and ``vocab.json``.
+    seed
+        Seeds the per-cell bin tie-breaks and gene subsample (with the cell's row index).
+    max_length
+        Tokens per cell including ``<cls>`` (``embed_data``'s ``max_length``; 1200 = CLS + 1199
+        genes).
+    """
+
+    name = "scgpt"
+    description = "scGPT (bowang-lab): CLS of the last layer, L2-normalised; binned non-zero genes, <=1200 tokens"
+    gene_id_kind = "symbol"
+    requires_counts = True
+    checkpoint_files = (MODEL_FILE, ARGS_FILE, VOCAB_FILE)
+    # a regex (peft full-match): `linear1`/`linear2` alone would also hit value_encoder.linear1/2
+    lora_target_modules = (r".*transformer_encoder\.layers\.\d+\.(self_attn\.out_proj|linear1|linear2)",)
+    default_batch_size = 32
+
+    def __init__(self, checkpoint: str | Path | None = None, *, seed: int = 0, max_length: int = 1200) -> None:
+        super().__init__(checkpoint, seed=seed)
+        if int(max_length) < 2:
+            msg = f"max_length={max_length} leaves no room for genes after <cls>; use at least 2 (scGPT default 1200)."
+            raise InputDataError(msg)
+        self.max_length = int(max_length)
+        self._args: dict[str, Any] | None = None
+        self._vocab: dict[str, int] | None = None
+        self._gene_ids: np.ndarray | None = None  # vocab id per dataset column, -1 = unknown
+
+    # ---- checkpoint files -----------------------------------------------------------------
+    def _folder(self) -> Path:
+        self.check_checkpoint()
+        assert self.checkpoint is not None
+        return self.checkpoint
+
+    def model_args(self) -> dict[str, Any]:
+        """``args.json``, checked for the keys the embedding needs."""
+        if self._args is None:
+            path = self._folder() / ARGS_FILE
+            args = json.loads(path.read_text())
+            missing = [k for k in ("embsize", "nheads", "d_hid", "nlayers") if k not in args]
+            if missing:
+                msg = f"{str(path)!r} lacks {', '.join(missing)}; it is not an scGPT args.json. Re-download the model folder."
+                raise CheckpointError(msg)
+            style = args.get("input_emb_style", "continuous")
+            if style != "continuous":
+                msg = f"{str(path)!r} has input_emb_style={style!r}; only 'continuous' scGPT models (all released ones) are supported."
+                raise CheckpointError(msg)
+            self._args = args
+        return self._args
+
+    def vocab(self) -> dict[str, int]:
+        """``vocab.json`` with the special tokens appended as ``embed_data`` does."""
+        if self._vocab is None:
+            vocab = {str(k): int(v) for k, v in json.loads((self._folder() / VOCAB_FILE).read_text()).items()}
+            pad_token = self.model_args().get("pad_token", "<pad>")
+            for token in dict.fromkeys((pad_token, *SPECIAL_TOKENS)):
+                if token not in vocab:
+                    vocab[token] = len(vocab)  # GeneVocab.append_token gives the next id
+            self._vocab = vocab
+        return self._vocab
+
+    def _special_id(self, token: str) -> int:
+        return self.vocab()[token]
+
+    @property
+    def pad_id(self) -> int:
+        """Vocabulary id of the padding token."""
+        return self._special_id(self.model_args().get("pad_token", "<pad>"))
+
+    @property
+    def pad_value(self) -> float:
+        """Expression value of ``<cls>`` and of padding (``args.json`` ``pad_value``, -2)."""
+        return float(self.model_args().get("pad_value", -2))
+
+    # ---- model ----------------------------------------------------------------------------
+    def load(self, device: str | torch.device = "cpu") -> None:
+        args = self.model_args()
+        model = ScGPTModel(
+            n_tokens=len(self.vocab()),
+            d_model=int(args["embsize"]),
+            n_heads=int(args["nheads"]),
+            d_hid=int(args["d_hid"]),
+            n_layers=int(args["nlayers"]),
+            pad_id=self.pad_id,
+            dropout=float(args.get("dropout", 0.2)),
+        )
+        self._load_weights(model)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        logger.info("Loaded scGPT from %s (%d layers, d=%d, vocab %d).", self.checkpoint, int(args["nlayers"]), int(args["embsize"]), len(self.vocab()))
+
+    def _load_weights(self, model: ScGPTModel) -> None:
+        """Read ``best_model.pt``: rename flash-attn keys, drop the heads, load strictly."""
+        path = self._folder() / MODEL_FILE
+        state = _torch_load(path, mmap=True)
+        if not isinstance(state, dict):
+            msg = f"{str(path)!r} holds a {type(state).__name__}, not a state_dict. Re-download best_model.pt."
+            raise CheckpointError(msg)
+        renamed: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            for old, new in _WQKV_RENAMES:
+                key = key.replace(old, new)
+            renamed[key] = value
+        kept = {k: v for k, v in renamed.items() if k.startswith(_USED_PREFIXES)}
+        dropped = sorted({k.split(".", 1)[0] for k in renamed if k not in kept})
+        if dropped:
+            logger.info("scGPT: not loading heads unused for embeddings: %s", ", ".join(dropped))
+        try:
+            model.load_state_dict(kept, strict=True)
+        except RuntimeError as err:
+            msg = f"{str(path)!r} does not match args.json/vocab.json ({len(self.vocab())} tokens): {err}"
+            raise CheckpointError(msg) from err
+
+    @property
+    def emb_dim(self) -> int:
+        return int(self.model_args()["embsize"])
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "pooling": "cls",
+            "layer": "last",
+            "normalize": "l2",
+            "max_length": self.max_length,
+            "n_bins": N_BINS,
+            "binning": "per-cell quantile, tie-break seeded by (seed, row)",
+            "seed": self.seed,
+        }
+
+    # ---- data -----------------------------------------------------------------------------
+    def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
+        symbols = _as_symbols(var_genes, gene_id_kind)
+        vocab = self.vocab()
+        specials = set(SPECIAL_TOKENS) | {self.model_args().get("pad_token", "<pad>")}
+        ids = np.array([vocab[s] if s is not None and s in vocab and s not in specials else -1 for s in symbols], dtype=np.int64)
+        unmatched = tuple(str(g) for g, i in zip(var_genes, ids) if i < 0)[:20]
+        audit = GeneAudit(
+            n_input_genes=len(ids),
+            n_matched=int((ids >= 0).sum()),
+            unmatched_examples=unmatched,
+            id_kind_used="symbol",
+            extra={"vocab_size": len(vocab)},
+        )
+        require_matches(audit, self.name)
+        self._gene_ids = ids
+        return audit
+
+    def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
+        if self._gene_ids is None:
+            msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."
+            raise RuntimeError(msg)
+        check_counts(x, self.name)
+        cls_id = self._special_id("<cls>")
+        cells = []
+        for i, row in enumerate(rows):
+            start, end = x.indptr[i], x.indptr[i + 1]
+            cols, vals = x.indices[start:end], x.data[start:end].astype(np.float32)
+            order = np.argsort(cols, kind="stable")  # dataset column order, whatever the CSR layout
+            cols, vals = cols[order], vals[order]
+            genes = self._gene_ids[cols]
+            keep = (genes >= 0) & (vals != 0)
+            genes, vals = genes[keep], vals[keep]
+            if len(genes) == 0:
+                msg = (
+                    f"Cell at row {int(row)} has no counts in any of the scGPT vocabulary genes, so it has "
+                    "nothing to embed. Remove empty cells before ingest (e.g. scanpy.pp.filter_cells(adata, min_genes=1))."
+                )
+                raise InputDataError(msg)
+            rng = np.random.default_rng([self.seed, int(row)])
+            binned = bin_values(vals, rng)
+            n_genes = self.max_length - 1
+            if len(genes) > n_genes:  # sample after binning, as the DataCollator does
+                chosen = np.sort(rng.choice(len(genes), size=n_genes, replace=False))
+                genes, binned = genes[chosen], binned[chosen]
+            cells.append(
+                {
+                    "input_ids": np.concatenate([[cls_id], genes]).astype(np.int64),
+                    "values": np.concatenate([[self.pad_value], binned]).astype(np.float32),
+                }
+            )
+        return cells
+
+    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        length = max(len(c["input_ids"]) for c in cells)
+        ids = np.full((len(cells), length), self.pad_id, dtype=np.int64)
+        values = np.full((len(cells), length), self.pad_value, dtype=np.float32)
+        padding = np.ones((len(cells), length), dtype=bool)
+        for i, cell in enumerate(cells):
+            n = len(cell["input_ids"])
+            ids[i, :n], values[i, :n], padding[i, :n] = cell["input_ids"], cell["values"], False
+        return {"input_ids": torch.from_numpy(ids), "values": torch.from_numpy(values), "padding_mask": torch.from_numpy(padding)}
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.model is None:
+            msg = "Call load() before embed()."
+            raise RuntimeError(msg)
+        hidden = self.model(batch["input_ids"], batch["values"], batch["padding_mask"])
+        return F.normalize(hidden[:, 0].float(), dim=-1)
+
+
+def _as_symbols(var_genes: Sequence[str], gene_id_kind: str) -> np.ndarray:
+    """The dataset's genes as HGNC symbols (``None`` where the shipped table has no symbol)."""
+    from store.genes import map_genes
+
+    return map_genes([str(g) for g in var_genes], src=gene_id_kind, dst="symbol")  # type: ignore[arg-type]
+
+
+# ---- tiny official-format checkpoint -----------------------------------------------------------
+def _default_genes(n: int = 2000) -> list[str]:
+    from store.genes import gene_table
+
+    table = gene_table()
+    symbols = sorted(set(table.loc[table["ensembl"] != "", "symbol"]))
+    return symbols[:n]
+
+
+def _randomise_(model: nn.Module, generator: torch.Generator) -> None:
+    """Give every parameter (LayerNorms included) random values, so tests can tell them apart."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(noise / math.sqrt(max(param.shape[-1], 1)) if param.dim() > 1 else 0.1 * noise)
+
+
+def write_tiny_checkpoint(
+    folder: str | Path,
+    *,
+    genes: list[str] | None = None,
+    seed: int = 0,
+    flash_keys: bool = True,
+    **config_overrides: Any,
+) -> Path:
+    """Write a small random scGPT model folder in the official format.
+
+    Parameters
+    ----------
+    folder
+        Created if missing; receives ``best_model.pt``, ``args.json``, ``vocab.json``.
+    genes
+        Gene symbols of the vocabulary (default: 2000 symbols from the shipped gene table).
+    seed
+        Seeds the random weights.
+    flash_keys
+        Save attention as flash-attn ``self_attn.Wqkv.*`` keys, like the released checkpoints.
+    **config_overrides
+        ``args.json`` values to change (``embsize``, ``nheads``, ``d_hid``, ``nlayers``, ...).
+
+    Returns
+    -------
+    Path
+        The folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    genes = list(dict.fromkeys(genes if genes is not None else _default_genes()))
+    args: dict[str, Any] = {
+        "embsize": 32, "nheads": 4, "d_hid": 64, "nlayers": 2, "n_layers_cls": 3, "dropout": 0.2,
+        "pad_token": "<pad>", "pad_value": -2, "mask_value": -1, "n_bins": N_BINS, "max_seq_len": 1200,
+        "input_style": "binned", "input_emb_style": "continuous", "fast_transformer": True, "MVC": True,
+    }  # fmt: skip
+    args.update(config_overrides)
+    vocab = {g: i for i, g in enumerate(genes)}
+    for token in SPECIAL_TOKENS:  # whole-human style: specials after the genes
+        vocab[token] = len(vocab)
+
+    generator = torch.Generator().manual_seed(seed)
+    model = ScGPTModel(
+        n_tokens=len(vocab), d_model=args["embsize"], n_heads=args["nheads"], d_hid=args["d_hid"],
+        n_layers=args["nlayers"], pad_id=vocab["<pad>"], dropout=args["dropout"],
+    )  # fmt: skip
+    _randomise_(model, generator)
+    state = dict(model.state_dict())
+    if flash_keys:
+        state = {k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v for k, v in state.items()}
+    d = args["embsize"]
+    # heads the released files also carry (ExprDecoder, ClsDecoder, MVCDecoder): loaders must skip them
+    for key, shape in {
+        "decoder.fc.0.weight": (d, d), "decoder.fc.0.bias": (d,), "decoder.fc.2.weight": (d, d),
+        "decoder.fc.2.bias": (d,), "decoder.fc.4.weight": (1, d), "decoder.fc.4.bias": (1,),
+        "cls_decoder._decoder.0.weight": (d, d), "cls_decoder._decoder.0.bias": (d,),
+        "cls_decoder._decoder.2.weight": (d,), "cls_decoder._decoder.2.bias": (d,),
+        "cls_decoder.out_layer.weight": (1, d), "cls_decoder.out_layer.bias": (1,),
+        "mvc_decoder.gene2query.weight": (d, d), "mvc_decoder.gene2query.bias": (d,), "mvc_decoder.W.weight": (d, d),
+    }.items():  # fmt: skip
+        state[key] = torch.randn(shape, generator=generator)
+    torch.save(state, folder / MODEL_FILE)
+    (folder / ARGS_FILE).write_text(json.dumps(args, indent=2))
+    (folder / VOCAB_FILE).write_text(json.dumps(vocab))
+    return folder
