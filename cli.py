@@ -282,5 +282,124 @@ def rm(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str | Non
     click.echo(f"deleted embedding {emb.embedding_id} ({emb.model}, {emb.variant})")
 
 
+# ---- embedding commands ----------------------------------------------------------------------
+@main.command()
+@output_options
+@user_errors
+def models(fmt: str) -> None:
+    """List the models scdm can embed with and the checkpoint files each expects."""
+    import pandas as pd
+
+    from scdm_embed import available_models
+    from scdm_embed.baselines import BASELINES
+
+    rows = [{"model": name, "checkpoint files": "(none)", "gene ids": "any", "needs counts": "no",
+             "lora targets": "", "description": text} for name, text in BASELINES.items()]
+    for name, cls in available_models().items():
+        rows.append({
+            "model": name, "checkpoint files": ", ".join(cls.checkpoint_files), "gene ids": cls.gene_id_kind,
+            "needs counts": "yes" if cls.requires_counts else "no", "lora targets": ", ".join(cls.lora_target_modules),
+            "description": cls.description,
+        })
+    echo_frame(pd.DataFrame(rows), fmt, max_width=70)
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--param")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy: bool, options: dict[str, Any]) -> list[str]:
+    """Dataset names for DATA arguments: .h5ad paths are ingested first."""
+    names = []
+    for item in data:
+        if item.endswith(".h5ad") or Path(item).is_file():
+            if name and len(data) > 1:
+                raise click.UsageError("--name applies to a single file; ingest files one by one to name them.")
+            info = st.ingest(item, name=name, copy=not no_copy, **_ingest_kwargs(dict(options)))
+            names.append(info.name)
+        else:
+            names.append(st.dataset(item).name)
+    return names
+
+
+@main.command()
+@click.argument("data", nargs=-1, required=True)
+@click.option("--model", "-m", required=True, help="Model name (see `scdm models`): pca, hvg, geneformer, tgpt, llm, scgpt, ...")
+@click.option("--checkpoint", "-c", type=click.Path(exists=True, file_okay=False), help="Local checkpoint folder in the model's official format.")
+@click.option("--batch-size", type=int, help="Cells per forward pass (default: the model's; halved automatically on CUDA out-of-memory).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--layer", type=int, help="Hidden layer to pool (model default if omitted; e.g. Geneformer's penultimate, -2).")
+@click.option("--pooling", type=click.Choice(["mean", "cls", "max"]), help="Pooling over tokens (model default if omitted).")
+@click.option("--max-genes", type=int, help="Maximum genes (tokens) per cell (model default if omitted).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of any gene sampling (part of the embedding's identity).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Other model parameter (repeatable), e.g. --param version=V2.")
+@click.option("--chunk-rows", type=int, help="Cells per stored chunk (default: about 8 MB per chunk).")
+@click.option("--workers", type=int, default=0, show_default=True, help="Processes that tokenise the next chunk while the model runs.")
+@click.option("--min-gene-fraction", type=float, default=0.0, show_default=True, help="Refuse when fewer of the dataset's genes are in the model vocabulary.")
+@click.option("--joint", is_flag=True, help="Baselines: fit one pca/hvg on all DATA together (shared genes) so their cells share one space.")
+@click.option("--n-hvg", type=int, default=2000, show_default=True, help="Baselines: highly variable genes.")
+@click.option("--n-comps", type=int, default=50, show_default=True, help="pca: principal components.")
+@click.option("--normalized/--counts", "normalized", default=None, help="Baselines: treat X as already normalised (or as raw counts); detected when omitted.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@dataset_options
+@pass_ctx
+@user_errors
+def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, batch_size: int | None, device: str,
+          precision: str, layer: int | None, pooling: str | None, max_genes: int | None, seed: int, params: tuple[str, ...],
+          chunk_rows: int | None, workers: int, min_gene_fraction: float, joint: bool, n_hvg: int, n_comps: int,
+          normalized: bool | None, quiet: bool, name: str | None, no_copy: bool, **options: Any) -> None:
+    """Embed the cells of DATA (an .h5ad file, ingested first, or a dataset in the store).
+
+    Finished embeddings are returned at once; an interrupted run resumes from the first missing
+    chunk when the same command is run again.
+
+    \b
+    Examples:
+      scdm embed a375 --model pca
+      scdm embed study1 study2 study3 --model pca --joint     # one shared space
+      scdm embed pc9.h5ad --model geneformer --checkpoint ~/ckpt/Geneformer-V2-104M \\
+           --label-key response --study GSE149383 --batch-size 64
+      scdm embed pc9 --model scgpt --checkpoint ~/ckpt/scGPT_human --device cuda
+    """
+    from scdm_embed.baselines import BASELINES
+    from scdm_embed.runner import embed as run_embed
+    from scdm_embed.runner import embed_baseline
+
+    st = obj.store
+    names = _resolve_datasets(st, data, name, no_copy, options)
+    if model in BASELINES:
+        groups = [names] if joint else [[n] for n in names]
+        results = [r for g in groups for r in embed_baseline(st, g, model=model, n_hvg=n_hvg, n_comps=n_comps, normalized=normalized, chunk_rows=chunk_rows, progress=not quiet)]
+    else:
+        if joint:
+            raise click.UsageError("--joint applies to the baselines (pca, hvg) only; foundation-model embeddings already share one space.")
+        extra = {k: v for k, v in {"layer": layer, "pooling": pooling, "max_genes": max_genes}.items() if v is not None}
+        extra.update(_parse_params(params))
+        results = []
+        for n in names:
+            try:
+                results.append(run_embed(st, n, model, checkpoint, batch_size=batch_size, device=device, precision=precision,
+                                         chunk_rows=chunk_rows, seed=seed, workers=workers, min_gene_fraction=min_gene_fraction,
+                                         progress=not quiet, **extra))
+            except TypeError as err:
+                if "unexpected keyword" not in str(err):
+                    raise
+                raise click.UsageError(f"{model} does not take that option ({err}). See `scdm models` and the model's docs.") from err
+    for r in results:
+        speed = r.telemetry.get("cells_per_s")
+        how = f"computed {r.computed_chunks} chunk(s)" + (f" at {speed:.0f} cells/s" if speed else "") if r.computed_chunks else "already in the store"
+        click.echo(f"{r.model} embedding of {r.dataset}: {r.n_cells} x {r.dim}, id {r.embedding_id} ({how})")
+
+
 if __name__ == "__main__":
     main()

@@ -306,8 +306,9 @@ class GramStats:
     """Sufficient statistics of a least-squares fit over a set of rows.
 
     All sums are over ``X - shift`` (a fixed vector shared by stats that are added or
-    subtracted), which keeps the float64 centring exact enough when embeddings have large means.
-    Stats of disjoint row sets add; the stats of a training fold are ``total - test_fold``.
+    subtracted), which keeps the float64 centring accurate when embeddings have large means.
+    Stats of disjoint row sets add; the stats of a training fold are ``total - test_fold``
+    (a downdate: no pass over the training rows).
     """
 
     n: float
@@ -317,7 +318,8 @@ class GramStats:
     sy: float
     """Sum of labels."""
     sxx: np.ndarray
-    """Gram matrix of shifted rows, shape (emb_dim, emb_dim), float64, full (symmetric)."""
+    """Gram matrix of shifted rows, shape (emb_dim, emb_dim), float64, Fortran order, *lower
+    triangle only* (the upper triangle is zero: every consumer reads the lower half)."""
     sxy: np.ndarray
     """Shifted rows times labels, shape (emb_dim,)."""
     shift: np.ndarray
@@ -327,45 +329,40 @@ class GramStats:
     def zeros(cls, dim: int, shift: np.ndarray | None = None) -> GramStats:
         """Empty statistics for ``dim`` features."""
         shift = np.zeros(dim, np.float32) if shift is None else np.asarray(shift, np.float32)
-        return cls(0.0, np.zeros(dim), 0.0, np.zeros((dim, dim)), np.zeros(dim), shift)
+        return cls(0.0, np.zeros(dim), 0.0, np.zeros((dim, dim), order="F"), np.zeros(dim), shift)
 
     @classmethod
     def from_rows(cls, X: np.ndarray, y: np.ndarray, *, shift: np.ndarray | None = None,
                   block_rows: int = 8192) -> GramStats:
-        """Statistics of ``X`` (n, dim) and ``y`` (n,), in float32 blocks accumulated in float64."""
+        """Statistics of ``X`` (n, dim) and ``y`` (n,): one pass, float32 blocks summed in float64."""
         stats = cls.zeros(X.shape[1], shift)
         stats.add_rows(X, y, block_rows=block_rows)
         return stats
 
     def add_rows(self, X: np.ndarray, y: np.ndarray, *, block_rows: int = 8192) -> None:
-        """Accumulate rows in place (one pass; uses a symmetric rank-k update, half the FLOPs)."""
-        y = np.asarray(y, np.float64).ravel()
+        """Accumulate rows in place with a symmetric rank-k update (half the FLOPs of X.T @ X)."""
+        y = np.asarray(y, np.float32).ravel()
+        dim = self.sx.shape[0]
+        gram = np.zeros((dim, dim), np.float32, order="F")  # reused: fresh 40 MB buffers page-fault
         for start in range(0, X.shape[0], block_rows):
             block = np.asarray(X[start:start + block_rows], np.float32) - self.shift
             yb = y[start:start + block_rows]
-            # block.T is Fortran-ordered (dim, rows): ssyrk computes block.T @ block, lower half.
-            gram = scipy.linalg.blas.ssyrk(1.0, block.T, trans=0, lower=1)
+            # block.T is Fortran-ordered (dim, rows): ssyrk computes block.T @ block, lower half,
+            # in float32; the sum over blocks is kept in float64.
+            gram = scipy.linalg.blas.ssyrk(1.0, block.T, beta=0.0, c=gram, trans=0, lower=1, overwrite_c=1)
             self.sxx += gram
             self.sx += block.sum(axis=0, dtype=np.float64)
-            self.sxy += (yb.astype(np.float32) @ block).astype(np.float64)
-            self.sy += float(yb.sum())
+            self.sxy += (yb @ block).astype(np.float64)
+            self.sy += float(yb.sum(dtype=np.float64))
             self.n += block.shape[0]
-        self._symmetric = False
-
-    def _full(self) -> np.ndarray:
-        # ssyrk fills the lower triangle only; mirror it once when a solve needs the full matrix.
-        if not getattr(self, "_symmetric", True):
-            lower = np.tril(self.sxx, -1)
-            self.sxx = np.tril(self.sxx) + lower.T
-            self._symmetric = True
-        return self.sxx
 
     def _combine(self, other: GramStats, sign: float) -> GramStats:
         if not np.array_equal(self.shift, other.shift):
             msg = "GramStats with different shifts cannot be combined; build them with the same shift."
             raise InputDataError(msg)
+        sxx = np.add(self.sxx, other.sxx) if sign > 0 else np.subtract(self.sxx, other.sxx)
         return GramStats(self.n + sign * other.n, self.sx + sign * other.sx, self.sy + sign * other.sy,
-                         self._full() + sign * other._full(), self.sxy + sign * other.sxy, self.shift)
+                         sxx, self.sxy + sign * other.sxy, self.shift)
 
     def __add__(self, other: GramStats) -> GramStats:
         return self._combine(other, 1.0)
@@ -373,8 +370,18 @@ class GramStats:
     def __sub__(self, other: GramStats) -> GramStats:
         return self._combine(other, -1.0)
 
+    def iadd(self, other: GramStats) -> GramStats:
+        """In-place ``self += other`` (no new dim x dim matrix)."""
+        self.sxx += other.sxx
+        self.sx += other.sx
+        self.sxy += other.sxy
+        self.sy += other.sy
+        self.n += other.n
+        return self
 
-def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool = True) -> tuple[np.ndarray, float]:
+
+def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool = True,
+                     minus: GramStats | None = None, work: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Closed-form ridge regression of y on X from sufficient statistics.
 
     Minimises ``||y - b - Z w_z||^2 + alpha ||w_z||^2`` with ``Z`` the training rows standardised
@@ -382,35 +389,67 @@ def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool = True
     unpenalised intercept ``b``. Returned in the original coordinates: ``score = X @ coef + intercept``.
 
     Solving in original coordinates, ``(C + alpha * diag(sigma^2)) w = c`` with ``C`` the centred
-    Gram matrix, is algebraically the same as the standardised problem and avoids scaling a
-    ``dim x dim`` matrix twice.
+    Gram matrix, is the same as the standardised problem and avoids scaling a dim x dim matrix.
+
+    Parameters
+    ----------
+    stats : GramStats
+        Statistics of the training rows, or of all rows when ``minus`` is given.
+    alpha : float
+    standardize : bool, default True
+    minus : GramStats, optional
+        Statistics of the held-out fold: the fit uses ``stats - minus`` (the fold downdate).
+    work : ndarray of shape (emb_dim, emb_dim), float64, Fortran order, optional
+        Scratch matrix the solve overwrites; pass one to reuse across many solves (a fresh
+        dim x dim allocation costs more than the subtraction itself).
 
     Returns
     -------
     coef : ndarray of shape (emb_dim,)
     intercept : float
     """
-    n = stats.n
+    if minus is not None:
+        if not np.array_equal(stats.shift, minus.shift):
+            msg = "GramStats with different shifts cannot be combined; build them with the same shift."
+            raise InputDataError(msg)
+        n, sx, sy, sxy = stats.n - minus.n, stats.sx - minus.sx, stats.sy - minus.sy, stats.sxy - minus.sxy
+    else:
+        n, sx, sy, sxy = stats.n, stats.sx, stats.sy, stats.sxy
+    if work is None or work.shape != stats.sxx.shape or not work.flags.f_contiguous:
+        work = np.empty(stats.sxx.shape, order="F")
+    if minus is not None:
+        np.subtract(stats.sxx, minus.sxx, out=work)
+    else:
+        np.copyto(work, stats.sxx)
     if n < 1:
         msg = "Ridge needs at least one training row; the statistics hold none."
         raise InputDataError(msg)
-    mean = stats.sx / n
-    y_mean = stats.sy / n
-    centred = stats._full() - n * np.outer(mean, mean)
-    cross = stats.sxy - mean * stats.sy
+    mean = sx / n
+    cross = sxy - mean * sy
+    # ``work`` is Fortran-ordered with a valid lower triangle: BLAS/LAPACK update it in place.
+    work = scipy.linalg.blas.dsyr(-n, mean, a=work, lower=1, overwrite_a=1)  # centre: -= n mean mean^T
+    diag = np.einsum("ii->i", work)
     if standardize:
-        var = np.clip(np.diag(centred) / n, 0.0, None)
+        var = np.clip(diag / n, 0.0, None)
         penalty = np.where(var > 1e-12, var, 1.0) * alpha
     else:
         penalty = np.full(mean.shape, float(alpha))
-    system = centred.copy()
-    system[np.diag_indices_from(system)] += penalty
-    try:
-        coef = scipy.linalg.solve(system, cross, assume_a="pos", check_finite=False)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        coef = scipy.linalg.lstsq(system, cross, check_finite=False)[0]
-    intercept = y_mean - float((mean + stats.shift.astype(np.float64)) @ coef)
+    diag += penalty
+    coef = _solve_lower_spd(work, cross)
+    intercept = sy / n - float((mean + stats.shift.astype(np.float64)) @ coef)
     return coef, intercept
+
+
+def _solve_lower_spd(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve with a Fortran-ordered matrix whose lower triangle is valid (Cholesky, in place)."""
+    factor, info = scipy.linalg.lapack.dpotrf(lower, lower=1, overwrite_a=1, clean=0)
+    if info == 0:
+        coef, info = scipy.linalg.lapack.dpotrs(factor, rhs, lower=1)
+        if info == 0:
+            return coef
+    msg = ("The ridge system is not positive definite (collinear features with alpha=0, or degenerate "
+           "training rows); use alpha > 0, e.g. get_head('ridge', alpha=1.0).")
+    raise InputDataError(msg)
 
 
 def ridge_score_to_proba(score: np.ndarray) -> np.ndarray:

@@ -438,7 +438,11 @@ def save_splits(st: Store, splits: Sequence[Split]) -> int:
         return 0
     ids = [s.split_id for s in splits]
     existing = set(st.query("SELECT split_id FROM splits WHERE list_contains(?, split_id)", [ids])["split_id"])
-    new = [s for s in splits if s.split_id not in existing and s.split_id not in ids[: ids.index(s.split_id)]]
+    new, seen = [], set(existing)
+    for split in splits:
+        if split.split_id not in seen:
+            seen.add(split.split_id)
+            new.append(split)
     if not new:
         return 0
     now = pd.Timestamp.now(tz="UTC").tz_localize(None)

@@ -427,11 +427,12 @@ class Store:
         if dim < 1:
             msg = f"Embedding dim must be >= 1; got {dim}."
             raise InputDataError(msg)
+        found = self.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=checkpoint_hash,
+                                   adapter_hash=adapter_hash, variant=variant, dtype=dtype)
+        if found is not None:
+            return found
         space = space_id_of(model, checkpoint_hash, adapter_hash, variant, params)
         embedding_id = _short_hash("embedding", ds.content_hash, space, dtype)
-        found = self.query("SELECT * FROM embeddings WHERE embedding_id = ?", [embedding_id])
-        if len(found):
-            return self._handle(found.iloc[0])
         rows = chunk_rows or _zarr.default_chunk_rows(dim, dtype)
         rel = f"{EMBEDDINGS_DIR}/{embedding_id}.zarr"
         _zarr.create_array(
@@ -445,6 +446,15 @@ class Store:
              _canonical_json(params), dim, dtype, ds.n_cells, rows, n_chunks, rel],
         )
         return self._handle(self.query("SELECT * FROM embeddings WHERE embedding_id = ?", [embedding_id]).iloc[0])
+
+    def get_embedding(self, dataset: str, *, model: str, params: dict[str, Any], checkpoint_hash: str | None = None,
+                      adapter_hash: str | None = None, variant: str = "frozen", dtype: str = "float32") -> Embedding | None:
+        """The embedding with exactly these settings, or None (nothing is created)."""
+        ds = self.dataset(dataset)
+        space = space_id_of(model, checkpoint_hash, adapter_hash, variant, params)
+        embedding_id = _short_hash("embedding", ds.content_hash, space, dtype)
+        found = self.query("SELECT * FROM embeddings WHERE embedding_id = ?", [embedding_id])
+        return self._handle(found.iloc[0]) if len(found) else None
 
     def _handle(self, row: pd.Series) -> Embedding:
         r = row.to_dict()  # attribute access would clash with Series.dtype / Series.name

@@ -441,6 +441,7 @@ class GeneformerAdapter(Adapter):
             self.checkpoint,
             add_pooling_layer=False,
             attn_implementation="sdpa",
+            **_dtype_argument(torch.float32),
             output_loading_info=True,
             local_files_only=True,
         )
@@ -543,6 +544,17 @@ class GeneformerAdapter(Adapter):
         else:
             keep = positions < lengths
         return _masked_mean(hidden, keep)
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained`` keyword for the weight dtype (transformers 5 renamed ``torch_dtype``).
+
+    Always given: transformers 5 otherwise loads weights in the dtype they were saved in.
+    """
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
 def _masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,17 @@ def top_expressed(columns: sp.csr_matrix, n_top: int) -> list[np.ndarray]:
     return out
 
 
+def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained`` keyword for the weight dtype (transformers 5 renamed ``torch_dtype``).
+
+    Always given: transformers 5 otherwise loads weights in the dtype they were saved in.
+    """
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
 def _masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean over the kept positions in float32; a cell with none gets zeros (never NaN)."""
     summed = torch.where(keep[..., None], hidden.float(), 0.0).sum(dim=1)
@@ -200,7 +211,11 @@ class LLMAdapter(Adapter):
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         model, info = AutoModel.from_pretrained(
-            self.checkpoint, dtype=dtype, attn_implementation="sdpa", output_loading_info=True, local_files_only=True
+            self.checkpoint,
+            attn_implementation="sdpa",
+            output_loading_info=True,
+            local_files_only=True,
+            **_dtype_argument(dtype),
         )
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])

@@ -305,7 +305,8 @@ class ScFoundationAdapter(Adapter):
                 f"{n_genes} genes; use the gene index file that came with this model."
             )
             raise CheckpointError(msg)
-        model = ScFoundationModel(config)
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = ScFoundationModel(config)
         self._load_weights(model)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -320,12 +321,12 @@ class ScFoundationAdapter(Adapter):
             msg = f"{MODEL_FILE}[{self.sub_model!r}] has no 'state_dict'. Re-download models.ckpt."
             raise CheckpointError(msg)
         stripped = {k.removeprefix("model."): v for k, v in state.items()}
-        kept = {k: v for k, v in stripped.items() if k.startswith(_USED_PREFIXES)}
+        kept = {k: v.float() for k, v in stripped.items() if k.startswith(_USED_PREFIXES)}
         dropped = sorted({k.split(".", 1)[0] for k in stripped if k not in kept})
         if dropped:
             logger.info("scFoundation: not loading parts unused for cell embeddings: %s", ", ".join(dropped))
         try:
-            model.load_state_dict(kept, strict=True)
+            model.load_state_dict(kept, strict=True, assign=True)
         except RuntimeError as err:
             msg = f"{MODEL_FILE}[{self.sub_model!r}] weights do not match its config: {err}"
             raise CheckpointError(msg) from err

@@ -304,15 +304,16 @@ class ScGPTAdapter(Adapter):
     # ---- model ----------------------------------------------------------------------------
     def load(self, device: str | torch.device = "cpu") -> None:
         args = self.model_args()
-        model = ScGPTModel(
-            n_tokens=len(self.vocab()),
-            d_model=int(args["embsize"]),
-            n_heads=int(args["nheads"]),
-            d_hid=int(args["d_hid"]),
-            n_layers=int(args["nlayers"]),
-            pad_id=self.pad_id,
-            dropout=float(args.get("dropout", 0.2)),
-        )
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = ScGPTModel(
+                n_tokens=len(self.vocab()),
+                d_model=int(args["embsize"]),
+                n_heads=int(args["nheads"]),
+                d_hid=int(args["d_hid"]),
+                n_layers=int(args["nlayers"]),
+                pad_id=self.pad_id,
+                dropout=float(args.get("dropout", 0.2)),
+            )
         self._load_weights(model)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -330,12 +331,12 @@ class ScGPTAdapter(Adapter):
             for old, new in _WQKV_RENAMES:
                 key = key.replace(old, new)
             renamed[key] = value
-        kept = {k: v for k, v in renamed.items() if k.startswith(_USED_PREFIXES)}
+        kept = {k: v.float() for k, v in renamed.items() if k.startswith(_USED_PREFIXES)}
         dropped = sorted({k.split(".", 1)[0] for k in renamed if k not in kept})
         if dropped:
             logger.info("scGPT: not loading heads unused for embeddings: %s", ", ".join(dropped))
         try:
-            model.load_state_dict(kept, strict=True)
+            model.load_state_dict(kept, strict=True, assign=True)
         except RuntimeError as err:
             msg = f"{str(path)!r} does not match args.json/vocab.json ({len(self.vocab())} tokens): {err}"
             raise CheckpointError(msg) from err

@@ -1,0 +1,615 @@
+"""The evaluation grid: every (embedding space, split, fold, head) task, straight from the store.
+
+:func:`evaluate` groups the selected embeddings by ``space_id`` (embeddings of one space across
+datasets are pooled; spaces are never mixed), builds the splits of the pooled cells (stored once,
+reused by every model), reads each space's embedding matrix once, fits every head on every fold
+(in parallel, ``jobs=N``), and writes long-format metrics and per-cell test predictions to the
+catalog. A task already in the catalog (same embeddings, split, fold, head and head parameters)
+is not fitted again, so an interrupted or extended run only does what is missing.
+
+Ridge is not fitted task by task: per split, one pass over the category's cells gives the Gram
+statistics of every fold, and each fold's training fit is the downdate ``total - fold`` and one
+Cholesky solve (cross-data splits share per-atom statistics from a single pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from scdm_classify.heads import GramStats, RidgeHead, get_head, ridge_from_stats, ridge_score_to_proba
+from scdm_classify.metrics import METRICS, compute_metrics
+from scdm_classify.splits import CATEGORY_TYPES, Split, make_splits, save_splits
+from store.errors import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError
+
+if TYPE_CHECKING:
+    from store import Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalSummary", "Task", "evaluate", "progress_bar"]
+
+_ATOM_COLUMNS = ["dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen"]
+_FLUSH_SECONDS = 5.0
+_ATOM_MEMORY_BYTES = 3 * 1024**3
+"""Cross-data ridge keeps one dim x dim float64 matrix per atom when they fit in this budget."""
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """What one :func:`evaluate` call did."""
+
+    run_id: str
+    """Id of the run (``eval_runs.run_id``)."""
+    n_tasks: int
+    """Tasks requested (fitted now + already in the catalog)."""
+    n_done: int
+    """Tasks fitted by this call."""
+    n_reused: int
+    """Tasks found finished in the catalog and not fitted again."""
+    n_skipped: int
+    """Tasks recorded as skipped (split or fold skipped, or the head failed)."""
+    seconds: float
+    """Wall time of the call."""
+    spaces: tuple[str, ...]
+    """Embedding spaces evaluated."""
+    split_scheme: str
+    """``cell`` or ``sample``: always reported with the results."""
+    results: pd.DataFrame = field(repr=False)
+    """Long-format metrics of every requested task (fitted now or reused)."""
+    skipped: pd.DataFrame = field(repr=False)
+    """Tasks skipped by this run, with the reason."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (embedding space, split, fold, head) fit."""
+
+    task_id: str
+    space: _Space
+    split: Split
+    fold: int
+    head: str
+    params: dict[str, Any]
+    params_key: str
+
+
+@dataclass
+class _Space:
+    space_id: str
+    model: str
+    variant: str
+    embeddings: pd.DataFrame  # one row per dataset: embedding_id, dataset_id, dataset_name, dim
+    cells: pd.DataFrame | None = None
+    splits: list[Split] = field(default_factory=list)
+    X: np.ndarray | None = None
+    y: np.ndarray | None = None
+    lookup: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def embedding_ids(self) -> list[str]:
+        return sorted(self.embeddings["embedding_id"])
+
+    def positions(self, frame: pd.DataFrame) -> np.ndarray:
+        """Rows of ``X`` holding the cells (dataset_id, row) of ``frame``."""
+        out = np.empty(len(frame), np.int64)
+        ds = frame["dataset_id"].to_numpy()
+        rows = frame["row"].to_numpy(np.int64)
+        for dataset_id in pd.unique(ds):
+            sel = ds == dataset_id
+            out[sel] = self.lookup[dataset_id][rows[sel]]
+        return out
+
+
+def progress_bar(total: int, *, desc: str, silent: bool = False) -> Any:
+    """The one progress bar of scdm_classify: tqdm on stderr (``silent=True`` hides it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=silent, unit="task", leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------------
+def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[_Space]:
+    table = st.embeddings()
+    if embeddings is not None:
+        wanted = list(dict.fromkeys(embeddings))
+        unknown = [e for e in wanted if e not in set(table["embedding_id"])]
+        if unknown:
+            msg = f"No embedding {unknown[0]!r} in the store; list them with `scdm ls` (SELECT * FROM embeddings)."
+            raise EmbeddingNotFoundError(msg)
+        table = table[table["embedding_id"].isin(wanted)]
+        partial = table[table["status"] != "complete"]
+        if len(partial):
+            msg = (f"Embedding {partial['embedding_id'].iloc[0]!r} is not complete; finish it with `scdm embed` "
+                   "(it resumes) before evaluating it.")
+            raise EmbeddingIncompleteError(msg)
+    else:
+        table = table[table["status"] == "complete"]
+        if table.empty:
+            msg = "The store holds no complete embedding to evaluate; compute one with `scdm embed` first."
+            raise EmbeddingNotFoundError(msg)
+    spaces = []
+    for space_id, group in table.groupby("space_id", sort=True):
+        # One embedding per dataset in a space (the newest if a dataset somehow has several).
+        group = group.sort_values("created_at").drop_duplicates("dataset_id", keep="last").sort_values("dataset_id")
+        if group["dim"].nunique() != 1:
+            msg = f"Embeddings of space {space_id} have different dims {sorted(group['dim'].unique())}; they cannot be pooled."
+            raise InputDataError(msg)
+        first = group.iloc[0]
+        spaces.append(_Space(space_id=str(space_id), model=str(first["model"]), variant=str(first["variant"]),
+                             embeddings=group.reset_index(drop=True)))
+    return spaces
+
+
+def _load_matrix(st: Store, space: _Space) -> None:
+    """Read every embedding of the space once and keep the labelled cells' rows, in cells order."""
+    cells = space.cells
+    assert cells is not None
+    dim = int(space.embeddings["dim"].iloc[0])
+    X = np.empty((len(cells), dim), np.float32)
+    dataset_of = cells["dataset_id"].to_numpy()
+    for row in space.embeddings.itertuples():
+        idx = np.flatnonzero(dataset_of == row.dataset_id)
+        rows = cells["row"].to_numpy(np.int64)[idx]
+        matrix = st.read_embedding(row.embedding_id)
+        X[idx] = matrix[rows]
+        lookup = np.full(matrix.shape[0], -1, np.int64)
+        lookup[rows] = idx
+        space.lookup[row.dataset_id] = lookup
+        del matrix
+    if not np.isfinite(X).all():
+        msg = f"Embedding space {space.space_id} ({space.model}) holds NaN or inf values; recompute the embedding."
+        raise InputDataError(msg)
+    space.X = X
+    space.y = cells["response"].to_numpy(np.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# tasks
+# --------------------------------------------------------------------------------------------
+def _task_id(space: _Space, split: Split, fold: int, head: str, params_key: str) -> str:
+    text = json.dumps([space.space_id, space.embedding_ids, split.split_id, fold, head, params_key])
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
+def _plan(space: _Space, heads: Sequence[str], head_params: dict[str, dict[str, Any]]) -> tuple[list[Task], list[dict[str, Any]]]:
+    tasks, skipped = [], []
+    for head in heads:
+        params = dict(head_params.get(head, {}))
+        params_key = get_head(head, **params).params_key()
+        for split in space.splits:
+            if split.reason:
+                skipped.append(_skip_row(space, split, None, head, split.reason))
+                continue
+            for fold in range(split.n_folds):
+                if fold in split.skipped_folds:
+                    skipped.append(_skip_row(space, split, fold, head, split.skipped_folds[fold]))
+                    continue
+                tasks.append(Task(_task_id(space, split, fold, head, params_key), space, split, fold, head, params,
+                                  params_key))
+    return tasks, skipped
+
+
+def _skip_row(space: _Space, split: Split, fold: int | None, head: str, reason: str) -> dict[str, Any]:
+    return {"space_id": space.space_id, "split_id": split.split_id, "scenario": split.scenario,
+            "category_type": split.category_type, "category": split.category, "fold": fold, "head": head,
+            "reason": reason}
+
+
+@dataclass
+class _Outcome:
+    task: Task
+    proba: np.ndarray | None
+    test_pos: np.ndarray | None
+    fit_seconds: float
+    predict_seconds: float
+    n_train: int
+    error: str | None = None
+
+
+def _fit_task(task: Task) -> _Outcome:
+    """Fit one head on one fold's training cells and predict its test cells."""
+    space, split = task.space, task.split
+    assert space.X is not None and space.y is not None
+    pos = space.positions(split.cells)
+    test = split.test_mask(task.fold)
+    train_pos, test_pos = pos[~test], pos[test]
+    try:
+        head = get_head(task.head, **task.params)
+        t0 = time.perf_counter()
+        head.fit(space.X[train_pos], space.y[train_pos])
+        t1 = time.perf_counter()
+        proba = head.predict_proba(space.X[test_pos])
+        t2 = time.perf_counter()
+    except InputDataError as err:
+        return _Outcome(task, None, None, 0.0, 0.0, int(train_pos.size), error=str(err))
+    return _Outcome(task, proba, test_pos, t1 - t0, t2 - t1, int(train_pos.size))
+
+
+def _ridge_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
+    """All ridge tasks of a space by Gram downdates (see module docstring)."""
+    assert space.X is not None and space.y is not None
+    X, y = space.X, space.y
+    dim = X.shape[1]
+    shift = X[np.linspace(0, len(X) - 1, min(len(X), 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64).astype(np.float32)
+    work = np.empty((dim, dim), order="F")
+    by_params: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_params.setdefault(task.params_key, []).append(task)
+    for group in by_params.values():
+        params = RidgeHead(**group[0].params)
+        params._validate_params()
+        by_split: dict[str, list[Task]] = {}
+        for task in group:
+            by_split.setdefault(task.split.split_id, []).append(task)
+        atoms = _AtomStats(space, shift) if any(t.split.scenario == "cross" for t in group) else None
+        for split_tasks in by_split.values():
+            yield from _ridge_split(space, split_tasks, params, shift, work, atoms)
+
+
+class _AtomStats:
+    """GramStats per atom (dataset x study x categories), from one pass, for cross-data splits."""
+
+    def __init__(self, space: _Space, shift: np.ndarray) -> None:
+        assert space.cells is not None and space.X is not None
+        dim = space.X.shape[1]
+        codes = space.cells[_ATOM_COLUMNS].astype(str).groupby(_ATOM_COLUMNS, sort=True).ngroup().to_numpy()
+        self.codes = codes
+        self.enabled = (codes.max() + 1) * dim * dim * 8 <= _ATOM_MEMORY_BYTES
+        self.stats: dict[int, GramStats] = {}
+        if not self.enabled:
+            logger.info("ridge: %d atoms x dim %d exceed the memory budget; cross-data splits take one pass each",
+                        codes.max() + 1, dim)
+            return
+        t0 = time.perf_counter()
+        for code in np.unique(codes):
+            rows = np.flatnonzero(codes == code)
+            self.stats[int(code)] = GramStats.from_rows(space.X[rows], space.y[rows], shift=shift)
+        logger.info("ridge: Gram statistics of %d atoms in %.1f s", len(self.stats), time.perf_counter() - t0)
+
+    def sum(self, positions: np.ndarray, dim: int, shift: np.ndarray) -> GramStats | None:
+        """Stats of the rows at ``positions`` if they are a union of whole atoms, else None."""
+        if not self.enabled:
+            return None
+        present = np.unique(self.codes[positions])
+        if sum(int(self.stats[int(c)].n) for c in present) != positions.size:
+            return None
+        total = GramStats.zeros(dim, shift)
+        for code in present:
+            total.iadd(self.stats[int(code)])
+        return total
+
+
+def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.ndarray, work: np.ndarray,
+                 atoms: _AtomStats | None) -> Iterator[_Outcome]:
+    assert space.X is not None and space.y is not None
+    split = tasks[0].split
+    X, y = space.X, space.y
+    dim = X.shape[1]
+    pos = space.positions(split.cells)
+    fold_of = split.cells["fold"].to_numpy(dtype=float, na_value=np.nan)
+    t0 = time.perf_counter()
+    fold_stats: dict[int, GramStats] = {}
+    total = atoms.sum(pos, dim, shift) if atoms is not None and split.scenario == "cross" else None
+    if total is not None:
+        for task in tasks:  # held-out study = whole atoms: sum them, no pass over rows
+            fold_stats[task.fold] = atoms.sum(pos[fold_of == task.fold], dim, shift)  # type: ignore[union-attr, assignment]
+    else:
+        total = GramStats.zeros(dim, shift)
+        for fold in np.unique(fold_of[~np.isnan(fold_of)]).astype(int):
+            rows = pos[fold_of == fold]
+            fold_stats[fold] = GramStats.from_rows(X[rows], y[rows], shift=shift)
+            total.iadd(fold_stats[fold])
+        always_train = pos[np.isnan(fold_of)]
+        if always_train.size:
+            total.iadd(GramStats.from_rows(X[always_train], y[always_train], shift=shift))
+    stats_seconds = (time.perf_counter() - t0) / max(len(tasks), 1)
+    for task in tasks:
+        t1 = time.perf_counter()
+        test_pos = pos[fold_of == task.fold]
+        coef, intercept = ridge_from_stats(total, head.alpha, standardize=head.standardize,
+                                           minus=fold_stats[task.fold], work=work)
+        t2 = time.perf_counter()
+        proba = ridge_score_to_proba(X[test_pos] @ coef.astype(np.float32) + intercept)
+        t3 = time.perf_counter()
+        yield _Outcome(task, proba, test_pos, stats_seconds + t2 - t1, t3 - t2, int(pos.size - test_pos.size))
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+class _Writer:
+    """Buffers finished tasks and writes them in short catalog transactions."""
+
+    def __init__(self, st: Store, run_id: str, save_predictions: bool) -> None:
+        self.st, self.run_id, self.save_predictions = st, run_id, save_predictions
+        self.tasks: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []
+        self.predictions: list[pd.DataFrame] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.last = time.monotonic()
+
+    def add(self, out: _Outcome) -> None:
+        task, space, split = out.task, out.task.space, out.task.split
+        if out.error is not None:
+            self.skip(_skip_row(space, split, task.fold, task.head, out.error))
+            return
+        assert space.y is not None and out.test_pos is not None and out.proba is not None
+        y_test = space.y[out.test_pos]
+        m = compute_metrics(y_test, out.proba)
+        common = {"task_id": task.task_id, "run_id": self.run_id, "space_id": space.space_id, "model": space.model,
+                  "variant": space.variant, "split_id": split.split_id, "scenario": split.scenario,
+                  "category_type": split.category_type, "category": split.category, "scheme": split.scheme,
+                  "fold": task.fold, "head": task.head}
+        self.results += [{**common, "metric": name, "value": m.values[name], "n_train": out.n_train,
+                          "n_test": m.n, "fit_seconds": out.fit_seconds} for name in METRICS]
+        self.tasks.append({**common, "embedding_ids": json.dumps(space.embedding_ids), "head_params": task.params_key,
+                           "n_train": out.n_train, "n_test": m.n, "n_test_pos": m.n_pos, "fit_seconds": out.fit_seconds,
+                           "predict_seconds": out.predict_seconds, "flags": ",".join(m.flags) or None,
+                           "created_at": _now()})
+        if self.save_predictions:
+            cells = space.cells
+            assert cells is not None
+            self.predictions.append(pd.DataFrame({
+                "task_id": task.task_id, "dataset_id": cells["dataset_id"].to_numpy()[out.test_pos],
+                "row": cells["row"].to_numpy(np.int32)[out.test_pos], "y_true": y_test.astype(np.int8),
+                "proba": out.proba.astype(np.float32)}))
+        if time.monotonic() - self.last > _FLUSH_SECONDS:
+            self.flush()
+
+    def skip(self, row: dict[str, Any]) -> None:
+        self.skipped.append({**row, "run_id": self.run_id, "created_at": _now()})
+
+    def flush(self) -> None:
+        st = self.st
+        if self.tasks:
+            ids = [t["task_id"] for t in self.tasks]
+            # Leftovers of a task interrupted between these inserts are removed first; the
+            # eval_tasks row goes in last and is what marks a task finished.
+            st.execute("DELETE FROM eval_predictions WHERE list_contains(?, task_id)", [ids])
+            st.execute("DELETE FROM eval_results WHERE list_contains(?, task_id)", [ids])
+            if self.predictions:
+                st.insert_df("eval_predictions", pd.concat(self.predictions, ignore_index=True))
+            st.insert_df("eval_results", pd.DataFrame(self.results))
+            st.insert_df("eval_tasks", pd.DataFrame(self.tasks))
+        if self.skipped:
+            st.insert_df("skipped_tasks", pd.DataFrame(self.skipped))
+        self.tasks, self.results, self.predictions, self.skipped = [], [], [], []
+        self.last = time.monotonic()
+
+
+def _now() -> pd.Timestamp:
+    return pd.Timestamp.now(tz="UTC").tz_localize(None)
+
+
+# --------------------------------------------------------------------------------------------
+# parallel execution
+# --------------------------------------------------------------------------------------------
+class _Threads:
+    """Split the CPU between ``jobs`` parallel fits (BLAS and torch thread pools)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self.per_job = max(1, (os.cpu_count() or 1) // jobs)
+
+    def __enter__(self) -> _Threads:
+        from threadpoolctl import threadpool_limits
+
+        self.limits = threadpool_limits(limits=self.per_job) if self.jobs > 1 else None
+        self.torch_threads = None
+        if self.jobs > 1 and "torch" in sys.modules:
+            import torch
+
+            self.torch_threads = torch.get_num_threads()
+            torch.set_num_threads(self.per_job)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.limits is not None:
+            self.limits.unregister()
+        if self.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
+
+def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[_Outcome]:
+    if jobs == 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield _fit_task(task)
+        return
+    from joblib import Parallel, delayed
+
+    # Threads share the embedding matrix (read once per process); the heavy parts of every head
+    # (BLAS, torch, LightGBM) release the GIL.
+    with _Threads(jobs):
+        parallel = Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")
+        yield from parallel(delayed(_fit_task)(task) for task in tasks)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def evaluate(
+    store: str | os.PathLike[str] | Store,
+    embeddings: Sequence[str] | None = None,
+    *,
+    scenarios: Iterable[Literal["pooled", "cross", "custom"]] = ("pooled", "cross"),
+    by: Iterable[str] = CATEGORY_TYPES,
+    heads: Iterable[str] = ("mlp", "logreg"),
+    folds: int = 10,
+    split_scheme: Literal["cell", "sample"] = "cell",
+    seed: int = 0,
+    jobs: int = 1,
+    head_params: dict[str, dict[str, Any]] | None = None,
+    custom: pd.DataFrame | None = None,
+    save_predictions: bool = True,
+    silent: bool = False,
+) -> EvalSummary:
+    """Evaluate embeddings: every (embedding space, split, fold, head) task, resumably.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    embeddings : list of str, optional
+        Embedding ids to evaluate. Default: every complete embedding in the store. Embeddings
+        with the same ``space_id`` (one model/checkpoint/variant/params, several datasets) are
+        pooled into one task; different spaces are evaluated separately.
+    scenarios : iterable of {"pooled", "cross", "custom"}, default ("pooled", "cross")
+    by : iterable of category types, default ("all", "tissue", "cancer_type", "drug_type", "regimen")
+    heads : iterable of head names, default ("mlp", "logreg")
+        See :data:`scdm_classify.heads.HEADS`.
+    folds : int, default 10
+        Folds of the pooled scenario.
+    split_scheme : {"cell", "sample"}, default "cell"
+        Pooled folds at cell level (scDrugMap) or grouped by sample (no sample on both sides).
+    seed : int, default 0
+        Seed of the pooled folds.
+    jobs : int, default 1
+        Parallel fits (threads sharing one copy of the embeddings).
+    head_params : dict, optional
+        Per-head constructor arguments, e.g. ``{"mlp": {"profile": "fast"}, "logreg": {"C": 0.1}}``;
+        part of every task's identity.
+    custom : DataFrame, optional
+        Assignments for the ``custom`` scenario (dataset_id, row or cell_id, fold).
+    save_predictions : bool, default True
+        Write per-cell test probabilities to ``eval_predictions``.
+    silent : bool, default False
+        Hide the progress bar (stderr).
+
+    Returns
+    -------
+    EvalSummary
+
+    Raises
+    ------
+    EmbeddingNotFoundError, EmbeddingIncompleteError, InputDataError
+
+    Examples
+    --------
+    >>> summary = evaluate("scdm-store", heads=["ridge", "logreg"], by=["all", "tissue"])  # doctest: +SKIP
+    >>> leaderboard("scdm-store")  # doctest: +SKIP
+    """
+    from store import open_store
+
+    st = open_store(store)
+    started = time.perf_counter()
+    heads = list(dict.fromkeys(heads))
+    head_params = dict(head_params or {})
+    for head in heads:  # validate names and parameters before any work
+        get_head(head, **head_params.get(head, {}))._validate_params()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        msg = f"jobs={jobs!r} must be an integer >= 1."
+        raise InputDataError(msg)
+    scenarios, by = list(scenarios), list(by)
+    spaces = _select_spaces(st, embeddings)
+    run_id = uuid.uuid4().hex[:16]
+    config = {"embeddings": [e for s in spaces for e in s.embedding_ids], "scenarios": scenarios, "by": by,
+              "heads": heads, "head_params": head_params, "folds": folds, "split_scheme": split_scheme, "seed": seed,
+              "jobs": jobs, "save_predictions": save_predictions}
+    st.insert_df("eval_runs", pd.DataFrame([{"run_id": run_id, "created_at": _now(), "status": "running",
+                                              "config": json.dumps(config, sort_keys=True, default=str),
+                                              "scdm_version": _version()}]))
+    writer = _Writer(st, run_id, save_predictions)
+    all_ids: list[str] = []
+    n_done = n_reused = n_skipped = 0
+    try:
+        for space in spaces:
+            space.cells = _labelled_cells(st, space)
+            space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
+                                       seed=seed, custom=custom)
+            save_splits(st, space.splits)
+            tasks, skipped = _plan(space, heads, head_params)
+            for row in skipped:
+                writer.skip(row)
+            n_skipped += len(skipped)
+            all_ids += [t.task_id for t in tasks]
+            finished = _finished(st, [t.task_id for t in tasks])
+            pending = [t for t in tasks if t.task_id not in finished]
+            n_reused += len(tasks) - len(pending)
+            logger.info("space %s (%s, %d datasets, %d cells): %d tasks, %d already done, %d skipped",
+                        space.space_id, space.model, len(space.embeddings), len(space.cells), len(tasks),
+                        len(tasks) - len(pending), len(skipped))
+            if not pending:
+                continue
+            _load_matrix(st, space)
+            bar = progress_bar(len(pending), desc=f"evaluate {space.model}", silent=silent)
+            ridge = [t for t in pending if t.head == "ridge"]
+            others = [t for t in pending if t.head != "ridge"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("once")
+                for out in _chain(_ridge_outcomes(space, ridge), _run_tasks(others, jobs)):
+                    writer.add(out)
+                    if out.error is None:
+                        n_done += 1
+                    else:
+                        n_skipped += 1
+                        logger.warning("task %s (%s, fold %d) not fitted: %s", out.task.head, out.task.split.category,
+                                       out.task.fold, out.error)
+                    bar.update(1)
+            bar.close()
+            writer.flush()
+            space.X = None  # free the matrix before the next space
+        writer.flush()
+    except BaseException:
+        writer.flush()
+        st.execute("UPDATE eval_runs SET status = 'failed', finished_at = ?, seconds = ? WHERE run_id = ?",
+                   [_now(), time.perf_counter() - started, run_id])
+        raise
+    seconds = time.perf_counter() - started
+    st.execute("UPDATE eval_runs SET status = 'complete', finished_at = ?, seconds = ?, n_tasks = ?, n_done = ?, "
+               "n_reused = ?, n_skipped = ? WHERE run_id = ?",
+               [_now(), seconds, len(all_ids), n_done, n_reused, n_skipped, run_id])
+    results = st.query("SELECT * FROM eval_results WHERE list_contains(?, task_id) ORDER BY model, head, scenario, "
+                       "category_type, category, fold, metric", [all_ids])
+    skipped_frame = st.query("SELECT * FROM skipped_tasks WHERE run_id = ?", [run_id])
+    logger.info("run %s: %d tasks fitted, %d reused, %d skipped in %.1f s", run_id, n_done, n_reused, n_skipped, seconds)
+    return EvalSummary(run_id=run_id, n_tasks=len(all_ids), n_done=n_done, n_reused=n_reused, n_skipped=n_skipped,
+                       seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=split_scheme,
+                       results=results, skipped=skipped_frame)
+
+
+def _chain(*iterators: Iterator[_Outcome]) -> Iterator[_Outcome]:
+    for it in iterators:
+        yield from it
+
+
+def _labelled_cells(st: Store, space: _Space) -> pd.DataFrame:
+    cells = st.cells(list(space.embeddings["dataset_name"]))
+    labelled = cells[cells["response"].notna()].copy()
+    if labelled.empty:
+        names = ", ".join(space.embeddings["dataset_name"])
+        msg = f"No cell of {names} has a response label; ingest with label_key=<obs column> to evaluate it."
+        raise InputDataError(msg)
+    labelled["row"] = labelled["row"].astype(np.int64)
+    labelled["response"] = labelled["response"].astype(np.int8)
+    return labelled.sort_values(["dataset_id", "row"]).reset_index(drop=True)
+
+
+def _finished(st: Store, task_ids: list[str]) -> set[str]:
+    if not task_ids:
+        return set()
+    return set(st.query("SELECT task_id FROM eval_tasks WHERE list_contains(?, task_id)", [task_ids])["task_id"])
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scdm")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,632 @@
+"""UCE, Universal Cell Embeddings (snap-stanford/UCE): a transformer over a sampled "cell sentence".
+
+Checkpoint folder, the figshare files ``evaluate.py`` downloads into ``model_files/``::
+
+    4layer_model.torch | 33l_8ep_1024t_1280.torch   state_dict incl. pe_embedding.weight [145469, 5120]
+    all_tokens.torch                                  token table: ESM2 protein embeddings of every
+                                                      species' genes (+ chromosome tokens)
+    species_chrom.csv                                 species, gene_symbol, chromosome, start
+    species_offsets.pkl                               species -> first row of its genes in the table
+    protein_embeddings/<Species>...ESM2.pt            {gene_symbol: tensor}; its key order gives
+                                                      the gene's row (offset + position)
+
+What one cell becomes (``eval_data.py``, ``evaluate.py``; MODELS.md section 4):
+
+1. genes are matched by upper-cased symbol to the species' protein-embedding dict and the
+   chromosome table; counts are truncated to integers (the reference stores int64);
+2. ``w = log1p(counts) / sum``; 1024 genes are sampled with replacement with probability ``w``;
+3. sampled genes are grouped by chromosome; chromosomes come in random order, each as
+   ``[chromosome token] + genes sorted by genomic start + [2]``; the sentence starts with CLS
+   (token 3), at most 1536 tokens;
+4. token -> ``pe_embedding`` row (frozen) -> L2-normalised -> ``encoder`` (Linear, GELU, LayerNorm)
+   x sqrt(d) -> + sinusoidal position -> post-LN transformer -> ``decoder`` MLP on the CLS
+   position -> L2-normalised (1280-d).
+
+Where we differ from the reference, on purpose:
+
+* Sampling and chromosome shuffling use ``numpy.random.default_rng([seed, row])`` per cell
+  instead of the unseeded global numpy RNG, so embeddings are reproducible and independent of
+  chunking; genes within a chromosome are ordered by (start, token) with a stable sort.
+* Padding is masked with a boolean key mask. The reference passes ``1 - mask`` as a *float*
+  ``src_key_padding_mask``, which PyTorch adds to the attention logits: pads are attended with
+  a +1 logit bias, so its embeddings change with the batch's padding (up to ~0.02). Ours do not.
+  With no padding (batch size 1, or equal lengths) the two agree.
+* Genes without a chromosome row are dropped (the reference raises a KeyError); the reference's
+  dataset-level filters (``filter_genes(min_cells=10)``, ``filter_cells(min_genes=25)``) are not
+  applied: scdm embeds every cell of the dataset. A cell without counts in the matched genes is
+  refused (the reference divides by zero).
+
+Token table: like ``evaluate.py``, the table stored in the model file is kept when
+``all_tokens.torch`` has the same number of rows (and the stored one is not all zeros);
+otherwise ``all_tokens.torch`` replaces it, after appending the 1,895 chromosome tokens drawn
+with ``torch.manual_seed(23)`` when it holds only the 143,574 ESM2 rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
+from store.errors import CheckpointError, InputDataError
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+__all__ = ["UCEAdapter", "UCEModel", "write_tiny_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILES = {"4layer": "4layer_model.torch", "33layer": "33l_8ep_1024t_1280.torch"}
+TOKEN_FILE = "all_tokens.torch"
+CHROM_FILE = "species_chrom.csv"
+OFFSETS_FILE = "species_offsets.pkl"
+PROTEIN_DIR = "protein_embeddings"
+SPECIES_FILES = {  # data_proc/gene_embeddings.py
+    "human": "Homo_sapiens.GRCh38.gene_symbol_to_embedding_ESM2.pt",
+    "mouse": "Mus_musculus.GRCm39.gene_symbol_to_embedding_ESM2.pt",
+    "frog": "Xenopus_tropicalis.Xenopus_tropicalis_v9.1.gene_symbol_to_embedding_ESM2.pt",
+    "zebrafish": "Danio_rerio.GRCz11.gene_symbol_to_embedding_ESM2.pt",
+    "mouse_lemur": "Microcebus_murinus.Mmur_3.0.gene_symbol_to_embedding_ESM2.pt",
+    "pig": "Sus_scrofa.Sscrofa11.1.gene_symbol_to_embedding_ESM2.pt",
+    "macaca_fascicularis": "Macaca_fascicularis.Macaca_fascicularis_6.0.gene_symbol_to_embedding_ESM2.pt",
+    "macaca_mulatta": "Macaca_mulatta.Mmul_10.gene_symbol_to_embedding_ESM2.pt",
+}
+PAD_TOKEN, CHROM_CLOSE_TOKEN, CLS_TOKEN = 0, 2, 3  # eval_single_anndata.py defaults
+N_ESM2_TOKENS = 143_574  # rows of the ESM2-only token table (= CHROM_TOKEN_OFFSET)
+N_CHROM_TOKENS = 1_895  # chromosome tokens after them (145,469 rows in all)
+CHROM_TOKEN_SEED = 23
+N_HEADS = 20  # hard-coded in evaluate.py; not recoverable from the weights
+_USED_PREFIXES = ("pe_embedding.", "encoder.", "pos_encoder.", "transformer_encoder.", "decoder.")
+
+
+# ---- model -------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, run by SDPA.
+
+    ``out_proj`` is a real ``nn.Linear`` called through its ``forward``, so LoRA can target it.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            msg = f"d_model={d_model} is not divisible by nhead={n_heads}."
+            raise CheckpointError(msg)
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        n, length, d_model = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(n, length, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
+        keep = None if padding_mask is None else ~padding_mask[:, None, None, :]  # True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN layer with ReLU: ``nn.TransformerEncoderLayer``'s names and maths (batch-first here)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_hid: int, dropout: float = 0.05) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(d_model, n_heads, dropout)
+        self.linear1 = nn.Linear(d_model, d_hid)
+        self.linear2 = nn.Linear(d_hid, d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.self_attn(x, padding_mask)))
+        return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class TransformerEncoder(nn.Module):
+    """Layers at ``transformer_encoder.layers.{i}`` (the official key prefix)."""
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_hid: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_hid) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, padding_mask)
+        return x
+
+
+class PositionalEncoding(nn.Module):
+    """Sinusoidal positions; the ``pe`` buffer [max_len, 1, d] is part of the official state_dict."""
+
+    def __init__(self, d_model: int, max_len: int = 1536) -> None:
+        super().__init__()
+        position = torch.arange(max_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, 1, d_model)
+        pe[:, 0, 0::2] = torch.sin(position * div_term)
+        pe[:, 0, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pe[: x.shape[1], 0].to(x.dtype)
+
+
+def _full_block(d_in: int, d_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.GELU(), nn.Dropout(dropout))
+
+
+class UCEModel(nn.Module):
+    """UCE's ``TransformerModel`` without the pretraining heads (``binary_decoder``, ``gene_embedding_layer``).
+
+    Parameters
+    ----------
+    n_tokens, token_dim
+        Shape of the token table (145,469 x 5120 when released).
+    d_model, n_heads, d_hid, n_layers
+        1280, 20, 5120, 4 or 33.
+    decoder_hidden, output_dim
+        Decoder widths (1024, 1280).
+    max_len
+        Rows of the positional table (``pad_length``, 1536).
+    """
+
+    def __init__(
+        self, *, n_tokens: int, token_dim: int, d_model: int, n_heads: int, d_hid: int, n_layers: int,
+        decoder_hidden: int = 1024, output_dim: int = 1280, max_len: int = 1536, dropout: float = 0.05,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.d_model = d_model
+        self.pe_embedding = nn.Embedding(n_tokens, token_dim)
+        self.pe_embedding.weight.requires_grad_(False)  # frozen ESM2 table
+        self.encoder = nn.Sequential(nn.Linear(token_dim, d_model), nn.GELU(), nn.LayerNorm(d_model))
+        self.pos_encoder = PositionalEncoding(d_model, max_len)
+        self.transformer_encoder = TransformerEncoder(n_layers, d_model, n_heads, d_hid)
+        self.decoder = nn.Sequential(
+            _full_block(d_model, decoder_hidden, dropout),
+            _full_block(decoder_hidden, output_dim, dropout),
+            _full_block(output_dim, output_dim, dropout),
+            nn.Linear(output_dim, output_dim),
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """L2-normalised cell embeddings from the CLS position, shape (n_cells, output_dim)."""
+        tokens = F.normalize(self.pe_embedding(input_ids).float(), dim=-1)
+        x = self.encoder(tokens) * math.sqrt(self.d_model)
+        x = self.dropout(self.pos_encoder(x))
+        hidden = self.transformer_encoder(x, padding_mask)
+        return F.normalize(self.decoder(hidden[:, 0]).float(), dim=-1)
+
+
+def _torch_load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` on CPU, tensors only when possible (full unpickling is logged)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        logger.warning("%s holds more than tensors; unpickling it fully (only load checkpoints you trust).", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except RuntimeError as err:
+        if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
+            return _torch_load(path, mmap=False)
+        msg = f"Cannot read {str(path)!r} as a torch file ({err}). Re-download it."
+        raise CheckpointError(msg) from err
+
+
+def chromosome_tokens(token_dim: int) -> torch.Tensor:
+    """The 1,895 chromosome token vectors ``evaluate.get_ESM2_embeddings`` appends to an ESM2-only table."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(CHROM_TOKEN_SEED)
+        return torch.normal(mean=0, std=1, size=(N_CHROM_TOKENS, token_dim))
+    finally:
+        torch.random.set_rng_state(state)  # leave the caller's global RNG as it was
+
+
+# ---- adapter -----------------------------------------------------------------------------------
+@register_adapter
+class UCEAdapter(Adapter):
+    """UCE cell embeddings: CLS -> decoder -> L2-norm, from a seeded cell sentence.
+
+    Parameters
+    ----------
+    checkpoint
+        Folder with the model file, ``all_tokens.torch``, ``species_chrom.csv``,
+        ``species_offsets.pkl`` and ``protein_embeddings/``.
+    seed
+        Seeds each cell's gene sampling and chromosome order (with the cell's row index).
+    variant
+        ``"4layer"`` (``4layer_model.torch``) or ``"33layer"`` (``33l_8ep_1024t_1280.torch``).
+    species
+        Species of the dataset (a key of ``species_offsets.pkl`` with a protein-embedding file).
+    sample_size
+        Genes sampled per cell (1024).
+    nhead
+        Attention heads (20 in every released model; the weights do not record it).
+    """
+
+    name = "uce"
+    description = "UCE 4-layer / 33-layer (snap-stanford): CLS -> decoder -> L2-norm of a 1024-gene chromosome-ordered cell sentence"
+    gene_id_kind = "symbol"
+    requires_counts = True
+    checkpoint_files = ("*.torch", TOKEN_FILE, CHROM_FILE, OFFSETS_FILE, f"{PROTEIN_DIR}/*.pt")
+    lora_target_modules = ("self_attn.out_proj", "linear1", "linear2")
+    default_batch_size = 25
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        *,
+        seed: int = 0,
+        variant: str = "4layer",
+        species: str = "human",
+        sample_size: int = 1024,
+        nhead: int = N_HEADS,
+    ) -> None:
+        super().__init__(checkpoint, seed=seed)
+        if variant not in MODEL_FILES:
+            msg = f"variant={variant!r} is unknown; use one of {', '.join(MODEL_FILES)} (files {', '.join(MODEL_FILES.values())})."
+            raise InputDataError(msg)
+        if species not in SPECIES_FILES:
+            msg = f"species={species!r} has no UCE protein embeddings; use one of {', '.join(SPECIES_FILES)}."
+            raise InputDataError(msg)
+        if int(sample_size) < 1:
+            msg = f"sample_size={sample_size} must be at least 1 (UCE default 1024)."
+            raise InputDataError(msg)
+        self.variant = variant
+        self.species = species
+        self.sample_size = int(sample_size)
+        self.nhead = int(nhead)
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._vocab: pd.DataFrame | None = None
+        self._genes: dict[str, np.ndarray] | None = None  # per dataset column: token, chrom, start, matched
+
+    # ---- checkpoint files -----------------------------------------------------------------
+    @property
+    def model_file(self) -> str:
+        """File name of the chosen variant's weights."""
+        return MODEL_FILES[self.variant]
+
+    def check_checkpoint(self) -> None:
+        super().check_checkpoint()
+        assert self.checkpoint is not None
+        for name in (self.model_file, f"{PROTEIN_DIR}/{SPECIES_FILES[self.species]}"):
+            if not (self.checkpoint / name).is_file():
+                msg = (
+                    f"Checkpoint folder {str(self.checkpoint)!r} is missing {name!r} "
+                    f"(needed for variant={self.variant!r}, species={self.species!r})."
+                )
+                raise CheckpointError(msg)
+
+    def _folder(self) -> Path:
+        self.check_checkpoint()
+        assert self.checkpoint is not None
+        return self.checkpoint
+
+    def _read_state(self) -> dict[str, torch.Tensor]:
+        path = self._folder() / self.model_file
+        state = _torch_load(path, mmap=True)
+        if not isinstance(state, dict):
+            msg = f"{str(path)!r} holds a {type(state).__name__}, not a state_dict. Re-download it."
+            raise CheckpointError(msg)
+        if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+        return state
+
+    def architecture(self) -> dict[str, int]:
+        """Sizes read from the weights' shapes (the model file has no config)."""
+        if self._shapes is None:
+            self._shapes = {k: tuple(v.shape) for k, v in self._read_state().items()}
+        shapes = self._shapes
+        try:
+            d_model, token_dim = shapes["encoder.0.weight"]
+            layers = {int(k.split(".")[2]) for k in shapes if k.startswith("transformer_encoder.layers.")}
+            return {
+                "n_tokens": shapes["pe_embedding.weight"][0],
+                "token_dim": token_dim,
+                "d_model": d_model,
+                "d_hid": shapes["transformer_encoder.layers.0.linear1.weight"][0],
+                "n_layers": len(layers),
+                "decoder_hidden": shapes["decoder.0.0.weight"][0],
+                "output_dim": shapes["decoder.3.weight"][0],
+                "max_len": shapes["pos_encoder.pe"][0],
+            }
+        except (KeyError, ValueError) as err:
+            msg = f"{self.model_file} is not a UCE state_dict (missing or odd {err})."
+            raise CheckpointError(msg) from err
+
+    def token_table(self, stored: torch.Tensor) -> torch.Tensor:
+        """The token table ``evaluate.run_eval`` ends up with (see the module docstring)."""
+        tokens = _torch_load(self._folder() / TOKEN_FILE, mmap=True)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            msg = f"{TOKEN_FILE} must hold one 2-D tensor (tokens x {stored.shape[1]}); re-download it."
+            raise CheckpointError(msg)
+        if tokens.shape[1] != stored.shape[1]:
+            msg = f"{TOKEN_FILE} has {tokens.shape[1]}-d tokens but {self.model_file} expects {stored.shape[1]}-d."
+            raise CheckpointError(msg)
+        if tokens.shape[0] == N_ESM2_TOKENS:
+            tokens = torch.vstack([tokens, chromosome_tokens(tokens.shape[1])])
+        if tokens.shape[0] == stored.shape[0] and bool(stored[: min(len(stored), 4096)].any()):
+            logger.info("UCE: using the token table stored in %s (same size as %s).", self.model_file, TOKEN_FILE)
+            return stored.float()
+        return tokens.float()
+
+    def chrom_token_offset(self) -> int:
+        """First chromosome token row (``CHROM_TOKEN_OFFSET``, 143,574 when released).
+
+        The model file's table has the ESM2 rows followed by the 1,895 chromosome tokens.
+        """
+        return self.architecture()["n_tokens"] - N_CHROM_TOKENS
+
+    # ---- model ----------------------------------------------------------------------------
+    def load(self, device: str | torch.device = "cpu") -> None:
+        arch = self.architecture()
+        with torch.device("meta"):  # no random init: every tensor comes from the files
+            model = UCEModel(n_heads=self.nhead, **arch)
+        self._load_weights(model)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        logger.info("Loaded UCE %s from %s (%d layers, d=%d).", self.variant, self.checkpoint, arch["n_layers"], arch["d_model"])
+
+    def _load_weights(self, model: UCEModel) -> None:
+        """Drop the pretraining heads, swap in the token table, load strictly."""
+        state = self._read_state()
+        kept = {k: v.float() for k, v in state.items() if k.startswith(_USED_PREFIXES) and k != "pe_embedding.weight"}
+        dropped = sorted({k.split(".", 1)[0] for k in state if not k.startswith(_USED_PREFIXES)})
+        if dropped:
+            logger.info("UCE: not loading pretraining heads: %s", ", ".join(dropped))
+        if "pe_embedding.weight" not in state:
+            msg = f"{self.model_file} has no pe_embedding.weight; it is not a UCE state_dict."
+            raise CheckpointError(msg)
+        table = self.token_table(state["pe_embedding.weight"])
+        if table.shape[0] != model.pe_embedding.num_embeddings:  # a token file with extra species
+            with torch.device("meta"):
+                model.pe_embedding = nn.Embedding(table.shape[0], table.shape[1])
+            model.pe_embedding.weight.requires_grad_(False)
+        kept["pe_embedding.weight"] = table
+        try:
+            model.load_state_dict(kept, strict=True, assign=True)
+        except RuntimeError as err:
+            msg = f"{self.model_file} does not match a UCE model with nhead={self.nhead}: {err}"
+            raise CheckpointError(msg) from err
+
+    @property
+    def emb_dim(self) -> int:
+        return self.architecture()["output_dim"]
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "species": self.species,
+            "sample_size": self.sample_size,
+            "pooling": "cls -> decoder -> l2",
+            "padding_mask": "boolean",
+            "nhead": self.nhead,
+            "seed": self.seed,
+        }
+
+    # ---- data -----------------------------------------------------------------------------
+    def _species_vocab(self) -> pd.DataFrame:
+        """Upper-cased symbol -> token row, chromosome code, start for the species' genes."""
+        if self._vocab is not None:
+            return self._vocab
+        folder = self._folder()
+        with open(folder / OFFSETS_FILE, "rb") as f:
+            offsets = pickle.load(f)
+        if self.species not in offsets:
+            msg = f"{OFFSETS_FILE} has no offset for species {self.species!r} (it has: {', '.join(map(str, offsets))})."
+            raise CheckpointError(msg)
+        proteins = _torch_load(folder / PROTEIN_DIR / SPECIES_FILES[self.species], mmap=True)  # only the key order is needed
+        # dict order is the token order; upper-casing keeps the first position of a repeated key
+        symbols = list(dict.fromkeys(str(k).upper() for k in proteins))
+        tokens = pd.DataFrame({"symbol": symbols, "token": np.arange(len(symbols), dtype=np.int64) + int(offsets[self.species])})
+        chroms = pd.read_csv(folder / CHROM_FILE, dtype={"species": str, "gene_symbol": str, "chromosome": str})
+        missing = {"species", "gene_symbol", "chromosome", "start"} - set(chroms.columns)
+        if missing:
+            msg = f"{CHROM_FILE} lacks the column(s) {', '.join(sorted(missing))}; re-download it."
+            raise CheckpointError(msg)
+        # codes over the whole file, as get_spec_chrom_csv does (categories sorted)
+        chroms["chrom_code"] = pd.Categorical(chroms["species"] + "_" + chroms["chromosome"]).codes.astype(np.int64)
+        spec = chroms[chroms["species"] == self.species].drop_duplicates("gene_symbol", keep="first")
+        vocab = tokens.merge(spec[["gene_symbol", "chrom_code", "start"]], left_on="symbol", right_on="gene_symbol", how="left")
+        self._vocab = vocab.drop(columns="gene_symbol").set_index("symbol")
+        return self._vocab
+
+    def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
+        from store.genes import map_genes
+
+        symbols = map_genes([str(g) for g in var_genes], src=gene_id_kind, dst="symbol")  # type: ignore[arg-type]
+        vocab = self._species_vocab()
+        upper = pd.Index([s.upper() if s is not None else "" for s in symbols])
+        found = vocab.reindex(upper)
+        has_protein = found["token"].notna().to_numpy()
+        matched = has_protein & found["chrom_code"].notna().to_numpy()
+        unmatched = tuple(str(g) for g, m in zip(var_genes, matched) if not m)[:20]
+        audit = GeneAudit(
+            n_input_genes=len(symbols),
+            n_matched=int(matched.sum()),
+            unmatched_examples=unmatched,
+            id_kind_used="symbol",
+            extra={"species": self.species, "n_without_chromosome": int((has_protein & ~matched).sum())},
+        )
+        require_matches(audit, self.name)
+        self._genes = {
+            "matched": matched,
+            "token": np.where(matched, found["token"].fillna(-1).to_numpy(), -1).astype(np.int64),
+            "chrom": np.where(matched, found["chrom_code"].fillna(-1).to_numpy(), -1).astype(np.int64),
+            "start": np.where(matched, found["start"].fillna(0).to_numpy(), 0).astype(np.float64),
+        }
+        return audit
+
+    def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
+        if self._genes is None:
+            msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."
+            raise RuntimeError(msg)
+        check_counts(x, self.name)
+        genes = self._genes
+        chrom_offset = self.chrom_token_offset()
+        max_len = self.architecture()["max_len"]
+        cells = []
+        for i, row in enumerate(rows):
+            start, end = x.indptr[i], x.indptr[i + 1]
+            cols = x.indices[start:end]
+            counts = np.trunc(x.data[start:end].astype(np.float64))  # the reference stores int64 counts
+            keep = genes["matched"][cols] & (counts > 0)
+            cols, counts = cols[keep], counts[keep]
+            if len(cols) == 0:
+                msg = (
+                    f"Cell at row {int(row)} has no counts in any UCE gene of species {self.species!r}, so no "
+                    "genes can be sampled. Remove empty cells before ingest (e.g. scanpy.pp.filter_cells(adata, min_genes=1))."
+                )
+                raise InputDataError(msg)
+            rng = np.random.default_rng([self.seed, int(row)])
+            weights = np.log1p(counts)
+            sampled = cols[rng.choice(len(cols), size=self.sample_size, replace=True, p=weights / weights.sum())]
+            sentence = _cell_sentence(sampled, genes, rng, chrom_offset)
+            if len(sentence) > max_len:
+                msg = f"Cell at row {int(row)} makes a {len(sentence)}-token sentence, longer than the model's {max_len} positions; lower sample_size."
+                raise InputDataError(msg)
+            cells.append({"input_ids": sentence})
+        return cells
+
+    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        length = max(len(c["input_ids"]) for c in cells)
+        ids = np.full((len(cells), length), PAD_TOKEN, dtype=np.int64)
+        padding = np.ones((len(cells), length), dtype=bool)
+        for i, cell in enumerate(cells):
+            n = len(cell["input_ids"])
+            ids[i, :n], padding[i, :n] = cell["input_ids"], False
+        return {"input_ids": torch.from_numpy(ids), "padding_mask": torch.from_numpy(padding)}
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.model is None:
+            msg = "Call load() before embed()."
+            raise RuntimeError(msg)
+        return self.model(batch["input_ids"], batch["padding_mask"]).float()
+
+
+def _cell_sentence(sampled: np.ndarray, genes: dict[str, np.ndarray], rng: np.random.Generator, chrom_offset: int) -> np.ndarray:
+    """CLS, then per chromosome (random order): chromosome token, genes by start, closing token."""
+    chrom = genes["chrom"][sampled]
+    chrom_order = rng.permutation(np.unique(chrom))
+    parts = [np.array([CLS_TOKEN], dtype=np.int64)]
+    for code in chrom_order:
+        here = sampled[chrom == code]
+        tokens = genes["token"][here]
+        by_start = np.lexsort((tokens, genes["start"][here]))  # start, then token: deterministic ties
+        parts.append(np.concatenate([[code + chrom_offset], tokens[by_start], [CHROM_CLOSE_TOKEN]]).astype(np.int64))
+    return np.concatenate(parts)
+
+
+# ---- tiny official-format checkpoint -----------------------------------------------------------
+def _default_genes(n: int = 2000) -> list[str]:
+    from store.genes import gene_table
+
+    table = gene_table()
+    return sorted(set(table.loc[table["ensembl"] != "", "symbol"]))[:n]
+
+
+def _randomise_(model: nn.Module, generator: torch.Generator) -> None:
+    """Random values for every trainable parameter (LayerNorms included) so tests can tell them apart."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if not param.requires_grad:  # the frozen token table is written separately
+                    continue
+                noise = torch.randn(param.shape, generator=generator)
+                if isinstance(module, nn.LayerNorm) and name == "weight":
+                    param.copy_(1.0 + 0.1 * noise)
+                else:
+                    param.copy_(noise / math.sqrt(param.shape[-1]) if param.dim() > 1 else 0.1 * noise)
+
+
+def write_tiny_checkpoint(
+    folder: str | Path,
+    *,
+    genes: list[str] | None = None,
+    seed: int = 0,
+    variant: str = "4layer",
+    store_token_table: bool = False,
+    **config_overrides: Any,
+) -> Path:
+    """Write a small random UCE folder in the official format.
+
+    The token table has the official layout: mouse genes first, then human genes (so the human
+    offset is not 0), then 1,895 chromosome tokens. ``species_chrom.csv`` gives every gene a
+    chromosome among 1..22, X, Y (human) and 1..3 (mouse).
+
+    Parameters
+    ----------
+    folder
+        Created if missing.
+    genes
+        Human gene symbols (default: 2000 symbols from the shipped gene table).
+    seed
+        Seeds weights, token vectors and gene positions.
+    variant
+        Which official model file name to write (``"4layer"`` or ``"33layer"``).
+    store_token_table
+        Store the real token table in the model file's ``pe_embedding.weight`` (so the loader
+        keeps it) instead of zeros (so the loader takes ``all_tokens.torch``).
+    **config_overrides
+        ``token_dim`` (16), ``d_model`` (40), ``n_heads`` (20), ``d_hid`` (48), ``n_layers`` (2),
+        ``decoder_hidden`` (24), ``output_dim`` (24), ``max_len`` (1536).
+
+    Returns
+    -------
+    Path
+        The folder.
+    """
+    folder = Path(folder)
+    (folder / PROTEIN_DIR).mkdir(parents=True, exist_ok=True)
+    human = list(dict.fromkeys(genes if genes is not None else _default_genes()))
+    mouse = [f"Mmgene{i}" for i in range(7)]
+    cfg: dict[str, Any] = {"token_dim": 16, "d_model": 40, "n_heads": N_HEADS, "d_hid": 48, "n_layers": 2, "decoder_hidden": 24, "output_dim": 24, "max_len": 1536}
+    cfg.update(config_overrides)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    n_tokens = len(mouse) + len(human) + N_CHROM_TOKENS
+    table = torch.randn((n_tokens, cfg["token_dim"]), generator=generator)
+    # protein dicts: insertion order (not alphabetical) defines token rows
+    human_order = rng.permutation(len(human))
+    human_dict = {human[j]: table[len(mouse) + k].clone() for k, j in enumerate(human_order)}
+    mouse_dict = {g: table[k].clone() for k, g in enumerate(mouse)}
+    torch.save(human_dict, folder / PROTEIN_DIR / SPECIES_FILES["human"])
+    torch.save(mouse_dict, folder / PROTEIN_DIR / SPECIES_FILES["mouse"])
+    with open(folder / OFFSETS_FILE, "wb") as f:
+        pickle.dump({"mouse": 0, "human": len(mouse)}, f)
+    torch.save(table, folder / TOKEN_FILE)
+
+    human_chroms = [str(c) for c in range(1, 23)] + ["X", "Y"]
+    rows = [("human", g.upper(), human_chroms[rng.integers(len(human_chroms))], int(rng.integers(1, 10**8))) for g in human]
+    rows += [("mouse", g.upper(), str(rng.integers(1, 4)), int(rng.integers(1, 10**8))) for g in mouse]
+    pd.DataFrame(rows, columns=["species", "gene_symbol", "chromosome", "start"]).to_csv(folder / CHROM_FILE, index=False)
+
+    model = UCEModel(n_tokens=n_tokens, **{k: cfg[k] for k in ("token_dim", "d_model", "n_heads", "d_hid", "n_layers", "decoder_hidden", "output_dim", "max_len")})
+    _randomise_(model, generator)
+    state = dict(model.state_dict())
+    state["pe_embedding.weight"] = table.clone() if store_token_table else torch.zeros_like(table)
+    d, out = cfg["d_model"], cfg["output_dim"]
+    heads = {  # pretraining heads of the released files (input width output_dim + 1280 there)
+        "binary_decoder.0.0.weight": (16, out + cfg["token_dim"]), "binary_decoder.0.0.bias": (16,),
+        "binary_decoder.0.1.weight": (16,), "binary_decoder.0.1.bias": (16,),
+        "binary_decoder.3.weight": (1, 16), "binary_decoder.3.bias": (1,),
+        "gene_embedding_layer.0.weight": (d, cfg["token_dim"]), "gene_embedding_layer.0.bias": (d,),
+        "gene_embedding_layer.2.weight": (d,), "gene_embedding_layer.2.bias": (d,),
+    }  # fmt: skip
+    for key, shape in heads.items():
+        state[key] = torch.randn(shape, generator=generator)
+    torch.save(state, folder / MODEL_FILES[variant])
+    return folder

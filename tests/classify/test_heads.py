@@ -1,0 +1,231 @@
+"""Heads: one contract for all (HeadContract), ridge against its closed form, leakage alarm."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from scdm_classify.heads import (
+    HEADS,
+    GramStats,
+    MLPHead,
+    NotFittedError,
+    get_head,
+    mlp_train_flops,
+    ridge_from_stats,
+)
+from store.errors import InputDataError
+
+
+def planted(n: int = 400, dim: int = 12, seed: int = 0, offset: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings whose first two dims carry the label (far from zero mean, uneven scales)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    Z = rng.normal(size=(n, dim))
+    Z[:, 0] += 2.5 * y
+    Z[:, 1] -= 2.0 * y
+    return (Z * rng.uniform(0.5, 4.0, dim) + offset).astype(np.float32), y
+
+
+class HeadContract:
+    """Behaviour every head must have; subclasses set ``name`` and small ``params``."""
+
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Any]] = {}
+    learns: ClassVar[bool] = True
+    bad_params: ClassVar[dict[str, Any] | None] = None
+
+    def make(self, **extra: Any) -> Any:
+        return get_head(self.name, **{**self.params, **extra})
+
+    def test_registered_under_its_name(self) -> None:
+        assert type(self.make()) is HEADS[self.name]
+        assert HEADS[self.name].name == self.name
+
+    def test_fit_returns_self_and_proba_is_one_column_of_probabilities(self) -> None:
+        X, y = planted()
+        head = self.make()
+        assert head.fit(X[:300], y[:300]) is head
+        p = head.predict_proba(X[300:])
+        assert p.shape == (100,)
+        assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+
+    def test_predict_before_fit_raises(self) -> None:
+        with pytest.raises(NotFittedError, match="not fitted"):
+            self.make().predict_proba(np.zeros((3, 12), np.float32))
+
+    def test_fitted_state_ends_with_underscore_and_params_untouched(self) -> None:
+        X, y = planted()
+        head = self.make()
+        before = head.get_params()
+        head.fit(X, y)
+        assert head.get_params() == before
+        assert head.n_features_in_ == X.shape[1]
+        assert set(head.get_params()) == set(type(head)._param_names())
+
+    def test_wrong_number_of_columns_is_explained(self) -> None:
+        X, y = planted()
+        head = self.make().fit(X, y)
+        with pytest.raises(InputDataError, match="columns"):
+            head.predict_proba(X[:, :5])
+
+    def test_invalid_parameter_is_caught_in_fit_not_init(self) -> None:
+        if self.bad_params is None:
+            pytest.skip("head has no parameters")
+        head = self.make(**self.bad_params)  # stored, not validated
+        X, y = planted()
+        with pytest.raises(InputDataError, match=f"parameter {next(iter(self.bad_params))}="):
+            head.fit(X, y)
+
+    def test_same_seed_same_predictions(self) -> None:
+        X, y = planted()
+        a = self.make().fit(X[:300], y[:300]).predict_proba(X[300:])
+        b = self.make().fit(X[:300], y[:300]).predict_proba(X[300:])
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    def test_planted_signal_is_recovered(self) -> None:
+        X, y = planted(n=600)
+        p = self.make().fit(X[:400], y[:400]).predict_proba(X[400:])
+        auroc = roc_auc_score(y[400:], p)
+        if self.learns:
+            assert auroc > 0.9
+        else:
+            assert abs(auroc - 0.5) < 0.15
+
+    def test_single_class_training_cells(self) -> None:
+        X, _ = planted()
+        head = self.make()
+        if head.needs_both_classes:
+            with pytest.raises(InputDataError, match="both classes"):
+                head.fit(X, np.ones(len(X), int))
+        else:
+            assert (head.fit(X, np.ones(len(X), int)).predict_proba(X) == 1.0).all()
+
+
+class TestRidge(HeadContract):
+    name = "ridge"
+    params = {"alpha": 2.0}
+    bad_params = {"alpha": -1.0}
+
+
+class TestLogReg(HeadContract):
+    name = "logreg"
+    params = {"C": 1.0}
+    bad_params = {"C": 0}
+
+
+class TestLightGBM(HeadContract):
+    name = "lightgbm"
+    params = {"n_estimators": 30, "n_jobs": 1}
+    bad_params = {"num_leaves": 1}
+
+
+class TestMLPPaper(HeadContract):
+    name = "mlp"
+    params = {"hidden": 32, "epochs": 8, "lr": 1e-3}
+    bad_params = {"profile": "turbo"}
+
+
+class TestMLPFast(HeadContract):
+    name = "mlp"
+    params = {"profile": "fast", "hidden": 32, "batch_size": 64, "epochs": 20, "lr": 3e-3}
+    bad_params = {"validation_fraction": 0.9}
+
+
+class TestMajority(HeadContract):
+    name = "majority"
+    learns = False
+
+
+class TestShuffledLabel(HeadContract):
+    name = "shuffled-label"
+    params = {"base": "ridge"}
+    learns = False
+    bad_params = {"base": "majority"}
+
+
+# ---------------------------------------------------------------------------------------------
+def test_ridge_matches_closed_form_on_standardised_features() -> None:
+    X, y = planted(n=300, dim=20, offset=100.0)
+    head = get_head("ridge", alpha=5.0).fit(X, y)
+    scaler = StandardScaler().fit(X.astype(np.float64))
+    ref = Ridge(alpha=5.0).fit(scaler.transform(X.astype(np.float64)), y)
+    np.testing.assert_allclose(head.coef_ * scaler.scale_, ref.coef_, rtol=1e-4, atol=1e-7)
+    # and explicitly: w_z = (Z'Z + a I)^-1 Z'(y - mean y)
+    Z = scaler.transform(X.astype(np.float64))
+    w = np.linalg.solve(Z.T @ Z + 5.0 * np.eye(Z.shape[1]), Z.T @ (y - y.mean()))
+    np.testing.assert_allclose(head.coef_ * scaler.scale_, w, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(head.decision_function(X), Z @ w + y.mean(), atol=1e-4)
+
+
+def test_ridge_without_standardising_matches_sklearn() -> None:
+    X, y = planted(n=200, dim=8)
+    head = get_head("ridge", alpha=3.0, standardize=False).fit(X, y)
+    ref = Ridge(alpha=3.0).fit(X.astype(np.float64), y)
+    np.testing.assert_allclose(head.coef_, ref.coef_, rtol=1e-4, atol=1e-8)
+    assert head.intercept_ == pytest.approx(ref.intercept_, rel=1e-4)
+
+
+def test_fold_downdate_equals_fitting_the_training_rows() -> None:
+    X, y = planted(n=500, dim=10)
+    shift = X[:50].mean(axis=0)
+    folds = np.arange(500) % 5
+    per_fold = [GramStats.from_rows(X[folds == f], y[folds == f], shift=shift, block_rows=37) for f in range(5)]
+    total = GramStats.zeros(10, shift)
+    for stats in per_fold:
+        total.iadd(stats)
+    for f in range(5):
+        coef, b = ridge_from_stats(total, 1.5, minus=per_fold[f])
+        direct = get_head("ridge", alpha=1.5).fit(X[folds != f], y[folds != f])
+        np.testing.assert_allclose(coef, direct.coef_, rtol=1e-5, atol=1e-8)
+        assert b == pytest.approx(direct.intercept_, rel=1e-4)
+
+
+def test_shuffled_labels_score_at_chance() -> None:
+    aurocs = []
+    for seed in range(8):
+        X, y = planted(n=800, seed=seed)
+        p = get_head("shuffled-label", base="logreg", seed=seed).fit(X[:600], y[:600]).predict_proba(X[600:])
+        aurocs.append(roc_auc_score(y[600:], p))
+    assert abs(np.mean(aurocs) - 0.5) < 0.05
+    # the same data with true labels is clearly learnable: the alarm measures leakage, not noise
+    X, y = planted(n=800)
+    assert roc_auc_score(y[600:], get_head("logreg").fit(X[:600], y[:600]).predict_proba(X[600:])) > 0.9
+
+
+def test_mlp_is_the_scdrugmap_architecture_and_paper_profile() -> None:
+    head = MLPHead()
+    assert head.resolved() == {"epochs": 10, "batch_size": 256, "lr": 1e-4, "precision": "fp32", "early_stopping": False}
+    net = head._build(3072)
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(512, 3072), (512,), (512, 512), (512,), (2, 512), (2,)]
+    assert [type(m).__name__ for m in net] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert MLPHead(profile="fast", batch_size=128).resolved()["batch_size"] == 128
+    # 6 FLOPs per multiply-add per cell per epoch, minus the unneeded input gradient
+    assert mlp_train_flops(1, 3072, epochs=1) == 6 * (3072 * 512 + 512 * 512 + 1024) - 2 * 3072 * 512
+
+
+def test_mlp_standardises_with_training_cells_only() -> None:
+    X, y = planted(n=200)
+    head = get_head("mlp", hidden=8, epochs=1).fit(X[:100], y[:100])
+    np.testing.assert_allclose(head.mean_, X[:100].mean(axis=0), rtol=1e-5)
+    assert not np.allclose(head.mean_, X.mean(axis=0), rtol=1e-6)
+
+
+def test_mlp_fast_profile_stops_early_and_records_history() -> None:
+    X, y = planted(n=400)
+    head = get_head("mlp", profile="fast", hidden=16, batch_size=64, epochs=30, lr=1e-2, patience=1).fit(X, y)
+    assert "val_loss" in head.history_[0]
+    assert len(head.history_) <= 30
+
+
+def test_unknown_head_and_parameter_are_explained() -> None:
+    with pytest.raises(InputDataError, match="Did you mean 'ridge'"):
+        get_head("rige")
+    with pytest.raises(InputDataError, match="takes no parameter gamma"):
+        get_head("ridge", gamma=1)

@@ -1,0 +1,69 @@
+"""Metrics of one test fold: values, and NULL plus a flag where a metric is undefined."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from scdm_classify.metrics import METRICS, compute_metrics
+from store.errors import InputDataError
+
+
+def test_values_match_sklearn_on_a_two_class_fold() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(0.3 * y + rng.random(200) * 0.7, 0, 1)
+    pred = (p >= 0.5).astype(int)
+    m = compute_metrics(y, p)
+    assert set(m.values) == set(METRICS)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p))  # from probabilities, not labels
+    assert m["ap"] == pytest.approx(skm.average_precision_score(y, p))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+    assert m["ami"] == pytest.approx(skm.adjusted_mutual_info_score(y, pred))
+    assert m["ari"] == pytest.approx(skm.adjusted_rand_score(y, pred))
+    assert m.flags == ()
+    assert (m.n, m.n_pos) == (200, int(y.sum()))
+
+
+def test_positive_class_is_sensitive() -> None:
+    m = compute_metrics([1, 1, 0, 0], [0.9, 0.2, 0.1, 0.3])
+    assert m["recall"] == 0.5  # one of the two sensitive cells found
+    assert m["precision"] == 1.0
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_single_class_test_fold_gives_none_and_a_flag_never_zero(label: int) -> None:
+    m = compute_metrics([label] * 5, [0.1, 0.4, 0.6, 0.8, 0.9])
+    assert "single_class_test" in m.flags
+    for name in ("auroc", "ap", "mcc", "ami", "ari", "f1_macro", "f1_weighted"):
+        assert m[name] is None
+    assert m["accuracy"] is not None
+    if label == 0:  # no sensitive cell: recall and F1 are undefined too
+        assert m["recall"] is None and m["f1"] is None
+    else:
+        assert m["recall"] == pytest.approx(0.6)
+
+
+def test_no_predicted_positive_leaves_precision_undefined() -> None:
+    m = compute_metrics([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4])
+    assert m["precision"] is None
+    assert "no_predicted_positive" in m.flags
+    assert m["recall"] == 0.0  # defined: the sensitive cells exist and none was found
+    assert "constant_prediction" in m.flags
+
+
+@pytest.mark.parametrize(
+    ("y", "p", "match"),
+    [([0, 1], [0.5], "one probability per test cell"), ([], [], "empty"), ([0, 2], [0.1, 0.2], "0 \\(resistant\\)"),
+     ([0, 1], [0.1, 1.5], "in \\[0, 1\\]")],
+)
+def test_bad_input_is_explained(y: list[int], p: list[float], match: str) -> None:
+    with pytest.raises(InputDataError, match=match):
+        compute_metrics(np.array(y), np.array(p))

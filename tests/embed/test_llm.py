@@ -1,0 +1,174 @@
+"""LLM (cell sentence) adapter: tiny LLaMA folder, parity with plain transformers, padding invariance."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scdm_embed import get_adapter
+from scdm_embed.models.llm import LLMAdapter, write_tiny_checkpoint
+from store.errors import CheckpointError, GeneMappingError, InputDataError
+from store.genes import gene_table, map_genes
+
+torch.set_num_threads(1)
+
+N_GENES = 50
+TEMPLATE = "Top expressed genes of this cell: {genes}."
+
+
+@pytest.fixture(scope="module")
+def symbols() -> list[str]:
+    table = gene_table()
+    table = table[table["ensembl"] != ""]
+    return [*list(dict.fromkeys(table["symbol"]))[: N_GENES - 1], "HLA-B"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, symbols: list[str]) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("llm"), genes=symbols, initializer_range=0.3)
+
+
+def _counts(n_cells: int, n_genes: int, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    dense = rng.poisson(rng.uniform(0.05, 2.0, size=(n_cells, 1)), size=(n_cells, n_genes)).astype(np.float32)
+    return sp.csr_matrix(dense)
+
+
+def _ready(folder: Path, symbols: list[str], **params) -> LLMAdapter:
+    adapter = LLMAdapter(folder, **params)
+    adapter.check_checkpoint()
+    adapter.load("cpu")
+    adapter.prepare(symbols, gene_id_kind="symbol")
+    return adapter
+
+
+def _run(adapter: LLMAdapter, cells: list[dict[str, np.ndarray]]) -> np.ndarray:
+    with torch.inference_mode():
+        return adapter.embed(adapter.collate(cells)).numpy()
+
+
+def reference_embedding(folder: Path, dense: np.ndarray, symbols: list[str], k: int, template: str) -> np.ndarray:
+    """Cell sentence by hand, the folder's tokenizer, plain LlamaModel, one unpadded cell at a time."""
+    from transformers import AutoTokenizer, LlamaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = LlamaModel.from_pretrained(folder, attn_implementation="eager").eval()
+    out = []
+    with torch.no_grad():
+        for row in dense:
+            top = [symbols[j] for j in np.argsort(-row, kind="stable") if row[j] > 0][:k]
+            text = template.replace("{genes}", " ".join(top))
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            out.append(model(ids).last_hidden_state[0].mean(dim=0))
+    return torch.stack(out).numpy()
+
+
+def test_registered() -> None:
+    assert get_adapter("llm") is LLMAdapter
+
+
+@pytest.mark.parametrize("template", ["{genes}", TEMPLATE])
+def test_parity_with_plain_transformers(ckpt, symbols, template: str) -> None:
+    adapter = _ready(ckpt, symbols, top_k=12, template=template)
+    x = _counts(6, N_GENES, seed=1)
+    cells = adapter.tokenize(x, np.arange(6))
+    assert len({len(c["input_ids"]) for c in cells}) > 1  # a padded batch
+    assert all(c["input_ids"][0] == 0 for c in cells)  # the tokenizer's BOS
+    got = _run(adapter, cells)
+    expected = reference_embedding(ckpt, x.toarray(), symbols, 12, template)
+    assert got.shape == (6, adapter.emb_dim) == (6, 32) and got.dtype == np.float32
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_left_and_right_padding_agree(ckpt, symbols) -> None:
+    right = _ready(ckpt, symbols, top_k=15)
+    left = _ready(ckpt, symbols, top_k=15, padding_side="left")
+    cells = right.tokenize(_counts(5, N_GENES, seed=2), np.arange(5))
+    batch = left.collate(cells)
+    assert batch["attention_mask"][:, 0].min() == 0  # really left-padded
+    np.testing.assert_allclose(_run(left, cells), _run(right, cells), atol=1e-5, rtol=0)
+
+
+def test_batch_composition_does_not_change_embeddings(ckpt, symbols) -> None:
+    adapter = _ready(ckpt, symbols, top_k=20)
+    cells = adapter.tokenize(_counts(5, N_GENES, seed=3), np.arange(5))
+    alone = np.concatenate([_run(adapter, [c]) for c in cells])
+    np.testing.assert_allclose(_run(adapter, cells), alone, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_run(adapter, [cells[4], cells[0]]), alone[[4, 0]], atol=1e-5, rtol=0)
+
+
+def test_tokenize_deterministic_and_k_limits_genes(ckpt, symbols) -> None:
+    adapter = _ready(ckpt, symbols[:-1], top_k=5, separator=" , ")  # one token per symbol (no HLA-B)
+    x = sp.csr_matrix(_counts(3, N_GENES - 1, seed=4).toarray() + 1)
+    first = adapter.tokenize(x, np.arange(3))
+    for a, b in zip(first, adapter.tokenize(x, np.arange(3))):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    assert [len(c["input_ids"]) for c in first] == [1 + 5 + 4] * 3  # BOS + 5 genes + 4 separators
+    assert adapter.params() == {"top_k": 5, "separator": " , ", "template": "{genes}", "max_length": None}
+
+
+def test_max_length_truncates(ckpt, symbols) -> None:
+    adapter = _ready(ckpt, symbols, top_k=30, max_length=8)
+    cells = adapter.tokenize(sp.csr_matrix(_counts(2, N_GENES).toarray() + 1), np.arange(2))
+    assert [len(c["input_ids"]) for c in cells] == [8, 8]
+
+
+def test_ensembl_input_and_unknown_symbols(ckpt, symbols) -> None:
+    adapter = LLMAdapter(ckpt)
+    ensembl = list(map_genes(symbols, src="symbol", dst="ensembl"))
+    assert adapter.prepare(ensembl, gene_id_kind="ensembl").n_matched == N_GENES
+    audit = adapter.prepare([*symbols, "NOT_A_GENE_1", "AC012345.1"], gene_id_kind="symbol")
+    assert audit.n_matched == N_GENES and set(audit.unmatched_examples) == {"NOT_A_GENE_1", "AC012345.1"}
+
+
+def test_bad_template_raises(ckpt) -> None:
+    with pytest.raises(InputDataError, match="must contain '{genes}' exactly once"):
+        LLMAdapter(ckpt, template="no genes here").load("cpu")
+
+
+@pytest.mark.parametrize(("missing", "named"), [("config.json", "config.json"), ("tokenizer.json", "tokenizer.json"), ("model.safetensors", "safetensors")])
+def test_missing_file_raises_checkpoint_error(tmp_path, symbols, missing: str, named: str) -> None:
+    folder = write_tiny_checkpoint(tmp_path, genes=symbols[:10])
+    (folder / missing).unlink()
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        LLMAdapter(folder).check_checkpoint()
+
+
+def test_wrong_gene_id_kind_raises(ckpt, symbols) -> None:
+    with pytest.raises(GeneMappingError, match="Only 0 of"):
+        LLMAdapter(ckpt).prepare(symbols, gene_id_kind="ensembl")
+
+
+def test_negative_values_raise(ckpt, symbols) -> None:
+    adapter = _ready(ckpt, symbols)
+    x = _counts(2, N_GENES).tolil()
+    x[1, 1] = -2.0
+    with pytest.raises(InputDataError, match="negative"):
+        adapter.tokenize(x.tocsr(), np.arange(2))
+
+
+def test_lora_targets_train_through_embed(ckpt, symbols) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    adapter = _ready(ckpt, symbols, top_k=6)
+    adapter.model = get_peft_model(adapter.model, LoraConfig(r=2, target_modules=list(LLMAdapter.lora_target_modules)))
+    emb = adapter.embed(adapter.collate(adapter.tokenize(_counts(2, N_GENES), np.arange(2))))
+    emb.sum().backward()
+    lora = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in adapter.model.named_parameters() if "lora_" in n and p.grad is not None}
+    assert lora == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_bf16_checkpoint_loads_as_float32_on_cpu(tmp_path, symbols) -> None:
+    from transformers import LlamaForCausalLM
+
+    folder = write_tiny_checkpoint(tmp_path, genes=symbols[:10])
+    LlamaForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)  # like LLaMA-3's files
+    adapter = LLMAdapter(folder)
+    adapter.load("cpu")
+    assert {p.dtype for p in adapter.model.parameters()} == {torch.float32}

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from store import InputDataError, Store, example_data
+from store.errors import CheckpointError, GeneMappingError, UnknownModelError
+from scdm_embed.runner import batches_by_length, embed, embed_baseline
+from tests.embed import toy_adapter
+from tests.store.conftest import make_counts_adata
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def st(tmp_path):
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture()
+def pc9(st, pc9_counts_path):
+    return st.ingest(pc9_counts_path, label_key="scDEAL_GSE149383_label", unknown_values=["not_in_scDEAL_set"])
+
+
+@pytest.fixture()
+def toy_ckpt(tmp_path, pc9_counts_path):
+    genes = ad.read_h5ad(pc9_counts_path, backed="r").var_names[:3000].tolist()
+    return toy_adapter.write_toy_checkpoint(tmp_path / "toy", genes)
+
+
+def _emb(st, result):
+    return st.read_embedding(result.embedding_id)
+
+
+def test_batches_are_sorted_by_length_and_cover_every_cell():
+    lengths = [3, 9, 1, 9, 5]
+    batches = batches_by_length(lengths, 2)
+    assert [list(b) for b in batches] == [[1, 3], [4, 0], [2]]
+    assert sorted(np.concatenate(batches)) == list(range(5))
+
+
+def test_results_do_not_depend_on_batch_size_chunking_or_sorting(tmp_path, pc9_counts_path, toy_ckpt):
+    outs = []
+    for i, (bs, rows) in enumerate([(1, 300), (7, 64), (64, 37)]):
+        st = Store(tmp_path / f"s{i}")
+        ds = st.ingest(pc9_counts_path)
+        outs.append(_emb(st, embed(st, ds.name, "toy-test", toy_ckpt, batch_size=bs, chunk_rows=rows, progress=False)))
+    assert outs[0].shape == (300, 16)
+    for other in outs[1:]:
+        np.testing.assert_allclose(other, outs[0], atol=1e-5)
+
+
+def test_rerun_is_a_noop_and_telemetry_is_recorded(st, pc9, toy_ckpt):
+    first = embed(st, pc9.name, "toy-test", toy_ckpt, chunk_rows=128, max_genes=400, progress=False)
+    assert first.computed_chunks == 3 and first.telemetry["cells_per_s"] > 0
+    assert 0 < first.telemetry["padding_saved"] < 1
+    again = embed(st, pc9.name, "toy-test", toy_ckpt, chunk_rows=128, max_genes=400, progress=False)
+    assert again.computed_chunks == 0 and again.embedding_id == first.embedding_id
+    row = st.query("SELECT telemetry, audit FROM embeddings WHERE embedding_id = ?", [first.embedding_id]).iloc[0]
+    assert '"device":"cpu"' in row.telemetry and '"tokens_per_cell_max":400' in row.audit
+
+
+def test_seed_and_params_are_part_of_identity(st, pc9, toy_ckpt):
+    a = embed(st, pc9.name, "toy-test", toy_ckpt, seed=0, progress=False)
+    b = embed(st, pc9.name, "toy-test", toy_ckpt, seed=1, progress=False)
+    c = embed(st, pc9.name, "toy-test", toy_ckpt, max_genes=5, progress=False)
+    assert len({a.embedding_id, b.embedding_id, c.embedding_id}) == 3
+    assert not np.allclose(_emb(st, a), _emb(st, b))
+
+
+def test_interrupted_run_resumes_to_bit_identical_result(tmp_path, pc9_counts_path, toy_ckpt, monkeypatch):
+    clean = Store(tmp_path / "clean")
+    clean.ingest(pc9_counts_path, name="d")
+    reference = _emb(clean, embed(clean, "d", "toy-test", toy_ckpt, chunk_rows=50, progress=False))
+
+    st = Store(tmp_path / "crash")
+    st.ingest(pc9_counts_path, name="d")
+    calls = {"n": 0}
+    original = toy_adapter.ToyAdapter.embed
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(toy_adapter.ToyAdapter, "embed", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        embed(st, "d", "toy-test", toy_ckpt, chunk_rows=50, progress=False)
+    monkeypatch.setattr(toy_adapter.ToyAdapter, "embed", original)
+    done_before = st.embeddings()["chunks_done"].item()
+    assert 0 < done_before < 6
+    resumed = embed(st, "d", "toy-test", toy_ckpt, chunk_rows=50, progress=False)
+    assert resumed.computed_chunks == 6 - done_before
+    assert _emb(st, resumed).tobytes() == reference.tobytes()
+
+
+def test_sigkilled_run_resumes(tmp_path, pc9_counts_path, toy_ckpt):
+    st = Store(tmp_path / "s")
+    st.ingest(pc9_counts_path, name="d")
+    env = {**os.environ, "SCDM_TOY_DELAY": "0.15", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, toy_adapter.__file__, str(st.root), "d", str(toy_ckpt), "40"], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        emb = st.embeddings()
+        if len(emb) and emb["chunks_done"].item() >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert st.embeddings()["status"].item() == "pending"
+    result = embed(st, "d", "toy-test", toy_ckpt, chunk_rows=40, progress=False)
+    assert result.computed_chunks < 8
+    clean = Store(tmp_path / "c")
+    clean.ingest(pc9_counts_path, name="d")
+    assert _emb(st, result).tobytes() == _emb(clean, embed(clean, "d", "toy-test", toy_ckpt, chunk_rows=40, progress=False)).tobytes()
+
+
+def test_bad_inputs(st, pc9, toy_ckpt, tmp_path):
+    with pytest.raises(UnknownModelError, match="Registered: .*toy-test"):
+        embed(st, pc9.name, "geneformr", toy_ckpt)
+    (toy_ckpt / "vocab.json").rename(tmp_path / "vocab.json")
+    with pytest.raises(CheckpointError, match="missing 'vocab.json'"):
+        embed(st, pc9.name, "toy-test", toy_ckpt)
+    (tmp_path / "vocab.json").rename(toy_ckpt / "vocab.json")
+    a375 = st.ingest(example_data(), name="a375")
+    with pytest.raises(InputDataError, match="needs raw counts.*negative"):
+        embed(st, a375.name, "toy-test", toy_ckpt)
+    ensembl_only = make_counts_adata()
+    ensembl_only.var_names = [f"ENSG{99000000000 + i:011d}" for i in range(ensembl_only.n_vars)]
+    ds = st.ingest(ensembl_only, name="unknown-genes")
+    with pytest.raises(GeneMappingError, match="Only 0 of 40 genes.*wrong gene id type"):
+        embed(st, ds.name, "toy-test", toy_ckpt)
+
+
+def test_pca_baseline_matches_sklearn_and_is_deterministic(st, pc9):
+    from sklearn.decomposition import PCA
+
+    from scdm_embed import baselines
+
+    a = embed_baseline(st, [pc9.name], model="pca", n_hvg=300, n_comps=10, progress=False)[0]
+    emb = _emb(st, a)
+    fit = baselines.fit_baseline(st, [pc9.name], n_hvg=300, n_comps=10)
+    cols = [list(baselines.gene_keys(st, pc9.name)).index(g) for g in fit.genes]
+    x = ad.read_h5ad(st.root / pc9.stored_path)
+    z = baselines.preprocess_block(x.X.astype(np.float32).tocsr(), as_is=False, target_sum=1e4)[:, cols].toarray()
+    z = (z - z.mean(0)) / np.where(z.std(0, ddof=1) == 0, 1, z.std(0, ddof=1))
+    ref = PCA(10, svd_solver="full").fit_transform(z)
+    np.testing.assert_allclose(np.abs(emb), np.abs(ref), atol=2e-3)
+    st.remove_embedding(a.embedding_id)
+    b = embed_baseline(st, [pc9.name], model="pca", n_hvg=300, n_comps=10, progress=False)[0]
+    assert _emb(st, b).tobytes() == emb.tobytes()
+
+
+def test_joint_baseline_shares_one_space_and_accepts_scaled_data(st, pc9):
+    a375 = st.ingest(example_data(), name="a375", gene_key="symbol")
+    results = embed_baseline(st, [pc9.name, a375.name], model="hvg", n_hvg=50, progress=False)
+    spaces = st.embeddings().set_index("embedding_id").loc[[r.embedding_id for r in results], "space_id"]
+    assert spaces.nunique() == 1 and all(r.dim == 50 for r in results)
+    solo = embed_baseline(st, [a375.name], model="pca", n_comps=5, progress=False)[0]
+    assert st.embedding(solo.embedding_id).space_id not in set(spaces)
+    assert np.isfinite(_emb(st, solo)).all()
