@@ -669,6 +669,7 @@ class MLPHead(BaseHead):
         cfg = self.resolved()
         use_bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_supported())
         self.mean_, self.scale_ = _standardizer(X) if self.standardize else (None, None)
+        self._affine = None  # (1/scale, -mean/scale), built from these training statistics
         train_idx, val_idx = self._carve_validation(y, cfg["early_stopping"])
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         yt = torch.from_numpy(y)
@@ -700,12 +701,16 @@ class MLPHead(BaseHead):
         return np.setdiff1d(idx, val_idx), val_idx
 
     def _batch(self, Xt: Any, rows: Any) -> Any:
-        import torch
-
-        xb = Xt.index_select(0, rows)
+        xb = Xt.index_select(0, rows)  # a fresh tensor: standardise it in place
         if self.mean_ is not None:
-            # Standardise per batch: no standardised copy of the whole training matrix in memory.
-            xb = (xb - torch.from_numpy(self.mean_)) / torch.from_numpy(self.scale_)
+            # Per batch, not once for the whole matrix: no standardised copy of all training cells.
+            if getattr(self, "_affine", None) is None:
+                import torch
+
+                inv = torch.from_numpy(1.0 / self.scale_)
+                self._affine = (inv, torch.from_numpy(-self.mean_) * inv)
+            inv, shift = self._affine
+            xb.mul_(inv).add_(shift)
         return xb
 
     def _train(self, model: Any, opt: Any, Xt: Any, yt: Any, train_idx: Any, val_idx: np.ndarray | None,

@@ -183,7 +183,7 @@ def _warn_if_sample_labels_constant(cells: pd.DataFrame) -> None:
         msg = (f"Labels are constant within each of the {per_sample.size} samples, and split_scheme='cell' puts cells "
                "of one sample on both sides of a fold: a head can score by recognising samples rather than response. "
                "Use split_scheme='sample' for grouped folds (the scDrugMap paper used 'cell').")
-        warnings.warn(msg, SampleLeakageWarning, stacklevel=3)
+        warnings.warn(msg, SampleLeakageWarning, stacklevel=4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -307,18 +307,19 @@ def _run_chunks(st: Store, emb: Embedding, adapter: Adapter, chunks: list[int], 
     total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks)
     bar = progress_bar(total=total_cells, desc=f"embed {adapter.name}", unit="cell", silent=not progress)
     try:
-        for chunk, cells in _iter_chunk_tokens(source, workers):
-            t_chunk = time.perf_counter()
-            lengths = [adapter.token_length(c) for c in cells]
-            batches = batches_by_length(lengths, state["batch_size"], sort=sort)
-            c_tok, n_tok = _padding_stats(lengths, batches)
-            computed, naive = computed + c_tok, naive + n_tok
-            vectors = _embed_cells(adapter, cells, batches, device, precision, state)
-            emb.write_chunk(chunk, vectors, seconds=time.perf_counter() - t_chunk)
-            lengths_all.extend(lengths)
-            n_done += len(cells)
-            bar.update(len(cells))
-            bar.set_postfix(cells_per_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.1f}")
+        with emb.writer() as writer:
+            for chunk, cells in _iter_chunk_tokens(source, workers):
+                t_chunk = time.perf_counter()
+                lengths = [adapter.token_length(c) for c in cells]
+                batches = batches_by_length(lengths, state["batch_size"], sort=sort)
+                c_tok, n_tok = _padding_stats(lengths, batches)
+                computed, naive = computed + c_tok, naive + n_tok
+                vectors = _embed_cells(adapter, cells, batches, device, precision, state)
+                writer.write(chunk, vectors, seconds=time.perf_counter() - t_chunk)
+                lengths_all.extend(lengths)
+                n_done += len(cells)
+                bar.update(len(cells))
+                bar.set_postfix(cells_per_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.1f}")
     except KeyboardInterrupt:
         logger.warning("interrupted: %d cells written in whole chunks are kept; run the same command again to resume", n_done)
         raise
@@ -415,13 +416,14 @@ def _write_baseline(st: Store, info: Any, fit: baselines.BaselineFit, params: di
     adata = st.open_anndata(info.dataset_id, backed=True)
     written = 0
     try:
-        for lo, block in iter_row_blocks(adata, emb.chunk_rows):
-            chunk = lo // emb.chunk_rows
-            if chunk in missing:
-                dense = baselines.preprocess_block(block, as_is=as_is, target_sum=fit.params["target_sum"])[:, cols].toarray()
-                emb.write_chunk(chunk, fit.transform(dense))
-                written += 1
-            bar.update(block.shape[0])
+        with emb.writer() as writer:
+            for lo, block in iter_row_blocks(adata, emb.chunk_rows):
+                chunk = lo // emb.chunk_rows
+                if chunk in missing:
+                    dense = baselines.preprocess_block(block, as_is=as_is, target_sum=fit.params["target_sum"])[:, cols].toarray()
+                    writer.write(chunk, fit.transform(dense))
+                    written += 1
+                bar.update(block.shape[0])
     finally:
         bar.close()
         if getattr(adata, "file", None) is not None:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,19 @@ class Embedding:
         A chunk written twice (two workers, or a retry) is harmless: the data is identical and the
         catalog row is replaced.
         """
+        with self.writer() as w:
+            w.write(chunk, block, seconds=seconds)
+
+    def writer(self, *, commit_every_s: float = 1.0) -> "ChunkWriter":
+        """A writer that flushes each chunk's data at once but commits catalog rows in batches.
+
+        Use it for long jobs: one catalog commit costs tens of milliseconds, so committing every
+        chunk would dominate writing. A chunk still counts only after its data is on disk and its
+        row committed; a crash loses at most the last ``commit_every_s`` seconds of chunks.
+        """
+        return ChunkWriter(self, commit_every_s=commit_every_s)
+
+    def _checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
         lo, hi = self.chunk_bounds(chunk)
         block = np.asarray(block)
         if block.shape != (hi - lo, self.dim):
@@ -155,12 +169,7 @@ class Embedding:
         if not np.isfinite(block).all():
             msg = f"Chunk {chunk} of embedding {self.embedding_id} holds NaN or inf; refusing to store it (the model diverged? try --precision fp32)."
             raise InputDataError(msg)
-        block = block.astype(self.dtype, copy=False)
-        _zarr.write_rows(self.path, lo, block)
-        self.store.catalog.execute(
-            "INSERT OR REPLACE INTO embedding_chunks VALUES (?, ?, ?, ?, ?, now())",
-            [self.embedding_id, chunk, hi - lo, _zarr.chunk_checksum(block), seconds],
-        )
+        return lo, block.astype(self.dtype, copy=False)
 
     def finalize(self, *, telemetry: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
         """Mark complete once every chunk is committed, with telemetry and gene audit."""
@@ -186,6 +195,40 @@ class Embedding:
         return self.store.read_embedding(self.embedding_id, rows=rows, allow_partial=allow_partial)
 
 
+class ChunkWriter:
+    """Writes chunks of one embedding; catalog rows are committed in batches (see :meth:`Embedding.writer`)."""
+
+    def __init__(self, emb: Embedding, *, commit_every_s: float = 1.0) -> None:
+        self.emb = emb
+        self.commit_every_s = commit_every_s
+        self._array = _zarr.open_array(emb.path)
+        self._pending: list[list[Any]] = []
+        self._last_commit = time.monotonic()
+
+    def __enter__(self) -> "ChunkWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.commit()  # whatever went wrong, chunks whose data is on disk are kept
+
+    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
+        """Write one chunk's rows now (atomic chunk file); queue its catalog row."""
+        lo, block = self.emb._checked_block(chunk, block)
+        self._array[lo:lo + block.shape[0]] = block
+        self._pending.append([self.emb.embedding_id, chunk, block.shape[0], _zarr.chunk_checksum(block), seconds])
+        if time.monotonic() - self._last_commit >= self.commit_every_s:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit the queued catalog rows in one transaction."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        with self.emb.store.catalog.transaction() as con:
+            con.executemany("INSERT OR REPLACE INTO embedding_chunks VALUES (?, ?, ?, ?, ?, now())", rows)
+        self._last_commit = time.monotonic()
+
+
 class Store:
     """An scdm store: ``catalog.duckdb`` plus Zarr v3 arrays under one directory.
 
@@ -207,6 +250,7 @@ class Store:
         self._make_dirs()
         self.catalog = Catalog(self.root / CATALOG_FILE)
         self.catalog.migrate(_scdm_version())
+        self._complete: dict[str, Embedding] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -467,6 +511,9 @@ class Store:
 
     def embedding(self, embedding_id: str) -> Embedding:
         """Handle on an embedding by id (or unambiguous id prefix of at least 6 characters)."""
+        return self._embedding_and_status(embedding_id)[0]
+
+    def _embedding_and_status(self, embedding_id: str) -> tuple[Embedding, str]:
         frame = self.query(
             "SELECT * FROM embeddings WHERE embedding_id = ? OR (length(?) >= 6 AND starts_with(embedding_id, ?))",
             [embedding_id, embedding_id, embedding_id],
@@ -475,7 +522,7 @@ class Store:
             what = "matches several embeddings" if len(frame) > 1 else "does not exist"
             msg = f"Embedding {embedding_id!r} {what}. List them with `scdm ls`."
             raise EmbeddingNotFoundError(msg)
-        return self._handle(frame.iloc[0])
+        return self._handle(frame.iloc[0]), str(frame["status"].iloc[0])
 
     def find_embedding(self, dataset: str, model: str, variant: str = "frozen", *, status: str | None = "complete") -> Embedding:
         """The one embedding of ``dataset`` by ``model``/``variant`` (error if none or several)."""
@@ -524,8 +571,15 @@ class Store:
         EmbeddingIncompleteError
             If it is not complete and ``allow_partial`` is False.
         """
-        emb = self.embedding(embedding_id)
-        if not allow_partial and emb.status != "complete":
+        emb = self._complete.get(embedding_id)
+        if emb is None or not emb.path.exists():
+            emb, status = self._embedding_and_status(embedding_id)
+            if status == "complete":
+                # ids are content hashes: a complete embedding never changes, so it can be cached
+                self._complete[emb.embedding_id] = self._complete[embedding_id] = emb
+        else:
+            status = "complete"
+        if not allow_partial and status != "complete":
             done = len(emb.written_chunks())
             msg = (
                 f"Embedding {emb.embedding_id} ({emb.model}) is incomplete: {done} of {emb.n_chunks} chunks written. "
@@ -549,6 +603,7 @@ class Store:
     def remove_embedding(self, embedding_id: str) -> str:
         """Delete an embedding: its catalog rows first (readers stop seeing it), then its array."""
         emb = self.embedding(embedding_id)
+        self._complete = {k: v for k, v in self._complete.items() if v.embedding_id != emb.embedding_id}
         with self.catalog.transaction() as con:
             con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ?", [emb.embedding_id])
             con.execute("DELETE FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])

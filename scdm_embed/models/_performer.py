@@ -19,8 +19,8 @@ The key stabiliser cancels in ``D^-1 · q'(k'ᵀv)`` except through the ``+1e-4`
 how a cell's numbers depend on its batch mates. ``key_max="cell"`` takes the max over one cell's
 tensor (what the reference computes when it runs one cell at a time, as scBERT's ``predict.py``
 does) and makes every embedding independent of the batch. ``key_max="batch"`` takes it over the
-whole batch tensor, reproducing a batched reference run bit for bit, at the price of a (tiny)
-dependence on the batch mates.
+whole batch tensor, reproducing a batched reference run exactly, at the price of a
+dependence on the batch mates (through the eps term; 3e-4 on a tiny random model).
 
 Padding is described by two per-position tensors instead of one mask, so that CellLM's reference
 behaviour (every cell padded to ``max_seq_len`` with pad keys inside the normaliser) can be
@@ -348,7 +348,13 @@ def config_from_state_dict(state: dict[str, torch.Tensor], source: str) -> Perfo
     CheckpointError
         If a key the architecture needs is absent (not a scBERT/CellLM Performer state dict).
     """
-    needed = ("token_emb.weight", "pos_emb.emb.weight", "performer.net.layers.0.0.fn.to_q.weight")
+    needed = (
+        "token_emb.weight",
+        "pos_emb.emb.weight",
+        "performer.net.layers.0.0.fn.to_q.weight",
+        "performer.net.layers.0.0.fn.fast_attention.projection_matrix",
+        "performer.net.layers.0.1.fn.fn.w1.weight",
+    )
     for key in needed:
         if key not in state:
             msg = (
@@ -389,10 +395,12 @@ def load_state_dict_file(path: Path, key: str = "model_state_dict") -> dict[str,
     CheckpointError
         If the file cannot be read safely or has no ``key``.
     """
-    safe = [np.dtype, np.ndarray]
-    scalar = getattr(getattr(np, "_core", np), "multiarray", None)
-    if scalar is not None and hasattr(scalar, "scalar"):
-        safe.append(scalar.scalar)
+    safe: list[Any] = [np.dtype, np.ndarray]
+    for core in ("_core", "core"):  # numpy 2 / numpy 1 location of the scalar unpickler
+        multiarray = getattr(getattr(np, core, None), "multiarray", None)
+        if multiarray is not None and hasattr(multiarray, "scalar"):
+            safe.append(multiarray.scalar)
+            break
     safe.extend(type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool"))
     try:
         with torch.serialization.safe_globals(safe):
@@ -443,15 +451,16 @@ def random_state_dict(cfg: PerformerConfig, position_table: np.ndarray, *, seed:
     ``position_table`` (float64, ``(n_positions, dim)``) becomes ``pos_emb.emb.weight``; the LM head
     ``to_out`` and ``performer.calls_since_last_redraw`` are included as in the real files.
     """
-    torch.manual_seed(seed)
-    model = PerformerEncoder(cfg)
+    with torch.random.fork_rng():  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = PerformerEncoder(cfg)
+        head = nn.Linear(cfg.dim, cfg.num_tokens)
     gen = torch.Generator().manual_seed(seed + 1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for i in range(cfg.depth):
         key = f"performer.net.layers.{i}.0.fn.fast_attention.projection_matrix"
         state[key] = _gaussian_orthogonal(cfg.nb_features, cfg.dim_head, gen)
     state["pos_emb.emb.weight"] = torch.from_numpy(np.asarray(position_table, dtype=np.float64).copy())
-    head = nn.Linear(cfg.dim, cfg.num_tokens)
     state["to_out.weight"] = head.weight.detach().clone()
     state["to_out.bias"] = head.bias.detach().clone()
     return state

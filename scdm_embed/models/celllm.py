@@ -123,7 +123,10 @@ class CellLMAdapter(Adapter):
     ) -> None:
         super().__init__(checkpoint, seed=seed)
         if params:
-            msg = f"Unknown celllm parameter(s) {sorted(params)}; celllm accepts pooling, pad_masking, key_max, max_length."
+            msg = (
+                f"Unknown celllm parameter(s) {sorted(params)}; "
+                "celllm accepts pooling, pad_masking, key_max, max_length."
+            )
             raise InputDataError(msg)
         for label, value, choices in (
             ("pooling", pooling, POOLINGS),

@@ -105,7 +105,15 @@ class CellPLMConfig:
             "input_covariate": (False,),
             "cat_pe": (False,),
         }
-        defaults = {"enc_mod": None, "latent_mod": "vae", "norm": "layernorm", "dsbn": False, "input_covariate": False, "cat_pe": True}
+        # OmicsFormer's defaults for fields a config may leave out
+        defaults = {
+            "enc_mod": None,
+            "latent_mod": "vae",
+            "norm": "layernorm",
+            "dsbn": False,
+            "input_covariate": False,
+            "cat_pe": True,
+        }
         for key, allowed in supported.items():
             value = config.get(key, defaults[key])
             if value not in allowed:
@@ -249,7 +257,9 @@ class _InferenceNet(nn.Module):
     def __init__(self, width: int, latent: int, n_clusters: int, hidden: int = 512) -> None:
         super().__init__()
         self.inference_qyx = nn.ModuleList([_GumbelSoftmax(width, n_clusters)])
-        self.inference_qzyx = nn.ModuleList([nn.Linear(width + n_clusters, hidden), nn.ReLU(), _Gaussian(hidden, latent)])
+        self.inference_qzyx = nn.ModuleList(
+            [nn.Linear(width + n_clusters, hidden), nn.ReLU(), _Gaussian(hidden, latent)]
+        )
         self.y_mu = nn.Linear(n_clusters, latent)
         self.y_var = nn.Linear(n_clusters, latent)
 
@@ -430,7 +440,9 @@ class CellPLMAdapter(Adapter):
         kept = {k: v for k, v in state.items() if k in wanted}
         unknown = [k for k in state if k not in wanted and not k.startswith(_UNUSED_PREFIXES)]
         if unknown:
-            logger.info("cellplm: ignoring %d checkpoint keys not used for embeddings, e.g. %s", len(unknown), unknown[:3])
+            logger.info(
+                "cellplm: ignoring %d checkpoint keys not used for embeddings, e.g. %s", len(unknown), unknown[:3]
+            )
         missing = [k for k in wanted if k not in kept]
         if missing:
             msg = (
@@ -608,8 +620,9 @@ def write_tiny_checkpoint(
     config.update(config_overrides)
     config["gene_list"] = gene_list
     cfg = CellPLMConfig.from_json(config, "tiny config")
-    torch.manual_seed(seed)
-    model = CellPLMEmbedder(cfg)
+    with torch.random.fork_rng():  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = CellPLMEmbedder(cfg)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     # the reference initialises the gene table with 0.005·N(0,1); a larger scale gives tiny

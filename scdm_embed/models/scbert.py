@@ -23,7 +23,8 @@ Batch independence: scBERT has no padding, but the fork's FAVOR+ key stabiliser 
 the batch tensor, so a batched reference run leaks batch composition through the kernel's
 ``+1e-4``. ``key_max="cell"`` (default) reproduces the reference run one cell at a time (its own
 ``predict.py``) and makes every embedding independent of the batch; ``key_max="batch"`` copies a
-batched reference run exactly (measured batch effect on random weights: below 1e-5).
+batched reference run exactly; its batch effect is not negligible in general (up to 3e-4 on the
+tiny random-weight test model, where the ``+1e-4`` is comparable to the kernel values).
 """
 
 from __future__ import annotations

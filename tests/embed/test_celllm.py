@@ -146,7 +146,12 @@ def test_official_folder_loads_and_embeds(ckpt: Path, pc9: anndata.AnnData) -> N
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("pad_masking", ["reference", "masked"])
 def test_parity_with_direct_per_cell_recomputation(
-    ckpt: Path, pc9: anndata.AnnData, model_genes: list[str], state: dict[str, torch.Tensor], pooling: str, pad_masking: str
+    ckpt: Path,
+    pc9: anndata.AnnData,
+    model_genes: list[str],
+    state: dict[str, torch.Tensor],
+    pooling: str,
+    pad_masking: str,
 ) -> None:
     adapter = _adapter(ckpt, pc9, pooling=pooling, pad_masking=pad_masking)
     with torch.inference_mode():
@@ -201,7 +206,8 @@ def test_tokens_keep_expressed_genes_in_gene_order(ckpt: Path, pc9: anndata.AnnD
         assert cell["input_ids"][0] == 6 and cell["gene_pos"][0] == gene_num
         # truncation keeps the first genes by index, not the most expressed ones
         np.testing.assert_array_equal(cell["gene_pos"][1:], expressed[: MAX_LENGTH - 1])
-        np.testing.assert_array_equal(cell["input_ids"][1:], np.floor(np.minimum(expression[expressed], 5))[: MAX_LENGTH - 1])
+        tokens = np.floor(np.minimum(expression[expressed], 5))
+        np.testing.assert_array_equal(cell["input_ids"][1:], tokens[: MAX_LENGTH - 1])
         assert cell["n_pad"][0] == MAX_LENGTH - len(cell["input_ids"])
     again = adapter.tokenize(x[5:9], np.arange(5, 9))
     for a, b in zip(cells[5:9], again):

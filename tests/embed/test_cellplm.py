@@ -36,20 +36,24 @@ def flow_attention(x: torch.Tensor, state: dict[str, torch.Tensor], p: str, head
         y = x @ state[f"{p}{name}.weight"].T + state[f"{p}{name}.bias"]
         return y.reshape(n, heads, d // heads).permute(1, 0, 2)  # (heads, n, dh)
 
-    q, k, v = torch.sigmoid(project("query_projection")), torch.sigmoid(project("key_projection")), project("value_projection")
+    q = torch.sigmoid(project("query_projection"))
+    k = torch.sigmoid(project("key_projection"))
+    v = project("value_projection")
     sink_in = 1.0 / ((q + eps) @ (k.sum(1) + eps).unsqueeze(-1)).squeeze(-1)
     source_out = 1.0 / ((k + eps) @ (q.sum(1) + eps).unsqueeze(-1)).squeeze(-1)
     cons_sink = ((q + eps) @ ((k * source_out[..., None]).sum(1) + eps).unsqueeze(-1)).squeeze(-1)
     cons_source = ((k + eps) @ ((q * sink_in[..., None]).sum(1) + eps).unsqueeze(-1)).squeeze(-1)
     cons_source = cons_source.clamp(-1.0, 1.0)
-    allocation = torch.sigmoid(cons_sink * (n / n))
+    allocation = torch.sigmoid(cons_sink)  # the reference scales by L / S, which is 1 here
     competition = torch.softmax(cons_source, dim=-1) * n
     out = ((q * sink_in[..., None]) @ (k.transpose(1, 2) @ (v * competition[..., None]))) * allocation[..., None]
     out = out.permute(1, 0, 2).reshape(n, d)
     return out @ state[f"{p}out_projection.weight"].T + state[f"{p}out_projection.bias"]
 
 
-def cellplm_reference(state: dict[str, torch.Tensor], config: dict, counts: np.ndarray, gene_idx: list[int]) -> torch.Tensor:
+def cellplm_reference(
+    state: dict[str, torch.Tensor], config: dict, counts: np.ndarray, gene_idx: list[int]
+) -> torch.Tensor:
     """OmicsFormer(head_type='embedder') in eval mode with y = onehot(argmax logits)."""
     heads = config.get("enc_head", 8)
     x = torch.log1p(torch.tensor(counts, dtype=torch.float32))
@@ -59,7 +63,8 @@ def cellplm_reference(state: dict[str, torch.Tensor], config: dict, counts: np.n
     width = h.shape[1]
     for i in range(config["enc_layers"]):
         p = f"encoder.layers.{i}."
-        h = h + flow_attention(F.layer_norm(h, (width,), state[p + "norm1.weight"], state[p + "norm1.bias"]), state, p + "self_attn.", heads)
+        y = F.layer_norm(h, (width,), state[p + "norm1.weight"], state[p + "norm1.bias"])
+        h = h + flow_attention(y, state, p + "self_attn.", heads)
         y = F.layer_norm(h, (width,), state[p + "norm2.weight"], state[p + "norm2.bias"])
         y = F.gelu(y @ state[p + "_ff_block.0.weight"].T + state[p + "_ff_block.0.bias"])
         h = h + y @ state[p + "_ff_block.3.weight"].T + state[p + "_ff_block.3.bias"]

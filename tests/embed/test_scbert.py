@@ -178,7 +178,9 @@ def test_batch_key_max_reproduces_a_batched_reference_run(
     assert 0 < torch.max(torch.abs(emb - alone)) < 1e-2
 
 
-def test_tokens_match_the_scanpy_pipeline_on_real_counts(ckpt: Path, pc9: anndata.AnnData, model_genes: list[str]) -> None:
+def test_tokens_match_the_scanpy_pipeline_on_real_counts(
+    ckpt: Path, pc9: anndata.AnnData, model_genes: list[str]
+) -> None:
     import scanpy as sc
 
     adapter = ScBERTAdapter(ckpt)
@@ -220,7 +222,8 @@ def test_tokenize_is_deterministic_and_chunk_independent(ckpt: Path, pc9: anndat
 
 def test_ensembl_ids_are_mapped_offline(ckpt: Path, pc9: anndata.AnnData) -> None:
     symbols = list(pc9.var_names)
-    ensembl = [e if e is not None else f"ENSG9999999{i:04d}" for i, e in enumerate(map_genes(symbols, src="symbol", dst="ensembl"))]
+    mapped = map_genes(symbols, src="symbol", dst="ensembl")
+    ensembl = [e if e is not None else f"ENSG9999999{i:04d}" for i, e in enumerate(mapped)]
     by_symbol = ScBERTAdapter(ckpt).prepare(symbols, gene_id_kind="symbol")
     by_ensembl = ScBERTAdapter(ckpt).prepare(ensembl, gene_id_kind="ensembl")
     assert by_symbol.n_matched == N_VOCAB - 2
@@ -285,3 +288,17 @@ def test_bad_parameters_are_refused(ckpt: Path) -> None:
         ScBERTAdapter(ckpt, max_genes=100)
     with pytest.raises(RuntimeError, match="load"):
         _ = ScBERTAdapter(ckpt).emb_dim
+
+
+def test_training_state_with_numpy_scalars_loads_but_code_is_refused(
+    tmp_path: Path, model_genes: list[str]
+) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", genes=model_genes[:20])
+    blob = torch.load(folder / WEIGHTS_FILE, weights_only=True)
+    blob["losses"] = [np.float64(2.5), np.float32(1.25)]  # what a training loop typically leaves
+    torch.save(blob, folder / WEIGHTS_FILE)
+    ScBERTAdapter(folder).load()
+    blob["scheduler_state_dict"] = {"lr_lambdas": [Path("x")]}  # an object only a full unpickle can build
+    torch.save(blob, folder / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="re-save only its weights"):
+        ScBERTAdapter(folder).load()

@@ -1,0 +1,163 @@
+"""The evaluation grid on real data (A375 real labels; JHU006/SCC47 proxy labels) and resume."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from scdm_classify.grid import evaluate
+from scdm_classify.metrics import METRICS
+from scdm_classify.results import format_leaderboard, leaderboard
+from scdm_classify.splits import SampleLeakageWarning, load_split
+from store import Store, example_data
+from store.errors import EmbeddingNotFoundError, InputDataError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+DATASETS = [
+    # name, path, label, study, tissue, cancer type, drug type, regimen
+    ("a375", example_data("A375"), "response_PLX4720", "GSE108383", "skin", "melanoma", "targeted", "PLX4720"),
+    ("jhu006", str(DATA / "JHU006_HNSCC_Kinker2020.h5ad"), "response_Gefitinib", "JHU006", "head and neck",
+     "HNSCC", "targeted", "EGFR inhibitor"),
+    ("scc47", str(DATA / "SCC47_HNSCC_Kinker2020.h5ad"), "response_Afatinib", "SCC47", "head and neck", "HNSCC",
+     "targeted", "EGFR inhibitor"),
+]
+HEADS = ["ridge", "logreg", "majority"]
+
+
+def write_pca(st: Store, model: str, dim: int, seed: int = 0) -> list[str]:
+    """A joint PCA of the three datasets on their common genes, written through the store API."""
+    frames = {name: ad.read_h5ad(path) for name, path, *_ in DATASETS}
+    common = sorted(set.intersection(*(set(a.var_names) for a in frames.values())))
+    blocks = [np.asarray(frames[name][:, common].X, dtype=np.float64) for name, *_ in DATASETS]
+    joint = np.vstack(blocks)
+    joint -= joint.mean(axis=0)
+    rng = np.random.default_rng(seed)
+    _, _, vt = np.linalg.svd(joint[rng.permutation(len(joint))], full_matrices=False)
+    ids, start = [], 0
+    for (name, *_), block in zip(DATASETS, blocks):
+        scores = (joint[start:start + len(block)] @ vt[:dim].T).astype(np.float32)
+        start += len(block)
+        emb = st.create_embedding(name, model=model, params={"n_components": dim, "genes": len(common)}, dim=dim)
+        for chunk in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(chunk)
+            emb.write_chunk(chunk, scores[lo:hi])
+        emb.finalize()
+        ids.append(emb.embedding_id)
+    return ids
+
+
+@pytest.fixture()
+def st(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "store")
+    for name, path, label, study, tissue, cancer, drug, regimen in DATASETS:
+        store.ingest(path, name=name, label_key=label, study=study, tissue=tissue, cancer_type=cancer,
+                     drug_type=drug, regimen=regimen)
+    return store
+
+
+def run(st: Store, **kwargs):
+    options = {"heads": HEADS, "folds": 3, "by": ["all", "cancer_type"], "silent": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        return evaluate(st, **{**options, **kwargs})
+
+
+def test_pooled_and_cross_results_in_long_format_with_predictions(st: Store) -> None:
+    write_pca(st, "pca-joint", 10)
+    summary = run(st)
+    assert summary.n_done == summary.n_tasks > 0 and summary.split_scheme == "cell"
+    tasks = st.query("SELECT * FROM eval_tasks")
+    results = st.query("SELECT * FROM eval_results")
+    assert len(results) == len(tasks) * len(METRICS)
+    for column in ("run_id", "space_id", "split_id", "fold", "head", "metric", "value", "n_train", "n_test", "fit_seconds"):
+        assert column in results.columns
+    # pooled: every labelled cell is predicted exactly once per (category, head)
+    preds = st.query("SELECT p.*, t.head, t.split_id, t.scenario FROM eval_predictions p JOIN eval_tasks t USING (task_id)")
+    pooled = preds[preds["scenario"] == "pooled"]
+    assert not pooled.duplicated(["split_id", "head", "dataset_id", "row"]).any()
+    n_labelled = int(st.cells()["response"].notna().sum())
+    assert len(pooled[(pooled["head"] == "ridge")].drop_duplicates(["dataset_id", "row"])) == n_labelled
+    assert len(preds) == int(tasks["n_test"].sum())
+    # cross: HNSCC has two studies (JHU006, SCC47); melanoma has one and is recorded as skipped
+    cross = tasks[tasks["scenario"] == "cross"]
+    assert set(cross["category"]) == {"all", "HNSCC"}
+    skipped = summary.skipped
+    assert (skipped["category"] == "melanoma").any()
+    assert skipped.loc[skipped["category"] == "melanoma", "reason"].str.contains("one study").all()
+    # real signal: the PCA separates A375's parental from BRAF-inhibitor-resistant cells
+    board = leaderboard(st, metrics=["auroc"], heads=["ridge"], scenarios=["pooled"])
+    melanoma = board[board["category"] == "melanoma"].iloc[0]
+    assert melanoma["mean"] > 0.8 and melanoma["n_folds"] == 3
+    majority = leaderboard(st, metrics=["auroc"], heads=["majority"])
+    assert np.allclose(majority["mean"], 0.5)
+
+
+def test_resume_skips_finished_tasks(st: Store) -> None:
+    write_pca(st, "pca-joint", 8)
+    first = run(st)
+    again = run(st)
+    assert again.n_done == 0 and again.n_reused == first.n_tasks
+    # lose some finished tasks (as if the first run had been killed): only those are refitted
+    lost = st.query("SELECT task_id FROM eval_tasks WHERE head = 'logreg' ORDER BY task_id LIMIT 4")["task_id"].tolist()
+    st.execute("DELETE FROM eval_tasks WHERE list_contains(?, task_id)", [lost])
+    resumed = run(st)
+    assert resumed.n_done == 4 and resumed.n_reused == first.n_tasks - 4
+    counts = st.query("SELECT task_id, count(*) AS n FROM eval_results GROUP BY task_id")
+    assert (counts["n"] == len(METRICS)).all()  # no duplicate rows from the interrupted tasks
+    # a new head only adds its own tasks
+    more = run(st, heads=[*HEADS, "shuffled-label"])
+    assert more.n_done == first.n_tasks // len(HEADS) and more.n_reused == first.n_tasks
+
+
+def test_models_share_partitions_and_spaces_are_never_mixed(st: Store) -> None:
+    ids_a = write_pca(st, "pca-a", 6)
+    ids_b = write_pca(st, "pca-b", 12)
+    summary = run(st, heads=["ridge"])
+    assert len(summary.spaces) == 2
+    tasks = st.query("SELECT * FROM eval_tasks")
+    for _, group in tasks.groupby("space_id"):
+        embedded = {e for ids in group["embedding_ids"] for e in json.loads(ids)}
+        assert embedded in (set(ids_a), set(ids_b))  # each task pools one space's embeddings only
+    split_sets = [set(g["split_id"]) for _, g in tasks.groupby("model")]
+    assert split_sets[0] == split_sets[1]  # identical partitions for both models
+    assert st.query("SELECT count(*) AS n FROM splits")["n"].iloc[0] == len(split_sets[0]) + 1  # + skipped melanoma
+    split = load_split(st, tasks["split_id"].iloc[0])
+    assert split.n_cells > 0 and split.cells["fold"].notna().all()
+    # only one embedding selected: only its space runs
+    only = run(st, embeddings=[ids_a[0]], heads=["majority"])
+    assert only.spaces == (tasks.loc[tasks["model"] == "pca-a", "space_id"].iloc[0],)
+
+
+def test_single_class_test_fold_stores_null_and_a_flag(st: Store) -> None:
+    write_pca(st, "pca-joint", 6)
+    cells = st.cells()
+    a375 = st.dataset("a375").dataset_id
+    custom = cells[["dataset_id", "row"]].copy()
+    # test fold: only the sensitive A375 cells
+    custom["fold"] = np.where((cells["dataset_id"] == a375) & (cells["response"] == 1), "test", "train")
+    summary = run(st, scenarios=["custom"], custom=custom, by=["all"], heads=["ridge"])
+    assert summary.n_done == 1
+    values = st.query("SELECT metric, value FROM eval_results").set_index("metric")["value"]
+    assert pd.isna(values["auroc"]) and pd.isna(values["ap"]) and pd.isna(values["mcc"])
+    assert values["accuracy"] > 0.0
+    assert st.query("SELECT flags FROM eval_tasks")["flags"].iloc[0].startswith("single_class_test")
+    board = leaderboard(st, metrics=["auroc", "accuracy"])
+    assert board.set_index("metric").loc["auroc", "n_null"] == 1
+    assert (format_leaderboard(board, metrics=["auroc", "accuracy"])["auroc"] == "n/a").all()
+
+
+def test_grouped_scheme_and_bad_requests(st: Store) -> None:
+    ids = write_pca(st, "pca-joint", 6)
+    with pytest.raises(InputDataError, match="sample_key"):
+        run(st, split_scheme="sample")
+    with pytest.raises(EmbeddingNotFoundError, match="No embedding 'nope'"):
+        run(st, embeddings=["nope"])
+    with pytest.raises(InputDataError, match="Unknown head 'rigde'"):
+        run(st, heads=["rigde"])
+    assert ids

@@ -1,0 +1,192 @@
+"""Splits: grouped folds, leave-one-study-out, identical partitions, determinism, skips."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scdm_classify.splits import SampleLeakageWarning, make_splits
+from store.errors import InputDataError
+
+# dataset, study, tissue, cancer_type, drug_type, regimen, sensitive share
+SPEC = [
+    ("d1", "S1", "skin", "melanoma", "targeted", "plx", 0.5),
+    ("d2", "S2", "skin", "melanoma", "targeted", "vem", 0.4),
+    ("d3", "S3", "blood", "aml", "chemo", "ara", 0.6),
+    ("d4", "S4", "blood", "aml", "chemo", "ara", 0.5),
+    ("d5", "S5", "blood", "aml", "chemo", "ara", 1.0),  # a study with sensitive cells only
+]
+
+
+def make_cells(spec=SPEC, n: int = 80, samples: int = 4, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ds, study, tissue, cancer, drug, regimen, share in spec:
+        for i in range(n):
+            sample = f"{study}_s{i % samples}"
+            response = int(i % samples < samples * share) if share < 1 else 1  # constant within a sample
+            rows.append({"dataset_id": ds, "row": i, "cell_id": f"c{i}", "study": study, "sample": sample,
+                         "tissue": tissue, "cancer_type": cancer, "drug_type": drug, "regimen": regimen,
+                         "response": response})
+    frame = pd.DataFrame(rows).sample(frac=1.0, random_state=int(rng.integers(100)))  # order must not matter
+    frame["response"] = frame["response"].astype("Int8")
+    return frame
+
+
+def by_key(splits, scenario, ctype, category):
+    return next(s for s in splits if (s.scenario, s.category_type, s.category) == (scenario, ctype, category))
+
+
+def cell_keys(split, mask) -> set[tuple[str, int]]:
+    c = split.cells[mask]
+    return set(zip(c["dataset_id"], c["row"]))
+
+
+def test_every_category_of_every_type_is_a_split() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        splits = make_splits(make_cells(), scenarios=["pooled"])
+    got = {(s.category_type, s.category) for s in splits}
+    assert got == {("all", "all"), ("tissue", "skin"), ("tissue", "blood"), ("cancer_type", "melanoma"),
+                   ("cancer_type", "aml"), ("drug_type", "targeted"), ("drug_type", "chemo"), ("regimen", "plx"),
+                   ("regimen", "vem"), ("regimen", "ara")}
+
+
+def test_pooled_cell_folds_partition_the_category_and_are_stratified() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        splits = make_splits(make_cells(n=200), scenarios=["pooled"], n_folds=5)
+    for split in splits:
+        folds = split.cells["fold"].to_numpy()
+        assert sorted(np.unique(folds)) == list(range(5))
+        share = split.cells["response"].mean()
+        n_strata = split.cells.groupby(["dataset_id", "response"]).ngroups
+        for f in range(5):
+            test = split.cells[split.test_mask(f)]
+            # each (dataset, response) stratum is dealt evenly: off by at most one cell per stratum
+            assert abs(test["response"].sum() - share * len(test)) <= n_strata
+
+
+def test_cell_folds_are_nested_across_category_types() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        splits = make_splits(make_cells(), scenarios=["pooled"])
+    fold_of: dict[tuple[str, int], int] = {}
+    for split in splits:
+        for ds, row, fold in split.cells[["dataset_id", "row", "fold"]].itertuples(index=False):
+            assert fold_of.setdefault((ds, row), fold) == fold
+
+
+def test_grouped_folds_keep_samples_disjoint() -> None:
+    cells = make_cells(samples=8)
+    for split in make_splits(cells, scenarios=["pooled"], scheme="sample", n_folds=5):
+        merged = split.cells.merge(cells[["dataset_id", "row", "study", "sample"]], on=["dataset_id", "row"])
+        for f in split.folds:
+            test = split.test_mask(f)
+            test_samples = set(zip(merged.loc[test, "study"], merged.loc[test, "sample"]))
+            train_samples = set(zip(merged.loc[~test, "study"], merged.loc[~test, "sample"]))
+            assert test_samples and not test_samples & train_samples
+
+
+def test_sample_scheme_needs_sample_ids() -> None:
+    cells = make_cells()
+    cells.loc[cells.index[:3], "sample"] = None
+    with pytest.raises(InputDataError, match="sample_key"):
+        make_splits(cells, scenarios=["pooled"], scheme="sample")
+
+
+def test_warns_when_labels_are_constant_within_samples_and_scheme_is_cell() -> None:
+    with pytest.warns(SampleLeakageWarning, match="split_scheme='sample'"):
+        make_splits(make_cells(), scenarios=["pooled"], by=["all"])
+    mixed = make_cells()
+    mixed["sample"] = mixed["study"]  # each sample now holds both classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SampleLeakageWarning)
+        make_splits(mixed, scenarios=["pooled"], by=["all"])
+
+
+def test_cross_data_never_trains_on_the_test_study() -> None:
+    cells = make_cells()
+    study_of = {(r.dataset_id, r.row): r.study for r in cells.itertuples()}
+    splits = make_splits(cells, scenarios=["cross"])
+    evaluated = 0
+    for split in splits:
+        for f in split.folds:
+            test = split.test_mask(f)
+            test_studies = {study_of[k] for k in cell_keys(split, test)}
+            train_studies = {study_of[k] for k in cell_keys(split, ~test)}
+            assert test_studies == {split.fold_labels[f]}
+            assert split.fold_labels[f] not in train_studies
+            evaluated += 1
+    assert evaluated > 0
+
+
+def test_skipped_categories_and_folds_are_recorded_with_reasons() -> None:
+    splits = make_splits(make_cells(), scenarios=["cross"])
+    # one study in the category: the whole split is skipped
+    plx = by_key(splits, "cross", "regimen", "plx")
+    assert plx.status == "skipped" and "one study" in plx.reason and plx.folds == []
+    # held-out study with one class: that fold is skipped, the others run
+    aml = by_key(splits, "cross", "cancer_type", "aml")
+    s5 = [f for f, study in aml.fold_labels.items() if study == "S5"][0]
+    assert "one class" in aml.skipped_folds[s5] and s5 not in aml.folds and len(aml.folds) == 2
+    # a category holding one class only is skipped in every scenario
+    cells = make_cells(spec=SPEC + [("d6", "S6", "bone", "mm", "immuno", "cart", 1.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        splits = make_splits(cells, scenarios=["pooled", "cross"], by=["tissue"])
+    for split in splits:
+        if split.category == "bone":
+            assert split.status == "skipped" and "one class" in split.reason
+
+
+def test_identical_partitions_for_the_same_cells_and_seeded_determinism() -> None:
+    cells = make_cells()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        a = make_splits(cells, scenarios=["pooled", "cross"])
+        b = make_splits(cells.sample(frac=1.0, random_state=3), scenarios=["pooled", "cross"])
+        c = make_splits(cells, scenarios=["pooled"], seed=1)
+    assert [s.split_id for s in a] == [s.split_id for s in b]
+    for x, y in zip(a, b):
+        pd.testing.assert_frame_equal(x.cells, y.cells)
+    pooled_a = [s for s in a if s.scenario == "pooled"]
+    assert {s.split_id for s in pooled_a}.isdisjoint({s.split_id for s in c})
+    assert not np.array_equal(pooled_a[0].cells["fold"], c[0].cells["fold"])
+
+
+def test_a_category_partition_does_not_depend_on_other_datasets() -> None:
+    """Two models embedding different dataset sets still share the partition of a common category."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        small = make_splits(make_cells(spec=SPEC[:2]), scenarios=["pooled"], by=["tissue"])
+        large = make_splits(make_cells(spec=SPEC), scenarios=["pooled"], by=["tissue"])
+    assert by_key(small, "pooled", "tissue", "skin").split_id == by_key(large, "pooled", "tissue", "skin").split_id
+
+
+def test_custom_assignments() -> None:
+    cells = make_cells()
+    custom = cells[["dataset_id", "row"]].copy()
+    custom["fold"] = np.where(cells["dataset_id"] == "d3", "test", "train")
+    split = by_key(make_splits(cells, scenarios=["custom"], by=["all"], custom=custom), "custom", "all", "all")
+    assert split.n_folds == 1 and split.folds == [0]
+    assert set(split.cells.loc[split.test_mask(0), "dataset_id"]) == {"d3"}
+    assert split.cells["fold"].isna().sum() == len(cells) - 80
+    with pytest.raises(InputDataError, match="integers >= 0 or 'train'/'test'"):
+        make_splits(cells, scenarios=["custom"], custom=custom.assign(fold="x"))
+
+
+def test_unlabelled_cells_are_left_out_and_bad_options_explained() -> None:
+    cells = make_cells()
+    cells.loc[cells.index[:10], "response"] = pd.NA
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        split = make_splits(cells, scenarios=["pooled"], by=["all"])[0]
+    assert split.n_cells == len(cells) - 10
+    with pytest.raises(InputDataError, match="Unknown category type"):
+        make_splits(cells, by=["organ"])
+    with pytest.raises(InputDataError, match="n_folds=1"):
+        make_splits(cells, n_folds=1)
