@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -156,6 +157,9 @@ def main(ctx: click.Context, store_path: str | None, verbose: int, log_file: str
         logging.getLogger("scdm_classify").setLevel(logging.INFO)
         for h in handlers:
             h.setFormatter(logging.Formatter("%(message)s"))
+    if verbose < 2:
+        # transformers prints load reports (unused head weights, ...) that are expected here
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ctx.obj = Ctx(store_path)
 
 

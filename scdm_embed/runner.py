@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from store import Embedding, Store, open_store
 from store._ingest import iter_row_blocks, to_csr
+from store._zarr import default_chunk_rows
 from store.errors import InputDataError, ScdmError
 from store.genes import gene_table_version
 
@@ -245,6 +246,12 @@ def embed(
     genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
     audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
     require_matches(audit, model, min_genes=min_genes, min_fraction=min_gene_fraction)
+    if getattr(adapter, "batch_dependent", False):
+        # cells of one batch attend to each other: batches must be fixed row ranges, so chunks
+        # hold whole batches and batch k is always rows [k*bs, (k+1)*bs)
+        bs = params["batch_size"]
+        rows = chunk_rows or default_chunk_rows(adapter.emb_dim)
+        chunk_rows = -(-rows // bs) * bs
     emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash, chunk_rows=chunk_rows)
     missing = emb.missing_chunks()
     logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
@@ -280,7 +287,11 @@ def _embed_cells(adapter: Adapter, cells: list[dict[str, np.ndarray]], batches: 
             with torch.inference_mode(), _autocast(device, precision):
                 vecs = adapter.embed(batch)
             out[idx] = vecs.float().cpu().numpy()
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as err:
+            if getattr(adapter, "batch_dependent", False):
+                msg = (f"CUDA out of memory at batch size {len(idx)}. {adapter.name} embeds cells jointly within a batch, so "
+                       "the batch size is part of the result and is not lowered automatically; rerun with a smaller --batch-size.")
+                raise ScdmError(msg) from err
             if len(idx) == 1:
                 raise
             torch.cuda.empty_cache()

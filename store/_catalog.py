@@ -151,7 +151,7 @@ class Catalog:
             for version, name, sql in _migrations():
                 if version in done:
                     continue
-                logger.info("catalog %s: applying migration %04d_%s", self.path, version, name)
+                logger.debug("catalog %s: applying migration %04d_%s", self.path, version, name)
                 con.execute(sql)
                 con.execute(
                     "INSERT INTO migrations VALUES (?, ?, now(), ?)", [version, name, scdm_version]

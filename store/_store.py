@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 from dataclasses import dataclass
@@ -195,6 +196,9 @@ class Embedding:
         return self.store.read_embedding(self.embedding_id, rows=rows, allow_partial=allow_partial)
 
 
+_CHECKSUM_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scdm-checksum")
+
+
 class ChunkWriter:
     """Writes chunks of one embedding; catalog rows are committed in batches (see :meth:`Embedding.writer`)."""
 
@@ -214,8 +218,9 @@ class ChunkWriter:
     def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
         """Write one chunk's rows now (atomic chunk file); queue its catalog row."""
         lo, block = self.emb._checked_block(chunk, block)
+        checksum = _CHECKSUM_POOL.submit(_zarr.chunk_checksum, block)  # overlaps the file write (both release the GIL)
         self._array[lo:lo + block.shape[0]] = block
-        self._pending.append([self.emb.embedding_id, chunk, block.shape[0], _zarr.chunk_checksum(block), seconds])
+        self._pending.append([self.emb.embedding_id, chunk, block.shape[0], checksum.result(), seconds])
         if time.monotonic() - self._last_commit >= self.commit_every_s:
             self.commit()
 

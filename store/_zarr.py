@@ -9,7 +9,7 @@ going through the generic codec pipeline. Arrays with codecs fall back to zarr-p
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 import json
 import logging
 import math
@@ -93,8 +93,12 @@ def open_array(path: Path) -> Any:
 
 
 def chunk_checksum(block: np.ndarray) -> str:
-    """blake2b of a block's bytes, as stored (C order)."""
-    return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).hexdigest()
+    """CRC-32 of a block's bytes as stored (C order): detects torn or corrupted chunk files.
+
+    CRC-32 runs at several GB/s (blake2b at ~0.7 GB/s would dominate writing); it guards against
+    accidents, not tampering.
+    """
+    return f"crc32:{zlib.crc32(memoryview(np.ascontiguousarray(block)).cast('B')):08x}"
 
 
 def write_rows(path: Path, start: int, block: np.ndarray) -> None:

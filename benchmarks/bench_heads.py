@@ -1,0 +1,215 @@
+"""Heads benchmark: the evaluation grid on a synthetic collection shaped like scDrugMap's.
+
+The collection copies the shape of scDrugMap's 36 primary datasets (``benchmarks/data/``, see its
+PROVENANCE.md): cells per dataset and their sensitive share (from the per-regimen counts; datasets
+sharing a regimen row split it evenly; Data19, which has no regimen, gets the remainder of its
+cancer type), study (``Original_Dataset``), tissue, cancer type, drug type, regimen and number of
+samples (labels constant within a sample, as in the real data). Embeddings are random N(0, 1)
+float32 vectors plus a study offset and a weak label direction, so heads have something to learn.
+Everything goes through the store and :func:`scdm_classify.evaluate` (ingest, embedding write,
+split build, catalog writes of results and per-cell predictions).
+
+Prints one table:
+  - ``ridge`` and ``logreg``: wall time of the whole pooled (5 category types x 10 folds) +
+    cross-data (leave-one-study-out) grid for one embedding. Targets at full scale (326,751 cells,
+    D=3072): ridge <= 5 min, logreg <= 15 min.
+  - ``mlp paper``: one fit of the scDrugMap head (batch 256, fp32, 10 epochs) vs its FLOP floor
+    (training matmul FLOPs / this machine's fp32 matmul rate measured on the same layer shapes, in
+    this process, just before). Target <= 1.3x. ``mlp fast`` for comparison.
+
+Usage: python benchmarks/bench_heads.py [--scale 0.05] [--dim 3072] [--heads ridge,logreg]
+           [--mlp-cells 20000] [--workdir bench-out/bench_heads] [--jobs 1]
+``--scale 1`` is the full 326,751-cell collection (needs ~4 GB per copy of the matrix in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scdm_classify.grid import evaluate  # noqa: E402
+from scdm_classify.heads import get_head, mlp_train_flops  # noqa: E402
+from store import Store  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic collection
+# ---------------------------------------------------------------------------------------------
+def collection_shape() -> pd.DataFrame:
+    """One row per scDrugMap primary dataset: cells, sensitive cells, samples and categories."""
+    datasets = pd.read_csv(DATA / "datasets.tsv", sep="\t")
+    datasets = datasets[datasets["Collections"] == "Primary collection"].copy()
+    counts = pd.read_csv(DATA / "category_counts.tsv", sep="\t")
+    counts = counts[counts["Collections"] == "Main collection"]
+    cells: dict[str, float] = {}
+    sensitive: dict[str, float] = {}
+    for row in counts[counts["Maintask"] == "Regimen"].itertuples():
+        members = [m.strip() for m in row.scDrugMap_collection_series_number.split(",")]
+        for m in members:
+            cells[m] = row.samples / len(members)
+            sensitive[m] = row.sensitive / len(members)
+    # Datasets without a regimen row (Data19) get the rest of their cancer type.
+    for row in datasets.itertuples():
+        name = row.scDrugMap_collection_series_number
+        if name in cells:
+            continue
+        cancer = counts[(counts["Maintask"] == "Cancer_type") & (counts["Subtask"] == row.Cancer_type_level1)].iloc[0]
+        known = datasets[(datasets["Cancer_type_level1"] == row.Cancer_type_level1)
+                         & datasets["scDrugMap_collection_series_number"].isin(list(cells))]
+        ids = list(known["scDrugMap_collection_series_number"])
+        cells[name] = cancer.samples - sum(cells[i] for i in ids)
+        sensitive[name] = cancer.sensitive - sum(sensitive[i] for i in ids)
+    datasets["n_cells"] = datasets["scDrugMap_collection_series_number"].map(cells).round().astype(int)
+    datasets["n_sensitive"] = datasets["scDrugMap_collection_series_number"].map(sensitive).round().astype(int)
+    return datasets.rename(columns={"scDrugMap_collection_series_number": "dataset", "Original_Dataset": "study",
+                                    "Tissue": "tissue", "Cancer_type_level1": "cancer_type", "Drug_type": "drug_type",
+                                    "Regimen": "regimen", "Sample_size_all": "n_samples"})[
+        ["dataset", "study", "tissue", "cancer_type", "drug_type", "regimen", "n_samples", "n_cells", "n_sensitive"]]
+
+
+def build_store(root: Path, shape: pd.DataFrame, scale: float, dim: int, seed: int = 0) -> tuple[Store, int]:
+    """Ingest the synthetic datasets and write one embedding space; returns (store, n_cells)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from store.genes import gene_table
+
+    if root.exists():
+        shutil.rmtree(root)
+    st = Store(root)
+    rng = np.random.default_rng(seed)
+    genes = gene_table()["symbol"].drop_duplicates().iloc[:20].tolist()
+    label_direction = rng.standard_normal(dim).astype(np.float32)
+    label_direction /= np.linalg.norm(label_direction)
+    total = 0
+    for row in shape.itertuples():
+        n = max(int(round(row.n_cells * scale)), 4)
+        n_pos = min(max(int(round(row.n_sensitive * scale)), 1), n - 1)
+        response = np.array(["sensitive"] * n_pos + ["resistant"] * (n - n_pos))
+        # Samples hold one class each (labels are per sample in scDrugMap).
+        n_samples = max(int(row.n_samples), 2)
+        n_pos_samples = max(1, n_samples // 2)
+        sample = np.where(response == "sensitive", [f"s{i % n_pos_samples}" for i in range(n)],
+                          [f"r{i % (n_samples - n_pos_samples)}" for i in range(n)])
+        obs = pd.DataFrame({"response": response, "sample": sample}, index=[f"{row.dataset}_c{i}" for i in range(n)])
+        counts = sp.random(n, len(genes), density=0.3, format="csr", random_state=int(rng.integers(1 << 31)),
+                           data_rvs=lambda k: rng.integers(1, 20, k)).astype(np.float32)
+        adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes))
+        meta = {k: (None if pd.isna(getattr(row, k)) else str(getattr(row, k)))
+                for k in ("tissue", "cancer_type", "drug_type", "regimen")}
+        st.ingest(adata, name=row.dataset, label_key="response", positive="sensitive", sample_key="sample",
+                  study=row.study, **meta)
+        emb = st.create_embedding(row.dataset, model="synthetic", params={"dim": dim, "seed": seed}, dim=dim)
+        y = (response == "sensitive").astype(np.float32)
+        study_offset = 0.5 * rng.standard_normal(dim).astype(np.float32)
+        for chunk in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(chunk)
+            block = rng.standard_normal((hi - lo, dim), dtype=np.float32)
+            block += study_offset
+            block += np.outer(0.15 * (2 * y[lo:hi] - 1), label_direction)
+            emb.write_chunk(chunk, block)
+        emb.finalize()
+        total += n
+    return st, total
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------
+def time_grid(st: Store, head: str, jobs: int) -> dict[str, object]:
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = evaluate(st, heads=[head], scenarios=("pooled", "cross"), folds=10, jobs=jobs, silent=False)
+    wall = time.perf_counter() - t0
+    tasks = st.query("SELECT scenario, count(*) AS n, sum(fit_seconds) AS fit FROM eval_tasks WHERE head = ? "
+                     "GROUP BY scenario", [head])
+    auroc = st.query("SELECT avg(value) AS v FROM eval_results WHERE head = ? AND metric = 'auroc'", [head])["v"].iloc[0]
+    return {"what": f"{head} grid", "tasks": summary.n_done, "skipped": summary.n_skipped, "wall_s": wall,
+            "fit_s": float(tasks["fit"].sum()), "mean_auroc": auroc,
+            "detail": ", ".join(f"{r.scenario} {r.n}" for r in tasks.itertuples())}
+
+
+def matmul_rate(dim: int, batch: int, hidden: int = 512, seconds: float = 2.0) -> float:
+    """fp32 GFLOP/s of the MLP's own matmul shapes (forward of layer 1 and 2, batch rows)."""
+    import torch
+
+    a, w1 = torch.randn(batch, dim), torch.randn(dim, hidden)
+    h, w2 = torch.randn(batch, hidden), torch.randn(hidden, hidden)
+    flops = 2 * batch * hidden * (dim + hidden)
+    for _ in range(5):
+        a @ w1, h @ w2
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ w1
+        h @ w2
+        n += 1
+    return n * flops / (time.perf_counter() - t0) / 1e9
+
+
+def time_mlp(n_cells: int, dim: int, profile: str, seed: int = 0) -> dict[str, object]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n_cells)
+    X = rng.standard_normal((n_cells, dim), dtype=np.float32)
+    X[:, 0] += y
+    head = get_head("mlp", profile=profile, early_stopping=False)
+    batch = int(head.resolved()["batch_size"])
+    rate = matmul_rate(dim, batch)
+    t0 = time.perf_counter()
+    head.fit(X, y)
+    wall = time.perf_counter() - t0
+    epochs = int(head.resolved()["epochs"])
+    floor = mlp_train_flops(n_cells, dim, epochs=epochs) / (rate * 1e9)
+    if profile == "fast" and head.bf16_:
+        floor /= 2  # bf16 matmuls run at about twice the fp32 rate (issue 5 measurements)
+    return {"what": f"mlp {profile} (1 fit, {n_cells} cells, batch {batch}, bf16={head.bf16_})", "tasks": 1,
+            "wall_s": wall, "fit_s": wall, "floor_s": floor, "x_floor": wall / floor,
+            "detail": f"matmul {rate:.0f} GFLOP/s fp32 on the layer shapes"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=0.05, help="fraction of scDrugMap's 326,751 cells (default 0.05)")
+    parser.add_argument("--dim", type=int, default=3072)
+    parser.add_argument("--heads", default="ridge,logreg", help="grid heads to time (comma-separated)")
+    parser.add_argument("--mlp-cells", type=int, default=20000, help="training cells of the timed MLP fit (0: skip)")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--workdir", default="bench-out/bench_heads")
+    args = parser.parse_args()
+
+    shape = collection_shape()
+    print(f"collection: {len(shape)} datasets, {shape['n_cells'].sum():,} cells "
+          f"({shape['n_sensitive'].sum():,} sensitive), {shape['study'].nunique()} studies; scale {args.scale}, "
+          f"D={args.dim}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    heads = [h for h in args.heads.split(",") if h]
+    if heads:
+        t0 = time.perf_counter()
+        st, n = build_store(Path(args.workdir) / "store", shape, args.scale, args.dim)
+        print(f"store built: {n:,} cells x {args.dim} in {time.perf_counter() - t0:.0f} s", flush=True)
+        for head in heads:
+            rows.append(time_grid(st, head, args.jobs))
+            print(rows[-1], flush=True)
+    if args.mlp_cells:
+        for profile in ("paper", "fast"):
+            rows.append(time_mlp(args.mlp_cells, args.dim, profile))
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.2f}".format):
+        print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from store import Store, example_data
+
+
+@pytest.fixture()
+def run(tmp_path):
+    runner = CliRunner()
+    store = str(tmp_path / "store")
+
+    def _run(*args, ok=True):
+        result = runner.invoke(main, ["--store", store, *args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    _run.store = store
+    return _run
+
+
+def test_help_for_every_command_teaches():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0 and "Typical session" in top.output
+    for name, cmd in main.commands.items():
+        out = runner.invoke(main, [name, "--help"])
+        assert out.exit_code == 0, name
+        assert cmd.help and len(cmd.help.split()) >= 5, f"{name} needs a real help text"
+
+
+def test_ingest_ls_sql_export_rm_round_trip(run, tmp_path):
+    out = run("ingest", example_data(), "--label-key", "response_PLX4720", "--study", "GSE108383", "--name", "a375")
+    assert out.stdout.startswith("ingested a375") and "108 cells x 2873 genes" in out.output
+    assert "already in the store" in run("ingest", example_data(), "--label-key", "response_PLX4720").stdout
+    out = run("embed", "a375", "--model", "pca", "--n-comps", "5", "-q")
+    assert "pca embedding of a375: 108 x 5" in out.output
+    listing = run("ls").stdout
+    assert "a375" in listing and "complete" in listing and "1/1" in listing
+    rows = json.loads(run("sql", "SELECT response, count(*) AS n FROM cells GROUP BY ALL ORDER BY response", "--format", "json").stdout)
+    assert rows == [{"response": 0, "n": 46}, {"response": 1, "n": 62}]
+    csv = run("sql", "SELECT name FROM datasets", "--format", "csv").stdout
+    assert csv == "name\na375\n"
+    run("export", "--dataset", "a375", "--model", "pca", "--out", str(tmp_path / "x.npy"))
+    arr = np.load(tmp_path / "x.npy")
+    assert arr.shape == (108, 5)
+    assert "would delete" in run("rm", "--dataset", "a375", "--model", "pca", "--dry-run").output
+    assert "deleted embedding" in run("rm", "--dataset", "a375", "--model", "pca").output
+    assert Store(run.store).embeddings().empty
+
+
+@pytest.mark.parametrize("query", ["DROP TABLE cells", "INSERT INTO meta VALUES ('a', 'b')", "COPY cells TO 'x.csv'"])
+def test_sql_refuses_writes_with_a_clean_error(run, query):
+    run("ingest", example_data())
+    out = run("sql", query, ok=False)
+    assert out.exit_code == 1 and out.output.startswith("Error: ") and "Traceback" not in out.output
+
+
+def test_user_errors_are_one_line_messages(run, tmp_path):
+    bad = tmp_path / "x.h5ad"
+    bad.write_text("nope")
+    out = run("ingest", str(bad), ok=False)
+    assert out.exit_code == 1 and "not an .h5ad" in out.output
+    out = run("ingest", example_data(), "--label-key", "nope", ok=False)
+    assert "Available obs columns: response_PLX4720, condition" in out.output
+    out = run("embed", "missing-dataset", "--model", "pca", ok=False)
+    assert "is not in the store" in out.output
+    run("ingest", example_data(), "--name", "a")
+    out = run("embed", "a", "--model", "nope", ok=False)
+    assert "Unknown model 'nope'" in out.output and "geneformer" in out.output
+    out = run("export", "--out", str(tmp_path / "y.npy"), ok=False)
+    assert "--embedding ID" in out.output
