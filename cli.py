@@ -405,5 +405,100 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
         click.echo(f"{r.model} embedding of {r.dataset}: {r.n_cells} x {r.dim}, id {r.embedding_id} ({how})")
 
 
+# ---- evaluation commands ---------------------------------------------------------------------
+def _csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@main.command()
+@click.option("--embedding", "embedding_ids", multiple=True, help="Embedding id to evaluate (repeatable). Default: every complete embedding.")
+@click.option("--dataset", "datasets", multiple=True, help="Evaluate the embeddings of this dataset (repeatable; with --model).")
+@click.option("--model", "models", multiple=True, help="Evaluate only embeddings of this model (repeatable).")
+@click.option("--scenario", default="pooled,cross", show_default=True, help="pooled (k-fold within a category), cross (leave one study out), custom.")
+@click.option("--by", default="all,tissue,cancer_type,drug_type,regimen", show_default=True, help="Category types; every category of each is a task.")
+@click.option("--heads", default="mlp,logreg", show_default=True, help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label.")
+@click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario (the paper: 10).")
+@click.option("--split-scheme", type=click.Choice(["cell", "sample"]), default="cell", show_default=True,
+              help="Pooled folds at cell level (the paper's) or grouped by sample, so no patient is on both sides.")
+@click.option("--mlp-profile", type=click.Choice(["paper", "fast"]), default="paper", show_default=True,
+              help="paper: batch 256, 10 epochs, AdamW 1e-4 (scDrugMap); fast: large batches, bf16 where available.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pooled folds and of the heads.")
+@click.option("--jobs", "-j", type=int, default=1, show_default=True, help="Head fits in parallel.")
+@click.option("--no-predictions", is_flag=True, help="Do not store per-cell test probabilities.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@output_options
+@pass_ctx
+@user_errors
+def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...], models: tuple[str, ...], scenario: str, by: str,
+             heads: str, folds: int, split_scheme: str, mlp_profile: str, seed: int, jobs: int, no_predictions: bool, quiet: bool,
+             fmt: str) -> None:
+    """Train and score heads on every (embedding space, split, fold, head) task.
+
+    Embeddings of one space (same model, checkpoint and parameters) are pooled across datasets;
+    spaces are never mixed. Splits are stored once and reused by every model and head, so models
+    are compared on identical cells. Finished tasks are skipped when the command is run again.
+
+    \b
+    Examples:
+      scdm evaluate --heads ridge,logreg,mlp --folds 10
+      scdm evaluate --model geneformer --scenario cross --by cancer_type,drug_type
+      scdm evaluate --split-scheme sample --heads logreg     # no patient in train and test
+    """
+    from scdm_classify.grid import evaluate as run_evaluate
+    from scdm_classify.results import format_leaderboard, leaderboard
+
+    st = obj.store
+    ids = list(embedding_ids) or _embedding_selection(st, datasets, models)
+    head_list = _csv_list(heads)
+    run_evaluate(st, ids, scenarios=_csv_list(scenario), by=_csv_list(by), heads=head_list, folds=folds,
+                           split_scheme=split_scheme, seed=seed, jobs=jobs,
+                           head_params={"mlp": {"profile": mlp_profile}} if "mlp" in head_list else None,
+                           save_predictions=not no_predictions, silent=quiet)
+    board = leaderboard(st, run_id=None, category_types=["all"])
+    echo_frame(format_leaderboard(board), fmt)
+
+
+def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, ...]) -> list[str] | None:
+    if not datasets and not models:
+        return None
+    frame = st.embeddings(status="complete")
+    if datasets:
+        ids = {st.dataset(d).dataset_id for d in datasets}
+        frame = frame[frame["dataset_id"].isin(ids)]
+    if models:
+        frame = frame[frame["model"].isin(models)]
+    if frame.empty:
+        raise click.UsageError("No complete embedding matches --dataset/--model; see `scdm ls`.")
+    return frame["embedding_id"].tolist()
+
+
+@main.command()
+@click.option("--metric", "metrics", default="auroc,ap,f1,accuracy", show_default=True, help="Metrics to show (columns).")
+@click.option("--model", "models", multiple=True, help="Only these models (repeatable).")
+@click.option("--head", "heads", multiple=True, help="Only these heads (repeatable).")
+@click.option("--scenario", "scenarios", multiple=True, type=click.Choice(["pooled", "cross", "custom"]), help="Only this scenario (repeatable).")
+@click.option("--by", "category_types", multiple=True, help="Only these category types (repeatable), e.g. --by tissue.")
+@click.option("--scheme", type=click.Choice(["cell", "sample", "study", "custom"]), help="Only this split scheme.")
+@click.option("--long", "long_format", is_flag=True, help="One row per metric with mean, sd and fold counts (for further analysis).")
+@output_options
+@pass_ctx
+@user_errors
+def results(obj: Ctx, metrics: str, models: tuple[str, ...], heads: tuple[str, ...], scenarios: tuple[str, ...],
+            category_types: tuple[str, ...], scheme: str | None, long_format: bool, fmt: str) -> None:
+    """Print the leaderboard: mean +- sd over folds per model x head x scenario x category.
+
+    \b
+    Examples:
+      scdm results --by all
+      scdm results --scenario cross --by cancer_type --format csv > cross.csv
+      scdm results --long --format json
+    """
+    from scdm_classify.results import format_leaderboard, leaderboard
+
+    board = leaderboard(obj.store, metrics=_csv_list(metrics) if long_format else None, models=models or None, heads=heads or None,
+                        scenarios=scenarios or None, category_types=category_types or None, scheme=scheme)
+    echo_frame(board if long_format else format_leaderboard(board, metrics=_csv_list(metrics)), fmt)
+
+
 if __name__ == "__main__":
     main()

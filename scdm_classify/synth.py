@@ -521,21 +521,29 @@ def _model(config: SynthConfig, genes: pd.DataFrame, n_studies: int, n_samples: 
 
 
 def _response_program(rng: np.random.Generator, config: SynthConfig, housekeeping: np.ndarray, n_studies: int) -> tuple[np.ndarray, np.ndarray]:
-    """The shared program (half up, half down in sensitive cells) and each study's version of it."""
+    """The shared program and each study's version of it, both of shape (n_genes,) per study.
+
+    The shared program moves ``_PROGRAM_FRACTION`` of the genes, half up and half down in
+    sensitive cells. Each study's own part moves a gene set of the same size drawn separately for
+    that study: a model trained on a study can learn its part, a model that never saw the study
+    cannot, which is what makes cross-study prediction harder than pooled prediction.
+    """
     n_genes = config.n_genes
     eligible = np.flatnonzero(~housekeeping)
-    n_program = max(4, int(round(_PROGRAM_FRACTION * n_genes)))
-    genes = np.sort(rng.choice(eligible, size=min(n_program, len(eligible)), replace=False))
-    signs = np.where(np.arange(len(genes)) % 2 == 0, 1.0, -1.0)
-    rng.shuffle(signs)
-    common = np.zeros(n_genes)
-    common[genes] = signs * rng.uniform(0.5, 1.5, size=len(genes))
-    norm = np.linalg.norm(common)
+    n_program = min(max(4, int(round(_PROGRAM_FRACTION * n_genes))), len(eligible))
+
+    def program_on_random_genes() -> np.ndarray:
+        genes = np.sort(rng.choice(eligible, size=n_program, replace=False))
+        signs = np.where(np.arange(n_program) % 2 == 0, 1.0, -1.0)
+        rng.shuffle(signs)
+        vector = np.zeros(n_genes)
+        vector[genes] = signs * rng.uniform(0.5, 1.5, size=n_program)
+        return vector
+
+    common = program_on_random_genes()
     program = np.zeros((n_studies, n_genes))
     for s in range(n_studies):
-        specific = np.zeros(n_genes)
-        specific[genes] = rng.normal(size=len(genes))
-        specific *= norm / np.linalg.norm(specific)
+        specific = program_on_random_genes()
         program[s] = config.response_strength * ((1.0 - config.study_shift) * common + config.study_shift * specific)
     return common, program
 

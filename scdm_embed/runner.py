@@ -167,8 +167,14 @@ def _iter_chunk_tokens(source: _ChunkTokens, workers: int) -> Iterator[tuple[int
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2, persistent_workers=False)
+    # collate_fn keeps the cells as numpy: the default would turn them into tensors
+    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2,
+                        persistent_workers=False, collate_fn=_keep_as_is)
     yield from loader
+
+
+def _keep_as_is(item: Any) -> Any:
+    return item
 
 
 # ---- the adapter path ------------------------------------------------------------------------

@@ -168,3 +168,12 @@ def test_joint_baseline_shares_one_space_and_accepts_scaled_data(st, pc9):
     solo = embed_baseline(st, [a375.name], model="pca", n_comps=5, progress=False)[0]
     assert st.embedding(solo.embedding_id).space_id not in set(spaces)
     assert np.isfinite(_emb(st, solo)).all()
+
+
+def test_tokenising_in_worker_processes_gives_identical_results(tmp_path, pc9_counts_path, toy_ckpt):
+    outs = []
+    for workers in (0, 1):
+        st = Store(tmp_path / f"w{workers}")
+        st.ingest(pc9_counts_path, name="d")
+        outs.append(_emb(st, embed(st, "d", "toy-test", toy_ckpt, chunk_rows=100, workers=workers, progress=False)))
+    assert outs[0].tobytes() == outs[1].tobytes()
