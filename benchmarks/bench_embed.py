@@ -16,22 +16,25 @@ parameters, tokens per cell, and the padding saved by length-sorted batches (tok
 tokens with naive batches in row order, same batch size). The ``pca``/``hvg`` baselines run the same
 way (cells/s includes their fit).
 
-FLOPs per cell are estimated as ``2 * W * tokens`` (W = weights of the Linear/Conv1D layers applied
-to every token; per-cell heads count once) plus an attention term: ``4 * layers * T^2 * width``
-for bidirectional softmax attention, half of that for causal attention, ``8 * m * width * T *
-layers`` for Performer FAVOR+ (m random features), and ``4 * width * head_dim * layers`` per cell
-for CellPLM's Flowformer over cells (+ its gene-bag embedding, ``2 * genes * width``). Only real
-tokens count, so padding shows up as lost utilisation. Model FLOP utilisation (MFU) = achieved
-FLOP/s / the GPU's dense bf16 peak; it is printed only for CUDA rows ("n/a (no GPU)" on CPU).
+FLOPs per cell are estimated as ``2 * W * tokens`` (W = weights of the Linear/Conv1D layers and
+fused q/k/v projections applied to every token; per-cell heads count once) plus an attention term:
+``4 * layers * T^2 * width`` for bidirectional softmax attention, half of that for causal attention,
+``8 * m * width * T * layers`` for Performer FAVOR+ (m random features), and ``4 * width * head_dim
+* layers`` per cell for CellPLM's Flowformer over cells (+ its gene-bag embedding, ``2 * genes *
+width``). Only real tokens count, so padding shows up as lost utilisation. Model FLOP utilisation
+(MFU) = achieved FLOP/s / the GPU's dense bf16 peak; it is printed only for CUDA rows ("n/a (no
+GPU)" on CPU).
 
-With ``--device auto`` (default) and a CUDA device present, every model also gets a ``cuda/bf16``
-row (bf16 autocast, as the runner does by default on CUDA) after one warm-up call.
+With ``--device auto`` (default) and a CUDA device present (``torch.cuda.is_available()``), every
+model also gets a ``cuda/bf16`` row (bf16 autocast, as the runner does by default on CUDA) at a
+per-model GPU batch size, after one warm-up call on a small dataset.
 
 Usage::
 
     python benchmarks/bench_embed.py                         # all models, default cells per model
     python benchmarks/bench_embed.py --models geneformer,tgpt --cells 100 --batch-size 32
-    python benchmarks/bench_embed.py --device cuda --cells 300 --gpu-batch-size 64
+    python benchmarks/bench_embed.py --device cuda --cells 4096     # GPU rows only; cells repeat
+    python benchmarks/bench_embed.py --workdir /tmp/bench-embed     # keep the checkpoints
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class ModelSpec:
     """heads x head_dim."""
     cells: int
     """Default cells (``--cells`` overrides): sized so the whole benchmark takes ~10 min on 2 cores."""
+    gpu_batch: int = 64
+    """Batch size of the CUDA rows (``--gpu-batch-size`` overrides); the CPU rows use the adapter's default."""
     write_kwargs: dict[str, Any] = field(default_factory=dict)
     """Other keyword arguments of ``write_tiny_checkpoint`` (e.g. Geneformer ``version``)."""
     params: dict[str, Any] = field(default_factory=dict)
@@ -126,14 +131,14 @@ SPECS: dict[str, ModelSpec] = {
             25_424, "ensembl",
             {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 512,
              "max_position_embeddings": 2048},
-            "softmax", 5, 256, cells=120, write_kwargs={"version": 1},
+            "softmax", 5, 256, cells=48, gpu_batch=64, write_kwargs={"version": 1},
         ),
         ModelSpec(
             "tgpt",
             "real tGPT shape: GPT-2 8L x 1024, 16 heads, FFN 4096, vocab 21,150, 64 tok (62 genes)",
             21_146, "symbol",
             {"n_embd": 1024, "n_layer": 8, "n_head": 16, "n_positions": 64},
-            "causal", 8, 1024, cells=120,
+            "causal", 8, 1024, cells=48, gpu_batch=256,
         ),
         ModelSpec(
             "llm",
@@ -142,7 +147,7 @@ SPECS: dict[str, ModelSpec] = {
             20_000, "symbol",
             {"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
              "intermediate_size": 3584, "max_position_embeddings": 8192},
-            "causal", 4, 1024, cells=120,
+            "causal", 4, 1024, cells=48, gpu_batch=64,
         ),
         ModelSpec(
             "scgpt",
@@ -150,7 +155,7 @@ SPECS: dict[str, ModelSpec] = {
             "<=1200 tok, CLS",
             60_694, "symbol",
             {"embsize": 512, "nheads": 8, "d_hid": 512, "nlayers": 4},
-            "softmax", 4, 512, cells=120,
+            "softmax", 4, 512, cells=48, gpu_batch=64,
         ),
         ModelSpec(
             "scfoundation",
@@ -160,7 +165,7 @@ SPECS: dict[str, ModelSpec] = {
             {"encoder": {"hidden_dim": 768, "depth": 2, "heads": 12, "dim_head": 64, "module_type": "transformer",
                          "norm_first": False},
              "bin_num": 100},
-            "softmax", 2, 768, cells=60,
+            "softmax", 2, 768, cells=24, gpu_batch=32,
         ),
         ModelSpec(
             "uce",
@@ -169,7 +174,7 @@ SPECS: dict[str, ModelSpec] = {
             0, "symbol",
             {"token_dim": 5120, "d_model": 640, "n_heads": 20, "d_hid": 2560, "n_layers": 4,
              "decoder_hidden": 1024, "output_dim": 1280},
-            "softmax", 4, 640, cells=40, per_cell_prefixes=("decoder.",),
+            "softmax", 4, 640, cells=24, gpu_batch=64, per_cell_prefixes=("decoder.",),
         ),
         ModelSpec(
             "scbert",
@@ -177,7 +182,7 @@ SPECS: dict[str, ModelSpec] = {
             "gene length, CLS (last token)",
             16_906, "symbol",
             {"dim": 200, "depth": 2, "heads": 10, "dim_head": 64, "ff_mult": 4},
-            "favor", 2, 640, cells=16, favor_features=266,
+            "favor", 2, 640, cells=4, gpu_batch=8, favor_features=266,
         ),
         ModelSpec(
             "celllm",
@@ -185,7 +190,7 @@ SPECS: dict[str, ModelSpec] = {
             "<=6000 tok (CLS + expressed genes), CLS",
             19_379, "symbol",
             {"dim": 512, "depth": 2, "heads": 16, "dim_head": 64, "ff_mult": 4},
-            "favor", 2, 1024, cells=60, favor_features=266,
+            "favor", 2, 1024, cells=24, gpu_batch=32, favor_features=266,
         ),
         ModelSpec(
             "cellplm",
@@ -194,7 +199,7 @@ SPECS: dict[str, ModelSpec] = {
             19_374, "ensembl",
             {"enc_hid": 1024, "enc_layers": 4, "enc_head": 8, "post_latent_dim": 512, "num_clusters": 16,
              "dec_hid": 1024},
-            "flow", 4, 1024, cells=300, head_dim=128,
+            "flow", 4, 1024, cells=300, gpu_batch=1024, head_dim=128,
         ),
     )
 }
@@ -210,10 +215,13 @@ def _write_json(path: str | Path, obj: Any) -> None:
 
 
 def select_cells(n_total: int, n: int, seed: int) -> np.ndarray:
-    """``n`` cells drawn at random (seeded), in file order (the naive-padding baseline uses it)."""
-    if n >= n_total:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
+    """``n`` cells drawn at random (seeded; smaller draws are subsets of larger ones), in file order.
+
+    File order matters: the naive-padding baseline batches cells in row order. More cells than
+    the file holds (for GPU runs) repeat every cell as evenly as possible.
+    """
+    order = np.random.default_rng(seed).permutation(n_total)
+    return np.sort(np.tile(order, -(-n // n_total))[:n])  # beyond n_total the cells repeat
 
 
 def vocabulary(dataset_symbols: Sequence[str], n: int, kind: str) -> list[str]:
@@ -267,84 +275,113 @@ def worker_main(job_file: str, out_file: str) -> None:
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
-    task = {"prepare": _task_prepare, "embed": _task_embed}[job["task"]]
+    task = {"write": _task_write, "embed": _task_embed}[job["task"]]
     _write_json(out_file, task(job))
 
 
-def _task_prepare(job: dict[str, Any]) -> dict[str, Any]:
-    """Write the checkpoint (unless cached), then count per-token weights and token lengths.
+def _spec_from_json(obj: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(**{**obj, "per_cell_prefixes": tuple(obj["per_cell_prefixes"])})
 
-    Runs in its own process so that none of this shows in the embed worker's peak RSS.
-    """
+
+def _task_write(job: dict[str, Any]) -> dict[str, Any]:
+    """Write every missing checkpoint (one process for all, kept apart from the measured ones)."""
     import importlib
 
     import anndata as ad
-    import scipy.sparse as sp
 
-    from scdm_embed import get_adapter
-
-    spec = ModelSpec(**{**job["spec"], "per_cell_prefixes": tuple(job["spec"]["per_cell_prefixes"])})
-    folder = Path(job["checkpoint"])
-    marker = folder / ".complete"
-    write_s = 0.0
-    adata = ad.read_h5ad(DATA)
-    symbols = [str(g) for g in adata.var_names]
-    if not marker.exists():
+    symbols = [str(g) for g in ad.read_h5ad(DATA, backed="r").var_names]
+    seconds = {}
+    for entry in job["checkpoints"]:
+        spec, folder = _spec_from_json(entry["spec"]), Path(entry["folder"])
+        marker = folder / ".complete"  # dotfiles are not part of the runner's checkpoint hash
+        if marker.exists():
+            seconds[spec.name] = 0.0
+            continue
         shutil.rmtree(folder, ignore_errors=True)
         module = importlib.import_module(f"scdm_embed.models.{spec.name}")
         genes = symbols if spec.n_genes == 0 else vocabulary(symbols, spec.n_genes, spec.gene_kind)
         t0 = time.perf_counter()
         module.write_tiny_checkpoint(folder, genes=genes, seed=0, **spec.write_kwargs, **spec.overrides)
-        write_s = time.perf_counter() - t0
+        seconds[spec.name] = time.perf_counter() - t0
         marker.write_text("ok\n")
-    adapter = get_adapter(spec.name)(checkpoint=folder, seed=0, **spec.params)
-    adapter.check_checkpoint()
-    adapter.load("cpu")
+    return {"write_s": seconds}
+
+
+def _record_adapters(created: list[Any]) -> None:
+    """Make the runner hand us the adapter it builds (to count its weights after the run)."""
+    import scdm_embed.runner as runner
+
+    original = runner.get_adapter
+
+    def get_adapter(name: str) -> Any:
+        cls = original(name)
+
+        def build(*args: Any, **kwargs: Any) -> Any:
+            adapter = cls(*args, **kwargs)
+            created.append(adapter)
+            return adapter
+
+        return build
+
+    runner.get_adapter = get_adapter
+
+
+def _token_accounting(adapter: Any, st: Any, dataset: str, per_cell_prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """Linear weights applied per token / per cell, and every cell's token length (re-tokenised)."""
+    from store._ingest import to_csr
+
     per_token = per_cell = 0
     for name, module in adapter.model.named_modules():
-        if type(module).__name__ not in ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear"):
-            continue
-        n = int(module.weight.numel())
-        if name.startswith(spec.per_cell_prefixes):
-            per_cell += n
+        weights = []
+        if type(module).__name__ in ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear"):
+            weights.append(module.weight)
+        # nn.MultiheadAttention-style fused q/k/v projections (scGPT, scFoundation, UCE)
+        weights.extend(p for n, p in module.named_parameters(recurse=False) if n == "in_proj_weight")
+        n_weights = sum(int(w.numel()) for w in weights)
+        if name.startswith(per_cell_prefixes):
+            per_cell += n_weights
         else:
-            per_token += n
-    audit = adapter.prepare(symbols, gene_id_kind="symbol")
-    x = sp.csr_matrix(adata.X[np.asarray(job["rows"])], dtype=np.float32)
-    # rows as the runner numbers them: 0..n-1 within the ingested subset (seeds UCE/scGPT sampling)
-    cells = adapter.tokenize(x, np.arange(x.shape[0]))
-    lengths = [adapter.token_length(c) for c in cells]
-    return {"write_s": write_s, "w_token": per_token, "w_cell": per_cell, "n_parameters": adapter.n_parameters(),
-            "lengths": lengths, "n_matched": audit.n_matched, "n_input_genes": audit.n_input_genes}
+            per_token += n_weights
+    adata = st.open_anndata(dataset, backed=True)
+    try:
+        x = to_csr(adata.X[:])
+    finally:
+        adata.file.close()
+    lengths = [adapter.token_length(c) for c in adapter.tokenize(x, np.arange(x.shape[0]))]
+    return {"w_token": per_token, "w_cell": per_cell, "lengths": lengths}
 
 
 def _task_embed(job: dict[str, Any]) -> dict[str, Any]:
-    """One ``runner.embed`` call (after an optional warm-up call on a small dataset)."""
+    """One measured ``runner.embed`` call (after a warm-up call on a small dataset on CUDA)."""
     from scdm_embed import get_adapter
     from scdm_embed.runner import embed
     from store import Store
 
-    if job["model"] not in BASELINES:
-        get_adapter(job["model"])  # import the model module before measuring the start RSS
     st = Store(job["store"])
-    rss_start = _rss_peak_bytes()
-    common = {"device": job["device"], "precision": job["precision"], "progress": False, "workers": job["workers"]}
     if job["model"] in BASELINES:
+        rss_start = _rss_peak_bytes()
         result = embed(st, job["dataset"], job["model"], progress=False)
-        return {"telemetry": result.telemetry, "rss_start": rss_start, "n_cells": result.n_cells}
-    if job.get("warmup_dataset"):  # CUDA: kernels, cuBLAS handles and allocator warm-up
-        embed(st, job["warmup_dataset"], job["model"], job["checkpoint"], batch_size=job["batch_size"], **common,
-              **job["params"])
-    result = embed(st, job["dataset"], job["model"], job["checkpoint"], batch_size=job["batch_size"], **common,
-                   **job["params"])
-    return {"telemetry": result.telemetry, "rss_start": rss_start, "n_cells": result.n_cells}
+        return {"telemetry": result.telemetry, "rss_start": rss_start}
+    get_adapter(job["model"])  # import the model module before taking the start RSS
+    created: list[Any] = []
+    _record_adapters(created)
+    rss_start = _rss_peak_bytes()
+    common = {"batch_size": job["batch_size"], "device": job["device"], "precision": job["precision"], "progress": False,
+              "workers": job["workers"], **job["params"]}
+    if job.get("warmup_dataset"):  # CUDA: kernels, cuBLAS handles and the caching allocator
+        embed(st, job["warmup_dataset"], job["model"], job["checkpoint"], **common)
+    result = embed(st, job["dataset"], job["model"], job["checkpoint"], **common)
+    # after the measured call (its telemetry already holds the peak RSS): FLOP accounting
+    spec = _spec_from_json(job["spec"])
+    return {"telemetry": result.telemetry, "rss_start": rss_start,
+            **_token_accounting(created[-1], st, job["dataset"], spec.per_cell_prefixes)}
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------------
-def flops_per_cell(spec: ModelSpec, prep: dict[str, Any]) -> np.ndarray:
+def flops_per_cell(spec: ModelSpec, counts: dict[str, Any]) -> np.ndarray:
     """Estimated forward FLOPs of each cell (real tokens only), see the module docstring."""
-    lengths = np.asarray(prep["lengths"], dtype=np.float64)
-    w_token, w_cell = float(prep["w_token"]), float(prep["w_cell"])
+    lengths = np.asarray(counts["lengths"], dtype=np.float64)
+    w_token, w_cell = float(counts["w_token"]), float(counts["w_cell"])
     layers, width = spec.attn_layers, spec.attn_width
     if spec.attention == "flow":  # one token per cell; lengths are the genes in its bag
         return 2 * w_token + 2 * w_cell + 2 * lengths * width + 4 * width * spec.head_dim * layers
@@ -396,48 +433,50 @@ def ingest_subsets(st: Any, sizes: Sequence[int], seed: int) -> dict[int, tuple[
     for n in sorted(set(sizes)):
         rows = select_cells(full.n_obs, n, seed)
         name = f"pc9_{len(rows)}_s{seed}"
-        st.ingest(full[rows].copy(), name=name)
+        subset = full[rows].copy()
+        subset.obs_names_make_unique()
+        st.ingest(subset, name=name)
         out[n] = (name, rows.tolist())
     return out
 
 
 def spec_key(spec: ModelSpec) -> str:
-    blob = json.dumps({**asdict(spec), "cells": None, "config": None}, sort_keys=True, default=str)
+    """Names a checkpoint folder after everything that shapes the checkpoint."""
+    shape = {k: getattr(spec, k) for k in ("name", "n_genes", "gene_kind", "overrides", "write_kwargs")}
+    blob = json.dumps(shape, sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
+
+
+def checkpoint_folder(spec: ModelSpec, work: Path) -> Path:
+    return work / "checkpoints" / f"{spec.name}-{spec_key(spec)}"
 
 
 def run_model(spec: ModelSpec, args: argparse.Namespace, st_root: Path, work: Path, datasets: dict[int, tuple[str, list[int]]],
               cuda: dict[str, Any] | None) -> list[Row]:
     n = args.cells or spec.cells
     name, rows = datasets[n]
-    folder = work / "checkpoints" / f"{spec.name}-{spec_key(spec)}"
-    t0 = time.perf_counter()
-    prep = _run_worker({"task": "prepare", "spec": asdict(spec), "checkpoint": str(folder), "rows": rows,
-                        "threads": args.threads}, work, f"{spec.name}-prep", args.timeout)
-    if "error" in prep:
-        return [Row(spec.name, spec.config, "cpu", "fp32", len(rows), error=f"prepare: {prep['error']}")]
-    logger.info("%s: checkpoint ready (written in %.1f s), %d parameters", spec.name, prep["write_s"], prep["n_parameters"])
-    flops = flops_per_cell(spec, prep)
-    out = []
-    runs = []
+    runs = []  # (device, precision, batch size, is the GPU row)
     if args.device in ("auto", "cpu"):
-        runs.append(("cpu", "fp32", args.batch_size))
+        runs.append(("cpu", "fp32", args.batch_size, False))
     if cuda is not None:
-        runs.append(("cuda", "bf16", args.gpu_batch_size or args.batch_size))
-    for device, precision, batch in runs:
-        job = {"task": "embed", "model": spec.name, "store": str(st_root), "dataset": name, "checkpoint": str(folder),
-               "batch_size": batch, "device": device, "precision": precision, "workers": args.workers,
-               "params": spec.params, "threads": args.threads,
-               "warmup_dataset": datasets[min(datasets)][0] if device == "cuda" else None}
+        runs.append((cuda["device"], "bf16", args.gpu_batch_size or spec.gpu_batch, True))
+    out = []
+    for device, precision, batch, on_gpu in runs:
+        t0 = time.perf_counter()
+        job = {"task": "embed", "model": spec.name, "spec": asdict(spec), "store": str(st_root), "dataset": name,
+               "checkpoint": str(checkpoint_folder(spec, work)), "batch_size": batch, "device": device,
+               "precision": precision, "workers": args.workers, "params": spec.params, "threads": args.threads,
+               "warmup_dataset": datasets[min(datasets)][0] if on_gpu else None}
         res = _run_worker(job, work, f"{spec.name}-{device}", args.timeout)
         row = Row(spec.name, spec.config, device, precision, len(rows))
+        out.append(row)
         if "error" in res:
             row.error = res["error"]
-            out.append(row)
             continue
         tel = res["telemetry"]
-        row.batch = batch or tel.get("final_batch_size")
-        row.params_m = tel.get("n_parameters", prep["n_parameters"]) / 1e6
+        flops = flops_per_cell(spec, res)
+        row.batch = tel.get("final_batch_size")
+        row.params_m = tel.get("n_parameters", 0) / 1e6
         stats = tel.get("token_stats", {})
         row.tok_median, row.tok_max = stats.get("tokens_per_cell_median"), stats.get("tokens_per_cell_max")
         row.tokens_computed, row.tokens_naive = tel.get("tokens_computed"), tel.get("tokens_naive_padding")
@@ -448,12 +487,13 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, st_root: Path, work: Pa
         row.load_s = tel.get("load_s")
         row.peak_rss_mib = tel.get("peak_rss_bytes", 0) / 2**20
         row.rss_start_mib = res["rss_start"] / 2**20
-        if device == "cuda":
+        if spec.attention == "flow":  # the runner does not sort: a batch is one sequence of cells
+            row.padding_saved = None
+        if on_gpu:
             row.peak_gpu_mib = tel.get("peak_gpu_mem_bytes", 0) / 2**20
-            peak = peak_bf16_tflops(cuda["name"], args.peak_tflops)
+            peak = peak_bf16_tflops(cuda["name"], args.peak_tflops)  # type: ignore[index]
             row.mfu = f"{row.gflop_per_s / (peak * 1e3):.1%}" if (peak and row.gflop_per_s) else "n/a (peak unknown: --peak-tflops)"
-        out.append(row)
-        logger.info("%s %s: %.2f cells/s (%.0f s in all)", spec.name, device, row.cells_per_s or 0, time.perf_counter() - t0)
+        logger.info("%s %s/%s: %.2f cells/s, worker %.0f s", spec.name, device, precision, row.cells_per_s or 0, time.perf_counter() - t0)
     return out
 
 
@@ -495,8 +535,12 @@ def render(rows: list[Row]) -> str:
                      "-", "-", "-", "-", "-", "-"]
         else:
             tok = f"{r.tok_median:.0f} [{r.tok_max}]" if r.tok_median is not None else "-"
-            pad = (f"{r.tokens_computed:,} / {r.tokens_naive:,} ({r.padding_saved:.0%})"
-                   if r.tokens_computed is not None else "-")
+            if r.tokens_computed is None:
+                pad = "-"
+            elif r.padding_saved is None:
+                pad = "n/a (cells are the tokens; not sorted)"
+            else:
+                pad = f"{r.tokens_computed:,} / {r.tokens_naive:,} ({r.padding_saved:.0%})"
             rss = f"{r.peak_rss_mib:,.0f} ({r.rss_start_mib:,.0f})" if r.peak_rss_mib else "-"
             if r.peak_gpu_mib:
                 rss += f"; GPU {r.peak_gpu_mib:,.0f}"
@@ -518,7 +562,7 @@ def _cuda_info(device: str) -> dict[str, Any] | None:
             msg = f"--device cuda was asked for, but torch {torch.__version__} sees no CUDA device; use --device cpu or auto."
             raise SystemExit(msg)
         return None
-    return {"name": torch.cuda.get_device_name(0)}
+    return {"name": torch.cuda.get_device_name(0), "device": "cuda"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -527,9 +571,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="comma-separated adapters and/or baselines (default: all nine adapters + pca,hvg)")
     ap.add_argument("--cells", type=int, default=None,
                     help="cells per model (default: per-model sizes chosen so everything takes ~10 min on 2 CPU cores; "
-                         "baselines: all cells used by any model)")
+                         "baselines: all 300). Above 300 the file's cells repeat (for GPU runs)")
     ap.add_argument("--batch-size", type=int, default=None, help="cells per forward pass (default: each adapter's default)")
-    ap.add_argument("--gpu-batch-size", type=int, default=None, help="batch size of the CUDA rows (default: --batch-size)")
+    ap.add_argument("--gpu-batch-size", type=int, default=None,
+                    help="batch size of the CUDA rows (default: per model, 8 (scBERT) to 1024 (CellPLM))")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CPU rows, plus cuda/bf16 rows when CUDA is available; cpu or cuda: only those rows")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader tokenisation workers of the runner (0 = inline)")
@@ -577,6 +622,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if cuda is not None:
             sizes.append(min(8, *sizes))
         datasets = ingest_subsets(st, sizes, args.seed)
+        specs = [SPECS[m] for m in wanted if m in SPECS]
+        if specs:
+            logger.info("writing checkpoints (cached in %s)", work / "checkpoints")
+            written = _run_worker({"task": "write", "threads": args.threads,
+                                   "checkpoints": [{"spec": asdict(s), "folder": str(checkpoint_folder(s, work))} for s in specs]},
+                                  work, "write", args.timeout)
+            if "error" in written:
+                raise SystemExit(f"Writing the checkpoints failed: {written['error']}")
+            logger.info("checkpoints written in %s", ", ".join(f"{k} {v:.1f} s" for k, v in written["write_s"].items()))
         rows: list[Row] = []
         for m in wanted:
             logger.info("benchmarking %s", m)

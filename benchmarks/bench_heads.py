@@ -128,18 +128,66 @@ def build_store(root: Path, shape: pd.DataFrame, scale: float, dim: int, seed: i
 # ---------------------------------------------------------------------------------------------
 # measurements
 # ---------------------------------------------------------------------------------------------
-def time_grid(st: Store, head: str, jobs: int) -> dict[str, object]:
+def time_grid(st: Store, head: str, jobs: int, by: list[str], scenarios: list[str]) -> dict[str, object]:
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = evaluate(st, heads=[head], scenarios=("pooled", "cross"), folds=10, jobs=jobs, silent=False)
+        summary = evaluate(st, heads=[head], scenarios=scenarios, by=by, folds=10, jobs=jobs, silent=False)
     wall = time.perf_counter() - t0
-    tasks = st.query("SELECT scenario, count(*) AS n, sum(fit_seconds) AS fit FROM eval_tasks WHERE head = ? "
-                     "GROUP BY scenario", [head])
+    tasks = st.query("SELECT count(*) AS n, sum(n_train) AS cells, sum(fit_seconds) AS fit FROM eval_tasks "
+                     "WHERE head = ?", [head]).iloc[0]
     auroc = st.query("SELECT avg(value) AS v FROM eval_results WHERE head = ? AND metric = 'auroc'", [head])["v"].iloc[0]
-    return {"what": f"{head} grid", "tasks": summary.n_done, "skipped": summary.n_skipped, "wall_s": wall,
-            "fit_s": float(tasks["fit"].sum()), "mean_auroc": auroc,
-            "detail": ", ".join(f"{r.scenario} {r.n}" for r in tasks.itertuples())}
+    return {"what": f"{head} grid", "tasks": summary.n_done, "train_Mcells": tasks["cells"] / 1e6, "wall_s": wall,
+            "fit_s": float(tasks["fit"]), "auroc": auroc, "load": load}
+
+
+def full_grid_size(shape: pd.DataFrame, by: list[str], scenarios: list[str]) -> tuple[int, float, int]:
+    """Tasks, summed training cells (millions) and cells of the full-scale grid (splits only, no fits)."""
+    from scdm_classify.splits import make_splits
+
+    frames = []
+    for row in shape.itertuples():
+        n, n_pos = int(row.n_cells), int(row.n_sensitive)
+        frames.append(pd.DataFrame({
+            "dataset_id": row.dataset, "row": np.arange(n), "study": row.study,
+            "sample": [f"s{i % max(int(row.n_samples), 2)}" for i in range(n)],
+            "tissue": row.tissue, "cancer_type": row.cancer_type, "drug_type": row.drug_type,
+            "regimen": None if pd.isna(row.regimen) else row.regimen,
+            "response": np.r_[np.ones(n_pos, np.int8), np.zeros(n - n_pos, np.int8)]}))
+    cells = pd.concat(frames, ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        splits = make_splits(cells, scenarios=scenarios, by=by, n_folds=10)
+    n_tasks, train = 0, 0
+    for split in splits:
+        for fold in split.folds:
+            n_tasks += 1
+            train += int(split.train_mask(fold).sum())
+    return n_tasks, train / 1e6, len(cells)
+
+
+def ridge_costs(dim: int) -> tuple[float, float]:
+    """(seconds per fold solve, Gram rows per second) on this machine now."""
+    from scdm_classify.heads import GramStats, ridge_from_stats
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8192, dim), dtype=np.float32)
+    y = rng.integers(0, 2, 8192)
+    buf = np.empty((dim, dim), np.float32, order="F")
+    t0 = time.perf_counter()
+    fold = GramStats.from_rows(X, y, out=buf)
+    rows_per_s = 8192 / (time.perf_counter() - t0)
+    total = GramStats.zeros(dim)
+    total.iadd(fold)
+    total.iadd(fold)
+    work = np.empty((dim, dim), order="F")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ridge_from_stats(total, 1.0, minus=fold, work=work)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), rows_per_s
 
 
 def matmul_rate(dim: int, batch: int, hidden: int = 512, seconds: float = 2.0) -> float:
@@ -165,6 +213,7 @@ def time_mlp(n_cells: int, dim: int, profile: str, seed: int = 0) -> dict[str, o
     X = rng.standard_normal((n_cells, dim), dtype=np.float32)
     X[:, 0] += y
     head = get_head("mlp", profile=profile, early_stopping=False)
+    load = os.getloadavg()[0]
     batch = int(head.resolved()["batch_size"])
     rate = matmul_rate(dim, batch)
     t0 = time.perf_counter()
@@ -174,9 +223,9 @@ def time_mlp(n_cells: int, dim: int, profile: str, seed: int = 0) -> dict[str, o
     floor = mlp_train_flops(n_cells, dim, epochs=epochs) / (rate * 1e9)
     if profile == "fast" and head.bf16_:
         floor /= 2  # bf16 matmuls run at about twice the fp32 rate (issue 5 measurements)
-    return {"what": f"mlp {profile} (1 fit, {n_cells} cells, batch {batch}, bf16={head.bf16_})", "tasks": 1,
-            "wall_s": wall, "fit_s": wall, "floor_s": floor, "x_floor": wall / floor,
-            "detail": f"matmul {rate:.0f} GFLOP/s fp32 on the layer shapes"}
+    return {"what": f"mlp {profile}", "tasks": 1, "train_Mcells": n_cells / 1e6, "wall_s": wall, "fit_s": wall,
+            "load": load, "floor_s": floor, "x_floor": wall / floor,
+            "note": f"batch {batch}, bf16={head.bf16_}; fp32 matmul {rate:.0f} GFLOP/s on the layer shapes"}
 
 
 def main() -> None:
@@ -184,15 +233,21 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.05, help="fraction of scDrugMap's 326,751 cells (default 0.05)")
     parser.add_argument("--dim", type=int, default=3072)
     parser.add_argument("--heads", default="ridge,logreg", help="grid heads to time (comma-separated)")
+    parser.add_argument("--by", default="all,tissue,cancer_type,drug_type,regimen", help="category types of the grid")
+    parser.add_argument("--scenarios", default="pooled,cross")
     parser.add_argument("--mlp-cells", type=int, default=20000, help="training cells of the timed MLP fit (0: skip)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--workdir", default="bench-out/bench_heads")
     args = parser.parse_args()
+    by, scenarios = args.by.split(","), args.scenarios.split(",")
 
     shape = collection_shape()
     print(f"collection: {len(shape)} datasets, {shape['n_cells'].sum():,} cells "
           f"({shape['n_sensitive'].sum():,} sensitive), {shape['study'].nunique()} studies; scale {args.scale}, "
           f"D={args.dim}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    full_tasks, full_mcells, full_cells = full_grid_size(shape, by, scenarios)
+    print(f"full-scale grid ({','.join(scenarios)} x {','.join(by)}): {full_tasks} tasks per head, "
+          f"{full_mcells:.1f} M training cells summed over tasks", flush=True)
     rows = []
     heads = [h for h in args.heads.split(",") if h]
     if heads:
@@ -200,14 +255,28 @@ def main() -> None:
         st, n = build_store(Path(args.workdir) / "store", shape, args.scale, args.dim)
         print(f"store built: {n:,} cells x {args.dim} in {time.perf_counter() - t0:.0f} s", flush=True)
         for head in heads:
-            rows.append(time_grid(st, head, args.jobs))
-            print(rows[-1], flush=True)
+            row = time_grid(st, head, args.jobs, by, scenarios)
+            if head == "ridge":
+                # Cost model: every fold is one solve; the Gram statistics take one pass over the
+                # cells per pooled category type plus one for all cross-data splits (atoms).
+                t_solve, rows_per_s = ridge_costs(args.dim)
+                passes = (len(by) if "pooled" in scenarios else 0) + (1 if "cross" in scenarios else 0)
+                row["model_at_scale_s"] = row["tasks"] * t_solve + passes * n / rows_per_s
+                row["full_scale_s"] = full_tasks * t_solve + passes * full_cells / rows_per_s
+                row["note"] = f"{t_solve:.2f} s/solve, Gram {rows_per_s:,.0f} rows/s, {passes} passes"
+            else:
+                # Linear in training cells x fits (same dim): the time per million cell-fits.
+                row["full_scale_s"] = row["wall_s"] / row["train_Mcells"] * full_mcells
+                row["note"] = f"{row['wall_s'] / row['train_Mcells']:.1f} s per M training cells"
+            row["target_s"] = {"ridge": 300, "logreg": 900}.get(head)
+            rows.append(row)
+            print(row, flush=True)
     if args.mlp_cells:
         for profile in ("paper", "fast"):
             rows.append(time_mlp(args.mlp_cells, args.dim, profile))
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
-    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.2f}".format):
+    with pd.option_context("display.width", 250, "display.max_colwidth", 70, "display.float_format", "{:.2f}".format):
         print(table.to_string(index=False))
 
 

@@ -243,58 +243,76 @@ def _fit_task(task: Task) -> _Outcome:
 def _ridge_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
     """All ridge tasks of a space by Gram downdates (see module docstring)."""
     assert space.X is not None and space.y is not None
-    X, y = space.X, space.y
-    dim = X.shape[1]
+    X = space.X
+    if not tasks:
+        return
     shift = X[np.linspace(0, len(X) - 1, min(len(X), 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64).astype(np.float32)
-    work = np.empty((dim, dim), order="F")
+    buffers = _Buffers(X.shape[1])
     by_params: dict[str, list[Task]] = {}
     for task in tasks:
         by_params.setdefault(task.params_key, []).append(task)
     for group in by_params.values():
-        params = RidgeHead(**group[0].params)
-        params._validate_params()
+        head = RidgeHead(**group[0].params)
+        head._validate_params()
         by_split: dict[str, list[Task]] = {}
         for task in group:
             by_split.setdefault(task.split.split_id, []).append(task)
         atoms = _AtomStats(space, shift) if any(t.split.scenario == "cross" for t in group) else None
         for split_tasks in by_split.values():
-            yield from _ridge_split(space, split_tasks, params, shift, work, atoms)
+            yield from _ridge_split(space, split_tasks, head, shift, buffers, atoms)
+
+
+class _Buffers:
+    """dim x dim work matrices reused by every split (a fresh 40-80 MB array costs page faults)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.total = np.empty((dim, dim), order="F")
+        self.work = np.empty((dim, dim), order="F")
+        self.folds: list[np.ndarray] = []
+
+    def fold(self, i: int) -> np.ndarray:
+        while len(self.folds) <= i:
+            self.folds.append(np.empty((self.dim, self.dim), np.float32, order="F"))
+        return self.folds[i]
 
 
 class _AtomStats:
-    """GramStats per atom (dataset x study x categories), from one pass, for cross-data splits."""
+    """Float32 Gram statistics per atom (dataset x study x categories) from one pass over the rows.
+
+    A cross-data split's total is a sum of atoms and its held-out study is one or a few atoms, so
+    every cross-data fold of every category costs additions, not passes over the embeddings.
+    """
 
     def __init__(self, space: _Space, shift: np.ndarray) -> None:
         assert space.cells is not None and space.X is not None
         dim = space.X.shape[1]
-        codes = space.cells[_ATOM_COLUMNS].astype(str).groupby(_ATOM_COLUMNS, sort=True).ngroup().to_numpy()
-        self.codes = codes
-        self.enabled = (codes.max() + 1) * dim * dim * 8 <= _ATOM_MEMORY_BYTES
+        self.codes = space.cells[_ATOM_COLUMNS].astype(str).groupby(_ATOM_COLUMNS, sort=True).ngroup().to_numpy()
+        n_atoms = int(self.codes.max()) + 1
+        self.enabled = n_atoms * dim * dim * 4 <= _ATOM_MEMORY_BYTES
         self.stats: dict[int, GramStats] = {}
         if not self.enabled:
             logger.info("ridge: %d atoms x dim %d exceed the memory budget; cross-data splits take one pass each",
-                        codes.max() + 1, dim)
+                        n_atoms, dim)
             return
         t0 = time.perf_counter()
-        for code in np.unique(codes):
-            rows = np.flatnonzero(codes == code)
-            self.stats[int(code)] = GramStats.from_rows(space.X[rows], space.y[rows], shift=shift)
-        logger.info("ridge: Gram statistics of %d atoms in %.1f s", len(self.stats), time.perf_counter() - t0)
+        for code in range(n_atoms):
+            rows = np.flatnonzero(self.codes == code)
+            self.stats[code] = GramStats.from_rows(space.X[rows], space.y[rows], shift=shift,
+                                                   out=np.empty((dim, dim), np.float32, order="F"))
+        logger.info("ridge: Gram statistics of %d atoms in %.1f s", n_atoms, time.perf_counter() - t0)
 
-    def sum(self, positions: np.ndarray, dim: int, shift: np.ndarray) -> GramStats | None:
-        """Stats of the rows at ``positions`` if they are a union of whole atoms, else None."""
+    def covering(self, positions: np.ndarray) -> list[int] | None:
+        """Atoms whose union is exactly the rows at ``positions`` (None if there are none such)."""
         if not self.enabled:
             return None
-        present = np.unique(self.codes[positions])
-        if sum(int(self.stats[int(c)].n) for c in present) != positions.size:
+        present = [int(c) for c in np.unique(self.codes[positions])]
+        if sum(int(self.stats[c].n) for c in present) != positions.size:
             return None
-        total = GramStats.zeros(dim, shift)
-        for code in present:
-            total.iadd(self.stats[int(code)])
-        return total
+        return present
 
 
-def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.ndarray, work: np.ndarray,
+def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.ndarray, buffers: _Buffers,
                  atoms: _AtomStats | None) -> Iterator[_Outcome]:
     assert space.X is not None and space.y is not None
     split = tasks[0].split
@@ -303,16 +321,28 @@ def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.nd
     pos = space.positions(split.cells)
     fold_of = split.cells["fold"].to_numpy(dtype=float, na_value=np.nan)
     t0 = time.perf_counter()
+    total = GramStats.zeros(dim, shift, out=buffers.total)
     fold_stats: dict[int, GramStats] = {}
-    total = atoms.sum(pos, dim, shift) if atoms is not None and split.scenario == "cross" else None
-    if total is not None:
-        for task in tasks:  # held-out study = whole atoms: sum them, no pass over rows
-            fold_stats[task.fold] = atoms.sum(pos[fold_of == task.fold], dim, shift)  # type: ignore[union-attr, assignment]
+    covering = atoms.covering(pos) if atoms is not None and split.scenario == "cross" else None
+    if covering is not None:
+        assert atoms is not None
+        for code in covering:  # the category is whole atoms: sum them, no pass over rows
+            total.iadd(atoms.stats[code])
+        for task in tasks:
+            held_out = atoms.covering(pos[fold_of == task.fold])
+            assert held_out is not None  # a study is a union of atoms
+            if len(held_out) == 1:
+                stats = atoms.stats[held_out[0]]
+            else:
+                stats = GramStats.zeros(dim, shift)
+                for code in held_out:
+                    stats.iadd(atoms.stats[code])
+            fold_stats[task.fold] = stats
     else:
-        total = GramStats.zeros(dim, shift)
-        for fold in np.unique(fold_of[~np.isnan(fold_of)]).astype(int):
+        present = np.unique(fold_of[~np.isnan(fold_of)]).astype(int)
+        for i, fold in enumerate(present):
             rows = pos[fold_of == fold]
-            fold_stats[fold] = GramStats.from_rows(X[rows], y[rows], shift=shift)
+            fold_stats[fold] = GramStats.from_rows(X[rows], y[rows], shift=shift, out=buffers.fold(i))
             total.iadd(fold_stats[fold])
         always_train = pos[np.isnan(fold_of)]
         if always_train.size:
@@ -322,7 +352,7 @@ def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.nd
         t1 = time.perf_counter()
         test_pos = pos[fold_of == task.fold]
         coef, intercept = ridge_from_stats(total, head.alpha, standardize=head.standardize,
-                                           minus=fold_stats[task.fold], work=work)
+                                           minus=fold_stats[task.fold], work=buffers.work)
         t2 = time.perf_counter()
         proba = ridge_score_to_proba(X[test_pos] @ coef.astype(np.float32) + intercept)
         t3 = time.perf_counter()

@@ -326,24 +326,51 @@ class GramStats:
     """The shift subtracted from every row before summing, shape (emb_dim,)."""
 
     @classmethod
-    def zeros(cls, dim: int, shift: np.ndarray | None = None) -> GramStats:
-        """Empty statistics for ``dim`` features."""
+    def zeros(cls, dim: int, shift: np.ndarray | None = None, *, out: np.ndarray | None = None) -> GramStats:
+        """Empty statistics for ``dim`` features (``out``: a (dim, dim) Fortran buffer to reuse)."""
         shift = np.zeros(dim, np.float32) if shift is None else np.asarray(shift, np.float32)
-        return cls(0.0, np.zeros(dim), 0.0, np.zeros((dim, dim), order="F"), np.zeros(dim), shift)
+        if out is None:
+            sxx = np.zeros((dim, dim), order="F")
+        else:
+            sxx = out
+            sxx.fill(0.0)
+        return cls(0.0, np.zeros(dim), 0.0, sxx, np.zeros(dim), shift)
 
     @classmethod
     def from_rows(cls, X: np.ndarray, y: np.ndarray, *, shift: np.ndarray | None = None,
-                  block_rows: int = 8192) -> GramStats:
-        """Statistics of ``X`` (n, dim) and ``y`` (n,): one pass, float32 blocks summed in float64."""
-        stats = cls.zeros(X.shape[1], shift)
-        stats.add_rows(X, y, block_rows=block_rows)
+                  block_rows: int = 8192, out: np.ndarray | None = None) -> GramStats:
+        """Statistics of ``X`` (n, dim) and ``y`` (n,) in one pass over the rows.
+
+        By default the Gram matrix of each float32 block is summed in float64. With ``out`` (a
+        float32 Fortran-ordered (dim, dim) buffer, reused by the caller) the sum stays in float32
+        inside ``out``: half the memory, no allocation; the grid uses it for fold statistics.
+        """
+        dim = X.shape[1]
+        shift = np.zeros(dim, np.float32) if shift is None else np.asarray(shift, np.float32)
+        if out is None:
+            stats = cls.zeros(dim, shift)
+            stats.add_rows(X, y, block_rows=block_rows)
+            return stats
+        if out.dtype != np.float32 or out.shape != (dim, dim) or not out.flags.f_contiguous:
+            msg = f"out must be a float32 Fortran-ordered ({dim}, {dim}) array."
+            raise InputDataError(msg)
+        stats = cls(0.0, np.zeros(dim), 0.0, out, np.zeros(dim), shift)
+        y = np.asarray(y, np.float32).ravel()
+        if X.shape[0] == 0:
+            out.fill(0.0)
+        for start in range(0, X.shape[0], block_rows):
+            block = np.asarray(X[start:start + block_rows], np.float32) - shift
+            yb = y[start:start + block_rows]
+            stats.sxx = scipy.linalg.blas.ssyrk(1.0, block.T, beta=0.0 if start == 0 else 1.0, c=stats.sxx,
+                                                trans=0, lower=1, overwrite_c=1)
+            stats._add_vectors(block, yb)
         return stats
 
     def add_rows(self, X: np.ndarray, y: np.ndarray, *, block_rows: int = 8192) -> None:
         """Accumulate rows in place with a symmetric rank-k update (half the FLOPs of X.T @ X)."""
         y = np.asarray(y, np.float32).ravel()
         dim = self.sx.shape[0]
-        gram = np.zeros((dim, dim), np.float32, order="F")  # reused: fresh 40 MB buffers page-fault
+        gram = np.zeros((dim, dim), np.float32, order="F")  # reused across blocks
         for start in range(0, X.shape[0], block_rows):
             block = np.asarray(X[start:start + block_rows], np.float32) - self.shift
             yb = y[start:start + block_rows]
@@ -351,10 +378,13 @@ class GramStats:
             # in float32; the sum over blocks is kept in float64.
             gram = scipy.linalg.blas.ssyrk(1.0, block.T, beta=0.0, c=gram, trans=0, lower=1, overwrite_c=1)
             self.sxx += gram
-            self.sx += block.sum(axis=0, dtype=np.float64)
-            self.sxy += (yb @ block).astype(np.float64)
-            self.sy += float(yb.sum(dtype=np.float64))
-            self.n += block.shape[0]
+            self._add_vectors(block, yb)
+
+    def _add_vectors(self, block: np.ndarray, yb: np.ndarray) -> None:
+        self.sx += block.sum(axis=0, dtype=np.float64)
+        self.sxy += (yb @ block).astype(np.float64)
+        self.sy += float(yb.sum(dtype=np.float64))
+        self.n += block.shape[0]
 
     def _combine(self, other: GramStats, sign: float) -> GramStats:
         if not np.array_equal(self.shift, other.shift):
@@ -657,7 +687,6 @@ class MLPHead(BaseHead):
         return out
 
     def _build(self, dim: int) -> Any:
-        import torch
         from torch import nn
 
         return nn.Sequential(nn.Linear(dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden), nn.ReLU(),

@@ -25,10 +25,13 @@ The generative model, per cell *i* of sample *k* in study *s* and cell state *c*
   proportions, so that the main axes of variation are not the response.
 - ``y_i`` = +1 for sensitive, -1 for resistant; ``a_i`` ~ Gamma(mean 1, sd 0.5) is the cell's
   program activity. ``program_s = response_strength * ((1 - study_shift) * common + study_shift *
-  specific_s)`` on a set of program genes: with ``study_shift=0`` every study uses the same
-  response program, with ``study_shift=1`` each study has its own and nothing transfers between
-  studies. That is why leave-one-study-out prediction is harder than pooled prediction, as in the
-  scDrugMap paper.
+  specific_s)``: ``common`` moves 5% of the genes (half up, half down in sensitive cells; listed in
+  ``var["response_program"]``), ``specific_s`` moves a gene set of the same size drawn for study
+  *s* alone. With ``study_shift=0`` every study uses the same program; with ``study_shift=1`` each
+  study has its own and nothing transfers. A model trained on a study can learn its own part, a
+  model that never saw the study cannot: leave-one-study-out prediction is harder than pooled
+  prediction, as in the scDrugMap paper. Cell-level pooled folds are easier still, because sample
+  effects are shared between training and test cells of the same sample.
 
 Every random draw comes from a stream keyed by ``(seed, purpose, index)``; counts are drawn in
 fixed tiles of cells, so the matrix is identical whether it is built in memory or written in blocks
@@ -40,6 +43,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import numbers
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -265,7 +269,7 @@ def primary_datasets() -> pd.DataFrame:
     """The 36 datasets of the scDrugMap primary collection with their cell counts.
 
     Counts are derived from the category table (:func:`category_table`): solving it for groups of
-    datasets that share all categories gives 30 groups exactly; 24 datasets are alone in their
+    datasets that share all categories gives 29 groups exactly; 23 datasets are alone in their
     group (``count_source == "exact"``). The six groups of several datasets (pre/post subsets of
     one cohort, and Data8 + Data27, two paclitaxel cell-line datasets) are split in proportion to
     each dataset's number of samples, with the group's sensitive fraction (``"split"``). Every
@@ -600,7 +604,7 @@ def _iter_blocks(layout: _Layout, model: _Model, config: SynthConfig, block_cell
 def _check_args(scale: float, seed: int, n_genes: int, response_strength: float, study_shift: float, batch_sd: float,
                 sample_sd: float, library_median: float, n_cell_states: int, dtype: str, block_cells: int) -> None:
     problems = []
-    if not (isinstance(scale, (int, float)) and 0 < scale <= 100):
+    if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) and 0 < scale <= 100):
         problems.append(f"scale={scale!r}: pass a fraction of the real collection in (0, 100], e.g. 0.01 (1.0 = {FULL_SCALE_CELLS:,} cells)")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         problems.append(f"seed={seed!r}: pass a non-negative integer")
@@ -630,10 +634,10 @@ def synthesize(
     *,
     seed: int = 0,
     n_genes: int = 2000,
-    response_strength: float = 1.0,
-    study_shift: float = 0.5,
+    response_strength: float = 2.0,
+    study_shift: float = 0.7,
     batch_sd: float = 0.5,
-    sample_sd: float = 0.2,
+    sample_sd: float = 0.5,
     library_median: float = 3000.0,
     n_cell_states: int = 5,
     dtype: Literal["float32", "int32"] = "float32",
@@ -642,7 +646,7 @@ def synthesize(
     compression: Literal["gzip", "lzf"] | None = "gzip",
     overwrite: bool = False,
     silent: bool = True,
-) -> "ad.AnnData | Path":
+) -> ad.AnnData | Path:
     """Generate a scDrugMap-shaped synthetic collection of raw counts.
 
     Parameters
@@ -721,7 +725,7 @@ def synthesize(
         return _in_memory(blocks, layout, var, uns, silent=silent)
     _write_h5ad_blocks(path, blocks, layout.obs, var, uns, n_genes=config.n_genes, dtype=config.dtype,
                       compression=compression, silent=silent)
-    logger.info("Wrote %s", path)
+    logger.debug("Wrote %s", path)
     return path
 
 

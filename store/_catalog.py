@@ -21,7 +21,7 @@ import duckdb
 import pandas as pd
 
 from store._constants import LOCK_RETRY_SECONDS
-from store.errors import ReadOnlyQueryError, StoreFormatError, StoreLockedError
+from store.errors import QueryError, ReadOnlyQueryError, StoreFormatError, StoreLockedError
 
 __all__ = ["Catalog", "SCHEMA_VERSION"]
 
@@ -183,6 +183,9 @@ class Catalog:
             except duckdb.PermissionException as err:
                 msg = f"The query tried to reach files or settings, which the read-only SQL interface does not allow: {err}"
                 raise ReadOnlyQueryError(msg) from err
+            except duckdb.Error as err:
+                msg = f"The query failed: {err}"
+                raise QueryError(msg) from err
 
 
 def _fetch(result: duckdb.DuckDBPyConnection, max_rows: int | None) -> pd.DataFrame:

@@ -15,6 +15,7 @@ __all__ = [
     "StoreFormatError",
     "StoreLockedError",
     "ReadOnlyQueryError",
+    "QueryError",
     "CheckpointError",
     "GeneMappingError",
     "UnknownModelError",
@@ -58,6 +59,10 @@ class StoreLockedError(ScdmError, RuntimeError):
 
 class ReadOnlyQueryError(ScdmError, PermissionError):
     """A query tried to write through the read-only SQL interface."""
+
+
+class QueryError(ScdmError, ValueError):
+    """A user SQL query failed in DuckDB (syntax, unknown column, ...)."""
 
 
 class CheckpointError(ScdmError, FileNotFoundError):

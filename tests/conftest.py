@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,3 +40,11 @@ def data_dir() -> Path:
 def pc9_counts_path() -> Path:
     """300 real PC9 cells x 10,776 genes of raw Drop-seq UMI counts (symbols as var_names)."""
     return DATA / "PC9_erlotinib_subsample300.h5ad"
+
+
+# pytest -n 2 runs two workers on two cores: one math thread each, or OpenMP threads of the
+# two processes spin against each other and torch runs many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -130,7 +130,7 @@ def test_models_share_partitions_and_spaces_are_never_mixed(st: Store) -> None:
     split = load_split(st, tasks["split_id"].iloc[0])
     assert split.n_cells > 0 and split.cells["fold"].notna().all()
     # only one embedding selected: only its space runs
-    only = run(st, embeddings=[ids_a[0]], heads=["majority"])
+    only = run(st, embeddings=[ids_a[0]], heads=["majority", "logreg"], jobs=2)
     assert only.spaces == (tasks.loc[tasks["model"] == "pca-a", "space_id"].iloc[0],)
 
 
@@ -161,3 +161,26 @@ def test_grouped_scheme_and_bad_requests(st: Store) -> None:
     with pytest.raises(InputDataError, match="Unknown head 'rigde'"):
         run(st, heads=["rigde"])
     assert ids
+
+
+def test_ridge_downdates_equal_fitting_each_fold(st: Store) -> None:
+    """The grid's Gram-downdate ridge gives the predictions of a RidgeHead fitted per fold."""
+    from scdm_classify.heads import get_head
+
+    ids = write_pca(st, "pca-joint", 8)
+    run(st, heads=["ridge"], by=["all"])
+    X = np.vstack([st.read_embedding(e) for e in sorted(ids, key=lambda e: st.query(
+        "SELECT dataset_id FROM embeddings WHERE embedding_id = ?", [e])["dataset_id"].iloc[0])])
+    cells = st.cells()  # dataset then row order, like the stacked matrix
+    key = dict(zip(zip(cells["dataset_id"], cells["row"]), range(len(cells))))
+    y = cells["response"].to_numpy(dtype=float)
+    tasks = st.query("SELECT task_id, split_id, fold, scenario FROM eval_tasks")
+    assert set(tasks["scenario"]) == {"pooled", "cross"}
+    for task in tasks.itertuples():
+        split = load_split(st, task.split_id)
+        rows = np.array([key[k] for k in zip(split.cells["dataset_id"], split.cells["row"])])
+        test = split.test_mask(task.fold)
+        expected = get_head("ridge").fit(X[rows[~test]], y[rows[~test]].astype(int)).predict_proba(X[rows[test]])
+        got = st.query('SELECT dataset_id, "row", proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"',
+                       [task.task_id])
+        np.testing.assert_allclose(got["proba"].to_numpy(), expected, atol=2e-5)

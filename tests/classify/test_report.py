@@ -1,0 +1,355 @@
+"""The HTML report: files and figures exist, numbers on the page are the catalog's, edge cases."""
+
+from __future__ import annotations
+
+import html
+import re
+import struct
+import subprocess
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from scdm_classify.grid import evaluate
+from scdm_classify.report import write_report
+from scdm_classify.splits import SampleLeakageWarning
+from store import Store
+from store.errors import InputDataError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# name, study, tissue, cancer type, drug type, regimen: three studies, three cancer types (a radar),
+# two tissues (a bar chart: a radar needs three axes), one drug type.
+DATASETS = [
+    ("d1", "S1", "skin", "melanoma", "targeted", "BRAF inhibitor"),
+    ("d2", "S2", "head and neck", "head and neck squamous cell carcinoma", "targeted", "EGFR inhibitor"),
+    ("d3", "S3", "head and neck", "oral cancer", "targeted", "EGFR inhibitor"),
+]
+N_CELLS = 48
+
+
+def _adata(seed: int) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    X = rng.poisson(2.0, size=(N_CELLS, 20)).astype(np.float32)
+    obs = pd.DataFrame({"response": np.where(np.arange(N_CELLS) % 2 == 0, "sensitive", "resistant"),
+                        "sample": [f"s{seed}_{i % 4}" for i in range(N_CELLS)]},
+                       index=[f"cell{seed}_{i}" for i in range(N_CELLS)])
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"GENE{j}" for j in range(20)]))
+
+
+def _write_embedding(st: Store, name: str, model: str, dim: int, *, shift: float, seed: int,
+                     variant: str = "frozen", telemetry: dict | None = None) -> str:
+    """An embedding whose first dims carry the response (so metrics are not trivial)."""
+    cells = st.cells([name])
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(len(cells), dim)).astype(np.float32)
+    X[:, :2] += shift * cells["response"].to_numpy(float)[:, None]
+    emb = st.create_embedding(name, model=model, params={"test": True}, dim=dim, variant=variant,
+                              adapter_hash=None if variant == "frozen" else variant.split(":")[1])
+    for chunk in range(emb.n_chunks):
+        lo, hi = emb.chunk_bounds(chunk)
+        emb.write_chunk(chunk, X[lo:hi])
+    emb.finalize(telemetry=telemetry)
+    return emb.embedding_id
+
+
+def _ingested(path: Path) -> Store:
+    st = Store(path)
+    for i, (name, study, tissue, cancer, drug, regimen) in enumerate(DATASETS):
+        st.ingest(_adata(i), name=name, label_key="response", sample_key="sample", study=study, tissue=tissue,
+                  cancer_type=cancer, drug_type=drug, regimen=regimen)
+    return st
+
+
+def _evaluate(st: Store, **kwargs) -> None:
+    options = {"heads": ["logreg", "majority"], "folds": 3, "by": ["all", "tissue", "cancer_type"], "silent": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        evaluate(st, **{**options, **kwargs})
+
+
+GPU_TELEMETRY = {"cells": 48, "wall_s": 0.5, "cells_per_s": 96.0, "device": "cuda", "gpu": "NVIDIA H100",
+                 "precision": "bf16", "n_parameters": 1_234_567, "peak_gpu_mem_bytes": 3 * 2**30}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """Three datasets, two models (one with a LoRA variant), evaluated by the real grid."""
+    st = _ingested(tmp_path_factory.mktemp("report") / "store")
+    for i, (name, *_) in enumerate(DATASETS):
+        _write_embedding(st, name, "pca", 6, shift=1.0, seed=10 + i,
+                         telemetry={"cells": N_CELLS, "wall_s": 0.02, "device": "cpu", "precision": "fp64"})
+        _write_embedding(st, name, "geneformer", 12, shift=2.0, seed=20 + i, telemetry=GPU_TELEMETRY)
+        _write_embedding(st, name, "geneformer", 12, shift=3.0, seed=30 + i, variant="lora:abcdef0123456789",
+                         telemetry=GPU_TELEMETRY)
+    _evaluate(st)
+    return st
+
+
+@pytest.fixture(scope="module")
+def report(evaluated: Store, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(evaluated, tmp_path_factory.mktemp("out") / "report", projection="pca")
+
+
+# --------------------------------------------------------------------------------------------
+# parsing helpers
+# --------------------------------------------------------------------------------------------
+class _Tables(HTMLParser):
+    """Rows of every <table id=...>: (row attributes, [(cell attributes, cell text)])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[tuple[dict[str, str], list[tuple[dict[str, str], str]]]]] = {}
+        self.table: str | None = None
+        self.cell: dict[str, str] | None = None
+        self.text = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "table":
+            self.table = a.get("id", "")
+            self.tables[self.table] = []
+        elif tag == "tr" and self.table is not None:
+            self.tables[self.table].append((a, []))
+        elif tag in ("td", "th") and self.table is not None:
+            self.cell, self.text = a, ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self.cell is not None and self.table is not None:
+            self.tables[self.table][-1][1].append((self.cell, self.text.strip()))
+            self.cell = None
+        elif tag == "table":
+            self.table = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.text += data
+
+
+def _tables(page: Path) -> dict:
+    parser = _Tables()
+    parser.feed(page.read_text())
+    return parser.tables
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def _parse_mean_sd(text: str) -> tuple[float | None, float | None]:
+    text = text.replace("*", "").strip()
+    if text == "n/a":
+        return None, None
+    match = re.fullmatch(r"([0-9.]+)(?: ± ([0-9.]+))?", text)
+    assert match, f"unexpected cell text {text!r}"
+    return float(match[1]), (float(match[2]) if match[2] else None)
+
+
+def _catalog_stats(st: Store) -> dict[tuple[str, ...], tuple[float | None, float | None]]:
+    """Mean and sd over folds straight from eval_results, keyed like the page's row attributes + metric."""
+    frame = st.query(
+        "SELECT model, variant, space_id, head, scenario, category_type, category, metric, "
+        "avg(value) AS mean, stddev_samp(value) AS sd FROM eval_results GROUP BY ALL")
+    out = {}
+    for r in frame.itertuples():
+        key = (r.model, r.variant, r.space_id, r.head, r.scenario, r.category_type, r.category, r.metric)
+        out[key] = (None if pd.isna(r.mean) else float(r.mean), None if pd.isna(r.sd) else float(r.sd))
+    return out
+
+
+def _row_key(attrs: dict[str, str], metric: str) -> tuple[str, ...]:
+    return tuple(attrs[f"data-{k}"] for k in ("model", "variant", "space", "head", "scenario", "category-type",
+                                               "category")) + (metric,)
+
+
+# --------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------
+def test_files_and_figures_exist_and_are_sensible(report: Path) -> None:
+    figures = report.parent / "figures"
+    expected = ["overview_bars", "radar_pooled_frozen_logreg", "radar_pooled_lora_logreg", "radar_cross_frozen_logreg",
+                "radar_cross_lora_logreg", "f1_by_cancer_type_pooled", "scalability"]
+    for stem in expected:
+        width, height = _png_size(figures / f"{stem}.png")
+        assert 400 <= width <= 4000 and 300 <= height <= 4000, (stem, width, height)
+        assert (figures / f"{stem}.png").stat().st_size > 10_000
+        svg = figures / f"{stem}.svg"
+        assert svg.stat().st_size > 5_000
+        assert ET.parse(svg).getroot().tag.endswith("svg")
+    # the majority-class head ignores the embedding: in the tables and bars, not in per-model radars
+    assert not list(figures.glob("radar_*majority*"))
+    projections = sorted(figures.glob("projection_*.png"))
+    assert len(projections) == 3  # pca, geneformer frozen, geneformer LoRA: one per embedding space
+    page = report.read_text()
+    for png in figures.glob("*.png"):
+        assert f"figures/{png.name}" in page, f"{png.name} is not shown on the page"
+    assert (report.parent / "tables" / "leaderboard_all.csv").exists()
+    assert (report.parent / "tables" / "leaderboard_all.sql").read_text().startswith("SELECT")
+
+
+def test_leaderboard_numbers_equal_the_catalog(report: Path, evaluated: Store) -> None:
+    tables = _tables(report)
+    catalog = _catalog_stats(evaluated)
+    checked = 0
+    for table_id in ("lb-all", "lb-pooled-cancer_type", "lb-cross-all" if "lb-cross-all" in tables else "lb-pooled-tissue"):
+        rows = [r for r in tables[table_id] if "data-model" in r[0]]
+        assert rows, table_id
+        for attrs, cells in rows:
+            for cell_attrs, text in cells:
+                metric = cell_attrs.get("data-metric")
+                if metric is None:
+                    continue
+                shown_mean, shown_sd = _parse_mean_sd(text)
+                mean, sd = catalog[_row_key(attrs, metric)]
+                if mean is None:
+                    assert shown_mean is None
+                    continue
+                assert shown_mean == pytest.approx(round(mean, 3), abs=1e-9), (table_id, attrs, metric)
+                if sd is not None:
+                    assert shown_sd == pytest.approx(round(sd, 3), abs=1e-9)
+                checked += 1
+    # 3 spaces x 2 heads x 2 scenarios on "all" alone, 4 metrics each
+    assert checked >= 3 * 2 * 2 * 4
+
+
+def test_sql_under_a_table_reproduces_it(report: Path, evaluated: Store) -> None:
+    page = report.read_text()
+    start = page.index("id=\"lb-all\"")
+    sql = html.unescape(re.search(r"<pre><code>(.*?);</code></pre>", page[start:], re.S)[1])
+    frame = evaluated.sql(sql)
+    rows = [r for r in _tables(report)["lb-all"] if "data-model" in r[0]]
+    assert len(frame) == len(rows)
+    for attrs, cells in rows:
+        match = frame[(frame["model"] == attrs["data-model"]) & (frame["variant"] == attrs["data-variant"])
+                      & (frame["head"] == attrs["data-head"]) & (frame["scenario"] == attrs["data-scenario"])]
+        assert len(match) == 1
+        f1 = next(text for a, text in cells if a.get("data-metric") == "f1")
+        assert _parse_mean_sd(f1)[0] == pytest.approx(round(float(match["f1_mean"].iloc[0]), 3))
+
+
+def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path) -> None:
+    page = report.read_text()
+    tables = _tables(report)
+    # split scheme used, and the warning that goes with cell-level folds
+    schemes = {cells[1][1] for _, cells in tables["split-schemes"][1:]}
+    assert schemes == {"cell", "study"}
+    assert "cell-level folds" in page
+    # cross-data on one-study categories is skipped, with the reason
+    reasons = " ".join(cells[5][1] for _, cells in tables["skipped"][1:])
+    assert "one study" in reasons
+    # tissue has 2 categories: drawn as bars, and the caption says so
+    assert "A radar needs at least 3 axes" in page and "bar charts instead (error bars: sd over folds): tissue (2 categories)" in page
+    # scalability from the embeddings' telemetry and the tasks' fit times
+    rows = {cells[0][1]: [t for _, t in cells] for _, cells in tables["scalability"][1:]}
+    assert rows["geneformer"][2] == "1.2M" and "NVIDIA H100" in rows["geneformer"][6]
+    assert rows["geneformer"][5] == "96.0" and rows["geneformer"][8] == "3.00"
+    assert rows["pca"][2] == "—" and rows["pca"][5] == "2,400.0"
+    assert any(label.startswith("geneformer (lora:abcdef01") for label in rows)
+    assert all(re.fullmatch(r"[0-9.e-]+", row[-1]) for row in rows.values())  # fit s/task of the last head
+    assert "PCA, first two components" in page
+
+
+def test_one_model_and_selection(evaluated: Store, tmp_path: Path) -> None:
+    (tmp_path / "one" / "figures").mkdir(parents=True)
+    (tmp_path / "one" / "figures" / "radar_pooled_frozen_mlp.png").write_bytes(b"from an earlier report")
+    (tmp_path / "one" / "figures" / "notes.txt").write_text("the user's own file")
+    out = write_report(evaluated, tmp_path / "one", models=["pca"], heads=["logreg"], projection="none",
+                       formats=["png"])
+    tables = _tables(out)
+    models = {r[0]["data-model"] for r in tables["lb-all"] if "data-model" in r[0]}
+    heads = {r[0]["data-head"] for r in tables["lb-all"] if "data-model" in r[0]}
+    assert models == {"pca"} and heads == {"logreg"}
+    figures = sorted(p.name for p in (tmp_path / "one" / "figures").iterdir())
+    assert "radar_pooled_frozen_logreg.png" in figures and not any(f.endswith(".svg") for f in figures)
+    assert not any(f.startswith("projection_") for f in figures)
+    assert "radar_pooled_frozen_mlp.png" not in figures and "notes.txt" in figures  # stale figure removed only
+
+
+def test_empty_store_gives_a_page_saying_what_to_run(tmp_path: Path) -> None:
+    out = write_report(Store(tmp_path / "empty"), tmp_path / "r")
+    page = out.read_text()
+    assert "What to run next" in page and "no dataset" in page
+    assert "ingest" in page and "embed" in page and "evaluate" in page
+    assert not list((tmp_path / "r" / "figures").iterdir())
+
+
+def test_store_without_results_shows_embeddings_and_next_step(tmp_path: Path) -> None:
+    st = _ingested(tmp_path / "store")
+    out = write_report(st, tmp_path / "r0", projection="none")
+    assert "no complete embedding" in out.read_text()
+    for name, *_ in DATASETS:
+        _write_embedding(st, name, "pca", 6, shift=1.0, seed=1)
+    out = write_report(st, tmp_path / "r1", projection="pca", formats=["png"])
+    page = out.read_text()
+    assert "no evaluation result yet" in page and "scdm --store" in page and "evaluate" in page
+    assert len(list((tmp_path / "r1" / "figures").glob("projection_*.png"))) == 1
+
+
+def test_bad_options_are_refused(evaluated: Store, tmp_path: Path) -> None:
+    with pytest.raises(InputDataError, match="projection='tsne'"):
+        write_report(evaluated, tmp_path / "x", projection="tsne")  # type: ignore[arg-type]
+    with pytest.raises(InputDataError, match="unknown or empty"):
+        write_report(evaluated, tmp_path / "x", metrics=["f2"])
+    with pytest.raises(InputDataError, match="max_cells"):
+        write_report(evaluated, tmp_path / "x", max_cells=3)
+    with pytest.raises(InputDataError, match="formats"):
+        write_report(evaluated, tmp_path / "x", formats=["gif"])
+
+
+def test_report_module_does_not_import_model_code() -> None:
+    code = ("import sys, scdm_classify.report, scdm_classify._plots; "
+            "bad = [m for m in ('torch', 'transformers', 'peft', 'scdm_embed', 'matplotlib.pyplot') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_umap_projection(evaluated: Store, tmp_path: Path) -> None:
+    pytest.importorskip("umap")
+    out = write_report(evaluated, tmp_path / "u", models=["pca"], projection="umap", max_cells=100, formats=["png"])
+    page = out.read_text()
+    assert "UMAP (umap-learn" in page and "100 of 144 cells" in page
+    assert len(list((tmp_path / "u" / "figures").glob("projection_pca_*.png"))) == 1
+
+
+def _insert_results(st: Store, values: dict[str, list[float | None]]) -> None:
+    """Three folds of one (model, head, category) written straight into the evaluation tables."""
+    now = pd.Timestamp("2026-01-01")
+    common = {"run_id": "run1", "space_id": "space1", "model": "scgpt", "variant": "frozen", "split_id": "split1",
+              "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "sample", "head": "mlp"}
+    tasks, results = [], []
+    for fold in range(3):
+        task = {**common, "task_id": f"t{fold}", "fold": fold, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
+        tasks.append({**task, "embedding_ids": "[]", "head_params": "{}", "n_test_pos": 20, "predict_seconds": 0.1,
+                      "flags": None, "created_at": now})
+        results += [{**task, "metric": m, "value": v[fold]} for m, v in values.items()]
+    st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
+                                              "config": '{"split_scheme": "sample"}'}]))
+    st.insert_df("eval_tasks", pd.DataFrame(tasks))
+    st.insert_df("eval_results", pd.DataFrame(results))
+
+
+def test_undefined_fold_values_are_averaged_out_and_marked(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    _insert_results(st, {"f1": [0.5, 0.7, 0.9], "auroc": [0.8, None, 0.6], "ap": [None, None, None],
+                         "accuracy": [0.5, 0.5, 0.5]})
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"])
+    rows = [r for r in _tables(out)["lb-all"] if "data-model" in r[0]]
+    assert len(rows) == 1
+    shown = {a["data-metric"]: text for a, text in rows[0][1] if "data-metric" in a}
+    assert shown == {"f1": "0.700 ± 0.200", "auroc": "0.700 ± 0.141*", "ap": "n/a", "accuracy": "0.500 ± 0.000"}
+    page = out.read_text()
+    assert "sample</b>: grouped k-fold" in page and "cell-level folds" not in page
+    # one model, one category: a bar chart, no radar or per-category figure
+    figures = {p.name for p in (tmp_path / "r" / "figures").iterdir()}
+    assert "overview_bars.png" in figures and not any(f.startswith("radar_") for f in figures)
