@@ -143,7 +143,8 @@ SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "llm",
             "LLaMA-3 style: 4L x 1024, 8 heads / 2 KV heads, SwiGLU 3584, RoPE 5e5; top-100 gene "
-            "sentence; word-level tokenizer over the gene table (LLaMA-3 BPE would give ~2-3x tokens)",
+            "sentence; word-level tokenizer over the gene table (LLaMA-3's BPE splits symbols into more "
+            "tokens; not measured)",
             20_000, "symbol",
             {"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
              "intermediate_size": 3584, "max_position_embeddings": 8192},

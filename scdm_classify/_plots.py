@@ -164,7 +164,7 @@ def radar_figure(board: pd.DataFrame, series: list[Series], *, metrics: Sequence
                  title: str) -> tuple[Figure, list[str]]:
     """Radar panels (rows: metrics, columns: category types) of mean metric per category.
 
-    ``board`` has columns ``key`` (series key), ``category_type``, ``category``, ``metric``,
+    ``board`` has columns ``series`` (the series label), ``category_type``, ``category``, ``metric``,
     ``mean`` and ``sd``. A category type with fewer than 3 categories cannot make a radar and is
     drawn as a bar chart instead; their names are returned (for the caption).
     """
@@ -202,7 +202,7 @@ def _radar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list
     angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
     closed = np.append(angles, angles[0])
     for s in series:
-        values = frame[frame["key"] == s.key].set_index("category")["mean"].reindex(cats).to_numpy(float)
+        values = frame[frame["series"] == s.label].set_index("category")["mean"].reindex(cats).to_numpy(float)
         if np.isnan(values).all():
             continue
         ring = np.append(values, values[0])
@@ -230,11 +230,11 @@ def _radar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list
 
 
 def _bar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list[str], metric: str) -> None:
-    present = [s for s in series if (frame["key"] == s.key).any()]
+    present = [s for s in series if (frame["series"] == s.label).any()]
     width = min(0.8 / max(len(present), 1), 0.3)
     x = np.arange(len(cats))
     for k, s in enumerate(present):
-        sub = frame[frame["key"] == s.key].set_index("category").reindex(cats)
+        sub = frame[frame["series"] == s.label].set_index("category").reindex(cats)
         ax.bar(x + width * (k - (len(present) - 1) / 2), sub["mean"].to_numpy(float), width,
                yerr=sub["sd"].to_numpy(float), color=s.color, hatch=s.hatch,
                edgecolor="white" if not s.hatch else "#333333", linewidth=0.4, capsize=2, error_kw={"elinewidth": 0.8})
@@ -302,7 +302,7 @@ def bars_figure(board: pd.DataFrame, series: list[Series], *, scenarios: Sequenc
                 heads: Sequence[str], title: str) -> Figure:
     """Mean +- sd over folds of category ``all``: rows scenarios, columns metrics, groups heads.
 
-    ``board`` columns: ``key``, ``scenario``, ``head`` (display label), ``metric``, ``mean``, ``sd``.
+    ``board`` columns: ``series``, ``scenario``, ``head`` (display label), ``metric``, ``mean``, ``sd``.
     """
     n_rows, n_cols = len(scenarios), len(metrics)
     width_in = max(3.2, 0.22 * len(series) * len(heads) + 1.2)
@@ -312,16 +312,17 @@ def bars_figure(board: pd.DataFrame, series: list[Series], *, scenarios: Sequenc
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
             frame = board[(board["scenario"] == scenario) & (board["metric"] == metric)]
-            present = [s for s in series if (frame["key"] == s.key).any()]
-            bar_w = 0.8 / max(len(present), 1)
+            present = [s for s in series if (frame["series"] == s.label).any()]
+            bar_w = min(0.8 / max(len(present), 1), 0.35)
             x = np.arange(len(heads))
             for k, s in enumerate(present):
-                sub = frame[frame["key"] == s.key].set_index("head").reindex(heads)
-                ax.bar(x - 0.4 + bar_w * (k + 0.5), sub["mean"].to_numpy(float), bar_w, yerr=sub["sd"].to_numpy(float),
+                sub = frame[frame["series"] == s.label].set_index("head").reindex(heads)
+                ax.bar(x + bar_w * (k - (len(present) - 1) / 2), sub["mean"].to_numpy(float), bar_w, yerr=sub["sd"].to_numpy(float),
                        color=s.color, hatch=s.hatch, edgecolor="#333333" if s.hatch else "white", linewidth=0.4,
                        capsize=2, error_kw={"elinewidth": 0.8})
             ax.set_xticks(x)
             ax.set_xticklabels([wrap_label(h, 14) for h in heads])
+            ax.set_xlim(-0.6, len(heads) - 0.4)
             ax.set_ylim(0, _top(frame))
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.set_title(f"{scenario}: {METRIC_LABELS.get(metric, metric)}")
@@ -339,25 +340,25 @@ def folds_figure(folds: pd.DataFrame, series: list[Series], *, heads: Sequence[s
                  seed: int = 0) -> Figure:
     """Box plots of per-fold ``metric`` across categories (x), one box per series, rows = heads.
 
-    ``folds`` columns: ``key``, ``head`` (display label), ``category``, ``fold``, ``value``.
+    ``folds`` columns: ``series``, ``head`` (display label), ``category``, ``fold``, ``value``.
     """
     cats = sorted(folds["category"].unique(), key=str)
-    present = [s for s in series if (folds["key"] == s.key).any()]
+    present = [s for s in series if (folds["series"] == s.label).any()]
     width_in = min(max(6.0, 0.28 * len(cats) * max(len(present), 1) + 1.5), 18.0)
     fig = new_figure(width_in, 2.9 * len(heads) + 1.2)
     axes = fig.subplots(len(heads), 1, squeeze=False)
     rng = np.random.default_rng(seed)
-    box_w = 0.8 / max(len(present), 1)
+    box_w = min(0.8 / max(len(present), 1), 0.35)
     for i, head in enumerate(heads):
         ax = axes[i][0]
         sub_head = folds[folds["head"] == head]
         for k, s in enumerate(present):
-            sub = sub_head[sub_head["key"] == s.key]
+            sub = sub_head[sub_head["series"] == s.label]
             pos, data = [], []
             for c, cat in enumerate(cats):
                 values = sub.loc[sub["category"] == cat, "value"].dropna().to_numpy(float)
                 if values.size:
-                    pos.append(c - 0.4 + box_w * (k + 0.5))
+                    pos.append(c + box_w * (k - (len(present) - 1) / 2))
                     data.append(values)
             if not data:
                 continue
@@ -440,18 +441,18 @@ def _category_legend(ax: Axes, labels: np.ndarray, mapping: dict[str, str]) -> N
 def scalability_figure(embed: pd.DataFrame, fit: pd.DataFrame, series: list[Series], *, title: str) -> Figure:
     """Embedding throughput (cells/s) per series, and mean head fit time per task per head.
 
-    ``embed`` columns: ``key``, ``cells_per_s``; ``fit`` columns: ``key``, ``head``, ``fit_s``.
+    ``embed`` columns: ``series``, ``cells_per_s``; ``fit`` columns: ``series``, ``head``, ``fit_s``.
     """
     has_embed = not embed.dropna(subset=["cells_per_s"]).empty
     has_fit = not fit.dropna(subset=["fit_s"]).empty
     n_panels = int(has_embed) + int(has_fit)
-    present = [s for s in series if (embed["key"] == s.key).any() or (fit["key"] == s.key).any()]
+    present = [s for s in series if (embed["series"] == s.label).any() or (fit["series"] == s.label).any()]
     fig = new_figure(4.6 * max(n_panels, 1), 0.32 * len(present) + 1.8)
     axes = list(fig.subplots(1, max(n_panels, 1), squeeze=False)[0])
     if has_embed:
         ax = axes.pop(0)
-        rows = [s for s in present if (embed["key"] == s.key).any()]
-        values = [float(embed.loc[embed["key"] == s.key, "cells_per_s"].iloc[0]) for s in rows]
+        rows = [s for s in present if (embed["series"] == s.label).any()]
+        values = [float(embed.loc[embed["series"] == s.label, "cells_per_s"].iloc[0]) for s in rows]
         y = np.arange(len(rows))
         ax.barh(y, values, color=[s.color for s in rows], hatch=None, edgecolor="#333333", linewidth=0.4)
         for patch, s in zip(ax.patches, rows):
@@ -467,11 +468,11 @@ def scalability_figure(embed: pd.DataFrame, fit: pd.DataFrame, series: list[Seri
     if has_fit:
         ax = axes.pop(0)
         heads = sorted(fit["head"].unique())
-        rows = [s for s in present if (fit["key"] == s.key).any()]
+        rows = [s for s in present if (fit["series"] == s.label).any()]
         y = np.arange(len(heads))
         bar_h = 0.8 / max(len(rows), 1)
         for k, s in enumerate(rows):
-            sub = fit[fit["key"] == s.key].set_index("head").reindex(heads)
+            sub = fit[fit["series"] == s.label].set_index("head").reindex(heads)
             ax.barh(y - 0.4 + bar_h * (k + 0.5), sub["fit_s"].to_numpy(float), bar_h, color=s.color, hatch=s.hatch,
                     edgecolor="#333333", linewidth=0.4)
         ax.set_yticks(y)

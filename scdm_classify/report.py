@@ -13,8 +13,13 @@ Figures (PNG and SVG, in ``figures/``):
   and regimen (scDrugMap Fig. 2, 3, 6); a category type with fewer than 3 categories is drawn as
   a bar chart, and the caption says so;
 - ``f1_by_cancer_type_<scenario>``: per-fold F1 across cancer types (box plots + folds);
-- ``projection_<model>_<space>``: UMAP (or PCA) of each embedding space coloured by response,
-  cancer type and study (scDrugMap Fig. 4);
+
+Reference heads that ignore the embedding (``majority``, ``shuffled-label``) appear in the tables
+and the overview bars but not in the per-model radar and box figures. Every model has one colour
+in every figure (a palette keyed by the sorted model names of the store); LoRA variants and extra
+spaces of a model are hatched / dashed.
+- ``projection_<model>_<strategy>_<space>``: UMAP (or PCA) of each embedding space, subsampled
+  to ``max_cells``, coloured by response, cancer type and study (scDrugMap Fig. 4);
 - ``scalability``: embedding throughput and head fit time (scDrugMap Fig. 7).
 """
 
@@ -818,6 +823,7 @@ def _projection_figure(ctx: _Context, group: pd.DataFrame, *, method: str, max_c
     if not np.isfinite(X).all():
         return (f"<p class='warn'>{html.escape(label)}: the embedding holds NaN or inf values and cannot be "
                 "projected; recompute it.</p>")
+    logger.info("report: %s projection of %d cells of %s (%d dims)", method.upper(), len(X), label, X.shape[1])
     coords, axis_name, how = _project(X, method=method, seed=seed)
     datasets = ", ".join(group["dataset_name"])
     fig = _plots.projection_figure(coords, cells, panels=[("response_text", "response"),
@@ -878,8 +884,8 @@ def _section_scalability(ctx: _Context) -> str:
     has_embed = bool(e["cells_per_s"].notna().any()) if not e.empty else False
     has_fit = bool(f["fit_s"].notna().any()) if not f.empty else False
     if has_embed or has_fit:
-        fit_plot = f.drop(columns="head").rename(columns={"head_label": "head"})[["key", "head", "fit_s"]]
-        fig = _plots.scalability_figure(e[["key", "cells_per_s"]], fit_plot, series, title="Computational cost")
+        fit_plot = f.drop(columns="head").rename(columns={"head_label": "head"})[["series", "head", "fit_s"]]
+        fig = _plots.scalability_figure(e[["series", "cells_per_s"]], fit_plot, series, title="Computational cost")
         panels = [p for p, on in (("embedding throughput per model (cells/s; the device is in the table)", has_embed),
                                   ("mean head fit time per fold", has_fit)) if on]
         caption = ("Computational cost, log scale: " + "; ".join(panels)

@@ -261,11 +261,43 @@ def embed(
     emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash, chunk_rows=chunk_rows)
     missing = emb.missing_chunks()
     logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
-    stats = _run_chunks(st, emb, adapter, missing, batch_size=batch_size or adapter.default_batch_size, device=dev,
+    _reset_peak_rss()
+    stats = _run_chunks(st, emb, adapter, missing, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
                         precision=prec, workers=workers, progress=progress)
     telemetry = _telemetry(stats, dev, prec, load_s, adapter)
     emb.finalize(telemetry=telemetry, audit={**audit.to_dict(), **stats.pop("token_stats", {})})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, len(missing), "complete", telemetry)
+
+
+GPU_BATCH_FACTOR = 8
+"""On CUDA, a model's CPU batch size times this is the first try; out-of-memory halves it."""
+
+
+def _auto_batch_size(adapter: Adapter, device: str) -> int:
+    if getattr(adapter, "batch_dependent", False) or not device.startswith("cuda"):
+        return adapter.default_batch_size  # batch-dependent models: the batch size is part of the result
+    return adapter.default_batch_size * GPU_BATCH_FACTOR
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory window for this process (Linux; elsewhere the peak is process-wide)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Peak resident memory since :func:`_reset_peak_rss` (VmHWM), else since process start."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _autocast(device: str, precision: str) -> Any:
@@ -366,7 +398,7 @@ def _telemetry(stats: dict[str, Any], device: str, precision: str, load_s: float
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    out = {**stats, "device": device, "precision": precision, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    out = {**stats, "device": device, "precision": precision, "peak_rss_bytes": _peak_rss(),
            "host": platform.node(), "versions": versions}
     if load_s is not None:
         out["load_s"] = load_s
@@ -414,6 +446,7 @@ def embed_baseline(
     fit = baselines.fit_baseline(st, [i.dataset_id for i in infos], model=model, n_hvg=n_hvg, n_comps=n_comps, target_sum=target_sum, normalized=normalized)
     fit_s = time.perf_counter() - t0
     results = []
+    _reset_peak_rss()
     for info in infos:
         results.append(_write_baseline(st, info, fit, base_params, chunk_rows, fit_s, progress))
     return results

@@ -20,16 +20,27 @@ What one cell becomes (``scgpt.tasks.embed_data``, MODELS.md section 2):
 5. gene embedding (+ LayerNorm) + continuous value embedding -> post-LN transformer ->
    the last layer's ``<cls>`` vector, L2-normalised (512-d for whole-human).
 
-Where we differ from the reference, on purpose:
+Where the default differs from the reference, on purpose (``reference_quirks=False``):
 
 * Random draws (bin tie-breaks, gene subsample) come from ``numpy.random.default_rng([seed,
-  row])``, one generator per cell, so a cell's tokens do not depend on chunking, batching or
-  DataLoader workers. The reference draws from the global numpy RNG inside DataLoader workers
-  (and ``torch.randperm`` for the subsample), so its embeddings cannot be replayed bit-for-bit;
-  ours are a draw from the same distribution.
+  row])``, one generator per cell, so a cell's tokens do not depend on chunking, batching,
+  resuming or DataLoader workers; they are a draw from the same distribution as the reference's.
 * A subsampled cell keeps its genes in dataset order (the reference shuffles them). scGPT has no
-  positional encoding, so the order does not change the embedding.
-* A cell with no counts over the vocabulary is refused (the reference crashes in ``binning``).
+  positional encoding, so the order changes the embedding only by float rounding.
+
+``reference_quirks=True`` draws the way the reference's collator does: bin tie-breaks from one
+legacy ``numpy.random.RandomState(seed)`` stream (``np.random.rand``) and the subsample from one
+``torch.Generator`` seeded with ``seed`` (``torch.randperm``, genes kept in permutation order,
+after the one int64 draw a DataLoader iterator takes), both consumed cell by cell in row order.
+That is bit-for-bit the reference collator run in one process after ``np.random.seed(seed);
+torch.manual_seed(seed)``. ``embed_data`` itself collates in ``min(#CPUs, batch_size)`` DataLoader
+worker processes, each re-seeded from a base seed, so its exact draws depend on the machine's
+CPU count and are not replayed. Because the stream runs in row order, quirk-mode tokenisation
+must start at row 0 and see every chunk in order in one process (``workers=0``, no resume of a
+partial run): :meth:`ScGPTAdapter.tokenize` refuses anything else rather than draw wrong numbers.
+
+In both modes a cell with no counts over the vocabulary is refused (the reference crashes in
+``binning``), and padding is a boolean key mask, as in the reference.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ from store.errors import CheckpointError, InputDataError
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-__all__ = ["ScGPTAdapter", "ScGPTModel", "write_tiny_checkpoint"]
+__all__ = ["ReferenceStream", "ScGPTAdapter", "ScGPTModel", "write_tiny_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +194,7 @@ class ScGPTModel(nn.Module):
 
 
 # ---- tokenisation ------------------------------------------------------------------------------
-def bin_values(values: np.ndarray, rng: np.random.Generator, n_bins: int = N_BINS) -> np.ndarray:
+def bin_values(values: np.ndarray, rng: np.random.Generator | np.random.RandomState, n_bins: int = N_BINS) -> np.ndarray:
     """scGPT's per-cell quantile binning of positive values into bins 1..n_bins-1.
 
     Parameters
@@ -204,6 +215,51 @@ def bin_values(values: np.ndarray, rng: np.random.Generator, n_bins: int = N_BIN
     right = np.digitize(values, bins, right=True)
     spread = rng.random(len(values)) * (right - left) + left
     return np.ceil(spread).astype(np.int64).astype(np.float32)
+
+
+class ReferenceStream:
+    """The reference's global RNGs, replayed: seeded once, then consumed cell by cell in row order.
+
+    ``numpy`` holds ``np.random.RandomState(seed)`` (what ``np.random.rand`` draws from after
+    ``np.random.seed(seed)``); ``torch`` a generator seeded with ``seed`` that has already made the
+    one int64 draw a ``DataLoader`` iterator takes for its base seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.numpy: np.random.RandomState | None = None
+        self.torch: torch.Generator | None = None
+        self.next_row: int | None = None
+
+    def advance_to(self, rows: np.ndarray, model: str) -> None:
+        """Check that ``rows`` continue the stream (row 0 restarts it), then claim them.
+
+        Raises
+        ------
+        InputDataError
+            If the rows do not start at 0 or right after the last rows drawn for, or are not
+            consecutive: the draws for them would differ from the reference's.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        first = int(rows[0])
+        if first == 0:
+            self.numpy = np.random.RandomState(self.seed)
+            self.torch = torch.Generator().manual_seed(self.seed)
+            torch.empty((), dtype=torch.int64).random_(generator=self.torch)  # the DataLoader's base-seed draw
+        elif first != self.next_row:
+            msg = (
+                f"{model} with reference_quirks=True draws its random numbers from one stream in cell order, as the "
+                f"reference does, so cells must be tokenised in row order from row 0 in one process; got rows from "
+                f"{first} after {'nothing' if self.next_row is None else f'row {self.next_row - 1}'}. Embed with "
+                "workers=0 and from scratch (delete the partial embedding), or use the default mode, which can resume."
+            )
+            raise InputDataError(msg)
+        if len(rows) > 1 and not np.all(np.diff(rows) == 1):
+            msg = f"{model} with reference_quirks=True needs consecutive rows in one call; got {rows[:5].tolist()}..."
+            raise InputDataError(msg)
+        self.next_row = int(rows[-1]) + 1
 
 
 def _torch_load(path: Path, *, mmap: bool = False) -> Any:
@@ -234,6 +290,9 @@ class ScGPTAdapter(Adapter):
     max_length
         Tokens per cell including ``<cls>`` (``embed_data``'s ``max_length``; 1200 = CLS + 1199
         genes).
+    reference_quirks
+        Draw tie-breaks and subsamples from one RNG stream in cell order, as the reference does
+        (see the module docstring); default: per-cell generators seeded by ``(seed, row)``.
     """
 
     name = "scgpt"
@@ -245,12 +304,19 @@ class ScGPTAdapter(Adapter):
     lora_target_modules = (r".*transformer_encoder\.layers\.\d+\.(self_attn\.out_proj|linear1|linear2)",)
     default_batch_size = 32
 
-    def __init__(self, checkpoint: str | Path | None = None, *, seed: int = 0, max_length: int = 1200) -> None:
+    def __init__(
+        self, checkpoint: str | Path | None = None, *, seed: int = 0, max_length: int = 1200, reference_quirks: bool = False
+    ) -> None:
         super().__init__(checkpoint, seed=seed)
         if int(max_length) < 2:
             msg = f"max_length={max_length} leaves no room for genes after <cls>; use at least 2 (scGPT default 1200)."
             raise InputDataError(msg)
+        if not isinstance(reference_quirks, bool):
+            msg = f"scgpt reference_quirks={reference_quirks!r} must be True or False."
+            raise InputDataError(msg)
         self.max_length = int(max_length)
+        self.reference_quirks = reference_quirks
+        self._stream = ReferenceStream(seed)
         self._args: dict[str, Any] | None = None
         self._vocab: dict[str, int] | None = None
         self._gene_ids: np.ndarray | None = None  # vocab id per dataset column, -1 = unknown
@@ -352,7 +418,10 @@ class ScGPTAdapter(Adapter):
             "normalize": "l2",
             "max_length": self.max_length,
             "n_bins": N_BINS,
-            "binning": "per-cell quantile, tie-break seeded by (seed, row)",
+            "binning": "per-cell quantile, tie-break "
+            + ("from one RandomState(seed) stream in cell order" if self.reference_quirks else "seeded by (seed, row)"),
+            "subsample": "torch.randperm stream in cell order" if self.reference_quirks else "seeded by (seed, row), dataset order",
+            "reference_quirks": self.reference_quirks,
             "seed": self.seed,
         }
 
@@ -380,6 +449,8 @@ class ScGPTAdapter(Adapter):
             raise RuntimeError(msg)
         check_counts(x, self.name)
         cls_id = self._special_id("<cls>")
+        if self.reference_quirks:
+            self._stream.advance_to(rows, self.name)
         cells = []
         for i, row in enumerate(rows):
             start, end = x.indptr[i], x.indptr[i + 1]
@@ -395,12 +466,7 @@ class ScGPTAdapter(Adapter):
                     "nothing to embed. Remove empty cells before ingest (e.g. scanpy.pp.filter_cells(adata, min_genes=1))."
                 )
                 raise InputDataError(msg)
-            rng = np.random.default_rng([self.seed, int(row)])
-            binned = bin_values(vals, rng)
-            n_genes = self.max_length - 1
-            if len(genes) > n_genes:  # sample after binning, as the DataCollator does
-                chosen = np.sort(rng.choice(len(genes), size=n_genes, replace=False))
-                genes, binned = genes[chosen], binned[chosen]
+            genes, binned = self._bin_and_subsample(genes, vals, int(row))
             cells.append(
                 {
                     "input_ids": np.concatenate([[cls_id], genes]).astype(np.int64),
@@ -408,6 +474,23 @@ class ScGPTAdapter(Adapter):
                 }
             )
         return cells
+
+    def _bin_and_subsample(self, genes: np.ndarray, values: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bin one cell's values and keep at most ``max_length - 1`` genes (sampled after binning)."""
+        n_keep = self.max_length - 1
+        if self.reference_quirks:
+            assert self._stream.numpy is not None and self._stream.torch is not None
+            binned = bin_values(values, self._stream.numpy)
+            if len(genes) > n_keep:  # DataCollator._sample: randperm order, CLS kept in front
+                chosen = torch.randperm(len(genes), generator=self._stream.torch)[:n_keep].numpy()
+                genes, binned = genes[chosen], binned[chosen]
+            return genes, binned
+        rng = np.random.default_rng([self.seed, row])
+        binned = bin_values(values, rng)
+        if len(genes) > n_keep:
+            chosen = np.sort(rng.choice(len(genes), size=n_keep, replace=False))
+            genes, binned = genes[chosen], binned[chosen]
+        return genes, binned
 
     def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         length = max(len(c["input_ids"]) for c in cells)

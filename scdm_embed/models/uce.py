@@ -22,7 +22,7 @@ What one cell becomes (``eval_data.py``, ``evaluate.py``; MODELS.md section 4):
    x sqrt(d) -> + sinusoidal position -> post-LN transformer -> ``decoder`` MLP on the CLS
    position -> L2-normalised (1280-d).
 
-Where we differ from the reference, on purpose:
+Where the default differs from the reference, on purpose (``reference_quirks=False``):
 
 * Sampling and chromosome shuffling use ``numpy.random.default_rng([seed, row])`` per cell
   instead of the unseeded global numpy RNG, so embeddings are reproducible and independent of
@@ -31,6 +31,22 @@ Where we differ from the reference, on purpose:
   ``src_key_padding_mask``, which PyTorch adds to the attention logits: pads are attended with
   a +1 logit bias, so its embeddings change with the batch's padding (up to ~0.02). Ours do not.
   With no padding (batch size 1, or equal lengths) the two agree.
+
+``reference_quirks=True`` reproduces both: the additive float mask (so the adapter becomes
+``batch_dependent``: the runner then embeds fixed batches of consecutive rows, like the
+reference's ``DataLoader(shuffle=False)``, and records the batch size), and the draws of one
+legacy ``numpy.random.RandomState(seed)`` stream consumed cell by cell in row order
+(``np.random.choice`` over the cell's genes with the reference's float32 weights, unstable
+``argsort`` by chromosome then by start, ``np.random.shuffle`` of the chromosomes). That is the
+reference run after ``np.random.seed(seed)`` (it loads in-process, ``num_workers=0``; it never
+seeds, so an unseeded run is a draw from the same distribution). Being one stream in row order,
+quirk-mode tokenisation must start at row 0 and see every chunk in order in one process
+(``workers=0``, no resume of a partial run); :meth:`UCEAdapter.tokenize` refuses anything else.
+The reference sums the weights over all the dataset's genes (zeros included); we sum over the
+expressed ones, which can change the last bit of a weight and, very rarely, one sampled gene.
+
+In both modes:
+
 * Genes without a chromosome row are dropped (the reference raises a KeyError); the reference's
   dataset-level filters (``filter_genes(min_cells=10)``, ``filter_cells(min_genes=25)``) are not
   applied: scdm embeds every cell of the dataset. A cell without counts in the matched genes is
@@ -112,8 +128,13 @@ class SelfAttention(nn.Module):
         n, length, d_model = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(n, length, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
-        keep = None if padding_mask is None else ~padding_mask[:, None, None, :]  # True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+        if padding_mask is None:
+            mask = None
+        elif padding_mask.dtype == torch.bool:
+            mask = ~padding_mask[:, None, None, :]  # True = attend
+        else:  # the reference's float mask: added to the logits (pads get +1, they are not masked)
+            mask = padding_mask[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))
 
 
@@ -202,7 +223,11 @@ class UCEModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """L2-normalised cell embeddings from the CLS position, shape (n_cells, output_dim)."""
+        """L2-normalised cell embeddings from the CLS position, shape (n_cells, output_dim).
+
+        ``padding_mask`` (n_cells, n_tokens): boolean (True = pad, excluded from attention) or
+        float (added to the attention logits, the reference's ``1 - mask``).
+        """
         tokens = F.normalize(self.pe_embedding(input_ids).float(), dim=-1)
         x = self.encoder(tokens) * math.sqrt(self.d_model)
         x = self.dropout(self.pos_encoder(x))
@@ -254,6 +279,9 @@ class UCEAdapter(Adapter):
         Genes sampled per cell (1024).
     nhead
         Attention heads (20 in every released model; the weights do not record it).
+    reference_quirks
+        Reproduce the reference's additive float padding mask (batch-dependent) and its RNG
+        stream in cell order (see the module docstring); default: boolean mask, per-cell seeds.
     """
 
     name = "uce"
@@ -273,8 +301,16 @@ class UCEAdapter(Adapter):
         species: str = "human",
         sample_size: int = 1024,
         nhead: int = N_HEADS,
+        reference_quirks: bool = False,
     ) -> None:
         super().__init__(checkpoint, seed=seed)
+        if not isinstance(reference_quirks, bool):
+            msg = f"uce reference_quirks={reference_quirks!r} must be True or False."
+            raise InputDataError(msg)
+        self.reference_quirks = reference_quirks
+        # the float mask lets a batch's padding into every cell: batches must be fixed row ranges
+        self.batch_dependent = reference_quirks
+        self._stream = _ReferenceStream(seed)
         if variant not in MODEL_FILES:
             msg = f"variant={variant!r} is unknown; use one of {', '.join(MODEL_FILES)} (files {', '.join(MODEL_FILES.values())})."
             raise InputDataError(msg)
@@ -411,7 +447,9 @@ class UCEAdapter(Adapter):
             "species": self.species,
             "sample_size": self.sample_size,
             "pooling": "cls -> decoder -> l2",
-            "padding_mask": "boolean",
+            "padding_mask": "additive float (reference)" if self.reference_quirks else "boolean",
+            "sampling": "RandomState(seed) stream in cell order" if self.reference_quirks else "seeded by (seed, row)",
+            "reference_quirks": self.reference_quirks,
             "nhead": self.nhead,
             "seed": self.seed,
         }
@@ -477,6 +515,8 @@ class UCEAdapter(Adapter):
         genes = self._genes
         chrom_offset = self.chrom_token_offset()
         max_len = self.architecture()["max_len"]
+        if self.reference_quirks:
+            self._stream.advance_to(rows, self.name)
         cells = []
         for i, row in enumerate(rows):
             start, end = x.indptr[i], x.indptr[i + 1]
@@ -490,10 +530,14 @@ class UCEAdapter(Adapter):
                     "genes can be sampled. Remove empty cells before ingest (e.g. scanpy.pp.filter_cells(adata, min_genes=1))."
                 )
                 raise InputDataError(msg)
-            rng = np.random.default_rng([self.seed, int(row)])
-            weights = np.log1p(counts)
-            sampled = cols[rng.choice(len(cols), size=self.sample_size, replace=True, p=weights / weights.sum())]
-            sentence = _cell_sentence(sampled, genes, rng, chrom_offset)
+            if self.reference_quirks:
+                assert self._stream.numpy is not None
+                sentence = _reference_cell_sentence(cols, counts, genes, self._stream.numpy, self.sample_size, chrom_offset)
+            else:
+                rng = np.random.default_rng([self.seed, int(row)])
+                weights = np.log1p(counts)
+                sampled = cols[rng.choice(len(cols), size=self.sample_size, replace=True, p=weights / weights.sum())]
+                sentence = _cell_sentence(sampled, genes, rng, chrom_offset)
             if len(sentence) > max_len:
                 msg = f"Cell at row {int(row)} makes a {len(sentence)}-token sentence, longer than the model's {max_len} positions; lower sample_size."
                 raise InputDataError(msg)
@@ -513,7 +557,76 @@ class UCEAdapter(Adapter):
         if self.model is None:
             msg = "Call load() before embed()."
             raise RuntimeError(msg)
-        return self.model(batch["input_ids"], batch["padding_mask"]).float()
+        padding = batch["padding_mask"]
+        if self.reference_quirks:
+            padding = padding.float()  # the reference's src_key_padding_mask = 1 - mask: +1 on pads
+        return self.model(batch["input_ids"], padding).float()
+
+
+def _reference_cell_sentence(
+    cols: np.ndarray, counts: np.ndarray, genes: dict[str, np.ndarray], rng: np.random.RandomState, sample_size: int, chrom_offset: int
+) -> np.ndarray:
+    """``sample_cell_sentences`` of the reference for one cell, drawing from ``rng`` as it does.
+
+    Same calls in the same order: float32 weights ``log1p(counts) / sum``, renormalised with
+    Python's ``sum``; ``choice`` with replacement; unstable ``argsort`` by chromosome; ``shuffle``
+    of the unique chromosomes; per chromosome an unstable ``argsort`` by start.
+    """
+    order = np.argsort(cols, kind="stable")  # the cumulative weights run in dataset column order
+    cols, counts = cols[order], counts[order]
+    weights = torch.log1p(torch.from_numpy(counts.astype(np.int64))[None])  # int64 -> float32, as the reference
+    weights = (weights / torch.sum(weights))[0].numpy()
+    weights = weights / sum(weights)
+    choice = rng.choice(np.arange(len(weights)), size=sample_size, p=weights, replace=True)
+    chrom_of = genes["chrom"][cols]
+    start_of = genes["start"][cols].astype(np.int64)
+    choice = choice[np.argsort(chrom_of[choice])]
+    new_chrom, starts = chrom_of[choice], start_of[choice]
+    chrom_order = np.unique(new_chrom)
+    rng.shuffle(chrom_order)
+    parts = [np.array([CLS_TOKEN], dtype=np.int64)]
+    for code in chrom_order:
+        loc = np.where(new_chrom == code)[0]
+        picked = cols[choice[loc[np.argsort(starts[loc])]]]
+        parts.append(np.concatenate([[code + chrom_offset], genes["token"][picked], [CHROM_CLOSE_TOKEN]]).astype(np.int64))
+    return np.concatenate(parts)
+
+
+class _ReferenceStream:
+    """The reference's global numpy RNG, replayed: ``RandomState(seed)`` consumed in row order."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.numpy: np.random.RandomState | None = None
+        self.next_row: int | None = None
+
+    def advance_to(self, rows: np.ndarray, model: str) -> None:
+        """Check that ``rows`` continue the stream (row 0 restarts it), then claim them.
+
+        Raises
+        ------
+        InputDataError
+            If the rows do not start at 0 or right after the last rows drawn for, or are not
+            consecutive: the draws for them would differ from the reference's.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        first = int(rows[0])
+        if first == 0:
+            self.numpy = np.random.RandomState(self.seed)
+        elif first != self.next_row:
+            msg = (
+                f"{model} with reference_quirks=True draws its random numbers from one stream in cell order, as the "
+                f"reference does, so cells must be tokenised in row order from row 0 in one process; got rows from "
+                f"{first} after {'nothing' if self.next_row is None else f'row {self.next_row - 1}'}. Embed with "
+                "workers=0 and from scratch (delete the partial embedding), or use the default mode, which can resume."
+            )
+            raise InputDataError(msg)
+        if len(rows) > 1 and not np.all(np.diff(rows) == 1):
+            msg = f"{model} with reference_quirks=True needs consecutive rows in one call; got {rows[:5].tolist()}..."
+            raise InputDataError(msg)
+        self.next_row = int(rows[-1]) + 1
 
 
 def _cell_sentence(sampled: np.ndarray, genes: dict[str, np.ndarray], rng: np.random.Generator, chrom_offset: int) -> np.ndarray:
