@@ -92,6 +92,10 @@ class TrainConfig:
     """SD of the Gaussian noise added to the (MinMax-scaled) inputs of the autoencoders."""
     sigmoid_output: bool = True
     """Decoders end in a sigmoid (inputs are scaled to [0, 1])."""
+    target_init: str = "source"
+    """``source``: the target autoencoder starts as a copy of the trained source autoencoder (when
+    both domains have the same features), so adaptation refines a mapping that already carries
+    the predictor's signal; ``random``: it starts from its own denoising pre-training (scDEAL)."""
     seed: int = 0
     """Seed of initialisation, noise and batch order."""
 
@@ -325,8 +329,11 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
         ys_t = torch.from_numpy(np.asarray(ys, np.int64))
         ct = torch.from_numpy(np.asarray(clusters, np.int64))
         out = FitOutcome(net)
-        _pretrain_autoencoders(net, xs, xt, cfg, gen, out.history, adapt)
+        warm = cfg.target_init == "source" and Xs.shape[1] == Xt.shape[1]
+        _pretrain_autoencoders(net, xs, xt, cfg, gen, out.history, adapt and not warm)
         _pretrain_predictor(net, xs, ys_t, cfg, gen, out.history, validation)
+        if warm:
+            net.target_ae.load_state_dict(net.source_ae.state_dict())
         _joint(net, xs, ys_t, xt, ct, cfg, gen, out, validation, adapt)
     net.adapted = adapt
     net.eval()
@@ -334,8 +341,8 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
 
 
 def _pretrain_autoencoders(net: TransferNet, xs: torch.Tensor, xt: torch.Tensor, cfg: TrainConfig,
-                           gen: torch.Generator, history: list[dict[str, Any]], adapt: bool) -> None:
-    pairs = [("source", net.source_ae, xs)] + ([("target", net.target_ae, xt)] if adapt else [])
+                           gen: torch.Generator, history: list[dict[str, Any]], with_target: bool) -> None:
+    pairs = [("source", net.source_ae, xs)] + ([("target", net.target_ae, xt)] if with_target else [])
     for name, ae, x in pairs:
         opt = make_optimizer(ae, cfg)
         batches = _Batches(x.shape[0], cfg.batch_size, gen)

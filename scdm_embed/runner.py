@@ -18,10 +18,9 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from store import Embedding, Store, open_store
 from store._ingest import iter_row_blocks, to_csr
@@ -30,7 +29,7 @@ from store.errors import InputDataError, ScdmError
 from store.genes import gene_table_version
 
 from scdm_embed import baselines
-from scdm_embed._adapter import Adapter, GeneAudit, check_counts, get_adapter, require_matches
+from scdm_embed._adapter import Adapter, check_counts, get_adapter, require_matches
 from store.progress import progress_bar
 
 __all__ = ["EmbedResult", "embed", "embed_baseline", "checkpoint_hash", "resolve_device", "resolve_precision", "batches_by_length"]
@@ -193,6 +192,7 @@ def embed(
     min_gene_fraction: float = 0.0,
     min_genes: int = 1,
     progress: bool = True,
+    lora_dir: str | os.PathLike[str] | None = None,
     **model_params: Any,
 ) -> EmbedResult:
     """Embed every cell of ``dataset`` with ``model`` into the store (resumable, idempotent).
@@ -214,6 +214,10 @@ def embed(
         ``auto`` = CUDA with bf16 autocast when available, else CPU fp32.
     workers
         DataLoader processes that tokenise the next chunks while the model runs (0 = inline).
+    lora_dir
+        A LoRA adapter folder made by :func:`scdm_embed.finetune.finetune`: the embedding is the
+        tuned variant ``lora:<adapter id>`` (its content hash is the embedding's ``adapter_hash``;
+        ``params["lora"]`` names the split and fold it belongs to).
     **model_params
         Adapter parameters that change the numbers (``layer``, ``pooling``, ``max_genes``, ...).
 
@@ -241,13 +245,23 @@ def embed(
     params = {**adapter.params(), "seed": seed, "precision": prec, "gene_table": gene_table_version()}
     if getattr(adapter, "batch_dependent", False):
         params["batch_size"] = batch_size or adapter.default_batch_size
-    existing = st.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=ckpt_hash)
+    lora, variant = None, {}
+    if lora_dir is not None:
+        from scdm_embed.finetune import read_lora_card
+
+        lora = read_lora_card(lora_dir)
+        lora.check_base(adapter, ckpt_hash)  # before loading: a mismatch fails fast
+        params["lora"] = lora.embedding_params()
+        variant = {"adapter_hash": lora.adapter_hash, "variant": lora.variant}
+    existing = st.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=ckpt_hash, **variant)
     if existing is not None and existing.status == "complete":
         logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
         return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
 
     t_load = time.perf_counter()
     adapter.load(dev)
+    if lora is not None:
+        lora.apply(adapter)
     load_s = time.perf_counter() - t_load
     genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
     audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
@@ -258,7 +272,8 @@ def embed(
         bs = params["batch_size"]
         rows = chunk_rows or default_chunk_rows(adapter.emb_dim)
         chunk_rows = -(-rows // bs) * bs
-    emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash, chunk_rows=chunk_rows)
+    emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash,
+                              chunk_rows=chunk_rows, **variant)
     missing = emb.missing_chunks()
     logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
     _reset_peak_rss()

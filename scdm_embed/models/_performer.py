@@ -20,7 +20,8 @@ how a cell's numbers depend on its batch mates. ``key_max="cell"`` takes the max
 tensor (what the reference computes when it runs one cell at a time, as scBERT's ``predict.py``
 does) and makes every embedding independent of the batch. ``key_max="batch"`` takes it over the
 whole batch tensor, reproducing a batched reference run exactly, at the price of a
-dependence on the batch mates (through the eps term; 3e-4 on a tiny random model).
+dependence on the batch mates (through the eps term; 3e-4 on a tiny random model). The adapters'
+``reference_quirks=True`` selects ``"batch"`` (:func:`resolve_key_max`).
 
 Padding is described by two per-position tensors instead of one mask, so that CellLM's reference
 behaviour (every cell padded to ``max_seq_len`` with pad keys inside the normaliser) can be
@@ -47,7 +48,7 @@ import torch
 from torch import nn
 
 from scdm_embed._adapter import GeneAudit, require_matches
-from store.errors import CheckpointError
+from store.errors import CheckpointError, InputDataError
 from store.genes import map_genes
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ __all__ = [
     "pooled",
     "align_to_gene_list",
     "log2_normalised_rows",
+    "resolve_key_max",
 ]
 
 logger = logging.getLogger(__name__)
@@ -431,6 +433,32 @@ def load_encoder(model: PerformerEncoder, state: dict[str, torch.Tensor], source
     except RuntimeError as err:
         msg = f"{source} does not match the Performer architecture it describes: {str(err)[:600]}"
         raise CheckpointError(msg) from err
+
+
+def resolve_key_max(key_max: str | None, reference_quirks: bool, model: str) -> KeyMax:
+    """The key stabiliser for an adapter: ``"batch"`` with ``reference_quirks``, else ``"cell"``.
+
+    Raises
+    ------
+    InputDataError
+        An unknown choice, a non-boolean ``reference_quirks``, or ``key_max="cell"`` together
+        with ``reference_quirks=True`` (the reference's key max is over the batch).
+    """
+    if not isinstance(reference_quirks, bool):
+        msg = f"{model} reference_quirks={reference_quirks!r} must be True or False."
+        raise InputDataError(msg)
+    if key_max is None:
+        return "batch" if reference_quirks else "cell"
+    if key_max not in KEY_MAX_CHOICES:
+        msg = f"{model} key_max={key_max!r} is not supported; use one of {', '.join(KEY_MAX_CHOICES)}."
+        raise InputDataError(msg)
+    if reference_quirks and key_max != "batch":
+        msg = (
+            f"{model}: key_max={key_max!r} contradicts reference_quirks=True, which takes the reference's key max over "
+            "the whole batch. Drop key_max, or drop reference_quirks for the batch-independent per-cell max."
+        )
+        raise InputDataError(msg)
+    return key_max  # type: ignore[return-value]
 
 
 # ---- tiny random checkpoints (tests and demo) -----------------------------------------------

@@ -19,13 +19,21 @@ most expressed (as the reference does).
 
 Padding. The reference pads every cell to ``max_seq_len`` (6000, whatever the batch) with token 7
 at position 19,380, and its mask only zeroes the pad *values*: the pad keys stay inside the
-FAVOR+ normaliser (and the key stabiliser). ``pad_masking="reference"`` (default) reproduces this
-exactly and cheaply: all pad rows of a cell are identical through every layer, so one pad row
-whose key counts ``max_length - n_tokens`` times stands for all of them. The result equals the
-reference forward of that cell and does not depend on the batch (with ``key_max="cell"``).
+FAVOR+ normaliser (and the key stabiliser). ``pad_masking="reference"`` (default, in both modes)
+reproduces this exactly and cheaply: all pad rows of a cell are identical through every layer, so
+one pad row whose key counts ``max_length - n_tokens`` times stands for all of them. The result
+equals the reference forward of that cell (to float rounding of the sums: ~1e-7, see
+``docs/reference-differences.md``) and, unlike UCE's float mask, does not depend on the batch,
+because the reference pads to a fixed length; it is how the model was trained, so it is kept.
 ``pad_masking="masked"`` removes pads from attention altogether (a cell sees only its own tokens,
 as a cell of exactly ``max_length`` tokens would); the numbers then differ from the reference for
 every cell shorter than ``max_length``.
+
+Batch dependence: as in scBERT, the fork's key stabiliser is one max over the batch tensor (pads
+included). By default (``key_max="cell"``) it is taken per cell (= the reference run one cell at
+a time), so embeddings do not depend on the batch. ``reference_quirks=True`` (or
+``key_max="batch"``) takes the global max and reproduces a batched reference forward exactly;
+the adapter is then ``batch_dependent`` (fixed batches of consecutive rows, batch size recorded).
 
 Embedding (MODELS.md 7.4, not defined in code): ``pooling="cls"`` (default) is the CLS hidden
 state after the final LayerNorm (CellLM was pretrained contrastively on CLS); ``"mean"`` averages
@@ -43,7 +51,6 @@ import torch
 
 from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter
 from scdm_embed.models._performer import (
-    KEY_MAX_CHOICES,
     PerformerConfig,
     PerformerEncoder,
     align_to_gene_list,
@@ -55,6 +62,7 @@ from scdm_embed.models._performer import (
     log2_normalised_rows,
     pooled,
     random_state_dict,
+    resolve_key_max,
 )
 from store.errors import CheckpointError, InputDataError
 
@@ -93,13 +101,17 @@ class CellLMAdapter(Adapter):
     pooling
         ``"cls"`` (CLS token) or ``"mean"`` (mean over gene tokens).
     pad_masking
-        ``"reference"``: pad keys of the fixed 6000-token sequence stay in the normaliser, as in
-        the reference; ``"masked"``: pads are excluded. Both are batch-independent.
+        ``"reference"`` (default): pad keys of the fixed 6000-token sequence stay in the
+        normaliser, as in the reference; ``"masked"``: pads are excluded. Both are
+        batch-independent; ``reference_quirks`` needs ``"reference"``.
     key_max
         FAVOR+ key stabiliser: ``"cell"`` (batch-independent) or ``"batch"`` (= a batched
-        reference run).
+        reference run). Default: ``"batch"`` with ``reference_quirks``, else ``"cell"``.
     max_length
         Tokens per cell including CLS (reference 6000).
+    reference_quirks
+        Reproduce a batched reference forward exactly (global key max over the batch, pads in
+        the normaliser); the embedding then depends on the batch.
     """
 
     name = "celllm"
@@ -117,31 +129,37 @@ class CellLMAdapter(Adapter):
         seed: int = 0,
         pooling: str = "cls",
         pad_masking: str = "reference",
-        key_max: str = "cell",
+        key_max: str | None = None,
         max_length: int = MAX_LENGTH,
+        reference_quirks: bool = False,
         **params: Any,
     ) -> None:
         super().__init__(checkpoint, seed=seed)
         if params:
             msg = (
                 f"Unknown celllm parameter(s) {sorted(params)}; "
-                "celllm accepts pooling, pad_masking, key_max, max_length."
+                "celllm accepts pooling, pad_masking, key_max, max_length, reference_quirks."
             )
             raise InputDataError(msg)
-        for label, value, choices in (
-            ("pooling", pooling, POOLINGS),
-            ("pad_masking", pad_masking, PAD_MASKINGS),
-            ("key_max", key_max, KEY_MAX_CHOICES),
-        ):
+        for label, value, choices in (("pooling", pooling, POOLINGS), ("pad_masking", pad_masking, PAD_MASKINGS)):
             if value not in choices:
                 msg = f"celllm {label}={value!r} is not supported; use one of {', '.join(choices)}."
                 raise InputDataError(msg)
         if int(max_length) < 2:
             msg = f"celllm max_length={max_length!r} must be at least 2 (CLS + one gene); the reference uses 6000."
             raise InputDataError(msg)
+        self.key_max = resolve_key_max(key_max, reference_quirks, self.name)
+        if reference_quirks and pad_masking != "reference":
+            msg = (
+                f"celllm: pad_masking={pad_masking!r} contradicts reference_quirks=True, which keeps the reference's pad "
+                "keys in the normaliser. Drop pad_masking, or drop reference_quirks."
+            )
+            raise InputDataError(msg)
         self.pooling = pooling
         self.pad_masking = pad_masking
-        self.key_max = key_max
+        self.reference_quirks = reference_quirks
+        # a key max over the batch lets batch mates into every cell: batches must be fixed row ranges
+        self.batch_dependent = self.key_max == "batch"
         self.max_length = int(max_length)
         self._genes: list[str] | None = None
         self._cols: np.ndarray | None = None
@@ -232,6 +250,7 @@ class CellLMAdapter(Adapter):
             "pooling": self.pooling,
             "pad_masking": self.pad_masking,
             "key_max": self.key_max,
+            "reference_quirks": self.reference_quirks,
             "max_length": self.max_length,
             "truncation": "gene_order",
             "target_sum": TARGET_SUM,

@@ -17,8 +17,19 @@ eval mode, as implemented here:
    ``latent.layers.1.inference``: cluster logits → one-hot ``y`` → ``mu(relu(W[h; y]))`` (512-d).
 
 The reference draws ``y`` with Gumbel noise even in eval mode (``hard=True``), so its output is
-random. Here ``cluster_assignment="argmax"`` takes ``y = onehot(argmax(logits))``, the noise-free
-mode of the same distribution, which makes the embedding deterministic for a given batch.
+random. By default ``cluster_assignment="argmax"`` takes ``y = onehot(argmax(logits))``, the
+noise-free mode of the same distribution, which makes the embedding deterministic for a given
+batch. ``reference_quirks=True`` (``cluster_assignment="gumbel"``) samples as the reference does
+and replays its torch RNG: a generator seeded with ``seed`` makes the DataLoader iterator's one
+int64 draw, then each forward draws ``rand(n_cells, num_clusters)`` for the Gumbel noise and
+``randn(n_cells, post_latent_dim)`` for the (unused) reparameterised sample, batch after batch in
+row order; ``y = (onehot - soft).detach() + soft`` with ``soft = softmax(logits + gumbel)``. That
+is bit-for-bit ``CellEmbeddingPipeline.predict(adata, inference_config={'batch_size': bs})`` on
+CPU after ``torch.manual_seed(seed)`` (cells without an ``obs['batch']`` column, in row order).
+Each row consumes ``num_clusters + post_latent_dim`` 32-bit draws, so a batch that does not
+follow the previous one (a resumed run) fast-forwards the generator instead of replaying the
+model. The noise is drawn on the CPU in float32 also when the model runs on CUDA (a CUDA
+reference run draws from the CUDA generator, which is not replayed).
 
 Batches: because attention runs across cells, the runner must feed fixed, reproducible groups of
 cells (``batch_dependent = True``); embedding the same group again gives the same numbers, and
@@ -56,7 +67,8 @@ logger = logging.getLogger(__name__)
 
 CKPT_SUFFIX = ".best.ckpt"
 CONFIG_SUFFIX = ".config.json"
-CLUSTER_ASSIGNMENTS = ("argmax",)
+CLUSTER_ASSIGNMENTS = ("argmax", "gumbel")
+_GUMBEL_EPS = 1e-20
 _FLOW_EPS = 1e-6
 _UNUSED_PREFIXES = ("decoder.", "embedder.pe_enc.", "embedder.norm0.", "head.", "objective.")
 """Keys of the official checkpoint the embedding does not use (the pipeline drops the decoder;
@@ -263,10 +275,25 @@ class _InferenceNet(nn.Module):
         self.y_mu = nn.Linear(n_clusters, latent)
         self.y_var = nn.Linear(n_clusters, latent)
 
-    def posterior_mean(self, h: torch.Tensor) -> torch.Tensor:
-        """``mu(relu(W[h; onehot(argmax logits)]))``: the GMVAE mean with the modal cluster."""
+    def posterior_mean(self, h: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """``mu(relu(W[h; y]))``: the GMVAE mean given the cluster one-hot ``y``.
+
+        Parameters
+        ----------
+        h
+            Cell states (n_cells, width).
+        uniforms
+            None: ``y = onehot(argmax logits)``, the modal cluster. Else U(0, 1) draws of shape
+            (n_cells, n_clusters): ``y`` is the reference's hard Gumbel-softmax sample.
+        """
         logits = self.inference_qyx[0].logits(h)
-        y = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(h.dtype)
+        if uniforms is None:
+            y = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(h.dtype)
+        else:
+            gumbel = -torch.log(-torch.log(uniforms + _GUMBEL_EPS) + _GUMBEL_EPS)
+            soft = torch.softmax(logits.float() + gumbel, dim=-1)
+            hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+            y = ((hard - soft).detach() + soft).to(h.dtype)  # straight-through, as the reference
         hidden = self.inference_qzyx[1](self.inference_qzyx[0](torch.cat([h, y], dim=1)))
         return self.inference_qzyx[2].mu(hidden)
 
@@ -298,7 +325,7 @@ class CellPLMEmbedder(nn.Module):
         self.pre_latent_norm = _PreLatentNorm(cfg.enc_hid)
         self.latent = _Latent(cfg)
 
-    def forward(self, gene_idx: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, gene_idx: torch.Tensor, log_counts: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of shape (n_cells, post_latent_dim) for one group of cells.
 
         Parameters
@@ -307,11 +334,13 @@ class CellPLMEmbedder(nn.Module):
             Long tensor (n_cells, n): rows of ``gene_list`` per cell (padding: any index).
         log_counts
             Float tensor (n_cells, n): ``log1p(count)``, 0 at padding.
+        uniforms
+            Optional U(0, 1) draws (n_cells, num_clusters) for the reference's Gumbel sample.
         """
         h = self.embedder(gene_idx, log_counts)
         h = self.encoder(h)
         h = self.pre_latent_norm.norm(h)
-        return self.latent.layers[1].inference.posterior_mean(h)
+        return self.latent.layers[1].inference.posterior_mean(h, uniforms)
 
 
 def load_state_dict_file(path: Path, key: str = "model_state_dict") -> dict[str, torch.Tensor]:
@@ -341,11 +370,14 @@ class CellPLMAdapter(Adapter):
     checkpoint
         Folder with ``<prefix>.best.ckpt`` and ``<prefix>.config.json``.
     seed
-        Unused (the embedding is deterministic); kept for the common interface.
+        Seeds the Gumbel draws of ``reference_quirks`` (unused by the default argmax).
     prefix
         Checkpoint prefix (e.g. ``"20230926_85M"``); needed only when the folder holds several.
     cluster_assignment
-        ``"argmax"``: the GMVAE cluster is the most likely one (the reference samples it).
+        ``"argmax"``: the GMVAE cluster is the most likely one; ``"gumbel"``: sampled as the
+        reference does. Default: ``"gumbel"`` with ``reference_quirks``, else ``"argmax"``.
+    reference_quirks
+        Sample the cluster with the reference's seeded Gumbel noise (see the module docstring).
     """
 
     name = "cellplm"
@@ -371,21 +403,33 @@ class CellPLMAdapter(Adapter):
         *,
         seed: int = 0,
         prefix: str | None = None,
-        cluster_assignment: str = "argmax",
+        cluster_assignment: str | None = None,
+        reference_quirks: bool = False,
         **params: Any,
     ) -> None:
         super().__init__(checkpoint, seed=seed)
         if params:
-            msg = f"Unknown cellplm parameter(s) {sorted(params)}; cellplm accepts prefix and cluster_assignment."
+            msg = f"Unknown cellplm parameter(s) {sorted(params)}; cellplm accepts prefix, cluster_assignment and reference_quirks."
             raise InputDataError(msg)
+        if not isinstance(reference_quirks, bool):
+            msg = f"cellplm reference_quirks={reference_quirks!r} must be True or False."
+            raise InputDataError(msg)
+        if cluster_assignment is None:
+            cluster_assignment = "gumbel" if reference_quirks else "argmax"
         if cluster_assignment not in CLUSTER_ASSIGNMENTS:
+            msg = f"cellplm cluster_assignment={cluster_assignment!r} is not supported; use one of {', '.join(CLUSTER_ASSIGNMENTS)}."
+            raise InputDataError(msg)
+        if reference_quirks and cluster_assignment != "gumbel":
             msg = (
-                f"cellplm cluster_assignment={cluster_assignment!r} is not supported; use one of "
-                f"{', '.join(CLUSTER_ASSIGNMENTS)} (the reference's Gumbel sampling is not reproducible)."
+                f"cellplm: cluster_assignment={cluster_assignment!r} contradicts reference_quirks=True, which samples the "
+                "cluster as the reference does. Drop cluster_assignment, or drop reference_quirks."
             )
             raise InputDataError(msg)
         self.prefix = prefix
         self.cluster_assignment = cluster_assignment
+        self.reference_quirks = reference_quirks
+        self._noise: torch.Generator | None = None
+        self._noise_next_row: int | None = None
         self._json: dict[str, Any] | None = None
         self._config: CellPLMConfig | None = None
         self._cols: np.ndarray | None = None
@@ -480,6 +524,7 @@ class CellPLMAdapter(Adapter):
             "cluster_assignment": self.cluster_assignment,
             "embedding": "gmvae_posterior_mean",
             "batch_dependent": True,
+            "reference_quirks": self.reference_quirks,
         }
 
     # ---- data -----------------------------------------------------------------------------
@@ -530,7 +575,8 @@ class CellPLMAdapter(Adapter):
             values = sub.data[start:end].astype(np.float32)
             keep = values > 0
             genes = self._model_idx[sub.indices[start:end][keep]].astype(np.int32)
-            cells.append({"input_ids": genes, "counts": values[keep]})
+            # the row tells a Gumbel-sampling embed() where its batch sits in the RNG stream
+            cells.append({"input_ids": genes, "counts": values[keep], "row": np.asarray([rows[row]], dtype=np.int64)})
         return cells
 
     def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -542,13 +588,55 @@ class CellPLMAdapter(Adapter):
             n = len(cell["input_ids"])
             gene_idx[i, :n] = torch.from_numpy(cell["input_ids"].astype(np.int64))
             counts[i, :n] = torch.from_numpy(cell["counts"])
-        return {"input_ids": gene_idx, "counts": counts}
+        rows = torch.from_numpy(np.concatenate([c["row"] for c in cells]).astype(np.int64))
+        return {"input_ids": gene_idx, "counts": counts, "row": rows}
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One forward over the batch as one sequence of cells: Tensor (n_cells, emb_dim), float32."""
         assert self.model is not None, "call load() first"
         log_counts = torch.log1p(batch["counts"].float())
-        return self.model(batch["input_ids"], log_counts).float()
+        uniforms = None
+        if self.cluster_assignment == "gumbel":
+            uniforms = self._gumbel_uniforms(batch["row"]).to(log_counts.device)
+        return self.model(batch["input_ids"], log_counts, uniforms).float()
+
+    def _gumbel_uniforms(self, rows: torch.Tensor) -> torch.Tensor:
+        """The reference's ``rand_like(logits)`` for this batch, from the replayed torch stream.
+
+        The batch must be consecutive rows (the runner's fixed row ranges). The draws continue
+        the previous batch's; a batch elsewhere fast-forwards a fresh stream by the 32-bit words
+        the rows before it consumed (``num_clusters + post_latent_dim`` each).
+        """
+        rows = rows.cpu()
+        first, n = int(rows[0]), len(rows)
+        if not torch.equal(rows, torch.arange(first, first + n)):
+            msg = f"cellplm with Gumbel sampling needs a batch of consecutive rows (the runner's fixed row ranges); got rows {rows[:5].tolist()}..."
+            raise InputDataError(msg)
+        _, cfg = self._read_config()
+        if self._noise is None or self._noise_next_row != first:
+            self._noise = torch.Generator().manual_seed(self.seed)
+            torch.empty((), dtype=torch.int64).random_(generator=self._noise)  # the DataLoader iterator's base seed
+            if first:
+                if cfg.post_latent_dim % 16:
+                    # randn of a size that is not a multiple of 16 consumes extra draws that depend on the batch sizes
+                    msg = (
+                        f"cellplm Gumbel replay cannot jump to row {first}: post_latent_dim={cfg.post_latent_dim} is not a "
+                        "multiple of 16. Embed from scratch (delete the partial embedding) so batches are drawn in order."
+                    )
+                    raise InputDataError(msg)
+                _skip_words(self._noise, first * (cfg.num_clusters + cfg.post_latent_dim))
+        uniforms = torch.rand((n, cfg.num_clusters), generator=self._noise)
+        torch.randn((n, cfg.post_latent_dim), generator=self._noise)  # Gaussian.reparameterize's draw, unused
+        self._noise_next_row = first + n
+        return uniforms
+
+
+def _skip_words(generator: torch.Generator, n_words: int, block: int = 1 << 22) -> None:
+    """Advance a CPU generator by ``n_words`` 32-bit draws (one per float32 ``rand`` element)."""
+    while n_words > 0:
+        step = min(n_words, block)
+        torch.rand(step, generator=generator)
+        n_words -= step
 
 
 # ---- tiny checkpoints ------------------------------------------------------------------------

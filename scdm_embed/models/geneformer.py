@@ -41,6 +41,7 @@ import scipy.sparse as sp
 import torch
 
 from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
+from scdm_embed.models._common import aggregation_matrix, dtype_argument, masked_mean
 from store.errors import CheckpointError, InputDataError
 from store.genes import detect_gene_id_kind, gene_table, map_genes
 
@@ -272,13 +273,6 @@ def reference_gene_layout(ensembl_ids: Sequence[str | None], token_ids: dict[str
     return GeneLayout(column_of_gene, column_ids, collapsed, len(duplicated))
 
 
-def _aggregation_matrix(column_of_gene: np.ndarray, n_columns: int) -> sp.csr_matrix:
-    """Sparse (n_genes, n_columns) 0/1 matrix: ``x @ A`` reorders genes and sums duplicates."""
-    used = np.flatnonzero(column_of_gene >= 0)
-    ones = np.ones(used.size, dtype=np.float64)
-    return sp.csr_matrix((ones, (used, column_of_gene[used])), shape=(column_of_gene.size, n_columns))
-
-
 def rank_value_encoding(
     counts: sp.csr_matrix, totals: np.ndarray, medians: np.ndarray, column_tokens: np.ndarray, max_genes: int
 ) -> list[np.ndarray]:
@@ -441,7 +435,7 @@ class GeneformerAdapter(Adapter):
             self.checkpoint,
             add_pooling_layer=False,
             attn_implementation="sdpa",
-            **_dtype_argument(torch.float32),
+            **dtype_argument(torch.float32),
             output_loading_info=True,
             local_files_only=True,
         )
@@ -498,7 +492,7 @@ class GeneformerAdapter(Adapter):
             },
         )
         require_matches(audit, self.name)
-        self.aggregator_ = _aggregation_matrix(layout.column_of_gene, len(layout.column_ids))
+        self.aggregator_ = aggregation_matrix(layout.column_of_gene, len(layout.column_ids))
         self.column_tokens_ = np.array([self.token_ids_[g] for g in layout.column_ids], dtype=np.int64)
         self.column_medians_ = np.array([self.medians_[g] for g in layout.column_ids], dtype=np.float64)
         logger.info("Geneformer: %d of %d genes in the vocabulary (%d columns).", audit.n_matched, audit.n_input_genes, len(layout.column_ids))
@@ -543,25 +537,7 @@ class GeneformerAdapter(Adapter):
             keep = (positions >= 1) & (positions < lengths - 1)
         else:
             keep = positions < lengths
-        return _masked_mean(hidden, keep)
-
-
-def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``from_pretrained`` keyword for the weight dtype (transformers 5 renamed ``torch_dtype``).
-
-    Always given: transformers 5 otherwise loads weights in the dtype they were saved in.
-    """
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-def _masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over the kept positions in float32; a cell with none gets zeros (never NaN)."""
-    # torch.where, not a multiply: fully padded rows can hold NaN that 0 * NaN would keep
-    summed = torch.where(keep[..., None], hidden.float(), 0.0).sum(dim=1)
-    return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).float()
+        return masked_mean(hidden, keep)
 
 
 # ---- tiny checkpoints for tests and the demo ----------------------------------------------------

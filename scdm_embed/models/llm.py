@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from scdm_embed._adapter import Adapter, GeneAudit, register_adapter, require_matches
+from scdm_embed.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from store.errors import CheckpointError, InputDataError
 from store.genes import detect_gene_id_kind, gene_table, map_genes
 
@@ -47,58 +48,6 @@ GENES_FIELD = "{genes}"
 DEFAULT_TEMPLATE = "{genes}"
 """The bare cell sentence; e.g. ``"Top expressed genes of this cell: {genes}."`` adds a prompt."""
 PADDING_SIDES = ("right", "left")
-
-
-def _check_expression(x: sp.csr_matrix, model: str) -> None:
-    """Ranking needs finite, non-negative expression (counts or log-normalised)."""
-    data = x.data
-    if data.size and not np.isfinite(data).all():
-        msg = f"{model} ranks genes by expression, but the matrix holds NaN or inf values. Clean the matrix (e.g. replace them with 0) and ingest it again."
-        raise InputDataError(msg)
-    if data.size and (data < 0).any():
-        msg = (
-            f"{model} ranks each cell's genes by expression, but the matrix has negative values (it looks "
-            "z-scored or scaled), which would rank genes by deviation instead. Ingest raw counts or "
-            "log-normalised values."
-        )
-        raise InputDataError(msg)
-
-
-def _aggregation_matrix(column_of_gene: np.ndarray, n_columns: int) -> sp.csr_matrix:
-    """Sparse (n_genes, n_columns) 0/1 matrix: ``x @ A`` reorders genes and sums duplicates."""
-    used = np.flatnonzero(column_of_gene >= 0)
-    ones = np.ones(used.size, dtype=np.float64)
-    return sp.csr_matrix((ones, (used, column_of_gene[used])), shape=(column_of_gene.size, n_columns))
-
-
-def top_expressed(columns: sp.csr_matrix, n_top: int) -> list[np.ndarray]:
-    """Per cell, the column indices of its ``n_top`` highest non-zero values (ties: column order)."""
-    columns = columns.tocsr()
-    columns.sort_indices()
-    columns.eliminate_zeros()
-    out = []
-    for i in range(columns.shape[0]):
-        start, end = columns.indptr[i], columns.indptr[i + 1]
-        order = np.argsort(-columns.data[start:end], kind="stable")[:n_top]
-        out.append(columns.indices[start:end][order])
-    return out
-
-
-def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``from_pretrained`` keyword for the weight dtype (transformers 5 renamed ``torch_dtype``).
-
-    Always given: transformers 5 otherwise loads weights in the dtype they were saved in.
-    """
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-def _masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over the kept positions in float32; a cell with none gets zeros (never NaN)."""
-    summed = torch.where(keep[..., None], hidden.float(), 0.0).sum(dim=1)
-    return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).float()
 
 
 def cell_sentence(symbols: Sequence[str], *, separator: str = " ", template: str = DEFAULT_TEMPLATE) -> str:
@@ -215,7 +164,7 @@ class LLMAdapter(Adapter):
             attn_implementation="sdpa",
             output_loading_info=True,
             local_files_only=True,
-            **_dtype_argument(dtype),
+            **dtype_argument(dtype),
         )
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
@@ -259,7 +208,7 @@ class LLMAdapter(Adapter):
             extra={"n_symbols": len(column_symbols)},
         )
         require_matches(audit, self.name)
-        self.aggregator_ = _aggregation_matrix(column_of_gene, len(column_symbols))
+        self.aggregator_ = aggregation_matrix(column_of_gene, len(column_symbols))
         self.column_symbols_ = np.array(column_symbols, dtype=object)
         logger.info("llm: %d of %d genes have an official symbol.", audit.n_matched, audit.n_input_genes)
         return audit
@@ -268,7 +217,7 @@ class LLMAdapter(Adapter):
         if getattr(self, "aggregator_", None) is None:
             msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."
             raise RuntimeError(msg)
-        _check_expression(x, self.name)
+        check_expression(x, self.name)
         columns = sp.csr_matrix(x, dtype=np.float64) @ self.aggregator_
         texts = [
             cell_sentence(list(self.column_symbols_[cols]), separator=self.separator, template=self.template)
@@ -298,7 +247,7 @@ class LLMAdapter(Adapter):
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False
         )
-        return _masked_mean(out.last_hidden_state, batch["attention_mask"].bool())
+        return masked_mean(out.last_hidden_state, batch["attention_mask"].bool())
 
 
 # ---- tiny checkpoints for tests and the demo ----------------------------------------------------

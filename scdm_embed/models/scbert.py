@@ -21,10 +21,14 @@ the appended last token after the final LayerNorm (BioLLM's ``cell_emb_type='cls
 
 Batch independence: scBERT has no padding, but the fork's FAVOR+ key stabiliser is one max over
 the batch tensor, so a batched reference run leaks batch composition through the kernel's
-``+1e-4``. ``key_max="cell"`` (default) reproduces the reference run one cell at a time (its own
-``predict.py``) and makes every embedding independent of the batch; ``key_max="batch"`` copies a
-batched reference run exactly; its batch effect is not negligible in general (up to 3e-4 on the
-tiny random-weight test model, where the ``+1e-4`` is comparable to the kernel values).
+``+1e-4``. By default (``key_max="cell"``) the max is taken per cell, which is exactly the
+reference run one cell at a time (its own ``predict.py``) and makes every embedding independent
+of the batch. ``reference_quirks=True`` (or ``key_max="batch"``) takes one max over the whole
+batch tensor and copies a batched reference forward (``finetune.py``, BioLLM) exactly; the
+adapter is then ``batch_dependent``, so the runner embeds fixed batches of consecutive rows and
+records the batch size. Its batch effect is not negligible in general (up to 3e-4 on the tiny
+random-weight test model, where the ``+1e-4`` is comparable to the kernel values; see
+``docs/reference-differences.md``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import torch
 
 from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter
 from scdm_embed.models._performer import (
-    KEY_MAX_CHOICES,
     PerformerConfig,
     PerformerEncoder,
     align_to_gene_list,
@@ -49,6 +52,7 @@ from scdm_embed.models._performer import (
     load_state_dict_file,
     log2_normalised_rows,
     random_state_dict,
+    resolve_key_max,
 )
 from store.errors import CheckpointError, InputDataError
 
@@ -96,7 +100,11 @@ class ScBERTAdapter(Adapter):
         ``"cls"``: the appended last token; ``"mean"``: mean over the gene positions.
     key_max
         FAVOR+ key stabiliser: ``"cell"`` (batch-independent, = reference run one cell at a
-        time) or ``"batch"`` (= a batched reference run).
+        time) or ``"batch"`` (= a batched reference run). Default: ``"batch"`` with
+        ``reference_quirks``, else ``"cell"``.
+    reference_quirks
+        Reproduce a batched reference forward (global key max over the batch); the embedding
+        then depends on the batch (fixed row ranges of ``--batch-size``).
     """
 
     name = "scbert"
@@ -115,21 +123,22 @@ class ScBERTAdapter(Adapter):
         *,
         seed: int = 0,
         pooling: str = "cls",
-        key_max: str = "cell",
+        key_max: str | None = None,
+        reference_quirks: bool = False,
         **params: Any,
     ) -> None:
         super().__init__(checkpoint, seed=seed)
         if params:
-            msg = f"Unknown scbert parameter(s) {sorted(params)}; scbert accepts pooling and key_max."
+            msg = f"Unknown scbert parameter(s) {sorted(params)}; scbert accepts pooling, key_max and reference_quirks."
             raise InputDataError(msg)
         if pooling not in POOLINGS:
             msg = f"scbert pooling={pooling!r} is not supported; use one of {', '.join(POOLINGS)}."
             raise InputDataError(msg)
-        if key_max not in KEY_MAX_CHOICES:
-            msg = f"scbert key_max={key_max!r} is not supported; use one of {', '.join(KEY_MAX_CHOICES)}."
-            raise InputDataError(msg)
         self.pooling = pooling
-        self.key_max = key_max
+        self.reference_quirks = reference_quirks
+        self.key_max = resolve_key_max(key_max, reference_quirks, self.name)
+        # a key max over the batch lets batch mates into every cell: batches must be fixed row ranges
+        self.batch_dependent = self.key_max == "batch"
         self._genes: list[str] | None = None
         self._cols: np.ndarray | None = None
         self._model_idx: np.ndarray | None = None
@@ -185,6 +194,7 @@ class ScBERTAdapter(Adapter):
         return {
             "pooling": self.pooling,
             "key_max": self.key_max,
+            "reference_quirks": self.reference_quirks,
             "n_bins": N_BINS,
             "target_sum": TARGET_SUM,
             "log_base": 2,

@@ -23,10 +23,20 @@ What one cell becomes (``model/get_embedding.py``, ``--input_type singlecell --o
 
 The reference embeds one cell at a time; we batch with right padding and exclude pads from
 attention (boolean key mask) and from the max/mean, so a cell's embedding does not depend on its
-batch. Differences, on purpose: T and S are always kept (the reference drops S when the total
-count is 1, i.e. log10 = 0, and then pools the wrong positions); a cell without counts in the
-19,264 genes is refused (the reference divides by zero); a dataset gene listed twice keeps its
-first column (the reference would misalign its columns).
+batch (in both modes: the reference has no batch effect to reproduce).
+
+Difference, on purpose (``reference_quirks=False``): T and S are always kept. The reference's
+``gatherData`` keeps only tokens whose value is > 0, T and S included, and then pools by position
+(``h[:, -1]`` as S, ``h[:, -2]`` as T, max/mean over ``h[:, :-2]``): when S = log10(total) is 0
+(total count 1) or T is <= 0 (``tgthighres`` such as ``"a-3"`` or ``"f0.001"`` on small cells),
+it drops the token and then pools the wrong positions (a gene as T, T as S, one gene fewer in
+the max/mean). ``reference_quirks=True`` does exactly that; a cell left with fewer than three
+tokens is refused, where the reference crashes on an empty max. With the default ``"t4"`` this
+concerns only cells with total count 1.
+
+In both modes a cell without counts in the 19,264 genes is refused (the reference divides by
+zero), and a dataset gene listed twice keeps its first column (the reference would misalign its
+columns).
 """
 
 from __future__ import annotations
@@ -223,6 +233,9 @@ class ScFoundationAdapter(Adapter):
         ``"aX"`` -> T = log10(total) + X (reference default ``"t4"``).
     pool_type
         ``"all"``: concat(S, T, max, mean) (4 x hidden); ``"max"``: max over all tokens (hidden).
+    reference_quirks
+        Drop T/S tokens whose value is not > 0 and pool by position, as the reference does
+        (see the module docstring); default: T and S always kept.
     """
 
     name = "scfoundation"
@@ -241,8 +254,13 @@ class ScFoundationAdapter(Adapter):
         sub_model: str = "cell",
         tgthighres: str = "t4",
         pool_type: str = "all",
+        reference_quirks: bool = False,
     ) -> None:
         super().__init__(checkpoint, seed=seed)
+        if not isinstance(reference_quirks, bool):
+            msg = f"scfoundation reference_quirks={reference_quirks!r} must be True or False."
+            raise InputDataError(msg)
+        self.reference_quirks = reference_quirks
         if sub_model not in SUB_MODELS:
             msg = f"sub_model={sub_model!r} is not in models.ckpt; choose one of {', '.join(SUB_MODELS)} ('cell' for cell embeddings)."
             raise InputDataError(msg)
@@ -341,6 +359,8 @@ class ScFoundationAdapter(Adapter):
             "sub_model": self.sub_model,
             "tgthighres": self.tgthighres,
             "pool_type": self.pool_type,
+            "reference_quirks": self.reference_quirks,
+            "tail_tokens": "kept when > 0, pooled by position (reference)" if self.reference_quirks else "T and S always kept",
             "pre_normalized": "F",
             "normalize": "log1p(x / sum * 1e4) over the model's genes",
         }
@@ -404,13 +424,19 @@ class ScFoundationAdapter(Adapter):
             order = np.argsort(genes, kind="stable")
             genes, values = genes[order], values[order]
             nonzero = values > 0
-            target, source = self._target(total), math.log10(total)
-            cells.append(
-                {
-                    "input_ids": np.concatenate([genes[nonzero], [n_genes, n_genes + 1]]).astype(np.int64),
-                    "values": np.concatenate([values[nonzero], np.array([target, source], dtype=np.float32)]).astype(np.float32),
-                }
-            )
+            tail_ids = np.array([n_genes, n_genes + 1], dtype=np.int64)
+            tail = np.array([self._target(total), math.log10(total)], dtype=np.float32)
+            if self.reference_quirks:  # gatherData keeps only values > 0, T and S included
+                tail_ids, tail = tail_ids[tail > 0], tail[tail > 0]
+            input_ids = np.concatenate([genes[nonzero], tail_ids]).astype(np.int64)
+            if self.reference_quirks and self.pool_type == "all" and len(input_ids) < 3:
+                msg = (
+                    f"Cell at row {int(row)} keeps only {len(input_ids)} token(s) once T/S values <= 0 are dropped "
+                    f"(total count {total:g}, tgthighres={self.tgthighres!r}); the reference crashes on it. Remove the "
+                    "cell, or embed without reference_quirks."
+                )
+                raise InputDataError(msg)
+            cells.append({"input_ids": input_ids, "values": np.concatenate([values[nonzero], tail]).astype(np.float32)})
         return cells
 
     def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -435,6 +461,7 @@ class ScFoundationAdapter(Adapter):
             return hidden.masked_fill(padding[..., None], float("-inf")).amax(dim=1)
         lengths = real.sum(dim=1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
+        # by position, like the reference: in quirk mode a dropped T/S shifts what these pick
         source, target = hidden[rows, lengths - 1], hidden[rows, lengths - 2]
         positions = torch.arange(hidden.shape[1], device=hidden.device)
         is_gene = positions[None, :] < (lengths - 2)[:, None]  # excludes T, S and pads

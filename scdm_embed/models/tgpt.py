@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from scdm_embed._adapter import Adapter, GeneAudit, register_adapter, require_matches
+from scdm_embed.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from store.errors import CheckpointError, InputDataError
 from store.genes import detect_gene_id_kind, gene_table, map_genes
 
@@ -51,58 +52,6 @@ _SYMBOL_PUNCTUATION = re.compile(r"[-.]")
 def vocabulary_word(symbol: str) -> str:
     """A gene symbol as tGPT's vocabulary spells it (reference ``LineDataset``: ``-``/``.`` -> ``_``)."""
     return _SYMBOL_PUNCTUATION.sub("_", symbol)
-
-
-def _check_expression(x: sp.csr_matrix, model: str) -> None:
-    """Ranking needs finite, non-negative expression (counts or log-normalised)."""
-    data = x.data
-    if data.size and not np.isfinite(data).all():
-        msg = f"{model} ranks genes by expression, but the matrix holds NaN or inf values. Clean the matrix (e.g. replace them with 0) and ingest it again."
-        raise InputDataError(msg)
-    if data.size and (data < 0).any():
-        msg = (
-            f"{model} ranks each cell's genes by expression, but the matrix has negative values (it looks "
-            "z-scored or scaled), which would rank genes by deviation instead. Ingest raw counts or "
-            "log-normalised values."
-        )
-        raise InputDataError(msg)
-
-
-def _aggregation_matrix(column_of_gene: np.ndarray, n_columns: int) -> sp.csr_matrix:
-    """Sparse (n_genes, n_columns) 0/1 matrix: ``x @ A`` reorders genes and sums duplicates."""
-    used = np.flatnonzero(column_of_gene >= 0)
-    ones = np.ones(used.size, dtype=np.float64)
-    return sp.csr_matrix((ones, (used, column_of_gene[used])), shape=(column_of_gene.size, n_columns))
-
-
-def top_expressed(columns: sp.csr_matrix, n_top: int) -> list[np.ndarray]:
-    """Per cell, the column indices of its ``n_top`` highest non-zero values (ties: column order)."""
-    columns = columns.tocsr()
-    columns.sort_indices()
-    columns.eliminate_zeros()
-    out = []
-    for i in range(columns.shape[0]):
-        start, end = columns.indptr[i], columns.indptr[i + 1]
-        order = np.argsort(-columns.data[start:end], kind="stable")[:n_top]
-        out.append(columns.indices[start:end][order])
-    return out
-
-
-def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``from_pretrained`` keyword for the weight dtype (transformers 5 renamed ``torch_dtype``).
-
-    Always given: transformers 5 otherwise loads weights in the dtype they were saved in.
-    """
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-def _masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over the kept positions in float32; a cell with none gets zeros (never NaN)."""
-    summed = torch.where(keep[..., None], hidden.float(), 0.0).sum(dim=1)
-    return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).float()
 
 
 @register_adapter
@@ -190,7 +139,7 @@ class TGPTAdapter(Adapter):
             attn_implementation="sdpa",
             output_loading_info=True,
             local_files_only=True,
-            **_dtype_argument(torch.float32),
+            **dtype_argument(torch.float32),
         )
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
@@ -230,7 +179,7 @@ class TGPTAdapter(Adapter):
             extra={"n_vocabulary_columns": len(column_words), "n_collapsed_duplicates": int(used.sum()) - len(column_words)},
         )
         require_matches(audit, self.name)
-        self.aggregator_ = _aggregation_matrix(column_of_gene, len(column_words))
+        self.aggregator_ = aggregation_matrix(column_of_gene, len(column_words))
         self.column_words_ = np.array(column_words, dtype=object)
         logger.info("tGPT: %d of %d genes in the vocabulary.", audit.n_matched, audit.n_input_genes)
         return audit
@@ -239,7 +188,7 @@ class TGPTAdapter(Adapter):
         if getattr(self, "aggregator_", None) is None:
             msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."
             raise RuntimeError(msg)
-        _check_expression(x, self.name)
+        check_expression(x, self.name)
         columns = sp.csr_matrix(x, dtype=np.float64) @ self.aggregator_
         top = top_expressed(columns, self.max_length - 2)
         lines = [" ".join(self.column_words_[cols]) for cols in top]
@@ -269,7 +218,7 @@ class TGPTAdapter(Adapter):
         lengths = attention_mask.sum(dim=1, keepdim=True)
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]
         keep = (positions >= 1) & (positions < lengths - 1)  # genes only: not </b>, not </s>
-        return _masked_mean(hidden, keep)
+        return masked_mean(hidden, keep)
 
 
 # ---- tiny checkpoints for tests and the demo ----------------------------------------------------

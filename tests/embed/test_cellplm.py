@@ -120,6 +120,7 @@ def test_official_pair_loads_and_embeds(ckpt: Path, pc9: anndata.AnnData) -> Non
         "cluster_assignment": "argmax",
         "embedding": "gmvae_posterior_mean",
         "batch_dependent": True,
+        "reference_quirks": False,
     }
 
 
