@@ -92,6 +92,9 @@ class TrainConfig:
     """SD of the Gaussian noise added to the (MinMax-scaled) inputs of the autoencoders."""
     sigmoid_output: bool = True
     """Decoders end in a sigmoid (inputs are scaled to [0, 1])."""
+    shared_encoder: bool = False
+    """One encoder for both domains (its weights are shared by the two autoencoders, whose decoders
+    stay separate); the MMD term then makes that encoder domain-invariant (DAN-style)."""
     target_init: str = "source"
     """``source``: the target autoencoder starts as a copy of the trained source autoencoder (when
     both domains have the same features), so adaptation refines a mapping that already carries
@@ -155,6 +158,12 @@ class TransferNet(nn.Module):
                                      sigmoid_output=cfg.sigmoid_output)
         self.target_ae = DenoisingAE(n_target, cfg.hidden, cfg.latent_dim, dropout=cfg.dropout,
                                      sigmoid_output=cfg.sigmoid_output)
+        if cfg.shared_encoder:
+            if n_source != n_target:
+                msg = f"shared_encoder needs the same features in both domains; got {n_source} and {n_target}."
+                raise ValueError(msg)
+            self.target_ae.encoder = self.source_ae.encoder
+        self.shared = cfg.shared_encoder
         self.predictor = Predictor(cfg.latent_dim, cfg.predictor_hidden, dropout=cfg.dropout)
         self.adapted = True  # False: target cells go through the source encoder (no adaptation)
 
@@ -241,8 +250,12 @@ def joint_loss(net: TransferNet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.T
     The encoders see the clean inputs for the CE, MMD and cluster terms and noisy inputs for the
     denoising terms (which reconstruct the clean inputs).
     """
-    zs = net.source_ae.encode(xs)
-    zt = net.target_ae.encode(xt)
+    if net.shared:  # one pass: batch normalisation sees both domains, as its running statistics will
+        z = net.source_ae.encode(torch.cat([xs, xt], dim=0))
+        zs, zt = z[:xs.shape[0]], z[xs.shape[0]:]
+    else:
+        zs = net.source_ae.encode(xs)
+        zt = net.target_ae.encode(xt)
     ce = F.cross_entropy(net.predictor(zs), ys)
     mmd = mmd_rbf(zs, zt)
     clu = cluster_loss(zt, ct)
@@ -329,11 +342,13 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
         ys_t = torch.from_numpy(np.asarray(ys, np.int64))
         ct = torch.from_numpy(np.asarray(clusters, np.int64))
         out = FitOutcome(net)
-        warm = cfg.target_init == "source" and Xs.shape[1] == Xt.shape[1]
+        warm = cfg.target_init == "source" and Xs.shape[1] == Xt.shape[1] and not cfg.shared_encoder
         _pretrain_autoencoders(net, xs, xt, cfg, gen, out.history, adapt and not warm)
         _pretrain_predictor(net, xs, ys_t, cfg, gen, out.history, validation)
         if warm:
             net.target_ae.load_state_dict(net.source_ae.state_dict())
+        elif cfg.shared_encoder and adapt:
+            net.target_ae.decoder.load_state_dict(net.source_ae.decoder.state_dict())
         _joint(net, xs, ys_t, xt, ct, cfg, gen, out, validation, adapt)
     net.adapted = adapt
     net.eval()

@@ -351,8 +351,12 @@ def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.nd
     for task in tasks:
         t1 = time.perf_counter()
         test_pos = pos[fold_of == task.fold]
-        coef, intercept = ridge_from_stats(total, head.alpha, standardize=head.standardize,
-                                           minus=fold_stats[task.fold], work=buffers.work)
+        try:
+            coef, intercept = ridge_from_stats(total, head.alpha, standardize=head.standardize,
+                                               minus=fold_stats[task.fold], work=buffers.work)
+        except InputDataError as err:  # one degenerate fold is a skipped task, not a failed run
+            yield _Outcome(task, None, None, 0.0, 0.0, int(pos.size - test_pos.size), error=str(err))
+            continue
         t2 = time.perf_counter()
         proba = ridge_score_to_proba(X[test_pos] @ coef.astype(np.float32) + intercept)
         t3 = time.perf_counter()

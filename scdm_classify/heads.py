@@ -465,18 +465,34 @@ def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool = True
     else:
         penalty = np.full(mean.shape, float(alpha))
     diag += penalty
-    coef = _solve_lower_spd(work, cross)
+    coef = _solve_lower_spd(work, cross, jitter_scale=float(diag.mean()) if diag.size else 1.0)
     intercept = sy / n - float((mean + stats.shift.astype(np.float64)) @ coef)
     return coef, intercept
 
 
-def _solve_lower_spd(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve with a Fortran-ordered matrix whose lower triangle is valid (Cholesky, in place)."""
-    factor, info = scipy.linalg.lapack.dpotrf(lower, lower=1, overwrite_a=1, clean=0)
+def _solve_lower_spd(lower: np.ndarray, rhs: np.ndarray, *, jitter_scale: float = 1.0) -> np.ndarray:
+    """Solve with a Fortran-ordered matrix whose lower triangle is valid (Cholesky).
+
+    Gram downdates in float32 can leave a near-singular system (near-constant features, e.g. genes
+    expressed in a handful of cells) slightly indefinite; then a growing ridge jitter relative to the
+    mean diagonal is added (1e-10 .. 1e-4), which changes well-posed solutions by nothing measurable.
+    """
+    factor, info = scipy.linalg.lapack.dpotrf(lower, lower=1, overwrite_a=0, clean=0)
     if info == 0:
         coef, info = scipy.linalg.lapack.dpotrs(factor, rhs, lower=1)
         if info == 0:
             return coef
+    diag = np.einsum("ii->i", lower)
+    for exponent in (-10, -8, -6, -4):
+        jitter = jitter_scale * 10.0**exponent
+        diag += jitter
+        factor, info = scipy.linalg.lapack.dpotrf(lower, lower=1, overwrite_a=0, clean=0)
+        diag -= jitter
+        if info == 0:
+            coef, info = scipy.linalg.lapack.dpotrs(factor, rhs, lower=1)
+            if info == 0:
+                logger.debug("ridge: added a %.1e jitter to solve a near-singular system", jitter)
+                return coef
     msg = ("The ridge system is not positive definite (collinear features with alpha=0, or degenerate "
            "training rows); use alpha > 0, e.g. get_head('ridge', alpha=1.0).")
     raise InputDataError(msg)

@@ -371,6 +371,7 @@ def transfer(
     predictor_hidden: Sequence[int] = (16,),
     dropout: float = 0.1,
     noise_std: float = 0.1,
+    shared_encoder: bool = False,
     cluster_method: Literal["auto", "leiden", "louvain", "kmeans"] = "auto",
     resolution: float = 0.3,
     n_clusters: int | None = None,
@@ -471,7 +472,7 @@ def transfer(
     cfg = tm.TrainConfig(alpha=alphas[0], beta=betas[0], rec_weight=float(rec_weight), epochs=epochs,
                          pretrain_epochs=pretrain_epochs, lr=float(lr), batch_size=batch_size, hidden=tuple(hidden),
                          latent_dim=latent_dim, predictor_hidden=tuple(predictor_hidden), dropout=float(dropout),
-                         noise_std=float(noise_std), seed=seed)
+                         noise_std=float(noise_std), shared_encoder=bool(shared_encoder), seed=seed)
     run_id = uuid.uuid4().hex[:16]
     _insert_run(st, run_id, dom, target_info.dataset_id, features, drug, adapt, cfg, validation)
     try:

@@ -179,10 +179,12 @@ def test_embeddings_do_not_depend_on_batch_mates(ckpt: Path, pc9: anndata.AnnDat
     assert torch.max(torch.abs(reordered - together[[3, 0, 6]])) <= 1e-5
 
 
+@pytest.mark.parametrize("params", [{"key_max": "batch"}, {"reference_quirks": True}])
 def test_batch_key_max_reproduces_a_batched_reference_run(
-    ckpt: Path, pc9: anndata.AnnData, model_genes: list[str], state: dict[str, torch.Tensor]
+    ckpt: Path, pc9: anndata.AnnData, model_genes: list[str], state: dict[str, torch.Tensor], params: dict
 ) -> None:
-    adapter = _adapter(ckpt, pc9, key_max="batch")
+    adapter = _adapter(ckpt, pc9, **params)
+    assert adapter.key_max == "batch" and adapter.batch_dependent is True  # the runner keeps row batches
     with torch.inference_mode():
         emb = adapter.embed(adapter.collate(_cells(adapter, pc9, ROWS)))
     dense = pc9.X[ROWS].toarray()
@@ -259,8 +261,17 @@ def test_gene_list_must_match_gene2vec_rows(tmp_path: Path, model_genes: list[st
 
 
 def test_bad_parameters_are_refused(ckpt: Path) -> None:
+    with pytest.raises(InputDataError, match="key_max='cell' contradicts reference_quirks=True"):
+        CellLMAdapter(ckpt, key_max="cell", reference_quirks=True)
+    with pytest.raises(InputDataError, match="key_max='global' is not supported"):
+        CellLMAdapter(ckpt, key_max="global")
+    with pytest.raises(InputDataError, match="must be True or False"):
+        CellLMAdapter(ckpt, reference_quirks="true")
+    assert CellLMAdapter(ckpt).batch_dependent is False and CellLMAdapter(ckpt).params()["reference_quirks"] is False
     with pytest.raises(InputDataError, match="pad_masking"):
         CellLMAdapter(ckpt, pad_masking="leaky")
+    with pytest.raises(InputDataError, match="pad_masking='masked' contradicts reference_quirks=True"):
+        CellLMAdapter(ckpt, pad_masking="masked", reference_quirks=True)
     with pytest.raises(InputDataError, match="max_length"):
         CellLMAdapter(ckpt, max_length=1)
     with pytest.raises(InputDataError, match="Unknown celllm parameter"):

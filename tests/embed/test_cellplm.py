@@ -52,9 +52,13 @@ def flow_attention(x: torch.Tensor, state: dict[str, torch.Tensor], p: str, head
 
 
 def cellplm_reference(
-    state: dict[str, torch.Tensor], config: dict, counts: np.ndarray, gene_idx: list[int]
+    state: dict[str, torch.Tensor], config: dict, counts: np.ndarray, gene_idx: list[int], *, gumbel: bool = False
 ) -> torch.Tensor:
-    """OmicsFormer(head_type='embedder') in eval mode with y = onehot(argmax logits)."""
+    """OmicsFormer(head_type='embedder') in eval mode with y = onehot(argmax logits).
+
+    ``gumbel``: y is the reference's hard Gumbel-softmax sample drawn from the global torch RNG
+    (``rand_like(logits)``), followed by the ``randn_like`` of the reparameterised z.
+    """
     heads = config.get("enc_head", 8)
     x = torch.log1p(torch.tensor(counts, dtype=torch.float32))
     h = x @ state["embedder.feat_enc.emb"][gene_idx]
@@ -72,8 +76,14 @@ def cellplm_reference(
     p = "latent.layers.1.inference."
     logits = h @ state[p + "inference_qyx.0.logits.weight"].T + state[p + "inference_qyx.0.logits.bias"]
     onehot = F.one_hot(logits.argmax(1), logits.shape[1]).float()
+    if gumbel:
+        soft = F.softmax(logits - torch.log(-torch.log(torch.rand_like(logits) + 1e-20) + 1e-20), dim=-1)
+        onehot = (F.one_hot(soft.argmax(1), soft.shape[1]).float() - soft).detach() + soft
     z = F.relu(torch.cat([h, onehot], 1) @ state[p + "inference_qzyx.0.weight"].T + state[p + "inference_qzyx.0.bias"])
-    return z @ state[p + "inference_qzyx.2.mu.weight"].T + state[p + "inference_qzyx.2.mu.bias"]
+    mu = z @ state[p + "inference_qzyx.2.mu.weight"].T + state[p + "inference_qzyx.2.mu.bias"]
+    if gumbel:
+        torch.randn_like(mu)  # Gaussian.reparameterize draws z's noise even though only mu is returned
+    return mu
 
 
 # ---- fixtures --------------------------------------------------------------------------------
@@ -245,7 +255,81 @@ def test_unsupported_architecture_is_refused(tmp_path: Path, pc9: anndata.AnnDat
 
 
 def test_bad_parameters_are_refused(ckpt: Path) -> None:
-    with pytest.raises(InputDataError, match="cluster_assignment"):
-        CellPLMAdapter(ckpt, cluster_assignment="gumbel")
+    with pytest.raises(InputDataError, match="cluster_assignment='softmax' is not supported"):
+        CellPLMAdapter(ckpt, cluster_assignment="softmax")
+    with pytest.raises(InputDataError, match="contradicts reference_quirks=True"):
+        CellPLMAdapter(ckpt, cluster_assignment="argmax", reference_quirks=True)
     with pytest.raises(InputDataError, match="Unknown cellplm parameter"):
         CellPLMAdapter(ckpt, pooling="cls")
+
+
+# ---- reference_quirks: the seeded Gumbel draw --------------------------------------------------
+def _reference_inputs(pc9: anndata.AnnData, config: dict) -> tuple[list[int], list[int]]:
+    ensembl = map_genes(list(pc9.var_names), src="symbol", dst="ensembl")
+    index = {g: i for i, g in enumerate(config["gene_list"])}
+    cols, gene_idx, seen = [], [], set()
+    for col, gene in enumerate(ensembl):
+        if gene in index and gene not in seen:
+            seen.add(gene)
+            cols.append(col)
+            gene_idx.append(index[gene])
+    return cols, gene_idx
+
+
+def test_reference_quirks_replay_the_pipelines_gumbel_draws_batch_after_batch(
+    ckpt: Path, pc9: anndata.AnnData, official: tuple[dict[str, torch.Tensor], dict]
+) -> None:
+    state, config = official
+    cols, gene_idx = _reference_inputs(pc9, config)
+    bounds = [(0, 20), (20, 40), (40, 52)]
+    torch.manual_seed(5)
+    torch.empty((), dtype=torch.int64).random_()  # CellEmbeddingPipeline's DataLoader iterator
+    expected = [cellplm_reference(state, config, pc9.X[a:b][:, cols].toarray(), gene_idx, gumbel=True) for a, b in bounds]
+    adapter = _adapter(ckpt, pc9, seed=5, reference_quirks=True)
+    cells = _cells(adapter, pc9, slice(0, 52))
+    assert adapter.params()["cluster_assignment"] == "gumbel" and adapter.params()["reference_quirks"] is True
+    with torch.inference_mode():
+        got = [adapter.embed(adapter.collate(cells[a:b])) for a, b in bounds]
+        jumped = _adapter(ckpt, pc9, seed=5, reference_quirks=True).embed(adapter.collate(cells[20:40]))
+        argmax = _adapter(ckpt, pc9).embed(adapter.collate(cells[20:40]))
+    for g, e in zip(got, expected):
+        assert torch.max(torch.abs(g - e)) <= 1e-5
+    assert torch.equal(jumped, got[1])  # a resumed run fast-forwards the stream to its batch
+    assert torch.max(torch.abs(argmax - got[1])) > 1e-3  # the sample differs from the modal cluster
+
+
+def test_gumbel_batches_must_be_consecutive_rows(ckpt: Path, pc9: anndata.AnnData) -> None:
+    adapter = _adapter(ckpt, pc9, reference_quirks=True)
+    cells = _cells(adapter, pc9, slice(0, 8))
+    with pytest.raises(InputDataError, match="consecutive rows"):
+        adapter.embed(adapter.collate([cells[0], cells[3]]))
+
+
+@pytest.mark.slow
+def test_reference_quirks_match_the_cellplm_package(ckpt: Path, pc9: anndata.AnnData) -> None:
+    """Optional: the real CellEmbeddingPipeline (pip install cellplm) on the same tiny checkpoint."""
+    import warnings
+
+    try:
+        from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
+    except ImportError as err:
+        pytest.skip(f"the cellplm package is not importable: {err}")
+    ensembl = map_genes(list(pc9.var_names), src="symbol", dst="ensembl")
+    keep, seen = [], set()
+    for i, gene in enumerate(ensembl):
+        if gene and gene not in seen:
+            seen.add(gene)
+            keep.append(i)
+    cells = pc9[:52, keep].copy()  # Ensembl ids converted offline: the package would call mygene
+    cells.var_names = [ensembl[i] for i in keep]
+    cells.X = sp.csr_matrix(cells.X, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline = CellEmbeddingPipeline(pretrain_prefix=PREFIX, pretrain_directory=str(ckpt))
+        torch.manual_seed(5)
+        expected = pipeline.predict(cells, inference_config={"batch_size": 20}, ensembl_auto_conversion=False, device="cpu")
+    adapter = _adapter(ckpt, pc9, seed=5, reference_quirks=True)
+    tokens = _cells(adapter, pc9, slice(0, 52))
+    with torch.inference_mode():
+        got = torch.cat([adapter.embed(adapter.collate(tokens[a:b])) for a, b in ((0, 20), (20, 40), (40, 52))])
+    assert torch.max(torch.abs(got - expected)) <= 1e-5

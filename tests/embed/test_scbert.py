@@ -162,11 +162,13 @@ def test_cell_key_max_makes_embeddings_batch_independent(ckpt: Path, pc9: anndat
     assert torch.max(torch.abs(other_mates - together[[5, 2, 0]])) <= 1e-5
 
 
+@pytest.mark.parametrize("params", [{"key_max": "batch"}, {"reference_quirks": True}])
 def test_batch_key_max_reproduces_a_batched_reference_run(
-    ckpt: Path, pc9: anndata.AnnData, model_genes: list[str], state: dict[str, torch.Tensor]
+    ckpt: Path, pc9: anndata.AnnData, model_genes: list[str], state: dict[str, torch.Tensor], params: dict
 ) -> None:
     rows = [3, 4, 5, 6]
-    adapter = _adapter(ckpt, pc9, key_max="batch")
+    adapter = _adapter(ckpt, pc9, **params)
+    assert adapter.key_max == "batch" and adapter.batch_dependent is True  # the runner keeps row batches
     with torch.inference_mode():
         batch = adapter.collate(adapter.tokenize(_counts(pc9, rows), np.asarray(rows)))
         emb = adapter.embed(batch)
@@ -282,6 +284,13 @@ def test_fine_tuned_head_is_ignored(tmp_path: Path, model_genes: list[str], pc9:
 
 
 def test_bad_parameters_are_refused(ckpt: Path) -> None:
+    with pytest.raises(InputDataError, match="key_max='cell' contradicts reference_quirks=True"):
+        ScBERTAdapter(ckpt, key_max="cell", reference_quirks=True)
+    with pytest.raises(InputDataError, match="key_max='global' is not supported"):
+        ScBERTAdapter(ckpt, key_max="global")
+    with pytest.raises(InputDataError, match="must be True or False"):
+        ScBERTAdapter(ckpt, reference_quirks="true")
+    assert ScBERTAdapter(ckpt).batch_dependent is False and ScBERTAdapter(ckpt).params()["reference_quirks"] is False
     with pytest.raises(InputDataError, match="pooling"):
         ScBERTAdapter(ckpt, pooling="max")
     with pytest.raises(InputDataError, match="Unknown scbert parameter"):

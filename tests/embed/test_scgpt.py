@@ -284,3 +284,106 @@ def test_layers_match_stock_torch_transformer_layers(adapter: ScGPTAdapter) -> N
     with torch.inference_mode():
         expected, got = stock(x, src_key_padding_mask=padding), ours(x, padding)
     assert (expected - got)[~padding].abs().max() <= 1e-5
+
+
+# ---- reference_quirks --------------------------------------------------------------------------
+def reference_collator_tokens(folder: Path, dense: np.ndarray, seed: int, max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The reference DataCollator (binning + sampling) run in-process after seeding the global RNGs.
+
+    ``np.random.rand`` breaks the ties and ``torch.randperm`` subsamples, both global, after the
+    one int64 draw a DataLoader iterator makes; written from MODELS.md 2.3.
+    """
+    vocab = json.loads((folder / "vocab.json").read_text())
+    ids = np.array([vocab[g] for g in GENES])
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_()
+    out = []
+    for row in dense:
+        nonzero = np.flatnonzero(row)
+        genes = torch.from_numpy(np.insert(ids[nonzero], 0, vocab["<cls>"]))
+        values = torch.from_numpy(np.insert(row[nonzero].astype(np.float32), 0, -2.0))
+        x = values[1:].numpy()
+        bins = np.quantile(x, np.linspace(0, 1, 50))
+        left, right = np.digitize(x, bins), np.digitize(x, bins, right=True)
+        values[1:] = torch.from_numpy(np.ceil(np.random.rand(len(x)) * (right - left) + left).astype(np.int64))
+        if len(genes) > max_length:
+            keep = torch.cat([torch.arange(1), torch.randperm(len(genes) - 1)[: max_length - 1] + 1])
+            genes, values = genes[keep], values[keep]
+        out.append((genes.numpy(), values.numpy()))
+    return out
+
+
+def test_reference_quirks_replay_the_collators_global_rng_in_cell_order(folder: Path) -> None:
+    quirky = ScGPTAdapter(checkpoint=folder, seed=11, max_length=12, reference_quirks=True)
+    quirky.prepare(GENES, gene_id_kind="symbol")
+    x = _counts(n_cells=8, seed=2)
+    chunked = quirky.tokenize(x[:3], np.arange(3)) + quirky.tokenize(x[3:], np.arange(3, 8))
+    expected = reference_collator_tokens(folder, x.toarray(), seed=11, max_length=12)
+    assert sum(len(g) == 12 for g, _ in expected) >= 3  # some cells really are subsampled
+    for cell, (genes, values) in zip(chunked, expected):
+        np.testing.assert_array_equal(cell["input_ids"], genes)
+        np.testing.assert_array_equal(cell["values"], values)
+    params = quirky.params()
+    assert params["reference_quirks"] is True and "stream in cell order" in params["binning"]
+    assert not getattr(quirky, "batch_dependent", False)  # a boolean padding mask, as in the reference
+
+
+def test_reference_quirks_refuse_rows_out_of_stream_order(folder: Path) -> None:
+    quirky = ScGPTAdapter(checkpoint=folder, seed=11, reference_quirks=True)
+    quirky.prepare(GENES, gene_id_kind="symbol")
+    x = _counts()
+    with pytest.raises(InputDataError, match="row order from row 0.*workers=0"):
+        quirky.tokenize(x, np.arange(6, 12))
+    quirky.tokenize(x[:2], np.arange(2))
+    with pytest.raises(InputDataError, match="consecutive rows"):
+        quirky.tokenize(x[:2], np.array([2, 4]))
+    with pytest.raises(InputDataError, match="must be True or False"):
+        ScGPTAdapter(checkpoint=folder, reference_quirks=1)
+
+
+@pytest.mark.slow
+def test_parity_with_the_scgpt_package_collator(folder: Path) -> None:
+    """Optional: the real scgpt DataCollator (pip install scgpt; its package __init__ is skipped)."""
+    import importlib.util
+    import logging
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scgpt is not installed")
+    saved = {k: v for k, v in sys.modules.items() if k == "scgpt" or k.startswith("scgpt.")}
+    package = types.ModuleType("scgpt")  # scgpt/__init__ needs torchtext, which cannot load on this torch
+    package.__path__ = list(spec.submodule_search_locations)
+    package.logger = logging.getLogger("scgpt")
+    sys.modules["scgpt"] = package
+    try:
+        from scgpt.data_collator import DataCollator
+    finally:
+        for key in [k for k in sys.modules if k == "scgpt" or k.startswith("scgpt.")]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    ids = np.array([vocab[g] for g in GENES])
+    x = _counts(n_cells=8, seed=2)
+    examples = []
+    for row in x.toarray():
+        nonzero = np.flatnonzero(row)
+        examples.append({"genes": torch.from_numpy(np.insert(ids[nonzero], 0, vocab["<cls>"])).long(),
+                         "expressions": torch.from_numpy(np.insert(row[nonzero], 0, -2.0)).float()})  # fmt: skip
+    collator = DataCollator(do_padding=True, pad_token_id=vocab["<pad>"], pad_value=-2, do_mlm=False, do_binning=True,
+                            max_length=12, sampling=True, keep_first_n_tokens=1)  # fmt: skip
+    np.random.seed(11)
+    torch.manual_seed(11)
+    loader = torch.utils.data.DataLoader(examples, batch_size=3, collate_fn=collator, num_workers=0)
+    batches = list(loader)
+    quirky = ScGPTAdapter(checkpoint=folder, seed=11, max_length=12, reference_quirks=True)
+    quirky.prepare(GENES, gene_id_kind="symbol")
+    cells = quirky.tokenize(x, np.arange(8))
+    genes = torch.cat([b["gene"] for b in batches])
+    values = torch.cat([b["expr"] for b in batches])
+    for i, cell in enumerate(cells):
+        n = len(cell["input_ids"])
+        np.testing.assert_array_equal(genes[i, :n].numpy(), cell["input_ids"])
+        np.testing.assert_array_equal(values[i, :n].numpy(), cell["values"])

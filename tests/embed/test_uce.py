@@ -337,3 +337,74 @@ def test_layers_match_stock_seq_first_torch_transformer_layers(adapter: UCEAdapt
     with torch.inference_mode():
         expected, got = stock(x.transpose(0, 1), src_key_padding_mask=padding).transpose(0, 1), ours(x, padding)
     assert (expected - got)[~padding].abs().max() <= 1e-5
+
+
+# ---- reference_quirks --------------------------------------------------------------------------
+def reference_sentences(folder: Path, dense: np.ndarray, seed: int, sample_size: int, chrom_offset: int) -> list[np.ndarray]:
+    """eval_data.sample_cell_sentences after ``np.random.seed(seed)``, cell after cell, on the full rows.
+
+    Written from MODELS.md 4.3 with the global numpy RNG, over every dataset gene (zeros included,
+    as the reference's int64 memmap rows are).
+    """
+    info = _gene_info(folder)
+    upper = [g.upper() for g in GENES]
+    tokens, chroms, starts = (info.loc[upper, c].to_numpy() for c in ("token", "code", "start"))
+    np.random.seed(seed)
+    out = []
+    for row in dense:
+        counts = torch.tensor(np.trunc(row).astype(np.int64)).unsqueeze(0)
+        weights = torch.log1p(counts)
+        weights = (weights / torch.sum(weights))[0].numpy()
+        weights = weights / sum(weights)
+        choice = np.random.choice(np.arange(len(weights)), size=sample_size, p=weights, replace=True)
+        choice = choice[np.argsort(chroms[choice])]
+        new_chrom, chosen_starts = chroms[choice], starts[choice]
+        sentence = [3]
+        unique = np.unique(new_chrom)
+        np.random.shuffle(unique)
+        for chrom in unique:
+            loc = np.where(new_chrom == chrom)[0]
+            sentence += [int(chrom) + chrom_offset, *tokens[choice[loc[np.argsort(chosen_starts[loc])]]], 2]
+        out.append(np.asarray(sentence))
+    return out
+
+
+@pytest.fixture()
+def quirky(folder: Path) -> UCEAdapter:
+    adapter = UCEAdapter(checkpoint=folder, seed=7, sample_size=SAMPLE, reference_quirks=True)
+    adapter.load("cpu")
+    adapter.prepare(GENES, gene_id_kind="symbol")
+    return adapter
+
+
+def test_reference_quirks_replay_the_global_numpy_stream_in_cell_order(folder: Path, quirky: UCEAdapter) -> None:
+    x = _counts(n_cells=6, seed=3)
+    chunked = quirky.tokenize(x[:4], np.arange(4)) + quirky.tokenize(x[4:], np.arange(4, 6))
+    expected = reference_sentences(folder, x.toarray(), 7, SAMPLE, quirky.chrom_token_offset())
+    assert all(np.array_equal(c["input_ids"], e) for c, e in zip(chunked, expected))
+    again = quirky.tokenize(x, np.arange(6))  # row 0 restarts the stream
+    assert all(np.array_equal(a["input_ids"], c["input_ids"]) for a, c in zip(again, chunked))
+    assert quirky.params()["reference_quirks"] is True and quirky.batch_dependent is True
+
+
+def test_reference_quirks_refuse_rows_out_of_stream_order(quirky: UCEAdapter) -> None:
+    x = _counts()
+    with pytest.raises(InputDataError, match="row order from row 0.*workers=0"):
+        quirky.tokenize(x, np.arange(10, 15))
+    quirky.tokenize(x, np.arange(5))
+    with pytest.raises(InputDataError, match="got rows from 7 after row 4"):
+        quirky.tokenize(x, np.arange(7, 12))
+
+
+def test_reference_quirks_add_the_float_padding_mask(folder: Path, quirky: UCEAdapter) -> None:
+    cells = quirky.tokenize(_counts(), np.arange(5))
+    assert len({len(c["input_ids"]) for c in cells}) > 1
+    with torch.inference_mode():
+        batched = quirky.embed(quirky.collate(cells))
+    expected = reference_embeddings(folder, [c["input_ids"] for c in cells], float_pad_mask=True)
+    assert (batched - expected).abs().max() <= 1e-5
+
+
+def test_reference_quirks_must_be_a_bool(folder: Path) -> None:
+    with pytest.raises(InputDataError, match="reference_quirks='yes' must be True or False"):
+        UCEAdapter(checkpoint=folder, reference_quirks="yes")
