@@ -347,6 +347,7 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @click.option("--max-genes", type=int, help="Maximum genes (tokens) per cell (model default if omitted).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of any gene sampling (part of the embedding's identity).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Other model parameter (repeatable), e.g. --param version=V2.")
+@click.option("--reference-quirks", is_flag=True, help="Reproduce the reference implementation exactly where scdm differs (global RNG streams, UCE's float padding mask, batch-wide FAVOR+ key max, CellPLM's Gumbel draw); part of the embedding's identity. See docs/reference-differences.md.")
 @click.option("--chunk-rows", type=int, help="Cells per stored chunk (default: about 8 MB per chunk).")
 @click.option("--workers", type=int, default=0, show_default=True, help="Processes that tokenise the next chunk while the model runs.")
 @click.option("--min-gene-fraction", type=float, default=0.0, show_default=True, help="Refuse when fewer of the dataset's genes are in the model vocabulary.")
@@ -360,7 +361,7 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @user_errors
 def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, batch_size: int | None, device: str,
           precision: str, layer: int | None, pooling: str | None, max_genes: int | None, seed: int, params: tuple[str, ...],
-          chunk_rows: int | None, workers: int, min_gene_fraction: float, joint: bool, n_hvg: int, n_comps: int,
+          reference_quirks: bool, chunk_rows: int | None, workers: int, min_gene_fraction: float, joint: bool, n_hvg: int, n_comps: int,
           normalized: bool | None, quiet: bool, name: str | None, no_copy: bool, **options: Any) -> None:
     """Embed the cells of DATA (an .h5ad file, ingested first, or a dataset in the store).
 
@@ -389,6 +390,8 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
             raise click.UsageError("--joint applies to the baselines (pca, hvg) only; foundation-model embeddings already share one space.")
         extra = {k: v for k, v in {"layer": layer, "pooling": pooling, "max_genes": max_genes}.items() if v is not None}
         extra.update(_parse_params(params))
+        if reference_quirks:
+            extra["reference_quirks"] = True
         results = []
         for n in names:
             try:
@@ -574,6 +577,101 @@ def report(obj: Ctx, out_dir: str) -> None:
 
     path = write_report(obj.store, out_dir)
     click.echo(f"wrote {path}")
+
+
+# ---- scDEAL transfer learning ---------------------------------------------------------------
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in _csv_list(value)]
+
+
+@main.command()
+@click.option("--source", "sources", multiple=True, required=True,
+              help="Labelled source (repeatable): a dataset in the store, an .h5ad of bulk profiles, or an expression CSV (cell lines x genes).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="CSV of bulk responses (cell lines x drugs) for a CSV --source.")
+@click.option("--target", required=True, help="Unlabelled single-cell dataset in the store (its labels, if any, are used only for metrics).")
+@click.option("--drug", help="Drug column of a bulk source (AUC/IC50 binarised with the waterfall method).")
+@click.option("--features", default="expr", show_default=True, help="expr (log-normalised shared HVGs, MinMax-scaled) or an embedding id of the target.")
+@click.option("--source-features", multiple=True, help="Embedding ids of the source datasets when --features is an embedding.")
+@click.option("--response", type=click.Choice(["auto", "binary", "ic50", "auc", "activity_area"]), default="auto", show_default=True)
+@click.option("--balance", type=click.Choice(["none", "upsample", "downsample", "smote"]), default="none", show_default=True)
+@click.option("--validation", help="Labelled validation dataset for model selection (never the target).")
+@click.option("--alpha", default="1.0", show_default=True, help="MMD weight; several comma-separated values make a grid chosen on validation data.")
+@click.option("--beta", default="0.1", show_default=True, help="Cluster-regulariser weight; comma-separated values make a grid.")
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--pretrain-epochs", type=int, default=20, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--n-hvg", type=int, default=2000, show_default=True, help="Shared highly variable genes (0 = all shared genes).")
+@click.option("--cluster-method", type=click.Choice(["auto", "leiden", "louvain", "kmeans"]), default="auto", show_default=True)
+@click.option("--no-adapt", is_flag=True, help="Train the same predictor without domain adaptation (the baseline to compare with).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other transfer() argument, e.g. --param latent_dim=64.")
+@pass_ctx
+@user_errors
+def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str, drug: str | None, features: str,
+             source_features: tuple[str, ...], response: str, balance: str, validation: str | None, alpha: str, beta: str,
+             epochs: int, pretrain_epochs: int, lr: float, batch_size: int, n_hvg: int, cluster_method: str, no_adapt: bool,
+             seed: int, params: tuple[str, ...]) -> None:
+    """Transfer drug response from a labelled source to single cells (scDEAL, built correctly).
+
+    Denoising autoencoders for source and target, a predictor on the source latent, trained with
+    cross-entropy + alpha * MMD + beta * a differentiable cluster regulariser; epochs and weights
+    are chosen on source validation cells, never on the target. Predictions go to the catalog
+    (transfer_predictions); run `scdm genes --run RUN` for critical genes.
+
+    \b
+    Examples:
+      scdm transfer --source gdsc_expr.csv --labels gdsc_auc.csv --drug Erlotinib --target pc9
+      scdm transfer --source study1 --source study2 --target study3 --alpha 0.5,1,2
+    """
+    from scdm_classify.transfer import transfer as run_transfer
+
+    if labels:
+        if len(sources) != 1:
+            raise click.UsageError("--labels pairs with exactly one CSV --source.")
+        source: Any = (sources[0], labels)
+    else:
+        source = sources[0] if len(sources) == 1 else list(sources)
+    alphas, betas = _floats(alpha), _floats(beta)
+    result = run_transfer(obj.store, source=source, target=target, drug=drug, features=features,
+                          source_features=list(source_features) or None, response=response, balance=balance,
+                          validation=validation, alpha=alphas[0] if len(alphas) == 1 else alphas,
+                          beta=betas[0] if len(betas) == 1 else betas, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
+                          batch_size=batch_size, n_hvg=n_hvg or None, cluster_method=cluster_method, adapt=not no_adapt,
+                          seed=seed, **_parse_params(params))
+    click.echo(f"transfer run {result.run_id}: {len(result.proba)} target cells, {int(result.label.sum())} predicted sensitive "
+               f"(epoch {result.selected_epoch} chosen on {result.selection}; alpha={result.alpha}, beta={result.beta})")
+    if result.metrics:
+        click.echo("  " + "  ".join(f"{k}={v:.3f}" for k, v in result.metrics.items() if v is not None))
+
+
+@main.command()
+@click.option("--run", "run_id", required=True, help="Transfer run id (printed by scdm transfer; see the transfer_runs table).")
+@click.option("--max-cells", type=int, default=5000, show_default=True, help="Target cells attributed (0 = all).")
+@click.option("--n-steps", type=int, default=64, show_default=True, help="Integrated-gradient steps.")
+@click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default="bh", show_default=True)
+@click.option("--fdr", type=float, default=0.05, show_default=True)
+@click.option("--top", type=int, default=20, show_default=True, help="Genes to print and plot per direction.")
+@click.option("--no-plot", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@output_options
+@pass_ctx
+@user_errors
+def genes(obj: Ctx, run_id: str, max_cells: int, n_steps: int, correction: str, fdr: float, top: int, no_plot: bool,
+          seed: int, fmt: str) -> None:
+    """Critical genes of a transfer run: integrated gradients, then Wilcoxon between predicted groups.
+
+    Genes with significantly higher attribution in cells predicted sensitive than in cells
+    predicted resistant (and vice versa), with multiple-testing correction; stored in the
+    critical_genes table and plotted.
+    """
+    from scdm_classify.transfer import critical_genes
+
+    frame = critical_genes(obj.store, run_id, max_cells=max_cells or None, n_steps=n_steps, correction=correction, fdr=fdr,
+                           top=top, plot=not no_plot, seed=seed)
+    echo_frame(frame.head(2 * top) if fmt == "table" else frame, fmt)
+    if frame.attrs.get("plot"):
+        click.echo(f"plot: {frame.attrs['plot']}", err=True)
 
 
 if __name__ == "__main__":

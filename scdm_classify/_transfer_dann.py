@@ -57,7 +57,7 @@ class DANNHead(BaseHead):
 
     name = "dann"
     uses_target_domain: ClassVar[bool] = True
-    _rules = {
+    _rules: ClassVar[dict[str, list]] = {
         "alpha": [Range(float, ge=0)], "beta": [Range(float, ge=0)], "rec_weight": [Range(float, ge=0)],
         "epochs": [Range(int, ge=1)], "pretrain_epochs": [Range(int, ge=0)], "lr": [Range(float, gt=0)],
         "batch_size": [Range(int, ge=2)], "hidden": [IsType(tuple)], "latent_dim": [Range(int, ge=1)],

@@ -20,9 +20,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -31,7 +33,6 @@ import scipy.sparse as sp
 from store.errors import GeneMappingError, InputDataError, ScdmWarning
 
 if TYPE_CHECKING:
-    import anndata as ad
 
     from store import Store
 
@@ -361,7 +362,7 @@ def symbols_of(gene_ids: Sequence[str]) -> np.ndarray:
 
 def shared_genes(symbol_lists: Sequence[np.ndarray]) -> list[str]:
     """Symbols present in every list, in the order of the last list (the target)."""
-    sets = [set(s for s in lst if s) for lst in symbol_lists]
+    sets = [{s for s in lst if s} for lst in symbol_lists]
     common = set.intersection(*sets)
     order = [s for s in dict.fromkeys(symbol_lists[-1]) if s in common]
     if len(order) < _MIN_SHARED_GENES:
@@ -583,8 +584,9 @@ def cluster_cells(X: np.ndarray, *, method: Literal["auto", "leiden", "louvain",
     if method == "auto":
         method = "leiden" if have_leiden else ("louvain" if have_louvain else "kmeans")
         if method == "kmeans":
-            logger.warning("leidenalg/igraph are not installed: target clusters come from KMeans on the PCA instead "
-                           "of Leiden (install leidenalg for the paper's clusters)")
+            warnings.warn("leidenalg/igraph are not installed: the target clusters of the cluster regulariser come "
+                          "from KMeans on the PCA instead of Leiden (pip install leidenalg for the paper's clusters); "
+                          "the run records cluster_method='kmeans'.", TransferWarning, stacklevel=4)
     if method in ("leiden", "louvain"):
         if (method == "leiden" and not have_leiden) or (method == "louvain" and not have_louvain):
             need = "leidenalg and igraph" if method == "leiden" else "louvain"

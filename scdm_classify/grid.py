@@ -14,6 +14,7 @@ Cholesky solve (cross-data splits share per-atom statistics from a single pass).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -231,7 +232,11 @@ def _fit_task(task: Task) -> _Outcome:
     try:
         head = get_head(task.head, **task.params)
         t0 = time.perf_counter()
-        head.fit(space.X[train_pos], space.y[train_pos])
+        if getattr(head, "uses_target_domain", False):
+            # domain adaptation (dann): the held-out study's cells are the unlabelled target; their labels are never read
+            head.fit(space.X[train_pos], space.y[train_pos], target=space.X[test_pos])
+        else:
+            head.fit(space.X[train_pos], space.y[train_pos])
         t1 = time.perf_counter()
         proba = head.predict_proba(space.X[test_pos])
         t2 = time.perf_counter()
@@ -584,7 +589,7 @@ def evaluate(
             bar = progress_bar(len(pending), desc=f"evaluate {space.model}", silent=silent)
             ridge = [t for t in pending if t.head == "ridge"]
             others = [t for t in pending if t.head != "ridge"]
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _math_threads(space, jobs, torch_heads=any(t.head in ("mlp", "dann") for t in others)):
                 warnings.simplefilter("once")
                 for out in _chain(_ridge_outcomes(space, ridge), _run_tasks(others, jobs)):
                     writer.add(out)
@@ -615,6 +620,37 @@ def evaluate(
     return EvalSummary(run_id=run_id, n_tasks=len(all_ids), n_done=n_done, n_reused=n_reused, n_skipped=n_skipped,
                        seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=split_scheme,
                        results=results, skipped=skipped_frame)
+
+
+SMALL_MATRIX = 4_000_000
+"""Below this many matrix entries one BLAS/torch thread per fit is faster than several."""
+
+
+@contextlib.contextmanager
+def _math_threads(space: _Space, jobs: int, *, torch_heads: bool) -> Iterator[None]:
+    """One math thread per fit for small matrices or parallel jobs.
+
+    Small fits cannot use two BLAS/OpenMP threads well, and threads of parallel fits (or of other
+    processes) spinning against each other make them many times slower.
+    """
+    assert space.X is not None
+    if jobs == 1 and space.X.size >= SMALL_MATRIX:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    torch = None
+    if torch_heads:
+        import torch
+    before = torch.get_num_threads() if torch else 0
+    if torch:
+        torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        if torch:
+            torch.set_num_threads(before)
 
 
 def _chain(*iterators: Iterator[_Outcome]) -> Iterator[_Outcome]:

@@ -865,3 +865,9 @@ def get_head(name: str, **params: Any) -> BaseHead:
         msg = f"Head '{name}' takes no parameter {', '.join(unknown)}; it takes {', '.join(cls._param_names()) or 'none'}."
         raise InputDataError(msg)
     return cls(**params)
+
+
+# The domain-adaptation head lives with the transfer code; registered here so get_head finds it.
+from scdm_classify._transfer_dann import DANNHead  # noqa: E402
+
+HEADS[DANNHead.name] = DANNHead

@@ -42,10 +42,11 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -71,7 +72,11 @@ from scdm_classify._transfer_data import (
     waterfall_cutoff,
 )
 from scdm_classify.metrics import METRICS, compute_metrics
-from store.errors import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError
+from store.errors import (
+    EmbeddingIncompleteError,
+    EmbeddingNotFoundError,
+    InputDataError,
+)
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -311,8 +316,12 @@ def _as_list(value: float | Sequence[float], name: str) -> list[float]:
 
 
 def _check_params(epochs: int, pretrain_epochs: int, lr: float, batch_size: int, validation_fraction: float,
-                  threshold: float) -> None:
+                  threshold: float, hidden: Sequence[int] = (1,), latent_dim: int = 1,
+                  predictor_hidden: Sequence[int] = (1,)) -> None:
     problems = []
+    for name, sizes in (("hidden", hidden), ("predictor_hidden", predictor_hidden), ("latent_dim", [latent_dim])):
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in sizes):
+            problems.append(f"{name}={sizes!r} (layer sizes >= 1)")
     for name, value in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "pretrain_epochs" else 1):
             problems.append(f"{name}={value!r} (an integer >= {0 if name == 'pretrain_epochs' else 1})")
@@ -333,7 +342,7 @@ def _split_source(X: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> t
     val = []
     for cls in (0, 1):
         members = np.flatnonzero(y == cls)
-        take = int(round(members.size * fraction))
+        take = round(members.size * fraction)
         if members.size >= 2 and take == 0:
             take = 1
         if take >= members.size:
@@ -445,7 +454,8 @@ def transfer(
 
     started = time.perf_counter()
     st = open_store(store)
-    _check_params(epochs, pretrain_epochs, lr, batch_size, validation_fraction, threshold)
+    _check_params(epochs, pretrain_epochs, lr, batch_size, validation_fraction, threshold, tuple(hidden), latent_dim,
+                  tuple(predictor_hidden))
     alphas, betas = _as_list(alpha, "alpha"), _as_list(beta, "beta")
     target_info = st.dataset(target)
     kind, src = _resolve_source(st, source)
@@ -533,7 +543,7 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
         "UPDATE transfer_runs SET status = 'complete', finished_at = ?, selection = ?, selected_epoch = ?, val_score = ?, "
         "cluster_method = ?, n_clusters = ?, waterfall = ?, n_source = ?, n_target = ?, n_features = ?, config = ?, "
         "metric_flags = ?, artifacts_path = ?, seconds = ? WHERE run_id = ?",
-        [_now(), selection, int(outcome.best_epoch), None if math.isnan(outcome.best_score) else float(outcome.best_score),
+        [_now(), selection, outcome.best_epoch, None if math.isnan(outcome.best_score) else float(outcome.best_score),
          clusters.method, clusters.n_clusters, json.dumps(dom.cut.to_dict()) if dom.cut else None, int(dom.ys.size),
          int(Xt.shape[0]), int(Xt.shape[1]), json.dumps(_config_record(cfg, grid, fits, clusters, threshold, balance,
                                                                       validation, validation_fraction), sort_keys=True),
@@ -675,6 +685,7 @@ def critical_genes(
     max_cells: int | None = 5000,
     n_steps: int = 64,
     use_abs: bool = True,
+    per_cell: bool = True,
     correction: Literal["bh", "bonferroni"] = "bh",
     fdr: float = 0.05,
     min_log2fc: float = 0.1,
@@ -688,8 +699,12 @@ def critical_genes(
     Integrated gradients (exact up to a checked quadrature error: completeness holds per cell
     within tolerance) of the probability of sensitivity with respect to the MinMax-scaled input
     genes, from an all-zero baseline (every gene at its minimum), for every target cell (or a
-    random ``max_cells`` of them). Per gene, the attributions (absolute values, as in the
-    paper's analysis, with ``use_abs``) of predicted-sensitive cells are compared with those of
+    random ``max_cells`` of them). Each cell's attributions are taken as absolute values
+    (``use_abs``) and divided by the cell's total (``per_cell``) -- the paper's analysis runs
+    ``normalize_total`` on the absolute attributions -- so that a gene is compared by its share of
+    the cell's explanation, not by how steep the model is around the cell (confidently predicted
+    cells have small gradients on every gene). Per gene, the attributions of predicted-sensitive
+    cells are compared with those of
     predicted-resistant cells by a two-sided Wilcoxon rank-sum (Mann-Whitney U) test, corrected
     for the number of genes (Benjamini-Hochberg or Bonferroni). A gene is *critical* when
     ``pvalue_adj <= fdr``, ``|log2fc| > min_log2fc`` (log2 ratio of mean attributions) and more
@@ -705,7 +720,7 @@ def critical_genes(
         Cells attributed (random, seeded); None = all.
     n_steps : int, default 64
         Initial quadrature nodes of the integrated gradients (doubled where needed).
-    use_abs, correction, fdr, min_log2fc, min_pts
+    use_abs, per_cell, correction, fdr, min_log2fc, min_pts
         See above.
     plot : bool, default True
         Write ``critical_genes.png`` (volcano and top genes) to the run's artifacts folder.
@@ -742,9 +757,13 @@ def critical_genes(
     net64 = net.double()
     attr, delta = tm.integrated_gradients(lambda x: net64.target_proba(x), X, n_steps=n_steps)
     labels = preds["label"].to_numpy(np.int8)[rows]  # the stored predictions define the two groups
-    table = _wilcoxon_table(np.abs(attr) if use_abs else attr, labels, genes, correction=correction)
+    values = np.abs(attr) if use_abs else attr
+    if per_cell:
+        totals = np.abs(values).sum(axis=1, keepdims=True)
+        values = values / np.where(totals > 0, totals, 1.0)
+    table = _wilcoxon_table(values, labels, genes, correction=correction)
     table = _flag_critical(table, fdr=fdr, min_log2fc=min_log2fc, min_pts=min_pts)
-    params = {"max_cells": max_cells, "n_cells": int(rows.size), "n_steps": n_steps, "use_abs": use_abs,
+    params = {"max_cells": max_cells, "n_cells": int(rows.size), "n_steps": n_steps, "use_abs": use_abs, "per_cell": per_cell,
               "correction": correction, "fdr": fdr, "min_log2fc": min_log2fc, "min_pts": min_pts, "seed": seed,
               "baseline": "zeros (each gene at its target minimum)", "output": "probability of sensitive",
               "max_completeness_gap": float(np.abs(delta).max()) if delta.size else 0.0}

@@ -29,6 +29,7 @@ Asking again with the same settings reuses the adapter, the embeddings and the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,29 +40,29 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from scdm_embed._adapter import Adapter, check_counts, get_adapter, require_matches
 from store import Store, open_store
 from store._constants import ARTIFACTS_DIR
 from store._ingest import iter_row_blocks
 from store.errors import CheckpointError, InputDataError, ScdmError, ScdmWarning
 from store.genes import gene_table_version
 
-from scdm_embed._adapter import Adapter, check_counts, get_adapter, require_matches
-
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "LORA_HEAD",
     "FinetuneResult",
     "LoraCard",
     "LoraTrainingError",
-    "LORA_HEAD",
     "build_head",
     "finetune",
     "read_lora_card",
@@ -298,8 +299,9 @@ def _resolve_splits(st: Store, dataset_ids: list[str], names: list[str], *, scen
             msg = f"No {scenario} split by {by} with scheme {scheme!r} for {', '.join(names)}. {create}"
             raise InputDataError(msg)
     categories = sorted(found["category"].unique())
-    if by == "all":
-        category = "all"
+    if by == "all" and category not in (None, "all"):
+        msg = f"category={category!r} needs by=<category type> (--by tissue, cancer_type, drug_type or regimen); by='all' has the one category 'all'."
+        raise InputDataError(msg)
     if category is not None:
         if category not in categories:
             msg = (f"Category {category!r} has no stored {scenario} split by {by} for {', '.join(names)}. "
@@ -310,7 +312,7 @@ def _resolve_splits(st: Store, dataset_ids: list[str], names: list[str], *, scen
     for cat, group in found.groupby("category", sort=True):
         if len(group) > 1:
             msg = (f"Category {cat!r} has {len(group)} stored {scenario} splits by {by}: {_describe_splits(group)}. "
-                   "Pass split_id= (--split-id) or scheme= (--scheme) to choose one.")
+                   "Pass split_id= (--split-id) to choose one (or scheme= (--scheme) where their schemes differ).")
             raise InputDataError(msg)
         rows.append(group.iloc[0])
     return pd.DataFrame(rows).reset_index(drop=True)
@@ -330,7 +332,7 @@ def _resolve_folds(st: Store, split: pd.Series, fold: int | None, all_folds: boo
         chosen = [int(f) for f in ok["fold"]]
     else:
         assert fold is not None
-        if fold not in set(int(f) for f in folds["fold"]):
+        if fold not in {int(f) for f in folds["fold"]}:
             msg = (f"Fold {fold} does not exist in split {split['split_id']} ({split['category_type']}={split['category']!r}, "
                    f"{int(split['n_folds'])} folds). Available folds: {describe or '(none)'}.")
             raise InputDataError(msg)
@@ -355,8 +357,8 @@ def _tokenize_cells(st: Store, adapter: Adapter, frame: pd.DataFrame) -> list[di
     ``prepare`` maps each dataset's genes, so the cells are tokenised dataset by dataset, in
     row blocks of the backed AnnData (memory grows with the tokens kept, not with the dataset).
     """
+    frame = frame.reset_index(drop=True)
     out: list[dict[str, np.ndarray] | None] = [None] * len(frame)
-    position = np.arange(len(frame))
     for dataset_id, group in frame.groupby("dataset_id", sort=True):
         ds = st.dataset(str(dataset_id))
         if adapter.requires_counts and ds.x_kind == "scaled":
@@ -366,7 +368,7 @@ def _tokenize_cells(st: Store, adapter: Adapter, frame: pd.DataFrame) -> list[di
         genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
         require_matches(adapter.prepare(genes, gene_id_kind=ds.gene_id_kind), adapter.name)
         rows = group["row"].to_numpy(np.int64)
-        where = position[group.index.to_numpy()]
+        where = group.index.to_numpy()  # positions in frame
         order = np.argsort(rows, kind="stable")
         rows, where = rows[order], where[order]
         adata = st.open_anndata(ds.dataset_id, backed=True)
@@ -530,96 +532,132 @@ class _Trained:
     telemetry: dict[str, Any]
 
 
-def _enable_checkpointing(model: Any, model_name: str) -> bool:
-    if getattr(model, "supports_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return True
-    msg = (f"gradient_checkpointing=True is not supported by the {model_name} model ({type(model).__name__} is not a "
-           "Hugging Face model with gradient checkpointing); training without it. Lower --batch-size if memory is short.")
-    warnings.warn(msg, ScdmWarning, stacklevel=4)
-    return False
+def _set_checkpointing(model: Any, model_name: str, on: bool) -> bool:
+    """Switch Hugging Face activation (gradient) checkpointing; warn and return False where there is none."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        if on:
+            msg = (f"gradient_checkpointing=True is not supported by the {model_name} model ({type(model).__name__} is not a "
+                   "Hugging Face model with gradient checkpointing); training without it. Lower --batch-size if memory is short.")
+            warnings.warn(msg, ScdmWarning, stacklevel=6)  # points at the finetune() call
+        return False
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+    if not on:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        return False
+    kwargs = {"use_reentrant": False}  # token ids need no gradient; the LoRA weights inside get theirs
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft asks transformers 5 models for a deprecated property; that FutureWarning is not the user's to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _wrap(adapter: Adapter, settings: _Settings, device: str) -> tuple[Any, Any, list[str]]:
+    """Put LoRA on the adapter's target modules (in place) and build the head: (peft model, head, matched names)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    assert adapter.model is not None
+    matched = _matched_modules(adapter.model, settings.target_modules, adapter.name)
+    modules = dict(adapter.model.named_modules())
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
+                        target_modules=_peft_targets(settings.target_modules),
+                        # GPT-2 style Conv1D stores its weight transposed
+                        fan_in_fan_out=any(type(modules[n]).__name__ == "Conv1D" for n in matched))
+    torch.manual_seed(settings.seed)
+    with _quiet_peft():
+        peft_model = get_peft_model(adapter.model, config)  # injects LoRA into adapter.model in place
+    head = build_head(adapter.emb_dim, settings.hidden)
+    return peft_model.to(device), head.to(device), matched
 
 
 def _train(adapter: Adapter, cells: list[dict[str, np.ndarray]], labels: np.ndarray, settings: _Settings, *,
            device: str, precision: str, gradient_checkpointing: bool, progress: bool) -> _Trained:
     """Wrap ``adapter.model`` (loaded) with LoRA, train LoRA + head on the cells, return both in eval mode."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from torch.nn import functional as F
 
-    from store.progress import progress_bar
-
-    assert adapter.model is not None
-    matched = _matched_modules(adapter.model, settings.target_modules, adapter.name)
-    fan_in_fan_out = any(type(m).__name__ == "Conv1D" for n, m in adapter.model.named_modules() if n in set(matched))
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=_peft_targets(settings.target_modules), bias="none", fan_in_fan_out=fan_in_fan_out)
     cuda = device.startswith("cuda")
-    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
-        torch.manual_seed(settings.seed)
-        peft_model = get_peft_model(adapter.model, config)  # injects LoRA into adapter.model in place
-        head = build_head(adapter.emb_dim, settings.hidden)
-        peft_model.to(device)
-        head.to(device)
-        checkpointing = gradient_checkpointing and _enable_checkpointing(adapter.model, adapter.name)
-        trainable = [p for p in adapter.model.parameters() if p.requires_grad]
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):  # the caller's RNG is left as it was
+        peft_model, head, matched = _wrap(adapter, settings, device)
+        checkpointing = gradient_checkpointing and _set_checkpointing(adapter.model, adapter.name, True)
+        trainable = [p for p in adapter.model.parameters() if p.requires_grad]  # type: ignore[union-attr]
         n_trainable = sum(p.numel() for p in trainable)
         logger.info("%s LoRA: %d modules, %d trainable parameters (+ head %d); %d training cells, %d epochs",
                     adapter.name, len(matched), n_trainable, sum(p.numel() for p in head.parameters()), len(cells), settings.epochs)
         opt = torch.optim.AdamW([*trainable, *head.parameters()], lr=settings.lr, weight_decay=settings.weight_decay)
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and cuda)
-        audit = _GradientAudit(adapter.model, adapter.name)
-        y_all = torch.from_numpy(labels.astype(np.int64))
-        lengths = np.array([adapter.token_length(c) for c in cells])
-        state = {"micro": settings.batch_size, "oom_backoffs": 0}
+        state: dict[str, Any] = {"micro": settings.batch_size, "oom_backoffs": 0}
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        n_batches = math.ceil(len(cells) / settings.batch_size)
-        bar = progress_bar(total=settings.epochs * n_batches, desc=f"finetune {adapter.name}", unit="batch", silent=not progress)
-        curve: list[dict[str, float]] = []
-        adapter.model.train()
-        head.train()
         t0 = time.perf_counter()
-        try:
-            for epoch in range(settings.epochs):
-                t_epoch = time.perf_counter()
-                order = np.random.default_rng([settings.seed, epoch]).permutation(len(cells))
-                loss_sum = correct = 0.0
-                for start in range(0, len(order), settings.batch_size):
-                    idx = order[start:start + settings.batch_size]
-                    loss, hits = _step(adapter, head, cells, y_all, idx, lengths, opt, scaler, state, device, precision)
-                    if not audit.done:
-                        audit.observe()
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    if not audit.done and audit.steps >= _CHECK_STEPS:
-                        audit.verify()
-                    loss_sum += loss
-                    correct += hits
-                    bar.update(1)
-                curve.append({"epoch": epoch + 1, "loss": loss_sum / len(cells), "accuracy": correct / len(cells),
-                              "seconds": time.perf_counter() - t_epoch})
-                bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-                logger.info("%s LoRA epoch %d: loss %.4f, training accuracy %.3f", adapter.name, epoch + 1,
-                            curve[-1]["loss"], curve[-1]["accuracy"])
-            if not audit.done:  # fewer steps than the check needs: check what there was
-                audit.verify()
-        finally:
-            bar.close()
+        curve = _fit(adapter, head, cells, labels, settings, opt, state, device, precision, progress)
         wall = time.perf_counter() - t0
         if checkpointing:
-            adapter.model.gradient_checkpointing_disable()
-        adapter.model.eval()
+            _set_checkpointing(adapter.model, adapter.name, False)
+        adapter.model.eval()  # type: ignore[union-attr]
         head.eval()
-    _check_lora_changes_embedding(adapter, peft_model, cells, device, precision)
+    _check_lora_changes_embedding(adapter, peft_model, cells[: min(8, state["micro"])], device, precision)
+    lengths = [adapter.token_length(c) for c in cells]
     telemetry: dict[str, Any] = {"n_trainable": n_trainable, "n_lora_modules": len(matched), "oom_backoffs": state["oom_backoffs"],
                                  "final_micro_batch": state["micro"], "gradient_checkpointing": checkpointing,
-                                 "tokens_per_cell_median": float(np.median(lengths)) if len(lengths) else 0.0}
+                                 "tokens_per_cell_median": float(np.median(lengths)) if lengths else 0.0}
     if cuda:
         telemetry["peak_gpu_mem_bytes"] = int(torch.cuda.max_memory_allocated())
         telemetry["gpu"] = torch.cuda.get_device_name(0)
     return _Trained(adapter, peft_model, head, matched, curve, wall, telemetry)
+
+
+def _fit(adapter: Adapter, head: Any, cells: list[dict[str, np.ndarray]], labels: np.ndarray, settings: _Settings, opt: Any,
+         state: dict[str, Any], device: str, precision: str, progress: bool) -> list[dict[str, float]]:
+    """The epochs: shuffled batches, one optimiser step each; the LoRA check after the first steps."""
+    import torch
+
+    from store.progress import progress_bar
+
+    assert adapter.model is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.startswith("cuda"))
+    audit = _GradientAudit(adapter.model, adapter.name)
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    lengths = np.array([adapter.token_length(c) for c in cells])
+    bs = settings.batch_size
+    bar = progress_bar(total=settings.epochs * math.ceil(len(cells) / bs), desc=f"finetune {adapter.name}", unit="batch",
+                       silent=not progress)
+    curve: list[dict[str, float]] = []
+    adapter.model.train()
+    head.train()
+    try:
+        for epoch in range(settings.epochs):
+            t_epoch = time.perf_counter()
+            order = np.random.default_rng([settings.seed, epoch]).permutation(len(cells))
+            loss_sum = correct = 0.0
+            for start in range(0, len(order), bs):
+                loss, hits = _step(adapter, head, cells, y_all, order[start:start + bs], lengths, opt, scaler, state, device, precision)
+                if not audit.done:
+                    audit.observe()  # gradients are still on the parameters here
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                if not audit.done and audit.steps >= _CHECK_STEPS:
+                    audit.verify()
+                loss_sum, correct = loss_sum + loss, correct + hits
+                bar.update(1)
+            curve.append({"epoch": epoch + 1, "loss": loss_sum / len(cells), "accuracy": correct / len(cells),
+                          "seconds": time.perf_counter() - t_epoch})
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+            logger.info("%s LoRA epoch %d: loss %.4f, training accuracy %.3f", adapter.name, epoch + 1, curve[-1]["loss"],
+                        curve[-1]["accuracy"])
+        if not audit.done:  # fewer steps than the check wants: check what there was
+            audit.verify()
+    finally:
+        bar.close()
+    return curve
 
 
 def _step(adapter: Adapter, head: Any, cells: list[dict[str, np.ndarray]], y_all: Any, idx: np.ndarray, lengths: np.ndarray,
@@ -667,7 +705,7 @@ def _check_lora_changes_embedding(adapter: Adapter, peft_model: Any, cells: list
     """In eval mode, LoRA must change the embedding (a fused inference path could bypass it)."""
     import torch
 
-    batch = _to_device(adapter.collate(cells[: min(len(cells), 8)]), device)
+    batch = _to_device(adapter.collate(cells), device)
     with torch.inference_mode(), _autocast(device, precision):
         tuned = adapter.embed(batch).float()
         with peft_model.disable_adapter():
@@ -733,24 +771,21 @@ class LoraCard:
 
     def apply(self, adapter: Adapter) -> Any:
         """Load the LoRA weights into ``adapter.model`` (loaded, eval mode); returns the head (eval mode)."""
-        import torch
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         assert adapter.model is not None and adapter.device is not None
         if _files_hash(self.path) != self.adapter_hash:
             msg = f"The files of adapter {self.adapter_id} in {str(self.path)!r} do not match their recorded hash; they were changed or damaged. Fine-tune again."
             raise CheckpointError(msg)
-        PeftModel.from_pretrained(adapter.model, str(self.path), is_trainable=False)  # injects in place
+        with _quiet_peft():
+            PeftModel.from_pretrained(adapter.model, str(self.path), is_trainable=False)  # injects in place
         adapter.model.to(adapter.device).eval()
         found = sorted(_lora_matrices(adapter.model))
         if found != sorted(self.lora_modules):
             msg = (f"Adapter {self.adapter_id} has LoRA weights for {len(self.lora_modules)} modules, but they landed on "
                    f"{len(found)} modules of this {self.model} model: the checkpoint's architecture differs from the one it was trained on.")
             raise CheckpointError(msg)
-        head = build_head(self.emb_dim, int(self.train["head"]["hidden"]))
-        head.load_state_dict(load_file(str(self.path / HEAD_FILE)))
-        return head.to(adapter.device).eval().requires_grad_(False)
+        return _load_head(self).to(adapter.device)
 
 
 def read_lora_card(lora_dir: str | os.PathLike[str]) -> LoraCard:
@@ -777,6 +812,17 @@ def read_lora_card(lora_dir: str | os.PathLike[str]) -> LoraCard:
                     lora_modules=tuple(raw["lora_modules"]), emb_dim=int(raw["emb_dim"]))
 
 
+def _card(trained: _Trained, settings: _Settings, *, adapter_id: str, tuning_id: str, checkpoint_hash: str, split_id: str,
+          fold: int, scenario: str, category_type: str, category: str) -> dict[str, Any]:
+    """The card of a trained adapter (``scdm_adapter.json``, less the files' hash)."""
+    adapter = trained.adapter
+    return {"format": CARD_FORMAT, "version": CARD_VERSION, "adapter_id": adapter_id, "tuning_id": tuning_id,
+            "model": adapter.name, "checkpoint_hash": checkpoint_hash, "model_params": {**adapter.params(), "seed": adapter.seed},
+            "seed": settings.seed, "split_id": split_id, "fold": fold, "scenario": scenario, "category_type": category_type,
+            "category": category, "lora": settings.lora_json(), "train": settings.train_json(),
+            "lora_modules": trained.lora_modules, "emb_dim": adapter.emb_dim, "train_curve": trained.curve}
+
+
 def _save(trained: _Trained, folder: Path, card: dict[str, Any]) -> str:
     """Write adapter, head and card to a temporary folder, then rename it into place; returns the hash."""
     from safetensors.torch import save_file
@@ -784,9 +830,7 @@ def _save(trained: _Trained, folder: Path, card: dict[str, Any]) -> str:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # peft: "no config.json" for custom (non-HF) models
-            trained.peft_model.save_pretrained(str(tmp))
+        trained.peft_model.save_pretrained(str(tmp))
         save_file({k: v.detach().contiguous().cpu() for k, v in trained.head.state_dict().items()}, str(tmp / HEAD_FILE))
         adapter_hash = _files_hash(tmp)
         (tmp / CARD_FILE).write_text(json.dumps({**card, "adapter_hash": adapter_hash}, indent=1, sort_keys=True, default=str))
@@ -863,11 +907,9 @@ def _head_predictions(st: Store, card: LoraCard, head: Any, embeddings: dict[str
 def _write_results(st: Store, fold: _Fold, card: LoraCard, head: Any, embeddings: dict[str, str], space_id: str,
                    model: str, run_config: dict[str, Any], fit_seconds: float) -> str:
     """Store the tuned head's test predictions and metrics as a ``lora-mlp`` task (once)."""
-    params_key = _canonical({"adapter_id": card.adapter_id, **card.lora, **card.train})
+    params_key = _head_params_key(card)
     emb_ids = sorted(embeddings.values())
     task_id = _task_id(space_id, emb_ids, fold.split_id, fold.fold, params_key)
-    if len(st.query("SELECT 1 FROM eval_tasks WHERE task_id = ?", [task_id])):
-        return task_id
     test, train = fold.test, fold.train
     t0 = time.perf_counter()
     proba = _head_predictions(st, card, head, embeddings, test)
@@ -875,24 +917,33 @@ def _write_results(st: Store, fold: _Fold, card: LoraCard, head: Any, embeddings
     y = test["response"].to_numpy(np.int8)
     values, flags = _fold_metrics(y, proba)
     run_id = uuid.uuid4().hex[:16]
-    st.insert_df("eval_runs", pd.DataFrame([{"run_id": run_id, "created_at": _now(), "finished_at": _now(), "status": "complete",
-                                              "config": _canonical({"finetune": run_config}), "scdm_version": _version(),
-                                              "n_tasks": 1, "n_done": 1, "n_reused": 0, "n_skipped": 0, "seconds": fit_seconds}]))
     common = {"task_id": task_id, "run_id": run_id, "space_id": space_id, "model": model, "variant": card.variant,
               "split_id": fold.split_id, "scenario": fold.scenario, "category_type": fold.category_type,
               "category": fold.category, "scheme": fold.scheme, "fold": fold.fold, "head": LORA_HEAD}
-    # the eval_tasks row goes in last: it marks the task finished
-    st.execute("DELETE FROM eval_predictions WHERE task_id = ?", [task_id])
-    st.execute("DELETE FROM eval_results WHERE task_id = ?", [task_id])
-    st.insert_df("eval_predictions", pd.DataFrame({"task_id": task_id, "dataset_id": test["dataset_id"].to_numpy(),
-                                                   "row": test["row"].to_numpy(np.int32), "y_true": y, "proba": proba}))
-    st.insert_df("eval_results", pd.DataFrame([{**common, "metric": m, "value": values[m], "n_train": len(train),
-                                                "n_test": len(test), "fit_seconds": fit_seconds} for m in METRICS]))
-    st.insert_df("eval_tasks", pd.DataFrame([{**common, "embedding_ids": json.dumps(emb_ids), "head_params": params_key,
-                                              "n_train": len(train), "n_test": len(test), "n_test_pos": int(y.sum()),
-                                              "fit_seconds": fit_seconds, "predict_seconds": predict_s,
-                                              "flags": ",".join(flags) or None, "created_at": _now()}]))
+    tables = {
+        "eval_runs": pd.DataFrame([{"run_id": run_id, "created_at": _now(), "finished_at": _now(), "status": "complete",
+                                    "config": _canonical({"finetune": run_config}), "scdm_version": _version(), "n_tasks": 1,
+                                    "n_done": 1, "n_reused": 0, "n_skipped": 0, "seconds": fit_seconds}]),
+        "eval_predictions": pd.DataFrame({"task_id": task_id, "dataset_id": test["dataset_id"].to_numpy(),
+                                          "row": test["row"].to_numpy(np.int32), "y_true": y, "proba": proba}),
+        "eval_results": pd.DataFrame([{**common, "metric": m, "value": values[m], "n_train": len(train), "n_test": len(test),
+                                       "fit_seconds": fit_seconds} for m in METRICS]),
+        "eval_tasks": pd.DataFrame([{**common, "embedding_ids": json.dumps(emb_ids), "head_params": params_key,
+                                     "n_train": len(train), "n_test": len(test), "n_test_pos": int(y.sum()),
+                                     "fit_seconds": fit_seconds, "predict_seconds": predict_s,
+                                     "flags": ",".join(flags) or None, "created_at": _now()}]),
+    }
+    with st.catalog.transaction() as con:  # one transaction: a task is stored whole or not at all
+        con.execute("DELETE FROM eval_predictions WHERE task_id = ?", [task_id])
+        con.execute("DELETE FROM eval_results WHERE task_id = ?", [task_id])
+        for table, frame in tables.items():
+            st.catalog.insert_df(table, frame, con)
     return task_id
+
+
+def _head_params_key(card: LoraCard) -> str:
+    """``eval_tasks.head_params`` of the tuned head: every training setting, the same for all folds of a protocol."""
+    return _canonical({"tuning_id": card.tuning_id, **card.lora, **card.train})
 
 
 def _version() -> str:
@@ -957,22 +1008,21 @@ def _train_fold(job: _Job, fold: _Fold, adapter_id: str, tuning_id: str, folder:
         raise InputDataError(msg)
     trained = _train(adapter, cells, labels, settings, device=job.device, precision=job.precision,
                      gradient_checkpointing=job.gradient_checkpointing, progress=job.progress)
-    card = {"format": CARD_FORMAT, "version": CARD_VERSION, "adapter_id": adapter_id, "tuning_id": tuning_id,
-            "model": job.model, "checkpoint_hash": job.checkpoint_hash, "model_params": {**adapter.params(), "seed": settings.seed},
-            "seed": settings.seed, "split_id": fold.split_id, "fold": fold.fold, "scenario": fold.scenario,
-            "category_type": fold.category_type, "category": fold.category, "lora": settings.lora_json(),
-            "train": settings.train_json(), "lora_modules": trained.lora_modules, "emb_dim": adapter.emb_dim,
-            "train_curve": trained.curve}
+    where = {"split_id": fold.split_id, "fold": fold.fold, "scenario": fold.scenario, "category_type": fold.category_type,
+             "category": fold.category}
+    card = _card(trained, settings, adapter_id=adapter_id, tuning_id=tuning_id, checkpoint_hash=job.checkpoint_hash, **where)
     adapter_hash = _save(trained, folder, card)
-    st.execute("DELETE FROM adapters WHERE adapter_id = ?", [adapter_id])
-    st.insert_df("adapters", pd.DataFrame([{
+    row = pd.DataFrame([{
         "adapter_id": adapter_id, "tuning_id": tuning_id, "adapter_hash": adapter_hash, "model": job.model,
         "checkpoint_hash": job.checkpoint_hash, "model_params": _canonical(card["model_params"]), "split_id": fold.split_id,
         "fold": fold.fold, "scenario": fold.scenario, "category_type": fold.category_type, "category": fold.category,
         "scheme": fold.scheme, "lora_config": _canonical({**settings.lora_json(), "matched_modules": trained.lora_modules}),
         "train_config": _canonical(settings.train_json()), "n_train": len(train), "train_cells_hash": _cells_hash(train),
         "train_curve": _canonical(trained.curve), "wall_seconds": trained.wall_s, "device": job.device,
-        "telemetry": _canonical(trained.telemetry), "path": str(folder.relative_to(st.root)), "created_at": _now()}]))
+        "telemetry": _canonical(trained.telemetry), "path": str(folder.relative_to(st.root)), "created_at": _now()}])
+    with st.catalog.transaction() as con:  # the row goes in once the files are in place
+        con.execute("DELETE FROM adapters WHERE adapter_id = ?", [adapter_id])
+        st.catalog.insert_df("adapters", row, con)
     logger.info("saved adapter %s (%s, split %s fold %d) in %.1f s", adapter_id, job.model, fold.split_id, fold.fold, trained.wall_s)
     del trained, adapter
     _free_memory(job.device)
@@ -980,18 +1030,17 @@ def _train_fold(job: _Job, fold: _Fold, adapter_id: str, tuning_id: str, folder:
 
 
 def _free_memory(device: str) -> None:
-    import gc
+    if device.startswith("cuda"):  # give the training memory back before the runner loads the model again
+        import gc
 
-    gc.collect()
-    if device.startswith("cuda"):
         import torch
 
+        gc.collect()
         torch.cuda.empty_cache()
 
 
 def _finetune_fold(job: _Job, fold: _Fold) -> FinetuneResult:
-    from scdm_embed.runner import embed as run_embed
-
+    """Train (or reuse) the fold's adapter, embed the split's datasets with it, score its head."""
     st = job.st
     tuning_id, adapter_id = _identity(job, job.adapter(), fold)
     folder = st.root / ARTIFACTS_DIR / ADAPTERS_DIR / adapter_id
@@ -1001,28 +1050,42 @@ def _finetune_fold(job: _Job, fold: _Fold) -> FinetuneResult:
         card = _train_fold(job, fold, adapter_id, tuning_id, folder)
     else:
         logger.info("adapter %s (%s, split %s fold %d) exists; not training again", adapter_id, job.model, fold.split_id, fold.fold)
-    embeddings: dict[str, str] = {}
-    for dataset_id in sorted(fold.cells["dataset_id"].unique()):
-        result = run_embed(st, str(dataset_id), job.model, job.checkpoint, batch_size=job.embed_batch_size, device=job.device,
-                           precision=job.precision, seed=job.settings.seed, progress=job.progress, lora_dir=folder, **job.model_params)
-        embeddings[str(dataset_id)] = result.embedding_id
-    space_id = str(st.embedding(next(iter(embeddings.values()))).space_id)
+    embeddings = _embed_tuned(job, fold, folder)
     row = st.query("SELECT train_curve, wall_seconds, device FROM adapters WHERE adapter_id = ?", [adapter_id]).iloc[0]
-    task_id = _task_id(space_id, list(embeddings.values()), fold.split_id, fold.fold,
-                       _canonical({"adapter_id": card.adapter_id, **card.lora, **card.train}))
-    if not len(st.query("SELECT 1 FROM eval_tasks WHERE task_id = ?", [task_id])):
-        head = _load_head(card)
-        run_config = {"model": job.model, "checkpoint_hash": job.checkpoint_hash, "adapter_id": adapter_id,
-                      "split_id": fold.split_id, "fold": fold.fold, **card.lora, **card.train}
-        task_id = _write_results(st, fold, card, head, embeddings, space_id, job.model, run_config, float(row["wall_seconds"]))
-    metrics = st.query("SELECT metric, value FROM eval_results WHERE task_id = ?", [task_id])
-    values = {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["value"])}
+    task_id, metrics = _head_results(job, fold, card, embeddings, float(row["wall_seconds"]))
     return FinetuneResult(
         adapter_id=adapter_id, variant=card.variant, model=job.model, split_id=fold.split_id, scenario=fold.scenario,
         category_type=fold.category_type, category=fold.category, scheme=fold.scheme, fold=fold.fold,
         adapter_dir=str(folder), adapter_hash=card.adapter_hash, embedding_ids=tuple(embeddings.values()), task_id=task_id,
-        metrics={m: values.get(m) for m in METRICS}, n_train=len(fold.train), n_test=len(fold.test), reused=reused,
+        metrics=metrics, n_train=len(fold.train), n_test=len(fold.test), reused=reused,
         train_curve=tuple(json.loads(row["train_curve"])), wall_s=float(row["wall_seconds"]), device=str(row["device"]))
+
+
+def _embed_tuned(job: _Job, fold: _Fold, folder: Path) -> dict[str, str]:
+    """Tuned embeddings of every dataset of the split, through the normal runner: dataset_id -> embedding_id."""
+    from scdm_embed.runner import embed as run_embed
+
+    embeddings = {}
+    for dataset_id in sorted(fold.cells["dataset_id"].unique()):
+        result = run_embed(job.st, str(dataset_id), job.model, job.checkpoint, batch_size=job.embed_batch_size,
+                           device=job.device, precision=job.precision, seed=job.settings.seed, progress=job.progress,
+                           lora_dir=folder, **job.model_params)
+        embeddings[str(dataset_id)] = result.embedding_id
+    return embeddings
+
+
+def _head_results(job: _Job, fold: _Fold, card: LoraCard, embeddings: dict[str, str], fit_seconds: float) -> tuple[str, dict[str, float | None]]:
+    """The ``lora-mlp`` task of the fold (written once): its id and metrics."""
+    st = job.st
+    space_id = str(st.embedding(next(iter(embeddings.values()))).space_id)  # one space: same model, adapter, params
+    task_id = _task_id(space_id, list(embeddings.values()), fold.split_id, fold.fold, _head_params_key(card))
+    if not len(st.query("SELECT 1 FROM eval_tasks WHERE task_id = ?", [task_id])):
+        run_config = {"model": job.model, "checkpoint_hash": job.checkpoint_hash, "adapter_id": card.adapter_id,
+                      "split_id": fold.split_id, "fold": fold.fold, **card.lora, **card.train}
+        _write_results(st, fold, card, _load_head(card), embeddings, space_id, job.model, run_config, fit_seconds)
+    frame = st.query("SELECT metric, value FROM eval_results WHERE task_id = ?", [task_id])
+    values = {m: (None if pd.isna(v) else float(v)) for m, v in zip(frame["metric"], frame["value"])}
+    return task_id, {m: values.get(m) for m in METRICS}
 
 
 def _load_head(card: LoraCard) -> Any:
@@ -1171,6 +1234,8 @@ def finetune(
     probe.check_checkpoint()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    if isinstance(target_modules, str):  # one name or one regex
+        target_modules = [target_modules]
     targets = tuple(target_modules) if target_modules is not None else tuple(probe.lora_target_modules)
     if not targets:
         msg = f"{model} names no LoRA target modules; pass target_modules= (--target-modules)."

@@ -361,6 +361,13 @@ def _run_chunks(st: Store, emb: Embedding, adapter: Adapter, chunks: list[int], 
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    todo = set(chunks)
+    sequential = bool(getattr(adapter, "sequential_tokenize", False))
+    if sequential:
+        # reference-quirk tokenisers draw from one RNG stream in row order: replay every chunk in
+        # one process so a resumed run draws the same numbers, and embed only the missing ones
+        workers = 0
+        chunks = list(range(emb.n_chunks)) if todo else []
     source = _ChunkTokens(st.root, emb.dataset_id, adapter, emb, chunks, adapter.requires_counts)
     state: dict[str, Any] = {"batch_size": batch_size}
     lengths_all: list[int] = []
@@ -368,11 +375,13 @@ def _run_chunks(st: Store, emb: Embedding, adapter: Adapter, chunks: list[int], 
     n_done = 0
     sort = not getattr(adapter, "batch_dependent", False)
     t0 = time.perf_counter()
-    total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks)
+    total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in todo)
     bar = progress_bar(total=total_cells, desc=f"embed {adapter.name}", unit="cell", silent=not progress)
     try:
         with emb.writer() as writer:
             for chunk, cells in _iter_chunk_tokens(source, workers):
+                if chunk not in todo:
+                    continue
                 t_chunk = time.perf_counter()
                 lengths = [adapter.token_length(c) for c in cells]
                 batches = batches_by_length(lengths, state["batch_size"], sort=sort)

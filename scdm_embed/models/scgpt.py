@@ -316,6 +316,8 @@ class ScGPTAdapter(Adapter):
             raise InputDataError(msg)
         self.max_length = int(max_length)
         self.reference_quirks = reference_quirks
+        # quirk mode draws from one stream in row order: chunks must be tokenised in order, in one process
+        self.sequential_tokenize = reference_quirks
         self._stream = ReferenceStream(seed)
         self._args: dict[str, Any] | None = None
         self._vocab: dict[str, int] | None = None

@@ -310,6 +310,8 @@ class UCEAdapter(Adapter):
         self.reference_quirks = reference_quirks
         # the float mask lets a batch's padding into every cell: batches must be fixed row ranges
         self.batch_dependent = reference_quirks
+        # quirk mode draws from one stream in row order: chunks must be tokenised in order, in one process
+        self.sequential_tokenize = reference_quirks
         self._stream = _ReferenceStream(seed)
         if variant not in MODEL_FILES:
             msg = f"variant={variant!r} is unknown; use one of {', '.join(MODEL_FILES)} (files {', '.join(MODEL_FILES.values())})."

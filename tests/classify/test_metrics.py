@@ -67,3 +67,24 @@ def test_no_predicted_positive_leaves_precision_undefined() -> None:
 def test_bad_input_is_explained(y: list[int], p: list[float], match: str) -> None:
     with pytest.raises(InputDataError, match=match):
         compute_metrics(np.array(y), np.array(p))
+
+
+def test_closed_forms_equal_sklearn_on_random_folds_with_ties():
+    from sklearn import metrics as skm
+
+    from scdm_classify.metrics import compute_metrics
+
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(2, 60))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        p = np.round(rng.random(n), int(rng.integers(1, 3)))  # coarse values: many ties
+        m = compute_metrics(y, p)
+        pred = (p >= 0.5).astype(int)
+        assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+        assert m["ap"] == pytest.approx(skm.average_precision_score(y, p), abs=1e-12)
+        assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred), abs=1e-12)
+        assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
+        assert m["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted", zero_division=0), abs=1e-12)

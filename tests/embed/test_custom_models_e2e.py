@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from scdm_embed._adapter import Adapter, get_adapter
-from scdm_embed.models import cellplm, celllm, scbert, scfoundation, scgpt, uce
+from scdm_embed.models import celllm, cellplm, scbert, scfoundation, scgpt, uce
 from scdm_embed.runner import embed
 from store import Store
 

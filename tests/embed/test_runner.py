@@ -177,3 +177,34 @@ def test_tokenising_in_worker_processes_gives_identical_results(tmp_path, pc9_co
         st.ingest(pc9_counts_path, name="d")
         outs.append(_emb(st, embed(st, "d", "toy-test", toy_ckpt, chunk_rows=100, workers=workers, progress=False)))
     assert outs[0].tobytes() == outs[1].tobytes()
+
+
+def test_reference_quirk_runs_replay_the_rng_stream_on_resume(tmp_path, pc9_counts_path, monkeypatch):
+    from scdm_embed.models import scgpt
+
+    genes = ad.read_h5ad(pc9_counts_path, backed="r").var_names[:2000].tolist()
+    ckpt = scgpt.write_tiny_checkpoint(tmp_path / "scgpt", genes=genes)
+    clean = Store(tmp_path / "clean")
+    clean.ingest(pc9_counts_path, name="d")
+    reference = _emb(clean, embed(clean, "d", "scgpt", ckpt, chunk_rows=64, reference_quirks=True, progress=False))
+
+    st = Store(tmp_path / "crash")
+    st.ingest(pc9_counts_path, name="d")
+    original = scgpt.ScGPTAdapter.embed if hasattr(scgpt, "ScGPTAdapter") else None
+    cls = type(next(a for n, a in __import__("scdm_embed").available_models().items() if n == "scgpt")())
+    original = cls.embed
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(cls, "embed", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        embed(st, "d", "scgpt", ckpt, chunk_rows=64, reference_quirks=True, progress=False)
+    monkeypatch.setattr(cls, "embed", original)
+    resumed = embed(st, "d", "scgpt", ckpt, chunk_rows=64, reference_quirks=True, progress=False)
+    assert 0 < resumed.computed_chunks < 5
+    assert _emb(st, resumed).tobytes() == reference.tobytes()

@@ -273,3 +273,35 @@ def test_layers_match_stock_torch_transformer_layers(adapter: ScFoundationAdapte
     with torch.inference_mode():
         expected, got = stock(x, src_key_padding_mask=padding), ours(x, padding)
     assert (expected - got)[~padding].abs().max() <= 1e-5
+
+
+# ---- reference_quirks --------------------------------------------------------------------------
+def test_reference_quirks_drop_non_positive_t_and_s_and_pool_by_position(folder: Path, adapter: ScFoundationAdapter) -> None:
+    x = _counts(n_cells=8, seed=5)
+    dense = x.toarray()
+    totals = dense[:, :30].sum(axis=1)
+    shift = -float(np.log10(np.median(totals)))  # T = log10(total) + shift is <= 0 for about half the cells
+    quirky = ScFoundationAdapter(checkpoint=folder, tgthighres=f"a{shift}", reference_quirks=True)
+    default = ScFoundationAdapter(checkpoint=folder, tgthighres=f"a{shift}")
+    for a in (quirky, default):
+        a.load("cpu")
+        a.prepare(DATASET_GENES, gene_id_kind="symbol")
+    dropped = np.log10(totals) + shift <= 0
+    assert dropped.any() and not dropped.all()
+    got, kept = _embed(quirky, x, np.arange(8)), _embed(default, x, np.arange(8))
+    for i in range(8):
+        expected = reference_cell_embedding(folder, dense[i], DATASET_GENES, target=float(np.float32(np.log10(totals[i]) + shift)))
+        assert (got[i] - expected).abs().max() <= 1e-5
+        assert ((kept[i] - got[i]).abs().max() > 1e-3) == dropped[i]  # only cells that lose T differ
+    assert quirky.params()["reference_quirks"] is True and default.params()["reference_quirks"] is False
+
+
+def test_reference_quirks_refuse_a_cell_the_reference_crashes_on(folder: Path) -> None:
+    quirky = ScFoundationAdapter(checkpoint=folder, reference_quirks=True)
+    quirky.prepare(DATASET_GENES, gene_id_kind="symbol")
+    one_count = np.zeros((1, len(DATASET_GENES)), dtype=np.float32)
+    one_count[0, 3] = 1.0  # total 1: S = log10(1) = 0 is dropped, leaving one gene and T
+    with pytest.raises(InputDataError, match="keeps only 2 token"):
+        quirky.tokenize(sp.csr_matrix(one_count), np.array([0]))
+    with pytest.raises(InputDataError, match="must be True or False"):
+        ScFoundationAdapter(checkpoint=folder, reference_quirks=None)

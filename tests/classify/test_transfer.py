@@ -1,0 +1,462 @@
+"""scDEAL transfer learning: waterfall labels, losses and their gradients, the optimiser, integrated
+gradients, and the whole run from a pseudo-bulk source to a shifted single-cell target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scdm_classify import _transfer_model as tm
+from scdm_classify._transfer_dann import DANNHead
+from scdm_classify._transfer_data import (
+    TransferWarning,
+    balance_classes,
+    binarize_response,
+    cluster_cells,
+    waterfall_cutoff,
+)
+from scdm_classify.synth import synthesize
+from scdm_classify.transfer import critical_genes, transfer, transfer_latent
+from store import Store
+from store.errors import InputDataError
+
+torch.set_num_threads(1)
+# Leiden needs leidenalg/igraph; without them every run warns that it fell back to KMeans
+pytestmark = pytest.mark.filterwarnings("ignore::scdm_classify._transfer_data.TransferWarning")
+
+TARGET_STUDY = "GSE131984"  # 272 cells at scale 0.02, 16 samples, both classes
+SMALL = {"hidden": (64,), "latent_dim": 16, "batch_size": 64, "pretrain_epochs": 10, "n_hvg": None}
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic data: pseudo-bulk source, single-cell target of another study
+# --------------------------------------------------------------------------------------------
+def pseudo_bulk(cells: ad.AnnData, *, cells_per_profile: int = 15, seed: int = 0) -> ad.AnnData:
+    """Bulk-like profiles: sums of counts of random groups of cells of one sample ("cell line")."""
+    rng = np.random.default_rng(seed)
+    X = sp.csr_matrix(cells.X)
+    rows, labels, names = [], [], []
+    for sample, idx in cells.obs.groupby("sample", observed=True).indices.items():
+        idx = rng.permutation(idx)
+        for k in range(0, len(idx) - cells_per_profile + 1, cells_per_profile):
+            rows.append(np.asarray(X[idx[k:k + cells_per_profile]].sum(axis=0)).ravel())
+            labels.append(str(cells.obs["response"].iloc[idx[0]]))
+            names.append(f"{sample}_{k}")
+    obs = pd.DataFrame({"drugX": labels}, index=names)
+    return ad.AnnData(X=np.vstack(rows).astype(np.float32), obs=obs, var=cells.var[[]].copy())
+
+
+@pytest.fixture(scope="module")
+def collection() -> ad.AnnData:
+    # one response program shared by all studies (study_shift=0): what the source learns applies
+    # to the target, up to the domain shift (bulk vs. sparse single cells, study batch effects)
+    return synthesize(0.02, n_genes=200, seed=0, study_shift=0.0, response_strength=2.0)
+
+
+@pytest.fixture(scope="module")
+def bulk(collection: ad.AnnData) -> ad.AnnData:
+    return pseudo_bulk(collection[collection.obs["study"] != TARGET_STUDY].copy())
+
+
+@pytest.fixture(scope="module")
+def target_cells(collection: ad.AnnData) -> ad.AnnData:
+    return collection[collection.obs["study"] == TARGET_STUDY].copy()
+
+
+@pytest.fixture(scope="module")
+def st(tmp_path_factory: pytest.TempPathFactory, target_cells: ad.AnnData) -> Store:
+    store = Store(tmp_path_factory.mktemp("transfer") / "store")
+    store.ingest(target_cells, name="target", label_key="response", study=TARGET_STUDY)
+    return store
+
+
+@pytest.fixture(scope="module")
+def runs(st: Store, bulk: ad.AnnData) -> dict[str, object]:
+    kw = dict(source=bulk, target="target", drug="drugX", epochs=20, alpha=10.0, beta=0.1, seed=0, **SMALL)
+    return {"adapted": transfer(st, adapt=True, **kw), "plain": transfer(st, adapt=False, **kw)}
+
+
+# --------------------------------------------------------------------------------------------
+# waterfall
+# --------------------------------------------------------------------------------------------
+def test_waterfall_linear_curve_cuts_at_the_median() -> None:
+    values = np.random.default_rng(0).permutation(3.0 * np.arange(11) + 2.0)
+    cut = waterfall_cutoff(values, sensitive="low")
+    assert cut.method == "median" and cut.r == pytest.approx(1.0)
+    assert cut.cutoff == 17.0 and cut.n_sensitive == 5 and cut.n_resistant == 6
+
+
+def test_waterfall_bent_curve_cuts_at_the_point_farthest_from_the_chord() -> None:
+    # steep for the first 5 samples, then flat: the corner (value 40) is farthest from the chord
+    values = np.array([0, 10, 20, 30, 40, *range(41, 56)], dtype=float)
+    cut = waterfall_cutoff(np.random.default_rng(1).permutation(values), sensitive="low")
+    assert cut.method == "knee" and cut.r < 0.95
+    assert cut.cutoff == 40.0
+    assert (cut.n_sensitive, cut.n_resistant) == (4, 16)  # strictly below the knee; the knee is resistant
+    high = waterfall_cutoff(values, sensitive="high")  # activity area: high = sensitive
+    assert high.cutoff == 40.0 and high.n_sensitive == 15
+    assert waterfall_cutoff(-values).cutoff == -40.0  # the farthest point does not depend on the direction
+
+
+def test_waterfall_is_unit_free() -> None:
+    values = np.exp(np.linspace(0, 4, 30))
+    assert waterfall_cutoff(values).cutoff * 1000 == pytest.approx(waterfall_cutoff(values * 1000).cutoff)
+
+
+def test_binarize_response_kinds() -> None:
+    labels, cut = binarize_response(pd.Series(["sensitive", "resistant", None, "Sensitive"]))
+    assert labels.tolist() == [1, 0, -1, 1] and cut is None
+    with pytest.raises(InputDataError, match="ic50"):
+        binarize_response([0.3, 2.5, 7.1, 0.2])
+    labels, cut = binarize_response([0.1, 0.2, 0.3, 0.4, np.nan, 0.5], kind="ic50")
+    assert cut is not None and cut.method == "median" and labels.tolist() == [1, 1, 0, 0, -1, 0]
+    with pytest.raises(InputDataError, match="equal"):
+        waterfall_cutoff([1.0, 1.0, 1.0])
+
+
+def test_class_balancing() -> None:
+    X = np.arange(20, dtype=np.float32).reshape(10, 2)
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], np.int8)
+    _, yu = balance_classes(X, y, "upsample", seed=0)
+    assert np.bincount(yu).tolist() == [8, 8]
+    _, yd = balance_classes(X, y, "downsample", seed=0)
+    assert np.bincount(yd).tolist() == [2, 2]
+    try:
+        import imblearn  # noqa: F401
+    except ImportError:
+        with pytest.raises(InputDataError, match="imbalanced-learn"):
+            balance_classes(X, y, "smote")
+
+
+# --------------------------------------------------------------------------------------------
+# losses, gradients, optimiser, learning rate
+# --------------------------------------------------------------------------------------------
+def _tiny(shared: bool = False) -> tuple[tm.TransferNet, tm.TrainConfig, tuple[torch.Tensor, ...]]:
+    cfg = tm.TrainConfig(hidden=(8,), latent_dim=4, predictor_hidden=(4,), dropout=0.0, alpha=1.0, beta=1.0,
+                         shared_encoder=shared)
+    torch.manual_seed(0)
+    net = tm.TransferNet(6, 6, cfg)
+    gen = torch.Generator().manual_seed(0)
+    xs, xt = torch.rand(12, 6, generator=gen), torch.rand(12, 6, generator=gen) * 0.5 + 0.3
+    ys = torch.tensor([0, 1] * 6)
+    ct = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2])
+    return net, cfg, (xs, ys, xt, ct)
+
+
+def _grad_norms(net: torch.nn.Module, loss: torch.Tensor) -> dict[str, float]:
+    net.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    out: dict[str, float] = {}
+    for part in ("source_ae.encoder", "target_ae.encoder", "source_ae.decoder", "target_ae.decoder", "predictor"):
+        module = net.get_submodule(part)
+        out[part] = sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+    return out
+
+
+def test_each_loss_term_trains_what_it_is_meant_to() -> None:
+    net, cfg, (xs, ys, xt, ct) = _tiny()
+    net.train()
+    parts = tm.joint_loss(net, xs, ys, xt, ct, cfg, torch.Generator().manual_seed(1))
+    ce = _grad_norms(net, parts.ce)
+    assert ce["source_ae.encoder"] > 0 and ce["predictor"] > 0 and ce["target_ae.encoder"] == 0
+    mmd = _grad_norms(net, parts.mmd)
+    assert parts.mmd.item() > 0
+    assert mmd["source_ae.encoder"] > 0 and mmd["target_ae.encoder"] > 0 and mmd["predictor"] == 0
+    clu = _grad_norms(net, parts.cluster)
+    assert clu["target_ae.encoder"] > 0 and clu["source_ae.encoder"] == 0 and clu["predictor"] == 0
+    rec = _grad_norms(net, parts.rec_source + parts.rec_target)
+    assert rec["source_ae.decoder"] > 0 and rec["target_ae.decoder"] > 0
+    total = _grad_norms(net, parts.total)
+    assert all(v > 0 for v in total.values())
+
+
+def test_shared_encoder_gets_every_term() -> None:
+    net, cfg, (xs, ys, xt, ct) = _tiny(shared=True)
+    net.train()
+    parts = tm.joint_loss(net, xs, ys, xt, ct, cfg)
+    for term in (parts.ce, parts.mmd, parts.cluster):
+        assert _grad_norms(net, term)["source_ae.encoder"] > 0
+
+
+def test_cluster_term_is_differentiable() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    clusters = torch.tensor([0, 0, 1, 1, 1, 2, 0])
+    assert torch.autograd.gradcheck(lambda v: tm.cluster_loss(v, clusters), (z,))
+    # cells of one cluster pointing the same way cost nothing
+    same = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    assert tm.cluster_loss(same, torch.tensor([0, 0, 1, 1])).item() == pytest.approx(0.0, abs=1e-6)
+    assert tm.cluster_loss(same, torch.tensor([0, 1, 0, 1])).item() == pytest.approx(1.0)
+
+
+def test_mmd_is_zero_for_identical_samples_and_grows_with_a_shift() -> None:
+    z = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    assert tm.mmd_rbf(z, z).item() == pytest.approx(0.0, abs=1e-6)
+    assert tm.mmd_rbf(z, z + 2.0).item() > tm.mmd_rbf(z, z + 0.5).item() > 0
+
+
+def test_denoising_reconstructs_the_clean_input() -> None:
+    net, _, (xs, *_) = _tiny()
+    net.eval()
+    loss = tm.dae_loss(net.source_ae, xs, 0.3, torch.Generator().manual_seed(5))
+    noise = torch.randn(xs.shape, generator=torch.Generator().manual_seed(5)) * 0.3
+    recon = net.source_ae(xs + noise)
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(recon, xs).item())
+    assert loss.item() != pytest.approx(torch.nn.functional.mse_loss(recon, xs + noise).item())
+
+
+def test_optimizer_holds_every_trainable_module() -> None:
+    for shared in (False, True):
+        net, cfg, _ = _tiny(shared)
+        opt = tm.make_optimizer(net, cfg)
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        assert held == {id(p) for p in net.parameters()}
+        for part in (net.source_ae, net.target_ae, net.predictor):
+            assert {id(p) for p in part.parameters()} <= held
+
+
+@pytest.mark.parametrize("lr", [1e-3, 3e-2])
+def test_learning_rate_is_honoured(lr: float) -> None:
+    net, cfg, (xs, ys, xt, ct) = _tiny()
+    cfg = tm.TrainConfig(**{**cfg.to_dict(), "hidden": (8,), "predictor_hidden": (4,), "lr": lr})
+    opt = tm.make_optimizer(net, cfg)
+    assert all(group["lr"] == lr for group in opt.param_groups)
+    before = [p.detach().clone() for p in net.parameters()]
+    net.train()
+    tm.joint_loss(net, xs, ys, xt, ct, cfg).total.backward()
+    opt.step()
+    # Adam's first step moves every parameter with a gradient by ~lr (m / sqrt(v) = sign(g))
+    steps = torch.cat([(p.detach() - b).abs().ravel() for p, b in zip(net.parameters(), before)])
+    assert steps.max().item() == pytest.approx(lr, rel=1e-3)
+
+
+def test_training_uses_the_given_learning_rate() -> None:
+    rng = np.random.default_rng(0)
+    Xs, Xt = rng.random((40, 6)).astype(np.float32), rng.random((30, 6)).astype(np.float32)
+    ys = (Xs[:, 0] > 0.5).astype(np.int64)
+    moved = {}
+    for lr in (1e-9, 1e-2):
+        cfg = tm.TrainConfig(hidden=(8,), latent_dim=4, predictor_hidden=(4,), epochs=2, pretrain_epochs=1, lr=lr,
+                             batch_size=16, seed=3)
+        out = tm.fit_transfer(Xs, ys, Xt, np.zeros(30, np.int64), cfg, validation=None)
+        torch.manual_seed(cfg.seed)
+        init = tm.TransferNet(6, 6, cfg)
+        moved[lr] = max(float((a.detach() - b.detach()).abs().max()) for a, b in zip(out.net.predictor.parameters(), init.predictor.parameters()))
+    assert moved[1e-9] < 1e-6
+    assert moved[1e-2] > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# integrated gradients
+# --------------------------------------------------------------------------------------------
+def test_integrated_gradients_of_a_linear_function_are_exact() -> None:
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    X = np.array([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])
+    attr, delta = tm.integrated_gradients(lambda x: x @ w, X, baseline=np.array([0.2, 0.1, 0.0]))
+    np.testing.assert_allclose(attr, (X - [0.2, 0.1, 0.0]) * w.numpy(), atol=1e-12)
+    np.testing.assert_allclose(delta, 0.0, atol=1e-12)
+
+
+def test_integrated_gradients_completeness_on_the_transfer_network() -> None:
+    cfg = tm.TrainConfig(hidden=(16, 8), latent_dim=4, predictor_hidden=(4,))
+    torch.manual_seed(0)
+    net = tm.TransferNet(5, 5, cfg).double().eval()
+    for p in net.parameters():  # larger weights: a strongly non-linear path
+        p.data.mul_(1.5)
+    X = np.random.default_rng(0).random((20, 5))
+    attr, delta = tm.integrated_gradients(net.target_proba, X, n_steps=16)
+    with torch.no_grad():
+        gap = net.target_proba(torch.from_numpy(X)).numpy() - net.target_proba(torch.zeros(1, 5, dtype=torch.float64)).numpy()
+    assert np.abs(gap).max() > 0.05
+    np.testing.assert_allclose(attr.sum(axis=1), gap, rtol=0, atol=1e-9)
+    assert np.abs(delta).max() < 1e-9
+
+
+def test_integrated_gradients_refine_a_relu_network_until_complete() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).double()
+    X = np.random.default_rng(0).random((5, 5)) * 3
+    f = lambda x: net(x).squeeze(1)
+    attr, _ = tm.integrated_gradients(f, X, n_steps=8, rtol=1e-2, atol=1e-3, max_steps=512)
+    with torch.no_grad():
+        gap = f(torch.from_numpy(X)).numpy() - f(torch.zeros(1, 5, dtype=torch.float64)).numpy()
+    assert (np.abs(attr.sum(axis=1) - gap) <= 1e-3 + 1e-2 * np.abs(gap)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# the whole run
+# --------------------------------------------------------------------------------------------
+def test_transfer_beats_the_same_predictor_without_adaptation(runs: dict[str, object]) -> None:
+    adapted, plain = runs["adapted"], runs["plain"]
+    # Without adaptation the bulk-trained predictor is miscalibrated on sparse single cells (it
+    # calls most cells sensitive); aligning the latent spaces fixes that. Margins hold for seeds 0-2.
+    assert plain.label.mean() > 0.7 and abs(adapted.label.mean() - 0.5) < 0.15
+    assert adapted.metrics["accuracy"] >= plain.metrics["accuracy"] + 0.04
+    assert adapted.metrics["mcc"] > plain.metrics["mcc"]
+    assert adapted.adapt and not plain.adapt
+    assert adapted.selection == "source_val" and 0 <= adapted.selected_epoch < 20
+
+
+def test_run_is_recorded_in_the_catalog(st: Store, runs: dict[str, object], target_cells: ad.AnnData) -> None:
+    res = runs["adapted"]
+    row = st.query("SELECT * FROM transfer_runs WHERE run_id = ?", [res.run_id]).iloc[0]
+    assert row["status"] == "complete" and row["drug"] == "drugX" and row["source_kind"] == "bulk-anndata"
+    config = json.loads(row["config"])
+    assert config["alpha"] == 10.0 and config["lr"] == 1e-3 and config["epochs"] == 20
+    preds = st.query("SELECT * FROM transfer_predictions WHERE run_id = ? ORDER BY row", [res.run_id])
+    assert len(preds) == target_cells.n_obs
+    np.testing.assert_allclose(preds["proba"], res.proba, atol=1e-6)
+    metrics = st.query("SELECT metric, value FROM transfer_metrics WHERE run_id = ?", [res.run_id])
+    assert dict(zip(metrics["metric"], metrics["value"]))["accuracy"] == pytest.approx(res.metrics["accuracy"])
+    stages = set(st.query("SELECT DISTINCT stage FROM transfer_history WHERE run_id = ?", [res.run_id])["stage"])
+    assert {"pretrain_source_ae", "pretrain_predictor", "joint"} <= stages
+    joint = st.query("SELECT * FROM transfer_history WHERE run_id = ? AND stage = 'joint'", [res.run_id])
+    assert (joint["mmd"] > 0).all() and joint["cluster"].notna().all() and joint["val_ce"].notna().all()
+    assert len(st.query("SELECT * FROM transfer_features WHERE run_id = ?", [res.run_id])) == res.n_features
+    latent = transfer_latent(st, res.run_id)
+    assert latent["target"].shape == (target_cells.n_obs, 16) and latent["source"].shape[0] == res.n_source
+
+
+def test_no_choice_reads_target_labels(st: Store, bulk: ad.AnnData, target_cells: ad.AnnData) -> None:
+    shuffled = target_cells.copy()
+    shuffled.obs_names = [f"{c}-copy" for c in shuffled.obs_names]  # a new dataset with the same matrix
+    shuffled.obs["response"] = np.random.default_rng(0).permutation(shuffled.obs["response"].to_numpy())
+    st.ingest(shuffled, name="target_shuffled", label_key="response", study=TARGET_STUDY)
+    kw = dict(source=bulk, drug="drugX", epochs=3, alpha=1.0, beta=0.1, seed=4, **{**SMALL, "pretrain_epochs": 2})
+    a = transfer(st, target="target", **kw)
+    b = transfer(st, target="target_shuffled", **kw)
+    np.testing.assert_array_equal(a.proba, b.proba)
+    assert a.selected_epoch == b.selected_epoch and a.metrics != b.metrics
+
+
+def test_hyper_parameter_grids_need_a_target_validation_set(st: Store, bulk: ad.AnnData) -> None:
+    with pytest.raises(InputDataError, match="target-validation"):
+        transfer(st, source=bulk, target="target", drug="drugX", alpha=[0.1, 1.0])
+    with pytest.raises(InputDataError, match="other than the target"):
+        transfer(st, source=bulk, target="target", drug="drugX", validation="target")
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, ad.AnnData, object]:
+    """Deeper cells (10,000 UMI) and a stronger program: the planted genes are expressed enough to matter."""
+    cells = synthesize(0.02, n_genes=200, seed=0, study_shift=0.0, response_strength=3.0, sample_sd=0.3,
+                       library_median=10000.0)
+    target = cells[cells.obs["study"] == TARGET_STUDY].copy()
+    store = Store(tmp_path_factory.mktemp("deep") / "store")
+    store.ingest(target, name="target", label_key="response", study=TARGET_STUDY)
+    res = transfer(store, source=pseudo_bulk(cells[cells.obs["study"] != TARGET_STUDY].copy()), target="target",
+                   drug="drugX", epochs=20, alpha=10.0, beta=0.1, seed=0, **SMALL)
+    return store, target, res
+
+
+def test_a_grid_is_chosen_on_the_target_validation_set(st: Store, bulk: ad.AnnData, collection: ad.AnnData) -> None:
+    other = collection[collection.obs["study"] == "GSE108397"].copy()
+    st.ingest(other, name="validation_study", label_key="response", study="GSE108397")
+    res = transfer(st, source=bulk, target="target", drug="drugX", validation="validation_study", alpha=[0.1, 5.0],
+                   beta=[0.1], epochs=2, seed=0, **{**SMALL, "pretrain_epochs": 1})
+    config = json.loads(st.query("SELECT config FROM transfer_runs WHERE run_id = ?", [res.run_id])["config"].iloc[0])
+    scores = {g["alpha"]: g["val_ce"] for g in config["grid"]}
+    assert set(scores) == {0.1, 5.0} and res.alpha == min(scores, key=scores.get)
+    assert res.selection == "target_val" and res.val_score == pytest.approx(scores[res.alpha])
+
+
+def test_critical_genes_recover_the_planted_program(deep: tuple[Store, ad.AnnData, object]) -> None:
+    st, target_cells, res = deep
+    table = critical_genes(st, res.run_id, max_cells=None, n_steps=32)
+    assert table.attrs["max_completeness_gap"] < 1e-3
+    assert Path(table.attrs["plot"]).exists()
+    planted = set(target_cells.var_names[target_cells.var["response_program"] != 0])
+    top = list(table["gene"].head(10))
+    assert len(planted & set(top)) >= 3  # 10 planted of 200 genes: chance would put 0.5 in the top 10
+    stored = st.query("SELECT * FROM critical_genes WHERE run_id = ? ORDER BY rank", [res.run_id])
+    assert list(stored["gene"].head(10)) == top and stored["critical"].sum() == table["critical"].sum()
+
+
+def test_bulk_csv_with_ic50_is_binarised_by_the_waterfall(st: Store, bulk: ad.AnnData, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    sensitive = (bulk.obs["drugX"] == "sensitive").to_numpy()
+    # two well separated modes: a step-shaped waterfall (r < 0.95), cut at its edge
+    ic50 = np.where(sensitive, rng.normal(0.0, 0.2, sensitive.size), rng.normal(10.0, 0.2, sensitive.size))
+    expr, resp = tmp_path / "expr.csv", tmp_path / "ic50.csv"
+    pd.DataFrame(np.asarray(bulk.X), index=bulk.obs_names, columns=bulk.var_names).to_csv(expr)
+    pd.DataFrame({"drugX": ic50, "other": 1.0}, index=bulk.obs_names).to_csv(resp)
+    res = transfer(st, source=(str(expr), str(resp)), target="target", drug="drugX", response="ic50", epochs=2,
+                   seed=0, **{**SMALL, "pretrain_epochs": 1})
+    assert res.waterfall is not None and res.waterfall.method == "knee"
+    # the knee falls at the edge of the step: the two IC50 modes are split up to a few tail points
+    assert abs(res.waterfall.n_sensitive - int(sensitive.sum())) <= 0.03 * sensitive.size
+    row = st.query("SELECT source_kind, waterfall FROM transfer_runs WHERE run_id = ?", [res.run_id]).iloc[0]
+    assert row["source_kind"] == "bulk-csv" and json.loads(row["waterfall"])["method"] == "knee"
+
+
+def test_transfer_on_cached_embeddings(tmp_path: Path, collection: ad.AnnData) -> None:
+    store = Store(tmp_path / "store")
+    studies = ["GSE164897", TARGET_STUDY]
+    rng = np.random.default_rng(0)
+    projection = rng.normal(size=(200, 12)).astype(np.float32)
+    ids = {}
+    for study in studies:
+        cells = collection[collection.obs["study"] == study].copy()
+        store.ingest(cells, name=study, label_key="response", study=study)
+        X = np.log1p(np.asarray(sp.csr_matrix(cells.X).todense()))
+        emb = store.create_embedding(study, model="toy", params={"projection": 0}, dim=12)
+        values = (X @ projection).astype(np.float32)
+        for chunk in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(chunk)
+            emb.write_chunk(chunk, values[lo:hi])
+        emb.finalize()
+        ids[study] = emb.embedding_id
+    res = transfer(store, source="GSE164897", target=TARGET_STUDY, features=ids[TARGET_STUDY], epochs=3, seed=0,
+                   **{**SMALL, "pretrain_epochs": 2})
+    assert res.n_features == 12 and res.proba.shape == (int((collection.obs["study"] == TARGET_STUDY).sum()),)
+    row = store.query("SELECT features, source_features FROM transfer_runs WHERE run_id = ?", [res.run_id]).iloc[0]
+    assert row["features"] == ids[TARGET_STUDY] and json.loads(row["source_features"]) == [ids["GSE164897"]]
+    with pytest.raises(InputDataError, match="embedding features"):
+        critical_genes(store, res.run_id)
+    with pytest.raises(InputDataError, match="also a source"):
+        transfer(store, source=TARGET_STUDY, target=TARGET_STUDY, epochs=1)
+
+
+# --------------------------------------------------------------------------------------------
+# the cross-data dann head and clusters
+# --------------------------------------------------------------------------------------------
+def test_dann_head_adapts_to_the_held_out_cells() -> None:
+    rng = np.random.default_rng(0)
+    y_s, y_t = rng.integers(0, 2, 300), rng.integers(0, 2, 200)
+    signal = np.array([1.5, -1.5, 0, 0, 0, 0])
+    X_s = rng.normal(size=(300, 6)) + y_s[:, None] * signal
+    # the held-out study: rescaled, shifted and with an extra noise direction
+    X_t = (rng.normal(size=(200, 6)) + y_t[:, None] * signal) * 0.5 + np.array([3, 1, 0, 0, -2, 0])
+    head = DANNHead(epochs=15, pretrain_epochs=5, lr=3e-3, hidden=(16,), latent_dim=4, batch_size=64,
+                    cluster_method="kmeans", n_clusters=3)
+    with pytest.raises(InputDataError, match="target="):
+        head.fit(X_s, y_s)
+    proba = head.fit(X_s, y_s, target=X_t).predict_proba(X_t)
+    assert proba.shape == (200,) and ((0 <= proba) & (proba <= 1)).all()
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y_t, proba) > 0.7
+    assert head.get_params()["alpha"] == 1.0 and head.best_epoch_ >= 0
+
+
+def test_cluster_fallback_is_recorded() -> None:
+    X = np.vstack([np.random.default_rng(0).normal(m, 0.1, size=(30, 5)) for m in (0.0, 3.0, 6.0)])
+    clusters = cluster_cells(X, method="kmeans", seed=0)
+    assert clusters.method == "kmeans" and clusters.n_clusters == 3 and "silhouette" in clusters.note
+    try:
+        import igraph  # noqa: F401
+        import leidenalg  # noqa: F401
+    except ImportError:
+        with pytest.warns(TransferWarning, match="leidenalg"):
+            assert cluster_cells(X, method="auto", seed=0).method in ("kmeans", "louvain")
+        with pytest.raises(InputDataError, match="not installed"):
+            cluster_cells(X, method="leiden")
+    else:
+        assert cluster_cells(X, method="auto", seed=0).method == "leiden"

@@ -1,0 +1,475 @@
+"""LoRA fine-tuning: weights, gradient check, adapter round trip, catalog rows, fold invariant, caching."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scdm_classify.metrics import compute_metrics
+from scdm_classify.results import leaderboard
+from scdm_classify.splits import make_splits, save_splits
+from scdm_embed import finetune as ft
+from scdm_embed._adapter import get_adapter
+from scdm_embed.finetune import LORA_HEAD, LoraTrainingError, finetune, read_lora_card
+from scdm_embed.runner import checkpoint_hash, embed
+from store import Store
+from store.errors import CheckpointError, InputDataError, ScdmError, ScdmWarning
+from store.genes import gene_table
+from tests.embed import toy_adapter
+
+torch.set_num_threads(1)
+
+ALL_MODELS = ("geneformer", "tgpt", "llm", "scgpt", "scfoundation", "uce", "scbert", "celllm", "cellplm")
+EXTRA = {"uce": {"sample_size": 48}}  # UCE samples 1024 genes per cell by default: slow on a CPU
+FAST = {"epochs": 1, "lr": 1e-2, "batch_size": 8, "progress": False}
+
+
+def _genes(n: int) -> list[str]:
+    table = gene_table()
+    return table.loc[table["ensembl"] != "", "symbol"].drop_duplicates().iloc[:n].tolist()
+
+
+def _planted(n_cells: int, n_genes: int, n_background: int, seed: int = 0) -> ad.AnnData:
+    """Counts whose label is carried by one marker gene among random background genes.
+
+    Every cell expresses ``n_background`` random genes; sensitive cells also express gene 0 and
+    resistant cells gene 1. Cells alternate between two tissues and two studies.
+    """
+    rng = np.random.default_rng(seed)
+    genes = _genes(n_genes)
+    y = rng.integers(0, 2, n_cells)
+    x = np.zeros((n_cells, n_genes), np.float32)
+    for i in range(n_cells):
+        pick = rng.choice(np.arange(2, n_genes), n_background, replace=False)
+        x[i, pick] = rng.integers(1, 6, n_background)
+        x[i, 0 if y[i] else 1] = rng.integers(1, 6)
+    obs = pd.DataFrame({"label": np.where(y == 1, "sensitive", "resistant"),
+                        "tissue": np.where(np.arange(n_cells) % 2, "lung", "skin"),
+                        "study": np.where(np.arange(n_cells) % 3, "S1", "S2")},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    return ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def _store(tmp_path: Path, adata: ad.AnnData, *, by: tuple[str, ...] = ("all",), scenarios=("pooled",), n_folds: int = 3) -> Store:
+    st = Store(tmp_path / "store")
+    st.ingest(adata, name="planted", label_key="label", tissue_key="tissue", study_key="study")
+    save_splits(st, make_splits(st.cells(["planted"]), scenarios=scenarios, by=by, n_folds=n_folds))
+    return st
+
+
+def _checkpoint(name: str, folder: Path, genes: list[str], seed: int = 0) -> Path:
+    module = importlib.import_module(f"scdm_embed.models.{name}")
+    return module.write_tiny_checkpoint(folder, genes=genes, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def small() -> ad.AnnData:
+    return _planted(36, 80, 12)
+
+
+@pytest.fixture()
+def gf_store(tmp_path: Path, small: ad.AnnData) -> tuple[Store, Path]:
+    st = _store(tmp_path, small, by=("all", "tissue"), scenarios=("pooled", "cross"), n_folds=2)
+    return st, _checkpoint("geneformer", tmp_path / "gf", small.var_names.tolist())
+
+
+def _split_cells(st: Store, split_id: str) -> pd.DataFrame:
+    return st.query('SELECT dataset_id, "row", fold FROM split_assignments WHERE split_id = ? ORDER BY "row"', [split_id])
+
+
+# ---- training, base weights, round trip (every adapter) -----------------------------------------
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_lora_trains_only_adapter_weights_and_round_trips_exactly(name, tmp_path, small, monkeypatch):
+    genes = small.var_names.tolist()
+    ckpt = _checkpoint(name, tmp_path / "ckpt", genes)
+    adapter = get_adapter(name)(checkpoint=ckpt, **EXTRA.get(name, {}))
+    adapter.load("cpu")
+    adapter.prepare(genes, gene_id_kind="symbol")
+    cells = adapter.tokenize(small.X.astype(np.float32).tocsr(), np.arange(small.n_obs))
+    labels = (small.obs["label"] == "sensitive").to_numpy(np.int64)
+
+    import peft
+
+    at_injection = {}
+    real = peft.get_peft_model
+
+    def spy(model, config, *args, **kwargs):  # the parameters right after LoRA is put in
+        wrapped = real(model, config, *args, **kwargs)
+        at_injection.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return wrapped
+
+    monkeypatch.setattr(peft, "get_peft_model", spy)
+    settings = ft._Settings(rank=4, alpha=8, dropout=0.05, target_modules=tuple(adapter.lora_target_modules), epochs=1,
+                            lr=1e-2, weight_decay=0.01, batch_size=8, precision="fp32", seed=0)
+    trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
+
+    # base weights: unchanged, frozen, equal to a fresh load of the checkpoint
+    fresh = get_adapter(name)(checkpoint=ckpt, **EXTRA.get(name, {}))
+    fresh.load("cpu")
+    base = fresh.model.state_dict()
+    tuned = trained.adapter.model.state_dict()
+    lora_keys = [k for k in tuned if ".lora_" in k]
+    assert lora_keys and len(trained.lora_modules) >= 2
+    for key, value in tuned.items():
+        if ".lora_" in key:
+            assert not torch.equal(value, at_injection[key]), f"{key} did not train"
+        else:
+            assert torch.equal(value, at_injection[key]), f"base weight {key} changed"
+            assert torch.equal(value, base[key.replace(".base_layer.", ".")]), key
+    assert not any(p.requires_grad for n, p in trained.adapter.model.named_parameters() if ".lora_" not in n)
+
+    # save -> load into a fresh model reproduces the tuned embeddings bit for bit
+    batch = adapter.collate(cells[:9])
+    with torch.inference_mode():
+        tuned_emb = trained.adapter.embed(batch)
+        head_logits = trained.head(tuned_emb)
+    card = ft._card(trained, settings, adapter_id="a1", tuning_id="t1", checkpoint_hash=checkpoint_hash(ckpt), split_id="s1",
+                    fold=0, scenario="pooled", category_type="all", category="all")
+    ft._save(trained, tmp_path / "adapter", card)
+    loaded = read_lora_card(tmp_path / "adapter")
+    loaded.check_base(fresh, checkpoint_hash(ckpt))
+    head = loaded.apply(fresh)
+    with torch.inference_mode():
+        again = fresh.embed(batch)
+        frozen_adapter = get_adapter(name)(checkpoint=ckpt, **EXTRA.get(name, {}))
+        frozen_adapter.load("cpu")
+        frozen = frozen_adapter.embed(batch)
+        assert torch.equal(head(again), head_logits)
+    assert torch.equal(again, tuned_emb)
+    assert not torch.allclose(frozen, tuned_emb, atol=1e-6)
+
+
+def test_lora_curve_and_gradient_checkpointing_give_the_same_training(tmp_path, small):
+    genes = small.var_names.tolist()
+    ckpt = _checkpoint("geneformer", tmp_path / "ckpt", genes)
+    labels = (small.obs["label"] == "sensitive").to_numpy(np.int64)
+    settings = ft._Settings(rank=8, alpha=8, dropout=0.0, target_modules=("query", "value"), epochs=2, lr=1e-2,
+                            weight_decay=0.01, batch_size=8, precision="fp32", seed=0)
+    curves = []
+    for checkpointing in (False, True):
+        adapter = get_adapter("geneformer")(checkpoint=ckpt)
+        adapter.load("cpu")
+        adapter.prepare(genes, gene_id_kind="symbol")
+        cells = adapter.tokenize(small.X.astype(np.float32).tocsr(), np.arange(small.n_obs))
+        trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32",
+                            gradient_checkpointing=checkpointing, progress=False)
+        assert trained.telemetry["gradient_checkpointing"] is checkpointing
+        curves.append([c["loss"] for c in trained.curve])
+    assert len(curves[0]) == 2 and all(np.isfinite(curves[0]))
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
+
+
+def _geneformer_cells(tmp_path: Path, adata: ad.AnnData, **overrides):
+    genes = adata.var_names.tolist()
+    ckpt = _checkpoint("geneformer", tmp_path / "ckpt", genes) if not overrides else \
+        importlib.import_module("scdm_embed.models.geneformer").write_tiny_checkpoint(tmp_path / "ckpt", genes=genes, **overrides)
+
+    def make():
+        adapter = get_adapter("geneformer")(checkpoint=ckpt)
+        adapter.load("cpu")
+        adapter.prepare(genes, gene_id_kind="symbol")
+        return adapter, adapter.tokenize(adata.X.astype(np.float32).tocsr(), np.arange(adata.n_obs))
+
+    return make, (adata.obs["label"] == "sensitive").to_numpy(np.int64)
+
+
+def test_out_of_memory_backoff_accumulates_to_the_same_update(tmp_path, small):
+    # no dropout anywhere, so splitting a batch into micro-batches changes nothing but rounding
+    make, labels = _geneformer_cells(tmp_path, small, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    settings = ft._Settings(rank=4, alpha=8, dropout=0.0, target_modules=("query", "value", "output.dense"), epochs=1,
+                            lr=1e-3, weight_decay=0.01, batch_size=12, precision="fp32", seed=0)
+    runs = []
+    for simulate_oom in (False, True):
+        adapter, cells = make()
+        if simulate_oom:
+            real = adapter.embed
+
+            def embed_small_batches_only(batch, real=real):
+                if batch["input_ids"].shape[0] > 4:
+                    raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
+                return real(batch)
+
+            adapter.embed = embed_small_batches_only
+        trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
+        runs.append(trained)
+    assert runs[0].telemetry["oom_backoffs"] == 0 and runs[1].telemetry["oom_backoffs"] == 2
+    assert runs[1].telemetry["final_micro_batch"] == 3
+    np.testing.assert_allclose(runs[0].curve[0]["loss"], runs[1].curve[0]["loss"], rtol=1e-5)
+    # Adam divides by the gradient's size, so rounding differences of tiny gradients show at ~lr/100
+    a, b = (run.adapter.model.state_dict() for run in runs)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-3)
+
+
+def test_batch_dependent_model_is_never_split_on_out_of_memory(tmp_path, small):
+    genes = small.var_names.tolist()
+    adapter = get_adapter("cellplm")(checkpoint=_checkpoint("cellplm", tmp_path / "ckpt", genes))
+    adapter.load("cpu")
+    adapter.prepare(genes, gene_id_kind="symbol")
+    cells = adapter.tokenize(small.X.astype(np.float32).tocsr(), np.arange(small.n_obs))
+
+    def out_of_memory(batch):
+        raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
+
+    adapter.embed = out_of_memory
+    settings = ft._Settings(rank=4, alpha=8, dropout=0.0, target_modules=tuple(adapter.lora_target_modules), epochs=1,
+                            lr=1e-2, weight_decay=0.01, batch_size=12, precision="fp32", seed=0)
+    labels = (small.obs["label"] == "sensitive").to_numpy(np.int64)
+    with pytest.raises(ScdmError, match="cells attend to each other, so the batch is part of the model"):
+        ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
+
+
+def test_bf16_autocast_trains(tmp_path, small):
+    make, labels = _geneformer_cells(tmp_path, small)
+    adapter, cells = make()
+    settings = ft._Settings(rank=4, alpha=8, dropout=0.05, target_modules=("query", "value"), epochs=1, lr=1e-2,
+                            weight_decay=0.01, batch_size=12, precision="bf16", seed=0)
+    trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="bf16", gradient_checkpointing=False, progress=False)
+    assert np.isfinite(trained.curve[0]["loss"])
+    assert all(p.dtype == torch.float32 for n, p in trained.adapter.model.named_parameters() if ".lora_" in n)
+
+
+def test_gradient_checkpointing_warns_where_unsupported(tmp_path, small):
+    st = _store(tmp_path, small)
+    ckpt = _checkpoint("scgpt", tmp_path / "ckpt", small.var_names.tolist())
+    with pytest.warns(ScdmWarning, match="not supported by the scgpt model"):
+        finetune(st, model="scgpt", checkpoint=ckpt, dataset="planted", fold=0, gradient_checkpointing=True, **FAST)
+
+
+# ---- the gradient check --------------------------------------------------------------------------
+@pytest.fixture()
+def toy_store(tmp_path: Path, small: ad.AnnData) -> tuple[Store, Path]:
+    st = _store(tmp_path, small)
+    return st, toy_adapter.write_toy_checkpoint(tmp_path / "toy", small.var_names.tolist())
+
+
+def test_gradient_check_names_a_module_that_gets_no_gradient(toy_store):
+    st, ckpt = toy_store
+    # a stock nn.MultiheadAttention reads out_proj.weight directly: LoRA on out_proj is bypassed
+    with pytest.raises(LoraTrainingError, match=r"not training 1 of 2 toy-test modules: layer\.self_attn\.out_proj received no gradient"):
+        finetune(st, model="toy-test", checkpoint=ckpt, dataset="planted", fold=0,
+                 target_modules=["self_attn.out_proj", "linear1"], **FAST)
+    assert st.query("SELECT count(*) AS n FROM adapters")["n"].iloc[0] == 0
+    assert not list((st.root / "artifacts" / "adapters").glob("*"))  # nothing half-saved
+
+
+def test_lora_that_eval_mode_bypasses_is_refused(toy_store):
+    st, ckpt = toy_store
+    # linear1/linear2 train in train mode, but the fused eval fast path of nn.TransformerEncoderLayer skips them
+    with pytest.raises(LoraTrainingError, match="do not change the toy-test embedding in eval mode"):
+        finetune(st, model="toy-test", checkpoint=ckpt, dataset="planted", fold=0, target_modules=["linear1", "linear2"], **FAST)
+
+
+def test_unknown_lora_targets_list_the_available_modules(tmp_path, small):
+    st = _store(tmp_path, small)
+    ckpt = _checkpoint("scgpt", tmp_path / "ckpt", small.var_names.tolist())
+    with pytest.raises(CheckpointError, match=r"\['to_q'\] are not in the scgpt architecture.*transformer_encoder\.layers\.\{i\}\.linear1"):
+        finetune(st, model="scgpt", checkpoint=ckpt, dataset="planted", fold=0, target_modules=["linear1", "to_q"], **FAST)
+
+
+# ---- catalog rows, tuned embeddings, fold invariant ------------------------------------------------
+def test_finetune_stores_adapter_tuned_embeddings_and_head_results(gf_store):
+    st, ckpt = gf_store
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=1, **FAST)
+    assert res.variant == f"lora:{res.adapter_id}" and not res.reused and res.fold == 1
+    folder = Path(res.adapter_dir)
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "scdm_adapter.json"} <= {p.name for p in folder.iterdir()}
+    assert folder.parent == st.root / "artifacts" / "adapters"
+
+    row = st.query("SELECT * FROM adapters WHERE adapter_id = ?", [res.adapter_id]).iloc[0]
+    assert row["model"] == "geneformer" and row["checkpoint_hash"] == checkpoint_hash(ckpt)
+    assert row["split_id"] == res.split_id and row["fold"] == 1 and row["device"] == "cpu" and row["wall_seconds"] > 0
+    lora = json.loads(row["lora_config"])
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (8, 8.0, 0.05) and lora["matched_modules"]
+    assert [c["epoch"] for c in json.loads(row["train_curve"])] == [1]
+
+    emb = st.query("SELECT * FROM embeddings WHERE embedding_id = ?", [res.embedding_ids[0]]).iloc[0]
+    assert emb["variant"] == res.variant and emb["adapter_hash"] == res.adapter_hash == row["adapter_hash"]
+    params = json.loads(emb["params"])
+    assert params["lora"]["split_id"] == res.split_id and params["lora"]["fold"] == 1
+    frozen = embed(st, "planted", "geneformer", ckpt, progress=False)
+    assert frozen.embedding_id not in res.embedding_ids
+    tuned, plain = st.read_embedding(res.embedding_ids[0]), st.read_embedding(frozen.embedding_id)
+    assert tuned.shape == plain.shape and not np.allclose(tuned, plain, atol=1e-5)
+
+    # the stored embedding is what the saved adapter computes (reloaded through the card)
+    adapter = get_adapter("geneformer")(checkpoint=ckpt)
+    adapter.load("cpu")
+    read_lora_card(folder).apply(adapter)
+    genes = st.genes("planted")["gene_id"].tolist()
+    adapter.prepare(genes, gene_id_kind="symbol")
+    x = st.open_anndata("planted", backed=False).X
+    with torch.inference_mode():
+        direct = adapter.embed(adapter.collate(adapter.tokenize(sp.csr_matrix(x, dtype=np.float32), np.arange(x.shape[0]))))
+    np.testing.assert_allclose(direct.numpy(), tuned, atol=1e-5)
+
+    task = st.query("SELECT * FROM eval_tasks WHERE task_id = ?", [res.task_id]).iloc[0]
+    assert task["head"] == LORA_HEAD and task["variant"] == res.variant and task["fold"] == 1
+    assert json.loads(task["embedding_ids"]) == list(res.embedding_ids)
+    assert task["n_train"] == res.n_train and task["n_test"] == res.n_test and res.n_train + res.n_test == 36
+    assert set(res.metrics) >= {"auroc", "accuracy", "f1"} and 0 <= res.metrics["accuracy"] <= 1
+
+
+def test_fold_variant_is_only_evaluated_on_its_test_cells(gf_store):
+    st, ckpt = gf_store
+    results = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", all_folds=True, **FAST)
+    assert [r.fold for r in results] == [0, 1] and len({r.adapter_id for r in results}) == 2
+    covered = set()
+    for res in results:
+        cells = _split_cells(st, res.split_id)
+        train = {int(r) for r in cells.loc[cells["fold"] != res.fold, "row"]}
+        test = {int(r) for r in cells.loc[cells["fold"] == res.fold, "row"]}
+        # the (split, fold) the variant belongs to is in its embeddings' params: the cells a grid may
+        # evaluate it on are exactly that fold's test cells
+        params = json.loads(st.query("SELECT params FROM embeddings WHERE embedding_id = ?", [res.embedding_ids[0]])["params"].iloc[0])
+        scope = st.query('SELECT "row" FROM split_assignments WHERE split_id = ? AND fold = ?',
+                         [params["lora"]["split_id"], params["lora"]["fold"]])
+        assert {int(r) for r in scope["row"]} == test
+        # what was written: predictions only on the fold's test cells, never on a training cell
+        predicted = {int(r) for r in st.query("SELECT row FROM eval_predictions WHERE task_id = ?", [res.task_id])["row"]}
+        assert predicted == test and not predicted & train
+        tasks = st.query("SELECT split_id, fold FROM eval_tasks WHERE variant = ?", [res.variant])
+        assert (tasks["split_id"] == res.split_id).all() and (tasks["fold"] == res.fold).all()
+        # the adapter trained on exactly the other folds' cells
+        row = st.query("SELECT n_train, train_cells_hash FROM adapters WHERE adapter_id = ?", [res.adapter_id]).iloc[0]
+        train_frame = cells[cells["fold"] != res.fold]
+        assert row["n_train"] == len(train) and row["train_cells_hash"] == ft._cells_hash(train_frame)
+        covered |= predicted
+    assert covered == set(range(36))
+
+
+def test_leaderboard_shows_frozen_and_lora_heads_side_by_side(gf_store):
+    from scdm_classify.grid import evaluate
+
+    st, ckpt = gf_store
+    frozen = embed(st, "planted", "geneformer", ckpt, progress=False)
+    evaluate(st, [frozen.embedding_id], scenarios=["pooled"], by=["all"], heads=["logreg"], folds=2, silent=True)
+    finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    board = leaderboard(st, metrics=["auroc"], scenarios=["pooled"], category_types=["all"])
+    assert {"logreg", LORA_HEAD} <= set(board["head"])
+    lora_row = board[board["head"] == LORA_HEAD].iloc[0]
+    assert lora_row["variant"].startswith("lora:") and lora_row["datasets"] == "planted"
+
+
+def test_category_split_of_a_subset_and_cross_scenario(gf_store):
+    st, ckpt = gf_store
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", by="tissue", category="lung", fold=0, **FAST)
+    cells = _split_cells(st, res.split_id)
+    assert len(cells) == 18 and res.category == "lung"
+    lung = set(st.query("SELECT row FROM cells WHERE tissue = 'lung'")["row"])
+    assert set(cells["row"]) == lung
+    (cross,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", scenario="cross", fold=1, **FAST)
+    assert cross.scheme == "study" and cross.n_test == 12  # held-out study S2: every third cell
+
+
+# ---- caching --------------------------------------------------------------------------------------
+def test_rerun_reuses_adapter_embeddings_and_results(gf_store, monkeypatch):
+    st, ckpt = gf_store
+    (first,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    counts = {t: st.query(f"SELECT count(*) AS n FROM {t}")["n"].iloc[0] for t in ("adapters", "embeddings", "eval_tasks", "eval_runs")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ft, "_train", no_training)
+    (again,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    assert again.reused and not first.reused
+    assert (again.adapter_id, again.embedding_ids, again.task_id, again.metrics) == (first.adapter_id, first.embedding_ids, first.task_id, first.metrics)
+    assert counts == {t: st.query(f"SELECT count(*) AS n FROM {t}")["n"].iloc[0] for t in counts}
+    # another setting is another adapter
+    monkeypatch.undo()
+    (other,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **{**FAST, "lr": 5e-3})
+    assert other.adapter_id != first.adapter_id and other.embedding_ids != first.embedding_ids
+
+
+# ---- the planted signal -----------------------------------------------------------------------------
+@pytest.mark.slow  # ~7 s: 240 cells, 8 epochs
+def test_lora_learns_a_planted_signal_the_frozen_random_model_misses(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    adata = _planted(240, 300, 30)
+    st = _store(tmp_path, adata, n_folds=4)
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", adata.var_names.tolist())
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, epochs=8, lr=3e-3,
+                      batch_size=16, progress=False)
+    cells = st.query('SELECT a."row", a.fold, c.response FROM split_assignments a JOIN cells c USING (dataset_id, "row") '
+                     'WHERE a.split_id = ? ORDER BY a."row"', [res.split_id])
+    test = (cells["fold"] == 0).to_numpy()
+    rows, y = cells["row"].to_numpy(), cells["response"].to_numpy()
+    frozen = st.read_embedding(embed(st, "planted", "geneformer", ckpt, progress=False).embedding_id)[rows]
+    frozen_auroc = roc_auc_score(y[test], LogisticRegression(max_iter=2000).fit(frozen[~test], y[~test]).predict_proba(frozen[test])[:, 1])
+    assert res.metrics["auroc"] > frozen_auroc + 0.15, (res.metrics["auroc"], frozen_auroc)
+    assert res.train_curve[-1]["loss"] < 0.5 * res.train_curve[0]["loss"]
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def test_missing_split_names_the_command_that_makes_it(tmp_path, small):
+    st = Store(tmp_path / "store")
+    st.ingest(small, name="planted", label_key="label")
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", small.var_names.tolist())
+    with pytest.raises(InputDataError, match=r"no pooled split by all of the cells of planted.*scdm evaluate --dataset planted --scenario pooled --by all"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+
+
+def test_missing_category_or_fold_lists_the_available_ones(gf_store):
+    st, ckpt = gf_store
+    with pytest.raises(InputDataError, match=r"Category 'liver' .* Available categories: lung, skin\."):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", by="tissue", category="liver", fold=0, **FAST)
+    with pytest.raises(InputDataError, match=r"Fold 7 does not exist .* Available folds: 0, 1\."):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=7, **FAST)
+    with pytest.raises(InputDataError, match=r"Available folds: 0 \(held-out S1\), 1 \(held-out S2\)"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", scenario="cross", fold=5, **FAST)
+    with pytest.raises(InputDataError, match="exactly one of fold=k"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", **FAST)
+    with pytest.raises(InputDataError, match="exactly one of fold=k"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, all_folds=True, **FAST)
+    save_splits(st, make_splits(st.cells(["planted"]), scenarios=["pooled"], by=["all"], n_folds=3))
+    with pytest.raises(InputDataError, match=r"Category 'all' has 2 stored pooled splits by all: .*2 folds.*3 folds.*split_id="):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    with pytest.raises(InputDataError, match="rank=0 must be an integer >= 1"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, rank=0, **FAST)
+
+
+def test_adapter_refuses_another_checkpoint_or_parameters(gf_store, tmp_path, small):
+    st, ckpt = gf_store
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    other = _checkpoint("geneformer", tmp_path / "other", small.var_names.tolist(), seed=1)
+    with pytest.raises(CheckpointError, match="LoRA weights only fit the exact checkpoint"):
+        embed(st, "planted", "geneformer", other, progress=False, lora_dir=res.adapter_dir)
+    with pytest.raises(CheckpointError, match="was trained with geneformer parameters"):
+        embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=res.adapter_dir, layer=-1)
+    with pytest.raises(CheckpointError, match="trained on 'geneformer', not 'scgpt'"):
+        embed(st, "planted", "scgpt", _checkpoint("scgpt", tmp_path / "sg", small.var_names.tolist()), progress=False,
+              lora_dir=res.adapter_dir)
+    with pytest.raises(CheckpointError, match="not an scdm LoRA adapter folder"):
+        embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=tmp_path)
+    weights = Path(res.adapter_dir) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    st.remove_embedding(res.embedding_ids[0])
+    with pytest.raises(CheckpointError, match="do not match their recorded hash"):
+        embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=res.adapter_dir)
+
+
+# ---- metrics mirror scdm_classify ----------------------------------------------------------------
+@pytest.mark.parametrize("case", ["mixed", "single_class", "constant"])
+def test_head_metrics_match_scdm_classify(case):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    p = rng.random(50)
+    if case == "single_class":
+        y[:] = 1
+    if case == "constant":
+        p[:] = 0.2
+    values, flags = ft._fold_metrics(y.astype(np.int8), p)
+    reference = compute_metrics(y, p)
+    assert values == pytest.approx(reference.values, nan_ok=True) and tuple(flags) == reference.flags
+    assert tuple(values) == ft.METRICS
