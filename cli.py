@@ -674,5 +674,86 @@ def genes(obj: Ctx, run_id: str, max_cells: int, n_steps: int, correction: str, 
         click.echo(f"plot: {frame.attrs['plot']}", err=True)
 
 
+# ---- trained heads, predictions and the server ----------------------------------------------
+@main.command("train-head")
+@click.option("--embedding", "embedding_ids", multiple=True, help="Training embedding id (repeatable; all in one space). Or use --dataset and --model.")
+@click.option("--dataset", "datasets", multiple=True, help="Train on this dataset's --model embedding (repeatable).")
+@click.option("--model", help="Embedding model (with --dataset): pca, hvg, geneformer, ...")
+@click.option("--variant", default="frozen", show_default=True, help="frozen, or lora:<adapter id>.")
+@click.option("--category-type", type=click.Choice(["all", "tissue", "cancer_type", "drug_type", "regimen"]), default="all", show_default=True)
+@click.option("--category", default="all", show_default=True, help="Category value, e.g. --category-type tissue --category skin.")
+@click.option("--head", type=click.Choice(["logreg", "ridge", "lightgbm", "mlp", "majority"]), default="logreg", show_default=True)
+@click.option("--param", "params", multiple=True, help="Head parameter KEY=VALUE (repeatable), e.g. --param C=0.5 or --param profile=fast.")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Label sensitive where the probability is at least this.")
+@pass_ctx
+@user_errors
+def train_head_command(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...], model: str | None, variant: str,
+                       category_type: str, category: str, head: str, params: tuple[str, ...], threshold: float) -> None:
+    """Fit a head on every labelled cell of a category and save it in the store for `scdm predict`.
+
+    The head reads embeddings of one space (model, checkpoint, variant and params); the catalog row
+    (SELECT * FROM trained_heads) records it, the category, the file hash and the evaluation
+    metrics of the same configuration, if `scdm evaluate` ran it.
+
+    \b
+    Examples:
+      scdm train-head --dataset a375 --model pca --head logreg
+      scdm train-head --embedding 3f2a9c0d1e7b --category-type tissue --category skin --head mlp --param profile=fast
+    """
+    from scdm_classify.trained_heads import train_head
+
+    if not embedding_ids and not (datasets and model):
+        raise click.UsageError("Name the training embeddings: --embedding ID, or --dataset NAME with --model MODEL.")
+    head_id = train_head(obj.store, list(embedding_ids) or None, category_type, category, head, dataset=list(datasets) or None,
+                         model=model, variant=variant, threshold=threshold, **_parse_params(params))
+    click.echo(head_id)
+
+
+@main.command()
+@click.option("--head", "head_id", required=True, help="Trained head id (see SELECT * FROM trained_heads).")
+@click.option("--dataset", required=True, help="Dataset embedded with the head's model/variant/space.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the predictions to a .csv, or an .h5ad copy with obs scdm_proba/scdm_label.")
+@output_options
+@pass_ctx
+@user_errors
+def predict(obj: Ctx, head_id: str, dataset: str, out: str | None, fmt: str) -> None:
+    """Predict the drug response of every cell of a dataset with a trained head.
+
+    Probabilities and labels go to the catalog (SELECT * FROM predictions). A dataset embedded with
+    another model, variant or space is refused with the command that embeds it correctly.
+    """
+    from scdm_classify.trained_heads import predict as run_predict
+
+    frame = run_predict(obj.store, head_id, dataset, out=out)
+    if fmt == "table":
+        click.echo(f"{len(frame)} cells, {int(frame['label'].sum())} predicted sensitive" + (f"; wrote {out}" if out else ""))
+    else:
+        echo_frame(frame, fmt)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; any other than loopback needs --token.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: a free one).")
+@click.option("--token", envvar="SCDM_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every route (also $SCDM_TOKEN).")
+@click.option("--max-upload-mb", type=float, default=512, show_default=True, help="Largest .h5ad upload accepted.")
+@click.option("--sql-max-rows", type=int, default=1000, show_default=True, help="Rows one SQL query returns at most.")
+@click.option("--sql-timeout", type=float, default=10.0, show_default=True, help="Seconds before a SQL query is stopped.")
+@pass_ctx
+@user_errors
+def serve(obj: Ctx, host: str, port: int, token: str | None, max_upload_mb: float, sql_max_rows: int, sql_timeout: float) -> None:
+    """Serve the results explorer and prediction API over the store (JSON API + web page).
+
+    \b
+    Examples:
+      scdm serve                                  # http://127.0.0.1:8000/, API at /openapi.json
+      scdm serve --host 0.0.0.0 --token "$(python -c 'import secrets; print(secrets.token_urlsafe())')"
+    """
+    from scdm_server import serve as run_server
+
+    run_server(obj.store, host=host, port=port, token=token, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+               sql_max_rows=sql_max_rows, sql_timeout_s=sql_timeout,
+               ready=lambda url: click.echo(f"scdm serve: {url} (Ctrl-C stops)", err=True))
+
+
 if __name__ == "__main__":
     main()

@@ -905,7 +905,7 @@ def _head_predictions(st: Store, card: LoraCard, head: Any, embeddings: dict[str
 
 
 def _write_results(st: Store, fold: _Fold, card: LoraCard, head: Any, embeddings: dict[str, str], space_id: str,
-                   model: str, run_config: dict[str, Any], fit_seconds: float) -> str:
+                   model: str, run_config: dict[str, Any], fit_seconds: float) -> None:
     """Store the tuned head's test predictions and metrics as a ``lora-mlp`` task (once)."""
     params_key = _head_params_key(card)
     emb_ids = sorted(embeddings.values())
@@ -938,7 +938,6 @@ def _write_results(st: Store, fold: _Fold, card: LoraCard, head: Any, embeddings
         con.execute("DELETE FROM eval_results WHERE task_id = ?", [task_id])
         for table, frame in tables.items():
             st.catalog.insert_df(table, frame, con)
-    return task_id
 
 
 def _head_params_key(card: LoraCard) -> str:
@@ -1210,6 +1209,14 @@ def finetune(
         cached adapter that does not fit the checkpoint.
     LoraTrainingError
         A LoRA module receives no gradient, or LoRA does not change the embedding.
+
+    Notes
+    -----
+    The fold's training cells are tokenised once and their tokens kept in memory for the epochs.
+    r, alpha and dropout follow the scDrugMap paper; ``epochs``, ``lr`` and ``weight_decay`` are
+    scdm defaults (AdamW, as the scDrugMap MLP head). The runner embeds every cell of each
+    dataset of the split; the tuned variant may still only be evaluated on the fold's test cells,
+    which ``params["lora"]`` of its embeddings records.
 
     Examples
     --------

@@ -43,7 +43,8 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-SCHEMA_VERSION: int = _migrations()[-1][0]
+_MIGRATIONS = _migrations()  # read once, so one process never sees two schema versions
+SCHEMA_VERSION: int = _MIGRATIONS[-1][0]
 """Newest catalog schema this scdm can read and write."""
 
 
@@ -148,7 +149,7 @@ class Catalog:
                     f"{SCHEMA_VERSION}. Upgrade scdm (pip install -U scdm) to open this store."
                 )
                 raise StoreFormatError(msg)
-            for version, name, sql in _migrations():
+            for version, name, sql in _MIGRATIONS:
                 if version in done:
                     continue
                 logger.debug("catalog %s: applying migration %04d_%s", self.path, version, name)

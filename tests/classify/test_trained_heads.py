@@ -1,0 +1,161 @@
+"""Trained heads: fit on all labelled cells of a category, save with a hash, predict later."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from scdm_classify.grid import evaluate
+from scdm_classify.heads import get_head
+from scdm_classify.trained_heads import (
+    HeadArtifactError,
+    SpaceMismatchError,
+    load_head,
+    predict,
+    train_head,
+    trained_heads,
+)
+from store import Store, example_data
+from store.errors import EmbeddingNotFoundError, InputDataError
+
+
+def _scores(adata: ad.AnnData, dim: int) -> np.ndarray:
+    x = np.asarray(adata.X, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return (x @ vt[:dim].T).astype(np.float32)
+
+
+def write_embedding(st: Store, name: str, values: np.ndarray, *, model: str = "pca-test", params: dict | None = None) -> str:
+    emb = st.create_embedding(name, model=model, params=params or {"n_components": values.shape[1]}, dim=values.shape[1])
+    for chunk in range(emb.n_chunks):
+        lo, hi = emb.chunk_bounds(chunk)
+        emb.write_chunk(chunk, values[lo:hi])
+    emb.finalize()
+    return emb.embedding_id
+
+
+@pytest.fixture()
+def st(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "store")
+    adata = ad.read_h5ad(example_data("A375"))
+    store.ingest(adata, name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
+                 cancer_type="melanoma", drug_type="targeted", regimen="PLX4720")
+    return store
+
+
+@pytest.fixture()
+def a375_values() -> np.ndarray:
+    return _scores(ad.read_h5ad(example_data("A375")), 8)
+
+
+def test_train_saves_artifact_and_catalog_row_and_predict_matches_direct_fit(st: Store, a375_values: np.ndarray, tmp_path: Path) -> None:
+    emb_id = write_embedding(st, "a375", a375_values)
+    head_id = train_head(st, dataset="a375", model="pca-test", head="ridge", alpha=2.0)
+    row = trained_heads(st).set_index("head_id").loc[head_id]
+    assert row["head"] == "ridge" and json.loads(row["head_params"]) == {"alpha": 2.0, "standardize": True}
+    assert row["model"] == "pca-test" and row["variant"] == "frozen" and json.loads(row["embedding_ids"]) == [emb_id]
+    assert row["n_train"] == 108 and row["n_train_pos"] == 62 and row["dim"] == 8
+    assert (st.root / row["path"]).is_file() and row["path"].startswith(f"artifacts/heads/{head_id}/")
+    assert (st.root / "artifacts" / "heads" / head_id / "head.json").is_file()
+    assert pd.isna(row["train_metrics"])  # no evaluation of this configuration yet
+
+    frame = predict(st, head_id, "a375", out=tmp_path / "pred.csv")
+    y = st.cells(["a375"]).sort_values("row")["response"].to_numpy(np.int64)
+    expected = get_head("ridge", alpha=2.0).fit(a375_values, y).predict_proba(a375_values)
+    np.testing.assert_allclose(frame["proba"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert (frame["label"].to_numpy() == (expected >= 0.5)).all()
+    stored = st.query("SELECT * FROM predictions WHERE head_id = ? ORDER BY row", [head_id])
+    assert len(stored) == 108 and (stored["embedding_id"] == emb_id).all()
+    np.testing.assert_allclose(stored["proba"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    csv = pd.read_csv(tmp_path / "pred.csv")
+    assert list(csv["cell_id"]) == list(frame["cell_id"]) and len(csv) == 108
+    # predicting again replaces the rows instead of duplicating them
+    predict(st, head_id, "a375")
+    assert len(st.query("SELECT * FROM predictions WHERE head_id = ?", [head_id])) == 108
+    # training the same configuration again is a no-op
+    assert train_head(st, [emb_id], head="ridge", alpha=2.0) == head_id
+    assert len(trained_heads(st)) == 1
+
+
+def test_mlp_round_trips_through_torch_state(st: Store, a375_values: np.ndarray, tmp_path: Path) -> None:
+    write_embedding(st, "a375", a375_values)
+    params = {"hidden": 16, "epochs": 3, "batch_size": 32}
+    head_id = train_head(st, dataset="a375", model="pca-test", head="mlp", **params)
+    row = trained_heads(st).iloc[0]
+    assert row["artifact_format"] == "torch" and row["path"].endswith("head.pt")
+    y = st.cells(["a375"]).sort_values("row")["response"].to_numpy(np.int64)
+    direct = get_head("mlp", **params).fit(a375_values, y).predict_proba(a375_values)
+    frame = predict(st, head_id, "a375", out=tmp_path / "copy.h5ad")
+    np.testing.assert_allclose(frame["proba"].to_numpy(), direct, rtol=1e-4, atol=1e-5)
+    copy = ad.read_h5ad(tmp_path / "copy.h5ad")
+    np.testing.assert_allclose(copy.obs["scdm_proba"].to_numpy(), direct, rtol=1e-4, atol=1e-5)
+    assert copy.uns["scdm_prediction"]["head_id"] == head_id
+    assert set(copy.obs["scdm_label"].unique()) <= {0, 1}
+
+
+def test_training_metrics_copied_from_evaluation_of_same_configuration(st: Store, a375_values: np.ndarray) -> None:
+    write_embedding(st, "a375", a375_values)
+    evaluate(st, scenarios=["pooled"], by=["all"], heads=["logreg"], folds=3, silent=True,
+             head_params={"logreg": {"C": 0.5}})
+    head_id = train_head(st, dataset="a375", model="pca-test", head="logreg", C=0.5)
+    metrics = json.loads(trained_heads(st).iloc[0]["train_metrics"])
+    auroc = [m for m in metrics if m["metric"] == "auroc"]
+    assert len(auroc) == 1 and auroc[0]["scenario"] == "pooled" and auroc[0]["n_folds"] == 3
+    expected = st.query("SELECT avg(value) AS v FROM eval_results WHERE metric = 'auroc'")["v"].iloc[0]
+    assert auroc[0]["mean"] == pytest.approx(expected)
+    # another parameter setting did not run in the grid: no metrics
+    train_head(st, dataset="a375", model="pca-test", head="logreg", C=2.0)
+    rows = trained_heads(st).set_index("head_id")
+    assert rows.loc[head_id, "train_metrics"] is not None and rows.drop(head_id)["train_metrics"].isna().all()
+
+
+def test_tampered_artifact_is_refused(st: Store, a375_values: np.ndarray) -> None:
+    write_embedding(st, "a375", a375_values)
+    head_id = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    path = st.root / trained_heads(st).iloc[0]["path"]
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(HeadArtifactError, match="hash .* but the catalog recorded"):
+        load_head(st, head_id)
+    path.unlink()
+    with pytest.raises(HeadArtifactError, match="missing"):
+        predict(st, head_id, "a375")
+
+
+def test_predict_refuses_dataset_of_another_model_or_space(st: Store, a375_values: np.ndarray) -> None:
+    write_embedding(st, "a375", a375_values)
+    head_id = train_head(st, dataset="a375", model="pca-test", head="ridge")
+    other = ad.read_h5ad(example_data("A375"))[:40].copy()
+    st.ingest(other, name="batch2", label_key="response_PLX4720", study="GSE108383")
+    with pytest.raises(EmbeddingNotFoundError, match="has no embedding.*scdm embed batch2 --model pca-test"):
+        predict(st, head_id, "batch2")
+    write_embedding(st, "batch2", a375_values[:40], model="hvg-test")
+    with pytest.raises(SpaceMismatchError, match="embedded as hvg-test .*expects pca-test"):
+        predict(st, head_id, "batch2")
+    write_embedding(st, "batch2", a375_values[:40], params={"n_components": 8, "fit_datasets": ["batch2"]})
+    with pytest.raises(SpaceMismatchError, match="same model but other parameters"):
+        predict(st, head_id, "batch2")
+    # the same space (same model and params) is accepted
+    write_embedding(st, "batch2", a375_values[:40])
+    frame = predict(st, head_id, "batch2")
+    assert len(frame) == 40
+
+
+def test_bad_requests_have_clear_errors(st: Store, a375_values: np.ndarray) -> None:
+    write_embedding(st, "a375", a375_values)
+    with pytest.raises(InputDataError, match="cannot be trained for later use"):
+        train_head(st, dataset="a375", model="pca-test", head="shuffled-label")
+    with pytest.raises(InputDataError, match="categories present: skin"):
+        train_head(st, dataset="a375", model="pca-test", category_type="tissue", category="lung")
+    with pytest.raises(InputDataError, match="Unknown category type"):
+        train_head(st, dataset="a375", model="pca-test", category_type="organ", category="skin")
+    with pytest.raises(InputDataError, match="pass embeddings"):
+        train_head(st, head="ridge")
+    head_id = train_head(st, dataset="a375", model="pca-test", category_type="tissue", category="skin", head="ridge")
+    with pytest.raises(InputDataError, match=r"\.csv or \.h5ad"):
+        predict(st, head_id, "a375", out="pred.parquet")
