@@ -408,6 +408,64 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
         click.echo(f"{r.model} embedding of {r.dataset}: {r.n_cells} x {r.dim}, id {r.embedding_id} ({how})")
 
 
+@main.command()
+@click.option("--model", "-m", required=True, help="Foundation model (see `scdm models`).")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True, file_okay=False), help="The model's checkpoint folder.")
+@click.option("--dataset", "datasets", multiple=True, required=True, help="Dataset(s) the split covers (repeatable).")
+@click.option("--scenario", type=click.Choice(["pooled", "cross", "custom"]), default="pooled", show_default=True)
+@click.option("--by", type=click.Choice(["all", "tissue", "cancer_type", "drug_type", "regimen"]), default="all", show_default=True, help="Category type of the split.")
+@click.option("--category", help="Category value (default: every category of --by).")
+@click.option("--fold", type=int, help="Tune on this fold's training cells (or --all-folds).")
+@click.option("--all-folds", is_flag=True, help="Tune one adapter per fold.")
+@click.option("--split-id", help="The split to use when several match.")
+@click.option("--scheme", type=click.Choice(["cell", "sample", "study", "custom"]), help="Split scheme to pick (pooled: cell or sample).")
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r (the paper: 8).")
+@click.option("--alpha", type=float, default=8, show_default=True, help="LoRA alpha (the paper: 8).")
+@click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout (the paper: 0.05).")
+@click.option("--target-modules", multiple=True, help="Override the model's LoRA targets (names, or one regex).")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=int, help="Cells per step (default: the model's).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory (Hugging Face models).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model parameter as in `scdm embed` (repeatable).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@pass_ctx
+@user_errors
+def finetune(obj: Ctx, model: str, checkpoint: str, datasets: tuple[str, ...], scenario: str, by: str, category: str | None,
+             fold: int | None, all_folds: bool, split_id: str | None, scheme: str | None, rank: int, alpha: float, dropout: float,
+             target_modules: tuple[str, ...], epochs: int, lr: float, batch_size: int | None, precision: str,
+             gradient_checkpointing: bool, device: str, seed: int, params: tuple[str, ...], quiet: bool) -> None:
+    """LoRA-fine-tune a foundation model on one split's training cells, then embed with it.
+
+    Trains LoRA + the scDrugMap MLP head on the training cells of (split, fold) only (the split must
+    exist: run `scdm evaluate` first), checks that every LoRA matrix receives a gradient, saves the
+    adapter in the store, embeds the cells as variant lora:<adapter id> and stores the tuned head's
+    test predictions under head lora-mlp. The variant is only ever evaluated on its own fold.
+
+    \b
+    Examples:
+      scdm evaluate --dataset pc9 --model pca --scenario pooled --by all      # creates the splits
+      scdm finetune -m geneformer -c ~/ckpt/Geneformer --dataset pc9 --all-folds
+      scdm evaluate --model geneformer && scdm results --by all          # frozen vs LoRA side by side
+    """
+    from scdm_embed.finetune import finetune as run_finetune
+
+    if (fold is None) == (not all_folds):
+        raise click.UsageError("Give exactly one of --fold K and --all-folds.")
+    results = run_finetune(obj.store, model=model, checkpoint=checkpoint, dataset=list(datasets), scenario=scenario, by=by,
+                           category=category, fold=fold, all_folds=all_folds, split_id=split_id, scheme=scheme, rank=rank,
+                           alpha=alpha, dropout=dropout, target_modules=list(target_modules) or None, epochs=epochs, lr=lr,
+                           batch_size=batch_size, precision=precision, gradient_checkpointing=gradient_checkpointing,
+                           seed=seed, device=device, progress=not quiet, **_parse_params(params))
+    for r in results:
+        auroc = r.metrics.get("auroc")
+        click.echo(f"{r.variant} ({r.category_type}={r.category}, fold {r.fold}): {r.n_train} train / {r.n_test} test cells, "
+                   f"lora-mlp AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}" + (" (reused)" if r.reused else ""))
+
+
 # ---- evaluation commands ---------------------------------------------------------------------
 def _csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]

@@ -32,7 +32,7 @@ import pandas as pd
 
 from scdm_classify.heads import GramStats, RidgeHead, get_head, ridge_from_stats, ridge_score_to_proba
 from scdm_classify.metrics import METRICS, compute_metrics
-from scdm_classify.splits import CATEGORY_TYPES, Split, make_splits, save_splits
+from scdm_classify.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits
 from store.errors import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError
 
 if TYPE_CHECKING:
@@ -98,6 +98,8 @@ class _Space:
     X: np.ndarray | None = None
     y: np.ndarray | None = None
     lookup: dict[str, np.ndarray] = field(default_factory=dict)
+    lora: tuple[str, int] | None = None
+    """(split_id, fold) a LoRA variant was tuned on: it is evaluated on that fold's test cells only."""
 
     @property
     def embedding_ids(self) -> list[str]:
@@ -151,8 +153,10 @@ def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[_Space]:
             msg = f"Embeddings of space {space_id} have different dims {sorted(group['dim'].unique())}; they cannot be pooled."
             raise InputDataError(msg)
         first = group.iloc[0]
+        scope = json.loads(first["params"]).get("lora")
         spaces.append(_Space(space_id=str(space_id), model=str(first["model"]), variant=str(first["variant"]),
-                             embeddings=group.reset_index(drop=True)))
+                             embeddings=group.reset_index(drop=True),
+                             lora=(str(scope["split_id"]), int(scope["fold"])) if scope else None))
     return spaces
 
 
@@ -197,6 +201,8 @@ def _plan(space: _Space, heads: Sequence[str], head_params: dict[str, dict[str, 
                 skipped.append(_skip_row(space, split, None, head, split.reason))
                 continue
             for fold in range(split.n_folds):
+                if space.lora is not None and fold != space.lora[1]:
+                    continue  # a fold-specific variant never sees another fold's test cells (it trained on them)
                 if fold in split.skipped_folds:
                     skipped.append(_skip_row(space, split, fold, head, split.skipped_folds[fold]))
                     continue
@@ -569,8 +575,11 @@ def evaluate(
     try:
         for space in spaces:
             space.cells = _labelled_cells(st, space)
-            space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
-                                       seed=seed, custom=custom)
+            if space.lora is not None:
+                space.splits = [load_split(st, space.lora[0])]
+            else:
+                space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
+                                           seed=seed, custom=custom)
             save_splits(st, space.splits)
             tasks, skipped = _plan(space, heads, head_params)
             for row in skipped:

@@ -84,15 +84,23 @@ def leaderboard(
         WITH spaces AS (
             SELECT e.space_id, string_agg(DISTINCT d.name, ',' ORDER BY d.name) AS datasets
             FROM embeddings e JOIN datasets d USING (dataset_id) GROUP BY e.space_id
+        ),
+        -- each fold's LoRA variant is a space of its own: group the folds of one tuning setting
+        r AS (
+            SELECT x.* REPLACE (COALESCE('lora:' || a.tuning_id, x.variant) AS variant,
+                                COALESCE('lora:' || a.tuning_id, x.space_id) AS space_id),
+                   s.datasets
+            FROM eval_results x
+            LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id
+            LEFT JOIN spaces s ON s.space_id = x.space_id
         )
-        SELECT {keys}, s.datasets, r.metric,
+        SELECT {keys}, r.datasets, r.metric,
                avg(r.value) AS mean, stddev_samp(r.value) AS sd,
                count(r.value) AS n_folds, count(*) - count(r.value) AS n_null, sum(r.n_test) AS n_test
-        FROM eval_results r
+        FROM r
         JOIN eval_tasks t USING (task_id)
-        LEFT JOIN spaces s ON s.space_id = r.space_id
         WHERE {' AND '.join(where)}
-        GROUP BY {keys}, s.datasets, r.metric
+        GROUP BY {keys}, r.datasets, r.metric
         ORDER BY r.scenario, r.category_type, r.category, r.metric, mean DESC NULLS LAST
     """
     return st.query(sql, args)

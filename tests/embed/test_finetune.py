@@ -491,3 +491,18 @@ def test_split_pooled_over_two_datasets_gives_one_tuned_space(tmp_path, small):
     test = st.query('SELECT dataset_id, "row" FROM split_assignments WHERE split_id = ? AND fold = 0', [res.split_id])
     assert predicted["dataset_id"].nunique() == 2
     assert set(map(tuple, predicted.to_numpy())) == set(map(tuple, test.to_numpy()))
+
+
+def test_grid_evaluates_a_lora_variant_only_on_its_own_folds_test_cells(gf_store):
+    from scdm_classify.grid import evaluate
+
+    st, ckpt = gf_store
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=1, **FAST)
+    tuned = st.query("SELECT embedding_id FROM embeddings WHERE variant LIKE 'lora:%'")["embedding_id"].tolist()
+    evaluate(st, tuned, scenarios=["pooled", "cross"], by=["all", "tissue"], heads=["logreg"], folds=2, silent=True)
+    tasks = st.query("SELECT task_id, split_id, fold FROM eval_tasks WHERE head = 'logreg' AND variant LIKE 'lora:%'")
+    assert len(tasks) >= 1 and set(tasks["split_id"]) == {res.split_id} and set(tasks["fold"]) == {1}
+    trained = set(_split_cells(st, res.split_id).query("fold != 1")["row"])
+    predicted = set(st.query("SELECT p.row FROM eval_predictions p JOIN eval_tasks t USING (task_id) "
+                             "WHERE t.head = 'logreg' AND t.variant LIKE 'lora:%'")["row"])
+    assert predicted and not (predicted & trained)
