@@ -278,13 +278,13 @@ class _Buffers:
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self.total = np.empty((dim, dim), order="F")
-        self.work = np.empty((dim, dim), order="F")
+        self.total = np.zeros((dim, dim), order="F")  # zeros: BLAS fills only the lower triangle
+        self.work = np.zeros((dim, dim), order="F")
         self.folds: list[np.ndarray] = []
 
     def fold(self, i: int) -> np.ndarray:
         while len(self.folds) <= i:
-            self.folds.append(np.empty((self.dim, self.dim), np.float32, order="F"))
+            self.folds.append(np.zeros((self.dim, self.dim), np.float32, order="F"))
         return self.folds[i]
 
 
