@@ -266,12 +266,14 @@ def embed(
     genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
     audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
     require_matches(audit, model, min_genes=min_genes, min_fraction=min_gene_fraction)
+    if chunk_rows is None:
+        # a chunk is the unit of resume: foundation models are slow, so cap the work a crash can lose
+        chunk_rows = min(default_chunk_rows(adapter.emb_dim), MODEL_CHUNK_ROWS_MAX)
     if getattr(adapter, "batch_dependent", False):
         # cells of one batch attend to each other: batches must be fixed row ranges, so chunks
         # hold whole batches and batch k is always rows [k*bs, (k+1)*bs)
         bs = params["batch_size"]
-        rows = chunk_rows or default_chunk_rows(adapter.emb_dim)
-        chunk_rows = -(-rows // bs) * bs
+        chunk_rows = -(-chunk_rows // bs) * bs
     emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash,
                               chunk_rows=chunk_rows, **variant)
     missing = emb.missing_chunks()
@@ -283,6 +285,9 @@ def embed(
     emb.finalize(telemetry=telemetry, audit={**audit.to_dict(), **stats.pop("token_stats", {})})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, len(missing), "complete", telemetry)
 
+
+MODEL_CHUNK_ROWS_MAX = 4096
+"""Cells per chunk at most for foundation-model embeddings (a crash loses at most one chunk)."""
 
 GPU_BATCH_FACTOR = 8
 """On CUDA, a model's CPU batch size times this is the first try; out-of-memory halves it."""

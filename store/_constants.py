@@ -24,8 +24,9 @@ ENV_STORE = "SCDM_STORE"
 DEFAULT_STORE = "scdm-store"
 """Store directory used when neither an argument nor ``$SCDM_STORE`` names one."""
 
-TARGET_CHUNK_BYTES = 8 * 1024 * 1024
-"""Rows per chunk are chosen so one chunk is about this large (see benchmarks/bench_store.py)."""
+TARGET_CHUNK_BYTES = 32 * 1024 * 1024
+"""Rows per chunk are chosen so one chunk is about this large: measured best for full and random
+reads and resumable writes (benchmarks/bench_store.py chunk sweep)."""
 
 LOCK_RETRY_SECONDS = 120.0
 """How long a catalog operation keeps retrying while another process holds the DuckDB lock."""
