@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 
 from dataclasses import dataclass
@@ -200,12 +200,19 @@ _CHECKSUM_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scdm-chec
 
 
 class ChunkWriter:
-    """Writes chunks of one embedding; catalog rows are committed in batches (see :meth:`Embedding.writer`)."""
+    """Writes chunks of one embedding; catalog rows are committed in batches (see :meth:`Embedding.writer`).
 
-    def __init__(self, emb: Embedding, *, commit_every_s: float = 1.0) -> None:
+    Chunk files are written by a small thread pool, so the next chunk is computed (or written) while
+    the last one goes to disk; a chunk's catalog row is committed only after its write finished.
+    """
+
+    def __init__(self, emb: Embedding, *, commit_every_s: float = 1.0, max_in_flight: int = 2) -> None:
         self.emb = emb
         self.commit_every_s = commit_every_s
+        self.max_in_flight = max_in_flight
         self._array = _zarr.open_array(emb.path)
+        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="scdm-chunk-writer")
+        self._in_flight: list[tuple[Future[str], list[Any]]] = []
         self._pending: list[list[Any]] = []
         self._last_commit = time.monotonic()
 
@@ -213,19 +220,42 @@ class ChunkWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.commit()  # whatever went wrong, chunks whose data is on disk are kept
+        try:
+            self._drain(wait=True)  # whatever went wrong, chunks whose data is on disk are kept
+            self.commit()
+        finally:
+            self._pool.shutdown(wait=True)
 
-    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
-        """Write one chunk's rows now (atomic chunk file); queue its catalog row."""
-        lo, block = self.emb._checked_block(chunk, block)
+    def _write_file(self, lo: int, block: np.ndarray) -> str:
         checksum = _CHECKSUM_POOL.submit(_zarr.chunk_checksum, block)  # overlaps the file write (both release the GIL)
         self._array[lo:lo + block.shape[0]] = block
-        self._pending.append([self.emb.embedding_id, chunk, block.shape[0], checksum.result(), seconds])
+        return checksum.result()
+
+    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
+        """Queue one chunk's rows for writing (atomic chunk file); its catalog row follows the write."""
+        lo, block = self.emb._checked_block(chunk, block)
+        while len(self._in_flight) >= self.max_in_flight:
+            self._drain(wait=True, at_most=1)
+        future = self._pool.submit(self._write_file, lo, block)
+        self._in_flight.append((future, [self.emb.embedding_id, chunk, block.shape[0], None, seconds]))
+        self._drain(wait=False)
         if time.monotonic() - self._last_commit >= self.commit_every_s:
             self.commit()
 
+    def _drain(self, *, wait: bool, at_most: int | None = None) -> None:
+        """Move finished writes (oldest first) to the rows waiting for a commit; re-raise write errors."""
+        done = 0
+        while self._in_flight and (wait or self._in_flight[0][0].done()):
+            if at_most is not None and done >= at_most:
+                return
+            future, row = self._in_flight.pop(0)
+            row[3] = future.result()
+            self._pending.append(row)
+            done += 1
+
     def commit(self) -> None:
-        """Commit the queued catalog rows in one transaction."""
+        """Commit the rows of finished writes in one transaction."""
+        self._drain(wait=False)
         if not self._pending:
             return
         rows, self._pending = self._pending, []
