@@ -120,6 +120,10 @@ class DANNHead(BaseHead):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        msg = "The dann head needs the target-domain cells: call fit(X, y, target=X_test)."
+        raise InputDataError(msg)
+
     def _fit_adapted(self, X: np.ndarray, y: np.ndarray, T: np.ndarray) -> None:
         from scdm_classify import _transfer_model as tm
         from scdm_classify.transfer import _split_source

@@ -17,6 +17,7 @@ Gram-downdate helpers the grid uses to solve every fold from one pass over the d
 
 from __future__ import annotations
 
+import abc
 import difflib
 import inspect
 import json
@@ -64,12 +65,14 @@ class HeadConvergenceWarning(ScdmWarning):
 # --------------------------------------------------------------------------------------------
 # Parameter rules (checked in fit, never in __init__)
 # --------------------------------------------------------------------------------------------
-class _Rule:
-    def accepts(self, value: Any) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
+class _Rule(abc.ABC):
+    @abc.abstractmethod
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` satisfies the rule."""
 
-    def describe(self) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The rule in words, for error messages."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def check_fitted(head: BaseHead) -> None:
 # --------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------
-class BaseHead:
+class BaseHead(abc.ABC):
     """Common interface: ``fit(X, y) -> self`` and ``predict_proba(X) -> ndarray (n,)``."""
 
     name: ClassVar[str] = ""
@@ -238,11 +241,13 @@ class BaseHead:
             raise InputDataError(msg)
         return np.clip(np.asarray(self._predict_proba(X), dtype=np.float64).ravel(), 0.0, 1.0)
 
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Fit on validated, labelled rows (set fitted attributes ending in ``_``)."""
 
-    def _predict_proba(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Probability of the sensitive class for validated rows."""
 
 
 def _standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -834,6 +839,14 @@ HEADS: dict[str, type[BaseHead]] = {
 """Head name -> class."""
 
 
+def _register_transfer_heads() -> None:
+    """Add the domain-adaptation head, which lives with the transfer code (imported on first use)."""
+    if "dann" not in HEADS:
+        from scdm_classify._transfer_dann import DANNHead
+
+        HEADS[DANNHead.name] = DANNHead
+
+
 def get_head(name: str, **params: Any) -> BaseHead:
     """Build a head by name.
 
@@ -854,6 +867,7 @@ def get_head(name: str, **params: Any) -> BaseHead:
     >>> get_head("ridge", alpha=10.0)
     RidgeHead(alpha=10.0, standardize=True)
     """
+    _register_transfer_heads()
     if name not in HEADS:
         close = difflib.get_close_matches(name, HEADS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -866,8 +880,3 @@ def get_head(name: str, **params: Any) -> BaseHead:
         raise InputDataError(msg)
     return cls(**params)
 
-
-# The domain-adaptation head lives with the transfer code; registered here so get_head finds it.
-from scdm_classify._transfer_dann import DANNHead  # noqa: E402
-
-HEADS[DANNHead.name] = DANNHead
