@@ -21,6 +21,7 @@ import argparse
 import gc
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +30,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from store import Store  # noqa: E402
-from store import _zarr  # noqa: E402
+from store import (
+    Store,  # noqa: E402
+    _zarr,  # noqa: E402
+)
 
 
 def timed(fn, repeat: int = 3) -> tuple[float, object]:
@@ -113,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=326_751, help="cells (default: the scDrugMap primary collection)")
     ap.add_argument("--dims", default="512,3072")
-    ap.add_argument("--workdir", default="/tmp/scdm-bench-store")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "scdm-bench-store"))
     ap.add_argument("--chunk-sweep", default="1024,4096,16384", help="extra chunk sizes (rows) to compare, at D=512 only")
     args = ap.parse_args()
     work = Path(args.workdir)

@@ -21,6 +21,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", default="0.01,0.1,1.0")
     parser.add_argument("--genes", type=int, default=2000)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/scdm-bench-synth"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "scdm-bench-synth")
     parser.add_argument("--block-cells", type=int, default=16_384)
     parser.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"])
     parser.add_argument("--signal", action="store_true", help="run the planted-signal check instead")

@@ -117,10 +117,10 @@ class _Space:
 
 
 def progress_bar(total: int, *, desc: str, silent: bool = False) -> Any:
-    """The one progress bar of scdm_classify: tqdm on stderr (``silent=True`` hides it)."""
-    from tqdm.auto import tqdm
+    """The grid's task bar: the shared scdm progress helper, counting tasks."""
+    from store.progress import progress_bar as _bar
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=silent, unit="task", leave=False)
+    return _bar(total, desc=desc, unit="task", silent=silent, leave=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -12,7 +13,6 @@ import pandas as pd
 import pytest
 
 from store import example_data
-
 from tests.server.conftest import Server, start_server, stop_server
 
 
@@ -117,7 +117,7 @@ def test_upload_names_that_leave_the_store_are_refused(server: Server) -> None:
     for name in ("../evil.h5ad", "..%2Fevil.h5ad", "%2Ftmp%2Fevil.h5ad", "sub%2Fx.h5ad", "..h5ad", "x.txt", ".hidden.h5ad", ""):
         status, err = _upload(server, name, b"\x89HDF")
         assert status == 400 and "refused" in err["error"], name
-    assert not (server.store.parent / "evil.h5ad").exists() and not Path("/tmp/evil.h5ad").exists()
+    assert not (server.store.parent / "evil.h5ad").exists() and not (Path(tempfile.gettempdir()) / "evil.h5ad").exists()
     status, _, body = server.request("GET", "/report/../../etc/passwd")
     assert status in (403, 404)
     conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
