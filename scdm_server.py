@@ -14,7 +14,8 @@ HTML and a little vanilla JavaScript, no build step) straight from the store:
 - the report (``scdm report``) generated on demand into ``<store>/artifacts/report/``.
 
 Safe by default: it binds 127.0.0.1; ``token`` enables bearer-token auth on every route and is
-required for any other address; errors are JSON with a message, never a traceback; request paths
+required for any other address (a browser gets a login form; the token then travels in an
+HttpOnly, SameSite=Strict cookie); errors are JSON with a message, never a traceback; request paths
 are resolved and must stay inside the store; every catalog access is one short transaction (the
 store's connections are opened per call), so evaluation and embedding jobs in other processes can
 write while the server reads. This module sits beside ``cli.py`` because it drives both stages.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -37,11 +39,12 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import Any, Callable, Iterable
-from urllib.parse import parse_qs
+from typing import Any
+from urllib.parse import parse_qs, urlencode
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pandas as pd
@@ -56,7 +59,7 @@ from store.errors import (
     ScdmError,
 )
 
-__all__ = ["ServerConfig", "ScdmApp", "create_app", "serve", "main"]
+__all__ = ["ScdmApp", "ServerConfig", "create_app", "main", "serve"]
 
 logger = logging.getLogger("scdm.server")
 
@@ -68,7 +71,9 @@ BASELINE_MODELS = ("pca", "hvg")
 """Models cheap enough to embed uploads with on the server."""
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MAX_JSON_BODY = 1 << 20
-_STATUS_TEXT = {200: "OK", 202: "Accepted", 302: "Found", 400: "Bad Request", 401: "Unauthorized",
+_CSP = ("default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'")
+_STATUS_TEXT = {200: "OK", 202: "Accepted", 302: "Found", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
                 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
                 411: "Length Required", 413: "Payload Too Large", 500: "Internal Server Error"}
 
@@ -257,7 +262,7 @@ class Jobs:
             work(job)
             if job.state == "running":
                 job.state, job.progress = "done", 1.0
-        except Exception as err:  # a job's failure is reported in its status, never raised
+        except Exception as err:  # noqa: BLE001 - a job's failure is reported in its status, never raised
             job.state = "failed"
             job.message = str(err) if isinstance(err, (ScdmError, HttpError)) else f"{type(err).__name__}: {err}"
             logger.warning("job %s (%s) failed: %s", job.job_id, job.kind, job.message)
@@ -300,7 +305,7 @@ class ScdmApp:
             response = self._dispatch(environ)
         except HttpError as err:
             response = error_response(err.status, err.message)
-        except Exception as err:  # never a traceback to the client
+        except Exception as err:  # noqa: BLE001 - never a traceback to the client
             status = _status_of(err)
             if status == 500:
                 logger.error("internal error on %s %s:\n%s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
@@ -350,20 +355,50 @@ class ScdmApp:
             given = found.group(1) if found else None
         if given is not None and hmac.compare_digest(given.encode(), token.encode()):
             return None
-        # The web page can log in once with /?token=...: the token moves to an HttpOnly cookie.
-        if request.path == "/" and request.method == "GET" and "token" in request.query:
-            if hmac.compare_digest(request.query["token"].encode(), token.encode()):
-                cookie = f"scdm_token={token}; HttpOnly; SameSite=Strict; Path=/"
-                return Response(302, b"", "text/plain", [("Location", "/"), ("Set-Cookie", cookie)])
+        # The web page logs in once (the login form, or /?token=...): the token moves to an HttpOnly cookie.
+        link_token = request.query.get("token") if request.path == "/" and request.method == "GET" else None
+        if link_token is not None and hmac.compare_digest(link_token.encode(), token.encode()):
+            return self._logged_in(token, 302)
+        if request.path == "/login" and request.method == "POST":
+            typed = self._login_form_token(request)
+            if typed is not None and hmac.compare_digest(typed.encode(), token.encode()):
+                # 303: the browser follows with a GET, so a reload does not post the form again
+                return self._logged_in(token, 303)
+            return self._login_page("Wrong token; try again." if typed else "Type the token.")
+        if request.path == "/" and request.method == "GET" and "text/html" in request.environ.get("HTTP_ACCEPT", ""):
+            # a browser gets a form instead of a JSON error; scripts keep the JSON answer below
+            return self._login_page("Wrong token in the link; type it here." if "token" in request.query else "")
         return Response(401, json.dumps({"error": "Missing or wrong token: send 'Authorization: Bearer <token>' "
                                                   "(or open /?token=<token> in a browser).", "status": 401}).encode(),
                         "application/json", [("WWW-Authenticate", 'Bearer realm="scdm"')])
+
+    @staticmethod
+    def _logged_in(token: str, status: int) -> Response:
+        cookie = f"scdm_token={token}; HttpOnly; SameSite=Strict; Path=/"
+        return Response(status, b"", "text/plain", [("Location", "/"), ("Set-Cookie", cookie)])
+
+    @staticmethod
+    def _login_form_token(request: Request) -> str | None:
+        length = request.content_length()
+        if length > 4096:
+            raise HttpError(413, f"The login form is {length} bytes; a token form is far smaller.")
+        raw = request.environ["wsgi.input"].read(length).decode("utf-8", "replace") if length else ""
+        typed = parse_qs(raw).get("token", [""])[-1].strip()
+        return typed or None
+
+    @staticmethod
+    def _login_page(message: str) -> Response:
+        note = f'<p class="err" id="login-msg">{html.escape(message)}</p>' if message else ""
+        body = _LOGIN_PAGE.replace("{message}", note).encode()
+        return Response(401, body, "text/html; charset=utf-8",
+                        [("WWW-Authenticate", 'Bearer realm="scdm"'), ("Content-Security-Policy", _CSP)])
 
     # ---- route table -----------------------------------------------------------------------
     def _routes(self) -> list[Route]:
         lb_filters = ("model", "head", "scenario", "category_type", "category", "metric", "scheme")
         return [
             Route("GET", "/", self.index, "The web page (leaderboard, figures, models, SQL console, predictions)."),
+            Route("POST", "/login", self.login, "Log a browser in: form field token (form-urlencoded); sets an HttpOnly cookie."),
             Route("GET", "/openapi.json", self.openapi, "This OpenAPI 3.0 document."),
             Route("GET", "/api/health", self.health, "Liveness and store path."),
             Route("GET", "/api/datasets", self.datasets, "Datasets in the store."),
@@ -397,9 +432,11 @@ class ScdmApp:
 
     # ---- pages -----------------------------------------------------------------------------
     def index(self, request: Request) -> Response:
-        return Response(200, _PAGE.encode(), "text/html; charset=utf-8",
-                        [("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                                     "script-src 'self' 'unsafe-inline'; img-src 'self'")])
+        return Response(200, _PAGE.encode(), "text/html; charset=utf-8", [("Content-Security-Policy", _CSP)])
+
+    def login(self, request: Request) -> Response:
+        """Reached only with a valid token (or none configured): back to the page."""
+        return Response(303, b"", "text/plain", [("Location", "/")])
 
     def openapi(self, request: Request) -> Response:
         paths: dict[str, dict[str, Any]] = {}
@@ -586,7 +623,7 @@ class ScdmApp:
         frame = predict(self.st, head_id, dataset)
         job.result = {"head_id": str(frame["head_id"].iloc[0]), "dataset": dataset, "n_cells": len(frame),
                       "n_sensitive": int(frame["label"].sum()), "mean_proba": float(frame["proba"].mean()),
-                      "csv_url": f"/api/predictions.csv?head_id={frame['head_id'].iloc[0]}&dataset={dataset}"}
+                      "csv_url": _csv_url(str(frame["head_id"].iloc[0]), dataset)}
         job.stage = "done"
 
     def list_jobs(self, request: Request) -> Response:
@@ -689,7 +726,7 @@ class ScdmApp:
         frame = predict(self.st, new_head, info.name)
         job.result |= {"head_id": new_head, "requested_head_id": str(row["head_id"]), "n_sensitive": int(frame["label"].sum()),
                        "mean_proba": float(frame["proba"].mean()),
-                       "csv_url": f"/api/predictions.csv?head_id={new_head}&dataset={info.name}"}
+                       "csv_url": _csv_url(new_head, info.name)}
         job.stage = "done"
 
     # ---- report ----------------------------------------------------------------------------
@@ -723,6 +760,11 @@ class ScdmApp:
         return Response(200, path.read_bytes(), kind)
 
 
+def _csv_url(head_id: str, dataset: str) -> str:
+    """Download link of one head's predictions on one dataset (names are quoted: they may hold '&' or spaces)."""
+    return "/api/predictions.csv?" + urlencode({"head_id": head_id, "dataset": dataset})
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -741,7 +783,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
 
@@ -827,46 +869,70 @@ def main(argv: list[str] | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 # the web page
 # --------------------------------------------------------------------------------------------
-_PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>scdm</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
+_STYLE = r"""<style>
 body{font-family:system-ui,sans-serif;margin:0;color:#222}
 header{background:#24466b;color:#fff;padding:.6em 1em}header h1{display:inline;font-size:1.2em;margin-right:1em}
 nav a{color:#fff;margin-right:1em;cursor:pointer;text-decoration:none}nav a.on{text-decoration:underline}
 main{padding:1em}section{display:none}section.on{display:block}
 table{border-collapse:collapse;font-size:.85em}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left}
+td{max-width:28em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 th{background:#eef;cursor:pointer;user-select:none}tr:nth-child(even){background:#f8f8f8}
 input,select,textarea,button{font:inherit;margin:.2em}textarea{width:100%;height:6em;font-family:monospace}
-.err{color:#b00}.figs img{max-width:45%;margin:.5em;border:1px solid #ddd}
+.err{color:#b00}#sql-msg .err{white-space:pre-wrap;font-family:monospace}.msg{margin:.4em 0}.hint{color:#666;font-size:.85em}
+.figs figure{display:inline-block;width:30%;min-width:16em;margin:.5em;vertical-align:top;cursor:pointer}
+.figs img{width:100%;height:14em;object-fit:contain;border:1px solid #ddd;background:#fff}figcaption{font-size:.85em}
+#fig-view{border:1px solid #aac;padding:.5em;margin:.5em 0}#fig-view img{max-width:100%;max-height:80vh}
 progress{width:20em}
-</style></head><body>
+</style>"""
+
+_LOGIN_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>scdm: log in</title>
+<link rel="icon" href="data:,">""" + _STYLE + r"""</head><body>
+<header><h1>scdm</h1></header>
+<main><h2>This server needs its token</h2>
+<p>It was started with <code>scdm serve --token ...</code>; type that token to open the explorer.</p>
+<form id="login-form" method="post" action="/login">
+ <label>token <input type="password" name="token" id="login-token" size="40" autocomplete="current-password" autofocus></label>
+ <button type="submit">Log in</button></form>
+{message}
+<p class="hint">Scripts send <code>Authorization: Bearer &lt;token&gt;</code> instead; the API is described at /openapi.json.</p>
+</main></body></html>
+"""
+
+_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>scdm</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">""" + _STYLE + r"""</head><body>
 <header><h1>scdm</h1><nav>
-<a data-tab="leaderboard" class="on">Leaderboard</a><a data-tab="figures">Figures</a><a data-tab="models">Models</a>
-<a data-tab="sql">SQL</a><a data-tab="predict">Predict</a></nav></header>
+<a data-tab="leaderboard" class="on">Leaderboard</a><a data-tab="figures">Figures</a><a data-tab="models">Models</a><a data-tab="sql">SQL</a><a data-tab="predict">Predict</a></nav></header>
 <main>
 <section id="leaderboard" class="on">
  <form id="lb-form">
-  model <input name="model" size="10"> head <input name="head" size="8">
+  model <input name="model" size="10" placeholder="pca,scgpt"> head <input name="head" size="8" placeholder="ridge">
   scenario <select name="scenario"><option value="">any</option><option>pooled</option><option>cross</option><option>custom</option></select>
   category type <select name="category_type"><option value="">any</option><option>all</option><option>tissue</option>
   <option>cancer_type</option><option>drug_type</option><option>regimen</option></select>
   category <input name="category" size="10">
   metric <select name="metric"><option>auroc</option><option>f1</option><option>ap</option><option>accuracy</option>
-  <option>precision</option><option>recall</option><option value="">all</option></select>
+  <option>precision</option><option>recall</option><option>f1_macro</option><option>f1_weighted</option><option>mcc</option>
+  <option>ami</option><option>ari</option><option value="">all</option></select>
   <button type="submit">Filter</button></form>
- <div id="lb-msg"></div><div id="lb-table"></div>
+ <div id="lb-msg" class="msg"></div><div id="lb-table"></div>
 </section>
 <section id="figures"><button id="fig-make">Generate report</button> <span id="fig-msg"></span>
- <a href="/report/index.html" target="_blank">open the full report</a><div class="figs" id="fig-list"></div></section>
-<section id="models"><div id="model-list"></div><h2 id="model-name"></h2><div id="model-detail"></div></section>
+ <a id="fig-report" href="/report/index.html" target="_blank" hidden>open the full report</a>
+ <div id="fig-view" hidden><strong id="fig-view-name"></strong> <a id="fig-view-svg" target="_blank">SVG</a>
+  <button id="fig-view-close" type="button">close</button><br><img id="fig-view-img" alt=""></div>
+ <div class="figs" id="fig-list"></div></section>
+<section id="models"><div id="model-list"></div><div id="model-msg" class="msg"></div><h2 id="model-name"></h2><div id="model-detail"></div></section>
 <section id="sql"><textarea id="sql-text">SELECT name, n_cells FROM datasets</textarea><br>
- <button id="sql-run">Run</button> <span id="sql-msg"></span><div id="sql-table"></div></section>
+ <button id="sql-run">Run</button> <span class="hint">(Ctrl+Enter; read-only, at most 500 rows shown)</span>
+ <div id="sql-msg" class="msg"></div><div id="sql-table"></div></section>
 <section id="predict"><form id="pred-form">
  head <select name="head_id" id="pred-head"></select> dataset <select name="dataset" id="pred-dataset"></select>
- <button type="submit">Predict</button></form>
+ <button type="submit" id="pred-submit">Predict</button></form>
  <progress id="pred-progress" max="1" value="0" hidden></progress> <span id="pred-msg"></span>
- <a id="pred-csv" hidden>Download CSV</a><div id="pred-table"></div></section>
+ <a id="pred-csv" download hidden>Download CSV</a><div id="pred-table"></div></section>
 </main>
 <script>
 "use strict";
@@ -875,44 +941,78 @@ async function api(path, opts) {
   const r = await fetch(path, Object.assign({credentials: "same-origin"}, opts || {}));
   const ct = r.headers.get("content-type") || "";
   const body = ct.includes("json") ? await r.json() : await r.text();
+  if (r.status === 401) throw new Error("Not logged in (or the token changed): reload the page to log in again.");
   if (!r.ok) throw new Error((body && body.error) || r.statusText);
   return body;
 }
 function esc(v) { return v === null || v === undefined ? "" : String(v).replace(/[&<>"']/g, c => "&#" + c.charCodeAt(0) + ";"); }
 function fmt(v) { return typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : (typeof v === "object" && v !== null ? JSON.stringify(v) : v); }
+function showError(el, err) { el.innerHTML = `<span class="err">${esc(err.message || err)}</span>`; }
+function plural(n, word) { return `${n} ${word}${n === 1 ? "" : "s"}`; }
+// missing values sort last in both directions; numbers as numbers, the rest as text
+function compare(x, y) {
+  const nx = x === null || x === undefined, ny = y === null || y === undefined;
+  if (nx || ny) return nx && ny ? 0 : nx ? 1 : -1;
+  if (typeof x === "number" && typeof y === "number") return x - y;
+  return String(fmt(x)).localeCompare(String(fmt(y)));
+}
+// long values (params, telemetry JSON) are cut by CSS; the whole text shows on hover
+function cell(v) { const t = esc(v); return t.length > 40 ? `<td title="${t}">${t}</td>` : `<td>${t}</td>`; }
 function table(el, rows, columns) {
   if (!rows.length) { el.innerHTML = "<p>(no rows)</p>"; return; }
   columns = columns || Object.keys(rows[0]);
   let sortKey = null, asc = true;
   function draw() {
     const data = rows.slice();
-    if (sortKey) data.sort((a, b) => { const x = a[sortKey], y = b[sortKey]; return (x > y ? 1 : x < y ? -1 : 0) * (asc ? 1 : -1); });
-    el.innerHTML = "<table><thead><tr>" + columns.map(c => `<th data-k="${esc(c)}">${esc(c)}${c === sortKey ? (asc ? " ▲" : " ▼") : ""}</th>`).join("") +
-      "</tr></thead><tbody>" + data.map(r => "<tr>" + columns.map(c => `<td>${esc(fmt(r[c]))}</td>`).join("") + "</tr>").join("") + "</tbody></table>";
+    if (sortKey) data.sort((a, b) => {
+      const x = a[sortKey], y = b[sortKey], missing = x === null || x === undefined || y === null || y === undefined;
+      return missing ? compare(x, y) : compare(x, y) * (asc ? 1 : -1);
+    });
+    el.innerHTML = "<table><thead><tr>" + columns.map(c => `<th data-k="${esc(c)}" title="sort">${esc(c)}${c === sortKey ? (asc ? " ▲" : " ▼") : ""}</th>`).join("") +
+      "</tr></thead><tbody>" + data.map(r => "<tr>" + columns.map(c => cell(fmt(r[c]))).join("") + "</tr>").join("") + "</tbody></table>";
     el.querySelectorAll("th").forEach(th => th.onclick = () => { const k = th.dataset.k; asc = sortKey === k ? !asc : true; sortKey = k; draw(); });
   }
   draw();
 }
 document.querySelectorAll("nav a").forEach(a => a.onclick = () => show(a.dataset.tab));
+const loaders = {leaderboard: () => {}, figures: () => loadFigures(), models: () => loadModels(), sql: () => {}, predict: () => loadPredict()};
 function show(tab) {
+  if (!(tab in loaders)) tab = "leaderboard";
   document.querySelectorAll("nav a").forEach(a => a.classList.toggle("on", a.dataset.tab === tab));
   document.querySelectorAll("section").forEach(s => s.classList.toggle("on", s.id === tab));
-  if (tab === "figures") loadFigures(); if (tab === "models") loadModels(); if (tab === "predict") loadPredict();
+  history.replaceState(null, "", "#" + tab);  // a reload stays on the tab
+  loaders[tab]();
 }
 async function loadLeaderboard(ev) {
   if (ev) ev.preventDefault();
   const q = new URLSearchParams([...new FormData($("lb-form"))].filter(([k, v]) => v));
+  $("lb-msg").textContent = "loading...";
   try {
     const rows = await api("/api/leaderboard?" + q);
-    $("lb-msg").textContent = rows.length + " rows";
+    $("lb-msg").textContent = plural(rows.length, "row");
     table($("lb-table"), rows, ["model", "variant", "head", "scenario", "scheme", "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "datasets"]);
-  } catch (e) { $("lb-msg").innerHTML = `<span class="err">${esc(e.message)}</span>`; }
+  } catch (e) { showError($("lb-msg"), e); $("lb-table").innerHTML = ""; }
 }
 $("lb-form").onsubmit = loadLeaderboard;
+function figureName(path) { return path.split("/").pop().replace(/\.(png|svg)$/, ""); }
 async function loadFigures() {
-  const r = await api("/api/report/figures");
-  $("fig-list").innerHTML = r.generated ? r.figures.filter(f => f.endsWith(".png")).map(f => `<a href="${esc(f)}" target="_blank"><img src="${esc(f)}" alt="${esc(f)}"></a>`).join("") : "<p>No report yet: generate it.</p>";
+  try {
+    const r = await api("/api/report/figures");
+    $("fig-report").hidden = !r.generated;
+    const pngs = r.figures.filter(f => f.endsWith(".png"));
+    if (!r.generated || !pngs.length) { $("fig-list").innerHTML = "<p>No report yet: generate it (radar, bars, projections, scalability).</p>"; return; }
+    $("fig-list").innerHTML = pngs.map(f => `<figure data-src="${esc(f)}"><img src="${esc(f)}" alt="${esc(figureName(f))}"><figcaption>${esc(figureName(f).replace(/_/g, " "))}</figcaption></figure>`).join("");
+    $("fig-list").querySelectorAll("figure").forEach(fig => fig.onclick = () => openFigure(fig.dataset.src, r.figures));
+  } catch (e) { showError($("fig-list"), e); }
 }
+function openFigure(src, all) {
+  const svg = src.replace(/\.png$/, ".svg");
+  $("fig-view-img").src = src; $("fig-view-img").alt = figureName(src);
+  $("fig-view-name").textContent = figureName(src).replace(/_/g, " ");
+  $("fig-view-svg").href = svg; $("fig-view-svg").hidden = !all.includes(svg);
+  $("fig-view").hidden = false; $("fig-view").scrollIntoView();
+}
+$("fig-view-close").onclick = () => { $("fig-view").hidden = true; };
 async function waitJob(job, onTick) {
   for (;;) {
     const j = await api("/api/jobs/" + job.job_id);
@@ -922,51 +1022,68 @@ async function waitJob(job, onTick) {
   }
 }
 $("fig-make").onclick = async () => {
+  $("fig-make").disabled = true;
   try {
-    const j = await waitJob(await api("/api/report", {method: "POST"}), j => $("fig-msg").textContent = j.stage);
-    $("fig-msg").textContent = j.state === "done" ? "report ready" : j.message; loadFigures();
-  } catch (e) { $("fig-msg").innerHTML = `<span class="err">${esc(e.message)}</span>`; }
+    const j = await waitJob(await api("/api/report", {method: "POST"}), j => $("fig-msg").textContent = j.stage + "...");
+    if (j.state !== "done") throw new Error(j.message);
+    $("fig-msg").textContent = "report ready"; await loadFigures();
+  } catch (e) { showError($("fig-msg"), e); } finally { $("fig-make").disabled = false; }
 };
 async function loadModels() {
-  const models = await api("/api/models");
-  $("model-list").innerHTML = models.map(m => `<button data-m="${esc(m.model)}">${esc(m.model)} (${m.n_embeddings})</button>`).join("");
-  $("model-list").querySelectorAll("button").forEach(b => b.onclick = () => loadModel(b.dataset.m));
+  try {
+    const models = await api("/api/models");
+    $("model-list").innerHTML = models.length ? models.map(m => `<button data-m="${esc(m.model)}">${esc(m.model)} (${plural(m.n_embeddings, "embedding")})</button>`).join("")
+      : "<p>No embeddings yet: run <code>scdm embed</code>.</p>";
+    $("model-list").querySelectorAll("button").forEach(b => b.onclick = () => loadModel(b.dataset.m));
+  } catch (e) { showError($("model-msg"), e); }
 }
 async function loadModel(name) {
-  const m = await api("/api/models/" + encodeURIComponent(name));
-  $("model-name").textContent = name;
-  const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
-  table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "params", "telemetry"]);
-  table($("ml"), m.leaderboard, ["head", "scenario", "scheme", "metric", "mean", "sd", "n_folds"]);
-  table($("mh"), m.trained_heads, ["head_id", "head", "category_type", "category", "n_train", "created_at"]);
+  try {
+    const m = await api("/api/models/" + encodeURIComponent(name));
+    $("model-msg").textContent = ""; $("model-name").textContent = name;
+    const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
+    table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "params", "telemetry"]);
+    table($("ml"), m.leaderboard, ["head", "scenario", "scheme", "metric", "mean", "sd", "n_folds"]);
+    table($("mh"), m.trained_heads, ["head_id", "head", "category_type", "category", "n_train", "created_at"]);
+  } catch (e) { showError($("model-msg"), e); }
 }
-$("sql-run").onclick = async () => {
+async function runSql() {
+  $("sql-msg").textContent = "running...";
   try {
     const r = await api("/api/sql", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({query: $("sql-text").value, max_rows: 500})});
-    $("sql-msg").textContent = `${r.n_rows} rows${r.truncated ? " (truncated)" : ""} in ${r.seconds} s`;
+    $("sql-msg").textContent = `${plural(r.n_rows, "row")}${r.truncated ? " (truncated)" : ""} in ${r.seconds} s`;
     table($("sql-table"), r.rows, r.columns);
-  } catch (e) { $("sql-msg").innerHTML = `<span class="err">${esc(e.message)}</span>`; $("sql-table").innerHTML = ""; }
-};
+  } catch (e) { showError($("sql-msg"), e); $("sql-table").innerHTML = ""; }
+}
+$("sql-run").onclick = runSql;
+$("sql-text").onkeydown = (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); runSql(); } };
 async function loadPredict() {
-  const [heads, datasets] = await Promise.all([api("/api/heads"), api("/api/datasets")]);
-  $("pred-head").innerHTML = heads.map(h => `<option value="${esc(h.head_id)}">${esc(h.head_id)} ${esc(h.head)} on ${esc(h.model)} (${esc(h.category_type)}=${esc(h.category)})</option>`).join("");
-  $("pred-dataset").innerHTML = datasets.map(d => `<option>${esc(d.name)}</option>`).join("");
+  try {
+    const [heads, datasets] = await Promise.all([api("/api/heads"), api("/api/datasets")]);
+    $("pred-head").innerHTML = heads.map(h => `<option value="${esc(h.head_id)}">${esc(h.head_id)} ${esc(h.head)} on ${esc(h.model)} (${esc(h.category_type)}=${esc(h.category)})</option>`).join("");
+    $("pred-dataset").innerHTML = datasets.map(d => `<option>${esc(d.name)}</option>`).join("");
+    $("pred-submit").disabled = !heads.length || !datasets.length;
+    if (!heads.length) $("pred-msg").textContent = "No trained heads yet: train one with `scdm train-head`.";
+    else if (!datasets.length) $("pred-msg").textContent = "No datasets yet: ingest one with `scdm ingest`.";
+  } catch (e) { showError($("pred-msg"), e); }
 }
 $("pred-form").onsubmit = async (ev) => {
   ev.preventDefault();
   const body = Object.fromEntries(new FormData($("pred-form")));
   const bar = $("pred-progress"); bar.hidden = false; bar.value = 0; $("pred-csv").hidden = true; $("pred-table").innerHTML = "";
+  $("pred-submit").disabled = true; $("pred-msg").textContent = "submitting...";
   try {
     const job = await api("/api/jobs/predict", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
-    const j = await waitJob(job, j => { bar.value = j.progress; $("pred-msg").textContent = j.stage; });
+    const j = await waitJob(job, j => { bar.value = j.progress; $("pred-msg").textContent = j.stage + "..."; });
     if (j.state !== "done") throw new Error(j.message);
-    bar.value = 1; $("pred-msg").textContent = `${j.result.n_cells} cells, ${j.result.n_sensitive} predicted sensitive`;
+    bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${j.result.mean_proba.toFixed(3)})`;
     $("pred-csv").href = j.result.csv_url; $("pred-csv").hidden = false;
     const rows = await api(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=200`);
     table($("pred-table"), rows, ["cell_id", "proba", "label", "response"]);
-  } catch (e) { $("pred-msg").innerHTML = `<span class="err">${esc(e.message)}</span>`; }
+  } catch (e) { showError($("pred-msg"), e); bar.hidden = true; } finally { $("pred-submit").disabled = false; }
 };
 loadLeaderboard();
+show(location.hash.slice(1));
 </script></body></html>
 """
 

@@ -1,0 +1,112 @@
+"""The grid's batched logistic regression: every fold's answer is its own scikit-learn fit's."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from scdm_classify._logreg_batch import fit_logreg_folds
+from scdm_classify.heads import HeadConvergenceWarning, LogRegHead, column_moments
+
+
+def _objective(Xs: np.ndarray, y: np.ndarray, w: np.ndarray, b: float, C: float) -> float:
+    z = Xs @ w + b
+    return float(np.mean(np.logaddexp(0, z) - y * z) + w @ w / (2 * C * len(y)))
+
+
+@pytest.fixture(scope="module")
+def folds_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n, dim, k = 1500, 24, 4
+    # uneven scales and offsets: standardisation per fold matters
+    X = (rng.standard_normal((n, dim)) * rng.uniform(0.3, 4, dim) + rng.normal(0, 5, dim)).astype(np.float32)
+    y = (X[:, 0] / 2 - X[:, 1] + rng.normal(0, 2, n) > X[:, 1].mean() / 2).astype(np.int8)
+    fold = rng.integers(0, k, n)
+    train = np.stack([fold != f for f in range(k)], axis=1)
+    train[:50, 0] = True  # folds of unequal size, some cells in every training set
+    return X, y, train
+
+
+@pytest.mark.parametrize("C", [1.0, 0.05])
+def test_each_fold_reaches_its_own_optimum(folds_data, C):
+    X, y, train = folds_data
+    fits = fit_logreg_folds(X.copy(), y, train, C=C, tol=1e-9, max_iter=500)
+    for k in range(train.shape[1]):
+        rows = train[:, k]
+        mean, scale = column_moments(X[rows])
+        np.testing.assert_allclose(fits.mean[k], mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fits.scale[k], scale, rtol=1e-5)
+        Xs = (X[rows].astype(np.float64) - mean) / scale
+        reference = LogisticRegression(C=C, tol=1e-12, max_iter=5000).fit(Xs, y[rows])
+        ours = _objective(Xs, y[rows], fits.coef[k], fits.intercept[k], C)
+        best = _objective(Xs, y[rows], reference.coef_[0], reference.intercept_[0], C)
+        assert ours == pytest.approx(best, rel=1e-7, abs=1e-9)
+        np.testing.assert_allclose(fits.coef[k], reference.coef_[0], atol=2e-3 * np.abs(reference.coef_[0]).max())
+    assert fits.converged.all()
+
+
+def test_batched_folds_match_the_head_fold_by_fold(folds_data):
+    """What the grid installs predicts like LogRegHead.fit on the fold (default tolerance)."""
+    X, y, train = folds_data
+    fits = fit_logreg_folds(X.copy(), y, train)
+    for k in range(train.shape[1]):
+        rows = train[:, k]
+        alone = LogRegHead().fit(X[rows], y[rows])
+        batched = LogRegHead().set_solution(fits.coef[k], fits.intercept[k], mean=fits.mean[k], scale=fits.scale[k])
+        # both stop at max |gradient| <= 1e-4, from different paths: equal to that precision
+        gap = np.abs(batched.predict_proba(X[~rows]) - alone.predict_proba(X[~rows]))
+        assert gap.max() < 2e-2 and gap.mean() < 1e-3
+
+
+def test_fold_independence(folds_data):
+    """A fold's answer does not depend on which other folds share its batch."""
+    X, y, train = folds_data
+    together = fit_logreg_folds(X.copy(), y, train, tol=1e-5)
+    alone = fit_logreg_folds(X.copy(), y, train[:, [2]], tol=1e-5)
+    np.testing.assert_allclose(together.coef[2], alone.coef[0], atol=1e-4 * np.abs(alone.coef[0]).max())
+    assert together.n_iter[2] == alone.n_iter[0]
+
+
+def test_max_iter_is_reported_not_hidden(folds_data):
+    X, y, train = folds_data
+    fits = fit_logreg_folds(X.copy(), y, train, tol=1e-12, max_iter=2)
+    assert (fits.n_iter == 2).all() and not fits.converged.any()
+    with pytest.warns(HeadConvergenceWarning, match="max_iter=2"):
+        LogRegHead(max_iter=2).set_solution(fits.coef[0], fits.intercept[0], converged=False)
+
+
+def test_unstandardised_problem(folds_data):
+    X, y, train = folds_data
+    Xs = (X - X.mean(0)) / X.std(0)  # well scaled, so the raw problem converges too
+    fits = fit_logreg_folds(Xs.copy(), y, train[:, :1], standardize=False, tol=1e-9, max_iter=500)
+    reference = LogisticRegression(tol=1e-12, max_iter=5000).fit(Xs[train[:, 0]].astype(np.float64), y[train[:, 0]])
+    np.testing.assert_allclose(fits.coef[0], reference.coef_[0], atol=2e-3 * np.abs(reference.coef_[0]).max())
+    np.testing.assert_array_equal(fits.mean, 0)
+
+
+def test_column_moments_per_mask_and_constant_columns():
+    rng = np.random.default_rng(1)
+    X = (rng.standard_normal((5000, 7)) * 3 + 1000).astype(np.float32)  # large offset: shifted sums needed
+    X[:, 4] = 2.5
+    masks = rng.random((5000, 3)) < 0.7
+    mean, scale = column_moments(X, masks, block_rows=512)
+    for k in range(3):
+        rows = X[masks[:, k]].astype(np.float64)
+        np.testing.assert_allclose(mean[k], rows.mean(0), rtol=1e-6)
+        expected = rows.std(0)
+        expected[4] = 1.0  # constant column: scale 1, as _standardizer always did
+        np.testing.assert_allclose(scale[k], expected, rtol=1e-4)
+
+
+def test_logreg_head_probabilities_are_sklearns():
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((400, 10)).astype(np.float32)
+    y = (X[:, 0] + rng.normal(0, 1, 400) > 0).astype(np.int8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeadConvergenceWarning)
+        head = LogRegHead().fit(X, y)
+    Xs = (X - head.mean_) / head.scale_
+    np.testing.assert_allclose(head.predict_proba(X), head.model_.predict_proba(Xs)[:, 1], atol=1e-6)
