@@ -193,6 +193,11 @@ def embed(
     min_genes: int = 1,
     progress: bool = True,
     lora_dir: str | os.PathLike[str] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    num_gpus_per_actor: float | None = None,
+    actors: int | None = None,
+    max_retries: int = 3,
     **model_params: Any,
 ) -> EmbedResult:
     """Embed every cell of ``dataset`` with ``model`` into the store (resumable, idempotent).
@@ -213,11 +218,28 @@ def embed(
     device, precision
         ``auto`` = CUDA with bf16 autocast when available, else CPU fp32.
     workers
-        DataLoader processes that tokenise the next chunks while the model runs (0 = inline).
+        DataLoader processes that tokenise the next chunks while the model runs (0 = inline;
+        local executor only).
     lora_dir
         A LoRA adapter folder made by :func:`scdm_embed.finetune.finetune`: the embedding is the
         tuned variant ``lora:<adapter id>`` (its content hash is the embedding's ``adapter_hash``;
         ``params["lora"]`` names the split and fold it belongs to).
+    executor
+        ``"local"`` (this process) or ``"ray"``: chunks are handed to Ray actors that each load the
+        model once and write their chunks straight into the array, while this process alone writes
+        the catalog (see :mod:`scdm_embed._ray_executor`). Both give bit-identical results on CPU
+        and can resume each other's interrupted embeddings.
+    ray_address
+        ``"auto"`` (a running cluster), ``"ray://host:port"`` (Ray client), or None to start a
+        local cluster (ignored when Ray is already initialised in this process).
+    num_gpus_per_actor
+        GPUs each Ray actor reserves (default: 1 when the cluster has GPUs and ``device`` allows
+        CUDA, else 0).
+    actors
+        Ray actors (model copies); default: the cluster's GPUs / ``num_gpus_per_actor``, or its
+        CPUs, at most the number of chunks to compute.
+    max_retries
+        Ray only: times a failed chunk is resubmitted (and an actor that died is restarted).
     **model_params
         Adapter parameters that change the numbers (``layer``, ``pooling``, ``max_genes``, ...).
 
@@ -226,9 +248,14 @@ def embed(
     EmbedResult
     """
     st = open_store(store)
+    if executor not in ("local", "ray"):
+        msg = f"Unknown executor {executor!r}; use 'local' (this process) or 'ray' (a Ray cluster)."
+        raise InputDataError(msg)
     if model in baselines.BASELINES:
         if checkpoint is not None:
             logger.warning("%s needs no checkpoint; ignoring --checkpoint", model)
+        if executor == "ray":
+            logger.info("%s is fitted in one pass on this machine; the ray executor applies to foundation models", model)
         return embed_baseline(st, [dataset], model=model, chunk_rows=chunk_rows, progress=progress, **model_params)[0]
     ds = st.dataset(dataset)
     adapter = get_adapter(model)(checkpoint=checkpoint, seed=seed, **model_params)
@@ -239,7 +266,15 @@ def embed(
             "counts (e.g. adata.layers['counts'] saved as X), or use a baseline model (pca, hvg)."
         )
         raise InputDataError(msg)
-    dev = resolve_device(device)
+    ray_exec: Any = None
+    if executor == "ray":
+        from scdm_embed import _ray_executor as ray_exec
+
+        ray_exec.check_supported(adapter)
+        # actors, not this process, hold the devices: decide from the cluster, not from local torch
+        dev, num_gpus_per_actor = ray_exec.actor_device(device, num_gpus_per_actor, ray_address)
+    else:
+        dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     ckpt_hash = checkpoint_hash(adapter.checkpoint, cache_dir=st.root / "artifacts") if adapter.checkpoint else None
     params = {**adapter.params(), "seed": seed, "precision": prec, "gene_table": gene_table_version()}
@@ -257,6 +292,15 @@ def embed(
     if existing is not None and existing.status == "complete":
         logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
         return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
+    if ray_exec is not None:
+        job = ray_exec.RayEmbedJob(
+            dataset=ds, adapter=adapter, params=params, variant=variant, checkpoint_hash=ckpt_hash, seed=seed,
+            model_params=model_params, lora_dir=None if lora_dir is None else str(lora_dir), device=dev, precision=prec,
+            batch_size=batch_size or _auto_batch_size(adapter, dev), chunk_rows=chunk_rows, min_genes=min_genes,
+            min_gene_fraction=min_gene_fraction, num_gpus_per_actor=float(num_gpus_per_actor or 0), actors=actors,
+            max_retries=max_retries, ray_address=ray_address, progress=progress,
+        )
+        return ray_exec.embed_on_ray(st, job)
 
     t_load = time.perf_counter()
     adapter.load(dev)
@@ -266,14 +310,7 @@ def embed(
     genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
     audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
     require_matches(audit, model, min_genes=min_genes, min_fraction=min_gene_fraction)
-    if chunk_rows is None:
-        # a chunk is the unit of resume: foundation models are slow, so cap the work a crash can lose
-        chunk_rows = min(default_chunk_rows(adapter.emb_dim), MODEL_CHUNK_ROWS_MAX)
-    if getattr(adapter, "batch_dependent", False):
-        # cells of one batch attend to each other: batches must be fixed row ranges, so chunks
-        # hold whole batches and batch k is always rows [k*bs, (k+1)*bs)
-        bs = params["batch_size"]
-        chunk_rows = -(-chunk_rows // bs) * bs
+    chunk_rows = _model_chunk_rows(chunk_rows, adapter.emb_dim, params, bool(getattr(adapter, "batch_dependent", False)))
     emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash,
                               chunk_rows=chunk_rows, **variant)
     missing = emb.missing_chunks()
@@ -288,6 +325,20 @@ def embed(
 
 MODEL_CHUNK_ROWS_MAX = 4096
 """Cells per chunk at most for foundation-model embeddings (a crash loses at most one chunk)."""
+
+
+def _model_chunk_rows(chunk_rows: int | None, emb_dim: int, params: dict[str, Any], batch_dependent: bool) -> int:
+    """Rows per chunk of a foundation-model embedding (same rule for every executor)."""
+    if chunk_rows is None:
+        # a chunk is the unit of resume: foundation models are slow, so cap the work a crash can lose
+        chunk_rows = min(default_chunk_rows(emb_dim), MODEL_CHUNK_ROWS_MAX)
+    if batch_dependent:
+        # cells of one batch attend to each other: batches must be fixed row ranges, so chunks
+        # hold whole batches and batch k is always rows [k*bs, (k+1)*bs)
+        bs = params["batch_size"]
+        chunk_rows = -(-chunk_rows // bs) * bs
+    return chunk_rows
+
 
 GPU_BATCH_FACTOR = 8
 """On CUDA, a model's CPU batch size times this is the first try; out-of-memory halves it."""

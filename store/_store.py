@@ -34,12 +34,13 @@ from store.errors import (
     EmbeddingNotFoundError,
     InputDataError,
     ScdmError,
+    StoreFormatError,
 )
 
 if TYPE_CHECKING:
     import anndata as ad
 
-__all__ = ["Store", "StoreLike", "DatasetInfo", "Embedding", "open_store", "default_store_path", "space_id_of"]
+__all__ = ["Store", "StoreLike", "DatasetInfo", "Embedding", "ChunkTarget", "ChunkRecord", "open_store", "default_store_path", "space_id_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,76 @@ class DatasetInfo:
 
 
 @dataclass(frozen=True)
+class ChunkRecord:
+    """One chunk whose rows are written to the array, waiting to be committed in the catalog."""
+
+    chunk: int
+    n_rows: int
+    checksum: str
+    """:func:`store._zarr.chunk_checksum` of the rows as stored."""
+    seconds: float | None = None
+    """Time spent computing the chunk (telemetry)."""
+
+
+@dataclass(frozen=True)
+class ChunkTarget:
+    """Where and how one embedding's chunks are written, without the catalog.
+
+    A plain picklable value: a worker on another machine writes chunk data with it and reports a
+    :class:`ChunkRecord`; the process that owns the catalog commits it with
+    :meth:`Embedding.commit_chunks`. Workers never open the catalog.
+    """
+
+    embedding_id: str
+    location: str
+    """Absolute local path or URL of the Zarr array."""
+    n_cells: int
+    dim: int
+    dtype: str
+    chunk_rows: int
+    n_chunks: int
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """First and one-past-last row of ``chunk``."""
+        if not 0 <= chunk < self.n_chunks:
+            msg = f"Chunk {chunk} is out of range: embedding {self.embedding_id} has chunks 0..{self.n_chunks - 1}."
+            raise IndexError(msg)
+        lo = chunk * self.chunk_rows
+        return lo, min(lo + self.chunk_rows, self.n_cells)
+
+    def checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
+        """(first row, block in the stored dtype); refuses a wrong shape or non-finite values."""
+        lo, hi = self.chunk_bounds(chunk)
+        block = np.asarray(block)
+        if block.shape != (hi - lo, self.dim):
+            msg = f"Chunk {chunk} needs an array of shape ({hi - lo}, {self.dim}); got {block.shape}."
+            raise InputDataError(msg)
+        if not np.isfinite(block).all():
+            msg = f"Chunk {chunk} of embedding {self.embedding_id} holds NaN or inf; refusing to store it (the model diverged? try --precision fp32)."
+            raise InputDataError(msg)
+        return lo, block.astype(self.dtype, copy=False)
+
+    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None, array: Any = None) -> ChunkRecord:
+        """Write one chunk's rows to the array (not the catalog) and return the record to commit.
+
+        ``array`` is an already open :func:`store._zarr.open_array` of this target (saves reopening it
+        for every chunk).
+        """
+        lo, block = self.checked_block(chunk, block)
+        arr = array if array is not None else _zarr.open_array(self.location)
+        arr[lo:lo + block.shape[0]] = block
+        return ChunkRecord(chunk, int(block.shape[0]), _zarr.chunk_checksum(block), seconds)
+
+    def stored_checksum(self, chunk: int) -> str | None:
+        """Checksum of the chunk's rows as they are stored now (None when its chunk data is absent)."""
+        lo, hi = self.chunk_bounds(chunk)
+        if not _zarr.chunk_present(self.location, chunk):
+            return None
+        block = _zarr.read_rows(self.location, np.arange(lo, hi), out_dtype=self.dtype)
+        return _zarr.chunk_checksum(block)
+
+
+@dataclass(frozen=True)
 class Embedding:
     """Handle on one embedding in a store: write chunks, list what is missing, finalize."""
 
@@ -121,8 +192,24 @@ class Embedding:
     params: dict[str, Any]
 
     @property
+    def location(self) -> str:
+        """The array's absolute local path, or its URL (``array_path`` records either)."""
+        if "://" in self.array_path:
+            return self.array_path
+        return str((self.store.root / self.array_path).absolute())  # workers may run elsewhere: never relative
+
+    @property
     def path(self) -> Path:
-        return self.store.root / self.array_path
+        """The array's local path (``file://`` URLs included); remote arrays have only :attr:`location`."""
+        path = _zarr.local_path(self.location)
+        if path is None:
+            msg = f"Embedding {self.embedding_id} lives at {self.array_path!r}, not on a local path; use Embedding.location."
+            raise StoreFormatError(msg)
+        return path
+
+    def target(self) -> ChunkTarget:
+        """A catalog-free, picklable description for writing this embedding's chunks elsewhere."""
+        return ChunkTarget(self.embedding_id, self.location, self.n_cells, self.dim, self.dtype, self.chunk_rows, self.n_chunks)
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         """First and one-past-last row of ``chunk``."""
@@ -162,15 +249,41 @@ class Embedding:
         return ChunkWriter(self, commit_every_s=commit_every_s)
 
     def _checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
-        lo, hi = self.chunk_bounds(chunk)
-        block = np.asarray(block)
-        if block.shape != (hi - lo, self.dim):
-            msg = f"Chunk {chunk} needs an array of shape ({hi - lo}, {self.dim}); got {block.shape}."
-            raise InputDataError(msg)
-        if not np.isfinite(block).all():
-            msg = f"Chunk {chunk} of embedding {self.embedding_id} holds NaN or inf; refusing to store it (the model diverged? try --precision fp32)."
-            raise InputDataError(msg)
-        return lo, block.astype(self.dtype, copy=False)
+        return self.target().checked_block(chunk, block)
+
+    def commit_chunks(self, records: Sequence[ChunkRecord]) -> list[int]:
+        """Commit chunks whose data another process wrote (see :meth:`target`); idempotent.
+
+        A chunk already committed with the same checksum is left alone, so a chunk is never
+        committed twice. One committed with another checksum was overwritten since (a second job
+        on the same embedding, or non-deterministic GPU kernels): its row takes the new checksum,
+        which is what the array now holds, and a warning says so.
+
+        Returns
+        -------
+        list of int
+            The chunks this call committed (new or changed rows).
+        """
+        if not records:
+            return []
+        chunks = [int(r.chunk) for r in records]
+        with self.store.catalog.transaction() as con:
+            have = dict(con.execute(
+                "SELECT chunk, checksum FROM embedding_chunks WHERE embedding_id = ? AND list_contains(?, chunk)",
+                [self.embedding_id, chunks],
+            ).fetchall())
+            fresh = [r for r in records if have.get(r.chunk) != r.checksum]
+            if not fresh:
+                return []
+            con.executemany(
+                "INSERT OR REPLACE INTO embedding_chunks VALUES (?, ?, ?, ?, ?, now())",
+                [[self.embedding_id, r.chunk, r.n_rows, r.checksum, r.seconds] for r in fresh],
+            )
+        for r in fresh:
+            if r.chunk in have:
+                logger.warning("chunk %d of embedding %s was committed before with checksum %s; the array now holds %s",
+                               r.chunk, self.embedding_id, have[r.chunk], r.checksum)
+        return [r.chunk for r in fresh]
 
     def finalize(self, *, telemetry: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
         """Mark complete once every chunk is committed, with telemetry and gene audit."""
@@ -210,7 +323,7 @@ class ChunkWriter:
         self.emb = emb
         self.commit_every_s = commit_every_s
         self.max_in_flight = max_in_flight
-        self._array = _zarr.open_array(emb.path)
+        self._array = _zarr.open_array(emb.location)
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="scdm-chunk-writer")
         self._in_flight: list[tuple[Future[str], list[Any]]] = []
         self._pending: list[list[Any]] = []
@@ -271,6 +384,12 @@ class Store:
     ----------
     path
         Store directory; created if missing. Default: ``$SCDM_STORE`` or ``./scdm-store``.
+    arrays_url
+        Folder (fsspec URL such as ``file:///shared/scdm-arrays`` or ``s3://bucket/prefix``, or a
+        plain path) for the arrays of embeddings created through this handle, so that workers on
+        other machines can write and read them. The catalog stays a local file in ``path``; each
+        embedding records its array's URL, so later readers need no ``arrays_url``. Default: the
+        store's own ``embeddings/`` folder.
 
     Examples
     --------
@@ -279,9 +398,10 @@ class Store:
     >>> st.datasets()                                            # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, arrays_url: str | None = None) -> None:
         self.root = Path(path) if path is not None else default_store_path()
         self.root = self.root.expanduser()
+        self.arrays_url = _zarr.check_arrays_url(arrays_url) if arrays_url else None
         self._make_dirs()
         self.catalog = Catalog(self.root / CATALOG_FILE)
         self.catalog.migrate(_scdm_version())
@@ -513,9 +633,10 @@ class Store:
         space = space_id_of(model, checkpoint_hash, adapter_hash, variant, params)
         embedding_id = _short_hash("embedding", ds.content_hash, space, dtype)
         rows = chunk_rows or _zarr.default_chunk_rows(dim, dtype)
-        rel = f"{EMBEDDINGS_DIR}/{embedding_id}.zarr"
+        # array_path is relative to the store root, or a URL when arrays live elsewhere
+        rel = f"{self.arrays_url}/{embedding_id}.zarr" if self.arrays_url else f"{EMBEDDINGS_DIR}/{embedding_id}.zarr"
         _zarr.create_array(
-            self.root / rel, n_rows=ds.n_cells, dim=dim, dtype=dtype, chunk_rows=rows, compressor=compressor,
+            rel if self.arrays_url else self.root / rel, n_rows=ds.n_cells, dim=dim, dtype=dtype, chunk_rows=rows, compressor=compressor,
             attrs={"embedding_id": embedding_id, "dataset_id": ds.dataset_id, "model": model, "variant": variant},
         )
         n_chunks = -(-ds.n_cells // rows)
@@ -607,7 +728,7 @@ class Store:
             If it is not complete and ``allow_partial`` is False.
         """
         emb = self._complete.get(embedding_id)
-        if emb is None or not emb.path.exists():
+        if emb is None or not _zarr.array_exists(emb.location):
             emb, status = self._embedding_and_status(embedding_id)
             if status == "complete":
                 # ids are content hashes: a complete embedding never changes, so it can be cached
@@ -621,7 +742,7 @@ class Store:
                 "Resume it by running the same `scdm embed` command again, or pass allow_partial=True."
             )
             raise EmbeddingIncompleteError(msg)
-        return _zarr.read_rows(emb.path, None if rows is None else np.asarray(rows))
+        return _zarr.read_rows(emb.location, None if rows is None else np.asarray(rows))
 
     def verify_embedding(self, embedding_id: str) -> list[int]:
         """Chunks whose stored bytes do not match their committed checksum (empty = healthy)."""
@@ -630,7 +751,7 @@ class Store:
         bad = []
         for chunk, checksum in zip(frame["chunk"], frame["checksum"]):
             lo, hi = emb.chunk_bounds(int(chunk))
-            block = _zarr.read_rows(emb.path, np.arange(lo, hi), out_dtype=emb.dtype)
+            block = _zarr.read_rows(emb.location, np.arange(lo, hi), out_dtype=emb.dtype)
             if _zarr.chunk_checksum(block) != checksum:
                 bad.append(int(chunk))
         return bad
@@ -642,7 +763,7 @@ class Store:
         with self.catalog.transaction() as con:
             con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ?", [emb.embedding_id])
             con.execute("DELETE FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])
-        shutil.rmtree(emb.path, ignore_errors=True)
+        _zarr.remove_array(emb.location)
         logger.info("removed embedding %s (%s of %s)", emb.embedding_id, emb.model, emb.dataset_id)
         return emb.embedding_id
 
