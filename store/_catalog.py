@@ -3,33 +3,76 @@
 DuckDB lets one process write a database file at a time, and a process that has the file open
 read-write also blocks readers in other processes. So scdm never keeps a connection open: every
 operation connects, runs one short transaction and closes, retrying while another process holds
-the lock. Within one process a re-entrant lock serialises catalog access between threads.
+the lock.
+
+Inside one process DuckDB shares one database instance per file and configuration, and refuses
+to open a file with a second configuration (read-only and read-write count as two) while any
+connection to it is open. A :class:`_Gate` per catalog file therefore admits, at any time, either
+any number of read-only connections with one configuration or one thread's read-write connections
+(that thread may nest them). Waiting for another process's lock happens outside the gate, so one
+thread's back-off never holds up the others.
+
+Readers that overlap keep the file's shared lock held for as long as any of them is open, which
+would starve a writer in another process that polls for the lock. A writer that finds the file
+locked raises a flag, an advisory lock on ``<catalog>.turnstile`` that the operating system drops
+when the process dies; readers in every scdm process start no new connection while it is raised,
+so the file drains and the writer gets in within one read's time.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
+import os
 import random
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import duckdb
 import pandas as pd
 
 from store._constants import LOCK_RETRY_SECONDS
-from store.errors import QueryError, ReadOnlyQueryError, StoreFormatError, StoreLockedError
+from store.errors import (
+    QueryError,
+    ReadOnlyQueryError,
+    ScdmError,
+    StoreFormatError,
+    StoreLockedError,
+)
 
-__all__ = ["Catalog", "SCHEMA_VERSION"]
+try:  # advisory file locks for the writer flag; without them (Windows) writers rely on retry alone
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["READ_CONFIG", "SCHEMA_VERSION", "Catalog"]
 
 logger = logging.getLogger(__name__)
 
-_PROCESS_LOCK = threading.RLock()
 _LOCK_MARKERS = ("could not set lock", "conflicting lock", "lock on file", "database is locked")
 _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+READ_CONFIG: dict[str, Any] = {"enable_external_access": False, "lock_configuration": True}
+"""DuckDB settings of every read-only catalog connection.
+
+One configuration for internal reads and user SQL alike, so that they share one database instance
+and run side by side (DuckDB refuses a second configuration of an open file). It is the user SQL
+sandbox: no file or network access, and ``SET`` cannot lift that.
+"""
+
+_LOCK_BACKOFF_S = (0.005, 0.1)
+"""First and longest sleep while another process holds the file (a failed connect costs well under 1 ms)."""
+_FLAG_BACKOFF_S = (0.001, 0.01)
+"""First and longest sleep while a writer's flag is raised: it is lowered when that writer's transaction closes."""
+_FLAG_PATIENCE_S = 5.0
+"""How long a reader holds back for a raised flag; after that the writer is evidently waiting for
+someone else (a long lock elsewhere), and the reader tries the file as if no flag were raised."""
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -53,44 +96,332 @@ def _is_lock_error(err: Exception) -> bool:
     return any(m in text for m in _LOCK_MARKERS)
 
 
+@functools.lru_cache(maxsize=512)
+def _only_reads(sql: str) -> bool:
+    """Whether every statement of ``sql`` is a plain read (cached: the same queries recur)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error:
+        return False  # let the read-write path run it and report DuckDB's own error
+    return bool(statements) and all(st.type.name in _READ_STATEMENTS for st in statements)
+
+
+def _config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(k), repr(v)) for k, v in config.items()))
+
+
+# ---- in-process gate ------------------------------------------------------------------------
+class _Ticket:
+    """One thread's place in a gate's queue."""
+
+    __slots__ = ("key", "writes")
+
+    def __init__(self, writes: bool, key: tuple[tuple[str, str], ...] | None) -> None:
+        self.writes, self.key = writes, key
+
+
+class _Gate:
+    """Who in this process may have connections to one catalog file open right now.
+
+    Either readers (any number of threads, all with one DuckDB configuration) or one writer
+    thread, never both. Threads that must wait queue in arrival order; the readers at the front
+    of the queue enter together. So a writer waits only for the reads already open (new readers
+    queue behind it), and readers waiting behind a writer enter together after it, before the
+    next writer: neither side can starve the other. A thread may nest connections of the kind it
+    holds (reads in a read, anything in a write) without queueing; a thread that holds a read and
+    asks for a write, or for a read with other settings, would wait for itself, so that raises.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[_Ticket] = collections.deque()
+        self._read_key: tuple[tuple[str, str], ...] | None = None
+        self._readers = 0
+        self._reads_of: dict[int, int] = {}
+        self._writer: int | None = None
+        self._write_depth = 0
+
+    def writing_here(self) -> bool:
+        """Whether the calling thread holds the write side."""
+        return self._writer == threading.get_ident()
+
+    def reading_here(self) -> bool:
+        """Whether the calling thread holds a read."""
+        return self._reads_of.get(threading.get_ident(), 0) > 0
+
+    def enter_read(self, key: tuple[tuple[str, str], ...], deadline: float, where: str) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                msg = (f"A read-only connection to {where} was asked for inside this thread's own write "
+                       "transaction; run the read after the transaction, or on the transaction's connection.")
+                raise RuntimeError(msg)
+            if self._reads_of.get(me, 0):
+                if key != self._read_key:
+                    msg = (f"A read-only connection to {where} with other settings was asked for while this "
+                           "thread holds one; close the first connection before opening the second.")
+                    raise RuntimeError(msg)
+            else:  # a nested read never queues: a writer in the queue is waiting for this very thread
+                self._wait_turn(_Ticket(False, key), deadline, where)
+            self._read_key = key
+            self._readers += 1
+            self._reads_of[me] = self._reads_of.get(me, 0) + 1
+
+    def leave_read(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            self._reads_of[me] -= 1
+            if not self._reads_of[me]:
+                del self._reads_of[me]
+            self._readers -= 1
+            if not self._readers:
+                self._read_key = None
+                self._cond.notify_all()
+
+    def enter_write(self, deadline: float, where: str) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._reads_of.get(me, 0):
+                msg = (f"A write to {where} was asked for while this thread holds a read-only connection to it; "
+                       "close the read connection first (the write would wait for it forever).")
+                raise RuntimeError(msg)
+            if self._writer != me:
+                self._wait_turn(_Ticket(True, None), deadline, where)
+                self._writer = me
+            self._write_depth += 1
+
+    def leave_write(self) -> None:
+        with self._cond:
+            self._write_depth -= 1
+            if not self._write_depth:
+                self._writer = None
+                self._cond.notify_all()
+
+    def _may_enter(self, ticket: _Ticket) -> bool:
+        if self._writer is not None:
+            return False
+        if ticket.writes:
+            return self._readers == 0 and self._queue[0] is ticket
+        if self._readers and self._read_key != ticket.key:
+            return False
+        for ahead in self._queue:  # only readers with the same settings may be ahead of a reader
+            if ahead is ticket:
+                return True
+            if ahead.writes or ahead.key != ticket.key:
+                return False
+        return False
+
+    def _wait_turn(self, ticket: _Ticket, deadline: float, where: str) -> None:
+        self._queue.append(ticket)
+        try:
+            admitted = self._cond.wait_for(lambda: self._may_enter(ticket), timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            self._queue.remove(ticket)
+            self._cond.notify_all()  # the ticket behind may be next
+        if not admitted:
+            msg = (f"The catalog {where} stayed busy in this process past the retry budget: other threads "
+                   "held connections to it the whole time. Look for a long transaction in this process.")
+            raise StoreLockedError(msg)
+
+
+_GATES: dict[str, _Gate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def _gate_for(path: str) -> _Gate:
+    """The one gate of a catalog file in this process (every Catalog of that file shares it)."""
+    with _GATES_LOCK:
+        return _GATES.setdefault(path, _Gate())
+
+
+# ---- cross-process writer flag ---------------------------------------------------------------
+class _WriterFlag:
+    """"A writer is waiting for this catalog": an exclusive advisory lock on ``<catalog>.turnstile``.
+
+    Readers only look (a non-blocking shared lock that fails while the flag is raised); the file
+    is created on the first contended write and the lock vanishes with the process that held it.
+    """
+
+    def __init__(self, catalog: str) -> None:
+        self.path = catalog + ".turnstile"
+
+    def is_raised(self) -> bool:
+        if fcntl is None:
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False  # no flag file: no writer has waited yet
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared lock just taken
+        return False
+
+    def try_raise(self) -> int | None:
+        """The file descriptor that holds the raised flag, or None when it cannot be raised now."""
+        if fcntl is None:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            try:  # a read-only store directory: the flag works as long as the file exists
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another writer raised it first
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def lower(fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
+
+
+class _Backoff:
+    """Jittered exponential sleeps between connection attempts, bounded by a deadline."""
+
+    def __init__(self, deadline: float, first_and_cap: tuple[float, float]) -> None:
+        self.deadline = deadline
+        self._delay, self._cap = first_and_cap
+
+    def sleep(self) -> bool:
+        """Sleep once; False (without sleeping) when the deadline has passed."""
+        now = time.monotonic()
+        if now > self.deadline:
+            return False
+        time.sleep(min(self._delay * (1 + random.random()), max(0.0, self.deadline - now)))
+        self._delay = min(self._delay * 2, self._cap)
+        return True
+
+
 class Catalog:
     """Short-lived DuckDB connections to ``path``, with retry on lock conflicts."""
 
     def __init__(self, path: Path, *, retry_seconds: float = LOCK_RETRY_SECONDS) -> None:
         self.path = Path(path)
         self.retry_seconds = retry_seconds
+        # one name per file, so that every Catalog of it shares DuckDB's instance and our gate
+        self._file = os.path.realpath(self.path)
+        self._gate = _gate_for(self._file)
+        self._flag = _WriterFlag(self._file)
 
     # ---- connections ------------------------------------------------------------------------
     @contextlib.contextmanager
     def connect(self, *, read_only: bool = False, config: dict[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection that is closed on exit; waits while another process holds the file lock."""
+        """A connection that is closed on exit; waits while another process holds the file lock.
+
+        Parameters
+        ----------
+        read_only : bool, default False
+            Read-only connections run side by side (threads of this process and other processes);
+            a read-write one excludes every other connection to the file.
+        config : dict, optional
+            DuckDB settings. Read-only connections default to :data:`READ_CONFIG` (no file or
+            network access); a different one waits until the readers with the default are done.
+
+        Raises
+        ------
+        StoreLockedError
+            If the file stayed locked for ``retry_seconds``.
+        """
         deadline = time.monotonic() + self.retry_seconds
-        delay = 0.005
-        with _PROCESS_LOCK:
-            while True:
-                try:
-                    con = duckdb.connect(str(self.path), read_only=read_only, config=config or {})
-                    break
-                except (duckdb.IOException, duckdb.ConnectionException) as err:
-                    if not _is_lock_error(err) or time.monotonic() > deadline:
-                        if _is_lock_error(err):
-                            msg = (
-                                f"The catalog {str(self.path)!r} stayed locked by another process for "
-                                f"{self.retry_seconds:.0f} s. Another scdm process (or a duckdb client) "
-                                "holds it open; close it and retry."
-                            )
-                            raise StoreLockedError(msg) from err
-                        raise
-                    time.sleep(delay * (1 + random.random()))
-                    delay = min(delay * 2, 0.25)
+        if read_only:
+            settings = dict(READ_CONFIG if config is None else config)
+            con = self._open_read(settings, deadline)
+            flag, leave = None, self._gate.leave_read
+        else:
+            con, flag = self._open_write(dict(config or {}), deadline)
+            leave = self._gate.leave_write
+        try:
+            yield con
+        finally:
             try:
-                yield con
-            finally:
                 con.close()
+            finally:
+                _WriterFlag.lower(flag)
+                leave()
+
+    def _open_read(self, settings: dict[str, Any], deadline: float) -> duckdb.DuckDBPyConnection:
+        if not self.path.exists():
+            msg = (f"The catalog {str(self.path)!r} does not exist, so it cannot be opened read-only. Open the "
+                   "store with store.Store(path) (or any scdm command) first: that creates it.")
+            raise ScdmError(msg)
+        key = _config_key(settings)
+        lock_wait, flag_wait = _Backoff(deadline, _LOCK_BACKOFF_S), _Backoff(deadline, _FLAG_BACKOFF_S)
+        # a thread inside its own read or write skips the flag: it may be this thread's own, and
+        # the gate admits a nested read at once or refuses it
+        nested = self._gate.reading_here() or self._gate.writing_here()
+        patience = min(time.monotonic() + _FLAG_PATIENCE_S, deadline)
+        while True:
+            if not nested and time.monotonic() < patience and self._flag.is_raised():
+                flag_wait.sleep()  # a writer waits for the file: open nothing new, so that it drains
+                continue
+            self._gate.enter_read(key, deadline, repr(str(self.path)))
+            try:
+                return duckdb.connect(self._file, read_only=True, config=settings)
+            except (duckdb.IOException, duckdb.ConnectionException) as err:
+                self._gate.leave_read()
+                if not _is_lock_error(err):
+                    raise
+                if not lock_wait.sleep():
+                    raise self._locked_error() from err
+            except BaseException:
+                self._gate.leave_read()
+                raise
+
+    def _open_write(self, settings: dict[str, Any], deadline: float) -> tuple[duckdb.DuckDBPyConnection, int | None]:
+        where = repr(str(self.path))
+        if self._gate.writing_here():  # nested in this thread's write: DuckDB shares the open instance
+            self._gate.enter_write(deadline, where)
+            try:
+                return duckdb.connect(self._file, read_only=False, config=settings), None
+            except BaseException:
+                self._gate.leave_write()
+                raise
+        flag: int | None = None
+        lock_wait, flag_wait = _Backoff(deadline, _LOCK_BACKOFF_S), _Backoff(deadline, _FLAG_BACKOFF_S)
+        while True:
+            self._gate.enter_write(deadline, where)
+            try:
+                return duckdb.connect(self._file, read_only=False, config=settings), flag
+            except (duckdb.IOException, duckdb.ConnectionException) as err:
+                self._gate.leave_write()
+                if not _is_lock_error(err):
+                    _WriterFlag.lower(flag)
+                    raise
+                if flag is None:  # readers elsewhere keep the file open: ask them to drain
+                    flag = self._flag.try_raise()
+                if not (flag_wait if flag is not None else lock_wait).sleep():
+                    _WriterFlag.lower(flag)
+                    raise self._locked_error() from err
+            except BaseException:
+                self._gate.leave_write()
+                _WriterFlag.lower(flag)
+                raise
+
+    def _locked_error(self) -> StoreLockedError:
+        msg = (
+            f"The catalog {str(self.path)!r} stayed locked by another process for {self.retry_seconds:.0f} s. "
+            "Another scdm process (or a duckdb client) holds it open; close it and retry."
+        )
+        return StoreLockedError(msg)
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-        """Run one read query and return its rows as a DataFrame."""
-        with self.connect() as con:
+        """Run one query and return its rows as a DataFrame.
+
+        Reads (``SELECT``, ``WITH ... SELECT``, ``EXPLAIN``) go through a read-only connection, so
+        they run alongside other readers; anything else, and any query inside this thread's own
+        write transaction, through a read-write one.
+        """
+        read_only = _only_reads(sql) and not self._gate.writing_here() and self.path.exists()
+        with self.connect(read_only=read_only) as con:
             return con.execute(sql, params or []).df()
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
@@ -175,8 +506,7 @@ class Catalog:
             If a statement is not a read.
         """
         check_read_only(sql)
-        config = {"enable_external_access": False, "lock_configuration": True}
-        with self.connect(read_only=True, config=config) as con:
+        with self.connect(read_only=True) as con:  # READ_CONFIG: no file or network access, settings locked
             try:
                 if timeout_s is None:
                     return _fetch(con.execute(sql), max_rows)
