@@ -355,6 +355,12 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @click.option("--n-hvg", type=int, default=2000, show_default=True, help="Baselines: highly variable genes.")
 @click.option("--n-comps", type=int, default=50, show_default=True, help="pca: principal components.")
 @click.option("--normalized/--counts", "normalized", default=None, help="Baselines: treat X as already normalised (or as raw counts); detected when omitted.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: this process; ray: Ray actors (one model load each) write chunks, this process writes the catalog.")
+@click.option("--ray-address", help="Ray cluster: auto (the running cluster), ray://HOST:10001 (Ray client); omitted: start a local cluster.")
+@click.option("--num-gpus-per-actor", type=float, help="GPUs each Ray actor reserves (default: 1 if the cluster has GPUs, else 0; fractions share a GPU).")
+@click.option("--actors", type=int, help="Ray actors (model copies); default: cluster GPUs / --num-gpus-per-actor, or its CPUs, at most one per chunk.")
+@click.option("--max-retries", type=int, default=3, show_default=True, help="Ray: resubmissions of a failed chunk (a dead actor is replaced).")
+@click.option("--arrays-url", envvar="SCDM_ARRAYS_URL", help="Put new embedding arrays under this fsspec URL (file:///shared/dir, s3://bucket/prefix) so Ray workers on other machines reach them; the catalog stays in --store.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @dataset_options
 @pass_ctx
@@ -362,7 +368,8 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, batch_size: int | None, device: str,
           precision: str, layer: int | None, pooling: str | None, max_genes: int | None, seed: int, params: tuple[str, ...],
           reference_quirks: bool, chunk_rows: int | None, workers: int, min_gene_fraction: float, joint: bool, n_hvg: int, n_comps: int,
-          normalized: bool | None, quiet: bool, name: str | None, no_copy: bool, **options: Any) -> None:
+          normalized: bool | None, executor: str, ray_address: str | None, num_gpus_per_actor: float | None, actors: int | None,
+          max_retries: int, arrays_url: str | None, quiet: bool, name: str | None, no_copy: bool, **options: Any) -> None:
     """Embed the cells of DATA (an .h5ad file, ingested first, or a dataset in the store).
 
     Finished embeddings are returned at once; an interrupted run resumes from the first missing
@@ -375,12 +382,15 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
       scdm embed pc9.h5ad --model geneformer --checkpoint ~/ckpt/Geneformer-V2-104M \\
            --label-key response --study GSE149383 --batch-size 64
       scdm embed pc9 --model scgpt --checkpoint ~/ckpt/scGPT_human --device cuda
+      scdm embed pc9 --model geneformer -c /shared/ckpt/gf --executor ray --ray-address auto \\
+           --arrays-url file:///shared/scdm-arrays            # one actor per GPU of the cluster
     """
     from scdm_embed.baselines import BASELINES
     from scdm_embed.runner import embed as run_embed
     from scdm_embed.runner import embed_baseline
+    from store import Store
 
-    st = obj.store
+    st = obj.store if arrays_url is None else Store(obj.store.root, arrays_url=arrays_url)
     names = _resolve_datasets(st, data, name, no_copy, options)
     if model in BASELINES:
         groups = [names] if joint else [[n] for n in names]
@@ -397,7 +407,8 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
             try:
                 results.append(run_embed(st, n, model, checkpoint, batch_size=batch_size, device=device, precision=precision,
                                          chunk_rows=chunk_rows, seed=seed, workers=workers, min_gene_fraction=min_gene_fraction,
-                                         progress=not quiet, **extra))
+                                         progress=not quiet, executor=executor, ray_address=ray_address,
+                                         num_gpus_per_actor=num_gpus_per_actor, actors=actors, max_retries=max_retries, **extra))
             except TypeError as err:
                 if "unexpected keyword" not in str(err):
                     raise
@@ -486,13 +497,17 @@ def _csv_list(value: str) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pooled folds and of the heads.")
 @click.option("--jobs", "-j", type=int, default=1, show_default=True, help="Head fits in parallel.")
 @click.option("--no-predictions", is_flag=True, help="Do not store per-cell test probabilities.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: head fits run as Ray tasks on a cluster (pip install 'scdm[ray]'); this process writes the catalog.")
+@click.option("--ray-address", default=None,
+              help="With --executor ray: 'auto' (running cluster), 'ray://host:10001', or unset to start a local one.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @output_options
 @pass_ctx
 @user_errors
 def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...], models: tuple[str, ...], scenario: str, by: str,
-             heads: str, folds: int, split_scheme: str, mlp_profile: str, seed: int, jobs: int, no_predictions: bool, quiet: bool,
-             fmt: str) -> None:
+             heads: str, folds: int, split_scheme: str, mlp_profile: str, seed: int, jobs: int, no_predictions: bool,
+             executor: str, ray_address: str | None, quiet: bool, fmt: str) -> None:
     """Train and score heads on every (embedding space, split, fold, head) task.
 
     Embeddings of one space (same model, checkpoint and parameters) are pooled across datasets;
@@ -504,6 +519,7 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
       scdm evaluate --heads ridge,logreg,mlp --folds 10
       scdm evaluate --model geneformer --scenario cross --by cancer_type,drug_type
       scdm evaluate --split-scheme sample --heads logreg     # no patient in train and test
+      scdm evaluate --executor ray --ray-address auto        # fits on a running Ray cluster
     """
     from scdm_classify.grid import evaluate as run_evaluate
     from scdm_classify.results import format_leaderboard, leaderboard
@@ -514,7 +530,8 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
     run_evaluate(st, ids, scenarios=_csv_list(scenario), by=_csv_list(by), heads=head_list, folds=folds,
                            split_scheme=split_scheme, seed=seed, jobs=jobs,
                            head_params={"mlp": {"profile": mlp_profile}} if "mlp" in head_list else None,
-                           save_predictions=not no_predictions, silent=quiet)
+                           save_predictions=not no_predictions, silent=quiet, executor=executor,
+                           ray_address=ray_address)
     board = leaderboard(st, run_id=None, category_types=["all"])
     echo_frame(format_leaderboard(board), fmt)
 

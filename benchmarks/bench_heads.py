@@ -14,8 +14,9 @@ Prints one table:
     cross-data (leave-one-study-out) grid for one embedding. Targets at full scale (326,751 cells,
     D=3072): ridge <= 5 min, logreg <= 15 min.
   - ``mlp paper``: one fit of the scDrugMap head (batch 256, fp32, 10 epochs) vs its FLOP floor
-    (training matmul FLOPs / this machine's fp32 matmul rate measured on the same layer shapes, in
-    this process, just before). Target <= 1.3x. ``mlp fast`` for comparison.
+    (training matmul FLOPs / this machine's fp32 matmul rate measured on the same layer shapes with
+    the same number of threads, in this process, just before), with one thread and with every
+    core. Target <= 1.3x. ``mlp fast`` for comparison.
 
 Usage: python benchmarks/bench_heads.py [--scale 0.05] [--dim 3072] [--heads ridge,logreg]
            [--mlp-cells 20000] [--workdir bench-out/bench_heads] [--jobs 1]
@@ -25,6 +26,7 @@ Usage: python benchmarks/bench_heads.py [--scale 0.05] [--dim 3072] [--heads rid
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -125,6 +127,20 @@ def build_store(root: Path, shape: pd.DataFrame, scale: float, dim: int, seed: i
     return st, total
 
 
+def open_or_build_store(root: Path, shape: pd.DataFrame, scale: float, dim: int, reuse: bool) -> tuple[Store, int]:
+    """A store built by an earlier run with the same scale and dim (its results cleared), or a new one."""
+    marker = root / "bench_heads.json"
+    wanted = {"scale": scale, "dim": dim}
+    if reuse and marker.exists() and json.loads(marker.read_text()) == wanted:
+        st = Store(root)
+        for table in ("eval_predictions", "eval_results", "eval_tasks", "skipped_tasks", "eval_runs"):
+            st.execute(f"DELETE FROM {table}")
+        return st, int(st.query("SELECT count(*) AS n FROM cells")["n"].iloc[0])
+    st, n = build_store(root, shape, scale, dim)
+    marker.write_text(json.dumps(wanted))
+    return st, n
+
+
 # ---------------------------------------------------------------------------------------------
 # measurements
 # ---------------------------------------------------------------------------------------------
@@ -207,24 +223,32 @@ def matmul_rate(dim: int, batch: int, hidden: int = 512, seconds: float = 2.0) -
     return n * flops / (time.perf_counter() - t0) / 1e9
 
 
-def time_mlp(n_cells: int, dim: int, profile: str, seed: int = 0) -> dict[str, object]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n_cells)
-    X = rng.standard_normal((n_cells, dim), dtype=np.float32)
-    X[:, 0] += y
-    head = get_head("mlp", profile=profile, early_stopping=False)
-    load = os.getloadavg()[0]
-    batch = int(head.resolved()["batch_size"])
-    rate = matmul_rate(dim, batch)
-    t0 = time.perf_counter()
-    head.fit(X, y)
-    wall = time.perf_counter() - t0
+def time_mlp(n_cells: int, dim: int, profile: str, threads: int, seed: int = 0) -> dict[str, object]:
+    """One MLP fit with ``threads`` torch threads against the FLOP floor at that thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, n_cells)
+        X = rng.standard_normal((n_cells, dim), dtype=np.float32)
+        X[:, 0] += y
+        head = get_head("mlp", profile=profile, early_stopping=False)
+        load = os.getloadavg()[0]
+        batch = int(head.resolved()["batch_size"])
+        rate = matmul_rate(dim, batch)
+        t0 = time.perf_counter()
+        head.fit(X, y)
+        wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
     epochs = int(head.resolved()["epochs"])
     floor = mlp_train_flops(n_cells, dim, epochs=epochs) / (rate * 1e9)
     if profile == "fast" and head.bf16_:
         floor /= 2  # bf16 matmuls run at about twice the fp32 rate (issue 5 measurements)
-    return {"what": f"mlp {profile}", "tasks": 1, "train_Mcells": n_cells / 1e6, "wall_s": wall, "fit_s": wall,
-            "load": load, "floor_s": floor, "x_floor": wall / floor,
+    return {"what": f"mlp {profile} ({threads} thr)", "tasks": 1, "train_Mcells": n_cells / 1e6, "wall_s": wall,
+            "fit_s": wall, "load": load, "floor_s": floor, "x_floor": wall / floor,
             "note": f"batch {batch}, bf16={head.bf16_}; fp32 matmul {rate:.0f} GFLOP/s on the layer shapes"}
 
 
@@ -238,6 +262,8 @@ def main() -> None:
     parser.add_argument("--mlp-cells", type=int, default=20000, help="training cells of the timed MLP fit (0: skip)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--workdir", default="bench-out/bench_heads")
+    parser.add_argument("--reuse-store", action="store_true",
+                        help="keep a store this script built before with the same --scale/--dim (drops its results)")
     args = parser.parse_args()
     by, scenarios = args.by.split(","), args.scenarios.split(",")
 
@@ -252,7 +278,7 @@ def main() -> None:
     heads = [h for h in args.heads.split(",") if h]
     if heads:
         t0 = time.perf_counter()
-        st, n = build_store(Path(args.workdir) / "store", shape, args.scale, args.dim)
+        st, n = open_or_build_store(Path(args.workdir) / "store", shape, args.scale, args.dim, args.reuse_store)
         print(f"store built: {n:,} cells x {args.dim} in {time.perf_counter() - t0:.0f} s", flush=True)
         for head in heads:
             row = time_grid(st, head, args.jobs, by, scenarios)
@@ -272,9 +298,12 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     if args.mlp_cells:
-        for profile in ("paper", "fast"):
-            rows.append(time_mlp(args.mlp_cells, args.dim, profile))
-            print(rows[-1], flush=True)
+        # per thread count: a fit against the floor at the same thread count (one thread per fit
+        # is what the grid uses for parallel fits, --jobs N)
+        for threads in sorted({1, os.cpu_count() or 1}):
+            for profile in ("paper", "fast"):
+                rows.append(time_mlp(args.mlp_cells, args.dim, profile, threads))
+                print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 250, "display.max_colwidth", 70, "display.float_format", "{:.2f}".format):
         print(table.to_string(index=False))

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from scdm_classify.heads import torch_seeded
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -346,8 +348,7 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
         False: no target encoder training and no MMD/cluster term; target cells are predicted
         through the source encoder (the same predictor without adaptation).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with torch_seeded(cfg.seed):  # dropout draws from the global generator: the whole fit holds it
         gen = torch.Generator().manual_seed(cfg.seed)
         net = TransferNet(Xs.shape[1], Xt.shape[1], cfg)
         xs, xt = torch.from_numpy(np.ascontiguousarray(Xs, np.float32)), torch.from_numpy(np.ascontiguousarray(Xt, np.float32))

@@ -9,7 +9,11 @@ is not fitted again, so an interrupted or extended run only does what is missing
 
 Ridge is not fitted task by task: per split, one pass over the category's cells gives the Gram
 statistics of every fold, and each fold's training fit is the downdate ``total - fold`` and one
-Cholesky solve (cross-data splits share per-atom statistics from a single pass).
+Cholesky solve (cross-data splits share per-atom statistics from a single pass). Logistic
+regression is not fitted task by task either: the folds of a split are solved together, one
+L-BFGS per fold in lockstep, so each pass over the split's cells serves every fold
+(:mod:`scdm_classify._logreg_batch`). Ridge runs in this process whatever the executor; with
+``executor="ray"`` each split's logreg folds are one Ray task (:mod:`scdm_classify._ray_grid`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from scdm_classify.heads import GramStats, RidgeHead, get_head, ridge_from_stats, ridge_score_to_proba
+from scdm_classify.heads import GramStats, LogRegHead, RidgeHead, get_head, ridge_from_stats, ridge_score_to_proba
 from scdm_classify.metrics import METRICS, compute_metrics
 from scdm_classify.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits
 from store.errors import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError
@@ -273,6 +277,53 @@ def _ridge_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
             yield from _ridge_split(space, split_tasks, head, shift, buffers, atoms)
 
 
+def _logreg_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
+    """All logreg tasks of a space, the folds of each split solved together (see _logreg_batch)."""
+    assert space.X is not None and space.y is not None
+    groups: dict[tuple[str, str], list[Task]] = {}
+    for task in tasks:
+        groups.setdefault((task.params_key, task.split.split_id), []).append(task)
+    with _all_math_threads(space):
+        for group in groups.values():
+            yield from _logreg_split(space, group)
+
+
+def _logreg_split(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
+    from scdm_classify._logreg_batch import fit_logreg_folds
+
+    assert space.X is not None and space.y is not None
+    split, params = tasks[0].split, tasks[0].params
+    head = LogRegHead(**params)
+    head._validate_params()
+    pos = space.positions(split.cells)
+    y = space.y[pos]
+    fittable, train = [], []
+    for task in tasks:
+        mask = split.train_mask(task.fold)
+        if np.unique(y[mask]).size < 2:  # the head's own rule: both classes or no fit
+            error = (f"LogRegHead needs both classes in its training cells, but all {int(mask.sum())} are "
+                     f"{int(y[mask][0]) if mask.any() else 'absent'}; this task cannot be fitted.")
+            yield _Outcome(task, None, None, 0.0, 0.0, int(mask.sum()), error=error)
+            continue
+        fittable.append(task)
+        train.append(mask)
+    if not fittable:
+        return
+    t0 = time.perf_counter()
+    fits = fit_logreg_folds(space.X[pos], y, np.stack(train, axis=1), C=head.C, tol=head.tol,
+                            max_iter=head.max_iter, standardize=head.standardize)
+    fit_seconds = (time.perf_counter() - t0) / len(fittable)
+    for k, task in enumerate(fittable):
+        t1 = time.perf_counter()
+        fitted = LogRegHead(**params).set_solution(
+            fits.coef[k], fits.intercept[k], mean=fits.mean[k] if head.standardize else None,
+            scale=fits.scale[k] if head.standardize else None, n_iter=int(fits.n_iter[k]),
+            converged=bool(fits.converged[k]))
+        test_pos = pos[split.test_mask(task.fold)]
+        proba = fitted.predict_proba(space.X[test_pos])
+        yield _Outcome(task, proba, test_pos, fit_seconds, time.perf_counter() - t1, int(train[k].sum()))
+
+
 class _Buffers:
     """dim x dim work matrices reused by every split (a fresh 40-80 MB array costs page faults)."""
 
@@ -504,6 +555,8 @@ def evaluate(
     custom: pd.DataFrame | None = None,
     save_predictions: bool = True,
     silent: bool = False,
+    executor: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
 ) -> EvalSummary:
     """Evaluate embeddings: every (embedding space, split, fold, head) task, resumably.
 
@@ -535,6 +588,14 @@ def evaluate(
         Write per-cell test probabilities to ``eval_predictions``.
     silent : bool, default False
         Hide the progress bar (stderr).
+    executor : {"local", "ray"}, default "local"
+        ``ray``: fits run as Ray tasks (``pip install 'scdm[ray]'``); each space's matrix is put
+        once in Ray's object store, results come back to this process, which alone writes the
+        catalog; ridge stays here (see :mod:`scdm_classify._ray_grid`). Same results as local;
+        ``jobs`` is then unused (the cluster's CPUs set the parallelism, one thread per fit).
+    ray_address : str, optional
+        With ``executor="ray"``: ``None`` starts a local cluster, ``"auto"`` joins the running
+        one, ``"ray://host:10001"`` connects a Ray client. An initialised Ray is reused.
 
     Returns
     -------
@@ -560,19 +621,34 @@ def evaluate(
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         msg = f"jobs={jobs!r} must be an integer >= 1."
         raise InputDataError(msg)
+    if executor not in ("local", "ray"):
+        msg = f"executor={executor!r} is not one of 'local', 'ray'."
+        raise InputDataError(msg)
+    if ray_address is not None and executor != "ray":
+        msg = f"ray_address={ray_address!r} needs executor='ray'; pass --executor ray or drop --ray-address."
+        raise InputDataError(msg)
+    if executor == "ray":
+        from scdm_classify._ray_grid import import_ray
+
+        import_ray()  # a missing Ray is a clear error before any run is recorded
     scenarios, by = list(scenarios), list(by)
     spaces = _select_spaces(st, embeddings)
     run_id = uuid.uuid4().hex[:16]
     config = {"embeddings": [e for s in spaces for e in s.embedding_ids], "scenarios": scenarios, "by": by,
               "heads": heads, "head_params": head_params, "folds": folds, "split_scheme": split_scheme, "seed": seed,
-              "jobs": jobs, "save_predictions": save_predictions}
+              "jobs": jobs, "save_predictions": save_predictions, "executor": executor}
     st.insert_df("eval_runs", pd.DataFrame([{"run_id": run_id, "created_at": _now(), "status": "running",
                                               "config": json.dumps(config, sort_keys=True, default=str),
                                               "scdm_version": _version()}]))
     writer = _Writer(st, run_id, save_predictions)
     all_ids: list[str] = []
     n_done = n_reused = n_skipped = 0
+    pool = None
     try:
+        if executor == "ray":
+            from scdm_classify._ray_grid import RayGrid
+
+            pool = RayGrid(ray_address)
         for space in spaces:
             space.cells = _labelled_cells(st, space)
             if space.lora is not None:
@@ -596,11 +672,15 @@ def evaluate(
                 continue
             _load_matrix(st, space)
             bar = progress_bar(len(pending), desc=f"evaluate {space.model}", silent=silent)
-            ridge = [t for t in pending if t.head == "ridge"]
-            others = [t for t in pending if t.head != "ridge"]
+            batched = [t for t in pending if t.head in _BATCHED_HEADS]
+            others = [t for t in pending if t.head not in _BATCHED_HEADS]
             with warnings.catch_warnings(), _math_threads(space, jobs, torch_heads=any(t.head in ("mlp", "dann") for t in others)):
                 warnings.simplefilter("once")
-                for out in _chain(_ridge_outcomes(space, ridge), _run_tasks(others, jobs)):
+                # Ray: ridge stays here (shared Gram statistics); a split's logreg folds are one Ray task.
+                outcomes = (_chain(_batched_outcomes(space, batched), _run_tasks(others, jobs)) if pool is None
+                            else pool.outcomes(space, [t for t in pending if t.head != "ridge"], bar=bar,
+                                               driver_side=_ridge_outcomes(space, [t for t in batched if t.head == "ridge"])))
+                for out in outcomes:
                     writer.add(out)
                     if out.error is None:
                         n_done += 1
@@ -618,6 +698,9 @@ def evaluate(
         st.execute("UPDATE eval_runs SET status = 'failed', finished_at = ?, seconds = ? WHERE run_id = ?",
                    [_now(), time.perf_counter() - started, run_id])
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     seconds = time.perf_counter() - started
     st.execute("UPDATE eval_runs SET status = 'complete', finished_at = ?, seconds = ?, n_tasks = ?, n_done = ?, "
                "n_reused = ?, n_skipped = ? WHERE run_id = ?",
@@ -660,6 +743,28 @@ def _math_threads(space: _Space, jobs: int, *, torch_heads: bool) -> Iterator[No
     finally:
         if torch:
             torch.set_num_threads(before)
+
+
+_BATCHED_HEADS = ("ridge", "logreg")
+"""Heads whose folds are fitted together per split (with executor="ray", logreg's split groups are Ray tasks)."""
+
+
+def _batched_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
+    yield from _ridge_outcomes(space, [t for t in tasks if t.head == "ridge"])
+    yield from _logreg_outcomes(space, [t for t in tasks if t.head == "logreg"])
+
+
+@contextlib.contextmanager
+def _all_math_threads(space: _Space) -> Iterator[None]:
+    """Every core for one large batched solve, even inside a one-thread-per-fit section."""
+    assert space.X is not None
+    if space.X.size < SMALL_MATRIX:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=os.cpu_count() or 1, user_api="blas"):
+        yield
 
 
 def _chain(*iterators: Iterator[_Outcome]) -> Iterator[_Outcome]:

@@ -18,13 +18,16 @@ Gram-downdate helpers the grid uses to solve every fold from one pass over the d
 from __future__ import annotations
 
 import abc
+import contextlib
 import difflib
 import inspect
 import json
 import logging
 import math
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -250,13 +253,52 @@ class BaseHead(abc.ABC):
         """Probability of the sensitive class for validated rows."""
 
 
+def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
+                   block_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (ddof 0) of ``X``'s rows, or of each mask's rows.
+
+    One pass over ``X`` in row blocks, shifted by a sample mean so the float32 sums do not
+    cancel, accumulated in float64: no float64 copy of ``X`` (which at 300k x 3072 would be 7 GB).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_cells, emb_dim)
+    masks : ndarray of shape (n_cells, n_masks), optional
+        Boolean row selections (a fold's training cells, say); default: all rows.
+    block_rows : int, default 2048
+
+    Returns
+    -------
+    mean, scale : ndarray of shape (emb_dim,) or (n_masks, emb_dim), float32
+        Constant columns get scale 1.
+    """
+    n, dim = X.shape
+    weights = np.ones((n, 1), np.float32) if masks is None else np.asarray(masks, np.float32)
+    shift = X[np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64)
+    shift32 = shift.astype(np.float32)
+    s1 = np.zeros((weights.shape[1], dim))
+    s2 = np.zeros((weights.shape[1], dim))
+    buffer = np.empty((min(block_rows, n), dim), np.float32)  # reused: fresh blocks cost page faults
+    for lo in range(0, n, block_rows):
+        block = buffer[: min(block_rows, n - lo)]
+        np.subtract(X[lo:lo + block_rows], shift32, out=block)
+        w = weights[lo:lo + block_rows].T
+        s1 += w @ block
+        np.square(block, out=block)
+        s2 += w @ block
+    count = np.maximum(weights.sum(axis=0, dtype=np.float64), 1.0)[:, None]
+    centred = s1 / count
+    scale = np.sqrt(np.maximum(s2 / count - centred**2, 0.0))
+    scale[scale < 1e-12] = 1.0
+    mean = (centred + shift32.astype(np.float64)).astype(np.float32)
+    if masks is None:
+        return mean[0], scale[0].astype(np.float32)
+    return mean, scale.astype(np.float32)
+
+
 def _standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ddof 0) of the training rows; constant columns get scale 1."""
-    mean = X.mean(axis=0, dtype=np.float64)
-    var = X.var(axis=0, dtype=np.float64)
-    scale = np.sqrt(var)
-    scale[scale < 1e-12] = 1.0
-    return mean.astype(np.float32), scale.astype(np.float32)
+    return column_moments(X)
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,9 +595,10 @@ class RidgeHead(BaseHead):
 class LogRegHead(BaseHead):
     """L2 logistic regression (scikit-learn, lbfgs) on standardised embeddings.
 
-    With ``warm_start=True`` a refit starts from the previous fit's coefficients; the grid uses
-    this across the folds of one split (90% of the training cells are shared), which cuts the
-    number of iterations without changing the optimum.
+    The evaluation grid does not call :meth:`fit` fold by fold: it solves every fold of a split
+    together (:func:`scdm_classify._logreg_batch.fit_logreg_folds`, the same objective and
+    stopping rule) and installs each fold's answer with :meth:`set_solution`.
+    With ``warm_start=True`` a refit of the same head starts from its previous coefficients.
     """
 
     name = "logreg"
@@ -574,25 +617,49 @@ class LogRegHead(BaseHead):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        if self.standardize:
-            self.mean_, self.scale_ = _standardizer(X)
-            X = (X - self.mean_) / self.scale_
+        mean, scale = _standardizer(X) if self.standardize else (None, None)
+        if mean is not None:
+            X = (X - mean) / scale
         previous = getattr(self, "model_", None) if self.warm_start else None
         model = previous or LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol, warm_start=self.warm_start)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             model.fit(X, y)
-        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        self.model_ = model
+        self.set_solution(model.coef_[0], float(model.intercept_[0]), mean=mean, scale=scale,
+                          n_iter=int(np.max(model.n_iter_)),
+                          converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught))
+
+    def set_solution(self, coef: np.ndarray, intercept: float, *, mean: np.ndarray | None = None,
+                     scale: np.ndarray | None = None, n_iter: int | None = None, converged: bool = True) -> LogRegHead:
+        """Install a solution (weights on standardised inputs and their standardisation).
+
+        :meth:`fit` ends here; the grid's batched fold solver calls it directly.
+        """
+        self._validate_params()
+        self.coef_ = np.asarray(coef, np.float64)
+        self.intercept_ = float(intercept)
+        self.mean_, self.scale_ = mean, scale
+        self.n_iter_ = n_iter
+        self.n_features_in_ = self.coef_.shape[0]
+        if not converged:
             msg = (f"logreg stopped at max_iter={self.max_iter} before converging (tol={self.tol}); "
                    "raise max_iter or C's regularisation (smaller C) if the scores matter.")
             warnings.warn(msg, HeadConvergenceWarning, stacklevel=3)
-        self.model_ = model
-        self.n_iter_ = int(np.max(model.n_iter_))
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Log-odds of sensitivity: ``standardised(X) @ coef_ + intercept_``."""
+        check_fitted(self)
+        X = self._check_X(X)
+        if self.mean_ is not None:
+            X = (X - self.mean_) / self.scale_
+        return X @ self.coef_.astype(X.dtype) + self.intercept_
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        if self.standardize:
-            X = (X - self.mean_) / self.scale_
-        return self.model_.predict_proba(X)[:, 1]
+        from scipy.special import expit
+
+        return expit(np.asarray(self.decision_function(X), np.float64))
 
 
 class LightGBMHead(BaseHead):
@@ -643,6 +710,23 @@ def mlp_train_flops(n_train: int, emb_dim: int, *, hidden: int = 512, epochs: in
     macs = emb_dim * hidden + hidden * hidden + hidden * 2
     first_layer_input_grad = emb_dim * hidden  # never computed: the input needs no gradient
     return float(epochs) * n_train * (6 * macs - 2 * first_layer_input_grad)
+
+
+_TORCH_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """torch's process-wide generator seeded for this block only, one thread at a time.
+
+    Layer initialisation (and dropout) draw from that one generator: fits running in parallel
+    threads (``jobs=N``) would interleave their draws, and a fit would depend on its neighbours.
+    """
+    import torch
+
+    with _TORCH_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def bf16_supported() -> bool:
@@ -723,13 +807,11 @@ class MLPHead(BaseHead):
         train_idx, val_idx = self._carve_validation(y, cfg["early_stopping"])
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         yt = torch.from_numpy(y)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with torch_seeded(self.seed):  # initialisation; training draws only from its own generator
             model = self._build(X.shape[1])
-            gen = torch.Generator().manual_seed(self.seed)
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=self.weight_decay,
-                                    **_fused_kwargs())
-            self.history_ = self._train(model, opt, Xt, yt, torch.from_numpy(train_idx), val_idx, cfg, use_bf16, gen)
+        gen = torch.Generator().manual_seed(self.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=self.weight_decay, **_fused_kwargs())
+        self.history_ = self._train(model, opt, Xt, yt, torch.from_numpy(train_idx), val_idx, cfg, use_bf16, gen)
         model.eval()
         self.model_ = model
         self.bf16_ = use_bf16

@@ -229,3 +229,20 @@ def test_unknown_head_and_parameter_are_explained() -> None:
         get_head("rige")
     with pytest.raises(InputDataError, match="takes no parameter gamma"):
         get_head("ridge", gamma=1)
+
+
+def test_mlp_fits_in_parallel_threads_equal_a_lone_fit():
+    """jobs=N runs fits in threads: a fit must not depend on its neighbours' draws from torch's RNG."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 16)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int8)
+
+    def fit(_: int) -> np.ndarray:
+        return get_head("mlp", epochs=2, batch_size=64).fit(X, y).predict_proba(X)
+
+    alone = fit(0)
+    with ThreadPoolExecutor(4) as pool:
+        for proba in pool.map(fit, range(8)):
+            np.testing.assert_array_equal(proba, alone)
