@@ -37,7 +37,6 @@ embedding space to :class:`RayGrid`. The driver stays the only process that touc
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scdm_classify.grid import Task, _fit_task, _logreg_split, _Outcome, _Space
+from scdm_classify.grid import Task, _fit_task, _logreg_split, _Outcome, _Space, one_math_thread
 from store.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -271,7 +270,7 @@ def _fit_batch(space: _Space, split: Split, items: list[_Item], crash: str | Non
         raise RuntimeError(msg)
     t0 = time.perf_counter()
     tasks = [Task(item.task_id, space, split, item.fold, item.head, item.params, item.params_key) for item in items]
-    with _one_math_thread(torch_heads=any(item.head in TORCH_HEADS for item in items)):
+    with one_math_thread(torch_heads=any(item.head in TORCH_HEADS for item in items)):
         if tasks[0].head in SPLIT_HEADS:  # the folds of the split together, as the local executor does
             outcomes = list(_logreg_split(space, tasks))
         else:
@@ -290,20 +289,3 @@ def _attempt_number() -> int:
     return int(getter()) if getter is not None else 0
 
 
-@contextlib.contextmanager
-def _one_math_thread(*, torch_heads: bool) -> Iterator[None]:
-    """One BLAS/OpenMP (and torch) thread per fit, as the local executor does for parallel fits."""
-    from threadpoolctl import threadpool_limits
-
-    torch = None
-    if torch_heads:
-        import torch
-    before = torch.get_num_threads() if torch else 0
-    if torch:
-        torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        if torch:
-            torch.set_num_threads(before)

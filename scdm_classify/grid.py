@@ -729,6 +729,13 @@ def _math_threads(space: _Space, jobs: int, *, torch_heads: bool) -> Iterator[No
     if jobs == 1 and space.X.size >= SMALL_MATRIX:
         yield
         return
+    with one_math_thread(torch_heads=torch_heads):
+        yield
+
+
+@contextlib.contextmanager
+def one_math_thread(*, torch_heads: bool) -> Iterator[None]:
+    """One BLAS/OpenMP thread (and one torch thread when torch heads run) for the block."""
     from threadpoolctl import threadpool_limits
 
     torch = None

@@ -213,11 +213,7 @@ class Embedding:
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         """First and one-past-last row of ``chunk``."""
-        if not 0 <= chunk < self.n_chunks:
-            msg = f"Chunk {chunk} is out of range: embedding {self.embedding_id} has chunks 0..{self.n_chunks - 1}."
-            raise IndexError(msg)
-        lo = chunk * self.chunk_rows
-        return lo, min(lo + self.chunk_rows, self.n_cells)
+        return self.target().chunk_bounds(chunk)
 
     def written_chunks(self) -> list[int]:
         frame = self.store.catalog.query(

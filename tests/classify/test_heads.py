@@ -246,3 +246,22 @@ def test_mlp_fits_in_parallel_threads_equal_a_lone_fit():
     with ThreadPoolExecutor(4) as pool:
         for proba in pool.map(fit, range(8)):
             np.testing.assert_array_equal(proba, alone)
+
+
+def test_ridge_in_place_solve_recovers_from_a_singular_system():
+    """The Cholesky runs in place; a failed factorisation rebuilds the system and adds a jitter."""
+    from scdm_classify.heads import GramStats, ridge_from_stats
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((2, 500))
+    X = np.stack([a, a, b], axis=1).astype(np.float32)  # two identical columns: singular at alpha=0
+    y = (a + 0.5 * b + rng.normal(0, 0.1, 500) > 0).astype(np.float64)
+    stats = GramStats.from_rows(X, y)
+    work = np.zeros((3, 3), order="F")
+    coef, intercept = ridge_from_stats(stats, 0.0, standardize=False, work=work)
+    assert np.isfinite(coef).all()
+    expected = np.linalg.lstsq(np.c_[np.ones(500), a, b], y, rcond=None)[0]
+    np.testing.assert_allclose([coef[0] + coef[1], coef[2], intercept], expected[[1, 2, 0]], atol=1e-3)
+    # a well-posed fold gives the same answer with or without the reusable work matrix
+    again = ridge_from_stats(stats, 1.0, work=work)
+    np.testing.assert_allclose(again[0], ridge_from_stats(stats, 1.0)[0], rtol=1e-12)
