@@ -175,16 +175,24 @@ def _load_matrix(st: Store, space: _Space) -> None:
         idx = np.flatnonzero(dataset_of == row.dataset_id)
         rows = cells["row"].to_numpy(np.int64)[idx]
         matrix = st.read_embedding(row.embedding_id)
-        X[idx] = matrix[rows]
+        if _is_run(idx) and _is_run(rows):  # the usual case: every cell labelled, in order; no gather
+            X[idx[0]:idx[-1] + 1] = matrix[rows[0]:rows[-1] + 1]
+        else:
+            X[idx] = matrix[rows]
         lookup = np.full(matrix.shape[0], -1, np.int64)
         lookup[rows] = idx
         space.lookup[row.dataset_id] = lookup
         del matrix
-    if not np.isfinite(X).all():
+    if not all(np.isfinite(X[lo:lo + 8192]).all() for lo in range(0, len(X), 8192)):  # no n x dim mask
         msg = f"Embedding space {space.space_id} ({space.model}) holds NaN or inf values; recompute the embedding."
         raise InputDataError(msg)
     space.X = X
     space.y = cells["response"].to_numpy(np.int8)
+
+
+def _is_run(index: np.ndarray) -> bool:
+    """Whether ``index`` is consecutive ascending integers (a slice)."""
+    return index.size > 0 and int(index[-1]) - int(index[0]) == index.size - 1 and bool((np.diff(index) == 1).all())
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +368,7 @@ class _AtomStats:
         t0 = time.perf_counter()
         for code in range(n_atoms):
             rows = np.flatnonzero(self.codes == code)
-            self.stats[code] = GramStats.from_rows(space.X[rows], space.y[rows], shift=shift,
+            self.stats[code] = GramStats.from_rows(space.X, space.y, rows=rows, shift=shift,
                                                    out=np.empty((dim, dim), np.float32, order="F"))
         logger.info("ridge: Gram statistics of %d atoms in %.1f s", n_atoms, time.perf_counter() - t0)
 
@@ -404,11 +412,11 @@ def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.nd
         present = np.unique(fold_of[~np.isnan(fold_of)]).astype(int)
         for i, fold in enumerate(present):
             rows = pos[fold_of == fold]
-            fold_stats[fold] = GramStats.from_rows(X[rows], y[rows], shift=shift, out=buffers.fold(i))
+            fold_stats[fold] = GramStats.from_rows(X, y, rows=rows, shift=shift, out=buffers.fold(i))
             total.iadd(fold_stats[fold])
         always_train = pos[np.isnan(fold_of)]
         if always_train.size:
-            total.iadd(GramStats.from_rows(X[always_train], y[always_train], shift=shift))
+            total.iadd(GramStats.from_rows(X, y, rows=always_train, shift=shift))
     stats_seconds = (time.perf_counter() - t0) / max(len(tasks), 1)
     for task in tasks:
         t1 = time.perf_counter()

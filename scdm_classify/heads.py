@@ -385,42 +385,37 @@ class GramStats:
 
     @classmethod
     def from_rows(cls, X: np.ndarray, y: np.ndarray, *, shift: np.ndarray | None = None,
-                  block_rows: int = 8192, out: np.ndarray | None = None) -> GramStats:
+                  block_rows: int = 8192, out: np.ndarray | None = None,
+                  rows: np.ndarray | None = None) -> GramStats:
         """Statistics of ``X`` (n, dim) and ``y`` (n,) in one pass over the rows.
 
         By default the Gram matrix of each float32 block is summed in float64. With ``out`` (a
         float32 Fortran-ordered (dim, dim) buffer, reused by the caller) the sum stays in float32
         inside ``out``: half the memory, no allocation; the grid uses it for fold statistics.
+        With ``rows``, only those rows of ``X`` (and ``y``) count, gathered block by block: no
+        copy of the selection.
         """
         dim = X.shape[1]
         shift = np.zeros(dim, np.float32) if shift is None else np.asarray(shift, np.float32)
         if out is None:
             stats = cls.zeros(dim, shift)
-            stats.add_rows(X, y, block_rows=block_rows)
+            stats.add_rows(X, y, block_rows=block_rows, rows=rows)
             return stats
         if out.dtype != np.float32 or out.shape != (dim, dim) or not out.flags.f_contiguous:
             msg = f"out must be a float32 Fortran-ordered ({dim}, {dim}) array."
             raise InputDataError(msg)
         stats = cls(0.0, np.zeros(dim), 0.0, out, np.zeros(dim), shift)
-        y = np.asarray(y, np.float32).ravel()
-        if X.shape[0] == 0:
-            out.fill(0.0)
-        for start in range(0, X.shape[0], block_rows):
-            block = np.asarray(X[start:start + block_rows], np.float32) - shift
-            yb = y[start:start + block_rows]
-            stats.sxx = scipy.linalg.blas.ssyrk(1.0, block.T, beta=0.0 if start == 0 else 1.0, c=stats.sxx,
-                                                trans=0, lower=1, overwrite_c=1)
+        out.fill(0.0)
+        for block, yb in _shifted_blocks(X, y, shift, rows, block_rows):
+            stats.sxx = scipy.linalg.blas.ssyrk(1.0, block.T, beta=1.0, c=stats.sxx, trans=0, lower=1, overwrite_c=1)
             stats._add_vectors(block, yb)
         return stats
 
-    def add_rows(self, X: np.ndarray, y: np.ndarray, *, block_rows: int = 8192) -> None:
+    def add_rows(self, X: np.ndarray, y: np.ndarray, *, block_rows: int = 8192, rows: np.ndarray | None = None) -> None:
         """Accumulate rows in place with a symmetric rank-k update (half the FLOPs of X.T @ X)."""
-        y = np.asarray(y, np.float32).ravel()
         dim = self.sx.shape[0]
         gram = np.zeros((dim, dim), np.float32, order="F")  # reused across blocks
-        for start in range(0, X.shape[0], block_rows):
-            block = np.asarray(X[start:start + block_rows], np.float32) - self.shift
-            yb = y[start:start + block_rows]
+        for block, yb in _shifted_blocks(X, y, self.shift, rows, block_rows):
             # block.T is Fortran-ordered (dim, rows): ssyrk computes block.T @ block, lower half,
             # in float32; the sum over blocks is kept in float64.
             gram = scipy.linalg.blas.ssyrk(1.0, block.T, beta=0.0, c=gram, trans=0, lower=1, overwrite_c=1)
@@ -455,6 +450,33 @@ class GramStats:
         self.sy += other.sy
         self.n += other.n
         return self
+
+
+def _shifted_blocks(X: np.ndarray, y: np.ndarray, shift: np.ndarray, rows: np.ndarray | None,
+                    block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows - shift, labels) in float32 blocks, written into one reused buffer.
+
+    A fresh 100 MB block per step costs page faults that rival the rank-k update itself.
+    """
+    y = np.asarray(y, np.float32).ravel()
+    n = X.shape[0] if rows is None else rows.size
+    if n == 0:
+        return
+    buffer = np.empty((min(block_rows, n), X.shape[1]), np.float32)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        block = buffer[: stop - start]
+        if rows is None:
+            np.subtract(X[start:stop], shift, out=block)
+            yield block, y[start:stop]
+        else:
+            index = rows[start:stop]
+            if X.dtype == np.float32:
+                np.take(X, index, axis=0, out=block)
+            else:
+                block[...] = X[index]
+            block -= shift
+            yield block, y[index]
 
 
 def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool = True,

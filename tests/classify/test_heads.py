@@ -265,3 +265,19 @@ def test_ridge_in_place_solve_recovers_from_a_singular_system():
     # a well-posed fold gives the same answer with or without the reusable work matrix
     again = ridge_from_stats(stats, 1.0, work=work)
     np.testing.assert_allclose(again[0], ridge_from_stats(stats, 1.0)[0], rtol=1e-12)
+
+
+def test_gram_stats_of_selected_rows_equal_those_of_their_copy():
+    from scdm_classify.heads import GramStats
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((1000, 6)).astype(np.float32)
+    y = rng.integers(0, 2, 1000)
+    rows = np.sort(rng.choice(1000, 333, replace=False))
+    shift = X.mean(0)
+    for out in (None, np.zeros((6, 6), np.float32, order="F")):
+        picked = GramStats.from_rows(X, y, rows=rows, shift=shift, block_rows=100, out=out)
+        copied = GramStats.from_rows(X[rows], y[rows], shift=shift, block_rows=100)
+        np.testing.assert_allclose(np.tril(picked.sxx), np.tril(copied.sxx), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(picked.sx, copied.sx, rtol=1e-6, atol=1e-5)
+        assert picked.n == copied.n == 333 and picked.sy == copied.sy
