@@ -681,6 +681,13 @@ class LogRegHead(BaseHead):
             warnings.warn(msg, HeadConvergenceWarning, stacklevel=3)
         return self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # heads saved before coef_/intercept_ existed (trained-head artifacts) predict as before
+        if "coef_" not in state and "model_" in state:
+            state = {**state, "coef_": np.asarray(state["model_"].coef_[0], np.float64),
+                     "intercept_": float(state["model_"].intercept_[0])}
+        self.__dict__.update(state)
+
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Log-odds of sensitivity: ``standardised(X) @ coef_ + intercept_``."""
         check_fitted(self)

@@ -110,3 +110,18 @@ def test_logreg_head_probabilities_are_sklearns():
         head = LogRegHead().fit(X, y)
     Xs = (X - head.mean_) / head.scale_
     np.testing.assert_allclose(head.predict_proba(X), head.model_.predict_proba(Xs)[:, 1], atol=1e-6)
+
+
+def test_logreg_artifacts_saved_before_coef_attributes_still_predict():
+    """Trained-head artifacts (joblib) from before coef_/intercept_ keep predicting the same."""
+    import pickle
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int8)
+    head = LogRegHead().fit(X, y)
+    expected = head.predict_proba(X)
+    old_style = LogRegHead()
+    old_style.__dict__.update({k: v for k, v in vars(head).items() if k not in ("coef_", "intercept_")})
+    restored = pickle.loads(pickle.dumps(old_style))
+    np.testing.assert_allclose(restored.predict_proba(X), expected, rtol=1e-12)
