@@ -9,8 +9,17 @@ and a contiguous 10% block, for
   - ``h5ad-obsm``  AnnData .h5ad with the matrix in obsm (h5py reads)
 Reads are from a warm page cache (the files were just written).
 
+Store reads are verified (issue 14): every committed chunk a read touches is checked against its
+CRC-32 in the catalog. A chunk verified once in a process is trusted while its file is unchanged
+(inode, size, mtime, ctime), so the table shows both costs:
+  - ``full_read_s``   the first read in a process (every chunk hashed; chunks are read and hashed on several threads)
+  - ``full_again_s``  a later read (chunks verified before and unchanged: one stat per chunk)
+  - ``unverified_s``  the same read without any check (``store._zarr.read_rows`` without checksums)
+  - ``verify_first`` / ``verify_again``  the extra time relative to ``unverified_s``
+Random and contiguous 10% reads verify the chunks they touch (whole chunks, the first time).
+
 Targets (issue 2): full read >= 0.8x np.load; random 10% <= 2x memmap; resumable chunked
-write <= 1.3x one bulk write.
+write <= 1.3x one bulk write. Issue 14: verification <= 10% on a full read.
 
 Usage: python benchmarks/bench_store.py [--n 326751] [--dims 512,3072] [--workdir /tmp/scdm-bench]
 """
@@ -74,13 +83,21 @@ def bench_store(st: Store, name: str, data: np.ndarray, chunk_rows: int | None, 
         emb.finalize()
 
     t_write, _ = timed(write, repeat=1)
-    t_full, got = timed(lambda: st.read_embedding(emb.embedding_id))
+
+    def first(rows: np.ndarray | None = None) -> np.ndarray:
+        _zarr.forget_verified()  # as in a fresh process: every chunk the read touches is hashed
+        return st.read_embedding(emb.embedding_id, rows=rows)
+
+    t_full, got = timed(first)
     assert np.array_equal(got, data)
     del got
+    t_again, _ = timed(lambda: st.read_embedding(emb.embedding_id))
+    t_raw, _ = timed(lambda: _zarr.read_rows(emb.location))
+    t_rand_first, _ = timed(lambda: first(rows_rand))
     t_rand, _ = timed(lambda: st.read_embedding(emb.embedding_id, rows=rows_rand))
-    t_cont, _ = timed(lambda: st.read_embedding(emb.embedding_id, rows=rows_cont))
-    return {"format": label, "chunk_rows": emb.chunk_rows, "write_s": t_write, "full_read_s": t_full,
-            "rand10_s": t_rand, "cont10_s": t_cont}
+    t_cont, _ = timed(lambda: first(rows_cont))
+    return {"format": label, "chunk_rows": emb.chunk_rows, "write_s": t_write, "full_read_s": t_full, "full_again_s": t_again,
+            "unverified_s": t_raw, "rand10_first_s": t_rand_first, "rand10_s": t_rand, "cont10_s": t_cont}
 
 
 def bench_npy(work: Path, data: np.ndarray, rows_rand: np.ndarray, rows_cont: np.ndarray) -> dict:
@@ -90,7 +107,8 @@ def bench_npy(work: Path, data: np.ndarray, rows_rand: np.ndarray, rows_cont: np
     mm = np.load(path, mmap_mode="r")
     t_rand, _ = timed(lambda: np.asarray(mm[rows_rand]))
     t_cont, _ = timed(lambda: np.array(mm[rows_cont[0]:rows_cont[-1] + 1]))
-    return {"format": "npy (np.load / memmap)", "chunk_rows": None, "write_s": t_write, "full_read_s": t_full, "rand10_s": t_rand, "cont10_s": t_cont}
+    return {"format": "npy (np.load / memmap)", "chunk_rows": None, "write_s": t_write, "full_read_s": t_full,
+            "full_again_s": t_full, "unverified_s": t_full, "rand10_first_s": t_rand, "rand10_s": t_rand, "cont10_s": t_cont}
 
 
 def bench_h5ad(work: Path, data: np.ndarray, rows_rand: np.ndarray, rows_cont: np.ndarray) -> dict:
@@ -109,7 +127,8 @@ def bench_h5ad(work: Path, data: np.ndarray, rows_rand: np.ndarray, rows_cont: n
     t_full, _ = timed(lambda: read(slice(None)))
     t_rand, _ = timed(lambda: read(rows_rand), repeat=1)
     t_cont, _ = timed(lambda: read(slice(int(rows_cont[0]), int(rows_cont[-1]) + 1)))
-    return {"format": "h5ad obsm (h5py)", "chunk_rows": None, "write_s": t_write, "full_read_s": t_full, "rand10_s": t_rand, "cont10_s": t_cont}
+    return {"format": "h5ad obsm (h5py)", "chunk_rows": None, "write_s": t_write, "full_read_s": t_full,
+            "full_again_s": t_full, "unverified_s": t_full, "rand10_first_s": t_rand, "rand10_s": t_rand, "cont10_s": t_cont}
 
 
 def main() -> None:
@@ -143,18 +162,22 @@ def main() -> None:
         mm_rand = npy["rand10_s"]
         for r in results:
             r.update({"D": d, "GB": round(gb, 2), "read_GB/s": gb / r["full_read_s"], "read_vs_npload": npy["full_read_s"] / r["full_read_s"],
-                      "rand10_vs_memmap": r["rand10_s"] / mm_rand})
+                      "rand10_vs_memmap": r["rand10_s"] / mm_rand,
+                      "verify_first": r["full_read_s"] / r["unverified_s"] - 1, "verify_again": r["full_again_s"] / r["unverified_s"] - 1})
         rows.extend(results)
         for p in work.glob("x.*"):
             p.unlink()
         for e in st.embeddings()["embedding_id"]:
             st.remove_embedding(e)
         del data
-    table = pd.DataFrame(rows)[["D", "GB", "format", "chunk_rows", "write_s", "full_read_s", "read_GB/s", "read_vs_npload", "rand10_s", "rand10_vs_memmap", "cont10_s"]]
+    table = pd.DataFrame(rows)[["D", "GB", "format", "chunk_rows", "write_s", "full_read_s", "full_again_s", "unverified_s",
+                                "verify_first", "verify_again", "read_GB/s", "read_vs_npload", "rand10_first_s", "rand10_s",
+                                "rand10_vs_memmap", "cont10_s"]]
     bulk_write = {r["D"]: r["write_s"] for r in rows if r["format"].startswith("store-bulk")}
     table["write_vs_bulk"] = [r["write_s"] / bulk_write[r["D"]] if r["format"].startswith("store") else np.nan for r in rows]
     pd.set_option("display.width", 200)
-    print(f"n_cells = {args.n}; warm page cache; times are the best of 3 (writes: 1 run)")
+    print(f"n_cells = {args.n}; warm page cache; times are the best of 3 (writes: 1 run); verify_* = extra read time of "
+          "checksum verification (first read in a process / chunks verified before); store rows only")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     shutil.rmtree(work, ignore_errors=True)
 

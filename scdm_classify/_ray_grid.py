@@ -16,7 +16,7 @@ embedding space to :class:`RayGrid`. The driver stays the only process that touc
   regression solves all folds of a split together (one L-BFGS per fold in lockstep, see
   :mod:`scdm_classify._logreg_batch`); such a group is always one Ray task, the same group the
   local executor solves.
-- **Same numbers as local.** A batch calls the local executor's own ``_fit_task`` on each task,
+- **Same numbers as local.** A batch calls the local executor's own ``fit_task`` on each task,
   with one math thread per fit and the same seeds, so metrics are identical to
   ``executor="local"``. (The local executor also uses one thread per fit for matrices below
   ``grid.SMALL_MATRIX`` entries and for parallel jobs; on a larger matrix its ``jobs=1`` fits and
@@ -48,7 +48,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scdm_classify.grid import Task, _fit_task, _logreg_split, _Outcome, _Space, one_math_thread
+from scdm_classify.tasks import (
+    Outcome,
+    Space,
+    Task,
+    fit_task,
+    logreg_split,
+    one_math_thread,
+)
 from store.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -65,7 +72,7 @@ BATCHES_PER_CPU = 4
 TORCH_HEADS = ("mlp", "dann", "lora-mlp")
 """Heads that run torch inside a fit (their thread count is pinned like BLAS's)."""
 SPLIT_HEADS = ("logreg",)
-"""Heads whose folds of one split are solved together (``grid._logreg_split``): one Ray task holds
+"""Heads whose folds of one split are solved together (``grid.logreg_split``): one Ray task holds
 exactly the group the local executor solves together, so the numbers are the same."""
 
 _crash_on_first_attempt: dict[str, str] = {}
@@ -172,26 +179,26 @@ class RayGrid:
             self.ray.shutdown()
         self.started = False
 
-    def outcomes(self, space: _Space, tasks: list[Task], *, driver_side: Iterable[_Outcome] = (),
-                 bar: Any = None) -> Iterator[_Outcome]:
+    def outcomes(self, space: Space, tasks: list[Task], *, driver_side: Iterable[Outcome] = (),
+                 bar: Any = None) -> Iterator[Outcome]:
         """Fit ``tasks`` (all of ``space``) on the cluster; yield each outcome as its batch ends.
 
         Parameters
         ----------
-        space : _Space
+        space : Space
             The space, with its matrix loaded.
         tasks : list of Task
             Pending tasks of the space (no ridge: see ``driver_side``).
-        driver_side : iterable of _Outcome
+        driver_side : iterable of Outcome
             Work the driver does itself while the workers fit (the ridge outcomes); consumed
             between polls and yielded in between.
         bar : tqdm, optional
             Progress bar whose postfix shows failed and retried counts.
         """
         ray = self.ray
-        side: Iterator[_Outcome] | None = iter(driver_side)
+        side: Iterator[Outcome] | None = iter(driver_side)
         if not tasks:
-            yield from side
+            yield from driver_side
             return
         t0 = time.perf_counter()
         by_id = {t.task_id: t for t in tasks}
@@ -230,7 +237,7 @@ class RayGrid:
     def _batch_size(self, n_tasks: int) -> int:
         return max(1, math.ceil(n_tasks / (BATCHES_PER_CPU * max(self.stats.cluster_cpus, 1))))
 
-    def _collect(self, result: _BatchResult, by_id: dict[str, Task], bar: Any) -> Iterator[_Outcome]:
+    def _collect(self, result: _BatchResult, by_id: dict[str, Task], bar: Any) -> Iterator[Outcome]:
         stats = self.stats
         stats.batches += 1
         stats.retried += result.attempt
@@ -239,7 +246,7 @@ class RayGrid:
             stats.tasks += 1
             stats.train_cells += n_train
             stats.failed += error is not None
-            yield _Outcome(by_id[task_id], proba, test_pos, fit_s, predict_s, n_train, error=error)
+            yield Outcome(by_id[task_id], proba, test_pos, fit_s, predict_s, n_train, error=error)
         if bar is not None and (stats.failed or stats.retried):
             bar.set_postfix(failed=stats.failed, retried=stats.retried, refresh=False)
 
@@ -260,7 +267,7 @@ def _batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:
 # --------------------------------------------------------------------------------------------
 # worker side
 # --------------------------------------------------------------------------------------------
-def _fit_batch(space: _Space, split: Split, items: list[_Item], crash: str | None) -> _BatchResult:
+def _fit_batch(space: Space, split: Split, items: list[_Item], crash: str | None) -> _BatchResult:
     """Fit a batch of one split's tasks in a Ray worker (the matrix arrives zero-copy)."""
     attempt = _attempt_number()
     if crash is not None and attempt == 0:
@@ -272,9 +279,9 @@ def _fit_batch(space: _Space, split: Split, items: list[_Item], crash: str | Non
     tasks = [Task(item.task_id, space, split, item.fold, item.head, item.params, item.params_key) for item in items]
     with one_math_thread(torch_heads=any(item.head in TORCH_HEADS for item in items)):
         if tasks[0].head in SPLIT_HEADS:  # the folds of the split together, as the local executor does
-            outcomes = list(_logreg_split(space, tasks))
+            outcomes = list(logreg_split(space, tasks))
         else:
-            outcomes = [_fit_task(task) for task in tasks]
+            outcomes = [fit_task(task) for task in tasks]
     results = [(out.task.task_id, out.proba, out.test_pos, out.fit_seconds, out.predict_seconds, out.n_train, out.error)
                for out in outcomes]
     return _BatchResult(results, attempt, time.perf_counter() - t0)

@@ -19,13 +19,11 @@ L-BFGS per fold in lockstep, so each pass over the split's cells serves every fo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +32,28 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from scdm_classify.heads import GramStats, LogRegHead, RidgeHead, get_head, ridge_from_stats, ridge_score_to_proba
-from scdm_classify.metrics import METRICS, compute_metrics
-from scdm_classify.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits
-from store.errors import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError
+from scdm_classify.heads import (
+    GramStats,
+    RidgeHead,
+    get_head,
+    ridge_from_stats,
+    ridge_score_to_proba,
+)
+from scdm_classify.tasks import (
+    Outcome,
+    Space,
+    Task,
+    fit_task,
+    logreg_split,
+    one_math_thread,
+)
+from store import evaluation as records
+from store.errors import (
+    EmbeddingIncompleteError,
+    EmbeddingNotFoundError,
+    InputDataError,
+)
+from store.splits import CATEGORY_TYPES, load_split, make_splits, save_splits
 
 if TYPE_CHECKING:
     from store import Store
@@ -78,46 +94,8 @@ class EvalSummary:
     """Tasks skipped by this run, with the reason."""
 
 
-@dataclass(frozen=True)
-class Task:
-    """One (embedding space, split, fold, head) fit."""
-
-    task_id: str
-    space: _Space
-    split: Split
-    fold: int
-    head: str
-    params: dict[str, Any]
-    params_key: str
 
 
-@dataclass
-class _Space:
-    space_id: str
-    model: str
-    variant: str
-    embeddings: pd.DataFrame  # one row per dataset: embedding_id, dataset_id, dataset_name, dim
-    cells: pd.DataFrame | None = None
-    splits: list[Split] = field(default_factory=list)
-    X: np.ndarray | None = None
-    y: np.ndarray | None = None
-    lookup: dict[str, np.ndarray] = field(default_factory=dict)
-    lora: tuple[str, int] | None = None
-    """(split_id, fold) a LoRA variant was tuned on: it is evaluated on that fold's test cells only."""
-
-    @property
-    def embedding_ids(self) -> list[str]:
-        return sorted(self.embeddings["embedding_id"])
-
-    def positions(self, frame: pd.DataFrame) -> np.ndarray:
-        """Rows of ``X`` holding the cells (dataset_id, row) of ``frame``."""
-        out = np.empty(len(frame), np.int64)
-        ds = frame["dataset_id"].to_numpy()
-        rows = frame["row"].to_numpy(np.int64)
-        for dataset_id in pd.unique(ds):
-            sel = ds == dataset_id
-            out[sel] = self.lookup[dataset_id][rows[sel]]
-        return out
 
 
 def progress_bar(total: int, *, desc: str, silent: bool = False) -> Any:
@@ -130,7 +108,7 @@ def progress_bar(total: int, *, desc: str, silent: bool = False) -> Any:
 # --------------------------------------------------------------------------------------------
 # selection
 # --------------------------------------------------------------------------------------------
-def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[_Space]:
+def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[Space]:
     table = st.embeddings()
     if embeddings is not None:
         wanted = list(dict.fromkeys(embeddings))
@@ -158,13 +136,13 @@ def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[_Space]:
             raise InputDataError(msg)
         first = group.iloc[0]
         scope = json.loads(first["params"]).get("lora")
-        spaces.append(_Space(space_id=str(space_id), model=str(first["model"]), variant=str(first["variant"]),
+        spaces.append(Space(space_id=str(space_id), model=str(first["model"]), variant=str(first["variant"]),
                              embeddings=group.reset_index(drop=True),
                              lora=(str(scope["split_id"]), int(scope["fold"])) if scope else None))
     return spaces
 
 
-def _load_matrix(st: Store, space: _Space) -> None:
+def _load_matrix(st: Store, space: Space) -> None:
     """Read every embedding of the space once and keep the labelled cells' rows, in cells order."""
     cells = space.cells
     assert cells is not None
@@ -198,72 +176,29 @@ def _is_run(index: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------------
 # tasks
 # --------------------------------------------------------------------------------------------
-def _task_id(space: _Space, split: Split, fold: int, head: str, params_key: str) -> str:
-    text = json.dumps([space.space_id, space.embedding_ids, split.split_id, fold, head, params_key])
-    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
-
-
-def _plan(space: _Space, heads: Sequence[str], head_params: dict[str, dict[str, Any]]) -> tuple[list[Task], list[dict[str, Any]]]:
-    tasks, skipped = [], []
+def _plan(space: Space, heads: Sequence[str], head_params: dict[str, dict[str, Any]]) -> tuple[list[Task], list[records.SkippedTask]]:
+    tasks: list[Task] = []
+    skipped: list[records.SkippedTask] = []
     for head in heads:
         params = dict(head_params.get(head, {}))
         params_key = get_head(head, **params).params_key()
         for split in space.splits:
             if split.reason:
-                skipped.append(_skip_row(space, split, None, head, split.reason))
+                skipped.append(space.skipped(split, None, head, split.reason))
                 continue
             for fold in range(split.n_folds):
                 if space.lora is not None and fold != space.lora[1]:
                     continue  # a fold-specific variant never sees another fold's test cells (it trained on them)
                 if fold in split.skipped_folds:
-                    skipped.append(_skip_row(space, split, fold, head, split.skipped_folds[fold]))
+                    skipped.append(space.skipped(split, fold, head, split.skipped_folds[fold]))
                     continue
-                tasks.append(Task(_task_id(space, split, fold, head, params_key), space, split, fold, head, params,
-                                  params_key))
+                tasks.append(Task.make(space, split, fold, head, params, params_key))
     return tasks, skipped
 
 
-def _skip_row(space: _Space, split: Split, fold: int | None, head: str, reason: str) -> dict[str, Any]:
-    return {"space_id": space.space_id, "split_id": split.split_id, "scenario": split.scenario,
-            "category_type": split.category_type, "category": split.category, "fold": fold, "head": head,
-            "reason": reason}
 
 
-@dataclass
-class _Outcome:
-    task: Task
-    proba: np.ndarray | None
-    test_pos: np.ndarray | None
-    fit_seconds: float
-    predict_seconds: float
-    n_train: int
-    error: str | None = None
-
-
-def _fit_task(task: Task) -> _Outcome:
-    """Fit one head on one fold's training cells and predict its test cells."""
-    space, split = task.space, task.split
-    assert space.X is not None and space.y is not None
-    pos = space.positions(split.cells)
-    test = split.test_mask(task.fold)
-    train_pos, test_pos = pos[~test], pos[test]
-    try:
-        head = get_head(task.head, **task.params)
-        t0 = time.perf_counter()
-        if getattr(head, "uses_target_domain", False):
-            # domain adaptation (dann): the held-out study's cells are the unlabelled target; their labels are never read
-            head.fit(space.X[train_pos], space.y[train_pos], target=space.X[test_pos])
-        else:
-            head.fit(space.X[train_pos], space.y[train_pos])
-        t1 = time.perf_counter()
-        proba = head.predict_proba(space.X[test_pos])
-        t2 = time.perf_counter()
-    except InputDataError as err:
-        return _Outcome(task, None, None, 0.0, 0.0, int(train_pos.size), error=str(err))
-    return _Outcome(task, proba, test_pos, t1 - t0, t2 - t1, int(train_pos.size))
-
-
-def _ridge_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
+def _ridge_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     """All ridge tasks of a space by Gram downdates (see module docstring)."""
     assert space.X is not None and space.y is not None
     X = space.X
@@ -276,7 +211,7 @@ def _ridge_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
         by_params.setdefault(task.params_key, []).append(task)
     for group in by_params.values():
         head = RidgeHead(**group[0].params)
-        head._validate_params()
+        head.validate_params()
         by_split: dict[str, list[Task]] = {}
         for task in group:
             by_split.setdefault(task.split.split_id, []).append(task)
@@ -285,7 +220,7 @@ def _ridge_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
             yield from _ridge_split(space, split_tasks, head, shift, buffers, atoms)
 
 
-def _logreg_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
+def _logreg_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     """All logreg tasks of a space, the folds of each split solved together (see _logreg_batch)."""
     assert space.X is not None and space.y is not None
     groups: dict[tuple[str, str], list[Task]] = {}
@@ -293,43 +228,9 @@ def _logreg_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
         groups.setdefault((task.params_key, task.split.split_id), []).append(task)
     with _all_math_threads(space):
         for group in groups.values():
-            yield from _logreg_split(space, group)
+            yield from logreg_split(space, group)
 
 
-def _logreg_split(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
-    from scdm_classify._logreg_batch import fit_logreg_folds
-
-    assert space.X is not None and space.y is not None
-    split, params = tasks[0].split, tasks[0].params
-    head = LogRegHead(**params)
-    head._validate_params()
-    pos = space.positions(split.cells)
-    y = space.y[pos]
-    fittable, train = [], []
-    for task in tasks:
-        mask = split.train_mask(task.fold)
-        if np.unique(y[mask]).size < 2:  # the head's own rule: both classes or no fit
-            error = (f"LogRegHead needs both classes in its training cells, but all {int(mask.sum())} are "
-                     f"{int(y[mask][0]) if mask.any() else 'absent'}; this task cannot be fitted.")
-            yield _Outcome(task, None, None, 0.0, 0.0, int(mask.sum()), error=error)
-            continue
-        fittable.append(task)
-        train.append(mask)
-    if not fittable:
-        return
-    t0 = time.perf_counter()
-    fits = fit_logreg_folds(space.X[pos], y, np.stack(train, axis=1), C=head.C, tol=head.tol,
-                            max_iter=head.max_iter, standardize=head.standardize)
-    fit_seconds = (time.perf_counter() - t0) / len(fittable)
-    for k, task in enumerate(fittable):
-        t1 = time.perf_counter()
-        fitted = LogRegHead(**params).set_solution(
-            fits.coef[k], fits.intercept[k], mean=fits.mean[k] if head.standardize else None,
-            scale=fits.scale[k] if head.standardize else None, n_iter=int(fits.n_iter[k]),
-            converged=bool(fits.converged[k]))
-        test_pos = pos[split.test_mask(task.fold)]
-        proba = fitted.predict_proba(space.X[test_pos])
-        yield _Outcome(task, proba, test_pos, fit_seconds, time.perf_counter() - t1, int(train[k].sum()))
 
 
 class _Buffers:
@@ -354,7 +255,7 @@ class _AtomStats:
     every cross-data fold of every category costs additions, not passes over the embeddings.
     """
 
-    def __init__(self, space: _Space, shift: np.ndarray) -> None:
+    def __init__(self, space: Space, shift: np.ndarray) -> None:
         assert space.cells is not None and space.X is not None
         dim = space.X.shape[1]
         self.codes = space.cells[_ATOM_COLUMNS].astype(str).groupby(_ATOM_COLUMNS, sort=True).ngroup().to_numpy()
@@ -366,6 +267,7 @@ class _AtomStats:
                         n_atoms, dim)
             return
         t0 = time.perf_counter()
+        assert space.X is not None and space.y is not None
         for code in range(n_atoms):
             rows = np.flatnonzero(self.codes == code)
             self.stats[code] = GramStats.from_rows(space.X, space.y, rows=rows, shift=shift,
@@ -382,8 +284,8 @@ class _AtomStats:
         return present
 
 
-def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.ndarray, buffers: _Buffers,
-                 atoms: _AtomStats | None) -> Iterator[_Outcome]:
+def _ridge_split(space: Space, tasks: list[Task], head: RidgeHead, shift: np.ndarray, buffers: _Buffers,
+                 atoms: _AtomStats | None) -> Iterator[Outcome]:
     assert space.X is not None and space.y is not None
     split = tasks[0].split
     X, y = space.X, space.y
@@ -425,79 +327,12 @@ def _ridge_split(space: _Space, tasks: list[Task], head: RidgeHead, shift: np.nd
             coef, intercept = ridge_from_stats(total, head.alpha, standardize=head.standardize,
                                                minus=fold_stats[task.fold], work=buffers.work)
         except InputDataError as err:  # one degenerate fold is a skipped task, not a failed run
-            yield _Outcome(task, None, None, 0.0, 0.0, int(pos.size - test_pos.size), error=str(err))
+            yield Outcome(task, None, None, 0.0, 0.0, int(pos.size - test_pos.size), error=str(err))
             continue
         t2 = time.perf_counter()
         proba = ridge_score_to_proba(X[test_pos] @ coef.astype(np.float32) + intercept)
         t3 = time.perf_counter()
-        yield _Outcome(task, proba, test_pos, stats_seconds + t2 - t1, t3 - t2, int(pos.size - test_pos.size))
-
-
-# --------------------------------------------------------------------------------------------
-# writing
-# --------------------------------------------------------------------------------------------
-class _Writer:
-    """Buffers finished tasks and writes them in short catalog transactions."""
-
-    def __init__(self, st: Store, run_id: str, save_predictions: bool) -> None:
-        self.st, self.run_id, self.save_predictions = st, run_id, save_predictions
-        self.tasks: list[dict[str, Any]] = []
-        self.results: list[dict[str, Any]] = []
-        self.predictions: list[pd.DataFrame] = []
-        self.skipped: list[dict[str, Any]] = []
-        self.last = time.monotonic()
-
-    def add(self, out: _Outcome) -> None:
-        task, space, split = out.task, out.task.space, out.task.split
-        if out.error is not None:
-            self.skip(_skip_row(space, split, task.fold, task.head, out.error))
-            return
-        assert space.y is not None and out.test_pos is not None and out.proba is not None
-        y_test = space.y[out.test_pos]
-        m = compute_metrics(y_test, out.proba)
-        common = {"task_id": task.task_id, "run_id": self.run_id, "space_id": space.space_id, "model": space.model,
-                  "variant": space.variant, "split_id": split.split_id, "scenario": split.scenario,
-                  "category_type": split.category_type, "category": split.category, "scheme": split.scheme,
-                  "fold": task.fold, "head": task.head}
-        self.results += [{**common, "metric": name, "value": m.values[name], "n_train": out.n_train,
-                          "n_test": m.n, "fit_seconds": out.fit_seconds} for name in METRICS]
-        self.tasks.append({**common, "embedding_ids": json.dumps(space.embedding_ids), "head_params": task.params_key,
-                           "n_train": out.n_train, "n_test": m.n, "n_test_pos": m.n_pos, "fit_seconds": out.fit_seconds,
-                           "predict_seconds": out.predict_seconds, "flags": ",".join(m.flags) or None,
-                           "created_at": _now()})
-        if self.save_predictions:
-            cells = space.cells
-            assert cells is not None
-            self.predictions.append(pd.DataFrame({
-                "task_id": task.task_id, "dataset_id": cells["dataset_id"].to_numpy()[out.test_pos],
-                "row": cells["row"].to_numpy(np.int32)[out.test_pos], "y_true": y_test.astype(np.int8),
-                "proba": out.proba.astype(np.float32)}))
-        if time.monotonic() - self.last > _FLUSH_SECONDS:
-            self.flush()
-
-    def skip(self, row: dict[str, Any]) -> None:
-        self.skipped.append({**row, "run_id": self.run_id, "created_at": _now()})
-
-    def flush(self) -> None:
-        st = self.st
-        if self.tasks:
-            ids = [t["task_id"] for t in self.tasks]
-            # Leftovers of a task interrupted between these inserts are removed first; the
-            # eval_tasks row goes in last and is what marks a task finished.
-            st.execute("DELETE FROM eval_predictions WHERE list_contains(?, task_id)", [ids])
-            st.execute("DELETE FROM eval_results WHERE list_contains(?, task_id)", [ids])
-            if self.predictions:
-                st.insert_df("eval_predictions", pd.concat(self.predictions, ignore_index=True))
-            st.insert_df("eval_results", pd.DataFrame(self.results))
-            st.insert_df("eval_tasks", pd.DataFrame(self.tasks))
-        if self.skipped:
-            st.insert_df("skipped_tasks", pd.DataFrame(self.skipped))
-        self.tasks, self.results, self.predictions, self.skipped = [], [], [], []
-        self.last = time.monotonic()
-
-
-def _now() -> pd.Timestamp:
-    return pd.Timestamp.now(tz="UTC").tz_localize(None)
+        yield Outcome(task, proba, test_pos, stats_seconds + t2 - t1, t3 - t2, int(pos.size - test_pos.size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,10 +366,10 @@ class _Threads:
             torch.set_num_threads(self.torch_threads)
 
 
-def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[_Outcome]:
+def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[Outcome]:
     if jobs == 1 or len(tasks) <= 1:
         for task in tasks:
-            yield _fit_task(task)
+            yield fit_task(task)
         return
     from joblib import Parallel, delayed
 
@@ -542,7 +377,7 @@ def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[_Outcome]:
     # (BLAS, torch, LightGBM) release the GIL.
     with _Threads(jobs):
         parallel = Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")
-        yield from parallel(delayed(_fit_task)(task) for task in tasks)
+        yield from parallel(delayed(fit_task)(task) for task in tasks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +393,8 @@ def evaluate(
     folds: int = 10,
     split_scheme: Literal["cell", "sample"] = "cell",
     seed: int = 0,
+    label_set: str | None = None,
+    pair_folds_with: str | None = None,
     jobs: int = 1,
     head_params: dict[str, dict[str, Any]] | None = None,
     custom: pd.DataFrame | None = None,
@@ -585,6 +422,14 @@ def evaluate(
         Pooled folds at cell level (scDrugMap) or grouped by sample (no sample on both sides).
     seed : int, default 0
         Seed of the pooled folds.
+    label_set : str, optional
+        Name of the label set to evaluate (every dataset of a space must have one of that name;
+        see :mod:`store.labels`). Default: each dataset's default label set. Results of different
+        label sets are different rows of every leaderboard.
+    pair_folds_with : str, optional
+        Stratify the pooled folds by this other label set's labels, so that ``label_set`` is
+        evaluated on exactly the partition that label set gets (paired drug-vs-drug comparisons;
+        part of the split's identity).
     jobs : int, default 1
         Parallel fits (threads sharing one copy of the embeddings).
     head_params : dict, optional
@@ -625,7 +470,7 @@ def evaluate(
     heads = list(dict.fromkeys(heads))
     head_params = dict(head_params or {})
     for head in heads:  # validate names and parameters before any work
-        get_head(head, **head_params.get(head, {}))._validate_params()
+        get_head(head, **head_params.get(head, {})).validate_params()
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         msg = f"jobs={jobs!r} must be an integer >= 1."
         raise InputDataError(msg)
@@ -641,14 +486,19 @@ def evaluate(
         import_ray()  # a missing Ray is a clear error before any run is recorded
     scenarios, by = list(scenarios), list(by)
     spaces = _select_spaces(st, embeddings)
-    run_id = uuid.uuid4().hex[:16]
     config = {"embeddings": [e for s in spaces for e in s.embedding_ids], "scenarios": scenarios, "by": by,
               "heads": heads, "head_params": head_params, "folds": folds, "split_scheme": split_scheme, "seed": seed,
-              "jobs": jobs, "save_predictions": save_predictions, "executor": executor}
-    st.insert_df("eval_runs", pd.DataFrame([{"run_id": run_id, "created_at": _now(), "status": "running",
-                                              "config": json.dumps(config, sort_keys=True, default=str),
-                                              "scdm_version": _version()}]))
-    writer = _Writer(st, run_id, save_predictions)
+              "jobs": jobs, "save_predictions": save_predictions, "executor": executor, "label_set": label_set,
+              "pair_folds_with": pair_folds_with}
+    for space in spaces:  # labels and splits are checked before a run is recorded
+        space.cells = _labelled_cells(st, space, label_set, pair_folds_with)
+        if space.lora is not None:
+            space.splits = [load_split(st, space.lora[0])]
+        else:
+            space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
+                                       seed=seed, custom=custom, folds_from=pair_folds_with)
+    run_id = records.start_run(st, config, scdm_version=_version())
+    writer = records.ResultWriter(st, run_id, save_predictions=save_predictions, flush_seconds=_FLUSH_SECONDS)
     all_ids: list[str] = []
     n_done = n_reused = n_skipped = 0
     pool = None
@@ -658,19 +508,14 @@ def evaluate(
 
             pool = RayGrid(ray_address)
         for space in spaces:
-            space.cells = _labelled_cells(st, space)
-            if space.lora is not None:
-                space.splits = [load_split(st, space.lora[0])]
-            else:
-                space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
-                                           seed=seed, custom=custom)
             save_splits(st, space.splits)
             tasks, skipped = _plan(space, heads, head_params)
             for row in skipped:
                 writer.skip(row)
             n_skipped += len(skipped)
             all_ids += [t.task_id for t in tasks]
-            finished = _finished(st, [t.task_id for t in tasks])
+            assert space.cells is not None
+            finished = records.finished_tasks(st, [t.task_id for t in tasks])
             pending = [t for t in tasks if t.task_id not in finished]
             n_reused += len(tasks) - len(pending)
             logger.info("space %s (%s, %d datasets, %d cells): %d tasks, %d already done, %d skipped",
@@ -689,10 +534,11 @@ def evaluate(
                             else pool.outcomes(space, [t for t in pending if t.head != "ridge"], bar=bar,
                                                driver_side=_ridge_outcomes(space, [t for t in batched if t.head == "ridge"])))
                 for out in outcomes:
-                    writer.add(out)
                     if out.error is None:
+                        writer.add(out.to_store())
                         n_done += 1
                     else:
+                        writer.skip(space.skipped(out.task.split, out.task.fold, out.task.head, out.error))
                         n_skipped += 1
                         logger.warning("task %s (%s, fold %d) not fitted: %s", out.task.head, out.task.split.category,
                                        out.task.fold, out.error)
@@ -703,19 +549,16 @@ def evaluate(
         writer.flush()
     except BaseException:
         writer.flush()
-        st.execute("UPDATE eval_runs SET status = 'failed', finished_at = ?, seconds = ? WHERE run_id = ?",
-                   [_now(), time.perf_counter() - started, run_id])
+        records.finish_run(st, run_id, status="failed", seconds=time.perf_counter() - started)
         raise
     finally:
         if pool is not None:
             pool.close()
     seconds = time.perf_counter() - started
-    st.execute("UPDATE eval_runs SET status = 'complete', finished_at = ?, seconds = ?, n_tasks = ?, n_done = ?, "
-               "n_reused = ?, n_skipped = ? WHERE run_id = ?",
-               [_now(), seconds, len(all_ids), n_done, n_reused, n_skipped, run_id])
-    results = st.query("SELECT * FROM eval_results WHERE list_contains(?, task_id) ORDER BY model, head, scenario, "
-                       "category_type, category, fold, metric", [all_ids])
-    skipped_frame = st.query("SELECT * FROM skipped_tasks WHERE run_id = ?", [run_id])
+    records.finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(all_ids), n_done=n_done,
+                       n_reused=n_reused, n_skipped=n_skipped)
+    results = records.task_results(st, all_ids)
+    skipped_frame = records.run_skipped(st, run_id)
     logger.info("run %s: %d tasks fitted, %d reused, %d skipped in %.1f s", run_id, n_done, n_reused, n_skipped, seconds)
     return EvalSummary(run_id=run_id, n_tasks=len(all_ids), n_done=n_done, n_reused=n_reused, n_skipped=n_skipped,
                        seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=split_scheme,
@@ -727,7 +570,7 @@ SMALL_MATRIX = 4_000_000
 
 
 @contextlib.contextmanager
-def _math_threads(space: _Space, jobs: int, *, torch_heads: bool) -> Iterator[None]:
+def _math_threads(space: Space, jobs: int, *, torch_heads: bool) -> Iterator[None]:
     """One math thread per fit for small matrices or parallel jobs.
 
     Small fits cannot use two BLAS/OpenMP threads well, and threads of parallel fits (or of other
@@ -741,36 +584,19 @@ def _math_threads(space: _Space, jobs: int, *, torch_heads: bool) -> Iterator[No
         yield
 
 
-@contextlib.contextmanager
-def one_math_thread(*, torch_heads: bool) -> Iterator[None]:
-    """One BLAS/OpenMP thread (and one torch thread when torch heads run) for the block."""
-    from threadpoolctl import threadpool_limits
-
-    torch = None
-    if torch_heads:
-        import torch
-    before = torch.get_num_threads() if torch else 0
-    if torch:
-        torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        if torch:
-            torch.set_num_threads(before)
 
 
 _BATCHED_HEADS = ("ridge", "logreg")
 """Heads whose folds are fitted together per split (with executor="ray", logreg's split groups are Ray tasks)."""
 
 
-def _batched_outcomes(space: _Space, tasks: list[Task]) -> Iterator[_Outcome]:
+def _batched_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     yield from _ridge_outcomes(space, [t for t in tasks if t.head == "ridge"])
     yield from _logreg_outcomes(space, [t for t in tasks if t.head == "logreg"])
 
 
 @contextlib.contextmanager
-def _all_math_threads(space: _Space) -> Iterator[None]:
+def _all_math_threads(space: Space) -> Iterator[None]:
     """Every core for one large batched solve, even inside a one-thread-per-fit section."""
     assert space.X is not None
     if space.X.size < SMALL_MATRIX:
@@ -782,27 +608,26 @@ def _all_math_threads(space: _Space) -> Iterator[None]:
         yield
 
 
-def _chain(*iterators: Iterator[_Outcome]) -> Iterator[_Outcome]:
+def _chain(*iterators: Iterator[Outcome]) -> Iterator[Outcome]:
     for it in iterators:
         yield from it
 
 
-def _labelled_cells(st: Store, space: _Space) -> pd.DataFrame:
-    cells = st.cells(list(space.embeddings["dataset_name"]))
+def _labelled_cells(st: Store, space: Space, label_set: str | None, pair_folds_with: str | None = None) -> pd.DataFrame:
+    names = list(space.embeddings["dataset_name"])
+    cells = st.cells(names, label_set=label_set)
+    if pair_folds_with is not None:
+        pair = st.cells(names, label_set=pair_folds_with)
+        # cells labelled here but not in the other label set form a stratum of their own
+        cells["fold_response"] = pair["response"].astype("Int64").fillna(-1).astype(np.int64).to_numpy()
     labelled = cells[cells["response"].notna()].copy()
     if labelled.empty:
-        names = ", ".join(space.embeddings["dataset_name"])
-        msg = f"No cell of {names} has a response label; ingest with label_key=<obs column> to evaluate it."
+        msg = (f"No cell of {', '.join(names)} has a response label; ingest with label_key=<obs column> to "
+               "evaluate it.")
         raise InputDataError(msg)
     labelled["row"] = labelled["row"].astype(np.int64)
     labelled["response"] = labelled["response"].astype(np.int8)
     return labelled.sort_values(["dataset_id", "row"]).reset_index(drop=True)
-
-
-def _finished(st: Store, task_ids: list[str]) -> set[str]:
-    if not task_ids:
-        return set()
-    return set(st.query("SELECT task_id FROM eval_tasks WHERE list_contains(?, task_id)", [task_ids])["task_id"])
 
 
 def _version() -> str:

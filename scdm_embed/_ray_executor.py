@@ -8,11 +8,14 @@ starts the actors, creates the embedding once the first actor reports the model'
 gene audit, hands out the missing chunks, and commits a chunk's catalog row when its task reports
 success and the bytes in the array match the reported checksum. That check reads the chunk back,
 so an array that is not on storage shared with the workers fails loudly instead of leaving holes.
+The driver claims each chunk before handing it out (:class:`store.EmbeddingJob`) and releases it
+once committed, so a second driver, or a local run of the same embedding, computes other chunks;
+chunks another process holds are waited for at the end (and taken over if that process died).
 
 *Actor* (:class:`EmbedWorker`): builds the adapter from the same class, checkpoint and parameters,
 loads it once, maps the dataset's genes once, and then for each chunk reads its cells from the
 dataset's stored ``.h5ad`` (backed), tokenises, embeds with the runner's own code
-(``_ChunkTokens``, :func:`~scdm_embed.runner.batches_by_length`, ``_embed_cells``) and writes the
+(``ChunkTokens``, :func:`~scdm_embed.runner.batches_by_length`, ``embed_cells``) and writes the
 chunk straight into the Zarr array (:meth:`store.ChunkTarget.write`). It never opens the catalog.
 
 Failures
@@ -45,24 +48,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scdm_embed._adapter import Adapter, GeneAudit, require_matches
-from scdm_embed.runner import (
+from scdm_embed._adapter import Adapter, GeneAudit, check_embedded_rows, require_matches
+from scdm_embed.chunks import (
+    ChunkTokens,
     EmbedResult,
-    _ChunkTokens,
-    _embed_cells,
-    _model_chunk_rows,
-    _padding_stats,
-    _peak_rss,
-    _telemetry,
     batches_by_length,
+    embed_cells,
+    finalize_with_repair,
+    model_chunk_rows,
+    padding_stats,
+    peak_rss,
+    run_telemetry,
 )
-from store import Store
-from store._store import ChunkRecord, ChunkTarget
+from store import ChunkRecord, ChunkTarget, Store
 from store.errors import InputDataError, ScdmError
 from store.progress import progress_bar
 
 if TYPE_CHECKING:
-    from store import DatasetInfo, Embedding
+    from store import DatasetInfo, Embedding, EmbeddingJob
 
 __all__ = ["EmbedWorker", "RayEmbedJob", "actor_device", "check_supported", "connect", "embed_on_ray"]
 
@@ -164,6 +167,8 @@ class WorkerSpec:
     batch_size: int
     sort: bool
     """Length-sort cells into batches (False for batch-dependent adapters)."""
+    allow_empty_cells: bool = False
+    """Keep what the model returns for cells without expressed (known) genes instead of refusing them."""
 
 
 class EmbedWorker:
@@ -179,16 +184,17 @@ class EmbedWorker:
             raise ScdmError(msg)
         adapter = spec.adapter_cls(checkpoint=spec.checkpoint, seed=spec.seed, **spec.model_params)
         adapter.check_checkpoint()
+        adapter.configure_precision(spec.device, spec.precision)  # the driver's identity says which weights
         adapter.load(spec.device)
         if spec.lora_dir is not None:
-            from scdm_embed.finetune import read_lora_card
+            from scdm_embed.lora_card import read_lora_card
 
             read_lora_card(spec.lora_dir).apply(adapter)
         self.audit: GeneAudit = adapter.prepare(genes, gene_id_kind=spec.gene_id_kind)
         self.adapter = adapter
         self.load_s = time.perf_counter() - t0
         self.state: dict[str, Any] = {"batch_size": spec.batch_size}
-        self._source: _ChunkTokens | None = None
+        self._source: ChunkTokens | None = None
         self._array: Any = None
         self._target: ChunkTarget | None = None
 
@@ -207,16 +213,15 @@ class EmbedWorker:
             return
         import anndata as ad
 
-        from store import _zarr
-
-        if not _zarr.array_exists(target.location):
+        if not target.exists():
             msg = (f"Ray worker on {self.host} cannot find the embedding array {target.location}. The arrays must be on storage "
                    "every node shares: put the store on a shared file system or give --arrays-url (file:///shared/..., s3://...).")
             raise ScdmError(msg)
-        source = _ChunkTokens(Path(), "", self.adapter, target, list(range(target.n_chunks)), self.adapter.requires_counts)  # type: ignore[arg-type]
+        source = ChunkTokens(Path(), "", self.adapter, target, list(range(target.n_chunks)), self.adapter.requires_counts,  # type: ignore[arg-type]
+                              allow_empty_cells=self.spec.allow_empty_cells)
         # the dataset file is opened directly: actors never open the catalog, which the driver owns
         source._adata = ad.read_h5ad(self.spec.dataset_path, backed="r")
-        self._source, self._array, self._target = source, _zarr.open_array(target.location), target
+        self._source, self._array, self._target = source, target.open_array(), target
 
     def embed_chunk(self, target: ChunkTarget, chunk: int, attempt: int) -> dict[str, Any]:
         """Read, tokenise, embed and write one chunk; return its record and statistics."""
@@ -231,16 +236,18 @@ class EmbedWorker:
         _, cells = self._source[chunk]
         lengths = [self.adapter.token_length(c) for c in cells]
         batches = batches_by_length(lengths, self.state["batch_size"], sort=self.spec.sort)
-        computed, naive = _padding_stats(lengths, batches)
-        vectors = _embed_cells(self.adapter, cells, batches, self.spec.device, self.spec.precision, self.state)
+        computed, naive = padding_stats(lengths, batches)
+        vectors = embed_cells(self.adapter, cells, batches, self.spec.device, self.spec.precision, self.state)
+        lo, hi = target.chunk_bounds(chunk)
+        zero_rows = check_embedded_rows(vectors, np.arange(lo, hi), self.adapter.name, allow_empty_cells=self.spec.allow_empty_cells)
         t_write = time.perf_counter()
         record = target.write(chunk, vectors, seconds=t_write - t0, array=self._array)
         return {
             "record": record, "lengths": np.asarray(lengths, dtype=np.int32), "tokens_computed": computed,
             "tokens_naive": naive, "batch_size": self.state["batch_size"], "oom_backoffs": self.state.get("oom_backoffs", 0),
             "compute_s": t_write - t0, "write_s": time.perf_counter() - t_write, "host": self.host, "attempt": attempt,
-            "actor": f"{self.host}:{os.getpid()}",
-            "peak_gpu_mem_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None, "peak_rss_bytes": _peak_rss(),
+            "actor": f"{self.host}:{os.getpid()}", "zero_rows": zero_rows,
+            "peak_gpu_mem_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None, "peak_rss_bytes": peak_rss(),
         }
 
 
@@ -269,6 +276,7 @@ class RayEmbedJob:
     max_retries: int
     ray_address: str | None
     progress: bool
+    allow_empty_cells: bool = False
 
 
 @dataclass
@@ -277,6 +285,7 @@ class _Tally:
 
     cells: int = 0
     chunks: int = 0
+    zero_rows: int = 0
     failed: int = 0
     retried: int = 0
     actor_deaths: int = 0
@@ -305,7 +314,7 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
         adapter_cls=type(adapter), checkpoint=None if adapter.checkpoint is None else str(adapter.checkpoint.resolve()),
         seed=job.seed, model_params=dict(job.model_params), lora_dir=job.lora_dir, device=job.device, precision=job.precision,
         dataset_path=str(_dataset_path(st, ds)), gene_id_kind=ds.gene_id_kind, batch_size=job.batch_size,
-        sort=not getattr(adapter, "batch_dependent", False),
+        sort=not getattr(adapter, "batch_dependent", False), allow_empty_cells=job.allow_empty_cells,
     )
     genes_ref = ray.put(st.genes(ds.dataset_id)["gene_id"].astype(str).tolist())  # shipped once, not per actor
     # no Ray-side restarts: the driver replaces a dead actor itself, so it counts deaths and
@@ -320,28 +329,55 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
     try:
         info = _first_info(ray, actors)
         require_matches(info["audit"], adapter.name, min_genes=job.min_genes, min_fraction=job.min_gene_fraction)
-        chunk_rows = _model_chunk_rows(job.chunk_rows, info["emb_dim"], job.params, not spec.sort)
+        chunk_rows = model_chunk_rows(job.chunk_rows, info["emb_dim"], job.params, not spec.sort)
         emb = st.create_embedding(ds.dataset_id, model=adapter.name, params=job.params, dim=info["emb_dim"],
                                   checkpoint_hash=job.checkpoint_hash, chunk_rows=chunk_rows, **job.variant)
-        missing = emb.missing_chunks()
-        keep = max(1, len(missing))
-        for extra in actors[keep:]:
-            ray.kill(extra)  # fewer chunks than actors: do not hold GPUs for nothing
-        actors = actors[:keep]
-        logger.info("%s on %s: %d cells, %d of %d chunks to compute on %d Ray actor(s), device %s, %s",
-                    adapter.name, ds.name, ds.n_cells, len(missing), emb.n_chunks, len(actors), job.device, job.precision)
-        tally = _run(ray, emb, actors, new_actor, missing, job)
+        with emb.job() as claims:  # `scdm rm` of this embedding is refused until the job ends
+            missing = emb.missing_chunks()
+            keep = max(1, len(missing))
+            for extra in actors[keep:]:
+                ray.kill(extra)  # fewer chunks than actors: do not hold GPUs for nothing
+            actors = actors[:keep]
+            logger.info("%s on %s: %d cells, %d of %d chunks to compute on %d Ray actor(s), device %s, %s",
+                        adapter.name, ds.name, ds.n_cells, len(missing), emb.n_chunks, len(actors), job.device, job.precision)
+            tallies: list[_Tally] = []
+
+            def run(chunks: list[int]) -> dict[str, Any]:
+                tallies.append(_run(ray, emb, claims, actors, new_actor, chunks, job))
+                return {"chunks": sum(t.chunks for t in tallies)}
+
+            def telemetry_of(_: dict[str, Any]) -> dict[str, Any]:
+                return _ray_telemetry(_merged(tallies), info, job, len(actors), time.perf_counter() - t_start)
+
+            stats = finalize_with_repair(emb, run, missing, telemetry_of, lambda _: {**info["audit"].to_dict(), **_token_stats(_merged(tallies))})
     finally:
         for actor in actors:
             ray.kill(actor)
-    wall = time.perf_counter() - t_start
-    telemetry = _ray_telemetry(tally, info, job, len(actors), wall)
-    token_stats = {}
-    if tally.lengths:
-        arr = np.concatenate(tally.lengths)
-        token_stats = {"tokens_per_cell_median": float(np.median(arr)), "tokens_per_cell_min": int(arr.min()), "tokens_per_cell_max": int(arr.max())}
-    emb.finalize(telemetry=telemetry, audit={**info["audit"].to_dict(), **token_stats})
-    return EmbedResult(emb.embedding_id, ds.name, adapter.name, emb.dim, emb.n_cells, len(missing), "complete", telemetry)
+    return EmbedResult(emb.embedding_id, ds.name, adapter.name, emb.dim, emb.n_cells, int(stats["chunks"]), "complete", stats["telemetry"])
+
+
+def _merged(tallies: list[_Tally]) -> _Tally:
+    """One tally of several dispatch rounds (a repair round after finalize found absent chunks)."""
+    if len(tallies) == 1:
+        return tallies[0]
+    out = _Tally()
+    for t in tallies:
+        for name in ("cells", "chunks", "zero_rows", "failed", "retried", "actor_deaths", "tokens_computed", "tokens_naive",
+                     "compute_s", "write_s", "verify_s", "commit_s", "wall_s"):
+            setattr(out, name, getattr(out, name) + getattr(t, name))
+        out.lengths += t.lengths
+        out.batch_sizes += t.batch_sizes
+        out.oom_backoffs.update(t.oom_backoffs)
+        out.peak_gpu, out.peak_rss = max(out.peak_gpu, t.peak_gpu), max(out.peak_rss, t.peak_rss)
+        out.hosts |= t.hosts
+    return out
+
+
+def _token_stats(tally: _Tally) -> dict[str, Any]:
+    if not tally.lengths:
+        return {}
+    arr = np.concatenate(tally.lengths)
+    return {"tokens_per_cell_median": float(np.median(arr)), "tokens_per_cell_min": int(arr.min()), "tokens_per_cell_max": int(arr.max())}
 
 
 def _dataset_path(st: Store, ds: DatasetInfo) -> Path:
@@ -390,8 +426,13 @@ def _cause(ray: Any, err: Exception | None) -> Exception | None:
 class _Dispatcher:
     """Hands chunks to actors, retries failures, and commits finished chunks in short batches."""
 
-    def __init__(self, ray: Any, emb: Embedding, actors: list[Any], new_actor: Any, chunks: list[int], job: RayEmbedJob, tally: _Tally, bar: Any) -> None:
+    def __init__(self, ray: Any, emb: Embedding, claims: EmbeddingJob, actors: list[Any], new_actor: Any, chunks: list[int],
+                 job: RayEmbedJob, tally: _Tally, bar: Any) -> None:
         self.ray, self.emb, self.job, self.tally, self.bar = ray, emb, job, tally, bar
+        self.claims = claims
+        """This driver's claims: a chunk is handed out only once claimed, and released once committed."""
+        self.elsewhere: list[int] = []
+        """Chunks another live process (another driver, a local run) was computing when they came up."""
         self.target = emb.target()
         self.actors = actors
         """Slot i holds the current actor of that slot (replaced in place when it dies)."""
@@ -428,6 +469,9 @@ class _Dispatcher:
             busy = sum(1 for _, a, _ in self.in_flight.values() if a == i)
             while self.queue and busy < TASKS_PER_ACTOR:
                 chunk = self.queue.popleft()
+                if not self.claims.claim(chunk):  # a retried chunk is still claimed by this driver
+                    self.elsewhere.append(chunk)
+                    continue
                 self.attempts[chunk] = self.attempts.get(chunk, 0) + 1
                 ref = self.actors[i].embed_chunk.remote(self.target, chunk, self.attempts[chunk])
                 self.in_flight[ref] = (chunk, i, self.generation[i])
@@ -496,6 +540,7 @@ class _Dispatcher:
         n = int(report["record"].n_rows)
         t.cells += n
         t.chunks += 1
+        t.zero_rows += int(report.get("zero_rows", 0))
         t.lengths.append(report["lengths"])
         t.tokens_computed += int(report["tokens_computed"])
         t.tokens_naive += int(report["tokens_naive"])
@@ -519,17 +564,24 @@ class _Dispatcher:
         t = time.perf_counter()
         records, self.pending = self.pending, []
         self.emb.commit_chunks(records)
+        self.claims.release(r.chunk for r in records)
         self.tally.commit_s += time.perf_counter() - t
         self.last_commit = time.monotonic()
 
 
-def _run(ray: Any, emb: Embedding, actors: list[Any], new_actor: Any, chunks: list[int], job: RayEmbedJob) -> _Tally:
+def _run(ray: Any, emb: Embedding, claims: EmbeddingJob, actors: list[Any], new_actor: Any, chunks: list[int], job: RayEmbedJob) -> _Tally:
     tally = _Tally()
     total = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks)
     bar = progress_bar(total=total, desc=f"embed {job.adapter.name} (ray x{len(actors)})", unit="cell", silent=not job.progress)
     t0 = time.perf_counter()
     try:
-        _Dispatcher(ray, emb, actors, new_actor, chunks, job, tally, bar).run()
+        todo = list(chunks)
+        while todo:
+            dispatcher = _Dispatcher(ray, emb, claims, actors, new_actor, todo, job, tally, bar)
+            dispatcher.run()
+            # chunks other processes were computing: wait until they are committed, or take over
+            # those whose process died (its claims are free again)
+            todo = claims.wait_for(dispatcher.elsewhere) if dispatcher.elsewhere else []
     finally:
         bar.close()
     tally.wall_s = time.perf_counter() - t0
@@ -548,7 +600,7 @@ def _ray_telemetry(tally: _Tally, info: dict[str, Any], job: RayEmbedJob, n_acto
         "oom_backoffs": sum(tally.oom_backoffs.values()),
     }
     # the driver holds no model and maybe no GPU: describe the actors' device, not this process's
-    out = _telemetry(stats, "cpu", job.precision, None, None)
+    out = run_telemetry(stats, "cpu", job.precision, None, None)
     out.update({
         "device": job.device, "executor": "ray", "actors": n_actors, "num_gpus_per_actor": job.num_gpus_per_actor,
         "chunks": tally.chunks, "failed_attempts": tally.failed, "retries": tally.retried, "actor_deaths": tally.actor_deaths,

@@ -14,8 +14,9 @@ space: their embeddings carry the same ``space_id`` and can be evaluated togethe
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -24,7 +25,7 @@ import scipy.sparse as sp
 from store import Store
 from store.errors import InputDataError
 
-__all__ = ["BASELINES", "BaselineFit", "fit_baseline", "preprocess_block"]
+__all__ = ["BASELINES", "BaselineFit", "check_sizes", "fit_baseline", "preprocess_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def shared_columns(st: Store, datasets: Sequence[str]) -> tuple[list[str], list[
         raise InputDataError(msg)
     cols = []
     for k in keys:
-        first = {}
+        first: dict[str, int] = {}
         for i, g in enumerate(k):
             first.setdefault(g, i)
         cols.append(np.array([first[g] for g in ordered], dtype=np.int64))
@@ -113,7 +114,7 @@ def resolve_as_is(x_kind: str, normalized: bool | None, dataset: str) -> bool:
 
 def iter_blocks(st: Store, dataset: str, cols: np.ndarray, *, as_is: bool, target_sum: float, block_rows: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(first_row, dense preprocessed block over cols)`` for a dataset, block by block."""
-    from store._ingest import iter_row_blocks
+    from store.matrix import iter_row_blocks
 
     adata = st.open_anndata(dataset, backed=True)
     try:
@@ -122,6 +123,17 @@ def iter_blocks(st: Store, dataset: str, cols: np.ndarray, *, as_is: bool, targe
     finally:
         if getattr(adata, "file", None) is not None:
             adata.file.close()
+
+
+def check_sizes(*, n_hvg: int, n_comps: int, target_sum: float) -> None:
+    """Refuse baseline sizes out of range (before any data is read)."""
+    for option, value in (("n_hvg", n_hvg), ("n_comps", n_comps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            msg = f"--{option.replace('_', '-')} ({option}=) must be an integer >= 1; got {value!r}."
+            raise InputDataError(msg)
+    if isinstance(target_sum, bool) or not isinstance(target_sum, (int, float, np.number)) or not np.isfinite(target_sum) or target_sum <= 0:
+        msg = f"target_sum= must be a number > 0 (counts per cell after normalisation, e.g. 1e4); got {target_sum!r}."
+        raise InputDataError(msg)
 
 
 def fit_baseline(
@@ -149,6 +161,7 @@ def fit_baseline(
     if model not in BASELINES:
         msg = f"Unknown baseline {model!r}; baselines: {', '.join(BASELINES)}."
         raise InputDataError(msg)
+    check_sizes(n_hvg=n_hvg, n_comps=n_comps, target_sum=target_sum)
     infos = [st.dataset(d) for d in datasets]
     genes, cols = shared_columns(st, [i.dataset_id for i in infos])
     as_is = [resolve_as_is(i.x_kind, normalized, i.name) for i in infos]

@@ -4,7 +4,12 @@ Cells are processed in row-chunks equal to the store's chunks. Inside a chunk, c
 tokenised (in DataLoader workers when asked, overlapping compute), sorted by token length so
 mini-batches carry little padding, embedded, scattered back to the original order and written
 as one chunk. A chunk counts only once it is flushed and committed, so an interrupted run
-resumes from the missing chunks; asking for a finished embedding returns it at once.
+resumes from the missing chunks; asking for a finished embedding returns it once its committed
+chunks match their checksums, and recomputes exactly the chunks that do not (a repair).
+
+Processes that run the same embedding at once share it: each claims a chunk before computing it,
+skips chunks another live process holds and waits for those at the end (taking over the chunks
+of a process that died), so every chunk is computed once (see :class:`store.EmbeddingJob`).
 """
 
 from __future__ import annotations
@@ -13,46 +18,47 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import resource
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from scdm_embed import baselines
+from scdm_embed._adapter import (
+    Adapter,
+    check_cells_expressed,
+    check_embedded_rows,
+    check_input_kind,
+    get_adapter,
+    require_matches,
+)
+from scdm_embed.chunks import (
+    ChunkTokens,
+    EmbedResult,
+    batches_by_length,
+    embed_cells,
+    finalize_with_repair,
+    model_chunk_rows,
+    padding_stats,
+    run_telemetry,
+)
 from store import Embedding, Store, open_store
-from store._ingest import iter_row_blocks, to_csr
-from store._zarr import default_chunk_rows
 from store.errors import InputDataError, ScdmError
 from store.genes import gene_table_version
-
-from scdm_embed import baselines
-from scdm_embed._adapter import Adapter, check_counts, get_adapter, require_matches
+from store.matrix import iter_row_blocks
 from store.progress import progress_bar
 
-__all__ = ["EmbedResult", "embed", "embed_baseline", "checkpoint_hash", "resolve_device", "resolve_precision", "batches_by_length"]
+if TYPE_CHECKING:
+    from store import ChunkWriter, EmbeddingJob
+
+__all__ = ["EmbedResult", "embed", "embed_baseline", "checkpoint_hash", "resolve_device", "resolve_precision", "batches_by_length", "complete_and_intact", "repair", "embed_command"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EmbedResult:
-    """What one embedding job produced."""
-
-    embedding_id: str
-    dataset: str
-    model: str
-    dim: int
-    n_cells: int
-    computed_chunks: int
-    """Chunks written by this call (0 when the embedding already existed)."""
-    status: str
-    telemetry: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---- device and precision ------------------------------------------------------------------
@@ -79,6 +85,83 @@ def resolve_precision(precision: str, device: str) -> str:
         msg = "fp16 autocast needs a CUDA device; use --precision fp32 or bf16 on CPU."
         raise InputDataError(msg)
     return precision
+
+
+# ---- options and input checks ----------------------------------------------------------------
+MODEL_SIZE_PARAMS = ("max_genes", "max_length")
+"""Adapter parameters that are sizes (checked >= 1 before any work; the adapters check the rest)."""
+
+
+def _require_int(option: str, value: Any, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        name = option.replace("_", "-")
+        msg = f"--{name} ({option}=) must be an integer >= {minimum}; got {value!r}."
+        raise InputDataError(msg)
+
+
+def _require_number(option: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        name = option.replace("_", "-")
+        where = f"{'>' if low_open else '>='} {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+        msg = f"--{name} ({option}=) must be a number {where}; got {value!r}."
+        raise InputDataError(msg)
+
+
+def check_embed_options(*, batch_size: int | None = None, chunk_rows: int | None = None, seed: int = 0, workers: int = 0,
+                        min_genes: int = 1, min_gene_fraction: float = 0.0, actors: int | None = None, max_retries: int = 3,
+                        num_gpus_per_actor: float | None = None, n_hvg: int | None = None, n_comps: int | None = None,
+                        target_sum: float | None = None, **model_params: Any) -> None:
+    """Refuse sizes out of range before anything is read, created or written.
+
+    Raises
+    ------
+    InputDataError
+        Naming the option (as on the command line and in Python) and its allowed range.
+    """
+    for option, value, minimum in (("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1), ("seed", seed, 0),
+                                   ("workers", workers, 0), ("min_genes", min_genes, 0), ("actors", actors, 1),
+                                   ("max_retries", max_retries, 0), ("n_hvg", n_hvg, 1), ("n_comps", n_comps, 1)):
+        _require_int(option, value, minimum)
+    for key in MODEL_SIZE_PARAMS:
+        _require_int(key, model_params.get(key), 1)
+    _require_number("min_gene_fraction", min_gene_fraction, 0.0, 1.0)
+    _require_number("num_gpus_per_actor", num_gpus_per_actor, 0.0)
+    _require_number("target_sum", target_sum, 0.0, low_open=True)
+
+
+def count_empty_cells(st: Store, dataset: str, model: str, *, allow_empty_cells: bool = False) -> int | None:
+    """Cells of ``dataset`` without any stored value, refused before any work unless allowed.
+
+    Read from the CSR row pointers alone (a few bytes per cell); None when the stored matrix is not
+    CSR (then each chunk is checked as it is read). Cells whose values are all explicit zeros, or
+    whose genes the model does not know, are caught per chunk.
+    """
+    adata = st.open_anndata(dataset, backed=True)
+    try:
+        x = adata.X
+        if getattr(x, "format", None) != "csr" or getattr(x, "group", None) is None:
+            return None
+        indptr = np.asarray(x.group["indptr"][:])
+    finally:
+        if getattr(adata, "file", None) is not None:
+            adata.file.close()
+    empty = np.flatnonzero(np.diff(indptr) == 0)
+    if empty.size:
+        check_cells_expressed(_no_values(empty.size), empty, model, allow_empty_cells=allow_empty_cells)
+        logger.warning("%d cells of the dataset express no gene; their %s embeddings are kept as the model returns them", empty.size, model)
+    return int(empty.size)
+
+
+def _no_values(n: int) -> Any:
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((n, 1), dtype=np.float32)
 
 
 # ---- checkpoint identity ---------------------------------------------------------------------
@@ -116,58 +199,29 @@ def checkpoint_hash(folder: str | Path, *, cache_dir: Path | None = None) -> str
 
 
 # ---- batching --------------------------------------------------------------------------------
-def batches_by_length(lengths: Sequence[int], batch_size: int, *, sort: bool = True) -> list[np.ndarray]:
-    """Index batches of cells, longest first when ``sort`` (equal lengths keep row order)."""
-    idx = np.argsort(-np.asarray(lengths), kind="stable") if sort else np.arange(len(lengths))
-    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
-def _padding_stats(lengths: Sequence[int], batches: list[np.ndarray]) -> tuple[int, int]:
-    """(tokens computed with these batches, tokens computed with naive batches in row order)."""
-    lengths = np.asarray(lengths)
-    computed = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
-    size = max((len(b) for b in batches), default=1)
-    naive = sum(int(lengths[i:i + size].max()) * len(lengths[i:i + size]) for i in range(0, len(lengths), size))
-    return computed, naive
 
 
-class _ChunkTokens:
-    """Map-style dataset over chunks: item i = (chunk, tokenised cells); opens the data lazily per process."""
-
-    def __init__(self, store_root: Path, dataset_id: str, adapter: Adapter, emb: Embedding, chunks: list[int], needs_counts: bool) -> None:
-        self.store_root = store_root
-        self.dataset_id = dataset_id
-        self.adapter = adapter
-        self.chunk_rows = emb.chunk_rows
-        self.n_cells = emb.n_cells
-        self.chunks = chunks
-        self.needs_counts = needs_counts
-        self._adata: Any = None
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> tuple[int, list[dict[str, np.ndarray]]]:
-        if self._adata is None:
-            self._adata = Store(self.store_root).open_anndata(self.dataset_id, backed=True)
-        chunk = self.chunks[i]
-        lo = chunk * self.chunk_rows
-        hi = min(lo + self.chunk_rows, self.n_cells)
-        x = to_csr(self._adata.X[lo:hi])
-        if self.needs_counts:
-            check_counts(x, self.adapter.name)
-        return chunk, self.adapter.tokenize(x, np.arange(lo, hi))
 
 
-def _iter_chunk_tokens(source: _ChunkTokens, workers: int) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
+def _iter_chunk_tokens(source: ChunkTokens, workers: int, wanted: Any = None) -> Iterator[tuple[int, list[dict[str, np.ndarray]] | None]]:
+    """(chunk, tokenised cells) in order; with ``wanted`` (inline only), chunks it refuses come as (chunk, None) untokenised."""
     if workers <= 0:
         for i in range(len(source)):
+            chunk = source.chunks[i]
+            if wanted is not None and not wanted(chunk):
+                yield chunk, None
+                continue
             yield source[i]
         return
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
+    # ChunkTokens is a map-style dataset by protocol (__len__, __getitem__), which is all DataLoader
+    # uses; it does not subclass torch's Dataset so that chunks.py need not import torch.
+    dataset = cast("Dataset[tuple[int, list[dict[str, np.ndarray]]]]", source)
     # collate_fn keeps the cells as numpy: the default would turn them into tensors
-    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2,
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2,
                         persistent_workers=False, collate_fn=_keep_as_is)
     yield from loader
 
@@ -178,7 +232,7 @@ def _keep_as_is(item: Any) -> Any:
 
 # ---- the adapter path ------------------------------------------------------------------------
 def embed(
-    store: "Store | str | os.PathLike[str] | None",
+    store: Store | str | os.PathLike[str] | None,
     dataset: str,
     model: str,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -198,6 +252,8 @@ def embed(
     num_gpus_per_actor: float | None = None,
     actors: int | None = None,
     max_retries: int = 3,
+    allow_non_counts: bool = False,
+    allow_empty_cells: bool = False,
     **model_params: Any,
 ) -> EmbedResult:
     """Embed every cell of ``dataset`` with ``model`` into the store (resumable, idempotent).
@@ -240,13 +296,29 @@ def embed(
         CPUs, at most the number of chunks to compute.
     max_retries
         Ray only: times a failed chunk is resubmitted (and an actor that died is restarted).
+    allow_non_counts
+        Embed normalised (non-integer) values with a model that expects raw counts, with a
+        warning; refused otherwise. Scaled data (negative values) is refused always.
+    allow_empty_cells
+        Keep what the model returns for cells without any expressed gene, or none the model knows
+        (all zeros for some models); refused otherwise, naming the cells.
     **model_params
         Adapter parameters that change the numbers (``layer``, ``pooling``, ``max_genes``, ...).
 
     Returns
     -------
     EmbedResult
+
+    Notes
+    -----
+    Several processes may run the same embedding at once: each claims a chunk before computing it
+    and skips those another live process holds, then waits for them (see
+    :class:`store.EmbeddingJob`), so each chunk is computed once and every process returns the
+    complete embedding. While a job runs, removing the embedding is refused.
     """
+    check_embed_options(batch_size=batch_size, chunk_rows=chunk_rows, seed=seed, workers=workers, min_genes=min_genes,
+                        min_gene_fraction=min_gene_fraction, actors=actors, max_retries=max_retries,
+                        num_gpus_per_actor=num_gpus_per_actor, **model_params)
     st = open_store(store)
     if executor not in ("local", "ray"):
         msg = f"Unknown executor {executor!r}; use 'local' (this process) or 'ray' (a Ray cluster)."
@@ -258,14 +330,8 @@ def embed(
             logger.info("%s is fitted in one pass on this machine; the ray executor applies to foundation models", model)
         return embed_baseline(st, [dataset], model=model, chunk_rows=chunk_rows, progress=progress, **model_params)[0]
     ds = st.dataset(dataset)
-    adapter = get_adapter(model)(checkpoint=checkpoint, seed=seed, **model_params)
+    adapter = get_adapter(model)(checkpoint=Path(checkpoint) if checkpoint is not None else None, seed=seed, **model_params)
     adapter.check_checkpoint()
-    if adapter.requires_counts and ds.x_kind == "scaled":
-        msg = (
-            f"{model} needs raw counts, but dataset {ds.name!r} holds negative (scaled) values. Ingest the raw "
-            "counts (e.g. adata.layers['counts'] saved as X), or use a baseline model (pca, hvg)."
-        )
-        raise InputDataError(msg)
     ray_exec: Any = None
     if executor == "ray":
         from scdm_embed import _ray_executor as ray_exec
@@ -277,28 +343,32 @@ def embed(
         dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     ckpt_hash = checkpoint_hash(adapter.checkpoint, cache_dir=st.root / "artifacts") if adapter.checkpoint else None
-    params = {**adapter.params(), "seed": seed, "precision": prec, "gene_table": gene_table_version()}
+    # bf16/fp16 weights on CUDA change the numbers: the weight dtype is part of the embedding's identity
+    params = {**adapter.params(), **adapter.configure_precision(dev, prec), "seed": seed, "precision": prec,
+              "gene_table": gene_table_version()}
     if getattr(adapter, "batch_dependent", False):
         params["batch_size"] = batch_size or adapter.default_batch_size
     lora, variant = None, {}
     if lora_dir is not None:
-        from scdm_embed.finetune import read_lora_card
+        from scdm_embed.lora_card import read_lora_card
 
         lora = read_lora_card(lora_dir)
         lora.check_base(adapter, ckpt_hash)  # before loading: a mismatch fails fast
         params["lora"] = lora.embedding_params()
         variant = {"adapter_hash": lora.adapter_hash, "variant": lora.variant}
     existing = st.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=ckpt_hash, **variant)
-    if existing is not None and existing.status == "complete":
+    if existing is not None and complete_and_intact(st, existing):
         logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
         return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
+    check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts)
+    n_empty = count_empty_cells(st, ds.dataset_id, model, allow_empty_cells=allow_empty_cells)
     if ray_exec is not None:
         job = ray_exec.RayEmbedJob(
             dataset=ds, adapter=adapter, params=params, variant=variant, checkpoint_hash=ckpt_hash, seed=seed,
             model_params=model_params, lora_dir=None if lora_dir is None else str(lora_dir), device=dev, precision=prec,
             batch_size=batch_size or _auto_batch_size(adapter, dev), chunk_rows=chunk_rows, min_genes=min_genes,
             min_gene_fraction=min_gene_fraction, num_gpus_per_actor=float(num_gpus_per_actor or 0), actors=actors,
-            max_retries=max_retries, ray_address=ray_address, progress=progress,
+            max_retries=max_retries, ray_address=ray_address, progress=progress, allow_empty_cells=allow_empty_cells,
         )
         return ray_exec.embed_on_ray(st, job)
 
@@ -310,34 +380,25 @@ def embed(
     genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
     audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
     require_matches(audit, model, min_genes=min_genes, min_fraction=min_gene_fraction)
-    chunk_rows = _model_chunk_rows(chunk_rows, adapter.emb_dim, params, bool(getattr(adapter, "batch_dependent", False)))
+    chunk_rows = model_chunk_rows(chunk_rows, adapter.emb_dim, params, bool(getattr(adapter, "batch_dependent", False)))
     emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash,
                               chunk_rows=chunk_rows, **variant)
-    missing = emb.missing_chunks()
-    logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
     _reset_peak_rss()
-    stats = _run_chunks(st, emb, adapter, missing, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
-                        precision=prec, workers=workers, progress=progress)
-    telemetry = _telemetry(stats, dev, prec, load_s, adapter)
-    emb.finalize(telemetry=telemetry, audit={**audit.to_dict(), **stats.pop("token_stats", {})})
-    return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, len(missing), "complete", telemetry)
+    with emb.job() as job:  # `scdm rm` of this embedding is refused until the job ends
+        missing = emb.missing_chunks()
+        logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
+
+        def run(chunks: list[int]) -> dict[str, Any]:
+            return _run_chunks(st, emb, job, adapter, chunks, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
+                               precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells)
+
+        stats = finalize_with_repair(emb, run, missing, lambda s: run_telemetry(s, dev, prec, load_s, adapter),
+                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s)})
+    return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
 
-MODEL_CHUNK_ROWS_MAX = 4096
-"""Cells per chunk at most for foundation-model embeddings (a crash loses at most one chunk)."""
 
 
-def _model_chunk_rows(chunk_rows: int | None, emb_dim: int, params: dict[str, Any], batch_dependent: bool) -> int:
-    """Rows per chunk of a foundation-model embedding (same rule for every executor)."""
-    if chunk_rows is None:
-        # a chunk is the unit of resume: foundation models are slow, so cap the work a crash can lose
-        chunk_rows = min(default_chunk_rows(emb_dim), MODEL_CHUNK_ROWS_MAX)
-    if batch_dependent:
-        # cells of one batch attend to each other: batches must be fixed row ranges, so chunks
-        # hold whole batches and batch k is always rows [k*bs, (k+1)*bs)
-        bs = params["batch_size"]
-        chunk_rows = -(-chunk_rows // bs) * bs
-    return chunk_rows
 
 
 GPU_BATCH_FACTOR = 8
@@ -359,141 +420,120 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _peak_rss() -> int:
-    """Peak resident memory since :func:`_reset_peak_rss` (VmHWM), else since process start."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _autocast(device: str, precision: str) -> Any:
-    import contextlib
-
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
-def _embed_cells(adapter: Adapter, cells: list[dict[str, np.ndarray]], batches: list[np.ndarray], device: str, precision: str, state: dict[str, Any]) -> np.ndarray:
-    """Embed one chunk's cells batch by batch, halving the batch on CUDA out-of-memory."""
-    import torch
-
-    out = np.empty((len(cells), adapter.emb_dim), dtype=np.float32)
-    queue = list(batches)
-    while queue:
-        idx = queue.pop(0)
-        try:
-            batch = adapter.collate([cells[i] for i in idx])
-            batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
-            with torch.inference_mode(), _autocast(device, precision):
-                vecs = adapter.embed(batch)
-            out[idx] = vecs.float().cpu().numpy()
-        except torch.cuda.OutOfMemoryError as err:
-            if getattr(adapter, "batch_dependent", False):
-                msg = (f"CUDA out of memory at batch size {len(idx)}. {adapter.name} embeds cells jointly within a batch, so "
-                       "the batch size is part of the result and is not lowered automatically; rerun with a smaller --batch-size.")
-                raise ScdmError(msg) from err
-            if len(idx) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(idx) // 2
-            state["batch_size"] = max(1, half)
-            state["oom_backoffs"] = state.get("oom_backoffs", 0) + 1
-            logger.warning("CUDA out of memory at batch %d; retrying with %d", len(idx), half)
-            queue[:0] = [idx[:half], idx[half:]]
-    return out
 
 
-def _run_chunks(st: Store, emb: Embedding, adapter: Adapter, chunks: list[int], *, batch_size: int, device: str, precision: str, workers: int, progress: bool) -> dict[str, Any]:
+@dataclass
+class _Tally:
+    """What one process computed of an embedding (for progress and telemetry)."""
+
+    chunks: int = 0
+    cells: int = 0
+    computed: int = 0
+    naive: int = 0
+    zero_rows: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+
+def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, chunks: list[int], *, batch_size: int, device: str,
+                precision: str, workers: int, progress: bool, allow_empty_cells: bool = False) -> dict[str, Any]:
+    """Compute ``chunks`` (those not claimed by other processes), then wait for and take over the rest."""
     import torch
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    todo = set(chunks)
-    sequential = bool(getattr(adapter, "sequential_tokenize", False))
-    if sequential:
-        # reference-quirk tokenisers draw from one RNG stream in row order: replay every chunk in
-        # one process so a resumed run draws the same numbers, and embed only the missing ones
-        workers = 0
-        chunks = list(range(emb.n_chunks)) if todo else []
-    source = _ChunkTokens(st.root, emb.dataset_id, adapter, emb, chunks, adapter.requires_counts)
     state: dict[str, Any] = {"batch_size": batch_size}
-    lengths_all: list[int] = []
-    computed = naive = 0
-    n_done = 0
-    sort = not getattr(adapter, "batch_dependent", False)
+    tally = _Tally()
     t0 = time.perf_counter()
-    total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in todo)
+    total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks)
     bar = progress_bar(total=total_cells, desc=f"embed {adapter.name}", unit="cell", silent=not progress)
     try:
-        with emb.writer() as writer:
-            for chunk, cells in _iter_chunk_tokens(source, workers):
-                if chunk not in todo:
-                    continue
-                t_chunk = time.perf_counter()
-                lengths = [adapter.token_length(c) for c in cells]
-                batches = batches_by_length(lengths, state["batch_size"], sort=sort)
-                c_tok, n_tok = _padding_stats(lengths, batches)
-                computed, naive = computed + c_tok, naive + n_tok
-                vectors = _embed_cells(adapter, cells, batches, device, precision, state)
-                writer.write(chunk, vectors, seconds=time.perf_counter() - t_chunk)
-                lengths_all.extend(lengths)
-                n_done += len(cells)
-                bar.update(len(cells))
-                bar.set_postfix(cells_per_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.1f}")
+        with emb.writer(job=job) as writer:
+            todo = list(chunks)
+            while todo:
+                elsewhere = _embed_pass(st, emb, adapter, writer, todo, workers=workers, device=device, precision=precision,
+                                        state=state, tally=tally, bar=bar, t0=t0, allow_empty_cells=allow_empty_cells)
+                # chunks other live processes were computing: wait until they are committed, or take
+                # over those whose process died (its claims are free again)
+                todo = writer.wait_for(elsewhere) if elsewhere else []
     except KeyboardInterrupt:
-        logger.warning("interrupted: %d cells written in whole chunks are kept; run the same command again to resume", n_done)
+        logger.warning("interrupted: %d cells written in whole chunks are kept; run the same command again to resume", tally.cells)
         raise
     finally:
         bar.close()
+    if tally.zero_rows:
+        logger.warning("%d cells got an all-zero %s embedding (kept, as allow_empty_cells asked)", tally.zero_rows, adapter.name)
     wall = time.perf_counter() - t0
     stats: dict[str, Any] = {
-        "cells": n_done, "wall_s": wall, "cells_per_s": n_done / wall if wall > 0 else None,
-        "tokens_computed": computed, "tokens_naive_padding": naive,
-        "padding_saved": 1 - computed / naive if naive else 0.0, "final_batch_size": state["batch_size"],
-        "oom_backoffs": state.get("oom_backoffs", 0),
+        "chunks": tally.chunks, "cells": tally.cells, "wall_s": wall, "cells_per_s": tally.cells / wall if wall > 0 else None,
+        "tokens_computed": tally.computed, "tokens_naive_padding": tally.naive,
+        "padding_saved": 1 - tally.computed / tally.naive if tally.naive else 0.0, "final_batch_size": state["batch_size"],
+        "oom_backoffs": state.get("oom_backoffs", 0), "zero_rows": tally.zero_rows,
     }
-    if lengths_all:
-        arr = np.asarray(lengths_all)
+    if tally.lengths:
+        arr = np.asarray(tally.lengths)
         stats["token_stats"] = {"tokens_per_cell_median": float(np.median(arr)), "tokens_per_cell_min": int(arr.min()), "tokens_per_cell_max": int(arr.max())}
     if device.startswith("cuda"):
         stats["peak_gpu_mem_bytes"] = int(torch.cuda.max_memory_allocated())
     return stats
 
 
-def _telemetry(stats: dict[str, Any], device: str, precision: str, load_s: float | None, adapter: Adapter | None) -> dict[str, Any]:
-    import importlib.metadata as md
+def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter, chunks: list[int], *, workers: int, device: str,
+                precision: str, state: dict[str, Any], tally: _Tally, bar: Any, t0: float, allow_empty_cells: bool) -> list[int]:
+    """Embed and write every chunk of ``chunks`` this process can claim; returns those claimed elsewhere."""
+    todo = set(chunks)
+    order = sorted(todo)
+    wanted: Callable[[int], bool] | None = writer.claim  # claimed before tokenising: a chunk computed elsewhere costs nothing here
+    if getattr(adapter, "sequential_tokenize", False):
+        # reference-quirk tokenisers draw from one RNG stream in row order: replay every chunk in
+        # one process so a resumed run draws the same numbers, and embed only the missing ones
+        workers, order, wanted = 0, list(range(emb.n_chunks)), None
+    elif workers > 0:
+        wanted = None  # worker processes tokenise ahead: chunks are claimed as they come out
+    source = ChunkTokens(st.root, emb.dataset_id, adapter, emb, order, adapter.requires_counts, allow_empty_cells=allow_empty_cells)
+    sort = not getattr(adapter, "batch_dependent", False)
+    elsewhere = []
+    for chunk, cells in _iter_chunk_tokens(source, workers, wanted):
+        if chunk not in todo:
+            continue
+        if cells is None or not writer.claim(chunk):
+            elsewhere.append(chunk)
+            continue
+        t_chunk = time.perf_counter()
+        lengths = [adapter.token_length(c) for c in cells]
+        batches = batches_by_length(lengths, state["batch_size"], sort=sort)
+        c_tok, n_tok = padding_stats(lengths, batches)
+        vectors = embed_cells(adapter, cells, batches, device, precision, state)
+        lo, hi = emb.chunk_bounds(chunk)
+        tally.zero_rows += check_embedded_rows(vectors, np.arange(lo, hi), adapter.name, allow_empty_cells=allow_empty_cells)
+        writer.write(chunk, vectors, seconds=time.perf_counter() - t_chunk)
+        tally.computed, tally.naive = tally.computed + c_tok, tally.naive + n_tok
+        tally.lengths.extend(lengths)
+        tally.chunks += 1
+        tally.cells += len(cells)
+        bar.update(len(cells))
+        bar.set_postfix(cells_per_s=f"{tally.cells / max(time.perf_counter() - t0, 1e-9):.1f}")
+    return elsewhere
 
-    versions = {}
-    for pkg in ("scdm", "torch", "transformers", "peft", "numpy", "zarr", "duckdb", "anndata"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    out = {**stats, "device": device, "precision": precision, "peak_rss_bytes": _peak_rss(),
-           "host": platform.node(), "versions": versions}
-    if load_s is not None:
-        out["load_s"] = load_s
-    if adapter is not None:
-        out["n_parameters"] = adapter.n_parameters()
-    if device.startswith("cuda"):
-        import torch
 
-        out["gpu"] = torch.cuda.get_device_name(0)
+
+
+def _empty_audit(n_empty: int | None, stats: dict[str, Any]) -> dict[str, Any]:
+    """What the audit records about cells without expressed genes (kept with allow_empty_cells)."""
+    out: dict[str, Any] = {"zero_rows": int(stats.get("zero_rows", 0))}
+    if n_empty is not None:
+        out["cells_without_expressed_genes"] = n_empty
     return out
+
+
 
 
 # ---- the baseline path -----------------------------------------------------------------------
 def embed_baseline(
-    store: "Store | str | os.PathLike[str] | None",
+    store: Store | str | os.PathLike[str] | None,
     datasets: Sequence[str],
     *,
     model: str = "pca",
@@ -508,8 +548,10 @@ def embed_baseline(
 
     With one dataset this is the per-dataset baseline (a space of its own). With several, they
     are fitted on their shared genes and all embeddings share one ``space_id``, so the CPU stage
-    may pool them. Already complete embeddings are returned without refitting.
+    may pool them. Already complete embeddings whose chunks all match their checksums are returned
+    without refitting; damaged chunks (see :func:`complete_and_intact`) are recomputed, and only those.
     """
+    check_embed_options(chunk_rows=chunk_rows, n_hvg=n_hvg, n_comps=n_comps if model == "pca" else None, target_sum=target_sum)
     st = open_store(store)
     infos = [st.dataset(d) for d in datasets]
     if not infos:
@@ -520,21 +562,24 @@ def embed_baseline(
     if model == "pca":
         base_params["n_comps_requested"] = n_comps
     found = [st.get_embedding(i.dataset_id, model=model, params=base_params) for i in infos]
-    if all(f is not None and f.status == "complete" for f in found):
-        return [EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete") for f, i in zip(found, infos)]  # type: ignore[union-attr]
+    intact = [f is not None and complete_and_intact(st, f) for f in found]
+    done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
+            for f, i, ok in zip(found, infos, intact) if ok}
+    if len(done) == len(infos):
+        return [done[i.dataset_id] for i in infos]
     t0 = time.perf_counter()
     fit = baselines.fit_baseline(st, [i.dataset_id for i in infos], model=model, n_hvg=n_hvg, n_comps=n_comps, target_sum=target_sum, normalized=normalized)
     fit_s = time.perf_counter() - t0
     results = []
     _reset_peak_rss()
     for info in infos:
-        results.append(_write_baseline(st, info, fit, base_params, chunk_rows, fit_s, progress))
+        # a joint fit is refitted for one damaged member; the intact ones are left as they are
+        results.append(done.get(info.dataset_id) or _write_baseline(st, info, fit, base_params, chunk_rows, fit_s, progress))
     return results
 
 
 def _write_baseline(st: Store, info: Any, fit: baselines.BaselineFit, params: dict[str, Any], chunk_rows: int | None, fit_s: float, progress: bool) -> EmbedResult:
     emb = st.create_embedding(info.dataset_id, model=fit.model, params=params, dim=fit.dim, chunk_rows=chunk_rows)
-    missing = set(emb.missing_chunks())
     keys = baselines.gene_keys(st, info.dataset_id)
     first: dict[str, int] = {}
     for i, g in enumerate(keys):
@@ -542,25 +587,168 @@ def _write_baseline(st: Store, info: Any, fit: baselines.BaselineFit, params: di
     cols = np.array([first[g] for g in fit.genes], dtype=np.int64)
     as_is = baselines.resolve_as_is(info.x_kind, params["normalized"], info.name)
     t0 = time.perf_counter()
-    bar = progress_bar(total=info.n_cells, desc=f"embed {fit.model} {info.name}", unit="cell", silent=not progress)
+
+    def telemetry_of(stats: dict[str, Any]) -> dict[str, Any]:
+        wall = time.perf_counter() - t0
+        return run_telemetry({"cells": stats["cells"], "wall_s": wall, "fit_s": fit_s, "cells_per_s": stats["cells"] / wall if wall > 0 else None},
+                          "cpu", "fp64", None, None)
+
+    audit = {"n_input_genes": info.n_genes, "n_matched": fit.params["n_shared_genes"], "n_selected_genes": len(fit.genes),
+             "fitted": fit.params, "explained_variance_ratio": None if fit.explained_variance_ratio is None else float(fit.explained_variance_ratio.sum())}
+    with emb.job() as job:  # `scdm rm` of this embedding is refused until the job ends
+
+        def run(chunks: list[int]) -> dict[str, Any]:
+            return _baseline_chunks(st, emb, job, info, fit, cols, as_is, chunks, progress)
+
+        stats = finalize_with_repair(emb, run, emb.missing_chunks(), telemetry_of, lambda _: audit)
+    return EmbedResult(emb.embedding_id, info.name, fit.model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
+
+
+def _baseline_chunks(st: Store, emb: Embedding, job: EmbeddingJob, info: Any, fit: baselines.BaselineFit, cols: np.ndarray,
+                     as_is: bool, chunks: list[int], progress: bool) -> dict[str, Any]:
+    """Transform and write the chunks this process claims; wait for (or take over) the others."""
+    bar = progress_bar(total=sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks),
+                       desc=f"embed {fit.model} {info.name}", unit="cell", silent=not progress)
     adata = st.open_anndata(info.dataset_id, backed=True)
-    written = 0
+    written = cells = 0
     try:
-        with emb.writer() as writer:
-            for lo, block in iter_row_blocks(adata, emb.chunk_rows):
-                chunk = lo // emb.chunk_rows
-                if chunk in missing:
+        with emb.writer(job=job) as writer:
+            todo = sorted(chunks)
+            while todo:
+                elsewhere = []
+                for chunk in todo:
+                    if not writer.claim(chunk):
+                        elsewhere.append(chunk)
+                        continue
+                    lo, hi = emb.chunk_bounds(chunk)
+                    _, block = next(iter_row_blocks(adata, hi - lo, start=lo, stop=hi))
                     dense = baselines.preprocess_block(block, as_is=as_is, target_sum=fit.params["target_sum"])[:, cols].toarray()
                     writer.write(chunk, fit.transform(dense))
-                    written += 1
-                bar.update(block.shape[0])
+                    written, cells = written + 1, cells + hi - lo
+                    bar.update(hi - lo)
+                todo = writer.wait_for(elsewhere) if elsewhere else []
     finally:
         bar.close()
         if getattr(adata, "file", None) is not None:
             adata.file.close()
-    wall = time.perf_counter() - t0
-    telemetry = _telemetry({"cells": info.n_cells, "wall_s": wall, "fit_s": fit_s, "cells_per_s": info.n_cells / wall if wall > 0 else None}, "cpu", "fp64", None, None)
-    audit = {"n_input_genes": info.n_genes, "n_matched": fit.params["n_shared_genes"], "n_selected_genes": len(fit.genes),
-             "fitted": fit.params, "explained_variance_ratio": None if fit.explained_variance_ratio is None else float(fit.explained_variance_ratio.sum())}
-    emb.finalize(telemetry=telemetry, audit=audit)
-    return EmbedResult(emb.embedding_id, info.name, fit.model, emb.dim, emb.n_cells, written, "complete", telemetry)
+    return {"chunks": written, "cells": cells}
+
+
+# ---- verified resume and repair --------------------------------------------------------------
+def complete_and_intact(st: Store, emb: Embedding) -> bool:
+    """Whether ``emb`` is complete with every committed chunk matching its checksum.
+
+    Committed chunks that do not match (a flipped byte, a deleted or truncated chunk file) are
+    put back to pending here, so the resume path that follows recomputes exactly those.
+    """
+    if emb.status != "complete":
+        return False  # pending: the resume path (create_embedding) renews a broken array and fills what is missing
+    bad = st.verify_embedding(emb.embedding_id)
+    if bad:
+        logger.warning("%s embedding %s: chunk(s) %s are damaged; recomputing them", emb.model, emb.embedding_id,
+                       ", ".join(map(str, bad)))
+        st.mark_chunks_pending(emb.embedding_id, bad)
+        return False
+    return True
+
+
+def repair(store: Store | str | os.PathLike[str] | None, embedding_id: str, *, progress: bool = True) -> EmbedResult:
+    """Recompute the pending chunks of a pca/hvg embedding from its recorded parameters.
+
+    Run after :meth:`store.Store.verify` with ``repair=True`` (``scdm verify --repair``) marked
+    its bad chunks pending; the baseline is refitted on the same datasets and only the pending
+    chunks are written. Models that need a checkpoint are repaired by :func:`embed_command`'s command.
+
+    Raises
+    ------
+    ScdmError
+        If the embedding is not a baseline, or cannot be recomputed identically (its gene table
+        version or fit datasets changed).
+    """
+    from store.verify import fit_dataset_names
+
+    st = open_store(store)
+    emb = st.embedding(embedding_id)
+    p = emb.params
+    if emb.model not in baselines.BASELINES or "fit_datasets" not in p:
+        msg = f"Embedding {emb.embedding_id} ({emb.model}) needs its checkpoint to be recomputed: run {embed_command(st, emb.embedding_id)}"
+        raise ScdmError(msg)
+    if p.get("gene_table") != gene_table_version():
+        msg = (f"Embedding {emb.embedding_id} ({emb.model}) was made with gene table {p.get('gene_table')}; this scdm has "
+               f"{gene_table_version()}, so it cannot be recomputed identically. Remove it (scdm rm --embedding "
+               f"{emb.embedding_id}) and embed the data again.")
+        raise ScdmError(msg)
+    names = fit_dataset_names(st, p["fit_datasets"])
+    if len(names) != len(p["fit_datasets"]):
+        msg = (f"Embedding {emb.embedding_id} ({emb.model}) was fitted on {len(p['fit_datasets'])} dataset(s), of which "
+               f"{len(names)} are still in the store; it cannot be refitted. Remove it (scdm rm) and embed again.")
+        raise ScdmError(msg)
+    kwargs: dict[str, Any] = {"n_hvg": p["n_hvg_requested"], "target_sum": p["target_sum"], "normalized": p["normalized"]}
+    if emb.model == "pca":
+        kwargs["n_comps"] = p["n_comps_requested"]
+    results = embed_baseline(st, names, model=emb.model, chunk_rows=emb.chunk_rows, progress=progress, **kwargs)
+    return next(r for r in results if r.embedding_id == emb.embedding_id)
+
+
+def embed_command(store: Store | str | os.PathLike[str] | None, embedding_id: str) -> str:
+    """The ``scdm embed`` command that recomputes an embedding (its pending chunks) with its options.
+
+    For a model that needs a checkpoint, ``--checkpoint DIR`` stands for the folder it was made
+    with (the store records its content hash, not its path). The options are rebuilt from the
+    recorded parameters and checked: the adapter built with them must report the same parameters,
+    else the command says so.
+    """
+    import inspect
+    import shlex
+
+    from store.verify import repair_hint
+
+    st = open_store(store)
+    emb = st.embedding(embedding_id)
+    if (emb.model in baselines.BASELINES and "fit_datasets" in emb.params) or emb.variant != "frozen":
+        return repair_hint(st, emb)
+    cls = get_adapter(emb.model)
+    params = dict(emb.params)
+    seed, precision = int(params.pop("seed", 0)), str(params.pop("precision", "auto"))
+    gene_table, batch_size = params.pop("gene_table", None), params.pop("batch_size", None)
+    weights = params.pop("weights", None)  # set again by --precision on CUDA (configure_precision)
+    accepted = {name: prm for name, prm in inspect.signature(cls.__init__).parameters.items()
+                if name not in ("self", "checkpoint", "seed") and prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)}
+    options = {k: v for k, v in params.items() if k in accepted}
+    dataset = st.query("SELECT name FROM datasets WHERE dataset_id = ?", [emb.dataset_id])["name"]
+    args = ["scdm", "embed", str(dataset.iloc[0]) if len(dataset) else emb.dataset_id, "--model", emb.model, "--checkpoint", "DIR",
+            "--precision", precision]
+    if seed:
+        args += ["--seed", str(seed)]
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    for key, value in options.items():
+        if accepted[key].default is not inspect.Parameter.empty and value == accepted[key].default:
+            continue
+        args += ["--reference-quirks"] if key == "reference_quirks" and value is True else ["--param", f"{key}={_param_text(value)}"]
+    rebuilt = {**cls(None, seed=seed, **options).params(), "seed": seed, "precision": precision, "gene_table": gene_table,
+               **({"weights": weights} if weights else {})}
+    if batch_size is not None:
+        rebuilt["batch_size"] = batch_size
+    note = f"  # DIR: the {emb.model} checkpoint it was made with (content hash {str(_recorded_checkpoint_hash(st, emb))[:16]})"
+    if json.dumps(rebuilt, sort_keys=True, default=str) != json.dumps(emb.params, sort_keys=True, default=str):
+        note += "; check the options: not all of its recorded parameters could be rebuilt"
+    if gene_table != gene_table_version():
+        note += f"; it was made with gene table {gene_table}, this scdm has {gene_table_version()}, so it would be a new embedding"
+    return shlex.join(args) + note
+
+
+def _recorded_checkpoint_hash(st: Store, emb: Embedding) -> str | None:
+    """The checkpoint content hash an embedding records."""
+    frame = st.query("SELECT checkpoint_hash FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])
+    return None if frame.empty else frame["checkpoint_hash"].iloc[0]
+
+
+def _param_text(value: Any) -> str:
+    """A ``--param KEY=VALUE`` value that the CLI parses back to ``value`` (JSON unless a plain string)."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return json.dumps(value)

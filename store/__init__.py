@@ -10,33 +10,62 @@ This package is the one owner of persistent state and never imports torch. Open 
 """
 
 from store._catalog import SCHEMA_VERSION
-from store._store import DatasetInfo, Embedding, Store, default_store_path, open_store, space_id_of
+from store._constants import ARTIFACTS_DIR
+from store._store import (
+    ChunkRecord,
+    ChunkTarget,
+    ChunkWriter,
+    DatasetInfo,
+    Embedding,
+    EmbeddingJob,
+    Store,
+    default_store_path,
+    open_store,
+    space_id_of,
+)
+from store._zarr import default_chunk_rows
 from store.errors import (
+    CatalogDamagedError,
+    ChunkCorruptError,
     DatasetNotFoundError,
+    EmbeddingBusyError,
     EmbeddingIncompleteError,
     EmbeddingNotFoundError,
     InputDataError,
     ReadOnlyQueryError,
     ScdmError,
+    StoreDamagedError,
     StoreFormatError,
+    StoreReadOnlyError,
 )
 
 __all__ = [
     "Store",
     "DatasetInfo",
     "Embedding",
+    "EmbeddingJob",
+    "ChunkRecord",
+    "ChunkTarget",
+    "ChunkWriter",
+    "default_chunk_rows",
     "open_store",
     "default_store_path",
     "space_id_of",
     "example_data",
     "SCHEMA_VERSION",
+    "ARTIFACTS_DIR",
     "ScdmError",
     "InputDataError",
     "DatasetNotFoundError",
     "EmbeddingNotFoundError",
     "EmbeddingIncompleteError",
+    "EmbeddingBusyError",
     "ReadOnlyQueryError",
     "StoreFormatError",
+    "StoreDamagedError",
+    "CatalogDamagedError",
+    "ChunkCorruptError",
+    "StoreReadOnlyError",
 ]
 
 

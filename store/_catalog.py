@@ -17,6 +17,12 @@ would starve a writer in another process that polls for the lock. A writer that 
 locked raises a flag, an advisory lock on ``<catalog>.turnstile`` that the operating system drops
 when the process dies; readers in every scdm process start no new connection while it is raised,
 so the file drains and the writer gets in within one read's time.
+
+A catalog opened read-only (a store the user may read but not write) never opens a read-write
+connection: writes raise :class:`~store.errors.StoreReadOnlyError` before touching the file, and
+migrations are refused (the schema is only checked). A catalog file that DuckDB cannot read
+(truncated, overwritten, corrupted) raises :class:`~store.errors.CatalogDamagedError` naming the
+file and what to do, instead of DuckDB's own error.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ import pandas as pd
 
 from store._constants import LOCK_RETRY_SECONDS
 from store.errors import (
+    CatalogDamagedError,
     QueryError,
     ReadOnlyQueryError,
     ScdmError,
     StoreFormatError,
     StoreLockedError,
+    StoreReadOnlyError,
 )
 
 try:  # advisory file locks for the writer flag; without them (Windows) writers rely on retry alone
@@ -56,6 +64,11 @@ __all__ = ["READ_CONFIG", "SCHEMA_VERSION", "Catalog"]
 logger = logging.getLogger(__name__)
 
 _LOCK_MARKERS = ("could not set lock", "conflicting lock", "lock on file", "database is locked")
+_DAMAGE_MARKERS = (
+    "not a valid duckdb database file", "could not read enough bytes", "corrupt database file",
+    "does not match stored checksum", "database has been invalidated", "failed to read database header",
+)
+"""DuckDB error texts that mean the catalog file itself is damaged (not a lock, not a bad query)."""
 _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 READ_CONFIG: dict[str, Any] = {"enable_external_access": False, "lock_configuration": True}
@@ -94,6 +107,11 @@ SCHEMA_VERSION: int = _MIGRATIONS[-1][0]
 def _is_lock_error(err: Exception) -> bool:
     text = str(err).lower()
     return any(m in text for m in _LOCK_MARKERS)
+
+
+def _is_damage(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, duckdb.Error) and any(m in text for m in _DAMAGE_MARKERS)
 
 
 @functools.lru_cache(maxsize=512)
@@ -302,11 +320,16 @@ class _Backoff:
 
 
 class Catalog:
-    """Short-lived DuckDB connections to ``path``, with retry on lock conflicts."""
+    """Short-lived DuckDB connections to ``path``, with retry on lock conflicts.
 
-    def __init__(self, path: Path, *, retry_seconds: float = LOCK_RETRY_SECONDS) -> None:
+    ``read_only_reason``: open the catalog read-only (only read-only connections; every write
+    raises :class:`StoreReadOnlyError`, whose message gives this reason).
+    """
+
+    def __init__(self, path: Path, *, retry_seconds: float = LOCK_RETRY_SECONDS, read_only_reason: str | None = None) -> None:
         self.path = Path(path)
         self.retry_seconds = retry_seconds
+        self.read_only_reason = read_only_reason
         # one name per file, so that every Catalog of it shares DuckDB's instance and our gate
         self._file = os.path.realpath(self.path)
         self._gate = _gate_for(self._file)
@@ -331,6 +354,8 @@ class Catalog:
         StoreLockedError
             If the file stayed locked for ``retry_seconds``.
         """
+        if not read_only and self.read_only:
+            raise StoreReadOnlyError(self.read_only_message())
         deadline = time.monotonic() + self.retry_seconds
         if read_only:
             settings = dict(READ_CONFIG if config is None else config)
@@ -341,6 +366,10 @@ class Catalog:
             leave = self._gate.leave_write
         try:
             yield con
+        except duckdb.Error as err:
+            if _is_damage(err):
+                raise self._damaged_error(err) from err
+            raise
         finally:
             try:
                 con.close()
@@ -369,9 +398,12 @@ class Catalog:
             except (duckdb.IOException, duckdb.ConnectionException) as err:
                 self._gate.leave_read()
                 if not _is_lock_error(err):
-                    raise
+                    raise self._damaged_error(err) if _is_damage(err) else err
                 if not lock_wait.sleep():
                     raise self._locked_error() from err
+            except duckdb.Error as err:
+                self._gate.leave_read()
+                raise self._damaged_error(err) if _is_damage(err) else err
             except BaseException:
                 self._gate.leave_read()
                 raise
@@ -382,6 +414,9 @@ class Catalog:
             self._gate.enter_write(deadline, where)
             try:
                 return duckdb.connect(self._file, read_only=False, config=settings), None
+            except duckdb.Error as err:
+                self._gate.leave_write()
+                raise self._damaged_error(err) if _is_damage(err) else err
             except BaseException:
                 self._gate.leave_write()
                 raise
@@ -395,16 +430,46 @@ class Catalog:
                 self._gate.leave_write()
                 if not _is_lock_error(err):
                     _WriterFlag.lower(flag)
-                    raise
+                    raise self._damaged_error(err) if _is_damage(err) else err
                 if flag is None:  # readers elsewhere keep the file open: ask them to drain
                     flag = self._flag.try_raise()
                 if not (flag_wait if flag is not None else lock_wait).sleep():
                     _WriterFlag.lower(flag)
                     raise self._locked_error() from err
+            except duckdb.Error as err:
+                self._gate.leave_write()
+                _WriterFlag.lower(flag)
+                raise self._damaged_error(err) if _is_damage(err) else err
             except BaseException:
                 self._gate.leave_write()
                 _WriterFlag.lower(flag)
                 raise
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this catalog was opened read-only (see the class docstring)."""
+        return self.read_only_reason is not None
+
+    def read_only_message(self, action: str = "write to it") -> str:
+        """Why a write is refused, and how to get write access."""
+        store = self.path.parent
+        return (
+            f"The store {str(store)!r} is open read-only ({self.read_only_reason}), so scdm cannot {action}. "
+            f"Reading works (ls, sql, results, export, report --out DIR, verify, serve); to write, run as a user who "
+            f"may write {str(store)!r}, without --read-only / SCDM_READ_ONLY, or work on a copy of the store."
+        )
+
+    def _damaged_error(self, err: BaseException) -> CatalogDamagedError:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        store = self.path.parent
+        msg = (
+            f"The catalog {str(self.path)!r} is damaged and cannot be read (DuckDB: {first}). It was truncated, "
+            f"overwritten or corrupted on disk. Restore {self.path.name} from a backup or a copy of the store "
+            f"(stop every scdm process on {str(store)!r} first). The Zarr arrays under {str(store / 'embeddings')!r} "
+            f"and the datasets under {str(store / 'datasets')!r} are separate files that any Zarr/AnnData client can still open; "
+            "without a backup, move the store aside and ingest and embed the data again in a new one."
+        )
+        return CatalogDamagedError(msg)
 
     def _locked_error(self) -> StoreLockedError:
         msg = (
@@ -421,8 +486,15 @@ class Catalog:
         write transaction, through a read-write one.
         """
         read_only = _only_reads(sql) and not self._gate.writing_here() and self.path.exists()
+        if self.read_only and not read_only:
+            read_only = True  # DESCRIBE, SHOW, PRAGMA...: DuckDB itself refuses writes on this connection
         with self.connect(read_only=read_only) as con:
-            return con.execute(sql, params or []).df()
+            try:
+                return con.execute(sql, params or []).df()
+            except duckdb.Error as err:
+                if self.read_only and "read-only" in str(err).lower():
+                    raise StoreReadOnlyError(self.read_only_message()) from err
+                raise
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
         """Run one write statement in its own transaction."""
@@ -463,23 +535,16 @@ class Catalog:
     # ---- schema -----------------------------------------------------------------------------
     def migrate(self, scdm_version: str) -> None:
         """Create the catalog or bring it to :data:`SCHEMA_VERSION`; refuse a newer one."""
+        if self.read_only:
+            self.check_schema(scdm_version)
+            return
         with self.transaction() as con:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name VARCHAR, "
                 "applied_at TIMESTAMP, scdm_version VARCHAR)"
             )
             done = {r[0] for r in con.execute("SELECT version FROM migrations").fetchall()}
-            newest = max(done, default=0)
-            if newest > SCHEMA_VERSION:
-                writer = con.execute(
-                    "SELECT scdm_version FROM migrations WHERE version = ?", [newest]
-                ).fetchone()
-                msg = (
-                    f"The catalog {str(self.path)!r} has schema version {newest}, written by scdm "
-                    f"{writer[0] if writer else '?'}; this scdm ({scdm_version}) reads up to version "
-                    f"{SCHEMA_VERSION}. Upgrade scdm (pip install -U scdm) to open this store."
-                )
-                raise StoreFormatError(msg)
+            self._refuse_newer(con, done, scdm_version)
             for version, name, sql in _MIGRATIONS:
                 if version in done:
                     continue
@@ -491,6 +556,37 @@ class Catalog:
             con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
+
+    def check_schema(self, scdm_version: str) -> None:
+        """For a read-only catalog: refuse one that is newer than this scdm or needs a migration."""
+        with self.connect(read_only=True) as con:
+            try:
+                done = {r[0] for r in con.execute("SELECT version FROM migrations").fetchall()}
+            except duckdb.CatalogException:
+                done = set()
+            self._refuse_newer(con, done, scdm_version)
+        missing = [v for v, _, _ in _MIGRATIONS if v not in done]
+        if missing:
+            store = self.path.parent
+            msg = (
+                f"The catalog {str(self.path)!r} has schema version {max(done, default=0)}; this scdm "
+                f"({scdm_version}) needs version {SCHEMA_VERSION}, and a store opened read-only cannot be migrated. "
+                f"Open it once with write access (e.g. `scdm --store {str(store)} ls` as a user who may write it), "
+                "then read-only use works."
+            )
+            raise StoreReadOnlyError(msg)
+
+    def _refuse_newer(self, con: duckdb.DuckDBPyConnection, done: set[int], scdm_version: str) -> None:
+        newest = max(done, default=0)
+        if newest <= SCHEMA_VERSION:
+            return
+        writer = con.execute("SELECT scdm_version FROM migrations WHERE version = ?", [newest]).fetchone()
+        msg = (
+            f"The catalog {str(self.path)!r} has schema version {newest}, written by scdm "
+            f"{writer[0] if writer else '?'}; this scdm ({scdm_version}) reads up to version "
+            f"{SCHEMA_VERSION}. Upgrade scdm (pip install -U scdm) to open this store."
+        )
+        raise StoreFormatError(msg)
 
     # ---- user SQL ---------------------------------------------------------------------------
     def read_only_query(self, sql: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> pd.DataFrame:
@@ -515,6 +611,8 @@ class Catalog:
                 msg = f"The query tried to reach files or settings, which the read-only SQL interface does not allow: {err}"
                 raise ReadOnlyQueryError(msg) from err
             except duckdb.Error as err:
+                if _is_damage(err):
+                    raise self._damaged_error(err) from err
                 msg = f"The query failed: {err}"
                 raise QueryError(msg) from err
 

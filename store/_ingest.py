@@ -8,25 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from store.errors import InputDataError
-from store.genes import GENE_ID_KINDS, detect_gene_id_kind, map_genes
+from store.genes import GENE_ID_KINDS, GeneIdKind, as_gene_id_kind, detect_gene_id_kind, map_genes
+from store.matrix import SCAN_BLOCK_ROWS, iter_row_blocks, to_csr
 
 if TYPE_CHECKING:
     import anndata as ad
 
-__all__ = ["IngestOptions", "MatrixScan", "open_anndata", "iter_row_blocks", "scan_matrix", "normalise_response", "cell_table", "gene_ids_of"]
+# iter_row_blocks and to_csr live in store.matrix (public); they stay importable from here too
+__all__ = ["IngestOptions", "MatrixScan", "open_anndata", "iter_row_blocks", "to_csr", "scan_matrix", "normalise_response",
+           "cell_table", "gene_ids_of"]
 
 logger = logging.getLogger(__name__)
 
-SCAN_BLOCK_ROWS = 4096
 X_KINDS = ("counts", "normalized", "scaled")
 
 _SENSITIVE = {"sensitive", "responder", "response", "responsive", "yes", "true", "1", "s", "r+", "sensitivity"}
@@ -45,6 +48,12 @@ METADATA_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
+LABEL_OPTIONS = ("label_key", "positive", "unknown_values", "drug", "label_set")
+"""Options that define a label set rather than the dataset."""
+DATASET_OPTIONS = ("gene_key", "gene_id_kind", "x_kind")
+"""Options that define how the matrix is read (they change the dataset's content, not its metadata)."""
+
+
 @dataclass(frozen=True)
 class IngestOptions:
     """How an AnnData's columns map onto the catalog (every field is optional)."""
@@ -55,6 +64,10 @@ class IngestOptions:
     """Label value meaning sensitive, for labels that are not sensitive/resistant-like."""
     unknown_values: tuple[str, ...] = ()
     """Label values to store as unknown (NULL), e.g. ``not_in_scDEAL_set``."""
+    drug: str | None = None
+    """The drug the labels are the response to (recorded with the label set)."""
+    label_set: str | None = None
+    """Name of the label set the labels become (default: ``drug``, else ``label_key``)."""
     study_key: str | None = None
     study: str | None = None
     sample_key: str | None = None
@@ -91,7 +104,7 @@ class MatrixScan:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def open_anndata(data: "str | Path | ad.AnnData") -> tuple["ad.AnnData", str | None]:
+def open_anndata(data: str | Path | ad.AnnData) -> tuple[ad.AnnData, str | None]:
     """Open an ``.h5ad`` path in backed mode (or take an AnnData as is).
 
     Returns the AnnData and the resolved source path (None for an in-memory object).
@@ -126,7 +139,7 @@ def _is_hdf5(path: Path) -> bool:
         return fh.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
-def x_format_of(adata: "ad.AnnData") -> str:
+def x_format_of(adata: ad.AnnData) -> str:
     x = adata.X
     name = type(x).__name__.lower()
     if sp.issparse(x) or "csr" in name:
@@ -136,26 +149,7 @@ def x_format_of(adata: "ad.AnnData") -> str:
     return "dense"
 
 
-def iter_row_blocks(adata: "ad.AnnData", block_rows: int = SCAN_BLOCK_ROWS, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
-    """Yield ``(first_row, csr block)`` over rows ``start:stop`` of ``adata.X``."""
-    stop = adata.n_obs if stop is None else stop
-    for lo in range(start, stop, block_rows):
-        hi = min(lo + block_rows, stop)
-        block = adata.X[lo:hi]
-        yield lo, to_csr(block)
-
-
-def to_csr(block: Any) -> sp.csr_matrix:
-    """A CSR float32 copy of a dense or sparse block with sorted indices."""
-    if sp.issparse(block):
-        out = sp.csr_matrix(block, dtype=np.float32)
-    else:
-        out = sp.csr_matrix(np.asarray(block, dtype=np.float32))
-    out.sort_indices()
-    return out
-
-
-def gene_ids_of(adata: "ad.AnnData", gene_key: str | None) -> np.ndarray:
+def gene_ids_of(adata: ad.AnnData, gene_key: str | None) -> np.ndarray:
     """The dataset's gene ids: ``var_names`` or the ``gene_key`` column."""
     if gene_key is None:
         ids = np.asarray(adata.var_names.astype(str), dtype=object)
@@ -184,7 +178,7 @@ def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
             raise InputDataError(msg)
 
 
-def scan_matrix(adata: "ad.AnnData", gene_ids: np.ndarray, cell_ids: np.ndarray, *, block_rows: int = SCAN_BLOCK_ROWS) -> MatrixScan:
+def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *, block_rows: int = SCAN_BLOCK_ROWS) -> MatrixScan:
     """One pass over X: content hash, NaN/inf check, value kind (counts/normalized/scaled).
 
     The hash is of a canonical form (CSR, float64 values, explicit zeros dropped), so the same
@@ -219,22 +213,22 @@ def scan_matrix(adata: "ad.AnnData", gene_ids: np.ndarray, cell_ids: np.ndarray,
     return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz)
 
 
-def resolve_gene_id_kind(gene_ids: np.ndarray, given: str | None) -> str:
+def resolve_gene_id_kind(gene_ids: np.ndarray, given: str | None) -> GeneIdKind:
     if given is None:
         return detect_gene_id_kind(list(gene_ids))
     if given not in GENE_ID_KINDS:
         msg = f"Unknown gene id kind {given!r}; use one of {', '.join(GENE_ID_KINDS)}."
         raise InputDataError(msg)
-    return given
+    return as_gene_id_kind(given)
 
 
-def gene_table_frame(gene_ids: np.ndarray, kind: str) -> pd.DataFrame:
+def gene_table_frame(gene_ids: np.ndarray, kind: GeneIdKind) -> pd.DataFrame:
     """The ``genes`` rows of a dataset: id as given, plus symbol and Ensembl id from the shipped table."""
     return pd.DataFrame({
         "idx": np.arange(len(gene_ids), dtype=np.int32),
         "gene_id": gene_ids.astype(str),
-        "symbol": map_genes(gene_ids, src=kind, dst="symbol"),  # type: ignore[arg-type]
-        "ensembl": map_genes(gene_ids, src=kind, dst="ensembl"),  # type: ignore[arg-type]
+        "symbol": map_genes(gene_ids, src=kind, dst="symbol"),
+        "ensembl": map_genes(gene_ids, src=kind, dst="ensembl"),
     })
 
 
@@ -293,7 +287,7 @@ def _label_text(v: Any) -> str:
     return str(v).strip().lower()
 
 
-def cell_table(adata: "ad.AnnData", opts: IngestOptions, *, default_study: str) -> pd.DataFrame:
+def cell_table(adata: ad.AnnData, opts: IngestOptions, *, default_study: str) -> pd.DataFrame:
     """The ``cells`` rows of a dataset (without dataset_id) from obs and the options."""
     obs = adata.obs
     frame = pd.DataFrame({"row": np.arange(adata.n_obs, dtype=np.int32), "cell_id": adata.obs_names.astype(str)})
@@ -320,3 +314,27 @@ def _obs_column(obs: pd.DataFrame, key: str, option: str) -> pd.Series:
         msg = f"Column {key!r} (--{option.replace('_', '-')}) is not in obs. Available obs columns: {cols}."
         raise InputDataError(msg)
     return obs[key]
+
+
+def label_confounders(obs: pd.DataFrame, response: pd.Series, *, skip: Sequence[str] = ()) -> list[str]:
+    """obs columns whose values split the labels perfectly (every value one class, both classes present).
+
+    Such a column (condition, batch, sample under another name) is a likely sample id: without
+    grouped folds a head can score by recognising it.
+    """
+    y = pd.array(response, dtype="Int8")
+    known = ~pd.isna(y)
+    if known.sum() < 4 or pd.Series(y[known]).nunique() < 2:
+        return []
+    out = []
+    for col in obs.columns:
+        if col in skip:
+            continue
+        values = obs[col].to_numpy()[np.asarray(known, dtype=bool)]
+        n_values = pd.Series(values).nunique(dropna=True)
+        if not 2 <= n_values <= max(2, int(known.sum()) // 2):
+            continue
+        frame = pd.DataFrame({"v": values, "y": np.asarray(y[known], dtype=np.int8)}).dropna()
+        if (frame.groupby("v", observed=True)["y"].nunique() == 1).all():
+            out.append(str(col))
+    return out

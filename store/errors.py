@@ -12,7 +12,12 @@ __all__ = [
     "DatasetNotFoundError",
     "EmbeddingNotFoundError",
     "EmbeddingIncompleteError",
+    "EmbeddingBusyError",
     "StoreFormatError",
+    "StoreDamagedError",
+    "ChunkCorruptError",
+    "CatalogDamagedError",
+    "StoreReadOnlyError",
     "StoreLockedError",
     "ReadOnlyQueryError",
     "QueryError",
@@ -49,8 +54,45 @@ class EmbeddingIncompleteError(ScdmError, RuntimeError):
     """The embedding exists but not all of its chunks are written."""
 
 
+class EmbeddingBusyError(ScdmError, RuntimeError):
+    """Another process is writing the embedding (or creating or removing it) right now.
+
+    ``writers`` describes the jobs that were writing it (pid, host, since when, command).
+    """
+
+    def __init__(self, message: str, writers: list | None = None) -> None:
+        super().__init__(message)
+        self.writers = list(writers or [])
+
+
 class StoreFormatError(ScdmError, RuntimeError):
     """The store was written by an scdm this version cannot read."""
+
+
+class StoreDamagedError(StoreFormatError):
+    """Part of the store is damaged: a chunk file of an embedding, or the catalog file."""
+
+
+class ChunkCorruptError(StoreDamagedError):
+    """A committed chunk of an embedding is missing, truncated or does not match its checksum.
+
+    ``embedding_id``, ``chunk`` and ``path`` name it (``embedding_id`` is None when the error
+    comes from the array layer alone); ``reason`` is ``missing``, ``truncated``, ``wrong size``,
+    ``unreadable`` or ``checksum mismatch``, and ``detail`` says what was found.
+    """
+
+    def __init__(self, message: str, *, chunk: int, path: str, reason: str, detail: str = "",
+                 embedding_id: str | None = None) -> None:
+        super().__init__(message)
+        self.chunk, self.path, self.reason, self.detail, self.embedding_id = chunk, path, reason, detail, embedding_id
+
+
+class CatalogDamagedError(StoreDamagedError):
+    """The catalog file (``catalog.duckdb``) cannot be read: truncated, overwritten or corrupted."""
+
+
+class StoreReadOnlyError(ScdmError, PermissionError):
+    """A write was asked of a store opened read-only (no write permission, or read_only=True)."""
 
 
 class StoreLockedError(ScdmError, RuntimeError):

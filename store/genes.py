@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from store.errors import InputDataError
 __all__ = [
     "GeneIdKind",
     "GENE_ID_KINDS",
+    "as_gene_id_kind",
     "gene_table",
     "gene_table_version",
     "detect_gene_id_kind",
@@ -67,6 +69,21 @@ def strip_ensembl_version(ids: Sequence[str]) -> list[str]:
     return [i.split(".", 1)[0] if i.startswith("ENS") else i for i in ids]
 
 
+def as_gene_id_kind(kind: str) -> GeneIdKind:
+    """``kind`` as a :data:`GeneIdKind`, or a clear error if it is not one of them.
+
+    Raises
+    ------
+    InputDataError
+        If ``kind`` is not ``"symbol"``, ``"ensembl"`` or ``"entrez"``.
+    """
+    known: dict[str, GeneIdKind] = {"symbol": "symbol", "ensembl": "ensembl", "entrez": "entrez"}
+    if kind in known:
+        return known[kind]
+    msg = f"Unknown gene id kind {kind!r}; expected one of {', '.join(GENE_ID_KINDS)}."
+    raise InputDataError(msg)
+
+
 def detect_gene_id_kind(ids: Sequence[str], *, sample: int = 2000) -> GeneIdKind:
     """Guess whether ``ids`` are HGNC symbols, Ensembl gene ids or Entrez ids.
 
@@ -106,7 +123,7 @@ def _lookup(src: str, dst: str) -> dict[str, str]:
     return mapping
 
 
-def map_genes(ids: Sequence[str], *, src: GeneIdKind, dst: GeneIdKind) -> np.ndarray:
+def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKind) -> np.ndarray:
     """Map gene ids from one kind to another with the shipped table.
 
     Parameters
@@ -122,17 +139,15 @@ def map_genes(ids: Sequence[str], *, src: GeneIdKind, dst: GeneIdKind) -> np.nda
         The mapped id, or ``None`` where the table has no match.
     """
     for kind in (src, dst):
-        if kind not in GENE_ID_KINDS:
-            msg = f"Unknown gene id kind {kind!r}; expected one of {', '.join(GENE_ID_KINDS)}."
-            raise InputDataError(msg)
-    ids = [str(i) for i in ids]
+        as_gene_id_kind(kind)
+    names = [str(i) for i in ids]
     if src == "ensembl":
-        ids = strip_ensembl_version(ids)
+        names = strip_ensembl_version(names)
     if src == dst:
-        return np.asarray(ids, dtype=object)
+        return np.asarray(names, dtype=object)
     mapping = _lookup(src, dst)
     if src == "symbol":
-        out = [mapping.get(i, mapping.get(i.upper())) for i in ids]
+        out = [mapping.get(i, mapping.get(i.upper())) for i in names]
     else:
-        out = [mapping.get(i) for i in ids]
+        out = [mapping.get(i) for i in names]
     return np.asarray(out, dtype=object)

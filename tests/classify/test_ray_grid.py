@@ -118,20 +118,20 @@ def test_resume_crosses_executors(st: Store, monkeypatch: pytest.MonkeyPatch) ->
 
     # a Ray run whose driver dies after a few results: a local rerun completes the same grid
     clear_results(st)
-    from scdm_classify import grid
+    from store.evaluation import ResultWriter
 
-    add, seen = grid._Writer.add, []
+    add, seen = ResultWriter.add, []
 
     def dying_add(self, out):  # the driver process is killed after its fifth result
         if len(seen) == 5:
             raise KeyboardInterrupt
-        seen.append(out.task.task_id)
+        seen.append(out.key.task_id)
         add(self, out)
 
-    monkeypatch.setattr(grid._Writer, "add", dying_add)
+    monkeypatch.setattr(ResultWriter, "add", dying_add)
     with pytest.raises(KeyboardInterrupt):
         run(st, executor="ray")
-    monkeypatch.setattr(grid._Writer, "add", add)
+    monkeypatch.setattr(ResultWriter, "add", add)
     assert st.query("SELECT status FROM eval_runs ORDER BY created_at")["status"].iloc[-1] == "failed"
     finished = st.query("SELECT count(*) AS n FROM eval_tasks")["n"].iloc[0]
     assert 0 < finished <= 5

@@ -190,3 +190,16 @@ def test_unlabelled_cells_are_left_out_and_bad_options_explained() -> None:
         make_splits(cells, by=["organ"])
     with pytest.raises(InputDataError, match="n_folds=1"):
         make_splits(cells, n_folds=1)
+
+
+def test_leakage_warning_names_the_confounded_study_in_a_mixed_collection() -> None:
+    from store.splits import confounded_studies
+
+    cells = make_cells()
+    cells["sample"] = cells["study"]  # every study: one sample holding both classes (not confounded)
+    first = cells["study"].iloc[0]
+    in_first = cells["study"] == first
+    cells.loc[in_first, "sample"] = np.where(cells.loc[in_first, "response"] == 1, "pos", "neg")  # one sample per class
+    assert list(confounded_studies(cells)) == [first]
+    with pytest.warns(SampleLeakageWarning, match=rf"1 study \({first}: labels constant within each of its 2 samples"):
+        make_splits(cells, scenarios=["pooled"], by=["all"])

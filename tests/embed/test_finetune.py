@@ -18,7 +18,15 @@ from scdm_classify.results import leaderboard
 from scdm_classify.splits import make_splits, save_splits
 from scdm_embed import finetune as ft
 from scdm_embed._adapter import get_adapter
-from scdm_embed.finetune import LORA_HEAD, LoraTrainingError, finetune, read_lora_card
+from scdm_embed.finetune import (
+    LORA_HEAD,
+    LoraTrainingError,
+    cells_hash,
+    finetune,
+    read_lora_card,
+)
+from scdm_embed.lora_card import make_card, save_adapter
+from scdm_embed.lora_training import TrainSettings, train_lora
 from scdm_embed.runner import checkpoint_hash, embed
 from store import Store
 from store.errors import CheckpointError, InputDataError, ScdmError, ScdmWarning
@@ -107,9 +115,9 @@ def test_lora_trains_only_adapter_weights_and_round_trips_exactly(name, tmp_path
         return wrapped
 
     monkeypatch.setattr(peft, "get_peft_model", spy)
-    settings = ft._Settings(rank=4, alpha=8, dropout=0.05, target_modules=tuple(adapter.lora_target_modules), epochs=1,
-                            lr=1e-2, weight_decay=0.01, batch_size=8, precision="fp32", seed=0)
-    trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
+    settings = TrainSettings(rank=4, alpha=8, dropout=0.05, target_modules=tuple(adapter.lora_target_modules), epochs=1,
+                             lr=1e-2, weight_decay=0.01, batch_size=8, precision="fp32", seed=0)
+    trained = train_lora(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
 
     # base weights: unchanged, frozen, equal to a fresh load of the checkpoint
     fresh = get_adapter(name)(checkpoint=ckpt, **EXTRA.get(name, {}))
@@ -131,9 +139,9 @@ def test_lora_trains_only_adapter_weights_and_round_trips_exactly(name, tmp_path
     with torch.inference_mode():
         tuned_emb = trained.adapter.embed(batch)
         head_logits = trained.head(tuned_emb)
-    card = ft._card(trained, settings, adapter_id="a1", tuning_id="t1", checkpoint_hash=checkpoint_hash(ckpt), split_id="s1",
-                    fold=0, scenario="pooled", category_type="all", category="all")
-    ft._save(trained, tmp_path / "adapter", card)
+    card = make_card(trained, settings, adapter_id="a1", tuning_id="t1", checkpoint_hash=checkpoint_hash(ckpt), split_id="s1",
+                     fold=0, scenario="pooled", category_type="all", category="all")
+    save_adapter(trained, tmp_path / "adapter", card)
     loaded = read_lora_card(tmp_path / "adapter")
     loaded.check_base(fresh, checkpoint_hash(ckpt))
     head = loaded.apply(fresh)
@@ -151,16 +159,16 @@ def test_lora_curve_and_gradient_checkpointing_give_the_same_training(tmp_path, 
     genes = small.var_names.tolist()
     ckpt = _checkpoint("geneformer", tmp_path / "ckpt", genes)
     labels = (small.obs["label"] == "sensitive").to_numpy(np.int64)
-    settings = ft._Settings(rank=8, alpha=8, dropout=0.0, target_modules=("query", "value"), epochs=2, lr=1e-2,
-                            weight_decay=0.01, batch_size=8, precision="fp32", seed=0)
+    settings = TrainSettings(rank=8, alpha=8, dropout=0.0, target_modules=("query", "value"), epochs=2, lr=1e-2,
+                             weight_decay=0.01, batch_size=8, precision="fp32", seed=0)
     curves = []
     for checkpointing in (False, True):
         adapter = get_adapter("geneformer")(checkpoint=ckpt)
         adapter.load("cpu")
         adapter.prepare(genes, gene_id_kind="symbol")
         cells = adapter.tokenize(small.X.astype(np.float32).tocsr(), np.arange(small.n_obs))
-        trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32",
-                            gradient_checkpointing=checkpointing, progress=False)
+        trained = train_lora(adapter, cells, labels, settings, device="cpu", precision="fp32",
+                             gradient_checkpointing=checkpointing, progress=False)
         assert trained.telemetry["gradient_checkpointing"] is checkpointing
         curves.append([c["loss"] for c in trained.curve])
     assert len(curves[0]) == 2 and all(np.isfinite(curves[0]))
@@ -184,8 +192,8 @@ def _geneformer_cells(tmp_path: Path, adata: ad.AnnData, **overrides):
 def test_out_of_memory_backoff_accumulates_to_the_same_update(tmp_path, small):
     # no dropout anywhere, so splitting a batch into micro-batches changes nothing but rounding
     make, labels = _geneformer_cells(tmp_path, small, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    settings = ft._Settings(rank=4, alpha=8, dropout=0.0, target_modules=("query", "value", "output.dense"), epochs=1,
-                            lr=1e-3, weight_decay=0.01, batch_size=12, precision="fp32", seed=0)
+    settings = TrainSettings(rank=4, alpha=8, dropout=0.0, target_modules=("query", "value", "output.dense"), epochs=1,
+                             lr=1e-3, weight_decay=0.01, batch_size=12, precision="fp32", seed=0)
     runs = []
     for simulate_oom in (False, True):
         adapter, cells = make()
@@ -198,7 +206,7 @@ def test_out_of_memory_backoff_accumulates_to_the_same_update(tmp_path, small):
                 return real(batch)
 
             adapter.embed = embed_small_batches_only
-        trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
+        trained = train_lora(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
         runs.append(trained)
     assert runs[0].telemetry["oom_backoffs"] == 0 and runs[1].telemetry["oom_backoffs"] == 2
     assert runs[1].telemetry["final_micro_batch"] == 3
@@ -220,19 +228,19 @@ def test_batch_dependent_model_is_never_split_on_out_of_memory(tmp_path, small):
         raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
 
     adapter.embed = out_of_memory
-    settings = ft._Settings(rank=4, alpha=8, dropout=0.0, target_modules=tuple(adapter.lora_target_modules), epochs=1,
-                            lr=1e-2, weight_decay=0.01, batch_size=12, precision="fp32", seed=0)
+    settings = TrainSettings(rank=4, alpha=8, dropout=0.0, target_modules=tuple(adapter.lora_target_modules), epochs=1,
+                             lr=1e-2, weight_decay=0.01, batch_size=12, precision="fp32", seed=0)
     labels = (small.obs["label"] == "sensitive").to_numpy(np.int64)
     with pytest.raises(ScdmError, match="cells attend to each other, so the batch is part of the model"):
-        ft._train(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
+        train_lora(adapter, cells, labels, settings, device="cpu", precision="fp32", gradient_checkpointing=False, progress=False)
 
 
 def test_bf16_autocast_trains(tmp_path, small):
     make, labels = _geneformer_cells(tmp_path, small)
     adapter, cells = make()
-    settings = ft._Settings(rank=4, alpha=8, dropout=0.05, target_modules=("query", "value"), epochs=1, lr=1e-2,
-                            weight_decay=0.01, batch_size=12, precision="bf16", seed=0)
-    trained = ft._train(adapter, cells, labels, settings, device="cpu", precision="bf16", gradient_checkpointing=False, progress=False)
+    settings = TrainSettings(rank=4, alpha=8, dropout=0.05, target_modules=("query", "value"), epochs=1, lr=1e-2,
+                             weight_decay=0.01, batch_size=12, precision="bf16", seed=0)
+    trained = train_lora(adapter, cells, labels, settings, device="cpu", precision="bf16", gradient_checkpointing=False, progress=False)
     assert np.isfinite(trained.curve[0]["loss"])
     assert all(p.dtype == torch.float32 for n, p in trained.adapter.model.named_parameters() if ".lora_" in n)
 
@@ -341,7 +349,7 @@ def test_fold_variant_is_only_evaluated_on_its_test_cells(gf_store):
         # the adapter trained on exactly the other folds' cells
         row = st.query("SELECT n_train, train_cells_hash FROM adapters WHERE adapter_id = ?", [res.adapter_id]).iloc[0]
         train_frame = cells[cells["fold"] != res.fold]
-        assert row["n_train"] == len(train) and row["train_cells_hash"] == ft._cells_hash(train_frame)
+        assert row["n_train"] == len(train) and row["train_cells_hash"] == cells_hash(train_frame)
         covered |= predicted
     assert covered == set(range(36))
 
@@ -379,7 +387,7 @@ def test_rerun_reuses_adapter_embeddings_and_results(gf_store, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(ft, "_train", no_training)
+    monkeypatch.setattr(ft, "train_lora", no_training)
     (again,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
     assert again.reused and not first.reused
     assert (again.adapter_id, again.embedding_ids, again.task_id, again.metrics) == (first.adapter_id, first.embedding_ids, first.task_id, first.metrics)
@@ -459,20 +467,17 @@ def test_adapter_refuses_another_checkpoint_or_parameters(gf_store, tmp_path, sm
         embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=res.adapter_dir)
 
 
-# ---- metrics mirror scdm_classify ----------------------------------------------------------------
-@pytest.mark.parametrize("case", ["mixed", "single_class", "constant"])
-def test_head_metrics_match_scdm_classify(case):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 50)
-    p = rng.random(50)
-    if case == "single_class":
-        y[:] = 1
-    if case == "constant":
-        p[:] = 0.2
-    values, flags = ft._fold_metrics(y.astype(np.int8), p)
-    reference = compute_metrics(y, p)
-    assert values == pytest.approx(reference.values, nan_ok=True) and tuple(flags) == reference.flags
-    assert tuple(values) == ft.METRICS
+# ---- the LoRA head is scored by the same code as every head ---------------------------------------
+def test_lora_rows_are_scored_by_the_shared_metrics(gf_store):
+    st, ckpt = gf_store
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    preds = st.query("SELECT y_true, proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, row", [res.task_id])
+    stored = st.query("SELECT metric, value, label_set, datasets, n_folds FROM eval_results WHERE task_id = ?", [res.task_id])
+    expected = compute_metrics(preds["y_true"].to_numpy(), preds["proba"].to_numpy())
+    got = {m: (None if pd.isna(v) else v) for m, v in zip(stored["metric"], stored["value"])}
+    assert got == pytest.approx(expected.values, nan_ok=True)
+    assert set(stored["label_set"]) == {"label"} and set(stored["datasets"]) == {"planted"}
+    assert not hasattr(ft, "_fold_metrics")  # no second implementation of the metrics
 
 
 def test_split_pooled_over_two_datasets_gives_one_tuned_space(tmp_path, small):

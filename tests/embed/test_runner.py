@@ -11,9 +11,9 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from scdm_embed.runner import batches_by_length, embed, embed_baseline
 from store import InputDataError, Store, example_data
 from store.errors import CheckpointError, GeneMappingError, UnknownModelError
-from scdm_embed.runner import batches_by_length, embed, embed_baseline
 from tests.embed import toy_adapter
 from tests.store.conftest import make_counts_adata
 

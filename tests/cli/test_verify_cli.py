@@ -1,0 +1,155 @@
+"""`scdm verify`, repair by rerunning `scdm embed`, read-only stores and damaged catalogs on the command line."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from scdm_embed.runner import embed, embed_baseline
+from store import Store, example_data
+from tests.store.conftest import make_counts_adata
+
+EMBED = ["embed", "a375", "--model", "pca", "--n-hvg", "50", "--n-comps", "5", "--chunk-rows", "16", "-q"]
+"""The command that made the template's embedding (7 chunks of 16 cells)."""
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "flip":
+        data = bytearray(path.read_bytes())
+        data[5] ^= 0xFF
+        data[-9] ^= 0x10
+        path.write_bytes(bytes(data))
+    elif how == "delete":
+        path.unlink()
+    else:
+        os.truncate(path, 17)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("verify-cli") / "store"
+    st = Store(root)
+    st.ingest(example_data(), label_key="response_PLX4720", name="a375")
+    embed_baseline(st, ["a375"], model="pca", n_hvg=50, n_comps=5, chunk_rows=16, progress=False)
+    return root
+
+
+@pytest.fixture()
+def store(template, tmp_path):
+    """A copy of the template store: (run, embedding id, clean values, path of chunk file i, store root)."""
+    root = tmp_path / "store"
+    shutil.copytree(template, root)
+    st = Store(root)
+    eid = str(st.embeddings()["embedding_id"].iloc[0])
+    runner = CliRunner()
+
+    def run(*args, ok=True, env=None):
+        result = runner.invoke(main, ["--store", str(root), *args], catch_exceptions=False, env=env)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return run, eid, st.read_embedding(eid), lambda i: st.embedding(eid).path / "c" / str(i) / "0", root
+
+
+@pytest.mark.parametrize("how", ["flip", "delete", "truncate"])
+def test_damaged_chunk_fails_export_and_evaluate_then_scdm_embed_repairs_it(store, tmp_path, how):
+    run, eid, clean, chunk, _ = store
+    damage(chunk(3), how)
+    out = tmp_path / "x.npy"
+    for args in (["export", "--embedding", eid, "--out", str(out)],
+                 ["evaluate", "--embedding", eid, "--scenario", "pooled", "--by", "all", "--heads", "logreg", "--folds", "2", "-q"]):
+        result = run(*args, ok=False)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"Embedding {eid} (pca, frozen) of dataset 'a375' is damaged: chunk 3 of 7" in result.output
+        assert str(chunk(3)) in result.output and "scdm embed a375 --model pca --n-hvg 50 --n-comps 5" in result.output
+    assert not out.exists()
+
+    result = run("verify", ok=False)
+    assert result.exit_code == 1
+    bad = [line for line in result.output.splitlines() if line.startswith("BAD ")]
+    assert len(bad) == 1 and f"{eid}  pca  a375  chunk 3 (rows 48-63)" in bad[0] and str(chunk(3)) in bad[0]
+    assert "1 bad chunk(s) in 1 embedding(s)" in result.output
+
+    assert "computed 1 chunk(s)" in run(*EMBED).output
+    assert "all match their checksums" in run("verify").output
+    run("export", "--embedding", eid, "--out", str(out))
+    assert np.load(out).tobytes() == clean.tobytes()
+
+
+def test_verify_repair_recomputes_baseline_chunks_bit_identically(store, tmp_path):
+    run, eid, clean, chunk, _ = store
+    damage(chunk(0), "flip")
+    damage(chunk(6), "truncate")
+    result = run("verify", "--repair", "-q")
+    assert f"repaired {eid} (pca, a375): recomputed chunk(s) 0, 6" in result.output
+    assert "all match" in run("verify", "--embedding", eid).output
+    run("export", "--embedding", eid, "--out", str(tmp_path / "x.npy"))
+    assert np.load(tmp_path / "x.npy").tobytes() == clean.tobytes()
+
+
+def test_verify_repair_prints_the_embed_command_of_a_checkpoint_model(tmp_path):
+    from tests.embed import toy_adapter
+
+    adata = make_counts_adata(n_cells=60, n_genes=40)
+    st = Store(tmp_path / "store")
+    st.ingest(adata, name="toy")
+    ckpt = toy_adapter.write_toy_checkpoint(tmp_path / "ckpt", adata.var_names.tolist())
+    eid = embed(st, "toy", "toy-test", ckpt, chunk_rows=16, max_genes=7, seed=3, progress=False).embedding_id
+    clean = st.read_embedding(eid)
+    damage(st.embedding(eid).path / "c" / "2" / "0", "flip")
+    runner = CliRunner()
+    result = runner.invoke(main, ["--store", str(st.root), "verify", "--repair"], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    command = next(line.strip() for line in result.output.splitlines() if line.strip().startswith("scdm embed"))
+    args = shlex.split(command.split("  #")[0])
+    assert args[:7] == ["scdm", "embed", "toy", "--model", "toy-test", "--checkpoint", "DIR"]
+    assert "--param" in args and "max_genes=7" in args and "could not" not in command
+    args[args.index("DIR")] = str(ckpt)
+    result = runner.invoke(main, ["--store", str(st.root), *args[1:], "-q"], catch_exceptions=False)
+    assert result.exit_code == 0 and f"id {eid} (computed 1 chunk(s)" in result.output, result.output
+    assert Store(st.root).read_embedding(eid).tobytes() == clean.tobytes()
+
+
+def test_a_read_only_store_serves_read_commands_and_refuses_writing_ones(store, tmp_path):
+    run, eid, clean, _, root = store
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "claims" not in p.parts}
+    for flag, env in ((["--read-only"], None), ([], {"SCDM_READ_ONLY": "1"})):
+        assert "a375" in run(*flag, "ls", env=env).output
+        assert "108" in run(*flag, "sql", "SELECT count(*) AS n FROM cells", env=env).output
+        run(*flag, "export", "--embedding", eid, "--out", str(tmp_path / "x.npy"), env=env)
+        assert np.load(tmp_path / "x.npy").tobytes() == clean.tobytes()
+        run(*flag, "results", env=env)
+        assert "all match" in run(*flag, "verify", env=env).output
+        for args in (EMBED, ["ingest", example_data(), "--name", "b"], ["rm", "--embedding", eid],
+                     ["evaluate", "--heads", "logreg", "--folds", "2", "-q"], ["verify", "--repair"]):
+            result = run(*flag, *args, ok=False, env=env)
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert "is open read-only" in result.output and "so scdm cannot" in result.output
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "claims" not in p.parts} == before
+
+
+def test_report_of_a_read_only_store_goes_elsewhere(store, tmp_path):
+    run, *_ = store
+    run("--read-only", "report", "--out", str(tmp_path / "report"))
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_damaged_catalog_is_one_message_without_traceback(store, how):
+    run, *_, root = store
+    catalog = root / "catalog.duckdb"
+    if how == "truncated":
+        os.truncate(catalog, 4096 * 3)
+    else:
+        catalog.write_bytes(b"\x00garbage" * 4096)
+    result = run("ls", ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"The catalog '{catalog}" in result.output and "damaged" in result.output and "backup" in result.output

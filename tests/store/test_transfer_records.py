@@ -1,0 +1,111 @@
+"""store.transfer: a transfer run's rows are written and read through typed records, atomically."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from store import Store
+from store.errors import InputDataError
+from store.transfer import (
+    CRITICAL_GENE_COLUMNS,
+    CriticalGenes,
+    TransferMetrics,
+    TransferOutputs,
+    TransferRunNotFoundError,
+    TransferRunResult,
+    TransferRunStart,
+    complete_transfer_run,
+    critical_genes_table,
+    fail_transfer_run,
+    replace_critical_genes,
+    start_transfer_run,
+    transfer_artifacts_dir,
+    transfer_predictions,
+    transfer_run,
+)
+
+
+def _start(st: Store, run_id: str = "run1") -> None:
+    start_transfer_run(st, TransferRunStart(
+        run_id=run_id, drug="drugX", source_kind="bulk-csv", source={"path": "expr.csv"}, target_dataset_id="ds1",
+        features="expr", source_features=None, adapt=True, selection="source_val", config={"alpha": 1.0},
+        scdm_version="0.test"))
+
+
+def _outputs(n: int = 5, metrics: bool = True) -> TransferOutputs:
+    return TransferOutputs(
+        dataset_id="ds1", proba=np.linspace(0, 1, n), label=(np.linspace(0, 1, n) >= 0.5).astype(np.int8),
+        cluster=np.arange(n) % 2, features=["G1", "G2", "G3"],
+        history=[{"stage": "pretrain_source_ae", "epoch": 0, "rec": 0.5}, {"stage": "joint", "epoch": 0, "ce": 0.7,
+                                                                        "mmd": 0.1, "val_ce": 0.6}],
+        metrics=TransferMetrics({"accuracy": 0.8, "auroc": None}, n=n, n_pos=2) if metrics else None)
+
+
+def _result(flags: tuple[str, ...] | None = ()) -> TransferRunResult:
+    return TransferRunResult(
+        selection="source_val", selected_epoch=3, val_score=0.61, cluster_method="kmeans", n_clusters=2,
+        waterfall={"cutoff": 1.5}, n_source=40, n_target=5, n_features=3, config={"alpha": 1.0, "grid": []},
+        metric_flags=flags, artifacts_path="artifacts/transfer/run1", seconds=1.25)
+
+
+def test_a_run_starts_running_and_completes_with_its_outputs(tmp_path) -> None:
+    st = Store(tmp_path / "store")
+    _start(st)
+    running = transfer_run(st, "run1")
+    assert running.status == "running" and running.source == {"path": "expr.csv"} and running.adapt
+    with pytest.raises(InputDataError, match="running"):
+        transfer_run(st, "run1", complete=True)
+    assert transfer_predictions(st, "run1").empty
+    complete_transfer_run(st, "run1", _result(("single_class_test",)), _outputs())
+    run = transfer_run(st, "run1", complete=True)
+    assert (run.selected_epoch, run.val_score, run.n_target, run.waterfall) == (3, 0.61, 5, {"cutoff": 1.5})
+    assert run.metric_flags == "single_class_test" and run.config["grid"] == []
+    preds = transfer_predictions(st, "run1")
+    assert preds["row"].tolist() == [0, 1, 2, 3, 4] and preds["label"].tolist() == [0, 0, 1, 1, 1]
+    metrics = st.query("SELECT metric, value, n, n_pos FROM transfer_metrics WHERE run_id = 'run1' ORDER BY metric")
+    assert metrics["metric"].tolist() == ["accuracy", "auroc"] and pd.isna(metrics["value"].iloc[1])
+    history = st.query("SELECT * FROM transfer_history WHERE run_id = 'run1' ORDER BY stage")
+    assert len(history) == 2 and pd.isna(history["ce"].iloc[1]) and history["val_ce"].iloc[0] == 0.6
+    assert st.query("SELECT feature FROM transfer_features WHERE run_id = 'run1' ORDER BY idx")["feature"].tolist() == \
+        ["G1", "G2", "G3"]
+    assert transfer_artifacts_dir(st, "run1") == st.root / "artifacts" / "transfer" / "run1"
+
+
+def test_outputs_that_do_not_fit_leave_the_run_running(tmp_path) -> None:
+    st = Store(tmp_path / "store")
+    _start(st)
+    bad = TransferOutputs(dataset_id="ds1", proba=np.zeros(4), label=np.zeros(3, np.int8), cluster=np.zeros(4),
+                          history=[], features=["G1"])
+    with pytest.raises(InputDataError, match="one label"):
+        complete_transfer_run(st, "run1", _result(), bad)
+    assert transfer_run(st, "run1").status == "running"
+    assert st.query("SELECT count(*) AS n FROM transfer_features")["n"].iloc[0] == 0
+
+
+def test_a_failed_run_records_its_error_and_unknown_runs_are_named(tmp_path) -> None:
+    st = Store(tmp_path / "store")
+    _start(st, "run1")
+    fail_transfer_run(st, "run1", "ValueError: " + "x" * 5000)
+    run = transfer_run(st, "run1")
+    assert run.status == "failed" and run.error.startswith("ValueError") and len(run.error) == 2000
+    with pytest.raises(TransferRunNotFoundError, match="recent runs: run1"):
+        transfer_run(st, "nope")
+
+
+def test_critical_genes_are_replaced_as_a_whole(tmp_path) -> None:
+    st = Store(tmp_path / "store")
+    _start(st)
+    genes = pd.DataFrame({c: np.arange(3, dtype=float) for c in CRITICAL_GENE_COLUMNS})
+    genes["gene"], genes["rank"], genes["direction"], genes["critical"] = ["A", "B", "C"], [1, 2, 3], "sensitive", True
+    replace_critical_genes(st, CriticalGenes("run1", genes, {"correction": "bh"}))
+    replace_critical_genes(st, CriticalGenes("run1", genes.iloc[:2], {"correction": "bonferroni"}))
+    stored = critical_genes_table(st, "run1")
+    assert stored["gene"].tolist() == ["A", "B"] and json.loads(stored["params"].iloc[0]) == {"correction": "bonferroni"}
+    assert stored["detect_resistant"].tolist() == [0.0, 1.0]
+    with pytest.raises(InputDataError, match="lacks the columns effect_size"):
+        replace_critical_genes(st, CriticalGenes("run1", genes.drop(columns=["effect_size"])))
+    assert len(critical_genes_table(st, "run1")) == 2
