@@ -57,10 +57,13 @@ class FoldFits:
 class _Problem:
     """The K objectives on one centred copy of the split's rows."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, train: np.ndarray, C: float, standardize: bool) -> None:
+    def __init__(self, X: np.ndarray, y: np.ndarray, train: np.ndarray, C: float, standardize: bool | str) -> None:
         n, dim = X.shape
         if standardize:
             self.mean, self.scale = column_moments(X, train)
+            if standardize == "global":  # one scale per fold: the root mean square of its centred values
+                rms = np.sqrt(np.mean(np.square(self.scale.astype(np.float64)), axis=1, keepdims=True))
+                self.scale = np.broadcast_to(np.where(rms > 1e-12, rms, 1.0), self.scale.shape).astype(np.float32)
         else:
             self.mean = np.zeros((train.shape[1], dim), np.float32)
             self.scale = np.ones((train.shape[1], dim), np.float32)
@@ -99,7 +102,7 @@ class _Problem:
 
 
 def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, C: float = 1.0, tol: float = 1e-4,
-                     max_iter: int = 200, standardize: bool = True, memory: int = 10) -> FoldFits:
+                     max_iter: int = 200, standardize: bool | str = "global", memory: int = 10) -> FoldFits:
     """Fit one L2 logistic regression per column of ``train``, all in one pass per iteration.
 
     Parameters

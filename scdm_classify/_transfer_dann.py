@@ -21,8 +21,8 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from scdm_classify._transfer_data import MinMax, cluster_cells
-from scdm_classify.heads import _NONE, BaseHead, IsType, OneOf, Range
+from scdm_classify._transfer_data import MinMax, cluster_cells, split_source
+from scdm_classify.head_base import NONE, BaseHead, IsType, OneOf, Range
 from store.errors import InputDataError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,11 @@ class DANNHead(BaseHead):
     batch_size : int, default 256
     hidden : tuple of int, default (256,)
     latent_dim : int, default 32
-    dropout, noise_std : float, default 0.1 and 0.1
+    dropout : float, default 0.1
+    corruption : {"mask", "gaussian"}, default "mask"
+        Corruption of the denoising autoencoders' inputs: scDEAL's binomial masking noise (each
+        value set to 0 with probability ``mask_rate``) or additive Gaussian noise (``noise_std``).
+    mask_rate, noise_std : float, default 0.2 and 0.1
     shared_encoder : bool, default False
         One encoder for both domains (see :class:`~scdm_classify._transfer_model.TrainConfig`).
     cluster_method : {"auto", "leiden", "louvain", "kmeans"}, default "auto"
@@ -62,14 +66,16 @@ class DANNHead(BaseHead):
         "epochs": [Range(int, ge=1)], "pretrain_epochs": [Range(int, ge=0)], "lr": [Range(float, gt=0)],
         "batch_size": [Range(int, ge=2)], "hidden": [IsType(tuple)], "latent_dim": [Range(int, ge=1)],
         "dropout": [Range(float, ge=0, le=0.9)], "noise_std": [Range(float, ge=0)],
+        "corruption": [OneOf(("mask", "gaussian"))], "mask_rate": [Range(float, ge=0, le=0.95)],
         "shared_encoder": [IsType(bool)], "cluster_method": [OneOf(("auto", "leiden", "louvain", "kmeans"))],
         "validation_fraction": [Range(float, gt=0, le=0.5)], "seed": [Range(int, ge=0)],
-        "n_clusters": [Range(int, ge=2), _NONE],
+        "n_clusters": [Range(int, ge=2), NONE],
     }
 
     def __init__(self, alpha: float = 1.0, *, beta: float = 0.1, rec_weight: float = 1.0, epochs: int = 30,
                  pretrain_epochs: int = 10, lr: float = 1e-3, batch_size: int = 256, hidden: tuple[int, ...] = (256,),
-                 latent_dim: int = 32, dropout: float = 0.1, noise_std: float = 0.1, shared_encoder: bool = False,
+                 latent_dim: int = 32, dropout: float = 0.1, corruption: Literal["mask", "gaussian"] = "mask",
+                 mask_rate: float = 0.2, noise_std: float = 0.1, shared_encoder: bool = False,
                  cluster_method: Literal["auto", "leiden", "louvain", "kmeans"] = "auto",
                  n_clusters: int | None = None, validation_fraction: float = 0.2, seed: int = 0) -> None:
         self.alpha = alpha
@@ -82,6 +88,8 @@ class DANNHead(BaseHead):
         self.hidden = hidden
         self.latent_dim = latent_dim
         self.dropout = dropout
+        self.corruption = corruption
+        self.mask_rate = mask_rate
         self.noise_std = noise_std
         self.shared_encoder = shared_encoder
         self.cluster_method = cluster_method
@@ -125,26 +133,26 @@ class DANNHead(BaseHead):
         raise InputDataError(msg)
 
     def _fit_adapted(self, X: np.ndarray, y: np.ndarray, T: np.ndarray) -> None:
-        from scdm_classify import _transfer_model as tm
-        from scdm_classify.transfer import _split_source
+        from scdm_classify._transfer_model import TrainConfig, Validation, fit_transfer
 
         self.source_scaler_, self.target_scaler_ = MinMax.fit(X), MinMax.fit(T)
         Xs, Xt = self.source_scaler_.transform(X), self.target_scaler_.transform(T)
-        train_idx, val_idx = _split_source(Xs, y, self.validation_fraction, self.seed)
-        val = tm.Validation(Xs[val_idx], y[val_idx], "source") if val_idx.size else None
+        train_idx, val_idx = split_source(y, self.validation_fraction, self.seed)
+        val = Validation(Xs[val_idx], y[val_idx], "source") if val_idx.size else None
         self.clusters_ = cluster_cells(Xt, method=self.cluster_method, n_clusters=self.n_clusters, seed=self.seed)
-        cfg = tm.TrainConfig(alpha=float(self.alpha), beta=float(self.beta), rec_weight=float(self.rec_weight),
-                             epochs=self.epochs, pretrain_epochs=self.pretrain_epochs, lr=float(self.lr),
-                             batch_size=self.batch_size, hidden=tuple(self.hidden), latent_dim=self.latent_dim,
-                             predictor_hidden=(16,), dropout=float(self.dropout), noise_std=float(self.noise_std),
-                             shared_encoder=self.shared_encoder, seed=self.seed)
-        outcome = tm.fit_transfer(Xs[train_idx], y[train_idx], Xt, self.clusters_.labels, cfg, validation=val)
+        cfg = TrainConfig(alpha=float(self.alpha), beta=float(self.beta), rec_weight=float(self.rec_weight),
+                          epochs=self.epochs, pretrain_epochs=self.pretrain_epochs, lr=float(self.lr),
+                          batch_size=self.batch_size, hidden=tuple(self.hidden), latent_dim=self.latent_dim,
+                          predictor_hidden=(16,), dropout=float(self.dropout), corruption=self.corruption,
+                          mask_rate=float(self.mask_rate), noise_std=float(self.noise_std),
+                          shared_encoder=self.shared_encoder, seed=self.seed)
+        outcome = fit_transfer(Xs[train_idx], y[train_idx], Xt, self.clusters_.labels, cfg, validation=val)
         self.net_, self.history_, self.best_epoch_ = outcome.net, outcome.history, outcome.best_epoch
         logger.debug("dann: %d train, %d target cells, epoch %d kept", train_idx.size, Xt.shape[0], outcome.best_epoch)
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        from scdm_classify import _transfer_model as tm
+        from scdm_classify._transfer_model import predict_target
 
-        proba, _ = tm.predict_target(self.net_, self.target_scaler_.transform(X))
+        proba, _ = predict_target(self.net_, self.target_scaler_.transform(X))
         # Cells to predict come from the target domain: they are scaled with the target's scaler.
         return proba

@@ -39,16 +39,25 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BulkData",
+    "Clusters",
     "MinMax",
     "ResponseKind",
     "TransferWarning",
     "WaterfallCut",
     "balance_classes",
     "binarize_response",
+    "bulk_kind",
     "cluster_cells",
+    "column_index",
+    "dense",
     "log_normalize",
     "read_bulk",
+    "read_store_expression",
     "select_hvg",
+    "shared_genes",
+    "split_source",
+    "store_symbols",
     "symbols_of",
     "waterfall_cutoff",
 ]
@@ -349,7 +358,7 @@ def _read_bulk_anndata(source: Any, drug: str | None) -> tuple[np.ndarray, np.nd
 # --------------------------------------------------------------------------------------------
 # genes
 # --------------------------------------------------------------------------------------------
-def symbols_of(gene_ids: Sequence[str]) -> np.ndarray:
+def symbols_of(gene_ids: Sequence[str] | np.ndarray) -> np.ndarray:
     """HGNC symbols of gene ids of any kind (symbols pass through; unknown Ensembl/Entrez ids -> None)."""
     from store.genes import detect_gene_id_kind, map_genes
 
@@ -496,8 +505,29 @@ def dense(X: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# class balance
+# validation carve-out and class balance
 # --------------------------------------------------------------------------------------------
+def split_source(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train, validation) row indices of labelled source cells.
+
+    Each class gives ``round(fraction * its size)`` rows to validation, at least one when it has
+    two or more and never all of them; the kept epoch of a transfer fit is chosen on these rows.
+    """
+    rng = np.random.default_rng(seed)
+    val = []
+    for cls in (0, 1):
+        members = np.flatnonzero(y == cls)
+        take = round(members.size * fraction)
+        if members.size >= 2 and take == 0:
+            take = 1
+        if take >= members.size:
+            take = members.size - 1
+        if take > 0:
+            val.append(rng.choice(members, size=take, replace=False))
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(y.size), val_idx), val_idx
+
+
 def balance_classes(X: np.ndarray, y: np.ndarray, method: str, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Balance the two classes of the source training cells.
 

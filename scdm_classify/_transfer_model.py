@@ -2,11 +2,15 @@
 
 Two denoising autoencoders -- one per domain -- and a predictor on the latent space::
 
-    source x_s --noise--> source encoder --> z_s --> predictor --> CE(y_s)
+    source x_s --corrupt--> source encoder --> z_s --> predictor --> CE(y_s)
                                              z_s --> source decoder --> MSE(x_s)   (clean input)
-    target x_t --noise--> target encoder --> z_t --> target decoder --> MSE(x_t)   (clean input)
+    target x_t --corrupt--> target encoder --> z_t --> target decoder --> MSE(x_t)   (clean input)
     alpha * MMD(z_s, z_t)       multi-bandwidth RBF kernel
     beta  * cluster(z_t)        mean within-cluster cosine dissimilarity of target cells
+
+The corruption of the denoising autoencoders is scDEAL's binomial masking noise by default (each
+input value set to 0, the domain's minimum after MinMax scaling, with probability ``mask_rate``
+= 0.2, as its ``train_DAE_model`` does); additive Gaussian noise (``noise_std``) is the option.
 
 A target cell is predicted as ``predictor(target_encoder(x_t))``. Compared with the public scDEAL
 code this fixes: the learning rate is the one passed (every optimiser); the joint optimiser holds
@@ -38,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scdm_classify.heads import torch_seeded
+from scdm_classify.head_base import torch_seeded
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "TransferNet",
     "cluster_loss",
+    "corrupt",
     "dae_loss",
     "fit_transfer",
     "integrated_gradients",
@@ -95,8 +100,13 @@ class TrainConfig:
     activation: str = "gelu"
     """Hidden-layer activation: ``gelu`` (smooth, so integrated gradients converge to machine
     precision with a few quadrature nodes) or ``relu`` (scDEAL's; its kinks slow the quadrature)."""
+    corruption: str = "mask"
+    """How the denoising autoencoders' inputs are corrupted: ``mask`` (scDEAL's binomial masking
+    noise: each value set to 0 with probability ``mask_rate``) or ``gaussian`` (``+ N(0, noise_std^2)``)."""
+    mask_rate: float = 0.2
+    """Probability that an input value is masked (``corruption="mask"``; scDEAL uses 0.2)."""
     noise_std: float = 0.1
-    """SD of the Gaussian noise added to the (MinMax-scaled) inputs of the autoencoders."""
+    """SD of the Gaussian noise added to the (MinMax-scaled) inputs (``corruption="gaussian"``)."""
     sigmoid_output: bool = True
     """Decoders end in a sigmoid (inputs are scaled to [0, 1])."""
     shared_encoder: bool = False
@@ -198,10 +208,33 @@ class TransferNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------------------------
-def dae_loss(ae: DenoisingAE, x: torch.Tensor, noise_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Denoising loss: reconstruct the *clean* ``x`` from ``x + N(0, noise_std^2)``."""
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise_std
-    return F.mse_loss(ae(x + noise), x)
+CORRUPTIONS: tuple[str, ...] = ("mask", "gaussian")
+"""Corruptions of the denoising autoencoders' inputs (see :class:`TrainConfig`)."""
+
+
+def corrupt(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A corrupted copy of ``x``: binomial masking (``mask``) or additive Gaussian noise (``gaussian``).
+
+    ``mask`` sets each value to 0 with probability ``cfg.mask_rate``; inputs are MinMax-scaled, so
+    0 is the gene's lowest value in its domain (scDEAL's masking noise). ``gaussian`` adds
+    N(0, ``cfg.noise_std``^2) to every value.
+    """
+    if cfg.corruption == "mask":
+        keep = torch.rand(x.shape, generator=generator, dtype=x.dtype) >= cfg.mask_rate
+        return x * keep
+    if cfg.corruption == "gaussian":
+        return x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * cfg.noise_std
+    msg = f"corruption={cfg.corruption!r}: use one of {', '.join(CORRUPTIONS)}."
+    raise ValueError(msg)
+
+
+def dae_loss(ae: DenoisingAE, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Denoising loss: reconstruct the *clean* ``x`` from its corrupted copy (:func:`corrupt`).
+
+    (scDEAL's ``train_DAE_model`` masks its input tensor in place, so it compares the output with
+    the masked input; here the target is the clean input, which is what a denoising autoencoder learns.)
+    """
+    return F.mse_loss(ae(corrupt(x, cfg, generator)), x)
 
 
 def mmd_rbf(zs: torch.Tensor, zt: torch.Tensor, scales: Sequence[float] = MMD_SCALES) -> torch.Tensor:
@@ -217,7 +250,7 @@ def mmd_rbf(zs: torch.Tensor, zt: torch.Tensor, scales: Sequence[float] = MMD_SC
     off = d2.detach()[~torch.eye(n, dtype=torch.bool)]
     base = torch.median(off) if off.numel() else torch.tensor(1.0)
     base = torch.clamp(base, min=1e-6)
-    k = sum(torch.exp(-d2 / (base * s)) for s in scales)
+    k = torch.stack([torch.exp(-d2 / (base * s)) for s in scales]).sum(dim=0)
     m = zs.shape[0]
     return k[:m, :m].mean() + k[m:, m:].mean() - 2.0 * k[:m, m:].mean()
 
@@ -273,8 +306,8 @@ def joint_loss(net: TransferNet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.T
     ce = F.cross_entropy(net.predictor(zs), ys)
     mmd = mmd_rbf(zs, zt)
     clu = cluster_loss(zt, ct)
-    rec_s = dae_loss(net.source_ae, xs, cfg.noise_std, generator)
-    rec_t = dae_loss(net.target_ae, xt, cfg.noise_std, generator)
+    rec_s = dae_loss(net.source_ae, xs, cfg, generator)
+    rec_t = dae_loss(net.target_ae, xt, cfg, generator)
     total = ce + cfg.alpha * mmd + cfg.beta * clu + cfg.rec_weight * (rec_s + rec_t)
     return LossParts(ce, mmd, clu, rec_s, rec_t, total)
 
@@ -377,7 +410,7 @@ def _pretrain_autoencoders(net: TransferNet, xs: torch.Tensor, xt: torch.Tensor,
             total = 0.0
             n_steps = _steps(x.shape[0], 0, cfg.batch_size)
             for _ in range(n_steps):
-                loss = dae_loss(ae, x[batches.next()], cfg.noise_std, gen)
+                loss = dae_loss(ae, x[batches.next()], cfg, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -431,7 +464,7 @@ def _joint(net: TransferNet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tenso
                 loss, values = parts.total, parts.floats()
             else:
                 ce = F.cross_entropy(net.source_logits(xs[rs]), ys[rs])
-                rec = dae_loss(net.source_ae, xs[rs], cfg.noise_std, gen)
+                rec = dae_loss(net.source_ae, xs[rs], cfg, gen)
                 loss = ce + cfg.rec_weight * rec
                 values = {"ce": float(ce.detach()), "rec_source": float(rec.detach()), "total": float(loss.detach())}
             opt.zero_grad(set_to_none=True)
@@ -483,7 +516,8 @@ def predict_target(net: TransferNet, X: np.ndarray, *, batch: int = 8192) -> tup
             latents.append(z.numpy())
             probs.append(torch.softmax(net.predictor(z), dim=1)[:, 1].numpy())
     if not probs:
-        return np.zeros(0), np.zeros((0, net.predictor.net[0].in_features), np.float32)
+        latent_dim = int(net.predictor.net[0].in_features)  # type: ignore[arg-type]
+        return np.zeros(0), np.zeros((0, latent_dim), np.float32)
     return np.concatenate(probs).astype(np.float64), np.concatenate(latents).astype(np.float32)
 
 

@@ -46,11 +46,12 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -305,7 +306,7 @@ def primary_datasets() -> pd.DataFrame:
 def _is_pseudogene(symbol: str, known: set[str]) -> bool:
     """``A2MP1``, ``LEFTY3P``: a known gene's symbol followed by P and digits."""
     match = _PSEUDOGENE_RE.match(symbol)
-    return bool(match) and match.group(1) in known
+    return match is not None and match.group(1) in known
 
 
 @lru_cache(maxsize=4)
@@ -718,7 +719,7 @@ def synthesize(
     layout = _layout(config)
     model = _model(config, genes, len(layout.studies), layout.n_samples)
     var = _var_frame(genes, model)
-    uns = {"synth": _uns(config, var)}
+    uns: dict[str, object] = {"synth": _uns(config, var)}
     logger.info("Synthesizing %d cells x %d genes (scale %g, seed %d)", len(layout.obs), config.n_genes, config.scale, config.seed)
     blocks = _iter_blocks(layout, model, config, block_cells)
     if path is None:
@@ -750,7 +751,7 @@ def _uns(config: SynthConfig, var: pd.DataFrame) -> dict[str, object]:
 
 
 def _in_memory(blocks: Iterator[tuple[sp.csr_matrix, np.ndarray]], layout: _Layout, var: pd.DataFrame,
-               uns: dict[str, object], *, silent: bool) -> "ad.AnnData":
+               uns: dict[str, object], *, silent: bool) -> ad.AnnData:
     import anndata as ad
 
     from store.progress import progress_bar

@@ -44,7 +44,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,6 +66,7 @@ from scdm_classify._transfer_data import (
     read_store_expression,
     select_hvg,
     shared_genes,
+    split_source,
     store_symbols,
     symbols_of,
     waterfall_cutoff,
@@ -76,6 +76,21 @@ from store.errors import (
     EmbeddingIncompleteError,
     EmbeddingNotFoundError,
     InputDataError,
+)
+from store.transfer import (
+    CriticalGenes,
+    TransferMetrics,
+    TransferOutputs,
+    TransferRunRecord,
+    TransferRunResult,
+    TransferRunStart,
+    complete_transfer_run,
+    fail_transfer_run,
+    replace_critical_genes,
+    start_transfer_run,
+    transfer_artifacts_dir,
+    transfer_predictions,
+    transfer_run,
 )
 
 if TYPE_CHECKING:
@@ -96,8 +111,6 @@ __all__ = [
     "waterfall_cutoff",
 ]
 
-_ARTIFACTS = "transfer"
-_HISTORY_COLUMNS = ("ce", "mmd", "cluster", "rec_source", "rec_target", "rec", "total", "val_ce")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,10 +185,6 @@ class _Domains:
     source_features: list[str] | None = None
     Xv: np.ndarray | None = None
     yv: np.ndarray | None = None
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def _resolve_source(st: Store, source: Any) -> tuple[str, Any]:
@@ -336,23 +345,6 @@ def _check_params(epochs: int, pretrain_epochs: int, lr: float, batch_size: int,
         raise InputDataError(msg)
 
 
-def _split_source(X: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified train / validation row indices of the source."""
-    rng = np.random.default_rng(seed)
-    val = []
-    for cls in (0, 1):
-        members = np.flatnonzero(y == cls)
-        take = round(members.size * fraction)
-        if members.size >= 2 and take == 0:
-            take = 1
-        if take >= members.size:
-            take = members.size - 1
-        if take > 0:
-            val.append(rng.choice(members, size=take, replace=False))
-    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
-    return np.setdiff1d(np.arange(y.size), val_idx), val_idx
-
-
 def transfer(
     store: str | os.PathLike[str] | Store,
     *,
@@ -379,6 +371,8 @@ def transfer(
     latent_dim: int = 32,
     predictor_hidden: Sequence[int] = (16,),
     dropout: float = 0.1,
+    corruption: Literal["mask", "gaussian"] = "mask",
+    mask_rate: float = 0.2,
     noise_std: float = 0.1,
     shared_encoder: bool = False,
     cluster_method: Literal["auto", "leiden", "louvain", "kmeans"] = "auto",
@@ -427,8 +421,13 @@ def transfer(
     epochs, pretrain_epochs : int, default 50 and 20
     lr : float, default 1e-3
         Adam learning rate of every stage.
-    batch_size, hidden, latent_dim, predictor_hidden, dropout, noise_std
+    batch_size, hidden, latent_dim, predictor_hidden, dropout
         Network and training settings (:class:`scdm_classify._transfer_model.TrainConfig`).
+    corruption : {"mask", "gaussian"}, default "mask"
+        How the denoising autoencoders corrupt their inputs: scDEAL's binomial masking noise (each
+        MinMax-scaled value set to 0 with probability ``mask_rate``) or additive Gaussian noise
+        with standard deviation ``noise_std``.
+    mask_rate, noise_std : float, default 0.2 and 0.1
     cluster_method : {"auto", "leiden", "louvain", "kmeans"}, default "auto"
     resolution : float, default 0.3
         Leiden/Louvain resolution.
@@ -449,13 +448,14 @@ def transfer(
     ------
     InputDataError, GeneMappingError, DatasetNotFoundError, EmbeddingNotFoundError
     """
-    from scdm_classify import _transfer_model as tm
+    from scdm_classify._transfer_model import TrainConfig
     from store import open_store
 
     started = time.perf_counter()
     st = open_store(store)
     _check_params(epochs, pretrain_epochs, lr, batch_size, validation_fraction, threshold, tuple(hidden), latent_dim,
                   tuple(predictor_hidden))
+    _check_corruption(corruption, mask_rate, noise_std)
     alphas, betas = _as_list(alpha, "alpha"), _as_list(beta, "beta")
     target_info = st.dataset(target)
     kind, src = _resolve_source(st, source)
@@ -479,47 +479,53 @@ def transfer(
                             source_transform=source_transform, n_hvg=n_hvg, validation=validation)
     else:
         dom = _embedding_domains(st, kind, src, target_info.name, features, source_features, validation)
-    cfg = tm.TrainConfig(alpha=alphas[0], beta=betas[0], rec_weight=float(rec_weight), epochs=epochs,
-                         pretrain_epochs=pretrain_epochs, lr=float(lr), batch_size=batch_size, hidden=tuple(hidden),
-                         latent_dim=latent_dim, predictor_hidden=tuple(predictor_hidden), dropout=float(dropout),
-                         noise_std=float(noise_std), shared_encoder=bool(shared_encoder), seed=seed)
+    cfg = TrainConfig(alpha=alphas[0], beta=betas[0], rec_weight=float(rec_weight), epochs=epochs,
+                      pretrain_epochs=pretrain_epochs, lr=float(lr), batch_size=batch_size, hidden=tuple(hidden),
+                      latent_dim=latent_dim, predictor_hidden=tuple(predictor_hidden), dropout=float(dropout),
+                      corruption=corruption, mask_rate=float(mask_rate), noise_std=float(noise_std),
+                      shared_encoder=bool(shared_encoder), seed=seed)
     run_id = uuid.uuid4().hex[:16]
-    _insert_run(st, run_id, dom, target_info.dataset_id, features, drug, adapt, cfg, validation)
+    start_transfer_run(st, TransferRunStart(
+        run_id=run_id, drug=drug, source_kind=dom.source_kind, source=dom.source_desc,
+        target_dataset_id=target_info.dataset_id, features=features, source_features=dom.source_features, adapt=adapt,
+        selection="target_val" if validation else "source_val", config=cfg.to_dict(), scdm_version=_version()))
     try:
         result = _run(st, run_id, dom, target_info, cfg, grid, validation, validation_fraction, balance, adapt,
                       threshold, cluster_method, resolution, n_clusters, features, drug, started)
     except BaseException as err:
-        st.execute("UPDATE transfer_runs SET status = 'failed', finished_at = ?, error = ? WHERE run_id = ?",
-                   [_now(), f"{type(err).__name__}: {err}"[:2000], run_id])
+        fail_transfer_run(st, run_id, f"{type(err).__name__}: {err}")
         raise
     return result
 
 
-def _insert_run(st: Store, run_id: str, dom: _Domains, target_id: str, features: str, drug: str | None, adapt: bool,
-                cfg: Any, validation: str | None) -> None:
-    st.insert_df("transfer_runs", pd.DataFrame([{
-        "run_id": run_id, "created_at": _now(), "status": "running", "drug": drug, "source_kind": dom.source_kind,
-        "source": json.dumps(dom.source_desc, sort_keys=True, default=str), "target_dataset_id": target_id,
-        "features": features, "source_features": json.dumps(dom.source_features) if dom.source_features else None,
-        "adapt": bool(adapt), "selection": "target_val" if validation else "source_val",
-        "config": json.dumps(cfg.to_dict(), sort_keys=True), "scdm_version": _version()}]))
+def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> None:
+    problems = []
+    if corruption not in ("mask", "gaussian"):
+        problems.append(f"corruption={corruption!r} (mask or gaussian)")
+    if isinstance(mask_rate, bool) or not isinstance(mask_rate, (int, float)) or not 0 <= mask_rate < 1:
+        problems.append(f"mask_rate={mask_rate!r} (a probability in [0, 1))")
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not noise_std >= 0:
+        problems.append(f"noise_std={noise_std!r} (a number >= 0)")
+    if problems:
+        msg = "Invalid transfer parameters: " + "; ".join(problems) + "."
+        raise InputDataError(msg)
 
 
 def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid: list[tuple[float, float]],
          validation: str | None, validation_fraction: float, balance: str, adapt: bool, threshold: float,
          cluster_method: str, resolution: float, n_clusters: int | None, features: str, drug: str | None,
          started: float) -> TransferResult:
-    from scdm_classify import _transfer_model as tm
+    from scdm_classify._transfer_model import Validation, encode_source, fit_transfer, predict_target
 
     source_scaler, target_scaler = MinMax.fit(dom.Xs), MinMax.fit(dom.Xt)
     Xs, Xt = source_scaler.transform(dom.Xs), target_scaler.transform(dom.Xt)
     if validation is None:
-        train_idx, val_idx = _split_source(Xs, dom.ys, validation_fraction, cfg.seed)
-        val = tm.Validation(Xs[val_idx], dom.ys[val_idx], "source") if val_idx.size else None
+        train_idx, val_idx = split_source(dom.ys, validation_fraction, cfg.seed)
+        val = Validation(Xs[val_idx], dom.ys[val_idx], "source") if val_idx.size else None
     else:
         assert dom.Xv is not None and dom.yv is not None
         train_idx = np.arange(dom.ys.size)
-        val = tm.Validation(MinMax.fit(dom.Xv).transform(dom.Xv), dom.yv, "target")
+        val = Validation(MinMax.fit(dom.Xv).transform(dom.Xv), dom.yv, "target")
     X_train, y_train = balance_classes(Xs[train_idx], dom.ys[train_idx], balance, seed=cfg.seed)
     clusters = cluster_cells(Xt, method=cluster_method, resolution=resolution, n_clusters=n_clusters, seed=cfg.seed)  # type: ignore[arg-type]
     logger.info("transfer %s: %d source (%d train), %d target cells, %d features; clusters: %s", run_id, dom.ys.size,
@@ -527,34 +533,33 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
     fits = []
     for a, b in grid:
         run_cfg = replace(cfg, alpha=a, beta=b)
-        fits.append((tm.fit_transfer(X_train, y_train, Xt, clusters.labels, run_cfg, validation=val, adapt=adapt), run_cfg))
+        fits.append((fit_transfer(X_train, y_train, Xt, clusters.labels, run_cfg, validation=val, adapt=adapt), run_cfg))
     outcome, cfg = min(fits, key=lambda f: (f[0].best_score if not math.isnan(f[0].best_score) else math.inf))
-    proba, latent = tm.predict_target(outcome.net, Xt)
+    proba, latent = predict_target(outcome.net, Xt)
     label = (proba >= threshold).astype(np.int8)
     # Target labels are read only now, after the model is fixed: they feed the metrics alone.
-    metrics = _target_metrics(st, target_info.name, proba, threshold)
+    metrics, flags = _target_metrics(st, target_info.name, proba, threshold)
     art = _save_artifacts(st, run_id, outcome.net, cfg, dom, source_scaler, target_scaler, latent,
-                          tm.encode_source(outcome.net, Xs), grid, fits)
-    history = _history_frame(run_id, outcome.history)
-    _write_outputs(st, run_id, target_info.dataset_id, proba, label, clusters.labels, metrics, history, dom.features)
+                          encode_source(outcome.net, Xs), grid, fits)
+    outputs = TransferOutputs(dataset_id=target_info.dataset_id, proba=proba, label=label, cluster=clusters.labels,
+                              history=outcome.history, features=dom.features, metrics=metrics)
     seconds = time.perf_counter() - started
     selection = ("target_val" if validation else "source_val") if val is not None else "last"
-    st.execute(
-        "UPDATE transfer_runs SET status = 'complete', finished_at = ?, selection = ?, selected_epoch = ?, val_score = ?, "
-        "cluster_method = ?, n_clusters = ?, waterfall = ?, n_source = ?, n_target = ?, n_features = ?, config = ?, "
-        "metric_flags = ?, artifacts_path = ?, seconds = ? WHERE run_id = ?",
-        [_now(), selection, outcome.best_epoch, None if math.isnan(outcome.best_score) else float(outcome.best_score),
-         clusters.method, clusters.n_clusters, json.dumps(dom.cut.to_dict()) if dom.cut else None, int(dom.ys.size),
-         int(Xt.shape[0]), int(Xt.shape[1]), json.dumps(_config_record(cfg, grid, fits, clusters, threshold, balance,
-                                                                      validation, validation_fraction), sort_keys=True),
-         ",".join(metrics[1]) if metrics else None, str(art.relative_to(st.root)), seconds, run_id])
+    complete_transfer_run(st, run_id, TransferRunResult(
+        selection=selection, selected_epoch=int(outcome.best_epoch),
+        val_score=None if math.isnan(outcome.best_score) else float(outcome.best_score),
+        cluster_method=clusters.method, n_clusters=clusters.n_clusters, waterfall=dom.cut.to_dict() if dom.cut else None,
+        n_source=int(dom.ys.size), n_target=int(Xt.shape[0]), n_features=int(Xt.shape[1]),
+        config=_config_record(cfg, grid, fits, clusters, threshold, balance, validation, validation_fraction),
+        metric_flags=flags, artifacts_path=str(art.relative_to(st.root)), seconds=seconds), outputs)
     logger.info("transfer %s done in %.1f s (epoch %d kept on %s)", run_id, seconds, outcome.best_epoch, selection)
     return TransferResult(
         run_id=run_id, target=target_info.name, drug=drug, features=features, adapt=adapt, proba=proba, label=label,
-        metrics=metrics[0] if metrics else None, metric_flags=metrics[1] if metrics else (), selection=selection,
+        metrics=dict(metrics.values) if metrics else None, metric_flags=flags or (), selection=selection,
         selected_epoch=int(outcome.best_epoch), val_score=float(outcome.best_score), alpha=cfg.alpha, beta=cfg.beta,
         cluster_method=clusters.method, n_clusters=clusters.n_clusters, waterfall=dom.cut, n_source=int(dom.ys.size),
-        n_features=int(Xt.shape[1]), feature_names=tuple(dom.features), history=history, artifacts=art,
+        n_features=int(Xt.shape[1]), feature_names=tuple(dom.features), history=outputs.history_frame(run_id),
+        artifacts=art,
         seconds=seconds)
 
 
@@ -566,54 +571,28 @@ def _config_record(cfg: Any, grid: list[tuple[float, float]], fits: list[Any], c
             "validation_fraction": None if validation else validation_fraction}
 
 
-def _target_metrics(st: Store, target: str, proba: np.ndarray, threshold: float) -> tuple[dict[str, float | None], tuple[str, ...], int, int] | None:
+def _target_metrics(st: Store, target: str, proba: np.ndarray,
+                    threshold: float) -> tuple[TransferMetrics | None, tuple[str, ...] | None]:
+    """Metrics on the target cells that carry a label, and their flags ((None, None) when none does)."""
     cells = st.cells(target)
     labelled = cells["response"].notna().to_numpy()
     if not labelled.any():
-        return None
+        return None, None
     rows = cells["row"].to_numpy(np.int64)[labelled]
     y = cells["response"].to_numpy(np.float64)[labelled].astype(np.int8)
     m = compute_metrics(y, proba[rows], threshold=threshold)
-    return m.values, m.flags, m.n, m.n_pos
-
-
-def _history_frame(run_id: str, history: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(history)
-    for col in _HISTORY_COLUMNS:
-        if col not in frame.columns:
-            frame[col] = np.nan
-    frame.insert(0, "run_id", run_id)
-    return frame[["run_id", "stage", "epoch", *_HISTORY_COLUMNS]]
-
-
-def _write_outputs(st: Store, run_id: str, dataset_id: str, proba: np.ndarray, label: np.ndarray, clusters: np.ndarray,
-                   metrics: Any, history: pd.DataFrame, features: list[str]) -> None:
-    st.insert_df("transfer_predictions", pd.DataFrame({
-        "run_id": run_id, "dataset_id": dataset_id, "row": np.arange(proba.size, dtype=np.int32),
-        "proba": proba.astype(np.float32), "label": label.astype(np.int8), "cluster": clusters.astype(np.int32)}))
-    if metrics is not None:
-        values, _, n, n_pos = metrics
-        st.insert_df("transfer_metrics", pd.DataFrame({"run_id": run_id, "metric": list(METRICS),
-                                                       "value": [values[m] for m in METRICS], "n": n, "n_pos": n_pos}))
-    st.insert_df("transfer_history", history)
-    st.insert_df("transfer_features", pd.DataFrame({"run_id": run_id, "idx": np.arange(len(features), dtype=np.int32),
-                                                    "feature": features}))
-
-
-def _artifacts_dir(st: Store, run_id: str) -> Path:
-    from store._constants import ARTIFACTS_DIR
-
-    return st.root / ARTIFACTS_DIR / _ARTIFACTS / run_id
+    return TransferMetrics({k: m.values[k] for k in METRICS}, int(m.n), int(m.n_pos)), tuple(m.flags)
 
 
 def _save_artifacts(st: Store, run_id: str, net: Any, cfg: Any, dom: _Domains, source_scaler: MinMax,
                     target_scaler: MinMax, latent_target: np.ndarray, latent_source: np.ndarray,
                     grid: list[tuple[float, float]], fits: list[Any]) -> Path:
-    import torch
+    from safetensors.torch import save_file
 
-    folder = _artifacts_dir(st, run_id)
+    folder = transfer_artifacts_dir(st, run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), folder / "model.pt")
+    # Copies: with a shared encoder two keys hold one tensor, which safetensors stores only once per key.
+    save_file({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
     np.savez(folder / "scalers.npz", source_low=source_scaler.low, source_span=source_scaler.span,
              target_low=target_scaler.low, target_span=target_scaler.span)
     np.savez_compressed(folder / "latent.npz", target=latent_target, source=latent_source,
@@ -627,19 +606,6 @@ def _save_artifacts(st: Store, run_id: str, net: Any, cfg: Any, dom: _Domains, s
 # --------------------------------------------------------------------------------------------
 # reading a run back
 # --------------------------------------------------------------------------------------------
-def _run_row(st: Store, run_id: str) -> pd.Series:
-    frame = st.query("SELECT * FROM transfer_runs WHERE run_id = ?", [run_id])
-    if frame.empty:
-        known = ", ".join(st.query("SELECT run_id FROM transfer_runs ORDER BY created_at DESC LIMIT 5")["run_id"]) or "(none)"
-        msg = f"No transfer run {run_id!r} in the store; recent runs: {known}."
-        raise InputDataError(msg)
-    row = frame.iloc[0]
-    if row["status"] != "complete":
-        msg = f"Transfer run {run_id} is {row['status']}; only complete runs can be read back."
-        raise InputDataError(msg)
-    return row
-
-
 def transfer_latent(store: str | os.PathLike[str] | Store, run_id: str) -> dict[str, np.ndarray]:
     """The latent space of a run, for a UMAP of source and target together.
 
@@ -652,24 +618,30 @@ def transfer_latent(store: str | os.PathLike[str] | Store, run_id: str) -> dict[
     from store import open_store
 
     st = open_store(store)
-    row = _run_row(st, run_id)
-    with np.load(st.root / row["artifacts_path"] / "latent.npz") as data:
+    run = transfer_run(st, run_id, complete=True)
+    with np.load(st.root / str(run.artifacts_path) / "latent.npz", allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
 
-def _load_net(st: Store, row: pd.Series) -> Any:
+def _load_net(st: Store, run: TransferRunRecord) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from scdm_classify import _transfer_model as tm
+    from scdm_classify._transfer_model import TrainConfig, TransferNet
 
-    folder = st.root / row["artifacts_path"]
+    folder = st.root / str(run.artifacts_path)
     meta = json.loads((folder / "run.json").read_text())
     conf = dict(meta["config"])
     for key in ("hidden", "predictor_hidden"):
         conf[key] = tuple(conf[key])
-    cfg = tm.TrainConfig(**conf)
-    net = tm.TransferNet(meta["n_source_features"], meta["n_target_features"], cfg)
-    net.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    cfg = TrainConfig(**conf)
+    net = TransferNet(meta["n_source_features"], meta["n_target_features"], cfg)
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "model.safetensors"))
+    else:  # runs written before the safetensors artifact: a state_dict, read without unpickling code
+        state = torch.load(folder / "model.pt", weights_only=True)
+    net.load_state_dict(state)
     net.adapted = bool(meta["adapted"])
     net.eval()
     return net, meta
@@ -678,18 +650,30 @@ def _load_net(st: Store, row: pd.Series) -> Any:
 # --------------------------------------------------------------------------------------------
 # critical genes
 # --------------------------------------------------------------------------------------------
+GENE_PROFILES: dict[str, dict[str, Any]] = {
+    # Signed attributions in the test, Benjamini-Hochberg: the false-discovery rate among genes
+    # called critical stays at ``fdr`` while keeping power when hundreds of genes differ.
+    "default": {"use_abs": False, "correction": "bh"},
+    # scDEAL's analysis: absolute attributions (their share of each cell's total), Bonferroni.
+    "paper": {"use_abs": True, "correction": "bonferroni"},
+}
+"""Defaults of :func:`critical_genes`' two profiles; ``use_abs`` and ``correction`` passed explicitly win."""
+
+
 def critical_genes(
     store: str | os.PathLike[str] | Store,
     run_id: str,
     *,
+    profile: Literal["default", "paper"] = "default",
     max_cells: int | None = 5000,
     n_steps: int = 64,
-    use_abs: bool = True,
+    use_abs: bool | None = None,
     per_cell: bool = True,
-    correction: Literal["bh", "bonferroni"] = "bh",
+    correction: Literal["bh", "bonferroni"] | None = None,
     fdr: float = 0.05,
     min_log2fc: float = 0.1,
     min_pts: float = 0.2,
+    pseudocount: float = 0.1,
     plot: bool = True,
     top: int = 20,
     seed: int = 0,
@@ -699,16 +683,36 @@ def critical_genes(
     Integrated gradients (exact up to a checked quadrature error: completeness holds per cell
     within tolerance) of the probability of sensitivity with respect to the MinMax-scaled input
     genes, from an all-zero baseline (every gene at its minimum), for every target cell (or a
-    random ``max_cells`` of them). Each cell's attributions are taken as absolute values
-    (``use_abs``) and divided by the cell's total (``per_cell``) -- the paper's analysis runs
-    ``normalize_total`` on the absolute attributions -- so that a gene is compared by its share of
-    the cell's explanation, not by how steep the model is around the cell (confidently predicted
-    cells have small gradients on every gene). Per gene, the attributions of predicted-sensitive
-    cells are compared with those of
-    predicted-resistant cells by a two-sided Wilcoxon rank-sum (Mann-Whitney U) test, corrected
-    for the number of genes (Benjamini-Hochberg or Bonferroni). A gene is *critical* when
-    ``pvalue_adj <= fdr``, ``|log2fc| > min_log2fc`` (log2 ratio of mean attributions) and more
-    than ``min_pts`` of the cells of its direction's group have a non-zero attribution -- the
+    random ``max_cells`` of them). An attribution is *signed*: positive where the gene's expression
+    pushes the cell towards "sensitive", negative where it pushes towards "resistant". With
+    ``per_cell`` each cell's attributions are divided by the cell's total absolute attribution
+    (signs kept), so that a gene is compared by its share of the cell's explanation, not by how
+    steep the model is around the cell (confidently predicted cells have small gradients on every
+    gene) -- scDEAL runs ``normalize_total`` on its attributions for the same reason.
+
+    Per gene, the attributions of predicted-sensitive cells are compared with those of
+    predicted-resistant cells by a two-sided Wilcoxon rank-sum (Mann-Whitney U) test, on the
+    signed values (default) or on their absolute values (``use_abs``, scDEAL's choice, which
+    cannot tell a gene that pushes sensitive cells towards "sensitive" from one that pushes them
+    towards "resistant"), with a multiple-testing correction over the genes. Reported per gene:
+
+    - ``mean_sensitive``, ``mean_resistant``: mean *signed* attribution of each group (always
+      signed, whatever ``use_abs``); ``mean_abs_sensitive``, ``mean_abs_resistant``: mean absolute
+      attribution;
+    - ``log2fc = log2((mean_abs_sensitive + c) / (mean_abs_resistant + c))``, where the
+      pseudocount ``c = pseudocount x`` (mean absolute attribution over all attributed cells and
+      genes): scale-free, and a gene with no attribution in one group gets a bounded fold change
+      instead of log2(x / 1e-12) ~ 30. ``direction`` is its sign: the group in which the gene
+      carries more of the explanation;
+    - ``effect_size``: rank-biserial correlation ``2U / (n_sensitive n_resistant) - 1`` of the
+      tested values (in [-1, 1]; positive when they are larger in sensitive cells) and
+      ``cohens_d``: the difference of their means over the pooled standard deviation;
+    - ``pts_*``: share of the group's cells with a non-zero attribution; ``detect_*``: share
+      of the group's cells that express the gene (above its minimum among the target cells);
+    - ``statistic`` (U of the sensitive group), ``pvalue``, ``pvalue_adj``.
+
+    A gene is *critical* when ``pvalue_adj <= fdr``, ``|log2fc| > min_log2fc`` and more than
+    ``min_pts`` of the cells of its direction's group have a non-zero attribution -- the
     thresholds of the scDEAL case studies (0.05, 0.1, 0.2).
 
     Parameters
@@ -716,12 +720,27 @@ def critical_genes(
     store : str, path or Store
     run_id : str
         A complete run with ``features="expr"``.
+    profile : {"default", "paper"}, default "default"
+        ``default``: signed attributions, Benjamini-Hochberg (controls the false-discovery rate,
+        the usual choice when many genes are tested and a list of candidates is wanted).
+        ``paper``: reproduces scDEAL's analysis -- absolute attributions and Bonferroni (controls
+        the chance of any false call; conservative). scDEAL's published notebook calls scanpy's
+        ``rank_genes_groups``, whose default is Benjamini-Hochberg: pass ``correction="bh"`` to
+        match that code rather than the paper.
     max_cells : int or None, default 5000
         Cells attributed (random, seeded); None = all.
     n_steps : int, default 64
         Initial quadrature nodes of the integrated gradients (doubled where needed).
-    use_abs, per_cell, correction, fdr, min_log2fc, min_pts
-        See above.
+    use_abs : bool, optional
+        Test absolute instead of signed attributions (default: the profile's).
+    per_cell : bool, default True
+        Divide each cell's attributions by its total absolute attribution.
+    correction : {"bh", "bonferroni"}, optional
+        Multiple-testing correction over genes (default: the profile's).
+    fdr, min_log2fc, min_pts : float, default 0.05, 0.1 and 0.2
+        Thresholds of a critical gene (see above).
+    pseudocount : float, default 0.1
+        Pseudocount of the fold change, in units of the mean absolute attribution.
     plot : bool, default True
         Write ``critical_genes.png`` (volcano and top genes) to the run's artifacts folder.
     top : int, default 20
@@ -734,49 +753,66 @@ def critical_genes(
         One row per gene (the ``critical_genes`` table), best first; ``attrs`` holds
         ``plot`` (path or None), ``max_completeness_gap`` and ``n_cells``.
     """
-    from scdm_classify import _transfer_model as tm
+    from scdm_classify._transfer_model import integrated_gradients
     from store import open_store
 
     st = open_store(store)
-    if correction not in ("bh", "bonferroni"):
-        msg = f"correction={correction!r}: use 'bh' (Benjamini-Hochberg) or 'bonferroni'."
-        raise InputDataError(msg)
-    row = _run_row(st, run_id)
-    if row["features"] != "expr":
-        msg = (f"Run {run_id} used embedding features ({row['features']}); critical genes need expression inputs. "
+    settings = _gene_settings(profile, use_abs, correction, pseudocount)
+    run = transfer_run(st, run_id, complete=True)
+    if run.features != "expr":
+        msg = (f"Run {run_id} used embedding features ({run.features}); critical genes need expression inputs. "
                "Run transfer with features='expr'.")
         raise InputDataError(msg)
-    net, meta = _load_net(st, row)
+    net, meta = _load_net(st, run)
     genes = list(meta["features"])
-    target = st.dataset(str(row["target_dataset_id"])).name
-    preds = st.query("SELECT \"row\", label FROM transfer_predictions WHERE run_id = ? ORDER BY \"row\"", [run_id])
+    target = st.dataset(run.target_dataset_id).name
+    preds = transfer_predictions(st, run_id)
     rows = _pick_cells(preds["label"].to_numpy(np.int8), max_cells, seed)
     X = dense(read_store_expression(st, target, genes)[rows])
-    with np.load(st.root / row["artifacts_path"] / "scalers.npz") as sc:
+    with np.load(st.root / str(run.artifacts_path) / "scalers.npz", allow_pickle=False) as sc:
         X = MinMax(sc["target_low"], sc["target_span"]).transform(X)
     net64 = net.double()
-    attr, delta = tm.integrated_gradients(lambda x: net64.target_proba(x), X, n_steps=n_steps)
+    attr, delta = integrated_gradients(lambda x: net64.target_proba(x), X, n_steps=n_steps)
     labels = preds["label"].to_numpy(np.int8)[rows]  # the stored predictions define the two groups
-    values = np.abs(attr) if use_abs else attr
     if per_cell:
-        totals = np.abs(values).sum(axis=1, keepdims=True)
-        values = values / np.where(totals > 0, totals, 1.0)
-    table = _wilcoxon_table(values, labels, genes, correction=correction)
-    table = _flag_critical(table, fdr=fdr, min_log2fc=min_log2fc, min_pts=min_pts)
-    params = {"max_cells": max_cells, "n_cells": int(rows.size), "n_steps": n_steps, "use_abs": use_abs, "per_cell": per_cell,
-              "correction": correction, "fdr": fdr, "min_log2fc": min_log2fc, "min_pts": min_pts, "seed": seed,
+        totals = np.abs(attr).sum(axis=1, keepdims=True)
+        attr = attr / np.where(totals > 0, totals, 1.0)
+    table = attribution_table(attr, labels, genes, expressed=X > 0, use_abs=settings["use_abs"],
+                              correction=settings["correction"], pseudocount=settings["pseudocount"])
+    table = flag_critical(table, fdr=fdr, min_log2fc=min_log2fc, min_pts=min_pts)
+    params = {"profile": profile, "max_cells": max_cells, "n_cells": int(rows.size), "n_steps": n_steps,
+              "use_abs": settings["use_abs"], "per_cell": per_cell, "correction": settings["correction"], "fdr": fdr,
+              "min_log2fc": min_log2fc, "min_pts": min_pts, "pseudocount": pseudocount,
+              "pseudocount_value": float(table.attrs["pseudocount_value"]), "seed": seed,
               "baseline": "zeros (each gene at its target minimum)", "output": "probability of sensitive",
               "max_completeness_gap": float(np.abs(delta).max()) if delta.size else 0.0}
+    replace_critical_genes(st, CriticalGenes(run_id, table, params))
     table.insert(0, "run_id", run_id)
-    table["params"] = json.dumps(params, sort_keys=True)
-    table["created_at"] = _now()
-    st.execute("DELETE FROM critical_genes WHERE run_id = ?", [run_id])
-    st.insert_df("critical_genes", table)
-    path = _plot_genes(table, st.root / row["artifacts_path"] / "critical_genes.png", top=top, fdr=fdr) if plot else None
-    table.attrs.update({"plot": path, "max_completeness_gap": params["max_completeness_gap"], "n_cells": int(rows.size)})
+    path = _plot_genes(table, st.root / str(run.artifacts_path) / "critical_genes.png", top=top, fdr=fdr) if plot else None
+    table.attrs.update({"plot": path, "max_completeness_gap": params["max_completeness_gap"], "n_cells": int(rows.size),
+                        "params": params})
     logger.info("critical genes of %s: %d of %d genes pass (max completeness gap %.2e)", run_id,
                 int(table["critical"].sum()), len(table), params["max_completeness_gap"])
     return table
+
+
+def _gene_settings(profile: str, use_abs: bool | None, correction: str | None, pseudocount: float) -> dict[str, Any]:
+    if profile not in GENE_PROFILES:
+        msg = f"profile={profile!r}: use one of {', '.join(GENE_PROFILES)}."
+        raise InputDataError(msg)
+    settings = dict(GENE_PROFILES[profile])
+    if use_abs is not None:
+        settings["use_abs"] = bool(use_abs)
+    if correction is not None:
+        settings["correction"] = correction
+    if settings["correction"] not in ("bh", "bonferroni"):
+        msg = f"correction={settings['correction']!r}: use 'bh' (Benjamini-Hochberg) or 'bonferroni'."
+        raise InputDataError(msg)
+    if isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float)) or not pseudocount > 0:
+        msg = f"pseudocount={pseudocount!r}: pass a number > 0 (in units of the mean absolute attribution)."
+        raise InputDataError(msg)
+    settings["pseudocount"] = float(pseudocount)
+    return settings
 
 
 def _pick_cells(labels: np.ndarray, max_cells: int | None, seed: int) -> np.ndarray:
@@ -794,33 +830,82 @@ def _pick_cells(labels: np.ndarray, max_cells: int | None, seed: int) -> np.ndar
     return picked
 
 
-def _wilcoxon_table(attr: np.ndarray, labels: np.ndarray, genes: list[str], *, correction: str) -> pd.DataFrame:
+def attribution_table(attr: np.ndarray, labels: np.ndarray, genes: Sequence[str], *, expressed: np.ndarray | None = None,
+                      use_abs: bool = False, correction: str = "bh", pseudocount: float = 0.1) -> pd.DataFrame:
+    """Per-gene comparison of attributions between cells labelled 1 (sensitive) and 0 (resistant).
+
+    Parameters
+    ----------
+    attr : ndarray of shape (n_cells, n_genes)
+        Signed attributions.
+    labels : ndarray of shape (n_cells,)
+        1 sensitive, 0 resistant (both present).
+    genes : sequence of str
+    expressed : bool ndarray of shape (n_cells, n_genes), optional
+        Whether each cell expresses each gene (for ``detect_*``); default: non-zero attribution.
+    use_abs : bool, default False
+        Test absolute instead of signed attributions.
+    correction : {"bh", "bonferroni"}, default "bh"
+    pseudocount : float, default 0.1
+        Of the fold change, in units of the mean absolute attribution (see :func:`critical_genes`).
+
+    Returns
+    -------
+    DataFrame
+        One row per gene (see :func:`critical_genes` for the columns); ``attrs["pseudocount_value"]``
+        is the pseudocount in attribution units.
+    """
     from scipy import stats
 
-    sens, res = attr[labels == 1], attr[labels == 0]
+    labels = np.asarray(labels)
+    signed = np.asarray(attr, np.float64)
+    magnitude = np.abs(signed)
+    tested = magnitude if use_abs else signed
+    is_s, is_r = labels == 1, labels == 0
+    n_s, n_r = int(is_s.sum()), int(is_r.sum())
     with np.errstate(all="ignore"):
-        test = stats.mannwhitneyu(sens, res, axis=0, alternative="two-sided", method="asymptotic")
+        test = stats.mannwhitneyu(tested[is_s], tested[is_r], axis=0, alternative="two-sided", method="asymptotic")
     p = np.where(np.isfinite(test.pvalue), test.pvalue, 1.0)
-    if correction == "bh":
-        p_adj = stats.false_discovery_control(p, method="bh")
-    else:
-        p_adj = np.minimum(p * p.size, 1.0)
-    mean_s, mean_r = sens.mean(axis=0), res.mean(axis=0)
-    eps = 1e-12
-    log2fc = np.log2((np.abs(mean_s) + eps) / (np.abs(mean_r) + eps))
-    return pd.DataFrame({
-        "gene": genes, "mean_sensitive": mean_s, "mean_resistant": mean_r, "log2fc": log2fc,
-        "pts_sensitive": (sens != 0).mean(axis=0), "pts_resistant": (res != 0).mean(axis=0),
-        "statistic": np.asarray(test.statistic, np.float64), "pvalue": p, "pvalue_adj": p_adj,
+    p_adj = stats.false_discovery_control(p, method="bh") if correction == "bh" else np.minimum(p * p.size, 1.0)
+    u = np.asarray(test.statistic, np.float64)
+    rank_biserial = np.where(np.isfinite(u), 2.0 * u / (n_s * n_r) - 1.0, 0.0)
+    c = pseudocount * float(magnitude.mean()) if magnitude.size else pseudocount
+    c = c if c > 0 else pseudocount  # all attributions zero: any positive pseudocount gives log2fc 0
+    abs_s, abs_r = magnitude[is_s].mean(axis=0), magnitude[is_r].mean(axis=0)
+    log2fc = np.log2((abs_s + c) / (abs_r + c))
+    present = magnitude > 0
+    detected = present if expressed is None else np.asarray(expressed, bool)
+    table = pd.DataFrame({
+        "gene": list(genes), "mean_sensitive": signed[is_s].mean(axis=0), "mean_resistant": signed[is_r].mean(axis=0),
+        "mean_abs_sensitive": abs_s, "mean_abs_resistant": abs_r, "log2fc": log2fc, "effect_size": rank_biserial,
+        "cohens_d": _cohens_d(tested[is_s], tested[is_r]),
+        "pts_sensitive": present[is_s].mean(axis=0), "pts_resistant": present[is_r].mean(axis=0),
+        "detect_sensitive": detected[is_s].mean(axis=0), "detect_resistant": detected[is_r].mean(axis=0),
+        "statistic": u, "pvalue": p, "pvalue_adj": p_adj,
         "direction": np.where(log2fc > 0, "sensitive", "resistant")})
+    table.attrs["pseudocount_value"] = c
+    return table
 
 
-def _flag_critical(table: pd.DataFrame, *, fdr: float, min_log2fc: float, min_pts: float) -> pd.DataFrame:
+def _cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(mean a - mean b) / pooled sd per column; 0 where both groups are constant and equal, NaN if constant and not."""
+    na, nb = a.shape[0], b.shape[0]
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    dof = max(na + nb - 2, 1)
+    pooled = np.sqrt(((na - 1) * a.var(axis=0, ddof=1 if na > 1 else 0) + (nb - 1) * b.var(axis=0, ddof=1 if nb > 1 else 0)) / dof)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pooled > 0, diff / np.where(pooled > 0, pooled, 1.0), np.where(diff == 0, 0.0, np.nan))
+
+
+def flag_critical(table: pd.DataFrame, *, fdr: float, min_log2fc: float, min_pts: float) -> pd.DataFrame:
+    """Mark critical genes (see :func:`critical_genes`) and rank the table: critical first, then by p and |log2fc|."""
     pts = np.where(table["direction"] == "sensitive", table["pts_sensitive"], table["pts_resistant"])
     table["critical"] = (table["pvalue_adj"] <= fdr) & (table["log2fc"].abs() > min_log2fc) & (pts > min_pts)
     order = np.lexsort((-table["log2fc"].abs().to_numpy(), table["pvalue"].to_numpy(), ~table["critical"].to_numpy()))
+    attrs = dict(table.attrs)
     table = table.iloc[order].reset_index(drop=True)
     table.insert(1, "rank", np.arange(1, len(table) + 1, dtype=np.int32))
+    table.attrs.update(attrs)
     return table
 
 

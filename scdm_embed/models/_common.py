@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from store.errors import InputDataError
 
-__all__ = ["check_expression", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean"]
+__all__ = ["check_expression", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
 
 
 def check_expression(x: sp.csr_matrix, model: str) -> None:
@@ -46,7 +48,7 @@ def top_expressed(columns: sp.csr_matrix, n_top: int) -> list[np.ndarray]:
     return out
 
 
-def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+def dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
     """``from_pretrained`` keyword for the weight dtype (transformers 5 renamed ``torch_dtype``).
 
     Always given: transformers 5 otherwise loads weights in the dtype they were saved in.
@@ -62,3 +64,33 @@ def masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     # torch.where, not a multiply: fully padded rows can hold NaN that 0 * NaN would keep
     summed = torch.where(keep[..., None], hidden.float(), 0.0).sum(dim=1)
     return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).float()
+
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NORM_LAYERS: tuple[type[torch.nn.Module], ...] = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+"""Modules whose parameters stay float32 when the weights are held in half precision."""
+
+
+def half_dtype(precision: str | None) -> torch.dtype | None:
+    """The torch dtype of ``Adapter.weight_precision`` (``"bf16"``/``"fp16"``), None for float32 weights."""
+    return None if precision is None else HALF_DTYPES[precision]
+
+
+def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Cast the floating-point parameters of ``model`` to ``dtype`` in place, normalisation layers excepted.
+
+    For inference under autocast of the same dtype: the matrix products already run in ``dtype``
+    (autocast casts fp32 weights on every use), so only embedding tables and additive parameters
+    round differently. Normalisation layers keep float32 parameters: autocast computes them in
+    float32 anyway, and they are tiny. Buffers (positional tables, masks) are left as they are.
+    ``dtype=None`` leaves the model unchanged.
+    """
+    if dtype is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, NORM_LAYERS):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model

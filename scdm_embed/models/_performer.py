@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from torch import nn
 
 from scdm_embed._adapter import GeneAudit, require_matches
 from store.errors import CheckpointError, InputDataError
-from store.genes import map_genes
+from store.genes import as_gene_id_kind, map_genes
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -156,6 +157,8 @@ def favor_attention(
 class FastAttention(nn.Module):
     """Holds the fixed random-feature ``projection_matrix`` buffer of one attention layer."""
 
+    projection_matrix: torch.Tensor  # a registered buffer
+
     def __init__(self, dim_head: int, nb_features: int) -> None:
         super().__init__()
         self.register_buffer("projection_matrix", torch.zeros(nb_features, dim_head))
@@ -244,7 +247,8 @@ class SequentialSequence(nn.Module):
         self.layers = layers
 
     def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
-        for attn, ff in self.layers:
+        for layer in self.layers:
+            attn, ff = cast(nn.ModuleList, layer)  # each layer is ModuleList([attn, ff])
             x = x + attn(x, **attn_kwargs)
             x = x + ff(x)
         return x
@@ -253,7 +257,7 @@ class SequentialSequence(nn.Module):
 class Performer(nn.Module):
     """Layer stack; ``calls_since_last_redraw`` is kept only because checkpoints hold it."""
 
-    def __init__(self, cfg: "PerformerConfig") -> None:
+    def __init__(self, cfg: PerformerConfig) -> None:
         super().__init__()
         layers = nn.ModuleList(
             nn.ModuleList(
@@ -527,7 +531,7 @@ def align_to_gene_list(
         If no dataset gene is in the model's list.
     """
     ids = [str(g) for g in var_genes]
-    symbols = list(ids) if gene_id_kind == "symbol" else list(map_genes(ids, src=gene_id_kind, dst="symbol"))
+    symbols = list(ids) if gene_id_kind == "symbol" else list(map_genes(ids, src=as_gene_id_kind(gene_id_kind), dst="symbol"))
     index = {g: i for i, g in enumerate(model_genes)}
     cols: list[int] = []
     model_idx: list[int] = []
@@ -561,7 +565,7 @@ def align_to_gene_list(
 
 
 def log2_normalised_rows(
-    x: "sp.csr_matrix", cols: np.ndarray, model_idx: np.ndarray, *, target_sum: float
+    x: sp.csr_matrix, cols: np.ndarray, model_idx: np.ndarray, *, target_sum: float
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per cell: model gene indices (ascending) and ``log2(1 + counts / total * target_sum)`` > 0.
 

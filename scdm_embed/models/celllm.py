@@ -43,8 +43,9 @@ the gene tokens (CLS and pads excluded).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -265,7 +266,7 @@ class CellLMAdapter(Adapter):
         )
         return audit
 
-    def tokenize(self, x: "sp.csr_matrix", rows: np.ndarray) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Per cell: CLS + expressed genes in gene order (tokens, positions) and the pad count."""
         if self._cols is None or self._model_idx is None:
             msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."
@@ -273,7 +274,7 @@ class CellLMAdapter(Adapter):
         check_counts(x, self.name)
         _, cls_token, _, cls_pos = self._special
         n_bins = cls_token - 1
-        cells = []
+        cells: list[dict[str, np.ndarray]] = []
         for genes, values in log2_normalised_rows(x, self._cols, self._model_idx, target_sum=TARGET_SUM):
             tokens = np.floor(np.minimum(values, n_bins)).astype(np.int64)
             input_ids = np.concatenate([[cls_token], tokens])[: self.max_length]

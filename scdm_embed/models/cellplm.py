@@ -45,9 +45,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ from torch import nn
 
 from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
 from store.errors import CheckpointError, InputDataError
-from store.genes import map_genes, strip_ensembl_version
+from store.genes import as_gene_id_kind, map_genes, strip_ensembl_version
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -96,7 +97,7 @@ class CellPLMConfig:
     """Norm of the embedder (``groupnorm``)."""
 
     @classmethod
-    def from_json(cls, config: dict[str, Any], source: str) -> "CellPLMConfig":
+    def from_json(cls, config: dict[str, Any], source: str) -> CellPLMConfig:
         """Validate the official config and keep what the embedding needs.
 
         Raises
@@ -286,7 +287,7 @@ class _InferenceNet(nn.Module):
             None: ``y = onehot(argmax logits)``, the modal cluster. Else U(0, 1) draws of shape
             (n_cells, n_clusters): ``y`` is the reference's hard Gumbel-softmax sample.
         """
-        logits = self.inference_qyx[0].logits(h)
+        logits = cast(_GumbelSoftmax, self.inference_qyx[0]).logits(h)
         if uniforms is None:
             y = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(h.dtype)
         else:
@@ -295,7 +296,7 @@ class _InferenceNet(nn.Module):
             hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
             y = ((hard - soft).detach() + soft).to(h.dtype)  # straight-through, as the reference
         hidden = self.inference_qzyx[1](self.inference_qzyx[0](torch.cat([h, y], dim=1)))
-        return self.inference_qzyx[2].mu(hidden)
+        return cast(_Gaussian, self.inference_qzyx[2]).mu(hidden)
 
 
 class _GMVAELatent(nn.Module):
@@ -340,7 +341,7 @@ class CellPLMEmbedder(nn.Module):
         h = self.embedder(gene_idx, log_counts)
         h = self.encoder(h)
         h = self.pre_latent_norm.norm(h)
-        return self.latent.layers[1].inference.posterior_mean(h, uniforms)
+        return cast(_GMVAELatent, self.latent.layers[1]).inference.posterior_mean(h, uniforms)
 
 
 def load_state_dict_file(path: Path, key: str = "model_state_dict") -> dict[str, torch.Tensor]:
@@ -535,9 +536,13 @@ class CellPLMAdapter(Adapter):
         if gene_id_kind == "ensembl":
             ensembl: list[str | None] = list(strip_ensembl_version(ids))
         else:
-            ensembl = list(map_genes(ids, src=gene_id_kind, dst="ensembl"))
+            ensembl = list(map_genes(ids, src=as_gene_id_kind(gene_id_kind), dst="ensembl"))
         index = {g: i for i, g in enumerate(config_json["gene_list"])}
-        cols, model_idx, unmatched, seen, n_duplicates = [], [], [], set(), 0
+        cols: list[int] = []
+        model_idx: list[int] = []
+        unmatched: list[str] = []
+        seen: set[int] = set()
+        n_duplicates = 0
         for col, gene in enumerate(ensembl):
             pos = index.get(gene) if gene is not None else None
             if pos is None:
@@ -561,7 +566,7 @@ class CellPLMAdapter(Adapter):
         self._model_idx = np.asarray(model_idx, dtype=np.int64)
         return audit
 
-    def tokenize(self, x: "sp.csr_matrix", rows: np.ndarray) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Per cell: the ``gene_list`` rows of its expressed genes and their counts."""
         if self._cols is None or self._model_idx is None:
             msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."

@@ -32,16 +32,24 @@ import json
 import logging
 import pickle
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
-from scdm_embed.models._common import aggregation_matrix, dtype_argument, masked_mean
+from scdm_embed._adapter import (
+    Adapter,
+    GeneAudit,
+    check_counts,
+    register_adapter,
+    require_matches,
+)
+from scdm_embed._safe_load import load_pickle
+from scdm_embed.models._common import aggregation_matrix, dtype_argument, half_dtype, hold_weights_in, masked_mean
 from store.errors import CheckpointError, InputDataError
 from store.genes import detect_gene_id_kind, gene_table, map_genes
 
@@ -64,39 +72,6 @@ _V2_SPECIALS = ("<pad>", "<mask>", "<cls>", "<eos>")
 # ---- safe reading of the gene dictionaries ------------------------------------------------------
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    # numpy scalars pickle as ``scalar(dtype, bytes)``; protocol 2 stores the bytes through
-    # ``_codecs.encode``. numpy 1 writes ``numpy.core``, numpy 2 ``numpy._core``.
-    import _codecs
-
-    try:
-        from numpy._core.multiarray import scalar as np_scalar
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import scalar as np_scalar  # type: ignore[no-redef]
-
-    return {
-        ("numpy.core.multiarray", "scalar"): np_scalar,
-        ("numpy._core.multiarray", "scalar"): np_scalar,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _codecs.encode,
-        ("builtins", "dict"): dict,
-        ("builtins", "str"): str,
-        ("builtins", "int"): int,
-        ("builtins", "float"): float,
-    }
-
-
-class _GeneDictionaryUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the few globals a dict of strings and numbers needs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = _allowed_globals()
-        if (module, name) in allowed:
-            return allowed[(module, name)]
-        msg = f"{module}.{name}"
-        raise pickle.UnpicklingError(msg)
-
-
 def load_gene_dictionary(path: str | Path) -> dict[str, Any]:
     """Read one of Geneformer's gene dictionary pickles without running code from it.
 
@@ -117,19 +92,8 @@ def load_gene_dictionary(path: str | Path) -> dict[str, Any]:
         arbitrary code when loaded, so it is refused), or it is not a dict of that shape.
     """
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            content = _GeneDictionaryUnpickler(handle).load()
-    except pickle.UnpicklingError as err:
-        msg = (
-            f"Refusing to load {str(path)!r}: the pickle refers to {err}, but a Geneformer gene dictionary "
-            "holds only strings and numbers. Loading it could run code. Replace the file with the one "
-            "from the official Geneformer repository (huggingface.co/ctheodoris/Geneformer)."
-        )
-        raise CheckpointError(msg) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        msg = f"Cannot read {str(path)!r} as a Geneformer gene dictionary pickle ({type(err).__name__}: {err})."
-        raise CheckpointError(msg) from None
+    content = load_pickle(path, what="a Geneformer gene dictionary (strings and numbers only)",
+                          source="huggingface.co/ctheodoris/Geneformer")
     return _validated_dictionary(content, path)
 
 
@@ -335,6 +299,7 @@ class GeneformerAdapter(Adapter):
     # peft matches by name suffix; "output.dense" covers attention.output.dense and the FFN output
     lora_target_modules = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
     default_batch_size = 16
+    half_precision_weights = True
 
     def __init__(
         self,
@@ -431,14 +396,14 @@ class GeneformerAdapter(Adapter):
 
         self._load_dictionaries()
         assert self.checkpoint is not None
-        model, info = BertModel.from_pretrained(
+        model, info = cast(Any, BertModel.from_pretrained(  # (model, loading info) with output_loading_info
             self.checkpoint,
             add_pooling_layer=False,
             attn_implementation="sdpa",
             **dtype_argument(torch.float32),
             output_loading_info=True,
             local_files_only=True,
-        )
+        ))
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             msg = (
@@ -451,6 +416,7 @@ class GeneformerAdapter(Adapter):
         if kept < len(model.encoder.layer):
             model.encoder.layer = model.encoder.layer[:kept]
             model.config.num_hidden_layers = kept
+        hold_weights_in(model, half_dtype(self.weight_precision))  # before the copy to the device: half the bytes
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         logger.info(
@@ -513,7 +479,8 @@ class GeneformerAdapter(Adapter):
             ranked = [np.concatenate([[cls], genes, [eos]]).astype(np.int64) for genes in ranked]
         return [{"input_ids": genes} for genes in ranked]
 
-    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Right-padded ``input_ids``; ``attention_mask`` (1 = real token) is None when no cell is padded."""
         length = max(1, max(len(c["input_ids"]) for c in cells))
         input_ids = torch.full((len(cells), length), self.special_ids_["<pad>"], dtype=torch.long)
         attention_mask = torch.zeros((len(cells), length), dtype=torch.long)
@@ -521,18 +488,23 @@ class GeneformerAdapter(Adapter):
             n = len(cell["input_ids"])
             input_ids[i, :n] = torch.from_numpy(cell["input_ids"])
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        # decided here, on the CPU: transformers would otherwise inspect the mask on the device to drop it
+        padded = any(len(c["input_ids"]) < length for c in cells)
+        return {"input_ids": input_ids, "attention_mask": attention_mask if padded else None}
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.model is None:
             msg = "Call load(device) before embed()."
             raise RuntimeError(msg)
-        attention_mask = batch["attention_mask"]
+        attention_mask = batch.get("attention_mask")  # None: no cell of the batch is padded
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
         if self.pooling_ == "cls":
             return hidden[:, 0].float()
-        lengths = attention_mask.sum(dim=1, keepdim=True)
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]
+        if attention_mask is None:
+            lengths = torch.full((hidden.shape[0], 1), hidden.shape[1], dtype=torch.long, device=hidden.device)
+        else:
+            lengths = attention_mask.sum(dim=1, keepdim=True)
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
         if self.version_ == 2:  # mean over genes only: drop <cls> (first) and <eos> (last real token)
             keep = (positions >= 1) & (positions < lengths - 1)
         else:

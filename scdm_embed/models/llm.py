@@ -17,7 +17,11 @@ downloaded::
 Only genes whose symbol is in the shipped human gene table are written into sentences: the LLM
 knows genes by their official names, and other identifiers would spend tokens on noise. Ties keep the
 dataset's gene order (stable sort). Batches are padded on the right by default; ``padding_side="left"``
-gives the same embeddings (position ids are computed from the attention mask).
+gives the same embeddings (position ids are computed from the attention mask). With right padding the
+model runs without an attention mask: under causal attention a real token never sees the pads after
+it, so its output is the same (bit for bit on the CPU), and SDPA can use its causal flash kernel; the
+pads' outputs are left out of the mean. A model whose attention is not causal in every layer keeps
+the mask.
 
 On CUDA the weights are loaded in bfloat16 (an 8B model would need 32 GB in float32); elsewhere in
 float32. The runner's autocast decides the compute precision.
@@ -27,8 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,7 +42,7 @@ import torch
 from scdm_embed._adapter import Adapter, GeneAudit, register_adapter, require_matches
 from scdm_embed.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from store.errors import CheckpointError, InputDataError
-from store.genes import detect_gene_id_kind, gene_table, map_genes
+from store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
 
 __all__ = ["LLMAdapter", "write_tiny_checkpoint", "DEFAULT_TEMPLATE"]
 
@@ -195,7 +200,7 @@ class LLMAdapter(Adapter):
             known = map_genes(names, src="symbol", dst="entrez")
             symbols = [n if k is not None else None for n, k in zip(names, known)]
         else:
-            symbols = list(map_genes(names, src=gene_id_kind, dst="symbol"))  # type: ignore[arg-type]
+            symbols = list(map_genes(names, src=as_gene_id_kind(gene_id_kind), dst="symbol"))
         column_symbols = list(dict.fromkeys(s for s in symbols if s is not None))
         index = {s: i for i, s in enumerate(column_symbols)}
         column_of_gene = np.array([index[s] if s is not None else -1 for s in symbols], dtype=np.int64)
@@ -244,10 +249,18 @@ class LLMAdapter(Adapter):
         if self.model is None:
             msg = "Call load(device) before embed()."
             raise RuntimeError(msg)
-        out = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False
-        )
-        return masked_mean(out.last_hidden_state, batch["attention_mask"].bool())
+        mask = batch["attention_mask"]
+        # right padding + causal attention: real tokens never attend to the pads behind them, so the
+        # model needs no mask (explicit position ids); the mask still selects what is averaged
+        model_mask = None if self.padding_side == "right" and _causal(self.model) else mask
+        out = self.model(input_ids=batch["input_ids"], attention_mask=model_mask, position_ids=batch["position_ids"], use_cache=False)
+        return masked_mean(out.last_hidden_state, mask.bool())
+
+
+def _causal(model: torch.nn.Module) -> bool:
+    """Whether every attention module of a Hugging Face model declares ``is_causal`` (and there is one)."""
+    flags = [bool(m.is_causal) for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
 
 
 # ---- tiny checkpoints for tests and the demo ----------------------------------------------------

@@ -34,8 +34,9 @@ random-weight test model, where the ``+1e-4`` is comparable to the kernel values
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -209,7 +210,7 @@ class ScBERTAdapter(Adapter):
         )
         return audit
 
-    def tokenize(self, x: "sp.csr_matrix", rows: np.ndarray) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
         """One 16,907-long uint8 token vector per cell (tokens 0..5, last token 0)."""
         if self._cols is None or self._model_idx is None:
             msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."

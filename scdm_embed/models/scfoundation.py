@@ -37,15 +37,19 @@ concerns only cells with total count 1.
 In both modes a cell without counts in the 19,264 genes is refused (the reference divides by
 zero), and a dataset gene listed twice keeps its first column (the reference would misalign its
 columns).
+
+``models.ckpt`` is read with ``torch.load(weights_only=True)`` plus numpy values and
+``argparse.Namespace`` (:mod:`scdm_embed._safe_load`): a file that asks to unpickle anything else
+is refused, never run.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,7 +57,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
+from scdm_embed._adapter import (
+    Adapter,
+    GeneAudit,
+    check_counts,
+    register_adapter,
+    require_matches,
+)
+from scdm_embed._safe_load import load_torch_file
+from scdm_embed.models._common import half_dtype, hold_weights_in
 from store.errors import CheckpointError, InputDataError
 
 if TYPE_CHECKING:
@@ -177,22 +189,9 @@ class ScFoundationModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """Encoder output, shape (n_cells, n_tokens, hidden_dim)."""
-        x = self.token_emb(values) + self.pos_emb(input_ids)
+        # the sum enters the first residual stream in float32 also when the tables are half precision
+        x = self.token_emb(values).float() + self.pos_emb(input_ids).float()
         return self.encoder(x, padding_mask)
-
-
-def _torch_load(path: Path, *, mmap: bool = False) -> Any:
-    """``torch.load`` on CPU, tensors only when possible (full unpickling is logged)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds more than tensors; unpickling it fully (only load checkpoints you trust).", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
-            return _torch_load(path, mmap=False)
-        msg = f"Cannot read {str(path)!r} as a torch file ({err}). Re-download it."
-        raise CheckpointError(msg) from err
 
 
 def _merged_config(entry: dict[str, Any], where: str) -> dict[str, Any]:
@@ -245,6 +244,7 @@ class ScFoundationAdapter(Adapter):
     checkpoint_files = (MODEL_FILE, GENE_INDEX_GLOB)
     lora_target_modules = ("self_attn.out_proj", "linear1", "linear2")
     default_batch_size = 8
+    half_precision_weights = True
 
     def __init__(
         self,
@@ -283,7 +283,7 @@ class ScFoundationAdapter(Adapter):
 
     def _read_entry(self, *, mmap: bool = True) -> dict[str, Any]:
         path = self._folder() / MODEL_FILE
-        ckpt = _torch_load(path, mmap=mmap)
+        ckpt = load_torch_file(path, what=f"scFoundation's {MODEL_FILE} (configs and state_dicts)", mmap=mmap)
         if not isinstance(ckpt, dict) or self.sub_model not in ckpt:
             keys = ", ".join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
             msg = f"{str(path)!r} has no {self.sub_model!r} model (it holds: {keys}). Use the official models.ckpt or another sub_model."
@@ -326,6 +326,7 @@ class ScFoundationAdapter(Adapter):
         with torch.device("meta"):  # no random init: every tensor comes from the file
             model = ScFoundationModel(config)
         self._load_weights(model)
+        hold_weights_in(model, half_dtype(self.weight_precision))  # before the copy to the device: half the bytes
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         enc = config["encoder"]
@@ -404,7 +405,7 @@ class ScFoundationAdapter(Adapter):
             raise RuntimeError(msg)
         check_counts(x, self.name)
         n_genes = len(self.genes())
-        cells = []
+        cells: list[dict[str, np.ndarray]] = []
         for i, row in enumerate(rows):
             start, end = x.indptr[i], x.indptr[i + 1]
             genes = self._gene_index[x.indices[start:end]]
@@ -439,7 +440,8 @@ class ScFoundationAdapter(Adapter):
             cells.append({"input_ids": input_ids, "values": np.concatenate([values[nonzero], tail]).astype(np.float32)})
         return cells
 
-    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Right-padded ``input_ids`` and ``values``; ``padding_mask`` (True = pad) is None when no cell is padded."""
         pad_value = float(self.model_config()["pad_token_id"])  # recognised by value, as in gatherData
         length = max(len(c["input_ids"]) for c in cells)
         ids = np.zeros((len(cells), length), dtype=np.int64)
@@ -448,18 +450,22 @@ class ScFoundationAdapter(Adapter):
         for i, cell in enumerate(cells):
             n = len(cell["input_ids"])
             ids[i, :n], values[i, :n], padding[i, :n] = cell["input_ids"], cell["values"], False
-        return {"input_ids": torch.from_numpy(ids), "values": torch.from_numpy(values), "padding_mask": torch.from_numpy(padding)}
+        # decided here, on the CPU: without a mask SDPA may use its flash kernel, and nothing on the device is inspected
+        mask = torch.from_numpy(padding) if padding.any() else None
+        return {"input_ids": torch.from_numpy(ids), "values": torch.from_numpy(values), "padding_mask": mask}
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.model is None:
             msg = "Call load() before embed()."
             raise RuntimeError(msg)
-        padding = batch["padding_mask"]
+        padding = batch.get("padding_mask")  # None: no cell of the batch is padded
         hidden = self.model(batch["input_ids"], batch["values"], padding).float()
-        real = ~padding
         if self.pool_type == "max":
-            return hidden.masked_fill(padding[..., None], float("-inf")).amax(dim=1)
-        lengths = real.sum(dim=1)
+            return hidden.amax(dim=1) if padding is None else hidden.masked_fill(padding[..., None], float("-inf")).amax(dim=1)
+        if padding is None:
+            lengths = torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.long, device=hidden.device)
+        else:
+            lengths = (~padding).sum(dim=1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         # by position, like the reference: in quirk mode a dropped T/S shifts what these pick
         source, target = hidden[rows, lengths - 1], hidden[rows, lengths - 2]
@@ -506,9 +512,10 @@ def write_tiny_checkpoint(folder: str | Path, *, genes: list[str] | None = None,
     """Write a small random scFoundation folder in the official format.
 
     ``models.ckpt`` holds ``cell``, ``rde`` and ``gene`` entries (different random weights), each
-    ``{'config': {'model': 'mae_autobin', 'model_config': {...}, 'dataset_config': {'rnaseq':
-    {...}}}, 'state_dict': {'model.<key>': tensor}}`` including a small Performer decoder, and
-    ``OS_scRNA_gene_index.<n>.tsv`` lists the genes.
+    ``{'config': {'model': 'mae_autobin', 'model_config': {'mae_autobin': {'model': 'mae_autobin',
+    ...}}, 'dataset_config': {'rnaseq': {...}}}, 'state_dict': {'model.<key>': tensor}}`` including
+    a small Performer decoder, and ``OS_scRNA_gene_index.<n>.tsv`` lists the genes. Only plain
+    containers, strings, numbers and tensors: the file loads with ``weights_only=True``.
 
     Parameters
     ----------
@@ -531,6 +538,8 @@ def write_tiny_checkpoint(folder: str | Path, *, genes: list[str] | None = None,
     genes = list(dict.fromkeys(genes if genes is not None else _default_genes()))
     seq_len = len(genes) + 2
     model_config: dict[str, Any] = {
+        # the reference's load_model_frommmf reads ``model`` from the merged config (select_model)
+        "model": "mae_autobin",
         "encoder": {"hidden_dim": 32, "depth": 2, "heads": 4, "dim_head": 8, "module_type": "transformer", "norm_first": False},
         "decoder": {"hidden_dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "module_type": "performer"},
         "n_class": 104, "pad_token_id": 103, "mask_token_id": 102, "bin_num": 10, "bin_alpha": 1.0,

@@ -35,12 +35,19 @@ after the one int64 draw a DataLoader iterator takes), both consumed cell by cel
 That is bit-for-bit the reference collator run in one process after ``np.random.seed(seed);
 torch.manual_seed(seed)``. ``embed_data`` itself collates in ``min(#CPUs, batch_size)`` DataLoader
 worker processes, each re-seeded from a base seed, so its exact draws depend on the machine's
-CPU count and are not replayed. Because the stream runs in row order, quirk-mode tokenisation
+CPU count and are not replayed. Even in one process, ``embed_data`` builds the model before its
+DataLoader, and the model's initialisation draws from the global torch RNG (how much depends on
+the architecture): after ``torch.manual_seed(seed)`` its gene subsample of cells with more genes
+than ``max_length`` starts at another point of the torch stream, so quirk mode does not replay it.
+Its bin tie-breaks (the numpy stream, which building the model does not touch) are replayed. Because the stream runs in row order, quirk-mode tokenisation
 must start at row 0 and see every chunk in order in one process (``workers=0``, no resume of a
 partial run): :meth:`ScGPTAdapter.tokenize` refuses anything else rather than draw wrong numbers.
 
 In both modes a cell with no counts over the vocabulary is refused (the reference crashes in
 ``binning``), and padding is a boolean key mask, as in the reference.
+
+``best_model.pt`` is read with ``torch.load(weights_only=True)`` (:mod:`scdm_embed._safe_load`):
+a file that asks to unpickle anything but tensors and plain values is refused, never run.
 """
 
 from __future__ import annotations
@@ -48,16 +55,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
+from scdm_embed._adapter import (
+    Adapter,
+    GeneAudit,
+    check_counts,
+    register_adapter,
+    require_matches,
+)
+from scdm_embed._safe_load import load_torch_file
+from scdm_embed.models._common import half_dtype, hold_weights_in
 from store.errors import CheckpointError, InputDataError
 
 if TYPE_CHECKING:
@@ -262,20 +277,6 @@ class ReferenceStream:
         self.next_row = int(rows[-1]) + 1
 
 
-def _torch_load(path: Path, *, mmap: bool = False) -> Any:
-    """``torch.load`` on CPU, tensors only when possible (full unpickling is logged)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds more than tensors; unpickling it fully (only load checkpoints you trust).", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
-            return _torch_load(path, mmap=False)
-        msg = f"Cannot read {str(path)!r} as a torch file ({err}). Re-download it."
-        raise CheckpointError(msg) from err
-
-
 # ---- adapter -----------------------------------------------------------------------------------
 @register_adapter
 class ScGPTAdapter(Adapter):
@@ -303,6 +304,7 @@ class ScGPTAdapter(Adapter):
     # a regex (peft full-match): `linear1`/`linear2` alone would also hit value_encoder.linear1/2
     lora_target_modules = (r".*transformer_encoder\.layers\.\d+\.(self_attn\.out_proj|linear1|linear2)",)
     default_batch_size = 32
+    half_precision_weights = True
 
     def __init__(
         self, checkpoint: str | Path | None = None, *, seed: int = 0, max_length: int = 1200, reference_quirks: bool = False
@@ -383,6 +385,7 @@ class ScGPTAdapter(Adapter):
                 dropout=float(args.get("dropout", 0.2)),
             )
         self._load_weights(model)
+        hold_weights_in(model, half_dtype(self.weight_precision))  # before the copy to the device: half the bytes
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         logger.info("Loaded scGPT from %s (%d layers, d=%d, vocab %d).", self.checkpoint, int(args["nlayers"]), int(args["embsize"]), len(self.vocab()))
@@ -390,7 +393,7 @@ class ScGPTAdapter(Adapter):
     def _load_weights(self, model: ScGPTModel) -> None:
         """Read ``best_model.pt``: rename flash-attn keys, drop the heads, load strictly."""
         path = self._folder() / MODEL_FILE
-        state = _torch_load(path, mmap=True)
+        state = load_torch_file(path, what=f"scGPT's {MODEL_FILE} (a state_dict)", mmap=True)
         if not isinstance(state, dict):
             msg = f"{str(path)!r} holds a {type(state).__name__}, not a state_dict. Re-download best_model.pt."
             raise CheckpointError(msg)
@@ -453,7 +456,7 @@ class ScGPTAdapter(Adapter):
         cls_id = self._special_id("<cls>")
         if self.reference_quirks:
             self._stream.advance_to(rows, self.name)
-        cells = []
+        cells: list[dict[str, np.ndarray]] = []
         for i, row in enumerate(rows):
             start, end = x.indptr[i], x.indptr[i + 1]
             cols, vals = x.indices[start:end], x.data[start:end].astype(np.float32)
@@ -494,7 +497,8 @@ class ScGPTAdapter(Adapter):
             genes, binned = genes[chosen], binned[chosen]
         return genes, binned
 
-    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Right-padded ``input_ids`` and ``values``; ``padding_mask`` (True = pad) is None when no cell is padded."""
         length = max(len(c["input_ids"]) for c in cells)
         ids = np.full((len(cells), length), self.pad_id, dtype=np.int64)
         values = np.full((len(cells), length), self.pad_value, dtype=np.float32)
@@ -502,13 +506,15 @@ class ScGPTAdapter(Adapter):
         for i, cell in enumerate(cells):
             n = len(cell["input_ids"])
             ids[i, :n], values[i, :n], padding[i, :n] = cell["input_ids"], cell["values"], False
-        return {"input_ids": torch.from_numpy(ids), "values": torch.from_numpy(values), "padding_mask": torch.from_numpy(padding)}
+        # decided here, on the CPU: without a mask SDPA may use its flash kernel, and nothing on the device is inspected
+        mask = torch.from_numpy(padding) if padding.any() else None
+        return {"input_ids": torch.from_numpy(ids), "values": torch.from_numpy(values), "padding_mask": mask}
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.model is None:
             msg = "Call load() before embed()."
             raise RuntimeError(msg)
-        hidden = self.model(batch["input_ids"], batch["values"], batch["padding_mask"])
+        hidden = self.model(batch["input_ids"], batch["values"], batch.get("padding_mask"))
         return F.normalize(hidden[:, 0].float(), dim=-1)
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,7 +38,7 @@ import torch
 from scdm_embed._adapter import Adapter, GeneAudit, register_adapter, require_matches
 from scdm_embed.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from store.errors import CheckpointError, InputDataError
-from store.genes import detect_gene_id_kind, gene_table, map_genes
+from store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
 
 __all__ = ["TGPTAdapter", "write_tiny_checkpoint", "vocabulary_word"]
 
@@ -134,12 +135,16 @@ class TGPTAdapter(Adapter):
 
         self._load_tokenizer()
         assert self.checkpoint is not None
-        model, info = GPT2Model.from_pretrained(
-            self.checkpoint,
-            attn_implementation="sdpa",
-            output_loading_info=True,
-            local_files_only=True,
-            **dtype_argument(torch.float32),
+        # output_loading_info=True returns (model, info); transformers' annotations only know the model
+        model, info = cast(
+            "tuple[GPT2Model, dict[str, list[str]]]",
+            GPT2Model.from_pretrained(
+                self.checkpoint,
+                attn_implementation="sdpa",
+                output_loading_info=True,
+                local_files_only=True,
+                **dtype_argument(torch.float32),
+            ),
         )
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
@@ -149,7 +154,8 @@ class TGPTAdapter(Adapter):
             )
             raise CheckpointError(msg)
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which mypy reads as unbound
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         logger.info("Loaded tGPT from %s: %d layers, %d-d, %d tokens per cell.", self.checkpoint, model.config.n_layer, model.config.n_embd, self.max_length)
 
     # ---- description ----------------------------------------------------------------------------
@@ -164,7 +170,7 @@ class TGPTAdapter(Adapter):
     def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
         self._load_tokenizer()
         names = [str(g) for g in var_genes]
-        symbols = names if gene_id_kind == "symbol" else list(map_genes(names, src=gene_id_kind, dst="symbol"))  # type: ignore[arg-type]
+        symbols = names if gene_id_kind == "symbol" else list(map_genes(names, src=as_gene_id_kind(gene_id_kind), dst="symbol"))
         words = [vocabulary_word(s) if s is not None else None for s in symbols]
         known = [w if (w is not None and w in self.vocabulary_) else None for w in words]
         column_words = list(dict.fromkeys(w for w in known if w is not None))

@@ -20,7 +20,8 @@ What one cell becomes (``eval_data.py``, ``evaluate.py``; MODELS.md section 4):
    (token 3), at most 1536 tokens;
 4. token -> ``pe_embedding`` row (frozen) -> L2-normalised -> ``encoder`` (Linear, GELU, LayerNorm)
    x sqrt(d) -> + sinusoidal position -> post-LN transformer -> ``decoder`` MLP on the CLS
-   position -> L2-normalised (1280-d).
+   position -> L2-normalised (1280-d). The adapter normalises the frozen table's rows once at
+   load (:attr:`UCEModel.tokens_normalised`) instead of every looked-up token in every forward.
 
 Where the default differs from the reference, on purpose (``reference_quirks=False``):
 
@@ -52,10 +53,16 @@ In both modes:
   applied: scdm embeds every cell of the dataset. A cell without counts in the matched genes is
   refused (the reference divides by zero).
 
-Token table: like ``evaluate.py``, the table stored in the model file is kept when
-``all_tokens.torch`` has the same number of rows (and the stored one is not all zeros);
-otherwise ``all_tokens.torch`` replaces it, after appending the 1,895 chromosome tokens drawn
-with ``torch.manual_seed(23)`` when it holds only the 143,574 ESM2 rows.
+Token table, by ``evaluate.py``'s rule: ``all_tokens.torch`` gets 1,895 chromosome tokens
+(``torch.manual_seed(23)`` normals) appended when it holds only the 143,574 ESM2 rows. When it then
+has exactly 145,469 rows (the released size: the training species) the table stored in the model
+file is kept, so those appended rows are never used; any other size (new species added) replaces
+the stored table. A model file whose stored table is not 145,469 rows, or is all zeros, while
+``all_tokens.torch`` has the released size is refused: the reference cannot load the first and
+would embed with zeros from the second.
+
+Files are read without running code from them: the torch files with ``weights_only=True`` and
+``species_offsets.pkl`` with a restricted unpickler (:mod:`scdm_embed._safe_load`).
 """
 
 from __future__ import annotations
@@ -63,8 +70,9 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -72,7 +80,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scdm_embed._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
+from scdm_embed._adapter import (
+    Adapter,
+    GeneAudit,
+    check_counts,
+    register_adapter,
+    require_matches,
+)
+from scdm_embed._safe_load import load_pickle, load_torch_file
+from scdm_embed.models._common import half_dtype, hold_weights_in
 from store.errors import CheckpointError, InputDataError
 
 if TYPE_CHECKING:
@@ -99,8 +115,8 @@ SPECIES_FILES = {  # data_proc/gene_embeddings.py
 }
 PAD_TOKEN, CHROM_CLOSE_TOKEN, CLS_TOKEN = 0, 2, 3  # eval_single_anndata.py defaults
 N_ESM2_TOKENS = 143_574  # rows of the ESM2-only token table (= CHROM_TOKEN_OFFSET)
-N_CHROM_TOKENS = 1_895  # chromosome tokens after them (145,469 rows in all)
-CHROM_TOKEN_SEED = 23
+N_CHROM_TOKENS = 1_895  # chromosome tokens after them
+N_RELEASED_TOKENS = N_ESM2_TOKENS + N_CHROM_TOKENS  # 145,469: the token table of the released models
 N_HEADS = 20  # hard-coded in evaluate.py; not recoverable from the weights
 _USED_PREFIXES = ("pe_embedding.", "encoder.", "pos_encoder.", "transformer_encoder.", "decoder.")
 
@@ -181,7 +197,8 @@ class PositionalEncoding(nn.Module):
         self.register_buffer("pe", pe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.pe[: x.shape[1], 0].to(x.dtype)
+        pe = cast(torch.Tensor, self.pe)  # a registered buffer (mypy types Module attributes as Tensor | Module)
+        return x + pe[: x.shape[1], 0].to(x.dtype)
 
 
 def _full_block(d_in: int, d_out: int, dropout: float) -> nn.Sequential:
@@ -221,42 +238,50 @@ class UCEModel(nn.Module):
             nn.Linear(output_dim, output_dim),
         )
         self.dropout = nn.Dropout(dropout)
+        # True once pe_embedding holds L2-normalised rows (normalised_rows): the forward then skips that step
+        self.tokens_normalised = False
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """L2-normalised cell embeddings from the CLS position, shape (n_cells, output_dim).
 
         ``padding_mask`` (n_cells, n_tokens): boolean (True = pad, excluded from attention) or
-        float (added to the attention logits, the reference's ``1 - mask``).
+        float (added to the attention logits, the reference's ``1 - mask``); None: no padding.
         """
-        tokens = F.normalize(self.pe_embedding(input_ids).float(), dim=-1)
+        tokens = self.pe_embedding(input_ids)
+        if not self.tokens_normalised:
+            tokens = F.normalize(tokens.float(), dim=-1)
         x = self.encoder(tokens) * math.sqrt(self.d_model)
         x = self.dropout(self.pos_encoder(x))
         hidden = self.transformer_encoder(x, padding_mask)
         return F.normalize(self.decoder(hidden[:, 0]).float(), dim=-1)
 
 
-def _torch_load(path: Path, *, mmap: bool = False) -> Any:
-    """``torch.load`` on CPU, tensors only when possible (full unpickling is logged)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds more than tensors; unpickling it fully (only load checkpoints you trust).", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
-            return _torch_load(path, mmap=False)
-        msg = f"Cannot read {str(path)!r} as a torch file ({err}). Re-download it."
-        raise CheckpointError(msg) from err
+def normalised_rows(table: torch.Tensor, device: torch.device, dtype: torch.dtype, block: int = 8192) -> torch.Tensor:
+    """``F.normalize(table, dim=-1)`` computed in float32 block by block, stored on ``device`` in ``dtype``.
+
+    The same row-wise operation the forward applied to every looked-up token, done once per row;
+    block by block so that a 145,469 x 5,120 table needs no second full-size float32 copy.
+    """
+    out = torch.empty(table.shape, dtype=dtype, device=device)
+    for lo in range(0, table.shape[0], block):
+        out[lo:lo + block] = F.normalize(table[lo:lo + block].to(device=device, dtype=torch.float32), dim=-1)
+    return out
 
 
-def chromosome_tokens(token_dim: int) -> torch.Tensor:
-    """The 1,895 chromosome token vectors ``evaluate.get_ESM2_embeddings`` appends to an ESM2-only table."""
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(CHROM_TOKEN_SEED)
-        return torch.normal(mean=0, std=1, size=(N_CHROM_TOKENS, token_dim))
-    finally:
-        torch.random.set_rng_state(state)  # leave the caller's global RNG as it was
+def read_species_offsets(path: Path) -> dict[str, int]:
+    """``species_offsets.pkl`` (species -> first row of its genes in the token table), read safely.
+
+    The file is a pickle; it is read with a restricted unpickler that admits only a dict of
+    strings and (numpy) integers, so a crafted file cannot run code.
+    """
+    offsets = load_pickle(path, what=f"UCE's {OFFSETS_FILE} (species -> row offset)",
+                          source="the figshare files UCE's evaluate.py downloads into model_files/")
+    if not isinstance(offsets, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, np.integer)) and not isinstance(v, bool) for k, v in offsets.items()
+    ):
+        msg = f"{str(path)!r} is not a dict of species name -> integer row offset; re-download {OFFSETS_FILE}."
+        raise CheckpointError(msg)
+    return {k: int(v) for k, v in offsets.items()}
 
 
 # ---- adapter -----------------------------------------------------------------------------------
@@ -291,6 +316,7 @@ class UCEAdapter(Adapter):
     checkpoint_files = ("*.torch", TOKEN_FILE, CHROM_FILE, OFFSETS_FILE, f"{PROTEIN_DIR}/*.pt")
     lora_target_modules = ("self_attn.out_proj", "linear1", "linear2")
     default_batch_size = 25
+    half_precision_weights = True
 
     def __init__(
         self,
@@ -354,7 +380,7 @@ class UCEAdapter(Adapter):
 
     def _read_state(self) -> dict[str, torch.Tensor]:
         path = self._folder() / self.model_file
-        state = _torch_load(path, mmap=True)
+        state = load_torch_file(path, what=f"UCE's {self.model_file} (a state_dict)", mmap=True)
         if not isinstance(state, dict):
             msg = f"{str(path)!r} holds a {type(state).__name__}, not a state_dict. Re-download it."
             raise CheckpointError(msg)
@@ -386,19 +412,32 @@ class UCEAdapter(Adapter):
 
     def token_table(self, stored: torch.Tensor) -> torch.Tensor:
         """The token table ``evaluate.run_eval`` ends up with (see the module docstring)."""
-        tokens = _torch_load(self._folder() / TOKEN_FILE, mmap=True)
+        tokens = load_torch_file(self._folder() / TOKEN_FILE, what=f"UCE's {TOKEN_FILE} (one tensor)", mmap=True)
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             msg = f"{TOKEN_FILE} must hold one 2-D tensor (tokens x {stored.shape[1]}); re-download it."
             raise CheckpointError(msg)
         if tokens.shape[1] != stored.shape[1]:
             msg = f"{TOKEN_FILE} has {tokens.shape[1]}-d tokens but {self.model_file} expects {stored.shape[1]}-d."
             raise CheckpointError(msg)
-        if tokens.shape[0] == N_ESM2_TOKENS:
-            tokens = torch.vstack([tokens, chromosome_tokens(tokens.shape[1])])
-        if tokens.shape[0] == stored.shape[0] and bool(stored[: min(len(stored), 4096)].any()):
-            logger.info("UCE: using the token table stored in %s (same size as %s).", self.model_file, TOKEN_FILE)
-            return stored.float()
-        return tokens.float()
+        # evaluate.py appends 1,895 seeded chromosome tokens to an ESM2-only table: that makes the
+        # released size, so the appended rows are never used and need not be drawn here
+        n_rows = tokens.shape[0] + (N_CHROM_TOKENS if tokens.shape[0] == N_ESM2_TOKENS else 0)
+        if n_rows != N_RELEASED_TOKENS:  # other species added: evaluate.py swaps the file's table in
+            return tokens.float()
+        # Exactly the released size: evaluate.py keeps the table stored in the model file.
+        if stored.shape[0] != N_RELEASED_TOKENS:
+            msg = (f"{self.model_file} stores a {stored.shape[0]:,}-row token table, but released UCE models store "
+                   f"{N_RELEASED_TOKENS:,} rows, the size {TOKEN_FILE} here has (with chromosome tokens), and the reference "
+                   f"(evaluate.py) cannot load any other size. Re-download {self.model_file}.")
+            raise CheckpointError(msg)
+        if not bool(stored[:4096].any()):
+            msg = (f"The token table stored in {self.model_file} is all zeros. With a {N_RELEASED_TOKENS:,}-row "
+                   f"{TOKEN_FILE} the reference keeps the model file's table, so every embedding would be meaningless. "
+                   f"Re-download {self.model_file} (the released files store the real table).")
+            raise CheckpointError(msg)
+        logger.info("UCE: using the token table stored in %s (%s has the released %d rows).", self.model_file,
+                    TOKEN_FILE, N_RELEASED_TOKENS)
+        return stored.float()
 
     def chrom_token_offset(self) -> int:
         """First chromosome token row (``CHROM_TOKEN_OFFSET``, 143,574 when released).
@@ -414,6 +453,14 @@ class UCEAdapter(Adapter):
             model = UCEModel(n_heads=self.nhead, **arch)
         self._load_weights(model)
         self.device = torch.device(device)
+        dtype = half_dtype(self.weight_precision)
+        # the frozen token table, L2-normalised once here rather than per token per forward (a
+        # (cells, tokens, 5120) float32 tensor twice per batch); autocast would round those rows
+        # to the compute dtype at the encoder anyway, so they can be stored in it
+        table = normalised_rows(model.pe_embedding.weight.detach(), self.device, dtype or torch.float32)
+        model.pe_embedding.weight = nn.Parameter(table, requires_grad=False)
+        model.tokens_normalised = True
+        hold_weights_in(model, dtype)  # before the copy to the device: half the bytes
         self.model = model.to(self.device).eval()
         logger.info("Loaded UCE %s from %s (%d layers, d=%d).", self.variant, self.checkpoint, arch["n_layers"], arch["d_model"])
 
@@ -462,12 +509,12 @@ class UCEAdapter(Adapter):
         if self._vocab is not None:
             return self._vocab
         folder = self._folder()
-        with open(folder / OFFSETS_FILE, "rb") as f:
-            offsets = pickle.load(f)
+        offsets = read_species_offsets(folder / OFFSETS_FILE)
         if self.species not in offsets:
             msg = f"{OFFSETS_FILE} has no offset for species {self.species!r} (it has: {', '.join(map(str, offsets))})."
             raise CheckpointError(msg)
-        proteins = _torch_load(folder / PROTEIN_DIR / SPECIES_FILES[self.species], mmap=True)  # only the key order is needed
+        proteins = load_torch_file(folder / PROTEIN_DIR / SPECIES_FILES[self.species], what="a UCE protein-embedding file (gene -> tensor)",
+                                   mmap=True)  # only the key order is needed
         # dict order is the token order; upper-casing keeps the first position of a repeated key
         symbols = list(dict.fromkeys(str(k).upper() for k in proteins))
         tokens = pd.DataFrame({"symbol": symbols, "token": np.arange(len(symbols), dtype=np.int64) + int(offsets[self.species])})
@@ -546,21 +593,24 @@ class UCEAdapter(Adapter):
             cells.append({"input_ids": sentence})
         return cells
 
-    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Right-padded ``input_ids``; ``padding_mask`` (True = pad) is None when no cell is padded."""
         length = max(len(c["input_ids"]) for c in cells)
         ids = np.full((len(cells), length), PAD_TOKEN, dtype=np.int64)
         padding = np.ones((len(cells), length), dtype=bool)
         for i, cell in enumerate(cells):
             n = len(cell["input_ids"])
             ids[i, :n], padding[i, :n] = cell["input_ids"], False
-        return {"input_ids": torch.from_numpy(ids), "padding_mask": torch.from_numpy(padding)}
+        # decided here, on the CPU: without a mask SDPA may use its flash kernel, and nothing on the device is inspected
+        mask = torch.from_numpy(padding) if padding.any() else None
+        return {"input_ids": torch.from_numpy(ids), "padding_mask": mask}
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.model is None:
             msg = "Call load() before embed()."
             raise RuntimeError(msg)
-        padding = batch["padding_mask"]
-        if self.reference_quirks:
+        padding = batch.get("padding_mask")  # None: no cell of the batch is padded (the float mask would add 0)
+        if self.reference_quirks and padding is not None:
             padding = padding.float()  # the reference's src_key_padding_mask = 1 - mask: +1 on pads
         return self.model(batch["input_ids"], padding).float()
 
@@ -577,9 +627,9 @@ def _reference_cell_sentence(
     order = np.argsort(cols, kind="stable")  # the cumulative weights run in dataset column order
     cols, counts = cols[order], counts[order]
     weights = torch.log1p(torch.from_numpy(counts.astype(np.int64))[None])  # int64 -> float32, as the reference
-    weights = (weights / torch.sum(weights))[0].numpy()
-    weights = weights / sum(weights)
-    choice = rng.choice(np.arange(len(weights)), size=sample_size, p=weights, replace=True)
+    probs = (weights / torch.sum(weights))[0].numpy()
+    probs = probs / sum(probs)
+    choice = rng.choice(np.arange(len(probs)), size=sample_size, p=probs, replace=True)
     chrom_of = genes["chrom"][cols]
     start_of = genes["start"][cols].astype(np.int64)
     choice = choice[np.argsort(chrom_of[choice])]
@@ -673,13 +723,16 @@ def write_tiny_checkpoint(
     seed: int = 0,
     variant: str = "4layer",
     store_token_table: bool = False,
+    released_token_rows: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Write a small random UCE folder in the official format.
 
     The token table has the official layout: mouse genes first, then human genes (so the human
     offset is not 0), then 1,895 chromosome tokens. ``species_chrom.csv`` gives every gene a
-    chromosome among 1..22, X, Y (human) and 1..3 (mouse).
+    chromosome among 1..22, X, Y (human) and 1..3 (mouse). The model file holds every key of the
+    reference ``TransformerModel``, pretraining heads included (``binary_decoder`` with its
+    hard-coded 2048/512/128 widths and ``output_dim + 1280`` inputs, ``gene_embedding_layer``).
 
     Parameters
     ----------
@@ -692,8 +745,12 @@ def write_tiny_checkpoint(
     variant
         Which official model file name to write (``"4layer"`` or ``"33layer"``).
     store_token_table
-        Store the real token table in the model file's ``pe_embedding.weight`` (so the loader
-        keeps it) instead of zeros (so the loader takes ``all_tokens.torch``).
+        Store the real token table in the model file's ``pe_embedding.weight`` instead of zeros.
+        The loader keeps it only when ``all_tokens.torch`` has the released 145,469 rows.
+    released_token_rows
+        Pad the token table with zero rows after the genes to the released 145,469 rows (the
+        chromosome tokens start at row 143,574, as in the real files), so the loader keeps the
+        model file's table, as ``evaluate.py`` does.
     **config_overrides
         ``token_dim`` (16), ``d_model`` (40), ``n_heads`` (20), ``d_hid`` (48), ``n_layers`` (2),
         ``decoder_hidden`` (24), ``output_dim`` (24), ``max_len`` (1536).
@@ -712,8 +769,15 @@ def write_tiny_checkpoint(
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
 
-    n_tokens = len(mouse) + len(human) + N_CHROM_TOKENS
-    table = torch.randn((n_tokens, cfg["token_dim"]), generator=generator)
+    n_genes = len(mouse) + len(human)
+    table = torch.randn((n_genes + N_CHROM_TOKENS, cfg["token_dim"]), generator=generator)
+    if released_token_rows:
+        if n_genes > N_ESM2_TOKENS:
+            msg = f"released_token_rows: {n_genes} genes do not fit in the {N_ESM2_TOKENS:,} ESM2 rows."
+            raise InputDataError(msg)
+        padding = torch.zeros((N_ESM2_TOKENS - n_genes, cfg["token_dim"]))
+        table = torch.cat([table[:n_genes], padding, table[n_genes:]])
+    n_tokens = table.shape[0]
     # protein dicts: insertion order (not alphabetical) defines token rows
     human_order = rng.permutation(len(human))
     human_dict = {human[j]: table[len(mouse) + k].clone() for k, j in enumerate(human_order)}
@@ -734,14 +798,21 @@ def write_tiny_checkpoint(
     state = dict(model.state_dict())
     state["pe_embedding.weight"] = table.clone() if store_token_table else torch.zeros_like(table)
     d, out = cfg["d_model"], cfg["output_dim"]
-    heads = {  # pretraining heads of the released files (input width output_dim + 1280 there)
-        "binary_decoder.0.0.weight": (16, out + cfg["token_dim"]), "binary_decoder.0.0.bias": (16,),
-        "binary_decoder.0.1.weight": (16,), "binary_decoder.0.1.bias": (16,),
-        "binary_decoder.3.weight": (1, 16), "binary_decoder.3.bias": (1,),
+    # Pretraining heads, laid out as the reference builds them: binary_decoder = three full blocks
+    # (Linear, LayerNorm, GELU, Dropout) of widths 2048, 512, 128 whose input is output_dim + 1280
+    # (a literal in model.py, the released d_model), then Linear(128, 1); gene_embedding_layer =
+    # Linear(token_dim, d_model), GELU, LayerNorm.
+    heads: dict[str, tuple[int, ...]] = {}
+    widths = [out + 1280, 2048, 512, 128]
+    for j, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        heads |= {f"binary_decoder.{j}.0.weight": (width_out, width_in), f"binary_decoder.{j}.0.bias": (width_out,),
+                  f"binary_decoder.{j}.1.weight": (width_out,), f"binary_decoder.{j}.1.bias": (width_out,)}
+    heads |= {
+        "binary_decoder.3.weight": (1, widths[-1]), "binary_decoder.3.bias": (1,),
         "gene_embedding_layer.0.weight": (d, cfg["token_dim"]), "gene_embedding_layer.0.bias": (d,),
         "gene_embedding_layer.2.weight": (d,), "gene_embedding_layer.2.bias": (d,),
     }  # fmt: skip
     for key, shape in heads.items():
-        state[key] = torch.randn(shape, generator=generator)
+        state[key] = torch.randn(shape, generator=generator) / math.sqrt(shape[-1])
     torch.save(state, folder / MODEL_FILES[variant])
     return folder

@@ -33,7 +33,7 @@ def folds_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("C", [1.0, 0.05])
 def test_each_fold_reaches_its_own_optimum(folds_data, C):
     X, y, train = folds_data
-    fits = fit_logreg_folds(X.copy(), y, train, C=C, tol=1e-9, max_iter=500)
+    fits = fit_logreg_folds(X.copy(), y, train, C=C, tol=1e-9, max_iter=500, standardize=True)
     for k in range(train.shape[1]):
         rows = train[:, k]
         mean, scale = column_moments(X[rows])

@@ -58,7 +58,7 @@ def test_train_saves_artifact_and_catalog_row_and_predict_matches_direct_fit(st:
     emb_id = write_embedding(st, "a375", a375_values)
     head_id = train_head(st, dataset="a375", model="pca-test", head="ridge", alpha=2.0)
     row = trained_heads(st).set_index("head_id").loc[head_id]
-    assert row["head"] == "ridge" and json.loads(row["head_params"]) == {"alpha": 2.0, "standardize": True}
+    assert row["head"] == "ridge" and json.loads(row["head_params"]) == {"alpha": 2.0, "standardize": "global"}
     assert row["model"] == "pca-test" and row["variant"] == "frozen" and json.loads(row["embedding_ids"]) == [emb_id]
     assert row["n_train"] == 108 and row["n_train_pos"] == 62 and row["dim"] == 8
     assert (st.root / row["path"]).is_file() and row["path"].startswith(f"artifacts/heads/{head_id}/")
@@ -83,12 +83,12 @@ def test_train_saves_artifact_and_catalog_row_and_predict_matches_direct_fit(st:
     assert len(trained_heads(st)) == 1
 
 
-def test_mlp_round_trips_through_torch_state(st: Store, a375_values: np.ndarray, tmp_path: Path) -> None:
+def test_mlp_round_trips_through_safetensors(st: Store, a375_values: np.ndarray, tmp_path: Path) -> None:
     write_embedding(st, "a375", a375_values)
-    params = {"hidden": 16, "epochs": 3, "batch_size": 32}
+    params = {"hidden": 16, "epochs": 3, "batch_size": 32, "min_steps": 10}
     head_id = train_head(st, dataset="a375", model="pca-test", head="mlp", **params)
     row = trained_heads(st).iloc[0]
-    assert row["artifact_format"] == "torch" and row["path"].endswith("head.pt")
+    assert row["artifact_format"] == "safetensors" and row["path"].endswith("head.safetensors")
     y = st.cells(["a375"]).sort_values("row")["response"].to_numpy(np.int64)
     direct = get_head("mlp", **params).fit(a375_values, y).predict_proba(a375_values)
     frame = predict(st, head_id, "a375", out=tmp_path / "copy.h5ad")

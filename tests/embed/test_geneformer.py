@@ -380,3 +380,36 @@ def test_real_pc9_counts_with_symbols_mapped_to_ensembl(tmp_path, pc9_counts_pat
     got = _run(adapter, [cells[i] for i in picked])
     reference = reference_embedding(folder, [cells[i]["input_ids"] for i in picked], 1, "mean", False)
     assert np.abs(got - reference).max() <= 1e-5
+
+
+# ---- speed paths: no mask for unpadded batches, half-precision weights on CUDA ----------------------
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_unpadded_batch_runs_without_a_mask_and_gives_the_same_numbers(version, ckpt_v1, ckpt_v2, symbols) -> None:
+    adapter = _ready(ckpt_v1 if version == 1 else ckpt_v2, symbols)
+    cells = adapter.tokenize(_counts(6, N_GENES), np.arange(6))
+    shortest = min(len(c["input_ids"]) for c in cells)
+    batch = adapter.collate([{"input_ids": c["input_ids"][:shortest]} for c in cells])
+    assert batch["attention_mask"] is None  # decided in collate, on the CPU
+    masked = {**batch, "attention_mask": torch.ones(batch["input_ids"].shape, dtype=torch.long)}
+    with torch.inference_mode():
+        assert (adapter.embed(batch) - adapter.embed(masked)).abs().max() == 0
+    padded = adapter.collate(cells)
+    lengths = torch.tensor([len(c["input_ids"]) for c in cells])
+    torch.testing.assert_close(padded["attention_mask"], (torch.arange(padded["input_ids"].shape[1])[None, :] < lengths[:, None]).long())
+
+
+def test_half_precision_weights_only_for_cuda_autocast_runs(ckpt_v1, symbols) -> None:
+    full = _ready(ckpt_v1, symbols)
+    half = GeneformerAdapter(ckpt_v1)
+    assert half.configure_precision("cpu", "bf16") == {} and half.weight_precision is None
+    assert half.configure_precision("cuda", "bf16") == {"weights": "bf16"}
+    assert half.params() == full.params()  # the runner records the weights' dtype beside params()
+    half.load("cpu")  # the cast does not depend on the device: checked here on the CPU
+    dtypes = {n: p.dtype for n, p in half.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "LayerNorm" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "LayerNorm" not in n} == {torch.bfloat16}
+    half.prepare(symbols, gene_id_kind="symbol")
+    batch = full.collate(full.tokenize(_counts(6, N_GENES), np.arange(6)))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = half.embed(batch), full.embed(batch)
+    assert got.dtype == torch.float32 and (got - expected).abs().max() <= 2e-2 * expected.abs().max()  # bf16 rounding only

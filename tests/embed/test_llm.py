@@ -172,3 +172,32 @@ def test_bf16_checkpoint_loads_as_float32_on_cpu(tmp_path, symbols) -> None:
     adapter = LLMAdapter(folder)
     adapter.load("cpu")
     assert {p.dtype for p in adapter.model.parameters()} == {torch.float32}
+
+
+# ---- right padding runs without an attention mask ----------------------------------------------------
+def test_right_padded_batches_run_without_a_mask_and_give_the_same_numbers(ckpt, symbols) -> None:
+    from scdm_embed.models._common import masked_mean
+
+    adapter = _ready(ckpt, symbols, template=TEMPLATE)
+    cells = adapter.tokenize(_counts(8, N_GENES), np.arange(8))
+    assert len({len(c["input_ids"]) for c in cells}) > 1  # the batch really is padded
+    batch = adapter.collate(cells)
+    calls: list[object] = []
+    hook = adapter.model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(kw.get("attention_mask")), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            got = adapter.embed(batch)
+            masked = adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    finally:
+        hook.remove()
+    assert calls[0] is None  # causal attention: the real tokens never see the pads behind them
+    assert (got - masked_mean(masked, batch["attention_mask"].bool())).abs().max() == 0
+
+
+def test_a_model_that_is_not_causal_everywhere_keeps_the_mask() -> None:
+    from transformers import BertConfig, BertModel
+
+    from scdm_embed.models.llm import _causal
+
+    assert not _causal(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import anndata as ad
@@ -14,6 +15,7 @@ import torch
 from scdm_embed._adapter import get_adapter
 from scdm_embed.models.scfoundation import ScFoundationAdapter, write_tiny_checkpoint
 from store.errors import CheckpointError, GeneMappingError, InputDataError
+from tests.untrusted import RunsCode
 
 torch.set_num_threads(1)
 
@@ -305,3 +307,77 @@ def test_reference_quirks_refuse_a_cell_the_reference_crashes_on(folder: Path) -
         quirky.tokenize(sp.csr_matrix(one_count), np.array([0]))
     with pytest.raises(InputDataError, match="must be True or False"):
         ScFoundationAdapter(checkpoint=folder, reference_quirks=None)
+
+
+# ---- official format and untrusted files --------------------------------------------------------
+def test_tiny_checkpoint_has_what_the_reference_loader_reads(folder: Path) -> None:
+    ckpt = torch.load(folder / "models.ckpt", weights_only=True)  # plain containers and tensors only
+    for key in ("cell", "rde", "gene"):
+        config = ckpt[key]["config"]
+        # load.convertconfig: merge model_config[config['model']] and dataset_config['rnaseq'];
+        # load_model_frommmf / select_model then read 'model' from the merged config
+        merged = {**config["model_config"][config["model"]], **config["dataset_config"]["rnaseq"]}
+        assert merged["model"] == "mae_autobin"
+        assert merged["seq_len"] == len(MODEL_GENES) + 2
+        assert all(k.startswith("model.") for k in ckpt[key]["state_dict"])
+
+
+def test_a_planted_pickle_in_models_ckpt_is_refused_without_running(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", genes=MODEL_GENES)
+    ckpt = torch.load(folder / "models.ckpt", weights_only=True)
+    marker = tmp_path / "pwned"
+    ckpt["cell"]["config"]["trainer"] = RunsCode(marker)
+    torch.save(ckpt, folder / "models.ckpt")
+    with pytest.raises(CheckpointError, match=r"Refusing to load .*models\.ckpt.*system.*could run code"):
+        ScFoundationAdapter(checkpoint=folder).load("cpu")
+    assert not marker.exists()
+
+
+def test_numpy_values_and_saved_arguments_in_models_ckpt_still_load(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", genes=MODEL_GENES)
+    ckpt = torch.load(folder / "models.ckpt", weights_only=True)
+    ckpt["cell"]["config"]["model_config"]["mae_autobin"]["bin_alpha"] = np.float64(1.0)
+    ckpt["cell"]["config"]["hparams"] = argparse.Namespace(lr=1e-4, gene_order=np.arange(3))
+    torch.save(ckpt, folder / "models.ckpt")
+    adapter = ScFoundationAdapter(checkpoint=folder)
+    adapter.load("cpu")
+    assert adapter.model_config()["bin_alpha"] == 1.0
+
+
+# ---- speed paths: no mask for unpadded batches, half-precision weights on CUDA ----------------------
+@pytest.mark.parametrize("pool_type", ["all", "max"])
+def test_an_unpadded_batch_runs_without_a_mask_and_gives_the_same_numbers(folder: Path, pool_type: str) -> None:
+    adapter = ScFoundationAdapter(checkpoint=folder, pool_type=pool_type)
+    adapter.load("cpu")
+    adapter.prepare(DATASET_GENES, gene_id_kind="symbol")
+    cells = adapter.tokenize(_counts(), np.arange(6))
+    genes = min(len(c["input_ids"]) for c in cells) - 2
+    equal = [{k: np.concatenate([v[:genes], v[-2:]]) for k, v in c.items()} for c in cells]  # first genes + T, S
+    batch = adapter.collate(equal)
+    assert batch["padding_mask"] is None  # decided in collate, on the CPU
+    masked = {**batch, "padding_mask": torch.zeros(batch["input_ids"].shape, dtype=torch.bool)}
+    with torch.inference_mode():
+        assert (adapter.embed(batch) - adapter.embed(masked)).abs().max() == 0
+
+
+def test_a_padded_batch_masks_exactly_its_pads(adapter: ScFoundationAdapter) -> None:
+    cells = adapter.tokenize(_counts(), np.arange(6))
+    batch = adapter.collate(cells)
+    lengths = torch.tensor([len(c["input_ids"]) for c in cells])
+    torch.testing.assert_close(batch["padding_mask"], torch.arange(batch["input_ids"].shape[1])[None, :] >= lengths[:, None])
+
+
+def test_half_precision_weights_only_for_cuda_autocast_runs(folder: Path, adapter: ScFoundationAdapter) -> None:
+    half = ScFoundationAdapter(checkpoint=folder)
+    assert half.configure_precision("cpu", "fp16") == {} and half.weight_precision is None
+    assert half.configure_precision("cuda", "bf16") == {"weights": "bf16"}
+    assert half.params() == adapter.params()  # the runner records the weights' dtype beside params()
+    half.load("cpu")  # the cast does not depend on the device: checked here on the CPU
+    dtypes = {n: p.dtype for n, p in half.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "norm" not in n} == {torch.bfloat16}
+    half.prepare(DATASET_GENES, gene_id_kind="symbol")
+    batch = adapter.collate(adapter.tokenize(_counts(), np.arange(6)))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, full = half.embed(batch), adapter.embed(batch)
+    assert got.dtype == torch.float32 and (got - full).abs().max() <= 5e-2 * full.abs().max()  # bf16 rounding, not other numbers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from scdm_embed._adapter import get_adapter
 from scdm_embed.models.scgpt import ScGPTAdapter, write_tiny_checkpoint
 from store.errors import CheckpointError, GeneMappingError, InputDataError
+from tests.untrusted import RunsCode
 
 torch.set_num_threads(1)
 
@@ -387,3 +389,66 @@ def test_parity_with_the_scgpt_package_collator(folder: Path) -> None:
         n = len(cell["input_ids"])
         np.testing.assert_array_equal(genes[i, :n].numpy(), cell["input_ids"])
         np.testing.assert_array_equal(values[i, :n].numpy(), cell["values"])
+
+
+# ---- untrusted files ----------------------------------------------------------------------------
+def test_a_planted_pickle_in_best_model_is_refused_without_running(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", genes=GENES)
+    state = torch.load(folder / "best_model.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**state, "decoder.extra": RunsCode(marker)}, folder / "best_model.pt")
+    with pytest.raises(CheckpointError, match=r"Refusing to load .*best_model\.pt.*system.*could run code"):
+        ScGPTAdapter(checkpoint=folder).load("cpu")
+    assert not marker.exists()
+
+
+def test_numpy_values_and_saved_arguments_in_best_model_still_load(tmp_path: Path, folder: Path) -> None:
+    copy = write_tiny_checkpoint(tmp_path / "ckpt", genes=GENES, seed=1)
+    state = torch.load(copy / "best_model.pt", weights_only=True)
+    extras = {"epoch": np.int64(3), "val_loss": np.float64(0.25), "gene_order": np.arange(4),
+              "args": argparse.Namespace(lr=1e-4, nlayers=2)}  # what training scripts leave behind
+    torch.save({**state, **extras}, copy / "best_model.pt")
+    adapter = ScGPTAdapter(checkpoint=copy, seed=3)
+    adapter.load("cpu")
+    reference = ScGPTAdapter(checkpoint=folder, seed=3)
+    reference.load("cpu")
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(adapter.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+# ---- speed paths: no mask for unpadded batches, half-precision weights on CUDA ----------------------
+def test_an_unpadded_batch_runs_without_a_mask_and_gives_the_same_numbers(adapter: ScGPTAdapter) -> None:
+    cells = adapter.tokenize(_counts(), np.arange(6))
+    shortest = min(len(c["input_ids"]) for c in cells)
+    equal = [{k: v[:shortest] for k, v in c.items()} for c in cells]  # <cls> + the first genes: equal lengths
+    batch = adapter.collate(equal)
+    assert batch["padding_mask"] is None  # decided in collate, on the CPU
+    masked = {**batch, "padding_mask": torch.zeros(batch["input_ids"].shape, dtype=torch.bool)}
+    with torch.inference_mode():
+        assert (adapter.embed(batch) - adapter.embed(masked)).abs().max() == 0
+
+
+def test_a_padded_batch_masks_exactly_its_pads(adapter: ScGPTAdapter) -> None:
+    cells = adapter.tokenize(_counts(), np.arange(6))
+    batch = adapter.collate(cells)
+    lengths = torch.tensor([len(c["input_ids"]) for c in cells])
+    torch.testing.assert_close(batch["padding_mask"], torch.arange(batch["input_ids"].shape[1])[None, :] >= lengths[:, None])
+
+
+def test_half_precision_weights_only_for_cuda_autocast_runs(folder: Path, adapter: ScGPTAdapter) -> None:
+    half = ScGPTAdapter(checkpoint=folder, seed=3)
+    assert half.configure_precision("cpu", "bf16") == {} and half.weight_precision is None
+    assert half.configure_precision("cuda", "fp32") == {} and half.weight_precision is None
+    assert half.configure_precision("cuda:0", "bf16") == {"weights": "bf16"}
+    assert half.params() == adapter.params()  # the runner records the weights' dtype beside params()
+    half.load("cpu")  # the cast does not depend on the device: checked here on the CPU
+    with pytest.raises(RuntimeError, match="before load"):
+        half.configure_precision("cuda", "bf16")
+    dtypes = {n: p.dtype for n, p in half.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "norm" not in n} == {torch.bfloat16}
+    half.prepare(GENES, gene_id_kind="symbol")
+    batch = adapter.collate(adapter.tokenize(_counts(), np.arange(6)))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, full = half.embed(batch), adapter.embed(batch)
+    assert got.dtype == torch.float32 and (got - full).abs().max() <= 2e-2  # bf16 rounding, not other numbers

@@ -14,8 +14,14 @@ import scipy.sparse as sp
 import torch
 
 from scdm_embed._adapter import get_adapter
-from scdm_embed.models.uce import N_CHROM_TOKENS, N_ESM2_TOKENS, UCEAdapter, chromosome_tokens, write_tiny_checkpoint
+from scdm_embed.models.uce import (
+    N_CHROM_TOKENS,
+    N_ESM2_TOKENS,
+    UCEAdapter,
+    write_tiny_checkpoint,
+)
 from store.errors import CheckpointError, GeneMappingError, InputDataError
+from tests.untrusted import RunsCode
 
 torch.set_num_threads(1)
 
@@ -98,42 +104,75 @@ def reference_embeddings(folder: Path, sentences: list[np.ndarray], *, float_pad
 
 
 # ---- loading -----------------------------------------------------------------------------------
+def _as_loaded(table: torch.Tensor) -> torch.Tensor:
+    """The token table as the loaded model holds it: rows L2-normalised once at load (the forward's first step)."""
+    return torch.nn.functional.normalize(table, dim=-1)
+
+
 def test_token_table_comes_from_all_tokens_when_the_stored_one_is_zeros(folder: Path, adapter: UCEAdapter) -> None:
     assert not torch.load(folder / "4layer_model.torch", weights_only=True)["pe_embedding.weight"].any()
     table = torch.load(folder / "all_tokens.torch", weights_only=True)
-    torch.testing.assert_close(adapter.model.pe_embedding.weight, table, rtol=0, atol=0)
+    torch.testing.assert_close(adapter.model.pe_embedding.weight, _as_loaded(table), rtol=0, atol=0)
     assert not adapter.model.pe_embedding.weight.requires_grad
     assert adapter.chrom_token_offset() == 7 + len(GENES)  # mouse genes, human genes, then chromosomes
 
 
-def test_a_stored_token_table_of_the_same_size_is_kept(tmp_path: Path) -> None:
+def test_a_stored_token_table_of_another_size_is_replaced_by_all_tokens(tmp_path: Path) -> None:
     write_tiny_checkpoint(tmp_path, genes=GENES, store_token_table=True)
     state = torch.load(tmp_path / "4layer_model.torch", weights_only=True)
-    state["pe_embedding.weight"] = 2 * state["pe_embedding.weight"]  # tell the two tables apart
+    state["pe_embedding.weight"] = 1 + state["pe_embedding.weight"]  # tell the two tables apart, also once normalised
     torch.save(state, tmp_path / "4layer_model.torch")
     adapter = UCEAdapter(checkpoint=tmp_path)
     adapter.load("cpu")
-    torch.testing.assert_close(adapter.model.pe_embedding.weight, state["pe_embedding.weight"], rtol=0, atol=0)
+    # evaluate.py keeps the stored table only at exactly 145,469 rows: same size is not enough
+    table = torch.load(tmp_path / "all_tokens.torch", weights_only=True)
+    torch.testing.assert_close(adapter.model.pe_embedding.weight, _as_loaded(table), rtol=0, atol=0)
 
 
-def test_esm2_only_token_file_gets_the_seeded_chromosome_tokens(tmp_path: Path) -> None:
-    write_tiny_checkpoint(tmp_path, genes=GENES)
-    small = torch.load(tmp_path / "all_tokens.torch", weights_only=True)
-    esm2 = torch.zeros((N_ESM2_TOKENS, small.shape[1]))
-    esm2[: len(small) - N_CHROM_TOKENS] = small[: len(small) - N_CHROM_TOKENS]
-    torch.save(esm2, tmp_path / "all_tokens.torch")
+@pytest.mark.parametrize("esm2_only", [False, True])
+def test_at_the_released_size_the_stored_token_table_is_kept(tmp_path: Path, esm2_only: bool) -> None:
+    write_tiny_checkpoint(tmp_path, genes=GENES, store_token_table=True, released_token_rows=True)
     state = torch.load(tmp_path / "4layer_model.torch", weights_only=True)
-    state["pe_embedding.weight"] = torch.zeros((N_ESM2_TOKENS + N_CHROM_TOKENS, small.shape[1]))  # the released shape
+    assert state["pe_embedding.weight"].shape[0] == N_ESM2_TOKENS + N_CHROM_TOKENS == 145_469
+    state["pe_embedding.weight"] = 1 + state["pe_embedding.weight"]  # tell the two tables apart, also once normalised
     torch.save(state, tmp_path / "4layer_model.torch")
+    if esm2_only:  # all_tokens.torch without chromosome rows: evaluate.py appends 1,895 and keeps the stored table
+        tokens = torch.load(tmp_path / "all_tokens.torch", weights_only=True)
+        torch.save(tokens[:N_ESM2_TOKENS].clone(), tmp_path / "all_tokens.torch")
     adapter = UCEAdapter(checkpoint=tmp_path)
     before = torch.random.get_rng_state()
     adapter.load("cpu")
     assert torch.equal(torch.random.get_rng_state(), before)  # loading leaves the global RNG alone
+    torch.testing.assert_close(adapter.model.pe_embedding.weight, _as_loaded(state["pe_embedding.weight"]), rtol=0, atol=0)
     assert adapter.chrom_token_offset() == N_ESM2_TOKENS
-    weight = adapter.model.pe_embedding.weight
-    torch.manual_seed(23)
-    torch.testing.assert_close(weight[N_ESM2_TOKENS:], torch.normal(0, 1, size=(N_CHROM_TOKENS, small.shape[1])), rtol=0, atol=0)
-    torch.testing.assert_close(chromosome_tokens(small.shape[1]), weight[N_ESM2_TOKENS:], rtol=0, atol=0)
+
+
+def test_a_non_standard_stored_table_at_the_released_size_is_refused(tmp_path: Path) -> None:
+    write_tiny_checkpoint(tmp_path, genes=GENES, released_token_rows=True)  # stored table: zeros
+    with pytest.raises(CheckpointError, match="all zeros.*meaningless"):
+        UCEAdapter(checkpoint=tmp_path).load("cpu")
+    state = torch.load(tmp_path / "4layer_model.torch", weights_only=True)
+    state["pe_embedding.weight"] = torch.ones((1000, state["pe_embedding.weight"].shape[1]))
+    torch.save(state, tmp_path / "4layer_model.torch")
+    with pytest.raises(CheckpointError, match="stores a 1,000-row token table.*145,469"):
+        UCEAdapter(checkpoint=tmp_path).load("cpu")
+
+
+def test_pretraining_heads_have_the_reference_layout(folder: Path) -> None:
+    state = torch.load(folder / "4layer_model.torch", weights_only=True)
+    heads = {k: tuple(v.shape) for k, v in state.items() if k.startswith("binary_decoder.")}
+    out = state["decoder.3.weight"].shape[0]
+    # model.py: full_block(output_dim + 1280, 2048), full_block(2048, 512), full_block(512, 128), Linear(128, 1)
+    expected = {}
+    for j, (n_in, n_out) in enumerate([(out + 1280, 2048), (2048, 512), (512, 128)]):
+        expected |= {f"binary_decoder.{j}.0.weight": (n_out, n_in), f"binary_decoder.{j}.0.bias": (n_out,),
+                     f"binary_decoder.{j}.1.weight": (n_out,), f"binary_decoder.{j}.1.bias": (n_out,)}
+    expected |= {"binary_decoder.3.weight": (1, 128), "binary_decoder.3.bias": (1,)}
+    assert heads == expected
+    d, token_dim = state["encoder.0.weight"].shape
+    gene_layer = {k: tuple(v.shape) for k, v in state.items() if k.startswith("gene_embedding_layer.")}
+    assert gene_layer == {"gene_embedding_layer.0.weight": (d, token_dim), "gene_embedding_layer.0.bias": (d,),
+                          "gene_embedding_layer.2.weight": (d,), "gene_embedding_layer.2.bias": (d,)}
 
 
 def test_33_layer_variant_uses_its_own_file(tmp_path: Path) -> None:
@@ -408,3 +447,85 @@ def test_reference_quirks_add_the_float_padding_mask(folder: Path, quirky: UCEAd
 def test_reference_quirks_must_be_a_bool(folder: Path) -> None:
     with pytest.raises(InputDataError, match="reference_quirks='yes' must be True or False"):
         UCEAdapter(checkpoint=folder, reference_quirks="yes")
+
+
+# ---- untrusted files ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["4layer_model.torch", "all_tokens.torch", HUMAN_PROTEINS, "species_offsets.pkl"])
+def test_a_planted_pickle_is_refused_without_running(tmp_path: Path, name: str) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", genes=GENES)
+    marker = tmp_path / "pwned"
+    if name.endswith(".pkl"):
+        (folder / name).write_bytes(pickle.dumps({"mouse": 0, "human": RunsCode(marker)}))
+    elif name == "all_tokens.torch":
+        torch.save(RunsCode(marker), folder / name)
+    else:
+        content = torch.load(folder / name, weights_only=True)
+        torch.save({**content, "extra": RunsCode(marker)}, folder / name)
+    adapter = UCEAdapter(checkpoint=folder, sample_size=SAMPLE)
+    with pytest.raises(CheckpointError, match=rf"Refusing to load .*{Path(name).name.replace('.', r'.')}.*system"):
+        adapter.load("cpu")
+        adapter.prepare(GENES, gene_id_kind="symbol")
+    assert not marker.exists()
+
+
+def test_species_offsets_with_numpy_integers_load_and_other_content_is_refused(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", genes=GENES)
+    (folder / "species_offsets.pkl").write_bytes(pickle.dumps({"mouse": np.int64(0), "human": np.int64(7)}, protocol=2))
+    adapter = UCEAdapter(checkpoint=folder, sample_size=SAMPLE)
+    assert adapter.prepare(GENES, gene_id_kind="symbol").n_matched == len(GENES)
+    (folder / "species_offsets.pkl").write_bytes(pickle.dumps({"mouse": 0, "human": "seven"}))
+    with pytest.raises(CheckpointError, match="not a dict of species name -> integer row offset"):
+        UCEAdapter(checkpoint=folder, sample_size=SAMPLE).prepare(GENES, gene_id_kind="symbol")
+
+
+# ---- speed paths: no mask for unpadded batches, the token table normalised once, half-precision weights
+@pytest.mark.parametrize("quirks", [False, True])
+def test_an_unpadded_batch_runs_without_a_mask_and_gives_the_same_numbers(folder: Path, quirks: bool) -> None:
+    adapter = UCEAdapter(checkpoint=folder, seed=7, sample_size=SAMPLE, reference_quirks=quirks)
+    adapter.load("cpu")
+    adapter.prepare(GENES, gene_id_kind="symbol")
+    cells = adapter.tokenize(_counts(), np.arange(5))
+    shortest = min(len(c["input_ids"]) for c in cells)
+    batch = adapter.collate([{"input_ids": c["input_ids"][:shortest]} for c in cells])
+    assert batch["padding_mask"] is None  # decided in collate, on the CPU
+    masked = {**batch, "padding_mask": torch.zeros(batch["input_ids"].shape, dtype=torch.bool)}  # quirks: a float mask of 0
+    with torch.inference_mode():
+        assert (adapter.embed(batch) - adapter.embed(masked)).abs().max() == 0
+
+
+def test_a_padded_batch_masks_exactly_its_pads(adapter: UCEAdapter) -> None:
+    cells = adapter.tokenize(_counts(), np.arange(5))
+    batch = adapter.collate(cells)
+    lengths = torch.tensor([len(c["input_ids"]) for c in cells])
+    torch.testing.assert_close(batch["padding_mask"], torch.arange(batch["input_ids"].shape[1])[None, :] >= lengths[:, None])
+
+
+def test_the_token_table_normalised_at_load_gives_the_per_forward_numbers(folder: Path, adapter: UCEAdapter) -> None:
+    import copy
+
+    assert adapter.model.tokens_normalised
+    per_forward = copy.deepcopy(adapter.model)  # as before: the raw table, each looked-up row normalised in forward
+    per_forward.pe_embedding.weight = torch.nn.Parameter(torch.load(folder / "all_tokens.torch", weights_only=True), requires_grad=False)
+    per_forward.tokens_normalised = False
+    batch = adapter.collate(adapter.tokenize(_counts(), np.arange(5)))
+    with torch.inference_mode():
+        assert (adapter.embed(batch) - per_forward(batch["input_ids"], batch["padding_mask"])).abs().max() <= 1e-6
+
+
+def test_half_precision_weights_only_for_cuda_autocast_runs(folder: Path, adapter: UCEAdapter) -> None:
+    half = UCEAdapter(checkpoint=folder, seed=5, sample_size=SAMPLE)
+    assert half.configure_precision("cpu", "bf16") == {} and half.weight_precision is None
+    assert half.configure_precision("cuda", "bf16") == {"weights": "bf16"}
+    assert half.params() == adapter.params()  # the runner records the weights' dtype beside params()
+    half.load("cpu")  # the cast does not depend on the device: checked here on the CPU
+    dtypes = {n: p.dtype for n, p in half.model.named_parameters()}
+    norms = {n for n, m in half.model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert {d for n, d in dtypes.items() if n.rsplit(".", 1)[0] in norms} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n.rsplit(".", 1)[0] not in norms} == {torch.bfloat16}
+    assert half.model.pos_encoder.pe.dtype == torch.float32  # buffers keep their dtype
+    torch.testing.assert_close(half.model.pe_embedding.weight, adapter.model.pe_embedding.weight.bfloat16(), rtol=0, atol=0)
+    half.prepare(GENES, gene_id_kind="symbol")
+    batch = adapter.collate(adapter.tokenize(_counts(), np.arange(5)))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, full = half.embed(batch), adapter.embed(batch)
+    assert got.dtype == torch.float32 and (got - full).abs().max() <= 2e-2  # bf16 rounding, not other numbers
