@@ -29,12 +29,29 @@ With ``--device auto`` (default) and a CUDA device present (``torch.cuda.is_avai
 model also gets a ``cuda/bf16`` row (bf16 autocast, as the runner does by default on CUDA) at a
 per-model GPU batch size, after one warm-up call on a small dataset.
 
+``--published`` (issue #19 point 7; ``benchmarks/gpu/run_gpu.sh`` runs it on the H200) is a second,
+GPU-only mode: Geneformer 12L x 512, scGPT whole-human, scFoundation 100M, UCE 33L and a LLaMA-3-8B
+shaped ``llm`` at their **published sizes** (random weights; the checkpoints are written by a
+background process while earlier models run, the 8B model is built directly on the GPU in bf16),
+on synthetic raw counts (1,000-4,000 expressed genes of 20,000 per cell). Per model, in this process,
+through the adapter's ``tokenize``/``collate``/``embed`` and the runner's batching
+(``batches_by_length`` per chunk, ``embed_cells``), store writes left out, one row each for:
+``ref`` (the reference extractor's batch size, ordering and precision, float32 weights), ``scdm``
+(the default path on CUDA: the adapter configured for bf16 before loading, as the runner does, so
+its weights are bf16 where the adapter supports it; the runner's batch size) and ``scdm+batch`` (the
+same at a larger batch). It reports cells/s, tokens/s, TFLOP/s and MFU beside the goals (MFU >= 40 %, >= 5x the
+reference settings), the per-process tokenisation rate and a one-batch kernel-time profile, skips
+what no longer fits ``--budget-s``, and writes ``--out``/bench_embed_gpu.{md,json} after every model.
+``--smoke`` runs the same path with tiny models on the CPU.
+
 Usage::
 
     python benchmarks/bench_embed.py                         # all models, default cells per model
     python benchmarks/bench_embed.py --models geneformer,tgpt --cells 100 --batch-size 32
     python benchmarks/bench_embed.py --device cuda --cells 4096     # GPU rows only; cells repeat
     python benchmarks/bench_embed.py --workdir /tmp/bench-embed     # keep the checkpoints
+    python benchmarks/bench_embed.py --published --out bench-out/gpu  # published sizes on CUDA (~5 min)
+    python benchmarks/bench_embed.py --smoke                          # the same path, tiny, on the CPU
 """
 
 from __future__ import annotations
@@ -51,9 +68,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -276,7 +294,7 @@ def worker_main(job_file: str, out_file: str) -> None:
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
-    task = {"write": _task_write, "embed": _task_embed}[job["task"]]
+    task = {"write": _task_write, "embed": _task_embed, "write_published": _task_write_published}[job["task"]]
     _write_json(out_file, task(job))
 
 
@@ -327,22 +345,32 @@ def _record_adapters(created: list[Any]) -> None:
     runner.get_adapter = get_adapter
 
 
-def _token_accounting(adapter: Any, st: Any, dataset: str, per_cell_prefixes: tuple[str, ...]) -> dict[str, Any]:
-    """Linear weights applied per token / per cell, and every cell's token length (re-tokenised)."""
-    from store._ingest import to_csr
+def linear_weights(model: Any, per_cell_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(weights of the matmuls applied to every token, weights applied once per cell).
 
+    Counts Linear/Conv1D weights and ``nn.MultiheadAttention``-style fused ``in_proj_weight``
+    (scGPT, scFoundation, UCE); modules under ``per_cell_prefixes`` (e.g. UCE's decoder on the CLS
+    vector) count once per cell. Embedding tables are lookups and do not count.
+    """
     per_token = per_cell = 0
-    for name, module in adapter.model.named_modules():
+    for name, module in model.named_modules():
         weights = []
         if type(module).__name__ in ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear"):
             weights.append(module.weight)
-        # nn.MultiheadAttention-style fused q/k/v projections (scGPT, scFoundation, UCE)
         weights.extend(p for n, p in module.named_parameters(recurse=False) if n == "in_proj_weight")
         n_weights = sum(int(w.numel()) for w in weights)
         if name.startswith(per_cell_prefixes):
             per_cell += n_weights
         else:
             per_token += n_weights
+    return per_token, per_cell
+
+
+def _token_accounting(adapter: Any, st: Any, dataset: str, per_cell_prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """Linear weights applied per token / per cell, and every cell's token length (re-tokenised)."""
+    from store._ingest import to_csr
+
+    per_token, per_cell = linear_weights(adapter.model, per_cell_prefixes)
     adata = st.open_anndata(dataset, backed=True)
     try:
         x = to_csr(adata.X[:])
@@ -381,19 +409,25 @@ def _task_embed(job: dict[str, Any]) -> dict[str, Any]:
 # ---- FLOPs ---------------------------------------------------------------------------------------
 def flops_per_cell(spec: ModelSpec, counts: dict[str, Any]) -> np.ndarray:
     """Estimated forward FLOPs of each cell (real tokens only), see the module docstring."""
-    lengths = np.asarray(counts["lengths"], dtype=np.float64)
-    w_token, w_cell = float(counts["w_token"]), float(counts["w_cell"])
-    layers, width = spec.attn_layers, spec.attn_width
-    if spec.attention == "flow":  # one token per cell; lengths are the genes in its bag
-        return 2 * w_token + 2 * w_cell + 2 * lengths * width + 4 * width * spec.head_dim * layers
+    return model_flops(spec.attention, spec.attn_layers, spec.attn_width, counts["w_token"], counts["w_cell"], counts["lengths"],
+                       favor_features=spec.favor_features, head_dim=spec.head_dim)
+
+
+def model_flops(attention: str, layers: int, width: int, w_token: float, w_cell: float, lengths: Any, *,
+                favor_features: int = 0, head_dim: int = 0) -> np.ndarray:
+    """Forward FLOPs of each cell from its real token count (the formulas of the module docstring)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    w_token, w_cell = float(w_token), float(w_cell)
+    if attention == "flow":  # one token per cell; lengths are the genes in its bag
+        return 2 * w_token + 2 * w_cell + 2 * lengths * width + 4 * width * head_dim * layers
     dense = 2 * w_token * lengths + 2 * w_cell
-    if spec.attention == "softmax":
+    if attention == "softmax":
         return dense + 4 * layers * lengths**2 * width
-    if spec.attention == "causal":
+    if attention == "causal":
         return dense + 2 * layers * lengths**2 * width
-    if spec.attention == "favor":
-        return dense + 8 * spec.favor_features * width * lengths * layers
-    msg = f"unknown attention kind {spec.attention!r}"
+    if attention == "favor":
+        return dense + 8 * favor_features * width * lengths * layers
+    msg = f"unknown attention kind {attention!r}"
     raise ValueError(msg)
 
 
@@ -566,10 +600,710 @@ def _cuda_info(device: str) -> dict[str, Any] | None:
     return {"name": torch.cuda.get_device_name(0), "device": "cuda"}
 
 
+# ---- published sizes on CUDA (issue #19, point 7) ---------------------------------------------------
+# `--published`: random-initialised models at the real published sizes, on synthetic cells, in this
+# process, through the adapter's tokenize/collate/embed and the runner's own batching code
+# (`batches_by_length` per chunk, `embed_cells`: collate, copy to the device, inference_mode +
+# autocast, forward, pooling, copy back). The store is not written (no catalog or array I/O in the
+# numbers). Three rows per model:
+#   ref          the reference extractor's batch size, ordering and precision, through our adapter
+#                loaded without `configure_precision` (float32 weights);
+#   scdm         what `scdm embed` does on CUDA: `adapter.configure_precision("cuda", "bf16")` before
+#                `load` (half-precision weights where the adapter has `half_precision_weights`), the
+#                runner's batch size, length-sorted batches per chunk, bf16 autocast;
+#   scdm+batch   the same model at a larger batch (`opt_batch`).
+# Padding masks are left out of unpadded batches by the adapters' `collate` in every row.
+# Cells: a pool of tokenised synthetic cells, resampled; batches run in random order until the
+# row's time is up, so an early stop still measures an unbiased sample of the batches.
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How the model's reference extractor batches, for the ``ref`` row."""
+
+    batch: int
+    precision: str
+    """Runner precision that matches it: ``fp32``, ``fp16`` or ``bf16`` (autocast)."""
+    sort: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class PublishedSpec:
+    """One model at its published size (``--published``)."""
+
+    key: str
+    adapter: str
+    shape: str
+    vocab: int
+    """Genes in the vocabulary (the real count); 0 = the synthetic dataset's genes."""
+    gene_kind: str
+    overrides: dict[str, Any]
+    """``write_tiny_checkpoint`` config at the published size (llm: the LlamaConfig built on the GPU)."""
+    attention: str
+    attn_layers: int
+    """Attention layers the embedding runs (Geneformer stops at the penultimate layer)."""
+    attn_width: int
+    ref: ReferenceSettings
+    opt_batch: int
+    write_kwargs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    per_cell_prefixes: tuple[str, ...] = ()
+    smoke: dict[str, Any] = field(default_factory=dict)
+    """``--smoke`` replacements for overrides, vocab, attn_layers, attn_width, params."""
+
+    def sized(self, smoke: bool) -> PublishedSpec:
+        """This spec, or its tiny ``--smoke`` version."""
+        if not smoke:
+            return self
+        from dataclasses import replace
+
+        return replace(self, shape=f"tiny smoke config (published: {self.shape})", **self.smoke)
+
+
+LLAMA3_8B: dict[str, Any] = {
+    "vocab_size": 128_256, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "intermediate_size": 14_336, "max_position_embeddings": 8192, "rope_theta": 500_000.0,
+    "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False,
+}  # fmt: skip
+LLM_BPE_VOCAB = 2000
+"""BPE vocabulary trained on gene symbols for the llm row: ~2.8 tokens per gene (LLaMA-3's own tokenizer cannot be fetched)."""
+
+PUBLISHED: dict[str, PublishedSpec] = {
+    s.key: s
+    for s in (
+        PublishedSpec(
+            "geneformer", "geneformer",
+            "gf-12L-30M-i2048 (V1 dictionary): BERT 12L x 512, 8 heads, FFN 1024, vocab 25,426, <=2048 tokens; "
+            "penultimate layer (11 layers run), mean pool",
+            25_424, "ensembl",
+            {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8, "intermediate_size": 1024,
+             "max_position_embeddings": 2048},
+            "softmax", 11, 512,
+            ReferenceSettings(100, "fp32", True, "EmbExtractor: forward_batch_size=100, fp32, cells sorted longest first"),
+            opt_batch=256, write_kwargs={"version": 1},
+            smoke={"vocab": 800, "attn_layers": 1, "attn_width": 32,
+                   "overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}},
+        ),
+        PublishedSpec(
+            "scgpt", "scgpt",
+            "whole-human: 12L x 512, 8 heads, FFN 512, vocab 60,697, <=1200 tokens (CLS + 1199 genes), CLS",
+            60_694, "symbol", {"embsize": 512, "nheads": 8, "d_hid": 512, "nlayers": 12},
+            "softmax", 12, 512,
+            ReferenceSettings(64, "fp16", False, "embed_data: batch_size=64, fp16 autocast, rows in order"),
+            opt_batch=512,
+            smoke={"vocab": 1000, "attn_layers": 2, "attn_width": 32,
+                   "overrides": {"embsize": 32, "nheads": 4, "d_hid": 64, "nlayers": 2}},
+        ),
+        PublishedSpec(
+            "scfoundation", "scfoundation",
+            "xTrimoGene 100M: encoder 12L x 768, 12 heads, FFN 3072, 19,264 genes + T,S, every non-zero gene "
+            "(no cap); decoder written, not run",
+            19_264, "symbol",
+            {"encoder": {"hidden_dim": 768, "depth": 12, "heads": 12, "dim_head": 64, "module_type": "transformer",
+                         "norm_first": False},
+             "decoder": {"hidden_dim": 512, "depth": 6, "heads": 8, "dim_head": 64, "module_type": "performer"},
+             "bin_num": 100},
+            "softmax", 12, 768,
+            ReferenceSettings(1, "fp32", False, "get_embedding.py: one cell per forward, fp32"),
+            opt_batch=96,
+            smoke={"vocab": 500, "attn_layers": 2, "attn_width": 32,
+                   "overrides": {"encoder": {"hidden_dim": 32, "depth": 2, "heads": 4, "dim_head": 8,
+                                             "module_type": "transformer", "norm_first": False}, "bin_num": 10}},
+        ),
+        PublishedSpec(
+            "uce", "uce",
+            "33l_8ep_1024t_1280: 33L x 1280, 20 heads, FFN 5120, ESM2 tokens 5120-d, 1024 sampled genes + "
+            "chromosome tokens (~1,070 tokens), decoder 1024/1280 on CLS",
+            0, "symbol",
+            {"token_dim": 5120, "d_model": 1280, "n_heads": 20, "d_hid": 5120, "n_layers": 33, "decoder_hidden": 1024,
+             "output_dim": 1280},
+            "softmax", 33, 1280,
+            ReferenceSettings(25, "fp32", False, "evaluate.py: batch_size=25, fp32 (no mixed precision), rows in order"),
+            opt_batch=256, write_kwargs={"variant": "33layer"}, params={"variant": "33layer"}, per_cell_prefixes=("decoder.",),
+            smoke={"attn_layers": 2, "attn_width": 40, "params": {"variant": "33layer", "sample_size": 64},
+                   "overrides": {"token_dim": 16, "d_model": 40, "n_heads": 20, "d_hid": 48, "n_layers": 2,
+                                 "decoder_hidden": 24, "output_dim": 24}},
+        ),
+        PublishedSpec(
+            "llm", "llm",
+            "LLaMA-3-8B shape: 32L x 4096, 32 heads / 8 KV heads, SwiGLU 14336, vocab 128,256, bf16 weights (built "
+            "on the GPU); top-100 gene sentence, BPE ~2.8 tokens/gene; mean pool",
+            0, "symbol", LLAMA3_8B,
+            "causal", 32, 4096,
+            ReferenceSettings(8, "bf16", False, "no reference extractor: the adapter's batch 8, bf16 weights, rows in order"),
+            opt_batch=256, params={"top_k": 100},
+            smoke={"attn_layers": 2, "attn_width": 32,
+                   "overrides": {**LLAMA3_8B, "vocab_size": 4096, "hidden_size": 32, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}},
+        ),
+    )
+}
+PUBLISHED_RUN_ORDER = ("geneformer", "scgpt", "llm", "scfoundation", "uce")
+"""Run order: the big checkpoints (scFoundation, UCE 33L) are written in the background meanwhile."""
+MFU_GOAL = 0.40
+SPEEDUP_GOAL = 5.0
+
+
+def synthetic_genes(n: int, seed: int) -> list[str]:
+    """``n`` distinct gene symbols of the shipped table that have an Ensembl id (seeded), in table order."""
+    from store.genes import gene_table
+
+    table = gene_table()
+    table = table[table["ensembl"] != ""].drop_duplicates("symbol").drop_duplicates("ensembl")
+    pick = np.sort(np.random.default_rng(seed).choice(len(table), size=min(n, len(table)), replace=False))
+    return table["symbol"].iloc[pick].tolist()
+
+
+def synthetic_counts(n_cells: int, n_genes: int, seed: int, expressed: tuple[int, int] = (1000, 4000)) -> Any:
+    """Raw UMI-like counts, CSR float32 (n_cells, n_genes).
+
+    Each cell expresses a log-uniform number of genes in ``expressed``, drawn without replacement
+    by a Zipf-like gene popularity (a few genes in nearly every cell, a long tail); counts are
+    1 + Poisson with a mean that grows with the gene's popularity (ties at 1-3 counts, as in
+    real data).
+    """
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    log_p = -1.1 * np.log(rng.permutation(n_genes) + 20.0)
+    log_p -= np.logaddexp.reduce(log_p)
+    lo, hi = min(expressed[0], n_genes), min(expressed[1], n_genes)
+    n_expr = np.exp(rng.uniform(np.log(lo), np.log(hi), n_cells)).astype(np.int64).clip(1, n_genes)
+    indptr, indices, data = [0], [], []
+    for k in n_expr:
+        keys = log_p + rng.gumbel(size=n_genes)  # Gumbel top-k = sampling without replacement by weight
+        genes = np.sort(np.argpartition(-keys, k - 1)[:k])
+        mean = 2.0 * np.exp(log_p[genes] - log_p[genes].mean())
+        indices.append(genes)
+        data.append(1.0 + rng.poisson(np.minimum(mean, 1000.0)))
+        indptr.append(indptr[-1] + k)
+    return sp.csr_matrix((np.concatenate(data).astype(np.float32), np.concatenate(indices), np.asarray(indptr)),
+                         shape=(n_cells, n_genes))
+
+
+def _write_bpe_tokenizer(folder: Path) -> None:
+    """Replace the llm folder's word-level tokenizer by a BPE one trained on gene symbols."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    from scdm_embed.models.llm import BOS, EOS, UNK
+    from store.genes import gene_table
+
+    table = gene_table()
+    symbols = sorted(set(table.loc[table["ensembl"] != "", "symbol"]))
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=LLM_BPE_VOCAB, special_tokens=[BOS, EOS, UNK], show_progress=False)
+    tokenizer.train_from_iterator(symbols, trainer)
+    bos = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def _task_write_published(job: dict[str, Any]) -> dict[str, Any]:
+    """Write the checkpoints one after the other; each folder gets ``.complete`` or ``.failed``."""
+    import importlib
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(max(1, int(job.get("threads") or 1)))
+    symbols = job["genes"]
+    for entry in job["checkpoints"]:
+        folder = Path(entry["folder"])
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            module = importlib.import_module(f"scdm_embed.models.{entry['adapter']}")
+            if entry["adapter"] == "llm":  # tokenizer + tiny weights: the 8B model is built on the device
+                module.write_tiny_checkpoint(folder, genes=symbols, seed=0)
+                _write_bpe_tokenizer(folder)
+            else:
+                genes = symbols if entry["vocab"] == 0 else vocabulary(symbols, entry["vocab"], entry["gene_kind"])
+                module.write_tiny_checkpoint(folder, genes=genes, seed=0, **entry["write_kwargs"], **entry["overrides"])
+        except Exception:
+            (folder / ".failed").write_text(traceback.format_exc())
+            continue
+        (folder / ".complete").write_text(json.dumps({"write_s": time.perf_counter() - t0}))
+    return {}
+
+
+def _wait_for_checkpoint(folder: Path, writer: subprocess.Popen, log: Path, deadline: float) -> float:
+    """Seconds the writer took for ``folder``, once it is complete; raises if it failed or time ran out."""
+    while True:
+        done = folder / ".complete"
+        if done.exists():
+            return float(json.loads(done.read_text())["write_s"])
+        failed = folder / ".failed"
+        if failed.exists():
+            raise RuntimeError("writing the checkpoint failed: " + failed.read_text().strip().splitlines()[-1])
+        if writer.poll() is not None and not done.exists():
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:]) if log.exists() else ""
+            raise RuntimeError(f"the checkpoint writer exited ({writer.returncode}) before {folder.name}: {tail}")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"checkpoint {folder.name} not written within the time budget")
+        time.sleep(0.1)
+
+
+def _build_llm(adapter: Any, config: dict[str, Any], device: str) -> None:
+    """What ``LLMAdapter.load`` yields (sdpa, bf16 on CUDA), built from the config on the device.
+
+    An 8B checkpoint cannot be written and read back within the lease, so the weights are
+    initialised where they live; the tokenizer comes from the folder as in ``load``.
+    """
+    import torch
+    from transformers import AutoModel, LlamaConfig
+
+    from scdm_embed.models._common import dtype_argument
+
+    adapter._load_tokenizer()
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # LLMAdapter.load's choice
+    with dev:  # allocate and initialise on the device: an fp32 init on the CPU would take minutes
+        model = AutoModel.from_config(LlamaConfig(**config), attn_implementation="sdpa", **dtype_argument(dtype))
+    adapter.config_ = dict(config)  # emb_dim reads hidden_size from here (the folder holds a tiny config)
+    adapter.device = dev
+    adapter.model = model.eval()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _matmul_tflops(device: str) -> float | None:
+    """bf16 8192^3 matmul rate on this GPU (random data, CUDA events, median of 10)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 8192**3 / float(np.median(times)) / 1e12
+
+
+def kernel_kind(name: str) -> str:
+    """``attention``, ``gemm``, ``copy`` or ``other``, from a CUDA kernel's name."""
+    name = name.lower()
+    if any(k in name for k in ("flash", "fmha", "attention", "attn", "sdpa", "efficient")):
+        return "attention"
+    if any(k in name for k in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "sm90_")):
+        return "gemm"
+    if name.startswith(("memcpy", "memset")):
+        return "copy"
+    return "other"
+
+
+def _kernel_shares(run: Any) -> dict[str, Any]:
+    """Share of GPU kernel time in GEMMs, attention and everything else, for one call of ``run``."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    totals = {"gemm": 0.0, "attention": 0.0, "copy": 0.0, "other": 0.0}
+    kernels = []
+    for evt in prof.key_averages():
+        if getattr(evt, "device_type", None) != DeviceType.CUDA:
+            continue
+        t = float(getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0) or 0)
+        totals[kernel_kind(evt.key)] += t
+        kernels.append((t, evt.key))
+    total = sum(totals.values()) or 1.0
+    kernels.sort(reverse=True)
+    return {**{k: v / total for k, v in totals.items()}, "kernel_ms": total / 1e3,
+            "top": [f"{t / total:.0%} {k[:70]}" for t, k in kernels[:3]]}
+
+
+def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: np.ndarray, flops: np.ndarray, *, batch: int,
+                     sort: bool, precision: str, seconds: float, chunk_rows: int, device: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Throughput of one setting: warm-up, probe, then random-order batches until ``seconds`` are up.
+
+    The batches are sized from the probe's time; when they run out before ``seconds`` (a probe slowed
+    by first-call work, e.g. kernel plans for a new sequence length) they run again in the same order,
+    so every row measures about ``seconds`` of steady work.
+    """
+    import torch
+
+    from scdm_embed.runner import batches_by_length, embed_cells
+
+    state: dict[str, Any] = {"batch_size": batch}
+
+    def run(ids: np.ndarray) -> None:
+        embed_cells(adapter, [cells[i] for i in ids], [np.arange(len(ids))], device, precision, state)
+
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # the warm-up batch (the longest cells) sets the peak
+    t_warm = time.perf_counter()
+    run(np.argsort(-lengths, kind="stable")[:batch])  # the longest cells: allocator high-water mark, OOM early
+    batch = int(state["batch_size"])
+    probe = rng.integers(0, len(cells), size=batch)
+    t0 = time.perf_counter()
+    run(probe)
+    probe_s = time.perf_counter() - t0
+    warm_s = time.perf_counter() - t_warm
+    n = int(np.clip(batch / max(probe_s, 1e-6) * seconds * 1.3, 2 * batch, 500_000))
+    picks = rng.integers(0, len(cells), size=n)  # the measured "dataset": pool cells resampled, in row order
+    batches: list[np.ndarray] = []
+    for lo in range(0, n, chunk_rows):  # as the runner: sorted within each store chunk
+        batches += [picks[lo + b] for b in batches_by_length(lengths[picks[lo:lo + chunk_rows]].tolist(), batch, sort=sort)]
+    order = rng.permutation(len(batches))
+    _sync(device)
+    done: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    while not done or time.perf_counter() - t0 < seconds:
+        k = order[len(done) % len(order)]
+        run(batches[k])
+        done.append(batches[k])
+    wall = time.perf_counter() - t0
+    ids = np.concatenate(done)
+    padded = sum(len(b) * int(lengths[b].max()) for b in done)
+    real = int(lengths[ids].sum())
+    return {
+        "batch": batch, "final_batch": int(state["batch_size"]), "oom_backoffs": int(state.get("oom_backoffs", 0)),
+        "cells": int(len(ids)), "batches": f"{len(done)}/{len(batches)}", "wall_s": wall, "warmup_s": warm_s,
+        "cells_per_s": len(ids) / wall, "tokens_per_s": real / wall, "padding": 1 - real / padded if padded else 0.0,
+        "tok_median": float(np.median(lengths[ids])), "tok_max": int(lengths[ids].max()),
+        "tflops": float(flops[ids].sum()) / wall / 1e12,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+        "first_batch": done[0],
+    }
+
+
+def _profile_batch(adapter: Any, batch_cells: list[dict[str, np.ndarray]], device: str) -> dict[str, Any]:
+    """Kernel time shares of one bf16 batch as the runner embeds it (errors are reported, not raised)."""
+    from scdm_embed.runner import embed_cells
+
+    try:
+        return _kernel_shares(lambda: embed_cells(adapter, batch_cells, [np.arange(len(batch_cells))], device, "bf16",
+                                                   {"batch_size": len(batch_cells)}))
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"[:160]}
+
+
+def _weights_label(model: Any) -> str:
+    """The dtype most parameters have, and the others (``bfloat16 (+float32 norms)``)."""
+    counts: dict[str, int] = {}
+    for p in model.parameters():
+        name = str(p.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + int(p.numel())
+    main = max(counts, key=lambda k: counts[k])
+    others = sorted(k for k in counts if k != main)
+    return main + (f" (+{'/'.join(others)} norms)" if others else "")
+
+
+def _default_path_adapter(spec: PublishedSpec, folder: Path, loaded: Any, genes: list[str], device: str) -> tuple[Any, dict[str, Any], float | None]:
+    """The adapter as ``scdm embed`` loads it on ``device`` at bf16: ``configure_precision`` before ``load``.
+
+    Returns the adapter, the parameters the choice adds to the embedding's identity and the load
+    time; when the choice changes nothing (CPU, or an adapter without half-precision weights) the
+    already ``loaded`` one (load time None), else ``loaded``'s model is freed first.
+    """
+    from scdm_embed import get_adapter
+
+    adapter = get_adapter(spec.adapter)(checkpoint=folder, **spec.params)
+    extra = adapter.configure_precision(device, "bf16")
+    if not extra:
+        return loaded, extra, None
+    loaded.model = None
+    _free(device)
+    t0 = time.perf_counter()
+    adapter.load(device)
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    adapter.prepare(genes, gene_id_kind="symbol")
+    return adapter, extra, load_s
+
+
+def _free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, counts: Any, genes: list[str], *, device: str,
+                          peak: float | None, seconds: float, deadline: float, profile: bool, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of one model (``ref``, ``scdm``, ``scdm+batch``), and the facts about it (shape, params, load and tokenise times)."""
+    import torch
+
+    from scdm_embed import get_adapter
+    from scdm_embed.runner import _auto_batch_size, model_chunk_rows
+
+    rng = np.random.default_rng(seed)
+    adapter = get_adapter(spec.adapter)(checkpoint=folder, **spec.params)
+    t0 = time.perf_counter()
+    if spec.adapter == "llm":
+        _build_llm(adapter, spec.overrides, device)
+    else:
+        adapter.load(device)
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    adapter.prepare(genes, gene_id_kind="symbol")
+    t0 = time.perf_counter()
+    cells = adapter.tokenize(counts, np.arange(counts.shape[0]))
+    tokenize_rate = len(cells) / (time.perf_counter() - t0)
+    lengths = np.array([adapter.token_length(c) for c in cells], dtype=np.int64)
+    model: Any = adapter.model
+    w_token, w_cell = linear_weights(model, spec.per_cell_prefixes)
+    flops = model_flops(spec.attention, spec.attn_layers, spec.attn_width, w_token, w_cell, lengths)
+    n_params = sum(int(p.numel()) for p in model.parameters())
+    n_embedding = sum(int(m.weight.numel()) for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    chunk_rows = model_chunk_rows(None, adapter.emb_dim, adapter.params(), False)
+    cpu = not device.startswith("cuda")
+    facts = {"model": spec.key, "shape": spec.shape, "params_m": n_params / 1e6, "embedding_params_m": n_embedding / 1e6,
+             "matmul_weights_per_token_m": w_token / 1e6, "write_s": write_s, "load_s": load_s, "tokenize_cells_per_s": tokenize_rate,
+             "pool_cells": len(cells), "pool_tok_median": float(np.median(lengths)), "pool_tok_max": int(lengths.max()),
+             "chunk_rows": chunk_rows, "gflop_per_cell": float(flops.mean()) / 1e9}
+    rows: list[dict[str, Any]] = []
+
+    def measure(adapter: Any, name: str, batch: int, sort: bool, precision: str, what: str) -> None:
+        row: dict[str, Any] = {"model": spec.key, "setting": name, "batch": batch, "sort": sort, "what": what,
+                               "precision": f"{_weights_label(adapter.model)} weights, " + ("fp32" if precision == "fp32" else f"{precision} autocast")}
+        rows.append(row)
+        if time.perf_counter() + seconds + 3 > deadline:
+            row["error"] = "skipped: time budget spent"
+            return
+        if cpu and precision == "fp16":  # the smoke run on CPU: fp16 autocast is CUDA-only in the runner
+            precision = "bf16"
+        _free(device)  # what a failed setting left behind (its traceback is gone by now)
+        try:
+            res = _measure_setting(adapter, cells, lengths, flops, batch=batch, sort=sort, precision=precision, seconds=seconds,
+                                   chunk_rows=chunk_rows, device=device, rng=rng)
+        except Exception as err:  # one failing setting still reports the others
+            logger.exception("%s %s failed", spec.key, name)
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            return
+        row.update({k: v for k, v in res.items() if k != "first_batch"})
+        row["mfu"] = row["tflops"] / peak if peak else None
+        logger.info("%s %s: %.1f cells/s, %.0f tokens/s, %.1f TFLOP/s (%s cells, batches %s)", spec.key, name, row["cells_per_s"],
+                    row["tokens_per_s"], row["tflops"], row["cells"], row["batches"])
+        if profile and not cpu and name == "scdm":  # where the GPU time of one batch of the default path goes
+            facts["kernels"] = _profile_batch(adapter, [cells[i] for i in res["first_batch"]], device)
+
+    measure(adapter, "ref", spec.ref.batch, spec.ref.sort, spec.ref.precision, spec.ref.source)
+    model = None
+    try:  # the default path: configure_precision("cuda", "bf16") before load, as the runner does
+        adapter, facts["weights_param"], default_load_s = _default_path_adapter(spec, folder, adapter, genes, device)
+    except Exception as err:  # the ref row still reports
+        logger.exception("%s: loading the default path failed", spec.key)
+        facts["error"] = f"default-path load: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        return rows, facts
+    if default_load_s is not None:
+        facts["load_s"], facts["load_ref_s"] = default_load_s, load_s
+    auto = _auto_batch_size(adapter, device)
+    measure(adapter, "scdm", auto, True, "bf16", "runner defaults on CUDA (weights as configure_precision + load give them)")
+    if spec.opt_batch != auto:
+        measure(adapter, "scdm+batch", spec.opt_batch, True, "bf16", "the same, larger batch")
+    fastest = max((r.get("cells_per_s") or 0.0 for r in rows), default=0.0)
+    facts["feed_processes"] = fastest / tokenize_rate  # tokenising processes (runner --workers) the GPU rate needs
+    ref = rows[0].get("cells_per_s")
+    for row in rows[1:]:
+        if ref and row.get("cells_per_s"):
+            row["speedup"] = row["cells_per_s"] / ref
+    adapter.model = None  # free the GPU before the next model
+    _free(device)
+    return rows, facts
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _shares(k: dict[str, Any]) -> str:
+    if "gemm" not in k:
+        return str(k.get("error", "-"))
+    return f"{k['gemm']:.0%} / {k['attention']:.0%} / {k['copy']:.0%} / {k['other']:.0%} of {k['kernel_ms']:.0f} ms"
+
+
+def render_published(rows: list[dict[str, Any]], facts: list[dict[str, Any]]) -> str:
+    """The results table (goal beside each measured number) and the per-model facts table."""
+    head = ["model", "setting", "batch", "sorted", "precision", "cells", "tok/cell med [max]", "padding", "cells/s",
+            "tokens/s", "TFLOP/s", f"MFU (goal >={MFU_GOAL:.0%})", f"x ref (goal >={SPEEDUP_GOAL:.0f}x)", "peak GPU GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        first = [r["model"], r["setting"], str(r.get("final_batch", r["batch"])), "yes" if r["sort"] else "no", r["precision"]]
+        if r.get("error"):
+            lines.append("| " + " | ".join(first + [f"**{r['error']}**"] + ["-"] * (len(head) - 6)) + " |")
+            continue
+        mfu = _pct(r.get("mfu")) if r.get("mfu") is not None else "n/a (no GPU)"
+        speed = "-"
+        if r["setting"] != "ref" and r.get("mfu") is not None:
+            mfu += " met" if r["mfu"] >= MFU_GOAL else " missed"
+        if r["setting"] != "ref":
+            if r.get("speedup"):
+                speed = f"{r['speedup']:.1f}x " + ("met" if r["speedup"] >= SPEEDUP_GOAL else "missed")
+        gib = "-" if r.get("peak_gpu_gib") is None else f"{r['peak_gpu_gib']:.1f}"
+        lines.append("| " + " | ".join(first + [f"{r['cells']:,}", f"{r['tok_median']:.0f} [{r['tok_max']}]", _pct(r["padding"]),
+                                                f"{r['cells_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.2f}", mfu,
+                                                speed, gib]) + " |")
+    fhead = ["model", "published shape", "params M (embedding M)", "matmul weights/token M", "GFLOP/cell (pool mean)",
+             "ckpt write s", "load s", "tokenise cells/s, 1 process [processes to feed the fastest row]",
+             "kernel time GEMM/attn/copy/other (one scdm batch)", "top kernels"]
+    flines = ["| " + " | ".join(fhead) + " |", "|" + "---|" * len(fhead)]
+    for f in facts:
+        if f.get("error"):
+            flines.append("| " + " | ".join([f["model"], f"**{f['error']}**"] + ["-"] * (len(fhead) - 2)) + " |")
+            continue
+        k = f.get("kernels") or {}
+        shares = _shares(k)
+        load = f"{f['load_s']:.1f}" + (f" (fp32 weights: {f['load_ref_s']:.1f})" if f.get("load_ref_s") is not None else "")
+        flines.append("| " + " | ".join([f["model"], f["shape"], f"{f['params_m']:,.1f} ({f['embedding_params_m']:,.1f})",
+                                         f"{f['matmul_weights_per_token_m']:,.1f}", f"{f['gflop_per_cell']:,.1f}", f"{f['write_s']:.1f}",
+                                         load, f"{f['tokenize_cells_per_s']:,.0f} [{f.get('feed_processes', 0):.1f}]", shares,
+                                         "; ".join(k.get("top", [])) or "-"]) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(flines)
+
+
+def _env_header(device: str, peak: float | None, measured: float | None) -> list[str]:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = []
+    for pkg in ("torch", "transformers", "numpy", "scipy", "duckdb"):
+        try:
+            versions.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{pkg} missing")
+    gpu = "no GPU (CPU smoke run)"
+    if device.startswith("cuda"):
+        prop = torch.cuda.get_device_properties(0)
+        gpu = f"{prop.name} (cc {prop.major}.{prop.minor}, {prop.total_memory / 2**30:.0f} GiB, {prop.multi_processor_count} SMs), CUDA {torch.version.cuda}"
+    try:
+        load = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "load average n/a"
+    lines = [f"# GPU: {gpu}", f"# {platform.python_implementation()} {platform.python_version()}, " + ", ".join(versions)
+             + f"; {os.cpu_count()} CPUs, {load}"]
+    if peak:
+        lines.append(f"# MFU = model FLOPs / {peak:.1f} TFLOP/s (dense bf16 peak of the data sheet; for every row, fp32 ones too)"
+                     + (f"; bf16 8192^3 matmul measured here: {measured:.0f} TFLOP/s" if measured else ""))
+    lines.append("# model FLOPs per cell: 2 x (matmul weights applied per token) x T + 4 x layers x T^2 x width (causal: half) "
+                 "+ 2 x per-cell head weights; T = the cell's real tokens, so padding is lost utilisation")
+    return lines
+
+
+def run_published(args: argparse.Namespace) -> None:
+    """``--published``: the GPU benchmark of issue #19 point 7 (``--smoke``: tiny, on the CPU)."""
+    t_start = time.perf_counter()
+    smoke = bool(args.smoke)
+    wanted = [m.strip() for m in (args.models or ",".join(PUBLISHED)).split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in PUBLISHED]
+    if unknown:
+        raise SystemExit(f"Unknown model(s) {unknown} for --published; choose from {', '.join(PUBLISHED)}.")
+    order = [m for m in PUBLISHED_RUN_ORDER if m in wanted]
+    specs = {m: PUBLISHED[m].sized(smoke) for m in order}
+    seconds = args.seconds if args.seconds is not None else (0.3 if smoke else 8.0)
+    pool = args.pool or (16 if smoke else 1024)
+    budget = args.budget_s if args.budget_s is not None else (300.0 if smoke else 330.0)
+    deadline = t_start + budget
+    device = "cpu" if smoke else "cuda"
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    keep = args.workdir is not None
+    work = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="scdm-bench-published-"))
+    work.mkdir(parents=True, exist_ok=True)
+    genes = synthetic_genes(600 if smoke else 20_000, args.seed)
+    folders = {m: work / "published" / f"{m}-{'smoke' if smoke else 'full'}-{hashlib.blake2b(json.dumps(asdict(s), sort_keys=True, default=str).encode(), digest_size=6).hexdigest()}"
+               for m, s in specs.items()}
+    job = {"task": "write_published", "threads": max(1, min(4, (os.cpu_count() or 2) // 4)), "genes": genes,
+           "checkpoints": [{"adapter": s.adapter, "folder": str(folders[m]), "vocab": s.vocab, "gene_kind": s.gene_kind,
+                            "overrides": s.overrides, "write_kwargs": s.write_kwargs} for m, s in specs.items()]}
+    job_file, writer_log = work / "job-write-published.json", work / "writer.log"
+    _write_json(job_file, job)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(writer_log, "w") as log_fh:  # checkpoints are written in the background while earlier models run
+        writer = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file), str(work / "out-write.json")],
+                                  env=env, cwd=ROOT, stdout=log_fh, stderr=subprocess.STDOUT)
+    rows: list[dict[str, Any]] = []
+    facts: list[dict[str, Any]] = []
+    header: list[str] = []
+    try:
+        import torch
+
+        if not smoke and not torch.cuda.is_available():
+            raise SystemExit(f"--published needs a CUDA device (torch {torch.__version__} sees none); use --smoke for the CPU check.")
+        name = torch.cuda.get_device_name(0) if not smoke else "cpu"
+        peak = peak_bf16_tflops(name, args.peak_tflops) if not smoke else None
+        measured = _matmul_tflops(device)
+        header = _env_header(device, peak, measured)
+        counts = synthetic_counts(pool, len(genes), args.seed, (50, 200) if smoke else (1000, 4000))
+        header.append(f"# cells: pool of {pool} synthetic cells over {len(genes):,} genes, {int(np.median(np.diff(counts.indptr)))} "
+                      f"expressed genes median [{np.diff(counts.indptr).min()}-{np.diff(counts.indptr).max()}], tokenised once per "
+                      f"model and resampled; {seconds:g} s per row after warm-up, batches in random order")
+        for m in order:
+            spec = specs[m]
+            need = 3 * (seconds + 4) + 10
+            if time.perf_counter() + need > deadline:
+                facts.append({"model": m, "error": f"skipped: {deadline - time.perf_counter():.0f} s of the budget left, ~{need:.0f} s needed"})
+                logger.warning("skipping %s: time budget", m)
+                continue
+            logger.info("benchmarking %s (%.0f s elapsed)", m, time.perf_counter() - t_start)
+            _free(device)  # what a failed model left behind (its traceback is gone by now)
+            try:
+                write_s = _wait_for_checkpoint(folders[m], writer, writer_log, deadline - need)
+                model_rows, model_facts = bench_published_model(spec, folders[m], write_s, counts, genes, device=device, peak=peak,
+                                                                seconds=seconds, deadline=deadline, profile=not args.no_profile,
+                                                                seed=args.seed)
+            except Exception as err:  # one failing model still reports the others
+                logger.exception("%s failed", m)
+                facts.append({"model": m, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"})
+                continue
+            rows.extend(model_rows)
+            facts.append(model_facts)
+            _write_published(out_dir, header, rows, facts, args, t_start, final=False)
+            print(render_published(model_rows, []).split("\n\n")[0], flush=True)  # partial results in the log
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(_write_published(out_dir, header, rows, facts, args, t_start, final=True))
+
+
+def _write_published(out_dir: Path | None, header: list[str], rows: list[dict[str, Any]], facts: list[dict[str, Any]],
+                     args: argparse.Namespace, t_start: float, *, final: bool) -> str:
+    canon = {m: i for i, m in enumerate(PUBLISHED)}
+    rows = sorted(rows, key=lambda r: canon.get(r["model"], 99))
+    facts = sorted(facts, key=lambda f: canon.get(f["model"], 99))
+    cmd = "python benchmarks/bench_embed.py " + " ".join(sys.argv[1:])
+    text = "\n".join([f"# bench_embed --published ({'final' if final else 'partial'}): {cmd}", *header,
+                      f"# total wall {time.perf_counter() - t_start:.0f} s", "", render_published(rows, facts), ""])
+    if out_dir:
+        (out_dir / "bench_embed_gpu.md").write_text(text)
+        _write_json(out_dir / "bench_embed_gpu.json", {"header": header, "rows": rows, "models": facts, "final": final,
+                                                       "wall_s": time.perf_counter() - t_start, "argv": sys.argv[1:]})
+    return text
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join([*SPECS, *BASELINES]),
-                    help="comma-separated adapters and/or baselines (default: all nine adapters + pca,hvg)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated adapters and/or baselines (default: all nine adapters + pca,hvg; with "
+                         f"--published: {','.join(PUBLISHED)})")
     ap.add_argument("--cells", type=int, default=None,
                     help="cells per model (default: per-model sizes chosen so everything takes ~10 min on 2 CPU cores; "
                          "baselines: all 300). Above 300 the file's cells repeat (for GPU runs)")
@@ -584,6 +1318,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the cell selection")
     ap.add_argument("--workdir", default=None, help="keep checkpoints here between runs (default: a temporary folder, removed)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    pub = ap.add_argument_group("published sizes on a GPU (issue #19 point 7; see benchmarks/README.md)")
+    pub.add_argument("--published", action="store_true",
+                     help="random-initialised models at their published sizes on CUDA, synthetic cells, in-process: "
+                          "reference settings vs scdm vs scdm with bf16 weights; cells/s, tokens/s, MFU")
+    pub.add_argument("--smoke", action="store_true", help="--published with tiny models on the CPU (checks the whole path in <1 min)")
+    pub.add_argument("--seconds", type=float, default=None, help="measured seconds per row after warm-up (default 8; smoke 0.3)")
+    pub.add_argument("--pool", type=int, default=None, help="synthetic cells tokenised per model, then resampled (default 1024; smoke 16)")
+    pub.add_argument("--budget-s", type=float, default=None,
+                     help="wall-clock budget of the whole run; models that no longer fit are skipped (default 330; smoke 300)")
+    pub.add_argument("--out", default=None, help="also write bench_embed_gpu.md and bench_embed_gpu.json here (after every model)")
+    pub.add_argument("--no-profile", action="store_true", help="skip the one-batch kernel profile per model")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -594,9 +1339,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         worker_main(*args.worker)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.published or args.smoke:
+        run_published(args)
+        return
     from scdm_embed import available_models
 
-    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    wanted = [m.strip() for m in (args.models or ",".join([*SPECS, *BASELINES])).split(",") if m.strip()]
     registered = available_models()
     unknown = [m for m in wanted if m not in SPECS and m not in BASELINES]
     if unknown:
