@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from store import Store, example_data, open_store
 
@@ -74,7 +76,7 @@ def _random_geneformer(st: Store, genes: Sequence[str]) -> Path:
 
 
 def run_demo(
-    store: "Store | str | None" = None,
+    store: Store | str | None = None,
     *,
     n_cells: int = 6000,
     report_dir: str | Path | None = "scdm-demo-report",
@@ -109,11 +111,12 @@ def run_demo(
     _step(echo, 4, n, f"evaluate pooled ({folds}-fold, cell level) and cross-data (leave one study out) with {', '.join(heads)}")
     # linear heads on every category; the MLP (the costly one on 2 cores) on all cells only
     linear = [h for h in heads if h != "mlp"]
-    common = {"scenarios": ("pooled", "cross"), "folds": folds, "split_scheme": "cell", "seed": seed, "silent": not progress}
+    evaluate_demo = partial(evaluate, st, ids, scenarios=("pooled", "cross"), folds=folds, split_scheme="cell", seed=seed,
+                            silent=not progress)
     if linear:
-        evaluate(st, ids, by=by, heads=linear, **common)
+        evaluate_demo(by=by, heads=linear)
     if "mlp" in heads:
-        evaluate(st, ids, by=("all",), heads=("mlp",), head_params={"mlp": {"profile": "fast"}}, **common)
+        evaluate_demo(by=("all",), heads=("mlp",), head_params={"mlp": {"profile": "fast"}})
     _step(echo, 5, n, "leaderboard (all cells; mean ± sd over folds)")
     board = format_leaderboard(leaderboard(st, category_types=["all"]), metrics=("auroc", "f1", "accuracy"))
     report = None

@@ -1,7 +1,8 @@
 """Server load test: N concurrent clients on loopback while an evaluation job writes to the same store.
 
 Three processes share one store:
-  - the server (``python -m scdm_server``, a free loopback port, bearer token on), as ``scdm serve`` runs it;
+  - the server: ``scdm serve`` (FastAPI on uvicorn; ``--workers`` processes, default 1) on a free loopback
+    port, bearer token on;
   - a writer process that runs ``scdm_classify.grid.evaluate`` (the Python API behind ``scdm
     evaluate``) again and again, a new fold seed each time so every run fits and commits new
     tasks, for the whole measurement;
@@ -22,7 +23,7 @@ checks, exiting 1 when one fails:
   - p95 latency of the writer phase below ``--max-p95-ms`` (default 3000 ms, the issue's aim for a
     2-core machine).
 
-Usage: python benchmarks/bench_serve.py [--clients 8] [--seconds 15] [--workdir DIR] [--no-idle]
+Usage: python benchmarks/bench_serve.py [--clients 8] [--seconds 15] [--workers 1] [--workdir DIR] [--no-idle]
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import http.client
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -87,17 +90,29 @@ def build(store: Path) -> None:
     evaluate(st, scenarios=["pooled"], by=["all"], heads=["ridge"], folds=5, seed=0, silent=True)
 
 
-def start_server(store: Path, log: Path) -> tuple[subprocess.Popen[str], int]:
+def start_server(store: Path, log: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    """``scdm --store STORE serve`` as a user starts it; its stderr (with the URL it prints) goes to ``log``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "scdm_server", "--store", str(store), "--port", "0", "--token", TOKEN],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise SystemExit(f"server did not start: {line!r}; see {log}")
-    return proc, int(line.rstrip().rstrip("/").rsplit(":", 1)[1])
+    port = "0" if workers == 1 else str(_free_port())
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "--store", str(store), "serve", "--port", port, "--token", TOKEN,
+                                 "--workers", str(workers)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on http://[^:]+:(\d+)/", log.read_text(errors="replace"))
+        if found:
+            return proc, int(found.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"server did not start; see {log}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -163,13 +178,18 @@ def load(port: int, n_clients: int, seconds: float) -> tuple[list[Client], float
     return clients, time.monotonic() - t0
 
 
-def warm_up(port: int) -> None:
-    """One request per route first: the server imports the leaderboard code on first use (seconds)."""
+def warm_up(port: int, workers: int) -> None:
+    """A few requests per route first (every worker answers at least once; the first answers are slower)."""
     client = Client(port, 0.0, 0)
-    for method, path, body in (("GET", LEADERBOARD, None), ("POST", "/api/sql", {"query": COUNT_SQL})):
-        ok, why, _ = client.call(method, path, body)
-        if not ok:
-            raise SystemExit(f"warm-up request {method} {path} failed: {why}")
+    deadline = time.monotonic() + 60
+    for _ in range(2 * workers):
+        for method, path, body in (("GET", LEADERBOARD, None), ("POST", "/api/sql", {"query": COUNT_SQL})):
+            ok, why, _ = client.call(method, path, body)
+            while not ok and time.monotonic() < deadline and "Connection" in why:  # workers still starting
+                time.sleep(0.2)
+                ok, why, _ = client.call(method, path, body)
+            if not ok:
+                raise SystemExit(f"warm-up request {method} {path} failed: {why}")
 
 
 def run_writer(store: Path, port: int, args: argparse.Namespace, log: Path) -> tuple[list[Client], float, dict[str, Any]]:
@@ -271,6 +291,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
     parser.add_argument("--no-idle", action="store_true", help="skip the phase without writer")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
     parser.add_argument("--max-p95-ms", type=float, default=3000.0, help="p95 target of the writer phase")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "scdm-bench-serve"))
     args = parser.parse_args()
@@ -279,10 +300,10 @@ def main() -> int:
     work.mkdir(parents=True)
     store = work / "store"
     build(store)
-    server, port = start_server(store, work / "server.log")
+    server, port = start_server(store, work / "server.log", args.workers)
     phases = []
     try:
-        warm_up(port)
+        warm_up(port, args.workers)
         if not args.no_idle:
             clients, wall = load(port, args.clients, args.seconds)
             phases.append(("idle", clients, wall))
@@ -291,8 +312,10 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"{args.clients} clients (threads of one process) x {args.seconds:g} s per phase; server, writer and clients "
-          f"share {os.cpu_count()} cores; writer: {written['runs']} evaluate runs (5 folds x ridge, logreg x all, tissue)")
+    loadavg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{args.clients} clients (threads of one process) x {args.seconds:g} s per phase; server ({args.workers} uvicorn "
+          f"worker{'s' if args.workers > 1 else ''}), writer and clients share {os.cpu_count()} cores (load average at the "
+          f"end: {loadavg}); writer: {written['runs']} evaluate runs (5 folds x ridge, logreg x all, tissue)")
     p95 = table(phases, args.clients)
     failures = [s.why for _, cs, _ in phases for c in cs for s in c.samples if not s.ok]
     problems = check_results(store, work / "writer.jsonl") + check_visibility(clients)

@@ -14,14 +14,18 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
+    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from matplotlib.projections.polar import PolarAxes
+    from matplotlib.typing import RcKeyType
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +41,11 @@ CATEGORY_LABELS = {"all": "all cells", "tissue": "Tissue", "cancer_type": "Cance
 RESPONSE_COLORS = {"sensitive": "#d6604d", "resistant": "#4393c3", "unlabelled": "#bdbdbd"}
 """Response colours of the projections (one fixed pair in every figure)."""
 
-_SAVE_RC = {"svg.hashsalt": "scdm-report", "svg.fonttype": "path", "font.size": 9, "axes.titlesize": 10,
+_SAVE_RC: dict[RcKeyType, Any] = {"svg.hashsalt": "scdm-report", "svg.fonttype": "path", "font.size": 9, "axes.titlesize": 10,
             "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8}
 _HATCHES = ["", "//", "..", "xx", "\\\\", "++"]
-_LINESTYLES = ["-", "--", ":", "-."]
+_LINESTYLES: list[Any] = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+"""One line style per hatch (matplotlib dash tuples after the four named styles)."""
 
 
 def wrap_label(text: str, width: int = 16, max_lines: int = 2) -> str:
@@ -62,68 +67,84 @@ def safe_name(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Series:
-    """One line/bar series of the figures: an embedding space (model, variant, space)."""
+    """One line/bar series of the figures: the results of one embedding space under one label set
+    and one split protocol (or, in the embedding figures, the space itself)."""
 
-    key: tuple[str, str, str]
-    """(model, variant, space_id)."""
+    key: tuple[str, ...]
+    """Identity of the series: (model, variant, space_id) for a space, plus label set and split
+    protocol for a series of results."""
     label: str
     """Legend label, unique in the report."""
     color: str
-    """The model's colour (shared by all variants and spaces of the model)."""
+    """The colour of its group (model, datasets): one colour per model and dataset collection."""
     hatch: str = ""
-    """Bar hatch: distinguishes variants/spaces of one model."""
-    linestyle: str = "-"
+    """Bar hatch: distinguishes series of one colour group (LoRA variants, other spaces, splits)."""
+    linestyle: Any = "-"
     """Line style of the radar lines (same role as ``hatch``)."""
+    group: tuple[str, str] = ("", "")
+    """(model, datasets): the colour group."""
 
 
 @dataclass
 class Palette:
-    """One colour per model name, and one :class:`Series` style per (model, variant, space).
+    """One colour per (model, datasets) group, and one :class:`Series` style per series.
 
-    Colours are assigned to the sorted model names, so a model has the same colour in every
-    figure of the report (and in every report of the same store).
+    Two spaces of one model fitted on different datasets (``pca`` on A375, ``pca`` on another
+    collection) are two groups and get two colours. Colours are assigned to the sorted groups, so a
+    group has the same colour in every figure of the report (and in every report of the same
+    store). Series of one group (a LoRA variant, another space on the same datasets, another split
+    or label set) share its colour and differ by hatch and line style.
     """
 
-    models: Sequence[str]
-    series: dict[tuple[str, str, str], Series] = field(default_factory=dict)
+    groups: Sequence[tuple[str, str]]
+    series: dict[tuple[str, ...], Series] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from matplotlib import colormaps
         from matplotlib.colors import to_hex
 
-        names = sorted(set(self.models))
-        base = colormaps["tab10"].colors if len(names) <= 10 else colormaps["tab20"].colors
-        extra = [*colormaps["tab20b"].colors, *colormaps["tab20c"].colors]
+        names = sorted(set(self.groups))
+        base = _listed_colors("tab10") if len(names) <= 10 else _listed_colors("tab20")
+        extra = [*_listed_colors("tab20b"), *_listed_colors("tab20c")]
         colors = [*base, *extra]
         self.colors = {name: to_hex(colors[i % len(colors)]) for i, name in enumerate(names)}
 
-    def color(self, model: str) -> str:
-        """Colour of ``model`` (grey for a model unknown to the palette)."""
-        return self.colors.get(model, "#7f7f7f")
+    def color(self, group: tuple[str, str]) -> str:
+        """Colour of ``group`` (grey for a group unknown to the palette)."""
+        return self.colors.get(group, "#7f7f7f")
 
-    def add(self, key: tuple[str, str, str], label: str) -> Series:
-        """Register a series; later series of the same model get the next hatch / line style."""
+    def add(self, key: tuple[str, ...], label: str, *, group: tuple[str, str], tuned: bool = False) -> Series:
+        """Register a series; later series of the same group get the next hatch / line style.
+
+        ``tuned`` (a LoRA variant) is always hatched/dashed, even without a frozen sibling.
+        """
         if key in self.series:
             return self.series[key]
-        rank = sum(1 for k in self.series if k[0] == key[0])
-        variant = key[1]
-        if variant != "frozen" and rank == 0:
-            rank = 1  # a LoRA series is always hatched/dashed, even without a frozen sibling
-        series = Series(key, label, self.color(key[0]), _HATCHES[rank % len(_HATCHES)],
-                        _LINESTYLES[rank % len(_LINESTYLES)])
+        rank = sum(1 for s in self.series.values() if s.group == group)
+        if tuned and rank == 0:
+            rank = 1
+        series = Series(key, label, self.color(group), _HATCHES[rank % len(_HATCHES)],
+                        _LINESTYLES[rank % len(_LINESTYLES)], group)
         self.series[key] = series
         return series
 
 
 def category_colors(values: Sequence[str]) -> dict[str, str]:
     """Stable colours for category values (sorted; tab20 then tab20b/tab20c)."""
-    from matplotlib import colormaps
     from matplotlib.colors import to_hex
 
     names = sorted({str(v) for v in values})
-    first = colormaps["tab10"].colors if len(names) <= 10 else colormaps["tab20"].colors
-    colors = [*first, *colormaps["tab20b"].colors, *colormaps["tab20c"].colors]
+    first = _listed_colors("tab10") if len(names) <= 10 else _listed_colors("tab20")
+    colors = [*first, *_listed_colors("tab20b"), *_listed_colors("tab20c")]
     return {name: to_hex(colors[i % len(colors)]) for i, name in enumerate(names)}
+
+
+def _listed_colors(name: str) -> Sequence[Any]:
+    """The colours of the qualitative colormap ``name`` (a :class:`~matplotlib.colors.ListedColormap`)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    # colormaps[...] is typed as the base Colormap; the tab* maps are ListedColormaps (colors: a sequence).
+    return cast(Sequence[Any], cast(ListedColormap, colormaps[name]).colors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +203,7 @@ def radar_figure(board: pd.DataFrame, series: list[Series], *, metrics: Sequence
             panel = f"{METRIC_LABELS.get(metric, metric)} by {CATEGORY_LABELS.get(ct, ct).lower()}"
             if len(cats) >= 3:
                 ax = fig.add_subplot(grid[i, j], projection="polar")
-                _radar_panel(ax, frame, series, cats)
+                _radar_panel(cast("PolarAxes", ax), frame, series, cats)
             else:
                 ax = fig.add_subplot(grid[i, j])
                 _bar_panel(ax, frame, series, cats, metric)
@@ -197,7 +218,7 @@ def radar_figure(board: pd.DataFrame, series: list[Series], *, metrics: Sequence
     return fig, fallbacks
 
 
-def _radar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list[str]) -> None:
+def _radar_panel(ax: PolarAxes, frame: pd.DataFrame, series: list[Series], cats: list[str]) -> None:
     n = len(cats)
     angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
     closed = np.append(angles, angles[0])
@@ -275,9 +296,10 @@ def _log_axis(ax: Axes, values: np.ndarray, unit: str) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_minor_formatter(NullFormatter())
     for patch in ax.patches:
-        width = patch.get_width()
+        bar = cast("Rectangle", patch)  # the axes holds only the bars of barh
+        width = bar.get_width()
         if np.isfinite(width) and width > 0:
-            ax.annotate(_short_number(width, unit), (width, patch.get_y() + patch.get_height() / 2), xytext=(3, 0),
+            ax.annotate(_short_number(width, unit), (width, bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
                         textcoords="offset points", va="center", fontsize=7)
 
 
@@ -285,6 +307,7 @@ def _series_legend(fig: Figure, series: list[Series], *, kind: str) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
+    handles: list[Artist]
     if kind == "line":
         handles = [Line2D([], [], color=s.color, linestyle=s.linestyle, marker="o", markersize=4, label=s.label)
                    for s in series]
@@ -292,7 +315,11 @@ def _series_legend(fig: Figure, series: list[Series], *, kind: str) -> None:
         handles = [Patch(facecolor=s.color, hatch=s.hatch, edgecolor="#333333" if s.hatch else s.color, label=s.label)
                    for s in series]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False)
+        # as many columns as fit the figure's width (about 0.065 in per character at 8 pt, plus the handle)
+        width = fig.get_figwidth()
+        per_entry = 0.065 * max(len(s.label) for s in series) + 0.6
+        ncol = max(1, min(len(handles), 4, int(width // per_entry)))
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,20 +465,23 @@ def _category_legend(ax: Axes, labels: np.ndarray, mapping: dict[str, str]) -> N
 # --------------------------------------------------------------------------------------------
 # computational scalability (scDrugMap Fig. 7)
 # --------------------------------------------------------------------------------------------
-def scalability_figure(embed: pd.DataFrame, fit: pd.DataFrame, series: list[Series], *, title: str) -> Figure:
-    """Embedding throughput (cells/s) per series, and mean head fit time per task per head.
+def scalability_figure(embed: pd.DataFrame, fit: pd.DataFrame, embed_series: list[Series], fit_series: list[Series], *,
+                       title: str) -> Figure:
+    """Embedding throughput (cells/s) per embedding space, and mean head fit time per task per head.
 
-    ``embed`` columns: ``series``, ``cells_per_s``; ``fit`` columns: ``series``, ``head``, ``fit_s``.
+    ``embed`` columns: ``series`` (labels of ``embed_series``), ``cells_per_s``; ``fit`` columns:
+    ``series`` (labels of ``fit_series``), ``head``, ``fit_s``, one row per series and head.
     """
     has_embed = not embed.dropna(subset=["cells_per_s"]).empty
     has_fit = not fit.dropna(subset=["fit_s"]).empty
     n_panels = int(has_embed) + int(has_fit)
-    present = [s for s in series if (embed["series"] == s.label).any() or (fit["series"] == s.label).any()]
-    fig = new_figure(4.6 * max(n_panels, 1), 0.32 * len(present) + 1.8)
+    embed_rows = [s for s in embed_series if (embed["series"] == s.label).any()]
+    fit_rows = [s for s in fit_series if (fit["series"] == s.label).any()]
+    fig = new_figure(4.6 * max(n_panels, 1), 0.32 * max(len(embed_rows), len(fit_rows)) + 1.8)
     axes = list(fig.subplots(1, max(n_panels, 1), squeeze=False)[0])
     if has_embed:
         ax = axes.pop(0)
-        rows = [s for s in present if (embed["series"] == s.label).any()]
+        rows = embed_rows
         values = [float(embed.loc[embed["series"] == s.label, "cells_per_s"].iloc[0]) for s in rows]
         y = np.arange(len(rows))
         ax.barh(y, values, color=[s.color for s in rows], hatch=None, edgecolor="#333333", linewidth=0.4)
@@ -468,7 +498,7 @@ def scalability_figure(embed: pd.DataFrame, fit: pd.DataFrame, series: list[Seri
     if has_fit:
         ax = axes.pop(0)
         heads = sorted(fit["head"].unique())
-        rows = [s for s in present if (fit["series"] == s.label).any()]
+        rows = fit_rows
         y = np.arange(len(heads))
         bar_h = 0.8 / max(len(rows), 1)
         for k, s in enumerate(rows):

@@ -94,10 +94,6 @@ class EvalSummary:
     """Tasks skipped by this run, with the reason."""
 
 
-
-
-
-
 def progress_bar(total: int, *, desc: str, silent: bool = False) -> Any:
     """The grid's task bar: the shared scdm progress helper, counting tasks."""
     from store.progress import progress_bar as _bar
@@ -196,8 +192,6 @@ def _plan(space: Space, heads: Sequence[str], head_params: dict[str, dict[str, A
     return tasks, skipped
 
 
-
-
 def _ridge_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     """All ridge tasks of a space by Gram downdates (see module docstring)."""
     assert space.X is not None and space.y is not None
@@ -229,8 +223,6 @@ def _logreg_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     with _all_math_threads(space):
         for group in groups.values():
             yield from logreg_split(space, group)
-
-
 
 
 class _Buffers:
@@ -582,8 +574,6 @@ def _math_threads(space: Space, jobs: int, *, torch_heads: bool) -> Iterator[Non
         return
     with one_math_thread(torch_heads=torch_heads):
         yield
-
-
 
 
 _BATCHED_HEADS = ("ridge", "logreg")

@@ -140,7 +140,6 @@ class FinetuneResult:
         return asdict(self)
 
 
-
 @dataclass(frozen=True)
 class _Fold:
     """One fold of a stored split, with its cells."""
@@ -186,7 +185,6 @@ def cells_hash(frame: pd.DataFrame) -> str:
     keys = frame[["dataset_id", "row"]].sort_values(["dataset_id", "row"])
     text = "\n".join(f"{d}:{int(r)}" for d, r in zip(keys["dataset_id"], keys["row"]))
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from scdm_embed.lora_training import (
     lora_matrices,
     quiet_peft,
 )
+from store import canonical_json
 from store.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -51,11 +52,6 @@ CARD_FORMAT = "scdm-lora"
 CARD_VERSION = 1
 """Version of the adapter folder layout; part of every adapter's identity."""
 _HASHED_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
-
-
-def canonical_json(obj: Any) -> str:
-    """Key-sorted compact JSON: equal settings give equal text (and equal hashes)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _files_hash(folder: Path) -> str:

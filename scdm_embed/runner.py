@@ -59,8 +59,6 @@ __all__ = ["EmbedResult", "embed", "embed_baseline", "checkpoint_hash", "resolve
 logger = logging.getLogger(__name__)
 
 
-
-
 # ---- device and precision ------------------------------------------------------------------
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked and returned."""
@@ -199,10 +197,6 @@ def checkpoint_hash(folder: str | Path, *, cache_dir: Path | None = None) -> str
 
 
 # ---- batching --------------------------------------------------------------------------------
-
-
-
-
 
 
 def _iter_chunk_tokens(source: ChunkTokens, workers: int, wanted: Any = None) -> Iterator[tuple[int, list[dict[str, np.ndarray]] | None]]:
@@ -397,10 +391,6 @@ def embed(
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
 
-
-
-
-
 GPU_BATCH_FACTOR = 8
 """On CUDA, a model's CPU batch size times this is the first try; out-of-memory halves it."""
 
@@ -418,12 +408,6 @@ def _reset_peak_rss() -> None:
             fh.write("5")
     except OSError:
         pass
-
-
-
-
-
-
 
 
 @dataclass
@@ -519,16 +503,12 @@ def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter
     return elsewhere
 
 
-
-
 def _empty_audit(n_empty: int | None, stats: dict[str, Any]) -> dict[str, Any]:
     """What the audit records about cells without expressed genes (kept with allow_empty_cells)."""
     out: dict[str, Any] = {"zero_rows": int(stats.get("zero_rows", 0))}
     if n_empty is not None:
         out["cells_without_expressed_genes"] = n_empty
     return out
-
-
 
 
 # ---- the baseline path -----------------------------------------------------------------------

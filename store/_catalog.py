@@ -516,12 +516,18 @@ class Catalog:
                 raise
             con.execute("COMMIT")
 
-    def insert_df(self, table: str, frame: pd.DataFrame, con: duckdb.DuckDBPyConnection | None = None) -> None:
-        """Insert a DataFrame's rows into ``table``, matching columns by name."""
+    def insert_df(self, table: str, frame: pd.DataFrame, con: duckdb.DuckDBPyConnection | None = None, *,
+                  or_ignore: bool = False) -> None:
+        """Insert a DataFrame's rows into ``table``, matching columns by name.
+
+        ``or_ignore`` skips rows whose primary key is already there (two processes storing the
+        same content at once both succeed).
+        """
         if frame.empty:
             return
         cols = ", ".join(f'"{c}"' for c in frame.columns)
-        sql = f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_frame'
+        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+        sql = f'{verb} INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_frame'
         if con is not None:
             con.register("_scdm_frame", frame)
             try:
@@ -530,7 +536,7 @@ class Catalog:
                 con.unregister("_scdm_frame")
             return
         with self.transaction() as tx:
-            self.insert_df(table, frame, tx)
+            self.insert_df(table, frame, tx, or_ignore=or_ignore)
 
     # ---- schema -----------------------------------------------------------------------------
     def migrate(self, scdm_version: str) -> None:

@@ -67,6 +67,11 @@ def default_store_path() -> Path:
     return Path(os.environ.get(ENV_STORE) or DEFAULT_STORE)
 
 
+def canonical_json(obj: Any) -> str:
+    """Key-sorted compact JSON: equal settings give equal text (and equal hashes)."""
+    return _canonical_json(obj)
+
+
 def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

@@ -6,7 +6,6 @@ catalog row is written here, after the files are in place, so a row always has i
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from store._constants import ARTIFACTS_DIR
+from store._store import canonical_json
 
 if TYPE_CHECKING:
     from store._store import Store
@@ -27,10 +27,6 @@ ADAPTERS_DIR = "adapters"
 def adapter_dir(st: Store, adapter_id: str) -> Path:
     """The folder of adapter ``adapter_id``'s files: ``<store>/artifacts/adapters/<adapter_id>``."""
     return st.root / ARTIFACTS_DIR / ADAPTERS_DIR / adapter_id
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
 @dataclass(frozen=True)
@@ -64,22 +60,16 @@ class AdapterRecord:
     def row(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("model_params", "lora_config", "train_config", "train_curve", "telemetry"):
-            out[key] = _canonical(out[key])
+            out[key] = canonical_json(out[key])
         out["created_at"] = pd.Timestamp.now(tz="UTC").tz_localize(None)
         return out
 
 
 def write_adapter(st: Store, record: AdapterRecord) -> None:
     """Insert (or replace) an adapter's row, in one transaction."""
-    frame = pd.DataFrame([record.row()])
-    cols = ", ".join(f'"{c}"' for c in frame.columns)
     with st.catalog.transaction() as con:
         con.execute("DELETE FROM adapters WHERE adapter_id = ?", [record.adapter_id])
-        con.register("_scdm_adapter", frame)
-        try:
-            con.execute(f"INSERT INTO adapters ({cols}) SELECT {cols} FROM _scdm_adapter")
-        finally:
-            con.unregister("_scdm_adapter")
+        st.catalog.insert_df("adapters", pd.DataFrame([record.row()]), con)
 
 
 def forget_adapter(st: Store, adapter_id: str) -> None:

@@ -152,17 +152,6 @@ def _task_rows(out: TaskOutcome, run_id: str, save_predictions: bool) -> tuple[d
     return task, results, preds
 
 
-def _insert(con: Any, table: str, frame: pd.DataFrame) -> None:
-    if frame.empty:
-        return
-    cols = ", ".join(f'"{c}"' for c in frame.columns)
-    con.register("_scdm_eval_rows", frame)
-    try:
-        con.execute(f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_eval_rows')
-    finally:
-        con.unregister("_scdm_eval_rows")
-
-
 def _write(st: Store, rows: _Rows) -> None:
     """One transaction: a task is stored whole or not at all, and the last writer of a task wins."""
     ids = [t["task_id"] for t in rows.tasks]
@@ -172,11 +161,11 @@ def _write(st: Store, rows: _Rows) -> None:
             for table in ("eval_predictions", "eval_results", "eval_tasks"):
                 con.execute(f"DELETE FROM {table} WHERE list_contains(?, task_id)", [ids])
             if rows.predictions:
-                _insert(con, "eval_predictions", pd.concat(rows.predictions, ignore_index=True))
-            _insert(con, "eval_results", pd.DataFrame(rows.results))
-            _insert(con, "eval_tasks", pd.DataFrame(rows.tasks))
+                st.catalog.insert_df("eval_predictions", pd.concat(rows.predictions, ignore_index=True), con)
+            st.catalog.insert_df("eval_results", pd.DataFrame(rows.results), con)
+            st.catalog.insert_df("eval_tasks", pd.DataFrame(rows.tasks), con)
         if rows.skipped:
-            _insert(con, "skipped_tasks", pd.DataFrame(rows.skipped))
+            st.catalog.insert_df("skipped_tasks", pd.DataFrame(rows.skipped), con)
 
 
 class ResultWriter:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from store._store import canonical_json
 from store.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -43,14 +44,10 @@ ANSWER_STATUSES: tuple[str, ...] = ("ok", "missing", "invalid", "unparsed")
 REQUEST_STATUSES: tuple[str, ...] = ("answered", "unparsed")
 
 
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
 def request_id_of(*, backend: str, model: str, checkpoint_hash: str | None, template_hash: str,
                   messages: Sequence[dict[str, Any]], decoding: dict[str, Any]) -> str:
     """The content address of one request (see the module docstring)."""
-    text = _canonical({"backend": backend, "model": model, "checkpoint_hash": checkpoint_hash,
+    text = canonical_json({"backend": backend, "model": model, "checkpoint_hash": checkpoint_hash,
                        "template_hash": template_hash, "messages": list(messages), "decoding": decoding})
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
@@ -115,9 +112,9 @@ class PromptRecord:
     def row(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "backend": self.backend, "model": self.model,
                 "checkpoint_hash": self.checkpoint_hash, "endpoint": self.endpoint, "template_hash": self.template_hash,
-                "decoding": _canonical(self.decoding), "messages": _canonical(self.messages), "n_cells": self.n_cells,
+                "decoding": canonical_json(self.decoding), "messages": canonical_json(self.messages), "n_cells": self.n_cells,
                 "status": self.status, "answer_text": self.answer_text,
-                "response": None if self.response is None else _canonical(self.response),
+                "response": None if self.response is None else canonical_json(self.response),
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "attempts": self.attempts, "seconds": self.seconds,
                 "created_at": pd.Timestamp.now(tz="UTC").tz_localize(None)}

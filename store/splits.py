@@ -530,9 +530,10 @@ def save_splits(st: Store, splits: Sequence[Split]) -> int:
         "status": s.status, "reason": s.reason, "definition": json.dumps(s.definition, sort_keys=True),
         "created_at": now, "label_set": s.label_set, "datasets": split_datasets(s, names)} for s in new])
     with st.catalog.transaction() as con:
-        _insert_new(con, "split_assignments", assign[["split_id", "dataset_id", "row", "fold", "response"]])
-        _insert_new(con, "split_folds", pd.concat([_fold_rows(s) for s in new], ignore_index=True))
-        _insert_new(con, "splits", heads)
+        catalog = st.catalog
+        catalog.insert_df("split_assignments", assign[["split_id", "dataset_id", "row", "fold", "response"]], con, or_ignore=True)
+        catalog.insert_df("split_folds", pd.concat([_fold_rows(s) for s in new], ignore_index=True), con, or_ignore=True)
+        catalog.insert_df("splits", heads, con, or_ignore=True)
     logger.info("stored %d new splits (%d already in the catalog)", len(new), len(splits) - len(new))
     return len(new)
 
@@ -540,18 +541,6 @@ def save_splits(st: Store, splits: Sequence[Split]) -> int:
 def split_datasets(split: Split, names: dict[str, str]) -> str:
     """The names of the datasets a split covers, sorted and comma-separated (a result-identity column)."""
     return ",".join(sorted({names.get(d, d) for d in split.cells["dataset_id"].unique()}))
-
-
-def _insert_new(con: Any, table: str, frame: pd.DataFrame) -> None:
-    """Insert rows, ignoring those whose key is already there (another process stored the same split)."""
-    if frame.empty:
-        return
-    cols = ", ".join(f'"{c}"' for c in frame.columns)
-    con.register("_scdm_split_rows", frame)
-    try:
-        con.execute(f'INSERT OR IGNORE INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_split_rows')
-    finally:
-        con.unregister("_scdm_split_rows")
 
 
 def _fold_rows(split: Split) -> pd.DataFrame:

@@ -17,13 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scdm_classify._plots import Palette
 from scdm_classify.grid import evaluate
 from scdm_classify.report import write_report
 from scdm_classify.splits import SampleLeakageWarning
-from store import Store
+from store import Store, example_data
 from store.errors import InputDataError
 
 ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "data"
 
 # name, study, tissue, cancer type, drug type, regimen: three studies, three cancer types (a radar),
 # two tissues (a bar chart: a radar needs three axes), one drug type.
@@ -147,7 +149,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def _parse_mean_sd(text: str) -> tuple[float | None, float | None]:
-    text = text.replace("*", "").strip()
+    text = re.sub(r"\(n=\d+\)", "", text.replace("*", "")).strip()
     if text == "n/a":
         return None, None
     match = re.fullmatch(r"([0-9.]+)(?: ± ([0-9.]+))?", text)
@@ -158,18 +160,22 @@ def _parse_mean_sd(text: str) -> tuple[float | None, float | None]:
 def _catalog_stats(st: Store) -> dict[tuple[str, ...], tuple[float | None, float | None]]:
     """Mean and sd over folds straight from eval_results, keyed like the page's row attributes + metric."""
     frame = st.query(
-        "SELECT model, variant, space_id, head, scenario, category_type, category, metric, "
+        "SELECT model, variant, space_id, head, scenario, category_type, category, split_id, metric, "
         "avg(value) AS mean, stddev_samp(value) AS sd FROM eval_results GROUP BY ALL")
     out = {}
     for r in frame.itertuples():
-        key = (r.model, r.variant, r.space_id, r.head, r.scenario, r.category_type, r.category, r.metric)
+        key = (r.model, r.variant, r.space_id, r.head, r.scenario, r.category_type, r.category, r.split_id, r.metric)
         out[key] = (None if pd.isna(r.mean) else float(r.mean), None if pd.isna(r.sd) else float(r.sd))
     return out
 
 
 def _row_key(attrs: dict[str, str], metric: str) -> tuple[str, ...]:
     return tuple(attrs[f"data-{k}"] for k in ("model", "variant", "space", "head", "scenario", "category-type",
-                                               "category")) + (metric,)
+                                               "category", "split")) + (metric,)
+
+
+def _header(tables: dict, table_id: str) -> list[str]:
+    return [text for _, text in tables[table_id][0][1]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +200,8 @@ def test_files_and_figures_exist_and_are_sensible(report: Path) -> None:
     for png in figures.glob("*.png"):
         assert f"figures/{png.name}" in page, f"{png.name} is not shown on the page"
     assert (report.parent / "tables" / "leaderboard_all.csv").exists()
-    assert (report.parent / "tables" / "leaderboard_all.sql").read_text().startswith("SELECT")
+    sql = (report.parent / "tables" / "leaderboard_all.sql").read_text()
+    assert sql.startswith("WITH r AS (") and "FROM results x" in sql  # the results view, whole identity
 
 
 def test_leaderboard_numbers_equal_the_catalog(report: Path, evaluated: Store) -> None:
@@ -245,7 +252,8 @@ def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path) -> None:
     assert schemes == {"cell", "study"}
     assert "cell-level folds" in page
     # cross-data on one-study categories is skipped, with the reason
-    reasons = " ".join(cells[5][1] for _, cells in tables["skipped"][1:])
+    reason = _header(tables, "skipped").index("Reason")
+    reasons = " ".join(cells[reason][1] for _, cells in tables["skipped"][1:])
     assert "one study" in reasons
     # tissue has 2 categories: drawn as bars, and the caption says so
     assert "A radar needs at least 3 axes" in page and "bar charts instead (error bars: sd over folds): tissue (2 categories)" in page
@@ -255,7 +263,11 @@ def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path) -> None:
     assert rows["geneformer"][5] == "96.0" and rows["geneformer"][8] == "3.00"
     assert rows["pca"][2] == "—" and rows["pca"][5] == "2,400.0"
     assert any(label.startswith("geneformer (lora:abcdef01") for label in rows)
-    assert all(re.fullmatch(r"[0-9.e-]+", row[-1]) for row in rows.values())  # fit s/task of the last head
+    # head fit time: one row per series, scenario, split and head, a number of seconds each
+    fit = [[t for _, t in cells] for _, cells in tables["fit-time"][1:]]
+    assert len(fit) == 3 * 2 * 2  # 3 spaces x 2 heads x 2 scenarios
+    assert all(re.fullmatch(r"[0-9.e-]+", row[-1]) for row in fit)
+    assert {row[4] for row in fit} == {"cell k=3 seed 0", "study"}
     assert "PCA, first two components" in page
 
 
@@ -322,21 +334,128 @@ def test_umap_projection(evaluated: Store, tmp_path: Path) -> None:
     assert len(list((tmp_path / "u" / "figures").glob("projection_pca_*.png"))) == 1
 
 
-def _insert_results(st: Store, values: dict[str, list[float | None]]) -> None:
-    """Three folds of one (model, head, category) written straight into the evaluation tables."""
+# --------------------------------------------------------------------------------------------
+# result identity: one model name on two dataset collections, one space evaluated with two k
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_pca_spaces(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """A375 and JHU006 each embedded with its own pca (two spaces, one model name); both evaluated
+    with 3 folds, the A375 space also with 2 folds (same cells, another split)."""
+    from scdm_embed.runner import embed_baseline
+
+    st = Store(tmp_path_factory.mktemp("identity") / "store")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)  # cell-level folds on per-condition labels
+        st.ingest(example_data("A375"), name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
+                  cancer_type="melanoma", drug_type="targeted", regimen="PLX4720")
+        st.ingest(DATA / "JHU006_HNSCC_Kinker2020.h5ad", name="jhu006", label_key="response_Gefitinib",
+                  drug="Gefitinib", study="JHU006", tissue="head and neck", cancer_type="HNSCC", drug_type="targeted",
+                  regimen="EGFR inhibitor")
+        (a375,) = embed_baseline(st, ["a375"], model="pca", n_comps=4, n_hvg=100, progress=False)
+        embed_baseline(st, ["jhu006"], model="pca", n_comps=4, n_hvg=100, progress=False)
+        options = {"scenarios": ["pooled"], "by": ["all", "tissue"], "heads": ["ridge"], "silent": True}
+        evaluate(st, folds=3, **options)
+        evaluate(st, [a375.embedding_id], folds=2, **options)
+    return st
+
+
+@pytest.fixture(scope="module")
+def identity_report(two_pca_spaces: Store, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(two_pca_spaces, tmp_path_factory.mktemp("identity_out") / "report", projection="none",
+                        formats=["png", "svg"])
+
+
+def test_leaderboards_never_mix_datasets_or_splits(identity_report: Path, two_pca_spaces: Store) -> None:
+    tables = _tables(identity_report)
+    # the catalog's numbers per split: a row of the page is one split, never an average of two
+    per_split = two_pca_spaces.query(
+        "SELECT split_id, any_value(n_folds) AS k, count(DISTINCT fold) AS folds, avg(value) AS f1 "
+        "FROM eval_results WHERE metric = 'f1' GROUP BY split_id")
+    per_split = per_split.set_index("split_id")
+    for table_id in ("lb-all", "lb-pooled-tissue"):
+        assert {"Datasets", "Label set", "Split", "Folds"} <= set(_header(tables, table_id)), table_id
+        rows = [r for r in tables[table_id] if "data-model" in r[0]]
+        # a375 with k=2 and k=3, jhu006 with k=3: three results, three rows
+        assert sorted((a["data-datasets"], a["data-k"]) for a, _ in rows) == [("a375", "2"), ("a375", "3"), ("jhu006", "3")]
+        for attrs, cells in rows:
+            split = per_split.loc[attrs["data-split"]]
+            assert attrs["data-folds-done"] == attrs["data-k"] == str(int(split["k"])) == str(int(split["folds"]))
+            assert attrs["data-complete"] == "true"
+            f1 = next(text for a, text in cells if a.get("data-metric") == "f1")
+            assert _parse_mean_sd(f1)[0] == pytest.approx(round(float(split["f1"]), 3), abs=1e-9)
+            assert attrs["data-label-set"] == ("Gefitinib" if attrs["data-datasets"] == "jhu006" else "response_PLX4720")
+        # "best" compares results on the same split only: each row here is alone on its split
+        assert not any("best" in a.get("class", "") for _, cells in rows for a, _ in cells)
+
+
+def test_one_model_on_two_dataset_collections_gets_two_colours(identity_report: Path) -> None:
+    series = [a for a, _ in _tables(identity_report)["figure-series"][1:]]
+    by_label = {a["data-label"]: a for a in series}
+    assert len(by_label) == len(series) == 3  # pca on a375 with k=2 and k=3, pca on jhu006
+    a375 = [a for a in series if a["data-datasets"] == "a375"]
+    jhu006 = [a for a in series if a["data-datasets"] == "jhu006"]
+    assert len(a375) == 2 and len(jhu006) == 1
+    # two colours for the two collections; the two splits of one space share it and differ by hatch
+    assert {a["data-color"] for a in a375} != {jhu006[0]["data-color"]}
+    assert len({a["data-color"] for a in a375}) == 1 and len({a["data-hatch"] for a in a375}) == 2
+    # legend labels name the datasets (and the split where one space has several)
+    assert all("a375" in a["data-label"] for a in a375) and "jhu006" in jhu006[0]["data-label"]
+    assert {a["data-protocol"] for a in a375} == {"cell k=2 seed 0", "cell k=3 seed 0"}
+    # the figure is drawn with those colours: both collections' colours are in the overview bars
+    svg = (identity_report.parent / "figures" / "overview_bars.svg").read_text().lower()
+    for colour in {a["data-color"] for a in series}:
+        assert f"fill: {colour}" in svg, colour
+    assert (identity_report.parent / "tables" / "figure_series.csv").exists()
+
+
+def test_a_space_evaluated_on_two_collections_is_drawn_once_and_said(tmp_path: Path) -> None:
+    """One space (same model and parameters) evaluated before and after a second dataset joined it:
+    two results on category "all", two table rows, one bar (the larger collection), and the caption
+    names the one left out."""
+    st = _ingested(tmp_path / "store")
+    _write_embedding(st, "d1", "scgpt", 6, shift=1.0, seed=1)
+    _evaluate(st, heads=["ridge"], by=["all"], scenarios=["pooled"])
+    _write_embedding(st, "d2", "scgpt", 6, shift=1.0, seed=2)
+    _evaluate(st, heads=["ridge"], by=["all"], scenarios=["pooled"])
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"])
+    rows = [a for a, _ in _tables(out)["lb-all"][1:]]
+    assert sorted(a["data-datasets"] for a in rows) == ["d1", "d1,d2"]
+    assert len({a["data-space"] for a in rows}) == 1
+    page = out.read_text()
+    assert "Several dataset collections for one series" in page
+    assert "scgpt on all: drawn on datasets d1,d2; not drawn: d1" in page
+
+
+def test_palette_gives_each_model_and_datasets_group_its_colour() -> None:
+    palette = Palette([("pca", "a375"), ("pca", "jhu006"), ("scgpt", "a375")])
+    a = palette.add(("pca", "frozen", "s1"), "pca [a375]", group=("pca", "a375"))
+    b = palette.add(("pca", "frozen", "s2"), "pca [jhu006]", group=("pca", "jhu006"))
+    lora = palette.add(("pca", "lora:x", "lora:x"), "pca (lora:x) [a375]", group=("pca", "a375"), tuned=True)
+    alone = palette.add(("scgpt", "lora:y", "lora:y"), "scgpt (lora:y)", group=("scgpt", "a375"), tuned=True)
+    assert len({a.color, b.color, alone.color}) == 3
+    assert lora.color == a.color and lora.hatch != a.hatch and lora.linestyle != a.linestyle
+    assert alone.hatch and alone.linestyle != "-"  # a LoRA series is hatched even without a frozen sibling
+
+
+def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_expected: int = 3) -> None:
+    """Three folds of one (model, head, category) written straight into the evaluation tables, as a
+    run interrupted after three of ``folds_expected`` folds would leave them."""
     now = pd.Timestamp("2026-01-01")
     common = {"run_id": "run1", "space_id": "space1", "model": "scgpt", "variant": "frozen", "split_id": "split1",
-              "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "sample", "head": "mlp"}
+              "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "sample", "head": "mlp",
+              "datasets": "d1", "label_set": "Vorinostat", "n_folds": folds_expected, "seed": 0, "head_params": "{}"}
     tasks, results = [], []
     for fold in range(3):
         task = {**common, "task_id": f"t{fold}", "fold": fold, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
-        tasks.append({**task, "embedding_ids": "[]", "head_params": "{}", "n_test_pos": 20, "predict_seconds": 0.1,
+        tasks.append({**task, "embedding_ids": "[]", "n_test_pos": 20, "predict_seconds": 0.1,
                       "flags": None, "created_at": now})
         results += [{**task, "metric": m, "value": v[fold]} for m, v in values.items()]
     st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
                                               "config": '{"split_scheme": "sample"}'}]))
     st.insert_df("eval_tasks", pd.DataFrame(tasks))
     st.insert_df("eval_results", pd.DataFrame(results))
+    st.insert_df("split_folds", pd.DataFrame([{"split_id": "split1", "fold": f, "n_train": 80, "n_test": 40,
+                                                "n_test_pos": 20, "status": "ok"} for f in range(folds_expected)]))
 
 
 def test_undefined_fold_values_are_averaged_out_and_marked(tmp_path: Path) -> None:
@@ -347,9 +466,24 @@ def test_undefined_fold_values_are_averaged_out_and_marked(tmp_path: Path) -> No
     rows = [r for r in _tables(out)["lb-all"] if "data-model" in r[0]]
     assert len(rows) == 1
     shown = {a["data-metric"]: text for a, text in rows[0][1] if "data-metric" in a}
-    assert shown == {"f1": "0.700 ± 0.200", "auroc": "0.700 ± 0.141*", "ap": "n/a", "accuracy": "0.500 ± 0.000"}
+    assert shown == {"f1": "0.700 ± 0.200", "auroc": "0.700 ± 0.141* (n=2)", "ap": "n/a", "accuracy": "0.500 ± 0.000"}
+    n = {a["data-metric"]: a["data-n"] for a, _ in rows[0][1] if "data-metric" in a}
+    assert n == {"f1": "3", "auroc": "2", "ap": "0", "accuracy": "3"}
+    assert rows[0][0]["data-complete"] == "true" and rows[0][0]["data-label-set"] == "Vorinostat"
     page = out.read_text()
     assert "sample</b>: grouped k-fold" in page and "cell-level folds" not in page
     # one model, one category: a bar chart, no radar or per-category figure
     figures = {p.name for p in (tmp_path / "r" / "figures").iterdir()}
     assert "overview_bars.png" in figures and not any(f.startswith("radar_") for f in figures)
+
+
+def test_a_result_missing_folds_is_marked_incomplete(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    _insert_results(st, {"f1": [0.5, 0.7, 0.9], "auroc": [0.8, 0.7, 0.6]}, folds_expected=5)
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1", "auroc"])
+    (attrs, cells), = [r for r in _tables(out)["lb-all"] if "data-model" in r[0]]
+    assert attrs["data-complete"] == "false" and attrs["class"] == "incomplete"
+    assert (attrs["data-folds-done"], attrs["data-folds-expected"], attrs["data-k"]) == ("3", "5", "5")
+    folds = next(text for a, text in cells if "data-folds" in a)
+    assert folds == "3/5 incomplete"
+    assert "1 incomplete result" in out.read_text()

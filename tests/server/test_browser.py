@@ -1,9 +1,11 @@
-"""The web page in headless Chromium (Selenium) against a real ``scdm_server`` process.
+"""The web page in headless Chromium (Selenium) against a real ``scdm serve`` (uvicorn) process.
 
 The store is the one the API tests use (a pca baseline, a 3-fold ridge evaluation, a trained ridge
 head) plus its report, written with ``scdm_classify.report.write_report``. Every test logs the
 browser in (the server runs with a token), drives one part of the page and saves a screenshot
-into a folder it prints (and into ``$SCDM_TEST_ARTIFACTS/browser`` when that is set).
+into a folder it prints (and into ``$SCDM_TEST_ARTIFACTS/browser`` when that is set). The page runs
+under the server's Content-Security-Policy (no inline script): a violation is a console error, and
+every test fails on console errors.
 
 Without Chromium and ChromeDriver (Debian: ``apt-get install chromium chromium-driver``) the tests
 are skipped, unless ``SCDM_REQUIRE_BROWSER=1`` (CI sets it): then they fail.
@@ -201,6 +203,39 @@ def test_leaderboard_loads_and_filters(page: Callable[[str], None], driver: Any,
     assert len(rows) > 2 and {r[columns.index("category")] for r in rows} == {"all", "skin"}
 
 
+def test_leaderboard_shows_the_dataset_and_label_set_columns(page: Callable[[str], None], driver: Any, site: Server) -> None:
+    rows = apply_filters(driver, site, metric="auroc", dataset="a375")
+    columns = header_texts(driver, "lb-table")
+    assert {"datasets", "label_set", "k", "seed", "folds_done", "folds_expected", "complete"} <= set(columns)
+    assert len(rows) == 2 and {r[columns.index("datasets")] for r in rows} == {"a375"}
+    assert {r[columns.index("label_set")] for r in rows} == {"response_PLX4720"}
+    assert {r[columns.index("complete")] for r in rows} == {"true"}
+    assert apply_filters(driver, site, dataset="nosuchdataset") == []
+
+
+def test_a_misspelled_filter_shows_the_allowed_values(page: Callable[[str], None], driver: Any, site: Server) -> None:
+    set_filter(driver, "head", "rdge")
+    driver.find_element("css selector", "#lb-form button[type=submit]").click()
+    error = wait_for(driver, lambda d: d.find_elements("css selector", "#lb-msg .err"), "the error message")[0]
+    assert error.text.startswith("head='rdge': Input should be") and "'ridge'" in error.text and "'logreg'" in error.text
+    assert error.value_of_css_property("color") == "rgba(187, 0, 0, 1)"
+    assert driver.find_element("id", "lb-table").text == ""
+    assert apply_filters(driver, site, head="ridge")  # fixed, the table is back
+
+
+def test_the_policy_blocks_inline_script_and_the_page_still_works(page: Callable[[str], None], driver: Any,
+                                                                  site: Server) -> None:
+    page("sql")
+    blocked = driver.execute_script(
+        "const s = document.createElement('script'); s.textContent = 'window.__inline = 1;';"
+        "document.body.appendChild(s); return window.__inline === undefined;")
+    assert blocked
+    errors = javascript_errors(driver)
+    assert errors and all("Content Security Policy" in e for e in errors)
+    run_sql(driver, "SELECT 41 + 1 AS answer")
+    assert body_rows(driver, "sql-table") == [["42"]]
+
+
 def test_leaderboard_sorts_by_a_column(page: Callable[[str], None], driver: Any, site: Server) -> None:
     rows = apply_filters(driver, site, metric="")
     columns = header_texts(driver, "lb-table")
@@ -240,6 +275,32 @@ def test_report_figure_opens(page: Callable[[str], None], driver: Any, site: Ser
     assert text_of(driver, "fig-view-name") == radar.replace("_", " ")
     assert driver.find_element("id", "fig-view-svg").get_attribute("href").endswith(f"/report/figures/{radar}.svg")
     assert driver.find_element("id", "fig-report").is_displayed()
+
+
+def test_figures_say_no_report_only_when_there_is_none(page: Callable[[str], None], driver: Any, site: Server) -> None:
+    report = site.store / "artifacts" / "report"
+    hidden = report.with_name("report.away")
+    report.rename(hidden)
+    try:
+        page("figures")
+        wait_for(driver, lambda d: "No report yet" in text_of(d, "fig-list"), "the no-report message")
+        assert str(report.resolve()) in text_of(driver, "fig-list") and not driver.find_element("id", "fig-report").is_displayed()
+        # a report without figures (a store without results) is a report: no "No report yet"
+        report.mkdir()
+        (report / "index.html").write_text("<html><body>no results</body></html>")
+        page("leaderboard")
+        page("figures")
+        wait_for(driver, lambda d: "has no figures" in text_of(d, "fig-list"), "the no-figures message")
+        assert "No report yet" not in text_of(driver, "fig-list") and driver.find_element("id", "fig-report").is_displayed()
+    finally:
+        import shutil
+
+        shutil.rmtree(report, ignore_errors=True)
+        hidden.rename(report)
+    page("leaderboard")
+    page("figures")
+    wait_for(driver, lambda d: d.find_elements("css selector", "#fig-list img"), "the figures again")
+    assert "No report yet" not in text_of(driver, "fig-list")
 
 
 def test_model_page(page: Callable[[str], None], driver: Any, site: Server) -> None:
@@ -337,7 +398,8 @@ def test_token_is_asked_for_and_accepted(driver: Any, site: Server, screenshots:
     wait_for(driver, lambda d: d.find_elements("id", "lb-msg") and text_of(d, "lb-msg") == "2 rows", "the leaderboard")
     assert driver.current_url.removesuffix("#leaderboard") == site.url  # the token is not left in the address bar
     cookies = {c["name"]: c for c in driver.get_cookies()}
-    assert cookies["scdm_token"]["httpOnly"] is True
+    assert cookies["scdm_session"]["httpOnly"] is True and cookies["scdm_session"]["sameSite"] == "Strict"
+    assert TOKEN not in cookies["scdm_session"]["value"]  # a session value derived from the token, not the token
     assert driver.execute_script("return document.cookie;") == ""  # page scripts cannot read it
     screenshots.save(driver, "login_accepted")
     driver.delete_all_cookies()

@@ -267,3 +267,20 @@ def test_two_label_sets_can_share_one_partition(tmp_path):
     fold = lambda s: s.cells.set_index("row")["fold"]  # noqa: E731
     assert (fold(paired) == fold(gef)).all()  # the same partition, fold by fold
     assert not (fold(unpaired) == fold(gef)).all()  # stratified by its own labels it differs
+
+
+def test_report_lists_confounded_studies_and_metric_caveats(tmp_path):
+    import warnings
+
+    from scdm_classify.report import write_report
+    from store.splits import SampleLeakageWarning
+
+    st = Store(tmp_path / "store")
+    st.ingest(example_data(), name="A375", label_key="response_PLX4720", sample_key="condition")
+    embed(st, "A375", "pca", n_comps=5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        evaluate(st, heads=["ridge"], by=["all"], folds=3, scenarios=["pooled"], silent=True)
+    page = write_report(st, tmp_path / "report", projection="none", formats=["png"]).read_text()
+    assert "confounded-studies" in page and "<b>A375</b>: labels constant within each of its 2 samples" in page
+    assert "Reading the metrics" in page and "negative bias" in page

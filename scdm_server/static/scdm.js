@@ -1,0 +1,174 @@
+// scdm serve: the explorer page (templates/index.html). Plain JavaScript, no build step, no inline
+// script (the Content-Security-Policy allows only this file). Every URL starts with ROOT, the
+// server's --root-path; URLs the API hands out (figures, CSV links, job status) already do.
+"use strict";
+const ROOT = document.body.dataset.root || "";
+const $ = (id) => document.getElementById(id);
+const JSON_POST = {method: "POST", headers: {"Content-Type": "application/json"}};
+async function api(path, opts) {
+  const r = await fetch(ROOT + path, Object.assign({credentials: "same-origin"}, opts || {}));
+  const ct = r.headers.get("content-type") || "";
+  const body = ct.includes("json") ? await r.json() : await r.text();
+  if (r.status === 401) throw new Error("Not logged in (or the server restarted): reload the page to log in again.");
+  if (!r.ok) throw new Error((body && body.error) || r.statusText);
+  return body;
+}
+function esc(v) { return v === null || v === undefined ? "" : String(v).replace(/[&<>"']/g, c => "&#" + c.charCodeAt(0) + ";"); }
+function fmt(v) { return typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : (typeof v === "object" && v !== null ? JSON.stringify(v) : v); }
+function showError(el, err) { el.innerHTML = `<span class="err">${esc(err.message || err)}</span>`; }
+function plural(n, word) { return `${n} ${word}${n === 1 ? "" : "s"}`; }
+// missing values sort last in both directions; numbers as numbers, the rest as text
+function compare(x, y) {
+  const nx = x === null || x === undefined, ny = y === null || y === undefined;
+  if (nx || ny) return nx && ny ? 0 : nx ? 1 : -1;
+  if (typeof x === "number" && typeof y === "number") return x - y;
+  return String(fmt(x)).localeCompare(String(fmt(y)));
+}
+// long values (params, telemetry JSON) are cut by CSS; the whole text shows on hover
+function cell(v) { const t = esc(v); return t.length > 40 ? `<td title="${t}">${t}</td>` : `<td>${t}</td>`; }
+function table(el, rows, columns) {
+  if (!rows.length) { el.innerHTML = "<p>(no rows)</p>"; return; }
+  columns = columns || Object.keys(rows[0]);
+  let sortKey = null, asc = true;
+  function draw() {
+    const data = rows.slice();
+    if (sortKey) data.sort((a, b) => {
+      const x = a[sortKey], y = b[sortKey], missing = x === null || x === undefined || y === null || y === undefined;
+      return missing ? compare(x, y) : compare(x, y) * (asc ? 1 : -1);
+    });
+    el.innerHTML = "<table><thead><tr>" + columns.map(c => `<th data-k="${esc(c)}" title="sort">${esc(c)}${c === sortKey ? (asc ? " ▲" : " ▼") : ""}</th>`).join("") +
+      "</tr></thead><tbody>" + data.map(r => "<tr>" + columns.map(c => cell(fmt(r[c]))).join("") + "</tr>").join("") + "</tbody></table>";
+    el.querySelectorAll("th").forEach(th => th.onclick = () => { const k = th.dataset.k; asc = sortKey === k ? !asc : true; sortKey = k; draw(); });
+  }
+  draw();
+}
+document.querySelectorAll("nav a").forEach(a => a.onclick = () => show(a.dataset.tab));
+const loaders = {leaderboard: () => {}, figures: () => loadFigures(), models: () => loadModels(), sql: () => {}, predict: () => loadPredict()};
+function show(tab) {
+  if (!(tab in loaders)) tab = "leaderboard";
+  document.querySelectorAll("nav a").forEach(a => a.classList.toggle("on", a.dataset.tab === tab));
+  document.querySelectorAll("section").forEach(s => s.classList.toggle("on", s.id === tab));
+  history.replaceState(null, "", "#" + tab);  // a reload stays on the tab
+  loaders[tab]();
+}
+const LEADERBOARD_COLUMNS = ["model", "variant", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k", "seed",
+  "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete"];
+async function loadLeaderboard(ev) {
+  if (ev) ev.preventDefault();
+  const q = new URLSearchParams([...new FormData($("lb-form"))].filter(([k, v]) => v));
+  $("lb-msg").textContent = "loading...";
+  try {
+    const rows = await api("/api/leaderboard?" + q);
+    $("lb-msg").textContent = plural(rows.length, "row");
+    table($("lb-table"), rows, LEADERBOARD_COLUMNS);
+  } catch (e) { showError($("lb-msg"), e); $("lb-table").innerHTML = ""; }  // e.g. a 422 naming the allowed values
+}
+$("lb-form").onsubmit = loadLeaderboard;
+function figureName(path) { return path.split("/").pop().replace(/\.(png|svg|pdf)$/, ""); }
+async function loadFigures() {
+  try {
+    const r = await api("/api/report/figures");
+    $("fig-report").hidden = !r.generated;
+    if (r.generated) $("fig-report").href = r.index;
+    if (!r.generated) {
+      $("fig-list").innerHTML = `<p>No report yet in ${esc(r.folder)}: generate it here (radar, bars, projections, ` +
+        `scalability), or write it there with <code>scdm report --out ${esc(r.folder)}</code>.</p>`;
+      return;
+    }
+    // one preview per figure: its PNG, else its SVG; a PDF-only figure is a link
+    const byName = new Map();
+    for (const f of r.figures) {
+      const name = figureName(f), ext = f.split(".").pop(), seen = byName.get(name);
+      if (!seen || (ext === "png") || (ext === "svg" && seen.split(".").pop() === "pdf")) byName.set(name, f);
+    }
+    if (!byName.size) {
+      $("fig-list").innerHTML = "<p>The report has no figures (the store had no results to draw when it was written); " +
+        "open the full report, or generate it again.</p>";
+      return;
+    }
+    $("fig-list").innerHTML = [...byName.values()].map(f => f.endsWith(".pdf")
+      ? `<figure><a href="${esc(f)}" target="_blank">${esc(figureName(f))} (PDF)</a></figure>`
+      : `<figure data-src="${esc(f)}"><img src="${esc(f)}" alt="${esc(figureName(f))}"><figcaption>${esc(figureName(f).replace(/_/g, " "))}</figcaption></figure>`).join("");
+    $("fig-list").querySelectorAll("figure[data-src]").forEach(fig => fig.onclick = () => openFigure(fig.dataset.src, r.figures));
+  } catch (e) { showError($("fig-list"), e); }
+}
+function openFigure(src, all) {
+  const svg = src.replace(/\.png$/, ".svg");
+  $("fig-view-img").src = src; $("fig-view-img").alt = figureName(src);
+  $("fig-view-name").textContent = figureName(src).replace(/_/g, " ");
+  $("fig-view-svg").href = svg; $("fig-view-svg").hidden = !all.includes(svg);
+  $("fig-view").hidden = false; $("fig-view").scrollIntoView();
+}
+$("fig-view-close").onclick = () => { $("fig-view").hidden = true; };
+function stageText(j) { return j.state === "queued" ? `queued (position ${j.position || "?"})...` : j.stage + "..."; }
+async function waitJob(job, onTick) {
+  for (;;) {
+    const j = await api("/api/jobs/" + job.job_id);
+    onTick(j);
+    if (!["queued", "running"].includes(j.state)) return j;
+    await new Promise(r => setTimeout(r, 300));
+  }
+}
+$("fig-make").onclick = async () => {
+  $("fig-make").disabled = true;
+  try {
+    const j = await waitJob(await api("/api/report", Object.assign({body: "{}"}, JSON_POST)), j => $("fig-msg").textContent = stageText(j));
+    if (j.state !== "done") throw new Error(j.message);
+    $("fig-msg").textContent = "report ready"; await loadFigures();
+  } catch (e) { showError($("fig-msg"), e); } finally { $("fig-make").disabled = false; }
+};
+async function loadModels() {
+  try {
+    const models = await api("/api/models");
+    $("model-list").innerHTML = models.length ? models.map(m => `<button data-m="${esc(m.model)}">${esc(m.model)} (${plural(m.n_embeddings, "embedding")})</button>`).join("")
+      : "<p>No embeddings yet: run <code>scdm embed</code>.</p>";
+    $("model-list").querySelectorAll("button").forEach(b => b.onclick = () => loadModel(b.dataset.m));
+  } catch (e) { showError($("model-msg"), e); }
+}
+async function loadModel(name) {
+  try {
+    const m = await api("/api/models/" + encodeURIComponent(name));
+    $("model-msg").textContent = ""; $("model-name").textContent = name;
+    const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
+    table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "params", "telemetry"]);
+    table($("ml"), m.leaderboard, ["variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete"]);
+    table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "created_at"]);
+  } catch (e) { showError($("model-msg"), e); }
+}
+async function runSql() {
+  $("sql-msg").textContent = "running...";
+  try {
+    const r = await api("/api/sql", Object.assign({body: JSON.stringify({query: $("sql-text").value, max_rows: 500})}, JSON_POST));
+    $("sql-msg").textContent = `${plural(r.n_rows, "row")}${r.truncated ? " (truncated)" : ""} in ${r.seconds} s`;
+    table($("sql-table"), r.rows, r.columns);
+  } catch (e) { showError($("sql-msg"), e); $("sql-table").innerHTML = ""; }
+}
+$("sql-run").onclick = runSql;
+$("sql-text").onkeydown = (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); runSql(); } };
+async function loadPredict() {
+  try {
+    const [heads, datasets] = await Promise.all([api("/api/heads"), api("/api/datasets")]);
+    $("pred-head").innerHTML = heads.map(h => `<option value="${esc(h.head_id)}">${esc(h.head_id)} ${esc(h.head)} on ${esc(h.model)} (${esc(h.category_type)}=${esc(h.category)})</option>`).join("");
+    $("pred-dataset").innerHTML = datasets.map(d => `<option>${esc(d.name)}</option>`).join("");
+    $("pred-submit").disabled = !heads.length || !datasets.length;
+    if (!heads.length) $("pred-msg").textContent = "No trained heads yet: train one with `scdm train-head`.";
+    else if (!datasets.length) $("pred-msg").textContent = "No datasets yet: ingest one with `scdm ingest`.";
+  } catch (e) { showError($("pred-msg"), e); }
+}
+$("pred-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const body = Object.fromEntries(new FormData($("pred-form")));
+  const bar = $("pred-progress"); bar.hidden = false; bar.value = 0; $("pred-csv").hidden = true; $("pred-table").innerHTML = "";
+  $("pred-submit").disabled = true; $("pred-msg").textContent = "submitting...";
+  try {
+    const job = await api("/api/jobs/predict", Object.assign({body: JSON.stringify(body)}, JSON_POST));
+    const j = await waitJob(job, j => { bar.value = j.progress; $("pred-msg").textContent = stageText(j); });
+    if (j.state !== "done") throw new Error(j.message);
+    bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${j.result.mean_proba.toFixed(3)})`;
+    $("pred-csv").href = j.result.csv_url; $("pred-csv").hidden = false;
+    const rows = await api(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=200`);
+    table($("pred-table"), rows, ["cell_id", "proba", "label", "response"]);
+  } catch (e) { showError($("pred-msg"), e); bar.hidden = true; } finally { $("pred-submit").disabled = false; }
+};
+loadLeaderboard();
+show(location.hash.slice(1));
