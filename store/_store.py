@@ -9,7 +9,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -553,9 +555,11 @@ class Store:
         try:
             for sub in (EMBEDDINGS_DIR, DATASETS_DIR, ARTIFACTS_DIR):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".scdm-write-probe"
+            # one probe per opener: two processes (or threads) opening the store at once must not
+            # delete each other's probe and conclude the directory is read-only
+            probe = self.root / f".scdm-write-probe-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
-            probe.unlink()
+            probe.unlink(missing_ok=True)
         except OSError as err:
             msg = (
                 f"Cannot write to the store directory {str(self.root)!r} ({err.strerror}). Choose a writable "
