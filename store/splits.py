@@ -204,7 +204,10 @@ def _warn_if_sample_labels_constant(cells: pd.DataFrame) -> None:
     studies = confounded_studies(cells)
     if not studies:
         return
-    named = "; ".join(f"{study}: {why}" for study, why in studies.items())
+    shown = list(studies.items())[:3]  # a readable line: name a few, count the rest
+    named = "; ".join(f"{study}: {why}" for study, why in shown)
+    if len(studies) > len(shown):
+        named += f"; and {len(studies) - len(shown)} more: {', '.join(list(studies)[len(shown):])}"
     msg = (f"Labels are confounded with samples in {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} ({named}); "
            "split_scheme='cell' puts cells of one sample on both sides of a fold, so a head can score by recognising "
            "samples rather than response. Use split_scheme='sample' for grouped folds (the scDrugMap paper used 'cell').")
