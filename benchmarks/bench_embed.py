@@ -8,7 +8,7 @@ subsample (``tests/data/PC9_erlotinib_subsample300.h5ad``): a seeded random set 
 file order, ingested into a temporary store. Then, per model, in a fresh subprocess (so peak
 memory does not accumulate across models)::
 
-    scdm_embed.runner.embed(store, dataset, model, checkpoint, batch_size=..., progress=False)
+    scdm.embedding.runner.embed(store, dataset, model, checkpoint, batch_size=..., progress=False)
 
 and the table reports from its telemetry: cells/s (wall time of the chunk loop: tokenise, sort,
 collate, forward, write; model loading excluded and shown separately), peak RSS of the process,
@@ -76,7 +76,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # `import scdm` without installing it
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def select_cells(n_total: int, n: int, seed: int) -> np.ndarray:
 
 def vocabulary(dataset_symbols: Sequence[str], n: int, kind: str) -> list[str]:
     """``n`` genes of the shipped table, the dataset's known genes first (as a real vocabulary covers them)."""
-    from store.genes import gene_table
+    from scdm.store.genes import gene_table
 
     table = gene_table()
     column = "symbol" if kind == "symbol" else "ensembl"
@@ -274,7 +274,7 @@ def _run_worker(job: dict[str, Any], work: Path, tag: str, timeout: float) -> di
     out_file = work / f"out-{tag}.json"
     out_file.unlink(missing_ok=True)
     _write_json(job_file, job)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file), str(out_file)]
     try:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -317,7 +317,7 @@ def _task_write(job: dict[str, Any]) -> dict[str, Any]:
             seconds[spec.name] = 0.0
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        module = importlib.import_module(f"scdm_embed.models.{spec.name}")
+        module = importlib.import_module(f"scdm.embedding.models.{spec.name}")
         genes = symbols if spec.n_genes == 0 else vocabulary(symbols, spec.n_genes, spec.gene_kind)
         t0 = time.perf_counter()
         module.write_tiny_checkpoint(folder, genes=genes, seed=0, **spec.write_kwargs, **spec.overrides)
@@ -328,7 +328,7 @@ def _task_write(job: dict[str, Any]) -> dict[str, Any]:
 
 def _record_adapters(created: list[Any]) -> None:
     """Make the runner hand us the adapter it builds (to count its weights after the run)."""
-    import scdm_embed.runner as runner
+    import scdm.embedding.runner as runner
 
     original = runner.get_adapter
 
@@ -368,7 +368,7 @@ def linear_weights(model: Any, per_cell_prefixes: tuple[str, ...] = ()) -> tuple
 
 def _token_accounting(adapter: Any, st: Any, dataset: str, per_cell_prefixes: tuple[str, ...]) -> dict[str, Any]:
     """Linear weights applied per token / per cell, and every cell's token length (re-tokenised)."""
-    from store._ingest import to_csr
+    from scdm.store._ingest import to_csr
 
     per_token, per_cell = linear_weights(adapter.model, per_cell_prefixes)
     adata = st.open_anndata(dataset, backed=True)
@@ -382,9 +382,9 @@ def _token_accounting(adapter: Any, st: Any, dataset: str, per_cell_prefixes: tu
 
 def _task_embed(job: dict[str, Any]) -> dict[str, Any]:
     """One measured ``runner.embed`` call (after a warm-up call on a small dataset on CUDA)."""
-    from scdm_embed import get_adapter
-    from scdm_embed.runner import embed
-    from store import Store
+    from scdm.embedding import get_adapter
+    from scdm.embedding.runner import embed
+    from scdm.store import Store
 
     st = Store(job["store"])
     if job["model"] in BASELINES:
@@ -745,7 +745,7 @@ SPEEDUP_GOAL = 5.0
 
 def synthetic_genes(n: int, seed: int) -> list[str]:
     """``n`` distinct gene symbols of the shipped table that have an Ensembl id (seeded), in table order."""
-    from store.genes import gene_table
+    from scdm.store.genes import gene_table
 
     table = gene_table()
     table = table[table["ensembl"] != ""].drop_duplicates("symbol").drop_duplicates("ensembl")
@@ -784,8 +784,8 @@ def _write_bpe_tokenizer(folder: Path) -> None:
     """Replace the llm folder's word-level tokenizer by a BPE one trained on gene symbols."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-    from scdm_embed.models.llm import BOS, EOS, UNK
-    from store.genes import gene_table
+    from scdm.embedding.models.llm import BOS, EOS, UNK
+    from scdm.store.genes import gene_table
 
     table = gene_table()
     symbols = sorted(set(table.loc[table["ensembl"] != "", "symbol"]))
@@ -812,7 +812,7 @@ def _task_write_published(job: dict[str, Any]) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
-            module = importlib.import_module(f"scdm_embed.models.{entry['adapter']}")
+            module = importlib.import_module(f"scdm.embedding.models.{entry['adapter']}")
             if entry["adapter"] == "llm":  # tokenizer + tiny weights: the 8B model is built on the device
                 module.write_tiny_checkpoint(folder, genes=symbols, seed=0)
                 _write_bpe_tokenizer(folder)
@@ -852,7 +852,7 @@ def _build_llm(adapter: Any, config: dict[str, Any], device: str) -> None:
     import torch
     from transformers import AutoModel, LlamaConfig
 
-    from scdm_embed.models._common import dtype_argument
+    from scdm.embedding.models._common import dtype_argument
 
     adapter._load_tokenizer()
     dev = torch.device(device)
@@ -939,7 +939,7 @@ def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: 
     """
     import torch
 
-    from scdm_embed.runner import batches_by_length, embed_cells
+    from scdm.embedding.runner import batches_by_length, embed_cells
 
     state: dict[str, Any] = {"batch_size": batch}
 
@@ -987,7 +987,7 @@ def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: 
 
 def _profile_batch(adapter: Any, batch_cells: list[dict[str, np.ndarray]], device: str) -> dict[str, Any]:
     """Kernel time shares of one bf16 batch as the runner embeds it (errors are reported, not raised)."""
-    from scdm_embed.runner import embed_cells
+    from scdm.embedding.runner import embed_cells
 
     try:
         return _kernel_shares(lambda: embed_cells(adapter, batch_cells, [np.arange(len(batch_cells))], device, "bf16",
@@ -1014,7 +1014,7 @@ def _default_path_adapter(spec: PublishedSpec, folder: Path, loaded: Any, genes:
     time; when the choice changes nothing (CPU, or an adapter without half-precision weights) the
     already ``loaded`` one (load time None), else ``loaded``'s model is freed first.
     """
-    from scdm_embed import get_adapter
+    from scdm.embedding import get_adapter
 
     adapter = get_adapter(spec.adapter)(checkpoint=folder, **spec.params)
     extra = adapter.configure_precision(device, "bf16")
@@ -1045,8 +1045,8 @@ def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, cou
     """The rows of one model (``ref``, ``scdm``, ``scdm+batch``), and the facts about it (shape, params, load and tokenise times)."""
     import torch
 
-    from scdm_embed import get_adapter
-    from scdm_embed.runner import _auto_batch_size, model_chunk_rows
+    from scdm.embedding import get_adapter
+    from scdm.embedding.runner import _auto_batch_size, model_chunk_rows
 
     rng = np.random.default_rng(seed)
     adapter = get_adapter(spec.adapter)(checkpoint=folder, **spec.params)
@@ -1232,7 +1232,7 @@ def run_published(args: argparse.Namespace) -> None:
                             "overrides": s.overrides, "write_kwargs": s.write_kwargs} for m, s in specs.items()]}
     job_file, writer_log = work / "job-write-published.json", work / "writer.log"
     _write_json(job_file, job)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     with open(writer_log, "w") as log_fh:  # checkpoints are written in the background while earlier models run
         writer = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_file), str(work / "out-write.json")],
                                   env=env, cwd=ROOT, stdout=log_fh, stderr=subprocess.STDOUT)
@@ -1342,7 +1342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.published or args.smoke:
         run_published(args)
         return
-    from scdm_embed import available_models
+    from scdm.embedding import available_models
 
     wanted = [m.strip() for m in (args.models or ",".join([*SPECS, *BASELINES])).split(",") if m.strip()]
     registered = available_models()
@@ -1356,7 +1356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--cells {args.cells}: use at least 1.")
     cuda = _cuda_info(args.device)
 
-    from store import Store
+    from scdm.store import Store
 
     keep = args.workdir is not None
     work = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="scdm-bench-embed-"))

@@ -6,7 +6,7 @@ sharing a regimen row split it evenly; Data19, which has no regimen, gets the re
 cancer type), study (``Original_Dataset``), tissue, cancer type, drug type, regimen and number of
 samples (labels constant within a sample, as in the real data). Embeddings are random N(0, 1)
 float32 vectors plus a study offset and a weak label direction, so heads have something to learn.
-Everything goes through the store and :func:`scdm_classify.evaluate` (ingest, embedding write,
+Everything goes through the store and :func:`scdm.classify.evaluate` (ingest, embedding write,
 split build, catalog writes of results and per-cell predictions).
 
 Prints one table:
@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # `import scdm` without installing it
 
-from scdm_classify.grid import evaluate  # noqa: E402
-from scdm_classify.heads import get_head, mlp_train_flops  # noqa: E402
-from store import Store  # noqa: E402
+from scdm.classify.grid import evaluate  # noqa: E402
+from scdm.classify.heads import get_head, mlp_train_flops  # noqa: E402
+from scdm.store import Store  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -88,7 +88,7 @@ def build_store(root: Path, shape: pd.DataFrame, scale: float, dim: int, seed: i
     import anndata as ad
     import scipy.sparse as sp
 
-    from store.genes import gene_table
+    from scdm.store.genes import gene_table
 
     if root.exists():
         shutil.rmtree(root)
@@ -162,7 +162,7 @@ def time_grid(st: Store, head: str, jobs: int, by: list[str], scenarios: list[st
 
 def full_grid_size(shape: pd.DataFrame, by: list[str], scenarios: list[str]) -> tuple[int, float, int]:
     """Tasks, summed training cells (millions) and cells of the full-scale grid (splits only, no fits)."""
-    from scdm_classify.splits import make_splits
+    from scdm.classify.splits import make_splits
 
     frames = []
     for row in shape.itertuples():
@@ -187,7 +187,7 @@ def full_grid_size(shape: pd.DataFrame, by: list[str], scenarios: list[str]) -> 
 
 def ridge_costs(dim: int) -> tuple[float, float]:
     """(seconds per fold solve, Gram rows per second) on this machine now."""
-    from scdm_classify.heads import GramStats, ridge_from_stats
+    from scdm.classify.heads import GramStats, ridge_from_stats
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((8192, dim), dtype=np.float32)

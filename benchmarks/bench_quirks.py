@@ -3,7 +3,7 @@
 For scGPT, scFoundation, UCE, scBERT, CellLM and CellPLM: a tiny random model in the official
 on-disk format (``write_tiny_checkpoint``, vocabulary = the most-counted PC9 genes), the bundled
 real PC9 raw counts (``tests/data/PC9_erlotinib_subsample300.h5ad``), embedded through the real
-runner (``scdm_embed.runner.embed``, CPU, fp32) into temporary stores. Per adapter it reports
+runner (``scdm.embedding.runner.embed``, CPU, fp32) into temporary stores. Per adapter it reports
 
 * ``default vs quirks``: max |diff| between ``reference_quirks=False`` and ``True`` (batch size 16);
 * ``batch 1 vs 16``: max |diff| between batch sizes 1 and 16, in each mode;
@@ -36,15 +36,15 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # `import scdm` without installing it
 
 import anndata as ad
 import scipy.sparse as sp
 import torch
 
-from scdm_embed.models import celllm, cellplm, scbert, scfoundation, scgpt, uce
-from scdm_embed.runner import embed
-from store import Store
+from scdm.embedding.models import celllm, cellplm, scbert, scfoundation, scgpt, uce
+from scdm.embedding.runner import embed
+from scdm.store import Store
 
 logger = logging.getLogger(__name__)
 

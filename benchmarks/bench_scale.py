@@ -4,7 +4,7 @@ Runs one grid (``bench_heads``' synthetic scDrugMap-shaped collection, random em
 planted label direction) four ways and prints one table:
 
 - ``local jobs=1`` and ``local jobs=2``: the local executor (threads);
-- ``ray 1 CPU`` and ``ray 2 CPUs``: :func:`scdm_classify.evaluate` with ``executor="ray"`` on a
+- ``ray 1 CPU`` and ``ray 2 CPUs``: :func:`scdm.classify.evaluate` with ``executor="ray"`` on a
   local Ray cluster started with ``num_cpus=1`` / ``2`` (started before the timed call; its start
   time is shown separately).
 
@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # `import scdm` without installing it
 
 from benchmarks.bench_heads import build_store, collection_shape  # noqa: E402
-from scdm_classify import _ray_grid  # noqa: E402
-from scdm_classify.grid import evaluate  # noqa: E402
-from store import Store  # noqa: E402
+from scdm.classify import _ray_grid  # noqa: E402
+from scdm.classify.grid import evaluate  # noqa: E402
+from scdm.store import Store  # noqa: E402
 
 
 def clear_results(st: Store) -> None:

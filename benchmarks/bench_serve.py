@@ -3,7 +3,7 @@
 Three processes share one store:
   - the server: ``scdm serve`` (FastAPI on uvicorn; ``--workers`` processes, default 1) on a free loopback
     port, bearer token on;
-  - a writer process that runs ``scdm_classify.grid.evaluate`` (the Python API behind ``scdm
+  - a writer process that runs ``scdm.classify.grid.evaluate`` (the Python API behind ``scdm
     evaluate``) again and again, a new fold seed each time so every run fits and commits new
     tasks, for the whole measurement;
   - this process: ``--clients`` threads that, for ``--seconds``, alternate ``GET /api/leaderboard``
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # `import scdm` without installing it
 
 TOKEN = "bench-token-0123456789"
 COUNT_SQL = "SELECT count(*) AS n FROM eval_results"
@@ -60,8 +60,8 @@ LEADERBOARD = "/api/leaderboard?metric=auroc,f1"
 WRITER = r"""
 import json, sys, time, warnings
 sys.path.insert(0, sys.argv[3])
-from scdm_classify.grid import evaluate
-from store import Store
+from scdm.classify.grid import evaluate
+from scdm.store import Store
 warnings.simplefilter("ignore")
 st, seconds, log = Store(sys.argv[1]), float(sys.argv[2]), open(sys.argv[4], "w")
 print("ready", flush=True)
@@ -79,9 +79,9 @@ print(json.dumps({"runs": runs}), flush=True)
 
 def build(store: Path) -> None:
     """A375 ingested, a 16-component PCA baseline and one 5-fold ridge evaluation."""
-    from scdm_classify.grid import evaluate
-    from scdm_embed.runner import embed_baseline
-    from store import Store, example_data
+    from scdm.classify.grid import evaluate
+    from scdm.embedding.runner import embed_baseline
+    from scdm.store import Store, example_data
 
     st = Store(store)
     st.ingest(example_data("A375"), name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
@@ -92,10 +92,10 @@ def build(store: Path) -> None:
 
 def start_server(store: Path, log: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
     """``scdm --store STORE serve`` as a user starts it; its stderr (with the URL it prints) goes to ``log``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     port = "0" if workers == 1 else str(_free_port())
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "--store", str(store), "serve", "--port", port, "--token", TOKEN,
+        proc = subprocess.Popen([sys.executable, "-m", "scdm", "--store", str(store), "serve", "--port", port, "--token", TOKEN,
                                  "--workers", str(workers)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -230,7 +230,7 @@ def table(phases: list[tuple[str, list[Client], float]], n_clients: int) -> dict
 
 def check_results(store: Path, log: Path) -> list[str]:
     """Every evaluate run of the writer: its tasks and result rows are in the catalog, values equal."""
-    from store import Store
+    from scdm.store import Store
 
     st = Store(store)
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]

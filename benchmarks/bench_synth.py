@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # `import scdm` without installing it
 
 
 def run_one(scale: float, n_genes: int, out: Path, block_cells: int, compression: str | None) -> dict:
     """Generate one collection in this process and measure it."""
     import h5py
 
-    from scdm_classify.synth import synthesize
+    from scdm.classify.synth import synthesize
 
     t0 = time.perf_counter()
     synthesize(scale, n_genes=n_genes, out=out, overwrite=True, block_cells=block_cells, compression=compression)
@@ -77,7 +77,7 @@ def signal_check(scale: float, n_genes: int, n_pcs: int = 50, seed: int = 0) -> 
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    from scdm_classify.synth import synthesize
+    from scdm.classify.synth import synthesize
 
     adata = synthesize(scale, n_genes=n_genes, seed=seed)
     x = adata.X.astype(np.float64)

@@ -4,8 +4,8 @@
 - no import cycle among the project's modules (lazy, function-level imports count too);
 - no ``_private`` name imported from another module, and no private module imported from
   outside its package;
-- layering: ``store`` imports no model code and neither stage; ``scdm_classify`` imports no
-  transformers/peft and not ``scdm_embed``; ``scdm_embed`` does not import ``scdm_classify``.
+- layering: ``store`` imports no model code and neither stage; ``scdm.classify`` imports no
+  transformers/peft and not ``scdm.embedding``; ``scdm.embedding`` does not import ``scdm.classify``.
 
 Each test lists every violation it finds (file:line), so one run shows all that is left to fix.
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("store", "scdm_embed", "scdm_classify", "scdm_prompt", "scdm_server")
-SCRIPTS = ("cli.py", "scdm_demo.py")
-UPPER_LAYERS = ("scdm_embed", "scdm_classify", "scdm_prompt", "cli", "scdm_server", "scdm_demo")
-"""Modules that must reach the catalog only through ``store``'s functions."""
+SOURCE = ROOT / "src"
+"""The one import root, ``scdm``, lives in ``src/scdm``."""
+STORE = "scdm.store"
+"""The layer that owns the catalog; every other module reaches it only through its functions."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,17 +33,13 @@ UPPER_LAYERS = ("scdm_embed", "scdm_classify", "scdm_prompt", "cli", "scdm_serve
 # --------------------------------------------------------------------------------------------
 @cache
 def project_modules() -> dict[str, Path]:
-    """Dotted module name -> file, for the three packages and the top-level scripts."""
+    """Dotted module name -> file, for every module of the ``scdm`` package."""
     out = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            out[".".join(parts)] = path
-    for script in SCRIPTS:
-        if (ROOT / script).is_file():
-            out[script.removesuffix(".py")] = ROOT / script
+    for path in sorted((SOURCE / "scdm").rglob("*.py")):
+        parts = list(path.relative_to(SOURCE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
     return out
 
 
@@ -67,7 +63,7 @@ def by_line(found: list[str]) -> list[str]:
 
 
 def is_project(name: str) -> bool:
-    return name.split(".")[0] in {m.split(".")[0] for m in project_modules()}
+    return _inside(name, "scdm")
 
 
 @dataclass(frozen=True)
@@ -240,7 +236,7 @@ def test_sql_write_pattern_tells_statements_from_prose() -> None:
 
 def test_no_catalog_writes_outside_store() -> None:
     """DESIGN.md: every catalog table has typed writer functions in ``store/``; nothing else writes SQL."""
-    upper = [m for m in project_modules() if m.split(".")[0] in UPPER_LAYERS]
+    upper = [m for m in project_modules() if not _inside(m, STORE)]
     found = [hit for m in upper for hit in catalog_writes(m)]
     assert not found, "catalog writes outside store/ (add a typed writer to store/ instead):\n" + "\n".join(found)
 
@@ -465,10 +461,10 @@ def _private_members(module: str) -> list[str]:
 
 
 def test_private_import_finder() -> None:
-    assert _private_module_owner("store._zarr") == "store"
-    assert _private_module_owner("scdm_embed.models._common") == "scdm_embed.models"
-    assert _private_module_owner("store.splits") is None
-    assert _inside("scdm_embed.models.uce", "scdm_embed") and not _inside("scdm_embedx", "scdm_embed")
+    assert _private_module_owner("scdm.store._zarr") == "scdm.store"
+    assert _private_module_owner("scdm.embedding.models._common") == "scdm.embedding.models"
+    assert _private_module_owner("scdm.store.splits") is None
+    assert _inside("scdm.embedding.models.uce", "scdm.embedding") and not _inside("scdm.embeddingx", "scdm.embedding")
 
 
 def test_no_private_names_across_modules() -> None:
@@ -480,29 +476,29 @@ def test_no_private_names_across_modules() -> None:
 # --------------------------------------------------------------------------------------------
 # d) layering
 # --------------------------------------------------------------------------------------------
+_ABOVE_THE_STAGES = {"scdm.cli", "scdm.server", "scdm.demo", "scdm.api", "scdm.__main__"}
 FORBIDDEN = {
-    "store": {"torch", "transformers", "peft", "scdm_embed", "scdm_classify", "scdm_prompt", "cli", "scdm_server",
-              "scdm_demo"},
-    "scdm_classify": {"transformers", "peft", "scdm_embed", "scdm_prompt", "cli", "scdm_server", "scdm_demo"},
-    "scdm_embed": {"scdm_classify", "scdm_prompt", "cli", "scdm_server", "scdm_demo"},
+    "scdm.store": {"torch", "transformers", "peft", "scdm.embedding", "scdm.classify", "scdm.prompt", *_ABOVE_THE_STAGES},
+    "scdm.classify": {"transformers", "peft", "scdm.embedding", "scdm.prompt", *_ABOVE_THE_STAGES},
+    "scdm.embedding": {"scdm.classify", "scdm.prompt", *_ABOVE_THE_STAGES},
     # the prompting arm meets the stages only in the store; openai/transformers/torch are imported inside its backends
-    "scdm_prompt": {"scdm_embed", "scdm_classify", "peft", "cli", "scdm_server", "scdm_demo"},
+    "scdm.prompt": {"scdm.embedding", "scdm.classify", "peft", *_ABOVE_THE_STAGES},
 }
-"""Top-level packages each layer may not import, even lazily or for type checking (DESIGN.md:
-``cli -> scdm_embed, scdm_classify -> store``; store has no torch; the stages never meet)."""
+"""Packages each layer may not import, even lazily or for type checking (DESIGN.md:
+``cli -> scdm.embedding, scdm.classify -> scdm.store``; the store has no torch; the stages never meet)."""
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_layering(layer: str) -> None:
     found = [f"{where(m, imp.node)}: {m} imports {imp.target}"
              for m in project_modules() if _inside(m, layer)
-             for imp in imports_of(m) if imp.target.split(".")[0] in FORBIDDEN[layer]]
+             for imp in imports_of(m) if any(_inside(imp.target, banned) for banned in FORBIDDEN[layer])]
     assert not found, f"{layer} imports what it may not:\n" + "\n".join(found)
 
 
 def test_import_scanner_sees_lazy_and_type_checking_imports() -> None:
     # this file's own module list must find the three packages' entry points
     modules = project_modules()
-    assert {"store", "scdm_embed", "scdm_classify", "cli"} <= set(modules)
+    assert {"scdm", "scdm.store", "scdm.embedding", "scdm.classify", "scdm.cli"} <= set(modules)
     kinds = {(i.lazy, i.type_checking) for m in modules for i in imports_of(m)}
     assert {(False, False), (True, False), (False, True)} <= kinds

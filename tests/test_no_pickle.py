@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["store", "scdm_embed", "scdm_classify", "scdm_prompt", "cli.py", "scdm_server", "scdm_demo.py"]
+SOURCES = ["src/scdm"]
 
 ALLOWED: dict[tuple[str, str], str] = {
-    ("scdm_embed/_safe_load.py", "RestrictedUnpickler"):
+    ("src/scdm/embedding/_safe_load.py", "RestrictedUnpickler"):
         "pickle.Unpickler subclass whose find_class admits only allow-listed globals",
-    ("scdm_classify/trained_heads.py", "_load_legacy_pickle"):
+    ("src/scdm/classify/trained_heads.py", "_load_legacy_pickle"):
         "joblib.load of a head pickled by an older scdm, only under an explicit trust_pickle / --trust-pickle",
 }
 """(file, enclosing function or class) -> why it may unpickle."""
@@ -31,8 +31,10 @@ def _python_files() -> Iterator[Path]:
         path = ROOT / name
         if path.is_file():
             yield path
-        elif path.is_dir():
-            yield from sorted(path.rglob("*.py"))
+        else:
+            files = sorted(path.rglob("*.py"))
+            assert files, f"{name} holds no Python files: update SOURCES after moving the package"
+            yield from files
 
 
 def _dotted(node: ast.AST) -> str:

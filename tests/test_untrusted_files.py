@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from store.errors import CheckpointError
+from scdm.store.errors import CheckpointError
 from tests.untrusted import RunsCode
 
 torch.set_num_threads(1)
@@ -29,10 +29,10 @@ def _plant(path: Path, marker: Path) -> None:
 
 @pytest.mark.parametrize("family", ["scbert", "celllm", "cellplm"])
 def test_a_planted_pickle_in_a_performer_or_cellplm_checkpoint_is_refused(tmp_path: Path, family: str) -> None:
-    from scdm_embed._adapter import get_adapter
-    from store.genes import gene_table
+    from scdm.embedding._adapter import get_adapter
+    from scdm.store.genes import gene_table
 
-    module = __import__(f"scdm_embed.models.{family}", fromlist=["write_tiny_checkpoint"])
+    module = __import__(f"scdm.embedding.models.{family}", fromlist=["write_tiny_checkpoint"])
     genes = sorted(set(gene_table()["symbol"]) - {""})[:20]
     if family == "cellplm":
         genes = sorted(set(gene_table().loc[gene_table()["ensembl"] != "", "ensembl"]))[:20]
@@ -46,7 +46,7 @@ def test_a_planted_pickle_in_a_performer_or_cellplm_checkpoint_is_refused(tmp_pa
 
 
 def test_a_planted_pickle_in_a_hugging_face_bin_is_refused(tmp_path: Path) -> None:
-    from scdm_embed.models.tgpt import TGPTAdapter, write_tiny_checkpoint
+    from scdm.embedding.models.tgpt import TGPTAdapter, write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / "ckpt", legacy_bin=True)
     marker = tmp_path / "pwned"
@@ -58,9 +58,9 @@ def test_a_planted_pickle_in_a_hugging_face_bin_is_refused(tmp_path: Path) -> No
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_planted_pickles_in_a_transfer_run_are_refused(tmp_path: Path) -> None:
-    from scdm_classify.synth import synthesize
-    from scdm_classify.transfer import critical_genes, transfer, transfer_latent
-    from store import Store
+    from scdm.classify.synth import synthesize
+    from scdm.classify.transfer import critical_genes, transfer, transfer_latent
+    from scdm.store import Store
 
     cells = synthesize(0.01, n_genes=60, seed=0)
     target = cells[cells.obs["study"] == cells.obs["study"].iloc[0]].copy()

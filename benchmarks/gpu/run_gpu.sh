@@ -16,7 +16,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # `import store, scdm_embed` without installing scdm
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # `import scdm` without installing it
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 {
     date -u

@@ -10,12 +10,12 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scdm_classify.grid import evaluate
-from scdm_classify.metrics import METRICS
-from scdm_classify.results import format_leaderboard, leaderboard
-from scdm_classify.splits import SampleLeakageWarning, load_split
-from store import Store, example_data
-from store.errors import EmbeddingNotFoundError, InputDataError
+from scdm.classify.grid import evaluate
+from scdm.classify.metrics import METRICS
+from scdm.classify.results import format_leaderboard, leaderboard
+from scdm.classify.splits import SampleLeakageWarning, load_split
+from scdm.store import Store, example_data
+from scdm.store.errors import EmbeddingNotFoundError, InputDataError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DATASETS = [
@@ -164,7 +164,7 @@ def test_grouped_scheme_and_bad_requests(st: Store) -> None:
 
 def test_ridge_downdates_equal_fitting_each_fold(st: Store) -> None:
     """The grid's Gram-downdate ridge gives the predictions of a RidgeHead fitted per fold."""
-    from scdm_classify.heads import get_head
+    from scdm.classify.heads import get_head
 
     ids = write_pca(st, "pca-joint", 8)
     run(st, heads=["ridge"], by=["all"])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from scdm_classify.heads import get_head
-from scdm_classify.trained_heads import (
+from scdm.classify.heads import get_head
+from scdm.classify.trained_heads import (
     HeadArtifactError,
     LegacyHeadError,
     file_hash,
@@ -24,8 +24,8 @@ from scdm_classify.trained_heads import (
     train_head,
     trained_heads,
 )
-from store import Store
-from store.heads import set_head_artifact, trained_head
+from scdm.store import Store
+from scdm.store.heads import set_head_artifact, trained_head
 from tests.untrusted import RunsCode
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -130,7 +130,7 @@ def test_a_pickled_head_of_an_older_scdm_is_refused_with_the_command_that_retrai
     # the old head standardised per column, which is no longer ridge's default: the command says so
     assert command == f"scdm --store {st.root} train-head --embedding {LEGACY_EMBEDDING} --head ridge --param standardize=true"
     assert "--trust-pickle" in message
-    from cli import main
+    from scdm.cli import main
 
     result = CliRunner().invoke(main, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
@@ -144,7 +144,7 @@ def test_a_pickled_head_of_an_older_scdm_is_refused_with_the_command_that_retrai
 def test_trust_pickle_converts_a_legacy_head_once(legacy_store: Store) -> None:
     st = legacy_store
     old = _old_predictions(st)
-    from cli import main
+    from scdm.cli import main
 
     result = CliRunner().invoke(main, ["--store", str(st.root), "predict", "--head", LEGACY_HEAD, "--dataset", "a375",
                                        "--trust-pickle"])

@@ -11,7 +11,7 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from scdm_classify.heads import (
+from scdm.classify.heads import (
     HEADS,
     MLP_PROFILES,
     GramStats,
@@ -24,7 +24,7 @@ from scdm_classify.heads import (
     mlp_train_flops,
     ridge_from_stats,
 )
-from store.errors import InputDataError
+from scdm.store.errors import InputDataError
 
 
 def planted(n: int = 400, dim: int = 12, seed: int = 0, offset: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
@@ -337,9 +337,9 @@ def test_heads_and_the_transfer_code_import_no_cycle() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, scdm_classify._transfer_dann, scdm_classify._transfer_model; "
-            "bad = [m for m in ('scdm_classify.heads', 'scdm_classify.transfer') if m in sys.modules]; "
-            "import scdm_classify.heads; bad += ['scdm_classify.transfer'] if 'scdm_classify.transfer' in sys.modules else []; "
+    code = ("import sys, scdm.classify._transfer_dann, scdm.classify._transfer_model; "
+            "bad = [m for m in ('scdm.classify.heads', 'scdm.classify.transfer') if m in sys.modules]; "
+            "import scdm.classify.heads; bad += ['scdm.classify.transfer'] if 'scdm.classify.transfer' in sys.modules else []; "
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -372,7 +372,7 @@ def test_mlp_fits_in_parallel_threads_equal_a_lone_fit():
 
 def test_ridge_in_place_solve_recovers_from_a_singular_system():
     """The Cholesky runs in place; a failed factorisation rebuilds the system and adds a jitter."""
-    from scdm_classify.heads import GramStats, ridge_from_stats
+    from scdm.classify.heads import GramStats, ridge_from_stats
 
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((2, 500))
@@ -390,7 +390,7 @@ def test_ridge_in_place_solve_recovers_from_a_singular_system():
 
 
 def test_gram_stats_of_selected_rows_equal_those_of_their_copy():
-    from scdm_classify.heads import GramStats
+    from scdm.classify.heads import GramStats
 
     rng = np.random.default_rng(4)
     X = rng.standard_normal((1000, 6)).astype(np.float32)

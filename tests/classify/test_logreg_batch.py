@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from scdm_classify._logreg_batch import fit_logreg_folds
-from scdm_classify.heads import HeadConvergenceWarning, LogRegHead, column_moments
+from scdm.classify._logreg_batch import fit_logreg_folds
+from scdm.classify.heads import HeadConvergenceWarning, LogRegHead, column_moments
 
 
 def _objective(Xs: np.ndarray, y: np.ndarray, w: np.ndarray, b: float, C: float) -> float:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from scdm_classify.metrics import METRICS, compute_metrics
-from store.errors import InputDataError
+from scdm.classify.metrics import METRICS, compute_metrics
+from scdm.store.errors import InputDataError
 
 
 def test_values_match_sklearn_on_a_two_class_fold() -> None:
@@ -67,7 +67,7 @@ def test_bad_input_is_explained(y: list[int], p: list[float], match: str) -> Non
 def test_closed_forms_equal_sklearn_on_random_folds_with_ties():
     from sklearn import metrics as skm
 
-    from scdm_classify.metrics import compute_metrics
+    from scdm.classify.metrics import compute_metrics
 
     rng = np.random.default_rng(3)
     for trial in range(200):

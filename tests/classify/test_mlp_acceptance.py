@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from scdm_classify.heads import get_head
-from store import Store, example_data
-from store.splits import load_split
+from scdm.classify.heads import get_head
+from scdm.store import Store, example_data
+from scdm.store.splits import load_split
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 CASES = [
@@ -29,7 +29,7 @@ CASES = [
 
 
 def _pca_store(root: Path, path: str, label_key: str) -> tuple[Store, str]:
-    from scdm_embed.runner import embed
+    from scdm.embedding.runner import embed
 
     st = Store(root)
     with warnings.catch_warnings():
@@ -41,7 +41,7 @@ def _pca_store(root: Path, path: str, label_key: str) -> tuple[Store, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "path", "label_key"), CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
 def test_default_mlp_matches_ridge_and_is_flip_symmetric(tmp_path: Path, name: str, path, label_key: str) -> None:
-    from scdm_classify.grid import evaluate
+    from scdm.classify.grid import evaluate
 
     st, embedding_id = _pca_store(tmp_path / "store", path(), label_key)
     with warnings.catch_warnings():

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdm_classify import _ray_grid
-from scdm_classify.grid import evaluate
-from scdm_classify.metrics import METRICS
-from store import Store
+from scdm.classify import _ray_grid
+from scdm.classify.grid import evaluate
+from scdm.classify.metrics import METRICS
+from scdm.store import Store
 from tests.ray_fixtures import ray_local  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -31,7 +31,7 @@ DIM = 8
 @pytest.fixture()
 def st(tmp_path: Path) -> Store:
     """Four small labelled datasets with a planted response direction, one embedding space."""
-    from store.genes import gene_table
+    from scdm.store.genes import gene_table
 
     store = Store(tmp_path / "store")
     rng = np.random.default_rng(0)
@@ -118,7 +118,7 @@ def test_resume_crosses_executors(st: Store, monkeypatch: pytest.MonkeyPatch) ->
 
     # a Ray run whose driver dies after a few results: a local rerun completes the same grid
     clear_results(st)
-    from store.evaluation import ResultWriter
+    from scdm.store.evaluation import ResultWriter
 
     add, seen = ResultWriter.add, []
 
@@ -152,7 +152,7 @@ def test_failed_attempts_are_retried_and_recorded_once(st: Store, monkeypatch: p
     raised = tasks.loc[tasks["head"] == "logreg", "task_id"].iloc[0]  # batch raises
     monkeypatch.setattr(_ray_grid, "_crash_on_first_attempt", {killed: "exit", raised: "raise"})
     clear_results(st)
-    with caplog.at_level(logging.INFO, logger="scdm_classify._ray_grid"):
+    with caplog.at_level(logging.INFO, logger="scdm.classify._ray_grid"):
         summary = run_grid(st, heads=["majority", "logreg"], executor="ray")
     assert summary.n_done == len(tasks) and summary.n_skipped == 0
     counts = st.query("SELECT task_id, count(*) AS n FROM eval_results GROUP BY task_id")
@@ -165,7 +165,7 @@ def test_failed_attempts_are_retried_and_recorded_once(st: Store, monkeypatch: p
 def test_cli_runs_the_grid_on_ray(st: Store) -> None:
     from click.testing import CliRunner
 
-    from cli import main
+    from scdm.cli import main
 
     args = ["--store", str(st.root), "evaluate", "--heads", "majority,logreg", "--folds", "3", "--by", "all",
             "--executor", "ray", "-q", "--format", "csv"]
@@ -178,7 +178,7 @@ def test_cli_runs_the_grid_on_ray(st: Store) -> None:
 def test_bad_executor_options(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from store.errors import InputDataError
+    from scdm.store.errors import InputDataError
 
     with pytest.raises(InputDataError, match="executor='dask' is not one of"):
         run_grid(st, executor="dask")

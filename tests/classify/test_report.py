@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdm_classify._plots import Palette
-from scdm_classify.grid import evaluate
-from scdm_classify.report import write_report
-from scdm_classify.splits import SampleLeakageWarning
-from store import Store, example_data
-from store.errors import InputDataError
+from scdm.classify._plots import Palette
+from scdm.classify.grid import evaluate
+from scdm.classify.report import write_report
+from scdm.classify.splits import SampleLeakageWarning
+from scdm.store import Store, example_data
+from scdm.store.errors import InputDataError
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -319,8 +319,8 @@ def test_bad_options_are_refused(evaluated: Store, tmp_path: Path) -> None:
 
 
 def test_report_module_does_not_import_model_code() -> None:
-    code = ("import sys, scdm_classify.report, scdm_classify._plots; "
-            "bad = [m for m in ('torch', 'transformers', 'peft', 'scdm_embed', 'matplotlib.pyplot') if m in sys.modules]; "
+    code = ("import sys, scdm.classify.report, scdm.classify._plots; "
+            "bad = [m for m in ('torch', 'transformers', 'peft', 'scdm.embedding', 'matplotlib.pyplot') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -341,7 +341,7 @@ def test_umap_projection(evaluated: Store, tmp_path: Path) -> None:
 def two_pca_spaces(tmp_path_factory: pytest.TempPathFactory) -> Store:
     """A375 and JHU006 each embedded with its own pca (two spaces, one model name); both evaluated
     with 3 folds, the A375 space also with 2 folds (same cells, another split)."""
-    from scdm_embed.runner import embed_baseline
+    from scdm.embedding.runner import embed_baseline
 
     st = Store(tmp_path_factory.mktemp("identity") / "store")
     with warnings.catch_warnings():

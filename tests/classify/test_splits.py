@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdm_classify.splits import SampleLeakageWarning, make_splits
-from store.errors import InputDataError
+from scdm.classify.splits import SampleLeakageWarning, make_splits
+from scdm.store.errors import InputDataError
 
 # dataset, study, tissue, cancer_type, drug_type, regimen, sensitive share
 SPEC = [
@@ -193,7 +193,7 @@ def test_unlabelled_cells_are_left_out_and_bad_options_explained() -> None:
 
 
 def test_leakage_warning_names_the_confounded_study_in_a_mixed_collection() -> None:
-    from store.splits import confounded_studies
+    from scdm.store.splits import confounded_studies
 
     cells = make_cells()
     cells["sample"] = cells["study"]  # every study: one sample holding both classes (not confounded)

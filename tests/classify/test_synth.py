@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdm_classify import synth
-from store.errors import InputDataError
-from store.genes import gene_table, map_genes
+from scdm.classify import synth
+from scdm.store.errors import InputDataError
+from scdm.store.genes import gene_table, map_genes
 
 SCALE = 0.003
 N_GENES = 120
@@ -184,7 +184,7 @@ def test_response_program_is_planted() -> None:
 
 
 def test_written_collection_ingests_into_the_store(tmp_path) -> None:
-    from store import Store
+    from scdm.store import Store
 
     path = synth.synthesize(0.001, n_genes=40, out=tmp_path / "synth.h5ad")
     st = Store(tmp_path / "store")

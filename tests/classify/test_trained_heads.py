@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdm_classify.grid import evaluate
-from scdm_classify.heads import get_head
-from scdm_classify.trained_heads import (
+from scdm.classify.grid import evaluate
+from scdm.classify.heads import get_head
+from scdm.classify.trained_heads import (
     HeadArtifactError,
     SpaceMismatchError,
     load_head,
@@ -20,8 +20,8 @@ from scdm_classify.trained_heads import (
     train_head,
     trained_heads,
 )
-from store import Store, example_data
-from store.errors import EmbeddingNotFoundError, InputDataError
+from scdm.store import Store, example_data
+from scdm.store.errors import EmbeddingNotFoundError, InputDataError
 
 
 def _scores(adata: ad.AnnData, dim: int) -> np.ndarray:

@@ -13,24 +13,24 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_classify import _transfer_model as tm
-from scdm_classify._transfer_dann import DANNHead
-from scdm_classify._transfer_data import (
+from scdm.classify import _transfer_model as tm
+from scdm.classify._transfer_dann import DANNHead
+from scdm.classify._transfer_data import (
     TransferWarning,
     balance_classes,
     binarize_response,
     cluster_cells,
     waterfall_cutoff,
 )
-from scdm_classify.synth import synthesize
-from scdm_classify.transfer import attribution_table, critical_genes, transfer, transfer_latent
-from store import Store
-from store.errors import InputDataError
-from store.transfer import transfer_run
+from scdm.classify.synth import synthesize
+from scdm.classify.transfer import attribution_table, critical_genes, transfer, transfer_latent
+from scdm.store import Store
+from scdm.store.errors import InputDataError
+from scdm.store.transfer import transfer_run
 
 torch.set_num_threads(1)
 # Leiden needs leidenalg/igraph; without them every run warns that it fell back to KMeans
-pytestmark = pytest.mark.filterwarnings("ignore::scdm_classify._transfer_data.TransferWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::scdm.classify._transfer_data.TransferWarning")
 
 TARGET_STUDY = "GSE131984"  # 272 cells at scale 0.02, 16 samples, both classes
 SMALL = {"hidden": (64,), "latent_dim": 16, "batch_size": 64, "pretrain_epochs": 10, "n_hvg": None}

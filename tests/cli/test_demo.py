@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from cli import main
-from store import Store
+from scdm.cli import main
+from scdm.store import Store
 
 
 def test_demo_runs_end_to_end_at_reduced_size_and_reuses_the_cache(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from store import Store, example_data
+from scdm.cli import main
+from scdm.store import Store, example_data
 
 
 @pytest.fixture()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from scdm_embed.runner import embed, embed_baseline
-from store import Store, example_data
+from scdm.cli import main
+from scdm.embedding.runner import embed, embed_baseline
+from scdm.store import Store, example_data
 from tests.store.conftest import make_counts_adata
 
 EMBED = ["embed", "a375", "--model", "pca", "--n-hvg", "50", "--n-comps", "5", "--chunk-rows", "16", "-q"]

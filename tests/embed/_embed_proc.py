@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scdm_embed.runner import embed  # noqa: E402
+from scdm.embedding.runner import embed  # noqa: E402
 from tests.embed import toy_adapter  # noqa: E402, F401  (registers toy-test)
 
 

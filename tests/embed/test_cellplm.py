@@ -18,10 +18,10 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from scdm_embed import get_adapter
-from scdm_embed.models.cellplm import CellPLMAdapter, write_tiny_checkpoint
-from store.errors import CheckpointError, GeneMappingError, InputDataError
-from store.genes import map_genes
+from scdm.embedding import get_adapter
+from scdm.embedding.models.cellplm import CellPLMAdapter, write_tiny_checkpoint
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.store.genes import map_genes
 
 PREFIX = "tiny_cellplm"
 

@@ -20,9 +20,9 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from scdm_embed.runner import embed, embed_baseline
-from store import InputDataError, Store, _claims
-from store.errors import ScdmWarning
+from scdm.embedding.runner import embed, embed_baseline
+from scdm.store import InputDataError, Store, _claims
+from scdm.store.errors import ScdmWarning
 from tests.embed import _embed_proc, toy_adapter
 from tests.store.conftest import make_counts_adata
 
@@ -114,7 +114,7 @@ def test_a_sigkilled_claimer_does_not_block_the_job(st, toy_ckpt, reference):
 
 
 def test_rm_during_a_job_is_refused_and_the_job_completes(st, toy_ckpt, reference):
-    from cli import main
+    from scdm.cli import main
 
     proc = _start(st, toy_ckpt, delay=0.4)
     _wait_until(lambda: _chunks_done(st) >= 1)
@@ -217,7 +217,7 @@ def test_invalid_baseline_sizes_are_refused_before_any_work(st, kw, message):
     (["--n-comps", "0"], "Invalid value for '--n-comps'"), (["--actors", "0"], "Invalid value for '--actors'"),
 ])
 def test_cli_refuses_invalid_sizes_before_ingesting(tmp_path, pc9_counts_path, toy_ckpt, args, message):
-    from cli import main
+    from scdm.cli import main
 
     store = tmp_path / "cli-store"
     out = CliRunner().invoke(main, ["--store", str(store), "embed", str(pc9_counts_path), "--model", "toy-test", "-c", str(toy_ckpt), *args])
@@ -226,7 +226,7 @@ def test_cli_refuses_invalid_sizes_before_ingesting(tmp_path, pc9_counts_path, t
 
 
 def test_cli_refuses_a_size_given_as_param_before_ingesting(tmp_path, pc9_counts_path, toy_ckpt):
-    from cli import main
+    from scdm.cli import main
 
     store = tmp_path / "cli-store"
     out = CliRunner().invoke(main, ["--store", str(store), "embed", str(pc9_counts_path), "--model", "toy-test", "-c", str(toy_ckpt),
@@ -236,7 +236,7 @@ def test_cli_refuses_a_size_given_as_param_before_ingesting(tmp_path, pc9_counts
 
 
 def test_finetune_cli_refuses_invalid_sizes(tmp_path, toy_ckpt):
-    from cli import main
+    from scdm.cli import main
 
     for args, option in ((["--rank", "0"], "--rank"), (["--epochs", "0"], "--epochs"), (["--lr", "0"], "--lr"),
                          (["--dropout", "1"], "--dropout"), (["--batch-size", "0"], "--batch-size"), (["--fold", "-1"], "--fold")):

@@ -22,10 +22,10 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from scdm_embed._adapter import Adapter, get_adapter
-from scdm_embed.models import celllm, cellplm, scbert, scfoundation, scgpt, uce
-from scdm_embed.runner import embed
-from store import Store
+from scdm.embedding._adapter import Adapter, get_adapter
+from scdm.embedding.models import celllm, cellplm, scbert, scfoundation, scgpt, uce
+from scdm.embedding.runner import embed
+from scdm.store import Store
 
 torch.set_num_threads(1)
 

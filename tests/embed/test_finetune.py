@@ -13,24 +13,24 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_classify.metrics import compute_metrics
-from scdm_classify.results import leaderboard
-from scdm_classify.splits import make_splits, save_splits
-from scdm_embed import finetune as ft
-from scdm_embed._adapter import get_adapter
-from scdm_embed.finetune import (
+from scdm.classify.metrics import compute_metrics
+from scdm.classify.results import leaderboard
+from scdm.classify.splits import make_splits, save_splits
+from scdm.embedding import finetune as ft
+from scdm.embedding._adapter import get_adapter
+from scdm.embedding.finetune import (
     LORA_HEAD,
     LoraTrainingError,
     cells_hash,
     finetune,
     read_lora_card,
 )
-from scdm_embed.lora_card import make_card, save_adapter
-from scdm_embed.lora_training import TrainSettings, train_lora
-from scdm_embed.runner import checkpoint_hash, embed
-from store import Store
-from store.errors import CheckpointError, InputDataError, ScdmError, ScdmWarning
-from store.genes import gene_table
+from scdm.embedding.lora_card import make_card, save_adapter
+from scdm.embedding.lora_training import TrainSettings, train_lora
+from scdm.embedding.runner import checkpoint_hash, embed
+from scdm.store import Store
+from scdm.store.errors import CheckpointError, InputDataError, ScdmError, ScdmWarning
+from scdm.store.genes import gene_table
 from tests.embed import toy_adapter
 
 torch.set_num_threads(1)
@@ -74,7 +74,7 @@ def _store(tmp_path: Path, adata: ad.AnnData, *, by: tuple[str, ...] = ("all",),
 
 
 def _checkpoint(name: str, folder: Path, genes: list[str], seed: int = 0) -> Path:
-    module = importlib.import_module(f"scdm_embed.models.{name}")
+    module = importlib.import_module(f"scdm.embedding.models.{name}")
     return module.write_tiny_checkpoint(folder, genes=genes, seed=seed)
 
 
@@ -178,7 +178,7 @@ def test_lora_curve_and_gradient_checkpointing_give_the_same_training(tmp_path, 
 def _geneformer_cells(tmp_path: Path, adata: ad.AnnData, **overrides):
     genes = adata.var_names.tolist()
     ckpt = _checkpoint("geneformer", tmp_path / "ckpt", genes) if not overrides else \
-        importlib.import_module("scdm_embed.models.geneformer").write_tiny_checkpoint(tmp_path / "ckpt", genes=genes, **overrides)
+        importlib.import_module("scdm.embedding.models.geneformer").write_tiny_checkpoint(tmp_path / "ckpt", genes=genes, **overrides)
 
     def make():
         adapter = get_adapter("geneformer")(checkpoint=ckpt)
@@ -355,7 +355,7 @@ def test_fold_variant_is_only_evaluated_on_its_test_cells(gf_store):
 
 
 def test_leaderboard_shows_frozen_and_lora_heads_side_by_side(gf_store):
-    from scdm_classify.grid import evaluate
+    from scdm.classify.grid import evaluate
 
     st, ckpt = gf_store
     frozen = embed(st, "planted", "geneformer", ckpt, progress=False)
@@ -499,7 +499,7 @@ def test_split_pooled_over_two_datasets_gives_one_tuned_space(tmp_path, small):
 
 
 def test_grid_evaluates_a_lora_variant_only_on_its_own_folds_test_cells(gf_store):
-    from scdm_classify.grid import evaluate
+    from scdm.classify.grid import evaluate
 
     st, ckpt = gf_store
     (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=1, **FAST)

@@ -13,14 +13,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed import get_adapter
-from scdm_embed.models.geneformer import (
+from scdm.embedding import get_adapter
+from scdm.embedding.models.geneformer import (
     GeneformerAdapter,
     load_gene_dictionary,
     write_tiny_checkpoint,
 )
-from store.errors import CheckpointError, GeneMappingError, InputDataError
-from store.genes import gene_table, map_genes
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.store.genes import gene_table, map_genes
 
 torch.set_num_threads(1)
 

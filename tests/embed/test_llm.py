@@ -10,10 +10,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed import get_adapter
-from scdm_embed.models.llm import LLMAdapter, write_tiny_checkpoint
-from store.errors import CheckpointError, GeneMappingError, InputDataError
-from store.genes import gene_table, map_genes
+from scdm.embedding import get_adapter
+from scdm.embedding.models.llm import LLMAdapter, write_tiny_checkpoint
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.store.genes import gene_table, map_genes
 
 torch.set_num_threads(1)
 
@@ -176,7 +176,7 @@ def test_bf16_checkpoint_loads_as_float32_on_cpu(tmp_path, symbols) -> None:
 
 # ---- right padding runs without an attention mask ----------------------------------------------------
 def test_right_padded_batches_run_without_a_mask_and_give_the_same_numbers(ckpt, symbols) -> None:
-    from scdm_embed.models._common import masked_mean
+    from scdm.embedding.models._common import masked_mean
 
     adapter = _ready(ckpt, symbols, template=TEMPLATE)
     cells = adapter.tokenize(_counts(8, N_GENES), np.arange(8))
@@ -198,6 +198,6 @@ def test_right_padded_batches_run_without_a_mask_and_give_the_same_numbers(ckpt,
 def test_a_model_that_is_not_causal_everywhere_keeps_the_mask() -> None:
     from transformers import BertConfig, BertModel
 
-    from scdm_embed.models.llm import _causal
+    from scdm.embedding.models.llm import _causal
 
     assert not _causal(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)))

@@ -20,12 +20,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from scdm_embed import _ray_executor
-from scdm_embed._adapter import register_adapter
-from scdm_embed.runner import embed
-from store import Store
-from store._store import ChunkRecord
-from store.errors import InputDataError, ScdmError
+from scdm.embedding import _ray_executor
+from scdm.embedding._adapter import register_adapter
+from scdm.embedding.runner import embed
+from scdm.store import Store
+from scdm.store._store import ChunkRecord
+from scdm.store.errors import InputDataError, ScdmError
 from tests.embed.toy_adapter import ToyAdapter, write_toy_checkpoint
 from tests.ray_fixtures import ray_local  # noqa: F401
 
@@ -150,7 +150,7 @@ def test_killed_driver_leaves_an_embedding_the_local_executor_completes(tmp_path
     store = tmp_path / "store"
     ds = Store(store).ingest(pc9_counts_path)
     # the driver runs the CLI in its own process, joined to this test's cluster; each chunk takes >= 0.4 s
-    code = "import sys; import tests.embed.test_ray_embed; from cli import main; main()"
+    code = "import sys; import tests.embed.test_ray_embed; from scdm.cli import main; main()"
     args = [sys.executable, "-c", code, "--store", str(store), "embed", ds.name, "--model", "toy-flaky", "--checkpoint", str(toy_ckpt),
             "--chunk-rows", "32", "--executor", "ray", "--ray-address", ray.get_runtime_context().gcs_address,
             "--actors", "1", "--param", "delay_s=0.4", "--quiet"]
@@ -241,5 +241,5 @@ def test_missing_ray_names_the_extra(monkeypatch):
 
 
 def test_store_cli_and_runner_do_not_import_ray():
-    code = "import sys, cli, store, scdm_embed.runner, scdm_classify; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, scdm.cli, scdm.store, scdm.embedding.runner, scdm.classify; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -11,9 +12,9 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scdm_embed.runner import batches_by_length, embed, embed_baseline
-from store import InputDataError, Store, example_data
-from store.errors import CheckpointError, GeneMappingError, UnknownModelError
+from scdm.embedding.runner import batches_by_length, embed, embed_baseline
+from scdm.store import InputDataError, Store, example_data
+from scdm.store.errors import CheckpointError, GeneMappingError, UnknownModelError
 from tests.embed import toy_adapter
 from tests.store.conftest import make_counts_adata
 
@@ -144,7 +145,7 @@ def test_bad_inputs(st, pc9, toy_ckpt, tmp_path):
 def test_pca_baseline_matches_sklearn_and_is_deterministic(st, pc9):
     from sklearn.decomposition import PCA
 
-    from scdm_embed import baselines
+    from scdm.embedding import baselines
 
     a = embed_baseline(st, [pc9.name], model="pca", n_hvg=300, n_comps=10, progress=False)[0]
     emb = _emb(st, a)
@@ -180,7 +181,7 @@ def test_tokenising_in_worker_processes_gives_identical_results(tmp_path, pc9_co
 
 
 def test_reference_quirk_runs_replay_the_rng_stream_on_resume(tmp_path, pc9_counts_path, monkeypatch):
-    from scdm_embed.models import scgpt
+    from scdm.embedding.models import scgpt
 
     genes = ad.read_h5ad(pc9_counts_path, backed="r").var_names[:2000].tolist()
     ckpt = scgpt.write_tiny_checkpoint(tmp_path / "scgpt", genes=genes)
@@ -191,7 +192,7 @@ def test_reference_quirk_runs_replay_the_rng_stream_on_resume(tmp_path, pc9_coun
     st = Store(tmp_path / "crash")
     st.ingest(pc9_counts_path, name="d")
     original = scgpt.ScGPTAdapter.embed if hasattr(scgpt, "ScGPTAdapter") else None
-    cls = type(next(a for n, a in __import__("scdm_embed").available_models().items() if n == "scgpt")())
+    cls = type(next(a for n, a in importlib.import_module("scdm.embedding").available_models().items() if n == "scgpt")())
     original = cls.embed
     calls = {"n": 0}
 

@@ -16,10 +16,10 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from scdm_embed import get_adapter
-from scdm_embed.models.scbert import GENES_FILE, WEIGHTS_FILE, ScBERTAdapter, write_tiny_checkpoint
-from store.errors import CheckpointError, GeneMappingError, InputDataError
-from store.genes import map_genes
+from scdm.embedding import get_adapter
+from scdm.embedding.models.scbert import GENES_FILE, WEIGHTS_FILE, ScBERTAdapter, write_tiny_checkpoint
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.store.genes import map_genes
 
 N_VOCAB = 300
 

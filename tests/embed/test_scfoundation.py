@@ -12,9 +12,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._adapter import get_adapter
-from scdm_embed.models.scfoundation import ScFoundationAdapter, write_tiny_checkpoint
-from store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.embedding._adapter import get_adapter
+from scdm.embedding.models.scfoundation import ScFoundationAdapter, write_tiny_checkpoint
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
 from tests.untrusted import RunsCode
 
 torch.set_num_threads(1)

@@ -12,9 +12,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._adapter import get_adapter
-from scdm_embed.models.scgpt import ScGPTAdapter, write_tiny_checkpoint
-from store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.embedding._adapter import get_adapter
+from scdm.embedding.models.scgpt import ScGPTAdapter, write_tiny_checkpoint
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
 from tests.untrusted import RunsCode
 
 torch.set_num_threads(1)
@@ -225,7 +225,7 @@ def test_wrong_gene_id_kind_is_a_gene_mapping_error(folder: Path) -> None:
 
 
 def test_ensembl_ids_are_mapped_to_symbols(tmp_path: Path) -> None:
-    from store.genes import map_genes
+    from scdm.store.genes import map_genes
 
     symbols = ["TP53", "EGFR", "GAPDH", "ACTB"]
     write_tiny_checkpoint(tmp_path, genes=symbols)

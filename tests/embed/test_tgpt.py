@@ -10,10 +10,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed import get_adapter
-from scdm_embed.models.tgpt import TGPTAdapter, write_tiny_checkpoint
-from store.errors import CheckpointError, GeneMappingError, InputDataError
-from store.genes import gene_table, map_genes
+from scdm.embedding import get_adapter
+from scdm.embedding.models.tgpt import TGPTAdapter, write_tiny_checkpoint
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.store.genes import gene_table, map_genes
 
 torch.set_num_threads(1)
 

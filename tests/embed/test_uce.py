@@ -13,14 +13,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._adapter import get_adapter
-from scdm_embed.models.uce import (
+from scdm.embedding._adapter import get_adapter
+from scdm.embedding.models.uce import (
     N_CHROM_TOKENS,
     N_ESM2_TOKENS,
     UCEAdapter,
     write_tiny_checkpoint,
 )
-from store.errors import CheckpointError, GeneMappingError, InputDataError
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
 from tests.untrusted import RunsCode
 
 torch.set_num_threads(1)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scdm_embed._adapter import Adapter, GeneAudit, register_adapter
-from store.genes import map_genes
+from scdm.embedding._adapter import Adapter, GeneAudit, register_adapter
+from scdm.store.genes import map_genes
 
 
 class ToyNet(nn.Module):
@@ -110,6 +110,6 @@ def write_toy_checkpoint(folder: Path, genes: list[str], seed: int = 0) -> Path:
 if __name__ == "__main__":  # used by the SIGKILL test: python toy_adapter.py STORE DATASET CKPT CHUNK_ROWS
     import sys
 
-    from scdm_embed.runner import embed
+    from scdm.embedding.runner import embed
 
     embed(sys.argv[1], sys.argv[2], "toy-test", sys.argv[3], chunk_rows=int(sys.argv[4]), progress=False)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from store import Store
-from store.genes import gene_table
+from scdm.store import Store
+from scdm.store.genes import gene_table
 from tests.prompt.fake_llm import FakeServer
 
 N_GENES = 30

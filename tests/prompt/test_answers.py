@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from scdm_prompt.answers import label_scores, parse_answer
-from scdm_prompt.templates import FIELDS, load_template, render
-from store.errors import InputDataError
+from scdm.prompt.answers import label_scores, parse_answer
+from scdm.prompt.templates import FIELDS, load_template, render
+from scdm.store.errors import InputDataError
 
 
 def statuses(text: str | None, n: int) -> list[tuple[str, int | None]]:

@@ -6,8 +6,8 @@ import re
 
 from click.testing import CliRunner
 
-from cli import main
-from store import Store, example_data
+from scdm.cli import main
+from scdm.store import Store, example_data
 
 
 def test_help_teaches_with_a_local_endpoint() -> None:

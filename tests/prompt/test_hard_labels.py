@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from store.errors import InputDataError
-from store.evaluation import TaskKey, TaskOutcome
-from store.metrics import NO_SCORES, SINGLE_CLASS_TEST, compute_metrics
-from store.splits import make_splits
+from scdm.store.errors import InputDataError
+from scdm.store.evaluation import TaskKey, TaskOutcome
+from scdm.store.metrics import NO_SCORES, SINGLE_CLASS_TEST, compute_metrics
+from scdm.store.splits import make_splits
 
 
 def test_hard_only_nulls_ranking_metrics_and_keeps_the_rest() -> None:
@@ -43,8 +43,8 @@ def test_task_outcome_passes_hard_only_and_extra_flags(tmp_path) -> None:
     default = TaskOutcome(key, y, np.array([0.1, 0.9, 0.6, 0.8]), np.array(["d"] * 4, dtype=object), np.arange(4), 0,
                           0.0, 0.0)
     assert default.metrics()["auroc"] == 1.0 and not default.hard_only and default.extra_flags == ()
-    from store import Store
-    from store.evaluation import record_tasks
+    from scdm.store import Store
+    from scdm.store.evaluation import record_tasks
 
     st = Store(tmp_path / "store")
     record_tasks(st, [out], {"test": True}, scdm_version="test", seconds=0.0)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from scdm_embed.models.llm import write_tiny_checkpoint
-from scdm_prompt import prompt
-from scdm_prompt.local import HFBackend
-from scdm_prompt.templates import answer_format, load_template
-from store.errors import CheckpointError
+from scdm.embedding.models.llm import write_tiny_checkpoint
+from scdm.prompt import prompt
+from scdm.prompt.local import HFBackend
+from scdm.prompt.templates import answer_format, load_template
+from scdm.store.errors import CheckpointError
 
 torch.set_num_threads(1)
 

@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdm_prompt import OpenAIBackend, PromptRequestError, prompt
-from scdm_prompt.plan import fold_test_cells, load_cells, plan_requests
-from scdm_prompt.sentences import cell_gene_lists
-from scdm_prompt.templates import load_template
-from store import Store
-from store.errors import InputDataError
-from store.splits import make_splits
+from scdm.prompt import OpenAIBackend, PromptRequestError, prompt
+from scdm.prompt.plan import fold_test_cells, load_cells, plan_requests
+from scdm.prompt.sentences import cell_gene_lists
+from scdm.prompt.templates import load_template
+from scdm.store import Store
+from scdm.store.errors import InputDataError
+from scdm.store.splits import make_splits
 from tests.prompt.fake_llm import cell_genes, p_sensitive
 
 FAST = {"by": ["all"], "scenarios": ["pooled"], "folds": 2, "backoff_s": 0.01, "concurrency": 2, "silent": True}
@@ -70,7 +70,7 @@ def test_batches_of_ten_parsed_and_scored_from_logprobs(marker_store, llm, marke
     m = metrics(st)
     auroc = m[m["metric"] == "auroc"]["value"]
     assert auroc.notna().all() and (auroc > 0.8).all()
-    board = __import__("scdm_classify.results", fromlist=["leaderboard"]).leaderboard(st)
+    board = __import__("scdm.classify.results", fromlist=["leaderboard"]).leaderboard(st)
     row = board[(board["head"] == "prompt-zero-shot") & (board["metric"] == "auroc")].iloc[0]
     assert row["model"] == "fake-llm" and row["n_folds"] == 2 and bool(row["complete"])
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scdm_prompt.sentences import cell_gene_lists, gene_symbols, top_genes, value_note
-from store import Store, example_data
-from store.errors import InputDataError
+from scdm.prompt.sentences import cell_gene_lists, gene_symbols, top_genes, value_note
+from scdm.store import Store, example_data
+from scdm.store.errors import InputDataError
 
 
 def direct_top(values: np.ndarray, symbols: list[str | None], k: int) -> list[str]:

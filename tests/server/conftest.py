@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from store import Store, example_data
+from scdm.store import Store, example_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789"
@@ -29,10 +29,10 @@ def build_store(path: Path) -> dict[str, str]:
     """A375 ingested, a pca baseline, a 3-fold ridge evaluation and a trained ridge head."""
     import warnings
 
-    from scdm_classify.grid import evaluate
-    from scdm_classify.trained_heads import train_head
-    from scdm_embed.runner import embed_baseline
-    from store.splits import SampleLeakageWarning
+    from scdm.classify.grid import evaluate
+    from scdm.classify.trained_heads import train_head
+    from scdm.embedding.runner import embed_baseline
+    from scdm.store.splits import SampleLeakageWarning
 
     st = Store(path)
     with warnings.catch_warnings():
@@ -94,7 +94,7 @@ def start_server(store: Path, *, token: str | None, extra: list[str] | None = No
 
     The server's stderr goes to ``log`` (default: ``<store>.serve.log``), read for the URL it prints.
     """
-    cmd = [sys.executable, "-m", "cli", "--store", str(store), "serve", "--port", "0", *(extra or [])]
+    cmd = [sys.executable, "-m", "scdm", "--store", str(store), "serve", "--port", "0", *(extra or [])]
     if token:
         cmd += ["--token", token]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -149,7 +149,7 @@ def client(built_store: tuple[Path, dict[str, str]]) -> Iterator[Any]:
     """FastAPI's TestClient over the built store, with the token sent on every request."""
     from fastapi.testclient import TestClient
 
-    from scdm_server import create_app
+    from scdm.server import create_app
 
     path, _ = built_store
     app = create_app(Store(path), token=TOKEN)

@@ -14,7 +14,7 @@ import anndata as ad
 import pandas as pd
 import pytest
 
-from store import example_data
+from scdm.store import example_data
 from tests.server.conftest import TOKEN, Server, server_at, start_server, stop_server
 
 
@@ -274,10 +274,10 @@ def test_leaderboard_rows_carry_datasets_and_label_set_and_filter_on_them(tmp_pa
     """Two datasets embedded with pca separately, one of them under two label sets: three results."""
     import warnings
 
-    from scdm_classify.grid import evaluate
-    from scdm_embed.runner import embed_baseline
-    from store import Store
-    from store.splits import SampleLeakageWarning
+    from scdm.classify.grid import evaluate
+    from scdm.embedding.runner import embed_baseline
+    from scdm.store import Store
+    from scdm.store.splits import SampleLeakageWarning
 
     jhu006 = Path(__file__).resolve().parents[1] / "data" / "JHU006_HNSCC_Kinker2020.h5ad"
     st = Store(tmp_path / "store")
@@ -372,8 +372,8 @@ def test_health_and_models_answer_through_the_test_client(client: Any, built_sto
 def test_a_store_opened_read_only_refuses_jobs_that_write_it(built_store: tuple[Path, dict[str, str]]) -> None:
     from fastapi.testclient import TestClient
 
-    from scdm_server import create_app
-    from store import Store
+    from scdm.server import create_app
+    from scdm.store import Store
 
     path, info = built_store
     before = sorted(path.rglob("*"))
@@ -390,8 +390,8 @@ def test_a_store_opened_read_only_refuses_jobs_that_write_it(built_store: tuple[
 def test_root_path_prefixes_every_url_the_server_hands_out(built_store: tuple[Path, dict[str, str]]) -> None:
     from fastapi.testclient import TestClient
 
-    from scdm_server import create_app
-    from store import Store
+    from scdm.server import create_app
+    from scdm.store import Store
 
     path, info = built_store
     app = create_app(Store(path))
@@ -412,8 +412,8 @@ def test_root_path_prefixes_every_url_the_server_hands_out(built_store: tuple[Pa
 
 
 def test_the_non_loopback_bind_and_bad_tokens_are_refused_before_serving(tmp_path: Path) -> None:
-    from scdm_server import serve
-    from store.errors import InputDataError
+    from scdm.server import serve
+    from scdm.store.errors import InputDataError
 
     with pytest.raises(InputDataError, match="--token"):
         serve(tmp_path / "store", host="0.0.0.0", port=0)

@@ -1,7 +1,7 @@
 """The web page in headless Chromium (Selenium) against a real ``scdm serve`` (uvicorn) process.
 
 The store is the one the API tests use (a pca baseline, a 3-fold ridge evaluation, a trained ridge
-head) plus its report, written with ``scdm_classify.report.write_report``. Every test logs the
+head) plus its report, written with ``scdm.classify.report.write_report``. Every test logs the
 browser in (the server runs with a token), drives one part of the page and saves a screenshot
 into a folder it prints (and into ``$SCDM_TEST_ARTIFACTS/browser`` when that is set). The page runs
 under the server's Content-Security-Policy (no inline script): a violation is a console error, and
@@ -100,7 +100,7 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def site(server: Server) -> Server:
     """The module's server, with the report written into its store (PCA projection: no UMAP compile)."""
-    from scdm_classify.report import write_report
+    from scdm.classify.report import write_report
 
     write_report(server.store, server.store / "artifacts" / "report", projection="pca", dpi=60)
     return server

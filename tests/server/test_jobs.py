@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from scdm_server.jobs import JobBoard, JobHandle, JobNotFoundError
+from scdm.server.jobs import JobBoard, JobHandle, JobNotFoundError
 from tests.server.conftest import TOKEN, server_at, start_server, stop_server
 
 
@@ -116,18 +116,18 @@ def test_boards_sharing_a_folder_share_the_limit(tmp_path: Path) -> None:
 def test_the_api_shows_the_queue_position(built_store: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
     from fastapi.testclient import TestClient
 
-    import scdm_classify.trained_heads
-    from scdm_server import create_app
-    from store import Store
+    import scdm.classify.trained_heads
+    from scdm.server import create_app
+    from scdm.store import Store
 
     gate = threading.Event()
-    real_predict = scdm_classify.trained_heads.predict
+    real_predict = scdm.classify.trained_heads.predict
 
     def slow_predict(*args: Any, **kwargs: Any) -> Any:
         assert gate.wait(30)
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(scdm_classify.trained_heads, "predict", slow_predict)
+    monkeypatch.setattr(scdm.classify.trained_heads, "predict", slow_predict)
     path, info = built_store
     with TestClient(create_app(Store(path), max_jobs=1), base_url="http://localhost") as client:
         body = {"head_id": info["head_id"], "dataset": "a375"}

@@ -88,7 +88,7 @@ def test_a_foreign_host_is_refused_on_every_route(open_server: Server) -> None:
 
 
 def test_the_allow_list_patterns(tmp_path: Path) -> None:
-    from scdm_server.security import SecurityPolicy
+    from scdm.server.security import SecurityPolicy
 
     policy = SecurityPolicy(None, b"k", ("*.lab.example.org", "scdm.example.org"), "10.0.0.5")
     assert policy.host_allowed("[::1]:8000") and policy.host_allowed("LOCALHOST") and policy.host_allowed("10.0.0.5:80")
@@ -130,8 +130,8 @@ def test_sessions_do_not_outlive_the_server_run(built_store: tuple[Path, dict[st
     """The cookie is HMAC(key of this run, token): another run of the server with the same token refuses it."""
     from fastapi.testclient import TestClient
 
-    from scdm_server import create_app
-    from store import Store
+    from scdm.server import create_app
+    from scdm.store import Store
 
     path, _ = built_store
     cookies = []
@@ -148,7 +148,7 @@ def test_sessions_do_not_outlive_the_server_run(built_store: tuple[Path, dict[st
 
 def test_a_blank_or_short_token_is_refused_at_startup(tmp_path: Path) -> None:
     for token, message in (("   ", "only whitespace"), ("only-12-char", "at least 16")):
-        result = subprocess.run([sys.executable, "-m", "cli", "--store", str(tmp_path / "s"), "serve", "--port", "0",
+        result = subprocess.run([sys.executable, "-m", "scdm", "--store", str(tmp_path / "s"), "serve", "--port", "0",
                                  "--token", token], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
         assert "listening" not in result.stderr

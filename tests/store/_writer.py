@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from store import Store  # noqa: E402
+from scdm.store import Store  # noqa: E402
 
 DIM = 48
 

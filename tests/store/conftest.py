@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from store import Store, example_data
+from scdm.store import Store, example_data
 
 
 @pytest.fixture()
@@ -23,7 +23,7 @@ def make_counts_adata(n_cells: int = 60, n_genes: int = 40, seed: int = 0, spars
     """Small raw-count AnnData with labels, studies and samples (symbols as var_names)."""
     rng = np.random.default_rng(seed)
     x = rng.poisson(1.0, size=(n_cells, n_genes)).astype(np.float32)
-    from store.genes import gene_table
+    from scdm.store.genes import gene_table
 
     symbols = gene_table()["symbol"].drop_duplicates().iloc[:n_genes].tolist()
     obs = pd.DataFrame(

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from store import Store
-from store._catalog import Catalog
+from scdm.store import Store
+from scdm.store._catalog import Catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW_SUM = "SELECT sum(i % 7) AS s FROM range(?) t(i)"
@@ -217,7 +217,7 @@ def test_nesting_that_would_wait_for_itself_raises(cat: Catalog) -> None:
 
 # ---- two processes -------------------------------------------------------------------------
 READER = """
-from store._catalog import Catalog
+from scdm.store._catalog import Catalog
 cat, target, seen = Catalog(sys.argv[1], retry_seconds=30), int(sys.argv[2]), []
 print("ready", flush=True)
 while not seen or seen[-1] < target:
@@ -239,7 +239,7 @@ def test_reader_process_reads_while_this_process_writes(cat: Catalog) -> None:
 
 
 WRITER = """
-from store._catalog import Catalog
+from scdm.store._catalog import Catalog
 cat, n = Catalog(sys.argv[1], retry_seconds=float(sys.argv[3])), int(sys.argv[2])
 print("ready", flush=True)
 for i in range(n):

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError, Store, _claims
-from store._store import ChunkRecord
-from store.errors import EmbeddingBusyError
+from scdm.store import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError, Store, _claims
+from scdm.store._store import ChunkRecord
+from scdm.store.errors import EmbeddingBusyError
 from tests.store import _job_proc, _writer
 from tests.store.conftest import make_counts_adata
 
@@ -83,7 +83,7 @@ def test_rm_is_refused_while_another_process_writes(st):
 def test_rm_waits_for_a_job_when_asked(st):
     from click.testing import CliRunner
 
-    from cli import main
+    from scdm.cli import main
 
     emb = _writer.open_embedding(str(st.root), "d")
     proc = _start(st, "hold", "1")

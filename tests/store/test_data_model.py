@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from scdm_classify.grid import evaluate
-from scdm_classify.results import format_leaderboard, leaderboard, wide_leaderboard
-from scdm_embed.runner import embed
-from store import Store, example_data
-from store.errors import InputDataError
-from store.labels import label_sets
-from store.splits import load_split
+from scdm.classify.grid import evaluate
+from scdm.classify.results import format_leaderboard, leaderboard, wide_leaderboard
+from scdm.cli import main
+from scdm.embedding.runner import embed
+from scdm.store import Store, example_data
+from scdm.store.errors import InputDataError
+from scdm.store.labels import label_sets
+from scdm.store.splits import load_split
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 JHU006 = DATA / "JHU006_HNSCC_Kinker2020.h5ad"
@@ -200,7 +200,7 @@ def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path):
 
 
 def test_label_set_ids_agree_between_sql_migration_and_python(tmp_path):
-    from store.labels import label_set_id_of, labels_hash
+    from scdm.store.labels import label_set_id_of, labels_hash
 
     with tarfile.open(DATA / "stores" / "store_schema5.tar.gz") as tar:
         tar.extractall(tmp_path, filter="data")
@@ -221,7 +221,7 @@ def test_json_output_is_one_document(tmp_path):
 
 
 def test_ingest_warns_when_an_obs_column_splits_the_labels_without_sample_ids(tmp_path):
-    from store.splits import SampleLeakageWarning
+    from scdm.store.splits import SampleLeakageWarning
 
     st = Store(tmp_path / "store")
     with pytest.warns(SampleLeakageWarning, match="obs column\\(s\\) 'condition'.*--sample-key condition"):
@@ -235,7 +235,7 @@ def test_ingest_warns_when_an_obs_column_splits_the_labels_without_sample_ids(tm
 
 
 def test_ami_ari_come_with_mcc_and_a_caveat(tmp_path):
-    from scdm_classify.results import leaderboard_notes, with_signed_partner
+    from scdm.classify.results import leaderboard_notes, with_signed_partner
 
     assert with_signed_partner(["auroc", "ami", "ari"]) == ["auroc", "mcc", "ami", "ari"]
     assert with_signed_partner(["auroc", "f1"]) == ["auroc", "f1"]
@@ -272,8 +272,8 @@ def test_two_label_sets_can_share_one_partition(tmp_path):
 def test_report_lists_confounded_studies_and_metric_caveats(tmp_path):
     import warnings
 
-    from scdm_classify.report import write_report
-    from store.splits import SampleLeakageWarning
+    from scdm.classify.report import write_report
+    from scdm.store.splits import SampleLeakageWarning
 
     st = Store(tmp_path / "store")
     st.ingest(example_data(), name="A375", label_key="response_PLX4720", sample_key="condition")

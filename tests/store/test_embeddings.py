@@ -9,8 +9,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from store import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError, Store, StoreFormatError
-from store._catalog import SCHEMA_VERSION
+from scdm.store import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError, Store, StoreFormatError
+from scdm.store._catalog import SCHEMA_VERSION
 from tests.store import _writer
 from tests.store.conftest import make_counts_adata
 
@@ -135,7 +135,7 @@ def test_catalog_from_a_newer_scdm_is_refused(st):
 
 
 def test_read_only_sql_refuses_writes(st, ds):
-    from store import ReadOnlyQueryError
+    from scdm.store import ReadOnlyQueryError
 
     assert st.sql("SELECT count(*) AS n FROM cells")["n"].item() == 108
     for bad in ["DROP TABLE cells", "INSERT INTO meta VALUES ('a','b')", f"COPY cells TO '{st.root}/x.csv'",

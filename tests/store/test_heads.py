@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import Store
-from store.errors import InputDataError
-from store.heads import (
+from scdm.store import Store
+from scdm.store.errors import InputDataError
+from scdm.store.heads import (
     HeadNotFoundError,
     Predictions,
     TrainedHeadRecord,

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from store import DatasetNotFoundError, InputDataError, Store
+from scdm.store import DatasetNotFoundError, InputDataError, Store
 from tests.store.conftest import make_counts_adata
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import Store, StoreFormatError
-from store.errors import CatalogDamagedError, ScdmError, StoreReadOnlyError
+from scdm.store import Store, StoreFormatError
+from scdm.store.errors import CatalogDamagedError, ScdmError, StoreReadOnlyError
 from tests.store.conftest import make_counts_adata
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ def test_a_newer_catalog_is_refused_read_only_too(store_dir):
 def test_the_server_answers_read_routes_from_a_read_only_store(store_dir):
     from fastapi.testclient import TestClient
 
-    from scdm_server import create_app
+    from scdm.server import create_app
 
     before = snapshot(store_dir)
     with TestClient(create_app(Store(store_dir, read_only=True)), base_url="http://localhost") as client:
@@ -148,8 +148,8 @@ def _unprivileged_prefix() -> list[str] | None:
 def test_a_store_the_user_may_not_write_is_detected_and_served_read_only(store_dir):
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from store import Store\n"
-        "from store.errors import StoreReadOnlyError\n"
+        "from scdm.store import Store\n"
+        "from scdm.store.errors import StoreReadOnlyError\n"
         "st = Store(sys.argv[2])\n"
         "eid = st.embeddings()['embedding_id'].iloc[0]\n"
         "print('read_only', st.read_only, st.read_embedding(eid).shape, st.verify().ok)\n"

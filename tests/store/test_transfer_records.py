@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from store import Store
-from store.errors import InputDataError
-from store.transfer import (
+from scdm.store import Store
+from scdm.store.errors import InputDataError
+from scdm.store.transfer import (
     CRITICAL_GENE_COLUMNS,
     CriticalGenes,
     TransferMetrics,

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scdm_embed.runner import embed_baseline
-from store import EmbeddingIncompleteError, Store, _zarr, example_data
-from store.errors import ChunkCorruptError, StoreDamagedError
+from scdm.embedding.runner import embed_baseline
+from scdm.store import EmbeddingIncompleteError, Store, _zarr, example_data
+from scdm.store.errors import ChunkCorruptError, StoreDamagedError
 
 CHUNK_ROWS = 16  # 108 A375 cells -> 7 chunks
 BAD = 2  # the chunk the tests damage (rows 32-47)

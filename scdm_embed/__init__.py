@@ -1,5 +1,0 @@
-"""GPU batch stage: compute and cache cell embeddings from foundation-model checkpoints."""
-
-from scdm_embed._adapter import Adapter, GeneAudit, available_models, get_adapter, register_adapter
-
-__all__ = ["Adapter", "GeneAudit", "available_models", "get_adapter", "register_adapter"]

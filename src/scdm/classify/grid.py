@@ -1,0 +1,629 @@
+"""The evaluation grid: every (embedding space, split, fold, head) task, straight from the store.
+
+:func:`evaluate` groups the selected embeddings by ``space_id`` (embeddings of one space across
+datasets are pooled; spaces are never mixed), builds the splits of the pooled cells (stored once,
+reused by every model), reads each space's embedding matrix once, fits every head on every fold
+(in parallel, ``jobs=N``), and writes long-format metrics and per-cell test predictions to the
+catalog. A task already in the catalog (same embeddings, split, fold, head and head parameters)
+is not fitted again, so an interrupted or extended run only does what is missing.
+
+Ridge is not fitted task by task: per split, one pass over the category's cells gives the Gram
+statistics of every fold, and each fold's training fit is the downdate ``total - fold`` and one
+Cholesky solve (cross-data splits share per-atom statistics from a single pass). Logistic
+regression is not fitted task by task either: the folds of a split are solved together, one
+L-BFGS per fold in lockstep, so each pass over the split's cells serves every fold
+(:mod:`scdm.classify._logreg_batch`). Ridge runs in this process whatever the executor; with
+``executor="ray"`` each split's logreg folds are one Ray task (:mod:`scdm.classify._ray_grid`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from scdm.classify.heads import (
+    GramStats,
+    RidgeHead,
+    get_head,
+    ridge_from_stats,
+    ridge_score_to_proba,
+)
+from scdm.classify.tasks import (
+    Outcome,
+    Space,
+    Task,
+    fit_task,
+    logreg_split,
+    one_math_thread,
+)
+from scdm.store import evaluation as records
+from scdm.store.errors import (
+    EmbeddingIncompleteError,
+    EmbeddingNotFoundError,
+    InputDataError,
+)
+from scdm.store.splits import CATEGORY_TYPES, load_split, make_splits, save_splits
+
+if TYPE_CHECKING:
+    from scdm.store import Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalSummary", "Task", "evaluate", "progress_bar"]
+
+_ATOM_COLUMNS = ["dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen"]
+_FLUSH_SECONDS = 5.0
+_ATOM_MEMORY_BYTES = 3 * 1024**3
+"""Cross-data ridge keeps one dim x dim float64 matrix per atom when they fit in this budget."""
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """What one :func:`evaluate` call did."""
+
+    run_id: str
+    """Id of the run (``eval_runs.run_id``)."""
+    n_tasks: int
+    """Tasks requested (fitted now + already in the catalog)."""
+    n_done: int
+    """Tasks fitted by this call."""
+    n_reused: int
+    """Tasks found finished in the catalog and not fitted again."""
+    n_skipped: int
+    """Tasks recorded as skipped (split or fold skipped, or the head failed)."""
+    seconds: float
+    """Wall time of the call."""
+    spaces: tuple[str, ...]
+    """Embedding spaces evaluated."""
+    split_scheme: str
+    """``cell`` or ``sample``: always reported with the results."""
+    results: pd.DataFrame = field(repr=False)
+    """Long-format metrics of every requested task (fitted now or reused)."""
+    skipped: pd.DataFrame = field(repr=False)
+    """Tasks skipped by this run, with the reason."""
+
+
+def progress_bar(total: int, *, desc: str, silent: bool = False) -> Any:
+    """The grid's task bar: the shared scdm progress helper, counting tasks."""
+    from scdm.store.progress import progress_bar as _bar
+
+    return _bar(total, desc=desc, unit="task", silent=silent, leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------------
+def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[Space]:
+    table = st.embeddings()
+    if embeddings is not None:
+        wanted = list(dict.fromkeys(embeddings))
+        unknown = [e for e in wanted if e not in set(table["embedding_id"])]
+        if unknown:
+            msg = f"No embedding {unknown[0]!r} in the store; list them with `scdm ls` (SELECT * FROM embeddings)."
+            raise EmbeddingNotFoundError(msg)
+        table = table[table["embedding_id"].isin(wanted)]
+        partial = table[table["status"] != "complete"]
+        if len(partial):
+            msg = (f"Embedding {partial['embedding_id'].iloc[0]!r} is not complete; finish it with `scdm embed` "
+                   "(it resumes) before evaluating it.")
+            raise EmbeddingIncompleteError(msg)
+    else:
+        table = table[table["status"] == "complete"]
+        if table.empty:
+            msg = "The store holds no complete embedding to evaluate; compute one with `scdm embed` first."
+            raise EmbeddingNotFoundError(msg)
+    spaces = []
+    for space_id, group in table.groupby("space_id", sort=True):
+        # One embedding per dataset in a space (the newest if a dataset somehow has several).
+        group = group.sort_values("created_at").drop_duplicates("dataset_id", keep="last").sort_values("dataset_id")
+        if group["dim"].nunique() != 1:
+            msg = f"Embeddings of space {space_id} have different dims {sorted(group['dim'].unique())}; they cannot be pooled."
+            raise InputDataError(msg)
+        first = group.iloc[0]
+        scope = json.loads(first["params"]).get("lora")
+        spaces.append(Space(space_id=str(space_id), model=str(first["model"]), variant=str(first["variant"]),
+                             embeddings=group.reset_index(drop=True),
+                             lora=(str(scope["split_id"]), int(scope["fold"])) if scope else None))
+    return spaces
+
+
+def _load_matrix(st: Store, space: Space) -> None:
+    """Read every embedding of the space once and keep the labelled cells' rows, in cells order."""
+    cells = space.cells
+    assert cells is not None
+    dim = int(space.embeddings["dim"].iloc[0])
+    X = np.empty((len(cells), dim), np.float32)
+    dataset_of = cells["dataset_id"].to_numpy()
+    for row in space.embeddings.itertuples():
+        idx = np.flatnonzero(dataset_of == row.dataset_id)
+        rows = cells["row"].to_numpy(np.int64)[idx]
+        matrix = st.read_embedding(row.embedding_id)
+        if _is_run(idx) and _is_run(rows):  # the usual case: every cell labelled, in order; no gather
+            X[idx[0]:idx[-1] + 1] = matrix[rows[0]:rows[-1] + 1]
+        else:
+            X[idx] = matrix[rows]
+        lookup = np.full(matrix.shape[0], -1, np.int64)
+        lookup[rows] = idx
+        space.lookup[row.dataset_id] = lookup
+        del matrix
+    if not all(np.isfinite(X[lo:lo + 8192]).all() for lo in range(0, len(X), 8192)):  # no n x dim mask
+        msg = f"Embedding space {space.space_id} ({space.model}) holds NaN or inf values; recompute the embedding."
+        raise InputDataError(msg)
+    space.X = X
+    space.y = cells["response"].to_numpy(np.int8)
+
+
+def _is_run(index: np.ndarray) -> bool:
+    """Whether ``index`` is consecutive ascending integers (a slice)."""
+    return index.size > 0 and int(index[-1]) - int(index[0]) == index.size - 1 and bool((np.diff(index) == 1).all())
+
+
+# --------------------------------------------------------------------------------------------
+# tasks
+# --------------------------------------------------------------------------------------------
+def _plan(space: Space, heads: Sequence[str], head_params: dict[str, dict[str, Any]]) -> tuple[list[Task], list[records.SkippedTask]]:
+    tasks: list[Task] = []
+    skipped: list[records.SkippedTask] = []
+    for head in heads:
+        params = dict(head_params.get(head, {}))
+        params_key = get_head(head, **params).params_key()
+        for split in space.splits:
+            if split.reason:
+                skipped.append(space.skipped(split, None, head, split.reason))
+                continue
+            for fold in range(split.n_folds):
+                if space.lora is not None and fold != space.lora[1]:
+                    continue  # a fold-specific variant never sees another fold's test cells (it trained on them)
+                if fold in split.skipped_folds:
+                    skipped.append(space.skipped(split, fold, head, split.skipped_folds[fold]))
+                    continue
+                tasks.append(Task.make(space, split, fold, head, params, params_key))
+    return tasks, skipped
+
+
+def _ridge_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
+    """All ridge tasks of a space by Gram downdates (see module docstring)."""
+    assert space.X is not None and space.y is not None
+    X = space.X
+    if not tasks:
+        return
+    shift = X[np.linspace(0, len(X) - 1, min(len(X), 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64).astype(np.float32)
+    buffers = _Buffers(X.shape[1])
+    by_params: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_params.setdefault(task.params_key, []).append(task)
+    for group in by_params.values():
+        head = RidgeHead(**group[0].params)
+        head.validate_params()
+        by_split: dict[str, list[Task]] = {}
+        for task in group:
+            by_split.setdefault(task.split.split_id, []).append(task)
+        atoms = _AtomStats(space, shift) if any(t.split.scenario == "cross" for t in group) else None
+        for split_tasks in by_split.values():
+            yield from _ridge_split(space, split_tasks, head, shift, buffers, atoms)
+
+
+def _logreg_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
+    """All logreg tasks of a space, the folds of each split solved together (see _logreg_batch)."""
+    assert space.X is not None and space.y is not None
+    groups: dict[tuple[str, str], list[Task]] = {}
+    for task in tasks:
+        groups.setdefault((task.params_key, task.split.split_id), []).append(task)
+    with _all_math_threads(space):
+        for group in groups.values():
+            yield from logreg_split(space, group)
+
+
+class _Buffers:
+    """dim x dim work matrices reused by every split (a fresh 40-80 MB array costs page faults)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.total = np.zeros((dim, dim), order="F")  # zeros: BLAS fills only the lower triangle
+        self.work = np.zeros((dim, dim), order="F")
+        self.folds: list[np.ndarray] = []
+
+    def fold(self, i: int) -> np.ndarray:
+        while len(self.folds) <= i:
+            self.folds.append(np.zeros((self.dim, self.dim), np.float32, order="F"))
+        return self.folds[i]
+
+
+class _AtomStats:
+    """Float32 Gram statistics per atom (dataset x study x categories) from one pass over the rows.
+
+    A cross-data split's total is a sum of atoms and its held-out study is one or a few atoms, so
+    every cross-data fold of every category costs additions, not passes over the embeddings.
+    """
+
+    def __init__(self, space: Space, shift: np.ndarray) -> None:
+        assert space.cells is not None and space.X is not None
+        dim = space.X.shape[1]
+        self.codes = space.cells[_ATOM_COLUMNS].astype(str).groupby(_ATOM_COLUMNS, sort=True).ngroup().to_numpy()
+        n_atoms = int(self.codes.max()) + 1
+        self.enabled = n_atoms * dim * dim * 4 <= _ATOM_MEMORY_BYTES
+        self.stats: dict[int, GramStats] = {}
+        if not self.enabled:
+            logger.info("ridge: %d atoms x dim %d exceed the memory budget; cross-data splits take one pass each",
+                        n_atoms, dim)
+            return
+        t0 = time.perf_counter()
+        assert space.X is not None and space.y is not None
+        for code in range(n_atoms):
+            rows = np.flatnonzero(self.codes == code)
+            self.stats[code] = GramStats.from_rows(space.X, space.y, rows=rows, shift=shift,
+                                                   out=np.empty((dim, dim), np.float32, order="F"))
+        logger.info("ridge: Gram statistics of %d atoms in %.1f s", n_atoms, time.perf_counter() - t0)
+
+    def covering(self, positions: np.ndarray) -> list[int] | None:
+        """Atoms whose union is exactly the rows at ``positions`` (None if there are none such)."""
+        if not self.enabled:
+            return None
+        present = [int(c) for c in np.unique(self.codes[positions])]
+        if sum(int(self.stats[c].n) for c in present) != positions.size:
+            return None
+        return present
+
+
+def _ridge_split(space: Space, tasks: list[Task], head: RidgeHead, shift: np.ndarray, buffers: _Buffers,
+                 atoms: _AtomStats | None) -> Iterator[Outcome]:
+    assert space.X is not None and space.y is not None
+    split = tasks[0].split
+    X, y = space.X, space.y
+    dim = X.shape[1]
+    pos = space.positions(split.cells)
+    fold_of = split.cells["fold"].to_numpy(dtype=float, na_value=np.nan)
+    t0 = time.perf_counter()
+    total = GramStats.zeros(dim, shift, out=buffers.total)
+    fold_stats: dict[int, GramStats] = {}
+    covering = atoms.covering(pos) if atoms is not None and split.scenario == "cross" else None
+    if covering is not None:
+        assert atoms is not None
+        for code in covering:  # the category is whole atoms: sum them, no pass over rows
+            total.iadd(atoms.stats[code])
+        for task in tasks:
+            held_out = atoms.covering(pos[fold_of == task.fold])
+            assert held_out is not None  # a study is a union of atoms
+            if len(held_out) == 1:
+                stats = atoms.stats[held_out[0]]
+            else:
+                stats = GramStats.zeros(dim, shift)
+                for code in held_out:
+                    stats.iadd(atoms.stats[code])
+            fold_stats[task.fold] = stats
+    else:
+        present = np.unique(fold_of[~np.isnan(fold_of)]).astype(int)
+        for i, fold in enumerate(present):
+            rows = pos[fold_of == fold]
+            fold_stats[fold] = GramStats.from_rows(X, y, rows=rows, shift=shift, out=buffers.fold(i))
+            total.iadd(fold_stats[fold])
+        always_train = pos[np.isnan(fold_of)]
+        if always_train.size:
+            total.iadd(GramStats.from_rows(X, y, rows=always_train, shift=shift))
+    stats_seconds = (time.perf_counter() - t0) / max(len(tasks), 1)
+    for task in tasks:
+        t1 = time.perf_counter()
+        test_pos = pos[fold_of == task.fold]
+        try:
+            coef, intercept = ridge_from_stats(total, head.alpha, standardize=head.standardize,
+                                               minus=fold_stats[task.fold], work=buffers.work)
+        except InputDataError as err:  # one degenerate fold is a skipped task, not a failed run
+            yield Outcome(task, None, None, 0.0, 0.0, int(pos.size - test_pos.size), error=str(err))
+            continue
+        t2 = time.perf_counter()
+        proba = ridge_score_to_proba(X[test_pos] @ coef.astype(np.float32) + intercept)
+        t3 = time.perf_counter()
+        yield Outcome(task, proba, test_pos, stats_seconds + t2 - t1, t3 - t2, int(pos.size - test_pos.size))
+
+
+# --------------------------------------------------------------------------------------------
+# parallel execution
+# --------------------------------------------------------------------------------------------
+class _Threads:
+    """Split the CPU between ``jobs`` parallel fits (BLAS and torch thread pools)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self.per_job = max(1, (os.cpu_count() or 1) // jobs)
+
+    def __enter__(self) -> _Threads:
+        from threadpoolctl import threadpool_limits
+
+        self.limits = threadpool_limits(limits=self.per_job) if self.jobs > 1 else None
+        self.torch_threads = None
+        if self.jobs > 1 and "torch" in sys.modules:
+            import torch
+
+            self.torch_threads = torch.get_num_threads()
+            torch.set_num_threads(self.per_job)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.limits is not None:
+            self.limits.unregister()
+        if self.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
+
+def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[Outcome]:
+    if jobs == 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield fit_task(task)
+        return
+    from joblib import Parallel, delayed
+
+    # Threads share the embedding matrix (read once per process); the heavy parts of every head
+    # (BLAS, torch, LightGBM) release the GIL.
+    with _Threads(jobs):
+        parallel = Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")
+        yield from parallel(delayed(fit_task)(task) for task in tasks)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def evaluate(
+    store: str | os.PathLike[str] | Store,
+    embeddings: Sequence[str] | None = None,
+    *,
+    scenarios: Iterable[Literal["pooled", "cross", "custom"]] = ("pooled", "cross"),
+    by: Iterable[str] = CATEGORY_TYPES,
+    heads: Iterable[str] = ("mlp", "logreg"),
+    folds: int = 10,
+    split_scheme: Literal["cell", "sample"] = "cell",
+    seed: int = 0,
+    label_set: str | None = None,
+    pair_folds_with: str | None = None,
+    jobs: int = 1,
+    head_params: dict[str, dict[str, Any]] | None = None,
+    custom: pd.DataFrame | None = None,
+    save_predictions: bool = True,
+    silent: bool = False,
+    executor: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
+) -> EvalSummary:
+    """Evaluate embeddings: every (embedding space, split, fold, head) task, resumably.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    embeddings : list of str, optional
+        Embedding ids to evaluate. Default: every complete embedding in the store. Embeddings
+        with the same ``space_id`` (one model/checkpoint/variant/params, several datasets) are
+        pooled into one task; different spaces are evaluated separately.
+    scenarios : iterable of {"pooled", "cross", "custom"}, default ("pooled", "cross")
+    by : iterable of category types, default ("all", "tissue", "cancer_type", "drug_type", "regimen")
+    heads : iterable of head names, default ("mlp", "logreg")
+        See :data:`scdm.classify.heads.HEADS`.
+    folds : int, default 10
+        Folds of the pooled scenario.
+    split_scheme : {"cell", "sample"}, default "cell"
+        Pooled folds at cell level (scDrugMap) or grouped by sample (no sample on both sides).
+    seed : int, default 0
+        Seed of the pooled folds.
+    label_set : str, optional
+        Name of the label set to evaluate (every dataset of a space must have one of that name;
+        see :mod:`store.labels`). Default: each dataset's default label set. Results of different
+        label sets are different rows of every leaderboard.
+    pair_folds_with : str, optional
+        Stratify the pooled folds by this other label set's labels, so that ``label_set`` is
+        evaluated on exactly the partition that label set gets (paired drug-vs-drug comparisons;
+        part of the split's identity).
+    jobs : int, default 1
+        Parallel fits (threads sharing one copy of the embeddings).
+    head_params : dict, optional
+        Per-head constructor arguments, e.g. ``{"mlp": {"profile": "fast"}, "logreg": {"C": 0.1}}``;
+        part of every task's identity.
+    custom : DataFrame, optional
+        Assignments for the ``custom`` scenario (dataset_id, row or cell_id, fold).
+    save_predictions : bool, default True
+        Write per-cell test probabilities to ``eval_predictions``.
+    silent : bool, default False
+        Hide the progress bar (stderr).
+    executor : {"local", "ray"}, default "local"
+        ``ray``: fits run as Ray tasks (``pip install 'scdm[ray]'``); each space's matrix is put
+        once in Ray's object store, results come back to this process, which alone writes the
+        catalog; ridge stays here (see :mod:`scdm.classify._ray_grid`). Same results as local;
+        ``jobs`` is then unused (the cluster's CPUs set the parallelism, one thread per fit).
+    ray_address : str, optional
+        With ``executor="ray"``: ``None`` starts a local cluster, ``"auto"`` joins the running
+        one, ``"ray://host:10001"`` connects a Ray client. An initialised Ray is reused.
+
+    Returns
+    -------
+    EvalSummary
+
+    Raises
+    ------
+    EmbeddingNotFoundError, EmbeddingIncompleteError, InputDataError
+
+    Examples
+    --------
+    >>> summary = evaluate("scdm-store", heads=["ridge", "logreg"], by=["all", "tissue"])  # doctest: +SKIP
+    >>> leaderboard("scdm-store")  # doctest: +SKIP
+    """
+    from scdm.store import open_store
+
+    st = open_store(store)
+    started = time.perf_counter()
+    heads = list(dict.fromkeys(heads))
+    head_params = dict(head_params or {})
+    for head in heads:  # validate names and parameters before any work
+        get_head(head, **head_params.get(head, {})).validate_params()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        msg = f"jobs={jobs!r} must be an integer >= 1."
+        raise InputDataError(msg)
+    if executor not in ("local", "ray"):
+        msg = f"executor={executor!r} is not one of 'local', 'ray'."
+        raise InputDataError(msg)
+    if ray_address is not None and executor != "ray":
+        msg = f"ray_address={ray_address!r} needs executor='ray'; pass --executor ray or drop --ray-address."
+        raise InputDataError(msg)
+    if executor == "ray":
+        from scdm.classify._ray_grid import import_ray
+
+        import_ray()  # a missing Ray is a clear error before any run is recorded
+    scenarios, by = list(scenarios), list(by)
+    spaces = _select_spaces(st, embeddings)
+    config = {"embeddings": [e for s in spaces for e in s.embedding_ids], "scenarios": scenarios, "by": by,
+              "heads": heads, "head_params": head_params, "folds": folds, "split_scheme": split_scheme, "seed": seed,
+              "jobs": jobs, "save_predictions": save_predictions, "executor": executor, "label_set": label_set,
+              "pair_folds_with": pair_folds_with}
+    for space in spaces:  # labels and splits are checked before a run is recorded
+        space.cells = _labelled_cells(st, space, label_set, pair_folds_with)
+        if space.lora is not None:
+            space.splits = [load_split(st, space.lora[0])]
+        else:
+            space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
+                                       seed=seed, custom=custom, folds_from=pair_folds_with)
+    run_id = records.start_run(st, config, scdm_version=_version())
+    writer = records.ResultWriter(st, run_id, save_predictions=save_predictions, flush_seconds=_FLUSH_SECONDS)
+    all_ids: list[str] = []
+    n_done = n_reused = n_skipped = 0
+    pool = None
+    try:
+        if executor == "ray":
+            from scdm.classify._ray_grid import RayGrid
+
+            pool = RayGrid(ray_address)
+        for space in spaces:
+            save_splits(st, space.splits)
+            tasks, skipped = _plan(space, heads, head_params)
+            for row in skipped:
+                writer.skip(row)
+            n_skipped += len(skipped)
+            all_ids += [t.task_id for t in tasks]
+            assert space.cells is not None
+            finished = records.finished_tasks(st, [t.task_id for t in tasks])
+            pending = [t for t in tasks if t.task_id not in finished]
+            n_reused += len(tasks) - len(pending)
+            logger.info("space %s (%s, %d datasets, %d cells): %d tasks, %d already done, %d skipped",
+                        space.space_id, space.model, len(space.embeddings), len(space.cells), len(tasks),
+                        len(tasks) - len(pending), len(skipped))
+            if not pending:
+                continue
+            _load_matrix(st, space)
+            bar = progress_bar(len(pending), desc=f"evaluate {space.model}", silent=silent)
+            batched = [t for t in pending if t.head in _BATCHED_HEADS]
+            others = [t for t in pending if t.head not in _BATCHED_HEADS]
+            with warnings.catch_warnings(), _math_threads(space, jobs, torch_heads=any(t.head in ("mlp", "dann") for t in others)):
+                warnings.simplefilter("once")
+                # Ray: ridge stays here (shared Gram statistics); a split's logreg folds are one Ray task.
+                outcomes = (_chain(_batched_outcomes(space, batched), _run_tasks(others, jobs)) if pool is None
+                            else pool.outcomes(space, [t for t in pending if t.head != "ridge"], bar=bar,
+                                               driver_side=_ridge_outcomes(space, [t for t in batched if t.head == "ridge"])))
+                for out in outcomes:
+                    if out.error is None:
+                        writer.add(out.to_store())
+                        n_done += 1
+                    else:
+                        writer.skip(space.skipped(out.task.split, out.task.fold, out.task.head, out.error))
+                        n_skipped += 1
+                        logger.warning("task %s (%s, fold %d) not fitted: %s", out.task.head, out.task.split.category,
+                                       out.task.fold, out.error)
+                    bar.update(1)
+            bar.close()
+            writer.flush()
+            space.X = None  # free the matrix before the next space
+        writer.flush()
+    except BaseException:
+        writer.flush()
+        records.finish_run(st, run_id, status="failed", seconds=time.perf_counter() - started)
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+    seconds = time.perf_counter() - started
+    records.finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(all_ids), n_done=n_done,
+                       n_reused=n_reused, n_skipped=n_skipped)
+    results = records.task_results(st, all_ids)
+    skipped_frame = records.run_skipped(st, run_id)
+    logger.info("run %s: %d tasks fitted, %d reused, %d skipped in %.1f s", run_id, n_done, n_reused, n_skipped, seconds)
+    return EvalSummary(run_id=run_id, n_tasks=len(all_ids), n_done=n_done, n_reused=n_reused, n_skipped=n_skipped,
+                       seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=split_scheme,
+                       results=results, skipped=skipped_frame)
+
+
+SMALL_MATRIX = 4_000_000
+"""Below this many matrix entries one BLAS/torch thread per fit is faster than several."""
+
+
+@contextlib.contextmanager
+def _math_threads(space: Space, jobs: int, *, torch_heads: bool) -> Iterator[None]:
+    """One math thread per fit for small matrices or parallel jobs.
+
+    Small fits cannot use two BLAS/OpenMP threads well, and threads of parallel fits (or of other
+    processes) spinning against each other make them many times slower.
+    """
+    assert space.X is not None
+    if jobs == 1 and space.X.size >= SMALL_MATRIX:
+        yield
+        return
+    with one_math_thread(torch_heads=torch_heads):
+        yield
+
+
+_BATCHED_HEADS = ("ridge", "logreg")
+"""Heads whose folds are fitted together per split (with executor="ray", logreg's split groups are Ray tasks)."""
+
+
+def _batched_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
+    yield from _ridge_outcomes(space, [t for t in tasks if t.head == "ridge"])
+    yield from _logreg_outcomes(space, [t for t in tasks if t.head == "logreg"])
+
+
+@contextlib.contextmanager
+def _all_math_threads(space: Space) -> Iterator[None]:
+    """Every core for one large batched solve, even inside a one-thread-per-fit section."""
+    assert space.X is not None
+    if space.X.size < SMALL_MATRIX:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=os.cpu_count() or 1, user_api="blas"):
+        yield
+
+
+def _chain(*iterators: Iterator[Outcome]) -> Iterator[Outcome]:
+    for it in iterators:
+        yield from it
+
+
+def _labelled_cells(st: Store, space: Space, label_set: str | None, pair_folds_with: str | None = None) -> pd.DataFrame:
+    names = list(space.embeddings["dataset_name"])
+    cells = st.cells(names, label_set=label_set)
+    if pair_folds_with is not None:
+        pair = st.cells(names, label_set=pair_folds_with)
+        # cells labelled here but not in the other label set form a stratum of their own
+        cells["fold_response"] = pair["response"].astype("Int64").fillna(-1).astype(np.int64).to_numpy()
+    labelled = cells[cells["response"].notna()].copy()
+    if labelled.empty:
+        msg = (f"No cell of {', '.join(names)} has a response label; ingest with label_key=<obs column> to "
+               "evaluate it.")
+        raise InputDataError(msg)
+    labelled["row"] = labelled["row"].astype(np.int64)
+    labelled["response"] = labelled["response"].astype(np.int8)
+    return labelled.sort_values(["dataset_id", "row"]).reset_index(drop=True)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scdm")
+    except PackageNotFoundError:
+        return "0+unknown"

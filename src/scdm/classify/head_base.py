@@ -1,0 +1,320 @@
+"""What every head is built from: the base class, parameter rules, column moments, torch seeding.
+
+Heads live in :mod:`scdm.classify.heads` (and the domain-adaptation head in
+:mod:`scdm.classify._transfer_dann`); both build on this module, which imports no head, so the
+two never import each other.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import inspect
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+import numpy as np
+
+from scdm.store.errors import InputDataError, ScdmError, ScdmWarning
+
+__all__ = [
+    "NONE",
+    "BaseHead",
+    "HeadConvergenceWarning",
+    "IsType",
+    "NotFittedError",
+    "OneOf",
+    "Range",
+    "Rule",
+    "check_fitted",
+    "column_moments",
+    "torch_seeded",
+]
+
+
+class NotFittedError(ScdmError, ValueError, AttributeError):
+    """``predict_proba`` was called on a head before ``fit``."""
+
+
+class HeadConvergenceWarning(ScdmWarning):
+    """A head stopped at its iteration limit before converging."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter rules (checked in fit, never in __init__)
+# --------------------------------------------------------------------------------------------
+class Rule(abc.ABC):
+    """One acceptable form of a head parameter."""
+
+    @abc.abstractmethod
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` satisfies the rule."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The rule in words, for error messages."""
+
+
+@dataclass(frozen=True)
+class Range(Rule):
+    """A number of type ``kind`` within optional bounds."""
+
+    kind: type
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else self.kind):
+            return False
+        number = float(cast(float, value))
+        if self.ge is not None and number < self.ge:
+            return False
+        if self.gt is not None and number <= self.gt:
+            return False
+        return not (self.le is not None and number > self.le)
+
+    def describe(self) -> str:
+        bounds = [f">= {self.ge}" if self.ge is not None else "", f"> {self.gt}" if self.gt is not None else "",
+                  f"<= {self.le}" if self.le is not None else ""]
+        return f"{self.kind.__name__} " + " and ".join(b for b in bounds if b)
+
+
+@dataclass(frozen=True)
+class OneOf(Rule):
+    """One of a fixed set of values (``True``/``False`` match only themselves, not 1/0)."""
+
+    options: tuple[Any, ...]
+
+    def accepts(self, value: Any) -> bool:
+        return any(value is o if isinstance(o, bool) or isinstance(value, bool) else value == o for o in self.options)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(o) for o in self.options)
+
+
+@dataclass(frozen=True)
+class IsType(Rule):
+    """An instance of ``kind`` (``None`` is spelled ``IsType(type(None))``, or :data:`NONE`)."""
+
+    kind: type
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, self.kind)
+
+    def describe(self) -> str:
+        return "None" if self.kind is type(None) else self.kind.__name__
+
+
+NONE = IsType(type(None))
+"""The rule that accepts ``None`` (a parameter left to a default resolved at fit time)."""
+
+
+def check_fitted(head: BaseHead) -> None:
+    """Raise :class:`NotFittedError` unless ``head.fit`` has run."""
+    if not any(k.endswith("_") and not k.startswith("_") for k in vars(head)):
+        msg = f"This {type(head).__name__} is not fitted yet; call fit(X, y) before predict_proba(X)."
+        raise NotFittedError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------
+class BaseHead(abc.ABC):
+    """Common interface: ``fit(X, y) -> self`` and ``predict_proba(X) -> ndarray (n,)``."""
+
+    name: ClassVar[str] = ""
+    _rules: ClassVar[dict[str, list[Rule]]] = {}
+    needs_both_classes: ClassVar[bool] = True
+
+    # -- parameters ------------------------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """Names of the constructor arguments."""
+        return cls._param_names()
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments of this head, by name."""
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def params_key(self) -> str:
+        """Canonical JSON of the parameters: part of a grid task's identity.
+
+        ``get_head(name, **json.loads(head.params_key()))`` builds the same head.
+        """
+        return json.dumps(self.get_params(), sort_keys=True, default=str)
+
+    def _validate_params(self) -> None:
+        for key, rules in self._rules.items():
+            value = getattr(self, key)
+            if not any(rule.accepts(value) for rule in rules):
+                expected = " or ".join(rule.describe() for rule in rules)
+                msg = f"{type(self).__name__}: parameter {key}={value!r} is invalid; expected {expected}."
+                raise InputDataError(msg)
+
+    def validate_params(self) -> None:
+        """Check the parameters against the head's rules (``fit`` does this too).
+
+        Raises
+        ------
+        InputDataError
+            A parameter is out of range, saying what is expected.
+        """
+        self._validate_params()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- data ------------------------------------------------------------------------------
+    @staticmethod
+    def _check_X(X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2:
+            msg = f"X must be a 2-D array (n_cells, emb_dim); got shape {X.shape}."
+            raise InputDataError(msg)
+        if X.dtype != np.float32 and X.dtype != np.float64:
+            X = X.astype(np.float32)
+        return X
+
+    def _check_fit_data(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = self._check_X(X)
+        y = np.asarray(y).ravel()
+        if y.shape[0] != X.shape[0]:
+            msg = f"X has {X.shape[0]} rows but y has {y.shape[0]} labels; pass one label per cell."
+            raise InputDataError(msg)
+        if X.shape[0] == 0:
+            msg = "No training cells (X has 0 rows)."
+            raise InputDataError(msg)
+        if not np.isin(y, (0, 1)).all():
+            msg = f"y must hold 0 (resistant) or 1 (sensitive); found {np.unique(y)[:5].tolist()}."
+            raise InputDataError(msg)
+        if self.needs_both_classes and np.unique(y).size < 2:
+            msg = (f"{type(self).__name__} needs both classes in its training cells, but all {y.size} are "
+                   f"{int(y[0])}; this task cannot be fitted (the grid records it as skipped).")
+            raise InputDataError(msg)
+        return X, y.astype(np.int64)
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> BaseHead:
+        """Fit on training cells.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_cells, emb_dim)
+            Training embeddings.
+        y : ndarray of shape (n_cells,)
+            Labels, 1 = sensitive, 0 = resistant.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        X, y = self._check_fit_data(X, y)
+        t0 = time.perf_counter()
+        self._fit(X, y)
+        self.n_features_in_ = X.shape[1]
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Probability that each cell is sensitive.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_cells, emb_dim)
+
+        Returns
+        -------
+        ndarray of shape (n_cells,)
+            Values in [0, 1].
+        """
+        check_fitted(self)
+        X = self._check_X(X)
+        if X.shape[1] != self.n_features_in_:
+            msg = f"X has {X.shape[1]} columns but {type(self).__name__} was fitted on {self.n_features_in_}."
+            raise InputDataError(msg)
+        return np.clip(np.asarray(self._predict_proba(X), dtype=np.float64).ravel(), 0.0, 1.0)
+
+    @abc.abstractmethod
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Fit on validated, labelled rows (set fitted attributes ending in ``_``)."""
+
+    @abc.abstractmethod
+    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Probability of the sensitive class for validated rows."""
+
+
+# --------------------------------------------------------------------------------------------
+# Standardisation statistics
+# --------------------------------------------------------------------------------------------
+def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
+                   block_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (ddof 0) of ``X``'s rows, or of each mask's rows.
+
+    One pass over ``X`` in row blocks, shifted by a sample mean so the float32 sums do not
+    cancel, accumulated in float64: no float64 copy of ``X`` (which at 300k x 3072 would be 7 GB).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_cells, emb_dim)
+    masks : ndarray of shape (n_cells, n_masks), optional
+        Boolean row selections (a fold's training cells, say); default: all rows.
+    block_rows : int, default 2048
+
+    Returns
+    -------
+    mean, scale : ndarray of shape (emb_dim,) or (n_masks, emb_dim), float32
+        Constant columns get scale 1.
+    """
+    n, dim = X.shape
+    weights = np.ones((n, 1), np.float32) if masks is None else np.asarray(masks, np.float32)
+    shift = X[np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64)
+    shift32 = shift.astype(np.float32)
+    s1 = np.zeros((weights.shape[1], dim))
+    s2 = np.zeros((weights.shape[1], dim))
+    buffer = np.empty((min(block_rows, n), dim), np.float32)  # reused: fresh blocks cost page faults
+    for lo in range(0, n, block_rows):
+        block = buffer[: min(block_rows, n - lo)]
+        np.subtract(X[lo:lo + block_rows], shift32, out=block)
+        w = weights[lo:lo + block_rows].T
+        s1 += w @ block
+        np.square(block, out=block)
+        s2 += w @ block
+    count = np.maximum(weights.sum(axis=0, dtype=np.float64), 1.0)[:, None]
+    centred = s1 / count
+    scale = np.sqrt(np.maximum(s2 / count - centred**2, 0.0))
+    scale[scale < 1e-12] = 1.0
+    mean = (centred + shift32.astype(np.float64)).astype(np.float32)
+    if masks is None:
+        return mean[0], scale[0].astype(np.float32)
+    return mean, scale.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# torch's global generator, one fit at a time
+# --------------------------------------------------------------------------------------------
+_TORCH_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """torch's process-wide generator seeded for this block only, one thread at a time.
+
+    Layer initialisation (and dropout) draw from that one generator: fits running in parallel
+    threads (``jobs=N``) would interleave their draws, and a fit would depend on its neighbours.
+    """
+    import torch
+
+    with _TORCH_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

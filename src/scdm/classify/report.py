@@ -1,0 +1,1419 @@
+"""``scdm report``: an HTML page with the figures and tables of an evaluated store.
+
+Everything comes from the catalog: no embedding is recomputed and no head is refitted. The only
+arrays read are the stored embeddings, subsampled, for the 2-D projections. Every table on the
+page is the result of the SQL printed under it, run through the read-only user interface
+(:meth:`store.Store.sql`), so pasting that SQL into ``scdm sql`` or any DuckDB client gives the
+same numbers. The same SQL, and the table as CSV, are written next to the page (``tables/``).
+
+Result identity. Every aggregate reads the ``results`` view and groups by the whole result
+identity (:data:`scdm.classify.results.LEADERBOARD_KEYS`): embedding space, datasets, label set,
+split (scenario, scheme, k, seed, category), head and its parameters, variant. Results of a 5-fold
+and a 3-fold split of the same cells, of two label sets or of two dataset collections are never
+averaged together: they are separate rows of every table and separate series (or, where one
+figure point would need two of them, one picked and named in the caption) of every figure. The
+folds of one LoRA tuning (one adapter per fold) form one result, as in ``scdm results``. Every
+leaderboard row shows its datasets, label set and split, the folds done out of the folds expected
+(an interrupted run is marked incomplete) and, where a metric is undefined on some folds, its n.
+
+Figures (PNG and SVG, in ``figures/``):
+
+- ``overview_bars``: mean +- sd over folds of F1 and AUROC on all cells, per series and head;
+- ``radar_<scenario>_<strategy>_<head>``: mean F1 and AUROC per tissue, cancer type, drug type
+  and regimen (scDrugMap Fig. 2, 3, 6); a category type with fewer than 3 categories is drawn as
+  a bar chart, and the caption says so;
+- ``f1_by_cancer_type_<scenario>``: per-fold F1 across cancer types (box plots + folds);
+- ``projection_<model>_<strategy>_<space>``: UMAP (or PCA) of each embedding space, subsampled
+  to ``max_cells``, coloured by response, cancer type and study (scDrugMap Fig. 4);
+- ``scalability``: embedding throughput and head fit time (scDrugMap Fig. 7).
+
+Reference heads that ignore the embedding (``majority``, ``shuffled-label``) appear in the tables
+and the overview bars but not in the per-model radar and box figures. A *series* is one embedding
+space under one label set (and one split protocol, where a space was evaluated with several k or
+seeds). Every (model, datasets) group has its own colour in every figure, so ``pca`` fitted on
+A375 and ``pca`` fitted on another collection are two colours and two legend labels naming their
+datasets; the series of one group (LoRA variants, other spaces on the same datasets, other splits
+or label sets) are hatched / dashed. The page lists every series with its colour (table
+``figure-series``, also ``tables/figure_series.csv``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import html
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import jinja2
+import numpy as np
+import pandas as pd
+from markupsafe import Markup
+
+from scdm.classify import _plots
+from scdm.classify._plots import CATEGORY_LABELS, METRIC_LABELS, Palette, Series
+from scdm.classify.metrics import METRICS
+from scdm.classify.results import LEADERBOARD_KEYS
+from scdm.store.errors import InputDataError
+
+if TYPE_CHECKING:
+    from scdm.store import Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_report"]
+
+Projection = Literal["auto", "umap", "pca", "none"]
+
+_CATEGORY_ORDER = ("all", "tissue", "cancer_type", "drug_type", "regimen")
+_RADAR_TYPES = ("tissue", "cancer_type", "drug_type", "regimen")
+_SCENARIO_ORDER = ("pooled", "cross", "custom")
+_BASELINE_HEADS = ("majority", "shuffled-label")
+"""Reference heads that ignore the embedding: in the tables and bar charts, not in per-model radars/boxes."""
+_UMAP_MAX_DIM = 50
+"""Embeddings wider than this are reduced to this many principal components before UMAP (as scanpy does)."""
+_SCHEME_TEXT = {
+    "cell": ("k-fold cross-validation within each category, stratified by response, at cell level (the scDrugMap "
+             "protocol). Labels are per sample, so cells of one sample can be on both sides of a fold and a head "
+             "may score by recognising samples rather than response: rerun with "
+             "<code>scdm evaluate --split-scheme sample</code> for grouped folds."),
+    "sample": "grouped k-fold within each category: no sample (patient) has cells on both sides of a fold.",
+    "study": ("leave one study out within each category: train on every other study of the category, test on the "
+              "held-out one (categories with one study are skipped, see below)."),
+    "custom": "folds given by the user (<code>scdm evaluate --scenario custom</code>).",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# SQL text: literal values, so the printed query runs as is in any DuckDB client
+# --------------------------------------------------------------------------------------------
+def _lit(value: Any) -> str:
+    """A SQL literal for a string, number or list of those."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_lit(v) for v in value) + "]"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """The report's selection, as SQL conditions on each table alias."""
+
+    run_id: str | None = None
+    models: tuple[str, ...] | None = None
+    heads: tuple[str, ...] | None = None
+
+    def results(self, alias: str = "r") -> list[str]:
+        """Conditions on eval_results, eval_tasks or the report's ``r`` (all have run_id, model, head)."""
+        out = []
+        if self.run_id is not None:
+            out.append(f"{alias}.run_id = {_lit(self.run_id)}")
+        if self.models is not None:
+            out.append(f"{alias}.model IN ({', '.join(_lit(m) for m in self.models)})")
+        if self.heads is not None:
+            out.append(f"{alias}.head IN ({', '.join(_lit(h) for h in self.heads)})")
+        return out
+
+    def skipped(self, alias: str = "s") -> list[str]:
+        """Conditions on skipped_tasks (which has no model column: select its spaces)."""
+        out = []
+        if self.run_id is not None:
+            out.append(f"{alias}.run_id = {_lit(self.run_id)}")
+        if self.models is not None:
+            models = ", ".join(_lit(m) for m in self.models)
+            out.append(f"{alias}.space_id IN (SELECT space_id FROM embeddings WHERE model IN ({models}))")
+        if self.heads is not None:
+            out.append(f"{alias}.head IN ({', '.join(_lit(h) for h in self.heads)})")
+        return out
+
+    def embeddings(self, alias: str = "e") -> list[str]:
+        out = [f"{alias}.status = 'complete'"]
+        if self.models is not None:
+            out.append(f"{alias}.model IN ({', '.join(_lit(m) for m in self.models)})")
+        return out
+
+
+def _where(conditions: Sequence[str]) -> str:
+    return ("WHERE " + "\n  AND ".join(conditions)) if conditions else ""
+
+
+# The whole result identity (scdm.classify.results.LEADERBOARD_KEYS): every aggregate groups by it.
+_KEYS = ", ".join(f"r.{k}" for k in LEADERBOARD_KEYS)
+
+_RESULTS_CTE = (
+    "WITH r AS (\n"
+    "    -- the results view: one row per task and metric, the whole result identity spelled out;\n"
+    "    -- the folds of one LoRA tuning (one adapter, a space of its own, per fold) form one result\n"
+    "    SELECT x.* EXCLUDE (n_folds) REPLACE (coalesce('lora:' || a.tuning_id, x.variant) AS variant,\n"
+    "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
+    "           x.n_folds AS k\n"
+    "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
+    ")"
+)
+"""``r``: the ``results`` view with LoRA folds grouped, as :func:`scdm.classify.results.leaderboard` reads it."""
+
+_EXPECTED_CTE = (
+    "expected AS (  -- folds of each split that can be evaluated: a result with fewer is incomplete\n"
+    "    SELECT split_id, count(*) FILTER (WHERE status = 'ok') AS folds_expected FROM split_folds GROUP BY split_id\n"
+    ")"
+)
+
+
+def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str | None = None,
+                     category_type: str | None = None) -> str:
+    """Mean, sd and n over folds of each metric, one row per result (the whole result identity)."""
+    aggregates = []
+    for m in metrics:
+        aggregates += [f"avg(r.value) FILTER (WHERE r.metric = {_lit(m)}) AS {m}_mean",
+                       f"stddev_samp(r.value) FILTER (WHERE r.metric = {_lit(m)}) AS {m}_sd",
+                       f"count(r.value) FILTER (WHERE r.metric = {_lit(m)}) AS {m}_n"]
+    conditions = [f"r.metric IN ({', '.join(_lit(m) for m in metrics)})", *filters.results()]
+    if scenario is not None:
+        conditions.append(f"r.scenario = {_lit(scenario)}")
+    if category_type is not None:
+        conditions.append(f"r.category_type = {_lit(category_type)}")
+    first = metrics[0]
+    order = ("list_position(['pooled', 'cross', 'custom'], r.scenario), r.category_type, r.category"
+             if scenario is None or category_type is None else "r.category")
+    return (
+        f"{_RESULTS_CTE},\n{_EXPECTED_CTE}\n"
+        f"SELECT {_KEYS},\n"
+        "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
+        "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
+        f"       sum(r.n_test) FILTER (WHERE r.metric = {_lit(first)}) AS n_test,\n       "
+        + ",\n       ".join(aggregates) + "\n"
+        "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
+        f"{_where(conditions)}\n"
+        f"GROUP BY {_KEYS}\n"
+        f"ORDER BY {order}, r.datasets, r.label_set, r.scheme, r.k, r.seed, r.head, r.head_params,\n"
+        f"         {first}_mean DESC NULLS LAST, r.model, r.variant, r.space_id"
+    )
+
+
+def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
+    """Mean, sd and n over folds per result and metric (long format): the data of the bar and radar figures."""
+    conditions = [f"r.metric IN ({', '.join(_lit(m) for m in metrics)})", *filters.results()]
+    return (
+        f"{_RESULTS_CTE}\n"
+        f"SELECT {_KEYS}, r.metric,\n"
+        "       avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n,\n"
+        "       count(DISTINCT r.fold) AS folds_done\n"
+        "FROM r\n"
+        f"{_where(conditions)}\n"
+        f"GROUP BY {_KEYS}, r.metric\n"
+        "ORDER BY r.scenario, r.category_type, r.category, r.metric, r.model, r.variant, r.space_id, r.datasets,\n"
+        "         r.label_set, r.k, r.seed, r.head"
+    )
+
+
+def _fold_values_sql(filters: _Filters, metric: str, category_type: str) -> str:
+    conditions = [f"r.metric = {_lit(metric)}", f"r.category_type = {_lit(category_type)}", *filters.results()]
+    return (
+        f"{_RESULTS_CTE}\n"
+        f"SELECT {_KEYS}, r.fold, r.value\n"
+        "FROM r\n"
+        f"{_where(conditions)}\n"
+        "ORDER BY r.scenario, r.category, r.model, r.variant, r.space_id, r.datasets, r.label_set, r.k, r.seed,\n"
+        "         r.head, r.fold"
+    )
+
+
+def _series_sql() -> str:
+    """Every (space, label set, split protocol) with results, and the datasets of each (all runs: stable colours)."""
+    return (
+        f"{_RESULTS_CTE}\n"
+        "SELECT DISTINCT r.model, r.variant, r.space_id, r.label_set, r.scenario, r.scheme, r.k, r.seed, r.datasets\n"
+        "FROM r"
+    )
+
+
+def _spaces_sql() -> str:
+    """Every embedding space with its datasets; the per-fold spaces of a LoRA tuning grouped as in ``r``."""
+    return (
+        "SELECT e.model, coalesce('lora:' || a.tuning_id, e.variant) AS variant,\n"
+        "       coalesce('lora:' || a.tuning_id, e.space_id) AS space_id,\n"
+        "       e.variant AS raw_variant, e.space_id AS raw_space_id, d.name AS dataset\n"
+        "FROM embeddings e JOIN datasets d USING (dataset_id)\n"
+        "LEFT JOIN adapters a ON e.variant = 'lora:' || a.adapter_id"
+    )
+
+
+def _datasets_sql() -> str:
+    return (
+        "SELECT d.name, d.n_cells, d.gene_id_kind,\n"
+        "       count(c.response) AS labelled,\n"
+        "       count(*) FILTER (WHERE c.response = 1) AS sensitive,\n"
+        "       count(*) FILTER (WHERE c.response = 0) AS resistant,\n"
+        "       count(DISTINCT c.study) AS studies,\n"
+        "       count(DISTINCT c.sample) AS samples,\n"
+        "       string_agg(DISTINCT c.tissue, '; ' ORDER BY c.tissue) AS tissue,\n"
+        "       string_agg(DISTINCT c.cancer_type, '; ' ORDER BY c.cancer_type) AS cancer_type,\n"
+        "       string_agg(DISTINCT c.drug_type, '; ' ORDER BY c.drug_type) AS drug_type,\n"
+        "       string_agg(DISTINCT c.regimen, '; ' ORDER BY c.regimen) AS regimen\n"
+        "FROM datasets d LEFT JOIN cells c USING (dataset_id)\n"
+        "GROUP BY d.name, d.n_cells, d.gene_id_kind\n"
+        "ORDER BY d.name"
+    )
+
+
+def _label_sets_sql() -> str:
+    return (
+        "SELECT d.name AS dataset, l.name AS label_set, l.drug, l.label_key, l.positive, l.is_default,\n"
+        "       l.n_labelled, l.n_sensitive, l.n_labelled - l.n_sensitive AS n_resistant\n"
+        "FROM label_sets l JOIN datasets d USING (dataset_id)\n"
+        "ORDER BY d.name, NOT l.is_default, l.name"
+    )
+
+
+def _runs_sql(filters: _Filters) -> str:
+    conditions = [f"run_id = {_lit(filters.run_id)}"] if filters.run_id is not None else []
+    return (
+        "SELECT run_id, created_at, status,\n"
+        "       config->>'split_scheme' AS split_scheme, config->>'folds' AS folds, config->>'seed' AS seed,\n"
+        "       coalesce(config->>'label_set', '(default)') AS label_set,\n"
+        "       config->>'heads' AS heads, config->>'scenarios' AS scenarios,\n"
+        "       n_tasks, n_done, n_reused, n_skipped, round(seconds, 1) AS seconds\n"
+        "FROM eval_runs\n"
+        f"{_where(conditions)}\n"
+        "ORDER BY created_at"
+    ).replace("\n\n", "\n")
+
+
+def _splits_sql(filters: _Filters) -> str:
+    used = (f"  SELECT r.split_id FROM eval_results r {_where(filters.results())}\n"
+            f"  UNION SELECT s.split_id FROM skipped_tasks s {_where(filters.skipped())}\n").replace("\n  AND", " AND")
+    return (
+        "SELECT p.scenario, p.scheme,\n"
+        "       string_agg(DISTINCT CAST(p.n_folds AS VARCHAR), ', ' ORDER BY CAST(p.n_folds AS VARCHAR)) AS folds,\n"
+        "       string_agg(DISTINCT CAST(p.seed AS VARCHAR), ', ') AS seed,\n"
+        "       string_agg(DISTINCT p.label_set, '; ' ORDER BY p.label_set) AS label_sets,\n"
+        "       count(*) AS splits,\n"
+        "       count(*) FILTER (WHERE p.status = 'skipped') AS skipped_splits,\n"
+        "       string_agg(DISTINCT p.category_type, ', ') AS category_types\n"
+        "FROM splits p\n"
+        "WHERE p.split_id IN (\n" + used + ")\n"
+        "GROUP BY p.scenario, p.scheme\n"
+        "ORDER BY list_position(['pooled', 'cross', 'custom'], p.scenario), p.scheme"
+    )
+
+
+def _skipped_sql(filters: _Filters) -> str:
+    return (
+        "SELECT s.scenario, s.datasets, s.label_set, s.category_type, s.category, s.fold, f.label AS held_out, s.reason,\n"
+        "       count(DISTINCT s.space_id) AS spaces,\n"
+        "       string_agg(DISTINCT s.head, ', ' ORDER BY s.head) AS heads\n"
+        "FROM skipped_tasks s\n"
+        "LEFT JOIN split_folds f ON f.split_id = s.split_id AND f.fold = s.fold\n"
+        f"{_where(filters.skipped())}\n"
+        "GROUP BY s.scenario, s.datasets, s.label_set, s.category_type, s.category, s.fold, f.label, s.reason\n"
+        "ORDER BY list_position(['pooled', 'cross', 'custom'], s.scenario), s.category_type, s.category,\n"
+        "         s.datasets, s.label_set, s.fold NULLS FIRST, s.reason"
+    ).replace("\n\n", "\n")
+
+
+def _embed_cost_sql(filters: _Filters) -> str:
+    def num(key: str) -> str:
+        return f"TRY_CAST(e.telemetry->>'{key}' AS DOUBLE)"
+
+    return (
+        "-- one row per embedding space (the per-fold spaces of a LoRA tuning together)\n"
+        "SELECT e.model, coalesce('lora:' || a.tuning_id, e.variant) AS variant,\n"
+        "       coalesce('lora:' || a.tuning_id, e.space_id) AS space_id,\n"
+        "       count(*) AS embeddings,\n"
+        "       string_agg(DISTINCT d.name, ', ' ORDER BY d.name) AS datasets,\n"
+        "       string_agg(DISTINCT CAST(e.dim AS VARCHAR), ', ') AS dim,\n"
+        f"       max({num('n_parameters')}) AS n_parameters,\n"
+        f"       sum({num('cells')}) AS cells_embedded,\n"
+        f"       sum({num('wall_s')}) AS embed_s,\n"
+        f"       sum({num('cells')}) / nullif(sum({num('wall_s')}), 0) AS cells_per_s,\n"
+        "       string_agg(DISTINCT coalesce(e.telemetry->>'gpu', e.telemetry->>'device'), ', ') AS device,\n"
+        "       string_agg(DISTINCT e.telemetry->>'precision', ', ') AS precision,\n"
+        f"       max({num('peak_gpu_mem_bytes')}) / 2^30 AS peak_gpu_gib\n"
+        "FROM embeddings e JOIN datasets d USING (dataset_id)\n"
+        "LEFT JOIN adapters a ON e.variant = 'lora:' || a.adapter_id\n"
+        f"{_where(filters.embeddings())}\n"
+        "GROUP BY ALL\n"
+        "ORDER BY e.model, variant, space_id"
+    )
+
+
+def _fit_cost_sql(filters: _Filters) -> str:
+    """Mean fit time per task of each space, label set, split protocol and head (the categories together).
+
+    Cross-data splits have one fold per held-out study, so their k is not a choice: it is left out.
+    """
+    return (
+        f"{_RESULTS_CTE},\n"
+        "t AS (SELECT DISTINCT ON (r.task_id) * FROM r)  -- one row per task\n"
+        "SELECT t.model, t.variant, t.space_id,\n"
+        "       array_to_string(list_sort(list_distinct(flatten(list(string_split(t.datasets, ','))))), ',') AS datasets,\n"
+        "       t.label_set, t.scenario, t.scheme, CASE WHEN t.scenario = 'cross' THEN NULL ELSE t.k END AS k, t.seed,\n"
+        "       t.head, t.head_params,\n"
+        "       count(*) AS tasks, avg(t.n_train) AS n_train, avg(t.fit_seconds) AS fit_s\n"
+        "FROM t\n"
+        f"{_where(filters.results('t'))}\n"
+        "GROUP BY t.model, t.variant, t.space_id, t.label_set, t.scenario, t.scheme,\n"
+        "         CASE WHEN t.scenario = 'cross' THEN NULL ELSE t.k END, t.seed, t.head, t.head_params\n"
+        "ORDER BY t.model, t.variant, t.space_id, t.label_set, list_position(['pooled', 'cross', 'custom'], t.scenario),\n"
+        "         t.scheme, k, t.seed, t.head"
+    ).replace("\n\n", "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the page model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Table:
+    """One table of the page: the SQL that gives it and its result."""
+
+    slug: str
+    sql: str
+    frame: pd.DataFrame
+
+
+@dataclass
+class _Figure:
+    stem: str
+    caption: str
+    files: list[Path]
+
+
+SpaceKey = tuple[str, str, str]
+"""(model, variant, space_id) of an embedding space; the per-fold spaces of a LoRA tuning are one."""
+SeriesKey = tuple[str, str, str, str, str]
+"""A space, plus the label set and the split protocol (empty unless the space has several) of its results."""
+
+
+@dataclass
+class _Context:
+    st: Store
+    out: Path
+    fig_dir: Path
+    filters: _Filters
+    metrics: tuple[str, ...]
+    plot_metrics: tuple[str, ...]
+    formats: tuple[str, ...]
+    dpi: int
+    palette: Palette = field(default_factory=lambda: Palette([]))
+    spaces: dict[SpaceKey, Series] = field(default_factory=dict)
+    """The series of each embedding space (projections, embedding cost)."""
+    raw_space: dict[SpaceKey, SpaceKey] = field(default_factory=dict)
+    """(model, variant, space_id) of a stored embedding -> its space key (a LoRA fold -> its tuning)."""
+    several_protocols: set[tuple[str, ...]] = field(default_factory=set)
+    """(model, variant, space_id, label set, scenario) evaluated with more than one split protocol."""
+    head_label: dict[tuple[str, str], str] = field(default_factory=dict)
+    series_rows: list[dict[str, Any]] = field(default_factory=list)
+    """The legend of the figures: one row per series (label, colour, what it is)."""
+    tables: list[_Table] = field(default_factory=list)
+    figures: list[_Figure] = field(default_factory=list)
+
+    def table(self, slug: str, sql: str) -> _Table:
+        """Run ``sql`` through the read-only user interface (the same path as ``scdm sql``)."""
+        table = _Table(slug, sql, self.st.sql(sql))
+        self.tables.append(table)
+        return table
+
+    def save(self, fig: Any, stem: str, caption: str) -> _Figure:
+        stem = _plots.safe_name(stem)
+        files = _plots.save(fig, self.fig_dir, stem, formats=self.formats, dpi=self.dpi)
+        figure = _Figure(stem, caption, files)
+        self.figures.append(figure)
+        logger.info("report: wrote figure %s", stem)
+        return figure
+
+    def series_key(self, row: Any) -> SeriesKey:
+        """The series of a result row (a mapping with model, variant, space_id, label_set, scenario, scheme, k, seed)."""
+        space = (str(row["model"]), str(row["variant"]), str(row["space_id"]))
+        label_set = "" if _missing(row["label_set"]) else str(row["label_set"])
+        several = row["scenario"] != "cross" and (*space, label_set, str(row["scenario"])) in self.several_protocols
+        protocol = _protocol_text(row["scheme"], row["k"], row["seed"]) if several else ""
+        return (*space, label_set, protocol)
+
+    def series(self, frame: pd.DataFrame) -> list[Series]:
+        """The series present in ``frame`` (after :meth:`with_labels`), in palette (colour group) order."""
+        keys = set(frame["key"])
+        return [s for k, s in self.palette.series.items() if k in keys]
+
+    def with_labels(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Add ``key`` (the series), ``series`` (its legend label) and ``head_label`` to result rows."""
+        out = frame.copy()
+        out["key"] = [self.series_key(row) for row in out.to_dict("records")]
+        out["series"] = [self.palette.series[k].label for k in out["key"]]
+        if "head" in out.columns:
+            params = out["head_params"] if "head_params" in out.columns else pd.Series("", index=out.index)
+            out["head_label"] = [self.head_label.get((str(h), str(p)), str(h)) for h, p in zip(out["head"], params)]
+        return out
+
+    def with_space_labels(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Add ``key`` (the space) and ``series`` (its label) to rows with model, variant, space_id."""
+        out = frame.copy()
+        out["key"] = [(str(m), str(v), str(s)) for m, v, s in zip(out["model"], out["variant"], out["space_id"])]
+        out["series"] = [self.spaces[k].label if k in self.spaces else k[0] for k in out["key"]]
+        return out
+
+
+def _protocol_text(scheme: Any, k: Any, seed: Any) -> str:
+    """A split protocol in words: ``cell k=5 seed 0``; ``study, 3 held out`` for leave-one-study-out."""
+    scheme = "" if _missing(scheme) else str(scheme)
+    if scheme == "study":
+        return "study" + ("" if _missing(k) else f", {int(k)} held out")
+    text = scheme + ("" if _missing(k) else f" k={int(k)}")
+    return text + ("" if _missing(seed) else f" seed {int(seed)}")
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def write_report(
+    store: str | os.PathLike[str] | Store,
+    out_dir: str | os.PathLike[str],
+    *,
+    run_id: str | None = None,
+    models: Iterable[str] | None = None,
+    heads: Iterable[str] | None = None,
+    metrics: Iterable[str] = ("f1", "auroc", "ap", "accuracy"),
+    plot_metrics: Iterable[str] = ("f1", "auroc"),
+    projection: Projection = "auto",
+    max_cells: int = 5000,
+    seed: int = 0,
+    formats: Iterable[str] = ("png", "svg"),
+    dpi: int = 150,
+    title: str = "scdm report",
+) -> Path:
+    """Write an HTML report of the store's evaluations, with PNG/SVG figures, from the catalog alone.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    out_dir : str or path
+        Folder to write into (created): ``index.html``, ``figures/`` (PNG + SVG) and ``tables/``
+        (each table as CSV plus the SQL that produces it). The figures and tables of an earlier
+        report in the same folder are removed first; other files are left alone.
+    run_id : str, optional
+        Only results fitted by this evaluation run (``eval_runs.run_id``). Default: every run.
+    models, heads : iterable of str, optional
+        Only these models / heads (default: all).
+    metrics : iterable of str, default ("f1", "auroc", "ap", "accuracy")
+        Metric columns of the leaderboard tables (see :data:`scdm.classify.metrics.METRICS`).
+    plot_metrics : iterable of str, default ("f1", "auroc")
+        Metrics drawn in the radar and bar figures.
+    projection : {"auto", "umap", "pca", "none"}, default "auto"
+        2-D projection of each embedding space: ``auto`` = UMAP when umap-learn is installed,
+        else the first two principal components (the caption says which); ``none`` skips them.
+    max_cells : int, default 5000
+        Cells per projection: larger spaces are subsampled uniformly at random with ``seed``.
+    seed : int, default 0
+        Seed of the subsample, UMAP and the jitter of per-fold points.
+    formats : iterable of str, default ("png", "svg")
+        Figure formats; the page shows the first and links the others.
+    dpi : int, default 150
+        Resolution of raster formats.
+    title : str, default "scdm report"
+
+    Returns
+    -------
+    Path
+        Path of ``index.html``.
+
+    Raises
+    ------
+    InputDataError
+        On an unknown metric, projection or format, ``max_cells < 10``, or ``projection="umap"``
+        without umap-learn installed.
+
+    Examples
+    --------
+    >>> write_report("scdm-store", "report")  # doctest: +SKIP
+    PosixPath('report/index.html')
+    """
+    from scdm.store import open_store
+
+    st = open_store(store)
+    metric_list, plot_list = _check_metrics(metrics, "metrics"), _check_metrics(plot_metrics, "plot_metrics")
+    format_list = _check_formats(formats)
+    _check_projection(projection, max_cells)
+    out = Path(out_dir)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    (out / "tables").mkdir(exist_ok=True)
+    _remove_earlier_outputs(out)
+    filters = _Filters(run_id, None if models is None else tuple(models), None if heads is None else tuple(heads))
+    ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi)
+    with _plots.style():
+        body = _build_page(ctx, projection=projection, max_cells=max_cells, seed=seed)
+    for table in ctx.tables:
+        table.frame.to_csv(out / "tables" / f"{table.slug}.csv", index=False)
+        (out / "tables" / f"{table.slug}.sql").write_text(table.sql + ";\n")
+    if ctx.series_rows:
+        pd.DataFrame(ctx.series_rows).to_csv(out / "tables" / "figure_series.csv", index=False)
+    index = out / "index.html"
+    index.write_text(_page(title, st, body))
+    logger.info("report: %s (%d figures, %d tables)", index, len(ctx.figures), len(ctx.tables))
+    return index
+
+
+_FIGURE_PREFIXES = ("overview_bars", "radar_", "f1_by_cancer_type_", "projection_", "scalability")
+
+
+def _remove_earlier_outputs(out: Path) -> None:
+    """Delete the figures and tables of an earlier report in ``out`` (and nothing else)."""
+    for path in (out / "figures").iterdir():
+        if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith(_FIGURE_PREFIXES):
+            path.unlink()
+    for path in (out / "tables").iterdir():
+        if path.suffix in (".csv", ".sql"):
+            path.unlink()
+
+
+def _check_metrics(metrics: Iterable[str], name: str) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(metrics))
+    unknown = [m for m in values if m not in METRICS]
+    if unknown or not values:
+        msg = f"{name}={list(values)!r}: unknown or empty; choose from {', '.join(METRICS)}."
+        raise InputDataError(msg)
+    return values
+
+
+def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(f.lower().lstrip(".") for f in formats))
+    allowed = ("png", "svg", "pdf")
+    bad = [f for f in values if f not in allowed]
+    if bad or not values:
+        msg = f"formats={list(values)!r}: choose one or more of {', '.join(allowed)}."
+        raise InputDataError(msg)
+    return values
+
+
+def _check_projection(projection: str, max_cells: int) -> None:
+    if projection not in ("auto", "umap", "pca", "none"):
+        msg = f"projection={projection!r}; choose auto, umap, pca or none."
+        raise InputDataError(msg)
+    if isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 10:
+        msg = f"max_cells={max_cells!r} must be an integer >= 10 (cells drawn per projection)."
+        raise InputDataError(msg)
+    if projection == "umap" and not _umap_available():
+        msg = ("projection='umap' needs umap-learn, which is not installed; `pip install umap-learn`, or use "
+               "projection='pca' (or 'auto', which falls back to PCA).")
+        raise InputDataError(msg)
+
+
+def _umap_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is not None
+
+
+# --------------------------------------------------------------------------------------------
+# page sections
+# --------------------------------------------------------------------------------------------
+def _build_page(ctx: _Context, *, projection: Projection, max_cells: int, seed: int) -> str:
+    st = ctx.st
+    n_datasets = int(st.query("SELECT count(*) AS n FROM datasets")["n"].iloc[0])
+    n_embeddings = int(st.query("SELECT count(*) AS n FROM embeddings WHERE status = 'complete'")["n"].iloc[0])
+    n_results = int(st.query("SELECT count(*) AS n FROM eval_results")["n"].iloc[0])
+    if n_datasets == 0 and n_results == 0:
+        return _next_steps(st, "The store holds no dataset yet.", start="ingest")
+    _register_series(ctx)
+    parts = [_section_datasets(ctx)]
+    if n_embeddings == 0 and n_results == 0:
+        parts.insert(0, _next_steps(st, "The store holds datasets but no complete embedding yet.", start="embed"))
+        return "\n".join(parts)
+    board = ctx.with_labels(st.sql(_figure_data_sql(ctx.filters, ctx.plot_metrics))) if n_results else pd.DataFrame()
+    if n_results == 0 or board.empty:
+        why = ("No evaluation result matches the selection." if n_results else
+               "The store holds embeddings but no evaluation result yet.")
+        parts.insert(0, _next_steps(st, why, start="evaluate"))
+    else:
+        parts += [_section_protocol(ctx), _section_summary(ctx, board), _section_radars(ctx, board),
+                  _section_folds(ctx), _section_leaderboards(ctx)]
+    parts += [_section_projections(ctx, projection=projection, max_cells=max_cells, seed=seed),
+              _section_scalability(ctx)]
+    if n_results:
+        parts.append(_section_skipped(ctx))
+    parts.append(_section_sql_help())
+    return "\n".join(p for p in parts if p)
+
+
+def _next_steps(st: Store, why: str, *, start: str) -> str:
+    root = str(st.root)
+    steps = {
+        "ingest": ("Add a dataset with its drug-response labels and metadata",
+                   f"scdm --store {root} ingest data.h5ad --label-key response --study GSE000000 \\\n"
+                   "    --tissue 'Cell line' --cancer-type Melanoma --drug-type 'Targeted therapy' --regimen PLX-4720"),
+        "embed": ("Embed the cells (baselines run on a CPU; foundation models take a local checkpoint)",
+                  f"scdm --store {root} embed DATASET --model pca --joint\n"
+                  f"scdm --store {root} embed DATASET --model geneformer --checkpoint /path/to/checkpoint"),
+        "evaluate": ("Evaluate the embeddings (pooled k-fold and leave-one-study-out, several heads)",
+                     f"scdm --store {root} evaluate --heads logreg,mlp --folds 10"),
+        "report": ("Write this report again", f"scdm --store {root} report --out report/"),
+    }
+    order = list(steps)
+    return str(_parts().next_steps(why, [steps[k] for k in order[order.index(start):]]))
+
+
+def _register_series(ctx: _Context) -> None:
+    """Give every series a unique legend label and a style: one colour per (model, datasets) group.
+
+    The datasets of a space are those it embeds and those its results cover. A space evaluated
+    with several split protocols (k, seed, scheme) in one scenario, or under several label sets,
+    has one series per protocol and label set: they are never averaged into one line.
+    """
+    spaces = ctx.st.query(_spaces_sql())
+    results = ctx.st.query(_series_sql())
+    results["label_set"] = results["label_set"].astype(object).where(results["label_set"].notna(), "")
+    datasets: dict[SpaceKey, set[str]] = {}
+    for row in spaces.itertuples(index=False):
+        key = (str(row.model), str(row.variant), str(row.space_id))
+        datasets.setdefault(key, set()).add(str(row.dataset))
+        ctx.raw_space[(str(row.model), str(row.raw_variant), str(row.raw_space_id))] = key
+    for row in results.itertuples(index=False):
+        names = [] if _missing(row.datasets) else [d for d in str(row.datasets).split(",") if d]
+        datasets.setdefault((str(row.model), str(row.variant), str(row.space_id)), set()).update(names)
+    group = {key: (key[0], ", ".join(sorted(names))) for key, names in datasets.items()}
+    ctx.palette = Palette(list(group.values()))
+
+    # labels: the datasets where the report covers several collections, the space where one model has
+    # several spaces on the same datasets, the label set and split protocol where they differ
+    several_collections = len({g[1] for g in group.values()}) > 1
+    same = pd.Series([(_base_label(k), group[k][1]) for k in group]).value_counts()
+    space_parts: dict[SpaceKey, list[str]] = {}
+    for key in group:
+        parts = [_short(group[key][1], 40)] if several_collections and group[key][1] else []
+        if same[(_base_label(key), group[key][1])] > 1:
+            parts.append(key[2][:8])
+        space_parts[key] = parts
+
+    pooled = results[results["scenario"] != "cross"].drop_duplicates(
+        ["model", "variant", "space_id", "label_set", "scenario", "scheme", "k", "seed"])
+    counts = pooled.groupby(["model", "variant", "space_id", "label_set", "scenario"]).size()
+    ctx.several_protocols = {tuple(str(v) for v in idx) for idx, n in counts.items() if n > 1}
+    label_sets = results.groupby(["model", "variant", "space_id"])["label_set"].nunique()
+    several_label_sets = {tuple(str(v) for v in idx) for idx, n in label_sets.items() if n > 1}
+    keys = sorted({ctx.series_key(row) for row in results.to_dict("records")},
+                  key=lambda k: (group[k[:3]], k[1] != "frozen", k[1], k[2], k[3], _natural(k[4])))
+    for series_key in keys:
+        space, label_set, protocol = series_key[:3], series_key[3], series_key[4]
+        parts = [*space_parts[space], *([label_set or "no label set"] if space in several_label_sets else []),
+                 *([protocol] if protocol else [])]
+        series = ctx.palette.add(series_key, _label(space, parts), group=group[space], tuned=space[1] != "frozen")
+        ctx.series_rows.append(_series_row(series, space, datasets=group[space][1], label_set=label_set,
+                                           protocol=protocol))
+    # a space is drawn (projections, embedding cost) like its first series, or gets a style of its own
+    for space in sorted(group, key=lambda k: (group[k], k[1] != "frozen", k[1], k[2])):
+        first = next((s for k, s in ctx.palette.series.items() if k[:3] == space and len(k) == 5), None)
+        label = _label(space, space_parts[space])
+        if first is not None:
+            ctx.spaces[space] = replace(first, key=space, label=label)
+        else:
+            ctx.spaces[space] = ctx.palette.add(space, label, group=group[space], tuned=space[1] != "frozen")
+            ctx.series_rows.append(_series_row(ctx.spaces[space], space, datasets=group[space][1], label_set="",
+                                               protocol="(not evaluated)"))
+    labels = [s.label for s in ctx.palette.series.values()]
+    if len(set(labels)) != len(labels):  # cannot happen by construction; two series must never share a legend entry
+        msg = f"report: two figure series got the same label: {sorted(labels)}"
+        raise AssertionError(msg)
+    heads = ctx.st.query("SELECT DISTINCT head, head_params FROM eval_tasks ORDER BY head, head_params")
+    for head, group_ in heads.groupby("head"):
+        for params in group_["head_params"]:
+            ctx.head_label[(str(head), str(params))] = str(head) if len(group_) == 1 else f"{head} {params}"
+
+
+def _natural(text: str) -> tuple[Any, ...]:
+    """Sort key that orders numbers in text by value (k=5 before k=10)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def _base_label(space: SpaceKey) -> str:
+    model, variant, _ = space
+    return model if variant == "frozen" else f"{model} ({_short_variant(variant)})"
+
+
+def _label(space: SpaceKey, parts: Sequence[str]) -> str:
+    return _base_label(space) + (f" [{' · '.join(parts)}]" if parts else "")
+
+
+def _series_row(series: Series, space: SpaceKey, *, datasets: str, label_set: str, protocol: str) -> dict[str, Any]:
+    return {"label": series.label, "color": series.color, "hatch": series.hatch, "model": space[0],
+            "variant": space[1], "space_id": space[2], "datasets": datasets, "label_set": label_set,
+            "protocol": protocol}
+
+
+def _short_variant(variant: str) -> str:
+    kind, _, ident = variant.partition(":")
+    return f"{kind}:{ident[:8]}" if ident else kind
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _strategy(variant: str) -> str:
+    """Training strategy of a variant: ``frozen`` or the fine-tuning kind (``lora``)."""
+    return "frozen" if variant == "frozen" else variant.partition(":")[0]
+
+
+def _strategy_text(strategy: str) -> str:
+    return {"frozen": "frozen embeddings", "lora": "LoRA fine-tuned"}.get(strategy, strategy)
+
+
+# ---- datasets -------------------------------------------------------------------------------
+def _section_datasets(ctx: _Context) -> str:
+    table = ctx.table("datasets", _datasets_sql())
+    columns = [("name", "Dataset", None), ("n_cells", "Cells", _int), ("labelled", "Labelled", _int),
+               ("sensitive", "Sensitive", _int), ("resistant", "Resistant", _int), ("studies", "Studies", _int),
+               ("samples", "Samples", _int), ("tissue", "Tissue", None), ("cancer_type", "Cancer type", None),
+               ("drug_type", "Drug type", None), ("regimen", "Regimen", None)]
+    labels = ctx.table("label_sets", _label_sets_sql())
+    label_columns = [("dataset", "Dataset", None), ("label_set", "Label set", None), ("drug", "Drug", None),
+                     ("label_key", "Label column", None), ("positive", "Sensitive value", None),
+                     ("is_default", "Default", _yes), ("n_labelled", "Labelled", _int),
+                     ("n_sensitive", "Sensitive", _int), ("n_resistant", "Resistant", _int)]
+    body = (_html_table(table, columns, table_id="datasets")
+            + "<h3>Label sets</h3><p>The response labels of a dataset form a named label set; one matrix may "
+            "carry several (<code>scdm ingest ... --label-key COLUMN --drug DRUG</code> adds one). Labelled, "
+            "sensitive and resistant above count the default label set; results of different label sets are "
+            "never averaged together.</p>"
+            + _html_table(labels, label_columns, table_id="label-sets"))
+    return _section("datasets", "Datasets", body)
+
+
+# ---- protocol -------------------------------------------------------------------------------
+def _section_protocol(ctx: _Context) -> str:
+    runs = ctx.table("eval_runs", _runs_sql(ctx.filters))
+    splits = ctx.table("split_schemes", _splits_sql(ctx.filters))
+    in_results = ctx.st.query("SELECT DISTINCT r.scheme FROM eval_results r " + _where(ctx.filters.results())
+                              + " ORDER BY r.scheme")["scheme"]
+    schemes = [s for s in dict.fromkeys([*splits.frame["scheme"], *in_results]) if s in _SCHEME_TEXT]
+    text = "".join(f"<li><b>{html.escape(s)}</b>: {_SCHEME_TEXT[s]}</li>" for s in schemes)
+    warn = ""
+    if "cell" in schemes:
+        warn = ('<p class="warn">Pooled results below use <b>cell-level folds</b>: they can be optimistic where '
+                "labels are constant within samples.</p>")
+    warn += _confounded_html(ctx)
+    run_cols = [("run_id", "Run", None), ("created_at", "Started", _time), ("status", "Status", None),
+                ("split_scheme", "Pooled scheme", None), ("folds", "Folds", None), ("seed", "Seed", None),
+                ("label_set", "Label set", None), ("heads", "Heads", _json_list), ("scenarios", "Scenarios", _json_list),
+                ("n_tasks", "Tasks", _int), ("n_done", "Fitted", _int), ("n_reused", "Reused", _int),
+                ("n_skipped", "Skipped", _int), ("seconds", "Seconds", _num1)]
+    split_cols = [("scenario", "Scenario", None), ("scheme", "Scheme", None), ("folds", "Folds", None),
+                  ("seed", "Seed", None), ("label_sets", "Label sets", None), ("splits", "Splits", _int),
+                  ("skipped_splits", "Skipped splits", _int), ("category_types", "Category types", None)]
+    identity = ("<p>A result is identified by its embedding space, datasets, label set, split (scenario, scheme, "
+                "k folds, seed, category), head and head parameters, and variant. Every table and figure below "
+                "keeps results that differ in any of these apart; a space evaluated with several k or seeds has "
+                "one row (and one figure series) per split.</p>")
+    body = (f"<h3>Split schemes used</h3><ul>{text}</ul>{warn}{identity}{_metric_caveats_html()}"
+            + _html_table(splits, split_cols, table_id="split-schemes")
+            + "<h3>Evaluation runs</h3>" + _html_table(runs, run_cols, table_id="eval-runs"))
+    return _section("protocol", "Evaluation protocol", body)
+
+
+def _confounded_html(ctx: _Context) -> str:
+    """The studies whose labels are constant within each of their samples (cell-level folds can leak them)."""
+    from scdm.store.splits import confounded_studies
+
+    cells = ctx.st.cells()
+    studies = confounded_studies(cells[cells["response"].notna()])
+    if not studies:
+        return ""
+    items = "".join(f"<li><b>{html.escape(study)}</b>: {html.escape(why)}</li>" for study, why in studies.items())
+    return ('<p class="warn">Confounded studies (labels constant within each sample; a head can score by '
+            f"recognising samples): use <code>--split-scheme sample</code> for them.</p><ul id=\"confounded-studies\">{items}</ul>")
+
+
+def _metric_caveats_html() -> str:
+    """Where metrics can mislead (the same notes `scdm results` prints)."""
+    from scdm.classify.results import NOTES
+
+    notes = (NOTES["ami"], NOTES["shuffled-label"], NOTES["single_class"])
+    return "<h3>Reading the metrics</h3><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+
+
+# ---- summary --------------------------------------------------------------------------------
+def _section_summary(ctx: _Context, board: pd.DataFrame) -> str:
+    table = ctx.table("leaderboard_all", _leaderboard_sql(ctx.filters, ctx.metrics, category_type="all"))
+    parts = []
+    if table.frame.empty:
+        parts.append("<p>No result on category <code>all</code> (evaluate with <code>--by all,...</code>); "
+                     "see the per-category tables below.</p>")
+    else:
+        parts.append(_leaderboard_html(ctx, table, table_id="lb-all", first=("scenario", "Scenario")))
+    overall, picked = _one_result_per_point(board[board["category_type"] == "all"],
+                                            ["series", "scenario", "head_label", "metric"])
+    if not overall.empty:
+        scenarios = [s for s in _SCENARIO_ORDER if s in set(overall["scenario"])]
+        heads = sorted(overall["head_label"].unique())
+        frame = overall.rename(columns={"head": "head_name"}).rename(columns={"head_label": "head"})
+        fig = _plots.bars_figure(frame, ctx.series(overall), scenarios=scenarios, metrics=ctx.plot_metrics,
+                                 heads=heads, title="Overall performance (all cells)")
+        caption = ("Mean over folds of " + _metric_names(ctx.plot_metrics) + " on all cells, per series (colour: "
+                   "model and datasets) and classification head; error bars: standard deviation over folds (cross: "
+                   "over held-out studies). Colours are the same in every figure." + _series_note(overall)
+                   + _picked_note(picked))
+        parts.append(_figure_html(ctx.save(fig, "overview_bars", caption)))
+    parts.append(_series_table(ctx))
+    return _section("leaderboard", "Leaderboard: all cells", "".join(parts))
+
+
+def _series_note(frame: pd.DataFrame) -> str:
+    """Caption text for series that are one space under several label sets or split protocols."""
+    keys = set(frame["key"])
+    spaces = pd.Series([k[:3] for k in keys]).value_counts()
+    if not (spaces > 1).any():
+        return ""
+    return (" One embedding space evaluated under several label sets or split protocols (k, seed) is drawn as "
+            "several series (named in brackets), never averaged.")
+
+
+def _one_result_per_point(frame: pd.DataFrame, point: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Keep one result per figure point; name the ones left out.
+
+    A point (series, scenario, category, head, metric) has one result unless its space, label set
+    and split protocol were evaluated on several dataset collections (e.g. category ``all`` before
+    and after a dataset joined the space). Then the result covering the most datasets is drawn,
+    never an average of them, and the caption says so (the tables show all of them).
+    """
+    if frame.empty:
+        return frame, []
+    f = frame.assign(_datasets=frame["datasets"].astype(object).where(frame["datasets"].notna(), ""))
+    f["_n"] = [len([d for d in str(x).split(",") if d]) for x in f["_datasets"]]
+    f["_split"] = f["split_id"].astype(str)
+    ranked = f.sort_values(["_n", "_datasets", "_split"], ascending=[False, True, True], kind="stable")
+    chosen = ranked.drop_duplicates(list(point))[[*point, "_datasets", "_split"]].assign(_keep=True)
+    merged = f.merge(chosen, on=[*point, "_datasets", "_split"], how="left")
+    kept = merged[merged["_keep"].eq(True)]
+    dropped = merged[~merged["_keep"].eq(True)]
+    notes = []
+    for (series, category), group in dropped.groupby(["series", "category"], sort=True):
+        drawn = kept[(kept["series"] == series) & (kept["category"] == category)]["_datasets"].iloc[0]
+        other = ", ".join(sorted(set(group["_datasets"])))
+        notes.append(f"{series} on {category}: drawn on datasets {drawn}; not drawn: {other}")
+    return kept.drop(columns=["_datasets", "_n", "_split", "_keep"]).reset_index(drop=True), notes
+
+
+def _picked_note(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    shown = "; ".join(html.escape(n) for n in notes[:6]) + (f"; and {len(notes) - 6} more" if len(notes) > 6 else "")
+    return (" <b>Several dataset collections for one series:</b> where one series has results on several "
+            "dataset collections for one bar or point, the result covering the most datasets is drawn (never an "
+            f"average; the tables show all): {shown}.")
+
+
+def _series_table(ctx: _Context) -> str:
+    """The legend of every figure: each series with its colour and what it is."""
+    if not ctx.series_rows:
+        return ""
+    rows = []
+    for r in ctx.series_rows:
+        swatch = (f"<span class='swatch' style='background:{html.escape(r['color'])}'></span>"
+                  f"<code>{html.escape(r['color'])}</code>{' ' + html.escape(r['hatch']) if r['hatch'] else ''}")
+        data = " ".join(f'data-{k.replace("_", "-")}="{html.escape(str(v))}"' for k, v in r.items())
+        cells = [swatch, *(html.escape(str(r[k])) for k in ("label", "model", "variant", "space_id", "datasets",
+                                                              "label_set", "protocol"))]
+        rows.append(f"<tr {data}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("Colour / hatch", "Series", "Model", "Variant", "Space", "Datasets",
+                                              "Label set", "Split protocol"))
+    return ("<h3>Series of the figures</h3><p class='note'>One colour per model and dataset collection; series of "
+            "one colour (LoRA variants, other spaces on the same datasets, other label sets or splits) differ by "
+            "hatch and line style. Also in <a href='tables/figure_series.csv'>tables/figure_series.csv</a>.</p>"
+            f"<table id='figure-series' class='board'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
+            "</tbody></table>")
+
+
+# ---- radars ---------------------------------------------------------------------------------
+def _section_radars(ctx: _Context, board: pd.DataFrame) -> str:
+    frame = _drop_baseline_heads(board[board["category_type"].isin(_RADAR_TYPES)]).copy()
+    if frame.empty:
+        return _section("categories", "Performance across categories",
+                        "<p>No per-category result (evaluate with <code>--by tissue,cancer_type,drug_type,regimen</code>).</p>")
+    frame["strategy"] = frame["variant"].map(_strategy)
+    parts = ["<p>One figure per scenario, training strategy and head: mean "
+             + _metric_names(ctx.plot_metrics) + " over folds per category, one line per series "
+             "(the scDrugMap paper's Fig. 2, 3 and 6). Reference heads that ignore the embedding (majority, "
+             "shuffled-label) are in the tables only.</p>"]
+    for scenario in [s for s in _SCENARIO_ORDER if s in set(frame["scenario"])]:
+        for strategy in sorted(frame.loc[frame["scenario"] == scenario, "strategy"].unique(), key=lambda s: s != "frozen"):
+            sub = frame[(frame["scenario"] == scenario) & (frame["strategy"] == strategy)]
+            for head in sorted(sub["head_label"].unique()):
+                panel, picked = _one_result_per_point(sub[sub["head_label"] == head],
+                                                      ["series", "category_type", "category", "metric"])
+                types = [t for t in _RADAR_TYPES if t in set(panel["category_type"])]
+                title = f"{scenario} · {_strategy_text(strategy)} · head {head}"
+                fig, fallbacks = _plots.radar_figure(panel, ctx.series(panel), metrics=ctx.plot_metrics,
+                                                     category_types=types, title=title)
+                caption = (f"{scenario.capitalize()} scenario, {_strategy_text(strategy)}, head <b>{html.escape(head)}</b>: "
+                           f"mean {_metric_names(ctx.plot_metrics)} over folds per category (radius 0 to 1).")
+                if fallbacks:
+                    caption += (" A radar needs at least 3 axes, so these are drawn as bar charts instead (error "
+                                "bars: sd over folds): " + ", ".join(html.escape(f) for f in fallbacks) + ".")
+                if scenario == "cross":
+                    caption += " Categories with a single study cannot be held out and are absent (see Skipped tasks)."
+                caption += _series_note(panel) + _picked_note(picked)
+                parts.append(_figure_html(ctx.save(fig, f"radar_{scenario}_{strategy}_{head}", caption)))
+    parts.append(_sql_html(_figure_data_sql(ctx.filters, ctx.plot_metrics), "Data of these figures"))
+    return _section("categories", "Performance across categories", "".join(parts))
+
+
+def _drop_baseline_heads(frame: pd.DataFrame) -> pd.DataFrame:
+    """Leave out reference heads (majority class, shuffled labels) when a real head is there."""
+    real = ~frame["head"].isin(_BASELINE_HEADS)
+    return frame[real] if real.any() else frame
+
+
+# ---- per-fold F1 across cancer types --------------------------------------------------------
+def _section_folds(ctx: _Context) -> str:
+    metric = "f1"
+    sql = _fold_values_sql(ctx.filters, metric, "cancer_type")
+    folds = ctx.st.sql(sql)
+    if folds.empty:
+        return ""
+    folds = _drop_baseline_heads(ctx.with_labels(folds))
+    parts = []
+    for scenario in [s for s in _SCENARIO_ORDER if s in set(folds["scenario"])]:
+        sub, picked = _one_result_per_point(folds[folds["scenario"] == scenario], ["series", "category", "head_label"])
+        sub = sub.rename(columns={"head": "head_name"}).rename(columns={"head_label": "head"})
+        heads = sorted(sub["head"].unique())
+        unit = "held-out study" if scenario == "cross" else "fold"
+        fig = _plots.folds_figure(sub, ctx.series(sub), heads=heads, metric=metric,
+                                  title=f"{scenario}: F1 per {unit} across cancer types")
+        n_null = int(sub["value"].isna().sum())
+        caption = (f"{scenario.capitalize()} scenario: F1 of every {unit} (points) and their distribution (boxes: "
+                   "quartiles, whiskers 1.5 IQR) per cancer type, one box per series.")
+        if n_null:
+            caption += f" {n_null} fold values where F1 is undefined are not drawn."
+        caption += _series_note(sub) + _picked_note(picked)
+        parts.append(_figure_html(ctx.save(fig, f"f1_by_cancer_type_{scenario}", caption)))
+    parts.append(_sql_html(sql, "Data of these figures"))
+    return _section("folds", "Per-fold F1 across cancer types", "".join(parts))
+
+
+# ---- leaderboards per category type ---------------------------------------------------------
+def _section_leaderboards(ctx: _Context) -> str:
+    combos = ctx.st.query("SELECT DISTINCT r.scenario, r.category_type FROM eval_results r "
+                          + _where(ctx.filters.results()))
+    parts = ["<p>Mean ± standard deviation over folds, one row per result (datasets, label set, split, model, "
+             "head): results of different splits, label sets or datasets are never averaged together. "
+             "<b>Bold</b>: best model on the same split (same cells, label set, k and seed) and head. "
+             "<sup>*</sup> (n=…): the metric is undefined on some folds (a test fold holding one class): the mean is "
+             "over the n folds where it is defined, never counting them as 0. Folds: done / expected; "
+             "<b>incomplete</b> rows miss folds (run <code>scdm evaluate</code> again to finish them).</p>"]
+    order = {s: i for i, s in enumerate(_SCENARIO_ORDER)}
+    ct_order = {c: i for i, c in enumerate(_CATEGORY_ORDER)}
+    combos = combos.assign(o1=combos["scenario"].map(order).fillna(9), o2=combos["category_type"].map(ct_order).fillna(9))
+    for _, row in combos.sort_values(["o1", "o2"]).iterrows():
+        scenario, ct = str(row["scenario"]), str(row["category_type"])
+        if ct == "all":
+            continue  # shown at the top
+        table = ctx.table(f"leaderboard_{scenario}_{ct}",
+                          _leaderboard_sql(ctx.filters, ctx.metrics, scenario=scenario, category_type=ct))
+        if table.frame.empty:
+            continue
+        label = f"{scenario} · {CATEGORY_LABELS.get(ct, ct).lower()}"
+        n_cat = table.frame["category"].nunique()
+        parts.append(f'<details open><summary><b>{html.escape(label)}</b> ({n_cat} categor{"y" if n_cat == 1 else "ies"})'
+                     f"</summary>{_leaderboard_html(ctx, table, table_id=f'lb-{scenario}-{ct}', first=('category', CATEGORY_LABELS.get(ct, ct)))}"
+                     "</details>")
+    return _section("tables", "Leaderboard tables per category", "".join(parts))
+
+
+def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tuple[str, str]) -> str:
+    frame = ctx.with_labels(table.frame)
+    metrics = ctx.metrics
+    group_col = first[0]
+    # "best" only means something against another model on the same cells, labels and folds
+    best: dict[tuple[Any, ...], dict[str, float]] = {}
+    for keys, group in frame.groupby([group_col, "split_id", "head_label"], dropna=False):
+        if len(group) > 1:
+            best[keys] = {m: group[f"{m}_mean"].max() for m in metrics}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in
+                   [first[1], "Datasets", "Label set", "Split", "Model", "Head", "Folds",
+                    *[METRIC_LABELS.get(m, m) for m in metrics], "Test cells"])
+    rows = []
+    for _, r in frame.iterrows():
+        done = int(r["folds_done"])
+        expected = None if _missing(r["folds_expected"]) else int(r["folds_expected"])
+        complete = bool(r["complete"])
+        attrs = {"scenario": r["scenario"], "category-type": r["category_type"], "category": r["category"],
+                 "model": r["model"], "variant": r["variant"], "space": r["space_id"], "head": r["head"],
+                 "head-params": r["head_params"], "datasets": _text(r["datasets"]), "label-set": _text(r["label_set"]),
+                 "split": r["split_id"], "scheme": r["scheme"], "k": _text(r["k"], integer=True),
+                 "seed": _text(r["seed"], integer=True), "folds-done": done,
+                 "folds-expected": "" if expected is None else expected, "complete": str(complete).lower()}
+        folds = f"{done}/{expected}" if expected is not None else str(done)
+        if not complete:
+            folds += " <b>incomplete</b>"
+        cells = [f"<td>{html.escape(str(r[group_col]))}</td>",
+                 f"<td>{html.escape(_text(r['datasets']).replace(',', ', '))}</td>",
+                 f"<td>{html.escape(_text(r['label_set']))}</td>",
+                 f"<td>{html.escape(_protocol_text(r['scheme'], r['k'], r['seed']))}</td>",
+                 f"<td>{html.escape(r['series'])}</td>",
+                 f"<td>{html.escape(r['head_label'])}</td>", f"<td class='num' data-folds>{folds}</td>"]
+        for m in metrics:
+            mean, sd, n = r[f"{m}_mean"], r[f"{m}_sd"], int(r[f"{m}_n"])
+            text = _mean_sd(mean, sd)
+            if pd.notna(mean) and n < done:
+                text += f"<sup>*</sup> (n={n})"
+            top = pd.notna(mean) and mean == best.get((r[group_col], r["split_id"], r["head_label"]), {}).get(m)
+            cls = "num best" if top else "num"
+            cells.append(f"<td class='{cls}' data-metric='{m}' data-n='{n}'>{text}</td>")
+        cells.append(f"<td class='num'>{_int(r['n_test'])}</td>")
+        data = " ".join(f'data-{k}="{html.escape(str(v))}"' for k, v in attrs.items())
+        css = "" if complete else " class='incomplete'"
+        rows.append(f"<tr{css} {data}>{''.join(cells)}</tr>")
+    scheme = ", ".join(sorted(frame["scheme"].astype(str).unique()))
+    n_incomplete = int((~frame["complete"].astype(bool)).sum())
+    note = f"Split scheme: {html.escape(scheme)}."
+    if n_incomplete:
+        note += (f" <b>{n_incomplete} incomplete result{'s' if n_incomplete > 1 else ''}</b> (folds missing): "
+                 "run <code>scdm evaluate</code> again with the same options to finish them.")
+    return (f'<table id="{html.escape(table_id)}" class="board"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table><p class='note'>{note}</p>"
+            + _sql_html(table.sql, "SQL", csv=table.slug))
+
+
+def _text(value: Any, *, integer: bool = False) -> str:
+    if _missing(value):
+        return ""
+    return str(int(value)) if integer else str(value)
+
+
+# ---- projections ----------------------------------------------------------------------------
+def _section_projections(ctx: _Context, *, projection: Projection, max_cells: int, seed: int) -> str:
+    if projection == "none":
+        return ""
+    spaces = ctx.st.query(
+        "SELECT e.space_id, e.model, e.variant, e.embedding_id, e.dataset_id, d.name AS dataset_name, e.n_cells, e.dim "
+        "FROM embeddings e JOIN datasets d USING (dataset_id) "
+        "WHERE e.status = 'complete'" + ("" if ctx.filters.models is None else " AND list_contains(?, e.model)")
+        + " ORDER BY e.model, e.variant, e.space_id, d.name",
+        None if ctx.filters.models is None else [list(ctx.filters.models)])
+    if spaces.empty:
+        return ""
+    method = "umap" if projection in ("auto", "umap") and _umap_available() else "pca"
+    parts = []
+    if projection == "auto" and method == "pca":
+        parts.append("<p class='warn'>umap-learn is not installed: the projections are the first two principal "
+                     "components (PCA) instead of UMAP. <code>pip install umap-learn</code> for UMAP.</p>")
+    categories = ctx.st.query("SELECT DISTINCT cancer_type, study FROM cells")
+    cancer_colors = _plots.category_colors(categories["cancer_type"].dropna())
+    study_colors = _plots.category_colors(categories["study"].dropna())
+    for space_id, group in spaces.groupby("space_id", sort=False):
+        # One embedding per dataset in a space (the newest if a dataset has several).
+        group = group.drop_duplicates("dataset_id", keep="last")
+        parts.append(_projection_figure(ctx, group, method=method, max_cells=max_cells, seed=seed,
+                                        colors={"response_text": _plots.RESPONSE_COLORS, "cancer_type": cancer_colors,
+                                                "study": study_colors}))
+    name = "UMAP" if method == "umap" else "PCA"
+    intro = (f"<p>{name} of each embedding space (datasets embedded in one space are drawn together), coloured by "
+             "response, cancer type and study (the scDrugMap paper's Fig. 4). A separation by study rather than by "
+             "response points to batch effects.</p>")
+    return _section("projections", "Embeddings", intro + "".join(parts))
+
+
+def _projection_figure(ctx: _Context, group: pd.DataFrame, *, method: str, max_cells: int, seed: int,
+                       colors: dict[str, dict[str, str]]) -> str:
+    first = group.iloc[0]
+    raw = (str(first["model"]), str(first["variant"]), str(first["space_id"]))
+    series = ctx.spaces.get(ctx.raw_space.get(raw, raw))
+    label = series.label if series else str(first["model"])
+    sizes = group["n_cells"].to_numpy(np.int64)
+    total = int(sizes.sum())
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(total, size=max_cells, replace=False)) if total > max_cells else np.arange(total)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    blocks, frames = [], []
+    for i, row in enumerate(group.itertuples()):
+        rows = picked[(picked >= offsets[i]) & (picked < offsets[i + 1])] - offsets[i]
+        if rows.size == 0:
+            continue
+        blocks.append(ctx.st.read_embedding(row.embedding_id, rows=rows))
+        cells = ctx.st.cells([row.dataset_name]).set_index("row").loc[rows].reset_index()
+        frames.append(cells)
+    X = np.vstack(blocks).astype(np.float32)
+    cells = pd.concat(frames, ignore_index=True)
+    cells["response_text"] = cells["response"].map({1: "sensitive", 0: "resistant"}).astype(object)
+    cells.loc[cells["response"].isna(), "response_text"] = None
+    if not np.isfinite(X).all():
+        return (f"<p class='warn'>{html.escape(label)}: the embedding holds NaN or inf values and cannot be "
+                "projected; recompute it.</p>")
+    logger.info("report: %s projection of %d cells of %s (%d dims)", method.upper(), len(X), label, X.shape[1])
+    coords, axis_name, how = _project(X, method=method, seed=seed)
+    datasets = ", ".join(group["dataset_name"])
+    fig = _plots.projection_figure(coords, cells, panels=[("response_text", "response"),
+                                                          ("cancer_type", "cancer type"), ("study", "study")],
+                                   colors=colors, title=f"{label} ({X.shape[1]} dims; {datasets})",
+                                   axis_name=axis_name)
+    subsample = (f"{len(X):,} of {total:,} cells (uniform random subsample, seed {seed})" if total > len(X)
+                 else f"all {total:,} cells")
+    caption = (f"<b>{html.escape(label)}</b> (space <code>{html.escape(str(first['space_id']))}</code>, "
+               f"datasets {html.escape(datasets)}): {how} of {subsample}.")
+    if cells["response"].isna().any() or cells["cancer_type"].isna().any() or cells["study"].isna().any():
+        caption += " Grey: unknown (no label or no metadata)."
+    stem = f"projection_{first['model']}_{_strategy(str(first['variant']))}_{str(first['space_id'])[:8]}"
+    return _figure_html(ctx.save(fig, stem, caption))
+
+
+def _project(X: np.ndarray, *, method: str, seed: int) -> tuple[np.ndarray, str, str]:
+    """2-D coordinates of the rows of ``X``, the axis name and a caption fragment saying how."""
+    from sklearn.decomposition import PCA
+
+    n, dim = X.shape
+    if n < 3 or dim < 2:
+        coords = np.zeros((n, 2), np.float32)
+        coords[:, : min(dim, 2)] = X[:, : min(dim, 2)]
+        return coords, "dim", "the raw embedding coordinates (too few cells or dimensions to project)"
+    if method == "umap" and n >= 30:
+        import umap
+
+        reduced, pre = X, ""
+        if dim > _UMAP_MAX_DIM:
+            reduced = PCA(_UMAP_MAX_DIM, svd_solver="randomized", random_state=seed).fit_transform(X)
+            pre = f"; the {dim} dims were first reduced to {_UMAP_MAX_DIM} principal components"
+        n_neighbors = min(15, n - 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism
+            model = umap.UMAP(n_neighbors=n_neighbors, min_dist=0.3, random_state=seed, n_epochs=200)
+            coords = model.fit_transform(reduced)
+        return (np.asarray(coords, np.float32), "UMAP",
+                f"UMAP (umap-learn, n_neighbors={n_neighbors}, min_dist=0.3, seed {seed}{pre})")
+    pca = PCA(2, random_state=seed).fit(X)
+    ratio = pca.explained_variance_ratio_
+    why = " (UMAP needs at least 30 cells)" if method == "umap" else ""
+    return (pca.transform(X).astype(np.float32), "PC",
+            f"PCA, first two components ({ratio[0]:.0%} and {ratio[1]:.0%} of the variance){why}")
+
+
+# ---- scalability ----------------------------------------------------------------------------
+def _section_scalability(ctx: _Context) -> str:
+    embed = ctx.table("scalability_embed", _embed_cost_sql(ctx.filters))
+    fit = ctx.table("scalability_fit", _fit_cost_sql(ctx.filters))
+    if embed.frame.empty and fit.frame.empty:
+        return ""
+    e = ctx.with_space_labels(embed.frame)
+    f = ctx.with_labels(fit.frame) if not fit.frame.empty else fit.frame
+    embed_series = [ctx.spaces[k] for k in ctx.spaces if k in set(e["key"])]
+    parts = []
+    if not e.empty:
+        parts += [_embed_cost_table(e, embed_series), _sql_html(embed.sql, "SQL (embedding cost)", csv=embed.slug)]
+    if not f.empty:
+        parts += [_fit_cost_table(f), _sql_html(fit.sql, "SQL (head fit time)", csv=fit.slug)]
+    has_embed = bool(e["cells_per_s"].notna().any()) if not e.empty else False
+    # the figure shows one scenario, so that no bar averages fit times of different splits
+    scenario = next((s for s in _SCENARIO_ORDER if not f.empty and s in set(f["scenario"])), None)
+    shown = f[f["scenario"] == scenario] if scenario is not None else f
+    has_fit = bool(shown["fit_s"].notna().any()) if not shown.empty else False
+    if has_embed or has_fit:
+        fit_plot = (shown.drop(columns="head").rename(columns={"head_label": "head"})[["series", "head", "fit_s"]]
+                    if not shown.empty else pd.DataFrame(columns=["series", "head", "fit_s"]))
+        fig = _plots.scalability_figure(e[["series", "cells_per_s"]], fit_plot, embed_series,
+                                        ctx.series(shown) if not shown.empty else [], title="Computational cost")
+        panels = [p for p, on in (("embedding throughput per embedding space (cells/s; the device is in the table)",
+                                   has_embed),
+                                  (f"mean head fit time per task of the {scenario} scenario (all its categories; "
+                                   "the table has every scenario)", has_fit)) if on]
+        caption = "Computational cost, log scale: " + "; ".join(panels) + ". The scDrugMap paper's Fig. 7."
+        parts.append(_figure_html(ctx.save(fig, "scalability", caption)))
+    return _section("scalability", "Computational scalability", "".join(parts))
+
+
+def _embed_cost_table(e: pd.DataFrame, series: list[Series]) -> str:
+    """One row per embedding space: the telemetry of its embeddings."""
+    header = ["Model", "Datasets", "Parameters", "Output dim", "Cells embedded", "Embed cells/s", "Device",
+              "Precision", "Peak GPU GiB"]
+    numeric = [False, False, True, True, True, True, False, False, True]
+    by_key = dict(zip(e["key"], e.to_dict("records")))
+    rows = []
+    for s in series:
+        r = by_key[s.key]
+        cells = [s.label, r.get("datasets") or "", _params(r.get("n_parameters")), r.get("dim") or "",
+                 _int(r.get("cells_embedded")), _num1(r.get("cells_per_s")), r.get("device") or "",
+                 r.get("precision") or "", _num2(r.get("peak_gpu_gib"))]
+        data = f'data-space="{html.escape(s.key[2])}" data-model="{html.escape(s.key[0])}"'
+        rows.append(f"<tr {data}>" + "".join(f"<td{' class=num' if num else ''}>{html.escape(str(v))}</td>"
+                                             for num, v in zip(numeric, cells)) + "</tr>")
+    head_html = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    return (f"<table id='scalability' class='board'><thead><tr>{head_html}</tr></thead><tbody>{''.join(rows)}"
+            "</tbody></table><p class='note'>Parameters: weights of the network (— for the pca/hvg baselines, which "
+            "have none). Embed cells/s: cells embedded / wall time of the embedding runs (telemetry).</p>")
+
+
+def _fit_cost_table(f: pd.DataFrame) -> str:
+    """One row per space, label set, scenario, split protocol and head: mean fit time per task."""
+    header = ["Series", "Datasets", "Label set", "Scenario", "Split", "Head", "Tasks", "Train cells", "Fit s/task"]
+    numeric = [False, False, False, False, False, False, True, True, True]
+    rows = []
+    for r in f.to_dict("records"):
+        cells = [r["series"], _text(r["datasets"]).replace(",", ", "), _text(r["label_set"]), r["scenario"],
+                 _protocol_text(r["scheme"], r["k"], r["seed"]), r["head_label"], _int(r["tasks"]),
+                 _int(r["n_train"]), _seconds(r["fit_s"])]
+        rows.append("<tr>" + "".join(f"<td{' class=num' if num else ''}>{html.escape(str(v))}</td>"
+                                     for num, v in zip(numeric, cells)) + "</tr>")
+    head_html = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    return (f"<h3>Head fit time</h3><table id='fit-time' class='board'><thead><tr>{head_html}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table><p class='note'>Mean head fit time per task (one fold of one "
+            "category; eval_tasks.fit_seconds) and mean training cells, per series, scenario, split and head.</p>")
+
+
+# ---- skipped ----------------------------------------------------------------------------------
+def _section_skipped(ctx: _Context) -> str:
+    table = ctx.table("skipped_tasks", _skipped_sql(ctx.filters))
+    if table.frame.empty:
+        body = "<p>No task was skipped.</p>" + _sql_html(table.sql, "SQL")
+    else:
+        columns = [("scenario", "Scenario", None), ("datasets", "Datasets", None), ("label_set", "Label set", None),
+                   ("category_type", "Category type", None),
+                   ("category", "Category", None), ("fold", "Fold", _fold), ("held_out", "Held-out study", None),
+                   ("reason", "Reason", None), ("spaces", "Spaces", _int), ("heads", "Heads", None)]
+        body = ("<p>Tasks that were not fitted, and why. They are left out of the tables and figures above, never "
+                "counted as zeros.</p>" + _html_table(table, columns, table_id="skipped"))
+    return _section("skipped", "Skipped tasks", body)
+
+
+def _section_sql_help() -> str:
+    return _section("sql", "Asking your own questions",
+                    "<p>Every table above is a query over the catalog. Run them, or your own, with "
+                    "<code>scdm sql \"SELECT ...\"</code> or any DuckDB client opened on "
+                    "<code>catalog.duckdb</code> (read-only). The queries and results are also in "
+                    "<code>tables/</code> next to this page.</p>")
+
+
+# --------------------------------------------------------------------------------------------
+# HTML helpers: the page skeleton and its building blocks are Jinja2 templates (autoescaped) in
+# scdm.classify/templates/; the functions below hand them text, or markup built from escaped parts.
+# --------------------------------------------------------------------------------------------
+@functools.cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("scdm.classify", "templates"), autoescape=True,
+                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+
+
+def _parts() -> Any:
+    """The macros of ``report_parts.html`` (section, sql, figure, table, next_steps)."""
+    return _templates().get_template("report_parts.html").module
+
+
+_NAV = [("datasets", "Datasets"), ("protocol", "Protocol"), ("leaderboard", "Leaderboard"),
+        ("categories", "Categories"), ("folds", "Per fold"), ("tables", "Tables"), ("projections", "Embeddings"),
+        ("scalability", "Scalability"), ("skipped", "Skipped")]
+
+
+def _page(title: str, st: Store, body: str) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    nav = [(anchor, label) for anchor, label in _NAV if f'id="{anchor}"' in body]
+    return _templates().get_template("report.html").render(
+        title=title, store=str(st.root), generated=now, version=_version(), nav=nav, body=Markup(body))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scdm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return str(_parts().section(anchor, title, Markup(body)))
+
+
+def _sql_html(sql: str, label: str, *, csv: str | None = None) -> str:
+    return str(_parts().sql(sql, label, csv=csv))
+
+
+def _figure_html(figure: _Figure) -> str:
+    files = [{"name": p.name, "kind": p.suffix[1:].upper()} for p in figure.files]
+    return str(_parts().figure(figure.stem, Markup(figure.caption), files))
+
+
+Formatter = Callable[[Any], str] | None
+
+
+def _html_table(table: _Table, columns: Sequence[tuple[str, str, Formatter]], *, table_id: str) -> str:
+    rows = []
+    for record in table.frame.to_dict("records"):
+        cells = []
+        for col, _, fmt in columns:
+            value = record.get(col)
+            text = fmt(value) if fmt is not None else ("" if _missing(value) else str(value))
+            cells.append((fmt in (_int, _num1, _num2, _seconds, _fold), text))
+        rows.append(cells)
+    return str(_parts().table(table_id, [h for _, h, _ in columns], rows, table.sql, table.slug))
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _mean_sd(mean: Any, sd: Any, digits: int = 3) -> str:
+    if _missing(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" + ("" if _missing(sd) else f" ± {sd:.{digits}f}")
+
+
+def _int(value: Any) -> str:
+    return "" if _missing(value) else f"{int(value):,}"
+
+
+def _num1(value: Any) -> str:
+    return "" if _missing(value) else f"{float(value):,.1f}"
+
+
+def _num2(value: Any) -> str:
+    return "" if _missing(value) else f"{float(value):.2f}"
+
+
+def _seconds(value: Any) -> str:
+    if _missing(value):
+        return ""
+    v = float(value)
+    return f"{v:.2g}" if v < 0.1 else f"{v:.2f}"
+
+
+def _params(value: Any) -> str:
+    if _missing(value):
+        return "—"
+    v = float(value)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.1f}{unit}"
+    return f"{int(v)}"
+
+
+def _yes(value: Any) -> str:
+    return "" if _missing(value) else ("yes" if bool(value) else "")
+
+
+def _fold(value: Any) -> str:
+    return "all" if _missing(value) else str(int(value))
+
+
+def _time(value: Any) -> str:
+    return "" if _missing(value) else str(value)[:19]
+
+
+def _json_list(value: Any) -> str:
+    if _missing(value):
+        return ""
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return ", ".join(map(str, parsed)) if isinstance(parsed, list) else str(parsed)
+
+
+def _metric_names(metrics: Sequence[str]) -> str:
+    names = [METRIC_LABELS.get(m, m) for m in metrics]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

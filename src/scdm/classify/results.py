@@ -1,0 +1,262 @@
+"""The leaderboard: mean +- sd of every metric per model x head x scenario x category.
+
+Built from ``eval_results`` (long format) with one SQL aggregate, so the same numbers can be had
+from any DuckDB client. NULL metric values (undefined on a fold, e.g. AUROC on a single-class
+test fold) are left out of the mean and counted in ``n_null``; they are never averaged as zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from scdm.classify.metrics import METRICS
+from scdm.store.errors import InputDataError
+
+if TYPE_CHECKING:
+    from scdm.store import Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "ROW_KEYS", "format_leaderboard", "leaderboard", "leaderboard_notes", "wide_leaderboard",
+           "with_signed_partner"]
+
+LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
+                                     "scheme", "k", "seed", "category_type", "category", "head", "head_params")
+"""The result identity: one leaderboard row per value of these (besides the metric). Results of
+different embedding spaces, datasets, label sets, splits (scenario, scheme, k, seed) or head
+parameters are never averaged together."""
+
+
+def leaderboard(
+    store: str | os.PathLike[str] | Store,
+    *,
+    metrics: Iterable[str] | None = None,
+    models: Iterable[str] | None = None,
+    heads: Iterable[str] | None = None,
+    scenarios: Iterable[str] | None = None,
+    category_types: Iterable[str] | None = None,
+    scheme: str | None = None,
+    run_id: str | None = None,
+    datasets: Iterable[str] | None = None,
+    label_sets: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Mean and standard deviation over the folds of one result, per result identity (long format).
+
+    A result is identified by :data:`LEADERBOARD_KEYS`: the embedding space, the datasets, the label
+    set, the split (scenario, scheme, k folds, seed, category) and the head with its parameters.
+    The folds of one LoRA tuning (one adapter per fold, each a space of its own) form one result.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    metrics, models, heads, scenarios, category_types : iterable of str, optional
+        Keep only these (default: all).
+    scheme : {"cell", "sample", "study", "custom"}, optional
+        Keep one split scheme (the pooled scheme must always be reported with the numbers).
+    run_id : str, optional
+        Only tasks fitted by this run.
+    datasets : iterable of str, optional
+        Keep results whose datasets (comma-separated names, as in the ``datasets`` column) are one of these.
+    label_sets : iterable of str, optional
+        Keep results of these label sets.
+
+    Returns
+    -------
+    DataFrame
+        Columns :data:`LEADERBOARD_KEYS`, ``metric``, ``mean``, ``sd`` (sample sd over folds; NULL
+        with one fold), ``n_folds`` (folds where the metric has a value: the n of this mean),
+        ``n_null`` (folds where it is undefined), ``n_test`` (test cells, all folds),
+        ``folds_done`` (folds with a result), ``folds_expected`` (evaluable folds of the split) and
+        ``complete`` (every evaluable fold has a result; an interrupted run is resumed by running
+        ``scdm evaluate`` again). Sorted by scenario, category type, category, metric and
+        descending mean.
+    """
+    from scdm.store import open_store
+
+    st = open_store(store)
+    metric_list = list(metrics) if metrics is not None else list(METRICS)
+    unknown = [m for m in metric_list if m not in METRICS]
+    if unknown:
+        msg = f"Unknown metric {unknown}; choose from {', '.join(METRICS)}."
+        raise InputDataError(msg)
+    where: list[str] = ["list_contains(?, r.metric)"]
+    args: list[Any] = [metric_list]
+    for column, values in (("model", models), ("head", heads), ("scenario", scenarios), ("category_type", category_types),
+                           ("datasets", datasets), ("label_set", label_sets)):
+        if values is not None:
+            where.append(f"list_contains(?, r.{column})")
+            args.append(list(values))
+    if scheme is not None:
+        where.append("r.scheme = ?")
+        args.append(scheme)
+    if run_id is not None:
+        where.append("r.run_id = ?")
+        args.append(run_id)
+    keys = ", ".join(f"r.{k}" for k in LEADERBOARD_KEYS)
+    sql = f"""
+        WITH r AS (
+            -- each fold's LoRA variant is a space of its own: group the folds of one tuning setting
+            SELECT x.* EXCLUDE (n_folds) REPLACE (COALESCE('lora:' || a.tuning_id, x.variant) AS variant,
+                                                   COALESCE('lora:' || a.tuning_id, x.space_id) AS space_id),
+                   x.n_folds AS k
+            FROM results x
+            LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id
+        ),
+        expected AS (
+            SELECT split_id, count(*) FILTER (WHERE status = 'ok') AS folds_expected FROM split_folds GROUP BY split_id
+        ),
+        g AS (
+            SELECT {keys}, r.metric,
+                   avg(r.value) AS mean, stddev_samp(r.value) AS sd,
+                   count(r.value) AS n_folds, count(*) - count(r.value) AS n_null, sum(r.n_test) AS n_test,
+                   count(DISTINCT r.fold) AS folds_done
+            FROM r
+            WHERE {' AND '.join(where)}
+            GROUP BY {keys}, r.metric
+        )
+        SELECT g.*, e.folds_expected, g.folds_done >= COALESCE(e.folds_expected, 0) AS complete
+        FROM g LEFT JOIN expected e USING (split_id)
+        ORDER BY scenario, category_type, category, metric, mean DESC NULLS LAST
+    """
+    return st.query(sql, args)
+
+
+ROW_KEYS: tuple[str, ...] = ("model", "variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed",
+                             "category_type", "category")
+"""Printed columns of a wide leaderboard row (with ``split_id`` they identify it)."""
+
+
+def _labelled(board: pd.DataFrame) -> pd.DataFrame:
+    """Name rows so that different results never print alike: heads with their parameters where a
+    head ran with several, models with their space id where one model name has several spaces."""
+    board = board.copy()
+    for column in ("datasets", "label_set"):
+        board[column] = board[column].fillna("")
+    board["seed"] = board["seed"].astype("Int64")
+    several = board.groupby("head")["head_params"].transform("nunique") > 1
+    board.loc[several, "head"] = board.loc[several, "head"] + " " + board.loc[several, "head_params"].astype(str)
+    spaces = board.groupby("model")["space_id"].transform("nunique") > 1
+    board.loc[spaces, "model"] = board.loc[spaces, "model"] + " [" + board.loc[spaces, "space_id"].str[:8] + "]"
+    return board
+
+
+def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", "ap", "f1", "accuracy")) -> pd.DataFrame:
+    """One row per result, numeric columns: ``<metric>`` (mean), ``<metric>_sd``, ``<metric>_n``.
+
+    Parameters
+    ----------
+    board : DataFrame
+        Output of :func:`leaderboard`.
+    metrics : iterable of str
+        Metrics to keep, in order.
+
+    Returns
+    -------
+    DataFrame
+        :data:`ROW_KEYS`, ``split_id``, ``folds_done``, ``folds_expected``, ``complete`` and three
+        numeric columns per metric (pandas reads them as numbers; NaN where undefined).
+    """
+    metrics = [m for m in metrics if not board.empty and m in set(board["metric"])]
+    keys = [*ROW_KEYS, "split_id"]
+    if board.empty:
+        return pd.DataFrame(columns=[*keys, "folds_done", "folds_expected", "complete",
+                                     *[f"{m}{x}" for m in metrics for x in ("", "_sd", "_n")]])
+    board = _labelled(board)
+    frame = board[board["metric"].isin(metrics)].copy()
+    frame["seed"] = frame["seed"].fillna(-1).astype(int)  # cross-data splits have no seed; NA cannot be an index key
+    wide = frame.set_index([*keys, "metric"])[["mean", "sd", "n_folds"]].unstack("metric")
+    out = pd.DataFrame(index=wide.index)
+    for m in metrics:
+        out[m] = wide[("mean", m)].astype(float)
+        out[f"{m}_sd"] = wide[("sd", m)].astype(float)
+        out[f"{m}_n"] = wide[("n_folds", m)].astype("Int64")
+    folds = frame.groupby(keys)[["folds_done", "folds_expected", "complete"]].first()
+    out = out.join(folds).reset_index()
+    out["seed"] = out["seed"].astype("Int64").where(out["seed"] >= 0)
+    return out[[*keys, "folds_done", "folds_expected", "complete", *[f"{m}{x}" for m in metrics for x in ("", "_sd", "_n")]]]
+
+
+def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", "ap", "f1", "accuracy"),
+                       digits: int = 3) -> pd.DataFrame:
+    """Wide, printable leaderboard: one column per metric holding ``"mean ± sd"``.
+
+    A metric defined on fewer folds than the result has (a test fold with one class has no AUROC)
+    shows its own n, e.g. ``0.912 ± 0.040 (n=2)``. ``folds`` is ``done/expected``, marked
+    ``incomplete`` when folds are missing (resume with ``scdm evaluate``).
+
+    Parameters
+    ----------
+    board : DataFrame
+        Output of :func:`leaderboard`.
+    metrics : iterable of str
+        Metric columns to show, in order.
+    digits : int, default 3
+
+    Returns
+    -------
+    DataFrame
+        One row per result; ``n/a`` where every fold is undefined.
+    """
+    metrics = list(metrics)
+    wide = wide_leaderboard(board, metrics=metrics)
+    metrics = [m for m in metrics if m in wide.columns]
+    keys = [k for k in ROW_KEYS if k not in ("seed",)] + ["seed"]
+    if wide.empty:
+        return pd.DataFrame(columns=[*keys, "folds", *metrics])
+
+    def text(row: pd.Series, m: str) -> str:
+        if pd.isna(row[m]):
+            return "n/a"
+        sd = "" if pd.isna(row[f"{m}_sd"]) else f" ± {row[f'{m}_sd']:.{digits}f}"
+        n = "" if row[f"{m}_n"] == row["folds_done"] else f" (n={row[f'{m}_n']})"
+        return f"{row[m]:.{digits}f}{sd}{n}"
+
+    out = wide[keys].copy()
+    out["seed"] = out["seed"].astype(object).where(out["seed"].notna(), "")
+    expected = wide["folds_expected"].fillna(wide["folds_done"]).astype(int)
+    out["folds"] = [f"{d}/{e}" + ("" if c else " incomplete") for d, e, c in zip(wide["folds_done"], expected, wide["complete"])]
+    for m in metrics:
+        out[m] = [text(row, m) for _, row in wide.iterrows()]
+    return out.reset_index(drop=True)
+
+
+NOTES: dict[str, str] = {
+    "ami": ("AMI and ARI compare the predicted and true partitions and ignore which class is which: an inverted "
+            "classifier (AUROC near 0) scores as high as a perfect one. Read them beside MCC, which is signed."),
+    "shuffled-label": ("The shuffled-label head trains on permuted labels. On small data its cross-validated AUROC "
+                       "is expected below 0.5 (the known negative bias of cross-validation with permuted labels: a "
+                       "fold's training labels are anti-correlated with its test labels), not a bug."),
+    "incomplete": ("Rows marked 'incomplete' miss folds (an interrupted or partial run); run the same "
+                   "`scdm evaluate` again to finish them. Their means cover only the folds done."),
+    "single_class": ("A test fold holding one class is scored on no metric (one rule for all metrics); a metric "
+                     "shows its own n where it is defined on fewer folds than the result has."),
+}
+"""Caveats printed under a leaderboard when they apply (see :func:`leaderboard_notes`)."""
+
+
+def with_signed_partner(metrics: Iterable[str]) -> list[str]:
+    """The metrics, with MCC added beside AMI/ARI (which cannot tell an inverted classifier)."""
+    out = list(dict.fromkeys(metrics))
+    if ("ami" in out or "ari" in out) and "mcc" not in out:
+        out.insert(min(out.index(m) for m in ("ami", "ari") if m in out), "mcc")
+    return out
+
+
+def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
+    """The caveats that apply to this leaderboard and these shown metrics (plain sentences)."""
+    metrics = set(metrics)
+    notes = []
+    if metrics & {"ami", "ari"}:
+        notes.append(NOTES["ami"])
+    if not board.empty and "shuffled-label" in set(board["head"]):
+        notes.append(NOTES["shuffled-label"])
+    if not board.empty and not board["complete"].all():
+        notes.append(NOTES["incomplete"])
+    if not board.empty and (board["n_null"] > 0).any():
+        notes.append(NOTES["single_class"])
+    return notes

@@ -1,0 +1,190 @@
+"""One evaluation task and how it is fitted: shared by the local grid and the Ray executor.
+
+A :class:`Task` is one (embedding space, split, fold, head with parameters) fit on a
+:class:`Space`'s matrix; :func:`fit_task` fits it head by head, :func:`logreg_split` fits the
+logistic-regression folds of one split together. Both return :class:`Outcome` values, which
+:func:`Outcome.to_store` turns into the store's evaluation records (scored there, the same way for
+every head and stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scdm.classify.heads import LogRegHead, get_head
+from scdm.store.errors import InputDataError
+from scdm.store.evaluation import SkippedTask, TaskKey, TaskOutcome
+from scdm.store.splits import Split
+
+__all__ = ["Space", "Task", "Outcome", "fit_task", "logreg_split", "one_math_thread"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (embedding space, split, fold, head) fit."""
+
+    task_id: str
+    space: Space
+    split: Split
+    fold: int
+    head: str
+    params: dict[str, Any]
+    params_key: str
+
+    @classmethod
+    def make(cls, space: Space, split: Split, fold: int, head: str, params: dict[str, Any], params_key: str) -> Task:
+        """The task with its identity (:func:`store.evaluation.task_id`)."""
+        key = TaskKey(space.space_id, space.model, space.variant, tuple(space.embedding_ids), split,
+                      space.datasets(split), fold, head, params_key)
+        return cls(key.task_id, space, split, fold, head, params, params_key)
+
+    def key(self) -> TaskKey:
+        """The store's identity record of this task."""
+        space = self.space
+        return TaskKey(space.space_id, space.model, space.variant, tuple(space.embedding_ids), self.split,
+                       space.datasets(self.split), self.fold, self.head, self.params_key)
+
+
+@dataclass
+class Space:
+    space_id: str
+    model: str
+    variant: str
+    embeddings: pd.DataFrame  # one row per dataset: embedding_id, dataset_id, dataset_name, dim
+    cells: pd.DataFrame | None = None
+    splits: list[Split] = field(default_factory=list)
+    X: np.ndarray | None = None
+    y: np.ndarray | None = None
+    lookup: dict[str, np.ndarray] = field(default_factory=dict)
+    lora: tuple[str, int] | None = None
+    """(split_id, fold) a LoRA variant was tuned on: it is evaluated on that fold's test cells only."""
+
+    @property
+    def embedding_ids(self) -> list[str]:
+        return sorted(self.embeddings["embedding_id"])
+
+    def datasets(self, split: Split) -> str:
+        """Names of the datasets ``split`` covers, sorted and comma-separated (a result-identity column)."""
+        names = dict(zip(self.embeddings["dataset_id"], self.embeddings["dataset_name"]))
+        return ",".join(sorted({str(names.get(d, d)) for d in split.cells["dataset_id"].unique()}))
+
+    def skipped(self, split: Split, fold: int | None, head: str, reason: str) -> SkippedTask:
+        """The record of a task of this space that is not fitted."""
+        return SkippedTask(self.space_id, split, self.datasets(split), fold, head, reason)
+
+    def positions(self, frame: pd.DataFrame) -> np.ndarray:
+        """Rows of ``X`` holding the cells (dataset_id, row) of ``frame``."""
+        out = np.empty(len(frame), np.int64)
+        ds = frame["dataset_id"].to_numpy()
+        rows = frame["row"].to_numpy(np.int64)
+        for dataset_id in pd.unique(ds):
+            sel = ds == dataset_id
+            out[sel] = self.lookup[dataset_id][rows[sel]]
+        return out
+
+
+@dataclass
+class Outcome:
+    task: Task
+    proba: np.ndarray | None
+    test_pos: np.ndarray | None
+    fit_seconds: float
+    predict_seconds: float
+    n_train: int
+    error: str | None = None
+
+    def to_store(self) -> TaskOutcome:
+        """The store record of a fitted task (its test cells' labels, predictions and ids)."""
+        task, space = self.task, self.task.space
+        assert space.y is not None and space.cells is not None and self.test_pos is not None and self.proba is not None
+        cells = space.cells
+        return TaskOutcome(task.key(), space.y[self.test_pos], self.proba,
+                           cells["dataset_id"].to_numpy()[self.test_pos], cells["row"].to_numpy(np.int64)[self.test_pos],
+                           self.n_train, self.fit_seconds, self.predict_seconds)
+
+
+def fit_task(task: Task) -> Outcome:
+    """Fit one head on one fold's training cells and predict its test cells."""
+    space, split = task.space, task.split
+    assert space.X is not None and space.y is not None
+    pos = space.positions(split.cells)
+    test = split.test_mask(task.fold)
+    train_pos, test_pos = pos[~test], pos[test]
+    try:
+        head = get_head(task.head, **task.params)
+        t0 = time.perf_counter()
+        if getattr(head, "uses_target_domain", False):
+            # domain adaptation (dann): the held-out study's cells are the unlabelled target; their labels are never read
+            head.fit(space.X[train_pos], space.y[train_pos], target=space.X[test_pos])  # type: ignore[call-arg]
+        else:
+            head.fit(space.X[train_pos], space.y[train_pos])
+        t1 = time.perf_counter()
+        proba = head.predict_proba(space.X[test_pos])
+        t2 = time.perf_counter()
+    except InputDataError as err:
+        return Outcome(task, None, None, 0.0, 0.0, int(train_pos.size), error=str(err))
+    return Outcome(task, proba, test_pos, t1 - t0, t2 - t1, int(train_pos.size))
+
+
+def logreg_split(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
+    from scdm.classify._logreg_batch import fit_logreg_folds
+
+    assert space.X is not None and space.y is not None
+    split, params = tasks[0].split, tasks[0].params
+    head = LogRegHead(**params)
+    head.validate_params()
+    pos = space.positions(split.cells)
+    y = space.y[pos]
+    fittable, train = [], []
+    for task in tasks:
+        mask = split.train_mask(task.fold)
+        if np.unique(y[mask]).size < 2:  # the head's own rule: both classes or no fit
+            error = (f"LogRegHead needs both classes in its training cells, but all {int(mask.sum())} are "
+                     f"{int(y[mask][0]) if mask.any() else 'absent'}; this task cannot be fitted.")
+            yield Outcome(task, None, None, 0.0, 0.0, int(mask.sum()), error=error)
+            continue
+        fittable.append(task)
+        train.append(mask)
+    if not fittable:
+        return
+    t0 = time.perf_counter()
+    fits = fit_logreg_folds(space.X[pos], y, np.stack(train, axis=1), C=head.C, tol=head.tol,
+                            max_iter=head.max_iter, standardize=head.standardize)
+    fit_seconds = (time.perf_counter() - t0) / len(fittable)
+    for k, task in enumerate(fittable):
+        t1 = time.perf_counter()
+        fitted = LogRegHead(**params).set_solution(
+            fits.coef[k], fits.intercept[k], mean=fits.mean[k] if head.standardize else None,
+            scale=fits.scale[k] if head.standardize else None, n_iter=int(fits.n_iter[k]),
+            converged=bool(fits.converged[k]))
+        test_pos = pos[split.test_mask(task.fold)]
+        proba = fitted.predict_proba(space.X[test_pos])
+        yield Outcome(task, proba, test_pos, fit_seconds, time.perf_counter() - t1, int(train[k].sum()))
+
+
+@contextlib.contextmanager
+def one_math_thread(*, torch_heads: bool) -> Iterator[None]:
+    """One BLAS/OpenMP thread (and one torch thread when torch heads run) for the block."""
+    from threadpoolctl import threadpool_limits
+
+    torch: Any = None
+    if torch_heads:
+        import torch as torch_module
+
+        torch = torch_module
+    before = torch.get_num_threads() if torch else 0
+    if torch:
+        torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        if torch:
+            torch.set_num_threads(before)

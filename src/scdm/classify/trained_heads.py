@@ -1,0 +1,915 @@
+"""Trained heads: a head fitted on every labelled cell of a category, saved for later predictions.
+
+The evaluation grid (:mod:`scdm.classify.grid`) fits heads on folds and keeps only their scores.
+Here a head is fitted once on all labelled cells of one category (no held-out fold), saved as an
+artifact in the store and used to predict cells of any dataset embedded in the same space::
+
+    head_id = train_head(st, dataset="a375", model="pca", category_type="all", category="all", head="logreg")
+    frame = predict(st, head_id, "a375-new-batch", out="predictions.csv")
+
+Artifacts live in ``<store>/artifacts/heads/<head_id>/`` in formats that cannot run code when read
+(a store may be shared, and a pickle in it would run whatever its writer put there):
+
+* ``json-npz`` (logreg, ridge, majority): ``head.npz``, the fitted arrays (coefficients, the
+  standardiser's mean and scale) as ``.npy`` members plus the head's name, parameters and fitted
+  scalars as JSON in the ``scdm_state`` member; read with ``np.load(allow_pickle=False)``;
+* ``safetensors`` (mlp): ``head.safetensors``, the network's ``state_dict`` and the standardiser's
+  arrays as tensors; the JSON state (including the layer list the network is rebuilt from) is
+  the file's metadata;
+* ``lightgbm-text`` (lightgbm): ``head.npz`` holding LightGBM's own text model
+  (``Booster.model_to_string``, read back with ``lightgbm.Booster(model_str=...)``) and the JSON
+  state.
+
+Next to it, the card ``head.json`` describes the head for people. The catalog row in
+``trained_heads`` (:mod:`store.heads`) records the artifact's format and blake2b hash; loading
+refuses a file whose hash differs. Heads saved by older scdm versions as pickles (``head.joblib``,
+``head.pt``) are refused with the command that trains them again; ``trust_pickle=True`` (``scdm
+predict --trust-pickle``) converts such a file once, which unpickles it. Predictions go to the
+``predictions`` table (one row per head x dataset x cell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from scdm.classify.heads import BaseHead, get_head
+from scdm.store.errors import EmbeddingNotFoundError, InputDataError, ScdmError
+from scdm.store.heads import (
+    HeadNotFoundError,
+    Predictions,
+    TrainedHeadRecord,
+    add_trained_head,
+    has_trained_head,
+    replace_predictions,
+    set_head_artifact,
+    trained_head,
+    trained_head_table,
+)
+
+if TYPE_CHECKING:
+    from scdm.store import Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TRAINABLE_HEADS",
+    "CATEGORY_TYPES",
+    "HeadArtifactError",
+    "HeadNotFoundError",
+    "LegacyHeadError",
+    "SpaceMismatchError",
+    "TrainedHead",
+    "head_state",
+    "load_head",
+    "load_head_artifact",
+    "predict",
+    "retrain_command",
+    "save_head_artifact",
+    "train_head",
+    "trained_heads",
+]
+
+TRAINABLE_HEADS: tuple[str, ...] = ("logreg", "ridge", "lightgbm", "mlp", "majority")
+"""Heads that can be trained and saved (``dann`` needs a target domain; ``shuffled-label`` is a leakage alarm)."""
+CATEGORY_TYPES: tuple[str, ...] = ("all", "tissue", "cancer_type", "drug_type", "regimen")
+HEADS_DIR = "artifacts/heads"
+"""Folder of trained-head artifacts, relative to the store root."""
+DEFAULT_THRESHOLD = 0.5
+
+
+class HeadArtifactError(ScdmError, RuntimeError):
+    """A trained head's artifact is missing, its bytes differ from the catalogued hash, or it cannot be read."""
+
+
+class LegacyHeadError(HeadArtifactError):
+    """The head was saved as a pickle by an older scdm; it is not loaded without explicit trust."""
+
+
+class SpaceMismatchError(InputDataError):
+    """The dataset is not embedded in the space the head was trained in."""
+
+
+@dataclass(frozen=True)
+class TrainedHead:
+    """A trained head loaded from the store, ready to predict."""
+
+    head_id: str
+    """Catalog id (``trained_heads.head_id``)."""
+    head: BaseHead
+    """The fitted head."""
+    space_id: str
+    """Embedding space a dataset must be embedded in."""
+    model: str
+    """Embedding model of that space."""
+    variant: str
+    """Embedding variant (``frozen`` or ``lora:<adapter id>``)."""
+    threshold: float
+    """Label 1 (sensitive) where the probability is at least this."""
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _hash_text(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def file_hash(path: str | os.PathLike[str]) -> str:
+    """blake2b (32 hex digits) of a file's bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _now() -> pd.Timestamp:
+    return pd.Timestamp.now(tz="UTC").tz_localize(None)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scdm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _select_embeddings(st: Store, embeddings: str | Sequence[str] | None, dataset: str | Sequence[str] | None,
+                       model: str | None, variant: str) -> pd.DataFrame:
+    """Catalog rows of the training embeddings: one space, complete, one per dataset."""
+    table = st.embeddings()
+    if embeddings is not None:
+        wanted = [embeddings] if isinstance(embeddings, str) else list(dict.fromkeys(embeddings))
+        ids = [st.embedding(e).embedding_id for e in wanted]  # accepts unambiguous prefixes
+    elif dataset is not None and model is not None:
+        names = [dataset] if isinstance(dataset, str) else list(dataset)
+        ids = [st.find_embedding(name, model, variant).embedding_id for name in names]
+    else:
+        msg = "Name the training embeddings: pass embeddings=[ids], or dataset=NAME with model=MODEL (and variant)."
+        raise InputDataError(msg)
+    rows = table[table["embedding_id"].isin(ids)].reset_index(drop=True)
+    partial = rows[rows["status"] != "complete"]
+    if len(partial):
+        msg = (f"Embedding {partial['embedding_id'].iloc[0]!r} is not complete; finish it with `scdm embed` "
+               "(it resumes) before training a head on it.")
+        raise InputDataError(msg)
+    if rows["space_id"].nunique() != 1:
+        spaces = ", ".join(f"{r.embedding_id}: {r.model}/{r.variant} space {r.space_id}" for r in rows.itertuples())
+        msg = (f"The training embeddings lie in different spaces ({spaces}); a head is trained in one space. "
+               "Embed the datasets jointly (one model, checkpoint and params) or train one head per space.")
+        raise InputDataError(msg)
+    if rows["dataset_id"].duplicated().any():
+        msg = "Two training embeddings belong to the same dataset; pass one embedding per dataset."
+        raise InputDataError(msg)
+    return rows.sort_values("dataset_id").reset_index(drop=True)
+
+
+def _training_cells(st: Store, rows: pd.DataFrame, category_type: str, category: str) -> pd.DataFrame:
+    if category_type not in CATEGORY_TYPES:
+        msg = f"Unknown category type {category_type!r}; choose from {', '.join(CATEGORY_TYPES)}."
+        raise InputDataError(msg)
+    if category_type == "all" and category != "all":
+        msg = f"category_type 'all' has the one category 'all'; got category={category!r}."
+        raise InputDataError(msg)
+    cells = st.cells(list(rows["dataset_name"]))
+    labelled = cells[cells["response"].notna()]
+    if category_type != "all":
+        present = sorted(labelled[category_type].dropna().astype(str).unique())
+        labelled = labelled[labelled[category_type].astype(str) == category]
+        if labelled.empty:
+            msg = (f"No labelled cell has {category_type} = {category!r} in {', '.join(rows['dataset_name'])}; "
+                   f"categories present: {', '.join(present) or 'none'}.")
+            raise InputDataError(msg)
+    if labelled.empty:
+        msg = (f"No cell of {', '.join(rows['dataset_name'])} has a response label; ingest with "
+               "label_key=<obs column> to train a head.")
+        raise InputDataError(msg)
+    return labelled.sort_values(["dataset_id", "row"]).reset_index(drop=True)
+
+
+def _training_matrix(st: Store, rows: pd.DataFrame, cells: pd.DataFrame) -> np.ndarray:
+    dim = int(rows["dim"].iloc[0])
+    X = np.empty((len(cells), dim), np.float32)
+    dataset_of = cells["dataset_id"].to_numpy()
+    for row in rows.itertuples():
+        idx = np.flatnonzero(dataset_of == row.dataset_id)
+        if idx.size:
+            X[idx] = st.read_embedding(row.embedding_id, cells["row"].to_numpy(np.int64)[idx])
+    if not np.isfinite(X).all():
+        msg = f"The training embeddings of space {rows['space_id'].iloc[0]} hold NaN or inf values; recompute them."
+        raise InputDataError(msg)
+    return X
+
+
+def _eval_metrics(st: Store, space_id: str, category_type: str, category: str, head: str, params_key: str) -> list[dict[str, Any]]:
+    """Mean/sd over folds of the evaluation runs of the same configuration (empty if none)."""
+    frame = st.query(
+        """SELECT r.scenario, r.scheme, r.metric, avg(r.value) AS mean, stddev_samp(r.value) AS sd,
+                  count(r.value) AS n_folds
+           FROM eval_results r JOIN eval_tasks t USING (task_id)
+           WHERE r.space_id = ? AND r.category_type = ? AND r.category = ? AND r.head = ? AND t.head_params = ?
+           GROUP BY r.scenario, r.scheme, r.metric ORDER BY r.scenario, r.scheme, r.metric""",
+        [space_id, category_type, category, head, params_key],
+    )
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    return [{k: (int(v) if k == "n_folds" else v) for k, v in r.items()} for r in records]
+
+
+# --------------------------------------------------------------------------------------------
+# artifacts: a fitted head's public state in formats that cannot run code
+# --------------------------------------------------------------------------------------------
+ARTIFACT_FILES: dict[str, str] = {"json-npz": "head.npz", "safetensors": "head.safetensors", "lightgbm-text": "head.npz"}
+"""Artifact file name per format."""
+STATE_KEY = "scdm_state"
+"""NPZ member / safetensors metadata key holding the head's JSON state."""
+ARTIFACT_VERSION = 1
+_FITTED_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*_$")
+"""Fitted attributes end in ``_`` (scikit-learn convention); private caches start with ``_``."""
+_NOT_SAVED: dict[tuple[str, str], str] = {
+    ("logreg", "model_"): "the scikit-learn estimator is kept only for warm starts; coef_/intercept_ hold the solution",
+}
+"""Fitted attributes deliberately left out of the artifact, and why."""
+_LAYER_ARGS: dict[str, tuple[str, ...]] = {
+    "Linear": ("in_features", "out_features", "bias"),
+    "ReLU": (), "GELU": ("approximate",), "LeakyReLU": ("negative_slope",), "SiLU": (), "Tanh": (), "Sigmoid": (),
+    "Identity": (), "Dropout": ("p",), "LayerNorm": ("normalized_shape", "eps", "elementwise_affine"),
+    "BatchNorm1d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+}  # fmt: skip
+"""torch layers a saved network may contain, with the constructor arguments recorded for each."""
+
+
+@dataclass
+class HeadState:
+    """A fitted head's public state, split by how each part is stored."""
+
+    head: str
+    params: dict[str, Any]
+    values: dict[str, Any] = field(default_factory=dict)
+    """JSON-able fitted attributes (numbers, strings, None, lists/dicts of them)."""
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """Numeric numpy arrays."""
+    modules: dict[str, Any] = field(default_factory=dict)
+    """torch networks (``nn.Sequential`` of :data:`_LAYER_ARGS` layers)."""
+    boosters: dict[str, str] = field(default_factory=dict)
+    """LightGBM models as LightGBM's text model format."""
+
+    @property
+    def artifact_format(self) -> str:
+        """``safetensors`` with a torch network, ``lightgbm-text`` with a LightGBM model, else ``json-npz``."""
+        if self.modules and self.boosters:
+            msg = f"A {self.head} head holding both a torch network and a LightGBM model cannot be saved in one artifact."
+            raise HeadArtifactError(msg)
+        return "safetensors" if self.modules else "lightgbm-text" if self.boosters else "json-npz"
+
+    def header(self) -> dict[str, Any]:
+        """The JSON state: everything but the arrays, tensors and model texts themselves."""
+        return {"scdm_head_artifact": ARTIFACT_VERSION, "head": self.head, "params": self.params, "values": self.values,
+                "arrays": sorted(self.arrays), "modules": {k: _module_spec(m) for k, m in self.modules.items()},
+                "boosters": sorted(self.boosters)}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-able Python values (numpy scalars converted), or raise TypeError."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biufU":
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+def _is_torch_module(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
+
+
+def _is_lightgbm_model(value: Any) -> bool:
+    return isinstance(value, BoosterClassifier) or (type(value).__module__.startswith("lightgbm") and hasattr(value, "booster_"))
+
+
+def head_state(head: BaseHead) -> HeadState:
+    """Split a fitted head's public state (attributes ending in ``_``) into storable parts.
+
+    Raises
+    ------
+    HeadArtifactError
+        An attribute is of a kind that could only be stored as a pickle.
+    """
+    try:
+        params = _plain(head.get_params())  # the constructor arguments as given (params_key may resolve them)
+    except TypeError as err:
+        msg = f"A parameter of the {head.name} head is a {err}, which scdm cannot save without pickling."
+        raise HeadArtifactError(msg) from None
+    state = HeadState(head.name, params)
+    for name, value in sorted(vars(head).items()):
+        if not _FITTED_NAME.match(name) or (head.name, name) in _NOT_SAVED:
+            continue
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            state.arrays[name] = value
+        elif _is_torch_module(value):
+            state.modules[name] = value
+        elif _is_lightgbm_model(value):
+            state.boosters[name] = value.booster_.model_to_string()
+        else:
+            try:
+                state.values[name] = _plain(value)
+            except TypeError as err:
+                msg = (f"The fitted {head.name} head's attribute {name} is a {err}, which scdm cannot save without "
+                       "pickling; teach scdm.classify.trained_heads.head_state to store it.")
+                raise HeadArtifactError(msg) from None
+    return state
+
+
+def _module_spec(module: Any) -> list[dict[str, Any]]:
+    """The layer list (types and constructor arguments) a ``nn.Sequential`` is rebuilt from."""
+    from torch import nn
+
+    if type(module) is not nn.Sequential:
+        msg = f"Only nn.Sequential networks can be saved without pickling; got {type(module).__name__}."
+        raise HeadArtifactError(msg)
+    spec = []
+    for layer in module:
+        kind = type(layer).__name__
+        if kind not in _LAYER_ARGS or type(layer) is not getattr(nn, kind):
+            msg = f"Layer {kind} is not one scdm can save without pickling ({', '.join(_LAYER_ARGS)})."
+            raise HeadArtifactError(msg)
+        args = {a: getattr(layer, a) for a in _LAYER_ARGS[kind]}
+        if kind == "Linear":
+            args["bias"] = layer.bias is not None
+        spec.append({"type": kind, "args": _plain(args)})
+    return spec
+
+
+def _build_module(spec: list[dict[str, Any]]) -> Any:
+    """``nn.Sequential`` from :func:`_module_spec`'s layer list; only allow-listed layer types."""
+    from torch import nn
+
+    layers = []
+    for entry in spec:
+        kind, args = entry["type"], dict(entry["args"])
+        if kind not in _LAYER_ARGS or set(args) != set(_LAYER_ARGS[kind]):
+            msg = f"The artifact names a layer {kind!r} with arguments {sorted(args)}, which scdm does not build."
+            raise HeadArtifactError(msg)
+        if kind == "LayerNorm":
+            args["normalized_shape"] = tuple(args["normalized_shape"])
+        layers.append(getattr(nn, kind)(**args))
+    return nn.Sequential(*layers)
+
+
+class BoosterClassifier:
+    """A LightGBM booster read from its text model, with the classifier's ``predict_proba``.
+
+    Stands in for the ``LGBMClassifier`` of a fitted ``lightgbm`` head (binary, labels 0/1): the
+    same booster gives the same probabilities.
+    """
+
+    def __init__(self, booster: Any) -> None:
+        self.booster_ = booster
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        p = np.asarray(self.booster_.predict(X), np.float64)
+        return np.vstack((1.0 - p, p)).T
+
+
+def save_head_artifact(head: BaseHead, folder: str | os.PathLike[str]) -> tuple[str, str]:
+    """Write a fitted head into ``folder`` in a format that cannot run code.
+
+    Parameters
+    ----------
+    head : BaseHead
+        A fitted head.
+    folder : path
+        Existing folder; receives ``head.npz`` or ``head.safetensors``.
+
+    Returns
+    -------
+    (file name, artifact format)
+        Format ``json-npz``, ``safetensors`` or ``lightgbm-text``.
+    """
+    state = head_state(head)
+    artifact_format = state.artifact_format
+    path = Path(folder) / ARTIFACT_FILES[artifact_format]
+    header = json.dumps(state.header(), sort_keys=True)
+    if artifact_format == "safetensors":
+        import torch
+        from safetensors.torch import save_file
+
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in state.arrays.items()}
+        for name, module in state.modules.items():
+            tensors.update({f"{name}.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()})
+        save_file(tensors, str(path), metadata={STATE_KEY: header})
+    else:
+        members: dict[str, Any] = {STATE_KEY: np.array(header), **state.arrays,
+                                   **{k: np.array(t) for k, t in state.boosters.items()}}
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **members)
+    return path.name, artifact_format
+
+
+def _restore(header: dict[str, Any], head_name: str, arrays: dict[str, np.ndarray], tensors: dict[str, Any],
+             boosters: dict[str, str], where: str) -> BaseHead:
+    """Rebuild a head from its JSON state and stored parts (only fitted attribute names are set)."""
+    if header.get("scdm_head_artifact") != ARTIFACT_VERSION or header.get("head") != head_name:
+        msg = (f"{where} is not a version-{ARTIFACT_VERSION} artifact of a {head_name} head "
+               f"(it says {header.get('head')!r}, version {header.get('scdm_head_artifact')!r}).")
+        raise HeadArtifactError(msg)
+    try:
+        head = get_head(head_name, **header["params"])
+    except InputDataError as err:
+        msg = f"{where} holds parameters this scdm's {head_name} head does not take ({err}); train the head again."
+        raise HeadArtifactError(msg) from err
+    parts: dict[str, Any] = {**header["values"], **arrays}
+    for name, spec in header["modules"].items():
+        module = _build_module(spec)
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+        parts[name] = module.eval()
+    if boosters:
+        import lightgbm
+
+        parts.update({name: BoosterClassifier(lightgbm.Booster(model_str=text)) for name, text in boosters.items()})
+    for name, value in parts.items():
+        if not _FITTED_NAME.match(name):  # never set a private or dunder attribute from a file
+            msg = f"{where} names an attribute {name!r}, which is not a fitted attribute of a head."
+            raise HeadArtifactError(msg)
+        setattr(head, name, value)
+    return head
+
+
+def load_head_artifact(path: str | os.PathLike[str], artifact_format: str, head_name: str) -> BaseHead:
+    """Read a head written by :func:`save_head_artifact`; nothing in the file is unpickled.
+
+    Raises
+    ------
+    HeadArtifactError
+        Unknown format, or the file is not a readable artifact of a ``head_name`` head.
+    """
+    path = Path(path)
+    where = f"The artifact {str(path)!r}"
+    try:
+        if artifact_format == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                header = json.loads((fh.metadata() or {})[STATE_KEY])
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            arrays = {name: tensors.pop(name).numpy() for name in header["arrays"]}
+            return _restore(header, head_name, arrays, tensors, {}, where)
+        if artifact_format in ("json-npz", "lightgbm-text"):
+            with np.load(path, allow_pickle=False) as npz:
+                header = json.loads(str(npz[STATE_KEY]))
+                arrays = {name: npz[name] for name in header["arrays"]}
+                boosters = {name: str(npz[name]) for name in header["boosters"]}
+            return _restore(header, head_name, arrays, {}, boosters, where)
+    except HeadArtifactError:
+        raise
+    except Exception as err:  # a damaged or foreign file: zip, JSON, safetensors, torch or LightGBM errors
+        msg = f"{where} cannot be read as a {artifact_format} {head_name} head ({type(err).__name__}: {err})."
+        raise HeadArtifactError(msg) from err
+    msg = f"{where} has format {artifact_format!r}, which this scdm does not read."
+    raise HeadArtifactError(msg)
+
+
+def _check_round_trip(head: BaseHead, loaded: BaseHead) -> None:
+    """The saved head predicts what the fitted one does (on a fixed random probe)."""
+    probe = np.random.default_rng(0).standard_normal((32, int(head.n_features_in_))).astype(np.float32)
+    expected, got = head.predict_proba(probe), loaded.predict_proba(probe)
+    if not np.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        msg = (f"The saved {head.name} head predicts differently from the fitted one "
+               f"(max |diff| {float(np.max(np.abs(got - expected))):.2e}); this is a bug in scdm, please report it.")
+        raise HeadArtifactError(msg)
+
+
+# ---- heads pickled by older scdm versions -----------------------------------------------------
+def retrain_command(st: Store, record: TrainedHeadRecord) -> str:
+    """The ``scdm train-head`` command that trains this head again (same cells and settings)."""
+    parts = ["scdm", "--store", str(st.root), "train-head"]
+    for embedding_id in record.embedding_ids:
+        parts += ["--embedding", embedding_id]
+    if (record.category_type, record.category) != ("all", "all"):
+        parts += ["--category-type", record.category_type, "--category", record.category]
+    parts += ["--head", record.head]
+    try:  # the default head's identity: parameters equal to it need not be spelled out
+        defaults = json.loads(get_head(record.head).params_key())
+    except InputDataError:
+        defaults = {}
+    for key, value in sorted(record.params.items()):
+        if key in defaults and defaults[key] == value:
+            continue
+        text = value if isinstance(value, str) and not _parses_as_json(value) else json.dumps(value)
+        parts += ["--param", f"{key}={text}"]
+    if record.threshold != DEFAULT_THRESHOLD:
+        parts += ["--threshold", repr(record.threshold)]
+    return shlex.join(parts)
+
+
+def _parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _legacy_refusal(st: Store, record: TrainedHeadRecord, path: Path) -> LegacyHeadError:
+    msg = (f"Trained head {record.head_id} was saved by scdm {record.scdm_version or '(unknown version)'} as a "
+           f"{record.artifact_format} pickle ({str(path)!r}). scdm no longer loads pickled heads: loading a pickle runs "
+           "code stored in the file, and anyone who can write to the store could have planted it. Train the head "
+           f"again (same cells and settings, saved in a safe format; the command prints its head id):\n  "
+           f"{retrain_command(st, record)}\nOnly if you are sure nobody else could have written this store, convert "
+           "the file once instead with `scdm predict --trust-pickle ...` (this unpickles it, running any code in it).")
+    return LegacyHeadError(msg)
+
+
+def _load_legacy_pickle(path: Path, artifact_format: str, head_name: str) -> BaseHead:
+    """Unpickle a head saved by an older scdm. Runs code from the file: only with ``trust_pickle``."""
+    if artifact_format == "torch":
+        return _load_legacy_torch(path, head_name)
+    import joblib
+
+    with _legacy_module_names():
+        head = joblib.load(path)  # trusted explicitly by the caller (--trust-pickle)
+    if not isinstance(head, BaseHead) or head.name != head_name:
+        msg = f"The artifact {str(path)!r} does not hold a fitted {head_name} head."
+        raise HeadArtifactError(msg)
+    return head
+
+
+# Before scdm had one import root, heads were pickled under the top-level package ``scdm_classify``.
+_LEGACY_HEAD_MODULES = {"scdm_classify": "scdm.classify", "scdm_classify.heads": "scdm.classify.heads",
+                        "scdm_classify.head_base": "scdm.classify.head_base"}
+
+
+@contextlib.contextmanager
+def _legacy_module_names() -> Iterator[None]:
+    """Let an old pickle find its classes under their old module names, for the duration of one load."""
+    added = []
+    for old, new in _LEGACY_HEAD_MODULES.items():
+        if old not in sys.modules:
+            sys.modules[old] = importlib.import_module(new)
+            added.append(old)
+    try:
+        yield
+    finally:
+        for old in added:
+            del sys.modules[old]
+
+
+def _load_legacy_torch(path: Path, head_name: str) -> BaseHead:
+    """A ``head.pt`` of the old mlp format: Linear-ReLU-Linear-ReLU-Linear ``state_dict`` and the standardiser."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights = state["state_dict"]
+    spec = []
+    for i in (0, 2, 4):  # the layer layout every scdm before the safe formats used
+        out_features, in_features = (int(n) for n in weights[f"{i}.weight"].shape)
+        spec.append({"type": "Linear", "args": {"in_features": in_features, "out_features": out_features, "bias": True}})
+        if i < 4:
+            spec.append({"type": "ReLU", "args": {}})
+    arrays = {f"{k}_": state[k].numpy() for k in ("mean", "scale") if state[k] is not None}
+    values = {"n_features_in_": int(state["n_features_in"]), "bf16_": bool(state["bf16"]),
+              "fit_seconds_": float(state["fit_seconds"]), **{f"{k}_": None for k in ("mean", "scale") if state[k] is None}}
+    header = {"scdm_head_artifact": ARTIFACT_VERSION, "head": "mlp", "params": json.loads(state["params"]),
+              "values": values, "arrays": sorted(arrays), "modules": {"model_": spec}, "boosters": []}
+    tensors = {f"model_.{k}": v for k, v in weights.items()}
+    return _restore(header, head_name, arrays, tensors, {}, f"The artifact {str(path)!r}")
+
+
+def _convert_legacy(st: Store, record: TrainedHeadRecord, head: BaseHead) -> None:
+    """Save an unpickled legacy head in the safe format and point its catalog row at it."""
+    relative, artifact_format = _write_artifact(st, record.head_id, head)
+    set_head_artifact(st, record.head_id, artifact_format=artifact_format, path=relative,
+                      file_hash=file_hash(st.root / relative), scdm_version=_version())
+    logger.warning("trained head %s: converted its %s pickle to %s", record.head_id, record.artifact_format, relative)
+
+
+def _artifact_path(st: Store, record: TrainedHeadRecord) -> Path:
+    path = (st.root / record.path).resolve()
+    if not path.is_relative_to(st.root.resolve()) or not path.is_file():
+        msg = (f"The artifact of trained head {record.head_id} is missing ({str(path)!r}); train it again:\n  "
+               f"{retrain_command(st, record)}")
+        raise HeadArtifactError(msg)
+    found = file_hash(path)
+    if found != record.file_hash:
+        msg = (f"The artifact {str(path)!r} of trained head {record.head_id} has hash {found}, but the catalog "
+               f"recorded {record.file_hash}: the file was changed or corrupted, so it is not loaded. "
+               f"Train the head again:\n  {retrain_command(st, record)}")
+        raise HeadArtifactError(msg)
+    return path
+
+
+def load_head(store: str | os.PathLike[str] | Store, head_id: str, *, trust_pickle: bool = False) -> TrainedHead:
+    """Load a trained head after checking its artifact against the catalogued file hash.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    head_id : str
+        Trained head id, or an unambiguous prefix of at least 6 characters.
+    trust_pickle : bool, default False
+        Convert a head pickled by an older scdm (``joblib``/``torch`` format) to the safe format
+        and load it. Unpickling runs code stored in the file: use it only for a store nobody else
+        can write to. Without it such heads are refused.
+
+    Raises
+    ------
+    HeadNotFoundError
+        No trained head with this id (or unambiguous prefix).
+    HeadArtifactError
+        The artifact is missing, its hash differs from the catalog's (it was changed or corrupted),
+        or it cannot be read.
+    LegacyHeadError
+        The head is a pickle written by an older scdm and ``trust_pickle`` is False; the message
+        holds the command that trains it again.
+    """
+    from scdm.store import open_store
+
+    st = open_store(store)
+    record = trained_head(st, head_id)
+    path = _artifact_path(st, record)
+    if record.is_legacy:
+        if not trust_pickle:
+            raise _legacy_refusal(st, record, path)
+        head = _load_legacy_pickle(path, record.artifact_format, record.head)
+        _convert_legacy(st, record, head)
+    else:
+        head = load_head_artifact(path, record.artifact_format, record.head)
+    return TrainedHead(record.head_id, head, record.space_id, record.model, record.variant, record.threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def train_head(
+    store: str | os.PathLike[str] | Store,
+    embeddings: str | Sequence[str] | None = None,
+    category_type: str = "all",
+    category: str = "all",
+    head: str = "logreg",
+    *,
+    dataset: str | Sequence[str] | None = None,
+    model: str | None = None,
+    variant: str = "frozen",
+    threshold: float = DEFAULT_THRESHOLD,
+    **params: Any,
+) -> str:
+    """Fit a head on every labelled cell of one category and save it in the store.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    embeddings : str or list of str, optional
+        Training embedding ids (one per dataset, all in one space). Or name them with
+        ``dataset`` + ``model`` (+ ``variant``).
+    category_type : {"all", "tissue", "cancer_type", "drug_type", "regimen"}, default "all"
+    category : str, default "all"
+        The category value (``"all"`` for category type ``all``).
+    head : {"logreg", "ridge", "lightgbm", "mlp", "majority"}, default "logreg"
+    dataset : str or list of str, optional
+        Dataset name(s) whose ``model``/``variant`` embedding to train on.
+    model, variant : str
+        Embedding model and variant (with ``dataset``).
+    threshold : float, default 0.5
+        Predicted label is 1 (sensitive) where the probability is at least this.
+    **params
+        Head constructor arguments (e.g. ``C=0.5`` for logreg, ``profile="fast"`` for mlp).
+
+    Returns
+    -------
+    str
+        ``head_id``. Training the same configuration again returns the stored head unchanged.
+
+    Raises
+    ------
+    InputDataError
+        Unknown head or category, embeddings of several spaces, incomplete embeddings, no labelled
+        cell in the category, or one class only.
+
+    Examples
+    --------
+    >>> train_head("scdm-store", dataset="a375", model="pca", head="ridge", alpha=10.0)  # doctest: +SKIP
+    '3f2a9c0d1e7b4a65'
+    """
+    from scdm.store import open_store
+
+    st = open_store(store)
+    if head not in TRAINABLE_HEADS:
+        msg = f"Head {head!r} cannot be trained for later use; choose from {', '.join(TRAINABLE_HEADS)}."
+        raise InputDataError(msg)
+    if not 0.0 <= float(threshold) <= 1.0:
+        msg = f"threshold must lie in [0, 1]; got {threshold!r}."
+        raise InputDataError(msg)
+    estimator = get_head(head, **params)
+    params_key = estimator.params_key()
+    rows = _select_embeddings(st, embeddings, dataset, model, variant)
+    first = rows.iloc[0]
+    space_id = str(first["space_id"])
+    embedding_ids = [str(e) for e in rows["embedding_id"]]
+    head_id = _hash_text("trained-head", space_id, embedding_ids, category_type, category, head, params_key, float(threshold))
+    exists = has_trained_head(st, head_id)
+    if exists:
+        try:
+            load_head(st, head_id)  # verifies the artifact is intact
+        except HeadArtifactError as err:  # missing, changed, or a pickle of an older scdm: fit it again
+            why = "is a pickle of an older scdm" if isinstance(err, LegacyHeadError) else "is missing or damaged"
+            logger.warning("trained head %s: its artifact %s; training it again", head_id, why)
+        else:
+            logger.info("trained head %s exists; reusing it", head_id)
+            return head_id
+    cells = _training_cells(st, rows, category_type, category)
+    X = _training_matrix(st, rows, cells)
+    y = cells["response"].to_numpy(np.int64)
+    t0 = time.perf_counter()
+    estimator.fit(X, y)
+    fit_seconds = time.perf_counter() - t0
+    relative, artifact_format = _write_artifact(st, head_id, estimator)
+    if exists:
+        set_head_artifact(st, head_id, artifact_format=artifact_format, path=relative,
+                          file_hash=file_hash(st.root / relative), scdm_version=_version(), fit_seconds=fit_seconds)
+        return head_id
+    metrics = _eval_metrics(st, space_id, category_type, category, head, params_key)
+    record = TrainedHeadRecord(
+        head_id=head_id, head=head, head_params=params_key, space_id=space_id, model=str(first["model"]),
+        variant=str(first["variant"]), checkpoint_hash=_optional(first["checkpoint_hash"]),
+        adapter_hash=_optional(first["adapter_hash"]), embedding_params=str(first["params"]), dim=int(first["dim"]),
+        embedding_ids=tuple(embedding_ids), datasets=tuple(str(n) for n in rows["dataset_name"]),
+        category_type=category_type, category=category, n_train=int(len(y)), n_train_pos=int(y.sum()),
+        threshold=float(threshold), train_metrics=json.dumps(metrics) if metrics else None, fit_seconds=fit_seconds,
+        artifact_format=artifact_format, path=relative, file_hash=file_hash(st.root / relative),
+        scdm_version=_version(), label_set=_label_set_names(st, list(rows["dataset_id"])),
+    )
+    add_trained_head(st, record)
+    logger.info("trained %s head %s on %d cells of %s=%s (%s, space %s)", head, head_id, len(y), category_type,
+                category, record.model, space_id)
+    return head_id
+
+
+def _optional(value: Any) -> str | None:
+    return None if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def _label_set_names(st: Store, dataset_ids: Sequence[str]) -> str:
+    """Names of the label sets the training labels came from (each dataset's default), sorted."""
+    from scdm.store.labels import resolve_label_sets
+
+    return ",".join(sorted({ls.name for ls in resolve_label_sets(st, dataset_ids).values()}))
+
+
+def _write_artifact(st: Store, head_id: str, estimator: BaseHead) -> tuple[str, str]:
+    """Write the artifact folder atomically (temporary folder, then rename); returns (file path, format).
+
+    The written file is read back and must predict what ``estimator`` does before it replaces
+    anything.
+    """
+    final = st.root / HEADS_DIR / head_id
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{head_id}-", dir=final.parent))
+    try:
+        name, artifact_format = save_head_artifact(estimator, tmp)
+        _check_round_trip(estimator, load_head_artifact(tmp / name, artifact_format, estimator.name))
+        card = {"head_id": head_id, "head": estimator.name, "params": json.loads(estimator.params_key()),
+                "format": artifact_format, "file": name, "file_hash": file_hash(tmp / name), "scdm_version": _version()}
+        (tmp / "head.json").write_text(json.dumps(card, indent=2) + "\n")
+        if final.exists():  # an interrupted run's leftover, or the artifact being replaced
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return f"{HEADS_DIR}/{head_id}/{name}", artifact_format
+
+
+# --------------------------------------------------------------------------------------------
+# prediction
+# --------------------------------------------------------------------------------------------
+def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, str]:
+    """(DatasetInfo, embedding_id) of ``dataset`` in the head's space, or a clear refusal."""
+    ds = st.dataset(dataset)
+    table = st.embeddings()
+    mine = table[table["dataset_id"] == ds.dataset_id]
+    same = mine[(mine["space_id"] == trained.space_id) & (mine["status"] == "complete")]
+    if len(same):
+        return ds, str(same.sort_values("created_at")["embedding_id"].iloc[-1])
+    expected = f"{trained.model} ({trained.variant}, space {trained.space_id})"
+    if mine.empty:
+        msg = (f"Dataset {ds.name!r} has no embedding; head {trained.head_id} reads {expected}. "
+               f"Embed it first: `scdm embed {ds.name} --model {trained.model}`.")
+        raise EmbeddingNotFoundError(msg)
+    have = ", ".join(f"{r.model} ({r.variant}, space {r.space_id}, {r.status})" for r in mine.itertuples())
+    hint = (f"Embed it with the head's model: `scdm embed {ds.name} --model {trained.model}` (same checkpoint and params)."
+            if trained.model not in set(mine["model"]) else
+            "It is embedded with the same model but other parameters, checkpoint or fit (a pca/hvg baseline fitted "
+            "on other datasets is a space of its own): embed it jointly with the head's training datasets and train "
+            "the head in that space, or embed it with the exact parameters of the head's embeddings.")
+    msg = f"Dataset {ds.name!r} is embedded as {have}, but head {trained.head_id} expects {expected}. {hint}"
+    raise SpaceMismatchError(msg)
+
+
+def predict(
+    store: str | os.PathLike[str] | Store,
+    head_id: str,
+    dataset: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    trust_pickle: bool = False,
+) -> pd.DataFrame:
+    """Predict every cell of a dataset with a trained head; store and return the predictions.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    head_id : str
+        Trained head id (or unambiguous prefix of at least 6 characters).
+    dataset : str
+        Dataset name or id; it must be embedded in the head's space (same model, variant,
+        checkpoint and parameters).
+    out : str or path, optional
+        Also write the predictions to a ``.csv``, or to an ``.h5ad`` copy of the dataset with obs
+        columns ``scdm_proba`` and ``scdm_label`` (and the head id in ``uns["scdm"]``).
+    trust_pickle : bool, default False
+        Convert a head pickled by an older scdm to the safe format first (see :func:`load_head`):
+        this unpickles the file, which runs any code stored in it.
+
+    Returns
+    -------
+    DataFrame
+        One row per cell in dataset order: ``head_id``, ``dataset_id``, ``row``, ``cell_id``,
+        ``embedding_id``, ``proba`` (probability of sensitive), ``label`` (1 sensitive, 0
+        resistant), ``response`` (the stored label, if any).
+
+    Raises
+    ------
+    HeadNotFoundError, HeadArtifactError
+    LegacyHeadError
+        The head is a pickle of an older scdm (the message says how to train it again).
+    SpaceMismatchError
+        The dataset is embedded only with another model, variant or space.
+    EmbeddingNotFoundError
+        The dataset has no embedding at all.
+    """
+    from scdm.store import open_store
+
+    st = open_store(store)
+    if out is not None and Path(out).suffix not in (".csv", ".h5ad"):
+        msg = f"Cannot write predictions to {str(out)!r}: use a path ending in .csv or .h5ad."
+        raise InputDataError(msg)
+    trained = load_head(st, head_id, trust_pickle=trust_pickle)
+    ds, embedding_id = _embedding_for(st, trained, dataset)
+    X = st.read_embedding(embedding_id)
+    proba = trained.head.predict_proba(X)
+    label = (proba >= trained.threshold).astype(np.int8)
+    cells = st.cells([ds.dataset_id]).sort_values("row").reset_index(drop=True)
+    frame = pd.DataFrame({
+        "head_id": trained.head_id, "dataset_id": ds.dataset_id, "row": cells["row"].to_numpy(np.int32),
+        "cell_id": cells["cell_id"].astype(str), "embedding_id": embedding_id, "proba": proba.astype(np.float32),
+        "label": label, "response": cells["response"],
+    })
+    replace_predictions(st, Predictions(trained.head_id, ds.dataset_id, embedding_id, frame["row"].to_numpy(),
+                                        frame["proba"].to_numpy(), frame["label"].to_numpy()))
+    if out is not None:
+        _write_out(st, ds, frame, Path(out), trained)
+    logger.info("predicted %d cells of %s with head %s (%d sensitive)", len(frame), ds.name, trained.head_id,
+                int(label.sum()))
+    return frame
+
+
+def _write_out(st: Store, ds: Any, frame: pd.DataFrame, out: Path, trained: TrainedHead) -> None:
+    if out.suffix == ".csv":
+        frame.to_csv(out, index=False)
+        return
+    adata = st.open_anndata(ds.dataset_id, backed=False)
+    adata.obs["scdm_proba"] = frame["proba"].to_numpy()
+    adata.obs["scdm_label"] = frame["label"].to_numpy()
+    adata.uns["scdm_prediction"] = {"head_id": trained.head_id, "model": trained.model, "variant": trained.variant,
+                                    "space_id": trained.space_id, "threshold": trained.threshold}
+    adata.write_h5ad(out)
+
+
+def trained_heads(store: str | os.PathLike[str] | Store) -> pd.DataFrame:
+    """All trained heads (catalog rows), newest first."""
+    from scdm.store import open_store
+
+    return trained_head_table(open_store(store))

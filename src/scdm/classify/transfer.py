@@ -1,0 +1,949 @@
+"""scDEAL transfer learning: from labelled bulk (or labelled studies) to unlabelled single cells.
+
+:func:`transfer` trains the scDEAL network (see :mod:`scdm.classify._transfer_model`) from a
+labelled *source* to an unlabelled *target* dataset of the store and writes every target cell's
+probability of sensitivity to the catalog; :func:`critical_genes` explains a run with integrated
+gradients and a Wilcoxon test between predicted sensitive and resistant cells.
+
+Sources
+    * bulk cell lines: an AnnData / ``.h5ad`` (``obs[drug]`` = response) or a pair of CSV paths
+      ``(expression.csv, response.csv)``; a continuous response (IC50, AUC, activity area) is
+      binarised per drug with the waterfall method (:func:`waterfall_cutoff`);
+    * labelled single-cell studies of the store: a dataset name or a list of names.
+
+Features
+    * ``"expr"``: log-normalised expression (counts: ``normalize_total`` 1e4 + ``log1p``) on the
+      genes shared by source and target, restricted to the target's ``n_hvg`` most variable
+      ones, MinMax-scaled to [0, 1] per domain as in the paper;
+    * an embedding id of the target dataset: its cached embedding (any model), with the source
+      datasets' embeddings of the same space (or ``source_features``), MinMax-scaled per domain.
+
+No peeking
+    The epoch kept is the one with the lowest cross-entropy on held-out *source* cells
+    (``validation_fraction``), or on a labelled target-validation dataset passed as
+    ``validation`` (a different dataset than the target). A grid of ``alpha``/``beta`` values
+    needs such a target-validation set: source cross-entropy cannot measure adaptation. Target
+    labels are read only after the predictions are made, to compute metrics.
+
+Examples
+--------
+>>> res = transfer("scdm-store", source=("gdsc_expr.csv", "gdsc_ic50.csv"), target="GSE110894",
+...                drug="I-BET-762", response="ic50")           # doctest: +SKIP
+>>> res.metrics["auroc"]                                        # doctest: +SKIP
+>>> genes = critical_genes("scdm-store", res.run_id)             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from scdm.classify._transfer_data import (
+    MinMax,
+    ResponseKind,
+    TransferWarning,
+    WaterfallCut,
+    balance_classes,
+    binarize_response,
+    bulk_kind,
+    cluster_cells,
+    column_index,
+    dense,
+    log_normalize,
+    read_bulk,
+    read_store_expression,
+    select_hvg,
+    shared_genes,
+    split_source,
+    store_symbols,
+    symbols_of,
+    waterfall_cutoff,
+)
+from scdm.classify.metrics import METRICS, compute_metrics
+from scdm.store.errors import (
+    EmbeddingIncompleteError,
+    EmbeddingNotFoundError,
+    InputDataError,
+)
+from scdm.store.transfer import (
+    CriticalGenes,
+    TransferMetrics,
+    TransferOutputs,
+    TransferRunRecord,
+    TransferRunResult,
+    TransferRunStart,
+    complete_transfer_run,
+    fail_transfer_run,
+    replace_critical_genes,
+    start_transfer_run,
+    transfer_artifacts_dir,
+    transfer_predictions,
+    transfer_run,
+)
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from scdm.store import Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TransferResult",
+    "TransferWarning",
+    "WaterfallCut",
+    "binarize_response",
+    "critical_genes",
+    "transfer",
+    "transfer_latent",
+    "waterfall_cutoff",
+]
+
+
+
+# --------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransferResult:
+    """What one :func:`transfer` call did."""
+
+    run_id: str
+    """Id of the run (``transfer_runs.run_id``)."""
+    target: str
+    """Target dataset name."""
+    drug: str | None
+    """Drug name (the response column of a bulk source)."""
+    features: str
+    """``expr`` or the target's embedding id."""
+    adapt: bool
+    """False for the same predictor without domain adaptation."""
+    proba: np.ndarray = field(repr=False)
+    """Probability that each target cell is sensitive, shape (n_target,), dataset row order."""
+    label: np.ndarray = field(repr=False)
+    """Predicted label (1 sensitive) of each target cell."""
+    metrics: dict[str, float | None] | None
+    """Metrics on the target cells that have a label (None when the target is unlabelled)."""
+    metric_flags: tuple[str, ...]
+    """Why some metrics are None."""
+    selection: str
+    """What chose the kept epoch (``source_val``, ``target_val`` or ``last``)."""
+    selected_epoch: int
+    """Joint-stage epoch kept."""
+    val_score: float
+    """Validation cross-entropy of the kept epoch."""
+    alpha: float
+    """MMD weight used (the chosen one when a grid was given)."""
+    beta: float
+    """Cluster-regulariser weight used."""
+    cluster_method: str
+    """How the target clusters were made (``leiden``, ``louvain``, ``kmeans``)."""
+    n_clusters: int
+    """Target clusters."""
+    waterfall: WaterfallCut | None
+    """Cutoff of the bulk response (None for binary labels and store sources)."""
+    n_source: int
+    """Labelled source samples/cells (training + validation)."""
+    n_features: int
+    """Input features (genes or embedding dims)."""
+    feature_names: tuple[str, ...] = field(repr=False)
+    """The input features in column order."""
+    history: pd.DataFrame = field(repr=False)
+    """Mean losses per stage and epoch."""
+    artifacts: Path = field(repr=False)
+    """Folder with the weights, scalers and latent space of the run."""
+    seconds: float = 0.0
+    """Wall time."""
+
+
+# --------------------------------------------------------------------------------------------
+# domains
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Domains:
+    """Features of both domains, unscaled, plus what the run records about them."""
+
+    Xs: np.ndarray
+    ys: np.ndarray
+    Xt: np.ndarray
+    features: list[str]
+    source_kind: str
+    source_desc: dict[str, Any]
+    cut: WaterfallCut | None = None
+    source_features: list[str] | None = None
+    Xv: np.ndarray | None = None
+    yv: np.ndarray | None = None
+
+
+def _resolve_source(st: Store, source: Any) -> tuple[str, Any]:
+    """("bulk", source) or ("store", [dataset names])."""
+    import anndata as ad
+
+    if isinstance(source, ad.AnnData):
+        return "bulk", source
+    if isinstance(source, (tuple, list)) and len(source) == 2 and all(str(s).lower().endswith(".csv") for s in source):
+        return "bulk", tuple(source)
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if text.lower().endswith((".h5ad", ".h5")) or (Path(text).suffix and Path(text).exists()):
+            return "bulk", text
+        return "store", [st.dataset(text).name]
+    if isinstance(source, (tuple, list)) and source and all(isinstance(s, str) for s in source):
+        return "store", [st.dataset(s).name for s in source]
+    msg = (f"source={source!r} is not understood: pass a bulk AnnData or .h5ad path, a pair "
+           "(expression.csv, response.csv), or the name(s) of labelled datasets in the store.")
+    raise InputDataError(msg)
+
+
+def _labelled_rows(st: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+    cells = st.cells(name)
+    keep = cells["response"].notna().to_numpy()
+    if not keep.any():
+        msg = f"Source dataset {name!r} has no labelled cell; ingest it with label_key=<obs column>."
+        raise InputDataError(msg)
+    return cells["row"].to_numpy(np.int64)[keep], cells["response"].to_numpy(np.float64)[keep].astype(np.int8)
+
+
+def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str | None, response: ResponseKind,
+                  linear_r: float, source_transform: str, n_hvg: int | None, validation: str | None) -> _Domains:
+    """Log-normalised expression of source, target (and target-validation) on shared HVGs."""
+    target_symbols = store_symbols(st, target)
+    if kind == "bulk":
+        bulk = read_bulk(source, drug=drug, response=response, linear_r=linear_r)
+        lists = [symbols_of(bulk.genes)]
+    else:
+        lists = [store_symbols(st, name) for name in source]
+    if validation is not None:
+        lists.append(store_symbols(st, validation))
+    genes = shared_genes([*lists, target_symbols])
+    target_all = read_store_expression(st, target, genes)
+    features = select_hvg(target_all, genes, n_hvg)
+    Xt = dense(target_all[:, column_index(np.asarray(genes, dtype=object), features)])
+    del target_all
+    if kind == "bulk":
+        how = bulk_kind(bulk.X, source_transform)
+        Xs = dense(log_normalize(bulk.X, how, columns=column_index(lists[0], features)))
+        desc = {**bulk.description, "transform": how}
+        dom = _Domains(Xs, bulk.y, Xt, features, desc["kind"], desc, cut=bulk.cut)
+    else:
+        blocks, labels = [], []
+        for name in source:
+            rows, y = _labelled_rows(st, name)
+            blocks.append(dense(read_store_expression(st, name, features)[rows]))
+            labels.append(y)
+        desc = {"kind": "store", "datasets": [st.dataset(n).dataset_id for n in source], "names": list(source)}
+        dom = _Domains(np.vstack(blocks), np.concatenate(labels), Xt, features, "store", desc)
+    if validation is not None:
+        rows, dom.yv = _labelled_rows(st, validation)
+        dom.Xv = dense(read_store_expression(st, validation, features)[rows])
+    logger.info("transfer features: %d genes shared, %d kept (target HVGs)", len(genes), len(features))
+    return dom
+
+
+def _embedding_domains(st: Store, kind: str, source: Any, target: str, features: str,
+                       source_features: Sequence[str] | None, validation: str | None) -> _Domains:
+    """Cached embeddings of the target and of the source (and validation) datasets."""
+    if kind == "bulk":
+        msg = (f"features={features!r} is an embedding, but the source is bulk expression, which has no embedding in "
+               "the store. Use features='expr', or a labelled single-cell source from the store.")
+        raise InputDataError(msg)
+    table = st.embeddings()
+    target_id = st.dataset(target).dataset_id
+    row = table[table["embedding_id"] == features]
+    if row.empty:
+        msg = f"No embedding {features!r} in the store; pass features='expr' or an embedding id of {target!r} (scdm ls)."
+        raise EmbeddingNotFoundError(msg)
+    if row["dataset_id"].iloc[0] != target_id:
+        msg = f"Embedding {features} belongs to dataset {row['dataset_name'].iloc[0]!r}, not to the target {target!r}."
+        raise InputDataError(msg)
+    space = row["space_id"].iloc[0]
+    names = list(source) + ([validation] if validation is not None else [])
+    ids = _source_embedding_ids(st, table, names, space, source_features, len(source))
+    Xt = st.read_embedding(features)
+    blocks, labels = [], []
+    for name, emb_id in zip(source, ids):
+        rows, y = _labelled_rows(st, name)
+        blocks.append(st.read_embedding(emb_id, rows))
+        labels.append(y)
+    dims = {b.shape[1] for b in blocks}
+    if len(dims) != 1:
+        msg = f"The source embeddings have different dims {sorted(dims)}; pick embeddings of one space (source_features)."
+        raise InputDataError(msg)
+    desc = {"kind": "store", "datasets": [st.dataset(n).dataset_id for n in source], "names": list(source)}
+    dom = _Domains(np.vstack(blocks).astype(np.float32), np.concatenate(labels), Xt.astype(np.float32),
+                   [f"dim_{i}" for i in range(Xt.shape[1])], "store", desc, source_features=ids[:len(source)])
+    if validation is not None:
+        rows, dom.yv = _labelled_rows(st, validation)
+        dom.Xv = st.read_embedding(ids[-1], rows).astype(np.float32)
+    return dom
+
+
+def _source_embedding_ids(st: Store, table: pd.DataFrame, names: list[str], space: str,
+                          given: Sequence[str] | None, n_source: int) -> list[str]:
+    if given is not None:
+        given = list(given)
+        if len(given) != n_source:
+            msg = f"source_features lists {len(given)} embeddings for {n_source} source datasets; pass one per dataset."
+            raise InputDataError(msg)
+    ids = []
+    for i, name in enumerate(names):
+        ds_id = st.dataset(name).dataset_id
+        if given is not None and i < n_source:
+            match = table[(table["embedding_id"] == given[i]) & (table["dataset_id"] == ds_id)]
+        else:
+            match = table[(table["dataset_id"] == ds_id) & (table["space_id"] == space)]
+        match = match[match["status"] == "complete"]
+        if match.empty:
+            msg = (f"Dataset {name!r} has no complete embedding in the target embedding's space {space}; embed it "
+                   "with the same model and parameters, or name its embedding with source_features=[...].")
+            raise EmbeddingIncompleteError(msg)
+        ids.append(str(match.sort_values("created_at")["embedding_id"].iloc[-1]))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+def _as_list(value: float | Sequence[float], name: str) -> list[float]:
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in values):
+        msg = f"{name}={value!r}: pass a number >= 0 (or a list of them with a target-validation set)."
+        raise InputDataError(msg)
+    return [float(v) for v in values]
+
+
+def _check_params(epochs: int, pretrain_epochs: int, lr: float, batch_size: int, validation_fraction: float,
+                  threshold: float, hidden: Sequence[int] = (1,), latent_dim: int = 1,
+                  predictor_hidden: Sequence[int] = (1,)) -> None:
+    problems = []
+    for name, sizes in (("hidden", hidden), ("predictor_hidden", predictor_hidden), ("latent_dim", [latent_dim])):
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in sizes):
+            problems.append(f"{name}={sizes!r} (layer sizes >= 1)")
+    for name, value in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "pretrain_epochs" else 1):
+            problems.append(f"{name}={value!r} (an integer >= {0 if name == 'pretrain_epochs' else 1})")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        problems.append(f"lr={lr!r} (a number > 0)")
+    if not 0 < validation_fraction < 1:
+        problems.append(f"validation_fraction={validation_fraction!r} (in (0, 1))")
+    if not 0 < threshold < 1:
+        problems.append(f"threshold={threshold!r} (in (0, 1))")
+    if problems:
+        msg = "Invalid transfer parameters: " + "; ".join(problems) + "."
+        raise InputDataError(msg)
+
+
+def transfer(
+    store: str | os.PathLike[str] | Store,
+    *,
+    source: str | Sequence[str] | tuple[str, str] | ad.AnnData,
+    target: str,
+    drug: str | None = None,
+    features: str = "expr",
+    source_features: Sequence[str] | None = None,
+    response: ResponseKind = "auto",
+    linear_r: float = 0.95,
+    source_transform: Literal["auto", "counts", "tpm", "log"] = "auto",
+    n_hvg: int | None = 2000,
+    balance: Literal["none", "upsample", "downsample", "smote"] = "none",
+    validation: str | None = None,
+    validation_fraction: float = 0.2,
+    alpha: float | Sequence[float] = 1.0,
+    beta: float | Sequence[float] = 0.1,
+    rec_weight: float = 1.0,
+    epochs: int = 50,
+    pretrain_epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    hidden: Sequence[int] = (256, 128),
+    latent_dim: int = 32,
+    predictor_hidden: Sequence[int] = (16,),
+    dropout: float = 0.1,
+    corruption: Literal["mask", "gaussian"] = "mask",
+    mask_rate: float = 0.2,
+    noise_std: float = 0.1,
+    shared_encoder: bool = False,
+    cluster_method: Literal["auto", "leiden", "louvain", "kmeans"] = "auto",
+    resolution: float = 0.3,
+    n_clusters: int | None = None,
+    adapt: bool = True,
+    threshold: float = 0.5,
+    seed: int = 0,
+) -> TransferResult:
+    """Train scDEAL from a labelled source to an unlabelled target dataset and store the predictions.
+
+    Parameters
+    ----------
+    store : str, path or Store
+    source
+        Bulk: an AnnData or ``.h5ad`` path (response in ``obs[drug]``) or ``(expression.csv,
+        response.csv)``. Single cell: a store dataset name or a list of names (labelled cells).
+    target : str
+        Store dataset to predict (its labels, if any, are used only for the metrics).
+    drug : str, optional
+        The response column of a bulk source; recorded with the run.
+    features : str, default "expr"
+        ``"expr"`` or an embedding id of the target dataset.
+    source_features : list of str, optional
+        Embedding ids of the source datasets (default: their embeddings in the target's space).
+    response : {"auto", "binary", "ic50", "auc", "activity_area"}, default "auto"
+        How a bulk response is given; continuous kinds are binarised by the waterfall method.
+    linear_r : float, default 0.95
+        Waterfall linearity threshold (see :func:`waterfall_cutoff`).
+    source_transform : {"auto", "counts", "tpm", "log"}, default "auto"
+        How bulk expression is log-normalised (``auto``: integers -> counts, values above 50 ->
+        tpm, otherwise already log-scale).
+    n_hvg : int or None, default 2000
+        Target highly variable genes kept among the shared genes (None: all shared genes).
+    balance : {"none", "upsample", "downsample", "smote"}, default "none"
+        Class balancing of the source training cells (``smote`` needs imbalanced-learn).
+    validation : str, optional
+        A labelled store dataset used as target-validation set (chooses the kept epoch and, with
+        lists of ``alpha``/``beta``, the hyper-parameters). Must differ from ``target``. Default:
+        ``validation_fraction`` of the source, held out.
+    validation_fraction : float, default 0.2
+    alpha, beta : float or list of float, default 1.0 and 0.1
+        Weights of the MMD and cluster terms; lists form a grid (needs ``validation``).
+    rec_weight : float, default 1.0
+        Weight of the denoising reconstruction terms in the joint stage (0: CE + MMD + cluster only).
+    epochs, pretrain_epochs : int, default 50 and 20
+    lr : float, default 1e-3
+        Adam learning rate of every stage.
+    batch_size, hidden, latent_dim, predictor_hidden, dropout
+        Network and training settings (:class:`scdm.classify._transfer_model.TrainConfig`).
+    corruption : {"mask", "gaussian"}, default "mask"
+        How the denoising autoencoders corrupt their inputs: scDEAL's binomial masking noise (each
+        MinMax-scaled value set to 0 with probability ``mask_rate``) or additive Gaussian noise
+        with standard deviation ``noise_std``.
+    mask_rate, noise_std : float, default 0.2 and 0.1
+    cluster_method : {"auto", "leiden", "louvain", "kmeans"}, default "auto"
+    resolution : float, default 0.3
+        Leiden/Louvain resolution.
+    n_clusters : int, optional
+        KMeans clusters (default: chosen by silhouette).
+    adapt : bool, default True
+        False trains the same network on the source alone and predicts the target through the
+        source encoder (no adaptation), for comparison.
+    threshold : float, default 0.5
+        Cells with ``proba >= threshold`` are labelled sensitive.
+    seed : int, default 0
+
+    Returns
+    -------
+    TransferResult
+
+    Raises
+    ------
+    InputDataError, GeneMappingError, DatasetNotFoundError, EmbeddingNotFoundError
+    """
+    from scdm.classify._transfer_model import TrainConfig
+    from scdm.store import open_store
+
+    started = time.perf_counter()
+    st = open_store(store)
+    _check_params(epochs, pretrain_epochs, lr, batch_size, validation_fraction, threshold, tuple(hidden), latent_dim,
+                  tuple(predictor_hidden))
+    _check_corruption(corruption, mask_rate, noise_std)
+    alphas, betas = _as_list(alpha, "alpha"), _as_list(beta, "beta")
+    target_info = st.dataset(target)
+    kind, src = _resolve_source(st, source)
+    if kind == "store" and target_info.name in src:
+        msg = f"The target {target_info.name!r} is also a source; transfer would train on the cells it evaluates."
+        raise InputDataError(msg)
+    if validation is not None:
+        validation = st.dataset(validation).name
+        if validation == target_info.name:
+            msg = ("validation must be a labelled dataset other than the target: choosing epochs or alpha/beta on "
+                   "the evaluated target cells is the leak this tool avoids.")
+            raise InputDataError(msg)
+    grid = list(itertools.product(alphas, betas))
+    if len(grid) > 1 and validation is None:
+        msg = (f"alpha={alphas} and beta={betas} form a grid of {len(grid)} settings; choosing among them needs a "
+               "labelled target-validation dataset (validation=...). Source validation cells cannot measure "
+               "adaptation, and the target's own labels must not be used.")
+        raise InputDataError(msg)
+    if features == "expr":
+        dom = _expr_domains(st, kind, src, target_info.name, drug=drug, response=response, linear_r=linear_r,
+                            source_transform=source_transform, n_hvg=n_hvg, validation=validation)
+    else:
+        dom = _embedding_domains(st, kind, src, target_info.name, features, source_features, validation)
+    cfg = TrainConfig(alpha=alphas[0], beta=betas[0], rec_weight=float(rec_weight), epochs=epochs,
+                      pretrain_epochs=pretrain_epochs, lr=float(lr), batch_size=batch_size, hidden=tuple(hidden),
+                      latent_dim=latent_dim, predictor_hidden=tuple(predictor_hidden), dropout=float(dropout),
+                      corruption=corruption, mask_rate=float(mask_rate), noise_std=float(noise_std),
+                      shared_encoder=bool(shared_encoder), seed=seed)
+    run_id = uuid.uuid4().hex[:16]
+    start_transfer_run(st, TransferRunStart(
+        run_id=run_id, drug=drug, source_kind=dom.source_kind, source=dom.source_desc,
+        target_dataset_id=target_info.dataset_id, features=features, source_features=dom.source_features, adapt=adapt,
+        selection="target_val" if validation else "source_val", config=cfg.to_dict(), scdm_version=_version()))
+    try:
+        result = _run(st, run_id, dom, target_info, cfg, grid, validation, validation_fraction, balance, adapt,
+                      threshold, cluster_method, resolution, n_clusters, features, drug, started)
+    except BaseException as err:
+        fail_transfer_run(st, run_id, f"{type(err).__name__}: {err}")
+        raise
+    return result
+
+
+def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> None:
+    problems = []
+    if corruption not in ("mask", "gaussian"):
+        problems.append(f"corruption={corruption!r} (mask or gaussian)")
+    if isinstance(mask_rate, bool) or not isinstance(mask_rate, (int, float)) or not 0 <= mask_rate < 1:
+        problems.append(f"mask_rate={mask_rate!r} (a probability in [0, 1))")
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not noise_std >= 0:
+        problems.append(f"noise_std={noise_std!r} (a number >= 0)")
+    if problems:
+        msg = "Invalid transfer parameters: " + "; ".join(problems) + "."
+        raise InputDataError(msg)
+
+
+def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid: list[tuple[float, float]],
+         validation: str | None, validation_fraction: float, balance: str, adapt: bool, threshold: float,
+         cluster_method: str, resolution: float, n_clusters: int | None, features: str, drug: str | None,
+         started: float) -> TransferResult:
+    from scdm.classify._transfer_model import Validation, encode_source, fit_transfer, predict_target
+
+    source_scaler, target_scaler = MinMax.fit(dom.Xs), MinMax.fit(dom.Xt)
+    Xs, Xt = source_scaler.transform(dom.Xs), target_scaler.transform(dom.Xt)
+    if validation is None:
+        train_idx, val_idx = split_source(dom.ys, validation_fraction, cfg.seed)
+        val = Validation(Xs[val_idx], dom.ys[val_idx], "source") if val_idx.size else None
+    else:
+        assert dom.Xv is not None and dom.yv is not None
+        train_idx = np.arange(dom.ys.size)
+        val = Validation(MinMax.fit(dom.Xv).transform(dom.Xv), dom.yv, "target")
+    X_train, y_train = balance_classes(Xs[train_idx], dom.ys[train_idx], balance, seed=cfg.seed)
+    clusters = cluster_cells(Xt, method=cluster_method, resolution=resolution, n_clusters=n_clusters, seed=cfg.seed)  # type: ignore[arg-type]
+    logger.info("transfer %s: %d source (%d train), %d target cells, %d features; clusters: %s", run_id, dom.ys.size,
+                y_train.size, Xt.shape[0], Xt.shape[1], clusters.note)
+    fits = []
+    for a, b in grid:
+        run_cfg = replace(cfg, alpha=a, beta=b)
+        fits.append((fit_transfer(X_train, y_train, Xt, clusters.labels, run_cfg, validation=val, adapt=adapt), run_cfg))
+    outcome, cfg = min(fits, key=lambda f: (f[0].best_score if not math.isnan(f[0].best_score) else math.inf))
+    proba, latent = predict_target(outcome.net, Xt)
+    label = (proba >= threshold).astype(np.int8)
+    # Target labels are read only now, after the model is fixed: they feed the metrics alone.
+    metrics, flags = _target_metrics(st, target_info.name, proba, threshold)
+    art = _save_artifacts(st, run_id, outcome.net, cfg, dom, source_scaler, target_scaler, latent,
+                          encode_source(outcome.net, Xs), grid, fits)
+    outputs = TransferOutputs(dataset_id=target_info.dataset_id, proba=proba, label=label, cluster=clusters.labels,
+                              history=outcome.history, features=dom.features, metrics=metrics)
+    seconds = time.perf_counter() - started
+    selection = ("target_val" if validation else "source_val") if val is not None else "last"
+    complete_transfer_run(st, run_id, TransferRunResult(
+        selection=selection, selected_epoch=int(outcome.best_epoch),
+        val_score=None if math.isnan(outcome.best_score) else float(outcome.best_score),
+        cluster_method=clusters.method, n_clusters=clusters.n_clusters, waterfall=dom.cut.to_dict() if dom.cut else None,
+        n_source=int(dom.ys.size), n_target=int(Xt.shape[0]), n_features=int(Xt.shape[1]),
+        config=_config_record(cfg, grid, fits, clusters, threshold, balance, validation, validation_fraction),
+        metric_flags=flags, artifacts_path=str(art.relative_to(st.root)), seconds=seconds), outputs)
+    logger.info("transfer %s done in %.1f s (epoch %d kept on %s)", run_id, seconds, outcome.best_epoch, selection)
+    return TransferResult(
+        run_id=run_id, target=target_info.name, drug=drug, features=features, adapt=adapt, proba=proba, label=label,
+        metrics=dict(metrics.values) if metrics else None, metric_flags=flags or (), selection=selection,
+        selected_epoch=int(outcome.best_epoch), val_score=float(outcome.best_score), alpha=cfg.alpha, beta=cfg.beta,
+        cluster_method=clusters.method, n_clusters=clusters.n_clusters, waterfall=dom.cut, n_source=int(dom.ys.size),
+        n_features=int(Xt.shape[1]), feature_names=tuple(dom.features), history=outputs.history_frame(run_id),
+        artifacts=art,
+        seconds=seconds)
+
+
+def _config_record(cfg: Any, grid: list[tuple[float, float]], fits: list[Any], clusters: Any, threshold: float,
+                   balance: str, validation: str | None, validation_fraction: float) -> dict[str, Any]:
+    return {**cfg.to_dict(), "grid": [{"alpha": a, "beta": b, "val_ce": None if math.isnan(f[0].best_score) else f[0].best_score}
+                                      for (a, b), f in zip(grid, fits)],
+            "cluster_note": clusters.note, "threshold": threshold, "balance": balance, "validation": validation,
+            "validation_fraction": None if validation else validation_fraction}
+
+
+def _target_metrics(st: Store, target: str, proba: np.ndarray,
+                    threshold: float) -> tuple[TransferMetrics | None, tuple[str, ...] | None]:
+    """Metrics on the target cells that carry a label, and their flags ((None, None) when none does)."""
+    cells = st.cells(target)
+    labelled = cells["response"].notna().to_numpy()
+    if not labelled.any():
+        return None, None
+    rows = cells["row"].to_numpy(np.int64)[labelled]
+    y = cells["response"].to_numpy(np.float64)[labelled].astype(np.int8)
+    m = compute_metrics(y, proba[rows], threshold=threshold)
+    return TransferMetrics({k: m.values[k] for k in METRICS}, int(m.n), int(m.n_pos)), tuple(m.flags)
+
+
+def _save_artifacts(st: Store, run_id: str, net: Any, cfg: Any, dom: _Domains, source_scaler: MinMax,
+                    target_scaler: MinMax, latent_target: np.ndarray, latent_source: np.ndarray,
+                    grid: list[tuple[float, float]], fits: list[Any]) -> Path:
+    from safetensors.torch import save_file
+
+    folder = transfer_artifacts_dir(st, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Copies: with a shared encoder two keys hold one tensor, which safetensors stores only once per key.
+    save_file({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    np.savez(folder / "scalers.npz", source_low=source_scaler.low, source_span=source_scaler.span,
+             target_low=target_scaler.low, target_span=target_scaler.span)
+    np.savez_compressed(folder / "latent.npz", target=latent_target, source=latent_source,
+                        source_y=dom.ys.astype(np.int8))
+    meta = {"config": cfg.to_dict(), "n_source_features": int(dom.Xs.shape[1]), "n_target_features": int(dom.Xt.shape[1]),
+            "adapted": bool(net.adapted), "features": dom.features}
+    (folder / "run.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# reading a run back
+# --------------------------------------------------------------------------------------------
+def transfer_latent(store: str | os.PathLike[str] | Store, run_id: str) -> dict[str, np.ndarray]:
+    """The latent space of a run, for a UMAP of source and target together.
+
+    Returns
+    -------
+    dict
+        ``target`` (n_target, latent_dim) in dataset row order, ``source`` (n_source,
+        latent_dim) and ``source_y`` (n_source,) labels of the source rows.
+    """
+    from scdm.store import open_store
+
+    st = open_store(store)
+    run = transfer_run(st, run_id, complete=True)
+    with np.load(st.root / str(run.artifacts_path) / "latent.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _load_net(st: Store, run: TransferRunRecord) -> tuple[Any, dict[str, Any]]:
+    import torch
+
+    from scdm.classify._transfer_model import TrainConfig, TransferNet
+
+    folder = st.root / str(run.artifacts_path)
+    meta = json.loads((folder / "run.json").read_text())
+    conf = dict(meta["config"])
+    for key in ("hidden", "predictor_hidden"):
+        conf[key] = tuple(conf[key])
+    cfg = TrainConfig(**conf)
+    net = TransferNet(meta["n_source_features"], meta["n_target_features"], cfg)
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "model.safetensors"))
+    else:  # runs written before the safetensors artifact: a state_dict, read without unpickling code
+        state = torch.load(folder / "model.pt", weights_only=True)
+    net.load_state_dict(state)
+    net.adapted = bool(meta["adapted"])
+    net.eval()
+    return net, meta
+
+
+# --------------------------------------------------------------------------------------------
+# critical genes
+# --------------------------------------------------------------------------------------------
+GENE_PROFILES: dict[str, dict[str, Any]] = {
+    # Signed attributions in the test, Benjamini-Hochberg: the false-discovery rate among genes
+    # called critical stays at ``fdr`` while keeping power when hundreds of genes differ.
+    "default": {"use_abs": False, "correction": "bh"},
+    # scDEAL's analysis: absolute attributions (their share of each cell's total), Bonferroni.
+    "paper": {"use_abs": True, "correction": "bonferroni"},
+}
+"""Defaults of :func:`critical_genes`' two profiles; ``use_abs`` and ``correction`` passed explicitly win."""
+
+
+def critical_genes(
+    store: str | os.PathLike[str] | Store,
+    run_id: str,
+    *,
+    profile: Literal["default", "paper"] = "default",
+    max_cells: int | None = 5000,
+    n_steps: int = 64,
+    use_abs: bool | None = None,
+    per_cell: bool = True,
+    correction: Literal["bh", "bonferroni"] | None = None,
+    fdr: float = 0.05,
+    min_log2fc: float = 0.1,
+    min_pts: float = 0.2,
+    pseudocount: float = 0.1,
+    plot: bool = True,
+    top: int = 20,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Genes whose attribution differs between predicted sensitive and resistant target cells.
+
+    Integrated gradients (exact up to a checked quadrature error: completeness holds per cell
+    within tolerance) of the probability of sensitivity with respect to the MinMax-scaled input
+    genes, from an all-zero baseline (every gene at its minimum), for every target cell (or a
+    random ``max_cells`` of them). An attribution is *signed*: positive where the gene's expression
+    pushes the cell towards "sensitive", negative where it pushes towards "resistant". With
+    ``per_cell`` each cell's attributions are divided by the cell's total absolute attribution
+    (signs kept), so that a gene is compared by its share of the cell's explanation, not by how
+    steep the model is around the cell (confidently predicted cells have small gradients on every
+    gene) -- scDEAL runs ``normalize_total`` on its attributions for the same reason.
+
+    Per gene, the attributions of predicted-sensitive cells are compared with those of
+    predicted-resistant cells by a two-sided Wilcoxon rank-sum (Mann-Whitney U) test, on the
+    signed values (default) or on their absolute values (``use_abs``, scDEAL's choice, which
+    cannot tell a gene that pushes sensitive cells towards "sensitive" from one that pushes them
+    towards "resistant"), with a multiple-testing correction over the genes. Reported per gene:
+
+    - ``mean_sensitive``, ``mean_resistant``: mean *signed* attribution of each group (always
+      signed, whatever ``use_abs``); ``mean_abs_sensitive``, ``mean_abs_resistant``: mean absolute
+      attribution;
+    - ``log2fc = log2((mean_abs_sensitive + c) / (mean_abs_resistant + c))``, where the
+      pseudocount ``c = pseudocount x`` (mean absolute attribution over all attributed cells and
+      genes): scale-free, and a gene with no attribution in one group gets a bounded fold change
+      instead of log2(x / 1e-12) ~ 30. ``direction`` is its sign: the group in which the gene
+      carries more of the explanation;
+    - ``effect_size``: rank-biserial correlation ``2U / (n_sensitive n_resistant) - 1`` of the
+      tested values (in [-1, 1]; positive when they are larger in sensitive cells) and
+      ``cohens_d``: the difference of their means over the pooled standard deviation;
+    - ``pts_*``: share of the group's cells with a non-zero attribution; ``detect_*``: share
+      of the group's cells that express the gene (above its minimum among the target cells);
+    - ``statistic`` (U of the sensitive group), ``pvalue``, ``pvalue_adj``.
+
+    A gene is *critical* when ``pvalue_adj <= fdr``, ``|log2fc| > min_log2fc`` and more than
+    ``min_pts`` of the cells of its direction's group have a non-zero attribution -- the
+    thresholds of the scDEAL case studies (0.05, 0.1, 0.2).
+
+    Parameters
+    ----------
+    store : str, path or Store
+    run_id : str
+        A complete run with ``features="expr"``.
+    profile : {"default", "paper"}, default "default"
+        ``default``: signed attributions, Benjamini-Hochberg (controls the false-discovery rate,
+        the usual choice when many genes are tested and a list of candidates is wanted).
+        ``paper``: reproduces scDEAL's analysis -- absolute attributions and Bonferroni (controls
+        the chance of any false call; conservative). scDEAL's published notebook calls scanpy's
+        ``rank_genes_groups``, whose default is Benjamini-Hochberg: pass ``correction="bh"`` to
+        match that code rather than the paper.
+    max_cells : int or None, default 5000
+        Cells attributed (random, seeded); None = all.
+    n_steps : int, default 64
+        Initial quadrature nodes of the integrated gradients (doubled where needed).
+    use_abs : bool, optional
+        Test absolute instead of signed attributions (default: the profile's).
+    per_cell : bool, default True
+        Divide each cell's attributions by its total absolute attribution.
+    correction : {"bh", "bonferroni"}, optional
+        Multiple-testing correction over genes (default: the profile's).
+    fdr, min_log2fc, min_pts : float, default 0.05, 0.1 and 0.2
+        Thresholds of a critical gene (see above).
+    pseudocount : float, default 0.1
+        Pseudocount of the fold change, in units of the mean absolute attribution.
+    plot : bool, default True
+        Write ``critical_genes.png`` (volcano and top genes) to the run's artifacts folder.
+    top : int, default 20
+        Genes per direction named in the plot.
+    seed : int, default 0
+
+    Returns
+    -------
+    DataFrame
+        One row per gene (the ``critical_genes`` table), best first; ``attrs`` holds
+        ``plot`` (path or None), ``max_completeness_gap`` and ``n_cells``.
+    """
+    from scdm.classify._transfer_model import integrated_gradients
+    from scdm.store import open_store
+
+    st = open_store(store)
+    settings = _gene_settings(profile, use_abs, correction, pseudocount)
+    run = transfer_run(st, run_id, complete=True)
+    if run.features != "expr":
+        msg = (f"Run {run_id} used embedding features ({run.features}); critical genes need expression inputs. "
+               "Run transfer with features='expr'.")
+        raise InputDataError(msg)
+    net, meta = _load_net(st, run)
+    genes = list(meta["features"])
+    target = st.dataset(run.target_dataset_id).name
+    preds = transfer_predictions(st, run_id)
+    rows = _pick_cells(preds["label"].to_numpy(np.int8), max_cells, seed)
+    X = dense(read_store_expression(st, target, genes)[rows])
+    with np.load(st.root / str(run.artifacts_path) / "scalers.npz", allow_pickle=False) as sc:
+        X = MinMax(sc["target_low"], sc["target_span"]).transform(X)
+    net64 = net.double()
+    attr, delta = integrated_gradients(lambda x: net64.target_proba(x), X, n_steps=n_steps)
+    labels = preds["label"].to_numpy(np.int8)[rows]  # the stored predictions define the two groups
+    if per_cell:
+        totals = np.abs(attr).sum(axis=1, keepdims=True)
+        attr = attr / np.where(totals > 0, totals, 1.0)
+    table = attribution_table(attr, labels, genes, expressed=X > 0, use_abs=settings["use_abs"],
+                              correction=settings["correction"], pseudocount=settings["pseudocount"])
+    table = flag_critical(table, fdr=fdr, min_log2fc=min_log2fc, min_pts=min_pts)
+    params = {"profile": profile, "max_cells": max_cells, "n_cells": int(rows.size), "n_steps": n_steps,
+              "use_abs": settings["use_abs"], "per_cell": per_cell, "correction": settings["correction"], "fdr": fdr,
+              "min_log2fc": min_log2fc, "min_pts": min_pts, "pseudocount": pseudocount,
+              "pseudocount_value": float(table.attrs["pseudocount_value"]), "seed": seed,
+              "baseline": "zeros (each gene at its target minimum)", "output": "probability of sensitive",
+              "max_completeness_gap": float(np.abs(delta).max()) if delta.size else 0.0}
+    replace_critical_genes(st, CriticalGenes(run_id, table, params))
+    table.insert(0, "run_id", run_id)
+    path = _plot_genes(table, st.root / str(run.artifacts_path) / "critical_genes.png", top=top, fdr=fdr) if plot else None
+    table.attrs.update({"plot": path, "max_completeness_gap": params["max_completeness_gap"], "n_cells": int(rows.size),
+                        "params": params})
+    logger.info("critical genes of %s: %d of %d genes pass (max completeness gap %.2e)", run_id,
+                int(table["critical"].sum()), len(table), params["max_completeness_gap"])
+    return table
+
+
+def _gene_settings(profile: str, use_abs: bool | None, correction: str | None, pseudocount: float) -> dict[str, Any]:
+    if profile not in GENE_PROFILES:
+        msg = f"profile={profile!r}: use one of {', '.join(GENE_PROFILES)}."
+        raise InputDataError(msg)
+    settings = dict(GENE_PROFILES[profile])
+    if use_abs is not None:
+        settings["use_abs"] = bool(use_abs)
+    if correction is not None:
+        settings["correction"] = correction
+    if settings["correction"] not in ("bh", "bonferroni"):
+        msg = f"correction={settings['correction']!r}: use 'bh' (Benjamini-Hochberg) or 'bonferroni'."
+        raise InputDataError(msg)
+    if isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float)) or not pseudocount > 0:
+        msg = f"pseudocount={pseudocount!r}: pass a number > 0 (in units of the mean absolute attribution)."
+        raise InputDataError(msg)
+    settings["pseudocount"] = float(pseudocount)
+    return settings
+
+
+def _pick_cells(labels: np.ndarray, max_cells: int | None, seed: int) -> np.ndarray:
+    if np.unique(labels).size < 2:
+        msg = (f"All {labels.size} target cells are predicted {'sensitive' if labels[0] else 'resistant'}; critical "
+               "genes compare predicted sensitive with resistant cells, so there is nothing to compare.")
+        raise InputDataError(msg)
+    if max_cells is None or max_cells >= labels.size:
+        return np.arange(labels.size)
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(labels.size, size=max_cells, replace=False))
+    if np.unique(labels[picked]).size < 2:  # keep both groups in a tiny sample
+        missing = 1 - labels[picked[0]]
+        picked = np.sort(np.append(picked[1:], np.flatnonzero(labels == missing)[0]))
+    return picked
+
+
+def attribution_table(attr: np.ndarray, labels: np.ndarray, genes: Sequence[str], *, expressed: np.ndarray | None = None,
+                      use_abs: bool = False, correction: str = "bh", pseudocount: float = 0.1) -> pd.DataFrame:
+    """Per-gene comparison of attributions between cells labelled 1 (sensitive) and 0 (resistant).
+
+    Parameters
+    ----------
+    attr : ndarray of shape (n_cells, n_genes)
+        Signed attributions.
+    labels : ndarray of shape (n_cells,)
+        1 sensitive, 0 resistant (both present).
+    genes : sequence of str
+    expressed : bool ndarray of shape (n_cells, n_genes), optional
+        Whether each cell expresses each gene (for ``detect_*``); default: non-zero attribution.
+    use_abs : bool, default False
+        Test absolute instead of signed attributions.
+    correction : {"bh", "bonferroni"}, default "bh"
+    pseudocount : float, default 0.1
+        Of the fold change, in units of the mean absolute attribution (see :func:`critical_genes`).
+
+    Returns
+    -------
+    DataFrame
+        One row per gene (see :func:`critical_genes` for the columns); ``attrs["pseudocount_value"]``
+        is the pseudocount in attribution units.
+    """
+    from scipy import stats
+
+    labels = np.asarray(labels)
+    signed = np.asarray(attr, np.float64)
+    magnitude = np.abs(signed)
+    tested = magnitude if use_abs else signed
+    is_s, is_r = labels == 1, labels == 0
+    n_s, n_r = int(is_s.sum()), int(is_r.sum())
+    with np.errstate(all="ignore"):
+        test = stats.mannwhitneyu(tested[is_s], tested[is_r], axis=0, alternative="two-sided", method="asymptotic")
+    p = np.where(np.isfinite(test.pvalue), test.pvalue, 1.0)
+    p_adj = stats.false_discovery_control(p, method="bh") if correction == "bh" else np.minimum(p * p.size, 1.0)
+    u = np.asarray(test.statistic, np.float64)
+    rank_biserial = np.where(np.isfinite(u), 2.0 * u / (n_s * n_r) - 1.0, 0.0)
+    c = pseudocount * float(magnitude.mean()) if magnitude.size else pseudocount
+    c = c if c > 0 else pseudocount  # all attributions zero: any positive pseudocount gives log2fc 0
+    abs_s, abs_r = magnitude[is_s].mean(axis=0), magnitude[is_r].mean(axis=0)
+    log2fc = np.log2((abs_s + c) / (abs_r + c))
+    present = magnitude > 0
+    detected = present if expressed is None else np.asarray(expressed, bool)
+    table = pd.DataFrame({
+        "gene": list(genes), "mean_sensitive": signed[is_s].mean(axis=0), "mean_resistant": signed[is_r].mean(axis=0),
+        "mean_abs_sensitive": abs_s, "mean_abs_resistant": abs_r, "log2fc": log2fc, "effect_size": rank_biserial,
+        "cohens_d": _cohens_d(tested[is_s], tested[is_r]),
+        "pts_sensitive": present[is_s].mean(axis=0), "pts_resistant": present[is_r].mean(axis=0),
+        "detect_sensitive": detected[is_s].mean(axis=0), "detect_resistant": detected[is_r].mean(axis=0),
+        "statistic": u, "pvalue": p, "pvalue_adj": p_adj,
+        "direction": np.where(log2fc > 0, "sensitive", "resistant")})
+    table.attrs["pseudocount_value"] = c
+    return table
+
+
+def _cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(mean a - mean b) / pooled sd per column; 0 where both groups are constant and equal, NaN if constant and not."""
+    na, nb = a.shape[0], b.shape[0]
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    dof = max(na + nb - 2, 1)
+    pooled = np.sqrt(((na - 1) * a.var(axis=0, ddof=1 if na > 1 else 0) + (nb - 1) * b.var(axis=0, ddof=1 if nb > 1 else 0)) / dof)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pooled > 0, diff / np.where(pooled > 0, pooled, 1.0), np.where(diff == 0, 0.0, np.nan))
+
+
+def flag_critical(table: pd.DataFrame, *, fdr: float, min_log2fc: float, min_pts: float) -> pd.DataFrame:
+    """Mark critical genes (see :func:`critical_genes`) and rank the table: critical first, then by p and |log2fc|."""
+    pts = np.where(table["direction"] == "sensitive", table["pts_sensitive"], table["pts_resistant"])
+    table["critical"] = (table["pvalue_adj"] <= fdr) & (table["log2fc"].abs() > min_log2fc) & (pts > min_pts)
+    order = np.lexsort((-table["log2fc"].abs().to_numpy(), table["pvalue"].to_numpy(), ~table["critical"].to_numpy()))
+    attrs = dict(table.attrs)
+    table = table.iloc[order].reset_index(drop=True)
+    table.insert(1, "rank", np.arange(1, len(table) + 1, dtype=np.int32))
+    table.attrs.update(attrs)
+    return table
+
+
+def _plot_genes(table: pd.DataFrame, path: Path, *, top: int, fdr: float) -> Path:
+    """Volcano plot (log2 fold change of attribution vs -log10 adjusted p) and the top genes per direction."""
+    from scdm.classify._plots import RESPONSE_COLORS, new_figure, style
+
+    with style():
+        fig = new_figure(10, 4.5)
+        ax_v, ax_b = fig.subplots(1, 2, width_ratios=[1.2, 1])
+        y = -np.log10(np.clip(table["pvalue_adj"].to_numpy(np.float64), 1e-300, 1.0))
+        colors = np.where(~table["critical"], "#bdbdbd",
+                          np.where(table["direction"] == "sensitive", RESPONSE_COLORS["sensitive"], RESPONSE_COLORS["resistant"]))
+        ax_v.scatter(table["log2fc"], y, s=6, c=list(colors), linewidths=0)
+        ax_v.axhline(-np.log10(fdr), color="#636363", lw=0.6, ls="--")
+        ax_v.set_xlabel("log2 fold change of attribution (sensitive / resistant)")
+        ax_v.set_ylabel("-log10 adjusted p (Wilcoxon)")
+        ax_v.set_title("Integrated-gradient attributions")
+        crit = table[table["critical"]]
+        picks = pd.concat([crit[crit["direction"] == d].head(top // 2 or 1) for d in ("sensitive", "resistant")])
+        if picks.empty:
+            ax_b.text(0.5, 0.5, "no gene passes the thresholds", ha="center", va="center", transform=ax_b.transAxes)
+            ax_b.set_axis_off()
+        else:
+            picks = picks.sort_values("log2fc")
+            ax_b.barh(np.arange(len(picks)), picks["log2fc"],
+                      color=[RESPONSE_COLORS[d] for d in picks["direction"]])
+            ax_b.set_yticks(np.arange(len(picks)), labels=list(picks["gene"]))
+            ax_b.set_xlabel("log2 fold change")
+            ax_b.set_title("Critical genes")
+        fig.savefig(path, format="png", dpi=150)
+    return path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scdm")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,391 @@
+"""The adapter interface every foundation model implements, and the model registry.
+
+An adapter turns a block of cells (a CSR matrix over the dataset's genes) into one vector per
+cell, exactly as the model's reference implementation does. The runner (``runner.py``) owns
+everything else: chunking, length-sorted mini-batches, device, precision, resume, telemetry and
+writing to the store.
+
+Life cycle, as the runner drives it::
+
+    adapter = get_adapter("geneformer")(checkpoint="/ckpt/gf-6L", layer=-2)   # cheap, no I/O
+    adapter.check_checkpoint()           # raises CheckpointError naming a missing file
+    adapter.load(device="cpu")           # reads weights, builds ``adapter.model`` (nn.Module)
+    audit = adapter.prepare(var_genes, gene_id_kind="symbol")   # per-dataset gene mapping
+    cells = adapter.tokenize(x_block, rows)      # list[dict[str, ndarray]], CPU, picklable
+    batch = adapter.collate([cells[i] for i in order])          # dict[str, Tensor], padded
+    emb = adapter.embed(batch)                   # Tensor (n, emb_dim), float32, same order
+
+``tokenize`` must be deterministic given the global row index (seed any sampling from
+``(self.seed, row)``), so that results do not depend on chunk size, batch size or sorting.
+``embed`` receives tensors already moved to the device and runs under the runner's autocast.
+A padding mask in a batch may be ``None``: ``collate`` decides on the CPU that no cell of the
+batch is padded, so the model runs without a mask (SDPA can then use its fastest kernels) and
+nothing on the device has to be inspected to find that out.
+
+Before ``load``, a runner may call ``adapter.configure_precision(device, precision)``: adapters
+with ``half_precision_weights`` then hold their weights in the autocast dtype on CUDA (the
+matrix products run in that dtype under autocast anyway; the fp32 copies only cost memory and a
+cast per use). It returns what this adds to the embedding's parameters (``{"weights": "bf16"}``),
+which the runner must record with them, so an embedding made with half-precision weights never
+stands in for one made without.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from scdm.store.errors import (
+    CheckpointError,
+    GeneMappingError,
+    InputDataError,
+    ScdmWarning,
+    UnknownModelError,
+)
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+    import torch
+
+__all__ = [
+    "Adapter",
+    "GeneAudit",
+    "register_adapter",
+    "get_adapter",
+    "available_models",
+    "check_counts",
+    "check_input_kind",
+    "check_cells_expressed",
+    "check_embedded_rows",
+    "require_matches",
+]
+
+logger = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+@dataclass(frozen=True)
+class GeneAudit:
+    """How a dataset's genes met a model's vocabulary (stored with every embedding)."""
+
+    n_input_genes: int
+    """Genes in the dataset."""
+    n_matched: int
+    """Dataset genes the model knows (after id mapping)."""
+    unmatched_examples: tuple[str, ...] = ()
+    """Up to 20 dataset genes the model does not know, for the error message and the audit."""
+    id_kind_used: str = "symbol"
+    """The gene id kind the model consumed (after mapping)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Model-specific notes (e.g. genes zero-filled by scFoundation)."""
+
+    @property
+    def fraction_matched(self) -> float:
+        """Matched / input genes (0 for an empty gene list)."""
+        return self.n_matched / self.n_input_genes if self.n_input_genes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_input_genes": self.n_input_genes,
+            "n_matched": self.n_matched,
+            "fraction_matched": round(self.fraction_matched, 6),
+            "unmatched_examples": list(self.unmatched_examples),
+            "id_kind_used": self.id_kind_used,
+            **self.extra,
+        }
+
+
+class Adapter(abc.ABC):
+    """One foundation-model family: load, tokenise, collate, embed.
+
+    Subclasses set the class attributes and implement the abstract methods. Keyword
+    parameters given to ``__init__`` that change the numbers must be returned by
+    :meth:`params` (they become part of the embedding's identity).
+    """
+
+    name: ClassVar[str]
+    """Registry name (``scdm embed --model NAME``)."""
+    description: ClassVar[str] = ""
+    """One line for ``scdm models``."""
+    gene_id_kind: ClassVar[str] = "symbol"
+    """Gene id kind the model's vocabulary uses: ``"symbol"`` or ``"ensembl"``."""
+    requires_counts: ClassVar[bool] = True
+    """Whether the model's preprocessing assumes raw, non-negative counts."""
+    checkpoint_files: ClassVar[tuple[str, ...]] = ()
+    """Files a checkpoint folder must hold (glob patterns allowed), for checks and ``scdm models``."""
+    lora_target_modules: ClassVar[tuple[str, ...]] = ()
+    """peft ``target_modules`` for LoRA fine-tuning (see MODELS.md)."""
+    default_batch_size: ClassVar[int] = 32
+    """Cells per mini-batch when the user gives none (CPU; the runner scales it on GPU)."""
+    half_precision_weights: ClassVar[bool] = False
+    """Whether :meth:`load` can hold the weights in the autocast dtype (see :meth:`configure_precision`)."""
+    weight_precision: str | None = None
+    """``"bf16"``/``"fp16"`` once :meth:`configure_precision` chose half-precision weights, else None (float32)."""
+
+    def __init__(self, checkpoint: str | Path | None = None, *, seed: int = 0, **params: Any) -> None:
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.seed = seed
+        self.model: torch.nn.Module | None = None
+        self.device: torch.device | None = None
+
+    # ---- checkpoint -----------------------------------------------------------------------
+    def check_checkpoint(self) -> None:
+        """Raise :class:`CheckpointError` naming the first missing file of the folder."""
+        if self.checkpoint is None:
+            msg = f"Model {self.name!r} needs --checkpoint DIR (a folder with: {', '.join(self.checkpoint_files)})."
+            raise CheckpointError(msg)
+        if not self.checkpoint.is_dir():
+            msg = f"Checkpoint folder {str(self.checkpoint)!r} does not exist or is not a folder."
+            raise CheckpointError(msg)
+        for pattern in self.checkpoint_files:
+            if not any(self.checkpoint.glob(pattern)):
+                msg = (
+                    f"Checkpoint folder {str(self.checkpoint)!r} is missing {pattern!r}; "
+                    f"a {self.name} checkpoint needs: {', '.join(self.checkpoint_files)}."
+                )
+                raise CheckpointError(msg)
+
+    @abc.abstractmethod
+    def load(self, device: str | torch.device = "cpu") -> None:
+        """Read the checkpoint and build ``self.model`` on ``device`` in eval mode."""
+
+    def configure_precision(self, device: str | torch.device, precision: str) -> dict[str, Any]:
+        """Choose the weights' dtype for an inference run on ``device`` at ``precision``; call before :meth:`load`.
+
+        Adapters with ``half_precision_weights`` hold their weights in bfloat16 / float16 when the
+        run is on CUDA under bf16 / fp16 autocast (their normalisation layers stay float32, and
+        autocast still computes those, and softmax, in float32). Anything else (CPU, fp32, an
+        adapter without it, fine-tuning, which never calls this) keeps float32 weights, as before.
+
+        Parameters
+        ----------
+        device
+            The run's device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        precision
+            The run's resolved precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+
+        Returns
+        -------
+        dict
+            ``{"weights": precision}`` when the weights will be half precision, else ``{}``: the
+            caller adds it to the embedding's parameters (the numbers differ from float32 weights
+            under autocast, in the last bits of the embedding tables and normalisation inputs).
+        """
+        if self.model is not None:
+            msg = f"configure_precision() must come before load(): {self.name}'s weights are already loaded."
+            raise RuntimeError(msg)
+        half = self.half_precision_weights and str(device).startswith("cuda") and precision in ("bf16", "fp16")
+        self.weight_precision = precision if half else None
+        return {"weights": precision} if half else {}
+
+    # ---- description ----------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def emb_dim(self) -> int:
+        """Length of one cell's embedding."""
+
+    @abc.abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The parameters that change the numbers (JSON-serialisable)."""
+
+    def n_parameters(self) -> int:
+        """Parameters of the loaded model (0 before :meth:`load`)."""
+        if self.model is None:
+            return 0
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+    # ---- data -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
+        """Map the dataset's genes onto the model vocabulary; keep what :meth:`tokenize` needs."""
+
+    @abc.abstractmethod
+    def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Turn cells into model inputs.
+
+        Parameters
+        ----------
+        x
+            csr_matrix of shape (n_cells, n_dataset_genes), float32, in the dataset's gene order.
+        rows
+            ndarray of shape (n_cells,): the cells' row indices in the dataset (seed sampling
+            from them so results do not depend on chunking).
+
+        Returns
+        -------
+        list of dict
+            One dict of 1-D arrays per cell; its length (for sorting and padding statistics) is
+            ``len(cell["input_ids"])`` unless the adapter overrides :meth:`token_length`.
+        """
+
+    def token_length(self, cell: dict[str, np.ndarray]) -> int:
+        """Tokens the model computes for this cell (used for length sorting)."""
+        return int(len(cell["input_ids"]))
+
+    @abc.abstractmethod
+    def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """Pad a list of tokenised cells into a batch of CPU tensors (a padding mask may be None: no cell is padded)."""
+
+    @abc.abstractmethod
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and pool: ``Tensor`` of shape (n_cells, emb_dim), float32."""
+
+
+def check_counts(x: sp.csr_matrix, model: str) -> None:
+    """Refuse negative or non-finite values for models that need raw counts."""
+    data = x.data
+    if data.size and not np.isfinite(data).all():
+        msg = f"{model} needs raw counts, but the expression matrix holds NaN or inf values. Clean the matrix (e.g. replace them with 0) and ingest it again."
+        raise InputDataError(msg)
+    if data.size and (data < 0).any():
+        msg = (
+            f"{model} needs raw, non-negative counts, but the expression matrix has negative values "
+            "(it looks z-scored or scaled). Ingest the raw counts layer instead, or use a baseline "
+            "model (pca, hvg) that accepts normalised data."
+        )
+        raise InputDataError(msg)
+
+
+def check_input_kind(model: str, requires_counts: bool, x_kind: str, dataset: str, *, allow_non_counts: bool = False) -> None:
+    """Refuse a dataset whose value kind the model cannot take, before any work.
+
+    A model that assumes raw counts (``requires_counts``) normalises and ranks them itself, so fed
+    log-normalised or otherwise transformed values it returns numbers that look like embeddings
+    but are not what the model computes on counts. Scaled data (negative values) is refused
+    always; normalised data only with ``allow_non_counts`` (then a warning says so).
+    """
+    if not requires_counts or x_kind == "counts":
+        return
+    if x_kind == "scaled":
+        msg = (
+            f"{model} needs raw counts, but dataset {dataset!r} holds negative (scaled) values. Ingest the raw "
+            "counts (e.g. adata.layers['counts'] saved as X), or use a baseline model (pca, hvg)."
+        )
+        raise InputDataError(msg)
+    if not allow_non_counts:
+        msg = (
+            f"{model} expects raw counts, but dataset {dataset!r} holds {x_kind} values (not all integers). The model "
+            "would normalise them again and return embeddings of other numbers than it was trained on. Ingest the raw "
+            "counts (e.g. adata.layers['counts'] saved as X; or --x-kind counts at ingest if they are counts after all), "
+            "or pass --allow-non-counts (allow_non_counts=True) to embed the values as they are."
+        )
+        raise InputDataError(msg)
+    warnings.warn(f"{model} expects raw counts; embedding the {x_kind} values of dataset {dataset!r} as they are "
+                  "(allow_non_counts=True).", ScdmWarning, stacklevel=2)
+
+
+def expressed_genes(x: sp.csr_matrix) -> np.ndarray:
+    """Genes with a non-zero value in each row of ``x`` (explicitly stored zeros do not count)."""
+    per_row = np.diff(x.indptr)
+    if not x.nnz:
+        return np.zeros(x.shape[0], dtype=np.int64)
+    row_of = np.repeat(np.arange(x.shape[0]), per_row)
+    return np.bincount(row_of[x.data != 0], minlength=x.shape[0])
+
+
+def check_cells_expressed(x: sp.csr_matrix, rows: np.ndarray, model: str, *, allow_empty_cells: bool = False) -> int:
+    """Refuse cells without a single expressed gene (unless allowed); returns how many there are.
+
+    Such a cell carries no information: depending on the model its embedding is all zeros, NaN,
+    or a constant (the pooled special tokens alone). Refused unless ``allow_empty_cells``, in which
+    case the model's output is kept as the reference computes it.
+    """
+    empty = np.flatnonzero(expressed_genes(x) == 0)
+    if empty.size and not allow_empty_cells:
+        raise InputDataError(_empty_cells_message(model, np.asarray(rows)[empty], "express no gene at all"))
+    return int(empty.size)
+
+
+def check_embedded_rows(vectors: np.ndarray, rows: np.ndarray, model: str, *, allow_empty_cells: bool = False) -> int:
+    """Refuse embeddings that are NaN/inf, or all zeros (unless allowed); returns the all-zero rows.
+
+    A model returns an all-zero (or NaN) vector for a cell none of whose expressed genes it knows
+    (nothing to pool): storing it silently would hand the classifier a fake cell.
+    """
+    rows = np.asarray(rows)
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        msg = (f"{model} returned NaN or inf for the cells at rows {_rows(rows[bad])}. Cells none of whose expressed genes "
+               "the model knows give that in some models: remove them and ingest again. Otherwise the model diverged: "
+               "try --precision fp32.")
+        raise InputDataError(msg)
+    zero = np.flatnonzero(~vectors.any(axis=1))
+    if zero.size and not allow_empty_cells:
+        raise InputDataError(_empty_cells_message(model, rows[zero], "got an all-zero embedding: none of their expressed genes is known to the model"))
+    return int(zero.size)
+
+
+def _rows(rows: np.ndarray, n: int = 10) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:n])
+    return f"{shown}{', ...' if len(rows) > n else ''} ({len(rows)} in all)"
+
+
+def _empty_cells_message(model: str, rows: np.ndarray, what: str) -> str:
+    return (f"The cells at rows {_rows(rows)} {what}, so their {model} embedding would say nothing about them. Filter "
+            "such cells out before ingesting (e.g. scanpy.pp.filter_cells(adata, min_genes=200)), or pass "
+            "--allow-empty-cells (allow_empty_cells=True) to keep what the model returns for them.")
+
+
+def require_matches(audit: GeneAudit, model: str, *, min_genes: int = 1, min_fraction: float = 0.0) -> None:
+    """Raise :class:`GeneMappingError` when too few genes match, naming the likely cause."""
+    if audit.n_matched >= min_genes and audit.fraction_matched >= min_fraction:
+        return
+    examples = ", ".join(audit.unmatched_examples[:5])
+    msg = (
+        f"Only {audit.n_matched} of {audit.n_input_genes} genes ({audit.fraction_matched:.1%}) are in the "
+        f"{model} vocabulary (need at least {min_genes} and {min_fraction:.0%}). Unmatched examples: {examples}. "
+        "Likely cause: the wrong gene id type (check the dataset's gene_id_kind; override it with "
+        "--gene-id-kind at ingest) or a non-human species. Lower the threshold with --min-gene-fraction."
+    )
+    raise GeneMappingError(msg)
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make ``cls`` available as ``get_adapter(cls.name)``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _import_model_modules() -> None:
+    # model files register themselves on import; importing lazily keeps `scdm --help` fast
+    import importlib
+    import pkgutil
+
+    from scdm.embedding import models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"scdm.embedding.models.{info.name}")
+
+
+def available_models() -> dict[str, type[Adapter]]:
+    """Registered adapters by name, sorted."""
+    _import_model_modules()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_adapter(name: str) -> type[Adapter]:
+    """The adapter class registered as ``name``.
+
+    Raises
+    ------
+    KeyError
+        Unknown name; the message lists the registered models and the closest match.
+    """
+    models = available_models()
+    if name in models:
+        return models[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(models), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    msg = f"Unknown model {name!r}. Registered: {', '.join(models)}.{hint}"
+    raise UnknownModelError(msg)

@@ -1,0 +1,213 @@
+"""The chunk machinery both embedding executors share: tokenising a chunk's cells, running the
+model over length-sorted batches, padding statistics, telemetry and the finalize-with-repair step.
+
+:mod:`scdm.embedding.runner` (local) and :mod:`scdm.embedding._ray_executor` (Ray actors) both import it,
+so neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scdm.embedding._adapter import Adapter, check_cells_expressed, check_counts
+from scdm.store import Embedding, Store, default_chunk_rows
+from scdm.store.errors import EmbeddingIncompleteError, ScdmError
+from scdm.store.matrix import to_csr
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["EmbedResult", "ChunkTokens", "MODEL_CHUNK_ROWS_MAX", "autocast_context", "batches_by_length", "embed_cells",
+           "finalize_with_repair", "model_chunk_rows", "padding_stats", "peak_rss", "run_telemetry"]
+
+logger = logging.getLogger("scdm.embedding.runner")
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What one embedding job produced."""
+
+    embedding_id: str
+    dataset: str
+    model: str
+    dim: int
+    n_cells: int
+    computed_chunks: int
+    """Chunks written by this call (0 when the embedding already existed)."""
+    status: str
+    telemetry: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int, *, sort: bool = True) -> list[np.ndarray]:
+    """Index batches of cells, longest first when ``sort`` (equal lengths keep row order)."""
+    idx = np.argsort(-np.asarray(lengths), kind="stable") if sort else np.arange(len(lengths))
+    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+def padding_stats(lengths: Sequence[int], batches: list[np.ndarray]) -> tuple[int, int]:
+    """(tokens computed with these batches, tokens computed with naive batches in row order)."""
+    cell_lengths = np.asarray(lengths)
+    computed = sum(int(cell_lengths[b].max()) * len(b) for b in batches if len(b))
+    size = max((len(b) for b in batches), default=1)
+    naive = sum(int(cell_lengths[i:i + size].max()) * len(cell_lengths[i:i + size])
+                for i in range(0, len(cell_lengths), size))
+    return computed, naive
+
+
+class ChunkTokens:
+    """Map-style dataset over chunks: item i = (chunk, tokenised cells); opens the data lazily per process."""
+
+    def __init__(self, store_root: Path, dataset_id: str, adapter: Adapter, emb: Embedding, chunks: list[int], needs_counts: bool,
+                 *, allow_empty_cells: bool = False) -> None:
+        self.store_root = store_root
+        self.dataset_id = dataset_id
+        self.adapter = adapter
+        self.chunk_rows = emb.chunk_rows
+        self.n_cells = emb.n_cells
+        self.chunks = chunks
+        self.needs_counts = needs_counts
+        self.allow_empty_cells = allow_empty_cells
+        self._adata: Any = None
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> tuple[int, list[dict[str, np.ndarray]]]:
+        if self._adata is None:
+            self._adata = Store(self.store_root).open_anndata(self.dataset_id, backed=True)
+        chunk = self.chunks[i]
+        lo = chunk * self.chunk_rows
+        hi = min(lo + self.chunk_rows, self.n_cells)
+        x = to_csr(self._adata.X[lo:hi])
+        if self.needs_counts:
+            check_counts(x, self.adapter.name)
+        check_cells_expressed(x, np.arange(lo, hi), self.adapter.name, allow_empty_cells=self.allow_empty_cells)
+        return chunk, self.adapter.tokenize(x, np.arange(lo, hi))
+
+
+MODEL_CHUNK_ROWS_MAX = 4096
+"""Cells per chunk at most for foundation-model embeddings (a crash loses at most one chunk)."""
+
+
+def model_chunk_rows(chunk_rows: int | None, emb_dim: int, params: dict[str, Any], batch_dependent: bool) -> int:
+    """Rows per chunk of a foundation-model embedding (same rule for every executor)."""
+    if chunk_rows is None:
+        # a chunk is the unit of resume: foundation models are slow, so cap the work a crash can lose
+        chunk_rows = min(default_chunk_rows(emb_dim), MODEL_CHUNK_ROWS_MAX)
+    if batch_dependent:
+        # cells of one batch attend to each other: batches must be fixed row ranges, so chunks
+        # hold whole batches and batch k is always rows [k*bs, (k+1)*bs)
+        bs = params["batch_size"]
+        chunk_rows = -(-chunk_rows // bs) * bs
+    return chunk_rows
+
+
+def peak_rss() -> int:
+    """Peak resident memory since :func:`_reset_peak_rss` (VmHWM), else since process start."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def autocast_context(device: str, precision: str) -> Any:
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
+def embed_cells(adapter: Adapter, cells: list[dict[str, np.ndarray]], batches: list[np.ndarray], device: str, precision: str, state: dict[str, Any]) -> np.ndarray:
+    """Embed one chunk's cells batch by batch, halving the batch on CUDA out-of-memory."""
+    import torch
+
+    out = np.empty((len(cells), adapter.emb_dim), dtype=np.float32)
+    queue = list(batches)
+    while queue:
+        idx = queue.pop(0)
+        try:
+            batch = adapter.collate([cells[i] for i in idx])
+            batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+            with torch.inference_mode(), autocast_context(device, precision):
+                vecs = adapter.embed(batch)
+            out[idx] = vecs.float().cpu().numpy()
+        except torch.cuda.OutOfMemoryError as err:
+            if getattr(adapter, "batch_dependent", False):
+                msg = (f"CUDA out of memory at batch size {len(idx)}. {adapter.name} embeds cells jointly within a batch, so "
+                       "the batch size is part of the result and is not lowered automatically; rerun with a smaller --batch-size.")
+                raise ScdmError(msg) from err
+            if len(idx) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(idx) // 2
+            state["batch_size"] = max(1, half)
+            state["oom_backoffs"] = state.get("oom_backoffs", 0) + 1
+            logger.warning("CUDA out of memory at batch %d; retrying with %d", len(idx), half)
+            queue[:0] = [idx[:half], idx[half:]]
+    return out
+
+
+def finalize_with_repair(emb: Embedding, run: Any, chunks: list[int], telemetry_of: Any, audit_of: Any) -> dict[str, Any]:
+    """Compute ``chunks`` with ``run``, then finalize the embedding with its telemetry and audit.
+
+    :meth:`store.Embedding.finalize` refuses chunks whose data is absent from the array (marking them
+    missing again); those are computed once more here, then it finalizes again. Returns the stats of
+    ``run`` (summed over both rounds) with the ``telemetry`` that was stored.
+    """
+    stats = run(chunks)
+    for attempt in range(2):
+        telemetry = telemetry_of(stats)
+        try:
+            emb.finalize(telemetry=telemetry, audit=audit_of(stats))
+            break
+        except EmbeddingIncompleteError as err:
+            if attempt:
+                raise
+            again = emb.missing_chunks()
+            logger.warning("%s; computing %d chunk(s) again", err, len(again))
+            more = run(again)
+            for key in ("chunks", "cells", "zero_rows"):
+                stats[key] = stats.get(key, 0) + more.get(key, 0)
+    stats["telemetry"] = telemetry
+    return stats
+
+
+def run_telemetry(stats: dict[str, Any], device: str, precision: str, load_s: float | None, adapter: Adapter | None) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("scdm", "torch", "transformers", "peft", "numpy", "zarr", "duckdb", "anndata"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    out = {**stats, "device": device, "precision": precision, "peak_rss_bytes": peak_rss(),
+           "host": platform.node(), "versions": versions}
+    if load_s is not None:
+        out["load_s"] = load_s
+    if adapter is not None:
+        out["n_parameters"] = adapter.n_parameters()
+    if device.startswith("cuda"):
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out

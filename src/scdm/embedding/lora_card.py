@@ -1,0 +1,201 @@
+"""An adapter folder: the peft LoRA weights, the MLP head and the card saying what they were trained from.
+
+A folder ``<store>/artifacts/adapters/<adapter_id>/`` holds ``adapter_config.json`` and
+``adapter_model.safetensors`` (peft ``save_pretrained``), ``head.safetensors`` (the head) and
+``scdm_adapter.json`` (the card: model, checkpoint hash, parameters, (split, fold), LoRA and
+training settings, and the content hash of the weight files). :func:`read_lora_card` reads the
+card without loading weights; :meth:`LoraCard.apply` checks the files' hash and loads them onto a
+model. Nothing here is unpickled: weights are safetensors, the card is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scdm.embedding.lora_training import (
+    TrainedLora,
+    TrainSettings,
+    build_head,
+    lora_matrices,
+    quiet_peft,
+)
+from scdm.store import canonical_json
+from scdm.store.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from scdm.embedding._adapter import Adapter
+
+__all__ = [
+    "CARD_FILE",
+    "CARD_FORMAT",
+    "CARD_VERSION",
+    "HEAD_FILE",
+    "LoraCard",
+    "canonical_json",
+    "make_card",
+    "read_lora_card",
+    "save_adapter",
+]
+
+CARD_FILE = "scdm_adapter.json"
+"""What the adapter was trained from and on (read before loading, to refuse mismatches)."""
+HEAD_FILE = "head.safetensors"
+"""The MLP head's weights."""
+CARD_FORMAT = "scdm-lora"
+CARD_VERSION = 1
+"""Version of the adapter folder layout; part of every adapter's identity."""
+_HASHED_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
+
+
+def _files_hash(folder: Path) -> str:
+    """blake2b over the adapter's weight files (names and contents); a missing file is an error."""
+    total = hashlib.blake2b(digest_size=16)
+    for name in _HASHED_FILES:
+        path = folder / name
+        if not path.is_file():
+            msg = f"Adapter folder {str(folder)!r} is missing {name!r}; it is not a complete scdm LoRA adapter."
+            raise CheckpointError(msg)
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        total.update(name.encode() + b"\x1f" + h.hexdigest().encode())
+    return total.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoraCard:
+    """What an adapter folder holds and what it was trained from (``scdm_adapter.json``)."""
+
+    path: Path
+    adapter_id: str
+    tuning_id: str
+    adapter_hash: str
+    """blake2b of the adapter and head files."""
+    model: str
+    checkpoint_hash: str
+    model_params: dict[str, Any]
+    seed: int
+    split_id: str
+    fold: int
+    scenario: str
+    category_type: str
+    category: str
+    lora: dict[str, Any]
+    train: dict[str, Any]
+    lora_modules: tuple[str, ...]
+    emb_dim: int
+
+    @property
+    def variant(self) -> str:
+        """``lora:<adapter_id>``."""
+        return f"lora:{self.adapter_id}"
+
+    def embedding_params(self) -> dict[str, Any]:
+        """What the tuned embeddings record in ``params["lora"]``: the (split, fold) they belong to."""
+        return {"adapter_id": self.adapter_id, "tuning_id": self.tuning_id, "split_id": self.split_id, "fold": self.fold,
+                "scenario": self.scenario, "category_type": self.category_type, "category": self.category}
+
+    def check_base(self, adapter: Adapter, checkpoint_hash: str | None) -> None:
+        """Refuse to put this adapter on another model, checkpoint or parameter set."""
+        if adapter.name != self.model:
+            msg = f"Adapter {self.adapter_id} ({self.path}) was trained on {self.model!r}, not {adapter.name!r}; use --model {self.model}."
+            raise CheckpointError(msg)
+        if checkpoint_hash != self.checkpoint_hash:
+            msg = (f"Adapter {self.adapter_id} was trained on the {self.model} checkpoint with content hash {self.checkpoint_hash}, "
+                   f"but {str(adapter.checkpoint)!r} has hash {checkpoint_hash}: LoRA weights only fit the exact checkpoint "
+                   "they were trained on. Pass that checkpoint, or fine-tune again on this one.")
+            raise CheckpointError(msg)
+        params = {**adapter.params(), "seed": adapter.seed}
+        if canonical_json(params) != canonical_json(self.model_params):
+            msg = (f"Adapter {self.adapter_id} was trained with {self.model} parameters {self.model_params}, but the model is "
+                   f"set up with {params}. Use the same parameters (they decide which layers exist and what is pooled).")
+            raise CheckpointError(msg)
+
+    def apply(self, adapter: Adapter) -> Any:
+        """Load the LoRA weights into ``adapter.model`` (loaded, eval mode); returns the head (eval mode)."""
+        from peft import PeftModel
+
+        assert adapter.model is not None and adapter.device is not None
+        if _files_hash(self.path) != self.adapter_hash:
+            msg = f"The files of adapter {self.adapter_id} in {str(self.path)!r} do not match their recorded hash; they were changed or damaged. Fine-tune again."
+            raise CheckpointError(msg)
+        with quiet_peft():
+            PeftModel.from_pretrained(adapter.model, str(self.path), is_trainable=False)  # injects in place
+        adapter.model.to(adapter.device).eval()
+        found = sorted(lora_matrices(adapter.model))
+        if found != sorted(self.lora_modules):
+            msg = (f"Adapter {self.adapter_id} has LoRA weights for {len(self.lora_modules)} modules, but they landed on "
+                   f"{len(found)} modules of this {self.model} model: the checkpoint's architecture differs from the one it was trained on.")
+            raise CheckpointError(msg)
+        return self.load_head().to(adapter.device)
+
+    def load_head(self) -> Any:
+        """The trained MLP head (CPU, eval mode, no gradients)."""
+        from safetensors.torch import load_file
+
+        head = build_head(self.emb_dim, int(self.train["head"]["hidden"]))
+        head.load_state_dict(load_file(str(self.path / HEAD_FILE)))
+        return head.eval().requires_grad_(False)
+
+
+def read_lora_card(lora_dir: str | os.PathLike[str]) -> LoraCard:
+    """Read an adapter folder's card (no weights are loaded).
+
+    Raises
+    ------
+    CheckpointError
+        The folder is missing or is not an scdm LoRA adapter.
+    """
+    path = Path(lora_dir)
+    card_path = path / CARD_FILE
+    if not card_path.is_file():
+        msg = f"{str(path)!r} is not an scdm LoRA adapter folder (no {CARD_FILE}); fine-tune with `scdm finetune` to make one."
+        raise CheckpointError(msg)
+    raw = json.loads(card_path.read_text())
+    if raw.get("format") != CARD_FORMAT or int(raw.get("version", 0)) > CARD_VERSION:
+        msg = f"{str(card_path)!r} has format {raw.get('format')!r} version {raw.get('version')}; this scdm reads {CARD_FORMAT} up to version {CARD_VERSION}."
+        raise CheckpointError(msg)
+    return LoraCard(path=path, adapter_id=raw["adapter_id"], tuning_id=raw["tuning_id"], adapter_hash=raw["adapter_hash"],
+                    model=raw["model"], checkpoint_hash=raw["checkpoint_hash"], model_params=raw["model_params"],
+                    seed=int(raw["seed"]), split_id=raw["split_id"], fold=int(raw["fold"]), scenario=raw["scenario"],
+                    category_type=raw["category_type"], category=raw["category"], lora=raw["lora"], train=raw["train"],
+                    lora_modules=tuple(raw["lora_modules"]), emb_dim=int(raw["emb_dim"]))
+
+
+def make_card(trained: TrainedLora, settings: TrainSettings, *, adapter_id: str, tuning_id: str, checkpoint_hash: str,
+              split_id: str, fold: int, scenario: str, category_type: str, category: str) -> dict[str, Any]:
+    """The card of a trained adapter (``scdm_adapter.json``, less the files' hash)."""
+    adapter = trained.adapter
+    return {"format": CARD_FORMAT, "version": CARD_VERSION, "adapter_id": adapter_id, "tuning_id": tuning_id,
+            "model": adapter.name, "checkpoint_hash": checkpoint_hash, "model_params": {**adapter.params(), "seed": adapter.seed},
+            "seed": settings.seed, "split_id": split_id, "fold": fold, "scenario": scenario, "category_type": category_type,
+            "category": category, "lora": settings.lora_json(), "train": settings.train_json(),
+            "lora_modules": trained.lora_modules, "emb_dim": adapter.emb_dim, "train_curve": trained.curve}
+
+
+def save_adapter(trained: TrainedLora, folder: Path, card: dict[str, Any]) -> str:
+    """Write adapter, head and card to a temporary folder, then rename it into place; returns the hash."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        trained.peft_model.save_pretrained(str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in trained.head.state_dict().items()}, str(tmp / HEAD_FILE))
+        adapter_hash = _files_hash(tmp)
+        (tmp / CARD_FILE).write_text(json.dumps({**card, "adapter_hash": adapter_hash}, indent=1, sort_keys=True, default=str))
+        if folder.exists():  # left by a run that died before its catalog row
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return adapter_hash

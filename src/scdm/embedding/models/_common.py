@@ -1,0 +1,96 @@
+"""Small helpers shared by the Hugging Face-family adapters (Geneformer, tGPT, LLM)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scdm.store.errors import InputDataError
+
+__all__ = ["check_expression", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
+
+
+def check_expression(x: sp.csr_matrix, model: str) -> None:
+    """Ranking needs finite, non-negative expression (counts or log-normalised)."""
+    data = x.data
+    if data.size and not np.isfinite(data).all():
+        msg = f"{model} ranks genes by expression, but the matrix holds NaN or inf values. Clean the matrix (e.g. replace them with 0) and ingest it again."
+        raise InputDataError(msg)
+    if data.size and (data < 0).any():
+        msg = (
+            f"{model} ranks each cell's genes by expression, but the matrix has negative values (it looks "
+            "z-scored or scaled), which would rank genes by deviation instead. Ingest raw counts or "
+            "log-normalised values."
+        )
+        raise InputDataError(msg)
+
+
+def aggregation_matrix(column_of_gene: np.ndarray, n_columns: int) -> sp.csr_matrix:
+    """Sparse (n_genes, n_columns) 0/1 matrix: ``x @ A`` reorders genes and sums duplicates."""
+    used = np.flatnonzero(column_of_gene >= 0)
+    ones = np.ones(used.size, dtype=np.float64)
+    return sp.csr_matrix((ones, (used, column_of_gene[used])), shape=(column_of_gene.size, n_columns))
+
+
+def top_expressed(columns: sp.csr_matrix, n_top: int) -> list[np.ndarray]:
+    """Per cell, the column indices of its ``n_top`` highest non-zero values (ties: column order)."""
+    columns = columns.tocsr()
+    columns.sort_indices()
+    columns.eliminate_zeros()
+    out = []
+    for i in range(columns.shape[0]):
+        start, end = columns.indptr[i], columns.indptr[i + 1]
+        order = np.argsort(-columns.data[start:end], kind="stable")[:n_top]
+        out.append(columns.indices[start:end][order])
+    return out
+
+
+def dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` keyword for the weight dtype (transformers 5 renamed ``torch_dtype``).
+
+    Always given: transformers 5 otherwise loads weights in the dtype they were saved in.
+    """
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over the kept positions in float32; a cell with none gets zeros (never NaN)."""
+    # torch.where, not a multiply: fully padded rows can hold NaN that 0 * NaN would keep
+    summed = torch.where(keep[..., None], hidden.float(), 0.0).sum(dim=1)
+    return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).float()
+
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NORM_LAYERS: tuple[type[torch.nn.Module], ...] = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+"""Modules whose parameters stay float32 when the weights are held in half precision."""
+
+
+def half_dtype(precision: str | None) -> torch.dtype | None:
+    """The torch dtype of ``Adapter.weight_precision`` (``"bf16"``/``"fp16"``), None for float32 weights."""
+    return None if precision is None else HALF_DTYPES[precision]
+
+
+def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Cast the floating-point parameters of ``model`` to ``dtype`` in place, normalisation layers excepted.
+
+    For inference under autocast of the same dtype: the matrix products already run in ``dtype``
+    (autocast casts fp32 weights on every use), so only embedding tables and additive parameters
+    round differently. Normalisation layers keep float32 parameters: autocast computes them in
+    float32 anyway, and they are tiny. Buffers (positional tables, masks) are left as they are.
+    ``dtype=None`` leaves the model unchanged.
+    """
+    if dtype is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, NORM_LAYERS):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model

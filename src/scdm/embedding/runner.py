@@ -1,0 +1,734 @@
+"""The embedding runner: drives any adapter (or baseline) over a dataset into the store.
+
+Cells are processed in row-chunks equal to the store's chunks. Inside a chunk, cells are
+tokenised (in DataLoader workers when asked, overlapping compute), sorted by token length so
+mini-batches carry little padding, embedded, scattered back to the original order and written
+as one chunk. A chunk counts only once it is flushed and committed, so an interrupted run
+resumes from the missing chunks; asking for a finished embedding returns it once its committed
+chunks match their checksums, and recomputes exactly the chunks that do not (a repair).
+
+Processes that run the same embedding at once share it: each claims a chunk before computing it,
+skips chunks another live process holds and waits for those at the end (taking over the chunks
+of a process that died), so every chunk is computed once (see :class:`store.EmbeddingJob`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from scdm.embedding import baselines
+from scdm.embedding._adapter import (
+    Adapter,
+    check_cells_expressed,
+    check_embedded_rows,
+    check_input_kind,
+    get_adapter,
+    require_matches,
+)
+from scdm.embedding.chunks import (
+    ChunkTokens,
+    EmbedResult,
+    batches_by_length,
+    embed_cells,
+    finalize_with_repair,
+    model_chunk_rows,
+    padding_stats,
+    run_telemetry,
+)
+from scdm.store import Embedding, Store, open_store
+from scdm.store.errors import InputDataError, ScdmError
+from scdm.store.genes import gene_table_version
+from scdm.store.matrix import iter_row_blocks
+from scdm.store.progress import progress_bar
+
+if TYPE_CHECKING:
+    from scdm.store import ChunkWriter, EmbeddingJob
+
+__all__ = ["EmbedResult", "embed", "embed_baseline", "checkpoint_hash", "resolve_device", "resolve_precision", "batches_by_length", "complete_and_intact", "repair", "embed_command"]
+
+logger = logging.getLogger(__name__)
+
+
+# ---- device and precision ------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked and returned."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        msg = f"--device {device} was asked for, but this torch has no CUDA device ({torch.__version__}). Use --device cpu or install a CUDA build of torch."
+        raise ScdmError(msg)
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` on CPU. Choices: fp32, bf16, fp16."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        msg = f"Unknown precision {precision!r}; use auto, fp32, bf16 or fp16."
+        raise InputDataError(msg)
+    if precision == "fp16" and not device.startswith("cuda"):
+        msg = "fp16 autocast needs a CUDA device; use --precision fp32 or bf16 on CPU."
+        raise InputDataError(msg)
+    return precision
+
+
+# ---- options and input checks ----------------------------------------------------------------
+MODEL_SIZE_PARAMS = ("max_genes", "max_length")
+"""Adapter parameters that are sizes (checked >= 1 before any work; the adapters check the rest)."""
+
+
+def _require_int(option: str, value: Any, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        name = option.replace("_", "-")
+        msg = f"--{name} ({option}=) must be an integer >= {minimum}; got {value!r}."
+        raise InputDataError(msg)
+
+
+def _require_number(option: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        name = option.replace("_", "-")
+        where = f"{'>' if low_open else '>='} {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+        msg = f"--{name} ({option}=) must be a number {where}; got {value!r}."
+        raise InputDataError(msg)
+
+
+def check_embed_options(*, batch_size: int | None = None, chunk_rows: int | None = None, seed: int = 0, workers: int = 0,
+                        min_genes: int = 1, min_gene_fraction: float = 0.0, actors: int | None = None, max_retries: int = 3,
+                        num_gpus_per_actor: float | None = None, n_hvg: int | None = None, n_comps: int | None = None,
+                        target_sum: float | None = None, **model_params: Any) -> None:
+    """Refuse sizes out of range before anything is read, created or written.
+
+    Raises
+    ------
+    InputDataError
+        Naming the option (as on the command line and in Python) and its allowed range.
+    """
+    for option, value, minimum in (("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1), ("seed", seed, 0),
+                                   ("workers", workers, 0), ("min_genes", min_genes, 0), ("actors", actors, 1),
+                                   ("max_retries", max_retries, 0), ("n_hvg", n_hvg, 1), ("n_comps", n_comps, 1)):
+        _require_int(option, value, minimum)
+    for key in MODEL_SIZE_PARAMS:
+        _require_int(key, model_params.get(key), 1)
+    _require_number("min_gene_fraction", min_gene_fraction, 0.0, 1.0)
+    _require_number("num_gpus_per_actor", num_gpus_per_actor, 0.0)
+    _require_number("target_sum", target_sum, 0.0, low_open=True)
+
+
+def count_empty_cells(st: Store, dataset: str, model: str, *, allow_empty_cells: bool = False) -> int | None:
+    """Cells of ``dataset`` without any stored value, refused before any work unless allowed.
+
+    Read from the CSR row pointers alone (a few bytes per cell); None when the stored matrix is not
+    CSR (then each chunk is checked as it is read). Cells whose values are all explicit zeros, or
+    whose genes the model does not know, are caught per chunk.
+    """
+    adata = st.open_anndata(dataset, backed=True)
+    try:
+        x = adata.X
+        if getattr(x, "format", None) != "csr" or getattr(x, "group", None) is None:
+            return None
+        indptr = np.asarray(x.group["indptr"][:])
+    finally:
+        if getattr(adata, "file", None) is not None:
+            adata.file.close()
+    empty = np.flatnonzero(np.diff(indptr) == 0)
+    if empty.size:
+        check_cells_expressed(_no_values(empty.size), empty, model, allow_empty_cells=allow_empty_cells)
+        logger.warning("%d cells of the dataset express no gene; their %s embeddings are kept as the model returns them", empty.size, model)
+    return int(empty.size)
+
+
+def _no_values(n: int) -> Any:
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((n, 1), dtype=np.float32)
+
+
+# ---- checkpoint identity ---------------------------------------------------------------------
+def checkpoint_hash(folder: str | Path, *, cache_dir: Path | None = None) -> str:
+    """Content hash of every file in a checkpoint folder (cached by path, size and mtime).
+
+    Hashing a multi-GB checkpoint takes a while, so each file's digest is cached in
+    ``cache_dir/checkpoint-hashes.json`` and reused while the file's size and mtime are unchanged.
+    """
+    folder = Path(folder)
+    cache_file = (cache_dir / "checkpoint-hashes.json") if cache_dir else None
+    cache: dict[str, str] = {}
+    if cache_file and cache_file.exists():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    total = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        digest = cache.get(key)
+        if digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            digest = cache[key] = h.hexdigest()
+        total.update(str(path.relative_to(folder)).encode() + b"\x1f" + digest.encode())
+    if cache_file:
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return total.hexdigest()
+
+
+# ---- batching --------------------------------------------------------------------------------
+
+
+def _iter_chunk_tokens(source: ChunkTokens, workers: int, wanted: Any = None) -> Iterator[tuple[int, list[dict[str, np.ndarray]] | None]]:
+    """(chunk, tokenised cells) in order; with ``wanted`` (inline only), chunks it refuses come as (chunk, None) untokenised."""
+    if workers <= 0:
+        for i in range(len(source)):
+            chunk = source.chunks[i]
+            if wanted is not None and not wanted(chunk):
+                yield chunk, None
+                continue
+            yield source[i]
+        return
+    from torch.utils.data import DataLoader, Dataset
+
+    # ChunkTokens is a map-style dataset by protocol (__len__, __getitem__), which is all DataLoader
+    # uses; it does not subclass torch's Dataset so that chunks.py need not import torch.
+    dataset = cast("Dataset[tuple[int, list[dict[str, np.ndarray]]]]", source)
+    # collate_fn keeps the cells as numpy: the default would turn them into tensors
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2,
+                        persistent_workers=False, collate_fn=_keep_as_is)
+    yield from loader
+
+
+def _keep_as_is(item: Any) -> Any:
+    return item
+
+
+# ---- the adapter path ------------------------------------------------------------------------
+def embed(
+    store: Store | str | os.PathLike[str] | None,
+    dataset: str,
+    model: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    *,
+    batch_size: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    chunk_rows: int | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    min_gene_fraction: float = 0.0,
+    min_genes: int = 1,
+    progress: bool = True,
+    lora_dir: str | os.PathLike[str] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    num_gpus_per_actor: float | None = None,
+    actors: int | None = None,
+    max_retries: int = 3,
+    allow_non_counts: bool = False,
+    allow_empty_cells: bool = False,
+    **model_params: Any,
+) -> EmbedResult:
+    """Embed every cell of ``dataset`` with ``model`` into the store (resumable, idempotent).
+
+    Parameters
+    ----------
+    store
+        A :class:`store.Store` or its directory.
+    dataset
+        Dataset name or id in the store.
+    model
+        A registered model (``scdm models``); ``pca`` and ``hvg`` are dispatched to
+        :func:`embed_baseline`.
+    checkpoint
+        Local folder in the model's official format.
+    batch_size
+        Cells per forward pass (default: the adapter's; on CUDA, halved on out-of-memory).
+    device, precision
+        ``auto`` = CUDA with bf16 autocast when available, else CPU fp32.
+    workers
+        DataLoader processes that tokenise the next chunks while the model runs (0 = inline;
+        local executor only).
+    lora_dir
+        A LoRA adapter folder made by :func:`scdm.embedding.finetune.finetune`: the embedding is the
+        tuned variant ``lora:<adapter id>`` (its content hash is the embedding's ``adapter_hash``;
+        ``params["lora"]`` names the split and fold it belongs to).
+    executor
+        ``"local"`` (this process) or ``"ray"``: chunks are handed to Ray actors that each load the
+        model once and write their chunks straight into the array, while this process alone writes
+        the catalog (see :mod:`scdm.embedding._ray_executor`). Both give bit-identical results on CPU
+        and can resume each other's interrupted embeddings.
+    ray_address
+        ``"auto"`` (a running cluster), ``"ray://host:port"`` (Ray client), or None to start a
+        local cluster (ignored when Ray is already initialised in this process).
+    num_gpus_per_actor
+        GPUs each Ray actor reserves (default: 1 when the cluster has GPUs and ``device`` allows
+        CUDA, else 0).
+    actors
+        Ray actors (model copies); default: the cluster's GPUs / ``num_gpus_per_actor``, or its
+        CPUs, at most the number of chunks to compute.
+    max_retries
+        Ray only: times a failed chunk is resubmitted (and an actor that died is restarted).
+    allow_non_counts
+        Embed normalised (non-integer) values with a model that expects raw counts, with a
+        warning; refused otherwise. Scaled data (negative values) is refused always.
+    allow_empty_cells
+        Keep what the model returns for cells without any expressed gene, or none the model knows
+        (all zeros for some models); refused otherwise, naming the cells.
+    **model_params
+        Adapter parameters that change the numbers (``layer``, ``pooling``, ``max_genes``, ...).
+
+    Returns
+    -------
+    EmbedResult
+
+    Notes
+    -----
+    Several processes may run the same embedding at once: each claims a chunk before computing it
+    and skips those another live process holds, then waits for them (see
+    :class:`store.EmbeddingJob`), so each chunk is computed once and every process returns the
+    complete embedding. While a job runs, removing the embedding is refused.
+    """
+    check_embed_options(batch_size=batch_size, chunk_rows=chunk_rows, seed=seed, workers=workers, min_genes=min_genes,
+                        min_gene_fraction=min_gene_fraction, actors=actors, max_retries=max_retries,
+                        num_gpus_per_actor=num_gpus_per_actor, **model_params)
+    st = open_store(store)
+    if executor not in ("local", "ray"):
+        msg = f"Unknown executor {executor!r}; use 'local' (this process) or 'ray' (a Ray cluster)."
+        raise InputDataError(msg)
+    if model in baselines.BASELINES:
+        if checkpoint is not None:
+            logger.warning("%s needs no checkpoint; ignoring --checkpoint", model)
+        if executor == "ray":
+            logger.info("%s is fitted in one pass on this machine; the ray executor applies to foundation models", model)
+        return embed_baseline(st, [dataset], model=model, chunk_rows=chunk_rows, progress=progress, **model_params)[0]
+    ds = st.dataset(dataset)
+    adapter = get_adapter(model)(checkpoint=Path(checkpoint) if checkpoint is not None else None, seed=seed, **model_params)
+    adapter.check_checkpoint()
+    ray_exec: Any = None
+    if executor == "ray":
+        from scdm.embedding import _ray_executor as ray_exec
+
+        ray_exec.check_supported(adapter)
+        # actors, not this process, hold the devices: decide from the cluster, not from local torch
+        dev, num_gpus_per_actor = ray_exec.actor_device(device, num_gpus_per_actor, ray_address)
+    else:
+        dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    ckpt_hash = checkpoint_hash(adapter.checkpoint, cache_dir=st.root / "artifacts") if adapter.checkpoint else None
+    # bf16/fp16 weights on CUDA change the numbers: the weight dtype is part of the embedding's identity
+    params = {**adapter.params(), **adapter.configure_precision(dev, prec), "seed": seed, "precision": prec,
+              "gene_table": gene_table_version()}
+    if getattr(adapter, "batch_dependent", False):
+        params["batch_size"] = batch_size or adapter.default_batch_size
+    lora, variant = None, {}
+    if lora_dir is not None:
+        from scdm.embedding.lora_card import read_lora_card
+
+        lora = read_lora_card(lora_dir)
+        lora.check_base(adapter, ckpt_hash)  # before loading: a mismatch fails fast
+        params["lora"] = lora.embedding_params()
+        variant = {"adapter_hash": lora.adapter_hash, "variant": lora.variant}
+    existing = st.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=ckpt_hash, **variant)
+    if existing is not None and complete_and_intact(st, existing):
+        logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
+        return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
+    check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts)
+    n_empty = count_empty_cells(st, ds.dataset_id, model, allow_empty_cells=allow_empty_cells)
+    if ray_exec is not None:
+        job = ray_exec.RayEmbedJob(
+            dataset=ds, adapter=adapter, params=params, variant=variant, checkpoint_hash=ckpt_hash, seed=seed,
+            model_params=model_params, lora_dir=None if lora_dir is None else str(lora_dir), device=dev, precision=prec,
+            batch_size=batch_size or _auto_batch_size(adapter, dev), chunk_rows=chunk_rows, min_genes=min_genes,
+            min_gene_fraction=min_gene_fraction, num_gpus_per_actor=float(num_gpus_per_actor or 0), actors=actors,
+            max_retries=max_retries, ray_address=ray_address, progress=progress, allow_empty_cells=allow_empty_cells,
+        )
+        return ray_exec.embed_on_ray(st, job)
+
+    t_load = time.perf_counter()
+    adapter.load(dev)
+    if lora is not None:
+        lora.apply(adapter)
+    load_s = time.perf_counter() - t_load
+    genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
+    audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
+    require_matches(audit, model, min_genes=min_genes, min_fraction=min_gene_fraction)
+    chunk_rows = model_chunk_rows(chunk_rows, adapter.emb_dim, params, bool(getattr(adapter, "batch_dependent", False)))
+    emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash,
+                              chunk_rows=chunk_rows, **variant)
+    _reset_peak_rss()
+    with emb.job() as job:  # `scdm rm` of this embedding is refused until the job ends
+        missing = emb.missing_chunks()
+        logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
+
+        def run(chunks: list[int]) -> dict[str, Any]:
+            return _run_chunks(st, emb, job, adapter, chunks, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
+                               precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells)
+
+        stats = finalize_with_repair(emb, run, missing, lambda s: run_telemetry(s, dev, prec, load_s, adapter),
+                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s)})
+    return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
+
+
+GPU_BATCH_FACTOR = 8
+"""On CUDA, a model's CPU batch size times this is the first try; out-of-memory halves it."""
+
+
+def _auto_batch_size(adapter: Adapter, device: str) -> int:
+    if getattr(adapter, "batch_dependent", False) or not device.startswith("cuda"):
+        return adapter.default_batch_size  # batch-dependent models: the batch size is part of the result
+    return adapter.default_batch_size * GPU_BATCH_FACTOR
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory window for this process (Linux; elsewhere the peak is process-wide)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+@dataclass
+class _Tally:
+    """What one process computed of an embedding (for progress and telemetry)."""
+
+    chunks: int = 0
+    cells: int = 0
+    computed: int = 0
+    naive: int = 0
+    zero_rows: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+
+def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, chunks: list[int], *, batch_size: int, device: str,
+                precision: str, workers: int, progress: bool, allow_empty_cells: bool = False) -> dict[str, Any]:
+    """Compute ``chunks`` (those not claimed by other processes), then wait for and take over the rest."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    state: dict[str, Any] = {"batch_size": batch_size}
+    tally = _Tally()
+    t0 = time.perf_counter()
+    total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks)
+    bar = progress_bar(total=total_cells, desc=f"embed {adapter.name}", unit="cell", silent=not progress)
+    try:
+        with emb.writer(job=job) as writer:
+            todo = list(chunks)
+            while todo:
+                elsewhere = _embed_pass(st, emb, adapter, writer, todo, workers=workers, device=device, precision=precision,
+                                        state=state, tally=tally, bar=bar, t0=t0, allow_empty_cells=allow_empty_cells)
+                # chunks other live processes were computing: wait until they are committed, or take
+                # over those whose process died (its claims are free again)
+                todo = writer.wait_for(elsewhere) if elsewhere else []
+    except KeyboardInterrupt:
+        logger.warning("interrupted: %d cells written in whole chunks are kept; run the same command again to resume", tally.cells)
+        raise
+    finally:
+        bar.close()
+    if tally.zero_rows:
+        logger.warning("%d cells got an all-zero %s embedding (kept, as allow_empty_cells asked)", tally.zero_rows, adapter.name)
+    wall = time.perf_counter() - t0
+    stats: dict[str, Any] = {
+        "chunks": tally.chunks, "cells": tally.cells, "wall_s": wall, "cells_per_s": tally.cells / wall if wall > 0 else None,
+        "tokens_computed": tally.computed, "tokens_naive_padding": tally.naive,
+        "padding_saved": 1 - tally.computed / tally.naive if tally.naive else 0.0, "final_batch_size": state["batch_size"],
+        "oom_backoffs": state.get("oom_backoffs", 0), "zero_rows": tally.zero_rows,
+    }
+    if tally.lengths:
+        arr = np.asarray(tally.lengths)
+        stats["token_stats"] = {"tokens_per_cell_median": float(np.median(arr)), "tokens_per_cell_min": int(arr.min()), "tokens_per_cell_max": int(arr.max())}
+    if device.startswith("cuda"):
+        stats["peak_gpu_mem_bytes"] = int(torch.cuda.max_memory_allocated())
+    return stats
+
+
+def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter, chunks: list[int], *, workers: int, device: str,
+                precision: str, state: dict[str, Any], tally: _Tally, bar: Any, t0: float, allow_empty_cells: bool) -> list[int]:
+    """Embed and write every chunk of ``chunks`` this process can claim; returns those claimed elsewhere."""
+    todo = set(chunks)
+    order = sorted(todo)
+    wanted: Callable[[int], bool] | None = writer.claim  # claimed before tokenising: a chunk computed elsewhere costs nothing here
+    if getattr(adapter, "sequential_tokenize", False):
+        # reference-quirk tokenisers draw from one RNG stream in row order: replay every chunk in
+        # one process so a resumed run draws the same numbers, and embed only the missing ones
+        workers, order, wanted = 0, list(range(emb.n_chunks)), None
+    elif workers > 0:
+        wanted = None  # worker processes tokenise ahead: chunks are claimed as they come out
+    source = ChunkTokens(st.root, emb.dataset_id, adapter, emb, order, adapter.requires_counts, allow_empty_cells=allow_empty_cells)
+    sort = not getattr(adapter, "batch_dependent", False)
+    elsewhere = []
+    for chunk, cells in _iter_chunk_tokens(source, workers, wanted):
+        if chunk not in todo:
+            continue
+        if cells is None or not writer.claim(chunk):
+            elsewhere.append(chunk)
+            continue
+        t_chunk = time.perf_counter()
+        lengths = [adapter.token_length(c) for c in cells]
+        batches = batches_by_length(lengths, state["batch_size"], sort=sort)
+        c_tok, n_tok = padding_stats(lengths, batches)
+        vectors = embed_cells(adapter, cells, batches, device, precision, state)
+        lo, hi = emb.chunk_bounds(chunk)
+        tally.zero_rows += check_embedded_rows(vectors, np.arange(lo, hi), adapter.name, allow_empty_cells=allow_empty_cells)
+        writer.write(chunk, vectors, seconds=time.perf_counter() - t_chunk)
+        tally.computed, tally.naive = tally.computed + c_tok, tally.naive + n_tok
+        tally.lengths.extend(lengths)
+        tally.chunks += 1
+        tally.cells += len(cells)
+        bar.update(len(cells))
+        bar.set_postfix(cells_per_s=f"{tally.cells / max(time.perf_counter() - t0, 1e-9):.1f}")
+    return elsewhere
+
+
+def _empty_audit(n_empty: int | None, stats: dict[str, Any]) -> dict[str, Any]:
+    """What the audit records about cells without expressed genes (kept with allow_empty_cells)."""
+    out: dict[str, Any] = {"zero_rows": int(stats.get("zero_rows", 0))}
+    if n_empty is not None:
+        out["cells_without_expressed_genes"] = n_empty
+    return out
+
+
+# ---- the baseline path -----------------------------------------------------------------------
+def embed_baseline(
+    store: Store | str | os.PathLike[str] | None,
+    datasets: Sequence[str],
+    *,
+    model: str = "pca",
+    n_hvg: int = 2000,
+    n_comps: int = 50,
+    target_sum: float = 1e4,
+    normalized: bool | None = None,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+) -> list[EmbedResult]:
+    """Fit a ``pca``/``hvg`` baseline jointly on ``datasets`` and embed each of them.
+
+    With one dataset this is the per-dataset baseline (a space of its own). With several, they
+    are fitted on their shared genes and all embeddings share one ``space_id``, so the CPU stage
+    may pool them. Already complete embeddings whose chunks all match their checksums are returned
+    without refitting; damaged chunks (see :func:`complete_and_intact`) are recomputed, and only those.
+    """
+    check_embed_options(chunk_rows=chunk_rows, n_hvg=n_hvg, n_comps=n_comps if model == "pca" else None, target_sum=target_sum)
+    st = open_store(store)
+    infos = [st.dataset(d) for d in datasets]
+    if not infos:
+        msg = "No dataset given to embed."
+        raise InputDataError(msg)
+    fit_key = sorted(i.content_hash for i in infos)
+    base_params = {"n_hvg_requested": n_hvg, "target_sum": target_sum, "normalized": normalized, "fit_datasets": fit_key, "gene_table": gene_table_version()}
+    if model == "pca":
+        base_params["n_comps_requested"] = n_comps
+    found = [st.get_embedding(i.dataset_id, model=model, params=base_params) for i in infos]
+    intact = [f is not None and complete_and_intact(st, f) for f in found]
+    done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
+            for f, i, ok in zip(found, infos, intact) if ok}
+    if len(done) == len(infos):
+        return [done[i.dataset_id] for i in infos]
+    t0 = time.perf_counter()
+    fit = baselines.fit_baseline(st, [i.dataset_id for i in infos], model=model, n_hvg=n_hvg, n_comps=n_comps, target_sum=target_sum, normalized=normalized)
+    fit_s = time.perf_counter() - t0
+    results = []
+    _reset_peak_rss()
+    for info in infos:
+        # a joint fit is refitted for one damaged member; the intact ones are left as they are
+        results.append(done.get(info.dataset_id) or _write_baseline(st, info, fit, base_params, chunk_rows, fit_s, progress))
+    return results
+
+
+def _write_baseline(st: Store, info: Any, fit: baselines.BaselineFit, params: dict[str, Any], chunk_rows: int | None, fit_s: float, progress: bool) -> EmbedResult:
+    emb = st.create_embedding(info.dataset_id, model=fit.model, params=params, dim=fit.dim, chunk_rows=chunk_rows)
+    keys = baselines.gene_keys(st, info.dataset_id)
+    first: dict[str, int] = {}
+    for i, g in enumerate(keys):
+        first.setdefault(g, i)
+    cols = np.array([first[g] for g in fit.genes], dtype=np.int64)
+    as_is = baselines.resolve_as_is(info.x_kind, params["normalized"], info.name)
+    t0 = time.perf_counter()
+
+    def telemetry_of(stats: dict[str, Any]) -> dict[str, Any]:
+        wall = time.perf_counter() - t0
+        return run_telemetry({"cells": stats["cells"], "wall_s": wall, "fit_s": fit_s, "cells_per_s": stats["cells"] / wall if wall > 0 else None},
+                          "cpu", "fp64", None, None)
+
+    audit = {"n_input_genes": info.n_genes, "n_matched": fit.params["n_shared_genes"], "n_selected_genes": len(fit.genes),
+             "fitted": fit.params, "explained_variance_ratio": None if fit.explained_variance_ratio is None else float(fit.explained_variance_ratio.sum())}
+    with emb.job() as job:  # `scdm rm` of this embedding is refused until the job ends
+
+        def run(chunks: list[int]) -> dict[str, Any]:
+            return _baseline_chunks(st, emb, job, info, fit, cols, as_is, chunks, progress)
+
+        stats = finalize_with_repair(emb, run, emb.missing_chunks(), telemetry_of, lambda _: audit)
+    return EmbedResult(emb.embedding_id, info.name, fit.model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
+
+
+def _baseline_chunks(st: Store, emb: Embedding, job: EmbeddingJob, info: Any, fit: baselines.BaselineFit, cols: np.ndarray,
+                     as_is: bool, chunks: list[int], progress: bool) -> dict[str, Any]:
+    """Transform and write the chunks this process claims; wait for (or take over) the others."""
+    bar = progress_bar(total=sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks),
+                       desc=f"embed {fit.model} {info.name}", unit="cell", silent=not progress)
+    adata = st.open_anndata(info.dataset_id, backed=True)
+    written = cells = 0
+    try:
+        with emb.writer(job=job) as writer:
+            todo = sorted(chunks)
+            while todo:
+                elsewhere = []
+                for chunk in todo:
+                    if not writer.claim(chunk):
+                        elsewhere.append(chunk)
+                        continue
+                    lo, hi = emb.chunk_bounds(chunk)
+                    _, block = next(iter_row_blocks(adata, hi - lo, start=lo, stop=hi))
+                    dense = baselines.preprocess_block(block, as_is=as_is, target_sum=fit.params["target_sum"])[:, cols].toarray()
+                    writer.write(chunk, fit.transform(dense))
+                    written, cells = written + 1, cells + hi - lo
+                    bar.update(hi - lo)
+                todo = writer.wait_for(elsewhere) if elsewhere else []
+    finally:
+        bar.close()
+        if getattr(adata, "file", None) is not None:
+            adata.file.close()
+    return {"chunks": written, "cells": cells}
+
+
+# ---- verified resume and repair --------------------------------------------------------------
+def complete_and_intact(st: Store, emb: Embedding) -> bool:
+    """Whether ``emb`` is complete with every committed chunk matching its checksum.
+
+    Committed chunks that do not match (a flipped byte, a deleted or truncated chunk file) are
+    put back to pending here, so the resume path that follows recomputes exactly those.
+    """
+    if emb.status != "complete":
+        return False  # pending: the resume path (create_embedding) renews a broken array and fills what is missing
+    bad = st.verify_embedding(emb.embedding_id)
+    if bad:
+        logger.warning("%s embedding %s: chunk(s) %s are damaged; recomputing them", emb.model, emb.embedding_id,
+                       ", ".join(map(str, bad)))
+        st.mark_chunks_pending(emb.embedding_id, bad)
+        return False
+    return True
+
+
+def repair(store: Store | str | os.PathLike[str] | None, embedding_id: str, *, progress: bool = True) -> EmbedResult:
+    """Recompute the pending chunks of a pca/hvg embedding from its recorded parameters.
+
+    Run after :meth:`store.Store.verify` with ``repair=True`` (``scdm verify --repair``) marked
+    its bad chunks pending; the baseline is refitted on the same datasets and only the pending
+    chunks are written. Models that need a checkpoint are repaired by :func:`embed_command`'s command.
+
+    Raises
+    ------
+    ScdmError
+        If the embedding is not a baseline, or cannot be recomputed identically (its gene table
+        version or fit datasets changed).
+    """
+    from scdm.store.verify import fit_dataset_names
+
+    st = open_store(store)
+    emb = st.embedding(embedding_id)
+    p = emb.params
+    if emb.model not in baselines.BASELINES or "fit_datasets" not in p:
+        msg = f"Embedding {emb.embedding_id} ({emb.model}) needs its checkpoint to be recomputed: run {embed_command(st, emb.embedding_id)}"
+        raise ScdmError(msg)
+    if p.get("gene_table") != gene_table_version():
+        msg = (f"Embedding {emb.embedding_id} ({emb.model}) was made with gene table {p.get('gene_table')}; this scdm has "
+               f"{gene_table_version()}, so it cannot be recomputed identically. Remove it (scdm rm --embedding "
+               f"{emb.embedding_id}) and embed the data again.")
+        raise ScdmError(msg)
+    names = fit_dataset_names(st, p["fit_datasets"])
+    if len(names) != len(p["fit_datasets"]):
+        msg = (f"Embedding {emb.embedding_id} ({emb.model}) was fitted on {len(p['fit_datasets'])} dataset(s), of which "
+               f"{len(names)} are still in the store; it cannot be refitted. Remove it (scdm rm) and embed again.")
+        raise ScdmError(msg)
+    kwargs: dict[str, Any] = {"n_hvg": p["n_hvg_requested"], "target_sum": p["target_sum"], "normalized": p["normalized"]}
+    if emb.model == "pca":
+        kwargs["n_comps"] = p["n_comps_requested"]
+    results = embed_baseline(st, names, model=emb.model, chunk_rows=emb.chunk_rows, progress=progress, **kwargs)
+    return next(r for r in results if r.embedding_id == emb.embedding_id)
+
+
+def embed_command(store: Store | str | os.PathLike[str] | None, embedding_id: str) -> str:
+    """The ``scdm embed`` command that recomputes an embedding (its pending chunks) with its options.
+
+    For a model that needs a checkpoint, ``--checkpoint DIR`` stands for the folder it was made
+    with (the store records its content hash, not its path). The options are rebuilt from the
+    recorded parameters and checked: the adapter built with them must report the same parameters,
+    else the command says so.
+    """
+    import inspect
+    import shlex
+
+    from scdm.store.verify import repair_hint
+
+    st = open_store(store)
+    emb = st.embedding(embedding_id)
+    if (emb.model in baselines.BASELINES and "fit_datasets" in emb.params) or emb.variant != "frozen":
+        return repair_hint(st, emb)
+    cls = get_adapter(emb.model)
+    params = dict(emb.params)
+    seed, precision = int(params.pop("seed", 0)), str(params.pop("precision", "auto"))
+    gene_table, batch_size = params.pop("gene_table", None), params.pop("batch_size", None)
+    weights = params.pop("weights", None)  # set again by --precision on CUDA (configure_precision)
+    accepted = {name: prm for name, prm in inspect.signature(cls.__init__).parameters.items()
+                if name not in ("self", "checkpoint", "seed") and prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)}
+    options = {k: v for k, v in params.items() if k in accepted}
+    dataset = st.query("SELECT name FROM datasets WHERE dataset_id = ?", [emb.dataset_id])["name"]
+    args = ["scdm", "embed", str(dataset.iloc[0]) if len(dataset) else emb.dataset_id, "--model", emb.model, "--checkpoint", "DIR",
+            "--precision", precision]
+    if seed:
+        args += ["--seed", str(seed)]
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    for key, value in options.items():
+        if accepted[key].default is not inspect.Parameter.empty and value == accepted[key].default:
+            continue
+        args += ["--reference-quirks"] if key == "reference_quirks" and value is True else ["--param", f"{key}={_param_text(value)}"]
+    rebuilt = {**cls(None, seed=seed, **options).params(), "seed": seed, "precision": precision, "gene_table": gene_table,
+               **({"weights": weights} if weights else {})}
+    if batch_size is not None:
+        rebuilt["batch_size"] = batch_size
+    note = f"  # DIR: the {emb.model} checkpoint it was made with (content hash {str(_recorded_checkpoint_hash(st, emb))[:16]})"
+    if json.dumps(rebuilt, sort_keys=True, default=str) != json.dumps(emb.params, sort_keys=True, default=str):
+        note += "; check the options: not all of its recorded parameters could be rebuilt"
+    if gene_table != gene_table_version():
+        note += f"; it was made with gene table {gene_table}, this scdm has {gene_table_version()}, so it would be a new embedding"
+    return shlex.join(args) + note
+
+
+def _recorded_checkpoint_hash(st: Store, emb: Embedding) -> str | None:
+    """The checkpoint content hash an embedding records."""
+    frame = st.query("SELECT checkpoint_hash FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])
+    return None if frame.empty else frame["checkpoint_hash"].iloc[0]
+
+
+def _param_text(value: Any) -> str:
+    """A ``--param KEY=VALUE`` value that the CLI parses back to ``value`` (JSON unless a plain string)."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return json.dumps(value)

@@ -1,0 +1,296 @@
+"""Background jobs of the server (predictions, uploads, the report): a bounded queue with visible positions.
+
+A job runs in a thread of the server process, so it goes on when the client that started it
+disconnects; clients poll ``GET /api/jobs/{id}``. At most ``max_jobs`` jobs run at once, across
+all uvicorn workers of one ``scdm serve``: a job takes one of ``max_jobs`` slot files under an
+exclusive ``flock`` (released by the kernel if a worker dies) and the rest wait in FIFO order,
+their position in the queue shown in their status. Each job's status is a small JSON file in the
+server's job folder (not in the store, which may be read-only), so every worker answers for every
+job. The folder belongs to one server run and is removed when it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from scdm.store.errors import ScdmError
+
+try:  # POSIX: slots shared by the worker processes; elsewhere one process, threads only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JobBoard", "JobHandle", "JobRecord", "JobNotFoundError", "new_job_id"]
+
+ACTIVE_STATES = ("queued", "running")
+_SLOT_POLL_S = 0.1
+_JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+_KEEP_FINISHED_S = 24 * 3600.0
+"""Finished jobs are forgotten after a day (their status files are removed on the next submit)."""
+
+
+class JobNotFoundError(ScdmError, KeyError):
+    """No job with this id in this server run."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """The state of one job, as stored and as answered (plus its queue position)."""
+
+    job_id: str
+    kind: str
+    """predict | upload | report"""
+    state: str = "queued"
+    """queued | running | done | failed | needs_embedding"""
+    stage: str = "queued"
+    """What it is doing now, in words."""
+    progress: float = 0.0
+    """0 to 1."""
+    message: str = ""
+    """Why it failed, or what to do next."""
+    result: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    position: int | None = None
+    """1-based place in the queue while queued, else None (computed when read, never stored)."""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+class JobHandle:
+    """What a job's work function gets: report progress and results (each update is saved at once)."""
+
+    def __init__(self, board: JobBoard, record: JobRecord) -> None:
+        self._board = board
+        self._record = record
+        self._lock = threading.Lock()
+
+    @property
+    def job_id(self) -> str:
+        return self._record.job_id
+
+    @property
+    def record(self) -> JobRecord:
+        return self._record
+
+    def update(self, **changes: Any) -> None:
+        """Change fields of the job's record (``stage``, ``progress``, ``message``, ``result``, ``state``)."""
+        with self._lock:
+            self._record = replace(self._record, **changes)
+            self._board.save(self._record)
+
+
+@dataclass
+class _Queued:
+    handle: JobHandle
+    work: Callable[[JobHandle], None]
+    on_failure: Callable[[], None] | None
+
+
+class JobBoard:
+    """Runs jobs in at most ``max_jobs`` threads at once and answers their status.
+
+    Parameters
+    ----------
+    folder : path, optional
+        Where status files and slot locks live; shared by the workers of one server. Default: a
+        new temporary folder, removed when the board is garbage-collected.
+    max_jobs : int, default 1
+        Jobs running at once (across every process that shares ``folder``).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None, *, max_jobs: int = 1) -> None:
+        if max_jobs < 1:
+            msg = f"max_jobs={max_jobs} must be at least 1 (jobs running at once)."
+            raise ValueError(msg)
+        if folder is None:
+            folder = tempfile.mkdtemp(prefix="scdm-jobs-")
+            weakref.finalize(self, shutil.rmtree, folder, True)
+        self.folder = Path(folder)
+        (self.folder / "status").mkdir(parents=True, exist_ok=True)
+        (self.folder / "slots").mkdir(exist_ok=True)
+        self.max_jobs = max_jobs
+        self._queue: queue.Queue[_Queued | None] = queue.Queue()
+        self._local_slots = threading.Semaphore(max_jobs)
+        self._closed = False
+        self._threads = [threading.Thread(target=self._worker, name=f"scdm-job-{i}", daemon=True) for i in range(max_jobs)]
+        for thread in self._threads:
+            thread.start()
+
+    # ---- submitting and reading ------------------------------------------------------------
+    def submit(self, kind: str, work: Callable[[JobHandle], None], *, on_failure: Callable[[], None] | None = None,
+               job_id: str | None = None) -> JobRecord:
+        """Queue ``work``; ``on_failure`` cleans up after it if it fails or never runs (server stopped)."""
+        if self._closed:
+            msg = "The server is stopping; submit the job again once it is back."
+            raise ScdmError(msg)
+        self._forget_old()
+        record = JobRecord(job_id or new_job_id(), kind)
+        handle = JobHandle(self, record)
+        self.save(record)
+        self._queue.put(_Queued(handle, work, on_failure))
+        logger.info("job %s (%s) queued", record.job_id, kind)
+        return self.get(record.job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        """The job's current record, with its queue position while queued.
+
+        Raises
+        ------
+        JobNotFoundError
+            No such job in this server run.
+        """
+        record = self._load(job_id) if _JOB_ID.match(job_id) else None
+        if record is None:
+            msg = f"No job {job_id!r} in this server run; GET /api/jobs lists them."
+            raise JobNotFoundError(msg)
+        if record.state == "queued":
+            record = replace(record, position=self._position(record))
+        return record
+
+    def all(self) -> list[JobRecord]:
+        """Every job of this server run, newest first."""
+        records = [r for r in (self._load(p.stem) for p in self._status_files()) if r is not None]
+        records.sort(key=lambda r: (r.created_at, r.job_id), reverse=True)
+        queued = sorted((r for r in records if r.state == "queued"), key=lambda r: (r.created_at, r.job_id))
+        place = {r.job_id: i + 1 for i, r in enumerate(queued)}
+        return [replace(r, position=place.get(r.job_id)) for r in records]
+
+    def shutdown(self) -> None:
+        """Stop taking jobs; jobs that never started are failed and cleaned up. Running jobs are not waited for."""
+        self._closed = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._fail(item, "The server stopped before the job started; submit it again.")
+        for _ in self._threads:
+            self._queue.put(None)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, record: JobRecord) -> None:
+        """Write the record atomically (readers in other workers see the old or the new one)."""
+        data = asdict(record)
+        data.pop("position")
+        path = self._path(record.job_id)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(data, default=str))
+        os.replace(tmp, path)
+
+    def _load(self, job_id: str) -> JobRecord | None:
+        try:
+            data = json.loads(self._path(job_id).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return JobRecord(**data)
+
+    def _path(self, job_id: str) -> Path:
+        return self.folder / "status" / f"{job_id}.json"
+
+    def _status_files(self) -> list[Path]:
+        return [p for p in (self.folder / "status").glob("*.json") if _JOB_ID.match(p.stem)]
+
+    def _position(self, record: JobRecord) -> int:
+        ahead = 0
+        for other in (self._load(p.stem) for p in self._status_files()):
+            if other is not None and other.state == "queued" and (other.created_at, other.job_id) < (record.created_at, record.job_id):
+                ahead += 1
+        return ahead + 1
+
+    def _forget_old(self) -> None:
+        cutoff = time.time() - _KEEP_FINISHED_S
+        for path in self._status_files():
+            record = self._load(path.stem)
+            if record is not None and not record.active and (record.finished_at or 0) < cutoff:
+                path.unlink(missing_ok=True)
+
+    # ---- running ---------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._closed:
+                self._fail(item, "The server stopped before the job started; submit it again.")
+                continue
+            with self._slot():
+                self._run(item)
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Hold one of the ``max_jobs`` slots shared by the server's processes until the job ends."""
+        with self._local_slots:
+            if fcntl is None:
+                yield
+                return
+            while True:
+                for i in range(self.max_jobs):
+                    fh = open(self.folder / "slots" / f"slot-{i}.lock", "a+")  # noqa: SIM115 - held while the job runs
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        fh.close()
+                        continue
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(fh, fcntl.LOCK_UN)
+                        fh.close()
+                    return
+                time.sleep(_SLOT_POLL_S)  # every slot is held by another worker process
+
+    def _run(self, item: _Queued) -> None:
+        handle = item.handle
+        handle.update(state="running", stage="started", started_at=time.time())
+        logger.info("job %s (%s) started", handle.job_id, handle.record.kind)
+        try:
+            item.work(handle)
+        except Exception as err:  # noqa: BLE001 - a job's failure is reported in its status, never raised
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            if not isinstance(err, ScdmError):
+                message = f"{type(err).__name__}: {message}"
+            logger.warning("job %s (%s) failed: %s", handle.job_id, handle.record.kind, message)
+            logger.debug("job traceback:\n%s", traceback.format_exc())
+            self._fail(item, message)
+            return
+        if handle.record.state == "running":
+            handle.update(state="done", progress=1.0, finished_at=time.time())
+        else:
+            handle.update(finished_at=time.time())
+        logger.info("job %s (%s) finished: %s", handle.job_id, handle.record.kind, handle.record.state)
+
+    @staticmethod
+    def _fail(item: _Queued, message: str) -> None:
+        if item.on_failure is not None:
+            try:
+                item.on_failure()
+            except Exception:  # noqa: BLE001 - the job is reported failed either way
+                logger.exception("job %s: cleaning up after the failure failed", item.handle.job_id)
+        item.handle.update(state="failed", message=message, finished_at=time.time())
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]

@@ -1,0 +1,347 @@
+"""Request and response models of the API: the OpenAPI document and ``/docs`` are generated from them.
+
+Filters are enums built from the tuples that own their values (``store.splits.SCENARIOS``,
+``store.metrics.METRICS``, ``scdm.classify.heads.HEADS``, ...), so a misspelled value is a 422
+that names the allowed ones instead of an empty answer. List filters take comma-separated values
+(``metric=auroc,f1``) or the parameter repeated (``metric=auroc&metric=f1``).
+
+Row models declare the catalog columns the page and scripts rely on and allow the others
+(``extra="allow"``): a column added to a catalog table by a later migration is passed through,
+not dropped.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from scdm.classify.heads import HEADS
+from scdm.store.metrics import METRICS
+from scdm.store.splits import CATEGORY_TYPES, SCENARIOS
+
+SPLIT_SCHEMES: tuple[str, ...] = ("cell", "sample", "study", "custom")
+"""Split schemes a result can have: pooled ``cell``/``sample`` folds, leave-one-``study``-out, ``custom`` folds."""
+EMBEDDING_STATUSES: tuple[str, ...] = ("pending", "complete")
+"""``embeddings.status``: chunks still missing, or every chunk written and verified."""
+
+
+def _choices(name: str, values: tuple[str, ...] | list[str], doc: str) -> Any:
+    """A string enum whose members are ``values`` (names as the values: ``shuffled-label`` stays as it is)."""
+    enum = Enum(name, {v: v for v in values}, type=str)  # type: ignore[misc]
+    enum.__doc__ = doc
+    return enum
+
+
+if TYPE_CHECKING:  # built at run time from the tuples that own the values; to a type checker they are strings
+    Scenario = str
+    CategoryType = str
+    Metric = str
+    HeadName = str
+    SplitScheme = str
+    EmbeddingStatus = str
+else:
+    Scenario = _choices("Scenario", SCENARIOS, "Evaluation scenario: pooled k-fold, cross-data (leave one study out), custom folds.")
+    CategoryType = _choices("CategoryType", CATEGORY_TYPES, "Kind of category a result is computed within.")
+    Metric = _choices("Metric", METRICS, "Metric name (see store.metrics).")
+    HeadName = _choices("HeadName", list(HEADS), "Classification head.")
+    SplitScheme = _choices("SplitScheme", SPLIT_SCHEMES, "How the folds were drawn.")
+    EmbeddingStatus = _choices("EmbeddingStatus", EMBEDDING_STATUSES, "Whether every chunk of an embedding is written.")
+
+
+def _comma_separated(value: Any) -> Any:
+    """``["auroc,f1", "ap"]`` -> ``["auroc", "f1", "ap"]``; empty values are dropped (an empty field means 'any')."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    out = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    return out or None
+
+
+_CommaSeparated = BeforeValidator(_comma_separated)
+Names = Annotated[list[str] | None, _CommaSeparated, Field(description="Comma-separated values (or the parameter repeated); any of them matches.")]
+Heads = Annotated[list[HeadName] | None, _CommaSeparated, Field(description="Heads, comma-separated.")]
+Scenarios = Annotated[list[Scenario] | None, _CommaSeparated, Field(description="Scenarios, comma-separated.")]
+CategoryTypes = Annotated[list[CategoryType] | None, _CommaSeparated, Field(description="Category types, comma-separated.")]
+Metrics = Annotated[list[Metric] | None, _CommaSeparated, Field(description="Metrics, comma-separated.")]
+SplitSchemes = Annotated[list[SplitScheme] | None, _CommaSeparated, Field(description="Split schemes, comma-separated.")]
+Datasets = Annotated[list[str] | None, _CommaSeparated, Field(
+    description="Datasets, comma-separated: keeps results that include any of them (a result pooled over several "
+                "datasets is a result on each).")]
+
+
+# --------------------------------------------------------------------------------------------
+# query parameters
+# --------------------------------------------------------------------------------------------
+class _Query(BaseModel):
+    """Unknown parameters are refused (a misspelled name must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResultFilters(_Query):
+    """Filters of the leaderboard and the per-fold results."""
+
+    model: Names = None
+    head: Heads = None
+    scenario: Scenarios = None
+    category_type: CategoryTypes = None
+    category: Names = None
+    metric: Metrics = None
+    scheme: SplitSchemes = None
+    dataset: Datasets = None
+    label_set: Names = None
+
+
+class PagedResultFilters(ResultFilters):
+    limit: int | None = Field(default=None, ge=1, description="Rows at most (the server caps it at its page size).")
+    offset: int = Field(default=0, ge=0)
+
+
+class EmbeddingFilters(_Query):
+    status: EmbeddingStatus | None = None
+    model: str | None = None
+    dataset: str | None = Field(default=None, description="Dataset name or id.")
+
+
+class Limit(_Query):
+    limit: int | None = Field(default=None, ge=1, description="Rows at most (the server caps it at its page size).")
+
+
+class PredictionFilters(_Query):
+    head_id: str | None = None
+    dataset: str | None = Field(default=None, description="Dataset name or id.")
+    limit: int | None = Field(default=None, ge=1, description="Rows at most (the server caps it at its page size).")
+    offset: int = Field(default=0, ge=0)
+
+
+class PredictionCsvQuery(_Query):
+    head_id: str
+    dataset: str = Field(description="Dataset name or id.")
+
+
+class UploadQuery(_Query):
+    """Where an uploaded ``.h5ad`` goes and how it is ingested (the body is the file itself)."""
+
+    filename: str = Field(description="Plain file name ending in .h5ad (letters, digits, '.', '_', '-').")
+    name: str | None = Field(default=None, description="Dataset name (default: the file name without .h5ad).")
+    label_key: str | None = Field(default=None, description="obs column of the response labels.")
+    study: str | None = None
+    tissue: str | None = None
+    cancer_type: str | None = None
+    drug_type: str | None = None
+    regimen: str | None = None
+    head_id: str | None = Field(default=None, description="Predict the upload with this trained head (pca/hvg heads: here; "
+                                                   "other models: the job says which `scdm embed` to run).")
+
+
+# --------------------------------------------------------------------------------------------
+# request bodies
+# --------------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SqlRequest(_Body):
+    query: str = Field(min_length=1, description="One read-only statement (SELECT, WITH, ...).",
+                       examples=["SELECT name, n_cells FROM datasets"])
+    max_rows: int | None = Field(default=None, ge=1, description="Rows returned at most (capped by the server).")
+
+
+class PredictRequest(_Body):
+    head_id: str = Field(min_length=1, description="A trained head (GET /api/heads).")
+    dataset: str = Field(min_length=1, description="A stored dataset embedded in the head's space.")
+
+
+class ReportRequest(_Body):
+    projection: Literal["auto", "umap", "pca", "none"] = Field(
+        default="auto", description="2-D projection of each embedding space (auto: UMAP if installed, else PCA).")
+
+
+class LoginForm(_Body):
+    token: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# responses
+# --------------------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    """Every error: a message that says what is wrong and what to do, and the HTTP status."""
+
+    error: str
+    status: int
+    detail: list[dict[str, Any]] | None = Field(default=None, description="Validation errors one by one (422).")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    store: str
+    auth: bool = Field(description="Whether a bearer token is required.")
+    read_only: bool
+    version: str
+    max_jobs: int
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+JsonText = dict[str, Any] | list[Any] | str | None
+"""A JSON column of the catalog, parsed (its text when it does not parse)."""
+
+
+class DatasetRow(_Row):
+    dataset_id: str
+    name: str
+    n_cells: int
+    n_genes: int | None = None
+    n_labelled: int | None = None
+    n_sensitive: int | None = None
+    source_path: str | None = None
+    created_at: str | None = None
+
+
+class EmbeddingRow(_Row):
+    embedding_id: str
+    dataset_id: str
+    dataset_name: str | None = None
+    space_id: str | None = None
+    model: str
+    variant: str
+    dim: int | None = None
+    n_cells: int | None = None
+    status: str
+    chunks_done: int | None = None
+    n_chunks: int | None = None
+    params: JsonText = None
+    telemetry: JsonText = None
+
+
+class LeaderboardRow(_Row):
+    """One result (mean over its folds) of one metric."""
+
+    model: str
+    variant: str
+    space_id: str
+    datasets: str | None = Field(default=None, description="Comma-separated dataset names the result was fitted on.")
+    label_set: str | None = None
+    split_id: str | None = None
+    scenario: str
+    scheme: str | None = None
+    k: int | None = None
+    seed: int | None = None
+    category_type: str
+    category: str
+    head: str
+    head_params: JsonText = None
+    metric: str
+    mean: float | None = None
+    sd: float | None = None
+    n_folds: int = Field(description="Folds where the metric has a value: the n of the mean.")
+    n_null: int | None = None
+    folds_done: int | None = None
+    folds_expected: int | None = None
+    complete: bool | None = None
+
+
+class ResultRow(_Row):
+    """One metric of one fitted task (fold)."""
+
+    task_id: str
+    run_id: str | None = None
+    model: str
+    variant: str
+    datasets: str | None = None
+    label_set: str | None = None
+    scenario: str
+    scheme: str | None = None
+    category_type: str
+    category: str
+    fold: int | None = None
+    head: str
+    head_params: JsonText = None
+    metric: str
+    value: float | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+
+
+class SkippedRow(_Row):
+    scenario: str | None = None
+    category_type: str | None = None
+    category: str | None = None
+    fold: int | None = None
+    head: str | None = None
+    reason: str
+
+
+class TrainedHeadRow(_Row):
+    head_id: str
+    head: str
+    model: str
+    variant: str
+    category_type: str
+    category: str
+    datasets: JsonText = None
+    label_set: str | None = None
+    n_train: int | None = None
+    threshold: float | None = None
+    train_metrics: JsonText = None
+    created_at: str | None = None
+
+
+class PredictionRow(_Row):
+    head_id: str
+    dataset: str
+    cell_id: str
+    row: int
+    proba: float
+    label: int
+    response: int | None = Field(default=None, description="The stored label (1 sensitive, 0 resistant), if any.")
+
+
+class ModelSummary(BaseModel):
+    model: str
+    n_embeddings: int
+    n_datasets: int
+    variants: list[str]
+    evaluated: bool = Field(description="Whether the model has evaluation results.")
+
+
+class ModelDetail(BaseModel):
+    model: str
+    embeddings: list[EmbeddingRow]
+    leaderboard: list[LeaderboardRow] = Field(description="Results on category type all.")
+    trained_heads: list[TrainedHeadRow]
+
+
+class SqlAnswer(BaseModel):
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    n_rows: int
+    truncated: bool = Field(description="More rows matched than max_rows.")
+    max_rows: int
+    seconds: float
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    kind: Literal["predict", "upload", "report"]
+    state: Literal["queued", "running", "done", "failed", "needs_embedding"]
+    stage: str
+    progress: float = Field(ge=0.0, le=1.0)
+    position: int | None = Field(default=None, description="Place in the queue while queued (1: next to start).")
+    message: str
+    result: dict[str, Any]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    status_url: str
+
+
+class ReportFigures(BaseModel):
+    generated: bool = Field(description="Whether the report (index.html) exists in the store's report folder.")
+    index: str | None = Field(default=None, description="URL of the report page when it exists.")
+    folder: str = Field(description="Where the server looks for the report.")
+    figures: list[str] = Field(description="URLs of its figure files (PNG, SVG, PDF).")

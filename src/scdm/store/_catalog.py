@@ -1,0 +1,663 @@
+"""The DuckDB catalog: connections with lock retry, migrations, and the read-only SQL gate.
+
+DuckDB lets one process write a database file at a time, and a process that has the file open
+read-write also blocks readers in other processes. So scdm never keeps a connection open: every
+operation connects, runs one short transaction and closes, retrying while another process holds
+the lock.
+
+Inside one process DuckDB shares one database instance per file and configuration, and refuses
+to open a file with a second configuration (read-only and read-write count as two) while any
+connection to it is open. A :class:`_Gate` per catalog file therefore admits, at any time, either
+any number of read-only connections with one configuration or one thread's read-write connections
+(that thread may nest them). Waiting for another process's lock happens outside the gate, so one
+thread's back-off never holds up the others.
+
+Readers that overlap keep the file's shared lock held for as long as any of them is open, which
+would starve a writer in another process that polls for the lock. A writer that finds the file
+locked raises a flag, an advisory lock on ``<catalog>.turnstile`` that the operating system drops
+when the process dies; readers in every scdm process start no new connection while it is raised,
+so the file drains and the writer gets in within one read's time.
+
+A catalog opened read-only (a store the user may read but not write) never opens a read-write
+connection: writes raise :class:`~store.errors.StoreReadOnlyError` before touching the file, and
+migrations are refused (the schema is only checked). A catalog file that DuckDB cannot read
+(truncated, overwritten, corrupted) raises :class:`~store.errors.CatalogDamagedError` naming the
+file and what to do, instead of DuckDB's own error.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from scdm.store._constants import LOCK_RETRY_SECONDS
+from scdm.store.errors import (
+    CatalogDamagedError,
+    QueryError,
+    ReadOnlyQueryError,
+    ScdmError,
+    StoreFormatError,
+    StoreLockedError,
+    StoreReadOnlyError,
+)
+
+try:  # advisory file locks for the writer flag; without them (Windows) writers rely on retry alone
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["READ_CONFIG", "SCHEMA_VERSION", "Catalog"]
+
+logger = logging.getLogger(__name__)
+
+_LOCK_MARKERS = ("could not set lock", "conflicting lock", "lock on file", "database is locked")
+_DAMAGE_MARKERS = (
+    "not a valid duckdb database file", "could not read enough bytes", "corrupt database file",
+    "does not match stored checksum", "database has been invalidated", "failed to read database header",
+)
+"""DuckDB error texts that mean the catalog file itself is damaged (not a lock, not a bad query)."""
+_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+READ_CONFIG: dict[str, Any] = {"enable_external_access": False, "lock_configuration": True}
+"""DuckDB settings of every read-only catalog connection.
+
+One configuration for internal reads and user SQL alike, so that they share one database instance
+and run side by side (DuckDB refuses a second configuration of an open file). It is the user SQL
+sandbox: no file or network access, and ``SET`` cannot lift that.
+"""
+
+_LOCK_BACKOFF_S = (0.005, 0.1)
+"""First and longest sleep while another process holds the file (a failed connect costs well under 1 ms)."""
+_FLAG_BACKOFF_S = (0.001, 0.01)
+"""First and longest sleep while a writer's flag is raised: it is lowered when that writer's transaction closes."""
+_FLAG_PATIENCE_S = 5.0
+"""How long a reader holds back for a raised flag; after that the writer is evidently waiting for
+someone else (a long lock elsewhere), and the reader tries the file as if no flag were raised."""
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration file shipped with the package, in order."""
+    folder = resources.files("scdm.store").joinpath("_migrations")
+    found = []
+    for entry in folder.iterdir():
+        stem = entry.name.removesuffix(".sql")
+        if entry.name.endswith(".sql") and stem[:4].isdigit():
+            found.append((int(stem[:4]), stem[5:], entry.read_text()))
+    return sorted(found)
+
+
+_MIGRATIONS = _migrations()  # read once, so one process never sees two schema versions
+SCHEMA_VERSION: int = _MIGRATIONS[-1][0]
+"""Newest catalog schema this scdm can read and write."""
+
+
+def _is_lock_error(err: Exception) -> bool:
+    text = str(err).lower()
+    return any(m in text for m in _LOCK_MARKERS)
+
+
+def _is_damage(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, duckdb.Error) and any(m in text for m in _DAMAGE_MARKERS)
+
+
+@functools.lru_cache(maxsize=512)
+def _only_reads(sql: str) -> bool:
+    """Whether every statement of ``sql`` is a plain read (cached: the same queries recur)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error:
+        return False  # let the read-write path run it and report DuckDB's own error
+    return bool(statements) and all(st.type.name in _READ_STATEMENTS for st in statements)
+
+
+def _config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(k), repr(v)) for k, v in config.items()))
+
+
+# ---- in-process gate ------------------------------------------------------------------------
+class _Ticket:
+    """One thread's place in a gate's queue."""
+
+    __slots__ = ("key", "writes")
+
+    def __init__(self, writes: bool, key: tuple[tuple[str, str], ...] | None) -> None:
+        self.writes, self.key = writes, key
+
+
+class _Gate:
+    """Who in this process may have connections to one catalog file open right now.
+
+    Either readers (any number of threads, all with one DuckDB configuration) or one writer
+    thread, never both. Threads that must wait queue in arrival order; the readers at the front
+    of the queue enter together. So a writer waits only for the reads already open (new readers
+    queue behind it), and readers waiting behind a writer enter together after it, before the
+    next writer: neither side can starve the other. A thread may nest connections of the kind it
+    holds (reads in a read, anything in a write) without queueing; a thread that holds a read and
+    asks for a write, or for a read with other settings, would wait for itself, so that raises.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[_Ticket] = collections.deque()
+        self._read_key: tuple[tuple[str, str], ...] | None = None
+        self._readers = 0
+        self._reads_of: dict[int, int] = {}
+        self._writer: int | None = None
+        self._write_depth = 0
+
+    def writing_here(self) -> bool:
+        """Whether the calling thread holds the write side."""
+        return self._writer == threading.get_ident()
+
+    def reading_here(self) -> bool:
+        """Whether the calling thread holds a read."""
+        return self._reads_of.get(threading.get_ident(), 0) > 0
+
+    def enter_read(self, key: tuple[tuple[str, str], ...], deadline: float, where: str) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                msg = (f"A read-only connection to {where} was asked for inside this thread's own write "
+                       "transaction; run the read after the transaction, or on the transaction's connection.")
+                raise RuntimeError(msg)
+            if self._reads_of.get(me, 0):
+                if key != self._read_key:
+                    msg = (f"A read-only connection to {where} with other settings was asked for while this "
+                           "thread holds one; close the first connection before opening the second.")
+                    raise RuntimeError(msg)
+            else:  # a nested read never queues: a writer in the queue is waiting for this very thread
+                self._wait_turn(_Ticket(False, key), deadline, where)
+            self._read_key = key
+            self._readers += 1
+            self._reads_of[me] = self._reads_of.get(me, 0) + 1
+
+    def leave_read(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            self._reads_of[me] -= 1
+            if not self._reads_of[me]:
+                del self._reads_of[me]
+            self._readers -= 1
+            if not self._readers:
+                self._read_key = None
+                self._cond.notify_all()
+
+    def enter_write(self, deadline: float, where: str) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._reads_of.get(me, 0):
+                msg = (f"A write to {where} was asked for while this thread holds a read-only connection to it; "
+                       "close the read connection first (the write would wait for it forever).")
+                raise RuntimeError(msg)
+            if self._writer != me:
+                self._wait_turn(_Ticket(True, None), deadline, where)
+                self._writer = me
+            self._write_depth += 1
+
+    def leave_write(self) -> None:
+        with self._cond:
+            self._write_depth -= 1
+            if not self._write_depth:
+                self._writer = None
+                self._cond.notify_all()
+
+    def _may_enter(self, ticket: _Ticket) -> bool:
+        if self._writer is not None:
+            return False
+        if ticket.writes:
+            return self._readers == 0 and self._queue[0] is ticket
+        if self._readers and self._read_key != ticket.key:
+            return False
+        for ahead in self._queue:  # only readers with the same settings may be ahead of a reader
+            if ahead is ticket:
+                return True
+            if ahead.writes or ahead.key != ticket.key:
+                return False
+        return False
+
+    def _wait_turn(self, ticket: _Ticket, deadline: float, where: str) -> None:
+        self._queue.append(ticket)
+        try:
+            admitted = self._cond.wait_for(lambda: self._may_enter(ticket), timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            self._queue.remove(ticket)
+            self._cond.notify_all()  # the ticket behind may be next
+        if not admitted:
+            msg = (f"The catalog {where} stayed busy in this process past the retry budget: other threads "
+                   "held connections to it the whole time. Look for a long transaction in this process.")
+            raise StoreLockedError(msg)
+
+
+_GATES: dict[str, _Gate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def _gate_for(path: str) -> _Gate:
+    """The one gate of a catalog file in this process (every Catalog of that file shares it)."""
+    with _GATES_LOCK:
+        return _GATES.setdefault(path, _Gate())
+
+
+# ---- cross-process writer flag ---------------------------------------------------------------
+class _WriterFlag:
+    """"A writer is waiting for this catalog": an exclusive advisory lock on ``<catalog>.turnstile``.
+
+    Readers only look (a non-blocking shared lock that fails while the flag is raised); the file
+    is created on the first contended write and the lock vanishes with the process that held it.
+    """
+
+    def __init__(self, catalog: str) -> None:
+        self.path = catalog + ".turnstile"
+
+    def is_raised(self) -> bool:
+        if fcntl is None:
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False  # no flag file: no writer has waited yet
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared lock just taken
+        return False
+
+    def try_raise(self) -> int | None:
+        """The file descriptor that holds the raised flag, or None when it cannot be raised now."""
+        if fcntl is None:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            try:  # a read-only store directory: the flag works as long as the file exists
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another writer raised it first
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def lower(fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
+
+
+class _Backoff:
+    """Jittered exponential sleeps between connection attempts, bounded by a deadline."""
+
+    def __init__(self, deadline: float, first_and_cap: tuple[float, float]) -> None:
+        self.deadline = deadline
+        self._delay, self._cap = first_and_cap
+
+    def sleep(self) -> bool:
+        """Sleep once; False (without sleeping) when the deadline has passed."""
+        now = time.monotonic()
+        if now > self.deadline:
+            return False
+        time.sleep(min(self._delay * (1 + random.random()), max(0.0, self.deadline - now)))
+        self._delay = min(self._delay * 2, self._cap)
+        return True
+
+
+class Catalog:
+    """Short-lived DuckDB connections to ``path``, with retry on lock conflicts.
+
+    ``read_only_reason``: open the catalog read-only (only read-only connections; every write
+    raises :class:`StoreReadOnlyError`, whose message gives this reason).
+    """
+
+    def __init__(self, path: Path, *, retry_seconds: float = LOCK_RETRY_SECONDS, read_only_reason: str | None = None) -> None:
+        self.path = Path(path)
+        self.retry_seconds = retry_seconds
+        self.read_only_reason = read_only_reason
+        # one name per file, so that every Catalog of it shares DuckDB's instance and our gate
+        self._file = os.path.realpath(self.path)
+        self._gate = _gate_for(self._file)
+        self._flag = _WriterFlag(self._file)
+
+    # ---- connections ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def connect(self, *, read_only: bool = False, config: dict[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection that is closed on exit; waits while another process holds the file lock.
+
+        Parameters
+        ----------
+        read_only : bool, default False
+            Read-only connections run side by side (threads of this process and other processes);
+            a read-write one excludes every other connection to the file.
+        config : dict, optional
+            DuckDB settings. Read-only connections default to :data:`READ_CONFIG` (no file or
+            network access); a different one waits until the readers with the default are done.
+
+        Raises
+        ------
+        StoreLockedError
+            If the file stayed locked for ``retry_seconds``.
+        """
+        if not read_only and self.read_only:
+            raise StoreReadOnlyError(self.read_only_message())
+        deadline = time.monotonic() + self.retry_seconds
+        if read_only:
+            settings = dict(READ_CONFIG if config is None else config)
+            con = self._open_read(settings, deadline)
+            flag, leave = None, self._gate.leave_read
+        else:
+            con, flag = self._open_write(dict(config or {}), deadline)
+            leave = self._gate.leave_write
+        try:
+            yield con
+        except duckdb.Error as err:
+            if _is_damage(err):
+                raise self._damaged_error(err) from err
+            raise
+        finally:
+            try:
+                con.close()
+            finally:
+                _WriterFlag.lower(flag)
+                leave()
+
+    def _open_read(self, settings: dict[str, Any], deadline: float) -> duckdb.DuckDBPyConnection:
+        if not self.path.exists():
+            msg = (f"The catalog {str(self.path)!r} does not exist, so it cannot be opened read-only. Open the "
+                   "store with store.Store(path) (or any scdm command) first: that creates it.")
+            raise ScdmError(msg)
+        key = _config_key(settings)
+        lock_wait, flag_wait = _Backoff(deadline, _LOCK_BACKOFF_S), _Backoff(deadline, _FLAG_BACKOFF_S)
+        # a thread inside its own read or write skips the flag: it may be this thread's own, and
+        # the gate admits a nested read at once or refuses it
+        nested = self._gate.reading_here() or self._gate.writing_here()
+        patience = min(time.monotonic() + _FLAG_PATIENCE_S, deadline)
+        while True:
+            if not nested and time.monotonic() < patience and self._flag.is_raised():
+                flag_wait.sleep()  # a writer waits for the file: open nothing new, so that it drains
+                continue
+            self._gate.enter_read(key, deadline, repr(str(self.path)))
+            try:
+                return duckdb.connect(self._file, read_only=True, config=settings)
+            except (duckdb.IOException, duckdb.ConnectionException) as err:
+                self._gate.leave_read()
+                if not _is_lock_error(err):
+                    raise self._damaged_error(err) if _is_damage(err) else err
+                if not lock_wait.sleep():
+                    raise self._locked_error() from err
+            except duckdb.Error as err:
+                self._gate.leave_read()
+                raise self._damaged_error(err) if _is_damage(err) else err
+            except BaseException:
+                self._gate.leave_read()
+                raise
+
+    def _open_write(self, settings: dict[str, Any], deadline: float) -> tuple[duckdb.DuckDBPyConnection, int | None]:
+        where = repr(str(self.path))
+        if self._gate.writing_here():  # nested in this thread's write: DuckDB shares the open instance
+            self._gate.enter_write(deadline, where)
+            try:
+                return duckdb.connect(self._file, read_only=False, config=settings), None
+            except duckdb.Error as err:
+                self._gate.leave_write()
+                raise self._damaged_error(err) if _is_damage(err) else err
+            except BaseException:
+                self._gate.leave_write()
+                raise
+        flag: int | None = None
+        lock_wait, flag_wait = _Backoff(deadline, _LOCK_BACKOFF_S), _Backoff(deadline, _FLAG_BACKOFF_S)
+        while True:
+            self._gate.enter_write(deadline, where)
+            try:
+                return duckdb.connect(self._file, read_only=False, config=settings), flag
+            except (duckdb.IOException, duckdb.ConnectionException) as err:
+                self._gate.leave_write()
+                if not _is_lock_error(err):
+                    _WriterFlag.lower(flag)
+                    raise self._damaged_error(err) if _is_damage(err) else err
+                if flag is None:  # readers elsewhere keep the file open: ask them to drain
+                    flag = self._flag.try_raise()
+                if not (flag_wait if flag is not None else lock_wait).sleep():
+                    _WriterFlag.lower(flag)
+                    raise self._locked_error() from err
+            except duckdb.Error as err:
+                self._gate.leave_write()
+                _WriterFlag.lower(flag)
+                raise self._damaged_error(err) if _is_damage(err) else err
+            except BaseException:
+                self._gate.leave_write()
+                _WriterFlag.lower(flag)
+                raise
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this catalog was opened read-only (see the class docstring)."""
+        return self.read_only_reason is not None
+
+    def read_only_message(self, action: str = "write to it") -> str:
+        """Why a write is refused, and how to get write access."""
+        store = self.path.parent
+        return (
+            f"The store {str(store)!r} is open read-only ({self.read_only_reason}), so scdm cannot {action}. "
+            f"Reading works (ls, sql, results, export, report --out DIR, verify, serve); to write, run as a user who "
+            f"may write {str(store)!r}, without --read-only / SCDM_READ_ONLY, or work on a copy of the store."
+        )
+
+    def _damaged_error(self, err: BaseException) -> CatalogDamagedError:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        store = self.path.parent
+        msg = (
+            f"The catalog {str(self.path)!r} is damaged and cannot be read (DuckDB: {first}). It was truncated, "
+            f"overwritten or corrupted on disk. Restore {self.path.name} from a backup or a copy of the store "
+            f"(stop every scdm process on {str(store)!r} first). The Zarr arrays under {str(store / 'embeddings')!r} "
+            f"and the datasets under {str(store / 'datasets')!r} are separate files that any Zarr/AnnData client can still open; "
+            "without a backup, move the store aside and ingest and embed the data again in a new one."
+        )
+        return CatalogDamagedError(msg)
+
+    def _locked_error(self) -> StoreLockedError:
+        msg = (
+            f"The catalog {str(self.path)!r} stayed locked by another process for {self.retry_seconds:.0f} s. "
+            "Another scdm process (or a duckdb client) holds it open; close it and retry."
+        )
+        return StoreLockedError(msg)
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run one query and return its rows as a DataFrame.
+
+        Reads (``SELECT``, ``WITH ... SELECT``, ``EXPLAIN``) go through a read-only connection, so
+        they run alongside other readers; anything else, and any query inside this thread's own
+        write transaction, through a read-write one.
+        """
+        read_only = _only_reads(sql) and not self._gate.writing_here() and self.path.exists()
+        if self.read_only and not read_only:
+            read_only = True  # DESCRIBE, SHOW, PRAGMA...: DuckDB itself refuses writes on this connection
+        with self.connect(read_only=read_only) as con:
+            try:
+                return con.execute(sql, params or []).df()
+            except duckdb.Error as err:
+                if self.read_only and "read-only" in str(err).lower():
+                    raise StoreReadOnlyError(self.read_only_message()) from err
+                raise
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Run one write statement in its own transaction."""
+        with self.connect() as con:
+            con.execute(sql, params or [])
+
+    def transaction(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """A connection inside ``BEGIN``/``COMMIT`` (rolled back on error)."""
+        return self._transaction()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def insert_df(self, table: str, frame: pd.DataFrame, con: duckdb.DuckDBPyConnection | None = None, *,
+                  or_ignore: bool = False) -> None:
+        """Insert a DataFrame's rows into ``table``, matching columns by name.
+
+        ``or_ignore`` skips rows whose primary key is already there (two processes storing the
+        same content at once both succeed).
+        """
+        if frame.empty:
+            return
+        cols = ", ".join(f'"{c}"' for c in frame.columns)
+        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+        sql = f'{verb} INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_frame'
+        if con is not None:
+            con.register("_scdm_frame", frame)
+            try:
+                con.execute(sql)
+            finally:
+                con.unregister("_scdm_frame")
+            return
+        with self.transaction() as tx:
+            self.insert_df(table, frame, tx, or_ignore=or_ignore)
+
+    # ---- schema -----------------------------------------------------------------------------
+    def migrate(self, scdm_version: str) -> None:
+        """Create the catalog or bring it to :data:`SCHEMA_VERSION`; refuse a newer one."""
+        if self.read_only:
+            self.check_schema(scdm_version)
+            return
+        with self.transaction() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name VARCHAR, "
+                "applied_at TIMESTAMP, scdm_version VARCHAR)"
+            )
+            done = {r[0] for r in con.execute("SELECT version FROM migrations").fetchall()}
+            self._refuse_newer(con, done, scdm_version)
+            for version, name, sql in _MIGRATIONS:
+                if version in done:
+                    continue
+                logger.debug("catalog %s: applying migration %04d_%s", self.path, version, name)
+                con.execute(sql)
+                con.execute(
+                    "INSERT INTO migrations VALUES (?, ?, now(), ?)", [version, name, scdm_version]
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    def check_schema(self, scdm_version: str) -> None:
+        """For a read-only catalog: refuse one that is newer than this scdm or needs a migration."""
+        with self.connect(read_only=True) as con:
+            try:
+                done = {r[0] for r in con.execute("SELECT version FROM migrations").fetchall()}
+            except duckdb.CatalogException:
+                done = set()
+            self._refuse_newer(con, done, scdm_version)
+        missing = [v for v, _, _ in _MIGRATIONS if v not in done]
+        if missing:
+            store = self.path.parent
+            msg = (
+                f"The catalog {str(self.path)!r} has schema version {max(done, default=0)}; this scdm "
+                f"({scdm_version}) needs version {SCHEMA_VERSION}, and a store opened read-only cannot be migrated. "
+                f"Open it once with write access (e.g. `scdm --store {str(store)} ls` as a user who may write it), "
+                "then read-only use works."
+            )
+            raise StoreReadOnlyError(msg)
+
+    def _refuse_newer(self, con: duckdb.DuckDBPyConnection, done: set[int], scdm_version: str) -> None:
+        newest = max(done, default=0)
+        if newest <= SCHEMA_VERSION:
+            return
+        writer = con.execute("SELECT scdm_version FROM migrations WHERE version = ?", [newest]).fetchone()
+        msg = (
+            f"The catalog {str(self.path)!r} has schema version {newest}, written by scdm "
+            f"{writer[0] if writer else '?'}; this scdm ({scdm_version}) reads up to version "
+            f"{SCHEMA_VERSION}. Upgrade scdm (pip install -U scdm) to open this store."
+        )
+        raise StoreFormatError(msg)
+
+    # ---- user SQL ---------------------------------------------------------------------------
+    def read_only_query(self, sql: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> pd.DataFrame:
+        """Run user SQL on a read-only connection with no file or network access.
+
+        Only ``SELECT``/``EXPLAIN`` statements (``WITH ... SELECT`` included) are accepted; the
+        connection itself is read-only and cannot reach files, so ``COPY ... TO``, ``ATTACH``,
+        ``INSTALL`` and writes fail twice over.
+
+        Raises
+        ------
+        ReadOnlyQueryError
+            If a statement is not a read.
+        """
+        check_read_only(sql)
+        with self.connect(read_only=True) as con:  # READ_CONFIG: no file or network access, settings locked
+            try:
+                if timeout_s is None:
+                    return _fetch(con.execute(sql), max_rows)
+                return _run_with_timeout(con, sql, max_rows, timeout_s)
+            except duckdb.PermissionException as err:
+                msg = f"The query tried to reach files or settings, which the read-only SQL interface does not allow: {err}"
+                raise ReadOnlyQueryError(msg) from err
+            except duckdb.Error as err:
+                if _is_damage(err):
+                    raise self._damaged_error(err) from err
+                msg = f"The query failed: {err}"
+                raise QueryError(msg) from err
+
+
+def _fetch(result: duckdb.DuckDBPyConnection, max_rows: int | None) -> pd.DataFrame:
+    if max_rows is None:
+        return result.fetch_df()
+    rows = result.fetchmany(max_rows)
+    columns = [d[0] for d in result.description or []]
+    return pd.DataFrame.from_records(rows, columns=columns)
+
+
+def _run_with_timeout(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None, timeout_s: float) -> pd.DataFrame:
+    timer = threading.Timer(timeout_s, con.interrupt)
+    timer.start()
+    try:
+        return _fetch(con.execute(sql), max_rows)
+    except duckdb.InterruptException as err:
+        msg = f"The query ran longer than {timeout_s:g} s and was stopped; add a LIMIT or a WHERE clause."
+        raise ReadOnlyQueryError(msg) from err
+    finally:
+        timer.cancel()
+
+
+def check_read_only(sql: str) -> None:
+    """Raise :class:`ReadOnlyQueryError` unless every statement in ``sql`` only reads."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as err:
+        msg = f"Could not parse the query: {err}"
+        raise ReadOnlyQueryError(msg) from err
+    if not statements:
+        msg = "The query is empty; give a SELECT statement, e.g. scdm sql \"SELECT * FROM datasets\"."
+        raise ReadOnlyQueryError(msg)
+    for st in statements:
+        kind = st.type.name
+        if kind not in _READ_STATEMENTS:
+            msg = (
+                f"Only read queries are allowed here (SELECT, WITH ... SELECT, EXPLAIN); got a {kind} "
+                "statement. The catalog is changed only through scdm commands."
+            )
+            raise ReadOnlyQueryError(msg)

@@ -1,0 +1,340 @@
+"""Reading and checking an AnnData for ingest: content hash, value kind, cell metadata, labels.
+
+Everything here reads the expression matrix in row blocks, so memory stays bounded for
+large backed ``.h5ad`` files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scdm.store.errors import InputDataError
+from scdm.store.genes import GENE_ID_KINDS, GeneIdKind, as_gene_id_kind, detect_gene_id_kind, map_genes
+from scdm.store.matrix import SCAN_BLOCK_ROWS, iter_row_blocks, to_csr
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+# iter_row_blocks and to_csr live in store.matrix (public); they stay importable from here too
+__all__ = ["IngestOptions", "MatrixScan", "open_anndata", "iter_row_blocks", "to_csr", "scan_matrix", "normalise_response",
+           "cell_table", "gene_ids_of"]
+
+logger = logging.getLogger(__name__)
+
+X_KINDS = ("counts", "normalized", "scaled")
+
+_SENSITIVE = {"sensitive", "responder", "response", "responsive", "yes", "true", "1", "s", "r+", "sensitivity"}
+_RESISTANT = {"resistant", "non-responder", "nonresponder", "non_responder", "non-response", "no", "false", "0",
+              "non-responsive", "nonresponsive", "resistance"}
+_UNKNOWN = {"", "nan", "na", "n/a", "none", "unknown", "null"}
+
+# metadata column -> (option naming the obs column, option giving a constant)
+METADATA_FIELDS: dict[str, tuple[str, str]] = {
+    "study": ("study_key", "study"),
+    "sample": ("sample_key", "sample"),
+    "tissue": ("tissue_key", "tissue"),
+    "cancer_type": ("cancer_key", "cancer_type"),
+    "drug_type": ("drug_type_key", "drug_type"),
+    "regimen": ("regimen_key", "regimen"),
+}
+
+
+LABEL_OPTIONS = ("label_key", "positive", "unknown_values", "drug", "label_set")
+"""Options that define a label set rather than the dataset."""
+DATASET_OPTIONS = ("gene_key", "gene_id_kind", "x_kind")
+"""Options that define how the matrix is read (they change the dataset's content, not its metadata)."""
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How an AnnData's columns map onto the catalog (every field is optional)."""
+
+    label_key: str | None = None
+    """obs column with the drug response; None = unlabelled dataset."""
+    positive: str | None = None
+    """Label value meaning sensitive, for labels that are not sensitive/resistant-like."""
+    unknown_values: tuple[str, ...] = ()
+    """Label values to store as unknown (NULL), e.g. ``not_in_scDEAL_set``."""
+    drug: str | None = None
+    """The drug the labels are the response to (recorded with the label set)."""
+    label_set: str | None = None
+    """Name of the label set the labels become (default: ``drug``, else ``label_key``)."""
+    study_key: str | None = None
+    study: str | None = None
+    sample_key: str | None = None
+    sample: str | None = None
+    tissue_key: str | None = None
+    tissue: str | None = None
+    cancer_key: str | None = None
+    cancer_type: str | None = None
+    drug_type_key: str | None = None
+    drug_type: str | None = None
+    regimen_key: str | None = None
+    regimen: str | None = None
+    gene_key: str | None = None
+    """var column holding the gene ids (default: ``var_names``)."""
+    gene_id_kind: str | None = None
+    """symbol | ensembl | entrez; detected when None."""
+    x_kind: str | None = None
+    """counts | normalized | scaled; detected when None."""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v not in (None, ())}
+
+
+@dataclass(frozen=True)
+class MatrixScan:
+    """What one pass over the expression matrix found."""
+
+    content_hash: str
+    x_kind: str
+    x_format: str
+    n_cells: int
+    n_genes: int
+    nnz: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def open_anndata(data: str | Path | ad.AnnData) -> tuple[ad.AnnData, str | None]:
+    """Open an ``.h5ad`` path in backed mode (or take an AnnData as is).
+
+    Returns the AnnData and the resolved source path (None for an in-memory object).
+    """
+    import anndata as ad
+
+    if isinstance(data, ad.AnnData):
+        if data.X is None:
+            msg = "The AnnData has no expression matrix (X is None); set adata.X to the counts or normalised values."
+            raise InputDataError(msg)
+        return data, None
+    path = Path(data).expanduser()
+    if not path.exists():
+        msg = f"No such file: {str(path)!r}. Give the path of an .h5ad file."
+        raise InputDataError(msg)
+    if path.is_dir() or not _is_hdf5(path):
+        msg = (
+            f"{str(path)!r} is not an .h5ad (HDF5) file. Convert it first, e.g. "
+            "anndata.read_csv(...) / scanpy.read_10x_mtx(...) followed by adata.write_h5ad('data.h5ad')."
+        )
+        raise InputDataError(msg)
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception as err:  # anndata raises many types for malformed files
+        msg = f"Could not read {str(path)!r} as AnnData: {err}. Is it an .h5ad written by anndata?"
+        raise InputDataError(msg) from err
+    return adata, str(path.resolve())
+
+
+def _is_hdf5(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def x_format_of(adata: ad.AnnData) -> str:
+    x = adata.X
+    name = type(x).__name__.lower()
+    if sp.issparse(x) or "csr" in name:
+        return "csc" if "csc" in name else "csr"
+    if "csc" in name:
+        return "csc"
+    return "dense"
+
+
+def gene_ids_of(adata: ad.AnnData, gene_key: str | None) -> np.ndarray:
+    """The dataset's gene ids: ``var_names`` or the ``gene_key`` column."""
+    if gene_key is None:
+        ids = np.asarray(adata.var_names.astype(str), dtype=object)
+    else:
+        if gene_key not in adata.var.columns:
+            cols = ", ".join(map(str, adata.var.columns)) or "(none)"
+            msg = f"Gene id column {gene_key!r} is not in var. Available var columns: {cols}. Omit --gene-key to use var_names."
+            raise InputDataError(msg)
+        ids = np.asarray(adata.var[gene_key].astype(str), dtype=object)
+    return ids
+
+
+def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
+    """Refuse empty data and duplicated cell or gene ids."""
+    if len(cell_ids) == 0 or len(gene_ids) == 0:
+        msg = f"The AnnData is empty ({len(cell_ids)} cells x {len(gene_ids)} genes); nothing to ingest."
+        raise InputDataError(msg)
+    for what, ids, fix in (
+        ("cell", cell_ids, "adata.obs_names_make_unique()"),
+        ("gene", gene_ids, "adata.var_names_make_unique() (or pick another --gene-key)"),
+    ):
+        dup = pd.Index(ids).duplicated()
+        if dup.any():
+            examples = ", ".join(map(str, pd.unique(np.asarray(ids)[dup])[:5]))
+            msg = f"{int(dup.sum())} duplicated {what} ids (e.g. {examples}). Make them unique first: {fix}."
+            raise InputDataError(msg)
+
+
+def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *, block_rows: int = SCAN_BLOCK_ROWS) -> MatrixScan:
+    """One pass over X: content hash, NaN/inf check, value kind (counts/normalized/scaled).
+
+    The hash is of a canonical form (CSR, float64 values, explicit zeros dropped), so the same
+    numbers stored dense or sparse, float32 or float64, hash the same.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{adata.n_obs}x{adata.n_vars}".encode())
+    h.update("\x1f".join(map(str, gene_ids)).encode())
+    h.update(b"\x1e")
+    h.update("\x1f".join(map(str, cell_ids)).encode())
+    h.update(b"\x1e")
+    negative = False
+    integer = True
+    nnz = 0
+    for lo, block in iter_row_blocks(adata, block_rows):
+        data = block.data
+        if data.size and not np.isfinite(data).all():
+            bad = np.where(~np.isfinite(block.toarray()))
+            msg = (
+                f"The expression matrix holds NaN or inf (first at cell {cell_ids[lo + bad[0][0]]!r}, gene "
+                f"{gene_ids[bad[1][0]]!r}). Replace them (e.g. adata.X = np.nan_to_num(adata.X)) and ingest again."
+            )
+            raise InputDataError(msg)
+        block.eliminate_zeros()
+        negative = negative or bool((block.data < 0).any())
+        integer = integer and bool(np.all(block.data == np.round(block.data)))
+        nnz += block.nnz
+        h.update(np.diff(block.indptr).astype(np.int64).tobytes())
+        h.update(block.indices.astype(np.int64).tobytes())
+        h.update(block.data.astype(np.float64).tobytes())
+    kind = "scaled" if negative else ("counts" if integer else "normalized")
+    return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz)
+
+
+def resolve_gene_id_kind(gene_ids: np.ndarray, given: str | None) -> GeneIdKind:
+    if given is None:
+        return detect_gene_id_kind(list(gene_ids))
+    if given not in GENE_ID_KINDS:
+        msg = f"Unknown gene id kind {given!r}; use one of {', '.join(GENE_ID_KINDS)}."
+        raise InputDataError(msg)
+    return as_gene_id_kind(given)
+
+
+def gene_table_frame(gene_ids: np.ndarray, kind: GeneIdKind) -> pd.DataFrame:
+    """The ``genes`` rows of a dataset: id as given, plus symbol and Ensembl id from the shipped table."""
+    return pd.DataFrame({
+        "idx": np.arange(len(gene_ids), dtype=np.int32),
+        "gene_id": gene_ids.astype(str),
+        "symbol": map_genes(gene_ids, src=kind, dst="symbol"),
+        "ensembl": map_genes(gene_ids, src=kind, dst="ensembl"),
+    })
+
+
+def normalise_response(values: pd.Series, *, positive: str | None = None, unknown_values: Sequence[str] = ()) -> pd.Series:
+    """Map labels to 1 = sensitive, 0 = resistant, <NA> = unknown.
+
+    Accepts 0/1, booleans and sensitive/resistant-like strings (responder/non-responder, ...).
+    With ``positive``, that value is sensitive and every other known value resistant.
+
+    Raises
+    ------
+    InputDataError
+        On values that are neither recognised nor declared (lists them and the options).
+    """
+    unknown = _UNKNOWN | {str(u).strip().lower() for u in unknown_values}
+    text = values.astype("object").map(lambda v: None if _is_missing(v) else _label_text(v))
+    out = pd.Series(pd.array([pd.NA] * len(values), dtype="Int8"), index=values.index)
+    if positive is not None:
+        pos = _label_text(positive)
+        known = text.notna() & ~text.isin(unknown)
+        if not (text == pos).any():
+            seen = ", ".join(sorted(map(str, text.dropna().unique()))[:10])
+            msg = f"--positive {positive!r} does not occur in the label column (values: {seen})."
+            raise InputDataError(msg)
+        out[known] = (text[known] == pos).astype("int8")
+        return out
+    is_pos = text.isin(_SENSITIVE)
+    is_neg = text.isin(_RESISTANT)
+    is_unk = text.isna() | text.isin(unknown)
+    bad = ~(is_pos | is_neg | is_unk)
+    if bad.any():
+        seen = ", ".join(sorted(map(str, text[bad].unique()))[:10])
+        msg = (
+            f"Unrecognised response labels: {seen}. Known: sensitive/resistant, responder/non-responder, "
+            "0/1, true/false. Pass --positive VALUE to name the sensitive value (others become resistant), "
+            "and --unknown-value VALUE for labels to store as unknown."
+        )
+        raise InputDataError(msg)
+    out[is_pos] = 1
+    out[is_neg] = 0
+    return out
+
+
+def _is_missing(v: Any) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _label_text(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        v = int(v)
+    return str(v).strip().lower()
+
+
+def cell_table(adata: ad.AnnData, opts: IngestOptions, *, default_study: str) -> pd.DataFrame:
+    """The ``cells`` rows of a dataset (without dataset_id) from obs and the options."""
+    obs = adata.obs
+    frame = pd.DataFrame({"row": np.arange(adata.n_obs, dtype=np.int32), "cell_id": adata.obs_names.astype(str)})
+    for column, (key_opt, const_opt) in METADATA_FIELDS.items():
+        key, const = getattr(opts, key_opt), getattr(opts, const_opt)
+        if key is not None and const is not None:
+            msg = f"Both --{key_opt.replace('_', '-')} and --{const_opt.replace('_', '-')} were given; pass one (a column or a constant)."
+            raise InputDataError(msg)
+        if key is not None:
+            frame[column] = _obs_column(obs, key, key_opt).astype("object").map(lambda v: None if _is_missing(v) else str(v)).values
+        else:
+            frame[column] = const if const is not None else (default_study if column == "study" else None)
+    if opts.label_key is None:
+        frame["response"] = pd.array([pd.NA] * adata.n_obs, dtype="Int8")
+    else:
+        labels = _obs_column(obs, opts.label_key, "label_key")
+        frame["response"] = normalise_response(labels, positive=opts.positive, unknown_values=opts.unknown_values).values
+    return frame
+
+
+def _obs_column(obs: pd.DataFrame, key: str, option: str) -> pd.Series:
+    if key not in obs.columns:
+        cols = ", ".join(map(str, obs.columns)) or "(none)"
+        msg = f"Column {key!r} (--{option.replace('_', '-')}) is not in obs. Available obs columns: {cols}."
+        raise InputDataError(msg)
+    return obs[key]
+
+
+def label_confounders(obs: pd.DataFrame, response: pd.Series, *, skip: Sequence[str] = ()) -> list[str]:
+    """obs columns whose values split the labels perfectly (every value one class, both classes present).
+
+    Such a column (condition, batch, sample under another name) is a likely sample id: without
+    grouped folds a head can score by recognising it.
+    """
+    y = pd.array(response, dtype="Int8")
+    known = ~pd.isna(y)
+    if known.sum() < 4 or pd.Series(y[known]).nunique() < 2:
+        return []
+    out = []
+    for col in obs.columns:
+        if col in skip:
+            continue
+        values = obs[col].to_numpy()[np.asarray(known, dtype=bool)]
+        n_values = pd.Series(values).nunique(dropna=True)
+        if not 2 <= n_values <= max(2, int(known.sum()) // 2):
+            continue
+        frame = pd.DataFrame({"v": values, "y": np.asarray(y[known], dtype=np.int8)}).dropna()
+        if (frame.groupby("v", observed=True)["y"].nunique() == 1).all():
+            out.append(str(col))
+    return out

@@ -1,0 +1,1473 @@
+"""The :class:`Store`: one directory holding the DuckDB catalog and the Zarr embedding arrays."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from scdm.store import _claims, _ingest, _zarr, labels
+from scdm.store import verify as _verify
+from scdm.store._catalog import Catalog
+from scdm.store._constants import (
+    ARTIFACTS_DIR,
+    CATALOG_FILE,
+    DATASETS_DIR,
+    DEFAULT_STORE,
+    EMBEDDINGS_DIR,
+    ENV_STORE,
+    LOCK_RETRY_SECONDS,
+)
+from scdm.store.errors import (
+    ChunkCorruptError,
+    DatasetNotFoundError,
+    EmbeddingBusyError,
+    EmbeddingIncompleteError,
+    EmbeddingNotFoundError,
+    InputDataError,
+    ScdmError,
+    StoreFormatError,
+    StoreReadOnlyError,
+)
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+__all__ = ["Store", "StoreLike", "DatasetInfo", "Embedding", "EmbeddingJob", "ChunkTarget", "ChunkRecord", "open_store", "default_store_path", "space_id_of"]
+
+logger = logging.getLogger(__name__)
+
+StoreLike = "str | os.PathLike[str] | Store"
+
+
+def _scdm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scdm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def default_store_path() -> Path:
+    """``$SCDM_STORE`` if set, else ``./scdm-store``."""
+    return Path(os.environ.get(ENV_STORE) or DEFAULT_STORE)
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted compact JSON: equal settings give equal text (and equal hashes)."""
+    return _canonical_json(obj)
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _short_hash(*parts: Any, n: int = 16) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(_canonical_json(part).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:n]
+
+
+def space_id_of(model: str, checkpoint_hash: str | None, adapter_hash: str | None, variant: str, params: dict[str, Any]) -> str:
+    """Identity of an embedding space: vectors with equal space ids are comparable across datasets."""
+    return _short_hash("space", model, checkpoint_hash, adapter_hash, variant, params)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One ingested dataset, as recorded in the catalog."""
+
+    dataset_id: str
+    """First 16 hex digits of the content hash."""
+    name: str
+    """Unique name in the store (defaults to the file stem)."""
+    content_hash: str
+    """blake2b of expression matrix, gene ids and cell ids."""
+    n_cells: int
+    n_genes: int
+    gene_id_kind: str
+    """symbol | ensembl | entrez."""
+    x_kind: str
+    """counts | normalized | scaled."""
+    x_format: str
+    source_path: str | None
+    stored_path: str
+    """Copy of the data inside the store, relative to its root."""
+    options: dict[str, Any]
+    created: bool = False
+    """True when this call ingested it; False when it was already in the store."""
+    label_set: str | None = None
+    """The label set this call read labels into (or found already stored); None without --label-key."""
+    label_set_created: bool = False
+    """True when this call added that label set (a new dataset's first, or another one of a stored matrix)."""
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One chunk whose rows are written to the array, waiting to be committed in the catalog."""
+
+    chunk: int
+    n_rows: int
+    checksum: str
+    """:func:`store._zarr.chunk_checksum` of the rows as stored."""
+    seconds: float | None = None
+    """Time spent computing the chunk (telemetry)."""
+
+
+@dataclass(frozen=True)
+class ChunkTarget:
+    """Where and how one embedding's chunks are written, without the catalog.
+
+    A plain picklable value: a worker on another machine writes chunk data with it and reports a
+    :class:`ChunkRecord`; the process that owns the catalog commits it with
+    :meth:`Embedding.commit_chunks`. Workers never open the catalog.
+    """
+
+    embedding_id: str
+    location: str
+    """Absolute local path or URL of the Zarr array."""
+    n_cells: int
+    dim: int
+    dtype: str
+    chunk_rows: int
+    n_chunks: int
+
+    def exists(self) -> bool:
+        """Whether the array is where the target says (workers check before writing)."""
+        return _zarr.array_exists(self.location)
+
+    def open_array(self) -> Any:
+        """The Zarr array, opened for writing chunks (pass it to :meth:`write` as ``array``)."""
+        return _zarr.open_array(self.location)
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """First and one-past-last row of ``chunk``."""
+        if not 0 <= chunk < self.n_chunks:
+            msg = f"Chunk {chunk} is out of range: embedding {self.embedding_id} has chunks 0..{self.n_chunks - 1}."
+            raise IndexError(msg)
+        lo = chunk * self.chunk_rows
+        return lo, min(lo + self.chunk_rows, self.n_cells)
+
+    def checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
+        """(first row, block in the stored dtype); refuses a wrong shape or non-finite values."""
+        lo, hi = self.chunk_bounds(chunk)
+        block = np.asarray(block)
+        if block.shape != (hi - lo, self.dim):
+            msg = f"Chunk {chunk} needs an array of shape ({hi - lo}, {self.dim}); got {block.shape}."
+            raise InputDataError(msg)
+        if not np.isfinite(block).all():
+            msg = f"Chunk {chunk} of embedding {self.embedding_id} holds NaN or inf; refusing to store it (the model diverged? try --precision fp32)."
+            raise InputDataError(msg)
+        return lo, block.astype(self.dtype, copy=False)
+
+    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None, array: Any = None) -> ChunkRecord:
+        """Write one chunk's rows to the array (not the catalog) and return the record to commit.
+
+        ``array`` is an already open :func:`store._zarr.open_array` of this target (saves reopening it
+        for every chunk).
+        """
+        lo, block = self.checked_block(chunk, block)
+        arr = array if array is not None else _zarr.open_array(self.location)
+        arr[lo:lo + block.shape[0]] = block
+        return ChunkRecord(chunk, int(block.shape[0]), _zarr.chunk_checksum(block), seconds)
+
+    def stored_checksum(self, chunk: int) -> str | None:
+        """Checksum of the chunk's rows as they are stored now (None when its chunk data is absent)."""
+        lo, hi = self.chunk_bounds(chunk)
+        if not _zarr.chunk_present(self.location, chunk):
+            return None
+        block = _zarr.read_rows(self.location, np.arange(lo, hi), out_dtype=self.dtype)
+        return _zarr.chunk_checksum(block)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Handle on one embedding in a store: write chunks, list what is missing, finalize."""
+
+    store: Store
+    embedding_id: str
+    dataset_id: str
+    space_id: str
+    model: str
+    variant: str
+    dim: int
+    dtype: str
+    n_cells: int
+    chunk_rows: int
+    n_chunks: int
+    array_path: str
+    params: dict[str, Any]
+
+    @property
+    def location(self) -> str:
+        """The array's absolute local path, or its URL (``array_path`` records either)."""
+        if "://" in self.array_path:
+            return self.array_path
+        return str((self.store.root / self.array_path).absolute())  # workers may run elsewhere: never relative
+
+    @property
+    def path(self) -> Path:
+        """The array's local path (``file://`` URLs included); remote arrays have only :attr:`location`."""
+        path = _zarr.local_path(self.location)
+        if path is None:
+            msg = f"Embedding {self.embedding_id} lives at {self.array_path!r}, not on a local path; use Embedding.location."
+            raise StoreFormatError(msg)
+        return path
+
+    def target(self) -> ChunkTarget:
+        """A catalog-free, picklable description for writing this embedding's chunks elsewhere."""
+        return ChunkTarget(self.embedding_id, self.location, self.n_cells, self.dim, self.dtype, self.chunk_rows, self.n_chunks)
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """First and one-past-last row of ``chunk``."""
+        return self.target().chunk_bounds(chunk)
+
+    def written_chunks(self) -> list[int]:
+        frame = self.store.catalog.query(
+            "SELECT chunk FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk", [self.embedding_id]
+        )
+        return frame["chunk"].astype(int).tolist()
+
+    def missing_chunks(self) -> list[int]:
+        """Chunks not yet committed, in order (a rerun writes exactly these)."""
+        done = set(self.written_chunks())
+        return [c for c in range(self.n_chunks) if c not in done]
+
+    def write_chunk(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
+        """Write one chunk's rows, flush, then commit its catalog row (in that order).
+
+        A chunk written twice (two workers, or a retry) is harmless: the data is identical and the
+        catalog row is replaced.
+        """
+        with self.writer() as w:
+            w.write(chunk, block, seconds=seconds)
+
+    def writer(self, *, commit_every_s: float = 1.0, job: EmbeddingJob | None = None) -> ChunkWriter:
+        """A writer that flushes each chunk's data at once but commits catalog rows in batches.
+
+        Use it for long jobs: one catalog commit costs tens of milliseconds, so committing every
+        chunk would dominate writing. A chunk still counts only after its data is on disk and its
+        row committed; a crash loses at most the last ``commit_every_s`` seconds of chunks.
+
+        The writer runs inside ``job`` (see :meth:`job`), or in a job of its own that ends with it:
+        while it is open, removing the embedding is refused.
+        """
+        return ChunkWriter(self, commit_every_s=commit_every_s, job=job)
+
+    def job(self, *, wait_s: float = LOCK_RETRY_SECONDS) -> EmbeddingJob:
+        """Announce that this process writes the embedding, until the job is closed.
+
+        While any job is open, :meth:`Store.remove_embedding` refuses to remove the embedding
+        (naming the job). A job claims chunks before computing them (:meth:`EmbeddingJob.claim`),
+        so that several processes asked for the same embedding share its chunks. ``wait_s``: how
+        long to wait while another process creates or removes the embedding.
+
+        Raises
+        ------
+        EmbeddingNotFoundError
+            The embedding was removed before the job started.
+        """
+        return EmbeddingJob(self, wait_s=wait_s)
+
+    def _checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
+        return self.target().checked_block(chunk, block)
+
+    def commit_chunks(self, records: Sequence[ChunkRecord]) -> list[int]:
+        """Commit chunks whose data another process wrote (see :meth:`target`); idempotent.
+
+        A chunk already committed with the same checksum is left alone, so a chunk is never
+        committed twice. One committed with another checksum was overwritten since (a second job
+        on the same embedding, or non-deterministic GPU kernels): its row takes the new checksum,
+        which is what the array now holds, and a warning says so.
+
+        Returns
+        -------
+        list of int
+            The chunks this call committed (new or changed rows).
+
+        Raises
+        ------
+        EmbeddingNotFoundError
+            The embedding was removed meanwhile: nothing is committed.
+        """
+        if not records:
+            return []
+        chunks = [int(r.chunk) for r in records]
+        with self.store.catalog.transaction() as con:
+            _require_row(con, self.embedding_id)
+            have = dict(con.execute(
+                "SELECT chunk, checksum FROM embedding_chunks WHERE embedding_id = ? AND list_contains(?, chunk)",
+                [self.embedding_id, chunks],
+            ).fetchall())
+            fresh = [r for r in records if have.get(r.chunk) != r.checksum]
+            if not fresh:
+                return []
+            con.executemany(
+                "INSERT OR REPLACE INTO embedding_chunks VALUES (?, ?, ?, ?, ?, now())",
+                [[self.embedding_id, r.chunk, r.n_rows, r.checksum, r.seconds] for r in fresh],
+            )
+        for r in fresh:
+            if r.chunk in have:
+                logger.warning("chunk %d of embedding %s was committed before with checksum %s; the array now holds %s",
+                               r.chunk, self.embedding_id, have[r.chunk], r.checksum)
+        return [r.chunk for r in fresh]
+
+    def finalize(self, *, telemetry: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
+        """Mark complete once every chunk is committed and its data is in the array.
+
+        A committed chunk whose chunk file is gone (deleted by hand, a half-removed array) is not
+        complete: its row is dropped, so that running the job again recomputes exactly that chunk,
+        and this raises.
+
+        Raises
+        ------
+        EmbeddingIncompleteError
+            A chunk is not committed, or its data is absent from the array.
+        EmbeddingNotFoundError
+            The embedding was removed meanwhile.
+        """
+        if self.status == "removed":
+            raise _removed_error(self.embedding_id, "before it was finalized")
+        missing = self.missing_chunks()
+        if missing:
+            msg = f"Embedding {self.embedding_id} still misses chunks {_some(missing)}; write them before finalize()."
+            raise EmbeddingIncompleteError(msg)
+        absent = self._chunks_without_data()
+        if absent:
+            with self.store.catalog.transaction() as con:
+                _require_row(con, self.embedding_id)
+                con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ? AND list_contains(?, chunk)", [self.embedding_id, absent])
+                con.execute("UPDATE embeddings SET status = 'pending', completed_at = NULL WHERE embedding_id = ?", [self.embedding_id])
+            msg = (f"Embedding {self.embedding_id} is not complete: chunks {_some(absent)} are committed but their data is not in "
+                   f"the array at {self.location}. They are marked missing again; run the same command again to recompute them.")
+            raise EmbeddingIncompleteError(msg)
+        with self.store.catalog.transaction() as con:
+            _require_row(con, self.embedding_id)
+            done = con.execute("SELECT count(*) FROM embedding_chunks WHERE embedding_id = ?", [self.embedding_id]).fetchone()
+            if done is None or int(done[0]) != self.n_chunks:  # a chunk was dropped since (a repair elsewhere)
+                msg = f"Embedding {self.embedding_id} lost committed chunks while being finalized; run the same command again."
+                raise EmbeddingIncompleteError(msg)
+            con.execute(
+                "UPDATE embeddings SET status = 'complete', completed_at = now(), telemetry = ?, "
+                "audit = COALESCE(?, audit) WHERE embedding_id = ?",
+                [_canonical_json(telemetry or {}), _canonical_json(audit) if audit is not None else None, self.embedding_id],
+            )
+
+    def _chunks_without_data(self) -> list[int]:
+        """Committed chunks whose chunk file is absent (an all-zero chunk legitimately has none)."""
+        if not _array_whole(self.location):
+            return list(range(self.n_chunks))
+        frame = self.store.catalog.query(
+            "SELECT chunk, n_rows, checksum FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk", [self.embedding_id])
+        absent = []
+        for chunk, n_rows, checksum in zip(frame["chunk"], frame["n_rows"], frame["checksum"]):
+            if _zarr.chunk_present(self.location, int(chunk)):
+                continue
+            # zarr does not write a chunk equal to the fill value (zeros): that chunk is present as such
+            if checksum != _zarr.chunk_checksum(np.zeros((int(n_rows), self.dim), dtype=self.dtype)):
+                absent.append(int(chunk))
+        return absent
+
+    def set_audit(self, audit: dict[str, Any]) -> None:
+        self.store.catalog.execute("UPDATE embeddings SET audit = ? WHERE embedding_id = ?", [_canonical_json(audit), self.embedding_id])
+
+    @property
+    def status(self) -> str:
+        frame = self.store.catalog.query("SELECT status FROM embeddings WHERE embedding_id = ?", [self.embedding_id])
+        return str(frame["status"].iloc[0]) if len(frame) else "removed"
+
+    def read(self, rows: np.ndarray | None = None, *, allow_partial: bool = False) -> np.ndarray:
+        return self.store.read_embedding(self.embedding_id, rows=rows, allow_partial=allow_partial)
+
+
+_CHECKSUM_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scdm-checksum")
+
+
+class ChunkWriter:
+    """Writes chunks of one embedding; catalog rows are committed in batches (see :meth:`Embedding.writer`).
+
+    Chunk files are written by a small thread pool, so the next chunk is computed (or written) while
+    the last one goes to disk; a chunk's catalog row is committed only after its write finished.
+    A claim on a chunk (:meth:`claim`) is held until its row is committed, so another process
+    never starts a chunk whose data is written but not yet committed.
+    """
+
+    def __init__(self, emb: Embedding, *, commit_every_s: float = 1.0, max_in_flight: int = 2, job: EmbeddingJob | None = None) -> None:
+        self.emb = emb
+        self.commit_every_s = commit_every_s
+        self.max_in_flight = max_in_flight
+        self._own_job = job is None
+        self.job = EmbeddingJob(emb, check=False) if job is None else job
+        try:
+            self._array = _zarr.open_array(emb.location)
+        except BaseException:
+            if self._own_job:
+                self.job.close()
+            raise
+        self._local = _zarr.local_path(emb.location) is not None
+        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="scdm-chunk-writer")
+        self._in_flight: list[tuple[Future[str], list[Any]]] = []
+        self._pending: list[list[Any]] = []
+        self._last_commit = time.monotonic()
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._drain(wait=True)  # whatever went wrong, chunks whose data is on disk are kept
+            self.commit()
+        finally:
+            self._pool.shutdown(wait=True)
+            if self._own_job:
+                self.job.close()
+
+    def claim(self, chunk: int) -> bool:
+        """Claim ``chunk`` before computing it; False when another live process computes it or it is done."""
+        return self.job.claim(chunk)
+
+    def wait_for(self, chunks: Sequence[int]) -> list[int]:
+        """Wait for chunks claimed by other processes; returns those this process must compute now.
+
+        Rows of this writer's finished chunks are committed first (and while waiting), so that
+        processes waiting for them in turn see them. An empty list: all of ``chunks`` are committed.
+        """
+        self._drain(wait=True)
+        self.commit()
+        return self.job.wait_for(chunks, between=self.commit)
+
+    def _write_file(self, lo: int, block: np.ndarray) -> str:
+        checksum = _CHECKSUM_POOL.submit(_zarr.chunk_checksum, block)  # overlaps the file write (both release the GIL)
+        self._array[lo:lo + block.shape[0]] = block
+        return checksum.result()
+
+    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
+        """Queue one chunk's rows for writing (atomic chunk file); its catalog row follows the write."""
+        lo, block = self.emb._checked_block(chunk, block)
+        if self._local and not _array_whole(self.emb.location):
+            # writing on would recreate chunk files in a removed array's folder, without its zarr.json
+            raise _removed_error(self.emb.embedding_id, f"its array {self.emb.location} is gone")
+        while len(self._in_flight) >= self.max_in_flight:
+            self._drain(wait=True, at_most=1)
+        future = self._pool.submit(self._write_file, lo, block)
+        self._in_flight.append((future, [self.emb.embedding_id, chunk, block.shape[0], None, seconds]))
+        self._drain(wait=False)
+        if time.monotonic() - self._last_commit >= self.commit_every_s:
+            self.commit()
+
+    def _drain(self, *, wait: bool, at_most: int | None = None) -> None:
+        """Move finished writes (oldest first) to the rows waiting for a commit; re-raise write errors."""
+        done = 0
+        while self._in_flight and (wait or self._in_flight[0][0].done()):
+            if at_most is not None and done >= at_most:
+                return
+            future, row = self._in_flight.pop(0)
+            row[3] = future.result()
+            self._pending.append(row)
+            done += 1
+
+    def commit(self) -> None:
+        """Commit the rows of finished writes in one transaction, then release their claims.
+
+        Raises
+        ------
+        EmbeddingNotFoundError
+            The embedding was removed meanwhile: nothing is committed.
+        """
+        self._drain(wait=False)
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        with self.emb.store.catalog.transaction() as con:
+            _require_row(con, self.emb.embedding_id)
+            con.executemany("INSERT OR REPLACE INTO embedding_chunks VALUES (?, ?, ?, ?, ?, now())", rows)
+        self.job.release([int(r[1]) for r in rows])
+        self._last_commit = time.monotonic()
+
+
+class Store:
+    """An scdm store: ``catalog.duckdb`` plus Zarr v3 arrays under one directory.
+
+    Parameters
+    ----------
+    path
+        Store directory; created if missing. Default: ``$SCDM_STORE`` or ``./scdm-store``.
+    arrays_url
+        Folder (fsspec URL such as ``file:///shared/scdm-arrays`` or ``s3://bucket/prefix``, or a
+        plain path) for the arrays of embeddings created through this handle, so that workers on
+        other machines can write and read them. The catalog stays a local file in ``path``; each
+        embedding records its array's URL, so later readers need no ``arrays_url``. Default: the
+        store's own ``embeddings/`` folder.
+    read_only
+        Open the store for reading only: nothing is created or migrated, catalog connections are
+        read-only, and every write raises :class:`~store.errors.StoreReadOnlyError`. Default
+        (None): read-only when ``$SCDM_READ_ONLY`` is ``1``/``true``, or when the store exists
+        but this user may not write its directory or catalog file.
+
+    Examples
+    --------
+    >>> st = Store("my-store")                                   # doctest: +SKIP
+    >>> ds = st.ingest("a375.h5ad", label_key="response_PLX4720")  # doctest: +SKIP
+    >>> st.datasets()                                            # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, arrays_url: str | None = None,
+                 read_only: bool | None = None) -> None:
+        self.root = Path(path) if path is not None else default_store_path()
+        self.root = self.root.expanduser()
+        self.arrays_url = _zarr.check_arrays_url(arrays_url) if arrays_url else None
+        self.read_only, why = _read_only_mode(self.root, read_only)
+        if self.read_only:
+            _check_readable_store(self.root, why)
+        else:
+            self._make_dirs()
+        self.catalog = Catalog(self.root / CATALOG_FILE, read_only_reason=why if self.read_only else None)
+        if self.read_only:
+            self.catalog.check_schema(_scdm_version())  # a read-only store cannot be migrated
+        else:
+            self.catalog.migrate(_scdm_version())
+        self._complete: dict[str, Embedding] = {}
+        self._chunk_sums: dict[str, dict[int, str]] = {}
+        """Committed checksums of the embeddings in ``_complete`` (verified reads)."""
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    def _make_dirs(self) -> None:
+        try:
+            for sub in (EMBEDDINGS_DIR, DATASETS_DIR, ARTIFACTS_DIR):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            # one probe per opener: two processes (or threads) opening the store at once must not
+            # delete each other's probe and conclude the directory is read-only
+            probe = self.root / f".scdm-write-probe-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink(missing_ok=True)
+        except OSError as err:
+            msg = (
+                f"Cannot write to the store directory {str(self.root)!r} ({err.strerror}). Choose a writable "
+                f"location with --store PATH or the {ENV_STORE} environment variable; to read an existing store "
+                f"you may not write, open it read-only (scdm --read-only, {ENV_READ_ONLY}=1, Store(path, read_only=True))."
+            )
+            raise ScdmError(msg) from err
+
+    def check_writable(self, action: str = "change the store") -> None:
+        """Raise :class:`StoreReadOnlyError` if this store is open read-only (call before any work)."""
+        if self.read_only:
+            raise StoreReadOnlyError(self.catalog.read_only_message(action))
+
+    # ---- SQL ---------------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run one query on the catalog and return a DataFrame (values bound with ``?``)."""
+        return self.catalog.query(sql, params)
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Run one write statement in a short transaction (retried while another process holds the lock)."""
+        self.catalog.execute(sql, params)
+
+    def insert_df(self, table: str, frame: pd.DataFrame) -> None:
+        """Append a DataFrame's rows to a catalog table in one transaction."""
+        self.catalog.insert_df(table, frame)
+
+    def sql(self, query: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> pd.DataFrame:
+        """User-facing read-only SQL: writes, COPY, ATTACH and file access are refused."""
+        return self.catalog.read_only_query(query, max_rows=max_rows, timeout_s=timeout_s)
+
+    # ---- datasets ----------------------------------------------------------------------------
+    def ingest(self, data: str | os.PathLike[str] | ad.AnnData, *, name: str | None = None, copy: bool = True,
+               update: bool = False, **options: Any) -> DatasetInfo:
+        """Add an AnnData (``.h5ad`` path or object) to the store, or a label set to a stored one.
+
+        The dataset's identity is its content (matrix, gene ids, cell ids). Ingesting content that
+        is already stored with another ``label_key`` (or ``positive``/``unknown_values``/``drug``)
+        adds a *label set* to the stored dataset (see :mod:`store.labels`); with the same labels it
+        is a no-op. Cell metadata that differs from what is stored (another study, tissue, ...) is
+        an error unless ``update=True``, which rewrites it.
+
+        Parameters
+        ----------
+        data
+            Path of an ``.h5ad`` file (read in backed mode) or an AnnData.
+        name
+            Unique dataset name; default: the file stem, or ``dataset-<8 hex digits of the content hash>`` for an in-memory object (two never collide).
+        copy
+            Keep a copy of the data inside the store (default). With ``False`` the store refers to
+            the source file, which must then stay where it is.
+        update
+            Rewrite the cell metadata of an already stored dataset with the options given here.
+        **options
+            Fields of :class:`store._ingest.IngestOptions`: ``label_key``, ``positive``,
+            ``unknown_values``, ``study_key``/``study``, ``sample_key``/``sample``,
+            ``tissue_key``/``tissue``, ``cancer_key``/``cancer_type``, ``drug_type_key``/``drug_type``,
+            ``regimen_key``/``regimen``, ``gene_key``, ``gene_id_kind``, ``x_kind``, ``drug``
+            (recorded with the label set), ``label_set`` (its name; default: ``drug``, else
+            ``label_key``).
+
+        Returns
+        -------
+        DatasetInfo
+            ``created`` tells whether this call added it.
+        """
+        opts = _make_options(options)
+        adata, source = _ingest.open_anndata(data)
+        try:
+            return self._ingest_open(adata, source, opts, name=name, copy=copy, update=update)
+        finally:
+            if source is not None and getattr(adata, "file", None) is not None:
+                adata.file.close()
+
+    def _ingest_open(self, adata: ad.AnnData, source: str | None, opts: _ingest.IngestOptions, *, name: str | None,
+                     copy: bool, update: bool) -> DatasetInfo:
+        gene_ids = _ingest.gene_ids_of(adata, opts.gene_key)
+        cell_ids = np.asarray(adata.obs_names.astype(str), dtype=object)
+        _ingest.check_ids(gene_ids, cell_ids)
+        default_study = name or (Path(source).stem if source else None)
+        cells = _ingest.cell_table(adata, opts, default_study=default_study or "dataset")  # label problems surface before the long scan
+        scan = _ingest.scan_matrix(adata, gene_ids, cell_ids)
+        existing = self.query("SELECT dataset_id FROM datasets WHERE content_hash = ?", [scan.content_hash])
+        if len(existing):
+            return self._ingest_again(self.dataset(str(existing["dataset_id"].iloc[0])), cells, opts, update=update)
+        # an in-memory AnnData without a name is named after its content: two of them never collide
+        name = default_study or f"dataset-{scan.content_hash[:8]}"
+        if default_study is None and opts.study_key is None and opts.study is None:
+            cells["study"] = name
+        if len(self.query("SELECT 1 FROM datasets WHERE name = ?", [name])):
+            msg = (f"A different dataset named {name!r} is already in the store (other content). Pass another name "
+                   f"(name= in Python, --name on the command line) or remove the old one (scdm rm --dataset {name}).")
+            raise InputDataError(msg)
+        kind = _ingest.resolve_gene_id_kind(gene_ids, opts.gene_id_kind)
+        x_kind = opts.x_kind or scan.x_kind
+        if x_kind not in _ingest.X_KINDS:
+            msg = f"Unknown value kind {x_kind!r}; use one of {', '.join(_ingest.X_KINDS)}."
+            raise InputDataError(msg)
+        dataset_id = scan.content_hash[:16]
+        stored = self._store_copy(adata, source, dataset_id) if copy else None
+        genes = _ingest.gene_table_frame(gene_ids, kind)
+        genes.insert(0, "dataset_id", dataset_id)
+        cells.insert(0, "dataset_id", dataset_id)
+        label_set = None
+        try:
+            with self.catalog.transaction() as con:
+                con.execute(
+                    "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    [dataset_id, name, scan.content_hash, scan.n_cells, scan.n_genes, kind, x_kind,
+                     scan.x_format, source, stored or source, _canonical_json(opts.to_json_dict())],
+                )
+                self.catalog.insert_df("genes", genes, con)
+                self.catalog.insert_df("cells", cells, con)
+                if opts.label_key is not None:
+                    label_set = self._add_label_set(con, dataset_id, cells["response"], opts, is_default=True)
+        except BaseException:
+            if stored:
+                (self.root / stored).unlink(missing_ok=True)
+            raise
+        logger.info("ingested %s: %d cells x %d genes (%s, %s ids)", name, scan.n_cells, scan.n_genes, x_kind, kind)
+        if label_set is not None and opts.sample_key is None and opts.sample is None:
+            _warn_label_confounders(adata, cells["response"], opts, name)
+        return _replace(self.dataset(dataset_id), created=True, label_set=label_set.name if label_set else None,
+                        label_set_created=label_set is not None)
+
+    def _add_label_set(self, con: Any, dataset_id: str, response: pd.Series, opts: _ingest.IngestOptions, *,
+                       is_default: bool) -> labels.LabelSet:
+        name = labels.label_set_name(opts.label_key, opts.drug, opts.label_set)
+        return labels.write_label_set(con, dataset_id, name, response, label_key=opts.label_key, positive=opts.positive,
+                                      unknown_values=opts.unknown_values, drug=opts.drug, is_default=is_default)
+
+    def _ingest_again(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions, *,
+                      update: bool) -> DatasetInfo:
+        """Content already stored: add a label set, rewrite metadata (``update``), or nothing."""
+        changed = self._changed_metadata(info, cells, opts)
+        if changed and not update:
+            what = "; ".join(f"{col}: stored {old!r}, given {new!r}" for col, (old, new) in changed.items())
+            msg = (f"Dataset {info.name!r} is already in the store with other cell metadata ({what}). Pass --update "
+                   f"(update=True) to rewrite it, or leave those options out to use the stored dataset as it is.")
+            raise InputDataError(msg)
+        have = labels.label_sets(self, info.dataset_id)
+        label_set, created = None, False
+        with self.catalog.transaction() as con:
+            if changed:
+                self._rewrite_metadata(con, info, cells, opts)
+            if opts.label_key is not None:
+                label_set, created = self._label_set_for(con, info, have, cells["response"], opts)
+        if changed:
+            logger.warning("dataset %r: cell metadata rewritten (%s)", info.name, ", ".join(changed))
+        return _replace(self.dataset(info.dataset_id), label_set=label_set, label_set_created=created)
+
+    def _label_set_for(self, con: Any, info: DatasetInfo, have: list[labels.LabelSet], response: pd.Series,
+                       opts: _ingest.IngestOptions) -> tuple[str, bool]:
+        """The stored label set these options describe, adding it when it is new."""
+        name = labels.label_set_name(opts.label_key, opts.drug, opts.label_set)
+        same = [ls for ls in have if ls.same_source(opts.label_key, opts.positive, opts.unknown_values, opts.drug)
+                and (opts.label_set is None or ls.name == opts.label_set)]
+        if same:
+            return same[0].name, False
+        clash = [ls for ls in have if ls.name == name]
+        if clash:
+            old = clash[0]
+            msg = (f"Dataset {info.name!r} already has a label set {name!r} read from column {old.label_key!r} "
+                   f"(positive={old.positive!r}, drug={old.drug!r}). Name the new one with --label-set NAME.")
+            raise InputDataError(msg)
+        ls = self._add_label_set(con, info.dataset_id, response, opts, is_default=not have)
+        if not have:
+            labels.set_default(con, ls)
+        logger.info("dataset %r: added label set %r (%d labelled cells, %d sensitive)", info.name, ls.name,
+                    ls.n_labelled, ls.n_sensitive)
+        return ls.name, True
+
+    def _changed_metadata(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions) -> dict[str, tuple[Any, Any]]:
+        """Metadata columns that these options set to other values than the stored ones."""
+        given = [col for col, (key_opt, const_opt) in _ingest.METADATA_FIELDS.items()
+                 if getattr(opts, key_opt) is not None or getattr(opts, const_opt) is not None]
+        if not given:
+            return {}
+        stored = self.query(f'SELECT {", ".join(given)} FROM cells WHERE dataset_id = ? ORDER BY "row"', [info.dataset_id])
+        changed = {}
+        for col in given:
+            old = stored[col].astype(object).where(stored[col].notna(), None).tolist()
+            new = cells[col].astype(object).where(cells[col].notna(), None).tolist()
+            if old != new:
+                first = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+                changed[col] = (old[first], new[first])
+        return changed
+
+    def _rewrite_metadata(self, con: Any, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions) -> None:
+        given = [col for col, (key_opt, const_opt) in _ingest.METADATA_FIELDS.items()
+                 if getattr(opts, key_opt) is not None or getattr(opts, const_opt) is not None]
+        frame = cells[["row", *given]].copy()
+        con.register("_scdm_new_meta", frame)
+        try:
+            sets = ", ".join(f"{c} = m.{c}" for c in given)
+            con.execute(f'UPDATE cells SET {sets} FROM _scdm_new_meta m WHERE cells.dataset_id = ? AND cells."row" = m."row"',
+                        [info.dataset_id])
+        finally:
+            con.unregister("_scdm_new_meta")
+        merged = {**info.options, **{k: v for k, v in opts.to_json_dict().items() if k not in _ingest.LABEL_OPTIONS}}
+        con.execute("UPDATE datasets SET options = ? WHERE dataset_id = ?", [_canonical_json(merged), info.dataset_id])
+
+    def _store_copy(self, adata: ad.AnnData, source: str | None, dataset_id: str) -> str:
+        rel = f"{DATASETS_DIR}/{dataset_id}.h5ad"
+        final = self.root / rel
+        if final.exists():
+            return rel
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{dataset_id}-", suffix=".h5ad.tmp")
+        os.close(fd)
+        try:
+            if source is not None:
+                shutil.copyfile(source, tmp)
+            else:
+                _writable(adata).write_h5ad(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return rel
+
+    def datasets(self) -> pd.DataFrame:
+        """All datasets, with labelled-cell counts, newest last."""
+        return self.query(
+            "SELECT d.dataset_id, d.name, d.n_cells, d.n_genes, d.gene_id_kind, d.x_kind, "
+            "count(c.response) AS n_labelled, sum(c.response) AS n_sensitive, d.source_path, d.created_at "
+            "FROM datasets d LEFT JOIN cells c USING (dataset_id) GROUP BY ALL ORDER BY d.created_at, d.name"
+        )
+
+    def dataset(self, name_or_id: str) -> DatasetInfo:
+        """A dataset by name or id (an unambiguous id prefix also works)."""
+        frame = self.query(
+            "SELECT * FROM datasets WHERE name = ? OR dataset_id = ? OR (length(?) >= 6 AND starts_with(dataset_id, ?))",
+            [name_or_id, name_or_id, name_or_id, name_or_id],
+        )
+        if len(frame) != 1:
+            names = ", ".join(self.query("SELECT name FROM datasets ORDER BY name")["name"]) or "(none)"
+            what = "matches several datasets" if len(frame) > 1 else "is not in the store"
+            msg = f"Dataset {name_or_id!r} {what}. Datasets: {names}. Ingest it with `scdm ingest FILE.h5ad`."
+            raise DatasetNotFoundError(msg)
+        r = frame.iloc[0].to_dict()
+        return DatasetInfo(
+            dataset_id=r["dataset_id"], name=r["name"], content_hash=r["content_hash"], n_cells=int(r["n_cells"]),
+            n_genes=int(r["n_genes"]), gene_id_kind=r["gene_id_kind"], x_kind=r["x_kind"], x_format=r["x_format"],
+            source_path=r["source_path"], stored_path=r["stored_path"], options=json.loads(r["options"] or "{}"),
+        )
+
+    def cells(self, datasets: str | Iterable[str] | None = None, *, label_set: str | None = None) -> pd.DataFrame:
+        """Cell metadata of some (default: all) datasets, in dataset then row order.
+
+        ``response`` holds each dataset's default label set, or the label set named ``label_set``
+        (every dataset must have one of that name; see :mod:`store.labels`). A ``label_set``
+        column names the label set each cell's response comes from (None: unlabelled dataset).
+        """
+        if datasets is None:
+            ids = list(self.query("SELECT dataset_id FROM datasets ORDER BY dataset_id")["dataset_id"])
+        else:
+            names = [datasets] if isinstance(datasets, str) else list(datasets)
+            ids = [self.dataset(n).dataset_id for n in names]
+        frame = self.query('SELECT c.*, l.name AS label_set FROM cells c LEFT JOIN label_sets l '
+                           'ON l.dataset_id = c.dataset_id AND l.is_default '
+                           'WHERE list_contains(?, c.dataset_id) ORDER BY c.dataset_id, c."row"', [ids])
+        frame["response"] = frame["response"].astype("Int8")
+        if label_set is None:
+            return frame
+        chosen = labels.resolve_label_sets(self, ids, label_set)
+        lab = labels.cell_labels(self, [ls.label_set_id for ls in chosen.values()])
+        frame = frame.drop(columns=["response"]).merge(lab, on=["dataset_id", "row"], how="left")
+        frame["response"] = frame["response"].astype("Int8")
+        frame["label_set"] = label_set
+        return frame
+
+    def label_sets(self, datasets: str | Iterable[str] | None = None) -> pd.DataFrame:
+        """Label sets of some (default: all) datasets with their dataset name (see :mod:`store.labels`)."""
+        frame = pd.DataFrame([vars(ls) for ls in labels.label_sets(self, datasets)])
+        if frame.empty:
+            return pd.DataFrame(columns=["dataset", *labels.LabelSet.__dataclass_fields__])
+        names = self.query("SELECT dataset_id, name AS dataset FROM datasets")
+        return names.merge(frame, on="dataset_id")
+
+    def genes(self, dataset: str) -> pd.DataFrame:
+        """The dataset's genes in matrix column order: gene_id, symbol, ensembl."""
+        ds = self.dataset(dataset)
+        return self.query("SELECT idx, gene_id, symbol, ensembl FROM genes WHERE dataset_id = ? ORDER BY idx", [ds.dataset_id])
+
+    def open_anndata(self, dataset: str, *, backed: bool = True) -> ad.AnnData:
+        """The dataset's AnnData (backed read-only by default: memory does not grow with cells)."""
+        import anndata as ad
+
+        ds = self.dataset(dataset)
+        path = Path(ds.stored_path)
+        path = path if path.is_absolute() else self.root / path
+        if not path.exists():
+            msg = f"The data of dataset {ds.name!r} is gone from {str(path)!r}. Restore the file or ingest it again."
+            raise DatasetNotFoundError(msg)
+        return ad.read_h5ad(path, backed="r" if backed else None)
+
+    def remove_dataset(self, dataset: str, *, wait_s: float = 0.0) -> list[str]:
+        """Delete a dataset, its cells, genes, label sets and embeddings. Returns the removed embedding ids.
+
+        Nothing is removed while a job writes one of its embeddings: that is refused (after waiting
+        up to ``wait_s`` seconds for the jobs to end) with an error naming the jobs.
+
+        Raises
+        ------
+        EmbeddingBusyError
+            A job is writing one of the dataset's embeddings.
+        """
+        ds = self.dataset(dataset)
+        ids = sorted(str(e) for e in self.query("SELECT embedding_id FROM embeddings WHERE dataset_id = ?", [ds.dataset_id])["embedding_id"])
+        embs = [self.embedding(e) for e in ids]
+        with contextlib.ExitStack() as held:
+            for emb in embs:  # every embedding is checked before anything is removed
+                held.enter_context(_claims.exclusive(self._claims_folder(emb.embedding_id), emb.embedding_id, wait_s=wait_s, doing="remove"))
+            with self.catalog.transaction() as con:
+                now = sorted(r[0] for r in con.execute("SELECT embedding_id FROM embeddings WHERE dataset_id = ?", [ds.dataset_id]).fetchall())
+                if now != ids:
+                    msg = f"A job started a new embedding of dataset {ds.name!r} while it was being removed; nothing was removed. Run the removal again."
+                    raise EmbeddingBusyError(msg)
+                con.execute("DELETE FROM embedding_chunks WHERE list_contains(?, embedding_id)", [ids])
+                con.execute("DELETE FROM embeddings WHERE list_contains(?, embedding_id)", [ids])
+                tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                for table in ("cell_labels", "label_sets", "cells", "genes", "datasets"):
+                    if table in tables:
+                        con.execute(f"DELETE FROM {table} WHERE dataset_id = ?", [ds.dataset_id])
+            for emb in embs:
+                self._forget_embedding(emb)
+        if ds.stored_path.startswith(DATASETS_DIR):
+            (self.root / ds.stored_path).unlink(missing_ok=True)
+        return ids
+
+    # ---- embeddings --------------------------------------------------------------------------
+    def create_embedding(
+        self,
+        dataset: str,
+        *,
+        model: str,
+        params: dict[str, Any],
+        dim: int,
+        checkpoint_hash: str | None = None,
+        adapter_hash: str | None = None,
+        variant: str = "frozen",
+        dtype: str = "float32",
+        chunk_rows: int | None = None,
+        compressor: str | None = None,
+    ) -> Embedding:
+        """Create the embedding of ``dataset`` under these settings, or return it if it exists.
+
+        The id is a hash of the dataset content and everything that determines the values
+        (model, checkpoint hash, adapter hash, variant, params), so asking again returns the same
+        embedding, complete or half-written (then :meth:`Embedding.missing_chunks` says what is left).
+
+        Without a catalog row, anything at the array's place in the store is a leftover (of an
+        embedding removed while a job still wrote to it, or of a crash): it is replaced by a fresh
+        array, and chunk rows left under the id are dropped, so nothing of it is taken for data.
+        """
+        ds = self.dataset(dataset)
+        _check_size("dim", dim)
+        if chunk_rows is not None:
+            _check_size("chunk_rows", chunk_rows)
+        found = self.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=checkpoint_hash,
+                                   adapter_hash=adapter_hash, variant=variant, dtype=dtype)
+        if found is not None:
+            return found if _array_whole(found.location) else self._renew_array(found, compressor)
+        space = space_id_of(model, checkpoint_hash, adapter_hash, variant, params)
+        embedding_id = _short_hash("embedding", ds.content_hash, space, dtype)
+        rows = chunk_rows if chunk_rows is not None else _zarr.default_chunk_rows(dim, dtype)
+        # array_path is relative to the store root, or a URL when arrays live elsewhere
+        rel = f"{self.arrays_url}/{embedding_id}.zarr" if self.arrays_url else f"{EMBEDDINGS_DIR}/{embedding_id}.zarr"
+        location: _zarr.ArrayLocation = rel if self.arrays_url else self.root / rel
+        # one creator at a time, and never while a removal of the same id is under way; a job
+        # that holds the embedding shows that another process created it meanwhile
+        deadline = time.monotonic() + LOCK_RETRY_SECONDS
+        while (held := _claims.try_exclusive(self._claims_folder(embedding_id))) is None:
+            found = self.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=checkpoint_hash,
+                                       adapter_hash=adapter_hash, variant=variant, dtype=dtype)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                who = "; ".join(w.describe() for w in _claims.live_writers(self._claims_folder(embedding_id))) or "another process"
+                msg = f"Cannot create embedding {embedding_id}: {who} held it for {LOCK_RETRY_SECONDS:g} s without creating it; run again."
+                raise EmbeddingBusyError(msg)
+            time.sleep(0.02)
+        try:
+            found = self.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=checkpoint_hash,
+                                       adapter_hash=adapter_hash, variant=variant, dtype=dtype)
+            if found is not None:  # another process created it while this one waited
+                return found
+            if not self.arrays_url or not _array_whole(location):
+                # arrays under a shared arrays_url may belong to another store: only a broken one goes
+                _zarr.remove_array(location)
+            _zarr.create_array(
+                location, n_rows=ds.n_cells, dim=dim, dtype=dtype, chunk_rows=rows, compressor=compressor,
+                attrs={"embedding_id": embedding_id, "dataset_id": ds.dataset_id, "model": model, "variant": variant},
+            )
+            n_chunks = -(-ds.n_cells // rows)
+            try:
+                with self.catalog.transaction() as con:
+                    if con.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", [ds.dataset_id]).fetchone() is None:
+                        msg = f"Dataset {ds.name!r} was removed while its embedding was being created."
+                        raise DatasetNotFoundError(msg)
+                    con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ?", [embedding_id])  # rows of a removed job
+                    con.execute(
+                        "INSERT INTO embeddings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', now(), NULL, NULL, NULL)",
+                        [embedding_id, ds.dataset_id, space, model, variant, checkpoint_hash, adapter_hash,
+                         _canonical_json(params), dim, dtype, ds.n_cells, rows, n_chunks, rel],
+                    )
+            except BaseException:
+                _zarr.remove_array(location)
+                raise
+        finally:
+            _claims.release(held)
+        return self._handle(self.query("SELECT * FROM embeddings WHERE embedding_id = ?", [embedding_id]).iloc[0])
+
+    def get_embedding(self, dataset: str, *, model: str, params: dict[str, Any], checkpoint_hash: str | None = None,
+                      adapter_hash: str | None = None, variant: str = "frozen", dtype: str = "float32") -> Embedding | None:
+        """The embedding with exactly these settings, or None (nothing is created)."""
+        ds = self.dataset(dataset)
+        space = space_id_of(model, checkpoint_hash, adapter_hash, variant, params)
+        embedding_id = _short_hash("embedding", ds.content_hash, space, dtype)
+        found = self.query("SELECT * FROM embeddings WHERE embedding_id = ?", [embedding_id])
+        return self._handle(found.iloc[0]) if len(found) else None
+
+    def _renew_array(self, emb: Embedding, compressor: str | None) -> Embedding:
+        """An embedding whose array is gone or broken (no ``zarr.json``): a fresh array, every chunk missing again."""
+        with _claims.exclusive(self._claims_folder(emb.embedding_id), emb.embedding_id, wait_s=LOCK_RETRY_SECONDS, doing="repair"):
+            if _array_whole(emb.location):  # another process renewed it meanwhile
+                return emb
+            logger.warning("the array of embedding %s at %s is gone or broken; starting it again from an empty array",
+                           emb.embedding_id, emb.location)
+            _zarr.remove_array(emb.location)
+            _zarr.create_array(
+                emb.location, n_rows=emb.n_cells, dim=emb.dim, dtype=emb.dtype, chunk_rows=emb.chunk_rows, compressor=compressor,
+                attrs={"embedding_id": emb.embedding_id, "dataset_id": emb.dataset_id, "model": emb.model, "variant": emb.variant},
+            )
+            with self.catalog.transaction() as con:
+                _require_row(con, emb.embedding_id)
+                con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ?", [emb.embedding_id])
+                con.execute("UPDATE embeddings SET status = 'pending', completed_at = NULL WHERE embedding_id = ?", [emb.embedding_id])
+        self._complete = {k: v for k, v in self._complete.items() if v.embedding_id != emb.embedding_id}
+        return emb
+
+    def _claims_folder(self, embedding_id: str) -> Path:
+        return _claims.claims_folder(self.root, embedding_id)
+
+    def writing_jobs(self, embedding_id: str) -> list[_claims.WriterInfo]:
+        """The processes writing an embedding right now (pid, host, since when, command)."""
+        return _claims.live_writers(self._claims_folder(self.embedding(embedding_id).embedding_id))
+
+    def _handle(self, row: pd.Series) -> Embedding:
+        r = row.to_dict()  # attribute access would clash with Series.dtype / Series.name
+        return Embedding(
+            store=self, embedding_id=r["embedding_id"], dataset_id=r["dataset_id"], space_id=r["space_id"],
+            model=r["model"], variant=r["variant"], dim=int(r["dim"]), dtype=str(r["dtype"]), n_cells=int(r["n_cells"]),
+            chunk_rows=int(r["chunk_rows"]), n_chunks=int(r["n_chunks"]), array_path=r["array_path"],
+            params=json.loads(r["params"]),
+        )
+
+    def embedding(self, embedding_id: str) -> Embedding:
+        """Handle on an embedding by id (or unambiguous id prefix of at least 6 characters)."""
+        return self._embedding_and_status(embedding_id)[0]
+
+    def _embedding_and_status(self, embedding_id: str) -> tuple[Embedding, str]:
+        frame = self.query(
+            "SELECT * FROM embeddings WHERE embedding_id = ? OR (length(?) >= 6 AND starts_with(embedding_id, ?))",
+            [embedding_id, embedding_id, embedding_id],
+        )
+        if len(frame) != 1:
+            what = "matches several embeddings" if len(frame) > 1 else "does not exist"
+            msg = f"Embedding {embedding_id!r} {what}. List them with `scdm ls`."
+            raise EmbeddingNotFoundError(msg)
+        return self._handle(frame.iloc[0]), str(frame["status"].iloc[0])
+
+    def find_embedding(self, dataset: str, model: str, variant: str = "frozen", *, status: str | None = "complete") -> Embedding:
+        """The one embedding of ``dataset`` by ``model``/``variant`` (error if none or several)."""
+        ds = self.dataset(dataset)
+        sql = "SELECT * FROM embeddings WHERE dataset_id = ? AND model = ? AND variant = ?"
+        args: list[Any] = [ds.dataset_id, model, variant]
+        if status:
+            sql += " AND status = ?"
+            args.append(status)
+        frame = self.query(sql + " ORDER BY created_at", args)
+        if len(frame) != 1:
+            if len(frame) == 0:
+                msg = f"No {status or ''} {model} ({variant}) embedding of dataset {ds.name!r}. Compute it with `scdm embed {ds.name} --model {model}`, or list what exists with `scdm ls`."
+            else:
+                ids = ", ".join(frame["embedding_id"])
+                msg = f"Dataset {ds.name!r} has {len(frame)} {model} ({variant}) embeddings with different parameters ({ids}); pass --embedding ID."
+            raise EmbeddingNotFoundError(msg)
+        return self._handle(frame.iloc[0])
+
+    def embeddings(self, status: str | None = None) -> pd.DataFrame:
+        """All embeddings with their dataset name and chunk progress."""
+        sql = (
+            "SELECT e.embedding_id, e.dataset_id, d.name AS dataset_name, e.space_id, e.model, e.variant, e.dim, "
+            "e.dtype, e.n_cells, e.status, (SELECT count(*) FROM embedding_chunks k WHERE k.embedding_id = e.embedding_id) "
+            "AS chunks_done, e.n_chunks, e.params, e.checkpoint_hash, e.adapter_hash, e.created_at, e.completed_at, e.telemetry "
+            "FROM embeddings e JOIN datasets d USING (dataset_id)"
+        )
+        args: list[Any] = []
+        if status:
+            sql += " WHERE e.status = ?"
+            args.append(status)
+        return self.query(sql + " ORDER BY e.created_at", args)
+
+    def read_embedding(self, embedding_id: str, rows: np.ndarray | Sequence[int] | None = None, *, allow_partial: bool = False) -> np.ndarray:
+        """The embedding as float32 ``ndarray`` of shape (n_cells, dim), rows in dataset order.
+
+        Parameters
+        ----------
+        rows
+            Row indices to read (any order; sorted is fastest). Default: all.
+        allow_partial
+            Read an embedding whose chunks are not all written (unwritten rows are zeros).
+
+        Every committed chunk the read touches is checked against its checksum first (a chunk
+        verified before by this process is trusted while its file is unchanged).
+
+        Raises
+        ------
+        EmbeddingIncompleteError
+            If it is not complete and ``allow_partial`` is False.
+        ChunkCorruptError
+            If a chunk it touches is missing, truncated or altered; no data is returned, and the
+            message names the chunk, its file and the command that recomputes it.
+        """
+        selected = None if rows is None else np.asarray(rows)
+        for fresh in (False, True):
+            emb, status, sums = self._readable(embedding_id, fresh=fresh)
+            if not allow_partial and status != "complete":
+                msg = (
+                    f"Embedding {emb.embedding_id} ({emb.model}) is incomplete: {len(sums)} of {emb.n_chunks} chunks "
+                    "written. Resume it by running the same `scdm embed` command again, or pass allow_partial=True."
+                )
+                raise EmbeddingIncompleteError(msg)
+            try:
+                return _zarr.read_rows(emb.location, selected, checksums=sums)
+            except ChunkCorruptError as err:
+                if not fresh:
+                    # the cached checksums may be stale (another process recomputed chunks since):
+                    # look in the catalog again once before calling the chunk damaged
+                    continue
+                raise self._damaged(emb, err) from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _readable(self, embedding_id: str, *, fresh: bool = False) -> tuple[Embedding, str, dict[int, str]]:
+        """(handle, status, committed checksum per chunk); complete embeddings are cached unless ``fresh``."""
+        emb = None if fresh else self._complete.get(embedding_id)
+        sums = self._chunk_sums.get(emb.embedding_id) if emb is not None else None
+        if emb is not None and sums is not None and _zarr.array_exists(emb.location):
+            return emb, "complete", sums
+        emb, status = self._embedding_and_status(embedding_id)
+        sums = self._chunk_checksums(emb.embedding_id)
+        if status == "complete":
+            # ids are content hashes: a complete embedding changes only when a repair resets
+            # chunks, and then a read that fails looks again (read_embedding)
+            self._complete[emb.embedding_id] = self._complete[embedding_id] = emb
+            self._chunk_sums[emb.embedding_id] = sums
+        return emb, status, sums
+
+    def _chunk_checksums(self, embedding_id: str) -> dict[int, str]:
+        frame = self.query("SELECT chunk, checksum FROM embedding_chunks WHERE embedding_id = ?", [embedding_id])
+        return {int(c): str(s) for c, s in zip(frame["chunk"], frame["checksum"])}
+
+    def verify_embedding(self, embedding_id: str) -> list[int]:
+        """Committed chunks whose stored data does not match their checksum (empty = healthy).
+
+        Reads and hashes every committed chunk (see :meth:`verify` for a report with reasons).
+        """
+        emb = self.embedding(embedding_id)
+        return [err.chunk for err in _zarr.verify_chunks(emb.location, self._chunk_checksums(emb.embedding_id))]
+
+    def remove_embedding(self, embedding_id: str, *, wait_s: float = 0.0) -> str:
+        """Delete an embedding: its catalog rows first (readers stop seeing it), then its array.
+
+        Refused while a job writes it (see :meth:`Embedding.job`): the error names the job (pid,
+        host, since when). ``wait_s``: wait up to this long for the jobs to end instead.
+
+        Raises
+        ------
+        EmbeddingBusyError
+            A job kept writing the embedding.
+        """
+        emb = self.embedding(embedding_id)
+        with _claims.exclusive(self._claims_folder(emb.embedding_id), emb.embedding_id, wait_s=wait_s, doing="remove"):
+            with self.catalog.transaction() as con:
+                con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ?", [emb.embedding_id])
+                con.execute("DELETE FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])
+            self._forget_embedding(emb)
+        logger.info("removed embedding %s (%s of %s)", emb.embedding_id, emb.model, emb.dataset_id)
+        return emb.embedding_id
+
+    def _forget_embedding(self, emb: Embedding) -> None:
+        """After its rows are deleted: drop an embedding's cache entries, array and lock folder."""
+        self._complete = {k: v for k, v in self._complete.items() if v.embedding_id != emb.embedding_id}
+        _zarr.remove_array(emb.location)
+        _claims.forget(self._claims_folder(emb.embedding_id))
+
+    def export_embedding(self, embedding_id: str, out: str | os.PathLike[str]) -> Path:
+        """Write an embedding to ``.npy``, or to an ``.h5ad`` copy of its dataset with it in ``obsm``."""
+        emb = self.embedding(embedding_id)
+        data = self.read_embedding(emb.embedding_id)
+        out = Path(out)
+        if out.suffix == ".npy":
+            np.save(out, data)
+        elif out.suffix == ".h5ad":
+            adata = self.open_anndata(emb.dataset_id, backed=False)
+            key = f"X_{emb.model}" if emb.variant == "frozen" else f"X_{emb.model}_{emb.variant.replace(':', '_')}"
+            adata.obsm[key] = data
+            adata.uns.setdefault("scdm", {})[key] = {"embedding_id": emb.embedding_id, "params": _canonical_json(emb.params)}
+            adata.write_h5ad(out)
+        else:
+            msg = f"Cannot export to {str(out)!r}: use a path ending in .npy or .h5ad."
+            raise InputDataError(msg)
+        return out
+
+    # ---- verification and repair -----------------------------------------------------------
+    def verify(self, embedding_ids: str | Iterable[str] | None = None, *, repair: bool = False) -> _verify.VerifyReport:
+        """Check every committed chunk of some (default: all) embeddings against its checksum.
+
+        Parameters
+        ----------
+        embedding_ids
+            Embedding ids (or unambiguous prefixes); default: every embedding in the store.
+        repair
+            Put the bad chunks back to pending (:meth:`mark_chunks_pending`), so that rerunning
+            the embedding's ``scdm embed`` command (``EmbeddingCheck.repair``) recomputes exactly those.
+
+        Returns
+        -------
+        VerifyReport
+            One :class:`~store.verify.EmbeddingCheck` per embedding; ``report.ok`` when nothing is bad.
+        """
+        if repair:
+            self.check_writable("mark damaged chunks for recomputation (verify --repair)")
+        if embedding_ids is None:
+            ids = self.query("SELECT embedding_id FROM embeddings ORDER BY created_at, embedding_id")["embedding_id"].tolist()
+        else:
+            ids = [embedding_ids] if isinstance(embedding_ids, str) else list(embedding_ids)
+        return _verify.VerifyReport(tuple(self._check_embedding(str(e), repair=repair) for e in ids))
+
+    def _check_embedding(self, embedding_id: str, *, repair: bool) -> _verify.EmbeddingCheck:
+        emb, status = self._embedding_and_status(embedding_id)
+        sums = self._chunk_checksums(emb.embedding_id)
+        dataset = self._dataset_name(emb.dataset_id)
+        bad = tuple(
+            _verify.BadChunk(emb.embedding_id, emb.model, dataset, err.chunk, emb.chunk_bounds(err.chunk), err.path,
+                             err.reason, err.detail)
+            for err in _zarr.verify_chunks(emb.location, sums)
+        )
+        hint = _verify.repair_hint(self, emb) if bad else None
+        if bad and repair:
+            self.mark_chunks_pending(emb.embedding_id, [b.chunk for b in bad])
+        return _verify.EmbeddingCheck(emb.embedding_id, emb.model, emb.variant, dataset, status, emb.n_chunks, len(sums),
+                                      bad, hint, marked_pending=bool(bad) and repair)
+
+    def mark_chunks_pending(self, embedding_id: str, chunks: Iterable[int]) -> None:
+        """Put committed chunks back to pending so that the resume path recomputes them.
+
+        Their catalog rows are deleted and the embedding's status goes back to ``pending`` in one
+        transaction (readers stop trusting those chunks at once); then their files are deleted,
+        so that a partial read shows the fill value rather than damaged bytes.
+        """
+        self.check_writable("mark chunks for recomputation")
+        emb = self.embedding(embedding_id)
+        todo = sorted({int(c) for c in chunks})
+        for c in todo:
+            emb.chunk_bounds(c)  # refuses chunks out of range
+        if not todo:
+            return
+        with self.catalog.transaction() as con:
+            con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ? AND list_contains(?, chunk)", [emb.embedding_id, todo])
+            con.execute("UPDATE embeddings SET status = 'pending', completed_at = NULL WHERE embedding_id = ?", [emb.embedding_id])
+        self._complete = {k: v for k, v in self._complete.items() if v.embedding_id != emb.embedding_id}
+        self._chunk_sums.pop(emb.embedding_id, None)
+        for c in todo:
+            _zarr.remove_chunk(emb.location, c)
+        logger.warning("embedding %s (%s): chunk(s) %s marked pending for recomputation", emb.embedding_id, emb.model,
+                       ", ".join(map(str, todo)))
+
+    def _dataset_name(self, dataset_id: str) -> str:
+        frame = self.query("SELECT name FROM datasets WHERE dataset_id = ?", [dataset_id])
+        return str(frame["name"].iloc[0]) if len(frame) else dataset_id
+
+    def _damaged(self, emb: Embedding, err: ChunkCorruptError) -> ChunkCorruptError:
+        """The read error a user sees: which embedding, model, dataset, chunk and file, and the fix."""
+        lo, hi = emb.chunk_bounds(err.chunk)
+        msg = (
+            f"Embedding {emb.embedding_id} ({emb.model}, {emb.variant}) of dataset {self._dataset_name(emb.dataset_id)!r} "
+            f"is damaged: chunk {err.chunk} of {emb.n_chunks} (rows {lo}-{hi - 1}) failed verification, {err.reason} ({err.detail}). "
+            f"File: {err.path}. No data was returned. Recompute exactly the bad chunks with: "
+            f"{_verify.repair_hint(self, emb)}; `scdm verify --embedding {emb.embedding_id}` lists every bad chunk."
+        )
+        return ChunkCorruptError(msg, chunk=err.chunk, path=err.path, reason=err.reason, detail=err.detail,
+                                 embedding_id=emb.embedding_id)
+
+
+def _warn_label_confounders(adata: ad.AnnData, response: pd.Series, opts: _ingest.IngestOptions, name: str) -> None:
+    """Warn when an obs column splits the labels perfectly and no sample ids were given."""
+    import warnings
+
+    from scdm.store.splits import SampleLeakageWarning
+
+    skip = [opts.label_key] + [c for c in adata.obs.columns if str(c).startswith("response")]
+    columns = _ingest.label_confounders(adata.obs, response, skip=skip)
+    if columns:
+        msg = (f"dataset {name!r}: the labels are constant within each value of obs column(s) "
+               f"{', '.join(map(repr, columns))}. If these are samples or conditions, ingest with "
+               f"--sample-key {columns[0]} and evaluate with --split-scheme sample: cell-level folds would put cells of "
+               "one sample on both sides and a head could score by recognising samples.")
+        warnings.warn(msg, SampleLeakageWarning, stacklevel=3)
+
+
+def _writable(adata: ad.AnnData) -> ad.AnnData:
+    """A shallow copy whose mixed-type object columns are strings (h5py cannot write them)."""
+    obs = adata.obs.copy()
+    for col in obs.columns:
+        if obs[col].dtype == object and not all(isinstance(v, str) for v in obs[col]):
+            obs[col] = obs[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    out = adata.copy() if adata.is_view else adata
+    out = out.__class__(X=out.X, obs=obs, var=out.var, uns=out.uns, obsm=out.obsm, layers=out.layers)
+    return out
+
+
+def _replace(info: DatasetInfo, **changes: Any) -> DatasetInfo:
+    from dataclasses import replace
+
+    return replace(info, **changes)
+
+
+def _make_options(options: dict[str, Any]) -> _ingest.IngestOptions:
+    fields = set(_ingest.IngestOptions.__dataclass_fields__)
+    unknown = set(options) - fields
+    if unknown:
+        msg = f"Unknown ingest option(s): {', '.join(sorted(unknown))}. Known: {', '.join(sorted(fields))}."
+        raise TypeError(msg)
+    clean = {k: v for k, v in options.items() if v is not None}
+    if "unknown_values" in clean:
+        clean["unknown_values"] = tuple(clean["unknown_values"])
+    return _ingest.IngestOptions(**clean)
+
+
+def open_store(store: str | os.PathLike[str] | Store | None = None) -> Store:
+    """Normalise a ``StoreLike`` (path, Store or None for the default) to a :class:`Store`."""
+    return store if isinstance(store, Store) else Store(store)
+
+
+# ---- writing jobs and their claims -----------------------------------------------------------
+class EmbeddingJob:
+    """This process writes one embedding: removal is refused meanwhile, and chunks are claimed.
+
+    Several processes asked for the same embedding (two runs of one command, one per GPU) share
+    its chunks: each claims a chunk before computing it and skips chunks that another live
+    process holds (:meth:`claim`), then waits at the end for those (:meth:`wait_for`). A claim
+    held by a process that died (even SIGKILLed) is free again, so its chunk is taken over. See
+    :mod:`store._claims` for the lock files behind it.
+    """
+
+    POLL_S = 0.2
+    """How often :meth:`wait_for` looks whether other processes' chunks are committed."""
+
+    def __init__(self, emb: Embedding, *, wait_s: float = LOCK_RETRY_SECONDS, check: bool = True) -> None:
+        self.emb = emb
+        self._lease = _claims.JobLease(_claims.claims_folder(emb.store.root, emb.embedding_id), emb.embedding_id, wait_s=wait_s)
+        try:
+            # a writer's own short job skips this read: its commit checks the row in its transaction
+            if check and emb.store.query("SELECT 1 FROM embeddings WHERE embedding_id = ?", [emb.embedding_id]).empty:
+                raise _removed_error(emb.embedding_id, "before this job started")
+        except BaseException:
+            self._lease.close()
+            raise
+
+    def __enter__(self) -> EmbeddingJob:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the job: release every claim and the job's lock."""
+        self._lease.close()
+
+    def claim(self, chunk: int) -> bool:
+        """Claim ``chunk`` for this process (never waits).
+
+        Returns
+        -------
+        bool
+            True: this process holds the claim and the chunk is not committed, so compute it.
+            False: another live process holds it, or it is committed already.
+
+        Raises
+        ------
+        EmbeddingNotFoundError
+            The embedding was removed meanwhile.
+        """
+        if self._lease.holds(chunk):
+            return True
+        if not self._lease.try_claim(chunk):
+            return False
+        try:
+            done = int(chunk) in self._committed([int(chunk)])
+        except BaseException:
+            self._lease.release(chunk)
+            raise
+        if done:  # committed by another process since this one listed what was missing
+            self._lease.release(chunk)
+        return not done
+
+    def release(self, chunks: Iterable[int]) -> None:
+        """Give up the claims on ``chunks`` (their rows committed, or not computed after all)."""
+        for chunk in chunks:
+            self._lease.release(chunk)
+
+    def holder(self, chunk: int) -> str | None:
+        """Who holds the claim on ``chunk`` (``pid ... on host ... since ...``), if another process does."""
+        info = self._lease.holder(chunk)
+        return None if info is None else info.describe()
+
+    def wait_for(self, chunks: Iterable[int], *, between: Any = None) -> list[int]:
+        """Wait until each chunk is committed by its claimer, or free to claim (its claimer died).
+
+        Returns the chunks this process claimed meanwhile (it must compute them, then call again
+        for the rest), or an empty list once all are committed. ``between`` is called on each
+        look (a writer commits its own rows there).
+        """
+        remaining = sorted({int(c) for c in chunks})
+        told = False
+        while remaining:
+            if between is not None:
+                between()
+            done = self._committed(remaining)
+            remaining = [c for c in remaining if c not in done]
+            mine = [c for c in remaining if self.claim(c)]
+            if mine:
+                return mine
+            if remaining:
+                if not told:
+                    who = "; ".join(sorted({h for h in (self.holder(c) for c in remaining) if h})) or "other processes"
+                    logger.info("embedding %s: waiting for %d chunk(s) that %s compute", self.emb.embedding_id, len(remaining), who)
+                    told = True
+                time.sleep(self.POLL_S)
+        return []
+
+    def _committed(self, chunks: list[int]) -> set[int]:
+        """Which of ``chunks`` are committed; raises when the embedding is gone."""
+        frame = self.emb.store.query(
+            "SELECT e.embedding_id, k.chunk FROM embeddings e LEFT JOIN embedding_chunks k "
+            "ON k.embedding_id = e.embedding_id AND list_contains(?, k.chunk) WHERE e.embedding_id = ?",
+            [chunks, self.emb.embedding_id],
+        )
+        if frame.empty:
+            raise _removed_error(self.emb.embedding_id, "while this job was writing it")
+        return {int(c) for c in frame["chunk"].dropna()}
+
+
+def _removed_error(embedding_id: str, when: str) -> EmbeddingNotFoundError:
+    msg = (f"Embedding {embedding_id} was removed {when}; this job stops and commits nothing more. "
+           "Run the same command again to compute it anew.")
+    return EmbeddingNotFoundError(msg)
+
+
+def _require_row(con: Any, embedding_id: str) -> None:
+    """Inside a write transaction: raise unless the embedding's catalog row exists."""
+    if con.execute("SELECT 1 FROM embeddings WHERE embedding_id = ?", [embedding_id]).fetchone() is None:
+        raise _removed_error(embedding_id, "while this job was writing it")
+
+
+def _array_whole(location: _zarr.ArrayLocation) -> bool:
+    """Whether the array at ``location`` has its metadata (a folder of chunk files alone is no array)."""
+    path = _zarr.local_path(location)
+    if path is not None:
+        return (path / "zarr.json").is_file()
+    return _zarr.array_exists(location)
+
+
+def _some(chunks: Sequence[int], n: int = 10) -> str:
+    return f"{list(chunks[:n])}{'...' if len(chunks) > n else ''}"
+
+
+def _check_size(name: str, value: Any, minimum: int = 1) -> None:
+    """Refuse a size that is not an integer >= ``minimum`` (before anything is created)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        msg = f"{name} must be an integer >= {minimum}; got {value!r}."
+        raise InputDataError(msg)
+
+
+ENV_READ_ONLY = "SCDM_READ_ONLY"
+"""Environment variable: ``1``/``true`` opens stores read-only (``0``/``false``: never automatically)."""
+
+
+def _read_only_mode(root: Path, asked: bool | None) -> tuple[bool, str]:
+    """(read-only?, why) for a store at ``root``: asked for, set in the environment, or not writable."""
+    if asked is not None:
+        return asked, "opened read-only on request: read_only=True or --read-only"
+    env = os.environ.get(ENV_READ_ONLY, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True, f"{ENV_READ_ONLY}={os.environ[ENV_READ_ONLY]}"
+    if env in ("0", "false", "no", "off"):
+        return False, ""
+    catalog = root / CATALOG_FILE
+    if catalog.exists() and not (os.access(root, os.W_OK) and os.access(catalog, os.W_OK)):
+        return True, "this user may not write to it"
+    return False, ""
+
+
+def _check_readable_store(root: Path, why: str) -> None:
+    """A store opened read-only must exist already: nothing is created."""
+    if not (root / CATALOG_FILE).is_file():
+        what = "does not exist" if not root.exists() else f"holds no {CATALOG_FILE}"
+        msg = (f"Cannot open {str(root)!r} read-only ({why}): it {what}, so it is not an scdm store yet. "
+               "Create it first with write access (e.g. `scdm ingest FILE.h5ad`), or point --store at an existing store.")
+        raise ScdmError(msg)

@@ -1,0 +1,584 @@
+"""Embedding matrices as Zarr v3 arrays: rows = cells, one chunk = one block of whole rows.
+
+Arrays are written through zarr-python (atomic chunk files) and are plain Zarr v3 that any
+Zarr client can open. Because the default layout is uncompressed with full-width row chunks, a
+chunk file is the chunk's rows as raw little-endian bytes; reads use that directly (one
+``readinto`` per chunk, or a memory map for row subsets), which is several times faster than
+going through the generic codec pipeline. Arrays with codecs fall back to zarr-python.
+
+An array's location is a local path or an fsspec URL (``file:///shared/x.zarr``,
+``s3://bucket/prefix/x.zarr``), so that workers on other machines can write and read the same
+array. ``file://`` URLs are local paths (same atomic writes and raw reads); other schemes go
+through :class:`zarr.storage.FsspecStore` and are read with zarr-python.
+
+Reads can be *verified*: given the committed checksum of each chunk, every chunk a read touches
+is checked against it, and a missing, truncated or altered chunk file raises
+:class:`~store.errors.ChunkCorruptError` instead of coming back as data (a deleted chunk file
+would otherwise read as zeros, the fill value). A chunk verified once in this process is not
+hashed again while its file is unchanged (same inode, size, mtime and ctime).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import zlib
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from scdm.store._constants import (
+    ARRAY_FORMAT_VERSION,
+    EMBEDDING_ENCODING,
+    ENCODING_ATTR,
+    TARGET_CHUNK_BYTES,
+    VERSION_ATTR,
+)
+from scdm.store.errors import ChunkCorruptError, InputDataError, StoreFormatError
+
+if TYPE_CHECKING:
+    from zarr.codecs.blosc import CName
+
+__all__ = [
+    "ArrayLocation",
+    "default_chunk_rows",
+    "create_array",
+    "write_rows",
+    "read_rows",
+    "chunk_checksum",
+    "checksum_matches",
+    "verify_chunks",
+    "open_array",
+    "array_exists",
+    "chunk_present",
+    "remove_array",
+    "remove_chunk",
+    "forget_verified",
+    "local_path",
+    "check_arrays_url",
+]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float16")
+
+ArrayLocation = Path | str
+"""A local path, or a URL with a scheme (``file://``, ``s3://``, ``gs://``, ``memory://``, ...)."""
+
+
+def local_path(location: ArrayLocation) -> Path | None:
+    """The local path of ``location`` (plain paths and ``file://`` URLs), or None for remote URLs."""
+    if isinstance(location, Path):
+        return location
+    if "://" not in location:
+        return Path(location)
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            msg = f"file:// URLs name a path on this machine: use file:///path (three slashes), not {location!r}."
+            raise InputDataError(msg)
+        return Path(unquote(parsed.path))
+    return None
+
+
+def check_arrays_url(url: str) -> str:
+    """Validate a folder URL for embedding arrays; a plain path becomes a ``file://`` URL.
+
+    Raises
+    ------
+    InputDataError
+        If the scheme is unknown to fsspec or its backend package is not installed.
+    """
+    if "://" not in url:
+        return Path(url).expanduser().resolve().as_uri()
+    import fsspec
+
+    scheme = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError as err:
+        msg = f"Unknown storage scheme {scheme!r} in arrays URL {url!r}. Use file:///shared/path, s3://bucket/prefix, gs://..., or a plain path."
+        raise InputDataError(msg) from err
+    except ImportError as err:
+        msg = f"Arrays URL {url!r} needs the fsspec backend for {scheme}:// ({err}). Install it (s3fs for s3://, gcsfs for gs://, adlfs for az://)."
+        raise InputDataError(msg) from err
+    return url.rstrip("/")
+
+
+def _fsspec_store(url: str, *, read_only: bool) -> Any:
+    from zarr.storage import FsspecStore
+
+    try:
+        return FsspecStore.from_url(url, read_only=read_only)
+    except ImportError as err:
+        msg = f"Cannot open the array at {url!r}: its fsspec backend is missing ({err}). Install it (s3fs for s3://, gcsfs for gs://)."
+        raise StoreFormatError(msg) from err
+
+
+def array_exists(location: ArrayLocation) -> bool:
+    """Whether an array (its ``zarr.json``) exists at ``location``."""
+    path = local_path(location)
+    if path is not None:
+        return path.exists()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(location))
+    return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
+
+
+def chunk_present(location: ArrayLocation, chunk: int) -> bool:
+    """Whether row-chunk ``chunk`` of the array has a chunk file (absent chunks read as zeros)."""
+    path = local_path(location)
+    if path is not None:
+        return _RawLayout(path).chunk_file(chunk).exists()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(location))
+    return bool(fs.exists(f"{root.rstrip('/')}/c/{chunk}/0"))
+
+
+def remove_chunk(location: ArrayLocation, chunk: int) -> None:
+    """Delete the file of row-chunk ``chunk`` (no error if it is gone); it then reads as the fill value."""
+    path = local_path(location)
+    if path is not None:
+        file = _RawLayout(path).chunk_file(chunk) if (path / "zarr.json").exists() else path / "c" / str(chunk) / "0"
+        file.unlink(missing_ok=True)
+        forget_verified(location)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(location))
+    key = f"{root.rstrip('/')}/c/{chunk}/0"
+    if fs.exists(key):
+        fs.rm(key)
+
+
+def remove_array(location: ArrayLocation) -> None:
+    """Delete the array at ``location`` (no error if it is gone)."""
+    import shutil
+
+    path = local_path(location)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(location))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def default_chunk_rows(dim: int, dtype: str = "float32", target_bytes: int = TARGET_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk is about ``target_bytes`` (a power of two, 256..65536)."""
+    itemsize = np.dtype(dtype).itemsize
+    rows = target_bytes / max(1, dim * itemsize)
+    return int(min(65536, max(256, 2 ** round(math.log2(max(rows, 1))))))
+
+
+def create_array(location: ArrayLocation, *, n_rows: int, dim: int, dtype: str, chunk_rows: int, compressor: str | None = None, attrs: dict[str, Any] | None = None) -> None:
+    """Create (or reopen, if its shape matches) the Zarr v3 array of one embedding."""
+    import zarr
+
+    if dtype not in DTYPES:
+        msg = f"Embedding dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}."
+        raise InputDataError(msg)
+    if array_exists(location):
+        arr = open_array(location)
+        if arr.shape != (n_rows, dim) or arr.chunks[0] != chunk_rows:
+            msg = (
+                f"An array already exists at {str(location)!r} with shape {arr.shape} and chunks {arr.chunks}, "
+                f"not ({n_rows}, {dim}) / {chunk_rows} rows. Remove the embedding (scdm rm) and recompute it."
+            )
+            raise StoreFormatError(msg)
+        return
+    compressors: Any = None
+    if compressor:
+        from zarr.codecs import BloscCodec, ZstdCodec
+
+        # BloscCodec itself rejects a name that is not one of its codecs
+        compressors = ZstdCodec(level=3) if compressor == "zstd" else BloscCodec(cname=cast("CName", compressor))
+    all_attrs = {ENCODING_ATTR: EMBEDDING_ENCODING, VERSION_ATTR: ARRAY_FORMAT_VERSION, **(attrs or {})}
+    path = local_path(location)
+    zarr.create_array(
+        store=str(path) if path is not None else _fsspec_store(str(location), read_only=False),
+        shape=(n_rows, dim),
+        chunks=(chunk_rows, dim),
+        dtype=dtype,
+        compressors=compressors,
+        filters=None,
+        fill_value=0,
+        attributes=all_attrs,
+        zarr_format=3,
+    )
+
+
+def open_array(location: ArrayLocation) -> Any:
+    """Open an embedding array (local path or URL), refusing arrays of a newer scdm format."""
+    import zarr
+
+    path = local_path(location)
+    if path is not None:
+        arr = zarr.open_array(str(path), mode="r+" if os.access(path, os.W_OK) else "r")
+    else:
+        arr = zarr.open_array(store=_fsspec_store(str(location), read_only=False), mode="r+")
+    version: Any = arr.attrs.get(VERSION_ATTR, 1)  # a JSON value: the int scdm wrote
+    if int(version) > ARRAY_FORMAT_VERSION:
+        msg = (
+            f"The array {str(location)!r} has scdm format version {version}; this scdm reads up to "
+            f"{ARRAY_FORMAT_VERSION}. Upgrade scdm to read it."
+        )
+        raise StoreFormatError(msg)
+    return arr
+
+
+def chunk_checksum(block: np.ndarray) -> str:
+    """CRC-32 of a block's bytes as stored (C order): detects torn or corrupted chunk files.
+
+    CRC-32 runs at several GB/s (blake2b at ~0.7 GB/s would dominate writing); it guards against
+    accidents, not tampering.
+    """
+    return f"crc32:{zlib.crc32(np.ascontiguousarray(block).data.cast('B')):08x}"
+
+
+def checksum_matches(data: Any, expected: str) -> bool:
+    """Whether the bytes of ``data`` (a C-contiguous buffer) have the committed checksum ``expected``.
+
+    ``crc32:<hex>`` is what :func:`chunk_checksum` writes; a bare hex digest is the blake2b-128 of
+    stores written before CRC-32 was adopted.
+    """
+    view = memoryview(data).cast("B")
+    if expected.startswith("crc32:"):
+        return f"crc32:{zlib.crc32(view):08x}" == expected
+    import hashlib
+
+    return hashlib.blake2b(view, digest_size=16).hexdigest() == expected
+
+
+@lru_cache(maxsize=64)
+def _zeros_match(n_bytes: int, expected: str) -> bool:
+    """Whether ``n_bytes`` zero bytes have checksum ``expected`` (an all-zero chunk has no file)."""
+    return checksum_matches(bytes(n_bytes), expected)
+
+
+def write_rows(location: ArrayLocation, start: int, block: np.ndarray) -> None:
+    """Write ``block`` into rows ``start:start+len(block)`` (each local chunk file is replaced atomically)."""
+    arr = open_array(location)
+    arr[start:start + block.shape[0]] = block
+
+
+class _RawLayout:
+    """The raw-bytes layout of an uncompressed, full-width row-chunked Zarr v3 array."""
+
+    def __init__(self, path: Path) -> None:
+        meta = json.loads((path / "zarr.json").read_text())
+        self.path = path
+        self.shape = tuple(meta["shape"])
+        self.chunk_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        chunk_cols = int(meta["chunk_grid"]["configuration"]["chunk_shape"][1])
+        codecs = meta.get("codecs", [])
+        names = [c["name"] for c in codecs]
+        endian = codecs[0].get("configuration", {}).get("endian", "little") if codecs else "little"
+        enc = meta.get("chunk_key_encoding", {})
+        self.separator = enc.get("configuration", {}).get("separator", "/")
+        self.default_keys = enc.get("name", "default") == "default"
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.fill_value = meta.get("fill_value", 0)
+        self.ok = names == ["bytes"] and endian == "little" and chunk_cols == self.shape[1] and self.default_keys
+        # zarr stores the edge chunk at full size too (padded with the fill value)
+        self.chunk_nbytes = self.chunk_rows * chunk_cols * self.dtype.itemsize
+
+    def chunk_file(self, i: int) -> Path:
+        return self.path / f"c{self.separator}{i}{self.separator}0"
+
+    def n_chunks(self) -> int:
+        return math.ceil(self.shape[0] / self.chunk_rows)
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        lo = i * self.chunk_rows
+        return lo, min(lo + self.chunk_rows, self.shape[0])
+
+
+# ---- verified chunks -----------------------------------------------------------------------
+Signature = tuple[int, int, int, int]
+"""(inode, size, mtime_ns, ctime_ns) of a chunk file: any rewrite or in-place edit changes it."""
+
+_VERIFIED: dict[str, tuple[Signature, str]] = {}
+"""Chunk files of this process that matched their checksum, with the file's signature then."""
+_VERIFIED_MAX = 1 << 18
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _known_good(path: Path, sig: Signature, expected: str) -> bool:
+    return _VERIFIED.get(str(path)) == (sig, expected)
+
+
+def _remember_good(path: Path, sig: Signature, expected: str) -> None:
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()  # a bound, not an LRU: re-hashing once more is the only cost
+    _VERIFIED[str(path)] = (sig, expected)
+
+
+def forget_verified(location: ArrayLocation | None = None) -> None:
+    """Drop what this process remembers as verified (of one array, or of all)."""
+    if location is None:
+        _VERIFIED.clear()
+        return
+    path = local_path(location)
+    if path is not None:
+        prefix = str(path) + os.sep
+        for key in [k for k in _VERIFIED if k.startswith(prefix)]:
+            _VERIFIED.pop(key, None)
+
+
+def _bad_chunk(chunk: int, path: Path | str, reason: str, detail: str) -> ChunkCorruptError:
+    msg = f"Chunk {chunk} ({str(path)!r}) failed verification, {reason}: {detail}."
+    return ChunkCorruptError(msg, chunk=chunk, path=str(path), reason=reason, detail=detail)
+
+
+def _load_raw_chunk(layout: _RawLayout, i: int, target: np.ndarray, expected: str | None, *, trust_cache: bool) -> None:
+    """Read the rows of chunk ``i`` into ``target`` (their bytes) and check them against ``expected``.
+
+    ``expected=None`` (a chunk not committed yet) reads without checking. With ``trust_cache``,
+    a file verified earlier in this process and unchanged since is not hashed again.
+
+    Raises
+    ------
+    ChunkCorruptError
+        If the chunk file is missing (and the chunk was not all zeros), has the wrong size, or
+        its rows do not match the checksum.
+    """
+    sig = _read_raw_chunk(layout, i, target, expected)
+    if sig is not None and expected is not None and not (trust_cache and _known_good(layout.chunk_file(i), sig, expected)):
+        _check_hash(layout.chunk_file(i), i, sig, target, expected)
+
+
+def _read_raw_chunk(layout: _RawLayout, i: int, target: np.ndarray, expected: str | None) -> Signature | None:
+    """Read chunk ``i``'s rows into ``target``; the file's signature, or None when it has no file.
+
+    Checks what needs no hashing: a missing file must stand for an all-zero chunk, and a file
+    must have the full chunk's size.
+    """
+    path = layout.chunk_file(i)
+    try:
+        fh = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        target.view(layout.dtype)[:] = layout.fill_value or 0
+        if expected is not None and not _zeros_match(target.nbytes, expected):
+            raise _bad_chunk(i, path, "missing", "the chunk file is gone (it would read as zeros)") from None
+        return None
+    with fh:
+        sig = _signature(os.fstat(fh.fileno()))  # of the file actually read, even if replaced meanwhile
+        if expected is not None and sig[1] != layout.chunk_nbytes:
+            reason = "truncated" if sig[1] < layout.chunk_nbytes else "wrong size"
+            raise _bad_chunk(i, path, reason, f"the file has {sig[1]} bytes, not {layout.chunk_nbytes}")
+        got = fh.readinto(target.data)  # .data: the array's own buffer (numpy's stubs lack Buffer)
+    if got != target.nbytes:
+        raise _bad_chunk(i, path, "truncated", f"read {got} of {target.nbytes} bytes")
+    return sig
+
+
+def _check_hash(path: Path, i: int, sig: Signature, data: np.ndarray, expected: str) -> None:
+    if not checksum_matches(data, expected):
+        raise _bad_chunk(i, path, "checksum mismatch", f"its bytes do not match the committed checksum {expected}")
+    _remember_good(path, sig, expected)
+
+
+_READERS: tuple[int, Any] | None = None
+"""(pid, thread pool): a forked child gets a pool of its own (the parent's threads do not exist there)."""
+
+
+def _readers() -> Any:
+    """Threads that read and hash whole chunks side by side (file reads and CRC-32 release the GIL)."""
+    global _READERS
+    if _READERS is None or _READERS[0] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="scdm-read")
+        _READERS = (os.getpid(), pool)
+    return _READERS[1]
+
+
+def verify_chunks(location: ArrayLocation, checksums: Mapping[int, str]) -> list[ChunkCorruptError]:
+    """Check every chunk named in ``checksums`` (chunk -> committed checksum); the bad ones, in order.
+
+    Always reads and hashes the files (nothing is taken from what this process verified before).
+    """
+    path = local_path(location)
+    layout = _RawLayout(path) if path is not None else None
+    if layout is None or not layout.ok:
+        return _verify_generic(location, checksums)
+    bad = []
+    row_bytes = layout.shape[1] * layout.dtype.itemsize
+    buffer = np.empty(layout.chunk_rows * row_bytes, dtype=np.uint8)
+    for i in sorted(checksums):
+        lo, hi = layout.bounds(i)
+        try:
+            _load_raw_chunk(layout, i, buffer[:(hi - lo) * row_bytes], checksums[i], trust_cache=False)
+        except ChunkCorruptError as err:
+            bad.append(err)
+    return bad
+
+
+def _verify_generic(location: ArrayLocation, checksums: Mapping[int, str]) -> list[ChunkCorruptError]:
+    arr = open_array(location)
+    bad = []
+    for i in sorted(checksums):
+        try:
+            _generic_chunk(location, arr, i, checksums[i])
+        except ChunkCorruptError as err:
+            bad.append(err)
+    return bad
+
+
+def _generic_chunk(location: ArrayLocation, arr: Any, i: int, expected: str | None) -> np.ndarray:
+    """Rows of chunk ``i`` in the stored dtype through zarr-python, checked against ``expected``."""
+    chunk_rows = int(arr.chunks[0])
+    lo, hi = i * chunk_rows, min((i + 1) * chunk_rows, int(arr.shape[0]))
+    key = f"{str(location).rstrip('/')}/c/{i}/0"
+    try:
+        block = np.ascontiguousarray(arr[lo:hi])
+    except Exception as err:  # noqa: BLE001 - any codec or I/O failure of this chunk is damage
+        raise _bad_chunk(i, key, "unreadable", f"{type(err).__name__}: {err}") from err
+    if expected is not None and not checksum_matches(block, expected):
+        if not chunk_present(location, i):
+            raise _bad_chunk(i, key, "missing", "the chunk file is gone (it would read as zeros)")
+        raise _bad_chunk(i, key, "checksum mismatch", f"its data does not match the committed checksum {expected}")
+    return block
+
+
+# ---- reads ---------------------------------------------------------------------------------
+def read_rows(location: ArrayLocation, rows: np.ndarray | None = None, *, out_dtype: str = "float32",
+              checksums: Mapping[int, str] | None = None) -> np.ndarray:
+    """Read all rows (``rows=None``) or the given row indices of an embedding array.
+
+    Parameters
+    ----------
+    checksums
+        Committed checksum per chunk: every chunk the read touches that is named here is
+        verified first (see :func:`checksum_matches`); others are read as stored. None reads
+        without any check.
+
+    Raises
+    ------
+    ChunkCorruptError
+        If a verified chunk is missing, truncated or does not match its checksum (no data is returned).
+    """
+    path = local_path(location)
+    layout = _RawLayout(path) if path is not None else None
+    if layout is None or not layout.ok:
+        # remote URLs and arrays with codecs: the generic zarr-python path
+        return _read_generic(location, rows, out_dtype, checksums)
+    n_rows, dim = layout.shape
+    if rows is None:
+        return _read_all(layout, n_rows, dim, out_dtype, checksums)
+    return _read_subset(layout, np.asarray(rows, dtype=np.int64), dim, out_dtype, checksums)
+
+
+def _read_all(layout: _RawLayout, n_rows: int, dim: int, out_dtype: str, checksums: Mapping[int, str] | None) -> np.ndarray:
+    native = layout.dtype.newbyteorder("=")
+    out = np.empty((n_rows, dim), dtype=native)
+    flat = out.reshape(-1).view(np.uint8)
+    row_bytes = dim * native.itemsize
+    # chunks are read and verified on several threads: hashing a chunk costs about as much as
+    # reading it from the page cache, so spreading both over the cores keeps verification cheap
+    jobs = []
+    try:
+        for i in range(layout.n_chunks()):
+            lo, hi = layout.bounds(i)
+            expected = checksums.get(i) if checksums is not None else None
+            jobs.append(_readers().submit(_load_raw_chunk, layout, i, flat[lo * row_bytes:hi * row_bytes], expected,
+                                          trust_cache=True))
+        for job in jobs:
+            job.result()  # raises the first bad chunk's error: no data is returned
+    finally:
+        for job in jobs:
+            job.cancel()
+    return out if out.dtype == np.dtype(out_dtype) else out.astype(out_dtype)
+
+
+def _check_rows(rows: np.ndarray, n_rows: int) -> None:
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        msg = f"Row indices must lie in [0, {n_rows}); got {int(rows.min())}..{int(rows.max())}."
+        raise IndexError(msg)
+
+
+def _read_subset(layout: _RawLayout, rows: np.ndarray, dim: int, out_dtype: str, checksums: Mapping[int, str] | None) -> np.ndarray:
+    _check_rows(rows, layout.shape[0])
+    out = np.empty((rows.size, dim), dtype=out_dtype)
+    chunk_of = rows // layout.chunk_rows
+    order = np.argsort(chunk_of, kind="stable")
+    bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+    row_bytes = dim * layout.dtype.itemsize
+    scratch: np.ndarray | None = None
+    for group in np.split(order, bounds):
+        if group.size == 0:
+            continue
+        c = int(chunk_of[group[0]])
+        lo, hi = layout.bounds(c)
+        path = layout.chunk_file(c)
+        expected = checksums.get(c) if checksums is not None else None
+        if expected is not None and not _unchanged_since_verified(path, expected):
+            # verify the whole chunk once (it is read anyway to hash it), then pick its rows from memory
+            if scratch is None:
+                scratch = np.empty(layout.chunk_rows * row_bytes, dtype=np.uint8)
+            block = scratch[:(hi - lo) * row_bytes]
+            _load_raw_chunk(layout, c, block, expected, trust_cache=False)
+            out[group] = block.view(layout.dtype).reshape(hi - lo, dim)[rows[group] - lo]
+        elif not path.exists():
+            out[group] = layout.fill_value
+        else:
+            out[group] = _memmap_rows(path, c, layout, hi - lo, rows[group] - lo)
+    return out
+
+
+def _memmap_rows(path: Path, chunk: int, layout: _RawLayout, n_rows: int, local_rows: np.ndarray) -> np.ndarray:
+    """Rows of one chunk file through a memory map (only the pages of those rows are read)."""
+    try:
+        mm = np.memmap(path, dtype=layout.dtype, mode="r", shape=(n_rows, layout.shape[1]))
+    except ValueError as err:  # the file is shorter than the rows it must hold
+        raise _bad_chunk(chunk, path, "truncated", str(err)) from err
+    try:
+        return np.asarray(mm[local_rows])
+    finally:
+        del mm
+
+
+def _unchanged_since_verified(path: Path, expected: str) -> bool:
+    """Whether this process verified ``path`` against ``expected`` and the file is unchanged since."""
+    try:
+        return _known_good(path, _signature(os.stat(path)), expected)
+    except FileNotFoundError:
+        return False
+
+
+def _read_generic(location: ArrayLocation, rows: np.ndarray | None, out_dtype: str, checksums: Mapping[int, str] | None) -> np.ndarray:
+    arr = open_array(location)
+    if checksums is None:
+        data = arr[:] if rows is None else arr.get_orthogonal_selection((np.asarray(rows), slice(None)))
+        return np.asarray(data, dtype=out_dtype)
+    n_rows, dim = int(arr.shape[0]), int(arr.shape[1])
+    chunk_rows = int(arr.chunks[0])
+    picked = None if rows is None else np.asarray(rows, dtype=np.int64)
+    if picked is not None:
+        _check_rows(picked, n_rows)
+    out = np.empty((n_rows if picked is None else picked.size, dim), dtype=out_dtype)
+    chunks = range(math.ceil(n_rows / chunk_rows)) if picked is None else np.unique(picked // chunk_rows)
+    for c in chunks:
+        c = int(c)
+        block = _generic_chunk(location, arr, c, checksums.get(c))
+        lo = c * chunk_rows
+        if picked is None:
+            out[lo:lo + block.shape[0]] = block
+        else:
+            where = np.flatnonzero(picked // chunk_rows == c)
+            out[where] = block[picked[where] - lo]
+    return out

@@ -1,0 +1,84 @@
+"""LoRA adapter records: one row per adapter trained on the training cells of one (split, fold).
+
+The weights live in ``<store>/artifacts/adapters/<adapter_id>/`` (written by ``scdm.embedding``); the
+catalog row is written here, after the files are in place, so a row always has its files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from scdm.store._constants import ARTIFACTS_DIR
+from scdm.store._store import canonical_json
+
+if TYPE_CHECKING:
+    from scdm.store._store import Store
+
+__all__ = ["ADAPTERS_DIR", "AdapterRecord", "adapter_dir", "write_adapter", "forget_adapter", "adapter_row"]
+
+ADAPTERS_DIR = "adapters"
+"""Folder under ``<store>/artifacts`` holding one ``<adapter_id>/`` folder per adapter."""
+
+
+def adapter_dir(st: Store, adapter_id: str) -> Path:
+    """The folder of adapter ``adapter_id``'s files: ``<store>/artifacts/adapters/<adapter_id>``."""
+    return st.root / ARTIFACTS_DIR / ADAPTERS_DIR / adapter_id
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One trained LoRA adapter (the ``adapters`` table)."""
+
+    adapter_id: str
+    tuning_id: str
+    adapter_hash: str
+    model: str
+    checkpoint_hash: str
+    model_params: dict[str, Any]
+    split_id: str
+    fold: int
+    scenario: str
+    category_type: str
+    category: str
+    scheme: str
+    label_set: str | None
+    lora_config: dict[str, Any]
+    train_config: dict[str, Any]
+    n_train: int
+    train_cells_hash: str
+    train_curve: list[Any]
+    wall_seconds: float
+    device: str
+    telemetry: dict[str, Any]
+    path: str
+    """Adapter folder, relative to the store root."""
+
+    def row(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("model_params", "lora_config", "train_config", "train_curve", "telemetry"):
+            out[key] = canonical_json(out[key])
+        out["created_at"] = pd.Timestamp.now(tz="UTC").tz_localize(None)
+        return out
+
+
+def write_adapter(st: Store, record: AdapterRecord) -> None:
+    """Insert (or replace) an adapter's row, in one transaction."""
+    with st.catalog.transaction() as con:
+        con.execute("DELETE FROM adapters WHERE adapter_id = ?", [record.adapter_id])
+        st.catalog.insert_df("adapters", pd.DataFrame([record.row()]), con)
+
+
+def forget_adapter(st: Store, adapter_id: str) -> None:
+    """Delete an adapter's row (its files are the caller's to remove)."""
+    with st.catalog.transaction() as con:
+        con.execute("DELETE FROM adapters WHERE adapter_id = ?", [adapter_id])
+
+
+def adapter_row(st: Store, adapter_id: str) -> dict[str, Any] | None:
+    """The adapter's catalog row as a dict, or None."""
+    frame = st.query("SELECT * FROM adapters WHERE adapter_id = ?", [adapter_id])
+    return None if frame.empty else frame.iloc[0].to_dict()

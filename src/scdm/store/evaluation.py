@@ -1,0 +1,268 @@
+"""Evaluation records: runs, finished tasks, their metrics and predictions, skipped tasks.
+
+A *task* is one (embedding space, split, fold, head with its parameters) fit. Its identity is
+:func:`task_id`; its result rows carry the whole result identity (embedding space, datasets,
+label set, split with scenario/scheme/k/seed, head and parameters, variant), so nothing reading
+them needs to re-join to know what a number is. Both stages score and write tasks through
+:class:`ResultWriter`, so a LoRA-tuned head's row and a frozen-embedding head's row are computed by
+the same code (:func:`store.metrics.compute_metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from scdm.store.metrics import METRICS, FoldMetrics, compute_metrics
+
+if TYPE_CHECKING:
+    from scdm.store._store import Store
+    from scdm.store.splits import Split
+
+__all__ = [
+    "TaskKey",
+    "TaskOutcome",
+    "SkippedTask",
+    "ResultWriter",
+    "task_id",
+    "start_run",
+    "finish_run",
+    "finished_tasks",
+    "task_results",
+    "run_skipped",
+    "record_tasks",
+]
+
+
+def _now() -> pd.Timestamp:
+    return pd.Timestamp.now(tz="UTC").tz_localize(None)
+
+
+def task_id(space_id: str, embedding_ids: Sequence[str], split_id: str, fold: int, head: str, params_key: str) -> str:
+    """The identity of one task: a rerun with the same inputs finds it finished."""
+    text = json.dumps([space_id, sorted(embedding_ids), split_id, int(fold), head, params_key])
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    """Everything that identifies one task's result."""
+
+    space_id: str
+    model: str
+    variant: str
+    embedding_ids: tuple[str, ...]
+    split: Split
+    datasets: str
+    """Names of the datasets the split covers, sorted, comma-separated."""
+    fold: int
+    head: str
+    params_key: str
+    """Canonical JSON of the head's parameters."""
+
+    @property
+    def task_id(self) -> str:
+        return task_id(self.space_id, self.embedding_ids, self.split.split_id, self.fold, self.head, self.params_key)
+
+    def columns(self) -> dict[str, Any]:
+        """The identity columns shared by eval_tasks and eval_results rows."""
+        s = self.split
+        return {"task_id": self.task_id, "space_id": self.space_id, "model": self.model, "variant": self.variant,
+                "split_id": s.split_id, "scenario": s.scenario, "category_type": s.category_type,
+                "category": s.category, "scheme": s.scheme, "fold": int(self.fold), "head": self.head,
+                "label_set": s.label_set, "datasets": self.datasets, "n_folds": int(s.n_folds), "seed": s.seed}
+
+
+@dataclass
+class TaskOutcome:
+    """One fitted task: the test cells' labels and predicted P(sensitive)."""
+
+    key: TaskKey
+    y_true: np.ndarray
+    proba: np.ndarray
+    dataset_ids: np.ndarray
+    """dataset_id of each test cell."""
+    rows: np.ndarray
+    """Row of each test cell in its dataset."""
+    n_train: int
+    fit_seconds: float
+    predict_seconds: float
+    hard_only: bool = False
+    """``proba`` holds hard labels (0/1), not probabilities (e.g. a language model's answers without
+    token log-probabilities): AUROC and AP are NULL with the flag ``no_scores``."""
+    extra_flags: tuple[str, ...] = ()
+    """Flags the producer adds to the metric flags (e.g. ``unanswered=3``: test cells without an answer)."""
+
+    def metrics(self) -> FoldMetrics:
+        """The one scoring of a task (the same for every head and both stages)."""
+        return compute_metrics(self.y_true, self.proba, hard_only=self.hard_only)
+
+
+@dataclass(frozen=True)
+class SkippedTask:
+    """A task not fitted, and why (split or fold skipped, one training class, the head failed)."""
+
+    space_id: str
+    split: Split
+    datasets: str
+    fold: int | None
+    head: str
+    reason: str
+
+    def row(self, run_id: str) -> dict[str, Any]:
+        s = self.split
+        return {"run_id": run_id, "space_id": self.space_id, "split_id": s.split_id, "scenario": s.scenario,
+                "category_type": s.category_type, "category": s.category, "fold": self.fold, "head": self.head,
+                "reason": self.reason, "created_at": _now(), "label_set": s.label_set, "datasets": self.datasets}
+
+
+@dataclass
+class _Rows:
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[pd.DataFrame] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.skipped)
+
+
+def _task_rows(out: TaskOutcome, run_id: str, save_predictions: bool) -> tuple[dict[str, Any], list[dict[str, Any]], pd.DataFrame | None]:
+    m = out.metrics()
+    common = {**out.key.columns(), "run_id": run_id}
+    results = [{**common, "metric": name, "value": m.values[name], "n_train": out.n_train, "n_test": m.n,
+                "fit_seconds": out.fit_seconds, "head_params": out.key.params_key} for name in METRICS]
+    task = {**common, "embedding_ids": json.dumps(sorted(out.key.embedding_ids)), "head_params": out.key.params_key,
+            "n_train": out.n_train, "n_test": m.n, "n_test_pos": m.n_pos, "fit_seconds": out.fit_seconds,
+            "predict_seconds": out.predict_seconds, "flags": ",".join((*m.flags, *out.extra_flags)) or None,
+            "created_at": _now()}
+    preds = None
+    if save_predictions:
+        preds = pd.DataFrame({"task_id": out.key.task_id, "dataset_id": np.asarray(out.dataset_ids, dtype=object),
+                              "row": np.asarray(out.rows, dtype=np.int32), "y_true": np.asarray(out.y_true, dtype=np.int8),
+                              "proba": np.asarray(out.proba, dtype=np.float32)})
+    return task, results, preds
+
+
+def _write(st: Store, rows: _Rows) -> None:
+    """One transaction: a task is stored whole or not at all, and the last writer of a task wins."""
+    ids = [t["task_id"] for t in rows.tasks]
+    with st.catalog.transaction() as con:
+        if ids:
+            # a task finished twice (two identical runs at once, or a rerun) keeps one copy
+            for table in ("eval_predictions", "eval_results", "eval_tasks"):
+                con.execute(f"DELETE FROM {table} WHERE list_contains(?, task_id)", [ids])
+            if rows.predictions:
+                st.catalog.insert_df("eval_predictions", pd.concat(rows.predictions, ignore_index=True), con)
+            st.catalog.insert_df("eval_results", pd.DataFrame(rows.results), con)
+            st.catalog.insert_df("eval_tasks", pd.DataFrame(rows.tasks), con)
+        if rows.skipped:
+            st.catalog.insert_df("skipped_tasks", pd.DataFrame(rows.skipped), con)
+
+
+class ResultWriter:
+    """Scores finished tasks and writes them (with predictions) in short catalog transactions.
+
+    Parameters
+    ----------
+    st
+        The store.
+    run_id
+        The run the rows belong to (:func:`start_run`).
+    save_predictions
+        Also write per-cell test predictions (``eval_predictions``).
+    flush_seconds
+        Buffer rows for at most this long between transactions.
+    """
+
+    def __init__(self, st: Store, run_id: str, *, save_predictions: bool = True, flush_seconds: float = 5.0) -> None:
+        self.st, self.run_id, self.save_predictions = st, run_id, save_predictions
+        self.flush_seconds = flush_seconds
+        self._rows = _Rows()
+        self._last = time.monotonic()
+
+    def add(self, out: TaskOutcome) -> None:
+        task, results, preds = _task_rows(out, self.run_id, self.save_predictions)
+        self._rows.tasks.append(task)
+        self._rows.results += results
+        if preds is not None:
+            self._rows.predictions.append(preds)
+        self._maybe_flush()
+
+    def skip(self, skipped: SkippedTask) -> None:
+        self._rows.skipped.append(skipped.row(self.run_id))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows:
+            _write(self.st, self._rows)
+        self._rows = _Rows()
+        self._last = time.monotonic()
+
+
+def start_run(st: Store, config: dict[str, Any], *, scdm_version: str) -> str:
+    """Record a new evaluation run (status ``running``); returns its id."""
+    run_id = uuid.uuid4().hex[:16]
+    with st.catalog.transaction() as con:
+        con.execute("INSERT INTO eval_runs (run_id, created_at, status, config, scdm_version) VALUES (?, ?, 'running', ?, ?)",
+                    [run_id, _now(), json.dumps(config, sort_keys=True, default=str), scdm_version])
+    return run_id
+
+
+def finish_run(st: Store, run_id: str, *, status: str, seconds: float, n_tasks: int | None = None,
+               n_done: int | None = None, n_reused: int | None = None, n_skipped: int | None = None) -> None:
+    """Close a run: ``complete`` with its counts, or ``failed``."""
+    if status not in ("complete", "failed"):
+        msg = f"run status {status!r} is not 'complete' or 'failed'"
+        raise ValueError(msg)
+    with st.catalog.transaction() as con:
+        con.execute("UPDATE eval_runs SET status = ?, finished_at = ?, seconds = ?, n_tasks = COALESCE(?, n_tasks), "
+                    "n_done = COALESCE(?, n_done), n_reused = COALESCE(?, n_reused), n_skipped = COALESCE(?, n_skipped) "
+                    "WHERE run_id = ?", [status, _now(), seconds, n_tasks, n_done, n_reused, n_skipped, run_id])
+
+
+def record_tasks(st: Store, outcomes: Sequence[TaskOutcome], config: dict[str, Any], *, scdm_version: str,
+                 seconds: float) -> str:
+    """Record finished tasks as one complete run (for callers that fit outside :func:`evaluate`, e.g. LoRA)."""
+    run_id = start_run(st, config, scdm_version=scdm_version)
+    writer = ResultWriter(st, run_id)
+    try:
+        for out in outcomes:
+            writer.add(out)
+        writer.flush()
+    except BaseException:
+        finish_run(st, run_id, status="failed", seconds=seconds)
+        raise
+    finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(outcomes), n_done=len(outcomes), n_reused=0,
+               n_skipped=0)
+    return run_id
+
+
+def finished_tasks(st: Store, task_ids: Sequence[str]) -> set[str]:
+    """The task ids that have a stored result."""
+    if not task_ids:
+        return set()
+    return set(st.query("SELECT task_id FROM eval_tasks WHERE list_contains(?, task_id)", [list(task_ids)])["task_id"])
+
+
+def task_results(st: Store, task_ids: Sequence[str]) -> pd.DataFrame:
+    """Long-format metrics of these tasks."""
+    return st.query("SELECT * FROM eval_results WHERE list_contains(?, task_id) ORDER BY model, head, scenario, "
+                    "category_type, category, fold, metric", [list(task_ids)])
+
+
+def run_skipped(st: Store, run_id: str) -> pd.DataFrame:
+    """The tasks a run skipped, with the reason."""
+    return st.query("SELECT * FROM skipped_tasks WHERE run_id = ?", [run_id])

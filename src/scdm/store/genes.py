@@ -1,0 +1,153 @@
+"""Human gene identifiers: detect the id kind of a gene list and map between kinds.
+
+The mapping table ships with the package (``store/_data/human_genes.tsv.gz``: NCBI Gene
+2022-09-12 via Bioconductor org.Hs.eg.db 3.16.0, columns entrez, symbol, ensembl). Nothing is
+ever looked up on the network. Models that take Ensembl ids (Geneformer, CellPLM) and models that
+take HGNC symbols (scGPT, tGPT, UCE, scBERT, scFoundation) both go through :func:`map_genes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from scdm.store.errors import InputDataError
+
+__all__ = [
+    "GeneIdKind",
+    "GENE_ID_KINDS",
+    "as_gene_id_kind",
+    "gene_table",
+    "gene_table_version",
+    "detect_gene_id_kind",
+    "map_genes",
+    "strip_ensembl_version",
+]
+
+GeneIdKind = Literal["symbol", "ensembl", "entrez"]
+GENE_ID_KINDS: tuple[str, ...] = ("symbol", "ensembl", "entrez")
+
+_TABLE_FILE = "human_genes.tsv.gz"
+_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_ENTREZ_RE = re.compile(r"^\d+$")
+
+
+def _table_bytes() -> bytes:
+    return resources.files("scdm.store").joinpath("_data").joinpath(_TABLE_FILE).read_bytes()
+
+
+@lru_cache(maxsize=1)
+def gene_table() -> pd.DataFrame:
+    """The shipped human gene table: one row per (entrez, symbol, ensembl) triple.
+
+    An Entrez gene with several Ensembl ids has several rows; ``ensembl`` is empty where NCBI
+    lists none.
+    """
+    import gzip
+    import io
+
+    raw = gzip.decompress(_table_bytes())
+    table = pd.read_csv(io.BytesIO(raw), sep="\t", dtype=str, keep_default_na=False)
+    return table
+
+
+@lru_cache(maxsize=1)
+def gene_table_version() -> str:
+    """Short content hash of the shipped table; part of every embedding's parameters."""
+    return hashlib.blake2b(_table_bytes(), digest_size=6).hexdigest()
+
+
+def strip_ensembl_version(ids: Sequence[str]) -> list[str]:
+    """``ENSG00000121410.12`` -> ``ENSG00000121410``; other ids unchanged."""
+    return [i.split(".", 1)[0] if i.startswith("ENS") else i for i in ids]
+
+
+def as_gene_id_kind(kind: str) -> GeneIdKind:
+    """``kind`` as a :data:`GeneIdKind`, or a clear error if it is not one of them.
+
+    Raises
+    ------
+    InputDataError
+        If ``kind`` is not ``"symbol"``, ``"ensembl"`` or ``"entrez"``.
+    """
+    known: dict[str, GeneIdKind] = {"symbol": "symbol", "ensembl": "ensembl", "entrez": "entrez"}
+    if kind in known:
+        return known[kind]
+    msg = f"Unknown gene id kind {kind!r}; expected one of {', '.join(GENE_ID_KINDS)}."
+    raise InputDataError(msg)
+
+
+def detect_gene_id_kind(ids: Sequence[str], *, sample: int = 2000) -> GeneIdKind:
+    """Guess whether ``ids`` are HGNC symbols, Ensembl gene ids or Entrez ids.
+
+    Looks at up to ``sample`` ids; the majority pattern wins (Ensembl and Entrez ids have
+    unmistakable shapes, everything else is taken as symbols).
+
+    Raises
+    ------
+    InputDataError
+        If ``ids`` is empty.
+    """
+    ids = [str(i) for i in list(ids)[:sample]]
+    if not ids:
+        msg = "Cannot detect the gene id kind of an empty gene list: the dataset has no genes."
+        raise InputDataError(msg)
+    n_ens = sum(bool(_ENSEMBL_RE.match(i)) for i in ids)
+    n_ent = sum(bool(_ENTREZ_RE.match(i)) for i in ids)
+    if n_ens >= 0.5 * len(ids):
+        return "ensembl"
+    if n_ent >= 0.5 * len(ids):
+        return "entrez"
+    return "symbol"
+
+
+@lru_cache(maxsize=16)
+def _lookup(src: str, dst: str) -> dict[str, str]:
+    table = gene_table()
+    pairs = table[(table[src] != "") & (table[dst] != "")][[src, dst]]
+    # first listed wins: the table is sorted by Entrez id, so the mapping is deterministic
+    pairs = pairs.drop_duplicates(subset=src, keep="first")
+    mapping = dict(zip(pairs[src], pairs[dst]))
+    if src == "symbol":
+        # symbols are matched case-insensitively as a fallback (some matrices upper-case them)
+        upper = {k.upper(): v for k, v in mapping.items()}
+        for k, v in upper.items():
+            mapping.setdefault(k, v)
+    return mapping
+
+
+def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKind) -> np.ndarray:
+    """Map gene ids from one kind to another with the shipped table.
+
+    Parameters
+    ----------
+    ids
+        Gene ids of kind ``src``; Ensembl version suffixes are ignored.
+    src, dst
+        ``"symbol"``, ``"ensembl"`` or ``"entrez"``.
+
+    Returns
+    -------
+    ndarray of object, shape (len(ids),)
+        The mapped id, or ``None`` where the table has no match.
+    """
+    for kind in (src, dst):
+        as_gene_id_kind(kind)
+    names = [str(i) for i in ids]
+    if src == "ensembl":
+        names = strip_ensembl_version(names)
+    if src == dst:
+        return np.asarray(names, dtype=object)
+    mapping = _lookup(src, dst)
+    if src == "symbol":
+        out = [mapping.get(i, mapping.get(i.upper())) for i in names]
+    else:
+        out = [mapping.get(i) for i in names]
+    return np.asarray(out, dtype=object)

@@ -1,0 +1,196 @@
+"""Classification metrics of one test fold (positive class = sensitive = 1).
+
+Every metric is computed from the true labels and the predicted probability of the sensitive
+class; hard predictions are ``proba >= threshold``. A metric that is undefined on the fold
+(for example AUROC on a test fold holding one class only) is ``None`` (NULL in the catalog) and
+the reason is added to ``flags``; it is never reported as ``0.0``, because a zero would be
+averaged into a leaderboard as if the head had failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn import metrics as skm
+
+from scdm.store.errors import InputDataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METRICS", "FoldMetrics", "compute_metrics"]
+
+METRICS: tuple[str, ...] = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "f1_macro",
+    "f1_weighted",
+    "auroc",
+    "ap",
+    "mcc",
+    "ami",
+    "ari",
+)
+"""Names of the metrics, in the order they are reported."""
+
+# Metrics that compare the two classes: undefined when the test fold holds one class.
+_NEED_BOTH_CLASSES = ("f1_macro", "f1_weighted", "auroc", "ap", "mcc", "ami", "ari")
+
+SINGLE_CLASS_TEST = "single_class_test"
+NO_PREDICTED_POSITIVE = "no_predicted_positive"
+NO_SCORES = "no_scores"
+"""The predictions are hard labels (no probability): AUROC and AP are not computed from them."""
+CONSTANT_PREDICTION = "constant_prediction"
+
+
+@dataclass(frozen=True)
+class FoldMetrics:
+    """Metrics of one (head, split, fold) test set."""
+
+    values: dict[str, float | None]
+    """Metric name -> value; ``None`` where the metric is undefined on this fold."""
+    flags: tuple[str, ...] = field(default_factory=tuple)
+    """Why some values are ``None`` (or conventional), e.g. ``"single_class_test"``."""
+    n: int = 0
+    """Number of test cells."""
+    n_pos: int = 0
+    """Number of sensitive (label 1) test cells."""
+
+    def __getitem__(self, name: str) -> float | None:
+        return self.values[name]
+
+
+def _check_inputs(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(proba, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        msg = f"y_true has {y.shape[0]} values but proba has {p.shape[0]}; pass one probability per test cell."
+        raise InputDataError(msg)
+    if y.size == 0:
+        msg = "The test fold is empty (0 cells); metrics need at least one test cell."
+        raise InputDataError(msg)
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        msg = f"y_true must hold 0 (resistant) or 1 (sensitive); found {np.unique(y[bad])[:5].tolist()}."
+        raise InputDataError(msg)
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        msg = "proba must be finite probabilities in [0, 1]; got values outside that range."
+        raise InputDataError(msg)
+    return y.astype(np.int8), p
+
+
+def _auroc(y: np.ndarray, p: np.ndarray, n_pos: int, n_neg: int) -> float:
+    """Mann-Whitney AUROC with average ranks for ties (equals ``roc_auc_score``)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(p)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_precision(y: np.ndarray, p: np.ndarray, n_pos: int) -> float:
+    """Step-wise average precision over distinct thresholds (equals ``average_precision_score``)."""
+    order = np.argsort(-p, kind="stable")
+    p_sorted, y_sorted = p[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(p_sorted)), p_sorted.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y_sorted, dtype=np.float64)[last]
+    precision = tps / (last + 1)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, threshold: float = 0.5,
+                    hard_only: bool = False) -> FoldMetrics:
+    """Compute every metric in :data:`METRICS` for one test fold.
+
+    Parameters
+    ----------
+    y_true : ndarray of shape (n_cells,)
+        True labels, 1 = sensitive, 0 = resistant.
+    proba : ndarray of shape (n_cells,)
+        Predicted probability that each cell is sensitive.
+    threshold : float, default 0.5
+        Cells with ``proba >= threshold`` are predicted sensitive.
+    hard_only : bool, default False
+        ``proba`` holds hard labels (0/1), not probabilities, e.g. a language model's answers
+        without token log-probabilities. AUROC and AP are then ``None`` with the flag
+        ``"no_scores"``: a ranking metric computed from hard labels is not a ranking metric.
+
+    Returns
+    -------
+    FoldMetrics
+        Values (``None`` where undefined) and the flags explaining them.
+
+    Raises
+    ------
+    InputDataError
+        If the arrays differ in length, are empty, or hold labels other than 0/1.
+
+    Examples
+    --------
+    >>> m = compute_metrics([0, 1, 1, 0], [0.2, 0.9, 0.6, 0.4])
+    >>> m["auroc"], m["accuracy"]
+    (1.0, 1.0)
+    >>> compute_metrics([1, 1], [0.7, 0.2])["auroc"] is None   # one class: no metric at all
+    True
+    >>> compute_metrics([1, 1], [0.7, 0.2])["accuracy"] is None
+    True
+    >>> m = compute_metrics([0, 1, 1, 0], [0, 1, 0, 0], hard_only=True)
+    >>> m["auroc"] is None, m["f1"], m.flags
+    (True, 0.6666666666666666, ('no_scores',))
+    """
+    y, p = _check_inputs(y_true, proba)
+    if hard_only and not np.isin(p, (0.0, 1.0)).all():
+        msg = "hard_only=True needs hard labels (0 or 1) in proba; pass probabilities with hard_only=False."
+        raise InputDataError(msg)
+    pred = (p >= threshold).astype(np.int8)
+    n, n_pos = int(y.size), int(y.sum())
+    tp = int(((pred == 1) & (y == 1)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    values: dict[str, float | None] = dict.fromkeys(METRICS)
+    flags: list[str] = [NO_SCORES] if hard_only else []
+
+    values["accuracy"] = float((pred == y).mean())
+    # Precision, recall and F1 are computed by hand so that a zero denominator gives None, not
+    # sklearn's zero_division fill value.
+    if tp + fp > 0:
+        values["precision"] = tp / (tp + fp)
+    else:
+        flags.append(NO_PREDICTED_POSITIVE)
+    if n_pos > 0:
+        # Recall, and so F1, is undefined without sensitive cells in the fold.
+        values["recall"] = tp / n_pos
+        values["f1"] = 2 * tp / (2 * tp + fp + fn)
+
+    if n_pos in (0, n):
+        # One rule for every metric: a test fold holding one class is scored on none of them, so
+        # each aggregate averages the same folds (accuracy of such a fold would reward predicting
+        # the majority class, and mixing it with two-class folds changes what a mean means).
+        flags.insert(0, SINGLE_CLASS_TEST)
+        return FoldMetrics(values=dict.fromkeys(METRICS), flags=tuple(flags), n=n, n_pos=n_pos)
+
+    # Closed forms from the confusion counts and one sort: the grid scores thousands of folds and
+    # sklearn's input validation would dominate (tests check equality with sklearn).
+    tn = n - n_pos - fp
+    n_neg = n - n_pos
+    f1_pos = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
+    f1_neg = 2 * tn / (2 * tn + fn + fp) if (2 * tn + fn + fp) else 0.0
+    values["f1_macro"] = (f1_pos + f1_neg) / 2
+    values["f1_weighted"] = (n_pos * f1_pos + n_neg * f1_neg) / n
+    if not hard_only:
+        values["auroc"] = _auroc(y, p, n_pos, n_neg)
+        values["ap"] = _average_precision(y, p, n_pos)
+    denom = float(tp + fp) * float(tp + fn) * float(tn + fp) * float(tn + fn)
+    values["mcc"] = (tp * tn - fp * fn) / np.sqrt(denom) if denom > 0 else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns on constant predictions; we flag instead
+        values["ami"] = float(skm.adjusted_mutual_info_score(y, pred))
+        values["ari"] = float(skm.adjusted_rand_score(y, pred))
+    if np.unique(pred).size == 1:
+        # MCC/AMI/ARI of a constant predictor are 0 by the usual limit convention; say so.
+        flags.append(CONSTANT_PREDICTION)
+    return FoldMetrics(values=values, flags=tuple(flags), n=n, n_pos=n_pos)

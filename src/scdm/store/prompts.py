@@ -1,0 +1,196 @@
+"""Language-model prompt records: every request sent to a language model and its parsed answers.
+
+A request is content-addressed: :func:`request_id_of` hashes the backend, the model, the template
+hash, the chat messages exactly as sent (which hold the cells' prompt content) and the decoding
+parameters. A stored request is never sent again, so rerunning a prompting run is free and an
+interrupted one resumes at the first request without a row. The endpoint URL is provenance, not
+identity: the same model answering the same messages behind another URL is the same request.
+
+Each request stores the raw response body and, per cell (by its 1-based number in the prompt), the
+parsed answer: ``ok`` with a label (1 sensitive, 0 resistant), or ``missing`` / ``invalid`` /
+``unparsed`` with no label — an unreadable answer is recorded as such, never guessed. ``p_sensitive``
+is the model's probability of "sensitive" where the backend gave token log-probabilities (always
+for the local model), else NULL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from scdm.store._store import canonical_json
+from scdm.store.errors import InputDataError
+
+if TYPE_CHECKING:
+    from scdm.store._store import Store
+
+__all__ = [
+    "ANSWER_STATUSES",
+    "PromptAnswer",
+    "PromptRecord",
+    "request_id_of",
+    "save_prompts",
+    "load_prompts",
+]
+
+ANSWER_STATUSES: tuple[str, ...] = ("ok", "missing", "invalid", "unparsed")
+"""Per-cell answer statuses: parsed, no entry for the cell, an entry that is not a label, no readable answer."""
+REQUEST_STATUSES: tuple[str, ...] = ("answered", "unparsed")
+
+
+def request_id_of(*, backend: str, model: str, checkpoint_hash: str | None, template_hash: str,
+                  messages: Sequence[dict[str, Any]], decoding: dict[str, Any]) -> str:
+    """The content address of one request (see the module docstring)."""
+    text = canonical_json({"backend": backend, "model": model, "checkpoint_hash": checkpoint_hash,
+                       "template_hash": template_hash, "messages": list(messages), "decoding": decoding})
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class PromptAnswer:
+    """The answer for one cell of a request."""
+
+    position: int
+    """The cell's number in the prompt (1-based)."""
+    status: str
+    """``ok``, ``missing``, ``invalid`` or ``unparsed``."""
+    label: int | None = None
+    """1 sensitive, 0 resistant; None unless ``status == "ok"``."""
+    p_sensitive: float | None = None
+    """P(sensitive) from the model's token probabilities; None without scores."""
+
+    def __post_init__(self) -> None:
+        if self.status not in ANSWER_STATUSES:
+            msg = f"answer status {self.status!r} is not one of {', '.join(ANSWER_STATUSES)}."
+            raise InputDataError(msg)
+        if (self.label is None) != (self.status != "ok") or self.label not in (None, 0, 1):
+            msg = f"answer of cell {self.position}: status {self.status!r} with label {self.label!r} (ok needs 0 or 1, else None)."
+            raise InputDataError(msg)
+        if self.p_sensitive is not None and not (0.0 <= self.p_sensitive <= 1.0):
+            msg = f"answer of cell {self.position}: p_sensitive {self.p_sensitive!r} is not a probability."
+            raise InputDataError(msg)
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One request sent to a language model, its raw response and its per-cell answers."""
+
+    request_id: str
+    backend: str
+    model: str
+    checkpoint_hash: str | None
+    endpoint: str | None
+    template_hash: str
+    decoding: dict[str, Any]
+    messages: list[dict[str, Any]]
+    n_cells: int
+    status: str
+    """``answered`` or ``unparsed``."""
+    answer_text: str | None
+    response: dict[str, Any] | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    attempts: int
+    seconds: float | None
+    answers: tuple[PromptAnswer, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.status not in REQUEST_STATUSES:
+            msg = f"request status {self.status!r} is not one of {', '.join(REQUEST_STATUSES)}."
+            raise InputDataError(msg)
+        positions = sorted(a.position for a in self.answers)
+        if positions != list(range(1, self.n_cells + 1)):
+            msg = f"request {self.request_id}: answers for positions {positions}, expected 1..{self.n_cells}."
+            raise InputDataError(msg)
+
+    def row(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "backend": self.backend, "model": self.model,
+                "checkpoint_hash": self.checkpoint_hash, "endpoint": self.endpoint, "template_hash": self.template_hash,
+                "decoding": canonical_json(self.decoding), "messages": canonical_json(self.messages), "n_cells": self.n_cells,
+                "status": self.status, "answer_text": self.answer_text,
+                "response": None if self.response is None else canonical_json(self.response),
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "attempts": self.attempts, "seconds": self.seconds,
+                "created_at": pd.Timestamp.now(tz="UTC").tz_localize(None)}
+
+    def answer_rows(self) -> pd.DataFrame:
+        return pd.DataFrame({
+            "request_id": [self.request_id] * len(self.answers),
+            "position": np.array([a.position for a in self.answers], dtype=np.int32),
+            "status": [a.status for a in self.answers],
+            "label": pd.array([a.label for a in self.answers], dtype="Int8"),
+            "p_sensitive": pd.array([a.p_sensitive for a in self.answers], dtype="Float64"),
+        })
+
+
+def _insert(con: Any, table: str, frame: pd.DataFrame) -> None:
+    cols = ", ".join(f'"{c}"' for c in frame.columns)
+    con.register("_scdm_prompt_rows", frame)
+    try:
+        con.execute(f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_prompt_rows')
+    finally:
+        con.unregister("_scdm_prompt_rows")
+
+
+def save_prompts(st: Store, records: Sequence[PromptRecord]) -> None:
+    """Store requests with their answers in one transaction (a request stored twice keeps the last copy)."""
+    if not records:
+        return
+    ids = [r.request_id for r in records]
+    with st.catalog.transaction() as con:
+        con.execute("DELETE FROM prompt_answers WHERE list_contains(?, request_id)", [ids])
+        con.execute("DELETE FROM prompt_requests WHERE list_contains(?, request_id)", [ids])
+        last = {r.request_id: r for r in records}.values()
+        _insert(con, "prompt_requests", pd.DataFrame([r.row() for r in last]))
+        _insert(con, "prompt_answers", pd.concat([r.answer_rows() for r in last], ignore_index=True))
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _none(value: Any) -> Any:
+    return None if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def load_prompts(st: Store, request_ids: Sequence[str]) -> dict[str, PromptRecord]:
+    """The stored requests among ``request_ids`` (request_id -> record); missing ones are absent."""
+    ids = list(dict.fromkeys(request_ids))
+    if not ids:
+        return {}
+    heads = st.query("SELECT * FROM prompt_requests WHERE list_contains(?, request_id)", [ids])
+    if heads.empty:
+        return {}
+    answers = st.query("SELECT * FROM prompt_answers WHERE list_contains(?, request_id) ORDER BY request_id, position",
+                       [list(heads["request_id"])])
+    by_request: dict[str, list[PromptAnswer]] = {}
+    for r in answers.itertuples(index=False):
+        label, p = _none(r.label), _none(r.p_sensitive)
+        by_request.setdefault(r.request_id, []).append(PromptAnswer(
+            int(r.position), str(r.status), None if label is None else int(label), None if p is None else float(p)))
+    out = {}
+    for r in heads.to_dict("records"):
+        out[r["request_id"]] = PromptRecord(
+            request_id=r["request_id"], backend=r["backend"], model=r["model"], checkpoint_hash=_none(r["checkpoint_hash"]),
+            endpoint=_none(r["endpoint"]), template_hash=r["template_hash"], decoding=_json(r["decoding"]),
+            messages=_json(r["messages"]), n_cells=int(r["n_cells"]), status=r["status"], answer_text=_none(r["answer_text"]),
+            response=_json(_none(r["response"])), prompt_tokens=_int(r["prompt_tokens"]),
+            completion_tokens=_int(r["completion_tokens"]), attempts=int(r["attempts"]), seconds=_float(r["seconds"]),
+            answers=tuple(by_request.get(r["request_id"], [])))
+    return out
+
+
+def _int(value: Any) -> int | None:
+    value = _none(value)
+    return None if value is None else int(value)
+
+
+def _float(value: Any) -> float | None:
+    value = _none(value)
+    return None if value is None else float(value)
