@@ -418,3 +418,23 @@ def test_generate_report_button(page: Callable[[str], None], driver: Any, site: 
     wait_for(driver, lambda d: d.execute_script(
         "const imgs = [...document.querySelectorAll('#fig-list img')];"
         "return imgs.length > 3 && imgs.every(i => i.complete && i.naturalWidth > 0);"), "the new figures")
+
+
+def test_docs_renders_the_operations_from_files_of_this_server(driver: Any, site: Server, screenshots: Screenshots) -> None:
+    """/docs: Swagger UI from the server's own files (no CDN, no network) under the page's CSP."""
+    driver.get(f"{site.url}?token={TOKEN}")  # the session cookie
+    wait_for(driver, lambda d: d.find_elements("id", "lb-msg"), "the page")
+    javascript_errors(driver)
+    driver.get(f"{site.url.rstrip('/')}/docs")
+    wait_for(driver, lambda d: len(d.find_elements("css selector", ".opblock .opblock-summary-path")) > 10,
+             "the operations list of Swagger UI")
+    paths = driver.execute_script(
+        "return [...document.querySelectorAll('.opblock .opblock-summary-path')].map(e => e.textContent.replace(/\\u200b/g, ''));")
+    assert {"/api/datasets", "/api/leaderboard", "/api/sql", "/api/upload"} <= set(paths)
+    assert "scdm serve" in driver.find_element("css selector", ".information-container .title").text
+    origin = site.url.rstrip("/")
+    loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    assert any("/static/swagger-ui/swagger-ui-bundle.js" in u for u in loaded) and any("/openapi.json" in u for u in loaded)
+    assert all(u.startswith(origin + "/") for u in loaded), loaded  # nothing from another origin
+    screenshots.save(driver, "docs")
+    assert javascript_errors(driver) == []

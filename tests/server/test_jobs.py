@@ -43,7 +43,7 @@ def test_at_most_max_jobs_run_and_the_rest_queue_in_order(tmp_path: Path) -> Non
     time.sleep(0.2)  # time for a third to start, if the limit did not hold
     states = [board.get(j.job_id) for j in jobs]
     assert [s.state for s in states] == ["running", "running", "queued", "queued", "queued"]
-    assert [s.position for s in states] == [None, None, 1, 2, 3] and ran == ["j0", "j1"]
+    assert [s.position for s in states] == [None, None, 1, 2, 3] and sorted(ran) == ["j0", "j1"]  # two threads: either may start first
     assert states[0].stage == "j0 waiting" and states[0].progress == 0.5
     assert [r.position for r in board.all()] == [3, 2, 1, None, None]  # newest first
     gate.set()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from scdm.server.security import CSP
 from tests.server.conftest import ROOT, TOKEN, Server, server_at, start_server, stop_server
 
 
@@ -234,3 +235,41 @@ def test_the_pages_have_no_inline_script_or_style(server: Server) -> None:
         parser.feed(html.decode())
         assert parser.inline == [] and parser.handlers == []
     assert b'<script src="/static/scdm.js' in page and b'id="login-form"' in login
+
+
+class _Links(HTMLParser):
+    """Every URL a page loads or links to (src, href)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [(tag, v) for k, v in attrs if k in ("src", "href") and v]
+
+
+def test_docs_loads_only_files_of_this_server_under_the_page_policy(server: Server) -> None:
+    status, headers, page = server.request("GET", "/docs")
+    _, page_headers, _ = server.request("GET", "/")
+    assert status == 200
+    assert headers["content-security-policy"] == page_headers["content-security-policy"] == CSP  # not widened for /docs
+    scripts = _Scripts()
+    scripts.feed(page.decode())
+    assert scripts.inline == [] and scripts.handlers == []
+    links = _Links()
+    links.feed(page.decode())
+    urls = {tag: [u for t, u in links.urls if t == tag] for tag in ("script", "link")}
+    assert len(urls["script"]) == 2 and len(urls["link"]) == 2  # the bundle and its starter; the style and an empty icon
+    want = {"swagger-ui-bundle.js": "text/javascript", "docs.js": "text/javascript", "swagger-ui.css": "text/css"}
+    seen = set()
+    for url in urls["script"] + urls["link"]:
+        if url == "data:,":  # the empty favicon (no request)
+            continue
+        assert url.startswith("/static/") and "//" not in url, url  # same origin: no scheme, no host
+        status, headers, body = server.request("GET", url, token=None)  # public, like the page's own files
+        name = url.split("?")[0].rsplit("/", 1)[-1]
+        assert status == 200 and headers["content-type"].startswith(want[name]), (url, status, headers)
+        assert headers["content-security-policy"] == CSP and len(body) > (100 if name == "docs.js" else 100_000)
+        seen.add(name)
+    assert seen == set(want)
+    assert b"SwaggerUIBundle" in server.request("GET", "/static/swagger-ui/swagger-ui-bundle.js", token=None)[2]

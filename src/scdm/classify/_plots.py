@@ -8,9 +8,12 @@ backend or global state, and figures are freed as soon as they are saved.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import re
 import textwrap
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +171,10 @@ def save(fig: Figure, out_dir: Path, stem: str, *, formats: Sequence[str], dpi: 
             metadata: dict[str, Any] = {"Date": None} if fmt == "svg" else {}
             fig.savefig(path, format=fmt, dpi=dpi, metadata=metadata)
             paths.append(path)
+            if fig.get_layout_engine() is not None and len(formats) > 1:
+                # the layout is done: the other formats reuse it instead of solving it again
+                with contextlib.suppress(RuntimeError):  # an engine that cannot be switched off keeps working
+                    fig.set_layout_engine("none")
     return paths
 
 
@@ -460,6 +467,60 @@ def _category_legend(ax: Axes, labels: np.ndarray, mapping: dict[str, str]) -> N
     ncol = 1 if len(handles) <= 4 else 2
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=ncol, frameon=False,
               fontsize=7 if len(handles) > 8 else 8, handletextpad=0.2, columnspacing=0.8)
+
+
+# --------------------------------------------------------------------------------------------
+# 2-D coordinates for the projection figures (also run by the report's worker process)
+# --------------------------------------------------------------------------------------------
+UMAP_MAX_DIM = 50
+"""Embeddings wider than this are reduced to this many principal components before UMAP (as scanpy does)."""
+
+
+def project(X: np.ndarray, *, method: str, seed: int) -> tuple[np.ndarray, str, str]:
+    """2-D coordinates of the rows of ``X``, the axis name and a caption fragment saying how."""
+    from sklearn.decomposition import PCA
+
+    n, dim = X.shape
+    if n < 3 or dim < 2:
+        coords = np.zeros((n, 2), np.float32)
+        coords[:, : min(dim, 2)] = X[:, : min(dim, 2)]
+        return coords, "dim", "the raw embedding coordinates (too few cells or dimensions to project)"
+    if method == "umap" and n >= 30:
+        import umap
+
+        reduced, pre = X, ""
+        if dim > UMAP_MAX_DIM:
+            reduced = PCA(UMAP_MAX_DIM, svd_solver="randomized", random_state=seed).fit_transform(X)
+            pre = f"; the {dim} dims were first reduced to {UMAP_MAX_DIM} principal components"
+        n_neighbors = min(15, n - 1)
+        # The neighbour graph is exact (scikit-learn): on the few thousand cells drawn here it takes well
+        # under a second, where umap-learn's own approximate search (pynndescent) spends ~45 s compiling.
+        from sklearn.neighbors import NearestNeighbors
+
+        knn_dists, knn_indices = NearestNeighbors(n_neighbors=n_neighbors).fit(reduced).kneighbors(reduced)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism
+            model = umap.UMAP(n_neighbors=n_neighbors, min_dist=0.3, random_state=seed, n_epochs=200,
+                              precomputed_knn=(knn_indices, knn_dists))
+            coords = model.fit_transform(reduced)
+        return (np.asarray(coords, np.float32), "UMAP",
+                f"UMAP (umap-learn, n_neighbors={n_neighbors}, min_dist=0.3, seed {seed}{pre})")
+    pca = PCA(2, random_state=seed).fit(X)
+    ratio = pca.explained_variance_ratio_
+    why = " (UMAP needs at least 30 cells)" if method == "umap" else ""
+    return (pca.transform(X).astype(np.float32), "PC",
+            f"PCA, first two components ({ratio[0]:.0%} and {ratio[1]:.0%} of the variance){why}")
+
+
+def project_folder(folder: str, method: str, seed: int, indices: list[int]) -> None:
+    """Project ``<i>.npy`` of ``folder`` for every index, in order: the report's worker process.
+
+    Writes ``<i>.coords.npy`` and ``<i>.json`` (axis name, how); see ``scdm.classify.report._Projections``.
+    """
+    for i in indices:
+        coords, axis_name, how = project(np.load(Path(folder) / f"{i}.npy", allow_pickle=False), method=method, seed=seed)
+        np.save(Path(folder) / f"{i}.coords.npy", coords, allow_pickle=False)
+        (Path(folder) / f"{i}.json").write_text(json.dumps([axis_name, how]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ Figures (PNG and SVG, in ``figures/``):
   a bar chart, and the caption says so;
 - ``f1_by_cancer_type_<scenario>``: per-fold F1 across cancer types (box plots + folds);
 - ``projection_<model>_<strategy>_<space>``: UMAP (or PCA) of each embedding space, subsampled
-  to ``max_cells``, coloured by response, cancer type and study (scDrugMap Fig. 4);
+  to ``max_cells``, coloured by response, cancer type and study (scDrugMap Fig. 4). UMAP gets an
+  exact neighbour graph (scikit-learn) and, where there are two CPUs, runs in a worker process
+  while the other figures are drawn (same arrays, same seed: the same coordinates);
 - ``scalability``: embedding throughput and head fit time (scDrugMap Fig. 7).
 
 Reference heads that ignore the embedding (``majority``, ``shuffled-label``) appear in the tables
@@ -35,18 +37,22 @@ A375 and ``pca`` fitted on another collection are two colours and two legend lab
 datasets; the series of one group (LoRA variants, other spaces on the same datasets, other splits
 or label sets) are hatched / dashed. The page lists every series with its colour (table
 ``figure-series``, also ``tables/figure_series.csv``).
+
+Markup. This module prepares data; every tag of the page is in the autoescaped Jinja2 templates
+``templates/report.html`` (the page) and ``templates/report_parts.html`` (sections, tables,
+captions), so a dataset, label set, study or head name is always text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
-import html
 import json
 import logging
 import os
 import re
-import warnings
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,18 +83,8 @@ _RADAR_TYPES = ("tissue", "cancer_type", "drug_type", "regimen")
 _SCENARIO_ORDER = ("pooled", "cross", "custom")
 _BASELINE_HEADS = ("majority", "shuffled-label")
 """Reference heads that ignore the embedding: in the tables and bar charts, not in per-model radars/boxes."""
-_UMAP_MAX_DIM = 50
-"""Embeddings wider than this are reduced to this many principal components before UMAP (as scanpy does)."""
-_SCHEME_TEXT = {
-    "cell": ("k-fold cross-validation within each category, stratified by response, at cell level (the scDrugMap "
-             "protocol). Labels are per sample, so cells of one sample can be on both sides of a fold and a head "
-             "may score by recognising samples rather than response: rerun with "
-             "<code>scdm evaluate --split-scheme sample</code> for grouped folds."),
-    "sample": "grouped k-fold within each category: no sample (patient) has cells on both sides of a fold.",
-    "study": ("leave one study out within each category: train on every other study of the category, test on the "
-              "held-out one (categories with one study are skipped, see below)."),
-    "custom": "folds given by the user (<code>scdm evaluate --scenario custom</code>).",
-}
+_SCHEMES = ("cell", "sample", "study", "custom")
+"""Split schemes the page explains (the text is the ``scheme_text`` macro of report_parts.html)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +410,9 @@ class _Context:
     """The legend of the figures: one row per series (label, colour, what it is)."""
     tables: list[_Table] = field(default_factory=list)
     figures: list[_Figure] = field(default_factory=list)
+    progress: bool = True
+    bar: Any = None
+    """The progress bar over the sections (its postfix names the figure being drawn)."""
 
     def table(self, slug: str, sql: str) -> _Table:
         """Run ``sql`` through the read-only user interface (the same path as ``scdm sql``)."""
@@ -423,6 +422,8 @@ class _Context:
 
     def save(self, fig: Any, stem: str, caption: str) -> _Figure:
         stem = _plots.safe_name(stem)
+        if self.bar is not None:
+            self.bar.set_postfix_str(stem)
         files = _plots.save(fig, self.fig_dir, stem, formats=self.formats, dpi=self.dpi)
         figure = _Figure(stem, caption, files)
         self.figures.append(figure)
@@ -487,6 +488,7 @@ def write_report(
     formats: Iterable[str] = ("png", "svg"),
     dpi: int = 150,
     title: str = "scdm report",
+    progress: bool = True,
 ) -> Path:
     """Write an HTML report of the store's evaluations, with PNG/SVG figures, from the catalog alone.
 
@@ -517,6 +519,8 @@ def write_report(
     dpi : int, default 150
         Resolution of raster formats.
     title : str, default "scdm report"
+    progress : bool, default True
+        A progress bar over the sections of the page (tqdm, on stderr).
 
     Returns
     -------
@@ -546,7 +550,7 @@ def write_report(
     (out / "tables").mkdir(exist_ok=True)
     _remove_earlier_outputs(out)
     filters = _Filters(run_id, None if models is None else tuple(models), None if heads is None else tuple(heads))
-    ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi)
+    ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi, progress=progress)
     with _plots.style():
         body = _build_page(ctx, projection=projection, max_cells=max_cells, seed=seed)
     for table in ctx.tables:
@@ -614,7 +618,7 @@ def _umap_available() -> bool:
 # --------------------------------------------------------------------------------------------
 # page sections
 # --------------------------------------------------------------------------------------------
-def _build_page(ctx: _Context, *, projection: Projection, max_cells: int, seed: int) -> str:
+def _build_page(ctx: _Context, *, projection: Projection, max_cells: int, seed: int) -> Markup:
     st = ctx.st
     n_datasets = int(st.query("SELECT count(*) AS n FROM datasets")["n"].iloc[0])
     n_embeddings = int(st.query("SELECT count(*) AS n FROM embeddings WHERE status = 'complete'")["n"].iloc[0])
@@ -622,27 +626,50 @@ def _build_page(ctx: _Context, *, projection: Projection, max_cells: int, seed: 
     if n_datasets == 0 and n_results == 0:
         return _next_steps(st, "The store holds no dataset yet.", start="ingest")
     _register_series(ctx)
+    projections = _prepare_projections(ctx, projection=projection, max_cells=max_cells, seed=seed)
+    try:
+        return _sections(ctx, projections, n_embeddings=n_embeddings, n_results=n_results)
+    finally:
+        if projections is not None:
+            projections.close()
+
+
+def _sections(ctx: _Context, projections: _Projections | None, *, n_embeddings: int, n_results: int) -> Markup:
+    st = ctx.st
     parts = [_section_datasets(ctx)]
     if n_embeddings == 0 and n_results == 0:
         parts.insert(0, _next_steps(st, "The store holds datasets but no complete embedding yet.", start="embed"))
-        return "\n".join(parts)
+        return Markup("\n").join(parts)
     board = ctx.with_labels(st.sql(_figure_data_sql(ctx.filters, ctx.plot_metrics))) if n_results else pd.DataFrame()
+    steps: list[tuple[str, Callable[[], Markup]]] = []
     if n_results == 0 or board.empty:
         why = ("No evaluation result matches the selection." if n_results else
                "The store holds embeddings but no evaluation result yet.")
         parts.insert(0, _next_steps(st, why, start="evaluate"))
     else:
-        parts += [_section_protocol(ctx), _section_summary(ctx, board), _section_radars(ctx, board),
-                  _section_folds(ctx), _section_leaderboards(ctx)]
-    parts += [_section_projections(ctx, projection=projection, max_cells=max_cells, seed=seed),
-              _section_scalability(ctx)]
+        steps += [("protocol", lambda: _section_protocol(ctx)), ("leaderboard", lambda: _section_summary(ctx, board)),
+                  ("categories", lambda: _section_radars(ctx, board)), ("per-fold F1", lambda: _section_folds(ctx)),
+                  ("tables", lambda: _section_leaderboards(ctx))]
+    steps += [("embeddings", lambda: _section_projections(ctx, projections)),
+              ("scalability", lambda: _section_scalability(ctx))]
     if n_results:
-        parts.append(_section_skipped(ctx))
+        steps.append(("skipped", lambda: _section_skipped(ctx)))
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # log lines are written above the bar, not through it
+    redirect = logging_redirect_tqdm() if ctx.progress else contextlib.nullcontext()
+    with redirect, tqdm(total=len(steps), desc="report", unit="section", disable=not ctx.progress, file=sys.stderr) as bar:
+        ctx.bar = bar
+        for name, step in steps:
+            bar.set_postfix_str(name)
+            parts.append(step())
+            bar.update()
     parts.append(_section_sql_help())
-    return "\n".join(p for p in parts if p)
+    return Markup("\n").join(p for p in parts if p)
 
 
-def _next_steps(st: Store, why: str, *, start: str) -> str:
+def _next_steps(st: Store, why: str, *, start: str) -> Markup:
     root = str(st.root)
     steps = {
         "ingest": ("Add a dataset with its drug-response labels and metadata",
@@ -652,11 +679,11 @@ def _next_steps(st: Store, why: str, *, start: str) -> str:
                   f"scdm --store {root} embed DATASET --model pca --joint\n"
                   f"scdm --store {root} embed DATASET --model geneformer --checkpoint /path/to/checkpoint"),
         "evaluate": ("Evaluate the embeddings (pooled k-fold and leave-one-study-out, several heads)",
-                     f"scdm --store {root} evaluate --heads logreg,mlp --folds 10"),
+                     f"scdm --store {root} evaluate --head logreg,mlp --folds 10"),
         "report": ("Write this report again", f"scdm --store {root} report --out report/"),
     }
     order = list(steps)
-    return str(_parts().next_steps(why, [steps[k] for k in order[order.index(start):]]))
+    return _parts().next_steps(why, [steps[k] for k in order[order.index(start):]])
 
 
 def _register_series(ctx: _Context) -> None:
@@ -765,7 +792,7 @@ def _strategy_text(strategy: str) -> str:
 
 
 # ---- datasets -------------------------------------------------------------------------------
-def _section_datasets(ctx: _Context) -> str:
+def _section_datasets(ctx: _Context) -> Markup:
     table = ctx.table("datasets", _datasets_sql())
     columns = [("name", "Dataset", None), ("n_cells", "Cells", _int), ("labelled", "Labelled", _int),
                ("sensitive", "Sensitive", _int), ("resistant", "Resistant", _int), ("studies", "Studies", _int),
@@ -776,28 +803,18 @@ def _section_datasets(ctx: _Context) -> str:
                      ("label_key", "Label column", None), ("positive", "Sensitive value", None),
                      ("is_default", "Default", _yes), ("n_labelled", "Labelled", _int),
                      ("n_sensitive", "Sensitive", _int), ("n_resistant", "Resistant", _int)]
-    body = (_html_table(table, columns, table_id="datasets")
-            + "<h3>Label sets</h3><p>The response labels of a dataset form a named label set; one matrix may "
-            "carry several (<code>scdm ingest ... --label-key COLUMN --drug DRUG</code> adds one). Labelled, "
-            "sensitive and resistant above count the default label set; results of different label sets are "
-            "never averaged together.</p>"
-            + _html_table(labels, label_columns, table_id="label-sets"))
+    body = _parts().datasets_body(_html_table(table, columns, table_id="datasets"),
+                                  _html_table(labels, label_columns, table_id="label-sets"))
     return _section("datasets", "Datasets", body)
 
 
 # ---- protocol -------------------------------------------------------------------------------
-def _section_protocol(ctx: _Context) -> str:
+def _section_protocol(ctx: _Context) -> Markup:
     runs = ctx.table("eval_runs", _runs_sql(ctx.filters))
     splits = ctx.table("split_schemes", _splits_sql(ctx.filters))
     in_results = ctx.st.query("SELECT DISTINCT r.scheme FROM eval_results r " + _where(ctx.filters.results())
                               + " ORDER BY r.scheme")["scheme"]
-    schemes = [s for s in dict.fromkeys([*splits.frame["scheme"], *in_results]) if s in _SCHEME_TEXT]
-    text = "".join(f"<li><b>{html.escape(s)}</b>: {_SCHEME_TEXT[s]}</li>" for s in schemes)
-    warn = ""
-    if "cell" in schemes:
-        warn = ('<p class="warn">Pooled results below use <b>cell-level folds</b>: they can be optimistic where '
-                "labels are constant within samples.</p>")
-    warn += _confounded_html(ctx)
+    schemes = [s for s in dict.fromkeys([*splits.frame["scheme"], *in_results]) if s in _SCHEMES]
     run_cols = [("run_id", "Run", None), ("created_at", "Started", _time), ("status", "Status", None),
                 ("split_scheme", "Pooled scheme", None), ("folds", "Folds", None), ("seed", "Seed", None),
                 ("label_set", "Label set", None), ("heads", "Heads", _json_list), ("scenarios", "Scenarios", _json_list),
@@ -806,44 +823,33 @@ def _section_protocol(ctx: _Context) -> str:
     split_cols = [("scenario", "Scenario", None), ("scheme", "Scheme", None), ("folds", "Folds", None),
                   ("seed", "Seed", None), ("label_sets", "Label sets", None), ("splits", "Splits", _int),
                   ("skipped_splits", "Skipped splits", _int), ("category_types", "Category types", None)]
-    identity = ("<p>A result is identified by its embedding space, datasets, label set, split (scenario, scheme, "
-                "k folds, seed, category), head and head parameters, and variant. Every table and figure below "
-                "keeps results that differ in any of these apart; a space evaluated with several k or seeds has "
-                "one row (and one figure series) per split.</p>")
-    body = (f"<h3>Split schemes used</h3><ul>{text}</ul>{warn}{identity}{_metric_caveats_html()}"
-            + _html_table(splits, split_cols, table_id="split-schemes")
-            + "<h3>Evaluation runs</h3>" + _html_table(runs, run_cols, table_id="eval-runs"))
+    body = _parts().protocol_body(schemes, list(_confounded(ctx).items()), _metric_caveats(),
+                                  _html_table(splits, split_cols, table_id="split-schemes"),
+                                  _html_table(runs, run_cols, table_id="eval-runs"))
     return _section("protocol", "Evaluation protocol", body)
 
 
-def _confounded_html(ctx: _Context) -> str:
+def _confounded(ctx: _Context) -> dict[str, str]:
     """The studies whose labels are constant within each of their samples (cell-level folds can leak them)."""
     from scdm.store.splits import confounded_studies
 
     cells = ctx.st.cells()
-    studies = confounded_studies(cells[cells["response"].notna()])
-    if not studies:
-        return ""
-    items = "".join(f"<li><b>{html.escape(study)}</b>: {html.escape(why)}</li>" for study, why in studies.items())
-    return ('<p class="warn">Confounded studies (labels constant within each sample; a head can score by '
-            f"recognising samples): use <code>--split-scheme sample</code> for them.</p><ul id=\"confounded-studies\">{items}</ul>")
+    return dict(confounded_studies(cells[cells["response"].notna()]))
 
 
-def _metric_caveats_html() -> str:
+def _metric_caveats() -> list[str]:
     """Where metrics can mislead (the same notes `scdm results` prints)."""
     from scdm.classify.results import NOTES
 
-    notes = (NOTES["ami"], NOTES["shuffled-label"], NOTES["single_class"])
-    return "<h3>Reading the metrics</h3><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+    return [NOTES["ami"], NOTES["shuffled-label"], NOTES["single_class"]]
 
 
 # ---- summary --------------------------------------------------------------------------------
-def _section_summary(ctx: _Context, board: pd.DataFrame) -> str:
+def _section_summary(ctx: _Context, board: pd.DataFrame) -> Markup:
     table = ctx.table("leaderboard_all", _leaderboard_sql(ctx.filters, ctx.metrics, category_type="all"))
     parts = []
     if table.frame.empty:
-        parts.append("<p>No result on category <code>all</code> (evaluate with <code>--by all,...</code>); "
-                     "see the per-category tables below.</p>")
+        parts.append(_parts().no_overall_result())
     else:
         parts.append(_leaderboard_html(ctx, table, table_id="lb-all", first=("scenario", "Scenario")))
     overall, picked = _one_result_per_point(board[board["category_type"] == "all"],
@@ -854,23 +860,17 @@ def _section_summary(ctx: _Context, board: pd.DataFrame) -> str:
         frame = overall.rename(columns={"head": "head_name"}).rename(columns={"head_label": "head"})
         fig = _plots.bars_figure(frame, ctx.series(overall), scenarios=scenarios, metrics=ctx.plot_metrics,
                                  heads=heads, title="Overall performance (all cells)")
-        caption = ("Mean over folds of " + _metric_names(ctx.plot_metrics) + " on all cells, per series (colour: "
-                   "model and datasets) and classification head; error bars: standard deviation over folds (cross: "
-                   "over held-out studies). Colours are the same in every figure." + _series_note(overall)
-                   + _picked_note(picked))
+        caption = _parts().overview_caption(_metric_names(ctx.plot_metrics), _several_series(overall), picked)
         parts.append(_figure_html(ctx.save(fig, "overview_bars", caption)))
     parts.append(_series_table(ctx))
-    return _section("leaderboard", "Leaderboard: all cells", "".join(parts))
+    return _section("leaderboard", "Leaderboard: all cells", Markup("").join(parts))
 
 
-def _series_note(frame: pd.DataFrame) -> str:
-    """Caption text for series that are one space under several label sets or split protocols."""
+def _several_series(frame: pd.DataFrame) -> bool:
+    """Whether some space in ``frame`` is drawn as several series (label sets or split protocols): the caption says so."""
     keys = set(frame["key"])
     spaces = pd.Series([k[:3] for k in keys]).value_counts()
-    if not (spaces > 1).any():
-        return ""
-    return (" One embedding space evaluated under several label sets or split protocols (k, seed) is drawn as "
-            "several series (named in brackets), never averaged.")
+    return bool((spaces > 1).any())
 
 
 def _one_result_per_point(frame: pd.DataFrame, point: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -899,47 +899,18 @@ def _one_result_per_point(frame: pd.DataFrame, point: Sequence[str]) -> tuple[pd
     return kept.drop(columns=["_datasets", "_n", "_split", "_keep"]).reset_index(drop=True), notes
 
 
-def _picked_note(notes: list[str]) -> str:
-    if not notes:
-        return ""
-    shown = "; ".join(html.escape(n) for n in notes[:6]) + (f"; and {len(notes) - 6} more" if len(notes) > 6 else "")
-    return (" <b>Several dataset collections for one series:</b> where one series has results on several "
-            "dataset collections for one bar or point, the result covering the most datasets is drawn (never an "
-            f"average; the tables show all): {shown}.")
-
-
-def _series_table(ctx: _Context) -> str:
+def _series_table(ctx: _Context) -> Markup:
     """The legend of every figure: each series with its colour and what it is."""
-    if not ctx.series_rows:
-        return ""
-    rows = []
-    for r in ctx.series_rows:
-        swatch = (f"<span class='swatch' style='background:{html.escape(r['color'])}'></span>"
-                  f"<code>{html.escape(r['color'])}</code>{' ' + html.escape(r['hatch']) if r['hatch'] else ''}")
-        data = " ".join(f'data-{k.replace("_", "-")}="{html.escape(str(v))}"' for k, v in r.items())
-        cells = [swatch, *(html.escape(str(r[k])) for k in ("label", "model", "variant", "space_id", "datasets",
-                                                              "label_set", "protocol"))]
-        rows.append(f"<tr {data}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("Colour / hatch", "Series", "Model", "Variant", "Space", "Datasets",
-                                              "Label set", "Split protocol"))
-    return ("<h3>Series of the figures</h3><p class='note'>One colour per model and dataset collection; series of "
-            "one colour (LoRA variants, other spaces on the same datasets, other label sets or splits) differ by "
-            "hatch and line style. Also in <a href='tables/figure_series.csv'>tables/figure_series.csv</a>.</p>"
-            f"<table id='figure-series' class='board'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
-            "</tbody></table>")
+    return _parts().series_table(ctx.series_rows) if ctx.series_rows else Markup("")
 
 
 # ---- radars ---------------------------------------------------------------------------------
-def _section_radars(ctx: _Context, board: pd.DataFrame) -> str:
+def _section_radars(ctx: _Context, board: pd.DataFrame) -> Markup:
     frame = _drop_baseline_heads(board[board["category_type"].isin(_RADAR_TYPES)]).copy()
     if frame.empty:
-        return _section("categories", "Performance across categories",
-                        "<p>No per-category result (evaluate with <code>--by tissue,cancer_type,drug_type,regimen</code>).</p>")
+        return _section("categories", "Performance across categories", _parts().no_category_result())
     frame["strategy"] = frame["variant"].map(_strategy)
-    parts = ["<p>One figure per scenario, training strategy and head: mean "
-             + _metric_names(ctx.plot_metrics) + " over folds per category, one line per series "
-             "(the scDrugMap paper's Fig. 2, 3 and 6). Reference heads that ignore the embedding (majority, "
-             "shuffled-label) are in the tables only.</p>"]
+    parts = [_parts().radars_intro(_metric_names(ctx.plot_metrics))]
     for scenario in [s for s in _SCENARIO_ORDER if s in set(frame["scenario"])]:
         for strategy in sorted(frame.loc[frame["scenario"] == scenario, "strategy"].unique(), key=lambda s: s != "frozen"):
             sub = frame[(frame["scenario"] == scenario) & (frame["strategy"] == strategy)]
@@ -950,17 +921,11 @@ def _section_radars(ctx: _Context, board: pd.DataFrame) -> str:
                 title = f"{scenario} · {_strategy_text(strategy)} · head {head}"
                 fig, fallbacks = _plots.radar_figure(panel, ctx.series(panel), metrics=ctx.plot_metrics,
                                                      category_types=types, title=title)
-                caption = (f"{scenario.capitalize()} scenario, {_strategy_text(strategy)}, head <b>{html.escape(head)}</b>: "
-                           f"mean {_metric_names(ctx.plot_metrics)} over folds per category (radius 0 to 1).")
-                if fallbacks:
-                    caption += (" A radar needs at least 3 axes, so these are drawn as bar charts instead (error "
-                                "bars: sd over folds): " + ", ".join(html.escape(f) for f in fallbacks) + ".")
-                if scenario == "cross":
-                    caption += " Categories with a single study cannot be held out and are absent (see Skipped tasks)."
-                caption += _series_note(panel) + _picked_note(picked)
+                caption = _parts().radar_caption(scenario, _strategy_text(strategy), head, _metric_names(ctx.plot_metrics),
+                                                 list(fallbacks), _several_series(panel), picked)
                 parts.append(_figure_html(ctx.save(fig, f"radar_{scenario}_{strategy}_{head}", caption)))
     parts.append(_sql_html(_figure_data_sql(ctx.filters, ctx.plot_metrics), "Data of these figures"))
-    return _section("categories", "Performance across categories", "".join(parts))
+    return _section("categories", "Performance across categories", Markup("").join(parts))
 
 
 def _drop_baseline_heads(frame: pd.DataFrame) -> pd.DataFrame:
@@ -970,12 +935,12 @@ def _drop_baseline_heads(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- per-fold F1 across cancer types --------------------------------------------------------
-def _section_folds(ctx: _Context) -> str:
+def _section_folds(ctx: _Context) -> Markup:
     metric = "f1"
     sql = _fold_values_sql(ctx.filters, metric, "cancer_type")
     folds = ctx.st.sql(sql)
     if folds.empty:
-        return ""
+        return Markup("")
     folds = _drop_baseline_heads(ctx.with_labels(folds))
     parts = []
     for scenario in [s for s in _SCENARIO_ORDER if s in set(folds["scenario"])]:
@@ -986,26 +951,17 @@ def _section_folds(ctx: _Context) -> str:
         fig = _plots.folds_figure(sub, ctx.series(sub), heads=heads, metric=metric,
                                   title=f"{scenario}: F1 per {unit} across cancer types")
         n_null = int(sub["value"].isna().sum())
-        caption = (f"{scenario.capitalize()} scenario: F1 of every {unit} (points) and their distribution (boxes: "
-                   "quartiles, whiskers 1.5 IQR) per cancer type, one box per series.")
-        if n_null:
-            caption += f" {n_null} fold values where F1 is undefined are not drawn."
-        caption += _series_note(sub) + _picked_note(picked)
+        caption = _parts().folds_caption(scenario, unit, n_null, _several_series(sub), picked)
         parts.append(_figure_html(ctx.save(fig, f"f1_by_cancer_type_{scenario}", caption)))
     parts.append(_sql_html(sql, "Data of these figures"))
-    return _section("folds", "Per-fold F1 across cancer types", "".join(parts))
+    return _section("folds", "Per-fold F1 across cancer types", Markup("").join(parts))
 
 
 # ---- leaderboards per category type ---------------------------------------------------------
-def _section_leaderboards(ctx: _Context) -> str:
+def _section_leaderboards(ctx: _Context) -> Markup:
     combos = ctx.st.query("SELECT DISTINCT r.scenario, r.category_type FROM eval_results r "
                           + _where(ctx.filters.results()))
-    parts = ["<p>Mean ± standard deviation over folds, one row per result (datasets, label set, split, model, "
-             "head): results of different splits, label sets or datasets are never averaged together. "
-             "<b>Bold</b>: best model on the same split (same cells, label set, k and seed) and head. "
-             "<sup>*</sup> (n=…): the metric is undefined on some folds (a test fold holding one class): the mean is "
-             "over the n folds where it is defined, never counting them as 0. Folds: done / expected; "
-             "<b>incomplete</b> rows miss folds (run <code>scdm evaluate</code> again to finish them).</p>"]
+    parts = [_parts().leaderboards_intro()]
     order = {s: i for i, s in enumerate(_SCENARIO_ORDER)}
     ct_order = {c: i for i, c in enumerate(_CATEGORY_ORDER)}
     combos = combos.assign(o1=combos["scenario"].map(order).fillna(9), o2=combos["category_type"].map(ct_order).fillna(9))
@@ -1019,13 +975,13 @@ def _section_leaderboards(ctx: _Context) -> str:
             continue
         label = f"{scenario} · {CATEGORY_LABELS.get(ct, ct).lower()}"
         n_cat = table.frame["category"].nunique()
-        parts.append(f'<details open><summary><b>{html.escape(label)}</b> ({n_cat} categor{"y" if n_cat == 1 else "ies"})'
-                     f"</summary>{_leaderboard_html(ctx, table, table_id=f'lb-{scenario}-{ct}', first=('category', CATEGORY_LABELS.get(ct, ct)))}"
-                     "</details>")
-    return _section("tables", "Leaderboard tables per category", "".join(parts))
+        board = _leaderboard_html(ctx, table, table_id=f"lb-{scenario}-{ct}",
+                                  first=("category", CATEGORY_LABELS.get(ct, ct)))
+        parts.append(_parts().leaderboard_group(label, n_cat, board))
+    return _section("tables", "Leaderboard tables per category", Markup("").join(parts))
 
 
-def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tuple[str, str]) -> str:
+def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tuple[str, str]) -> Markup:
     frame = ctx.with_labels(table.frame)
     metrics = ctx.metrics
     group_col = first[0]
@@ -1034,9 +990,8 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
     for keys, group in frame.groupby([group_col, "split_id", "head_label"], dropna=False):
         if len(group) > 1:
             best[keys] = {m: group[f"{m}_mean"].max() for m in metrics}
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in
-                   [first[1], "Datasets", "Label set", "Split", "Model", "Head", "Folds",
-                    *[METRIC_LABELS.get(m, m) for m in metrics], "Test cells"])
+    headers = [first[1], "Datasets", "Label set", "Split", "Model", "Head", "Folds",
+               *[METRIC_LABELS.get(m, m) for m in metrics], "Test cells"]
     rows = []
     for _, r in frame.iterrows():
         done = int(r["folds_done"])
@@ -1048,36 +1003,20 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
                  "split": r["split_id"], "scheme": r["scheme"], "k": _text(r["k"], integer=True),
                  "seed": _text(r["seed"], integer=True), "folds-done": done,
                  "folds-expected": "" if expected is None else expected, "complete": str(complete).lower()}
-        folds = f"{done}/{expected}" if expected is not None else str(done)
-        if not complete:
-            folds += " <b>incomplete</b>"
-        cells = [f"<td>{html.escape(str(r[group_col]))}</td>",
-                 f"<td>{html.escape(_text(r['datasets']).replace(',', ', '))}</td>",
-                 f"<td>{html.escape(_text(r['label_set']))}</td>",
-                 f"<td>{html.escape(_protocol_text(r['scheme'], r['k'], r['seed']))}</td>",
-                 f"<td>{html.escape(r['series'])}</td>",
-                 f"<td>{html.escape(r['head_label'])}</td>", f"<td class='num' data-folds>{folds}</td>"]
+        cells = [str(r[group_col]), _text(r["datasets"]).replace(",", ", "), _text(r["label_set"]),
+                 _protocol_text(r["scheme"], r["k"], r["seed"]), r["series"], r["head_label"]]
+        best_here = best.get((r[group_col], r["split_id"], r["head_label"]), {})
+        metric_cells = []
         for m in metrics:
             mean, sd, n = r[f"{m}_mean"], r[f"{m}_sd"], int(r[f"{m}_n"])
-            text = _mean_sd(mean, sd)
-            if pd.notna(mean) and n < done:
-                text += f"<sup>*</sup> (n={n})"
-            top = pd.notna(mean) and mean == best.get((r[group_col], r["split_id"], r["head_label"]), {}).get(m)
-            cls = "num best" if top else "num"
-            cells.append(f"<td class='{cls}' data-metric='{m}' data-n='{n}'>{text}</td>")
-        cells.append(f"<td class='num'>{_int(r['n_test'])}</td>")
-        data = " ".join(f'data-{k}="{html.escape(str(v))}"' for k, v in attrs.items())
-        css = "" if complete else " class='incomplete'"
-        rows.append(f"<tr{css} {data}>{''.join(cells)}</tr>")
+            metric_cells.append({"name": m, "text": _mean_sd(mean, sd), "n": n, "partial": bool(pd.notna(mean) and n < done),
+                                 "best": bool(pd.notna(mean) and mean == best_here.get(m))})
+        rows.append({"attrs": [(k, str(v)) for k, v in attrs.items()], "cells": cells, "complete": complete,
+                     "folds": f"{done}/{expected}" if expected is not None else str(done), "metrics": metric_cells,
+                     "n_test": _int(r["n_test"])})
     scheme = ", ".join(sorted(frame["scheme"].astype(str).unique()))
     n_incomplete = int((~frame["complete"].astype(bool)).sum())
-    note = f"Split scheme: {html.escape(scheme)}."
-    if n_incomplete:
-        note += (f" <b>{n_incomplete} incomplete result{'s' if n_incomplete > 1 else ''}</b> (folds missing): "
-                 "run <code>scdm evaluate</code> again with the same options to finish them.")
-    return (f'<table id="{html.escape(table_id)}" class="board"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table><p class='note'>{note}</p>"
-            + _sql_html(table.sql, "SQL", csv=table.slug))
+    return _parts().leaderboard(table_id, headers, rows, scheme, n_incomplete, table.sql, table.slug)
 
 
 def _text(value: Any, *, integer: bool = False) -> str:
@@ -1087,9 +1026,99 @@ def _text(value: Any, *, integer: bool = False) -> str:
 
 
 # ---- projections ----------------------------------------------------------------------------
-def _section_projections(ctx: _Context, *, projection: Projection, max_cells: int, seed: int) -> str:
+@dataclass
+class _ProjectionInput:
+    """One embedding space's subsample for its 2-D projection, and the coordinates once computed."""
+
+    group: pd.DataFrame
+    label: str
+    total: int
+    X: np.ndarray
+    cells: pd.DataFrame
+    result: tuple[np.ndarray, str, str] | None = None
+    """The coordinates, axis name and how (:func:`scdm.classify._plots.project`), once computed."""
+
+
+@dataclass
+class _Projections:
+    """The projections of the report, prepared before the other sections.
+
+    UMAP (numba compilation included) is the slowest part of the report: where there are two or
+    more CPUs, the projections run in a worker process (``python -c``: nothing of the caller's
+    script is imported again) while this process draws the other figures and tables. The worker
+    runs the same function on the same arrays with the same seed, so the coordinates are the same
+    as in this process; if it fails, they are computed here.
+    """
+
+    method: str
+    inputs: list[_ProjectionInput | None]
+    """One per space (None for a space with no cell to draw)."""
+    colors: dict[str, dict[str, str]]
+    seed: int
+    no_umap: bool
+    """UMAP was asked for by ``auto`` but umap-learn is not installed (the page says so)."""
+    worker: Any = None
+    """The worker process (subprocess.Popen), until its results are read."""
+    folder: Path | None = None
+    """Where the worker reads ``<i>.npy`` and writes ``<i>.coords.npy`` and ``<i>.json``."""
+
+    def start(self, items: list[tuple[int, _ProjectionInput]]) -> None:
+        import subprocess
+        import tempfile
+
+        import scdm
+
+        self.folder = Path(tempfile.mkdtemp(prefix="scdm-report-"))
+        for i, item in items:
+            np.save(self.folder / f"{i}.npy", item.X, allow_pickle=False)
+        root = str(Path(scdm.__file__).resolve().parents[1])  # the worker imports this scdm, wherever it is from
+        # it imports only the plotting helpers (not this module: seconds of imports saved); it runs in the
+        # temporary folder, so nothing in the caller's working directory can shadow a module
+        code = ("import sys; sys.path.insert(0, sys.argv[1]) if sys.argv[1] not in sys.path else None; "
+                "from scdm.classify._plots import project_folder; "
+                "project_folder(sys.argv[2], sys.argv[3], int(sys.argv[4]), [int(i) for i in sys.argv[5:]])")
+        try:
+            with open(self.folder / "stderr.txt", "wb") as stderr:  # a file, not a pipe: the worker never blocks on it
+                self.worker = subprocess.Popen([sys.executable, "-c", code, root, str(self.folder), self.method,
+                                                str(self.seed), *(str(i) for i, _ in items)], cwd=self.folder,
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        except OSError as err:  # no process can be started here: project in this process
+            logger.info("report: projections in this process (%s)", err)
+            self.close()
+
+    def coordinates(self, index: int) -> tuple[np.ndarray, str, str]:
+        """The coordinates of input ``index``: from the worker where it projected them, else computed here."""
+        item = self.inputs[index]
+        assert item is not None
+        if self.worker is not None and self.folder is not None:
+            if self.worker.wait() != 0:
+                err = (self.folder / "stderr.txt").read_text(errors="replace")[-2000:]
+                logger.warning("report: the projection worker failed (exit %s); projecting here. %s",
+                               self.worker.returncode, err)
+            self.worker = None
+        if item.result is None and self.folder is not None and (self.folder / f"{index}.json").exists():
+            axis_name, how = json.loads((self.folder / f"{index}.json").read_text())
+            item.result = (np.load(self.folder / f"{index}.coords.npy", allow_pickle=False), axis_name, how)
+        if item.result is None:
+            item.result = _plots.project(item.X, method=self.method, seed=self.seed)
+        return item.result
+
+    def close(self) -> None:
+        import shutil
+
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker.wait()
+            self.worker = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+def _prepare_projections(ctx: _Context, *, projection: Projection, max_cells: int, seed: int) -> _Projections | None:
+    """Read the subsample of every embedding space and start projecting them (in a worker where possible)."""
     if projection == "none":
-        return ""
+        return None
     spaces = ctx.st.query(
         "SELECT e.space_id, e.model, e.variant, e.embedding_id, e.dataset_id, d.name AS dataset_name, e.n_cells, e.dim "
         "FROM embeddings e JOIN datasets d USING (dataset_id) "
@@ -1097,30 +1126,33 @@ def _section_projections(ctx: _Context, *, projection: Projection, max_cells: in
         + " ORDER BY e.model, e.variant, e.space_id, d.name",
         None if ctx.filters.models is None else [list(ctx.filters.models)])
     if spaces.empty:
-        return ""
+        return None
     method = "umap" if projection in ("auto", "umap") and _umap_available() else "pca"
-    parts = []
-    if projection == "auto" and method == "pca":
-        parts.append("<p class='warn'>umap-learn is not installed: the projections are the first two principal "
-                     "components (PCA) instead of UMAP. <code>pip install umap-learn</code> for UMAP.</p>")
     categories = ctx.st.query("SELECT DISTINCT cancer_type, study FROM cells")
-    cancer_colors = _plots.category_colors(categories["cancer_type"].dropna())
-    study_colors = _plots.category_colors(categories["study"].dropna())
-    for space_id, group in spaces.groupby("space_id", sort=False):
+    colors = {"response_text": _plots.RESPONSE_COLORS, "cancer_type": _plots.category_colors(categories["cancer_type"].dropna()),
+              "study": _plots.category_colors(categories["study"].dropna())}
+    cells_of: dict[str, pd.DataFrame] = {}
+    inputs = []
+    for _, group in spaces.groupby("space_id", sort=False):
         # One embedding per dataset in a space (the newest if a dataset has several).
-        group = group.drop_duplicates("dataset_id", keep="last")
-        parts.append(_projection_figure(ctx, group, method=method, max_cells=max_cells, seed=seed,
-                                        colors={"response_text": _plots.RESPONSE_COLORS, "cancer_type": cancer_colors,
-                                                "study": study_colors}))
-    name = "UMAP" if method == "umap" else "PCA"
-    intro = (f"<p>{name} of each embedding space (datasets embedded in one space are drawn together), coloured by "
-             "response, cancer type and study (the scDrugMap paper's Fig. 4). A separation by study rather than by "
-             "response points to batch effects.</p>")
-    return _section("projections", "Embeddings", intro + "".join(parts))
+        inputs.append(_projection_input(ctx, group.drop_duplicates("dataset_id", keep="last"), max_cells=max_cells,
+                                        seed=seed, cells_of=cells_of))
+    out = _Projections(method, inputs, colors, seed=seed, no_umap=projection == "auto" and method == "pca")
+    todo = [(i, item) for i, item in enumerate(inputs) if item is not None and np.isfinite(item.X).all()]
+    if method == "umap" and any(len(item.X) >= 30 for _, item in todo) and _cpus() > 1:
+        out.start(todo)
+    return out
 
 
-def _projection_figure(ctx: _Context, group: pd.DataFrame, *, method: str, max_cells: int, seed: int,
-                       colors: dict[str, dict[str, str]]) -> str:
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _projection_input(ctx: _Context, group: pd.DataFrame, *, max_cells: int, seed: int,
+                      cells_of: dict[str, pd.DataFrame]) -> _ProjectionInput | None:
     first = group.iloc[0]
     raw = (str(first["model"]), str(first["variant"]), str(first["space_id"]))
     series = ctx.spaces.get(ctx.raw_space.get(raw, raw))
@@ -1136,68 +1168,57 @@ def _projection_figure(ctx: _Context, group: pd.DataFrame, *, method: str, max_c
         if rows.size == 0:
             continue
         blocks.append(ctx.st.read_embedding(row.embedding_id, rows=rows))
-        cells = ctx.st.cells([row.dataset_name]).set_index("row").loc[rows].reset_index()
-        frames.append(cells)
-    X = np.vstack(blocks).astype(np.float32)
+        if row.dataset_name not in cells_of:  # one read per dataset, however many spaces embed it
+            cells_of[row.dataset_name] = ctx.st.cells([row.dataset_name]).set_index("row")
+        frames.append(cells_of[row.dataset_name].loc[rows].reset_index())
+    if not blocks:
+        return None
     cells = pd.concat(frames, ignore_index=True)
     cells["response_text"] = cells["response"].map({1: "sensitive", 0: "resistant"}).astype(object)
     cells.loc[cells["response"].isna(), "response_text"] = None
+    return _ProjectionInput(group, label, total, np.vstack(blocks).astype(np.float32), cells)
+
+
+def _section_projections(ctx: _Context, projections: _Projections | None) -> Markup:
+    if projections is None:
+        return Markup("")
+    parts = []
+    if projections.no_umap:
+        parts.append(_parts().no_umap())
+    for index, item in enumerate(projections.inputs):
+        if item is not None:
+            parts.append(_projection_figure(ctx, index, projections))
+    name = "UMAP" if projections.method == "umap" else "PCA"
+    return _section("projections", "Embeddings", _parts().projections_intro(name) + Markup("").join(parts))
+
+
+def _projection_figure(ctx: _Context, index: int, projections: _Projections) -> Markup:
+    item = projections.inputs[index]
+    assert item is not None
+    first, X, cells, label = item.group.iloc[0], item.X, item.cells, item.label
     if not np.isfinite(X).all():
-        return (f"<p class='warn'>{html.escape(label)}: the embedding holds NaN or inf values and cannot be "
-                "projected; recompute it.</p>")
-    logger.info("report: %s projection of %d cells of %s (%d dims)", method.upper(), len(X), label, X.shape[1])
-    coords, axis_name, how = _project(X, method=method, seed=seed)
-    datasets = ", ".join(group["dataset_name"])
+        return _parts().not_finite(label)
+    logger.info("report: %s projection of %d cells of %s (%d dims)", projections.method.upper(), len(X), label, X.shape[1])
+    coords, axis_name, how = projections.coordinates(index)
+    datasets = ", ".join(item.group["dataset_name"])
     fig = _plots.projection_figure(coords, cells, panels=[("response_text", "response"),
                                                           ("cancer_type", "cancer type"), ("study", "study")],
-                                   colors=colors, title=f"{label} ({X.shape[1]} dims; {datasets})",
+                                   colors=projections.colors, title=f"{label} ({X.shape[1]} dims; {datasets})",
                                    axis_name=axis_name)
-    subsample = (f"{len(X):,} of {total:,} cells (uniform random subsample, seed {seed})" if total > len(X)
-                 else f"all {total:,} cells")
-    caption = (f"<b>{html.escape(label)}</b> (space <code>{html.escape(str(first['space_id']))}</code>, "
-               f"datasets {html.escape(datasets)}): {how} of {subsample}.")
-    if cells["response"].isna().any() or cells["cancer_type"].isna().any() or cells["study"].isna().any():
-        caption += " Grey: unknown (no label or no metadata)."
+    subsample = (f"{len(X):,} of {item.total:,} cells (uniform random subsample, seed {projections.seed})"
+                 if item.total > len(X) else f"all {item.total:,} cells")
+    unknown = bool(cells["response"].isna().any() or cells["cancer_type"].isna().any() or cells["study"].isna().any())
+    caption = _parts().projection_caption(label, str(first["space_id"]), datasets, how, subsample, unknown)
     stem = f"projection_{first['model']}_{_strategy(str(first['variant']))}_{str(first['space_id'])[:8]}"
     return _figure_html(ctx.save(fig, stem, caption))
 
 
-def _project(X: np.ndarray, *, method: str, seed: int) -> tuple[np.ndarray, str, str]:
-    """2-D coordinates of the rows of ``X``, the axis name and a caption fragment saying how."""
-    from sklearn.decomposition import PCA
-
-    n, dim = X.shape
-    if n < 3 or dim < 2:
-        coords = np.zeros((n, 2), np.float32)
-        coords[:, : min(dim, 2)] = X[:, : min(dim, 2)]
-        return coords, "dim", "the raw embedding coordinates (too few cells or dimensions to project)"
-    if method == "umap" and n >= 30:
-        import umap
-
-        reduced, pre = X, ""
-        if dim > _UMAP_MAX_DIM:
-            reduced = PCA(_UMAP_MAX_DIM, svd_solver="randomized", random_state=seed).fit_transform(X)
-            pre = f"; the {dim} dims were first reduced to {_UMAP_MAX_DIM} principal components"
-        n_neighbors = min(15, n - 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism
-            model = umap.UMAP(n_neighbors=n_neighbors, min_dist=0.3, random_state=seed, n_epochs=200)
-            coords = model.fit_transform(reduced)
-        return (np.asarray(coords, np.float32), "UMAP",
-                f"UMAP (umap-learn, n_neighbors={n_neighbors}, min_dist=0.3, seed {seed}{pre})")
-    pca = PCA(2, random_state=seed).fit(X)
-    ratio = pca.explained_variance_ratio_
-    why = " (UMAP needs at least 30 cells)" if method == "umap" else ""
-    return (pca.transform(X).astype(np.float32), "PC",
-            f"PCA, first two components ({ratio[0]:.0%} and {ratio[1]:.0%} of the variance){why}")
-
-
 # ---- scalability ----------------------------------------------------------------------------
-def _section_scalability(ctx: _Context) -> str:
+def _section_scalability(ctx: _Context) -> Markup:
     embed = ctx.table("scalability_embed", _embed_cost_sql(ctx.filters))
     fit = ctx.table("scalability_fit", _fit_cost_sql(ctx.filters))
     if embed.frame.empty and fit.frame.empty:
-        return ""
+        return Markup("")
     e = ctx.with_space_labels(embed.frame)
     f = ctx.with_labels(fit.frame) if not fit.frame.empty else fit.frame
     embed_series = [ctx.spaces[k] for k in ctx.spaces if k in set(e["key"])]
@@ -1220,12 +1241,12 @@ def _section_scalability(ctx: _Context) -> str:
                                    has_embed),
                                   (f"mean head fit time per task of the {scenario} scenario (all its categories; "
                                    "the table has every scenario)", has_fit)) if on]
-        caption = "Computational cost, log scale: " + "; ".join(panels) + ". The scDrugMap paper's Fig. 7."
+        caption = _parts().scalability_caption(panels)
         parts.append(_figure_html(ctx.save(fig, "scalability", caption)))
-    return _section("scalability", "Computational scalability", "".join(parts))
+    return _section("scalability", "Computational scalability", Markup("").join(parts))
 
 
-def _embed_cost_table(e: pd.DataFrame, series: list[Series]) -> str:
+def _embed_cost_table(e: pd.DataFrame, series: list[Series]) -> Markup:
     """One row per embedding space: the telemetry of its embeddings."""
     header = ["Model", "Datasets", "Parameters", "Output dim", "Cells embedded", "Embed cells/s", "Device",
               "Precision", "Peak GPU GiB"]
@@ -1237,53 +1258,39 @@ def _embed_cost_table(e: pd.DataFrame, series: list[Series]) -> str:
         cells = [s.label, r.get("datasets") or "", _params(r.get("n_parameters")), r.get("dim") or "",
                  _int(r.get("cells_embedded")), _num1(r.get("cells_per_s")), r.get("device") or "",
                  r.get("precision") or "", _num2(r.get("peak_gpu_gib"))]
-        data = f'data-space="{html.escape(s.key[2])}" data-model="{html.escape(s.key[0])}"'
-        rows.append(f"<tr {data}>" + "".join(f"<td{' class=num' if num else ''}>{html.escape(str(v))}</td>"
-                                             for num, v in zip(numeric, cells)) + "</tr>")
-    head_html = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    return (f"<table id='scalability' class='board'><thead><tr>{head_html}</tr></thead><tbody>{''.join(rows)}"
-            "</tbody></table><p class='note'>Parameters: weights of the network (— for the pca/hvg baselines, which "
-            "have none). Embed cells/s: cells embedded / wall time of the embedding runs (telemetry).</p>")
+        rows.append(([("space", s.key[2]), ("model", s.key[0])], list(zip(numeric, map(str, cells)))))
+    return _parts().embed_cost_table(header, rows)
 
 
-def _fit_cost_table(f: pd.DataFrame) -> str:
+def _fit_cost_table(f: pd.DataFrame) -> Markup:
     """One row per space, label set, scenario, split protocol and head: mean fit time per task."""
     header = ["Series", "Datasets", "Label set", "Scenario", "Split", "Head", "Tasks", "Train cells", "Fit s/task"]
     numeric = [False, False, False, False, False, False, True, True, True]
-    rows = []
+    rows: list[tuple[list[tuple[str, str]], list[tuple[bool, str]]]] = []
     for r in f.to_dict("records"):
         cells = [r["series"], _text(r["datasets"]).replace(",", ", "), _text(r["label_set"]), r["scenario"],
                  _protocol_text(r["scheme"], r["k"], r["seed"]), r["head_label"], _int(r["tasks"]),
                  _int(r["n_train"]), _seconds(r["fit_s"])]
-        rows.append("<tr>" + "".join(f"<td{' class=num' if num else ''}>{html.escape(str(v))}</td>"
-                                     for num, v in zip(numeric, cells)) + "</tr>")
-    head_html = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    return (f"<h3>Head fit time</h3><table id='fit-time' class='board'><thead><tr>{head_html}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table><p class='note'>Mean head fit time per task (one fold of one "
-            "category; eval_tasks.fit_seconds) and mean training cells, per series, scenario, split and head.</p>")
+        rows.append(([], list(zip(numeric, map(str, cells)))))
+    return _parts().fit_cost_table(header, rows)
 
 
 # ---- skipped ----------------------------------------------------------------------------------
-def _section_skipped(ctx: _Context) -> str:
+def _section_skipped(ctx: _Context) -> Markup:
     table = ctx.table("skipped_tasks", _skipped_sql(ctx.filters))
     if table.frame.empty:
-        body = "<p>No task was skipped.</p>" + _sql_html(table.sql, "SQL")
+        body = _parts().no_skipped(table.sql)
     else:
         columns = [("scenario", "Scenario", None), ("datasets", "Datasets", None), ("label_set", "Label set", None),
                    ("category_type", "Category type", None),
                    ("category", "Category", None), ("fold", "Fold", _fold), ("held_out", "Held-out study", None),
                    ("reason", "Reason", None), ("spaces", "Spaces", _int), ("heads", "Heads", None)]
-        body = ("<p>Tasks that were not fitted, and why. They are left out of the tables and figures above, never "
-                "counted as zeros.</p>" + _html_table(table, columns, table_id="skipped"))
+        body = _parts().skipped_intro() + _html_table(table, columns, table_id="skipped")
     return _section("skipped", "Skipped tasks", body)
 
 
-def _section_sql_help() -> str:
-    return _section("sql", "Asking your own questions",
-                    "<p>Every table above is a query over the catalog. Run them, or your own, with "
-                    "<code>scdm sql \"SELECT ...\"</code> or any DuckDB client opened on "
-                    "<code>catalog.duckdb</code> (read-only). The queries and results are also in "
-                    "<code>tables/</code> next to this page.</p>")
+def _section_sql_help() -> Markup:
+    return _section("sql", "Asking your own questions", _parts().sql_help())
 
 
 # --------------------------------------------------------------------------------------------
@@ -1310,7 +1317,7 @@ def _page(title: str, st: Store, body: str) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = [(anchor, label) for anchor, label in _NAV if f'id="{anchor}"' in body]
     return _templates().get_template("report.html").render(
-        title=title, store=str(st.root), generated=now, version=_version(), nav=nav, body=Markup(body))
+        title=title, store=str(st.root), generated=now, version=_version(), nav=nav, body=body)
 
 
 def _version() -> str:
@@ -1322,23 +1329,23 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _section(anchor: str, title: str, body: str) -> str:
-    return str(_parts().section(anchor, title, Markup(body)))
+def _section(anchor: str, title: str, body: str) -> Markup:
+    return _parts().section(anchor, title, body)
 
 
-def _sql_html(sql: str, label: str, *, csv: str | None = None) -> str:
-    return str(_parts().sql(sql, label, csv=csv))
+def _sql_html(sql: str, label: str, *, csv: str | None = None) -> Markup:
+    return _parts().sql(sql, label, csv=csv)
 
 
-def _figure_html(figure: _Figure) -> str:
+def _figure_html(figure: _Figure) -> Markup:
     files = [{"name": p.name, "kind": p.suffix[1:].upper()} for p in figure.files]
-    return str(_parts().figure(figure.stem, Markup(figure.caption), files))
+    return _parts().figure(figure.stem, figure.caption, files)
 
 
 Formatter = Callable[[Any], str] | None
 
 
-def _html_table(table: _Table, columns: Sequence[tuple[str, str, Formatter]], *, table_id: str) -> str:
+def _html_table(table: _Table, columns: Sequence[tuple[str, str, Formatter]], *, table_id: str) -> Markup:
     rows = []
     for record in table.frame.to_dict("records"):
         cells = []
@@ -1347,7 +1354,7 @@ def _html_table(table: _Table, columns: Sequence[tuple[str, str, Formatter]], *,
             text = fmt(value) if fmt is not None else ("" if _missing(value) else str(value))
             cells.append((fmt in (_int, _num1, _num2, _seconds, _fold), text))
         rows.append(cells)
-    return str(_parts().table(table_id, [h for _, h, _ in columns], rows, table.sql, table.slug))
+    return _parts().table(table_id, [h for _, h, _ in columns], rows, table.sql, table.slug)
 
 
 def _missing(value: Any) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["create_app", "serve", "app_from_environment", "status_of"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+SWAGGER_UI_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+"""swagger-ui-bundle.js and swagger-ui.css (swagger-ui-dist 5, as on FastAPI's CDN), shipped by fastapi-offline."""
 CONFIG_ENV = "SCDM_SERVE_CONFIG"
 """Environment variable that hands the settings to uvicorn's worker processes (``--workers`` > 1)."""
 
@@ -139,6 +142,8 @@ def create_app(store: str | os.PathLike[str] | Store | None = None, config: Serv
                               "(`application/octet-stream` for the upload).")
     app.state.scdm = state
     app.include_router(router)
+    # Swagger UI of /docs (before /static, which would otherwise take its paths): no CDN, works offline
+    app.mount("/static/swagger-ui", StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
     app.add_exception_handler(ScdmError, _scdm_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

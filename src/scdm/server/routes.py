@@ -59,7 +59,7 @@ from scdm.server.models import (
     TrainedHeadRow,
     UploadQuery,
 )
-from scdm.server.security import CSP, REPORT_CSP
+from scdm.server.security import REPORT_CSP
 from scdm.store.errors import ScdmError
 from scdm.store.heads import trained_head, trained_head_table
 
@@ -75,8 +75,6 @@ BASELINE_MODELS = ("pca", "hvg")
 """Models cheap enough to embed uploads with on the server."""
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MAX_LOGIN_BYTES = 4096
-_DOCS_CDN = "https://cdn.jsdelivr.net"
-"""Swagger UI of /docs comes from here (as FastAPI's default /docs): only that page may load from it."""
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Bad request"},
@@ -217,10 +215,8 @@ def _logged_in(request: Request, srv: Server, status: int) -> Response:
 
 @router.get("/docs", include_in_schema=False)
 def docs(request: Request, srv: Server) -> HTMLResponse:
-    """Swagger UI over /openapi.json (its script and style come from the CDN FastAPI uses, as in FastAPI's /docs)."""
-    policy = CSP.replace("script-src 'self'", f"script-src 'self' {_DOCS_CDN}").replace(
-        "style-src 'self'", f"style-src 'self' 'unsafe-inline' {_DOCS_CDN}")
-    return _page(request, srv, "docs.html", {"cdn": _DOCS_CDN}, headers={"Content-Security-Policy": policy})
+    """Swagger UI over /openapi.json, from files this server serves (no CDN; the page's usual CSP)."""
+    return _page(request, srv, "docs.html", {})
 
 
 @router.get("/api/health", response_model=Health, summary="Liveness and store path")
@@ -551,7 +547,7 @@ def make_report(request: Request, srv: Server, body: ReportRequest | None = None
         from scdm.classify.report import write_report
 
         job.update(stage="writing report", progress=0.2)
-        index = write_report(srv.store, srv.root / REPORT_DIR, projection=projection)
+        index = write_report(srv.store, srv.root / REPORT_DIR, projection=projection, progress=False)
         job.update(result={"index": f"{root}/report/index.html", "path": str(index)})
 
     return job_status(srv.jobs.submit("report", work), request)

@@ -4,5 +4,5 @@ if (window.SwaggerUIBundle) {
   window.ui = window.SwaggerUIBundle({url: document.body.dataset.openapi, dom_id: "#swagger-ui", deepLinking: true});
 } else {
   document.getElementById("swagger-ui").textContent =
-    "Swagger UI could not be loaded (no internet?); the API description itself is at " + document.body.dataset.openapi + ".";
+    "Swagger UI could not be loaded; the API description itself is at " + document.body.dataset.openapi + ".";
 }
