@@ -24,6 +24,7 @@ checks, exiting 1 when one fails:
     2-core machine).
 
 Usage: python benchmarks/bench_serve.py [--clients 8] [--seconds 15] [--workers 1] [--workdir DIR] [--no-idle]
+           [--src DIR]   (``--src``: another scdm source tree, e.g. a checkout of the previous commit, to compare)
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))  # `import scdm` without installing it
+SRC = Path(sys.argv[sys.argv.index("--src") + 1]).resolve() if "--src" in sys.argv[:-1] else ROOT / "src"
+"""The scdm source tree that the server, the writer and this process import (``--src``: compare two trees)."""
+sys.path.insert(0, str(SRC))  # `import scdm` without installing it
 
 TOKEN = "bench-token-0123456789"
 COUNT_SQL = "SELECT count(*) AS n FROM eval_results"
@@ -92,7 +95,7 @@ def build(store: Path) -> None:
 
 def start_server(store: Path, log: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
     """``scdm --store STORE serve`` as a user starts it; its stderr (with the URL it prints) goes to ``log``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     port = "0" if workers == 1 else str(_free_port())
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "scdm", "--store", str(store), "serve", "--port", port, "--token", TOKEN,
@@ -194,7 +197,7 @@ def warm_up(port: int, workers: int) -> None:
 
 def run_writer(store: Path, port: int, args: argparse.Namespace, log: Path) -> tuple[list[Client], float, dict[str, Any]]:
     """The writer phase: the evaluation process and the clients over the same ``--seconds``."""
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(store), str(args.seconds), str(ROOT), str(log)],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(store), str(args.seconds), str(SRC), str(log)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert writer.stdout is not None
     if writer.stdout.readline().strip() != "ready":
@@ -294,6 +297,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
     parser.add_argument("--max-p95-ms", type=float, default=3000.0, help="p95 target of the writer phase")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "scdm-bench-serve"))
+    parser.add_argument("--src", default=str(SRC), help="scdm source tree to run (default: this checkout's src)")
     args = parser.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -313,6 +317,7 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
     loadavg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"scdm from {SRC}")
     print(f"{args.clients} clients (threads of one process) x {args.seconds:g} s per phase; server ({args.workers} uvicorn "
           f"worker{'s' if args.workers > 1 else ''}), writer and clients share {os.cpu_count()} cores (load average at the "
           f"end: {loadavg}); writer: {written['runs']} evaluate runs (5 folds x ridge, logreg x all, tissue)")

@@ -1,27 +1,25 @@
-"""Store benchmark: write and read an embedding matrix through the store vs raw NumPy and AnnData.
+"""Store benchmark: write and read an embedding matrix through the store vs raw NumPy (issue 19 point 3).
 
-Prints one table. For each D: write time, full read (GB/s), random 10% of rows (sorted indices)
-and a contiguous 10% block, for
-  - ``npy``        np.save / np.load / np.load(mmap_mode="r")
-  - ``store``      scdm store, chunked resumable write (one catalog commit per chunk), default chunks
-  - ``store-bulk`` the same array written in one zarr call (no per-chunk commits) for reference
-  - ``store-cN``   other chunk sizes, to justify the default
-  - ``h5ad-obsm``  AnnData .h5ad with the matrix in obsm (h5py reads)
-Reads are from a warm page cache (the files were just written).
+Prints ONE table: operation, scdm time, baseline time, ratio, goal, met. Every round runs each
+operation once, baseline and store alternating, and the table shows the median over rounds:
 
-Store reads are verified (issue 14): every committed chunk a read touches is checked against its
-CRC-32 in the catalog. A chunk verified once in a process is trusted while its file is unchanged
-(inode, size, mtime, ctime), so the table shows both costs:
-  - ``full_read_s``   the first read in a process (every chunk hashed; chunks are read and hashed on several threads)
-  - ``full_again_s``  a later read (chunks verified before and unchanged: one stat per chunk)
-  - ``unverified_s``  the same read without any check (``store._zarr.read_rows`` without checksums)
-  - ``verify_first`` / ``verify_again``  the extra time relative to ``unverified_s``
-Random and contiguous 10% reads verify the chunks they touch (whole chunks, the first time).
+  - ``resumable write``      ``Embedding.writer()`` chunk by chunk (what the embedding runner does:
+                               atomic chunk files, CRC-32 per chunk, catalog rows committed in
+                               batches) + ``finalize``, vs one ``np.save`` of the same matrix to a new file
+  - ``chunk files only``     the same chunks through ``_zarr.RowWriter`` without the catalog (claims, commits,
+                               finalize), vs a second ``np.save``: the data path alone (no goal of its own)
+  - ``full read, first``     ``Store.read_embedding`` as the first read in a process: every chunk's
+                               CRC-32 is checked (``_zarr.forget_verified()`` first), vs ``np.load``
+  - ``full read, again``     a later read (chunks verified before and unchanged: one stat each), vs ``np.load``
+  - ``random 10%, first``    sorted random 10% of the rows, chunks verified on the way, vs ``np.load(mmap_mode="r")[rows]``
+                               (no goal: a chunk's CRC-32 needs the whole chunk, so a first read of rows spread
+                               over every chunk reads the whole matrix)
+  - ``random 10%, again``    the same read once the chunks are verified, vs the memmap
 
-Targets (issue 2): full read >= 0.8x np.load; random 10% <= 2x memmap; resumable chunked
-write <= 1.3x one bulk write. Issue 14: verification <= 10% on a full read.
+Reads are from a warm page cache (the files were just written). Goals (issue 19): write <= 1.3x
+one bulk write, full read <= 1.25x np.load (with the CRC check), random 10% <= 2x memmap.
 
-Usage: python benchmarks/bench_store.py [--n 326751] [--dims 512,3072] [--workdir /tmp/scdm-bench]
+Usage: python benchmarks/bench_store.py [--n 326751] [--dims 512] [--rounds 5] [--workdir /tmp/scdm-bench-store]
 """
 
 from __future__ import annotations
@@ -29,9 +27,11 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +44,15 @@ from scdm.store import (
     _zarr,  # noqa: E402
 )
 
+GOALS: dict[str, float | None] = {"resumable write": 1.3, "chunk files only": None, "full read, first": 1.25, "full read, again": 1.25, "random 10%, first": None,
+         "random 10%, again": 2.0}
 
-def timed(fn, repeat: int = 3) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+
+def once(fn: Callable[[], object]) -> tuple[float, object]:
+    gc.collect()
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def tiny_dataset(st: Store, n: int) -> str:
@@ -65,78 +65,71 @@ def tiny_dataset(st: Store, n: int) -> str:
     return st.ingest(adata, name=f"bench{n}").name
 
 
-def bench_store(st: Store, name: str, data: np.ndarray, chunk_rows: int | None, label: str, rows_rand: np.ndarray, rows_cont: np.ndarray, bulk: bool = False) -> dict:
-    n, d = data.shape
-    params = {"label": label, "chunk_rows": chunk_rows}
-    emb = st.create_embedding(name, model="bench", params=params, dim=d, chunk_rows=chunk_rows)
+def one_round(st: Store, name: str, work: Path, data: np.ndarray, rows_rand: np.ndarray, r: int) -> dict[str, tuple[float, float]]:
+    """Each operation once, baseline then store: {operation: (scdm s, baseline s)}."""
+    npy = work / "x.npy"
+    npy.unlink(missing_ok=True)
+    emb = st.create_embedding(name, model="bench", params={"round": r}, dim=data.shape[1])
+    t_save, _ = once(lambda: np.save(npy, data))
 
     def write() -> None:
-        if bulk:
-            arr = _zarr.open_array(emb.path)
-            arr[:] = data
-            st.execute("UPDATE embeddings SET status='complete' WHERE embedding_id = ?", [emb.embedding_id])
-            return
-        with emb.writer() as w:  # what the runner does: data flushed per chunk, rows committed each second
+        with emb.writer() as w:
             for c in range(emb.n_chunks):
                 lo, hi = emb.chunk_bounds(c)
                 w.write(c, data[lo:hi])
         emb.finalize()
 
-    t_write, _ = timed(write, repeat=1)
+    t_write, _ = once(write)
+    out: dict[str, tuple[float, float]] = {"resumable write": (t_write, t_save)}
+    npy.unlink()
+    t_save2, _ = once(lambda: np.save(npy, data))
+    scratch = work / f"raw{r}.zarr"
+    _zarr.create_array(scratch, n_rows=data.shape[0], dim=data.shape[1], dtype="float32", chunk_rows=emb.chunk_rows)
+    rows = _zarr.RowWriter(scratch)
+
+    def files_only() -> None:
+        for c in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(c)
+            rows.write(lo, data[lo:hi])
+
+    t_files, _ = once(files_only)
+    shutil.rmtree(scratch)
+    out["chunk files only"] = (t_files, t_save2)
+
+    t_load, loaded = once(lambda: np.load(npy))
+    del loaded
 
     def first(rows: np.ndarray | None = None) -> np.ndarray:
         _zarr.forget_verified()  # as in a fresh process: every chunk the read touches is hashed
         return st.read_embedding(emb.embedding_id, rows=rows)
 
-    t_full, got = timed(first)
-    assert np.array_equal(got, data)
+    t_first, got = once(first)
+    assert isinstance(got, np.ndarray) and np.array_equal(got, data)
     del got
-    t_again, _ = timed(lambda: st.read_embedding(emb.embedding_id))
-    t_raw, _ = timed(lambda: _zarr.read_rows(emb.location))
-    t_rand_first, _ = timed(lambda: first(rows_rand))
-    t_rand, _ = timed(lambda: st.read_embedding(emb.embedding_id, rows=rows_rand))
-    t_cont, _ = timed(lambda: first(rows_cont))
-    return {"format": label, "chunk_rows": emb.chunk_rows, "write_s": t_write, "full_read_s": t_full, "full_again_s": t_again,
-            "unverified_s": t_raw, "rand10_first_s": t_rand_first, "rand10_s": t_rand, "cont10_s": t_cont}
+    t_load2, loaded = once(lambda: np.load(npy))
+    del loaded
+    t_again, _ = once(lambda: st.read_embedding(emb.embedding_id))
+    out["full read, first"] = (t_first, t_load)
+    out["full read, again"] = (t_again, t_load2)
 
-
-def bench_npy(work: Path, data: np.ndarray, rows_rand: np.ndarray, rows_cont: np.ndarray) -> dict:
-    path = work / "x.npy"
-    t_write, _ = timed(lambda: np.save(path, data), repeat=1)
-    t_full, _ = timed(lambda: np.load(path))
-    mm = np.load(path, mmap_mode="r")
-    t_rand, _ = timed(lambda: np.asarray(mm[rows_rand]))
-    t_cont, _ = timed(lambda: np.array(mm[rows_cont[0]:rows_cont[-1] + 1]))
-    return {"format": "npy (np.load / memmap)", "chunk_rows": None, "write_s": t_write, "full_read_s": t_full,
-            "full_again_s": t_full, "unverified_s": t_full, "rand10_first_s": t_rand, "rand10_s": t_rand, "cont10_s": t_cont}
-
-
-def bench_h5ad(work: Path, data: np.ndarray, rows_rand: np.ndarray, rows_cont: np.ndarray) -> dict:
-    import anndata as ad
-    import h5py
-
-    n = data.shape[0]
-    path = work / "x.h5ad"
-    adata = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]), obsm={"X_emb": data})
-    t_write, _ = timed(lambda: adata.write_h5ad(path), repeat=1)
-
-    def read(sel):
-        with h5py.File(path, "r") as f:
-            return f["obsm/X_emb"][sel]
-
-    t_full, _ = timed(lambda: read(slice(None)))
-    t_rand, _ = timed(lambda: read(rows_rand), repeat=1)
-    t_cont, _ = timed(lambda: read(slice(int(rows_cont[0]), int(rows_cont[-1]) + 1)))
-    return {"format": "h5ad obsm (h5py)", "chunk_rows": None, "write_s": t_write, "full_read_s": t_full,
-            "full_again_s": t_full, "unverified_s": t_full, "rand10_first_s": t_rand, "rand10_s": t_rand, "cont10_s": t_cont}
+    mm = np.load(npy, mmap_mode="r")
+    t_mm, picked = once(lambda: np.asarray(mm[rows_rand]))
+    t_rand_first, got = once(lambda: first(rows_rand))
+    assert isinstance(got, np.ndarray) and np.array_equal(got, picked)
+    t_mm2, _ = once(lambda: np.asarray(mm[rows_rand]))
+    t_rand, _ = once(lambda: st.read_embedding(emb.embedding_id, rows=rows_rand))
+    out["random 10%, first"] = (t_rand_first, t_mm)
+    out["random 10%, again"] = (t_rand, t_mm2)
+    st.remove_embedding(emb.embedding_id)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=326_751, help="cells (default: the scDrugMap primary collection)")
-    ap.add_argument("--dims", default="512,3072")
+    ap.add_argument("--dims", default="512")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (each runs every operation once); medians are shown")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "scdm-bench-store"))
-    ap.add_argument("--chunk-sweep", default="1024,4096,16384", help="extra chunk sizes (rows) to compare, at D=512 only")
     args = ap.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -144,41 +137,23 @@ def main() -> None:
     st = Store(work / "store")
     name = tiny_dataset(st, args.n)
     rng = np.random.default_rng(0)
-    rows = []
+    table = []
     for d in [int(x) for x in args.dims.split(",")]:
         data = rng.standard_normal((args.n, d), dtype=np.float32)
-        gb = data.nbytes / 1e9
         rows_rand = np.sort(rng.choice(args.n, args.n // 10, replace=False))
-        start = args.n // 3
-        rows_cont = np.arange(start, start + args.n // 10)
-        results = [bench_npy(work, data, rows_rand, rows_cont)]
-        results.append(bench_store(st, name, data, None, "store (default, resumable)", rows_rand, rows_cont))
-        results.append(bench_store(st, name, data, None, "store-bulk (one zarr write)", rows_rand, rows_cont, bulk=True))
-        if d == 512:
-            for c in [int(x) for x in args.chunk_sweep.split(",") if x]:
-                results.append(bench_store(st, name, data, c, f"store-c{c}", rows_rand, rows_cont))
-        results.append(bench_h5ad(work, data, rows_rand, rows_cont))
-        npy = results[0]
-        mm_rand = npy["rand10_s"]
-        for r in results:
-            r.update({"D": d, "GB": round(gb, 2), "read_GB/s": gb / r["full_read_s"], "read_vs_npload": npy["full_read_s"] / r["full_read_s"],
-                      "rand10_vs_memmap": r["rand10_s"] / mm_rand,
-                      "verify_first": r["full_read_s"] / r["unverified_s"] - 1, "verify_again": r["full_again_s"] / r["unverified_s"] - 1})
-        rows.extend(results)
-        for p in work.glob("x.*"):
-            p.unlink()
-        for e in st.embeddings()["embedding_id"]:
-            st.remove_embedding(e)
+        one_round(st, name, work, data, rows_rand, -1)  # warm-up: first file creations, imports, thread pools
+        rounds = [one_round(st, name, work, data, rows_rand, r) for r in range(args.rounds)]
+        for op, goal in GOALS.items():
+            scdm = statistics.median(x[op][0] for x in rounds)
+            base = statistics.median(x[op][1] for x in rounds)
+            baseline = "np.save" if op in ("resumable write", "chunk files only") else "np.load" if op.startswith("full") else "memmap[rows]"
+            table.append({"D": d, "MB": round(data.nbytes / 2**20), "operation": op, "scdm_s": scdm, "baseline": baseline,
+                          "baseline_s": base, "ratio": scdm / base, "goal": goal if goal is not None else "-",
+                          "met": "-" if goal is None else "yes" if scdm / base <= goal else "NO"})
         del data
-    table = pd.DataFrame(rows)[["D", "GB", "format", "chunk_rows", "write_s", "full_read_s", "full_again_s", "unverified_s",
-                                "verify_first", "verify_again", "read_GB/s", "read_vs_npload", "rand10_first_s", "rand10_s",
-                                "rand10_vs_memmap", "cont10_s"]]
-    bulk_write = {r["D"]: r["write_s"] for r in rows if r["format"].startswith("store-bulk")}
-    table["write_vs_bulk"] = [r["write_s"] / bulk_write[r["D"]] if r["format"].startswith("store") else np.nan for r in rows]
     pd.set_option("display.width", 200)
-    print(f"n_cells = {args.n}; warm page cache; times are the best of 3 (writes: 1 run); verify_* = extra read time of "
-          "checksum verification (first read in a process / chunks verified before); store rows only")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"n_cells = {args.n}; warm page cache; medians of {args.rounds} interleaved rounds (after one warm-up round)")
+    print(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -14,14 +14,21 @@ strictly convex, so each fold converges to the same optimum as its separate scik
 the tolerance (tested).
 
 Standardisation costs nothing extra: with per-fold mean ``m_k`` and sd ``s_k`` the decision
-``((x - m_k) / s_k) . w_k + b_k`` is ``(x - c) . (w_k / s_k) + beta_k`` on one shared centred copy of
-the rows (``c`` a common shift), so a single centred float32 matrix serves every fold.
+``((x - m_k) / s_k) . w_k + b_k`` is ``(x - c) . (w_k / s_k) + beta_k`` on the centred rows (``c`` a
+common shift), so one centred float32 block serves every fold.
+
+No copy of the split's rows is made: each pass reads them from the caller's matrix in blocks of a
+few MiB, centred into one reused buffer, and computes ``X w``, the loss, the residuals and
+``X^T r`` of a block while it is in cache (one read of the rows per pass instead of two; the
+gradient's block sums are accumulated in float64). The matrix is never modified.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from scipy.special import expit
@@ -54,11 +61,88 @@ class FoldFits:
     """(K,) bool: stopped by the gradient tolerance (or the float precision floor), not by max_iter."""
 
 
-class _Problem:
-    """The K objectives on one centred copy of the split's rows."""
+_BLOCK_BYTES = 4 << 20
+"""Size of one block of centred rows (fits the L2/L3 cache; large enough for an efficient GEMM)."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, train: np.ndarray, C: float, standardize: bool | str) -> None:
-        n, dim = X.shape
+
+_GROUPS = 8
+"""Partial sums of a pass: blocks in this many fixed groups (one thread takes a group at a time)."""
+
+
+def _blas_threads() -> int:
+    """Threads BLAS may use here now (the grid sets them per fit): the parallelism of one pass."""
+    from threadpoolctl import threadpool_info
+
+    return max([int(lib.get("num_threads") or 1) for lib in threadpool_info() if lib.get("user_api") == "blas"] or [1])
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scdm-logreg")
+    return _POOLS[threads]
+
+
+class _Rows:
+    """Rows ``rows`` of ``X`` (all rows when None) as a read-only matrix-like view: no copy of them all.
+
+    Indexing with a slice or an integer array returns those rows (a view of ``X`` when they are
+    consecutive), exactly what indexing ``X[rows]`` would; :func:`column_moments` reads it so.
+    """
+
+    def __init__(self, X: np.ndarray, rows: np.ndarray | None) -> None:
+        self.X = X
+        self.start: int | None = None
+        self.rows: np.ndarray | None = None
+        if rows is None:
+            self.start, n = 0, X.shape[0]
+        else:
+            rows = np.asarray(rows, np.int64)
+            n = rows.size
+            if n and int(rows[-1]) - int(rows[0]) == n - 1 and bool((np.diff(rows) == 1).all()):
+                self.start = int(rows[0])  # consecutive: blocks are views of X
+            else:
+                self.rows = rows
+        self.shape = (n, X.shape[1])
+        self.dtype = X.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            lo, hi, _ = key.indices(self.shape[0])
+            if self.start is not None:
+                return self.X[self.start + lo:self.start + hi]
+            assert self.rows is not None
+            return self.X[self.rows[lo:hi]]
+        if self.start is not None:
+            return self.X[np.asarray(key, np.int64) + self.start]
+        assert self.rows is not None
+        return self.X[self.rows[key]]
+
+    def centred(self, lo: int, hi: int, shift: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``lo:hi`` minus ``shift`` in ``out`` (float32), bit for bit ``X[rows][lo:hi] - shift``."""
+        block = out[:hi - lo]
+        if self.start is not None:
+            np.subtract(self.X[self.start + lo:self.start + hi], shift, out=block)
+        else:
+            assert self.rows is not None
+            np.take(self.X, self.rows[lo:hi], axis=0, out=block)
+            block -= shift
+        return block
+
+
+class _Problem:
+    """The K objectives on the split's rows of ``X``, centred block by block (``X`` is not modified)."""
+
+    def __init__(self, X: np.ndarray, rows: np.ndarray | None, y: np.ndarray, train: np.ndarray, C: float,
+                 standardize: bool | str) -> None:
+        view = _Rows(X, rows)
+        n, dim = view.shape
+        X = cast("np.ndarray", view)  # read as the split's rows: column_moments and the shift index it
         if standardize:
             self.mean, self.scale = column_moments(X, train)
             if standardize == "global":  # one scale per fold: the root mean square of its centred values
@@ -69,8 +153,15 @@ class _Problem:
             self.scale = np.ones((train.shape[1], dim), np.float32)
         # one shift for every fold, from the rows alone: a fold's numbers do not depend on its batch-mates
         self.shift = X[np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64).astype(np.float32)
-        X -= self.shift  # in place: the caller hands over its copy of the rows
-        self.Xc = X
+        self.rows = view
+        self.block_rows = max(64, _BLOCK_BYTES // max(1, dim * 4))
+        starts = list(range(0, n, self.block_rows))
+        per_group = -(-len(starts) // _GROUPS)
+        self.groups = [starts[i:i + per_group] for i in range(0, len(starts), per_group)]
+        # the groups are shared out over the math threads (numpy and BLAS release the GIL), each with its own buffer
+        threads = max(1, min(_blas_threads(), len(self.groups)))
+        self.buffers = [np.empty((min(self.block_rows, n), dim), np.float32) for _ in range(threads)]
+        self.workers = _pool(threads) if threads > 1 else None
         self.y = y.astype(np.float32)
         self.train = train.astype(np.float32)
         self.n_train = train.sum(axis=0).astype(np.float64)
@@ -78,41 +169,82 @@ class _Problem:
         self.inv_scale = 1.0 / self.scale.astype(np.float64)
         self.l2 = 1.0 / (C * self.n_train)
 
+    def _blocks(self, starts: list[int], active: np.ndarray, v32: np.ndarray, beta32: np.ndarray, n_k32: np.ndarray,
+                buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Loss sums, intercept and weight gradient sums (float64) of the blocks starting at ``starts``."""
+        value = np.zeros(active.size)
+        g_b = np.zeros(active.size)
+        g_vt = np.zeros((v32.shape[0], active.size))  # (D, k)
+        n = self.rows.shape[0]
+        for lo in starts:
+            hi = min(lo + self.block_rows, n)
+            xc = self.rows.centred(lo, hi, self.shift, buffer)
+            z = xc @ v32
+            z += beta32
+            mask = self.train[lo:hi][:, active]
+            y = self.y[lo:hi, None]
+            loss = np.logaddexp(np.float32(0), z)
+            loss -= y * z
+            loss *= mask
+            value += loss.sum(axis=0, dtype=np.float64)
+            resid = expit(z)
+            resid -= y
+            resid *= mask
+            resid /= n_k32
+            g_b += resid.sum(axis=0, dtype=np.float64)
+            g_vt += xc.T @ resid  # while the block is in cache; summed in float64
+        return value, g_b, g_vt
+
     def value_and_grad(self, active: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Objective, weight gradient and intercept gradient of the ``active`` folds at (w, b)."""
         v = w * self.inv_scale[active]  # weights on centred (unscaled) rows
         beta = b - np.einsum("kd,kd->k", self.delta[active], v)
-        z = self.Xc @ v.T.astype(np.float32)
-        z += beta.astype(np.float32)
-        mask, n_k = self.train[:, active], self.n_train[active]
-        y = self.y[:, None]
-        loss = np.logaddexp(np.float32(0), z)
-        loss -= y * z
-        loss *= mask
-        value = loss.sum(axis=0, dtype=np.float64) / n_k
-        resid = expit(z)
-        resid -= y
-        resid *= mask
-        resid /= n_k.astype(np.float32)
-        g_b = resid.sum(axis=0, dtype=np.float64)
-        g_v = (self.Xc.T @ resid).T.astype(np.float64)  # (k, D)
+        v32, beta32 = v.T.astype(np.float32), beta.astype(np.float32)
+        n_k = self.n_train[active]
+        n_k32 = n_k.astype(np.float32)
+        # fixed groups of consecutive blocks, summed in order: the same bits whatever the thread count
+        groups = self.groups
+        if len(self.buffers) == 1:
+            parts = [self._blocks(group, active, v32, beta32, n_k32, self.buffers[0]) for group in groups]
+        else:
+            from threadpoolctl import threadpool_limits
+
+            free = list(self.buffers)
+            def run(group: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                buffer = free.pop()  # list.pop is atomic: one buffer per running group
+                try:
+                    return self._blocks(group, active, v32, beta32, n_k32, buffer)
+                finally:
+                    free.append(buffer)
+
+            assert self.workers is not None
+            with threadpool_limits(limits=1, user_api="blas"):  # the threads here are the parallelism
+                parts = list(self.workers.map(run, groups))
+        value, g_b, g_vt = parts[0]
+        for more in parts[1:]:
+            value, g_b, g_vt = value + more[0], g_b + more[1], g_vt + more[2]
+        value = value / n_k
+        g_v = g_vt.T  # (k, D)
         g_w = (g_v - self.delta[active] * g_b[:, None]) * self.inv_scale[active] + w * self.l2[active, None]
         value += 0.5 * self.l2[active] * np.einsum("kd,kd->k", w, w)
         return value, g_w, g_b
 
 
-def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, C: float = 1.0, tol: float = 1e-4,
-                     max_iter: int = 200, standardize: bool | str = "global", memory: int = 10) -> FoldFits:
+def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: np.ndarray | None = None, C: float = 1.0,
+                     tol: float = 1e-4, max_iter: int = 200, standardize: bool | str = "global",
+                     memory: int = 10) -> FoldFits:
     """Fit one L2 logistic regression per column of ``train``, all in one pass per iteration.
 
     Parameters
     ----------
-    X : ndarray of shape (n_cells, emb_dim), float32
-        The split's rows. **Centred in place** (pass a copy you no longer need).
+    X : ndarray of shape (n_rows, emb_dim), float32
+        The matrix holding the split's rows (not modified; no copy of the rows is made).
     y : ndarray of shape (n_cells,)
-        0/1 labels.
+        0/1 labels of the split's cells.
     train : ndarray of shape (n_cells, n_folds), bool
         Training cells of each fold.
+    rows : ndarray of shape (n_cells,), optional
+        Positions of the split's cells in ``X`` (default: every row of ``X``, in order).
     C, tol, max_iter, standardize
         As :class:`scdm.classify.heads.LogRegHead`.
     memory : int, default 10
@@ -123,7 +255,7 @@ def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, C: floa
     FoldFits
     """
     X = np.asarray(X, np.float32)
-    problem = _Problem(X, np.asarray(y), np.asarray(train, bool), C, standardize)
+    problem = _Problem(X, rows, np.asarray(y), np.asarray(train, bool), C, standardize)
     k, dim = train.shape[1], X.shape[1]
     w, b = np.zeros((k, dim)), np.zeros(k)
     every = np.arange(k)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from scdm.classify._threads import cpu_budget, gemm_threads, map_solves, solve_threads
 from scdm.classify.heads import (
     GramStats,
     RidgeHead,
@@ -40,6 +42,7 @@ from scdm.classify.heads import (
     ridge_score_to_proba,
 )
 from scdm.classify.tasks import (
+    PREDICT_BLOCK_ROWS,
     Outcome,
     Space,
     Task,
@@ -87,7 +90,8 @@ class EvalSummary:
     spaces: tuple[str, ...]
     """Embedding spaces evaluated."""
     split_scheme: str
-    """``cell`` or ``sample``: always reported with the results."""
+    """The pooled scheme(s) used, ``auto`` resolved (``sample``, ``cell`` or ``cell,sample`` when spaces
+    differ): always reported with the results."""
     results: pd.DataFrame = field(repr=False)
     """Long-format metrics of every requested task (fitted now or reused)."""
     skipped: pd.DataFrame = field(repr=False)
@@ -143,13 +147,18 @@ def _load_matrix(st: Store, space: Space) -> None:
     cells = space.cells
     assert cells is not None
     dim = int(space.embeddings["dim"].iloc[0])
-    X = np.empty((len(cells), dim), np.float32)
     dataset_of = cells["dataset_id"].to_numpy()
+    # one embedding whose labelled cells are one run of its rows, in order: X is a view of the matrix
+    # read (no second copy of it; a partly labelled matrix is kept whole, never more than the copy it saves)
+    single = len(space.embeddings) == 1 and _is_run(cells["row"].to_numpy(np.int64))
+    X = np.empty((0 if single else len(cells), dim), np.float32)
     for row in space.embeddings.itertuples():
         idx = np.flatnonzero(dataset_of == row.dataset_id)
         rows = cells["row"].to_numpy(np.int64)[idx]
         matrix = st.read_embedding(row.embedding_id)
-        if _is_run(idx) and _is_run(rows):  # the usual case: every cell labelled, in order; no gather
+        if single:
+            X = np.asarray(matrix[rows[0]:rows[-1] + 1], np.float32)
+        elif _is_run(idx) and _is_run(rows):  # every cell labelled, in order; no gather
             X[idx[0]:idx[-1] + 1] = matrix[rows[0]:rows[-1] + 1]
         else:
             X[idx] = matrix[rows]
@@ -220,7 +229,7 @@ def _logreg_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     groups: dict[tuple[str, str], list[Task]] = {}
     for task in tasks:
         groups.setdefault((task.params_key, task.split.split_id), []).append(task)
-    with _all_math_threads(space):
+    with solve_threads():  # measured: one BLAS thread beats two for the lockstep L-BFGS (scdm.classify._threads)
         for group in groups.values():
             yield from logreg_split(space, group)
 
@@ -231,8 +240,18 @@ class _Buffers:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.total = np.zeros((dim, dim), order="F")  # zeros: BLAS fills only the lower triangle
-        self.work = np.zeros((dim, dim), order="F")
+        self.works = [np.zeros((dim, dim), order="F")]  # one per fold solved at the same time
+        self.works_lock = threading.Lock()
         self.folds: list[np.ndarray] = []
+
+    def take_work(self) -> np.ndarray:
+        """A free float64 (dim, dim) scratch matrix for one solve (give it back after)."""
+        with self.works_lock:
+            return self.works.pop() if self.works else np.zeros((self.dim, self.dim), order="F")
+
+    def give_work(self, work: np.ndarray) -> None:
+        with self.works_lock:
+            self.works.append(work)
 
     def fold(self, i: int) -> np.ndarray:
         while len(self.folds) <= i:
@@ -312,19 +331,31 @@ def _ridge_split(space: Space, tasks: list[Task], head: RidgeHead, shift: np.nda
         if always_train.size:
             total.iadd(GramStats.from_rows(X, y, rows=always_train, shift=shift))
     stats_seconds = (time.perf_counter() - t0) / max(len(tasks), 1)
-    for task in tasks:
-        t1 = time.perf_counter()
-        test_pos = pos[fold_of == task.fold]
+
+    def solve(task: Task) -> tuple[tuple[np.ndarray, float] | str, float]:
+        """One fold's solution (or why it has none) and its seconds; one BLAS thread, folds side by side."""
+        t1, work = time.perf_counter(), buffers.take_work()
         try:
-            coef, intercept = ridge_from_stats(total, head.alpha, standardize=head.standardize,
-                                               minus=fold_stats[task.fold], work=buffers.work)
+            return ridge_from_stats(total, head.alpha, standardize=head.standardize, minus=fold_stats[task.fold],
+                                    work=work), time.perf_counter() - t1
         except InputDataError as err:  # one degenerate fold is a skipped task, not a failed run
-            yield Outcome(task, None, None, 0.0, 0.0, int(pos.size - test_pos.size), error=str(err))
+            return str(err), 0.0
+        finally:
+            buffers.give_work(work)
+
+    for task, (solved, solve_seconds) in zip(tasks, map_solves(solve, tasks)):
+        test_pos = pos[fold_of == task.fold]
+        if isinstance(solved, str):
+            yield Outcome(task, None, None, 0.0, 0.0, int(pos.size - test_pos.size), error=solved)
             continue
+        coef, intercept = solved
         t2 = time.perf_counter()
-        proba = ridge_score_to_proba(X[test_pos] @ coef.astype(np.float32) + intercept)
+        coef32 = coef.astype(np.float32)
+        # block by block: no copy of the fold's test rows (each row's score is the same either way)
+        scores = [X[test_pos[lo:lo + PREDICT_BLOCK_ROWS]] @ coef32 + intercept for lo in range(0, test_pos.size, PREDICT_BLOCK_ROWS)]
+        proba = ridge_score_to_proba(np.concatenate(scores) if scores else np.zeros(0))
         t3 = time.perf_counter()
-        yield Outcome(task, proba, test_pos, stats_seconds + t2 - t1, t3 - t2, int(pos.size - test_pos.size))
+        yield Outcome(task, proba, test_pos, stats_seconds + solve_seconds, t3 - t2, int(pos.size - test_pos.size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +366,7 @@ class _Threads:
 
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
-        self.per_job = max(1, (os.cpu_count() or 1) // jobs)
+        self.per_job = max(1, cpu_budget() // jobs)
 
     def __enter__(self) -> _Threads:
         from threadpoolctl import threadpool_limits
@@ -383,7 +414,7 @@ def evaluate(
     by: Iterable[str] = CATEGORY_TYPES,
     heads: Iterable[str] = ("mlp", "logreg"),
     folds: int = 10,
-    split_scheme: Literal["cell", "sample"] = "cell",
+    split_scheme: Literal["auto", "cell", "sample"] = "auto",
     seed: int = 0,
     label_set: str | None = None,
     pair_folds_with: str | None = None,
@@ -410,8 +441,12 @@ def evaluate(
         See :data:`scdm.classify.heads.HEADS`.
     folds : int, default 10
         Folds of the pooled scenario.
-    split_scheme : {"cell", "sample"}, default "cell"
-        Pooled folds at cell level (scDrugMap) or grouped by sample (no sample on both sides).
+    split_scheme : {"auto", "cell", "sample"}, default "auto"
+        Pooled folds grouped by sample (no sample on both sides of a fold) or at cell level (the
+        scDrugMap protocol, which can leak sample identity). ``auto``: ``sample`` when every
+        labelled cell of a space has a sample id and there are at least ``folds`` samples, else
+        ``cell`` (see :func:`scdm.store.splits.resolve_split_scheme`); every result records the
+        scheme it used.
     seed : int, default 0
         Seed of the pooled folds.
     label_set : str, optional
@@ -553,8 +588,14 @@ def evaluate(
     skipped_frame = records.run_skipped(st, run_id)
     logger.info("run %s: %d tasks fitted, %d reused, %d skipped in %.1f s", run_id, n_done, n_reused, n_skipped, seconds)
     return EvalSummary(run_id=run_id, n_tasks=len(all_ids), n_done=n_done, n_reused=n_reused, n_skipped=n_skipped,
-                       seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=split_scheme,
+                       seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=_schemes_used(spaces, split_scheme),
                        results=results, skipped=skipped_frame)
+
+
+def _schemes_used(spaces: Sequence[Space], asked: str) -> str:
+    """The pooled schemes the splits were made with (``auto`` resolved), comma-separated."""
+    used = sorted({sp.scheme for space in spaces for sp in (space.splits or []) if sp.scenario == "pooled"})
+    return ",".join(used) or asked
 
 
 SMALL_MATRIX = 4_000_000
@@ -570,7 +611,10 @@ def _math_threads(space: Space, jobs: int, *, torch_heads: bool) -> Iterator[Non
     """
     assert space.X is not None
     if jobs == 1 and space.X.size >= SMALL_MATRIX:
-        yield
+        # products over the rows use the process's CPU budget (affinity, cgroup quota, OMP_NUM_THREADS);
+        # factorisations inside pin themselves to one thread (scdm.classify._threads)
+        with gemm_threads(space.X.size):
+            yield
         return
     with one_math_thread(torch_heads=torch_heads):
         yield
@@ -583,19 +627,6 @@ _BATCHED_HEADS = ("ridge", "logreg")
 def _batched_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     yield from _ridge_outcomes(space, [t for t in tasks if t.head == "ridge"])
     yield from _logreg_outcomes(space, [t for t in tasks if t.head == "logreg"])
-
-
-@contextlib.contextmanager
-def _all_math_threads(space: Space) -> Iterator[None]:
-    """Every core for one large batched solve, even inside a one-thread-per-fit section."""
-    assert space.X is not None
-    if space.X.size < SMALL_MATRIX:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=os.cpu_count() or 1, user_api="blas"):
-        yield
 
 
 def _chain(*iterators: Iterator[Outcome]) -> Iterator[Outcome]:

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.linalg
 
+from scdm.classify._threads import solve_threads
 from scdm.classify._transfer_dann import DANNHead
 from scdm.classify.head_base import (
     NONE,
@@ -350,9 +351,10 @@ def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool | Lite
             diag += float(alpha)
         return out
 
-    lower = system()
-    scale = float(np.einsum("ii->i", lower).mean()) if lower.size else 1.0
-    coef = _solve_lower_spd(lower, cross, jitter_scale=scale, rebuild=system)
+    with solve_threads():  # a factorisation runs fastest on one BLAS thread (scdm.classify._threads)
+        lower = system()
+        scale = float(np.einsum("ii->i", lower).mean()) if lower.size else 1.0
+        coef = _solve_lower_spd(lower, cross, jitter_scale=scale, rebuild=system)
     intercept = sy / n - float((mean + stats.shift.astype(np.float64)) @ coef)
     return coef, intercept
 
@@ -686,7 +688,9 @@ class MLPHead(BaseHead):
     Notes
     -----
     :meth:`params_key` spells out the profile's resolved settings (``{"profile": "paper",
-    "batch_size": 128, ...}``), so every stored result says which profile and settings made it.
+    "batch_size": 128, ...}``), so every stored result says which profile and settings made it;
+    ``precision="auto"`` is spelled as the precision it resolves to here (``"bf16"`` or ``"fp32"``),
+    so results of different precisions are never merged.
     """
 
     name = "mlp"
@@ -742,6 +746,9 @@ class MLPHead(BaseHead):
         if self.profile in MLP_PROFILES:
             settings = self.resolved()
             params.update({k: settings[k] for k in MLP_OVERRIDABLE})
+            if params["precision"] == "auto":
+                # the precision the fit will use on this machine: bf16 and fp32 results are never one result
+                params["precision"] = "bf16" if bf16_supported() else "fp32"
         return json.dumps(params, sort_keys=True, default=str)
 
     def build_network(self, dim: int) -> Any:

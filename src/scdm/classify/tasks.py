@@ -155,7 +155,8 @@ def logreg_split(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     if not fittable:
         return
     t0 = time.perf_counter()
-    fits = fit_logreg_folds(space.X[pos], y, np.stack(train, axis=1), C=head.C, tol=head.tol,
+    # the split's rows are read from space.X in place (no copy of them: see _logreg_batch)
+    fits = fit_logreg_folds(space.X, y, np.stack(train, axis=1), rows=pos, C=head.C, tol=head.tol,
                             max_iter=head.max_iter, standardize=head.standardize)
     fit_seconds = (time.perf_counter() - t0) / len(fittable)
     for k, task in enumerate(fittable):
@@ -165,8 +166,21 @@ def logreg_split(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
             scale=fits.scale[k] if head.standardize else None, n_iter=int(fits.n_iter[k]),
             converged=bool(fits.converged[k]))
         test_pos = pos[split.test_mask(task.fold)]
-        proba = fitted.predict_proba(space.X[test_pos])
+        proba = predict_in_blocks(fitted, space.X, test_pos)
         yield Outcome(task, proba, test_pos, fit_seconds, time.perf_counter() - t1, int(train[k].sum()))
+
+
+PREDICT_BLOCK_ROWS = 2048
+"""Rows per prediction block (a head may standardise them in float64: 8 MiB at D=512); a fold's test rows
+are never copied nor standardised all at once."""
+
+
+def predict_in_blocks(head: Any, X: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``head.predict_proba(X[positions])`` block by block (the same values: each row is scored alone)."""
+    if positions.size <= PREDICT_BLOCK_ROWS:
+        return np.asarray(head.predict_proba(X[positions]))
+    return np.concatenate([np.asarray(head.predict_proba(X[positions[lo:lo + PREDICT_BLOCK_ROWS]]))
+                           for lo in range(0, positions.size, PREDICT_BLOCK_ROWS)])
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 """The DuckDB catalog: connections with lock retry, migrations, and the read-only SQL gate.
 
 DuckDB lets one process write a database file at a time, and a process that has the file open
-read-write also blocks readers in other processes. So scdm never keeps a connection open: every
-operation connects, runs one short transaction and closes, retrying while another process holds
-the lock.
+read-write also blocks readers in other processes. So scdm never keeps a read-write connection
+open: every write connects, runs one short transaction and closes, retrying while another process
+holds the lock (reads share one pooled connection that gives way to writers, see below).
 
 Inside one process DuckDB shares one database instance per file and configuration, and refuses
 to open a file with a second configuration (read-only and read-write count as two) while any
@@ -18,6 +18,16 @@ locked raises a flag, an advisory lock on ``<catalog>.turnstile`` that the opera
 when the process dies; readers in every scdm process start no new connection while it is raised,
 so the file drains and the writer gets in within one read's time.
 
+Opening a file is the expensive part of a connection (DuckDB reads its header and catalog: 10-100
+ms), so a :class:`_ReadPool` per catalog file keeps one read-only connection open while reads come
+and hands each read a cursor of it (well under 1 ms). It lets go of the file, so that a writer can
+take it, whenever that writer shows up: a write in this process closes it once the gate has admitted
+the write (no read is open then); a writer in another process raises its flag, which the next read,
+or the pool's watcher within :data:`_POOL_POLL_S`, sees. It also lets go after :data:`_POOL_IDLE_S`
+without reads (a DuckDB client that raises no flag waits at most that long) and reopens the file when
+it was replaced on disk. So a read never sees a state older than the last commit of any process: no
+commit can happen while the pooled connection is open.
+
 A catalog opened read-only (a store the user may read but not write) never opens a read-write
 connection: writes raise :class:`~store.errors.StoreReadOnlyError` before touching the file, and
 migrations are refused (the schema is only checked). A catalog file that DuckDB cannot read
@@ -27,8 +37,10 @@ file and what to do, instead of DuckDB's own error.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -83,6 +95,10 @@ _LOCK_BACKOFF_S = (0.005, 0.1)
 """First and longest sleep while another process holds the file (a failed connect costs well under 1 ms)."""
 _FLAG_BACKOFF_S = (0.001, 0.01)
 """First and longest sleep while a writer's flag is raised: it is lowered when that writer's transaction closes."""
+_POOL_IDLE_S = 1.0
+"""A pooled read connection unused this long is closed (the file's shared lock goes with it)."""
+_POOL_POLL_S = 0.02
+"""How often an open pooled connection looks for a raised writer flag while no read asks."""
 _FLAG_PATIENCE_S = 5.0
 """How long a reader holds back for a raised flag; after that the writer is evidently waiting for
 someone else (a long lock elsewhere), and the reader tries the file as if no flag were raised."""
@@ -126,6 +142,10 @@ def _only_reads(sql: str) -> bool:
 
 def _config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), repr(v)) for k, v in config.items()))
+
+
+_DEFAULT_READ_KEY = _config_key(READ_CONFIG)
+"""Reads with these settings (every internal read and user SQL) share the pooled connection."""
 
 
 # ---- in-process gate ------------------------------------------------------------------------
@@ -252,6 +272,187 @@ def _gate_for(path: str) -> _Gate:
         return _GATES.setdefault(path, _Gate())
 
 
+# ---- read-connection pool --------------------------------------------------------------------
+def _file_state(path: str) -> tuple[int, int, int, int] | None:
+    """What tells a replaced or rewritten file apart: device, inode, size, modification time."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _ReadPool:
+    """One open read-only connection to a catalog file, shared by this process's reads as cursors.
+
+    Every read borrows a cursor inside the gate's read side, so a write in this process finds no
+    cursor out when the gate admits it and calls :meth:`close`. ``drain`` (a writer's flag seen)
+    closes the connection now if no cursor is out, else when the last one comes back. A daemon
+    watcher runs while the connection is open and closes it when the flag rises or after
+    :data:`_POOL_IDLE_S` without reads. A forked child forgets its parent's connection.
+    """
+
+    def __init__(self, file: str, flag: _WriterFlag) -> None:
+        self._file, self._flag = file, flag
+        self._lock = threading.Lock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._key: tuple[tuple[str, str], ...] | None = None
+        self._state: tuple[int, int, int, int] | None = None
+        self._pid = os.getpid()
+        self._out = 0
+        self._closing = False
+        self._generation = 0  # which open connection a watcher watches (it holds no DuckDB object)
+        self._last_use = 0.0
+        self.opened = 0
+        """Connections this pool opened (what the pool saves: reads minus this)."""
+
+    def cursor(self, settings: dict[str, Any], key: tuple[tuple[str, str], ...]) -> duckdb.DuckDBPyConnection:
+        """A cursor of the pooled connection with ``settings`` (opened now if none is open)."""
+        with self._lock:
+            self._forget_after_fork()
+            if self._con is not None and not self._out and (self._key != key or _file_state(self._file) != self._state):
+                self._close_locked()  # other settings asked (the gate let no other reader in), or the file changed
+            if self._con is None:
+                state = _file_state(self._file)
+                self._con = duckdb.connect(self._file, read_only=True, config=settings)
+                self._key, self._state, self._closing = key, state, False
+                self._last_use = time.monotonic()
+                self.opened += 1
+                self._generation += 1
+                threading.Thread(target=self._watch, args=(self._generation,), name="scdm-catalog-pool",
+                                 daemon=True).start()
+            try:
+                cur = self._con.cursor()
+            except BaseException:
+                if not self._out:  # a connection DuckDB invalidated (damaged file): the next read opens the file again
+                    self._close_locked()
+                raise
+            self._out += 1
+            return cur
+
+    def give_back(self, cur: duckdb.DuckDBPyConnection) -> None:
+        with self._lock:
+            try:
+                cur.close()
+            finally:
+                self._out -= 1
+                self._last_use = time.monotonic()
+                if not self._out and self._closing:
+                    self._close_locked()
+
+    def drain(self) -> None:
+        """A writer waits for the file: close the connection as soon as no cursor is out."""
+        with self._lock:
+            if self._con is None:
+                return
+            if self._out:
+                self._closing = True
+            else:
+                self._close_locked()
+
+    def close(self) -> None:
+        """Close the connection; the caller makes sure no cursor is out (it holds the gate's write side)."""
+        with self._lock:
+            self._forget_after_fork()
+            if self._con is not None and not self._out:
+                self._close_locked()
+
+    def _close_locked(self) -> None:
+        con, self._con, self._key, self._state, self._closing = self._con, None, None, None, False
+        if con is not None:
+            with contextlib.suppress(duckdb.Error):  # an invalidated connection may refuse even that
+                con.close()
+
+    def _forget_after_fork(self) -> None:
+        if self._pid != os.getpid():  # the parent's connection and cursors are not this process's
+            _keep_forever(self._con)
+            self._pid, self._con, self._out, self._closing = os.getpid(), None, 0, False
+
+    def close_if_idle(self) -> None:
+        """Close the connection when no cursor is out (without waiting for a lock another thread holds)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._con is not None and not self._out and self._pid == os.getpid():
+                    self._close_locked()
+            finally:
+                self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        """A forked child (a DataLoader worker, ...): a fresh lock, and the parent's connection left untouched."""
+        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
+        self._forget_after_fork()
+
+    def _watch(self, generation: int) -> None:
+        # no reference to a DuckDB object lives in this frame: a daemon thread that drops one while
+        # the interpreter shuts down would run DuckDB's destructor then, and abort the process
+        while True:
+            time.sleep(_POOL_POLL_S)
+            raised = self._flag.is_raised()
+            with self._lock:
+                if _EXITING or self._con is None or self._generation != generation or self._pid != os.getpid():
+                    return  # closed (or reopened: that connection has its own watcher)
+                if self._out:
+                    if raised:
+                        self._closing = True
+                    continue
+                if raised or time.monotonic() - self._last_use > _POOL_IDLE_S or _file_state(self._file) != self._state:
+                    self._close_locked()
+                    return
+
+
+_POOLS: dict[str, _ReadPool] = {}
+_EXITING = False
+
+
+def _keep_forever(con: duckdb.DuckDBPyConnection | None) -> None:
+    """Never close or free a connection a forked child inherited: DuckDB's destructor would run on
+    the parent's database in this process (its threads are not here) and crash it."""
+    if con is not None:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(con))
+
+
+def _before_fork() -> None:
+    # a child inheriting an open database would find it in DuckDB's instance cache and could not open
+    # the file with other settings: idle pooled connections are closed first (the next read reopens)
+    for pool in list(_POOLS.values()):
+        pool.close_if_idle()
+
+
+def _after_fork_in_child() -> None:
+    global _GATES_LOCK
+    _GATES_LOCK = threading.Lock()
+    for pool in _POOLS.values():
+        pool.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _pool_for(path: str, flag: _WriterFlag) -> _ReadPool:
+    """The one read pool of a catalog file in this process."""
+    with _GATES_LOCK:
+        return _POOLS.setdefault(path, _ReadPool(path, flag))
+
+
+@atexit.register
+def _close_pools() -> None:
+    """Close idle pooled connections before the interpreter shuts down.
+
+    Afterwards no watcher calls into DuckDB: a daemon thread stopped inside DuckDB's C++ code while
+    the interpreter finalises aborts the process.
+    """
+    global _EXITING
+    with _GATES_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        with pool._lock:
+            pool._closing = True
+            if not pool._out:
+                pool._close_locked()
+    _EXITING = True  # watchers stop without touching DuckDB
+
+
 # ---- cross-process writer flag ---------------------------------------------------------------
 class _WriterFlag:
     """"A writer is waiting for this catalog": an exclusive advisory lock on ``<catalog>.turnstile``.
@@ -334,6 +535,7 @@ class Catalog:
         self._file = os.path.realpath(self.path)
         self._gate = _gate_for(self._file)
         self._flag = _WriterFlag(self._file)
+        self._pool = _pool_for(self._file, self._flag)
 
     # ---- connections ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -359,11 +561,11 @@ class Catalog:
         deadline = time.monotonic() + self.retry_seconds
         if read_only:
             settings = dict(READ_CONFIG if config is None else config)
-            con = self._open_read(settings, deadline)
+            con, pooled = self._open_read(settings, deadline)
             flag, leave = None, self._gate.leave_read
         else:
             con, flag = self._open_write(dict(config or {}), deadline)
-            leave = self._gate.leave_write
+            pooled, leave = False, self._gate.leave_write
         try:
             yield con
         except duckdb.Error as err:
@@ -372,12 +574,16 @@ class Catalog:
             raise
         finally:
             try:
-                con.close()
+                if pooled:
+                    self._pool.give_back(con)
+                else:
+                    con.close()
             finally:
                 _WriterFlag.lower(flag)
                 leave()
 
-    def _open_read(self, settings: dict[str, Any], deadline: float) -> duckdb.DuckDBPyConnection:
+    def _open_read(self, settings: dict[str, Any], deadline: float) -> tuple[duckdb.DuckDBPyConnection, bool]:
+        """A read connection and whether it is a cursor of the pool (default settings) or its own."""
         if not self.path.exists():
             msg = (f"The catalog {str(self.path)!r} does not exist, so it cannot be opened read-only. Open the "
                    "store with store.Store(path) (or any scdm command) first: that creates it.")
@@ -390,11 +596,15 @@ class Catalog:
         patience = min(time.monotonic() + _FLAG_PATIENCE_S, deadline)
         while True:
             if not nested and time.monotonic() < patience and self._flag.is_raised():
-                flag_wait.sleep()  # a writer waits for the file: open nothing new, so that it drains
+                self._pool.drain()  # a writer waits for the file: open nothing new, so that it drains
+                flag_wait.sleep()
                 continue
             self._gate.enter_read(key, deadline, repr(str(self.path)))
             try:
-                return duckdb.connect(self._file, read_only=True, config=settings)
+                if key == _DEFAULT_READ_KEY:
+                    return self._pool.cursor(settings, key), True
+                self._pool.close()  # other settings: the gate admitted no default reader, so none is out
+                return duckdb.connect(self._file, read_only=True, config=settings), False
             except (duckdb.IOException, duckdb.ConnectionException) as err:
                 self._gate.leave_read()
                 if not _is_lock_error(err):
@@ -425,6 +635,7 @@ class Catalog:
         while True:
             self._gate.enter_write(deadline, where)
             try:
+                self._pool.close()  # the gate admitted the write: no read is open, the pooled connection is idle
                 return duckdb.connect(self._file, read_only=False, config=settings), flag
             except (duckdb.IOException, duckdb.ConnectionException) as err:
                 self._gate.leave_write()

@@ -78,6 +78,19 @@ def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _checkpoint_source(telemetry: Any) -> str | None:
+    """``org/name@commit`` or the local folder, from an embedding's telemetry JSON (None when it records none)."""
+    try:
+        source = json.loads(telemetry).get("checkpoint") if isinstance(telemetry, str) else None
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(source, dict):
+        return None
+    if source.get("hub_id"):
+        return f"{source['hub_id']}@{source.get('commit') or source.get('revision')}"
+    return str(source["path"]) if source.get("path") else None
+
+
 def _short_hash(*parts: Any, n: int = 16) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
@@ -185,9 +198,8 @@ class ChunkTarget:
         for every chunk).
         """
         lo, block = self.checked_block(chunk, block)
-        arr = array if array is not None else _zarr.open_array(self.location)
-        arr[lo:lo + block.shape[0]] = block
-        return ChunkRecord(chunk, int(block.shape[0]), _zarr.chunk_checksum(block), seconds)
+        checksum = _zarr.RowWriter(self.location, array).write(lo, block)
+        return ChunkRecord(chunk, int(block.shape[0]), checksum, seconds)
 
     def stored_checksum(self, chunk: int) -> str | None:
         """Checksum of the chunk's rows as they are stored now (None when its chunk data is absent)."""
@@ -398,9 +410,6 @@ class Embedding:
         return self.store.read_embedding(self.embedding_id, rows=rows, allow_partial=allow_partial)
 
 
-_CHECKSUM_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scdm-checksum")
-
-
 class ChunkWriter:
     """Writes chunks of one embedding; catalog rows are committed in batches (see :meth:`Embedding.writer`).
 
@@ -423,6 +432,7 @@ class ChunkWriter:
                 self.job.close()
             raise
         self._local = _zarr.local_path(emb.location) is not None
+        self._rows = _zarr.RowWriter(emb.location, self._array)
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="scdm-chunk-writer")
         self._in_flight: list[tuple[Future[str], list[Any]]] = []
         self._pending: list[list[Any]] = []
@@ -434,6 +444,9 @@ class ChunkWriter:
     def __exit__(self, *exc: Any) -> None:
         try:
             self._drain(wait=True)  # whatever went wrong, chunks whose data is on disk are kept
+            if not self._pending and exc[0] is None:
+                with self.emb.store.catalog.transaction() as con:
+                    _require_row(con, self.emb.embedding_id)  # removed meanwhile: say so, however fast the writes were
             self.commit()
         finally:
             self._pool.shutdown(wait=True)
@@ -455,9 +468,7 @@ class ChunkWriter:
         return self.job.wait_for(chunks, between=self.commit)
 
     def _write_file(self, lo: int, block: np.ndarray) -> str:
-        checksum = _CHECKSUM_POOL.submit(_zarr.chunk_checksum, block)  # overlaps the file write (both release the GIL)
-        self._array[lo:lo + block.shape[0]] = block
-        return checksum.result()
+        return self._rows.write(lo, block)  # hashes each piece as it is written (see _zarr.RowWriter)
 
     def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
         """Queue one chunk's rows for writing (atomic chunk file); its catalog row follows the write."""
@@ -815,8 +826,7 @@ class Store:
         if datasets is None:
             ids = list(self.query("SELECT dataset_id FROM datasets ORDER BY dataset_id")["dataset_id"])
         else:
-            names = [datasets] if isinstance(datasets, str) else list(datasets)
-            ids = [self.dataset(n).dataset_id for n in names]
+            ids = self._dataset_ids([datasets] if isinstance(datasets, str) else list(datasets))
         frame = self.query('SELECT c.*, l.name AS label_set FROM cells c LEFT JOIN label_sets l '
                            'ON l.dataset_id = c.dataset_id AND l.is_default '
                            'WHERE list_contains(?, c.dataset_id) ORDER BY c.dataset_id, c."row"', [ids])
@@ -829,6 +839,16 @@ class Store:
         frame["response"] = frame["response"].astype("Int8")
         frame["label_set"] = label_set
         return frame
+
+    def _dataset_ids(self, names: Sequence[str]) -> list[str]:
+        """Ids of datasets given by name or id (as :meth:`dataset` resolves them), from one catalog query."""
+        table = self.query("SELECT dataset_id, name FROM datasets")
+        pairs = list(zip(table["dataset_id"], table["name"]))
+        ids = []
+        for n in names:
+            hits = [i for i, name in pairs if name == n or i == n or (len(n) >= 6 and i.startswith(n))]
+            ids.append(hits[0] if len(hits) == 1 else self.dataset(n).dataset_id)  # dataset() raises the usual error
+        return ids
 
     def label_sets(self, datasets: str | Iterable[str] | None = None) -> pd.DataFrame:
         """Label sets of some (default: all) datasets with their dataset name (see :mod:`store.labels`)."""
@@ -1050,7 +1070,12 @@ class Store:
         return self._handle(frame.iloc[0])
 
     def embeddings(self, status: str | None = None) -> pd.DataFrame:
-        """All embeddings with their dataset name and chunk progress."""
+        """All embeddings with their dataset name and chunk progress.
+
+        ``checkpoint_source`` says where the checkpoint of the run that completed it came from:
+        ``org/name@commit`` for a Hugging Face Hub id, the folder for a local one, None for
+        baselines and embeddings made before scdm recorded it (``telemetry["checkpoint"]`` has it all).
+        """
         sql = (
             "SELECT e.embedding_id, e.dataset_id, d.name AS dataset_name, e.space_id, e.model, e.variant, e.dim, "
             "e.dtype, e.n_cells, e.status, (SELECT count(*) FROM embedding_chunks k WHERE k.embedding_id = e.embedding_id) "
@@ -1061,7 +1086,9 @@ class Store:
         if status:
             sql += " WHERE e.status = ?"
             args.append(status)
-        return self.query(sql + " ORDER BY e.created_at", args)
+        frame = self.query(sql + " ORDER BY e.created_at", args)
+        frame["checkpoint_source"] = [_checkpoint_source(t) for t in frame["telemetry"]]
+        return frame
 
     def read_embedding(self, embedding_id: str, rows: np.ndarray | Sequence[int] | None = None, *, allow_partial: bool = False) -> np.ndarray:
         """The embedding as float32 ``ndarray`` of shape (n_cells, dim), rows in dataset order.
@@ -1106,6 +1133,9 @@ class Store:
     def _readable(self, embedding_id: str, *, fresh: bool = False) -> tuple[Embedding, str, dict[int, str]]:
         """(handle, status, committed checksum per chunk); complete embeddings are cached unless ``fresh``."""
         emb = None if fresh else self._complete.get(embedding_id)
+        if emb is None and not fresh:
+            self._cache_space_of(embedding_id)
+            emb = self._complete.get(embedding_id)
         sums = self._chunk_sums.get(emb.embedding_id) if emb is not None else None
         if emb is not None and sums is not None and _zarr.array_exists(emb.location):
             return emb, "complete", sums
@@ -1117,6 +1147,24 @@ class Store:
             self._complete[emb.embedding_id] = self._complete[embedding_id] = emb
             self._chunk_sums[emb.embedding_id] = sums
         return emb, status, sums
+
+    def _cache_space_of(self, embedding_id: str) -> None:
+        """Cache every complete embedding of ``embedding_id``'s space with its checksums: two catalog queries
+        for a space's datasets, where reading them one by one took two each (evaluation reads them all)."""
+        frame = self.query(
+            "SELECT * FROM embeddings WHERE status = 'complete' AND space_id IN (SELECT space_id FROM embeddings "
+            "WHERE embedding_id = ?)", [embedding_id])
+        if frame.empty:
+            return  # an id prefix, or not complete: the one-by-one path answers
+        sums = self.query("SELECT embedding_id, chunk, checksum FROM embedding_chunks WHERE list_contains(?, embedding_id)",
+                          [list(frame["embedding_id"])])
+        by_id: dict[str, dict[int, str]] = {e: {} for e in frame["embedding_id"]}
+        for e, c, k in zip(sums["embedding_id"], sums["chunk"], sums["checksum"]):
+            by_id[e][int(c)] = str(k)
+        for i in range(len(frame)):
+            emb = self._handle(frame.iloc[i])
+            self._complete[emb.embedding_id] = emb
+            self._chunk_sums[emb.embedding_id] = by_id[emb.embedding_id]
 
     def _chunk_checksums(self, embedding_id: str) -> dict[int, str]:
         frame = self.query("SELECT chunk, checksum FROM embedding_chunks WHERE embedding_id = ?", [embedding_id])

@@ -1,10 +1,14 @@
 """Embedding matrices as Zarr v3 arrays: rows = cells, one chunk = one block of whole rows.
 
-Arrays are written through zarr-python (atomic chunk files) and are plain Zarr v3 that any
-Zarr client can open. Because the default layout is uncompressed with full-width row chunks, a
-chunk file is the chunk's rows as raw little-endian bytes; reads use that directly (one
-``readinto`` per chunk, or a memory map for row subsets), which is several times faster than
-going through the generic codec pipeline. Arrays with codecs fall back to zarr-python.
+Arrays are plain Zarr v3 that any Zarr client can open. Because the default layout is
+uncompressed with full-width row chunks, a chunk file is the chunk's rows as raw little-endian
+bytes (the edge chunk padded to full size with the fill value, as zarr-python writes it). Writes
+and reads use that directly: a chunk is written to a temporary file next to its key and renamed
+into place (atomic, as zarr-python's local store does), with its CRC-32 computed on each piece
+just before the piece is written (still in the CPU cache); reads fill one preallocated output
+with ``readinto`` per chunk and hash each piece as it arrives (or use a memory map for row
+subsets). That is several times faster than the generic codec pipeline and its writer threads.
+Arrays with codecs, and remote URLs, go through zarr-python.
 
 An array's location is a local path or an fsspec URL (``file:///shared/x.zarr``,
 ``s3://bucket/prefix/x.zarr``), so that workers on other machines can write and read the same
@@ -20,12 +24,14 @@ hashed again while its file is unchanged (same inode, size, mtime and ctime).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -50,6 +56,7 @@ __all__ = [
     "default_chunk_rows",
     "create_array",
     "write_rows",
+    "RowWriter",
     "read_rows",
     "chunk_checksum",
     "checksum_matches",
@@ -67,6 +74,24 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16")
+
+_PIECE = 1 << 20
+"""Bytes per ``readinto`` on the raw read path; each piece is hashed while it is in cache (measured
+on a 2-core EPYC: 1 MiB pieces verify a full read at ~1.1x np.load, whole-chunk reads then hashing at ~1.4x)."""
+_WRITE_PIECE = 4 << 20
+"""Bytes per ``write`` on the raw write path (smaller pieces cost more in the kernel than a cache miss)."""
+
+
+def _pick_crc32() -> Callable[..., int]:
+    """zlib-ng's CRC-32 (same values as zlib's, ~4x faster with carry-less multiply) when installed."""
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:
+        return zlib.crc32
+    return cast("Callable[..., int]", zlib_ng.crc32)
+
+
+_crc32 = _pick_crc32()
 
 ArrayLocation = Path | str
 """A local path, or a URL with a scheme (``file://``, ``s3://``, ``gs://``, ``memory://``, ...)."""
@@ -243,7 +268,7 @@ def chunk_checksum(block: np.ndarray) -> str:
     CRC-32 runs at several GB/s (blake2b at ~0.7 GB/s would dominate writing); it guards against
     accidents, not tampering.
     """
-    return f"crc32:{zlib.crc32(np.ascontiguousarray(block).data.cast('B')):08x}"
+    return f"crc32:{_crc32(np.ascontiguousarray(block).data.cast('B')):08x}"
 
 
 def checksum_matches(data: Any, expected: str) -> bool:
@@ -254,15 +279,27 @@ def checksum_matches(data: Any, expected: str) -> bool:
     """
     view = memoryview(data).cast("B")
     if expected.startswith("crc32:"):
-        return f"crc32:{zlib.crc32(view):08x}" == expected
+        return f"crc32:{_crc32(view):08x}" == expected
     import hashlib
 
     return hashlib.blake2b(view, digest_size=16).hexdigest() == expected
 
 
 @lru_cache(maxsize=64)
+def _zeros_crc32(n_bytes: int) -> str:
+    """The :func:`chunk_checksum` of ``n_bytes`` zero bytes."""
+    return f"crc32:{_crc32(bytes(n_bytes)):08x}"
+
+
 def _zeros_match(n_bytes: int, expected: str) -> bool:
     """Whether ``n_bytes`` zero bytes have checksum ``expected`` (an all-zero chunk has no file)."""
+    if expected.startswith("crc32:"):
+        return expected == _zeros_crc32(n_bytes)
+    return _zeros_blake2b_match(n_bytes, expected)
+
+
+@lru_cache(maxsize=64)
+def _zeros_blake2b_match(n_bytes: int, expected: str) -> bool:
     return checksum_matches(bytes(n_bytes), expected)
 
 
@@ -270,6 +307,70 @@ def write_rows(location: ArrayLocation, start: int, block: np.ndarray) -> None:
     """Write ``block`` into rows ``start:start+len(block)`` (each local chunk file is replaced atomically)."""
     arr = open_array(location)
     arr[start:start + block.shape[0]] = block
+
+
+class RowWriter:
+    """Writes whole row-chunks of one array and returns the checksum of each (what is committed).
+
+    Local uncompressed arrays (the default layout) are written directly: the chunk's bytes go to
+    a temporary file in the chunk's folder, hashed piece by piece on the way, and the file is
+    renamed over the chunk key, so a reader or a crash sees the old chunk or the new one, never
+    part of one. The result is the same Zarr v3 chunk zarr-python writes (edge chunk padded with
+    the fill value; an all-zero chunk has no file). Other arrays go through zarr-python.
+    Safe to use from several threads for different chunks.
+    """
+
+    def __init__(self, location: ArrayLocation, array: Any = None) -> None:
+        self.location = location
+        path = local_path(location)
+        layout = _RawLayout(path) if path is not None else None
+        self._raw = layout if layout is not None and layout.ok and not layout.fill_value else None
+        self._array = array if self._raw is None and array is not None else None
+
+    def write(self, start: int, block: np.ndarray) -> str:
+        """Write ``block`` (rows ``start:start+len(block)``, one whole chunk) and return its :func:`chunk_checksum`."""
+        layout = self._raw
+        block = np.ascontiguousarray(block)
+        if layout is not None and block.dtype == layout.dtype and block.ndim == 2 and block.shape[1] == layout.shape[1]:
+            chunk, offset = divmod(start, layout.chunk_rows)
+            if offset == 0 and layout.bounds(chunk) == (start, start + block.shape[0]):
+                return _write_raw_chunk(layout, chunk, block)
+        if self._array is None:
+            self._array = open_array(self.location)
+        checksum = chunk_checksum(block)
+        self._array[start:start + block.shape[0]] = block
+        return checksum
+
+
+def _write_raw_chunk(layout: _RawLayout, chunk: int, block: np.ndarray) -> str:
+    """Write one whole chunk's rows as its chunk file (atomic rename); the CRC-32 of the rows."""
+    data = memoryview(block.reshape(-1).view(np.uint8).data)  # .data: numpy's stubs lack Buffer
+    target = layout.chunk_file(chunk)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")  # zarr-python's own temporary names
+    crc = 0
+    try:
+        with open(tmp, "wb", buffering=0) as fh:
+            for pos in range(0, len(data), _WRITE_PIECE):
+                piece = data[pos:pos + _WRITE_PIECE]
+                crc = _crc32(piece, crc)  # while the piece is in cache: no second pass over the rows
+                while piece:
+                    piece = piece[fh.write(piece) or 0:]
+            if len(data) < layout.chunk_nbytes:
+                fh.truncate(layout.chunk_nbytes)  # the edge chunk's padding: zero bytes, the fill value 0
+        checksum = f"crc32:{crc:08x}"
+        if _zeros_match(len(data), checksum) and not block.any():
+            # an all-zero chunk is not stored (zarr-python's write_empty_chunks=False): it reads as the fill value
+            tmp.unlink()
+            target.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()  # the folder too, unless another chunk file or a writer's temporary is in it
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return checksum
 
 
 class _RawLayout:
@@ -348,24 +449,14 @@ def _load_raw_chunk(layout: _RawLayout, i: int, target: np.ndarray, expected: st
     """Read the rows of chunk ``i`` into ``target`` (their bytes) and check them against ``expected``.
 
     ``expected=None`` (a chunk not committed yet) reads without checking. With ``trust_cache``,
-    a file verified earlier in this process and unchanged since is not hashed again.
+    a file verified earlier in this process and unchanged since is not hashed again. A CRC-32 is
+    computed piece by piece as the bytes arrive (each piece still in cache).
 
     Raises
     ------
     ChunkCorruptError
         If the chunk file is missing (and the chunk was not all zeros), has the wrong size, or
         its rows do not match the checksum.
-    """
-    sig = _read_raw_chunk(layout, i, target, expected)
-    if sig is not None and expected is not None and not (trust_cache and _known_good(layout.chunk_file(i), sig, expected)):
-        _check_hash(layout.chunk_file(i), i, sig, target, expected)
-
-
-def _read_raw_chunk(layout: _RawLayout, i: int, target: np.ndarray, expected: str | None) -> Signature | None:
-    """Read chunk ``i``'s rows into ``target``; the file's signature, or None when it has no file.
-
-    Checks what needs no hashing: a missing file must stand for an all-zero chunk, and a file
-    must have the full chunk's size.
     """
     path = layout.chunk_file(i)
     try:
@@ -374,16 +465,31 @@ def _read_raw_chunk(layout: _RawLayout, i: int, target: np.ndarray, expected: st
         target.view(layout.dtype)[:] = layout.fill_value or 0
         if expected is not None and not _zeros_match(target.nbytes, expected):
             raise _bad_chunk(i, path, "missing", "the chunk file is gone (it would read as zeros)") from None
-        return None
+        return
     with fh:
         sig = _signature(os.fstat(fh.fileno()))  # of the file actually read, even if replaced meanwhile
         if expected is not None and sig[1] != layout.chunk_nbytes:
             reason = "truncated" if sig[1] < layout.chunk_nbytes else "wrong size"
             raise _bad_chunk(i, path, reason, f"the file has {sig[1]} bytes, not {layout.chunk_nbytes}")
-        got = fh.readinto(target.data)  # .data: the array's own buffer (numpy's stubs lack Buffer)
+        check = expected is not None and not (trust_cache and _known_good(path, sig, expected))
+        fused = check and expected is not None and expected.startswith("crc32:")
+        view = memoryview(target.data).cast("B")  # .data: the array's own buffer (numpy's stubs lack Buffer)
+        got, crc = 0, 0
+        while got < len(view):
+            n = fh.readinto(view[got:got + _PIECE] if fused else view[got:])
+            if not n:
+                break
+            if fused:
+                crc = _crc32(view[got:got + n], crc)
+            got += n
     if got != target.nbytes:
         raise _bad_chunk(i, path, "truncated", f"read {got} of {target.nbytes} bytes")
-    return sig
+    if not check or expected is None:
+        return
+    if fused and f"crc32:{crc:08x}" == expected:
+        _remember_good(path, sig, expected)
+        return
+    _check_hash(path, i, sig, target, expected)
 
 
 def _check_hash(path: Path, i: int, sig: Signature, data: np.ndarray, expected: str) -> None:

@@ -1,0 +1,161 @@
+"""The read-connection pool: reads in one process share one open connection, and it gives way to writers.
+
+Every wait has a timeout, so a pool that never lets go of the file fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from scdm.store import _catalog
+from scdm.store._catalog import Catalog
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT_S = 20.0
+
+
+@pytest.fixture()
+def cat(tmp_path: Path) -> Iterator[Catalog]:
+    catalog = Catalog(tmp_path / "catalog.duckdb", retry_seconds=30)
+    catalog.execute("CREATE TABLE t (i INTEGER PRIMARY KEY)")
+    yield catalog
+    catalog._pool.close()
+
+
+@pytest.fixture()
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """read_only flag of every duckdb.connect call made from now on."""
+    calls: list[bool] = []
+    real = duckdb.connect
+
+    def counting(*args: Any, **kwargs: Any) -> duckdb.DuckDBPyConnection:
+        calls.append(bool(kwargs.get("read_only", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_catalog.duckdb, "connect", counting)
+    return calls
+
+
+def wait_for(ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def count(cat: Catalog) -> int:
+    return int(cat.query("SELECT count(*) AS n FROM t")["n"].iloc[0])
+
+
+def test_many_reads_open_one_connection(cat: Catalog, connects: list[bool]) -> None:
+    for _ in range(50):
+        assert count(cat) == 0
+    assert cat.read_only_query("SELECT 1 AS one")["one"].tolist() == [1]  # user SQL shares it too
+    errors: list[BaseException] = []
+
+    def reads() -> None:
+        try:
+            for _ in range(20):
+                count(cat)
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=reads) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert errors == []
+    assert connects == [True]  # 131 reads, one connection
+
+
+def test_a_write_here_is_seen_by_the_next_read(cat: Catalog, connects: list[bool]) -> None:
+    assert count(cat) == 0
+    cat.execute("INSERT INTO t VALUES (1)")  # closes the pooled connection first (DuckDB needs that)
+    assert count(cat) == 1
+    assert connects == [True, False, True]
+
+
+def test_reads_with_other_settings_take_the_file_in_turn(cat: Catalog) -> None:
+    assert count(cat) == 0
+    with cat.connect(read_only=True, config={"enable_external_access": False}) as con:
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    assert count(cat) == 0
+
+
+WRITER = """
+import sys
+sys.path.insert(0, {root!r})
+from scdm.store._catalog import Catalog
+Catalog(sys.argv[1], retry_seconds=20).execute("INSERT INTO t VALUES (42)")
+"""
+
+
+def test_a_write_from_another_process_is_seen_by_the_next_read(cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_catalog, "_POOL_IDLE_S", 60.0)  # only the writer's flag can make the pool let go
+    assert count(cat) == 0
+    assert cat._pool._con is not None  # the pooled connection holds the file's shared lock
+    code = textwrap.dedent(WRITER.format(root=str(ROOT / "src")))
+    started = time.monotonic()
+    writer = subprocess.run([sys.executable, "-c", code, str(cat.path)], capture_output=True, text=True, timeout=WAIT_S * 2)
+    assert writer.returncode == 0, writer.stderr
+    assert time.monotonic() - started < 15  # it got the file long before its retry budget ran out
+    assert count(cat) == 1
+    assert cat.query("SELECT i FROM t")["i"].tolist() == [42]
+
+
+def test_an_idle_pool_lets_go_of_the_file(cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_catalog, "_POOL_IDLE_S", 0.05)
+    assert count(cat) == 0
+    wait_for(lambda: cat._pool._con is None, "the idle pooled connection closed")
+    con = duckdb.connect(str(cat.path))  # a plain DuckDB client raises no flag: it only needs the file free
+    con.execute("INSERT INTO t VALUES (5)")
+    con.close()
+    assert count(cat) == 1
+
+
+def test_a_replaced_catalog_file_is_reopened(cat: Catalog, tmp_path: Path) -> None:
+    other = Catalog(tmp_path / "other.duckdb")
+    other.execute("CREATE TABLE t (i INTEGER PRIMARY KEY)")
+    other.execute("INSERT INTO t VALUES (1), (2)")
+    assert count(cat) == 0  # pooled connection open on the old file
+    assert cat._pool._con is not None
+    staged = tmp_path / "staged.duckdb"
+    shutil.copyfile(other.path, staged)
+    staged.replace(cat.path)  # a restore from backup: a new file under the old name
+    assert count(cat) == 2
+
+
+def test_a_forked_child_reads_and_writes_the_catalog_its_parent_pooled(tmp_path: Path) -> None:
+    # DataLoader workers and multiprocessing's fork start inherit the parent's memory: an open pooled
+    # database would sit in the child's DuckDB instance cache and refuse a connection with other settings
+    code = textwrap.dedent(f"""
+        import multiprocessing as mp
+        from scdm.store import Store
+
+        def child(root):
+            st = Store(root)                      # opens the catalog to write (migrate check)
+            return len(st.query("SELECT * FROM datasets"))
+
+        if __name__ == "__main__":
+            st = Store({str(tmp_path / "st")!r})
+            st.query("SELECT * FROM datasets")    # the parent's read pool is open now
+            with mp.get_context("fork").Pool(1) as pool:
+                assert pool.apply(child, ({str(tmp_path / "st")!r},)) == 0
+            assert len(st.query("SELECT * FROM datasets")) == 0
+    """)
+    script = tmp_path / "fork_child.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,113 @@
+"""Chunk files written directly (``_zarr.RowWriter``) and read with a CRC-32 per piece (issue 19 point 3)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import zarr
+
+from scdm.store import _zarr
+from scdm.store.errors import ChunkCorruptError
+
+N, DIM, ROWS = 50, 12, 16  # 4 chunks, the last one (2 rows) an edge chunk
+
+
+def _rows(lo: int, hi: int) -> np.ndarray:
+    r = np.arange(lo, hi, dtype=np.float32)[:, None]
+    return (r * 0.5 + np.arange(DIM, dtype=np.float32)[None, :]).astype(np.float32)
+
+
+@pytest.fixture()
+def array(tmp_path):
+    location = tmp_path / "a.zarr"
+    _zarr.create_array(location, n_rows=N, dim=DIM, dtype="float32", chunk_rows=ROWS)
+    return location
+
+
+def _write_all(location, zero_chunk: int | None = None) -> dict[int, str]:
+    writer = _zarr.RowWriter(location)
+    sums = {}
+    for c, lo in enumerate(range(0, N, ROWS)):
+        hi = min(lo + ROWS, N)
+        block = np.zeros((hi - lo, DIM), np.float32) if c == zero_chunk else _rows(lo, hi)
+        sums[c] = writer.write(lo, block)
+    return sums
+
+
+def test_chunks_written_directly_are_what_zarr_python_writes_and_reads(array, tmp_path):
+    sums = _write_all(array, zero_chunk=1)
+    expected = _rows(0, N)
+    expected[ROWS:2 * ROWS] = 0
+    assert np.array_equal(zarr.open_array(str(array), mode="r")[:], expected)  # any Zarr client reads it
+    # byte for byte the chunk files zarr-python itself writes: padded edge chunk, no file for the all-zero chunk
+    reference = tmp_path / "ref.zarr"
+    _zarr.create_array(reference, n_rows=N, dim=DIM, dtype="float32", chunk_rows=ROWS)
+    zarr.open_array(str(reference), mode="r+")[:] = expected
+    for c in range(4):
+        ours, theirs = array / "c" / str(c) / "0", reference / "c" / str(c) / "0"
+        assert ours.exists() == theirs.exists() == (c != 1)
+        if c != 1:
+            assert ours.read_bytes() == theirs.read_bytes()
+    assert not (array / "c" / "1").exists()
+    assert not list(array.rglob("*.partial"))
+    assert sums == {c: _zarr.chunk_checksum(expected[c * ROWS:(c + 1) * ROWS]) for c in range(4)}
+    assert np.array_equal(_zarr.read_rows(array, checksums=sums), expected)
+
+
+def test_crc32_is_zlibs_whichever_implementation_runs():
+    data = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    assert _zarr.chunk_checksum(data) == f"crc32:{zlib.crc32(data.tobytes()):08x}"
+    assert _zarr._crc32(data[50:].tobytes(), _zarr._crc32(data[:50].tobytes())) == zlib.crc32(data.tobytes())
+
+
+def test_an_interrupted_write_keeps_the_committed_chunk_and_leaves_no_partial_file(array, monkeypatch):
+    sums = _write_all(array)
+    before = (array / "c" / "0" / "0").read_bytes()
+    monkeypatch.setattr(_zarr, "_WRITE_PIECE", 64)  # several pieces per chunk: fail after the first one
+
+    calls = {"n": 0}
+    real = _zarr._crc32
+
+    def crash_on_second_piece(data, value=0):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(data, value)
+
+    monkeypatch.setattr(_zarr, "_crc32", crash_on_second_piece)
+    with pytest.raises(KeyboardInterrupt):
+        _zarr.RowWriter(array).write(0, _rows(0, ROWS) + 1)
+    assert (array / "c" / "0" / "0").read_bytes() == before
+    assert not list(array.rglob("*.partial"))
+    monkeypatch.setattr(_zarr, "_crc32", real)
+    _zarr.forget_verified()
+    assert np.array_equal(_zarr.read_rows(array, checksums=sums), _rows(0, N))
+
+
+@pytest.mark.parametrize("piece", [64, 1 << 20])
+def test_a_flipped_byte_is_caught_by_the_piecewise_crc(array, monkeypatch, piece):
+    monkeypatch.setattr(_zarr, "_PIECE", piece)
+    sums = _write_all(array)
+    path = array / "c" / "2" / "0"
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 1
+    path.write_bytes(bytes(raw))
+    _zarr.forget_verified()
+    with pytest.raises(ChunkCorruptError, match="checksum mismatch") as err:
+        _zarr.read_rows(array, checksums=sums)
+    assert err.value.chunk == 2
+    assert [e.chunk for e in _zarr.verify_chunks(array, sums)] == [2]
+    # the unverified read still returns the bytes as stored; a verified one never does
+    assert not np.array_equal(_zarr.read_rows(array), _rows(0, N))
+
+
+def test_a_verified_read_is_remembered_until_the_file_changes(array):
+    sums = _write_all(array)
+    _zarr.forget_verified()
+    assert np.array_equal(_zarr.read_rows(array, checksums=sums), _rows(0, N))
+    assert len([k for k in _zarr._VERIFIED if k.startswith(str(array))]) == 4
+    _zarr.RowWriter(array).write(16, _rows(16, 32) * 2)  # rewritten: a new file, not trusted any more
+    with pytest.raises(ChunkCorruptError, match="chunk 1|Chunk 1"):
+        _zarr.read_rows(array, checksums=sums)
