@@ -25,7 +25,7 @@ FORMATS = ("table", "csv", "json")
 # The option values the library functions accept (as their Literal parameter types); click.Choice
 # has already validated the value when a command receives it.
 Scenario = Literal["pooled", "cross", "custom"]
-SplitScheme = Literal["cell", "sample"]
+SplitScheme = Literal["auto", "cell", "sample"]
 Executor = Literal["local", "ray"]
 ResponseKind = Literal["auto", "binary", "ic50", "auc", "activity_area"]
 Balance = Literal["none", "upsample", "downsample", "smote"]
@@ -36,6 +36,58 @@ GeneProfile = Literal["default", "paper"]
 
 
 # ---- shared plumbing -----------------------------------------------------------------------
+CHECKPOINT_HELP = ("The model's checkpoint: a local folder in its official format (`scdm models --long` lists the files), or a "
+                   "Hugging Face Hub id, org/name or org/name@revision (HF_HOME and HF_HUB_OFFLINE=1 are honoured; the "
+                   "resolved commit is recorded). A local folder of that name wins.")
+"""Help of every --checkpoint that takes a foundation-model checkpoint."""
+
+
+class AliasOption(click.Option):
+    """An option that also answers to old spellings, kept for one release and left out of --help.
+
+    ``RENAMED`` lists them all (README and the release notes quote it).
+    """
+
+    def __init__(self, *args: Any, aliases: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.aliases = aliases
+        self.opts = [*self.opts, *aliases]
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown, self.opts = self.opts, [o for o in self.opts if o not in self.aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+RENAMED: dict[str, str] = {
+    "--heads": "--head", "--scheme": "--split-scheme", "--category-type": "--by", "--cancer-key": "--cancer-type-key",
+}
+"""Old option spelling -> the one every command uses now (the old ones still work, unlisted)."""
+
+
+def renamed_option(*names: str, aliases: tuple[str, ...], **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``click.option`` with hidden old spellings (see :class:`AliasOption`)."""
+    return click.option(*names, cls=AliasOption, aliases=aliases, **kwargs)
+
+
+def split_commas(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[str, ...]:
+    """A list option given repeatedly, comma-separated, or both: ``--head a --head b,c`` -> (a, b, c)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    return tuple(dict.fromkeys(v.strip() for item in items for v in str(item).split(",") if v.strip()))
+
+
+def list_option(*names: str, default: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (),
+                **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A repeatable option that also takes comma-separated values (the one list syntax of every command)."""
+    if default is not None:
+        kwargs.update(default=list(default), show_default=",".join(default))
+    return click.option(*names, cls=AliasOption, aliases=aliases, multiple=True, callback=split_commas, **kwargs)
+
+
 WRITING_COMMANDS = frozenset({"ingest", "embed", "rm", "finetune", "evaluate", "transfer", "genes", "train-head",
                               "predict", "demo"})
 """Commands that change the store: refused up front (before any work) on a read-only store."""
@@ -112,7 +164,7 @@ def echo_frame(frame: Any, fmt: str = "table", *, max_width: int = 60) -> None:
 
 def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options mapping AnnData columns to the catalog (shared by ingest and embed)."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--name", help="Dataset name in the store (default: the file name without .h5ad)."),
         click.option("--label-key", help="obs column with the drug response (sensitive/resistant, responder/non-responder, 0/1, booleans)."),
         click.option("--positive", help="Label value that means sensitive when labels are not sensitive/resistant-like; other values become resistant."),
@@ -125,7 +177,7 @@ def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--sample", help="One sample id for every cell."),
         click.option("--tissue-key", help="obs column with the tissue."),
         click.option("--tissue", help="One tissue for every cell, in scDrugMap's vocabulary: Cell line, Tumor tissue, Bone marrow aspirate, Peripheral blood mononuclear cells."),
-        click.option("--cancer-key", help="obs column with the cancer type."),
+        renamed_option("--cancer-type-key", "cancer_key", aliases=("--cancer-key",), help="obs column with the cancer type."),
         click.option("--cancer-type", help="One cancer type for every cell, e.g. Melanoma, Lung cancer, Multiple myeloma (scDrugMap's Cancer_type_level1)."),
         click.option("--drug-type-key", help="obs column with the drug type."),
         click.option("--drug-type", help="One drug type for every cell: Targeted therapy, Chemotherapy or Immunotherapy (scDrugMap's Drug_type)."),
@@ -159,21 +211,24 @@ def _ingest_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
                    "ls, sql, results, export, report, verify and serve work, writing commands refuse.")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug with tracebacks).")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also write the log to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (every command also takes -q).")
 @click.version_option(package_name="scdm", message="scdm %(version)s")
 @click.pass_context
-def main(ctx: click.Context, store_path: str | None, read_only: bool | None, verbose: int, log_file: str | None) -> None:
+def main(ctx: click.Context, store_path: str | None, read_only: bool | None, verbose: int, log_file: str | None,
+         quiet: bool) -> None:
     """scdm: embed single cells once with foundation models, evaluate drug-response heads many times.
 
     \b
     Typical session:
       scdm ingest a375.h5ad --label-key response_PLX4720 --study GSE108383
       scdm embed a375 --model pca
-      scdm evaluate --scenario pooled,cross --heads logreg,mlp
+      scdm evaluate --scenario pooled,cross --head logreg,mlp
       scdm results
-      scdm sql "SELECT model, avg(value) FROM results GROUP BY ALL"
+      scdm sql "SELECT model, head, avg(value) FROM results WHERE metric = 'auroc' GROUP BY ALL"
 
     Everything lives in one store directory (--store / $SCDM_STORE): a DuckDB catalog you can query
-    with any DuckDB client, and Zarr v3 arrays you can open with any Zarr client.
+    with any DuckDB client, and Zarr v3 arrays you can open with any Zarr client. --store, --read-only
+    and -q go before or after the command name.
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -190,6 +245,11 @@ def main(ctx: click.Context, store_path: str | None, read_only: bool | None, ver
         # transformers prints load reports (unused head weights, ...) that are expected here
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ctx.obj = Ctx(store_path, read_only=read_only or None, command=ctx.invoked_subcommand)
+    from scdm.store.progress import no_progress, plain_warnings
+
+    ctx.with_resource(plain_warnings())  # "warning: ..." once per message, not Python's format
+    if quiet:
+        ctx.with_resource(no_progress())
 
 
 # ---- store commands --------------------------------------------------------------------------
@@ -213,7 +273,7 @@ def ingest(obj: Ctx, h5ad: str, name: str | None, no_copy: bool, update: bool, *
     Examples:
       scdm ingest a375.h5ad --label-key response_PLX4720 --drug PLX-4720 --study GSE108383 \\
            --tissue "Cell line" --cancer-type Melanoma --drug-type "Targeted therapy" --regimen PLX-4720
-      scdm ingest jhu006.h5ad --label-key response_Gefitinib --drug Gefitinib
+      scdm ingest jhu006.h5ad --label-key response_Gefitinib --drug Gefitinib --study Kinker2020
       scdm ingest jhu006.h5ad --label-key response_Vorinostat --drug Vorinostat   # a second label set
       scdm ingest pc9.h5ad --label-key scDEAL_label --unknown-value not_in_scDEAL_set
     """
@@ -277,8 +337,10 @@ def _echo_sections(sections: dict[str, Any], fmt: str) -> None:
 def sql(obj: Ctx, query: str, fmt: str, max_rows: int | None, timeout_s: float | None) -> None:
     """Run a read-only SQL query on the catalog (DuckDB dialect).
 
-    Writes, COPY, ATTACH and file access are refused. Tables: datasets, genes, cells,
-    embeddings, embedding_chunks, and the evaluation tables (splits, runs, results, predictions).
+    Writes, COPY, ATTACH and file access are refused. Main tables: datasets, cells, genes,
+    label_sets, embeddings, embedding_chunks, splits, split_folds, eval_runs, eval_results (one row per
+    task x metric) and the view results (the same with the whole result identity), skipped_tasks,
+    eval_predictions, trained_heads, transfer_runs. `SHOW TABLES` lists them all.
 
     \b
     Examples:
@@ -346,7 +408,7 @@ def rm(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str | Non
 
 
 @main.command()
-@click.option("--embedding", "embedding_ids", multiple=True, help="Embedding id to check (repeatable). Default: every embedding.")
+@list_option("--embedding", "embedding_ids", help="Embedding ids to check (repeatable or comma-separated). Default: every embedding.")
 @click.option("--repair", is_flag=True, help="Put bad chunks back to pending and recompute them: pca/hvg here; for models "
               "that need a checkpoint, print the `scdm embed ... --checkpoint DIR` command to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar while repairing.")
@@ -412,24 +474,47 @@ def _repair_damaged(st: Any, report: Any, *, progress: bool) -> bool:
 
 # ---- embedding commands ----------------------------------------------------------------------
 @main.command()
+@click.option("--long", "long_format", is_flag=True, help="Every detail of every model: checkpoint files, LoRA targets, the whole description.")
 @output_options
 @user_errors
-def models(fmt: str) -> None:
-    """List the models scdm can embed with and the checkpoint files each expects."""
+def models(long_format: bool, fmt: str) -> None:
+    """List the models scdm can embed with (--long: the checkpoint files each expects, LoRA targets).
+
+    \b
+    Examples:
+      scdm models
+      scdm models --long
+      scdm models --format json
+    """
     import pandas as pd
 
     from scdm.embedding import available_models
     from scdm.embedding.baselines import BASELINES
 
-    rows = [{"model": name, "checkpoint files": "(none)", "gene ids": "any", "needs counts": "no",
+    rows = [{"model": name, "gene ids": "any", "counts": "no", "checkpoint files": "(none: computed from the data)",
              "lora targets": "", "description": text} for name, text in BASELINES.items()]
     for name, cls in available_models().items():
         rows.append({
-            "model": name, "checkpoint files": ", ".join(cls.checkpoint_files), "gene ids": cls.gene_id_kind,
-            "needs counts": "yes" if cls.requires_counts else "no", "lora targets": ", ".join(cls.lora_target_modules),
+            "model": name, "gene ids": cls.gene_id_kind, "counts": "yes" if cls.requires_counts else "no",
+            "checkpoint files": ", ".join(cls.checkpoint_files), "lora targets": ", ".join(cls.lora_target_modules),
             "description": cls.description,
         })
-    echo_frame(pd.DataFrame(rows), fmt, max_width=70)
+    frame = pd.DataFrame(rows)
+    if fmt != "table":
+        echo_frame(frame, fmt)
+    elif long_format:
+        for i, row in enumerate(frame.to_dict("records")):
+            click.echo(("\n" if i else "") + row.pop("model"))
+            for key, value in row.items():
+                click.echo(f"  {key + ':':18}{value}")
+    else:
+        short = frame[["model", "gene ids", "counts", "description"]]
+        fixed = max(map(len, short["model"])) + len("gene ids") + len("counts") + 6
+        echo_frame(short, fmt, max_width=MODELS_WIDTH - fixed)
+
+
+MODELS_WIDTH = 100
+"""Columns `scdm models` fits in without --long."""
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -462,7 +547,7 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @main.command()
 @click.argument("data", nargs=-1, required=True)
 @click.option("--model", "-m", required=True, help="Model name (see `scdm models`): pca, hvg, geneformer, tgpt, llm, scgpt, ...")
-@click.option("--checkpoint", "-c", type=click.Path(exists=True, file_okay=False), help="Local checkpoint folder in the model's official format.")
+@click.option("--checkpoint", "-c", metavar="DIR|ORG/NAME[@REV]", help=CHECKPOINT_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Cells per forward pass (default: the model's; halved automatically on CUDA out-of-memory).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto = bf16 autocast on CUDA, fp32 on CPU.")
@@ -525,6 +610,10 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
     check_embed_options(batch_size=batch_size, chunk_rows=chunk_rows, seed=seed, workers=workers, min_gene_fraction=min_gene_fraction,
                         actors=actors, max_retries=max_retries, num_gpus_per_actor=num_gpus_per_actor, n_hvg=n_hvg, n_comps=n_comps,
                         **extra)
+    if model not in BASELINES:
+        from scdm.embedding import get_adapter
+
+        get_adapter(model)  # an unknown model is refused before DATA is ingested
     st = obj.store if arrays_url is None else Store(obj.store.root, arrays_url=arrays_url)
     names = _resolve_datasets(st, data, name, no_copy, options)
     if model in BASELINES:
@@ -555,7 +644,7 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
 
 @main.command()
 @click.option("--model", "-m", required=True, help="Foundation model (see `scdm models`).")
-@click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True, file_okay=False), help="The model's checkpoint folder.")
+@click.option("--checkpoint", "-c", required=True, metavar="DIR|ORG/NAME[@REV]", help=CHECKPOINT_HELP)
 @click.option("--dataset", "datasets", multiple=True, required=True, help="Dataset(s) the split covers (repeatable).")
 @click.option("--scenario", type=click.Choice(["pooled", "cross", "custom"]), default="pooled", show_default=True)
 @click.option("--by", type=click.Choice(["all", "tissue", "cancer_type", "drug_type", "regimen"]), default="all", show_default=True, help="Category type of the split.")
@@ -563,7 +652,8 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
 @click.option("--fold", type=click.IntRange(min=0), help="Tune on this fold's training cells (or --all-folds).")
 @click.option("--all-folds", is_flag=True, help="Tune one adapter per fold.")
 @click.option("--split-id", help="The split to use when several match.")
-@click.option("--scheme", type=click.Choice(["cell", "sample", "study", "custom"]), help="Split scheme to pick (pooled: cell or sample).")
+@renamed_option("--split-scheme", "scheme", aliases=("--scheme",), type=click.Choice(["cell", "sample", "study", "custom"]),
+                help="Split scheme to pick where several stored splits match (pooled: cell or sample).")
 @click.option("--label-set", help="Tune on the stored split of this label set (default: each dataset's default label set).")
 @click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank r (the paper: 8).")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=8, show_default=True, help="LoRA alpha (the paper: 8).")
@@ -618,20 +708,22 @@ def finetune(obj: Ctx, model: str, checkpoint: str, datasets: tuple[str, ...], s
 
 
 # ---- evaluation commands ---------------------------------------------------------------------
-def _csv_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
+    return list(split_commas(click.get_current_context(), click.Argument(["value"]), value))
 
 
 @main.command()
-@click.option("--embedding", "embedding_ids", multiple=True, help="Embedding id to evaluate (repeatable). Default: every complete embedding.")
+@list_option("--embedding", "embedding_ids", help="Embedding ids to evaluate (repeatable or comma-separated). Default: every complete embedding.")
 @click.option("--dataset", "datasets", multiple=True, help="Evaluate the embeddings of this dataset (repeatable; with --model).")
-@click.option("--model", "models", multiple=True, help="Evaluate only embeddings of this model (repeatable).")
-@click.option("--scenario", default="pooled,cross", show_default=True, help="pooled (k-fold within a category), cross (leave one study out), custom.")
-@click.option("--by", default="all,tissue,cancer_type,drug_type,regimen", show_default=True, help="Category types; every category of each is a task.")
-@click.option("--heads", default="mlp,logreg", show_default=True, help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label.")
+@list_option("--model", "models", help="Evaluate only embeddings of these models.")
+@list_option("--scenario", "scenario", default=("pooled", "cross"), help="pooled (k-fold within a category), cross (leave one study out), custom.")
+@list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types; every category of each is a task.")
+@list_option("--head", "heads", aliases=("--heads",), default=("mlp", "logreg"), help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label.")
 @click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario (the paper: 10).")
-@click.option("--split-scheme", type=click.Choice(["cell", "sample"]), default="cell", show_default=True,
-              help="Pooled folds at cell level (the paper's) or grouped by sample, so no patient is on both sides.")
+@click.option("--split-scheme", type=click.Choice(["auto", "sample", "cell"]), default="auto", show_default=True,
+              help="Pooled folds grouped by sample (no patient on both sides of a fold) or at cell level (the paper's, "
+                   "which can leak sample identity). auto: sample when every cell has a sample id and there are at "
+                   "least --folds samples, else cell. Every result row names the scheme it used.")
 @click.option("--mlp-profile", type=click.Choice(["default", "paper", "fast"]), default="default", show_default=True,
               help="default: trains to convergence at every fold size (at least 500 optimiser steps, early stopping on "
                    "training cells); paper: scDrugMap's code (batch 128, 10 epochs, AdamW 1e-4, no scaling), which "
@@ -649,8 +741,8 @@ def _csv_list(value: str) -> list[str]:
 @output_options
 @pass_ctx
 @user_errors
-def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...], models: tuple[str, ...], scenario: str, by: str,
-             heads: str, folds: int, split_scheme: SplitScheme, mlp_profile: str, seed: int, label_set: str | None,
+def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...], models: tuple[str, ...],
+             scenario: tuple[str, ...], by: tuple[str, ...], heads: tuple[str, ...], folds: int, split_scheme: SplitScheme, mlp_profile: str, seed: int, label_set: str | None,
              pair_folds_with: str | None, jobs: int,
              no_predictions: bool,
              executor: Executor, ray_address: str | None, quiet: bool, fmt: str) -> None:
@@ -662,9 +754,9 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
 
     \b
     Examples:
-      scdm evaluate --heads ridge,logreg,mlp --folds 10
+      scdm evaluate --head ridge,logreg,mlp --folds 10
       scdm evaluate --model geneformer --scenario cross --by cancer_type,drug_type
-      scdm evaluate --split-scheme sample --heads logreg     # no patient in train and test
+      scdm evaluate --split-scheme cell --head logreg     # the paper's cell-level folds
       scdm evaluate --executor ray --ray-address auto        # fits on a running Ray cluster
     """
     from scdm.classify.grid import evaluate as run_evaluate
@@ -699,19 +791,20 @@ def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, 
 
 
 @main.command()
-@click.option("--metric", "metrics", default="auroc,ap,f1,accuracy", show_default=True, help="Metrics to show (columns).")
-@click.option("--model", "models", multiple=True, help="Only these models (repeatable).")
-@click.option("--head", "heads", multiple=True, help="Only these heads (repeatable).")
-@click.option("--scenario", "scenarios", multiple=True, type=click.Choice(["pooled", "cross", "custom"]), help="Only this scenario (repeatable).")
-@click.option("--by", "category_types", multiple=True, help="Only these category types (repeatable), e.g. --by tissue.")
-@click.option("--scheme", type=click.Choice(["cell", "sample", "study", "custom"]), help="Only this split scheme.")
+@list_option("--metric", "metrics", default=("auroc", "ap", "f1", "accuracy"), help="Metrics to show (columns).")
+@list_option("--model", "models", help="Only these models.")
+@list_option("--head", "heads", aliases=("--heads",), help="Only these heads.")
+@list_option("--scenario", "scenarios", help="Only these scenarios: pooled, cross, custom.")
+@list_option("--by", "category_types", help="Only these category types, e.g. --by tissue.")
+@renamed_option("--split-scheme", "scheme", aliases=("--scheme",), type=click.Choice(["cell", "sample", "study", "custom"]),
+                help="Only this split scheme (pooled: cell or sample; cross: study).")
 @click.option("--dataset", "datasets", multiple=True, help="Only results of these datasets (repeatable; pooled datasets as 'a,b').")
 @click.option("--label-set", "label_sets", multiple=True, help="Only results of this label set (repeatable).")
 @click.option("--long", "long_format", is_flag=True, help="One row per metric with mean, sd and fold counts (for further analysis).")
 @output_options
 @pass_ctx
 @user_errors
-def results(obj: Ctx, metrics: str, models: tuple[str, ...], heads: tuple[str, ...], scenarios: tuple[str, ...],
+def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: tuple[str, ...], scenarios: tuple[str, ...],
             category_types: tuple[str, ...], scheme: str | None, datasets: tuple[str, ...], label_sets: tuple[str, ...],
             long_format: bool, fmt: str) -> None:
     """Print the leaderboard: mean +- sd over the folds of each result.
@@ -764,11 +857,12 @@ def results(obj: Ctx, metrics: str, models: tuple[str, ...], heads: tuple[str, .
 @click.option("--genes", "top_k", type=click.IntRange(min=1), default=10, show_default=True, help="Most expressed genes listed per cell (the paper: 10).")
 @click.option("--cells-per-request", type=click.IntRange(min=1), default=10, show_default=True, help="Cells per request (the paper: 10).")
 @click.option("--template", type=click.Path(exists=True, dir_okay=False), help="Prompt template file replacing the default (placeholders: {cells}, {source}, {examples}, {answer_format}, {n_cells}, {top_k}, {drug}).")
-@click.option("--scenario", default="pooled,cross", show_default=True, help="Splits as in `scdm evaluate` (same options give the same split ids).")
-@click.option("--by", default="all,tissue,cancer_type,drug_type,regimen", show_default=True, help="Category types (zero-shot: more cost nothing, each cell is asked once).")
+@list_option("--scenario", "scenario", default=("pooled", "cross"), help="Splits as in `scdm evaluate` (same options give the same split ids).")
+@list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types (zero-shot: more cost nothing, each cell is asked once).")
 @click.option("--category", help="Only this category value of --by.")
 @click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario.")
-@click.option("--split-scheme", type=click.Choice(["cell", "sample"]), default="cell", show_default=True)
+@click.option("--split-scheme", type=click.Choice(["auto", "sample", "cell"]), default="auto", show_default=True,
+              help="Pooled folds as in `scdm evaluate --split-scheme`.")
 @click.option("--split-id", "split_ids", multiple=True, help="Use this stored split (repeatable) instead of building splits.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds, of the cells' order into requests and of the examples.")
 @click.option("--label-set", help="Label set to score against (default: each dataset's default).")
@@ -793,7 +887,7 @@ def results(obj: Ctx, metrics: str, models: tuple[str, ...], heads: tuple[str, .
 @user_errors
 def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: str | None, model: str | None, api_key_env: str,
                    checkpoint: str | None, device: str, shots: int, top_k: int, cells_per_request: int, template: str | None,
-                   scenario: str, by: str, category: str | None, folds: int, split_scheme: str, split_ids: tuple[str, ...],
+                   scenario: tuple[str, ...], by: tuple[str, ...], category: str | None, folds: int, split_scheme: str, split_ids: tuple[str, ...],
                    seed: int, label_set: str | None, temperature: float, max_tokens: int, response_format: str,
                    logprobs: bool, top_logprobs: int, timeout_s: float, concurrency: int, rpm: float | None, retries: int,
                    max_requests: int | None, dry_run: bool, show_prompts: int, price_input: float | None,
@@ -863,14 +957,14 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
 @main.command()
 @click.option("--cells", "n_cells", type=int, default=6000, show_default=True, help="Cells in the synthetic collection.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Pooled folds.")
-@click.option("--heads", default="logreg,ridge,mlp", show_default=True, help="Heads to evaluate.")
+@list_option("--head", "heads", aliases=("--heads",), default=("logreg", "ridge", "mlp"), help="Heads to evaluate.")
 @click.option("--report-dir", default="scdm-demo-report", show_default=True, type=click.Path(file_okay=False), help="Where the HTML report goes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @output_options
 @pass_ctx
 @user_errors
-def demo(obj: Ctx, n_cells: int, folds: int, heads: str, report_dir: str, seed: int, quiet: bool, fmt: str) -> None:
+def demo(obj: Ctx, n_cells: int, folds: int, heads: tuple[str, ...], report_dir: str, seed: int, quiet: bool, fmt: str) -> None:
     """Run the whole pipeline on built-in data: no downloads, no checkpoints (about 3 minutes on 2 cores).
 
     Generates a scDrugMap-shaped synthetic collection, ingests it with the bundled real A375 dataset,
@@ -909,7 +1003,7 @@ def synth(scale: float, out: str, seed: int, n_genes: int, response_strength: fl
     Example:
       scdm synth --scale 0.01 --out collection.h5ad
       scdm ingest collection.h5ad --label-key response --study-key study --sample-key sample \\
-           --tissue-key tissue --cancer-key cancer_type --drug-type-key drug_type --regimen-key regimen
+           --tissue-key tissue --cancer-type-key cancer_type --drug-type-key drug_type --regimen-key regimen
     """
     from scdm.classify.synth import synthesize
 
@@ -1047,12 +1141,13 @@ def genes(obj: Ctx, run_id: str, max_cells: int, n_steps: int, profile: GeneProf
 
 # ---- trained heads, predictions and the server ----------------------------------------------
 @main.command("train-head")
-@click.option("--embedding", "embedding_ids", multiple=True, help="Training embedding id (repeatable; all in one space). Or use --dataset and --model.")
+@list_option("--embedding", "embedding_ids", help="Training embedding ids (repeatable or comma-separated; all in one space). Or use --dataset and --model.")
 @click.option("--dataset", "datasets", multiple=True, help="Train on this dataset's --model embedding (repeatable).")
 @click.option("--model", help="Embedding model (with --dataset): pca, hvg, geneformer, ...")
 @click.option("--variant", default="frozen", show_default=True, help="frozen, or lora:<adapter id>.")
-@click.option("--category-type", type=click.Choice(["all", "tissue", "cancer_type", "drug_type", "regimen"]), default="all", show_default=True)
-@click.option("--category", default="all", show_default=True, help="Category value, e.g. --category-type tissue --category skin.")
+@renamed_option("--by", "category_type", aliases=("--category-type",), type=click.Choice(["all", "tissue", "cancer_type", "drug_type", "regimen"]),
+                default="all", show_default=True, help="Category type of the cells to train on.")
+@click.option("--category", default="all", show_default=True, help="Category value, e.g. --by tissue --category skin.")
 @click.option("--head", type=click.Choice(["logreg", "ridge", "lightgbm", "mlp", "majority"]), default="logreg", show_default=True)
 @click.option("--param", "params", multiple=True, help="Head parameter KEY=VALUE (repeatable), e.g. --param C=0.5 or --param profile=fast.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Label sensitive where the probability is at least this.")
@@ -1071,7 +1166,7 @@ def train_head_command(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple
     \b
     Examples:
       scdm train-head --dataset a375 --model pca --head logreg
-      scdm train-head --embedding 3f2a9c0d1e7b --category-type tissue --category skin --head mlp --param profile=fast
+      scdm train-head --embedding 3f2a9c0d1e7b --by tissue --category "Cell line" --head mlp --param profile=fast
     """
     from scdm.classify.trained_heads import train_head
 
@@ -1152,3 +1247,39 @@ def serve(obj: Ctx, host: str, port: int, workers: int, root_path: str, allowed_
 
 if __name__ == "__main__":
     main()
+
+
+# ---- options every command takes after its name too -----------------------------------------
+def _set_store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_object(Ctx).store_path = value  # type: ignore[union-attr]
+
+
+def _set_read_only(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(Ctx).read_only = True  # type: ignore[union-attr]
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        from scdm.store.progress import no_progress
+
+        ctx.with_resource(no_progress())
+
+
+def _add_common_options(group: click.Group) -> None:
+    """``scdm ls --store X`` works like ``scdm --store X ls`` (and so do --read-only and -q)."""
+    for command in group.commands.values():
+        taken = {o for p in command.params for o in getattr(p, "opts", [])}
+        if "--store" not in taken:
+            command.params.append(click.Option(["--store"], type=click.Path(file_okay=False), expose_value=False,
+                                               callback=_set_store, help="Store directory (as `scdm --store`)."))
+        if "--read-only" not in taken:
+            command.params.append(click.Option(["--read-only"], is_flag=True, expose_value=False, callback=_set_read_only,
+                                               help="Open the store read-only (as `scdm --read-only`)."))
+        if "--quiet" not in taken:
+            command.params.append(click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_set_quiet,
+                                               help="No progress bars."))
+
+
+_add_common_options(main)

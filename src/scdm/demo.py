@@ -4,7 +4,8 @@
 2. ingest it together with the bundled real A375 dataset (measured PLX4720 response);
 3. embed with the baselines (``pca``, ``hvg``) and with a tiny **random-initialised** Geneformer
    written on the fly in the official file format (it shows the pipeline, not biology);
-4. evaluate pooled (k-fold) and cross-data (leave one study out) with ``logreg``, ``ridge``, ``mlp``;
+4. evaluate pooled (k-fold, grouped by sample; the paper's cell-level folds beside) and cross-data
+   (leave one study out) with ``logreg``, ``ridge``, ``mlp``;
 5. print the leaderboard and write the HTML report.
 
 Everything is cached in the store: a second run reuses the collection, embeddings and finished
@@ -60,14 +61,16 @@ def _collection(st: Store, n_cells: int, seed: int, progress: bool) -> Path:
     return path
 
 
-def _random_geneformer(st: Store, genes: Sequence[str]) -> Path:
+def _random_geneformer(st: Store, genes: Sequence[str], progress: bool) -> Path:
+    from scdm.embedding import library_progress
     from scdm.embedding.models.geneformer import write_tiny_checkpoint
 
     folder = st.root / "artifacts" / "demo" / DEMO_RANDOM_MODEL
     if not (folder / "config.json").exists():
         # 256 input genes instead of 2048 keeps the demo inside its time budget on 2 CPU cores
-        write_tiny_checkpoint(folder, genes=list(genes), seed=0, num_hidden_layers=2, hidden_size=64,
-                              num_attention_heads=4, intermediate_size=128, max_position_embeddings=256)
+        with library_progress(progress):
+            write_tiny_checkpoint(folder, genes=list(genes), seed=0, num_hidden_layers=2, hidden_size=64,
+                                  num_attention_heads=4, intermediate_size=128, max_position_embeddings=256)
         (folder / "README.txt").write_text(
             "RANDOM WEIGHTS. A tiny Geneformer-format checkpoint written by `scdm demo` to show the pipeline;\n"
             "its embeddings carry no biology. Point `scdm embed --checkpoint` at a real Geneformer folder instead.\n"
@@ -106,25 +109,28 @@ def run_demo(
     _step(echo, 3, n, "embed: pca and hvg baselines; a tiny RANDOM-WEIGHT Geneformer (pipeline demo, not biology)")
     ids = [r.embedding_id for d in (synth.name, a375.name) for r in embed_baseline(st, [d], model="pca", n_comps=50, progress=progress)]
     ids += [r.embedding_id for r in embed_baseline(st, [synth.name], model="hvg", n_hvg=256, progress=progress)]
-    ckpt = _random_geneformer(st, st.genes(synth.name)["gene_id"].tolist())
+    ckpt = _random_geneformer(st, st.genes(synth.name)["gene_id"].tolist(), progress)
     ids.append(embed(st, synth.name, "geneformer", ckpt, batch_size=64, progress=progress).embedding_id)
-    _step(echo, 4, n, f"evaluate pooled ({folds}-fold, cell level) and cross-data (leave one study out) with {', '.join(heads)}")
+    _step(echo, 4, n, f"evaluate pooled ({folds}-fold, grouped by sample; the paper's cell-level folds beside) and "
+                      f"cross-data (leave one study out) with {', '.join(heads)}")
     # linear heads on every category; the MLP (the costly one on 2 cores) on all cells only
     linear = [h for h in heads if h != "mlp"]
-    evaluate_demo = partial(evaluate, st, ids, scenarios=("pooled", "cross"), folds=folds, split_scheme="cell", seed=seed,
-                            silent=not progress)
+    evaluate_demo = partial(evaluate, st, ids, folds=folds, seed=seed, silent=not progress)
     if linear:
-        evaluate_demo(by=by, heads=linear)
+        evaluate_demo(scenarios=("pooled", "cross"), by=by, heads=linear)  # default scheme: by sample where sample ids exist
     if "mlp" in heads:
-        evaluate_demo(by=("all",), heads=("mlp",), head_params={"mlp": {"profile": "fast"}})
-    _step(echo, 5, n, "leaderboard (all cells; mean ± sd over folds)")
+        evaluate_demo(scenarios=("pooled", "cross"), by=("all",), heads=("mlp",), head_params={"mlp": {"profile": "fast"}})
+    # the scDrugMap protocol (cell-level folds, which can leak sample identity) beside it, all cells only
+    evaluate_demo(scenarios=("pooled",), by=("all",), heads=heads, split_scheme="cell",
+                  head_params={"mlp": {"profile": "fast"}} if "mlp" in heads else None)
+    _step(echo, 5, n, "leaderboard (all cells; mean ± sd over folds; scheme: sample = grouped folds, cell = the paper's)")
     board = format_leaderboard(leaderboard(st, category_types=["all"]), metrics=("auroc", "f1", "accuracy"))
     report = None
     if report_dir is not None:
         from scdm.classify.report import write_report
 
         _step(echo, 6, n, f"report: {report_dir}")
-        report = str(write_report(st, report_dir, max_cells=2000))
+        report = str(write_report(st, report_dir, max_cells=2000, progress=progress))
     return DemoSummary(store=str(st.root), report=report, embeddings=tuple(ids), n_cells=synth.n_cells + a375.n_cells,
                        seconds=time.perf_counter() - t0, leaderboard=board)
 
@@ -133,7 +139,7 @@ NEXT_STEPS = """\
 Next steps
   - Your data:        scdm ingest my.h5ad --label-key response --study-key study --sample-key patient
   - A real model:     scdm embed my --model geneformer --checkpoint /path/to/Geneformer   (scdm models lists the files)
-  - Evaluate:         scdm evaluate --heads ridge,logreg,mlp --folds 10 --split-scheme sample
+  - Evaluate:         scdm evaluate --head ridge,logreg,mlp --folds 10      (folds grouped by sample when sample ids exist)
   - Ask in SQL:       scdm sql "SELECT model, head, avg(value) FROM eval_results WHERE metric='auroc' GROUP BY ALL"
   - Report:           scdm report --out report/
 """

@@ -10,6 +10,7 @@ import pytest
 
 from scdm.classify.splits import SampleLeakageWarning, make_splits
 from scdm.store.errors import InputDataError
+from scdm.store.splits import resolve_split_scheme
 
 # dataset, study, tissue, cancer_type, drug_type, regimen, sensitive share
 SPEC = [
@@ -48,7 +49,7 @@ def cell_keys(split, mask) -> set[tuple[str, int]]:
 def test_every_category_of_every_type_is_a_split() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleLeakageWarning)
-        splits = make_splits(make_cells(), scenarios=["pooled"])
+        splits = make_splits(make_cells(), scenarios=["pooled"], scheme="cell")
     got = {(s.category_type, s.category) for s in splits}
     assert got == {("all", "all"), ("tissue", "skin"), ("tissue", "blood"), ("cancer_type", "melanoma"),
                    ("cancer_type", "aml"), ("drug_type", "targeted"), ("drug_type", "chemo"), ("regimen", "plx"),
@@ -58,7 +59,7 @@ def test_every_category_of_every_type_is_a_split() -> None:
 def test_pooled_cell_folds_partition_the_category_and_are_stratified() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleLeakageWarning)
-        splits = make_splits(make_cells(n=200), scenarios=["pooled"], n_folds=5)
+        splits = make_splits(make_cells(n=200), scenarios=["pooled"], n_folds=5, scheme="cell")
     for split in splits:
         folds = split.cells["fold"].to_numpy()
         assert sorted(np.unique(folds)) == list(range(5))
@@ -73,7 +74,7 @@ def test_pooled_cell_folds_partition_the_category_and_are_stratified() -> None:
 def test_cell_folds_are_nested_across_category_types() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleLeakageWarning)
-        splits = make_splits(make_cells(), scenarios=["pooled"])
+        splits = make_splits(make_cells(), scenarios=["pooled"], scheme="cell")
     fold_of: dict[tuple[str, int], int] = {}
     for split in splits:
         for ds, row, fold in split.cells[["dataset_id", "row", "fold"]].itertuples(index=False):
@@ -100,12 +101,12 @@ def test_sample_scheme_needs_sample_ids() -> None:
 
 def test_warns_when_labels_are_constant_within_samples_and_scheme_is_cell() -> None:
     with pytest.warns(SampleLeakageWarning, match="split_scheme='sample'"):
-        make_splits(make_cells(), scenarios=["pooled"], by=["all"])
+        make_splits(make_cells(), scenarios=["pooled"], by=["all"], scheme="cell")
     mixed = make_cells()
     mixed["sample"] = mixed["study"]  # each sample now holds both classes
     with warnings.catch_warnings():
         warnings.simplefilter("error", SampleLeakageWarning)
-        make_splits(mixed, scenarios=["pooled"], by=["all"])
+        make_splits(mixed, scenarios=["pooled"], by=["all"], scheme="cell")
 
 
 def test_cross_data_never_trains_on_the_test_study() -> None:
@@ -137,7 +138,7 @@ def test_skipped_categories_and_folds_are_recorded_with_reasons() -> None:
     cells = make_cells(spec=SPEC + [("d6", "S6", "bone", "mm", "immuno", "cart", 1.0)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleLeakageWarning)
-        splits = make_splits(cells, scenarios=["pooled", "cross"], by=["tissue"])
+        splits = make_splits(cells, scenarios=["pooled", "cross"], by=["tissue"], scheme="cell")
     for split in splits:
         if split.category == "bone":
             assert split.status == "skipped" and "one class" in split.reason
@@ -147,9 +148,9 @@ def test_identical_partitions_for_the_same_cells_and_seeded_determinism() -> Non
     cells = make_cells()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleLeakageWarning)
-        a = make_splits(cells, scenarios=["pooled", "cross"])
-        b = make_splits(cells.sample(frac=1.0, random_state=3), scenarios=["pooled", "cross"])
-        c = make_splits(cells, scenarios=["pooled"], seed=1)
+        a = make_splits(cells, scenarios=["pooled", "cross"], scheme="cell")
+        b = make_splits(cells.sample(frac=1.0, random_state=3), scenarios=["pooled", "cross"], scheme="cell")
+        c = make_splits(cells, scenarios=["pooled"], seed=1, scheme="cell")
     assert [s.split_id for s in a] == [s.split_id for s in b]
     for x, y in zip(a, b):
         pd.testing.assert_frame_equal(x.cells, y.cells)
@@ -162,8 +163,8 @@ def test_a_category_partition_does_not_depend_on_other_datasets() -> None:
     """Two models embedding different dataset sets still share the partition of a common category."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleLeakageWarning)
-        small = make_splits(make_cells(spec=SPEC[:2]), scenarios=["pooled"], by=["tissue"])
-        large = make_splits(make_cells(spec=SPEC), scenarios=["pooled"], by=["tissue"])
+        small = make_splits(make_cells(spec=SPEC[:2]), scenarios=["pooled"], by=["tissue"], scheme="cell")
+        large = make_splits(make_cells(spec=SPEC), scenarios=["pooled"], by=["tissue"], scheme="cell")
     assert by_key(small, "pooled", "tissue", "skin").split_id == by_key(large, "pooled", "tissue", "skin").split_id
 
 
@@ -184,12 +185,12 @@ def test_unlabelled_cells_are_left_out_and_bad_options_explained() -> None:
     cells.loc[cells.index[:10], "response"] = pd.NA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleLeakageWarning)
-        split = make_splits(cells, scenarios=["pooled"], by=["all"])[0]
+        split = make_splits(cells, scenarios=["pooled"], by=["all"], scheme="cell")[0]
     assert split.n_cells == len(cells) - 10
     with pytest.raises(InputDataError, match="Unknown category type"):
-        make_splits(cells, by=["organ"])
+        make_splits(cells, by=["organ"], scheme="cell")
     with pytest.raises(InputDataError, match="n_folds=1"):
-        make_splits(cells, n_folds=1)
+        make_splits(cells, n_folds=1, scheme="cell")
 
 
 def test_leakage_warning_names_the_confounded_study_in_a_mixed_collection() -> None:
@@ -202,4 +203,13 @@ def test_leakage_warning_names_the_confounded_study_in_a_mixed_collection() -> N
     cells.loc[in_first, "sample"] = np.where(cells.loc[in_first, "response"] == 1, "pos", "neg")  # one sample per class
     assert list(confounded_studies(cells)) == [first]
     with pytest.warns(SampleLeakageWarning, match=rf"1 study \({first}: labels constant within each of its 2 samples"):
-        make_splits(cells, scenarios=["pooled"], by=["all"])
+        make_splits(cells, scenarios=["pooled"], by=["all"], scheme="cell")
+
+
+def test_the_default_scheme_groups_by_sample_when_sample_ids_allow_it() -> None:
+    cells = make_cells()
+    assert {s.scheme for s in make_splits(cells, scenarios=["pooled"], by=["all"], n_folds=2)} == {"sample"}
+    assert resolve_split_scheme(cells.assign(sample=None), "auto", 5) == "cell"  # no sample ids: the paper's folds
+    with pytest.warns(SampleLeakageWarning, match="only 2 samples for 5 folds"):
+        assert resolve_split_scheme(cells.assign(study="one", sample=cells["response"].astype(str)), "auto", 5) == "cell"
+    assert resolve_split_scheme(cells, "cell", 5) == "cell"

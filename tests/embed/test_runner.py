@@ -126,7 +126,7 @@ def test_sigkilled_run_resumes(tmp_path, pc9_counts_path, toy_ckpt):
 
 
 def test_bad_inputs(st, pc9, toy_ckpt, tmp_path):
-    with pytest.raises(UnknownModelError, match="Registered: .*toy-test"):
+    with pytest.raises(UnknownModelError, match="Available: .*toy-test"):
         embed(st, pc9.name, "geneformr", toy_ckpt)
     (toy_ckpt / "vocab.json").rename(tmp_path / "vocab.json")
     with pytest.raises(CheckpointError, match="missing 'vocab.json'"):

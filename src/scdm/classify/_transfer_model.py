@@ -363,7 +363,7 @@ def _steps(n_a: int, n_b: int, bs: int) -> int:
 
 
 def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.ndarray, cfg: TrainConfig, *,
-                 validation: Validation | None, adapt: bool = True) -> FitOutcome:
+                 validation: Validation | None, adapt: bool = True, progress: bool = False) -> FitOutcome:
     """Train the network (three stages, see the module docstring).
 
     Parameters
@@ -380,7 +380,11 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
     adapt
         False: no target encoder training and no MMD/cluster term; target cells are predicted
         through the source encoder (the same predictor without adaptation).
+    progress
+        A bar over the epochs of all three stages (stderr; terminal or Jupyter).
     """
+    from scdm.store.progress import progress_bar
+
     with torch_seeded(cfg.seed):  # dropout draws from the global generator: the whole fit holds it
         gen = torch.Generator().manual_seed(cfg.seed)
         net = TransferNet(Xs.shape[1], Xt.shape[1], cfg)
@@ -389,18 +393,21 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
         ct = torch.from_numpy(np.asarray(clusters, np.int64))
         out = FitOutcome(net)
         warm = cfg.target_init == "source" and Xs.shape[1] == Xt.shape[1] and not cfg.shared_encoder
-        _pretrain_autoencoders(net, xs, xt, cfg, gen, out.history, adapt and not warm)
-        _pretrain_predictor(net, xs, ys_t, cfg, gen, out.history, validation)
-        if warm:
-            net.target_ae.load_state_dict(net.source_ae.state_dict())
-        _joint(net, xs, ys_t, xt, ct, cfg, gen, out, validation, adapt)
+        n_ae = 2 if adapt and not warm else 1
+        with progress_bar(n_ae * cfg.pretrain_epochs + cfg.pretrain_epochs + cfg.epochs, desc="transfer", unit="epoch",
+                          silent=not progress, leave=False) as bar:
+            _pretrain_autoencoders(net, xs, xt, cfg, gen, out.history, n_ae == 2, bar)
+            _pretrain_predictor(net, xs, ys_t, cfg, gen, out.history, validation, bar)
+            if warm:
+                net.target_ae.load_state_dict(net.source_ae.state_dict())
+            _joint(net, xs, ys_t, xt, ct, cfg, gen, out, validation, adapt, bar)
     net.adapted = adapt
     net.eval()
     return out
 
 
 def _pretrain_autoencoders(net: TransferNet, xs: torch.Tensor, xt: torch.Tensor, cfg: TrainConfig,
-                           gen: torch.Generator, history: list[dict[str, Any]], with_target: bool) -> None:
+                           gen: torch.Generator, history: list[dict[str, Any]], with_target: bool, bar: Any) -> None:
     pairs = [("source", net.source_ae, xs)] + ([("target", net.target_ae, xt)] if with_target else [])
     for name, ae, x in pairs:
         opt = make_optimizer(ae, cfg)
@@ -416,10 +423,11 @@ def _pretrain_autoencoders(net: TransferNet, xs: torch.Tensor, xt: torch.Tensor,
                 opt.step()
                 total += float(loss.detach())
             history.append({"stage": f"pretrain_{name}_ae", "epoch": epoch, "rec": total / n_steps})
+            bar.update(1)
 
 
 def _pretrain_predictor(net: TransferNet, xs: torch.Tensor, ys: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
-                        history: list[dict[str, Any]], validation: Validation | None) -> None:
+                        history: list[dict[str, Any]], validation: Validation | None, bar: Any) -> None:
     modules = [net.source_ae.encoder, net.predictor]
     opt = make_optimizer(modules, cfg)
     batches = _Batches(xs.shape[0], cfg.batch_size, gen)
@@ -442,12 +450,13 @@ def _pretrain_predictor(net: TransferNet, xs: torch.Tensor, ys: torch.Tensor, cf
             if record["val_ce"] < best:
                 best, best_state = record["val_ce"], copy.deepcopy(net.state_dict())
         history.append(record)
+        bar.update(1)
     if best_state is not None:
         net.load_state_dict(best_state)
 
 
 def _joint(net: TransferNet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, ct: torch.Tensor, cfg: TrainConfig,
-           gen: torch.Generator, out: FitOutcome, validation: Validation | None, adapt: bool) -> None:
+           gen: torch.Generator, out: FitOutcome, validation: Validation | None, adapt: bool, bar: Any) -> None:
     opt = make_optimizer(net, cfg)
     bs_s = _Batches(xs.shape[0], cfg.batch_size, gen)
     bs_t = _Batches(xt.shape[0], cfg.batch_size, gen)
@@ -480,6 +489,7 @@ def _joint(net: TransferNet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tenso
             if score < best:
                 best, best_state, out.best_epoch = score, copy.deepcopy(net.state_dict()), epoch
         out.history.append(record)
+        bar.update(1)
     if best_state is not None:
         net.load_state_dict(best_state)
         out.best_score = best

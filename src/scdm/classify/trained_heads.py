@@ -509,7 +509,7 @@ def retrain_command(st: Store, record: TrainedHeadRecord) -> str:
     for embedding_id in record.embedding_ids:
         parts += ["--embedding", embedding_id]
     if (record.category_type, record.category) != ("all", "all"):
-        parts += ["--category-type", record.category_type, "--category", record.category]
+        parts += ["--by", record.category_type, "--category", record.category]
     parts += ["--head", record.head]
     try:  # the default head's identity: parameters equal to it need not be spelled out
         defaults = json.loads(get_head(record.head).params_key())

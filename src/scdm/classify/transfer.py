@@ -381,6 +381,7 @@ def transfer(
     adapt: bool = True,
     threshold: float = 0.5,
     seed: int = 0,
+    progress: bool = True,
 ) -> TransferResult:
     """Train scDEAL from a labelled source to an unlabelled target dataset and store the predictions.
 
@@ -439,6 +440,8 @@ def transfer(
     threshold : float, default 0.5
         Cells with ``proba >= threshold`` are labelled sensitive.
     seed : int, default 0
+    progress : bool, default True
+        A progress bar over the training epochs (stderr; terminal or Jupyter).
 
     Returns
     -------
@@ -491,7 +494,7 @@ def transfer(
         selection="target_val" if validation else "source_val", config=cfg.to_dict(), scdm_version=_version()))
     try:
         result = _run(st, run_id, dom, target_info, cfg, grid, validation, validation_fraction, balance, adapt,
-                      threshold, cluster_method, resolution, n_clusters, features, drug, started)
+                      threshold, cluster_method, resolution, n_clusters, features, drug, started, progress)
     except BaseException as err:
         fail_transfer_run(st, run_id, f"{type(err).__name__}: {err}")
         raise
@@ -514,7 +517,7 @@ def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> No
 def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid: list[tuple[float, float]],
          validation: str | None, validation_fraction: float, balance: str, adapt: bool, threshold: float,
          cluster_method: str, resolution: float, n_clusters: int | None, features: str, drug: str | None,
-         started: float) -> TransferResult:
+         started: float, progress: bool = False) -> TransferResult:
     from scdm.classify._transfer_model import Validation, encode_source, fit_transfer, predict_target
 
     source_scaler, target_scaler = MinMax.fit(dom.Xs), MinMax.fit(dom.Xt)
@@ -533,7 +536,8 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
     fits = []
     for a, b in grid:
         run_cfg = replace(cfg, alpha=a, beta=b)
-        fits.append((fit_transfer(X_train, y_train, Xt, clusters.labels, run_cfg, validation=val, adapt=adapt), run_cfg))
+        fits.append((fit_transfer(X_train, y_train, Xt, clusters.labels, run_cfg, validation=val, adapt=adapt,
+                                  progress=progress), run_cfg))
     outcome, cfg = min(fits, key=lambda f: (f[0].best_score if not math.isnan(f[0].best_score) else math.inf))
     proba, latent = predict_target(outcome.net, Xt)
     label = (proba >= threshold).astype(np.int8)

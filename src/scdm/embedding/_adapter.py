@@ -33,9 +33,10 @@ stands in for one made without.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -120,7 +121,13 @@ class Adapter(abc.ABC):
     requires_counts: ClassVar[bool] = True
     """Whether the model's preprocessing assumes raw, non-negative counts."""
     checkpoint_files: ClassVar[tuple[str, ...]] = ()
-    """Files a checkpoint folder must hold (glob patterns allowed), for checks and ``scdm models``."""
+    """Files a checkpoint folder must hold (glob patterns allowed; ``"a|b"``: either), for checks and ``scdm models``."""
+    hub_patterns: ClassVar[tuple[str, ...]] = ()
+    """Files fetched for ``--checkpoint org/name`` (Hub ``allow_patterns``; ``"a|b"``: the first the repo has).
+
+    Empty: ``checkpoint_files``. Set it when :meth:`load` reads more (weights, optional companions);
+    see :mod:`scdm.embedding.hub`.
+    """
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
     """peft ``target_modules`` for LoRA fine-tuning (see MODELS.md)."""
     default_batch_size: ClassVar[int] = 32
@@ -145,10 +152,10 @@ class Adapter(abc.ABC):
         if not self.checkpoint.is_dir():
             msg = f"Checkpoint folder {str(self.checkpoint)!r} does not exist or is not a folder."
             raise CheckpointError(msg)
-        for pattern in self.checkpoint_files:
-            if not any(self.checkpoint.glob(pattern)):
+        for pattern in self.checkpoint_files:  # "a|b": either place will do
+            if not any(any(self.checkpoint.glob(alternative)) for alternative in pattern.split("|")):
                 msg = (
-                    f"Checkpoint folder {str(self.checkpoint)!r} is missing {pattern!r}; "
+                    f"Checkpoint folder {str(self.checkpoint)!r} is missing {' or '.join(map(repr, pattern.split('|')))}; "
                     f"a {self.name} checkpoint needs: {', '.join(self.checkpoint_files)}."
                 )
                 raise CheckpointError(msg)
@@ -385,7 +392,33 @@ def get_adapter(name: str) -> type[Adapter]:
         return models[name]
     import difflib
 
-    close = difflib.get_close_matches(name, list(models), n=1)
+    from scdm.embedding.baselines import BASELINES
+
+    close = difflib.get_close_matches(name, [*BASELINES, *models], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    msg = f"Unknown model {name!r}. Registered: {', '.join(models)}.{hint}"
+    msg = (f"Unknown model {name!r}. Available: {', '.join(BASELINES)} (baselines, no checkpoint), {', '.join(models)} "
+           f"(`scdm models` lists their checkpoint files).{hint}")
     raise UnknownModelError(msg)
+
+
+@contextlib.contextmanager
+def library_progress(enabled: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's own bars (loading weights, fetching files) follow scdm's: off under ``-q``."""
+    from scdm.store.progress import progress_enabled
+
+    if enabled and progress_enabled():
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_was_off, hf_was_on = are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not hub_was_off:
+            enable_progress_bars()
+        if hf_was_on:
+            hf_logging.enable_progress_bar()

@@ -277,6 +277,8 @@ class RayEmbedJob:
     ray_address: str | None
     progress: bool
     allow_empty_cells: bool = False
+    checkpoint_source: dict[str, Any] | None = None
+    """Where the checkpoint came from (``hub_id``/``revision``/``commit``, or ``path``), for the telemetry."""
 
 
 @dataclass
@@ -611,6 +613,8 @@ def _ray_telemetry(tally: _Tally, info: dict[str, Any], job: RayEmbedJob, n_acto
     })
     if "gpu" in info:
         out["gpu"] = info["gpu"]
+    if job.checkpoint_source is not None:
+        out["checkpoint"] = job.checkpoint_source
     if tally.peak_gpu:
         out["peak_gpu_mem_bytes"] = tally.peak_gpu
     return out

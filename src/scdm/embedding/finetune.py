@@ -47,7 +47,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from scdm.embedding._adapter import Adapter, check_counts, get_adapter, require_matches
+from scdm.embedding._adapter import Adapter, check_counts, get_adapter, library_progress, require_matches
+from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.embedding.lora_card import (
     CARD_FILE,
     CARD_VERSION,
@@ -234,7 +235,7 @@ def _resolve_splits(st: Store, dataset_ids: list[str], names: list[str], *, scen
     for cat, group in found.groupby("category", sort=True):
         if len(group) > 1:
             msg = (f"Category {cat!r} has {len(group)} stored {scenario} splits by {by}: {_describe_splits(group)}. "
-                   "Pass split_id= (--split-id) to choose one (or scheme= (--scheme) where their schemes differ).")
+                   "Pass split_id= (--split-id) to choose one (or scheme= (--split-scheme) where their schemes differ).")
             raise InputDataError(msg)
         rows.append(group.iloc[0])
     return pd.DataFrame(rows).reset_index(drop=True)
@@ -370,7 +371,7 @@ class _Job:
 
     st: Store
     model: str
-    checkpoint: Path
+    checkpoint: ResolvedCheckpoint
     checkpoint_hash: str
     model_params: dict[str, Any]
     settings: TrainSettings
@@ -381,7 +382,7 @@ class _Job:
     progress: bool
 
     def adapter(self) -> Adapter:
-        return get_adapter(self.model)(checkpoint=self.checkpoint, seed=self.settings.seed, **self.model_params)
+        return get_adapter(self.model)(checkpoint=self.checkpoint.path, seed=self.settings.seed, **self.model_params)
 
 
 def _identity(job: _Job, adapter: Adapter, fold: _Fold) -> tuple[str, str]:
@@ -405,7 +406,8 @@ def _train_fold(job: _Job, fold: _Fold, adapter_id: str, tuning_id: str, folder:
     st, settings = job.st, job.settings
     train = fold.train
     adapter = job.adapter()
-    adapter.load(job.device)
+    with library_progress(job.progress):
+        adapter.load(job.device)
     cells = _tokenize_cells(st, adapter, train)
     labels = train["response"].to_numpy(np.int64)
     if np.unique(labels).size < 2:
@@ -556,8 +558,9 @@ def finetune(
     store : Store or path
     model : str
         A registered foundation model (``scdm models``).
-    checkpoint : path
-        The model's checkpoint folder (official format).
+    checkpoint : path or str
+        The model's checkpoint folder (official format), or a Hugging Face model id ``org/name`` /
+        ``org/name@revision`` (see :mod:`scdm.embedding.hub`; an existing local path wins).
     dataset : str or list of str
         The datasets whose cells the split covers (names or ids).
     scenario : {"pooled", "cross", "custom"}, default "pooled"
@@ -637,7 +640,9 @@ def finetune(
                              split_id=split_id, scheme=scheme, label_set=label_set)
     folds = [f for _, split in splits.iterrows() for f in _resolve_folds(st, split, fold, all_folds)]
 
-    probe = get_adapter(model)(checkpoint=Path(checkpoint), seed=seed, **model_params)
+    with library_progress(progress):
+        source = resolve_checkpoint(checkpoint, model, params=model_params)
+    probe = get_adapter(model)(checkpoint=source.path, seed=seed, **model_params)
     probe.check_checkpoint()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -650,8 +655,8 @@ def finetune(
     settings = TrainSettings(rank=rank, alpha=float(alpha), dropout=float(dropout), target_modules=targets, epochs=epochs,
                          lr=float(lr), weight_decay=float(weight_decay), batch_size=batch_size or probe.default_batch_size,
                          precision=prec, seed=seed)
-    job = _Job(st=st, model=model, checkpoint=Path(checkpoint), model_params=dict(model_params), settings=settings,
-               checkpoint_hash=checkpoint_hash(Path(checkpoint), cache_dir=st.root / ARTIFACTS_DIR), device=dev,
+    job = _Job(st=st, model=model, checkpoint=source, model_params=dict(model_params), settings=settings,
+               checkpoint_hash=checkpoint_hash(source, cache_dir=st.root / ARTIFACTS_DIR), device=dev,
                precision=prec, gradient_checkpointing=gradient_checkpointing, embed_batch_size=batch_size, progress=progress)
     results = []
     for f in folds:

@@ -33,6 +33,7 @@ from scdm.embedding._adapter import (
     check_embedded_rows,
     check_input_kind,
     get_adapter,
+    library_progress,
     require_matches,
 )
 from scdm.embedding.chunks import (
@@ -45,6 +46,7 @@ from scdm.embedding.chunks import (
     padding_stats,
     run_telemetry,
 )
+from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.store import Embedding, Store, open_store
 from scdm.store.errors import InputDataError, ScdmError
 from scdm.store.genes import gene_table_version
@@ -163,13 +165,19 @@ def _no_values(n: int) -> Any:
 
 
 # ---- checkpoint identity ---------------------------------------------------------------------
-def checkpoint_hash(folder: str | Path, *, cache_dir: Path | None = None) -> str:
+def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = None, files: Sequence[str] | None = None) -> str:
     """Content hash of every file in a checkpoint folder (cached by path, size and mtime).
 
     Hashing a multi-GB checkpoint takes a while, so each file's digest is cached in
     ``cache_dir/checkpoint-hashes.json`` and reused while the file's size and mtime are unchanged.
+    ``files`` (paths relative to ``folder``) limits the hash to those files: a Hugging Face
+    snapshot counts the files the model needs (see :class:`scdm.embedding.hub.ResolvedCheckpoint`),
+    so it hashes as a folder holding just them does.
     """
+    if files is None and isinstance(folder, ResolvedCheckpoint):
+        files = folder.files
     folder = Path(folder)
+    wanted = None if files is None else set(files)
     cache_file = (cache_dir / "checkpoint-hashes.json") if cache_dir else None
     cache: dict[str, str] = {}
     if cache_file and cache_file.exists():
@@ -178,7 +186,8 @@ def checkpoint_hash(folder: str | Path, *, cache_dir: Path | None = None) -> str
         except (OSError, ValueError):
             cache = {}
     total = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and (wanted is None or p.relative_to(folder).as_posix() in wanted)):
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         digest = cache.get(key)
@@ -229,7 +238,7 @@ def embed(
     store: Store | str | os.PathLike[str] | None,
     dataset: str,
     model: str,
-    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | ResolvedCheckpoint | None = None,
     *,
     batch_size: int | None = None,
     device: str = "auto",
@@ -262,7 +271,10 @@ def embed(
         A registered model (``scdm models``); ``pca`` and ``hvg`` are dispatched to
         :func:`embed_baseline`.
     checkpoint
-        Local folder in the model's official format.
+        Local folder in the model's official format, or a Hugging Face model id ``org/name`` /
+        ``org/name@revision`` (fetched into the Hugging Face cache; see :mod:`scdm.embedding.hub`).
+        An existing local path wins. The embedding's telemetry records the source under
+        ``"checkpoint"`` (``hub_id``, ``revision``, ``commit``; or ``path``).
     batch_size
         Cells per forward pass (default: the adapter's; on CUDA, halved on out-of-memory).
     device, precision
@@ -324,7 +336,9 @@ def embed(
             logger.info("%s is fitted in one pass on this machine; the ray executor applies to foundation models", model)
         return embed_baseline(st, [dataset], model=model, chunk_rows=chunk_rows, progress=progress, **model_params)[0]
     ds = st.dataset(dataset)
-    adapter = get_adapter(model)(checkpoint=Path(checkpoint) if checkpoint is not None else None, seed=seed, **model_params)
+    with library_progress(progress):
+        source = resolve_checkpoint(checkpoint, model, params=model_params) if checkpoint is not None else None
+    adapter = get_adapter(model)(checkpoint=source.path if source is not None else None, seed=seed, **model_params)
     adapter.check_checkpoint()
     ray_exec: Any = None
     if executor == "ray":
@@ -336,7 +350,7 @@ def embed(
     else:
         dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    ckpt_hash = checkpoint_hash(adapter.checkpoint, cache_dir=st.root / "artifacts") if adapter.checkpoint else None
+    ckpt_hash = checkpoint_hash(source, cache_dir=st.root / "artifacts") if source is not None else None
     # bf16/fp16 weights on CUDA change the numbers: the weight dtype is part of the embedding's identity
     params = {**adapter.params(), **adapter.configure_precision(dev, prec), "seed": seed, "precision": prec,
               "gene_table": gene_table_version()}
@@ -363,11 +377,13 @@ def embed(
             batch_size=batch_size or _auto_batch_size(adapter, dev), chunk_rows=chunk_rows, min_genes=min_genes,
             min_gene_fraction=min_gene_fraction, num_gpus_per_actor=float(num_gpus_per_actor or 0), actors=actors,
             max_retries=max_retries, ray_address=ray_address, progress=progress, allow_empty_cells=allow_empty_cells,
+            checkpoint_source=source.provenance() if source is not None else None,
         )
         return ray_exec.embed_on_ray(st, job)
 
     t_load = time.perf_counter()
-    adapter.load(dev)
+    with library_progress(progress):
+        adapter.load(dev)
     if lora is not None:
         lora.apply(adapter)
     load_s = time.perf_counter() - t_load
@@ -386,7 +402,11 @@ def embed(
             return _run_chunks(st, emb, job, adapter, chunks, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
                                precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells)
 
-        stats = finalize_with_repair(emb, run, missing, lambda s: run_telemetry(s, dev, prec, load_s, adapter),
+        def telemetry_of(s: dict[str, Any]) -> dict[str, Any]:
+            out = run_telemetry(s, dev, prec, load_s, adapter)
+            return {**out, "checkpoint": source.provenance()} if source is not None else out
+
+        stats = finalize_with_repair(emb, run, missing, telemetry_of,
                                      lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
@@ -674,7 +694,8 @@ def embed_command(store: Store | str | os.PathLike[str] | None, embedding_id: st
     """The ``scdm embed`` command that recomputes an embedding (its pending chunks) with its options.
 
     For a model that needs a checkpoint, ``--checkpoint DIR`` stands for the folder it was made
-    with (the store records its content hash, not its path). The options are rebuilt from the
+    with (the store records its content hash, not its path); an embedding made from a Hugging Face
+    Hub id gets ``--checkpoint org/name@commit``, the commit its telemetry records. The options are rebuilt from the
     recorded parameters and checked: the adapter built with them must report the same parameters,
     else the command says so.
     """
@@ -696,7 +717,8 @@ def embed_command(store: Store | str | os.PathLike[str] | None, embedding_id: st
                 if name not in ("self", "checkpoint", "seed") and prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)}
     options = {k: v for k, v in params.items() if k in accepted}
     dataset = st.query("SELECT name FROM datasets WHERE dataset_id = ?", [emb.dataset_id])["name"]
-    args = ["scdm", "embed", str(dataset.iloc[0]) if len(dataset) else emb.dataset_id, "--model", emb.model, "--checkpoint", "DIR",
+    hub = _recorded_hub_checkpoint(st, emb)
+    args = ["scdm", "embed", str(dataset.iloc[0]) if len(dataset) else emb.dataset_id, "--model", emb.model, "--checkpoint", hub or "DIR",
             "--precision", precision]
     if seed:
         args += ["--seed", str(seed)]
@@ -710,7 +732,8 @@ def embed_command(store: Store | str | os.PathLike[str] | None, embedding_id: st
                **({"weights": weights} if weights else {})}
     if batch_size is not None:
         rebuilt["batch_size"] = batch_size
-    note = f"  # DIR: the {emb.model} checkpoint it was made with (content hash {str(_recorded_checkpoint_hash(st, emb))[:16]})"
+    what = f"{hub}: the Hugging Face" if hub else "DIR: the"
+    note = f"  # {what} {emb.model} checkpoint it was made with (content hash {str(_recorded_checkpoint_hash(st, emb))[:16]})"
     if json.dumps(rebuilt, sort_keys=True, default=str) != json.dumps(emb.params, sort_keys=True, default=str):
         note += "; check the options: not all of its recorded parameters could be rebuilt"
     if gene_table != gene_table_version():
@@ -722,6 +745,18 @@ def _recorded_checkpoint_hash(st: Store, emb: Embedding) -> str | None:
     """The checkpoint content hash an embedding records."""
     frame = st.query("SELECT checkpoint_hash FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])
     return None if frame.empty else frame["checkpoint_hash"].iloc[0]
+
+
+def _recorded_hub_checkpoint(st: Store, emb: Embedding) -> str | None:
+    """``org/name@commit`` when the embedding's telemetry records a Hugging Face Hub checkpoint, else None."""
+    frame = st.query("SELECT telemetry FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])
+    try:
+        source = json.loads(frame["telemetry"].iloc[0]).get("checkpoint") if len(frame) else None
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if isinstance(source, dict) and source.get("hub_id") and source.get("commit"):
+        return f"{source['hub_id']}@{source['commit']}"
+    return None
 
 
 def _param_text(value: Any) -> str:

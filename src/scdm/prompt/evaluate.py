@@ -256,7 +256,7 @@ def prompt(
     by: Iterable[str] = CATEGORY_TYPES,
     category: str | None = None,
     folds: int = 10,
-    split_scheme: str = "cell",
+    split_scheme: str = "auto",
     seed: int = 0,
     label_set: str | None = None,
     split_ids: Sequence[str] = (),

@@ -17,6 +17,10 @@ pooled, scheme ``cell``
     a category is the same for every model, folds are stratified by response in every category,
     and the folds of all category types are *nested* (a cell has the same fold in each), which
     lets ridge solve every fold of every category from one pass over the embeddings.
+pooled, scheme ``auto`` (the default)
+    ``sample`` when every labelled cell has a sample id and there are at least as many samples
+    as folds; otherwise ``cell``, with a one-line warning when sample ids exist but are too few.
+    Splits always record the scheme they were made with, never ``auto``.
 pooled, scheme ``sample``
     grouped k-fold: scikit-learn's ``StratifiedGroupKFold`` over all cells with groups =
     (study, sample), restricted to each category, so no sample is on both sides of any fold.
@@ -35,7 +39,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -50,7 +54,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CATEGORY_TYPES",
     "SCENARIOS",
+    "SPLIT_SCHEMES",
     "SampleLeakageWarning",
+    "resolve_split_scheme",
     "Split",
     "cells_hash",
     "confounded_studies",
@@ -67,6 +73,8 @@ SCENARIOS: tuple[str, ...] = ("pooled", "cross", "custom")
 """Evaluation scenarios."""
 SPLIT_ALGORITHM = 1
 """Version of the fold-assignment algorithm (part of every split's identity)."""
+SPLIT_SCHEMES: tuple[str, ...] = ("auto", "sample", "cell")
+"""Pooled split schemes a caller may ask for (``auto`` resolves to ``sample`` or ``cell``)."""
 
 _ATOM_COLUMNS = ("dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen")
 
@@ -401,7 +409,7 @@ def make_splits(
     scenarios: Iterable[Literal["pooled", "cross", "custom"]] = ("pooled", "cross"),
     by: Iterable[str] = CATEGORY_TYPES,
     n_folds: int = 10,
-    scheme: Literal["cell", "sample"] = "cell",
+    scheme: Literal["auto", "cell", "sample"] = "auto",
     seed: int = 0,
     custom: pd.DataFrame | None = None,
     folds_from: str | None = None,
@@ -417,8 +425,9 @@ def make_splits(
     by : iterable of category types, default all five
     n_folds : int, default 10
         Folds of the pooled scenario.
-    scheme : {"cell", "sample"}, default "cell"
-        Pooled folds at cell level (scDrugMap) or grouped by (study, sample).
+    scheme : {"auto", "cell", "sample"}, default "auto"
+        Pooled folds grouped by (study, sample), or at cell level (the scDrugMap protocol, which
+        can leak sample identity); ``auto`` is :func:`resolve_split_scheme`'s choice.
     seed : int, default 0
     custom : DataFrame, optional
         Needed for the ``custom`` scenario: dataset_id, row (or cell_id), fold.
@@ -444,8 +453,8 @@ def make_splits(
         if unknown:
             msg = f"Unknown {what} {unknown}; choose from {', '.join(allowed)}."
             raise InputDataError(msg)
-    if scheme not in ("cell", "sample"):
-        msg = f"split_scheme={scheme!r} is not one of 'cell', 'sample'."
+    if scheme not in SPLIT_SCHEMES:
+        msg = f"split_scheme={scheme!r} is not one of {', '.join(map(repr, SPLIT_SCHEMES))}."
         raise InputDataError(msg)
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         msg = f"n_folds={n_folds!r} must be an integer >= 2."
@@ -458,6 +467,7 @@ def make_splits(
         msg = "None of the cells has a response label; ingest the datasets with label_key=<obs column>."
         raise InputDataError(msg)
     if "pooled" in scenarios:
+        scheme = resolve_split_scheme(labelled, scheme, int(n_folds))
         _check_fold_count(labelled, int(n_folds), scheme)
     out: list[Split] = []
     if "pooled" in scenarios:
@@ -472,6 +482,27 @@ def make_splits(
         out += _custom(labelled, by, custom)
     names = _label_set_names(labelled)
     return [replace(s, label_set=names) for s in out]
+
+
+def resolve_split_scheme(cells: pd.DataFrame, scheme: str, n_folds: int) -> Literal["cell", "sample"]:
+    """The pooled scheme that ``auto`` stands for on these cells (``cell``/``sample`` pass through).
+
+    ``sample`` when every labelled cell has a sample id and the cells come from at least
+    ``n_folds`` samples (and at least two); otherwise ``cell``. Sample ids that exist but are too
+    few give one :class:`SampleLeakageWarning` line saying so.
+    """
+    if scheme in ("cell", "sample"):
+        return cast(Literal["cell", "sample"], scheme)
+    labelled = cells[cells["response"].notna()]
+    if labelled.empty or labelled["sample"].isna().any():
+        return "cell"
+    n_samples = int(labelled[["study", "sample"]].astype(str).drop_duplicates().shape[0])
+    if n_samples >= max(n_folds, 2):
+        return "sample"
+    warnings.warn(f"only {n_samples} sample{'s' if n_samples != 1 else ''} for {n_folds} folds, so the pooled folds are "
+                  "cell-level (scheme 'cell', the scDrugMap protocol; cells of one sample fall on both sides of a fold)",
+                  SampleLeakageWarning, stacklevel=3)
+    return "cell"
 
 
 def _label_set_names(labelled: pd.DataFrame) -> str | None:

@@ -65,6 +65,8 @@ MEDIAN_DICT_PREFIX = "gene_median_dictionary"
 MAPPING_DICT_PREFIX = "ensembl_mapping_dict"
 POOLINGS = ("auto", "mean", "cls")
 _VERSION_SUFFIX = {1: "_gc30M", 2: "_gc104M"}
+HUB_DICT_FOLDER = "geneformer"
+"""The official Hub repository keeps its dictionaries in its Python package folder."""
 _V1_SPECIALS = ("<pad>", "<mask>")
 _V2_SPECIALS = ("<pad>", "<mask>", "<cls>", "<eos>")
 
@@ -180,6 +182,13 @@ def _companion(folder: Path, prefix: str, suffix: str, *, required: bool) -> Pat
     raise CheckpointError(msg)
 
 
+def _dictionary_folder(folder: Path) -> Path:
+    """Where the gene dictionaries are: beside the weights, or in geneformer/ (ctheodoris/Geneformer's layout)."""
+    if not any(folder.glob(f"{TOKEN_DICT_PREFIX}*.pkl")) and any((folder / HUB_DICT_FOLDER).glob(f"{TOKEN_DICT_PREFIX}*.pkl")):
+        return folder / HUB_DICT_FOLDER
+    return folder
+
+
 def locate_files(folder: Path) -> GeneformerFiles:
     """Find the files of a Geneformer checkpoint folder, raising :class:`CheckpointError` on gaps."""
     config = _read_config(folder)
@@ -187,10 +196,11 @@ def locate_files(folder: Path) -> GeneformerFiles:
     if weights is None:
         msg = f"Checkpoint folder {str(folder)!r} has no weights: expected {' or '.join(WEIGHT_FILES)}."
         raise CheckpointError(msg)
-    token_dictionary = _pick_token_dictionary(folder, int(config.get("vocab_size", -1)))
+    dictionaries = _dictionary_folder(folder)
+    token_dictionary = _pick_token_dictionary(dictionaries, int(config.get("vocab_size", -1)))
     suffix = token_dictionary.name[len(TOKEN_DICT_PREFIX) :]
-    median = _companion(folder, MEDIAN_DICT_PREFIX, suffix, required=True)
-    mapping = _companion(folder, MAPPING_DICT_PREFIX, suffix, required=False)
+    median = _companion(dictionaries, MEDIAN_DICT_PREFIX, suffix, required=True)
+    mapping = _companion(dictionaries, MAPPING_DICT_PREFIX, suffix, required=False)
     assert median is not None
     return GeneformerFiles(folder / "config.json", weights, token_dictionary, median, mapping)
 
@@ -295,7 +305,12 @@ class GeneformerAdapter(Adapter):
     description = "Geneformer V1/V2 (HF BERT): rank-value encoding of median-normalised counts, penultimate layer."
     gene_id_kind = "ensembl"
     requires_counts = True
-    checkpoint_files = ("config.json", f"{TOKEN_DICT_PREFIX}*.pkl", f"{MEDIAN_DICT_PREFIX}*.pkl")
+    # the dictionaries sit next to the weights, or in geneformer/ as in the official Hub repository
+    checkpoint_files = ("config.json", f"{TOKEN_DICT_PREFIX}*.pkl|{HUB_DICT_FOLDER}/{TOKEN_DICT_PREFIX}*.pkl",
+                        f"{MEDIAN_DICT_PREFIX}*.pkl|{HUB_DICT_FOLDER}/{MEDIAN_DICT_PREFIX}*.pkl")
+    # --checkpoint org/name: the weights in one format, and the optional mapping dictionary
+    hub_patterns = (*checkpoint_files, "|".join(WEIGHT_FILES),
+                    f"{MAPPING_DICT_PREFIX}*.pkl|{HUB_DICT_FOLDER}/{MAPPING_DICT_PREFIX}*.pkl")
     # peft matches by name suffix; "output.dense" covers attention.output.dense and the FFN output
     lora_target_modules = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
     default_batch_size = 16

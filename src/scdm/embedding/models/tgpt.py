@@ -75,6 +75,7 @@ class TGPTAdapter(Adapter):
     gene_id_kind = "symbol"
     requires_counts = False
     checkpoint_files = ("config.json", "tokenizer.json")
+    hub_patterns = (*checkpoint_files, "|".join(WEIGHT_FILES))  # --checkpoint org/name: the weights in one format
     # GPT-2 uses Conv1D layers: peft needs LoraConfig(fan_in_fan_out=True) for these
     lora_target_modules = ("c_attn", "c_proj", "c_fc")
     default_batch_size = 64
