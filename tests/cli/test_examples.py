@@ -6,8 +6,8 @@ jhu006.h5ad, ...: the bundled real data; pc9's labels and patients are made up f
 tiny random-weight checkpoints where they point (~/models/Geneformer, ~/ckpt/scGPT_human, ...; HOME
 is the world) and a store where earlier examples left their results. The few examples that need
 what a test cannot have (a GPU, a Ray cluster, an LLM endpoint, GDSC files, a server that runs
-until stopped) are listed in NOT_RUN with the reason; those are still parsed, so a renamed option or
-a bad value fails here too.
+until stopped) or train for minutes (finetune, transfer) are listed in NOT_RUN with the reason; those
+are still parsed, so a renamed option or a bad value fails here too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 import anndata as ad
 import click
 import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -37,10 +36,11 @@ NOT_RUN: dict[str, str] = {
     "--device cuda": "needs a CUDA GPU",
     "scdm serve": "runs until stopped (tests/server/ start the same server on a free port)",
     "scdm prompt": "needs an LLM endpoint or an 8B model (tests/prompt/ run the same commands against a loopback server)",
+    "scdm finetune": "LoRA training for minutes (tests/embed/test_finetune.py runs finetune() on tiny checkpoints)",
+    "scdm transfer": "trains for minutes (tests/classify/test_transfer.py runs transfer() on bulk CSVs and studies)",
+    "scdm genes": "needs the run id of a transfer (tests/classify/test_transfer.py runs critical_genes())",
 }
 """Examples (by a piece of their text) that are parsed but not run here, and why."""
-SLOW: tuple[str, ...] = ("scdm finetune", "scdm transfer", "scdm genes")
-"""Examples that train for a minute or more: run by test_the_slow_examples_run (--run-slow)."""
 RUN_ANYWAY = ("scdm prompt --dataset a375 --base-url http://localhost:11434/v1 -m llama3.1:8b --by all --folds 5 --dry-run",)
 """Matches of NOT_RUN that do run (a dry run sends nothing)."""
 
@@ -127,17 +127,6 @@ def _pc9_for_examples(path: Path) -> None:
     pc9.write_h5ad(path)
 
 
-def _gdsc_tables(root: Path, genes: list[str]) -> None:
-    """gdsc_expr.csv (cell lines x genes) and gdsc_auc.csv (cell lines x drugs), GDSC-shaped, random."""
-    rng = np.random.default_rng(0)
-    lines = [f"line{i}" for i in range(40)]
-    expr = rng.poisson(3.0, size=(len(lines), len(genes))).astype(float)
-    auc = np.r_[rng.normal(0.3, 0.05, 20), rng.normal(0.9, 0.05, 20)]
-    expr[:20, :20] += 5  # the sensitive lines differ in a few genes
-    pd.DataFrame(expr, index=lines, columns=genes).to_csv(root / "gdsc_expr.csv")
-    pd.DataFrame({"Erlotinib": auc, "Gefitinib": auc[::-1]}, index=lines).to_csv(root / "gdsc_auc.csv")
-
-
 def _checkpoints(home: Path, genes_symbol: list[str], genes_ensembl: list[str]) -> None:
     from scdm.embedding.models import geneformer, scgpt
 
@@ -190,7 +179,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w.scdm("ingest", "a375.h5ad", "--label-key", "response_PLX4720", "--drug", "PLX-4720", "--study", "GSE108383",
                "--tissue", "Cell line", "--cancer-type", "Melanoma", "--drug-type", "Targeted therapy", "--regimen", "PLX-4720")
         w.scdm("embed", "a375", "pc9", "--model", "pca")
-        _gdsc_tables(root, genes["symbol"].tolist()[:400])
         w.values["3f2a9c0d1e7b"] = Store(w.store).find_embedding("a375", "pca").embedding_id
         yield w
     finally:
@@ -240,10 +228,6 @@ def _rank(example: str) -> int:
     return next((i for i, prefix in enumerate(ORDER) if example.startswith(prefix)), len(ORDER))
 
 
-def _is_slow(example: str) -> bool:
-    return any(example.startswith(prefix) for prefix in SLOW)
-
-
 def _run_examples(world: World, examples: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     ran, not_run = [], []
     for example in sorted(examples, key=lambda e: (_rank(e), e)):
@@ -258,23 +242,14 @@ def _run_examples(world: World, examples: list[str]) -> tuple[list[str], list[tu
                 print(f"{time.perf_counter() - started:6.1f} s  scdm {shlex.join(args)}")
             if args[0] == "train-head" and "prints a head id" in example:  # README's train-then-predict lines
                 world.values["<head_id>"] = re.search(r"\b[0-9a-f]{16}\b", output).group(0)  # type: ignore[union-attr]
-            if args[0] == "transfer":
-                world.values["<transfer_run_id>"] = re.search(r"transfer run (\w+)", output).group(1)  # type: ignore[union-attr]
         ran.append(example)
     return ran, not_run
 
 
 def test_every_example_runs(world: World) -> None:
-    ran, not_run = _run_examples(world, [e for e in EXAMPLES if not _is_slow(e)])
+    ran, not_run = _run_examples(world, EXAMPLES)
     assert len(ran) >= 60, ran
-    assert len(not_run) <= 16, not_run
-
-
-@pytest.mark.slow
-def test_the_slow_examples_run(world: World) -> None:
-    world.scdm("evaluate", "--dataset", "pc9", "--model", "pca", "--scenario", "pooled", "--by", "all")  # finetune's splits
-    ran, _ = _run_examples(world, [e for e in EXAMPLES if _is_slow(e)])
-    assert len(ran) >= 6, ran
+    assert len(not_run) <= 24, not_run
 
 
 def test_every_readme_sql_block_runs(world: World) -> None:
