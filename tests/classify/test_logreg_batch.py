@@ -125,3 +125,41 @@ def test_logreg_artifacts_saved_before_coef_attributes_still_predict():
     old_style.__dict__.update({k: v for k, v in vars(head).items() if k not in ("coef_", "intercept_")})
     restored = pickle.loads(pickle.dumps(old_style))
     np.testing.assert_allclose(restored.predict_proba(X), expected, rtol=1e-12)
+
+
+def test_threads_sharing_a_pass_give_the_same_bits_and_the_grid_uses_them(folds_data, monkeypatch):
+    X, y, train = folds_data
+    big = np.repeat(X, 40, axis=0)  # enough 4 MiB blocks for several groups
+    yy, tt = np.repeat(y, 40), np.repeat(train, 40, axis=0)
+    one = fit_logreg_folds(big, yy, tt, max_iter=15, threads=1)
+    two = fit_logreg_folds(big, yy, tt, max_iter=15, threads=2)
+    np.testing.assert_array_equal(one.coef, two.coef)
+    np.testing.assert_array_equal(one.intercept, two.intercept)
+
+    # the grid hands its thread allowance to the pass (it sets one BLAS thread for the solver steps)
+    from scdm.classify import _logreg_batch, grid
+    from scdm.classify._threads import gemm_threads
+
+    seen = []
+    real = _logreg_batch._Problem.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(len(self.buffers))
+
+    monkeypatch.setattr(_logreg_batch._Problem, "__init__", spy)
+    monkeypatch.setattr("scdm.classify._threads.cpu_budget", lambda: 2)
+
+    class _Space:
+        pass
+
+    space = _Space()
+    space.X, space.y = big, yy
+    space.positions = lambda cells: np.arange(big.shape[0])
+    from types import SimpleNamespace
+
+    split = SimpleNamespace(split_id="s", cells=None, train_mask=lambda f: tt[:, f], test_mask=lambda f: ~tt[:, f])
+    tasks = [SimpleNamespace(params_key="{}", split=split, fold=f, params={"max_iter": 3}) for f in range(tt.shape[1])]
+    with gemm_threads(10**9):  # as _math_threads sets it for one large space
+        list(grid._logreg_outcomes(space, tasks))
+    assert seen == [2]

@@ -100,6 +100,31 @@ def test_bad_chunks_are_refused(st, ds):
         emb.write_chunk(3, np.ones((8, 3)))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_non_finite_chunk_in_a_writer_is_refused_and_the_good_ones_are_kept(st, ds, dtype):
+    emb = st.create_embedding(ds.name, model="m", params={"dtype": dtype}, dim=3, dtype=dtype, chunk_rows=50)
+    good = np.ones((50, 3), np.float32)
+    bad = good.copy()
+    bad[49, 2] = np.inf
+    with pytest.raises(InputDataError, match=f"Chunk 1 .* NaN or inf \\(in {dtype}\\)"):
+        with emb.writer() as w:
+            w.write(0, good)
+            w.write(2, good[:8])
+            w.write(1, bad)  # refused when its write is collected: here, on leaving the block
+    assert emb.written_chunks() == [0, 2]  # the chunks written beside the bad one are on disk and committed
+    assert not (Path(emb.location) / "c" / "1" / "0").exists()  # nothing of the refused chunk
+    assert list((Path(emb.location) / "c").rglob("*.partial")) == []  # no temporary file left behind
+
+
+def test_a_value_beyond_the_stored_dtype_is_refused_not_stored_as_inf(st, ds):
+    emb = st.create_embedding(ds.name, model="m", params={}, dim=3, dtype="float16", chunk_rows=50)
+    big = np.ones((50, 3))
+    big[7, 1] = 1e6  # finite in float64, inf in float16
+    with pytest.raises(InputDataError, match="NaN or inf"):
+        emb.write_chunk(0, big)
+    assert emb.written_chunks() == []
+
+
 def test_missing_embedding_errors(st, ds):
     with pytest.raises(EmbeddingNotFoundError, match="scdm ls"):
         st.read_embedding("0123456789abcdef")

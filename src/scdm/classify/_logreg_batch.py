@@ -33,6 +33,7 @@ from typing import cast
 import numpy as np
 from scipy.special import expit
 
+from scdm.classify._threads import solve_threads
 from scdm.classify.heads import column_moments
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class _Problem:
     """The K objectives on the split's rows of ``X``, centred block by block (``X`` is not modified)."""
 
     def __init__(self, X: np.ndarray, rows: np.ndarray | None, y: np.ndarray, train: np.ndarray, C: float,
-                 standardize: bool | str) -> None:
+                 standardize: bool | str, threads: int | None = None) -> None:
         view = _Rows(X, rows)
         n, dim = view.shape
         X = cast("np.ndarray", view)  # read as the split's rows: column_moments and the shift index it
@@ -159,7 +160,7 @@ class _Problem:
         per_group = -(-len(starts) // _GROUPS)
         self.groups = [starts[i:i + per_group] for i in range(0, len(starts), per_group)]
         # the groups are shared out over the math threads (numpy and BLAS release the GIL), each with its own buffer
-        threads = max(1, min(_blas_threads(), len(self.groups)))
+        threads = max(1, min(threads or _blas_threads(), len(self.groups)))
         self.buffers = [np.empty((min(self.block_rows, n), dim), np.float32) for _ in range(threads)]
         self.workers = _pool(threads) if threads > 1 else None
         self.y = y.astype(np.float32)
@@ -203,23 +204,9 @@ class _Problem:
         n_k = self.n_train[active]
         n_k32 = n_k.astype(np.float32)
         # fixed groups of consecutive blocks, summed in order: the same bits whatever the thread count
-        groups = self.groups
-        if len(self.buffers) == 1:
-            parts = [self._blocks(group, active, v32, beta32, n_k32, self.buffers[0]) for group in groups]
-        else:
-            from threadpoolctl import threadpool_limits
-
-            free = list(self.buffers)
-            def run(group: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-                buffer = free.pop()  # list.pop is atomic: one buffer per running group
-                try:
-                    return self._blocks(group, active, v32, beta32, n_k32, buffer)
-                finally:
-                    free.append(buffer)
-
-            assert self.workers is not None
-            with threadpool_limits(limits=1, user_api="blas"):  # the threads here are the parallelism
-                parts = list(self.workers.map(run, groups))
+        # one BLAS thread per block in every case: the same bits whatever the thread count
+        with solve_threads():
+            parts = self._parts(active, v32, beta32, n_k32)
         value, g_b, g_vt = parts[0]
         for more in parts[1:]:
             value, g_b, g_vt = value + more[0], g_b + more[1], g_vt + more[2]
@@ -229,10 +216,28 @@ class _Problem:
         value += 0.5 * self.l2[active] * np.einsum("kd,kd->k", w, w)
         return value, g_w, g_b
 
+    def _parts(self, active: np.ndarray, v32: np.ndarray, beta32: np.ndarray,
+               n_k32: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The sums of each group of blocks, in group order (groups run side by side on the threads)."""
+        groups = self.groups
+        if len(self.buffers) == 1:
+            return [self._blocks(group, active, v32, beta32, n_k32, self.buffers[0]) for group in groups]
+        free = list(self.buffers)
+
+        def run(group: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            buffer = free.pop()  # list.pop is atomic: one buffer per running group
+            try:
+                return self._blocks(group, active, v32, beta32, n_k32, buffer)
+            finally:
+                free.append(buffer)
+
+        assert self.workers is not None
+        return list(self.workers.map(run, groups))
+
 
 def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: np.ndarray | None = None, C: float = 1.0,
                      tol: float = 1e-4, max_iter: int = 200, standardize: bool | str = "global",
-                     memory: int = 10) -> FoldFits:
+                     memory: int = 10, threads: int | None = None) -> FoldFits:
     """Fit one L2 logistic regression per column of ``train``, all in one pass per iteration.
 
     Parameters
@@ -249,13 +254,16 @@ def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: n
         As :class:`scdm.classify.heads.LogRegHead`.
     memory : int, default 10
         L-BFGS history length (scipy's default).
+    threads : int, optional
+        Threads that share each pass over the rows, every one with one BLAS thread (default: the
+        BLAS threads allowed now). The results are the same bits for any number.
 
     Returns
     -------
     FoldFits
     """
     X = np.asarray(X, np.float32)
-    problem = _Problem(X, rows, np.asarray(y), np.asarray(train, bool), C, standardize)
+    problem = _Problem(X, rows, np.asarray(y), np.asarray(train, bool), C, standardize, threads)
     k, dim = train.shape[1], X.shape[1]
     w, b = np.zeros((k, dim)), np.zeros(k)
     every = np.arange(k)

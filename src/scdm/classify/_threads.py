@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
-    "GEMM_MIN_ENTRIES", "cgroup_cpu_quota", "cpu_budget", "gemm_threads", "map_solves", "product_threads",
+    "GEMM_MIN_ENTRIES", "cgroup_cpu_quota", "cpu_budget", "current_blas_threads", "gemm_threads", "map_solves", "product_threads",
     "solve_threads",
 ]
 
@@ -123,6 +123,11 @@ def _blas_threads(n: int) -> Iterator[None]:
     controller = _controller()
     with controller.limit(limits=n, user_api="blas"):
         yield
+
+
+def current_blas_threads() -> int:
+    """BLAS threads allowed now (what an enclosing :func:`gemm_threads` or :func:`solve_threads` set)."""
+    return max([int(lib.get("num_threads") or 1) for lib in _controller().info() if lib.get("user_api") == "blas"] or [1])
 
 
 def solve_threads() -> contextlib.AbstractContextManager[None]:

@@ -133,7 +133,8 @@ def fit_task(task: Task) -> Outcome:
     return Outcome(task, proba, test_pos, t1 - t0, t2 - t1, int(train_pos.size))
 
 
-def logreg_split(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
+def logreg_split(space: Space, tasks: list[Task], *, threads: int | None = None) -> Iterator[Outcome]:
+    """The folds of one split fitted together; ``threads`` share each pass (see ``fit_logreg_folds``)."""
     from scdm.classify._logreg_batch import fit_logreg_folds
 
     assert space.X is not None and space.y is not None
@@ -157,7 +158,7 @@ def logreg_split(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     t0 = time.perf_counter()
     # the split's rows are read from space.X in place (no copy of them: see _logreg_batch)
     fits = fit_logreg_folds(space.X, y, np.stack(train, axis=1), rows=pos, C=head.C, tol=head.tol,
-                            max_iter=head.max_iter, standardize=head.standardize)
+                            max_iter=head.max_iter, standardize=head.standardize, threads=threads)
     fit_seconds = (time.perf_counter() - t0) / len(fittable)
     for k, task in enumerate(fittable):
         t1 = time.perf_counter()

@@ -47,7 +47,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -726,6 +726,25 @@ class Catalog:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
+
+    @staticmethod
+    def insert_rows(con: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                    verb: str = "INSERT", computed: Mapping[str, str] | None = None) -> None:
+        """Insert ``rows`` (tuples in ``columns`` order) in one statement, inside ``con``'s transaction.
+
+        DuckDB's ``executemany`` runs one statement per row (~2.5 ms each); this sends each column
+        as one list and unnests them: ~3 ms for a few hundred rows. ``computed``: more columns, each
+        set to an SQL expression (e.g. ``{"written_at": "now()"}``). None stays NULL.
+        """
+        if not rows:
+            return
+        computed = dict(computed or {})
+        names = [f"v{i}" for i in range(len(columns))]
+        unnest = ", ".join(f"unnest(?) AS {n}" for n in names)
+        target = ", ".join(f'"{c}"' for c in [*columns, *computed])
+        values = ", ".join([*names, *computed.values()])
+        con.execute(f'{verb} INTO "{table}" ({target}) SELECT {values} FROM (SELECT {unnest})',
+                    [[row[i] for row in rows] for i in range(len(columns))])
 
     def insert_df(self, table: str, frame: pd.DataFrame, con: duckdb.DuckDBPyConnection | None = None, *,
                   or_ignore: bool = False) -> None:

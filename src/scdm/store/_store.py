@@ -179,17 +179,37 @@ class ChunkTarget:
         lo = chunk * self.chunk_rows
         return lo, min(lo + self.chunk_rows, self.n_cells)
 
-    def checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
-        """(first row, block in the stored dtype); refuses a wrong shape or non-finite values."""
+    def checked_block(self, chunk: int, block: np.ndarray, *, finite: bool = True) -> tuple[int, np.ndarray]:
+        """(first row, block in the stored dtype); refuses a wrong shape and (with ``finite``) NaN or inf.
+
+        ``finite=False`` leaves the value check to the write, which does it piece by piece while
+        the bytes are in cache (see :meth:`write`).
+        """
         lo, hi = self.chunk_bounds(chunk)
         block = np.asarray(block)
         if block.shape != (hi - lo, self.dim):
             msg = f"Chunk {chunk} needs an array of shape ({hi - lo}, {self.dim}); got {block.shape}."
             raise InputDataError(msg)
-        if not np.isfinite(block).all():
-            msg = f"Chunk {chunk} of embedding {self.embedding_id} holds NaN or inf; refusing to store it (the model diverged? try --precision fp32)."
-            raise InputDataError(msg)
-        return lo, block.astype(self.dtype, copy=False)
+        stored = block.astype(self.dtype, copy=False)
+        if finite and not np.isfinite(stored).all():  # after the cast: a float64 beyond float32's range is inf
+            raise self.non_finite_error(chunk)
+        return lo, stored
+
+    def non_finite_error(self, chunk: int) -> InputDataError:
+        """The error for a chunk whose values (in the stored dtype) hold NaN or inf."""
+        msg = (f"Chunk {chunk} of embedding {self.embedding_id} holds NaN or inf (in {self.dtype}); refusing to store it "
+               "(the model diverged? try --precision fp32).")
+        return InputDataError(msg)
+
+    def write_rows(self, chunk: int, lo: int, block: np.ndarray, rows: _zarr.RowWriter) -> str:
+        """Write a block from :meth:`checked_block` (``finite=False``) through ``rows``; its checksum.
+
+        NaN or inf is refused here, on the way to disk, and nothing of that chunk is written.
+        """
+        try:
+            return rows.write(lo, block, check_finite=True)
+        except _zarr.NonFiniteError:
+            raise self.non_finite_error(chunk) from None
 
     def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None, array: Any = None) -> ChunkRecord:
         """Write one chunk's rows to the array (not the catalog) and return the record to commit.
@@ -197,8 +217,8 @@ class ChunkTarget:
         ``array`` is an already open :func:`store._zarr.open_array` of this target (saves reopening it
         for every chunk).
         """
-        lo, block = self.checked_block(chunk, block)
-        checksum = _zarr.RowWriter(self.location, array).write(lo, block)
+        lo, block = self.checked_block(chunk, block, finite=False)
+        checksum = self.write_rows(chunk, lo, block, _zarr.RowWriter(self.location, array))
         return ChunkRecord(chunk, int(block.shape[0]), checksum, seconds)
 
     def stored_checksum(self, chunk: int) -> str | None:
@@ -299,9 +319,6 @@ class Embedding:
         """
         return EmbeddingJob(self, wait_s=wait_s)
 
-    def _checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
-        return self.target().checked_block(chunk, block)
-
     def commit_chunks(self, records: Sequence[ChunkRecord]) -> list[int]:
         """Commit chunks whose data another process wrote (see :meth:`target`); idempotent.
 
@@ -332,10 +349,9 @@ class Embedding:
             fresh = [r for r in records if have.get(r.chunk) != r.checksum]
             if not fresh:
                 return []
-            con.executemany(
-                "INSERT OR REPLACE INTO embedding_chunks VALUES (?, ?, ?, ?, ?, now())",
-                [[self.embedding_id, r.chunk, r.n_rows, r.checksum, r.seconds] for r in fresh],
-            )
+            Catalog.insert_rows(con, "embedding_chunks", CHUNK_COLUMNS,
+                                [(self.embedding_id, r.chunk, r.n_rows, r.checksum, r.seconds) for r in fresh],
+                                verb="INSERT OR REPLACE", computed={"written_at": "now()"})
         for r in fresh:
             if r.chunk in have:
                 logger.warning("chunk %d of embedding %s was committed before with checksum %s; the array now holds %s",
@@ -347,7 +363,8 @@ class Embedding:
 
         A committed chunk whose chunk file is gone (deleted by hand, a half-removed array) is not
         complete: its row is dropped, so that running the job again recomputes exactly that chunk,
-        and this raises.
+        and this raises. Everything is checked and marked in one catalog transaction (one commit
+        costs tens of milliseconds; a chunk dropped by a repair elsewhere cannot slip in between).
 
         Raises
         ------
@@ -356,45 +373,44 @@ class Embedding:
         EmbeddingNotFoundError
             The embedding was removed meanwhile.
         """
-        if self.status == "removed":
-            raise _removed_error(self.embedding_id, "before it was finalized")
-        missing = self.missing_chunks()
-        if missing:
-            msg = f"Embedding {self.embedding_id} still misses chunks {_some(missing)}; write them before finalize()."
-            raise EmbeddingIncompleteError(msg)
-        absent = self._chunks_without_data()
-        if absent:
-            with self.store.catalog.transaction() as con:
-                _require_row(con, self.embedding_id)
+        absent: list[int] = []
+        with self.store.catalog.transaction() as con:
+            if con.execute("SELECT 1 FROM embeddings WHERE embedding_id = ?", [self.embedding_id]).fetchone() is None:
+                raise _removed_error(self.embedding_id, "before it was finalized")
+            committed = con.execute("SELECT chunk, n_rows, checksum FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk",
+                                    [self.embedding_id]).fetchall()
+            done = {int(c) for c, _, _ in committed}
+            missing = [c for c in range(self.n_chunks) if c not in done]
+            if missing:
+                msg = f"Embedding {self.embedding_id} still misses chunks {_some(missing)}; write them before finalize()."
+                raise EmbeddingIncompleteError(msg)
+            absent = self._chunks_without_data(committed)
+            if absent:
+                # committed, so that the rerun sees exactly these chunks missing; the error follows the commit
                 con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ? AND list_contains(?, chunk)", [self.embedding_id, absent])
                 con.execute("UPDATE embeddings SET status = 'pending', completed_at = NULL WHERE embedding_id = ?", [self.embedding_id])
+            else:
+                con.execute(
+                    "UPDATE embeddings SET status = 'complete', completed_at = now(), telemetry = ?, "
+                    "audit = COALESCE(?, audit) WHERE embedding_id = ?",
+                    [_canonical_json(telemetry or {}), _canonical_json(audit) if audit is not None else None, self.embedding_id],
+                )
+        if absent:
             msg = (f"Embedding {self.embedding_id} is not complete: chunks {_some(absent)} are committed but their data is not in "
                    f"the array at {self.location}. They are marked missing again; run the same command again to recompute them.")
             raise EmbeddingIncompleteError(msg)
-        with self.store.catalog.transaction() as con:
-            _require_row(con, self.embedding_id)
-            done = con.execute("SELECT count(*) FROM embedding_chunks WHERE embedding_id = ?", [self.embedding_id]).fetchone()
-            if done is None or int(done[0]) != self.n_chunks:  # a chunk was dropped since (a repair elsewhere)
-                msg = f"Embedding {self.embedding_id} lost committed chunks while being finalized; run the same command again."
-                raise EmbeddingIncompleteError(msg)
-            con.execute(
-                "UPDATE embeddings SET status = 'complete', completed_at = now(), telemetry = ?, "
-                "audit = COALESCE(?, audit) WHERE embedding_id = ?",
-                [_canonical_json(telemetry or {}), _canonical_json(audit) if audit is not None else None, self.embedding_id],
-            )
 
-    def _chunks_without_data(self) -> list[int]:
-        """Committed chunks whose chunk file is absent (an all-zero chunk legitimately has none)."""
+    def _chunks_without_data(self, committed: Sequence[tuple[int, int, str]]) -> list[int]:
+        """Of the ``(chunk, n_rows, checksum)`` rows committed, the chunks whose chunk file is absent.
+
+        An all-zero chunk legitimately has none (zarr does not store a chunk equal to the fill value).
+        """
         if not _array_whole(self.location):
             return list(range(self.n_chunks))
-        frame = self.store.catalog.query(
-            "SELECT chunk, n_rows, checksum FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk", [self.embedding_id])
+        present = _zarr.chunks_present(self.location, [int(c) for c, _, _ in committed])
         absent = []
-        for chunk, n_rows, checksum in zip(frame["chunk"], frame["n_rows"], frame["checksum"]):
-            if _zarr.chunk_present(self.location, int(chunk)):
-                continue
-            # zarr does not write a chunk equal to the fill value (zeros): that chunk is present as such
-            if checksum != _zarr.chunk_checksum(np.zeros((int(n_rows), self.dim), dtype=self.dtype)):
+        for (chunk, n_rows, checksum), here in zip(committed, present):
+            if not here and checksum != _zarr.chunk_checksum(np.zeros((int(n_rows), self.dim), dtype=self.dtype)):
                 absent.append(int(chunk))
         return absent
 
@@ -433,6 +449,7 @@ class ChunkWriter:
             raise
         self._local = _zarr.local_path(emb.location) is not None
         self._rows = _zarr.RowWriter(emb.location, self._array)
+        self._target = emb.target()
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="scdm-chunk-writer")
         self._in_flight: list[tuple[Future[str], list[Any]]] = []
         self._pending: list[list[Any]] = []
@@ -443,11 +460,18 @@ class ChunkWriter:
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            self._drain(wait=True)  # whatever went wrong, chunks whose data is on disk are kept
-            if not self._pending and exc[0] is None:
+            failed: BaseException | None = None
+            try:
+                self._drain(wait=True)
+            except Exception as err:  # noqa: BLE001 - raised below, once the good chunks are committed
+                failed = err
+            # whatever went wrong, chunks whose data is on disk are kept
+            if not self._pending and exc[0] is None and failed is None:
                 with self.emb.store.catalog.transaction() as con:
                     _require_row(con, self.emb.embedding_id)  # removed meanwhile: say so, however fast the writes were
             self.commit()
+            if failed is not None and exc[0] is None:
+                raise failed
         finally:
             self._pool.shutdown(wait=True)
             if self._own_job:
@@ -467,33 +491,48 @@ class ChunkWriter:
         self.commit()
         return self.job.wait_for(chunks, between=self.commit)
 
-    def _write_file(self, lo: int, block: np.ndarray) -> str:
-        return self._rows.write(lo, block)  # hashes each piece as it is written (see _zarr.RowWriter)
+    def _write_file(self, chunk: int, lo: int, block: np.ndarray) -> str:
+        # hashes and checks each piece as it is written (see _zarr.RowWriter): one pass over the rows
+        return self._target.write_rows(chunk, lo, block, self._rows)
 
     def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
-        """Queue one chunk's rows for writing (atomic chunk file); its catalog row follows the write."""
-        lo, block = self.emb._checked_block(chunk, block)
+        """Queue one chunk's rows for writing (atomic chunk file); its catalog row follows the write.
+
+        A block of the wrong shape is refused here; one holding NaN or inf when its write is
+        collected (by a later call or on leaving the ``with`` block), with nothing of it written.
+        """
+        lo, block = self._target.checked_block(chunk, block, finite=False)
         if self._local and not _array_whole(self.emb.location):
             # writing on would recreate chunk files in a removed array's folder, without its zarr.json
             raise _removed_error(self.emb.embedding_id, f"its array {self.emb.location} is gone")
         while len(self._in_flight) >= self.max_in_flight:
             self._drain(wait=True, at_most=1)
-        future = self._pool.submit(self._write_file, lo, block)
+        future = self._pool.submit(self._write_file, chunk, lo, block)
         self._in_flight.append((future, [self.emb.embedding_id, chunk, block.shape[0], None, seconds]))
         self._drain(wait=False)
         if time.monotonic() - self._last_commit >= self.commit_every_s:
             self.commit()
 
     def _drain(self, *, wait: bool, at_most: int | None = None) -> None:
-        """Move finished writes (oldest first) to the rows waiting for a commit; re-raise write errors."""
-        done = 0
+        """Move finished writes (oldest first) to the rows waiting for a commit; re-raise write errors.
+
+        The writes that succeeded are moved even when an earlier one failed (their data is on disk,
+        so their rows must be committed); the first failure is raised after.
+        """
+        done, failed = 0, None
         while self._in_flight and (wait or self._in_flight[0][0].done()):
             if at_most is not None and done >= at_most:
-                return
+                break
             future, row = self._in_flight.pop(0)
-            row[3] = future.result()
-            self._pending.append(row)
             done += 1
+            try:
+                row[3] = future.result()
+            except Exception as err:  # noqa: BLE001 - re-raised below
+                failed = failed or err
+                continue
+            self._pending.append(row)
+        if failed is not None:
+            raise failed
 
     def commit(self) -> None:
         """Commit the rows of finished writes in one transaction, then release their claims.
@@ -509,7 +548,8 @@ class ChunkWriter:
         rows, self._pending = self._pending, []
         with self.emb.store.catalog.transaction() as con:
             _require_row(con, self.emb.embedding_id)
-            con.executemany("INSERT OR REPLACE INTO embedding_chunks VALUES (?, ?, ?, ?, ?, now())", rows)
+            Catalog.insert_rows(con, "embedding_chunks", CHUNK_COLUMNS, rows, verb="INSERT OR REPLACE",
+                                computed={"written_at": "now()"})
         self.job.release([int(r[1]) for r in rows])
         self._last_commit = time.monotonic()
 
@@ -1460,6 +1500,10 @@ class EmbeddingJob:
         if frame.empty:
             raise _removed_error(self.emb.embedding_id, "while this job was writing it")
         return {int(c) for c in frame["chunk"].dropna()}
+
+
+CHUNK_COLUMNS = ("embedding_id", "chunk", "n_rows", "checksum", "seconds")
+"""Columns of an ``embedding_chunks`` row a writer supplies (``written_at`` is the commit time)."""
 
 
 def _removed_error(embedding_id: str, when: str) -> EmbeddingNotFoundError:

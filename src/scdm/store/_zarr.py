@@ -31,7 +31,7 @@ import math
 import os
 import uuid
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -64,6 +64,8 @@ __all__ = [
     "open_array",
     "array_exists",
     "chunk_present",
+    "chunks_present",
+    "NonFiniteError",
     "remove_array",
     "remove_chunk",
     "forget_verified",
@@ -166,6 +168,15 @@ def chunk_present(location: ArrayLocation, chunk: int) -> bool:
 
     fs, root = fsspec.core.url_to_fs(str(location))
     return bool(fs.exists(f"{root.rstrip('/')}/c/{chunk}/0"))
+
+
+def chunks_present(location: ArrayLocation, chunks: Sequence[int]) -> list[bool]:
+    """:func:`chunk_present` of each of ``chunks`` (the array's metadata read once)."""
+    path = local_path(location)
+    if path is None:
+        return [chunk_present(location, c) for c in chunks]
+    layout = _RawLayout(path)
+    return [layout.chunk_file(c).exists() for c in chunks]
 
 
 def remove_chunk(location: ArrayLocation, chunk: int) -> None:
@@ -327,14 +338,20 @@ class RowWriter:
         self._raw = layout if layout is not None and layout.ok and not layout.fill_value else None
         self._array = array if self._raw is None and array is not None else None
 
-    def write(self, start: int, block: np.ndarray) -> str:
-        """Write ``block`` (rows ``start:start+len(block)``, one whole chunk) and return its :func:`chunk_checksum`."""
+    def write(self, start: int, block: np.ndarray, *, check_finite: bool = False) -> str:
+        """Write ``block`` (rows ``start:start+len(block)``, one whole chunk) and return its :func:`chunk_checksum`.
+
+        With ``check_finite``, a block holding NaN or inf raises :class:`NonFiniteError` and nothing
+        is written (on the direct path each piece is checked while it is in cache, beside its CRC).
+        """
         layout = self._raw
         block = np.ascontiguousarray(block)
         if layout is not None and block.dtype == layout.dtype and block.ndim == 2 and block.shape[1] == layout.shape[1]:
             chunk, offset = divmod(start, layout.chunk_rows)
             if offset == 0 and layout.bounds(chunk) == (start, start + block.shape[0]):
-                return _write_raw_chunk(layout, chunk, block)
+                return _write_raw_chunk(layout, chunk, block, check_finite=check_finite)
+        if check_finite and not np.isfinite(block).all():
+            raise NonFiniteError(start)
         if self._array is None:
             self._array = open_array(self.location)
         checksum = chunk_checksum(block)
@@ -342,7 +359,15 @@ class RowWriter:
         return checksum
 
 
-def _write_raw_chunk(layout: _RawLayout, chunk: int, block: np.ndarray) -> str:
+class NonFiniteError(ValueError):
+    """A block to write holds NaN or inf (nothing of it was written)."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__(f"the rows from {start} hold NaN or inf")
+        self.start = start
+
+
+def _write_raw_chunk(layout: _RawLayout, chunk: int, block: np.ndarray, *, check_finite: bool = False) -> str:
     """Write one whole chunk's rows as its chunk file (atomic rename); the CRC-32 of the rows."""
     data = memoryview(block.reshape(-1).view(np.uint8).data)  # .data: numpy's stubs lack Buffer
     target = layout.chunk_file(chunk)
@@ -353,6 +378,8 @@ def _write_raw_chunk(layout: _RawLayout, chunk: int, block: np.ndarray) -> str:
         with open(tmp, "wb", buffering=0) as fh:
             for pos in range(0, len(data), _WRITE_PIECE):
                 piece = data[pos:pos + _WRITE_PIECE]
+                if check_finite and not np.isfinite(np.frombuffer(piece, dtype=block.dtype)).all():
+                    raise NonFiniteError(layout.bounds(chunk)[0])  # before the rename: the chunk file is untouched
                 crc = _crc32(piece, crc)  # while the piece is in cache: no second pass over the rows
                 while piece:
                     piece = piece[fh.write(piece) or 0:]
