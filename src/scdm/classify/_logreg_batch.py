@@ -33,7 +33,7 @@ from typing import cast
 import numpy as np
 from scipy.special import expit
 
-from scdm.classify._threads import solve_threads
+from scdm.classify._threads import current_blas_threads, solve_threads
 from scdm.classify.heads import column_moments
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ _BLOCK_BYTES = 4 << 20
 
 _GROUPS = 8
 """Partial sums of a pass: blocks in this many fixed groups (one thread takes a group at a time)."""
-
-
-def _blas_threads() -> int:
-    """Threads BLAS may use here now (the grid sets them per fit): the parallelism of one pass."""
-    from threadpoolctl import threadpool_info
-
-    return max([int(lib.get("num_threads") or 1) for lib in threadpool_info() if lib.get("user_api") == "blas"] or [1])
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -160,7 +153,7 @@ class _Problem:
         per_group = -(-len(starts) // _GROUPS)
         self.groups = [starts[i:i + per_group] for i in range(0, len(starts), per_group)]
         # the groups are shared out over the math threads (numpy and BLAS release the GIL), each with its own buffer
-        threads = max(1, min(threads or _blas_threads(), len(self.groups)))
+        threads = max(1, min(threads or current_blas_threads(), len(self.groups)))
         self.buffers = [np.empty((min(self.block_rows, n), dim), np.float32) for _ in range(threads)]
         self.workers = _pool(threads) if threads > 1 else None
         self.y = y.astype(np.float32)

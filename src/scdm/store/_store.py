@@ -179,21 +179,18 @@ class ChunkTarget:
         lo = chunk * self.chunk_rows
         return lo, min(lo + self.chunk_rows, self.n_cells)
 
-    def checked_block(self, chunk: int, block: np.ndarray, *, finite: bool = True) -> tuple[int, np.ndarray]:
-        """(first row, block in the stored dtype); refuses a wrong shape and (with ``finite``) NaN or inf.
+    def checked_block(self, chunk: int, block: np.ndarray) -> tuple[int, np.ndarray]:
+        """(first row, block in the stored dtype); refuses a wrong shape.
 
-        ``finite=False`` leaves the value check to the write, which does it piece by piece while
-        the bytes are in cache (see :meth:`write`).
+        The values are checked by :meth:`write_rows`, piece by piece while the bytes are in cache
+        (after the cast: a float64 beyond the stored dtype's range is inf there, and refused).
         """
         lo, hi = self.chunk_bounds(chunk)
         block = np.asarray(block)
         if block.shape != (hi - lo, self.dim):
             msg = f"Chunk {chunk} needs an array of shape ({hi - lo}, {self.dim}); got {block.shape}."
             raise InputDataError(msg)
-        stored = block.astype(self.dtype, copy=False)
-        if finite and not np.isfinite(stored).all():  # after the cast: a float64 beyond float32's range is inf
-            raise self.non_finite_error(chunk)
-        return lo, stored
+        return lo, block.astype(self.dtype, copy=False)
 
     def non_finite_error(self, chunk: int) -> InputDataError:
         """The error for a chunk whose values (in the stored dtype) hold NaN or inf."""
@@ -202,7 +199,7 @@ class ChunkTarget:
         return InputDataError(msg)
 
     def write_rows(self, chunk: int, lo: int, block: np.ndarray, rows: _zarr.RowWriter) -> str:
-        """Write a block from :meth:`checked_block` (``finite=False``) through ``rows``; its checksum.
+        """Write a block from :meth:`checked_block` through ``rows``; its checksum.
 
         NaN or inf is refused here, on the way to disk, and nothing of that chunk is written.
         """
@@ -217,7 +214,7 @@ class ChunkTarget:
         ``array`` is an already open :func:`store._zarr.open_array` of this target (saves reopening it
         for every chunk).
         """
-        lo, block = self.checked_block(chunk, block, finite=False)
+        lo, block = self.checked_block(chunk, block)
         checksum = self.write_rows(chunk, lo, block, _zarr.RowWriter(self.location, array))
         return ChunkRecord(chunk, int(block.shape[0]), checksum, seconds)
 
@@ -501,7 +498,7 @@ class ChunkWriter:
         A block of the wrong shape is refused here; one holding NaN or inf when its write is
         collected (by a later call or on leaving the ``with`` block), with nothing of it written.
         """
-        lo, block = self._target.checked_block(chunk, block, finite=False)
+        lo, block = self._target.checked_block(chunk, block)
         if self._local and not _array_whole(self.emb.location):
             # writing on would recreate chunk files in a removed array's folder, without its zarr.json
             raise _removed_error(self.emb.embedding_id, f"its array {self.emb.location} is gone")

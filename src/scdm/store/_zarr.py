@@ -161,22 +161,19 @@ def array_exists(location: ArrayLocation) -> bool:
 
 def chunk_present(location: ArrayLocation, chunk: int) -> bool:
     """Whether row-chunk ``chunk`` of the array has a chunk file (absent chunks read as zeros)."""
-    path = local_path(location)
-    if path is not None:
-        return _RawLayout(path).chunk_file(chunk).exists()
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(location))
-    return bool(fs.exists(f"{root.rstrip('/')}/c/{chunk}/0"))
+    return chunks_present(location, [chunk])[0]
 
 
 def chunks_present(location: ArrayLocation, chunks: Sequence[int]) -> list[bool]:
     """:func:`chunk_present` of each of ``chunks`` (the array's metadata read once)."""
     path = local_path(location)
-    if path is None:
-        return [chunk_present(location, c) for c in chunks]
-    layout = _RawLayout(path)
-    return [layout.chunk_file(c).exists() for c in chunks]
+    if path is not None:
+        layout = _RawLayout(path)
+        return [layout.chunk_file(c).exists() for c in chunks]
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(location))
+    return [bool(fs.exists(f"{root.rstrip('/')}/c/{c}/0")) for c in chunks]
 
 
 def remove_chunk(location: ArrayLocation, chunk: int) -> None:
