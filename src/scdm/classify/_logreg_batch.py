@@ -231,7 +231,13 @@ class _Problem:
 def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: np.ndarray | None = None, C: float = 1.0,
                      tol: float = 1e-4, max_iter: int = 200, standardize: bool | str = "global",
                      memory: int = 10, threads: int | None = None) -> FoldFits:
-    """Fit one L2 logistic regression per column of ``train``, all in one pass per iteration.
+    """Fit one L2 logistic regression per column of ``train``, every fold's next point in one pass.
+
+    Each fold runs its own L-BFGS at its own pace: a pass evaluates, for every fold still running,
+    the one point its own algorithm asks for next (a new iterate's first trial step, or a shorter
+    step of its line search). A fold that backtracks therefore costs the others nothing: the number
+    of passes is about the largest count of evaluations one fold needs, not the sum over iterations
+    of the slowest fold's backtracks.
 
     Parameters
     ----------
@@ -258,118 +264,151 @@ def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: n
     X = np.asarray(X, np.float32)
     problem = _Problem(X, rows, np.asarray(y), np.asarray(train, bool), C, standardize, threads)
     k, dim = train.shape[1], X.shape[1]
-    w, b = np.zeros((k, dim)), np.zeros(k)
+    folds = _FoldStates(k, dim, memory)
     every = np.arange(k)
-    f, g_w, g_b = problem.value_and_grad(every, w, b)
-    history = _History(memory, k, dim + 1)
-    n_iter = np.zeros(k, np.int64)
-    converged = np.zeros(k, bool)
-    grad_max = np.maximum(np.abs(g_w).max(axis=1), np.abs(g_b))
-    active = every[grad_max > tol]
-    converged[grad_max <= tol] = True
+    f, g_w, g_b = problem.value_and_grad(every, folds.x[:, :dim], folds.x[:, dim])
+    folds.f[:] = f
+    folds.g[:, :dim], folds.g[:, dim] = g_w, g_b
+    folds.grad_max[:] = np.abs(folds.g).max(axis=1)
+    folds.converged[:] = folds.grad_max <= tol
+    active = every[~folds.converged]
+    folds.next_direction(active)
     while active.size:
-        grad = np.concatenate([g_w[active], g_b[active, None]], axis=1)
-        direction = -history.apply(active, grad)
+        trial = folds.trial(active)
+        value, g_w, g_b = problem.value_and_grad(active, trial[:, :dim], trial[:, dim])
+        f_now = folds.f[active]
+        # sufficient decrease (Armijo), and a real one: at the float precision floor a tiny step can
+        # give the same value, which would stall a fold until max_iter instead of stopping it
+        accept = (value <= f_now + _ARMIJO * folds.step[active] * folds.slope[active]) & (value < f_now)
+        moved = active[accept]
+        folds.move(moved, trial[accept], value[accept], np.concatenate([g_w[accept], g_b[accept, None]], axis=1))
+        # a line search without decrease at any step means the float precision floor: stop that fold there
+        stuck = folds.backtrack(active[~accept], value[~accept])
+        folds.n_iter[stuck] += 1
+        folds.converged[stuck] = True
+        reached = moved[folds.grad_max[moved] <= tol]
+        folds.converged[reached] = True
+        going = moved[(folds.grad_max[moved] > tol) & (folds.n_iter[moved] < max_iter)]
+        folds.next_direction(going)
+        searching = active[~accept]
+        active = np.sort(np.concatenate([going, searching[folds.tries[searching] < _MAX_BACKTRACKS]]))
+    return FoldFits(mean=problem.mean, scale=problem.scale, coef=folds.x[:, :dim].copy(), intercept=folds.x[:, dim].copy(),
+                    n_iter=folds.n_iter, grad_max=folds.grad_max, converged=folds.converged)
+
+
+class _FoldStates:
+    """Every fold's L-BFGS state: iterate, objective, gradient, search direction and line-search step."""
+
+    def __init__(self, k: int, dim: int, memory: int) -> None:
+        self.x = np.zeros((k, dim + 1))  # weights, then the intercept
+        self.f = np.zeros(k)
+        self.g = np.zeros((k, dim + 1))
+        self.direction = np.zeros((k, dim + 1))
+        self.slope = np.zeros(k)
+        self.step = np.ones(k)
+        self.tries = np.zeros(k, np.int64)
+        self.n_iter = np.zeros(k, np.int64)
+        self.grad_max = np.zeros(k)
+        self.converged = np.zeros(k, bool)
+        self.history = _History(memory, k, dim + 1)
+
+    def trial(self, folds: np.ndarray) -> np.ndarray:
+        """The point each fold evaluates next: its iterate plus its current step along its direction."""
+        return self.x[folds] + self.step[folds, None] * self.direction[folds]
+
+    def next_direction(self, folds: np.ndarray) -> None:
+        """A new L-BFGS direction from each fold's iterate, to be tried first with a unit step."""
+        if not folds.size:
+            return
+        grad = self.g[folds]
+        direction = -self.history.apply(folds, grad)
         slope = np.einsum("kp,kp->k", grad, direction)
         uphill = slope >= 0  # a stale curvature pair: restart that fold from steepest descent
         if uphill.any():
-            history.reset(active[uphill])
+            self.history.reset(folds[uphill])
             direction[uphill] = -grad[uphill] / np.maximum(np.linalg.norm(grad[uphill], axis=1), 1.0)[:, None]
             slope[uphill] = np.einsum("kp,kp->k", grad[uphill], direction[uphill])
-        step, f_new, gw_new, gb_new, ok = _line_search(problem, active, w, b, f, direction, slope)
-        s = step[:, None] * direction
-        w_new, b_new = w[active] + s[:, :dim], b[active] + s[:, dim]
-        grad_new = np.concatenate([gw_new, gb_new[:, None]], axis=1)
-        history.push(active, s, grad_new - grad, ok)
-        w[active], b[active], f[active] = w_new, b_new, f_new
-        g_w[active], g_b[active] = gw_new, gb_new
-        n_iter[active] += 1
-        grad_max[active] = np.maximum(np.abs(gw_new).max(axis=1), np.abs(gb_new))
-        # a failed line search means the float precision floor is reached: stop that fold there
-        done = (grad_max[active] <= tol) | ~ok
-        converged[active[done]] = True
-        active = active[~done & (n_iter[active] < max_iter)]
-    return FoldFits(mean=problem.mean, scale=problem.scale, coef=w, intercept=b, n_iter=n_iter, grad_max=grad_max,
-                    converged=converged)
+        self.direction[folds], self.slope[folds] = direction, slope
+        self.step[folds], self.tries[folds] = 1.0, 0
 
+    def move(self, folds: np.ndarray, x: np.ndarray, f: np.ndarray, g: np.ndarray) -> None:
+        """Accept the trial points of ``folds`` (the Armijo condition held) and learn their curvature."""
+        if not folds.size:
+            return
+        self.history.push(folds, self.step[folds, None] * self.direction[folds], g - self.g[folds])
+        self.x[folds], self.f[folds], self.g[folds] = x, f, g
+        self.n_iter[folds] += 1
+        self.grad_max[folds] = np.abs(g).max(axis=1)
 
-def _line_search(problem: _Problem, active: np.ndarray, w: np.ndarray, b: np.ndarray, f: np.ndarray,
-                 direction: np.ndarray, slope: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Backtracking (Armijo) per fold; only the folds still searching are evaluated again."""
-    dim = w.shape[1]
-    m = active.size
-    step = np.ones(m)
-    f_new, gw_new, gb_new = np.empty(m), np.empty((m, dim)), np.empty(m)
-    ok = np.zeros(m, bool)
-    searching = np.arange(m)
-    for _ in range(_MAX_BACKTRACKS):
-        idx = active[searching]
-        trial_w = w[idx] + step[searching, None] * direction[searching, :dim]
-        trial_b = b[idx] + step[searching] * direction[searching, dim]
-        value, g_w, g_b = problem.value_and_grad(idx, trial_w, trial_b)
-        accept = value <= f[idx] + _ARMIJO * step[searching] * slope[searching]
-        hit = searching[accept]
-        f_new[hit], gw_new[hit], gb_new[hit], ok[hit] = value[accept], g_w[accept], g_b[accept], True
-        searching = searching[~accept]
-        if not searching.size:
-            break
-        step[searching] *= 0.5
-    if searching.size:  # no decrease found at any step: keep the current point
-        idx = active[searching]
-        step[searching] = 0.0
-        f_new[searching] = f[idx]
-        value, g_w, g_b = problem.value_and_grad(idx, w[idx], b[idx])
-        gw_new[searching], gb_new[searching] = g_w, g_b
-    return step, f_new, gw_new, gb_new, ok
+    def backtrack(self, folds: np.ndarray, f_trial: np.ndarray) -> np.ndarray:
+        """Shorter steps for ``folds`` (their trial failed the Armijo condition); returns those out of tries.
+
+        The new step minimises the quadratic through the iterate's value and slope and the failed
+        trial's value, kept within [0.1, 0.5] of the failed step (safeguarded backtracking): one
+        trial instead of several halvings when the first step overshoots by far.
+        """
+        self.tries[folds] += 1
+        step, slope = self.step[folds], self.slope[folds]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            curvature = f_trial - self.f[folds] - slope * step
+            best = -slope * step * step / (2.0 * curvature)
+        best = np.where(np.isfinite(best), best, 0.5 * step)
+        self.step[folds] = np.clip(best, 0.1 * step, 0.5 * step)
+        return folds[self.tries[folds] >= _MAX_BACKTRACKS]
 
 
 class _History:
-    """L-BFGS curvature pairs of every fold in one ring buffer (folds step in lockstep)."""
+    """L-BFGS curvature pairs of every fold, each fold with its own ring position (folds move at their own pace)."""
 
     def __init__(self, memory: int, k: int, size: int) -> None:
         self.s = np.zeros((memory, k, size))
         self.y = np.zeros((memory, k, size))
         self.rho = np.zeros((memory, k))  # 0 marks an empty or skipped slot
-        self.newest = -1
+        self.newest = np.full(k, memory - 1)
         self.memory = memory
 
     def reset(self, folds: np.ndarray) -> None:
         self.rho[:, folds] = 0.0
 
-    def push(self, folds: np.ndarray, s: np.ndarray, y: np.ndarray, ok: np.ndarray) -> None:
-        self.newest = (self.newest + 1) % self.memory
+    def push(self, folds: np.ndarray, s: np.ndarray, y: np.ndarray) -> None:
+        slot = (self.newest[folds] + 1) % self.memory
+        self.newest[folds] = slot
         sy = np.einsum("kp,kp->k", s, y)
-        keep = ok & (sy > 1e-10 * np.einsum("kp,kp->k", y, y))
-        self.s[self.newest, folds], self.y[self.newest, folds] = s, y
-        self.rho[self.newest, folds] = np.where(keep, 1.0 / np.where(keep, sy, 1.0), 0.0)
+        keep = sy > 1e-10 * np.einsum("kp,kp->k", y, y)
+        self.s[slot, folds], self.y[slot, folds] = s, y
+        self.rho[slot, folds] = np.where(keep, 1.0 / np.where(keep, sy, 1.0), 0.0)
+
+    def _slots(self, folds: np.ndarray) -> list[np.ndarray]:
+        """Each fold's ring slots, newest first."""
+        return [(self.newest[folds] - i) % self.memory for i in range(self.memory)]
 
     def apply(self, folds: np.ndarray, grad: np.ndarray) -> np.ndarray:
         """The inverse-Hessian approximation times ``grad`` (two-loop recursion), per fold."""
         q = grad.copy()
-        order = [(self.newest - i) % self.memory for i in range(self.memory)] if self.newest >= 0 else []
-        alpha = {}
+        order = self._slots(folds)
+        alpha = []
         for slot in order:
             rho = self.rho[slot, folds]
-            alpha[slot] = rho * np.einsum("kp,kp->k", self.s[slot, folds], q)
-            q -= alpha[slot][:, None] * self.y[slot, folds]
+            alpha.append(rho * np.einsum("kp,kp->k", self.s[slot, folds], q))
+            q -= alpha[-1][:, None] * self.y[slot, folds]
         gamma = self._initial_scale(folds, order, grad)
         r = gamma[:, None] * q
-        for slot in reversed(order):
+        for slot, a in zip(reversed(order), reversed(alpha)):
             rho = self.rho[slot, folds]
             beta = rho * np.einsum("kp,kp->k", self.y[slot, folds], r)
-            r += (alpha[slot] - beta)[:, None] * self.s[slot, folds]
+            r += (a - beta)[:, None] * self.s[slot, folds]
         return r
 
-    def _initial_scale(self, folds: np.ndarray, order: list[int], grad: np.ndarray) -> np.ndarray:
-        """s.y / y.y of each fold's newest pair; before any pair, a unit first step length."""
+    def _initial_scale(self, folds: np.ndarray, order: list[np.ndarray], grad: np.ndarray) -> np.ndarray:
+        """s.y / y.y of each fold's newest kept pair; before any pair, a unit first step length."""
         gamma = np.zeros(folds.size)
         found = np.zeros(folds.size, bool)
         for slot in order:
             rho = self.rho[slot, folds]
             use = (rho > 0) & ~found
             if use.any():
-                yy = np.einsum("kp,kp->k", self.y[slot, folds][use], self.y[slot, folds][use])
-                gamma[use] = 1.0 / (rho[use] * yy)
+                y_use = self.y[slot[use], folds[use]]
+                gamma[use] = 1.0 / (rho[use] * np.einsum("kp,kp->k", y_use, y_use))
                 found |= use
         first = ~found
         gamma[first] = 1.0 / np.maximum(np.linalg.norm(grad[first], axis=1), 1.0)
