@@ -163,3 +163,27 @@ def test_threads_sharing_a_pass_give_the_same_bits_and_the_grid_uses_them(folds_
     with gemm_threads(10**9):  # as _math_threads sets it for one large space
         list(grid._logreg_outcomes(space, tasks))
     assert seen == [2]
+
+
+def test_a_fold_that_backtracks_costs_the_others_no_pass(folds_data, monkeypatch):
+    """Folds move at their own pace: a batch takes as many passes as its slowest fold alone."""
+    from scdm.classify import _logreg_batch
+
+    X, y, train = folds_data
+    passes = [0]
+    real = _logreg_batch._Problem.value_and_grad
+
+    def counting(self, *args):
+        passes[0] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(_logreg_batch._Problem, "value_and_grad", counting)
+    alone = []
+    for k in range(train.shape[1]):
+        passes[0] = 0
+        fit_logreg_folds(X.copy(), y, train[:, [k]], tol=1e-5)
+        alone.append(passes[0])
+    passes[0] = 0
+    fit_logreg_folds(X.copy(), y, train, tol=1e-5)
+    assert passes[0] == max(alone)
+    assert len(set(alone)) > 1  # the folds do need different numbers of evaluations

@@ -39,7 +39,8 @@ from scdm.classify.heads import column_moments
 logger = logging.getLogger(__name__)
 
 _ARMIJO = 1e-4
-_MAX_BACKTRACKS = 40
+_MIN_STEP = 0.5 ** 40
+"""A line search giving up below this step has met the float precision floor (40 halvings of the unit step)."""
 
 
 @dataclass
@@ -291,7 +292,7 @@ def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: n
         going = moved[(folds.grad_max[moved] > tol) & (folds.n_iter[moved] < max_iter)]
         folds.next_direction(going)
         searching = active[~accept]
-        active = np.sort(np.concatenate([going, searching[folds.tries[searching] < _MAX_BACKTRACKS]]))
+        active = np.sort(np.concatenate([going, searching[folds.step[searching] >= _MIN_STEP]]))
     return FoldFits(mean=problem.mean, scale=problem.scale, coef=folds.x[:, :dim].copy(), intercept=folds.x[:, dim].copy(),
                     n_iter=folds.n_iter, grad_max=folds.grad_max, converged=folds.converged)
 
@@ -306,7 +307,6 @@ class _FoldStates:
         self.direction = np.zeros((k, dim + 1))
         self.slope = np.zeros(k)
         self.step = np.ones(k)
-        self.tries = np.zeros(k, np.int64)
         self.n_iter = np.zeros(k, np.int64)
         self.grad_max = np.zeros(k)
         self.converged = np.zeros(k, bool)
@@ -329,7 +329,7 @@ class _FoldStates:
             direction[uphill] = -grad[uphill] / np.maximum(np.linalg.norm(grad[uphill], axis=1), 1.0)[:, None]
             slope[uphill] = np.einsum("kp,kp->k", grad[uphill], direction[uphill])
         self.direction[folds], self.slope[folds] = direction, slope
-        self.step[folds], self.tries[folds] = 1.0, 0
+        self.step[folds] = 1.0
 
     def move(self, folds: np.ndarray, x: np.ndarray, f: np.ndarray, g: np.ndarray) -> None:
         """Accept the trial points of ``folds`` (the Armijo condition held) and learn their curvature."""
@@ -341,20 +341,19 @@ class _FoldStates:
         self.grad_max[folds] = np.abs(g).max(axis=1)
 
     def backtrack(self, folds: np.ndarray, f_trial: np.ndarray) -> np.ndarray:
-        """Shorter steps for ``folds`` (their trial failed the Armijo condition); returns those out of tries.
+        """Shorter steps for ``folds`` (their trial failed the Armijo condition); returns those that give up.
 
         The new step minimises the quadratic through the iterate's value and slope and the failed
         trial's value, kept within [0.1, 0.5] of the failed step (safeguarded backtracking): one
         trial instead of several halvings when the first step overshoots by far.
         """
-        self.tries[folds] += 1
         step, slope = self.step[folds], self.slope[folds]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             curvature = f_trial - self.f[folds] - slope * step
             best = -slope * step * step / (2.0 * curvature)
         best = np.where(np.isfinite(best), best, 0.5 * step)
         self.step[folds] = np.clip(best, 0.1 * step, 0.5 * step)
-        return folds[self.tries[folds] >= _MAX_BACKTRACKS]
+        return folds[self.step[folds] < _MIN_STEP]
 
 
 class _History:
