@@ -183,3 +183,43 @@ def test_ridge_downdates_equal_fitting_each_fold(st: Store) -> None:
         got = st.query('SELECT dataset_id, "row", proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"',
                        [task.task_id])
         np.testing.assert_allclose(got["proba"].to_numpy(), expected, atol=2e-5)
+
+
+def test_logreg_solves_pooled_and_cross_splits_of_a_category_together(st: Store, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splits over the same cells (pooled and cross of one category) share their passes; each
+    split's numbers equal those of the split evaluated alone."""
+    # Tight tolerance: compare the solutions, not where the stopping rule fell (a wider batch's
+    # products round differently, which moves the default-tol stop by ~1e-5 in probability).
+    tight = {"logreg": {"tol": 1e-9, "max_iter": 1000}}
+    from scdm.classify import grid, tasks
+
+    write_pca(st, "pca-joint", 8)
+    groups: list[set[str]] = []
+    real = grid.logreg_split
+
+    def spy(space, group, **kwargs):
+        groups.append({t.split.scenario for t in group})
+        return real(space, group, **kwargs)
+
+    monkeypatch.setattr(grid, "logreg_split", spy)
+    run(st, heads=["logreg"], by=["all", "cancer_type"], head_params=tight)
+    # all: pooled + cross together; HNSCC: pooled + cross; melanoma: pooled only (one study)
+    assert sorted(map(sorted, groups)) == [["cross", "pooled"], ["cross", "pooled"], ["pooled"]]
+
+    alone = Store(tmp_path / "alone")
+    for name, path, label, study, tissue, cancer, drug, regimen in DATASETS:
+        alone.ingest(path, name=name, label_key=label, study=study, tissue=tissue, cancer_type=cancer,
+                     drug_type=drug, regimen=regimen)
+    write_pca(alone, "pca-joint", 8)
+    run(alone, heads=["logreg"], by=["all", "cancer_type"], scenarios=["cross"], head_params=tight)
+    sql = ("SELECT t.category, t.fold, p.dataset_id, p.\"row\", p.proba FROM eval_predictions p JOIN eval_tasks t "
+           "USING (task_id) WHERE t.scenario = 'cross' ORDER BY ALL")
+    together, by_itself = st.query(sql), alone.query(sql)
+    assert len(together) == len(by_itself) > 0
+    np.testing.assert_allclose(together["proba"].to_numpy(), by_itself["proba"].to_numpy(), atol=1e-7)
+
+    # a group must hold one set of cells: splits of different categories are refused
+    pooled = [load_split(st, s) for s in st.query(
+        "SELECT DISTINCT split_id FROM eval_tasks WHERE scenario = 'pooled' ORDER BY category")["split_id"]]
+    assert tasks.same_cells_key(pooled[0]) != tasks.same_cells_key(pooled[1])

@@ -158,7 +158,10 @@ def test_threads_sharing_a_pass_give_the_same_bits_and_the_grid_uses_them(folds_
     space.positions = lambda cells: np.arange(big.shape[0])
     from types import SimpleNamespace
 
-    split = SimpleNamespace(split_id="s", cells=None, train_mask=lambda f: tt[:, f], test_mask=lambda f: ~tt[:, f])
+    import pandas as pd
+
+    cells = pd.DataFrame({"dataset_id": "d", "row": np.arange(big.shape[0])})
+    split = SimpleNamespace(split_id="s", cells=cells, train_mask=lambda f: tt[:, f], test_mask=lambda f: ~tt[:, f])
     tasks = [SimpleNamespace(params_key="{}", split=split, fold=f, params={"max_iter": 3}) for f in range(tt.shape[1])]
     with gemm_threads(10**9):  # as _math_threads sets it for one large space
         list(grid._logreg_outcomes(space, tasks))

@@ -53,6 +53,7 @@ from scdm.classify.tasks import (
     Space,
     Task,
     fit_task,
+    logreg_groups,
     logreg_split,
     one_math_thread,
 )
@@ -72,8 +73,9 @@ BATCHES_PER_CPU = 4
 TORCH_HEADS = ("mlp", "dann", "lora-mlp")
 """Heads that run torch inside a fit (their thread count is pinned like BLAS's)."""
 SPLIT_HEADS = ("logreg",)
-"""Heads whose folds of one split are solved together (``grid.logreg_split``): one Ray task holds
-exactly the group the local executor solves together, so the numbers are the same."""
+"""Heads whose folds are solved together (``tasks.logreg_groups``: every fold of the splits over the
+same cells): one Ray task holds exactly the group the local executor solves together, so the numbers
+are the same."""
 
 _crash_on_first_attempt: dict[str, str] = {}
 """Test hook: task id -> ``"exit"`` or ``"raise"``. The batch holding that task kills its worker
@@ -125,6 +127,7 @@ class _Item:
     """What a worker needs of one task besides the space and split (they travel as ObjectRefs)."""
 
     task_id: str
+    split_id: str
     fold: int
     head: str
     params: dict[str, Any]
@@ -207,12 +210,14 @@ class RayGrid:
         split_refs: dict[str, Any] = {}
         pending: dict[Any, list[str]] = {}
         for batch in _batches(tasks, self._batch_size(len(tasks))):
-            split = batch[0].split
-            if split.split_id not in split_refs:
-                split_refs[split.split_id] = ray.put(split)
+            splits = {t.split.split_id: t.split for t in batch}
+            for split_id, split in splits.items():
+                if split_id not in split_refs:
+                    split_refs[split_id] = ray.put(split)
             crash = next((_crash_on_first_attempt[t.task_id] for t in batch if t.task_id in _crash_on_first_attempt), None)
-            items = [_Item(t.task_id, t.fold, t.head, t.params, t.params_key) for t in batch]
-            pending[self._remote.remote(space_ref, split_refs[split.split_id], items, crash)] = [t.task_id for t in batch]
+            items = [_Item(t.task_id, t.split.split_id, t.fold, t.head, t.params, t.params_key) for t in batch]
+            refs = [split_refs[split_id] for split_id in splits]  # top-level arguments: Ray resolves them
+            pending[self._remote.remote(space_ref, items, crash, *refs)] = [t.task_id for t in batch]
         logger.info("ray: %d tasks of space %s in %d batches", len(tasks), space.space_id, len(pending))
         try:
             while pending or side is not None:
@@ -252,14 +257,13 @@ class RayGrid:
 
 
 def _batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:
-    """Consecutive folds of one (split, head, params), at most ``size`` per batch (split heads: all)."""
+    """Consecutive folds of one (split, head, params), at most ``size`` per batch (split heads: their group)."""
+    yield from logreg_groups([t for t in tasks if t.head in SPLIT_HEADS])
     groups: dict[tuple[str, str, str], list[Task]] = {}
     for task in tasks:
-        groups.setdefault((task.split.split_id, task.head, task.params_key), []).append(task)
+        if task.head not in SPLIT_HEADS:
+            groups.setdefault((task.split.split_id, task.head, task.params_key), []).append(task)
     for group in groups.values():
-        if group[0].head in SPLIT_HEADS:
-            yield group
-            continue
         for start in range(0, len(group), size):
             yield group[start:start + size]
 
@@ -267,8 +271,8 @@ def _batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:
 # --------------------------------------------------------------------------------------------
 # worker side
 # --------------------------------------------------------------------------------------------
-def _fit_batch(space: Space, split: Split, items: list[_Item], crash: str | None) -> _BatchResult:
-    """Fit a batch of one split's tasks in a Ray worker (the matrix arrives zero-copy)."""
+def _fit_batch(space: Space, items: list[_Item], crash: str | None, *splits: Split) -> _BatchResult:
+    """Fit a batch of tasks of ``splits`` in a Ray worker (the matrix arrives zero-copy)."""
     attempt = _attempt_number()
     if crash is not None and attempt == 0:
         if crash == "exit":
@@ -276,9 +280,11 @@ def _fit_batch(space: Space, split: Split, items: list[_Item], crash: str | None
         msg = "injected failure on the first attempt (test hook)"
         raise RuntimeError(msg)
     t0 = time.perf_counter()
-    tasks = [Task(item.task_id, space, split, item.fold, item.head, item.params, item.params_key) for item in items]
+    by_id = {split.split_id: split for split in splits}
+    tasks = [Task(item.task_id, space, by_id[item.split_id], item.fold, item.head, item.params, item.params_key)
+             for item in items]
     with one_math_thread(torch_heads=any(item.head in TORCH_HEADS for item in items)):
-        if tasks[0].head in SPLIT_HEADS:  # the folds of the split together, as the local executor does
+        if tasks[0].head in SPLIT_HEADS:  # the group's folds together, as the local executor does
             outcomes = list(logreg_split(space, tasks))
         else:
             outcomes = [fit_task(task) for task in tasks]

@@ -2,16 +2,17 @@
 
 A :class:`Task` is one (embedding space, split, fold, head with parameters) fit on a
 :class:`Space`'s matrix; :func:`fit_task` fits it head by head, :func:`logreg_split` fits the
-logistic-regression folds of one split together. Both return :class:`Outcome` values, which
-:func:`Outcome.to_store` turns into the store's evaluation records (scored there, the same way for
-every head and stage).
+logistic-regression folds of the splits over the same cells together (:func:`logreg_groups`).
+Both return :class:`Outcome` values, which :func:`Outcome.to_store` turns into the store's
+evaluation records (scored there, the same way for every head and stage).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from scdm.store.errors import InputDataError
 from scdm.store.evaluation import SkippedTask, TaskKey, TaskOutcome
 from scdm.store.splits import Split
 
-__all__ = ["Space", "Task", "Outcome", "fit_task", "logreg_split", "one_math_thread"]
+__all__ = ["Space", "Task", "Outcome", "fit_task", "logreg_groups", "logreg_split", "one_math_thread", "same_cells_key"]
 
 
 @dataclass(frozen=True)
@@ -133,19 +134,53 @@ def fit_task(task: Task) -> Outcome:
     return Outcome(task, proba, test_pos, t1 - t0, t2 - t1, int(train_pos.size))
 
 
+def same_cells_key(split: Split) -> str:
+    """Identity of a split's cells, in order, without its folds: splits sharing it read the same rows.
+
+    The pooled and the cross-data split of one category hold the same cells (only their folds
+    differ), so their logistic regressions are solved in one batch.
+    """
+    hashed = pd.util.hash_pandas_object(split.cells[["dataset_id", "row"]], index=False).to_numpy()
+    return hashlib.blake2b(hashed.tobytes(), digest_size=16).hexdigest()
+
+
+def logreg_groups(tasks: Sequence[Task]) -> list[list[Task]]:
+    """The logistic-regression tasks fitted together: every fold of the splits over the same cells.
+
+    Grouped by head parameters and :func:`same_cells_key`, in the order the tasks come; both
+    executors use this grouping, so a task's numbers do not depend on the executor.
+    """
+    keys: dict[str, str] = {}
+    groups: dict[tuple[str, str], list[Task]] = {}
+    for task in tasks:
+        split = task.split
+        if split.split_id not in keys:
+            keys[split.split_id] = same_cells_key(split)
+        groups.setdefault((task.params_key, keys[split.split_id]), []).append(task)
+    return list(groups.values())
+
+
 def logreg_split(space: Space, tasks: list[Task], *, threads: int | None = None) -> Iterator[Outcome]:
-    """The folds of one split fitted together; ``threads`` share each pass (see ``fit_logreg_folds``)."""
+    """The folds of one group of :func:`logreg_groups` fitted together (see ``fit_logreg_folds``).
+
+    ``tasks`` are folds of one split, or of several splits over the same cells in the same order
+    (checked); ``threads`` share each pass over the rows.
+    """
     from scdm.classify._logreg_batch import fit_logreg_folds
 
     assert space.X is not None and space.y is not None
-    split, params = tasks[0].split, tasks[0].params
+    first, params = tasks[0].split, tasks[0].params
+    others = {t.split.split_id: t.split for t in tasks if t.split.split_id != first.split_id}
+    if others and any(same_cells_key(split) != same_cells_key(first) for split in others.values()):
+        msg = "logreg_split: the tasks' splits must hold the same cells in the same order (group them with logreg_groups)"
+        raise ValueError(msg)
     head = LogRegHead(**params)
     head.validate_params()
-    pos = space.positions(split.cells)
+    pos = space.positions(first.cells)
     y = space.y[pos]
     fittable, train = [], []
     for task in tasks:
-        mask = split.train_mask(task.fold)
+        mask = task.split.train_mask(task.fold)
         if np.unique(y[mask]).size < 2:  # the head's own rule: both classes or no fit
             error = (f"LogRegHead needs both classes in its training cells, but all {int(mask.sum())} are "
                      f"{int(y[mask][0]) if mask.any() else 'absent'}; this task cannot be fitted.")
@@ -166,7 +201,7 @@ def logreg_split(space: Space, tasks: list[Task], *, threads: int | None = None)
             fits.coef[k], fits.intercept[k], mean=fits.mean[k] if head.standardize else None,
             scale=fits.scale[k] if head.standardize else None, n_iter=int(fits.n_iter[k]),
             converged=bool(fits.converged[k]))
-        test_pos = pos[split.test_mask(task.fold)]
+        test_pos = pos[task.split.test_mask(task.fold)]
         proba = predict_in_blocks(fitted, space.X, test_pos)
         yield Outcome(task, proba, test_pos, fit_seconds, time.perf_counter() - t1, int(train[k].sum()))
 
