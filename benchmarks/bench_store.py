@@ -5,7 +5,7 @@ operation once, baseline and store alternating, and the table shows the median o
 
   - ``resumable write``      ``Embedding.writer()`` chunk by chunk (what the embedding runner does:
                                atomic chunk files, CRC-32 per chunk, catalog rows committed in
-                               batches) + ``finalize``, vs one ``np.save`` of the same matrix to a new file
+                               batches, the last ones with the mark complete: ``ChunkWriter.finalize``), vs one ``np.save`` of the same matrix to a new file
   - ``chunk files only``     the same chunks through ``_zarr.RowWriter`` without the catalog (claims, commits,
                                finalize), vs a second ``np.save``: the data path alone (no goal of its own)
   - ``full read, first``     ``Store.read_embedding`` as the first read in a process: every chunk's
@@ -77,7 +77,7 @@ def one_round(st: Store, name: str, work: Path, data: np.ndarray, rows_rand: np.
             for c in range(emb.n_chunks):
                 lo, hi = emb.chunk_bounds(c)
                 w.write(c, data[lo:hi])
-        emb.finalize()
+            w.finalize()
 
     t_write, _ = once(write)
     out: dict[str, tuple[float, float]] = {"resumable write": (t_write, t_save)}

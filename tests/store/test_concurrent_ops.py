@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from scdm.store import EmbeddingIncompleteError, EmbeddingNotFoundError, InputDataError, Store, _claims
-from scdm.store._store import ChunkRecord
+from scdm.store._store import ChunkRecord, ChunkWriter
 from scdm.store.errors import EmbeddingBusyError
 from tests.store import _job_proc, _writer
 from tests.store.conftest import make_counts_adata
@@ -218,6 +218,66 @@ def test_finalize_refuses_chunks_whose_data_is_gone(st):
     emb.write_chunk(2, _writer.rows_of(16, 24))
     emb.finalize()
     assert emb.status == "complete"
+
+
+def test_writer_finalize_commits_the_last_rows_and_the_mark_in_one_transaction(st, monkeypatch):
+    emb = _writer.open_embedding(str(st.root), "d")
+    opened = []
+    real = type(st.catalog).transaction
+    with emb.writer(commit_every_s=3600) as w:  # no commit on the way: every row waits for finalize
+        for c in emb.missing_chunks():
+            w.write(c, _writer.rows_of(*emb.chunk_bounds(c)))
+        monkeypatch.setattr(type(st.catalog), "transaction", lambda self: opened.append(1) or real(self))
+        w.finalize(telemetry={"cells": 60}, audit={"note": "x"})
+        with pytest.raises(ValueError, match="was finalized; write chunks before finalize"):
+            w.write(0, _writer.rows_of(0, 8))
+    assert len(opened) == 1  # leaving the with block commits nothing more
+    assert emb.status == "complete" and emb.missing_chunks() == []
+    row = st.query("SELECT telemetry, audit FROM embeddings WHERE embedding_id = ?", [emb.embedding_id]).iloc[0]
+    assert json.loads(row["telemetry"]) == {"cells": 60} and json.loads(row["audit"]) == {"note": "x"}
+    assert np.array_equal(st.read_embedding(emb.embedding_id), _writer.rows_of(0, 60))
+    assert not _claims.claims_folder(st.root, emb.embedding_id).exists()
+
+
+def test_writer_finalize_commits_what_was_written_before_it_refuses(st):
+    emb = _writer.open_embedding(str(st.root), "d")
+    with emb.writer(commit_every_s=3600) as w:
+        for c in range(6):
+            w.write(c, _writer.rows_of(*emb.chunk_bounds(c)))
+        with pytest.raises(EmbeddingIncompleteError, match=r"still misses chunks \[6, 7\]"):
+            w.finalize()
+    assert emb.missing_chunks() == [6, 7] and emb.status == "pending"  # the six rows were committed all the same
+    with emb.writer() as w:
+        (emb.path / "c" / "1" / "0").unlink()  # committed, data gone: dropped, the rows written here kept
+        for c in (6, 7):
+            w.write(c, _writer.rows_of(*emb.chunk_bounds(c)))
+        with pytest.raises(EmbeddingIncompleteError, match=r"chunks \[1\] are committed but their data is not in the array"):
+            w.finalize()
+        assert emb.missing_chunks() == [1]
+        w.write(1, _writer.rows_of(8, 16))  # not finalized: the writer goes on
+        w.finalize()
+    assert emb.status == "complete" and np.array_equal(st.read_embedding(emb.embedding_id), _writer.rows_of(0, 60))
+
+
+def test_writer_finalize_raises_a_failed_write_after_committing_the_others(st, monkeypatch):
+    emb = _writer.open_embedding(str(st.root), "d")
+    real = ChunkWriter._write_file
+
+    def slow_last(self, chunk, lo, block):
+        if chunk == 7:
+            time.sleep(0.3)  # still in flight when finalize starts: its drain meets the failure
+        return real(self, chunk, lo, block)
+
+    monkeypatch.setattr(ChunkWriter, "_write_file", slow_last)
+    with emb.writer(commit_every_s=3600) as w:
+        for c in range(8):
+            block = _writer.rows_of(*emb.chunk_bounds(c))
+            if c == 7:
+                block[0, 0] = np.nan
+            w.write(c, block)
+        with pytest.raises(InputDataError, match="Chunk 7 of embedding .* holds NaN or inf"):
+            w.finalize()
+    assert emb.missing_chunks() == [7] and emb.status == "pending"
 
 
 def test_an_all_zero_chunk_needs_no_file(st):

@@ -344,7 +344,7 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
                         adapter.name, ds.name, ds.n_cells, len(missing), emb.n_chunks, len(actors), job.device, job.precision)
             tallies: list[_Tally] = []
 
-            def run(chunks: list[int]) -> dict[str, Any]:
+            def run(chunks: list[int], _finish: Any) -> dict[str, Any]:  # actors write the chunks: finalized after
                 tallies.append(_run(ray, emb, claims, actors, new_actor, chunks, job))
                 return {"chunks": sum(t.chunks for t in tallies)}
 

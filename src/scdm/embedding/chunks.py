@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scdm.embedding._adapter import Adapter, check_cells_expressed, check_counts
-from scdm.store import Embedding, Store, default_chunk_rows
+from scdm.store import ChunkWriter, Embedding, Store, default_chunk_rows
 from scdm.store.errors import EmbeddingIncompleteError, ScdmError
 from scdm.store.matrix import to_csr
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     pass
 
 __all__ = ["EmbedResult", "ChunkTokens", "MODEL_CHUNK_ROWS_MAX", "autocast_context", "batches_by_length", "embed_cells",
-           "finalize_with_repair", "model_chunk_rows", "padding_stats", "peak_rss", "run_telemetry"]
+           "Finish", "finalize_with_repair", "model_chunk_rows", "padding_stats", "peak_rss", "run_telemetry"]
 
 logger = logging.getLogger("scdm.embedding.runner")
 
@@ -166,28 +166,55 @@ def embed_cells(adapter: Adapter, cells: list[dict[str, np.ndarray]], batches: l
     return out
 
 
-def finalize_with_repair(emb: Embedding, run: Any, chunks: list[int], telemetry_of: Any, audit_of: Any) -> dict[str, Any]:
+class Finish:
+    """Finalizes an embedding with a run's telemetry and audit (see :func:`finalize_with_repair`).
+
+    A run that writes through its own :class:`~scdm.store.ChunkWriter` calls it with that writer
+    before leaving the ``with`` block, so that the rows of its last chunks and the mark complete go
+    in one catalog commit; a run without one (Ray actors write the chunks) is finalized after it.
+    A refusal (chunks without data) is kept in ``refused`` for the repair round, not raised.
+    """
+
+    def __init__(self, telemetry_of: Callable[[dict[str, Any]], dict[str, Any]], audit_of: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.telemetry_of = telemetry_of
+        self.audit_of = audit_of
+        self.tried = False
+        self.telemetry: dict[str, Any] = {}
+        self.refused: EmbeddingIncompleteError | None = None
+
+    def __call__(self, target: ChunkWriter | Embedding, stats: dict[str, Any]) -> None:
+        self.tried = True
+        self.telemetry = self.telemetry_of(stats)
+        try:
+            target.finalize(telemetry=self.telemetry, audit=self.audit_of(stats))
+            self.refused = None
+        except EmbeddingIncompleteError as err:
+            self.refused = err
+
+
+def finalize_with_repair(emb: Embedding, run: Callable[[list[int], Finish | None], dict[str, Any]], chunks: list[int],
+                         telemetry_of: Callable[[dict[str, Any]], dict[str, Any]], audit_of: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """Compute ``chunks`` with ``run``, then finalize the embedding with its telemetry and audit.
 
-    :meth:`store.Embedding.finalize` refuses chunks whose data is absent from the array (marking them
-    missing again); those are computed once more here, then it finalizes again. Returns the stats of
-    ``run`` (summed over both rounds) with the ``telemetry`` that was stored.
+    ``run(chunks, finish)`` may finalize from inside its writer by calling ``finish(writer, stats)``
+    (see :class:`Finish`). :meth:`store.Embedding.finalize` refuses chunks whose data is absent from
+    the array (marking them missing again); those are computed once more here, then it finalizes
+    again. Returns the stats of ``run`` (summed over both rounds) with the ``telemetry`` that was stored.
     """
-    stats = run(chunks)
-    for attempt in range(2):
-        telemetry = telemetry_of(stats)
-        try:
-            emb.finalize(telemetry=telemetry, audit=audit_of(stats))
-            break
-        except EmbeddingIncompleteError as err:
-            if attempt:
-                raise
-            again = emb.missing_chunks()
-            logger.warning("%s; computing %d chunk(s) again", err, len(again))
-            more = run(again)
-            for key in ("chunks", "cells", "zero_rows"):
-                stats[key] = stats.get(key, 0) + more.get(key, 0)
-    stats["telemetry"] = telemetry
+    finish = Finish(telemetry_of, audit_of)
+    stats = run(chunks, finish)
+    if not finish.tried:
+        finish(emb, stats)
+    if finish.refused is not None:
+        again = emb.missing_chunks()
+        logger.warning("%s; computing %d chunk(s) again", finish.refused, len(again))
+        more = run(again, None)
+        for key in ("chunks", "cells", "zero_rows"):
+            stats[key] = stats.get(key, 0) + more.get(key, 0)
+        finish(emb, stats)
+        if finish.refused is not None:
+            raise finish.refused
+    stats["telemetry"] = finish.telemetry
     return stats
 
 

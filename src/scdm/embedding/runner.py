@@ -39,6 +39,7 @@ from scdm.embedding._adapter import (
 from scdm.embedding.chunks import (
     ChunkTokens,
     EmbedResult,
+    Finish,
     batches_by_length,
     embed_cells,
     finalize_with_repair,
@@ -398,9 +399,9 @@ def embed(
         missing = emb.missing_chunks()
         logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
 
-        def run(chunks: list[int]) -> dict[str, Any]:
+        def run(chunks: list[int], finish: Finish | None) -> dict[str, Any]:
             return _run_chunks(st, emb, job, adapter, chunks, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
-                               precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells)
+                               precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells, finish=finish)
 
         def telemetry_of(s: dict[str, Any]) -> dict[str, Any]:
             out = run_telemetry(s, dev, prec, load_s, adapter)
@@ -443,8 +444,11 @@ class _Tally:
 
 
 def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, chunks: list[int], *, batch_size: int, device: str,
-                precision: str, workers: int, progress: bool, allow_empty_cells: bool = False) -> dict[str, Any]:
-    """Compute ``chunks`` (those not claimed by other processes), then wait for and take over the rest."""
+                precision: str, workers: int, progress: bool, allow_empty_cells: bool = False, finish: Finish | None = None) -> dict[str, Any]:
+    """Compute ``chunks`` (those not claimed by other processes), then wait for and take over the rest.
+
+    With ``finish``, the embedding is finalized through the writer (its last rows and the mark in one commit).
+    """
     import torch
 
     if device.startswith("cuda"):
@@ -463,6 +467,9 @@ def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, 
                 # chunks other live processes were computing: wait until they are committed, or take
                 # over those whose process died (its claims are free again)
                 todo = writer.wait_for(elsewhere) if elsewhere else []
+            stats = _run_stats(tally, state, t0, device)
+            if finish is not None:
+                finish(writer, stats)
     except KeyboardInterrupt:
         logger.warning("interrupted: %d cells written in whole chunks are kept; run the same command again to resume", tally.cells)
         raise
@@ -470,6 +477,13 @@ def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, 
         bar.close()
     if tally.zero_rows:
         logger.warning("%d cells got an all-zero %s embedding (kept, as allow_empty_cells asked)", tally.zero_rows, adapter.name)
+    return stats
+
+
+def _run_stats(tally: _Tally, state: dict[str, Any], t0: float, device: str) -> dict[str, Any]:
+    """What a run of chunks did: cells, wall time, padding saved, batch size, GPU memory."""
+    import torch
+
     wall = time.perf_counter() - t0
     stats: dict[str, Any] = {
         "chunks": tally.chunks, "cells": tally.cells, "wall_s": wall, "cells_per_s": tally.cells / wall if wall > 0 else None,
@@ -597,16 +611,16 @@ def _write_baseline(st: Store, info: Any, fit: baselines.BaselineFit, params: di
              "fitted": fit.params, "explained_variance_ratio": None if fit.explained_variance_ratio is None else float(fit.explained_variance_ratio.sum())}
     with emb.job() as job:  # `scdm rm` of this embedding is refused until the job ends
 
-        def run(chunks: list[int]) -> dict[str, Any]:
-            return _baseline_chunks(st, emb, job, info, fit, cols, as_is, chunks, progress)
+        def run(chunks: list[int], finish: Finish | None) -> dict[str, Any]:
+            return _baseline_chunks(st, emb, job, info, fit, cols, as_is, chunks, progress, finish)
 
         stats = finalize_with_repair(emb, run, emb.missing_chunks(), telemetry_of, lambda _: audit)
     return EmbedResult(emb.embedding_id, info.name, fit.model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
 
 def _baseline_chunks(st: Store, emb: Embedding, job: EmbeddingJob, info: Any, fit: baselines.BaselineFit, cols: np.ndarray,
-                     as_is: bool, chunks: list[int], progress: bool) -> dict[str, Any]:
-    """Transform and write the chunks this process claims; wait for (or take over) the others."""
+                     as_is: bool, chunks: list[int], progress: bool, finish: Finish | None = None) -> dict[str, Any]:
+    """Transform and write the chunks this process claims; wait for (or take over) the others; finalize through the writer with ``finish``."""
     bar = progress_bar(total=sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks),
                        desc=f"embed {fit.model} {info.name}", unit="cell", silent=not progress)
     adata = st.open_anndata(info.dataset_id, backed=True)
@@ -627,6 +641,8 @@ def _baseline_chunks(st: Store, emb: Embedding, job: EmbeddingJob, info: Any, fi
                     written, cells = written + 1, cells + hi - lo
                     bar.update(hi - lo)
                 todo = writer.wait_for(elsewhere) if elsewhere else []
+            if finish is not None:
+                finish(writer, {"chunks": written, "cells": cells})
     finally:
         bar.close()
         if getattr(adata, "file", None) is not None:

@@ -362,6 +362,8 @@ class Embedding:
         complete: its row is dropped, so that running the job again recomputes exactly that chunk,
         and this raises. Everything is checked and marked in one catalog transaction (one commit
         costs tens of milliseconds; a chunk dropped by a repair elsewhere cannot slip in between).
+        A job that writes through :meth:`writer` can call :meth:`ChunkWriter.finalize` instead: the
+        rows of its last chunks and the mark then share that one transaction.
 
         Raises
         ------
@@ -370,32 +372,39 @@ class Embedding:
         EmbeddingNotFoundError
             The embedding was removed meanwhile.
         """
-        absent: list[int] = []
         with self.store.catalog.transaction() as con:
-            if con.execute("SELECT 1 FROM embeddings WHERE embedding_id = ?", [self.embedding_id]).fetchone() is None:
-                raise _removed_error(self.embedding_id, "before it was finalized")
-            committed = con.execute("SELECT chunk, n_rows, checksum FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk",
-                                    [self.embedding_id]).fetchall()
-            done = {int(c) for c, _, _ in committed}
-            missing = [c for c in range(self.n_chunks) if c not in done]
-            if missing:
-                msg = f"Embedding {self.embedding_id} still misses chunks {_some(missing)}; write them before finalize()."
-                raise EmbeddingIncompleteError(msg)
-            absent = self._chunks_without_data(committed)
-            if absent:
-                # committed, so that the rerun sees exactly these chunks missing; the error follows the commit
-                con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ? AND list_contains(?, chunk)", [self.embedding_id, absent])
-                con.execute("UPDATE embeddings SET status = 'pending', completed_at = NULL WHERE embedding_id = ?", [self.embedding_id])
-            else:
-                con.execute(
-                    "UPDATE embeddings SET status = 'complete', completed_at = now(), telemetry = ?, "
-                    "audit = COALESCE(?, audit) WHERE embedding_id = ?",
-                    [_canonical_json(telemetry or {}), _canonical_json(audit) if audit is not None else None, self.embedding_id],
-                )
+            refused = self._finalize_in(con, telemetry, audit)
+        if refused is not None:
+            raise refused
+
+    def _finalize_in(self, con: Any, telemetry: dict[str, Any] | None, audit: dict[str, Any] | None) -> EmbeddingIncompleteError | None:
+        """Inside a write transaction: check and mark complete; the error to raise once it is committed, if any.
+
+        Returned rather than raised, so that what the transaction did (rows committed beside it, the
+        rows of chunks without data dropped) is committed before the caller raises it.
+        """
+        if con.execute("SELECT 1 FROM embeddings WHERE embedding_id = ?", [self.embedding_id]).fetchone() is None:
+            raise _removed_error(self.embedding_id, "before it was finalized")
+        committed = con.execute("SELECT chunk, n_rows, checksum FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk",
+                                [self.embedding_id]).fetchall()
+        done = {int(c) for c, _, _ in committed}
+        missing = [c for c in range(self.n_chunks) if c not in done]
+        if missing:
+            return EmbeddingIncompleteError(f"Embedding {self.embedding_id} still misses chunks {_some(missing)}; write them before finalize().")
+        absent = self._chunks_without_data(committed)
         if absent:
-            msg = (f"Embedding {self.embedding_id} is not complete: chunks {_some(absent)} are committed but their data is not in "
-                   f"the array at {self.location}. They are marked missing again; run the same command again to recompute them.")
-            raise EmbeddingIncompleteError(msg)
+            # committed, so that the rerun sees exactly these chunks missing; the error follows the commit
+            con.execute("DELETE FROM embedding_chunks WHERE embedding_id = ? AND list_contains(?, chunk)", [self.embedding_id, absent])
+            con.execute("UPDATE embeddings SET status = 'pending', completed_at = NULL WHERE embedding_id = ?", [self.embedding_id])
+            return EmbeddingIncompleteError(
+                f"Embedding {self.embedding_id} is not complete: chunks {_some(absent)} are committed but their data is not in "
+                f"the array at {self.location}. They are marked missing again; run the same command again to recompute them.")
+        con.execute(
+            "UPDATE embeddings SET status = 'complete', completed_at = now(), telemetry = ?, "
+            "audit = COALESCE(?, audit) WHERE embedding_id = ?",
+            [_canonical_json(telemetry or {}), _canonical_json(audit) if audit is not None else None, self.embedding_id],
+        )
+        return None
 
     def _chunks_without_data(self, committed: Sequence[tuple[int, int, str]]) -> list[int]:
         """Of the ``(chunk, n_rows, checksum)`` rows committed, the chunks whose chunk file is absent.
@@ -451,6 +460,7 @@ class ChunkWriter:
         self._in_flight: list[tuple[Future[str], list[Any]]] = []
         self._pending: list[list[Any]] = []
         self._last_commit = time.monotonic()
+        self._finalized = False
 
     def __enter__(self) -> ChunkWriter:
         return self
@@ -463,7 +473,7 @@ class ChunkWriter:
             except Exception as err:  # noqa: BLE001 - raised below, once the good chunks are committed
                 failed = err
             # whatever went wrong, chunks whose data is on disk are kept
-            if not self._pending and exc[0] is None and failed is None:
+            if not self._pending and exc[0] is None and failed is None and not self._finalized:
                 with self.emb.store.catalog.transaction() as con:
                     _require_row(con, self.emb.embedding_id)  # removed meanwhile: say so, however fast the writes were
             self.commit()
@@ -498,6 +508,8 @@ class ChunkWriter:
         A block of the wrong shape is refused here; one holding NaN or inf when its write is
         collected (by a later call or on leaving the ``with`` block), with nothing of it written.
         """
+        if self._finalized:
+            raise ValueError(f"the writer of embedding {self.emb.embedding_id} was finalized; write chunks before finalize()")
         lo, block = self._target.checked_block(chunk, block)
         if self._local and not _array_whole(self.emb.location):
             # writing on would recreate chunk files in a removed array's folder, without its zarr.json
@@ -530,6 +542,39 @@ class ChunkWriter:
             self._pending.append(row)
         if failed is not None:
             raise failed
+
+    def finalize(self, *, telemetry: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
+        """Commit the rows of the chunks written so far and mark the embedding complete, in one transaction.
+
+        The same as leaving the ``with`` block and calling :meth:`Embedding.finalize`, at one catalog
+        commit instead of two: the catalog connection opens while the last chunk files are still
+        being written (opening it takes about as long as writing one chunk). The rows of every
+        chunk whose write succeeded are committed even when this raises.
+
+        Raises
+        ------
+        EmbeddingIncompleteError
+            A chunk is not committed, or its data is absent from the array (see :meth:`Embedding.finalize`).
+        EmbeddingNotFoundError
+            The embedding was removed meanwhile: nothing is committed.
+        """
+        failed: BaseException | None = None
+        with self.emb.store.catalog.transaction() as con:
+            try:
+                self._drain(wait=True)
+            except Exception as err:  # noqa: BLE001 - raised below, once the good chunks are committed
+                failed = err
+            rows, self._pending = self._pending, []
+            _require_row(con, self.emb.embedding_id)
+            if rows:
+                Catalog.insert_rows(con, "embedding_chunks", CHUNK_COLUMNS, rows, verb="INSERT OR REPLACE",
+                                    computed={"written_at": "now()"})
+            refused = failed if failed is not None else self.emb._finalize_in(con, telemetry, audit)
+        self.job.release([int(r[1]) for r in rows])
+        self._last_commit = time.monotonic()
+        self._finalized = refused is None
+        if refused is not None:
+            raise refused
 
     def commit(self) -> None:
         """Commit the rows of finished writes in one transaction, then release their claims.
