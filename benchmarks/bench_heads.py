@@ -12,7 +12,8 @@ split build, catalog writes of results and per-cell predictions).
 Prints one table:
   - ``ridge folds`` and ``logreg folds``: the K folds of one pooled split fitted by scdm (ridge: one
     pass of Gram statistics, downdates and one-thread Cholesky solves side by side; logreg: every
-    fold's L-BFGS in lockstep) against scikit-learn fitting the same folds one by one with the same
+    fold's L-BFGS in one batch, each fold at its own pace, sharing each pass over the rows; the
+    grid also solves a category's pooled and cross-data splits in one batch) against scikit-learn fitting the same folds one by one with the same
     settings (``RidgeClassifier`` on the globally scaled inputs, ``LogisticRegression(lbfgs)`` on each
     fold's standardised inputs), with the ratio scdm / scikit-learn beside its goal (<= 0.2x) and
     the test AUROC of both (they solve the same problems, so these agree).

@@ -101,6 +101,33 @@ def test_column_moments_per_mask_and_constant_columns():
         np.testing.assert_allclose(scale[k], expected, rtol=1e-4)
 
 
+def test_column_moments_are_the_same_bits_for_any_thread_count():
+    rng = np.random.default_rng(3)
+    X = (rng.standard_normal((9000, 5)) * 2 + 50).astype(np.float32)
+    masks = rng.random((9000, 2)) < 0.6
+    one = column_moments(X, masks, block_rows=256, threads=1)
+    for threads in (2, 3):
+        more = column_moments(X, masks, block_rows=256, threads=threads)
+        np.testing.assert_array_equal(one[0], more[0])
+        np.testing.assert_array_equal(one[1], more[1])
+    np.testing.assert_allclose(one[0][1], X[masks[:, 1]].astype(np.float64).mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_fold_scores_every_cell_as_its_head_would(folds_data, threads):
+    """The grid's scores (``decisions``) are each fold's head applied to the rows, to float32 rounding."""
+    X, y, train = (np.repeat(a, 40, axis=0) for a in folds_data)  # several 4 MiB blocks: several groups of them
+    rows = np.sort(np.random.default_rng(4).choice(len(X), 50_000, replace=False))  # a split's cells inside a larger matrix
+    plain = fit_logreg_folds(X, y[rows], train[rows], rows=rows, threads=threads)
+    fits = fit_logreg_folds(X, y[rows], train[rows], rows=rows, threads=threads, decisions=True)
+    assert plain.decision is None and fits.decision is not None and fits.decision.shape == (rows.size, train.shape[1])
+    np.testing.assert_array_equal(plain.coef, fits.coef)  # scoring changes nothing of the fit
+    for k in range(train.shape[1]):
+        head = LogRegHead().set_solution(fits.coef[k], fits.intercept[k], mean=fits.mean[k], scale=fits.scale[k])
+        expected = head.decision_function(X[rows])
+        np.testing.assert_allclose(fits.decision[:, k], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_logreg_head_probabilities_are_sklearns():
     rng = np.random.default_rng(2)
     X = rng.standard_normal((400, 10)).astype(np.float32)

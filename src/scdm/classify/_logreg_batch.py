@@ -26,9 +26,11 @@ gradient's block sums are accumulated in float64). The matrix is never modified.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import numpy as np
 from scipy.special import expit
@@ -37,6 +39,7 @@ from scdm.classify._threads import current_blas_threads, solve_threads
 from scdm.classify.heads import column_moments
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ARMIJO = 1e-4
 _MIN_STEP = 0.5 ** 40
@@ -61,6 +64,10 @@ class FoldFits:
     """(K,) max |gradient| at the solution."""
     converged: np.ndarray
     """(K,) bool: stopped by the gradient tolerance (or the float precision floor), not by max_iter."""
+    decision: np.ndarray | None = None
+    """(n_cells, K) float32: every fold's log-odds on every cell of the split (``decisions=True``)."""
+    decision_seconds: float = 0.0
+    """Time spent on :attr:`decision`."""
 
 
 _BLOCK_BYTES = 4 << 20
@@ -138,8 +145,15 @@ class _Problem:
         view = _Rows(X, rows)
         n, dim = view.shape
         X = cast("np.ndarray", view)  # read as the split's rows: column_moments and the shift index it
+        self.block_rows = max(64, _BLOCK_BYTES // max(1, dim * 4))
+        starts = list(range(0, n, self.block_rows))
+        per_group = -(-len(starts) // _GROUPS)
+        self.groups = [starts[i:i + per_group] for i in range(0, len(starts), per_group)]
+        # the groups are shared out over the math threads (numpy and BLAS release the GIL), each with its own buffer
+        threads = max(1, min(threads or current_blas_threads(), len(self.groups)))
         if standardize:
-            self.mean, self.scale = column_moments(X, train)
+            with solve_threads():
+                self.mean, self.scale = column_moments(X, train, threads=threads)
             if standardize == "global":  # one scale per fold: the root mean square of its centred values
                 rms = np.sqrt(np.mean(np.square(self.scale.astype(np.float64)), axis=1, keepdims=True))
                 self.scale = np.broadcast_to(np.where(rms > 1e-12, rms, 1.0), self.scale.shape).astype(np.float32)
@@ -149,12 +163,6 @@ class _Problem:
         # one shift for every fold, from the rows alone: a fold's numbers do not depend on its batch-mates
         self.shift = X[np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64).astype(np.float32)
         self.rows = view
-        self.block_rows = max(64, _BLOCK_BYTES // max(1, dim * 4))
-        starts = list(range(0, n, self.block_rows))
-        per_group = -(-len(starts) // _GROUPS)
-        self.groups = [starts[i:i + per_group] for i in range(0, len(starts), per_group)]
-        # the groups are shared out over the math threads (numpy and BLAS release the GIL), each with its own buffer
-        threads = max(1, min(threads or current_blas_threads(), len(self.groups)))
         self.buffers = [np.empty((min(self.block_rows, n), dim), np.float32) for _ in range(threads)]
         self.workers = _pool(threads) if threads > 1 else None
         self.y = y.astype(np.float32)
@@ -210,28 +218,52 @@ class _Problem:
         value += 0.5 * self.l2[active] * np.einsum("kd,kd->k", w, w)
         return value, g_w, g_b
 
-    def _parts(self, active: np.ndarray, v32: np.ndarray, beta32: np.ndarray,
-               n_k32: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The sums of each group of blocks, in group order (groups run side by side on the threads)."""
-        groups = self.groups
+    def decisions(self, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+        """(n, K) float32: every fold's log-odds on every row, in one pass over the rows.
+
+        The same arithmetic as the objective: ``(x - c) . (w_k / s_k) + beta_k`` on the centred rows.
+        """
+        v = coef * self.inv_scale
+        beta = intercept - np.einsum("kd,kd->k", self.delta, v)
+        v32, beta32 = np.ascontiguousarray(v.T, dtype=np.float32), beta.astype(np.float32)
+        n = self.rows.shape[0]
+        out = np.empty((n, coef.shape[0]), np.float32)
+
+        def run(group: list[int], buffer: np.ndarray) -> None:
+            for lo in group:
+                hi = min(lo + self.block_rows, n)
+                np.matmul(self.rows.centred(lo, hi, self.shift, buffer), v32, out=out[lo:hi])
+                out[lo:hi] += beta32
+
+        with solve_threads():
+            self._each_group(run)
+        return out
+
+    def _each_group(self, run: Callable[[list[int], np.ndarray], T]) -> list[T]:
+        """``run(group, buffer)`` for every group of blocks, in group order (side by side on the threads)."""
         if len(self.buffers) == 1:
-            return [self._blocks(group, active, v32, beta32, n_k32, self.buffers[0]) for group in groups]
+            return [run(group, self.buffers[0]) for group in self.groups]
         free = list(self.buffers)
 
-        def run(group: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def one(group: list[int]) -> T:
             buffer = free.pop()  # list.pop is atomic: one buffer per running group
             try:
-                return self._blocks(group, active, v32, beta32, n_k32, buffer)
+                return run(group, buffer)
             finally:
                 free.append(buffer)
 
         assert self.workers is not None
-        return list(self.workers.map(run, groups))
+        return list(self.workers.map(one, self.groups))
+
+    def _parts(self, active: np.ndarray, v32: np.ndarray, beta32: np.ndarray,
+               n_k32: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The sums of each group of blocks, in group order (groups run side by side on the threads)."""
+        return self._each_group(lambda group, buffer: self._blocks(group, active, v32, beta32, n_k32, buffer))
 
 
 def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: np.ndarray | None = None, C: float = 1.0,
                      tol: float = 1e-4, max_iter: int = 200, standardize: bool | str = "global",
-                     memory: int = 10, threads: int | None = None) -> FoldFits:
+                     memory: int = 10, threads: int | None = None, decisions: bool = False) -> FoldFits:
     """Fit one L2 logistic regression per column of ``train``, every fold's next point in one pass.
 
     Each fold runs its own L-BFGS at its own pace: a pass evaluates, for every fold still running,
@@ -257,6 +289,11 @@ def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: n
     threads : int, optional
         Threads that share each pass over the rows, every one with one BLAS thread (default: the
         BLAS threads allowed now). The results are the same bits for any number.
+    decisions : bool, default False
+        Also score every cell with every fold's solution (:attr:`FoldFits.decision`), in one more
+        pass over the rows: a fold's test cells are then scored together with the other folds'
+        instead of in a pass of their own (the same value as the fold's head gives, up to float32
+        rounding: the centred form of the objective instead of standardised rows).
 
     Returns
     -------
@@ -293,8 +330,14 @@ def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: n
         folds.next_direction(going)
         searching = active[~accept]
         active = np.sort(np.concatenate([going, searching[folds.step[searching] >= _MIN_STEP]]))
-    return FoldFits(mean=problem.mean, scale=problem.scale, coef=folds.x[:, :dim].copy(), intercept=folds.x[:, dim].copy(),
-                    n_iter=folds.n_iter, grad_max=folds.grad_max, converged=folds.converged)
+    coef, intercept = folds.x[:, :dim].copy(), folds.x[:, dim].copy()
+    fits = FoldFits(mean=problem.mean, scale=problem.scale, coef=coef, intercept=intercept, n_iter=folds.n_iter,
+                    grad_max=folds.grad_max, converged=folds.converged)
+    if decisions:
+        t0 = time.perf_counter()
+        fits.decision = problem.decisions(coef, intercept)
+        fits.decision_seconds = time.perf_counter() - t0
+    return fits
 
 
 class _FoldStates:

@@ -257,8 +257,12 @@ class BaseHead(abc.ABC):
 # --------------------------------------------------------------------------------------------
 # Standardisation statistics
 # --------------------------------------------------------------------------------------------
+_MOMENT_GROUPS = 8
+"""Row groups of :func:`column_moments`, summed in this order whatever the number of threads (the same bits)."""
+
+
 def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
-                   block_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+                   block_rows: int = 2048, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and standard deviation (ddof 0) of ``X``'s rows, or of each mask's rows.
 
     One pass over ``X`` in row blocks, shifted by a sample mean so the float32 sums do not
@@ -270,6 +274,9 @@ def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
     masks : ndarray of shape (n_cells, n_masks), optional
         Boolean row selections (a fold's training cells, say); default: all rows.
     block_rows : int, default 2048
+    threads : int, default 1
+        Threads that share the pass (numpy and BLAS release the GIL; run it under one BLAS thread
+        each). The rows are summed in fixed groups, so the result is the same bits for any number.
 
     Returns
     -------
@@ -280,16 +287,36 @@ def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
     weights = np.ones((n, 1), np.float32) if masks is None else np.asarray(masks, np.float32)
     shift = X[np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64)
     shift32 = shift.astype(np.float32)
+    starts = list(range(0, n, block_rows))
+    per_group = max(1, -(-len(starts) // _MOMENT_GROUPS))
+    groups = [starts[i:i + per_group] for i in range(0, len(starts), per_group)]
+
+    def sums(group: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        s1 = np.zeros((weights.shape[1], dim))
+        s2 = np.zeros((weights.shape[1], dim))
+        buffer = np.empty((min(block_rows, n), dim), np.float32)  # reused: fresh blocks cost page faults
+        for lo in group:
+            block = buffer[: min(block_rows, n - lo)]
+            np.subtract(X[lo:lo + block_rows], shift32, out=block)
+            w = weights[lo:lo + block_rows].T
+            s1 += w @ block
+            np.square(block, out=block)
+            s2 += w @ block
+        return s1, s2
+
+    width = max(1, min(threads, len(groups)))
+    if width > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="scdm-moments") as pool:
+            parts = list(pool.map(sums, groups))
+    else:
+        parts = [sums(group) for group in groups]
     s1 = np.zeros((weights.shape[1], dim))
     s2 = np.zeros((weights.shape[1], dim))
-    buffer = np.empty((min(block_rows, n), dim), np.float32)  # reused: fresh blocks cost page faults
-    for lo in range(0, n, block_rows):
-        block = buffer[: min(block_rows, n - lo)]
-        np.subtract(X[lo:lo + block_rows], shift32, out=block)
-        w = weights[lo:lo + block_rows].T
-        s1 += w @ block
-        np.square(block, out=block)
-        s2 += w @ block
+    for p1, p2 in parts:  # in group order: the same sum for any thread count
+        s1 += p1
+        s2 += p2
     count = np.maximum(weights.sum(axis=0, dtype=np.float64), 1.0)[:, None]
     centred = s1 / count
     scale = np.sqrt(np.maximum(s2 / count - centred**2, 0.0))

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 from scdm.classify.heads import LogRegHead, get_head
 from scdm.store.errors import InputDataError
@@ -193,17 +194,18 @@ def logreg_split(space: Space, tasks: list[Task], *, threads: int | None = None)
     t0 = time.perf_counter()
     # the split's rows are read from space.X in place (no copy of them: see _logreg_batch)
     fits = fit_logreg_folds(space.X, y, np.stack(train, axis=1), rows=pos, C=head.C, tol=head.tol,
-                            max_iter=head.max_iter, standardize=head.standardize, threads=threads)
-    fit_seconds = (time.perf_counter() - t0) / len(fittable)
+                            max_iter=head.max_iter, standardize=head.standardize, threads=threads, decisions=True)
+    assert fits.decision is not None
+    # every fold scored every cell in one pass (its test cells among them): no pass per fold over its test rows
+    predict_seconds = fits.decision_seconds / len(fittable)
+    fit_seconds = (time.perf_counter() - t0 - fits.decision_seconds) / len(fittable)
     for k, task in enumerate(fittable):
-        t1 = time.perf_counter()
-        fitted = LogRegHead(**params).set_solution(
-            fits.coef[k], fits.intercept[k], mean=fits.mean[k] if head.standardize else None,
-            scale=fits.scale[k] if head.standardize else None, n_iter=int(fits.n_iter[k]),
-            converged=bool(fits.converged[k]))
-        test_pos = pos[task.split.test_mask(task.fold)]
-        proba = predict_in_blocks(fitted, space.X, test_pos)
-        yield Outcome(task, proba, test_pos, fit_seconds, time.perf_counter() - t1, int(train[k].sum()))
+        # the checks and the warning of a head fitted alone (max_iter reached)
+        LogRegHead(**params).set_solution(fits.coef[k], fits.intercept[k], n_iter=int(fits.n_iter[k]),
+                                          converged=bool(fits.converged[k]))
+        test = task.split.test_mask(task.fold)
+        proba = expit(fits.decision[test, k].astype(np.float64))
+        yield Outcome(task, proba, pos[test], fit_seconds, predict_seconds, int(train[k].sum()))
 
 
 PREDICT_BLOCK_ROWS = 2048
