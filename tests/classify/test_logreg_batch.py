@@ -128,6 +128,24 @@ def test_every_fold_scores_every_cell_as_its_head_would(folds_data, threads):
         np.testing.assert_allclose(fits.decision[:, k], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+def test_rows_in_runs_are_centred_bit_for_bit_as_a_gather():
+    """A category's rows (whole datasets: runs of consecutive rows) are centred run by run, the same bits."""
+    from scdm.classify._logreg_batch import _Rows
+
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((3000, 9)).astype(np.float32) * 3 + 7
+    shift = X[::7].mean(axis=0)
+    runs = np.concatenate([np.arange(100, 400), np.arange(900, 1000), np.arange(1000 - 1000, 200), np.arange(2500, 3000)])
+    scattered = np.sort(rng.choice(3000, 700, replace=False))
+    for rows, in_runs in ((runs, True), (scattered, False)):
+        view = _Rows(X, rows)
+        assert (view.runs is not None) == in_runs
+        out = np.empty((257, 9), np.float32)
+        for lo in range(0, rows.size, 257):  # blocks straddle the runs' ends
+            hi = min(lo + 257, rows.size)
+            np.testing.assert_array_equal(view.centred(lo, hi, shift, out), X[rows][lo:hi] - shift)
+
+
 def test_logreg_head_probabilities_are_sklearns():
     rng = np.random.default_rng(2)
     X = rng.standard_normal((400, 10)).astype(np.float32)

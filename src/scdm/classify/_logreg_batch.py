@@ -78,6 +78,10 @@ _GROUPS = 8
 """Partial sums of a pass: blocks in this many fixed groups (one thread takes a group at a time)."""
 
 
+_MIN_RUN = 64
+"""Rows of a split are centred run by run when its runs of consecutive rows are this long on average."""
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -109,6 +113,13 @@ class _Rows:
                 self.rows = rows
         self.shape = (n, X.shape[1])
         self.dtype = X.dtype
+        # a split of a category holds whole datasets: a few long runs of consecutive rows, centred
+        # run by run straight from X (a gather first, then the subtraction, reads and writes twice)
+        self.runs: np.ndarray | None = None
+        if self.rows is not None and n:
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(self.rows) != 1) + 1])
+            if starts.size * _MIN_RUN <= n:
+                self.runs = starts
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -130,6 +141,17 @@ class _Rows:
         block = out[:hi - lo]
         if self.start is not None:
             np.subtract(self.X[self.start + lo:self.start + hi], shift, out=block)
+        elif self.runs is not None:
+            assert self.rows is not None
+            first = int(np.searchsorted(self.runs, lo, side="right")) - 1
+            at = lo
+            for run in range(first, self.runs.size):
+                if at >= hi:
+                    break
+                end = min(hi, int(self.runs[run + 1]) if run + 1 < self.runs.size else self.shape[0])
+                source = int(self.rows[at])
+                np.subtract(self.X[source:source + end - at], shift, out=block[at - lo:end - lo])
+                at = end
         else:
             assert self.rows is not None
             np.take(self.X, self.rows[lo:hi], axis=0, out=block)
