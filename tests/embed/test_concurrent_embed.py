@@ -302,3 +302,17 @@ def test_cells_whose_genes_the_model_does_not_know_are_refused_unless_allowed(tm
     assert np.flatnonzero(~data.any(axis=1)).tolist() == [5, 9]
     audit = json.loads(st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [result.embedding_id])["audit"].item())
     assert audit["zero_rows"] == 2 and audit["cells_without_expressed_genes"] == 0
+
+
+@pytest.mark.parametrize("model", ["toy-test", "pca"])
+def test_a_run_finalizes_through_its_writer_in_one_commit(st, toy_ckpt, monkeypatch, model):
+    """The last chunks' rows and the mark complete share one catalog transaction (no second finalize)."""
+    from scdm.store import Embedding
+
+    calls = []
+    monkeypatch.setattr(Embedding, "finalize", lambda self, **kw: calls.append(kw))
+    result = embed(st, "d", model, toy_ckpt if model == "toy-test" else None, progress=False)
+    emb = st.embedding(result.embedding_id)
+    assert calls == [] and emb.status == "complete" and emb.missing_chunks() == []
+    telemetry = json.loads(st.query("SELECT telemetry FROM embeddings WHERE embedding_id = ?", [emb.embedding_id])["telemetry"].iloc[0])
+    assert telemetry["cells"] == emb.n_cells

@@ -565,13 +565,9 @@ class ChunkWriter:
             except Exception as err:  # noqa: BLE001 - raised below, once the good chunks are committed
                 failed = err
             rows, self._pending = self._pending, []
-            _require_row(con, self.emb.embedding_id)
-            if rows:
-                Catalog.insert_rows(con, "embedding_chunks", CHUNK_COLUMNS, rows, verb="INSERT OR REPLACE",
-                                    computed={"written_at": "now()"})
+            self._insert(con, rows)
             refused = failed if failed is not None else self.emb._finalize_in(con, telemetry, audit)
-        self.job.release([int(r[1]) for r in rows])
-        self._last_commit = time.monotonic()
+        self._committed(rows)
         self._finalized = refused is None
         if refused is not None:
             raise refused
@@ -589,9 +585,18 @@ class ChunkWriter:
             return
         rows, self._pending = self._pending, []
         with self.emb.store.catalog.transaction() as con:
-            _require_row(con, self.emb.embedding_id)
+            self._insert(con, rows)
+        self._committed(rows)
+
+    def _insert(self, con: Any, rows: list[list[Any]]) -> None:
+        """Inside a write transaction: the rows of written chunks (refused when the embedding was removed)."""
+        _require_row(con, self.emb.embedding_id)
+        if rows:
             Catalog.insert_rows(con, "embedding_chunks", CHUNK_COLUMNS, rows, verb="INSERT OR REPLACE",
                                 computed={"written_at": "now()"})
+
+    def _committed(self, rows: list[list[Any]]) -> None:
+        """After the commit of ``rows``: their claims are released (other processes may take them as done)."""
         self.job.release([int(r[1]) for r in rows])
         self._last_commit = time.monotonic()
 
