@@ -189,8 +189,8 @@ def test_logreg_solves_pooled_and_cross_splits_of_a_category_together(st: Store,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Splits over the same cells (pooled and cross of one category) share their passes; each
     split's numbers equal those of the split evaluated alone."""
-    # Tight tolerance: compare the solutions, not where the stopping rule fell (a wider batch's
-    # products round differently, which moves the default-tol stop by ~1e-5 in probability).
+    # Tight tolerance: compare the solutions, not where the default stopping rule fell (a wider
+    # batch's products round differently, which moves the default-tol stop by ~1e-5 in probability).
     tight = {"logreg": {"tol": 1e-9, "max_iter": 1000}}
     from scdm.classify import grid, tasks
 
@@ -217,7 +217,12 @@ def test_logreg_solves_pooled_and_cross_splits_of_a_category_together(st: Store,
            "USING (task_id) WHERE t.scenario = 'cross' ORDER BY ALL")
     together, by_itself = st.query(sql), alone.query(sql)
     assert len(together) == len(by_itself) > 0
-    np.testing.assert_allclose(together["proba"].to_numpy(), by_itself["proba"].to_numpy(), atol=1e-7)
+    # Even at tol=1e-9 every fold stops at float32's precision floor (no decrease found along the
+    # line, max |gradient| 5e-7 to 2e-5), and where in that flat bottom depends on how the
+    # products round: on an AMD EPYC the two runs differ by up to 7.9e-5 in probability (mean
+    # 2.8e-6), on the Intel machine of earlier CI runs by under 1e-7. A fold mixed up with another
+    # differs by > 1e-2.
+    np.testing.assert_allclose(together["proba"].to_numpy(), by_itself["proba"].to_numpy(), atol=3e-4)
 
     # a group must hold one set of cells: splits of different categories are refused
     pooled = [load_split(st, s) for s in st.query(

@@ -815,17 +815,27 @@ class MLPHead(BaseHead):
             return idx, None
         return np.setdiff1d(idx, val_idx), val_idx
 
+    def _affine_tensors(self) -> tuple[Any, Any] | None:
+        """The standardisation as ``x * scale + shift`` (two 1-d tensors), or None without one."""
+        if self.mean_ is None:
+            return None
+        affine = getattr(self, "_affine", None)
+        if affine is None:
+            import torch
+
+            inv = torch.from_numpy(1.0 / np.asarray(self.scale_, np.float32))
+            affine = self._affine = (inv, torch.from_numpy(-np.asarray(self.mean_, np.float32)) * inv)
+        return affine
+
     def _batch(self, Xt: Any, rows: Any) -> Any:
         xb = Xt.index_select(0, rows)  # a fresh tensor: standardise it in place
-        if self.mean_ is not None:
+        affine = self._affine_tensors()
+        if affine is not None:
             # Per batch, not once for the whole matrix: no standardised copy of all training cells.
-            affine = getattr(self, "_affine", None)
-            if affine is None:
-                import torch
+            # One pass (addcmul), the same arithmetic as the training step's (scdm.classify._mlp_step).
+            import torch
 
-                inv = torch.from_numpy(1.0 / np.asarray(self.scale_, np.float32))
-                affine = self._affine = (inv, torch.from_numpy(-np.asarray(self.mean_, np.float32)) * inv)
-            xb.mul_(affine[0]).add_(affine[1])
+            torch.addcmul(affine[1], xb, affine[0], out=xb)
         return xb
 
     def _loss(self, logits: Any, targets: Any) -> Any:
@@ -839,9 +849,13 @@ class MLPHead(BaseHead):
                cfg: dict[str, Any], use_bf16: bool, gen: Any) -> list[dict[str, float]]:
         import torch
 
+        from scdm.classify._mlp_step import MLPStep
+
         history: list[dict[str, float]] = []
         best_loss, best_state, stale, steps = math.inf, None, 0, 0
         bs = self.batch_size_
+        step = MLPStep(model, min(bs, train_idx.numel()), bf16=use_bf16, affine=self._affine_tensors(),
+                       loss=self._loss)
         per_epoch = math.ceil(train_idx.numel() / bs)
         min_steps = int(cfg["min_steps"])
         epochs = max(int(cfg["epochs"]), math.ceil(min_steps / per_epoch))
@@ -855,11 +869,7 @@ class MLPHead(BaseHead):
             total = 0.0
             for start in range(0, order.numel(), bs):
                 rows = order[start:start + bs]
-                xb = self._batch(Xt, rows)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = self._loss(model(xb), yt.index_select(0, rows))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = step(Xt, yt, rows)  # the gradients, written into every parameter's .grad
                 opt.step()
                 total += float(loss.detach()) * rows.numel()
             steps += per_epoch
@@ -880,6 +890,7 @@ class MLPHead(BaseHead):
                     break
         if best_state is not None:
             model.load_state_dict(best_state)
+        model.zero_grad(set_to_none=True)  # a fitted head carries no gradients
         self.n_steps_ = steps
         return history
 
