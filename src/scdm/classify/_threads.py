@@ -15,7 +15,10 @@ logreg, 10 folds, 20000 x 512  0.11 s       0.41 s
 
 A factorisation is a chain of small dependent steps: a second OpenBLAS thread spins waiting for
 the first and, on a busy machine, for a core, so solves (ridge's Cholesky and triangular solves)
-run with one thread and go side by side across folds instead (:func:`map_solves`). Logistic
+run with one thread and go side by side across folds instead (:func:`map_solves`; the Cholesky
+through :mod:`scdm.classify._lapack`, because scipy's f2py wrapper holds the GIL and the "side by
+side" solves then ran one at a time: 10 ridge solves at D = 3072 on 2 threads took 1.86 s, 1.0 s
+with the GIL released). Logistic
 regression's lockstep L-BFGS (:mod:`scdm.classify._logreg_batch`) is many short products and
 vector steps per iteration: measured, it too runs faster on one thread. One large product over
 many rows (a fold's Gram matrix) is split into independent blocks and does use every core; below

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.linalg
 
+from scdm.classify._lapack import cholesky_lower
 from scdm.classify._threads import solve_threads
 from scdm.classify._transfer_dann import DANNHead
 from scdm.classify.head_base import (
@@ -369,7 +370,8 @@ def _solve_lower_spd(lower: np.ndarray, rhs: np.ndarray, *, jitter_scale: float 
     expressed in a handful of cells) slightly indefinite; then a growing ridge jitter relative to the
     mean diagonal is added (1e-10 .. 1e-4), which changes well-posed solutions by nothing measurable.
     """
-    factor, info = scipy.linalg.lapack.dpotrf(lower, lower=1, overwrite_a=int(rebuild is not None), clean=0)
+    # not scipy.linalg.lapack.dpotrf: it holds the GIL, so map_solves' threads would factorise one at a time
+    factor, info = cholesky_lower(lower, overwrite=rebuild is not None)
     if info == 0:
         coef, info = scipy.linalg.lapack.dpotrs(factor, rhs, lower=1)
         if info == 0:
@@ -380,7 +382,7 @@ def _solve_lower_spd(lower: np.ndarray, rhs: np.ndarray, *, jitter_scale: float 
     for exponent in (-10, -8, -6, -4):
         jitter = jitter_scale * 10.0**exponent
         diag += jitter
-        factor, info = scipy.linalg.lapack.dpotrf(lower, lower=1, overwrite_a=0, clean=0)
+        factor, info = cholesky_lower(lower)
         diag -= jitter
         if info == 0:
             coef, info = scipy.linalg.lapack.dpotrs(factor, rhs, lower=1)
