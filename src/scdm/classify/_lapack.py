@@ -36,7 +36,7 @@ def _cython_dpotrf() -> Any | None:
     try:
         from scipy.linalg import cython_lapack
 
-        capsule = cython_lapack.__pyx_capi__["dpotrf"]  # type: ignore[attr-defined]
+        capsule = cython_lapack.__pyx_capi__["dpotrf"]
         # own prototypes of the C-API calls: setting restype on ctypes.pythonapi's would change them process-wide
         get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
         get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
