@@ -319,3 +319,51 @@ def test_remove_dataset_removes_all_of_it_and_it_can_come_back(tmp_path):
     assert not emb.path.exists() and list((st.root / "datasets").iterdir()) == []
     st.ingest(adata, name="d", label_key="label")
     assert len(st.query("SELECT * FROM label_sets")) == 1
+
+
+def _no_catalog(store: Store, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the read looked in the catalog")
+
+    monkeypatch.setattr(store, "query", refuse)
+    monkeypatch.setattr(store.catalog, "connect", refuse)
+
+
+@pytest.mark.parametrize("how", ["writer", "embedding"])
+def test_the_first_read_after_finalize_needs_no_catalog_and_still_verifies(st, monkeypatch, how):
+    """The finalize transaction tells its store the checksums: the next read opens no catalog
+    connection (reopening one after a write costs ~20 ms), yet every chunk is hashed."""
+    from scdm.store import ChunkCorruptError, _zarr
+
+    emb = _writer.open_embedding(str(st.root), "d")
+    with emb.writer(commit_every_s=3600) as w:
+        for c in emb.missing_chunks():
+            w.write(c, _writer.rows_of(*emb.chunk_bounds(c)))
+        if how == "writer":
+            w.finalize()
+    if how == "embedding":
+        emb.finalize()
+    with monkeypatch.context() as m:
+        _no_catalog(emb.store, m)
+        _zarr.forget_verified()  # as in a read that has not hashed these chunks yet
+        assert np.array_equal(emb.store.read_embedding(emb.embedding_id), _writer.rows_of(0, 60))
+        raw = (emb.path / "c" / "3" / "0").read_bytes()
+        flipped = bytes([raw[0] ^ 1]) + raw[1:]  # the same size: only the checksum can tell
+        (emb.path / "c" / "3" / "0").write_bytes(flipped)
+        _zarr.forget_verified()
+        # a mismatch first looks in the catalog once more (another process may have recomputed the chunk)
+        with pytest.raises(AssertionError, match="looked in the catalog"):
+            emb.store.read_embedding(emb.embedding_id)
+    with pytest.raises(ChunkCorruptError, match="chunk 3 of 8 .* checksum mismatch"):
+        emb.store.read_embedding(emb.embedding_id)
+
+
+def test_a_refused_finalize_leaves_the_store_nothing_to_read(st):
+    emb = _writer.open_embedding(str(st.root), "d")
+    with emb.writer(commit_every_s=3600) as w:
+        for c in range(6):
+            w.write(c, _writer.rows_of(*emb.chunk_bounds(c)))
+        with pytest.raises(EmbeddingIncompleteError, match="still misses chunks"):
+            w.finalize()
+    with pytest.raises(EmbeddingIncompleteError, match="is incomplete: 6 of 8 chunks written"):
+        emb.store.read_embedding(emb.embedding_id)

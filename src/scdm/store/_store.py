@@ -373,15 +373,17 @@ class Embedding:
             The embedding was removed meanwhile.
         """
         with self.store.catalog.transaction() as con:
-            refused = self._finalize_in(con, telemetry, audit)
-        if refused is not None:
-            raise refused
+            refused, sums = self._finalize_in(con, telemetry, audit)
+        self._after_finalize(refused, sums)
 
-    def _finalize_in(self, con: Any, telemetry: dict[str, Any] | None, audit: dict[str, Any] | None) -> EmbeddingIncompleteError | None:
-        """Inside a write transaction: check and mark complete; the error to raise once it is committed, if any.
+    def _finalize_in(self, con: Any, telemetry: dict[str, Any] | None,
+                     audit: dict[str, Any] | None) -> tuple[EmbeddingIncompleteError | None, dict[int, str]]:
+        """Inside a write transaction: check and mark complete.
 
-        Returned rather than raised, so that what the transaction did (rows committed beside it, the
-        rows of chunks without data dropped) is committed before the caller raises it.
+        Returns the error to raise once the transaction is committed (None on success) and the
+        checksum of every committed chunk (empty unless marked complete). The error is returned
+        rather than raised, so that what the transaction did (rows committed beside it, the rows of
+        chunks without data dropped) is committed before the caller raises it.
         """
         if con.execute("SELECT 1 FROM embeddings WHERE embedding_id = ?", [self.embedding_id]).fetchone() is None:
             raise _removed_error(self.embedding_id, "before it was finalized")
@@ -390,7 +392,7 @@ class Embedding:
         done = {int(c) for c, _, _ in committed}
         missing = [c for c in range(self.n_chunks) if c not in done]
         if missing:
-            return EmbeddingIncompleteError(f"Embedding {self.embedding_id} still misses chunks {_some(missing)}; write them before finalize().")
+            return EmbeddingIncompleteError(f"Embedding {self.embedding_id} still misses chunks {_some(missing)}; write them before finalize()."), {}
         absent = self._chunks_without_data(committed)
         if absent:
             # committed, so that the rerun sees exactly these chunks missing; the error follows the commit
@@ -398,13 +400,25 @@ class Embedding:
             con.execute("UPDATE embeddings SET status = 'pending', completed_at = NULL WHERE embedding_id = ?", [self.embedding_id])
             return EmbeddingIncompleteError(
                 f"Embedding {self.embedding_id} is not complete: chunks {_some(absent)} are committed but their data is not in "
-                f"the array at {self.location}. They are marked missing again; run the same command again to recompute them.")
+                f"the array at {self.location}. They are marked missing again; run the same command again to recompute them."), {}
         con.execute(
             "UPDATE embeddings SET status = 'complete', completed_at = now(), telemetry = ?, "
             "audit = COALESCE(?, audit) WHERE embedding_id = ?",
             [_canonical_json(telemetry or {}), _canonical_json(audit) if audit is not None else None, self.embedding_id],
         )
-        return None
+        return None, {int(c): str(k) for c, _, k in committed}
+
+    def _after_finalize(self, refused: BaseException | None, sums: dict[int, str]) -> None:
+        """Once the finalize transaction is committed: raise its error, or let the store read without a look-up.
+
+        The store learns the complete embedding and every chunk's checksum from the transaction
+        that marked it complete, so this process's first read of it needs no catalog connection
+        (after a write, reopening the catalog costs ~20 ms: DuckDB's open, then the look-ups).
+        The chunks are still verified against those checksums as they are read.
+        """
+        if refused is not None:
+            raise refused
+        self.store._remember_complete(self, sums)
 
     def _chunks_without_data(self, committed: Sequence[tuple[int, int, str]]) -> list[int]:
         """Of the ``(chunk, n_rows, checksum)`` rows committed, the chunks whose chunk file is absent.
@@ -566,11 +580,10 @@ class ChunkWriter:
                 failed = err
             rows, self._pending = self._pending, []
             self._insert(con, rows)
-            refused = failed if failed is not None else self.emb._finalize_in(con, telemetry, audit)
+            refused, sums = self.emb._finalize_in(con, telemetry, audit) if failed is None else (failed, {})
         self._committed(rows)
         self._finalized = refused is None
-        if refused is not None:
-            raise refused
+        self.emb._after_finalize(refused, sums)
 
     def commit(self) -> None:
         """Commit the rows of finished writes in one transaction, then release their claims.
@@ -1234,6 +1247,11 @@ class Store:
             self._complete[emb.embedding_id] = self._complete[embedding_id] = emb
             self._chunk_sums[emb.embedding_id] = sums
         return emb, status, sums
+
+    def _remember_complete(self, emb: Embedding, sums: dict[int, str]) -> None:
+        """A complete embedding and its committed checksums, as a look-up would have cached them."""
+        self._complete[emb.embedding_id] = emb
+        self._chunk_sums[emb.embedding_id] = dict(sums)
 
     def _cache_space_of(self, embedding_id: str) -> None:
         """Cache every complete embedding of ``embedding_id``'s space with its checksums: two catalog queries
