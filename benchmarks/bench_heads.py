@@ -22,9 +22,10 @@ Prints one table:
     D=3072): ridge <= 5 min, logreg <= 5 min (issue #19, 2 cores).
   - ``mlp default``: one fit of the default MLP profile (batch and learning rate from the fold,
     at least 500 steps, early stopping on 10% of the training cells) vs its FLOP floor (training
-    matmul FLOPs of the epochs it ran / this machine's fp32 matmul rate measured on the same layer
-    shapes and batch with the same number of threads, in this process, just after), with one
-    thread and with every core. Target <= 1.3x. ``mlp paper`` (scDrugMap's code: batch 128, fp32,
+    matmul FLOPs of the epochs it ran / this machine's matmul rate in the fit's precision, measured
+    on the same layer shapes and batch with the same number of threads, in this process, just
+    after: fp32, or bf16 for the fast profile where the CPU runs bf16 natively), with one thread and
+    with every core. Target <= 1.3x. ``mlp paper`` (scDrugMap's code: batch 128, fp32,
     10 epochs) and ``mlp fast`` for comparison.
 
 Usage: python benchmarks/bench_heads.py [--scale 0.05] [--dim 3072] [--heads ridge,logreg]
@@ -319,12 +320,13 @@ def compare_logreg(X: np.ndarray, y: np.ndarray, fold: np.ndarray, C: float = 1.
                     f"per-fold standardised; scdm iterations {int(fits.n_iter.max())}"}
 
 
-def matmul_rate(dim: int, batch: int, hidden: int = 512, seconds: float = 2.0) -> float:
-    """fp32 GFLOP/s of the MLP's own matmul shapes (forward of layer 1 and 2, batch rows)."""
+def matmul_rate(dim: int, batch: int, hidden: int = 512, seconds: float = 2.0, *, bf16: bool = False) -> float:
+    """GFLOP/s of the MLP's own matmul shapes (forward of layer 1 and 2, batch rows), fp32 or bf16."""
     import torch
 
-    a, w1 = torch.randn(batch, dim), torch.randn(dim, hidden)
-    h, w2 = torch.randn(batch, hidden), torch.randn(hidden, hidden)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, w1 = torch.randn(batch, dim).to(dtype), torch.randn(dim, hidden).to(dtype)
+    h, w2 = torch.randn(batch, hidden).to(dtype), torch.randn(hidden, hidden).to(dtype)
     flops = 2 * batch * hidden * (dim + hidden)
     for _ in range(5):
         a @ w1, h @ w2
@@ -358,16 +360,15 @@ def time_mlp(n_cells: int, dim: int, profile: str, threads: int, seed: int = 0) 
         head.fit(X, y)
         wall = time.perf_counter() - t0
         batch = int(head.batch_size_)
-        rate = matmul_rate(dim, batch)
+        rate = matmul_rate(dim, batch, bf16=head.bf16_)  # the floor of the precision the fit used
     finally:
         torch.set_num_threads(before)
     epochs = len(head.history_)
     floor = mlp_train_flops(head.n_train_, dim, epochs=epochs) / (rate * 1e9)
-    if profile == "fast" and head.bf16_:
-        floor /= 2  # bf16 matmuls run at about twice the fp32 rate (issue 5 measurements)
+    precision = "bf16" if head.bf16_ else "fp32"
     return {"what": f"mlp {profile} ({threads} thr)", "tasks": 1, "train_Mcells": n_cells / 1e6, "wall_s": wall,
             "fit_s": wall, "load": load, "floor_s": floor, "x_floor": wall / floor,
-            "note": f"batch {batch}, {epochs} epochs, bf16={head.bf16_}; fp32 matmul {rate:.0f} GFLOP/s on the layer shapes"}
+            "note": f"batch {batch}, {epochs} epochs, {precision}; {precision} matmul {rate:.0f} GFLOP/s on the layer shapes"}
 
 
 def main() -> None:
