@@ -21,10 +21,6 @@ def _head(profile: str, X: torch.Tensor, standardize: bool | str | None) -> MLPH
     return head
 
 
-def _targets(head: MLPHead, y: np.ndarray) -> torch.Tensor:
-    return head._targets(y)
-
-
 def _autograd_gradients(head: MLPHead, model: torch.nn.Module, X: torch.Tensor, yt: torch.Tensor,
                         rows: torch.Tensor, bf16: bool) -> tuple[float, list[torch.Tensor]]:
     for p in model.parameters():
@@ -43,7 +39,7 @@ def test_the_step_computes_autograds_gradients(profile, standardize, bf16):
     X = torch.from_numpy((rng.standard_normal((300, 24)) * 3 + 1).astype(np.float32))
     y = (rng.random(300) > 0.4).astype(np.int8)
     head = _head(profile, X, standardize)
-    yt = _targets(head, y)
+    yt = head._targets(y)
     torch.manual_seed(1)
     model = head.build_network(X.shape[1])
     step = MLPStep(model, 128, bf16=bf16, affine=head._affine_tensors(), loss=head._loss)

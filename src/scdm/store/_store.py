@@ -1244,12 +1244,13 @@ class Store:
         if status == "complete":
             # ids are content hashes: a complete embedding changes only when a repair resets
             # chunks, and then a read that fails looks again (read_embedding)
-            self._complete[emb.embedding_id] = self._complete[embedding_id] = emb
-            self._chunk_sums[emb.embedding_id] = sums
+            self._remember_complete(emb, sums)
+            self._complete[embedding_id] = emb  # the id prefix asked for, too
         return emb, status, sums
 
     def _remember_complete(self, emb: Embedding, sums: dict[int, str]) -> None:
-        """A complete embedding and its committed checksums, as a look-up would have cached them."""
+        """Cache a complete embedding with its committed checksums (from a look-up, or from the
+        transaction that finalized it), so that its reads verify without the catalog."""
         self._complete[emb.embedding_id] = emb
         self._chunk_sums[emb.embedding_id] = dict(sums)
 
@@ -1268,8 +1269,7 @@ class Store:
             by_id[e][int(c)] = str(k)
         for i in range(len(frame)):
             emb = self._handle(frame.iloc[i])
-            self._complete[emb.embedding_id] = emb
-            self._chunk_sums[emb.embedding_id] = by_id[emb.embedding_id]
+            self._remember_complete(emb, by_id[emb.embedding_id])
 
     def _chunk_checksums(self, embedding_id: str) -> dict[int, str]:
         frame = self.query("SELECT chunk, checksum FROM embedding_chunks WHERE embedding_id = ?", [embedding_id])
