@@ -42,6 +42,8 @@ its weights are bf16 where the adapter supports it; the runner's batch size) and
 same at a larger batch). It reports cells/s, tokens/s, TFLOP/s and MFU beside the goals (MFU >= 40 %, >= 5x the
 reference settings), the per-process tokenisation rate and a one-batch kernel-time profile, skips
 what no longer fits ``--budget-s``, and writes ``--out``/bench_embed_gpu.{md,json} after every model.
+``--compile MODELS`` adds an ``scdm+compile`` row (the ``scdm`` setting after ``torch.compile``, as
+``scdm embed --compile`` runs it), with its compile time and its distance from the eager embeddings.
 ``--smoke`` runs the same path with tiny models on the CPU.
 
 Usage::
@@ -52,6 +54,7 @@ Usage::
     python benchmarks/bench_embed.py --workdir /tmp/bench-embed     # keep the checkpoints
     python benchmarks/bench_embed.py --published --out bench-out/gpu  # published sizes on CUDA (~5 min)
     python benchmarks/bench_embed.py --smoke                          # the same path, tiny, on the CPU
+    python benchmarks/bench_embed.py --published --compile geneformer,scgpt   # + torch.compile rows
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1030,6 +1033,49 @@ def _default_path_adapter(spec: PublishedSpec, folder: Path, loaded: Any, genes:
     return adapter, extra, load_s
 
 
+def _shape_variants(lengths: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Batches of each kind a compiled model traces apart: with padding (cells of mixed lengths),
+    without (one length: the adapters pass no mask, and attention takes a faster path) and of one
+    cell (torch.compile specialises sizes of 1 even with dynamic shapes)."""
+    rng = np.random.default_rng(0)
+    mixed = np.sort(rng.choice(len(lengths), size=min(batch, len(lengths)), replace=False))
+    one_length = np.full(batch, int(np.argmax(lengths)))  # one cell repeated: the measured batches resample cells too
+    return [mixed, one_length, mixed[:1]]
+
+
+def _measure_compiled(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: np.ndarray, batch: int, device: str, start_by: float,
+                      facts: dict[str, Any], measure: Callable[..., None]) -> None:
+    """The ``scdm+compile`` row: the ``scdm`` setting after ``scdm embed --compile``'s compile_model.
+
+    Its first batches compile (timed into ``facts["compile_s"]``), one of each kind the measured
+    batches hold (:func:`_shape_variants`), since each is a graph of its own and compiling one
+    inside the measured seconds would swamp them. The batch of the longest cells, embedded before
+    and after, says how far the compiled kernels' numbers are from the eager ones.
+    """
+    from scdm.embedding.chunks import compile_model, embed_cells
+
+    if time.perf_counter() > start_by:
+        facts["compile_error"] = "skipped: time budget spent"
+        return
+    longest = [cells[i] for i in np.argsort(-lengths, kind="stable")[:batch]]
+    whole = [np.arange(len(longest))]
+    eager = embed_cells(adapter, longest, whole, device, "bf16", {"batch_size": batch})
+    try:
+        compile_model(adapter)
+        t0 = time.perf_counter()
+        compiled = embed_cells(adapter, longest, whole, device, "bf16", {"batch_size": batch})
+        for ids in _shape_variants(lengths, batch):
+            embed_cells(adapter, [cells[i] for i in ids], [np.arange(len(ids))], device, "bf16", {"batch_size": batch})
+        _sync(device)
+        facts["compile_s"] = time.perf_counter() - t0
+    except Exception as err:  # the eager rows still report
+        logger.exception("torch.compile failed")
+        facts["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        return
+    facts["compile_agreement"] = _agreement(compiled, eager)
+    measure(adapter, "scdm+compile", batch, True, "bf16", "the scdm setting through torch.compile (scdm embed --compile)")
+
+
 def _free(device: str) -> None:
     import gc
 
@@ -1040,9 +1086,23 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+COMPILE_ALLOWANCE_S = 120.0
+"""Seconds kept free for torch.compile's first batches before an ``scdm+compile`` row starts."""
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """How close two embeddings of the same cells are: the lowest cosine similarity and the largest relative difference."""
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    rel = np.abs(a - b).max(1) / np.maximum(np.abs(b).max(1), 1e-30)
+    return {"min_cosine": float(cos.min()), "max_rel_diff": float(rel.max())}
+
+
 def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, counts: Any, genes: list[str], *, device: str,
-                          peak: float | None, seconds: float, deadline: float, profile: bool, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows of one model (``ref``, ``scdm``, ``scdm+batch``), and the facts about it (shape, params, load and tokenise times)."""
+                          peak: float | None, seconds: float, deadline: float, profile: bool, seed: int,
+                          compile_row: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of one model (``ref``, ``scdm``, ``scdm+batch``, with ``compile_row`` ``scdm+compile``), and the facts
+    about it (shape, params, load and tokenise times; for the compiled row its compile time and how far its
+    embeddings are from the eager ones)."""
     import torch
 
     from scdm.embedding import get_adapter
@@ -1096,8 +1156,8 @@ def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, cou
         row["mfu"] = row["tflops"] / peak if peak else None
         logger.info("%s %s: %.1f cells/s, %.0f tokens/s, %.1f TFLOP/s (%s cells, batches %s)", spec.key, name, row["cells_per_s"],
                     row["tokens_per_s"], row["tflops"], row["cells"], row["batches"])
-        if profile and not cpu and name == "scdm":  # where the GPU time of one batch of the default path goes
-            facts["kernels"] = _profile_batch(adapter, [cells[i] for i in res["first_batch"]], device)
+        if profile and not cpu and name in ("scdm", "scdm+compile"):  # where the GPU time of one batch goes
+            facts["kernels" if name == "scdm" else "kernels_compile"] = _profile_batch(adapter, [cells[i] for i in res["first_batch"]], device)
 
     measure(adapter, "ref", spec.ref.batch, spec.ref.sort, spec.ref.precision, spec.ref.source)
     model = None
@@ -1113,6 +1173,8 @@ def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, cou
     measure(adapter, "scdm", auto, True, "bf16", "runner defaults on CUDA (weights as configure_precision + load give them)")
     if spec.opt_batch != auto:
         measure(adapter, "scdm+batch", spec.opt_batch, True, "bf16", "the same, larger batch")
+    if compile_row:
+        _measure_compiled(adapter, cells, lengths, auto, device, deadline - COMPILE_ALLOWANCE_S, facts, measure)
     fastest = max((r.get("cells_per_s") or 0.0 for r in rows), default=0.0)
     facts["feed_processes"] = fastest / tokenize_rate  # tokenising processes (runner --workers) the GPU rate needs
     ref = rows[0].get("cells_per_s")
@@ -1165,6 +1227,14 @@ def render_published(rows: list[dict[str, Any]], facts: list[dict[str, Any]]) ->
             continue
         k = f.get("kernels") or {}
         shares = _shares(k)
+        if f.get("kernels_compile"):
+            shares += f"; +compile: {_shares(f['kernels_compile'])}"
+        if f.get("compile_s") is not None:
+            agree = f.get("compile_agreement") or {}
+            shares += (f"; compile {f['compile_s']:.0f} s, vs eager: cosine >= {agree.get('min_cosine', float('nan')):.5f}, "
+                       f"max rel diff {agree.get('max_rel_diff', float('nan')):.1e}")
+        elif f.get("compile_error"):
+            shares += f"; compile: {f['compile_error']}"
         load = f"{f['load_s']:.1f}" + (f" (fp32 weights: {f['load_ref_s']:.1f})" if f.get("load_ref_s") is not None else "")
         flines.append("| " + " | ".join([f["model"], f["shape"], f"{f['params_m']:,.1f} ({f['embedding_params_m']:,.1f})",
                                          f"{f['matmul_weights_per_token_m']:,.1f}", f"{f['gflop_per_cell']:,.1f}", f"{f['write_s']:.1f}",
@@ -1211,6 +1281,9 @@ def run_published(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"Unknown model(s) {unknown} for --published; choose from {', '.join(PUBLISHED)}.")
     order = [m for m in PUBLISHED_RUN_ORDER if m in wanted]
+    compiled = set(order) if args.compile == "all" else {m.strip() for m in (args.compile or "").split(",") if m.strip()}
+    if compiled - set(order):
+        raise SystemExit(f"--compile names model(s) {sorted(compiled - set(order))} that this run does not include ({', '.join(order)}).")
     specs = {m: PUBLISHED[m].sized(smoke) for m in order}
     seconds = args.seconds if args.seconds is not None else (0.3 if smoke else 8.0)
     pool = args.pool or (16 if smoke else 1024)
@@ -1265,7 +1338,7 @@ def run_published(args: argparse.Namespace) -> None:
                 write_s = _wait_for_checkpoint(folders[m], writer, writer_log, deadline - need)
                 model_rows, model_facts = bench_published_model(spec, folders[m], write_s, counts, genes, device=device, peak=peak,
                                                                 seconds=seconds, deadline=deadline, profile=not args.no_profile,
-                                                                seed=args.seed)
+                                                                seed=args.seed, compile_row=m in compiled)
             except Exception as err:  # one failing model still reports the others
                 logger.exception("%s failed", m)
                 facts.append({"model": m, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"})
@@ -1329,6 +1402,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="wall-clock budget of the whole run; models that no longer fit are skipped (default 330; smoke 300)")
     pub.add_argument("--out", default=None, help="also write bench_embed_gpu.md and bench_embed_gpu.json here (after every model)")
     pub.add_argument("--no-profile", action="store_true", help="skip the one-batch kernel profile per model")
+    pub.add_argument("--compile", default=None, metavar="MODELS",
+                     help="comma-separated models (or 'all') that also get an scdm+compile row: the scdm setting after torch.compile "
+                          "(scdm embed --compile); the facts table gives its compile time and its distance from the eager embeddings")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 

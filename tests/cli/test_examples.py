@@ -39,6 +39,8 @@ NOT_RUN: dict[str, str] = {
     "scdm finetune": "LoRA training for minutes (tests/embed/test_finetune.py runs finetune() on tiny checkpoints)",
     "scdm transfer": "trains for minutes (tests/classify/test_transfer.py runs transfer() on bulk CSVs and studies)",
     "scdm genes": "needs the run id of a transfer (tests/classify/test_transfer.py runs critical_genes())",
+    "--compile": "builds C++ kernels for tens of seconds on a CPU (tests/embed/test_compile.py runs --compile with a "
+                 "recording backend, and with Inductor when --run-slow)",
 }
 """Examples (by a piece of their text) that are parsed but not run here, and why."""
 RUN_ANYWAY = ("scdm prompt --dataset a375 --base-url http://localhost:11434/v1 -m llama3.1:8b --by all --folds 5 --dry-run",)

@@ -53,6 +53,7 @@ from scdm.embedding.chunks import (
     ChunkTokens,
     EmbedResult,
     batches_by_length,
+    compile_model,
     embed_cells,
     finalize_with_repair,
     model_chunk_rows,
@@ -169,6 +170,8 @@ class WorkerSpec:
     """Length-sort cells into batches (False for batch-dependent adapters)."""
     allow_empty_cells: bool = False
     """Keep what the model returns for cells without expressed (known) genes instead of refusing them."""
+    torch_compile: bool = False
+    """Compile the model after loading it (:func:`~scdm.embedding.chunks.compile_model`)."""
 
 
 class EmbedWorker:
@@ -190,6 +193,8 @@ class EmbedWorker:
             from scdm.embedding.lora_card import read_lora_card
 
             read_lora_card(spec.lora_dir).apply(adapter)
+        if spec.torch_compile:
+            compile_model(adapter)
         self.audit: GeneAudit = adapter.prepare(genes, gene_id_kind=spec.gene_id_kind)
         self.adapter = adapter
         self.load_s = time.perf_counter() - t0
@@ -279,6 +284,7 @@ class RayEmbedJob:
     allow_empty_cells: bool = False
     checkpoint_source: dict[str, Any] | None = None
     """Where the checkpoint came from (``hub_id``/``revision``/``commit``, or ``path``), for the telemetry."""
+    torch_compile: bool = False
 
 
 @dataclass
@@ -317,6 +323,7 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
         seed=job.seed, model_params=dict(job.model_params), lora_dir=job.lora_dir, device=job.device, precision=job.precision,
         dataset_path=str(_dataset_path(st, ds)), gene_id_kind=ds.gene_id_kind, batch_size=job.batch_size,
         sort=not getattr(adapter, "batch_dependent", False), allow_empty_cells=job.allow_empty_cells,
+        torch_compile=job.torch_compile,
     )
     genes_ref = ray.put(st.genes(ds.dataset_id)["gene_id"].astype(str).tolist())  # shipped once, not per actor
     # no Ray-side restarts: the driver replaces a dead actor itself, so it counts deaths and
@@ -602,7 +609,7 @@ def _ray_telemetry(tally: _Tally, info: dict[str, Any], job: RayEmbedJob, n_acto
         "oom_backoffs": sum(tally.oom_backoffs.values()),
     }
     # the driver holds no model and maybe no GPU: describe the actors' device, not this process's
-    out = run_telemetry(stats, "cpu", job.precision, None, None)
+    out = run_telemetry(stats, "cpu", job.precision, None, None, torch_compile=job.torch_compile)
     out.update({
         "device": job.device, "executor": "ray", "actors": n_actors, "num_gpus_per_actor": job.num_gpus_per_actor,
         "chunks": tally.chunks, "failed_attempts": tally.failed, "retries": tally.retried, "actor_deaths": tally.actor_deaths,

@@ -41,6 +41,7 @@ from scdm.embedding.chunks import (
     EmbedResult,
     Finish,
     batches_by_length,
+    compile_model,
     embed_cells,
     finalize_with_repair,
     model_chunk_rows,
@@ -258,6 +259,7 @@ def embed(
     max_retries: int = 3,
     allow_non_counts: bool = False,
     allow_empty_cells: bool = False,
+    torch_compile: bool = False,
     **model_params: Any,
 ) -> EmbedResult:
     """Embed every cell of ``dataset`` with ``model`` into the store (resumable, idempotent).
@@ -309,6 +311,12 @@ def embed(
     allow_empty_cells
         Keep what the model returns for cells without any expressed gene, or none the model knows
         (all zeros for some models); refused otherwise, naming the cells.
+    torch_compile
+        Compile the model with ``torch.compile`` after loading it (see
+        :func:`scdm.embedding.chunks.compile_model`): on CUDA it fuses the norms, activations and
+        casts between the matmuls. The first batches wait for compilation. The embedding is the same
+        one (compiled kernels differ from eager ones by float rounding, as another GPU would), so it
+        is not part of the identity; the telemetry records ``torch_compile``.
     **model_params
         Adapter parameters that change the numbers (``layer``, ``pooling``, ``max_genes``, ...).
 
@@ -333,6 +341,8 @@ def embed(
     if model in baselines.BASELINES:
         if checkpoint is not None:
             logger.warning("%s needs no checkpoint; ignoring --checkpoint", model)
+        if torch_compile:
+            logger.warning("%s runs no neural network; ignoring torch_compile", model)
         if executor == "ray":
             logger.info("%s is fitted in one pass on this machine; the ray executor applies to foundation models", model)
         return embed_baseline(st, [dataset], model=model, chunk_rows=chunk_rows, progress=progress, **model_params)[0]
@@ -378,7 +388,7 @@ def embed(
             batch_size=batch_size or _auto_batch_size(adapter, dev), chunk_rows=chunk_rows, min_genes=min_genes,
             min_gene_fraction=min_gene_fraction, num_gpus_per_actor=float(num_gpus_per_actor or 0), actors=actors,
             max_retries=max_retries, ray_address=ray_address, progress=progress, allow_empty_cells=allow_empty_cells,
-            checkpoint_source=source.provenance() if source is not None else None,
+            checkpoint_source=source.provenance() if source is not None else None, torch_compile=torch_compile,
         )
         return ray_exec.embed_on_ray(st, job)
 
@@ -387,6 +397,8 @@ def embed(
         adapter.load(dev)
     if lora is not None:
         lora.apply(adapter)
+    if torch_compile:
+        compile_model(adapter)
     load_s = time.perf_counter() - t_load
     genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
     audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
@@ -404,7 +416,7 @@ def embed(
                                precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells, finish=finish)
 
         def telemetry_of(s: dict[str, Any]) -> dict[str, Any]:
-            out = run_telemetry(s, dev, prec, load_s, adapter)
+            out = run_telemetry(s, dev, prec, load_s, adapter, torch_compile=torch_compile)
             return {**out, "checkpoint": source.provenance()} if source is not None else out
 
         stats = finalize_with_repair(emb, run, missing, telemetry_of,
