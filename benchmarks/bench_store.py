@@ -26,7 +26,12 @@ by up to 2x for a read and 10x for np.load after an ``os.sync()``; the first ful
 0.8x to 2x np.load between runs of this script. Compare several runs, not one table. Goals (issue 19): write <= 1.3x
 one bulk write, full read <= 1.25x np.load (with the CRC check), random 10% <= 2x memmap.
 
-Usage: python benchmarks/bench_store.py [--n 326751] [--dims 512] [--rounds 5] [--workdir /tmp/scdm-bench-store]
+``--data-path`` prints a second, quieter table instead: the chunk files alone (``_zarr.RowWriter``, one
+thread, CRC-32 included) with their blocks reserved first (``fallocate``, as np.save's ``tofile`` does)
+and without, against ``np.save``; each write is deleted at once, so no round leaves gigabytes behind
+for the next one to wait on (medians of ``--rounds`` x 2, interleaved).
+
+Usage: python benchmarks/bench_store.py [--n 326751] [--dims 512] [--rounds 5] [--workdir /tmp/scdm-bench-store] [--data-path]
 """
 
 from __future__ import annotations
@@ -144,19 +149,62 @@ def one_round(st: Store, name: str, work: Path, data: np.ndarray, rows_rand: np.
     return out
 
 
+def data_path_table(data: np.ndarray, work: Path, rounds: int) -> list[dict[str, object]]:
+    """np.save vs the chunk files with and without reserving their blocks; each write deleted at once."""
+    chunk_rows = _zarr.default_chunk_rows(data.shape[1])
+    reserve = _zarr._reserve
+
+    def chunk_files(reserved: bool) -> float:
+        _zarr._reserve = reserve if reserved else (lambda fd, nbytes: None)
+        location = work / "files.zarr"
+        _zarr.create_array(location, n_rows=data.shape[0], dim=data.shape[1], dtype="float32", chunk_rows=chunk_rows)
+        rows = _zarr.RowWriter(location)
+        try:
+            seconds, _ = once(lambda: [rows.write(lo, data[lo:lo + chunk_rows]) for lo in range(0, data.shape[0], chunk_rows)])
+        finally:
+            _zarr._reserve = reserve
+            shutil.rmtree(location)
+        return seconds
+
+    def save() -> float:
+        npy = work / "x.npy"
+        seconds, _ = once(lambda: np.save(npy, data))
+        npy.unlink()
+        return seconds
+
+    runs: dict[str, list[float]] = {"np.save": [], "reserved": [], "not reserved": []}
+    save(), chunk_files(True)  # warm-up
+    for _ in range(2 * rounds):
+        runs["np.save"].append(save())
+        runs["reserved"].append(chunk_files(True))
+        runs["not reserved"].append(chunk_files(False))
+    base = statistics.median(runs["np.save"])
+    return [{"D": data.shape[1], "MB": round(data.nbytes / 2**20), "operation": f"chunk files, {k}", "scdm_s": statistics.median(v),
+             "baseline": "np.save", "baseline_s": base, "ratio": statistics.median(v) / base, "goal": "-", "met": "-"}
+            for k, v in runs.items() if k != "np.save"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=326_751, help="cells (default: the scDrugMap primary collection)")
     ap.add_argument("--dims", default="512")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (each runs every operation once); medians are shown")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "scdm-bench-store"))
+    ap.add_argument("--data-path", action="store_true", help="only the chunk files vs np.save, each write deleted at once (see above)")
     args = ap.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    if args.data_path:
+        rows = [r for d in args.dims.split(",") for r in data_path_table(rng.standard_normal((args.n, int(d)), dtype=np.float32), work, args.rounds)]
+        pd.set_option("display.width", 200)
+        print(f"n_cells = {args.n}; the data path alone, one thread; medians of {2 * args.rounds} interleaved rounds (after one warm-up)")
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        shutil.rmtree(work, ignore_errors=True)
+        return
     st = Store(work / "store")
     name = tiny_dataset(st, args.n)
-    rng = np.random.default_rng(0)
     table = []
     for d in [int(x) for x in args.dims.split(",")]:
         data = rng.standard_normal((args.n, d), dtype=np.float32)

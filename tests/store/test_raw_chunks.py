@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import numpy as np
@@ -54,6 +55,17 @@ def test_chunks_written_directly_are_what_zarr_python_writes_and_reads(array, tm
     assert not list(array.rglob("*.partial"))
     assert sums == {c: _zarr.chunk_checksum(expected[c * ROWS:(c + 1) * ROWS]) for c in range(4)}
     assert np.array_equal(_zarr.read_rows(array, checksums=sums), expected)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fallocate is Linux's; elsewhere chunk files grow as they are written")
+def test_a_chunk_file_is_reserved_in_one_go_before_it_is_written(tmp_path):
+    """The libc binding works: the file has its size and its blocks before a byte is written (as np.save's files)."""
+    path = tmp_path / "chunk"
+    with open(path, "wb", buffering=0) as fh:
+        _zarr._reserve(fh.fileno(), 3 << 20)
+    assert path.stat().st_size == 3 << 20
+    assert path.stat().st_blocks * 512 >= 3 << 20
+    assert path.read_bytes() == bytes(3 << 20)  # reserved blocks read as zeros: the edge chunk's padding
 
 
 def test_crc32_is_zlibs_whichever_implementation_runs():
