@@ -144,3 +144,20 @@ def test_inductor_kernels_match_eager_on_a_published_architecture(tmp_path):
         torch._dynamo.reset()
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(compiled, np.zeros_like(compiled))
+
+
+def test_a_lora_tuned_model_compiles_with_its_adapter_weights(tmp_path, graphs):
+    """LoRA is injected before compiling, so the compiled graphs run the tuned weights (same embedding)."""
+    from scdm.embedding.finetune import finetune
+    from tests.embed.test_finetune import FAST, _checkpoint, _planted, _store
+
+    small = _planted(36, 80, 12)
+    st = _store(tmp_path, small)
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", small.var_names.tolist())
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    tuned = st.read_embedding(res.embedding_ids[0])
+    st.remove_embedding(res.embedding_ids[0])
+    graphs.clear()
+    again = embed(st, "planted", "geneformer", ckpt, lora_dir=res.adapter_dir, torch_compile=True, progress=False)
+    assert any("lora" in str(node.target) for g in graphs for node in g.graph.nodes)
+    np.testing.assert_allclose(st.read_embedding(again.embedding_id), tuned, atol=1e-5)
