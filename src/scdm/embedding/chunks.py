@@ -137,8 +137,8 @@ def autocast_context(device: str, precision: str) -> Any:
 
 
 COMPILE_BACKEND: Any = "inductor"
-"""The ``torch.compile`` backend of :func:`compile_model` (tests use ``"eager"``: Dynamo's graph
-capture without code generation, which takes seconds instead of a C++ build)."""
+"""The ``torch.compile`` backend of :func:`compile_model` (tests swap in one that records Dynamo's
+graphs and runs them eagerly: seconds instead of a C++ build)."""
 
 
 def compile_model(adapter: Adapter) -> None:

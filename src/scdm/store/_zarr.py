@@ -120,8 +120,10 @@ def _pick_fallocate() -> Callable[[int, int], None]:
 
 _reserve = _pick_fallocate()
 """Reserves a new chunk file's blocks in one extent before it is written: on ext4 the 20 chunk files
-of a 326,751 x 512 float32 matrix took 0.139 s written as they grew, 0.106 s reserved first
-(np.save, which reserves too: 0.099 s)."""
+of a 326,751 x 512 float32 matrix took 1.65x np.save's time written as they grew, 1.25x reserved
+first (``benchmarks/bench_store.py --data-path``; np.save reserves too). The kernel finishes the
+reservation's bookkeeping in the next seconds, so on a machine with no idle core a read started at
+once pays part of what the write saved."""
 
 ArrayLocation = Path | str
 """A local path, or a URL with a scheme (``file://``, ``s3://``, ``gs://``, ``memory://``, ...)."""
