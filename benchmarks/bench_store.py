@@ -28,8 +28,9 @@ one bulk write, full read <= 1.25x np.load (with the CRC check), random 10% <= 2
 
 ``--data-path`` prints a second, quieter table instead: the chunk files alone (``_zarr.RowWriter``, one
 thread, CRC-32 included) with their blocks reserved first (``fallocate``, as np.save's ``tofile`` does)
-and without, against ``np.save``; each write is deleted at once, so no round leaves gigabytes behind
-for the next one to wait on (medians of ``--rounds`` x 2, interleaved).
+and without, against ``np.save``, and a checked read of them started at once, against ``np.load`` of
+the ``np.save`` file; each write is deleted after its read, so no round leaves gigabytes behind for
+the next one to wait on (medians of ``--rounds`` x 2, interleaved).
 
 Usage: python benchmarks/bench_store.py [--n 326751] [--dims 512] [--rounds 5] [--workdir /tmp/scdm-bench-store] [--data-path]
 """
@@ -154,34 +155,43 @@ def data_path_table(data: np.ndarray, work: Path, rounds: int) -> list[dict[str,
     chunk_rows = _zarr.default_chunk_rows(data.shape[1])
     reserve = _zarr._reserve
 
-    def chunk_files(reserved: bool) -> float:
+    def chunk_files(reserved: bool) -> tuple[float, float]:
+        """(write s, s of a checked read started at once)."""
         _zarr._reserve = reserve if reserved else (lambda fd, nbytes: None)
         location = work / "files.zarr"
         _zarr.create_array(location, n_rows=data.shape[0], dim=data.shape[1], dtype="float32", chunk_rows=chunk_rows)
         rows = _zarr.RowWriter(location)
         try:
-            seconds, _ = once(lambda: [rows.write(lo, data[lo:lo + chunk_rows]) for lo in range(0, data.shape[0], chunk_rows)])
+            seconds, sums = once(lambda: {i: rows.write(lo, data[lo:lo + chunk_rows])
+                                          for i, lo in enumerate(range(0, data.shape[0], chunk_rows))})
+            _zarr.forget_verified()
+            read_s, _ = once(lambda: _zarr.read_rows(location, checksums=sums))  # type: ignore[arg-type]
         finally:
             _zarr._reserve = reserve
             shutil.rmtree(location)
-        return seconds
+        return seconds, read_s
 
-    def save() -> float:
+    def save() -> tuple[float, float]:
         npy = work / "x.npy"
         seconds, _ = once(lambda: np.save(npy, data))
+        load_s, _ = once(lambda: np.load(npy))
         npy.unlink()
-        return seconds
+        return seconds, load_s
 
-    runs: dict[str, list[float]] = {"np.save": [], "reserved": [], "not reserved": []}
+    runs: dict[str, list[tuple[float, float]]] = {"np.save": [], "reserved": [], "not reserved": []}
     save(), chunk_files(True)  # warm-up
     for _ in range(2 * rounds):
         runs["np.save"].append(save())
         runs["reserved"].append(chunk_files(True))
         runs["not reserved"].append(chunk_files(False))
-    base = statistics.median(runs["np.save"])
-    return [{"D": data.shape[1], "MB": round(data.nbytes / 2**20), "operation": f"chunk files, {k}", "scdm_s": statistics.median(v),
-             "baseline": "np.save", "baseline_s": base, "ratio": statistics.median(v) / base, "goal": "-", "met": "-"}
-            for k, v in runs.items() if k != "np.save"]
+    table: list[dict[str, object]] = []
+    for j, (what, baseline) in enumerate((("chunk files", "np.save"), ("read at once, CRC checked", "np.load"))):
+        base = statistics.median(r[j] for r in runs["np.save"])
+        for k in ("reserved", "not reserved"):
+            t = statistics.median(r[j] for r in runs[k])
+            table.append({"D": data.shape[1], "MB": round(data.nbytes / 2**20), "operation": f"{what}, {k}", "scdm_s": t,
+                          "baseline": baseline, "baseline_s": base, "ratio": t / base, "goal": "-", "met": "-"})
+    return table
 
 
 def main() -> None:
