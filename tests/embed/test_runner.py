@@ -209,3 +209,19 @@ def test_reference_quirk_runs_replay_the_rng_stream_on_resume(tmp_path, pc9_coun
     resumed = embed(st, "d", "scgpt", ckpt, chunk_rows=64, reference_quirks=True, progress=False)
     assert 0 < resumed.computed_chunks < 5
     assert _emb(st, resumed).tobytes() == reference.tobytes()
+
+
+def test_processes_hashing_one_checkpoint_at_once_share_the_hash_cache(tmp_path, toy_ckpt):
+    """Two embed runs start together (one per GPU): both update the cache file; neither may fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scdm.embedding.runner import checkpoint_hash
+
+    want = checkpoint_hash(toy_ckpt)
+    for round_ in range(20):
+        cache = tmp_path / f"cache{round_}"
+        cache.mkdir()
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda _: checkpoint_hash(toy_ckpt, cache_dir=cache), range(8)))
+        assert got == [want] * 8
+        assert [p.name for p in cache.iterdir()] == ["checkpoint-hashes.json"]  # no temporary left behind

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
+    known = len(cache)
     total = hashlib.blake2b(digest_size=16)
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
                        and (wanted is None or p.relative_to(folder).as_posix() in wanted)):
@@ -200,10 +202,14 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
                     h.update(block)
             digest = cache[key] = h.hexdigest()
         total.update(str(path.relative_to(folder)).encode() + b"\x1f" + digest.encode())
-    if cache_file:
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+    if cache_file and len(cache) > known:
+        # a temporary of its own: runs started together (one per GPU) write the cache at the same time
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)
     return total.hexdigest()
 
 
