@@ -1385,7 +1385,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="batch size of the CUDA rows (default: per model, 8 (scBERT) to 1024 (CellPLM))")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CPU rows, plus cuda/bf16 rows when CUDA is available; cpu or cuda: only those rows")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader tokenisation workers of the runner (0 = inline)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader tokenisation workers of the runner (0 = inline; default: the runner's, 2 on CUDA and 0 on the CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker (default: torch's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak for MFU (default: from the device name)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the cell selection")

@@ -560,7 +560,7 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Other model parameter (repeatable), e.g. --param version=V2.")
 @click.option("--reference-quirks", is_flag=True, help="Reproduce the reference implementation exactly where scdm differs (global RNG streams, UCE's float padding mask, batch-wide FAVOR+ key max, CellPLM's Gumbel draw); part of the embedding's identity. See docs/reference-differences.md.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Cells per stored chunk (default: about 8 MB per chunk).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Processes that tokenise the next chunk while the model runs.")
+@click.option("--workers", type=click.IntRange(min=0), help="Processes that tokenise the next chunks while the model runs (0: in this process). Default: 2 on CUDA (fewer with fewer spare CPUs), 0 on the CPU, where the model uses every core. The embedding is the same for any number.")
 @click.option("--min-gene-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Refuse when fewer of the dataset's genes are in the model vocabulary.")
 @click.option("--joint", is_flag=True, help="Baselines: fit one pca/hvg on all DATA together (shared genes) so their cells share one space.")
 @click.option("--n-hvg", type=click.IntRange(min=1), default=2000, show_default=True, help="Baselines: highly variable genes.")
@@ -580,7 +580,7 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @user_errors
 def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, batch_size: int | None, device: str,
           precision: str, torch_compile: bool, layer: int | None, pooling: str | None, max_genes: int | None, seed: int,
-          params: tuple[str, ...], reference_quirks: bool, chunk_rows: int | None, workers: int, min_gene_fraction: float, joint: bool, n_hvg: int, n_comps: int,
+          params: tuple[str, ...], reference_quirks: bool, chunk_rows: int | None, workers: int | None, min_gene_fraction: float, joint: bool, n_hvg: int, n_comps: int,
           normalized: bool | None, executor: str, ray_address: str | None, num_gpus_per_actor: float | None, actors: int | None,
           max_retries: int, arrays_url: str | None, allow_non_counts: bool, allow_empty_cells: bool, quiet: bool, name: str | None,
           no_copy: bool, **options: Any) -> None:

@@ -180,6 +180,66 @@ def test_tokenising_in_worker_processes_gives_identical_results(tmp_path, pc9_co
     assert outs[0].tobytes() == outs[1].tobytes()
 
 
+def test_tokeniser_processes_default_to_two_on_cuda_and_none_on_the_cpu(monkeypatch):
+    from scdm.embedding import runner
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert runner.tokenise_workers(None, "cuda", 10) == runner.TOKENISE_WORKERS_CUDA == 2
+    assert runner.tokenise_workers(None, "cuda:1", 10) == 2
+    assert runner.tokenise_workers(None, "cpu", 10) == 0  # the model's threads use every core
+    assert runner.tokenise_workers(None, "cuda", 1) == 0  # nothing to overlap with
+    assert runner.tokenise_workers(3, "cpu", 1) == 3 and runner.tokenise_workers(0, "cuda", 10) == 0  # asked for: kept
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert runner.tokenise_workers(None, "cuda", 10) == 1  # one CPU left beside this process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert runner.tokenise_workers(None, "cuda", 10) == 0
+
+
+class _MarkingChunks:
+    """A ChunkTokens stand-in whose items leave a file behind, in whichever process made them."""
+
+    def __init__(self, folder: Path, chunks: list[int]) -> None:
+        self.folder, self.chunks = folder, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int):
+        (self.folder / f"chunk{self.chunks[i]}").touch()
+        return self.chunks[i], [{"input_ids": np.full(3, self.chunks[i])}]
+
+
+def test_worker_processes_tokenise_only_chunks_this_process_claimed(tmp_path):
+    from scdm.embedding.runner import _iter_chunk_tokens
+
+    asked: list[int] = []
+
+    def wanted(chunk: int) -> bool:  # as ChunkWriter.claim: another run holds the odd chunks
+        asked.append(chunk)
+        return chunk % 2 == 0
+
+    source = _MarkingChunks(tmp_path, list(range(20)))
+    items = _iter_chunk_tokens(source, 1, wanted)  # type: ignore[arg-type]
+    first = next(items)
+    assert first[0] == 0 and first[1][0]["input_ids"].tolist() == [0, 0, 0]
+    assert len(asked) < 10  # claimed a few chunks ahead of the model, not all at the start
+    rest = list(items)
+    assert [c for c, cells in [first, *rest] if cells is not None] == list(range(0, 20, 2))
+    assert [c for c, cells in rest if cells is None] == list(range(1, 20, 2))
+    assert sorted(int(p.name[5:]) for p in tmp_path.iterdir()) == list(range(0, 20, 2))  # none of the others' chunks
+
+
+def test_default_tokenisers_are_recorded_and_the_embedding_does_not_depend_on_them(tmp_path, pc9_counts_path, toy_ckpt):
+    runs = {}
+    for workers in (None, 2):
+        st = Store(tmp_path / f"w{workers}")
+        st.ingest(pc9_counts_path, name="d")
+        result = embed(st, "d", "toy-test", toy_ckpt, chunk_rows=64, workers=workers, device="cpu", progress=False)
+        runs[workers] = (_emb(st, result), result.telemetry["tokenise_workers"])
+    assert runs[None][1] == 0 and runs[2][1] == 2  # on the CPU none by default
+    assert runs[None][0].tobytes() == runs[2][0].tobytes()
+
+
 def test_reference_quirk_runs_replay_the_rng_stream_on_resume(tmp_path, pc9_counts_path, monkeypatch):
     from scdm.embedding.models import scgpt
 

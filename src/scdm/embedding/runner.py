@@ -116,7 +116,7 @@ def _require_number(option: str, value: Any, low: float, high: float | None = No
         raise InputDataError(msg)
 
 
-def check_embed_options(*, batch_size: int | None = None, chunk_rows: int | None = None, seed: int = 0, workers: int = 0,
+def check_embed_options(*, batch_size: int | None = None, chunk_rows: int | None = None, seed: int = 0, workers: int | None = None,
                         min_genes: int = 1, min_gene_fraction: float = 0.0, actors: int | None = None, max_retries: int = 3,
                         num_gpus_per_actor: float | None = None, n_hvg: int | None = None, n_comps: int | None = None,
                         target_sum: float | None = None, **model_params: Any) -> None:
@@ -216,8 +216,36 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
 # ---- batching --------------------------------------------------------------------------------
 
 
-def _iter_chunk_tokens(source: ChunkTokens, workers: int, wanted: Any = None) -> Iterator[tuple[int, list[dict[str, np.ndarray]] | None]]:
-    """(chunk, tokenised cells) in order; with ``wanted`` (inline only), chunks it refuses come as (chunk, None) untokenised."""
+TOKENISE_WORKERS_CUDA = 2
+"""Tokeniser processes of a CUDA run by default. On an H200 scGPT's forward pass took 2,676 cells/s
+and one process tokenised 1,993 cells/s (``benchmarks/results/``), so inline tokenisation would have
+left the GPU idle for more than half of the run; two processes feed it."""
+
+
+def tokenise_workers(workers: int | None, device: str, n_chunks: int) -> int:
+    """Processes that tokenise the next chunks while the model runs.
+
+    ``workers`` when given. By default (None): none on the CPU, where the model's own threads use
+    every core, and none for a single chunk, which has nothing to overlap with; on CUDA
+    :data:`TOKENISE_WORKERS_CUDA`, fewer when this process may use fewer spare CPUs.
+    """
+    if workers is not None:
+        return workers
+    if not device.startswith("cuda") or n_chunks < 2:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(TOKENISE_WORKERS_CUDA, cpus - 1))
+
+
+def _iter_chunk_tokens(source: ChunkTokens, workers: int, wanted: Callable[[int], bool] | None = None
+                       ) -> Iterator[tuple[int, list[dict[str, np.ndarray]] | None]]:
+    """(chunk, tokenised cells); chunks ``wanted`` refuses come as (chunk, None), untokenised.
+
+    Inline (``workers`` 0) in chunk order. With worker processes, the chunks ``wanted`` accepts
+    come in order as the workers finish them and the refused ones after: this process asks
+    ``wanted`` (claims the chunk) only when the DataLoader hands the chunk to a worker, a few chunks
+    ahead of the model, so runs sharing an embedding never tokenise each other's chunks.
+    """
     if workers <= 0:
         for i in range(len(source)):
             chunk = source.chunks[i]
@@ -231,10 +259,29 @@ def _iter_chunk_tokens(source: ChunkTokens, workers: int, wanted: Any = None) ->
     # ChunkTokens is a map-style dataset by protocol (__len__, __getitem__), which is all DataLoader
     # uses; it does not subclass torch's Dataset so that chunks.py need not import torch.
     dataset = cast("Dataset[tuple[int, list[dict[str, np.ndarray]]]]", source)
+    order = _WantedChunks(source.chunks, wanted)
     # collate_fn keeps the cells as numpy: the default would turn them into tensors
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2,
+    loader = DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=2,
                         persistent_workers=False, collate_fn=_keep_as_is)
     yield from loader
+    for chunk in order.refused:
+        yield chunk, None
+
+
+class _WantedChunks:
+    """DataLoader sampler: positions of the chunks ``wanted`` accepts, asked lazily in this process."""
+
+    def __init__(self, chunks: Sequence[int], wanted: Callable[[int], bool] | None) -> None:
+        self.chunks = list(chunks)
+        self.wanted = wanted
+        self.refused: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        for i, chunk in enumerate(self.chunks):
+            if self.wanted is None or self.wanted(chunk):
+                yield i
+            else:
+                self.refused.append(chunk)
 
 
 def _keep_as_is(item: Any) -> Any:
@@ -253,7 +300,7 @@ def embed(
     precision: str = "auto",
     chunk_rows: int | None = None,
     seed: int = 0,
-    workers: int = 0,
+    workers: int | None = None,
     min_gene_fraction: float = 0.0,
     min_genes: int = 1,
     progress: bool = True,
@@ -290,7 +337,9 @@ def embed(
         ``auto`` = CUDA with bf16 autocast when available, else CPU fp32.
     workers
         DataLoader processes that tokenise the next chunks while the model runs (0 = inline;
-        local executor only).
+        local executor only). Default: 2 on CUDA (fewer on a machine with fewer spare CPUs), 0 on
+        the CPU (see :func:`tokenise_workers`). Results do not depend on it; the telemetry records
+        the number used (``tokenise_workers``).
     lora_dir
         A LoRA adapter folder made by :func:`scdm.embedding.finetune.finetune`: the embedding is the
         tuned variant ``lora:<adapter id>`` (its content hash is the embedding's ``adapter_hash``;
@@ -459,10 +508,11 @@ class _Tally:
     naive: int = 0
     zero_rows: int = 0
     lengths: list[int] = field(default_factory=list)
+    workers: int = 0
 
 
 def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, chunks: list[int], *, batch_size: int, device: str,
-                precision: str, workers: int, progress: bool, allow_empty_cells: bool = False, finish: Finish | None = None) -> dict[str, Any]:
+                precision: str, workers: int | None, progress: bool, allow_empty_cells: bool = False, finish: Finish | None = None) -> dict[str, Any]:
     """Compute ``chunks`` (those not claimed by other processes), then wait for and take over the rest.
 
     With ``finish``, the embedding is finalized through the writer (its last rows and the mark in one commit).
@@ -507,7 +557,7 @@ def _run_stats(tally: _Tally, state: dict[str, Any], t0: float, device: str) -> 
         "chunks": tally.chunks, "cells": tally.cells, "wall_s": wall, "cells_per_s": tally.cells / wall if wall > 0 else None,
         "tokens_computed": tally.computed, "tokens_naive_padding": tally.naive,
         "padding_saved": 1 - tally.computed / tally.naive if tally.naive else 0.0, "final_batch_size": state["batch_size"],
-        "oom_backoffs": state.get("oom_backoffs", 0), "zero_rows": tally.zero_rows,
+        "oom_backoffs": state.get("oom_backoffs", 0), "zero_rows": tally.zero_rows, "tokenise_workers": tally.workers,
     }
     if tally.lengths:
         arr = np.asarray(tally.lengths)
@@ -517,18 +567,18 @@ def _run_stats(tally: _Tally, state: dict[str, Any], t0: float, device: str) -> 
     return stats
 
 
-def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter, chunks: list[int], *, workers: int, device: str,
+def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter, chunks: list[int], *, workers: int | None, device: str,
                 precision: str, state: dict[str, Any], tally: _Tally, bar: Any, t0: float, allow_empty_cells: bool) -> list[int]:
     """Embed and write every chunk of ``chunks`` this process can claim; returns those claimed elsewhere."""
     todo = set(chunks)
     order = sorted(todo)
+    workers = tokenise_workers(workers, device, len(order))
     wanted: Callable[[int], bool] | None = writer.claim  # claimed before tokenising: a chunk computed elsewhere costs nothing here
     if getattr(adapter, "sequential_tokenize", False):
         # reference-quirk tokenisers draw from one RNG stream in row order: replay every chunk in
         # one process so a resumed run draws the same numbers, and embed only the missing ones
         workers, order, wanted = 0, list(range(emb.n_chunks)), None
-    elif workers > 0:
-        wanted = None  # worker processes tokenise ahead: chunks are claimed as they come out
+    tally.workers = max(tally.workers, workers)
     source = ChunkTokens(st.root, emb.dataset_id, adapter, emb, order, adapter.requires_counts, allow_empty_cells=allow_empty_cells)
     sort = not getattr(adapter, "batch_dependent", False)
     elsewhere = []
