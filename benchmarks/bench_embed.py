@@ -984,17 +984,41 @@ def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: 
         "tok_median": float(np.median(lengths[ids])), "tok_max": int(lengths[ids].max()),
         "tflops": float(flops[ids].sum()) / wall / 1e12,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
-        "first_batch": done[0],
+        "first_batch": done[0], "other_batch": _other_padding(done, lengths),
     }
 
 
-def _profile_batch(adapter: Any, batch_cells: list[dict[str, np.ndarray]], device: str) -> dict[str, Any]:
-    """Kernel time shares of one bf16 batch as the runner embeds it (errors are reported, not raised)."""
+def _is_padded(ids: np.ndarray, lengths: np.ndarray) -> bool:
+    return bool(lengths[ids].min() < lengths[ids].max())
+
+
+def _other_padding(done: list[np.ndarray], lengths: np.ndarray) -> np.ndarray | None:
+    """The first measured batch padded when ``done[0]`` is not, or not padded when it is (None: there is none)."""
+    first = _is_padded(done[0], lengths)
+    return next((b for b in done[1:] if _is_padded(b, lengths) != first), None)
+
+
+def _profile_batch(adapter: Any, batch_cells: list[dict[str, np.ndarray]], device: str, repeats: int = 3) -> dict[str, Any]:
+    """Kernel time shares of one bf16 batch as the runner embeds it, its wall time and whether it is padded.
+
+    Kernel time well below the wall time means the GPU waited (on the host, or on a sync); errors are
+    reported, not raised.
+    """
     from scdm.embedding.runner import embed_cells
 
+    def run() -> None:
+        embed_cells(adapter, batch_cells, [np.arange(len(batch_cells))], device, "bf16", {"batch_size": len(batch_cells)})
+
     try:
-        return _kernel_shares(lambda: embed_cells(adapter, batch_cells, [np.arange(len(batch_cells))], device, "bf16",
-                                                   {"batch_size": len(batch_cells)}))
+        out = _kernel_shares(run)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run()  # embed_cells copies the vectors to the host: each call ends synchronised
+        out["wall_ms"] = (time.perf_counter() - t0) / repeats * 1e3
+        lengths = [adapter.token_length(c) for c in batch_cells]
+        out["padded"] = min(lengths) < max(lengths)
+        return out
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"[:160]}
 
@@ -1152,12 +1176,14 @@ def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, cou
             logger.exception("%s %s failed", spec.key, name)
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
             return
-        row.update({k: v for k, v in res.items() if k != "first_batch"})
+        row.update({k: v for k, v in res.items() if k not in ("first_batch", "other_batch")})
         row["mfu"] = row["tflops"] / peak if peak else None
         logger.info("%s %s: %.1f cells/s, %.0f tokens/s, %.1f TFLOP/s (%s cells, batches %s)", spec.key, name, row["cells_per_s"],
                     row["tokens_per_s"], row["tflops"], row["cells"], row["batches"])
         if profile and not cpu and name in ("scdm", "scdm+compile"):  # where the GPU time of one batch goes
             facts["kernels" if name == "scdm" else "kernels_compile"] = _profile_batch(adapter, [cells[i] for i in res["first_batch"]], device)
+            if name == "scdm" and res["other_batch"] is not None:  # padded batches take a masked attention path
+                facts["kernels_other"] = _profile_batch(adapter, [cells[i] for i in res["other_batch"]], device)
 
     measure(adapter, "ref", spec.ref.batch, spec.ref.sort, spec.ref.precision, spec.ref.source)
     model = None
@@ -1193,7 +1219,10 @@ def _pct(v: float | None) -> str:
 def _shares(k: dict[str, Any]) -> str:
     if "gemm" not in k:
         return str(k.get("error", "-"))
-    return f"{k['gemm']:.0%} / {k['attention']:.0%} / {k['copy']:.0%} / {k['other']:.0%} of {k['kernel_ms']:.0f} ms"
+    shares = f"{k['gemm']:.0%} / {k['attention']:.0%} / {k['copy']:.0%} / {k['other']:.0%} of {k['kernel_ms']:.0f} ms"
+    if k.get("wall_ms") is not None:
+        shares += f" in {k['wall_ms']:.0f} ms wall ({'padded' if k.get('padded') else 'unpadded'} batch)"
+    return shares
 
 
 def render_published(rows: list[dict[str, Any]], facts: list[dict[str, Any]]) -> str:
@@ -1219,7 +1248,7 @@ def render_published(rows: list[dict[str, Any]], facts: list[dict[str, Any]]) ->
                                                 speed, gib]) + " |")
     fhead = ["model", "published shape", "params M (embedding M)", "matmul weights/token M", "GFLOP/cell (pool mean)",
              "ckpt write s", "load s", "tokenise cells/s, 1 process [processes to feed the fastest row]",
-             "kernel time GEMM/attn/copy/other (one scdm batch)", "top kernels"]
+             "kernel time GEMM/attn/copy/other (one scdm batch, padded and not)", "top kernels"]
     flines = ["| " + " | ".join(fhead) + " |", "|" + "---|" * len(fhead)]
     for f in facts:
         if f.get("error"):
@@ -1227,6 +1256,8 @@ def render_published(rows: list[dict[str, Any]], facts: list[dict[str, Any]]) ->
             continue
         k = f.get("kernels") or {}
         shares = _shares(k)
+        if f.get("kernels_other"):
+            shares += f"; {_shares(f['kernels_other'])}"
         if f.get("kernels_compile"):
             shares += f"; +compile: {_shares(f['kernels_compile'])}"
         if f.get("compile_s") is not None:
