@@ -229,6 +229,53 @@ def test_worker_processes_tokenise_only_chunks_this_process_claimed(tmp_path):
     assert sorted(int(p.name[5:]) for p in tmp_path.iterdir()) == list(range(0, 20, 2))  # none of the others' chunks
 
 
+def test_tokenised_cells_pack_into_arrays_and_back_bit_for_bit():
+    from scdm.embedding.runner import pack_cells, unpack_cells
+
+    rng = np.random.default_rng(0)
+    cells = [{"input_ids": rng.integers(0, 60_000, n).astype(np.int64), "values": rng.random(n).astype(np.float32),
+              "pos": rng.integers(0, 9, (n, 2)).astype(np.int16)} for n in (5, 1, 300, 0, 17)]
+    packed = pack_cells(cells)
+    assert packed is not None and len(packed) == 7  # keys + (data, offsets) per key
+    back = unpack_cells(packed, len(cells))
+    assert [list(c) for c in back] == [list(c) for c in cells]
+    for got, want in zip(back, cells):
+        for key in want:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape
+            assert got[key].tobytes() == want[key].tobytes()
+    # what does not pack travels as it is: a scalar, mixed dtypes, different keys, no cells
+    assert pack_cells([{"input_ids": np.arange(3), "n_pad": 4}]) is None
+    assert pack_cells([{"input_ids": np.arange(3)}, {"input_ids": np.arange(3.0)}]) is None
+    assert pack_cells([{"input_ids": np.arange(3)}, {"ids": np.arange(3)}]) is None
+    assert pack_cells([]) is None
+
+
+def test_worker_chunks_spooled_through_files_leave_nothing_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    from scdm.embedding import runner
+    from scdm.embedding.runner import _iter_chunk_tokens
+
+    read_back = []
+    unspool = runner._unspool_cells
+    monkeypatch.setattr(runner, "_unspool_cells", lambda spooled: read_back.append(spooled.n_cells) or unspool(spooled))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    source = _MarkingChunks(marks, list(range(6)))
+    items = list(_iter_chunk_tokens(source, 2))  # type: ignore[arg-type]
+    assert [c for c, _ in items] == list(range(6))
+    assert all(cells[0]["input_ids"].tolist() == [c] * 3 and cells[0]["input_ids"].dtype == np.int64 for c, cells in items)
+    assert read_back == [1] * 6  # every chunk came through a file, not the pipe
+    assert list((tmp_path / "tmp").iterdir()) == []  # the spool folder and its files are gone
+    stopped = _iter_chunk_tokens(source, 2)  # type: ignore[arg-type]
+    chunk, cells = next(stopped)
+    assert [p.name.startswith("scdm-tokens-") for p in (tmp_path / "tmp").iterdir()] == [True]
+    stopped.close()  # an interrupted run: the workers are joined and the folder removed
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_default_tokenisers_are_recorded_and_the_embedding_does_not_depend_on_them(tmp_path, pc9_counts_path, toy_ckpt):
     runs = {}
     for workers in (None, 2):

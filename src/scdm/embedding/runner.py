@@ -14,13 +14,16 @@ of a process that died), so every chunk is computed once (see :class:`store.Embe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -260,10 +263,18 @@ def _iter_chunk_tokens(source: ChunkTokens, workers: int, wanted: Callable[[int]
     # uses; it does not subclass torch's Dataset so that chunks.py need not import torch.
     dataset = cast("Dataset[tuple[int, list[dict[str, np.ndarray]]]]", source)
     order = _WantedChunks(source.chunks, wanted)
-    # collate_fn keeps the cells as numpy: the default would turn them into tensors
-    loader = DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=2,
-                        persistent_workers=False, collate_fn=_keep_as_is)
-    yield from loader
+    spool = Path(tempfile.mkdtemp(prefix=f"scdm-tokens-{os.getpid()}-"))
+    try:
+        # collate_fn (run in the worker) keeps the cells as numpy, spooled to a file: the default
+        # would turn them into tensors (shared memory, which containers often cap at 64 MB)
+        loader = DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=2,
+                            persistent_workers=False, collate_fn=functools.partial(_spool_cells, spool))
+        items: Any = iter(loader)
+        for chunk, cells in items:
+            yield chunk, _unspool_cells(cells) if isinstance(cells, SpooledCells) else cells
+    finally:
+        items = None  # the DataLoader's iterator joins its workers when dropped: none writes into the folder after
+        shutil.rmtree(spool, ignore_errors=True)
     for chunk in order.refused:
         yield chunk, None
 
@@ -284,8 +295,68 @@ class _WantedChunks:
                 self.refused.append(chunk)
 
 
-def _keep_as_is(item: Any) -> Any:
-    return item
+@dataclass(frozen=True)
+class SpooledCells:
+    """A worker's tokenised chunk, written to ``path`` by :func:`_spool_cells` (``n_cells`` cells)."""
+
+    path: str
+    n_cells: int
+
+
+def pack_cells(cells: list[dict[str, Any]]) -> dict[str, np.ndarray] | None:
+    """The cells' arrays concatenated key by key, with offsets; None when they do not pack.
+
+    They pack when every cell has the same keys and each key holds numeric arrays (at least 1-D)
+    of one dtype and one trailing shape. A chunk of 4,096 cells then travels as a few arrays instead
+    of thousands: through a pipe, it took 0.1-0.4 s of the runner's own time per chunk, as the
+    worker and the runner took turns over its 64 kB buffer.
+    """
+    if not cells:
+        return None
+    keys = list(cells[0])
+    if any(len(cell) != len(keys) or any(k not in cell for k in keys) for cell in cells):
+        return None
+    packed: dict[str, np.ndarray] = {"keys": np.asarray(keys, dtype=str)}
+    for i, key in enumerate(keys):
+        values = [cell[key] for cell in cells]
+        first = values[0]
+        if not isinstance(first, np.ndarray) or first.ndim == 0 or first.dtype.kind not in "biuf":
+            return None
+        if any(not isinstance(v, np.ndarray) or v.dtype != first.dtype or v.shape[1:] != first.shape[1:] for v in values):
+            return None
+        packed[f"data_{i}"] = np.concatenate(values)
+        packed[f"offsets_{i}"] = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int64)
+    return packed
+
+
+def unpack_cells(packed: Mapping[str, np.ndarray], n_cells: int) -> list[dict[str, np.ndarray]]:
+    """The cells of :func:`pack_cells`: views into its arrays, equal to the originals bit for bit."""
+    keys = [str(k) for k in packed["keys"]]
+    columns = [(key, packed[f"data_{i}"], packed[f"offsets_{i}"]) for i, key in enumerate(keys)]
+    return [{key: data[offsets[j]:offsets[j + 1]] for key, data, offsets in columns} for j in range(n_cells)]
+
+
+def _spool_cells(folder: Path, item: tuple[int, list[dict[str, Any]]]) -> tuple[int, Any]:
+    """In a tokenising worker: write the chunk's packed cells to a file; cells that do not pack go as they are."""
+    chunk, cells = item
+    packed = pack_cells(cells)
+    if packed is None:
+        return item
+    path = folder / f"chunk-{chunk}-{os.getpid()}.npz"
+    try:
+        np.savez(path, **packed)  # type: ignore[arg-type]
+    except OSError:  # a full or missing temporary folder: the pipe still works
+        path.unlink(missing_ok=True)
+        return item
+    return chunk, SpooledCells(str(path), len(cells))
+
+
+def _unspool_cells(spooled: SpooledCells) -> list[dict[str, np.ndarray]]:
+    """Read back (no pickle) and delete a chunk a worker spooled."""
+    with np.load(spooled.path, allow_pickle=False) as npz:
+        packed = {k: npz[k] for k in npz.files}
+    os.unlink(spooled.path)
+    return unpack_cells(packed, spooled.n_cells)
 
 
 # ---- the adapter path ------------------------------------------------------------------------
