@@ -610,10 +610,13 @@ def _cuda_info(device: str) -> dict[str, Any] | None:
 # autocast, forward, pooling, copy back). The store is not written (no catalog or array I/O in the
 # numbers). Three rows per model:
 #   ref          the reference extractor's batch size, ordering and precision, through our adapter
-#                loaded without `configure_precision` (float32 weights);
+#                loaded without `configure_precision` (float32 weights); each batch read back
+#                before the next starts, as the reference loops do;
 #   scdm         what `scdm embed` does on CUDA: `adapter.configure_precision("cuda", "bf16")` before
 #                `load` (half-precision weights where the adapter has `half_precision_weights`), the
-#                runner's batch size, length-sorted batches per chunk, bf16 autocast;
+#                runner's batch size, length-sorted batches per chunk, bf16 autocast, and
+#                `BATCHES_PER_CALL` batches per `embed_cells` call (the next launched before the
+#                last is read back, as in the runner);
 #   scdm+batch   the same model at a larger batch (`opt_batch`).
 # Padding masks are left out of unpadded batches by the adapters' `collate` in every row.
 # Cells: a pool of tokenised synthetic cells, resampled; batches run in random order until the
@@ -932,13 +935,23 @@ def _kernel_shares(run: Any) -> dict[str, Any]:
             "top": [f"{t / total:.0%} {k[:70]}" for t, k in kernels[:3]]}
 
 
+BATCHES_PER_CALL = 8
+"""Batches per ``embed_cells`` call in the ``scdm`` rows. The runner passes a whole chunk (16-32
+batches at the published sizes) and ``embed_cells`` reads each batch back only after launching the
+next, so the device waits on the host once per call; 8 keeps a row's calls short against its
+seconds and counts that wait a little more often than the runner does."""
+
+
 def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: np.ndarray, flops: np.ndarray, *, batch: int,
-                     sort: bool, precision: str, seconds: float, chunk_rows: int, device: str, rng: np.random.Generator) -> dict[str, Any]:
+                     sort: bool, precision: str, seconds: float, chunk_rows: int, device: str, rng: np.random.Generator,
+                     per_call: int = 1) -> dict[str, Any]:
     """Throughput of one setting: warm-up, probe, then random-order batches until ``seconds`` are up.
 
     The batches are sized from the probe's time; when they run out before ``seconds`` (a probe slowed
     by first-call work, e.g. kernel plans for a new sequence length) they run again in the same order,
-    so every row measures about ``seconds`` of steady work.
+    so every row measures about ``seconds`` of steady work. ``per_call`` batches go to each
+    ``embed_cells`` call: 1 reads every batch back before the next starts, as the reference
+    extractors' loops do; the runner's rows pass :data:`BATCHES_PER_CALL`.
     """
     import torch
 
@@ -948,6 +961,11 @@ def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: 
 
     def run(ids: np.ndarray) -> None:
         embed_cells(adapter, [cells[i] for i in ids], [np.arange(len(ids))], device, precision, state)
+
+    def run_batches(group: list[np.ndarray]) -> None:
+        bounds = np.cumsum([0] + [len(b) for b in group])
+        embed_cells(adapter, [cells[i] for i in np.concatenate(group)], [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])],
+                    device, precision, state)
 
     _sync(device)
     if device.startswith("cuda"):
@@ -970,16 +988,16 @@ def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: 
     done: list[np.ndarray] = []
     t0 = time.perf_counter()
     while not done or time.perf_counter() - t0 < seconds:
-        k = order[len(done) % len(order)]
-        run(batches[k])
-        done.append(batches[k])
+        group = [batches[order[(len(done) + j) % len(order)]] for j in range(per_call)]
+        run_batches(group)
+        done.extend(group)
     wall = time.perf_counter() - t0
     ids = np.concatenate(done)
     padded = sum(len(b) * int(lengths[b].max()) for b in done)
     real = int(lengths[ids].sum())
     return {
         "batch": batch, "final_batch": int(state["batch_size"]), "oom_backoffs": int(state.get("oom_backoffs", 0)),
-        "cells": int(len(ids)), "batches": f"{len(done)}/{len(batches)}", "wall_s": wall, "warmup_s": warm_s,
+        "cells": int(len(ids)), "batches": f"{len(done)}/{len(batches)}", "batches_per_call": per_call, "wall_s": wall, "warmup_s": warm_s,
         "cells_per_s": len(ids) / wall, "tokens_per_s": real / wall, "padding": 1 - real / padded if padded else 0.0,
         "tok_median": float(np.median(lengths[ids])), "tok_max": int(lengths[ids].max()),
         "tflops": float(flops[ids].sum()) / wall / 1e12,
@@ -1159,7 +1177,7 @@ def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, cou
              "chunk_rows": chunk_rows, "gflop_per_cell": float(flops.mean()) / 1e9}
     rows: list[dict[str, Any]] = []
 
-    def measure(adapter: Any, name: str, batch: int, sort: bool, precision: str, what: str) -> None:
+    def measure(adapter: Any, name: str, batch: int, sort: bool, precision: str, what: str, per_call: int = BATCHES_PER_CALL) -> None:
         row: dict[str, Any] = {"model": spec.key, "setting": name, "batch": batch, "sort": sort, "what": what,
                                "precision": f"{_weights_label(adapter.model)} weights, " + ("fp32" if precision == "fp32" else f"{precision} autocast")}
         rows.append(row)
@@ -1171,7 +1189,7 @@ def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, cou
         _free(device)  # what a failed setting left behind (its traceback is gone by now)
         try:
             res = _measure_setting(adapter, cells, lengths, flops, batch=batch, sort=sort, precision=precision, seconds=seconds,
-                                   chunk_rows=chunk_rows, device=device, rng=rng)
+                                   chunk_rows=chunk_rows, device=device, rng=rng, per_call=per_call)
         except Exception as err:  # one failing setting still reports the others
             logger.exception("%s %s failed", spec.key, name)
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
@@ -1185,7 +1203,7 @@ def bench_published_model(spec: PublishedSpec, folder: Path, write_s: float, cou
             if name == "scdm" and res["other_batch"] is not None:  # padded batches take a masked attention path
                 facts["kernels_other"] = _profile_batch(adapter, [cells[i] for i in res["other_batch"]], device)
 
-    measure(adapter, "ref", spec.ref.batch, spec.ref.sort, spec.ref.precision, spec.ref.source)
+    measure(adapter, "ref", spec.ref.batch, spec.ref.sort, spec.ref.precision, spec.ref.source, per_call=1)
     model = None
     try:  # the default path: configure_precision("cuda", "bf16") before load, as the runner does
         adapter, facts["weights_param"], default_load_s = _default_path_adapter(spec, folder, adapter, genes, device)

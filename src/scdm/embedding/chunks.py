@@ -172,28 +172,63 @@ def _compile_failed(err: BaseException, adapter: Adapter) -> ScdmError | None:
 
 
 def embed_cells(adapter: Adapter, cells: list[dict[str, np.ndarray]], batches: list[np.ndarray], device: str, precision: str, state: dict[str, Any]) -> np.ndarray:
-    """Embed one chunk's cells batch by batch, halving the batch on CUDA out-of-memory."""
-    import torch
+    """Embed one chunk's cells batch by batch, halving the batch on CUDA out-of-memory.
 
+    One batch deep: the vectors of a batch are copied to the host only after the next batch is
+    collated and its forward pass queued. On CUDA the copy waits for the device, so copying each
+    batch at once left the device idle while the host collated and launched the next one; now the
+    host does that while the device computes. On the CPU every step runs in order anyway and the
+    vectors are the same bits either way.
+    """
     out = np.empty((len(cells), adapter.emb_dim), dtype=np.float32)
     queue = list(batches)
+    pending: tuple[np.ndarray, Any] | None = None
     while queue:
         idx = queue.pop(0)
         try:
-            batch = adapter.collate([cells[i] for i in idx])
-            batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
-            with torch.inference_mode(), autocast_context(device, precision):
-                vecs = adapter.embed(batch)
-            out[idx] = vecs.float().cpu().numpy()
+            vecs = _launch_batch(adapter, [cells[i] for i in idx], device, precision)
         except RuntimeError as err:
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                _back_off(adapter, idx, queue, state, err)
-                continue
-            failed = _compile_failed(err, adapter)
-            if failed is None:
-                raise
-            raise failed from err
+            if pending is not None:  # computed before the failure: kept
+                _to_host(out, *pending)
+                pending = None
+            _after_failed_batch(adapter, idx, queue, state, err)
+            continue
+        if pending is not None:
+            _to_host(out, *pending)
+        pending = (idx, vecs)
+    if pending is not None:
+        _to_host(out, *pending)
     return out
+
+
+def _launch_batch(adapter: Adapter, batch_cells: list[dict[str, np.ndarray]], device: str, precision: str) -> Any:
+    """The batch's vectors as a float32 tensor on ``device``, possibly still being computed there."""
+    import torch
+
+    batch = adapter.collate(batch_cells)
+    batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+    with torch.inference_mode(), autocast_context(device, precision):
+        vecs = adapter.embed(batch)
+        # a copy of its own: the next batch may run before these are read, and must not write over them
+        return vecs.to(torch.float32, copy=True)
+
+
+def _to_host(out: np.ndarray, idx: np.ndarray, vecs: Any) -> None:
+    """Write a launched batch's vectors into the chunk's rows (waits for the device on CUDA)."""
+    out[idx] = vecs.cpu().numpy()
+
+
+def _after_failed_batch(adapter: Adapter, idx: np.ndarray, queue: list[np.ndarray], state: dict[str, Any], err: RuntimeError) -> None:
+    """Halve the batch on CUDA out-of-memory; a compile failure becomes a clear error; others re-raise."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        _back_off(adapter, idx, queue, state, err)
+        return
+    failed = _compile_failed(err, adapter)
+    if failed is None:
+        raise err
+    raise failed from err
 
 
 def _back_off(adapter: Adapter, idx: np.ndarray, queue: list[np.ndarray], state: dict[str, Any], err: BaseException) -> None:
