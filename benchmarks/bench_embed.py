@@ -949,9 +949,10 @@ def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: 
 
     The batches are sized from the probe's time; when they run out before ``seconds`` (a probe slowed
     by first-call work, e.g. kernel plans for a new sequence length) they run again in the same order,
-    so every row measures about ``seconds`` of steady work. ``per_call`` batches go to each
-    ``embed_cells`` call: 1 reads every batch back before the next starts, as the reference
-    extractors' loops do; the runner's rows pass :data:`BATCHES_PER_CALL`.
+    so every row measures about ``seconds`` of steady work. Up to ``per_call`` batches go to each
+    ``embed_cells`` call (fewer when that many would take over a third of ``seconds``): 1 reads
+    every batch back before the next starts, as the reference extractors' loops do; the runner's
+    rows pass :data:`BATCHES_PER_CALL`.
     """
     import torch
 
@@ -984,6 +985,8 @@ def _measure_setting(adapter: Any, cells: list[dict[str, np.ndarray]], lengths: 
     for lo in range(0, n, chunk_rows):  # as the runner: sorted within each store chunk
         batches += [picks[lo + b] for b in batches_by_length(lengths[picks[lo:lo + chunk_rows]].tolist(), batch, sort=sort)]
     order = rng.permutation(len(batches))
+    # a call of several batches stays within a third of the row's seconds (the 8B model's take seconds each)
+    per_call = max(1, min(per_call, len(batches), int(seconds / (3 * max(probe_s, 1e-6)))))
     _sync(device)
     done: list[np.ndarray] = []
     t0 = time.perf_counter()
