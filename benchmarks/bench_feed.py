@@ -127,15 +127,20 @@ def tokenise_rate(st: Any, dataset: str, ckpt: Path, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def warm_up(st: Any, ckpt: Path, genes: list[str], batch_size: int) -> None:
-    """One small run first, so the first measured row does not pay for the first model load and imports (~2 s)."""
+def ingest_counts(st: Any, name: str, genes: list[str], n_cells: int, seed: int) -> str:
+    """A dataset of ``n_cells`` synthetic count profiles over ``genes``; its id."""
     import anndata as ad
 
+    counts = synthetic_counts(n_cells, len(genes), seed=seed)
+    obs = pd.DataFrame(index=[f"{name}-{i}" for i in range(n_cells)])
+    return str(st.ingest(ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)), name=name).dataset_id)
+
+
+def warm_up(st: Any, ckpt: Path, genes: list[str], batch_size: int) -> None:
+    """One small run first, so the first measured row does not pay for the first model load and imports (~2 s)."""
     from scdm.embedding import runner
 
-    n = 2 * batch_size
-    counts = synthetic_counts(n, len(genes), seed=2)
-    st.ingest(ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"w{i}" for i in range(n)]), var=pd.DataFrame(index=genes)), name="warmup")
+    ingest_counts(st, "warmup", genes, 2 * batch_size, seed=2)
     use_standin(StandinDevice(1e9, asynchronous=True))
     result = runner.embed(st, "warmup", "scgpt", ckpt, workers=0, device="cpu", precision="fp32", batch_size=batch_size, progress=False)
     st.remove_embedding(result.embedding_id)
@@ -154,8 +159,6 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "scdm-bench-feed"))
     args = ap.parse_args()
 
-    import anndata as ad
-
     from scdm.embedding import runner
     from scdm.embedding.models import scgpt
     from scdm.store import Store
@@ -165,12 +168,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     genes = synthetic_genes(20_000, seed=0)
-    counts = synthetic_counts(args.cells, len(genes), seed=1)
     ckpt = scgpt.write_tiny_checkpoint(work / "scgpt", genes=genes)
     st = Store(work / "store")
-    ds = st.ingest(ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(args.cells)]), var=pd.DataFrame(index=genes)),
-                   name="feed")
-    one_process = tokenise_rate(st, ds.dataset_id, ckpt, min(2048, args.cells))
+    dataset_id = ingest_counts(st, "feed", genes, args.cells, seed=1)
+    one_process = tokenise_rate(st, dataset_id, ckpt, min(2048, args.cells))
     warm_up(st, ckpt, genes, args.batch_size)
 
     rows = []
