@@ -20,6 +20,7 @@ import pytest
 
 from scdm.store import _catalog
 from scdm.store._catalog import Catalog
+from scdm.store.errors import CatalogDamagedError
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 20.0
@@ -84,7 +85,8 @@ def test_a_write_here_is_seen_by_the_next_read(cat: Catalog, connects: list[bool
     assert count(cat) == 0
     cat.execute("INSERT INTO t VALUES (1)")  # closes the pooled connection first (DuckDB needs that)
     assert count(cat) == 1
-    assert connects == [True, False, True]
+    # the write attached the file to the process's write host (open since the fixture's write): no connect
+    assert connects == [True, True]
 
 
 def test_reads_with_other_settings_take_the_file_in_turn(cat: Catalog) -> None:
@@ -98,6 +100,7 @@ WRITER = """
 import sys
 sys.path.insert(0, {root!r})
 from scdm.store._catalog import Catalog
+from scdm.store.errors import CatalogDamagedError
 Catalog(sys.argv[1], retry_seconds=20).execute("INSERT INTO t VALUES (42)")
 """
 
@@ -159,3 +162,90 @@ def test_a_forked_child_reads_and_writes_the_catalog_its_parent_pooled(tmp_path:
     script.write_text(code)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---- the write host: writes attach the file to one in-memory DuckDB instance per process ----
+def attached(cat: Catalog) -> list[str]:
+    """Database files attached to the process's write host right now."""
+    host = _catalog._WRITE_HOST._con
+    if host is None:
+        return []
+    rows = host.cursor().execute("SELECT path FROM duckdb_databases() WHERE path IS NOT NULL").fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def test_a_write_lets_go_of_the_file_when_it_ends(cat: Catalog) -> None:
+    cat.execute("INSERT INTO t VALUES (1)")
+    assert attached(cat) == []
+    assert _catalog._WRITE_HOST._of == {}
+    con = duckdb.connect(str(cat.path))  # no lock left behind: a plain client can write the file at once
+    con.execute("INSERT INTO t VALUES (2)")
+    con.close()
+    assert count(cat) == 2
+
+
+def test_nested_writes_share_one_attachment_and_the_outer_one_detaches(cat: Catalog) -> None:
+    cat.execute("CREATE TABLE u (i INTEGER)")
+    with cat.transaction() as con:
+        con.execute("INSERT INTO t VALUES (1)")
+        assert attached(cat) == [cat._file]
+        cat.execute("INSERT INTO u VALUES (7)")  # a connection of its own, committed on its own
+        assert _catalog._WRITE_HOST._of[cat._file][1] == 1  # the inner one came back; the outer holds the file
+        assert attached(cat) == [cat._file]
+    assert attached(cat) == []
+    assert count(cat) == 1
+    assert cat.query("SELECT i FROM u")["i"].tolist() == [7]
+
+
+def test_a_failed_write_rolls_back_and_lets_go_of_the_file(cat: Catalog) -> None:
+    with pytest.raises(duckdb.ConstraintException), cat.transaction() as con:
+        con.execute("INSERT INTO t VALUES (1)")
+        con.execute("INSERT INTO t VALUES (1)")  # the primary key refuses it: the whole transaction goes
+    assert attached(cat) == []
+    assert count(cat) == 0
+    cat.execute("INSERT INTO t VALUES (3)")
+    assert count(cat) == 1
+
+
+def test_two_threads_write_two_catalogs_at_once(tmp_path: Path) -> None:
+    cats = [Catalog(tmp_path / f"c{i}.duckdb", retry_seconds=30) for i in range(2)]
+    for c in cats:
+        c.execute("CREATE TABLE t (i INTEGER PRIMARY KEY)")
+    errors: list[BaseException] = []
+
+    def writes(c: Catalog) -> None:
+        try:
+            for i in range(40):
+                with c.transaction() as con:
+                    con.execute("INSERT INTO t VALUES (?)", [i])
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writes, args=(c,)) for c in cats]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert errors == []
+    assert [count(c) for c in cats] == [40, 40]
+    assert _catalog._WRITE_HOST._of == {}
+    for c in cats:
+        c._pool.close()
+
+
+def test_a_damaged_catalog_does_not_break_writes_to_another(tmp_path: Path) -> None:
+    good, bad = Catalog(tmp_path / "good.duckdb"), Catalog(tmp_path / "bad.duckdb")
+    for c in (good, bad):
+        c.execute("CREATE TABLE t (i INTEGER PRIMARY KEY)")
+    bad.path.write_bytes(b"not a database" * 4096)
+    with pytest.raises(CatalogDamagedError):
+        bad.execute("INSERT INTO t VALUES (1)")
+    assert _catalog._WRITE_HOST._of == {}
+    good.execute("INSERT INTO t VALUES (1)")
+    assert count(good) == 1
+    good._pool.close()
+
+
+def test_write_connections_take_no_settings(cat: Catalog) -> None:
+    with pytest.raises(ValueError, match="read-only"), cat.connect(config={"threads": 1}):
+        pass

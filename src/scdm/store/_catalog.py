@@ -2,8 +2,10 @@
 
 DuckDB lets one process write a database file at a time, and a process that has the file open
 read-write also blocks readers in other processes. So scdm never keeps a read-write connection
-open: every write connects, runs one short transaction and closes, retrying while another process
-holds the lock (reads share one pooled connection that gives way to writers, see below).
+open: every write attaches the file, runs one short transaction and detaches it, retrying while
+another process holds the lock (reads share one pooled connection that gives way to writers, see
+below). Writes attach the file to one in-memory DuckDB instance that the process keeps
+(:class:`_WriteHost`): opening an instance costs ~10 ms whatever the file, attaching ~1.5 ms.
 
 Inside one process DuckDB shares one database instance per file and configuration, and refuses
 to open a file with a second configuration (read-only and read-write count as two) while any
@@ -42,6 +44,7 @@ import collections
 import contextlib
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -411,11 +414,114 @@ def _keep_forever(con: duckdb.DuckDBPyConnection | None) -> None:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(con))
 
 
+
+# ---- write host -------------------------------------------------------------------------------
+class _WriteHost:
+    """The process's in-memory DuckDB instance that a catalog file is attached to for each write.
+
+    Opening a DuckDB database instance costs ~10 ms whatever the file, even ``:memory:`` (it
+    builds the catalog of built-in functions); attaching a file to an instance already open costs
+    ~1.5 ms and detaching it ~0.5 ms (a 3 MB catalog, DuckDB 2.0, 2-core VM). The file is locked
+    from the ``ATTACH`` to the ``DETACH``, exactly as long as a read-write connection was open
+    before, so other processes see the same locking. The gate lets one thread write a file at a
+    time; that thread's nested connections share the attachment, and the outermost one detaches.
+    An instance that cannot detach a file (DuckDB invalidated it: a damaged file) is retired and
+    closed once nothing is attached to it; the next write opens a fresh one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._of: dict[str, tuple[duckdb.DuckDBPyConnection, int]] = {}  # file -> (instance, connections out)
+
+    def connect(self, file: str) -> duckdb.DuckDBPyConnection:
+        """A read-write connection to ``file`` (attached now unless this thread's outer connection holds it)."""
+        with self._lock:
+            self._forget_after_fork()
+            host, out = self._of.get(file, (None, 0))
+            if host is None:
+                host = self._con = self._con if self._con is not None else duckdb.connect(":memory:")
+                host.execute(f"ATTACH {_sql_text(file)} AS {_alias(file)} (TYPE duckdb)")
+            self._of[file] = (host, out + 1)
+            try:
+                cur = host.cursor()
+                cur.execute(f"USE {_alias(file)}")
+            except BaseException:
+                self._release_locked(file, None)
+                raise
+            return cur
+
+    def release(self, file: str, cur: duckdb.DuckDBPyConnection) -> None:
+        """Close a connection from :meth:`connect`; the last one out detaches the file (releasing its lock)."""
+        with self._lock:
+            self._release_locked(file, cur)
+
+    def _release_locked(self, file: str, cur: duckdb.DuckDBPyConnection | None) -> None:
+        host, out = self._of[file]
+        try:
+            if cur is not None:
+                cur.close()
+        finally:
+            if out > 1:
+                self._of[file] = (host, out - 1)
+            else:
+                del self._of[file]
+                self._detach_locked(host, file)
+
+    def _detach_locked(self, host: duckdb.DuckDBPyConnection, file: str) -> None:
+        try:
+            host.execute(f"DETACH {_alias(file)}")
+        except duckdb.Error:
+            logger.debug("catalog %s: DuckDB could not detach it; its in-memory instance is retired", file)
+            if host is self._con:
+                self._con = None  # the next write opens a fresh instance
+        if host is not self._con and not any(h is host for h, _ in self._of.values()):
+            with contextlib.suppress(duckdb.Error):  # a retired instance: closing it lets go of its files
+                host.close()
+
+    def _forget_after_fork(self) -> None:
+        if self._pid != os.getpid():  # the parent's instance and attachments are not this process's
+            _keep_forever(self._con)
+            for host, _ in self._of.values():
+                _keep_forever(host)
+            self._pid, self._con, self._of = os.getpid(), None, {}
+
+    def close_if_idle(self) -> None:
+        """Close the instance when nothing is attached (before a fork: the child must not inherit it)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._con is not None and not self._of and self._pid == os.getpid():
+                    con, self._con = self._con, None
+                    with contextlib.suppress(duckdb.Error):
+                        con.close()
+            finally:
+                self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
+        self._forget_after_fork()
+
+
+def _sql_text(text: str) -> str:
+    """``text`` as an SQL string literal (ATTACH takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _alias(file: str) -> str:
+    """The name a catalog file is attached under: one per file, a valid identifier whatever the path."""
+    return '"scdm_catalog_' + hashlib.sha256(file.encode()).hexdigest()[:16] + '"'
+
+
+_WRITE_HOST = _WriteHost()
+
+
 def _before_fork() -> None:
     # a child inheriting an open database would find it in DuckDB's instance cache and could not open
     # the file with other settings: idle pooled connections are closed first (the next read reopens)
     for pool in list(_POOLS.values()):
         pool.close_if_idle()
+    _WRITE_HOST.close_if_idle()
 
 
 def _after_fork_in_child() -> None:
@@ -423,6 +529,7 @@ def _after_fork_in_child() -> None:
     _GATES_LOCK = threading.Lock()
     for pool in _POOLS.values():
         pool.after_fork_in_child()
+    _WRITE_HOST.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -450,6 +557,7 @@ def _close_pools() -> None:
             pool._closing = True
             if not pool._out:
                 pool._close_locked()
+    _WRITE_HOST.close_if_idle()
     _EXITING = True  # watchers stop without touching DuckDB
 
 
@@ -576,8 +684,10 @@ class Catalog:
             try:
                 if pooled:
                     self._pool.give_back(con)
-                else:
+                elif read_only:
                     con.close()
+                else:
+                    _WRITE_HOST.release(self._file, con)
             finally:
                 _WriterFlag.lower(flag)
                 leave()
@@ -619,11 +729,15 @@ class Catalog:
                 raise
 
     def _open_write(self, settings: dict[str, Any], deadline: float) -> tuple[duckdb.DuckDBPyConnection, int | None]:
+        if settings:
+            msg = ("DuckDB settings apply to read-only catalog connections; every write connection of a process "
+                   "shares one DuckDB instance with its own settings.")
+            raise ValueError(msg)
         where = repr(str(self.path))
-        if self._gate.writing_here():  # nested in this thread's write: DuckDB shares the open instance
+        if self._gate.writing_here():  # nested in this thread's write: it shares the attachment
             self._gate.enter_write(deadline, where)
             try:
-                return duckdb.connect(self._file, read_only=False, config=settings), None
+                return _WRITE_HOST.connect(self._file), None
             except duckdb.Error as err:
                 self._gate.leave_write()
                 raise self._damaged_error(err) if _is_damage(err) else err
@@ -636,7 +750,7 @@ class Catalog:
             self._gate.enter_write(deadline, where)
             try:
                 self._pool.close()  # the gate admitted the write: no read is open, the pooled connection is idle
-                return duckdb.connect(self._file, read_only=False, config=settings), flag
+                return _WRITE_HOST.connect(self._file), flag
             except (duckdb.IOException, duckdb.ConnectionException) as err:
                 self._gate.leave_write()
                 if not _is_lock_error(err):

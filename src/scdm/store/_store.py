@@ -999,7 +999,7 @@ class Store:
                     raise EmbeddingBusyError(msg)
                 con.execute("DELETE FROM embedding_chunks WHERE list_contains(?, embedding_id)", [ids])
                 con.execute("DELETE FROM embeddings WHERE list_contains(?, embedding_id)", [ids])
-                tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()").fetchall()}
                 for table in ("cell_labels", "label_sets", "cells", "genes", "datasets"):
                     if table in tables:
                         con.execute(f"DELETE FROM {table} WHERE dataset_id = ?", [ds.dataset_id])
