@@ -80,8 +80,11 @@ DTYPES = ("float32", "float16")
 _PIECE = 1 << 20
 """Bytes per ``readinto`` on the raw read path; each piece is hashed while it is in cache (measured
 on a 2-core EPYC: 1 MiB pieces verify a full read at ~1.1x np.load, whole-chunk reads then hashing at ~1.4x)."""
-_WRITE_PIECE = 4 << 20
-"""Bytes per ``write`` on the raw write path (smaller pieces cost more in the kernel than a cache miss)."""
+_WRITE_PIECE = 512 << 10
+"""Bytes per ``write`` on the raw write path: a piece stays in the core's L2 cache from its NaN/inf
+check through its CRC-32 to the kernel's copy (1-2 MiB L2 on current x86 cores). On a 2-core Xeon
+(2 MiB L2), one thread writing 195 MB of chunk files took 1.44x np.save with 512 KiB pieces against
+1.77x with 4 MiB (1.27x against 1.56x for 638 MB on tmpfs); the checks themselves cost ~0.35x."""
 
 
 def _pick_crc32() -> Callable[..., int]:
