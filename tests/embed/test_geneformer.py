@@ -398,6 +398,33 @@ def test_an_unpadded_batch_runs_without_a_mask_and_gives_the_same_numbers(versio
     torch.testing.assert_close(padded["attention_mask"], (torch.arange(padded["input_ids"].shape[1])[None, :] < lengths[:, None]).long())
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_padded_batch_hands_the_model_a_key_mask_with_the_same_numbers(version, ckpt_v1, ckpt_v2, symbols,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = _ready(ckpt_v1 if version == 1 else ckpt_v2, symbols)
+    batch = adapter.collate(adapter.tokenize(_counts(6, N_GENES, seed=4), np.arange(6)))
+    assert batch["attention_mask"] is not None  # padded
+    seen: list[torch.Tensor] = []
+    forward = adapter.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["attention_mask"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(adapter.model, "forward", spy)
+    with torch.inference_mode():
+        got = adapter.embed(batch)
+        adapter.key_mask_ = False  # the 2-D mask, expanded by transformers
+        expected = adapter.embed(batch)
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 4.x BERT takes only the 2-D mask
+        assert seen[0].dtype == torch.bool and seen[0].shape == (6, 1, 1, batch["input_ids"].shape[1])
+        torch.testing.assert_close(seen[0][:, 0, 0], batch["attention_mask"].bool())
+    assert seen[1].dim() == 2
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 def test_half_precision_weights_only_for_cuda_autocast_runs(ckpt_v1, symbols) -> None:
     full = _ready(ckpt_v1, symbols)
     half = GeneformerAdapter(ckpt_v1)
