@@ -285,7 +285,38 @@ def _file_state(path: str) -> tuple[int, int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-class _ReadPool:
+class _ProcessLocal:
+    """What one process holds open (DuckDB objects) under a lock: a forked child must neither use nor close it."""
+
+    _lock: threading.Lock
+    _pid: int
+
+    def _idle(self) -> bool:
+        """Something is open and nothing uses it (called under the lock)."""
+        raise NotImplementedError
+
+    def _close_locked(self) -> None:
+        raise NotImplementedError
+
+    def _forget_after_fork(self) -> None:
+        raise NotImplementedError
+
+    def close_if_idle(self) -> None:
+        """Close what is open when nothing uses it (without waiting for a lock another thread holds)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._pid == os.getpid() and self._idle():
+                    self._close_locked()
+            finally:
+                self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        """A forked child (a DataLoader worker, ...): a fresh lock, and the parent's objects left untouched."""
+        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
+        self._forget_after_fork()
+
+
+class _ReadPool(_ProcessLocal):
     """One open read-only connection to a catalog file, shared by this process's reads as cursors.
 
     Every read borrows a cursor inside the gate's read side, so a write in this process finds no
@@ -371,19 +402,8 @@ class _ReadPool:
             _keep_forever(self._con)
             self._pid, self._con, self._out, self._closing = os.getpid(), None, 0, False
 
-    def close_if_idle(self) -> None:
-        """Close the connection when no cursor is out (without waiting for a lock another thread holds)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                if self._con is not None and not self._out and self._pid == os.getpid():
-                    self._close_locked()
-            finally:
-                self._lock.release()
-
-    def after_fork_in_child(self) -> None:
-        """A forked child (a DataLoader worker, ...): a fresh lock, and the parent's connection left untouched."""
-        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
-        self._forget_after_fork()
+    def _idle(self) -> bool:
+        return self._con is not None and not self._out
 
     def _watch(self, generation: int) -> None:
         # no reference to a DuckDB object lives in this frame: a daemon thread that drops one while
@@ -414,9 +434,8 @@ def _keep_forever(con: duckdb.DuckDBPyConnection | None) -> None:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(con))
 
 
-
 # ---- write host -------------------------------------------------------------------------------
-class _WriteHost:
+class _WriteHost(_ProcessLocal):
     """The process's in-memory DuckDB instance that a catalog file is attached to for each write.
 
     Opening a DuckDB database instance costs ~10 ms whatever the file, even ``:memory:`` (it
@@ -487,20 +506,14 @@ class _WriteHost:
                 _keep_forever(host)
             self._pid, self._con, self._of = os.getpid(), None, {}
 
-    def close_if_idle(self) -> None:
-        """Close the instance when nothing is attached (before a fork: the child must not inherit it)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                if self._con is not None and not self._of and self._pid == os.getpid():
-                    con, self._con = self._con, None
-                    with contextlib.suppress(duckdb.Error):
-                        con.close()
-            finally:
-                self._lock.release()
+    def _idle(self) -> bool:
+        return self._con is not None and not self._of
 
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
-        self._forget_after_fork()
+    def _close_locked(self) -> None:
+        con, self._con = self._con, None
+        if con is not None:
+            with contextlib.suppress(duckdb.Error):
+                con.close()
 
 
 def _sql_text(text: str) -> str:
