@@ -22,7 +22,6 @@ operation once, baseline and store alternating, and the table shows the median o
                                over every chunk reads the whole matrix)
   - ``random 10%, again``    the same read once the chunks are verified, vs the memmap
 
-
 Reads are from a warm page cache (the files were just written). On a 2-core VM (AMD EPYC, session 9)
 whatever ran right after writing or deleting 638 MB was slowed by the kernel's work on those pages,
 by up to 2x for a read and 10x for np.load after an ``os.sync()``; the first full read ranged from

@@ -100,7 +100,6 @@ WRITER = """
 import sys
 sys.path.insert(0, {root!r})
 from scdm.store._catalog import Catalog
-from scdm.store.errors import CatalogDamagedError
 Catalog(sys.argv[1], retry_seconds=20).execute("INSERT INTO t VALUES (42)")
 """
 

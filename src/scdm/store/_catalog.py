@@ -39,6 +39,7 @@ file and what to do, instead of DuckDB's own error.
 
 from __future__ import annotations
 
+import abc
 import atexit
 import collections
 import contextlib
@@ -285,21 +286,23 @@ def _file_state(path: str) -> tuple[int, int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-class _ProcessLocal:
+class _ProcessLocal(abc.ABC):
     """What one process holds open (DuckDB objects) under a lock: a forked child must neither use nor close it."""
 
     _lock: threading.Lock
     _pid: int
 
+    @abc.abstractmethod
     def _idle(self) -> bool:
         """Something is open and nothing uses it (called under the lock)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _close_locked(self) -> None:
-        raise NotImplementedError
+        """Close what is open (called under the lock)."""
 
+    @abc.abstractmethod
     def _forget_after_fork(self) -> None:
-        raise NotImplementedError
+        """In a forked child: drop the parent's objects without closing them."""
 
     def close_if_idle(self) -> None:
         """Close what is open when nothing uses it (without waiting for a lock another thread holds)."""
@@ -669,8 +672,9 @@ class Catalog:
             Read-only connections run side by side (threads of this process and other processes);
             a read-write one excludes every other connection to the file.
         config : dict, optional
-            DuckDB settings. Read-only connections default to :data:`READ_CONFIG` (no file or
+            DuckDB settings of a read-only connection, default :data:`READ_CONFIG` (no file or
             network access); a different one waits until the readers with the default are done.
+            Write connections take none (``ValueError``): they share the process's write host.
 
         Raises
         ------
