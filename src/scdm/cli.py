@@ -736,7 +736,9 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pooled folds and of the heads.")
 @click.option("--label-set", help="Evaluate this label set of every dataset (default: each dataset's default; see `scdm ls --what labels`).")
 @click.option("--pair-folds-with", help="Pooled folds stratified by this other label set, so two drugs of the same cells share one partition (paired comparison).")
-@click.option("--jobs", "-j", type=int, default=1, show_default=True, help="Head fits in parallel.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+              help="Head fits in parallel, one thread each. Default: per embedding space, one per CPU for a small "
+                   "matrix (under 4M values), one fit on every core for a larger one. Same results either way.")
 @click.option("--no-predictions", is_flag=True, help="Do not store per-cell test probabilities.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: head fits run as Ray tasks on a cluster (pip install 'scdm[ray]'); this process writes the catalog.")
@@ -748,7 +750,7 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
 @user_errors
 def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...], models: tuple[str, ...],
              scenario: tuple[str, ...], by: tuple[str, ...], heads: tuple[str, ...], folds: int, split_scheme: SplitScheme, mlp_profile: str, seed: int, label_set: str | None,
-             pair_folds_with: str | None, jobs: int,
+             pair_folds_with: str | None, jobs: int | None,
              no_predictions: bool,
              executor: Executor, ray_address: str | None, quiet: bool, fmt: str) -> None:
     """Train and score heads on every (embedding space, split, fold, head) task.
@@ -970,7 +972,7 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
 @pass_ctx
 @user_errors
 def demo(obj: Ctx, n_cells: int, folds: int, heads: tuple[str, ...], report_dir: str, seed: int, quiet: bool, fmt: str) -> None:
-    """Run the whole pipeline on built-in data: no downloads, no checkpoints (about 3 minutes on 2 cores).
+    """Run the whole pipeline on built-in data: no downloads, no checkpoints (1-2 minutes on 2 cores).
 
     Generates a scDrugMap-shaped synthetic collection, ingests it with the bundled real A375 dataset,
     embeds with the pca/hvg baselines and a tiny random-weight Geneformer written on the fly,

@@ -228,3 +228,50 @@ def test_logreg_solves_pooled_and_cross_splits_of_a_category_together(st: Store,
     pooled = [load_split(st, s) for s in st.query(
         "SELECT DISTINCT split_id FROM eval_tasks WHERE scenario = 'pooled' ORDER BY category")["split_id"]]
     assert tasks.same_cells_key(pooled[0]) != tasks.same_cells_key(pooled[1])
+
+
+def _stored_results(st: Store) -> list[tuple]:
+    frame = st.query("SELECT t.split_id, t.fold, t.head, r.metric, r.value FROM eval_results r "
+                     "JOIN eval_tasks t USING (task_id) ORDER BY ALL")
+    return list(frame.itertuples(index=False, name=None))
+
+
+def test_default_jobs_fit_a_small_space_on_every_cpu_with_the_same_results(st: Store, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from scdm.classify import grid
+
+    write_pca(st, "pca-joint", 6)
+    other = Store(tmp_path / "other")
+    for name, path, label, study, tissue, cancer, drug, regimen in DATASETS:
+        other.ingest(path, name=name, label_key=label, study=study, tissue=tissue, cancer_type=cancer,
+                     drug_type=drug, regimen=regimen)
+    write_pca(other, "pca-joint", 6)
+    monkeypatch.setattr(grid, "cpu_budget", lambda: 3)
+    asked: list[int] = []
+    run_tasks = grid._run_tasks
+    monkeypatch.setattr(grid, "_run_tasks", lambda tasks, jobs: (asked.append(jobs), run_tasks(tasks, jobs))[1])
+    options = {"heads": ["majority", "mlp"], "by": ["all"], "head_params": {"mlp": {"profile": "fast", "epochs": 2}}}
+    run(st, **options)  # default: jobs=None
+    assert asked == [3]  # 6-dim PCA of ~1,000 cells: a small matrix, one fit per CPU
+    run(other, jobs=1, **options)
+    assert asked == [3, 1]
+    assert _stored_results(st) == _stored_results(other)  # the same numbers, fitted in parallel or one by one
+    config = json.loads(st.query("SELECT config FROM eval_runs")["config"].iloc[0])
+    assert config["jobs"] == "auto"
+
+
+def test_default_jobs_fit_a_large_space_one_at_a_time_on_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scdm.classify import grid
+
+    monkeypatch.setattr(grid, "cpu_budget", lambda: 8)
+
+    class _Space:
+        def __init__(self, rows: int, dim: int) -> None:
+            self.X = np.zeros((rows, dim), dtype=np.float32)
+
+    small, large = _Space(1_000, 64), _Space(grid.SMALL_MATRIX // 64, 64)
+    assert grid._space_jobs(small, None, 20) == 8
+    assert grid._space_jobs(small, None, 3) == 3  # no more threads than fits
+    assert grid._space_jobs(small, None, 0) == 1
+    assert grid._space_jobs(large, None, 20) == 1  # parallel fits would each copy their training cells
+    assert grid._space_jobs(large, 4, 20) == 4  # an explicit jobs is kept
