@@ -271,6 +271,24 @@ def test_missing_weights_inside_file_raise(tmp_path, symbols) -> None:
         GeneformerAdapter(folder).load("cpu")
 
 
+def test_load_speaks_of_unused_weights_only_beyond_the_masked_lm_head(tmp_path, symbols, capfd, caplog) -> None:
+    # every official checkpoint is a BertForMaskedLM: its cls.* head is expected, and transformers'
+    # own table of it ("not ok if you expect identical arch") is not printed
+    folder = write_tiny_checkpoint(tmp_path, genes=symbols, legacy_bin=True)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert any(k.startswith("cls.") for k in state)
+    with caplog.at_level("WARNING", logger="scdm"):
+        GeneformerAdapter(folder).load("cpu")
+    printed = capfd.readouterr().err
+    assert "LOAD REPORT" not in printed and "UNEXPECTED" not in printed and "not sharded" not in printed
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    state["classifier.weight"] = torch.zeros(2, 4)  # a weight of another architecture
+    torch.save(state, folder / "pytorch_model.bin")
+    with caplog.at_level("WARNING", logger="scdm"):
+        GeneformerAdapter(folder).load("cpu")
+    assert "1 weights in" in caplog.text and "classifier.weight" in caplog.text
+
+
 class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

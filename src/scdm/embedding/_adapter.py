@@ -36,7 +36,7 @@ import abc
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -422,3 +422,37 @@ def library_progress(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
         if hf_was_on:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def own_load_report() -> Iterator[None]:
+    """transformers' report of a checkpoint's unused and missing weights off while an adapter loads it.
+
+    The adapters ask for the same facts (``output_loading_info=True``) and say what matters in their
+    own words (:func:`check_unused_weights`): missing weights are an error; the pretraining heads an
+    embedding never runs (Geneformer's masked-LM ``cls.*``, the ``lm_head`` of tGPT and of causal
+    LLMs) are in every official checkpoint, and transformers' table of them ("not ok if you expect
+    identical arch") printed on every load only worries users. Errors are still raised.
+    """
+    from transformers.utils import logging as hf_logging
+
+    # transformers 5 checks a tensor-parallel plan whenever the loader's level is WARNING or above
+    # and warns of every layer "not sharded": that logger is quieted too
+    quieted = [hf_logging.get_logger(name) for name in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
+    levels = [log.level for log in quieted]
+    for log in quieted:
+        log.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(quieted, levels):
+            log.setLevel(level)
+
+
+def check_unused_weights(info: Mapping[str, Any], checkpoint: object, *, heads: Sequence[str]) -> None:
+    """Warn about checkpoint weights the model does not use, except the pretraining ``heads`` (name prefixes)."""
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(tuple(heads)))
+    if unused:
+        logger.warning("%d weights in %s are not used by the model (e.g. %s): is it the checkpoint of another "
+                       "architecture? The embeddings use the weights that match.", len(unused), checkpoint,
+                       ", ".join(unused[:3]))

@@ -45,6 +45,8 @@ from scdm.embedding._adapter import (
     Adapter,
     GeneAudit,
     check_counts,
+    check_unused_weights,
+    own_load_report,
     register_adapter,
     require_matches,
 )
@@ -411,14 +413,15 @@ class GeneformerAdapter(Adapter):
 
         self._load_dictionaries()
         assert self.checkpoint is not None
-        model, info = cast(Any, BertModel.from_pretrained(  # (model, loading info) with output_loading_info
-            self.checkpoint,
-            add_pooling_layer=False,
-            attn_implementation="sdpa",
-            **dtype_argument(torch.float32),
-            output_loading_info=True,
-            local_files_only=True,
-        ))
+        with own_load_report():
+            model, info = cast(Any, BertModel.from_pretrained(  # (model, loading info) with output_loading_info
+                self.checkpoint,
+                add_pooling_layer=False,
+                attn_implementation="sdpa",
+                **dtype_argument(torch.float32),
+                output_loading_info=True,
+                local_files_only=True,
+            ))
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             msg = (
@@ -426,6 +429,7 @@ class GeneformerAdapter(Adapter):
                 "it is not a Geneformer BertForMaskedLM checkpoint."
             )
             raise CheckpointError(msg)
+        check_unused_weights(info, self.checkpoint, heads=("cls.",))  # the masked-LM head of pretraining
         # the embedding is hidden_states[k]: layers after k cannot change it
         kept = self.hidden_state_index_
         if kept < len(model.encoder.layer):

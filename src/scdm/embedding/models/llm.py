@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scdm.embedding._adapter import Adapter, GeneAudit, register_adapter, require_matches
+from scdm.embedding._adapter import Adapter, GeneAudit, check_unused_weights, own_load_report, register_adapter, require_matches
 from scdm.embedding.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
@@ -167,13 +167,14 @@ class LLMAdapter(Adapter):
         self._load_tokenizer()
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model, info = AutoModel.from_pretrained(
-            self.checkpoint,
-            attn_implementation="sdpa",
-            output_loading_info=True,
-            local_files_only=True,
-            **dtype_argument(dtype),
-        )
+        with own_load_report():
+            model, info = AutoModel.from_pretrained(
+                self.checkpoint,
+                attn_implementation="sdpa",
+                output_loading_info=True,
+                local_files_only=True,
+                **dtype_argument(dtype),
+            )
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             msg = (
@@ -181,6 +182,7 @@ class LLMAdapter(Adapter):
                 f"{type(model).__name__} (e.g. {', '.join(missing[:3])}); the folder is incomplete."
             )
             raise CheckpointError(msg)
+        check_unused_weights(info, self.checkpoint, heads=("lm_head.",))  # the causal LM's output head
         self.model = model.to(self.device).eval()
         logger.info("Loaded %s from %s (%s, %s).", type(model).__name__, self.checkpoint, dtype, self.device)
 

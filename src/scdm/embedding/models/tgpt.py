@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scdm.embedding._adapter import Adapter, GeneAudit, register_adapter, require_matches
+from scdm.embedding._adapter import Adapter, GeneAudit, check_unused_weights, own_load_report, register_adapter, require_matches
 from scdm.embedding.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
@@ -137,16 +137,17 @@ class TGPTAdapter(Adapter):
         self._load_tokenizer()
         assert self.checkpoint is not None
         # output_loading_info=True returns (model, info); transformers' annotations only know the model
-        model, info = cast(
-            "tuple[GPT2Model, dict[str, list[str]]]",
-            GPT2Model.from_pretrained(
-                self.checkpoint,
-                attn_implementation="sdpa",
-                output_loading_info=True,
-                local_files_only=True,
-                **dtype_argument(torch.float32),
-            ),
-        )
+        with own_load_report():
+            model, info = cast(
+                "tuple[GPT2Model, dict[str, list[str]]]",
+                GPT2Model.from_pretrained(
+                    self.checkpoint,
+                    attn_implementation="sdpa",
+                    output_loading_info=True,
+                    local_files_only=True,
+                    **dtype_argument(torch.float32),
+                ),
+            )
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             msg = (
@@ -154,6 +155,7 @@ class TGPTAdapter(Adapter):
                 f"{', '.join(missing[:3])}); it is not a tGPT GPT2LMHeadModel checkpoint."
             )
             raise CheckpointError(msg)
+        check_unused_weights(info, self.checkpoint, heads=("lm_head.",))  # the language-model head of pretraining
         self.device = torch.device(device)
         # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which mypy reads as unbound
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
