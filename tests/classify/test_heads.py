@@ -403,3 +403,61 @@ def test_gram_stats_of_selected_rows_equal_those_of_their_copy():
         np.testing.assert_allclose(np.tril(picked.sxx), np.tril(copied.sxx), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(picked.sx, copied.sx, rtol=1e-6, atol=1e-5)
         assert picked.n == copied.n == 333 and picked.sy == copied.sy
+
+
+@pytest.mark.parametrize("params", [{"profile": "default", "epochs": 3, "min_steps": 0},
+                                    {"profile": "paper", "epochs": 2},
+                                    {"profile": "fast", "epochs": 3, "batch_size": 64, "precision": "fp32"}])
+def test_fit_rows_is_the_fit_of_those_rows_without_copying_them(params: dict) -> None:
+    # the evaluation grid hands a head the space's whole matrix and a fold's training rows
+    X, y = planted(n=600, dim=16, seed=3)
+    rows = np.random.default_rng(0).permutation(600)[:450]
+    copied = MLPHead(**params).fit(X[rows], y[rows])
+    in_place = MLPHead(**params).fit_rows(X, rows, y)
+    assert in_place.n_train_ == copied.n_train_ and in_place.history_ == copied.history_
+    if copied.mean_ is not None:
+        assert np.array_equal(in_place.mean_, copied.mean_) and np.array_equal(in_place.scale_, copied.scale_)
+    assert np.array_equal(in_place.predict_proba(X), copied.predict_proba(X))  # the same bits
+    test = np.setdiff1d(np.arange(600), rows)[::-1]
+    assert np.array_equal(in_place.predict_proba_rows(X, test), in_place.predict_proba(X[test]))
+
+
+def test_fit_rows_and_predict_proba_rows_read_the_matrix_in_place() -> None:
+    import tracemalloc
+
+    X, y = planted(n=20_000, dim=128, seed=4)  # 10 MB of float32
+    rows = np.arange(0, 20_000, 2)  # 5 MB of training cells
+    head = MLPHead(profile="fast", epochs=1, precision="fp32")
+    tracemalloc.start()
+    try:
+        head.fit_rows(X, rows, y)
+        head.predict_proba_rows(X, rows + 1)
+        _, peak_in_place = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        MLPHead(profile="fast", epochs=1, precision="fp32").fit(X[rows], y[rows])
+        _, peak_copied = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_copied > X[rows].nbytes  # the copy of the training cells (numpy's allocations are traced)
+    assert peak_in_place < X[rows].nbytes / 2  # no copy: labels, one block of rows, the targets
+
+
+def test_fit_rows_of_other_heads_and_of_read_only_matrices_fit_a_copy() -> None:
+    X, y = planted(n=300, dim=8, seed=5)
+    rows = np.arange(1, 300, 3)
+    ridge = get_head("ridge").fit_rows(X, rows, y)
+    assert np.array_equal(ridge.predict_proba(X), get_head("ridge").fit(X[rows], y[rows]).predict_proba(X))
+    assert np.array_equal(ridge.predict_proba_rows(X, rows[::-1]), ridge.predict_proba(X[rows[::-1]]))
+    for name, params in (("majority", {}), ("shuffled-label", {"base": "mlp", "base_params": {"profile": "paper", "epochs": 1}}),
+                         ("shuffled-label", {"base": "ridge"})):
+        in_place = get_head(name, **params).fit_rows(X, rows, y)
+        copied = get_head(name, **params).fit(X[rows], y[rows])
+        assert np.array_equal(in_place.predict_proba_rows(X, rows[::-1]), copied.predict_proba(X[rows[::-1]]))
+    frozen = X.copy()
+    frozen.flags.writeable = False
+    mlp = MLPHead(profile="paper", epochs=1).fit_rows(frozen, rows, y)
+    assert np.array_equal(mlp.predict_proba(X), MLPHead(profile="paper", epochs=1).fit(X[rows], y[rows]).predict_proba(X))
+    with pytest.raises(InputDataError, match="No training cells"):
+        MLPHead().fit_rows(X, np.array([], dtype=np.int64), y)
+    with pytest.raises(InputDataError, match="300 rows but y has 10 labels"):
+        MLPHead().fit_rows(X, rows, y[:10])

@@ -235,3 +235,15 @@ def test_a_fold_that_backtracks_costs_the_others_no_pass(folds_data, monkeypatch
     fit_logreg_folds(X.copy(), y, train, tol=1e-5)
     assert passes[0] == max(alone)
     assert len(set(alone)) > 1  # the folds do need different numbers of evaluations
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_moments_of_rows_are_the_moments_of_their_copy(dtype):
+    rng = np.random.default_rng(4)
+    X = (rng.standard_normal((7000, 6)) * 2 + 300).astype(dtype)
+    rows = rng.permutation(7000)[:5100]
+    masks = rng.random((5100, 2)) < 0.5
+    for args in ((), (masks,)):
+        expected = column_moments(X[rows], *args, block_rows=512, threads=2)
+        got = column_moments(X, *args, block_rows=512, threads=2, rows=rows)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))  # the same bits, no copy of the rows

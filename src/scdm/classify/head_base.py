@@ -192,7 +192,11 @@ class BaseHead(abc.ABC):
         if y.shape[0] != X.shape[0]:
             msg = f"X has {X.shape[0]} rows but y has {y.shape[0]} labels; pass one label per cell."
             raise InputDataError(msg)
-        if X.shape[0] == 0:
+        return X, self._check_labels(y)
+
+    def _check_labels(self, y: np.ndarray) -> np.ndarray:
+        """The training labels as int64 0/1 (refused: none, other values, one class where both are needed)."""
+        if y.shape[0] == 0:
             msg = "No training cells (X has 0 rows)."
             raise InputDataError(msg)
         if not np.isin(y, (0, 1)).all():
@@ -202,7 +206,7 @@ class BaseHead(abc.ABC):
             msg = (f"{type(self).__name__} needs both classes in its training cells, but all {y.size} are "
                    f"{int(y[0])}; this task cannot be fitted (the grid records it as skipped).")
             raise InputDataError(msg)
-        return X, y.astype(np.int64)
+        return y.astype(np.int64)
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> BaseHead:
         """Fit on training cells.
@@ -226,6 +230,48 @@ class BaseHead(abc.ABC):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
+    def fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> BaseHead:
+        """Fit on the cells ``X[rows]`` with labels ``y[rows]``: the same fit as ``fit(X[rows], y[rows])``.
+
+        What the evaluation grid calls with a space's whole matrix and a fold's training rows.
+        A head that only reads its training cells in batches (``mlp``) never copies them, so a
+        fit of a 4 GB matrix's fold needs no second 4 GB; the others are fitted on the copy.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_cells, emb_dim)
+        rows : ndarray of int
+            Positions in ``X`` of the training cells, in training order.
+        y : ndarray of shape (n_cells,)
+            Labels of every row of ``X`` (only ``y[rows]`` is read).
+
+        Returns
+        -------
+        self
+        """
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        y = np.asarray(y).ravel()
+        if y.shape[0] != np.shape(X)[0]:
+            msg = f"X has {np.shape(X)[0]} rows but y has {y.shape[0]} labels; pass one label per cell."
+            raise InputDataError(msg)
+        if not self._fits_rows(X):
+            return self.fit(X[rows], y[rows])
+        self._validate_params()
+        labels = self._check_labels(y[rows])
+        t0 = time.perf_counter()
+        self._fit_rows(X, rows, labels)
+        self.n_features_in_ = X.shape[1]
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _fits_rows(self, X: np.ndarray) -> bool:
+        """Whether :meth:`_fit_rows` and :meth:`_predict_proba_rows` can read ``X`` as it is (default: no head does)."""
+        return False
+
+    def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
+        """Fit on ``X[rows]`` (``y``: their validated labels) without copying them; see :meth:`_fits_rows`."""
+        raise NotImplementedError  # pragma: no cover - only called where _fits_rows is True
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability that each cell is sensitive.
 
@@ -245,6 +291,32 @@ class BaseHead(abc.ABC):
             raise InputDataError(msg)
         return np.clip(np.asarray(self._predict_proba(X), dtype=np.float64).ravel(), 0.0, 1.0)
 
+    def predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``predict_proba(X[rows])``, the same numbers; heads that read rows in batches do not copy them.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_cells, emb_dim)
+        rows : ndarray of int
+            Positions in ``X`` of the cells to score, in output order.
+
+        Returns
+        -------
+        ndarray of shape (len(rows),)
+        """
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        if not self._fits_rows(X):
+            return self.predict_proba(X[rows])
+        check_fitted(self)
+        if X.shape[1] != self.n_features_in_:
+            msg = f"X has {X.shape[1]} columns but {type(self).__name__} was fitted on {self.n_features_in_}."
+            raise InputDataError(msg)
+        return np.clip(np.asarray(self._predict_proba_rows(X, rows), dtype=np.float64).ravel(), 0.0, 1.0)
+
+    def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Scores of ``X[rows]`` without copying them; see :meth:`_fits_rows`."""
+        raise NotImplementedError  # pragma: no cover - only called where _fits_rows is True
+
     @abc.abstractmethod
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
         """Fit on validated, labelled rows (set fitted attributes ending in ``_``)."""
@@ -262,7 +334,7 @@ _MOMENT_GROUPS = 8
 
 
 def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
-                   block_rows: int = 2048, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                   block_rows: int = 2048, threads: int = 1, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and standard deviation (ddof 0) of ``X``'s rows, or of each mask's rows.
 
     One pass over ``X`` in row blocks, shifted by a sample mean so the float32 sums do not
@@ -277,15 +349,19 @@ def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
     threads : int, default 1
         Threads that share the pass (numpy and BLAS release the GIL; run it under one BLAS thread
         each). The rows are summed in fixed groups, so the result is the same bits for any number.
+    rows : ndarray of int, optional
+        Read ``X[rows]`` instead of ``X``, block by block (no copy of those rows); the same bits
+        as ``column_moments(X[rows], ...)``. ``masks`` then has one row per entry of ``rows``.
 
     Returns
     -------
     mean, scale : ndarray of shape (emb_dim,) or (n_masks, emb_dim), float32
         Constant columns get scale 1.
     """
-    n, dim = X.shape
+    n, dim = X.shape if rows is None else (len(rows), X.shape[1])
     weights = np.ones((n, 1), np.float32) if masks is None else np.asarray(masks, np.float32)
-    shift = X[np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64)
+    sample = np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)
+    shift = X[sample if rows is None else rows[sample]].mean(axis=0, dtype=np.float64)
     shift32 = shift.astype(np.float32)
     starts = list(range(0, n, block_rows))
     per_group = max(1, -(-len(starts) // _MOMENT_GROUPS))
@@ -297,7 +373,13 @@ def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
         buffer = np.empty((min(block_rows, n), dim), np.float32)  # reused: fresh blocks cost page faults
         for lo in group:
             block = buffer[: min(block_rows, n - lo)]
-            np.subtract(X[lo:lo + block_rows], shift32, out=block)
+            if rows is None:
+                np.subtract(X[lo:lo + block_rows], shift32, out=block)
+            elif X.dtype == np.float32:
+                np.take(X, rows[lo:lo + block_rows], axis=0, out=block)
+                np.subtract(block, shift32, out=block)
+            else:
+                np.subtract(X[rows[lo:lo + block_rows]], shift32, out=block)
             w = weights[lo:lo + block_rows].T
             s1 += w @ block
             np.square(block, out=block)

@@ -92,23 +92,23 @@ __all__ = [
 ]
 
 
-def _standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (ddof 0) of the training rows; constant columns get scale 1."""
-    return column_moments(X)
+def _standardizer(X: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ddof 0) of the training rows (``X[rows]``); constant columns get scale 1."""
+    return column_moments(X, rows=rows)
 
 
-def _global_standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _global_standardizer(X: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Column means and one shared scale: the root mean square of the centred training values."""
-    mean, scale = column_moments(X)
+    mean, scale = column_moments(X, rows=rows)
     rms = float(np.sqrt(np.mean(np.square(scale.astype(np.float64)))))
     return mean, np.full_like(scale, rms if rms > 1e-12 else 1.0)
 
 
-def _scaling(X: np.ndarray, standardize: bool | str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(mean, scale) of the training rows for a head's ``standardize`` setting; (None, None) for False."""
+def _scaling(X: np.ndarray, standardize: bool | str, rows: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(mean, scale) of the training rows (``X[rows]``) for a head's ``standardize`` setting; (None, None) for False."""
     if standardize == "global":
-        return _global_standardizer(X)
-    return _standardizer(X) if standardize else (None, None)
+        return _global_standardizer(X, rows)
+    return _standardizer(X, rows) if standardize else (None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +128,15 @@ class MajorityHead(BaseHead):
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return np.full(X.shape[0], self.prior_)
+
+    def _fits_rows(self, X: np.ndarray) -> bool:
+        return True  # reads no embedding at all
+
+    def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
+        self._fit(X[:0], y)
+
+    def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.full(rows.size, self.prior_)
 
 
 class ShuffledLabelHead(BaseHead):
@@ -153,6 +162,20 @@ class ShuffledLabelHead(BaseHead):
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.head_.predict_proba(X)
+
+    def _fits_rows(self, X: np.ndarray) -> bool:
+        return get_head(self.base, **(self.base_params or {}))._fits_rows(X)
+
+    def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
+        # the same permutation of the training labels as _fit's, placed at their rows of X
+        rng = np.random.default_rng(self.seed)
+        self.permutation_ = rng.permutation(y.size)
+        placed = np.zeros(X.shape[0], dtype=y.dtype)
+        placed[rows] = y[self.permutation_]
+        self.head_ = get_head(self.base, **(self.base_params or {})).fit_rows(X, rows, placed)
+
+    def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return self.head_.predict_proba_rows(X, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,18 +786,34 @@ class MLPHead(BaseHead):
 
     # -- fit --------------------------------------------------------------------------------
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        self._fit_rows(np.ascontiguousarray(X, dtype=np.float32), None, y)
+
+    def _fits_rows(self, X: np.ndarray) -> bool:
+        # training reads its cells batch by batch (index_select), so a float32 matrix is read as it is
+        return (isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 2 and X.flags.c_contiguous
+                and X.flags.writeable)  # torch.from_numpy warns of a read-only array (it is never written)
+
+    def _fit_rows(self, X: np.ndarray, rows: np.ndarray | None, y: np.ndarray) -> None:
+        """Fit on ``X[rows]`` (all of ``X`` for None) with their labels ``y``, reading rows by index only."""
         import torch
 
         cfg = self.resolved()
         use_bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_supported())
-        self.mean_, self.scale_ = _scaling(X, cfg["standardize"])
+        self.mean_, self.scale_ = _scaling(X, cfg["standardize"], rows)
         self._affine: tuple[Any, Any] | None = None  # (1/scale, -mean/scale), built from these training statistics
         train_idx, val_idx = self._carve_validation(y, cfg["early_stopping"])
         self.n_train_ = int(train_idx.size)  # training cells after the validation carve-out
         self.batch_size_ = int(cfg["batch_size"] or mlp_batch_size(train_idx.size))
         self.lr_ = float(cfg["lr"] or mlp_learning_rate(self.batch_size_))
         self.output_ = cfg["loss"]
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        Xt = torch.from_numpy(X)
+        if rows is not None:
+            # positions among the training cells -> rows of X; every label read is y's, placed at those rows
+            train_idx = rows[train_idx]
+            val_idx = rows[val_idx] if val_idx is not None else None
+            placed = np.zeros(X.shape[0], dtype=y.dtype)
+            placed[rows] = y
+            y = placed
         with torch_seeded(self.seed):  # initialisation; training draws only from its own generator
             model = self.build_network(X.shape[1])
         if self.output_ == "logit":
@@ -907,16 +946,19 @@ class MLPHead(BaseHead):
 
     # -- predict ----------------------------------------------------------------------------
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        return self._predict_proba_rows(X, np.arange(X.shape[0]))
+
+    def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         import torch
 
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        Xt, picked = torch.from_numpy(X), torch.from_numpy(rows)
         # Heads saved before ``output_`` existed had two outputs trained with softmax cross-entropy.
         kind = getattr(self, "output_", None) or ("softmax" if self.model_[-1].out_features == 2 else "logit")
         out = []
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_):
-            for start in range(0, Xt.shape[0], 8192):
-                rows = torch.arange(start, min(start + 8192, Xt.shape[0]))
-                logits = self.model_(self._batch(Xt, rows)).float()
+            for start in range(0, picked.numel(), 8192):
+                logits = self.model_(self._batch(Xt, picked[start:start + 8192])).float()
                 if kind == "softmax":
                     out.append(torch.softmax(logits, dim=1)[:, 1])
                 else:  # one output, or the paper's "sensitive" output of two independent sigmoids

@@ -126,9 +126,9 @@ def fit_task(task: Task) -> Outcome:
             # domain adaptation (dann): the held-out study's cells are the unlabelled target; their labels are never read
             head.fit(space.X[train_pos], space.y[train_pos], target=space.X[test_pos])  # type: ignore[call-arg]
         else:
-            head.fit(space.X[train_pos], space.y[train_pos])
+            head.fit_rows(space.X, train_pos, space.y)  # mlp reads the rows in place; the others get a copy
         t1 = time.perf_counter()
-        proba = head.predict_proba(space.X[test_pos])
+        proba = head.predict_proba_rows(space.X, test_pos)
         t2 = time.perf_counter()
     except InputDataError as err:
         return Outcome(task, None, None, 0.0, 0.0, int(train_pos.size), error=str(err))
