@@ -738,7 +738,8 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
 @click.option("--pair-folds-with", help="Pooled folds stratified by this other label set, so two drugs of the same cells share one partition (paired comparison).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
               help="Head fits in parallel, one thread each. Default: per embedding space, one per CPU for a small "
-                   "matrix (under 4M values), one fit on every core for a larger one. Same results either way.")
+                   "matrix (under 4M values; its fits run on one thread either way, so the results equal --jobs 1's), "
+                   "one fit on every core for a larger one.")
 @click.option("--no-predictions", is_flag=True, help="Do not store per-cell test probabilities.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: head fits run as Ray tasks on a cluster (pip install 'scdm[ray]'); this process writes the catalog.")

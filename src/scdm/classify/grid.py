@@ -464,8 +464,8 @@ def evaluate(
         Parallel fits (threads sharing one copy of the embeddings), each on one math thread.
         Default (None): per space, one fit per CPU this process may use (affinity, cgroup quota,
         ``OMP_NUM_THREADS``) when its matrix is small (below :data:`SMALL_MATRIX` values), where a
-        fit cannot use several threads well; one fit at a time on every core for a larger matrix,
-        where each parallel fit would copy its training cells. The same results either way.
+        fit cannot use several threads well and runs on one either way (so the results equal
+        ``jobs=1``'s); one fit at a time, its products on every core, for a larger matrix.
     head_params : dict, optional
         Per-head constructor arguments, e.g. ``{"mlp": {"profile": "fast"}, "logreg": {"C": 0.1}}``;
         part of every task's identity.
@@ -615,8 +615,8 @@ def _space_jobs(space: Space, jobs: int | None, n_tasks: int) -> int:
 
     Fits of a small matrix run on one thread each (see :func:`_math_threads`), so one at a time
     leaves the other cores idle (``scdm demo``'s MLP fits took 63 s on one of two cores, 31 s on
-    both). A large matrix's products use every core in one fit, and parallel fits would each hold a
-    copy of their training cells.
+    both). A large matrix's products use every core in one fit (and lightgbm and dann fits copy
+    their training cells: parallel ones would hold several copies).
     """
     if jobs is not None:
         return jobs
