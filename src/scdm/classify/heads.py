@@ -786,7 +786,7 @@ class MLPHead(BaseHead):
 
     # -- fit --------------------------------------------------------------------------------
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        self._fit_rows(np.ascontiguousarray(X, dtype=np.float32), None, y)
+        self._fit_rows(X, None, y)
 
     def _fits_rows(self, X: np.ndarray) -> bool:
         # training reads its cells batch by batch (index_select), so a float32 matrix is read as it is
@@ -806,7 +806,7 @@ class MLPHead(BaseHead):
         self.batch_size_ = int(cfg["batch_size"] or mlp_batch_size(train_idx.size))
         self.lr_ = float(cfg["lr"] or mlp_learning_rate(self.batch_size_))
         self.output_ = cfg["loss"]
-        Xt = torch.from_numpy(X)
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))  # X itself where _fits_rows(X)
         if rows is not None:
             # positions among the training cells -> rows of X; every label read is y's, placed at those rows
             train_idx = rows[train_idx]
