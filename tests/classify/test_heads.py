@@ -461,3 +461,9 @@ def test_fit_rows_of_other_heads_and_of_read_only_matrices_fit_a_copy() -> None:
         MLPHead().fit_rows(X, np.array([], dtype=np.int64), y)
     with pytest.raises(InputDataError, match="300 rows but y has 10 labels"):
         MLPHead().fit_rows(X, rows, y[:10])
+    with pytest.raises(InputDataError, match=r"positions in 0\.\.299 .* got -1\.\.298"):
+        MLPHead().fit_rows(X, np.r_[-1, rows], y)  # numpy would read the last cell; refused instead
+    with pytest.raises(InputDataError, match=r"got 3\.\.300"):
+        mlp.predict_proba_rows(X, rows + 2)
+    with pytest.raises(InputDataError, match="integer positions"):
+        mlp.predict_proba_rows(X, rows.astype(float))

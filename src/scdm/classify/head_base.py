@@ -249,7 +249,7 @@ class BaseHead(abc.ABC):
         -------
         self
         """
-        rows = np.asarray(rows, dtype=np.int64).ravel()
+        rows = _checked_rows(rows, np.shape(X)[0])
         y = np.asarray(y).ravel()
         if y.shape[0] != np.shape(X)[0]:
             msg = f"X has {np.shape(X)[0]} rows but y has {y.shape[0]} labels; pass one label per cell."
@@ -304,7 +304,7 @@ class BaseHead(abc.ABC):
         -------
         ndarray of shape (len(rows),)
         """
-        rows = np.asarray(rows, dtype=np.int64).ravel()
+        rows = _checked_rows(rows, np.shape(X)[0])
         if not self._fits_rows(X):
             return self.predict_proba(X[rows])
         check_fitted(self)
@@ -324,6 +324,19 @@ class BaseHead(abc.ABC):
     @abc.abstractmethod
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability of the sensitive class for validated rows."""
+
+
+def _checked_rows(rows: np.ndarray, n_cells: int) -> np.ndarray:
+    """``rows`` as int64 positions, each in ``0..n_cells-1`` (no negative ones: they are not numpy's here)."""
+    rows = np.asarray(rows)
+    if rows.size and not np.issubdtype(rows.dtype, np.integer):
+        msg = f"rows must be integer positions of cells in X; got dtype {rows.dtype}."
+        raise InputDataError(msg)
+    rows = rows.astype(np.int64, copy=False).ravel()
+    if rows.size and (rows.min() < 0 or rows.max() >= n_cells):
+        msg = f"rows must be positions in 0..{n_cells - 1} (X has {n_cells} cells); got {rows.min()}..{rows.max()}."
+        raise InputDataError(msg)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
