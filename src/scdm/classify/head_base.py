@@ -179,9 +179,7 @@ class BaseHead(abc.ABC):
     @staticmethod
     def _check_X(X: np.ndarray) -> np.ndarray:
         X = np.asarray(X)
-        if X.ndim != 2:
-            msg = f"X must be a 2-D array (n_cells, emb_dim); got shape {X.shape}."
-            raise InputDataError(msg)
+        _require_matrix(X)
         if X.dtype != np.float32 and X.dtype != np.float64:
             X = X.astype(np.float32)
         return X
@@ -249,14 +247,14 @@ class BaseHead(abc.ABC):
         -------
         self
         """
-        rows = _checked_rows(rows, np.shape(X)[0])
-        y = np.asarray(y).ravel()
-        if y.shape[0] != np.shape(X)[0]:
-            msg = f"X has {np.shape(X)[0]} rows but y has {y.shape[0]} labels; pass one label per cell."
-            raise InputDataError(msg)
-        if not self._fits_rows(X):
-            return self.fit(X[rows], y[rows])
         self._validate_params()
+        X = np.asarray(X)
+        _require_matrix(X)
+        rows = _checked_rows(rows, X.shape[0])
+        y = np.asarray(y).ravel()
+        if y.shape[0] != X.shape[0]:
+            msg = f"X has {X.shape[0]} rows but y has {y.shape[0]} labels; pass one label per cell."
+            raise InputDataError(msg)
         labels = self._check_labels(y[rows])
         t0 = time.perf_counter()
         self._fit_rows(X, rows, labels)
@@ -264,13 +262,9 @@ class BaseHead(abc.ABC):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def _fits_rows(self, X: np.ndarray) -> bool:
-        """Whether :meth:`_fit_rows` and :meth:`_predict_proba_rows` can read ``X`` as it is (default: no head does)."""
-        return False
-
     def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
-        """Fit on ``X[rows]`` (``y``: their validated labels) without copying them; see :meth:`_fits_rows`."""
-        raise NotImplementedError  # pragma: no cover - only called where _fits_rows is True
+        """Fit on ``X[rows]`` with their validated labels ``y``; by default on a copy of those rows."""
+        self._fit(self._check_X(X[rows]), y)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability that each cell is sensitive.
@@ -286,9 +280,7 @@ class BaseHead(abc.ABC):
         """
         check_fitted(self)
         X = self._check_X(X)
-        if X.shape[1] != self.n_features_in_:
-            msg = f"X has {X.shape[1]} columns but {type(self).__name__} was fitted on {self.n_features_in_}."
-            raise InputDataError(msg)
+        self._check_columns(X)
         return np.clip(np.asarray(self._predict_proba(X), dtype=np.float64).ravel(), 0.0, 1.0)
 
     def predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -304,18 +296,21 @@ class BaseHead(abc.ABC):
         -------
         ndarray of shape (len(rows),)
         """
-        rows = _checked_rows(rows, np.shape(X)[0])
-        if not self._fits_rows(X):
-            return self.predict_proba(X[rows])
         check_fitted(self)
-        if X.shape[1] != self.n_features_in_:
-            msg = f"X has {X.shape[1]} columns but {type(self).__name__} was fitted on {self.n_features_in_}."
-            raise InputDataError(msg)
+        X = np.asarray(X)
+        _require_matrix(X)
+        self._check_columns(X)
+        rows = _checked_rows(rows, X.shape[0])
         return np.clip(np.asarray(self._predict_proba_rows(X, rows), dtype=np.float64).ravel(), 0.0, 1.0)
 
     def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Scores of ``X[rows]`` without copying them; see :meth:`_fits_rows`."""
-        raise NotImplementedError  # pragma: no cover - only called where _fits_rows is True
+        """Scores of ``X[rows]``; by default of a copy of those rows."""
+        return self._predict_proba(self._check_X(X[rows]))
+
+    def _check_columns(self, X: np.ndarray) -> None:
+        if X.shape[1] != self.n_features_in_:
+            msg = f"X has {X.shape[1]} columns but {type(self).__name__} was fitted on {self.n_features_in_}."
+            raise InputDataError(msg)
 
     @abc.abstractmethod
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
@@ -324,6 +319,12 @@ class BaseHead(abc.ABC):
     @abc.abstractmethod
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability of the sensitive class for validated rows."""
+
+
+def _require_matrix(X: np.ndarray) -> None:
+    if np.ndim(X) != 2:
+        msg = f"X must be a 2-D array (n_cells, emb_dim); got shape {np.shape(X)}."
+        raise InputDataError(msg)
 
 
 def _checked_rows(rows: np.ndarray, n_cells: int) -> np.ndarray:

@@ -129,11 +129,8 @@ class MajorityHead(BaseHead):
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return np.full(X.shape[0], self.prior_)
 
-    def _fits_rows(self, X: np.ndarray) -> bool:
-        return True  # reads no embedding at all
-
     def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
-        self._fit(X[:0], y)
+        self._fit(X[:0], y)  # reads no embedding at all
 
     def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return np.full(rows.size, self.prior_)
@@ -162,9 +159,6 @@ class ShuffledLabelHead(BaseHead):
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.head_.predict_proba(X)
-
-    def _fits_rows(self, X: np.ndarray) -> bool:
-        return get_head(self.base, **(self.base_params or {}))._fits_rows(X)
 
     def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
         # the same permutation of the training labels as _fit's, placed at their rows of X
@@ -786,14 +780,15 @@ class MLPHead(BaseHead):
 
     # -- fit --------------------------------------------------------------------------------
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        self._fit_rows(X, None, y)
+        self._train_on(X, None, y)
 
-    def _fits_rows(self, X: np.ndarray) -> bool:
-        # training reads its cells batch by batch (index_select), so a float32 matrix is read as it is
-        return (isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 2 and X.flags.c_contiguous
-                and X.flags.writeable)  # torch.from_numpy warns of a read-only array (it is never written)
+    def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
+        if _readable_in_place(X):
+            self._train_on(X, rows, y)
+        else:
+            self._fit(self._check_X(X[rows]), y)
 
-    def _fit_rows(self, X: np.ndarray, rows: np.ndarray | None, y: np.ndarray) -> None:
+    def _train_on(self, X: np.ndarray, rows: np.ndarray | None, y: np.ndarray) -> None:
         """Fit on ``X[rows]`` (all of ``X`` for None) with their labels ``y``, reading rows by index only."""
         import torch
 
@@ -806,7 +801,7 @@ class MLPHead(BaseHead):
         self.batch_size_ = int(cfg["batch_size"] or mlp_batch_size(train_idx.size))
         self.lr_ = float(cfg["lr"] or mlp_learning_rate(self.batch_size_))
         self.output_ = cfg["loss"]
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))  # X itself where _fits_rows(X)
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))  # X itself where rows are given
         if rows is not None:
             # positions among the training cells -> rows of X; every label read is y's, placed at those rows
             train_idx = rows[train_idx]
@@ -947,9 +942,12 @@ class MLPHead(BaseHead):
     # -- predict ----------------------------------------------------------------------------
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         X = np.ascontiguousarray(X, dtype=np.float32)
-        return self._predict_proba_rows(X, np.arange(X.shape[0]))
+        return self._score_rows(X, np.arange(X.shape[0]))
 
     def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return self._score_rows(X, rows) if _readable_in_place(X) else self._predict_proba(self._check_X(X[rows]))
+
+    def _score_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         import torch
 
         Xt, picked = torch.from_numpy(X), torch.from_numpy(rows)
@@ -964,6 +962,12 @@ class MLPHead(BaseHead):
                 else:  # one output, or the paper's "sensitive" output of two independent sigmoids
                     out.append(torch.sigmoid(logits[:, -1]))
         return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def _readable_in_place(X: np.ndarray) -> bool:
+    """Whether the MLP can gather batches straight from ``X`` (``torch.from_numpy`` without a copy or a warning)."""
+    # a read-only array (Ray's object store) is never written, but torch.from_numpy warns of it: copied rows instead
+    return X.dtype == np.float32 and X.flags.c_contiguous and X.flags.writeable
 
 
 def _fused_kwargs() -> dict[str, Any]:
