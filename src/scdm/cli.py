@@ -256,7 +256,8 @@ def main(ctx: click.Context, store_path: str | None, read_only: bool | None, ver
 @main.command()
 @click.argument("h5ad", type=click.Path(dir_okay=False))
 @dataset_options
-@click.option("--update", is_flag=True, help="Rewrite the cell metadata of an already stored dataset with the options given.")
+@click.option("--update", is_flag=True, help="Rewrite the cell metadata, or replace the labels of a relabelled column, of an "
+              "already stored dataset; the splits and results made from the old ones are removed.")
 @pass_ctx
 @user_errors
 def ingest(obj: Ctx, h5ad: str, name: str | None, no_copy: bool, update: bool, **options: Any) -> None:
@@ -267,7 +268,9 @@ def ingest(obj: Ctx, h5ad: str, name: str | None, no_copy: bool, update: bool, *
     (--*-key) or given as constants. Response labels (--label-key) become a named label set:
     1 = sensitive, 0 = resistant, NULL = unknown. Ingesting a stored matrix again with another
     label column adds a label set (one matrix, several drugs); the same labels again are a no-op;
-    other cell metadata is an error unless --update.
+    other labels in the same column (a relabelled file), or other cell metadata, are an error
+    unless --update, which rewrites them and removes the splits and evaluation results made from
+    the old ones (a warning says how many).
 
     \b
     Examples:
@@ -386,6 +389,9 @@ def export(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str |
 def rm(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str | None, variant: str, dry_run: bool, wait_s: float) -> None:
     """Delete an embedding (catalog rows and array together), or a dataset with --dataset alone.
 
+    Deleting a dataset also deletes the splits made on its cells and every evaluation result on
+    them, so no result is left that cannot be traced back to stored data.
+
     An embedding that a running job (`scdm embed`, `scdm finetune`) is writing is not deleted: the
     command refuses and names the job (pid, host, since when). Stop the job first, or --wait.
     """
@@ -394,7 +400,8 @@ def rm(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str | Non
         ds = st.dataset(dataset)
         if dry_run:
             n = len(st.query("SELECT 1 FROM embeddings WHERE dataset_id = ?", [ds.dataset_id]))
-            click.echo(f"would delete dataset {ds.name} ({ds.n_cells} cells) and its {n} embedding(s)")
+            click.echo(f"would delete dataset {ds.name} ({ds.n_cells} cells), its {n} embedding(s), and the splits "
+                       "and evaluation results made on its cells")
             return
         removed = st.remove_dataset(ds.name, wait_s=wait_s)
         click.echo(f"deleted dataset {ds.name} and {len(removed)} embedding(s)")
@@ -733,7 +740,9 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
               help="default: trains to convergence at every fold size (at least 500 optimiser steps, early stopping on "
                    "training cells); paper: scDrugMap's code (batch 128, 10 epochs, AdamW 1e-4, no scaling), which "
                    "under-trains small folds (10 steps on ~100 cells); fast: large batches, bf16 where available.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pooled folds and of the heads.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the pooled folds and of every head that takes one (mlp, lightgbm, shuffled-label and its "
+                   "base, dann); part of each head's parameters, so results of two seeds are separate rows.")
 @click.option("--label-set", help="Evaluate this label set of every dataset (default: each dataset's default; see `scdm ls --what labels`).")
 @click.option("--pair-folds-with", help="Pooled folds stratified by this other label set, so two drugs of the same cells share one partition (paired comparison).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,

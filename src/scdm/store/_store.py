@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from scdm.store import _claims, _ingest, _zarr, labels
+from scdm.store import splits as _splits
 from scdm.store import verify as _verify
 from scdm.store._catalog import Catalog
 from scdm.store._constants import (
@@ -709,8 +710,11 @@ class Store:
         The dataset's identity is its content (matrix, gene ids, cell ids). Ingesting content that
         is already stored with another ``label_key`` (or ``positive``/``unknown_values``/``drug``)
         adds a *label set* to the stored dataset (see :mod:`store.labels`); with the same labels it
-        is a no-op. Cell metadata that differs from what is stored (another study, tissue, ...) is
-        an error unless ``update=True``, which rewrites it.
+        is a no-op, with other labels from the same column (a relabelled file) an error unless
+        ``update=True``, which replaces them. Cell metadata that differs from what is stored
+        (another study, sample, tissue, ...) is an error unless ``update=True``, which rewrites it.
+        Either rewrite removes the splits made from the old labels or metadata and every
+        evaluation result on them (a warning says how many), so no old number is read as a new one.
 
         Parameters
         ----------
@@ -722,7 +726,8 @@ class Store:
             Keep a copy of the data inside the store (default). With ``False`` the store refers to
             the source file, which must then stay where it is.
         update
-            Rewrite the cell metadata of an already stored dataset with the options given here.
+            Rewrite the cell metadata, or replace the labels of a label set, of an already stored
+            dataset with what is given here (results made from the old ones are removed).
         **options
             Fields of :class:`store._ingest.IngestOptions`: ``label_key``, ``positive``,
             ``unknown_values``, ``study_key``/``study``, ``sample_key``/``sample``,
@@ -812,35 +817,65 @@ class Store:
             raise InputDataError(msg)
         have = labels.label_sets(self, info.dataset_id)
         label_set, created = None, False
+        forgotten = _splits.ForgottenSplits()
         with self.catalog.transaction() as con:
             if changed:
                 self._rewrite_metadata(con, info, cells, opts)
+                forgotten = _splits.forget_splits(con, _splits.stale_splits(con, info.dataset_id, changed=changed))
             if opts.label_key is not None:
-                label_set, created = self._label_set_for(con, info, have, cells["response"], opts)
+                label_set, created, relabelled = self._label_set_for(con, info, have, cells, opts, update=update)
+                forgotten = forgotten + relabelled
         if changed:
-            logger.warning("dataset %r: cell metadata rewritten (%s)", info.name, ", ".join(changed))
+            logger.warning("dataset %r: cell metadata rewritten (%s)%s", info.name, ", ".join(changed),
+                           f"; {forgotten.describe()}" if forgotten.splits else "")
         return _replace(self.dataset(info.dataset_id), label_set=label_set, label_set_created=created)
 
-    def _label_set_for(self, con: Any, info: DatasetInfo, have: list[labels.LabelSet], response: pd.Series,
-                       opts: _ingest.IngestOptions) -> tuple[str, bool]:
-        """The stored label set these options describe, adding it when it is new."""
+    def _label_set_for(self, con: Any, info: DatasetInfo, have: list[labels.LabelSet], cells: pd.DataFrame,
+                       opts: _ingest.IngestOptions, *, update: bool) -> tuple[str, bool, _splits.ForgottenSplits]:
+        """The stored label set these options describe, adding it when it is new.
+
+        The same source with other labels (the file was relabelled) is an error unless ``update``,
+        which replaces the stored labels and the splits and results made with them.
+        """
         name = labels.label_set_name(opts.label_key, opts.drug, opts.label_set)
         same = [ls for ls in have if ls.same_source(opts.label_key, opts.positive, opts.unknown_values, opts.drug)
                 and (opts.label_set is None or ls.name == opts.label_set)]
         if same:
-            return same[0].name, False
+            return self._same_label_set(con, info, same[0], cells, opts, update=update)
         clash = [ls for ls in have if ls.name == name]
         if clash:
             old = clash[0]
             msg = (f"Dataset {info.name!r} already has a label set {name!r} read from column {old.label_key!r} "
                    f"(positive={old.positive!r}, drug={old.drug!r}). Name the new one with --label-set NAME.")
             raise InputDataError(msg)
-        ls = self._add_label_set(con, info.dataset_id, response, opts, is_default=not have)
+        ls = self._add_label_set(con, info.dataset_id, cells["response"], opts, is_default=not have)
         if not have:
             labels.set_default(con, ls)
         logger.info("dataset %r: added label set %r (%d labelled cells, %d sensitive)", info.name, ls.name,
                     ls.n_labelled, ls.n_sensitive)
-        return ls.name, True
+        return ls.name, True, _splits.ForgottenSplits()
+
+    def _same_label_set(self, con: Any, info: DatasetInfo, old: labels.LabelSet, cells: pd.DataFrame,
+                        opts: _ingest.IngestOptions, *, update: bool) -> tuple[str, bool, _splits.ForgottenSplits]:
+        """A label set read again from its source: unchanged, refused, or (``update``) replaced."""
+        differ = labels.differing_cells(con, old, cells["response"])
+        if not differ.size:
+            return old.name, False, _splits.ForgottenSplits()
+        first = int(differ[0])
+        if not update:
+            msg = (f"Dataset {info.name!r} already has label set {old.name!r} from column {old.label_key!r} with other "
+                   f"labels: {differ.size} of {len(cells)} cells differ (first: cell {cells['cell_id'].iloc[first]!r}). "
+                   f"Pass --update (update=True) to replace the stored labels (the splits and results made with them "
+                   f"are removed), or --label-set NEW_NAME to keep both.")
+            raise InputDataError(msg)
+        ls = labels.replace_labels(con, old, cells["response"])
+        if ls.is_default:
+            labels.set_default(con, ls)
+        forgotten = _splits.forget_splits(con, _splits.stale_splits(con, info.dataset_id, label_set=old.name))
+        logger.warning("dataset %r: label set %r replaced (%d cells changed; %d labelled, %d sensitive)%s", info.name,
+                       old.name, differ.size, ls.n_labelled, ls.n_sensitive,
+                       f"; {forgotten.describe()}" if forgotten.splits else "")
+        return old.name, False, forgotten
 
     def _changed_metadata(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions) -> dict[str, tuple[Any, Any]]:
         """Metadata columns that these options set to other values than the stored ones."""
@@ -978,6 +1013,10 @@ class Store:
     def remove_dataset(self, dataset: str, *, wait_s: float = 0.0) -> list[str]:
         """Delete a dataset, its cells, genes, label sets and embeddings. Returns the removed embedding ids.
 
+        The splits of its cells and every evaluation result on them go too (a warning says how
+        many), and trained heads' predictions of its cells: no number is left that cannot be
+        traced back to stored data.
+
         Nothing is removed while a job writes one of its embeddings: that is refused (after waiting
         up to ``wait_s`` seconds for the jobs to end) with an error naming the jobs.
 
@@ -999,12 +1038,17 @@ class Store:
                     raise EmbeddingBusyError(msg)
                 con.execute("DELETE FROM embedding_chunks WHERE list_contains(?, embedding_id)", [ids])
                 con.execute("DELETE FROM embeddings WHERE list_contains(?, embedding_id)", [ids])
+                # results on its cells can no longer be traced to data: they go with it
+                forgotten = _splits.forget_splits(con, _splits.stale_splits(con, ds.dataset_id))
+                con.execute("DELETE FROM predictions WHERE dataset_id = ?", [ds.dataset_id])
                 tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()").fetchall()}
                 for table in ("cell_labels", "label_sets", "cells", "genes", "datasets"):
                     if table in tables:
                         con.execute(f"DELETE FROM {table} WHERE dataset_id = ?", [ds.dataset_id])
             for emb in embs:
                 self._forget_embedding(emb)
+        if forgotten.splits:
+            logger.warning("dataset %r removed; %s", ds.name, forgotten.describe())
         if ds.stored_path.startswith(DATASETS_DIR):
             (self.root / ds.stored_path).unlink(missing_ok=True)
         return ids

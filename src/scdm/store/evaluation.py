@@ -24,6 +24,8 @@ import pandas as pd
 from scdm.store.metrics import METRICS, FoldMetrics, compute_metrics
 
 if TYPE_CHECKING:
+    import duckdb
+
     from scdm.store._store import Store
     from scdm.store.splits import Split
 
@@ -39,6 +41,7 @@ __all__ = [
     "task_results",
     "run_skipped",
     "record_tasks",
+    "forget_tasks_on_splits",
 ]
 
 
@@ -266,3 +269,22 @@ def task_results(st: Store, task_ids: Sequence[str]) -> pd.DataFrame:
 def run_skipped(st: Store, run_id: str) -> pd.DataFrame:
     """The tasks a run skipped, with the reason."""
     return st.query("SELECT * FROM skipped_tasks WHERE run_id = ?", [run_id])
+
+
+def forget_tasks_on_splits(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str]) -> int:
+    """Delete every task evaluated on these splits, with its metrics, predictions and skip rows.
+
+    Store-internal, inside the caller's transaction: used when the cells a split was made from
+    changed (metadata rewritten, labels replaced, dataset removed), so that no result of the old
+    partition is read as one of the new. Returns the number of tasks deleted.
+    """
+    ids = list(split_ids)
+    if not ids:
+        return 0
+    row = con.execute("SELECT count(*) FROM eval_tasks WHERE list_contains(?, split_id)", [ids]).fetchone()
+    con.execute("DELETE FROM eval_predictions WHERE task_id IN "
+                "(SELECT task_id FROM eval_tasks WHERE list_contains(?, split_id))", [ids])
+    con.execute("DELETE FROM eval_results WHERE list_contains(?, split_id)", [ids])
+    con.execute("DELETE FROM eval_tasks WHERE list_contains(?, split_id)", [ids])
+    con.execute("DELETE FROM skipped_tasks WHERE list_contains(?, split_id)", [ids])
+    return int(row[0]) if row else 0

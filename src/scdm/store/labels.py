@@ -153,10 +153,7 @@ def write_label_set(con: duckdb.DuckDBPyConnection, dataset_id: str, name: str, 
                     label_key: str | None, positive: str | None, unknown_values: Sequence[str], drug: str | None,
                     is_default: bool) -> LabelSet:
     """Insert a label set and its cell labels inside the caller's transaction (store-internal)."""
-    y = pd.array(response, dtype="Int8")
-    known = ~pd.isna(y)
-    rows = np.flatnonzero(np.asarray(known, dtype=bool)).astype(np.int32)
-    values = np.asarray(y[np.asarray(known, dtype=bool)], dtype=np.int8)
+    rows, values = _known_labels(response)
     ls = LabelSet(label_set_id=label_set_id_of(dataset_id, name), dataset_id=dataset_id, name=name, label_key=label_key,
                   positive=positive, unknown_values=tuple(unknown_values), drug=drug, is_default=is_default,
                   n_labelled=int(rows.size), n_sensitive=int(values.sum()), labels_hash=labels_hash(rows, values))
@@ -170,6 +167,33 @@ def write_label_set(con: duckdb.DuckDBPyConnection, dataset_id: str, name: str, 
     finally:
         con.unregister("_scdm_cell_labels")
     return ls
+
+
+def _known_labels(response: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and values (int8) of the labelled cells of a per-cell response column."""
+    y = pd.array(response, dtype="Int8")
+    known = np.asarray(~pd.isna(y), dtype=bool)
+    return np.flatnonzero(known).astype(np.int32), np.asarray(y[known], dtype=np.int8)
+
+
+def differing_cells(con: duckdb.DuckDBPyConnection, ls: LabelSet, response: pd.Series) -> np.ndarray:
+    """Rows (sorted) where ``response`` (per cell, NA = unknown) differs from the stored label set."""
+    stored = np.full(len(response), -1, dtype=np.int8)
+    for row, value in con.execute('SELECT "row", response FROM cell_labels WHERE label_set_id = ?', [ls.label_set_id]).fetchall():
+        if 0 <= int(row) < len(stored):
+            stored[int(row)] = int(value)
+    given = np.full(len(response), -1, dtype=np.int8)
+    rows, values = _known_labels(response)
+    given[rows] = values
+    return np.flatnonzero(stored != given)
+
+
+def replace_labels(con: duckdb.DuckDBPyConnection, ls: LabelSet, response: pd.Series) -> LabelSet:
+    """Replace the cell labels of a stored label set, keeping its name, source and default flag (store-internal)."""
+    con.execute("DELETE FROM cell_labels WHERE label_set_id = ?", [ls.label_set_id])
+    con.execute("DELETE FROM label_sets WHERE label_set_id = ?", [ls.label_set_id])
+    return write_label_set(con, ls.dataset_id, ls.name, response, label_key=ls.label_key, positive=ls.positive,
+                           unknown_values=ls.unknown_values, drug=ls.drug, is_default=ls.is_default)
 
 
 def set_default(con: duckdb.DuckDBPyConnection, ls: LabelSet) -> None:

@@ -45,8 +45,11 @@ import numpy as np
 import pandas as pd
 
 from scdm.store.errors import InputDataError, ScdmWarning
+from scdm.store.evaluation import forget_tasks_on_splits
 
 if TYPE_CHECKING:
+    import duckdb
+
     from scdm.store import Store
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,9 @@ __all__ = [
     "save_splits",
     "split_datasets",
     "find_splits",
+    "ForgottenSplits",
+    "stale_splits",
+    "forget_splits",
 ]
 
 CATEGORY_TYPES: tuple[str, ...] = ("all", "tissue", "cancer_type", "drug_type", "regimen")
@@ -645,3 +651,62 @@ def find_splits(st: Store, dataset_ids: Sequence[str], *, scenario: str, categor
             and (not isinstance(ls, str) or sorted(ls.split(",")) == names)
             for ds, n, cat, ls in zip(frame["dataset_ids"], frame["n_cells"], frame["category"], frame["label_set"])]
     return frame[keep].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# splits made stale by a change of their cells (store-internal, inside the writer's transaction)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ForgottenSplits:
+    """What :func:`forget_splits` deleted, and what it left that was trained on those splits."""
+
+    splits: int = 0
+    tasks: int = 0
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters trained on a fold of a deleted split: kept, but no longer evaluated."""
+
+    def __add__(self, other: ForgottenSplits) -> ForgottenSplits:
+        return ForgottenSplits(self.splits + other.splits, self.tasks + other.tasks, self.adapters + other.adapters)
+
+    def describe(self) -> str:
+        text = f"{self.splits} splits and the {self.tasks} evaluation results made on them were removed"
+        if self.adapters:
+            text += (f"; {len(self.adapters)} LoRA adapters were tuned on their folds ({', '.join(self.adapters)}): "
+                     "their tuned embeddings are no longer evaluated, fine-tune again on the new splits")
+        return text
+
+
+def stale_splits(con: duckdb.DuckDBPyConnection, dataset_id: str, *, changed: Iterable[str] = (),
+                 label_set: str | None = None) -> list[str]:
+    """The stored splits of a dataset's cells that a change of those cells makes wrong.
+
+    ``label_set``: that label set's labels were replaced: the splits made with it (or paired with
+    its folds). ``changed``: these metadata columns were rewritten: a sample-only change affects
+    the ``sample`` scheme; study and category columns define cross folds, category membership and
+    the strata of ``cell`` folds, so any other change affects every split. Neither: the dataset is
+    removed, every split of its cells.
+    """
+    frame = con.execute(
+        "SELECT s.split_id, s.scheme, s.label_set, s.definition FROM splits s WHERE s.split_id IN "
+        "(SELECT DISTINCT split_id FROM split_assignments WHERE dataset_id = ?) ORDER BY s.split_id", [dataset_id]).df()
+    if label_set is not None:
+        names = frame["label_set"].fillna("").astype(str).str.split(",")
+        paired = frame["definition"].map(lambda d: json.loads(d).get("folds_from"))
+        keep = names.map(lambda n: label_set in n) | (paired == label_set)
+        frame = frame[keep.to_numpy(bool)]
+    elif set(changed) and set(changed) <= {"sample"}:
+        frame = frame[frame["scheme"] == "sample"]
+    return [str(v) for v in frame["split_id"]]
+
+
+def forget_splits(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str]) -> ForgottenSplits:
+    """Delete these splits, their fold assignments and every evaluation made on them."""
+    ids = list(split_ids)
+    if not ids:
+        return ForgottenSplits()
+    tasks = forget_tasks_on_splits(con, ids)
+    adapters = [r[0] for r in con.execute(
+        "SELECT adapter_id FROM adapters WHERE list_contains(?, split_id) ORDER BY adapter_id", [ids]).fetchall()]
+    for table in ("split_assignments", "split_folds", "splits"):
+        con.execute(f"DELETE FROM {table} WHERE list_contains(?, split_id)", [ids])
+    return ForgottenSplits(splits=len(ids), tasks=tasks, adapters=tuple(str(a) for a in adapters))
