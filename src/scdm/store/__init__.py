@@ -28,6 +28,7 @@ from scdm.store._zarr import default_chunk_rows
 from scdm.store.errors import (
     CatalogDamagedError,
     ChunkCorruptError,
+    DatasetFileChangedError,
     DatasetNotFoundError,
     EmbeddingBusyError,
     EmbeddingIncompleteError,
@@ -65,6 +66,7 @@ __all__ = [
     "ReadOnlyQueryError",
     "StoreFormatError",
     "StoreDamagedError",
+    "DatasetFileChangedError",
     "CatalogDamagedError",
     "ChunkCorruptError",
     "StoreReadOnlyError",

@@ -36,6 +36,7 @@ from scdm.store._constants import (
 )
 from scdm.store.errors import (
     ChunkCorruptError,
+    DatasetFileChangedError,
     DatasetNotFoundError,
     EmbeddingBusyError,
     EmbeddingIncompleteError,
@@ -803,8 +804,15 @@ class Store:
     def _add_label_set(self, con: Any, dataset_id: str, response: pd.Series, opts: _ingest.IngestOptions, *,
                        is_default: bool) -> labels.LabelSet:
         name = labels.label_set_name(opts.label_key, opts.drug, opts.label_set)
-        return labels.write_label_set(con, dataset_id, name, response, label_key=opts.label_key, positive=opts.positive,
-                                      unknown_values=opts.unknown_values, drug=opts.drug, is_default=is_default)
+        ls = labels.write_label_set(con, dataset_id, name, response, label_key=opts.label_key, positive=opts.positive,
+                                    unknown_values=opts.unknown_values, drug=opts.drug, is_default=is_default)
+        if ls.n_labelled and ls.n_sensitive in (0, ls.n_labelled):
+            # stored all the same (it can be pooled with other datasets), but alone every split of it is skipped
+            only = "sensitive" if ls.n_sensitive else "resistant"
+            logger.warning("label set %r holds one class only (%d labelled cells, all %s, read from column %r): it can be "
+                           "evaluated pooled with datasets that have the other class, never alone; check --label-key, "
+                           "--positive and --unknown-value if it should have both", name, ls.n_labelled, only, opts.label_key)
+        return ls
 
     def _ingest_again(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions, *,
                       update: bool) -> DatasetInfo:
@@ -1008,7 +1016,35 @@ class Store:
         if not path.exists():
             msg = f"The data of dataset {ds.name!r} is gone from {str(path)!r}. Restore the file or ingest it again."
             raise DatasetNotFoundError(msg)
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
+        try:
+            self._check_dataset_file(ds, adata, path)
+        except BaseException:
+            if backed and getattr(adata, "file", None) is not None:
+                adata.file.close()
+            raise
+        return adata
+
+    def _check_dataset_file(self, ds: DatasetInfo, adata: ad.AnnData, path: Path) -> None:
+        """Refuse a file that no longer holds the ingested cells and genes, in their order.
+
+        A ``--no-copy`` source (or a replaced copy) can change after ingest; read as is, its rows
+        would silently take the labels, embeddings and results of other cells.
+        """
+        problem = None
+        if adata.shape != (ds.n_cells, ds.n_genes):
+            problem = f"it holds {adata.n_obs} cells x {adata.n_vars} genes, ingested as {ds.n_cells} x {ds.n_genes}"
+        else:
+            stored_cells = self.query('SELECT cell_id FROM cells WHERE dataset_id = ? ORDER BY "row"', [ds.dataset_id])["cell_id"]
+            stored_genes = self.query("SELECT gene_id FROM genes WHERE dataset_id = ? ORDER BY idx", [ds.dataset_id])["gene_id"]
+            gene_ids = _ingest.gene_ids_of(adata, ds.options.get("gene_key"))
+            problem = (_first_difference("cell", np.asarray(adata.obs_names.astype(str), dtype=object), stored_cells.to_numpy())
+                       or _first_difference("gene", gene_ids, stored_genes.to_numpy()))
+        if problem:
+            msg = (f"The data file of dataset {ds.name!r} ({str(path)!r}) changed since it was ingested: {problem}. Its "
+                   "labels, embeddings and results belong to the ingested cells. Put the original file back, or remove "
+                   f"the dataset (scdm rm --dataset {ds.name}) and ingest the new file.")
+            raise DatasetFileChangedError(msg)
 
     def remove_dataset(self, dataset: str, *, wait_s: float = 0.0) -> list[str]:
         """Delete a dataset, its cells, genes, label sets and embeddings. Returns the removed embedding ids.
@@ -1477,6 +1513,15 @@ def _writable(adata: ad.AnnData) -> ad.AnnData:
     out = adata.copy() if adata.is_view else adata
     out = out.__class__(X=out.X, obs=obs, var=out.var, uns=out.uns, obsm=out.obsm, layers=out.layers)
     return out
+
+
+def _first_difference(kind: str, given: np.ndarray, stored: np.ndarray) -> str | None:
+    """Where a file's ids stop matching the ingested ones, in words (None: they all match)."""
+    bad = np.flatnonzero(given != stored)
+    if not bad.size:
+        return None
+    i = int(bad[0])
+    return f"{bad.size} {kind} ids differ from the ingested ones (position {i}: {given[i]!r}, ingested {stored[i]!r})"
 
 
 def _replace(info: DatasetInfo, **changes: Any) -> DatasetInfo:

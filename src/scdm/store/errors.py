@@ -17,6 +17,7 @@ __all__ = [
     "StoreDamagedError",
     "ChunkCorruptError",
     "CatalogDamagedError",
+    "DatasetFileChangedError",
     "StoreReadOnlyError",
     "StoreLockedError",
     "ReadOnlyQueryError",
@@ -89,6 +90,10 @@ class ChunkCorruptError(StoreDamagedError):
 
 class CatalogDamagedError(StoreDamagedError):
     """The catalog file (``catalog.duckdb``) cannot be read: truncated, overwritten or corrupted."""
+
+
+class DatasetFileChangedError(StoreDamagedError):
+    """The file behind a dataset no longer holds the cells and genes it was ingested with."""
 
 
 class StoreReadOnlyError(ScdmError, PermissionError):
