@@ -24,6 +24,7 @@ named ``dataset-<8 hex digits of its content hash>``, so two of them never colli
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -143,10 +144,23 @@ def _embed_stored(st: Store, dataset: str, model: str, checkpoint: str | os.Path
             raise InputDataError(msg)
         from scdm.embedding.runner import embed_baseline
 
+        _check_baseline_params(model, params)
         return embed_baseline(st, [dataset], model=model, progress=progress, **params)[0]
     from scdm.embedding.runner import embed as run_embed
 
     return run_embed(st, dataset, model, checkpoint, progress=progress, **params)
+
+
+_BASELINE_PARAMS = ("n_comps", "n_hvg", "target_sum", "normalized", "chunk_rows")
+
+
+def _check_baseline_params(model: str, params: dict[str, Any]) -> None:
+    unknown = sorted(set(params) - set(_BASELINE_PARAMS))
+    if unknown:
+        close = {u: difflib.get_close_matches(u, _BASELINE_PARAMS, n=1) for u in unknown}
+        hints = "; ".join(f"{u!r} (did you mean {c[0]!r}?)" if c else repr(u) for u, c in close.items())
+        msg = f"{model} takes the parameters {', '.join(_BASELINE_PARAMS)}; not {hints}."
+        raise InputDataError(msg)
 
 
 def evaluate(

@@ -623,8 +623,8 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
         from scdm.embedding import get_adapter
 
         get_adapter(model)  # an unknown model is refused before DATA is ingested
-    elif torch_compile:
-        raise click.UsageError(f"--compile applies to foundation models; {model} runs no neural network.")
+    else:
+        _refuse_model_options(model)
     st = obj.store if arrays_url is None else Store(obj.store.root, arrays_url=arrays_url)
     names = _resolve_datasets(st, data, name, no_copy, options)
     if model in BASELINES:
@@ -791,6 +791,28 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
                            ray_address=ray_address)
     board = leaderboard(st, run_id=None, category_types=["all"])
     echo_frame(format_leaderboard(board) if fmt == "table" else wide_leaderboard(board), fmt)
+
+
+_MODEL_ONLY_OPTIONS = ("checkpoint", "batch_size", "device", "precision", "torch_compile", "layer", "pooling", "max_genes",
+                       "seed", "params", "reference_quirks", "workers", "min_gene_fraction", "executor", "ray_address",
+                       "num_gpus_per_actor", "actors", "max_retries", "allow_non_counts", "allow_empty_cells")
+"""`scdm embed` options that only a foundation model reads: given to a baseline, they would be ignored."""
+
+
+def _refuse_model_options(model: str) -> None:
+    """A baseline given a checkpoint is refused; other foundation-model options get one warning line
+    (a loop over models may pass them to every model), never silence."""
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name in _MODEL_ONLY_OPTIONS
+             and ctx.get_parameter_source(p.name) not in (click.core.ParameterSource.DEFAULT, None)]
+    own = "its own options: --n-comps, --n-hvg, --normalized/--counts, --joint, --chunk-rows"
+    if any(p.name == "checkpoint" for p in given):
+        raise click.UsageError(f"{model} is fitted from the data and takes no --checkpoint; drop it ({own}).")
+    if any(p.name == "torch_compile" for p in given):
+        raise click.UsageError(f"--compile applies to foundation models; {model} runs no neural network.")
+    if given:
+        flags = ", ".join(p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0] for p in given)
+        logger.warning("%s is fitted from the data on the CPU and ignores %s (foundation-model options; %s)", model, flags, own)
 
 
 def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, ...]) -> list[str] | None:
