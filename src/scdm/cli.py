@@ -740,9 +740,9 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
               help="default: trains to convergence at every fold size (at least 500 optimiser steps, early stopping on "
                    "training cells); paper: scDrugMap's code (batch 128, 10 epochs, AdamW 1e-4, no scaling), which "
                    "under-trains small folds (10 steps on ~100 cells); fast: large batches, bf16 where available.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the pooled folds and of every head that takes one (mlp, lightgbm, shuffled-label and its "
-                   "base, dann); part of each head's parameters, so results of two seeds are separate rows.")
+                   "base, dann); recorded in each head's parameters.")
 @click.option("--label-set", help="Evaluate this label set of every dataset (default: each dataset's default; see `scdm ls --what labels`).")
 @click.option("--pair-folds-with", help="Pooled folds stratified by this other label set, so two drugs of the same cells share one partition (paired comparison).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,

@@ -275,3 +275,58 @@ def test_default_jobs_fit_a_large_space_one_at_a_time_on_every_core(monkeypatch:
     assert grid._space_jobs(small, None, 0) == 1
     assert grid._space_jobs(large, None, 20) == 1  # parallel fits would each copy their training cells
     assert grid._space_jobs(large, 4, 20) == 4  # an explicit jobs is kept
+
+
+def _task_params(st: Store, run_id: str) -> dict[str, dict]:
+    frame = st.query("SELECT DISTINCT head, head_params FROM eval_tasks WHERE run_id = ?", [run_id])
+    return {h: json.loads(p) for h, p in zip(frame["head"], frame["head_params"])}
+
+
+def test_the_seed_reaches_every_head_that_takes_one(st: Store) -> None:
+    from scdm.classify.heads import get_head
+
+    write_pca(st, "pca-joint", 6)
+    mlp = {"profile": "fast", "epochs": 1}
+    common = {"heads": ["ridge", "shuffled-label", "mlp"], "scenarios": ["pooled"], "by": ["all"]}
+    shuffled_mlp = {"base": "mlp", "base_params": mlp}
+    seeded = run(st, seed=3, head_params={"mlp": mlp, "shuffled-label": shuffled_mlp}, **common)
+    params = _task_params(st, seeded.run_id)
+    assert params["mlp"]["seed"] == 3 and params["shuffled-label"]["seed"] == 3
+    assert params["shuffled-label"]["base_params"] == {**mlp, "seed": 3}  # its base is seeded too
+    assert "seed" not in params["ridge"]  # ridge takes no seed: its parameters are as they were
+    assert set(seeded.results["seed"]) == {3}  # and the folds
+    # a head given its own seed keeps it
+    own = run(st, seed=3, head_params={"mlp": {**mlp, "seed": 7}}, **common)
+    assert _task_params(st, own.run_id)["mlp"]["seed"] == 7
+    # the default seed leaves every head's parameters (and so the task ids of existing stores) as they were
+    default = run(st, head_params={"mlp": mlp}, **common)
+    params = _task_params(st, default.run_id)
+    assert params["mlp"] == json.loads(get_head("mlp", **mlp).params_key())
+    assert params["shuffled-label"] == json.loads(get_head("shuffled-label").params_key())
+
+
+def test_stored_metrics_are_those_of_the_stored_predictions(st: Store) -> None:
+    """Metrics are scored on the probabilities as stored (float32): recomputing them from eval_predictions gives them back."""
+    from scdm.classify.metrics import compute_metrics
+
+    cells = st.cells(["a375"]).sort_values("row").reset_index(drop=True)
+    y = cells["response"].to_numpy(np.int64)
+    x = y.astype(np.float32)  # training cells: the score is about the label
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    far = [pos[0], neg[0], pos[1], neg[1]]
+    # far out, labels interleaved: probabilities distinct in float64, all 1.0 once rounded to float32
+    x[far] = [7.0, 7.1, 7.2, 7.3]
+    emb = st.create_embedding("a375", model="line", params={"n_components": 1}, dim=1)
+    for chunk in range(emb.n_chunks):
+        lo, hi = emb.chunk_bounds(chunk)
+        emb.write_chunk(chunk, x[lo:hi, None])
+    emb.finalize()
+    custom = cells[["dataset_id", "row"]].copy()
+    custom["fold"] = np.where(np.isin(np.arange(len(cells)), [*far, pos[2], neg[2]]), "test", "train")
+    run(st, embeddings=[emb.embedding_id], scenarios=["custom"], custom=custom, by=["all"], heads=["ridge"])
+    preds = st.query("SELECT y_true, proba FROM eval_predictions ORDER BY dataset_id, row")
+    assert (preds["proba"] == 1.0).sum() == 4  # the rounding ties them
+    recomputed = compute_metrics(preds["y_true"].to_numpy(), preds["proba"].to_numpy())
+    stored = st.query("SELECT metric, value FROM eval_results").set_index("metric")["value"]
+    for metric in METRICS:
+        assert stored[metric] == recomputed[metric], metric  # exactly, not approximately

@@ -489,3 +489,26 @@ def test_a_result_missing_folds_is_marked_incomplete(tmp_path: Path) -> None:
     folds = next(text for a, text in cells if "data-folds" in a)
     assert folds == "3/5 incomplete"
     assert "1 incomplete result" in out.read_text()
+
+
+def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp_path: Path) -> None:
+    from scdm.embedding.runner import embed
+
+    st = Store(tmp_path / "store")
+    jhu006 = DATA / "JHU006_HNSCC_Kinker2020.h5ad"
+    st.ingest(jhu006, name="jhu006", label_key="response_Gefitinib", drug="Gefitinib", study="JHU006")
+    st.ingest(jhu006, label_key="response_Vorinostat", drug="Vorinostat")
+    embed(st, "jhu006", "pca", n_comps=4, progress=False)
+    common = {"scenarios": ["pooled"], "by": ["all"], "heads": ["ridge"], "folds": 3, "silent": True}
+    evaluate(st, label_set="Vorinostat", **common)
+    evaluate(st, label_set="Vorinostat", pair_folds_with="Gefitinib", **common)  # same protocol, another partition
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1", "auroc"])
+    tables = _tables(out)
+    column = _header(tables, "lb-all").index("Split")
+    rows = [(attrs, cells) for attrs, cells in tables["lb-all"] if "data-model" in attrs]
+    texts = {attrs["data-split"]: cells[column][1] for attrs, cells in rows}
+    assert len(rows) == 2 and len(set(texts.values())) == 2
+    paired = st.query("SELECT split_id FROM splits WHERE json_extract_string(definition, '$.folds_from') = 'Gefitinib'")
+    for split_id, text in texts.items():
+        suffix = " (folds of Gefitinib)" if split_id == paired["split_id"].iloc[0] else ""
+        assert text == f"cell k=3 seed 0 · {split_id[:8]}{suffix}"

@@ -115,6 +115,54 @@ def test_training_metrics_copied_from_evaluation_of_same_configuration(st: Store
     assert rows.loc[head_id, "train_metrics"] is not None and rows.drop(head_id)["train_metrics"].isna().all()
 
 
+JHU006 = Path(__file__).resolve().parents[1] / "data" / "JHU006_HNSCC_Kinker2020.h5ad"
+
+
+def _split_means(st: Store, head: str, metric: str) -> dict[str, float]:
+    frame = st.query("SELECT split_id, avg(value) AS v FROM eval_results WHERE head = ? AND metric = ? GROUP BY split_id",
+                     [head, metric])
+    return dict(zip(frame["split_id"], frame["v"]))
+
+
+def test_training_metrics_come_only_from_splits_of_the_training_cells_one_entry_per_split(
+        st: Store, a375_values: np.ndarray) -> None:
+    st.ingest(JHU006, name="jhu006", label_key="response_Gefitinib", drug="Gefitinib", study="Kinker2020",
+              tissue="head and neck", cancer_type="HNSCC", drug_type="targeted", regimen="EGFR inhibitor")
+    a375 = write_embedding(st, "a375", a375_values)
+    jhu = write_embedding(st, "jhu006", _scores(ad.read_h5ad(JHU006), 8))
+    common = {"by": ["all"], "heads": ["ridge"], "silent": True}
+    evaluate(st, [a375, jhu], scenarios=["pooled"], folds=5, **common)
+    evaluate(st, [a375, jhu], scenarios=["pooled"], folds=3, **common)
+    evaluate(st, [a375, jhu], scenarios=["cross"], **common)
+    evaluate(st, [a375], scenarios=["pooled"], folds=3, **common)
+    st.ingest(JHU006, label_key="response_Vorinostat", drug="Vorinostat")  # a second label set of the same cells
+    evaluate(st, [jhu], scenarios=["pooled"], folds=3, label_set="Vorinostat", **common)
+    evaluate(st, [jhu], scenarios=["pooled"], folds=3, **common)
+    means = _split_means(st, "ridge", "auroc")
+    splits = st.query("SELECT split_id, scenario, n_folds, datasets, label_set FROM splits").set_index("split_id")
+
+    def auroc_entries(head_id: str) -> list[dict]:
+        row = trained_heads(st).set_index("head_id").loc[head_id]
+        return [m for m in json.loads(row["train_metrics"]) if m["metric"] == "auroc"]
+
+    # a head on A375 alone: only the A375-only split, none of the pooled-with-JHU006 ones
+    (only,) = auroc_entries(train_head(st, [a375], head="ridge"))
+    assert splits.loc[only["split_id"], "datasets"] == "a375"
+    assert (only["scenario"], only["scheme"], only["k"], only["seed"], only["n_folds"]) == ("pooled", "cell", 3, 0, 3)
+    assert only["mean"] == pytest.approx(means[only["split_id"]])
+    # a head on both: one entry per split of both datasets (5 folds, 3 folds, leave-one-study-out), never averaged
+    both = auroc_entries(train_head(st, [a375, jhu], head="ridge"))
+    assert sorted((m["scenario"], m["k"]) for m in both) == [("cross", 2), ("pooled", 3), ("pooled", 5)]
+    assert len({m["split_id"] for m in both}) == 3
+    assert all(splits.loc[m["split_id"], "datasets"] == "a375,jhu006" for m in both)
+    for m in both:
+        assert m["mean"] == pytest.approx(means[m["split_id"]])
+    assert next(m for m in both if m["scenario"] == "cross")["seed"] is None
+    # a head on JHU006's default labels (Gefitinib): the Vorinostat split of the same cells is left out
+    (gef,) = auroc_entries(train_head(st, [jhu], head="ridge"))
+    assert splits.loc[gef["split_id"], "label_set"] == "Gefitinib" and gef["mean"] == pytest.approx(means[gef["split_id"]])
+
+
 def test_tampered_artifact_is_refused(st: Store, a375_values: np.ndarray) -> None:
     write_embedding(st, "a375", a375_values)
     head_id = train_head(st, dataset="a375", model="pca-test", head="logreg")

@@ -511,3 +511,17 @@ def test_grid_evaluates_a_lora_variant_only_on_its_own_folds_test_cells(gf_store
     predicted = set(st.query("SELECT p.row FROM eval_predictions p JOIN eval_tasks t USING (task_id) "
                              "WHERE t.head = 'logreg' AND t.variant LIKE 'lora:%'")["row"])
     assert predicted and not (predicted & trained)
+
+
+def test_tuned_embeddings_of_a_removed_split_are_left_out_with_a_warning(gf_store, caplog):
+    from scdm.classify.grid import evaluate
+
+    st, ckpt = gf_store
+    finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    embed(st, "planted", "geneformer", ckpt, progress=False)  # a frozen space beside the tuned one
+    st.ingest(st.open_anndata("planted", backed=False), study="one study", update=True)  # the splits' strata change
+    assert st.query("SELECT count(*) AS n FROM splits")["n"].iloc[0] == 0
+    with caplog.at_level("WARNING", logger="scdm"):
+        summary = evaluate(st, heads=["majority"], scenarios=["pooled"], by=["all"], folds=2, split_scheme="cell", silent=True)
+    assert "tuned embeddings" in caplog.text and "fine-tune again" in caplog.text
+    assert summary.n_done == 2  # the frozen space is still evaluated, on the new split

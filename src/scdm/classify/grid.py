@@ -35,6 +35,7 @@ import pandas as pd
 
 from scdm.classify._threads import cpu_budget, current_blas_threads, gemm_threads, map_solves, solve_threads
 from scdm.classify.heads import (
+    HEADS,
     GramStats,
     RidgeHead,
     get_head,
@@ -57,7 +58,7 @@ from scdm.store.errors import (
     EmbeddingNotFoundError,
     InputDataError,
 )
-from scdm.store.splits import CATEGORY_TYPES, load_split, make_splits, save_splits
+from scdm.store.splits import CATEGORY_TYPES, load_split, make_splits, save_splits, shared_partitions
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -451,7 +452,11 @@ def evaluate(
         ``cell`` (see :func:`scdm.store.splits.resolve_split_scheme`); every result records the
         scheme it used.
     seed : int, default 0
-        Seed of the pooled folds.
+        Seed of the pooled folds and of every head that takes one (``mlp``, ``lightgbm``,
+        ``shuffled-label`` and its base, ``dann``), unless ``head_params`` gives that head its own
+        ``seed``. The heads' seed is part of their parameters (and of every task's identity); the
+        default 0 is their own default, so its tasks are the ones fitted before the seed reached
+        the heads.
     label_set : str, optional
         Name of the label set to evaluate (every dataset of a space must have one of that name;
         see :mod:`store.labels`). Default: each dataset's default label set. Results of different
@@ -502,7 +507,7 @@ def evaluate(
     st = open_store(store)
     started = time.perf_counter()
     heads = list(dict.fromkeys(heads))
-    head_params = dict(head_params or {})
+    head_params = _seeded_head_params(heads, dict(head_params or {}), seed)
     for head in heads:  # validate names and parameters before any work
         get_head(head, **head_params.get(head, {})).validate_params()
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
@@ -524,6 +529,7 @@ def evaluate(
               "heads": heads, "head_params": head_params, "folds": folds, "split_scheme": split_scheme, "seed": seed,
               "jobs": "auto" if jobs is None else jobs, "save_predictions": save_predictions, "executor": executor, "label_set": label_set,
               "pair_folds_with": pair_folds_with}
+    spaces = [space for space in spaces if space.lora is None or _lora_split_kept(st, space)]
     for space in spaces:  # labels and splits are checked before a run is recorded
         space.cells = _labelled_cells(st, space, label_set, pair_folds_with)
         if space.lora is not None:
@@ -543,6 +549,7 @@ def evaluate(
             pool = RayGrid(ray_address)
         for space in spaces:
             save_splits(st, space.splits)
+            space.splits = shared_partitions(st, space.splits)  # tasks of a shared partition report the label set asked
             tasks, skipped = _plan(space, heads, head_params)
             for row in skipped:
                 writer.skip(row)
@@ -595,9 +602,64 @@ def evaluate(
     results = records.task_results(st, all_ids)
     skipped_frame = records.run_skipped(st, run_id)
     logger.info("run %s: %d tasks fitted, %d reused, %d skipped in %.1f s", run_id, n_done, n_reused, n_skipped, seconds)
+    if n_skipped:
+        _report_skipped(skipped_frame, nothing_evaluated=n_done + n_reused == 0)
     return EvalSummary(run_id=run_id, n_tasks=len(all_ids), n_done=n_done, n_reused=n_reused, n_skipped=n_skipped,
                        seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=_schemes_used(spaces, split_scheme),
                        results=results, skipped=skipped_frame)
+
+
+def _report_skipped(skipped: pd.DataFrame, *, nothing_evaluated: bool) -> None:
+    """Why tasks were skipped, most frequent reasons first: a warning when nothing could be evaluated."""
+    if skipped.empty:
+        return
+    counts = skipped["reason"].value_counts()
+    reasons = "; ".join(f"{reason} ({n} tasks)" for reason, n in counts.head(3).items())
+    more = f"; {len(counts) - 3} other reasons" if len(counts) > 3 else ""
+    level = logging.WARNING if nothing_evaluated else logging.INFO
+    logger.log(level, "%d tasks skipped%s: %s%s (all of them: the skipped_tasks table)", len(skipped),
+               ", nothing could be evaluated" if nothing_evaluated else "", reasons, more)
+
+
+def _lora_split_kept(st: Store, space: Space) -> bool:
+    """Whether a LoRA-tuned space's split is still stored (it goes when its cells' labels or metadata change)."""
+    assert space.lora is not None
+    split_id, fold = space.lora
+    if len(st.query("SELECT 1 FROM splits WHERE split_id = ?", [split_id])):
+        return True
+    logger.warning("%s tuned embeddings %s are left out: they were tuned on fold %d of split %s, which was removed when "
+                   "the labels or metadata of its cells changed; fine-tune again (scdm finetune) on the new splits",
+                   space.model, ",".join(space.embedding_ids), fold, split_id)
+    return False
+
+
+def _seeded_head_params(heads: Sequence[str], head_params: dict[str, dict[str, Any]], seed: int) -> dict[str, dict[str, Any]]:
+    """``head_params`` with the run's ``seed`` given to every head in ``heads`` that takes one and was given none."""
+    out = dict(head_params)
+    for head in heads:
+        if head in HEADS:  # an unknown name is refused with the registered ones by get_head
+            out[head] = _with_seed(head, dict(out.get(head, {})), seed)
+    return out
+
+
+def _takes_seed(head: str) -> bool:
+    return head in HEADS and "seed" in HEADS[head].param_names()
+
+
+def _with_seed(head: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A head's parameters with ``seed`` where it takes one and none is given; a shuffled-label head's base too.
+
+    Every head's own default seed is 0: ``seed=0`` leaves every parameter key (and task id) as it
+    was, so the base's parameters of a shuffled-label head only get a seed that differs from it.
+    """
+    if _takes_seed(head) and "seed" not in params:
+        params["seed"] = seed
+    if head == "shuffled-label" and seed != 0:
+        base = params.get("base", HEADS[head]().get_params()["base"])
+        base_params = dict(params.get("base_params") or {})
+        if isinstance(base, str) and _takes_seed(base) and "seed" not in base_params:
+            params["base_params"] = {**base_params, "seed": seed}
+    return params
 
 
 def _schemes_used(spaces: Sequence[Space], asked: str) -> str:

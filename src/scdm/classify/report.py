@@ -66,7 +66,7 @@ from markupsafe import Markup
 from scdm.classify import _plots
 from scdm.classify._plots import CATEGORY_LABELS, METRIC_LABELS, Palette, Series
 from scdm.classify.metrics import METRICS
-from scdm.classify.results import LEADERBOARD_KEYS
+from scdm.classify.results import LEADERBOARD_KEYS, split_labels
 from scdm.store.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -184,9 +184,10 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
         f"SELECT {_KEYS},\n"
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
+        "       any_value(json_extract_string(s.definition, '$.folds_from')) AS folds_from,  -- pair_folds_with: whose partition\n"
         f"       sum(r.n_test) FILTER (WHERE r.metric = {_lit(first)}) AS n_test,\n       "
         + ",\n       ".join(aggregates) + "\n"
-        "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
+        "FROM r LEFT JOIN expected e ON e.split_id = r.split_id LEFT JOIN splits s ON s.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
         f"GROUP BY {_KEYS}\n"
         f"ORDER BY {order}, r.datasets, r.label_set, r.scheme, r.k, r.seed, r.head, r.head_params,\n"
@@ -992,6 +993,12 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
             best[keys] = {m: group[f"{m}_mean"].max() for m in metrics}
     headers = [first[1], "Datasets", "Label set", "Split", "Model", "Head", "Folds",
                *[METRIC_LABELS.get(m, m) for m in metrics], "Test cells"]
+    # two results differing only by their split (paired folds, or another partition of the same protocol) are named
+    frame["split_text"] = [_protocol_text(r["scheme"], r["k"], r["seed"]) for _, r in frame.iterrows()]
+    shown = [group_col, "datasets", "label_set", "split_text", "series", "head_label"]
+    folds_from = {str(i): str(f) for i, f in zip(frame["split_id"], frame["folds_from"]) if not _missing(f)}
+    labels = split_labels(frame, shown, folds_from=folds_from)
+    frame["split_text"] = [t + (f" · {lab}" if lab else "") for t, lab in zip(frame["split_text"], labels)]
     rows = []
     for _, r in frame.iterrows():
         done = int(r["folds_done"])
@@ -1004,7 +1011,7 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
                  "seed": _text(r["seed"], integer=True), "folds-done": done,
                  "folds-expected": "" if expected is None else expected, "complete": str(complete).lower()}
         cells = [str(r[group_col]), _text(r["datasets"]).replace(",", ", "), _text(r["label_set"]),
-                 _protocol_text(r["scheme"], r["k"], r["seed"]), r["series"], r["head_label"]]
+                 r["split_text"], r["series"], r["head_label"]]
         best_here = best.get((r[group_col], r["split_id"], r["head_label"]), {})
         metric_cells = []
         for m in metrics:

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "ROW_KEYS", "format_leaderboard", "leaderboard", "leaderboard_notes", "wide_leaderboard",
-           "with_signed_partner"]
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "ROW_KEYS", "format_leaderboard", "leaderboard", "leaderboard_notes", "split_labels",
+           "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
                                      "scheme", "k", "seed", "category_type", "category", "head", "head_params")
@@ -71,10 +71,11 @@ def leaderboard(
         Columns :data:`LEADERBOARD_KEYS`, ``metric``, ``mean``, ``sd`` (sample sd over folds; NULL
         with one fold), ``n_folds`` (folds where the metric has a value: the n of this mean),
         ``n_null`` (folds where it is undefined), ``n_test`` (test cells, all folds),
-        ``folds_done`` (folds with a result), ``folds_expected`` (evaluable folds of the split) and
+        ``folds_done`` (folds with a result), ``folds_expected`` (evaluable folds of the split),
         ``complete`` (every evaluable fold has a result; an interrupted run is resumed by running
-        ``scdm evaluate`` again). Sorted by scenario, category type, category, metric and
-        descending mean.
+        ``scdm evaluate`` again) and ``folds_from`` (the label set whose partition the pooled folds
+        are, ``pair_folds_with``; NULL otherwise). Sorted by scenario, category type, category,
+        metric and descending mean.
     """
     from scdm.store import open_store
 
@@ -119,8 +120,9 @@ def leaderboard(
             WHERE {' AND '.join(where)}
             GROUP BY {keys}, r.metric
         )
-        SELECT g.*, e.folds_expected, g.folds_done >= COALESCE(e.folds_expected, 0) AS complete
-        FROM g LEFT JOIN expected e USING (split_id)
+        SELECT g.*, e.folds_expected, g.folds_done >= COALESCE(e.folds_expected, 0) AS complete,
+               json_extract_string(s.definition, '$.folds_from') AS folds_from
+        FROM g LEFT JOIN expected e USING (split_id) LEFT JOIN splits s USING (split_id)
         ORDER BY scenario, category_type, category, metric, mean DESC NULLS LAST
     """
     return st.query(sql, args)
@@ -159,26 +161,62 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
     -------
     DataFrame
         :data:`ROW_KEYS`, ``split_id``, ``folds_done``, ``folds_expected``, ``complete`` and three
-        numeric columns per metric (pandas reads them as numbers; NaN where undefined).
+        numeric columns per metric (pandas reads them as numbers; NaN where undefined). The columns
+        are always these, with the same dtypes, even on an empty board or for a metric the board
+        lacks (its columns are then NaN/NA).
+
+    Raises
+    ------
+    InputDataError
+        A metric that is not one of :data:`METRICS`.
     """
-    metrics = [m for m in metrics if not board.empty and m in set(board["metric"])]
+    metrics = _known_metrics(metrics)
     keys = [*ROW_KEYS, "split_id"]
-    if board.empty:
-        return pd.DataFrame(columns=[*keys, "folds_done", "folds_expected", "complete",
-                                     *[f"{m}{x}" for m in metrics for x in ("", "_sd", "_n")]])
-    board = _labelled(board)
-    frame = board[board["metric"].isin(metrics)].copy()
+    frame = board[board["metric"].isin(metrics)]
+    if frame.empty:
+        return _empty_wide(metrics)
+    frame = _labelled(frame)
     frame["seed"] = frame["seed"].fillna(-1).astype(int)  # cross-data splits have no seed; NA cannot be an index key
     wide = frame.set_index([*keys, "metric"])[["mean", "sd", "n_folds"]].unstack("metric")
     out = pd.DataFrame(index=wide.index)
+    present = set(frame["metric"])
     for m in metrics:
-        out[m] = wide[("mean", m)].astype(float)
-        out[f"{m}_sd"] = wide[("sd", m)].astype(float)
-        out[f"{m}_n"] = wide[("n_folds", m)].astype("Int64")
+        out[m] = wide[("mean", m)].astype(float) if m in present else float("nan")
+        out[f"{m}_sd"] = wide[("sd", m)].astype(float) if m in present else float("nan")
+        out[f"{m}_n"] = wide[("n_folds", m)].astype("Int64") if m in present else pd.array([pd.NA] * len(out), "Int64")
     folds = frame.groupby(keys)[["folds_done", "folds_expected", "complete"]].first()
     out = out.join(folds).reset_index()
     out["seed"] = out["seed"].astype("Int64").where(out["seed"] >= 0)
-    return out[[*keys, "folds_done", "folds_expected", "complete", *[f"{m}{x}" for m in metrics for x in ("", "_sd", "_n")]]]
+    return out[[*keys, *_FOLD_COLUMNS, *_metric_columns(metrics)]]
+
+
+_FOLD_COLUMNS: tuple[str, ...] = ("folds_done", "folds_expected", "complete")
+_WIDE_DTYPES: dict[str, str] = {"k": "int64", "seed": "Int64", "folds_done": "int64", "folds_expected": "int64",
+                                "complete": "bool"}
+"""Dtypes of the non-text columns of a wide leaderboard that are not metrics (an empty one gets them too)."""
+
+
+def _known_metrics(metrics: Iterable[str]) -> list[str]:
+    out = list(dict.fromkeys(metrics))
+    unknown = [m for m in out if m not in METRICS]
+    if unknown:
+        msg = f"Unknown metric {unknown}; choose from {', '.join(METRICS)}."
+        raise InputDataError(msg)
+    return out
+
+
+def _metric_columns(metrics: Iterable[str]) -> list[str]:
+    return [f"{m}{x}" for m in metrics for x in ("", "_sd", "_n")]
+
+
+def _empty_wide(metrics: list[str]) -> pd.DataFrame:
+    """A wide leaderboard without rows: the columns and dtypes of a non-empty one."""
+    columns = {c: pd.Series(dtype=_WIDE_DTYPES.get(c, "object")) for c in (*ROW_KEYS, "split_id", *_FOLD_COLUMNS)}
+    for m in metrics:
+        columns[m] = pd.Series(dtype="float64")
+        columns[f"{m}_sd"] = pd.Series(dtype="float64")
+        columns[f"{m}_n"] = pd.Series(dtype="Int64")
+    return pd.DataFrame(columns)
 
 
 def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", "ap", "f1", "accuracy"),
@@ -187,7 +225,9 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
 
     A metric defined on fewer folds than the result has (a test fold with one class has no AUROC)
     shows its own n, e.g. ``0.912 ± 0.040 (n=2)``. ``folds`` is ``done/expected``, marked
-    ``incomplete`` when folds are missing (resume with ``scdm evaluate``).
+    ``incomplete`` when folds are missing (resume with ``scdm evaluate``). Where two results differ
+    only by their split (folds paired with another label set's, or two partitions with the same
+    scenario, scheme, k and seed), a ``split`` column names it on those rows (:func:`split_labels`).
 
     Parameters
     ----------
@@ -218,11 +258,59 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
 
     out = wide[keys].copy()
     out["seed"] = out["seed"].astype(object).where(out["seed"].notna(), "")
+    labels = split_labels(out.assign(split_id=wide["split_id"]), keys, folds_from=_folds_from(board))
+    if labels.ne("").any():
+        out["split"] = labels
     expected = wide["folds_expected"].fillna(wide["folds_done"]).astype(int)
     out["folds"] = [f"{d}/{e}" + ("" if c else " incomplete") for d, e, c in zip(wide["folds_done"], expected, wide["complete"])]
     for m in metrics:
         out[m] = [text(row, m) for _, row in wide.iterrows()]
     return out.reset_index(drop=True)
+
+
+def _folds_from(board: pd.DataFrame) -> dict[str, str]:
+    """split_id -> the label set its pooled folds come from (splits made with ``pair_folds_with``)."""
+    if "folds_from" not in board.columns:
+        return {}
+    pairs = board[["split_id", "folds_from"]].dropna().drop_duplicates("split_id")
+    return dict(zip(pairs["split_id"].astype(str), pairs["folds_from"].astype(str)))
+
+
+def split_labels(rows: pd.DataFrame, shown: Iterable[str], *, folds_from: dict[str, str] | None = None) -> pd.Series:
+    """A short name of each row's split where rows would otherwise print alike, ``""`` elsewhere.
+
+    Parameters
+    ----------
+    rows : DataFrame
+        Printed rows with a ``split_id`` column.
+    shown : iterable of str
+        The columns printed for each row (besides its metrics).
+    folds_from : dict, optional
+        split_id -> the label set whose partition the split's pooled folds are.
+
+    Returns
+    -------
+    Series of str
+        For rows whose ``shown`` values equal another row's of another split: the split id's
+        first digits (as many as tell the splits apart, at least 8), with ``folds of <label set>``
+        for paired folds, e.g. ``e4f7ba19 (folds of Gefitinib)``.
+    """
+    shown = list(shown)
+    alike = rows.duplicated(shown, keep=False) & rows.groupby(shown, dropna=False)["split_id"].transform("nunique").gt(1)
+    ids = rows["split_id"].astype(str)
+    width = _prefix_width(sorted(set(ids[alike])))
+    paired = folds_from or {}
+    names = [(sid[:width] + (f" (folds of {paired[sid]})" if sid in paired else "")) if a else ""
+             for sid, a in zip(ids, alike)]
+    return pd.Series(names, index=rows.index, dtype=object)
+
+
+def _prefix_width(ids: list[str], start: int = 8) -> int:
+    """The shortest prefix length (at least ``start``) that keeps ``ids`` distinct."""
+    width = start
+    while len({i[:width] for i in ids}) < len(ids) and width < max(map(len, ids)):
+        width += 1
+    return width
 
 
 NOTES: dict[str, str] = {

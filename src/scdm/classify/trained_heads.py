@@ -63,6 +63,7 @@ from scdm.store.heads import (
     trained_head,
     trained_head_table,
 )
+from scdm.store.splits import cells_hash
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -220,18 +221,29 @@ def _training_matrix(st: Store, rows: pd.DataFrame, cells: pd.DataFrame) -> np.n
     return X
 
 
-def _eval_metrics(st: Store, space_id: str, category_type: str, category: str, head: str, params_key: str) -> list[dict[str, Any]]:
-    """Mean/sd over folds of the evaluation runs of the same configuration (empty if none)."""
+def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str, category_type: str, category: str,
+                  head: str, params_key: str) -> list[dict[str, Any]]:
+    """Mean/sd over the folds of each stored split of exactly the training cells, per metric (empty if none).
+
+    A split qualifies when it holds exactly ``cells`` with their labels (its ``cells_hash``: the
+    same datasets, category and responses) and was evaluated under the head's label set, in its
+    space, with the same head and parameters. Results are never pooled across splits: one entry
+    per split and metric, naming the split (``split_id``, ``scenario``, ``scheme``, ``k`` folds,
+    ``seed``); ``n_folds`` is the folds where the metric has a value (the n of the mean), as in
+    the leaderboard.
+    """
     frame = st.query(
-        """SELECT r.scenario, r.scheme, r.metric, avg(r.value) AS mean, stddev_samp(r.value) AS sd,
-                  count(r.value) AS n_folds
-           FROM eval_results r JOIN eval_tasks t USING (task_id)
-           WHERE r.space_id = ? AND r.category_type = ? AND r.category = ? AND r.head = ? AND t.head_params = ?
-           GROUP BY r.scenario, r.scheme, r.metric ORDER BY r.scenario, r.scheme, r.metric""",
-        [space_id, category_type, category, head, params_key],
+        """SELECT r.split_id, r.scenario, r.scheme, s.n_folds AS k, s.seed, r.metric,
+                  avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n_folds
+           FROM eval_results r JOIN eval_tasks t USING (task_id) JOIN splits s ON s.split_id = r.split_id
+           WHERE s.cells_hash = ? AND r.label_set = ? AND r.space_id = ? AND r.category_type = ? AND r.category = ?
+                 AND r.head = ? AND t.head_params = ?
+           GROUP BY r.split_id, r.scenario, r.scheme, s.n_folds, s.seed, r.metric
+           ORDER BY r.scenario, r.scheme, k, s.seed NULLS FIRST, r.split_id, r.metric""",
+        [cells_hash(cells), label_set, space_id, category_type, category, head, params_key],
     )
     records = frame.astype(object).where(frame.notna(), None).to_dict("records")
-    return [{k: (int(v) if k == "n_folds" else v) for k, v in r.items()} for r in records]
+    return [{k: (int(v) if k in ("k", "seed", "n_folds") and v is not None else v) for k, v in r.items()} for r in records]
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,6 +713,13 @@ def train_head(
     -------
     str
         ``head_id``. Training the same configuration again returns the stored head unchanged.
+        Its catalog row's ``train_metrics`` (JSON, NULL when none) holds the cross-validated
+        scores of this configuration already in the store: one entry per split of exactly the
+        training cells and labels (same datasets, category and label set) evaluated in the same
+        space with the same head and parameters, and per metric: ``split_id``, ``scenario``,
+        ``scheme``, ``k`` (the split's folds), ``seed``, ``metric``, ``mean``, ``sd`` and ``n_folds``
+        (folds with a value). Splits of other datasets, labels or fold counts are left out and
+        different splits are never averaged together.
 
     Raises
     ------
@@ -750,7 +769,8 @@ def train_head(
         set_head_artifact(st, head_id, artifact_format=artifact_format, path=relative,
                           file_hash=file_hash(st.root / relative), scdm_version=_version(), fit_seconds=fit_seconds)
         return head_id
-    metrics = _eval_metrics(st, space_id, category_type, category, head, params_key)
+    label_set = _label_set_names(st, list(rows["dataset_id"]))
+    metrics = _eval_metrics(st, space_id, cells, label_set, category_type, category, head, params_key)
     record = TrainedHeadRecord(
         head_id=head_id, head=head, head_params=params_key, space_id=space_id, model=str(first["model"]),
         variant=str(first["variant"]), checkpoint_hash=_optional(first["checkpoint_hash"]),
@@ -759,7 +779,7 @@ def train_head(
         category_type=category_type, category=category, n_train=int(len(y)), n_train_pos=int(y.sum()),
         threshold=float(threshold), train_metrics=json.dumps(metrics) if metrics else None, fit_seconds=fit_seconds,
         artifact_format=artifact_format, path=relative, file_hash=file_hash(st.root / relative),
-        scdm_version=_version(), label_set=_label_set_names(st, list(rows["dataset_id"])),
+        scdm_version=_version(), label_set=label_set,
     )
     add_trained_head(st, record)
     logger.info("trained %s head %s on %d cells of %s=%s (%s, space %s)", head, head_id, len(y), category_type,

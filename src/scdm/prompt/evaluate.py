@@ -50,7 +50,7 @@ from scdm.store.evaluation import (
 )
 from scdm.store.progress import progress_bar
 from scdm.store.prompts import PromptRecord, load_prompts
-from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, split_datasets
+from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions, split_datasets
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -395,6 +395,7 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
          shots: int, policy: SendPolicy, template_hash: str, silent: bool, on_progress: Callable[[int], None] | None,
          started: float) -> PromptSummary:
     save_splits(st, splits)
+    splits = shared_partitions(st, splits)
     names = dict(st.query("SELECT dataset_id, name FROM datasets").itertuples(index=False, name=None))
     params_key = json.dumps({"shots": shots, "seed": config["seed"]}, sort_keys=True)
     run_id = start_run(st, config, scdm_version=_version())

@@ -287,7 +287,10 @@ class TrainedHeadRow(_Row):
     label_set: str | None = None
     n_train: int | None = None
     threshold: float | None = None
-    train_metrics: JsonText = None
+    train_metrics: JsonText = Field(default=None, description=(
+        "Cross-validated scores of this head's configuration: one entry per split of exactly its training cells "
+        "and labels and per metric (split_id, scenario, scheme, k folds, seed, metric, mean, sd, n_folds = folds "
+        "with a value); different splits are never averaged together. Null: no such evaluation in the store."))
     created_at: str | None = None
 
 

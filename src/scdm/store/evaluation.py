@@ -49,9 +49,17 @@ def _now() -> pd.Timestamp:
     return pd.Timestamp.now(tz="UTC").tz_localize(None)
 
 
-def task_id(space_id: str, embedding_ids: Sequence[str], split_id: str, fold: int, head: str, params_key: str) -> str:
-    """The identity of one task: a rerun with the same inputs finds it finished."""
-    text = json.dumps([space_id, sorted(embedding_ids), split_id, int(fold), head, params_key])
+def task_id(space_id: str, embedding_ids: Sequence[str], split_id: str, fold: int, head: str, params_key: str,
+            label_set: str | None = None) -> str:
+    """The identity of one task: a rerun with the same inputs finds it finished.
+
+    ``label_set`` only for a split shared with other label-set names (``Split.partition_of``): the
+    same fit under another name is a task of its own; left out otherwise, so stored ids stay valid.
+    """
+    parts: list[Any] = [space_id, sorted(embedding_ids), split_id, int(fold), head, params_key]
+    if label_set is not None:
+        parts.append(label_set)
+    text = json.dumps(parts)
     return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
 
 
@@ -73,7 +81,9 @@ class TaskKey:
 
     @property
     def task_id(self) -> str:
-        return task_id(self.space_id, self.embedding_ids, self.split.split_id, self.fold, self.head, self.params_key)
+        s = self.split
+        shared = s.label_set if s.partition_of is not None else None
+        return task_id(self.space_id, self.embedding_ids, s.split_id, self.fold, self.head, self.params_key, shared)
 
     def columns(self) -> dict[str, Any]:
         """The identity columns shared by eval_tasks and eval_results rows."""
@@ -106,7 +116,10 @@ class TaskOutcome:
 
     def metrics(self) -> FoldMetrics:
         """The one scoring of a task (the same for every head and both stages)."""
-        return compute_metrics(self.y_true, self.proba, hard_only=self.hard_only)
+        # scored as eval_predictions stores them (REAL): rounding after scoring could tie two cells
+        # and move AUROC, so the metrics recomputed from the stored predictions would differ
+        stored = np.asarray(self.proba, dtype=np.float32).astype(np.float64)
+        return compute_metrics(self.y_true, stored, hard_only=self.hard_only)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,9 @@ class TrainedHeadRecord:
     threshold: float
     """Label 1 (sensitive) where the probability is at least this."""
     train_metrics: str | None
-    """JSON: mean/sd over folds of evaluation results of the same configuration (None: none)."""
+    """JSON: mean/sd over folds of the evaluation results of the same configuration, one entry per split of
+    exactly the training cells and labels and per metric (``split_id``, ``scenario``, ``scheme``, ``k``,
+    ``seed``, ``metric``, ``mean``, ``sd``, ``n_folds``); None: none. Splits are never averaged together."""
     fit_seconds: float | None
     artifact_format: str
     """One of :data:`ARTIFACT_FORMATS`, or a legacy pickle format."""

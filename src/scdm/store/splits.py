@@ -69,6 +69,7 @@ __all__ = [
     "split_datasets",
     "find_splits",
     "ForgottenSplits",
+    "shared_partitions",
     "stale_splits",
     "forget_splits",
 ]
@@ -122,6 +123,10 @@ class Split:
     label_set: str | None = None
     """Name(s) of the label set(s) the responses come from (comma-separated, sorted); metadata,
     not identity: the responses themselves are in ``cells_hash``."""
+    partition_of: str | None = None
+    """The label set(s) the stored split was made for, where that is not ``label_set``: two label
+    sets with the same responses on the same cells share one partition, and the tasks evaluated
+    under this one are its own (see :func:`shared_partitions`). None: the split is its own."""
 
     @property
     def status(self) -> str:
@@ -576,6 +581,26 @@ def save_splits(st: Store, splits: Sequence[Split]) -> int:
         catalog.insert_df("splits", heads, con, or_ignore=True)
     logger.info("stored %d new splits (%d already in the catalog)", len(new), len(splits) - len(new))
     return len(new)
+
+
+def shared_partitions(st: Store, splits: Sequence[Split]) -> list[Split]:
+    """The splits, each stored under other label-set names marked with them (``partition_of``).
+
+    Label sets with identical responses on the same cells (JHU006's Vorinostat and AR-42) give the
+    same split id: one partition, stored once under the first name. Marked splits give their
+    tasks ids of their own, so results are reported under the label set asked for.
+    """
+    ids = [s.split_id for s in splits]
+    if not ids:
+        return []
+    stored = dict(st.query("SELECT split_id, label_set FROM splits WHERE list_contains(?, split_id)", [ids])
+                  .itertuples(index=False, name=None))
+    out = []
+    for split in splits:
+        name = stored.get(split.split_id)
+        name = None if name is None or pd.isna(name) else str(name)
+        out.append(replace(split, partition_of=name) if name is not None and name != split.label_set else split)
+    return out
 
 
 def split_datasets(split: Split, names: dict[str, str]) -> str:

@@ -1,0 +1,48 @@
+"""Label sets with identical labels share a partition but report under their own names; a grid
+that can evaluate nothing says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scdm.classify.grid import evaluate
+from scdm.classify.results import leaderboard
+from scdm.embedding.runner import embed
+from scdm.store import Store
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def test_identical_label_sets_report_under_the_name_asked_for(tmp_path):
+    st = Store(tmp_path / "store")
+    jhu = DATA / "JHU006_HNSCC_Kinker2020.h5ad"
+    st.ingest(jhu, name="JHU006", label_key="response_Vorinostat", drug="Vorinostat", study="Kinker2020")
+    st.ingest(jhu, label_key="response_AR-42", drug="AR-42")  # the exact same labels (PROVENANCE.md)
+    embed(st, "JHU006", "pca", n_comps=8, progress=False)
+    kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all"], "folds": 3, "split_scheme": "cell", "silent": True}
+    evaluate(st, label_set="Vorinostat", **kw)
+    ar42 = evaluate(st, label_set="AR-42", **kw)
+    assert ar42.n_done == 3 and set(ar42.results["label_set"]) == {"AR-42"}
+    board = leaderboard(st, metrics=["auroc"], label_sets=["AR-42"])
+    assert len(board) == 1 and board["n_folds"].iloc[0] == 3
+    both = leaderboard(st, metrics=["auroc"]).set_index("label_set")
+    assert both.loc["AR-42", "split_id"] == both.loc["Vorinostat", "split_id"]  # one partition
+    assert both.loc["AR-42", "mean"] == pytest.approx(both.loc["Vorinostat", "mean"])  # the same fits
+    again = evaluate(st, label_set="Vorinostat", **kw)
+    assert again.n_done == 0 and again.n_reused == 3
+
+
+def test_a_grid_that_evaluates_nothing_says_why(tmp_path, caplog):
+    st = Store(tmp_path / "store")
+    with caplog.at_level("WARNING", logger="scdm"):
+        st.ingest(DATA / "PC9_erlotinib_subsample300.h5ad", name="PC9", label_key="scDEAL_GSE149383_label",
+                  unknown_values=["not_in_scDEAL_set"])
+    assert "holds one class only (170 labelled cells, all resistant" in caplog.text
+    embed(st, "PC9", "pca", n_comps=5, progress=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scdm"):
+        summary = evaluate(st, heads=["ridge"], scenarios=["pooled"], by=["all"], folds=3, silent=True)
+    assert summary.n_done == 0 and summary.n_skipped == 1
+    assert "nothing could be evaluated: category holds one class only" in caplog.text

@@ -1,0 +1,89 @@
+"""Leaderboard frames: the same columns whatever the board holds, and rows that differ only by their split told apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+import pytest
+
+import scdm
+from scdm.classify.grid import evaluate
+from scdm.classify.results import format_leaderboard, leaderboard, split_labels, wide_leaderboard
+from scdm.embedding.runner import embed
+from scdm.store import Store, example_data
+
+JHU006 = Path(__file__).resolve().parents[1] / "data" / "JHU006_HNSCC_Kinker2020.h5ad"
+COMMON = {"heads": ["ridge"], "by": ["all"], "folds": 5, "scenarios": ["pooled"], "silent": True}
+METRICS = ["auroc", "f1", "mcc"]
+
+
+@pytest.fixture()
+def st(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "store")
+    store.ingest(JHU006, name="JHU006", label_key="response_Gefitinib", drug="Gefitinib", study="Kinker2020")
+    store.ingest(JHU006, label_key="response_Vorinostat", drug="Vorinostat")
+    embed(store, "JHU006", "pca", n_comps=10, progress=False)
+    return store
+
+
+def _same_columns(frame: pd.DataFrame, like: pd.DataFrame) -> None:
+    assert list(frame.columns) == list(like.columns)
+    for m in METRICS:
+        assert frame[m].dtype == like[m].dtype == "float64" and frame[f"{m}_sd"].dtype == "float64", m
+        assert frame[f"{m}_n"].dtype == like[f"{m}_n"].dtype == "Int64", m
+    for column in ("seed", "folds_done", "complete"):
+        assert frame[column].dtype == like[column].dtype, column
+
+
+def test_a_board_without_rows_keeps_every_metric_column_and_its_dtype(st: Store) -> None:
+    evaluate(st, **COMMON)
+    full = wide_leaderboard(leaderboard(st), metrics=METRICS)
+    assert len(full) == 1
+    for board in (leaderboard(st, heads=["logreg"]), leaderboard(st, label_sets=["nope"]), leaderboard(st).iloc[:0]):
+        empty = wide_leaderboard(board, metrics=METRICS)
+        assert empty.empty
+        _same_columns(empty, full)
+    # a metric the board lacks keeps its columns, undefined
+    partial = wide_leaderboard(leaderboard(st, metrics=["auroc"]), metrics=METRICS)
+    _same_columns(partial, full)
+    assert partial["f1"].isna().all() and partial["f1_n"].isna().all() and partial["auroc"].notna().all()
+    assert list(format_leaderboard(leaderboard(st, heads=["logreg"]), metrics=METRICS).columns[-3:]) == METRICS
+    # the notebook API: a filter that matches nothing
+    _same_columns(scdm.results(st, metrics=METRICS, heads=["logreg"]), full)
+
+
+def test_evaluate_where_every_fold_is_skipped_returns_the_metric_columns(tmp_path: Path) -> None:
+    adata = ad.read_h5ad(example_data("A375"))  # two samples ('condition'), each one class: 2 sample folds train on one class
+    scdm.embed(adata, model="pca", store=tmp_path / "store", ingest={"label_key": "response_PLX4720", "sample_key": "condition"},
+               n_comps=5, progress=False)
+    board = scdm.evaluate(adata, heads=["ridge"], folds=2, split_scheme="sample", metrics=METRICS, progress=False)
+    assert board.empty
+    assert [c for c in board.columns if c.startswith(("auroc", "f1", "mcc"))] == [
+        "auroc", "auroc_sd", "auroc_n", "f1", "f1_sd", "f1_n", "mcc", "mcc_sd", "mcc_n"]
+    assert board["auroc"].dtype == "float64" and board["auroc_n"].dtype == "Int64"
+
+
+def test_results_differing_only_by_their_split_print_apart(st: Store) -> None:
+    evaluate(st, **COMMON)
+    evaluate(st, label_set="Vorinostat", **COMMON)
+    evaluate(st, label_set="Vorinostat", pair_folds_with="Gefitinib", **COMMON)
+    board = leaderboard(st, metrics=["auroc"])
+    text = format_leaderboard(board, metrics=["auroc"])
+    assert len(text) == 3 and not text.drop(columns=["auroc"]).duplicated().any()
+    paired = board.loc[board["folds_from"] == "Gefitinib", "split_id"].iloc[0]
+    unpaired = board.loc[(board["label_set"] == "Vorinostat") & board["folds_from"].isna(), "split_id"].iloc[0]
+    vorinostat = text[text["label_set"] == "Vorinostat"]
+    assert set(vorinostat["split"]) == {f"{paired[:8]} (folds of Gefitinib)", unpaired[:8]}
+    assert (text.loc[text["label_set"] == "Gefitinib", "split"] == "").all()  # told apart already: nothing added
+    assert list(text.columns).index("split") == list(text.columns).index("seed") + 1
+    # nothing printed alike: no split column
+    assert "split" not in format_leaderboard(leaderboard(st, label_sets=["Gefitinib"], metrics=["auroc"])).columns
+
+
+def test_split_labels_use_as_many_digits_as_tell_the_splits_apart() -> None:
+    rows = pd.DataFrame({"model": ["pca", "pca", "pca"], "split_id": ["abcdefgh1234", "abcdefgh5678", "0123456789ab"],
+                         "k": [5, 5, 3]})
+    labels = split_labels(rows, ["model", "k"], folds_from={"abcdefgh5678": "Gefitinib"})
+    assert list(labels) == ["abcdefgh1", "abcdefgh5 (folds of Gefitinib)", ""]

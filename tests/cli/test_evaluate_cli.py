@@ -1,0 +1,55 @@
+"""`scdm evaluate` and `scdm results`: the seed reaches the heads, and rows differing only by split print apart."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scdm.cli import main
+from scdm.embedding.runner import embed
+from scdm.store import Store
+
+JHU006 = Path(__file__).resolve().parents[1] / "data" / "JHU006_HNSCC_Kinker2020.h5ad"
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Path:
+    st = Store(tmp_path / "store")
+    st.ingest(JHU006, name="JHU006", label_key="response_Gefitinib", drug="Gefitinib", study="Kinker2020")
+    st.ingest(JHU006, label_key="response_Vorinostat", drug="Vorinostat")
+    embed(st, "JHU006", "pca", n_comps=10, progress=False)
+    return st.root
+
+
+def run(store: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, ["--store", str(store), *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+EVALUATE = ("evaluate", "--scenario", "pooled", "--by", "all", "--folds", "3", "-q")
+
+
+def test_evaluate_seed_reaches_every_head_that_takes_one(store: Path) -> None:
+    assert "mlp, lightgbm, shuffled-label" in run(store, "evaluate", "--help")
+    run(store, *EVALUATE, "--head", "ridge,shuffled-label", "--seed", "4")
+    params = Store(store).query("SELECT DISTINCT head, head_params, seed FROM eval_tasks")
+    by_head = {h: json.loads(p) for h, p in zip(params["head"], params["head_params"])}
+    assert by_head["shuffled-label"]["seed"] == 4 and "seed" not in by_head["ridge"]
+    assert set(params["seed"]) == {4}  # the folds too
+
+
+def test_results_print_rows_that_differ_only_by_split_apart(store: Path) -> None:
+    run(store, *EVALUATE, "--head", "ridge")
+    run(store, *EVALUATE, "--head", "ridge", "--label-set", "Vorinostat")
+    run(store, *EVALUATE, "--head", "ridge", "--label-set", "Vorinostat", "--pair-folds-with", "Gefitinib")
+    lines = run(store, "results", "--metric", "auroc").splitlines()
+    assert "split" in lines[0].split()
+    rows = [re.sub(r"\s+[0-9.]+ ± [0-9.]+$", "", line) for line in lines[1:]]  # without the metric (mean ± sd)
+    assert all(row != line for row, line in zip(rows, lines[1:]))
+    assert len(rows) == 3 and len(set(rows)) == 3
+    assert sum("(folds of Gefitinib)" in line for line in lines) == 1
