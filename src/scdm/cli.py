@@ -256,8 +256,9 @@ def main(ctx: click.Context, store_path: str | None, read_only: bool | None, ver
 @main.command()
 @click.argument("h5ad", type=click.Path(dir_okay=False))
 @dataset_options
-@click.option("--update", is_flag=True, help="Rewrite the cell metadata, or replace the labels of a relabelled column, of an "
-              "already stored dataset; the splits and results made from the old ones are removed.")
+@click.option("--update", is_flag=True, help="Rewrite the cell metadata, the --gene-id-kind or --x-kind, or replace the labels "
+              "of a relabelled column, of an already stored dataset; the splits and results made from the old ones are "
+              "removed (a kind is not rewritten while embeddings made with it exist).")
 @pass_ctx
 @user_errors
 def ingest(obj: Ctx, h5ad: str, name: str | None, no_copy: bool, update: bool, **options: Any) -> None:

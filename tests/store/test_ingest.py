@@ -4,6 +4,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from scdm.store import DatasetNotFoundError, InputDataError, Store
 from tests.store.conftest import make_counts_adata
@@ -21,8 +22,11 @@ def test_ingest_real_a375_records_cells_and_labels(st, a375_path):
 
 
 def test_reingest_identical_content_is_a_noop(st, a375_path):
+    from scdm.store._ingest import IngestWarning
+
     first = st.ingest(a375_path, label_key="response_PLX4720")
-    again = st.ingest(a375_path, label_key="response_PLX4720", name="other-name")
+    with pytest.warns(IngestWarning, match="already in the store as 'A375_melanoma_GSE108383'"):
+        again = st.ingest(a375_path, label_key="response_PLX4720", name="other-name")
     assert not again.created and again.dataset_id == first.dataset_id
     assert len(st.datasets()) == 1 and len(st.cells()) == 108
 
@@ -132,3 +136,140 @@ def test_unwritable_store_path_gets_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(Exception, match="Cannot write to the store directory"):
         Store(blocker / "store")
+
+
+# ---- re-ingesting stored content with other kinds or another name ---------------------------------
+
+def test_other_kinds_for_stored_content_are_refused_unless_update_which_rewrites_them(st):
+    adata = make_counts_adata()
+    first = st.ingest(adata, name="x")
+    symbols = st.genes("x")
+    assert (first.gene_id_kind, first.x_kind) == ("symbol", "counts") and symbols["symbol"].notna().all()
+    with pytest.raises(InputDataError, match=r"gene_id_kind: stored 'symbol', given 'ensembl'; x_kind: stored 'counts', "
+                                             r"given 'normalized'\).*--update"):
+        st.ingest(adata, gene_id_kind="ensembl", x_kind="normalized")
+    assert (st.dataset("x").gene_id_kind, st.dataset("x").x_kind) == ("symbol", "counts")
+    wrong = st.ingest(adata, gene_id_kind="ensembl", x_kind="normalized", update=True)
+    assert (wrong.gene_id_kind, wrong.x_kind) == ("ensembl", "normalized") and not wrong.created
+    assert wrong.options["gene_id_kind"] == "ensembl" and wrong.options["x_kind"] == "normalized"
+    assert st.genes("x")["symbol"].isna().all()  # symbols read as Ensembl ids map to nothing, as at a first ingest
+    fixed = st.ingest(adata, gene_id_kind="symbol", x_kind="counts", update=True)
+    assert (fixed.gene_id_kind, fixed.x_kind) == ("symbol", "counts")
+    pd.testing.assert_frame_equal(st.genes("x"), symbols)
+    assert len(st.datasets()) == 1
+
+
+def test_kinds_are_not_rewritten_while_embeddings_made_with_them_exist(st):
+    a = st.ingest(make_counts_adata(seed=1), name="a")
+    st.ingest(make_counts_adata(seed=2), name="b")
+    own = st.create_embedding("a", model="pca", params={}, dim=2)
+    joint = st.create_embedding("b", model="pca", params={"fit_datasets": [a.content_hash]}, dim=2)  # fitted on a too
+    with pytest.raises(InputDataError, match=rf"'a' cannot change its x_kind 'counts' -> 'normalized': 2 embedding.*"
+                                             rf"{own.embedding_id}.*{joint.embedding_id} \(of 'b'.*scdm rm --embedding"):
+        st.ingest(make_counts_adata(seed=1), x_kind="normalized", update=True)
+    assert st.dataset("a").x_kind == "counts" and st.dataset("a").options == {}
+    st.remove_embedding(own.embedding_id)
+    st.remove_embedding(joint.embedding_id)
+    assert st.ingest(make_counts_adata(seed=1), x_kind="normalized", update=True).x_kind == "normalized"
+
+
+def test_another_name_for_stored_content_warns_with_the_stored_name(st):
+    from scdm.store._ingest import IngestWarning
+
+    st.ingest(make_counts_adata(), name="x")
+    with pytest.warns(IngestWarning, match="'y': this content .* is already in the store as 'x'.*'y' was not added"):
+        again = st.ingest(make_counts_adata(), name="y")
+    assert again.name == "x" and list(st.datasets()["name"]) == ["x"]
+
+
+def test_another_gene_key_is_other_content_and_the_name_clash_says_so(st, a375_path):
+    st.ingest(a375_path)
+    with pytest.raises(InputDataError, match="already in the store.*gene ids from var_names, this one from var column 'symbol'"):
+        st.ingest(a375_path, gene_key="symbol")
+
+
+# ---- value kind: a few stray values in a count matrix -----------------------------------------
+
+@pytest.mark.parametrize(("value", "kind"), [(0.5, "normalized"), (-1.0, "scaled")])
+def test_a_few_stray_values_in_counts_warn_and_keep_the_detected_kind(st, value, kind):
+    from scdm.store._ingest import IngestWarning
+
+    adata = make_counts_adata(sparse=False)
+    adata.X[2, 3] = value
+    with pytest.warns(IngestWarning, match=rf"1 of its \d+ stored values is not a non-negative integer \(e\.g\. cell "
+                                           rf"'cell2', gene '{adata.var_names[3]}': {value:g}\).*'{kind}'.*--x-kind counts"):
+        ds = st.ingest(adata, name="stray")
+    assert ds.x_kind == kind
+
+
+def test_no_stray_value_warning_for_normalised_data_or_a_given_kind(st, recwarn):
+    from scdm.store._ingest import IngestWarning
+
+    normalised = make_counts_adata(sparse=False)
+    normalised.X = np.log1p(normalised.X)
+    assert st.ingest(normalised, name="log").x_kind == "normalized"
+    counts = make_counts_adata(seed=3, sparse=False)
+    counts.X[0, 0] = 0.5
+    assert st.ingest(counts, name="given", x_kind="counts").x_kind == "counts"
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+
+
+# ---- content hash: float32 values, duplicate sparse entries summed ------------------------------
+
+def test_the_hash_is_of_float32_values_as_documented(st):
+    from scdm.store._ingest import scan_matrix
+
+    a = make_counts_adata(sparse=False)
+    a.X = a.X.astype(np.float64) / 7.0
+    a.X[0, 0] = 1.0 / 3.0
+    b = a.copy()
+    b.X[0, 0] = np.nextafter(a.X[0, 0], 10.0)  # another float64, the same float32
+    assert a.X[0, 0] != b.X[0, 0] and np.float32(a.X[0, 0]) == np.float32(b.X[0, 0])
+    assert st.ingest(a, name="a").dataset_id == st.ingest(b).dataset_id
+    doc = " ".join((scan_matrix.__doc__ or "").split())
+    assert "as float32" in doc and "float64 values" not in doc
+
+
+def _with_duplicate_entry(dense: np.ndarray) -> sp.csr_matrix:
+    """CSR of ``dense`` whose (0, 0) value is stored as two halves (scipy allows it; toarray() adds them)."""
+    rest = sp.csr_matrix(dense)
+    rest[0, 0] = 0
+    rest.eliminate_zeros()
+    first = np.r_[[0, 0], rest.indices[rest.indptr[0]:rest.indptr[1]]]
+    data = np.r_[[dense[0, 0] / 2] * 2, rest.data[rest.indptr[0]:rest.indptr[1]], rest.data[rest.indptr[1]:]]
+    indices = np.r_[first, rest.indices[rest.indptr[1]:]]
+    out = sp.csr_matrix((data.astype(np.float32), indices, np.r_[0, rest.indptr[1:] + 2]), shape=dense.shape)
+    out.has_canonical_format = False
+    return out
+
+
+def test_duplicate_sparse_entries_are_summed_like_the_equal_dense_matrix(st):
+    dense = make_counts_adata(sparse=False)
+    dense.X[0, 0] = 1.0
+    dup = dense.copy()
+    dup.X = _with_duplicate_entry(dense.X)
+    assert np.array_equal(dup.X.toarray(), dense.X) and dup.X.nnz == np.count_nonzero(dense.X) + 1
+    before = (dup.X.data.copy(), dup.X.indices.copy(), dup.X.indptr.copy())
+    a = st.ingest(dense, name="dense")
+    b = st.ingest(dup)
+    assert b.dataset_id == a.dataset_id and b.x_kind == "counts"
+    for got, want in zip((dup.X.data, dup.X.indices, dup.X.indptr), before):
+        np.testing.assert_array_equal(got, want)  # the user's AnnData is left as it was
+
+
+def test_to_csr_sums_duplicates_on_a_copy_in_every_block_reader():
+    from scdm.store.matrix import iter_row_blocks, to_csr
+
+    dense = make_counts_adata(n_cells=6, n_genes=5, sparse=False).X
+    dense[0, 0] = 3.0
+    dup = _with_duplicate_entry(dense)
+    data = dup.data.copy()
+    block = to_csr(dup)
+    assert block.has_canonical_format and block.nnz == np.count_nonzero(dense) and block.dtype == np.float32
+    np.testing.assert_array_equal(block.toarray(), dense)
+    np.testing.assert_array_equal(dup.data, data)
+    (_, first), = iter_row_blocks(ad.AnnData(X=dup))
+    np.testing.assert_array_equal(first.toarray(), dense)
+    assert first.has_canonical_format
+    clean = sp.csr_matrix(dense)
+    assert not np.shares_memory(to_csr(clean).data, clean.data)  # a copy even when nothing needs changing

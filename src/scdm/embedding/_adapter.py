@@ -349,8 +349,9 @@ def require_matches(audit: GeneAudit, model: str, *, min_genes: int = 1, min_fra
     msg = (
         f"Only {audit.n_matched} of {audit.n_input_genes} genes ({audit.fraction_matched:.1%}) are in the "
         f"{model} vocabulary (need at least {min_genes} and {min_fraction:.0%}). Unmatched examples: {examples}. "
-        "Likely cause: the wrong gene id type (check the dataset's gene_id_kind; override it with "
-        "--gene-id-kind at ingest) or a non-human species. Lower the threshold with --min-gene-fraction."
+        "Likely cause: the wrong gene id type (the dataset's gene_id_kind, see `scdm ls`; if it is wrong, ingest the "
+        "file again with --gene-id-kind KIND --update, which rewrites it in the store) or a non-human species. Lower "
+        "the threshold with --min-gene-fraction."
     )
     raise GeneMappingError(msg)
 

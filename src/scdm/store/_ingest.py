@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scdm.store.errors import InputDataError
+from scdm.store.errors import InputDataError, ScdmWarning
 from scdm.store.genes import GENE_ID_KINDS, GeneIdKind, as_gene_id_kind, detect_gene_id_kind, map_genes
 from scdm.store.matrix import SCAN_BLOCK_ROWS, iter_row_blocks, to_csr
 
@@ -26,11 +26,24 @@ if TYPE_CHECKING:
 
 # iter_row_blocks and to_csr live in store.matrix (public); they stay importable from here too
 __all__ = ["IngestOptions", "MatrixScan", "open_anndata", "iter_row_blocks", "to_csr", "scan_matrix", "normalise_response",
-           "cell_table", "gene_ids_of"]
+           "cell_table", "gene_ids_of", "IngestWarning"]
 
 logger = logging.getLogger(__name__)
 
 X_KINDS = ("counts", "normalized", "scaled")
+
+
+class IngestWarning(ScdmWarning):
+    """Ingest used something other than what was given or expected.
+
+    A stored dataset's name instead of the one given, or a value kind that a few stray values decided.
+    """
+
+
+STRAY_VALUE_FRACTION = 0.01
+"""Up to this share of a matrix's stored values not being non-negative integers is warned about as
+likely errors in a count matrix (a normalised or scaled matrix has far more such values)."""
+
 
 _SENSITIVE = {"sensitive", "responder", "response", "responsive", "yes", "true", "1", "s", "r+", "sensitivity"}
 _RESISTANT = {"resistant", "non-responder", "nonresponder", "non_responder", "non-response", "no", "false", "0",
@@ -181,8 +194,16 @@ def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
 def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *, block_rows: int = SCAN_BLOCK_ROWS) -> MatrixScan:
     """One pass over X: content hash, NaN/inf check, value kind (counts/normalized/scaled).
 
-    The hash is of a canonical form (CSR, float64 values, explicit zeros dropped), so the same
-    numbers stored dense or sparse, float32 or float64, hash the same.
+    The hash is of a canonical form: CSR with sorted indices, entries stored twice at one
+    position summed, explicit zeros dropped, and the values *as float32* (widened to float64
+    bytes, an encoding kept so stored datasets keep their ids). float32 because that is what the
+    store reads and every model embeds (see :func:`store.matrix.to_csr`): the same numbers stored
+    dense or sparse, float32 or float64, hash the same, and two float64 matrices that differ only
+    below float32 precision are one dataset.
+
+    A matrix of non-negative integers but for a few values (at most
+    :data:`STRAY_VALUE_FRACTION` of them) is still classed by those values; ``notes["stray_values"]``
+    records how many and the first one, for :func:`stray_values_message`.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{adata.n_obs}x{adata.n_vars}".encode())
@@ -193,24 +214,75 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
     negative = False
     integer = True
     nnz = 0
+    stray = _StrayValues()
     for lo, block in iter_row_blocks(adata, block_rows):
-        data = block.data
-        if data.size and not np.isfinite(data).all():
-            bad = np.where(~np.isfinite(block.toarray()))
-            msg = (
-                f"The expression matrix holds NaN or inf (first at cell {cell_ids[lo + bad[0][0]]!r}, gene "
-                f"{gene_ids[bad[1][0]]!r}). Replace them (e.g. adata.X = np.nan_to_num(adata.X)) and ingest again."
-            )
-            raise InputDataError(msg)
+        _check_finite(block, lo, gene_ids, cell_ids)
         block.eliminate_zeros()
-        negative = negative or bool((block.data < 0).any())
-        integer = integer and bool(np.all(block.data == np.round(block.data)))
+        below, fraction = block.data < 0, block.data != np.round(block.data)
+        negative = negative or bool(below.any())
+        integer = integer and not fraction.any()
+        stray.add(block, lo, below | fraction)
         nnz += block.nnz
         h.update(np.diff(block.indptr).astype(np.int64).tobytes())
         h.update(block.indices.astype(np.int64).tobytes())
         h.update(block.data.astype(np.float64).tobytes())
     kind = "scaled" if negative else ("counts" if integer else "normalized")
-    return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz)
+    notes = {"stray_values": stray.note(gene_ids, cell_ids)} if 0 < stray.n <= STRAY_VALUE_FRACTION * nnz else {}
+    return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz, notes)
+
+
+def _check_finite(block: sp.csr_matrix, lo: int, gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
+    data = block.data
+    if data.size and not np.isfinite(data).all():
+        bad = np.where(~np.isfinite(block.toarray()))
+        msg = (
+            f"The expression matrix holds NaN or inf (first at cell {cell_ids[lo + bad[0][0]]!r}, gene "
+            f"{gene_ids[bad[1][0]]!r}). Replace them (e.g. adata.X = np.nan_to_num(adata.X)) and ingest again."
+        )
+        raise InputDataError(msg)
+
+
+@dataclass
+class _StrayValues:
+    """Stored values that are not non-negative integers: how many, and the first (row, column, value)."""
+
+    n: int = 0
+    first: tuple[int, int, float] | None = None
+
+    def add(self, block: sp.csr_matrix, lo: int, stray: np.ndarray) -> None:
+        odd = np.flatnonzero(stray)
+        if odd.size and self.first is None:
+            k = int(odd[0])
+            row = int(np.searchsorted(block.indptr, k, side="right")) - 1
+            self.first = (lo + row, int(block.indices[k]), float(block.data[k]))
+        self.n += int(odd.size)
+
+    def note(self, gene_ids: np.ndarray, cell_ids: np.ndarray) -> dict[str, Any]:
+        assert self.first is not None  # n > 0
+        row, col, value = self.first
+        return {"n": self.n, "cell": str(cell_ids[row]), "gene": str(gene_ids[col]), "value": value}
+
+
+def stray_values_message(scan: MatrixScan, name: str) -> str | None:
+    """The warning for a count matrix that a few stray values made look normalised or scaled (else None)."""
+    stray = scan.notes.get("stray_values")
+    if stray is None:
+        return None
+    verb = "is" if stray["n"] == 1 else "are"
+    return (f"dataset {name!r}: {stray['n']} of its {scan.nnz} stored values {verb} not a non-negative integer (e.g. cell "
+            f"{stray['cell']!r}, gene {stray['gene']!r}: {stray['value']:g}), all others are, so its values were "
+            f"classed as {scan.x_kind!r}, not counts, and pca/hvg take them as they are (no normalisation, no log). If "
+            f"they are counts with a few errors, ingest again with --x-kind counts --update (x_kind='counts', "
+            f"update=True); otherwise correct those values in the data.")
+
+
+def resolve_x_kind(given: str | None, detected: str) -> str:
+    """The value kind given (checked), else the detected one."""
+    kind = given or detected
+    if kind not in X_KINDS:
+        msg = f"Unknown value kind {kind!r}; use one of {', '.join(X_KINDS)}."
+        raise InputDataError(msg)
+    return kind
 
 
 def resolve_gene_id_kind(gene_ids: np.ndarray, given: str | None) -> GeneIdKind:

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -713,9 +714,13 @@ class Store:
         adds a *label set* to the stored dataset (see :mod:`store.labels`); with the same labels it
         is a no-op, with other labels from the same column (a relabelled file) an error unless
         ``update=True``, which replaces them. Cell metadata that differs from what is stored
-        (another study, sample, tissue, ...) is an error unless ``update=True``, which rewrites it.
-        Either rewrite removes the splits made from the old labels or metadata and every
-        evaluation result on them (a warning says how many), so no old number is read as a new one.
+        (another study, sample, tissue, ...) is an error unless ``update=True``, which rewrites it;
+        so is a ``gene_id_kind`` or ``x_kind`` other than the stored one (``update=True`` rewrites
+        it and the genes' symbol/Ensembl columns, refused while embeddings made with the old one
+        exist: they are named, to remove first). Every rewrite removes the splits made from the old
+        labels, metadata or kinds and every evaluation result on them (a warning says how many), so
+        no old number is read as a new one. A ``name`` other than the stored dataset's is not
+        added: a warning names the stored one.
 
         Parameters
         ----------
@@ -727,8 +732,9 @@ class Store:
             Keep a copy of the data inside the store (default). With ``False`` the store refers to
             the source file, which must then stay where it is.
         update
-            Rewrite the cell metadata, or replace the labels of a label set, of an already stored
-            dataset with what is given here (results made from the old ones are removed).
+            Rewrite the cell metadata or the gene id / value kind, or replace the labels of a label
+            set, of an already stored dataset with what is given here (results made from the old
+            ones are removed).
         **options
             Fields of :class:`store._ingest.IngestOptions`: ``label_key``, ``positive``,
             ``unknown_values``, ``study_key``/``study``, ``sample_key``/``sample``,
@@ -760,20 +766,16 @@ class Store:
         scan = _ingest.scan_matrix(adata, gene_ids, cell_ids)
         existing = self.query("SELECT dataset_id FROM datasets WHERE content_hash = ?", [scan.content_hash])
         if len(existing):
-            return self._ingest_again(self.dataset(str(existing["dataset_id"].iloc[0])), cells, opts, update=update)
+            return self._ingest_again(self.dataset(str(existing["dataset_id"].iloc[0])), cells, opts, update=update,
+                                      name=name, gene_ids=gene_ids)
         # an in-memory AnnData without a name is named after its content: two of them never collide
         name = default_study or f"dataset-{scan.content_hash[:8]}"
         if default_study is None and opts.study_key is None and opts.study is None:
             cells["study"] = name
         if len(self.query("SELECT 1 FROM datasets WHERE name = ?", [name])):
-            msg = (f"A different dataset named {name!r} is already in the store (other content). Pass another name "
-                   f"(name= in Python, --name on the command line) or remove the old one (scdm rm --dataset {name}).")
-            raise InputDataError(msg)
+            raise InputDataError(self._name_taken_message(name, opts))
         kind = _ingest.resolve_gene_id_kind(gene_ids, opts.gene_id_kind)
-        x_kind = opts.x_kind or scan.x_kind
-        if x_kind not in _ingest.X_KINDS:
-            msg = f"Unknown value kind {x_kind!r}; use one of {', '.join(_ingest.X_KINDS)}."
-            raise InputDataError(msg)
+        x_kind = _ingest.resolve_x_kind(opts.x_kind, scan.x_kind)
         dataset_id = scan.content_hash[:16]
         stored = self._store_copy(adata, source, dataset_id) if copy else None
         genes = _ingest.gene_table_frame(gene_ids, kind)
@@ -796,6 +798,8 @@ class Store:
                 (self.root / stored).unlink(missing_ok=True)
             raise
         logger.info("ingested %s: %d cells x %d genes (%s, %s ids)", name, scan.n_cells, scan.n_genes, x_kind, kind)
+        if opts.x_kind is None and (stray := _ingest.stray_values_message(scan, name)) is not None:
+            warnings.warn(stray, _ingest.IngestWarning, stacklevel=3)  # points at the ingest() call
         if label_set is not None and opts.sample_key is None and opts.sample is None:
             _warn_label_confounders(adata, cells["response"], opts, name)
         return _replace(self.dataset(dataset_id), created=True, label_set=label_set.name if label_set else None,
@@ -815,28 +819,69 @@ class Store:
         return ls
 
     def _ingest_again(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions, *,
-                      update: bool) -> DatasetInfo:
-        """Content already stored: add a label set, rewrite metadata (``update``), or nothing."""
+                      update: bool, name: str | None, gene_ids: np.ndarray) -> DatasetInfo:
+        """Content already stored: add a label set, rewrite metadata or kinds (``update``), or nothing."""
+        _warn_other_name(info, name)
         changed = self._changed_metadata(info, cells, opts)
-        if changed and not update:
-            what = "; ".join(f"{col}: stored {old!r}, given {new!r}" for col, (old, new) in changed.items())
-            msg = (f"Dataset {info.name!r} is already in the store with other cell metadata ({what}). Pass --update "
-                   f"(update=True) to rewrite it, or leave those options out to use the stored dataset as it is.")
-            raise InputDataError(msg)
+        kinds = _changed_kinds(info, gene_ids, opts)
+        if (changed or kinds) and not update:
+            raise InputDataError(_update_needed_message(info, changed, kinds))
         have = labels.label_sets(self, info.dataset_id)
         label_set, created = None, False
         forgotten = _splits.ForgottenSplits()
         with self.catalog.transaction() as con:
+            if kinds:  # first: a refusal (embeddings made with the old kinds) leaves everything as it was
+                self._rewrite_kinds(con, info, gene_ids, kinds)
             if changed:
                 self._rewrite_metadata(con, info, cells, opts)
-                forgotten = _splits.forget_splits(con, _splits.stale_splits(con, info.dataset_id, changed=changed))
+            if changed or kinds:
+                # results were computed from the old kinds (every split) or the old metadata (the splits it defines)
+                stale = _splits.stale_splits(con, info.dataset_id, changed=() if kinds else changed)
+                forgotten = _splits.forget_splits(con, stale)
             if opts.label_key is not None:
                 label_set, created, relabelled = self._label_set_for(con, info, have, cells, opts, update=update)
                 forgotten = forgotten + relabelled
         if changed:
             logger.warning("dataset %r: cell metadata rewritten (%s)%s", info.name, ", ".join(changed),
+                           f"; {forgotten.describe()}" if forgotten.splits and not kinds else "")
+        if kinds:
+            logger.warning("dataset %r: %s rewritten%s", info.name, _kinds_text(kinds),
                            f"; {forgotten.describe()}" if forgotten.splits else "")
         return _replace(self.dataset(info.dataset_id), label_set=label_set, label_set_created=created)
+
+    def _rewrite_kinds(self, con: Any, info: DatasetInfo, gene_ids: np.ndarray, kinds: dict[str, tuple[str, str]]) -> None:
+        """Set a stored dataset's gene id and value kinds, refused while embeddings made with the old ones exist.
+
+        Embedding ids do not include these kinds, so an old embedding would be found again as if made
+        with the new ones; the user removes them (their GPU hours) knowingly, never this method.
+        """
+        users = con.execute(
+            "SELECT e.embedding_id, e.model, d.name FROM embeddings e JOIN datasets d USING (dataset_id) "
+            "WHERE e.dataset_id = ? OR contains(CAST(e.params AS VARCHAR), ?) ORDER BY e.created_at, e.embedding_id",
+            [info.dataset_id, info.content_hash]).fetchall()  # the content hash: joint baselines fitted on it too
+        if users:
+            raise InputDataError(_kinds_in_use_message(info, kinds, users))
+        if "gene_id_kind" in kinds:  # symbol and Ensembl columns mapped again, as at first ingest
+            frame = _ingest.gene_table_frame(gene_ids, _ingest.as_gene_id_kind(kinds["gene_id_kind"][1]))
+            con.register("_scdm_new_genes", frame[["idx", "symbol", "ensembl"]])
+            try:
+                con.execute("UPDATE genes SET symbol = g.symbol, ensembl = g.ensembl FROM _scdm_new_genes g "
+                            "WHERE genes.dataset_id = ? AND genes.idx = g.idx", [info.dataset_id])
+            finally:
+                con.unregister("_scdm_new_genes")
+        new = {field: value for field, (_, value) in kinds.items()}
+        row = {"gene_id_kind": info.gene_id_kind, "x_kind": info.x_kind, **new}
+        con.execute("UPDATE datasets SET gene_id_kind = ?, x_kind = ?, options = ? WHERE dataset_id = ?",
+                    [row["gene_id_kind"], row["x_kind"], _canonical_json({**info.options, **new}), info.dataset_id])
+
+    def _name_taken_message(self, name: str, opts: _ingest.IngestOptions) -> str:
+        msg = (f"A different dataset named {name!r} is already in the store (other content). Pass another name "
+               f"(name= in Python, --name on the command line) or remove the old one (scdm rm --dataset {name}).")
+        stored = self.dataset(name).options.get("gene_key")
+        if stored != opts.gene_key:  # the same file with another gene id column is other content
+            msg += (f" The stored one takes its gene ids from {_gene_source(stored)}, this one from "
+                    f"{_gene_source(opts.gene_key)}: gene ids are part of a dataset's content.")
+        return msg
 
     def _label_set_for(self, con: Any, info: DatasetInfo, have: list[labels.LabelSet], cells: pd.DataFrame,
                        opts: _ingest.IngestOptions, *, update: bool) -> tuple[str, bool, _splits.ForgottenSplits]:
@@ -1502,6 +1547,49 @@ def _warn_label_confounders(adata: ad.AnnData, response: pd.Series, opts: _inges
                f"--sample-key {columns[0]} and evaluate with --split-scheme sample: cell-level folds would put cells of "
                "one sample on both sides and a head could score by recognising samples.")
         warnings.warn(msg, SampleLeakageWarning, stacklevel=3)
+
+
+def _warn_other_name(info: DatasetInfo, name: str | None) -> None:
+    """A name given for content the store already holds under another name: say which name it has."""
+    if name is None or name == info.name:
+        return
+    msg = (f"dataset {name!r}: this content (expression matrix, gene ids and cell ids) is already in the store as "
+           f"{info.name!r}; refer to it by that name ({name!r} was not added: a dataset has one name).")
+    warnings.warn(msg, _ingest.IngestWarning, stacklevel=5)  # points at the ingest() call
+
+
+def _changed_kinds(info: DatasetInfo, gene_ids: np.ndarray, opts: _ingest.IngestOptions) -> dict[str, tuple[str, str]]:
+    """The gene id and value kinds these options set to other values than the stored ones: {field: (stored, given)}."""
+    given = {
+        "gene_id_kind": None if opts.gene_id_kind is None else _ingest.resolve_gene_id_kind(gene_ids, opts.gene_id_kind),
+        "x_kind": None if opts.x_kind is None else _ingest.resolve_x_kind(opts.x_kind, info.x_kind),
+    }
+    return {k: (getattr(info, k), v) for k, v in given.items() if v is not None and v != getattr(info, k)}
+
+
+def _kinds_text(kinds: dict[str, tuple[str, str]]) -> str:
+    return ", ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in kinds.items())
+
+
+def _update_needed_message(info: DatasetInfo, changed: dict[str, tuple[Any, Any]], kinds: dict[str, tuple[str, str]]) -> str:
+    what = "; ".join(f"{col}: stored {old!r}, given {new!r}" for col, (old, new) in {**changed, **kinds}.items())
+    subjects = [s for s, on in (("cell metadata", changed), ("gene id kind", "gene_id_kind" in kinds),
+                                ("value kind", "x_kind" in kinds)) if on]
+    return (f"Dataset {info.name!r} is already in the store with other {' and '.join(subjects)} ({what}). Pass --update "
+            f"to `scdm ingest` (update=True) to rewrite it, or leave those options out to use the stored dataset as it is.")
+
+
+def _kinds_in_use_message(info: DatasetInfo, kinds: dict[str, tuple[str, str]], users: list[tuple[Any, ...]]) -> str:
+    shown = ", ".join(f"{model} {eid}" + ("" if ds == info.name else f" (of {ds!r}, fitted jointly)") for eid, model, ds in users[:5])
+    more = f" and {len(users) - 5} more (see `scdm ls`)" if len(users) > 5 else ""
+    return (f"Dataset {info.name!r} cannot change its {_kinds_text(kinds)}: {len(users)} embedding(s) were made with the "
+            f"stored kinds and would no longer match it ({shown}{more}). Nothing was changed. Remove them "
+            f"(`scdm rm --embedding ID`) and run this again, or start over: `scdm rm --dataset {info.name}` (its "
+            "embeddings, splits and results go with it), then ingest the file with these options.")
+
+
+def _gene_source(gene_key: str | None) -> str:
+    return "var_names" if gene_key is None else f"var column {gene_key!r}"
 
 
 def _writable(adata: ad.AnnData) -> ad.AnnData:

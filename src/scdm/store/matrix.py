@@ -41,10 +41,17 @@ def iter_row_blocks(adata: ad.AnnData, block_rows: int = SCAN_BLOCK_ROWS, start:
 
 
 def to_csr(block: Any) -> sp.csr_matrix:
-    """A CSR float32 copy of a dense or sparse block with sorted indices."""
-    if sp.issparse(block):
-        out = sp.csr_matrix(block, dtype=np.float32)
-    else:
-        out = sp.csr_matrix(np.asarray(block, dtype=np.float32))
-    out.sort_indices()
-    return out
+    """A CSR float32 copy of a dense or sparse block in canonical form; the block itself is never changed.
+
+    Canonical: indices sorted and entries stored twice at one position (which scipy allows in a
+    CSR/COO matrix and ``toarray()`` adds up) summed, so equal numbers give equal blocks whether
+    they come dense, sparse, or sparse with duplicates: the content hash, the value kind and every
+    model see the same matrix.
+    """
+    if not sp.issparse(block):
+        return sp.csr_matrix(np.asarray(block, dtype=np.float32))
+    out = sp.csr_matrix(block)  # shares the block's arrays when it is already CSR
+    if not out.has_canonical_format:
+        out = out.copy()  # sum_duplicates works in place: never on the caller's (or AnnData's) arrays
+        out.sum_duplicates()  # in the block's own dtype, as toarray() sums, before the float32 cast
+    return out.astype(np.float32)  # always a copy (astype copies even when the dtype is float32)
