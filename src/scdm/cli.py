@@ -440,8 +440,8 @@ def verify(obj: Ctx, embedding_ids: tuple[str, ...], repair: bool, quiet: bool) 
     if repair:
         st.check_writable("repair embeddings (verify --repair)")
     report = st.verify(list(embedding_ids) or None, repair=repair)
-    for bad in report.bad:
-        click.echo(f"BAD {bad.line()}")
+    for line in report.problems():  # damaged array metadata and bad chunks
+        click.echo(f"BAD {line}")
     click.echo(report.summary())
     if report.ok:
         return
@@ -462,6 +462,9 @@ def _repair_damaged(st: Any, report: Any, *, progress: bool) -> bool:
     all_done = True
     for check in report.damaged:
         what = f"{check.embedding_id} ({check.model}, {check.dataset})"
+        if not check.bad_chunks:  # only its zarr.json was damaged, and verify rewrote it: every chunk matched
+            click.echo(f"repaired {what}: rewrote its array metadata from the catalog; every chunk matches its checksum")
+            continue
         if check.model in BASELINE_MODELS and check.variant == "frozen":
             repair_embedding(st, check.embedding_id, progress=progress)
             left = st.verify_embedding(check.embedding_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -153,3 +154,78 @@ def test_a_damaged_catalog_is_one_message_without_traceback(store, how):
     result = run("ls", ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"The catalog '{catalog}" in result.output and "damaged" in result.output and "backup" in result.output
+
+
+def test_a_complete_embedding_missing_a_chunk_record_fails_reads_and_verify_repair_recomputes_it(store, tmp_path):
+    run, eid, clean, chunk, root = store
+    Store(root).catalog.execute("DELETE FROM embedding_chunks WHERE chunk = 3")
+    chunk(3).unlink()  # it would read as zeros
+    out = tmp_path / "x.npy"
+    result = run("export", "--embedding", eid, "--out", str(out), ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output and not out.exists()
+    assert "is damaged: chunk 3 of 7 (rows 48-63) failed verification, no record" in result.output
+    result = run("verify", ok=False)
+    bad = [line for line in result.output.splitlines() if line.startswith("BAD ")]
+    assert len(bad) == 1 and f"{eid}  pca  a375  chunk 3 (rows 48-63) no record" in bad[0]
+    assert "checked 1 embedding(s), 6 committed chunk(s): 1 bad chunk(s) in 1 embedding(s)" in result.output
+    assert f"repaired {eid} (pca, a375): recomputed chunk(s) 3" in run("verify", "--repair", "-q").output
+    assert "7 committed chunk(s): all match" in run("verify").output
+    run("export", "--embedding", eid, "--out", str(out))
+    assert np.load(out).tobytes() == clean.tobytes()
+
+
+def _edit_metadata(array: Path, how: str) -> None:
+    if how == "deleted":
+        (array / "zarr.json").unlink()
+        return
+    meta = json.loads((array / "zarr.json").read_text())
+    if how == "rows":
+        meta["shape"][0] = 96
+    else:
+        meta["data_type"] = "int32"
+    (array / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["rows", "dtype", "deleted"])
+def test_a_damaged_zarr_json_fails_reads_cleanly_and_verify_repair_rewrites_it(store, tmp_path, how):
+    run, eid, clean, chunk, root = store
+    array = chunk(0).parent.parent.parent
+    _edit_metadata(array, how)
+    out = tmp_path / "x.npy"
+    for args in (["export", "--embedding", eid, "--out", str(out)],
+                 ["evaluate", "--embedding", eid, "--scenario", "pooled", "--by", "all", "--heads", "ridge", "--folds", "2", "-q"]):
+        result = run(*args, ok=False)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"Embedding {eid} (pca, frozen) of dataset 'a375' is damaged: its array metadata file {array / 'zarr.json'}" in result.output
+        assert f"scdm verify --repair --embedding {eid}" in result.output
+    assert not out.exists()
+    result = run("verify", ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    bad = [line for line in result.output.splitlines() if line.startswith("BAD ")]
+    assert len(bad) == 1 and f"{eid}  pca  a375  array metadata file {array / 'zarr.json'}" in bad[0]
+    assert "1 damaged array metadata file(s) in 1 embedding(s)" in result.output
+    result = run("verify", "--repair", "-q")
+    assert f"repaired {eid} (pca, a375): rewrote its array metadata from the catalog" in result.output
+    assert "all match" in run("verify").output
+    run("export", "--embedding", eid, "--out", str(out))
+    assert np.load(out).tobytes() == clean.tobytes()
+
+
+def test_scdm_embed_rewrites_a_deleted_zarr_json_and_computes_nothing(store):
+    run, eid, clean, chunk, root = store
+    _edit_metadata(chunk(0).parent.parent.parent, "deleted")
+    assert "already in the store" in run(*EMBED).output
+    assert "all match" in run("verify").output
+    assert Store(root).read_embedding(eid).tobytes() == clean.tobytes()
+
+
+def test_verify_reports_and_verify_repair_deletes_temporary_files_of_killed_writes(store):
+    run, eid, clean, chunk, root = store
+    leftover = chunk(2).with_name(f"0.{'cd' * 16}.partial")
+    leftover.write_bytes(chunk(2).read_bytes())  # a killed writer's full-size temporary file
+    result = run("verify")
+    assert "all match their checksums; 1 temporary file(s) left by interrupted writes (`scdm verify --repair` deletes them)" in result.output
+    assert leftover.exists()
+    assert "1 temporary file(s) left by interrupted writes (deleted)" in run("verify", "--repair").output
+    assert not leftover.exists() and "temporary" not in run("verify").output
+    assert Store(root).read_embedding(eid).tobytes() == clean.tobytes()

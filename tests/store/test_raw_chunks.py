@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import zlib
 
@@ -10,7 +11,7 @@ import pytest
 import zarr
 
 from scdm.store import _zarr
-from scdm.store.errors import ChunkCorruptError
+from scdm.store.errors import ArrayMetadataError, ChunkCorruptError
 
 N, DIM, ROWS = 50, 12, 16  # 4 chunks, the last one (2 rows) an edge chunk
 
@@ -123,3 +124,58 @@ def test_a_verified_read_is_remembered_until_the_file_changes(array):
     _zarr.RowWriter(array).write(16, _rows(16, 32) * 2)  # rewritten: a new file, not trusted any more
     with pytest.raises(ChunkCorruptError, match="chunk 1|Chunk 1"):
         _zarr.read_rows(array, checksums=sums)
+
+
+SPEC = _zarr.ArraySpec(N, DIM, "float32", ROWS)
+"""What the catalog records of :func:`array`."""
+
+
+def _set_metadata(array, **fields) -> None:
+    meta = json.loads((array / "zarr.json").read_text())
+    meta.update(fields)
+    (array / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit", [{"shape": [N - 2, DIM]}, {"data_type": "int32"}, "deleted"])
+def test_reads_and_writes_given_the_catalogs_spec_refuse_a_zarr_json_that_disagrees(array, edit):
+    sums = _write_all(array)
+    assert _zarr.metadata_problem(array, SPEC) is None
+    if edit == "deleted":
+        (array / "zarr.json").unlink()
+    else:
+        _set_metadata(array, **edit)
+    problem = _zarr.metadata_problem(array, SPEC)
+    assert problem is not None and ("is missing" in problem if edit == "deleted" else "disagrees with the catalog" in problem)
+    for attempt in (lambda: _zarr.read_rows(array, checksums=sums, spec=SPEC),
+                    lambda: _zarr.read_rows(array, np.array([0, 40]), checksums=sums, spec=SPEC),
+                    lambda: _zarr.RowWriter(array, spec=SPEC),
+                    lambda: _zarr.open_array(array, SPEC)):
+        with pytest.raises(ArrayMetadataError) as info:
+            attempt()
+        assert info.value.path == str(array / "zarr.json") and info.value.detail == problem
+    assert _zarr.verify_chunks(array, sums, SPEC) == []  # judged in the catalog's layout, the chunks are intact
+    _zarr.write_metadata(array, SPEC)
+    assert _zarr.metadata_problem(array, SPEC) is None
+    assert np.array_equal(_zarr.read_rows(array, checksums=sums, spec=SPEC), _rows(0, N))
+
+
+def test_a_missing_zarr_json_is_store_damage_even_without_a_spec(array):
+    _write_all(array)
+    (array / "zarr.json").unlink()
+    for attempt in (lambda: _zarr.read_rows(array), lambda: _zarr.RowWriter(array), lambda: _zarr.chunks_present(array, [0])):
+        with pytest.raises(ArrayMetadataError, match="is missing"):
+            attempt()
+    _zarr.remove_chunk(array, 0)  # still works: the key scdm writes
+    assert not (array / "c" / "0" / "0").exists()
+
+
+def test_temporary_files_are_listed_and_removed_with_the_chunk_folders_they_leave_empty(array):
+    _write_all(array)
+    (array / "c" / "9").mkdir()
+    stale = [array / "c" / "0" / "0.aa.partial", array / "c" / "9" / "0.bb.partial", array / "zarr.json.cc.partial"]
+    for path in stale:
+        path.write_bytes(b"x")
+    assert _zarr.partial_files(array) == sorted(stale)
+    assert _zarr.remove_partials(array) == sorted(stale)
+    assert _zarr.partial_files(array) == [] and not (array / "c" / "9").exists()
+    assert (array / "c" / "0" / "0").exists() and (array / "zarr.json").exists()

@@ -793,11 +793,14 @@ def _baseline_chunks(st: Store, emb: Embedding, job: EmbeddingJob, info: Any, fi
 def complete_and_intact(st: Store, emb: Embedding) -> bool:
     """Whether ``emb`` is complete with every committed chunk matching its checksum.
 
-    Committed chunks that do not match (a flipped byte, a deleted or truncated chunk file) are
-    put back to pending here, so the resume path that follows recomputes exactly those.
+    Committed chunks that do not match (a flipped byte, a deleted or truncated chunk file), and
+    chunks without a committed record, are put back to pending here, so the resume path that
+    follows recomputes exactly those. A ``zarr.json`` that is gone or disagrees with the catalog is
+    rewritten from it first (the chunks are then checked as reads will see them).
     """
     if emb.status != "complete":
         return False  # pending: the resume path (create_embedding) renews a broken array and fills what is missing
+    st.repair_array_metadata(emb)  # a zarr.json gone or edited: rewritten from the catalog, chunks checked next
     bad = st.verify_embedding(emb.embedding_id)
     if bad:
         logger.warning("%s embedding %s: chunk(s) %s are damaged; recomputing them", emb.model, emb.embedding_id,

@@ -26,6 +26,7 @@ from scdm.store._store import (
 )
 from scdm.store._zarr import default_chunk_rows
 from scdm.store.errors import (
+    ArrayMetadataError,
     CatalogDamagedError,
     ChunkCorruptError,
     DatasetFileChangedError,
@@ -69,6 +70,7 @@ __all__ = [
     "DatasetFileChangedError",
     "CatalogDamagedError",
     "ChunkCorruptError",
+    "ArrayMetadataError",
     "StoreReadOnlyError",
 ]
 

@@ -36,6 +36,7 @@ from scdm.store._constants import (
     LOCK_RETRY_SECONDS,
 )
 from scdm.store.errors import (
+    ArrayMetadataError,
     ChunkCorruptError,
     DatasetFileChangedError,
     DatasetNotFoundError,
@@ -170,9 +171,20 @@ class ChunkTarget:
         """Whether the array is where the target says (workers check before writing)."""
         return _zarr.array_exists(self.location)
 
+    @property
+    def spec(self) -> _zarr.ArraySpec:
+        """What the catalog records of the array: its ``zarr.json`` must say the same."""
+        return _zarr.ArraySpec(self.n_cells, self.dim, self.dtype, self.chunk_rows)
+
     def open_array(self) -> Any:
-        """The Zarr array, opened for writing chunks (pass it to :meth:`write` as ``array``)."""
-        return _zarr.open_array(self.location)
+        """The Zarr array, opened for writing chunks (pass it to :meth:`write` as ``array``).
+
+        Raises
+        ------
+        ArrayMetadataError
+            Its ``zarr.json`` is missing or disagrees with the catalog (nothing can be written).
+        """
+        return _zarr.open_array(self.location, self.spec)
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         """First and one-past-last row of ``chunk``."""
@@ -218,7 +230,7 @@ class ChunkTarget:
         for every chunk).
         """
         lo, block = self.checked_block(chunk, block)
-        checksum = self.write_rows(chunk, lo, block, _zarr.RowWriter(self.location, array))
+        checksum = self.write_rows(chunk, lo, block, _zarr.RowWriter(self.location, array, self.spec))
         return ChunkRecord(chunk, int(block.shape[0]), checksum, seconds)
 
     def stored_checksum(self, chunk: int) -> str | None:
@@ -226,7 +238,7 @@ class ChunkTarget:
         lo, hi = self.chunk_bounds(chunk)
         if not _zarr.chunk_present(self.location, chunk):
             return None
-        block = _zarr.read_rows(self.location, np.arange(lo, hi), out_dtype=self.dtype)
+        block = _zarr.read_rows(self.location, np.arange(lo, hi), out_dtype=self.dtype, spec=self.spec)
         return _zarr.chunk_checksum(block)
 
 
@@ -267,6 +279,11 @@ class Embedding:
     def target(self) -> ChunkTarget:
         """A catalog-free, picklable description for writing this embedding's chunks elsewhere."""
         return ChunkTarget(self.embedding_id, self.location, self.n_cells, self.dim, self.dtype, self.chunk_rows, self.n_chunks)
+
+    @property
+    def spec(self) -> _zarr.ArraySpec:
+        """What the catalog records of the array: reads, verification and writes check its ``zarr.json`` against it."""
+        return self.target().spec
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         """First and one-past-last row of ``chunk``."""
@@ -465,13 +482,14 @@ class ChunkWriter:
         self._own_job = job is None
         self.job = EmbeddingJob(emb, check=False) if job is None else job
         try:
-            self._array = _zarr.open_array(emb.location)
+            # a zarr.json that disagrees with the catalog is refused before anything is written
+            self._array = _zarr.open_array(emb.location, emb.spec)
+            self._rows = _zarr.RowWriter(emb.location, self._array, emb.spec)
         except BaseException:
             if self._own_job:
                 self.job.close()
             raise
         self._local = _zarr.local_path(emb.location) is not None
-        self._rows = _zarr.RowWriter(emb.location, self._array)
         self._target = emb.target()
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="scdm-chunk-writer")
         self._in_flight: list[tuple[Future[str], list[Any]]] = []
@@ -1166,7 +1184,10 @@ class Store:
         found = self.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=checkpoint_hash,
                                    adapter_hash=adapter_hash, variant=variant, dtype=dtype)
         if found is not None:
-            return found if _array_whole(found.location) else self._renew_array(found, compressor)
+            if not _array_whole(found.location):
+                return self._renew_array(found, compressor)
+            self._repair_metadata(found)  # a zarr.json edited since: rewritten from the catalog before anything is written
+            return found
         space = space_id_of(model, checkpoint_hash, adapter_hash, variant, params)
         embedding_id = _short_hash("embedding", ds.content_hash, space, dtype)
         rows = chunk_rows if chunk_rows is not None else _zarr.default_chunk_rows(dim, dtype)
@@ -1326,15 +1347,20 @@ class Store:
             Read an embedding whose chunks are not all written (unwritten rows are zeros).
 
         Every committed chunk the read touches is checked against its checksum first (a chunk
-        verified before by this process is trusted while its file is unchanged).
+        verified before by this process is trusted while its file is unchanged), and the array's
+        ``zarr.json`` against the catalog row (rows, dimensions, data type, rows per chunk).
 
         Raises
         ------
         EmbeddingIncompleteError
             If it is not complete and ``allow_partial`` is False.
         ChunkCorruptError
-            If a chunk it touches is missing, truncated or altered; no data is returned, and the
-            message names the chunk, its file and the command that recomputes it.
+            If a chunk it touches is missing, truncated or altered, or the embedding is complete
+            but a chunk has no committed record (its rows could not be verified); no data is
+            returned, and the message names the chunk, its file and the command that recomputes it.
+        ArrayMetadataError
+            If the array's ``zarr.json`` is missing, unreadable or disagrees with the catalog; no
+            data is returned, and the message says how to rewrite it.
         """
         selected = None if rows is None else np.asarray(rows)
         for fresh in (False, True):
@@ -1346,13 +1372,19 @@ class Store:
                 )
                 raise EmbeddingIncompleteError(msg)
             try:
-                return _zarr.read_rows(emb.location, selected, checksums=sums)
+                if status == "complete":
+                    _raise_first(_unrecorded(emb, sums))
+                return _zarr.read_rows(emb.location, selected, checksums=sums, spec=emb.spec)
             except ChunkCorruptError as err:
                 if not fresh:
                     # the cached checksums may be stale (another process recomputed chunks since):
                     # look in the catalog again once before calling the chunk damaged
                     continue
                 raise self._damaged(emb, err) from err
+            except ArrayMetadataError as err:
+                if not fresh:
+                    continue  # the cached row may be stale (the embedding removed and made again since)
+                raise self._bad_metadata(emb, err) from err
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _readable(self, embedding_id: str, *, fresh: bool = False) -> tuple[Embedding, str, dict[int, str]]:
@@ -1401,12 +1433,51 @@ class Store:
         return {int(c): str(s) for c, s in zip(frame["chunk"], frame["checksum"])}
 
     def verify_embedding(self, embedding_id: str) -> list[int]:
-        """Committed chunks whose stored data does not match their checksum (empty = healthy).
+        """Chunks to recompute: committed ones whose stored data does not match their checksum, and, of a
+        complete embedding, those without a committed record (empty = healthy).
 
-        Reads and hashes every committed chunk (see :meth:`verify` for a report with reasons).
+        Reads and hashes every committed chunk (see :meth:`verify` for a report with reasons). A
+        local array whose ``zarr.json`` is missing or disagrees with the catalog is read in the
+        catalog's layout; the file itself is :meth:`repair_array_metadata`'s business.
         """
-        emb = self.embedding(embedding_id)
-        return [err.chunk for err in _zarr.verify_chunks(emb.location, self._chunk_checksums(emb.embedding_id))]
+        emb, status = self._embedding_and_status(embedding_id)
+        return [err.chunk for err in self._chunk_damage(emb, status, self._chunk_checksums(emb.embedding_id))]
+
+    def _chunk_damage(self, emb: Embedding, status: str, sums: dict[int, str]) -> list[ChunkCorruptError]:
+        """The bad committed chunks and, when ``status`` is complete, the chunks without a record; in chunk order."""
+        found = _zarr.verify_chunks(emb.location, sums, emb.spec)
+        if status == "complete":
+            found += _unrecorded(emb, sums)
+        return sorted(found, key=lambda err: err.chunk)
+
+    def repair_array_metadata(self, embedding: str | Embedding) -> str | None:
+        """Rewrite an embedding's ``zarr.json`` from its catalog row if it is missing or disagrees with it.
+
+        ``embedding`` is an id or a handle (a handle saves a catalog look-up when nothing is wrong).
+        The chunk files are kept: verify them next (:meth:`verify_embedding`) and recompute the bad
+        ones (bytes written in another layout do not match their checksums). Returns what was wrong
+        with the file, or None when it matched (then nothing is written).
+
+        Raises
+        ------
+        EmbeddingBusyError
+            A job kept writing the embedding.
+        """
+        return self._repair_metadata(embedding if isinstance(embedding, Embedding) else self.embedding(embedding))
+
+    def _repair_metadata(self, emb: Embedding) -> str | None:
+        problem = _zarr.metadata_problem(emb.location, emb.spec)
+        if problem is None:
+            return None
+        self.check_writable("rewrite an embedding's array metadata (zarr.json)")
+        # the job lock: never under a running job's feet, nor into the folder of an embedding being removed
+        with _claims.exclusive(self._claims_folder(emb.embedding_id), emb.embedding_id, wait_s=LOCK_RETRY_SECONDS, doing="repair"):
+            if self.query("SELECT 1 FROM embeddings WHERE embedding_id = ?", [emb.embedding_id]).empty:
+                raise _removed_error(emb.embedding_id, "before its array metadata was rewritten")
+            _zarr.write_metadata(emb.location, emb.spec, {"embedding_id": emb.embedding_id, "dataset_id": emb.dataset_id,
+                                                          "model": emb.model, "variant": emb.variant})
+        logger.warning("embedding %s (%s): its array metadata file %s; rewrote it from the catalog", emb.embedding_id, emb.model, problem)
+        return problem
 
     def remove_embedding(self, embedding_id: str, *, wait_s: float = 0.0) -> str:
         """Delete an embedding: its catalog rows first (readers stop seeing it), then its array.
@@ -1456,13 +1527,20 @@ class Store:
     def verify(self, embedding_ids: str | Iterable[str] | None = None, *, repair: bool = False) -> _verify.VerifyReport:
         """Check every committed chunk of some (default: all) embeddings against its checksum.
 
+        Also damage: a chunk of a complete embedding without a committed record, and an array
+        whose ``zarr.json`` is missing or disagrees with the catalog row (the chunks are then
+        judged in the catalog's layout). Temporary files of killed writes are listed apart (see
+        :mod:`store.verify`).
+
         Parameters
         ----------
         embedding_ids
             Embedding ids (or unambiguous prefixes); default: every embedding in the store.
         repair
-            Put the bad chunks back to pending (:meth:`mark_chunks_pending`), so that rerunning
-            the embedding's ``scdm embed`` command (``EmbeddingCheck.repair``) recomputes exactly those.
+            Rewrite a damaged ``zarr.json`` from the catalog, put the bad chunks back to pending
+            (:meth:`mark_chunks_pending`), so that rerunning the embedding's ``scdm embed`` command
+            (``EmbeddingCheck.repair``) recomputes exactly those, and delete the temporary files of
+            killed writes (unless a job writes the embedding now).
 
         Returns
         -------
@@ -1481,16 +1559,35 @@ class Store:
         emb, status = self._embedding_and_status(embedding_id)
         sums = self._chunk_checksums(emb.embedding_id)
         dataset = self._dataset_name(emb.dataset_id)
+        problem = _zarr.metadata_problem(emb.location, emb.spec)
+        metadata = None if problem is None else f"array metadata file {_zarr.metadata_file(emb.location)} {problem}"
+        rewritten = repair and self._repair_metadata(emb) is not None  # first: the chunks are then checked as reads see them
+        try:
+            damage = self._chunk_damage(emb, status, sums)
+        except ArrayMetadataError:  # a remote array without usable metadata: its chunks are judged once it is rewritten
+            damage = _unrecorded(emb, sums) if status == "complete" else []
         bad = tuple(
             _verify.BadChunk(emb.embedding_id, emb.model, dataset, err.chunk, emb.chunk_bounds(err.chunk), err.path,
                              err.reason, err.detail)
-            for err in _zarr.verify_chunks(emb.location, sums)
+            for err in damage
         )
-        hint = _verify.repair_hint(self, emb) if bad else None
+        hint = _verify.repair_hint(self, emb) if bad or metadata else None
         if bad and repair:
             self.mark_chunks_pending(emb.embedding_id, [b.chunk for b in bad])
+        leftovers = tuple(str(p) for p in self._leftover_partials(emb, remove=repair))
         return _verify.EmbeddingCheck(emb.embedding_id, emb.model, emb.variant, dataset, status, emb.n_chunks, len(sums),
-                                      bad, hint, marked_pending=bool(bad) and repair)
+                                      bad, hint, marked_pending=bool(bad) and repair, metadata=metadata,
+                                      metadata_rewritten=rewritten, leftovers=leftovers, leftovers_removed=repair and bool(leftovers))
+
+    def _leftover_partials(self, emb: Embedding, *, remove: bool) -> list[Path]:
+        """Temporary files that interrupted writes left in the array (deleted with ``remove``).
+
+        None are listed while a job writes the embedding: its own temporary files are live.
+        """
+        folder = self._claims_folder(emb.embedding_id)
+        if remove:
+            return _remove_leftovers(folder, emb.location)
+        return [] if _claims.live_writers(folder) else _zarr.partial_files(emb.location)
 
     def mark_chunks_pending(self, embedding_id: str, chunks: Iterable[int]) -> None:
         """Put committed chunks back to pending so that the resume path recomputes them.
@@ -1531,6 +1628,16 @@ class Store:
         )
         return ChunkCorruptError(msg, chunk=err.chunk, path=err.path, reason=err.reason, detail=err.detail,
                                  embedding_id=emb.embedding_id)
+
+    def _bad_metadata(self, emb: Embedding, err: ArrayMetadataError) -> ArrayMetadataError:
+        """The read error a user sees when the array's ``zarr.json`` is missing or disagrees with the catalog, and the fix."""
+        msg = (
+            f"Embedding {emb.embedding_id} ({emb.model}, {emb.variant}) of dataset {self._dataset_name(emb.dataset_id)!r} "
+            f"is damaged: its array metadata file {err.path} {err.detail}. No data was returned. Rewrite the file from the "
+            f"catalog and re-check every chunk with `scdm verify --repair --embedding {emb.embedding_id}` (chunks that do "
+            f"not match are recomputed as for any damaged chunk)."
+        )
+        return ArrayMetadataError(msg, path=err.path, detail=err.detail, embedding_id=emb.embedding_id)
 
 
 def _warn_label_confounders(adata: ad.AnnData, response: pd.Series, opts: _ingest.IngestOptions, name: str) -> None:
@@ -1651,6 +1758,12 @@ class EmbeddingJob:
 
     def __init__(self, emb: Embedding, *, wait_s: float = LOCK_RETRY_SECONDS, check: bool = True) -> None:
         self.emb = emb
+        if check:
+            # a job (re)starting the embedding clears what killed writers left; a writer's own short
+            # job (check=False, one per write_chunk) skips it: it would list the array on every chunk
+            removed = _remove_leftovers(_claims.claims_folder(emb.store.root, emb.embedding_id), emb.location)
+            if removed:
+                logger.info("embedding %s: removed %d temporary file(s) of interrupted writes", emb.embedding_id, len(removed))
         self._lease = _claims.JobLease(_claims.claims_folder(emb.store.root, emb.embedding_id), emb.embedding_id, wait_s=wait_s)
         try:
             # a writer's own short job skips this read: its commit checks the row in its transaction
@@ -1746,6 +1859,42 @@ class EmbeddingJob:
 
 CHUNK_COLUMNS = ("embedding_id", "chunk", "n_rows", "checksum", "seconds")
 """Columns of an ``embedding_chunks`` row a writer supplies (``written_at`` is the commit time)."""
+
+
+def _unrecorded(emb: Embedding, sums: dict[int, str]) -> list[ChunkCorruptError]:
+    """The chunks with no committed record, as damage: of a complete embedding, every chunk must have one."""
+    detail = ("the embedding is marked complete, but the catalog holds no committed checksum for this chunk: its rows "
+              "cannot be verified, and a deleted chunk file would read as zeros")
+    errors = []
+    for chunk in range(emb.n_chunks):
+        if chunk not in sums:
+            path = f"{emb.location}/c/{chunk}/0"
+            errors.append(ChunkCorruptError(f"Chunk {chunk} ({path!r}) failed verification, no record: {detail}.",
+                                            chunk=chunk, path=path, reason="no record", detail=detail))
+    return errors
+
+
+def _raise_first(errors: Sequence[BaseException]) -> None:
+    if errors:
+        raise errors[0]
+
+
+def _remove_leftovers(claims: Path, location: _zarr.ArrayLocation) -> list[Path]:
+    """Delete the temporary files that killed writers left in an array, unless a job writes it now.
+
+    Holding the embedding's job lock exclusively proves that no job runs, and every writer runs in
+    one (a :class:`ChunkWriter` in its own or its runner's, Ray workers under their driver's), so
+    no temporary file there is about to be renamed into place.
+    """
+    if not _zarr.partial_files(location):
+        return []  # the common case: no lock file is created for nothing
+    held = _claims.try_exclusive(claims)
+    if held is None:
+        return []  # a job writes now: its temporaries may be live; a later job or `scdm verify --repair` removes the rest
+    try:
+        return _zarr.remove_partials(location)
+    finally:
+        _claims.release(held)
 
 
 def _removed_error(embedding_id: str, when: str) -> EmbeddingNotFoundError:

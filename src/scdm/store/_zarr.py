@@ -20,6 +20,13 @@ is checked against it, and a missing, truncated or altered chunk file raises
 :class:`~store.errors.ChunkCorruptError` instead of coming back as data (a deleted chunk file
 would otherwise read as zeros, the fill value). A chunk verified once in this process is not
 hashed again while its file is unchanged (same inode, size, mtime and ctime).
+
+Reads, verifications and writes can also be given the array's :class:`ArraySpec` (what the
+catalog records: rows, dimensions, data type, rows per chunk). The array's own ``zarr.json`` is
+then checked against it first, and a missing, unreadable or disagreeing metadata file raises
+:class:`~store.errors.ArrayMetadataError`: the checksums cover the chunk bytes, not how they are
+interpreted, so an edited shape or data type would otherwise turn good bytes into other rows or
+numbers. :func:`write_metadata` rewrites the file from the spec.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -46,13 +54,20 @@ from scdm.store._constants import (
     TARGET_CHUNK_BYTES,
     VERSION_ATTR,
 )
-from scdm.store.errors import ChunkCorruptError, InputDataError, StoreFormatError
+from scdm.store.errors import ArrayMetadataError, ChunkCorruptError, InputDataError, StoreFormatError
 
 if TYPE_CHECKING:
     from zarr.codecs.blosc import CName
 
 __all__ = [
     "ArrayLocation",
+    "ArraySpec",
+    "metadata_file",
+    "metadata_problem",
+    "check_metadata",
+    "write_metadata",
+    "partial_files",
+    "remove_partials",
     "default_chunk_rows",
     "create_array",
     "write_rows",
@@ -213,7 +228,10 @@ def remove_chunk(location: ArrayLocation, chunk: int) -> None:
     """Delete the file of row-chunk ``chunk`` (no error if it is gone); it then reads as the fill value."""
     path = local_path(location)
     if path is not None:
-        file = _RawLayout(path).chunk_file(chunk) if (path / "zarr.json").exists() else path / "c" / str(chunk) / "0"
+        try:
+            file = _RawLayout(path).chunk_file(chunk)
+        except ArrayMetadataError:  # no usable zarr.json: the key scdm writes (default encoding)
+            file = path / "c" / str(chunk) / "0"
         file.unlink(missing_ok=True)
         forget_verified(location)
         return
@@ -284,10 +302,15 @@ def create_array(location: ArrayLocation, *, n_rows: int, dim: int, dtype: str, 
     )
 
 
-def open_array(location: ArrayLocation) -> Any:
-    """Open an embedding array (local path or URL), refusing arrays of a newer scdm format."""
+def open_array(location: ArrayLocation, spec: ArraySpec | None = None) -> Any:
+    """Open an embedding array (local path or URL), refusing arrays of a newer scdm format.
+
+    With ``spec``, its metadata is checked against the catalog first (:func:`check_metadata`).
+    """
     import zarr
 
+    if spec is not None:
+        check_metadata(location, spec)
     path = local_path(location)
     if path is not None:
         arr = zarr.open_array(str(path), mode="r+" if os.access(path, os.W_OK) else "r")
@@ -301,6 +324,157 @@ def open_array(location: ArrayLocation) -> Any:
         )
         raise StoreFormatError(msg)
     return arr
+
+
+# ---- the array's metadata against the catalog ------------------------------------------------
+@dataclass(frozen=True)
+class ArraySpec:
+    """What the catalog records of an embedding array, and so what its ``zarr.json`` must say."""
+
+    n_rows: int
+    dim: int
+    dtype: str
+    chunk_rows: int
+
+    def wanted(self) -> dict[str, Any]:
+        """The metadata fields that must match, as :func:`_found_fields` reads them."""
+        return {"shape": (self.n_rows, self.dim), "data type": self.dtype, "chunk shape": (self.chunk_rows, self.dim)}
+
+
+def metadata_file(location: ArrayLocation) -> str:
+    """The array's ``zarr.json`` (its path, or its key under a URL)."""
+    path = local_path(location)
+    return str(path / "zarr.json") if path is not None else f"{str(location).rstrip('/')}/zarr.json"
+
+
+def _metadata_error(location: ArrayLocation, detail: str) -> ArrayMetadataError:
+    key = metadata_file(location)
+    return ArrayMetadataError(f"The array metadata file {key!r} {detail}.", path=key, detail=detail)
+
+
+def _load_metadata(location: ArrayLocation) -> dict[str, Any]:
+    """The parsed ``zarr.json`` of the array; a missing or unparsable one is :class:`ArrayMetadataError`."""
+    path = local_path(location)
+    try:
+        if path is not None:
+            raw = (path / "zarr.json").read_bytes()
+        else:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(str(location))
+            raw = fs.cat_file(f"{root.rstrip('/')}/zarr.json")
+    except FileNotFoundError:
+        raise _metadata_error(location, "is missing (without it the chunk files cannot be read)") from None
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _metadata_error(location, f"is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise _metadata_error(location, f"holds a JSON {type(meta).__name__}, not an object")
+    return meta
+
+
+def _found_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Shape, data type and chunk shape as ``zarr.json`` states them (KeyError/TypeError/ValueError if absent)."""
+    return {"shape": tuple(int(n) for n in meta["shape"]), "data type": str(meta["data_type"]),
+            "chunk shape": tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])}
+
+
+def _spec_problem(meta: Mapping[str, Any], spec: ArraySpec) -> str | None:
+    """What in ``meta`` disagrees with ``spec`` (None when shape, data type and chunk shape all match)."""
+    try:
+        found = _found_fields(meta)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        return f"has no readable shape, data type or chunk shape ({type(err).__name__}: {err})"
+    want = spec.wanted()
+    wrong = [f"{name} {found[name]} where the catalog records {want[name]}" for name in want if found[name] != want[name]]
+    return f"disagrees with the catalog: it says {'; '.join(wrong)}" if wrong else None
+
+
+def metadata_problem(location: ArrayLocation, spec: ArraySpec) -> str | None:
+    """What is wrong with the array's ``zarr.json`` against the catalog's ``spec`` (None when nothing is).
+
+    The answer completes the sentence "The array metadata file ... ": missing, not valid JSON, or
+    which of shape, data type and chunk shape disagree.
+    """
+    try:
+        return _spec_problem(_load_metadata(location), spec)
+    except ArrayMetadataError as err:
+        return err.detail
+
+
+def check_metadata(location: ArrayLocation, spec: ArraySpec) -> None:
+    """Refuse an array whose ``zarr.json`` is missing, unreadable or disagrees with the catalog's ``spec``.
+
+    Raises
+    ------
+    ArrayMetadataError
+        Naming the file and what is wrong with it.
+    """
+    problem = metadata_problem(location, spec)
+    if problem is not None:
+        raise _metadata_error(location, problem)
+
+
+def write_metadata(location: ArrayLocation, spec: ArraySpec, attrs: dict[str, Any] | None = None) -> None:
+    """Replace the array's ``zarr.json`` by the one :func:`create_array` writes for ``spec`` (chunk files are kept).
+
+    The rewritten array is uncompressed (the catalog does not record a compressor): the chunk files
+    of a compressed array then fail verification and are recomputed like any damaged chunk. The
+    new file is written next to the old one and renamed over it, so a reader sees one or the other.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="scdm-meta-") as tmp:
+        fresh = Path(tmp) / "array"
+        create_array(fresh, n_rows=spec.n_rows, dim=spec.dim, dtype=spec.dtype, chunk_rows=spec.chunk_rows, attrs=attrs)
+        data = (fresh / "zarr.json").read_bytes()
+    path = local_path(location)
+    if path is None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(location))
+        fs.pipe_file(f"{root.rstrip('/')}/zarr.json", data)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    tmp_file = path / f"zarr.json.{uuid.uuid4().hex}.partial"
+    try:
+        tmp_file.write_bytes(data)
+        os.replace(tmp_file, path / "zarr.json")
+    except BaseException:
+        tmp_file.unlink(missing_ok=True)
+        raise
+    forget_verified(location)
+
+
+# ---- temporary files of interrupted writes ---------------------------------------------------
+def partial_files(location: ArrayLocation) -> list[Path]:
+    """The temporary ``*.partial`` files in a local array (none for remote arrays).
+
+    A writer renames its temporary file over the chunk key as soon as the data is written; one
+    still there belongs to a write in progress or to a writer that was killed in between. Only
+    the caller can tell which (the store looks only while no job writes the embedding).
+    """
+    path = local_path(location)
+    if path is None or not path.is_dir():
+        return []
+    return sorted([*path.glob("*.partial"), *path.glob("c/*/*.partial")])
+
+
+def remove_partials(location: ArrayLocation) -> list[Path]:
+    """Delete the :func:`partial_files` of a local array, and chunk folders left empty; the files deleted.
+
+    Call it only while no process writes the array (a writer's temporary file would vanish before
+    its rename).
+    """
+    path = local_path(location)
+    removed = partial_files(location)
+    for file in removed:
+        file.unlink(missing_ok=True)
+        if file.parent != path:
+            with contextlib.suppress(OSError):
+                file.parent.rmdir()  # a chunk folder, only when empty: the chunk's own file keeps it
+    return removed
 
 
 def chunk_checksum(block: np.ndarray) -> str:
@@ -359,12 +533,18 @@ class RowWriter:
     part of one. The result is the same Zarr v3 chunk zarr-python writes (edge chunk padded with
     the fill value; an all-zero chunk has no file). Other arrays go through zarr-python.
     Safe to use from several threads for different chunks.
+
+    With ``spec`` (the catalog's record of the array), an array whose ``zarr.json`` is missing or
+    disagrees with it is refused (:class:`ArrayMetadataError`) before anything is written: chunks
+    written in a layout other than the catalog's would not be the rows their checksums claim. An
+    ``array`` passed in is taken as opened with that check (:func:`open_array` with ``spec``).
     """
 
-    def __init__(self, location: ArrayLocation, array: Any = None) -> None:
+    def __init__(self, location: ArrayLocation, array: Any = None, spec: ArraySpec | None = None) -> None:
         self.location = location
+        self._spec = spec
         path = local_path(location)
-        layout = _RawLayout(path) if path is not None else None
+        layout = _RawLayout(path, spec) if path is not None else None
         self._raw = layout if layout is not None and layout.ok and not layout.fill_value else None
         self._array = array if self._raw is None and array is not None else None
 
@@ -383,7 +563,7 @@ class RowWriter:
         if check_finite and not np.isfinite(block).all():
             raise NonFiniteError(start)
         if self._array is None:
-            self._array = open_array(self.location)
+            self._array = open_array(self.location, self._spec)
         checksum = chunk_checksum(block)
         self._array[start:start + block.shape[0]] = block
         return checksum
@@ -434,8 +614,27 @@ def _write_raw_chunk(layout: _RawLayout, chunk: int, block: np.ndarray, *, check
 class _RawLayout:
     """The raw-bytes layout of an uncompressed, full-width row-chunked Zarr v3 array."""
 
-    def __init__(self, path: Path) -> None:
-        meta = json.loads((path / "zarr.json").read_text())
+    def __init__(self, path: Path, spec: ArraySpec | None = None) -> None:
+        """The layout ``zarr.json`` states; with ``spec``, an :class:`ArrayMetadataError` where it disagrees with the catalog."""
+        meta = _load_metadata(path)
+        problem = _spec_problem(meta, spec) if spec is not None else None
+        if problem is not None:
+            raise _metadata_error(path, problem)
+        try:
+            self._parse(path, meta)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise _metadata_error(path, f"cannot be read as array metadata ({type(err).__name__}: {err})") from None
+
+    @classmethod
+    def from_spec(cls, path: Path, spec: ArraySpec) -> _RawLayout:
+        """The layout scdm writes for ``spec`` (uncompressed, little-endian, ``/`` keys), whatever ``zarr.json`` says."""
+        layout = cls.__new__(cls)
+        layout._parse(path, {"shape": [spec.n_rows, spec.dim], "data_type": spec.dtype, "fill_value": 0,
+                             "chunk_grid": {"configuration": {"chunk_shape": [spec.chunk_rows, spec.dim]}},
+                             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]})
+        return layout
+
+    def _parse(self, path: Path, meta: Mapping[str, Any]) -> None:
         self.path = path
         self.shape = tuple(meta["shape"])
         self.chunk_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
@@ -571,13 +770,18 @@ def _readers() -> Any:
     return _READERS[1]
 
 
-def verify_chunks(location: ArrayLocation, checksums: Mapping[int, str]) -> list[ChunkCorruptError]:
+def verify_chunks(location: ArrayLocation, checksums: Mapping[int, str], spec: ArraySpec | None = None) -> list[ChunkCorruptError]:
     """Check every chunk named in ``checksums`` (chunk -> committed checksum); the bad ones, in order.
 
     Always reads and hashes the files (nothing is taken from what this process verified before).
+    With ``spec``, a local array whose ``zarr.json`` is missing or disagrees with it is checked in
+    the layout the catalog records (how scdm wrote the chunks), so that the chunks are judged
+    apart from their metadata; a remote one raises :class:`ArrayMetadataError`.
     """
     path = local_path(location)
-    layout = _RawLayout(path) if path is not None else None
+    if path is None and spec is not None:
+        check_metadata(location, spec)
+    layout = _layout_to_verify(path, spec) if path is not None else None
     if layout is None or not layout.ok:
         return _verify_generic(location, checksums)
     bad = []
@@ -590,6 +794,16 @@ def verify_chunks(location: ArrayLocation, checksums: Mapping[int, str]) -> list
         except ChunkCorruptError as err:
             bad.append(err)
     return bad
+
+
+def _layout_to_verify(path: Path, spec: ArraySpec | None) -> _RawLayout:
+    """The layout ``zarr.json`` states, or the catalog's (``spec``) where the file is missing or disagrees."""
+    if spec is None:
+        return _RawLayout(path)
+    try:
+        return _RawLayout(path, spec)
+    except ArrayMetadataError:
+        return _RawLayout.from_spec(path, spec)
 
 
 def _verify_generic(location: ArrayLocation, checksums: Mapping[int, str]) -> list[ChunkCorruptError]:
@@ -621,7 +835,7 @@ def _generic_chunk(location: ArrayLocation, arr: Any, i: int, expected: str | No
 
 # ---- reads ---------------------------------------------------------------------------------
 def read_rows(location: ArrayLocation, rows: np.ndarray | None = None, *, out_dtype: str = "float32",
-              checksums: Mapping[int, str] | None = None) -> np.ndarray:
+              checksums: Mapping[int, str] | None = None, spec: ArraySpec | None = None) -> np.ndarray:
     """Read all rows (``rows=None``) or the given row indices of an embedding array.
 
     Parameters
@@ -630,14 +844,20 @@ def read_rows(location: ArrayLocation, rows: np.ndarray | None = None, *, out_dt
         Committed checksum per chunk: every chunk the read touches that is named here is
         verified first (see :func:`checksum_matches`); others are read as stored. None reads
         without any check.
+    spec
+        The catalog's record of the array: its ``zarr.json`` must agree (else nothing is read).
 
     Raises
     ------
     ChunkCorruptError
         If a verified chunk is missing, truncated or does not match its checksum (no data is returned).
+    ArrayMetadataError
+        If ``spec`` is given and the array's ``zarr.json`` is missing, unreadable or disagrees with it.
     """
     path = local_path(location)
-    layout = _RawLayout(path) if path is not None else None
+    if path is None and spec is not None:
+        check_metadata(location, spec)
+    layout = _RawLayout(path, spec) if path is not None else None
     if layout is None or not layout.ok:
         # remote URLs and arrays with codecs: the generic zarr-python path
         return _read_generic(location, rows, out_dtype, checksums)

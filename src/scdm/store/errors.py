@@ -16,6 +16,7 @@ __all__ = [
     "StoreFormatError",
     "StoreDamagedError",
     "ChunkCorruptError",
+    "ArrayMetadataError",
     "CatalogDamagedError",
     "DatasetFileChangedError",
     "StoreReadOnlyError",
@@ -79,13 +80,28 @@ class ChunkCorruptError(StoreDamagedError):
 
     ``embedding_id``, ``chunk`` and ``path`` name it (``embedding_id`` is None when the error
     comes from the array layer alone); ``reason`` is ``missing``, ``truncated``, ``wrong size``,
-    ``unreadable`` or ``checksum mismatch``, and ``detail`` says what was found.
+    ``unreadable``, ``checksum mismatch`` or ``no record`` (a chunk of a complete embedding without
+    a committed checksum), and ``detail`` says what was found.
     """
 
     def __init__(self, message: str, *, chunk: int, path: str, reason: str, detail: str = "",
                  embedding_id: str | None = None) -> None:
         super().__init__(message)
         self.chunk, self.path, self.reason, self.detail, self.embedding_id = chunk, path, reason, detail, embedding_id
+
+
+class ArrayMetadataError(StoreDamagedError):
+    """An embedding array's metadata file (``zarr.json``) is missing, unreadable, or disagrees with the catalog.
+
+    The catalog row (rows, dimensions, data type, rows per chunk) is the record of what was written;
+    a ``zarr.json`` that says otherwise would make the chunk bytes read as other rows or numbers.
+    ``path`` is the metadata file, ``detail`` what is wrong with it; ``embedding_id`` is None when
+    the error comes from the array layer alone.
+    """
+
+    def __init__(self, message: str, *, path: str, detail: str = "", embedding_id: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.detail, self.embedding_id = path, detail, embedding_id
 
 
 class CatalogDamagedError(StoreDamagedError):

@@ -7,6 +7,13 @@ status back to ``pending``), so that the normal resume path recomputes exactly t
 ``scdm embed`` with the embedding's original options, or ``scdm verify --repair``, which reruns
 the pca/hvg baselines by itself and prints the ``scdm embed ... --checkpoint DIR`` command of
 embeddings that need a checkpoint.
+
+Two more things are damage: a complete embedding with a chunk that has no committed record (it
+could only be read unchecked), and an array whose ``zarr.json`` is missing or disagrees with the
+catalog row (shape, data type, rows per chunk: the chunk bytes would be read as other rows or
+numbers). ``repair=True`` puts such chunks back to pending too, and rewrites the metadata file from
+the catalog before the chunks are checked. Temporary ``*.partial`` files that killed writers left
+are listed (not damage: no read uses them) and deleted with ``repair=True``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ class BadChunk:
     path: str
     """The chunk file (or its key under a remote array URL)."""
     reason: str
-    """``missing``, ``truncated``, ``wrong size``, ``unreadable`` or ``checksum mismatch``."""
+    """``missing``, ``truncated``, ``wrong size``, ``unreadable``, ``checksum mismatch``, or ``no record``
+    (a chunk of a complete embedding without a committed checksum)."""
     detail: str
 
     def line(self) -> str:
@@ -65,10 +73,26 @@ class EmbeddingCheck:
     """The command that recomputes the bad chunks (None when there are none)."""
     marked_pending: bool = False
     """Whether the bad chunks were put back to pending (``repair=True``)."""
+    metadata: str | None = None
+    """What is wrong with the array's ``zarr.json`` (which file, and what it says against the catalog);
+    None when it matches."""
+    metadata_rewritten: bool = False
+    """Whether that file was rewritten from the catalog (``repair=True``)."""
+    leftovers: tuple[str, ...] = ()
+    """Temporary files that interrupted writes left in the array (not damage: nothing reads them)."""
+    leftovers_removed: bool = False
+    """Whether they were deleted (``repair=True``)."""
 
     @property
     def ok(self) -> bool:
-        return not self.bad
+        return not self.bad and self.metadata is None
+
+    def metadata_line(self) -> str | None:
+        """One line for a listing when the array's metadata is damaged (None when it is not)."""
+        if self.metadata is None:
+            return None
+        done = "; rewrote it from the catalog" if self.metadata_rewritten else ""
+        return f"{self.embedding_id}  {self.model}  {self.dataset}  {self.metadata}{done}"
 
     @property
     def bad_chunks(self) -> list[int]:
@@ -94,13 +118,35 @@ class VerifyReport:
     def damaged(self) -> list[EmbeddingCheck]:
         return [e for e in self.embeddings if not e.ok]
 
+    def problems(self) -> list[str]:
+        """One line per damaged array metadata file and per bad chunk, embedding by embedding."""
+        lines = []
+        for check in self.embeddings:
+            meta = check.metadata_line()
+            lines += ([meta] if meta else []) + [b.line() for b in check.bad]
+        return lines
+
     def summary(self) -> str:
-        """One sentence: how much was checked and what is bad."""
+        """One sentence: how much was checked, what is bad, and what interrupted writes left behind."""
         chunks = sum(e.checked for e in self.embeddings)
         head = f"checked {len(self.embeddings)} embedding(s), {chunks} committed chunk(s)"
         if self.ok:
-            return f"{head}: all match their checksums"
-        return f"{head}: {len(self.bad)} bad chunk(s) in {len(self.damaged)} embedding(s)"
+            return f"{head}: all match their checksums{self._leftover_note()}"
+        found = [f"{len(self.bad)} bad chunk(s)"] if self.bad or not self._bad_metadata() else []
+        if self._bad_metadata():
+            found.append(f"{self._bad_metadata()} damaged array metadata file(s)")
+        return f"{head}: {' and '.join(found)} in {len(self.damaged)} embedding(s){self._leftover_note()}"
+
+    def _bad_metadata(self) -> int:
+        return sum(e.metadata is not None for e in self.embeddings)
+
+    def _leftover_note(self) -> str:
+        files = sum(len(e.leftovers) for e in self.embeddings)
+        if not files:
+            return ""
+        done = all(e.leftovers_removed for e in self.embeddings if e.leftovers)
+        fix = "deleted" if done else "`scdm verify --repair` deletes them"
+        return f"; {files} temporary file(s) left by interrupted writes ({fix})"
 
 
 def repair_hint(st: Store, emb: Embedding) -> str:
