@@ -11,21 +11,16 @@ import pytest
 import scdm
 from scdm.classify.grid import evaluate
 from scdm.classify.results import format_leaderboard, leaderboard, split_labels, wide_leaderboard
-from scdm.embedding.runner import embed
 from scdm.store import Store, example_data
+from tests.jhu006 import jhu006_store
 
-JHU006 = Path(__file__).resolve().parents[1] / "data" / "JHU006_HNSCC_Kinker2020.h5ad"
 COMMON = {"heads": ["ridge"], "by": ["all"], "folds": 5, "scenarios": ["pooled"], "silent": True}
 METRICS = ["auroc", "f1", "mcc"]
 
 
 @pytest.fixture()
 def st(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "store")
-    store.ingest(JHU006, name="JHU006", label_key="response_Gefitinib", drug="Gefitinib", study="Kinker2020")
-    store.ingest(JHU006, label_key="response_Vorinostat", drug="Vorinostat")
-    embed(store, "JHU006", "pca", n_comps=10, progress=False)
-    return store
+    return jhu006_store(tmp_path / "store")
 
 
 def _same_columns(frame: pd.DataFrame, like: pd.DataFrame) -> None:

@@ -10,19 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from scdm.cli import main
-from scdm.embedding.runner import embed
 from scdm.store import Store
-
-JHU006 = Path(__file__).resolve().parents[1] / "data" / "JHU006_HNSCC_Kinker2020.h5ad"
+from tests.jhu006 import jhu006_store
 
 
 @pytest.fixture()
 def store(tmp_path: Path) -> Path:
-    st = Store(tmp_path / "store")
-    st.ingest(JHU006, name="JHU006", label_key="response_Gefitinib", drug="Gefitinib", study="Kinker2020")
-    st.ingest(JHU006, label_key="response_Vorinostat", drug="Vorinostat")
-    embed(st, "JHU006", "pca", n_comps=10, progress=False)
-    return st.root
+    return jhu006_store(tmp_path / "store").root
 
 
 def run(store: Path, *args: str) -> str:

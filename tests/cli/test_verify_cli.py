@@ -60,18 +60,26 @@ def store(template, tmp_path):
     return run, eid, st.read_embedding(eid), lambda i: st.embedding(eid).path / "c" / str(i) / "0", root
 
 
+def _reads_fail(run, eid: str, out, head: str) -> list[str]:
+    """The outputs of an export and an evaluate of a damaged embedding: each an error line, no file written."""
+    outputs = []
+    for args in (["export", "--embedding", eid, "--out", str(out)],
+                 ["evaluate", "--embedding", eid, "--scenario", "pooled", "--by", "all", "--heads", head, "--folds", "2", "-q"]):
+        result = run(*args, ok=False)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        outputs.append(result.output)
+    assert not out.exists()
+    return outputs
+
+
 @pytest.mark.parametrize("how", ["flip", "delete", "truncate"])
 def test_damaged_chunk_fails_export_and_evaluate_then_scdm_embed_repairs_it(store, tmp_path, how):
     run, eid, clean, chunk, _ = store
     damage(chunk(3), how)
     out = tmp_path / "x.npy"
-    for args in (["export", "--embedding", eid, "--out", str(out)],
-                 ["evaluate", "--embedding", eid, "--scenario", "pooled", "--by", "all", "--heads", "logreg", "--folds", "2", "-q"]):
-        result = run(*args, ok=False)
-        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-        assert f"Embedding {eid} (pca, frozen) of dataset 'a375' is damaged: chunk 3 of 7" in result.output
-        assert str(chunk(3)) in result.output and "scdm embed a375 --model pca --n-hvg 50 --n-comps 5" in result.output
-    assert not out.exists()
+    for output in _reads_fail(run, eid, out, "logreg"):
+        assert f"Embedding {eid} (pca, frozen) of dataset 'a375' is damaged: chunk 3 of 7" in output
+        assert str(chunk(3)) in output and "scdm embed a375 --model pca --n-hvg 50 --n-comps 5" in output
 
     result = run("verify", ok=False)
     assert result.exit_code == 1
@@ -192,13 +200,9 @@ def test_a_damaged_zarr_json_fails_reads_cleanly_and_verify_repair_rewrites_it(s
     array = chunk(0).parent.parent.parent
     _edit_metadata(array, how)
     out = tmp_path / "x.npy"
-    for args in (["export", "--embedding", eid, "--out", str(out)],
-                 ["evaluate", "--embedding", eid, "--scenario", "pooled", "--by", "all", "--heads", "ridge", "--folds", "2", "-q"]):
-        result = run(*args, ok=False)
-        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-        assert f"Embedding {eid} (pca, frozen) of dataset 'a375' is damaged: its array metadata file {array / 'zarr.json'}" in result.output
-        assert f"scdm verify --repair --embedding {eid}" in result.output
-    assert not out.exists()
+    for output in _reads_fail(run, eid, out, "ridge"):
+        assert f"Embedding {eid} (pca, frozen) of dataset 'a375' is damaged: its array metadata file {array / 'zarr.json'}" in output
+        assert f"scdm verify --repair --embedding {eid}" in output
     result = run("verify", ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
     bad = [line for line in result.output.splitlines() if line.startswith("BAD ")]
