@@ -207,3 +207,19 @@ def test_bad_requests_have_clear_errors(st: Store, a375_values: np.ndarray) -> N
     head_id = train_head(st, dataset="a375", model="pca-test", category_type="tissue", category="skin", head="ridge")
     with pytest.raises(InputDataError, match=r"\.csv or \.h5ad"):
         predict(st, head_id, "a375", out="pred.parquet")
+
+
+def test_relabelled_cells_train_a_head_of_their_own(st: Store, a375_values: np.ndarray, tmp_path: Path) -> None:
+    write_embedding(st, "a375", a375_values)
+    first = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    adata = ad.read_h5ad(example_data("A375"))
+    flipped = adata.obs["response_PLX4720"].astype(str).map({"sensitive": "resistant", "resistant": "sensitive"})
+    adata.obs["response_PLX4720"] = flipped.to_numpy()
+    st.ingest(adata, label_key="response_PLX4720", update=True)  # the labels were inverted: corrected
+    second = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    assert second != first  # never the head fitted on the old labels
+    row = trained_heads(st).set_index("head_id").loc[second]
+    assert row["n_train_pos"] == 46
+    y = st.cells(["a375"]).sort_values("row")["response"].to_numpy(np.int64)
+    proba = predict(st, second, "a375")["proba"].to_numpy()
+    assert ((proba >= 0.5) == y).mean() > 0.9  # fitted on the current labels

@@ -525,3 +525,27 @@ def test_tuned_embeddings_of_a_removed_split_are_left_out_with_a_warning(gf_stor
         summary = evaluate(st, heads=["majority"], scenarios=["pooled"], by=["all"], folds=2, split_scheme="cell", silent=True)
     assert "tuned embeddings" in caplog.text and "fine-tune again" in caplog.text
     assert summary.n_done == 2  # the frozen space is still evaluated, on the new split
+
+
+def test_a_tuned_space_is_evaluated_with_the_labels_and_cells_it_was_tuned_on(tmp_path, small):
+    from scdm.classify.grid import evaluate
+
+    adata = small.copy()
+    adata.obs["partial"] = adata.obs["label"].astype(str)
+    adata.obs.loc[adata.obs_names[:12], "partial"] = "unknown"  # the default leaves 12 cells unlabelled
+    st = Store(tmp_path / "store")
+    st.ingest(adata, name="planted", label_key="partial", unknown_values=["unknown"], tissue_key="tissue", study_key="study")
+    st.ingest(adata, label_key="label")
+    save_splits(st, make_splits(st.cells(["planted"], label_set="label"), scenarios=["pooled"], by=["all"], n_folds=3))
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", adata.var_names.tolist())
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, label_set="label", **FAST)
+    evaluate(st, list(res.embedding_ids), heads=["logreg"], folds=3, silent=True)  # no label set asked: the tuned one
+    task = st.query("SELECT task_id, label_set, n_test FROM eval_tasks WHERE head = 'logreg'").iloc[0]
+    test = _split_cells(st, res.split_id).query("fold == 0")
+    assert task["label_set"] == "label" and task["n_test"] == len(test)
+    stored = st.query('SELECT "row", y_true FROM eval_predictions WHERE task_id = ? ORDER BY "row"', [task["task_id"]])
+    truth = st.cells("planted", label_set="label").set_index("row")["response"]
+    assert stored["row"].tolist() == test["row"].tolist()  # every test cell once, none read as another
+    assert stored["y_true"].tolist() == truth.loc[stored["row"]].tolist()
+    asked = evaluate(st, list(res.embedding_ids), heads=["logreg"], folds=3, label_set="partial", silent=True)
+    assert asked.spaces == ()  # tuned on other labels: left out, never scored against these

@@ -58,7 +58,7 @@ from scdm.store.errors import (
     EmbeddingNotFoundError,
     InputDataError,
 )
-from scdm.store.splits import CATEGORY_TYPES, load_split, make_splits, save_splits, shared_partitions
+from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -530,13 +530,20 @@ def evaluate(
               "jobs": "auto" if jobs is None else jobs, "save_predictions": save_predictions, "executor": executor, "label_set": label_set,
               "pair_folds_with": pair_folds_with}
     spaces = [space for space in spaces if space.lora is None or _lora_split_kept(st, space)]
+    kept = []
     for space in spaces:  # labels and splits are checked before a run is recorded
-        space.cells = _labelled_cells(st, space, label_set, pair_folds_with)
         if space.lora is not None:
-            space.splits = [load_split(st, space.lora[0])]
+            split = load_split(st, space.lora[0])
+            cells = _lora_cells(st, space, split, label_set)
+            if cells is None:
+                continue
+            space.cells, space.splits = cells, [split]
         else:
+            space.cells = _labelled_cells(st, space, label_set, pair_folds_with)
             space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
                                        seed=seed, custom=custom, folds_from=pair_folds_with)
+        kept.append(space)
+    spaces = kept
     run_id = records.start_run(st, config, scdm_version=_version())
     writer = records.ResultWriter(st, run_id, save_predictions=save_predictions, flush_seconds=_FLUSH_SECONDS)
     all_ids: list[str] = []
@@ -718,6 +725,23 @@ def _batched_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
 def _chain(*iterators: Iterator[Outcome]) -> Iterator[Outcome]:
     for it in iterators:
         yield from it
+
+
+def _lora_cells(st: Store, space: Space, split: Split, label_set: str | None) -> pd.DataFrame | None:
+    """The cells a tuned space is evaluated on: its tuning split's, with the labels it was tuned with.
+
+    None (the space is left out, with a warning) when another label set is asked: a variant tuned
+    on one drug's labels says nothing of another's.
+    """
+    if label_set is not None and label_set not in str(split.label_set or "").split(","):
+        logger.warning("%s tuned embeddings %s are left out: they were tuned on label set %s, not %r", space.model,
+                       ",".join(space.embedding_ids), split.label_set, label_set)
+        return None
+    meta = st.cells(list(space.embeddings["dataset_name"])).drop(columns=["response", "label_set"])
+    meta["row"] = meta["row"].astype(np.int64)
+    cells = split.cells[["dataset_id", "row", "response"]].merge(meta, on=["dataset_id", "row"], how="left")
+    cells["label_set"] = split.label_set
+    return cells.sort_values(["dataset_id", "row"]).reset_index(drop=True)
 
 
 def _labelled_cells(st: Store, space: Space, label_set: str | None, pair_folds_with: str | None = None) -> pd.DataFrame:

@@ -89,6 +89,11 @@ class Space:
         for dataset_id in pd.unique(ds):
             sel = ds == dataset_id
             out[sel] = self.lookup[dataset_id][rows[sel]]
+        if (out < 0).any():  # -1 would silently read the last cell's embedding and label
+            missing = frame.iloc[int(np.flatnonzero(out < 0)[0])]
+            msg = (f"Cell {missing['row']} of dataset {missing['dataset_id']} is in a split of space {self.space_id} but "
+                   f"not among its labelled cells; the split and the labels disagree (report this as a bug).")
+            raise RuntimeError(msg)
         return out
 
 

@@ -712,7 +712,8 @@ def train_head(
     Returns
     -------
     str
-        ``head_id``. Training the same configuration again returns the stored head unchanged.
+        ``head_id``. Training the same configuration on the same cells and labels again returns
+        the stored head unchanged; relabelled or re-annotated cells give a head of their own.
         Its catalog row's ``train_metrics`` (JSON, NULL when none) holds the cross-validated
         scores of this configuration already in the store: one entry per split of exactly the
         training cells and labels (same datasets, category and label set) evaluated in the same
@@ -747,7 +748,12 @@ def train_head(
     first = rows.iloc[0]
     space_id = str(first["space_id"])
     embedding_ids = [str(e) for e in rows["embedding_id"]]
-    head_id = _hash_text("trained-head", space_id, embedding_ids, category_type, category, head, params_key, float(threshold))
+    cells = _training_cells(st, rows, category_type, category)
+    label_set = _label_set_names(st, list(rows["dataset_id"]))
+    # the training cells and their labels are part of the identity: relabelled or re-annotated data
+    # trains a head of its own instead of finding the one fitted on the old labels
+    head_id = _hash_text("trained-head", space_id, embedding_ids, category_type, category, head, params_key, float(threshold),
+                         cells_hash(cells), label_set)
     exists = has_trained_head(st, head_id)
     if exists:
         try:
@@ -758,7 +764,6 @@ def train_head(
         else:
             logger.info("trained head %s exists; reusing it", head_id)
             return head_id
-    cells = _training_cells(st, rows, category_type, category)
     X = _training_matrix(st, rows, cells)
     y = cells["response"].to_numpy(np.int64)
     t0 = time.perf_counter()
@@ -769,7 +774,6 @@ def train_head(
         set_head_artifact(st, head_id, artifact_format=artifact_format, path=relative,
                           file_hash=file_hash(st.root / relative), scdm_version=_version(), fit_seconds=fit_seconds)
         return head_id
-    label_set = _label_set_names(st, list(rows["dataset_id"]))
     metrics = _eval_metrics(st, space_id, cells, label_set, category_type, category, head, params_key)
     record = TrainedHeadRecord(
         head_id=head_id, head=head, head_params=params_key, space_id=space_id, model=str(first["model"]),
