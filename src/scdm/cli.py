@@ -1082,12 +1082,18 @@ def _floats(value: str) -> list[float]:
               help="Labelled source (repeatable): a dataset in the store, an .h5ad of bulk profiles, or an expression CSV (cell lines x genes).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="CSV of bulk responses (cell lines x drugs) for a CSV --source.")
 @click.option("--target", required=True, help="Unlabelled single-cell dataset in the store (its labels, if any, are used only for metrics).")
-@click.option("--drug", help="Drug column of a bulk source (AUC/IC50 binarised with the waterfall method).")
+@click.option("--drug", help="Drug column of a bulk source (AUC/IC50 binarised with the waterfall method); with store datasets, "
+                              "picks each one's label set of this drug and refuses label sets of another drug.")
+@click.option("--source-label-set", help="Label set of the store source dataset(s) to train on (default: the one of --drug, "
+                                         "else each dataset's default; see `scdm ls --what labels`).")
+@click.option("--target-label-set", help="Label set of the target the metrics are computed against (default: the one of --drug, "
+                                         "else the target's default).")
+@click.option("--validation-label-set", help="Label set of the --validation dataset (default: the one of --drug, else its default).")
 @click.option("--features", default="expr", show_default=True, help="expr (log-normalised shared HVGs, MinMax-scaled) or an embedding id of the target.")
 @click.option("--source-features", multiple=True, help="Embedding ids of the source datasets when --features is an embedding.")
 @click.option("--response", type=click.Choice(["auto", "binary", "ic50", "auc", "activity_area"]), default="auto", show_default=True)
 @click.option("--balance", type=click.Choice(["none", "upsample", "downsample", "smote"]), default="none", show_default=True)
-@click.option("--validation", help="Labelled validation dataset for model selection (never the target).")
+@click.option("--validation", help="Labelled validation dataset for model selection (neither the target nor a source).")
 @click.option("--alpha", default="1.0", show_default=True, help="MMD weight; several comma-separated values make a grid chosen on validation data.")
 @click.option("--beta", default="0.1", show_default=True, help="Cluster-regulariser weight; comma-separated values make a grid.")
 @click.option("--epochs", type=int, default=50, show_default=True)
@@ -1105,7 +1111,8 @@ def _floats(value: str) -> list[float]:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other transfer() argument, e.g. --param latent_dim=64.")
 @pass_ctx
 @user_errors
-def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str, drug: str | None, features: str,
+def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str, drug: str | None,
+             source_label_set: str | None, target_label_set: str | None, validation_label_set: str | None, features: str,
              source_features: tuple[str, ...], response: ResponseKind, balance: Balance, validation: str | None, alpha: str,
              beta: str, epochs: int, pretrain_epochs: int, lr: float, batch_size: int, n_hvg: int, cluster_method: ClusterMethod,
              corruption: Corruption, mask_rate: float, no_adapt: bool, seed: int, params: tuple[str, ...]) -> None:
@@ -1120,6 +1127,7 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
     Examples:
       scdm transfer --source gdsc_expr.csv --labels gdsc_auc.csv --drug Erlotinib --target pc9
       scdm transfer --source study1 --source study2 --target study3 --alpha 0.5,1,2
+      scdm transfer --source study1 --target study3 --source-label-set response_v2 --target-label-set Vorinostat
     """
     from scdm.classify.transfer import transfer as run_transfer
 
@@ -1130,7 +1138,8 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
     else:
         source = sources[0] if len(sources) == 1 else list(sources)
     alphas, betas = _floats(alpha), _floats(beta)
-    result = run_transfer(obj.store, source=source, target=target, drug=drug, features=features,
+    result = run_transfer(obj.store, source=source, target=target, drug=drug, source_label_set=source_label_set,
+                          target_label_set=target_label_set, validation_label_set=validation_label_set, features=features,
                           source_features=list(source_features) or None, response=response, balance=balance,
                           validation=validation, alpha=alphas[0] if len(alphas) == 1 else alphas,
                           beta=betas[0] if len(betas) == 1 else betas, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
@@ -1138,8 +1147,19 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
                           corruption=corruption, mask_rate=mask_rate, seed=seed, **_parse_params(params))
     click.echo(f"transfer run {result.run_id}: {len(result.proba)} target cells, {int(result.label.sum())} predicted sensitive "
                f"(epoch {result.selected_epoch} chosen on {result.selection}; alpha={result.alpha}, beta={result.beta})")
+    click.echo("  " + _transfer_labels(result))
     if result.metrics:
         click.echo("  " + "  ".join(f"{k}={v:.3f}" for k, v in result.metrics.items() if v is not None))
+
+
+def _transfer_labels(result: Any) -> str:
+    """The drug and label sets a transfer run read, for its summary line."""
+    parts = [f"drug {result.drug}" if result.drug else "drug: not recorded",
+             f"source labels: {result.source_label_set or 'bulk response column'}",
+             f"target labels: {result.target_label_set or 'none (unlabelled)'}"]
+    if result.validation_label_set:
+        parts.append(f"validation labels: {result.validation_label_set}")
+    return "; ".join(parts)
 
 
 @main.command()

@@ -383,6 +383,97 @@ def test_hyper_parameter_grids_need_a_target_validation_set(st: Store, bulk: ad.
         transfer(st, source=bulk, target="target", drug="drugX", validation="target")
 
 
+# --------------------------------------------------------------------------------------------
+# label sets
+# --------------------------------------------------------------------------------------------
+FAST = {**SMALL, "epochs": 2, "pretrain_epochs": 1, "seed": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def two_drugs(tmp_path_factory: pytest.TempPathFactory, collection: ad.AnnData) -> Store:
+    """Source and target datasets with two label sets each: drugA (the default) and drugB (other labels)."""
+    store = Store(tmp_path_factory.mktemp("two_drugs") / "store")
+    for name, study in (("src", "GSE164897"), ("tgt", TARGET_STUDY)):
+        cells = collection[collection.obs["study"] == study].copy()
+        cells.obs["drugB"] = np.random.default_rng(1).permutation(cells.obs["response"].astype(str).to_numpy())
+        store.ingest(cells, name=name, label_key="response", drug="drugA", study=study, sample_key="sample")
+        store.ingest(cells, label_key="drugB", drug="drugB")
+    return store
+
+
+def _labelled(st: Store, name: str, label_set: str) -> tuple[np.ndarray, np.ndarray]:
+    cells = st.cells(name, label_set=label_set)
+    known = cells["response"].notna().to_numpy()
+    return cells["row"].to_numpy(np.int64)[known], cells["response"].to_numpy(np.float64)[known].astype(np.int8)
+
+
+def test_transfer_trains_and_scores_on_the_label_sets_of_its_drug(two_drugs: Store) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    st = two_drugs
+    res = transfer(st, source="src", target="tgt", drug="drugB", **FAST)
+    assert (res.drug, res.source_label_set, res.target_label_set, res.validation_label_set) == ("drugB", "drugB", "drugB", None)
+    rows_b, y_b = _labelled(st, "tgt", "drugB")
+    rows_a, y_a = _labelled(st, "tgt", "drugA")
+    assert res.metrics["auroc"] == pytest.approx(roc_auc_score(y_b, res.proba[rows_b]))
+    assert res.metrics["auroc"] != pytest.approx(roc_auc_score(y_a, res.proba[rows_a]))  # not the default's
+    _, source_b = _labelled(st, "src", "drugB")
+    trained_on = transfer_latent(st, res.run_id)["source_y"]
+    np.testing.assert_array_equal(trained_on, source_b)
+    assert (trained_on != _labelled(st, "src", "drugA")[1]).any()
+    run = transfer_run(st, res.run_id, complete=True)
+    assert (run.drug, run.source_label_set, run.target_label_set, run.validation_label_set) == ("drugB", "drugB", "drugB", None)
+    assert [ls["label_set"] for ls in run.source["label_sets"]] == ["drugB"]
+    assert run.config["label_sets"]["target"]["chosen_by"] == "drug"
+    row = st.query("SELECT source_label_set, target_label_set FROM transfer_runs WHERE run_id = ?", [res.run_id])
+    assert row.iloc[0].tolist() == ["drugB", "drugB"]
+
+
+def test_named_label_sets_are_read_and_give_the_run_its_drug(two_drugs: Store) -> None:
+    res = transfer(two_drugs, source="src", target="tgt", source_label_set="drugB", target_label_set="drugB", **FAST)
+    assert (res.drug, res.source_label_set, res.target_label_set) == ("drugB", "drugB", "drugB")
+    run = transfer_run(two_drugs, res.run_id)
+    assert run.drug == "drugB" and run.config["label_sets"]["source"][0]["chosen_by"] == "given"
+    default = transfer(two_drugs, source="src", target="tgt", **FAST)  # no drug, no names: each default
+    assert (default.drug, default.source_label_set, default.target_label_set) == ("drugA", "drugA", "drugA")
+
+
+def test_label_sets_of_another_drug_are_refused(two_drugs: Store, bulk: ad.AnnData) -> None:
+    st = two_drugs
+    with pytest.raises(InputDataError, match=r"drug='drugC' contradicts.*source 'src'.*no label set of drugC"):
+        transfer(st, source="src", target="tgt", drug="drugC", **FAST)
+    with pytest.raises(InputDataError, match=r"drug='drugA' contradicts.*target 'tgt': label set 'drugB'.*\(named\)"):
+        transfer(st, source="src", target="tgt", drug="drugA", target_label_set="drugB", **FAST)
+    with pytest.raises(InputDataError, match="different drugs.*source 'src'.*drugB.*target 'tgt'.*drugA"):
+        transfer(st, source="src", target="tgt", source_label_set="drugB", **FAST)
+    with pytest.raises(InputDataError, match="no label set 'drugZ'.*--target-label-set"):
+        transfer(st, source="src", target="tgt", target_label_set="drugZ", **FAST)
+    with pytest.raises(InputDataError, match="bulk source has no label sets"):
+        transfer(st, source=bulk, target="tgt", drug="drugA", source_label_set="drugA", **FAST)
+    assert st.query("SELECT count(*) AS n FROM transfer_runs WHERE status <> 'complete'")["n"].iloc[0] == 0
+
+
+def test_a_source_dataset_is_refused_as_validation(two_drugs: Store) -> None:
+    with pytest.raises(InputDataError, match="validation='src' is one of the source datasets.*neither a source nor"):
+        transfer(two_drugs, source="src", target="tgt", validation="src", alpha=[0.1, 10.0], **FAST)
+    with pytest.raises(InputDataError, match="one of the source datasets"):
+        transfer(two_drugs, source=["src"], target="tgt", validation="src", **FAST)
+
+
+def test_scdm_transfer_takes_and_prints_the_label_sets(two_drugs: Store) -> None:
+    from click.testing import CliRunner
+
+    from scdm.cli import main
+
+    base = ["--store", str(two_drugs.root), "transfer", "--source", "src", "--target", "tgt", "--epochs", "1",
+            "--pretrain-epochs", "1", "--n-hvg", "0", "--batch-size", "64", "--param", "hidden=[16]", "--param", "latent_dim=4"]
+    out = CliRunner().invoke(main, [*base, "--source-label-set", "drugB", "--target-label-set", "drugB"])
+    assert out.exit_code == 0, out.output
+    assert "drug drugB; source labels: drugB; target labels: drugB" in out.output
+    refused = CliRunner().invoke(main, [*base, "--validation", "src"])
+    assert refused.exit_code != 0 and "one of the source datasets" in refused.output
+
+
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, ad.AnnData, object]:
     """Deeper cells (10,000 UMI) and a stronger program: the planted genes are expressed enough to matter."""

@@ -251,7 +251,7 @@ def _run_examples(world: World, examples: list[str]) -> tuple[list[str], list[tu
 def test_every_example_runs(world: World) -> None:
     ran, not_run = _run_examples(world, EXAMPLES)
     assert len(ran) >= 60, ran
-    assert len(not_run) <= 24, not_run
+    assert len(not_run) <= 26, not_run  # 2 of them the transfer label-set examples (test_transfer.py runs transfers)
 
 
 def test_every_readme_sql_block_runs(world: World) -> None:

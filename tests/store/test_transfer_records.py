@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ from scdm.store.transfer import (
     transfer_predictions,
     transfer_run,
 )
+from tests.store.conftest import make_counts_adata
 
 
 def _start(st: Store, run_id: str = "run1") -> None:
@@ -109,3 +111,45 @@ def test_critical_genes_are_replaced_as_a_whole(tmp_path) -> None:
     with pytest.raises(InputDataError, match="lacks the columns effect_size"):
         replace_critical_genes(st, CriticalGenes("run1", genes.drop(columns=["effect_size"])))
     assert len(critical_genes_table(st, "run1")) == 2
+
+
+def _two_label_sets(st: Store, name: str, seed: int) -> str:
+    cells = make_counts_adata(n_cells=30, n_genes=20, seed=seed)
+    cells.obs["other"] = cells.obs["label"].iloc[::-1].to_numpy()
+    st.ingest(cells, name=name, label_key="label", drug="drugA", sample_key="patient")
+    st.ingest(cells, label_key="other", drug="drugB")
+    return st.dataset(name).dataset_id
+
+
+def test_a_run_records_the_label_sets_it_read(tmp_path) -> None:
+    st = Store(tmp_path / "store")
+    start_transfer_run(st, TransferRunStart(
+        run_id="run1", drug="drugB", source_kind="store", source={"datasets": ["s1"], "names": ["src"]},
+        target_dataset_id="ds1", features="expr", source_features=None, adapt=True, selection="target_val", config={},
+        source_label_set="drugB", target_label_set="drugB", validation_label_set="drugB"))
+    complete_transfer_run(st, "run1", _result(), _outputs())
+    run = transfer_run(st, "run1", complete=True)
+    assert (run.source_label_set, run.target_label_set, run.validation_label_set) == ("drugB", "drugB", "drugB")
+    _start(st, "bulk")
+    assert transfer_run(st, "bulk").source_label_set is None
+
+
+def test_runs_of_an_older_store_get_the_default_label_sets_they_read(tmp_path) -> None:
+    st = Store(tmp_path / "store")
+    src, tgt, _ = (_two_label_sets(st, name, seed) for seed, name in enumerate(("src", "tgt", "val")))
+    for run_id, metrics in (("scored", True), ("unscored", False)):
+        start_transfer_run(st, TransferRunStart(
+            run_id=run_id, drug=None, source_kind="store", source={"datasets": [src], "names": ["src"]},
+            target_dataset_id=tgt, features="expr", source_features=None, adapt=True, selection="target_val",
+            config={"validation": "val"}))
+        complete_transfer_run(st, run_id, replace(_result(), config={"validation": "val"}), _outputs(metrics=metrics))
+    _start(st, "bulk")
+    # the catalog as schema 8 left it: no label-set columns, migration 9 not applied
+    for column in ("source_label_set", "target_label_set", "validation_label_set"):
+        st.execute(f"ALTER TABLE transfer_runs DROP COLUMN {column}")
+    st.execute("DELETE FROM migrations WHERE version = 9")
+    st = Store(tmp_path / "store")
+    scored, unscored, bulk = (transfer_run(st, r) for r in ("scored", "unscored", "bulk"))
+    assert (scored.source_label_set, scored.target_label_set, scored.validation_label_set) == ("drugA", "drugA", "drugA")
+    assert unscored.source_label_set == "drugA" and unscored.target_label_set is None  # no labels were read
+    assert (bulk.source_label_set, bulk.target_label_set, bulk.validation_label_set) == (None, None, None)

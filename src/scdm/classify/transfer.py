@@ -21,9 +21,14 @@ Features
 No peeking
     The epoch kept is the one with the lowest cross-entropy on held-out *source* cells
     (``validation_fraction``), or on a labelled target-validation dataset passed as
-    ``validation`` (a different dataset than the target). A grid of ``alpha``/``beta`` values
+    ``validation`` (neither the target nor a source). A grid of ``alpha``/``beta`` values
     needs such a target-validation set: source cross-entropy cannot measure adaptation. Target
     labels are read only after the predictions are made, to compute metrics.
+
+Labels
+    Each store dataset's labels come from one of its label sets (:mod:`scdm.store.labels`): the
+    one named (``source_label_set``, ``validation_label_set``, ``target_label_set``), else its
+    label set of ``drug``, else its default. All must be of one drug; the run records them.
 
 Examples
 --------
@@ -42,7 +47,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -77,6 +82,7 @@ from scdm.store.errors import (
     EmbeddingNotFoundError,
     InputDataError,
 )
+from scdm.store.labels import LabelSet, label_sets
 from scdm.store.transfer import (
     CriticalGenes,
     TransferMetrics,
@@ -125,7 +131,13 @@ class TransferResult:
     target: str
     """Target dataset name."""
     drug: str | None
-    """Drug name (the response column of a bulk source)."""
+    """Drug name: the one given (the response column of a bulk source), else the drug of the label sets read."""
+    source_label_set: str | None
+    """Label set(s) of the source datasets trained on (comma-separated, sorted); None for a bulk source."""
+    target_label_set: str | None
+    """Label set of the target the metrics are computed against; None when the target has no labels."""
+    validation_label_set: str | None
+    """Label set of the validation dataset; None without one."""
     features: str
     """``expr`` or the target's embedding id."""
     adapt: bool
@@ -207,17 +219,174 @@ def _resolve_source(st: Store, source: Any) -> tuple[str, Any]:
     raise InputDataError(msg)
 
 
-def _labelled_rows(st: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
-    cells = st.cells(name)
+# --------------------------------------------------------------------------------------------
+# label sets
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _LabelChoice:
+    """The label set a run reads from one store dataset, and why it was that one."""
+
+    role: str
+    """``source``, ``target`` or ``validation``."""
+    dataset: str
+    label_set: LabelSet
+    chosen_by: str
+    """``given`` (named by the caller), ``drug`` (the dataset's label set of ``drug``) or ``default``."""
+
+    def describe(self) -> str:
+        drug = f", drug {self.label_set.drug}" if self.label_set.drug else ""
+        return f"{self.role} {self.dataset!r}: label set {self.label_set.name!r}{drug}"
+
+    def record(self) -> dict[str, Any]:
+        ls = self.label_set
+        return {"dataset": self.dataset, "label_set": ls.name, "label_set_id": ls.label_set_id, "drug": ls.drug,
+                "labels_hash": ls.labels_hash, "chosen_by": self.chosen_by}
+
+
+@dataclass(frozen=True)
+class _RunLabels:
+    """The label sets one run reads: of each store source, of the validation dataset and of the target."""
+
+    sources: tuple[_LabelChoice, ...] = ()
+    target: _LabelChoice | None = None
+    validation: _LabelChoice | None = None
+
+    def source(self, dataset: str) -> str:
+        return next(c.label_set.name for c in self.sources if c.dataset == dataset)
+
+    def names(self, role: str) -> str | None:
+        """Label set names of a role, comma-separated and sorted (None: none read)."""
+        chosen = {"source": self.sources, "target": (self.target,), "validation": (self.validation,)}[role]
+        names = sorted({c.label_set.name for c in chosen if c is not None})
+        return ",".join(names) or None
+
+    def all(self) -> list[_LabelChoice]:
+        return [c for c in (*self.sources, self.validation, self.target) if c is not None]
+
+    def drugs(self) -> set[str]:
+        return {c.label_set.drug for c in self.all() if c.label_set.drug}
+
+    def source_drug(self) -> str | None:
+        """The drug of the source label sets (the run's drug when none is given), if they record one."""
+        return next((c.label_set.drug for c in self.sources if c.label_set.drug), None)
+
+    def record(self) -> dict[str, Any]:
+        return {"source": [c.record() for c in self.sources], "target": self.target.record() if self.target else None,
+                "validation": self.validation.record() if self.validation else None}
+
+
+def _same_drug(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.casefold() == b.casefold()
+
+
+def _is_for(ls: LabelSet, drug: str) -> bool:
+    """True when ``ls`` holds responses to ``drug`` (its recorded drug; without one, its name)."""
+    return _same_drug(ls.drug, drug) or (ls.drug is None and _same_drug(ls.name, drug))
+
+
+def _listing(have: Sequence[LabelSet]) -> str:
+    return ", ".join(f"{ls.name!r}" + (f" (drug {ls.drug})" if ls.drug else "") for ls in have)
+
+
+def _pick_label_set(have: list[LabelSet], dataset: str, given: str | None, drug: str | None,
+                    option: str) -> tuple[LabelSet, str]:
+    """The label set named ``given``; else the dataset's label set of ``drug``; else its default."""
+    if given is not None:
+        match = [ls for ls in have if ls.name == given]
+        if not match:
+            msg = (f"Dataset {dataset!r} has no label set {given!r}; its label sets: {_listing(have)}. "
+                   f"Choose one with {option} (`scdm ls --what labels` lists them all).")
+            raise InputDataError(msg)
+        return match[0], "given"
+    if drug is not None:
+        match = [ls for ls in have if _is_for(ls, drug)]
+        if len(match) > 1 and not any(ls.is_default for ls in match):
+            msg = (f"Dataset {dataset!r} has {len(match)} label sets of drug {drug!r}: {_listing(match)}. "
+                   f"Name the one to use with {option}.")
+            raise InputDataError(msg)
+        if match:
+            return next((ls for ls in match if ls.is_default), match[0]), "drug"
+    return next((ls for ls in have if ls.is_default), have[0]), "default"
+
+
+def _choose_labels(st: Store, dataset: str, role: str, given: str | None, drug: str | None) -> _LabelChoice | None:
+    """The label set ``role`` reads from ``dataset`` (None: an unlabelled target)."""
+    have = label_sets(st, dataset)
+    option = f"{role}_label_set=... (--{role}-label-set)"
+    if not have:
+        if role == "target" and given is None:
+            return None
+        what = "a source" if role == "source" else f"the {role} dataset"
+        msg = (f"Dataset {dataset!r} ({what}) has no response labels. Add them with "
+               f"`scdm ingest FILE.h5ad --label-key COLUMN --drug DRUG`.")
+        raise InputDataError(msg)
+    ls, how = _pick_label_set(have, dataset, given, drug, option)
+    return _LabelChoice(role, dataset, ls, how)
+
+
+def _run_labels(st: Store, kind: str, sources: Any, target: str, validation: str | None, drug: str | None,
+                given: Mapping[str, str | None]) -> _RunLabels:
+    """The label sets of a run (``given``: role -> label set name or None), checked to be of one drug."""
+    if kind == "bulk" and given.get("source") is not None:
+        msg = (f"source_label_set={given['source']!r}: a bulk source has no label sets; its responses are the "
+               "drug column (drug=..., --drug). Name label sets of store datasets only.")
+        raise InputDataError(msg)
+    labels = _RunLabels(
+        sources=tuple(_require(_choose_labels(st, n, "source", given.get("source"), drug)) for n in sources)
+        if kind == "store" else (),
+        target=_choose_labels(st, target, "target", given.get("target"), drug),
+        validation=(_choose_labels(st, validation, "validation", given.get("validation"), drug)
+                    if validation is not None else None))
+    _check_one_drug(labels, drug)
+    return labels
+
+
+def _require(choice: _LabelChoice | None) -> _LabelChoice:
+    assert choice is not None  # only an unlabelled target has no label set
+    return choice
+
+
+def _check_one_drug(labels: _RunLabels, drug: str | None) -> None:
+    """Refuse label sets that are responses to another drug than ``drug``, or to different drugs."""
+    if drug is not None:
+        wrong = [c for c in labels.all() if c.label_set.drug and not _same_drug(c.label_set.drug, drug)]
+        if wrong:
+            msg = (f"drug={drug!r} contradicts the labels this run would read: "
+                   + "; ".join(_contradiction(c, drug) for c in wrong)
+                   + ". Pass the label sets of one drug (source_label_set=/target_label_set=/validation_label_set=, "
+                   "--source-label-set/--target-label-set/--validation-label-set; `scdm ls --what labels` lists them), "
+                   "or ingest the responses to this drug as a label set (`scdm ingest FILE --label-key COLUMN "
+                   "--drug DRUG`).")
+            raise InputDataError(msg)
+        return
+    if len(labels.drugs()) > 1:
+        msg = ("The label sets this run would read are responses to different drugs: "
+               + "; ".join(c.describe() for c in labels.all())
+               + ". Training on one drug's responses and scoring against another's measures nothing. Pass drug=... "
+               "(--drug) to read each dataset's label set of that drug, or name label sets of one drug "
+               "(--source-label-set/--target-label-set/--validation-label-set).")
+        raise InputDataError(msg)
+
+
+def _contradiction(choice: _LabelChoice, drug: str) -> str:
+    if choice.chosen_by == "given":
+        return f"{choice.describe()} (named)"
+    return f"{choice.describe()} (its default; it has no label set of {drug})"
+
+
+def _labelled_rows(st: Store, name: str, label_set: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and labels (int8) of the cells of ``name`` labelled in its label set ``label_set``."""
+    cells = st.cells(name, label_set=label_set)
     keep = cells["response"].notna().to_numpy()
     if not keep.any():
-        msg = f"Source dataset {name!r} has no labelled cell; ingest it with label_key=<obs column>."
+        msg = f"Dataset {name!r} has no labelled cell in label set {label_set!r}; ingest it with label_key=<obs column>."
         raise InputDataError(msg)
     return cells["row"].to_numpy(np.int64)[keep], cells["response"].to_numpy(np.float64)[keep].astype(np.int8)
 
 
 def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str | None, response: ResponseKind,
-                  linear_r: float, source_transform: str, n_hvg: int | None, validation: str | None) -> _Domains:
+                  linear_r: float, source_transform: str, n_hvg: int | None, validation: str | None,
+                  chosen: _RunLabels) -> _Domains:
     """Log-normalised expression of source, target (and target-validation) on shared HVGs."""
     target_symbols = store_symbols(st, target)
     if kind == "bulk":
@@ -240,20 +409,20 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
     else:
         blocks, labels = [], []
         for name in source:
-            rows, y = _labelled_rows(st, name)
+            rows, y = _labelled_rows(st, name, chosen.source(name))
             blocks.append(dense(read_store_expression(st, name, features)[rows]))
             labels.append(y)
         desc = {"kind": "store", "datasets": [st.dataset(n).dataset_id for n in source], "names": list(source)}
         dom = _Domains(np.vstack(blocks), np.concatenate(labels), Xt, features, "store", desc)
-    if validation is not None:
-        rows, dom.yv = _labelled_rows(st, validation)
+    if validation is not None and chosen.validation is not None:
+        rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
         dom.Xv = dense(read_store_expression(st, validation, features)[rows])
     logger.info("transfer features: %d genes shared, %d kept (target HVGs)", len(genes), len(features))
     return dom
 
 
 def _embedding_domains(st: Store, kind: str, source: Any, target: str, features: str,
-                       source_features: Sequence[str] | None, validation: str | None) -> _Domains:
+                       source_features: Sequence[str] | None, validation: str | None, chosen: _RunLabels) -> _Domains:
     """Cached embeddings of the target and of the source (and validation) datasets."""
     if kind == "bulk":
         msg = (f"features={features!r} is an embedding, but the source is bulk expression, which has no embedding in "
@@ -274,7 +443,7 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
     Xt = st.read_embedding(features)
     blocks, labels = [], []
     for name, emb_id in zip(source, ids):
-        rows, y = _labelled_rows(st, name)
+        rows, y = _labelled_rows(st, name, chosen.source(name))
         blocks.append(st.read_embedding(emb_id, rows))
         labels.append(y)
     dims = {b.shape[1] for b in blocks}
@@ -284,8 +453,8 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
     desc = {"kind": "store", "datasets": [st.dataset(n).dataset_id for n in source], "names": list(source)}
     dom = _Domains(np.vstack(blocks).astype(np.float32), np.concatenate(labels), Xt.astype(np.float32),
                    [f"dim_{i}" for i in range(Xt.shape[1])], "store", desc, source_features=ids[:len(source)])
-    if validation is not None:
-        rows, dom.yv = _labelled_rows(st, validation)
+    if validation is not None and chosen.validation is not None:
+        rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
         dom.Xv = st.read_embedding(ids[-1], rows).astype(np.float32)
     return dom
 
@@ -351,6 +520,9 @@ def transfer(
     source: str | Sequence[str] | tuple[str, str] | ad.AnnData,
     target: str,
     drug: str | None = None,
+    source_label_set: str | None = None,
+    target_label_set: str | None = None,
+    validation_label_set: str | None = None,
     features: str = "expr",
     source_features: Sequence[str] | None = None,
     response: ResponseKind = "auto",
@@ -394,7 +566,13 @@ def transfer(
     target : str
         Store dataset to predict (its labels, if any, are used only for the metrics).
     drug : str, optional
-        The response column of a bulk source; recorded with the run.
+        The response column of a bulk source; recorded with the run. With store datasets it picks
+        each one's label set of this drug (by default), and label sets of another drug are refused.
+    source_label_set, target_label_set, validation_label_set : str, optional
+        The label set (``scdm ls --what labels``) read from every store source dataset (training
+        labels), from the target (metrics only) and from the validation dataset. Default: the
+        dataset's label set of ``drug`` when it has one, else its default label set. Every label
+        set read must be of one drug (``drug`` when given); the run records which were read.
     features : str, default "expr"
         ``"expr"`` or an embedding id of the target dataset.
     source_features : list of str, optional
@@ -412,8 +590,8 @@ def transfer(
         Class balancing of the source training cells (``smote`` needs imbalanced-learn).
     validation : str, optional
         A labelled store dataset used as target-validation set (chooses the kept epoch and, with
-        lists of ``alpha``/``beta``, the hyper-parameters). Must differ from ``target``. Default:
-        ``validation_fraction`` of the source, held out.
+        lists of ``alpha``/``beta``, the hyper-parameters). Must be neither ``target`` nor a source
+        dataset. Default: ``validation_fraction`` of the source, held out.
     validation_fraction : float, default 0.2
     alpha, beta : float or list of float, default 1.0 and 0.1
         Weights of the MMD and cluster terms; lists form a grid (needs ``validation``).
@@ -465,12 +643,10 @@ def transfer(
     if kind == "store" and target_info.name in src:
         msg = f"The target {target_info.name!r} is also a source; transfer would train on the cells it evaluates."
         raise InputDataError(msg)
-    if validation is not None:
-        validation = st.dataset(validation).name
-        if validation == target_info.name:
-            msg = ("validation must be a labelled dataset other than the target: choosing epochs or alpha/beta on "
-                   "the evaluated target cells is the leak this tool avoids.")
-            raise InputDataError(msg)
+    validation = _resolve_validation(st, validation, target_info.name, src if kind == "store" else [])
+    labels = _run_labels(st, kind, src, target_info.name, validation, drug,
+                         {"source": source_label_set, "target": target_label_set, "validation": validation_label_set})
+    run_drug = drug or labels.source_drug()
     grid = list(itertools.product(alphas, betas))
     if len(grid) > 1 and validation is None:
         msg = (f"alpha={alphas} and beta={betas} form a grid of {len(grid)} settings; choosing among them needs a "
@@ -479,9 +655,11 @@ def transfer(
         raise InputDataError(msg)
     if features == "expr":
         dom = _expr_domains(st, kind, src, target_info.name, drug=drug, response=response, linear_r=linear_r,
-                            source_transform=source_transform, n_hvg=n_hvg, validation=validation)
+                            source_transform=source_transform, n_hvg=n_hvg, validation=validation, chosen=labels)
     else:
-        dom = _embedding_domains(st, kind, src, target_info.name, features, source_features, validation)
+        dom = _embedding_domains(st, kind, src, target_info.name, features, source_features, validation, labels)
+    if labels.sources:
+        dom.source_desc["label_sets"] = [c.record() for c in labels.sources]
     cfg = TrainConfig(alpha=alphas[0], beta=betas[0], rec_weight=float(rec_weight), epochs=epochs,
                       pretrain_epochs=pretrain_epochs, lr=float(lr), batch_size=batch_size, hidden=tuple(hidden),
                       latent_dim=latent_dim, predictor_hidden=tuple(predictor_hidden), dropout=float(dropout),
@@ -489,16 +667,37 @@ def transfer(
                       shared_encoder=bool(shared_encoder), seed=seed)
     run_id = uuid.uuid4().hex[:16]
     start_transfer_run(st, TransferRunStart(
-        run_id=run_id, drug=drug, source_kind=dom.source_kind, source=dom.source_desc,
+        run_id=run_id, drug=run_drug, source_kind=dom.source_kind, source=dom.source_desc,
         target_dataset_id=target_info.dataset_id, features=features, source_features=dom.source_features, adapt=adapt,
-        selection="target_val" if validation else "source_val", config=cfg.to_dict(), scdm_version=_version()))
+        selection="target_val" if validation else "source_val", config={**cfg.to_dict(), "label_sets": labels.record()},
+        scdm_version=_version(), source_label_set=labels.names("source"), target_label_set=labels.names("target"),
+        validation_label_set=labels.names("validation")))
     try:
         result = _run(st, run_id, dom, target_info, cfg, grid, validation, validation_fraction, balance, adapt,
-                      threshold, cluster_method, resolution, n_clusters, features, drug, started, progress)
+                      threshold, cluster_method, resolution, n_clusters, features, run_drug, started, progress,
+                      labels=labels)
     except BaseException as err:
         fail_transfer_run(st, run_id, f"{type(err).__name__}: {err}")
         raise
     return result
+
+
+def _resolve_validation(st: Store, validation: str | None, target: str, sources: Sequence[str]) -> str | None:
+    """The validation dataset's name, refused when it is the target or one of the source datasets."""
+    if validation is None:
+        return None
+    name = st.dataset(validation).name
+    if name == target:
+        msg = ("validation must be a labelled dataset other than the target: choosing epochs or alpha/beta on "
+               "the evaluated target cells is the leak this tool avoids.")
+        raise InputDataError(msg)
+    if name in sources:
+        msg = (f"validation={name!r} is one of the source datasets: the run trains on all of its labelled cells, so "
+               "choosing epochs or alpha/beta on them would score the model on its own training cells. Pass a "
+               "labelled dataset that is neither a source nor the target, or leave validation out to hold out "
+               "validation_fraction of the source cells.")
+        raise InputDataError(msg)
+    return name
 
 
 def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> None:
@@ -517,7 +716,7 @@ def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> No
 def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid: list[tuple[float, float]],
          validation: str | None, validation_fraction: float, balance: str, adapt: bool, threshold: float,
          cluster_method: str, resolution: float, n_clusters: int | None, features: str, drug: str | None,
-         started: float, progress: bool = False) -> TransferResult:
+         started: float, progress: bool = False, *, labels: _RunLabels) -> TransferResult:
     from scdm.classify._transfer_model import Validation, encode_source, fit_transfer, predict_target
 
     source_scaler, target_scaler = MinMax.fit(dom.Xs), MinMax.fit(dom.Xt)
@@ -542,7 +741,7 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
     proba, latent = predict_target(outcome.net, Xt)
     label = (proba >= threshold).astype(np.int8)
     # Target labels are read only now, after the model is fixed: they feed the metrics alone.
-    metrics, flags = _target_metrics(st, target_info.name, proba, threshold)
+    metrics, flags = _target_metrics(st, target_info.name, labels.target, proba, threshold)
     art = _save_artifacts(st, run_id, outcome.net, cfg, dom, source_scaler, target_scaler, latent,
                           encode_source(outcome.net, Xs), grid, fits)
     outputs = TransferOutputs(dataset_id=target_info.dataset_id, proba=proba, label=label, cluster=clusters.labels,
@@ -554,11 +753,14 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
         val_score=None if math.isnan(outcome.best_score) else float(outcome.best_score),
         cluster_method=clusters.method, n_clusters=clusters.n_clusters, waterfall=dom.cut.to_dict() if dom.cut else None,
         n_source=int(dom.ys.size), n_target=int(Xt.shape[0]), n_features=int(Xt.shape[1]),
-        config=_config_record(cfg, grid, fits, clusters, threshold, balance, validation, validation_fraction),
+        config={**_config_record(cfg, grid, fits, clusters, threshold, balance, validation, validation_fraction),
+                "label_sets": labels.record()},
         metric_flags=flags, artifacts_path=str(art.relative_to(st.root)), seconds=seconds), outputs)
     logger.info("transfer %s done in %.1f s (epoch %d kept on %s)", run_id, seconds, outcome.best_epoch, selection)
     return TransferResult(
-        run_id=run_id, target=target_info.name, drug=drug, features=features, adapt=adapt, proba=proba, label=label,
+        run_id=run_id, target=target_info.name, drug=drug, source_label_set=labels.names("source"),
+        target_label_set=labels.names("target"), validation_label_set=labels.names("validation"), features=features,
+        adapt=adapt, proba=proba, label=label,
         metrics=dict(metrics.values) if metrics else None, metric_flags=flags or (), selection=selection,
         selected_epoch=int(outcome.best_epoch), val_score=float(outcome.best_score), alpha=cfg.alpha, beta=cfg.beta,
         cluster_method=clusters.method, n_clusters=clusters.n_clusters, waterfall=dom.cut, n_source=int(dom.ys.size),
@@ -575,10 +777,12 @@ def _config_record(cfg: Any, grid: list[tuple[float, float]], fits: list[Any], c
             "validation_fraction": None if validation else validation_fraction}
 
 
-def _target_metrics(st: Store, target: str, proba: np.ndarray,
+def _target_metrics(st: Store, target: str, labels: _LabelChoice | None, proba: np.ndarray,
                     threshold: float) -> tuple[TransferMetrics | None, tuple[str, ...] | None]:
-    """Metrics on the target cells that carry a label, and their flags ((None, None) when none does)."""
-    cells = st.cells(target)
+    """Metrics on the target cells labelled in the chosen label set, and their flags ((None, None) when none is)."""
+    if labels is None:
+        return None, None
+    cells = st.cells(target, label_set=labels.label_set.name)
     labelled = cells["response"].notna().to_numpy()
     if not labelled.any():
         return None, None

@@ -115,6 +115,12 @@ class TransferRunStart:
     scdm_version: str | None = None
     created_at: pd.Timestamp | None = None
     """Set by :func:`start_transfer_run` when None."""
+    source_label_set: str | None = None
+    """Label set(s) of the source datasets read (names, comma-separated, sorted); None for a bulk source."""
+    target_label_set: str | None = None
+    """Label set of the target its predictions are scored against; None when the target has no labels."""
+    validation_label_set: str | None = None
+    """Label set of the validation dataset; None without one."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,12 @@ class TransferRunRecord:
     seconds: float | None
     scdm_version: str | None
     error: str | None
+    source_label_set: str | None = None
+    """Label set(s) of the source datasets (comma-separated, sorted); None for a bulk source."""
+    target_label_set: str | None = None
+    """Label set the target was scored against; None when unlabelled (or not recorded: before schema 9)."""
+    validation_label_set: str | None = None
+    """Label set of the validation dataset; None without one."""
 
 
 def _load(value: Any) -> Any:
@@ -258,6 +270,8 @@ def _run_record(row: dict[str, Any]) -> TransferRunRecord:
         n_features=_int(row.get("n_features")), config=_load(row["config"]) or {},
         metric_flags=_none(row.get("metric_flags")), artifacts_path=_none(row.get("artifacts_path")),
         seconds=_none(row.get("seconds")), scdm_version=_none(row.get("scdm_version")), error=_none(row.get("error")),
+        source_label_set=_none(row.get("source_label_set")), target_label_set=_none(row.get("target_label_set")),
+        validation_label_set=_none(row.get("validation_label_set")),
     )
 
 
@@ -267,7 +281,9 @@ def start_transfer_run(st: Store, run: TransferRunStart) -> None:
            "status": "running", "drug": run.drug, "source_kind": run.source_kind, "source": _json(dict(run.source)),
            "target_dataset_id": run.target_dataset_id, "features": run.features,
            "source_features": _json(list(run.source_features)) if run.source_features else None, "adapt": bool(run.adapt),
-           "selection": run.selection, "config": _json(dict(run.config)), "scdm_version": run.scdm_version}
+           "selection": run.selection, "config": _json(dict(run.config)), "scdm_version": run.scdm_version,
+           "source_label_set": run.source_label_set, "target_label_set": run.target_label_set,
+           "validation_label_set": run.validation_label_set}
     st.catalog.insert_df("transfer_runs", pd.DataFrame([row]))
 
 
