@@ -298,7 +298,14 @@ def ingest(obj: Ctx, h5ad: str, name: str | None, no_copy: bool, update: bool, *
 @pass_ctx
 @user_errors
 def ls_command(obj: Ctx, what: str, fmt: str) -> None:
-    """List datasets, their label sets and embeddings (with status and chunk progress)."""
+    """List datasets, their label sets and embeddings (with status and chunk progress).
+
+    --format csv prints one table: pick it with --what datasets, labels or embeddings
+    (--format json prints all three as one document).
+    """
+    if fmt == "csv" and what == "all":  # three tables with different headers would read as one wrong table
+        raise click.UsageError("--format csv prints one table: add --what datasets, --what labels or --what embeddings "
+                               "(or use --format json for all three).")
     st = obj.store
     sections: dict[str, Any] = {}
     if what in ("all", "datasets"):
@@ -317,7 +324,9 @@ def ls_command(obj: Ctx, what: str, fmt: str) -> None:
 
 
 def _echo_sections(sections: dict[str, Any], fmt: str) -> None:
-    """Print titled tables, or one JSON document ({title: rows}) for --format json."""
+    """Print titled tables, or one JSON document ({title: rows}) for --format json (CSV: one section only)."""
+    if fmt == "csv" and len(sections) > 1:
+        raise click.UsageError(f"--format csv prints one table, not {len(sections)}; choose one of them.")
     if fmt == "json":
         import json
 
@@ -334,8 +343,9 @@ def _echo_sections(sections: dict[str, Any], fmt: str) -> None:
 @main.command()
 @click.argument("query")
 @output_options
-@click.option("--max-rows", type=int, default=None, help="Print at most this many rows.")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Stop the query after this many seconds.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Print at most this many rows.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop the query after this many seconds.")
 @pass_ctx
 @user_errors
 def sql(obj: Ctx, query: str, fmt: str, max_rows: int | None, timeout_s: float | None) -> None:
@@ -819,6 +829,14 @@ def _refuse_model_options(model: str) -> None:
         logger.warning("%s is fitted from the data on the CPU and ignores %s (foundation-model options; %s)", model, flags, own)
 
 
+def _check_choices(option: str, given: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    """A usage error naming the allowed values when a list option holds another (a typo must not read as 'no rows')."""
+    bad = [v for v in given if v not in allowed]
+    if bad:
+        raise click.BadParameter(f"{', '.join(map(repr, bad))} {'is' if len(bad) == 1 else 'are'} not one of "
+                                 f"{', '.join(map(repr, allowed))}.", param_hint=f"'{option}'")
+
+
 def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, ...]) -> list[str] | None:
     if not datasets and not models:
         return None
@@ -838,7 +856,7 @@ def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, 
 @list_option("--model", "models", help="Only these models.")
 @list_option("--head", "heads", aliases=("--heads",), help="Only these heads.")
 @list_option("--scenario", "scenarios", help="Only these scenarios: pooled, cross, custom.")
-@list_option("--by", "category_types", help="Only these category types, e.g. --by tissue.")
+@list_option("--by", "category_types", help="Only these category types: all, tissue, cancer_type, drug_type, regimen.")
 @renamed_option("--split-scheme", "scheme", aliases=("--scheme",), type=click.Choice(["cell", "sample", "study", "custom"]),
                 help="Only this split scheme (pooled: cell or sample; cross: study).")
 @click.option("--dataset", "datasets", multiple=True, help="Only results of these datasets (repeatable; pooled datasets as 'a,b').")
@@ -872,7 +890,10 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
         wide_leaderboard,
         with_signed_partner,
     )
+    from scdm.store.splits import CATEGORY_TYPES, SCENARIOS
 
+    _check_choices("--scenario", scenarios, SCENARIOS)
+    _check_choices("--by", category_types, CATEGORY_TYPES)
     shown = with_signed_partner(_csv_list(metrics))
     board = leaderboard(obj.store, metrics=shown if long_format else None, models=models or None, heads=heads or None,
                         scenarios=scenarios or None, category_types=category_types or None, scheme=scheme,
@@ -1067,8 +1088,9 @@ def report(obj: Ctx, out_dir: str) -> None:
     that reproduces them, the split scheme and skipped tasks.
     """
     from scdm.classify.report import write_report
+    from scdm.store.progress import progress_enabled
 
-    path = write_report(obj.store, out_dir)
+    path = write_report(obj.store, out_dir, progress=progress_enabled())  # off under -q and SCDM_PROGRESS=0
     click.echo(f"wrote {path}")
 
 

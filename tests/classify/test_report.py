@@ -309,6 +309,26 @@ def test_store_without_results_shows_embeddings_and_next_step(tmp_path: Path) ->
     assert len(list((tmp_path / "r1" / "figures").glob("projection_*.png"))) == 1
 
 
+def test_progress_bar_is_hidden_by_no_progress_and_scdm_progress_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from scdm.store.progress import no_progress
+
+    st = _ingested(tmp_path / "store")
+    _write_embedding(st, "d1", "pca", 6, shift=1.0, seed=1)  # sections: embeddings, scalability
+    monkeypatch.setenv("SCDM_PROGRESS", "1")
+    write_report(st, tmp_path / "r0", projection="none")
+    assert "report:" in capsys.readouterr().err  # forced on, the bar shows
+    with no_progress():  # `scdm -q`
+        write_report(st, tmp_path / "r1", projection="none")
+    assert "report:" not in capsys.readouterr().err
+    monkeypatch.setenv("SCDM_PROGRESS", "0")
+    write_report(st, tmp_path / "r2", projection="none")
+    assert "report:" not in capsys.readouterr().err
+    monkeypatch.setenv("SCDM_PROGRESS", "1")
+    write_report(st, tmp_path / "r3", projection="none", progress=False)
+    assert "report:" not in capsys.readouterr().err
+
+
 def test_bad_options_are_refused(evaluated: Store, tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match="projection='tsne'"):
         write_report(evaluated, tmp_path / "x", projection="tsne")  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from scdm.cli import RENAMED, AliasOption, main
 from scdm.store import Store, example_data
 from scdm.store.errors import ScdmWarning
 from scdm.store.progress import no_progress, plain_warnings, progress_bar, progress_enabled
+from scdm.store.splits import CATEGORY_TYPES, SCENARIOS
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,38 @@ def test_an_unknown_model_lists_the_baselines_too(store: Path) -> None:
     result = CliRunner().invoke(main, ["--store", str(store), "embed", "a375", "--model", "genformer"])
     assert result.exit_code == 1
     assert "pca, hvg" in result.output and "Did you mean 'geneformer'" in result.output
+
+
+@pytest.mark.parametrize(("option", "value", "allowed"), [
+    ("--scenario", "poooled", SCENARIOS), ("--by", "nosuch", CATEGORY_TYPES), ("--by", "all,tisue", CATEGORY_TYPES)])
+def test_results_refuses_a_misspelled_scenario_or_category_type(store: Path, option: str, value: str,
+                                                                  allowed: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(main, ["--store", str(store), "results", option, value])  # was '(no rows)', exit 0
+    bad = value.split(",")[-1]
+    assert result.exit_code == 2 and f"Invalid value for '{option}': '{bad}' is not one of" in result.output
+    assert all(repr(choice) in result.output for choice in allowed)
+    help_text = " ".join(run("results", "--help").split())  # the help names the same choices
+    assert all(choice in help_text for choice in (*SCENARIOS, *CATEGORY_TYPES))
+
+
+def test_report_progress_bar_follows_q_and_scdm_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from scdm.classify import report
+    from scdm.embedding.runner import embed_baseline
+
+    st = Store(tmp_path / "st")
+    st.ingest(example_data("A375"), name="a375", label_key="response_PLX4720", study="GSE108383")
+    embed_baseline(st, ["a375"], model="pca", n_comps=4, n_hvg=100, progress=False)  # an embedding: the report has sections
+    monkeypatch.setattr(report, "write_report", functools.partial(report.write_report, projection="none"))  # no UMAP: fast
+    monkeypatch.setenv("SCDM_PROGRESS", "1")
+    shown = CliRunner().invoke(main, ["--store", str(st.root), "report", "--out", str(tmp_path / "r0")])
+    assert shown.exit_code == 0 and "section" in shown.stderr  # forced on: the bar shows, so its absence below means something
+    for env, args in (("1", ["-q", "report"]), ("1", ["report", "-q"]), ("0", ["report"])):
+        monkeypatch.setenv("SCDM_PROGRESS", env)
+        result = CliRunner().invoke(main, ["--store", str(st.root), *args, "--out", str(tmp_path / "r1")])
+        assert result.exit_code == 0 and result.stdout.startswith("wrote ")
+        assert "section" not in result.stderr and "%|" not in result.stderr, (env, args)
 
 
 def test_scdm_warnings_print_once_as_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,6 +62,37 @@ def test_sql_refuses_writes_with_a_clean_error(run, query):
     assert out.exit_code == 1 and out.output.startswith("Error: ") and "Traceback" not in out.output
 
 
+@pytest.mark.parametrize(("option", "value"), [("--max-rows", "-1"), ("--max-rows", "0"), ("--timeout", "0"), ("--timeout", "-1")])
+def test_sql_refuses_a_row_or_time_limit_that_cannot_be_meant(run, option, value):
+    out = run("sql", "SELECT 1 AS x", option, value, ok=False)  # was a TypeError traceback, or '(no rows)' with exit 0
+    assert out.exit_code == 2 and f"Invalid value for '{option}'" in out.output and "Traceback" not in out.output
+    assert "x" in run("sql", "SELECT 1 AS x", option, "1").stdout
+    out = run("sql", "SELECT 1 AS x", "--timeout", "nan", ok=False)
+    assert out.exit_code == 1 and out.output.startswith("Error: ") and "time limit" in out.output
+
+
+def test_sql_syntax_error_is_a_clean_error_with_the_parsers_message(run):
+    out = run("sql", "SELEC name FROM datasets", ok=False)
+    assert out.exit_code == 1 and out.output.startswith("Error: Could not parse the query") and "SELEC" in out.output
+    assert "Traceback" not in out.output and "read queries" not in out.output
+
+
+def test_ls_csv_is_one_table(run):
+    import io
+
+    import pandas as pd
+
+    run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
+    out = run("ls", "--format", "csv", ok=False)  # three tables with different headers would read as one wrong table
+    assert out.exit_code == 2 and "--what datasets" in out.output and "--what embeddings" in out.output
+    datasets = pd.read_csv(io.StringIO(run("ls", "--what", "datasets", "--format", "csv").stdout))
+    assert datasets["name"].tolist() == ["a375"] and datasets["n_cells"].tolist() == [108]
+    labels = pd.read_csv(io.StringIO(run("ls", "--what", "labels", "--format", "csv").stdout))
+    assert labels["label_key"].tolist() == ["response_PLX4720"]
+    doc = json.loads(run("ls", "--format", "json").stdout)  # json keeps every section in one document
+    assert set(doc) == {"datasets", "label_sets", "embeddings"}
+
+
 def test_user_errors_are_one_line_messages(run, tmp_path):
     bad = tmp_path / "x.h5ad"
     bad.write_text("nope")

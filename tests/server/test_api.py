@@ -361,6 +361,51 @@ def test_filters_take_lists_and_agree_with_the_per_fold_rows(client: Any) -> Non
     assert client.get("/api/leaderboard?metric=").status_code == 200  # an empty field means any
 
 
+@pytest.mark.parametrize("route", ["/api/results", "/api/predictions", "/api/leaderboard"])
+def test_an_offset_past_int64_is_a_422_not_a_500(client: Any, route: str) -> None:
+    response = client.get(route, params={"offset": 2**63})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith(f"offset='{2**63}'") and str(2**63 - 1) in response.json()["error"]
+    last = client.get(route, params={"offset": 2**63 - 1})
+    assert last.status_code == 200 and last.json() == []
+    assert client.get(route, params={"offset": -1}).status_code == 422
+
+
+def test_a_sql_syntax_error_is_a_400_with_the_parsers_message_and_a_write_a_403(client: Any) -> None:
+    response = client.post("/api/sql", json={"query": "SELEC name FROM datasets"})
+    assert response.status_code == 400 and response.json()["status"] == 400
+    assert "syntax error" in response.json()["error"] and "SELEC" in response.json()["error"]
+    assert client.post("/api/sql", json={"query": "   "}).status_code == 400  # no statement at all
+    assert client.post("/api/sql", json={"query": "DROP TABLE datasets"}).status_code == 403
+
+
+def test_the_leaderboard_pages_like_the_results_and_says_its_total(client: Any, built_store: tuple[Path, dict[str, str]]) -> None:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+    from scdm.store import Store
+
+    full = client.get("/api/leaderboard")
+    everything = full.json()
+    assert int(full.headers["x-total-count"]) == len(everything) > 5
+    app = create_app(Store(built_store[0]), token=TOKEN, page_rows=5)  # pages shorter than the leaderboard
+    with TestClient(app, base_url="http://127.0.0.1:8000", headers={"Authorization": f"Bearer {TOKEN}"}) as small:
+        first = small.get("/api/leaderboard")
+        assert len(first.json()) == 5 and int(first.headers["x-total-count"]) == len(everything)  # cut, and it says so
+        pages, offset = [], 0
+        while offset < len(everything):
+            page = small.get("/api/leaderboard", params={"limit": 3, "offset": offset})
+            assert page.status_code == 200 and int(page.headers["x-total-count"]) == len(everything)
+            pages += page.json()
+            offset += 3
+        assert pages == everything  # every row once, in the same order
+        assert small.get("/api/leaderboard", params={"limit": 10**9}).json() == everything[:5]  # capped at the page size
+        filtered = small.get("/api/leaderboard", params={"metric": "auroc", "limit": 1, "offset": 1})
+        auroc = [r for r in everything if r["metric"] == "auroc"]
+        assert filtered.json() == auroc[1:2] and int(filtered.headers["x-total-count"]) == len(auroc)
+        assert small.get("/api/leaderboard", params={"limit": 0}).status_code == 422
+
+
 def test_health_and_models_answer_through_the_test_client(client: Any, built_store: tuple[Path, dict[str, str]]) -> None:
     health = client.get("/api/health").json()
     assert health == {"status": "ok", "store": str(built_store[0].resolve()), "auth": True, "read_only": False,

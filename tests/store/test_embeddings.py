@@ -170,6 +170,25 @@ def test_read_only_sql_refuses_writes(st, ds):
     assert not (st.root / "x.csv").exists() and len(st.cells()) == 108
 
 
+def test_read_only_sql_tells_a_syntax_error_from_a_write_and_refuses_bad_limits(st):
+    from scdm.store import ReadOnlyQueryError
+    from scdm.store.errors import QueryError
+
+    for broken in ["SELEC name FROM datasets", "SELECT FROM WHERE", ""]:  # a mistake to fix, not a write to refuse
+        with pytest.raises(QueryError) as info:
+            st.sql(broken)
+        assert not isinstance(info.value, ReadOnlyQueryError), broken
+    with pytest.raises(QueryError, match="syntax error"):
+        st.sql("SELEC name FROM datasets")
+    with pytest.raises(ReadOnlyQueryError):
+        st.sql("DROP TABLE cells")  # parses, and writes
+    for bad in [{"max_rows": -1}, {"max_rows": 0}, {"max_rows": 1.5}, {"timeout_s": 0}, {"timeout_s": -1.0},
+                {"timeout_s": float("nan")}, {"timeout_s": float("inf")}]:
+        with pytest.raises(InputDataError, match="max_rows" if "max_rows" in bad else "timeout_s"):
+            st.sql("SELECT 1 AS x", **bad)
+    assert st.sql("SELECT * FROM range(5)", max_rows=np.int64(2), timeout_s=30)["range"].tolist() == [0, 1]
+
+
 def _run_writer(store, dataset, chunks="all", delay=0.0):
     return subprocess.Popen(
         [sys.executable, str(WRITER), str(store), dataset, chunks, str(delay)],

@@ -521,7 +521,8 @@ def write_report(
         Resolution of raster formats.
     title : str, default "scdm report"
     progress : bool, default True
-        A progress bar over the sections of the page (tqdm, on stderr).
+        A progress bar over the sections of the page (tqdm, on stderr), where
+        :func:`scdm.store.progress.progress_enabled` allows one (not under ``scdm -q`` or ``SCDM_PROGRESS=0``).
 
     Returns
     -------
@@ -655,12 +656,15 @@ def _sections(ctx: _Context, projections: _Projections | None, *, n_embeddings: 
               ("scalability", lambda: _section_scalability(ctx))]
     if n_results:
         steps.append(("skipped", lambda: _section_skipped(ctx)))
-    from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from scdm.store.progress import progress_bar
+
+    # hidden under `scdm -q`, SCDM_PROGRESS=0 and where stderr is not a terminal, like every stage's bar
+    bar = progress_bar(len(steps), desc="report", unit="section", silent=not ctx.progress)
     # log lines are written above the bar, not through it
-    redirect = logging_redirect_tqdm() if ctx.progress else contextlib.nullcontext()
-    with redirect, tqdm(total=len(steps), desc="report", unit="section", disable=not ctx.progress, file=sys.stderr) as bar:
+    redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
+    with redirect, bar:
         ctx.bar = bar
         for name, step in steps:
             bar.set_postfix_str(name)

@@ -25,6 +25,8 @@ SPLIT_SCHEMES: tuple[str, ...] = ("cell", "sample", "study", "custom")
 """Split schemes a result can have: pooled ``cell``/``sample`` folds, leave-one-``study``-out, ``custom`` folds."""
 EMBEDDING_STATUSES: tuple[str, ...] = ("pending", "complete")
 """``embeddings.status``: chunks still missing, or every chunk written and verified."""
+MAX_OFFSET = 2**63 - 1
+"""Largest ``offset`` a paged route takes: DuckDB's ``OFFSET`` is a signed 64-bit integer (a larger one is a 422, not a 500)."""
 
 
 def _choices(name: str, values: tuple[str, ...] | list[str], doc: str) -> Any:
@@ -96,7 +98,7 @@ class ResultFilters(_Query):
 
 class PagedResultFilters(ResultFilters):
     limit: int | None = Field(default=None, ge=1, description="Rows at most (the server caps it at its page size).")
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_OFFSET, description="Rows to skip (the next page: offset + limit).")
 
 
 class EmbeddingFilters(_Query):
@@ -113,7 +115,7 @@ class PredictionFilters(_Query):
     head_id: str | None = None
     dataset: str | None = Field(default=None, description="Dataset name or id.")
     limit: int | None = Field(default=None, ge=1, description="Rows at most (the server caps it at its page size).")
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_OFFSET, description="Rows to skip (the next page: offset + limit).")
 
 
 class PredictionCsvQuery(_Query):

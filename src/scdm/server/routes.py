@@ -29,7 +29,7 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from scdm.classify.results import leaderboard
+from scdm.classify.results import LEADERBOARD_KEYS, leaderboard
 from scdm.server.config import ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
@@ -51,7 +51,6 @@ from scdm.server.models import (
     PredictRequest,
     ReportFigures,
     ReportRequest,
-    ResultFilters,
     ResultRow,
     SkippedRow,
     SqlAnswer,
@@ -73,6 +72,8 @@ REPORT_DIR = "artifacts/report"
 """Folder the report is written to and served from, relative to the store root."""
 BASELINE_MODELS = ("pca", "hvg")
 """Models cheap enough to embed uploads with on the server."""
+TOTAL_COUNT_HEADER = "X-Total-Count"
+"""Response header of a paged list route: the rows of every page together (a shorter page than that is not the end)."""
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MAX_LOGIN_BYTES = 4096
 
@@ -273,8 +274,10 @@ def model(model: str, srv: Server) -> Response:
             summary="Mean, sd and n over the folds of each result (long format)",
             description="One row per embedding space, datasets, label set, split (scenario, scheme, k, seed, category), "
                         "head and params, and metric; folds_done/folds_expected/complete mark interrupted results. "
-                        "Results of different splits, label sets or datasets are never averaged together.")
-def leaderboard_route(srv: Server, f: Annotated[ResultFilters, Query()]) -> Response:
+                        "Results of different splits, label sets or datasets are never averaged together. Paged like "
+                        "/api/results (limit, capped at the server's page size, and offset); the X-Total-Count header "
+                        "holds the number of rows of every page together.")
+def leaderboard_route(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
     board = leaderboard(srv.store, metrics=_values(f.metric), models=f.model, heads=_values(f.head),
                         scenarios=_values(f.scenario), category_types=_values(f.category_type), label_sets=f.label_set)
     if f.scheme is not None:
@@ -284,7 +287,18 @@ def leaderboard_route(srv: Server, f: Annotated[ResultFilters, Query()]) -> Resp
     if f.dataset is not None:  # a result pooled over several datasets is a result on each of them
         wanted = set(f.dataset)
         board = board[[bool(wanted & set(str(d).split(","))) for d in board["datasets"]]]
-    return typed(list[LeaderboardRow], records(board.head(srv.config.page_rows), _RESULT_JSON_COLUMNS))
+    page = _in_page_order(board).iloc[f.offset:f.offset + _cap(f.limit, srv.config.page_rows)]
+    response = typed(list[LeaderboardRow], records(page, _RESULT_JSON_COLUMNS))
+    response.headers[TOTAL_COUNT_HEADER] = str(len(board))
+    return response
+
+
+def _in_page_order(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard's order (best mean first per scenario, category and metric) with ties broken by the
+    result identity: one order on every request, so pages neither repeat nor skip a row."""
+    first = ["scenario", "category_type", "category", "metric", "mean"]
+    by = first + [k for k in LEADERBOARD_KEYS if k in board.columns and k not in first]
+    return board.sort_values(by, ascending=[k != "mean" for k in by], na_position="last", kind="stable")
 
 
 @router.get("/api/results", response_model=list[ResultRow], summary="Per-task (per-fold) metric values")

@@ -47,6 +47,8 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
+import numbers
 import os
 import random
 import threading
@@ -62,6 +64,7 @@ import pandas as pd
 from scdm.store._constants import LOCK_RETRY_SECONDS
 from scdm.store.errors import (
     CatalogDamagedError,
+    InputDataError,
     QueryError,
     ReadOnlyQueryError,
     ScdmError,
@@ -965,9 +968,14 @@ class Catalog:
 
         Raises
         ------
+        InputDataError
+            If ``max_rows`` is not a whole number >= 1 or ``timeout_s`` not a finite number > 0.
+        QueryError
+            If the query cannot be parsed, is empty, or fails in DuckDB.
         ReadOnlyQueryError
             If a statement is not a read.
         """
+        _check_limits(max_rows, timeout_s)
         check_read_only(sql)
         with self.connect(read_only=True) as con:  # READ_CONFIG: no file or network access, settings locked
             try:
@@ -984,10 +992,21 @@ class Catalog:
                 raise QueryError(msg) from err
 
 
+def _check_limits(max_rows: int | None, timeout_s: float | None) -> None:
+    """Refuse a row limit or time limit that cannot be meant (``fetchmany(-1)`` is a TypeError, ``0`` an empty answer)."""
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1):
+        msg = f"The row limit (max_rows) must be a whole number >= 1, or None for every row; got {max_rows!r}."
+        raise InputDataError(msg)
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real)
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        msg = f"The time limit (timeout_s) must be a finite number of seconds > 0, or None for none; got {timeout_s!r}."
+        raise InputDataError(msg)
+
+
 def _fetch(result: duckdb.DuckDBPyConnection, max_rows: int | None) -> pd.DataFrame:
     if max_rows is None:
         return result.fetch_df()
-    rows = result.fetchmany(max_rows)
+    rows = result.fetchmany(int(max_rows))
     columns = [d[0] for d in result.description or []]
     return pd.DataFrame.from_records(rows, columns=columns)
 
@@ -1005,15 +1024,19 @@ def _run_with_timeout(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | 
 
 
 def check_read_only(sql: str) -> None:
-    """Raise :class:`ReadOnlyQueryError` unless every statement in ``sql`` only reads."""
+    """Raise :class:`ReadOnlyQueryError` unless every statement in ``sql`` only reads.
+
+    A query that cannot be parsed (or holds no statement) raises :class:`QueryError` with the
+    parser's message: it is a mistake to fix, not a write to refuse.
+    """
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as err:
         msg = f"Could not parse the query: {err}"
-        raise ReadOnlyQueryError(msg) from err
+        raise QueryError(msg) from err
     if not statements:
         msg = "The query is empty; give a SELECT statement, e.g. scdm sql \"SELECT * FROM datasets\"."
-        raise ReadOnlyQueryError(msg)
+        raise QueryError(msg)
     for st in statements:
         kind = st.type.name
         if kind not in _READ_STATEMENTS:
