@@ -203,17 +203,14 @@ def evaluate(
         integer) per metric.
     """
     from scdm.classify.grid import evaluate as run_evaluate
-    from scdm.classify.results import leaderboard, wide_leaderboard
+    from scdm.classify.results import asked_results, leaderboard, wide_leaderboard
 
     ids, recorded_store = _embedding_ids(data)
     st = open_store(store if store is not None else recorded_store)
     with plain_warnings():
         summary = run_evaluate(st, ids, heads=heads, scenarios=scenarios, by=by, folds=folds,  # type: ignore[arg-type]
                                split_scheme=split_scheme, silent=not progress, **options)  # type: ignore[arg-type]
-    board = leaderboard(st, metrics=list(metrics))
-    identity = [c for c in ("space_id", "split_id", "head", "head_params") if c in summary.results.columns]
-    asked = summary.results[identity].drop_duplicates()
-    board = board.merge(asked, on=identity, how="inner")
+    board = asked_results(leaderboard(st, metrics=list(metrics)), summary.results)
     return wide_leaderboard(board, metrics=metrics)
 
 

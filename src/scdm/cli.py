@@ -224,7 +224,7 @@ def main(ctx: click.Context, store_path: str | None, read_only: bool | None, ver
       scdm embed a375 --model pca
       scdm evaluate --scenario pooled,cross --head logreg,mlp
       scdm results
-      scdm sql "SELECT model, head, avg(value) FROM results WHERE metric = 'auroc' GROUP BY ALL"
+      scdm sql "SELECT result_key, model, label_set, head, avg(value) AS auroc FROM results WHERE metric = 'auroc' GROUP BY ALL"
 
     Everything lives in one store directory (--store / $SCDM_STORE): a DuckDB catalog you can query
     with any DuckDB client, and Zarr v3 arrays you can open with any Zarr client. --store, --read-only
@@ -782,6 +782,7 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
     Embeddings of one space (same model, checkpoint and parameters) are pooled across datasets;
     spaces are never mixed. Splits are stored once and reused by every model and head, so models
     are compared on identical cells. Finished tasks are skipped when the command is run again.
+    Prints the results of the tasks asked for (fitted now or reused); `scdm results` lists all.
 
     \b
     Examples:
@@ -791,19 +792,20 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
       scdm evaluate --executor ray --ray-address auto        # fits on a running Ray cluster
     """
     from scdm.classify.grid import evaluate as run_evaluate
-    from scdm.classify.results import format_leaderboard, leaderboard, wide_leaderboard
+    from scdm.classify.results import asked_results, format_leaderboard, leaderboard, wide_leaderboard
 
     st = obj.store
     ids = list(embedding_ids) or _embedding_selection(st, datasets, models)
     head_list = _csv_list(heads)
     # --scenario is a free comma-separated list: the split builder rejects an unknown scenario.
     scenarios = cast("list[Scenario]", _csv_list(scenario))
-    run_evaluate(st, ids, scenarios=scenarios, by=_csv_list(by), heads=head_list, folds=folds,
+    summary = run_evaluate(st, ids, scenarios=scenarios, by=_csv_list(by), heads=head_list, folds=folds,
                            split_scheme=split_scheme, seed=seed, label_set=label_set, pair_folds_with=pair_folds_with, jobs=jobs,
                            head_params={"mlp": {"profile": mlp_profile}} if "mlp" in head_list else None,
                            save_predictions=not no_predictions, silent=quiet, executor=executor,
                            ray_address=ray_address)
-    board = leaderboard(st, run_id=None, category_types=["all"])
+    # what this command asked for (fitted now or reused), not every result in the store
+    board = asked_results(leaderboard(st, run_id=None), summary.results)
     echo_frame(format_leaderboard(board) if fmt == "table" else wide_leaderboard(board), fmt)
 
 

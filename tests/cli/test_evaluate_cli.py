@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -47,3 +49,12 @@ def test_results_print_rows_that_differ_only_by_split_apart(store: Path) -> None
     assert all(row != line for row, line in zip(rows, lines[1:]))
     assert len(rows) == 3 and len(set(rows)) == 3
     assert sum("(folds of Gefitinib)" in line for line in lines) == 1
+
+
+def test_evaluate_prints_the_results_it_was_asked_for_not_the_whole_store(store: Path) -> None:
+    run(store, *EVALUATE, "--head", "ridge", "--format", "csv")
+    out = run(store, *EVALUATE, "--head", "majority", "--label-set", "Vorinostat", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["head"], r["label_set"]) for r in rows] == [("majority", "Vorinostat")]
+    again = list(csv.DictReader(io.StringIO(run(store, *EVALUATE, "--head", "ridge", "--format", "csv"))))
+    assert [(r["head"], r["label_set"]) for r in again] == [("ridge", "Gefitinib")]  # reused, still printed

@@ -284,3 +284,14 @@ def test_report_lists_confounded_studies_and_metric_caveats(tmp_path):
     page = write_report(st, tmp_path / "report", projection="none", formats=["png"]).read_text()
     assert "confounded-studies" in page and "<b>A375</b>: labels constant within each of its 2 samples" in page
     assert "Reading the metrics" in page and "negative bias" in page
+
+
+def test_names_that_would_read_as_several_in_result_rows_are_refused_or_joined_otherwise(tmp_path):
+    st = Store(tmp_path / "store")
+    with pytest.raises(InputDataError, match=r"Dataset name 'jhu006,scc47' cannot be used.*'jhu006\+scc47'"):
+        st.ingest(JHU006, name="jhu006,scc47", label_key="response_Gefitinib")
+    with pytest.raises(InputDataError, match=r"Label set name 'a,b' holds a comma"):
+        st.ingest(JHU006, name="JHU006", label_key="response_Gefitinib", label_set="a,b")
+    assert st.datasets().empty  # refused before anything was written
+    info = st.ingest(JHU006, name="JHU006", label_key="response_Gefitinib", drug="5-FU,Cisplatin")
+    assert info.label_set == "5-FU+Cisplatin"

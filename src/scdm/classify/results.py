@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "ROW_KEYS", "format_leaderboard", "leaderboard", "leaderboard_notes", "split_labels",
-           "wide_leaderboard", "with_signed_partner"]
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
+           "split_labels", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
                                      "scheme", "k", "seed", "category_type", "category", "head", "head_params")
@@ -145,6 +145,17 @@ def _labelled(board: pd.DataFrame) -> pd.DataFrame:
     spaces = board.groupby("model")["space_id"].transform("nunique") > 1
     board.loc[spaces, "model"] = board.loc[spaces, "model"] + " [" + board.loc[spaces, "space_id"].str[:8] + "]"
     return board
+
+
+def asked_results(board: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``board`` that a run's results (``EvalSummary.results``, fitted or reused) belong to.
+
+    Matched on the whole identity a run fixes (space, split, label set, head and its parameters),
+    so other results in the store (other heads, datasets, label sets sharing a split) stay out.
+    """
+    identity = [c for c in ("space_id", "split_id", "label_set", "head", "head_params") if c in results.columns]
+    asked = results[identity].drop_duplicates()
+    return board.merge(asked, on=identity, how="inner")
 
 
 def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", "ap", "f1", "accuracy")) -> pd.DataFrame:

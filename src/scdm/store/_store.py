@@ -788,6 +788,7 @@ class Store:
                                       name=name, gene_ids=gene_ids)
         # an in-memory AnnData without a name is named after its content: two of them never collide
         name = default_study or f"dataset-{scan.content_hash[:8]}"
+        _check_dataset_name(name)
         if default_study is None and opts.study_key is None and opts.study is None:
             cells["study"] = name
         if len(self.query("SELECT 1 FROM datasets WHERE name = ?", [name])):
@@ -1708,6 +1709,14 @@ def _writable(adata: ad.AnnData) -> ad.AnnData:
     out = adata.copy() if adata.is_view else adata
     out = out.__class__(X=out.X, obs=obs, var=out.var, uns=out.uns, obsm=out.obsm, layers=out.layers)
     return out
+
+
+def _check_dataset_name(name: str) -> None:
+    """Result rows join the datasets of a pooled result with commas: a name with one would read as two."""
+    if "," in name or not name.strip():
+        msg = (f"Dataset name {name!r} cannot be used: it is empty or holds a comma (result rows join pooled datasets "
+               f"with commas). Pass another with --name (name= in Python), e.g. {name.replace(',', '+').strip() or 'my-data'!r}.")
+        raise InputDataError(msg)
 
 
 def _first_difference(kind: str, given: np.ndarray, stored: np.ndarray) -> str | None:

@@ -78,8 +78,17 @@ def labels_hash(rows: np.ndarray, response: np.ndarray) -> str:
 
 
 def label_set_name(label_key: str | None, drug: str | None, name: str | None) -> str:
-    """The name a new label set gets: the one given, else the drug, else the label column."""
-    return name or drug or label_key or "response"
+    """The name a new label set gets: the one given, else the drug, else the label column.
+
+    Result rows join the label sets of pooled datasets with commas, so a name holds none: a given
+    one with a comma is refused, a drug combination ("5-FU,cisplatin") is named "5-FU+cisplatin".
+    """
+    if name is not None:
+        if "," in name:
+            msg = f"Label set name {name!r} holds a comma, which joins label sets in result rows; use another, e.g. {name.replace(',', '+')!r}."
+            raise InputDataError(msg)
+        return name
+    return (drug or label_key or "response").replace(",", "+")
 
 
 def _record(row: dict[str, Any]) -> LabelSet:
