@@ -237,3 +237,12 @@ def test_two_processes_write_disjoint_chunks_concurrently(tmp_path):
     emb.finalize()
     assert np.array_equal(st.read_embedding(emb.embedding_id), _writer.rows_of(0, 100))
     assert st.verify_embedding(emb.embedding_id) == []
+
+
+def test_a_query_past_its_time_limit_is_a_query_error_not_a_refusal(tmp_path):
+    from scdm.store.errors import QueryError, ReadOnlyQueryError
+
+    st = Store(tmp_path / "store")
+    with pytest.raises(QueryError, match="ran longer than 0.05 s") as caught:
+        st.sql("SELECT count(*) FROM range(10000000000) a", timeout_s=0.05)
+    assert not isinstance(caught.value, ReadOnlyQueryError)
