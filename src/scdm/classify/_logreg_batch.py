@@ -174,8 +174,9 @@ class _Problem:
         # the groups are shared out over the math threads (numpy and BLAS release the GIL), each with its own buffer
         threads = max(1, min(threads or current_blas_threads(), len(self.groups)))
         if standardize:
-            with solve_threads():
-                self.mean, self.scale = column_moments(X, train, threads=threads)
+            with solve_threads():  # global: constant columns add 0 to the shared scale (see heads._global_standardizer)
+                self.mean, self.scale = column_moments(X, train, threads=threads,
+                                                       constant_scale=0.0 if standardize == "global" else 1.0)
             if standardize == "global":  # one scale per fold: the root mean square of its centred values
                 rms = np.sqrt(np.mean(np.square(self.scale.astype(np.float64)), axis=1, keepdims=True))
                 self.scale = np.broadcast_to(np.where(rms > 1e-12, rms, 1.0), self.scale.shape).astype(np.float32)

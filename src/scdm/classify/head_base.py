@@ -348,7 +348,8 @@ _MOMENT_GROUPS = 8
 
 
 def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
-                   block_rows: int = 2048, threads: int = 1, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   block_rows: int = 2048, threads: int = 1, rows: np.ndarray | None = None,
+                   constant_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and standard deviation (ddof 0) of ``X``'s rows, or of each mask's rows.
 
     One pass over ``X`` in row blocks, shifted by a sample mean so the float32 sums do not
@@ -366,11 +367,13 @@ def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
     rows : ndarray of int, optional
         Read ``X[rows]`` instead of ``X``, block by block (no copy of those rows); the same bits
         as ``column_moments(X[rows], ...)``. ``masks`` then has one row per entry of ``rows``.
+    constant_scale : float, default 1.0
+        The scale constant columns get: 1 to divide by (they are all zeros once centred), 0 to
+        average scales over (a dead dimension adds nothing to a shared root mean square).
 
     Returns
     -------
     mean, scale : ndarray of shape (emb_dim,) or (n_masks, emb_dim), float32
-        Constant columns get scale 1.
     """
     n, dim = X.shape if rows is None else (len(rows), X.shape[1])
     weights = np.ones((n, 1), np.float32) if masks is None else np.asarray(masks, np.float32)
@@ -416,7 +419,7 @@ def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
     count = np.maximum(weights.sum(axis=0, dtype=np.float64), 1.0)[:, None]
     centred = s1 / count
     scale = np.sqrt(np.maximum(s2 / count - centred**2, 0.0))
-    scale[scale < 1e-12] = 1.0
+    scale[scale < 1e-12] = constant_scale
     mean = (centred + shift32.astype(np.float64)).astype(np.float32)
     if masks is None:
         return mean[0], scale[0].astype(np.float32)

@@ -98,8 +98,12 @@ def _standardizer(X: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.nda
 
 
 def _global_standardizer(X: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and one shared scale: the root mean square of the centred training values."""
-    mean, scale = column_moments(X, rows=rows)
+    """Column means and one shared scale: the root mean square of the centred training values.
+
+    Constant columns (dead or zero-padded dimensions) add 0 to it, as in ridge's global scaling:
+    counted as 1 they would inflate the scale, and with it the penalty, by orders of magnitude.
+    """
+    mean, scale = column_moments(X, rows=rows, constant_scale=0.0)
     rms = float(np.sqrt(np.mean(np.square(scale.astype(np.float64)))))
     return mean, np.full_like(scale, rms if rms > 1e-12 else 1.0)
 
@@ -170,6 +174,19 @@ class ShuffledLabelHead(BaseHead):
 
     def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return self.head_.predict_proba_rows(X, rows)
+
+    def params_key(self) -> str:
+        """Canonical JSON of the parameters, an mlp base's resolved as its own key resolves them.
+
+        Its profile's settings and the precision ``auto`` stands for on this machine: a bf16 and an
+        fp32 fit of the baseline are never one result, as for the mlp head itself.
+        """
+        import json
+
+        params = self.get_params()
+        if self.base == "mlp":
+            params["base_params"] = json.loads(get_head("mlp", **(self.base_params or {})).params_key())
+        return json.dumps(params, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------------------------
