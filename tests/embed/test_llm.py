@@ -201,3 +201,13 @@ def test_a_model_that_is_not_causal_everywhere_keeps_the_mask() -> None:
     from scdm.embedding.models.llm import _causal
 
     assert not _causal(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)))
+
+
+def test_a_cuda_run_other_than_bf16_records_the_bf16_weights_it_computes_with(ckpt) -> None:
+    # configure_precision only decides (no GPU needed): CUDA holds the weights in bf16 whatever the autocast
+    assert LLMAdapter(ckpt).configure_precision("cpu", "fp32") == {}
+    assert LLMAdapter(ckpt).configure_precision("cuda", "bf16") == {}  # the ids of bf16 runs stay as they were
+    for precision in ("fp32", "fp16"):
+        adapter = LLMAdapter(ckpt)
+        assert adapter.configure_precision("cuda:1", precision) == {"weights": "bf16"}
+        assert adapter.weight_precision == "bf16"

@@ -332,3 +332,26 @@ def test_processes_hashing_one_checkpoint_at_once_share_the_hash_cache(tmp_path,
             got = list(pool.map(lambda _: checkpoint_hash(toy_ckpt, cache_dir=cache), range(8)))
         assert got == [want] * 8
         assert [p.name for p in cache.iterdir()] == ["checkpoint-hashes.json"]  # no temporary left behind
+
+
+def test_a_joint_hvg_is_the_same_fit_in_any_order_and_a_repair_matches_its_other_chunks(tmp_path):
+    from scdm.embedding.runner import embed_baseline, repair
+
+    pc9 = ad.read_h5ad(Path(__file__).resolve().parents[1] / "data" / "PC9_erlotinib_subsample300.h5ad")
+    pc9[:100].copy().write_h5ad(tmp_path / "A.h5ad")
+    pc9[100:200, ::-1].copy().write_h5ad(tmp_path / "B.h5ad")  # the same genes in reverse column order
+    out = {}
+    for order in (["A", "B"], ["B", "A"]):
+        st = Store(tmp_path / "".join(order))
+        for name in ("A", "B"):
+            st.ingest(tmp_path / f"{name}.h5ad", name=name)
+        res = embed_baseline(st, order, model="hvg", n_hvg=50, chunk_rows=25, progress=False)
+        out["".join(order)] = (st, {r.dataset: r.embedding_id for r in res})
+    (ab, ids_ab), (ba, ids_ba) = out["AB"], out["BA"]
+    for name in ("A", "B"):
+        assert ids_ab[name] == ids_ba[name]
+        assert ab.read_embedding(ids_ab[name]).tobytes() == ba.read_embedding(ids_ba[name]).tobytes()
+    before = ba.read_embedding(ids_ba["A"]).copy()
+    ba.mark_chunks_pending(ids_ba["A"], [1])  # as scdm verify --repair does for a damaged chunk
+    repair(ba, ids_ba["A"], progress=False)
+    assert ba.read_embedding(ids_ba["A"]).tobytes() == before.tobytes()

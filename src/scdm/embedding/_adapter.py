@@ -136,6 +136,10 @@ class Adapter(abc.ABC):
     """Whether :meth:`load` can hold the weights in the autocast dtype (see :meth:`configure_precision`)."""
     weight_precision: str | None = None
     """``"bf16"``/``"fp16"`` once :meth:`configure_precision` chose half-precision weights, else None (float32)."""
+    known_columns_: np.ndarray | None = None
+    """Dataset columns (indices) the model knows, set by :meth:`prepare` where a cell with none of them
+    expressed would still get a vector (special tokens, an all-zero bin vector): such cells are refused
+    before the model runs (:func:`check_cells_known`). None: the model's output shows them (all zeros)."""
 
     def __init__(self, checkpoint: str | Path | None = None, *, seed: int = 0, **params: Any) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -308,6 +312,21 @@ def check_cells_expressed(x: sp.csr_matrix, rows: np.ndarray, model: str, *, all
     empty = np.flatnonzero(expressed_genes(x) == 0)
     if empty.size and not allow_empty_cells:
         raise InputDataError(_empty_cells_message(model, np.asarray(rows)[empty], "express no gene at all"))
+    return int(empty.size)
+
+
+def check_cells_known(x: sp.csr_matrix, known_columns: np.ndarray | None, rows: np.ndarray, model: str, *,
+                      allow_empty_cells: bool = False) -> int:
+    """Refuse cells none of whose expressed genes the model knows (unless allowed); returns how many.
+
+    Models that pool special tokens (a CLS token, Geneformer V2's <cls>/<eos>) or embed a vector of
+    zero bins give every such cell the same non-zero vector: a fake cell no output check can tell.
+    """
+    if known_columns is None:
+        return 0
+    empty = np.flatnonzero(x[:, known_columns].getnnz(axis=1) == 0)
+    if empty.size and not allow_empty_cells:
+        raise InputDataError(_empty_cells_message(model, np.asarray(rows)[empty], "express none of the genes the model knows"))
     return int(empty.size)
 
 

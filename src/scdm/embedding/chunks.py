@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scdm.embedding._adapter import Adapter, check_cells_expressed, check_counts
+from scdm.embedding._adapter import Adapter, check_cells_expressed, check_cells_known, check_counts
 from scdm.store import ChunkWriter, Embedding, Store, default_chunk_rows
 from scdm.store.errors import EmbeddingIncompleteError, ScdmError
 from scdm.store.matrix import to_csr
@@ -93,6 +93,8 @@ class ChunkTokens:
         if self.needs_counts:
             check_counts(x, self.adapter.name)
         check_cells_expressed(x, np.arange(lo, hi), self.adapter.name, allow_empty_cells=self.allow_empty_cells)
+        check_cells_known(x, self.adapter.known_columns_, np.arange(lo, hi), self.adapter.name,
+                          allow_empty_cells=self.allow_empty_cells)
         return chunk, self.adapter.tokenize(x, np.arange(lo, hi))
 
 

@@ -685,6 +685,10 @@ def _empty_audit(n_empty: int | None, stats: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the baseline path -----------------------------------------------------------------------
+JOINT_GENE_ORDER = "fit_datasets"
+"""A joint hvg fit's genes follow the gene order of the first dataset by content hash (``fit_datasets`` order)."""
+
+
 def embed_baseline(
     store: Store | str | os.PathLike[str] | None,
     datasets: Sequence[str],
@@ -714,6 +718,10 @@ def embed_baseline(
     base_params = {"n_hvg_requested": n_hvg, "target_sum": target_sum, "normalized": normalized, "fit_datasets": fit_key, "gene_table": gene_table_version()}
     if model == "pca":
         base_params["n_comps_requested"] = n_comps
+    elif len(infos) > 1:
+        # a joint hvg's columns follow the first fitted dataset's gene order: fitted in fit_datasets
+        # order, whatever order the datasets are given in (ids made before this marker did not)
+        base_params["gene_order"] = JOINT_GENE_ORDER
     found = [st.get_embedding(i.dataset_id, model=model, params=base_params) for i in infos]
     intact = [f is not None and complete_and_intact(st, f) for f in found]
     done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
@@ -721,7 +729,9 @@ def embed_baseline(
     if len(done) == len(infos):
         return [done[i.dataset_id] for i in infos]
     t0 = time.perf_counter()
-    fit = baselines.fit_baseline(st, [i.dataset_id for i in infos], model=model, n_hvg=n_hvg, n_comps=n_comps, target_sum=target_sum, normalized=normalized)
+    in_fit_order = sorted(infos, key=lambda i: i.content_hash)  # the same fit for any order the datasets are given in
+    fit = baselines.fit_baseline(st, [i.dataset_id for i in in_fit_order], model=model, n_hvg=n_hvg, n_comps=n_comps,
+                                 target_sum=target_sum, normalized=normalized)
     fit_s = time.perf_counter() - t0
     results = []
     _reset_peak_rss()
@@ -835,6 +845,11 @@ def repair(store: Store | str | os.PathLike[str] | None, embedding_id: str, *, p
         msg = (f"Embedding {emb.embedding_id} ({emb.model}) was made with gene table {p.get('gene_table')}; this scdm has "
                f"{gene_table_version()}, so it cannot be recomputed identically. Remove it (scdm rm --embedding "
                f"{emb.embedding_id}) and embed the data again.")
+        raise ScdmError(msg)
+    if emb.model == "hvg" and len(p["fit_datasets"]) > 1 and p.get("gene_order") != JOINT_GENE_ORDER:
+        msg = (f"Embedding {emb.embedding_id} (joint hvg) was made before scdm recorded the order its datasets were fitted "
+               f"in, which sets its columns; it cannot be recomputed to match its other chunks. Remove it (scdm rm "
+               f"--embedding {emb.embedding_id}) and embed the datasets again with --joint.")
         raise ScdmError(msg)
     names = fit_dataset_names(st, p["fit_datasets"])
     if len(names) != len(p["fit_datasets"]):

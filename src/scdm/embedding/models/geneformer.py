@@ -478,6 +478,7 @@ class GeneformerAdapter(Adapter):
             },
         )
         require_matches(audit, self.name)
+        self.known_columns_ = np.flatnonzero(used)  # V2 would pool <cls>/<eos> alone for a cell without them
         self.aggregator_ = aggregation_matrix(layout.column_of_gene, len(layout.column_ids))
         self.column_tokens_ = np.array([self.token_ids_[g] for g in layout.column_ids], dtype=np.int64)
         self.column_medians_ = np.array([self.medians_[g] for g in layout.column_ids], dtype=np.float64)

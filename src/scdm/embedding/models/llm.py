@@ -161,6 +161,18 @@ class LLMAdapter(Adapter):
         self.pad_id_ = int(pad)
         self.tokenizer_ = tokenizer
 
+    def configure_precision(self, device: str | torch.device, precision: str) -> dict[str, Any]:
+        """On CUDA the weights are bfloat16 whatever the autocast (an 8B model in float32 is 32 GB).
+
+        An fp32 or fp16 run there is therefore not the CPU's fp32 run: it records ``weights: bf16``
+        and gets an embedding of its own. (A bf16 run records nothing, as it always did.)
+        """
+        out = super().configure_precision(device, precision)
+        if str(device).startswith("cuda") and precision != "bf16":
+            self.weight_precision = "bf16"
+            return {"weights": "bf16"}
+        return out
+
     def load(self, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModel
 

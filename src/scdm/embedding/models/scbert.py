@@ -208,6 +208,7 @@ class ScBERTAdapter(Adapter):
         self._cols, self._model_idx, audit = align_to_gene_list(
             var_genes, gene_id_kind, self._gene_list(), self.name
         )
+        self.known_columns_ = np.asarray(self._cols, dtype=np.int64)  # a cell without them embeds as bins of zero
         return audit
 
     def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
