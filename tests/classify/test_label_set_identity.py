@@ -46,3 +46,26 @@ def test_a_grid_that_evaluates_nothing_says_why(tmp_path, caplog):
         summary = evaluate(st, heads=["ridge"], scenarios=["pooled"], by=["all"], folds=3, silent=True)
     assert summary.n_done == 0 and summary.n_skipped == 1
     assert "nothing could be evaluated: category holds one class only" in caplog.text
+
+
+def test_replacing_one_of_two_identical_label_sets_removes_its_results_on_the_shared_partition(tmp_path):
+    import anndata as ad
+
+    st = Store(tmp_path / "store")
+    jhu = DATA / "JHU006_HNSCC_Kinker2020.h5ad"
+    st.ingest(jhu, name="JHU006", label_key="response_Vorinostat", drug="Vorinostat", study="Kinker2020")
+    st.ingest(jhu, label_key="response_AR-42", drug="AR-42")
+    embed(st, "JHU006", "pca", n_comps=8, progress=False)
+    kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all"], "folds": 3, "split_scheme": "cell", "silent": True}
+    evaluate(st, label_set="Vorinostat", **kw)
+    evaluate(st, label_set="AR-42", **kw)
+    relabelled = ad.read_h5ad(jhu)
+    flipped = relabelled.obs["response_AR-42"].astype(str).to_numpy().copy()
+    flipped[:10] = ["resistant" if v == "sensitive" else "sensitive" for v in flipped[:10]]
+    relabelled.obs["response_AR-42"] = flipped
+    st.ingest(relabelled, label_key="response_AR-42", drug="AR-42", update=True)
+    tasks = st.query("SELECT label_set, count(*) AS n FROM eval_tasks GROUP BY label_set")
+    assert tasks.set_index("label_set")["n"].to_dict() == {"Vorinostat": 3}  # AR-42's old results gone, Vorinostat's kept
+    evaluate(st, label_set="AR-42", **kw)
+    board = leaderboard(st, metrics=["auroc"], label_sets=["AR-42"])
+    assert len(board) == 1  # one AR-42 result: on its current labels

@@ -862,10 +862,10 @@ class Store:
                 forgotten = forgotten + relabelled
         if changed:
             logger.warning("dataset %r: cell metadata rewritten (%s)%s", info.name, ", ".join(changed),
-                           f"; {forgotten.describe()}" if forgotten.splits and not kinds else "")
+                           f"; {forgotten.describe()}" if forgotten and not kinds else "")
         if kinds:
             logger.warning("dataset %r: %s rewritten%s", info.name, _kinds_text(kinds),
-                           f"; {forgotten.describe()}" if forgotten.splits else "")
+                           f"; {forgotten.describe()}" if forgotten else "")
         return _replace(self.dataset(info.dataset_id), label_set=label_set, label_set_created=created)
 
     def _rewrite_kinds(self, con: Any, info: DatasetInfo, gene_ids: np.ndarray, kinds: dict[str, tuple[str, str]]) -> None:
@@ -943,10 +943,10 @@ class Store:
         ls = labels.replace_labels(con, old, cells["response"])
         if ls.is_default:
             labels.set_default(con, ls)
-        forgotten = _splits.forget_splits(con, _splits.stale_splits(con, info.dataset_id, label_set=old.name))
+        forgotten = _splits.forget_label_set(con, info.dataset_id, old.name)
         logger.warning("dataset %r: label set %r replaced (%d cells changed; %d labelled, %d sensitive)%s", info.name,
                        old.name, differ.size, ls.n_labelled, ls.n_sensitive,
-                       f"; {forgotten.describe()}" if forgotten.splits else "")
+                       f"; {forgotten.describe()}" if forgotten else "")
         return old.name, False, forgotten
 
     def _changed_metadata(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions) -> dict[str, tuple[Any, Any]]:
@@ -1147,7 +1147,7 @@ class Store:
                         con.execute(f"DELETE FROM {table} WHERE dataset_id = ?", [ds.dataset_id])
             for emb in embs:
                 self._forget_embedding(emb)
-        if forgotten.splits:
+        if forgotten:
             logger.warning("dataset %r removed; %s", ds.name, forgotten.describe())
         if ds.stored_path.startswith(DATASETS_DIR):
             (self.root / ds.stored_path).unlink(missing_ok=True)

@@ -42,6 +42,7 @@ __all__ = [
     "run_skipped",
     "record_tasks",
     "forget_tasks_on_splits",
+    "forget_tasks_of_label_set",
 ]
 
 
@@ -282,6 +283,23 @@ def task_results(st: Store, task_ids: Sequence[str]) -> pd.DataFrame:
 def run_skipped(st: Store, run_id: str) -> pd.DataFrame:
     """The tasks a run skipped, with the reason."""
     return st.query("SELECT * FROM skipped_tasks WHERE run_id = ?", [run_id])
+
+
+def forget_tasks_of_label_set(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str], label_set: str) -> int:
+    """Delete the tasks evaluated under ``label_set`` on these splits (store-internal, as below).
+
+    A split shared by label sets with the same labels is stored under the first name; the tasks of
+    the others carry their own name, and go when that label set's labels are replaced.
+    """
+    ids = list(split_ids)
+    if not ids:
+        return 0
+    where = "list_contains(?, split_id) AND list_contains(string_split(label_set, ','), ?)"
+    tasks = [r[0] for r in con.execute(f"SELECT task_id FROM eval_tasks WHERE {where}", [ids, label_set]).fetchall()]
+    for table in ("eval_predictions", "eval_results", "eval_tasks"):
+        con.execute(f"DELETE FROM {table} WHERE list_contains(?, task_id)", [tasks])
+    con.execute(f"DELETE FROM skipped_tasks WHERE {where}", [ids, label_set])
+    return len(tasks)
 
 
 def forget_tasks_on_splits(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str]) -> int:

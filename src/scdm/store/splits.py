@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from scdm.store.errors import InputDataError, ScdmWarning
-from scdm.store.evaluation import forget_tasks_on_splits
+from scdm.store.evaluation import forget_tasks_of_label_set, forget_tasks_on_splits
 
 if TYPE_CHECKING:
     import duckdb
@@ -72,6 +72,7 @@ __all__ = [
     "shared_partitions",
     "stale_splits",
     "forget_splits",
+    "forget_label_set",
 ]
 
 CATEGORY_TYPES: tuple[str, ...] = ("all", "tissue", "cancer_type", "drug_type", "regimen")
@@ -693,8 +694,11 @@ class ForgottenSplits:
     def __add__(self, other: ForgottenSplits) -> ForgottenSplits:
         return ForgottenSplits(self.splits + other.splits, self.tasks + other.tasks, self.adapters + other.adapters)
 
+    def __bool__(self) -> bool:
+        return bool(self.splits or self.tasks)
+
     def describe(self) -> str:
-        text = f"{self.splits} splits and the {self.tasks} evaluation results made on them were removed"
+        text = f"{self.splits} splits and {self.tasks} evaluation results made from the old data were removed"
         if self.adapters:
             text += (f"; {len(self.adapters)} LoRA adapters were tuned on their folds ({', '.join(self.adapters)}): "
                      "their tuned embeddings are no longer evaluated, fine-tune again on the new splits")
@@ -722,6 +726,15 @@ def stale_splits(con: duckdb.DuckDBPyConnection, dataset_id: str, *, changed: It
     elif set(changed) and set(changed) <= {"sample"}:
         frame = frame[frame["scheme"] == "sample"]
     return [str(v) for v in frame["split_id"]]
+
+
+def forget_label_set(con: duckdb.DuckDBPyConnection, dataset_id: str, label_set: str) -> ForgottenSplits:
+    """Delete what was made with a dataset's label set whose labels were replaced: the splits stored
+    under it, and its tasks on splits shared with other label sets (:func:`shared_partitions`)."""
+    forgotten = forget_splits(con, stale_splits(con, dataset_id, label_set=label_set))
+    theirs = con.execute("SELECT DISTINCT split_id FROM split_assignments WHERE dataset_id = ?", [dataset_id]).fetchall()
+    shared = forget_tasks_of_label_set(con, [r[0] for r in theirs], label_set)
+    return forgotten + ForgottenSplits(tasks=shared)
 
 
 def forget_splits(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str]) -> ForgottenSplits:
