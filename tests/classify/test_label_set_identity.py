@@ -69,3 +69,20 @@ def test_replacing_one_of_two_identical_label_sets_removes_its_results_on_the_sh
     evaluate(st, label_set="AR-42", **kw)
     board = leaderboard(st, metrics=["auroc"], label_sets=["AR-42"])
     assert len(board) == 1  # one AR-42 result: on its current labels
+
+
+def test_paired_folds_over_differently_labelled_cells_say_the_pairing_is_approximate(tmp_path, caplog):
+    import anndata as ad
+
+    adata = ad.read_h5ad(DATA / "JHU006_HNSCC_Kinker2020.h5ad")
+    partial = adata.obs["response_Vorinostat"].astype(str).to_numpy().copy()
+    partial[:20] = "unknown"
+    adata.obs["partial"] = partial
+    st = Store(tmp_path / "store")
+    st.ingest(adata, name="JHU006", label_key="response_Gefitinib", drug="Gefitinib", study="Kinker2020")
+    st.ingest(adata, label_key="partial", label_set="partial", unknown_values=["unknown"])
+    embed(st, "JHU006", "pca", n_comps=8, progress=False)
+    kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all"], "folds": 3, "split_scheme": "cell", "silent": True}
+    with caplog.at_level("WARNING", logger="scdm"):
+        evaluate(st, label_set="partial", pair_folds_with="Gefitinib", **kw)
+    assert "label different cells (0 only in the first, 20 only in Gefitinib)" in caplog.text

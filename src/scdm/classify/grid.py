@@ -744,11 +744,23 @@ def _lora_cells(st: Store, space: Space, split: Split, label_set: str | None) ->
     return cells.sort_values(["dataset_id", "row"]).reset_index(drop=True)
 
 
+def _warn_unpaired(cells: pd.DataFrame, pair: pd.DataFrame, label_set: str | None, pair_folds_with: str) -> None:
+    """Paired folds are the other label set's partition only where both label the same cells: say when they do not."""
+    here, there = cells["response"].notna().to_numpy(), pair["response"].notna().to_numpy()
+    only_here, only_there = int((here & ~there).sum()), int((there & ~here).sum())
+    if only_here or only_there:
+        logger.warning("label sets %s and %s label different cells (%d only in the first, %d only in %s): the folds are "
+                       "stratified by %s's labels, but they are %s's own partition only on identical labelled cells, so "
+                       "the paired comparison is approximate", label_set or "(default)", pair_folds_with, only_here,
+                       only_there, pair_folds_with, pair_folds_with, pair_folds_with)
+
+
 def _labelled_cells(st: Store, space: Space, label_set: str | None, pair_folds_with: str | None = None) -> pd.DataFrame:
     names = list(space.embeddings["dataset_name"])
     cells = st.cells(names, label_set=label_set)
     if pair_folds_with is not None:
         pair = st.cells(names, label_set=pair_folds_with)
+        _warn_unpaired(cells, pair, label_set, pair_folds_with)
         # cells labelled here but not in the other label set form a stratum of their own
         cells["fold_response"] = pair["response"].astype("Int64").fillna(-1).astype(np.int64).to_numpy()
     labelled = cells[cells["response"].notna()].copy()

@@ -14,9 +14,13 @@ pooled, scheme ``cell``
     folds within strata of (dataset, study, categories, response): each stratum is shuffled with a
     seed derived from its own identity and dealt round-robin from a random offset. So a cell's fold
     depends only on its stratum, never on which other datasets are in the store: the partition of
-    a category is the same for every model, folds are stratified by response in every category,
-    and the folds of all category types are *nested* (a cell has the same fold in each), which
-    lets ridge solve every fold of every category from one pass over the embeddings.
+    a category is the same for every model, and the folds of all category types are *nested* (a
+    cell has the same fold in each), which lets ridge solve every fold of every category from one
+    pass over the embeddings. The price: folds are stratified by response within each stratum,
+    not across a category's strata as one ``StratifiedKFold`` would be. Each stratum starts at its
+    own random fold, so a class spread thinly over many strata (10 datasets with one sensitive
+    cell each, k = 10) can leave some test folds without it; such folds are one-class, and their
+    AUROC/AP are NULL (never 0), counted out of the ``_n`` of every result.
 pooled, scheme ``auto`` (the default)
     ``sample`` when every labelled cell has a sample id and there are at least as many samples
     as folds; otherwise ``cell``, with a one-line warning when sample ids exist but are too few.
