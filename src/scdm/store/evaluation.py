@@ -41,8 +41,7 @@ __all__ = [
     "task_results",
     "run_skipped",
     "record_tasks",
-    "forget_tasks_on_splits",
-    "forget_tasks_of_label_set",
+    "forget_tasks",
 ]
 
 
@@ -174,9 +173,7 @@ def _write(st: Store, rows: _Rows) -> None:
     ids = [t["task_id"] for t in rows.tasks]
     with st.catalog.transaction() as con:
         if ids:
-            # a task finished twice (two identical runs at once, or a rerun) keeps one copy
-            for table in ("eval_predictions", "eval_results", "eval_tasks"):
-                con.execute(f"DELETE FROM {table} WHERE list_contains(?, task_id)", [ids])
+            _delete_tasks(con, ids)  # a task finished twice (two identical runs at once, or a rerun) keeps one copy
             if rows.predictions:
                 st.catalog.insert_df("eval_predictions", pd.concat(rows.predictions, ignore_index=True), con)
             st.catalog.insert_df("eval_results", pd.DataFrame(rows.results), con)
@@ -285,37 +282,29 @@ def run_skipped(st: Store, run_id: str) -> pd.DataFrame:
     return st.query("SELECT * FROM skipped_tasks WHERE run_id = ?", [run_id])
 
 
-def forget_tasks_of_label_set(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str], label_set: str) -> int:
-    """Delete the tasks evaluated under ``label_set`` on these splits (store-internal, as below).
-
-    A split shared by label sets with the same labels is stored under the first name; the tasks of
-    the others carry their own name, and go when that label set's labels are replaced.
-    """
-    ids = list(split_ids)
-    if not ids:
-        return 0
-    where = "list_contains(?, split_id) AND list_contains(string_split(label_set, ','), ?)"
-    tasks = [r[0] for r in con.execute(f"SELECT task_id FROM eval_tasks WHERE {where}", [ids, label_set]).fetchall()]
-    for table in ("eval_predictions", "eval_results", "eval_tasks"):
-        con.execute(f"DELETE FROM {table} WHERE list_contains(?, task_id)", [tasks])
-    con.execute(f"DELETE FROM skipped_tasks WHERE {where}", [ids, label_set])
-    return len(tasks)
-
-
-def forget_tasks_on_splits(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str]) -> int:
-    """Delete every task evaluated on these splits, with its metrics, predictions and skip rows.
+def forget_tasks(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str], label_set: str | None = None) -> int:
+    """Delete the tasks evaluated on these splits (only those under ``label_set`` if given), with
+    their metrics, predictions and skip rows; returns how many tasks.
 
     Store-internal, inside the caller's transaction: used when the cells a split was made from
     changed (metadata rewritten, labels replaced, dataset removed), so that no result of the old
-    partition is read as one of the new. Returns the number of tasks deleted.
+    partition is read as one of the new. ``label_set``: a split shared by label sets with the same
+    labels is stored under the first name, and the tasks of the others carry their own name.
     """
     ids = list(split_ids)
     if not ids:
         return 0
-    row = con.execute("SELECT count(*) FROM eval_tasks WHERE list_contains(?, split_id)", [ids]).fetchone()
-    con.execute("DELETE FROM eval_predictions WHERE task_id IN "
-                "(SELECT task_id FROM eval_tasks WHERE list_contains(?, split_id))", [ids])
-    con.execute("DELETE FROM eval_results WHERE list_contains(?, split_id)", [ids])
-    con.execute("DELETE FROM eval_tasks WHERE list_contains(?, split_id)", [ids])
-    con.execute("DELETE FROM skipped_tasks WHERE list_contains(?, split_id)", [ids])
-    return int(row[0]) if row else 0
+    where, args = "list_contains(?, split_id)", list[Any]([ids])
+    if label_set is not None:
+        where += " AND list_contains(string_split(label_set, ','), ?)"
+        args.append(label_set)
+    tasks = [r[0] for r in con.execute(f"SELECT task_id FROM eval_tasks WHERE {where}", args).fetchall()]
+    _delete_tasks(con, tasks)
+    con.execute(f"DELETE FROM skipped_tasks WHERE {where}", args)
+    return len(tasks)
+
+
+def _delete_tasks(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> None:
+    """A task's rows in every table that holds them (inside the caller's transaction)."""
+    for table in ("eval_predictions", "eval_results", "eval_tasks"):
+        con.execute(f"DELETE FROM {table} WHERE list_contains(?, task_id)", [task_ids])

@@ -187,10 +187,9 @@ def _known_labels(response: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 def differing_cells(con: duckdb.DuckDBPyConnection, ls: LabelSet, response: pd.Series) -> np.ndarray:
     """Rows (sorted) where ``response`` (per cell, NA = unknown) differs from the stored label set."""
+    found = con.execute('SELECT "row", response FROM cell_labels WHERE label_set_id = ?', [ls.label_set_id]).fetchnumpy()
     stored = np.full(len(response), -1, dtype=np.int8)
-    for row, value in con.execute('SELECT "row", response FROM cell_labels WHERE label_set_id = ?', [ls.label_set_id]).fetchall():
-        if 0 <= int(row) < len(stored):
-            stored[int(row)] = int(value)
+    stored[np.asarray(found["row"], dtype=np.int64)] = np.asarray(found["response"], dtype=np.int8)  # rows < n: same content
     given = np.full(len(response), -1, dtype=np.int8)
     rows, values = _known_labels(response)
     given[rows] = values

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from scdm.store.errors import InputDataError, ScdmWarning
-from scdm.store.evaluation import forget_tasks_of_label_set, forget_tasks_on_splits
+from scdm.store.evaluation import forget_tasks
 
 if TYPE_CHECKING:
     import duckdb
@@ -737,7 +737,7 @@ def forget_label_set(con: duckdb.DuckDBPyConnection, dataset_id: str, label_set:
     under it, and its tasks on splits shared with other label sets (:func:`shared_partitions`)."""
     forgotten = forget_splits(con, stale_splits(con, dataset_id, label_set=label_set))
     theirs = con.execute("SELECT DISTINCT split_id FROM split_assignments WHERE dataset_id = ?", [dataset_id]).fetchall()
-    shared = forget_tasks_of_label_set(con, [r[0] for r in theirs], label_set)
+    shared = forget_tasks(con, [r[0] for r in theirs], label_set)
     return forgotten + ForgottenSplits(tasks=shared)
 
 
@@ -746,7 +746,7 @@ def forget_splits(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str]) -> F
     ids = list(split_ids)
     if not ids:
         return ForgottenSplits()
-    tasks = forget_tasks_on_splits(con, ids)
+    tasks = forget_tasks(con, ids)
     adapters = [r[0] for r in con.execute(
         "SELECT adapter_id FROM adapters WHERE list_contains(?, split_id) ORDER BY adapter_id", [ids]).fetchall()]
     for table in ("split_assignments", "split_folds", "splits"):
