@@ -1,0 +1,46 @@
+"""The checkpoint hash (an embedding's identity) covers every file the loaders read, linked folders too."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scdm.embedding.runner import checkpoint_hash
+from scdm.prompt.local import checkpoint_hash as prompt_checkpoint_hash
+
+
+def _uce_like_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkpoint whose protein_embeddings/ links a shared folder, as users do for large files."""
+    shared = tmp_path / "shared_proteins"
+    shared.mkdir()
+    (shared / "human.pt").write_bytes(b"A" * 64)
+    folder = tmp_path / "uce"
+    folder.mkdir()
+    (folder / "4layer_model.torch").write_bytes(b"weights")
+    os.symlink(shared, folder / "protein_embeddings")
+    (folder / "loop").mkdir()
+    os.symlink("..", folder / "loop" / "up")  # a link back to a parent is walked once, not forever
+    return folder, shared / "human.pt"
+
+
+@pytest.mark.parametrize("hash_of", [checkpoint_hash, prompt_checkpoint_hash], ids=["embedding", "prompt"])
+def test_a_file_in_a_linked_folder_changes_the_hash(tmp_path: Path, hash_of: Callable[[Path], str]) -> None:
+    folder, linked = _uce_like_folder(tmp_path)
+    before = hash_of(folder)
+    linked.write_bytes(b"B" * 64)  # same size: only the bytes differ
+    # the loader reads protein_embeddings/human.pt through the link: a stale embedding must not be reused
+    assert hash_of(folder) != before
+
+
+def test_a_linked_folder_hashes_as_a_copy_of_it(tmp_path: Path) -> None:
+    folder, linked = _uce_like_folder(tmp_path)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "4layer_model.torch").write_bytes(b"weights")
+    (copy / "protein_embeddings").mkdir()
+    (copy / "protein_embeddings" / "human.pt").write_bytes(linked.read_bytes())
+    (folder / "loop" / "up").unlink()
+    assert checkpoint_hash(folder) == checkpoint_hash(copy)
