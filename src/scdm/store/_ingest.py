@@ -139,12 +139,53 @@ def open_anndata(data: str | Path | ad.AnnData) -> tuple[ad.AnnData, str | None]
             "anndata.read_csv(...) / scanpy.read_10x_mtx(...) followed by adata.write_h5ad('data.h5ad')."
         )
         raise InputDataError(msg)
+    outside = _outside_references(path)
+    if outside:
+        msg = (f"{str(path)!r} reads data from outside itself: {'; '.join(outside[:3])}"
+               f"{f' (and {len(outside) - 3} more)' if len(outside) > 3 else ''}. The store keeps a copy of the file, "
+               "which must hold its own data: write a self-contained copy with "
+               "anndata.read_h5ad(path).write_h5ad(new_path) where those files are, and ingest that.")
+        raise InputDataError(msg)
     try:
         adata = ad.read_h5ad(path, backed="r")
     except Exception as err:  # anndata raises many types for malformed files
         msg = f"Could not read {str(path)!r} as AnnData: {err}. Is it an .h5ad written by anndata?"
         raise InputDataError(msg) from err
     return adata, str(path.resolve())
+
+
+def _outside_references(path: Path) -> list[str]:
+    """Where an HDF5 file takes data from other files: external links, external raw storage, virtual datasets.
+
+    anndata follows all three without a word, so an ``.h5ad`` can name any file its reader may
+    read (an upload to ``scdm serve`` could pull a server-side file into the catalog, where SQL
+    shows it), and the store's copy of it would change when those files do. None is written by
+    anndata itself. Unreadable files answer ``[]`` (the reader's own error is clearer).
+    """
+    import h5py
+
+    found: list[str] = []
+    try:
+        with h5py.File(path, "r") as f:
+            groups: list[Any] = [f]
+
+            def visit(name: str, obj: Any) -> None:  # every object reached by hard links, once
+                if isinstance(obj, h5py.Group):
+                    groups.append(obj)
+                elif obj.is_virtual:
+                    found.append(f"/{name} is a virtual dataset over {sorted({m.file_name for m in obj.virtual_sources()})}")
+                elif obj.external:
+                    found.append(f"/{name} is stored in {sorted({str(e[0]) for e in obj.external})}")
+
+            f.visititems(visit)
+            for group in groups:  # visititems does not report links that point to other files
+                for name in group:
+                    link = group.get(name, getlink=True)
+                    if isinstance(link, h5py.ExternalLink):
+                        found.append(f"{group.name.rstrip('/')}/{name} links to {link.filename}:{link.path}")
+    except OSError:
+        return []
+    return found
 
 
 def _is_hdf5(path: Path) -> bool:
