@@ -44,3 +44,22 @@ def test_a_linked_folder_hashes_as_a_copy_of_it(tmp_path: Path) -> None:
     (copy / "protein_embeddings" / "human.pt").write_bytes(linked.read_bytes())
     (folder / "loop" / "up").unlink()
     assert checkpoint_hash(folder) == checkpoint_hash(copy)
+
+
+def test_a_hub_llm_counts_the_added_tokens_its_tokenizer_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AutoTokenizer reads added_tokens.json: fetched and hashed for a Hub id, as in a local folder."""
+    import json
+
+    from scdm.embedding.hub import resolve_checkpoint
+    from scdm.embedding.models.llm import write_tiny_checkpoint
+    from tests.embed.test_hub import lay_out_hub_cache
+
+    local = write_tiny_checkpoint(tmp_path / "llm", genes=["TP53", "EGFR", "MYC"])
+    (local / "added_tokens.json").write_text(json.dumps({"TP53 EGFR": 9999}))  # changes how a cell sentence tokenises
+    cache = tmp_path / "hf-cache"
+    lay_out_hub_cache(cache, "tiny-org/tiny-llm", local)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve_checkpoint("tiny-org/tiny-llm", "llm")
+    assert resolved.files is not None and "added_tokens.json" in resolved.files
+    assert checkpoint_hash(resolved) == checkpoint_hash(local)

@@ -88,7 +88,7 @@ class LLMAdapter(Adapter):
     requires_counts = False
     checkpoint_files = ("config.json", "tokenizer.json")
     # --checkpoint org/name: what AutoTokenizer/AutoModel read, the weights in one format (and their shard index)
-    hub_patterns = (*checkpoint_files, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    hub_patterns = (*checkpoint_files, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
                     "model.safetensors.index.json|pytorch_model.bin.index.json", "|".join(WEIGHT_PATTERNS))
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
     default_batch_size = 8
