@@ -19,11 +19,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from scdm.store.errors import InputDataError, ScdmError
 
 __all__ = ["Reply", "Backend", "OpenAIBackend", "TransientError", "PromptRequestError", "RESPONSE_FORMATS",
-           "answer_schema", "resolve_api_key", "estimate_tokens"]
+           "answer_schema", "resolve_api_key", "estimate_tokens", "without_password"]
 
 RESPONSE_FORMATS = ("json_object", "json_schema", "text")
 """json_object: JSON mode; json_schema: structured output with :func:`answer_schema`; text: no constraint."""
@@ -110,6 +111,19 @@ def answer_schema() -> dict[str, Any]:
             "additionalProperties": False}
 
 
+def without_password(url: str) -> str:
+    """``url`` with the password of its user part masked (``http://user:***@host/v1``).
+
+    The endpoint is recorded in the catalog (prompt_requests, the run's config), which ``scdm sql``,
+    the server's SQL console and its results show; a password in the URL must not go there.
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
+
+
 def resolve_api_key(api_key_env: str, base_url: str | None) -> str:
     """The API key from ``$api_key_env``; local endpoints (a ``base_url``) work without one."""
     key = os.environ.get(api_key_env)
@@ -173,7 +187,7 @@ class OpenAIBackend(Backend):
             msg = "The openai backend needs the official client: pip install 'scdm[prompt]' (or pip install openai)."
             raise InputDataError(msg) from err
         self.model = model
-        self.endpoint = base_url or "https://api.openai.com/v1"
+        self.endpoint = without_password(base_url or "https://api.openai.com/v1")  # recorded in the catalog
         self.temperature, self.seed, self.max_tokens = float(temperature), seed, int(max_tokens)
         self.response_format, self.logprobs, self.top_logprobs = response_format, bool(logprobs), int(top_logprobs)
         key = api_key or resolve_api_key(api_key_env, base_url)
