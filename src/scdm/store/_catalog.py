@@ -909,6 +909,7 @@ class Catalog:
             self.check_schema(scdm_version)
             return
         with self.transaction() as con:
+            self._refuse_macros(con)  # first: the migrations' own statements call now()
             con.execute(
                 "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name VARCHAR, "
                 "applied_at TIMESTAMP, scdm_version VARCHAR)"
@@ -930,6 +931,7 @@ class Catalog:
     def check_schema(self, scdm_version: str) -> None:
         """For a read-only catalog: refuse one that is newer than this scdm or needs a migration."""
         with self.connect(read_only=True) as con:
+            self._refuse_macros(con)
             try:
                 done = {r[0] for r in con.execute("SELECT version FROM migrations").fetchall()}
             except duckdb.CatalogException:
@@ -945,6 +947,24 @@ class Catalog:
                 "then read-only use works."
             )
             raise StoreReadOnlyError(msg)
+
+    def _refuse_macros(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Refuse a catalog holding SQL macros: scdm never creates one, and a macro named like a built-in
+        (``now``, ``avg``) replaces it in every statement scdm runs on the file.
+
+        A store may be shared: a macro planted by anyone who may write the file would run in every
+        other user's write connections, which can read their files (and the network); in reads it
+        would change the numbers shown.
+        """
+        found = con.execute("SELECT schema_name, function_name FROM duckdb_functions() "
+                            "WHERE database_name = current_database() AND NOT internal ORDER BY ALL").fetchall()
+        if found:
+            names = ", ".join(f"{schema}.{name}" for schema, name in found)
+            msg = (f"The catalog {str(self.path)!r} holds SQL macros ({names}), which scdm never creates: someone who "
+                   "may write this store added them, and scdm would run them in its own statements. Nothing was "
+                   "read or written. Have the store's owner remove them (DROP MACRO ...) or restore the catalog "
+                   "from a backup.")
+            raise StoreFormatError(msg)
 
     def _refuse_newer(self, con: duckdb.DuckDBPyConnection, done: set[int], scdm_version: str) -> None:
         newest = max(done, default=0)
