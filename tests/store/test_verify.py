@@ -251,6 +251,8 @@ def edit_metadata(array: Path, how: str) -> None:
         meta["shape"][0] = 96
     elif how == "dtype":
         meta["data_type"] = "int32"
+    elif how == "codec":  # a codec zarr-python does not register (numcodecs' pickle would run code): refused, not opened
+        meta["codecs"].append({"name": "numcodecs.pickle", "configuration": {}})
     else:  # one column fewer
         meta["shape"][1] -= 1
         meta["chunk_grid"]["configuration"]["chunk_shape"][1] -= 1
@@ -258,7 +260,8 @@ def edit_metadata(array: Path, how: str) -> None:
 
 
 METADATA = {"rows": "shape (96, 5) where the catalog records (108, 5)", "dtype": "data type int32 where the catalog records float32",
-            "dim": "chunk shape (16, 4) where the catalog records (16, 5)", "deleted": "is missing"}
+            "dim": "chunk shape (16, 4) where the catalog records (16, 5)", "deleted": "is missing",
+            "codec": "names a codec 'numcodecs.pickle' that this zarr cannot decode"}
 """What the report says of each edit of :func:`edit_metadata`."""
 
 

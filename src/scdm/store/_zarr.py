@@ -388,7 +388,23 @@ def _spec_problem(meta: Mapping[str, Any], spec: ArraySpec) -> str | None:
         return f"has no readable shape, data type or chunk shape ({type(err).__name__}: {err})"
     want = spec.wanted()
     wrong = [f"{name} {found[name]} where the catalog records {want[name]}" for name in want if found[name] != want[name]]
-    return f"disagrees with the catalog: it says {'; '.join(wrong)}" if wrong else None
+    if wrong:
+        return f"disagrees with the catalog: it says {'; '.join(wrong)}"
+    return _codec_problem(meta)
+
+
+def _codec_problem(meta: Mapping[str, Any]) -> str | None:
+    """A codec zarr-python cannot decode (an edited file: scdm writes bytes, zstd or blosc), else None."""
+    from zarr.registry import get_codec_class
+
+    codecs = meta.get("codecs", [])
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs] if isinstance(codecs, list) else [codecs]
+    for name in names:
+        try:
+            get_codec_class(str(name))
+        except KeyError:
+            return f"names a codec {name!r} that this zarr cannot decode"
+    return None
 
 
 def metadata_problem(location: ArrayLocation, spec: ArraySpec) -> str | None:
