@@ -374,10 +374,34 @@ def test_half_precision_weights_only_for_cuda_autocast_runs(folder: Path, adapte
     assert half.params() == adapter.params()  # the runner records the weights' dtype beside params()
     half.load("cpu")  # the cast does not depend on the device: checked here on the CPU
     dtypes = {n: p.dtype for n, p in half.model.named_parameters()}
-    assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}
-    assert {d for n, d in dtypes.items() if "norm" not in n} == {torch.bfloat16}
+    in_float32 = ("norm", "token_emb.mlp")  # token_emb.mlp/mlp2 take the expression value in float32
+    assert {d for n, d in dtypes.items() if any(k in n for k in in_float32)} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not any(k in n for k in in_float32)} == {torch.bfloat16}
     half.prepare(DATASET_GENES, gene_id_kind="symbol")
     batch = adapter.collate(adapter.tokenize(_counts(), np.arange(6)))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, full = half.embed(batch), adapter.embed(batch)
     assert got.dtype == torch.float32 and (got - full).abs().max() <= 5e-2 * full.abs().max()  # bf16 rounding, not other numbers
+
+
+@pytest.mark.parametrize("weights", [None, "bf16"])
+def test_bf16_autocast_does_not_round_the_expression_values(tmp_path: Path, weights: str | None) -> None:
+    # The value enters token_emb.mlp (Linear 1 -> 100 bins) as a scalar: rounded to bf16 (8 mantissa bits) it
+    # loses differences a trained, sharp auto-discretisation separates (was 8 % relative error here, now 0.4 %).
+    folder = write_tiny_checkpoint(tmp_path, genes=MODEL_GENES, seed=2, bin_num=100)
+
+    def embed(precision: str | None, autocast: bool) -> torch.Tensor:
+        model = ScFoundationAdapter(checkpoint=folder)
+        model.weight_precision = precision  # what configure_precision sets on CUDA; the cast is device-independent
+        model.load("cpu")
+        with torch.no_grad():  # sharper bins, as training makes them
+            model.model.token_emb.mlp.weight.mul_(10)
+            model.model.token_emb.mlp2.weight.mul_(3)
+        model.prepare(DATASET_GENES, gene_id_kind="symbol")
+        batch = model.collate(model.tokenize(_counts(), np.arange(6)))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model.embed(batch).float()
+
+    full, bf16 = embed(None, autocast=False), embed(weights, autocast=True)
+    relative = (bf16 - full).norm(dim=1) / full.norm(dim=1)
+    assert relative.max() < 0.02

@@ -76,19 +76,21 @@ def half_dtype(precision: str | None) -> torch.dtype | None:
     return None if precision is None else HALF_DTYPES[precision]
 
 
-def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype | None, *, keep: tuple[torch.nn.Module, ...] = ()) -> torch.nn.Module:
     """Cast the floating-point parameters of ``model`` to ``dtype`` in place, normalisation layers excepted.
 
     For inference under autocast of the same dtype: the matrix products already run in ``dtype``
     (autocast casts fp32 weights on every use), so only embedding tables and additive parameters
     round differently. Normalisation layers keep float32 parameters: autocast computes them in
     float32 anyway, and they are tiny. Buffers (positional tables, masks) are left as they are.
-    ``dtype=None`` leaves the model unchanged.
+    ``dtype=None`` leaves the model unchanged. Modules in ``keep`` (and their children) stay float32
+    too: those an adapter runs in float32 outside autocast.
     """
     if dtype is None:
         return model
+    kept = {id(sub) for module in keep for sub in module.modules()}
     for module in model.modules():
-        if isinstance(module, NORM_LAYERS):
+        if isinstance(module, NORM_LAYERS) or id(module) in kept:
             continue
         for param in module.parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:
