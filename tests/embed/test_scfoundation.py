@@ -164,6 +164,13 @@ def test_bad_tgthighres_is_refused(folder: Path) -> None:
         ScFoundationAdapter(checkpoint=folder, tgthighres="x4")
 
 
+@pytest.mark.parametrize("tgthighres", ["f0", "f-1", "tinf", "tnan", "a-inf", "fnan", 4])
+def test_tgthighres_without_a_finite_target_is_refused_up_front(folder: Path, tgthighres: object) -> None:
+    # were: a bare "math domain error" ValueError mid-run (f0, f-1), NaN embeddings (inf/nan), a TypeError (4)
+    with pytest.raises(InputDataError, match="tgthighres"):
+        ScFoundationAdapter(checkpoint=folder, tgthighres=tgthighres)  # type: ignore[arg-type]
+
+
 def test_max_pooling(folder: Path, adapter: ScFoundationAdapter) -> None:
     pooled = ScFoundationAdapter(checkpoint=folder, pool_type="max")
     pooled.load("cpu")

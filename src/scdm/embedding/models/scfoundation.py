@@ -483,13 +483,17 @@ class ScFoundationAdapter(Adapter):
 
 def _parse_tgthighres(tgthighres: str) -> Any:
     """``'t4'`` -> total -> 4.0; ``'f1'`` -> log10(total * 1); ``'a5'`` -> log10(total) + 5."""
-    kind, number = tgthighres[:1], tgthighres[1:]
+    kind, number = (tgthighres[:1], tgthighres[1:]) if isinstance(tgthighres, str) else ("", "")
     try:
         amount = float(number)
     except ValueError:
         amount = None
-    if kind not in ("t", "f", "a") or amount is None:
-        msg = f"tgthighres={tgthighres!r} must be 't<value>', 'f<fold>' or 'a<addition>' (e.g. 't4', the default for cell embeddings)."
+    if kind not in ("t", "f", "a") or amount is None or not math.isfinite(amount):
+        msg = (f"tgthighres={tgthighres!r} must be 't<value>', 'f<fold>' or 'a<addition>' with a finite number "
+               "(e.g. 't4', the default for cell embeddings).")
+        raise InputDataError(msg)
+    if kind == "f" and amount <= 0:  # T = log10(total * fold): undefined for a fold <= 0
+        msg = f"tgthighres={tgthighres!r}: the fold of 'f<fold>' must be > 0 (T = log10(total count x fold)), e.g. 'f1'."
         raise InputDataError(msg)
     if kind == "t":
         return lambda total: amount
