@@ -458,3 +458,12 @@ def test_half_precision_weights_only_for_cuda_autocast_runs(ckpt_v1, symbols) ->
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, expected = half.embed(batch), full.embed(batch)
     assert got.dtype == torch.float32 and (got - expected).abs().max() <= 2e-2 * expected.abs().max()  # bf16 rounding only
+
+
+@pytest.mark.parametrize("option", [{"layer": 1.5}, {"layer": True}, {"layer": "1"}, {"max_length": 64.0}])
+def test_non_integer_layer_or_length_is_refused_with_a_message(ckpt_v1: Path, option: dict) -> None:
+    # were: TypeError tracebacks at load (a float slice index, '>=' between str and int, a transformers
+    # validation error for a bool)
+    with pytest.raises(InputDataError, match=next(iter(option))):
+        adapter = GeneformerAdapter(ckpt_v1, **option)
+        adapter.load("cpu")

@@ -452,3 +452,10 @@ def test_half_precision_weights_only_for_cuda_autocast_runs(folder: Path, adapte
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, full = half.embed(batch), adapter.embed(batch)
     assert got.dtype == torch.float32 and (got - full).abs().max() <= 2e-2  # bf16 rounding, not other numbers
+
+
+@pytest.mark.parametrize("max_length", [1200.5, "1200", True])
+def test_non_integer_max_length_is_refused_not_truncated(folder: Path, max_length: object) -> None:
+    # max_length=1200.5 became 1200 silently (int())
+    with pytest.raises(InputDataError, match="max_length"):
+        ScGPTAdapter(checkpoint=folder, max_length=max_length)  # type: ignore[arg-type]

@@ -529,3 +529,10 @@ def test_half_precision_weights_only_for_cuda_autocast_runs(folder: Path, adapte
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, full = half.embed(batch), adapter.embed(batch)
     assert got.dtype == torch.float32 and (got - full).abs().max() <= 2e-2  # bf16 rounding, not other numbers
+
+
+@pytest.mark.parametrize("option", [{"sample_size": 1.5}, {"sample_size": "1024"}, {"nhead": 20.0}, {"nhead": True}])
+def test_non_integer_sizes_are_refused_not_truncated(folder: Path, option: dict) -> None:
+    # sample_size=1.5 became 1 silently (int()), and a string size was accepted
+    with pytest.raises(InputDataError, match=next(iter(option))):
+        UCEAdapter(checkpoint=folder, **option)

@@ -10,7 +10,7 @@ import torch
 
 from scdm.store.errors import InputDataError
 
-__all__ = ["check_expression", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
+__all__ = ["check_expression", "require_int_param", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
 
 
 def check_expression(x: sp.csr_matrix, model: str) -> None:
@@ -26,6 +26,15 @@ def check_expression(x: sp.csr_matrix, model: str) -> None:
             "log-normalised values."
         )
         raise InputDataError(msg)
+
+
+def require_int_param(model: str, name: str, value: Any, *, minimum: int | None = None) -> int:
+    """``value`` as an int, or a clear error: a float (``--param layer=1.5``), bool or string is not silently cast."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        msg = f"{model} {name}={value!r} must be an integer{bound}."
+        raise InputDataError(msg)
+    return int(value)
 
 
 def aggregation_matrix(column_of_gene: np.ndarray, n_columns: int) -> sp.csr_matrix:

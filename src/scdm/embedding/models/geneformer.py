@@ -51,7 +51,14 @@ from scdm.embedding._adapter import (
     require_matches,
 )
 from scdm.embedding._safe_load import load_pickle
-from scdm.embedding.models._common import aggregation_matrix, dtype_argument, half_dtype, hold_weights_in, masked_mean
+from scdm.embedding.models._common import (
+    aggregation_matrix,
+    dtype_argument,
+    half_dtype,
+    hold_weights_in,
+    masked_mean,
+    require_int_param,
+)
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import detect_gene_id_kind, gene_table, map_genes
 
@@ -328,9 +335,9 @@ class GeneformerAdapter(Adapter):
         max_length: int | None = None,
     ) -> None:
         super().__init__(checkpoint, seed=seed)
-        self.layer = layer
+        self.layer = require_int_param("geneformer", "layer", layer)
         self.pooling = pooling
-        self.max_length = max_length
+        self.max_length = None if max_length is None else require_int_param("geneformer", "max_length", max_length, minimum=1)
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def check_checkpoint(self) -> None:

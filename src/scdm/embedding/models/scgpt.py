@@ -72,7 +72,7 @@ from scdm.embedding._adapter import (
     require_matches,
 )
 from scdm.embedding._safe_load import load_torch_file
-from scdm.embedding.models._common import half_dtype, hold_weights_in
+from scdm.embedding.models._common import half_dtype, hold_weights_in, require_int_param
 from scdm.store.errors import CheckpointError, InputDataError
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ class ScGPTAdapter(Adapter):
         self, checkpoint: str | Path | None = None, *, seed: int = 0, max_length: int = 1200, reference_quirks: bool = False
     ) -> None:
         super().__init__(checkpoint, seed=seed)
-        if int(max_length) < 2:
+        if require_int_param("scgpt", "max_length", max_length) < 2:
             msg = f"max_length={max_length} leaves no room for genes after <cls>; use at least 2 (scGPT default 1200)."
             raise InputDataError(msg)
         if not isinstance(reference_quirks, bool):

@@ -88,7 +88,7 @@ from scdm.embedding._adapter import (
     require_matches,
 )
 from scdm.embedding._safe_load import load_pickle, load_torch_file
-from scdm.embedding.models._common import half_dtype, hold_weights_in
+from scdm.embedding.models._common import half_dtype, hold_weights_in, require_int_param
 from scdm.store.errors import CheckpointError, InputDataError
 
 if TYPE_CHECKING:
@@ -345,13 +345,13 @@ class UCEAdapter(Adapter):
         if species not in SPECIES_FILES:
             msg = f"species={species!r} has no UCE protein embeddings; use one of {', '.join(SPECIES_FILES)}."
             raise InputDataError(msg)
-        if int(sample_size) < 1:
+        if require_int_param("uce", "sample_size", sample_size) < 1:
             msg = f"sample_size={sample_size} must be at least 1 (UCE default 1024)."
             raise InputDataError(msg)
         self.variant = variant
         self.species = species
         self.sample_size = int(sample_size)
-        self.nhead = int(nhead)
+        self.nhead = require_int_param("uce", "nhead", nhead, minimum=1)
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._vocab: pd.DataFrame | None = None
         self._genes: dict[str, np.ndarray] | None = None  # per dataset column: token, chrom, start, matched
