@@ -45,3 +45,34 @@ def test_cells_expressing_no_known_gene_are_refused_or_kept_when_allowed(model, 
         embed(st, name, model, checkpoint, batch_size=4, progress=False)
     kept = embed(st, name, model, checkpoint, batch_size=4, progress=False, allow_empty_cells=True)
     assert np.isfinite(st.read_embedding(kept.embedding_id)).all()
+
+
+def test_stored_zeros_at_known_genes_do_not_count_as_expressed() -> None:
+    from scdm.embedding._adapter import check_cells_known
+
+    # row 1: explicitly stored zeros at known genes 0 and 1, counts only at the unknown gene 4
+    x = sp.csr_matrix((np.array([3, 0, 0, 7], dtype=np.float32), np.array([0, 0, 1, 4]), np.array([0, 1, 4])), shape=(2, 5))
+    with pytest.raises(InputDataError, match=r"rows 1 \(1 in all\) express none of the genes the model knows"):
+        check_cells_known(x, np.array([0, 1, 2]), np.arange(2), "geneformer")
+
+
+def test_a_file_with_stored_zeros_at_known_genes_is_refused_not_embedded_as_cls_eos(unknown_only, tmp_path) -> None:
+    # An h5ad keeps explicit zeros (e.g. after X.data[X.data < 2] = 0) and the store copies it as is:
+    # cell 1's stored zeros at vocabulary genes made it pass, and Geneformer V2 stored <cls><eos> alone.
+    from scdm.embedding.models.geneformer import write_tiny_checkpoint
+
+    path, vocabulary = unknown_only
+    adata = ad.read_h5ad(path)
+    x = sp.csr_matrix(adata.X)
+    rows = [x[2]] + [x[i] for i in range(1, x.shape[0])]  # cell 0: an ordinary cell
+    # cell 1: stored zeros at the vocabulary genes 0 and 5, counts only at genes the model does not know
+    rows[1] = sp.csr_matrix((np.array([0, 0, 9, 9, 9, 9], dtype=x.dtype), np.array([0, 5, 21, 22, 23, 24]), np.array([0, 6])),
+                            shape=(1, x.shape[1]))
+    adata.X = sp.vstack(rows, format="csr")
+    assert adata.X[1].nnz == 6  # the zeros are stored
+    adata.write_h5ad(tmp_path / "stored_zeros.h5ad")
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", genes=vocabulary, seed=1, version=2)
+    st = Store(tmp_path / "store")
+    name = st.ingest(tmp_path / "stored_zeros.h5ad").name
+    with pytest.raises(InputDataError, match=r"rows 1 \(1 in all\) express none of the genes the model knows"):
+        embed(st, name, "geneformer", checkpoint, batch_size=4, progress=False)

@@ -324,7 +324,8 @@ def check_cells_known(x: sp.csr_matrix, known_columns: np.ndarray | None, rows: 
     """
     if known_columns is None:
         return 0
-    empty = np.flatnonzero(x[:, known_columns].getnnz(axis=1) == 0)
+    # expressed_genes, not getnnz: a file may store explicit zeros (kept by ingest), which are no expression
+    empty = np.flatnonzero(expressed_genes(x[:, known_columns]) == 0)
     if empty.size and not allow_empty_cells:
         raise InputDataError(_empty_cells_message(model, np.asarray(rows)[empty], "express none of the genes the model knows"))
     return int(empty.size)
