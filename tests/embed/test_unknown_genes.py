@@ -34,7 +34,7 @@ def unknown_only(tmp_path_factory) -> tuple[Path, list[str]]:
     return folder / "cells.h5ad", adata.var_names.tolist()[::5]
 
 
-@pytest.mark.parametrize(("model", "ckpt"), [("geneformer", {"version": 2}), ("scbert", {}), ("celllm", {})])
+@pytest.mark.parametrize(("model", "ckpt"), [("geneformer", {"version": 2}), ("scbert", {}), ("celllm", {}), ("cellplm", {})])
 def test_cells_expressing_no_known_gene_are_refused_or_kept_when_allowed(model, ckpt, unknown_only, tmp_path):
     path, vocabulary = unknown_only
     module = importlib.import_module(f"scdm.embedding.models.{model}")

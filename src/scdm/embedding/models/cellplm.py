@@ -564,6 +564,8 @@ class CellPLMAdapter(Adapter):
         require_matches(audit, self.name, min_genes=1)
         self._cols = np.asarray(cols, dtype=np.int64)
         self._model_idx = np.asarray(model_idx, dtype=np.int64)
+        # a cell without them embeds as an empty gene bag: one constant vector (plus its batch mates' influence)
+        self.known_columns_ = self._cols
         return audit
 
     def tokenize(self, x: sp.csr_matrix, rows: np.ndarray) -> list[dict[str, np.ndarray]]:
