@@ -211,3 +211,27 @@ def test_a_cuda_run_other_than_bf16_records_the_bf16_weights_it_computes_with(ck
         adapter = LLMAdapter(ckpt)
         assert adapter.configure_precision("cuda:1", precision) == {"weights": "bf16"}
         assert adapter.weight_precision == "bf16"
+
+
+def test_a_cell_expressing_no_gene_with_a_symbol_is_refused(ckpt, symbols, tmp_path) -> None:
+    """Its cell sentence would be empty: the bare template's vector, the same for every such cell."""
+    import anndata as ad
+
+    from scdm.embedding.runner import embed
+    from scdm.store import Store
+
+    genes = [*symbols[:20], "NOT_A_GENE_1", "NOT_A_GENE_2"]
+    dense = _counts(6, len(genes)).toarray()
+    dense[0] = 0
+    dense[0, -2:] = 4  # only genes the gene table does not know
+    dense[1:, -2:] = 0
+    dense[1:, 0] += 1
+    adata = ad.AnnData(X=sp.csr_matrix(dense))
+    adata.var_names = genes
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    st = Store(tmp_path / "store")
+    name = st.ingest(tmp_path / "cells.h5ad").name
+    with pytest.raises(InputDataError, match=r"rows 0 \(1 in all\) express none of the genes the model knows"):
+        embed(st, name, "llm", ckpt, batch_size=4, progress=False)
+    kept = embed(st, name, "llm", ckpt, batch_size=4, progress=False, allow_empty_cells=True)
+    assert np.isfinite(st.read_embedding(kept.embedding_id)).all()

@@ -232,6 +232,8 @@ class LLMAdapter(Adapter):
         require_matches(audit, self.name)
         self.aggregator_ = aggregation_matrix(column_of_gene, len(column_symbols))
         self.column_symbols_ = np.array(column_symbols, dtype=object)
+        # a cell without them becomes the bare template (BOS + prompt): one constant, non-zero vector
+        self.known_columns_ = np.flatnonzero(used)
         logger.info("llm: %d of %d genes have an official symbol.", audit.n_matched, audit.n_input_genes)
         return audit
 
