@@ -1,7 +1,8 @@
 """Human gene identifiers: detect the id kind of a gene list and map between kinds.
 
 The mapping table ships with the package (``store/_data/human_genes.tsv.gz``: NCBI Gene
-2022-09-12 via Bioconductor org.Hs.eg.db 3.16.0, columns entrez, symbol, ensembl). Nothing is
+2022-09-12 via Bioconductor org.Hs.eg.db 3.16.0, columns entrez, symbol, ensembl), with the
+mitochondrial genes renamed to their HGNC symbols (:data:`MITOCHONDRIAL_SYMBOLS`). Nothing is
 ever looked up on the network. Models that take Ensembl ids (Geneformer, CellPLM) and models that
 take HGNC symbols (scGPT, tGPT, UCE, scBERT, scFoundation) both go through :func:`map_genes`.
 """
@@ -23,6 +24,7 @@ from scdm.store.errors import InputDataError
 __all__ = [
     "GeneIdKind",
     "GENE_ID_KINDS",
+    "MITOCHONDRIAL_SYMBOLS",
     "as_gene_id_kind",
     "gene_table",
     "gene_table_version",
@@ -55,13 +57,32 @@ def gene_table() -> pd.DataFrame:
 
     raw = gzip.decompress(_table_bytes())
     table = pd.read_csv(io.BytesIO(raw), sep="\t", dtype=str, keep_default_na=False)
+    hgnc = table["entrez"].map(MITOCHONDRIAL_SYMBOLS)
+    table["symbol"] = hgnc.where(hgnc.notna(), table["symbol"])
     return table
+
+
+MITOCHONDRIAL_SYMBOLS: dict[str, str] = {
+    "4508": "MT-ATP6", "4509": "MT-ATP8", "4512": "MT-CO1", "4513": "MT-CO2", "4514": "MT-CO3", "4519": "MT-CYB",
+    "4535": "MT-ND1", "4536": "MT-ND2", "4537": "MT-ND3", "4538": "MT-ND4", "4539": "MT-ND4L", "4540": "MT-ND5",
+    "4541": "MT-ND6", "4549": "MT-RNR1", "4550": "MT-RNR2", "4511": "MT-TC", "4553": "MT-TA", "4555": "MT-TD",
+    "4556": "MT-TE", "4558": "MT-TF", "4563": "MT-TG", "4564": "MT-TH", "4565": "MT-TI", "4566": "MT-TK",
+    "4567": "MT-TL1", "4568": "MT-TL2", "4569": "MT-TM", "4570": "MT-TN", "4571": "MT-TP", "4572": "MT-TQ",
+    "4573": "MT-TR", "4574": "MT-TS1", "4575": "MT-TS2", "4576": "MT-TT", "4577": "MT-TV", "4578": "MT-TW",
+    "4579": "MT-TY",
+}
+"""HGNC symbols of the mitochondrial genes, by Entrez id. NCBI Gene names them ``COX1``, ``ND4``,
+``CYTB``, ``TRNC``..., but count matrices and every model vocabulary use HGNC's ``MT-CO1``,
+``MT-ND4``, ``MT-CYB``, ``MT-TC``: with NCBI's names a symbol dataset's ``MT-`` genes would map
+to nothing (lost to Ensembl-keyed models) and Ensembl ids would map to symbols no symbol-keyed
+model knows (or, for ``COX1``, the alias of another gene, PTGS1)."""
 
 
 @lru_cache(maxsize=1)
 def gene_table_version() -> str:
-    """Short content hash of the shipped table; part of every embedding's parameters."""
-    return hashlib.blake2b(_table_bytes(), digest_size=6).hexdigest()
+    """Short content hash of the shipped table and of the corrections applied to it; part of every embedding's parameters."""
+    corrections = "".join(f"{k}={v};" for k, v in sorted(MITOCHONDRIAL_SYMBOLS.items())).encode()
+    return hashlib.blake2b(_table_bytes() + corrections, digest_size=6).hexdigest()
 
 
 def strip_ensembl_version(ids: Sequence[str]) -> list[str]:

@@ -1,0 +1,28 @@
+"""The shipped gene table maps the mitochondrial genes under the names count matrices and models use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+
+from scdm.store.genes import gene_table, map_genes
+
+PC9 = Path(__file__).resolve().parents[1] / "data" / "PC9_erlotinib_subsample300.h5ad"
+
+
+def test_the_mt_genes_of_a_real_matrix_map_to_ensembl_and_back() -> None:
+    """NCBI calls MT-CO1 "COX1" (an alias of PTGS1): with that name every MT- gene of a matrix was lost."""
+    mt = [g for g in ad.read_h5ad(PC9, backed="r").var_names if g.startswith("MT-")]
+    assert len(mt) >= 13
+    ensembl = map_genes(mt, src="symbol", dst="ensembl")
+    coding = [g for g, e in zip(mt, ensembl) if e is not None]
+    assert {"MT-CO1", "MT-CYB", "MT-ND4L", "MT-ATP8"} <= set(coding)
+    assert list(map_genes(map_genes(coding, src="symbol", dst="ensembl"), src="ensembl", dst="symbol")) == coding
+
+
+def test_ensembl_ids_of_mt_genes_map_to_hgnc_symbols() -> None:
+    assert list(map_genes(["ENSG00000198804", "ENSG00000198727", "ENSG00000198886"], src="ensembl", dst="symbol")) == [
+        "MT-CO1", "MT-CYB", "MT-ND4"]
+    assert map_genes(["COX1"], src="symbol", dst="ensembl")[0] is None
+    assert not gene_table()["symbol"].isin(["COX1", "ND1", "CYTB", "TRNC"]).any()
