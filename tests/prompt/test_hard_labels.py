@@ -45,8 +45,10 @@ def test_task_outcome_passes_hard_only_and_extra_flags(tmp_path) -> None:
     assert default.metrics()["auroc"] == 1.0 and not default.hard_only and default.extra_flags == ()
     from scdm.store import Store
     from scdm.store.evaluation import record_tasks
+    from scdm.store.splits import save_splits
 
     st = Store(tmp_path / "store")
+    save_splits(st, [split])  # a task is stored on a stored split only
     record_tasks(st, [out], {"test": True}, scdm_version="test", seconds=0.0)
     flags = st.query("SELECT flags FROM eval_tasks")["flags"].iloc[0]
     assert flags.split(",") == [NO_SCORES, "unanswered=2"]

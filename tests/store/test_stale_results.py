@@ -115,3 +115,46 @@ def test_a_removed_dataset_takes_its_results_along(tmp_path):
     embed(st, "A375", "pca", n_comps=8, progress=False)
     _evaluate(st, scenarios=["pooled"], split_scheme="cell")
     assert len(leaderboard(st, metrics=["auroc"])) == 1  # only the current data's result
+
+
+def _change_during_first_task(st: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """Relabel or remove the dataset right after the run stored its first task (another process would)."""
+    from scdm.store import evaluation
+
+    real_add, seen = evaluation.ResultWriter.add, []
+
+    def add(writer: evaluation.ResultWriter, out: evaluation.TaskOutcome) -> None:
+        real_add(writer, out)
+        seen.append(out)
+        if len(seen) == 1:
+            writer.flush()
+            if change == "remove":
+                st.remove_dataset("A375")
+            else:
+                st.ingest(_a375(tmp_path, "relabelled", flip=60), name="A375", label_key="response_PLX4720", update=True)
+
+    monkeypatch.setattr(evaluation.ResultWriter, "add", add)
+
+
+@pytest.mark.parametrize("change", ["relabel", "remove"])
+def test_a_run_stores_no_result_of_cells_changed_while_it_fitted(tmp_path, monkeypatch, change):
+    st, _ = _store(tmp_path)
+    _change_during_first_task(st, tmp_path, monkeypatch, change)
+    summary = evaluate(st, heads=["ridge", "logreg"], by=["all"], folds=3, scenarios=["pooled"], split_scheme="cell",
+                       silent=True)
+    # fitted on the old labels after the cleanup: stored, they would print beside the new results
+    assert _counts(st) == (0, 0, 0)
+    assert summary.results.empty
+    # one task stored before the change (which then removed it); the five fitted after are not counted
+    assert summary.n_done == 1 == int(st.query("SELECT n_done FROM eval_runs")["n_done"].iloc[0])
+
+
+def test_a_run_stops_before_the_next_space_when_its_cells_changed(tmp_path, monkeypatch):
+    st, _ = _store(tmp_path)
+    embed(st, "A375", "pca", n_comps=4, progress=False)  # a second space, evaluated after the change
+    _change_during_first_task(st, tmp_path, monkeypatch, "relabel")
+    with pytest.raises(InputDataError, match="changed .* while this run evaluated them.*again"):
+        evaluate(st, heads=["ridge"], by=["all"], folds=3, scenarios=["pooled"], split_scheme="cell", silent=True)
+    # the second space's splits were planned on the old labels: neither they nor their results are stored
+    assert _counts(st) == (0, 0, 0)
+    assert st.query("SELECT status FROM eval_runs")["status"].tolist() == ["failed"]

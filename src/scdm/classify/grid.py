@@ -57,6 +57,7 @@ from scdm.store.errors import (
     EmbeddingIncompleteError,
     EmbeddingNotFoundError,
     InputDataError,
+    ScdmError,
 )
 from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions
 
@@ -555,6 +556,7 @@ def evaluate(
 
             pool = RayGrid(ray_address)
         for space in spaces:
+            _check_cells_unchanged(st, space, label_set, pair_folds_with)
             save_splits(st, space.splits)
             space.splits = shared_partitions(st, space.splits)  # tasks of a shared partition report the label set asked
             tasks, skipped = _plan(space, heads, head_params)
@@ -604,6 +606,7 @@ def evaluate(
         if pool is not None:
             pool.close()
     seconds = time.perf_counter() - started
+    n_done -= writer.n_dropped  # fitted, but their split went meanwhile: not stored
     records.finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(all_ids), n_done=n_done,
                        n_reused=n_reused, n_skipped=n_skipped)
     results = records.task_results(st, all_ids)
@@ -614,6 +617,22 @@ def evaluate(
     return EvalSummary(run_id=run_id, n_tasks=len(all_ids), n_done=n_done, n_reused=n_reused, n_skipped=n_skipped,
                        seconds=seconds, spaces=tuple(s.space_id for s in spaces), split_scheme=_schemes_used(spaces, split_scheme),
                        results=results, skipped=skipped_frame)
+
+
+def _check_cells_unchanged(st: Store, space: Space, label_set: str | None, pair_folds_with: str | None) -> None:
+    """Refuse to go on when another process relabelled, re-annotated or removed a space's cells after
+    this run read them: its planned splits would be saved again and scored on the old labels."""
+    if space.lora is not None or space.cells is None:
+        return
+    try:
+        now = _labelled_cells(st, space, label_set, pair_folds_with, warn=False)
+    except ScdmError:
+        now = None  # the dataset or label set went
+    if now is None or not now.equals(space.cells):
+        names = ", ".join(space.embeddings["dataset_name"])
+        msg = (f"The labels or metadata of {names} changed (or the dataset was removed) while this run evaluated "
+               "them; the results stored so far are kept. Run the same command again to evaluate the new data.")
+        raise InputDataError(msg)
 
 
 def _report_skipped(skipped: pd.DataFrame, *, nothing_evaluated: bool) -> None:
@@ -755,12 +774,14 @@ def _warn_unpaired(cells: pd.DataFrame, pair: pd.DataFrame, label_set: str | Non
                        only_there, pair_folds_with, pair_folds_with, pair_folds_with)
 
 
-def _labelled_cells(st: Store, space: Space, label_set: str | None, pair_folds_with: str | None = None) -> pd.DataFrame:
+def _labelled_cells(st: Store, space: Space, label_set: str | None, pair_folds_with: str | None = None, *,
+                    warn: bool = True) -> pd.DataFrame:
     names = list(space.embeddings["dataset_name"])
     cells = st.cells(names, label_set=label_set)
     if pair_folds_with is not None:
         pair = st.cells(names, label_set=pair_folds_with)
-        _warn_unpaired(cells, pair, label_set, pair_folds_with)
+        if warn:
+            _warn_unpaired(cells, pair, label_set, pair_folds_with)
         # cells labelled here but not in the other label set form a stratum of their own
         cells["fold_response"] = pair["response"].astype("Int64").fillna(-1).astype(np.int64).to_numpy()
     labelled = cells[cells["response"].notna()].copy()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ __all__ = [
     "record_tasks",
     "forget_tasks",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _now() -> pd.Timestamp:
@@ -168,10 +171,35 @@ def _task_rows(out: TaskOutcome, run_id: str, save_predictions: bool) -> tuple[d
     return task, results, preds
 
 
-def _write(st: Store, rows: _Rows) -> None:
-    """One transaction: a task is stored whole or not at all, and the last writer of a task wins."""
-    ids = [t["task_id"] for t in rows.tasks]
+def _without_gone_splits(con: duckdb.DuckDBPyConnection, rows: _Rows) -> tuple[_Rows, int]:
+    """The rows whose split is still stored, and how many tasks were dropped.
+
+    A split goes (with its results) when its cells' labels are replaced, their metadata rewritten
+    or their dataset removed (:func:`forget_tasks`). A run that was fitting it at that moment must
+    not store results of the old labels afterwards: they would outlive the cleanup and print
+    beside the results of the new partition.
+    """
+    asked = sorted({r["split_id"] for r in (*rows.tasks, *rows.skipped)})
+    if not asked:
+        return rows, 0
+    kept = {r[0] for r in con.execute("SELECT split_id FROM splits WHERE list_contains(?, split_id)", [asked]).fetchall()}
+    if len(kept) == len(asked):
+        return rows, 0
+    tasks = [t for t in rows.tasks if t["split_id"] in kept]
+    ids = {t["task_id"] for t in tasks}
+    return _Rows(tasks=tasks, results=[r for r in rows.results if r["task_id"] in ids],
+                 predictions=[p for p in rows.predictions if p["task_id"].isin(ids).all()],
+                 skipped=[s for s in rows.skipped if s["split_id"] in kept]), len(rows.tasks) - len(tasks)
+
+
+def _write(st: Store, rows: _Rows) -> int:
+    """One transaction: a task is stored whole or not at all, and the last writer of a task wins.
+
+    Returns how many tasks were not stored because their split was removed meanwhile.
+    """
     with st.catalog.transaction() as con:
+        rows, dropped = _without_gone_splits(con, rows)
+        ids = [t["task_id"] for t in rows.tasks]
         if ids:
             _delete_tasks(con, ids)  # a task finished twice (two identical runs at once, or a rerun) keeps one copy
             if rows.predictions:
@@ -180,6 +208,7 @@ def _write(st: Store, rows: _Rows) -> None:
             st.catalog.insert_df("eval_tasks", pd.DataFrame(rows.tasks), con)
         if rows.skipped:
             st.catalog.insert_df("skipped_tasks", pd.DataFrame(rows.skipped), con)
+    return dropped
 
 
 class ResultWriter:
@@ -202,6 +231,9 @@ class ResultWriter:
         self.flush_seconds = flush_seconds
         self._rows = _Rows()
         self._last = time.monotonic()
+        self.n_dropped = 0
+        """Finished tasks not stored: their split was removed while they were fitted (labels
+        replaced, metadata rewritten, dataset removed); a rerun fits them on the new splits."""
 
     def add(self, out: TaskOutcome) -> None:
         task, results, preds = _task_rows(out, self.run_id, self.save_predictions)
@@ -221,7 +253,12 @@ class ResultWriter:
 
     def flush(self) -> None:
         if self._rows:
-            _write(self.st, self._rows)
+            dropped = _write(self.st, self._rows)
+            if dropped:
+                logger.warning("%d finished tasks were not stored: the labels, metadata or dataset of their cells changed "
+                               "while they were fitted, which removed their splits; run the same command again to "
+                               "evaluate the new data", dropped)
+            self.n_dropped += dropped
         self._rows = _Rows()
         self._last = time.monotonic()
 
@@ -259,7 +296,7 @@ def record_tasks(st: Store, outcomes: Sequence[TaskOutcome], config: dict[str, A
     except BaseException:
         finish_run(st, run_id, status="failed", seconds=seconds)
         raise
-    finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(outcomes), n_done=len(outcomes), n_reused=0,
+    finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(outcomes), n_done=len(outcomes) - writer.n_dropped, n_reused=0,
                n_skipped=0)
     return run_id
 
