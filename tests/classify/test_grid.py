@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from scdm.classify.grid import evaluate
@@ -331,3 +332,26 @@ def test_stored_metrics_are_those_of_the_stored_predictions(st: Store) -> None:
     stored = st.query("SELECT metric, value FROM eval_results").set_index("metric")["value"]
     for metric in METRICS:
         assert stored[metric] == recomputed[metric], metric  # exactly, not approximately
+
+
+def test_two_runs_at_once_each_count_the_tasks_they_own(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two identical runs started together both fit every task; the first to store a task owns it and
+    the other counts it as reused, so filtering by run shows what each run's counts say."""
+    from scdm.store import evaluation as records
+
+    write_pca(st, "pca-joint", 8)
+    first = run(st)
+    board = leaderboard(st)
+    monkeypatch.setattr(records, "finished_tasks", lambda _st, _ids: set())  # it looked before the first one wrote
+    second = run(st)
+    assert second.n_done == 0 and second.n_reused == first.n_tasks
+    owned = st.query("SELECT run_id, count(*) AS n FROM eval_tasks GROUP BY run_id")
+    assert dict(zip(owned["run_id"], owned["n"])) == {first.run_id: first.n_done}
+    runs = st.query("SELECT run_id, n_done, n_reused FROM eval_runs ORDER BY created_at")
+    assert runs["n_done"].tolist() == [first.n_done, 0] and runs["n_reused"].tolist() == [0, first.n_tasks]
+    def rows(frame: pd.DataFrame) -> list[tuple]:
+        return sorted(map(tuple, frame[["split_id", "head", "metric", "mean", "n_folds"]].astype(str).to_numpy()))
+
+    assert rows(leaderboard(st, run_id=first.run_id)) == rows(leaderboard(st)) == rows(board)
+    assert leaderboard(st, run_id=second.run_id).empty
+    assert len(second.results) == len(first.results)  # it still prints the results of every task it asked for

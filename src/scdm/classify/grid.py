@@ -606,7 +606,8 @@ def evaluate(
         if pool is not None:
             pool.close()
     seconds = time.perf_counter() - started
-    n_done -= writer.n_dropped  # fitted, but their split went meanwhile: not stored
+    n_done -= writer.n_dropped + writer.n_elsewhere  # fitted, but not stored: their split went, or another run stored them
+    n_reused += writer.n_elsewhere
     records.finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(all_ids), n_done=n_done,
                        n_reused=n_reused, n_skipped=n_skipped)
     results = records.task_results(st, all_ids)

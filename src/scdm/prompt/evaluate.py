@@ -473,4 +473,7 @@ def _score(st: Store, run_id: str, splits: Sequence[Split], scoring: _Scoring) -
             counts["done"] += 1
             counts["ids"].append(task_id)
     writer.flush()
+    # tasks another run stored meanwhile (two identical runs at once) are that run's: reused here
+    counts["done"] -= writer.n_dropped + writer.n_elsewhere
+    counts["reused"] += writer.n_elsewhere
     return counts

@@ -192,23 +192,38 @@ def _without_gone_splits(con: duckdb.DuckDBPyConnection, rows: _Rows) -> tuple[_
                  skipped=[s for s in rows.skipped if s["split_id"] in kept]), len(rows.tasks) - len(tasks)
 
 
-def _write(st: Store, rows: _Rows) -> int:
-    """One transaction: a task is stored whole or not at all, and the last writer of a task wins.
+def _keep_tasks(rows: _Rows, ids: set[str]) -> _Rows:
+    return _Rows(tasks=[t for t in rows.tasks if t["task_id"] in ids],
+                 results=[r for r in rows.results if r["task_id"] in ids],
+                 predictions=[p for p in rows.predictions if p["task_id"].isin(ids).all()], skipped=rows.skipped)
 
-    Returns how many tasks were not stored because their split was removed meanwhile.
+
+def _write(st: Store, rows: _Rows) -> tuple[int, int]:
+    """One transaction: a task is stored whole or not at all, and once.
+
+    The first run to store a task owns it: another run that fitted the same task at the same time
+    (two identical ``scdm evaluate`` at once) counts it as reused, so each run's ``n_done`` is the
+    number of task rows carrying its ``run_id`` and filtering by run finds what the run says it fitted.
+    Returns how many tasks were not stored, by reason: (their split was removed meanwhile, another
+    run had stored them first).
     """
     with st.catalog.transaction() as con:
         rows, dropped = _without_gone_splits(con, rows)
         ids = [t["task_id"] for t in rows.tasks]
-        if ids:
-            _delete_tasks(con, ids)  # a task finished twice (two identical runs at once, or a rerun) keeps one copy
+        stored = {r[0] for r in con.execute("SELECT task_id FROM eval_tasks WHERE list_contains(?, task_id)",
+                                            [ids]).fetchall()} if ids else set()
+        if stored:
+            rows = _keep_tasks(rows, set(ids) - stored)
+        if rows.tasks:
+            # rows of these tasks without their eval_tasks row (deleted by hand) are replaced, never doubled
+            _delete_tasks(con, [t["task_id"] for t in rows.tasks])
             if rows.predictions:
                 st.catalog.insert_df("eval_predictions", pd.concat(rows.predictions, ignore_index=True), con)
             st.catalog.insert_df("eval_results", pd.DataFrame(rows.results), con)
             st.catalog.insert_df("eval_tasks", pd.DataFrame(rows.tasks), con)
         if rows.skipped:
             st.catalog.insert_df("skipped_tasks", pd.DataFrame(rows.skipped), con)
-    return dropped
+    return dropped, len(stored)
 
 
 class ResultWriter:
@@ -234,6 +249,8 @@ class ResultWriter:
         self.n_dropped = 0
         """Finished tasks not stored: their split was removed while they were fitted (labels
         replaced, metadata rewritten, dataset removed); a rerun fits them on the new splits."""
+        self.n_elsewhere = 0
+        """Finished tasks not stored because another run stored them first (they count as reused)."""
 
     def add(self, out: TaskOutcome) -> None:
         task, results, preds = _task_rows(out, self.run_id, self.save_predictions)
@@ -253,7 +270,8 @@ class ResultWriter:
 
     def flush(self) -> None:
         if self._rows:
-            dropped = _write(self.st, self._rows)
+            dropped, elsewhere = _write(self.st, self._rows)
+            self.n_elsewhere += elsewhere
             if dropped:
                 logger.warning("%d finished tasks were not stored: the labels, metadata or dataset of their cells changed "
                                "while they were fitted, which removed their splits; run the same command again to "
@@ -296,7 +314,8 @@ def record_tasks(st: Store, outcomes: Sequence[TaskOutcome], config: dict[str, A
     except BaseException:
         finish_run(st, run_id, status="failed", seconds=seconds)
         raise
-    finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(outcomes), n_done=len(outcomes) - writer.n_dropped, n_reused=0,
+    finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(outcomes),
+               n_done=len(outcomes) - writer.n_dropped - writer.n_elsewhere, n_reused=writer.n_elsewhere,
                n_skipped=0)
     return run_id
 
