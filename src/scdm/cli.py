@@ -118,8 +118,26 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+_KEPT_ON_INTERRUPT = {
+    "ingest": "nothing of the interrupted file is stored (an ingest is stored whole or not at all)",
+    "embed": "the chunks written whole are kept",
+    "finetune": "finished adapters, embeddings and results are kept",
+    "evaluate": "the tasks finished so far are stored (the run is marked failed); a rerun fits only the rest",
+    "prompt_command": "the answers received so far are stored; a rerun does not send their requests again",
+    "report": "the report folder is incomplete",
+}
+"""What an interrupted command leaves in the store (commands not named here store nothing partial)."""
+
+
+def _interrupted(command: str) -> click.exceptions.Exit:
+    """Ctrl-C: one line on what was kept and how to resume, exit status 130 (not click's bare 'Aborted!')."""
+    kept = _KEPT_ON_INTERRUPT.get(command, "nothing partial is stored")
+    click.echo(f"\ninterrupted: {kept}. Run the same command again to finish.", err=True)
+    return click.exceptions.Exit(130)
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn scdm's own errors into one clean message (no traceback) and exit code 1."""
+    """Turn scdm's own errors into one clean message (no traceback) and exit code 1; Ctrl-C into one line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -127,6 +145,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _interrupted(fn.__name__) from None
         except ScdmError as err:
             raise click.ClickException(str(err)) from err
         except (KeyError, FileNotFoundError, ValueError, PermissionError) as err:
