@@ -532,3 +532,18 @@ def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp
     for split_id, text in texts.items():
         suffix = " (folds of Gefitinib)" if split_id == paired["split_id"].iloc[0] else ""
         assert text == f"cell k=3 seed 0 · {split_id[:8]}{suffix}"
+
+
+def test_an_interrupted_report_leaves_no_page_of_the_earlier_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scdm.classify import report as report_module
+
+    write_report(Store(tmp_path / "empty"), tmp_path / "r")
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "_build_page", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(Store(tmp_path / "empty"), tmp_path / "r")
+    # the earlier page would show its numbers beside the new (or deleted) figures and tables
+    assert not (tmp_path / "r" / "index.html").exists()

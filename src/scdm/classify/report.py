@@ -570,7 +570,12 @@ _FIGURE_PREFIXES = ("overview_bars", "radar_", "f1_by_cancer_type_", "projection
 
 
 def _remove_earlier_outputs(out: Path) -> None:
-    """Delete the figures and tables of an earlier report in ``out`` (and nothing else)."""
+    """Delete the page, figures and tables of an earlier report in ``out`` (and nothing else).
+
+    The page goes first and is written last: an interrupted report leaves no page whose tables are
+    the old numbers beside figures and table files that are new or gone.
+    """
+    (out / "index.html").unlink(missing_ok=True)
     for path in (out / "figures").iterdir():
         if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith(_FIGURE_PREFIXES):
             path.unlink()
