@@ -127,6 +127,25 @@ SCHEMA_VERSION: int = _MIGRATIONS[-1][0]
 """Newest catalog schema this scdm can read and write."""
 
 
+@contextlib.contextmanager
+def registered(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame) -> Iterator[None]:
+    """``frame`` readable by SQL as ``name`` inside the block.
+
+    When a statement of the block fails inside a transaction (a constraint, a Ctrl-C that DuckDB
+    turns into an interrupted query), DuckDB refuses the unregister ("Current transaction is
+    aborted"); that refusal must not replace the error or the KeyboardInterrupt that caused it
+    (the rollback discards the view with the rest).
+    """
+    con.register(name, frame)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            con.unregister(name)
+        raise
+    con.unregister(name)
+
+
 def _is_lock_error(err: Exception) -> bool:
     text = str(err).lower()
     return any(m in text for m in _LOCK_MARKERS)
@@ -893,11 +912,8 @@ class Catalog:
         verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
         sql = f'{verb} INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_frame'
         if con is not None:
-            con.register("_scdm_frame", frame)
-            try:
+            with registered(con, "_scdm_frame", frame):
                 con.execute(sql)
-            finally:
-                con.unregister("_scdm_frame")
             return
         with self.transaction() as tx:
             self.insert_df(table, frame, tx, or_ignore=or_ignore)

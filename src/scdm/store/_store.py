@@ -25,7 +25,7 @@ import pandas as pd
 from scdm.store import _claims, _ingest, _zarr, labels
 from scdm.store import splits as _splits
 from scdm.store import verify as _verify
-from scdm.store._catalog import Catalog
+from scdm.store._catalog import Catalog, registered
 from scdm.store._constants import (
     ARTIFACTS_DIR,
     CATALOG_FILE,
@@ -882,12 +882,9 @@ class Store:
             raise InputDataError(_kinds_in_use_message(info, kinds, users))
         if "gene_id_kind" in kinds:  # symbol and Ensembl columns mapped again, as at first ingest
             frame = _ingest.gene_table_frame(gene_ids, _ingest.as_gene_id_kind(kinds["gene_id_kind"][1]))
-            con.register("_scdm_new_genes", frame[["idx", "symbol", "ensembl"]])
-            try:
+            with registered(con, "_scdm_new_genes", frame[["idx", "symbol", "ensembl"]]):
                 con.execute("UPDATE genes SET symbol = g.symbol, ensembl = g.ensembl FROM _scdm_new_genes g "
                             "WHERE genes.dataset_id = ? AND genes.idx = g.idx", [info.dataset_id])
-            finally:
-                con.unregister("_scdm_new_genes")
         new = {field: value for field, (_, value) in kinds.items()}
         row = {"gene_id_kind": info.gene_id_kind, "x_kind": info.x_kind, **new}
         con.execute("UPDATE datasets SET gene_id_kind = ?, x_kind = ?, options = ? WHERE dataset_id = ?",
@@ -969,13 +966,10 @@ class Store:
         given = [col for col, (key_opt, const_opt) in _ingest.METADATA_FIELDS.items()
                  if getattr(opts, key_opt) is not None or getattr(opts, const_opt) is not None]
         frame = cells[["row", *given]].copy()
-        con.register("_scdm_new_meta", frame)
-        try:
-            sets = ", ".join(f"{c} = m.{c}" for c in given)
+        sets = ", ".join(f"{c} = m.{c}" for c in given)
+        with registered(con, "_scdm_new_meta", frame):
             con.execute(f'UPDATE cells SET {sets} FROM _scdm_new_meta m WHERE cells.dataset_id = ? AND cells."row" = m."row"',
                         [info.dataset_id])
-        finally:
-            con.unregister("_scdm_new_meta")
         merged = {**info.options, **{k: v for k, v in opts.to_json_dict().items() if k not in _ingest.LABEL_OPTIONS}}
         con.execute("UPDATE datasets SET options = ? WHERE dataset_id = ?", [_canonical_json(merged), info.dataset_id])
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scdm.store._catalog import registered
 from scdm.store.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -170,11 +171,8 @@ def write_label_set(con: duckdb.DuckDBPyConnection, dataset_id: str, name: str, 
                 [ls.label_set_id, dataset_id, name, label_key, positive, json.dumps(list(unknown_values)), drug,
                  is_default, ls.n_labelled, ls.n_sensitive, ls.labels_hash])
     frame = pd.DataFrame({"label_set_id": ls.label_set_id, "dataset_id": dataset_id, "row": rows, "response": values})
-    con.register("_scdm_cell_labels", frame)
-    try:
+    with registered(con, "_scdm_cell_labels", frame):
         con.execute('INSERT INTO cell_labels SELECT label_set_id, dataset_id, "row", response FROM _scdm_cell_labels')
-    finally:
-        con.unregister("_scdm_cell_labels")
     return ls
 
 

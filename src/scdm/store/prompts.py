@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scdm.store._catalog import registered
 from scdm.store._store import canonical_json
 from scdm.store.errors import InputDataError
 
@@ -131,11 +132,8 @@ class PromptRecord:
 
 def _insert(con: Any, table: str, frame: pd.DataFrame) -> None:
     cols = ", ".join(f'"{c}"' for c in frame.columns)
-    con.register("_scdm_prompt_rows", frame)
-    try:
+    with registered(con, "_scdm_prompt_rows", frame):
         con.execute(f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _scdm_prompt_rows')
-    finally:
-        con.unregister("_scdm_prompt_rows")
 
 
 def save_prompts(st: Store, records: Sequence[PromptRecord]) -> None:
