@@ -360,6 +360,18 @@ class ScFoundationAdapter(Adapter):
         hidden = int(self.model_config()["encoder"]["hidden_dim"])
         return 4 * hidden if self.pool_type == "all" else hidden
 
+    def configure_precision(self, device: str | torch.device, precision: str) -> dict[str, Any]:
+        """As every adapter, plus ``value_bins: float32`` for a half-precision run.
+
+        The value -> bin weights once ran under the autocast (bf16 rounded the expression value
+        first); they now run in float32, so a bf16/fp16 embedding gets an identity of its own and
+        an old one made the other way is never reused as if it were this one.
+        """
+        out = super().configure_precision(device, precision)
+        if precision in ("bf16", "fp16"):
+            out["value_bins"] = "float32"
+        return out
+
     def params(self) -> dict[str, Any]:
         return {
             "sub_model": self.sub_model,
