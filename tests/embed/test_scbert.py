@@ -311,3 +311,13 @@ def test_training_state_with_numpy_scalars_loads_but_code_is_refused(
     torch.save(blob, folder / WEIGHTS_FILE)
     with pytest.raises(CheckpointError, match="re-save only its weights"):
         ScBERTAdapter(folder).load()
+
+
+def test_the_weights_load_on_a_torch_without_safe_globals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pyproject admits torch >= 2.3; safe_globals came in 2.5, and its absence refused every official file
+    from scdm.embedding.models._performer import load_state_dict_file
+
+    path = tmp_path / "weights.pth"
+    torch.save({"model_state_dict": {"w": torch.arange(3.0)}, "epoch": 4}, path)
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    assert torch.equal(load_state_dict_file(path)["w"], torch.arange(3.0))

@@ -37,6 +37,7 @@ classifier); :func:`encoder_state_dict` drops it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -408,8 +409,10 @@ def load_state_dict_file(path: Path, key: str = "model_state_dict") -> dict[str,
             safe.append(multiarray.scalar)
             break
     safe.extend(type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool"))
+    # torch < 2.5 has no safe_globals: only its own weights-only set is admitted there (numpy scalars are refused)
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        with torch.serialization.safe_globals(safe):
+        with allow(safe) if allow is not None else contextlib.nullcontext():
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError/RuntimeError variants
         msg = (
