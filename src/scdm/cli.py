@@ -1194,6 +1194,16 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
     click.echo("  " + _transfer_labels(result))
     if result.metrics:
         click.echo("  " + "  ".join(f"{k}={v:.3f}" for k, v in result.metrics.items() if v is not None))
+        click.echo("  note: " + _TRANSDUCTIVE_TARGET[bool(result.adapt)], err=True)
+
+
+_TRANSDUCTIVE_TARGET = {
+    True: ("transductive metrics: the scored target cells were training's unlabelled target domain (as in scDEAL); "
+           "their labels were read only for these metrics."),
+    False: ("transductive metrics: the scored target cells set the target's feature scaling (their labels were read "
+            "only for these metrics)."),
+}
+"""Why a transfer run's target metrics are not those of unseen cells: printed under them."""
 
 
 def _transfer_labels(result: Any) -> str:

@@ -82,3 +82,16 @@ def test_split_labels_use_as_many_digits_as_tell_the_splits_apart() -> None:
                          "k": [5, 5, 3]})
     labels = split_labels(rows, ["model", "k"], folds_from={"abcdefgh5678": "Gefitinib"})
     assert list(labels) == ["abcdefgh1", "abcdefgh5 (folds of Gefitinib)", ""]
+
+
+def test_transductive_results_say_so() -> None:
+    """pca/hvg fitted on the test cells, and dann adapting to them, are named under the leaderboard."""
+    from scdm.classify.results import NOTES, leaderboard_notes
+
+    def board(model: str, head: str, variant: str = "frozen") -> pd.DataFrame:
+        return pd.DataFrame({"model": [model], "variant": [variant], "head": [head], "complete": [True], "n_null": [0]})
+
+    assert NOTES["transductive-baseline"] in leaderboard_notes(board("pca", "logreg"), ["auroc"])
+    assert NOTES["transductive-baseline"] in leaderboard_notes(board("hvg", "ridge"), ["auroc"])
+    assert NOTES["transductive-dann"] in leaderboard_notes(board("geneformer", "dann"), ["auroc"])
+    assert leaderboard_notes(board("geneformer", "logreg"), ["auroc"]) == []

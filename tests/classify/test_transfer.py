@@ -470,6 +470,8 @@ def test_scdm_transfer_takes_and_prints_the_label_sets(two_drugs: Store) -> None
     out = CliRunner().invoke(main, [*base, "--source-label-set", "drugB", "--target-label-set", "drugB"])
     assert out.exit_code == 0, out.output
     assert "drug drugB; source labels: drugB; target labels: drugB" in out.output
+    # the target's metrics are transductive (its cells were the unlabelled target domain): said under them
+    assert "note: transductive metrics: the scored target cells were training's unlabelled target domain" in out.output
     refused = CliRunner().invoke(main, [*base, "--validation", "src"])
     assert refused.exit_code != 0 and "one of the source datasets" in refused.output
 

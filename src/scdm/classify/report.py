@@ -851,7 +851,8 @@ def _metric_caveats() -> list[str]:
     """Where metrics can mislead (the same notes `scdm results` prints)."""
     from scdm.classify.results import NOTES
 
-    return [NOTES["ami"], NOTES["shuffled-label"], NOTES["single_class"]]
+    return [NOTES["ami"], NOTES["shuffled-label"], NOTES["single_class"], NOTES["transductive-baseline"],
+            NOTES["transductive-dann"]]
 
 
 # ---- summary --------------------------------------------------------------------------------
