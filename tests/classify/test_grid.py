@@ -355,3 +355,25 @@ def test_two_runs_at_once_each_count_the_tasks_they_own(st: Store, monkeypatch: 
     assert rows(leaderboard(st, run_id=first.run_id)) == rows(leaderboard(st)) == rows(board)
     assert leaderboard(st, run_id=second.run_id).empty
     assert len(second.results) == len(first.results)  # it still prints the results of every task it asked for
+
+
+def test_the_same_cells_in_two_datasets_of_a_space_are_named(tmp_path: Path) -> None:
+    """A study ingested twice (here a subset under another study name) would be trained on and tested: warned."""
+    from scdm.classify.grid import DuplicateCellsWarning, duplicate_cells
+    from scdm.embedding.runner import embed_baseline
+
+    jhu = ad.read_h5ad(DATASETS[1][1])
+    st = Store(tmp_path / "store")
+    st.ingest(jhu, name="full", label_key="response_Gefitinib", study="Kinker2020")
+    st.ingest(jhu[:40].copy(), name="again", label_key="response_Gefitinib", study="Kinker2020-reprocessed")
+    st.ingest(DATASETS[2][1], name="scc47", label_key="response_Afatinib", study="SCC47")
+    ids = [r.embedding_id for r in embed_baseline(st, ["full", "again", "scc47"], model="pca", n_comps=5, progress=False)]
+    options = {"heads": ["ridge"], "by": ["all"], "folds": 3, "scenarios": ["pooled"], "silent": True}
+    with pytest.warns(DuplicateCellsWarning, match=r"in another dataset \(40 of 'again', 40 of 'full'\).*same cells ingested twice"):
+        evaluate(st, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateCellsWarning)  # distinct cells only: no warning
+        evaluate(st, embeddings=[ids[0], ids[2]], **options)
+    X = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert duplicate_cells(np.vstack([X, X[:2]]), np.array(list("aaaabb"))) == {"a": 2, "b": 2}
+    assert duplicate_cells(np.vstack([X, X[:2]]), np.array(list("aaaaaa"))) == {}  # within a dataset: not this check

@@ -58,6 +58,7 @@ from scdm.store.errors import (
     EmbeddingNotFoundError,
     InputDataError,
     ScdmError,
+    ScdmWarning,
 )
 from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions
 
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalSummary", "Task", "evaluate", "progress_bar"]
+__all__ = ["DuplicateCellsWarning", "EvalSummary", "Task", "duplicate_cells", "evaluate", "progress_bar"]
 
 _ATOM_COLUMNS = ["dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen"]
 _FLUSH_SECONDS = 5.0
@@ -174,6 +175,56 @@ def _load_matrix(st: Store, space: Space) -> None:
         raise InputDataError(msg)
     space.X = X
     space.y = cells["response"].to_numpy(np.int8)
+
+
+class DuplicateCellsWarning(ScdmWarning):
+    """Cells of two datasets of one space have identical embeddings: most likely the same cells ingested twice."""
+
+
+def duplicate_cells(X: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
+    """Dataset -> how many of its cells have an embedding row identical to a cell's of another dataset.
+
+    Rows are keyed by one random projection (float64, block by block: no copy of ``X``) and rows
+    with equal keys are compared exactly, so the check costs one pass over the matrix.
+    """
+    n = X.shape[0]
+    if n < 2:
+        return {}
+    direction = np.random.default_rng(0).standard_normal(X.shape[1])
+    key = np.empty(n)
+    for lo in range(0, n, 8192):
+        key[lo:lo + 8192] = X[lo:lo + 8192].astype(np.float64) @ direction
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+    out: dict[str, int] = {}
+    for first, end in zip(starts, np.r_[starts[1:], n]):
+        if end - first < 2:
+            continue
+        idx = order[first:end]
+        _, group = np.unique(X[idx], axis=0, return_inverse=True)  # equal keys: the exactly equal rows among them
+        for g in np.unique(group):
+            members = idx[group.ravel() == g]
+            if np.unique(dataset_of[members]).size > 1:
+                for dataset in dataset_of[members]:
+                    out[str(dataset)] = out.get(str(dataset), 0) + 1
+    return out
+
+
+def _warn_duplicate_cells(space: Space) -> None:
+    """Warn when a space pools the same cells twice: a split can train on one copy and test the other."""
+    assert space.X is not None and space.cells is not None
+    found = duplicate_cells(space.X, space.cells["dataset_id"].to_numpy())
+    if not found:
+        return
+    names = dict(zip(space.embeddings["dataset_id"], space.embeddings["dataset_name"]))
+    counts = ", ".join(f"{n} of {names.get(d, d)!r}" for d, n in sorted(found.items(), key=lambda kv: str(names.get(kv[0], kv[0]))))
+    msg = (f"{space.model} space {space.space_id}: cells with an identical embedding in another dataset ({counts}), most "
+           "likely the same cells ingested twice. Folds can train on one copy and test the other (cross-data: a held-out "
+           "study seen in training under another study name), which inflates every score. Evaluate one of the datasets "
+           "only (--dataset), or ingest both copies with the same study and sample ids so that cross-data and "
+           "sample-grouped folds keep the copies together.")
+    warnings.warn(msg, DuplicateCellsWarning, stacklevel=3)
 
 
 def _is_run(index: np.ndarray) -> bool:
@@ -574,6 +625,7 @@ def evaluate(
             if not pending:
                 continue
             _load_matrix(st, space)
+            _warn_duplicate_cells(space)
             bar = progress_bar(len(pending), desc=f"evaluate {space.model}", silent=silent)
             batched = [t for t in pending if t.head in _BATCHED_HEADS]
             others = [t for t in pending if t.head not in _BATCHED_HEADS]
