@@ -223,3 +223,20 @@ def test_relabelled_cells_train_a_head_of_their_own(st: Store, a375_values: np.n
     y = st.cells(["a375"]).sort_values("row")["response"].to_numpy(np.int64)
     proba = predict(st, second, "a375")["proba"].to_numpy()
     assert ((proba >= 0.5) == y).mean() > 0.9  # fitted on the current labels
+
+
+def test_predictions_mark_the_cells_the_head_was_fitted_on(st: Store, a375_values: np.ndarray, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Predictions on a head's own training cells are fitted values: marked, and a warning says how many."""
+    write_embedding(st, "a375", a375_values)
+    st.ingest(ad.read_h5ad(example_data("A375"))[:50].copy(), name="later", label_key="response_PLX4720", study="later")
+    write_embedding(st, "later", a375_values[:50])
+    head_id = train_head(st, dataset="a375", model="pca-test", head="ridge")
+    with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
+        own = predict(st, head_id, "a375", out=tmp_path / "own.csv")
+    assert own["trained_on"].all() and "108 of the 108 cells of a375 trained head" in caplog.text
+    assert pd.read_csv(tmp_path / "own.csv")["trained_on"].all()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
+        new = predict(st, head_id, "later")
+    assert not new["trained_on"].any() and "trained head" not in caplog.text

@@ -882,7 +882,8 @@ def predict(
     DataFrame
         One row per cell in dataset order: ``head_id``, ``dataset_id``, ``row``, ``cell_id``,
         ``embedding_id``, ``proba`` (probability of sensitive), ``label`` (1 sensitive, 0
-        resistant), ``response`` (the stored label, if any).
+        resistant), ``response`` (the stored label, if any), ``trained_on`` (True for the cells
+        the head was fitted on: their predictions are not held-out; a warning says how many).
 
     Raises
     ------
@@ -906,11 +907,17 @@ def predict(
     proba = trained.head.predict_proba(X)
     label = (proba >= trained.threshold).astype(np.int8)
     cells = st.cells([ds.dataset_id]).sort_values("row").reset_index(drop=True)
+    trained_on = _trained_on(trained_head(st, trained.head_id), embedding_id, cells)
     frame = pd.DataFrame({
         "head_id": trained.head_id, "dataset_id": ds.dataset_id, "row": cells["row"].to_numpy(np.int32),
         "cell_id": cells["cell_id"].astype(str), "embedding_id": embedding_id, "proba": proba.astype(np.float32),
-        "label": label, "response": cells["response"],
+        "label": label, "response": cells["response"], "trained_on": trained_on,
     })
+    if trained_on.any():
+        logger.warning("%d of the %d cells of %s trained head %s: their predictions are fitted values, not held-out "
+                       "ones (column trained_on); a score on them is a training score. The head's cross-validated "
+                       "scores are its train_metrics (scdm heads).", int(trained_on.sum()), len(frame), ds.name,
+                       trained.head_id)
     replace_predictions(st, Predictions(trained.head_id, ds.dataset_id, embedding_id, frame["row"].to_numpy(),
                                         frame["proba"].to_numpy(), frame["label"].to_numpy()))
     if out is not None:
@@ -920,6 +927,16 @@ def predict(
     return frame
 
 
+def _trained_on(record: TrainedHeadRecord, embedding_id: str, cells: pd.DataFrame) -> np.ndarray:
+    """Which of a dataset's cells (in ``cells`` order) the head was fitted on: its labelled cells of the head's category."""
+    if embedding_id not in record.embedding_ids:
+        return np.zeros(len(cells), bool)
+    mask = cells["response"].notna().to_numpy(bool)
+    if record.category_type != "all":
+        mask &= (cells[record.category_type].astype(str) == record.category).to_numpy(bool)
+    return mask
+
+
 def _write_out(st: Store, ds: Any, frame: pd.DataFrame, out: Path, trained: TrainedHead) -> None:
     if out.suffix == ".csv":
         frame.to_csv(out, index=False)
@@ -927,6 +944,7 @@ def _write_out(st: Store, ds: Any, frame: pd.DataFrame, out: Path, trained: Trai
     adata = st.open_anndata(ds.dataset_id, backed=False)
     adata.obs["scdm_proba"] = frame["proba"].to_numpy()
     adata.obs["scdm_label"] = frame["label"].to_numpy()
+    adata.obs["scdm_trained_on"] = frame["trained_on"].to_numpy()
     adata.uns["scdm_prediction"] = {"head_id": trained.head_id, "model": trained.model, "variant": trained.variant,
                                     "space_id": trained.space_id, "threshold": trained.threshold}
     adata.write_h5ad(out)
