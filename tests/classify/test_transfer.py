@@ -646,3 +646,25 @@ def test_cluster_fallback_is_recorded() -> None:
             cluster_cells(X, method="leiden")
     else:
         assert cluster_cells(X, method="auto", seed=0).method == "leiden"
+
+
+def test_a_source_holding_the_target_cells_is_named(collection: ad.AnnData, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The target's cells ingested again under another name and used as source: trained on with labels, warned."""
+    from scdm.classify.transfer import shared_cells
+
+    st = Store(tmp_path / "store")
+    cells = collection[collection.obs["study"] == TARGET_STUDY].copy()
+    st.ingest(cells, name="tgt", label_key="response", study=TARGET_STUDY, sample_key="sample")
+    st.ingest(cells[: cells.n_obs // 2].copy(), name="copy", label_key="response", study="copy", sample_key="sample")
+    with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
+        transfer(st, source="copy", target="tgt", **FAST)
+    assert f"{cells.n_obs // 2} of the {cells.n_obs} target cells have exactly the features of a labelled source" in caplog.text
+    st.ingest(collection[collection.obs["study"] == "GSE164897"].copy(), name="other", label_key="response",
+              study="GSE164897", sample_key="sample")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
+        transfer(st, source="other", target="tgt", validation="copy", **FAST)
+    assert "have exactly the features of a cell of the validation dataset" in caplog.text
+    X = np.arange(12.0).reshape(4, 3)
+    assert shared_cells(X[:2], X) == 2 and shared_cells(X[:2], X[2:]) == 0

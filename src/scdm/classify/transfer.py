@@ -713,12 +713,45 @@ def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> No
         raise InputDataError(msg)
 
 
+def _row_keys(X: np.ndarray) -> np.ndarray:
+    """One float64 per row (a fixed random projection, block by block): equal rows have equal keys."""
+    direction = np.random.default_rng(0).standard_normal(X.shape[1])
+    keys = np.empty(X.shape[0])
+    for lo in range(0, X.shape[0], 8192):
+        keys[lo:lo + 8192] = np.asarray(X[lo:lo + 8192], np.float64) @ direction
+    return keys
+
+
+def shared_cells(source: np.ndarray, target: np.ndarray) -> int:
+    """How many target rows equal a source row exactly (the same cells on both sides of a transfer)."""
+    if source.shape[0] == 0 or target.shape[0] == 0 or source.shape[1] != target.shape[1]:
+        return 0
+    source_keys, target_keys = _row_keys(source), _row_keys(target)
+    candidates = np.flatnonzero(np.isin(target_keys, source_keys))
+    rows_of: dict[float, list[int]] = {}
+    for i in np.flatnonzero(np.isin(source_keys, target_keys[candidates])):
+        rows_of.setdefault(float(source_keys[i]), []).append(int(i))
+    return sum(any(np.array_equal(target[t], source[s]) for s in rows_of[float(target_keys[t])]) for t in candidates)
+
+
 def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid: list[tuple[float, float]],
          validation: str | None, validation_fraction: float, balance: str, adapt: bool, threshold: float,
          cluster_method: str, resolution: float, n_clusters: int | None, features: str, drug: str | None,
          started: float, progress: bool = False, *, labels: _RunLabels) -> TransferResult:
     from scdm.classify._transfer_model import Validation, encode_source, fit_transfer, predict_target
 
+    shared = shared_cells(dom.Xs, dom.Xt)
+    if shared:
+        logger.warning("transfer %s: %d of the %d target cells have exactly the features of a labelled source cell, most "
+                       "likely the same cells in a source dataset under another name: the run trains on them with "
+                       "their labels, so the target's metrics are inflated. Leave that dataset out of the sources.",
+                       run_id, shared, dom.Xt.shape[0])
+    shared = shared_cells(dom.Xv, dom.Xt) if dom.Xv is not None else 0
+    if shared:
+        logger.warning("transfer %s: %d of the %d target cells have exactly the features of a cell of the validation "
+                       "dataset, most likely the same cells under another name: the kept epoch (and alpha/beta) is "
+                       "chosen on the target's own labels. Pass another validation dataset.", run_id, shared,
+                       dom.Xt.shape[0])
     source_scaler, target_scaler = MinMax.fit(dom.Xs), MinMax.fit(dom.Xt)
     Xs, Xt = source_scaler.transform(dom.Xs), target_scaler.transform(dom.Xt)
     if validation is None:
