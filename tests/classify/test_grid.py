@@ -377,3 +377,5 @@ def test_the_same_cells_in_two_datasets_of_a_space_are_named(tmp_path: Path) -> 
     X = np.arange(12, dtype=np.float32).reshape(4, 3)
     assert duplicate_cells(np.vstack([X, X[:2]]), np.array(list("aaaabb"))) == {"a": 2, "b": 2}
     assert duplicate_cells(np.vstack([X, X[:2]]), np.array(list("aaaaaa"))) == {}  # within a dataset: not this check
+    zeros = np.zeros((2, 3), np.float32)  # cells with nothing in a baseline's genes, in both datasets: no copy
+    assert duplicate_cells(np.vstack([X, zeros, X[:1], zeros]), np.array(list("aaaaaabbb"))) == {"a": 1, "b": 1}

@@ -181,20 +181,30 @@ class DuplicateCellsWarning(ScdmWarning):
     """Cells of two datasets of one space have identical embeddings: most likely the same cells ingested twice."""
 
 
+_DUPLICATE_BLOCK_ROWS = 2048
+"""Rows per float64 block of the duplicate check (a few MB of temporaries even at 3072 dimensions)."""
+
+
 def duplicate_cells(X: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
     """Dataset -> how many of its cells have an embedding row identical to a cell's of another dataset.
 
     Rows are keyed by one random projection (float64, block by block: no copy of ``X``) and rows
-    with equal keys are compared exactly, so the check costs one pass over the matrix.
+    with equal keys are compared exactly, so the check costs one pass over the matrix. All-zero rows
+    are left out: a baseline gives them to unrelated cells (no counts in its genes), not only to copies.
     """
     n = X.shape[0]
     if n < 2:
         return {}
     direction = np.random.default_rng(0).standard_normal(X.shape[1])
     key = np.empty(n)
-    for lo in range(0, n, 8192):
-        key[lo:lo + 8192] = X[lo:lo + 8192].astype(np.float64) @ direction
-    order = np.argsort(key, kind="stable")
+    informative = np.empty(n, bool)
+    for lo in range(0, n, _DUPLICATE_BLOCK_ROWS):
+        block = X[lo:lo + _DUPLICATE_BLOCK_ROWS]
+        key[lo:lo + len(block)] = block.astype(np.float64) @ direction
+        informative[lo:lo + len(block)] = block.any(axis=1)
+    order = np.flatnonzero(informative)
+    order = order[np.argsort(key[order], kind="stable")]
+    n = order.size
     sorted_key = key[order]
     starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
     out: dict[str, int] = {}
