@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from scdm.classify._row_keys import row_keys
 from scdm.classify._threads import cpu_budget, current_blas_threads, gemm_threads, map_solves, solve_threads
 from scdm.classify.heads import (
     HEADS,
@@ -181,10 +182,6 @@ class DuplicateCellsWarning(ScdmWarning):
     """Cells of two datasets of one space have identical embeddings: most likely the same cells ingested twice."""
 
 
-_DUPLICATE_BLOCK_ROWS = 2048
-"""Rows per float64 block of the duplicate check (a few MB of temporaries even at 3072 dimensions)."""
-
-
 def duplicate_cells(X: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
     """Dataset -> how many of its cells have an embedding row identical to a cell's of another dataset.
 
@@ -195,13 +192,7 @@ def duplicate_cells(X: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
     n = X.shape[0]
     if n < 2:
         return {}
-    direction = np.random.default_rng(0).standard_normal(X.shape[1])
-    key = np.empty(n)
-    informative = np.empty(n, bool)
-    for lo in range(0, n, _DUPLICATE_BLOCK_ROWS):
-        block = X[lo:lo + _DUPLICATE_BLOCK_ROWS]
-        key[lo:lo + len(block)] = block.astype(np.float64) @ direction
-        informative[lo:lo + len(block)] = block.any(axis=1)
+    key, informative = row_keys(X)
     order = np.flatnonzero(informative)
     order = order[np.argsort(key[order], kind="stable")]
     n = order.size

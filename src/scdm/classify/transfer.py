@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from scdm.classify._row_keys import row_keys
 from scdm.classify._transfer_data import (
     MinMax,
     ResponseKind,
@@ -713,21 +714,12 @@ def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> No
         raise InputDataError(msg)
 
 
-def _row_keys(X: np.ndarray) -> np.ndarray:
-    """One float64 per row (a fixed random projection, block by block): equal rows have equal keys."""
-    direction = np.random.default_rng(0).standard_normal(X.shape[1])
-    keys = np.empty(X.shape[0])
-    for lo in range(0, X.shape[0], 8192):
-        keys[lo:lo + 8192] = np.asarray(X[lo:lo + 8192], np.float64) @ direction
-    return keys
-
-
 def shared_cells(source: np.ndarray, target: np.ndarray) -> int:
     """How many target rows equal a source row exactly (the same cells on both sides of a transfer)."""
     if source.shape[0] == 0 or target.shape[0] == 0 or source.shape[1] != target.shape[1]:
         return 0
-    source_keys, target_keys = _row_keys(source), _row_keys(target)
-    candidates = np.flatnonzero(np.isin(target_keys, source_keys))
+    (source_keys, _), (target_keys, informative) = row_keys(source), row_keys(target)
+    candidates = np.flatnonzero(np.isin(target_keys, source_keys) & informative)  # all-zero rows: no evidence of a copy
     rows_of: dict[float, list[int]] = {}
     for i in np.flatnonzero(np.isin(source_keys, target_keys[candidates])):
         rows_of.setdefault(float(source_keys[i]), []).append(int(i))
