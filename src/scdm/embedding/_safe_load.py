@@ -110,7 +110,8 @@ def load_pickle(path: str | Path, *, what: str, source: str,
     Raises
     ------
     CheckpointError
-        The file refers to anything else (loading it could run code), or is not a pickle.
+        The file refers to anything else (loading it could run code), or is not a pickle (truncated,
+        damaged or another format).
     """
     path = Path(path)
     try:
@@ -120,7 +121,8 @@ def load_pickle(path: str | Path, *, what: str, source: str,
         msg = (f"Refusing to load {str(path)!r}: the pickle refers to {err}, which {what} does not hold; "
                f"loading it could run code. Replace the file with the official one ({source}).")
         raise CheckpointError(msg) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, MemoryError) as err:
+        # a damaged file can claim a string or bytearray of absurd length: OverflowError or MemoryError
         msg = f"Cannot read {str(path)!r} as {what} ({type(err).__name__}: {err}). Replace it with the official file ({source})."
         raise CheckpointError(msg) from None
 

@@ -1,0 +1,30 @@
+"""A truncated or damaged file in a checkpoint folder is a CheckpointError naming the file and the
+fix (the CLI prints it as one line), never a traceback from the library that tried to read it."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from scdm.embedding._safe_load import load_pickle
+from scdm.store.errors import CheckpointError
+
+
+@pytest.mark.parametrize("damage", [
+    b"\x80\x04\x96\xff\xff\xff\xff\xff\xff\xff\x7f",  # BYTEARRAY8 of 2**63 - 1 bytes: OverflowError
+    b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\x7f",  # BINBYTES8 of 2**63 - 1 bytes
+    b"",  # empty: EOFError
+])
+def test_a_damaged_pickle_is_a_checkpoint_error(tmp_path: Path, damage: bytes) -> None:
+    path = tmp_path / "token_dictionary_gc104M.pkl"
+    path.write_bytes(damage)
+    with pytest.raises(CheckpointError, match=r"Cannot read .*token_dictionary_gc104M\.pkl.* Replace it"):
+        load_pickle(path, what="a Geneformer gene dictionary", source="the model's repository")
+
+
+def test_an_intact_pickle_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "d.pkl"
+    path.write_bytes(pickle.dumps({"ENSG00000121410": 3, "ENSG00000148584": 2.5}, protocol=4))
+    assert load_pickle(path, what="a dictionary", source="anywhere") == {"ENSG00000121410": 3, "ENSG00000148584": 2.5}
