@@ -28,3 +28,18 @@ def test_an_intact_pickle_still_loads(tmp_path: Path) -> None:
     path = tmp_path / "d.pkl"
     path.write_bytes(pickle.dumps({"ENSG00000121410": 3, "ENSG00000148584": 2.5}, protocol=4))
     assert load_pickle(path, what="a dictionary", source="anywhere") == {"ENSG00000121410": 3, "ENSG00000148584": 2.5}
+
+
+@pytest.mark.parametrize(("family", "legacy_bin"), [("geneformer", False), ("geneformer", True), ("tgpt", False)])
+def test_truncated_hugging_face_weights_are_a_checkpoint_error(tmp_path: Path, family: str, legacy_bin: bool) -> None:
+    import importlib
+
+    from scdm.embedding._adapter import get_adapter
+
+    module = importlib.import_module(f"scdm.embedding.models.{family}")
+    options = {"version": 2} if family == "geneformer" else {}
+    folder = module.write_tiny_checkpoint(tmp_path / "ckpt", seed=1, legacy_bin=legacy_bin, **options)
+    weights = folder / ("pytorch_model.bin" if legacy_bin else "model.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(CheckpointError, match=r"Cannot read the weights in .*ckpt.* download the model folder again"):
+        get_adapter(family)(folder).load("cpu")

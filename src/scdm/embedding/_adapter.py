@@ -47,6 +47,7 @@ from scdm.store.errors import (
     CheckpointError,
     GeneMappingError,
     InputDataError,
+    ScdmError,
     ScdmWarning,
     UnknownModelError,
 )
@@ -468,6 +469,31 @@ def own_load_report() -> Iterator[None]:
     finally:
         for log, level in zip(quieted, levels):
             log.setLevel(level)
+
+
+@contextlib.contextmanager
+def readable_weights(checkpoint: object, what: str) -> Iterator[None]:
+    """A weight file ``from_pretrained`` cannot read is a :class:`CheckpointError` naming the folder.
+
+    A truncated download or a damaged ``model.safetensors`` / ``pytorch_model.bin`` surfaces from
+    transformers as whatever the reader raised (safetensors' ``SafetensorError``, torch's zip
+    ``RuntimeError``, an ``OSError``): the user needs to hear which folder and to fetch it again.
+    scdm's own errors pass through unchanged.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ScdmError:
+        raise
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = (f"Cannot read the weights in {str(checkpoint)!r} as {what} ({type(err).__name__}: {text}). The file is "
+               "truncated, damaged or not a checkpoint of this model (an interrupted download?): download the model "
+               "folder again.")
+        raise CheckpointError(msg) from err
 
 
 def check_unused_weights(info: Mapping[str, Any], checkpoint: object, *, heads: Sequence[str]) -> None:

@@ -47,6 +47,7 @@ from scdm.embedding._adapter import (
     check_counts,
     check_unused_weights,
     own_load_report,
+    readable_weights,
     register_adapter,
     require_matches,
 )
@@ -420,7 +421,7 @@ class GeneformerAdapter(Adapter):
 
         self._load_dictionaries()
         assert self.checkpoint is not None
-        with own_load_report():
+        with own_load_report(), readable_weights(self.checkpoint, "a Geneformer BERT"):
             model, info = cast(Any, BertModel.from_pretrained(  # (model, loading info) with output_loading_info
                 self.checkpoint,
                 add_pooling_layer=False,

@@ -39,7 +39,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scdm.embedding._adapter import Adapter, GeneAudit, check_unused_weights, own_load_report, register_adapter, require_matches
+from scdm.embedding._adapter import (
+    Adapter,
+    GeneAudit,
+    check_unused_weights,
+    own_load_report,
+    readable_weights,
+    register_adapter,
+    require_matches,
+)
 from scdm.embedding.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
@@ -179,7 +187,7 @@ class LLMAdapter(Adapter):
         self._load_tokenizer()
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        with own_load_report():
+        with own_load_report(), readable_weights(self.checkpoint, "a Hugging Face language model"):
             model, info = AutoModel.from_pretrained(
                 self.checkpoint,
                 attn_implementation="sdpa",

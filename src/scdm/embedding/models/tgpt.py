@@ -35,7 +35,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scdm.embedding._adapter import Adapter, GeneAudit, check_unused_weights, own_load_report, register_adapter, require_matches
+from scdm.embedding._adapter import (
+    Adapter,
+    GeneAudit,
+    check_unused_weights,
+    own_load_report,
+    readable_weights,
+    register_adapter,
+    require_matches,
+)
 from scdm.embedding.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
@@ -137,7 +145,7 @@ class TGPTAdapter(Adapter):
         self._load_tokenizer()
         assert self.checkpoint is not None
         # output_loading_info=True returns (model, info); transformers' annotations only know the model
-        with own_load_report():
+        with own_load_report(), readable_weights(self.checkpoint, "a tGPT GPT-2"):
             model, info = cast(
                 "tuple[GPT2Model, dict[str, list[str]]]",
                 GPT2Model.from_pretrained(
