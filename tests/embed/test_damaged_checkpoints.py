@@ -43,3 +43,19 @@ def test_truncated_hugging_face_weights_are_a_checkpoint_error(tmp_path: Path, f
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
     with pytest.raises(CheckpointError, match=r"Cannot read the weights in .*ckpt.* download the model folder again"):
         get_adapter(family)(folder).load("cpu")
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("vocab.json", '{"A2ML1": 0, "A4GA'),  # truncated
+    ("vocab.json", '["A2ML1", "A4GALT"]'),  # a list, not gene -> id
+    ("vocab.json", '{"A2ML1": "zero"}'),  # not a token id
+    ("args.json", '{"embsize": 8,'),
+    ("args.json", "[1, 2]"),
+])
+def test_a_damaged_scgpt_json_is_a_checkpoint_error_naming_the_file(tmp_path: Path, name: str, text: str) -> None:
+    from scdm.embedding.models.scgpt import ScGPTAdapter, write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=1)
+    (folder / name).write_text(text)
+    with pytest.raises(CheckpointError, match=rf"{name}.*re-download the model folder"):
+        ScGPTAdapter(folder).vocab()

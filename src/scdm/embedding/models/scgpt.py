@@ -278,6 +278,20 @@ class ReferenceStream:
 
 
 # ---- adapter -----------------------------------------------------------------------------------
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a checkpoint folder, or a CheckpointError naming the file (a truncated or
+    edited file would otherwise surface as a bare JSONDecodeError or AttributeError)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        msg = f"Cannot read {str(path)!r} as {what} ({err}); re-download the model folder."
+        raise CheckpointError(msg) from None
+    if not isinstance(value, dict):
+        msg = f"{str(path)!r} holds a JSON {type(value).__name__}, not the object {what} is; re-download the model folder."
+        raise CheckpointError(msg)
+    return value
+
+
 @register_adapter
 class ScGPTAdapter(Adapter):
     """scGPT cell embeddings: CLS token of the last layer, L2-normalised.
@@ -335,7 +349,7 @@ class ScGPTAdapter(Adapter):
         """``args.json``, checked for the keys the embedding needs."""
         if self._args is None:
             path = self._folder() / ARGS_FILE
-            args = json.loads(path.read_text())
+            args = _read_json_object(path, "scGPT's args.json")
             missing = [k for k in ("embsize", "nheads", "d_hid", "nlayers") if k not in args]
             if missing:
                 msg = f"{str(path)!r} lacks {', '.join(missing)}; it is not an scGPT args.json. Re-download the model folder."
@@ -350,7 +364,13 @@ class ScGPTAdapter(Adapter):
     def vocab(self) -> dict[str, int]:
         """``vocab.json`` with the special tokens appended as ``embed_data`` does."""
         if self._vocab is None:
-            vocab = {str(k): int(v) for k, v in json.loads((self._folder() / VOCAB_FILE).read_text()).items()}
+            path = self._folder() / VOCAB_FILE
+            raw = _read_json_object(path, "scGPT's vocab.json (gene -> token id)")
+            try:
+                vocab = {str(k): int(v) for k, v in raw.items()}
+            except (TypeError, ValueError) as err:
+                msg = f"{str(path)!r} maps a gene to something other than a token id ({err}); re-download the model folder."
+                raise CheckpointError(msg) from None
             pad_token = self.model_args().get("pad_token", "<pad>")
             for token in dict.fromkeys((pad_token, *SPECIAL_TOKENS)):
                 if token not in vocab:
