@@ -273,3 +273,37 @@ def test_to_csr_sums_duplicates_on_a_copy_in_every_block_reader():
     assert first.has_canonical_format
     clean = sp.csr_matrix(dense)
     assert not np.shares_memory(to_csr(clean).data, clean.data)  # a copy even when nothing needs changing
+
+
+# ---- gene ids of two kinds ----------------------------------------------------------------------
+
+def _genes_with_both_ids(n: int) -> tuple[list[str], list[str]]:
+    """``n`` genes of the shipped table that have a symbol and an Ensembl id: (symbols, Ensembl ids)."""
+    from scdm.store.genes import gene_table
+
+    table = gene_table()
+    both = table[(table["symbol"] != "") & (table["ensembl"] != "")]
+    both = both.drop_duplicates("symbol").drop_duplicates("ensembl").iloc[:n]
+    return both["symbol"].tolist(), both["ensembl"].tolist()
+
+
+def test_gene_ids_of_two_kinds_warn_how_many_are_left_out(st):
+    from scdm.store._ingest import IngestWarning
+
+    adata = make_counts_adata()
+    symbols, ensembl = _genes_with_both_ids(40)
+    adata.var_names = [*ensembl[:24], *symbols[24:]]  # 24 Ensembl ids, 16 symbols
+    with pytest.warns(IngestWarning, match=r"16 of its 40 gene ids \(40%, e\.g\. '.+'\) are not ensembl ids .*--gene-key"):
+        ds = st.ingest(adata, name="mixed")
+    assert ds.gene_id_kind == "ensembl"
+
+
+def test_one_kind_of_gene_ids_or_a_few_others_do_not_warn(st, recwarn):
+    from scdm.store._ingest import IngestWarning
+
+    st.ingest(make_counts_adata(), name="symbols")
+    adata = make_counts_adata(seed=1)
+    _, ensembl = _genes_with_both_ids(40)
+    adata.var_names = [*ensembl[:37], "ERCC-00002", "ERCC-00003", "EGFP"]  # spike-ins and a transgene: 3 of 40
+    st.ingest(adata, name="ensembl")
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]

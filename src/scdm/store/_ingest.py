@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scdm.store.errors import InputDataError, ScdmWarning
-from scdm.store.genes import GENE_ID_KINDS, GeneIdKind, as_gene_id_kind, detect_gene_id_kind, map_genes
+from scdm.store.genes import GENE_ID_KINDS, GeneIdKind, as_gene_id_kind, detect_gene_id_kind, ids_not_of_kind, map_genes
 from scdm.store.matrix import SCAN_BLOCK_ROWS, iter_row_blocks, to_csr
 
 if TYPE_CHECKING:
@@ -38,6 +38,12 @@ class IngestWarning(ScdmWarning):
 
     A stored dataset's name instead of the one given, or a value kind that a few stray values decided.
     """
+
+
+MIXED_GENE_ID_FRACTION = 0.1
+"""More than this share of a dataset's gene ids shaped like another kind than the rest is warned
+about: a matrix of two id kinds (Ensembl ids for some genes, symbols for others) is read as one kind,
+and no model finds the genes of the other (a few spike-ins or unnamed genes stay below it)."""
 
 
 STRAY_VALUE_FRACTION = 0.01
@@ -315,6 +321,18 @@ def stray_values_message(scan: MatrixScan, name: str) -> str | None:
             f"classed as {scan.x_kind!r}, not counts, and pca/hvg take them as they are (no normalisation, no log). If "
             f"they are counts with a few errors, ingest again with --x-kind counts --update (x_kind='counts', "
             f"update=True); otherwise correct those values in the data.")
+
+
+def mixed_gene_ids_message(gene_ids: np.ndarray, kind: GeneIdKind, name: str) -> str | None:
+    """The warning for gene ids of which many are of another kind than ``kind`` (else None)."""
+    other = ids_not_of_kind(gene_ids, kind)
+    if len(other) <= MIXED_GENE_ID_FRACTION * len(gene_ids):
+        return None
+    examples = ", ".join(repr(i) for i in other[:3])
+    return (f"dataset {name!r}: {len(other)} of its {len(gene_ids)} gene ids ({len(other) / len(gene_ids):.0%}, e.g. "
+            f"{examples}) are not {kind} ids like the others, yet all are read as {kind} ids: no model finds those "
+            f"genes, and their expression is left out of every embedding. Give every gene one kind of id (e.g. a var "
+            f"column of symbols with --gene-key COLUMN) and ingest again.")
 
 
 def resolve_x_kind(given: str | None, detected: str) -> str:

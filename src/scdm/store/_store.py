@@ -819,6 +819,8 @@ class Store:
         logger.info("ingested %s: %d cells x %d genes (%s, %s ids)", name, scan.n_cells, scan.n_genes, x_kind, kind)
         if opts.x_kind is None and (stray := _ingest.stray_values_message(scan, name)) is not None:
             warnings.warn(stray, _ingest.IngestWarning, stacklevel=3)  # points at the ingest() call
+        if (mixed := _ingest.mixed_gene_ids_message(gene_ids, kind, name)) is not None:
+            warnings.warn(mixed, _ingest.IngestWarning, stacklevel=3)
         if label_set is not None and opts.sample_key is None and opts.sample is None:
             _warn_label_confounders(adata, cells["response"], opts, name)
         return _replace(self.dataset(dataset_id), created=True, label_set=label_set.name if label_set else None,

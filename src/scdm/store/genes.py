@@ -29,6 +29,7 @@ __all__ = [
     "gene_table",
     "gene_table_version",
     "detect_gene_id_kind",
+    "ids_not_of_kind",
     "map_genes",
     "strip_ensembl_version",
 ]
@@ -127,6 +128,20 @@ def detect_gene_id_kind(ids: Sequence[str], *, sample: int = 2000) -> GeneIdKind
     if n_ent >= 0.5 * len(ids):
         return "entrez"
     return "symbol"
+
+
+def ids_not_of_kind(ids: Sequence[str] | np.ndarray, kind: GeneIdKind) -> list[str]:
+    """The ids of ``ids`` shaped like another kind than ``kind`` (all of them, in order).
+
+    An Ensembl or Entrez list: ids without that shape. A symbol list: ids shaped like Ensembl or
+    Entrez ids (anything else may be a symbol).
+    """
+    names = [str(i) for i in ids]
+    if kind == "ensembl":
+        return [i for i in names if not _ENSEMBL_RE.match(i)]
+    if kind == "entrez":
+        return [i for i in names if not _ENTREZ_RE.match(i)]
+    return [i for i in names if _ENSEMBL_RE.match(i) or _ENTREZ_RE.match(i)]
 
 
 @lru_cache(maxsize=16)
