@@ -7,6 +7,7 @@ commands that need them, so ``scdm --help`` stays fast.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -154,8 +155,30 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise click.ClickException(f"{type(err).__name__}: {text}") from err
+        except Exception as err:
+            # the disk or the file system refused a write (full disk, a path through a file): the
+            # user's to fix, so a message; anything else is a bug and keeps its traceback
+            text = _system_error_text(err)
+            if text is None or logger.isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(text) from err
 
     return wrapper
+
+
+_DISK_FULL = ("No space left on device", "Disk quota exceeded")
+"""How the OS (and DuckDB, which reports it in its own exception types) says a write found no room."""
+
+
+def _system_error_text(err: BaseException) -> str | None:
+    """The message for an error of the disk or file system (None for any other error)."""
+    full = next((s for s in _DISK_FULL if s in str(err)), None)
+    if full is not None or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return (f"{full or 'No space left on device'}: {err}. Free some space there (or choose another --store), "
+                "then run the command again: what was complete before is kept, and an interrupted embedding resumes.")
+    if isinstance(err, OSError):
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -107,3 +107,34 @@ def test_user_errors_are_one_line_messages(run, tmp_path):
     assert "Unknown model 'nope'" in out.output and "geneformer" in out.output
     out = run("export", "--out", str(tmp_path / "y.npy"), ok=False)
     assert "--embedding ID" in out.output
+
+
+def test_an_export_path_through_a_file_is_a_message_not_a_traceback(run, tmp_path):
+    run("ingest", example_data(), "--name", "a375")
+    run("embed", "a375", "--model", "pca", "--n-comps", "5", "-q")
+    (tmp_path / "a_file").write_text("")
+    out = run("export", "--dataset", "a375", "--model", "pca", "--out", str(tmp_path / "a_file" / "x.npy"), ok=False)
+    assert out.exit_code == 1 and out.output.startswith("Error: NotADirectoryError") and "a_file" in out.output
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError('Failed to commit: Could not write file "catalog.duckdb.wal": No space left on device'),  # as DuckDB says it
+])
+def test_a_full_disk_is_a_message_saying_what_to_do(run, monkeypatch, error):
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Store, "ingest", full)
+    out = run("ingest", example_data(), ok=False)
+    assert out.exit_code == 1 and out.output.startswith("Error: No space left on device")
+    assert "Free some space there" in out.output and "Traceback" not in out.output
+
+
+def test_a_bug_keeps_its_traceback(run, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Store, "ingest", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run("ingest", example_data(), ok=False)
