@@ -101,6 +101,10 @@ def test_bad_inputs_are_refused_and_nothing_is_written(st, tmp_path):
     nan.X[3, 2] = np.nan
     with pytest.raises(InputDataError, match="NaN or inf.*cell3"):
         st.ingest(nan)
+    zeros = make_counts_adata()
+    zeros.X = sp.csr_matrix(zeros.shape, dtype=np.float32)  # the counts were left in a layer
+    with pytest.raises(InputDataError, match=r"only zeros \(60 cells x 40 genes\).*adata.layers\['counts'\]"):
+        st.ingest(zeros)
     text = tmp_path / "data.h5ad"
     text.write_text("cell,gene\n")
     with pytest.raises(InputDataError, match="not an .h5ad"):

@@ -251,6 +251,11 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
     A matrix of non-negative integers but for a few values (at most
     :data:`STRAY_VALUE_FRACTION` of them) is still classed by those values; ``notes["stray_values"]``
     records how many and the first one, for :func:`stray_values_message`.
+
+    Raises
+    ------
+    InputDataError
+        On NaN or inf, or a matrix of zeros only.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{adata.n_obs}x{adata.n_vars}".encode())
@@ -273,6 +278,10 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
         h.update(np.diff(block.indptr).astype(np.int64).tobytes())
         h.update(block.indices.astype(np.int64).tobytes())
         h.update(block.data.astype(np.float64).tobytes())
+    if nnz == 0:  # every model (and pca) would embed every cell alike: refuse before anything is stored
+        msg = (f"The expression matrix holds only zeros ({adata.n_obs} cells x {adata.n_vars} genes): there is nothing to "
+               "embed. Put the values in X first, e.g. adata.X = adata.layers['counts'] (or adata.raw.X), and ingest again.")
+        raise InputDataError(msg)
     kind = "scaled" if negative else ("counts" if integer else "normalized")
     notes = {"stray_values": stray.note(gene_ids, cell_ids)} if 0 < stray.n <= STRAY_VALUE_FRACTION * nnz else {}
     return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz, notes)
