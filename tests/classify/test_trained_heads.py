@@ -240,3 +240,30 @@ def test_predictions_mark_the_cells_the_head_was_fitted_on(st: Store, a375_value
     with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
         new = predict(st, head_id, "later")
     assert not new["trained_on"].any() and "trained head" not in caplog.text
+
+
+def test_a_baseline_heads_refusal_gives_the_joint_fit_that_predicts(tmp_path: Path) -> None:
+    """pca fitted on a new dataset alone is never the head's space: the advice is the joint fit, and it works."""
+    import re
+    import shlex
+
+    from scdm.embedding.runner import embed_baseline
+
+    st = Store(tmp_path / "store")
+    cells = ad.read_h5ad(example_data("A375"))
+    st.ingest(cells[:70].copy(), name="train", label_key="response_PLX4720", study="GSE108383")
+    new = cells[70:].copy()
+    st.ingest(new, name="new", study="GSE108383")
+    (space,) = embed_baseline(st, ["train"], model="pca", n_comps=4, progress=False)
+    head_id = train_head(st, [space.embedding_id], head="ridge")
+    with pytest.raises(EmbeddingNotFoundError, match="embedding 'new' alone makes another space") as refused:
+        predict(st, head_id, "new")
+    command = re.search(r"\(`scdm embed (.*?)`\)", str(refused.value))
+    assert command is not None and command.group(1) == "train new --model pca --joint --n-comps 4 --n-hvg 2000"
+    embed_baseline(st, ["new"], model="pca", n_comps=4, progress=False)  # what the old advice said: another space
+    with pytest.raises(SpaceMismatchError, match=re.escape(command.group(0))):
+        predict(st, head_id, "new")
+    words = shlex.split(command.group(1))
+    joint = embed_baseline(st, words[:2], model="pca", n_comps=4, n_hvg=2000, progress=False)
+    again = train_head(st, [joint[0].embedding_id], head="ridge")
+    assert len(predict(st, again, "new")) == new.n_obs

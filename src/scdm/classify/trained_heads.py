@@ -838,18 +838,39 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
     if len(same):
         return ds, str(same.sort_values("created_at")["embedding_id"].iloc[-1])
     expected = f"{trained.model} ({trained.variant}, space {trained.space_id})"
+    # a baseline fitted on the dataset alone is a space of its own: the way in is a joint fit
+    joint = _joint_baseline_hint(st, trained, ds.name) if trained.model in BASELINE_SPACES else None
     if mine.empty:
-        msg = (f"Dataset {ds.name!r} has no embedding; head {trained.head_id} reads {expected}. "
-               f"Embed it first: `scdm embed {ds.name} --model {trained.model}`.")
-        raise EmbeddingNotFoundError(msg)
+        advice = joint or f"Embed it first: `scdm embed {ds.name} --model {trained.model}`."
+        raise EmbeddingNotFoundError(f"Dataset {ds.name!r} has no embedding; head {trained.head_id} reads {expected}. {advice}")
     have = ", ".join(f"{r.model} ({r.variant}, space {r.space_id}, {r.status})" for r in mine.itertuples())
-    hint = (f"Embed it with the head's model: `scdm embed {ds.name} --model {trained.model}` (same checkpoint and params)."
+    hint = (joint if joint is not None else
+            f"Embed it with the head's model: `scdm embed {ds.name} --model {trained.model}` (same checkpoint and params)."
             if trained.model not in set(mine["model"]) else
             "It is embedded with the same model but other parameters, checkpoint or fit (a pca/hvg baseline fitted "
             "on other datasets is a space of its own): embed it jointly with the head's training datasets and train "
             "the head in that space, or embed it with the exact parameters of the head's embeddings.")
     msg = f"Dataset {ds.name!r} is embedded as {have}, but head {trained.head_id} expects {expected}. {hint}"
     raise SpaceMismatchError(msg)
+
+
+BASELINE_SPACES = ("pca", "hvg")
+"""Models whose space is fitted on the datasets embedded together: another dataset never joins it later."""
+
+
+def _joint_baseline_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
+    """How a dataset gets into a baseline head's space: a joint fit with the head's training datasets, and the head again."""
+    record = trained_head(st, trained.head_id)
+    params = json.loads(record.embedding_params)
+    options = [f"--{key.replace('_', '-')} {params[f'{key}_requested']}" for key in ("n_comps", "n_hvg")
+               if params.get(f"{key}_requested") is not None and (key != "n_comps" or trained.model == "pca")]
+    names = " ".join(shlex.quote(n) for n in dict.fromkeys([*record.datasets, dataset]))
+    command = " ".join([f"scdm embed {names} --model {trained.model} --joint", *options])
+    return (f"A {trained.model} space is fitted on the datasets embedded together, so embedding {dataset!r} alone makes "
+            f"another space. Embed it jointly with the head's training datasets (`{command}`), train the head again "
+            f"on their embeddings in that space (`scdm train-head --embedding ID,... --head {record.head}`, ids from "
+            f"`scdm ls`, with the --by, --category, --param and --threshold of SELECT * FROM trained_heads WHERE "
+            f"head_id = '{record.head_id}') and predict with the new head.")
 
 
 def predict(
