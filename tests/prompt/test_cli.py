@@ -41,3 +41,21 @@ def test_dry_run_then_run_on_real_data(tmp_path, llm) -> None:
     assert st.query("SELECT count(*) AS n FROM eval_tasks WHERE head = 'prompt-zero-shot'")["n"].iloc[0] == 3
     results = runner.invoke(main, ["--store", store, "results", "--head", "prompt-zero-shot"], catch_exceptions=False)
     assert results.exit_code == 0 and "fake-llm" in results.stdout
+
+
+def test_a_run_that_scores_nothing_says_why(tmp_path, llm) -> None:
+    import anndata as ad
+
+    one_class = ad.read_h5ad(example_data("A375"))
+    one_class.obs["response"] = "resistant"
+    path = tmp_path / "resistant.h5ad"
+    one_class.write_h5ad(path)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    runner.invoke(main, ["--store", store, "ingest", str(path), "--name", "r", "--label-key", "response"], catch_exceptions=False)
+    common = ["--store", store, "prompt", "--dataset", "r", "--base-url", llm.url, "-m", "fake-llm", "--folds", "2", "-q"]
+    out = runner.invoke(main, [*common, "--by", "all"], catch_exceptions=False)
+    assert out.exit_code == 0 and "nothing could be scored: category holds one class only (108 cells, all resistant)" in out.stderr
+    out = runner.invoke(main, [*common, "--by", "tissue"], catch_exceptions=False)  # no cell has a tissue
+    assert out.exit_code == 0 and "nothing could be scored: no category of the chosen --by has cells to test" in out.stderr
+    assert llm.behaviour.bodies == []

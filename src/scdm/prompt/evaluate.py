@@ -45,6 +45,7 @@ from scdm.store.evaluation import (
     TaskOutcome,
     finish_run,
     finished_tasks,
+    run_skipped,
     start_run,
     task_results,
 )
@@ -423,6 +424,8 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
     seconds = time.perf_counter() - started
     finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=counts["tasks"], n_done=counts["done"],
                n_reused=counts["reused"], n_skipped=counts["skipped"])
+    if counts["done"] + counts["reused"] + counts["pending"] == 0:
+        _warn_nothing_scored(st, run_id)
     asked = {c: w for unit in plan.where.values() for c, w in unit.items()}
     unanswered = sum(1 for rid, pos in asked.values()
                      if rid in report.records and report.records[rid].answers[pos - 1].status != "ok")
@@ -438,6 +441,15 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
                          n_skipped=counts["skipped"], n_pending_tasks=counts["pending"],
                          prompt_tokens=report.prompt_tokens, completion_tokens=report.completion_tokens, seconds=seconds,
                          results=task_results(st, counts["ids"]), config=config)
+
+
+def _warn_nothing_scored(st: Store, run_id: str) -> None:
+    """Say why a run scored nothing (as ``scdm evaluate`` does), instead of an empty leaderboard."""
+    reasons = run_skipped(st, run_id)["reason"].value_counts()
+    why = ("; ".join(f"{reason} ({n} tasks)" for reason, n in reasons.head(3).items())
+           + " (all of them: the skipped_tasks table)") if len(reasons) else (
+        "no category of the chosen --by has cells to test (see the splits: lines above)")
+    logger.warning("prompt: nothing could be scored: %s", why)
 
 
 def _score(st: Store, run_id: str, splits: Sequence[Split], scoring: _Scoring) -> dict[str, Any]:
