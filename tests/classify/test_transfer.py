@@ -668,3 +668,19 @@ def test_a_source_holding_the_target_cells_is_named(collection: ad.AnnData, tmp_
     assert "have exactly the features of a cell of the validation dataset" in caplog.text
     X = np.arange(12.0).reshape(4, 3)
     assert shared_cells(X[:2], X) == 2 and shared_cells(X[:2], X[2:]) == 0
+
+
+def test_bulk_csvs_that_cannot_be_matched_by_sample_are_refused(tmp_path: Path) -> None:
+    from scdm.classify._transfer_data import read_bulk
+
+    rng = np.random.default_rng(0)
+    lines = [f"CL{i}" for i in range(12)]
+    expr, resp = tmp_path / "expr.csv", tmp_path / "auc.csv"
+    pd.DataFrame({"drugX": rng.random(12)}, index=lines).to_csv(resp)
+    table = pd.DataFrame(rng.random((12, 5)), index=lines, columns=list("ABCDE"))
+    pd.concat([table, table.iloc[:2]]).to_csv(expr)  # two cell lines twice: was an IndexError
+    with pytest.raises(InputDataError, match=r"expr\.csv lists 2 sample ids more than once \(e\.g\. \['CL0', 'CL1'\]\)"):
+        read_bulk((str(expr), str(resp)), drug="drugX", response="auc")
+    table.to_csv(expr)
+    with pytest.raises(InputDataError, match=r"'expr\.csv' is an expression table: give the CSV of its responses"):
+        read_bulk(str(expr), drug="drugX")  # the CSV without its labels: was h5py's 'file signature not found'

@@ -319,6 +319,12 @@ def _read_csv_pair(pair: Sequence[Any], drug: str | None) -> tuple[np.ndarray, n
         raise InputDataError(msg)
     expr.index = expr.index.astype(str)
     resp.index = resp.index.astype(str)
+    for frame, path in ((expr, expr_path), (resp, resp_path)):
+        twice = frame.index[frame.index.duplicated()].unique()
+        if len(twice):  # which row would be the sample's? matching by id needs one row each
+            msg = (f"{path.name} lists {len(twice)} sample ids more than once (e.g. {list(twice[:3])}); the first "
+                   "column must name each sample once: drop or merge the repeated rows.")
+            raise InputDataError(msg)
     common = expr.index.intersection(resp.index)
     if len(common) == 0:
         msg = (f"No sample id of {expr_path.name} is in {resp_path.name} (e.g. {list(expr.index[:3])} vs "
@@ -343,7 +349,16 @@ def _read_bulk_anndata(source: Any, drug: str | None) -> tuple[np.ndarray, np.nd
         if not path.exists():
             msg = f"Bulk source {str(path)!r} does not exist (pass an .h5ad path, an AnnData or a CSV pair)."
             raise InputDataError(msg)
-        source = ad.read_h5ad(path)
+        if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+            msg = (f"Bulk source {path.name!r} is an expression table: give the CSV of its responses with it "
+                   "(--labels responses.csv; in Python the pair (expression.csv, responses.csv)).")
+            raise InputDataError(msg)
+        try:
+            source = ad.read_h5ad(path)
+        except OSError as err:
+            msg = (f"Cannot read bulk source {str(path)!r} as an .h5ad ({err}); pass an .h5ad file, an AnnData or a "
+                   "pair of CSVs (expression, responses).")
+            raise InputDataError(msg) from err
     column = drug if drug is not None else "response"
     if column not in source.obs.columns:
         msg = (f"The bulk AnnData has no obs column {column!r} with the drug response; obs columns: "
