@@ -203,15 +203,16 @@ def evaluate(
         integer) per metric.
     """
     from scdm.classify.grid import evaluate as run_evaluate
-    from scdm.classify.results import asked_results, leaderboard, wide_leaderboard
+    from scdm.classify.results import asked_results, leaderboard, name_list, wide_leaderboard
 
     ids, recorded_store = _embedding_ids(data)
     st = open_store(store if store is not None else recorded_store)
     with plain_warnings():
         summary = run_evaluate(st, ids, heads=heads, scenarios=scenarios, by=by, folds=folds,  # type: ignore[arg-type]
                                split_scheme=split_scheme, silent=not progress, **options)  # type: ignore[arg-type]
-    board = asked_results(leaderboard(st, metrics=list(metrics)), summary.results)
-    return wide_leaderboard(board, metrics=metrics)
+    metric_list = name_list(metrics)
+    board = asked_results(leaderboard(st, metrics=metric_list), summary.results)
+    return wide_leaderboard(board, metrics=metric_list)
 
 
 def _embedding_ids(data: ad.AnnData | Sequence[str] | None) -> tuple[list[str] | None, str | None]:
@@ -256,8 +257,8 @@ def results(
     DataFrame
         Numeric columns (``<metric>``, ``<metric>_sd`` float; ``<metric>_n`` integer).
     """
-    from scdm.classify.results import leaderboard, wide_leaderboard
+    from scdm.classify.results import leaderboard, name_list, wide_leaderboard
 
-    metric_list = list(metrics)
+    metric_list = name_list(metrics)
     board = leaderboard(open_store(store), metrics=metric_list, **filters)
     return board if long else wide_leaderboard(board, metrics=metric_list)

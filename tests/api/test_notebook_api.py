@@ -92,6 +92,11 @@ def test_evaluate_and_results_return_numeric_frames(tmp_path: Path) -> None:
     long = scdm.results(tmp_path / "st", long=True, metrics=["auroc"])
     assert set(long["metric"]) == {"auroc"} and {"mean", "sd", "n_folds"} <= set(long.columns)
 
+    # one name as a plain string is that name, not its letters (was: 'Unknown head 'm'', and 0 rows for models="pca")
+    again = scdm.evaluate(jhu, heads="majority", scenarios="pooled", by="all", folds=3, metrics="auroc", progress=False)
+    assert list(again["head"]) == ["majority"] and "auroc" in again.columns and "ap" not in again.columns
+    assert len(scdm.results(tmp_path / "st", models="pca", heads="logreg")) == 1
+
 
 def test_evaluate_names_what_is_missing(pc9: ad.AnnData, tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match=r"scdm.embed\(adata"):

@@ -43,6 +43,7 @@ from scdm.classify.heads import (
     ridge_from_stats,
     ridge_score_to_proba,
 )
+from scdm.classify.results import name_list
 from scdm.classify.tasks import (
     PREDICT_BLOCK_ROWS,
     Outcome,
@@ -559,7 +560,7 @@ def evaluate(
 
     st = open_store(store)
     started = time.perf_counter()
-    heads = list(dict.fromkeys(heads))
+    heads = list(dict.fromkeys(name_list(heads)))
     head_params = _seeded_head_params(heads, dict(head_params or {}), seed)
     for head in heads:  # validate names and parameters before any work
         get_head(head, **head_params.get(head, {})).validate_params()
@@ -576,7 +577,7 @@ def evaluate(
         from scdm.classify._ray_grid import import_ray
 
         import_ray()  # a missing Ray is a clear error before any run is recorded
-    scenarios, by = list(scenarios), list(by)
+    scenarios, by = name_list(scenarios), name_list(by)
     spaces = _select_spaces(st, embeddings)
     config = {"embeddings": [e for s in spaces for e in s.embedding_ids], "scenarios": scenarios, "by": by,
               "heads": heads, "head_params": head_params, "folds": folds, "split_scheme": split_scheme, "seed": seed,

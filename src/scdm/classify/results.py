@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
@@ -30,6 +30,18 @@ LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets",
 """The result identity: one leaderboard row per value of these (besides the metric). Results of
 different embedding spaces, datasets, label sets, splits (scenario, scheme, k, seed) or head
 parameters are never averaged together."""
+
+
+NameT = TypeVar("NameT", bound=str)
+
+
+def name_list(values: NameT | Iterable[NameT]) -> list[NameT]:
+    """A list option's values: one name given as a plain string is that name, not its letters.
+
+    ``heads="ridge"`` or ``models="pca"`` would otherwise be read character by character: an
+    unknown head 'r', or a filter that silently matches nothing.
+    """
+    return [values] if isinstance(values, str) else list(values)
 
 
 def leaderboard(
@@ -80,7 +92,7 @@ def leaderboard(
     from scdm.store import open_store
 
     st = open_store(store)
-    metric_list = list(metrics) if metrics is not None else list(METRICS)
+    metric_list = name_list(metrics) if metrics is not None else list(METRICS)
     unknown = [m for m in metric_list if m not in METRICS]
     if unknown:
         msg = f"Unknown metric {unknown}; choose from {', '.join(METRICS)}."
@@ -91,7 +103,7 @@ def leaderboard(
                            ("datasets", datasets), ("label_set", label_sets)):
         if values is not None:
             where.append(f"list_contains(?, r.{column})")
-            args.append(list(values))
+            args.append(name_list(values))
     if scheme is not None:
         where.append("r.scheme = ?")
         args.append(scheme)
