@@ -75,6 +75,17 @@ def test_unknown_label_values_are_listed(st):
         st.ingest(adata, label_key="label")
 
 
+def test_a_label_column_without_a_label_is_refused_and_nothing_is_written(st):
+    adata = make_counts_adata()
+    adata.obs["label"] = np.nan  # the wrong column: was stored as a label set of 0 labelled cells
+    with pytest.raises(InputDataError, match=r"'label' \(--label-key\) holds no response label: all 60 values .*leave --label-key out"):
+        st.ingest(adata, name="x", label_key="label")
+    adata.obs["label"] = "not_in_set"
+    with pytest.raises(InputDataError, match="holds no response label"):
+        st.ingest(adata, name="x", label_key="label", unknown_values=("not_in_set",))
+    assert st.datasets().empty and st.label_sets().empty
+
+
 def test_missing_label_column_lists_available_columns(st):
     with pytest.raises(InputDataError, match=r"'resp' .* not in obs\. Available obs columns: label, study, patient"):
         st.ingest(make_counts_adata(), label_key="resp")

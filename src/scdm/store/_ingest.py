@@ -445,6 +445,12 @@ def cell_table(adata: ad.AnnData, opts: IngestOptions, *, default_study: str) ->
     else:
         labels = _obs_column(obs, opts.label_key, "label_key")
         frame["response"] = normalise_response(labels, positive=opts.positive, unknown_values=opts.unknown_values).values
+        if frame["response"].isna().all():  # a label set without a label: the wrong column, or all declared unknown
+            seen = ", ".join(sorted({str(v) for v in labels.astype("object").unique()})[:5])
+            msg = (f"Column {opts.label_key!r} (--label-key) holds no response label: all {len(labels)} values are missing "
+                   f"or unknown (values: {seen}). Check --label-key and --unknown-value; to ingest the cells without "
+                   "labels, leave --label-key out.")
+            raise InputDataError(msg)
     return frame
 
 
