@@ -58,6 +58,8 @@ def test_name_clash_with_different_content_is_refused(st):
         (["Responder", "non-responder", "NA"], {}, [1, 0, None]),
         (["CR", "PD", "PD"], {"positive": "CR"}, [1, 0, 0]),
         (["resistant", "not_in_set", "resistant"], {"unknown_values": ("not_in_set",)}, [0, None, 0]),
+        (["sensitive", "resistant", "no"], {"unknown_values": ("no",)}, [1, 0, None]),  # was 0: the option was ignored
+        (["CR", "PD", "NE"], {"positive": "CR", "unknown_values": ("NE",)}, [1, 0, None]),
     ],
 )
 def test_response_normalisation(st, values, kwargs, expected):

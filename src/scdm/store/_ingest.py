@@ -407,8 +407,8 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
             "and --unknown-value VALUE for labels to store as unknown."
         )
         raise InputDataError(msg)
-    out[is_pos] = 1
-    out[is_neg] = 0
+    out[is_pos & ~is_unk] = 1  # a value declared unknown stays unknown, even one that reads as a label
+    out[is_neg & ~is_unk] = 0
     return out
 
 
