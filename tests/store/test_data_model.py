@@ -121,7 +121,7 @@ def test_results_of_different_splits_or_datasets_are_never_averaged(tmp_path):
 
     out = CliRunner().invoke(main, ["--store", str(st.root), "results", "--format", "csv"])
     assert out.exit_code == 0, out.output
-    csv = pd.read_csv(pd.io.common.StringIO(out.output))
+    csv = pd.read_csv(pd.io.common.StringIO(out.stdout))  # the notes go to stderr
     assert csv["auroc"].dtype.kind == "f" and csv["auroc_sd"].dtype.kind == "f" and len(csv) == 4
 
 
