@@ -1188,6 +1188,9 @@ class Store:
         space = space_id_of(model, checkpoint_hash, adapter_hash, variant, params)
         embedding_id = _short_hash("embedding", ds.content_hash, space, dtype)
         rows = chunk_rows if chunk_rows is not None else _zarr.default_chunk_rows(dim, dtype)
+        # never a chunk taller than the dataset: Zarr pads an edge chunk to full size on disk, so a
+        # 108-cell dataset's 50-dim pca took 13 MB (one 65,536-row chunk) instead of 22 KB
+        rows = min(rows, ds.n_cells)
         # array_path is relative to the store root, or a URL when arrays live elsewhere
         rel = f"{self.arrays_url}/{embedding_id}.zarr" if self.arrays_url else f"{EMBEDDINGS_DIR}/{embedding_id}.zarr"
         location: _zarr.ArrayLocation = rel if self.arrays_url else self.root / rel
