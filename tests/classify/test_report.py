@@ -547,3 +547,21 @@ def test_an_interrupted_report_leaves_no_page_of_the_earlier_one(tmp_path: Path,
         write_report(Store(tmp_path / "empty"), tmp_path / "r")
     # the earlier page would show its numbers beside the new (or deleted) figures and tables
     assert not (tmp_path / "r" / "index.html").exists()
+
+
+def test_projection_names_the_label_set_of_its_response_colours(tmp_path: Path) -> None:
+    """JHU006's Gefitinib and Vorinostat labels disagree on every cell: a projection coloured by the
+    default (Gefitinib) beside results of Vorinostat alone must say whose labels it shows."""
+    from scdm.embedding.runner import embed
+
+    st = Store(tmp_path / "store")
+    jhu006 = DATA / "JHU006_HNSCC_Kinker2020.h5ad"
+    st.ingest(jhu006, name="jhu006", label_key="response_Gefitinib", drug="Gefitinib", study="JHU006")
+    st.ingest(jhu006, label_key="response_Vorinostat", drug="Vorinostat")
+    embed(st, "jhu006", "pca", n_comps=4, progress=False)
+    evaluate(st, label_set="Vorinostat", scenarios=["pooled"], by=["all"], heads=["ridge"], folds=3, silent=True)
+    out = write_report(st, tmp_path / "r", projection="pca", formats=["png"], metrics=["f1", "auroc"])
+    captions = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<figcaption>(.*?)</figcaption>", out.read_text(), re.S)]
+    caption, = [c for c in captions if "(space " in c]
+    assert "Response colours: each dataset's default label set (Gefitinib)." in caption
+    assert "also use label set Vorinostat" in caption

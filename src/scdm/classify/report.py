@@ -1218,16 +1218,39 @@ def _projection_figure(ctx: _Context, index: int, projections: _Projections) -> 
     logger.info("report: %s projection of %d cells of %s (%d dims)", projections.method.upper(), len(X), label, X.shape[1])
     coords, axis_name, how = projections.coordinates(index)
     datasets = ", ".join(item.group["dataset_name"])
-    fig = _plots.projection_figure(coords, cells, panels=[("response_text", "response"),
+    # the colours are each dataset's default label set; another label set of the same cells can say the opposite
+    label_sets = _response_label_sets(cells)
+    response_title = f"response ({label_sets[0][1]})" if len({ls for _, ls in label_sets}) == 1 else "response"
+    fig = _plots.projection_figure(coords, cells, panels=[("response_text", response_title),
                                                           ("cancer_type", "cancer type"), ("study", "study")],
                                    colors=projections.colors, title=f"{label} ({X.shape[1]} dims; {datasets})",
                                    axis_name=axis_name)
     subsample = (f"{len(X):,} of {item.total:,} cells (uniform random subsample, seed {projections.seed})"
                  if item.total > len(X) else f"all {item.total:,} cells")
     unknown = bool(cells["response"].isna().any() or cells["cancer_type"].isna().any() or cells["study"].isna().any())
-    caption = _parts().projection_caption(label, str(first["space_id"]), datasets, how, subsample, unknown)
+    caption = _parts().projection_caption(label, str(first["space_id"]), datasets, how, subsample, unknown,
+                                          label_sets, _other_label_sets(ctx, item))
     stem = f"projection_{first['model']}_{_strategy(str(first['variant']))}_{str(first['space_id'])[:8]}"
     return _figure_html(ctx.save(fig, stem, caption))
+
+
+def _response_label_sets(cells: pd.DataFrame) -> list[tuple[str, str]]:
+    """(dataset, label set) whose labels colour the response panel: each dataset's default (cells.response)."""
+    if "label_set" not in cells.columns:
+        return []
+    pairs = cells[["dataset_id", "label_set"]].drop_duplicates()
+    pairs = pairs[pairs["label_set"].notna()]
+    return [(str(d), str(ls)) for d, ls in zip(pairs["dataset_id"], pairs["label_set"])]
+
+
+def _other_label_sets(ctx: _Context, item: _ProjectionInput) -> list[str]:
+    """Label sets of the projected datasets, other than the default, that results of this report use."""
+    ids = [str(d) for d in item.group["dataset_id"]]
+    frame = ctx.st.query(
+        "SELECT DISTINCT l.name FROM label_sets l WHERE list_contains(?, l.dataset_id) AND NOT l.is_default "
+        "AND l.name IN (SELECT DISTINCT r.label_set FROM eval_results r " + _where(ctx.filters.results()) + ") "
+        "ORDER BY l.name", [ids])
+    return [str(n) for n in frame["name"]]
 
 
 # ---- scalability ----------------------------------------------------------------------------
