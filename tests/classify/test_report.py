@@ -565,3 +565,16 @@ def test_projection_names_the_label_set_of_its_response_colours(tmp_path: Path) 
     caption, = [c for c in captions if "(space " in c]
     assert "Response colours: each dataset's default label set (Gefitinib)." in caption
     assert "also use label set Vorinostat" in caption
+
+
+def test_bar_and_radar_captions_give_the_n_of_each_mean(report: Path, evaluated: Store) -> None:
+    """A mean over 2 held-out studies must not read like one over 10: the captions give n per scenario."""
+    captions = [html.unescape(re.sub(r"<[^>]+>", "", c))
+                for c in re.findall(r"<figcaption>(.*?)</figcaption>", report.read_text(), re.S)]
+    overview, = [c for c in captions if c.startswith("Mean over folds")]
+    n = evaluated.query("SELECT scenario, count(DISTINCT fold) AS n FROM eval_results "
+                        "WHERE category_type = 'all' AND metric = 'f1' GROUP BY scenario")
+    n = dict(zip(n["scenario"], n["n"]))
+    assert f"n per bar: {n['pooled']} folds (pooled); {n['cross']} held-out studies (cross)" in overview
+    radar = next(c for c in captions if c.startswith("Cross scenario"))
+    assert "n per point: 2 held-out studies (cross)" in radar  # tissue 'head and neck': studies S2 and S3

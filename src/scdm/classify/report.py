@@ -871,10 +871,32 @@ def _section_summary(ctx: _Context, board: pd.DataFrame) -> Markup:
         frame = overall.rename(columns={"head": "head_name"}).rename(columns={"head_label": "head"})
         fig = _plots.bars_figure(frame, ctx.series(overall), scenarios=scenarios, metrics=ctx.plot_metrics,
                                  heads=heads, title="Overall performance (all cells)")
-        caption = _parts().overview_caption(_metric_names(ctx.plot_metrics), _several_series(overall), picked)
+        caption = _parts().overview_caption(_metric_names(ctx.plot_metrics), _several_series(overall), picked,
+                                            _n_text(overall, "bar"))
         parts.append(_figure_html(ctx.save(fig, "overview_bars", caption)))
     parts.append(_series_table(ctx))
     return _section("leaderboard", "Leaderboard: all cells", Markup("").join(parts))
+
+
+def _n_text(frame: pd.DataFrame, what: str) -> str:
+    """How many folds each drawn mean is over, per scenario: ``3 folds (pooled); 4 to 15 held-out studies (cross)``.
+
+    A mean over 4 held-out studies looks as sure as one over 15 in a bar or radar: the caption says
+    which. ``n`` counts the folds where the metric is defined (a one-class test fold has none).
+    """
+    parts = []
+    for scenario in [s for s in _SCENARIO_ORDER if s in set(frame["scenario"])]:
+        n = frame.loc[frame["scenario"] == scenario, "n"].dropna().astype(int)
+        if n.empty:
+            continue
+        one, many = ("held-out study", "held-out studies") if scenario == "cross" else ("fold", "folds")
+        lo, hi = int(n.min()), int(n.max())
+        count = f"{lo} {one if lo == 1 else many}" if lo == hi else f"{lo} to {hi} {many}"
+        parts.append(f"{count} ({scenario})")
+    if not parts:
+        return ""
+    one_fold = "; a mean over one fold has no error bar" if (frame["n"] == 1).any() else ""
+    return f"n per {what}: " + "; ".join(parts) + one_fold + " (each result's n is in the tables)."
 
 
 def _several_series(frame: pd.DataFrame) -> bool:
@@ -933,7 +955,8 @@ def _section_radars(ctx: _Context, board: pd.DataFrame) -> Markup:
                 fig, fallbacks = _plots.radar_figure(panel, ctx.series(panel), metrics=ctx.plot_metrics,
                                                      category_types=types, title=title)
                 caption = _parts().radar_caption(scenario, _strategy_text(strategy), head, _metric_names(ctx.plot_metrics),
-                                                 list(fallbacks), _several_series(panel), picked)
+                                                 list(fallbacks), _several_series(panel), picked,
+                                                 _n_text(panel, "point"))
                 parts.append(_figure_html(ctx.save(fig, f"radar_{scenario}_{strategy}_{head}", caption)))
     parts.append(_sql_html(_figure_data_sql(ctx.filters, ctx.plot_metrics), "Data of these figures"))
     return _section("categories", "Performance across categories", Markup("").join(parts))
