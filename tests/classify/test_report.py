@@ -578,3 +578,25 @@ def test_bar_and_radar_captions_give_the_n_of_each_mean(report: Path, evaluated:
     assert f"n per bar: {n['pooled']} folds (pooled); {n['cross']} held-out studies (cross)" in overview
     radar = next(c for c in captions if c.startswith("Cross scenario"))
     assert "n per point: 2 held-out studies (cross)" in radar  # tissue 'head and neck': studies S2 and S3
+
+
+def test_confounded_studies_are_flagged_only_where_folds_can_split_a_sample(tmp_path: Path) -> None:
+    """Labels constant within samples leak only through cell-level folds: no warning, and no advice to use
+    --split-scheme sample, on a page whose pooled results already group by sample."""
+    from scdm.embedding.runner import embed
+
+    st = Store(tmp_path / "store")
+    adata = _adata(0)
+    adata.obs["response"] = np.where(np.arange(N_CELLS) % 4 < 2, "sensitive", "resistant")  # constant per sample
+    adata.obs["sample"] = [f"s{i % 4}" for i in range(N_CELLS)]
+    st.ingest(adata, name="d1", label_key="response", sample_key="sample", study="S1")
+    embed(st, "d1", "pca", n_comps=4, progress=False)
+    common = {"scenarios": ["pooled"], "by": ["all"], "heads": ["ridge"], "folds": 2, "silent": True}
+    evaluate(st, split_scheme="sample", **common)
+    page = write_report(st, tmp_path / "r", projection="none", formats=["png"]).read_text()
+    assert "confounded-studies" not in page and "Confounded studies" not in page
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        evaluate(st, split_scheme="cell", **common)
+    page = write_report(st, tmp_path / "r", projection="none", formats=["png"]).read_text()
+    assert 'id="confounded-studies"' in page and "<b>S1</b>" in page
