@@ -267,7 +267,7 @@ def main(ctx: click.Context, store_path: str | None, read_only: bool | None, ver
       scdm embed a375 --model pca
       scdm evaluate --scenario pooled,cross --head logreg,mlp
       scdm results
-      scdm sql "SELECT result_key, model, label_set, head, avg(value) AS auroc FROM results WHERE metric = 'auroc' GROUP BY ALL"
+      scdm sql "SELECT model, label_set, scenario, category, head, avg(value) AS auroc, count(value) AS n, result_key FROM results WHERE metric = 'auroc' GROUP BY ALL ORDER BY ALL"
 
     Everything lives in one store directory (--store / $SCDM_STORE): a DuckDB catalog you can query
     with any DuckDB client, and Zarr v3 arrays you can open with any Zarr client. --store, --read-only
@@ -345,6 +345,12 @@ def ls_command(obj: Ctx, what: str, fmt: str) -> None:
 
     --format csv prints one table: pick it with --what datasets, labels or embeddings
     (--format json prints all three as one document).
+
+    \b
+    Examples:
+      scdm ls
+      scdm ls --what labels
+      scdm ls --what embeddings --format csv > embeddings.csv
     """
     if fmt == "csv" and what == "all":  # three tables with different headers would read as one wrong table
         raise click.UsageError("--format csv prints one table: add --what datasets, --what labels or --what embeddings "
@@ -424,7 +430,13 @@ def _select_embedding(st: Any, embedding_id: str | None, dataset: str | None, mo
 @pass_ctx
 @user_errors
 def export(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str | None, variant: str, out: str) -> None:
-    """Write an embedding out, rows in dataset order (.npy, or .h5ad with it in obsm)."""
+    """Write an embedding out, rows in dataset order (.npy, or .h5ad with it in obsm).
+
+    \b
+    Examples:
+      scdm export --dataset a375 --model pca --out a375_pca.npy
+      scdm export --embedding 3f2a9c0d1e7b --out a375_pca.h5ad    # ids: scdm ls --what embeddings
+    """
     emb = _select_embedding(obj.store, embedding_id, dataset, model, variant)
     path = obj.store.export_embedding(emb.embedding_id, out)
     click.echo(f"wrote {emb.n_cells} x {emb.dim} {emb.model} embedding to {path}")
@@ -448,6 +460,11 @@ def rm(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str | Non
 
     An embedding that a running job (`scdm embed`, `scdm finetune`) is writing is not deleted: the
     command refuses and names the job (pid, host, since when). Stop the job first, or --wait.
+
+    \b
+    Examples:
+      scdm rm --dataset a375 --model pca --dry-run     # the pca embedding of a375
+      scdm rm --dataset new_cells --dry-run            # the dataset, its embeddings, splits and results
     """
     st = obj.store
     if dataset and not model and not embedding_id:
@@ -1131,6 +1148,10 @@ def report(obj: Ctx, out_dir: str) -> None:
     Radar plots of F1/AUROC per model across categories, bars with sd over folds, per-fold
     distributions, UMAPs of each embedding, a scalability table, the leaderboards with the SQL
     that reproduces them, the split scheme and skipped tasks.
+
+    \b
+    Examples:
+      scdm report --out report/          # then open report/index.html; tables/ holds each table as CSV and SQL
     """
     from scdm.classify.report import write_report
     from scdm.store.progress import progress_enabled
@@ -1334,6 +1355,11 @@ def predict(obj: Ctx, head_id: str, dataset: str, out: str | None, trust_pickle:
     Probabilities and labels go to the catalog (SELECT * FROM predictions). A dataset embedded with
     another model, variant or space is refused with the command that embeds it correctly. Heads are
     read from files that cannot run code (NPZ/JSON, safetensors, LightGBM text).
+
+    \b
+    Examples:
+      scdm predict --head <head id> --dataset new_cells --out predictions.csv   # head ids: scdm train-head prints one
+      scdm sql "SELECT head_id, model, head, category_type, category FROM trained_heads"
     """
     from scdm.classify.trained_heads import predict as run_predict
 

@@ -140,7 +140,7 @@ Next steps
   - Your data:        scdm ingest my.h5ad --label-key response --study-key study --sample-key patient
   - A real model:     scdm embed my --model geneformer --checkpoint /path/to/Geneformer   (scdm models lists the files)
   - Evaluate:         scdm evaluate --head ridge,logreg,mlp --folds 10      (folds grouped by sample when sample ids exist)
-  - Ask in SQL:       scdm sql "SELECT result_key, model, datasets, label_set, scenario, n_folds AS k, head, avg(value) AS auroc FROM results WHERE metric='auroc' GROUP BY ALL"
+  - Ask in SQL:       scdm sql "SELECT model, datasets, label_set, scenario, n_folds AS k, category, head, avg(value) AS auroc, count(value) AS n, result_key FROM results WHERE metric='auroc' GROUP BY ALL ORDER BY ALL"
                       (one row per result: never average across splits, label sets or datasets; README's SQL cookbook)
   - Report:           scdm report --out report/
 """
