@@ -186,8 +186,10 @@ def evaluate(
     store : str, path or Store, optional
         Default: the store recorded in ``adata.uns["scdm"]``, else :func:`default_store_path`.
     heads, scenarios, by, folds, split_scheme
-        As in :func:`scdm.classify.grid.evaluate`. ``split_scheme="auto"`` groups the folds by
-        sample when every cell has a sample id (``cell`` is the scDrugMap protocol).
+        As in :func:`scdm.classify.grid.evaluate` (whose defaults differ: these are the notebook's).
+        ``split_scheme="auto"`` groups the folds by sample when every labelled cell has a sample id
+        and there are at least ``folds`` samples, else folds are at cell level (``cell``, the
+        scDrugMap protocol, which can leak sample identity); every row names its ``scheme``.
     metrics : iterable of str
         Metric columns of the returned frame.
     progress : bool, default True

@@ -804,7 +804,8 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
 @list_option("--model", "models", help="Evaluate only embeddings of these models.")
 @list_option("--scenario", "scenario", default=("pooled", "cross"), help="pooled (k-fold within a category), cross (leave one study out), custom.")
 @list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types; every category of each is a task.")
-@list_option("--head", "heads", aliases=("--heads",), default=("mlp", "logreg"), help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label.")
+@list_option("--head", "heads", aliases=("--heads",), default=("mlp", "logreg"), help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label, dann (scDEAL domain adaptation: the "
+                   "test fold's cells, unlabelled, are its target; meant for --scenario cross).")
 @click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario (the paper: 10).")
 @click.option("--split-scheme", type=click.Choice(["auto", "sample", "cell"]), default="auto", show_default=True,
               help="Pooled folds grouped by sample (no patient on both sides of a fold) or at cell level (the paper's, "
