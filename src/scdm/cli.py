@@ -900,6 +900,24 @@ def _check_choices(option: str, given: tuple[str, ...], allowed: tuple[str, ...]
                                  f"{', '.join(map(repr, allowed))}.", param_hint=f"'{option}'")
 
 
+def _check_result_filters(st: Any, filters: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    """Warn about filter values that no stored result has: a typo, or `JHU006` for `jhu006`, must not read as 'no rows'.
+
+    ``filters``: option -> (column of eval_tasks, values given). The warning lists the values the
+    store's results do have (a model or head not evaluated yet is not an error: it warns the same).
+    """
+    for option, (column, values) in filters.items():
+        if not values:
+            continue
+        known = [str(v) for v in st.query(f"SELECT DISTINCT {column} AS v FROM eval_tasks WHERE {column} IS NOT NULL "
+                                          "ORDER BY v")["v"]]
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            choices = (", ".join(map(repr, known[:20])) + (", ..." if len(known) > 20 else "")) if known else "none yet"
+            click.echo(f"warning: {option} {', '.join(map(repr, unknown))} matches no result (names are exact and "
+                       f"case-sensitive; results have: {choices}).", err=True)
+
+
 def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, ...]) -> list[str] | None:
     if not datasets and not models:
         return None
@@ -942,7 +960,7 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
     \b
     Examples:
       scdm results --by all
-      scdm results --label-set Vorinostat --dataset JHU006
+      scdm results --label-set Vorinostat --dataset jhu006
       scdm results --scenario cross --by cancer_type --format csv > cross.csv
       scdm results --long --format json
     """
@@ -961,6 +979,8 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
     board = leaderboard(obj.store, metrics=shown if long_format else None, models=models or None, heads=heads or None,
                         scenarios=scenarios or None, category_types=category_types or None, scheme=scheme,
                         datasets=datasets or None, label_sets=label_sets or None)
+    _check_result_filters(obj.store, {"--model": ("model", models), "--head": ("head", heads),
+                                      "--dataset": ("datasets", datasets), "--label-set": ("label_set", label_sets)})
     if long_format:
         echo_frame(board, fmt)
     elif fmt == "table":

@@ -58,3 +58,16 @@ def test_evaluate_prints_the_results_it_was_asked_for_not_the_whole_store(store:
     assert [(r["head"], r["label_set"]) for r in rows] == [("majority", "Vorinostat")]
     again = list(csv.DictReader(io.StringIO(run(store, *EVALUATE, "--head", "ridge", "--format", "csv"))))
     assert [(r["head"], r["label_set"]) for r in again] == [("ridge", "Gefitinib")]  # reused, still printed
+
+
+def test_results_name_a_filter_value_that_matches_no_result(store: Path) -> None:
+    """`--dataset jhu006` for a dataset named JHU006 printed '(no rows)' and nothing else (--help's own example did)."""
+    run(store, *EVALUATE, "--head", "ridge")
+    dataset = Store(store).query("SELECT DISTINCT datasets FROM eval_tasks")["datasets"].iloc[0]
+    result = CliRunner().invoke(main, ["--store", str(store), "results", "--dataset", dataset.lower(),
+                                       "--label-set", "Vorinostt", "--head", "ridge"])
+    assert result.exit_code == 0 and "(no rows)" in result.stdout
+    assert (f"warning: --dataset {dataset.lower()!r} matches no result (names are exact and case-sensitive; "
+            f"results have: {dataset!r})") in result.stderr
+    assert "--label-set 'Vorinostt' matches no result" in result.stderr and "--head" not in result.stderr
+    assert "warning" not in CliRunner().invoke(main, ["--store", str(store), "results", "--dataset", dataset]).stderr
