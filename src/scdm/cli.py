@@ -1291,12 +1291,13 @@ def _transfer_labels(result: Any) -> str:
               help="Test signed or absolute attributions  [default: the profile's]")
 @click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default=None,
               help="Multiple-testing correction  [default: the profile's]")
-@click.option("--fdr", type=float, default=0.05, show_default=True)
+@click.option("--fdr", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
+              help="Corrected p-value threshold of a critical gene (a fraction: 0.05, not 5).")
 @click.option("--pseudocount", type=float, default=0.1, show_default=True,
               help="Of the log2 fold change, in units of the mean absolute attribution.")
 @click.option("--top", type=int, default=20, show_default=True, help="Genes to print and plot per direction.")
-@click.option("--no-plot", is_flag=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-plot", is_flag=True, help="Do not draw critical_genes.png (in the run's artifacts folder).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --max-cells subsample.")
 @output_options
 @pass_ctx
 @user_errors

@@ -151,3 +151,10 @@ def test_progress_shows_in_jupyter_and_q_silences_everything(monkeypatch: pytest
         assert not progress_enabled() and progress_bar(3).disable
     monkeypatch.setenv("SCDM_PROGRESS", "0")
     assert not progress_enabled()
+
+
+@pytest.mark.parametrize("fdr", ["5", "0", "-0.1"])
+def test_genes_refuses_an_fdr_that_is_not_a_fraction(fdr: str, tmp_path: Path) -> None:
+    """`--fdr 5` (meaning 5 %) called every gene with an effect critical; it is refused before any work."""
+    result = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "genes", "--run", "any", "--fdr", fdr])
+    assert result.exit_code == 2 and "Invalid value for '--fdr'" in result.output and "0<x<=1" in result.output
