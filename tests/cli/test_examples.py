@@ -65,7 +65,7 @@ def help_examples() -> list[str]:
 
     def walk(command: click.Command) -> None:
         text = command.help or ""
-        if "Examples:" in text or "Typical session:" in text:
+        if "Examples:" in text or "Example:" in text or "Typical session:" in text:  # synth says "Example:"
             out.extend(line for line in _joined(text.splitlines()) if line.startswith("scdm "))
         for sub in getattr(command, "commands", {}).values():
             walk(sub)
@@ -221,8 +221,8 @@ def test_every_example_parses(example: str, tmp_path: Path, monkeypatch: pytest.
         _parse_only(args)
 
 
-# examples depend on what earlier ones made (a head id, an evaluation): run them in one test, in order
-ORDER = ("scdm ingest", "scdm synth", "scdm embed", "scdm models", "scdm ls", "scdm sql", "scdm export", "scdm evaluate",
+# examples depend on what earlier ones made (a synthetic collection, a head id, an evaluation): run them in one test, in order
+ORDER = ("scdm synth", "scdm ingest", "scdm embed", "scdm models", "scdm ls", "scdm sql", "scdm export", "scdm evaluate",
          "scdm results", "scdm train-head", "scdm predict", "scdm report", "scdm verify", "scdm prompt", "scdm rm")
 
 
