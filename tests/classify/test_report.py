@@ -600,3 +600,19 @@ def test_confounded_studies_are_flagged_only_where_folds_can_split_a_sample(tmp_
         evaluate(st, split_scheme="cell", **common)
     page = write_report(st, tmp_path / "r", projection="none", formats=["png"]).read_text()
     assert 'id="confounded-studies"' in page and "<b>S1</b>" in page
+
+
+def test_the_split_table_lists_fold_counts_as_numbers() -> None:
+    """Cross-data splits of 4, 5, 15 and 23 held-out studies read 4, 5, 15, 23 (text order gave 15, 23, 4, 5)."""
+    import duckdb
+
+    from scdm.classify.report import _Filters, _splits_sql
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE splits AS SELECT 'cross' AS scenario, 'study' AS scheme, n AS n_folds, 0 AS seed, "
+                "'response' AS label_set, 'ok' AS status, 'tissue' AS category_type, 's' || n AS split_id "
+                "FROM (VALUES (15), (23), (4), (5), (4)) t(n)")
+    con.execute("CREATE TABLE eval_results AS SELECT split_id FROM splits")
+    con.execute("CREATE TABLE skipped_tasks AS SELECT split_id FROM splits WHERE false")
+    (row,) = con.execute(_splits_sql(_Filters())).fetchall()
+    assert row[2] == "4, 5, 15, 23"
