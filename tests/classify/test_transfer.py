@@ -531,6 +531,10 @@ def test_critical_genes_profiles_store_signed_means_and_their_settings(deep: tup
         np.testing.assert_allclose(stored[column].to_numpy(float), paper[column].to_numpy(float), equal_nan=True)
     with pytest.raises(InputDataError, match="correction"):
         critical_genes(st, res.run_id, correction="holm", plot=False)
+    with pytest.raises(InputDataError, match=r"fdr=5: pass a fraction in \(0, 1\]"):
+        critical_genes(st, res.run_id, fdr=5, plot=False)  # 5 meant as 5 %: every gene with an effect critical
+    with pytest.raises(InputDataError, match=r"min_pts=20: pass a share of cells"):
+        critical_genes(st, res.run_id, min_pts=20, plot=False)
 
 
 def test_attribution_table_on_known_attributions() -> None:
