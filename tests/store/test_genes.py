@@ -26,3 +26,22 @@ def test_ensembl_ids_of_mt_genes_map_to_hgnc_symbols() -> None:
         "MT-CO1", "MT-CYB", "MT-ND4"]
     assert map_genes(["COX1"], src="symbol", dst="ensembl")[0] is None
     assert not gene_table()["symbol"].isin(["COX1", "ND1", "CYTB", "TRNC"]).any()
+
+
+def test_a_symbol_with_several_ensembl_ids_takes_the_one_a_model_knows() -> None:
+    # ABCB11: the primary-assembly id and a patch/haplotype id; a vocabulary may hold either
+    primary, patch = "ENSG00000073734", "ENSG00000276582"
+    assert map_genes(["ABCB11"], src="symbol", dst="ensembl").tolist() == [primary]  # the table's first
+    assert map_genes(["ABCB11", "abcb11", "TP53"], src="symbol", dst="ensembl", prefer={patch, "ENSG00000141510"}).tolist() \
+        == [patch, patch, "ENSG00000141510"]
+    assert map_genes(["ABCB11"], src="symbol", dst="ensembl", prefer={"ENSG00000141510"}).tolist() == [primary]  # none known
+
+
+def test_a_geneformer_vocabulary_with_the_other_ensembl_id_of_a_symbol_uses_the_gene(tmp_path: Path) -> None:
+    from scdm.embedding.models.geneformer import GeneformerAdapter, write_tiny_checkpoint
+
+    genes = ["TP53", "GAPDH", "ACTB", "ABCB11"]
+    vocabulary = ["ENSG00000141510", "ENSG00000111640", "ENSG00000075624", "ENSG00000276582"]  # ABCB11's patch id
+    adapter = GeneformerAdapter(checkpoint=write_tiny_checkpoint(tmp_path / "ckpt", genes=vocabulary))
+    audit = adapter.prepare(genes, gene_id_kind="symbol")
+    assert audit.n_matched == 4 and "ABCB11" not in audit.unmatched_examples

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Literal
@@ -83,7 +83,8 @@ model knows (or, for ``COX1``, the alias of another gene, PTGS1)."""
 def gene_table_version() -> str:
     """Short content hash of the shipped table and of the corrections applied to it; part of every embedding's parameters."""
     corrections = "".join(f"{k}={v};" for k, v in sorted(MITOCHONDRIAL_SYMBOLS.items())).encode()
-    return hashlib.blake2b(_table_bytes() + corrections, digest_size=6).hexdigest()
+    rules = b"symbol->ensembl prefers the model's vocabulary"  # map_genes(prefer=...): a rule that changes mappings
+    return hashlib.blake2b(_table_bytes() + corrections + rules, digest_size=6).hexdigest()
 
 
 def strip_ensembl_version(ids: Sequence[str]) -> list[str]:
@@ -159,7 +160,8 @@ def _lookup(src: str, dst: str) -> dict[str, str]:
     return mapping
 
 
-def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKind) -> np.ndarray:
+def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKind,
+              prefer: Collection[str] | None = None) -> np.ndarray:
     """Map gene ids from one kind to another with the shipped table.
 
     Parameters
@@ -168,6 +170,10 @@ def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKi
         Gene ids of kind ``src``; Ensembl version suffixes are ignored.
     src, dst
         ``"symbol"``, ``"ensembl"`` or ``"entrez"``.
+    prefer
+        A model's vocabulary (ids of kind ``dst``). Where an id has several matches (1,649 symbols
+        have several Ensembl ids: a gene on the primary assembly and on a patch or haplotype), the
+        first one in ``prefer`` is taken; without it, or where none is in it, the table's first.
 
     Returns
     -------
@@ -186,4 +192,35 @@ def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKi
         out = [mapping.get(i, mapping.get(i.upper())) for i in names]
     else:
         out = [mapping.get(i) for i in names]
+    if prefer is not None:
+        keys = [i if src != "symbol" or i in mapping else i.upper() for i in names]  # the key the lookup used
+        out = _preferred(keys, out, _alternatives(src, dst), prefer)
     return np.asarray(out, dtype=object)
+
+
+def _preferred(keys: list[str], mapped: list[str | None], alternatives: dict[str, tuple[str, ...]],
+               prefer: Collection[str]) -> list[str | None]:
+    """``mapped``, with an id that has several matches mapped to the first match in ``prefer``."""
+    out = list(mapped)
+    for i, key in enumerate(keys):
+        if mapped[i] is None or mapped[i] in prefer:
+            continue
+        found = next((c for c in alternatives.get(key, ()) if c in prefer), None)
+        if found is not None:
+            out[i] = found
+    return out
+
+
+@lru_cache(maxsize=16)
+def _alternatives(src: str, dst: str) -> dict[str, tuple[str, ...]]:
+    """Every match, in table order, of the ids with more than one (symbols also upper-cased, as :func:`_lookup`)."""
+    table = gene_table()
+    pairs = table[(table[src] != "") & (table[dst] != "")][[src, dst]].drop_duplicates()
+    several = pairs[pairs.duplicated(subset=src, keep=False)]
+    out = {str(k): tuple(dict.fromkeys(v)) for k, v in several.groupby(src, sort=False)[dst]}
+    if src == "symbol":
+        first = _lookup(src, dst)  # an upper-cased key means what the lookup's fallback means
+        for k, v in list(out.items()):
+            if k.upper() not in out and first.get(k.upper()) == v[0]:
+                out[k.upper()] = v
+    return out

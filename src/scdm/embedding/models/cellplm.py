@@ -533,11 +533,11 @@ class CellPLMAdapter(Adapter):
         """Map the dataset's genes to the config's Ensembl ``gene_list`` (symbols via the shipped table)."""
         config_json, _ = self._read_config()
         ids = [str(g) for g in var_genes]
+        index = {g: i for i, g in enumerate(config_json["gene_list"])}
         if gene_id_kind == "ensembl":
             ensembl: list[str | None] = list(strip_ensembl_version(ids))
-        else:
-            ensembl = list(map_genes(ids, src=as_gene_id_kind(gene_id_kind), dst="ensembl"))
-        index = {g: i for i, g in enumerate(config_json["gene_list"])}
+        else:  # a symbol with several Ensembl ids takes the one the model has
+            ensembl = list(map_genes(ids, src=as_gene_id_kind(gene_id_kind), dst="ensembl", prefer=index))
         cols: list[int] = []
         model_idx: list[int] = []
         unmatched: list[str] = []

@@ -470,7 +470,8 @@ class GeneformerAdapter(Adapter):
         if gene_id_kind == "ensembl":
             ensembl = list(map_genes(names, src="ensembl", dst="ensembl"))
         else:
-            ensembl = list(map_genes(names, src=gene_id_kind, dst="ensembl"))  # type: ignore[arg-type]
+            # a symbol with several Ensembl ids takes the one the vocabulary has
+            ensembl = list(map_genes(names, src=gene_id_kind, dst="ensembl", prefer=self.token_ids_))  # type: ignore[arg-type]
         layout = reference_gene_layout(ensembl, self.token_ids_, self.mapping_)
         used = layout.column_of_gene >= 0
         audit = GeneAudit(
