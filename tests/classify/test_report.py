@@ -616,3 +616,26 @@ def test_the_split_table_lists_fold_counts_as_numbers() -> None:
     con.execute("CREATE TABLE skipped_tasks AS SELECT split_id FROM splits WHERE false")
     (row,) = con.execute(_splits_sql(_Filters())).fetchall()
     assert row[2] == "4, 5, 15, 23"
+
+
+def test_a_run_whose_process_is_gone_reads_as_stopped_not_running(tmp_path: Path) -> None:
+    """A killed evaluate cannot record failing: its row stays 'running', which the report must not repeat."""
+    import subprocess
+    import sys
+
+    from scdm.classify.report import _Filters, _mark_stopped_runs, _runs_sql
+    from scdm.store import evaluation as records
+
+    st = Store(tmp_path / "store")
+    records.start_run(st, {"heads": ["ridge"]}, scdm_version="test")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True).stdout)
+    runs = st.sql(_runs_sql(_Filters()))
+    _mark_stopped_runs(runs)
+    assert runs["status"].tolist() == ["running"]  # this process: alive
+    runs["pid"] = dead
+    other_host = runs.assign(host="another-machine")
+    _mark_stopped_runs(runs)
+    _mark_stopped_runs(other_host)
+    assert runs["status"].iloc[0].startswith("stopped (its process is gone")
+    assert other_host["status"].tolist() == ["running"]  # cannot be known from here

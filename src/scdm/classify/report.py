@@ -67,6 +67,7 @@ from scdm.classify import _plots
 from scdm.classify._plots import CATEGORY_LABELS, METRIC_LABELS, Palette, Series
 from scdm.classify.metrics import METRICS
 from scdm.classify.results import LEADERBOARD_KEYS, split_labels
+from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -270,6 +271,13 @@ def _label_sets_sql() -> str:
     )
 
 
+def _mark_stopped_runs(runs: pd.DataFrame) -> None:
+    """A ``running`` run whose process is gone (killed: it could not record failing) reads as stopped."""
+    for i, row in runs.iterrows():
+        if row["status"] == "running" and records.run_process_gone(row["host"], row["pid"]):
+            runs.at[i, "status"] = "stopped (its process is gone; run the same command again to finish it)"
+
+
 def _runs_sql(filters: _Filters) -> str:
     conditions = [f"run_id = {_lit(filters.run_id)}"] if filters.run_id is not None else []
     return (
@@ -277,7 +285,8 @@ def _runs_sql(filters: _Filters) -> str:
         "       config->>'split_scheme' AS split_scheme, config->>'folds' AS folds, config->>'seed' AS seed,\n"
         "       coalesce(config->>'label_set', '(default)') AS label_set,\n"
         "       config->>'heads' AS heads, config->>'scenarios' AS scenarios,\n"
-        "       n_tasks, n_done, n_reused, n_skipped, round(seconds, 1) AS seconds\n"
+        "       n_tasks, n_done, n_reused, n_skipped, round(seconds, 1) AS seconds,\n"
+        "       config->'process'->>'host' AS host, CAST(config->'process'->>'pid' AS BIGINT) AS pid\n"
         "FROM eval_runs\n"
         f"{_where(conditions)}\n"
         "ORDER BY created_at"
@@ -821,6 +830,7 @@ def _section_datasets(ctx: _Context) -> Markup:
 # ---- protocol -------------------------------------------------------------------------------
 def _section_protocol(ctx: _Context) -> Markup:
     runs = ctx.table("eval_runs", _runs_sql(ctx.filters))
+    _mark_stopped_runs(runs.frame)
     splits = ctx.table("split_schemes", _splits_sql(ctx.filters))
     in_results = ctx.st.query("SELECT DISTINCT r.scheme FROM eval_results r " + _where(ctx.filters.results())
                               + " ORDER BY r.scheme")["scheme"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -282,12 +284,33 @@ class ResultWriter:
 
 
 def start_run(st: Store, config: dict[str, Any], *, scdm_version: str) -> str:
-    """Record a new evaluation run (status ``running``); returns its id."""
+    """Record a new evaluation run (status ``running``); returns its id.
+
+    The config also records the host and process id of the run (``process``), so that a run whose
+    process was killed can be told from one still running (:func:`run_process_gone`).
+    """
     run_id = uuid.uuid4().hex[:16]
+    config = {**config, "process": {"host": socket.gethostname(), "pid": os.getpid()}}
     with st.catalog.transaction() as con:
         con.execute("INSERT INTO eval_runs (run_id, created_at, status, config, scdm_version) VALUES (?, ?, 'running', ?, ?)",
                     [run_id, _now(), json.dumps(config, sort_keys=True, default=str), scdm_version])
     return run_id
+
+
+def run_process_gone(host: Any, pid: Any) -> bool:
+    """Whether a ``running`` run's process is known to be gone: it ran on this host and no process has its id.
+
+    False where that cannot be known (another host, or a run recorded before runs kept their process).
+    """
+    if host != socket.gethostname() or pid is None or pid != pid:  # pid != pid: a NaN from SQL
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
 
 
 def finish_run(st: Store, run_id: str, *, status: str, seconds: float, n_tasks: int | None = None,
