@@ -324,3 +324,18 @@ def test_one_kind_of_gene_ids_or_a_few_others_do_not_warn(st, recwarn):
     adata.var_names = [*ensembl[:37], "ERCC-00002", "ERCC-00003", "EGFP"]  # spike-ins and a transgene: 3 of 40
     st.ingest(adata, name="ensembl")
     assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+
+
+def test_symbols_written_like_mouse_genes_warn_that_they_are_read_as_human(st, recwarn):
+    from scdm.store._ingest import IngestWarning
+
+    adata = make_counts_adata()
+    symbols, _ = _genes_with_both_ids(40)
+    adata.var_names = [s[:1] + s[1:].lower() for s in symbols]  # Actb, Gapdh: how mouse matrices name genes
+    with pytest.warns(IngestWarning, match=r"gene symbols \(\d+%, e\.g\. '.+'\) are written like mouse symbols.*orthologs"):
+        st.ingest(adata, name="mouse")
+    recwarn.clear()
+    human = make_counts_adata(seed=1)
+    human.var_names = symbols[:36] + ["C1orf43", "C11orf58", "C19orf53", "C6orf15"]  # open reading frames: human
+    st.ingest(human, name="human")
+    assert not [w for w in recwarn if "mouse" in str(w.message)]

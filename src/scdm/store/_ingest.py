@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -342,6 +343,31 @@ def mixed_gene_ids_message(gene_ids: np.ndarray, kind: GeneIdKind, name: str) ->
             f"{examples}) are not {kind} ids like the others, yet all are read as {kind} ids: no model finds those "
             f"genes, and their expression is left out of every embedding. Give every gene one kind of id (e.g. a var "
             f"column of symbols with --gene-key COLUMN) and ingest again.")
+
+
+MOUSE_STYLE_FRACTION = 0.5
+"""More than this share of a symbol dataset's genes written like mouse symbols (``Actb``) is warned about."""
+
+_MOUSE_STYLE = re.compile(r"^[A-Z][a-z][a-z0-9]*(-[a-z0-9]+)?$|^[A-Z][0-9]+[a-z][a-z0-9]*$")
+
+
+def mouse_symbols_message(gene_ids: np.ndarray, kind: GeneIdKind, name: str) -> str | None:
+    """The warning for symbols written like mouse genes (``Actb``, ``Gapdh``), else None.
+
+    Human symbols are upper case; the gene table and every model are human, and symbols are matched
+    case-insensitively, so a mouse matrix is read as the human genes of the same names.
+    """
+    if kind != "symbol" or len(gene_ids) == 0:
+        return None
+    mouse = [str(g) for g in gene_ids if _MOUSE_STYLE.match(str(g))]
+    if len(mouse) <= MOUSE_STYLE_FRACTION * len(gene_ids):
+        return None
+    examples = ", ".join(repr(g) for g in mouse[:3])
+    return (f"dataset {name!r}: {len(mouse)} of its {len(gene_ids)} gene symbols ({len(mouse) / len(gene_ids):.0%}, e.g. "
+            f"{examples}) are written like mouse symbols. scdm's gene table and every model are human and symbols are "
+            "matched case-insensitively, so these are read as the human genes of the same names: an approximate "
+            "ortholog mapping, wrong wherever the names differ. For mouse data, map the genes to human orthologs "
+            "first; for human data with odd casing, nothing is wrong.")
 
 
 def resolve_x_kind(given: str | None, detected: str) -> str:

@@ -821,6 +821,8 @@ class Store:
             warnings.warn(stray, _ingest.IngestWarning, stacklevel=3)  # points at the ingest() call
         if (mixed := _ingest.mixed_gene_ids_message(gene_ids, kind, name)) is not None:
             warnings.warn(mixed, _ingest.IngestWarning, stacklevel=3)
+        if (mouse := _ingest.mouse_symbols_message(gene_ids, kind, name)) is not None:
+            warnings.warn(mouse, _ingest.IngestWarning, stacklevel=3)
         if label_set is not None and opts.sample_key is None and opts.sample is None:
             _warn_label_confounders(adata, cells["response"], opts, name)
         return _replace(self.dataset(dataset_id), created=True, label_set=label_set.name if label_set else None,
