@@ -1124,6 +1124,8 @@ def demo(obj: Ctx, n_cells: int, folds: int, heads: tuple[str, ...], report_dir:
     summary = run_demo(obj.store, n_cells=n_cells, report_dir=report_dir, folds=folds, heads=_csv_list(heads), seed=seed,
                        progress=not quiet, echo=lambda text: click.echo(text, err=True))
     echo_frame(summary.leaderboard, fmt)
+    for note in summary.notes:
+        click.echo(f"note: {note}", err=True)
     if fmt == "table":
         click.echo(f"\nStore: {summary.store}   Report: {summary.report}   ({summary.n_cells} cells, {summary.seconds:.0f} s)")
         click.echo("Note: geneformer here has RANDOM weights (pipeline demo); its scores say nothing about Geneformer.")

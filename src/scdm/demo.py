@@ -45,6 +45,8 @@ class DemoSummary:
     seconds: float
     leaderboard: Any
     """Wide leaderboard (category type ``all``) as a DataFrame."""
+    notes: tuple[str, ...] = ()
+    """The caveats that apply to the leaderboard (:func:`scdm.classify.results.leaderboard_notes`)."""
 
 
 def _step(echo: Callable[[str], None], i: int, n: int, text: str) -> None:
@@ -92,7 +94,7 @@ def run_demo(
 ) -> DemoSummary:
     """Run the demo end to end (see the module docstring); returns a :class:`DemoSummary`."""
     from scdm.classify.grid import evaluate
-    from scdm.classify.results import format_leaderboard, leaderboard
+    from scdm.classify.results import format_leaderboard, leaderboard, leaderboard_notes
     from scdm.embedding.runner import embed, embed_baseline
 
     t0 = time.perf_counter()
@@ -124,7 +126,9 @@ def run_demo(
     evaluate_demo(scenarios=("pooled",), by=("all",), heads=heads, split_scheme="cell",
                   head_params={"mlp": {"profile": "fast"}} if "mlp" in heads else None)
     _step(echo, 5, n, "leaderboard (all cells; mean ± sd over folds; scheme: sample = grouped folds, cell = the paper's)")
-    board = format_leaderboard(leaderboard(st, category_types=["all"]), metrics=("auroc", "f1", "accuracy"))
+    shown = ("auroc", "f1", "accuracy")
+    full = leaderboard(st, category_types=["all"])
+    board, notes = format_leaderboard(full, metrics=shown), tuple(leaderboard_notes(full, shown))
     report = None
     if report_dir is not None:
         from scdm.classify.report import write_report
@@ -132,7 +136,7 @@ def run_demo(
         _step(echo, 6, n, f"report: {report_dir}")
         report = str(write_report(st, report_dir, max_cells=2000, progress=progress))
     return DemoSummary(store=str(st.root), report=report, embeddings=tuple(ids), n_cells=synth.n_cells + a375.n_cells,
-                       seconds=time.perf_counter() - t0, leaderboard=board)
+                       seconds=time.perf_counter() - t0, leaderboard=board, notes=notes)
 
 
 NEXT_STEPS = """\

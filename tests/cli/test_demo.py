@@ -15,6 +15,7 @@ def test_demo_runs_end_to_end_at_reduced_size_and_reuses_the_cache(tmp_path):
     out = first.stdout
     for text in ("pca", "hvg", "geneformer", "logreg", "ridge", "mlp", "pooled", "cross", "RANDOM weights", "scdm embed"):
         assert text in out, text
+    assert "note: pca and hvg are fitted without labels" in first.stderr  # the leaderboard's caveats, as scdm results
     st = Store(tmp_path / "store")
     emb = st.embeddings()
     assert set(emb["model"]) == {"pca", "hvg", "geneformer"} and (emb["status"] == "complete").all()
