@@ -398,6 +398,33 @@ def test_rerun_reuses_adapter_embeddings_and_results(gf_store, monkeypatch):
     assert other.adapter_id != first.adapter_id and other.embedding_ids != first.embedding_ids
 
 
+def test_retraining_a_lost_adapter_into_other_weights_replaces_its_results(gf_store, monkeypatch):
+    # The adapter's folder is deleted and it trains again into other weights (GPU training is not
+    # bit-reproducible): the old tuned space must not stay beside the new one under the same
+    # variant, or the leaderboard averages both as two folds of one (split, fold) (n_folds 2 of 1).
+    import shutil
+
+    st, ckpt = gf_store
+    (first,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    shutil.rmtree(first.adapter_dir)
+    real = ft.train_lora
+
+    def other_weights(*args, **kwargs):
+        trained = real(*args, **kwargs)
+        with torch.no_grad():
+            trained.head[-1].bias.add_(0.01)
+        return trained
+
+    monkeypatch.setattr(ft, "train_lora", other_weights)
+    (again,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    assert again.adapter_id == first.adapter_id and again.adapter_hash != first.adapter_hash
+    tuned = st.query("SELECT embedding_id, adapter_hash FROM embeddings WHERE variant = ?", [again.variant])
+    assert tuned["embedding_id"].tolist() == list(again.embedding_ids) and set(tuned["adapter_hash"]) == {again.adapter_hash}
+    assert st.query("SELECT task_id FROM eval_tasks")["task_id"].tolist() == [again.task_id]
+    board = leaderboard(st, metrics=["auroc"], heads=[LORA_HEAD])
+    assert len(board) == 1 and board["n_folds"].iloc[0] == 1 and board["folds_done"].iloc[0] == 1
+
+
 # ---- the planted signal -----------------------------------------------------------------------------
 def test_lora_learns_a_planted_signal_the_frozen_random_model_misses(tmp_path):
     from sklearn.linear_model import LogisticRegression

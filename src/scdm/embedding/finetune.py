@@ -433,6 +433,21 @@ def _train_fold(job: _Job, fold: _Fold, adapter_id: str, tuning_id: str, folder:
     return read_lora_card(folder)
 
 
+def _drop_lost_adapter_outputs(st: Store, card: LoraCard) -> None:
+    """Remove the tuned embeddings and results of an adapter whose files were lost and that trained
+    again into other weights: they are another space under the same variant, and the leaderboard
+    would average them with the new results as extra folds of one tuning."""
+    stale = st.query("SELECT embedding_id FROM embeddings WHERE variant = ? AND adapter_hash IS DISTINCT FROM ?",
+                     [card.variant, card.adapter_hash])["embedding_id"].tolist()
+    n_tasks = records.forget_variant_tasks(st, card.variant)
+    for embedding_id in stale:
+        st.remove_embedding(embedding_id)
+    if stale or n_tasks:
+        logger.warning("adapter %s was trained again into other weights (its files were gone): removed %d tuned "
+                       "embeddings and %d evaluation results of the lost weights; run `scdm evaluate` again on the "
+                       "new tuned embeddings for the other heads", card.adapter_id, len(stale), n_tasks)
+
+
 def _free_memory(device: str) -> None:
     if device.startswith("cuda"):  # give the training memory back before the runner loads the model again
         import gc
@@ -448,10 +463,13 @@ def _finetune_fold(job: _Job, fold: _Fold) -> FinetuneResult:
     st = job.st
     tuning_id, adapter_id = _identity(job, job.adapter(), fold)
     folder = adapter_dir(st, adapter_id)
+    lost = adapter_row(st, adapter_id)  # still the row of the old weights when their folder is gone
     card = _cached_card(st, adapter_id, folder)
     reused = card is not None
     if card is None:
         card = _train_fold(job, fold, adapter_id, tuning_id, folder)
+        if lost is not None and lost["adapter_hash"] != card.adapter_hash:
+            _drop_lost_adapter_outputs(st, card)
     else:
         logger.info("adapter %s (%s, split %s fold %d) exists; not training again", adapter_id, job.model, fold.split_id, fold.fold)
     embeddings = _embed_tuned(job, fold, folder)

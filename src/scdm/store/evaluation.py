@@ -45,6 +45,7 @@ __all__ = [
     "run_skipped",
     "record_tasks",
     "forget_tasks",
+    "forget_variant_tasks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -381,6 +382,23 @@ def forget_tasks(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str], label
     _delete_tasks(con, tasks)
     con.execute(f"DELETE FROM skipped_tasks WHERE {where}", args)
     return len(tasks)
+
+
+def forget_variant_tasks(st: Store, variant: str) -> int:
+    """Delete every task of an embedding variant (``lora:<adapter_id>``), with its metrics,
+    predictions and skip rows; returns how many tasks.
+
+    Used when an adapter whose files were lost is trained again into other weights: the old
+    results belong to a space that no longer exists, and kept beside the new ones they would be
+    averaged as extra folds of the same tuning in the leaderboard.
+    """
+    with st.catalog.transaction() as con:
+        rows = con.execute("SELECT task_id, space_id FROM eval_tasks WHERE variant = ?", [variant]).fetchall()
+        spaces = sorted({r[1] for r in rows} | {r[0] for r in con.execute(
+            "SELECT DISTINCT space_id FROM embeddings WHERE variant = ?", [variant]).fetchall()})
+        _delete_tasks(con, [r[0] for r in rows])
+        con.execute("DELETE FROM skipped_tasks WHERE list_contains(?, space_id)", [spaces])
+    return len(rows)
 
 
 def _delete_tasks(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> None:
