@@ -425,6 +425,19 @@ def test_retraining_a_lost_adapter_into_other_weights_replaces_its_results(gf_st
     assert len(board) == 1 and board["n_folds"].iloc[0] == 1 and board["folds_done"].iloc[0] == 1
 
 
+def test_the_adapter_hash_does_not_depend_on_the_checkpoint_folder(tmp_path, small):
+    # the same checkpoint in two folders trains the same weights: the same adapter, hash and space
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", small.var_names.tolist())
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "elsewhere")
+    results = [finetune(_store(tmp_path / name, small, n_folds=2), model="geneformer", checkpoint=path,
+                        dataset="planted", fold=0, **FAST)[0] for name, path in (("a", ckpt), ("b", tmp_path / "elsewhere"))]
+    assert results[0].adapter_id == results[1].adapter_id
+    assert results[0].adapter_hash == results[1].adapter_hash
+    assert str(tmp_path) not in (Path(results[1].adapter_dir) / "adapter_config.json").read_text()
+
+
 # ---- the planted signal -----------------------------------------------------------------------------
 def test_lora_learns_a_planted_signal_the_frozen_random_model_misses(tmp_path):
     from sklearn.linear_model import LogisticRegression

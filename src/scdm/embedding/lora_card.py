@@ -181,6 +181,17 @@ def make_card(trained: TrainedLora, settings: TrainSettings, *, adapter_id: str,
             "lora_modules": trained.lora_modules, "emb_dim": adapter.emb_dim, "train_curve": trained.curve}
 
 
+def _forget_base_path(config_path: Path) -> None:
+    """Blank the base model's folder that peft writes into ``adapter_config.json``.
+
+    The card names the checkpoint by its content hash; the local path would make the adapter's
+    hash, and with it its embedding space, differ between two folders holding the same checkpoint.
+    """
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = None
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def save_adapter(trained: TrainedLora, folder: Path, card: dict[str, Any]) -> str:
     """Write adapter, head and card to a temporary folder, then rename it into place; returns the hash."""
     from safetensors.torch import save_file
@@ -189,6 +200,7 @@ def save_adapter(trained: TrainedLora, folder: Path, card: dict[str, Any]) -> st
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         trained.peft_model.save_pretrained(str(tmp))
+        _forget_base_path(tmp / "adapter_config.json")
         save_file({k: v.detach().contiguous().cpu() for k, v in trained.head.state_dict().items()}, str(tmp / HEAD_FILE))
         adapter_hash = _files_hash(tmp)
         (tmp / CARD_FILE).write_text(json.dumps({**card, "adapter_hash": adapter_hash}, indent=1, sort_keys=True, default=str))
