@@ -112,3 +112,10 @@ def test_custom_template_checked_and_hashed(tmp_path) -> None:
     with pytest.raises(InputDataError, match="does not exist"):
         load_template(tmp_path / "nope.txt")
     assert set(FIELDS) >= {"cells", "source", "examples", "answer_format"}
+
+
+def test_text_numbers_are_not_labels() -> None:
+    # "0.7" is a probability (or a score), not the label 0; "0.9 (sensitive)" was read as resistant
+    assert statuses("Cell 1: 0.7\nCell 2: 0.2", 2) == [("unparsed", None), ("unparsed", None)]
+    assert statuses("Cell 1: 0.9 (sensitive)\nCell 2: 0,3\nCell 3: 1.0\nCell 4: 0%", 4) == [("unparsed", None)] * 4
+    assert statuses("Cell 1: 0\nCell 2: 1.", 2) == [("ok", 0), ("ok", 1)]

@@ -30,7 +30,8 @@ __all__ = ["ParsedAnswer", "parse_answer", "label_scores"]
 
 _WORDS = {"sensitive": 1, "resistant": 0}
 _WORD_RE = re.compile(r"(?i)\b(sensitive|resistant)\b")
-_LINE_RE = re.compile(r"(?i)cell\s*#?\s*(\d+)[\s*:=)\].\-\"']*(sensitive|resistant|[01])\b")
+# a bare 0/1 is a label, but not the start of a number such as 0.7, 0,9 or 1e-3 (a probability is not a label)
+_LINE_RE = re.compile(r"(?i)cell\s*#?\s*(\d+)[\s*:=)\].\-\"']*(sensitive|resistant|[01](?![.,]?\d|%|e-?\d))\b")
 _POSITION_KEYS = ("cell", "id", "index", "cell_id", "number")
 _LABEL_KEYS = ("response", "label", "answer", "prediction", "result")
 _LIST_KEYS = ("cells", "answers", "results", "predictions", "responses", "res")
