@@ -155,15 +155,25 @@ def _dataset_ids(st: Store, datasets: Sequence[str]) -> list[str]:
 
 
 def _splits(st: Store, table: CellTable, *, split_ids: Sequence[str], scenarios: Sequence[str], by: Sequence[str],
-            category: str | None, folds: int, split_scheme: str, seed: int) -> list[Split]:
+            category: str | None, folds: int, split_scheme: str, seed: int, label_set: str | None) -> list[Split]:
     if split_ids:
         splits = [load_split(st, s) for s in split_ids]
-        known = set(zip(table.frame["dataset_id"].astype(str), table.frame["row"].astype(int)))
+        known = dict(zip(zip(table.frame["dataset_id"].astype(str), table.frame["row"].astype(int)),
+                         table.frame["response"].astype(int)))
         for split in splits:
-            cells = set(zip(split.cells["dataset_id"].astype(str), split.cells["row"].astype(int)))
-            if not cells <= known:
+            cells = dict(zip(zip(split.cells["dataset_id"].astype(str), split.cells["row"].astype(int)),
+                             split.cells["response"].astype(int)))
+            if not cells.keys() <= known.keys():
                 msg = (f"Split {split.split_id} covers cells outside the labelled cells of the datasets given "
-                       f"({len(cells - known)} cells); pass its datasets with --dataset.")
+                       f"({len(cells.keys() - known.keys())} cells); pass its datasets with --dataset.")
+                raise InputDataError(msg)
+            # the split scores against the labels it stores, while examples and the drug come from the
+            # label set asked: the two must be the same labels, or the result mixes two label sets
+            differ = sum(1 for cell, y in cells.items() if known[cell] != y)
+            if differ:
+                msg = (f"Split {split.split_id} was made with labels (label set {split.label_set or 'default'}) that "
+                       f"differ from those of --label-set {label_set or '(default)'} on {differ} of its {len(cells)} "
+                       f"cells; pass the split's label set with --label-set, or leave out --split-id.")
                 raise InputDataError(msg)
         return splits
     splits = make_splits(table.frame, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,  # type: ignore[arg-type]
@@ -348,7 +358,7 @@ def prompt(
         if "scaled" in note:
             logger.warning("prompt: %s: %s", name, note)
     splits = _splits(st, table, split_ids=list(split_ids), scenarios=list(scenarios), by=list(by), category=category,
-                     folds=folds, split_scheme=split_scheme, seed=seed)
+                     folds=folds, split_scheme=split_scheme, seed=seed, label_set=label_set)
     owned = isinstance(backend, str)
     llm = make_backend(backend, model=model, base_url=base_url, api_key_env=api_key_env, checkpoint=checkpoint,
                        device=device, temperature=temperature, max_tokens=max_tokens, response_format=response_format,
