@@ -119,3 +119,13 @@ def test_text_numbers_are_not_labels() -> None:
     assert statuses("Cell 1: 0.7\nCell 2: 0.2", 2) == [("unparsed", None), ("unparsed", None)]
     assert statuses("Cell 1: 0.9 (sensitive)\nCell 2: 0,3\nCell 3: 1.0\nCell 4: 0%", 4) == [("unparsed", None)] * 4
     assert statuses("Cell 1: 0\nCell 2: 1.", 2) == [("ok", 0), ("ok", 1)]
+
+
+def test_cells_numbered_from_zero_are_not_shifted_onto_their_neighbours() -> None:
+    # the model answered cells 0, 1, 2: its cell 0 is the prompt's cell 1, and so on; reading its
+    # numbers as the prompt's gave cell 1 the answer meant for cell 2 (and left cell 3 missing)
+    body = {"cells": [{"cell": i, "response": "sensitive" if i % 2 == 0 else "resistant"} for i in range(3)]}
+    for text in (json.dumps(body), "Cell 0: sensitive\nCell 1: resistant\nCell 2: sensitive"):
+        parsed = parse_answer(text, 3)
+        assert parsed.status == "unparsed"
+        assert statuses(text, 3) == [("invalid", None)] * 3

@@ -4,8 +4,9 @@
 "response": "sensitive"}, ...]}``; a bare list, a ``{"1": "sensitive"}`` mapping, code fences and
 text around the JSON are accepted too), or, failing JSON, lines such as ``Cell 3: resistant``.
 Labels are the words sensitive/resistant (any case) or the paper's 1/0. Each cell gets a status:
-``ok``, ``missing`` (no entry), ``invalid`` (an entry that is not a label, or two different labels)
-or, when nothing readable came back, ``unparsed``. Nothing is guessed.
+``ok``, ``missing`` (no entry), ``invalid`` (an entry that is not a label, or two different labels;
+every cell when the answer numbers a cell 0, i.e. not the prompt's numbering) or, when nothing
+readable came back, ``unparsed``. Nothing is guessed.
 
 :func:`label_scores` turns the token log-probabilities of an OpenAI-style response into
 P(sensitive) per cell: at the token where a cell's label word starts, the probability mass of the
@@ -133,6 +134,10 @@ def parse_answer(text: str | None, n_cells: int) -> ParsedAnswer:
             entries = _text_entries(text) or None
     if not entries:
         return ParsedAnswer("unparsed", tuple(PromptAnswer(i, "unparsed") for i in range(1, n_cells + 1)), ())
+    if any(position is not None and position < 1 for position, _ in entries):
+        # the prompt numbers its cells from 1: a cell 0 means the model numbered them its own way
+        # (0-based), and reading its numbers as the prompt's would give each cell its neighbour's answer
+        return ParsedAnswer("unparsed", tuple(PromptAnswer(i, "invalid") for i in range(1, n_cells + 1)), ())
     values: dict[int, list[Any]] = {}
     for position, value in entries:
         if position is not None:
