@@ -129,3 +129,14 @@ def test_cells_numbered_from_zero_are_not_shifted_onto_their_neighbours() -> Non
         parsed = parse_answer(text, 3)
         assert parsed.status == "unparsed"
         assert statuses(text, 3) == [("invalid", None)] * 3
+
+
+def test_unnumbered_list_of_the_wrong_length_is_not_read_by_place() -> None:
+    # three cells, the model skipped one: which one is unknown, and reading by place gave cell 2
+    # the answer meant for cell 3
+    for text in ('["sensitive", "resistant"]', '{"cells": [{"response": "sensitive"}, {"response": "resistant"}]}',
+                 '["sensitive", "resistant", "resistant", "sensitive"]'):
+        assert statuses(text, 3) == [("unparsed", None)] * 3
+    # numbered entries keep their numbers whatever the length
+    assert statuses('[{"cell": 3, "response": "resistant"}, {"cell": 1, "response": "sensitive"}]', 3) == [
+        ("ok", 1), ("missing", None), ("ok", 0)]

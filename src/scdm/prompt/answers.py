@@ -98,24 +98,30 @@ def _position(item: dict[str, Any]) -> int | None:
     return None
 
 
-def _entries(obj: Any) -> list[tuple[int | None, Any]] | None:
-    """(cell number, value) pairs in text order, or None when ``obj`` is not an answer."""
+def _entries(obj: Any, n_cells: int) -> list[tuple[int | None, Any]] | None:
+    """(cell number, value) pairs in text order, or None when ``obj`` is not an answer.
+
+    A list entry without a cell number is the cell of its place in the list only when the list has
+    one entry per cell: in a shorter or longer list the place says nothing (a skipped cell would
+    give every later cell its neighbour's answer), so such entries get no cell number.
+    """
     if isinstance(obj, dict):
         for key in _LIST_KEYS:
             if isinstance(obj.get(key), list):
-                return _entries(obj[key])
+                return _entries(obj[key], n_cells)
         if obj and all(re.fullmatch(r"\s*(cell\s*)?\d+\s*", str(k), re.IGNORECASE) for k in obj):
             return [(int(re.sub(r"\D", "", str(k))), v) for k, v in obj.items()]
         return None
     if isinstance(obj, list):
         out: list[tuple[int | None, Any]] = []
+        by_place = len(obj) == n_cells
         for i, item in enumerate(obj, 1):
             if isinstance(item, dict):
                 value = next((item[k] for k in _LABEL_KEYS if k in item), None)
                 position = _position(item)
-                out.append((i if position is None else position, value))
+                out.append((i if position is None and by_place else position, value))
             else:
-                out.append((i, item))
+                out.append((i if by_place else None, item))
         return out
     return None
 
@@ -129,7 +135,7 @@ def parse_answer(text: str | None, n_cells: int) -> ParsedAnswer:
     entries = None
     if text:
         payload = _json_payload(text)
-        entries = _entries(payload) if payload is not None else None
+        entries = _entries(payload, n_cells) if payload is not None else None
         if not entries:
             entries = _text_entries(text) or None
     if not entries:
