@@ -140,3 +140,14 @@ def test_unnumbered_list_of_the_wrong_length_is_not_read_by_place() -> None:
     # numbered entries keep their numbers whatever the length
     assert statuses('[{"cell": 3, "response": "resistant"}, {"cell": 1, "response": "sensitive"}]', 3) == [
         ("ok", 1), ("missing", None), ("ok", 0)]
+
+
+def test_json_answer_with_brackets_in_the_prose_around_it() -> None:
+    # the text from the first bracket to the last is not JSON: the whole request was unparsed
+    body = json.dumps({"cells": [{"cell": 1, "response": "sensitive"}, {"cell": 2, "response": "resistant"}]})
+    for text in (body + "\nNote: cell 2 is uncertain [low confidence].", "Answer [JSON] (see [1]):\n" + body,
+                 body + "\n" + body):
+        assert statuses(text, 2) == [("ok", 1), ("ok", 0)]
+    # two answers that disagree: the cell they disagree on is invalid, not the first answer's
+    other = json.dumps({"cells": [{"cell": 1, "response": "sensitive"}, {"cell": 2, "response": "sensitive"}]})
+    assert statuses(body + "\nCorrection:\n" + other, 2) == [("ok", 1), ("invalid", None)]

@@ -67,23 +67,30 @@ def _is_word(value: Any) -> bool:
     return isinstance(value, str) and value.strip().strip(".\"'* ").lower() in _WORDS
 
 
-def _json_payload(text: str) -> Any:
+def _json_payloads(text: str) -> list[Any]:
+    """The JSON values of the text: the whole text, else each JSON value found in it, in order.
+
+    Prose around the answer may hold brackets (``[low confidence]``) or the answer may come twice,
+    so the values are decoded one by one rather than from the first bracket to the last.
+    """
     body = re.sub(r"^\s*```[a-zA-Z]*\s*|\s*```\s*$", "", text.strip())
     try:
-        return json.loads(body)
+        return [json.loads(body)]
     except ValueError:
         pass
-    starts = [i for i in (body.find("{"), body.find("[")) if i >= 0]
-    if not starts:
-        return None
-    start = min(starts)
-    end = max(body.rfind("}"), body.rfind("]"))
-    if end <= start:
-        return None
-    try:
-        return json.loads(body[start:end + 1])
-    except ValueError:
-        return None
+    decoder, at = json.JSONDecoder(), 0
+    out: list[Any] = []
+    while True:
+        starts = [i for i in (body.find("{", at), body.find("[", at)) if i >= 0]
+        if not starts:
+            return out
+        start = min(starts)
+        try:
+            value, at = decoder.raw_decode(body, start)
+        except ValueError:
+            at = start + 1
+            continue
+        out.append(value)
 
 
 def _position(item: dict[str, Any]) -> int | None:
@@ -126,6 +133,16 @@ def _entries(obj: Any, n_cells: int) -> list[tuple[int | None, Any]] | None:
     return None
 
 
+def _json_entries(text: str, n_cells: int) -> list[tuple[int | None, Any]]:
+    """Entries of every JSON answer in the text (two answers that disagree on a cell make it invalid)."""
+    out: list[tuple[int | None, Any]] = []
+    for payload in _json_payloads(text):
+        entries = _entries(payload, n_cells) or []
+        if any(position is not None for position, _ in entries):  # not a stray "[1]" of the prose
+            out += entries
+    return out
+
+
 def _text_entries(text: str) -> list[tuple[int | None, Any]]:
     return [(int(m.group(1)), m.group(2)) for m in _LINE_RE.finditer(text)]
 
@@ -134,8 +151,7 @@ def parse_answer(text: str | None, n_cells: int) -> ParsedAnswer:
     """Each cell's answer (1-based positions ``1..n_cells``) from a response text."""
     entries = None
     if text:
-        payload = _json_payload(text)
-        entries = _entries(payload, n_cells) if payload is not None else None
+        entries = _json_entries(text, n_cells) or None
         if not entries:
             entries = _text_entries(text) or None
     if not entries:
