@@ -151,3 +151,11 @@ def test_json_answer_with_brackets_in_the_prose_around_it() -> None:
     # two answers that disagree: the cell they disagree on is invalid, not the first answer's
     other = json.dumps({"cells": [{"cell": 1, "response": "sensitive"}, {"cell": 2, "response": "sensitive"}]})
     assert statuses(body + "\nCorrection:\n" + other, 2) == [("ok", 1), ("invalid", None)]
+
+
+def test_text_line_naming_both_labels_is_not_an_answer() -> None:
+    # the answer format echoed back read as "sensitive" for every cell
+    assert statuses("Cell 1: sensitive|resistant\nCell 2: sensitive|resistant", 2) == [("unparsed", None)] * 2
+    assert statuses("Cell 1: sensitive or resistant\nCell 2: resistant", 2) == [("invalid", None), ("ok", 0)]
+    # one label per cell on one line is fine
+    assert statuses("Cell 1: sensitive, Cell 2: resistant", 2) == [("ok", 1), ("ok", 0)]

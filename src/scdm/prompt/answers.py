@@ -3,7 +3,8 @@
 :func:`parse_answer` reads the JSON answer the prompt asks for (``{"cells": [{"cell": 1,
 "response": "sensitive"}, ...]}``; a bare list, a ``{"1": "sensitive"}`` mapping, code fences and
 text around the JSON are accepted too), or, failing JSON, lines such as ``Cell 3: resistant``.
-Labels are the words sensitive/resistant (any case) or the paper's 1/0. Each cell gets a status:
+Labels are the words sensitive/resistant (any case) or the paper's 1/0 (a text line naming both
+words is not an answer). Each cell gets a status:
 ``ok``, ``missing`` (no entry), ``invalid`` (an entry that is not a label, or two different labels;
 every cell when the answer numbers a cell 0, i.e. not the prompt's numbering) or, when nothing
 readable came back, ``unparsed``. Nothing is guessed.
@@ -144,7 +145,21 @@ def _json_entries(text: str, n_cells: int) -> list[tuple[int | None, Any]]:
 
 
 def _text_entries(text: str) -> list[tuple[int | None, Any]]:
-    return [(int(m.group(1)), m.group(2)) for m in _LINE_RE.finditer(text)]
+    """``Cell N: label`` entries; a label followed on its line by the other label word is not an answer.
+
+    ``Cell 1: sensitive|resistant`` (the answer format echoed back), ``sensitive or resistant`` or
+    ``resistant (not sensitive)`` name both classes: which one is meant would be a guess.
+    """
+    matches = list(_LINE_RE.finditer(text))
+    out: list[tuple[int | None, Any]] = []
+    for k, m in enumerate(matches):
+        stop = matches[k + 1].start() if k + 1 < len(matches) else len(text)
+        line_end = text.find("\n", m.end())
+        rest = text[m.end():stop if line_end < 0 else min(stop, line_end)]
+        label = _label_of(m.group(2))
+        both = any(_WORDS[w.group(1).lower()] != label for w in _WORD_RE.finditer(rest))
+        out.append((int(m.group(1)), m.group(0) if both else m.group(2)))
+    return out
 
 
 def parse_answer(text: str | None, n_cells: int) -> ParsedAnswer:
