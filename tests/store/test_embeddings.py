@@ -43,6 +43,22 @@ def test_round_trip_all_rows_and_subsets(st, ds, dtype, chunk_rows):
     assert st.verify_embedding(emb.embedding_id) == []
 
 
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_rows_as_a_boolean_mask_select_cells_never_rows_0_and_1(st, ds, compressor):
+    """A mask cast to integers read cells 0 and 1 over and over: the expected shape, the wrong cells."""
+    data = np.random.default_rng(2).normal(size=(108, 4)).astype(np.float32)
+    emb = st.create_embedding(ds.name, model="m", params={}, dim=4, chunk_rows=16, compressor=compressor)
+    _fill(emb, data)
+    mask = np.zeros(108, dtype=bool)
+    mask[[5, 40, 99]] = True
+    assert np.array_equal(st.read_embedding(emb.embedding_id, rows=mask), data[mask])
+    assert np.array_equal(st.read_embedding(emb.embedding_id, rows=[3.0, 1.0]), data[[3, 1]])
+    assert np.array_equal(st.read_embedding(emb.embedding_id, rows=np.array([7, 2], dtype=object)), data[[7, 2]])
+    for bad in (mask[:50], [2.7], ["c3"], [[1, 2]]):  # a short mask, a fraction, cell ids, a 2-D array
+        with pytest.raises(InputDataError):
+            st.read_embedding(emb.embedding_id, rows=bad)
+
+
 def test_a_chunk_is_never_taller_than_the_dataset(st, ds):
     """Zarr stores an edge chunk at full size: a default 65,536-row chunk of 108 cells took 13 MB for 22 KB of data."""
     data = np.random.default_rng(0).normal(size=(108, 50)).astype(np.float32)

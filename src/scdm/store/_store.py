@@ -1344,7 +1344,8 @@ class Store:
         Parameters
         ----------
         rows
-            Row indices to read (any order; sorted is fastest). Default: all.
+            Row indices to read (any order; sorted is fastest), or a boolean mask with one entry
+            per cell. Default: all.
         allow_partial
             Read an embedding whose chunks are not all written (unwritten rows are zeros).
 
@@ -1363,10 +1364,12 @@ class Store:
         ArrayMetadataError
             If the array's ``zarr.json`` is missing, unreadable or disagrees with the catalog; no
             data is returned, and the message says how to rewrite it.
+        InputDataError
+            If ``rows`` is neither whole row numbers nor a mask of one entry per cell.
         """
-        selected = None if rows is None else np.asarray(rows)
         for fresh in (False, True):
             emb, status, sums = self._readable(embedding_id, fresh=fresh)
+            selected = None if rows is None else _row_indices(rows, emb.n_cells)
             if not allow_partial and status != "complete":
                 msg = (
                     f"Embedding {emb.embedding_id} ({emb.model}) is incomplete: {len(sums)} of {emb.n_chunks} chunks "
@@ -1905,6 +1908,34 @@ def _remove_leftovers(claims: Path, location: _zarr.ArrayLocation) -> list[Path]
         return _zarr.remove_partials(location)
     finally:
         _claims.release(held)
+
+
+def _row_indices(rows: np.ndarray | Sequence[int], n_cells: int) -> np.ndarray:
+    """``rows`` as int64 row numbers: a boolean mask selects its True rows (never rows 0 and 1).
+
+    A mask cast to integers would read cells 0 and 1 over and over, and 2.7 would read cell 2: both
+    give a matrix of the expected shape whose rows belong to other cells, so they are refused.
+    """
+    picked = np.asarray(rows)
+    if picked.dtype == object and picked.ndim == 1:
+        picked = np.asarray(picked.tolist())  # an object array of Python ints (or bools): numbers again
+    if picked.ndim != 1:
+        msg = f"rows must be a 1-D list of row numbers or a boolean mask; got an array of shape {picked.shape}."
+        raise InputDataError(msg)
+    if picked.dtype == bool:
+        if picked.size != n_cells:
+            msg = f"A boolean rows mask needs one entry per cell ({n_cells}); got {picked.size}."
+            raise InputDataError(msg)
+        return np.flatnonzero(picked)
+    if picked.size == 0:
+        return picked.astype(np.int64)
+    if picked.dtype.kind in "iu":
+        return picked.astype(np.int64)
+    if picked.dtype.kind == "f" and np.all(np.isfinite(picked)) and np.all(picked == np.round(picked)):
+        return picked.astype(np.int64)
+    msg = (f"rows must be whole row numbers (0-based positions in the dataset) or a boolean mask; got {picked.dtype} "
+           f"values such as {str(picked[0])!r}. For cell ids, map them to rows first, e.g. via store.cells(dataset).")
+    raise InputDataError(msg)
 
 
 def _removed_error(embedding_id: str, when: str) -> EmbeddingNotFoundError:
