@@ -351,6 +351,30 @@ def head(head_id: str, srv: Server) -> Response:
     return typed(TrainedHeadRow, records(frame)[0])
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a CSV field as a formula (OWASP's CSV injection list)."""
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose text values that a spreadsheet would run as formulas start with an apostrophe.
+
+    Cell ids and dataset names come from whoever uploaded the data, and the CSV download is
+    opened by someone else, in Excel or LibreOffice: ``=HYPERLINK("http://...", "x")`` as a cell
+    id would run there. Numbers stay numbers (a negative probability cannot occur; a numeric
+    column is never touched). Only this download is changed: the JSON API and ``scdm predict
+    --out`` keep the ids as stored, for programs that join on them.
+    """
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        if values.dtype == object or pd.api.types.is_string_dtype(values):
+            text = values.astype("string")
+            risky = text.str.startswith(FORMULA_STARTS).fillna(False).astype(bool)
+            if risky.any():
+                out[column] = values.where(~risky, "'" + text)
+    return out
+
+
 def _prediction_frame(srv: ServerState, head_id: str | None, dataset: str | None, *, limit: int | None = None,
                       offset: int = 0) -> pd.DataFrame:
     where: list[str] = []
@@ -378,13 +402,17 @@ def predictions(srv: Server, f: Annotated[PredictionFilters, Query()]) -> Respon
 
 
 @router.get("/api/predictions.csv", summary="Predictions of one head on one dataset as CSV", response_class=Response,
+            description="One row per cell, for a spreadsheet: a text value that starts with =, +, -, @, tab or carriage "
+                        "return (a cell id such as '=HYPERLINK(...)') gets a leading apostrophe, so a spreadsheet shows "
+                        "it as text instead of running it as a formula. GET /api/predictions and `scdm predict --out` "
+                        "keep every id as stored; the `row` column joins either to the dataset.",
             responses={200: {"content": {"text/csv": {}}, "description": "One row per cell"}})
 def predictions_csv(srv: Server, q: Annotated[PredictionCsvQuery, Query()]) -> Response:
     frame = _prediction_frame(srv, q.head_id, q.dataset)
     if frame.empty:
         raise HttpError(404, "No predictions of this head on this dataset; POST /api/jobs/predict first.")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"predictions_{q.dataset}_{q.head_id}.csv")
-    return Response(frame.to_csv(index=False), media_type="text/csv; charset=utf-8",
+    return Response(spreadsheet_safe(frame).to_csv(index=False), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
