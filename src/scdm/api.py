@@ -181,8 +181,9 @@ def evaluate(
     Parameters
     ----------
     data : AnnData or list of str, optional
-        An AnnData that :func:`embed` filled (its recorded embeddings are evaluated), embedding
-        ids, or None for every complete embedding in the store.
+        An AnnData that :func:`embed` filled (its recorded embeddings are evaluated; it must
+        still hold the cells they were computed on, in any order: a subset made after
+        :func:`embed` is refused), embedding ids, or None for every complete embedding in the store.
     store : str, path or Store, optional
         Default: the store recorded in ``adata.uns["scdm"]``, else :func:`default_store_path`.
     heads, scenarios, by, folds, split_scheme
@@ -209,6 +210,8 @@ def evaluate(
 
     ids, recorded_store = _embedding_ids(data)
     st = open_store(store if store is not None else recorded_store)
+    if hasattr(data, "uns") and hasattr(data, "obs_names"):
+        _check_same_cells(st, data)
     with plain_warnings():
         summary = run_evaluate(st, ids, heads=heads, scenarios=scenarios, by=by, folds=folds,  # type: ignore[arg-type]
                                split_scheme=split_scheme, silent=not progress, **options)  # type: ignore[arg-type]
@@ -231,6 +234,29 @@ def _embedding_ids(data: ad.AnnData | Sequence[str] | None) -> tuple[list[str] |
         stores = {r["store"] for r in recorded.values()}
         return [r["embedding_id"] for r in recorded.values()], (stores.pop() if len(stores) == 1 else None)
     return list(data), None
+
+
+def _check_same_cells(st: Store, adata: ad.AnnData) -> None:
+    """Refuse an AnnData whose cells are not those of the datasets its recorded embeddings belong to.
+
+    ``adata[mask].copy()`` keeps ``uns["scdm"]``: evaluating it would score every cell of the
+    stored dataset (and labels of cells the user filtered out) under the subset's name. Order is
+    free (scores are computed from the store's rows); the set of cells is not.
+    """
+    recorded = dict(adata.uns.get(UNS_KEY, {}))
+    own = set(map(str, adata.obs_names))
+    for name in sorted({str(r["dataset"]) for r in recorded.values()}):
+        stored = st.cells(name)["cell_id"].astype(str)
+        if len(stored) == adata.n_obs and set(stored) == own:
+            continue
+        keys = ", ".join(sorted(k for k, r in recorded.items() if r["dataset"] == name))
+        missing = len(set(stored) - own)
+        msg = (f"This AnnData has {adata.n_obs} cells, but its embeddings ({keys}) are of dataset {name!r}, "
+               f"{len(stored)} cells ({missing} of them not in this AnnData): it was subset or changed after "
+               "scdm.embed, and evaluating would score the stored dataset's cells. Run scdm.embed(adata, model=...) "
+               "on this AnnData (it is stored as a dataset of its own) and evaluate again, or pass the embedding "
+               "ids to evaluate the whole dataset.")
+        raise InputDataError(msg)
 
 
 def results(

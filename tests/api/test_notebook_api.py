@@ -105,6 +105,19 @@ def test_evaluate_names_what_is_missing(pc9: ad.AnnData, tmp_path: Path) -> None
         scdm.embed(pc9, model="pca", checkpoint="some/model", store=tmp_path / "st", progress=False)
 
 
+def test_evaluate_refuses_an_anndata_subset_after_embed(tmp_path: Path) -> None:
+    """adata[mask].copy() keeps uns["scdm"]: a 22-cell subset was scored as its 66-cell dataset, under no warning."""
+    jhu = ad.read_h5ad(DATA / "JHU006_HNSCC_Kinker2020.h5ad")
+    jhu.obs["sample"] = [f"s{i % 6}" for i in range(jhu.n_obs)]
+    scdm.embed(jhu, model="pca", store=tmp_path / "st", n_comps=10, progress=False,
+               ingest={"label_key": "response_Gefitinib", "sample_key": "sample"})
+    subset = jhu[: jhu.n_obs // 3].copy()
+    with pytest.raises(InputDataError, match=r"22 cells.*66 cells.*scdm.embed\(adata"):
+        scdm.evaluate(subset, heads=["majority"], folds=3, progress=False)
+    shuffled = jhu[np.random.default_rng(0).permutation(jhu.n_obs)].copy()  # the same cells: its dataset's scores
+    assert len(scdm.evaluate(shuffled, heads=["majority"], folds=3, progress=False)) == 1
+
+
 def test_import_scdm_is_light() -> None:
     code = "import sys, scdm; heavy = {'torch', 'duckdb', 'anndata', 'scdm.store'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
