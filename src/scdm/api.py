@@ -155,12 +155,19 @@ _BASELINE_PARAMS = ("n_comps", "n_hvg", "target_sum", "normalized", "chunk_rows"
 
 
 def _check_baseline_params(model: str, params: dict[str, Any]) -> None:
-    unknown = sorted(set(params) - set(_BASELINE_PARAMS))
+    _check_names(model, params, _BASELINE_PARAMS)
+
+
+def _check_names(what: str, given: Mapping[str, Any], known: Sequence[str]) -> None:
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        close = {u: difflib.get_close_matches(u, _BASELINE_PARAMS, n=1) for u in unknown}
+        close = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
         hints = "; ".join(f"{u!r} (did you mean {c[0]!r}?)" if c else repr(u) for u, c in close.items())
-        msg = f"{model} takes the parameters {', '.join(_BASELINE_PARAMS)}; not {hints}."
+        msg = f"{what} takes the parameters {', '.join(known)}; not {hints}."
         raise InputDataError(msg)
+
+
+_RESULT_FILTERS = ("models", "heads", "scenarios", "category_types", "scheme", "datasets", "label_sets", "run_id")
 
 
 def evaluate(
@@ -287,6 +294,7 @@ def results(
     """
     from scdm.classify.results import leaderboard, name_list, wide_leaderboard
 
+    _check_names("results", filters, _RESULT_FILTERS)
     metric_list = name_list(metrics)
     board = leaderboard(open_store(store), metrics=metric_list, **filters)
     return board if long else wide_leaderboard(board, metrics=metric_list)

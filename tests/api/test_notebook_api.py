@@ -118,6 +118,16 @@ def test_evaluate_refuses_an_anndata_subset_after_embed(tmp_path: Path) -> None:
     assert len(scdm.evaluate(shuffled, heads=["majority"], folds=3, progress=False)) == 1
 
 
+def test_results_refuses_misspelled_filters_instead_of_an_empty_frame(tmp_path: Path) -> None:
+    """scheme="samples" matched nothing (an empty table reads as "no results"); model="pca" was a TypeError."""
+    with pytest.raises(InputDataError, match="did you mean 'models'"):
+        scdm.results(tmp_path / "st", model="pca")
+    for filters in ({"scheme": "samples"}, {"scenarios": "poled"}, {"category_types": ["tisue"]}):
+        with pytest.raises(InputDataError, match="choose from"):
+            scdm.results(tmp_path / "st", **filters)
+    assert scdm.results(tmp_path / "st", scheme="sample", scenarios="pooled", category_types=["all"]).empty
+
+
 def test_import_scdm_is_light() -> None:
     code = "import sys, scdm; heavy = {'torch', 'duckdb', 'anndata', 'scdm.store'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
+from scdm.store.splits import CATEGORY_TYPES, SCENARIOS
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -42,6 +43,20 @@ def name_list(values: NameT | Iterable[NameT]) -> list[NameT]:
     unknown head 'r', or a filter that silently matches nothing.
     """
     return [values] if isinstance(values, str) else list(values)
+
+
+RESULT_SCHEMES: tuple[str, ...] = ("cell", "sample", "study", "custom")
+"""Split schemes a stored result can have (``auto`` is resolved before a split is made)."""
+
+
+def _check_filter(name: str, values: Iterable[str] | None, allowed: tuple[str, ...]) -> None:
+    """A misspelled filter value (``scheme="samples"``) would match nothing: an empty table that reads as "no results"."""
+    if values is None:
+        return
+    unknown = [v for v in name_list(values) if v not in allowed]
+    if unknown:
+        msg = f"Unknown {name} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}."
+        raise InputDataError(msg)
 
 
 def leaderboard(
@@ -97,6 +112,9 @@ def leaderboard(
     if unknown:
         msg = f"Unknown metric {unknown}; choose from {', '.join(METRICS)}."
         raise InputDataError(msg)
+    _check_filter("scheme", None if scheme is None else [scheme], RESULT_SCHEMES)
+    _check_filter("scenarios", scenarios, SCENARIOS)
+    _check_filter("category_types", category_types, CATEGORY_TYPES)
     where: list[str] = ["list_contains(?, r.metric)"]
     args: list[Any] = [metric_list]
     for column, values in (("model", models), ("head", heads), ("scenario", scenarios), ("category_type", category_types),
