@@ -216,6 +216,12 @@ def evaluate(
     from scdm.classify.results import asked_results, leaderboard, name_list, wide_leaderboard
 
     ids, recorded_store = _embedding_ids(data)
+    if store is None and recorded_store is None and ids is not None and hasattr(data, "uns"):
+        places = "; ".join(f"{k}: {r['store']}" for k, r in dict(data.uns[UNS_KEY]).items())  # type: ignore[union-attr]
+        msg = (f"This AnnData's embeddings are in several stores ({places}); evaluating reads one. Pass store= and "
+               "the embedding ids in it, e.g. scdm.evaluate([adata.uns['scdm'][key]['embedding_id']], store=...), "
+               "or embed them into one store (scdm.embed(..., store=same_path)).")
+        raise InputDataError(msg)
     st = open_store(store if store is not None else recorded_store)
     if hasattr(data, "uns") and hasattr(data, "obs_names"):
         _check_same_cells(st, data)

@@ -128,6 +128,16 @@ def test_results_refuses_misspelled_filters_instead_of_an_empty_frame(tmp_path: 
     assert scdm.results(tmp_path / "st", scheme="sample", scenarios="pooled", category_types=["all"]).empty
 
 
+def test_evaluate_names_the_stores_when_embeddings_are_in_several(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It read the default store instead: 'Dataset ... is not in the store. Datasets: (none)'."""
+    monkeypatch.setenv("SCDM_STORE", str(tmp_path / "default"))
+    jhu = ad.read_h5ad(DATA / "JHU006_HNSCC_Kinker2020.h5ad")
+    scdm.embed(jhu, model="pca", store=tmp_path / "a", n_comps=5, progress=False)
+    scdm.embed(jhu, model="hvg", store=tmp_path / "b", progress=False)
+    with pytest.raises(InputDataError, match=r"several stores.*X_pca.*X_hvg.*Pass store="):
+        scdm.evaluate(jhu, heads=["majority"], folds=3, progress=False)
+
+
 def test_import_scdm_is_light() -> None:
     code = "import sys, scdm; heavy = {'torch', 'duckdb', 'anndata', 'scdm.store'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
