@@ -28,7 +28,7 @@ def _same_columns(frame: pd.DataFrame, like: pd.DataFrame) -> None:
     for m in METRICS:
         assert frame[m].dtype == like[m].dtype == "float64" and frame[f"{m}_sd"].dtype == "float64", m
         assert frame[f"{m}_n"].dtype == like[f"{m}_n"].dtype == "Int64", m
-    for column in ("seed", "folds_done", "complete"):
+    for column in ("k", "seed", "folds_done", "folds_expected", "complete"):
         assert frame[column].dtype == like[column].dtype, column
 
 

@@ -228,6 +228,7 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
     folds = frame.groupby(keys)[["folds_done", "folds_expected", "complete"]].first()
     out = out.join(folds).reset_index()
     out["seed"] = out["seed"].astype("Int64").where(out["seed"] >= 0)
+    out["k"] = out["k"].astype(_WIDE_DTYPES["k"])  # the catalog's INTEGER reads as int32; an empty board says int64
     return out[[*keys, *_FOLD_COLUMNS, *_metric_columns(metrics)]]
 
 
