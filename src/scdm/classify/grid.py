@@ -694,12 +694,9 @@ def _report_skipped(skipped: pd.DataFrame, *, nothing_evaluated: bool) -> None:
     """Why tasks were skipped, most frequent reasons first: a warning when nothing could be evaluated."""
     if skipped.empty:
         return
-    counts = skipped["reason"].value_counts()
-    reasons = "; ".join(f"{reason} ({n} tasks)" for reason, n in counts.head(3).items())
-    more = f"; {len(counts) - 3} other reasons" if len(counts) > 3 else ""
     level = logging.WARNING if nothing_evaluated else logging.INFO
-    logger.log(level, "%d tasks skipped%s: %s%s (all of them: the skipped_tasks table)", len(skipped),
-               ", nothing could be evaluated" if nothing_evaluated else "", reasons, more)
+    logger.log(level, "%d tasks skipped%s: %s (all of them: the skipped_tasks table)", len(skipped),
+               ", nothing could be evaluated" if nothing_evaluated else "", records.skip_reasons(skipped))
 
 
 def _lora_split_kept(st: Store, space: Space) -> bool:

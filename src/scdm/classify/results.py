@@ -16,7 +16,8 @@ import pandas as pd
 
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
-from scdm.store.splits import CATEGORY_TYPES, SCENARIOS
+from scdm.store.splits import CATEGORY_TYPES, SCENARIOS, STORED_SCHEMES
+from scdm.store.verify import BASELINE_MODELS
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -43,10 +44,6 @@ def name_list(values: NameT | Iterable[NameT]) -> list[NameT]:
     unknown head 'r', or a filter that silently matches nothing.
     """
     return [values] if isinstance(values, str) else list(values)
-
-
-RESULT_SCHEMES: tuple[str, ...] = ("cell", "sample", "study", "custom")
-"""Split schemes a stored result can have (``auto`` is resolved before a split is made)."""
 
 
 def _check_filter(name: str, values: Iterable[str] | None, allowed: tuple[str, ...]) -> None:
@@ -112,7 +109,7 @@ def leaderboard(
     if unknown:
         msg = f"Unknown metric {unknown}; choose from {', '.join(METRICS)}."
         raise InputDataError(msg)
-    _check_filter("scheme", None if scheme is None else [scheme], RESULT_SCHEMES)
+    _check_filter("scheme", None if scheme is None else [scheme], STORED_SCHEMES)
     _check_filter("scenarios", scenarios, SCENARIOS)
     _check_filter("category_types", category_types, CATEGORY_TYPES)
     where: list[str] = ["list_contains(?, r.metric)"]
@@ -376,8 +373,6 @@ NOTES: dict[str, str] = {
 }
 """Caveats printed under a leaderboard when they apply (see :func:`leaderboard_notes`)."""
 
-TRANSDUCTIVE_BASELINES = ("pca", "hvg")
-"""Models fitted (without labels) on every cell they embed, test cells included (store.verify.BASELINE_MODELS)."""
 
 
 def with_signed_partner(metrics: Iterable[str]) -> list[str]:
@@ -396,7 +391,8 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["ami"])
     if not board.empty and "shuffled-label" in set(board["head"]):
         notes.append(NOTES["shuffled-label"])
-    if not board.empty and ((board["variant"] == "frozen") & board["model"].isin(TRANSDUCTIVE_BASELINES)).any():
+    # baselines are fitted (without labels) on every cell they embed, test cells included
+    if not board.empty and ((board["variant"] == "frozen") & board["model"].isin(BASELINE_MODELS)).any():
         notes.append(NOTES["transductive-baseline"])
     if not board.empty and "dann" in set(board["head"]):
         notes.append(NOTES["transductive-dann"])

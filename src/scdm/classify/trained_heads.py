@@ -64,6 +64,7 @@ from scdm.store.heads import (
     trained_head_table,
 )
 from scdm.store.splits import cells_hash
+from scdm.store.verify import BASELINE_MODELS
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -838,8 +839,8 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
     if len(same):
         return ds, str(same.sort_values("created_at")["embedding_id"].iloc[-1])
     expected = f"{trained.model} ({trained.variant}, space {trained.space_id})"
-    # a baseline fitted on the dataset alone is a space of its own: the way in is a joint fit
-    joint = _joint_baseline_hint(st, trained, ds.name) if trained.model in BASELINE_SPACES else None
+    # a baseline's space is fitted on the datasets embedded together: the way in is a joint fit, not another dataset alone
+    joint = _joint_baseline_hint(st, trained, ds.name) if trained.model in BASELINE_MODELS else None
     if mine.empty:
         advice = joint or f"Embed it first: `scdm embed {ds.name} --model {trained.model}`."
         raise EmbeddingNotFoundError(f"Dataset {ds.name!r} has no embedding; head {trained.head_id} reads {expected}. {advice}")
@@ -852,10 +853,6 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
             "the head in that space, or embed it with the exact parameters of the head's embeddings.")
     msg = f"Dataset {ds.name!r} is embedded as {have}, but head {trained.head_id} expects {expected}. {hint}"
     raise SpaceMismatchError(msg)
-
-
-BASELINE_SPACES = ("pca", "hvg")
-"""Models whose space is fitted on the datasets embedded together: another dataset never joins it later."""
 
 
 def _joint_baseline_hint(st: Store, trained: TrainedHead, dataset: str) -> str:

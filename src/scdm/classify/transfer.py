@@ -991,12 +991,7 @@ def critical_genes(
 
     st = open_store(store)
     settings = _gene_settings(profile, use_abs, correction, pseudocount)
-    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr <= 1:
-        msg = f"fdr={fdr!r}: pass a fraction in (0, 1], e.g. 0.05 for 5 % (fdr=5 would call every gene with an effect critical)."
-        raise InputDataError(msg)
-    if isinstance(min_pts, bool) or not isinstance(min_pts, (int, float)) or not 0 <= min_pts < 1:
-        msg = f"min_pts={min_pts!r}: pass a share of cells in [0, 1), e.g. 0.2 for 20 % (min_pts=20 would call no gene critical)."
-        raise InputDataError(msg)
+    _check_thresholds(fdr, min_pts)
     run = transfer_run(st, run_id, complete=True)
     if run.features != "expr":
         msg = (f"Run {run_id} used embedding features ({run.features}); critical genes need expression inputs. "
@@ -1033,6 +1028,16 @@ def critical_genes(
     logger.info("critical genes of %s: %d of %d genes pass (max completeness gap %.2e)", run_id,
                 int(table["critical"].sum()), len(table), params["max_completeness_gap"])
     return table
+
+
+def _check_thresholds(fdr: Any, min_pts: Any) -> None:
+    """Refuse thresholds given as percentages (``fdr=5``, ``min_pts=20``): they are fractions."""
+    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr <= 1:
+        msg = f"fdr={fdr!r}: pass a fraction in (0, 1], e.g. 0.05 for 5 % (fdr=5 would call every gene with an effect critical)."
+        raise InputDataError(msg)
+    if isinstance(min_pts, bool) or not isinstance(min_pts, (int, float)) or not 0 <= min_pts < 1:
+        msg = f"min_pts={min_pts!r}: pass a share of cells in [0, 1), e.g. 0.2 for 20 % (min_pts=20 would call no gene critical)."
+        raise InputDataError(msg)
 
 
 def _gene_settings(profile: str, use_abs: bool | None, correction: str | None, pseudocount: float) -> dict[str, Any]:

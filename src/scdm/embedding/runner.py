@@ -54,6 +54,7 @@ from scdm.embedding.chunks import (
 )
 from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.store import Embedding, Store, open_store
+from scdm.store.checkpoints import checkpoint_files
 from scdm.store.errors import InputDataError, ScdmError
 from scdm.store.genes import gene_table_version
 from scdm.store.matrix import iter_row_blocks
@@ -171,25 +172,6 @@ def _no_values(n: int) -> Any:
 
 
 # ---- checkpoint identity ---------------------------------------------------------------------
-def _checkpoint_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` but hidden ones, through symlinked sub-folders too.
-
-    A checkpoint folder may link a large shared folder in (UCE's ``protein_embeddings/``, a
-    Geneformer ``geneformer/``): the loaders read through the link, so the hash must too
-    (``Path.rglob`` does not descend into a linked folder). A folder reached twice (a link to one
-    of its parents) is walked once.
-    """
-    files, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs.clear()
-            continue
-        seen.add(real)
-        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
-    return files
-
-
 def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = None, files: Sequence[str] | None = None) -> str:
     """Content hash of every file in a checkpoint folder (cached by path, size and mtime).
 
@@ -212,7 +194,7 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
             cache = {}
     known = len(cache)
     total = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in _checkpoint_files(folder) if wanted is None or p.relative_to(folder).as_posix() in wanted):
+    for path in sorted(p for p in checkpoint_files(folder) if wanted is None or p.relative_to(folder).as_posix() in wanted):
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         digest = cache.get(key)

@@ -46,6 +46,7 @@ from scdm.store.evaluation import (
     finish_run,
     finished_tasks,
     run_skipped,
+    skip_reasons,
     start_run,
     task_results,
 )
@@ -455,9 +456,8 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
 
 def _warn_nothing_scored(st: Store, run_id: str) -> None:
     """Say why a run scored nothing (as ``scdm evaluate`` does), instead of an empty leaderboard."""
-    reasons = run_skipped(st, run_id)["reason"].value_counts()
-    why = ("; ".join(f"{reason} ({n} tasks)" for reason, n in reasons.head(3).items())
-           + " (all of them: the skipped_tasks table)") if len(reasons) else (
+    skipped = run_skipped(st, run_id)
+    why = (skip_reasons(skipped) + " (all of them: the skipped_tasks table)") if len(skipped) else (
         "no category of the chosen --by has cells to test (see the splits: lines above)")
     logger.warning("prompt: nothing could be scored: %s", why)
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from scdm.prompt.backends import Backend, Reply
 from scdm.prompt.templates import LABELS
+from scdm.store.checkpoints import checkpoint_files
 from scdm.store.errors import CheckpointError, InputDataError
 
 __all__ = ["HFBackend", "checkpoint_hash"]
@@ -38,25 +38,11 @@ ANSWER_VERSION = "json-cells-v1"
 """Version of the answer the local model writes (part of its decoding parameters)."""
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` but hidden ones, through symlinked sub-folders too (as
-    ``scdm.embedding.runner._checkpoint_files``: the model reads through a link, so the hash does)."""
-    files, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:  # a link back to a parent
-            dirs.clear()
-            continue
-        seen.add(real)
-        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
-    return files
-
-
 def checkpoint_hash(folder: str | Path) -> str:
     """Content hash of every file of a checkpoint folder (names and bytes)."""
     folder = Path(folder)
     total = hashlib.blake2b(digest_size=16)
-    for path in sorted(_checkpoint_files(folder)):
+    for path in sorted(checkpoint_files(folder)):
         h = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):

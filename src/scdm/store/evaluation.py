@@ -43,6 +43,7 @@ __all__ = [
     "finished_tasks",
     "task_results",
     "run_skipped",
+    "skip_reasons",
     "record_tasks",
     "forget_tasks",
     "forget_variant_tasks",
@@ -188,17 +189,17 @@ def _without_gone_splits(con: duckdb.DuckDBPyConnection, rows: _Rows) -> tuple[_
     kept = {r[0] for r in con.execute("SELECT split_id FROM splits WHERE list_contains(?, split_id)", [asked]).fetchall()}
     if len(kept) == len(asked):
         return rows, 0
-    tasks = [t for t in rows.tasks if t["split_id"] in kept]
-    ids = {t["task_id"] for t in tasks}
-    return _Rows(tasks=tasks, results=[r for r in rows.results if r["task_id"] in ids],
-                 predictions=[p for p in rows.predictions if p["task_id"].isin(ids).all()],
-                 skipped=[s for s in rows.skipped if s["split_id"] in kept]), len(rows.tasks) - len(tasks)
+    ids = {t["task_id"] for t in rows.tasks if t["split_id"] in kept}
+    skipped = [s for s in rows.skipped if s["split_id"] in kept]
+    return _keep_tasks(rows, ids, skipped), len(rows.tasks) - len(ids)
 
 
-def _keep_tasks(rows: _Rows, ids: set[str]) -> _Rows:
+def _keep_tasks(rows: _Rows, ids: set[str], skipped: list[dict[str, Any]] | None = None) -> _Rows:
+    """The rows of the tasks ``ids`` (every table), with ``skipped`` (default: as they were)."""
     return _Rows(tasks=[t for t in rows.tasks if t["task_id"] in ids],
                  results=[r for r in rows.results if r["task_id"] in ids],
-                 predictions=[p for p in rows.predictions if p["task_id"].isin(ids).all()], skipped=rows.skipped)
+                 predictions=[p for p in rows.predictions if p["task_id"].isin(ids).all()],
+                 skipped=rows.skipped if skipped is None else skipped)
 
 
 def _write(st: Store, rows: _Rows) -> tuple[int, int]:
@@ -355,6 +356,13 @@ def task_results(st: Store, task_ids: Sequence[str]) -> pd.DataFrame:
     """Long-format metrics of these tasks."""
     return st.query("SELECT * FROM eval_results WHERE list_contains(?, task_id) ORDER BY model, head, scenario, "
                     "category_type, category, fold, metric", [list(task_ids)])
+
+
+def skip_reasons(skipped: pd.DataFrame, top: int = 3) -> str:
+    """Why tasks were skipped, most frequent reasons first: ``reason (n tasks); ...; k other reasons``."""
+    counts = skipped["reason"].value_counts()
+    more = f"; {len(counts) - top} other reasons" if len(counts) > top else ""
+    return "; ".join(f"{reason} ({n} tasks)" for reason, n in counts.head(top).items()) + more
 
 
 def run_skipped(st: Store, run_id: str) -> pd.DataFrame:

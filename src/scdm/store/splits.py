@@ -62,6 +62,7 @@ __all__ = [
     "CATEGORY_TYPES",
     "SCENARIOS",
     "SPLIT_SCHEMES",
+    "STORED_SCHEMES",
     "SampleLeakageWarning",
     "resolve_split_scheme",
     "Split",
@@ -87,6 +88,8 @@ SPLIT_ALGORITHM = 1
 """Version of the fold-assignment algorithm (part of every split's identity)."""
 SPLIT_SCHEMES: tuple[str, ...] = ("auto", "sample", "cell")
 """Pooled split schemes a caller may ask for (``auto`` resolves to ``sample`` or ``cell``)."""
+STORED_SCHEMES: tuple[str, ...] = ("cell", "sample", "study", "custom")
+"""Schemes a stored split (and so a result) has: pooled ``cell``/``sample``, cross-data ``study``, ``custom``."""
 
 _ATOM_COLUMNS = ("dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen")
 
