@@ -267,3 +267,26 @@ def test_a_baseline_heads_refusal_gives_the_joint_fit_that_predicts(tmp_path: Pa
     joint = embed_baseline(st, words[:2], model="pca", n_comps=4, n_hvg=2000, progress=False)
     again = train_head(st, [joint[0].embedding_id], head="ridge")
     assert len(predict(st, again, "new")) == new.n_obs
+
+
+def test_predictions_show_the_labels_of_the_label_set_the_head_learned(st: Store, a375_values: np.ndarray,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A dataset whose default label set is another drug's shows the head's drug beside its predictions."""
+    write_embedding(st, "a375", a375_values)
+    later = ad.read_h5ad(example_data("A375"))[:50].copy()
+    flipped = later.obs["response_PLX4720"].astype(str).map({"sensitive": "resistant", "resistant": "sensitive"})
+    later.obs["response_other"] = flipped.to_numpy()
+    st.ingest(later, name="later", label_key="response_other", drug="other", study="later")  # default: another drug
+    st.ingest(later, name="later", label_key="response_PLX4720")
+    write_embedding(st, "later", a375_values[:50])
+    head_id = train_head(st, dataset="a375", model="pca-test", head="ridge")
+    frame = predict(st, head_id, "later")
+    truth = later.obs["response_PLX4720"].astype(str).eq("sensitive").to_numpy()
+    assert (frame["label_set"] == "response_PLX4720").all()
+    assert (frame["response"].to_numpy(np.int64) == truth).all()  # the default set would be inverted
+    st.ingest(ad.read_h5ad(example_data("A375"))[:20].copy(), name="other_only", label_key="response_PLX4720",
+              drug="other", study="x")
+    write_embedding(st, "other_only", a375_values[:20])
+    with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
+        frame = predict(st, head_id, "other_only")
+    assert (frame["label_set"] == "other").all() and "has no label set response_PLX4720" in caplog.text

@@ -59,6 +59,7 @@ from scdm.store.heads import (
     add_trained_head,
     has_trained_head,
     replace_predictions,
+    response_label_set,
     set_head_artifact,
     trained_head,
     trained_head_table,
@@ -900,8 +901,10 @@ def predict(
     DataFrame
         One row per cell in dataset order: ``head_id``, ``dataset_id``, ``row``, ``cell_id``,
         ``embedding_id``, ``proba`` (probability of sensitive), ``label`` (1 sensitive, 0
-        resistant), ``response`` (the stored label, if any), ``trained_on`` (True for the cells
-        the head was fitted on: their predictions are not held-out; a warning says how many).
+        resistant), ``response`` (the stored label, if any: of the label set the head was trained
+        on where the dataset has it, else of its default), ``label_set`` (that label set's name),
+        ``trained_on`` (True for the cells the head was fitted on: their predictions are not
+        held-out; a warning says how many).
 
     Raises
     ------
@@ -924,12 +927,14 @@ def predict(
     X = st.read_embedding(embedding_id)
     proba = trained.head.predict_proba(X)
     label = (proba >= trained.threshold).astype(np.int8)
-    cells = st.cells([ds.dataset_id]).sort_values("row").reset_index(drop=True)
-    trained_on = _trained_on(trained_head(st, trained.head_id), embedding_id, cells)
+    record = trained_head(st, trained.head_id)
+    cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
+    cells = cells.reset_index(drop=True)
+    trained_on = _trained_on(record, embedding_id, cells)
     frame = pd.DataFrame({
         "head_id": trained.head_id, "dataset_id": ds.dataset_id, "row": cells["row"].to_numpy(np.int32),
         "cell_id": cells["cell_id"].astype(str), "embedding_id": embedding_id, "proba": proba.astype(np.float32),
-        "label": label, "response": cells["response"], "trained_on": trained_on,
+        "label": label, "response": cells["response"], "label_set": cells["label_set"], "trained_on": trained_on,
     })
     if trained_on.any():
         logger.warning("%d of the %d cells of %s trained head %s: their predictions are fitted values, not held-out "
@@ -943,6 +948,16 @@ def predict(
     logger.info("predicted %d cells of %s with head %s (%d sensitive)", len(frame), ds.name, trained.head_id,
                 int(label.sum()))
     return frame
+
+
+def _response_label_set(st: Store, record: TrainedHeadRecord, ds: Any) -> str | None:
+    """The dataset's label set shown beside the predictions (:func:`store.heads.response_label_set`)."""
+    ls = response_label_set(st, record.label_set, ds.dataset_id)
+    if ls is not None and record.label_set and ls.name not in record.label_set.split(","):
+        logger.warning("dataset %s has no label set %s, the one head %s was trained on; the response column holds its "
+                       "default label set %s, which may be another drug's response", ds.name,
+                       " or ".join(sorted(record.label_set.split(","))), record.head_id, ls.name)
+    return None if ls is None else ls.name
 
 
 def _trained_on(record: TrainedHeadRecord, embedding_id: str, cells: pd.DataFrame) -> np.ndarray:

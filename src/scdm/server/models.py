@@ -303,7 +303,10 @@ class PredictionRow(_Row):
     row: int
     proba: float
     label: int
-    response: int | None = Field(default=None, description="The stored label (1 sensitive, 0 resistant), if any.")
+    response: int | None = Field(default=None, description="The stored label (1 sensitive, 0 resistant), if any, of "
+                                 "label_set.")
+    label_set: str | None = Field(default=None, description="The dataset's label set of the drug the head was trained "
+                                  "on (else its default label set); None for an unlabelled dataset.")
 
 
 class ModelSummary(BaseModel):

@@ -60,7 +60,7 @@ from scdm.server.models import (
 )
 from scdm.server.security import REPORT_CSP
 from scdm.store.errors import ScdmError
-from scdm.store.heads import trained_head, trained_head_table
+from scdm.store.heads import trained_head, trained_head_table, with_responses
 
 logger = logging.getLogger(__name__)
 
@@ -385,14 +385,17 @@ def _prediction_frame(srv: ServerState, head_id: str | None, dataset: str | None
     if dataset:
         where.append("p.dataset_id = ?")
         args.append(srv.store.dataset(dataset).dataset_id)
-    sql = ("SELECT p.head_id, d.name AS dataset, p.dataset_id, p.row, c.cell_id, p.proba, p.label, c.response, "
+    sql = ("SELECT p.head_id, d.name AS dataset, p.dataset_id, p.row, c.cell_id, p.proba, p.label, "
            "p.embedding_id, p.created_at FROM predictions p JOIN datasets d USING (dataset_id) "
            "JOIN cells c ON c.dataset_id = p.dataset_id AND c.row = p.row" +
            (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY p.head_id, d.name, p.row")
     if limit is not None:
         sql += " LIMIT ? OFFSET ?"
         args += [limit, offset]
-    return srv.store.query(sql, args)
+    # beside each cell the label of the drug the head learned, not the dataset's default drug's
+    frame = with_responses(srv.store, srv.store.query(sql, args))
+    return frame[["head_id", "dataset", "dataset_id", "row", "cell_id", "proba", "label", "response", "label_set",
+                  "embedding_id", "created_at"]]
 
 
 @router.get("/api/predictions", response_model=list[PredictionRow], summary="Per-cell predictions of trained heads")

@@ -25,6 +25,7 @@ from scdm.store.errors import InputDataError, ScdmError
 
 if TYPE_CHECKING:
     from scdm.store._store import Store
+    from scdm.store.labels import LabelSet
 
 __all__ = [
     "ARTIFACT_FORMATS",
@@ -35,6 +36,8 @@ __all__ = [
     "add_trained_head",
     "has_trained_head",
     "replace_predictions",
+    "response_label_set",
+    "with_responses",
     "set_head_artifact",
     "trained_head",
     "trained_head_table",
@@ -200,6 +203,49 @@ def has_trained_head(st: Store, head_id: str) -> bool:
 def trained_head_table(st: Store) -> pd.DataFrame:
     """All trained heads (catalog rows), newest first."""
     return st.query("SELECT * FROM trained_heads ORDER BY created_at DESC")
+
+
+def response_label_set(st: Store, head_label_set: str | None, dataset_id: str) -> LabelSet | None:
+    """The label set of a dataset whose labels stand beside a head's predictions on it.
+
+    A head learned the labels of the label set(s) named ``head_label_set`` (its training datasets'
+    defaults, comma-joined). A dataset's default may be another drug's, so the head's own label set
+    is taken where the dataset has it; else the dataset's default; None for an unlabelled dataset.
+    """
+    from scdm.store.labels import label_sets
+
+    have = label_sets(st, dataset_id)
+    if not have:
+        return None
+    learned = set(head_label_set.split(",")) if isinstance(head_label_set, str) else set()
+    match = [ls for ls in have if ls.name in learned] or have
+    return next((ls for ls in match if ls.is_default), match[0])
+
+
+def with_responses(st: Store, frame: pd.DataFrame) -> pd.DataFrame:
+    """Prediction rows (``head_id``, ``dataset_id``, ``row``) with ``response`` and ``label_set`` columns.
+
+    Each (head, dataset) pair gets the labels of :func:`response_label_set`; cells without a label
+    in it get a missing ``response``.
+    """
+    if frame.empty:
+        return frame.assign(response=pd.Series(dtype="Int8"), label_set=pd.Series(dtype=object))
+    pairs = frame[["head_id", "dataset_id"]].drop_duplicates()
+    learned = dict(st.query("SELECT head_id, label_set FROM trained_heads WHERE list_contains(?, head_id)",
+                            [list(pairs["head_id"].unique())]).itertuples(index=False, name=None))
+    chosen = []
+    for head_id, dataset_id in pairs.itertuples(index=False, name=None):
+        ls = response_label_set(st, learned.get(head_id), dataset_id)
+        if ls is not None:
+            chosen.append((head_id, dataset_id, ls.label_set_id, ls.name))
+    sets = pd.DataFrame(chosen, columns=["head_id", "dataset_id", "label_set_id", "label_set"])
+    labels = st.query('SELECT label_set_id, "row", response FROM cell_labels WHERE list_contains(?, label_set_id)',
+                      [list(sets["label_set_id"].unique())])
+    labels["row"] = labels["row"].astype(np.int64)
+    out = frame.assign(row=frame["row"].astype(np.int64)).merge(sets, on=["head_id", "dataset_id"], how="left")
+    out = out.merge(labels, on=["label_set_id", "row"], how="left").drop(columns="label_set_id")
+    out["response"] = out["response"].astype("Int8")
+    return out
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ $("pred-form").onsubmit = async (ev) => {
     bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${j.result.mean_proba.toFixed(3)})`;
     $("pred-csv").href = j.result.csv_url; $("pred-csv").hidden = false;
     const rows = await api(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=200`);
-    table($("pred-table"), rows, ["cell_id", "proba", "label", "response"]);
+    table($("pred-table"), rows, ["cell_id", "proba", "label", "response", "label_set"]);
   } catch (e) { showError($("pred-msg"), e); bar.hidden = true; } finally { $("pred-submit").disabled = false; }
 };
 loadLeaderboard();
