@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -96,6 +97,29 @@ def test_a_failed_run_records_its_error_and_unknown_runs_are_named(tmp_path) -> 
     assert run.status == "failed" and run.error.startswith("ValueError") and len(run.error) == 2000
     with pytest.raises(TransferRunNotFoundError, match="recent runs: run1"):
         transfer_run(st, "nope")
+
+
+def test_a_run_whose_process_was_killed_reads_as_stopped_not_running(tmp_path) -> None:
+    """A killed transfer cannot record failing; `scdm genes` on it must not say it is still running."""
+    import subprocess
+    import sys
+    import textwrap
+
+    st = Store(tmp_path / "store")
+    _start(st, "alive")
+    with pytest.raises(InputDataError, match="is running"):  # this process: still alive
+        transfer_run(st, "alive", complete=True)
+    killed = textwrap.dedent(f"""
+        import os
+        from scdm.store import Store
+        from tests.store.test_transfer_records import _start
+        _start(Store({str(tmp_path / "store")!r}), "killed")
+        os._exit(9)  # like SIGKILL: no cleanup runs
+    """)
+    subprocess.run([sys.executable, "-c", killed], check=False, cwd=Path(__file__).parents[2])
+    assert transfer_run(st, "killed").status == "running"
+    with pytest.raises(InputDataError, match="never finished: its process is gone.*scdm transfer"):
+        transfer_run(st, "killed", complete=True)
 
 
 def test_critical_genes_are_replaced_as_a_whole(tmp_path) -> None:

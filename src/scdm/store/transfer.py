@@ -18,6 +18,8 @@ Model weights, scalers and the latent space live under ``<store>/artifacts/trans
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ __all__ = [
     "transfer_artifacts_dir",
     "transfer_predictions",
     "transfer_run",
+    "transfer_run_stopped",
 ]
 
 TRANSFER_ARTIFACTS_DIR = "transfer"
@@ -276,12 +279,17 @@ def _run_record(row: dict[str, Any]) -> TransferRunRecord:
 
 
 def start_transfer_run(st: Store, run: TransferRunStart) -> None:
-    """Insert a run's row with status ``running``."""
+    """Insert a run's row with status ``running``.
+
+    Its config records the run's host and process id (``process``) until it completes, so that a
+    run whose process was killed (it could not record failing) reads as stopped, not running.
+    """
+    config = {**run.config, "process": {"host": socket.gethostname(), "pid": os.getpid()}}
     row = {"run_id": run.run_id, "created_at": run.created_at if run.created_at is not None else _now(),
            "status": "running", "drug": run.drug, "source_kind": run.source_kind, "source": _json(dict(run.source)),
            "target_dataset_id": run.target_dataset_id, "features": run.features,
            "source_features": _json(list(run.source_features)) if run.source_features else None, "adapt": bool(run.adapt),
-           "selection": run.selection, "config": _json(dict(run.config)), "scdm_version": run.scdm_version,
+           "selection": run.selection, "config": _json(config), "scdm_version": run.scdm_version,
            "source_label_set": run.source_label_set, "target_label_set": run.target_label_set,
            "validation_label_set": run.validation_label_set}
     st.catalog.insert_df("transfer_runs", pd.DataFrame([row]))
@@ -336,8 +344,19 @@ def transfer_run(st: Store, run_id: str, *, complete: bool = False) -> TransferR
     record = _run_record(frame.iloc[0].to_dict())
     if complete and record.status != "complete":
         msg = f"Transfer run {run_id} is {record.status}; only complete runs can be read back."
+        if transfer_run_stopped(record):
+            msg = (f"Transfer run {run_id} never finished: its process is gone (killed, or the machine stopped), so it "
+                   "has no outputs. Run the same `scdm transfer` command again.")
         raise InputDataError(msg)
     return record
+
+
+def transfer_run_stopped(record: TransferRunRecord) -> bool:
+    """Whether a ``running`` run's process is known to be gone (see :func:`store.evaluation.run_process_gone`)."""
+    from scdm.store.evaluation import run_process_gone
+
+    process = record.config.get("process") or {}
+    return record.status == "running" and run_process_gone(process.get("host"), process.get("pid"))
 
 
 def transfer_predictions(st: Store, run_id: str) -> pd.DataFrame:
