@@ -440,6 +440,9 @@ def export(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str |
     emb = _select_embedding(obj.store, embedding_id, dataset, model, variant)
     path = obj.store.export_embedding(emb.embedding_id, out)
     click.echo(f"wrote {emb.n_cells} x {emb.dim} {emb.model} embedding to {path}")
+    if Path(path).suffix == ".npy":  # a bare matrix: say where its row names are
+        click.echo(f"  rows in dataset order, without cell ids; they are: scdm sql \"SELECT cell_id FROM cells WHERE "
+                   f"dataset_id = '{emb.dataset_id}' ORDER BY row\" (an .h5ad export carries them)")
 
 
 @main.command()

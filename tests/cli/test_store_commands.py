@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import anndata as ad
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -47,9 +48,12 @@ def test_ingest_ls_sql_export_rm_round_trip(run, tmp_path):
     assert rows == [{"response": 0, "n": 46}, {"response": 1, "n": 62}]
     csv = run("sql", "SELECT name FROM datasets", "--format", "csv").stdout
     assert csv == "name\na375\n"
-    run("export", "--dataset", "a375", "--model", "pca", "--out", str(tmp_path / "x.npy"))
+    out = run("export", "--dataset", "a375", "--model", "pca", "--out", str(tmp_path / "x.npy")).stdout
     arr = np.load(tmp_path / "x.npy")
     assert arr.shape == (108, 5)
+    query = out.split('scdm sql "')[1].split('"')[0]  # the printed query gives the rows' cell ids, in order
+    ids = [r["cell_id"] for r in json.loads(run("sql", query, "--format", "json").stdout)]
+    assert ids == list(ad.read_h5ad(example_data()).obs_names)
     assert "would delete" in run("rm", "--dataset", "a375", "--model", "pca", "--dry-run").output
     assert "deleted embedding" in run("rm", "--dataset", "a375", "--model", "pca").output
     assert Store(run.store).embeddings().empty
