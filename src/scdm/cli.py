@@ -827,7 +827,7 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
               help="Head fits in parallel, one thread each. Default: per embedding space, one per CPU for a small "
                    "matrix (under 4M values; its fits run on one thread either way, so the results equal --jobs 1's), "
                    "one fit on every core for a larger one.")
-@click.option("--no-predictions", is_flag=True, help="Do not store per-cell test probabilities.")
+@click.option("--no-predictions", is_flag=True, help="Do not store per-cell test probabilities (a later run without this flag fits such tasks again to store them).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: head fits run as Ray tasks on a cluster (pip install 'scdm[ray]'); this process writes the catalog.")
 @click.option("--ray-address", default=None,

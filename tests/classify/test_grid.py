@@ -115,6 +115,25 @@ def test_resume_skips_finished_tasks(st: Store) -> None:
     assert more.n_done == first.n_tasks // len(HEADS) and more.n_reused == first.n_tasks
 
 
+def test_tasks_stored_without_predictions_are_fitted_again_when_predictions_are_asked(
+        st: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A run with --no-predictions must not leave a later run that asks for predictions without them."""
+    write_pca(st, "pca-joint", 8)
+    first = run(st, save_predictions=False)
+    assert st.query("SELECT count(*) AS n FROM eval_predictions")["n"][0] == 0
+    assert run(st, save_predictions=False).n_reused == first.n_tasks  # nothing asked that is missing
+    with caplog.at_level("WARNING", logger="scdm.classify.grid"):
+        second = run(st)
+    assert second.n_done == first.n_tasks and f"{first.n_tasks} tasks were stored without test predictions" in caplog.text
+    tasks = st.query("SELECT task_id, n_test, run_id FROM eval_tasks")
+    assert len(tasks) == first.n_tasks and (tasks["run_id"] == second.run_id).all()
+    stored = st.query("SELECT task_id, count(*) AS n FROM eval_predictions GROUP BY task_id")
+    assert dict(zip(stored["task_id"], stored["n"])) == dict(zip(tasks["task_id"], tasks["n_test"]))
+    counts = st.query("SELECT task_id, count(*) AS n FROM eval_results GROUP BY task_id")
+    assert (counts["n"] == len(METRICS)).all()  # replaced, not doubled
+    assert run(st).n_reused == first.n_tasks
+
+
 def test_models_share_partitions_and_spaces_are_never_mixed(st: Store) -> None:
     ids_a = write_pca(st, "pca-a", 6)
     ids_b = write_pca(st, "pca-b", 12)
@@ -342,7 +361,7 @@ def test_two_runs_at_once_each_count_the_tasks_they_own(st: Store, monkeypatch: 
     write_pca(st, "pca-joint", 8)
     first = run(st)
     board = leaderboard(st)
-    monkeypatch.setattr(records, "finished_tasks", lambda _st, _ids: set())  # it looked before the first one wrote
+    monkeypatch.setattr(records, "finished_tasks", lambda _st, _ids, **_: set())  # it looked before the first one wrote
     second = run(st)
     assert second.n_done == 0 and second.n_reused == first.n_tasks
     owned = st.query("SELECT run_id, count(*) AS n FROM eval_tasks GROUP BY run_id")

@@ -148,6 +148,14 @@ def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[Space]:
     return spaces
 
 
+def _say_refitted_for_predictions(st: Store, pending: Sequence[Task]) -> None:
+    """Tasks stored by a run with ``--no-predictions`` are fitted again when predictions are asked for."""
+    again = len(records.finished_tasks(st, [t.task_id for t in pending]))
+    if again:
+        logger.warning("%d tasks were stored without test predictions (an earlier run with --no-predictions); fitting "
+                       "them again to store their predictions (their metrics are replaced by the new fit's)", again)
+
+
 def _load_matrix(st: Store, space: Space) -> None:
     """Read every embedding of the space once and keep the labelled cells' rows, in cells order."""
     cells = space.cells
@@ -618,9 +626,10 @@ def evaluate(
             n_skipped += len(skipped)
             all_ids += [t.task_id for t in tasks]
             assert space.cells is not None
-            finished = records.finished_tasks(st, [t.task_id for t in tasks])
+            finished = records.finished_tasks(st, [t.task_id for t in tasks], with_predictions=save_predictions)
             pending = [t for t in tasks if t.task_id not in finished]
             n_reused += len(tasks) - len(pending)
+            _say_refitted_for_predictions(st, pending)
             logger.info("space %s (%s, %d datasets, %d cells): %d tasks, %d already done, %d skipped",
                         space.space_id, space.model, len(space.embeddings), len(space.cells), len(tasks),
                         len(tasks) - len(pending), len(skipped))

@@ -216,6 +216,8 @@ def _write(st: Store, rows: _Rows) -> tuple[int, int]:
         ids = [t["task_id"] for t in rows.tasks]
         stored = {r[0] for r in con.execute("SELECT task_id FROM eval_tasks WHERE list_contains(?, task_id)",
                                             [ids]).fetchall()} if ids else set()
+        # a task stored without predictions (--no-predictions) is replaced by a fit that has them
+        stored -= _tasks_without_predictions(con, stored) & {p["task_id"].iloc[0] for p in rows.predictions if len(p)}
         if stored:
             rows = _keep_tasks(rows, set(ids) - stored)
         if rows.tasks:
@@ -345,11 +347,22 @@ def record_tasks(st: Store, outcomes: Sequence[TaskOutcome], config: dict[str, A
     return run_id
 
 
-def finished_tasks(st: Store, task_ids: Sequence[str]) -> set[str]:
-    """The task ids that have a stored result."""
+def finished_tasks(st: Store, task_ids: Sequence[str], *, with_predictions: bool = False) -> set[str]:
+    """The task ids that have a stored result (``with_predictions``: and stored test predictions)."""
     if not task_ids:
         return set()
-    return set(st.query("SELECT task_id FROM eval_tasks WHERE list_contains(?, task_id)", [list(task_ids)])["task_id"])
+    return set(st.query("SELECT task_id FROM eval_tasks t WHERE list_contains(?, task_id) AND (NOT ? OR EXISTS "
+                        "(SELECT 1 FROM eval_predictions p WHERE p.task_id = t.task_id))",
+                        [list(task_ids), with_predictions])["task_id"])
+
+
+def _tasks_without_predictions(con: duckdb.DuckDBPyConnection, task_ids: set[str]) -> set[str]:
+    """Those of these stored tasks that have no ``eval_predictions`` rows (fitted with ``--no-predictions``)."""
+    if not task_ids:
+        return set()
+    with_rows = {r[0] for r in con.execute("SELECT DISTINCT task_id FROM eval_predictions WHERE list_contains(?, task_id)",
+                                           [sorted(task_ids)]).fetchall()}
+    return set(task_ids) - with_rows
 
 
 def task_results(st: Store, task_ids: Sequence[str]) -> pd.DataFrame:
