@@ -688,3 +688,16 @@ def test_bulk_csvs_that_cannot_be_matched_by_sample_are_refused(tmp_path: Path) 
     table.to_csv(expr)
     with pytest.raises(InputDataError, match=r"'expr\.csv' is an expression table: give the CSV of its responses"):
         read_bulk(str(expr), drug="drugX")  # the CSV without its labels: was h5py's 'file signature not found'
+
+
+def test_a_one_class_store_source_is_refused(collection: ad.AnnData, tmp_path: Path) -> None:
+    """Store sources whose labelled cells are all of one class: was trained on and scored as if it had learned."""
+    st = Store(tmp_path / "store")
+    st.ingest(collection[collection.obs["study"] == TARGET_STUDY].copy(), name="tgt", label_key="response",
+              study=TARGET_STUDY)
+    source = collection[collection.obs["study"] == "GSE164897"].copy()
+    st.ingest(source[source.obs["response"] == "sensitive"].copy(), name="only_sensitive", label_key="response",
+              study="GSE164897")
+    with pytest.raises(InputDataError, match=r"All \d+ labelled source cells are sensitive \(source 'only_sensitive'"):
+        transfer(st, source="only_sensitive", target="tgt", **FAST)
+    assert st.query("SELECT count(*) AS n FROM transfer_runs")["n"].iloc[0] == 0  # refused before the run starts

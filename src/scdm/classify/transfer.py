@@ -661,6 +661,7 @@ def transfer(
         dom = _embedding_domains(st, kind, src, target_info.name, features, source_features, validation, labels)
     if labels.sources:
         dom.source_desc["label_sets"] = [c.record() for c in labels.sources]
+        _check_source_classes(dom.ys, labels)
     cfg = TrainConfig(alpha=alphas[0], beta=betas[0], rec_weight=float(rec_weight), epochs=epochs,
                       pretrain_epochs=pretrain_epochs, lr=float(lr), batch_size=batch_size, hidden=tuple(hidden),
                       latent_dim=latent_dim, predictor_hidden=tuple(predictor_hidden), dropout=float(dropout),
@@ -681,6 +682,21 @@ def transfer(
         fail_transfer_run(st, run_id, f"{type(err).__name__}: {err}")
         raise
     return result
+
+
+def _check_source_classes(ys: np.ndarray, labels: _RunLabels) -> None:
+    """Refuse store sources whose labelled cells hold one class: the predictor could learn nothing.
+
+    (A bulk source is checked by :func:`read_bulk`.) Without this the run trained a one-class
+    predictor, wrote its predictions and scored them against the target as if it had learned.
+    """
+    if np.unique(ys).size >= 2:
+        return
+    read = "; ".join(c.describe() for c in labels.sources)
+    msg = (f"All {ys.size} labelled source cells are {'sensitive' if ys.size and ys[0] == 1 else 'resistant'} "
+           f"({read}): a predictor of response needs both classes. Add a source dataset with the other class, or "
+           "name a label set that has both (source_label_set=..., --source-label-set; `scdm ls --what labels`).")
+    raise InputDataError(msg)
 
 
 def _resolve_validation(st: Store, validation: str | None, target: str, sources: Sequence[str]) -> str | None:
