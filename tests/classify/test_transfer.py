@@ -701,3 +701,16 @@ def test_a_one_class_store_source_is_refused(collection: ad.AnnData, tmp_path: P
     with pytest.raises(InputDataError, match=r"All \d+ labelled source cells are sensitive \(source 'only_sensitive'"):
         transfer(st, source="only_sensitive", target="tgt", **FAST)
     assert st.query("SELECT count(*) AS n FROM transfer_runs")["n"].iloc[0] == 0  # refused before the run starts
+
+
+def test_a_target_labelled_for_other_drugs_only_is_predicted_not_scored(two_drugs: Store, collection: ad.AnnData) -> None:
+    """drug='drugC' on a target with label sets of drugA and drugB: was refused, so the target could not be predicted."""
+    st = two_drugs
+    st.ingest(collection[collection.obs["study"] == "GSE108397"].copy(), name="src_c", label_key="response", drug="drugC",
+              study="GSE108397")
+    with pytest.warns(TransferWarning, match=r"target 'tgt' has no label set of drug 'drugC'.*predicted but not scored"):
+        res = transfer(st, source="src_c", target="tgt", drug="drugC", **FAST)
+    assert res.metrics is None and res.target_label_set is None and res.drug == "drugC" and res.proba.size > 0
+    assert transfer_run(st, res.run_id, complete=True).target_label_set is None
+    with pytest.raises(InputDataError, match=r"drug='drugC' contradicts.*target 'tgt': label set 'drugB'.*\(named\)"):
+        transfer(st, source="src_c", target="tgt", drug="drugC", target_label_set="drugB", **FAST)  # named: still refused

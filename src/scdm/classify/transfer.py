@@ -28,7 +28,8 @@ No peeking
 Labels
     Each store dataset's labels come from one of its label sets (:mod:`scdm.store.labels`): the
     one named (``source_label_set``, ``validation_label_set``, ``target_label_set``), else its
-    label set of ``drug``, else its default. All must be of one drug; the run records them.
+    label set of ``drug``, else its default. All must be of one drug; the run records them. A
+    target whose label sets are all of other drugs than ``drug`` is predicted, not scored.
 
 Examples
 --------
@@ -47,6 +48,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -322,6 +324,12 @@ def _choose_labels(st: Store, dataset: str, role: str, given: str | None, drug: 
                f"`scdm ingest FILE.h5ad --label-key COLUMN --drug DRUG`.")
         raise InputDataError(msg)
     ls, how = _pick_label_set(have, dataset, given, drug, option)
+    if role == "target" and how == "default" and drug is not None and ls.drug and not _same_drug(ls.drug, drug):
+        # responses to other drugs cannot score this one: the target is unlabelled for this run, and is predicted
+        warnings.warn(f"The target {dataset!r} has no label set of drug {drug!r} (its label sets: {_listing(have)}): "
+                      "its cells are predicted but not scored. If one of its label sets holds responses to this drug, "
+                      "name it with target_label_set=... (--target-label-set).", TransferWarning, stacklevel=4)
+        return None
     return _LabelChoice(role, dataset, ls, how)
 
 
@@ -573,7 +581,8 @@ def transfer(
         The label set (``scdm ls --what labels``) read from every store source dataset (training
         labels), from the target (metrics only) and from the validation dataset. Default: the
         dataset's label set of ``drug`` when it has one, else its default label set. Every label
-        set read must be of one drug (``drug`` when given); the run records which were read.
+        set read must be of one drug (``drug`` when given); the run records which were read. A
+        target with label sets of other drugs only is unlabelled for ``drug``: predicted, not scored.
     features : str, default "expr"
         ``"expr"`` or an embedding id of the target dataset.
     source_features : list of str, optional
