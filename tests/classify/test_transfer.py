@@ -714,3 +714,19 @@ def test_a_target_labelled_for_other_drugs_only_is_predicted_not_scored(two_drug
     assert transfer_run(st, res.run_id, complete=True).target_label_set is None
     with pytest.raises(InputDataError, match=r"drug='drugC' contradicts.*target 'tgt': label set 'drugB'.*\(named\)"):
         transfer(st, source="src_c", target="tgt", drug="drugC", target_label_set="drugB", **FAST)  # named: still refused
+
+
+def test_a_small_gene_overlap_is_warned_about_and_recorded(st: Store, bulk: ad.AnnData) -> None:
+    """12 of 200 bulk genes match the target (the others under ids that do not map): was accepted silently."""
+    renamed = bulk.copy()
+    renamed.var_names = [g if i < 12 else f"NOTAGENE{i}" for i, g in enumerate(bulk.var_names)]
+    with pytest.warns(TransferWarning, match=r"share only 12 genes \(by HGNC symbol, of bulk source 200, target 'target' 200 genes\)"):
+        res = transfer(st, source=renamed, target="target", drug="drugX", **FAST)
+    assert res.n_features == 12 and transfer_run(st, res.run_id).source["n_shared_genes"] == 12
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TransferWarning)
+        from scdm.classify._transfer_data import shared_genes
+
+        assert len(shared_genes([np.array([f"G{i}" for i in range(20)], object)] * 2)) == 20  # full overlap: silent

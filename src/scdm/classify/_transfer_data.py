@@ -70,6 +70,8 @@ waterfall method. ``ic50`` and ``auc`` (GDSC's area under the viability curve): 
 _SENSITIVE_WHEN = {"ic50": "low", "auc": "low", "activity_area": "high"}
 _TARGET_SUM = 1e4
 _MIN_SHARED_GENES = 10
+LOW_GENE_OVERLAP = 0.5
+"""Fewer shared genes than this share of the smallest gene list is warned about (ids of another kind or species)."""
 _MAX_KMEANS_K = 10
 _KMEANS_SUBSAMPLE = 3000
 
@@ -384,8 +386,13 @@ def symbols_of(gene_ids: Sequence[str] | np.ndarray) -> np.ndarray:
     return map_genes(ids, src=kind, dst="symbol")
 
 
-def shared_genes(symbol_lists: Sequence[np.ndarray]) -> list[str]:
-    """Symbols present in every list, in the order of the last list (the target)."""
+def shared_genes(symbol_lists: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[str]:
+    """Symbols present in every list, in the order of the last list (the target).
+
+    Fewer than :data:`LOW_GENE_OVERLAP` of the smallest list's genes shared is warned about
+    (``names`` name the lists in the warning): the model then sees a fraction of each domain's
+    genes, which usually means ids of another kind or species that did not map.
+    """
     sets = [{s for s in lst if s} for lst in symbol_lists]
     common = set.intersection(*sets)
     order = [s for s in dict.fromkeys(symbol_lists[-1]) if s in common]
@@ -393,6 +400,12 @@ def shared_genes(symbol_lists: Sequence[np.ndarray]) -> list[str]:
         msg = (f"Source and target share only {len(order)} genes (by HGNC symbol); transfer needs at least "
                f"{_MIN_SHARED_GENES}. Check that both use human gene ids the shipped table knows.")
         raise GeneMappingError(msg)
+    if len(order) < LOW_GENE_OVERLAP * min(len(s) for s in sets):
+        names = list(names) if names is not None else [f"list {i + 1}" for i in range(len(sets))]
+        counts = ", ".join(f"{name} {len(s)}" for name, s in zip(names, sets))
+        warnings.warn(f"Source and target share only {len(order)} genes (by HGNC symbol, of "
+                      f"{counts} genes): the model sees only these. Check that every dataset uses human gene ids the "
+                      "shipped table knows (symbols or Ensembl ids of one kind).", TransferWarning, stacklevel=3)
     return order
 
 

@@ -405,7 +405,9 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
         lists = [store_symbols(st, name) for name in source]
     if validation is not None:
         lists.append(store_symbols(st, validation))
-    genes = shared_genes([*lists, target_symbols])
+    names = ["bulk source" if kind == "bulk" else f"source {n!r}" for n in ([None] if kind == "bulk" else source)]
+    names += [f"validation {validation!r}"] * (validation is not None) + [f"target {target!r}"]
+    genes = shared_genes([*lists, target_symbols], names)
     target_all = read_store_expression(st, target, genes)
     features = select_hvg(target_all, genes, n_hvg)
     Xt = dense(target_all[:, column_index(np.asarray(genes, dtype=object), features)])
@@ -423,6 +425,7 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
             labels.append(y)
         desc = {"kind": "store", "datasets": [st.dataset(n).dataset_id for n in source], "names": list(source)}
         dom = _Domains(np.vstack(blocks), np.concatenate(labels), Xt, features, "store", desc)
+    dom.source_desc["n_shared_genes"] = len(genes)
     if validation is not None and chosen.validation is not None:
         rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
         dom.Xv = dense(read_store_expression(st, validation, features)[rows])
