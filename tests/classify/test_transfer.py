@@ -730,3 +730,16 @@ def test_a_small_gene_overlap_is_warned_about_and_recorded(st: Store, bulk: ad.A
         from scdm.classify._transfer_data import shared_genes
 
         assert len(shared_genes([np.array([f"G{i}" for i in range(20)], object)] * 2)) == 20  # full overlap: silent
+
+
+def test_critical_genes_refuse_cell_samples_without_both_groups(st: Store, bulk: ad.AnnData) -> None:
+    """max_cells=1 stored a table of NaN and p = 1 over the earlier one; 0, -3 and n_steps=0 were numpy tracebacks."""
+    run_id = transfer(st, source=bulk, target="target", drug="drugX", **FAST).run_id
+    for kwargs in ({"max_cells": 1}, {"max_cells": 0}, {"max_cells": -3}, {"max_cells": 2.5}):
+        with pytest.raises(InputDataError, match=r"max_cells=.*whole number of cells >= 2"):
+            critical_genes(st, run_id, plot=False, **kwargs)
+    with pytest.raises(InputDataError, match=r"n_steps=0: pass a whole number"):
+        critical_genes(st, run_id, n_steps=0, plot=False)
+    assert st.query("SELECT count(*) AS n FROM critical_genes WHERE run_id = ?", [run_id])["n"].iloc[0] == 0
+    two = critical_genes(st, run_id, max_cells=2, n_steps=8, plot=False)
+    assert two.attrs["n_cells"] == 2 and two["mean_sensitive"].notna().all() and two["mean_resistant"].notna().all()

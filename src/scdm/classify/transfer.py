@@ -1020,6 +1020,7 @@ def critical_genes(
     st = open_store(store)
     settings = _gene_settings(profile, use_abs, correction, pseudocount)
     _check_thresholds(fdr, min_pts)
+    _check_sampling(max_cells, n_steps)
     run = transfer_run(st, run_id, complete=True)
     if run.features != "expr":
         msg = (f"Run {run_id} used embedding features ({run.features}); critical genes need expression inputs. "
@@ -1065,6 +1066,24 @@ def _check_thresholds(fdr: Any, min_pts: Any) -> None:
         raise InputDataError(msg)
     if isinstance(min_pts, bool) or not isinstance(min_pts, (int, float)) or not 0 <= min_pts < 1:
         msg = f"min_pts={min_pts!r}: pass a share of cells in [0, 1), e.g. 0.2 for 20 % (min_pts=20 would call no gene critical)."
+        raise InputDataError(msg)
+
+
+def _check_sampling(max_cells: Any, n_steps: Any) -> None:
+    """Refuse a cell sample that cannot hold both groups and a quadrature without nodes.
+
+    ``max_cells=1`` stored a table of NaN means and p-values of 1 over the run's earlier table
+    (one cell is one group); ``0``, negatives and fractions were numpy tracebacks.
+    """
+    def whole(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+    if max_cells is not None and not (whole(max_cells) and max_cells >= 2):
+        msg = (f"max_cells={max_cells!r}: pass a whole number of cells >= 2 (both predicted groups must be sampled), "
+               "or None (--max-cells 0) for all cells.")
+        raise InputDataError(msg)
+    if not (whole(n_steps) and n_steps >= 1):
+        msg = f"n_steps={n_steps!r}: pass a whole number of integrated-gradient steps >= 1 (default 64)."
         raise InputDataError(msg)
 
 
