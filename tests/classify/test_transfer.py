@@ -743,3 +743,20 @@ def test_critical_genes_refuse_cell_samples_without_both_groups(st: Store, bulk:
     assert st.query("SELECT count(*) AS n FROM critical_genes WHERE run_id = ?", [run_id])["n"].iloc[0] == 0
     two = critical_genes(st, run_id, max_cells=2, n_steps=8, plot=False)
     assert two.attrs["n_cells"] == 2 and two["mean_sensitive"].notna().all() and two["mean_resistant"].notna().all()
+
+
+def test_a_target_of_normalised_values_that_are_not_log_scale_is_log_transformed(st: Store, bulk: ad.AnnData,
+                                                                                  target_cells: ad.AnnData) -> None:
+    """A CP10k target (normalised, not log): the default n_hvg crashed in scanpy (expm1 overflow), and n_hvg=None
+    trained on linear values against a log-scale source."""
+    counts = sp.csr_matrix(target_cells.X, dtype=np.float64)
+    cp10k = target_cells.copy()
+    cp10k.X = sp.csr_matrix(sp.diags(1e4 / np.asarray(counts.sum(axis=1)).ravel()) @ counts).astype(np.float32)
+    st.ingest(cp10k, name="target_cp10k", label_key="response", study=TARGET_STUDY)
+    assert st.dataset("target_cp10k").x_kind == "normalized"
+    kw = {**FAST, "n_hvg": 50, "source": bulk, "drug": "drugX"}
+    with pytest.warns(TransferWarning, match=r"'target_cp10k' holds normalised values up to .*not log-scale: transfer takes log1p"):
+        res = transfer(st, target="target_cp10k", **kw)
+    from_counts = transfer(st, target="target", **kw)  # the same cells as counts: normalize_total + log1p
+    assert res.feature_names == from_counts.feature_names
+    np.testing.assert_allclose(res.proba, from_counts.proba, atol=3e-3)  # float32 CP10k: rounding, not a scale change

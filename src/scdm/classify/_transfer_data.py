@@ -70,6 +70,8 @@ waterfall method. ``ic50`` and ``auc`` (GDSC's area under the viability curve): 
 _SENSITIVE_WHEN = {"ic50": "low", "auc": "low", "activity_area": "high"}
 _TARGET_SUM = 1e4
 _MIN_SHARED_GENES = 10
+LOG_SCALE_MAX = 50.0
+"""Normalised values above this are not log-scale (log1p of 1e4-normalised counts stays below 10): log1p is taken."""
 LOW_GENE_OVERLAP = 0.5
 """Fewer shared genes than this share of the smallest gene list is warned about (ids of another kind or species)."""
 _MAX_KMEANS_K = 10
@@ -456,17 +458,26 @@ def bulk_kind(X: np.ndarray, transform: str) -> str:
         return "log"
     if np.all(X == np.round(X)):
         return "counts"
-    return "tpm" if X.max() > 50 else "log"
+    return "tpm" if X.max() > LOG_SCALE_MAX else "log"
 
 
 def read_store_expression(st: Store, dataset: str, genes: Sequence[str], *, block_rows: int = 8192) -> sp.csr_matrix:
-    """Log-normalised expression of a store dataset on ``genes`` (symbols), CSR (n_cells, n_genes)."""
+    """Log-normalised expression of a store dataset on ``genes`` (symbols), CSR (n_cells, n_genes).
+
+    Counts get ``normalize_total`` + ``log1p``; normalised values are taken as they are when they
+    are log-scale, and get ``log1p`` (with a warning) when some exceed :data:`LOG_SCALE_MAX`, as a
+    TPM bulk source does: then every domain is log-scale, and the target's highly variable genes
+    (scanpy's ``seurat`` flavour, which takes ``expm1`` of its input) do not overflow. The choice
+    looks at every gene of the dataset, so it does not depend on ``genes``.
+    """
     info = st.dataset(dataset)
     table = st.genes(dataset)
     cols = column_index(_store_symbols(table), genes)
     adata = st.open_anndata(dataset, backed=True)
-    kind = "counts" if info.x_kind == "counts" else "normalized"
     try:
+        # scaled values (negative: z-scores) are taken as they are; log1p is for non-negative ones
+        kind = {"counts": "counts", "normalized": None}.get(info.x_kind, "normalized")
+        kind = kind or _normalized_kind(adata, info.name, block_rows)
         blocks = []
         for lo in range(0, adata.n_obs, block_rows):
             block = adata.X[lo:min(lo + block_rows, adata.n_obs)]
@@ -475,6 +486,22 @@ def read_store_expression(st: Store, dataset: str, genes: Sequence[str], *, bloc
         if getattr(adata, "file", None) is not None:
             adata.file.close()
     return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(genes)), dtype=np.float32)
+
+
+def _normalized_kind(adata: Any, name: str, block_rows: int) -> str:
+    """``tpm`` (log1p them) for normalised values above :data:`LOG_SCALE_MAX`, else ``normalized`` (as they are)."""
+    top = 0.0
+    for lo in range(0, adata.n_obs, block_rows):
+        block = adata.X[lo:min(lo + block_rows, adata.n_obs)]
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        if values.size:
+            top = max(top, float(np.max(values)))
+    if top <= LOG_SCALE_MAX:
+        return "normalized"
+    warnings.warn(f"Dataset {name!r} holds normalised values up to {top:.4g}, not log-scale: transfer takes log1p of "
+                  "them, as of a TPM bulk source (ingest log-normalised values, or counts, to choose yourself).",
+                  TransferWarning, stacklevel=4)
+    return "tpm"
 
 
 def _store_symbols(table: pd.DataFrame) -> np.ndarray:

@@ -12,7 +12,8 @@ Sources
     * labelled single-cell studies of the store: a dataset name or a list of names.
 
 Features
-    * ``"expr"``: log-normalised expression (counts: ``normalize_total`` 1e4 + ``log1p``) on the
+    * ``"expr"``: log-normalised expression (counts: ``normalize_total`` 1e4 + ``log1p``;
+      normalised values that are not log-scale, above 50: ``log1p``, with a warning) on the
       genes shared by source and target, restricted to the target's ``n_hvg`` most variable
       ones, MinMax-scaled to [0, 1] per domain as in the paper;
     * an embedding id of the target dataset: its cached embedding (any model), with the source
