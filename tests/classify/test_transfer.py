@@ -760,3 +760,15 @@ def test_a_target_of_normalised_values_that_are_not_log_scale_is_log_transformed
     from_counts = transfer(st, target="target", **kw)  # the same cells as counts: normalize_total + log1p
     assert res.feature_names == from_counts.feature_names
     np.testing.assert_allclose(res.proba, from_counts.proba, atol=3e-3)  # float32 CP10k: rounding, not a scale change
+
+
+@pytest.mark.parametrize(("setting", "value"), [("n_hvg", 0), ("n_hvg", -5), ("dropout", 1.5), ("rec_weight", -1.0),
+                                                ("n_clusters", 0), ("resolution", -1.0), ("linear_r", 2.0)])
+def test_transfer_settings_out_of_range_are_refused_before_the_run(st: Store, bulk: ad.AnnData, setting: str,
+                                                                   value: float) -> None:
+    """n_hvg=0 kept 108 of 200 genes and rec_weight=-1 rewarded bad reconstructions (both silent); dropout=1.5 and
+    n_clusters=0 failed in torch/sklearn after the run had started."""
+    before = st.query("SELECT count(*) AS n FROM transfer_runs")["n"].iloc[0]
+    with pytest.raises(InputDataError, match=rf"Invalid transfer parameters: {setting}="):
+        transfer(st, source=bulk, target="target", drug="drugX", **{**FAST, setting: value})
+    assert st.query("SELECT count(*) AS n FROM transfer_runs")["n"].iloc[0] == before

@@ -651,6 +651,8 @@ def transfer(
     _check_params(epochs, pretrain_epochs, lr, batch_size, validation_fraction, threshold, tuple(hidden), latent_dim,
                   tuple(predictor_hidden))
     _check_corruption(corruption, mask_rate, noise_std)
+    _check_settings(n_hvg=n_hvg, dropout=dropout, rec_weight=rec_weight, n_clusters=n_clusters, resolution=resolution,
+                    linear_r=linear_r)
     alphas, betas = _as_list(alpha, "alpha"), _as_list(beta, "beta")
     target_info = st.dataset(target)
     kind, src = _resolve_source(st, source)
@@ -728,6 +730,34 @@ def _resolve_validation(st: Store, validation: str | None, target: str, sources:
                "validation_fraction of the source cells.")
         raise InputDataError(msg)
     return name
+
+
+def _check_settings(*, n_hvg: Any, dropout: Any, rec_weight: Any, n_clusters: Any, resolution: Any,
+                    linear_r: Any) -> None:
+    """Refuse settings that were accepted silently (n_hvg=0 kept 108 of 120 genes, rec_weight=-1 rewarded bad
+    reconstructions) or failed deep in torch/sklearn after the run had started (dropout=1.5, n_clusters=0)."""
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+    def whole(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+    problems = []
+    if n_hvg is not None and not (whole(n_hvg) and n_hvg >= 1):
+        problems.append(f"n_hvg={n_hvg!r} (a number of genes >= 1, or None for every shared gene)")
+    if not (number(dropout) and 0 <= dropout < 1):
+        problems.append(f"dropout={dropout!r} (a probability in [0, 1))")
+    if not (number(rec_weight) and rec_weight >= 0):
+        problems.append(f"rec_weight={rec_weight!r} (a number >= 0)")
+    if n_clusters is not None and not (whole(n_clusters) and n_clusters >= 1):
+        problems.append(f"n_clusters={n_clusters!r} (a number of clusters >= 1, or None to choose it)")
+    if not (number(resolution) and resolution > 0):
+        problems.append(f"resolution={resolution!r} (a number > 0)")
+    if not (number(linear_r) and 0 < linear_r <= 1):
+        problems.append(f"linear_r={linear_r!r} (a Pearson r in (0, 1])")
+    if problems:
+        msg = "Invalid transfer parameters: " + "; ".join(problems) + "."
+        raise InputDataError(msg)
 
 
 def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> None:
