@@ -772,3 +772,17 @@ def test_transfer_settings_out_of_range_are_refused_before_the_run(st: Store, bu
     with pytest.raises(InputDataError, match=rf"Invalid transfer parameters: {setting}="):
         transfer(st, source=bulk, target="target", drug="drugX", **{**FAST, setting: value})
     assert st.query("SELECT count(*) AS n FROM transfer_runs")["n"].iloc[0] == before
+
+
+def test_critical_genes_refuse_a_target_that_no_longer_gives_the_run_predictions(collection: ad.AnnData,
+                                                                                  bulk: ad.AnnData, tmp_path: Path) -> None:
+    """The target re-ingested as x_kind='normalized' after the run: its counts were read as-is and explained under
+    the run's stored groups, with nothing said."""
+    st = Store(tmp_path / "store")
+    cells = collection[collection.obs["study"] == TARGET_STUDY].copy()
+    st.ingest(cells, name="target", label_key="response", study=TARGET_STUDY)
+    run_id = transfer(st, source=bulk, target="target", drug="drugX", **FAST).run_id
+    assert len(critical_genes(st, run_id, max_cells=40, n_steps=8, plot=False)) == 200  # unchanged: explained
+    st.ingest(cells, name="target", label_key="response", study=TARGET_STUDY, x_kind="normalized", update=True)
+    with pytest.raises(InputDataError, match=r"'target' as read now does not give the run's stored predictions"):
+        critical_genes(st, run_id, max_cells=40, n_steps=8, plot=False)

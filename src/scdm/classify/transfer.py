@@ -1066,6 +1066,7 @@ def critical_genes(
     with np.load(st.root / str(run.artifacts_path) / "scalers.npz", allow_pickle=False) as sc:
         X = MinMax(sc["target_low"], sc["target_span"]).transform(X)
     net64 = net.double()
+    _check_reproduces(net64, X, preds["proba"].to_numpy(np.float64)[rows], target)
     attr, delta = integrated_gradients(lambda x: net64.target_proba(x), X, n_steps=n_steps)
     labels = preds["label"].to_numpy(np.int8)[rows]  # the stored predictions define the two groups
     if per_cell:
@@ -1088,6 +1089,29 @@ def critical_genes(
     logger.info("critical genes of %s: %d of %d genes pass (max completeness gap %.2e)", run_id,
                 int(table["critical"].sum()), len(table), params["max_completeness_gap"])
     return table
+
+
+REPRODUCE_ATOL = 1e-3
+"""Largest gap between the stored probabilities and those of the inputs read again (float32 rounding is ~1e-6)."""
+
+
+def _check_reproduces(net: Any, X: np.ndarray, stored: np.ndarray, target: str) -> None:
+    """Refuse to explain a run whose inputs, read again, no longer give its stored predictions.
+
+    The attributions explain the network at the target's expression as read now; when the dataset
+    was re-ingested with another value kind (or read differently since) they would explain inputs the
+    run never saw, under the stored sensitive/resistant groups -- a table that looks right and is not.
+    """
+    import torch
+
+    with torch.no_grad():
+        now = net.target_proba(torch.from_numpy(np.asarray(X, np.float64))).numpy()
+    gap = float(np.abs(now - stored).max()) if stored.size else 0.0
+    if gap > REPRODUCE_ATOL:
+        msg = (f"The expression of {target!r} as read now does not give the run's stored predictions (largest "
+               f"difference {gap:.3g} in the probability of sensitive): the dataset or its value kind changed since "
+               "the run. Run transfer again on it, then compute its critical genes.")
+        raise InputDataError(msg)
 
 
 def _check_thresholds(fdr: Any, min_pts: Any) -> None:
