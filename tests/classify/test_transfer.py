@@ -786,3 +786,16 @@ def test_critical_genes_refuse_a_target_that_no_longer_gives_the_run_predictions
     st.ingest(cells, name="target", label_key="response", study=TARGET_STUDY, x_kind="normalized", update=True)
     with pytest.raises(InputDataError, match=r"'target' as read now does not give the run's stored predictions"):
         critical_genes(st, run_id, max_cells=40, n_steps=8, plot=False)
+
+
+def test_symbols_are_matched_whatever_their_case(collection: ad.AnnData, bulk: ad.AnnData, tmp_path: Path) -> None:
+    """A mouse-style target ('Actb') against a human bulk source ('ACTB'): 'share only 0 genes', though the gene
+    table maps both to one gene and the models match symbols case-insensitively."""
+    st = Store(tmp_path / "store")
+    cells = collection[collection.obs["study"] == TARGET_STUDY].copy()
+    cells.var_names = [g[0] + g[1:].lower() for g in cells.var_names]
+    st.ingest(cells, name="mouse_style", label_key="response", study=TARGET_STUDY)
+    res = transfer(st, source=bulk, target="mouse_style", drug="drugX", **FAST)
+    assert res.n_features == 200 and res.feature_names == tuple(cells.var_names)  # the target's spelling
+    genes = critical_genes(st, res.run_id, max_cells=40, n_steps=8, plot=False)
+    assert set(genes["gene"]) == set(cells.var_names)

@@ -389,15 +389,20 @@ def symbols_of(gene_ids: Sequence[str] | np.ndarray) -> np.ndarray:
 
 
 def shared_genes(symbol_lists: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[str]:
-    """Symbols present in every list, in the order of the last list (the target).
+    """Symbols present in every list, in the order and spelling of the last list (the target).
 
-    Fewer than :data:`LOW_GENE_OVERLAP` of the smallest list's genes shared is warned about
+    Symbols are matched case-insensitively, as the models' vocabularies and the gene table match
+    them (``Actb`` is ``ACTB``: a mouse-style target against a human bulk source). Fewer than :data:`LOW_GENE_OVERLAP` of the smallest list's genes shared is warned about
     (``names`` name the lists in the warning): the model then sees a fraction of each domain's
     genes, which usually means ids of another kind or species that did not map.
     """
-    sets = [{s for s in lst if s} for lst in symbol_lists]
+    sets = [{s.upper() for s in lst if s} for lst in symbol_lists]
     common = set.intersection(*sets)
-    order = [s for s in dict.fromkeys(symbol_lists[-1]) if s in common]
+    order, seen = [], set()
+    for s in symbol_lists[-1]:
+        if s and s.upper() in common and s.upper() not in seen:
+            seen.add(s.upper())
+            order.append(s)
     if len(order) < _MIN_SHARED_GENES:
         msg = (f"Source and target share only {len(order)} genes (by HGNC symbol); transfer needs at least "
                f"{_MIN_SHARED_GENES}. Check that both use human gene ids the shipped table knows.")
@@ -412,12 +417,12 @@ def shared_genes(symbol_lists: Sequence[np.ndarray], names: Sequence[str] | None
 
 
 def column_index(symbols: np.ndarray, genes: Sequence[str]) -> np.ndarray:
-    """Column of each of ``genes`` in a matrix whose columns have ``symbols`` (first occurrence)."""
+    """Column of each of ``genes`` in a matrix whose columns have ``symbols`` (first occurrence, any case)."""
     first: dict[str, int] = {}
     for i, s in enumerate(symbols):
-        if s and s not in first:
-            first[s] = i
-    return np.asarray([first[g] for g in genes], dtype=np.int64)
+        if s and s.upper() not in first:
+            first[s.upper()] = i
+    return np.asarray([first[g.upper()] for g in genes], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
