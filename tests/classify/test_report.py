@@ -459,23 +459,29 @@ def test_palette_gives_each_model_and_datasets_group_its_colour() -> None:
     assert alone.hatch and alone.linestyle != "-"  # a LoRA series is hatched even without a frozen sibling
 
 
-def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_expected: int = 3) -> None:
+def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_expected: int = 3,
+                    space_id: str = "space1", model: str = "scgpt") -> None:
     """Three folds of one (model, head, category) written straight into the evaluation tables, as a
-    run interrupted after three of ``folds_expected`` folds would leave them."""
+    run interrupted after three of ``folds_expected`` folds would leave them. Another ``space_id``
+    adds a second model's results on the same split."""
     now = pd.Timestamp("2026-01-01")
-    common = {"run_id": "run1", "space_id": "space1", "model": "scgpt", "variant": "frozen", "split_id": "split1",
+    first = space_id == "space1"
+    common = {"run_id": "run1", "space_id": space_id, "model": model, "variant": "frozen", "split_id": "split1",
               "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "sample", "head": "mlp",
               "datasets": "d1", "label_set": "Vorinostat", "n_folds": folds_expected, "seed": 0, "head_params": "{}"}
     tasks, results = [], []
     for fold in range(3):
-        task = {**common, "task_id": f"t{fold}", "fold": fold, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
+        task = {**common, "task_id": f"{space_id}-t{fold}", "fold": fold, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
         tasks.append({**task, "embedding_ids": "[]", "n_test_pos": 20, "predict_seconds": 0.1,
                       "flags": None, "created_at": now})
         results += [{**task, "metric": m, "value": v[fold]} for m, v in values.items()]
-    st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
-                                              "config": '{"split_scheme": "sample"}'}]))
+    if first:
+        st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
+                                                  "config": '{"split_scheme": "sample"}'}]))
     st.insert_df("eval_tasks", pd.DataFrame(tasks))
     st.insert_df("eval_results", pd.DataFrame(results))
+    if not first:
+        return
     st.insert_df("split_folds", pd.DataFrame([{"split_id": "split1", "fold": f, "n_train": 80, "n_test": 40,
                                                 "n_test_pos": 20, "status": "ok"} for f in range(folds_expected)]))
 
@@ -509,6 +515,19 @@ def test_a_result_missing_folds_is_marked_incomplete(tmp_path: Path) -> None:
     folds = next(text for a, text in cells if "data-folds" in a)
     assert folds == "3/5 incomplete"
     assert "1 incomplete result" in out.read_text()
+
+
+def test_equal_means_are_both_marked_best(tmp_path: Path) -> None:
+    # the same three fold values in another row order: avg() sums them in row order, so the two
+    # means differ in the last bit (0.2 and 0.20000000000000004) though they are one tie
+    st = Store(tmp_path / "store")
+    _insert_results(st, {"f1": [0.1, 0.2, 0.3]})
+    _insert_results(st, {"f1": [0.3, 0.2, 0.1]}, space_id="space2", model="geneformer")
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"])
+    rows = [r for r in _tables(out)["lb-all"] if "data-model" in r[0]]
+    cells = [next((a, text) for a, text in r[1] if a.get("data-metric") == "f1") for r in rows]
+    assert [text for _, text in cells] == ["0.200 ± 0.100", "0.200 ± 0.100"]
+    assert all("best" in a["class"].split() for a, _ in cells)
 
 
 def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp_path: Path) -> None:

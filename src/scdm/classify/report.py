@@ -50,6 +50,7 @@ import datetime as _dt
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -1060,13 +1061,25 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
         for m in metrics:
             mean, sd, n = r[f"{m}_mean"], r[f"{m}_sd"], int(r[f"{m}_n"])
             metric_cells.append({"name": m, "text": _mean_sd(mean, sd), "n": n, "partial": bool(pd.notna(mean) and n < done),
-                                 "best": bool(pd.notna(mean) and mean == best_here.get(m))})
+                                 "best": _is_best(mean, best_here.get(m))})
         rows.append({"attrs": [(k, str(v)) for k, v in attrs.items()], "cells": cells, "complete": complete,
                      "folds": f"{done}/{expected}" if expected is not None else str(done), "metrics": metric_cells,
                      "n_test": _int(r["n_test"])})
     scheme = ", ".join(sorted(frame["scheme"].astype(str).unique()))
     n_incomplete = int((~frame["complete"].astype(bool)).sum())
     return _parts().leaderboard(table_id, headers, rows, scheme, n_incomplete, table.sql, table.slug)
+
+
+def _is_best(mean: Any, best: float | None) -> bool:
+    """Whether ``mean`` ties the best mean of its group.
+
+    avg() sums the fold values in row order, so two results with the same fold values (a majority
+    head on two embeddings) or the same values in another order can differ in the last bits of
+    their means: a tie within float rounding is a tie, and every result of it is best.
+    """
+    if _missing(mean) or best is None or _missing(best):
+        return False
+    return math.isclose(float(mean), float(best), rel_tol=1e-9, abs_tol=1e-12)
 
 
 def _text(value: Any, *, integer: bool = False) -> str:
