@@ -346,6 +346,17 @@ def test_misspelled_filter_values_are_a_422_naming_the_allowed_ones(client: Any,
         assert err["detail"][0]["loc"][:2] == ["query", field.split("=")[0]]
 
 
+def test_prompt_heads_are_filters_like_the_others(client: Any) -> None:
+    # scdm prompt writes results with heads prompt-zero-shot / prompt-<k>-shot; `scdm results --head` takes them
+    for route in ("/api/leaderboard", "/api/results"):
+        for head in ("prompt-zero-shot", "prompt-4-shot", "ridge,prompt-zero-shot"):
+            response = client.get(f"{route}?head={head}")
+            assert response.status_code == 200, (route, head, response.text)
+            assert {r["head"] for r in response.json()} <= {"ridge"}
+        for head in ("prompt-zero-shoot", "prompt-0-shot", "prompt--shot"):
+            assert client.get(f"{route}?head={head}").status_code == 422, (route, head)
+
+
 def test_misspelled_parameter_names_are_refused(client: Any) -> None:
     response = client.get("/api/leaderboard?scenarios=pooled")
     assert response.status_code == 422 and response.json()["error"] == "scenarios: unknown parameter (misspelled?)"

@@ -12,6 +12,7 @@ not dropped.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -27,6 +28,23 @@ EMBEDDING_STATUSES: tuple[str, ...] = ("pending", "complete")
 """``embeddings.status``: chunks still missing, or every chunk written and verified."""
 MAX_OFFSET = 2**63 - 1
 """Largest ``offset`` a paged route takes: DuckDB's ``OFFSET`` is a signed 64-bit integer (a larger one is a 422, not a 500)."""
+
+
+PROMPT_HEAD = re.compile(r"prompt-(zero|[1-9][0-9]*)-shot")
+"""Heads of prompting results (``scdm.prompt.evaluate``): ``prompt-zero-shot`` and ``prompt-<k>-shot``."""
+
+
+class _HeadChoices(str, Enum):
+    """The heads of :data:`HEADS` as members; a prompting head (any k shots) is accepted as well."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        # prompt results are filtered like the others (`scdm results --head prompt-zero-shot`)
+        if isinstance(value, str) and PROMPT_HEAD.fullmatch(value):
+            member = str.__new__(cls, value)
+            member._name_ = member._value_ = value
+            return member
+        return None
 
 
 def _choices(name: str, values: tuple[str, ...] | list[str], doc: str) -> Any:
@@ -47,7 +65,8 @@ else:
     Scenario = _choices("Scenario", SCENARIOS, "Evaluation scenario: pooled k-fold, cross-data (leave one study out), custom folds.")
     CategoryType = _choices("CategoryType", CATEGORY_TYPES, "Kind of category a result is computed within.")
     Metric = _choices("Metric", METRICS, "Metric name (see store.metrics).")
-    HeadName = _choices("HeadName", list(HEADS), "Classification head.")
+    HeadName = _HeadChoices("HeadName", {v: v for v in HEADS})  # type: ignore[call-overload]
+    HeadName.__doc__ = "Classification head, or a prompting head: prompt-zero-shot, prompt-<k>-shot."
     SplitScheme = _choices("SplitScheme", SPLIT_SCHEMES, "How the folds were drawn.")
     EmbeddingStatus = _choices("EmbeddingStatus", EMBEDDING_STATUSES, "Whether every chunk of an embedding is written.")
 
