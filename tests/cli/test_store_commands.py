@@ -95,6 +95,10 @@ def test_ls_csv_is_one_table(run):
     assert labels["label_key"].tolist() == ["response_PLX4720"]
     doc = json.loads(run("ls", "--format", "json").stdout)  # json keeps every section in one document
     assert set(doc) == {"datasets", "label_sets", "embeddings"}
+    # a count is printed as a count, the same in the datasets and label sets tables (not 54.0 beside 54)
+    (dataset,), (label_set,) = doc["datasets"], doc["label_sets"]
+    assert dataset["n_sensitive"] == label_set["n_sensitive"] and isinstance(dataset["n_sensitive"], int)
+    assert f" {label_set['n_sensitive']}.0" not in run("ls", "--what", "datasets").stdout
 
 
 def test_user_errors_are_one_line_messages(run, tmp_path):

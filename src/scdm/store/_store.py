@@ -999,7 +999,9 @@ class Store:
         """All datasets, with labelled-cell counts, newest last."""
         return self.query(
             "SELECT d.dataset_id, d.name, d.n_cells, d.n_genes, d.gene_id_kind, d.x_kind, "
-            "count(c.response) AS n_labelled, sum(c.response) AS n_sensitive, d.source_path, d.created_at "
+            # sum() of the TINYINT labels is a HUGEINT, which pandas reads as float (327.0 sensitive cells)
+            "count(c.response) AS n_labelled, coalesce(sum(c.response), 0)::BIGINT AS n_sensitive, "
+            "d.source_path, d.created_at "
             "FROM datasets d LEFT JOIN cells c USING (dataset_id) GROUP BY ALL ORDER BY d.created_at, d.name"
         )
 
