@@ -461,16 +461,16 @@ def test_palette_gives_each_model_and_datasets_group_its_colour() -> None:
 
 def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_expected: int = 3,
                     space_id: str = "space1", model: str = "scgpt") -> None:
-    """Three folds of one (model, head, category) written straight into the evaluation tables, as a
-    run interrupted after three of ``folds_expected`` folds would leave them. Another ``space_id``
-    adds a second model's results on the same split."""
+    """The folds of one (model, head, category) written straight into the evaluation tables (one per
+    value), as a run interrupted after three of ``folds_expected`` folds would leave them. Another
+    ``space_id`` adds a second model's results on the same split."""
     now = pd.Timestamp("2026-01-01")
     first = space_id == "space1"
     common = {"run_id": "run1", "space_id": space_id, "model": model, "variant": "frozen", "split_id": "split1",
               "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "sample", "head": "mlp",
               "datasets": "d1", "label_set": "Vorinostat", "n_folds": folds_expected, "seed": 0, "head_params": "{}"}
     tasks, results = [], []
-    for fold in range(3):
+    for fold in range(len(next(iter(values.values())))):
         task = {**common, "task_id": f"{space_id}-t{fold}", "fold": fold, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
         tasks.append({**task, "embedding_ids": "[]", "n_test_pos": 20, "predict_seconds": 0.1,
                       "flags": None, "created_at": now})
@@ -528,6 +528,21 @@ def test_equal_means_are_both_marked_best(tmp_path: Path) -> None:
     cells = [next((a, text) for a, text in r[1] if a.get("data-metric") == "f1") for r in rows]
     assert [text for _, text in cells] == ["0.200 ± 0.100", "0.200 ± 0.100"]
     assert all("best" in a["class"].split() for a, _ in cells)
+
+
+def test_an_incomplete_result_is_not_marked_best(tmp_path: Path) -> None:
+    # a mean over the one fold an interrupted run finished is not a mean over the split's cells
+    st = Store(tmp_path / "store")
+    _insert_results(st, {"f1": [0.5, 0.6, 0.7]})
+    _insert_results(st, {"f1": [0.4, 0.5, 0.6]}, space_id="space3", model="pca")
+    _insert_results(st, {"f1": [0.95]}, space_id="space2", model="geneformer")
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"])
+    rows = [r for r in _tables(out)["lb-all"] if "data-model" in r[0]]
+    best = {attrs["data-model"]: "best" in next(a for a, _ in cells if a.get("data-metric") == "f1")["class"].split()
+            for attrs, cells in rows}
+    complete = {attrs["data-model"]: attrs["data-complete"] for attrs, _ in rows}
+    assert complete == {"scgpt": "true", "pca": "true", "geneformer": "false"}
+    assert best == {"scgpt": True, "pca": False, "geneformer": False}
 
 
 def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp_path: Path) -> None:

@@ -1030,9 +1030,10 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
     frame = ctx.with_labels(table.frame)
     metrics = ctx.metrics
     group_col = first[0]
-    # "best" only means something against another model on the same cells, labels and folds
+    # "best" only means something against another model on the same cells, labels and folds: an
+    # incomplete result (a mean over the folds an interrupted run finished) is neither best nor compared
     best: dict[tuple[Any, ...], dict[str, float]] = {}
-    for keys, group in frame.groupby([group_col, "split_id", "head_label"], dropna=False):
+    for keys, group in frame[frame["complete"].astype(bool)].groupby([group_col, "split_id", "head_label"], dropna=False):
         if len(group) > 1:
             best[keys] = {m: group[f"{m}_mean"].max() for m in metrics}
     headers = [first[1], "Datasets", "Label set", "Split", "Model", "Head", "Folds",
@@ -1061,7 +1062,7 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
         for m in metrics:
             mean, sd, n = r[f"{m}_mean"], r[f"{m}_sd"], int(r[f"{m}_n"])
             metric_cells.append({"name": m, "text": _mean_sd(mean, sd), "n": n, "partial": bool(pd.notna(mean) and n < done),
-                                 "best": _is_best(mean, best_here.get(m))})
+                                 "best": complete and _is_best(mean, best_here.get(m))})
         rows.append({"attrs": [(k, str(v)) for k, v in attrs.items()], "cells": cells, "complete": complete,
                      "folds": f"{done}/{expected}" if expected is not None else str(done), "metrics": metric_cells,
                      "n_test": _int(r["n_test"])})
