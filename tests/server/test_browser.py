@@ -203,6 +203,53 @@ def test_leaderboard_loads_and_filters(page: Callable[[str], None], driver: Any,
     assert len(rows) > 2 and {r[columns.index("category")] for r in rows} == {"all", "skin"}
 
 
+@pytest.fixture(scope="module")
+def small_pages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app with pages of 5 rows (shorter than its 22-row leaderboard of every metric), served by
+    uvicorn in a thread over a store of its own; its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from scdm.server import create_app
+    from scdm.store import Store
+    from tests.server.conftest import build_store
+
+    path = tmp_path_factory.mktemp("pages") / "store"
+    build_store(path)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(Store(path), token=TOKEN, page_rows=5)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.01)
+    assert server.started, "the small-page server did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def test_a_leaderboard_longer_than_a_page_says_so(driver: Any, small_pages: str) -> None:
+    # the API answers one page (X-Total-Count: all rows); "5 rows" would read as the whole leaderboard
+    driver.get(f"{small_pages}/?token={TOKEN}")
+    wait_for(driver, lambda d: d.find_elements("css selector", "#lb-table table, #lb-table p"), "the leaderboard")
+    javascript_errors(driver)
+    set_filter(driver, "metric", "")  # every metric: 22 rows
+    driver.find_element("css selector", "#lb-form button[type=submit]").click()
+    wait_for(driver, lambda d: "of 22 rows" in text_of(d, "lb-msg"), "the count of every row")
+    assert text_of(driver, "lb-msg").startswith("5 of 22 rows shown") and len(body_rows(driver, "lb-table")) == 5
+    set_filter(driver, "metric", "auroc")  # 2 rows: one page
+    driver.find_element("css selector", "#lb-form button[type=submit]").click()
+    wait_for(driver, lambda d: text_of(d, "lb-msg") == "2 rows", "2 rows")
+    assert not javascript_errors(driver)
+
+
 def test_leaderboard_shows_the_dataset_and_label_set_columns(page: Callable[[str], None], driver: Any, site: Server) -> None:
     rows = apply_filters(driver, site, metric="auroc", dataset="a375")
     columns = header_texts(driver, "lb-table")

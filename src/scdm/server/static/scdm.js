@@ -5,13 +5,20 @@
 const ROOT = document.body.dataset.root || "";
 const $ = (id) => document.getElementById(id);
 const JSON_POST = {method: "POST", headers: {"Content-Type": "application/json"}};
-async function api(path, opts) {
+async function apiResponse(path, opts) {
   const r = await fetch(ROOT + path, Object.assign({credentials: "same-origin"}, opts || {}));
   const ct = r.headers.get("content-type") || "";
   const body = ct.includes("json") ? await r.json() : await r.text();
   if (r.status === 401) throw new Error("Not logged in (or the server restarted): reload the page to log in again.");
   if (!r.ok) throw new Error((body && body.error) || r.statusText);
-  return body;
+  return {body, headers: r.headers};
+}
+async function api(path, opts) { return (await apiResponse(path, opts)).body; }
+// a paged list route answers at most the server's page size; X-Total-Count holds the rows of every page
+function rowCount(rows, headers) {
+  const total = Number(headers.get("X-Total-Count"));
+  if (!(total > rows.length)) return plural(rows.length, "row");
+  return `${rows.length} of ${plural(total, "row")} shown (the server's page size; best mean first): narrow the filters to see the others`;
 }
 function esc(v) { return v === null || v === undefined ? "" : String(v).replace(/[&<>"']/g, c => "&#" + c.charCodeAt(0) + ";"); }
 function fmt(v) { return typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : (typeof v === "object" && v !== null ? JSON.stringify(v) : v); }
@@ -58,8 +65,8 @@ async function loadLeaderboard(ev) {
   const q = new URLSearchParams([...new FormData($("lb-form"))].filter(([k, v]) => v));
   $("lb-msg").textContent = "loading...";
   try {
-    const rows = await api("/api/leaderboard?" + q);
-    $("lb-msg").textContent = plural(rows.length, "row");
+    const {body: rows, headers} = await apiResponse("/api/leaderboard?" + q);
+    $("lb-msg").textContent = rowCount(rows, headers);
     table($("lb-table"), rows, LEADERBOARD_COLUMNS);
   } catch (e) { showError($("lb-msg"), e); $("lb-table").innerHTML = ""; }  // e.g. a 422 naming the allowed values
 }
