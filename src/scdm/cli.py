@@ -979,13 +979,14 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
     _check_choices("--scenario", scenarios, SCENARIOS)
     _check_choices("--by", category_types, CATEGORY_TYPES)
     shown = with_signed_partner(_csv_list(metrics))
-    board = leaderboard(obj.store, metrics=shown if long_format else None, models=models or None, heads=heads or None,
+    # every metric: the notes tell a one-class test fold (every metric NULL) from other NULLs
+    board = leaderboard(obj.store, metrics=None, models=models or None, heads=heads or None,
                         scenarios=scenarios or None, category_types=category_types or None, scheme=scheme,
                         datasets=datasets or None, label_sets=label_sets or None)
     _check_result_filters(obj.store, {"--model": ("model", models), "--head": ("head", heads),
                                       "--dataset": ("datasets", datasets), "--label-set": ("label_set", label_sets)})
     if long_format:
-        echo_frame(board, fmt)
+        echo_frame(board[board["metric"].isin(shown)].reset_index(drop=True), fmt)
     elif fmt == "table":
         echo_frame(format_leaderboard(board, metrics=shown), fmt)
     else:

@@ -95,3 +95,23 @@ def test_transductive_results_say_so() -> None:
     assert NOTES["transductive-baseline"] in leaderboard_notes(board("hvg", "ridge"), ["auroc"])
     assert NOTES["transductive-dann"] in leaderboard_notes(board("geneformer", "dann"), ["auroc"])
     assert leaderboard_notes(board("geneformer", "logreg"), ["auroc"]) == []
+
+
+def test_notes_name_why_a_metric_is_undefined() -> None:
+    """AUROC NULL on every fold of a prompting run without log-probabilities is not a one-class test fold."""
+    from scdm.classify.results import NOTES, leaderboard_notes
+
+    def board(nulls: dict[str, int]) -> pd.DataFrame:
+        return pd.DataFrame({"model": "fake-llm", "variant": "prompt", "space_id": "s1", "split_id": "p1", "head": "prompt-zero-shot",
+                             "head_params": "{}", "complete": True, "metric": list(nulls), "n_null": list(nulls.values())})
+
+    hard = board({"auroc": 5, "ap": 5, "f1": 0, "accuracy": 0})  # hard answers, two classes in every fold
+    notes = leaderboard_notes(hard, ["auroc", "f1"])
+    assert NOTES["no_scores"] in notes and NOTES["single_class"] not in notes
+    assert NOTES["no_scores"] not in leaderboard_notes(hard, ["f1", "accuracy"])  # AUROC/AP not shown
+    one_class = board({"auroc": 1, "ap": 1, "f1": 1, "accuracy": 1})  # one fold with one class: every metric NULL
+    assert NOTES["single_class"] in leaderboard_notes(one_class, ["auroc"])
+    assert NOTES["no_scores"] not in leaderboard_notes(one_class, ["auroc"])
+    both = board({"auroc": 5, "ap": 5, "f1": 1, "accuracy": 1, "precision": 3})
+    notes = leaderboard_notes(both, ["auroc", "precision"])
+    assert {NOTES["single_class"], NOTES["no_scores"], NOTES["no_predicted_positive"]} <= set(notes)

@@ -862,8 +862,8 @@ def _metric_caveats() -> list[str]:
     """Where metrics can mislead (the same notes `scdm results` prints)."""
     from scdm.classify.results import NOTES
 
-    return [NOTES["ami"], NOTES["shuffled-label"], NOTES["single_class"], NOTES["transductive-baseline"],
-            NOTES["transductive-dann"]]
+    return [NOTES["ami"], NOTES["shuffled-label"], NOTES["single_class"], NOTES["no_scores"],
+            NOTES["transductive-baseline"], NOTES["transductive-dann"]]
 
 
 # ---- summary --------------------------------------------------------------------------------

@@ -370,6 +370,11 @@ NOTES: dict[str, str] = {
                           "labels are never read; compare it with the plain heads knowing this."),
     "single_class": ("A test fold holding one class is scored on no metric (one rule for all metrics); a metric "
                      "shows its own n where it is defined on fewer folds than the result has."),
+    "no_scores": ("AUROC and AP are n/a (or over fewer folds) where the predictions are hard labels without a score: "
+                  "a prompting run without token log-probabilities (scdm prompt --logprobs, on an endpoint that "
+                  "returns them). They are never computed from hard labels."),
+    "no_predicted_positive": ("Precision is undefined on a fold where the head predicted no cell sensitive; its mean "
+                              "is over the other folds (its own n)."),
 }
 """Caveats printed under a leaderboard when they apply (see :func:`leaderboard_notes`)."""
 
@@ -398,6 +403,29 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["transductive-dann"])
     if not board.empty and not board["complete"].all():
         notes.append(NOTES["incomplete"])
-    if not board.empty and (board["n_null"] > 0).any():
+    if board.empty:
+        return notes
+    one_class = _one_class_folds(board)
+    if (one_class > 0).any():
         notes.append(NOTES["single_class"])
+    # NULLs beyond a result's one-class folds have their own reasons (eval_tasks.flags)
+    extra = board["n_null"] > one_class
+    metric = board["metric"] if "metric" in board.columns else pd.Series("", index=board.index)
+    if (extra & metric.isin(["auroc", "ap"]) & metric.isin(metrics)).any():
+        notes.append(NOTES["no_scores"])
+    if "precision" in metrics and (extra & metric.eq("precision")).any():
+        notes.append(NOTES["no_predicted_positive"])
     return notes
+
+
+def _one_class_folds(board: pd.DataFrame) -> pd.Series:
+    """Per row: the folds of its result with a one-class test fold, which null every metric at once.
+
+    A fold where only some metrics are NULL has another reason: hard labels (AUROC/AP, flag
+    ``no_scores``) or no predicted positive (precision). So the fewest NULLs over a result's metrics
+    count its one-class folds (a board of AUROC and AP alone cannot tell these apart).
+    """
+    keys = [k for k in LEADERBOARD_KEYS if k in board.columns]
+    if not keys or "metric" not in board.columns:
+        return board["n_null"]
+    return board.groupby(keys, dropna=False)["n_null"].transform("min")
