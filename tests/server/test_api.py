@@ -425,6 +425,28 @@ def test_health_and_models_answer_through_the_test_client(client: Any, built_sto
     assert pca["model"] == "pca" and pca["n_embeddings"] >= 1 and pca["variants"] == ["frozen"] and pca["evaluated"] is True
 
 
+def test_a_model_with_results_and_no_embedding_is_listed(tmp_path: Path) -> None:
+    # a language model's prompting results (scdm prompt) are on the leaderboard; /api/models lists it too
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+    from scdm.store import Store
+
+    st = Store(tmp_path / "store")
+    common = {"run_id": "run1", "space_id": "space1", "model": "fake-llm", "variant": "prompt", "split_id": "split1",
+              "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "cell", "head": "prompt-zero-shot",
+              "datasets": "d1", "label_set": "response", "n_folds": 1, "seed": 0, "head_params": "{}", "task_id": "t0",
+              "fold": 0, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
+    st.insert_df("eval_tasks", pd.DataFrame([{**common, "embedding_ids": "[]", "n_test_pos": 20, "predict_seconds": 0.1,
+                                              "flags": None, "created_at": pd.Timestamp("2026-01-01")}]))
+    st.insert_df("eval_results", pd.DataFrame([{**common, "metric": "auroc", "value": 0.7}]))
+    with TestClient(create_app(st, token=TOKEN), base_url="http://127.0.0.1:8000",
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as small:
+        assert small.get("/api/models").json() == [{"model": "fake-llm", "n_embeddings": 0, "n_datasets": 0,
+                                                   "variants": ["prompt"], "evaluated": True}]
+        assert small.get("/api/models/fake-llm").json()["leaderboard"][0]["mean"] == 0.7
+
+
 def test_a_store_opened_read_only_refuses_jobs_that_write_it(built_store: tuple[Path, dict[str, str]]) -> None:
     from fastapi.testclient import TestClient
 

@@ -247,9 +247,14 @@ def embeddings(srv: Server, f: Annotated[EmbeddingFilters, Query()]) -> Response
 
 @router.get("/api/models", response_model=list[ModelSummary], summary="Models with embeddings or results")
 def models(srv: Server) -> Response:
+    # a language model (scdm prompt) has results and no embedding: listed with its result variants
     frame = srv.store.query(
-        "SELECT model, count(DISTINCT embedding_id) AS n_embeddings, count(DISTINCT dataset_id) AS n_datasets, "
-        "list(DISTINCT variant ORDER BY variant) AS variants FROM embeddings GROUP BY model ORDER BY model")
+        "WITH e AS (SELECT model, count(DISTINCT embedding_id) AS n_embeddings, count(DISTINCT dataset_id) AS n_datasets, "
+        "           list(DISTINCT variant ORDER BY variant) AS variants FROM embeddings GROUP BY model), "
+        "r AS (SELECT model, list(DISTINCT variant ORDER BY variant) AS variants FROM eval_results GROUP BY model) "
+        "SELECT model, coalesce(e.n_embeddings, 0) AS n_embeddings, coalesce(e.n_datasets, 0) AS n_datasets, "
+        "       coalesce(e.variants, r.variants) AS variants "
+        "FROM e FULL JOIN r USING (model) ORDER BY model")
     evaluated = set(srv.store.query("SELECT DISTINCT model FROM eval_results")["model"])
     out = records(frame)
     for row in out:
