@@ -47,6 +47,10 @@ def test_a_board_without_rows_keeps_every_metric_column_and_its_dtype(st: Store)
     assert list(format_leaderboard(leaderboard(st, heads=["logreg"]), metrics=METRICS).columns[-3:]) == METRICS
     # the notebook API: a filter that matches nothing
     _same_columns(scdm.results(st, metrics=METRICS, heads=["logreg"]), full)
+    # counts are integers in the long board (n_test summed over folds read as 653.0 in --long, CSV and the API)
+    long = leaderboard(st)
+    for column in ("n_folds", "n_null", "n_test", "folds_done"):
+        assert pd.api.types.is_integer_dtype(long[column]), (column, long[column].dtype)
 
 
 def test_evaluate_where_every_fold_is_skipped_returns_the_metric_columns(tmp_path: Path) -> None:

@@ -141,7 +141,8 @@ def leaderboard(
         g AS (
             SELECT {keys}, r.metric,
                    avg(r.value) AS mean, stddev_samp(r.value) AS sd,
-                   count(r.value) AS n_folds, count(*) - count(r.value) AS n_null, sum(r.n_test) AS n_test,
+                   count(r.value) AS n_folds, count(*) - count(r.value) AS n_null,
+                   sum(r.n_test)::BIGINT AS n_test,  -- a sum of BIGINT is a HUGEINT, which pandas reads as float
                    count(DISTINCT r.fold) AS folds_done
             FROM r
             WHERE {' AND '.join(where)}
