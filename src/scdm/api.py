@@ -229,7 +229,7 @@ def evaluate(
         summary = run_evaluate(st, ids, heads=heads, scenarios=scenarios, by=by, folds=folds,  # type: ignore[arg-type]
                                split_scheme=split_scheme, silent=not progress, **options)  # type: ignore[arg-type]
     metric_list = name_list(metrics)
-    board = asked_results(leaderboard(st, metrics=metric_list), summary.results)
+    board = asked_results(leaderboard(st, metrics=metric_list), summary.results, st)
     return wide_leaderboard(board, metrics=metric_list)
 
 

@@ -869,7 +869,7 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
                            save_predictions=not no_predictions, silent=quiet, executor=executor,
                            ray_address=ray_address)
     # what this command asked for (fitted now or reused), not every result in the store
-    board = asked_results(leaderboard(st, run_id=None), summary.results)
+    board = asked_results(leaderboard(st, run_id=None), summary.results, st)
     echo_frame(format_leaderboard(board) if fmt == "table" else wide_leaderboard(board), fmt)
 
 

@@ -119,3 +119,35 @@ def test_notes_name_why_a_metric_is_undefined() -> None:
     both = board({"auroc": 5, "ap": 5, "f1": 1, "accuracy": 1, "precision": 3})
     notes = leaderboard_notes(both, ["auroc", "precision"])
     assert {NOTES["single_class"], NOTES["no_scores"], NOTES["no_predicted_positive"]} <= set(notes)
+
+
+def test_evaluate_returns_the_results_of_lora_tuned_spaces(st: Store) -> None:
+    """The folds of one tuning (an adapter and a space per fold) are one leaderboard row; evaluate returns it."""
+    import numpy as np
+
+    from scdm.store.adapters import AdapterRecord, write_adapter
+
+    evaluate(st, **COMMON)  # the pooled split the adapters were (notionally) tuned on
+    (split_id,) = st.query("SELECT split_id FROM splits WHERE scenario = 'pooled'")["split_id"]
+    cells = st.cells(["JHU006"])
+    ids = []
+    for fold in range(COMMON["folds"]):
+        X = np.random.default_rng(fold).normal(size=(len(cells), 4)).astype(np.float32)
+        X[:, 0] += cells["response"].to_numpy(float)
+        emb = st.create_embedding("JHU006", model="geneformer", params={"lora": {"split_id": split_id, "fold": fold}},
+                                  dim=4, variant=f"lora:a{fold}", adapter_hash=f"h{fold}")
+        for chunk in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(chunk)
+            emb.write_chunk(chunk, X[lo:hi])
+        emb.finalize(telemetry={})
+        ids.append(emb.embedding_id)
+        write_adapter(st, AdapterRecord(
+            adapter_id=f"a{fold}", tuning_id="tune1", adapter_hash=f"h{fold}", model="geneformer", checkpoint_hash="c",
+            model_params={}, split_id=split_id, fold=fold, scenario="pooled", category_type="all", category="all",
+            scheme="cell", label_set="Gefitinib", lora_config={}, train_config={}, n_train=1, train_cells_hash="x",
+            train_curve=[], wall_seconds=1.0, device="cpu", telemetry={}, path=f"adapters/a{fold}"))
+    out = scdm.evaluate(ids, store=st, heads=["ridge"], scenarios=["pooled"], by=["all"], folds=COMMON["folds"],
+                        progress=False)
+    (row,) = out.to_dict("records")  # was empty: the run's per-fold spaces never matched the tuning's row
+    assert row["variant"] == "lora:tune1" and row["auroc_n"] == COMMON["folds"] and row["complete"]
+    assert row["auroc"] == pytest.approx(scdm.results(st, models=["geneformer"])["auroc"].iloc[0])

@@ -175,15 +175,21 @@ def _labelled(board: pd.DataFrame) -> pd.DataFrame:
     return board
 
 
-def asked_results(board: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+def asked_results(board: pd.DataFrame, results: pd.DataFrame, store: Store | None = None) -> pd.DataFrame:
     """The rows of ``board`` that a run's results (``EvalSummary.results``, fitted or reused) belong to.
 
     Matched on the whole identity a run fixes (space, split, label set, head and its parameters),
     so other results in the store (other heads, datasets, label sets sharing a split) stay out.
+    With ``store``, the per-fold spaces of a LoRA tuning are matched to the tuning's row
+    (``lora:<tuning id>``), as :func:`leaderboard` groups them.
     """
     identity = [c for c in ("space_id", "split_id", "label_set", "head", "head_params") if c in results.columns]
-    asked = results[identity].drop_duplicates()
-    return board.merge(asked, on=identity, how="inner")
+    asked = results
+    if store is not None and not results.empty and "variant" in results.columns and "space_id" in identity:
+        tunings = store.query("SELECT 'lora:' || adapter_id AS variant, 'lora:' || tuning_id AS tuning FROM adapters")
+        tuning = results["variant"].map(dict(zip(tunings["variant"], tunings["tuning"])))
+        asked = results.assign(space_id=tuning.fillna(results["space_id"]))
+    return board.merge(asked[identity].drop_duplicates(), on=identity, how="inner")
 
 
 def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", "ap", "f1", "accuracy")) -> pd.DataFrame:
