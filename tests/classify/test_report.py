@@ -673,3 +673,24 @@ def test_a_run_whose_process_is_gone_reads_as_stopped_not_running(tmp_path: Path
     _mark_stopped_runs(other_host)
     assert runs["status"].iloc[0].startswith("stopped (its process is gone")
     assert other_host["status"].tolist() == ["running"]  # cannot be known from here
+
+
+def test_a_negative_mean_is_inside_the_axes_of_bars_and_radars() -> None:
+    # MCC of the shuffled-label head (or an inverted classifier) is below 0: drawn from 0 up it vanished
+    from scdm.classify import _plots
+
+    palette = Palette([("pca", "d1")])
+    series = palette.add(("pca", "frozen", "s1", "", ""), "pca", group=("pca", "d1"), tuned=False)
+    bars = pd.DataFrame({"series": "pca", "scenario": "pooled", "head": ["shuffled-label", "logreg"], "metric": "mcc",
+                         "mean": [-0.30, 0.40], "sd": [0.05, 0.05]})
+    fig = _plots.bars_figure(bars, [series], scenarios=["pooled"], metrics=["mcc"], heads=["logreg", "shuffled-label"],
+                             title="t")
+    low, high = fig.axes[0].get_ylim()
+    assert low <= -0.35 and high >= 1.0
+    radar = pd.DataFrame({"series": "pca", "category_type": "cancer_type", "category": ["a", "b", "c"], "metric": "mcc",
+                          "mean": [-0.3, 0.2, 0.5], "sd": 0.1})
+    fig, _ = _plots.radar_figure(radar, [series], metrics=["mcc"], category_types=["cancer_type"], title="t")
+    assert fig.axes[0].get_ylim() == (-1.0, 1.0)
+    fig, _ = _plots.radar_figure(radar.assign(mean=[0.1, 0.2, 0.5]), [series], metrics=["mcc"],
+                                 category_types=["cancer_type"], title="t")
+    assert fig.axes[0].get_ylim() == (0.0, 1.0)  # metrics in [0, 1] keep their radius

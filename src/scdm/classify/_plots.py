@@ -237,9 +237,14 @@ def _radar_panel(ax: PolarAxes, frame: pd.DataFrame, series: list[Series], cats:
         ax.plot(closed, ring, color=s.color, linestyle=s.linestyle, linewidth=1.4, marker="o", markersize=2.5)
         if not np.isnan(values).any():  # a fill through a missing category would draw it as 0
             ax.fill(closed, ring, color=s.color, alpha=0.05)
-    ax.set_ylim(0, 1)
-    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
-    ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=6, color="#555555")
+    if (frame["mean"] < 0).any():  # MCC, ARI, AMI: a radius from 0 would fold a negative mean onto the centre
+        ax.set_ylim(-1, 1)
+        ax.set_yticks([-0.5, 0.0, 0.5, 1.0])
+        ax.set_yticklabels(["-0.5", "0", "0.5", "1"], fontsize=6, color="#555555")
+    else:
+        ax.set_ylim(0, 1)
+        ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+        ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=6, color="#555555")
     ax.set_rlabel_position(180 / n)  # between the first two axes, away from the category labels
     ax.set_xticks(angles)
     if n <= 12:
@@ -269,10 +274,18 @@ def _bar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list[s
     ax.set_xticks(x)
     ax.set_xticklabels([wrap_label(c, 14) for c in cats], fontsize=8)
     ax.set_xlim(-0.6, len(cats) - 0.4)
-    ax.set_ylim(0, _top(frame))
+    ax.set_ylim(_bottom(frame), _top(frame))
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.grid(axis="y", linewidth=0.5, alpha=0.5)
     ax.set_axisbelow(True)
+
+
+def _bottom(frame: pd.DataFrame) -> float:
+    """Lower y limit: 0, or room for a mean below 0 (MCC, ARI and AMI go negative; a bar under the axis is not drawn)."""
+    reach = (frame["mean"] - frame["sd"].fillna(0)).min() if not frame.empty else 0.0
+    if not np.isfinite(reach) or reach >= 0:
+        return 0.0
+    return float(max(reach - 0.03, -1.05))
 
 
 def _top(frame: pd.DataFrame) -> float:
@@ -357,7 +370,7 @@ def bars_figure(board: pd.DataFrame, series: list[Series], *, scenarios: Sequenc
             ax.set_xticks(x)
             ax.set_xticklabels([wrap_label(h, 14) for h in heads])
             ax.set_xlim(-0.6, len(heads) - 0.4)
-            ax.set_ylim(0, _top(frame))
+            ax.set_ylim(_bottom(frame), _top(frame))
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.set_title(f"{scenario}: {METRIC_LABELS.get(metric, metric)}")
             ax.grid(axis="y", linewidth=0.5, alpha=0.5)
