@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -140,6 +141,19 @@ def test_bad_inputs(st, pc9, toy_ckpt, tmp_path):
     ds = st.ingest(ensembl_only, name="unknown-genes")
     with pytest.raises(GeneMappingError, match="Only 0 of 40 genes.*wrong gene id type"):
         embed(st, ds.name, "toy-test", toy_ckpt)
+
+
+def test_gene_thresholds_are_checked_when_the_embedding_already_exists(st, pc9, toy_ckpt):
+    """--min-gene-fraction / min_genes guard a stored embedding too: it is not returned past them."""
+    first = embed(st, pc9.name, "toy-test", toy_ckpt, progress=False)
+    audit = json.loads(st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [first.embedding_id])["audit"][0])
+    assert audit["fraction_matched"] < 0.99  # the toy vocabulary holds 3000 of the dataset's genes
+    with pytest.raises(GeneMappingError, match=r"need at least 1 and 99%"):
+        embed(st, pc9.name, "toy-test", toy_ckpt, min_gene_fraction=0.99, progress=False)
+    with pytest.raises(GeneMappingError, match=r"need at least 100000 and 0%"):
+        embed(st, pc9.name, "toy-test", toy_ckpt, min_genes=100_000, progress=False)
+    again = embed(st, pc9.name, "toy-test", toy_ckpt, min_gene_fraction=audit["fraction_matched"] / 2, progress=False)
+    assert again.computed_chunks == 0 and again.embedding_id == first.embedding_id
 
 
 def test_pca_baseline_matches_sklearn_and_is_deterministic(st, pc9):

@@ -33,6 +33,7 @@ import numpy as np
 from scdm.embedding import baselines
 from scdm.embedding._adapter import (
     Adapter,
+    GeneAudit,
     check_cells_expressed,
     check_embedded_rows,
     check_input_kind,
@@ -503,6 +504,8 @@ def embed(
         variant = {"adapter_hash": lora.adapter_hash, "variant": lora.variant}
     existing = st.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=ckpt_hash, **variant)
     if existing is not None and complete_and_intact(st, existing):
+        # the gene thresholds guard a stored embedding as they guard a new one (they are not part of its identity)
+        _require_stored_matches(st, existing.embedding_id, model, min_genes=min_genes, min_fraction=min_gene_fraction)
         logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
         return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
     check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts)
@@ -548,6 +551,18 @@ def embed(
         stats = finalize_with_repair(emb, run, missing, telemetry_of,
                                      lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
+
+
+def _require_stored_matches(st: Store, embedding_id: str, model: str, *, min_genes: int, min_fraction: float) -> None:
+    """:func:`require_matches` on the gene audit a stored embedding recorded (none recorded: nothing to check)."""
+    frame = st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [embedding_id])
+    raw = frame["audit"].iloc[0] if len(frame) else None
+    audit = json.loads(raw) if isinstance(raw, str) else {}
+    if "n_input_genes" not in audit or "n_matched" not in audit:
+        return
+    require_matches(GeneAudit(n_input_genes=int(audit["n_input_genes"]), n_matched=int(audit["n_matched"]),
+                              unmatched_examples=tuple(audit.get("unmatched_examples") or ())),
+                    model, min_genes=min_genes, min_fraction=min_fraction)
 
 
 GPU_BATCH_FACTOR = 8
