@@ -346,6 +346,27 @@ def test_heads_and_the_transfer_code_import_no_cycle() -> None:
     assert get_head("dann").name == "dann"
 
 
+@pytest.mark.parametrize(("installed", "method"), [(("leidenalg", "igraph"), "leiden"), (("louvain",), "louvain"), ((), "kmeans")])
+def test_dann_identity_names_the_clusters_auto_stands_for(monkeypatch, installed, method) -> None:
+    """cluster_method='auto' is Leiden, Louvain or KMeans by the packages installed: the task id must say which,
+    or folds clustered with Leiden on one machine and KMeans on another are averaged as one result."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    graph = ("leidenalg", "igraph", "louvain")
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name in graph:
+            return object() if name in installed else None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    key = json.loads(get_head("dann").params_key())
+    assert key["cluster_method"] == method
+    assert get_head("dann").params_key() == get_head("dann", cluster_method=method).params_key()  # the same fit
+    assert get_head("dann", cluster_method="kmeans").get_params()["cluster_method"] == "kmeans"
+
+
 def test_unknown_head_and_parameter_are_explained() -> None:
     with pytest.raises(InputDataError, match="Did you mean 'ridge'"):
         get_head("rige")

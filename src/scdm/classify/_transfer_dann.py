@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from scdm.classify._transfer_data import MinMax, cluster_cells, split_source
+from scdm.classify._transfer_data import MinMax, auto_cluster_method, cluster_cells, split_source
 from scdm.classify.head_base import NONE, BaseHead, IsType, OneOf, Range
 from scdm.store.errors import InputDataError
 
@@ -96,6 +96,19 @@ class DANNHead(BaseHead):
         self.n_clusters = n_clusters
         self.validation_fraction = validation_fraction
         self.seed = seed
+
+    def params_key(self) -> str:
+        """Canonical JSON of the parameters, ``cluster_method="auto"`` spelled as the method it stands for here.
+
+        ``auto`` is Leiden, Louvain or KMeans depending on the packages installed: results fitted
+        with different target clusters are never one result (nor folds of one), as for the mlp's precision.
+        """
+        import json
+
+        params = self.get_params()
+        if params["cluster_method"] == "auto":
+            params["cluster_method"] = auto_cluster_method()
+        return json.dumps(params, sort_keys=True, default=str)
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, target: np.ndarray | None = None) -> DANNHead:
         """Fit on labelled training cells ``X, y`` and unlabelled target-domain cells ``target``.

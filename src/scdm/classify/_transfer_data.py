@@ -669,10 +669,9 @@ def cluster_cells(X: np.ndarray, *, method: Literal["auto", "leiden", "louvain",
     if n < 4:
         return Clusters(np.zeros(n, np.int64), "none", "fewer than 4 target cells: one cluster")
     pcs = _pca(X, seed=seed)
-    have_leiden = importlib.util.find_spec("leidenalg") is not None and importlib.util.find_spec("igraph") is not None
-    have_louvain = importlib.util.find_spec("louvain") is not None
+    have_leiden, have_louvain = _have_leiden(), _have_louvain()
     if method == "auto":
-        method = "leiden" if have_leiden else ("louvain" if have_louvain else "kmeans")
+        method = auto_cluster_method()
         if method == "kmeans":
             warnings.warn("leidenalg/igraph are not installed: the target clusters of the cluster regulariser come "
                           "from KMeans on the PCA instead of Leiden (pip install leidenalg for the paper's clusters); "
@@ -687,6 +686,19 @@ def cluster_cells(X: np.ndarray, *, method: Literal["auto", "leiden", "louvain",
         msg = f"cluster_method={method!r}: use auto, leiden, louvain or kmeans."
         raise InputDataError(msg)
     return _kmeans_clusters(pcs, n_clusters=n_clusters, seed=seed)
+
+
+def _have_leiden() -> bool:
+    return importlib.util.find_spec("leidenalg") is not None and importlib.util.find_spec("igraph") is not None
+
+
+def _have_louvain() -> bool:
+    return importlib.util.find_spec("louvain") is not None
+
+
+def auto_cluster_method() -> Literal["leiden", "louvain", "kmeans"]:
+    """The method ``cluster_method="auto"`` stands for here: it depends on the packages installed."""
+    return "leiden" if _have_leiden() else ("louvain" if _have_louvain() else "kmeans")
 
 
 def _pca(X: np.ndarray, *, seed: int) -> np.ndarray:
