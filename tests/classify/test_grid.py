@@ -134,6 +134,29 @@ def test_tasks_stored_without_predictions_are_fitted_again_when_predictions_are_
     assert run(st).n_reused == first.n_tasks
 
 
+def test_a_split_evaluated_with_more_of_its_space_selected_is_reused_not_counted_twice(tmp_path: Path) -> None:
+    """A task's id names every embedding selected, but its fit reads only its split's cells: the melanoma
+    split (a375's cells only) evaluated again with all three datasets selected is the same result. It was
+    fitted again under another id and the leaderboard averaged both copies: n = 6 folds of a 3-fold split."""
+    st = Store(tmp_path / "store")
+    for name, path, label, study, tissue, cancer, drug, regimen in DATASETS:  # one label-set name for all three
+        st.ingest(path, name=name, label_key=label, label_set="response", study=study, tissue=tissue,
+                  cancer_type=cancer, drug_type=drug, regimen=regimen)
+    ids = write_pca(st, "pca-joint", 8)
+    first = run(st, embeddings=[ids[0]], heads=["logreg"])
+    both = run(st, heads=["logreg"])
+    melanoma = first.results[first.results["category"] == "melanoma"]
+    assert len(melanoma) and set(melanoma["task_id"]) <= set(both.results["task_id"])  # the stored result, reused
+    assert both.n_reused == melanoma["task_id"].nunique() and both.n_done == both.n_tasks - both.n_reused
+    board = leaderboard(st, metrics=["auroc"])
+    assert (board["n_folds"] <= board["k"]).all() and (board["folds_done"] <= board["k"]).all()
+    n_stored = st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0]
+    assert n_stored == first.n_tasks + both.n_done
+    again = run(st, heads=["logreg"])
+    assert again.n_done == 0 and again.n_reused == both.n_tasks
+    assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0] == n_stored
+
+
 def test_models_share_partitions_and_spaces_are_never_mixed(st: Store) -> None:
     ids_a = write_pca(st, "pca-a", 6)
     ids_b = write_pca(st, "pca-b", 12)

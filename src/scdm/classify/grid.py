@@ -624,10 +624,14 @@ def evaluate(
             for row in skipped:
                 writer.skip(row)
             n_skipped += len(skipped)
-            all_ids += [t.task_id for t in tasks]
             assert space.cells is not None
             finished = records.finished_tasks(st, [t.task_id for t in tasks], with_predictions=save_predictions)
             pending = [t for t in tasks if t.task_id not in finished]
+            # the same fit stored by a run that selected more or fewer of the space's datasets: reused, not fitted
+            # again under this run's id and counted twice in its result's folds
+            stored_as = records.same_fits(st, [t.key() for t in pending])
+            pending = [t for t in pending if t.task_id not in stored_as]
+            all_ids += [stored_as.get(t.task_id, t.task_id) for t in tasks]
             n_reused += len(tasks) - len(pending)
             _say_refitted_for_predictions(st, pending)
             logger.info("space %s (%s, %d datasets, %d cells): %d tasks, %d already done, %d skipped",

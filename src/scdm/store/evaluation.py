@@ -41,6 +41,7 @@ __all__ = [
     "start_run",
     "finish_run",
     "finished_tasks",
+    "same_fits",
     "task_results",
     "run_skipped",
     "skip_reasons",
@@ -363,6 +364,35 @@ def _tasks_without_predictions(con: duckdb.DuckDBPyConnection, task_ids: set[str
     with_rows = {r[0] for r in con.execute("SELECT DISTINCT task_id FROM eval_predictions WHERE list_contains(?, task_id)",
                                            [sorted(task_ids)]).fetchall()}
     return set(task_ids) - with_rows
+
+
+def same_fits(st: Store, keys: Sequence[TaskKey]) -> dict[str, str]:
+    """Stored tasks that are the fit of ``keys`` under another task id: planned id -> stored id.
+
+    A task id names every embedding of the space selected for the run, but the fit reads only the
+    cells of its split, whose embeddings the space and the split's datasets fix (one embedding per
+    dataset and space). The same split, fold, head and parameters in the same space and label set,
+    evaluated with more or fewer of the space's datasets selected, is the same result: it is
+    reused, never fitted again under a second id and counted twice in a result's folds.
+    """
+    if not keys:
+        return {}
+    identity = ["space_id", "split_id", "fold", "head", "head_params", "label_set"]
+    planned = pd.DataFrame([{"planned": k.task_id, "space_id": k.space_id, "split_id": k.split.split_id,
+                             "fold": int(k.fold), "head": k.head, "head_params": k.params_key,
+                             "label_set": k.split.label_set or ""} for k in keys])
+    stored = st.query(
+        "SELECT task_id AS stored, space_id, split_id, fold, head, CAST(head_params AS VARCHAR) AS head_params, "
+        "coalesce(label_set, '') AS label_set FROM eval_tasks "
+        "WHERE list_contains(?, space_id) AND list_contains(?, split_id) ORDER BY task_id",
+        [sorted(set(planned["space_id"])), sorted(set(planned["split_id"]))])
+    if stored.empty:
+        return {}
+    stored["fold"] = stored["fold"].astype(np.int64)
+    planned["fold"] = planned["fold"].astype(np.int64)
+    found = planned.merge(stored.drop_duplicates(identity), on=identity, how="inner")
+    found = found[found["planned"] != found["stored"]]  # its own row: stored without predictions, fitted again
+    return {str(p): str(t) for p, t in zip(found["planned"], found["stored"])}
 
 
 def task_results(st: Store, task_ids: Sequence[str]) -> pd.DataFrame:
