@@ -157,6 +157,32 @@ def test_a_split_evaluated_with_more_of_its_space_selected_is_reused_not_counted
     assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0] == n_stored
 
 
+def test_copies_of_one_fit_stored_before_schema_10_are_removed_by_its_migration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores written before runs reused the same fit hold it twice; migration 10 keeps the first copy."""
+    from scdm.store import evaluation as records
+
+    st = Store(tmp_path / "store")
+    for name, path, label, study, tissue, cancer, drug, regimen in DATASETS:
+        st.ingest(path, name=name, label_key=label, label_set="response", study=study, tissue=tissue,
+                  cancer_type=cancer, drug_type=drug, regimen=regimen)
+    ids = write_pca(st, "pca-joint", 8)
+    with monkeypatch.context() as old_code:
+        old_code.setattr(records, "same_fits", lambda _st, _keys: {})
+        first = run(st, embeddings=[ids[0]], heads=["logreg"])
+        run(st, heads=["logreg"])
+    assert (leaderboard(st, metrics=["auroc"])["n_folds"] > 3).any()  # the copies, averaged as folds
+    st.execute("DELETE FROM migrations WHERE version = 10")
+    st = Store(tmp_path / "store")  # migrates
+    board = leaderboard(st, metrics=["auroc"])
+    assert (board["n_folds"] <= board["k"]).all() and (board["folds_done"] <= board["k"]).all()
+    kept = set(st.query("SELECT task_id FROM eval_tasks")["task_id"])
+    assert set(first.results["task_id"]) <= kept  # the first copy stays
+    counts = st.query("SELECT (SELECT count(*) FROM eval_results) AS r, (SELECT count(*) FROM eval_tasks) AS t, "
+                      "(SELECT count(DISTINCT task_id) FROM eval_predictions) AS p").iloc[0]
+    assert counts["r"] == counts["t"] * len(METRICS) and counts["p"] == counts["t"]
+
+
 def test_models_share_partitions_and_spaces_are_never_mixed(st: Store) -> None:
     ids_a = write_pca(st, "pca-a", 6)
     ids_b = write_pca(st, "pca-b", 12)
