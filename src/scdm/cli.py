@@ -639,7 +639,7 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
               "worth it on CUDA for long jobs: the first batches wait tens of seconds). Same embedding: recorded in the telemetry only.")
 @click.option("--layer", type=int, help="Hidden layer to pool (model default if omitted; e.g. Geneformer's penultimate, -2).")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "max"]), help="Pooling over tokens (model default if omitted).")
-@click.option("--max-genes", type=click.IntRange(min=1), help="Maximum genes (tokens) per cell (model default if omitted).")
+@click.option("--max-genes", type=click.IntRange(min=1), help="Maximum genes per cell, for models with a max_genes parameter; the shipped models take --param max_length=N (tokens per cell) instead.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of any gene sampling (part of the embedding's identity).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Other model parameter (repeatable), e.g. --param version=V2.")
 @click.option("--reference-quirks", is_flag=True, help="Reproduce the reference implementation exactly where scdm differs (global RNG streams, UCE's float padding mask, batch-wide FAVOR+ key max, CellPLM's Gumbel draw); part of the embedding's identity. See docs/reference-differences.md.")
@@ -724,7 +724,10 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
             except TypeError as err:
                 if "unexpected keyword" not in str(err):
                     raise
-                raise click.UsageError(f"{model} does not take that option ({err}). See `scdm models` and the model's docs.") from err
+                hint = (" Its tokens per cell are set with --param max_length=N where the model takes it (geneformer, "
+                        "scgpt, tgpt, celllm, llm)." if "max_genes" in str(err) else "")
+                raise click.UsageError(f"{model} does not take that option ({err}).{hint} See `scdm models` and the "
+                                       "model's docs.") from err
     for r in results:
         speed = r.telemetry.get("cells_per_s")
         how = f"computed {r.computed_chunks} chunk(s)" + (f" at {speed:.0f} cells/s" if speed else "") if r.computed_chunks else "already in the store"

@@ -146,3 +146,12 @@ def test_a_bug_keeps_its_traceback(run, monkeypatch):
     monkeypatch.setattr(Store, "ingest", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         run("ingest", example_data(), ok=False)
+
+
+def test_max_genes_on_a_model_that_counts_tokens_names_the_parameter_it_takes(run, tmp_path):
+    from scdm.embedding.models import geneformer
+
+    geneformer.write_tiny_checkpoint(tmp_path / "gf", genes=["ENSG00000141510", "ENSG00000075624"])
+    run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
+    out = run("embed", "a375", "--model", "geneformer", "--checkpoint", str(tmp_path / "gf"), "--max-genes", "100", ok=False)
+    assert out.exit_code == 2 and "--param max_length=N" in out.output
