@@ -9,7 +9,7 @@ import pytest
 
 from scdm.classify.grid import evaluate
 from scdm.classify.results import leaderboard
-from scdm.embedding.runner import embed
+from scdm.embedding.runner import embed, embed_baseline
 from scdm.store import Store
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -86,3 +86,27 @@ def test_paired_folds_over_differently_labelled_cells_say_the_pairing_is_approxi
     with caplog.at_level("WARNING", logger="scdm"):
         evaluate(st, label_set="partial", pair_folds_with="Gefitinib", **kw)
     assert "label different cells (0 only in the first, 20 only in Gefitinib)" in caplog.text
+
+
+def test_a_category_of_one_dataset_names_only_that_datasets_label_set(tmp_path):
+    # A375 (PLX-4720) and JHU006 (Gefitinib) pooled in one joint PCA: the Melanoma category holds
+    # A375's cells only, so its results used PLX-4720 labels and nothing else; naming the label sets
+    # of the whole space there reads as "A375 evaluated with Gefitinib labels"
+    from scdm.store import example_data
+
+    st = Store(tmp_path / "store")
+    st.ingest(example_data("A375"), name="A375", label_key="response_PLX4720", drug="PLX-4720", study="GSE108383",
+              cancer_type="Melanoma")
+    st.ingest(DATA / "JHU006_HNSCC_Kinker2020.h5ad", name="JHU006", label_key="response_Gefitinib", drug="Gefitinib",
+              study="Kinker2020", cancer_type="Head and neck cancer")
+    embed_baseline(st, ["A375", "JHU006"], model="pca", n_comps=8, progress=False)
+    kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all", "cancer_type"], "folds": 3, "split_scheme": "cell",
+          "silent": True}
+    out = evaluate(st, **kw).results.drop_duplicates(["datasets", "label_set"])
+    assert dict(zip(out["datasets"], out["label_set"])) == {
+        "A375": "PLX-4720", "JHU006": "Gefitinib", "A375,JHU006": "Gefitinib,PLX-4720"}
+    stored = st.query("SELECT datasets, label_set FROM splits").drop_duplicates()
+    assert dict(zip(stored["datasets"], stored["label_set"])) == {
+        "A375": "PLX-4720", "JHU006": "Gefitinib", "A375,JHU006": "Gefitinib,PLX-4720"}
+    again = evaluate(st, **kw)  # the stored splits are found again under their own names
+    assert again.n_done == 0 and again.n_reused == 9

@@ -499,8 +499,7 @@ def make_splits(
     if "custom" in scenarios:
         assert custom is not None  # checked above
         out += _custom(labelled, by, custom)
-    names = _label_set_names(labelled)
-    return [replace(s, label_set=names) for s in out]
+    return [replace(s, label_set=_label_set_names(labelled, s.cells["dataset_id"])) for s in out]
 
 
 def resolve_split_scheme(cells: pd.DataFrame, scheme: str, n_folds: int) -> Literal["cell", "sample"]:
@@ -524,10 +523,15 @@ def resolve_split_scheme(cells: pd.DataFrame, scheme: str, n_folds: int) -> Lite
     return "cell"
 
 
-def _label_set_names(labelled: pd.DataFrame) -> str | None:
+def _label_set_names(labelled: pd.DataFrame, dataset_ids: Iterable[str]) -> str | None:
+    """The label sets whose responses a split over these datasets' cells reads (sorted, comma-separated).
+
+    Per split, not per space: a category holding one dataset's cells used that dataset's labels only.
+    """
     if "label_set" not in labelled.columns:
         return None
-    names = sorted({str(v) for v in labelled["label_set"].dropna().unique()})
+    mine = labelled[labelled["dataset_id"].isin(set(dataset_ids))]
+    names = sorted({str(v) for v in mine["label_set"].dropna().unique()})
     return ",".join(names) or None
 
 
@@ -678,10 +682,9 @@ def find_splits(st: Store, dataset_ids: Sequence[str], *, scenario: str, categor
     cells = cells[cells["response"].notna()]
     key = pd.Series("all", index=cells.index) if category_type == "all" else cells[category_type].astype(str)
     counts = key.value_counts().to_dict()
-    names = sorted(set(cells["label_set"].dropna().astype(str)))
     wanted = set(dataset_ids)
     keep = [set(ds) <= wanted and int(n) == counts.get(str(cat), -1)
-            and (not isinstance(ls, str) or sorted(ls.split(",")) == names)
+            and (not isinstance(ls, str) or ls == _label_set_names(cells, ds))
             for ds, n, cat, ls in zip(frame["dataset_ids"], frame["n_cells"], frame["category"], frame["label_set"])]
     return frame[keep].reset_index(drop=True)
 
