@@ -339,3 +339,17 @@ def test_symbols_written_like_mouse_genes_warn_that_they_are_read_as_human(st, r
     human.var_names = symbols[:36] + ["C1orf43", "C11orf58", "C19orf53", "C6orf15"]  # open reading frames: human
     st.ingest(human, name="human")
     assert not [w for w in recwarn if "mouse" in str(w.message)]
+
+
+def test_a_study_column_with_gaps_is_refused_and_nothing_is_written(st):
+    # cells without a study fell back to the dataset id as their study: cross-data then held
+    # out those few cells as a study of their own (6 of SCC47's 120 cells scored as study
+    # '6ec4f32cc640c0e4') without a word
+    adata = make_counts_adata()
+    study = adata.obs["study"].astype(object)
+    study.iloc[[2, 7, 11]] = np.nan
+    adata.obs["study"] = pd.Categorical(study)
+    with pytest.raises(InputDataError, match=r"'study' \(--study-key\) has no value for 3 of 60 cells \(cell2, cell7, "
+                                             r"cell11\).*whole studies.*--study"):
+        st.ingest(adata, name="m", label_key="label", study_key="study")
+    assert st.datasets().empty and st.cells().empty

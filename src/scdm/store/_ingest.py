@@ -464,6 +464,8 @@ def cell_table(adata: ad.AnnData, opts: IngestOptions, *, default_study: str) ->
             raise InputDataError(msg)
         if key is not None:
             frame[column] = _obs_column(obs, key, key_opt).astype("object").map(lambda v: None if _is_missing(v) else str(v)).values
+            if column == "study":
+                _check_every_cell_has_a_study(frame, key)
         else:
             frame[column] = const if const is not None else (default_study if column == "study" else None)
     if opts.label_key is None:
@@ -478,6 +480,20 @@ def cell_table(adata: ad.AnnData, opts: IngestOptions, *, default_study: str) ->
                    "labels, leave --label-key out.")
             raise InputDataError(msg)
     return frame
+
+
+def _check_every_cell_has_a_study(frame: pd.DataFrame, key: str) -> None:
+    """Refuse a study column with gaps: cross-data holds out whole studies, and cells without one
+    would otherwise fall together into a pseudo-study named after the dataset."""
+    missing = frame["study"].isna().to_numpy()
+    if not missing.any():
+        return
+    shown = ", ".join(frame["cell_id"].to_numpy()[missing][:3]) + (", ..." if missing.sum() > 3 else "")
+    msg = (f"Column {key!r} (--study-key) has no value for {int(missing.sum())} of {len(frame)} cells ({shown}). "
+           "Cross-data evaluation holds out whole studies, so every cell needs one: fill the gaps "
+           f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(object).fillna('<study>')) or give one study "
+           "for every cell with --study.")
+    raise InputDataError(msg)
 
 
 def _obs_column(obs: pd.DataFrame, key: str, option: str) -> pd.Series:
