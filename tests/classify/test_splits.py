@@ -134,6 +134,7 @@ def test_skipped_categories_and_folds_are_recorded_with_reasons() -> None:
     aml = by_key(splits, "cross", "cancer_type", "aml")
     s5 = [f for f, study in aml.fold_labels.items() if study == "S5"][0]
     assert "one class" in aml.skipped_folds[s5] and s5 not in aml.folds and len(aml.folds) == 2
+    assert aml.skipped_folds[s5] == "held-out study 'S5' holds one class only (80 cells, all sensitive)"  # not 'all 1'
     # a category holding one class only is skipped in every scenario
     cells = make_cells(spec=SPEC + [("d6", "S6", "bone", "mm", "immuno", "cart", 1.0)])
     with warnings.catch_warnings():

@@ -312,7 +312,7 @@ def _make(definition: dict[str, Any], sub: pd.DataFrame, folds: np.ndarray, n_fo
             elif np.unique(y[train]).size < 2:
                 skipped[f] = f"training cells of fold {name} hold one class only"
             elif definition["scenario"] == "cross" and np.unique(y[test]).size < 2:
-                skipped[f] = f"held-out study {name!r} holds one class only ({int(test.sum())} cells, all {int(y[test][0])})"
+                skipped[f] = f"held-out study {name!r} holds one class only ({int(test.sum())} cells, all {_class_name(y[test][0])})"
     return Split(split_id=_split_id(definition, chash), scenario=definition["scenario"],
                  category_type=definition["category_type"], category=definition["category"],
                  scheme=definition["scheme"], n_folds=n_folds, seed=definition.get("seed"), cells=frame,
@@ -320,12 +320,16 @@ def _make(definition: dict[str, Any], sub: pd.DataFrame, folds: np.ndarray, n_fo
                  cells_hash=chash)
 
 
+def _class_name(response: int) -> str:
+    return "sensitive" if int(response) == 1 else "resistant"
+
+
 def _single_class_reason(sub: pd.DataFrame) -> str | None:
     classes = np.unique(sub["response"].to_numpy())
     if len(sub) == 0:
         return "no labelled cells"
     if classes.size < 2:
-        return f"category holds one class only ({len(sub)} cells, all {'sensitive' if classes[0] == 1 else 'resistant'})"
+        return f"category holds one class only ({len(sub)} cells, all {_class_name(classes[0])})"
     return None
 
 
