@@ -15,7 +15,7 @@ import pytest
 
 from scdm.embedding.runner import batches_by_length, embed, embed_baseline
 from scdm.store import InputDataError, Store, example_data
-from scdm.store.errors import CheckpointError, GeneMappingError, UnknownModelError
+from scdm.store.errors import CheckpointError, GeneMappingError, ScdmWarning, UnknownModelError
 from tests.embed import toy_adapter
 from tests.store.conftest import make_counts_adata
 
@@ -177,7 +177,9 @@ def test_pca_baseline_matches_sklearn_and_is_deterministic(st, pc9):
 
 def test_joint_baseline_shares_one_space_and_accepts_scaled_data(st, pc9):
     a375 = st.ingest(example_data(), name="a375", gene_key="symbol")
-    results = embed_baseline(st, [pc9.name, a375.name], model="hvg", n_hvg=50, progress=False)
+    # z-scored A375 beside PC9's counts: accepted, but not silently (the space separates them by preprocessing)
+    with pytest.warns(ScdmWarning, match=rf"scaled \(z-scored\) values \(a375\) and log-normalised or count values \({pc9.name}\)"):
+        results = embed_baseline(st, [pc9.name, a375.name], model="hvg", n_hvg=50, progress=False)
     spaces = st.embeddings().set_index("embedding_id").loc[[r.embedding_id for r in results], "space_id"]
     assert spaces.nunique() == 1 and all(r.dim == 50 for r in results)
     solo = embed_baseline(st, [a375.name], model="pca", n_comps=5, progress=False)[0]

@@ -14,6 +14,7 @@ space: their embeddings carry the same ``space_id`` and can be evaluated togethe
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from scdm.store import Store
-from scdm.store.errors import InputDataError
+from scdm.store.errors import InputDataError, ScdmWarning
 
 __all__ = ["BASELINES", "BaselineFit", "check_sizes", "fit_baseline", "preprocess_block"]
 
@@ -125,6 +126,21 @@ def iter_blocks(st: Store, dataset: str, cols: np.ndarray, *, as_is: bool, targe
             adata.file.close()
 
 
+def _warn_if_scaled_with_unscaled(infos: Sequence[Any]) -> None:
+    """Say when a joint fit pools z-scored datasets with log-normalised ones.
+
+    Each scaled dataset was centred on its own mean, the others were not: the leading components
+    then separate the datasets by their preprocessing, and pooled or cross-data heads learn that.
+    """
+    scaled = [i.name for i in infos if i.x_kind == "scaled"]
+    other = [i.name for i in infos if i.x_kind != "scaled"]
+    if scaled and other:
+        msg = (f"joint fit of datasets with scaled (z-scored) values ({', '.join(scaled)}) and log-normalised or count "
+               f"values ({', '.join(other)}): each scaled dataset is centred on its own mean, so their cells differ by "
+               "preprocessing as well as biology in this space; ingest the same kind of values for all (e.g. raw counts)")
+        warnings.warn(msg, ScdmWarning, stacklevel=3)
+
+
 def check_sizes(*, n_hvg: int, n_comps: int, target_sum: float) -> None:
     """Refuse baseline sizes out of range (before any data is read)."""
     for option, value in (("n_hvg", n_hvg), ("n_comps", n_comps)):
@@ -165,6 +181,7 @@ def fit_baseline(
     infos = [st.dataset(d) for d in datasets]
     genes, cols = shared_columns(st, [i.dataset_id for i in infos])
     as_is = [resolve_as_is(i.x_kind, normalized, i.name) for i in infos]
+    _warn_if_scaled_with_unscaled(infos)
     n_cells = sum(i.n_cells for i in infos)
     if n_cells < 2:
         msg = f"A {model} baseline needs at least 2 cells; the datasets hold {n_cells}."
