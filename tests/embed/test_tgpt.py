@@ -209,3 +209,21 @@ def test_lora_targets_train_through_embed(ckpt, symbols) -> None:
     emb.sum().backward()
     lora = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in adapter.model.named_parameters() if "lora_" in n and p.grad is not None}
     assert lora == {"c_attn", "c_proj", "c_fc"}
+
+
+def test_a_scaled_dataset_is_refused_before_the_model_loads_and_leaves_no_embedding(tmp_path, monkeypatch) -> None:
+    # the z-scored JHU006 matrix: refused only at the first chunk, after loading the model (minutes for
+    # an 8B LLM), and a 'pending 0/1' embedding stayed in `scdm ls` that no rerun could finish
+    import anndata as ad
+
+    from scdm.embedding.runner import embed
+    from scdm.store import Store
+
+    jhu = Path(__file__).resolve().parents[1] / "data" / "JHU006_HNSCC_Kinker2020.h5ad"
+    folder = write_tiny_checkpoint(tmp_path / "tgpt", genes=list(ad.read_h5ad(jhu, backed="r").var["symbol"][:200]))
+    st = Store(tmp_path / "store")
+    st.ingest(jhu, name="jhu006")
+    monkeypatch.setattr(TGPTAdapter, "load", lambda self, device: pytest.fail("loaded the model for data it refuses"))
+    with pytest.raises(InputDataError, match="tgpt ranks each cell's genes by expression, but dataset 'jhu006' holds negative"):
+        embed(st, "jhu006", "tgpt", folder, progress=False, device="cpu")
+    assert st.embeddings().empty

@@ -121,6 +121,9 @@ class Adapter(abc.ABC):
     """Gene id kind the model's vocabulary uses: ``"symbol"`` or ``"ensembl"``."""
     requires_counts: ClassVar[bool] = True
     """Whether the model's preprocessing assumes raw, non-negative counts."""
+    ranks_expression: ClassVar[bool] = False
+    """Whether the model ranks each cell's genes by their values (tGPT, the LLM's cell sentence): it
+    takes counts or log-normalised values, never scaled ones (refused before the model is loaded)."""
     checkpoint_files: ClassVar[tuple[str, ...]] = ()
     """Files a checkpoint folder must hold (glob patterns allowed; ``"a|b"``: either), for checks and ``scdm models``."""
     hub_patterns: ClassVar[tuple[str, ...]] = ()
@@ -266,14 +269,21 @@ def check_counts(x: sp.csr_matrix, model: str) -> None:
         raise InputDataError(msg)
 
 
-def check_input_kind(model: str, requires_counts: bool, x_kind: str, dataset: str, *, allow_non_counts: bool = False) -> None:
+def check_input_kind(model: str, requires_counts: bool, x_kind: str, dataset: str, *, allow_non_counts: bool = False,
+                     ranks_expression: bool = False) -> None:
     """Refuse a dataset whose value kind the model cannot take, before any work.
 
     A model that assumes raw counts (``requires_counts``) normalises and ranks them itself, so fed
     log-normalised or otherwise transformed values it returns numbers that look like embeddings
     but are not what the model computes on counts. Scaled data (negative values) is refused
-    always; normalised data only with ``allow_non_counts`` (then a warning says so).
+    always; normalised data only with ``allow_non_counts`` (then a warning says so). A model that
+    ranks genes by value (``ranks_expression``) refuses scaled data too: it would rank deviations.
     """
+    if ranks_expression and x_kind == "scaled":
+        msg = (f"{model} ranks each cell's genes by expression, but dataset {dataset!r} holds negative (scaled) values, "
+               "which would rank genes by deviation from their mean instead. Ingest raw counts or log-normalised values, "
+               "or use a baseline model (pca, hvg).")
+        raise InputDataError(msg)
     if not requires_counts or x_kind == "counts":
         return
     if x_kind == "scaled":

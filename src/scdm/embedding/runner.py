@@ -508,7 +508,8 @@ def embed(
         _require_stored_matches(st, existing.embedding_id, model, min_genes=min_genes, min_fraction=min_gene_fraction)
         logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
         return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
-    check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts)
+    check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts,
+                     ranks_expression=getattr(adapter, "ranks_expression", False))
     n_empty = count_empty_cells(st, ds.dataset_id, model, allow_empty_cells=allow_empty_cells)
     if ray_exec is not None:
         job = ray_exec.RayEmbedJob(

@@ -94,6 +94,7 @@ class LLMAdapter(Adapter):
     description = "Local Hugging Face causal LM (e.g. LLaMA-3-8B): cell sentence of top-k genes, mean of the last hidden state."
     gene_id_kind = "symbol"
     requires_counts = False
+    ranks_expression = True
     checkpoint_files = ("config.json", "tokenizer.json")
     # --checkpoint org/name: what AutoTokenizer/AutoModel read, the weights in one format (and their shard index)
     hub_patterns = (*checkpoint_files, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json",

@@ -82,6 +82,7 @@ class TGPTAdapter(Adapter):
     description = "tGPT (HF GPT-2): top expressed gene symbols, mean of the last hidden state over genes."
     gene_id_kind = "symbol"
     requires_counts = False
+    ranks_expression = True
     checkpoint_files = ("config.json", "tokenizer.json")
     hub_patterns = (*checkpoint_files, "|".join(WEIGHT_FILES))  # --checkpoint org/name: the weights in one format
     # GPT-2 uses Conv1D layers: peft needs LoraConfig(fan_in_fan_out=True) for these
