@@ -289,8 +289,11 @@ def _categories(cells: pd.DataFrame, category_type: str) -> list[tuple[str, np.n
     if category_type == "all":
         return [("all", np.ones(len(cells), bool))]
     values = cells[category_type]
-    if values.isna().any():
-        logger.info("splits: %d cells have no %s and are left out of its categories", int(values.isna().sum()), category_type)
+    if values.isna().any():  # a category type the user asked for: say how many cells it cannot place
+        warnings.warn(f"{int(values.isna().sum())} of {len(cells)} labelled cells have no {category_type} and are left out "
+                      f"of the {category_type} categories (they stay in 'all'); give them one at ingest "
+                      f"(--{category_type.replace('_', '-')}-key or --{category_type.replace('_', '-')}).",
+                      ScdmWarning, stacklevel=2)
     return [(str(v), (values == v).to_numpy(bool)) for v in sorted(values.dropna().unique(), key=str)]
 
 
