@@ -226,3 +226,14 @@ def test_cells_without_a_category_value_are_left_out_with_a_warning() -> None:
     said = [str(w.message) for w in seen if "have no tissue" in str(w.message)]
     assert said and said[0].startswith("80 of 400 labelled cells have no tissue and are left out of the tissue categories")
     assert by_key(splits, "pooled", "tissue", "skin").n_cells == 80 and by_key(splits, "pooled", "all", "all").n_cells == 400
+
+
+def test_auto_scheme_says_when_missing_sample_ids_make_the_folds_cell_level() -> None:
+    cells = make_cells()
+    cells.loc[cells["dataset_id"] == "d2", "sample"] = None
+    with pytest.warns(SampleLeakageWarning, match=r"80 of 400 labelled cells have no sample id \(studies: S2\), so the pooled folds are cell-level"):
+        assert resolve_split_scheme(cells, "auto", 5) == "cell"
+    cells["sample"] = None  # no sample ids at all: cell-level as documented, nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SampleLeakageWarning)
+        assert resolve_split_scheme(cells, "auto", 5) == "cell"

@@ -514,12 +514,20 @@ def resolve_split_scheme(cells: pd.DataFrame, scheme: str, n_folds: int) -> Lite
 
     ``sample`` when every labelled cell has a sample id and the cells come from at least
     ``n_folds`` samples (and at least two); otherwise ``cell``. Sample ids that exist but are too
-    few give one :class:`SampleLeakageWarning` line saying so.
+    few, or missing on some of the cells, give one :class:`SampleLeakageWarning` line saying so.
     """
     if scheme in ("cell", "sample"):
         return cast(Literal["cell", "sample"], scheme)
     labelled = cells[cells["response"].notna()]
-    if labelled.empty or labelled["sample"].isna().any():
+    if labelled.empty or labelled["sample"].isna().all():
+        return "cell"
+    missing = labelled["sample"].isna()
+    if missing.any():
+        where = ", ".join(sorted({str(v) for v in labelled.loc[missing, "study"].dropna().unique()})[:3])
+        warnings.warn(f"{int(missing.sum())} of {len(labelled)} labelled cells have no sample id (studies: {where}), so "
+                      "the pooled folds are cell-level (scheme 'cell'; cells of one sample fall on both sides of a fold). "
+                      "Give every cell a sample id (sample_key=, or sample= for a one-sample dataset) for grouped folds.",
+                      SampleLeakageWarning, stacklevel=3)
         return "cell"
     n_samples = int(labelled[["study", "sample"]].astype(str).drop_duplicates().shape[0])
     if n_samples >= max(n_folds, 2):
