@@ -110,3 +110,10 @@ def test_a_category_of_one_dataset_names_only_that_datasets_label_set(tmp_path):
         "A375": "PLX-4720", "JHU006": "Gefitinib", "A375,JHU006": "Gefitinib,PLX-4720"}
     again = evaluate(st, **kw)  # the stored splits are found again under their own names
     assert again.n_done == 0 and again.n_reused == 9
+    # a head trained on that category names the same label set and finds its cross-validated scores
+    from scdm.classify.trained_heads import train_head
+
+    ids = list(st.embeddings()["embedding_id"])
+    head_id = train_head(st, ids, "cancer_type", "Melanoma", "ridge")
+    row = st.query("SELECT label_set, train_metrics FROM trained_heads WHERE head_id = ?", [head_id]).iloc[0]
+    assert row["label_set"] == "PLX-4720" and row["train_metrics"] is not None

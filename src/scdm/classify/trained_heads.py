@@ -751,7 +751,8 @@ def train_head(
     space_id = str(first["space_id"])
     embedding_ids = [str(e) for e in rows["embedding_id"]]
     cells = _training_cells(st, rows, category_type, category)
-    label_set = _label_set_names(st, list(rows["dataset_id"]))
+    # the label sets of the datasets with training cells (a category may hold one dataset of the space)
+    label_set = _label_set_names(st, sorted(cells["dataset_id"].unique()))
     # the training cells and their labels are part of the identity: relabelled or re-annotated data
     # trains a head of its own instead of finding the one fitted on the old labels
     head_id = _hash_text("trained-head", space_id, embedding_ids, category_type, category, head, params_key, float(threshold),
