@@ -799,3 +799,16 @@ def test_symbols_are_matched_whatever_their_case(collection: ad.AnnData, bulk: a
     assert res.n_features == 200 and res.feature_names == tuple(cells.var_names)  # the target's spelling
     genes = critical_genes(st, res.run_id, max_cells=40, n_steps=8, plot=False)
     assert set(genes["gene"]) == set(cells.var_names)
+
+
+def test_a_gene_id_the_table_cannot_map_is_still_shared_by_id(tmp_path):
+    # JHU006 and SCC47 share 972 Entrez ids; 84953 has no symbol in the shipped table and was dropped
+    # from the transfer features (971 shared) while the pca/hvg baselines keep it
+    from scdm.classify._transfer_data import shared_genes, store_symbols
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    st = Store(tmp_path / "store")
+    st.ingest(data / "JHU006_HNSCC_Kinker2020.h5ad", name="jhu006")
+    st.ingest(data / "SCC47_HNSCC_Kinker2020.h5ad", name="scc47")
+    genes = shared_genes([store_symbols(st, "jhu006"), store_symbols(st, "scc47")])
+    assert len(genes) == 972 and "84953" in genes

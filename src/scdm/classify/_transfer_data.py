@@ -510,9 +510,14 @@ def _normalized_kind(adata: Any, name: str, block_rows: int) -> str:
 
 
 def _store_symbols(table: pd.DataFrame) -> np.ndarray:
-    """Symbols of a store dataset's genes (the mapped symbol, else the id itself)."""
+    """Symbols of a store dataset's genes (the mapped symbol, else the id itself).
+
+    An id the shipped table cannot map (a retired Entrez id) still matches the same id in another
+    dataset, as in the pca/hvg baselines; dropping it lost shared genes without a word.
+    """
     symbol = table["symbol"].astype(object).where(table["symbol"].notna(), None)
-    return np.asarray([s if s else None for s in symbol], dtype=object)
+    ids = table["gene_id"].astype(str)
+    return np.asarray([s if s else (g or None) for s, g in zip(symbol, ids)], dtype=object)
 
 
 def store_symbols(st: Store, dataset: str) -> np.ndarray:
