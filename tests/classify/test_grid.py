@@ -157,9 +157,9 @@ def test_a_split_evaluated_with_more_of_its_space_selected_is_reused_not_counted
     assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0] == n_stored
 
 
-def test_copies_of_one_fit_stored_before_schema_10_are_removed_by_its_migration(
+def test_copies_of_one_fit_stored_before_schema_11_are_removed_by_its_migration(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stores written before runs reused the same fit hold it twice; migration 10 keeps the first copy."""
+    """Stores written before runs reused the same fit hold it twice; migration 11 keeps the first copy."""
     from scdm.store import evaluation as records
 
     st = Store(tmp_path / "store")
@@ -172,7 +172,7 @@ def test_copies_of_one_fit_stored_before_schema_10_are_removed_by_its_migration(
         first = run(st, embeddings=[ids[0]], heads=["logreg"])
         run(st, heads=["logreg"])
     assert (leaderboard(st, metrics=["auroc"])["n_folds"] > 3).any()  # the copies, averaged as folds
-    st.execute("DELETE FROM migrations WHERE version = 10")
+    st.execute("DELETE FROM migrations WHERE version = 11")
     st = Store(tmp_path / "store")  # migrates
     board = leaderboard(st, metrics=["auroc"])
     assert (board["n_folds"] <= board["k"]).all() and (board["folds_done"] <= board["k"]).all()

@@ -117,3 +117,31 @@ def test_a_category_of_one_dataset_names_only_that_datasets_label_set(tmp_path):
     head_id = train_head(st, ids, "cancer_type", "Melanoma", "ridge")
     row = st.query("SELECT label_set, train_metrics FROM trained_heads WHERE head_id = ?", [head_id]).iloc[0]
     assert row["label_set"] == "PLX-4720" and row["train_metrics"] is not None
+
+
+def test_splits_named_with_the_whole_spaces_label_sets_before_schema_10_are_renamed_and_reused(tmp_path):
+    """A store written before splits named their own label sets: migration 10 renames them and their
+    results, so evaluating again reuses every task instead of fitting it again under a second name."""
+    from scdm.store import example_data
+
+    st = Store(tmp_path / "store")
+    st.ingest(example_data("A375"), name="A375", label_key="response_PLX4720", drug="PLX-4720", study="GSE108383",
+              cancer_type="Melanoma")
+    st.ingest(DATA / "JHU006_HNSCC_Kinker2020.h5ad", name="JHU006", label_key="response_Gefitinib", drug="Gefitinib",
+              study="Kinker2020", cancer_type="Head and neck cancer")
+    embed_baseline(st, ["A375", "JHU006"], model="pca", n_comps=8, progress=False)
+    kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all", "cancer_type"], "folds": 3, "split_scheme": "cell",
+          "silent": True}
+    first = evaluate(st, **kw)
+    board = leaderboard(st, metrics=["auroc"]).sort_values(["datasets", "label_set"]).reset_index(drop=True)
+    for table in ("splits", "eval_tasks", "eval_results", "skipped_tasks"):  # as the code before schema 10 named them
+        st.execute(f"UPDATE {table} SET label_set = 'Gefitinib,PLX-4720' WHERE label_set IS NOT NULL")
+    st.execute("DELETE FROM migrations WHERE version >= 10")
+    st = Store(tmp_path / "store")  # migrates
+    stored = st.query("SELECT datasets, label_set FROM splits").drop_duplicates()
+    assert dict(zip(stored["datasets"], stored["label_set"])) == {
+        "A375": "PLX-4720", "JHU006": "Gefitinib", "A375,JHU006": "Gefitinib,PLX-4720"}
+    again = evaluate(st, **kw)
+    assert again.n_done == 0 and again.n_reused == first.n_done
+    after = leaderboard(st, metrics=["auroc"]).sort_values(["datasets", "label_set"]).reset_index(drop=True)
+    assert after[["datasets", "label_set", "mean", "n_folds"]].equals(board[["datasets", "label_set", "mean", "n_folds"]])

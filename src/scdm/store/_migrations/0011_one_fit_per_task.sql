@@ -1,7 +1,7 @@
 -- scdm catalog: one stored fit per space, split, fold, head, head parameters and label set.
 --
 -- A task id names every embedding of the space selected for its run, but the fit reads only the
--- cells of its split. Before schema 10 the same split evaluated with more or fewer of its space's
+-- cells of its split. Before schema 11 the same split evaluated with more or fewer of its space's
 -- datasets selected was fitted again under a second task id, and the leaderboard averaged both
 -- copies as folds of one result (n_folds 6 for a 3-fold split). The copies are the same fit: the
 -- first one stored stays, the later ones go with their metrics and predictions. Runs now reuse the
