@@ -145,3 +145,16 @@ def test_splits_named_with_the_whole_spaces_label_sets_before_schema_10_are_rena
     assert again.n_done == 0 and again.n_reused == first.n_done
     after = leaderboard(st, metrics=["auroc"]).sort_values(["datasets", "label_set"]).reset_index(drop=True)
     assert after[["datasets", "label_set", "mean", "n_folds"]].equals(board[["datasets", "label_set", "mean", "n_folds"]])
+
+
+def test_result_key_keeps_label_sets_that_share_a_partition_apart(tmp_path):
+    st = Store(tmp_path / "store")
+    jhu = DATA / "JHU006_HNSCC_Kinker2020.h5ad"
+    st.ingest(jhu, name="JHU006", label_key="response_Vorinostat", drug="Vorinostat", study="Kinker2020")
+    st.ingest(jhu, label_key="response_AR-42", drug="AR-42")  # the same labels: one partition
+    embed(st, "JHU006", "pca", n_comps=8, progress=False)
+    kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all"], "folds": 3, "split_scheme": "cell", "silent": True}
+    evaluate(st, label_set="Vorinostat", **kw)
+    evaluate(st, label_set="AR-42", **kw)
+    groups = st.sql("SELECT result_key, count(value) AS n FROM results WHERE metric = 'auroc' GROUP BY result_key")
+    assert sorted(groups["n"]) == [3, 3]  # one key per label set, not n = 6
