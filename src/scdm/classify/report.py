@@ -70,6 +70,7 @@ from scdm.classify.metrics import METRICS
 from scdm.classify.results import LEADERBOARD_KEYS, split_labels
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
+from scdm.store.prompts import older_parser_note, older_parser_sql
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -154,6 +155,7 @@ _RESULTS_CTE = (
     "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
     "           x.n_folds AS k\n"
     "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
+    f"    WHERE NOT {older_parser_sql('x')}  -- prompting scores of misread answers\n"
     ")"
 )
 """``r``: the ``results`` view with LoRA folds grouped, as :func:`scdm.classify.results.leaderboard` reads it."""
@@ -554,6 +556,9 @@ def write_report(
 
     st = open_store(store)
     metric_list, plot_list = _check_metrics(metrics, "metrics"), _check_metrics(plot_metrics, "plot_metrics")
+    note = older_parser_note(st)
+    if note is not None:
+        logger.warning("report: %s", note)
     format_list = _check_formats(formats)
     _check_projection(projection, max_cells)
     out = Path(out_dir)

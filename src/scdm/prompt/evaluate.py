@@ -34,7 +34,7 @@ import pandas as pd
 
 from scdm.prompt.backends import Backend, OpenAIBackend
 from scdm.prompt.plan import CellTable, Plan, Unit, fold_test_cells, load_cells, plan_requests
-from scdm.prompt.runner import SendPolicy, SendReport, send_requests
+from scdm.prompt.runner import SendPolicy, SendReport, load_answers, send_requests
 from scdm.prompt.sentences import DEFAULT_TOP_K
 from scdm.prompt.templates import Template, load_template
 from scdm.store.errors import InputDataError
@@ -51,7 +51,13 @@ from scdm.store.evaluation import (
     task_results,
 )
 from scdm.store.progress import progress_bar
-from scdm.store.prompts import PromptRecord, load_prompts
+from scdm.store.prompts import (
+    ANSWER_PARSER_VERSION,
+    PROMPT_VARIANT,
+    PromptRecord,
+    forget_older_parser_tasks,
+    load_prompts,
+)
 from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions, split_datasets
 
 if TYPE_CHECKING:
@@ -61,7 +67,7 @@ __all__ = ["PromptSummary", "prompt", "head_name", "make_backend"]
 
 logger = logging.getLogger(__name__)
 
-VARIANT = "prompt"
+VARIANT = PROMPT_VARIANT
 """The ``variant`` of every prompting result (heads say zero-shot or k-shot)."""
 OUTPUT_TOKENS_PER_CELL = 12
 """Answer tokens per cell assumed by dry-run estimates (``{"cell": 3, "response": "resistant"}``)."""
@@ -409,7 +415,9 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
     save_splits(st, splits)
     splits = shared_partitions(st, splits)
     names = dict(st.query("SELECT dataset_id, name FROM datasets").itertuples(index=False, name=None))
-    params_key = json.dumps({"shots": shots, "seed": config["seed"]}, sort_keys=True)
+    # the parser version is part of the task: a task scored from an older parse is not reused
+    params_key = json.dumps({"answer_parser": ANSWER_PARSER_VERSION, "shots": shots, "seed": config["seed"]},
+                            sort_keys=True)
     run_id = start_run(st, config, scdm_version=_version())
     report = SendReport()
     bar = progress_bar(len({r.request_id for r in plan.requests}), desc=f"prompt {llm.model}", unit="request",
@@ -426,12 +434,17 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
     except BaseException:
         bar.close()
         # score what is complete (answers already stored stay for the next run), then fail the run
-        partial = load_prompts(st, [r.request_id for r in plan.requests])
+        partial = load_answers(st, [r.request_id for r in plan.requests])
         _score(st, run_id, splits, _Scoring(space_id, llm.model, head, params_key, shots, names, plan, partial))
         finish_run(st, run_id, status="failed", seconds=time.perf_counter() - started)
         raise
     scoring = _Scoring(space_id, llm.model, head, params_key, shots, names, plan, report.records)
     counts = _score(st, run_id, splits, scoring)
+    n_old = forget_older_parser_tasks(st, space_id=space_id, head=head, seed=config["seed"],
+                                      split_ids=[s.split_id for s in splits])
+    if n_old:
+        logger.warning("prompt: %d tasks scored from answers read by an older scdm's answer parser are replaced by "
+                       "this run's scores of the same answers read again", n_old)
     seconds = time.perf_counter() - started
     finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=counts["tasks"], n_done=counts["done"],
                n_reused=counts["reused"], n_skipped=counts["skipped"])

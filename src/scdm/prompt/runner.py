@@ -8,14 +8,20 @@ budget, an endpoint that gives up) loses nothing it was answered, a killed proce
 second's answers, and the next run continues with the first request that has no answer. A request that fails with HTTP 429, a 5xx or a timeout is retried after
 ``backoff_s * 2**attempt`` seconds (or the server's ``Retry-After``), at most ``retries`` times;
 any other refusal stops the run with the endpoint's message.
+
+Stored answers are read again from their stored text (:func:`load_answers`): a store written by an
+older scdm holds answers its parser read, and what was misread then (a probability ``Cell 1: 0.7``
+as the label 0, cells numbered from 0 shifted by one) is read as the current parser reads it, and
+stored so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 from scdm.prompt.answers import label_scores, parse_answer
 from scdm.prompt.backends import Backend, PromptRequestError, Reply, TransientError
 from scdm.store.errors import InputDataError
-from scdm.store.prompts import PromptAnswer, PromptRecord, load_prompts, save_prompts
+from scdm.store.prompts import ANSWER_PARSER_VERSION, PromptAnswer, PromptRecord, load_prompts, save_prompts
 
 if TYPE_CHECKING:
     from scdm.store import Store
 
-__all__ = ["Request", "SendPolicy", "SendReport", "send_requests", "record_of"]
+__all__ = ["Request", "SendPolicy", "SendReport", "send_requests", "record_of", "load_answers", "read_again"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +137,74 @@ def record_of(backend: Backend, request: Request, reply: Reply, *, template_hash
                         completion_tokens=reply.completion_tokens, attempts=attempts, seconds=seconds, answers=answers)
 
 
+def _stored_tokens(response: Mapping[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The token log-probabilities of a stored OpenAI-style response body (``choices[0].logprobs.content``)."""
+    try:
+        tokens = response["choices"][0]["logprobs"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return tokens if isinstance(tokens, list) and tokens else None
+
+
+def _stored_scores(response: Mapping[str, Any] | None) -> dict[int, float] | None:
+    """P(sensitive) per cell that the local model gave (``decisions`` of its stored response body)."""
+    decisions = response.get("decisions") if isinstance(response, Mapping) else None
+    if not isinstance(decisions, list):
+        return None
+    try:
+        return {int(d["cell"]): float(d["p_sensitive"]) for d in decisions}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def read_again(record: PromptRecord) -> PromptRecord:
+    """The stored request with its answer text read by the current parser (``record`` itself when alike).
+
+    P(sensitive) is computed again from the stored response body (token log-probabilities, or the
+    local model's decisions); where the body holds neither, the stored scores stay for cells whose
+    reading did not change and are dropped for the others (their labels then count as hard labels).
+    """
+    parsed = parse_answer(record.answer_text, record.n_cells)
+    stored = {a.position: a for a in record.answers}
+    scores = _stored_scores(record.response)
+    if scores is None:
+        tokens = _stored_tokens(record.response)
+        scores = label_scores(record.answer_text, tokens, parsed) if tokens is not None else None
+    answers = []
+    for a in parsed.answers:
+        if a.status != "ok":
+            p = None
+        elif scores is not None:
+            p = scores.get(a.position)
+        else:
+            old = stored.get(a.position)
+            p = old.p_sensitive if old is not None and (old.status, old.label) == (a.status, a.label) else None
+        answers.append(PromptAnswer(a.position, a.status, a.label, p))
+    if parsed.status == record.status and tuple(answers) == tuple(record.answers):
+        return record
+    return dataclasses.replace(record, status=parsed.status, answers=tuple(answers))
+
+
+def load_answers(st: Store, request_ids: Sequence[str]) -> dict[str, PromptRecord]:
+    """The stored requests among ``request_ids``, their answers read by the current parser.
+
+    Answers that read differently now (stored by an older scdm) are stored again as read now.
+    """
+    records = load_prompts(st, request_ids)
+    changed = []
+    for request_id, record in records.items():
+        now = read_again(record)
+        if now is not record:
+            records[request_id] = now
+            changed.append(now)
+    if changed:
+        logger.warning("prompt: %d stored answers read differently by this scdm's answer parser (version %d) than "
+                       "when they were stored: read again from their stored text and stored so", len(changed),
+                       ANSWER_PARSER_VERSION)
+        save_prompts(st, changed)
+    return records
+
+
 def _send_one(backend: Backend, request: Request, policy: SendPolicy, limiter: _RateLimiter,
               template_hash: str) -> PromptRecord:
     started = time.perf_counter()
@@ -175,7 +249,7 @@ def send_requests(st: Store, backend: Backend, requests: Sequence[Request], *, t
     """
     report = SendReport()
     unique = list({r.request_id: r for r in requests}.values())
-    report.records = load_prompts(st, [r.request_id for r in unique])
+    report.records = load_answers(st, [r.request_id for r in unique])
     report.n_cached = len(report.records)
     todo = [r for r in unique if r.request_id not in report.records]
     if policy.max_requests is not None and len(todo) > policy.max_requests:

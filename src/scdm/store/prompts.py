@@ -11,6 +11,11 @@ parsed answer: ``ok`` with a label (1 sensitive, 0 resistant), or ``missing`` / 
 ``unparsed`` with no label — an unreadable answer is recorded as such, never guessed. ``p_sensitive``
 is the model's probability of "sensitive" where the backend gave token log-probabilities (always
 for the local model), else NULL.
+
+The parsed answers are derived data: the answer text and the raw response are the record. When
+the answer parser changes what it reads (:data:`ANSWER_PARSER_VERSION`), the prompting arm reads the
+stored texts again, and the scores of tasks made from an older parse are not shown as current
+(:func:`older_parser_sql`): rerunning the same ``scdm prompt`` rescores them without sending anything.
 """
 
 from __future__ import annotations
@@ -27,18 +32,36 @@ import pandas as pd
 from scdm.store._catalog import registered
 from scdm.store._store import canonical_json
 from scdm.store.errors import InputDataError
+from scdm.store.evaluation import _delete_tasks
 
 if TYPE_CHECKING:
     from scdm.store._store import Store
 
 __all__ = [
+    "ANSWER_PARSER_VERSION",
     "ANSWER_STATUSES",
+    "PROMPT_VARIANT",
     "PromptAnswer",
     "PromptRecord",
     "request_id_of",
     "save_prompts",
     "load_prompts",
+    "forget_older_parser_tasks",
+    "older_parser_note",
+    "older_parser_sql",
 ]
+
+PROMPT_VARIANT = "prompt"
+"""The ``variant`` of every prompting result."""
+ANSWER_PARSER_VERSION = 2
+"""What the answer parser reads, recorded in every prompting task's ``head_params`` (``answer_parser``).
+
+1 (no ``answer_parser`` key; scdm before 2026-12-07) read a number such as ``Cell 1: 0.7`` as the
+label 0, shifted the answers of a model that numbered its cells from 0 onto their neighbours, read
+an unnumbered list with an entry too few or too many by place, read ``sensitive|resistant`` (the
+format echoed back) as an answer and left a JSON answer with brackets in the prose around it
+unread. 2 reads none of these as answers (and reads the last one). Raise it whenever the parser
+reads a stored answer text differently."""
 
 ANSWER_STATUSES: tuple[str, ...] = ("ok", "missing", "invalid", "unparsed")
 """Per-cell answer statuses: parsed, no entry for the cell, an entry that is not a label, no readable answer."""
@@ -128,6 +151,44 @@ class PromptRecord:
             "label": pd.array([a.label for a in self.answers], dtype="Int8"),
             "p_sensitive": pd.array([a.p_sensitive for a in self.answers], dtype="Float64"),
         })
+
+
+def older_parser_sql(alias: str) -> str:
+    """SQL condition on a ``results`` / ``eval_results`` row ``alias``: a prompting result scored from
+    answers read by an older parser than :data:`ANSWER_PARSER_VERSION` (numbers now known to be wrong)."""
+    version = f"TRY_CAST(json_extract_string({alias}.head_params, '$.answer_parser') AS INTEGER)"
+    return f"({alias}.variant = '{PROMPT_VARIANT}' AND coalesce({version}, 1) <> {ANSWER_PARSER_VERSION})"
+
+
+def older_parser_note(st: Store) -> str | None:
+    """What to say when the catalog holds prompting results of an older parser (None when it holds none).
+
+    Readers leave those results out (:func:`older_parser_sql`); the stored answers stay, so rerunning
+    the same ``scdm prompt`` reads them again and rescores the tasks without sending a request.
+    """
+    n = int(st.query(f"SELECT count(DISTINCT task_id) AS n FROM eval_results x WHERE {older_parser_sql('x')}")["n"][0])
+    if not n:
+        return None
+    return (f"{n} prompting tasks were scored from answers read by an older scdm's answer parser, which misread some "
+            f"answers (e.g. 'Cell 1: 0.7' as resistant, cells numbered from 0 as their neighbours); they are left out. "
+            f"Run the same `scdm prompt` command again to rescore them from the stored answers (nothing is sent).")
+
+
+def forget_older_parser_tasks(st: Store, *, space_id: str, head: str, seed: int, split_ids: Sequence[str]) -> int:
+    """Delete the prompting tasks of an older parser that a rerun of the same configuration rescored
+    (same space, head, seed and splits), with their metrics and predictions; returns how many.
+
+    Their answers stay (read again by the current parser); kept, the old scores would only be
+    counted in :func:`older_parser_note` as waiting for a rerun that has been done.
+    """
+    where = (f"x.space_id = ? AND x.head = ? AND list_contains(?, x.split_id) "
+             f"AND TRY_CAST(json_extract_string(x.head_params, '$.seed') AS BIGINT) IS NOT DISTINCT FROM ? "
+             f"AND {older_parser_sql('x')}")
+    with st.catalog.transaction() as con:
+        tasks = [r[0] for r in con.execute(f"SELECT task_id FROM eval_tasks x WHERE {where}",
+                                           [space_id, head, list(split_ids), int(seed)]).fetchall()]
+        _delete_tasks(con, tasks)
+    return len(tasks)
 
 
 def _insert(con: Any, table: str, frame: pd.DataFrame) -> None:
