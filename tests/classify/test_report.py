@@ -477,7 +477,7 @@ def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_e
         results += [{**task, "metric": m, "value": v[fold]} for m, v in values.items()]
     if first:
         st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
-                                                  "config": '{"split_scheme": "sample"}'}]))
+                                                  "config": '{"split_scheme": "sample", "head_revisions": {"mlp": 2}}'}]))
     st.insert_df("eval_tasks", pd.DataFrame(tasks))
     st.insert_df("eval_results", pd.DataFrame(results))
     if not first:

@@ -40,6 +40,7 @@ from scdm.classify.heads import (
     GramStats,
     RidgeHead,
     get_head,
+    head_revision,
     ridge_from_stats,
     ridge_score_to_proba,
 )
@@ -587,10 +588,13 @@ def evaluate(
         import_ray()  # a missing Ray is a clear error before any run is recorded
     scenarios, by = name_list(scenarios), name_list(by)
     spaces = _select_spaces(st, embeddings)
+    revisions = {head: head_revision(head, head_params.get(head, {})) for head in heads}
     config = {"embeddings": [e for s in spaces for e in s.embedding_ids], "scenarios": scenarios, "by": by,
               "heads": heads, "head_params": head_params, "folds": folds, "split_scheme": split_scheme, "seed": seed,
               "jobs": "auto" if jobs is None else jobs, "save_predictions": save_predictions, "executor": executor, "label_set": label_set,
-              "pair_folds_with": pair_folds_with}
+              "pair_folds_with": pair_folds_with,
+              # what each head computes: results of an earlier revision are left out (classify.results.stale_sql)
+              "head_revisions": revisions}
     spaces = [space for space in spaces if space.lora is None or _lora_split_kept(st, space)]
     kept = []
     for space in spaces:  # labels and splits are checked before a run is recorded
@@ -674,6 +678,10 @@ def evaluate(
             pool.close()
     seconds = time.perf_counter() - started
     n_done -= writer.n_dropped + writer.n_elsewhere  # fitted, but not stored: their split went, or another run stored them
+    n_old = records.forget_older_revisions(st, revisions)
+    if n_old:
+        logger.warning("evaluate: %d tasks an older scdm fitted with an earlier revision of their head are replaced by "
+                       "this run's", n_old)
     n_reused += writer.n_elsewhere
     records.finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=len(all_ids), n_done=n_done,
                        n_reused=n_reused, n_skipped=n_skipped)

@@ -153,6 +153,13 @@ class BaseHead(abc.ABC):
         """
         return json.dumps(self.get_params(), sort_keys=True, default=str)
 
+    def revision(self) -> int:
+        """What this head computes with these parameters: raised (with a line in
+        :data:`scdm.classify.heads.REVISION_NOTES`) whenever a fix changes its numbers. From 2 on it
+        is part of the task and trained-head identities, so what an earlier revision stored is
+        fitted again instead of reused, and readers leave its results out."""
+        return 1
+
     def _validate_params(self) -> None:
         for key, rules in self._rules.items():
             value = getattr(self, key)

@@ -175,6 +175,10 @@ class ShuffledLabelHead(BaseHead):
     def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return self.head_.predict_proba_rows(X, rows)
 
+    def revision(self) -> int:
+        """Its base's (with the base's parameters)."""
+        return get_head(self.base, **(self.base_params or {})).revision()
+
     def params_key(self) -> str:
         """Canonical JSON of the parameters, an mlp base's resolved as its own key resolves them.
 
@@ -496,6 +500,10 @@ class LogRegHead(BaseHead):
     _rules = {"C": [Range(float, gt=0)], "max_iter": [Range(int, ge=1)], "tol": [Range(float, gt=0)],
               "standardize": [OneOf((True, False, "global"))], "warm_start": [IsType(bool)]}
 
+    def revision(self) -> int:
+        """2: constant columns add 0 to the global scale (``standardize="global"``; before: scale 1)."""
+        return 2 if self.standardize == "global" else 1
+
     def __init__(self, C: float = 1.0, *, max_iter: int = 200, tol: float = 1e-4,
                  standardize: bool | Literal["global"] = "global",
                  warm_start: bool = False) -> None:
@@ -774,6 +782,11 @@ class MLPHead(BaseHead):
                 out[key] = getattr(self, key)
         return out
 
+    def revision(self) -> int:
+        """2: constant columns add 0 to the global scale (``standardize="global"``; before: scale 1)."""
+        standardize = self.resolved()["standardize"] if self.profile in MLP_PROFILES else self.standardize
+        return 2 if standardize == "global" else 1
+
     def params_key(self) -> str:
         """Canonical JSON of the parameters with the profile's settings filled in."""
         import json
@@ -1002,6 +1015,24 @@ HEADS: dict[str, type[BaseHead]] = {
     cls.name: cls for cls in (MLPHead, LogRegHead, LightGBMHead, RidgeHead, MajorityHead, ShuffledLabelHead, DANNHead)
 }
 """Head name -> class."""
+
+REVISION_NOTES: dict[tuple[str, int], str] = {
+    ("logreg", 2): "standardize='global' counted constant (dead or zero-padded) columns as scale 1",
+    ("mlp", 2): "standardize='global' counted constant (dead or zero-padded) columns as scale 1",
+    ("shuffled-label", 2): "its logreg or mlp base counted constant columns as scale 1 in the global scale",
+}
+"""Why a head's revision was raised: what the results of the revision before it got wrong."""
+
+
+def head_revision(name: str, params: dict[str, Any]) -> int:
+    """:meth:`BaseHead.revision` of a head with these parameters (1 for names that are not grid heads,
+    such as prompting and LoRA tuning, and for parameters this scdm no longer takes)."""
+    if name not in HEADS:
+        return 1
+    try:
+        return get_head(name, **params).revision()
+    except (InputDataError, TypeError):
+        return 1
 
 
 def get_head(name: str, **params: Any) -> BaseHead:

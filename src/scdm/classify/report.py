@@ -67,10 +67,9 @@ from markupsafe import Markup
 from scdm.classify import _plots
 from scdm.classify._plots import CATEGORY_LABELS, METRIC_LABELS, Palette, Series
 from scdm.classify.metrics import METRICS
-from scdm.classify.results import LEADERBOARD_KEYS, split_labels
+from scdm.classify.results import LEADERBOARD_KEYS, split_labels, stale_notes, stale_sql
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
-from scdm.store.prompts import older_parser_note, older_parser_sql
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -109,6 +108,8 @@ class _Filters:
     run_id: str | None = None
     models: tuple[str, ...] | None = None
     heads: tuple[str, ...] | None = None
+    stale: str = "FALSE"
+    """SQL condition on a ``results`` row ``x`` whose numbers are known to be wrong now (left out)."""
 
     def results(self, alias: str = "r") -> list[str]:
         """Conditions on eval_results, eval_tasks or the report's ``r`` (all have run_id, model, head)."""
@@ -147,18 +148,21 @@ def _where(conditions: Sequence[str]) -> str:
 # The whole result identity (scdm.classify.results.LEADERBOARD_KEYS): every aggregate groups by it.
 _KEYS = ", ".join(f"r.{k}" for k in LEADERBOARD_KEYS)
 
-_RESULTS_CTE = (
-    "WITH r AS (\n"
-    "    -- the results view: one row per task and metric, the whole result identity spelled out;\n"
-    "    -- the folds of one LoRA tuning (one adapter, a space of its own, per fold) form one result\n"
-    "    SELECT x.* EXCLUDE (n_folds) REPLACE (coalesce('lora:' || a.tuning_id, x.variant) AS variant,\n"
-    "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
-    "           x.n_folds AS k\n"
-    "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
-    f"    WHERE NOT {older_parser_sql('x')}  -- prompting scores of misread answers\n"
-    ")"
-)
-"""``r``: the ``results`` view with LoRA folds grouped, as :func:`scdm.classify.results.leaderboard` reads it."""
+
+def _results_cte(filters: _Filters) -> str:
+    """``r``: the ``results`` view with LoRA folds grouped, as :func:`scdm.classify.results.leaderboard` reads it."""
+    return (
+        "WITH r AS (\n"
+        "    -- the results view: one row per task and metric, the whole result identity spelled out;\n"
+        "    -- the folds of one LoRA tuning (one adapter, a space of its own, per fold) form one result\n"
+        "    SELECT x.* EXCLUDE (n_folds) REPLACE (coalesce('lora:' || a.tuning_id, x.variant) AS variant,\n"
+        "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
+        "           x.n_folds AS k\n"
+        "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
+        f"    WHERE NOT {filters.stale}  -- numbers known to be wrong now (an older head or answer parser)\n"
+        ")"
+    )
+
 
 _EXPECTED_CTE = (
     "expected AS (  -- folds of each split that can be evaluated: a result with fewer is incomplete\n"
@@ -184,7 +188,7 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
     order = ("list_position(['pooled', 'cross', 'custom'], r.scenario), r.category_type, r.category"
              if scenario is None or category_type is None else "r.category")
     return (
-        f"{_RESULTS_CTE},\n{_EXPECTED_CTE}\n"
+        f"{_results_cte(filters)},\n{_EXPECTED_CTE}\n"
         f"SELECT {_KEYS},\n"
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
@@ -203,7 +207,7 @@ def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
     """Mean, sd and n over folds per result and metric (long format): the data of the bar and radar figures."""
     conditions = [f"r.metric IN ({', '.join(_lit(m) for m in metrics)})", *filters.results()]
     return (
-        f"{_RESULTS_CTE}\n"
+        f"{_results_cte(filters)}\n"
         f"SELECT {_KEYS}, r.metric,\n"
         "       avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n,\n"
         "       count(DISTINCT r.fold) AS folds_done\n"
@@ -218,7 +222,7 @@ def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
 def _fold_values_sql(filters: _Filters, metric: str, category_type: str) -> str:
     conditions = [f"r.metric = {_lit(metric)}", f"r.category_type = {_lit(category_type)}", *filters.results()]
     return (
-        f"{_RESULTS_CTE}\n"
+        f"{_results_cte(filters)}\n"
         f"SELECT {_KEYS}, r.fold, r.value\n"
         "FROM r\n"
         f"{_where(conditions)}\n"
@@ -227,10 +231,10 @@ def _fold_values_sql(filters: _Filters, metric: str, category_type: str) -> str:
     )
 
 
-def _series_sql() -> str:
+def _series_sql(filters: _Filters) -> str:
     """Every (space, label set, split protocol) with results, and the datasets of each (all runs: stable colours)."""
     return (
-        f"{_RESULTS_CTE}\n"
+        f"{_results_cte(filters)}\n"
         "SELECT DISTINCT r.model, r.variant, r.space_id, r.label_set, r.scenario, r.scheme, r.k, r.seed, r.datasets\n"
         "FROM r"
     )
@@ -360,7 +364,7 @@ def _fit_cost_sql(filters: _Filters) -> str:
     Cross-data splits have one fold per held-out study, so their k is not a choice: it is left out.
     """
     return (
-        f"{_RESULTS_CTE},\n"
+        f"{_results_cte(filters)},\n"
         "t AS (SELECT DISTINCT ON (r.task_id) * FROM r)  -- one row per task\n"
         "SELECT t.model, t.variant, t.space_id,\n"
         "       array_to_string(list_sort(list_distinct(flatten(list(string_split(t.datasets, ','))))), ',') AS datasets,\n"
@@ -556,8 +560,7 @@ def write_report(
 
     st = open_store(store)
     metric_list, plot_list = _check_metrics(metrics, "metrics"), _check_metrics(plot_metrics, "plot_metrics")
-    note = older_parser_note(st)
-    if note is not None:
+    for note in stale_notes(st):
         logger.warning("report: %s", note)
     format_list = _check_formats(formats)
     _check_projection(projection, max_cells)
@@ -566,7 +569,8 @@ def write_report(
     fig_dir.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
     _remove_earlier_outputs(out)
-    filters = _Filters(run_id, None if models is None else tuple(models), None if heads is None else tuple(heads))
+    filters = _Filters(run_id, None if models is None else tuple(models), None if heads is None else tuple(heads),
+                       stale_sql(st, "x"))
     ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi, progress=progress)
     with _plots.style():
         body = _build_page(ctx, projection=projection, max_cells=max_cells, seed=seed)
@@ -719,7 +723,7 @@ def _register_series(ctx: _Context) -> None:
     has one series per protocol and label set: they are never averaged into one line.
     """
     spaces = ctx.st.query(_spaces_sql())
-    results = ctx.st.query(_series_sql())
+    results = ctx.st.query(_series_sql(ctx.filters))
     results["label_set"] = results["label_set"].astype(object).where(results["label_set"].notna(), "")
     datasets: dict[SpaceKey, set[str]] = {}
     for row in spaces.itertuples(index=False):

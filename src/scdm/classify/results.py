@@ -7,6 +7,7 @@ test fold) are left out of the mean and counted in ``n_null``; they are never av
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
+from scdm.classify.heads import HEADS, REVISION_NOTES, head_revision
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
 from scdm.store.prompts import older_parser_note, older_parser_sql
@@ -135,7 +137,7 @@ def leaderboard(
                    x.n_folds AS k
             FROM results x
             LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id
-            WHERE NOT {older_parser_sql('x')}  -- misread answers: left out, with a warning
+            WHERE NOT {stale_sql(st, 'x')}  -- numbers known to be wrong now: left out, with a warning
         ),
         expected AS (
             SELECT split_id, count(*) FILTER (WHERE status = 'ok') AS folds_expected FROM split_folds GROUP BY split_id
@@ -155,10 +157,69 @@ def leaderboard(
         FROM g LEFT JOIN expected e USING (split_id) LEFT JOIN splits s USING (split_id)
         ORDER BY scenario, category_type, category, metric, mean DESC NULLS LAST
     """
-    note = older_parser_note(st)
-    if note is not None:
+    for note in stale_notes(st):
         logger.warning("results: %s", note)
     return st.query(sql, args)
+
+
+def _stored_revision(alias: str) -> str:
+    """SQL: the revision of its head a ``results`` row was fitted with (its run config's ``head_revisions``;
+    1 for runs of an scdm that recorded none)."""
+    return (f"coalesce(TRY_CAST(json_extract_string((SELECT e.config FROM eval_runs e WHERE e.run_id = {alias}.run_id), "
+            f"'/head_revisions/' || {alias}.head) AS INTEGER), 1)")
+
+
+def _current_revisions(st: Store) -> dict[tuple[str, str], int]:
+    """(head, head_params) -> this scdm's revision of that head, for the stored configurations above 1."""
+    stored = st.query("SELECT DISTINCT head, CAST(head_params AS VARCHAR) AS params FROM eval_tasks "
+                      "WHERE list_contains(?, head)", [list(HEADS)])
+    out = {}
+    for head, params in stored.itertuples(index=False, name=None):
+        try:
+            revision = head_revision(head, json.loads(params))
+        except ValueError:
+            continue
+        if revision > 1:
+            out[(head, params)] = revision
+    return out
+
+
+def older_revision_sql(st: Store, alias: str) -> str:
+    """SQL condition on a ``results`` row ``alias``: fitted by an earlier revision of its head (with its
+    parameters) than this scdm's (:meth:`BaseHead.revision`)."""
+    current = _current_revisions(st)
+    if not current:
+        return "FALSE"
+    cases = " ".join(f"WHEN {alias}.head = {_lit(head)} AND CAST({alias}.head_params AS VARCHAR) = {_lit(params)} "
+                     f"THEN {revision}" for (head, params), revision in sorted(current.items()))
+    return f"({_stored_revision(alias)} < CASE {cases} ELSE 1 END)"
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def stale_sql(st: Store, alias: str) -> str:
+    """SQL condition on a ``results`` row ``alias``: its numbers are known to be wrong now (an older
+    scdm's head revision, or prompting answers read by an older parser); readers leave them out."""
+    return f"({older_revision_sql(st, alias)} OR {older_parser_sql(alias)})"
+
+
+def stale_notes(st: Store) -> list[str]:
+    """What to tell the user about results left out by :func:`stale_sql` (empty when there are none)."""
+    notes = []
+    old = st.query(f"SELECT x.head, count(DISTINCT x.task_id) AS n FROM results x WHERE {older_revision_sql(st, 'x')} "
+                   "GROUP BY x.head ORDER BY x.head")
+    current = _current_revisions(st)
+    for head, n in old.itertuples(index=False, name=None):
+        revision = max((r for (h, _), r in current.items() if h == head), default=1)
+        why = REVISION_NOTES.get((head, revision), "its numbers changed since")
+        notes.append(f"{n} {head} tasks were fitted by an older scdm ({why}) and are left out; run the same "
+                     f"`scdm evaluate` again to fit them with this one.")
+    note = older_parser_note(st)
+    if note is not None:
+        notes.append(note)
+    return notes
 
 
 ROW_KEYS: tuple[str, ...] = ("model", "variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed",

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
-from scdm.classify.heads import LogRegHead, get_head
+from scdm.classify.heads import LogRegHead, get_head, head_revision
 from scdm.store.errors import InputDataError
 from scdm.store.evaluation import SkippedTask, TaskKey, TaskOutcome
 from scdm.store.splits import Split
@@ -44,14 +44,15 @@ class Task:
     def make(cls, space: Space, split: Split, fold: int, head: str, params: dict[str, Any], params_key: str) -> Task:
         """The task with its identity (:func:`store.evaluation.task_id`)."""
         key = TaskKey(space.space_id, space.model, space.variant, tuple(space.embedding_ids), split,
-                      space.datasets(split), fold, head, params_key)
+                      space.datasets(split), fold, head, params_key, head_revision(head, params))
         return cls(key.task_id, space, split, fold, head, params, params_key)
 
     def key(self) -> TaskKey:
         """The store's identity record of this task."""
         space = self.space
         return TaskKey(space.space_id, space.model, space.variant, tuple(space.embedding_ids), self.split,
-                       space.datasets(self.split), self.fold, self.head, self.params_key)
+                       space.datasets(self.split), self.fold, self.head, self.params_key,
+                       head_revision(self.head, self.params))
 
 
 @dataclass

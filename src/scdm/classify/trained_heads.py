@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from scdm.classify.heads import BaseHead, get_head
+from scdm.classify.results import stale_sql
 from scdm.store.errors import EmbeddingNotFoundError, InputDataError, ScdmError
 from scdm.store.heads import (
     HeadNotFoundError,
@@ -235,11 +236,11 @@ def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str,
     the leaderboard.
     """
     frame = st.query(
-        """SELECT r.split_id, r.scenario, r.scheme, s.n_folds AS k, s.seed, r.metric,
+        f"""SELECT r.split_id, r.scenario, r.scheme, s.n_folds AS k, s.seed, r.metric,
                   avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n_folds
            FROM eval_results r JOIN eval_tasks t USING (task_id) JOIN splits s ON s.split_id = r.split_id
            WHERE s.cells_hash = ? AND r.label_set = ? AND r.space_id = ? AND r.category_type = ? AND r.category = ?
-                 AND r.head = ? AND t.head_params = ?
+                 AND r.head = ? AND t.head_params = ? AND NOT {stale_sql(st, 'r')}
            GROUP BY r.split_id, r.scenario, r.scheme, s.n_folds, s.seed, r.metric
            ORDER BY r.scenario, r.scheme, k, s.seed NULLS FIRST, r.split_id, r.metric""",
         [cells_hash(cells), label_set, space_id, category_type, category, head, params_key],
@@ -754,9 +755,13 @@ def train_head(
     # the label sets of the datasets with training cells (a category may hold one dataset of the space)
     label_set = _label_set_names(st, sorted(cells["dataset_id"].unique()))
     # the training cells and their labels are part of the identity: relabelled or re-annotated data
-    # trains a head of its own instead of finding the one fitted on the old labels
-    head_id = _hash_text("trained-head", space_id, embedding_ids, category_type, category, head, params_key, float(threshold),
-                         cells_hash(cells), label_set)
+    # trains a head of its own instead of finding the one fitted on the old labels; so is the head's
+    # revision (from 2): a head an older scdm fitted differently is not reused as this one's
+    identity: list[Any] = [space_id, embedding_ids, category_type, category, head, params_key, float(threshold),
+                           cells_hash(cells), label_set]
+    if estimator.revision() != 1:
+        identity.append({"revision": estimator.revision()})
+    head_id = _hash_text("trained-head", *identity)
     exists = has_trained_head(st, head_id)
     if exists:
         try:

@@ -29,7 +29,7 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from scdm.classify.results import LEADERBOARD_KEYS, leaderboard
+from scdm.classify.results import LEADERBOARD_KEYS, leaderboard, stale_sql
 from scdm.server.config import ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
@@ -308,7 +308,7 @@ def _in_page_order(board: pd.DataFrame) -> pd.DataFrame:
 
 @router.get("/api/results", response_model=list[ResultRow], summary="Per-task (per-fold) metric values")
 def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
-    where: list[str] = []
+    where: list[str] = [f"NOT {stale_sql(srv.store, 'x')}"]  # numbers known to be wrong now, as the leaderboard leaves out
     args: list[Any] = []
     for column in ("model", "head", "scenario", "category_type", "category", "metric", "scheme", "label_set"):
         values = _values(getattr(f, column))
@@ -318,7 +318,7 @@ def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
     if f.dataset is not None:  # results that include any of these datasets
         where.append("list_has_any(string_split(datasets, ','), ?)")
         args.append(f.dataset)
-    sql = ("SELECT * FROM eval_results" + (" WHERE " + " AND ".join(where) if where else "") +
+    sql = ("SELECT * FROM eval_results x WHERE " + " AND ".join(where) +
            " ORDER BY model, head, scenario, category_type, category, metric, fold LIMIT ? OFFSET ?")
     frame = srv.store.query(sql, [*args, _cap(f.limit, srv.config.page_rows), f.offset])
     return typed(list[ResultRow], records(frame, _RESULT_JSON_COLUMNS))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scdm.store._catalog import registered
 from scdm.store.metrics import METRICS, FoldMetrics, compute_metrics
 
 if TYPE_CHECKING:
@@ -58,15 +59,19 @@ def _now() -> pd.Timestamp:
 
 
 def task_id(space_id: str, embedding_ids: Sequence[str], split_id: str, fold: int, head: str, params_key: str,
-            label_set: str | None = None) -> str:
+            label_set: str | None = None, revision: int = 1) -> str:
     """The identity of one task: a rerun with the same inputs finds it finished.
 
     ``label_set`` only for a split shared with other label-set names (``Split.partition_of``): the
     same fit under another name is a task of its own; left out otherwise, so stored ids stay valid.
+    ``revision``: the head's (what it computes, raised by fixes that change its numbers), from 2
+    on: a task an earlier revision stored is not this task.
     """
     parts: list[Any] = [space_id, sorted(embedding_ids), split_id, int(fold), head, params_key]
     if label_set is not None:
         parts.append(label_set)
+    if revision != 1:
+        parts.append({"revision": int(revision)})
     text = json.dumps(parts)
     return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
 
@@ -86,12 +91,15 @@ class TaskKey:
     head: str
     params_key: str
     """Canonical JSON of the head's parameters."""
+    revision: int = 1
+    """The head's revision (see :func:`task_id`)."""
 
     @property
     def task_id(self) -> str:
         s = self.split
         shared = s.label_set if s.partition_of is not None else None
-        return task_id(self.space_id, self.embedding_ids, s.split_id, self.fold, self.head, self.params_key, shared)
+        return task_id(self.space_id, self.embedding_ids, s.split_id, self.fold, self.head, self.params_key, shared,
+                       self.revision)
 
     def columns(self) -> dict[str, Any]:
         """The identity columns shared by eval_tasks and eval_results rows."""
@@ -366,6 +374,11 @@ def _tasks_without_predictions(con: duckdb.DuckDBPyConnection, task_ids: set[str
     return set(task_ids) - with_rows
 
 
+_STORED_REVISION = "coalesce(TRY_CAST(json_extract_string(r.config, '/head_revisions/' || t.head) AS INTEGER), 1)"
+"""SQL: the revision of its head an ``eval_tasks`` row ``t`` was fitted with, from its run ``r``'s config
+(``head_revisions``; 1 for runs of an scdm that recorded none)."""
+
+
 def same_fits(st: Store, keys: Sequence[TaskKey]) -> dict[str, str]:
     """Stored tasks that are the fit of ``keys`` under another task id: planned id -> stored id.
 
@@ -373,23 +386,27 @@ def same_fits(st: Store, keys: Sequence[TaskKey]) -> dict[str, str]:
     cells of its split, whose embeddings the space and the split's datasets fix (one embedding per
     dataset and space). The same split, fold, head and parameters in the same space and label set,
     evaluated with more or fewer of the space's datasets selected, is the same result: it is
-    reused, never fitted again under a second id and counted twice in a result's folds.
+    reused, never fitted again under a second id and counted twice in a result's folds. A fit by
+    another revision of the head (``TaskKey.revision``; its run's ``head_revisions``) is not the same.
     """
     if not keys:
         return {}
-    identity = ["space_id", "split_id", "fold", "head", "head_params", "label_set"]
+    identity = ["space_id", "split_id", "fold", "head", "head_params", "label_set", "revision"]
     planned = pd.DataFrame([{"planned": k.task_id, "space_id": k.space_id, "split_id": k.split.split_id,
                              "fold": int(k.fold), "head": k.head, "head_params": k.params_key,
-                             "label_set": k.split.label_set or ""} for k in keys])
+                             "label_set": k.split.label_set or "", "revision": int(k.revision)} for k in keys])
     stored = st.query(
-        "SELECT task_id AS stored, space_id, split_id, fold, head, CAST(head_params AS VARCHAR) AS head_params, "
-        "coalesce(label_set, '') AS label_set FROM eval_tasks "
-        "WHERE list_contains(?, space_id) AND list_contains(?, split_id) ORDER BY task_id",
+        "SELECT t.task_id AS stored, t.space_id, t.split_id, t.fold, t.head, CAST(t.head_params AS VARCHAR) AS head_params, "
+        "coalesce(t.label_set, '') AS label_set, "
+        f"{_STORED_REVISION} AS revision "
+        "FROM eval_tasks t LEFT JOIN eval_runs r USING (run_id) "
+        "WHERE list_contains(?, t.space_id) AND list_contains(?, t.split_id) ORDER BY t.task_id",
         [sorted(set(planned["space_id"])), sorted(set(planned["split_id"]))])
     if stored.empty:
         return {}
-    stored["fold"] = stored["fold"].astype(np.int64)
-    planned["fold"] = planned["fold"].astype(np.int64)
+    for frame in (stored, planned):
+        frame["fold"] = frame["fold"].astype(np.int64)
+        frame["revision"] = frame["revision"].astype(np.int64)
     found = planned.merge(stored.drop_duplicates(identity), on=identity, how="inner")
     found = found[found["planned"] != found["stored"]]  # its own row: stored without predictions, fitted again
     return {str(p): str(t) for p, t in zip(found["planned"], found["stored"])}
@@ -450,6 +467,37 @@ def forget_variant_tasks(st: Store, variant: str) -> int:
         _delete_tasks(con, [r[0] for r in rows])
         con.execute("DELETE FROM skipped_tasks WHERE list_contains(?, space_id)", [spaces])
     return len(rows)
+
+
+def forget_older_revisions(st: Store, revisions: dict[str, int]) -> int:
+    """Delete the tasks of an earlier revision of a head (``revisions``: head -> current revision) that a
+    task of the current one has replaced (same space, split, fold, head parameters and label set),
+    with their metrics and predictions; returns how many.
+
+    A task's revision is its run's (``eval_runs.config.head_revisions``; 1 where absent). Kept, the
+    old fold would sit beside the new one under one result identity (the ``result_key`` of the
+    ``results`` view), and a SQL average over it would mix the two.
+    """
+    revised = {head: int(r) for head, r in revisions.items() if int(r) > 1}
+    if not revised:
+        return 0
+    frame = pd.DataFrame({"head": list(revised), "revision": list(revised.values())})
+    sql = f"""
+        WITH t AS (
+            SELECT t.task_id, t.space_id, t.split_id, t.fold, t.head, t.head_params, t.label_set,
+                   {_STORED_REVISION} >= c.revision AS current
+            FROM eval_tasks t JOIN _scdm_revisions c USING (head) LEFT JOIN eval_runs r USING (run_id)
+        )
+        SELECT old.task_id FROM t old JOIN t new
+          ON old.space_id = new.space_id AND old.split_id = new.split_id AND old.fold = new.fold
+         AND old.head = new.head AND old.head_params = new.head_params
+         AND old.label_set IS NOT DISTINCT FROM new.label_set
+        WHERE NOT old.current AND new.current
+    """
+    with st.catalog.transaction() as con, registered(con, "_scdm_revisions", frame):
+        tasks = sorted({r[0] for r in con.execute(sql).fetchall()})
+        _delete_tasks(con, tasks)
+    return len(tasks)
 
 
 def _delete_tasks(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> None:

@@ -1,0 +1,81 @@
+"""Results and trained heads of an earlier revision of a head (an older scdm) are not reused or shown as current.
+
+Until 2026-12-07 logreg and mlp with standardize="global" counted dead (constant) columns as scale 1
+in the shared scale: on an embedding in small units with dead dimensions the fit differed (a store's
+hvg space of 120 cells with 15 dead genes: AUROC 0.856 then, 0.789 now; its trained head called
+40 cells sensitive then, 61 now). The task and trained-head ids did not change, so an upgraded scdm
+reused the old numbers and the old head. The head's revision is part of both identities now.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from scdm.classify.grid import evaluate
+from scdm.classify.heads import LogRegHead
+from scdm.classify.results import leaderboard
+from scdm.classify.trained_heads import train_head
+from scdm.store import Store, example_data
+from tests.classify.test_trained_heads import _scores, write_embedding
+
+
+@pytest.fixture()
+def st(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "store")
+    adata = ad.read_h5ad(example_data("A375"))
+    store.ingest(adata, name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
+                 cancer_type="melanoma", drug_type="targeted", regimen="PLX4720")
+    values = _scores(adata, 6) * 0.01  # small units, with dead dimensions
+    write_embedding(store, "a375", np.hstack([values, np.zeros((len(values), 6), np.float32)]))
+    return store
+
+
+def run(st: Store) -> str:
+    return evaluate(st, heads=["logreg"], scenarios=["pooled"], by=["all"], folds=3, seed=0).run_id
+
+
+def test_an_older_revisions_tasks_are_fitted_again_and_left_out_until_then(st: Store, monkeypatch, caplog) -> None:
+    with monkeypatch.context() as m:  # the older scdm: revision 1, no head_revisions in its run config
+        m.setattr(LogRegHead, "revision", lambda self: 1, raising=False)
+        run(st)
+    with st.catalog.transaction() as con:
+        con.execute("UPDATE eval_runs SET config = json_object('heads', ['logreg'])")
+    assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0] == 3
+
+    with caplog.at_level("WARNING"):
+        assert leaderboard(st).empty
+    assert "3 logreg tasks were fitted by an older scdm" in caplog.text
+
+    run_id = run(st)
+    done = st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [run_id]).iloc[0]
+    assert (done["n_done"], done["n_reused"]) == (3, 0)
+    # the replaced folds are gone: one result identity holds this revision's 3 folds only
+    assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0] == 3
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        board = leaderboard(st, metrics=["auroc"])
+    assert board["folds_done"].tolist() == [3] and "older scdm" not in caplog.text
+
+
+def test_a_head_trained_by_an_older_revision_is_not_reused(st: Store, monkeypatch) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(LogRegHead, "revision", lambda self: 1, raising=False)
+        old = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    assert train_head(st, dataset="a375", model="pca-test", head="logreg") != old
+
+
+def test_configurations_the_fix_did_not_change_keep_their_results(st: Store) -> None:
+    # per-column scaling never counted dead columns in a shared scale: revision 1, ids and results as stored
+    first = evaluate(st, heads=["logreg"], head_params={"logreg": {"standardize": True}}, scenarios=["pooled"],
+                     by=["all"], folds=3, seed=0)
+    with st.catalog.transaction() as con:
+        con.execute("UPDATE eval_runs SET config = json_object('heads', ['logreg'])")
+    assert leaderboard(st, metrics=["auroc"])["folds_done"].tolist() == [3]
+    again = evaluate(st, heads=["logreg"], head_params={"logreg": {"standardize": True}}, scenarios=["pooled"],
+                     by=["all"], folds=3, seed=0)
+    assert first.run_id != again.run_id
+    assert st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [again.run_id]).iloc[0].tolist() == [0, 3]
