@@ -49,6 +49,10 @@ def test_an_older_revisions_tasks_are_fitted_again_and_left_out_until_then(st: S
     with caplog.at_level("WARNING"):
         assert leaderboard(st).empty
     assert "3 logreg tasks were fitted by an older scdm" in caplog.text
+    from scdm.classify.report import write_report
+
+    page = write_report(st, st.root.parent / "report", projection="none", progress=False).read_text()
+    assert 'class="warn left-out">3 logreg tasks were fitted by an older scdm' in page  # the page says so too
 
     run_id = run(st)
     done = st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [run_id]).iloc[0]

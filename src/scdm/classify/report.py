@@ -430,6 +430,8 @@ class _Context:
     progress: bool = True
     bar: Any = None
     """The progress bar over the sections (its postfix names the figure being drawn)."""
+    left_out: list[str] = field(default_factory=list)
+    """Why stored results are left out of every table and figure (an older head or answer parser)."""
 
     def table(self, slug: str, sql: str) -> _Table:
         """Run ``sql`` through the read-only user interface (the same path as ``scdm sql``)."""
@@ -560,7 +562,8 @@ def write_report(
 
     st = open_store(store)
     metric_list, plot_list = _check_metrics(metrics, "metrics"), _check_metrics(plot_metrics, "plot_metrics")
-    for note in stale_notes(st):
+    left_out = stale_notes(st)
+    for note in left_out:
         logger.warning("report: %s", note)
     format_list = _check_formats(formats)
     _check_projection(projection, max_cells)
@@ -571,7 +574,8 @@ def write_report(
     _remove_earlier_outputs(out)
     filters = _Filters(run_id, None if models is None else tuple(models), None if heads is None else tuple(heads),
                        stale_sql(st, "x"))
-    ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi, progress=progress)
+    ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi, progress=progress,
+                   left_out=left_out)
     with _plots.style():
         body = _build_page(ctx, projection=projection, max_cells=max_cells, seed=seed)
     for table in ctx.tables:
@@ -695,6 +699,8 @@ def _sections(ctx: _Context, projections: _Projections | None, *, n_embeddings: 
             parts.append(step())
             bar.update()
     parts.append(_section_sql_help())
+    # the reader of the page sees what the log said: these results are in the store and not on the page
+    parts[:0] = [Markup('<p class="warn left-out">{}</p>').format(note) for note in ctx.left_out]
     return Markup("\n").join(p for p in parts if p)
 
 
