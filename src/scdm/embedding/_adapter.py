@@ -289,15 +289,15 @@ def check_input_kind(model: str, requires_counts: bool, x_kind: str, dataset: st
     if x_kind == "scaled":
         msg = (
             f"{model} needs raw counts, but dataset {dataset!r} holds negative (scaled) values. Ingest the raw "
-            "counts (e.g. adata.layers['counts'] saved as X), or use a baseline model (pca, hvg)."
+            "counts (e.g. adata.layers['counts'] or adata.raw.X saved as X), or use a baseline model (pca, hvg)."
         )
         raise InputDataError(msg)
     if not allow_non_counts:
         msg = (
             f"{model} expects raw counts, but dataset {dataset!r} holds {x_kind} values (not all integers). The model "
             "would normalise them again and return embeddings of other numbers than it was trained on. Ingest the raw "
-            "counts (e.g. adata.layers['counts'] saved as X; or --x-kind counts at ingest if they are counts after all), "
-            "or pass --allow-non-counts (allow_non_counts=True) to embed the values as they are."
+            "counts (e.g. adata.layers['counts'] or adata.raw.X saved as X; or --x-kind counts at ingest if they are "
+            "counts after all), or pass --allow-non-counts (allow_non_counts=True) to embed the values as they are."
         )
         raise InputDataError(msg)
     warnings.warn(f"{model} expects raw counts; embedding the {x_kind} values of dataset {dataset!r} as they are "
