@@ -1094,7 +1094,7 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
             cost = (summary.prompt_tokens * (price_input or 0) + summary.completion_tokens * (price_output or 0)) / 1e6
             click.echo(f"estimated cost: {cost:.4f} USD")
         return
-    from scdm.classify.results import format_leaderboard, leaderboard, wide_leaderboard
+    from scdm.classify.results import asked_results, format_leaderboard, leaderboard, wide_leaderboard
 
     click.echo(f"prompt run {summary.run_id}: {summary.n_sent} requests sent, {summary.n_cached} answered before, "
                f"{summary.n_pending} not sent; {summary.n_tasks} folds scored, {summary.n_reused} reused, "
@@ -1102,8 +1102,8 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
                f"{summary.prompt_tokens:,} + {summary.completion_tokens:,} tokens.", err=True)
     if summary.n_pending:
         click.echo("note: the request budget ran out; run the same command again to continue.", err=True)
-    board = leaderboard(st, models=[summary.model], heads=[summary.head], category_types=["all"])
-    board = board[board["space_id"] == summary.space_id]
+    # every result this run asked for (any --by), not only category "all"
+    board = asked_results(leaderboard(st, models=[summary.model], heads=[summary.head]), summary.results, st)
     echo_frame(format_leaderboard(board) if fmt == "table" else wide_leaderboard(board), fmt)
 
 

@@ -41,6 +41,11 @@ def test_dry_run_then_run_on_real_data(tmp_path, llm) -> None:
     assert st.query("SELECT count(*) AS n FROM eval_tasks WHERE head = 'prompt-zero-shot'")["n"].iloc[0] == 3
     results = runner.invoke(main, ["--store", store, "results", "--head", "prompt-zero-shot"], catch_exceptions=False)
     assert results.exit_code == 0 and "fake-llm" in results.stdout
+    by_tissue = [a if a != "all" else "tissue" for a in common]  # the same cells, asked again: nothing is sent
+    out = runner.invoke(main, [*by_tissue, "--format", "csv"], catch_exceptions=False)
+    assert out.exit_code == 0 and len(llm.behaviour.bodies) == 11
+    shown = out.stdout.splitlines()
+    assert len(shown) == 2 and ",tissue,skin," in shown[1]  # the result it asked for: was '(no rows)'
 
 
 def test_a_run_that_scores_nothing_says_why(tmp_path, llm) -> None:
