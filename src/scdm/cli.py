@@ -1343,10 +1343,12 @@ def genes(obj: Ctx, run_id: str, max_cells: int, n_steps: int, profile: GeneProf
 @click.option("--head", type=click.Choice(["logreg", "ridge", "lightgbm", "mlp", "majority"]), default="logreg", show_default=True)
 @click.option("--param", "params", multiple=True, help="Head parameter KEY=VALUE (repeatable), e.g. --param C=0.5 or --param profile=fast.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Label sensitive where the probability is at least this.")
+@click.option("--label-set", help="Train on this label set of every training dataset (default: each dataset's default; see `scdm ls --what labels`).")
 @pass_ctx
 @user_errors
 def train_head_command(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...], model: str | None, variant: str,
-                       category_type: str, category: str, head: str, params: tuple[str, ...], threshold: float) -> None:
+                       category_type: str, category: str, head: str, params: tuple[str, ...], threshold: float,
+                       label_set: str | None) -> None:
     """Fit a head on every labelled cell of a category and save it in the store for `scdm predict`.
 
     The head reads embeddings of one space (model, checkpoint, variant and params); the catalog row
@@ -1359,13 +1361,14 @@ def train_head_command(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple
     Examples:
       scdm train-head --dataset a375 --model pca --head logreg
       scdm train-head --embedding 3f2a9c0d1e7b --by tissue --category "Cell line" --head mlp --param profile=fast
+      scdm train-head --dataset jhu006 --model pca --label-set Vorinostat
     """
     from scdm.classify.trained_heads import train_head
 
     if not embedding_ids and not (datasets and model):
         raise click.UsageError("Name the training embeddings: --embedding ID, or --dataset NAME with --model MODEL.")
     head_id = train_head(obj.store, list(embedding_ids) or None, category_type, category, head, dataset=list(datasets) or None,
-                         model=model, variant=variant, threshold=threshold, **_parse_params(params))
+                         model=model, variant=variant, threshold=threshold, label_set=label_set, **_parse_params(params))
     click.echo(head_id)
 
 

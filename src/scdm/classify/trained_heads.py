@@ -85,6 +85,7 @@ __all__ = [
     "load_head",
     "load_head_artifact",
     "predict",
+    "requested_label_set",
     "retrain_command",
     "save_head_artifact",
     "train_head",
@@ -187,14 +188,16 @@ def _select_embeddings(st: Store, embeddings: str | Sequence[str] | None, datase
     return rows.sort_values("dataset_id").reset_index(drop=True)
 
 
-def _training_cells(st: Store, rows: pd.DataFrame, category_type: str, category: str) -> pd.DataFrame:
+def _training_cells(st: Store, rows: pd.DataFrame, category_type: str, category: str,
+                    label_set: str | None = None) -> pd.DataFrame:
+    """Labelled cells of the category, with the labels of ``label_set`` (default: each dataset's default)."""
     if category_type not in CATEGORY_TYPES:
         msg = f"Unknown category type {category_type!r}; choose from {', '.join(CATEGORY_TYPES)}."
         raise InputDataError(msg)
     if category_type == "all" and category != "all":
         msg = f"category_type 'all' has the one category 'all'; got category={category!r}."
         raise InputDataError(msg)
-    cells = st.cells(list(rows["dataset_name"]))
+    cells = st.cells(list(rows["dataset_name"]), label_set=label_set)  # refuses a dataset without it, naming its sets
     labelled = cells[cells["response"].notna()]
     if category_type != "all":
         present = sorted(labelled[category_type].dropna().astype(str).unique())
@@ -204,7 +207,8 @@ def _training_cells(st: Store, rows: pd.DataFrame, category_type: str, category:
                    f"categories present: {', '.join(present) or 'none'}.")
             raise InputDataError(msg)
     if labelled.empty:
-        msg = (f"No cell of {', '.join(rows['dataset_name'])} has a response label; ingest with "
+        where = f" in label set {label_set!r}" if label_set is not None else ""
+        msg = (f"No cell of {', '.join(rows['dataset_name'])} has a response label{where}; ingest with "
                "label_key=<obs column> to train a head.")
         raise InputDataError(msg)
     return labelled.sort_values(["dataset_id", "row"]).reset_index(drop=True)
@@ -537,7 +541,25 @@ def retrain_command(st: Store, record: TrainedHeadRecord) -> str:
         parts += ["--param", f"{key}={text}"]
     if record.threshold != DEFAULT_THRESHOLD:
         parts += ["--threshold", repr(record.threshold)]
+    chosen = requested_label_set(st, record)
+    if chosen is not None:
+        parts += ["--label-set", chosen]
     return shlex.join(parts)
+
+
+def requested_label_set(st: Store, record: TrainedHeadRecord) -> str | None:
+    """The ``label_set`` a head was trained with where that is not its datasets' default, else None.
+
+    Training it again without it would fit the default labels (possibly another drug's response):
+    a head's one label set that one of its datasets holds but not as its default was asked for.
+    """
+    from scdm.store.labels import label_sets
+
+    if not record.label_set or "," in record.label_set:  # several names: each dataset's default
+        return None
+    known = st.query("SELECT dataset_id FROM datasets WHERE list_contains(?, name)", [list(record.datasets)])
+    chosen = [ls for ls in label_sets(st, sorted(known["dataset_id"])) if ls.name == record.label_set]
+    return record.label_set if any(not ls.is_default for ls in chosen) else None
 
 
 def _parses_as_json(text: str) -> bool:
@@ -689,6 +711,7 @@ def train_head(
     model: str | None = None,
     variant: str = "frozen",
     threshold: float = DEFAULT_THRESHOLD,
+    label_set: str | None = None,
     **params: Any,
 ) -> str:
     """Fit a head on every labelled cell of one category and save it in the store.
@@ -709,6 +732,10 @@ def train_head(
         Embedding model and variant (with ``dataset``).
     threshold : float, default 0.5
         Predicted label is 1 (sensitive) where the probability is at least this.
+    label_set : str, optional
+        Train on the labels of the label set of this name (every training dataset must have one;
+        ``scdm ls --what labels`` lists them), e.g. JHU006's Vorinostat responses rather than its
+        default Gefitinib ones. Default: each dataset's default label set.
     **params
         Head constructor arguments (e.g. ``C=0.5`` for logreg, ``profile="fast"`` for mlp).
 
@@ -728,8 +755,9 @@ def train_head(
     Raises
     ------
     InputDataError
-        Unknown head or category, embeddings of several spaces, incomplete embeddings, no labelled
-        cell in the category, or one class only.
+        Unknown head or category, embeddings of several spaces, incomplete embeddings, a training
+        dataset without a label set named ``label_set``, no labelled cell in the category, or one
+        class only.
 
     Examples
     --------
@@ -751,14 +779,15 @@ def train_head(
     first = rows.iloc[0]
     space_id = str(first["space_id"])
     embedding_ids = [str(e) for e in rows["embedding_id"]]
-    cells = _training_cells(st, rows, category_type, category)
-    # the label sets of the datasets with training cells (a category may hold one dataset of the space)
-    label_set = _label_set_names(st, sorted(cells["dataset_id"].unique()))
+    cells = _training_cells(st, rows, category_type, category, label_set)
+    # the label sets of the datasets with training cells (a category may hold one dataset of the space);
+    # a named label set is part of the identity through this name and the labels in cells_hash
+    label_names = label_set if label_set is not None else _label_set_names(st, sorted(cells["dataset_id"].unique()))
     # the training cells and their labels are part of the identity: relabelled or re-annotated data
     # trains a head of its own instead of finding the one fitted on the old labels; so is the head's
     # revision (from 2): a head an older scdm fitted differently is not reused as this one's
     identity: list[Any] = [space_id, embedding_ids, category_type, category, head, params_key, float(threshold),
-                           cells_hash(cells), label_set]
+                           cells_hash(cells), label_names]
     if estimator.revision() != 1:
         identity.append({"revision": estimator.revision()})
     head_id = _hash_text("trained-head", *identity)
@@ -782,7 +811,7 @@ def train_head(
         set_head_artifact(st, head_id, artifact_format=artifact_format, path=relative,
                           file_hash=file_hash(st.root / relative), scdm_version=_version(), fit_seconds=fit_seconds)
         return head_id
-    metrics = _eval_metrics(st, space_id, cells, label_set, category_type, category, head, params_key)
+    metrics = _eval_metrics(st, space_id, cells, label_names, category_type, category, head, params_key)
     record = TrainedHeadRecord(
         head_id=head_id, head=head, head_params=params_key, space_id=space_id, model=str(first["model"]),
         variant=str(first["variant"]), checkpoint_hash=_optional(first["checkpoint_hash"]),
@@ -791,11 +820,11 @@ def train_head(
         category_type=category_type, category=category, n_train=int(len(y)), n_train_pos=int(y.sum()),
         threshold=float(threshold), train_metrics=json.dumps(metrics) if metrics else None, fit_seconds=fit_seconds,
         artifact_format=artifact_format, path=relative, file_hash=file_hash(st.root / relative),
-        scdm_version=_version(), label_set=label_set,
+        scdm_version=_version(), label_set=label_names,
     )
     add_trained_head(st, record)
-    logger.info("trained %s head %s on %d cells of %s=%s (%s, space %s)", head, head_id, len(y), category_type,
-                category, record.model, space_id)
+    logger.info("trained %s head %s on %d cells of %s=%s, label set %s (%s, space %s)", head, head_id, len(y),
+                category_type, category, label_names, record.model, space_id)
     return head_id
 
 

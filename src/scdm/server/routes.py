@@ -552,7 +552,7 @@ def _upload_job(srv: ServerState, job: JobHandle, path: Path, name: str, options
     if not head_id:
         job.update(stage="ingested")
         return
-    from scdm.classify.trained_heads import predict, train_head
+    from scdm.classify.trained_heads import predict, requested_label_set, train_head
     from scdm.embedding.runner import embed_baseline
 
     row = trained_head(srv.store, head_id)
@@ -575,7 +575,7 @@ def _upload_job(srv: ServerState, job: JobHandle, path: Path, name: str, options
     spaces = embed_baseline(srv.store, [*training, info.name], model=row.model, progress=False, **kwargs)
     job.update(stage="training the head in the joint space", progress=0.6)
     new_head = train_head(srv.store, [r.embedding_id for r in spaces[:-1]], row.category_type, row.category, row.head,
-                          threshold=row.threshold, **row.params)
+                          threshold=row.threshold, label_set=requested_label_set(srv.store, row), **row.params)
     job.update(stage="predicting", progress=0.8)
     frame = predict(srv.store, new_head, info.name)
     job.update(stage="done", result={**job.record.result, "head_id": new_head, "requested_head_id": row.head_id,
