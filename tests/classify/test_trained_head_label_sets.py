@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from scdm.classify.grid import evaluate
 from scdm.classify.trained_heads import predict, retrain_command, train_head, trained_heads
 from scdm.cli import main
-from scdm.store import Store
+from scdm.store import Store, example_data
 from scdm.store.errors import InputDataError
 from scdm.store.heads import trained_head
 
@@ -131,3 +131,16 @@ def test_an_upload_retrains_a_label_set_head_on_that_label_set(tmp_path: Path) -
     _upload_job(SimpleNamespace(store=st), job, tmp_path / "batch.h5ad", "newbatch", {}, head_id, "")  # type: ignore[arg-type]
     again = trained_head(st, job.record.result["head_id"])
     assert again.head_id != head_id and again.label_set == "Vorinostat"
+
+
+def test_a_category_heads_row_lists_only_the_datasets_it_was_fitted_on(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    a375 = ad.read_h5ad(example_data("A375"))
+    st.ingest(a375, name="a375", label_key="response_PLX4720", drug="PLX-4720", study="GSE108383", cancer_type="Melanoma")
+    st.ingest(JHU006, name="jhu006", label_key="response_Gefitinib", drug="Gefitinib", study="Kinker2020",
+              cancer_type="HNSCC")
+    embeddings = [write_embedding(st, "a375", _scores(a375, 8)), write_embedding(st, "jhu006", _scores(ad.read_h5ad(JHU006), 8))]
+    melanoma = trained_head(st, train_head(st, embeddings, "cancer_type", "Melanoma", head="ridge"))
+    assert melanoma.datasets == ("a375",) and melanoma.label_set == "PLX-4720"
+    both = trained_head(st, train_head(st, embeddings, head="ridge"))
+    assert sorted(both.datasets) == ["a375", "jhu006"] and both.label_set == "Gefitinib,PLX-4720"

@@ -783,6 +783,8 @@ def train_head(
     # the label sets of the datasets with training cells (a category may hold one dataset of the space);
     # a named label set is part of the identity through this name and the labels in cells_hash
     label_names = label_set if label_set is not None else _label_set_names(st, sorted(cells["dataset_id"].unique()))
+    # the datasets the head learned from: a category may hold the cells of one dataset of the space
+    trained_datasets = tuple(str(r.dataset_name) for r in rows.itertuples() if r.dataset_id in set(cells["dataset_id"]))
     # the training cells and their labels are part of the identity: relabelled or re-annotated data
     # trains a head of its own instead of finding the one fitted on the old labels; so is the head's
     # revision (from 2): a head an older scdm fitted differently is not reused as this one's
@@ -816,7 +818,7 @@ def train_head(
         head_id=head_id, head=head, head_params=params_key, space_id=space_id, model=str(first["model"]),
         variant=str(first["variant"]), checkpoint_hash=_optional(first["checkpoint_hash"]),
         adapter_hash=_optional(first["adapter_hash"]), embedding_params=str(first["params"]), dim=int(first["dim"]),
-        embedding_ids=tuple(embedding_ids), datasets=tuple(str(n) for n in rows["dataset_name"]),
+        embedding_ids=tuple(embedding_ids), datasets=trained_datasets,
         category_type=category_type, category=category, n_train=int(len(y)), n_train_pos=int(y.sum()),
         threshold=float(threshold), train_metrics=json.dumps(metrics) if metrics else None, fit_seconds=fit_seconds,
         artifact_format=artifact_format, path=relative, file_hash=file_hash(st.root / relative),

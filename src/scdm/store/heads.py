@@ -78,7 +78,7 @@ class TrainedHeadRecord:
     embedding_ids: tuple[str, ...]
     """Training embeddings, one per dataset."""
     datasets: tuple[str, ...]
-    """Their dataset names."""
+    """Names of the datasets whose cells the head was fitted on (a category may hold one dataset of the embeddings)."""
     category_type: str
     category: str
     n_train: int
