@@ -54,12 +54,13 @@ def test_answers_of_an_older_parser_are_read_again_and_their_scores_not_shown(ma
     with monkeypatch.context() as m:  # the older scdm: its parser, and its tasks without a parser version
         m.setattr(runner, "parse_answer", old_parse)
         m.setattr(evaluate, "ANSWER_PARSER_VERSION", 1, raising=False)  # other task ids, as the older scdm's
-        m.setattr(evaluate, "forget_older_parser_tasks", lambda *a, **k: 0, raising=False)
+        m.setattr(evaluate, "forget_older_prompt_tasks", lambda *a, **k: 0, raising=False)
         first = run(st)
     assert first.n_tasks == 2 and first.n_sent == 16
+    # requests composed as this scdm composes them (test_zero_shot_batching.py): the parser alone is older
     with st.catalog.transaction() as con:
         for table in ("eval_tasks", "eval_results"):
-            con.execute(f"UPDATE {table} SET head_params = '{{\"seed\": 0, \"shots\": 0}}'")
+            con.execute(f"UPDATE {table} SET head_params = '{{\"batching\": 2, \"seed\": 0, \"shots\": 0}}'")
     assert (st.query("SELECT status FROM prompt_answers")["status"] != "invalid").all()
 
     # upgraded: the misread scores are not on the leaderboard, and the warning says how to rescore

@@ -18,7 +18,7 @@ import pandas as pd
 from scdm.classify.heads import HEADS, REVISION_NOTES, head_revision
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
-from scdm.store.prompts import older_parser_note, older_parser_sql
+from scdm.store.prompts import older_batching_note, older_parser_note, older_prompt_sql
 from scdm.store.splits import CATEGORY_TYPES, SCENARIOS, STORED_SCHEMES
 from scdm.store.verify import BASELINE_MODELS
 
@@ -201,8 +201,9 @@ def _lit(value: str) -> str:
 
 def stale_sql(st: Store, alias: str) -> str:
     """SQL condition on a ``results`` row ``alias``: its numbers are known to be wrong now (an older
-    scdm's head revision, or prompting answers read by an older parser); readers leave them out."""
-    return f"({older_revision_sql(st, alias)} OR {older_parser_sql(alias)})"
+    scdm's head revision, prompting answers read by an older parser, or zero-shot requests an older scdm
+    composed by the splits asked); readers leave them out."""
+    return f"({older_revision_sql(st, alias)} OR {older_prompt_sql(alias)})"
 
 
 def stale_notes(st: Store) -> list[str]:
@@ -216,9 +217,9 @@ def stale_notes(st: Store) -> list[str]:
         why = REVISION_NOTES.get((head, revision), "its numbers changed since")
         notes.append(f"{n} {head} tasks were fitted by an older scdm ({why}) and are left out; run the same "
                      f"`scdm evaluate` again to fit them with this one.")
-    note = older_parser_note(st)
-    if note is not None:
-        notes.append(note)
+    for note in (older_batching_note(st), older_parser_note(st)):
+        if note is not None:
+            notes.append(note)
     return notes
 
 

@@ -54,8 +54,9 @@ from scdm.store.progress import progress_bar
 from scdm.store.prompts import (
     ANSWER_PARSER_VERSION,
     PROMPT_VARIANT,
+    ZERO_SHOT_BATCHING,
     PromptRecord,
-    forget_older_parser_tasks,
+    forget_older_prompt_tasks,
     load_prompts,
 )
 from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions, split_datasets
@@ -415,9 +416,12 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
     save_splits(st, splits)
     splits = shared_partitions(st, splits)
     names = dict(st.query("SELECT dataset_id, name FROM datasets").itertuples(index=False, name=None))
-    # the parser version is part of the task: a task scored from an older parse is not reused
-    params_key = json.dumps({"answer_parser": ANSWER_PARSER_VERSION, "shots": shots, "seed": config["seed"]},
-                            sort_keys=True)
+    # the parser version is part of the task: a task scored from an older parse is not reused; so is,
+    # for zero-shot, how its requests are composed (an older scdm composed them by the splits asked)
+    params: dict[str, Any] = {"answer_parser": ANSWER_PARSER_VERSION, "shots": shots, "seed": config["seed"]}
+    if shots == 0:
+        params["batching"] = ZERO_SHOT_BATCHING
+    params_key = json.dumps(params, sort_keys=True)
     run_id = start_run(st, config, scdm_version=_version())
     report = SendReport()
     bar = progress_bar(len({r.request_id for r in plan.requests}), desc=f"prompt {llm.model}", unit="request",
@@ -440,11 +444,11 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
         raise
     scoring = _Scoring(space_id, llm.model, head, params_key, shots, names, plan, report.records)
     counts = _score(st, run_id, splits, scoring)
-    n_old = forget_older_parser_tasks(st, space_id=space_id, head=head, seed=config["seed"],
+    n_old = forget_older_prompt_tasks(st, space_id=space_id, head=head, seed=config["seed"],
                                       split_ids=[s.split_id for s in splits])
     if n_old:
-        logger.warning("prompt: %d tasks scored from answers read by an older scdm's answer parser are replaced by "
-                       "this run's scores of the same answers read again", n_old)
+        logger.warning("prompt: %d tasks an older scdm scored (answers read by an older answer parser, or zero-shot "
+                       "requests composed by the splits asked) are replaced by this run's scores", n_old)
     seconds = time.perf_counter() - started
     finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=counts["tasks"], n_done=counts["done"],
                n_reused=counts["reused"], n_skipped=counts["skipped"])

@@ -4,24 +4,33 @@ Prompting is scored on the test cells of the same stored splits as every head (`
 so it is compared with the embedding heads on identical cells.
 
 Zero-shot
-    A cell's answer does not depend on the fold (nothing is learnt), so every labelled cell of the
-    splits is asked about once and its answer scores every (split, fold) whose test side holds it.
-    A request holds cells of one data source (the prompt has one source module), so the number of
-    requests is about cells / 10 plus one per source. Within a source, cells are ordered by the
-    first fold that tests them, then in a seeded order, and requests are sent in the order of their
-    first fold: a budget (``--max-requests``) completes whole folds early.
+    A cell's answer does not depend on the fold (nothing is learnt), so every labelled cell is asked
+    about once and its answer scores every (split, fold) whose test side holds it, in this run and in
+    any later one. Which cells share a request depends on the cells alone, never on the splits asked
+    (``--scenario/--by/--category/--folds``): a model answers a cell in the context of its
+    batch-mates, so a request composed from the splits would give a task other numbers when other
+    splits were asked with it, and ask its cells again. The labelled cells of the datasets are cut
+    into requests once, per dataset (so a dataset's requests are the same whichever datasets are
+    prompted with it) and data source (the prompt has one source module), in an order drawn with
+    ``seed``, ``cells_per_request`` per request: about cells / 10 requests plus one per dataset and
+    source. A run sends the requests that hold a test cell of one of its folds (with their other
+    cells: a given split that covers part of a source pays for the rest), in the order of the first
+    fold that needs each: a budget (``--max-requests``) completes the first folds first, though a
+    pooled fold's cells are spread over most requests (cross-study folds and categories follow the
+    sources).
 k-shot
     The examples come from the training side of the fold, so each evaluated (split, fold) has its
-    own requests: its test cells, batched as above, each request showing the same ``shots``
-    labelled training cells (balanced between the classes as far as the training side allows,
-    drawn with a seed from the split, fold and ``seed``). A test cell is never an example.
+    own requests: its test cells, per data source in an order drawn with ``seed``, ``cells_per_request``
+    per request, each request showing the same ``shots`` labelled training cells (balanced between
+    the classes as far as the training side allows, drawn with a seed from the split, fold and
+    ``seed``). A test cell is never an example. Nothing of another split or fold enters them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +49,8 @@ from scdm.store.splits import Split
 if TYPE_CHECKING:
     from scdm.store import Store
 
-__all__ = ["CellTable", "Plan", "Unit", "load_cells", "plan_requests", "choose_examples", "fold_test_cells"]
+__all__ = ["CellTable", "Plan", "Unit", "load_cells", "plan_requests", "choose_examples", "fold_test_cells",
+           "zero_shot_batches"]
 
 Cell = tuple[str, int]
 Unit = tuple[str, int] | None
@@ -146,24 +156,31 @@ def choose_examples(split: Split, fold: int, table: CellTable, shots: int, seed:
     return tuple(chosen[i] for i in rng.permutation(len(chosen)))
 
 
-def _batches(cells: Sequence[Cell], table: CellTable, size: int, seed: int,
-             group: dict[Cell, int] | None = None) -> list[list[Cell]]:
-    """Cells of one source together, ``size`` per request, ordered by ``group`` (a fold) then seed.
-
-    Requests are returned in the order of the first group they hold, so the groups are completed
-    one after the other while requests are filled across group boundaries (no half-empty request
-    per group and source).
-    """
-    rank = group or {}
-    keyed = sorted(cells, key=lambda c: (table.source(c), rank.get(c, 0), _order_key(seed, c)))
+def _fill(ordered: Sequence[Cell], group: Callable[[Cell], Any], size: int) -> list[list[Cell]]:
+    """Consecutive cells of one group together, ``size`` per request (the last of each group may be short)."""
     out: list[list[Cell]] = []
-    for cell in keyed:
-        if out and len(out[-1]) < size and table.source(out[-1][0]) == table.source(cell):
+    for cell in ordered:
+        if out and len(out[-1]) < size and group(out[-1][0]) == group(cell):
             out[-1].append(cell)
         else:
             out.append([cell])
-    out.sort(key=lambda batch: (min(rank.get(c, 0) for c in batch), table.source(batch[0])))  # stable
     return out
+
+
+def _batches(cells: Sequence[Cell], table: CellTable, size: int, seed: int) -> list[list[Cell]]:
+    """One fold's test cells (k-shot): cells of one source together, ``size`` per request, in a seeded order."""
+    return _fill(sorted(cells, key=lambda c: (table.source(c), _order_key(seed, c))), table.source, size)
+
+
+def zero_shot_batches(table: CellTable, size: int, seed: int) -> list[list[Cell]]:
+    """Every labelled cell of ``table`` in its zero-shot request: per dataset and source, ``size`` per
+    request, in a seeded order. Only the cells and ``seed`` decide it, never the splits asked."""
+    cells = list(zip(table.frame["dataset_id"].astype(str), table.frame["row"].astype(int)))
+
+    def group(cell: Cell) -> tuple[str, str]:
+        return cell[0], table.source(cell)
+
+    return _fill(sorted(cells, key=lambda c: (*group(c), _order_key(seed, c))), group, size)
 
 
 def _request(batch: list[Cell], examples: tuple[Cell, ...], table: CellTable, template: Template, backend: Backend,
@@ -198,8 +215,10 @@ def plan_requests(splits: Sequence[Split], table: CellTable, *, template: Templa
         for i, (split, fold) in enumerate(evaluated):
             for cell in fold_test_cells(split, fold):
                 first_fold.setdefault(cell, i)
-        _add(plan, None, _batches(list(first_fold), table, cells_per_request, seed, first_fold), (), table, template,
-             backend, top_k)
+        batches = [b for b in zero_shot_batches(table, cells_per_request, seed) if any(c in first_fold for c in b)]
+        # the send order only (never what a request holds): the requests of the first fold first
+        batches.sort(key=lambda batch: min(first_fold.get(c, len(evaluated)) for c in batch))  # stable
+        _add(plan, None, batches, (), table, template, backend, top_k)
         return plan
     for split, fold in evaluated:
         examples = choose_examples(split, fold, table, shots, seed)

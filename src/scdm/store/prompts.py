@@ -16,6 +16,8 @@ The parsed answers are derived data: the answer text and the raw response are th
 the answer parser changes what it reads (:data:`ANSWER_PARSER_VERSION`), the prompting arm reads the
 stored texts again, and the scores of tasks made from an older parse are not shown as current
 (:func:`older_parser_sql`): rerunning the same ``scdm prompt`` rescores them without sending anything.
+Likewise zero-shot tasks scored from requests composed the way an older scdm composed them
+(:data:`ZERO_SHOT_BATCHING`, :func:`older_batching_sql`).
 """
 
 from __future__ import annotations
@@ -40,15 +42,19 @@ if TYPE_CHECKING:
 __all__ = [
     "ANSWER_PARSER_VERSION",
     "ANSWER_STATUSES",
+    "ZERO_SHOT_BATCHING",
     "PROMPT_VARIANT",
     "PromptAnswer",
     "PromptRecord",
     "request_id_of",
     "save_prompts",
     "load_prompts",
-    "forget_older_parser_tasks",
+    "forget_older_prompt_tasks",
+    "older_batching_note",
+    "older_batching_sql",
     "older_parser_note",
     "older_parser_sql",
+    "older_prompt_sql",
 ]
 
 PROMPT_VARIANT = "prompt"
@@ -62,6 +68,16 @@ an unnumbered list with an entry too few or too many by place, read ``sensitive|
 format echoed back) as an answer and left a JSON answer with brackets in the prose around it
 unread. 2 reads none of these as answers (and reads the last one). Raise it whenever the parser
 reads a stored answer text differently."""
+ZERO_SHOT_BATCHING = 2
+"""How zero-shot requests are composed, recorded in every zero-shot task's ``head_params`` (``batching``).
+
+1 (no ``batching`` key; scdm before 2026-12-07) put cells into requests in the order of the first
+fold of the run's splits that tested them, so which cells shared a request depended on the
+``--scenario/--by/--category/--folds`` asked with them: with a model whose answer for a cell depends
+on its batch-mates (any LLM), the same task got other numbers when other splits were asked, and a
+second run with more splits asked every cell again. 2 composes them from the cells alone (per
+dataset and data source, in an order drawn with the seed), whatever the splits. Raise it whenever the
+composition of zero-shot requests changes."""
 
 ANSWER_STATUSES: tuple[str, ...] = ("ok", "missing", "invalid", "unparsed")
 """Per-cell answer statuses: parsed, no entry for the cell, an entry that is not a label, no readable answer."""
@@ -160,13 +176,43 @@ def older_parser_sql(alias: str) -> str:
     return f"({alias}.variant = '{PROMPT_VARIANT}' AND coalesce({version}, 1) <> {ANSWER_PARSER_VERSION})"
 
 
+def older_batching_sql(alias: str) -> str:
+    """SQL condition on a ``results`` / ``eval_results`` row ``alias``: a zero-shot prompting result scored
+    from requests composed otherwise than :data:`ZERO_SHOT_BATCHING` (by the folds of its run's splits)."""
+    shots = f"TRY_CAST(json_extract_string({alias}.head_params, '$.shots') AS INTEGER)"
+    version = f"TRY_CAST(json_extract_string({alias}.head_params, '$.batching') AS INTEGER)"
+    return (f"({alias}.variant = '{PROMPT_VARIANT}' AND {shots} = 0 "
+            f"AND coalesce({version}, 1) <> {ZERO_SHOT_BATCHING})")
+
+
+def older_prompt_sql(alias: str) -> str:
+    """SQL condition on a ``results`` / ``eval_results`` row ``alias``: a prompting result that this scdm
+    would not compute so (an older answer parser, or zero-shot requests composed by an older scdm)."""
+    return f"({older_parser_sql(alias)} OR {older_batching_sql(alias)})"
+
+
+def older_batching_note(st: Store) -> str | None:
+    """What to say when the catalog holds zero-shot results of requests composed by an older scdm (None
+    when it holds none). Readers leave them out (:func:`older_batching_sql`); their answers stay stored."""
+    n = int(st.query(f"SELECT count(DISTINCT task_id) AS n FROM eval_results x WHERE {older_batching_sql('x')}")["n"][0])
+    if not n:
+        return None
+    return (f"{n} zero-shot prompting tasks were scored from requests that an older scdm composed by the folds of the "
+            f"splits asked in their run, so a model's answers (which depend on the other cells of a request) depended "
+            f"on which other splits were asked; they are left out. Run the same `scdm prompt` command again to ask "
+            f"each cell in requests that do not depend on the splits (this sends the requests again).")
+
+
 def older_parser_note(st: Store) -> str | None:
     """What to say when the catalog holds prompting results of an older parser (None when it holds none).
 
     Readers leave those results out (:func:`older_parser_sql`); the stored answers stay, so rerunning
     the same ``scdm prompt`` reads them again and rescores the tasks without sending a request.
+    Zero-shot results whose requests an older scdm also composed otherwise are counted by
+    :func:`older_batching_note` instead (their rerun sends requests).
     """
-    n = int(st.query(f"SELECT count(DISTINCT task_id) AS n FROM eval_results x WHERE {older_parser_sql('x')}")["n"][0])
+    n = int(st.query(f"SELECT count(DISTINCT task_id) AS n FROM eval_results x WHERE {older_parser_sql('x')} "
+                     f"AND NOT {older_batching_sql('x')}")["n"][0])
     if not n:
         return None
     return (f"{n} prompting tasks were scored from answers read by an older scdm's answer parser, which misread some "
@@ -174,16 +220,18 @@ def older_parser_note(st: Store) -> str | None:
             f"Run the same `scdm prompt` command again to rescore them from the stored answers (nothing is sent).")
 
 
-def forget_older_parser_tasks(st: Store, *, space_id: str, head: str, seed: int, split_ids: Sequence[str]) -> int:
-    """Delete the prompting tasks of an older parser that a rerun of the same configuration rescored
-    (same space, head, seed and splits), with their metrics and predictions; returns how many.
+def forget_older_prompt_tasks(st: Store, *, space_id: str, head: str, seed: int, split_ids: Sequence[str]) -> int:
+    """Delete the prompting tasks of an older parser or zero-shot batching (:func:`older_prompt_sql`) that
+    a rerun of the same configuration rescored (same space, head, seed and splits), with their metrics
+    and predictions; returns how many.
 
     Their answers stay (read again by the current parser); kept, the old scores would only be
-    counted in :func:`older_parser_note` as waiting for a rerun that has been done.
+    counted in :func:`older_parser_note` / :func:`older_batching_note` as waiting for a rerun that
+    has been done.
     """
     where = (f"x.space_id = ? AND x.head = ? AND list_contains(?, x.split_id) "
              f"AND TRY_CAST(json_extract_string(x.head_params, '$.seed') AS BIGINT) IS NOT DISTINCT FROM ? "
-             f"AND {older_parser_sql('x')}")
+             f"AND {older_prompt_sql('x')}")
     with st.catalog.transaction() as con:
         tasks = [r[0] for r in con.execute(f"SELECT task_id FROM eval_tasks x WHERE {where}",
                                            [space_id, head, list(split_ids), int(seed)]).fetchall()]
