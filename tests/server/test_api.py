@@ -431,11 +431,14 @@ def test_a_model_with_results_and_no_embedding_is_listed(tmp_path: Path) -> None
 
     from scdm.server import create_app
     from scdm.store import Store
+    from scdm.store.prompts import ANSWER_PARSER_VERSION, ZERO_SHOT_BATCHING
 
     st = Store(tmp_path / "store")
+    # a prompting task of this scdm (an older parser's or batching's would be left out of the leaderboard)
+    params = json.dumps({"answer_parser": ANSWER_PARSER_VERSION, "batching": ZERO_SHOT_BATCHING})
     common = {"run_id": "run1", "space_id": "space1", "model": "fake-llm", "variant": "prompt", "split_id": "split1",
               "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "cell", "head": "prompt-zero-shot",
-              "datasets": "d1", "label_set": "response", "n_folds": 1, "seed": 0, "head_params": "{}", "task_id": "t0",
+              "datasets": "d1", "label_set": "response", "n_folds": 1, "seed": 0, "head_params": params, "task_id": "t0",
               "fold": 0, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
     st.insert_df("eval_tasks", pd.DataFrame([{**common, "embedding_ids": "[]", "n_test_pos": 20, "predict_seconds": 0.1,
                                               "flags": None, "created_at": pd.Timestamp("2026-01-01")}]))

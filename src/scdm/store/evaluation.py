@@ -43,6 +43,7 @@ __all__ = [
     "finish_run",
     "finished_tasks",
     "same_fits",
+    "delete_tasks",
     "task_results",
     "run_skipped",
     "skip_reasons",
@@ -231,7 +232,7 @@ def _write(st: Store, rows: _Rows) -> tuple[int, int]:
             rows = _keep_tasks(rows, set(ids) - stored)
         if rows.tasks:
             # rows of these tasks without their eval_tasks row (deleted by hand) are replaced, never doubled
-            _delete_tasks(con, [t["task_id"] for t in rows.tasks])
+            delete_tasks(con, [t["task_id"] for t in rows.tasks])
             if rows.predictions:
                 st.catalog.insert_df("eval_predictions", pd.concat(rows.predictions, ignore_index=True), con)
             st.catalog.insert_df("eval_results", pd.DataFrame(rows.results), con)
@@ -447,7 +448,7 @@ def forget_tasks(con: duckdb.DuckDBPyConnection, split_ids: Sequence[str], label
         where += " AND list_contains(string_split(label_set, ','), ?)"
         args.append(label_set)
     tasks = [r[0] for r in con.execute(f"SELECT task_id FROM eval_tasks WHERE {where}", args).fetchall()]
-    _delete_tasks(con, tasks)
+    delete_tasks(con, tasks)
     con.execute(f"DELETE FROM skipped_tasks WHERE {where}", args)
     return len(tasks)
 
@@ -464,7 +465,7 @@ def forget_variant_tasks(st: Store, variant: str) -> int:
         rows = con.execute("SELECT task_id, space_id FROM eval_tasks WHERE variant = ?", [variant]).fetchall()
         spaces = sorted({r[1] for r in rows} | {r[0] for r in con.execute(
             "SELECT DISTINCT space_id FROM embeddings WHERE variant = ?", [variant]).fetchall()})
-        _delete_tasks(con, [r[0] for r in rows])
+        delete_tasks(con, [r[0] for r in rows])
         con.execute("DELETE FROM skipped_tasks WHERE list_contains(?, space_id)", [spaces])
     return len(rows)
 
@@ -496,11 +497,12 @@ def forget_older_revisions(st: Store, revisions: dict[str, int]) -> int:
     """
     with st.catalog.transaction() as con, registered(con, "_scdm_revisions", frame):
         tasks = sorted({r[0] for r in con.execute(sql).fetchall()})
-        _delete_tasks(con, tasks)
+        delete_tasks(con, tasks)
     return len(tasks)
 
 
-def _delete_tasks(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> None:
-    """A task's rows in every table that holds them (inside the caller's transaction)."""
+def delete_tasks(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> None:
+    """Delete tasks' rows from every table that holds them, inside the caller's write transaction
+    (``con`` from ``st.catalog.transaction()``): the store's one way of removing a fit."""
     for table in ("eval_predictions", "eval_results", "eval_tasks"):
         con.execute(f"DELETE FROM {table} WHERE list_contains(?, task_id)", [task_ids])

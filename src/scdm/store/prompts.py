@@ -34,7 +34,7 @@ import pandas as pd
 from scdm.store._catalog import registered
 from scdm.store._store import canonical_json
 from scdm.store.errors import InputDataError
-from scdm.store.evaluation import _delete_tasks
+from scdm.store.evaluation import delete_tasks
 
 if TYPE_CHECKING:
     from scdm.store._store import Store
@@ -235,7 +235,7 @@ def forget_older_prompt_tasks(st: Store, *, space_id: str, head: str, seed: int,
     with st.catalog.transaction() as con:
         tasks = [r[0] for r in con.execute(f"SELECT task_id FROM eval_tasks x WHERE {where}",
                                            [space_id, head, list(split_ids), int(seed)]).fetchall()]
-        _delete_tasks(con, tasks)
+        delete_tasks(con, tasks)
     return len(tasks)
 
 
