@@ -694,3 +694,22 @@ def test_a_negative_mean_is_inside_the_axes_of_bars_and_radars() -> None:
     fig, _ = _plots.radar_figure(radar.assign(mean=[0.1, 0.2, 0.5]), [series], metrics=["mcc"],
                                  category_types=["cancer_type"], title="t")
     assert fig.axes[0].get_ylim() == (0.0, 1.0)  # metrics in [0, 1] keep their radius
+
+
+def test_one_class_studies_pooled_with_others_are_named_on_the_page(tmp_path: Path) -> None:
+    """A study whose cells are all resistant (PC9) pooled with a mixed one: the pooled results can be earned by
+    recognising the study; the page names it under the protocol, whatever the scheme."""
+    from scdm.store.splits import StudyLeakageWarning
+
+    st = Store(tmp_path / "store")
+    for i, (name, study) in enumerate([("pc9", "PC9"), ("a375", "A375")]):
+        adata = _adata(i)
+        if name == "pc9":
+            adata.obs["response"] = "resistant"
+        st.ingest(adata, name=name, label_key="response", sample_key="sample", study=study)
+        _write_embedding(st, name, "geneformer", 6, shift=1.0, seed=i)  # one space: the two datasets are pooled
+    with pytest.warns(StudyLeakageWarning, match="PC9: all 48 labelled cells resistant"):
+        evaluate(st, scenarios=["pooled"], by=["all"], heads=["ridge"], folds=2, silent=True)
+    page = write_report(st, tmp_path / "r", projection="none", formats=["png"]).read_text()
+    assert 'id="one-class-studies"' in page
+    assert "<b>PC9</b>: all labelled cells resistant in the pooled splits of all" in page and "<b>A375</b>" not in page

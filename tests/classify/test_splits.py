@@ -237,3 +237,31 @@ def test_auto_scheme_says_when_missing_sample_ids_make_the_folds_cell_level() ->
     with warnings.catch_warnings():
         warnings.simplefilter("error", SampleLeakageWarning)
         assert resolve_split_scheme(cells, "auto", 5) == "cell"
+
+
+def test_a_one_class_study_pooled_with_other_studies_is_named_in_a_warning() -> None:
+    """PC9 (all resistant) pooled with A375, JHU006 and SCC47: a head can score PC9's cells by recognising the
+    study, in cell- and sample-grouped folds alike; the warning names it, and the splits are made as before."""
+    from scdm.store.splits import StudyLeakageWarning, one_class_studies
+
+    spec = [("pc9", "PC9", "lung", "nsclc", "targeted", "erlotinib", 0.0),
+            ("a375", "A375", "skin", "melanoma", "targeted", "vemurafenib", 0.5),
+            ("jhu006", "JHU006", "head and neck", "hnscc", "targeted", "gefitinib", 0.5),
+            ("scc47", "SCC47", "head and neck", "hnscc", "targeted", "gefitinib", 0.5)]
+    cells = make_cells(spec, samples=8)
+    assert one_class_studies(cells) == {"PC9": "all 80 labelled cells resistant"}
+    for scheme in ("sample", "cell"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            splits = make_splits(cells, scenarios=["pooled", "cross"], scheme=scheme, n_folds=4)
+        study = [str(w.message) for w in caught if issubclass(w.category, StudyLeakageWarning)]
+        assert len(study) == 1, study  # one line for all the splits made
+        assert study[0].startswith("1 study whose labelled cells are all one class is pooled with other studies "
+                                   "(PC9: all 80 labelled cells resistant (in all, drug_type targeted))")
+        assert {s.scheme for s in splits if s.scenario == "pooled"} == {scheme}
+    # PC9 alone in its categories (tissue lung: one class, skipped), and studies holding both classes: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StudyLeakageWarning)
+        make_splits(cells, scenarios=["pooled"], by=["tissue", "cancer_type", "regimen"], n_folds=4)
+        make_splits(make_cells(spec[1:], samples=8), scenarios=["pooled", "cross"], n_folds=4)
+        make_splits(cells, scenarios=["cross"])

@@ -859,7 +859,7 @@ def _section_protocol(ctx: _Context) -> Markup:
     split_cols = [("scenario", "Scenario", None), ("scheme", "Scheme", None), ("folds", "Folds", None),
                   ("seed", "Seed", None), ("label_sets", "Label sets", None), ("splits", "Splits", _int),
                   ("skipped_splits", "Skipped splits", _int), ("category_types", "Category types", None)]
-    body = _parts().protocol_body(schemes, list(_confounded(ctx).items()), _metric_caveats(),
+    body = _parts().protocol_body(schemes, list(_confounded(ctx).items()), list(_one_class(ctx).items()), _metric_caveats(),
                                   _html_table(splits, split_cols, table_id="split-schemes"),
                                   _html_table(runs, run_cols, table_id="eval-runs"))
     return _section("protocol", "Evaluation protocol", body)
@@ -871,6 +871,15 @@ def _confounded(ctx: _Context) -> dict[str, str]:
 
     cells = ctx.st.cells()
     return dict(confounded_studies(cells[cells["response"].notna()]))
+
+
+def _one_class(ctx: _Context) -> dict[str, str]:
+    """Studies whose labelled cells are all one class in a pooled split of the results that holds
+    other studies too (a head can score them by recognising the study)."""
+    from scdm.store.splits import pooled_one_class_studies
+
+    used = ctx.st.query(f"SELECT DISTINCT r.split_id FROM eval_results r {_where(ctx.filters.results())}")
+    return pooled_one_class_studies(ctx.st, list(used["split_id"]))
 
 
 def _metric_caveats() -> list[str]:

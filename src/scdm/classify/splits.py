@@ -6,11 +6,12 @@ from scdm.store.splits import (
     SCENARIOS,
     SampleLeakageWarning,
     Split,
+    StudyLeakageWarning,
     cells_hash,
     load_split,
     make_splits,
     save_splits,
 )
 
-__all__ = ["CATEGORY_TYPES", "SCENARIOS", "SampleLeakageWarning", "Split", "cells_hash", "load_split", "make_splits",
+__all__ = ["CATEGORY_TYPES", "SCENARIOS", "SampleLeakageWarning", "Split", "StudyLeakageWarning", "cells_hash", "load_split", "make_splits",
            "save_splits"]

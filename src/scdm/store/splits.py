@@ -28,6 +28,10 @@ pooled, scheme ``auto`` (the default)
 pooled, scheme ``sample``
     grouped k-fold: scikit-learn's ``StratifiedGroupKFold`` over all cells with groups =
     (study, sample), restricted to each category, so no sample is on both sides of any fold.
+pooled, either scheme
+    a study whose labelled cells are all one class, pooled with other studies, has cells on both
+    sides of every fold: a head can score them by recognising the study. Nothing is refused; a
+    :class:`StudyLeakageWarning` names such studies (and the report lists them).
 cross
     within a category, leave one study out. Categories with one study, and held-out studies whose
     cells hold one class, are recorded as skipped with the reason.
@@ -64,10 +68,13 @@ __all__ = [
     "SPLIT_SCHEMES",
     "STORED_SCHEMES",
     "SampleLeakageWarning",
+    "StudyLeakageWarning",
     "resolve_split_scheme",
     "Split",
     "cells_hash",
     "confounded_studies",
+    "one_class_studies",
+    "pooled_one_class_studies",
     "load_split",
     "make_splits",
     "save_splits",
@@ -96,6 +103,10 @@ _ATOM_COLUMNS = ("dataset_id", "study", "tissue", "cancer_type", "drug_type", "r
 
 class SampleLeakageWarning(ScdmWarning):
     """Cell-level folds on data whose labels are constant within samples."""
+
+
+class StudyLeakageWarning(ScdmWarning):
+    """Pooled folds mixing a study whose labelled cells are all one class with other studies."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +238,64 @@ def confounded_studies(cells: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+def one_class_studies(cells: pd.DataFrame) -> dict[str, str]:
+    """Studies whose labelled cells are all one class, among cells of two or more studies: study -> why.
+
+    Pooled folds (cell- or sample-grouped alike) put such a study on both sides of every fold, so a
+    head can score its cells by recognising the study (its batch, its cell line) rather than the
+    response, e.g. PC9 all resistant pooled with A375/JHU006/SCC47. Cells without a study are their
+    dataset's study. One study alone is not flagged (its split is then one class, and skipped).
+    """
+    labelled = cells[cells["response"].notna()]
+    study = labelled["study"].astype(object).where(labelled["study"].notna(), labelled["dataset_id"])
+    if study.nunique() < 2:
+        return {}
+    out: dict[str, str] = {}
+    for name, response in labelled["response"].groupby(study, sort=True):
+        classes = pd.unique(response)
+        if classes.size == 1:
+            out[str(name)] = f"all {len(response)} labelled cells {_class_name(int(classes[0]))}"
+    return out
+
+
+def pooled_one_class_studies(st: Store, split_ids: Sequence[str]) -> dict[str, str]:
+    """:func:`one_class_studies` of the evaluated pooled splits among ``split_ids`` (their stored
+    responses), merged over the splits: study -> why (with the categories where it happens)."""
+    frame = st.query(
+        "SELECT p.split_id, p.category_type, p.category, coalesce(c.study, a.dataset_id) AS study, "
+        "count(*) AS n, min(a.response) AS lo, max(a.response) AS hi "
+        "FROM split_assignments a JOIN splits p USING (split_id) "
+        'LEFT JOIN cells c ON c.dataset_id = a.dataset_id AND c."row" = a."row" '
+        "WHERE p.scenario = 'pooled' AND p.status = 'ok' AND list_contains(?, p.split_id) GROUP BY ALL "
+        "ORDER BY study, p.category_type, p.category", [list(split_ids)])
+    where: dict[str, dict[str, str]] = {}
+    for _, split in frame.groupby("split_id", sort=False):
+        if split["study"].nunique() < 2:
+            continue
+        for row in split[split["lo"] == split["hi"]].itertuples():
+            place = "all" if row.category_type == "all" else f"{row.category_type} {row.category}"
+            where.setdefault(str(row.study), {})[place] = _class_name(int(row.lo))
+    return {study: f"all labelled cells {'/'.join(sorted(set(places.values())))} in the pooled splits of "
+                   f"{', '.join(sorted(places))}" for study, places in sorted(where.items())}
+
+
+def _warn_if_one_class_studies(flagged: dict[str, dict[str, str]]) -> None:
+    """One warning naming the one-class studies of every pooled split made (study -> category -> why)."""
+    if not flagged:
+        return
+    shown = list(flagged.items())[:3]  # a readable line: name a few, count the rest
+    named = "; ".join(f"{study}: {next(iter(places.values()))} (in {', '.join(list(places)[:3])}"
+                      f"{', ...' if len(places) > 3 else ''})" for study, places in shown)
+    if len(flagged) > len(shown):
+        named += f"; and {len(flagged) - len(shown)} more: {', '.join(list(flagged)[len(shown):])}"
+    n = len(flagged)
+    msg = (f"{n} stud{'y' if n == 1 else 'ies'} whose labelled cells are all one class {'is' if n == 1 else 'are'} "
+           f"pooled with other studies ({named}). Every pooled fold holds cells of {'it' if n == 1 else 'them'} on both "
+           "sides, so a head can score by recognising the study rather than the response; read the pooled metrics "
+           "of these splits with that in mind (the cross-data scenario does not reward it).")
+    warnings.warn(msg, StudyLeakageWarning, stacklevel=4)
+
+
 def _warn_if_sample_labels_constant(cells: pd.DataFrame) -> None:
     studies = confounded_studies(cells)
     if not studies:
@@ -355,12 +424,18 @@ def _pooled(cells: pd.DataFrame, by: Sequence[str], n_folds: int, scheme: str, s
     if folds_from is not None:
         extra["folds_from"] = folds_from  # the partition of another label set: paired comparisons
     out = []
+    flagged: dict[str, dict[str, str]] = {}
     for ctype in by:
         for category, mask in _categories(cells, ctype):
             definition = {"algorithm": SPLIT_ALGORITHM, "scenario": "pooled", "category_type": ctype,
                           "category": category, "scheme": scheme, "n_folds": k, "seed": seed, **extra}
             sub = cells[mask]
             out.append(_make(definition, sub, base[mask], k, reason=_single_class_reason(sub)))
+            if out[-1].reason is None:
+                place = "all" if ctype == "all" else f"{ctype} {category}"
+                for study, why in one_class_studies(sub).items():
+                    flagged.setdefault(study, {})[place] = why
+    _warn_if_one_class_studies(flagged)
     return out
 
 
