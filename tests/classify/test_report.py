@@ -713,3 +713,25 @@ def test_one_class_studies_pooled_with_others_are_named_on_the_page(tmp_path: Pa
     page = write_report(st, tmp_path / "r", projection="none", formats=["png"]).read_text()
     assert 'id="one-class-studies"' in page
     assert "<b>PC9</b>: all labelled cells resistant in the pooled splits of all" in page and "<b>A375</b>" not in page
+
+
+def test_the_runs_table_shows_the_pooled_scheme_used_not_only_the_one_asked(tmp_path: Path) -> None:
+    """--split-scheme auto (the default) read 'auto' in the runs table; the run's splits were grouped by sample."""
+    st = Store(tmp_path / "store")
+    for i, name in enumerate(["d1", "d2"]):
+        st.ingest(_adata(i), name=name, label_key="response", sample_key="sample", study=f"S{i}")
+        _write_embedding(st, name, "geneformer", 6, shift=1.0, seed=i)
+    common = {"by": ["all"], "heads": ["ridge"], "folds": 2, "silent": True}
+    evaluate(st, scenarios=["pooled"], **common)  # auto: 8 samples for 2 folds, so grouped by sample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        evaluate(st, scenarios=["pooled"], split_scheme="cell", **common)
+    evaluate(st, scenarios=["cross"], **common)  # no pooled split: no pooled scheme
+    evaluate(st, scenarios=["pooled"], seed=1, **common)
+    # a run recorded before runs kept the schemes used: read from the splits of the tasks it fitted
+    last = st.query("SELECT run_id FROM eval_runs ORDER BY created_at DESC LIMIT 1")["run_id"].iloc[0]
+    st.execute("UPDATE eval_runs SET config = json_object('split_scheme', 'auto') WHERE run_id = ?", [last])
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"])
+    rows = _tables(out)["eval-runs"]
+    column = _header(_tables(out), "eval-runs").index("Pooled scheme")
+    assert [cells[column][1] for _, cells in rows[1:]] == ["auto → sample", "cell", "", "auto → sample"]

@@ -610,6 +610,8 @@ def evaluate(
                                        seed=seed, custom=custom, folds_from=pair_folds_with)
         kept.append(space)
     spaces = kept
+    # what "auto" resolved to (the report shows it beside the scheme asked for); [] when no pooled split
+    config["split_schemes_used"] = _pooled_schemes(spaces)
     run_id = records.start_run(st, config, scdm_version=_version())
     writer = records.ResultWriter(st, run_id, save_predictions=save_predictions, flush_seconds=_FLUSH_SECONDS)
     all_ids: list[str] = []
@@ -761,10 +763,14 @@ def _with_seed(head: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
     return params
 
 
+def _pooled_schemes(spaces: Sequence[Space]) -> list[str]:
+    """The pooled schemes the spaces' splits were made with (``auto`` resolved), sorted."""
+    return sorted({sp.scheme for space in spaces for sp in (space.splits or []) if sp.scenario == "pooled"})
+
+
 def _schemes_used(spaces: Sequence[Space], asked: str) -> str:
     """The pooled schemes the splits were made with (``auto`` resolved), comma-separated."""
-    used = sorted({sp.scheme for space in spaces for sp in (space.splits or []) if sp.scenario == "pooled"})
-    return ",".join(used) or asked
+    return ",".join(_pooled_schemes(spaces)) or asked
 
 
 SMALL_MATRIX = 4_000_000

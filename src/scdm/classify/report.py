@@ -287,14 +287,27 @@ def _mark_stopped_runs(runs: pd.DataFrame) -> None:
 
 def _runs_sql(filters: _Filters) -> str:
     conditions = [f"run_id = {_lit(filters.run_id)}"] if filters.run_id is not None else []
+    # The pooled scheme as used, beside the one asked where they differ ('auto → sample'): recorded with
+    # the run (split_schemes_used); for a run recorded before that, the schemes of the pooled splits
+    # it fitted or skipped tasks of (a run that only reused earlier fits cannot tell, and says so).
+    used = ("coalesce(array_to_string(list_sort(CAST(config->'split_schemes_used' AS VARCHAR[])), ', '),\n"
+            "                (SELECT string_agg(DISTINCT p.scheme, ', ' ORDER BY p.scheme) FROM splits p\n"
+            "                 WHERE p.scenario = 'pooled' AND p.split_id IN (\n"
+            "                   SELECT t.split_id FROM eval_tasks t WHERE t.run_id = e.run_id\n"
+            "                   UNION SELECT s.split_id FROM skipped_tasks s WHERE s.run_id = e.run_id)))")
     return (
         "SELECT run_id, created_at, status,\n"
-        "       config->>'split_scheme' AS split_scheme, config->>'folds' AS folds, config->>'seed' AS seed,\n"
+        "       CASE WHEN used IS NULL AND config->>'split_scheme' = 'auto' THEN 'auto (the scheme used was not recorded)'\n"
+        "            WHEN config->>'split_scheme' IS NULL OR used IS NULL OR used = config->>'split_scheme'\n"
+        "            THEN nullif(coalesce(used, config->>'split_scheme'), '')\n"
+        "            WHEN used = '' THEN NULL\n"  # no pooled split (a cross-data run): no pooled scheme
+        "            ELSE config->>'split_scheme' || ' → ' || used END AS split_scheme,\n"
+        "       config->>'folds' AS folds, config->>'seed' AS seed,\n"
         "       coalesce(config->>'label_set', '(default)') AS label_set,\n"
         "       config->>'heads' AS heads, config->>'scenarios' AS scenarios,\n"
         "       n_tasks, n_done, n_reused, n_skipped, round(seconds, 1) AS seconds,\n"
         "       config->'process'->>'host' AS host, CAST(config->'process'->>'pid' AS BIGINT) AS pid\n"
-        "FROM eval_runs\n"
+        f"FROM (SELECT e.*, {used} AS used FROM eval_runs e)\n"
         f"{_where(conditions)}\n"
         "ORDER BY created_at"
     ).replace("\n\n", "\n")

@@ -383,6 +383,7 @@ def prompt(
                   "seed": seed, "datasets": sorted(table.notes), "values": table.notes, "label_set": label_set,
                   "scenarios": list(scenarios), "by": list(by), "category": category, "folds": folds,
                   "split_scheme": split_scheme, "split_ids": [s.split_id for s in splits], "space_id": space_id,
+                  "split_schemes_used": sorted({s.scheme for s in splits if s.scenario == "pooled"}),
                   "head": head, "max_requests": max_requests}
         if dry_run:
             return _dry_run(st, llm, plan, config, space_id, head, show_prompts, started)
