@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -188,3 +189,34 @@ def test_bad_executor_options(st: Store, monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(InputDataError, match=r"--executor ray needs Ray: pip install 'scdm\[ray\]'"):
         run_grid(st, executor="ray")
     assert st.query("SELECT count(*) AS n FROM eval_runs")["n"].iloc[0] == 0  # refused before any run is recorded
+
+
+def test_auto_head_settings_are_fitted_as_the_driver_resolved_them(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlp precision='auto' enters the task id as the driver resolved it; a worker whose CPU resolves it otherwise
+    fitted with its own (a bf16 fit stored as fp32). Here the driver's CPU is made to differ from the workers'."""
+    from scdm.classify import heads
+
+    on_workers = heads.bf16_supported()
+    monkeypatch.setattr(heads, "bf16_supported", lambda: not on_workers)  # the driver (and local fits) only
+    options = {"heads": ["mlp"], "head_params": {"mlp": {"profile": "fast", "hidden": 16, "epochs": 2}},
+               "scenarios": ["pooled"], "by": ["all"]}
+    run_grid(st, **options)
+    expected = grid_tables(st)
+    params = st.query("SELECT DISTINCT head_params FROM eval_tasks")["head_params"]
+    assert [json.loads(p)["precision"] for p in params] == ["fp32" if on_workers else "bf16"]
+    clear_results(st)
+    summary = run_grid(st, executor="ray", **options)
+    assert summary.n_done == summary.n_tasks > 0
+    assert_same_grid(grid_tables(st), expected)
+
+
+def test_a_worker_that_would_fit_another_head_than_the_task_id_says_refuses() -> None:
+    from scdm.classify.heads import get_head
+
+    key = json.loads(get_head("mlp", profile="fast").params_key())
+    key["precision"] = "bf16" if key["precision"] == "fp32" else "fp32"  # what the driver resolved 'auto' to
+    item = _ray_grid._Item("t", "s", 0, "mlp", {"profile": "fast"}, json.dumps(key, sort_keys=True))
+    assert "resolves the mlp head's settings to" in (_ray_grid._identity_differs(item) or "")
+    pinned = _ray_grid._resolved_params("mlp", {"profile": "fast"}, item.params_key)
+    assert pinned["precision"] == key["precision"]
+    assert _ray_grid._identity_differs(_ray_grid._Item("t", "s", 0, "mlp", pinned, item.params_key)) is None

@@ -28,6 +28,12 @@ embedding space to :class:`RayGrid`. The driver stays the only process that touc
   not a set of independent fits, and it costs a few passes over a matrix the driver already holds.
   Shipping it as Ray tasks would mean shipping the statistics. The driver computes it between
   polls of the Ray results, so it overlaps with the workers' fits (pass it as ``driver_side``).
+- **Head settings as the task id says.** Settings a head resolves from the machine (mlp
+  ``precision="auto"``: bf16 where the CPU has it; dann ``cluster_method="auto"``: the clustering
+  packages installed) are resolved on the driver, where they become part of the task id; a worker
+  with another CPU or other packages would resolve them otherwise. So a task travels with its
+  parameters as its id spells them (``auto`` replaced by what it stood for on the driver), and a
+  worker whose head would still have another identity records the task as not fitted, saying why.
 - **Results and failures.** Results come back through a ``ray.wait`` loop as soon as each batch
   ends; the caller writes them in batches through the grid's ``_Writer`` (resume then skips
   finished tasks exactly as with the local executor). A batch whose worker dies or raises is
@@ -38,6 +44,7 @@ embedding space to :class:`RayGrid`. The driver stays the only process that touc
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -48,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scdm.classify.heads import HEADS, get_head
 from scdm.classify.tasks import (
     Outcome,
     Space,
@@ -215,7 +223,8 @@ class RayGrid:
                 if split_id not in split_refs:
                     split_refs[split_id] = ray.put(split)
             crash = next((_crash_on_first_attempt[t.task_id] for t in batch if t.task_id in _crash_on_first_attempt), None)
-            items = [_Item(t.task_id, t.split.split_id, t.fold, t.head, t.params, t.params_key) for t in batch]
+            items = [_Item(t.task_id, t.split.split_id, t.fold, t.head, _resolved_params(t.head, t.params, t.params_key),
+                           t.params_key) for t in batch]
             refs = [split_refs[split_id] for split_id in splits]  # top-level arguments: Ray resolves them
             pending[self._remote.remote(space_ref, items, crash, *refs)] = [t.task_id for t in batch]
         logger.info("ray: %d tasks of space %s in %d batches", len(tasks), space.space_id, len(pending))
@@ -268,9 +277,38 @@ def _batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:
             yield group[start:start + size]
 
 
+def _resolved_params(head: str, params: dict[str, Any], params_key: str) -> dict[str, Any]:
+    """The head parameters as the task id spells them (``auto`` settings as the driver resolved them).
+
+    ``params_key`` builds the same head (the heads' contract), with machine-dependent settings
+    fixed; ``params`` as given where it does not (an unknown head or parameters that do not build).
+    """
+    if head not in HEADS:
+        return params
+    try:
+        spelled = json.loads(params_key)
+        same = get_head(head, **spelled).params_key() == params_key
+    except (InputDataError, TypeError, ValueError):
+        return params
+    return spelled if same and isinstance(spelled, dict) else params
+
+
 # --------------------------------------------------------------------------------------------
 # worker side
 # --------------------------------------------------------------------------------------------
+def _identity_differs(item: _Item) -> str | None:
+    """Why this worker would fit another head than the task id names (None when it would not)."""
+    if item.head not in HEADS:
+        return None
+    try:
+        here = get_head(item.head, **item.params).params_key()
+    except (InputDataError, TypeError):
+        return None  # the fit itself says what is wrong with the parameters
+    if here == item.params_key:
+        return None
+    return (f"the Ray worker resolves the {item.head} head's settings to {here}, but the task was planned (and is "
+            f"identified) as {item.params_key}; give these settings explicitly (not 'auto') or use workers with the "
+            "driver's packages and CPU features")
 def _fit_batch(space: Space, items: list[_Item], crash: str | None, *splits: Split) -> _BatchResult:
     """Fit a batch of tasks of ``splits`` in a Ray worker (the matrix arrives zero-copy)."""
     attempt = _attempt_number()
@@ -283,11 +321,13 @@ def _fit_batch(space: Space, items: list[_Item], crash: str | None, *splits: Spl
     by_id = {split.split_id: split for split in splits}
     tasks = [Task(item.task_id, space, by_id[item.split_id], item.fold, item.head, item.params, item.params_key)
              for item in items]
+    differs = {item.task_id: why for item in items if (why := _identity_differs(item)) is not None}
     with one_math_thread(torch_heads=any(item.head in TORCH_HEADS for item in items)):
         if tasks[0].head in SPLIT_HEADS:  # the group's folds together, as the local executor does
             outcomes = list(logreg_split(space, tasks))
         else:
-            outcomes = [fit_task(task) for task in tasks]
+            outcomes = [fit_task(task) if task.task_id not in differs
+                        else Outcome(task, None, None, 0.0, 0.0, 0, error=differs[task.task_id]) for task in tasks]
     results = [(out.task.task_id, out.proba, out.test_pos, out.fit_seconds, out.predict_seconds, out.n_train, out.error)
                for out in outcomes]
     return _BatchResult(results, attempt, time.perf_counter() - t0)
