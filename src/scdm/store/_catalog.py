@@ -417,10 +417,11 @@ class _ReadPool(_ProcessLocal):
                 self._close_locked()
 
     def _close_locked(self) -> None:
-        con, self._con, self._key, self._state, self._closing = self._con, None, None, None, False
-        if con is not None:
+        if self._con is not None:
             with contextlib.suppress(duckdb.Error):  # an invalidated connection may refuse even that
-                con.close()
+                self._con.close()
+        # cleared after the close: whoever sees no connection (without the lock) finds the file free
+        self._con, self._key, self._state, self._closing = None, None, None, False
 
     def _forget_after_fork(self) -> None:
         if self._pid != os.getpid():  # the parent's connection and cursors are not this process's
