@@ -20,16 +20,13 @@ from scdm.classify.heads import LogRegHead
 from scdm.classify.results import leaderboard
 from scdm.classify.trained_heads import train_head
 from scdm.store import Store, example_data
-from tests.classify.test_trained_heads import _scores, write_embedding
+from tests.classify.test_trained_heads import _scores, a375_store, write_embedding
 
 
 @pytest.fixture()
 def st(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "store")
-    adata = ad.read_h5ad(example_data("A375"))
-    store.ingest(adata, name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
-                 cancer_type="melanoma", drug_type="targeted", regimen="PLX4720")
-    values = _scores(adata, 6) * 0.01  # small units, with dead dimensions
+    store = a375_store(tmp_path / "store")
+    values = _scores(ad.read_h5ad(example_data("A375")), 6) * 0.01  # small units, with dead dimensions
     write_embedding(store, "a375", np.hstack([values, np.zeros((len(values), 6), np.float32)]))
     return store
 

@@ -88,10 +88,8 @@ def test_paired_folds_over_differently_labelled_cells_say_the_pairing_is_approxi
     assert "label different cells (0 only in the first, 20 only in Gefitinib)" in caplog.text
 
 
-def test_a_category_of_one_dataset_names_only_that_datasets_label_set(tmp_path):
-    # A375 (PLX-4720) and JHU006 (Gefitinib) pooled in one joint PCA: the Melanoma category holds
-    # A375's cells only, so its results used PLX-4720 labels and nothing else; naming the label sets
-    # of the whole space there reads as "A375 evaluated with Gefitinib labels"
+def _a375_and_jhu006_in_one_space(tmp_path: Path) -> tuple[Store, dict]:
+    """A375 (PLX-4720, Melanoma) and JHU006 (Gefitinib, head and neck) in one joint PCA, and evaluate's options."""
     from scdm.store import example_data
 
     st = Store(tmp_path / "store")
@@ -102,6 +100,14 @@ def test_a_category_of_one_dataset_names_only_that_datasets_label_set(tmp_path):
     embed_baseline(st, ["A375", "JHU006"], model="pca", n_comps=8, progress=False)
     kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all", "cancer_type"], "folds": 3, "split_scheme": "cell",
           "silent": True}
+    return st, kw
+
+
+def test_a_category_of_one_dataset_names_only_that_datasets_label_set(tmp_path):
+    # A375 (PLX-4720) and JHU006 (Gefitinib) pooled in one joint PCA: the Melanoma category holds
+    # A375's cells only, so its results used PLX-4720 labels and nothing else; naming the label sets
+    # of the whole space there reads as "A375 evaluated with Gefitinib labels"
+    st, kw = _a375_and_jhu006_in_one_space(tmp_path)
     out = evaluate(st, **kw).results.drop_duplicates(["datasets", "label_set"])
     assert dict(zip(out["datasets"], out["label_set"])) == {
         "A375": "PLX-4720", "JHU006": "Gefitinib", "A375,JHU006": "Gefitinib,PLX-4720"}
@@ -122,16 +128,7 @@ def test_a_category_of_one_dataset_names_only_that_datasets_label_set(tmp_path):
 def test_splits_named_with_the_whole_spaces_label_sets_before_schema_10_are_renamed_and_reused(tmp_path):
     """A store written before splits named their own label sets: migration 10 renames them and their
     results, so evaluating again reuses every task instead of fitting it again under a second name."""
-    from scdm.store import example_data
-
-    st = Store(tmp_path / "store")
-    st.ingest(example_data("A375"), name="A375", label_key="response_PLX4720", drug="PLX-4720", study="GSE108383",
-              cancer_type="Melanoma")
-    st.ingest(DATA / "JHU006_HNSCC_Kinker2020.h5ad", name="JHU006", label_key="response_Gefitinib", drug="Gefitinib",
-              study="Kinker2020", cancer_type="Head and neck cancer")
-    embed_baseline(st, ["A375", "JHU006"], model="pca", n_comps=8, progress=False)
-    kw = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all", "cancer_type"], "folds": 3, "split_scheme": "cell",
-          "silent": True}
+    st, kw = _a375_and_jhu006_in_one_space(tmp_path)
     first = evaluate(st, **kw)
     board = leaderboard(st, metrics=["auroc"]).sort_values(["datasets", "label_set"]).reset_index(drop=True)
     for table in ("splits", "eval_tasks", "eval_results", "skipped_tasks"):  # as the code before schema 10 named them

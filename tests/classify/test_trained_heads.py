@@ -40,13 +40,17 @@ def write_embedding(st: Store, name: str, values: np.ndarray, *, model: str = "p
     return emb.embedding_id
 
 
+def a375_store(path: Path) -> Store:
+    """A store holding the bundled A375 cells as dataset a375, with their metadata."""
+    store = Store(path)
+    store.ingest(ad.read_h5ad(example_data("A375")), name="a375", label_key="response_PLX4720", study="GSE108383",
+                 tissue="skin", cancer_type="melanoma", drug_type="targeted", regimen="PLX4720")
+    return store
+
+
 @pytest.fixture()
 def st(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "store")
-    adata = ad.read_h5ad(example_data("A375"))
-    store.ingest(adata, name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
-                 cancer_type="melanoma", drug_type="targeted", regimen="PLX4720")
-    return store
+    return a375_store(tmp_path / "store")
 
 
 @pytest.fixture()
