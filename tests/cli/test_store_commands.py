@@ -155,3 +155,21 @@ def test_max_genes_on_a_model_that_counts_tokens_names_the_parameter_it_takes(ru
     run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
     out = run("embed", "a375", "--model", "geneformer", "--checkpoint", str(tmp_path / "gf"), "--max-genes", "100", ok=False)
     assert out.exit_code == 2 and "--param max_length=N" in out.output
+
+
+def test_ls_marks_embeddings_made_with_an_older_gene_table(run, monkeypatch):
+    """Embedding again after the gene table changed makes a second space; ls says which one is the older."""
+    import io
+
+    import pandas as pd
+
+    from scdm.embedding import runner
+
+    run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
+    with monkeypatch.context() as older_scdm:
+        older_scdm.setattr(runner, "gene_table_version", lambda: "0ld0ld0ld0ld")
+        run("embed", "a375", "--model", "pca", "--n-comps", "4", "-q")
+    run("embed", "a375", "--model", "pca", "--n-comps", "4", "-q")  # this scdm's table: a new embedding
+    shown = pd.read_csv(io.StringIO(run("ls", "--what", "embeddings", "--format", "csv").stdout), keep_default_na=False)
+    assert len(shown) == 2 and shown["space_id"].nunique() == 2
+    assert sorted(shown["note"].str.startswith("older gene table (0ld0ld0ld0ld")) == [False, True]
