@@ -187,7 +187,11 @@ def _current_revisions(st: Store) -> dict[tuple[str, str], int]:
 def older_revision_sql(st: Store, alias: str) -> str:
     """SQL condition on a ``results`` row ``alias``: fitted by an earlier revision of its head (with its
     parameters) than this scdm's (:meth:`BaseHead.revision`)."""
-    current = _current_revisions(st)
+    return _revision_condition(_current_revisions(st), alias)
+
+
+def _revision_condition(current: dict[tuple[str, str], int], alias: str) -> str:
+    """SQL: a row ``alias`` whose run's revision of its head is below ``current`` (see :func:`older_revision_sql`)."""
     if not current:
         return "FALSE"
     cases = " ".join(f"WHEN {alias}.head = {_lit(head)} AND CAST({alias}.head_params AS VARCHAR) = {_lit(params)} "
@@ -209,9 +213,9 @@ def stale_sql(st: Store, alias: str) -> str:
 def stale_notes(st: Store) -> list[str]:
     """What to tell the user about results left out by :func:`stale_sql` (empty when there are none)."""
     notes = []
-    old = st.query(f"SELECT x.head, count(DISTINCT x.task_id) AS n FROM results x WHERE {older_revision_sql(st, 'x')} "
-                   "GROUP BY x.head ORDER BY x.head")
     current = _current_revisions(st)
+    old = st.query(f"SELECT x.head, count(DISTINCT x.task_id) AS n FROM results x WHERE {_revision_condition(current, 'x')} "
+                   "GROUP BY x.head ORDER BY x.head") if current else pd.DataFrame(columns=["head", "n"])
     for head, n in old.itertuples(index=False, name=None):
         revision = max((r for (h, _), r in current.items() if h == head), default=1)
         why = REVISION_NOTES.get((head, revision), "its numbers changed since")

@@ -506,12 +506,28 @@ def _as_list(value: float | Sequence[float], name: str) -> list[float]:
     return [float(v) for v in values]
 
 
+def _whole(value: Any) -> bool:
+    """An integer (numpy's included), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _number(value: Any) -> bool:
+    """A real number (numpy's included), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
 def _check_params(epochs: int, pretrain_epochs: int, lr: float, batch_size: int, validation_fraction: float,
                   threshold: float, hidden: Sequence[int] = (1,), latent_dim: int = 1,
-                  predictor_hidden: Sequence[int] = (1,)) -> None:
+                  predictor_hidden: Sequence[int] = (1,), *, n_hvg: Any = None, dropout: Any = 0.0,
+                  rec_weight: Any = 1.0, n_clusters: Any = None, resolution: Any = 1.0, linear_r: Any = 0.5) -> None:
+    """Refuse every setting out of range before a run starts, in one message.
+
+    n_hvg=0 kept 108 of 120 genes and rec_weight=-1 rewarded bad reconstructions, silently;
+    dropout=1.5 and n_clusters=0 failed deep in torch/sklearn after the run had started.
+    """
     problems = []
     for name, sizes in (("hidden", hidden), ("predictor_hidden", predictor_hidden), ("latent_dim", [latent_dim])):
-        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in sizes):
+        if not all(_whole(v) and v >= 1 for v in sizes):
             problems.append(f"{name}={sizes!r} (layer sizes >= 1)")
     for name, value in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "pretrain_epochs" else 1):
@@ -522,6 +538,18 @@ def _check_params(epochs: int, pretrain_epochs: int, lr: float, batch_size: int,
         problems.append(f"validation_fraction={validation_fraction!r} (in (0, 1))")
     if not 0 < threshold < 1:
         problems.append(f"threshold={threshold!r} (in (0, 1))")
+    if n_hvg is not None and not (_whole(n_hvg) and n_hvg >= 1):
+        problems.append(f"n_hvg={n_hvg!r} (a number of genes >= 1, or None for every shared gene)")
+    if not (_number(dropout) and 0 <= dropout < 1):
+        problems.append(f"dropout={dropout!r} (a probability in [0, 1))")
+    if not (_number(rec_weight) and rec_weight >= 0):
+        problems.append(f"rec_weight={rec_weight!r} (a number >= 0)")
+    if n_clusters is not None and not (_whole(n_clusters) and n_clusters >= 1):
+        problems.append(f"n_clusters={n_clusters!r} (a number of clusters >= 1, or None to choose it)")
+    if not (_number(resolution) and resolution > 0):
+        problems.append(f"resolution={resolution!r} (a number > 0)")
+    if not (_number(linear_r) and 0 < linear_r <= 1):
+        problems.append(f"linear_r={linear_r!r} (a Pearson r in (0, 1])")
     if problems:
         msg = "Invalid transfer parameters: " + "; ".join(problems) + "."
         raise InputDataError(msg)
@@ -649,10 +677,9 @@ def transfer(
     started = time.perf_counter()
     st = open_store(store)
     _check_params(epochs, pretrain_epochs, lr, batch_size, validation_fraction, threshold, tuple(hidden), latent_dim,
-                  tuple(predictor_hidden))
+                  tuple(predictor_hidden), n_hvg=n_hvg, dropout=dropout, rec_weight=rec_weight, n_clusters=n_clusters,
+                  resolution=resolution, linear_r=linear_r)
     _check_corruption(corruption, mask_rate, noise_std)
-    _check_settings(n_hvg=n_hvg, dropout=dropout, rec_weight=rec_weight, n_clusters=n_clusters, resolution=resolution,
-                    linear_r=linear_r)
     alphas, betas = _as_list(alpha, "alpha"), _as_list(beta, "beta")
     target_info = st.dataset(target)
     kind, src = _resolve_source(st, source)
@@ -730,34 +757,6 @@ def _resolve_validation(st: Store, validation: str | None, target: str, sources:
                "validation_fraction of the source cells.")
         raise InputDataError(msg)
     return name
-
-
-def _check_settings(*, n_hvg: Any, dropout: Any, rec_weight: Any, n_clusters: Any, resolution: Any,
-                    linear_r: Any) -> None:
-    """Refuse settings that were accepted silently (n_hvg=0 kept 108 of 120 genes, rec_weight=-1 rewarded bad
-    reconstructions) or failed deep in torch/sklearn after the run had started (dropout=1.5, n_clusters=0)."""
-    def number(value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-
-    def whole(value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-    problems = []
-    if n_hvg is not None and not (whole(n_hvg) and n_hvg >= 1):
-        problems.append(f"n_hvg={n_hvg!r} (a number of genes >= 1, or None for every shared gene)")
-    if not (number(dropout) and 0 <= dropout < 1):
-        problems.append(f"dropout={dropout!r} (a probability in [0, 1))")
-    if not (number(rec_weight) and rec_weight >= 0):
-        problems.append(f"rec_weight={rec_weight!r} (a number >= 0)")
-    if n_clusters is not None and not (whole(n_clusters) and n_clusters >= 1):
-        problems.append(f"n_clusters={n_clusters!r} (a number of clusters >= 1, or None to choose it)")
-    if not (number(resolution) and resolution > 0):
-        problems.append(f"resolution={resolution!r} (a number > 0)")
-    if not (number(linear_r) and 0 < linear_r <= 1):
-        problems.append(f"linear_r={linear_r!r} (a Pearson r in (0, 1])")
-    if problems:
-        msg = "Invalid transfer parameters: " + "; ".join(problems) + "."
-        raise InputDataError(msg)
 
 
 def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> None:
@@ -1130,14 +1129,11 @@ def _check_sampling(max_cells: Any, n_steps: Any) -> None:
     ``max_cells=1`` stored a table of NaN means and p-values of 1 over the run's earlier table
     (one cell is one group); ``0``, negatives and fractions were numpy tracebacks.
     """
-    def whole(value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-    if max_cells is not None and not (whole(max_cells) and max_cells >= 2):
+    if max_cells is not None and not (_whole(max_cells) and max_cells >= 2):
         msg = (f"max_cells={max_cells!r}: pass a whole number of cells >= 2 (both predicted groups must be sampled), "
                "or None (--max-cells 0) for all cells.")
         raise InputDataError(msg)
-    if not (whole(n_steps) and n_steps >= 1):
+    if not (_whole(n_steps) and n_steps >= 1):
         msg = f"n_steps={n_steps!r}: pass a whole number of integrated-gradient steps >= 1 (default 64)."
         raise InputDataError(msg)
 
