@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scdm.store.errors import InputDataError
+from scdm.store.errors import CheckpointError, InputDataError
 
-__all__ = ["check_expression", "require_int_param", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
+__all__ = ["read_hf_config", "check_expression", "require_int_param", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
+
+
+def read_hf_config(folder: Path, kind: str) -> dict[str, Any]:
+    """``folder/config.json`` as a dict, or a :class:`CheckpointError` naming the file and ``kind``."""
+    path = folder / "config.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        msg = f"Cannot read {str(path)!r} as a Hugging Face {kind} config ({err})."
+        raise CheckpointError(msg) from None
 
 
 def check_expression(x: sp.csr_matrix, model: str) -> None:

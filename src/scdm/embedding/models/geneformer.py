@@ -28,7 +28,6 @@ before it can run code.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from collections import Counter
@@ -58,6 +57,7 @@ from scdm.embedding.models._common import (
     half_dtype,
     hold_weights_in,
     masked_mean,
+    read_hf_config,
     require_int_param,
 )
 from scdm.store.errors import CheckpointError, InputDataError
@@ -147,12 +147,7 @@ class GeneformerFiles:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        msg = f"Cannot read {str(path)!r} as a Hugging Face BERT config ({err})."
-        raise CheckpointError(msg) from None
+    return read_hf_config(folder, "BERT")
 
 
 def _pick_token_dictionary(folder: Path, vocab_size: int) -> Path:

@@ -44,7 +44,14 @@ from scdm.embedding._adapter import (
     register_adapter,
     require_matches,
 )
-from scdm.embedding.models._common import aggregation_matrix, check_expression, dtype_argument, masked_mean, top_expressed
+from scdm.embedding.models._common import (
+    aggregation_matrix,
+    check_expression,
+    dtype_argument,
+    masked_mean,
+    read_hf_config,
+    top_expressed,
+)
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
 
@@ -107,12 +114,7 @@ class TGPTAdapter(Adapter):
     def _config(self) -> dict[str, Any]:
         if getattr(self, "config_", None) is None:
             assert self.checkpoint is not None
-            path = self.checkpoint / "config.json"
-            try:
-                self.config_ = dict(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                msg = f"Cannot read {str(path)!r} as a Hugging Face GPT-2 config ({err})."
-                raise CheckpointError(msg) from None
+            self.config_ = read_hf_config(self.checkpoint, "GPT-2")
         return self.config_
 
     def _load_tokenizer(self) -> None:
