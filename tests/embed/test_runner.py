@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -371,3 +372,38 @@ def test_a_joint_hvg_is_the_same_fit_in_any_order_and_a_repair_matches_its_other
     ba.mark_chunks_pending(ids_ba["A"], [1])  # as scdm verify --repair does for a damaged chunk
     repair(ba, ids_ba["A"], progress=False)
     assert ba.read_embedding(ids_ba["A"]).tobytes() == before.tobytes()
+
+
+def test_scgpt_embeds_log_normalised_values_as_it_embeds_their_counts(tmp_path, pc9_counts_path):
+    """scGPT bins each cell's values by their order, so normalize_total + log1p changes no token."""
+    from scdm.embedding.models import scgpt
+
+    counts = ad.read_h5ad(pc9_counts_path)[:60].copy()
+    genes = counts.var_names[:2000].tolist()
+    ckpt = scgpt.write_tiny_checkpoint(tmp_path / "scgpt", genes=genes)
+    lognorm = counts.copy()
+    totals = np.asarray(lognorm.X.sum(axis=1)).ravel()
+    lognorm.X = lognorm.X.multiply(1e4 / totals[:, None]).tocsr().log1p().astype(np.float32)
+    st = Store(tmp_path / "store")
+    st.ingest(counts, name="counts")
+    st.ingest(lognorm, name="lognorm")
+    assert st.dataset("lognorm").x_kind == "normalized"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScdmWarning)  # no "expects raw counts" warning either
+        a = _emb(st, embed(st, "counts", "scgpt", ckpt, progress=False))
+        b = _emb(st, embed(st, "lognorm", "scgpt", ckpt, progress=False))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scgpt_refuses_scaled_values(tmp_path, pc9_counts_path):
+    from scdm.embedding.models import scgpt
+
+    scaled = ad.read_h5ad(pc9_counts_path)[:20].copy()
+    dense = scaled.X.toarray()
+    scaled.X = (dense - dense.mean(axis=0)).astype(np.float32)
+    ckpt = scgpt.write_tiny_checkpoint(tmp_path / "scgpt", genes=scaled.var_names[:500].tolist())
+    st = Store(tmp_path / "store")
+    st.ingest(scaled, name="scaled")
+    with pytest.raises(InputDataError, match="negative"):
+        embed(st, "scaled", "scgpt", ckpt, progress=False)
+

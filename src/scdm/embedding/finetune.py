@@ -286,8 +286,9 @@ def _tokenize_cells(st: Store, adapter: Adapter, frame: pd.DataFrame) -> list[di
     out: list[dict[str, np.ndarray] | None] = [None] * len(frame)
     for dataset_id, group in frame.groupby("dataset_id", sort=True):
         ds = st.dataset(str(dataset_id))
-        if adapter.requires_counts and ds.x_kind == "scaled":
-            msg = (f"{adapter.name} needs raw counts, but dataset {ds.name!r} holds negative (scaled) values. Ingest the "
+        if (adapter.requires_counts or adapter.ranks_expression) and ds.x_kind == "scaled":
+            needs = "raw counts" if adapter.requires_counts else "counts or log-normalised values"
+            msg = (f"{adapter.name} needs {needs}, but dataset {ds.name!r} holds negative (scaled) values. Ingest the "
                    "raw counts (e.g. adata.layers['counts'] saved as X) to fine-tune on it.")
             raise InputDataError(msg)
         genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()

@@ -8,8 +8,11 @@ Checkpoint folder, exactly as the scGPT "Model Zoo" Google Drive folders ship it
 
 What one cell becomes (``scgpt.tasks.embed_data``, MODELS.md section 2):
 
-1. the dataset's genes are matched to the vocabulary by HGNC symbol; the raw values of ``X`` are
-   used as given (no normalisation);
+1. the dataset's genes are matched to the vocabulary by HGNC symbol; the values of ``X`` are
+   used as given (no normalisation). Raw counts and log-normalised values (the reference's
+   fine-tuning ``Preprocessor``: ``normalize_total`` + ``log1p``) give the same tokens, because
+   the per-cell quantile binning below sees only each cell's order of values; scaled (negative)
+   values are refused;
 2. the cell's non-zero genes, prefixed by ``<cls>`` whose value is ``pad_value`` (-2);
 3. the non-zero values are binned per cell into 51 bins: ``bins = quantile(values,
    linspace(0, 1, 50))`` and each value gets a uniformly random bin between
@@ -67,12 +70,11 @@ from torch import nn
 from scdm.embedding._adapter import (
     Adapter,
     GeneAudit,
-    check_counts,
     register_adapter,
     require_matches,
 )
 from scdm.embedding._safe_load import load_torch_file
-from scdm.embedding.models._common import half_dtype, hold_weights_in, require_int_param
+from scdm.embedding.models._common import check_expression, half_dtype, hold_weights_in, require_int_param
 from scdm.store.errors import CheckpointError, InputDataError
 
 if TYPE_CHECKING:
@@ -313,7 +315,9 @@ class ScGPTAdapter(Adapter):
     name = "scgpt"
     description = "scGPT (bowang-lab): CLS of the last layer, L2-normalised; binned non-zero genes, <=1200 tokens"
     gene_id_kind = "symbol"
-    requires_counts = True
+    # binning keeps only each cell's order of values: counts and log-normalised values are the same input
+    requires_counts = False
+    ranks_expression = True
     checkpoint_files = (MODEL_FILE, ARGS_FILE, VOCAB_FILE)
     # a regex (peft full-match): `linear1`/`linear2` alone would also hit value_encoder.linear1/2
     lora_target_modules = (r".*transformer_encoder\.layers\.\d+\.(self_attn\.out_proj|linear1|linear2)",)
@@ -472,7 +476,7 @@ class ScGPTAdapter(Adapter):
         if self._gene_ids is None:
             msg = "Call prepare(var_genes, gene_id_kind=...) before tokenize()."
             raise RuntimeError(msg)
-        check_counts(x, self.name)
+        check_expression(x, self.name)
         cls_id = self._special_id("<cls>")
         if self.reference_quirks:
             self._stream.advance_to(rows, self.name)
