@@ -715,6 +715,28 @@ def test_one_class_studies_pooled_with_others_are_named_on_the_page(tmp_path: Pa
     assert "<b>PC9</b>: all labelled cells resistant in the pooled splits of all" in page and "<b>A375</b>" not in page
 
 
+def test_one_class_datasets_of_a_mixed_study_are_named_in_the_warning_and_on_the_page(tmp_path: Path) -> None:
+    """Study P ingested as a parental line (all sensitive) and its resistant derivative, pooled with a mixed
+    study: P holds both classes, so nothing named it, though each class is one dataset (one batch)."""
+    from scdm.store.splits import StudyLeakageWarning
+
+    st = Store(tmp_path / "store")
+    for i, (name, study, label) in enumerate([("parental", "P", "sensitive"), ("derived", "P", "resistant"),
+                                              ("a375", "A375", None)]):
+        adata = _adata(i)
+        if label is not None:
+            adata.obs["response"] = label
+        st.ingest(adata, name=name, label_key="response", sample_key="sample", study=study)
+        _write_embedding(st, name, "geneformer", 6, shift=1.0, seed=i)
+    with pytest.warns(StudyLeakageWarning, match="2 datasets whose labelled cells are all one class .*derived of study P: "
+                                                 "all 48 labelled cells resistant"):
+        evaluate(st, scenarios=["pooled"], by=["all"], heads=["ridge"], folds=2, silent=True)
+    page = write_report(st, tmp_path / "r", projection="none", formats=["png"]).read_text()
+    assert "<b>derived of study P</b>: all labelled cells resistant in the pooled splits of all" in page
+    assert "<b>parental of study P</b>: all labelled cells sensitive in the pooled splits of all" in page
+    assert "<b>A375</b>" not in page and "<b>P</b>" not in page
+
+
 def test_the_runs_table_shows_the_pooled_scheme_used_not_only_the_one_asked(tmp_path: Path) -> None:
     """--split-scheme auto (the default) read 'auto' in the runs table; the run's splits were grouped by sample."""
     st = Store(tmp_path / "store")

@@ -265,3 +265,57 @@ def test_a_one_class_study_pooled_with_other_studies_is_named_in_a_warning() -> 
         make_splits(cells, scenarios=["pooled"], by=["tissue", "cancer_type", "regimen"], n_folds=4)
         make_splits(make_cells(spec[1:], samples=8), scenarios=["pooled", "cross"], n_folds=4)
         make_splits(cells, scenarios=["cross"])
+
+
+def _parental_and_derived(samples_per_dataset: int = 4) -> pd.DataFrame:
+    """Study P ingested as two datasets, a parental line (all sensitive) and its resistant derivative,
+    pooled with two studies holding both classes."""
+    spec = [("par", "P", "lung", "nsclc", "targeted", "erl", 1.0),
+            ("der", "P", "lung", "nsclc", "targeted", "erl", 0.0),
+            ("d1", "S1", "skin", "melanoma", "targeted", "plx", 0.5),
+            ("d2", "S2", "skin", "melanoma", "targeted", "vem", 0.5)]
+    cells = make_cells(spec, n=40, samples=4)
+    cells["sample"] = cells["dataset_id"] + "_s" + (cells["row"] % samples_per_dataset).astype(str)
+    return cells
+
+
+def test_a_one_class_dataset_of_a_mixed_study_is_named_in_the_leakage_warning() -> None:
+    """Study P holds both classes, but each class is a dataset of its own (parental line all sensitive,
+    derived line all resistant): pooled folds put both datasets on both sides, so a head scores them by
+    recognising the dataset. No warning named them (the study-level check saw a mixed study)."""
+    from scdm.store.splits import StudyLeakageWarning, one_class_datasets, one_class_studies
+
+    cells = _parental_and_derived()
+    assert one_class_studies(cells) == {}
+    names = {"par": "PC9-parental", "der": "PC9-ER"}
+    assert one_class_datasets(cells, names=names) == {
+        "PC9-ER of study P": "all 40 labelled cells resistant, the study's other class in its other datasets",
+        "PC9-parental of study P": "all 40 labelled cells sensitive, the study's other class in its other datasets"}
+    for scheme in ("sample", "cell"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_splits(cells, scenarios=["pooled", "cross"], by=["all", "tissue"], scheme=scheme, n_folds=4,
+                        dataset_names=names)
+        said = [str(w.message) for w in caught if issubclass(w.category, StudyLeakageWarning)]
+        assert len(said) == 1, said
+        assert said[0].startswith("2 datasets whose labelled cells are all one class are pooled with datasets of the "
+                                  "other class of their study (PC9-ER of study P: all 40 labelled cells resistant, "
+                                  "the study's other class in its other datasets (in all, tissue lung)")
+    # P's category alone (tissue lung holds one study): the datasets are still the labels' only source
+    with pytest.warns(StudyLeakageWarning, match=r"der of study P: .* \(in tissue lung\)"):
+        lung = make_splits(cells, scenarios=["pooled"], by=["tissue"], scheme="sample", n_folds=4)
+    assert by_key(lung, "pooled", "tissue", "lung").reason is None
+
+
+def test_a_one_class_group_tested_whole_in_one_fold_is_not_named() -> None:
+    """A one-sample dataset under sample-grouped folds is tested whole in one fold and never trained on:
+    nothing identifies it, so it is not named; under cell-level folds it is on both sides, and named."""
+    from scdm.store.splits import StudyLeakageWarning
+
+    cells = _parental_and_derived(samples_per_dataset=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_splits(cells, scenarios=["pooled"], by=["all"], scheme="sample", n_folds=4)
+    assert not [w for w in caught if issubclass(w.category, StudyLeakageWarning)]
+    with pytest.warns(StudyLeakageWarning, match="der of study P: all 40 labelled cells resistant"):
+        make_splits(cells, scenarios=["pooled"], by=["all"], scheme="cell", n_folds=4)

@@ -607,7 +607,8 @@ def evaluate(
         else:
             space.cells = _labelled_cells(st, space, label_set, pair_folds_with)
             space.splits = make_splits(space.cells, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,
-                                       seed=seed, custom=custom, folds_from=pair_folds_with)
+                                       seed=seed, custom=custom, folds_from=pair_folds_with,
+                                       dataset_names=dict(zip(space.embeddings["dataset_id"], space.embeddings["dataset_name"])))
         kept.append(space)
     spaces = kept
     # what "auto" resolved to (the report shows it beside the scheme asked for); [] when no pooled split

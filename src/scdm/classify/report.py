@@ -888,7 +888,8 @@ def _confounded(ctx: _Context) -> dict[str, str]:
 
 def _one_class(ctx: _Context) -> dict[str, str]:
     """Studies whose labelled cells are all one class in a pooled split of the results that holds
-    other studies too (a head can score them by recognising the study)."""
+    other studies too, and one-class datasets of mixed studies (a head can score them by recognising
+    the study or the dataset)."""
     from scdm.store.splits import pooled_one_class_studies
 
     used = ctx.st.query(f"SELECT DISTINCT r.split_id FROM eval_results r {_where(ctx.filters.results())}")

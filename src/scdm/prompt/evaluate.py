@@ -184,8 +184,9 @@ def _splits(st: Store, table: CellTable, *, split_ids: Sequence[str], scenarios:
                        f"cells; pass the split's label set with --label-set, or leave out --split-id.")
                 raise InputDataError(msg)
         return splits
+    names = dict(st.query("SELECT dataset_id, name FROM datasets").itertuples(index=False, name=None))
     splits = make_splits(table.frame, scenarios=scenarios, by=by, n_folds=folds, scheme=split_scheme,  # type: ignore[arg-type]
-                         seed=seed)
+                         seed=seed, dataset_names=names)
     if category is not None:
         chosen = [s for s in splits if s.category == category]
         if not chosen:

@@ -30,8 +30,13 @@ pooled, scheme ``sample``
     (study, sample), restricted to each category, so no sample is on both sides of any fold.
 pooled, either scheme
     a study whose labelled cells are all one class, pooled with other studies, has cells on both
-    sides of every fold: a head can score them by recognising the study. Nothing is refused; a
-    :class:`StudyLeakageWarning` names such studies (and the report lists them).
+    sides of every fold: a head can score them by recognising the study. The same holds one level
+    down: a dataset whose labelled cells are all one class inside a study that holds both classes
+    (a parental line ingested apart from its resistant derivative) can be scored by recognising the
+    dataset (its batch). Nothing is refused; a :class:`StudyLeakageWarning` names such studies and
+    datasets (and the report lists them). Only those whose cells fall in two or more folds are
+    named: a one-sample study or dataset under sample-grouped folds is tested whole in one fold,
+    never seen in training, so nothing identifies it.
 cross
     within a category, leave one study out. Categories with one study, and held-out studies whose
     cells hold one class, are recorded as skipped with the reason.
@@ -45,7 +50,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -73,6 +78,7 @@ __all__ = [
     "Split",
     "cells_hash",
     "confounded_studies",
+    "one_class_datasets",
     "one_class_studies",
     "pooled_one_class_studies",
     "load_split",
@@ -106,7 +112,8 @@ class SampleLeakageWarning(ScdmWarning):
 
 
 class StudyLeakageWarning(ScdmWarning):
-    """Pooled folds mixing a study whose labelled cells are all one class with other studies."""
+    """Pooled folds mixing a study whose labelled cells are all one class with other studies, or a
+    dataset whose labelled cells are all one class with datasets of the other class of its study."""
 
 
 @dataclass(frozen=True)
@@ -238,62 +245,122 @@ def confounded_studies(cells: pd.DataFrame) -> dict[str, str]:
     return out
 
 
-def one_class_studies(cells: pd.DataFrame) -> dict[str, str]:
+def one_class_studies(cells: pd.DataFrame, folds: np.ndarray | None = None) -> dict[str, str]:
     """Studies whose labelled cells are all one class, among cells of two or more studies: study -> why.
 
     Pooled folds (cell- or sample-grouped alike) put such a study on both sides of every fold, so a
     head can score its cells by recognising the study (its batch, its cell line) rather than the
     response, e.g. PC9 all resistant pooled with A375/JHU006/SCC47. Cells without a study are their
     dataset's study. One study alone is not flagged (its split is then one class, and skipped).
+    ``folds`` (one per row of ``cells``): name only studies whose cells fall in two or more folds.
     """
-    labelled = cells[cells["response"].notna()]
-    study = labelled["study"].astype(object).where(labelled["study"].notna(), labelled["dataset_id"])
-    if study.nunique() < 2:
-        return {}
-    out: dict[str, str] = {}
-    for name, response in labelled["response"].groupby(study, sort=True):
-        classes = pd.unique(response)
-        if classes.size == 1:
-            out[str(name)] = f"all {len(response)} labelled cells {_class_name(int(classes[0]))}"
+    groups = _one_class_groups(_fold_groups(cells, folds), spread=folds is not None)
+    return {who: f"all {n} labelled cells {_class_name(y)}" for who, (kind, y, n) in groups.items() if kind == "study"}
+
+
+def one_class_datasets(cells: pd.DataFrame, folds: np.ndarray | None = None, *,
+                       names: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Datasets whose labelled cells are all one class inside a study whose labelled cells hold both:
+    ``<dataset> of study <study>`` -> why.
+
+    The study is mixed, so :func:`one_class_studies` does not name it, but its classes come from
+    different datasets (ingested, often sequenced, apart): pooled folds put each such dataset on both
+    sides of every fold, and a head can score its cells by recognising the dataset rather than the
+    response. ``folds``: name only datasets whose cells fall in two or more folds; ``names``:
+    dataset_id -> name, for the message.
+    """
+    groups = _one_class_groups(_fold_groups(cells, folds, names), spread=folds is not None)
+    return {who: f"all {n} labelled cells {_class_name(y)}, the study's other class in its other datasets"
+            for who, (kind, y, n) in groups.items() if kind == "dataset"}
+
+
+def _fold_groups(cells: pd.DataFrame, folds: np.ndarray | None,
+                 names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The labelled cells counted per (study, dataset, fold): n, lo and hi response (fold 0 without folds)."""
+    keep = cells["response"].notna().to_numpy(bool)
+    labelled = cells[keep]
+    ids = labelled["dataset_id"].astype(str)
+    frame = pd.DataFrame({
+        "study": labelled["study"].astype(object).where(labelled["study"].notna(), labelled["dataset_id"]).astype(str),
+        "dataset": ids.map(lambda d: (names or {}).get(d, d)),
+        "fold": np.zeros(len(labelled), np.int64) if folds is None else np.asarray(folds, np.int64)[keep],
+        "response": labelled["response"].astype(np.int64)})
+    out = frame.groupby(["study", "dataset", "fold"], sort=True)["response"].agg(n="size", lo="min", hi="max")
+    return out.reset_index()
+
+
+def _one_class_groups(groups: pd.DataFrame, *, spread: bool = True) -> dict[str, tuple[str, int, int]]:
+    """Of one split's cells counted per (study, dataset, fold) (columns n, lo, hi): the one-class studies
+    (among two or more studies) and the one-class datasets of mixed studies -> (``study`` or
+    ``dataset``, class, cells). ``spread``: only those whose cells fall in two or more folds, so on
+    both sides of a fold (a group tested whole in one fold is never seen in training)."""
+    out: dict[str, tuple[str, int, int]] = {}
+    least = 2 if spread else 1
+    by_study = groups.groupby("study", sort=True).agg(n=("n", "sum"), lo=("lo", "min"), hi=("hi", "max"),
+                                                      folds=("fold", "nunique"))
+    if len(by_study) >= 2:
+        for study, row in by_study[(by_study["lo"] == by_study["hi"]) & (by_study["folds"] >= least)].iterrows():
+            out[str(study)] = ("study", int(row["lo"]), int(row["n"]))
+    inside = groups[groups["study"].isin(by_study.index[by_study["lo"] != by_study["hi"]])]
+    by_dataset = inside.groupby(["study", "dataset"], sort=True).agg(n=("n", "sum"), lo=("lo", "min"),
+                                                                    hi=("hi", "max"), folds=("fold", "nunique"))
+    for (study, dataset), row in by_dataset[(by_dataset["lo"] == by_dataset["hi"]) & (by_dataset["folds"] >= least)].iterrows():
+        out[f"{dataset} of study {study}"] = ("dataset", int(row["lo"]), int(row["n"]))
     return out
 
 
 def pooled_one_class_studies(st: Store, split_ids: Sequence[str]) -> dict[str, str]:
-    """:func:`one_class_studies` of the evaluated pooled splits among ``split_ids`` (their stored
-    responses), merged over the splits: study -> why (with the categories where it happens)."""
+    """:func:`one_class_studies` and :func:`one_class_datasets` of the evaluated pooled splits among
+    ``split_ids`` (their stored responses and folds), merged over the splits: study (or ``<dataset> of
+    study <study>``) -> why (with the categories where it happens)."""
     frame = st.query(
         "SELECT p.split_id, p.category_type, p.category, coalesce(c.study, a.dataset_id) AS study, "
-        "count(*) AS n, min(a.response) AS lo, max(a.response) AS hi "
-        "FROM split_assignments a JOIN splits p USING (split_id) "
+        "coalesce(d.name, a.dataset_id) AS dataset, a.fold, count(*) AS n, min(a.response) AS lo, "
+        "max(a.response) AS hi FROM split_assignments a JOIN splits p USING (split_id) "
         'LEFT JOIN cells c ON c.dataset_id = a.dataset_id AND c."row" = a."row" '
-        "WHERE p.scenario = 'pooled' AND p.status = 'ok' AND list_contains(?, p.split_id) GROUP BY ALL "
-        "ORDER BY study, p.category_type, p.category", [list(split_ids)])
+        "LEFT JOIN datasets d ON d.dataset_id = a.dataset_id "
+        "WHERE p.scenario = 'pooled' AND p.status = 'ok' AND list_contains(?, p.split_id) GROUP BY ALL", [list(split_ids)])
     where: dict[str, dict[str, str]] = {}
     for _, split in frame.groupby("split_id", sort=False):
-        if split["study"].nunique() < 2:
-            continue
-        for row in split[split["lo"] == split["hi"]].itertuples():
-            place = "all" if row.category_type == "all" else f"{row.category_type} {row.category}"
-            where.setdefault(str(row.study), {})[place] = _class_name(int(row.lo))
-    return {study: f"all labelled cells {'/'.join(sorted(set(places.values())))} in the pooled splits of "
-                   f"{', '.join(sorted(places))}" for study, places in sorted(where.items())}
+        first = split.iloc[0]
+        place = "all" if first["category_type"] == "all" else f"{first['category_type']} {first['category']}"
+        for who, (_, y, _) in _one_class_groups(split).items():
+            where.setdefault(who, {})[place] = _class_name(y)
+    return {who: f"all labelled cells {'/'.join(sorted(set(places.values())))} in the pooled splits of "
+                 f"{', '.join(sorted(places))}" for who, places in sorted(where.items())}
 
 
-def _warn_if_one_class_studies(flagged: dict[str, dict[str, str]]) -> None:
-    """One warning naming the one-class studies of every pooled split made (study -> category -> why)."""
-    if not flagged:
+def _warn_if_one_class_studies(studies: dict[str, dict[str, str]], datasets: dict[str, dict[str, str]]) -> None:
+    """One warning naming the one-class studies, and one-class datasets of mixed studies, of every pooled
+    split made (study or dataset -> category -> why)."""
+    parts = []
+    if studies:
+        n = len(studies)
+        parts.append(f"{n} stud{'y' if n == 1 else 'ies'} whose labelled cells are all one class {'is' if n == 1 else 'are'} "
+                     f"pooled with other studies ({_named(studies)}). Every pooled fold holds cells of "
+                     f"{'it' if n == 1 else 'them'} on both sides, so a head can score by recognising the study rather "
+                     "than the response")
+    if datasets:
+        n = len(datasets)
+        parts.append(f"{n} dataset{'' if n == 1 else 's'} whose labelled cells are all one class "
+                     f"{'is' if n == 1 else 'are'} pooled with datasets of the other class of {'its' if n == 1 else 'their'} "
+                     f"study ({_named(datasets)}). Every pooled fold holds cells of {'it' if n == 1 else 'them'} on both "
+                     "sides, so a head can score by recognising the dataset (its batch) rather than the response")
+    if not parts:
         return
-    shown = list(flagged.items())[:3]  # a readable line: name a few, count the rest
-    named = "; ".join(f"{study}: {next(iter(places.values()))} (in {', '.join(list(places)[:3])}"
-                      f"{', ...' if len(places) > 3 else ''})" for study, places in shown)
+    msg = ("; ".join(parts) + "; read the pooled metrics of these splits with that in mind (the cross-data scenario "
+           "does not reward it).")
+    warnings.warn(msg, StudyLeakageWarning, stacklevel=4)
+
+
+def _named(flagged: dict[str, dict[str, str]]) -> str:
+    """A readable list of flagged groups (group -> category -> why): a few named, the rest counted."""
+    shown = list(flagged.items())[:3]
+    named = "; ".join(f"{who}: {next(iter(places.values()))} (in {', '.join(list(places)[:3])}"
+                      f"{', ...' if len(places) > 3 else ''})" for who, places in shown)
     if len(flagged) > len(shown):
         named += f"; and {len(flagged) - len(shown)} more: {', '.join(list(flagged)[len(shown):])}"
-    n = len(flagged)
-    msg = (f"{n} stud{'y' if n == 1 else 'ies'} whose labelled cells are all one class {'is' if n == 1 else 'are'} "
-           f"pooled with other studies ({named}). Every pooled fold holds cells of {'it' if n == 1 else 'them'} on both "
-           "sides, so a head can score by recognising the study rather than the response; read the pooled metrics "
-           "of these splits with that in mind (the cross-data scenario does not reward it).")
-    warnings.warn(msg, StudyLeakageWarning, stacklevel=4)
+    return named
 
 
 def _warn_if_sample_labels_constant(cells: pd.DataFrame) -> None:
@@ -411,7 +478,7 @@ def _strata_column(cells: pd.DataFrame) -> str:
 
 
 def _pooled(cells: pd.DataFrame, by: Sequence[str], n_folds: int, scheme: str, seed: int,
-            folds_from: str | None = None) -> list[Split]:
+            folds_from: str | None = None, dataset_names: Mapping[str, str] | None = None) -> list[Split]:
     if scheme == "cell":
         base, k = _cell_folds(cells, n_folds, seed), n_folds
         _warn_if_sample_labels_constant(cells)
@@ -424,7 +491,8 @@ def _pooled(cells: pd.DataFrame, by: Sequence[str], n_folds: int, scheme: str, s
     if folds_from is not None:
         extra["folds_from"] = folds_from  # the partition of another label set: paired comparisons
     out = []
-    flagged: dict[str, dict[str, str]] = {}
+    studies: dict[str, dict[str, str]] = {}
+    datasets: dict[str, dict[str, str]] = {}
     for ctype in by:
         for category, mask in _categories(cells, ctype):
             definition = {"algorithm": SPLIT_ALGORITHM, "scenario": "pooled", "category_type": ctype,
@@ -433,9 +501,11 @@ def _pooled(cells: pd.DataFrame, by: Sequence[str], n_folds: int, scheme: str, s
             out.append(_make(definition, sub, base[mask], k, reason=_single_class_reason(sub)))
             if out[-1].reason is None:
                 place = "all" if ctype == "all" else f"{ctype} {category}"
-                for study, why in one_class_studies(sub).items():
-                    flagged.setdefault(study, {})[place] = why
-    _warn_if_one_class_studies(flagged)
+                for study, why in one_class_studies(sub, base[mask]).items():
+                    studies.setdefault(study, {})[place] = why
+                for dataset, why in one_class_datasets(sub, base[mask], names=dataset_names).items():
+                    datasets.setdefault(dataset, {})[place] = why
+    _warn_if_one_class_studies(studies, datasets)
     return out
 
 
@@ -514,6 +584,7 @@ def make_splits(
     seed: int = 0,
     custom: pd.DataFrame | None = None,
     folds_from: str | None = None,
+    dataset_names: Mapping[str, str] | None = None,
 ) -> list[Split]:
     """Build every split of every category of ``by`` for the given scenarios.
 
@@ -536,6 +607,8 @@ def make_splits(
         Name of another label set whose labels (column ``fold_response`` of ``cells``) stratify the
         pooled folds instead of ``response``: two label sets of the same cells then get the same
         partition, so drug-vs-drug comparisons are paired fold by fold.
+    dataset_names : mapping, optional
+        dataset_id -> name, for the warnings that name datasets (default: their ids).
 
     Returns
     -------
@@ -575,7 +648,7 @@ def make_splits(
         if folds_from is not None and "fold_response" not in labelled.columns:
             msg = "folds_from needs a fold_response column in cells (the other label set's responses)."
             raise InputDataError(msg)
-        out += _pooled(labelled, by, int(n_folds), scheme, seed, folds_from)
+        out += _pooled(labelled, by, int(n_folds), scheme, seed, folds_from, dataset_names)
     if "cross" in scenarios:
         out += _cross(labelled, by)
     if "custom" in scenarios:
