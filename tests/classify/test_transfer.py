@@ -376,6 +376,39 @@ def test_no_choice_reads_target_labels(st: Store, bulk: ad.AnnData, target_cells
     assert a.selected_epoch == b.selected_epoch and a.metrics != b.metrics
 
 
+def test_stored_labels_and_metrics_follow_the_stored_probabilities(st: Store, bulk: ad.AnnData, monkeypatch) -> None:
+    """A float64 probability a hair under the threshold (0.5 - 1e-9) is stored as REAL 0.5: the label and the
+    metrics were computed from the float64 value (resistant), the stored probability reads sensitive, and
+    the metrics could not be recomputed from what is stored."""
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    real = tm.predict_target
+
+    def near_threshold(net, X, **kw):
+        proba, latent = real(net, X, **kw)
+        proba = proba.copy()
+        proba[::3] = 0.5 - 1e-9  # below 0.5 in float64, exactly 0.5 in float32
+        return proba, latent
+
+    monkeypatch.setattr(tm, "predict_target", near_threshold)  # transfer imports it when it runs
+    res = transfer(st, source=bulk, target="target", drug="drugX", epochs=2, alpha=1.0, beta=0.1, seed=4,
+                   **{**SMALL, "pretrain_epochs": 1})
+    preds = st.query('SELECT "row", proba, label FROM transfer_predictions WHERE run_id = ? ORDER BY "row"', [res.run_id])
+    stored = preds["proba"].to_numpy(np.float64)
+    assert (stored[::3] == 0.5).all()
+    np.testing.assert_array_equal(preds["label"].to_numpy(), (stored >= 0.5).astype(np.int8))
+    np.testing.assert_array_equal(res.label, preds["label"].to_numpy())
+    cells = st.cells("target")
+    y = cells["response"].to_numpy(np.float64)
+    rows = cells["row"].to_numpy()[~np.isnan(y)]
+    y = y[~np.isnan(y)].astype(int)
+    metrics = dict(st.query("SELECT metric, value FROM transfer_metrics WHERE run_id = ?", [res.run_id])
+                   .itertuples(index=False, name=None))
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y, stored[rows] >= 0.5), abs=1e-12)
+    assert metrics["f1"] == pytest.approx(f1_score(y, stored[rows] >= 0.5), abs=1e-12)
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(y, stored[rows]), abs=1e-12)
+
+
 def test_hyper_parameter_grids_need_a_target_validation_set(st: Store, bulk: ad.AnnData) -> None:
     with pytest.raises(InputDataError, match="target-validation"):
         transfer(st, source=bulk, target="target", drug="drugX", alpha=[0.1, 1.0])

@@ -177,3 +177,19 @@ def test_runs_of_an_older_store_get_the_default_label_sets_they_read(tmp_path) -
     assert (scored.source_label_set, scored.target_label_set, scored.validation_label_set) == ("drugA", "drugA", "drugA")
     assert unscored.source_label_set == "drugA" and unscored.target_label_set is None  # no labels were read
     assert (bulk.source_label_set, bulk.target_label_set, bulk.validation_label_set) == (None, None, None)
+
+
+def test_read_back_probabilities_give_the_stored_labels_at_a_float32_threshold(tmp_path) -> None:
+    """A probability stored as REAL (float32(0.7) = 0.69999999) is below a 0.7 threshold: its label is 0.
+    transfer_predictions returned the float32 column, and numpy compares it with 0.7 in float32 (0.7
+    rounds onto the value): ``proba >= threshold`` read 1 where the stored label is 0."""
+    st = Store(tmp_path / "store")
+    _start(st)
+    proba = np.array([np.float32(0.7), np.float32(0.7) + 1e-6, 0.2, 0.9], np.float32).astype(np.float64)
+    label = (proba >= 0.7).astype(np.int8)
+    assert label.tolist() == [0, 1, 0, 1]
+    outputs = replace(_outputs(4), proba=proba, label=label, cluster=np.zeros(4))
+    complete_transfer_run(st, "run1", _result(), outputs)
+    preds = transfer_predictions(st, "run1")
+    assert preds["proba"].dtype == np.float64
+    np.testing.assert_array_equal((preds["proba"] >= 0.7).astype(np.int8), preds["label"])

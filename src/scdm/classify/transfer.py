@@ -822,6 +822,10 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
                                   progress=progress), run_cfg))
     outcome, cfg = min(fits, key=lambda f: (f[0].best_score if not math.isnan(f[0].best_score) else math.inf))
     proba, latent = predict_target(outcome.net, Xt)
+    # labels and metrics from the probabilities as transfer_predictions stores them (REAL): a value
+    # just under the threshold in float64 can round onto it in float32, and the stored label, the
+    # stored probability and the stored metrics would then disagree
+    proba = np.asarray(proba, np.float32).astype(np.float64)
     label = (proba >= threshold).astype(np.int8)
     # Target labels are read only now, after the model is fixed: they feed the metrics alone.
     metrics, flags = _target_metrics(st, target_info.name, labels.target, proba, threshold)

@@ -360,9 +360,16 @@ def transfer_run_stopped(record: TransferRunRecord) -> bool:
 
 
 def transfer_predictions(st: Store, run_id: str) -> pd.DataFrame:
-    """A run's per-cell predictions (``row``, ``proba``, ``label``, ``cluster``) in row order."""
-    return st.query('SELECT "row", proba, label, cluster FROM transfer_predictions WHERE run_id = ? ORDER BY "row"',
-                    [run_id])
+    """A run's per-cell predictions (``row``, ``proba``, ``label``, ``cluster``) in row order.
+
+    ``proba`` is stored as REAL and read back as float64, so that ``proba >= threshold`` (the run's
+    ``config.threshold``) gives the stored ``label``: numpy compares a float32 column with a Python
+    float in float32, which rounds a threshold such as 0.7 down onto a probability below it.
+    """
+    frame = st.query('SELECT "row", proba, label, cluster FROM transfer_predictions WHERE run_id = ? ORDER BY "row"',
+                     [run_id])
+    frame["proba"] = frame["proba"].astype(np.float64)
+    return frame
 
 
 # --------------------------------------------------------------------------------------------
