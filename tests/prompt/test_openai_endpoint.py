@@ -169,6 +169,12 @@ def test_request_budget_then_continue(marker_store, llm, caplog) -> None:
     more = run(st, llm, max_requests=1, scenarios=["cross"])
     assert (more.n_sent, more.n_tasks, more.n_pending_tasks) == (1, 1, 1)  # requests go fold by fold
     assert st.query("SELECT fold FROM eval_tasks")["fold"].tolist() == [0]
+    # a result under a budget is marked incomplete (1 of 2 folds), never read as a complete mean
+    from scdm.classify.results import format_leaderboard, leaderboard
+
+    board = leaderboard(st, metrics=["auroc"])
+    assert board[["folds_done", "folds_expected", "complete"]].values.tolist() == [[1, 2, False]]
+    assert format_leaderboard(board, metrics=["auroc"])["folds"].tolist() == ["1/2 incomplete"]
     rest = run(st, llm, max_requests=10, scenarios=["cross"])
     assert (rest.n_cached, rest.n_sent, rest.n_tasks, rest.n_reused) == (4, 4, 1, 1) and len(llm.behaviour.bodies) == 8
     # pooled folds are spread over all requests (their composition never follows the splits asked):
