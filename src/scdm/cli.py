@@ -934,12 +934,15 @@ def _check_result_filters(st: Any, filters: dict[str, tuple[str, tuple[str, ...]
     ``filters``: option -> (column of eval_tasks, values given). The warning lists the values the
     store's results do have (a model or head not evaluated yet is not an error: it warns the same).
     """
+    from scdm.classify.results import POOLED_COLUMNS, pooled_names
+
     for option, (column, values) in filters.items():
         if not values:
             continue
         known = [str(v) for v in st.query(f"SELECT DISTINCT {column} AS v FROM eval_tasks WHERE {column} IS NOT NULL "
                                           "ORDER BY v")["v"]]
-        unknown = [v for v in values if v not in known]
+        asked = pooled_names(values) if column in POOLED_COLUMNS else list(values)  # 'b,a' is the stored 'a,b'
+        unknown = [v for v, key in zip(values, asked, strict=True) if key not in known]
         if unknown:
             choices = (", ".join(map(repr, known[:20])) + (", ..." if len(known) > 20 else "")) if known else "none yet"
             click.echo(f"warning: {option} {', '.join(map(repr, unknown))} matches no result (names are exact and "
@@ -968,8 +971,10 @@ def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, 
 @list_option("--by", "category_types", help="Only these category types: all, tissue, cancer_type, drug_type, regimen.")
 @renamed_option("--split-scheme", "scheme", aliases=("--scheme",), type=click.Choice(["cell", "sample", "study", "custom"]),
                 help="Only this split scheme (pooled: cell or sample; cross: study).")
-@click.option("--dataset", "datasets", multiple=True, help="Only results of these datasets (repeatable; pooled datasets as 'a,b').")
-@click.option("--label-set", "label_sets", multiple=True, help="Only results of this label set (repeatable).")
+@click.option("--dataset", "datasets", multiple=True, help="Only results on exactly these datasets (repeatable): a result "
+              "pooled over several is 'a,b' (any order); 'a' alone does not match it.")
+@click.option("--label-set", "label_sets", multiple=True, help="Only results of exactly this label set (repeatable; a pooled "
+              "result's label sets as 'x,y').")
 @click.option("--long", "long_format", is_flag=True, help="One row per metric with mean, sd and fold counts (for further analysis).")
 @output_options
 @pass_ctx

@@ -27,14 +27,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
-           "split_labels", "wide_leaderboard", "with_signed_partner"]
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
+           "pooled_names", "split_labels", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
                                      "scheme", "k", "seed", "category_type", "category", "head", "head_params")
 """The result identity: one leaderboard row per value of these (besides the metric). Results of
 different embedding spaces, datasets, label sets, splits (scenario, scheme, k, seed) or head
 parameters are never averaged together."""
+
+
+POOLED_COLUMNS: tuple[str, ...] = ("datasets", "label_set")
+"""Result columns that join the names of a pooled result with commas: filtered exactly (:func:`pooled_names`)."""
 
 
 NameT = TypeVar("NameT", bound=str)
@@ -47,6 +51,17 @@ def name_list(values: NameT | Iterable[NameT]) -> list[NameT]:
     unknown head 'r', or a filter that silently matches nothing.
     """
     return [values] if isinstance(values, str) else list(values)
+
+
+def pooled_names(values: str | Iterable[str]) -> list[str]:
+    """Filter values of a pooled-name column (``datasets``, ``label_set``) as stored: each names one result's whole set.
+
+    A result pooled over several datasets (label sets) stores their names sorted and joined by
+    commas (names cannot hold one), so ``"b,a"`` asks for the result pooled over a and b, stored
+    ``"a,b"``. The match is exact: ``"a"`` is the result on a alone, never one pooled over a and
+    others, whose numbers are of other cells.
+    """
+    return [",".join(sorted(value.split(","))) for value in name_list(values)]
 
 
 def _check_filter(name: str, values: Iterable[str] | None, allowed: tuple[str, ...]) -> None:
@@ -88,9 +103,10 @@ def leaderboard(
     run_id : str, optional
         Only tasks fitted by this run.
     datasets : iterable of str, optional
-        Keep results whose datasets (comma-separated names, as in the ``datasets`` column) are one of these.
+        Keep results on exactly these datasets: ``"a"`` is a result on a alone, ``"a,b"`` (in any
+        order) the result pooled over a and b, as the ``datasets`` column spells it (:func:`pooled_names`).
     label_sets : iterable of str, optional
-        Keep results of these label sets.
+        Keep results of exactly these label sets (several label sets of a pooled result as ``"x,y"``).
 
     Returns
     -------
@@ -121,7 +137,7 @@ def leaderboard(
                            ("datasets", datasets), ("label_set", label_sets)):
         if values is not None:
             where.append(f"list_contains(?, r.{column})")
-            args.append(name_list(values))
+            args.append(pooled_names(values) if column in POOLED_COLUMNS else name_list(values))
     if scheme is not None:
         where.append("r.scheme = ?")
         args.append(scheme)

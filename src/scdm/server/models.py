@@ -3,7 +3,9 @@
 Filters are enums built from the tuples that own their values (``store.splits.SCENARIOS``,
 ``store.metrics.METRICS``, ``scdm.classify.heads.HEADS``, ...), so a misspelled value is a 422
 that names the allowed ones instead of an empty answer. List filters take comma-separated values
-(``metric=auroc,f1``) or the parameter repeated (``metric=auroc&metric=f1``).
+(``metric=auroc,f1``) or the parameter repeated (``metric=auroc&metric=f1``), except ``dataset`` and
+``label_set``: a comma there joins the names of one pooled result, as the result rows spell them
+(``dataset=a,b`` is the result pooled over a and b; ``dataset=a&dataset=b`` the results on a and on b).
 
 Row models declare the catalog columns the page and scripts rely on and allow the others
 (``extra="allow"``): a column added to a catalog table by a later migration is passed through,
@@ -87,9 +89,23 @@ Scenarios = Annotated[list[Scenario] | None, _CommaSeparated, Field(description=
 CategoryTypes = Annotated[list[CategoryType] | None, _CommaSeparated, Field(description="Category types, comma-separated.")]
 Metrics = Annotated[list[Metric] | None, _CommaSeparated, Field(description="Metrics, comma-separated.")]
 SplitSchemes = Annotated[list[SplitScheme] | None, _CommaSeparated, Field(description="Split schemes, comma-separated.")]
-Datasets = Annotated[list[str] | None, _CommaSeparated, Field(
-    description="Datasets, comma-separated: keeps results that include any of them (a result pooled over several "
-                "datasets is a result on each).")]
+
+
+def _whole_values(value: Any) -> Any:
+    """``["a,b", "c"]`` as given: a comma here joins the names of one pooled result; empty values are dropped."""
+    if value is None:
+        return None
+    out = [str(item) for item in (value if isinstance(value, list) else [value]) if str(item).strip()]
+    return out or None
+
+
+Datasets = Annotated[list[str] | None, BeforeValidator(_whole_values), Field(
+    description="Results on exactly these datasets: 'a' is a result on a alone, 'a,b' (any order) the result pooled "
+                "over a and b, as the datasets column spells it; 'a' never matches a pooled result. Repeat the "
+                "parameter for several (dataset=a&dataset=a,b).")]
+LabelSets = Annotated[list[str] | None, BeforeValidator(_whole_values), Field(
+    description="Results of exactly these label sets: a pooled result's label sets as 'x,y' (any order), as the "
+                "label_set column spells them. Repeat the parameter for several.")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +128,7 @@ class ResultFilters(_Query):
     metric: Metrics = None
     scheme: SplitSchemes = None
     dataset: Datasets = None
-    label_set: Names = None
+    label_set: LabelSets = None
 
 
 class PagedResultFilters(ResultFilters):

@@ -29,7 +29,7 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from scdm.classify.results import LEADERBOARD_KEYS, leaderboard, stale_sql
+from scdm.classify.results import LEADERBOARD_KEYS, POOLED_COLUMNS, leaderboard, pooled_names, stale_sql
 from scdm.server.config import ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
@@ -284,14 +284,12 @@ def model(model: str, srv: Server) -> Response:
                         "holds the number of rows of every page together.")
 def leaderboard_route(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
     board = leaderboard(srv.store, metrics=_values(f.metric), models=f.model, heads=_values(f.head),
-                        scenarios=_values(f.scenario), category_types=_values(f.category_type), label_sets=f.label_set)
+                        scenarios=_values(f.scenario), category_types=_values(f.category_type), datasets=f.dataset,
+                        label_sets=f.label_set)
     if f.scheme is not None:
         board = board[board["scheme"].isin(_values(f.scheme) or [])]
     if f.category is not None:
         board = board[board["category"].isin(f.category)]
-    if f.dataset is not None:  # a result pooled over several datasets is a result on each of them
-        wanted = set(f.dataset)
-        board = board[[bool(wanted & set(str(d).split(","))) for d in board["datasets"]]]
     page = _in_page_order(board).iloc[f.offset:f.offset + _cap(f.limit, srv.config.page_rows)]
     response = typed(list[LeaderboardRow], records(page, _RESULT_JSON_COLUMNS))
     response.headers[TOTAL_COUNT_HEADER] = str(len(board))
@@ -310,14 +308,12 @@ def _in_page_order(board: pd.DataFrame) -> pd.DataFrame:
 def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
     where: list[str] = [f"NOT {stale_sql(srv.store, 'x')}"]  # numbers known to be wrong now, as the leaderboard leaves out
     args: list[Any] = []
-    for column in ("model", "head", "scenario", "category_type", "category", "metric", "scheme", "label_set"):
-        values = _values(getattr(f, column))
-        if values is not None:
+    for column, values in (*((c, _values(getattr(f, c))) for c in ("model", "head", "scenario", "category_type", "category",
+                                                                  "metric", "scheme")),
+                           ("label_set", f.label_set), ("datasets", f.dataset)):
+        if values is not None:  # datasets and label sets exactly as the leaderboard matches them
             where.append(f"list_contains(?, {column})")
-            args.append(values)
-    if f.dataset is not None:  # results that include any of these datasets
-        where.append("list_has_any(string_split(datasets, ','), ?)")
-        args.append(f.dataset)
+            args.append(pooled_names(values) if column in POOLED_COLUMNS else values)
     sql = ("SELECT * FROM eval_results x WHERE " + " AND ".join(where) +
            " ORDER BY model, head, scenario, category_type, category, metric, fold LIMIT ? OFFSET ?")
     frame = srv.store.query(sql, [*args, _cap(f.limit, srv.config.page_rows), f.offset])

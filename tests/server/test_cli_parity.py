@@ -1,0 +1,136 @@
+"""The server, the CLI and the Python API show the same results for the same store.
+
+The store: A375 and JHU006 in one joint pca space, evaluated on every cell (category ``all``:
+datasets ``A375,JHU006``, pooled) and per cancer type (``A375`` alone, ``JHU006`` alone).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from scdm.cli import main
+from scdm.store import Store, example_data
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def joint_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scdm.classify.grid import evaluate
+    from scdm.embedding.runner import embed_baseline
+    from scdm.store.splits import SampleLeakageWarning
+
+    root = tmp_path_factory.mktemp("parity") / "store"
+    st = Store(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        st.ingest(example_data("A375"), name="A375", label_key="response_PLX4720", drug="PLX-4720", study="GSE108383",
+                  cancer_type="Melanoma")
+        st.ingest(DATA / "JHU006_HNSCC_Kinker2020.h5ad", name="JHU006", label_key="response_Gefitinib", drug="Gefitinib",
+                  study="Kinker2020", cancer_type="Head and neck cancer")
+        embed_baseline(st, ["A375", "JHU006"], model="pca", n_comps=6, n_hvg=200, progress=False)
+        evaluate(st, heads=["ridge"], scenarios=["pooled"], by=["all", "cancer_type"], folds=3, split_scheme="cell",
+                 silent=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def api(joint_store: Path) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    with TestClient(create_app(Store(joint_store), token=None), base_url="http://127.0.0.1:8000") as client:
+        yield client
+
+
+def cli(store: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, ["--store", str(store), *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def cli_board(store: Path, *args: str) -> pd.DataFrame:
+    return pd.DataFrame(json.loads(cli(store, "results", "--long", "--metric", "auroc", "--format", "json", *args)))
+
+
+@pytest.mark.parametrize(("asked", "expected"), [
+    (["A375"], ["A375"]),  # the Melanoma category: A375's cells alone, not the pooled result that holds them too
+    (["JHU006,A375"], ["A375,JHU006"]),  # the pooled result, named in any order
+    (["A375,JHU006"], ["A375,JHU006"]),
+    (["A375", "JHU006"], ["A375", "JHU006"]),  # several: each exactly
+])
+def test_a_dataset_filter_matches_a_results_datasets_exactly_everywhere(joint_store: Path, api: Any, asked: list[str],
+                                                                         expected: list[str]) -> None:
+    from scdm import results
+
+    query = "&".join(f"dataset={d}" for d in asked)
+    board = api.get(f"/api/leaderboard?metric=auroc&{query}")
+    folds = api.get(f"/api/results?metric=auroc&{query}")
+    assert board.status_code == folds.status_code == 200
+    assert sorted(r["datasets"] for r in board.json()) == expected
+    assert sorted({r["datasets"] for r in folds.json()}) == expected and len(folds.json()) == 3 * len(expected)
+    shown = cli_board(joint_store, *[a for d in asked for a in ("--dataset", d)])
+    assert sorted(shown["datasets"]) == expected
+    assert sorted(results(joint_store, metrics=["auroc"], datasets=asked)["datasets"]) == expected
+    # the same numbers: the server's means are the CLI's, and the mean of the server's folds
+    by_datasets = {r["datasets"]: r["mean"] for r in board.json()}
+    assert by_datasets == pytest.approx(dict(zip(shown["datasets"], shown["mean"])))
+    for name, mean in by_datasets.items():
+        values = [r["value"] for r in folds.json() if r["datasets"] == name]
+        assert mean == pytest.approx(sum(values) / len(values))
+
+
+def test_a_pooled_label_set_filter_is_exact_on_the_server_as_in_the_cli(joint_store: Path, api: Any) -> None:
+    # the pooled result's label sets are 'Gefitinib,PLX-4720': a comma joins them, it does not list two filters
+    board = api.get("/api/leaderboard?metric=auroc&label_set=PLX-4720,Gefitinib").json()
+    assert [(r["datasets"], r["label_set"]) for r in board] == [("A375,JHU006", "Gefitinib,PLX-4720")]
+    shown = cli_board(joint_store, "--label-set", "PLX-4720,Gefitinib")
+    assert list(shown["datasets"]) == ["A375,JHU006"]
+    alone = api.get("/api/results?metric=auroc&label_set=PLX-4720").json()
+    assert {r["datasets"] for r in alone} == {"A375"}
+
+
+def test_a_dataset_that_is_only_pooled_warns_in_the_cli_and_is_empty_on_the_server(tmp_path: Path, joint_store: Path,
+                                                                                  api: Any) -> None:
+    result = CliRunner().invoke(main, ["--store", str(joint_store), "results", "--dataset", "a375"])
+    assert result.exit_code == 0 and "'a375' matches no result" in result.stderr and "'A375,JHU006'" in result.stderr
+    assert api.get("/api/leaderboard?dataset=a375").json() == []
+    # a pooled set named in another order is the stored one: no warning
+    result = CliRunner().invoke(main, ["--store", str(joint_store), "results", "--dataset", "JHU006,A375"])
+    assert result.exit_code == 0 and "matches no result" not in result.stderr
+
+
+def test_the_leaderboard_is_the_catalogs_own_aggregate(tmp_path: Path, joint_store: Path, api: Any) -> None:
+    """Every mean, sd and n the server returns, recomputed from the catalog file with duckdb alone."""
+    board = pd.DataFrame(api.get("/api/leaderboard").json())
+    shutil.copy(joint_store / "catalog.duckdb", tmp_path / "copy.duckdb")  # this process holds the file open already
+    con = duckdb.connect(str(tmp_path / "copy.duckdb"), read_only=True)
+    try:
+        own = con.execute("SELECT space_id, datasets, label_set, split_id, category, head, metric, avg(value) AS mean, "
+                          "stddev_samp(value) AS sd, count(value) AS n_folds, count(*) AS n FROM results "
+                          "GROUP BY ALL").df()
+    finally:
+        con.close()
+    merged = board.merge(own, on=["space_id", "datasets", "label_set", "split_id", "category", "head", "metric"],
+                         suffixes=("", "_own"), validate="one_to_one")
+    assert len(merged) == len(board) == len(own)
+    assert merged["mean"].to_numpy() == pytest.approx(merged["mean_own"].to_numpy(), nan_ok=True)
+    assert merged["sd"].to_numpy() == pytest.approx(merged["sd_own"].to_numpy(), nan_ok=True)
+    assert (merged["n_folds"] == merged["n_folds_own"]).all()
+    assert (merged["folds_done"] == merged["n"]).all()
+    # the CLI's CSV holds the same means
+    wide = pd.read_csv(io.StringIO(cli(joint_store, "results", "--metric", "auroc", "--format", "csv")))
+    auroc = board[board["metric"] == "auroc"]
+    assert sorted(wide["auroc"]) == pytest.approx(sorted(auroc["mean"]))
