@@ -367,31 +367,9 @@ def ls_command(obj: Ctx, what: str, fmt: str) -> None:
         emb = st.embeddings()
         if not emb.empty:
             emb["progress"] = emb["chunks_done"].astype(str) + "/" + emb["n_chunks"].astype(str)
-            emb["note"] = _embedding_notes(emb["params"])
             emb = emb[["embedding_id", "dataset_name", "model", "variant", "dim", "status", "progress", "space_id", "note"]]
         sections["Embeddings"] = emb
     _echo_sections(sections, fmt)
-
-
-def _embedding_notes(params: Any) -> list[str]:
-    """Per embedding: "older gene table" where it was made with a gene table other than this scdm's.
-
-    Such an embedding stays valid for itself, but embedding the dataset again makes a new space
-    beside it (two `pca` rows of one dataset); the note says which one this scdm would not make.
-    """
-    import json
-
-    from scdm.store.genes import gene_table_version
-
-    current = gene_table_version()
-    notes = []
-    for text in params:
-        try:
-            table = json.loads(text).get("gene_table") if isinstance(text, str) else None
-        except (ValueError, AttributeError):
-            table = None
-        notes.append(f"older gene table ({table}; this scdm: {current})" if table is not None and table != current else "")
-    return notes
 
 
 def _echo_sections(sections: dict[str, Any], fmt: str) -> None:

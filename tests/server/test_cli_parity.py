@@ -134,3 +134,50 @@ def test_the_leaderboard_is_the_catalogs_own_aggregate(tmp_path: Path, joint_sto
     wide = pd.read_csv(io.StringIO(cli(joint_store, "results", "--metric", "auroc", "--format", "csv")))
     auroc = board[board["metric"] == "auroc"]
     assert sorted(wide["auroc"]) == pytest.approx(sorted(auroc["mean"]))
+
+
+def test_results_on_a_space_of_an_older_gene_table_are_marked_as_ls_marks_it(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedding again after the gene table changed makes a second space: ls marks the older one, and so do
+    the leaderboard (CLI, Python, server), the per-fold results, the embeddings list and the report."""
+    from fastapi.testclient import TestClient
+
+    from scdm import results
+    from scdm.classify.grid import evaluate
+    from scdm.classify.report import write_report
+    from scdm.embedding import runner
+    from scdm.server import create_app
+
+    st = Store(tmp_path / "store")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st.ingest(example_data("A375"), name="a375", label_key="response_PLX4720", study="GSE108383")
+        with monkeypatch.context() as older_scdm:
+            older_scdm.setattr(runner, "gene_table_version", lambda: "0ld0ld0ld0ld")
+            (old,) = runner.embed_baseline(st, ["a375"], model="pca", n_comps=4, n_hvg=100, progress=False)
+        runner.embed_baseline(st, ["a375"], model="pca", n_comps=4, n_hvg=100, progress=False)
+        evaluate(st, heads=["ridge"], scenarios=["pooled"], by=["all"], folds=3, split_scheme="cell", silent=True)
+    old_space = st.embedding(old.embedding_id).space_id
+    note = "older gene table (0ld0ld0ld0ld; this scdm: "
+
+    def marked(rows: pd.DataFrame) -> set[str]:
+        """The spaces whose rows carry the note (every row of a space the same)."""
+        assert rows["space_id"].nunique() == 2 and len(rows) >= 2
+        flags = rows.assign(old=rows["note"].str.startswith(note)).groupby("space_id")["old"].agg(["min", "max"])
+        assert (flags["min"] == flags["max"]).all()
+        return set(flags.index[flags["max"]])
+
+    ls = pd.read_csv(io.StringIO(cli(st.root, "ls", "--what", "embeddings", "--format", "csv")), keep_default_na=False)
+    assert marked(ls) == {old_space}
+    assert marked(cli_board(st.root)) == marked(results(st, long=True)) == {old_space}
+    wide = pd.DataFrame(json.loads(cli(st.root, "results", "--format", "json")))
+    assert sorted(wide["note"].str.startswith(note)) == [False, True]
+    table = CliRunner().invoke(main, ["--store", str(st.root), "results"])
+    assert table.exit_code == 0 and note in table.stdout and "Rows noted 'older gene table'" in table.stderr
+    with TestClient(create_app(st, token=None), base_url="http://127.0.0.1:8000") as api:
+        for route in ("/api/leaderboard", "/api/results", "/api/embeddings"):
+            assert marked(pd.DataFrame(api.get(route).json())) == {old_space}, route
+        model = api.get("/api/models/pca").json()
+        assert marked(pd.DataFrame(model["leaderboard"])) == marked(pd.DataFrame(model["embeddings"])) == {old_space}
+    index = write_report(st, tmp_path / "report", projection="none", progress=False)
+    assert note in index.read_text()

@@ -70,6 +70,7 @@ from scdm.classify.metrics import METRICS
 from scdm.classify.results import LEADERBOARD_KEYS, split_labels, stale_notes, stale_sql
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
+from scdm.store.genes import space_notes_sql
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -157,8 +158,9 @@ def _results_cte(filters: _Filters) -> str:
         "    -- the folds of one LoRA tuning (one adapter, a space of its own, per fold) form one result\n"
         "    SELECT x.* EXCLUDE (n_folds) REPLACE (coalesce('lora:' || a.tuning_id, x.variant) AS variant,\n"
         "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
-        "           x.n_folds AS k\n"
+        "           x.n_folds AS k, coalesce(n.note, '') AS note  -- 'older gene table (...)': as scdm ls marks it\n"
         "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
+        f"    LEFT JOIN {space_notes_sql()} n ON n.space_id = x.space_id\n"
         f"    WHERE NOT {filters.stale}  -- numbers known to be wrong now (an older head or answer parser)\n"
         ")"
     )
@@ -193,6 +195,7 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
         "       any_value(json_extract_string(s.definition, '$.folds_from')) AS folds_from,  -- pair_folds_with: whose partition\n"
+        "       max(r.note) AS note,\n"
         f"       sum(r.n_test) FILTER (WHERE r.metric = {_lit(first)}) AS n_test,\n       "
         + ",\n       ".join(aggregates) + "\n"
         "FROM r LEFT JOIN expected e ON e.split_id = r.split_id LEFT JOIN splits s ON s.split_id = r.split_id\n"
@@ -1093,8 +1096,9 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
                  "split": r["split_id"], "scheme": r["scheme"], "k": _text(r["k"], integer=True),
                  "seed": _text(r["seed"], integer=True), "folds-done": done,
                  "folds-expected": "" if expected is None else expected, "complete": str(complete).lower()}
+        note = _text(r.get("note"))  # an older gene table's space: marked beside the model, as scdm ls and results do
         cells = [str(r[group_col]), _text(r["datasets"]).replace(",", ", "), _text(r["label_set"]),
-                 r["split_text"], r["series"], r["head_label"]]
+                 r["split_text"], r["series"] + (f" ({note})" if note else ""), r["head_label"]]
         best_here = best.get((r[group_col], r["split_id"], r["head_label"]), {})
         metric_cells = []
         for m in metrics:

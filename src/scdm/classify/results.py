@@ -18,6 +18,7 @@ import pandas as pd
 from scdm.classify.heads import HEADS, REVISION_NOTES, head_revision
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
+from scdm.store.genes import space_notes_sql
 from scdm.store.prompts import older_batching_note, older_parser_note, older_prompt_sql
 from scdm.store.splits import CATEGORY_TYPES, SCENARIOS, STORED_SCHEMES
 from scdm.store.verify import BASELINE_MODELS
@@ -117,8 +118,9 @@ def leaderboard(
         ``folds_done`` (folds with a result), ``folds_expected`` (evaluable folds of the split),
         ``complete`` (every evaluable fold has a result; an interrupted run is resumed by running
         ``scdm evaluate`` again) and ``folds_from`` (the label set whose partition the pooled folds
-        are, ``pair_folds_with``; NULL otherwise). Sorted by scenario, category type, category,
-        metric and descending mean.
+        are, ``pair_folds_with``; NULL otherwise) and ``note`` (``'older gene table (...)'`` where the
+        space's embeddings were made with another gene table than this scdm's, as ``scdm ls`` marks
+        them; else empty). Sorted by scenario, category type, category, metric and descending mean.
     """
     from scdm.store import open_store
 
@@ -150,9 +152,10 @@ def leaderboard(
             -- each fold's LoRA variant is a space of its own: group the folds of one tuning setting
             SELECT x.* EXCLUDE (n_folds) REPLACE (COALESCE('lora:' || a.tuning_id, x.variant) AS variant,
                                                    COALESCE('lora:' || a.tuning_id, x.space_id) AS space_id),
-                   x.n_folds AS k
+                   x.n_folds AS k, COALESCE(n.note, '') AS note
             FROM results x
             LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id
+            LEFT JOIN {space_notes_sql()} n ON n.space_id = x.space_id  -- an older gene table's space
             WHERE NOT {stale_sql(st, 'x')}  -- numbers known to be wrong now: left out, with a warning
         ),
         expected AS (
@@ -163,7 +166,7 @@ def leaderboard(
                    avg(r.value) AS mean, stddev_samp(r.value) AS sd,
                    count(r.value) AS n_folds, count(*) - count(r.value) AS n_null,
                    sum(r.n_test)::BIGINT AS n_test,  -- a sum of BIGINT is a HUGEINT, which pandas reads as float
-                   count(DISTINCT r.fold) AS folds_done
+                   count(DISTINCT r.fold) AS folds_done, max(r.note) AS note
             FROM r
             WHERE {' AND '.join(where)}
             GROUP BY {keys}, r.metric
@@ -292,8 +295,8 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
     Returns
     -------
     DataFrame
-        :data:`ROW_KEYS`, ``split_id``, ``folds_done``, ``folds_expected``, ``complete`` and three
-        numeric columns per metric (pandas reads them as numbers; NaN where undefined). The columns
+        :data:`ROW_KEYS`, ``split_id``, ``folds_done``, ``folds_expected``, ``complete``, ``note``
+        (``'older gene table (...)'`` or empty, see :func:`leaderboard`) and three numeric columns per metric (pandas reads them as numbers; NaN where undefined). The columns
         are always these, with the same dtypes, even on an empty board or for a metric the board
         lacks (its columns are then NaN/NA).
 
@@ -316,11 +319,14 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
         out[m] = wide[("mean", m)].astype(float) if m in present else float("nan")
         out[f"{m}_sd"] = wide[("sd", m)].astype(float) if m in present else float("nan")
         out[f"{m}_n"] = wide[("n_folds", m)].astype("Int64") if m in present else pd.array([pd.NA] * len(out), "Int64")
-    folds = frame.groupby(keys)[["folds_done", "folds_expected", "complete"]].first()
+    if "note" not in frame.columns:  # a board not read by leaderboard()
+        frame["note"] = ""
+    folds = frame.groupby(keys)[[*_FOLD_COLUMNS, "note"]].first()
     out = out.join(folds).reset_index()
     out["seed"] = out["seed"].astype("Int64").where(out["seed"] >= 0)
     out["k"] = out["k"].astype(_WIDE_DTYPES["k"])  # the catalog's INTEGER reads as int32; an empty board says int64
-    return out[[*keys, *_FOLD_COLUMNS, *_metric_columns(metrics)]]
+    out["note"] = out["note"].fillna("")
+    return out[[*keys, *_FOLD_COLUMNS, "note", *_metric_columns(metrics)]]
 
 
 _FOLD_COLUMNS: tuple[str, ...] = ("folds_done", "folds_expected", "complete")
@@ -344,7 +350,7 @@ def _metric_columns(metrics: Iterable[str]) -> list[str]:
 
 def _empty_wide(metrics: list[str]) -> pd.DataFrame:
     """A wide leaderboard without rows: the columns and dtypes of a non-empty one."""
-    columns = {c: pd.Series(dtype=_WIDE_DTYPES.get(c, "object")) for c in (*ROW_KEYS, "split_id", *_FOLD_COLUMNS)}
+    columns = {c: pd.Series(dtype=_WIDE_DTYPES.get(c, "object")) for c in (*ROW_KEYS, "split_id", *_FOLD_COLUMNS, "note")}
     for m in metrics:
         columns[m] = pd.Series(dtype="float64")
         columns[f"{m}_sd"] = pd.Series(dtype="float64")
@@ -361,6 +367,7 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
     ``incomplete`` when folds are missing (resume with ``scdm evaluate``). Where two results differ
     only by their split (folds paired with another label set's, or two partitions with the same
     scenario, scheme, k and seed), a ``split`` column names it on those rows (:func:`split_labels`).
+    A ``note`` column marks results on a space made with an older gene table, where there are any.
 
     Parameters
     ----------
@@ -398,6 +405,8 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
     out["folds"] = [f"{d}/{e}" + ("" if c else " incomplete") for d, e, c in zip(wide["folds_done"], expected, wide["complete"])]
     for m in metrics:
         out[m] = [text(row, m) for _, row in wide.iterrows()]
+    if wide["note"].ne("").any():  # as scdm ls marks the embeddings of such a space
+        out["note"] = wide["note"]
     return out.reset_index(drop=True)
 
 
@@ -467,6 +476,9 @@ NOTES: dict[str, str] = {
     "no_scores": ("AUROC and AP are n/a (or over fewer folds) where the predictions are hard labels without a score: "
                   "a prompting run without token log-probabilities (scdm prompt --logprobs, on an endpoint that "
                   "returns them). They are never computed from hard labels."),
+    "older-gene-table": ("Rows noted 'older gene table' were computed on embeddings made with another gene table than "
+                         "this scdm's (scdm ls marks them too): they stay valid for their space, but embedding the "
+                         "datasets again makes a new space with results of its own beside them, not a replacement."),
     "no_predicted_positive": ("Precision is undefined on a fold where the head predicted no cell sensitive; its mean "
                               "is over the other folds (its own n)."),
 }
@@ -497,6 +509,8 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["transductive-dann"])
     if not board.empty and not board["complete"].all():
         notes.append(NOTES["incomplete"])
+    if not board.empty and "note" in board.columns and board["note"].fillna("").str.startswith("older gene table").any():
+        notes.append(NOTES["older-gene-table"])
     if board.empty:
         return notes
     one_class = _one_class_folds(board)

@@ -253,6 +253,8 @@ class EmbeddingRow(_Row):
     n_chunks: int | None = None
     params: JsonText = None
     telemetry: JsonText = None
+    note: str = Field(default="", description="'older gene table (<its>; this scdm: <current>)' where it was made with "
+                      "another gene table than this scdm's (as `scdm ls` marks it), else empty.")
 
 
 class LeaderboardRow(_Row):
@@ -280,6 +282,9 @@ class LeaderboardRow(_Row):
     folds_done: int | None = None
     folds_expected: int | None = None
     complete: bool | None = None
+    note: str = Field(default="", description="'older gene table (<its>; this scdm: <current>)' where the space's "
+                      "embeddings were made with another gene table than this scdm's (as `scdm ls` marks them), else "
+                      "empty: such a result stays valid, but embedding again makes a new space beside it.")
 
 
 class ResultRow(_Row):
@@ -302,6 +307,7 @@ class ResultRow(_Row):
     value: float | None = None
     n_train: int | None = None
     n_test: int | None = None
+    note: str = Field(default="", description="As the leaderboard's note: 'older gene table (...)' or empty.")
 
 
 class SkippedRow(_Row):

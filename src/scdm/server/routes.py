@@ -60,6 +60,7 @@ from scdm.server.models import (
 )
 from scdm.server.security import REPORT_CSP
 from scdm.store.errors import ScdmError
+from scdm.store.genes import space_notes_sql
 from scdm.store.heads import trained_head, trained_head_table, with_responses
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,9 @@ def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
         if values is not None:  # datasets and label sets exactly as the leaderboard matches them
             where.append(f"list_contains(?, {column})")
             args.append(pooled_names(values) if column in POOLED_COLUMNS else values)
-    sql = ("SELECT * FROM eval_results x WHERE " + " AND ".join(where) +
+    # note: 'older gene table (...)' on a space this scdm would not make, as the leaderboard and scdm ls mark it
+    sql = (f"SELECT x.*, coalesce(n.note, '') AS note FROM eval_results x LEFT JOIN {space_notes_sql()} n USING (space_id) "
+           "WHERE " + " AND ".join(where) +
            " ORDER BY model, head, scenario, category_type, category, metric, fold LIMIT ? OFFSET ?")
     frame = srv.store.query(sql, [*args, _cap(f.limit, srv.config.page_rows), f.offset])
     return typed(list[ResultRow], records(frame, _RESULT_JSON_COLUMNS))

@@ -48,6 +48,7 @@ from scdm.store.errors import (
     StoreFormatError,
     StoreReadOnlyError,
 )
+from scdm.store.genes import gene_table_note_sql
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -1325,11 +1326,14 @@ class Store:
         ``checkpoint_source`` says where the checkpoint of the run that completed it came from:
         ``org/name@commit`` for a Hugging Face Hub id, the folder for a local one, None for
         baselines and embeddings made before scdm recorded it (``telemetry["checkpoint"]`` has it all).
+        ``note`` is ``'older gene table (...)'`` for one made with another gene table than this
+        scdm's (:func:`scdm.store.genes.gene_table_note_sql`), else empty.
         """
         sql = (
             "SELECT e.embedding_id, e.dataset_id, d.name AS dataset_name, e.space_id, e.model, e.variant, e.dim, "
             "e.dtype, e.n_cells, e.status, (SELECT count(*) FROM embedding_chunks k WHERE k.embedding_id = e.embedding_id) "
-            "AS chunks_done, e.n_chunks, e.params, e.checkpoint_hash, e.adapter_hash, e.created_at, e.completed_at, e.telemetry "
+            "AS chunks_done, e.n_chunks, e.params, e.checkpoint_hash, e.adapter_hash, e.created_at, e.completed_at, e.telemetry, "
+            f"{gene_table_note_sql('e.params')} AS note "
             "FROM embeddings e JOIN datasets d USING (dataset_id)"
         )
         args: list[Any] = []

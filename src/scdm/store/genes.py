@@ -28,6 +28,8 @@ __all__ = [
     "as_gene_id_kind",
     "gene_table",
     "gene_table_version",
+    "gene_table_note_sql",
+    "space_notes_sql",
     "detect_gene_id_kind",
     "ids_not_of_kind",
     "map_genes",
@@ -85,6 +87,27 @@ def gene_table_version() -> str:
     corrections = "".join(f"{k}={v};" for k, v in sorted(MITOCHONDRIAL_SYMBOLS.items())).encode()
     rules = b"symbol->ensembl prefers the model's vocabulary"  # map_genes(prefer=...): a rule that changes mappings
     return hashlib.blake2b(_table_bytes() + corrections + rules, digest_size=6).hexdigest()
+
+
+def gene_table_note_sql(params: str) -> str:
+    """SQL on an ``embeddings.params`` column: ``'older gene table (<its>; this scdm: <current>)'`` where the
+    embedding was made with another gene table than this scdm's, else ``''``.
+
+    Such an embedding stays valid for itself, but embedding its dataset again makes a new space
+    beside it (a second ``pca`` row, a second result): the note says which one this scdm would not
+    make. One expression for every reader (``scdm ls``, the leaderboard, the report, the server),
+    so they mark the same embeddings and results the same way.
+    """
+    current = gene_table_version()  # hex digits: safe inside a literal
+    table = f"json_extract_string({params}, '$.gene_table')"
+    return (f"CASE WHEN {table} IS NOT NULL AND {table} <> '{current}' "
+            f"THEN 'older gene table (' || {table} || '; this scdm: {current})' ELSE '' END")
+
+
+def space_notes_sql() -> str:
+    """SQL subquery of ``space_id, note`` per embedding space: its embeddings' :func:`gene_table_note_sql`
+    (one space is one model with one set of parameters, gene table included)."""
+    return f"(SELECT space_id, max({gene_table_note_sql('params')}) AS note FROM embeddings GROUP BY space_id)"
 
 
 def strip_ensembl_version(ids: Sequence[str]) -> list[str]:

@@ -59,7 +59,7 @@ function show(tab) {
   loaders[tab]();
 }
 const LEADERBOARD_COLUMNS = ["model", "variant", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k", "seed",
-  "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete"];
+  "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete", "note"];
 async function loadLeaderboard(ev) {
   if (ev) ev.preventDefault();
   const q = new URLSearchParams([...new FormData($("lb-form"))].filter(([k, v]) => v));
@@ -137,8 +137,8 @@ async function loadModel(name) {
     const m = await api("/api/models/" + encodeURIComponent(name));
     $("model-msg").textContent = ""; $("model-name").textContent = name;
     const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
-    table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "params", "telemetry"]);
-    table($("ml"), m.leaderboard, ["variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete"]);
+    table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "note", "params", "telemetry"]);
+    table($("ml"), m.leaderboard, ["variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
     table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "created_at"]);
   } catch (e) { showError($("model-msg"), e); }
 }
