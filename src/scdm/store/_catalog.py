@@ -90,12 +90,19 @@ _DAMAGE_MARKERS = (
 """DuckDB error texts that mean the catalog file itself is damaged (not a lock, not a bad query)."""
 _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 
-READ_CONFIG: dict[str, Any] = {"enable_external_access": False, "lock_configuration": True}
+READ_MEMORY_LIMIT: str = os.environ.get("SCDM_CATALOG_READ_MEMORY", "4GB")
+"""Memory (and as much again of spill files beside the catalog) that this process's catalog reads may use
+together: DuckDB's default is 80% of the machine, which one user query (``scdm sql``, the server's
+SQL console) could take from the server. Catalog reads are metadata and results; the embeddings are
+read from Zarr, outside it. ``$SCDM_CATALOG_READ_MEMORY`` (DuckDB units: ``512MB``, ``8GB``) sets it."""
+
+READ_CONFIG: dict[str, Any] = {"enable_external_access": False, "lock_configuration": True,
+                               "memory_limit": READ_MEMORY_LIMIT, "max_temp_directory_size": READ_MEMORY_LIMIT}
 """DuckDB settings of every read-only catalog connection.
 
 One configuration for internal reads and user SQL alike, so that they share one database instance
 and run side by side (DuckDB refuses a second configuration of an open file). It is the user SQL
-sandbox: no file or network access, and ``SET`` cannot lift that.
+sandbox: no file or network access, a memory limit, and ``SET`` cannot lift them.
 """
 
 _LOCK_BACKOFF_S = (0.005, 0.1)
@@ -1022,6 +1029,10 @@ class Catalog:
             except duckdb.PermissionException as err:
                 msg = f"The query tried to reach files or settings, which the read-only SQL interface does not allow: {err}"
                 raise ReadOnlyQueryError(msg) from err
+            except duckdb.OutOfMemoryException as err:  # not a crash of the process: the limit held
+                msg = (f"The query needed more than the {READ_CONFIG['memory_limit']} of memory that catalog reads may "
+                       "use and was stopped; aggregate first, or add a LIMIT or a WHERE clause.")
+                raise QueryError(msg) from err
             except duckdb.Error as err:
                 if _is_damage(err):
                     raise self._damaged_error(err) from err
@@ -1076,9 +1087,40 @@ def check_read_only(sql: str) -> None:
         raise QueryError(msg)
     for st in statements:
         kind = st.type.name
+        if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: CREATE TEMP, SET, PRAGMA, LOAD, CHECKPOINT
+            kind = _explained_kind(st.query)
         if kind not in _READ_STATEMENTS:
             msg = (
-                f"Only read queries are allowed here (SELECT, WITH ... SELECT, EXPLAIN); got a {kind} "
+                f"Only read queries are allowed here (SELECT, WITH ... SELECT, EXPLAIN of one); got a {kind} "
                 "statement. The catalog is changed only through scdm commands."
             )
             raise ReadOnlyQueryError(msg)
+
+
+def _explained_kind(sql: str) -> str:
+    """The statement type an ``EXPLAIN [ANALYZE] [(options)] ...`` statement explains (and, with ANALYZE, runs).
+
+    ``SELECT`` for a read; ``EXPLAIN`` of an EXPLAIN, or anything that does not parse, counts as
+    a write (refused): only an explained SELECT is let through.
+    """
+    every = duckdb.tokenize(sql)
+    ends = [pos for pos, _ in every[1:]] + [len(sql)]
+    tokens = [(pos, end) for (pos, kind), end in zip(every, ends, strict=True) if kind != duckdb.token_type.comment]
+    words = [sql[pos:end].strip() for pos, end in tokens]
+    at = 1 if words[:1] and words[0].upper() == "EXPLAIN" else len(words)
+    if at < len(words) and words[at].upper() in ("ANALYZE", "ANALYSE"):
+        at += 1
+    if at < len(words) and words[at].startswith("("):  # (FORMAT json, ...): up to the closing parenthesis
+        depth = 0
+        while at < len(words):
+            depth += words[at].count("(") - words[at].count(")")
+            at += 1
+            if depth <= 0:
+                break
+    if at >= len(words):
+        return "EXPLAIN"
+    try:
+        inner = duckdb.extract_statements(sql[tokens[at][0]:])
+    except duckdb.Error:
+        return "EXPLAIN"
+    return inner[0].type.name if len(inner) == 1 else "EXPLAIN"
