@@ -460,7 +460,7 @@ def test_palette_gives_each_model_and_datasets_group_its_colour() -> None:
 
 
 def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_expected: int = 3,
-                    space_id: str = "space1", model: str = "scgpt") -> None:
+                    space_id: str = "space1", model: str = "scgpt", flags: str | None = None) -> None:
     """The folds of one (model, head, category) written straight into the evaluation tables (one per
     value), as a run interrupted after three of ``folds_expected`` folds would leave them. Another
     ``space_id`` adds a second model's results on the same split."""
@@ -473,7 +473,7 @@ def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_e
     for fold in range(len(next(iter(values.values())))):
         task = {**common, "task_id": f"{space_id}-t{fold}", "fold": fold, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
         tasks.append({**task, "embedding_ids": "[]", "n_test_pos": 20, "predict_seconds": 0.1,
-                      "flags": None, "created_at": now})
+                      "flags": flags, "created_at": now})
         results += [{**task, "metric": m, "value": v[fold]} for m, v in values.items()]
     if first:
         st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
@@ -543,6 +543,26 @@ def test_an_incomplete_result_is_not_marked_best(tmp_path: Path) -> None:
     complete = {attrs["data-model"]: attrs["data-complete"] for attrs, _ in rows}
     assert complete == {"scgpt": "true", "pca": "true", "geneformer": "false"}
     assert best == {"scgpt": True, "pca": False, "geneformer": False}
+
+
+def test_a_result_scored_on_the_answered_cells_only_is_noted_and_not_marked_best(tmp_path: Path) -> None:
+    # a prompting model that left 10 of each fold's 50 test cells unanswered is scored on the other 40:
+    # not the cells its neighbours were scored on, so its higher mean is not "best"
+    from scdm.classify.results import NOTES, leaderboard, leaderboard_notes
+
+    st = Store(tmp_path / "store")
+    _insert_results(st, {"f1": [0.5, 0.6, 0.7]})
+    _insert_results(st, {"f1": [0.4, 0.5, 0.6]}, space_id="space3", model="pca")
+    _insert_results(st, {"f1": [0.9, 0.9, 0.9]}, space_id="space2", model="llm", flags="no_scores,unanswered=10")
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"])
+    rows = [r for r in _tables(out)["lb-all"] if "data-model" in r[0]]
+    best = {attrs["data-model"]: "best" in next(a for a, _ in cells if a.get("data-metric") == "f1")["class"].split()
+            for attrs, cells in rows}
+    assert best == {"scgpt": True, "pca": False, "llm": False}
+    assert "30 of 150 test cells unanswered" in out.read_text()
+    board = leaderboard(st, metrics=["f1"]).set_index("model")
+    assert board.loc["llm", "note"] == "30 of 150 test cells unanswered" and board.loc["pca", "note"] == ""
+    assert NOTES["unanswered"] in leaderboard_notes(board.reset_index(), ["f1"])
 
 
 def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scdm.classify.results import leaderboard
 from scdm.prompt import OpenAIBackend, PromptRequestError, prompt
 from scdm.prompt.plan import fold_test_cells, load_cells, plan_requests
 from scdm.prompt.sentences import cell_gene_lists
@@ -222,6 +223,8 @@ def test_unreadable_and_missing_answers_are_counted_not_guessed(marker_store, ll
     # the answered cells only, the others counted:
     assert tasks["n_test"].sum() == 32 - 4 and (tasks["n_test"] >= 12).all()
     assert tasks["flags"].tolist() == [f"unanswered={32 - n}" for n in tasks["n_test"]]
+    note = leaderboard(st, metrics=["f1"])["note"].tolist()
+    assert note == ["36 of 64 test cells unanswered"]  # beside the result, not only in eval_tasks.flags
     raw = st.query("SELECT status, answer_text FROM prompt_requests WHERE status = 'unparsed'")
     assert len(raw) == 4 and raw["answer_text"].str.startswith('{"cells"').all()  # the raw answer is kept
 

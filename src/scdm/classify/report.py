@@ -67,7 +67,7 @@ from markupsafe import Markup
 from scdm.classify import _plots
 from scdm.classify._plots import CATEGORY_LABELS, METRIC_LABELS, Palette, Series
 from scdm.classify.metrics import METRICS
-from scdm.classify.results import LEADERBOARD_KEYS, split_labels, stale_notes, stale_sql
+from scdm.classify.results import LEADERBOARD_KEYS, split_labels, stale_notes, stale_sql, unanswered_note_sql
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
 from scdm.store.genes import space_notes_sql
@@ -158,9 +158,11 @@ def _results_cte(filters: _Filters) -> str:
         "    -- the folds of one LoRA tuning (one adapter, a space of its own, per fold) form one result\n"
         "    SELECT x.* EXCLUDE (n_folds) REPLACE (coalesce('lora:' || a.tuning_id, x.variant) AS variant,\n"
         "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
-        "           x.n_folds AS k, coalesce(n.note, '') AS note  -- 'older gene table (...)': as scdm ls marks it\n"
+        "           x.n_folds AS k, coalesce(n.note, '') AS note,  -- 'older gene table (...)': as scdm ls marks it\n"
+        f"           {records.unanswered_sql('t.flags')} AS unanswered  -- test cells a prompting model left unanswered\n"
         "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
         f"    LEFT JOIN {space_notes_sql()} n ON n.space_id = x.space_id\n"
+        "    LEFT JOIN eval_tasks t ON t.task_id = x.task_id\n"
         f"    WHERE NOT {filters.stale}  -- numbers known to be wrong now (an older head or answer parser)\n"
         ")"
     )
@@ -195,7 +197,8 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
         "       any_value(json_extract_string(s.definition, '$.folds_from')) AS folds_from,  -- pair_folds_with: whose partition\n"
-        "       max(r.note) AS note,\n"
+        f"       concat_ws('; ', nullif(max(r.note), ''), {unanswered_note_sql('sum(r.unanswered)', 'sum(r.n_test)')}) AS note,\n"
+        f"       sum(r.unanswered) FILTER (WHERE r.metric = {_lit(first)}) AS unanswered,\n"
         f"       sum(r.n_test) FILTER (WHERE r.metric = {_lit(first)}) AS n_test,\n       "
         + ",\n       ".join(aggregates) + "\n"
         "FROM r LEFT JOIN expected e ON e.split_id = r.split_id LEFT JOIN splits s ON s.split_id = r.split_id\n"
@@ -1072,9 +1075,11 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
     metrics = ctx.metrics
     group_col = first[0]
     # "best" only means something against another model on the same cells, labels and folds: an
-    # incomplete result (a mean over the folds an interrupted run finished) is neither best nor compared
+    # incomplete result (a mean over the folds an interrupted run finished) or one scored on the cells a
+    # prompting model happened to answer is neither best nor compared
+    frame["comparable"] = frame["complete"].astype(bool) & frame["unanswered"].fillna(0).eq(0)
     best: dict[tuple[Any, ...], dict[str, float]] = {}
-    for keys, group in frame[frame["complete"].astype(bool)].groupby([group_col, "split_id", "head_label"], dropna=False):
+    for keys, group in frame[frame["comparable"]].groupby([group_col, "split_id", "head_label"], dropna=False):
         if len(group) > 1:
             best[keys] = {m: group[f"{m}_mean"].max() for m in metrics}
     headers = [first[1], "Datasets", "Label set", "Split", "Model", "Head", "Folds",
@@ -1104,7 +1109,7 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
         for m in metrics:
             mean, sd, n = r[f"{m}_mean"], r[f"{m}_sd"], int(r[f"{m}_n"])
             metric_cells.append({"name": m, "text": _mean_sd(mean, sd), "n": n, "partial": bool(pd.notna(mean) and n < done),
-                                 "best": complete and _is_best(mean, best_here.get(m))})
+                                 "best": bool(r["comparable"]) and _is_best(mean, best_here.get(m))})
         rows.append({"attrs": [(k, str(v)) for k, v in attrs.items()], "cells": cells, "complete": complete,
                      "folds": f"{done}/{expected}" if expected is not None else str(done), "metrics": metric_cells,
                      "n_test": _int(r["n_test"])})

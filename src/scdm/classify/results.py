@@ -18,6 +18,7 @@ import pandas as pd
 from scdm.classify.heads import HEADS, REVISION_NOTES, head_revision
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
+from scdm.store.evaluation import unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.prompts import older_batching_note, older_parser_note, older_prompt_sql
 from scdm.store.splits import CATEGORY_TYPES, SCENARIOS, STORED_SCHEMES
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "unanswered_note_sql", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
            "pooled_names", "split_labels", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
@@ -73,6 +74,13 @@ def _check_filter(name: str, values: Iterable[str] | None, allowed: tuple[str, .
     if unknown:
         msg = f"Unknown {name} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}."
         raise InputDataError(msg)
+
+
+def unanswered_note_sql(unanswered: str, n_test: str) -> str:
+    """SQL: the note ``'N of M test cells unanswered'`` from the SQL expressions of the test cells a prompting
+    model left without an answer (its metrics leave them out) and of the cells scored; NULL where none."""
+    return (f"CASE WHEN {unanswered} > 0 THEN {unanswered} || ' of ' || ({n_test} + {unanswered}) "
+            "|| ' test cells unanswered' END")
 
 
 def leaderboard(
@@ -120,7 +128,8 @@ def leaderboard(
         ``scdm evaluate`` again) and ``folds_from`` (the label set whose partition the pooled folds
         are, ``pair_folds_with``; NULL otherwise) and ``note`` (``'older gene table (...)'`` where the
         space's embeddings were made with another gene table than this scdm's, as ``scdm ls`` marks
-        them; else empty). Sorted by scenario, category type, category, metric and descending mean.
+        them; ``'N of M test cells unanswered'`` where a prompting model gave no readable answer for
+        N test cells, which its metrics leave out; both joined by ``'; '``; else empty). Sorted by scenario, category type, category, metric and descending mean.
     """
     from scdm.store import open_store
 
@@ -152,10 +161,11 @@ def leaderboard(
             -- each fold's LoRA variant is a space of its own: group the folds of one tuning setting
             SELECT x.* EXCLUDE (n_folds) REPLACE (COALESCE('lora:' || a.tuning_id, x.variant) AS variant,
                                                    COALESCE('lora:' || a.tuning_id, x.space_id) AS space_id),
-                   x.n_folds AS k, COALESCE(n.note, '') AS note
+                   x.n_folds AS k, COALESCE(n.note, '') AS note, {unanswered_sql('t.flags')} AS unanswered
             FROM results x
             LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id
             LEFT JOIN {space_notes_sql()} n ON n.space_id = x.space_id  -- an older gene table's space
+            LEFT JOIN eval_tasks t ON t.task_id = x.task_id  -- test cells a prompting model left unanswered
             WHERE NOT {stale_sql(st, 'x')}  -- numbers known to be wrong now: left out, with a warning
         ),
         expected AS (
@@ -166,7 +176,8 @@ def leaderboard(
                    avg(r.value) AS mean, stddev_samp(r.value) AS sd,
                    count(r.value) AS n_folds, count(*) - count(r.value) AS n_null,
                    sum(r.n_test)::BIGINT AS n_test,  -- a sum of BIGINT is a HUGEINT, which pandas reads as float
-                   count(DISTINCT r.fold) AS folds_done, max(r.note) AS note
+                   count(DISTINCT r.fold) AS folds_done,
+                   concat_ws('; ', nullif(max(r.note), ''), {unanswered_note_sql('sum(r.unanswered)', 'sum(r.n_test)')}) AS note
             FROM r
             WHERE {' AND '.join(where)}
             GROUP BY {keys}, r.metric
@@ -479,6 +490,10 @@ NOTES: dict[str, str] = {
     "older-gene-table": ("Rows noted 'older gene table' were computed on embeddings made with another gene table than "
                          "this scdm's (scdm ls marks them too): they stay valid for their space, but embedding the "
                          "datasets again makes a new space with results of its own beside them, not a replacement."),
+    "unanswered": ("Rows noted 'test cells unanswered' are a prompting model's results scored on the cells it "
+                   "answered readably; the others are left out, so they are not on the same cells as the rows "
+                   "beside them (a model that fails on hard cells looks better than it is). The report does not "
+                   "mark them best."),
     "no_predicted_positive": ("Precision is undefined on a fold where the head predicted no cell sensitive; its mean "
                               "is over the other folds (its own n)."),
 }
@@ -511,6 +526,8 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["incomplete"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.startswith("older gene table").any():
         notes.append(NOTES["older-gene-table"])
+    if not board.empty and "note" in board.columns and board["note"].fillna("").str.contains("test cells unanswered").any():
+        notes.append(NOTES["unanswered"])
     if board.empty:
         return notes
     one_class = _one_class_folds(board)

@@ -49,6 +49,7 @@ from scdm.store.evaluation import (
     skip_reasons,
     start_run,
     task_results,
+    unanswered_flag,
 )
 from scdm.store.progress import progress_bar
 from scdm.store.prompts import (
@@ -255,7 +256,7 @@ class _Scoring:
         seconds = sum(self.records[r].seconds or 0.0 for r in used)
         return TaskOutcome(self.key(split, fold), y_all[idx], proba, np.asarray([cells[i][0] for i in keep], dtype=object),
                            np.asarray([cells[i][1] for i in keep], dtype=np.int64), self.shots, 0.0, seconds,
-                           hard_only=hard, extra_flags=(f"unanswered={n_bad}",) if n_bad else ())
+                           hard_only=hard, extra_flags=unanswered_flag(n_bad))
 
 
 def prompt(

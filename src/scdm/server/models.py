@@ -284,7 +284,9 @@ class LeaderboardRow(_Row):
     complete: bool | None = None
     note: str = Field(default="", description="'older gene table (<its>; this scdm: <current>)' where the space's "
                       "embeddings were made with another gene table than this scdm's (as `scdm ls` marks them), else "
-                      "empty: such a result stays valid, but embedding again makes a new space beside it.")
+                      "empty: such a result stays valid, but embedding again makes a new space beside it; "
+                      "'N of M test cells unanswered' where a prompting model gave no readable answer for N test cells, "
+                      "which its metrics leave out (joined by '; ').")
 
 
 class ResultRow(_Row):
@@ -307,7 +309,8 @@ class ResultRow(_Row):
     value: float | None = None
     n_train: int | None = None
     n_test: int | None = None
-    note: str = Field(default="", description="As the leaderboard's note: 'older gene table (...)' or empty.")
+    note: str = Field(default="", description="As the leaderboard's note: 'older gene table (...)', 'N of M test cells "
+                      "unanswered' (this task), or empty.")
 
 
 class SkippedRow(_Row):

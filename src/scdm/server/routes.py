@@ -29,7 +29,7 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from scdm.classify.results import LEADERBOARD_KEYS, POOLED_COLUMNS, leaderboard, pooled_names, stale_sql
+from scdm.classify.results import LEADERBOARD_KEYS, POOLED_COLUMNS, leaderboard, pooled_names, stale_sql, unanswered_note_sql
 from scdm.server.config import ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
@@ -60,6 +60,7 @@ from scdm.server.models import (
 )
 from scdm.server.security import REPORT_CSP
 from scdm.store.errors import ScdmError
+from scdm.store.evaluation import unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.heads import trained_head, trained_head_table, with_responses
 
@@ -316,7 +317,10 @@ def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
             where.append(f"list_contains(?, {column})")
             args.append(pooled_names(values) if column in POOLED_COLUMNS else values)
     # note: 'older gene table (...)' on a space this scdm would not make, as the leaderboard and scdm ls mark it
-    sql = (f"SELECT x.*, coalesce(n.note, '') AS note FROM eval_results x LEFT JOIN {space_notes_sql()} n USING (space_id) "
+    # and 'N of M test cells unanswered' on a prompting task scored on the cells its model answered
+    unanswered = unanswered_note_sql(unanswered_sql("t.flags"), "x.n_test")
+    sql = (f"SELECT x.*, concat_ws('; ', nullif(n.note, ''), {unanswered}) AS note FROM eval_results x "
+           f"LEFT JOIN {space_notes_sql()} n USING (space_id) LEFT JOIN (SELECT task_id, flags FROM eval_tasks) t USING (task_id) "
            "WHERE " + " AND ".join(where) +
            " ORDER BY model, head, scenario, category_type, category, metric, fold LIMIT ? OFFSET ?")
     frame = srv.store.query(sql, [*args, _cap(f.limit, srv.config.page_rows), f.offset])

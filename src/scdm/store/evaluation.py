@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TaskKey",
+    "unanswered_flag",
+    "unanswered_sql",
     "TaskOutcome",
     "SkippedTask",
     "ResultWriter",
@@ -155,6 +157,17 @@ class SkippedTask:
         return {"run_id": run_id, "space_id": self.space_id, "split_id": s.split_id, "scenario": s.scenario,
                 "category_type": s.category_type, "category": s.category, "fold": self.fold, "head": self.head,
                 "reason": self.reason, "created_at": _now(), "label_set": s.label_set, "datasets": self.datasets}
+
+
+def unanswered_flag(n: int) -> tuple[str, ...]:
+    """The task flag of ``n`` test cells scored on no answer (a prompting model's unreadable answers)."""
+    return (f"unanswered={int(n)}",) if n else ()
+
+
+def unanswered_sql(flags: str) -> str:
+    """SQL: the test cells a task left unscored for want of an answer (0 without the flag), from the
+    ``eval_tasks.flags`` expression ``flags``. Its metrics are over the other test cells only."""
+    return f"coalesce(TRY_CAST(regexp_extract({flags}, 'unanswered=([0-9]+)', 1) AS BIGINT), 0)"
 
 
 @dataclass
