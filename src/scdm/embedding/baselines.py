@@ -108,7 +108,8 @@ def resolve_as_is(x_kind: str, normalized: bool | None, dataset: str) -> bool:
     if normalized is None:
         return x_kind != "counts"
     if not normalized and x_kind == "scaled":
-        msg = f"Dataset {dataset!r} holds negative (scaled) values; it cannot be normalised as counts. Drop --no-normalized-input."
+        msg = (f"Dataset {dataset!r} holds negative (scaled) values; it cannot be normalised as counts. Drop --counts "
+               "(Python: normalized=False) to use its values as they are.")
         raise InputDataError(msg)
     return normalized
 
