@@ -643,7 +643,7 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of any gene sampling (part of the embedding's identity).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Other model parameter (repeatable), e.g. --param version=V2.")
 @click.option("--reference-quirks", is_flag=True, help="Reproduce the reference implementation exactly where scdm differs (global RNG streams, UCE's float padding mask, batch-wide FAVOR+ key max, CellPLM's Gumbel draw); part of the embedding's identity. See docs/reference-differences.md.")
-@click.option("--chunk-rows", type=click.IntRange(min=1), help="Cells per stored chunk (default: about 8 MB per chunk).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), help="Cells per stored chunk (default: the power of two nearest 32 MiB per chunk, 256 to 65,536 rows; at most 4,096 for a foundation model, whose chunk is the unit of resume).")
 @click.option("--workers", type=click.IntRange(min=0), help="Processes that tokenise the next chunks while the model runs (0: in this process). Default: 2 on CUDA (fewer with fewer spare CPUs), 0 on the CPU, where the model uses every core. The embedding is the same for any number.")
 @click.option("--min-gene-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Refuse when fewer of the dataset's genes are in the model vocabulary.")
 @click.option("--joint", is_flag=True, help="Baselines: fit one pca/hvg on all DATA together (shared genes) so their cells share one space.")

@@ -15,7 +15,9 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from scdm.cli import main
+from scdm.embedding.chunks import MODEL_CHUNK_ROWS_MAX
 from scdm.store import example_data
+from scdm.store._constants import TARGET_CHUNK_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,3 +66,9 @@ def test_counts_on_scaled_values_says_which_option_to_drop(tmp_path: Path) -> No
     assert refused.exit_code == 1 and "cannot be normalised as counts. Drop --counts" in refused.output
     done = runner.invoke(main, ["--store", store, "-q", "embed", "A375_melanoma_GSE108383", "--model", "pca", "--n-comps", "5"])
     assert done.exit_code == 0, done.output
+
+
+def test_chunk_rows_help_states_the_code_default() -> None:
+    option = next(p for p in main.commands["embed"].params if p.name == "chunk_rows")
+    assert f"{TARGET_CHUNK_BYTES // 2**20} MiB" in option.help
+    assert f"at most {MODEL_CHUNK_ROWS_MAX:,} for a foundation model" in option.help
