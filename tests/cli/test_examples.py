@@ -194,7 +194,14 @@ def _resolved(args: list[str], world: World) -> list[str]:
 def _reason_not_run(example: str) -> str | None:
     if example in RUN_ANYWAY:
         return None
-    return next((why for piece, why in NOT_RUN.items() if why and piece in example), None)
+    command = " ".join(shlex.join(["scdm", *args]) for args in commands_of(example))  # not its comment
+    return next((why for piece, why in NOT_RUN.items() if why and piece in command), None)
+
+
+def test_a_comment_does_not_keep_an_example_from_running() -> None:
+    assert _reason_not_run("scdm results --label-set Vorinostat   # --label-set also on `scdm finetune`") is None
+    assert _reason_not_run("scdm finetune -m geneformer -c ~/ckpt/Geneformer --dataset pc9 --all-folds") is not None
+    assert _reason_not_run('scdm serve --host 0.0.0.0 --token "$SCDM_TOKEN"  # other addresses need a token') is not None
 
 
 def _parse_only(args: list[str]) -> None:
