@@ -425,6 +425,33 @@ def test_retraining_a_lost_adapter_into_other_weights_replaces_its_results(gf_st
     assert len(board) == 1 and board["n_folds"].iloc[0] == 1 and board["folds_done"].iloc[0] == 1
 
 
+@pytest.mark.parametrize("damage", ["missing head", "changed weights", "unreadable card"])
+def test_a_damaged_adapter_folder_is_trained_again_not_reused(gf_store, damage, caplog):
+    # A stored adapter whose folder lost a file (or whose bytes changed) was reused as long as its
+    # outputs existed, and once they were gone `scdm finetune` failed on it for good ("missing
+    # 'head.safetensors'"): the advice "fine-tune again" could never succeed.
+    st, ckpt = gf_store
+    (first,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    folder = Path(first.adapter_dir)
+    if damage == "missing head":
+        (folder / "head.safetensors").unlink()
+    elif damage == "changed weights":
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    else:
+        (folder / "scdm_adapter.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="scdm"):
+        (again,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    assert not again.reused and "training it again" in caplog.text
+    assert (again.adapter_id, again.adapter_hash) == (first.adapter_id, first.adapter_hash)  # CPU: the same weights
+    assert read_lora_card(folder).damage() is None
+    assert (again.embedding_ids, again.task_id, again.metrics) == (first.embedding_ids, first.task_id, first.metrics)
+    for embedding_id in again.embedding_ids:  # the adapter embeds again from its folder
+        st.remove_embedding(embedding_id)
+    (third,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    assert third.reused and third.embedding_ids == first.embedding_ids
+
+
 def test_the_adapter_hash_does_not_depend_on_the_checkpoint_folder(tmp_path, small):
     # the same checkpoint in two folders trains the same weights: the same adapter, hash and space
     ckpt = _checkpoint("geneformer", tmp_path / "gf", small.var_names.tolist())

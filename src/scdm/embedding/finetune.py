@@ -74,7 +74,7 @@ from scdm.store.adapters import (
     forget_adapter,
     write_adapter,
 )
-from scdm.store.errors import InputDataError
+from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import gene_table_version
 from scdm.store.matrix import iter_row_blocks
 from scdm.store.metrics import METRICS
@@ -394,13 +394,33 @@ def _identity(job: _Job, adapter: Adapter, fold: _Fold) -> tuple[str, str]:
 
 
 def _cached_card(st: Store, adapter_id: str, folder: Path) -> LoraCard | None:
-    if adapter_row(st, adapter_id) is None:
+    """The stored adapter's card when its folder is intact; None (row forgotten) when it must be trained again.
+
+    A folder missing a file, or whose files are not the bytes the catalog recorded, is trained again
+    like a lost one: reused as it is, the tuned embeddings could never be made again from it (the
+    runner refuses its hash) and ``scdm finetune`` would keep pointing at it.
+    """
+    row = adapter_row(st, adapter_id)
+    if row is None:
         return None
+    problem = None
     if not (folder / CARD_FILE).is_file():
-        logger.warning("adapter %s is in the catalog but its folder %s is gone; training it again", adapter_id, folder)
-        forget_adapter(st, adapter_id)
-        return None
-    return read_lora_card(folder)
+        problem = f"its folder {folder} is gone"
+    else:
+        try:
+            card = read_lora_card(folder)
+        except CheckpointError as err:
+            problem = str(err)
+        else:
+            if card.adapter_hash != row["adapter_hash"]:
+                problem = f"its card in {folder} names weights {card.adapter_hash}, not the catalog's {row['adapter_hash']}"
+            else:
+                problem = card.damage()
+    if problem is None:
+        return card
+    logger.warning("adapter %s is in the catalog but %s; training it again", adapter_id, problem)
+    forget_adapter(st, adapter_id)
+    return None
 
 
 def _train_fold(job: _Job, fold: _Fold, adapter_id: str, tuning_id: str, folder: Path) -> LoraCard:

@@ -52,6 +52,9 @@ CARD_FORMAT = "scdm-lora"
 CARD_VERSION = 1
 """Version of the adapter folder layout; part of every adapter's identity."""
 _HASHED_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
+_CARD_FIELDS = frozenset({"adapter_id", "tuning_id", "adapter_hash", "model", "checkpoint_hash", "model_params", "seed",
+                          "split_id", "fold", "scenario", "category_type", "category", "lora", "train", "lora_modules",
+                          "emb_dim"})
 
 
 def _files_hash(folder: Path) -> str:
@@ -119,6 +122,16 @@ class LoraCard:
                    f"set up with {params}. Use the same parameters (they decide which layers exist and what is pooled).")
             raise CheckpointError(msg)
 
+    def damage(self) -> str | None:
+        """What is wrong with the folder's weight files (missing, or not the bytes the card hashed), or None."""
+        try:
+            found = _files_hash(self.path)
+        except CheckpointError as err:
+            return str(err)
+        if found != self.adapter_hash:
+            return f"the files of adapter {self.adapter_id} in {str(self.path)!r} do not match their recorded hash (changed or damaged)"
+        return None
+
     def apply(self, adapter: Adapter) -> Any:
         """Load the LoRA weights into ``adapter.model`` (loaded, eval mode); returns the head (eval mode)."""
         from peft import PeftModel
@@ -159,9 +172,18 @@ def read_lora_card(lora_dir: str | os.PathLike[str]) -> LoraCard:
     if not card_path.is_file():
         msg = f"{str(path)!r} is not an scdm LoRA adapter folder (no {CARD_FILE}); fine-tune with `scdm finetune` to make one."
         raise CheckpointError(msg)
-    raw = json.loads(card_path.read_text())
-    if raw.get("format") != CARD_FORMAT or int(raw.get("version", 0)) > CARD_VERSION:
-        msg = f"{str(card_path)!r} has format {raw.get('format')!r} version {raw.get('version')}; this scdm reads {CARD_FORMAT} up to version {CARD_VERSION}."
+    try:
+        raw = json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        msg = f"The card {str(card_path)!r} cannot be read ({type(err).__name__}: {err}); the adapter folder is damaged. Fine-tune again."
+        raise CheckpointError(msg) from err
+    if not isinstance(raw, dict) or raw.get("format") != CARD_FORMAT or int(raw.get("version", 0)) > CARD_VERSION:
+        found = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (type(raw).__name__, None)
+        msg = f"{str(card_path)!r} has format {found[0]!r} version {found[1]}; this scdm reads {CARD_FORMAT} up to version {CARD_VERSION}."
+        raise CheckpointError(msg)
+    missing = sorted(_CARD_FIELDS - set(raw))
+    if missing:
+        msg = f"The card {str(card_path)!r} lacks {', '.join(missing)}; the adapter folder is damaged. Fine-tune again."
         raise CheckpointError(msg)
     return LoraCard(path=path, adapter_id=raw["adapter_id"], tuning_id=raw["tuning_id"], adapter_hash=raw["adapter_hash"],
                     model=raw["model"], checkpoint_hash=raw["checkpoint_hash"], model_params=raw["model_params"],
