@@ -616,3 +616,58 @@ def test_a_tuned_space_is_evaluated_with_the_labels_and_cells_it_was_tuned_on(tm
     assert stored["y_true"].tolist() == truth.loc[stored["row"]].tolist()
     asked = evaluate(st, list(res.embedding_ids), heads=["logreg"], folds=3, label_set="partial", silent=True)
     assert asked.spaces == ()  # tuned on other labels: left out, never scored against these
+
+
+# ---- a tuned space outside the grid: never scored as held-out on the cells it was tuned on --------------
+@pytest.fixture()
+def two_datasets_tuned(tmp_path: Path):
+    """first + second pooled in one split; scbert tuned on fold 0 (its training cells are in both datasets)."""
+    adata = _planted(48, 80, 12)
+    st = Store(tmp_path / "store")
+    for name, part in (("first", adata[:24]), ("second", adata[24:])):
+        st.ingest(part.copy(), name=name, label_key="label", tissue_key="tissue", study_key="study")
+    save_splits(st, make_splits(st.cells(["first", "second"]), scenarios=["pooled"], by=["all"], n_folds=2))
+    ckpt = _checkpoint("scbert", tmp_path / "ckpt", adata.var_names.tolist())
+    (res,) = finetune(st, model="scbert", checkpoint=ckpt, dataset=["first", "second"], fold=0, **FAST)
+    tuned = st.embeddings().set_index("dataset_name")
+    tuned = tuned[tuned["variant"] == res.variant]["embedding_id"].to_dict()
+    cells = st.query('SELECT d.name, a."row", a.fold FROM split_assignments a JOIN datasets d USING (dataset_id) '
+                     'WHERE a.split_id = ? ORDER BY d.name, a."row"', [res.split_id])
+    seen = {name: set(group.loc[group["fold"] != 0, "row"].astype(int)) for name, group in cells.groupby("name")}
+    return st, ckpt, res, tuned, seen
+
+
+def test_transfer_refuses_a_target_embedding_tuned_on_target_cells(two_datasets_tuned, tmp_path):
+    # transfer scored every labelled target cell with a tuned target embedding, although the adapter
+    # had trained on the labels of half of them (AUROC on cells the embedding was tuned on)
+    from scdm.classify.transfer import transfer
+
+    st, ckpt, res, tuned, seen = two_datasets_tuned
+    assert seen["second"]
+    fast = {"epochs": 1, "pretrain_epochs": 1, "cluster_method": "kmeans", "progress": False}
+    with pytest.raises(InputDataError, match=rf"{res.variant}, a LoRA adapter tuned with the labels of {len(seen['second'])} of its cells"):
+        transfer(st, source="first", target="second", features=tuned["second"], **fast)
+    assert st.query("SELECT count(*) AS n FROM transfer_runs")["n"].iloc[0] == 0
+    # a dataset the adapter never saw is a fair target in the tuned space
+    other = _planted(20, 80, 12, seed=3)
+    st.ingest(other, name="unseen", label_key="label")
+    unseen = embed(st, "unseen", "scbert", ckpt, progress=False, lora_dir=res.adapter_dir).embedding_id
+    result = transfer(st, source="first", target="unseen", features=unseen, **fast)
+    assert result.metrics["auroc"] is not None
+
+
+def test_predict_marks_cells_that_tuned_the_embedding_as_not_held_out(two_datasets_tuned):
+    # a head trained on the tuned embedding of `first` predicted `second` with trained_on all False,
+    # although the adapter had trained on the labels of half of second's cells
+    from scdm.classify.trained_heads import predict, train_head
+
+    st, _, res, tuned, seen = two_datasets_tuned
+    head_id = train_head(st, embeddings=[tuned["first"]], head="logreg")
+    frame = predict(st, head_id, "second")
+    assert set(frame.loc[frame["trained_on"], "row"].astype(int)) == seen["second"]
+    own = predict(st, head_id, "first")
+    assert own["trained_on"].all()  # the head's own training cells, as before
+    # once the split is gone (the cells' metadata changed) the tuned cells cannot be told apart: none is held-out
+    st.ingest(st.open_anndata("second", backed=False), study="one study", update=True)
+    assert st.query("SELECT count(*) AS n FROM splits")["n"].iloc[0] == 0
+    assert predict(st, head_id, "second")["trained_on"].all()

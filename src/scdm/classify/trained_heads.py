@@ -52,6 +52,7 @@ import pandas as pd
 
 from scdm.classify.heads import BaseHead, get_head
 from scdm.classify.results import stale_sql
+from scdm.store.adapters import tuned_training_rows
 from scdm.store.errors import EmbeddingNotFoundError, InputDataError, ScdmError
 from scdm.store.heads import (
     HeadNotFoundError,
@@ -940,8 +941,9 @@ def predict(
         ``embedding_id``, ``proba`` (probability of sensitive), ``label`` (1 sensitive, 0
         resistant), ``response`` (the stored label, if any: of the label set the head was trained
         on where the dataset has it, else of its default), ``label_set`` (that label set's name),
-        ``trained_on`` (True for the cells the head was fitted on: their predictions are not
-        held-out; a warning says how many).
+        ``trained_on`` (True for the cells the head was fitted on, or whose labels tuned the
+        LoRA adapter of a ``lora:`` embedding: their predictions are not held-out; a warning says
+        how many).
 
     Raises
     ------
@@ -967,17 +969,17 @@ def predict(
     record = trained_head(st, trained.head_id)
     cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
     cells = cells.reset_index(drop=True)
-    trained_on = _trained_on(record, embedding_id, cells)
+    trained_on = _trained_on(st, record, embedding_id, cells)
     frame = pd.DataFrame({
         "head_id": trained.head_id, "dataset_id": ds.dataset_id, "row": cells["row"].to_numpy(np.int32),
         "cell_id": cells["cell_id"].astype(str), "embedding_id": embedding_id, "proba": proba.astype(np.float32),
         "label": label, "response": cells["response"], "label_set": cells["label_set"], "trained_on": trained_on,
     })
     if trained_on.any():
-        logger.warning("%d of the %d cells of %s trained head %s: their predictions are fitted values, not held-out "
-                       "ones (column trained_on); a score on them is a training score. The head's cross-validated "
-                       "scores are its train_metrics (scdm heads).", int(trained_on.sum()), len(frame), ds.name,
-                       trained.head_id)
+        logger.warning("%d of the %d cells of %s trained head %s (or the LoRA adapter of its embedding): their "
+                       "predictions are fitted values, not held-out ones (column trained_on); a score on them is a "
+                       "training score. The head's cross-validated scores are its train_metrics (scdm heads).",
+                       int(trained_on.sum()), len(frame), ds.name, trained.head_id)
     replace_predictions(st, Predictions(trained.head_id, ds.dataset_id, embedding_id, frame["row"].to_numpy(),
                                         frame["proba"].to_numpy(), frame["label"].to_numpy()))
     if out is not None:
@@ -997,14 +999,17 @@ def _response_label_set(st: Store, record: TrainedHeadRecord, ds: Any) -> str | 
     return None if ls is None else ls.name
 
 
-def _trained_on(record: TrainedHeadRecord, embedding_id: str, cells: pd.DataFrame) -> np.ndarray:
-    """Which of a dataset's cells (in ``cells`` order) the head was fitted on: its labelled cells of the head's category."""
+def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: pd.DataFrame) -> np.ndarray:
+    """Which of a dataset's cells (in ``cells`` order) are not held-out: the head was fitted on them (its
+    labelled cells of the head's category), or their labels tuned the LoRA adapter of the embedding."""
+    tuned = tuned_training_rows(st, embedding_id)
+    mask = np.zeros(len(cells), bool) if tuned is None else np.isin(cells["row"].to_numpy(np.int64), tuned)
     if embedding_id not in record.embedding_ids:
-        return np.zeros(len(cells), bool)
-    mask = cells["response"].notna().to_numpy(bool)
+        return mask
+    fitted = cells["response"].notna().to_numpy(bool)
     if record.category_type != "all":
-        mask &= (cells[record.category_type].astype(str) == record.category).to_numpy(bool)
-    return mask
+        fitted &= (cells[record.category_type].astype(str) == record.category).to_numpy(bool)
+    return mask | fitted
 
 
 def _write_out(st: Store, ds: Any, frame: pd.DataFrame, out: Path, trained: TrainedHead) -> None:

@@ -81,6 +81,7 @@ from scdm.classify._transfer_data import (
     waterfall_cutoff,
 )
 from scdm.classify.metrics import METRICS, compute_metrics
+from scdm.store.adapters import tuned_training_rows
 from scdm.store.errors import (
     EmbeddingIncompleteError,
     EmbeddingNotFoundError,
@@ -450,6 +451,7 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
     if row["dataset_id"].iloc[0] != target_id:
         msg = f"Embedding {features} belongs to dataset {row['dataset_name'].iloc[0]!r}, not to the target {target!r}."
         raise InputDataError(msg)
+    _refuse_tuned_on_target(st, features, target)
     space = row["space_id"].iloc[0]
     names = list(source) + ([validation] if validation is not None else [])
     ids = _source_embedding_ids(st, table, names, space, source_features, len(source))
@@ -470,6 +472,19 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
         rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
         dom.Xv = st.read_embedding(ids[-1], rows).astype(np.float32)
     return dom
+
+
+def _refuse_tuned_on_target(st: Store, embedding_id: str, target: str) -> None:
+    """A LoRA-tuned target embedding whose adapter trained on target cells would score them as held-out."""
+    seen = tuned_training_rows(st, embedding_id)
+    if seen is None or seen.size == 0:
+        return
+    variant = st.query("SELECT variant FROM embeddings WHERE embedding_id = ?", [embedding_id])["variant"].iloc[0]
+    msg = (f"Embedding {embedding_id} of the target {target!r} is {variant}, a LoRA adapter tuned with the labels of "
+           f"{seen.size} of its cells: the transfer's target metrics would score cells the embedding was tuned on. Use "
+           "the target's frozen embedding, or a tuned variant whose test fold holds out all of the target's cells "
+           "(e.g. a cross split that holds out the target's study).")
+    raise InputDataError(msg)
 
 
 def _source_embedding_ids(st: Store, table: pd.DataFrame, names: list[str], space: str,

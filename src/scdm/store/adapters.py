@@ -6,10 +6,12 @@ catalog row is written here, after the files are in place, so a row always has i
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from scdm.store._constants import ARTIFACTS_DIR
@@ -18,7 +20,7 @@ from scdm.store._store import canonical_json
 if TYPE_CHECKING:
     from scdm.store._store import Store
 
-__all__ = ["ADAPTERS_DIR", "AdapterRecord", "adapter_dir", "write_adapter", "forget_adapter", "adapter_row"]
+__all__ = ["ADAPTERS_DIR", "AdapterRecord", "adapter_dir", "write_adapter", "forget_adapter", "adapter_row", "tuned_training_rows"]
 
 ADAPTERS_DIR = "adapters"
 """Folder under ``<store>/artifacts`` holding one ``<adapter_id>/`` folder per adapter."""
@@ -82,3 +84,26 @@ def adapter_row(st: Store, adapter_id: str) -> dict[str, Any] | None:
     """The adapter's catalog row as a dict, or None."""
     frame = st.query("SELECT * FROM adapters WHERE adapter_id = ?", [adapter_id])
     return None if frame.empty else frame.iloc[0].to_dict()
+
+
+def tuned_training_rows(st: Store, embedding_id: str) -> np.ndarray | None:
+    """Rows of an embedding's dataset whose labels trained the LoRA adapter it was made with (sorted).
+
+    None for an embedding that no adapter tuned (``params["lora"]`` absent). An adapter trains on
+    every cell of its split outside its test fold: those cells' embeddings were shaped by their
+    labels, so a score on them is not held-out. When that split is gone (removed when its cells'
+    labels or metadata changed) the cells cannot be told apart, and every row of the dataset is
+    returned.
+    """
+    frame = st.query("SELECT dataset_id, params, n_cells FROM embeddings WHERE embedding_id = ?", [embedding_id])
+    if frame.empty:
+        return None
+    scope = json.loads(frame["params"].iloc[0]).get("lora")
+    if not scope:
+        return None
+    if st.query("SELECT 1 FROM splits WHERE split_id = ?", [scope["split_id"]]).empty:
+        return np.arange(int(frame["n_cells"].iloc[0]), dtype=np.int64)
+    rows = st.query(
+        'SELECT "row" FROM split_assignments WHERE split_id = ? AND dataset_id = ? AND fold IS DISTINCT FROM ? ORDER BY "row"',
+        [scope["split_id"], frame["dataset_id"].iloc[0], int(scope["fold"])])
+    return rows["row"].to_numpy(np.int64)
