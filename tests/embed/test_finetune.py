@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -671,3 +672,19 @@ def test_predict_marks_cells_that_tuned_the_embedding_as_not_held_out(two_datase
     st.ingest(st.open_anndata("second", backed=False), study="one study", update=True)
     assert st.query("SELECT count(*) AS n FROM splits")["n"].iloc[0] == 0
     assert predict(st, head_id, "second")["trained_on"].all()
+
+
+def test_a_tuned_head_names_the_way_a_new_dataset_gets_into_its_space(two_datasets_tuned):
+    # predicting a new dataset with a head on tuned embeddings advised `scdm embed new --model scbert`,
+    # which makes the frozen space: following it only led to a second, vaguer refusal
+    from scdm.classify.trained_heads import SpaceMismatchError, predict, train_head
+
+    st, ckpt, res, tuned, _ = two_datasets_tuned
+    head_id = train_head(st, embeddings=[tuned["first"]], head="logreg")
+    st.ingest(_planted(20, 80, 12, seed=3), name="unseen", label_key="label")
+    embed(st, "unseen", "scbert", ckpt, progress=False)
+    with pytest.raises(SpaceMismatchError, match=rf"`scdm embed` makes the frozen scbert space.*lora_dir='{re.escape(res.adapter_dir)}'"):
+        predict(st, head_id, "unseen")
+    embed(st, "unseen", "scbert", ckpt, progress=False, lora_dir=res.adapter_dir)  # what the message says
+    frame = predict(st, head_id, "unseen")
+    assert len(frame) == 20 and not frame["trained_on"].any()

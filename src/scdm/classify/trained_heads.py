@@ -52,7 +52,7 @@ import pandas as pd
 
 from scdm.classify.heads import BaseHead, get_head
 from scdm.classify.results import stale_sql
-from scdm.store.adapters import tuned_training_rows
+from scdm.store.adapters import adapter_dir, tuned_training_rows
 from scdm.store.errors import EmbeddingNotFoundError, InputDataError, ScdmError
 from scdm.store.heads import (
     HeadNotFoundError,
@@ -880,6 +880,8 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
     expected = f"{trained.model} ({trained.variant}, space {trained.space_id})"
     # a baseline's space is fitted on the datasets embedded together: the way in is a joint fit, not another dataset alone
     joint = _joint_baseline_hint(st, trained, ds.name) if trained.model in BASELINE_MODELS else None
+    if trained.variant.startswith("lora:"):  # `scdm embed` makes the frozen space, never this one
+        joint = _tuned_space_hint(st, trained, ds.name)
     if mine.empty:
         advice = joint or f"Embed it first: `scdm embed {ds.name} --model {trained.model}`."
         raise EmbeddingNotFoundError(f"Dataset {ds.name!r} has no embedding; head {trained.head_id} reads {expected}. {advice}")
@@ -892,6 +894,16 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
             "the head in that space, or embed it with the exact parameters of the head's embeddings.")
     msg = f"Dataset {ds.name!r} is embedded as {have}, but head {trained.head_id} expects {expected}. {hint}"
     raise SpaceMismatchError(msg)
+
+
+def _tuned_space_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
+    """How a dataset gets into a LoRA-tuned head's space: embedded through the same adapter."""
+    adapter_id = trained.variant.removeprefix("lora:")
+    folder = adapter_dir(st, adapter_id)
+    return (f"The head reads embeddings tuned by LoRA adapter {adapter_id}; `scdm embed` makes the frozen {trained.model} "
+            f"space, never this one. Embed {dataset!r} through the adapter with the head's checkpoint and parameters: "
+            f"scdm.embedding.runner.embed(store, {dataset!r}, {trained.model!r}, CHECKPOINT, lora_dir={str(folder)!r}), "
+            f"or train a head on the frozen {trained.model} embeddings.")
 
 
 def _joint_baseline_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
