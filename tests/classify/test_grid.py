@@ -248,7 +248,7 @@ def test_ridge_downdates_equal_fitting_each_fold(st: Store) -> None:
         split = load_split(st, task.split_id)
         rows = np.array([key[k] for k in zip(split.cells["dataset_id"], split.cells["row"])])
         test = split.test_mask(task.fold)
-        expected = get_head("ridge").fit(X[rows[~test]], y[rows[~test]].astype(int)).predict_proba(X[rows[test]])
+        expected = get_head("ridge").fit(X[rows[~test]], y[rows[~test]].astype(int)).proba_sensitive(X[rows[test]])
         got = st.query('SELECT dataset_id, "row", proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"',
                        [task.task_id])
         np.testing.assert_allclose(got["proba"].to_numpy(), expected, atol=2e-5)

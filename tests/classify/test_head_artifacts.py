@@ -62,7 +62,7 @@ def test_saved_head_predicts_exactly_like_the_fitted_one(tmp_path: Path, name: s
     loaded = load_head_artifact(tmp_path / file_name, artifact_format, name)
     assert loaded is not head and type(loaded) is type(head) and loaded.get_params() == head.get_params()
     X_new, _ = _data(n=50, seed=1)
-    np.testing.assert_allclose(loaded.predict_proba(X_new), head.predict_proba(X_new), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loaded.proba_sensitive(X_new), head.proba_sensitive(X_new), rtol=1e-6, atol=1e-7)
     if artifact_format == "safetensors":
         from safetensors import safe_open
 
@@ -238,6 +238,6 @@ def test_trust_pickle_converts_an_old_torch_mlp_head(legacy_store: Store) -> Non
     X = st.read_embedding(LEGACY_EMBEDDING)
     with torch.no_grad():
         expected = torch.softmax(net(torch.from_numpy((X - mean) / scale)), dim=1)[:, 1].numpy()
-    np.testing.assert_allclose(loaded.head.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded.head.proba_sensitive(X), expected, rtol=1e-5, atol=1e-6)
     assert trained_head(st, head_id).artifact_format == "safetensors" and not old.exists()
-    np.testing.assert_allclose(load_head(st, head_id).head.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(load_head(st, head_id).head.proba_sensitive(X), expected, rtol=1e-5, atol=1e-6)

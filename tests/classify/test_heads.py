@@ -56,13 +56,14 @@ class HeadContract:
         X, y = planted()
         head = self.make()
         assert head.fit(X[:300], y[:300]) is head
-        p = head.predict_proba(X[300:])
+        p = head.proba_sensitive(X[300:])
         assert p.shape == (100,)
+        np.testing.assert_array_equal(head.predict_proba(X[300:]), np.column_stack([1 - p, p]))
         assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
 
     def test_predict_before_fit_raises(self) -> None:
         with pytest.raises(NotFittedError, match="not fitted"):
-            self.make().predict_proba(np.zeros((3, 12), np.float32))
+            self.make().proba_sensitive(np.zeros((3, 12), np.float32))
 
     def test_fitted_state_ends_with_underscore_and_params_untouched(self) -> None:
         X, y = planted()
@@ -77,7 +78,7 @@ class HeadContract:
         X, y = planted()
         head = self.make().fit(X, y)
         with pytest.raises(InputDataError, match="columns"):
-            head.predict_proba(X[:, :5])
+            head.proba_sensitive(X[:, :5])
 
     def test_invalid_parameter_is_caught_in_fit_not_init(self) -> None:
         if self.bad_params is None:
@@ -89,13 +90,13 @@ class HeadContract:
 
     def test_same_seed_same_predictions(self) -> None:
         X, y = planted()
-        a = self.make().fit(X[:300], y[:300]).predict_proba(X[300:])
-        b = self.make().fit(X[:300], y[:300]).predict_proba(X[300:])
+        a = self.make().fit(X[:300], y[:300]).proba_sensitive(X[300:])
+        b = self.make().fit(X[:300], y[:300]).proba_sensitive(X[300:])
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
     def test_planted_signal_is_recovered(self) -> None:
         X, y = planted(n=600)
-        p = self.make().fit(X[:400], y[:400]).predict_proba(X[400:])
+        p = self.make().fit(X[:400], y[:400]).proba_sensitive(X[400:])
         auroc = roc_auc_score(y[400:], p)
         if self.learns:
             assert auroc > 0.9
@@ -109,7 +110,7 @@ class HeadContract:
             with pytest.raises(InputDataError, match="both classes"):
                 head.fit(X, np.ones(len(X), int))
         else:
-            assert (head.fit(X, np.ones(len(X), int)).predict_proba(X) == 1.0).all()
+            assert (head.fit(X, np.ones(len(X), int)).proba_sensitive(X) == 1.0).all()
 
 
 class TestRidge(HeadContract):
@@ -171,7 +172,8 @@ def test_ridge_matches_closed_form_on_standardised_features() -> None:
     Z = scaler.transform(X.astype(np.float64))
     w = np.linalg.solve(Z.T @ Z + 5.0 * np.eye(Z.shape[1]), Z.T @ (y - y.mean()))
     np.testing.assert_allclose(head.coef_ * scaler.scale_, w, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(head.decision_function(X), Z @ w + y.mean(), atol=1e-4)
+    # decision_function is centred at the 0.5 threshold: positive where class 1 is predicted
+    np.testing.assert_allclose(head.decision_function(X), Z @ w + y.mean() - 0.5, atol=1e-4)
 
 
 def test_ridge_without_standardising_matches_sklearn() -> None:
@@ -218,12 +220,12 @@ def test_shuffled_labels_score_at_chance() -> None:
     aurocs = []
     for seed in range(8):
         X, y = planted(n=800, seed=seed)
-        p = get_head("shuffled-label", base="logreg", seed=seed).fit(X[:600], y[:600]).predict_proba(X[600:])
+        p = get_head("shuffled-label", base="logreg", seed=seed).fit(X[:600], y[:600]).proba_sensitive(X[600:])
         aurocs.append(roc_auc_score(y[600:], p))
     assert abs(np.mean(aurocs) - 0.5) < 0.05
     # the same data with true labels is clearly learnable: the alarm measures leakage, not noise
     X, y = planted(n=800)
-    assert roc_auc_score(y[600:], get_head("logreg").fit(X[:600], y[:600]).predict_proba(X[600:])) > 0.9
+    assert roc_auc_score(y[600:], get_head("logreg").fit(X[:600], y[:600]).proba_sensitive(X[600:])) > 0.9
 
 
 def test_mlp_paper_profile_is_scdrugmaps_reference_code() -> None:
@@ -282,7 +284,7 @@ def test_mlp_default_is_mirror_symmetric_under_a_label_flip() -> None:
     a = get_head("mlp", hidden=32, min_steps=200).fit(X[train], y[train])
     b = get_head("mlp", hidden=32, min_steps=200).fit(X[train], 1 - y[train])
     assert a.best_epoch_ == b.best_epoch_
-    np.testing.assert_allclose(b.predict_proba(X[test]), 1 - a.predict_proba(X[test]), atol=1e-4)
+    np.testing.assert_allclose(b.proba_sensitive(X[test]), 1 - a.proba_sensitive(X[test]), atol=1e-4)
     carve = MLPHead()._carve_validation(y[train], True)[1], MLPHead()._carve_validation(1 - y[train], True)[1]
     np.testing.assert_array_equal(*carve)
 
@@ -300,7 +302,7 @@ def test_mlp_default_matches_ridge_on_a_small_pca_like_fold_set() -> None:
         aurocs = []
         for k in range(10):
             tr, te = folds != k, folds == k
-            aurocs.append(roc_auc_score(y[te], get_head(name, **params).fit(Z[tr], y[tr]).predict_proba(Z[te])))
+            aurocs.append(roc_auc_score(y[te], get_head(name, **params).fit(Z[tr], y[tr]).proba_sensitive(Z[te])))
         scores[name] = np.mean(aurocs)
     assert scores["ridge"] > 0.8  # seeds 7-9: ridge 0.86-0.92, mlp 0.91-0.93
     assert scores["mlp"] >= scores["ridge"] - 0.05
@@ -315,7 +317,7 @@ def test_mlp_heads_saved_with_two_softmax_outputs_still_predict() -> None:
     del head.output_
     with torch.no_grad():
         logits = head.model_(torch.from_numpy(X[:5]))
-    np.testing.assert_allclose(head.predict_proba(X[:5]), torch.softmax(logits, 1)[:, 1].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(head.proba_sensitive(X[:5]), torch.softmax(logits, 1)[:, 1].numpy(), rtol=1e-5)
 
 
 def test_mlp_standardises_with_training_cells_only() -> None:
@@ -383,7 +385,7 @@ def test_mlp_fits_in_parallel_threads_equal_a_lone_fit():
     y = (X[:, 0] > 0).astype(np.int8)
 
     def fit(_: int) -> np.ndarray:
-        return get_head("mlp", epochs=2, batch_size=64, min_steps=0).fit(X, y).predict_proba(X)
+        return get_head("mlp", epochs=2, batch_size=64, min_steps=0).fit(X, y).proba_sensitive(X)
 
     alone = fit(0)
     with ThreadPoolExecutor(4) as pool:
@@ -438,9 +440,9 @@ def test_fit_rows_is_the_fit_of_those_rows_without_copying_them(params: dict) ->
     assert in_place.n_train_ == copied.n_train_ and in_place.history_ == copied.history_
     if copied.mean_ is not None:
         assert np.array_equal(in_place.mean_, copied.mean_) and np.array_equal(in_place.scale_, copied.scale_)
-    assert np.array_equal(in_place.predict_proba(X), copied.predict_proba(X))  # the same bits
+    assert np.array_equal(in_place.proba_sensitive(X), copied.proba_sensitive(X))  # the same bits
     test = np.setdiff1d(np.arange(600), rows)[::-1]
-    assert np.array_equal(in_place.predict_proba_rows(X, test), in_place.predict_proba(X[test]))
+    assert np.array_equal(in_place.predict_proba_rows(X, test), in_place.proba_sensitive(X[test]))
 
 
 def test_fit_rows_and_predict_proba_rows_read_the_matrix_in_place() -> None:
@@ -467,17 +469,17 @@ def test_fit_rows_of_other_heads_and_of_read_only_matrices_fit_a_copy() -> None:
     X, y = planted(n=300, dim=8, seed=5)
     rows = np.arange(1, 300, 3)
     ridge = get_head("ridge").fit_rows(X, rows, y)
-    assert np.array_equal(ridge.predict_proba(X), get_head("ridge").fit(X[rows], y[rows]).predict_proba(X))
-    assert np.array_equal(ridge.predict_proba_rows(X, rows[::-1]), ridge.predict_proba(X[rows[::-1]]))
+    assert np.array_equal(ridge.proba_sensitive(X), get_head("ridge").fit(X[rows], y[rows]).proba_sensitive(X))
+    assert np.array_equal(ridge.predict_proba_rows(X, rows[::-1]), ridge.proba_sensitive(X[rows[::-1]]))
     for name, params in (("majority", {}), ("shuffled-label", {"base": "mlp", "base_params": {"profile": "paper", "epochs": 1}}),
                          ("shuffled-label", {"base": "ridge"})):
         in_place = get_head(name, **params).fit_rows(X, rows, y)
         copied = get_head(name, **params).fit(X[rows], y[rows])
-        assert np.array_equal(in_place.predict_proba_rows(X, rows[::-1]), copied.predict_proba(X[rows[::-1]]))
+        assert np.array_equal(in_place.predict_proba_rows(X, rows[::-1]), copied.proba_sensitive(X[rows[::-1]]))
     frozen = X.copy()
     frozen.flags.writeable = False
     mlp = MLPHead(profile="paper", epochs=1).fit_rows(frozen, rows, y)
-    assert np.array_equal(mlp.predict_proba(X), MLPHead(profile="paper", epochs=1).fit(X[rows], y[rows]).predict_proba(X))
+    assert np.array_equal(mlp.proba_sensitive(X), MLPHead(profile="paper", epochs=1).fit(X[rows], y[rows]).proba_sensitive(X))
     with pytest.raises(InputDataError, match="No training cells"):
         MLPHead().fit_rows(X, np.array([], dtype=np.int64), y)
     with pytest.raises(InputDataError, match="300 rows but y has 10 labels"):

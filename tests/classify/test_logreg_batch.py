@@ -57,7 +57,7 @@ def test_batched_folds_match_the_head_fold_by_fold(folds_data):
         alone = LogRegHead().fit(X[rows], y[rows])
         batched = LogRegHead().set_solution(fits.coef[k], fits.intercept[k], mean=fits.mean[k], scale=fits.scale[k])
         # both stop at max |gradient| <= 1e-4, from different paths: equal to that precision
-        gap = np.abs(batched.predict_proba(X[~rows]) - alone.predict_proba(X[~rows]))
+        gap = np.abs(batched.proba_sensitive(X[~rows]) - alone.proba_sensitive(X[~rows]))
         assert gap.max() < 2e-2 and gap.mean() < 1e-3
 
 
@@ -154,7 +154,7 @@ def test_logreg_head_probabilities_are_sklearns():
         warnings.simplefilter("error", HeadConvergenceWarning)
         head = LogRegHead().fit(X, y)
     Xs = (X - head.mean_) / head.scale_
-    np.testing.assert_allclose(head.predict_proba(X), head.model_.predict_proba(Xs)[:, 1], atol=1e-6)
+    np.testing.assert_allclose(head.proba_sensitive(X), head.model_.predict_proba(Xs)[:, 1], atol=1e-6)
 
 
 def test_logreg_artifacts_saved_before_coef_attributes_still_predict():
@@ -165,11 +165,11 @@ def test_logreg_artifacts_saved_before_coef_attributes_still_predict():
     X = rng.standard_normal((300, 8)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int8)
     head = LogRegHead().fit(X, y)
-    expected = head.predict_proba(X)
+    expected = head.proba_sensitive(X)
     old_style = LogRegHead()
     old_style.__dict__.update({k: v for k, v in vars(head).items() if k not in ("coef_", "intercept_")})
     restored = pickle.loads(pickle.dumps(old_style))
-    np.testing.assert_allclose(restored.predict_proba(X), expected, rtol=1e-12)
+    np.testing.assert_allclose(restored.proba_sensitive(X), expected, rtol=1e-12)
 
 
 def test_threads_sharing_a_pass_give_the_same_bits_and_the_grid_uses_them(folds_data, monkeypatch):

@@ -57,7 +57,7 @@ def test_predictions_in_blocks_are_the_whole_predictions(data, monkeypatch):
     head = LogRegHead().fit(X[:600], y[:600])
     positions = np.random.default_rng(2).permutation(900)[:700]
     monkeypatch.setattr(tasks, "PREDICT_BLOCK_ROWS", 64)
-    assert np.array_equal(tasks.predict_in_blocks(head, X, positions), head.predict_proba(X[positions]))
+    assert np.array_equal(tasks.predict_in_blocks(head, X, positions), head.proba_sensitive(X[positions]))
 
 
 class _OneMatrix:

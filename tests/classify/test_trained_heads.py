@@ -71,7 +71,7 @@ def test_train_saves_artifact_and_catalog_row_and_predict_matches_direct_fit(st:
 
     frame = predict(st, head_id, "a375", out=tmp_path / "pred.csv")
     y = st.cells(["a375"]).sort_values("row")["response"].to_numpy(np.int64)
-    expected = get_head("ridge", alpha=2.0).fit(a375_values, y).predict_proba(a375_values)
+    expected = get_head("ridge", alpha=2.0).fit(a375_values, y).proba_sensitive(a375_values)
     np.testing.assert_allclose(frame["proba"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
     assert (frame["label"].to_numpy() == (expected >= 0.5)).all()
     stored = st.query("SELECT * FROM predictions WHERE head_id = ? ORDER BY row", [head_id])
@@ -94,7 +94,7 @@ def test_mlp_round_trips_through_safetensors(st: Store, a375_values: np.ndarray,
     row = trained_heads(st).iloc[0]
     assert row["artifact_format"] == "safetensors" and row["path"].endswith("head.safetensors")
     y = st.cells(["a375"]).sort_values("row")["response"].to_numpy(np.int64)
-    direct = get_head("mlp", **params).fit(a375_values, y).predict_proba(a375_values)
+    direct = get_head("mlp", **params).fit(a375_values, y).proba_sensitive(a375_values)
     frame = predict(st, head_id, "a375", out=tmp_path / "copy.h5ad")
     np.testing.assert_allclose(frame["proba"].to_numpy(), direct, rtol=1e-4, atol=1e-5)
     copy = ad.read_h5ad(tmp_path / "copy.h5ad")

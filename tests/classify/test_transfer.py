@@ -661,7 +661,7 @@ def test_dann_head_adapts_to_the_held_out_cells() -> None:
                     cluster_method="kmeans", n_clusters=3)
     with pytest.raises(InputDataError, match="target="):
         head.fit(X_s, y_s)
-    proba = head.fit(X_s, y_s, target=X_t).predict_proba(X_t)
+    proba = head.fit(X_s, y_s, target=X_t).proba_sensitive(X_t)
     assert proba.shape == (200,) and ((0 <= proba) & (proba <= 1)).all()
     from sklearn.metrics import roc_auc_score
 

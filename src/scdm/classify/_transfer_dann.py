@@ -131,13 +131,13 @@ class DANNHead(BaseHead):
             msg = ("The dann head adapts to the cells it will predict: call fit(X, y, target=X_test). The evaluation "
                    "grid passes the held-out cells to heads with uses_target_domain=True.")
             raise InputDataError(msg)
-        T = self._check_X(target)
-        if T.shape[1] != X.shape[1] or T.shape[0] == 0:
+        T = np.asarray(target)
+        if T.ndim != 2 or T.shape[1] != X.shape[1] or T.shape[0] == 0:
             msg = f"target must be a non-empty (n_target, {X.shape[1]}) array; got shape {T.shape}."
             raise InputDataError(msg)
+        T = self._validate_X(target, reset=False)  # finite, float, the same columns as X
         t0 = time.perf_counter()
         self._fit_adapted(X, y, T)
-        self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 

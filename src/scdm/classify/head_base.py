@@ -1,5 +1,25 @@
 """What every head is built from: the base class, parameter rules, column moments, torch seeding.
 
+Every head is a scikit-learn binary classifier (``ClassifierMixin`` + ``BaseEstimator``): ``clone``,
+``get_params``/``set_params``, ``Pipeline``, ``cross_val_score`` and ``check_estimator`` work, and
+:meth:`BaseHead.fit` takes any two labels (ints, bools, strings; ``classes_`` sorted, the second is
+the positive class: with scdm's 0/1 labels, 1 = sensitive), a pandas DataFrame (``feature_names_in_``)
+and float32 or float64 input, refusing NaN, infinities, sparse matrices and more than two classes.
+
+Two calling conventions, one model:
+
+- scikit-learn's: ``fit(X, y)``, ``predict(X)``, ``predict_proba(X)`` of shape (n_cells, 2) in
+  ``classes_`` order (one column where ``fit`` saw a single class, as scikit-learn's
+  ``DummyClassifier``), and ``decision_function(X)`` (positive = ``classes_[1]``) where a head has one;
+- scdm's, labels 0 (resistant) / 1 (sensitive): ``fit_rows(X, rows, y)``,
+  ``predict_proba_rows(X, rows)`` and :meth:`BaseHead.proba_sensitive`, each a 1-D probability of
+  label 1. The evaluation grid and trained heads use these (no copy of a space's matrix).
+
+Persistence: scdm stores a fitted head as an artifact that cannot run code
+(:mod:`scdm.classify.trained_heads`) and never unpickles one from a store. A head pickles in memory
+like any scikit-learn estimator (``copy.deepcopy``, joblib workers); that is the caller's choice, with
+the usual rule that a pickle is only loaded from a trusted source.
+
 Heads live in :mod:`scdm.classify.heads` (and the domain-adaptation head in
 :mod:`scdm.classify._transfer_dann`); both build on this module, which imports no head, so the
 two never import each other.
@@ -18,6 +38,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+from sklearn.utils import Tags
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import validate_data
 
 from scdm.store.errors import InputDataError, ScdmError, ScdmWarning
 
@@ -36,8 +61,8 @@ __all__ = [
 ]
 
 
-class NotFittedError(ScdmError, ValueError, AttributeError):
-    """``predict_proba`` was called on a head before ``fit``."""
+class NotFittedError(ScdmError, SklearnNotFittedError):
+    """``predict_proba`` was called on a head before ``fit`` (also scikit-learn's ``NotFittedError``)."""
 
 
 class HeadConvergenceWarning(ScdmWarning):
@@ -116,7 +141,7 @@ NONE = IsType(type(None))
 
 def check_fitted(head: BaseHead) -> None:
     """Raise :class:`NotFittedError` unless ``head.fit`` has run."""
-    if not any(k.endswith("_") and not k.startswith("_") for k in vars(head)):
+    if not head.__sklearn_is_fitted__():
         msg = f"This {type(head).__name__} is not fitted yet; call fit(X, y) before predict_proba(X)."
         raise NotFittedError(msg)
 
@@ -124,12 +149,14 @@ def check_fitted(head: BaseHead) -> None:
 # --------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------
-class BaseHead(abc.ABC):
-    """Common interface: ``fit(X, y) -> self`` and ``predict_proba(X) -> ndarray (n,)``."""
+class BaseHead(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
+    """A scikit-learn binary classifier with scdm's row-wise fit and 1-D scores (module docstring)."""
 
     name: ClassVar[str] = ""
     _rules: ClassVar[dict[str, list[Rule]]] = {}
     needs_both_classes: ClassVar[bool] = True
+    scores_at_chance: ClassVar[bool] = False
+    """A baseline that is meant to score at chance (scikit-learn's ``poor_score`` tag)."""
 
     # -- parameters ------------------------------------------------------------------------
     @classmethod
@@ -142,9 +169,22 @@ class BaseHead(abc.ABC):
         """Names of the constructor arguments."""
         return cls._param_names()
 
-    def get_params(self) -> dict[str, Any]:
-        """The constructor arguments of this head, by name."""
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments of this head, by name, in signature order.
+
+        ``deep`` is scikit-learn's; no head takes an estimator as a parameter, so it changes nothing.
+        """
         return {k: getattr(self, k) for k in self._param_names()}
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        assert tags.classifier_tags is not None
+        tags.classifier_tags.multi_class = False
+        tags.classifier_tags.poor_score = self.scores_at_chance
+        return tags
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return any(k.endswith("_") and not k.startswith("_") for k in vars(self))
 
     def params_key(self) -> str:
         """Canonical JSON of the parameters: part of a grid task's identity.
@@ -185,19 +225,56 @@ class BaseHead(abc.ABC):
     # -- data ------------------------------------------------------------------------------
     @staticmethod
     def _check_X(X: np.ndarray) -> np.ndarray:
+        """Rows as float32 or float64 (scdm's own path: the grid's matrices are checked when stored)."""
         X = np.asarray(X)
         _require_matrix(X)
         if X.dtype != np.float32 and X.dtype != np.float64:
             X = X.astype(np.float32)
         return X
 
-    def _check_fit_data(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        X = self._check_X(X)
-        y = np.asarray(y).ravel()
-        if y.shape[0] != X.shape[0]:
-            msg = f"X has {X.shape[0]} rows but y has {y.shape[0]} labels; pass one label per cell."
+    def _validate_X(self, X: Any, y: Any = None, *, reset: bool) -> Any:
+        """scikit-learn's input validation (2-D, finite, dense, float32/float64, feature count and names).
+
+        Its ``ValueError`` becomes an :class:`InputDataError` with the same message.
+        """
+        try:
+            if y is None:
+                return validate_data(self, X, reset=reset, dtype=_FLOATS)
+            return validate_data(self, X, y, reset=reset, dtype=_FLOATS)
+        except InputDataError:
+            raise
+        except ValueError as err:
+            raise InputDataError(str(err)) from err
+
+    def _check_fit_data(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validated rows and labels encoded as int64 0/1 (1 = ``classes_[1]``); sets ``classes_``."""
+        if y is None:
+            msg = f"{type(self).__name__} requires y to be passed, but the target y is None; pass one label per cell."
             raise InputDataError(msg)
-        return X, self._check_labels(y)
+        X, y = self._validate_X(X, y, reset=True)
+        self.classes_, encoded = self._encode_labels(y)
+        return X, encoded
+
+    def _encode_labels(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(classes_, labels as 0/1 positions in classes_), refusing regression and multiclass targets."""
+        try:
+            check_classification_targets(y)
+        except ValueError as err:
+            raise InputDataError(str(err)) from err
+        kind = type_of_target(y, input_name="y")
+        if kind != "binary":
+            msg = (f"Only binary classification is supported. The type of the target is {kind} "
+                   f"({np.unique(y).size} classes); a head separates two labels (sensitive vs resistant).")
+            raise InputDataError(msg)
+        classes, encoded = np.unique(y, return_inverse=True)
+        if classes.size == 1:
+            if self.needs_both_classes:
+                msg = (f"{type(self).__name__} needs both classes, but y holds one class ({classes[0]!r}) in all "
+                       f"{y.size} cells; add cells of the other class.")
+                raise InputDataError(msg)
+            # scdm's 0/1 convention: a lone label 1 is "sensitive" (proba_sensitive 1), anything else 0
+            encoded = np.full(y.size, int(_is_label_one(classes[0])))
+        return classes, encoded.astype(np.int64)
 
     def _check_labels(self, y: np.ndarray) -> np.ndarray:
         """The training labels as int64 0/1 (refused: none, other values, one class where both are needed)."""
@@ -213,25 +290,31 @@ class BaseHead(abc.ABC):
             raise InputDataError(msg)
         return y.astype(np.int64)
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> BaseHead:
+    def fit(self, X: Any, y: Any) -> BaseHead:
         """Fit on training cells.
 
         Parameters
         ----------
-        X : ndarray of shape (n_cells, emb_dim)
-            Training embeddings.
-        y : ndarray of shape (n_cells,)
-            Labels, 1 = sensitive, 0 = resistant.
+        X : array-like of shape (n_cells, emb_dim)
+            Training embeddings (ndarray or DataFrame; float64 stays float64, other dtypes become
+            float32).
+        y : array-like of shape (n_cells,)
+            Two labels (scdm's: 1 = sensitive, 0 = resistant); ``classes_`` holds them sorted.
 
         Returns
         -------
         self
+
+        Raises
+        ------
+        InputDataError
+            A parameter is invalid, X is not a finite 2-D matrix, y is not a binary target, or
+            it holds one class for a head that needs both.
         """
         self._validate_params()
         X, y = self._check_fit_data(X, y)
         t0 = time.perf_counter()
         self._fit(X, y)
-        self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -265,7 +348,7 @@ class BaseHead(abc.ABC):
         labels = self._check_labels(y[rows])
         t0 = time.perf_counter()
         self._fit_rows(X, rows, labels)
-        self.n_features_in_ = X.shape[1]
+        self._set_scdm_labels(X.shape[1])
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -273,22 +356,83 @@ class BaseHead(abc.ABC):
         """Fit on ``X[rows]`` with their validated labels ``y``; by default on a copy of those rows."""
         self._fit(self._check_X(X[rows]), y)
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Probability that each cell is sensitive.
+    def _set_scdm_labels(self, n_features: int) -> None:
+        """Fitted on scdm's 0/1 labels (a row-wise fit or an installed solution): ``classes_`` is (0, 1)."""
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = int(n_features)
+        self.__dict__.pop("feature_names_in_", None)  # a matrix of a space has no column names
+
+    def _validated_rows(self, X: Any) -> np.ndarray:
+        check_fitted(self)
+        shape: tuple[int, ...] = getattr(X, "shape", ())  # arrays and frames; anything else gets scikit-learn's own message
+        if len(shape) == 2 and shape[1] != self.n_features_in_:
+            # scikit-learn's wording first (its checks match it), then what to do
+            msg = (f"X has {shape[1]} features, but {type(self).__name__} is expecting {self.n_features_in_} features "
+                   f"as input: it was fitted on {self.n_features_in_} embedding columns; pass cells of that embedding.")
+            raise InputDataError(msg)
+        return cast(np.ndarray, self._validate_X(X, reset=False))
+
+    def _positive_proba(self, X: np.ndarray) -> np.ndarray:
+        """Probability of ``classes_[1]`` (label 1 for a one-class fit on it) of validated rows."""
+        return np.clip(np.asarray(self._predict_proba(X), dtype=np.float64).ravel(), 0.0, 1.0)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, in ``classes_`` order.
 
         Parameters
         ----------
-        X : ndarray of shape (n_cells, emb_dim)
+        X : array-like of shape (n_cells, emb_dim)
+
+        Returns
+        -------
+        ndarray of shape (n_cells, 2)
+            Rows sum to 1; column 1 is the probability of ``classes_[1]`` (sensitive, for 0/1
+            labels). Shape (n_cells, 1), all ones, where ``fit`` saw a single class.
+        """
+        p = self._positive_proba(self._validated_rows(X))
+        if len(self.classes_) == 1:
+            return np.ones((p.size, 1))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The more probable class of each cell (``classes_[1]`` where its probability exceeds 0.5).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_cells, emb_dim)
 
         Returns
         -------
         ndarray of shape (n_cells,)
-            Values in [0, 1].
+            Labels from ``classes_``.
         """
-        check_fitted(self)
-        X = self._check_X(X)
-        self._check_columns(X)
-        return np.clip(np.asarray(self._predict_proba(X), dtype=np.float64).ravel(), 0.0, 1.0)
+        proba = self.predict_proba(X)  # first: an unfitted head raises NotFittedError here
+        return cast(np.ndarray, self.classes_[np.argmax(proba, axis=1)])
+
+    def proba_sensitive(self, X: Any) -> np.ndarray:
+        """Probability that each cell is sensitive (label 1): scdm's 1-D score.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_cells, emb_dim)
+
+        Returns
+        -------
+        ndarray of shape (n_cells,)
+            Values in [0, 1] (for a one-class fit: 1 where that class is 1, else 0).
+
+        Raises
+        ------
+        InputDataError
+            The head was fitted on labels other than 0/1 (use ``predict_proba(X)[:, 1]``, the
+            probability of ``classes_[1]``).
+        """
+        X = self._validated_rows(X)
+        if not all(_is_label_one(c) or _is_label_zero(c) for c in self.classes_):
+            msg = (f"proba_sensitive reads labels 0/1, but this {type(self).__name__} was fitted on "
+                   f"{list(self.classes_)}; use predict_proba(X)[:, 1], the probability of {self.classes_[-1]!r}.")
+            raise InputDataError(msg)
+        return self._positive_proba(X)
 
     def predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``predict_proba(X[rows])``, the same numbers; heads that read rows in batches do not copy them.
@@ -326,6 +470,18 @@ class BaseHead(abc.ABC):
     @abc.abstractmethod
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability of the sensitive class for validated rows."""
+
+
+_FLOATS = (np.float32, np.float64)
+"""Input dtypes kept as they are; any other is converted to the first."""
+
+
+def _is_label_one(label: Any) -> bool:
+    return isinstance(label, (bool, int, np.bool_, np.integer, float, np.floating)) and label == 1
+
+
+def _is_label_zero(label: Any) -> bool:
+    return isinstance(label, (bool, int, np.bool_, np.integer, float, np.floating)) and label == 0
 
 
 def _require_matrix(X: np.ndarray) -> None:

@@ -4,7 +4,11 @@ Every head follows the scikit-learn conventions::
 
     head = get_head("logreg", C=0.5)       # parameters are only stored here
     head.fit(X_train, y_train)             # validated here, against ``_rules``; returns self
-    p = head.predict_proba(X_test)         # ndarray (n,), probability of "sensitive" (1)
+    p = head.predict_proba(X_test)[:, 1]   # probability of classes_[1]: "sensitive" for 0/1 labels
+    p = head.proba_sensitive(X_test)       # the same, 1-D, for scdm's 0/1 labels
+
+They are scikit-learn classifiers (:mod:`scdm.classify.head_base`): ``clone``, ``Pipeline`` and
+``cross_val_score`` take them; their ``seed`` is scikit-learn's ``random_state``.
 
 Fitted state ends in ``_`` and is set only in ``fit``; ``predict_proba`` first calls
 :func:`check_fitted`. Heads that standardise do it with the mean and standard deviation of the
@@ -123,6 +127,7 @@ class MajorityHead(BaseHead):
 
     name = "majority"
     needs_both_classes = False
+    scores_at_chance = True
 
     def __init__(self) -> None:
         pass
@@ -148,6 +153,7 @@ class ShuffledLabelHead(BaseHead):
     """
 
     name = "shuffled-label"
+    scores_at_chance = True
     _rules = {"base": [OneOf(("logreg", "ridge", "mlp", "lightgbm"))], "seed": [Range(int, ge=0)],
               "base_params": [IsType(dict), NONE]}
 
@@ -162,7 +168,7 @@ class ShuffledLabelHead(BaseHead):
         self.head_ = get_head(self.base, **(self.base_params or {})).fit(X, y[self.permutation_])
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self.head_.predict_proba(X)
+        return self.head_.proba_sensitive(X)  # head_ was fitted on the 0/1 encoding of this head's labels
 
     def _fit_rows(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
         # the same permutation of the training labels as _fit's, placed at their rows of X
@@ -462,23 +468,39 @@ class RidgeHead(BaseHead):
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
         shift = X[: min(len(X), 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
         stats = GramStats.from_rows(X, y, shift=shift)
-        self.set_solution(*ridge_from_stats(stats, self.alpha, standardize=self.standardize))
+        self.coef_, self.intercept_ = self._solution(*ridge_from_stats(stats, self.alpha, standardize=self.standardize))
+
+    @staticmethod
+    def _solution(coef: np.ndarray, intercept: float) -> tuple[np.ndarray, float]:
+        return np.asarray(coef, np.float64), float(intercept)
 
     def set_solution(self, coef: np.ndarray, intercept: float) -> RidgeHead:
-        """Install a solution computed elsewhere (the grid's Gram-downdate path)."""
+        """Install a solution computed elsewhere on 0/1 labels (the grid's Gram-downdate path)."""
         self._validate_params()
-        self.coef_ = np.asarray(coef, np.float64)
-        self.intercept_ = float(intercept)
-        self.n_features_in_ = self.coef_.shape[0]
+        self.coef_, self.intercept_ = self._solution(coef, intercept)
+        self._set_scdm_labels(self.coef_.shape[0])
         return self
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Raw linear-probability score ``X @ coef_ + intercept_``."""
-        check_fitted(self)
-        return self._check_X(X).astype(np.float32) @ self.coef_.astype(np.float32) + self.intercept_
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Linear-probability score minus 0.5: positive where ``classes_[1]`` is predicted.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_cells, emb_dim)
+
+        Returns
+        -------
+        ndarray of shape (n_cells,)
+            ``X @ coef_ + intercept_ - 0.5`` (the regression targets the 0/1 encoding of y).
+        """
+        return self._score(self._validated_rows(X)) - 0.5
+
+    def _score(self, X: np.ndarray) -> np.ndarray:
+        """The regression's prediction of the 0/1 label, ``X @ coef_ + intercept_``."""
+        return X @ self.coef_.astype(X.dtype) + self.intercept_  # float32 rows (the grid) in float32
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return ridge_score_to_proba(self.decision_function(X))
+        return ridge_score_to_proba(self._score(X))
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,27 +548,31 @@ class LogRegHead(BaseHead):
             warnings.simplefilter("always", ConvergenceWarning)
             model.fit(X, y)
         self.model_ = model
-        self.set_solution(model.coef_[0], float(model.intercept_[0]), mean=mean, scale=scale,
-                          n_iter=int(np.max(model.n_iter_)),
-                          converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught))
+        self._install(model.coef_[0], float(model.intercept_[0]), mean=mean, scale=scale,
+                      n_iter=int(np.max(model.n_iter_)),
+                      converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught))
 
     def set_solution(self, coef: np.ndarray, intercept: float, *, mean: np.ndarray | None = None,
                      scale: np.ndarray | None = None, n_iter: int | None = None, converged: bool = True) -> LogRegHead:
-        """Install a solution (weights on standardised inputs and their standardisation).
+        """Install a solution fitted on 0/1 labels (weights on standardised inputs and their standardisation).
 
-        :meth:`fit` ends here; the grid's batched fold solver calls it directly.
+        The grid's batched fold solver calls it directly.
         """
         self._validate_params()
+        self._install(coef, intercept, mean=mean, scale=scale, n_iter=n_iter, converged=converged)
+        self._set_scdm_labels(self.coef_.shape[0])
+        return self
+
+    def _install(self, coef: np.ndarray, intercept: float, *, mean: np.ndarray | None, scale: np.ndarray | None,
+                 n_iter: int | None, converged: bool) -> None:
         self.coef_ = np.asarray(coef, np.float64)
         self.intercept_ = float(intercept)
         self.mean_, self.scale_ = mean, scale
         self.n_iter_ = n_iter
-        self.n_features_in_ = self.coef_.shape[0]
         if not converged:
             msg = (f"logreg stopped at max_iter={self.max_iter} before converging (tol={self.tol}); "
                    "raise max_iter or C's regularisation (smaller C) if the scores matter.")
-            warnings.warn(msg, HeadConvergenceWarning, stacklevel=3)
-        return self
+            warnings.warn(msg, HeadConvergenceWarning, stacklevel=4)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # heads saved before coef_/intercept_ existed (trained-head artifacts) predict as before
@@ -555,10 +581,21 @@ class LogRegHead(BaseHead):
                      "intercept_": float(state["model_"].intercept_[0])}
         self.__dict__.update(state)
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Log-odds of sensitivity: ``standardised(X) @ coef_ + intercept_``."""
-        check_fitted(self)
-        X = self._check_X(X)
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Log-odds of ``classes_[1]`` (sensitivity, for 0/1 labels).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_cells, emb_dim)
+
+        Returns
+        -------
+        ndarray of shape (n_cells,)
+            ``standardised(X) @ coef_ + intercept_``.
+        """
+        return self._log_odds(self._validated_rows(X))
+
+    def _log_odds(self, X: np.ndarray) -> np.ndarray:
         if self.mean_ is not None:
             X = (X - self.mean_) / self.scale_
         return X @ self.coef_.astype(X.dtype) + self.intercept_
@@ -566,7 +603,7 @@ class LogRegHead(BaseHead):
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         from scipy.special import expit
 
-        return expit(np.asarray(self.decision_function(X), np.float64))
+        return expit(np.asarray(self._log_odds(X), np.float64))
 
 
 class LightGBMHead(BaseHead):

@@ -220,10 +220,10 @@ are never copied nor standardised all at once."""
 
 
 def predict_in_blocks(head: Any, X: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """``head.predict_proba(X[positions])`` block by block (the same values: each row is scored alone)."""
+    """``head.proba_sensitive(X[positions])`` block by block (the same values: each row is scored alone)."""
     if positions.size <= PREDICT_BLOCK_ROWS:
-        return np.asarray(head.predict_proba(X[positions]))
-    return np.concatenate([np.asarray(head.predict_proba(X[positions[lo:lo + PREDICT_BLOCK_ROWS]]))
+        return np.asarray(head.proba_sensitive(X[positions]))
+    return np.concatenate([np.asarray(head.proba_sensitive(X[positions[lo:lo + PREDICT_BLOCK_ROWS]]))
                            for lo in range(0, positions.size, PREDICT_BLOCK_ROWS)])
 
 

@@ -470,6 +470,8 @@ def _restore(header: dict[str, Any], head_name: str, arrays: dict[str, np.ndarra
         import lightgbm
 
         parts.update({name: BoosterClassifier(lightgbm.Booster(model_str=text)) for name, text in boosters.items()})
+    # artifacts written before heads were scikit-learn classifiers have no classes_: all were fitted on 0/1 labels
+    parts.setdefault("classes_", np.array([0, 1]))
     for name, value in parts.items():
         if not _FITTED_NAME.match(name):  # never set a private or dunder attribute from a file
             msg = f"{where} names an attribute {name!r}, which is not a fitted attribute of a head."
@@ -692,6 +694,8 @@ def load_head(store: str | os.PathLike[str] | Store, head_id: str, *, trust_pick
         if not trust_pickle:
             raise _legacy_refusal(st, record, path)
         head = _load_legacy_pickle(path, record.artifact_format, record.head)
+        if "classes_" not in vars(head):  # pickled before heads had classes_: all were fitted on 0/1 labels
+            head.classes_ = np.array([0, 1])
         _convert_legacy(st, record, head)
     else:
         head = load_head_artifact(path, record.artifact_format, record.head)
@@ -976,7 +980,7 @@ def predict(
     trained = load_head(st, head_id, trust_pickle=trust_pickle)
     ds, embedding_id = _embedding_for(st, trained, dataset)
     X = st.read_embedding(embedding_id)
-    proba = trained.head.predict_proba(X)
+    proba = trained.head.proba_sensitive(X)
     label = (proba >= trained.threshold).astype(np.int8)
     record = trained_head(st, trained.head_id)
     cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
