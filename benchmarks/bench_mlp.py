@@ -103,7 +103,7 @@ def main() -> None:
         test = folds == k
         for precision in aurocs:
             head = MLPHead("fast", precision=precision).fit(X[~test], y[~test])  # type: ignore[arg-type]
-            aurocs[precision].append(float(roc_auc_score(y[test], head.predict_proba(X[test]))))
+            aurocs[precision].append(float(roc_auc_score(y[test], head.proba_sensitive(X[test]))))
     rows = []
     for config in CONFIGS:
         profile, precision, batch = config
