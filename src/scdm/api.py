@@ -10,6 +10,39 @@ that :func:`open_store` returns (and under ``scdm.store``, ``scdm.embedding``, `
 >>> scdm.evaluate(adata, heads=["logreg", "ridge"])   # a DataFrame: mean, sd, n per metric
 >>> scdm.results()                                    # every result in the store, same columns
 
+Every command has a Python call
+-------------------------------
+``st = scdm.open_store(path)``; each command makes the one call beside it (defaults are the
+command's, except where noted):
+
+==============  ===========================================================================
+``ingest``      ``st.ingest(path_or_adata, name=...)``
+``ls``          ``st.datasets()``, ``st.embeddings()``, ``st.label_sets()``
+``sql``         ``st.query(sql)``
+``export``      ``st.export_embedding(embedding_id, out)``
+``rm``          ``st.remove_dataset(name)``, ``st.remove_embedding(embedding_id)``
+``verify``      ``st.verify()``
+``models``      ``scdm.embedding.available_models()``
+``embed``       ``scdm.embed(adata, model=...)`` (an AnnData) or
+                ``scdm.embedding.runner.embed(st, dataset, model, checkpoint)`` (a stored dataset)
+``evaluate``    ``scdm.evaluate(...)`` (notebook defaults: pooled, ``by="all"``, 5 folds) or
+                ``scdm.classify.grid.evaluate(st, ...)`` (the command's: pooled and cross, every
+                category type, 10 folds)
+``results``     ``scdm.results(store)``
+``finetune``    ``scdm.embedding.finetune.finetune(...)``
+``prompt``      ``scdm.prompt.prompt(...)``
+``transfer``    ``scdm.classify.transfer.transfer(...)``
+``genes``       ``scdm.classify.transfer.critical_genes(...)``
+``train-head``  ``scdm.classify.trained_heads.train_head(...)``
+``predict``     ``scdm.classify.trained_heads.predict(...)``
+``report``      ``scdm.classify.report.write_report(...)``
+``synth``       ``scdm.classify.synth.synthesize(...)``
+``demo``        ``scdm.demo.run_demo(...)``
+``serve``       ``scdm.server.serve(...)``
+==============  ===========================================================================
+
+A head on its own is a scikit-learn classifier: ``scdm.classify.heads.get_head("logreg")``.
+
 Where embeddings are cached
 ---------------------------
 In the store given as ``store=``, else ``$SCDM_STORE``, else the user cache folder
@@ -72,6 +105,10 @@ def open_store(path: str | os.PathLike[str] | Store | None = None, *, read_only:
         Store directory; a :class:`~scdm.store.Store` is returned as it is.
     read_only : bool, optional
         Open read-only (detected automatically when the directory is not writable).
+
+    Returns
+    -------
+    Store
     """
     if isinstance(path, Store):
         return path

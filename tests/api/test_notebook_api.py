@@ -154,3 +154,26 @@ def test_the_readme_notebook_example_runs(tmp_path: Path, monkeypatch: pytest.Mo
     assert isinstance(board, pd.DataFrame) and set(board["head"]) == {"logreg", "ridge"}
     assert pd.api.types.is_float_dtype(board["auroc"])
     assert "connectivities" in namespace["adata"].obsp  # type: ignore[attr-defined]
+
+
+def test_every_command_has_its_python_call_listed_and_the_calls_exist() -> None:
+    import importlib
+    import re
+
+    import scdm.api
+    from scdm.cli import main
+
+    doc = scdm.api.__doc__ or ""
+    listed = dict(re.findall(r"^``([a-z-]+)``\s+(.+)$", doc, flags=re.MULTILINE))
+    assert set(listed) == set(main.commands), "scdm.api's table of commands is out of date"
+    for dotted in re.findall(r"``((?:scdm|st)\.[A-Za-z_.]+)\(", doc):
+        owner, _, attr = dotted.rpartition(".")
+        if owner == "st":
+            assert hasattr(Store, attr), dotted
+            continue
+        try:
+            target = importlib.import_module(owner)
+        except ModuleNotFoundError:  # a function of a module: scdm.classify.transfer.critical_genes
+            target = importlib.import_module(owner.rpartition(".")[0])
+            target = getattr(target, owner.rpartition(".")[2])
+        assert callable(getattr(target, attr)), dotted
