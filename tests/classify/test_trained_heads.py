@@ -87,6 +87,22 @@ def test_train_saves_artifact_and_catalog_row_and_predict_matches_direct_fit(st:
     assert len(trained_heads(st)) == 1
 
 
+def test_stored_labels_follow_the_stored_probabilities_at_the_threshold(st: Store, a375_values: np.ndarray,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0.5 - 1e-9 is below the threshold in float64 but is 0.5 once stored as REAL: the stored label
+    # must be the one the stored (and returned) probability gives
+    write_embedding(st, "a375", a375_values)
+    head_id = train_head(st, dataset="a375", model="pca-test", head="ridge")
+    below = np.full(108, 0.5 - 1e-9)
+    below[::2] = 0.25
+    monkeypatch.setattr(type(get_head("ridge")), "proba_sensitive", lambda self, X: below[: len(X)])
+    frame = predict(st, head_id, "a375")
+    assert frame["proba"].dtype == np.float64
+    assert (frame["label"] == (frame["proba"] >= 0.5)).all() and frame["label"].sum() == 54
+    stored = st.query("SELECT proba, label FROM predictions WHERE head_id = ? ORDER BY row", [head_id])
+    assert (stored["label"] == (stored["proba"].astype(np.float64) >= 0.5)).all()
+
+
 def test_mlp_round_trips_through_safetensors(st: Store, a375_values: np.ndarray, tmp_path: Path) -> None:
     write_embedding(st, "a375", a375_values)
     params = {"hidden": 16, "epochs": 3, "batch_size": 32, "min_steps": 10}

@@ -980,7 +980,9 @@ def predict(
     trained = load_head(st, head_id, trust_pickle=trust_pickle)
     ds, embedding_id = _embedding_for(st, trained, dataset)
     X = st.read_embedding(embedding_id)
-    proba = trained.head.proba_sensitive(X)
+    # labelled from the probabilities as they are stored (REAL) and returned: a value just under the
+    # threshold in float64 can round onto it in float32, and the stored label would contradict it
+    proba = np.asarray(trained.head.proba_sensitive(X), np.float32).astype(np.float64)
     label = (proba >= trained.threshold).astype(np.int8)
     record = trained_head(st, trained.head_id)
     cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
@@ -988,7 +990,7 @@ def predict(
     trained_on = _trained_on(st, record, embedding_id, cells)
     frame = pd.DataFrame({
         "head_id": trained.head_id, "dataset_id": ds.dataset_id, "row": cells["row"].to_numpy(np.int32),
-        "cell_id": cells["cell_id"].astype(str), "embedding_id": embedding_id, "proba": proba.astype(np.float32),
+        "cell_id": cells["cell_id"].astype(str), "embedding_id": embedding_id, "proba": proba,
         "label": label, "response": cells["response"], "label_set": cells["label_set"], "trained_on": trained_on,
     })
     if trained_on.any():
