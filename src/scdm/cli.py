@@ -656,6 +656,9 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @click.option("--actors", type=click.IntRange(min=1), help="Ray actors (model copies); default: cluster GPUs / --num-gpus-per-actor, or its CPUs, at most one per chunk.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True, help="Ray: resubmissions of a failed chunk (a dead actor is replaced).")
 @click.option("--arrays-url", envvar="SCDM_ARRAYS_URL", help="Put new embedding arrays under this fsspec URL (file:///shared/dir, s3://bucket/prefix) so Ray workers on other machines reach them; the catalog stays in --store.")
+@click.option("--lora", "lora", metavar="ADAPTER", help="Embed through a LoRA adapter made by scdm finetune: its id (as finetune "
+              "prints it, or the variant name lora:<id>) or its folder. The embedding is the tuned variant lora:<id>, the space "
+              "a head trained on that variant predicts in; -c must be the checkpoint the adapter was tuned from.")
 @click.option("--allow-non-counts", is_flag=True, help="Embed normalised (non-integer) values with a model that expects raw counts (refused otherwise).")
 @click.option("--allow-empty-cells", is_flag=True, help="Keep what the model returns for cells with no expressed gene it knows (all zeros for some models; refused otherwise).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -666,7 +669,8 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
           precision: str, torch_compile: bool, layer: int | None, pooling: str | None, max_genes: int | None, seed: int,
           params: tuple[str, ...], reference_quirks: bool, chunk_rows: int | None, workers: int | None, min_gene_fraction: float, joint: bool, n_hvg: int, n_comps: int,
           normalized: bool | None, executor: str, ray_address: str | None, num_gpus_per_actor: float | None, actors: int | None,
-          max_retries: int, arrays_url: str | None, allow_non_counts: bool, allow_empty_cells: bool, quiet: bool, name: str | None,
+          max_retries: int, arrays_url: str | None, lora: str | None, allow_non_counts: bool, allow_empty_cells: bool, quiet: bool,
+          name: str | None,
           no_copy: bool, **options: Any) -> None:
     """Embed the cells of DATA (an .h5ad file, ingested first, or a dataset in the store).
 
@@ -682,6 +686,7 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
       scdm embed pc9.h5ad --model geneformer --checkpoint ~/ckpt/Geneformer-V2-104M \\
            --label-key response --study GSE149383 --batch-size 64
       scdm embed pc9 --model scgpt --checkpoint ~/ckpt/scGPT_human --device cuda
+      scdm embed new_cells --model scgpt -c ~/ckpt/scGPT_human --lora 3f2a9c1e0b7d4a65   # a tuned space
       scdm embed pc9 --model geneformer -c /shared/ckpt/gf --executor ray --ray-address auto \\
            --arrays-url file:///shared/scdm-arrays            # one actor per GPU of the cluster
     """
@@ -720,7 +725,7 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
                                          progress=not quiet, executor=executor, ray_address=ray_address,
                                          num_gpus_per_actor=num_gpus_per_actor, actors=actors, max_retries=max_retries,
                                          allow_non_counts=allow_non_counts, allow_empty_cells=allow_empty_cells,
-                                         torch_compile=torch_compile, **extra))
+                                         torch_compile=torch_compile, lora_dir=lora, **extra))
             except TypeError as err:
                 if "unexpected keyword" not in str(err):
                     raise
@@ -878,7 +883,7 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
 
 _MODEL_ONLY_OPTIONS = ("checkpoint", "batch_size", "device", "precision", "torch_compile", "layer", "pooling", "max_genes",
                        "seed", "params", "reference_quirks", "workers", "min_gene_fraction", "executor", "ray_address",
-                       "num_gpus_per_actor", "actors", "max_retries", "allow_non_counts", "allow_empty_cells")
+                       "num_gpus_per_actor", "actors", "max_retries", "allow_non_counts", "allow_empty_cells", "lora")
 """`scdm embed` options that only a foundation model reads: given to a baseline, they would be ignored."""
 
 
@@ -893,6 +898,8 @@ def _refuse_model_options(model: str) -> None:
         raise click.UsageError(f"{model} is fitted from the data and takes no --checkpoint; drop it ({own}).")
     if any(p.name == "torch_compile" for p in given):
         raise click.UsageError(f"--compile applies to foundation models; {model} runs no neural network.")
+    if any(p.name == "lora" for p in given):
+        raise click.UsageError(f"--lora applies to foundation models tuned by scdm finetune; {model} has no adapter.")
     if given:
         flags = ", ".join(p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0] for p in given)
         logger.warning("%s is fitted from the data on the CPU and ignores %s (foundation-model options; %s)", model, flags, own)

@@ -683,8 +683,24 @@ def test_a_tuned_head_names_the_way_a_new_dataset_gets_into_its_space(two_datase
     head_id = train_head(st, embeddings=[tuned["first"]], head="logreg")
     st.ingest(_planted(20, 80, 12, seed=3), name="unseen", label_key="label")
     embed(st, "unseen", "scbert", ckpt, progress=False)
-    with pytest.raises(SpaceMismatchError, match=rf"`scdm embed` makes the frozen scbert space.*lora_dir='{re.escape(res.adapter_dir)}'"):
+    with pytest.raises(SpaceMismatchError, match=rf"`scdm embed` without --lora makes the frozen scbert space.*--lora "
+                       rf"{res.adapter_id}.*lora_dir='{re.escape(res.adapter_dir)}'"):
         predict(st, head_id, "unseen")
-    embed(st, "unseen", "scbert", ckpt, progress=False, lora_dir=res.adapter_dir)  # what the message says
+    from click.testing import CliRunner
+
+    from scdm.cli import main
+
+    def scdm(*args: str):
+        return CliRunner().invoke(main, ["--store", str(st.root), "embed", "unseen", "--model", "scbert", "-c", str(ckpt),
+                                         "-q", *args])
+
+    refused = scdm("--lora", "lora:0000000000000000")
+    assert refused.exit_code != 0 and "neither a folder nor an adapter of this store" in refused.output
+    done = scdm("--lora", res.adapter_id)  # what the message says
+    assert done.exit_code == 0, done.output
     frame = predict(st, head_id, "unseen")
     assert len(frame) == 20 and not frame["trained_on"].any()
+    # the variant name and the folder name the same adapter: the same embedding, already stored
+    again = [scdm("--lora", how) for how in (res.variant, str(res.adapter_dir))]
+    assert all(r.exit_code == 0 and "already in the store" in r.output for r in again)
+    assert list(st.embeddings().query("dataset_name == 'unseen'")["variant"]) == ["frozen", res.variant]

@@ -904,9 +904,10 @@ def _tuned_space_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
     """How a dataset gets into a LoRA-tuned head's space: embedded through the same adapter."""
     adapter_id = trained.variant.removeprefix("lora:")
     folder = adapter_dir(st, adapter_id)
-    return (f"The head reads embeddings tuned by LoRA adapter {adapter_id}; `scdm embed` makes the frozen {trained.model} "
-            f"space, never this one. Embed {dataset!r} through the adapter with the head's checkpoint and parameters: "
-            f"scdm.embedding.runner.embed(store, {dataset!r}, {trained.model!r}, CHECKPOINT, lora_dir={str(folder)!r}), "
+    return (f"The head reads embeddings tuned by LoRA adapter {adapter_id}; `scdm embed` without --lora makes the frozen "
+            f"{trained.model} space, never this one. Embed {dataset!r} through the adapter with the head's checkpoint and "
+            f"parameters: scdm embed {dataset} --model {trained.model} -c CHECKPOINT --lora {adapter_id} (Python: "
+            f"scdm.embedding.runner.embed(store, {dataset!r}, {trained.model!r}, CHECKPOINT, lora_dir={str(folder)!r})), "
             f"or train a head on the frozen {trained.model} embeddings.")
 
 

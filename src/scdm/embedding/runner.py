@@ -55,6 +55,7 @@ from scdm.embedding.chunks import (
 )
 from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.store import Embedding, Store, open_store
+from scdm.store.adapters import adapter_dir, adapter_row
 from scdm.store.checkpoints import checkpoint_files
 from scdm.store.errors import InputDataError, ScdmError
 from scdm.store.genes import gene_table_version
@@ -413,8 +414,9 @@ def embed(
         the CPU (see :func:`tokenise_workers`). Results do not depend on it; the telemetry records
         the number used (``tokenise_workers``).
     lora_dir
-        A LoRA adapter folder made by :func:`scdm.embedding.finetune.finetune`: the embedding is the
-        tuned variant ``lora:<adapter id>`` (its content hash is the embedding's ``adapter_hash``;
+        A LoRA adapter made by :func:`scdm.embedding.finetune.finetune`: its folder, or its id in this
+        store (``<adapter id>`` or the variant name ``lora:<adapter id>``). The embedding is the tuned
+        variant ``lora:<adapter id>`` (its content hash is the embedding's ``adapter_hash``;
         ``params["lora"]`` names the split and fold it belongs to).
     executor
         ``"local"`` (this process) or ``"ray"``: chunks are handed to Ray actors that each load the
@@ -498,6 +500,7 @@ def embed(
     if lora_dir is not None:
         from scdm.embedding.lora_card import read_lora_card
 
+        lora_dir = lora_folder(st, lora_dir)  # an adapter id becomes its folder, for the Ray workers too
         lora = read_lora_card(lora_dir)
         lora.check_base(adapter, ckpt_hash)  # before loading: a mismatch fails fast
         params["lora"] = lora.embedding_params()
@@ -552,6 +555,19 @@ def embed(
         stats = finalize_with_repair(emb, run, missing, telemetry_of,
                                      lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
+
+
+def lora_folder(st: Store, adapter: str | os.PathLike[str]) -> Path:
+    """The folder of a LoRA adapter given as a folder, or as its id in ``st`` (``<id>`` or ``lora:<id>``)."""
+    folder = Path(adapter).expanduser()
+    if folder.is_dir():
+        return folder
+    adapter_id = str(adapter).removeprefix("lora:")
+    if adapter_row(st, adapter_id) is not None:
+        return adapter_dir(st, adapter_id)
+    msg = (f"{str(adapter)!r} is neither a folder nor an adapter of this store. Give the adapter id that scdm finetune "
+           "printed (see scdm sql \"SELECT adapter_id, model, split_id, fold, label_set FROM adapters\") or its folder.")
+    raise InputDataError(msg)
 
 
 def _require_stored_matches(st: Store, embedding_id: str, model: str, *, min_genes: int, min_fraction: float) -> None:
