@@ -109,6 +109,18 @@ def test_warns_when_labels_are_constant_within_samples_and_scheme_is_cell() -> N
         make_splits(mixed, scenarios=["pooled"], by=["all"], scheme="cell")
 
 
+def test_the_leakage_warning_says_when_grouped_folds_cannot_rescue_a_study() -> None:
+    # following the advice on a study with one sample of a class left every fold one-class: the
+    # warning now says so instead of sending the user to a split that evaluates nothing
+    one_each = make_cells(spec=[("d1", "S1", "t", "c", "dt", "r", 0.5)], samples=2)
+    with pytest.warns(SampleLeakageWarning, match=r"--split-scheme sample.*cannot rescue S1 on its own.*pooled with other") as w:
+        make_splits(one_each, scenarios=["pooled"], by=["all"], scheme="cell")
+    two_each = make_cells(spec=[("d1", "S1", "t", "c", "dt", "r", 0.5)], samples=4)
+    with pytest.warns(SampleLeakageWarning, match="--split-scheme sample") as w:
+        make_splits(two_each, scenarios=["pooled"], by=["all"], scheme="cell")
+    assert not any("cannot rescue" in str(r.message) for r in w)
+
+
 def test_cross_data_never_trains_on_the_test_study() -> None:
     cells = make_cells()
     study_of = {(r.dataset_id, r.row): r.study for r in cells.itertuples()}

@@ -245,6 +245,20 @@ def confounded_studies(cells: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+def too_few_samples_to_group(cells: pd.DataFrame, studies: Iterable[str]) -> list[str]:
+    """Of ``studies``, those with fewer than two samples of a class: sample-grouped folds of the study alone
+    cannot train and test on both classes (a test fold holds a whole sample, and its training folds then
+    lack that class, or the other), so grouping does not rescue its evaluation."""
+    out = []
+    with_sample = cells[cells["sample"].notna()]
+    for study in studies:
+        group = with_sample[with_sample["study"].astype(str) == study]
+        per_class = group.groupby("response", observed=True)["sample"].nunique()
+        if len(per_class) < 2 or int(per_class.min()) < 2:
+            out.append(study)
+    return out
+
+
 def one_class_studies(cells: pd.DataFrame, folds: np.ndarray | None = None) -> dict[str, str]:
     """Studies whose labelled cells are all one class, among cells of two or more studies: study -> why.
 
@@ -372,8 +386,14 @@ def _warn_if_sample_labels_constant(cells: pd.DataFrame) -> None:
     if len(studies) > len(shown):
         named += f"; and {len(studies) - len(shown)} more: {', '.join(list(studies)[len(shown):])}"
     msg = (f"Labels are confounded with samples in {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} ({named}); "
-           "split_scheme='cell' puts cells of one sample on both sides of a fold, so a head can score by recognising "
-           "samples rather than response. Use split_scheme='sample' for grouped folds (the scDrugMap paper used 'cell').")
+           "cell-level folds put cells of one sample on both sides of a fold, so a head can score by recognising "
+           "samples rather than response. Use grouped folds (--split-scheme sample; Python: split_scheme='sample'); the "
+           "scDrugMap paper used cell-level folds.")
+    lone = too_few_samples_to_group(cells, studies)
+    if lone:
+        msg += (f" Grouped folds cannot rescue {', '.join(lone[:3])}{', ...' if len(lone) > 3 else ''} on its own: with "
+                "fewer than two samples of a class, no fold trains and tests on both classes of that study. Evaluate "
+                "it pooled with other studies or cross-data, or ingest more samples.")
     warnings.warn(msg, SampleLeakageWarning, stacklevel=4)
 
 
