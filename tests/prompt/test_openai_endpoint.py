@@ -178,6 +178,9 @@ def test_request_budget_then_continue(marker_store, llm, caplog) -> None:
     assert format_leaderboard(board, metrics=["auroc"])["folds"].tolist() == ["1/2 incomplete"]
     rest = run(st, llm, max_requests=10, scenarios=["cross"])
     assert (rest.n_cached, rest.n_sent, rest.n_tasks, rest.n_reused) == (4, 4, 1, 1) and len(llm.behaviour.bodies) == 8
+    # the runs the budget cut short are recorded partial, not complete
+    status = st.query("SELECT run_id, status FROM eval_runs").set_index("run_id")["status"]
+    assert [status[r.run_id] for r in (partial, more, rest)] == ["partial", "partial", "complete"]
     # pooled folds are spread over all requests (their composition never follows the splits asked):
     # asked about the same cells, they are scored without a new request
     pooled = run(st, llm, max_requests=0)

@@ -285,10 +285,13 @@ def _label_sets_sql() -> str:
 
 
 def _mark_stopped_runs(runs: pd.DataFrame) -> None:
-    """A ``running`` run whose process is gone (killed: it could not record failing) reads as stopped."""
+    """A ``running`` run whose process is gone (killed: it could not record failing) reads as stopped; a
+    ``partial`` one says how it is finished."""
     for i, row in runs.iterrows():
         if row["status"] == "running" and records.run_process_gone(row["host"], row["pid"]):
             runs.at[i, "status"] = "stopped (its process is gone; run the same command again to finish it)"
+        elif row["status"] == "partial":
+            runs.at[i, "status"] = "partial (its request budget ran out; run the same command again to finish it)"
 
 
 def _runs_sql(filters: _Filters) -> str:

@@ -453,8 +453,9 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
         logger.warning("prompt: %d tasks an older scdm scored (answers read by an older answer parser, or zero-shot "
                        "requests composed by the splits asked) are replaced by this run's scores", n_old)
     seconds = time.perf_counter() - started
-    finish_run(st, run_id, status="complete", seconds=seconds, n_tasks=counts["tasks"], n_done=counts["done"],
-               n_reused=counts["reused"], n_skipped=counts["skipped"])
+    # a run the request budget cut short is partial: its waiting tasks are done by the same command again
+    finish_run(st, run_id, status="partial" if counts["pending"] else "complete", seconds=seconds,
+               n_tasks=counts["tasks"], n_done=counts["done"], n_reused=counts["reused"], n_skipped=counts["skipped"])
     if counts["done"] + counts["reused"] + counts["pending"] == 0:
         _warn_nothing_scored(st, run_id)
     asked = {c: w for unit in plan.where.values() for c, w in unit.items()}

@@ -340,11 +340,16 @@ def run_process_gone(host: Any, pid: Any) -> bool:
     return False
 
 
+RUN_END_STATUSES = ("complete", "partial", "failed")
+"""How an evaluation run ends (``eval_runs.status``; ``running`` until then)."""
+
+
 def finish_run(st: Store, run_id: str, *, status: str, seconds: float, n_tasks: int | None = None,
                n_done: int | None = None, n_reused: int | None = None, n_skipped: int | None = None) -> None:
-    """Close a run: ``complete`` with its counts, or ``failed``."""
-    if status not in ("complete", "failed"):
-        msg = f"run status {status!r} is not 'complete' or 'failed'"
+    """Close a run: ``complete`` with its counts, ``partial`` (it ended on purpose with tasks left to do,
+    e.g. a prompting run whose request budget ran out: the same command continues it), or ``failed``."""
+    if status not in RUN_END_STATUSES:
+        msg = f"run status {status!r} is not one of {', '.join(map(repr, RUN_END_STATUSES))}"
         raise ValueError(msg)
     with st.catalog.transaction() as con:
         con.execute("UPDATE eval_runs SET status = ?, finished_at = ?, seconds = ?, n_tasks = COALESCE(?, n_tasks), "
