@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import h5py
+import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -74,3 +77,40 @@ def test_well_formed_sparse_matrices_pass_the_structure_check(st, fmt):
     with pytest.warns(IngestWarning, match="already in the store as 'ref'"):
         again = st.ingest(adata, name="again", label_key="label")
     assert again.content_hash == reference.content_hash
+
+
+def test_an_h5ad_without_x_gets_a_message_not_a_key_error(st, tmp_path):
+    # before: "KeyError: Unable to synchronously open object (object 'X' doesn't exist)"
+    adata = make_counts_adata()
+    path = tmp_path / "no_x.h5ad"
+    ad.AnnData(obs=adata.obs, var=adata.var).write_h5ad(path)
+    with pytest.raises(InputDataError, match=r"has no expression matrix \(no X\).*adata.X ="):
+        st.ingest(path, label_key="label")
+    assert st.datasets().empty
+
+
+@pytest.mark.parametrize("positive", [None, "0.5"])
+def test_continuous_labels_are_refused_as_measurements(st, positive):
+    # before: listed ten of the numbers and advised --positive, which made one value sensitive and
+    # every other resistant
+    adata = make_counts_adata()
+    adata.obs["ic50"] = np.linspace(0.5, 3.0, adata.n_obs)
+    with pytest.raises(
+        InputDataError,
+        match=r"Column 'ic50' \(--label-key\) holds measurements.*60 distinct numbers "
+        r"from 0.5 to 3.*Binarise them",
+    ):
+        st.ingest(adata, label_key="ic50", positive=positive)
+    assert st.datasets().empty
+
+
+@pytest.mark.parametrize(("one", "zero", "missing"), [(1.0, 0.0, np.nan), (1, 0, None), ("1", "0", "NA")])
+def test_zero_one_labels_as_numbers_are_still_labels(st, one, zero, missing):
+    adata = make_counts_adata()
+    y = np.where(adata.obs["label"] == "sensitive", one, zero).astype(object)
+    y[0] = missing
+    adata.obs["y"] = y
+    st.ingest(adata, label_key="y")
+    response = st.cells()["response"]
+    expected = (adata.obs["label"] == "sensitive").astype(int).to_numpy()[1:]
+    assert pd.isna(response.iloc[0]) and response.iloc[1:].astype(int).tolist() == expected.tolist()

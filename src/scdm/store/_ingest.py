@@ -158,7 +158,20 @@ def open_anndata(data: str | Path | ad.AnnData) -> tuple[ad.AnnData, str | None]
     except Exception as err:  # anndata raises many types for malformed files
         msg = f"Could not read {str(path)!r} as AnnData: {err}. Is it an .h5ad written by anndata?"
         raise InputDataError(msg) from err
+    if not _has_x(adata):
+        msg = (f"{str(path)!r} has no expression matrix (no X): anndata wrote it from an AnnData with X = None. "
+               "Set adata.X to the counts or normalised values (e.g. adata.X = adata.layers['counts']), write the "
+               "file again and ingest that.")
+        raise InputDataError(msg)
     return adata, str(path.resolve())
+
+
+def _has_x(adata: ad.AnnData) -> bool:
+    """Whether a backed AnnData has X (its file may lack one; reading it then raises a bare KeyError)."""
+    try:
+        return adata.X is not None
+    except KeyError:
+        return False
 
 
 def _outside_references(path: Path) -> list[str]:
@@ -411,6 +424,7 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
     """
     unknown = _UNKNOWN | {str(u).strip().lower() for u in unknown_values}
     text = values.astype("object").map(lambda v: None if _is_missing(v) else _label_text(v))
+    _refuse_continuous(text[text.notna() & ~text.isin(unknown)], values.name)
     out = pd.Series(pd.array([pd.NA] * len(values), dtype="Int8"), index=values.index)
     if positive is not None:
         pos = _label_text(positive)
@@ -436,6 +450,23 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
     out[is_pos & ~is_unk] = 1  # a value declared unknown stays unknown, even one that reads as a label
     out[is_neg & ~is_unk] = 0
     return out
+
+
+def _refuse_continuous(known: pd.Series, column: Any) -> None:
+    """Refuse numbers with fractions (IC50, AUC, a score): they are a measurement, not a response label.
+
+    Read as labels they would fail with a list of values, and ``--positive`` would make one number
+    sensitive and every other resistant.
+    """
+    numbers = pd.to_numeric(known, errors="coerce")
+    if known.empty or numbers.isna().any() or (numbers == numbers.round()).all():
+        return
+    where = "The label column" if column is None else f"Column {str(column)!r} (--label-key)"
+    msg = (f"{where} holds measurements, not response labels: {numbers.nunique()} distinct numbers from "
+           f"{numbers.min():g} to {numbers.max():g}. Binarise them first and ingest that column, e.g. "
+           "adata.obs['response'] = np.where(adata.obs[COLUMN] < CUTOFF, 'sensitive', 'resistant') for an IC50 or "
+           "AUC (lower is sensitive), then --label-key response.")
+    raise InputDataError(msg)
 
 
 def _is_missing(v: Any) -> bool:
