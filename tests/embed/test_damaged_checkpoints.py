@@ -59,3 +59,42 @@ def test_a_damaged_scgpt_json_is_a_checkpoint_error_naming_the_file(tmp_path: Pa
     (folder / name).write_text(text)
     with pytest.raises(CheckpointError, match=rf"{name}.*re-download the model folder"):
         ScGPTAdapter(folder).vocab()
+
+
+def _torch_zip_cut_short(path: Path) -> None:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"model_state_dict": {"w": torch.zeros(256)}}, buffer)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+@pytest.mark.parametrize(("content", "detail"), [
+    (b"<!DOCTYPE html><html><body>Sign in to continue</body></html>", r"a web page \(HTML\)"),  # a gated download
+    (b"garbage bytes", r"UnpicklingError: Unsupported operand"),
+    (None, r"RuntimeError"),  # a torch.save zip cut off halfway
+])
+@pytest.mark.parametrize("loader", ["load_torch_file", "performer", "cellplm"])
+def test_a_file_that_is_no_torch_file_is_damaged_not_unsafe(tmp_path: Path, content: bytes | None, detail: str,
+                                                               loader: str) -> None:
+    # before: bytes that are no pickle at all were "Refusing to load ...: it asks to unpickle Check the
+    # documentation of torch.load" (load_torch_file) or came with the advice to re-save the file with
+    # torch.load(weights_only=False) (performer, cellplm), neither of which can help
+    path = tmp_path / "models.ckpt"
+    if content is None:
+        _torch_zip_cut_short(path)
+    else:
+        path.write_bytes(content)
+    if loader == "load_torch_file":
+        from scdm.embedding._safe_load import load_torch_file
+
+        load = lambda: load_torch_file(path, what="the official models.ckpt")  # noqa: E731
+    else:
+        from scdm.embedding.models import _performer, cellplm
+
+        load = lambda: (_performer if loader == "performer" else cellplm).load_state_dict_file(path)  # noqa: E731
+    with pytest.raises(CheckpointError, match=rf"Cannot read .*models\.ckpt.* as a torch file.*{detail}.*Re-download") as err:
+        load()
+    assert "weights_only=False" not in str(err.value) and "asks to unpickle" not in str(err.value)

@@ -27,7 +27,7 @@ import numpy as np
 
 from scdm.store.errors import CheckpointError
 
-__all__ = ["RestrictedUnpickler", "checkpoint_globals", "load_pickle", "load_torch_file", "plain_data_globals"]
+__all__ = ["RestrictedUnpickler", "checkpoint_globals", "damaged_torch_file", "load_pickle", "load_torch_file", "plain_data_globals"]
 
 
 def _numpy_multiarray() -> Any:
@@ -130,6 +130,25 @@ def load_pickle(path: str | Path, *, what: str, source: str,
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
+def damaged_torch_file(path: str | Path, err: BaseException, what: str) -> CheckpointError | None:
+    """The error for a file ``torch.load`` could not parse at all, or None when torch refused a type in it.
+
+    A truncated download, or a web page saved under the checkpoint's name (a gated or moved URL),
+    fails as an UnpicklingError ("Unsupported operand") like a refused type does: only the latter
+    names a GLOBAL. Saving such a file again with ``weights_only=False`` cannot help.
+    """
+    if isinstance(err, pickle.UnpicklingError) and _GLOBAL.search(str(err)):
+        return None
+    lines = [line for line in str(err).splitlines() if line.strip() and "weights_only" not in line]
+    detail = f"{type(err).__name__}: {lines[-1][:200]}" if lines else type(err).__name__
+    with contextlib.suppress(OSError):
+        head = Path(path).read_bytes()[:64].lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html", b"<?xml")):
+            detail = "it is a web page (HTML), not the checkpoint: the download saved an error or login page"
+    return CheckpointError(f"Cannot read {str(path)!r} as a torch file: it is truncated, damaged or not a torch.save file "
+                           f"({detail}). Re-download {what}.")
+
+
 def load_torch_file(path: str | Path, *, what: str, mmap: bool = False) -> Any:
     """``torch.load`` on CPU that never runs code from the file.
 
@@ -157,17 +176,17 @@ def load_torch_file(path: str | Path, *, what: str, mmap: bool = False) -> Any:
         with allow(checkpoint_globals()) if allow is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        damaged = damaged_torch_file(path, err, what)
+        if damaged is not None:  # not a refused type: bytes that are no pickle at all
+            raise damaged from None
         found = _GLOBAL.search(str(err))
-        names = found.group(1) if found else str(err).splitlines()[-1][:200]
-        msg = (f"Refusing to load {str(path)!r}: it asks to unpickle {names}, which {what} does not hold; loading it "
-               "could run code stored in the file. Re-download the official file. If you made it yourself from a "
-               "file you trust, save only its tensors again (a state_dict or dict of tensors) with torch.save.")
+        msg = (f"Refusing to load {str(path)!r}: it asks to unpickle {found.group(1) if found else err}, which {what} does not hold; "
+               "loading it could run code stored in the file. Re-download the official file. If you made it yourself "
+               "from a file you trust, save only its tensors again (a state_dict or dict of tensors) with torch.save.")
         raise CheckpointError(msg) from None
     except RuntimeError as err:
         if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
             return load_torch_file(path, what=what, mmap=False)
-        msg = f"Cannot read {str(path)!r} as a torch file ({err}). Re-download {what}."
-        raise CheckpointError(msg) from err
+        raise damaged_torch_file(path, err, what) or CheckpointError(str(err)) from err
     except (EOFError, ValueError) as err:
-        msg = f"Cannot read {str(path)!r} as a torch file ({type(err).__name__}: {err}). Re-download {what}."
-        raise CheckpointError(msg) from err
+        raise damaged_torch_file(path, err, what) or CheckpointError(str(err)) from err

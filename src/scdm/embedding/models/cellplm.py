@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scdm.embedding._adapter import Adapter, GeneAudit, check_counts, register_adapter, require_matches
+from scdm.embedding._safe_load import damaged_torch_file
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import as_gene_id_kind, map_genes, strip_ensembl_version
 
@@ -349,6 +350,9 @@ def load_state_dict_file(path: Path, key: str = "model_state_dict") -> dict[str,
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError/RuntimeError variants
+        damaged = damaged_torch_file(path, err, "the official CellPLM .best.ckpt")
+        if damaged is not None:
+            raise damaged from err
         msg = (
             f"Cannot read {str(path)!r} safely ({type(err).__name__}: {str(err)[:300]}). If you trust the file, "
             f"re-save only its weights: torch.save({{'{key}': torch.load(p, weights_only=False)['{key}']}}, p)."
