@@ -114,3 +114,21 @@ def test_zero_one_labels_as_numbers_are_still_labels(st, one, zero, missing):
     response = st.cells()["response"]
     expected = (adata.obs["label"] == "sensitive").astype(int).to_numpy()[1:]
     assert pd.isna(response.iloc[0]) and response.iloc[1:].astype(int).tolist() == expected.tolist()
+
+
+def test_cells_without_any_expression_are_warned_about_and_kept(st):
+    # before: ingested silently; pca/hvg gave them one shared vector and evaluation scored them
+    from scdm.store._ingest import IngestWarning
+
+    adata = make_counts_adata()
+    x = adata.X.toarray()
+    x[[4, 9]] = 0
+    adata.X = sp.csr_matrix(x)
+    with pytest.warns(IngestWarning, match=r"2 of its 60 cells have no expression at all .*'cell4', 'cell9'\).*filter_cells"):
+        info = st.ingest(adata, label_key="label")
+    assert info.n_cells == 60
+
+
+def test_no_empty_cell_warning_when_every_cell_has_a_count(st, recwarn):
+    st.ingest(make_counts_adata(), label_key="label")
+    assert not [w for w in recwarn if "no expression at all" in str(w.message)]

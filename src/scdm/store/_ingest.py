@@ -281,9 +281,11 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
     integer = True
     nnz = 0
     stray = _StrayValues()
+    empty = _EmptyCells()
     for lo, block in iter_row_blocks(adata, block_rows):
         _check_finite(block, lo, gene_ids, cell_ids)
         block.eliminate_zeros()
+        empty.add(block, lo)
         below, fraction = block.data < 0, block.data != np.round(block.data)
         negative = negative or bool(below.any())
         integer = integer and not fraction.any()
@@ -297,7 +299,9 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
                "embed. Put the values in X first, e.g. adata.X = adata.layers['counts'] (or adata.raw.X), and ingest again.")
         raise InputDataError(msg)
     kind = "scaled" if negative else ("counts" if integer else "normalized")
-    notes = {"stray_values": stray.note(gene_ids, cell_ids)} if 0 < stray.n <= STRAY_VALUE_FRACTION * nnz else {}
+    notes: dict[str, Any] = {"stray_values": stray.note(gene_ids, cell_ids)} if 0 < stray.n <= STRAY_VALUE_FRACTION * nnz else {}
+    if empty.n:
+        notes["empty_cells"] = {"n": empty.n, "cells": [str(cell_ids[r]) for r in empty.first]}
     return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz, notes)
 
 
@@ -331,6 +335,31 @@ class _StrayValues:
         assert self.first is not None  # n > 0
         row, col, value = self.first
         return {"n": self.n, "cell": str(cell_ids[row]), "gene": str(gene_ids[col]), "value": value}
+
+
+@dataclass
+class _EmptyCells:
+    """Cells without a single non-zero value: how many, and the rows of the first three."""
+
+    n: int = 0
+    first: list[int] = field(default_factory=list)
+
+    def add(self, block: sp.csr_matrix, lo: int) -> None:
+        rows = np.flatnonzero(np.diff(block.indptr) == 0)
+        self.n += int(rows.size)
+        self.first.extend(int(lo + r) for r in rows[: 3 - len(self.first)])
+
+
+def empty_cells_message(scan: MatrixScan, name: str) -> str | None:
+    """The warning for cells whose expression is all zeros (else None)."""
+    empty = scan.notes.get("empty_cells")
+    if empty is None:
+        return None
+    shown = ", ".join(map(repr, empty["cells"])) + (", ..." if empty["n"] > len(empty["cells"]) else "")
+    return (f"dataset {name!r}: {empty['n']} of its {scan.n_cells} cells have no expression at all (every value 0: "
+            f"{shown}). pca and hvg give them all one and the same vector, which heads then score like any cell, and "
+            "the foundation models refuse them. If they are empty droplets or filtered-out cells, remove them "
+            "(scanpy.pp.filter_cells(adata, min_counts=1)) and ingest again.")
 
 
 def stray_values_message(scan: MatrixScan, name: str) -> str | None:
