@@ -132,3 +132,19 @@ def test_cells_without_any_expression_are_warned_about_and_kept(st):
 def test_no_empty_cell_warning_when_every_cell_has_a_count(st, recwarn):
     st.ingest(make_counts_adata(), label_key="label")
     assert not [w for w in recwarn if "no expression at all" in str(w.message)]
+
+
+@pytest.mark.parametrize("axis", ["gene", "cell"])
+def test_an_empty_id_is_refused_and_a_duplicate_is_quoted(st, axis):
+    # an empty gene id was stored (and joined to nothing); two gave "duplicated gene ids (e.g. )"
+    adata = make_counts_adata(n_cells=6, n_genes=5)
+    names = (adata.var_names if axis == "gene" else adata.obs_names).tolist()
+    names[2] = " "
+    setattr(adata, "var_names" if axis == "gene" else "obs_names", names)
+    with pytest.raises(InputDataError, match=rf"1 {axis} id is empty \(at position 2\)"):
+        st.ingest(adata, name="blank")
+    names[2], names[3] = "X 1", "X 1"
+    setattr(adata, "var_names" if axis == "gene" else "obs_names", names)
+    with pytest.raises(InputDataError, match=rf"duplicated {axis} ids \(e\.g\. 'X 1'\)"):
+        st.ingest(adata, name="dup")
+    assert st.datasets().empty

@@ -245,9 +245,15 @@ def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
         ("cell", cell_ids, "adata.obs_names_make_unique()"),
         ("gene", gene_ids, "adata.var_names_make_unique() (or pick another --gene-key)"),
     ):
+        blank = np.flatnonzero(pd.Series(np.asarray(ids, dtype=object)).astype(str).str.strip().eq("").to_numpy())
+        if blank.size:
+            where = ", ".join(map(str, blank[:5])) + (", ..." if blank.size > 5 else "")
+            msg = (f"{blank.size} {what} id{'s are' if blank.size > 1 else ' is'} empty (at position {where}); every "
+                   f"{what} needs an id. Set them (or drop those {what}s) and ingest again.")
+            raise InputDataError(msg)
         dup = pd.Index(ids).duplicated()
         if dup.any():
-            examples = ", ".join(map(str, pd.unique(np.asarray(ids)[dup])[:5]))
+            examples = ", ".join(map(repr, map(str, pd.unique(np.asarray(ids)[dup])[:5])))
             msg = f"{int(dup.sum())} duplicated {what} ids (e.g. {examples}). Make them unique first: {fix}."
             raise InputDataError(msg)
 
