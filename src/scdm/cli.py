@@ -158,7 +158,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             # the disk or the file system refused a write (full disk, a path through a file): the
             # user's to fix, so a message; anything else is a bug and keeps its traceback
-            text = _system_error_text(err)
+            text = _system_error_text(err, fn.__name__)
             if text is None or logger.isEnabledFor(logging.DEBUG):
                 raise
             raise click.ClickException(text) from err
@@ -170,12 +170,21 @@ _DISK_FULL = ("No space left on device", "Disk quota exceeded")
 """How the OS (and DuckDB, which reports it in its own exception types) says a write found no room."""
 
 
-def _system_error_text(err: BaseException) -> str | None:
+_WRITES_OUTSIDE_THE_STORE = {"export": "--out", "report": "--out", "synth": "--out", "predict": "--out"}
+"""Commands whose output may go to a path of the user's rather than into the store, and its option."""
+
+
+def _system_error_text(err: BaseException, command: str = "") -> str | None:
     """The message for an error of the disk or file system (None for any other error)."""
     full = next((s for s in _DISK_FULL if s in str(err)), None)
     if full is not None or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
-        return (f"{full or 'No space left on device'}: {err}. Free some space there (or choose another --store), "
-                "then run the command again: what was complete before is kept, and an interrupted embedding resumes.")
+        path = getattr(err, "filename", None)
+        where = f" (writing {str(path)!r})" if path else ""
+        elsewhere = _WRITES_OUTSIDE_THE_STORE.get(command)
+        other = f"another --store, or another {elsewhere} path" if elsewhere else "another --store"
+        resumes = ", and an interrupted embedding resumes" if command == "embed" else ""
+        return (f"{full or 'No space left on device'}{where}: {err}. Free some space there (or choose {other}), "
+                f"then run the command again: what was complete before is kept{resumes}.")
     if isinstance(err, OSError):
         return f"{type(err).__name__}: {err}"
     return None

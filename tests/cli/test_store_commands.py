@@ -137,6 +137,21 @@ def test_a_full_disk_is_a_message_saying_what_to_do(run, monkeypatch, error):
     out = run("ingest", example_data(), ok=False)
     assert out.exit_code == 1 and out.output.startswith("Error: No space left on device")
     assert "Free some space there" in out.output and "Traceback" not in out.output
+    assert "embedding resumes" not in out.output  # an embed's remedy, not an ingest's
+
+
+def test_a_full_disk_on_export_names_the_file_and_the_out_option(run, monkeypatch, tmp_path):
+    run("ingest", example_data(), "--name", "a375")
+    run("embed", "a375", "--model", "pca", "--n-comps", "5", "-q")
+    target = tmp_path / "x.npy"
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr("numpy.save", full)
+    out = run("export", "--dataset", "a375", "--model", "pca", "--out", str(target), ok=False)
+    assert out.exit_code == 1 and f"(writing '{target}')" in out.output and "another --out path" in out.output
+    assert not target.exists()
 
 
 def test_a_bug_keeps_its_traceback(run, monkeypatch):
