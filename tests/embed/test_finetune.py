@@ -655,6 +655,9 @@ def test_transfer_refuses_a_target_embedding_tuned_on_target_cells(two_datasets_
     unseen = embed(st, "unseen", "scbert", ckpt, progress=False, lora_dir=res.adapter_dir).embedding_id
     result = transfer(st, source="first", target="unseen", features=unseen, **fast)
     assert result.metrics["auroc"] is not None
+    # nor may tuned cells select the model as the target-validation set
+    with pytest.raises(InputDataError, match=r"of the validation 'second' is lora:.*select its model on cells"):
+        transfer(st, source="first", target="unseen", validation="second", features=unseen, **fast)
 
 
 def test_predict_marks_cells_that_tuned_the_embedding_as_not_held_out(two_datasets_tuned):

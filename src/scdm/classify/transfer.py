@@ -469,21 +469,25 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
     dom = _Domains(np.vstack(blocks).astype(np.float32), np.concatenate(labels), Xt.astype(np.float32),
                    [f"dim_{i}" for i in range(Xt.shape[1])], "store", desc, source_features=ids[:len(source)])
     if validation is not None and chosen.validation is not None:
+        # the validation labels select the model: cells that tuned the embedding would flatter it
+        _refuse_tuned_on_target(st, ids[-1], validation, role="validation")
         rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
         dom.Xv = st.read_embedding(ids[-1], rows).astype(np.float32)
     return dom
 
 
-def _refuse_tuned_on_target(st: Store, embedding_id: str, target: str) -> None:
-    """A LoRA-tuned target embedding whose adapter trained on target cells would score them as held-out."""
+def _refuse_tuned_on_target(st: Store, embedding_id: str, target: str, *, role: str = "target") -> None:
+    """A LoRA-tuned target (or validation) embedding whose adapter trained on that dataset's cells would score
+    (or select the model on) them as held-out."""
     seen = tuned_training_rows(st, embedding_id)
     if seen is None or seen.size == 0:
         return
     variant = st.query("SELECT variant FROM embeddings WHERE embedding_id = ?", [embedding_id])["variant"].iloc[0]
-    msg = (f"Embedding {embedding_id} of the target {target!r} is {variant}, a LoRA adapter tuned with the labels of "
-           f"{seen.size} of its cells: the transfer's target metrics would score cells the embedding was tuned on. Use "
-           "the target's frozen embedding, or a tuned variant whose test fold holds out all of the target's cells "
-           "(e.g. a cross split that holds out the target's study).")
+    use = ("the transfer's target metrics would score cells the embedding was tuned on" if role == "target" else
+           "the transfer would select its model on cells the embedding was tuned on")
+    msg = (f"Embedding {embedding_id} of the {role} {target!r} is {variant}, a LoRA adapter tuned with the labels of "
+           f"{seen.size} of its cells: {use}. Use the {role}'s frozen embedding, or a tuned variant whose test fold "
+           f"holds out all of the {role}'s cells (e.g. a cross split that holds out its study).")
     raise InputDataError(msg)
 
 
