@@ -262,6 +262,23 @@ def test_predictions_mark_the_cells_the_head_was_fitted_on(st: Store, a375_value
     assert not new["trained_on"].any() and "trained head" not in caplog.text
 
 
+def test_a_head_whose_training_labels_changed_claims_none_of_its_cells_held_out(
+        st: Store, a375_values: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    # trained_on followed today's labels: after 20 training cells became unknown, the old head's
+    # predictions on them were marked held-out although it had been fitted on them
+    write_embedding(st, "a375", a375_values)
+    head_id = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    adata = ad.read_h5ad(example_data("A375"))
+    labels = adata.obs["response_PLX4720"].astype(object).to_numpy()
+    labels[:20] = None  # no label
+    adata.obs["response_PLX4720"] = labels
+    st.ingest(adata, label_key="response_PLX4720", update=True)
+    assert st.cells(["a375"])["response"].notna().sum() == 88
+    with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
+        frame = predict(st, head_id, "a375")
+    assert frame["trained_on"].all() and "changed since it was fitted" in caplog.text
+
+
 def test_a_baseline_heads_refusal_gives_the_joint_fit_that_predicts(tmp_path: Path) -> None:
     """pca fitted on a new dataset alone is never the head's space: the advice is the joint fit, and it works."""
     import re

@@ -1025,10 +1025,29 @@ def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: 
     mask = np.zeros(len(cells), bool) if tuned is None else np.isin(cells["row"].to_numpy(np.int64), tuned)
     if embedding_id not in record.embedding_ids:
         return mask
-    fitted = cells["response"].notna().to_numpy(bool)
+    in_category = np.ones(len(cells), bool)
     if record.category_type != "all":
-        fitted &= (cells[record.category_type].astype(str) == record.category).to_numpy(bool)
-    return mask | fitted
+        in_category = (cells[record.category_type].astype(str) == record.category).to_numpy(bool)
+    if _training_labels_changed(st, record):
+        # which cells were labelled at fit time is no longer known: none of the category is claimed held-out
+        logger.warning("the labels of head %s's training datasets changed since it was fitted (%d labelled training "
+                       "cells then): every cell of its category in them is marked trained_on. Train the head again "
+                       "(scdm train-head) to predict them held-out.", record.head_id, record.n_train)
+        return mask | in_category
+    return mask | (cells["response"].notna().to_numpy(bool) & in_category)
+
+
+def _training_labels_changed(st: Store, record: TrainedHeadRecord) -> bool:
+    """Whether the head's training cells, read with today's labels, differ in number or positives from its fit."""
+    rows = st.embeddings()
+    rows = rows[rows["embedding_id"].isin(record.embedding_ids)]
+    # one label set named for every dataset reads exactly those labels; several names were each dataset's default
+    label_set = record.label_set if record.label_set and "," not in record.label_set else None
+    try:
+        cells = _training_cells(st, rows, record.category_type, record.category, label_set)
+    except ScdmError:
+        return True
+    return len(cells) != record.n_train or int((cells["response"] == 1).sum()) != record.n_train_pos
 
 
 def _write_out(st: Store, ds: Any, frame: pd.DataFrame, out: Path, trained: TrainedHead) -> None:
