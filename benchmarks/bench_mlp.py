@@ -52,6 +52,13 @@ def matmul_rate(dtype: object, n: int = 2048, reps: int = 3) -> float:
     return 2 * n**3 / best
 
 
+def _verdict(ratio: float) -> str:
+    """Met or not; a ratio under 0.8 (faster than the measured matmul peak) is timing noise, not a result."""
+    if ratio < 0.8:
+        return "noise: raise --cells/--epochs"
+    return "yes" if ratio <= GOAL else "NO"
+
+
 def epoch_flops(n_train: int, dim: int, hidden: int, outputs: int) -> float:
     forward = 2 * (dim * hidden + hidden * hidden + hidden * outputs)
     backward = 2 * dim * hidden + 4 * (hidden * hidden + hidden * outputs)
@@ -84,6 +91,9 @@ def main() -> None:
     rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
     times: dict[tuple[str, str, int | None], list[float]] = {c: [] for c in CONFIGS}
     n_train: dict[tuple[str, str, int | None], int] = {}
+    for profile, precision, batch in CONFIGS:  # warm-up: the first fit pays one-time kernel and thread-pool setup
+        MLPHead(profile, precision=precision, epochs=1, early_stopping=False, min_steps=0,  # type: ignore[arg-type]
+                batch_size=batch).fit(X[:2048], y[:2048])
     for _ in range(args.rounds):
         for config in CONFIGS:
             profile, precision, batch = config
@@ -113,7 +123,7 @@ def main() -> None:
         per_epoch = statistics.median(times[config])
         row = {"profile": profile, "precision": precision, "batch": batch or MLPHead(profile).resolved()["batch_size"],
                "s/epoch": per_epoch, "GFLOP/epoch": flops / 1e9, "peak_GFLOP/s": max(rates[precision]) / 1e9,
-               "floor_s": floor, "ratio": per_epoch / floor, "goal": GOAL, "met": "yes" if per_epoch / floor <= GOAL else "NO"}
+               "floor_s": floor, "ratio": per_epoch / floor, "goal": GOAL, "met": _verdict(per_epoch / floor)}
         if args.folds and profile == "fast":
             row["AUROC"] = statistics.mean(aurocs[precision])
             row["fold sd"] = statistics.stdev(aurocs[precision]) if args.folds > 1 else float("nan")
