@@ -159,18 +159,48 @@ class PredictionCsvQuery(_Query):
 
 
 class UploadQuery(_Query):
-    """Where an uploaded ``.h5ad`` goes and how it is ingested (the body is the file itself)."""
+    """Where an uploaded ``.h5ad`` goes and how it is ingested (the body is the file itself).
+
+    The fields are the options of ``scdm ingest`` (:data:`UPLOAD_FIELDS` maps each to the store's
+    option), except ``--update``: an upload never rewrites a stored dataset or replaces its labels.
+    """
 
     filename: str = Field(description="Plain file name ending in .h5ad (letters, digits, '.', '_', '-').")
     name: str | None = Field(default=None, description="Dataset name (default: the file name without .h5ad).")
     label_key: str | None = Field(default=None, description="obs column of the response labels.")
+    positive: str | None = Field(default=None, description="The label value meaning sensitive (others become resistant), "
+                                 "for labels that are not sensitive/resistant, responder/non-responder, 0/1, true/false.")
+    unknown_value: Annotated[list[str] | None, BeforeValidator(_whole_values)] = Field(
+        default=None, description="A label value to store as unknown; repeat the parameter for several.")
+    drug: str | None = Field(default=None, description="The drug the labels are the response to.")
+    label_set: str | None = Field(default=None, description="Name of the label set (default: drug, else label_key).")
+    study_key: str | None = Field(default=None, description="obs column of the study (or one study for all: study).")
     study: str | None = None
+    sample_key: str | None = Field(default=None, description="obs column of the sample or patient (or sample).")
+    sample: str | None = None
+    tissue_key: str | None = None
     tissue: str | None = None
+    cancer_type_key: str | None = None
     cancer_type: str | None = None
+    drug_type_key: str | None = None
     drug_type: str | None = None
+    regimen_key: str | None = None
     regimen: str | None = None
+    gene_key: str | None = Field(default=None, description="var column of the gene ids (default: var_names).")
+    gene_id_kind: Literal["symbol", "ensembl", "entrez"] | None = Field(default=None, description="Default: detected.")
+    x_kind: Literal["counts", "normalized", "scaled"] | None = Field(default=None, description="Default: detected.")
     head_id: str | None = Field(default=None, description="Predict the upload with this trained head (pca/hvg heads: here; "
                                                    "other models: the job says which `scdm embed` to run).")
+
+
+UPLOAD_FIELDS: dict[str, str] = {
+    "name": "name", "unknown_values": "unknown_value", "cancer_key": "cancer_type_key",
+    **{f: f for f in ("label_key", "positive", "drug", "label_set", "study_key", "study", "sample_key", "sample",
+                      "tissue_key", "tissue", "cancer_type", "drug_type_key", "drug_type", "regimen_key", "regimen",
+                      "gene_key", "gene_id_kind", "x_kind")},
+}
+"""Ingest option (``Store.ingest`` keyword) -> the upload's query parameter that sets it; messages of
+an upload name the parameter (``positive=VALUE``), never a command-line flag."""
 
 
 # --------------------------------------------------------------------------------------------

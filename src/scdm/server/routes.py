@@ -33,6 +33,7 @@ from scdm.classify.results import LEADERBOARD_KEYS, POOLED_COLUMNS, leaderboard,
 from scdm.server.config import ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
+    UPLOAD_FIELDS,
     DatasetRow,
     EmbeddingFilters,
     EmbeddingRow,
@@ -63,6 +64,7 @@ from scdm.store.errors import ScdmError
 from scdm.store.evaluation import unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.heads import trained_head, trained_head_table, with_responses
+from scdm.store.wording import spoken
 
 logger = logging.getLogger(__name__)
 
@@ -493,7 +495,7 @@ async def upload(request: Request, srv: Server, q: Annotated[UploadQuery, Query(
         path = await _receive(request, folder, q.filename, length)
     except ClientDisconnect:  # nobody is left to answer; what was received is already removed
         return _error(400, "The client disconnected during the upload.")
-    options = {k: v for k, v in q.model_dump(include={"label_key", "study", "tissue", "cancer_type", "drug_type", "regimen"}).items() if v}
+    options = {option: getattr(q, field) for option, field in UPLOAD_FIELDS.items() if option != "name" and getattr(q, field)}
     root = root_of(request)
     record = srv.jobs.submit("upload", lambda job: _upload_job(srv, job, path, name, options, q.head_id, root),
                              on_failure=lambda: shutil.rmtree(folder, ignore_errors=True), job_id=job_id)
@@ -547,10 +549,21 @@ async def _receive(request: Request, folder: Path, filename: str, length: int) -
     return path
 
 
+def upload_field(option: str, value: str | None = None) -> str | None:
+    """How an upload sets ingest option ``option``: its query parameter (``positive=VALUE``); None for
+    ``update``, which an upload cannot do (the store's messages then leave that advice out)."""
+    field = UPLOAD_FIELDS.get(option)
+    if field is None:
+        return None
+    return f"{field}={value}" if value else field
+
+
 def _upload_job(srv: ServerState, job: JobHandle, path: Path, name: str, options: dict[str, Any], head_id: str | None,
                 root: str) -> None:
     job.update(stage="ingesting", progress=0.1)
-    info = srv.store.ingest(str(path), name=name, **options)
+    # the store's messages name the upload's parameters and the file as uploaded, not this server's copy of it
+    with spoken(options=upload_field, files={str(path): path.name}):
+        info = srv.store.ingest(str(path), name=name, **options)
     job.update(result={"dataset": info.name, "dataset_id": info.dataset_id, "n_cells": info.n_cells})
     if not head_id:
         job.update(stage="ingested")

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from scdm.store.errors import InputDataError, ScdmWarning
 from scdm.store.genes import GENE_ID_KINDS, GeneIdKind, as_gene_id_kind, detect_gene_id_kind, ids_not_of_kind, map_genes
 from scdm.store.matrix import SCAN_BLOCK_ROWS, iter_row_blocks, to_csr
+from scdm.store.wording import input_file, offers, option
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -138,17 +139,17 @@ def open_anndata(data: str | Path | ad.AnnData) -> tuple[ad.AnnData, str | None]
         return data, None
     path = Path(data).expanduser()
     if not path.exists():
-        msg = f"No such file: {str(path)!r}. Give the path of an .h5ad file."
+        msg = f"No such file: {input_file(path)}. Give the path of an .h5ad file."
         raise InputDataError(msg)
     if path.is_dir() or not _is_hdf5(path):
         msg = (
-            f"{str(path)!r} is not an .h5ad (HDF5) file. Convert it first, e.g. "
+            f"{input_file(path)} is not an .h5ad (HDF5) file. Convert it first, e.g. "
             "anndata.read_csv(...) / scanpy.read_10x_mtx(...) followed by adata.write_h5ad('data.h5ad')."
         )
         raise InputDataError(msg)
     outside = _outside_references(path)
     if outside:
-        msg = (f"{str(path)!r} reads data from outside itself: {'; '.join(outside[:3])}"
+        msg = (f"{input_file(path)} reads data from outside itself: {'; '.join(outside[:3])}"
                f"{f' (and {len(outside) - 3} more)' if len(outside) > 3 else ''}. The store keeps a copy of the file, "
                "which must hold its own data: write a self-contained copy with "
                "anndata.read_h5ad(path).write_h5ad(new_path) where those files are, and ingest that.")
@@ -156,10 +157,10 @@ def open_anndata(data: str | Path | ad.AnnData) -> tuple[ad.AnnData, str | None]
     try:
         adata = ad.read_h5ad(path, backed="r")
     except Exception as err:  # anndata raises many types for malformed files
-        msg = f"Could not read {str(path)!r} as AnnData: {err}. Is it an .h5ad written by anndata?"
+        msg = f"Could not read {input_file(path)} as AnnData: {err}. Is it an .h5ad written by anndata?"
         raise InputDataError(msg) from err
     if not _has_x(adata):
-        msg = (f"{str(path)!r} has no expression matrix (no X): anndata wrote it from an AnnData with X = None. "
+        msg = (f"{input_file(path)} has no expression matrix (no X): anndata wrote it from an AnnData with X = None. "
                "Set adata.X to the counts or normalised values (e.g. adata.X = adata.layers['counts']), write the "
                "file again and ingest that.")
         raise InputDataError(msg)
@@ -230,7 +231,7 @@ def gene_ids_of(adata: ad.AnnData, gene_key: str | None) -> np.ndarray:
     else:
         if gene_key not in adata.var.columns:
             cols = ", ".join(map(str, adata.var.columns)) or "(none)"
-            msg = f"Gene id column {gene_key!r} is not in var. Available var columns: {cols}. Omit --gene-key to use var_names."
+            msg = f"Gene id column {gene_key!r} is not in var. Available var columns: {cols}. Omit {option('gene_key')} to use var_names."
             raise InputDataError(msg)
         ids = np.asarray(adata.var[gene_key].astype(str), dtype=object)
     return ids
@@ -243,7 +244,7 @@ def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
         raise InputDataError(msg)
     for what, ids, fix in (
         ("cell", cell_ids, "adata.obs_names_make_unique()"),
-        ("gene", gene_ids, "adata.var_names_make_unique() (or pick another --gene-key)"),
+        ("gene", gene_ids, f"adata.var_names_make_unique() (or pick another {option('gene_key')})"),
     ):
         blank = np.flatnonzero(pd.Series(np.asarray(ids, dtype=object)).astype(str).str.strip().eq("").to_numpy())
         if blank.size:
@@ -377,8 +378,15 @@ def stray_values_message(scan: MatrixScan, name: str) -> str | None:
     return (f"dataset {name!r}: {stray['n']} of its {scan.nnz} stored values {verb} not a non-negative integer (e.g. cell "
             f"{stray['cell']!r}, gene {stray['gene']!r}: {stray['value']:g}), all others are, so its values were "
             f"classed as {scan.x_kind!r}, not counts, and pca/hvg take them as they are (no normalisation, no log). If "
-            f"they are counts with a few errors, ingest again with --x-kind counts --update (x_kind='counts', "
-            f"update=True); otherwise correct those values in the data.")
+            f"they are counts with a few errors, {_again_with(option('x_kind', 'counts'))}; otherwise correct those "
+            "values in the data.")
+
+
+def _again_with(setting: str) -> str:
+    """Advice to rewrite a stored dataset with ``setting``: where the front end can (``update``), how."""
+    if offers("update"):
+        return f"ingest again with {setting} {option('update')}"
+    return f"the stored dataset needs {setting} and an update, which this front end cannot do (the store's owner can)"
 
 
 def mixed_gene_ids_message(gene_ids: np.ndarray, kind: GeneIdKind, name: str) -> str | None:
@@ -390,7 +398,7 @@ def mixed_gene_ids_message(gene_ids: np.ndarray, kind: GeneIdKind, name: str) ->
     return (f"dataset {name!r}: {len(other)} of its {len(gene_ids)} gene ids ({len(other) / len(gene_ids):.0%}, e.g. "
             f"{examples}) are not {kind} ids like the others, yet all are read as {kind} ids: no model finds those "
             f"genes, and their expression is left out of every embedding. Give every gene one kind of id (e.g. a var "
-            f"column of symbols with --gene-key COLUMN) and ingest again.")
+            f"column of symbols with {option('gene_key', 'COLUMN')}) and ingest again.")
 
 
 MOUSE_STYLE_FRACTION = 0.5
@@ -466,7 +474,7 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
         known = text.notna() & ~text.isin(unknown)
         if not (text == pos).any():
             seen = ", ".join(sorted(map(str, text.dropna().unique()))[:10])
-            msg = f"--positive {positive!r} does not occur in the label column (values: {seen})."
+            msg = f"{option('positive', repr(positive))} does not occur in the label column (values: {seen})."
             raise InputDataError(msg)
         out[known] = (text[known] == pos).astype("int8")
         return out
@@ -478,8 +486,8 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
         seen = ", ".join(sorted(map(str, text[bad].unique()))[:10])
         msg = (
             f"Unrecognised response labels: {seen}. Known: sensitive/resistant, responder/non-responder, "
-            "0/1, true/false. Pass --positive VALUE to name the sensitive value (others become resistant), "
-            "and --unknown-value VALUE for labels to store as unknown."
+            f"0/1, true/false. Pass {option('positive', 'VALUE')} to name the sensitive value (others become "
+            f"resistant), and {option('unknown_values', 'VALUE')} for labels to store as unknown."
         )
         raise InputDataError(msg)
     out[is_pos & ~is_unk] = 1  # a value declared unknown stays unknown, even one that reads as a label
@@ -496,11 +504,11 @@ def _refuse_continuous(known: pd.Series, column: Any) -> None:
     numbers = pd.to_numeric(known, errors="coerce")
     if known.empty or numbers.isna().any() or (numbers == numbers.round()).all():
         return
-    where = "The label column" if column is None else f"Column {str(column)!r} (--label-key)"
+    where = "The label column" if column is None else f"Column {str(column)!r} ({option('label_key')})"
     msg = (f"{where} holds measurements, not response labels: {numbers.nunique()} distinct numbers from "
            f"{numbers.min():g} to {numbers.max():g}. Binarise them first and ingest that column, e.g. "
            "adata.obs['response'] = np.where(adata.obs[COLUMN] < CUTOFF, 'sensitive', 'resistant') for an IC50 or "
-           "AUC (lower is sensitive), then --label-key response.")
+           f"AUC (lower is sensitive), then {option('label_key', 'response')}.")
     raise InputDataError(msg)
 
 
@@ -526,7 +534,7 @@ def cell_table(adata: ad.AnnData, opts: IngestOptions, *, default_study: str) ->
     for column, (key_opt, const_opt) in METADATA_FIELDS.items():
         key, const = getattr(opts, key_opt), getattr(opts, const_opt)
         if key is not None and const is not None:
-            msg = f"Both --{key_opt.replace('_', '-')} and --{const_opt.replace('_', '-')} were given; pass one (a column or a constant)."
+            msg = f"Both {option(key_opt)} and {option(const_opt)} were given; pass one (a column or a constant)."
             raise InputDataError(msg)
         if key is not None:
             frame[column] = _obs_column(obs, key, key_opt).astype("object").map(lambda v: None if _is_missing(v) else str(v)).values
@@ -541,9 +549,9 @@ def cell_table(adata: ad.AnnData, opts: IngestOptions, *, default_study: str) ->
         frame["response"] = normalise_response(labels, positive=opts.positive, unknown_values=opts.unknown_values).values
         if frame["response"].isna().all():  # a label set without a label: the wrong column, or all declared unknown
             seen = ", ".join(sorted({str(v) for v in labels.astype("object").unique()})[:5])
-            msg = (f"Column {opts.label_key!r} (--label-key) holds no response label: all {len(labels)} values are missing "
-                   f"or unknown (values: {seen}). Check --label-key and --unknown-value; to ingest the cells without "
-                   "labels, leave --label-key out.")
+            msg = (f"Column {opts.label_key!r} ({option('label_key')}) holds no response label: all {len(labels)} values "
+                   f"are missing or unknown (values: {seen}). Check {option('label_key')} and "
+                   f"{option('unknown_values')}; to ingest the cells without labels, leave {option('label_key')} out.")
             raise InputDataError(msg)
     return frame
 
@@ -555,17 +563,17 @@ def _check_every_cell_has_a_study(frame: pd.DataFrame, key: str) -> None:
     if not missing.any():
         return
     shown = ", ".join(frame["cell_id"].to_numpy()[missing][:3]) + (", ..." if missing.sum() > 3 else "")
-    msg = (f"Column {key!r} (--study-key) has no value for {int(missing.sum())} of {len(frame)} cells ({shown}). "
+    msg = (f"Column {key!r} ({option('study_key')}) has no value for {int(missing.sum())} of {len(frame)} cells ({shown}). "
            "Cross-data evaluation holds out whole studies, so every cell needs one: fill the gaps "
            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(object).fillna('<study>')) or give one study "
-           "for every cell with --study.")
+           f"for every cell with {option('study')}.")
     raise InputDataError(msg)
 
 
-def _obs_column(obs: pd.DataFrame, key: str, option: str) -> pd.Series:
+def _obs_column(obs: pd.DataFrame, key: str, name: str) -> pd.Series:
     if key not in obs.columns:
         cols = ", ".join(map(str, obs.columns)) or "(none)"
-        msg = f"Column {key!r} (--{option.replace('_', '-')}) is not in obs. Available obs columns: {cols}."
+        msg = f"Column {key!r} ({option(name)}) is not in obs. Available obs columns: {cols}."
         raise InputDataError(msg)
     return obs[key]
 

@@ -49,6 +49,7 @@ from scdm.store.errors import (
     StoreReadOnlyError,
 )
 from scdm.store.genes import gene_table_note_sql
+from scdm.store.wording import offers, option
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -840,8 +841,9 @@ class Store:
             # stored all the same (it can be pooled with other datasets), but alone every split of it is skipped
             only = "sensitive" if ls.n_sensitive else "resistant"
             logger.warning("label set %r holds one class only (%d labelled cells, all %s, read from column %r): it can be "
-                           "evaluated pooled with datasets that have the other class, never alone; check --label-key, "
-                           "--positive and --unknown-value if it should have both", name, ls.n_labelled, only, opts.label_key)
+                           "evaluated pooled with datasets that have the other class, never alone; check %s, %s and %s "
+                           "if it should have both", name, ls.n_labelled, only, opts.label_key, option("label_key"),
+                           option("positive"), option("unknown_values"))
         return ls
 
     def _ingest_again(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions, *,
@@ -899,7 +901,7 @@ class Store:
 
     def _name_taken_message(self, name: str, opts: _ingest.IngestOptions) -> str:
         msg = (f"A different dataset named {name!r} is already in the store (other content). Pass another name "
-               f"(name= in Python, --name on the command line) or remove the old one (scdm rm --dataset {name}).")
+               f"({option('name', 'NAME')}) or remove the old one (scdm rm --dataset {name}).")
         stored = self.dataset(name).options.get("gene_key")
         if stored != opts.gene_key:  # the same file with another gene id column is other content
             msg += (f" The stored one takes its gene ids from {_gene_source(stored)}, this one from "
@@ -922,7 +924,7 @@ class Store:
         if clash:
             old = clash[0]
             msg = (f"Dataset {info.name!r} already has a label set {name!r} read from column {old.label_key!r} "
-                   f"(positive={old.positive!r}, drug={old.drug!r}). Name the new one with --label-set NAME.")
+                   f"(positive={old.positive!r}, drug={old.drug!r}). Name the new one with {option('label_set', 'NAME')}.")
             raise InputDataError(msg)
         ls = self._add_label_set(con, info.dataset_id, cells["response"], opts, is_default=not have)
         if not have:
@@ -941,8 +943,9 @@ class Store:
         if not update:
             msg = (f"Dataset {info.name!r} already has label set {old.name!r} from column {old.label_key!r} with other "
                    f"labels: {differ.size} of {len(cells)} cells differ (first: cell {cells['cell_id'].iloc[first]!r}). "
-                   f"Pass --update (update=True) to replace the stored labels (the splits and results made with them "
-                   f"are removed), or --label-set NEW_NAME to keep both.")
+                   + (f"Pass {option('update')} to replace the stored labels (the splits and results made with them "
+                      f"are removed), or {option('label_set', 'NEW_NAME')} to keep both." if offers("update") else
+                      f"Pass {option('label_set', 'NEW_NAME')} to keep both (replacing stored labels is not done here)."))
             raise InputDataError(msg)
         ls = labels.replace_labels(con, old, cells["response"])
         if ls.is_default:
@@ -1664,7 +1667,7 @@ def _warn_label_confounders(adata: ad.AnnData, response: pd.Series, opts: _inges
     if columns:
         msg = (f"dataset {name!r}: the labels are constant within each value of obs column(s) "
                f"{', '.join(map(repr, columns))}. If these are samples or conditions, ingest with "
-               f"--sample-key {columns[0]} and evaluate with --split-scheme sample: cell-level folds would put cells of "
+               f"{option('sample_key', columns[0])} and evaluate with --split-scheme sample: cell-level folds would put cells of "
                "one sample on both sides and a head could score by recognising samples.")
         warnings.warn(msg, SampleLeakageWarning, stacklevel=3)
 
@@ -1695,8 +1698,10 @@ def _update_needed_message(info: DatasetInfo, changed: dict[str, tuple[Any, Any]
     what = "; ".join(f"{col}: stored {old!r}, given {new!r}" for col, (old, new) in {**changed, **kinds}.items())
     subjects = [s for s, on in (("cell metadata", changed), ("gene id kind", "gene_id_kind" in kinds),
                                 ("value kind", "x_kind" in kinds)) if on]
-    return (f"Dataset {info.name!r} is already in the store with other {' and '.join(subjects)} ({what}). Pass --update "
-            f"to `scdm ingest` (update=True) to rewrite it, or leave those options out to use the stored dataset as it is.")
+    head = f"Dataset {info.name!r} is already in the store with other {' and '.join(subjects)} ({what})."
+    if offers("update"):
+        return f"{head} Pass {option('update')} to rewrite it, or leave those options out to use the stored dataset as it is."
+    return f"{head} Leave those options out to use the stored dataset as it is (rewriting a stored dataset is not done here)."
 
 
 def _kinds_in_use_message(info: DatasetInfo, kinds: dict[str, tuple[str, str]], users: list[tuple[Any, ...]]) -> str:
@@ -1727,7 +1732,7 @@ def _check_dataset_name(name: str) -> None:
     """Result rows join the datasets of a pooled result with commas: a name with one would read as two."""
     if "," in name or not name.strip():
         msg = (f"Dataset name {name!r} cannot be used: it is empty or holds a comma (result rows join pooled datasets "
-               f"with commas). Pass another with --name (name= in Python), e.g. {name.replace(',', '+').strip() or 'my-data'!r}.")
+               f"with commas). Pass another with {option('name', 'NAME')}, e.g. {name.replace(',', '+').strip() or 'my-data'!r}.")
         raise InputDataError(msg)
 
 
