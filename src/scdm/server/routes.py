@@ -78,6 +78,12 @@ BASELINE_MODELS = ("pca", "hvg")
 """Models cheap enough to embed uploads with on the server."""
 TOTAL_COUNT_HEADER = "X-Total-Count"
 """Response header of a paged list route: the rows of every page together (a shorter page than that is not the end)."""
+PAGING = ("Paged with limit (capped at the server's page size) and offset. Each page and its X-Total-Count header (the "
+          "rows of every page together) are read from one state of the store, in one total order (ties broken by the "
+          "row's key), so the pages of an unchanged store neither repeat nor skip a row. A job or an evaluation that "
+          "writes between two page requests can shift the later pages; the total then differs from the first "
+          "page's: read again from offset 0.")
+"""What the paged routes guarantee (their descriptions in the OpenAPI document)."""
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MAX_LOGIN_BYTES = 4096
 
@@ -283,9 +289,8 @@ def model(model: str, srv: Server) -> Response:
             summary="Mean, sd and n over the folds of each result (long format)",
             description="One row per embedding space, datasets, label set, split (scenario, scheme, k, seed, category), "
                         "head and params, and metric; folds_done/folds_expected/complete mark interrupted results. "
-                        "Results of different splits, label sets or datasets are never averaged together. Paged like "
-                        "/api/results (limit, capped at the server's page size, and offset); the X-Total-Count header "
-                        "holds the number of rows of every page together.")
+                        "Results of different splits, label sets or datasets are never averaged together. " + PAGING +
+                        " A result's mean moves it while its evaluation adds folds.")
 def leaderboard_route(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
     board = leaderboard(srv.store, metrics=_values(f.metric), models=f.model, heads=_values(f.head),
                         scenarios=_values(f.scenario), category_types=_values(f.category_type), datasets=f.dataset,
@@ -308,7 +313,7 @@ def _in_page_order(board: pd.DataFrame) -> pd.DataFrame:
     return board.sort_values(by, ascending=[k != "mean" for k in by], na_position="last", kind="stable")
 
 
-@router.get("/api/results", response_model=list[ResultRow], summary="Per-task (per-fold) metric values")
+@router.get("/api/results", response_model=list[ResultRow], summary="Per-task (per-fold) metric values", description=PAGING)
 def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
     where: list[str] = [f"NOT {stale_sql(srv.store, 'x')}"]  # numbers known to be wrong now, as the leaderboard leaves out
     args: list[Any] = []
@@ -321,12 +326,34 @@ def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
     # note: 'older gene table (...)' on a space this scdm would not make, as the leaderboard and scdm ls mark it
     # and 'N of M test cells unanswered' on a prompting task scored on the cells its model answered
     unanswered = unanswered_note_sql(unanswered_sql("t.flags"), "x.n_test")
-    sql = (f"SELECT x.*, concat_ws('; ', nullif(n.note, ''), {unanswered}) AS note FROM eval_results x "
-           f"LEFT JOIN {space_notes_sql()} n USING (space_id) LEFT JOIN (SELECT task_id, flags FROM eval_tasks) t USING (task_id) "
-           "WHERE " + " AND ".join(where) +
-           " ORDER BY model, head, scenario, category_type, category, metric, fold LIMIT ? OFFSET ?")
-    frame = srv.store.query(sql, [*args, _cap(f.limit, srv.config.page_rows), f.offset])
-    return typed(list[ResultRow], records(frame, _RESULT_JSON_COLUMNS))
+    matching = (f"SELECT x.*, concat_ws('; ', nullif(n.note, ''), {unanswered}) AS note FROM eval_results x "
+                f"LEFT JOIN {space_notes_sql()} n USING (space_id) LEFT JOIN (SELECT task_id, flags FROM eval_tasks) t "
+                "USING (task_id) WHERE " + " AND ".join(where))
+    # (task_id, metric) is the table's key: the order is total, so the pages of one state of the store partition it
+    order = "model, head, scenario, category_type, category, metric, fold, task_id"
+    frame, total = _page_and_total(srv, matching, order, "task_id", args, _cap(f.limit, srv.config.page_rows), f.offset)
+    return _paged(typed(list[ResultRow], records(frame, _RESULT_JSON_COLUMNS)), total)
+
+
+def _page_and_total(srv: ServerState, matching: str, order: str, key: str, args: list[Any], limit: int,
+                    offset: int) -> tuple[pd.DataFrame, int]:
+    """One page of the rows of ``matching`` in ``order`` and the number of them all, from one statement.
+
+    One statement reads one state of the catalog: the total always counts the rows the page was cut
+    from, even while an evaluation or a prediction job writes (two queries could straddle a commit).
+    """
+    sql = (f"WITH matching AS ({matching}), page AS (SELECT * FROM matching ORDER BY {order} LIMIT ? OFFSET ?) "
+           f"SELECT t.total AS _total, page.* FROM (SELECT count(*) AS total FROM matching) t LEFT JOIN page ON true "
+           f"ORDER BY {order}")
+    frame = srv.store.query(sql, [*args, limit, offset])
+    total = int(frame["_total"].iloc[0])
+    # past the last row the page is empty: the join's one row of NULLs only carries the total
+    return frame.drop(columns="_total")[frame[key].notna()].reset_index(drop=True), total
+
+
+def _paged(response: Response, total: int) -> Response:
+    response.headers[TOTAL_COUNT_HEADER] = str(total)
+    return response
 
 
 @router.get("/api/skipped", response_model=list[SkippedRow], summary="Tasks and splits that were not fitted, with the reason")
@@ -386,7 +413,8 @@ def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _prediction_frame(srv: ServerState, head_id: str | None, dataset: str | None, *, limit: int | None = None,
-                      offset: int = 0) -> pd.DataFrame:
+                      offset: int = 0) -> tuple[pd.DataFrame, int | None]:
+    """The predictions (one page of them with ``limit``) and, for a page, the number of them all."""
     where: list[str] = []
     args: list[Any] = []
     if head_id:
@@ -395,23 +423,26 @@ def _prediction_frame(srv: ServerState, head_id: str | None, dataset: str | None
     if dataset:
         where.append("p.dataset_id = ?")
         args.append(srv.store.dataset(dataset).dataset_id)
-    sql = ("SELECT p.head_id, d.name AS dataset, p.dataset_id, p.row, c.cell_id, p.proba, p.label, "
-           "p.embedding_id, p.created_at FROM predictions p JOIN datasets d USING (dataset_id) "
-           "JOIN cells c ON c.dataset_id = p.dataset_id AND c.row = p.row" +
-           (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY p.head_id, d.name, p.row")
-    if limit is not None:
-        sql += " LIMIT ? OFFSET ?"
-        args += [limit, offset]
+    matching = ("SELECT p.head_id, d.name AS dataset, p.dataset_id, p.row, c.cell_id, p.proba, p.label, "
+                "p.embedding_id, p.created_at FROM predictions p JOIN datasets d USING (dataset_id) "
+                "JOIN cells c ON c.dataset_id = p.dataset_id AND c.row = p.row" +
+                (" WHERE " + " AND ".join(where) if where else ""))
+    order = 'head_id, dataset, "row"'  # (head_id, dataset_id, row) is the table's key; a dataset name is one dataset
+    if limit is None:
+        frame, total = srv.store.query(f"{matching} ORDER BY {order}", args), None
+    else:
+        frame, total = _page_and_total(srv, matching, order, "head_id", args, limit, offset)
     # beside each cell the label of the drug the head learned, not the dataset's default drug's
-    frame = with_responses(srv.store, srv.store.query(sql, args))
+    frame = with_responses(srv.store, frame)
     return frame[["head_id", "dataset", "dataset_id", "row", "cell_id", "proba", "label", "response", "label_set",
-                  "embedding_id", "created_at"]]
+                  "embedding_id", "created_at"]], total
 
 
-@router.get("/api/predictions", response_model=list[PredictionRow], summary="Per-cell predictions of trained heads")
+@router.get("/api/predictions", response_model=list[PredictionRow], summary="Per-cell predictions of trained heads",
+            description=PAGING)
 def predictions(srv: Server, f: Annotated[PredictionFilters, Query()]) -> Response:
-    frame = _prediction_frame(srv, f.head_id, f.dataset, limit=_cap(f.limit, srv.config.page_rows), offset=f.offset)
-    return typed(list[PredictionRow], records(frame))
+    frame, total = _prediction_frame(srv, f.head_id, f.dataset, limit=_cap(f.limit, srv.config.page_rows), offset=f.offset)
+    return _paged(typed(list[PredictionRow], records(frame)), total or 0)
 
 
 @router.get("/api/predictions.csv", summary="Predictions of one head on one dataset as CSV", response_class=Response,
@@ -421,7 +452,7 @@ def predictions(srv: Server, f: Annotated[PredictionFilters, Query()]) -> Respon
                         "keep every id as stored; the `row` column joins either to the dataset.",
             responses={200: {"content": {"text/csv": {}}, "description": "One row per cell"}})
 def predictions_csv(srv: Server, q: Annotated[PredictionCsvQuery, Query()]) -> Response:
-    frame = _prediction_frame(srv, q.head_id, q.dataset)
+    frame, _ = _prediction_frame(srv, q.head_id, q.dataset)
     if frame.empty:
         raise HttpError(404, "No predictions of this head on this dataset; POST /api/jobs/predict first.")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"predictions_{q.dataset}_{q.head_id}.csv")
