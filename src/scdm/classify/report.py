@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_report"]
+__all__ = ["runs_table", "write_report"]
 
 Projection = Literal["auto", "umap", "pca", "none"]
 
@@ -292,6 +292,19 @@ def _mark_stopped_runs(runs: pd.DataFrame) -> None:
             runs.at[i, "status"] = "stopped (its process is gone; run the same command again to finish it)"
         elif row["status"] == "partial":
             runs.at[i, "status"] = "partial (its request budget ran out; run the same command again to finish it)"
+
+
+def runs_table(st: Store, run_id: str | None = None) -> pd.DataFrame:
+    """The evaluation runs (``scdm evaluate``, ``scdm prompt``) as the report's runs table lists them: a run
+    whose process is gone reads ``stopped (...)``, one cut short by its request budget ``partial (...)``.
+
+    ``state`` is the status's first word (``running``, ``stopped``, ``partial``, ``complete``, ``failed``).
+    The server's ``GET /api/runs`` answers this table, so the page, the API and the report agree.
+    """
+    runs = st.sql(_runs_sql(_Filters(run_id=run_id)))
+    _mark_stopped_runs(runs)
+    runs.insert(runs.columns.get_loc("status") + 1, "state", runs["status"].astype(str).str.split(" ").str[0])
+    return runs
 
 
 def _runs_sql(filters: _Filters) -> str:

@@ -343,6 +343,28 @@ class ResultRow(_Row):
                       "unanswered' (this task), or empty.")
 
 
+class RunRow(_Row):
+    """One evaluation run (``scdm evaluate``, ``scdm prompt``), as the report's runs table lists it."""
+
+    run_id: str
+    created_at: str | None = None
+    status: str = Field(description="As the report shows it: 'stopped (...)' for a run whose process is gone (killed: "
+                        "it could not record failing), 'partial (...)' for a prompting run cut short by its request "
+                        "budget; run the same command again to finish either.")
+    state: Literal["running", "stopped", "partial", "complete", "failed"] = Field(description="The status's first word.")
+    split_scheme: str | None = Field(default=None, description="The pooled scheme as used ('auto → sample').")
+    folds: str | None = None
+    seed: str | None = None
+    label_set: str | None = None
+    heads: JsonText = None
+    scenarios: JsonText = None
+    n_tasks: int | None = None
+    n_done: int | None = None
+    n_reused: int | None = None
+    n_skipped: int | None = None
+    seconds: float | None = None
+
+
 class SkippedRow(_Row):
     scenario: str | None = None
     category_type: str | None = None

@@ -53,6 +53,7 @@ from scdm.server.models import (
     ReportFigures,
     ReportRequest,
     ResultRow,
+    RunRow,
     SkippedRow,
     SqlAnswer,
     SqlRequest,
@@ -354,6 +355,14 @@ def _page_and_total(srv: ServerState, matching: str, order: str, key: str, args:
 def _paged(response: Response, total: int) -> Response:
     response.headers[TOTAL_COUNT_HEADER] = str(total)
     return response
+
+
+@router.get("/api/runs", response_model=list[RunRow], summary="Evaluation and prompting runs, as the report lists them")
+def runs(srv: Server) -> Response:
+    from scdm.classify.report import runs_table
+
+    frame = runs_table(srv.store).drop(columns=["host", "pid"])  # where it ran stays on the server
+    return typed(list[RunRow], records(frame, {"heads", "scenarios"}))
 
 
 @router.get("/api/skipped", response_model=list[SkippedRow], summary="Tasks and splits that were not fitted, with the reason")
