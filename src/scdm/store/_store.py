@@ -45,6 +45,7 @@ from scdm.store.errors import (
     EmbeddingNotFoundError,
     InputDataError,
     ScdmError,
+    StoreDamagedError,
     StoreFormatError,
     StoreReadOnlyError,
 )
@@ -672,6 +673,7 @@ class Store:
         if self.read_only:
             _check_readable_store(self.root, why)
         else:
+            _check_store_folder(self.root)
             self._make_dirs()
         self.catalog = Catalog(self.root / CATALOG_FILE, read_only_reason=why if self.read_only else None)
         if self.read_only:
@@ -2001,10 +2003,53 @@ def _read_only_mode(root: Path, asked: bool | None) -> tuple[bool, str]:
     return False, ""
 
 
+_STORE_ENTRIES = frozenset({EMBEDDINGS_DIR, DATASETS_DIR, ARTIFACTS_DIR, _claims.CLAIMS_DIR})
+"""What a store folder holds beside its catalog."""
+_IGNORED_ENTRIES = frozenset({".DS_Store"})
+"""Files the system may put in any folder (a Finder view of an empty one)."""
+
+
+def _check_store_folder(root: Path) -> None:
+    """Refuse to make a store in a folder that holds something else: it would be strewn with store files.
+
+    A store is its ``catalog.duckdb``. A folder without one becomes a store only if it is missing,
+    empty, or holds nothing but the empty sub-folders of a store whose creation was interrupted.
+    A typo'd ``--store`` (a data folder, the home folder) otherwise got a catalog and three
+    sub-folders from even a read command such as ``scdm ls``.
+    """
+    if (root / CATALOG_FILE).is_file() or not root.exists():
+        return
+    if not root.is_dir():
+        msg = f"--store {str(root)!r} is a file, not a folder. Give the store's folder, or a new or empty folder to make a store in."
+        raise ScdmError(msg)
+    try:
+        entries = sorted(p for p in root.iterdir() if p.name not in _IGNORED_ENTRIES and not p.name.startswith(".scdm-write-probe-"))
+    except OSError:
+        return  # unreadable: _make_dirs reports what the system says
+    if not entries:
+        return
+    used = [p.name for p in entries if p.name in _STORE_ENTRIES and p.is_dir() and any(p.iterdir())]
+    if used and all(p.name in _STORE_ENTRIES for p in entries):
+        msg = (f"{str(root)!r} holds {', '.join(f'{n}/' for n in used)} of an scdm store but no {CATALOG_FILE}: its catalog was "
+               f"deleted or moved. Put {CATALOG_FILE} back into that folder, or give a new or empty folder to start another store.")
+        raise StoreDamagedError(msg)
+    if not used and all(p.name in _STORE_ENTRIES and p.is_dir() for p in entries):
+        return  # a store whose creation stopped before its catalog was made
+    shown = ", ".join(repr(p.name) for p in entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    msg = (f"{str(root)!r} is not an scdm store (it has no {CATALOG_FILE}) and is not empty (it holds {shown}); scdm does not "
+           f"turn a folder of other files into a store. Give the store's folder with --store (or {ENV_STORE}), or a new or empty "
+           "folder to make a store in.")
+    raise ScdmError(msg)
+
+
 def _check_readable_store(root: Path, why: str) -> None:
     """A store opened read-only must exist already: nothing is created."""
     if not (root / CATALOG_FILE).is_file():
         what = "does not exist" if not root.exists() else f"holds no {CATALOG_FILE}"
+        if root.is_dir() and any(p.name not in _IGNORED_ENTRIES for p in root.iterdir()):  # a folder of other files
+            msg = (f"Cannot open {str(root)!r} read-only ({why}): it {what}, so it is not an scdm store. "
+                   f"Point --store (or {ENV_STORE}) at an existing store's folder.")
+            raise ScdmError(msg)
         msg = (f"Cannot open {str(root)!r} read-only ({why}): it {what}, so it is not an scdm store yet. "
                "Create it first with write access (e.g. `scdm ingest FILE.h5ad`), or point --store at an existing store.")
         raise ScdmError(msg)
