@@ -513,6 +513,12 @@ def verify(obj: Ctx, embedding_ids: tuple[str, ...], repair: bool, quiet: bool) 
     for other models the exact `scdm embed` command is printed (it needs the checkpoint
     folder). After --repair the exit status is 0 only if every bad chunk was recomputed.
 
+    Checking the whole store also lists, as LEFTOVER lines (not damage), what killed or half-undone
+    work left: files and folders no catalog row names (dataset copies, arrays, adapter, head and
+    transfer-run folders) and temporaries of interrupted ingests and saves. --repair deletes those
+    whose writer is gone; a temporary of a running process, or anything changed within the last
+    hour whose writer cannot be asked, is left alone.
+
     \b
     Examples:
       scdm verify
@@ -524,6 +530,8 @@ def verify(obj: Ctx, embedding_ids: tuple[str, ...], repair: bool, quiet: bool) 
     report = st.verify(list(embedding_ids) or None, repair=repair)
     for line in report.problems():  # damaged array metadata and bad chunks
         click.echo(f"BAD {line}")
+    for item in report.leftovers:  # not damage: files nothing reads, deleted by --repair once their writer is gone
+        click.echo(f"LEFTOVER {item.line()}")
     click.echo(report.summary())
     if report.ok:
         return

@@ -66,6 +66,7 @@ from scdm.store.heads import (
     trained_head,
     trained_head_table,
 )
+from scdm.store.leftovers import temp_prefix
 from scdm.store.splits import cells_hash
 from scdm.store.verify import BASELINE_MODELS
 
@@ -854,7 +855,7 @@ def _write_artifact(st: Store, head_id: str, estimator: BaseHead) -> tuple[str, 
     """
     final = st.root / HEADS_DIR / head_id
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{head_id}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(head_id), dir=final.parent))  # pid in the name: see store.leftovers
     try:
         name, artifact_format = save_head_artifact(estimator, tmp)
         _check_round_trip(estimator, load_head_artifact(tmp / name, artifact_format, estimator.name))

@@ -50,7 +50,8 @@ try:
 except ImportError:  # pragma: no cover - exercised on Windows only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CLAIMS_DIR", "WriterInfo", "JobLease", "exclusive", "try_exclusive", "release", "forget", "live_writers", "claims_folder"]
+__all__ = ["CLAIMS_DIR", "WriterInfo", "JobLease", "exclusive", "try_exclusive", "release", "forget", "live_writers", "claims_folder",
+           "in_use", "safe_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,23 @@ def try_exclusive(folder: Path) -> int | None:
     return _lock(folder / _JOB_LOCK, exclusive=True, wait_s=0.0)
 
 
+def in_use(folder: Path) -> bool:
+    """Whether a process holds the job lock of ``folder`` now (a job, a creator or a remover); creates nothing."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(folder / _JOB_LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's lock
+    return False
+
+
 def release(fd: int) -> None:
     """Release a lock taken with :func:`try_exclusive`."""
     os.close(fd)
@@ -321,6 +339,11 @@ class JobLease:
                 forget(self.folder)
             finally:
                 os.close(tidy)
+
+
+def safe_name(text: str) -> str:
+    """``text`` (a host name) with only letters, digits and ``-_.``, for a file name."""
+    return _safe(text)
 
 
 def _safe(text: str) -> str:

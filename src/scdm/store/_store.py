@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scdm.store import _claims, _ingest, _zarr, labels
+from scdm.store import leftovers as _leftovers
 from scdm.store import splits as _splits
 from scdm.store import verify as _verify
 from scdm.store._catalog import Catalog, registered
@@ -990,7 +991,8 @@ class Store:
         final = self.root / rel
         if final.exists():
             return rel
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{dataset_id}-", suffix=".h5ad.tmp")
+        # the name carries this process's pid: `scdm verify --repair` deletes it if the copy is killed
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=_leftovers.temp_prefix(dataset_id))
         os.close(fd)
         try:
             if source is not None:
@@ -1548,7 +1550,9 @@ class Store:
         Also damage: a chunk of a complete embedding without a committed record, and an array
         whose ``zarr.json`` is missing or disagrees with the catalog row (the chunks are then
         judged in the catalog's layout). Temporary files of killed writes are listed apart (see
-        :mod:`store.verify`).
+        :mod:`store.verify`); so are, when the whole store is checked, its leftovers: files and
+        folders no catalog row names, and temporaries of interrupted ingests and saves (see
+        :mod:`store.leftovers`).
 
         Parameters
         ----------
@@ -1558,7 +1562,8 @@ class Store:
             Rewrite a damaged ``zarr.json`` from the catalog, put the bad chunks back to pending
             (:meth:`mark_chunks_pending`), so that rerunning the embedding's ``scdm embed`` command
             (``EmbeddingCheck.repair``) recomputes exactly those, and delete the temporary files of
-            killed writes (unless a job writes the embedding now).
+            killed writes (unless a job writes the embedding now) and the store's leftovers whose
+            writer is gone (:func:`store.leftovers.scan`).
 
         Returns
         -------
@@ -1571,7 +1576,10 @@ class Store:
             ids = self.query("SELECT embedding_id FROM embeddings ORDER BY created_at, embedding_id")["embedding_id"].tolist()
         else:
             ids = [embedding_ids] if isinstance(embedding_ids, str) else list(embedding_ids)
-        return _verify.VerifyReport(tuple(self._check_embedding(str(e), repair=repair) for e in ids))
+        checks = tuple(self._check_embedding(str(e), repair=repair) for e in ids)
+        # the whole store is checked: also what interrupted or half-undone work left beside the catalog
+        found = tuple(_leftovers.scan(self, remove=repair)) if embedding_ids is None else ()
+        return _verify.VerifyReport(checks, found)
 
     def _check_embedding(self, embedding_id: str, *, repair: bool) -> _verify.EmbeddingCheck:
         emb, status = self._embedding_and_status(embedding_id)

@@ -13,7 +13,9 @@ could only be read unchecked), and an array whose ``zarr.json`` is missing or di
 catalog row (shape, data type, rows per chunk: the chunk bytes would be read as other rows or
 numbers). ``repair=True`` puts such chunks back to pending too, and rewrites the metadata file from
 the catalog before the chunks are checked. Temporary ``*.partial`` files that killed writers left
-are listed (not damage: no read uses them) and deleted with ``repair=True``.
+are listed (not damage: no read uses them) and deleted with ``repair=True``, and so are, when the
+whole store is checked, the files and folders that no catalog row names and the temporaries of
+interrupted ingests and saves, once their writer is gone (:mod:`store.leftovers`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from scdm.store._store import Embedding, Store
+    from scdm.store.leftovers import Leftover
 
 __all__ = ["BadChunk", "EmbeddingCheck", "VerifyReport", "BASELINE_MODELS", "repair_hint"]
 
@@ -104,6 +107,9 @@ class VerifyReport:
     """What :meth:`store.Store.verify` found, one :class:`EmbeddingCheck` per embedding."""
 
     embeddings: tuple[EmbeddingCheck, ...] = field(default_factory=tuple)
+    leftovers: tuple[Leftover, ...] = ()
+    """Files and folders of the store that no catalog row names, and temporaries of interrupted writes
+    (:mod:`store.leftovers`; only when the whole store is checked). Not damage: nothing reads them."""
 
     @property
     def ok(self) -> bool:
@@ -141,12 +147,31 @@ class VerifyReport:
         return sum(e.metadata is not None for e in self.embeddings)
 
     def _leftover_note(self) -> str:
+        return self._partials_note() + self._store_leftovers_note()
+
+    def _partials_note(self) -> str:
         files = sum(len(e.leftovers) for e in self.embeddings)
         if not files:
             return ""
         done = all(e.leftovers_removed for e in self.embeddings if e.leftovers)
         fix = "deleted" if done else "`scdm verify --repair` deletes them"
         return f"; {files} temporary file(s) left by interrupted writes ({fix})"
+
+    def _store_leftovers_note(self) -> str:
+        if not self.leftovers:
+            return ""
+        from scdm.store.leftovers import describe_size
+
+        removed = [x for x in self.leftovers if x.removed]
+        kept = [x for x in self.leftovers if x.kept is not None]
+        waiting = len(self.leftovers) - len(removed) - len(kept)
+        parts = [f"deleted {len(removed)} ({describe_size(sum(x.size for x in removed))})"] if removed else []
+        if waiting:
+            parts.append(f"`scdm verify --repair` deletes {waiting} ({describe_size(sum(x.size for x in self.leftovers if not x.removed and x.kept is None))})")
+        if kept:
+            parts.append(f"{len(kept)} left alone while their writer may be at work")
+        total = describe_size(sum(x.size for x in self.leftovers))
+        return f"; {len(self.leftovers)} leftover file(s) or folder(s) that nothing reads, {total} ({', '.join(parts)})"
 
 
 def repair_hint(st: Store, emb: Embedding) -> str:
