@@ -72,6 +72,7 @@ from scdm.store.adapters import (
     adapter_dir,
     adapter_row,
     forget_adapter,
+    training_lock,
     write_adapter,
 )
 from scdm.store.errors import CheckpointError, InputDataError
@@ -484,15 +485,16 @@ def _finetune_fold(job: _Job, fold: _Fold) -> FinetuneResult:
     st = job.st
     tuning_id, adapter_id = _identity(job, job.adapter(), fold)
     folder = adapter_dir(st, adapter_id)
-    lost = adapter_row(st, adapter_id)  # still the row of the old weights when their folder is gone
-    card = _cached_card(st, adapter_id, folder)
-    reused = card is not None
-    if card is None:
-        card = _train_fold(job, fold, adapter_id, tuning_id, folder)
-        if lost is not None and lost["adapter_hash"] != card.adapter_hash:
-            _drop_lost_adapter_outputs(st, card)
-    else:
-        logger.info("adapter %s (%s, split %s fold %d) exists; not training again", adapter_id, job.model, fold.split_id, fold.fold)
+    with training_lock(st, adapter_id):  # a second run of the same fold waits here, then reuses this one's adapter
+        lost = adapter_row(st, adapter_id)  # still the row of the old weights when their folder is gone
+        card = _cached_card(st, adapter_id, folder)
+        reused = card is not None
+        if card is None:
+            card = _train_fold(job, fold, adapter_id, tuning_id, folder)
+            if lost is not None and lost["adapter_hash"] != card.adapter_hash:
+                _drop_lost_adapter_outputs(st, card)
+        else:
+            logger.info("adapter %s (%s, split %s fold %d) exists; not training again", adapter_id, job.model, fold.split_id, fold.fold)
     embeddings = _embed_tuned(job, fold, folder)
     row = adapter_row(st, adapter_id)
     assert row is not None

@@ -28,6 +28,7 @@ from scdm.embedding.lora_training import (
 )
 from scdm.store import canonical_json
 from scdm.store.errors import CheckpointError
+from scdm.store.leftovers import temp_prefix
 
 if TYPE_CHECKING:
     from scdm.embedding._adapter import Adapter
@@ -215,21 +216,74 @@ def _forget_base_path(config_path: Path) -> None:
 
 
 def save_adapter(trained: TrainedLora, folder: Path, card: dict[str, Any]) -> str:
-    """Write adapter, head and card to a temporary folder, then rename it into place; returns the hash."""
+    """Write adapter, head and card to a temporary folder, then put it in place; returns the hash of the adapter in place.
+
+    The temporary folder's name carries this process's pid, so that ``scdm verify --repair`` can
+    tell the leftover of a killed save from a save under way (:mod:`store.leftovers`). How the
+    folder is put in place: see :func:`_place`.
+    """
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = folder.parent / f"{temp_prefix(folder.name)}{uuid.uuid4().hex[:8]}"
     try:
         trained.peft_model.save_pretrained(str(tmp))
         _forget_base_path(tmp / "adapter_config.json")
         save_file({k: v.detach().contiguous().cpu() for k, v in trained.head.state_dict().items()}, str(tmp / HEAD_FILE))
         adapter_hash = _files_hash(tmp)
         (tmp / CARD_FILE).write_text(json.dumps({**card, "adapter_hash": adapter_hash}, indent=1, sort_keys=True, default=str))
-        if folder.exists():  # left by a run that died before its catalog row
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return adapter_hash
+        return _place(tmp, folder, adapter_hash)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
+
+
+_PLACE_TRIES = 5
+
+
+def _place(tmp: Path, folder: Path, adapter_hash: str) -> str:
+    """Rename the finished ``tmp`` to ``folder``; the hash of the adapter that ends up there.
+
+    The rename is atomic and never lands on a folder with files, so a reader sees the old adapter
+    or the new one, never a mix. A folder already there is:
+
+    * the same adapter (its files hash to ``adapter_hash``: another run of the same fold placed it
+      first): kept, and ``tmp`` is dropped;
+    * anything else (left by a run that died before its catalog row, or damaged): moved aside
+      under a temporary name (atomic too), then replaced. ``scdm finetune`` trains and places one
+      adapter at a time per id (:func:`store.adapters.training_lock`), so this is never another
+      live run's adapter.
+
+    Raises
+    ------
+    CheckpointError
+        Other processes kept putting other adapters at ``folder`` meanwhile.
+    """
+    for _ in range(_PLACE_TRIES):
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.exists():
+                raise  # not a name clash: a full disk, a read-only store
+        else:
+            return adapter_hash
+        if _intact_hash(folder) == adapter_hash:
+            return adapter_hash  # the same weights are in place: ours go with tmp
+        aside = folder.parent / f"{temp_prefix(folder.name)}{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder, aside)
+        except FileNotFoundError:
+            continue  # moved by another process meanwhile: try again
+        shutil.rmtree(aside, ignore_errors=True)
+    msg = (f"Could not put adapter {folder.name} in place at {str(folder)!r}: other processes kept putting other weights "
+           "there meanwhile (several `scdm finetune` runs of the same fold, started outside scdm's lock?). Run the command "
+           "again once they are done: it reuses the adapter they leave.")
+    raise CheckpointError(msg)
+
+
+def _intact_hash(folder: Path) -> str | None:
+    """The adapter hash of a complete, undamaged adapter folder (its card's, checked against its files), or None."""
+    try:
+        card = read_lora_card(folder)
+    except CheckpointError:
+        return None
+    return card.adapter_hash if card.damage() is None else None

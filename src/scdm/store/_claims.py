@@ -39,7 +39,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - exercised on Windows only
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["CLAIMS_DIR", "WriterInfo", "JobLease", "exclusive", "try_exclusive", "release", "forget", "live_writers", "claims_folder",
-           "in_use", "safe_name"]
+           "in_use", "safe_name", "lock_waiting", "unlock_and_delete"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,26 @@ def exclusive(folder: Path, embedding_id: str, *, wait_s: float, doing: str) -> 
 def try_exclusive(folder: Path) -> int | None:
     """The job lock held exclusively (a file descriptor for :func:`release`), or None when a job holds it now."""
     return _lock(folder / _JOB_LOCK, exclusive=True, wait_s=0.0)
+
+
+def lock_waiting(path: Path, *, note_every_s: float, note: Callable[[WriterInfo | None], None]) -> int:
+    """Lock ``path`` exclusively, waiting as long as it takes; ``note(holder)`` every ``note_every_s`` seconds of waiting.
+
+    The lock file holds this process's :class:`WriterInfo`, which the notes of other waiters name.
+    Returns the file descriptor for :func:`unlock_and_delete`.
+    """
+    while True:
+        fd = _lock(path, exclusive=True, wait_s=note_every_s)
+        if fd is not None:
+            _write_info(fd, WriterInfo.here())
+            return fd
+        note(_read_info(path))
+
+
+def unlock_and_delete(path: Path, fd: int) -> None:
+    """Delete a lock file taken with :func:`lock_waiting` and release it (a waiter then locks a fresh one)."""
+    path.unlink(missing_ok=True)
+    os.close(fd)
 
 
 def in_use(folder: Path) -> bool:

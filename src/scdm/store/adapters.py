@@ -6,7 +6,10 @@ catalog row is written here, after the files are in place, so a row always has i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,13 +17,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scdm.store import _claims
 from scdm.store._constants import ARTIFACTS_DIR
 from scdm.store._store import canonical_json
 
 if TYPE_CHECKING:
     from scdm.store._store import Store
 
-__all__ = ["ADAPTERS_DIR", "AdapterRecord", "adapter_dir", "write_adapter", "forget_adapter", "adapter_row", "tuned_training_rows"]
+__all__ = ["ADAPTERS_DIR", "AdapterRecord", "adapter_dir", "write_adapter", "forget_adapter", "adapter_row", "tuned_training_rows",
+           "training_lock"]
+
+logger = logging.getLogger(__name__)
 
 ADAPTERS_DIR = "adapters"
 """Folder under ``<store>/artifacts`` holding one ``<adapter_id>/`` folder per adapter."""
@@ -29,6 +36,26 @@ ADAPTERS_DIR = "adapters"
 def adapter_dir(st: Store, adapter_id: str) -> Path:
     """The folder of adapter ``adapter_id``'s files: ``<store>/artifacts/adapters/<adapter_id>``."""
     return st.root / ARTIFACTS_DIR / ADAPTERS_DIR / adapter_id
+
+
+@contextlib.contextmanager
+def training_lock(st: Store, adapter_id: str, *, note_every_s: float = 60.0) -> Iterator[None]:
+    """Be the only process that decides about, trains and places adapter ``adapter_id`` until the block ends.
+
+    Two ``scdm finetune`` runs of the same fold (one per GPU, or a command started twice) would
+    otherwise both train it and put their folders in place over each other. The second waits here
+    (logging who it waits for every ``note_every_s`` seconds) and then finds the first's adapter
+    and its row: it reuses them. The lock is an advisory file lock the system drops when its
+    holder dies, so a killed run never blocks the next (see :mod:`store._claims`).
+    """
+    path = _claims.claims_folder(st.root, f"adapter-{adapter_id}.lock")
+    fd = _claims.lock_waiting(path, note_every_s=note_every_s,
+                              note=lambda who: logger.warning("adapter %s is being trained by %s; waiting for it",
+                                                              adapter_id, who.describe() if who else "another process"))
+    try:
+        yield
+    finally:
+        _claims.unlock_and_delete(path, fd)
 
 
 @dataclass(frozen=True)
