@@ -241,3 +241,21 @@ def test_trust_pickle_converts_an_old_torch_mlp_head(legacy_store: Store) -> Non
     np.testing.assert_allclose(loaded.head.proba_sensitive(X), expected, rtol=1e-5, atol=1e-6)
     assert trained_head(st, head_id).artifact_format == "safetensors" and not old.exists()
     np.testing.assert_allclose(load_head(st, head_id).head.proba_sensitive(X), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_writing_an_artifact_keeps_an_identical_one_and_replaces_a_damaged_one(tmp_path: Path) -> None:
+    # two train-head runs of one head: the later one rmtree'd the folder the first had placed (and
+    # might be reading); the same bytes are now kept, a damaged artifact replaced
+    from scdm.classify.heads import get_head
+    from scdm.classify.trained_heads import _write_artifact
+
+    st = Store(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    head = get_head("ridge").fit(rng.normal(size=(40, 4)), np.arange(40) % 2)
+    path, fmt = _write_artifact(st, "h1", head)
+    folder = (st.root / path).parent
+    inode = folder.stat().st_ino
+    assert _write_artifact(st, "h1", head) == (path, fmt) and folder.stat().st_ino == inode  # kept, not replaced
+    (st.root / path).write_bytes(b"damaged")
+    assert _write_artifact(st, "h1", head) == (path, fmt)
+    assert json.loads((folder / "head.json").read_text())["file_hash"] == file_hash(st.root / path)

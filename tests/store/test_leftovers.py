@@ -172,3 +172,23 @@ def test_scdm_verify_prints_leftovers_and_repair_deletes_them(st):
     assert result.exit_code == 0 and "LEFTOVER" in result.output and not (st.root / "claims").exists()
     result = runner.invoke(main, ["--store", str(st.root), "verify", "--repair"])
     assert result.exit_code == 0 and "(deleted)" in result.output and not adapter.exists()
+
+
+def test_place_folder_keeps_an_equal_folder_and_replaces_another(tmp_path: Path) -> None:
+    from scdm.store.leftovers import place_folder
+
+    def made(name: str, text: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "file").write_text(text)
+        return folder
+
+    final = tmp_path / "final"
+    assert place_folder(made("t1", "a"), final, same=lambda f: False, what="x") and (final / "file").read_text() == "a"
+    # another run placed the same thing first: kept, and the caller's temporary is left for it to drop
+    ours = made("t2", "a")
+    assert not place_folder(ours, final, same=lambda f: (f / "file").read_text() == "a", what="x") and ours.exists()
+    # a leftover or damaged folder is replaced whole, never mixed with ours
+    assert place_folder(made("t3", "b"), final, same=lambda f: False, what="x")
+    assert [p.name for p in final.iterdir()] == ["file"] and (final / "file").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "t2"]  # nothing set aside stays behind

@@ -66,7 +66,7 @@ from scdm.store.heads import (
     trained_head,
     trained_head_table,
 )
-from scdm.store.leftovers import temp_prefix
+from scdm.store.leftovers import place_folder, temp_prefix
 from scdm.store.splits import cells_hash
 from scdm.store.verify import BASELINE_MODELS
 
@@ -862,13 +862,24 @@ def _write_artifact(st: Store, head_id: str, estimator: BaseHead) -> tuple[str, 
         card = {"head_id": head_id, "head": estimator.name, "params": json.loads(estimator.params_key()),
                 "format": artifact_format, "file": name, "file_hash": file_hash(tmp / name), "scdm_version": _version()}
         (tmp / "head.json").write_text(json.dumps(card, indent=2) + "\n")
-        if final.exists():  # an interrupted run's leftover, or the artifact being replaced
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return f"{HEADS_DIR}/{head_id}/{name}", artifact_format
+        # another run of the same head may have placed the same artifact first: kept (the same bytes); a
+        # leftover of an interrupted run, or a damaged one, is replaced, never deleted under a reader
+        place_folder(tmp, final, same=lambda there: _intact_artifact(there) == card["file_hash"],
+                     what=f"trained head {head_id}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
+    card = json.loads((final / "head.json").read_text())
+    return f"{HEADS_DIR}/{head_id}/{card['file']}", str(card["format"])
+
+
+def _intact_artifact(folder: Path) -> str | None:
+    """The file hash of the complete head artifact in ``folder`` (its file matches its card), or None."""
+    try:
+        card = json.loads((folder / "head.json").read_text())
+        found = file_hash(folder / str(card["file"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return found if found == card["file_hash"] else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from scdm.embedding.lora_training import (
 )
 from scdm.store import canonical_json
 from scdm.store.errors import CheckpointError
-from scdm.store.leftovers import temp_prefix
+from scdm.store.leftovers import place_folder, temp_prefix
 
 if TYPE_CHECKING:
     from scdm.embedding._adapter import Adapter
@@ -237,47 +237,24 @@ def save_adapter(trained: TrainedLora, folder: Path, card: dict[str, Any]) -> st
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
 
 
-_PLACE_TRIES = 5
-
-
 def _place(tmp: Path, folder: Path, adapter_hash: str) -> str:
-    """Rename the finished ``tmp`` to ``folder``; the hash of the adapter that ends up there.
+    """Rename the finished ``tmp`` to ``folder`` (:func:`store.leftovers.place_folder`); the hash of the
+    adapter that ends up there.
 
-    The rename is atomic and never lands on a folder with files, so a reader sees the old adapter
-    or the new one, never a mix. A folder already there is:
-
-    * the same adapter (its files hash to ``adapter_hash``: another run of the same fold placed it
-      first): kept, and ``tmp`` is dropped;
-    * anything else (left by a run that died before its catalog row, or damaged): moved aside
-      under a temporary name (atomic too), then replaced. ``scdm finetune`` trains and places one
-      adapter at a time per id (:func:`store.adapters.training_lock`), so this is never another
-      live run's adapter.
+    An adapter already there with the same hash (another run of the same fold placed it first) is
+    kept; anything else (left by a run that died before its catalog row, or damaged) is replaced.
+    ``scdm finetune`` trains and places one adapter at a time per id (:func:`store.adapters.training_lock`),
+    so this is never another live run's adapter.
 
     Raises
     ------
     CheckpointError
         Other processes kept putting other adapters at ``folder`` meanwhile.
     """
-    for _ in range(_PLACE_TRIES):
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():
-                raise  # not a name clash: a full disk, a read-only store
-        else:
-            return adapter_hash
-        if _intact_hash(folder) == adapter_hash:
-            return adapter_hash  # the same weights are in place: ours go with tmp
-        aside = folder.parent / f"{temp_prefix(folder.name)}{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(folder, aside)
-        except FileNotFoundError:
-            continue  # moved by another process meanwhile: try again
-        shutil.rmtree(aside, ignore_errors=True)
-    msg = (f"Could not put adapter {folder.name} in place at {str(folder)!r}: other processes kept putting other weights "
-           "there meanwhile (several `scdm finetune` runs of the same fold, started outside scdm's lock?). Run the command "
-           "again once they are done: it reuses the adapter they leave.")
-    raise CheckpointError(msg)
+    place_folder(tmp, folder, same=lambda there: _intact_hash(there) == adapter_hash, what=f"adapter {folder.name}",
+                 remedy="(Several `scdm finetune` runs of the same fold, started outside scdm's lock?) Run the command "
+                        "again once they are done: it reuses the adapter they leave.", error=CheckpointError)
+    return adapter_hash
 
 
 def _intact_hash(folder: Path) -> str | None:

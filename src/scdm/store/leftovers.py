@@ -37,18 +37,20 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scdm.store import _claims
 from scdm.store._constants import ARTIFACTS_DIR, DATASETS_DIR, EMBEDDINGS_DIR
+from scdm.store.errors import ScdmError
 
 if TYPE_CHECKING:
     from scdm.store._store import Store
 
-__all__ = ["GRACE_S", "Leftover", "temp_prefix", "scan", "describe_size"]
+__all__ = ["GRACE_S", "Leftover", "temp_prefix", "place_folder", "scan", "describe_size"]
 
 GRACE_S = 3600.0
 """How long a leftover whose writer cannot be asked stays untouched before it counts as abandoned."""
@@ -71,6 +73,46 @@ def _host() -> str:
 def temp_prefix(stem: str) -> str:
     """Name prefix of a temporary that will become ``stem``: ``.<stem>.tmp-<pid>-<host>-`` (a tag follows)."""
     return f".{stem}.tmp-{os.getpid()}-{_host()}-"
+
+
+_PLACE_TRIES = 5
+
+
+def place_folder(tmp: Path, folder: Path, *, same: Callable[[Path], bool], what: str,
+                 remedy: str = "Run the command again once they are done.", error: type[ScdmError] = ScdmError) -> bool:
+    """Rename the finished temporary ``tmp`` to ``folder``; False where an equal folder was there already.
+
+    The rename is atomic and never lands on a folder with files, so a reader sees the old folder or
+    the new one, never a mix. A folder already at ``folder`` is kept when ``same(folder)`` says it
+    holds what ``tmp`` holds (another run placed it first; ``tmp`` is then the caller's to drop),
+    and otherwise (left by a run that died before its catalog row, or damaged) moved aside under a
+    temporary name, atomically too, and replaced.
+
+    Raises
+    ------
+    OSError
+        The rename failed for another reason than a folder in the way (a full disk, a read-only store).
+    ScdmError
+        (``error``) Other processes kept putting other folders there meanwhile; the message ends with ``remedy``.
+    """
+    for _ in range(_PLACE_TRIES):
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.exists():
+                raise
+        else:
+            return True
+        if same(folder):
+            return False
+        aside = folder.parent / f"{temp_prefix(folder.name)}{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder, aside)
+        except FileNotFoundError:
+            continue  # moved by another process meanwhile: try again
+        shutil.rmtree(aside, ignore_errors=True)
+    msg = f"Could not put {what} in place at {str(folder)!r}: other processes kept putting other files there meanwhile. {remedy}"
+    raise error(msg)
 
 
 @dataclass(frozen=True)
