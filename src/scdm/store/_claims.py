@@ -146,8 +146,9 @@ def _lock(path: Path, *, exclusive: bool, wait_s: float) -> int | None:
         os.close(fd)  # locked a file that was deleted meanwhile: lock the new one
 
 
-def _is_locked(path: Path) -> bool:
-    """Whether another open file holds any lock on ``path`` (a file that does not exist is not)."""
+def _is_locked(path: Path, *, exclusive: bool = False) -> bool:
+    """Whether another open file holds a lock on ``path`` that a probe's shared lock (or, ``exclusive``,
+    its exclusive lock: then shared holders count too) cannot join; a file that does not exist is not."""
     if fcntl is None:
         return False
     try:
@@ -155,7 +156,7 @@ def _is_locked(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError:
         return True
     finally:
@@ -239,19 +240,7 @@ def unlock_and_delete(path: Path, fd: int) -> None:
 
 def in_use(folder: Path) -> bool:
     """Whether a process holds the job lock of ``folder`` now (a job, a creator or a remover); creates nothing."""
-    if fcntl is None:
-        return False
-    try:
-        fd = os.open(folder / _JOB_LOCK, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # also drops the probe's lock
-    return False
+    return _is_locked(folder / _JOB_LOCK, exclusive=True)
 
 
 def release(fd: int) -> None:
