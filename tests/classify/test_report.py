@@ -460,29 +460,33 @@ def test_palette_gives_each_model_and_datasets_group_its_colour() -> None:
 
 
 def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_expected: int = 3,
-                    space_id: str = "space1", model: str = "scgpt", flags: str | None = None) -> None:
+                    space_id: str = "space1", model: str = "scgpt", flags: str | None = None,
+                    category: tuple[str, str] = ("all", "all")) -> None:
     """The folds of one (model, head, category) written straight into the evaluation tables (one per
     value), as a run interrupted after three of ``folds_expected`` folds would leave them. Another
-    ``space_id`` adds a second model's results on the same split."""
+    ``space_id`` adds a second model's results on the same split; another ``category`` (type, name)
+    a result on a split of its own (``folds_expected`` folds, fixed by its first call)."""
     now = pd.Timestamp("2026-01-01")
-    first = space_id == "space1"
-    common = {"run_id": "run1", "space_id": space_id, "model": model, "variant": "frozen", "split_id": "split1",
-              "scenario": "pooled", "category_type": "all", "category": "all", "scheme": "sample", "head": "mlp",
-              "datasets": "d1", "label_set": "Vorinostat", "n_folds": folds_expected, "seed": 0, "head_params": "{}"}
+    split_id = "split1" if category == ("all", "all") else f"split-{category[0]}-{category[1]}"
+    common = {"run_id": "run1", "space_id": space_id, "model": model, "variant": "frozen", "split_id": split_id,
+              "scenario": "pooled", "category_type": category[0], "category": category[1], "scheme": "sample",
+              "head": "mlp", "datasets": "d1", "label_set": "Vorinostat", "n_folds": folds_expected, "seed": 0,
+              "head_params": "{}"}
     tasks, results = [], []
     for fold in range(len(next(iter(values.values())))):
-        task = {**common, "task_id": f"{space_id}-t{fold}", "fold": fold, "n_train": 80, "n_test": 40, "fit_seconds": 1.5}
+        task = {**common, "task_id": f"{space_id}-{split_id}-t{fold}", "fold": fold, "n_train": 80, "n_test": 40,
+                "fit_seconds": 1.5}
         tasks.append({**task, "embedding_ids": "[]", "n_test_pos": 20, "predict_seconds": 0.1,
                       "flags": flags, "created_at": now})
         results += [{**task, "metric": m, "value": v[fold]} for m, v in values.items()]
-    if first:
+    if st.query("SELECT 1 FROM eval_runs WHERE run_id = 'run1'").empty:
         st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
                                                   "config": '{"split_scheme": "sample", "head_revisions": {"mlp": 2}}'}]))
     st.insert_df("eval_tasks", pd.DataFrame(tasks))
     st.insert_df("eval_results", pd.DataFrame(results))
-    if not first:
+    if not st.query("SELECT 1 FROM split_folds WHERE split_id = ?", [split_id]).empty:
         return
-    st.insert_df("split_folds", pd.DataFrame([{"split_id": "split1", "fold": f, "n_train": 80, "n_test": 40,
+    st.insert_df("split_folds", pd.DataFrame([{"split_id": split_id, "fold": f, "n_train": 80, "n_test": 40,
                                                 "n_test_pos": 20, "status": "ok"} for f in range(folds_expected)]))
 
 
@@ -563,6 +567,57 @@ def test_a_result_scored_on_the_answered_cells_only_is_noted_and_not_marked_best
     board = leaderboard(st, metrics=["f1"]).set_index("model")
     assert board.loc["llm", "note"] == "30 of 150 test cells unanswered" and board.loc["pca", "note"] == ""
     assert NOTES["unanswered"] in leaderboard_notes(board.reset_index(), ["f1"])
+
+
+def _figure_data(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """The frames each figure function of the report is given, by figure (bars, radar, folds)."""
+    from scdm.classify import _plots
+
+    given: dict[str, list] = {"bars": [], "radar": [], "folds": []}
+    for name, kind in (("bars_figure", "bars"), ("radar_figure", "radar"), ("folds_figure", "folds")):
+        def draw(frame: pd.DataFrame, *args, _kind=kind, _draw=getattr(_plots, name), **kwargs):
+            given[_kind].append(frame.copy())
+            return _draw(frame, *args, **kwargs)
+        monkeypatch.setattr(_plots, name, draw)
+    return given
+
+
+def test_incomplete_and_unanswered_results_are_named_not_drawn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the tables mark them (incomplete; cells unanswered) and never call them best: a bar, radar point
+    # or box of them would stand beside the complete results as one of them
+    st = Store(tmp_path / "store")
+    for category in [("all", "all"), *[("cancer_type", c) for c in ("melanoma", "HNSCC", "oral SCC")]]:
+        _insert_results(st, {"f1": [0.5, 0.6, 0.7], "auroc": [0.6, 0.7, 0.8]}, category=category)
+        _insert_results(st, {"f1": [0.95], "auroc": [0.9]}, space_id="space2", model="geneformer", category=category)
+        _insert_results(st, {"f1": [0.9, 0.9, 0.9], "auroc": [0.9, 0.9, 0.9]}, space_id="space3", model="llm",
+                        flags="unanswered=10", category=category)
+    given = _figure_data(monkeypatch)
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1", "auroc"])
+    for kind in ("bars", "radar", "folds"):
+        assert len(given[kind]) == 1, kind
+        assert set(given[kind][0]["series"]) == {"scgpt"}, kind
+    assert given["bars"][0].set_index("metric").loc["f1", "mean"] == pytest.approx(0.6)
+    assert sorted(given["folds"][0]["value"]) == pytest.approx([0.5, 0.5, 0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7])
+    captions = [html.unescape(re.sub("<[^>]+>", "", c)) for c in re.findall("<figcaption>(.*?)</figcaption>",
+                                                                            out.read_text(), re.S)]
+    assert len(captions) == 4 and "Computational cost" in captions[3]  # bars, radar, folds, fit times
+    assert "geneformer, head mlp (pooled): 1 of 3 folds (incomplete)" in captions[0]
+    assert "llm, head mlp (pooled): 30 of 150 test cells unanswered" in captions[0]
+    for caption in captions[1:3]:
+        assert "geneformer, head mlp (pooled, melanoma): 1 of 3 folds (incomplete)" in caption
+        assert "llm, head mlp (pooled, oral SCC): 30 of 150 test cells unanswered" in caption
+    # the tables still show them, marked
+    rows = {a["data-model"]: a for a, _ in _tables(out)["lb-all"] if "data-model" in a}
+    assert set(rows) == {"scgpt", "geneformer", "llm"} and rows["geneformer"]["data-complete"] == "false"
+
+
+def test_a_figure_with_only_incomplete_results_says_why_it_is_missing(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    _insert_results(st, {"f1": [0.5], "auroc": [0.6]})
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1", "auroc"])
+    page = html.unescape(re.sub("<[^>]+>", "", out.read_text()))
+    assert not (tmp_path / "r" / "figures" / "overview_bars.png").exists()
+    assert "No figure of overall performance" in page and "scgpt, head mlp (pooled): 1 of 3 folds (incomplete)" in page
 
 
 def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp_path: Path) -> None:

@@ -210,14 +210,20 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
 
 
 def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
-    """Mean, sd and n over folds per result and metric (long format): the data of the bar and radar figures."""
+    """Mean, sd and n over folds per result and metric (long format): the data of the bar and radar figures.
+
+    ``complete`` and ``unanswered`` are the leaderboard's: a result missing folds or scored on the test
+    cells a prompting model answered is not drawn (the tables mark it; the caption names it).
+    """
     conditions = [f"r.metric IN ({', '.join(_lit(m) for m in metrics)})", *filters.results()]
     return (
-        f"{_results_cte(filters)}\n"
+        f"{_results_cte(filters)},\n{_EXPECTED_CTE}\n"
         f"SELECT {_KEYS}, r.metric,\n"
         "       avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n,\n"
-        "       count(DISTINCT r.fold) AS folds_done\n"
-        "FROM r\n"
+        "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
+        "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
+        "       sum(r.unanswered) AS unanswered, sum(r.n_test) AS n_test\n"
+        "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
         f"GROUP BY {_KEYS}, r.metric\n"
         "ORDER BY r.scenario, r.category_type, r.category, r.metric, r.model, r.variant, r.space_id, r.datasets,\n"
@@ -226,11 +232,16 @@ def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
 
 
 def _fold_values_sql(filters: _Filters, metric: str, category_type: str) -> str:
+    """Every fold's value of ``metric``, with its result's ``complete`` and ``unanswered`` (as :func:`_figure_data_sql`)."""
     conditions = [f"r.metric = {_lit(metric)}", f"r.category_type = {_lit(category_type)}", *filters.results()]
+    result = f"PARTITION BY {_KEYS}"
     return (
-        f"{_results_cte(filters)}\n"
-        f"SELECT {_KEYS}, r.fold, r.value\n"
-        "FROM r\n"
+        f"{_results_cte(filters)},\n{_EXPECTED_CTE}\n"
+        f"SELECT {_KEYS}, r.fold, r.value,\n"
+        f"       count(DISTINCT r.fold) OVER ({result}) AS folds_done, e.folds_expected,\n"
+        f"       count(DISTINCT r.fold) OVER ({result}) >= coalesce(e.folds_expected, 0) AS complete,\n"
+        f"       sum(r.unanswered) OVER ({result}) AS unanswered, sum(r.n_test) OVER ({result}) AS n_test\n"
+        "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
         "ORDER BY r.scenario, r.category, r.model, r.variant, r.space_id, r.datasets, r.label_set, r.k, r.seed,\n"
         "         r.head, r.fold"
@@ -934,8 +945,10 @@ def _section_summary(ctx: _Context, board: pd.DataFrame) -> Markup:
         parts.append(_parts().no_overall_result())
     else:
         parts.append(_leaderboard_html(ctx, table, table_id="lb-all", first=("scenario", "Scenario")))
-    overall, picked = _one_result_per_point(board[board["category_type"] == "all"],
-                                            ["series", "scenario", "head_label", "metric"])
+    comparable, not_drawn = _comparable_only(board[board["category_type"] == "all"])
+    overall, picked = _one_result_per_point(comparable, ["series", "scenario", "head_label", "metric"])
+    if overall.empty and not_drawn:
+        parts.append(_parts().nothing_drawn("overall performance", not_drawn))
     if not overall.empty:
         scenarios = [s for s in _SCENARIO_ORDER if s in set(overall["scenario"])]
         heads = sorted(overall["head_label"].unique())
@@ -943,7 +956,7 @@ def _section_summary(ctx: _Context, board: pd.DataFrame) -> Markup:
         fig = _plots.bars_figure(frame, ctx.series(overall), scenarios=scenarios, metrics=ctx.plot_metrics,
                                  heads=heads, title="Overall performance (all cells)")
         caption = _parts().overview_caption(_metric_names(ctx.plot_metrics), _several_series(overall), picked,
-                                            _n_text(overall, "bar"))
+                                            _n_text(overall, "bar"), not_drawn)
         parts.append(_figure_html(ctx.save(fig, "overview_bars", caption)))
     parts.append(_series_table(ctx))
     return _section("leaderboard", "Leaderboard: all cells", Markup("").join(parts))
@@ -975,6 +988,31 @@ def _several_series(frame: pd.DataFrame) -> bool:
     keys = set(frame["key"])
     spaces = pd.Series([k[:3] for k in keys]).value_counts()
     return bool((spaces > 1).any())
+
+
+def _comparable_only(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Leave out of a figure the results the leaderboards mark as not comparable; name them.
+
+    A result missing folds (an interrupted run: a mean over the folds it finished) or scored on the
+    test cells a prompting model answered (not the cells the others were scored on) is a marked row
+    of the tables, never "best". Drawn, its bar, radar point or box would stand beside the others as
+    one of them, so the figures leave it out and their caption names it.
+    """
+    if frame.empty:
+        return frame, []
+    unanswered = frame["unanswered"].fillna(0)
+    keep = frame["complete"].astype(bool) & unanswered.eq(0)
+    notes = []
+    for r in frame[~keep].drop_duplicates(["series", "head_label", "scenario", "category", "split_id"]).to_dict("records"):
+        why = []
+        if not bool(r["complete"]):
+            why.append(f"{int(r['folds_done'])} of {int(r['folds_expected'])} folds (incomplete)")
+        if not _missing(r["unanswered"]) and r["unanswered"] > 0:
+            asked = int(r["unanswered"]) + (0 if _missing(r["n_test"]) else int(r["n_test"]))
+            why.append(f"{int(r['unanswered'])} of {asked} test cells unanswered")
+        where = r["scenario"] if r["category"] == "all" else f"{r['scenario']}, {r['category']}"
+        notes.append(f"{r['series']}, head {r['head_label']} ({where}): {'; '.join(why)}")
+    return frame[keep].reset_index(drop=True), list(dict.fromkeys(notes))
 
 
 def _one_result_per_point(frame: pd.DataFrame, point: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -1019,15 +1057,19 @@ def _section_radars(ctx: _Context, board: pd.DataFrame) -> Markup:
         for strategy in sorted(frame.loc[frame["scenario"] == scenario, "strategy"].unique(), key=lambda s: s != "frozen"):
             sub = frame[(frame["scenario"] == scenario) & (frame["strategy"] == strategy)]
             for head in sorted(sub["head_label"].unique()):
-                panel, picked = _one_result_per_point(sub[sub["head_label"] == head],
-                                                      ["series", "category_type", "category", "metric"])
+                comparable, not_drawn = _comparable_only(sub[sub["head_label"] == head])
+                panel, picked = _one_result_per_point(comparable, ["series", "category_type", "category", "metric"])
+                if panel.empty:
+                    parts.append(_parts().nothing_drawn(f"{scenario} · {_strategy_text(strategy)} · head {head}",
+                                                        not_drawn))
+                    continue
                 types = [t for t in _RADAR_TYPES if t in set(panel["category_type"])]
                 title = f"{scenario} · {_strategy_text(strategy)} · head {head}"
                 fig, fallbacks = _plots.radar_figure(panel, ctx.series(panel), metrics=ctx.plot_metrics,
                                                      category_types=types, title=title)
                 caption = _parts().radar_caption(scenario, _strategy_text(strategy), head, _metric_names(ctx.plot_metrics),
                                                  list(fallbacks), _several_series(panel), picked,
-                                                 _n_text(panel, "point"))
+                                                 _n_text(panel, "point"), not_drawn)
                 parts.append(_figure_html(ctx.save(fig, f"radar_{scenario}_{strategy}_{head}", caption)))
     parts.append(_sql_html(_figure_data_sql(ctx.filters, ctx.plot_metrics), "Data of these figures"))
     return _section("categories", "Performance across categories", Markup("").join(parts))
@@ -1049,14 +1091,18 @@ def _section_folds(ctx: _Context) -> Markup:
     folds = _drop_baseline_heads(ctx.with_labels(folds))
     parts = []
     for scenario in [s for s in _SCENARIO_ORDER if s in set(folds["scenario"])]:
-        sub, picked = _one_result_per_point(folds[folds["scenario"] == scenario], ["series", "category", "head_label"])
+        comparable, not_drawn = _comparable_only(folds[folds["scenario"] == scenario])
+        sub, picked = _one_result_per_point(comparable, ["series", "category", "head_label"])
+        unit = "held-out study" if scenario == "cross" else "fold"
+        if sub.empty:
+            parts.append(_parts().nothing_drawn(f"{scenario}: F1 per {unit} across cancer types", not_drawn))
+            continue
         sub = sub.rename(columns={"head": "head_name"}).rename(columns={"head_label": "head"})
         heads = sorted(sub["head"].unique())
-        unit = "held-out study" if scenario == "cross" else "fold"
         fig = _plots.folds_figure(sub, ctx.series(sub), heads=heads, metric=metric,
                                   title=f"{scenario}: F1 per {unit} across cancer types")
         n_null = int(sub["value"].isna().sum())
-        caption = _parts().folds_caption(scenario, unit, n_null, _several_series(sub), picked)
+        caption = _parts().folds_caption(scenario, unit, n_null, _several_series(sub), picked, not_drawn)
         parts.append(_figure_html(ctx.save(fig, f"f1_by_cancer_type_{scenario}", caption)))
     parts.append(_sql_html(sql, "Data of these figures"))
     return _section("folds", "Per-fold F1 across cancer types", Markup("").join(parts))
