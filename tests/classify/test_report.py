@@ -569,6 +569,18 @@ def test_a_result_scored_on_the_answered_cells_only_is_noted_and_not_marked_best
     assert NOTES["unanswered"] in leaderboard_notes(board.reset_index(), ["f1"])
 
 
+def test_the_unanswered_note_counts_each_test_cell_once_whatever_the_metrics(tmp_path: Path) -> None:
+    # 10 of each of 3 folds' 50 test cells unanswered: 30 of 150, not once per metric column of the table
+    st = Store(tmp_path / "store")
+    _insert_results(st, {"f1": [0.9, 0.9, 0.9], "auroc": [0.8, 0.8, 0.8], "accuracy": [0.9, 0.9, 0.9]},
+                    model="llm", flags="unanswered=10")
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1", "auroc", "accuracy"])
+    (attrs, cells), = [r for r in _tables(out)["lb-all"] if "data-model" in r[0]]
+    assert cells[4][1] == "llm (30 of 150 test cells unanswered)"
+    table = pd.read_csv(tmp_path / "r" / "tables" / "leaderboard_all.csv")
+    assert table["note"].tolist() == ["30 of 150 test cells unanswered"] and table["unanswered"].tolist() == [30]
+
+
 def _figure_data(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
     """The frames each figure function of the report is given, by figure (bars, radar, folds)."""
     from scdm.classify import _plots

@@ -189,6 +189,7 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
     if category_type is not None:
         conditions.append(f"r.category_type = {_lit(category_type)}")
     first = metrics[0]
+    unanswered, n_test = (f"sum(r.{c}) FILTER (WHERE r.metric = {_lit(first)})" for c in ("unanswered", "n_test"))
     order = ("list_position(['pooled', 'cross', 'custom'], r.scenario), r.category_type, r.category"
              if scenario is None or category_type is None else "r.category")
     return (
@@ -197,9 +198,10 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
         "       any_value(json_extract_string(s.definition, '$.folds_from')) AS folds_from,  -- pair_folds_with: whose partition\n"
-        f"       concat_ws('; ', nullif(max(r.note), ''), {unanswered_note_sql('sum(r.unanswered)', 'sum(r.n_test)')}) AS note,\n"
-        f"       sum(r.unanswered) FILTER (WHERE r.metric = {_lit(first)}) AS unanswered,\n"
-        f"       sum(r.n_test) FILTER (WHERE r.metric = {_lit(first)}) AS n_test,\n       "
+        # one row per task and metric: the cells of each task are counted on the rows of one metric
+        f"       concat_ws('; ', nullif(max(r.note), ''), {unanswered_note_sql(unanswered, n_test)}) AS note,\n"
+        f"       {unanswered} AS unanswered,\n"
+        f"       {n_test} AS n_test,\n       "
         + ",\n       ".join(aggregates) + "\n"
         "FROM r LEFT JOIN expected e ON e.split_id = r.split_id LEFT JOIN splits s ON s.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
