@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import io
 import re
 import struct
 import subprocess
@@ -244,6 +245,22 @@ def test_sql_under_a_table_reproduces_it(report: Path, evaluated: Store) -> None
         assert len(match) == 1
         f1 = next(text for a, text in cells if a.get("data-metric") == "f1")
         assert _parse_mean_sd(f1)[0] == pytest.approx(round(float(match["f1_mean"].iloc[0]), 3))
+
+
+def test_every_table_is_what_scdm_sql_gives_for_its_sql(report: Path, evaluated: Store) -> None:
+    # the page promises: paste the SQL under a table into `scdm sql` and get that table
+    from click.testing import CliRunner
+
+    from scdm.cli import main
+
+    tables = sorted((report.parent / "tables").glob("*.sql"))
+    assert len(tables) >= 10
+    for path in tables:
+        query = path.read_text().removesuffix(";\n")
+        result = CliRunner().invoke(main, ["--store", str(evaluated.root), "-q", "sql", query, "--format", "csv"])
+        assert result.exit_code == 0, (path.name, result.output)
+        shown = pd.read_csv(path.with_suffix(".csv"))
+        pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(result.stdout)), shown, check_dtype=False, obj=path.name)
 
 
 def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path) -> None:
