@@ -649,7 +649,8 @@ def test_a_figure_with_only_incomplete_results_says_why_it_is_missing(tmp_path: 
     assert "No figure of overall performance" in page and "scgpt, head mlp (pooled): 1 of 3 folds (incomplete)" in page
 
 
-def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp_path: Path) -> None:
+def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from scdm.embedding.runner import embed
 
     st = Store(tmp_path / "store")
@@ -660,7 +661,21 @@ def test_results_differing_only_by_their_split_are_named_in_the_split_column(tmp
     common = {"scenarios": ["pooled"], "by": ["all"], "heads": ["ridge"], "folds": 3, "silent": True}
     evaluate(st, label_set="Vorinostat", **common)
     evaluate(st, label_set="Vorinostat", pair_folds_with="Gefitinib", **common)  # same protocol, another partition
+    given = _figure_data(monkeypatch)
     out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1", "auroc"])
+    # the figures draw both partitions, as two series (one colour, two hatches), never one picked as if
+    # they were results on two dataset collections
+    bars = given["bars"][0].set_index(["series", "metric"])
+    splits = st.query("SELECT split_id, json_extract_string(definition, '$.folds_from') AS folds_from FROM splits")
+    paired_split = splits.loc[splits["folds_from"] == "Gefitinib", "split_id"].iloc[0]
+    assert sorted(bars.index.get_level_values("series").unique()) == [
+        "pca [cell k=3 seed 0 · folds of Gefitinib]", "pca [cell k=3 seed 0]"]
+    assert bars.loc[("pca [cell k=3 seed 0 · folds of Gefitinib]", "f1"), "split_id"] == paired_split
+    f1 = st.query("SELECT split_id, avg(value) AS mean FROM eval_results WHERE metric = 'f1' GROUP BY split_id")
+    for (_, metric), row in bars.iterrows():
+        if metric == "f1":
+            assert row["mean"] == pytest.approx(f1.set_index("split_id").loc[row["split_id"], "mean"])
+    assert "Several dataset collections" not in out.read_text()
     tables = _tables(out)
     column = _header(tables, "lb-all").index("Split")
     rows = [(attrs, cells) for attrs, cells in tables["lb-all"] if "data-model" in attrs]

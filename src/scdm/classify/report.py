@@ -159,8 +159,10 @@ def _results_cte(filters: _Filters) -> str:
         "    SELECT x.* EXCLUDE (n_folds) REPLACE (coalesce('lora:' || a.tuning_id, x.variant) AS variant,\n"
         "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
         "           x.n_folds AS k, coalesce(n.note, '') AS note,  -- 'older gene table (...)': as scdm ls marks it\n"
-        f"           {records.unanswered_sql('t.flags')} AS unanswered  -- test cells a prompting model left unanswered\n"
+        f"           {records.unanswered_sql('t.flags')} AS unanswered,  -- test cells a prompting model left unanswered\n"
+        "           json_extract_string(sp.definition, '$.folds_from') AS folds_from  -- pair_folds_with: whose partition\n"
         "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
+        "    LEFT JOIN splits sp ON sp.split_id = x.split_id\n"
         f"    LEFT JOIN {space_notes_sql()} n ON n.space_id = x.space_id\n"
         "    LEFT JOIN eval_tasks t ON t.task_id = x.task_id\n"
         f"    WHERE NOT {filters.stale}  -- numbers known to be wrong now (an older head or answer parser)\n"
@@ -224,7 +226,7 @@ def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
         "       avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n,\n"
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
-        "       sum(r.unanswered) AS unanswered, sum(r.n_test) AS n_test\n"
+        "       sum(r.unanswered) AS unanswered, sum(r.n_test) AS n_test, any_value(r.folds_from) AS folds_from\n"
         "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
         f"GROUP BY {_KEYS}, r.metric\n"
@@ -242,7 +244,7 @@ def _fold_values_sql(filters: _Filters, metric: str, category_type: str) -> str:
         f"SELECT {_KEYS}, r.fold, r.value,\n"
         f"       count(DISTINCT r.fold) OVER ({result}) AS folds_done, e.folds_expected,\n"
         f"       count(DISTINCT r.fold) OVER ({result}) >= coalesce(e.folds_expected, 0) AS complete,\n"
-        f"       sum(r.unanswered) OVER ({result}) AS unanswered, sum(r.n_test) OVER ({result}) AS n_test\n"
+        f"       sum(r.unanswered) OVER ({result}) AS unanswered, sum(r.n_test) OVER ({result}) AS n_test, r.folds_from\n"
         "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
         "ORDER BY r.scenario, r.category, r.model, r.variant, r.space_id, r.datasets, r.label_set, r.k, r.seed,\n"
@@ -254,7 +256,8 @@ def _series_sql(filters: _Filters) -> str:
     """Every (space, label set, split protocol) with results, and the datasets of each (all runs: stable colours)."""
     return (
         f"{_results_cte(filters)}\n"
-        "SELECT DISTINCT r.model, r.variant, r.space_id, r.label_set, r.scenario, r.scheme, r.k, r.seed, r.datasets\n"
+        "SELECT DISTINCT r.model, r.variant, r.space_id, r.label_set, r.scenario, r.scheme, r.k, r.seed, r.folds_from,\n"
+        "       r.datasets\n"
         "FROM r"
     )
 
@@ -421,14 +424,15 @@ def _fit_cost_sql(filters: _Filters) -> str:
         "SELECT t.model, t.variant, t.space_id,\n"
         "       array_to_string(list_sort(list_distinct(flatten(list(string_split(t.datasets, ','))))), ',') AS datasets,\n"
         "       t.label_set, t.scenario, t.scheme, CASE WHEN t.scenario = 'cross' THEN NULL ELSE t.k END AS k, t.seed,\n"
+        "       t.folds_from,\n"
         "       t.head, t.head_params,\n"
         "       count(*) AS tasks, avg(t.n_train) AS n_train, avg(t.fit_seconds) AS fit_s\n"
         "FROM t\n"
         f"{_where(filters.results('t'))}\n"
         "GROUP BY t.model, t.variant, t.space_id, t.label_set, t.scenario, t.scheme,\n"
-        "         CASE WHEN t.scenario = 'cross' THEN NULL ELSE t.k END, t.seed, t.head, t.head_params\n"
+        "         CASE WHEN t.scenario = 'cross' THEN NULL ELSE t.k END, t.seed, t.folds_from, t.head, t.head_params\n"
         "ORDER BY t.model, t.variant, t.space_id, t.label_set, list_position(['pooled', 'cross', 'custom'], t.scenario),\n"
-        "         t.scheme, k, t.seed, t.head"
+        "         t.scheme, k, t.seed, t.folds_from NULLS FIRST, t.head"
     ).replace("\n\n", "\n")
 
 
@@ -502,11 +506,12 @@ class _Context:
         return figure
 
     def series_key(self, row: Any) -> SeriesKey:
-        """The series of a result row (a mapping with model, variant, space_id, label_set, scenario, scheme, k, seed)."""
+        """The series of a result row (a mapping with model, variant, space_id, label_set, scenario, scheme, k, seed
+        and folds_from)."""
         space = (str(row["model"]), str(row["variant"]), str(row["space_id"]))
         label_set = "" if _missing(row["label_set"]) else str(row["label_set"])
         several = row["scenario"] != "cross" and (*space, label_set, str(row["scenario"])) in self.several_protocols
-        protocol = _protocol_text(row["scheme"], row["k"], row["seed"]) if several else ""
+        protocol = _protocol_text(row["scheme"], row["k"], row["seed"], row.get("folds_from")) if several else ""
         return (*space, label_set, protocol)
 
     def series(self, frame: pd.DataFrame) -> list[Series]:
@@ -532,13 +537,15 @@ class _Context:
         return out
 
 
-def _protocol_text(scheme: Any, k: Any, seed: Any) -> str:
-    """A split protocol in words: ``cell k=5 seed 0``; ``study, 3 held out`` for leave-one-study-out."""
+def _protocol_text(scheme: Any, k: Any, seed: Any, folds_from: Any = None) -> str:
+    """A split protocol in words: ``cell k=5 seed 0``; ``study, 3 held out`` for leave-one-study-out;
+    ``cell k=5 seed 0 · folds of Gefitinib`` for the partition of another label set (pair_folds_with)."""
     scheme = "" if _missing(scheme) else str(scheme)
     if scheme == "study":
         return "study" + ("" if _missing(k) else f", {int(k)} held out")
     text = scheme + ("" if _missing(k) else f" k={int(k)}")
-    return text + ("" if _missing(seed) else f" seed {int(seed)}")
+    text += "" if _missing(seed) else f" seed {int(seed)}"
+    return text + ("" if _missing(folds_from) else f" · folds of {folds_from}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,8 +812,9 @@ def _register_series(ctx: _Context) -> None:
             parts.append(key[2][:8])
         space_parts[key] = parts
 
+    # paired folds (pair_folds_with) are another partition of the same protocol: a series of their own
     pooled = results[results["scenario"] != "cross"].drop_duplicates(
-        ["model", "variant", "space_id", "label_set", "scenario", "scheme", "k", "seed"])
+        ["model", "variant", "space_id", "label_set", "scenario", "scheme", "k", "seed", "folds_from"])
     counts = pooled.groupby(["model", "variant", "space_id", "label_set", "scenario"]).size()
     ctx.several_protocols = {tuple(str(v) for v in idx) for idx, n in counts.items() if n > 1}
     label_sets = results.groupby(["model", "variant", "space_id"])["label_set"].nunique()
@@ -1154,7 +1162,8 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
                *[METRIC_LABELS.get(m, m) for m in metrics], "Test cells"]
     # two results differing only by their split (paired folds, or another partition of the same protocol) are named
     frame["split_text"] = [_protocol_text(r["scheme"], r["k"], r["seed"]) for _, r in frame.iterrows()]
-    shown = [group_col, "datasets", "label_set", "split_text", "series", "head_label"]
+    # the space, not its series label: a series label can name the split (paired folds) and hide the likeness
+    shown = [group_col, "datasets", "label_set", "split_text", "model", "variant", "space_id", "head_label"]
     folds_from = {str(i): str(f) for i, f in zip(frame["split_id"], frame["folds_from"]) if not _missing(f)}
     labels = split_labels(frame, shown, folds_from=folds_from)
     frame["split_text"] = [t + (f" · {lab}" if lab else "") for t, lab in zip(frame["split_text"], labels)]
@@ -1471,7 +1480,7 @@ def _fit_cost_table(f: pd.DataFrame) -> Markup:
     rows: list[tuple[list[tuple[str, str]], list[tuple[bool, str]]]] = []
     for r in f.to_dict("records"):
         cells = [r["series"], _text(r["datasets"]).replace(",", ", "), _text(r["label_set"]), r["scenario"],
-                 _protocol_text(r["scheme"], r["k"], r["seed"]), r["head_label"], _int(r["tasks"]),
+                 _protocol_text(r["scheme"], r["k"], r["seed"], r.get("folds_from")), r["head_label"], _int(r["tasks"]),
                  _int(r["n_train"]), _seconds(r["fit_s"])]
         rows.append(([], list(zip(numeric, map(str, cells)))))
     return _parts().fit_cost_table(header, rows)
