@@ -524,6 +524,10 @@ def test_undefined_fold_values_are_averaged_out_and_marked(tmp_path: Path) -> No
     # one model, one category: a bar chart, no radar or per-category figure
     figures = {p.name for p in (tmp_path / "r" / "figures").iterdir()}
     assert "overview_bars.png" in figures and not any(f.startswith("radar_") for f in figures)
+    # AP is undefined on every fold: no bar, and no 'n per bar: 0 to 3 folds' in the caption
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], plot_metrics=["f1", "ap"])
+    caption = re.search("<figcaption>(.*?)</figcaption>", out.read_text(), re.S)[1]
+    assert "n per bar: 3 folds (pooled)" in caption and " 0 " not in caption
 
 
 def test_a_result_missing_folds_is_marked_incomplete(tmp_path: Path) -> None:

@@ -985,6 +985,7 @@ def _n_text(frame: pd.DataFrame, what: str) -> str:
     parts = []
     for scenario in [s for s in _SCENARIO_ORDER if s in set(frame["scenario"])]:
         n = frame.loc[frame["scenario"] == scenario, "n"].dropna().astype(int)
+        n = n[n > 0]  # a mean undefined on every fold (no score: AUROC of hard labels) is not drawn
         if n.empty:
             continue
         one, many = ("held-out study", "held-out studies") if scenario == "cross" else ("fold", "folds")
