@@ -819,6 +819,35 @@ def test_a_negative_mean_is_inside_the_axes_of_bars_and_radars() -> None:
     assert fig.axes[0].get_ylim() == (0.0, 1.0)  # metrics in [0, 1] keep their radius
 
 
+def test_a_radar_figure_with_bar_panels_keys_both_hatches_and_line_styles() -> None:
+    # two series of one colour: radar lines tell them apart by line style, the bars of a category type
+    # with too few categories by hatch; a legend of lines alone left the hatches unexplained
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    from scdm.classify import _plots
+
+    palette = Palette([("pca", "d1")])
+    own = palette.add(("pca", "frozen", "s1", "Gefitinib", ""), "pca [Gefitinib]", group=("pca", "d1"))
+    other = palette.add(("pca", "frozen", "s1", "Vorinostat", ""), "pca [Vorinostat]", group=("pca", "d1"))
+    rows = [(s.label, "cancer_type", c, 0.5) for s in (own, other) for c in ("a", "b", "c")]
+    rows += [(s.label, "tissue", "skin", 0.6) for s in (own, other)]
+    board = pd.DataFrame(rows, columns=["series", "category_type", "category", "mean"]).assign(metric="f1", sd=0.1)
+    fig, fallbacks = _plots.radar_figure(board, [own, other], metrics=["f1"], category_types=["cancer_type", "tissue"],
+                                         title="t")
+    assert fallbacks == ["tissue (1 category)"]
+
+    def artists(a):
+        yield a
+        for child in a.get_children():
+            yield from artists(child)
+
+    legend = list(artists(fig.legends[0]))
+    assert [r.get_hatch() or "" for r in legend if isinstance(r, Rectangle)] == [own.hatch, other.hatch]
+    assert [ln.get_linestyle() for ln in legend if isinstance(ln, Line2D)] == [own.linestyle, other.linestyle]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pca [Gefitinib]", "pca [Vorinostat]"]
+
+
 def test_one_class_studies_pooled_with_others_are_named_on_the_page(tmp_path: Path) -> None:
     """A study whose cells are all resistant (PC9) pooled with a mixed one: the pooled results can be earned by
     recognising the study; the page names it under the protocol, whatever the scheme."""

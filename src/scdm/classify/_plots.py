@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -219,8 +218,9 @@ def radar_figure(board: pd.DataFrame, series: list[Series], *, metrics: Sequence
                                      f"categor{'y' if len(cats) == 1 else 'ies'})")
                 panel += f" (bars: {len(cats)} categor{'y' if len(cats) == 1 else 'ies'})"
             ax.set_title(panel, pad=16 if len(cats) >= 3 else 6, fontsize=10)
-    any_radar = len(fallbacks) < len(category_types)
-    _series_legend(fig, series, kind="line" if any_radar else "bar")
+    # radar lines differ by line style, bars by hatch: a figure with both shows both in its legend
+    kind = "line" if not fallbacks else "bar" if len(fallbacks) == len(category_types) else "both"
+    _series_legend(fig, series, kind=kind)
     fig.suptitle(title, fontsize=11)
     return fig, fallbacks
 
@@ -324,22 +324,21 @@ def _log_axis(ax: Axes, values: np.ndarray, unit: str) -> None:
 
 
 def _series_legend(fig: Figure, series: list[Series], *, kind: str) -> None:
+    """A legend of ``series``: ``line`` (radar lines), ``bar`` (hatched bars) or ``both`` (a bar and a line per entry)."""
+    from matplotlib.legend_handler import HandlerTuple
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles: list[Artist]
-    if kind == "line":
-        handles = [Line2D([], [], color=s.color, linestyle=s.linestyle, marker="o", markersize=4, label=s.label)
-                   for s in series]
-    else:
-        handles = [Patch(facecolor=s.color, hatch=s.hatch, edgecolor="#333333" if s.hatch else s.color, label=s.label)
-                   for s in series]
+    lines = [Line2D([], [], color=s.color, linestyle=s.linestyle, marker="o", markersize=4) for s in series]
+    bars = [Patch(facecolor=s.color, hatch=s.hatch, edgecolor="#333333" if s.hatch else s.color) for s in series]
+    handles: list[Any] = lines if kind == "line" else bars if kind == "bar" else list(zip(bars, lines))
     if handles:
         # as many columns as fit the figure's width (about 0.065 in per character at 8 pt, plus the handle)
         width = fig.get_figwidth()
         per_entry = 0.065 * max(len(s.label) for s in series) + 0.6
         ncol = max(1, min(len(handles), 4, int(width // per_entry)))
-        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
+        fig.legend(handles=handles, labels=[s.label for s in series], loc="outside lower center", ncol=ncol,
+                   frameon=False, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.3)})
 
 
 # --------------------------------------------------------------------------------------------
