@@ -1474,10 +1474,6 @@ def serve(obj: Ctx, host: str, port: int, workers: int, root_path: str, allowed_
                ready=lambda url: click.echo(f"scdm serve: listening on {url} (Ctrl-C stops)", err=True))
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---- options every command takes after its name too -----------------------------------------
 def _set_store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value is not None:
@@ -1512,3 +1508,7 @@ def _add_common_options(group: click.Group) -> None:
 
 
 _add_common_options(main)
+
+
+if __name__ == "__main__":  # last: `python -m scdm.cli` must see the options added above
+    main()

@@ -158,3 +158,14 @@ def test_genes_refuses_an_fdr_that_is_not_a_fraction(fdr: str, tmp_path: Path) -
     """`--fdr 5` (meaning 5 %) called every gene with an effect critical; it is refused before any work."""
     result = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "genes", "--run", "any", "--fdr", fdr])
     assert result.exit_code == 2 and "Invalid value for '--fdr'" in result.output and "0<x<=1" in result.output
+
+
+def test_python_dash_m_takes_the_options_every_command_takes(tmp_path) -> None:
+    # `python -m scdm.cli report --out X -q` said "No such option '-q'": the module ran main() before the
+    # options every command takes after its name were added
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "scdm.cli", "ls", "-q", "--store", str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
