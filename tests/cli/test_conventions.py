@@ -163,9 +163,6 @@ def test_genes_refuses_an_fdr_that_is_not_a_fraction(fdr: str, tmp_path: Path) -
 def test_python_dash_m_takes_the_options_every_command_takes(tmp_path) -> None:
     # `python -m scdm.cli report --out X -q` said "No such option '-q'": the module ran main() before the
     # options every command takes after its name were added
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "scdm.cli", "ls", "-q", "--store", str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
