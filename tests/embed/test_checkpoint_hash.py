@@ -63,3 +63,30 @@ def test_a_hub_llm_counts_the_added_tokens_its_tokenizer_reads(tmp_path: Path, m
     resolved = resolve_checkpoint("tiny-org/tiny-llm", "llm")
     assert resolved.files is not None and "added_tokens.json" in resolved.files
     assert checkpoint_hash(resolved) == checkpoint_hash(local)
+
+
+def test_the_digest_cache_sees_weights_copied_over_with_their_mtime_kept(tmp_path: Path) -> None:
+    """``cp -p``/``tar x``/``touch -r`` keep size and mtime: a cache keyed on them alone kept the old identity."""
+    import time
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"A" * 4096)
+    old = weights.stat()
+    cache = tmp_path / "artifacts"
+    cache.mkdir()
+    before = checkpoint_hash(folder, cache_dir=cache)
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick
+    tuned = tmp_path / "tuned.safetensors"  # other weights of the same architecture: the same size
+    tuned.write_bytes(b"B" * 4096)
+    os.utime(tuned, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(tuned, weights)
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert checkpoint_hash(folder, cache_dir=cache) == checkpoint_hash(folder) != before
+    in_place = weights.read_bytes().replace(b"B", b"C")  # rewritten in place (same inode), mtime set back
+    time.sleep(0.05)
+    with open(weights, "r+b") as fh:
+        fh.write(in_place)
+    os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert checkpoint_hash(folder, cache_dir=cache) == checkpoint_hash(folder) != before

@@ -175,10 +175,16 @@ def _no_values(n: int) -> Any:
 
 # ---- checkpoint identity ---------------------------------------------------------------------
 def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = None, files: Sequence[str] | None = None) -> str:
-    """Content hash of every file in a checkpoint folder (cached by path, size and mtime).
+    """Content hash of every file in a checkpoint folder (each file's digest cached while the file is untouched).
 
     Hashing a multi-GB checkpoint takes a while, so each file's digest is cached in
-    ``cache_dir/checkpoint-hashes.json`` and reused while the file's size and mtime are unchanged.
+    ``cache_dir/checkpoint-hashes.json`` and reused while the file is the same file, untouched: same
+    path, device, inode, size, mtime and ctime. The ctime and inode matter: copying other weights of
+    the same size over a file with its mtime kept (``cp -p``, ``rsync -t``, ``tar x``, ``touch -r``)
+    leaves size and mtime as they were, but not the ctime, which no user call can set back (nor the
+    inode, when the file was replaced). The one change it cannot see is a rewrite in place within
+    the file system's timestamp granularity that also sets the mtime back; delete the cache file to
+    hash everything again.
     ``files`` (paths relative to ``folder``) limits the hash to those files: a Hugging Face
     snapshot counts the files the model needs (see :class:`scdm.embedding.hub.ResolvedCheckpoint`),
     so it hashes as a folder holding just them does.
@@ -198,7 +204,7 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
     total = hashlib.blake2b(digest_size=16)
     for path in sorted(p for p in checkpoint_files(folder) if wanted is None or p.relative_to(folder).as_posix() in wanted):
         stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = f"{path.resolve()}|{stat.st_dev}:{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
         digest = cache.get(key)
         if digest is None:
             h = hashlib.blake2b(digest_size=16)
