@@ -90,3 +90,27 @@ def test_the_digest_cache_sees_weights_copied_over_with_their_mtime_kept(tmp_pat
         fh.write(in_place)
     os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))
     assert checkpoint_hash(folder, cache_dir=cache) == checkpoint_hash(folder) != before
+
+
+@pytest.mark.parametrize("hash_of", [checkpoint_hash, prompt_checkpoint_hash], ids=["embedding", "prompt"])
+def test_tool_bookkeeping_in_hidden_folders_is_not_the_checkpoint(tmp_path: Path, hash_of: Callable[[Path], str]) -> None:
+    """``hf download --local-dir`` stamps each file's download time under .cache/; a git clone keeps .git/."""
+    import time
+
+    def download(into: Path) -> Path:
+        into.mkdir()
+        for name, data in (("config.json", b"{}"), ("model.safetensors", b"W" * 64)):
+            (into / name).write_bytes(data)
+            meta = into / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+            meta.parent.mkdir(parents=True, exist_ok=True)
+            meta.write_text(f"{'0' * 40}\n\"etag\"\n{time.time()}\n")  # commit, etag, when it was downloaded
+        (into / ".git" / "lfs" / "objects").mkdir(parents=True)
+        (into / ".git" / "lfs" / "objects" / "old-weights").write_bytes(str(time.time()).encode())
+        return into
+
+    first = download(tmp_path / "first")
+    time.sleep(0.01)
+    second = download(tmp_path / "second")  # the same files, downloaded again a moment later
+    assert hash_of(first) == hash_of(second)
+    (second / "model.safetensors").write_bytes(b"V" * 64)
+    assert hash_of(first) != hash_of(second)
