@@ -114,3 +114,15 @@ def test_tool_bookkeeping_in_hidden_folders_is_not_the_checkpoint(tmp_path: Path
     assert hash_of(first) == hash_of(second)
     (second / "model.safetensors").write_bytes(b"V" * 64)
     assert hash_of(first) != hash_of(second)
+
+
+def test_the_files_a_model_reads_are_found_through_a_linked_folder(tmp_path: Path) -> None:
+    from scdm.embedding.hub import resolve_checkpoint
+
+    folder, linked = _uce_like_folder(tmp_path)
+    (folder / "README.txt").write_text("protein embeddings linked from the shared folder")
+    resolved = resolve_checkpoint(folder, "uce")
+    assert resolved.files == ("4layer_model.torch", "protein_embeddings/human.pt")
+    before = checkpoint_hash(resolved)
+    linked.write_bytes(b"B" * 64)
+    assert checkpoint_hash(resolve_checkpoint(folder, "uce")) != before

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from scdm.embedding.finetune import finetune
-from scdm.embedding.hub import ResolvedCheckpoint, hub_cache_dir, hub_offline, parse_hub_id, resolve_checkpoint
+from scdm.embedding.hub import hub_cache_dir, hub_offline, parse_hub_id, resolve_checkpoint
 from scdm.embedding.models.geneformer import write_tiny_checkpoint
 from scdm.embedding.runner import checkpoint_hash, embed, embed_command
 from scdm.store import Store
@@ -291,9 +291,60 @@ def test_finetune_by_hub_id_reuses_the_adapter_of_the_same_files(cache, tmp_path
     assert network == []
 
 
-def test_resolved_checkpoint_of_a_local_folder_counts_every_file(gf):
-    got = resolve_checkpoint(gf, "geneformer")
-    assert got == ResolvedCheckpoint(path=gf) and got.files is None and checkpoint_hash(got) == checkpoint_hash(gf)
+def _cluttered_copy(gf: Path, into: Path) -> Path:
+    """``gf`` as users keep checkpoint folders: notes, caches, another format and another model beside it."""
+    shutil.copytree(gf, into)
+    (into / "README.md").write_text("# downloaded for the erlotinib screen")
+    (into / "__pycache__").mkdir()
+    (into / "__pycache__" / "tools.cpython-312.pyc").write_bytes(b"\x00" * 32)
+    (into / "optimizer.pt").write_bytes(os.urandom(4096))  # large and never read
+    (into / "pytorch_model.bin").write_bytes(b"the .bin of the same weights: safetensors is read first")
+    (into / "Geneformer-V2-316M").mkdir()
+    (into / "Geneformer-V2-316M" / "config.json").write_text("{}")
+    return into
+
+
+def test_a_local_folder_counts_the_files_the_model_reads(gf, tmp_path):
+    cluttered = _cluttered_copy(gf, tmp_path / "cluttered")
+    got = resolve_checkpoint(cluttered, "geneformer")
+    assert got.hub_id is None and got.provenance() == {"path": str(cluttered)}
+    assert got.files == tuple(sorted(p.name for p in gf.iterdir()))  # what the loader reads, nothing else
+    assert checkpoint_hash(got) == checkpoint_hash(resolve_checkpoint(gf, "geneformer")) == checkpoint_hash(gf)
+    (cluttered / "gene_median_dictionary_gc30M.pkl").write_bytes((gf / "token_dictionary_gc30M.pkl").read_bytes())
+    assert checkpoint_hash(resolve_checkpoint(cluttered, "geneformer")) != checkpoint_hash(gf)  # a file it reads
+    (cluttered / "model.safetensors").unlink()  # now the .bin is the weights the loader reads
+    assert "pytorch_model.bin" in (resolve_checkpoint(cluttered, "geneformer").files or ())
+
+
+def test_a_note_in_the_checkpoint_folder_keeps_its_embedding(gf, cache, tmp_path, pc9_counts_path, network):
+    folder = shutil.copytree(gf, tmp_path / "gf")
+    lay_out_hub_cache(cache, REPO, gf)
+    st = Store(tmp_path / "st")
+    st.ingest(pc9_counts_path, name="pc9")
+    first = embed(st, "pc9", "geneformer", folder, max_length=64, chunk_rows=128, progress=False)
+    _cluttered_copy(gf, tmp_path / "cluttered")
+    for path in (tmp_path / "cluttered").iterdir():
+        if not (folder / path.name).exists():
+            shutil.move(path, folder / path.name)
+    again = embed(st, "pc9", "geneformer", folder, max_length=64, chunk_rows=128, progress=False)
+    by_hub = embed(st, "pc9", "geneformer", REPO, max_length=64, chunk_rows=128, progress=False)
+    assert again.embedding_id == by_hub.embedding_id == first.embedding_id
+    assert again.computed_chunks == by_hub.computed_chunks == 0 and len(st.embeddings()) == 1
+    assert network == []
+
+
+def test_a_model_that_names_no_files_counts_every_file(tmp_path):
+    from tests.embed.toy_adapter import ToyAdapter
+
+    class Unlisted(ToyAdapter):
+        checkpoint_files = ()
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w")
+    (folder / "notes.txt").write_text("read by this model's load() for all scdm knows")
+    got = resolve_checkpoint(folder, Unlisted)
+    assert got.files is None and checkpoint_hash(got) == checkpoint_hash(folder)
 
 
 def test_the_official_geneformer_layout_with_dictionaries_in_the_package_folder(cache, gf, tmp_path, pc9_counts_path, network):

@@ -130,7 +130,9 @@ class Adapter(abc.ABC):
     """Files fetched for ``--checkpoint org/name`` (Hub ``allow_patterns``; ``"a|b"``: the first the repo has).
 
     Empty: ``checkpoint_files``. Set it when :meth:`load` reads more (weights, optional companions);
-    see :mod:`scdm.embedding.hub`.
+    see :mod:`scdm.embedding.hub`. These patterns (else ``checkpoint_files``) must cover every file
+    :meth:`load` may read: they also decide which files of a local folder the checkpoint's content
+    hash, part of the embedding's identity, counts (:func:`scdm.embedding.hub.model_files`).
     """
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
     """peft ``target_modules`` for LoRA fine-tuning (see MODELS.md)."""

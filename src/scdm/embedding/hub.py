@@ -14,15 +14,20 @@ Hub id (the commit the revision resolved to), ``{"path"}`` for a local folder. A
 ``--executor ray`` the actors load the cached snapshot folder: put the cache on a path every node
 sees, as for a local checkpoint folder.
 
-The embedding's identity is the content hash of the files, as for a local folder: for a Hub
-checkpoint the hash covers the files the model needs (other files another tool put into the same
-cached snapshot do not count), so a Hub id and a local folder holding the same files give the same
-embedding.
+The embedding's identity is the content hash of the files the model reads, by Hub id and by local
+folder alike: the files its patterns select (below), in a cached snapshot or in the folder. Other
+files do not count: another tool's downloads into the same cached snapshot, and a local folder's
+README, notes, notebooks, ``__pycache__``, optimizer states or other models' files (a ``git clone``
+of ctheodoris/Geneformer holds a dozen models in subfolders). So a Hub id and a local folder that
+hold the same model files give the same embedding, and adding a note to a checkpoint folder keeps
+its embeddings and their space. A model that names no files (``checkpoint_files`` and
+``hub_patterns`` empty) counts every file of its folder.
 
 Patterns follow ``snapshot_download``'s ``allow_patterns`` (``fnmatch`` on the repo's paths). An
 entry ``"model.safetensors|pytorch_model.bin"`` means: the first of these the repo holds (so the
-same weights are not fetched in two formats). When no pattern names a subfolder, files in
-subfolders are left out (a repo's other models and ``original/`` folders are not fetched).
+same weights are not fetched in two formats; in a local folder: the first it holds, the one
+the loader reads). When no pattern names a subfolder, files in subfolders are left out (a repo's
+other models and ``original/`` folders are not fetched).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from scdm.embedding._adapter import Adapter, get_adapter
+from scdm.store.checkpoints import checkpoint_files
 from scdm.store.errors import CheckpointError
 
-__all__ = ["ResolvedCheckpoint", "resolve_checkpoint", "parse_hub_id", "hub_cache_dir", "hub_offline", "hub_patterns"]
+__all__ = ["ResolvedCheckpoint", "resolve_checkpoint", "parse_hub_id", "hub_cache_dir", "hub_offline", "hub_patterns", "model_files"]
 
 _REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+)(?:@(?P<revision>[^\s@]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -64,7 +70,8 @@ class ResolvedCheckpoint:
     commit: str | None = None
     """The commit the revision resolved to; None for a local folder."""
     files: tuple[str, ...] | None = None
-    """Paths (relative to :attr:`path`) that make up the checkpoint's identity; None: every file of the folder."""
+    """Paths (relative to :attr:`path`) that make up the checkpoint's identity (:func:`model_files`); None: every
+    file of the folder."""
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -131,6 +138,27 @@ def hub_patterns(model: str | type[Adapter]) -> tuple[str, ...]:
     return tuple(cls.hub_patterns or cls.checkpoint_files)
 
 
+def model_files(folder: str | os.PathLike[str], model: str | type[Adapter]) -> tuple[str, ...] | None:
+    """The files of a checkpoint folder that the model reads: the ones its embedding's identity counts.
+
+    What :func:`hub_patterns` select, as the Hub route fetches them: every file a plain pattern
+    matches, for ``"a|b"`` the files of the first alternative the folder holds (the one the loader
+    reads: ``model.safetensors`` before ``pytorch_model.bin``), subfolders only when a pattern names
+    one. Relative posix paths, sorted; linked sub-folders are followed and hidden files skipped
+    (:func:`scdm.store.checkpoints.checkpoint_files`). None when the model names no files: then
+    every file of the folder counts.
+    """
+    patterns = hub_patterns(model)
+    if not patterns:
+        return None
+    present = _listing(Path(folder))
+    ignore = _subfolders_ignored(patterns)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        chosen.update(next((hits for alternative in pattern.split("|") if (hits := _select(present, [alternative], ignore))), []))
+    return tuple(sorted(chosen))
+
+
 # ---- resolution -------------------------------------------------------------------------------------
 def resolve_checkpoint(
     checkpoint: str | os.PathLike[str] | ResolvedCheckpoint,
@@ -174,7 +202,7 @@ def resolve_checkpoint(
         return checkpoint
     path = Path(os.fspath(checkpoint)).expanduser()
     if path.exists() or not isinstance(checkpoint, str):
-        return ResolvedCheckpoint(path=path)
+        return ResolvedCheckpoint(path=path, files=model_files(path, model) if path.is_dir() else None)
     parsed = parse_hub_id(checkpoint)
     if parsed is None:
         msg = (f"No such folder {checkpoint!r}. --checkpoint takes a local checkpoint folder or a Hugging Face model id "
@@ -204,7 +232,7 @@ class _Fetch:
         patterns = hub_patterns(self.model)
         fixed = [p for p in patterns if "|" not in p]
         choices = [p.split("|") for p in patterns if "|" in p]
-        ignore = None if any("/" in p for p in patterns) else ["*/*"]  # top-level files only
+        ignore = _subfolders_ignored(patterns)
         # the small required files first: a repo not laid out for the model fails before its weights are fetched
         folder = self._snapshot(self.revision, fixed, ignore)
         commit = folder.name  # snapshot_download returns <cache>/models--org--name/snapshots/<commit>
@@ -307,18 +335,27 @@ class _Fetch:
             raise CheckpointError(msg) from None
 
 
-def _matching(folder: Path, patterns: Sequence[str], ignore: Sequence[str] | None) -> list[str]:
-    """Files under ``folder`` (relative posix paths, sorted) that ``snapshot_download`` would fetch with these patterns."""
+def _subfolders_ignored(patterns: Sequence[str]) -> list[str] | None:
+    """``ignore_patterns`` for the Hub: top-level files only, unless a pattern names a subfolder."""
+    return None if any("/" in p for p in patterns) else ["*/*"]
+
+
+def _listing(folder: Path) -> list[str]:
+    """The files under ``folder`` (relative posix paths) as the checkpoint hash walks them."""
     if not folder.is_dir():
         return []
-    out = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder).as_posix()
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        if any(fnmatch.fnmatch(rel, p) for p in patterns) and not any(fnmatch.fnmatch(rel, p) for p in ignore or ()):
-            out.append(rel)
-    return sorted(out)
+    return [path.relative_to(folder).as_posix() for path in checkpoint_files(folder)]
+
+
+def _select(present: Sequence[str], patterns: Sequence[str], ignore: Sequence[str] | None) -> list[str]:
+    """The paths of ``present`` (sorted) that ``snapshot_download`` would fetch with these patterns."""
+    return sorted(rel for rel in present
+                  if any(fnmatch.fnmatch(rel, p) for p in patterns) and not any(fnmatch.fnmatch(rel, p) for p in ignore or ()))
+
+
+def _matching(folder: Path, patterns: Sequence[str], ignore: Sequence[str] | None) -> list[str]:
+    """Files under ``folder`` (relative posix paths, sorted) that ``snapshot_download`` would fetch with these patterns."""
+    return _select(_listing(folder), patterns, ignore)
 
 
 def _download_command() -> str:

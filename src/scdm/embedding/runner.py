@@ -185,9 +185,10 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
     inode, when the file was replaced). The one change it cannot see is a rewrite in place within
     the file system's timestamp granularity that also sets the mtime back; delete the cache file to
     hash everything again.
-    ``files`` (paths relative to ``folder``) limits the hash to those files: a Hugging Face
-    snapshot counts the files the model needs (see :class:`scdm.embedding.hub.ResolvedCheckpoint`),
-    so it hashes as a folder holding just them does.
+    ``files`` (paths relative to ``folder``) limits the hash to those files: a checkpoint resolved
+    for a model (:func:`scdm.embedding.hub.resolve_checkpoint`, a Hub snapshot or a local folder)
+    counts the files the model reads (:func:`scdm.embedding.hub.model_files`), so a folder's README
+    or another tool's downloads into a cached snapshot do not change it.
     """
     if files is None and isinstance(folder, ResolvedCheckpoint):
         files = folder.files
