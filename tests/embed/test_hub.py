@@ -219,6 +219,24 @@ def test_a_snapshot_without_a_required_file_names_it(cache, gf, network):
     assert network == []
 
 
+def test_an_llm_repo_without_the_optional_tokenizer_files_resolves(cache, tmp_path, network):
+    """Meta-Llama-3-8B has no added_tokens.json; many repos lack special_tokens_map.json or generation_config.json."""
+    from scdm.embedding.models.llm import write_tiny_checkpoint as write_tiny_llm
+
+    local = write_tiny_llm(tmp_path / "llm", genes=["TP53", "EGFR", "MYC"])
+    assert not (local / "added_tokens.json").exists()
+    for name in ("special_tokens_map.json", "generation_config.json"):
+        (local / name).unlink(missing_ok=True)
+    lay_out_hub_cache(cache, "tiny-org/tiny-llm", local)
+    got = resolve_checkpoint("tiny-org/tiny-llm", "llm")
+    assert got.files == tuple(sorted(p.name for p in local.iterdir()))
+    assert checkpoint_hash(got) == checkpoint_hash(local)
+    lay_out_hub_cache(cache, "tiny-org/no-tokenizer", local, skip=["tokenizer.json"])
+    with pytest.raises(CheckpointError, match=r"missing 'tokenizer.json'"):  # a required file still is
+        resolve_checkpoint("tiny-org/no-tokenizer", "llm")
+    assert network == []
+
+
 def test_a_repo_not_laid_out_for_the_model_fails_before_its_weights_are_fetched(cache, gf, monkeypatch, network):
     # config and weights at the top, the dictionaries in a folder the model does not look in
     files = {p.name: p.read_bytes() for p in gf.iterdir()}

@@ -233,11 +233,12 @@ class _Fetch:
         fixed = [p for p in patterns if "|" not in p]
         choices = [p.split("|") for p in patterns if "|" in p]
         ignore = _subfolders_ignored(patterns)
-        # the small required files first: a repo not laid out for the model fails before its weights are fetched
+        # the small files first: a repo not laid out for the model fails before its weights are fetched. Only those
+        # checkpoint_files names are required; the others (tokenizer_config.json, added_tokens.json, ...) are read when there
         folder = self._snapshot(self.revision, fixed, ignore)
         commit = folder.name  # snapshot_download returns <cache>/models--org--name/snapshots/<commit>
         self._check(ResolvedCheckpoint(path=folder, hub_id=self.repo_id, revision=self.revision, commit=commit),
-                    only=fixed, ignore=ignore)
+                    only=[p for p in fixed if p in self.model.checkpoint_files], ignore=ignore)
         chosen = []
         for alternatives in choices:  # the first the repo has
             for pattern in alternatives:
