@@ -351,6 +351,27 @@ def test_a_note_in_the_checkpoint_folder_keeps_its_embedding(gf, cache, tmp_path
     assert network == []
 
 
+def test_a_peft_adapter_saved_into_the_folder_counts(gf, cache, tmp_path, network):
+    """transformers' from_pretrained applies an adapter_config.json it finds beside the weights: that changes the numbers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertModel
+
+    folder = shutil.copytree(gf, tmp_path / "gf")
+    plain = checkpoint_hash(resolve_checkpoint(folder, "geneformer"))
+    tuned = get_peft_model(BertModel.from_pretrained(gf), LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    tuned.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors beside the base weights
+    resolved = resolve_checkpoint(folder, "geneformer")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(resolved.files or ())
+    assert checkpoint_hash(resolved) != plain
+    lay_out_hub_cache(cache, REPO, folder)  # a snapshot that holds one too (another tool fetched everything)
+    assert checkpoint_hash(resolve_checkpoint(REPO, "geneformer")) == checkpoint_hash(resolved)
+    assert network == []
+    tokens = torch.arange(8)[None]
+    with torch.no_grad():
+        base, loaded = BertModel.from_pretrained(gf), BertModel.from_pretrained(folder, local_files_only=True)
+        assert not torch.equal(base(tokens).last_hidden_state, loaded(tokens).last_hidden_state)  # why it must count
+
+
 def test_a_model_that_names_no_files_counts_every_file(tmp_path):
     from tests.embed.toy_adapter import ToyAdapter
 

@@ -134,6 +134,9 @@ class Adapter(abc.ABC):
     :meth:`load` may read: they also decide which files of a local folder the checkpoint's content
     hash, part of the embedding's identity, counts (:func:`scdm.embedding.hub.model_files`).
     """
+    read_if_present: ClassVar[tuple[str, ...]] = ()
+    """Files :meth:`load` also reads when the folder holds them, though a Hub id does not fetch them (a PEFT
+    adapter saved beside Hugging Face weights, which ``from_pretrained`` applies): the checkpoint hash counts them."""
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
     """peft ``target_modules`` for LoRA fine-tuning (see MODELS.md)."""
     default_batch_size: ClassVar[int] = 32

@@ -144,16 +144,19 @@ def model_files(folder: str | os.PathLike[str], model: str | type[Adapter]) -> t
     What :func:`hub_patterns` select, as the Hub route fetches them: every file a plain pattern
     matches, for ``"a|b"`` the files of the first alternative the folder holds (the one the loader
     reads: ``model.safetensors`` before ``pytorch_model.bin``), subfolders only when a pattern names
-    one. Relative posix paths, sorted; linked sub-folders are followed and hidden files skipped
-    (:func:`scdm.store.checkpoints.checkpoint_files`). None when the model names no files: then
-    every file of the folder counts.
+    one; and the model's ``read_if_present`` files the folder holds (a PEFT adapter that
+    ``from_pretrained`` applies). Relative posix paths, sorted; linked sub-folders are followed and
+    hidden files skipped (:func:`scdm.store.checkpoints.checkpoint_files`). None when the model
+    names no files: then every file of the folder counts. For a Hub snapshot this is what was
+    fetched (plus what another tool fetched that the loader would read too).
     """
-    patterns = hub_patterns(model)
+    cls = get_adapter(model) if isinstance(model, str) else model
+    patterns = hub_patterns(cls)
     if not patterns:
         return None
     present = _listing(Path(folder))
     ignore = _subfolders_ignored(patterns)
-    chosen: set[str] = set()
+    chosen = set(_select(present, cls.read_if_present, ignore))
     for pattern in patterns:
         chosen.update(next((hits for alternative in pattern.split("|") if (hits := _select(present, [alternative], ignore))), []))
     return tuple(sorted(chosen))
@@ -239,7 +242,6 @@ class _Fetch:
         commit = folder.name  # snapshot_download returns <cache>/models--org--name/snapshots/<commit>
         self._check(ResolvedCheckpoint(path=folder, hub_id=self.repo_id, revision=self.revision, commit=commit),
                     only=[p for p in fixed if p in self.model.checkpoint_files], ignore=ignore)
-        chosen = []
         for alternatives in choices:  # the first the repo has
             for pattern in alternatives:
                 # by revision, not by commit: a commit-pinned fetch retries for half a minute when the Hub is unreachable
@@ -249,14 +251,15 @@ class _Fetch:
                            f"fetched; run again, or pin a commit ({self.repo_id}@<commit>).")
                     raise CheckpointError(msg)
                 if _matching(folder, [pattern], ignore):
-                    chosen.append(pattern)
                     break
             else:
                 if "|".join(alternatives) in self.model.checkpoint_files:  # required: fail before the weights are fetched
                     self._check(ResolvedCheckpoint(path=folder, hub_id=self.repo_id, revision=self.revision, commit=commit),
                                 only=["|".join(alternatives)], ignore=ignore)
+        # the files fetched, counted by the rule a local folder is counted by (one alternative of each "a|b":
+        # the one fetched, as the repo holds no other that comes first)
         resolved = ResolvedCheckpoint(path=folder, hub_id=self.repo_id, revision=self.revision, commit=commit,
-                                      files=tuple(_matching(folder, [*fixed, *chosen], ignore)))
+                                      files=model_files(folder, self.model))
         self._check(resolved)
         return resolved
 

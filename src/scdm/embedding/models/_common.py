@@ -12,7 +12,13 @@ import torch
 
 from scdm.store.errors import CheckpointError, InputDataError
 
-__all__ = ["read_hf_config", "check_expression", "require_int_param", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
+__all__ = ["PEFT_ADAPTER_FILES", "read_hf_config", "check_expression", "require_int_param", "aggregation_matrix", "top_expressed", "dtype_argument", "masked_mean", "half_dtype", "hold_weights_in"]
+
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+"""A PEFT adapter saved into a model folder: ``from_pretrained`` applies it onto the weights it loads
+(with peft installed, as scdm has it), so these files change the numbers and the checkpoint's hash
+counts them when the folder holds them (each Hugging Face model's ``read_if_present``; not fetched
+for a Hub id)."""
 
 
 def read_hf_config(folder: Path, kind: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from scdm.embedding._adapter import (
 )
 from scdm.embedding._safe_load import load_pickle
 from scdm.embedding.models._common import (
+    PEFT_ADAPTER_FILES,
     aggregation_matrix,
     dtype_argument,
     half_dtype,
@@ -316,6 +317,7 @@ class GeneformerAdapter(Adapter):
     # --checkpoint org/name: the weights in one format, and the optional mapping dictionary
     hub_patterns = (*checkpoint_files, "|".join(WEIGHT_FILES),
                     f"{MAPPING_DICT_PREFIX}*.pkl|{HUB_DICT_FOLDER}/{MAPPING_DICT_PREFIX}*.pkl")
+    read_if_present = PEFT_ADAPTER_FILES  # BertModel.from_pretrained applies a PEFT adapter saved beside the weights
     # peft matches by name suffix; "output.dense" covers attention.output.dense and the FFN output
     lora_target_modules = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
     default_batch_size = 16

@@ -49,6 +49,7 @@ from scdm.embedding._adapter import (
     require_matches,
 )
 from scdm.embedding.models._common import (
+    PEFT_ADAPTER_FILES,
     aggregation_matrix,
     check_expression,
     dtype_argument,
@@ -106,6 +107,7 @@ class LLMAdapter(Adapter):
     # --checkpoint org/name: what AutoTokenizer/AutoModel read, the weights in one format (and their shard index)
     hub_patterns = (*checkpoint_files, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
                     "model.safetensors.index.json|pytorch_model.bin.index.json", "|".join(WEIGHT_PATTERNS))
+    read_if_present = PEFT_ADAPTER_FILES  # AutoModel.from_pretrained applies a PEFT adapter saved beside the weights
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
     default_batch_size = 8
 

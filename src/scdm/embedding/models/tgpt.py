@@ -45,6 +45,7 @@ from scdm.embedding._adapter import (
     require_matches,
 )
 from scdm.embedding.models._common import (
+    PEFT_ADAPTER_FILES,
     aggregation_matrix,
     check_expression,
     dtype_argument,
@@ -92,6 +93,7 @@ class TGPTAdapter(Adapter):
     ranks_expression = True
     checkpoint_files = ("config.json", "tokenizer.json")
     hub_patterns = (*checkpoint_files, "|".join(WEIGHT_FILES))  # --checkpoint org/name: the weights in one format
+    read_if_present = PEFT_ADAPTER_FILES  # GPT2Model.from_pretrained applies a PEFT adapter saved beside the weights
     # GPT-2 uses Conv1D layers: peft needs LoraConfig(fan_in_fan_out=True) for these
     lora_target_modules = ("c_attn", "c_proj", "c_fc")
     default_batch_size = 64
