@@ -376,7 +376,9 @@ def ls_command(obj: Ctx, what: str, fmt: str) -> None:
         emb = st.embeddings()
         if not emb.empty:
             emb["progress"] = emb["chunks_done"].astype(str) + "/" + emb["n_chunks"].astype(str)
-            emb = emb[["embedding_id", "dataset_name", "model", "variant", "dim", "status", "progress", "space_id", "note"]]
+            emb["checkpoint"] = emb["checkpoint_source"].fillna("")  # org/name@commit or the folder; none for baselines
+            emb = emb[["embedding_id", "dataset_name", "model", "variant", "dim", "status", "progress", "space_id", "checkpoint",
+                       "note"]]
         sections["Embeddings"] = emb
     _echo_sections(sections, fmt)
 

@@ -296,6 +296,36 @@ def test_embed_by_hub_id_equals_the_local_folder_and_records_the_commit(cache, g
     assert network == []
 
 
+def test_ls_and_export_show_the_checkpoint_an_embedding_was_made_with(cache, gf, tmp_path, pc9_counts_path, network):
+    from click.testing import CliRunner
+
+    from scdm.cli import main
+
+    lay_out_hub_cache(cache, REPO, gf, refs=("main", "v1"))
+    st = Store(tmp_path / "st")
+    st.ingest(pc9_counts_path, name="pc9")
+    by_tag = embed(st, "pc9", "geneformer", f"{REPO}@v1", max_length=64, chunk_rows=128, progress=False)
+    other = embed(st, "pc9", "geneformer", gf, max_length=32, chunk_rows=128, progress=False)
+    embed(st, "pc9", "pca", n_comps=4, progress=False)
+
+    def scdm(*args: str) -> str:
+        result = CliRunner().invoke(main, ["--store", str(st.root), *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    listed = {row["embedding_id"]: row["checkpoint"] for row in json.loads(scdm("ls", "--what", "embeddings", "--format", "json"))}
+    assert listed[by_tag.embedding_id] == f"{REPO}@{COMMIT}"  # the commit the tag resolved to, not the tag
+    assert listed[other.embedding_id] == str(gf) and sorted(listed.values())[0] == ""  # pca: no checkpoint
+    assert "checkpoint" in scdm("ls", "--what", "embeddings")
+    scdm("export", "--embedding", by_tag.embedding_id, "--out", str(tmp_path / "pc9.h5ad"))
+    recorded = ad.read_h5ad(tmp_path / "pc9.h5ad").uns["scdm"]["X_geneformer"]
+    assert recorded["checkpoint_hash"] == checkpoint_hash(gf)
+    assert json.loads(recorded["checkpoint"]) == {"hub_id": REPO, "revision": "v1", "commit": COMMIT}
+    scdm("export", "--dataset", "pc9", "--model", "pca", "--out", str(tmp_path / "pca.h5ad"))
+    assert set(ad.read_h5ad(tmp_path / "pca.h5ad").uns["scdm"]["X_pca"]) == {"embedding_id", "params"}
+    assert network == []
+
+
 def test_finetune_by_hub_id_reuses_the_adapter_of_the_same_files(cache, tmp_path, network):
     small = _planted(36, 80, 12)
     st = _store(tmp_path, small)

@@ -1525,8 +1525,24 @@ class Store:
         _zarr.remove_array(emb.location)
         _claims.forget(self._claims_folder(emb.embedding_id))
 
+    def _checkpoint_provenance(self, embedding_id: str) -> dict[str, str]:
+        """``checkpoint_hash`` (the identity) and ``checkpoint`` (the JSON of where it came from: Hub id, revision and
+        commit, or the folder) of an embedding, those it records (none for a baseline)."""
+        row = self.query("SELECT checkpoint_hash, telemetry FROM embeddings WHERE embedding_id = ?", [embedding_id]).iloc[0]
+        out = {"checkpoint_hash": row["checkpoint_hash"]} if isinstance(row["checkpoint_hash"], str) else {}
+        try:
+            source = json.loads(row["telemetry"]).get("checkpoint") if isinstance(row["telemetry"], str) else None
+        except (ValueError, AttributeError):
+            source = None
+        return {**out, "checkpoint": _canonical_json(source)} if isinstance(source, dict) else out
+
     def export_embedding(self, embedding_id: str, out: str | os.PathLike[str]) -> Path:
-        """Write an embedding to ``.npy``, or to an ``.h5ad`` copy of its dataset with it in ``obsm``."""
+        """Write an embedding to ``.npy``, or to an ``.h5ad`` copy of its dataset with it in ``obsm``.
+
+        The ``.h5ad`` records in ``uns['scdm'][<obsm key>]`` the ``embedding_id``, its ``params`` and, for
+        a foundation model, ``checkpoint_hash`` and ``checkpoint`` (JSON: the Hub id, the revision asked
+        for and the commit, or the local folder).
+        """
         emb = self.embedding(embedding_id)
         data = self.read_embedding(emb.embedding_id)
         out = Path(out)
@@ -1536,7 +1552,8 @@ class Store:
             adata = self.open_anndata(emb.dataset_id, backed=False)
             key = f"X_{emb.model}" if emb.variant == "frozen" else f"X_{emb.model}_{emb.variant.replace(':', '_')}"
             adata.obsm[key] = data
-            adata.uns.setdefault("scdm", {})[key] = {"embedding_id": emb.embedding_id, "params": _canonical_json(emb.params)}
+            adata.uns.setdefault("scdm", {})[key] = {"embedding_id": emb.embedding_id, "params": _canonical_json(emb.params),
+                                                     **self._checkpoint_provenance(emb.embedding_id)}
             adata.write_h5ad(out)
         else:
             msg = f"Cannot export to {str(out)!r}: use a path ending in .npy or .h5ad."
