@@ -323,6 +323,10 @@ def test_ls_and_export_show_the_checkpoint_an_embedding_was_made_with(cache, gf,
     assert json.loads(recorded["checkpoint"]) == {"hub_id": REPO, "revision": "v1", "commit": COMMIT}
     scdm("export", "--dataset", "pc9", "--model", "pca", "--out", str(tmp_path / "pca.h5ad"))
     assert set(ad.read_h5ad(tmp_path / "pca.h5ad").uns["scdm"]["X_pca"]) == {"embedding_id", "params"}
+    from scdm.classify.report import write_report
+
+    page = write_report(st, tmp_path / "report", projection="none").read_text()
+    assert f"{REPO}@{COMMIT} (hash {checkpoint_hash(gf)[:12]})" in page and f"{gf} (hash " in page
     assert network == []
 
 

@@ -397,6 +397,11 @@ def _embed_cost_sql(filters: _Filters) -> str:
         "       count(*) AS embeddings,\n"
         "       string_agg(DISTINCT d.name, ', ' ORDER BY d.name) AS datasets,\n"
         "       array_to_string(list_sort(list_distinct(list(e.dim))), ', ') AS dim,\n"
+        "       -- where the checkpoint came from: the Hub id at the commit used, or the local folder\n"
+        "       array_to_string(list_sort(list_distinct(list(coalesce((e.telemetry->'checkpoint'->>'hub_id') || '@'\n"
+        "                                                          || (e.telemetry->'checkpoint'->>'commit'),\n"
+        "                                                          e.telemetry->'checkpoint'->>'path')))), ', ') AS checkpoint,\n"
+        "       array_to_string(list_sort(list_distinct(list(e.checkpoint_hash))), ', ') AS checkpoint_hash,\n"
         f"       max({num('n_parameters')}) AS n_parameters,\n"
         f"       sum({num('cells')}) AS cells_embedded,\n"
         f"       sum({num('wall_s')}) AS embed_s,\n"
@@ -1458,18 +1463,27 @@ def _section_scalability(ctx: _Context) -> Markup:
     return _section("scalability", "Computational scalability", Markup("").join(parts))
 
 
+def _checkpoint(row: dict[str, Any]) -> str:
+    """Where a space's checkpoint came from and the start of its content hash; empty for a baseline."""
+    digest = row.get("checkpoint_hash")
+    if not isinstance(digest, str) or not digest:
+        return ""
+    source = row.get("checkpoint")
+    return f"{source} (hash {digest[:12]})" if isinstance(source, str) and source else f"hash {digest[:12]}"
+
+
 def _embed_cost_table(e: pd.DataFrame, series: list[Series]) -> Markup:
     """One row per embedding space: the telemetry of its embeddings."""
     header = ["Model", "Datasets", "Parameters", "Output dim", "Cells embedded", "Embed cells/s", "Device",
-              "Precision", "Peak GPU GiB"]
-    numeric = [False, False, True, True, True, True, False, False, True]
+              "Precision", "Peak GPU GiB", "Checkpoint"]
+    numeric = [False, False, True, True, True, True, False, False, True, False]
     by_key = dict(zip(e["key"], e.to_dict("records")))
     rows = []
     for s in series:
         r = by_key[s.key]
         cells = [s.label, r.get("datasets") or "", _params(r.get("n_parameters")), r.get("dim") or "",
                  _int(r.get("cells_embedded")), _num1(r.get("cells_per_s")), r.get("device") or "",
-                 r.get("precision") or "", _num2(r.get("peak_gpu_gib"))]
+                 r.get("precision") or "", _num2(r.get("peak_gpu_gib")), _checkpoint(r)]
         rows.append(([("space", s.key[2]), ("model", s.key[0])], list(zip(numeric, map(str, cells)))))
     return _parts().embed_cost_table(header, rows)
 
