@@ -139,6 +139,11 @@ NONE = IsType(type(None))
 """The rule that accepts ``None`` (a parameter left to a default resolved at fit time)."""
 
 
+def _unit_scores(scores: Any) -> np.ndarray:
+    """A head's scores as float64 probabilities in [0, 1], one per cell."""
+    return np.clip(np.asarray(scores, dtype=np.float64).ravel(), 0.0, 1.0)
+
+
 def check_fitted(head: BaseHead) -> None:
     """Raise :class:`NotFittedError` unless ``head.fit`` has run."""
     if not head.__sklearn_is_fitted__():
@@ -374,7 +379,7 @@ class BaseHead(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
 
     def _positive_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability of ``classes_[1]`` (label 1 for a one-class fit on it) of validated rows."""
-        return np.clip(np.asarray(self._predict_proba(X), dtype=np.float64).ravel(), 0.0, 1.0)
+        return _unit_scores(self._predict_proba(X))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, in ``classes_`` order.
@@ -452,7 +457,7 @@ class BaseHead(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
         _require_matrix(X)
         self._check_columns(X)
         rows = _checked_rows(rows, X.shape[0])
-        return np.clip(np.asarray(self._predict_proba_rows(X, rows), dtype=np.float64).ravel(), 0.0, 1.0)
+        return _unit_scores(self._predict_proba_rows(X, rows))
 
     def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of ``X[rows]``; by default of a copy of those rows."""

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "unanswered_note_sql", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
-           "pooled_names", "split_labels", "wide_leaderboard", "with_signed_partner"]
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
+           "pooled_names", "split_labels", "unanswered_note_sql", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
                                      "scheme", "k", "seed", "category_type", "category", "head", "head_params")
