@@ -159,3 +159,16 @@ def test_text_line_naming_both_labels_is_not_an_answer() -> None:
     assert statuses("Cell 1: sensitive or resistant\nCell 2: resistant", 2) == [("invalid", None), ("ok", 0)]
     # one label per cell on one line is fine
     assert statuses("Cell 1: sensitive, Cell 2: resistant", 2) == [("ok", 1), ("ok", 0)]
+
+
+def test_list_of_cell_numbers_in_the_prose_is_not_read_as_labels_by_place() -> None:
+    # "[1, 2]" names cells, not labels: read by place (as long as the request), cell 1 became
+    # "sensitive" and the model's "Cell N: resistant" lines were not read at all
+    text = "Cell 1: resistant\nCell 2: resistant\n\nResistant cells: [1, 2]"
+    assert statuses(text, 2) == [("ok", 0), ("ok", 0)]
+    assert statuses("Cell 1: resistant\nSee [1].", 1) == [("ok", 0)]
+    assert statuses("Both look resistant: cells [1, 2] express ABCB1.", 2) == [("unparsed", None)] * 2
+    assert statuses('["1", "2"]', 2) == [("unparsed", None)] * 2  # numbers other than 0/1: not labels
+    # the whole answer a list of 0/1 labels (the paper's form), alone or with words: read by place
+    assert statuses("[1, 0, 1]", 3) == [("ok", 1), ("ok", 0), ("ok", 1)]
+    assert statuses('{"cells": [0, "sensitive"]}', 2) == [("ok", 0), ("ok", 1)]

@@ -20,6 +20,7 @@ from scdm.prompt.sentences import cell_gene_lists
 from scdm.prompt.templates import load_template
 from scdm.store import Store
 from scdm.store.errors import InputDataError
+from scdm.store.prompts import ANSWER_PARSER_VERSION
 from scdm.store.splits import make_splits
 from tests.prompt.fake_llm import cell_genes, p_sensitive
 
@@ -265,7 +266,7 @@ def test_few_shot_examples_come_from_the_training_side_only(marker_store, llm) -
     assert summary.head == "prompt-4-shot" and summary.n_tasks == 2
     tasks = st.query("SELECT DISTINCT head, n_train, head_params FROM eval_tasks")
     assert tasks["head"].tolist() == ["prompt-4-shot"] and tasks["n_train"].tolist() == [4]
-    assert json.loads(tasks["head_params"].iloc[0]) == {"answer_parser": 2, "seed": 0, "shots": 4}
+    assert json.loads(tasks["head_params"].iloc[0]) == {"answer_parser": ANSWER_PARSER_VERSION, "seed": 0, "shots": 4}
 
 
 def test_dry_run_counts_and_sends_nothing(marker_store, llm) -> None:

@@ -22,6 +22,7 @@ from scdm.prompt.backends import Backend, Reply
 from scdm.prompt.plan import load_cells, plan_requests
 from scdm.prompt.templates import load_template
 from scdm.store import Store
+from scdm.store.prompts import ANSWER_PARSER_VERSION
 from scdm.store.splits import make_splits
 from tests.prompt.conftest import marker_adata
 
@@ -134,7 +135,7 @@ def test_zero_shot_tasks_of_the_older_batching_are_left_out_then_replaced(marker
         _run(st, BatchMates(), ["cross"])
     with st.catalog.transaction() as con:
         for table in ("eval_tasks", "eval_results"):
-            con.execute(f"UPDATE {table} SET head_params = '{{\"answer_parser\": 2, \"seed\": 0, \"shots\": 0}}'")
+            con.execute(f"UPDATE {table} SET head_params = '{{\"answer_parser\": {ANSWER_PARSER_VERSION}, \"seed\": 0, \"shots\": 0}}'")
     with caplog.at_level("WARNING"):
         assert leaderboard(st).empty
     assert "2 zero-shot prompting tasks were scored from requests that an older scdm composed" in caplog.text
@@ -143,7 +144,7 @@ def test_zero_shot_tasks_of_the_older_batching_are_left_out_then_replaced(marker
     assert (again.n_reused, again.n_tasks) == (0, 2)  # not reused as if current, but replaced
     assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0] == 2
     params = st.query("SELECT DISTINCT CAST(head_params AS VARCHAR) AS p FROM eval_tasks")["p"]
-    assert [json.loads(p) for p in params] == [{"answer_parser": 2, "batching": 2, "seed": 0, "shots": 0}]
+    assert [json.loads(p) for p in params] == [{"answer_parser": ANSWER_PARSER_VERSION, "batching": 2, "seed": 0, "shots": 0}]
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert not leaderboard(st).empty

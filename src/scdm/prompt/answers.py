@@ -68,15 +68,16 @@ def _is_word(value: Any) -> bool:
     return isinstance(value, str) and value.strip().strip(".\"'* ").lower() in _WORDS
 
 
-def _json_payloads(text: str) -> list[Any]:
-    """The JSON values of the text: the whole text, else each JSON value found in it, in order.
+def _json_payloads(text: str) -> tuple[list[Any], bool]:
+    """The JSON values of the text: the whole text, else each JSON value found in it, in order; and
+    whether the text is one JSON value (nothing around it).
 
     Prose around the answer may hold brackets (``[low confidence]``) or the answer may come twice,
     so the values are decoded one by one rather than from the first bracket to the last.
     """
     body = re.sub(r"^\s*```[a-zA-Z]*\s*|\s*```\s*$", "", text.strip())
     try:
-        return [json.loads(body)]
+        return [json.loads(body)], True
     except ValueError:
         pass
     decoder, at = json.JSONDecoder(), 0
@@ -84,7 +85,7 @@ def _json_payloads(text: str) -> list[Any]:
     while True:
         starts = [i for i in (body.find("{", at), body.find("[", at)) if i >= 0]
         if not starts:
-            return out
+            return out, False
         start = min(starts)
         try:
             value, at = decoder.raw_decode(body, start)
@@ -106,23 +107,32 @@ def _position(item: dict[str, Any]) -> int | None:
     return None
 
 
-def _entries(obj: Any, n_cells: int) -> list[tuple[int | None, Any]] | None:
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or (isinstance(value, str) and re.fullmatch(r"\s*-?\d+([.,]\d*)?\s*", value) is not None)
+
+
+def _entries(obj: Any, n_cells: int, whole: bool = True) -> list[tuple[int | None, Any]] | None:
     """(cell number, value) pairs in text order, or None when ``obj`` is not an answer.
 
     A list entry without a cell number is the cell of its place in the list only when the list has
     one entry per cell: in a shorter or longer list the place says nothing (a skipped cell would
-    give every later cell its neighbour's answer), so such entries get no cell number.
+    give every later cell its neighbour's answer), so such entries get no cell number. Nor does a
+    list of plain numbers that is not the whole answer (``cells [1, 2] look resistant`` lists cell
+    numbers: read by place, cell 1 was "sensitive"), nor one holding a number other than 0 and 1.
     """
     if isinstance(obj, dict):
         for key in _LIST_KEYS:
             if isinstance(obj.get(key), list):
-                return _entries(obj[key], n_cells)
+                return _entries(obj[key], n_cells, whole)
         if obj and all(re.fullmatch(r"\s*(cell\s*)?\d+\s*", str(k), re.IGNORECASE) for k in obj):
             return [(int(re.sub(r"\D", "", str(k))), v) for k, v in obj.items()]
         return None
     if isinstance(obj, list):
         out: list[tuple[int | None, Any]] = []
-        by_place = len(obj) == n_cells
+        numbers = [item for item in obj if _is_number(item)]
+        by_place = len(obj) == n_cells and not (numbers and (not whole or any(_label_of(v) is None for v in numbers)))
         for i, item in enumerate(obj, 1):
             if isinstance(item, dict):
                 value = next((item[k] for k in _LABEL_KEYS if k in item), None)
@@ -137,8 +147,9 @@ def _entries(obj: Any, n_cells: int) -> list[tuple[int | None, Any]] | None:
 def _json_entries(text: str, n_cells: int) -> list[tuple[int | None, Any]]:
     """Entries of every JSON answer in the text (two answers that disagree on a cell make it invalid)."""
     out: list[tuple[int | None, Any]] = []
-    for payload in _json_payloads(text):
-        entries = _entries(payload, n_cells) or []
+    payloads, whole = _json_payloads(text)
+    for payload in payloads:
+        entries = _entries(payload, n_cells, whole) or []
         if any(position is not None for position, _ in entries):  # not a stray "[1]" of the prose
             out += entries
     return out

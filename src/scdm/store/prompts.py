@@ -59,15 +59,17 @@ __all__ = [
 
 PROMPT_VARIANT = "prompt"
 """The ``variant`` of every prompting result."""
-ANSWER_PARSER_VERSION = 2
+ANSWER_PARSER_VERSION = 3
 """What the answer parser reads, recorded in every prompting task's ``head_params`` (``answer_parser``).
 
 1 (no ``answer_parser`` key; scdm before 2026-12-07) read a number such as ``Cell 1: 0.7`` as the
 label 0, shifted the answers of a model that numbered its cells from 0 onto their neighbours, read
 an unnumbered list with an entry too few or too many by place, read ``sensitive|resistant`` (the
 format echoed back) as an answer and left a JSON answer with brackets in the prose around it
-unread. 2 reads none of these as answers (and reads the last one). Raise it whenever the parser
-reads a stored answer text differently."""
+unread. 2 reads none of these as answers (and reads the last one), but read a list of cell numbers
+in the prose (``Resistant cells: [1, 2]``, as long as the request) by place as labels (cell 1
+"sensitive") instead of the ``Cell N: label`` lines around it; 3 does not. Raise it whenever the parser reads
+a stored answer text differently."""
 ZERO_SHOT_BATCHING = 2
 """How zero-shot requests are composed, recorded in every zero-shot task's ``head_params`` (``batching``).
 
