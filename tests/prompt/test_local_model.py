@@ -103,3 +103,16 @@ def test_not_a_model_folder_or_incomplete_weights(tmp_path, tiny_llm) -> None:
     save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="lack 1 tensors"):  # never answer with random stand-ins
         HFBackend(folder).send([{"role": "user", "content": "Cell 1: A1BG"}], 1)
+
+
+def test_request_longer_than_the_model_context_is_refused(marker_store, symbols, tmp_path) -> None:
+    # a rotary model answers past its trained positions (as if it had read the prompt): with a
+    # 64-position model the 10-cell requests (about 400 tokens) were answered and scored
+    from scdm.prompt.backends import PromptRequestError
+
+    words = [load_template().text, answer_format(10), "sensitive resistant Answer: study tissue lung NSCLC Erlotinib"]
+    short = write_tiny_checkpoint(tmp_path / "short", genes=symbols, extra_text=words, max_position_embeddings=64)
+    with pytest.raises(PromptRequestError, match=r"more than the 64 positions of 'short'.*--cells-per-request"):
+        prompt(marker_store, ["marker"], backend="hf", checkpoint=short, **FAST)
+    assert marker_store.query("SELECT count(*) AS n FROM prompt_requests")["n"][0] == 0
+    assert marker_store.query("SELECT count(*) AS n FROM eval_results")["n"][0] == 0

@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from scdm.prompt.backends import Backend, Reply
+from scdm.prompt.backends import Backend, PromptRequestError, Reply
 from scdm.prompt.templates import LABELS
 from scdm.store.checkpoints import checkpoint_files
 from scdm.store.errors import CheckpointError, InputDataError
@@ -151,6 +151,7 @@ class HFBackend(Backend):
         import torch
 
         text, special = self.prompt_text(messages)
+        self._check_context(text, special, n_cells)
         state = _CachedForward(self._model, self._device)
         answer, scores, decisions = '{"cells": [', {}, []
         with torch.inference_mode():
@@ -167,6 +168,27 @@ class HFBackend(Backend):
         n_total = len(encode(text + answer, add_special_tokens=special)["input_ids"])
         raw = {"backend": "hf", "model": self.model, "text": answer, "decisions": decisions}
         return Reply(text=answer, raw=raw, prompt_tokens=n_prompt, completion_tokens=n_total - n_prompt, scores=scores)
+
+    def _check_context(self, text: str, special: bool, n_cells: int) -> None:
+        """Refuse a request longer than the model's context (prompt and the longest possible answer).
+
+        Past its trained positions a rotary model (LLaMA) still answers, with degraded attention, and
+        an absolute-position one (GPT-2) fails with an index error: either way the answer would not
+        be the model's answer to the prompt.
+        """
+        config = self._model.config
+        limit = next((int(v) for v in (getattr(config, k, None) for k in ("max_position_embeddings", "n_positions"))
+                      if isinstance(v, int) and v > 0), None)
+        if limit is None:
+            return
+        longest = max(LABELS.values(), key=lambda w: len(self.tokenizer()(w, add_special_tokens=False)["input_ids"]))
+        answer = '{"cells": [' + ", ".join(f'{{"cell": {i}, "response": "{longest}"}}' for i in range(1, n_cells + 1)) + "]}"
+        n = len(self.tokenizer()(text + answer, add_special_tokens=special)["input_ids"])
+        if n > limit:
+            msg = (f"A request of {n_cells} cells takes {n} tokens with its answer, more than the {limit} positions of "
+                   f"{self.model!r}: past them the model does not read the prompt as it was trained to. Lower "
+                   "--cells-per-request, --shots or --top-k, or use a model with a longer context.")
+            raise PromptRequestError(msg)
 
     def _p_sensitive(self, state: _CachedForward, context: str, special: bool) -> tuple[float, list[int]]:
         import torch
