@@ -34,7 +34,7 @@ import pandas as pd
 
 from scdm.prompt.backends import Backend, OpenAIBackend
 from scdm.prompt.plan import CellTable, Plan, Unit, fold_test_cells, load_cells, plan_requests
-from scdm.prompt.runner import SendPolicy, SendReport, load_answers, send_requests
+from scdm.prompt.runner import SendPolicy, SendReport, cut_short, load_answers, send_requests
 from scdm.prompt.sentences import DEFAULT_TOP_K
 from scdm.prompt.templates import Template, load_template
 from scdm.store.errors import InputDataError
@@ -461,6 +461,7 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
     asked = {c: w for unit in plan.where.values() for c, w in unit.items()}
     unanswered = sum(1 for rid, pos in asked.values()
                      if rid in report.records and report.records[rid].answers[pos - 1].status != "ok")
+    _warn_cut_short(report, config)
     if report.n_pending:
         logger.warning("prompt: the request budget ran out: %d of %d requests not sent, %d tasks wait for them. "
                        "Run the same command again to continue (answers so far are stored).",
@@ -473,6 +474,19 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
                          n_skipped=counts["skipped"], n_pending_tasks=counts["pending"],
                          prompt_tokens=report.prompt_tokens, completion_tokens=report.completion_tokens, seconds=seconds,
                          results=task_results(st, counts["ids"]), config=config)
+
+
+def _warn_cut_short(report: SendReport, config: dict[str, Any]) -> None:
+    """Say when answers stopped at the token limit: their cells count as unanswered, and the stored answer
+    is reused by every rerun with the same decoding, so only a larger --max-tokens asks them again."""
+    cut = [r for r in report.records.values() if cut_short(r)]
+    if not cut:
+        return
+    n_cells = sum(1 for r in cut for a in r.answers if a.status != "ok")
+    limit = (config.get("decoding") or {}).get("max_tokens")
+    logger.warning("prompt: %d of %d answers stopped at the token limit (--max-tokens %s) before every cell was answered, "
+                   "leaving %d cells of them without a readable answer. Rerun with a larger --max-tokens (those "
+                   "requests are then sent again).", len(cut), len(report.records), limit, n_cells)
 
 
 def _warn_nothing_scored(st: Store, run_id: str) -> None:

@@ -34,7 +34,7 @@ from scdm.store.prompts import ANSWER_PARSER_VERSION, PromptAnswer, PromptRecord
 if TYPE_CHECKING:
     from scdm.store import Store
 
-__all__ = ["Request", "SendPolicy", "SendReport", "send_requests", "record_of", "load_answers", "read_again"]
+__all__ = ["Request", "SendPolicy", "SendReport", "send_requests", "record_of", "load_answers", "read_again", "cut_short"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,16 @@ def _stored_tokens(response: Mapping[str, Any] | None) -> list[dict[str, Any]] |
     except (KeyError, IndexError, TypeError):
         return None
     return tokens if isinstance(tokens, list) and tokens else None
+
+
+def cut_short(record: PromptRecord) -> bool:
+    """Whether the endpoint stopped the answer at the token limit (``finish_reason`` ``length``) before
+    every cell had a readable answer: the rest of the answer was never written, not unreadable."""
+    try:
+        reason = record.response["choices"][0]["finish_reason"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return False
+    return reason == "length" and any(a.status != "ok" for a in record.answers)
 
 
 def _stored_scores(response: Mapping[str, Any] | None) -> dict[int, float] | None:
