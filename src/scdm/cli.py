@@ -1129,7 +1129,7 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
 
     click.echo(f"prompt run {summary.run_id}: {summary.n_sent} requests sent, {summary.n_cached} answered before, "
                f"{summary.n_pending} not sent; {summary.n_tasks} folds scored, {summary.n_reused} reused, "
-               f"{summary.n_skipped} skipped; {summary.n_unanswered} of {summary.n_cells} cells without a readable answer; "
+               f"{summary.n_skipped} skipped; {summary.n_unanswered} of {summary.n_asks} cell answers unreadable ({summary.n_cells} distinct cells); "
                f"{summary.prompt_tokens:,} + {summary.completion_tokens:,} tokens.", err=True)
     if summary.n_pending:
         click.echo("note: the request budget ran out; run the same command again to continue.", err=True)

@@ -41,3 +41,33 @@ def test_answers_cut_at_the_token_limit_are_reported(marker_store, caplog) -> No
     with caplog.at_level("WARNING"):  # room for every answer: nothing to say
         summary = prompt(marker_store, ["marker"], backend=TokenLimited(10_000), **options)
     assert summary.n_unanswered == 0 and "token limit" not in caplog.text
+
+
+class EveryOtherRefused(Backend):
+    """Refuses every second request it is sent; answers the others 'resistant' for every cell."""
+
+    kind, model = "test", "every-other-refused"
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def decoding(self) -> dict[str, Any]:
+        return {}
+
+    def send(self, messages: list[dict[str, Any]], n_cells: int) -> Reply:
+        self.sent += 1
+        if self.sent % 2 == 0:
+            return Reply(text="I cannot help with that.", raw={})
+        return Reply(text=json.dumps({"cells": [{"cell": i, "response": "resistant"} for i in range(1, n_cells + 1)]}),
+                     raw={})
+
+
+def test_unreadable_answers_are_counted_per_ask_not_per_cell(marker_store) -> None:
+    # few-shot asks a test cell once per (split, fold) that tests it; the summary counted one ask per
+    # cell (the last unit's), so 64 unreadable answers of 128 read "32 of 64 cells"
+    summary = prompt(marker_store, ["marker"], backend=EveryOtherRefused(), scenarios=["pooled", "cross"], by=["all"],
+                     folds=2, shots=2, cells_per_request=8, silent=True)
+    records = summary.n_sent + summary.n_cached
+    assert summary.n_cells == 64 and summary.n_asks == 8 * records == 128
+    refused = records // 2
+    assert summary.n_unanswered == 8 * refused == 64

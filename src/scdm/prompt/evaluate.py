@@ -94,8 +94,11 @@ class PromptSummary:
     """Not sent: the request budget (``max_requests``) ran out; run again to continue."""
     n_cells: int
     """Distinct cells asked about."""
+    n_asks: int
+    """Answers asked for: a cell is asked once per request that holds it (few-shot asks a test cell once per
+    split and fold that tests it), so this may exceed ``n_cells``."""
     n_unanswered: int
-    """Asked cells without a readable answer (missing, invalid or unparsed)."""
+    """Of ``n_asks``, those without a readable answer (missing, invalid or unparsed)."""
     n_tasks: int
     """(split, fold) tasks scored by this call."""
     n_reused: int
@@ -408,7 +411,7 @@ def _dry_run(st: Store, llm: Backend, plan: Plan, config: dict[str, Any], space_
     return PromptSummary(run_id=None, space_id=space_id, model=llm.model, head=head, n_requests=len(unique),
                          n_cached=len(cached), n_sent=0,
                          n_pending=len(todo) if budget is None else max(0, len(todo) - int(budget)),
-                         n_cells=len(cells), n_unanswered=0, n_tasks=0, n_reused=0, n_skipped=0, n_pending_tasks=0,
+                         n_cells=len(cells), n_asks=sum(len(r.cells) for r in unique), n_unanswered=0, n_tasks=0, n_reused=0, n_skipped=0, n_pending_tasks=0,
                          prompt_tokens=n_prompt, completion_tokens=n_answer, seconds=time.perf_counter() - started,
                          dry_run=True, prompts=tuple(r.text for r in todo[:max(0, show)]), config=config)
 
@@ -458,8 +461,9 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
                n_tasks=counts["tasks"], n_done=counts["done"], n_reused=counts["reused"], n_skipped=counts["skipped"])
     if counts["done"] + counts["reused"] + counts["pending"] == 0:
         _warn_nothing_scored(st, run_id)
-    asked = {c: w for unit in plan.where.values() for c, w in unit.items()}
-    unanswered = sum(1 for rid, pos in asked.values()
+    # every ask once: a test cell in the requests of several (split, fold) units was asked several times
+    asks = {where for unit in plan.where.values() for where in unit.values()}
+    unanswered = sum(1 for rid, pos in asks
                      if rid in report.records and report.records[rid].answers[pos - 1].status != "ok")
     _warn_cut_short(report, config)
     if report.n_pending:
@@ -470,7 +474,7 @@ def _run(st: Store, llm: Backend, plan: Plan, splits: Sequence[Split], config: d
                          n_requests=len({r.request_id for r in plan.requests}), n_cached=report.n_cached,
                          n_sent=report.n_sent, n_pending=report.n_pending, n_cells=len({c for r in plan.requests
                                                                                         for c in r.cells}),
-                         n_unanswered=unanswered, n_tasks=counts["done"], n_reused=counts["reused"],
+                         n_asks=len(asks), n_unanswered=unanswered, n_tasks=counts["done"], n_reused=counts["reused"],
                          n_skipped=counts["skipped"], n_pending_tasks=counts["pending"],
                          prompt_tokens=report.prompt_tokens, completion_tokens=report.completion_tokens, seconds=seconds,
                          results=task_results(st, counts["ids"]), config=config)
