@@ -845,3 +845,12 @@ def test_a_gene_id_the_table_cannot_map_is_still_shared_by_id(tmp_path):
     st.ingest(data / "SCC47_HNSCC_Kinker2020.h5ad", name="scc47")
     genes = shared_genes([store_symbols(st, "jhu006"), store_symbols(st, "scc47")])
     assert len(genes) == 972 and "84953" in genes
+
+
+def test_a_source_dataset_listed_twice_is_refused(two_drugs: Store) -> None:
+    """source=['src', 'src']: its 832 cells were stacked twice (n_source 1664) and 277 of the 333 source-validation
+    cells that chose the kept epoch were copies of training cells."""
+    src_id = two_drugs.dataset("src").dataset_id
+    for twice in (["src", "src"], ["src", src_id]):
+        with pytest.raises(InputDataError, match=r"names the dataset\(s\) 'src' more than once"):
+            transfer(two_drugs, source=twice, target="tgt", **FAST)

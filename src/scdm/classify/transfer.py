@@ -204,6 +204,18 @@ class _Domains:
     yv: np.ndarray | None = None
 
 
+def _refuse_repeated_sources(given: Sequence[str], names: list[str]) -> None:
+    """A dataset listed twice (by name, id or id prefix) would stack its cells twice: the source
+    validation carve-out would then hold copies of training cells (the kept epoch chosen on cells
+    trained on) and n_source would count each cell twice."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        msg = (f"source={list(given)!r} names the dataset(s) {', '.join(map(repr, repeated))} more than once (by name "
+               "or id): their cells would be trained on twice and also held out as validation copies of training "
+               "cells. List each source dataset once.")
+        raise InputDataError(msg)
+
+
 def _resolve_source(st: Store, source: Any) -> tuple[str, Any]:
     """("bulk", source) or ("store", [dataset names])."""
     import anndata as ad
@@ -218,7 +230,9 @@ def _resolve_source(st: Store, source: Any) -> tuple[str, Any]:
             return "bulk", text
         return "store", [st.dataset(text).name]
     if isinstance(source, (tuple, list)) and source and all(isinstance(s, str) for s in source):
-        return "store", [st.dataset(s).name for s in source]
+        names = [st.dataset(s).name for s in source]
+        _refuse_repeated_sources(source, names)
+        return "store", names
     msg = (f"source={source!r} is not understood: pass a bulk AnnData or .h5ad path, a pair "
            "(expression.csv, response.csv), or the name(s) of labelled datasets in the store.")
     raise InputDataError(msg)
