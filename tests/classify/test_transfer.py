@@ -882,3 +882,15 @@ def test_the_order_sources_are_listed_in_does_not_change_the_run(tmp_path: Path,
     other = transfer(store, source=[b, a], source_features=[ids[b], ids[a]], **kw)
     np.testing.assert_array_equal(one.proba, other.proba)
     assert transfer_run(store, one.run_id).source_features == transfer_run(store, other.run_id).source_features
+
+
+def test_a_validation_dataset_holding_source_cells_is_named(two_drugs: Store, collection: ad.AnnData,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """An eighth of the source's cells ingested again as the validation dataset: the kept epoch was chosen on cells the
+    run trained on, without a word (target copies in the source or the validation set were already warned about)."""
+    cells = collection[collection.obs["study"] == "GSE164897"].copy()  # the cells of 'src'
+    two_drugs.ingest(cells[::8].copy(), name="src_part", label_key="response", drug="drugA", study="copy",
+                     sample_key="sample")
+    with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
+        transfer(two_drugs, source="src", target="tgt", validation="src_part", drug="drugA", **FAST)
+    assert "104 of the 104 validation cells have exactly the features of a labelled source cell" in caplog.text

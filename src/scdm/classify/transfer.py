@@ -853,6 +853,12 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
                        "dataset, most likely the same cells under another name: the kept epoch (and alpha/beta) is "
                        "chosen on the target's own labels. Pass another validation dataset.", run_id, shared,
                        dom.Xt.shape[0])
+    shared = shared_cells(dom.Xs, dom.Xv) if dom.Xv is not None else 0
+    if shared and dom.Xv is not None:
+        logger.warning("transfer %s: %d of the %d validation cells have exactly the features of a labelled source "
+                       "cell, most likely the same cells under another name: the kept epoch (and alpha/beta) is chosen "
+                       "on cells the run trains on. Pass a validation dataset that holds none of the source's cells.",
+                       run_id, shared, dom.Xv.shape[0])
     source_scaler, target_scaler = MinMax.fit(dom.Xs), MinMax.fit(dom.Xt)
     Xs, Xt = source_scaler.transform(dom.Xs), target_scaler.transform(dom.Xt)
     if validation is None:
