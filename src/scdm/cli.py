@@ -1275,7 +1275,7 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
     \b
     Examples:
       scdm transfer --source gdsc_expr.csv --labels gdsc_auc.csv --drug Erlotinib --target pc9
-      scdm transfer --source study1 --source study2 --target study3 --alpha 0.5,1,2
+      scdm transfer --source study1 --source study2 --target study3 --validation study4 --alpha 0.5,1,2
       scdm transfer --source study1 --target study3 --source-label-set response_v2 --target-label-set Vorinostat
     """
     from scdm.classify.transfer import transfer as run_transfer

@@ -894,3 +894,17 @@ def test_a_validation_dataset_holding_source_cells_is_named(two_drugs: Store, co
     with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
         transfer(two_drugs, source="src", target="tgt", validation="src_part", drug="drugA", **FAST)
     assert "104 of the 104 validation cells have exactly the features of a labelled source cell" in caplog.text
+
+
+def test_the_help_grid_example_names_a_validation_dataset() -> None:
+    """`scdm transfer --help` showed `--alpha 0.5,1,2` without --validation, which transfer refuses (a grid is
+    chosen on a target-validation dataset only)."""
+    from click.testing import CliRunner
+
+    from scdm.cli import main
+
+    text = CliRunner().invoke(main, ["transfer", "--help"]).output
+    examples = [line.strip() for line in text.splitlines() if line.strip().startswith("scdm transfer")]
+    grids = [e for e in examples if any(f"{opt} " in e and "," in e.split(f"{opt} ")[1].split()[0]
+                                        for opt in ("--alpha", "--beta"))]
+    assert grids and all("--validation " in e for e in grids)
