@@ -1450,7 +1450,8 @@ def predict(obj: Ctx, head_id: str, dataset: str, out: str | None, trust_pickle:
               help="Prediction, upload and report jobs running at once; the others queue.")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True, help="Largest .h5ad upload accepted.")
 @click.option("--sql-max-rows", type=click.IntRange(min=1), default=1000, show_default=True, help="Rows one SQL query returns at most.")
-@click.option("--sql-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds before a SQL query is stopped.")
+@click.option("--sql-timeout", envvar="SCDM_SQL_TIMEOUT", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds before a SQL query (POST /api/sql, the SQL tab) is stopped (also $SCDM_SQL_TIMEOUT).")
 @click.option("--access-log", is_flag=True, help="Log every request (to stderr).")
 @pass_ctx
 @user_errors

@@ -85,3 +85,30 @@ def test_catalog_reads_have_a_memory_limit_not_duckdbs_80_percent_of_the_machine
     assert expected is not None
     shown = st.sql("SELECT current_setting('memory_limit') AS m, current_setting('max_temp_directory_size') AS t")
     assert shown["m"].item() == shown["t"].item() == expected[0]
+
+
+def test_the_time_limit_error_says_the_limit_and_how_to_raise_it(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    with TestClient(create_app(Store(tmp_path / "store"), sql_timeout_s=0.3), base_url="http://127.0.0.1:8000") as api:
+        answer: Any = api.post("/api/sql", json={"query": "SELECT levenshtein(repeat('a', 200000), repeat('b', 200000))"})
+        assert answer.status_code == 400
+        error = answer.json()["error"]
+        assert "longer than 0.3 s" in error and "after 0.3 s" in error
+        assert "scdm serve --sql-timeout SECONDS" in error and "$SCDM_SQL_TIMEOUT" in error and "scdm sql" in error
+        assert api.post("/api/sql", json={"query": "SELECT 42 AS x"}).json()["rows"] == [{"x": 42}]
+
+
+def test_scdm_serve_reads_its_sql_time_limit_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import scdm.server
+    from scdm.cli import main
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(scdm.server, "serve", lambda *args, **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "serve"], env={"SCDM_SQL_TIMEOUT": "42.5"})
+    assert result.exit_code == 0, result.output
+    assert seen["sql_timeout_s"] == 42.5

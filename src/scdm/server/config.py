@@ -13,7 +13,10 @@ from scdm.server.security import SecurityPolicy, allowed_hosts_of, check_token
 from scdm.store import Store
 from scdm.store.errors import InputDataError
 
-__all__ = ["ServerConfig", "ServerState", "version"]
+__all__ = ["ServerConfig", "ServerState", "version", "SQL_TIMEOUT_ENV"]
+
+SQL_TIMEOUT_ENV = "SCDM_SQL_TIMEOUT"
+"""Environment variable read by ``scdm serve --sql-timeout`` (seconds) when the flag is not given."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from scdm.classify.results import LEADERBOARD_KEYS, POOLED_COLUMNS, leaderboard, pooled_names, stale_sql, unanswered_note_sql
-from scdm.server.config import ServerState, version
+from scdm.server.config import SQL_TIMEOUT_ENV, ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
     UPLOAD_FIELDS,
@@ -61,7 +61,7 @@ from scdm.server.models import (
     UploadQuery,
 )
 from scdm.server.security import REPORT_CSP
-from scdm.store.errors import ScdmError
+from scdm.store.errors import QueryTimeoutError, ScdmError
 from scdm.store.evaluation import unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.heads import trained_head, trained_head_table, with_responses
@@ -376,7 +376,12 @@ def sql(body: SqlRequest, srv: Server) -> Response:
     max_rows = _cap(body.max_rows, srv.config.sql_max_rows)
     t0 = time.perf_counter()
     # one row more than asked tells whether the result was cut
-    frame = srv.store.sql(body.query, max_rows=max_rows + 1, timeout_s=srv.config.sql_timeout_s)
+    try:
+        frame = srv.store.sql(body.query, max_rows=max_rows + 1, timeout_s=srv.config.sql_timeout_s)
+    except QueryTimeoutError as err:  # the store cannot know how this server's limit is raised
+        raise HttpError(400, f"{err} This server stops SQL queries after {err.timeout_s:g} s; whoever runs it raises "
+                             f"the limit with `scdm serve --sql-timeout SECONDS` (or ${SQL_TIMEOUT_ENV}), or run the "
+                             "query with `scdm sql` on the store's machine (no time limit unless --timeout).") from err
     truncated = len(frame) > max_rows
     frame = frame.head(max_rows)
     answer = {"columns": [str(c) for c in frame.columns], "rows": records(frame), "n_rows": len(frame), "truncated": truncated,

@@ -66,6 +66,7 @@ from scdm.store.errors import (
     CatalogDamagedError,
     InputDataError,
     QueryError,
+    QueryTimeoutError,
     ReadOnlyQueryError,
     ScdmError,
     StoreFormatError,
@@ -1066,7 +1067,7 @@ def _run_with_timeout(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | 
         return _fetch(con.execute(sql), max_rows)
     except duckdb.InterruptException as err:
         msg = f"The query ran longer than {timeout_s:g} s and was stopped; add a LIMIT or a WHERE clause."
-        raise QueryError(msg) from err  # too slow, not refused: the server answers 400, not 403
+        raise QueryTimeoutError(msg, timeout_s) from err  # too slow, not refused: the server answers 400, not 403
     finally:
         timer.cancel()
 

@@ -23,6 +23,7 @@ __all__ = [
     "StoreLockedError",
     "ReadOnlyQueryError",
     "QueryError",
+    "QueryTimeoutError",
     "CheckpointError",
     "GeneMappingError",
     "UnknownModelError",
@@ -126,6 +127,15 @@ class ReadOnlyQueryError(ScdmError, PermissionError):
 
 class QueryError(ScdmError, ValueError):
     """A user SQL query failed in DuckDB (syntax, unknown column, ...)."""
+
+
+class QueryTimeoutError(QueryError):
+    """A user SQL query ran past its time limit and was stopped (DuckDB's interrupt)."""
+
+    def __init__(self, message: str, timeout_s: float) -> None:
+        super().__init__(message)
+        self.timeout_s = timeout_s
+        """The limit it ran past, in seconds (a front end says how its user raises it)."""
 
 
 class CheckpointError(ScdmError, FileNotFoundError):
