@@ -311,16 +311,24 @@ def _mark_stopped_runs(runs: pd.DataFrame) -> None:
 
 
 def runs_table(st: Store, run_id: str | None = None) -> pd.DataFrame:
-    """The evaluation runs (``scdm evaluate``, ``scdm prompt``) as the report's runs table lists them: a run
-    whose process is gone reads ``stopped (...)``, one cut short by its request budget ``partial (...)``.
+    """The evaluation runs (``scdm evaluate``, ``scdm prompt``, LoRA tunings: ``kind``) as the report's runs
+    table lists them: a run whose process is gone reads ``stopped (...)``, one cut short by its request
+    budget ``partial (...)``.
 
     ``state`` is the status's first word (``running``, ``stopped``, ``partial``, ``complete``, ``failed``).
-    The server's ``GET /api/runs`` answers this table, so the page, the API and the report agree.
+    The server's ``GET /api/runs`` answers this table (with the transfer runs besides), so the page, the
+    API and the report agree.
     """
     runs = st.sql(_runs_sql(_Filters(run_id=run_id)))
     _mark_stopped_runs(runs)
     runs.insert(runs.columns.get_loc("status") + 1, "state", runs["status"].astype(str).str.split(" ").str[0])
     return runs
+
+
+_RUN_KIND_SQL = ("CASE WHEN config->>'arm' = 'prompt' THEN 'prompt' WHEN (config->'finetune') IS NOT NULL THEN 'finetune' "
+                 "ELSE 'evaluate' END")
+"""What recorded an evaluation run: ``scdm evaluate``, ``scdm prompt`` (config arm ``prompt``) or a LoRA
+tuning (``scdm finetune``, config ``finetune``)."""
 
 
 def _runs_sql(filters: _Filters) -> str:
@@ -334,7 +342,7 @@ def _runs_sql(filters: _Filters) -> str:
             "                   SELECT t.split_id FROM eval_tasks t WHERE t.run_id = e.run_id\n"
             "                   UNION SELECT s.split_id FROM skipped_tasks s WHERE s.run_id = e.run_id)))")
     return (
-        "SELECT run_id, created_at, status,\n"
+        f"SELECT run_id, {_RUN_KIND_SQL} AS kind, created_at, finished_at, status,\n"
         "       CASE WHEN used IS NULL AND config->>'split_scheme' = 'auto' THEN 'auto (the scheme used was not recorded)'\n"
         "            WHEN config->>'split_scheme' IS NULL OR used IS NULL OR used = config->>'split_scheme'\n"
         "            THEN nullif(coalesce(used, config->>'split_scheme'), '')\n"

@@ -344,10 +344,14 @@ class ResultRow(_Row):
 
 
 class RunRow(_Row):
-    """One evaluation run (``scdm evaluate``, ``scdm prompt``), as the report's runs table lists it."""
+    """One run: an evaluation run (``scdm evaluate``, ``scdm prompt``, a LoRA tuning) as the report's runs
+    table lists it, or a transfer run (``scdm transfer``)."""
 
     run_id: str
-    created_at: str | None = None
+    kind: Literal["evaluate", "prompt", "finetune", "transfer"] = Field(
+        description="What recorded it: scdm evaluate, scdm prompt, scdm finetune (a LoRA tuning) or scdm transfer.")
+    created_at: str | None = Field(default=None, description="When it started.")
+    finished_at: str | None = Field(default=None, description="When it ended (null while running or when stopped).")
     status: str = Field(description="As the report shows it: 'stopped (...)' for a run whose process is gone (killed: "
                         "it could not record failing), 'partial (...)' for a prompting run cut short by its request "
                         "budget; run the same command again to finish either.")
@@ -363,6 +367,12 @@ class RunRow(_Row):
     n_reused: int | None = None
     n_skipped: int | None = None
     seconds: float | None = None
+    drug: str | None = Field(default=None, description="Transfer runs: the drug.")
+    target: str | None = Field(default=None, description="Transfer runs: the target dataset's name.")
+    source_label_set: str | None = Field(default=None, description="Transfer runs: the source datasets' label set(s); "
+                                         "null for a bulk source. A transfer run's label_set is its target's (null: unscored).")
+    n_source: int | None = Field(default=None, description="Transfer runs: labelled source samples or cells used.")
+    n_target: int | None = Field(default=None, description="Transfer runs: target cells predicted.")
 
 
 class SkippedRow(_Row):

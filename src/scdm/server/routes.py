@@ -65,6 +65,7 @@ from scdm.store.errors import QueryTimeoutError, ScdmError
 from scdm.store.evaluation import unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.heads import trained_head, trained_head_table, with_responses
+from scdm.store.transfer import transfer_runs_table
 from scdm.store.wording import spoken
 
 logger = logging.getLogger(__name__)
@@ -357,11 +358,19 @@ def _paged(response: Response, total: int) -> Response:
     return response
 
 
-@router.get("/api/runs", response_model=list[RunRow], summary="Evaluation and prompting runs, as the report lists them")
+@router.get("/api/runs", response_model=list[RunRow], summary="Every run (evaluate, prompt, finetune, transfer), oldest first",
+            description="Evaluation, prompting and LoRA runs as the report's runs table lists them, and the transfer "
+                        "runs (scdm transfer) in the same shape, each with its kind; oldest first. A column that "
+                        "does not apply to a kind is null (a transfer run has no heads or tasks; an evaluation run no "
+                        "n_source or n_target).")
 def runs(srv: Server) -> Response:
     from scdm.classify.report import runs_table
 
-    frame = runs_table(srv.store).drop(columns=["host", "pid"])  # where it ran stays on the server
+    evaluation = runs_table(srv.store).drop(columns=["host", "pid"])  # where it ran stays on the server
+    transfer = transfer_runs_table(srv.store)
+    parts = [f for f in (evaluation, transfer) if not f.empty]
+    frame = pd.concat(parts, ignore_index=True) if parts else evaluation
+    frame = frame.sort_values(["created_at", "run_id"], kind="stable")
     return typed(list[RunRow], records(frame, {"heads", "scenarios"}))
 
 

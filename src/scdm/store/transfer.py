@@ -53,6 +53,7 @@ __all__ = [
     "transfer_predictions",
     "transfer_run",
     "transfer_run_stopped",
+    "transfer_runs_table",
 ]
 
 TRANSFER_ARTIFACTS_DIR = "transfer"
@@ -357,6 +358,28 @@ def transfer_run_stopped(record: TransferRunRecord) -> bool:
 
     process = record.config.get("process") or {}
     return record.status == "running" and run_process_gone(process.get("host"), process.get("pid"))
+
+
+def transfer_runs_table(st: Store) -> pd.DataFrame:
+    """Every transfer run, oldest first, in the shape of the evaluation runs' table (``GET /api/runs``).
+
+    Columns: ``run_id``, ``kind`` (``transfer``), ``created_at``, ``finished_at``, ``status`` (a
+    ``running`` run whose process is gone reads ``stopped (...)``, as :func:`transfer_run_stopped`
+    tells), ``state`` (its first word), ``drug``, ``target`` (the target dataset's name),
+    ``label_set`` (the target's, scored against; None when unscored), ``source_label_set``,
+    ``n_source``, ``n_target``, ``seconds``.
+    """
+    frame = st.query(
+        "SELECT r.run_id, 'transfer' AS kind, r.created_at, r.finished_at, r.status, r.drug, d.name AS target, "
+        "r.target_label_set AS label_set, r.source_label_set, r.n_source, r.n_target, round(r.seconds, 1) AS seconds, "
+        "r.config->'process'->>'host' AS host, CAST(r.config->'process'->>'pid' AS BIGINT) AS pid "
+        "FROM transfer_runs r LEFT JOIN datasets d ON d.dataset_id = r.target_dataset_id ORDER BY r.created_at, r.run_id")
+    from scdm.store.evaluation import run_process_gone
+
+    gone = [s == "running" and run_process_gone(h, p) for s, h, p in zip(frame["status"], frame["host"], frame["pid"])]
+    frame.loc[gone, "status"] = "stopped (its process is gone; run the same scdm transfer command again)"
+    frame.insert(frame.columns.get_loc("status") + 1, "state", frame["status"].astype(str).str.split(" ").str[0])
+    return frame.drop(columns=["host", "pid"])  # where a run ran is not shown
 
 
 def transfer_predictions(st: Store, run_id: str) -> pd.DataFrame:
