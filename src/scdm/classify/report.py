@@ -67,7 +67,7 @@ from markupsafe import Markup
 from scdm.classify import _plots
 from scdm.classify._plots import CATEGORY_LABELS, METRIC_LABELS, Palette, Series
 from scdm.classify.metrics import METRICS
-from scdm.classify.results import LEADERBOARD_KEYS, split_labels, stale_notes, stale_sql, unanswered_note_sql
+from scdm.classify.results import LEADERBOARD_KEYS, metric_text, split_labels, stale_notes, stale_sql, unanswered_note_sql
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
 from scdm.store.genes import space_notes_sql
@@ -1601,7 +1601,8 @@ def _missing(value: Any) -> bool:
 def _mean_sd(mean: Any, sd: Any, digits: int = 3) -> str:
     if _missing(mean):
         return "n/a"
-    return f"{mean:.{digits}f}" + ("" if _missing(sd) else f" ± {sd:.{digits}f}")
+    # as scdm results prints it: 0.9996, not 1.000
+    return metric_text(mean, digits) + ("" if _missing(sd) else f" ± {metric_text(sd, digits)}")
 
 
 def _int(value: Any) -> str:

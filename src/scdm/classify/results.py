@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes",
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes", "metric_text",
            "pooled_names", "split_labels", "unanswered_note_sql", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
@@ -369,13 +369,39 @@ def _empty_wide(metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+_MAX_DIGITS = 15
+"""Decimals past which :func:`metric_text` stops adding any (a float64 holds about 15-17 significant digits)."""
+_WHOLE_TOLERANCE = 1e-12
+"""A value this close to a whole number is printed as one: the difference is float rounding, not data."""
+
+
+def metric_text(value: float, digits: int = 3) -> str:
+    """A metric (mean, sd, per-fold value) with ``digits`` decimals, or more where those would claim an
+    exact whole number the value is not.
+
+    At 3 decimals an AUROC of 0.9996 reads ``1.000`` (perfect on every fold) and an sd of 0.0004
+    reads ``0.000`` (no spread); the decimals go on until the first one that differs, ``0.9996`` and
+    ``0.0004``. Every other value keeps ``digits`` decimals, so columns stay aligned and the sd
+    beside a mean tells its precision. The page of ``scdm serve`` formats numbers by this rule too
+    (``static/scdm.js``, ``metricText``).
+    """
+    text = f"{value:.{digits}f}"
+    # within float rounding of a whole number it is one (an sd of identical folds can come out as 1e-17)
+    whole = abs(value - round(value)) < _WHOLE_TOLERANCE
+    while float(text).is_integer() and not whole and digits < _MAX_DIGITS:
+        digits += 1
+        text = f"{value:.{digits}f}"
+    return text
+
+
 def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", "ap", "f1", "accuracy"),
                        digits: int = 3) -> pd.DataFrame:
     """Wide, printable leaderboard: one column per metric holding ``"mean ± sd"``.
 
     A metric defined on fewer folds than the result has (a test fold with one class has no AUROC)
     shows its own n, e.g. ``0.912 ± 0.040 (n=2)``. ``folds`` is ``done/expected``, marked
-    ``incomplete`` when folds are missing (resume with ``scdm evaluate``). Where two results differ
+    ``incomplete`` when folds are missing (resume with ``scdm evaluate``). Numbers are
+    :func:`metric_text` (``0.9996``, not ``1.000``). Where two results differ
     only by their split (folds paired with another label set's, or two partitions with the same
     scenario, scheme, k and seed), a ``split`` column names it on those rows (:func:`split_labels`).
     A ``note`` column marks results on a space made with an older gene table, where there are any.
@@ -403,9 +429,9 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
     def text(row: pd.Series, m: str) -> str:
         if pd.isna(row[m]):
             return "n/a"
-        sd = "" if pd.isna(row[f"{m}_sd"]) else f" ± {row[f'{m}_sd']:.{digits}f}"
+        sd = "" if pd.isna(row[f"{m}_sd"]) else f" ± {metric_text(row[f'{m}_sd'], digits)}"
         n = "" if row[f"{m}_n"] == row["folds_done"] else f" (n={row[f'{m}_n']})"
-        return f"{row[m]:.{digits}f}{sd}{n}"
+        return f"{metric_text(row[m], digits)}{sd}{n}"
 
     out = wide[keys].copy()
     out["seed"] = out["seed"].astype(object).where(out["seed"].notna(), "")

@@ -21,7 +21,17 @@ function rowCount(rows, headers) {
   return `${rows.length} of ${plural(total, "row")} shown (the server's page size; best mean first): narrow the filters to see the others`;
 }
 function esc(v) { return v === null || v === undefined ? "" : String(v).replace(/[&<>"']/g, c => "&#" + c.charCodeAt(0) + ";"); }
-function fmt(v) { return typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : (typeof v === "object" && v !== null ? JSON.stringify(v) : v); }
+// a number as `scdm results` prints it (scdm.classify.results.metric_text): 3 decimals, more where 3 would
+// claim a whole number it is not (an AUROC of 0.9996 reads 0.9996, not 1.000; an sd of 0.0004, not 0.000)
+function metricText(v) {
+  let digits = 3, t = v.toFixed(digits);
+  const whole = Math.abs(v - Math.round(v)) < 1e-12;  // float rounding of a whole number is one
+  while (Number.isInteger(Number(t)) && !whole && digits < 15) t = v.toFixed(++digits);
+  return t;
+}
+function fmt(v) { return typeof v === "number" && !Number.isInteger(v) ? metricText(v) : (typeof v === "object" && v !== null ? JSON.stringify(v) : v); }
+// the SQL console shows numbers as stored (a p-value of 3e-7 is not 0.000); other tables round (full value on hover)
+function shown(v, raw) { return raw && typeof v === "number" ? String(v) : fmt(v); }
 function showError(el, err) { el.innerHTML = `<span class="err">${esc(err.message || err)}</span>`; }
 function plural(n, word) { return `${n} ${word}${n === 1 ? "" : "s"}`; }
 // missing values sort last in both directions; numbers as numbers, the rest as text
@@ -32,8 +42,11 @@ function compare(x, y) {
   return String(fmt(x)).localeCompare(String(fmt(y)));
 }
 // long values (params, telemetry JSON) are cut by CSS; the whole text shows on hover
-function cell(v) { const t = esc(v); return t.length > 40 ? `<td title="${t}">${t}</td>` : `<td>${t}</td>`; }
-function table(el, rows, columns) {
+function cell(v, value) {
+  const t = esc(v), whole = typeof value === "number" && Number(v) !== value ? esc(String(value)) : "";
+  return t.length > 40 || whole ? `<td title="${whole || t}">${t}</td>` : `<td>${t}</td>`;
+}
+function table(el, rows, columns, raw) {
   if (!rows.length) { el.innerHTML = "<p>(no rows)</p>"; return; }
   columns = columns || Object.keys(rows[0]);
   let sortKey = null, asc = true;
@@ -44,7 +57,7 @@ function table(el, rows, columns) {
       return missing ? compare(x, y) : compare(x, y) * (asc ? 1 : -1);
     });
     el.innerHTML = "<table><thead><tr>" + columns.map(c => `<th data-k="${esc(c)}" title="sort">${esc(c)}${c === sortKey ? (asc ? " ▲" : " ▼") : ""}</th>`).join("") +
-      "</tr></thead><tbody>" + data.map(r => "<tr>" + columns.map(c => cell(fmt(r[c]))).join("") + "</tr>").join("") + "</tbody></table>";
+      "</tr></thead><tbody>" + data.map(r => "<tr>" + columns.map(c => cell(shown(r[c], raw), r[c])).join("") + "</tr>").join("") + "</tbody></table>";
     el.querySelectorAll("th").forEach(th => th.onclick = () => { const k = th.dataset.k; asc = sortKey === k ? !asc : true; sortKey = k; draw(); });
   }
   draw();
@@ -147,7 +160,7 @@ async function runSql() {
   try {
     const r = await api("/api/sql", Object.assign({body: JSON.stringify({query: $("sql-text").value, max_rows: 500})}, JSON_POST));
     $("sql-msg").textContent = `${plural(r.n_rows, "row")}${r.truncated ? " (truncated)" : ""} in ${r.seconds} s`;
-    table($("sql-table"), r.rows, r.columns);
+    table($("sql-table"), r.rows, r.columns, true);
   } catch (e) { showError($("sql-msg"), e); $("sql-table").innerHTML = ""; }
 }
 $("sql-run").onclick = runSql;
@@ -171,7 +184,7 @@ $("pred-form").onsubmit = async (ev) => {
     const job = await api("/api/jobs/predict", Object.assign({body: JSON.stringify(body)}, JSON_POST));
     const j = await waitJob(job, j => { bar.value = j.progress; $("pred-msg").textContent = stageText(j); });
     if (j.state !== "done") throw new Error(j.message);
-    bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${j.result.mean_proba.toFixed(3)})`;
+    bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${metricText(j.result.mean_proba)})`;
     $("pred-csv").href = j.result.csv_url; $("pred-csv").hidden = false;
     const rows = await api(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=200`);
     table($("pred-table"), rows, ["cell_id", "proba", "label", "response", "label_set"]);
