@@ -360,6 +360,17 @@ def test_model_page(page: Callable[[str], None], driver: Any, site: Server) -> N
     assert {r[header_texts(driver, "ml").index("metric")] for r in body_rows(driver, "ml")} >= {"auroc", "f1"}
 
 
+def test_runs_tab(page: Callable[[str], None], driver: Any, site: Server) -> None:
+    page("runs")
+    wait_for(driver, lambda d: body_rows(d, "runs-table"), "the runs table")
+    header = header_texts(driver, "runs-table")
+    rows = body_rows(driver, "runs-table")  # the site's store: its evaluation run, complete
+    assert all(row[header.index("state")] == "complete" for row in rows)
+    assert "evaluate" in {row[header.index("kind")] for row in rows}
+    assert all(row[header.index("finished")] >= row[header.index("started")] != "" for row in rows)
+    assert text_of(driver, "runs-msg").endswith(f"{len(rows)} complete")
+
+
 def run_sql(driver: Any, query: str, *, keyboard: bool = False) -> None:
     from selenium.webdriver.common.keys import Keys
 

@@ -40,11 +40,20 @@ def page_functions(*names: str) -> str:
     return "\n".join(out)
 
 
-def run_page(expression: str) -> object:
+def page_constant(name: str) -> str:
+    """A one-statement top-level ``const`` of the page's script (to its semicolon)."""
+    found = re.search(rf"^const {name} = [^;]*;", SCRIPT.read_text(), re.MULTILINE)
+    assert found is not None, name
+    return found.group(0)
+
+
+def run_page(expression: str, prelude: str = "") -> object:
+    """``expression`` evaluated by Node.js after the page's formatting functions and ``prelude``."""
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         pytest.skip("Node.js is not installed: the page's script cannot run without a browser")
-    source = page_functions("esc", "metricText", "fmt", "shown", "cell") + f"\nconsole.log(JSON.stringify({expression}));"
+    source = (page_functions("esc", "metricText", "fmt", "shown", "cell") + "\n" + prelude +
+              f"\nconsole.log(JSON.stringify({expression}));")
     done = subprocess.run([node, "-e", source], capture_output=True, text=True, timeout=30, check=True)
     return json.loads(done.stdout)
 

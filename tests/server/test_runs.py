@@ -8,6 +8,7 @@ finish it).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -104,3 +105,37 @@ def test_runs_list_transfer_runs_too_with_their_kind(with_runs: tuple[Any, Store
     assert sorted(r["kind"] for r in answer) == ["evaluate", "evaluate", "finetune", "prompt", "transfer", "transfer"]
     assert [r["created_at"] for r in answer] == sorted(r["created_at"] for r in answer)
     assert all(r["finished_at"] for r in answer if r["state"] in ("complete", "partial"))
+
+
+def test_the_runs_tab_lists_every_run_newest_first_with_kind_status_times_and_counts(
+        with_runs: tuple[Any, Store, dict[str, str]]) -> None:
+    """The page's Runs tab, rendered without a browser: the template's tab and the table its script draws
+    from this store's GET /api/runs (the script's own functions, run by Node.js where it is installed)."""
+    import json
+
+    from .test_number_format import page_constant, page_functions, run_page
+
+    client, _, ids = with_runs
+    page = client.get("/", headers={"Accept": "text/html"}).text
+    assert '<a data-tab="runs">Runs</a>' in page and '<section id="runs">' in page and 'id="runs-table"' in page
+    script = client.get("/static/scdm.js").text
+    assert "runs: () => loadRuns()" in script and 'api("/api/runs")' in script
+    runs = client.get("/api/runs").json()
+    prelude = (page_functions("plural", "compare", "table", "when", "runRows", "runSummary") + "\n"
+               + page_constant("RUN_COLUMNS") + f"\nconst runs = {json.dumps(runs)};\n"
+               + "const el = {innerHTML: '', querySelectorAll: () => []}; table(el, runRows(runs), RUN_COLUMNS);")
+    html, summary, rows = run_page("[el.innerHTML, runSummary(runs), runRows(runs)]", prelude)  # type: ignore[misc]
+    assert summary == "6 runs: 3 complete, 2 stopped, 1 partial"
+    assert [r["run_id"] for r in rows] == [r["run_id"] for r in reversed(runs)]  # newest first
+    header = re.findall(r'<th data-k="([^"]+)"', html)
+    assert header[:9] == ["kind", "state", "status", "started", "finished", "tasks", "fitted", "reused", "skipped"]
+    cells = {row[-1]: row for row in (re.findall(r"<td[^>]*>([^<]*)</td>", tr) for tr in html.split("<tr>")[2:])}
+    partial = dict(zip(header, cells[ids["partial"]]))
+    assert partial["kind"] == "prompt" and partial["state"] == "partial" and "request budget ran out" in partial["status"]
+    assert (partial["tasks"], partial["fitted"]) == ("4", "2") and partial["finished"] != ""
+    killed = dict(zip(header, cells[ids["transfer_killed"]]))
+    assert killed["kind"] == "transfer" and killed["state"] == "stopped" and killed["finished"] == ""
+    done = dict(zip(header, cells[ids["transfer"]]))
+    assert (done["target"], done["n_source"], done["n_target"], done["tasks"]) == ("a375", "40", "108", "")
+    started = next(r for r in runs if r["run_id"] == ids["transfer"])["created_at"]
+    assert done["started"] == started.replace("T", " ")[:19]

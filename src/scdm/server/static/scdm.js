@@ -63,7 +63,8 @@ function table(el, rows, columns, raw) {
   draw();
 }
 document.querySelectorAll("nav a").forEach(a => a.onclick = () => show(a.dataset.tab));
-const loaders = {leaderboard: () => {}, figures: () => loadFigures(), models: () => loadModels(), sql: () => {}, predict: () => loadPredict()};
+const loaders = {leaderboard: () => {}, figures: () => loadFigures(), models: () => loadModels(), runs: () => loadRuns(),
+  sql: () => {}, predict: () => loadPredict()};
 function show(tab) {
   if (!(tab in loaders)) tab = "leaderboard";
   document.querySelectorAll("nav a").forEach(a => a.classList.toggle("on", a.dataset.tab === tab));
@@ -154,6 +155,29 @@ async function loadModel(name) {
     table($("ml"), m.leaderboard, ["variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
     table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "created_at"]);
   } catch (e) { showError($("model-msg"), e); }
+}
+// GET /api/runs answers oldest first; the tab lists newest first, times as stored (UTC, to the second)
+const RUN_COLUMNS = ["kind", "state", "status", "started", "finished", "tasks", "fitted", "reused", "skipped", "target",
+  "n_source", "n_target", "label_set", "heads", "seconds", "run_id"];
+function when(iso) { return iso ? String(iso).replace("T", " ").slice(0, 19) : null; }
+function runRows(runs) {
+  return runs.slice().reverse().map(r => ({kind: r.kind, state: r.state, status: r.status, started: when(r.created_at),
+    finished: when(r.finished_at), tasks: r.n_tasks, fitted: r.n_done, reused: r.n_reused, skipped: r.n_skipped,
+    target: r.target, n_source: r.n_source, n_target: r.n_target, label_set: r.label_set, heads: r.heads,
+    seconds: r.seconds, run_id: r.run_id}));
+}
+function runSummary(runs) {
+  const states = {};
+  runs.forEach(r => { states[r.state] = (states[r.state] || 0) + 1; });
+  return plural(runs.length, "run") + (runs.length ? ": " + Object.entries(states).map(([s, n]) => `${n} ${s}`).join(", ") : "");
+}
+async function loadRuns() {
+  $("runs-msg").textContent = "loading...";
+  try {
+    const runs = await api("/api/runs");
+    $("runs-msg").textContent = runSummary(runs);
+    table($("runs-table"), runRows(runs), RUN_COLUMNS);
+  } catch (e) { showError($("runs-msg"), e); $("runs-table").innerHTML = ""; }
 }
 async function runSql() {
   $("sql-msg").textContent = "running...";
