@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -181,3 +182,36 @@ def test_results_on_a_space_of_an_older_gene_table_are_marked_as_ls_marks_it(tmp
         assert marked(pd.DataFrame(model["leaderboard"])) == marked(pd.DataFrame(model["embeddings"])) == {old_space}
     index = write_report(st, tmp_path / "report", projection="none", progress=False)
     assert note in index.read_text()
+
+
+def test_two_spaces_of_one_model_are_told_apart_on_the_page_as_in_the_cli(tmp_path: Path) -> None:
+    """Before, the page's leaderboard showed no space_id: pca with 4 and with 6 components on A375 were two rows
+    alike in every shown column but their numbers (`scdm results` prints 'pca [<space>]' for each)."""
+    from fastapi.testclient import TestClient
+
+    from scdm.classify.grid import evaluate
+    from scdm.embedding.runner import embed_baseline
+    from scdm.server import create_app
+
+    from .test_number_format import page_constant, page_functions, run_page
+
+    st = Store(tmp_path / "store")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st.ingest(example_data("A375"), name="A375", label_key="response_PLX4720", study="GSE108383")
+        for n_comps in (4, 6):
+            embed_baseline(st, ["A375"], model="pca", n_comps=n_comps, n_hvg=200, progress=False)
+        evaluate(st, heads=["ridge"], scenarios=["pooled"], by=["all"], folds=3, split_scheme="cell", silent=True)
+    with TestClient(create_app(st, token=None), base_url="http://127.0.0.1:8000") as api:
+        board = api.get("/api/leaderboard?metric=auroc").json()
+    assert len(board) == 2 and len({r["space_id"] for r in board}) == 2
+    prelude = (page_functions("plural", "compare", "table") + "\n" + page_constant("LEADERBOARD_COLUMNS")
+               + f"\nconst el = {{innerHTML: '', querySelectorAll: () => []}}; table(el, {json.dumps(board)}, LEADERBOARD_COLUMNS);")
+    html = str(run_page("el.innerHTML", prelude))
+    header = re.findall(r'<th data-k="([^"]+)"', html)
+    rows = [re.findall(r"<td[^>]*>([^<]*)</td>", tr) for tr in html.split("<tr>")[2:]]
+    identity = [[v for k, v in zip(header, row) if k not in ("mean", "sd")] for row in rows]
+    assert len(identity) == 2 and identity[0] != identity[1]
+    assert {row[header.index("space_id")] for row in rows} == {r["space_id"] for r in board}
+    printed = cli(st.root, "results", "--metric", "auroc")
+    assert all(f"pca [{r['space_id'][:8]}]" in printed for r in board)

@@ -72,8 +72,10 @@ function show(tab) {
   history.replaceState(null, "", "#" + tab);  // a reload stays on the tab
   loaders[tab]();
 }
-const LEADERBOARD_COLUMNS = ["model", "variant", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k", "seed",
-  "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete", "note"];
+// space_id and split_id are part of a result's identity: two pca spaces (other n_comps) or two partitions of one
+// dataset (folds paired with another label set's) differ in them alone (scdm results names them the same way)
+const LEADERBOARD_COLUMNS = ["model", "variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme",
+  "k", "seed", "split_id", "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete", "note"];
 async function loadLeaderboard(ev) {
   if (ev) ev.preventDefault();
   const q = new URLSearchParams([...new FormData($("lb-form"))].filter(([k, v]) => v));
@@ -152,7 +154,8 @@ async function loadModel(name) {
     $("model-msg").textContent = ""; $("model-name").textContent = name;
     const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
     table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "note", "params", "telemetry"]);
-    table($("ml"), m.leaderboard, ["variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
+    table($("ml"), m.leaderboard, ["variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k",
+      "seed", "split_id", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
     table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "created_at"]);
   } catch (e) { showError($("model-msg"), e); }
 }
