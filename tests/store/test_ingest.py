@@ -353,3 +353,16 @@ def test_a_study_column_with_gaps_is_refused_and_nothing_is_written(st):
                                              r"cell11\).*whole studies.*--study"):
         st.ingest(adata, name="m", label_key="label", study_key="study")
     assert st.datasets().empty and st.cells().empty
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_gene_ids_that_are_column_positions_are_refused_not_read_as_entrez(st, first):
+    adata = make_counts_adata()
+    adata.var_names = [str(i + first) for i in range(adata.n_vars)]  # a bare matrix (0..n-1) or R's row names (1..n)
+    with pytest.raises(InputDataError, match=r"40 gene ids are the numbers \d+\.\.\d+: column positions"):
+        st.ingest(adata)
+    assert st.datasets().empty and st.cells().empty
+
+
+def test_real_entrez_gene_ids_are_still_ingested(st, a375_path):
+    assert st.ingest(a375_path).gene_id_kind == "entrez"  # 2, 14, 25980, ...: distinct, most above n

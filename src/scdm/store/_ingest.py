@@ -257,6 +257,29 @@ def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
             examples = ", ".join(map(repr, map(str, pd.unique(np.asarray(ids)[dup])[:5])))
             msg = f"{int(dup.sum())} duplicated {what} ids (e.g. {examples}). Make them unique first: {fix}."
             raise InputDataError(msg)
+    _refuse_positional_gene_ids(gene_ids)
+
+
+def _refuse_positional_gene_ids(gene_ids: np.ndarray) -> None:
+    """Refuse gene ids that are the column positions (0..n-1, or R's 1..n), not gene ids.
+
+    An AnnData built from a bare matrix gets var_names "0", "1", ...; they read as Entrez ids,
+    and most of them are real ones (1 = A1BG, 2 = A2M, 9 = NAT1, ...), so every model would take
+    each column for an unrelated gene. Distinct integers none above n are positions: the n genes of
+    a real Entrez list are never all among the ids 0..n.
+    """
+    text = pd.Series(np.asarray(gene_ids, dtype=object)).astype(str).str.strip()
+    if not text.str.fullmatch(r"\d+").all():
+        return
+    numbers = text.astype(np.int64)
+    n = len(numbers)
+    if numbers.max() > n:
+        return
+    msg = (f"The {n} gene ids are the numbers {numbers.min()}..{numbers.max()}: column positions, not gene ids (the "
+           "gene names were lost when the AnnData was made, e.g. from a bare matrix). Read as Entrez ids they would "
+           "name unrelated genes (1 = A1BG, 2 = A2M, ...). Set the real ids (adata.var_names = GENE_IDS, or "
+           f"{option('gene_key', 'COLUMN')} for a var column that holds them) and ingest again.")
+    raise InputDataError(msg)
 
 
 def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *, block_rows: int = SCAN_BLOCK_ROWS) -> MatrixScan:
