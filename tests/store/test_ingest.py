@@ -366,3 +366,21 @@ def test_gene_ids_that_are_column_positions_are_refused_not_read_as_entrez(st, f
 
 def test_real_entrez_gene_ids_are_still_ingested(st, a375_path):
     assert st.ingest(a375_path).gene_id_kind == "entrez"  # 2, 14, 25980, ...: distinct, most above n
+
+
+def test_a_relabelled_file_taken_with_update_becomes_the_stored_copy(st, tmp_path):
+    adata = make_counts_adata()
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    st.ingest(path, label_key="label")
+    adata.obs["label"] = adata.obs["label"].astype(object)
+    adata.obs.iloc[:10, adata.obs.columns.get_loc("label")] = "resistant"
+    adata.obs.iloc[10:15, adata.obs.columns.get_loc("label")] = None
+    adata.write_h5ad(path)
+    st.ingest(path, label_key="label", update=True)
+    stored = st.cells("cells")["response"].astype("float").fillna(-1).to_numpy()
+    given = adata.obs["label"].astype(object)  # write_h5ad made the column categorical
+    expected = given.map({"sensitive": 1.0, "resistant": 0.0}).fillna(-1).to_numpy(dtype=float)
+    assert np.array_equal(stored, expected)
+    copy = st.open_anndata("cells", backed=False)  # what export and predict --out write to .h5ad
+    assert copy.obs["label"].astype(object).fillna("NA").tolist() == given.fillna("NA").tolist()

@@ -757,7 +757,7 @@ class Store:
         update
             Rewrite the cell metadata or the gene id / value kind, or replace the labels of a label
             set, of an already stored dataset with what is given here (results made from the old
-            ones are removed).
+            ones are removed); the store's copy of the data becomes this file.
         **options
             Fields of :class:`store._ingest.IngestOptions`: ``label_key``, ``positive``,
             ``unknown_values``, ``study_key``/``study``, ``sample_key``/``sample``,
@@ -790,7 +790,7 @@ class Store:
         existing = self.query("SELECT dataset_id FROM datasets WHERE content_hash = ?", [scan.content_hash])
         if len(existing):
             return self._ingest_again(self.dataset(str(existing["dataset_id"].iloc[0])), cells, opts, update=update,
-                                      name=name, gene_ids=gene_ids)
+                                      name=name, gene_ids=gene_ids, file=(adata, source))
         # an in-memory AnnData without a name is named after its content: two of them never collide
         name = default_study or f"dataset-{scan.content_hash[:8]}"
         _check_dataset_name(name)
@@ -850,7 +850,8 @@ class Store:
         return ls
 
     def _ingest_again(self, info: DatasetInfo, cells: pd.DataFrame, opts: _ingest.IngestOptions, *,
-                      update: bool, name: str | None, gene_ids: np.ndarray) -> DatasetInfo:
+                      update: bool, name: str | None, gene_ids: np.ndarray,
+                      file: tuple[ad.AnnData, str | None]) -> DatasetInfo:
         """Content already stored: add a label set, rewrite metadata or kinds (``update``), or nothing."""
         _warn_other_name(info, name)
         changed = self._changed_metadata(info, cells, opts)
@@ -872,6 +873,9 @@ class Store:
             if opts.label_key is not None:
                 label_set, created, relabelled = self._label_set_for(con, info, have, cells, opts, update=update)
                 forgotten = forgotten + relabelled
+        replaced = {ls.labels_hash for ls in have} - {ls.labels_hash for ls in labels.label_sets(self, info.dataset_id)}
+        if changed or kinds or replaced:
+            self._refresh_copy(info, *file)
         if changed:
             logger.warning("dataset %r: cell metadata rewritten (%s)%s", info.name, ", ".join(changed),
                            f"; {forgotten.describe()}" if forgotten and not kinds else "")
@@ -986,10 +990,25 @@ class Store:
         merged = {**info.options, **{k: v for k, v in opts.to_json_dict().items() if k not in _ingest.LABEL_OPTIONS}}
         con.execute("UPDATE datasets SET options = ? WHERE dataset_id = ?", [_canonical_json(merged), info.dataset_id])
 
-    def _store_copy(self, adata: ad.AnnData, source: str | None, dataset_id: str) -> str:
-        rel = f"{DATASETS_DIR}/{dataset_id}.h5ad"
+    def _refresh_copy(self, info: DatasetInfo, adata: ad.AnnData, source: str | None) -> None:
+        """Replace the store's copy of a dataset with the file whose labels or metadata ``update`` just took.
+
+        The matrix, cell and gene ids are the same (the content hash matched), so embeddings stay
+        valid; without this, obs of the copy (read by ``export`` and ``predict --out`` to .h5ad)
+        kept the old labels beside the store's new ones. A dataset kept in place (``copy=False``)
+        has no copy to refresh.
+        """
+        if info.stored_path == self._copy_path(info.dataset_id):
+            self._store_copy(adata, source, info.dataset_id, replace=True)
+
+    @staticmethod
+    def _copy_path(dataset_id: str) -> str:
+        return f"{DATASETS_DIR}/{dataset_id}.h5ad"
+
+    def _store_copy(self, adata: ad.AnnData, source: str | None, dataset_id: str, *, replace: bool = False) -> str:
+        rel = self._copy_path(dataset_id)
         final = self.root / rel
-        if final.exists():
+        if final.exists() and not replace:
             return rel
         # the name carries this process's pid: `scdm verify --repair` deletes it if the copy is killed
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=_leftovers.temp_prefix(dataset_id))
