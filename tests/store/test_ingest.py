@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from scdm.store import DatasetNotFoundError, InputDataError, Store
+from scdm.store._ingest import IngestWarning
 from tests.store.conftest import make_counts_adata
 
 
@@ -384,3 +385,18 @@ def test_a_relabelled_file_taken_with_update_becomes_the_stored_copy(st, tmp_pat
     assert np.array_equal(stored, expected)
     copy = st.open_anndata("cells", backed=False)  # what export and predict --out write to .h5ad
     assert copy.obs["label"].astype(object).fillna("NA").tolist() == given.fillna("NA").tolist()
+
+
+def test_positive_that_makes_several_values_resistant_warns_with_their_counts(st):
+    adata = make_counts_adata(n_cells=8)
+    adata.obs["recist"] = ["CR", "PR", "PR", "SD", "PD", "PD", "PD", "CR"]  # PR: partial responders
+    with pytest.warns(IngestWarning, match=r"3 other values of column 'recist' were read as resistant: "
+                                           r"'pd' \(3 cells\), 'pr' \(2 cells\), 'sd' \(1 cells\)"):
+        st.ingest(adata, name="d", label_key="recist", positive="CR")
+
+
+def test_positive_of_a_two_valued_column_does_not_warn(st, recwarn):
+    adata = make_counts_adata(n_cells=6)
+    adata.obs["arm"] = ["pre", "post", "post", "pre", "post", "NA"]
+    st.ingest(adata, name="d", label_key="arm", positive="post")
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]

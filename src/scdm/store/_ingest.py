@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -500,6 +501,7 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
             msg = f"{option('positive', repr(positive))} does not occur in the label column (values: {seen})."
             raise InputDataError(msg)
         out[known] = (text[known] == pos).astype("int8")
+        _warn_several_read_as_resistant(text[known & (text != pos)], positive, values.name)
         return out
     is_pos = text.isin(_SENSITIVE)
     is_neg = text.isin(_RESISTANT)
@@ -516,6 +518,25 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
     out[is_pos & ~is_unk] = 1  # a value declared unknown stays unknown, even one that reads as a label
     out[is_neg & ~is_unk] = 0
     return out
+
+
+def _warn_several_read_as_resistant(others: pd.Series, positive: str, column: Any) -> None:
+    """Warn when ``positive`` made more than one other label value resistant, with each value's cell count.
+
+    One other value is the binary column ``positive`` is for. Several are a graded scale or a column
+    with extra states (CR/PR/SD/PD: partial responders; or 'untreated', a typo), whose cells would
+    otherwise become resistant without a word.
+    """
+    counts = others.value_counts()
+    if len(counts) < 2:
+        return
+    shown = ", ".join(f"{value!r} ({n} cells)" for value, n in counts.head(10).items())
+    where = "the label column" if column is None else f"column {str(column)!r}"
+    warnings.warn(
+        f"{option('positive', repr(positive))}: {len(counts)} other values of {where} were read as resistant: {shown}. "
+        f"If some of them are sensitive or unknown, say so ({option('unknown_values', 'VALUE')} for unknown), or map "
+        "the column to sensitive/resistant first (adata.obs['response'] = adata.obs[COLUMN].map({...})) and ingest "
+        "that column.", IngestWarning, stacklevel=2)
 
 
 def _refuse_continuous(known: pd.Series, column: Any) -> None:
