@@ -341,7 +341,17 @@ def ingest(obj: Ctx, h5ad: str, name: str | None, no_copy: bool, update: bool, *
     )
     if info.label_set is not None:
         what = "added label set" if info.label_set_created else "label set"
-        click.echo(f"{what} {info.label_set!r} of {info.name}")
+        click.echo(f"{what} {info.label_set!r} of {info.name}: {_label_counts(obj.store, info)}")
+
+
+def _label_counts(st: Any, info: Any) -> str:
+    """How many cells of a label set are sensitive, resistant and unknown: the unknown ones (missing or
+    --unknown-value labels) are kept without a label and left out of every evaluation, so say how many."""
+    sets = st.label_sets(info.dataset_id)
+    row = sets[sets["name"] == info.label_set].iloc[0]
+    labelled, sensitive = int(row["n_labelled"]), int(row["n_sensitive"])
+    return (f"{labelled} of {info.n_cells} cells labelled ({sensitive} sensitive, {labelled - sensitive} resistant), "
+            f"{info.n_cells - labelled} unknown")
 
 
 @main.command("ls")

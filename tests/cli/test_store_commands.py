@@ -188,3 +188,13 @@ def test_ls_marks_embeddings_made_with_an_older_gene_table(run, monkeypatch):
     shown = pd.read_csv(io.StringIO(run("ls", "--what", "embeddings", "--format", "csv").stdout), keep_default_na=False)
     assert len(shown) == 2 and shown["space_id"].nunique() == 2
     assert sorted(shown["note"].str.startswith("older gene table (0ld0ld0ld0ld")) == [False, True]
+
+
+def test_ingest_says_how_many_cells_each_class_and_unknown_hold(run, tmp_path):
+    adata = ad.read_h5ad("tests/data/PC9_erlotinib_subsample300.h5ad")
+    adata.obs["resp"] = np.where(np.arange(adata.n_obs) % 3 == 0, "sensitive", "resistant").astype(object)
+    adata.obs.iloc[:10, adata.obs.columns.get_loc("resp")] = None  # unlabelled: kept, left out of evaluation
+    path = tmp_path / "pc9.h5ad"
+    adata.write_h5ad(path)
+    out = run("ingest", str(path), "--label-key", "resp").stdout
+    assert "added label set 'resp' of pc9: 290 of 300 cells labelled (96 sensitive, 194 resistant), 10 unknown" in out
