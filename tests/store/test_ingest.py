@@ -400,3 +400,14 @@ def test_positive_of_a_two_valued_column_does_not_warn(st, recwarn):
     adata.obs["arm"] = ["pre", "post", "post", "pre", "post", "NA"]
     st.ingest(adata, name="d", label_key="arm", positive="post")
     assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+
+
+@pytest.mark.parametrize("n_missing", [1, 3])
+def test_a_gene_key_column_with_missing_ids_is_refused_not_read_as_gene_nan(st, n_missing):
+    adata = make_counts_adata()
+    symbols = pd.Series(list(adata.var_names), index=adata.var_names, dtype=object)
+    symbols.iloc[5:5 + n_missing] = np.nan
+    adata.var["symbol"] = pd.Categorical(symbols)
+    with pytest.raises(InputDataError, match=rf"{n_missing} of the 40 genes have no id in var column 'symbol'.*at position 5"):
+        st.ingest(adata, gene_key="symbol")
+    assert st.datasets().empty

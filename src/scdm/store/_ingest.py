@@ -238,6 +238,25 @@ def gene_ids_of(adata: ad.AnnData, gene_key: str | None) -> np.ndarray:
     return ids
 
 
+def check_gene_column(adata: ad.AnnData, gene_key: str | None) -> None:
+    """Refuse a ``gene_key`` column with missing values (genes without an id in that column).
+
+    As text they would be the gene id 'nan': one such gene is embedded by no model without a word,
+    several read as duplicated ids, whose advice (make them unique) would name them 'nan-1', ...
+    """
+    if gene_key is None or gene_key not in adata.var.columns:
+        return  # var_names are never missing; an absent column is gene_ids_of's error
+    missing = np.flatnonzero(adata.var[gene_key].isna().to_numpy())
+    if not missing.size:
+        return
+    where = ", ".join(map(str, missing[:5])) + (", ..." if missing.size > 5 else "")
+    examples = ", ".join(map(repr, map(str, adata.var_names[missing[:3]])))
+    msg = (f"{missing.size} of the {adata.n_vars} genes have no id in var column {gene_key!r} "
+           f"({option('gene_key')}) (at position {where}; var_names {examples}). Fill them (e.g. from var_names), "
+           f"drop those genes, or omit {option('gene_key')} to use var_names, and ingest again.")
+    raise InputDataError(msg)
+
+
 def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
     """Refuse empty data and duplicated cell or gene ids."""
     if len(cell_ids) == 0 or len(gene_ids) == 0:

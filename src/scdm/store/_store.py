@@ -782,6 +782,7 @@ class Store:
     def _ingest_open(self, adata: ad.AnnData, source: str | None, opts: _ingest.IngestOptions, *, name: str | None,
                      copy: bool, update: bool) -> DatasetInfo:
         gene_ids = _ingest.gene_ids_of(adata, opts.gene_key)
+        _ingest.check_gene_column(adata, opts.gene_key)
         cell_ids = np.asarray(adata.obs_names.astype(str), dtype=object)
         _ingest.check_ids(gene_ids, cell_ids)
         default_study = name or (Path(source).stem if source else None)
