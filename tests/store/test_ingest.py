@@ -411,3 +411,25 @@ def test_a_gene_key_column_with_missing_ids_is_refused_not_read_as_gene_nan(st, 
     with pytest.raises(InputDataError, match=rf"{n_missing} of the 40 genes have no id in var column 'symbol'.*at position 5"):
         st.ingest(adata, gene_key="symbol")
     assert st.datasets().empty
+
+
+def test_ids_with_a_carriage_return_or_gene_ids_with_spaces_are_refused(st):
+    crlf = make_counts_adata()
+    crlf.obs_names = [f"{c}\r" for c in crlf.obs_names]  # barcodes.tsv with Windows line endings, split on '\n'
+    with pytest.raises(InputDataError, match=r"60 cell ids hold a line break.*'cell0\\r'.*obs_names.str.strip\(\)"):
+        st.ingest(crlf)
+    spaced = make_counts_adata()
+    spaced.var_names = [f" {g}" if i == 0 else g for i, g in enumerate(spaced.var_names)]
+    with pytest.raises(InputDataError, match=r"1 gene id holds .*or spaces around it.*var_names.str.strip\(\)"):
+        st.ingest(spaced)
+    assert st.datasets().empty
+
+
+def test_a_cells_csv_is_one_row_per_cell_for_odd_but_clean_ids(st, tmp_path):
+    import io
+    adata = make_counts_adata(n_cells=6)
+    adata.obs_names = ["a,1", 'b"2', "c\u00e73", " d4 ", "=e5", "NA"]
+    st.ingest(adata, name="odd")
+    text = st.sql('SELECT cell_id FROM cells ORDER BY "row"').to_csv(index=False)  # what `scdm sql --format csv` prints
+    back = pd.read_csv(io.StringIO(text), keep_default_na=False, dtype=str)
+    assert back["cell_id"].tolist() == list(adata.obs_names)

@@ -277,7 +277,29 @@ def check_ids(gene_ids: np.ndarray, cell_ids: np.ndarray) -> None:
             examples = ", ".join(map(repr, map(str, pd.unique(np.asarray(ids)[dup])[:5])))
             msg = f"{int(dup.sum())} duplicated {what} ids (e.g. {examples}). Make them unique first: {fix}."
             raise InputDataError(msg)
+    _refuse_unclean_ids(cell_ids, "cell", r"[\x00-\x1f\x7f]", "obs_names")
+    _refuse_unclean_ids(gene_ids, "gene", r"[\x00-\x1f\x7f]|^\s|\s$", "var_names")
     _refuse_positional_gene_ids(gene_ids)
+
+
+def _refuse_unclean_ids(ids: np.ndarray, what: str, pattern: str, names: str) -> None:
+    """Refuse ids holding a line break, tab or other control character (genes: or surrounding spaces).
+
+    They come from a file read with the wrong line ending (barcodes.tsv written on Windows: every
+    id ends in '\\r'). A CSV of cells (``scdm sql --format csv``, ``predict --out x.csv``) writes an
+    id with '\\r' unquoted, so readers split its row in two and every later value shifts; a gene
+    id with one, or with a space around it, is found by no model.
+    """
+    text = pd.Series(np.asarray(ids, dtype=object)).astype(str)
+    bad = np.flatnonzero(text.str.contains(pattern, regex=True).to_numpy())
+    if not bad.size:
+        return
+    examples = ", ".join(repr(text.iloc[i]) for i in bad[:3])
+    around = " or spaces around it" if what == "gene" else ""
+    msg = (f"{bad.size} {what} id{'s hold' if bad.size > 1 else ' holds'} a line break, tab or other control "
+           f"character{around} (e.g. {examples}): read with the wrong line ending or separator? Clean them "
+           f"(e.g. adata.{names} = adata.{names}.str.strip()) and ingest again.")
+    raise InputDataError(msg)
 
 
 def _refuse_positional_gene_ids(gene_ids: np.ndarray) -> None:
