@@ -433,3 +433,14 @@ def test_a_cells_csv_is_one_row_per_cell_for_odd_but_clean_ids(st, tmp_path):
     text = st.sql('SELECT cell_id FROM cells ORDER BY "row"').to_csv(index=False)  # what `scdm sql --format csv` prints
     back = pd.read_csv(io.StringIO(text), keep_default_na=False, dtype=str)
     assert back["cell_id"].tolist() == list(adata.obs_names)
+
+
+@pytest.mark.parametrize(("column", "flags"), [("is_resistant", [True, False]), ("non_responder", [1, 0])])
+def test_flags_in_a_column_named_for_resistance_need_positive(st, column, flags):
+    adata = make_counts_adata(n_cells=6)
+    adata.obs[column] = flags * 3  # 1/true here means resistant, read alone as sensitive
+    with pytest.raises(InputDataError, match=rf"Column '{column}' \(--label-key\) is named for resistance"):
+        st.ingest(adata, name="d", label_key=column)
+    assert st.datasets().empty
+    st.ingest(adata, name="d", label_key=column, positive=str(flags[1]))
+    assert st.cells("d")["response"].tolist() == [0, 1] * 3

@@ -544,6 +544,7 @@ def normalise_response(values: pd.Series, *, positive: str | None = None, unknow
         out[known] = (text[known] == pos).astype("int8")
         _warn_several_read_as_resistant(text[known & (text != pos)], positive, values.name)
         return out
+    _refuse_flags_of_resistance(text[text.notna() & ~text.isin(unknown)], values.name)
     is_pos = text.isin(_SENSITIVE)
     is_neg = text.isin(_RESISTANT)
     is_unk = text.isna() | text.isin(unknown)
@@ -578,6 +579,26 @@ def _warn_several_read_as_resistant(others: pd.Series, positive: str, column: An
         f"If some of them are sensitive or unknown, say so ({option('unknown_values', 'VALUE')} for unknown), or map "
         "the column to sensitive/resistant first (adata.obs['response'] = adata.obs[COLUMN].map({...})) and ingest "
         "that column.", IngestWarning, stacklevel=2)
+
+
+_RESISTANCE_COLUMN = re.compile(r"resist|non[-_ ]?respon", re.IGNORECASE)
+_FLAGS = {"0", "1", "true", "false"}
+
+
+def _refuse_flags_of_resistance(known: pd.Series, column: Any) -> None:
+    """Refuse 0/1 or true/false in a column named for resistance (``is_resistant``, ``non_responder``).
+
+    Flags are read as 1/true = sensitive; in such a column 1 most likely means resistant, and every
+    label would be inverted (an AUROC of 0.8 reported as 0.2). ``positive`` says which it is.
+    """
+    if column is None or not _RESISTANCE_COLUMN.search(str(column)) or known.empty or not known.isin(_FLAGS).all():
+        return
+    values = "true/false" if known.isin({"true", "false"}).all() else "0/1"
+    one = "true" if values == "true/false" else "1"
+    msg = (f"Column {str(column)!r} ({option('label_key')}) is named for resistance but holds {values}, which scdm reads "
+           f"as {one} = sensitive. Say which value means sensitive: {option('positive', 'false' if one == 'true' else '0')} "
+           f"if {one} means resistant, {option('positive', one)} if it means sensitive.")
+    raise InputDataError(msg)
 
 
 def _refuse_continuous(known: pd.Series, column: Any) -> None:
