@@ -21,7 +21,7 @@ from scdm.classify.results import format_leaderboard, metric_text
 
 SCRIPT = Path(__file__).resolve().parents[2] / "src" / "scdm" / "server" / "static" / "scdm.js"
 VALUES = [0.9996, 0.99996, 0.0004, -0.0004, 0.912345, 0.9123, 1.0, 0.0, 0.5, 0.25, -0.31, 0.1 + 0.2, 12.5, 3e-7, 2e-17,
-          1 - 1e-15]
+          1 - 1e-15, 0.0625, 0.1875, 0.3125, -0.0625, 0.5625, 2.5, 0.00625]
 
 
 def page_functions(*names: str) -> str:
@@ -52,7 +52,7 @@ def run_page(expression: str, prelude: str = "") -> object:
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         pytest.skip("Node.js is not installed: the page's script cannot run without a browser")
-    source = (page_functions("esc", "metricText", "fmt", "shown", "cell") + "\n" + prelude +
+    source = (page_functions("esc", "fixedEven", "metricText", "fmt", "shown", "cell") + "\n" + prelude +
               f"\nconsole.log(JSON.stringify({expression}));")
     done = subprocess.run([node, "-e", source], capture_output=True, text=True, timeout=30, check=True)
     return json.loads(done.stdout)

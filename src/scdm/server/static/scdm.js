@@ -23,10 +23,18 @@ function rowCount(rows, headers) {
 function esc(v) { return v === null || v === undefined ? "" : String(v).replace(/[&<>"']/g, c => "&#" + c.charCodeAt(0) + ";"); }
 // a number as `scdm results` prints it (scdm.classify.results.metric_text): 3 decimals, more where 3 would
 // claim a whole number it is not (an AUROC of 0.9996 reads 0.9996, not 1.000; an sd of 0.0004, not 0.000)
+// toFixed rounds an exact binary half up (0.0625 -> "0.063"); Python, and so the CLI and report, round it
+// to even ("0.062"): the exact decimal expansion (toFixed(100)) tells a tie, which then keeps the even digit
+function fixedEven(v, digits) {
+  const t = v.toFixed(digits), exact = Math.abs(v).toFixed(100), cut = exact.indexOf(".") + 1 + digits;
+  if (!/^50*$/.test(exact.slice(cut))) return t;
+  const kept = exact.slice(0, digits ? cut : cut - 1);
+  return Number(kept[kept.length - 1]) % 2 ? t : (v < 0 ? "-" : "") + kept;
+}
 function metricText(v) {
-  let digits = 3, t = v.toFixed(digits);
+  let digits = 3, t = fixedEven(v, digits);
   const whole = Math.abs(v - Math.round(v)) < 1e-12;  // float rounding of a whole number is one
-  while (Number.isInteger(Number(t)) && !whole && digits < 15) t = v.toFixed(++digits);
+  while (Number.isInteger(Number(t)) && !whole && digits < 15) t = fixedEven(v, ++digits);
   return t;
 }
 function fmt(v) { return typeof v === "number" && !Number.isInteger(v) ? metricText(v) : (typeof v === "object" && v !== null ? JSON.stringify(v) : v); }
