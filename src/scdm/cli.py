@@ -527,9 +527,10 @@ def verify(obj: Ctx, embedding_ids: tuple[str, ...], repair: bool, quiet: bool) 
 
     Checking the whole store also lists, as LEFTOVER lines (not damage), what killed or half-undone
     work left: files and folders no catalog row names (dataset copies, arrays, adapter, head and
-    transfer-run folders) and temporaries of interrupted ingests and saves. --repair deletes those
-    whose writer is gone; a temporary of a running process, or anything changed within the last
-    hour whose writer cannot be asked, is left alone.
+    transfer-run folders), temporaries of interrupted ingests and saves, lock folders (claims/) that
+    no running job holds and write probes of killed processes. --repair deletes those whose writer
+    is gone; a temporary of a running process, or anything changed within the last hour whose
+    writer cannot be asked, is left alone.
 
     \b
     Examples:

@@ -192,3 +192,63 @@ def test_place_folder_keeps_an_equal_folder_and_replaces_another(tmp_path: Path)
     assert place_folder(made("t3", "b"), final, same=lambda f: False, what="x")
     assert [p.name for p in final.iterdir()] == ["file"] and (final / "file").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "t2"]  # nothing set aside stays behind
+
+
+def _killed_writer(st: Store, embedding_id: str) -> None:
+    """A process that writes ``embedding_id`` (holds its job lock and a chunk claim) SIGKILLed mid-job."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from scdm.store import _claims
+        lease = _claims.JobLease(_claims.claims_folder({str(st.root)!r}, {embedding_id!r}), {embedding_id!r}, wait_s=0)
+        assert lease.try_claim(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")])}
+    assert subprocess.run([sys.executable, "-c", script], env=env, check=False).returncode == -9
+
+
+def test_a_killed_jobs_lock_folder_is_listed_and_deleted_but_a_held_one_is_not(st):
+    dead = _claims.claims_folder(st.root, "0123456789abcdef")
+    _killed_writer(st, dead.name)
+    assert sorted(p.name for p in dead.iterdir())[0] == "chunk-3.lock"  # what the killed job left
+    live = _claims.claims_folder(st.root, "fedcba9876543210")
+    with _claims.JobLease(live, live.name, wait_s=0) as lease:
+        assert lease.try_claim(0)
+        (item,) = st.verify().leftovers  # the live job's folder is not a leftover
+        assert item.path == dead and item.kept is None and "0123456789abcdef" in item.what and "pid" in item.what
+        assert "1 leftover" in st.verify().summary()
+        (item,) = st.verify(repair=True).leftovers
+        assert item.removed and not dead.exists()
+        assert live.is_dir() and lease.holder(0) is None and not lease.closed  # never touched
+    assert not live.exists() and st.verify().leftovers == ()  # the job tidied up after itself
+
+
+def test_without_file_locks_only_a_lock_folder_of_dead_writers_here_goes(st, monkeypatch):
+    dead = _claims.claims_folder(st.root, "0123456789abcdef")
+    _killed_writer(st, dead.name)
+    running = _claims.claims_folder(st.root, "fedcba9876543210")
+    running.mkdir()
+    (running / "job.lock").touch()
+    (running / "writer-x-1-0.json").write_text(_claims.WriterInfo.here().to_json())  # this process: it runs
+    monkeypatch.setattr(_claims, "fcntl", None)  # Windows: nobody's lock can be seen
+    found = {x.path: x for x in st.verify(repair=True).leftovers}
+    assert found[dead].removed and not dead.exists()
+    assert found[running].kept and f"pid {os.getpid()}" in found[running].kept and running.is_dir()
+
+
+def test_a_write_probe_left_by_a_killed_opener_goes_once_its_process_is_gone(st):
+    from scdm.store.leftovers import write_probe_name
+
+    mine = st.root / write_probe_name(1)  # this process writes it now
+    host = mine.name.split("-", 4)[4].rsplit("-", 2)[0]
+    dead = st.root / f".scdm-write-probe-{_dead_pid()}-{host}-1-abcd1234"
+    old = st.root / ".scdm-write-probe-42-1-abcd1234"  # named before probes named their host
+    for p in (mine, dead, old):
+        p.write_bytes(b"")
+    found = {x.path: x for x in st.verify(repair=True).leftovers}
+    assert set(found) == {mine, dead, old}
+    assert found[dead].removed and not dead.exists() and "write probe" in found[dead].what
+    assert found[mine].kept and mine.exists() and found[old].kept and old.exists()
+    _age(old)
+    (item_mine, item_old) = sorted(st.verify(repair=True).leftovers, key=lambda x: x.path != mine)
+    assert item_old.removed and not old.exists() and item_mine.kept

@@ -50,8 +50,8 @@ try:
 except ImportError:  # pragma: no cover - exercised on Windows only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CLAIMS_DIR", "WriterInfo", "JobLease", "exclusive", "try_exclusive", "release", "forget", "live_writers", "claims_folder",
-           "in_use", "safe_name", "lock_waiting", "unlock_and_delete"]
+__all__ = ["CLAIMS_DIR", "WriterInfo", "JobLease", "exclusive", "try_exclusive", "release", "forget", "live_writers", "recorded_writers", "claims_folder",
+           "in_use", "can_tell_holders", "safe_name", "lock_waiting", "unlock_and_delete"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,17 @@ def live_writers(folder: Path) -> list[WriterInfo]:
             if info is not None:
                 found.append(info)
     return found
+
+
+def recorded_writers(folder: Path) -> list[WriterInfo]:
+    """Every process named in ``folder``'s writer and chunk-claim files, alive or dead (for a listing)."""
+    found = [_read_info(path) for path in sorted([*folder.glob("writer-*.json"), *folder.glob("chunk-*.lock")])]
+    return [info for info in found if info is not None]
+
+
+def can_tell_holders() -> bool:
+    """Whether this platform's file locks tell a held lock folder from an abandoned one (not on Windows)."""
+    return fcntl is not None
 
 
 @contextlib.contextmanager

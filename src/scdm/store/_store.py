@@ -11,7 +11,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -694,7 +693,7 @@ class Store:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             # one probe per opener: two processes (or threads) opening the store at once must not
             # delete each other's probe and conclude the directory is read-only
-            probe = self.root / f".scdm-write-probe-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+            probe = self.root / _leftovers.write_probe_name(threading.get_ident())
             probe.write_bytes(b"")
             probe.unlink(missing_ok=True)
         except OSError as err:

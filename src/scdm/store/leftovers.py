@@ -14,6 +14,11 @@ orphans
     embedding array, an adapter, head or transfer-run folder whose row is gone (a process killed
     between placing the files and writing the row, or between deleting the row and the files).
     Nothing reads them; they only take disk.
+stale locks
+    An embedding's lock folder (``claims/<embedding_id>/``, :mod:`store._claims`) that no process
+    holds: its last job was killed before it tidied up (a finished job deletes it). And the empty
+    probe file ``.scdm-write-probe-<pid>-<host>-...`` that opening a store writes and deletes at once
+    to learn whether the folder is writable, left by a process killed in between.
 
 When a leftover may go (:func:`scan` with ``remove=True``, run by ``scdm verify --repair``):
 
@@ -26,7 +31,13 @@ When a leftover may go (:func:`scan` with ``remove=True``, run by ``scdm verify 
   (a creator makes the array before its row, under that lock; see :mod:`store._claims`);
 * any other orphan is deleted once it has not changed for :data:`GRACE_S`: a writer registers
   its row right after placing its files (waiting at most a few minutes for the catalog lock),
-  so a younger one may be about to get its row.
+  so a younger one may be about to get its row;
+* a lock folder is deleted while holding its job lock exclusively, which proves that no job,
+  creator or remover uses it (the operating system drops a dead process's locks); a folder a
+  process holds is not listed. Where there are no file locks (Windows) it is deleted only when
+  every writer it names ran on this host and is gone;
+* a write probe is deleted once its process (on this host) is gone, and one of another host, or
+  named before names carried the host, once untouched for :data:`GRACE_S` (it lives microseconds).
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from scdm.store.errors import ScdmError
 if TYPE_CHECKING:
     from scdm.store._store import Store
 
-__all__ = ["GRACE_S", "Leftover", "temp_prefix", "place_folder", "scan", "describe_size"]
+__all__ = ["GRACE_S", "Leftover", "temp_prefix", "write_probe_name", "place_folder", "scan", "describe_size"]
 
 GRACE_S = 3600.0
 """How long a leftover whose writer cannot be asked stays untouched before it counts as abandoned."""
@@ -64,6 +75,10 @@ _ARTIFACT_TABLES = {"adapters": ("adapters", "adapter_id", "adapter folder"),
                     "transfer": ("transfer_runs", "run_id", "transfer-run folder")}
 """Sub-folder of ``artifacts/`` -> (table, id column, what one folder is)."""
 _ORPHAN_ARRAY = "embedding array without a catalog row"
+_STALE_CLAIMS = "lock folder of embedding"
+_PROBE_PREFIX = ".scdm-write-probe-"
+_PROBE = re.compile(r"^\.scdm-write-probe-(?P<pid>\d+)-(?P<host>[A-Za-z0-9_.-]+)-(?P<thread>\d+)-(?P<tag>[0-9a-f]{8})$")
+"""A write probe named by :func:`write_probe_name`; older ones were ``.scdm-write-probe-<pid>-<thread>-<tag>``."""
 
 
 def _host() -> str:
@@ -73,6 +88,15 @@ def _host() -> str:
 def temp_prefix(stem: str) -> str:
     """Name prefix of a temporary that will become ``stem``: ``.<stem>.tmp-<pid>-<host>-`` (a tag follows)."""
     return f".{stem}.tmp-{os.getpid()}-{_host()}-"
+
+
+def write_probe_name(thread: int) -> str:
+    """Name of the empty file that opening a store writes and deletes to learn whether it is writable.
+
+    It names the process and host, so that one left by a killed process can be told from one
+    being written now (:func:`scan`).
+    """
+    return f"{_PROBE_PREFIX}{os.getpid()}-{_host()}-{int(thread)}-{uuid.uuid4().hex[:8]}"
 
 
 _PLACE_TRIES = 5
@@ -146,7 +170,9 @@ def describe_size(n: int) -> str:
 def scan(st: Store, *, remove: bool = False, now: float | None = None) -> list[Leftover]:
     """Every leftover of the store (see the module notes); with ``remove``, delete those that may go."""
     now = time.time() if now is None else now
-    found = [*_temporaries(st.root, now), *_orphan_datasets(st, now), *_orphan_arrays(st), *_orphan_artifacts(st, now)]
+    arrays = list(_orphan_arrays(st))
+    found = [*_temporaries(st.root, now), *_orphan_datasets(st, now), *arrays, *_orphan_artifacts(st, now),
+             *_stale_claims(st.root, {a.path.stem for a in arrays}), *_write_probes(st.root, now)]
     if not remove:
         return found
     return [_remove(st, item) if item.kept is None else item for item in found]
@@ -226,11 +252,63 @@ def _orphan_artifacts(st: Store, now: float) -> Iterator[Leftover]:
                                _too_recent(path, now, "its job may be about to register it"))
 
 
+# ---- stale locks ------------------------------------------------------------------------------
+def _stale_claims(root: Path, orphan_arrays: set[str]) -> Iterator[Leftover]:
+    """Lock folders that no process holds (those of orphan arrays go with their array)."""
+    for folder in _entries(root / _claims.CLAIMS_DIR):
+        if not folder.is_dir() or folder.name in orphan_arrays or _claims.in_use(folder):
+            continue
+        writers = _claims.recorded_writers(folder)
+        who = "; ".join(sorted({f"pid {w.pid} on {w.host}" for w in writers}))
+        what = f"{_STALE_CLAIMS} {folder.name} that no running job holds" + (f" (left by {who})" if who else "")
+        yield Leftover(folder, what, _size(folder), _claims_kept(writers))
+
+
+def _claims_kept(writers: list[_claims.WriterInfo]) -> str | None:
+    """Why an unheld-looking lock folder must stay: only where file locks cannot tell (no ``fcntl``)."""
+    if _claims.can_tell_holders():
+        return None  # in_use() saw no holder, and _remove_claims checks again under the lock
+    alive = [w for w in writers if w.host != _host() or _alive(w.pid)]
+    if writers and not alive:
+        return None
+    return "this platform has no file locks to tell whether its job still runs" + (
+        f" ({'; '.join(w.describe() for w in alive)})" if alive else "")
+
+
+def _write_probes(root: Path, now: float) -> Iterator[Leftover]:
+    for path in _entries(root):
+        if path.name.startswith(_PROBE_PREFIX) and path.is_file():
+            yield Leftover(path, "write probe of a process killed while opening the store", _size(path), _probe_kept(path, now))
+
+
+def _probe_kept(path: Path, now: float) -> str | None:
+    named = _PROBE.match(path.name)
+    if named and named["host"] == _host():
+        pid = int(named["pid"])
+        return f"pid {pid} that wrote it is running" if _alive(pid) else None
+    return _too_recent(path, now, f"written by pid {named['pid']} on {named['host']}" if named else "its writer is not named")
+
+
+def _remove_claims(item: Leftover) -> Leftover:
+    """Delete a lock folder while holding its job lock exclusively: no job, creator or remover holds it then."""
+    held = _claims.try_exclusive(item.path) if _claims.can_tell_holders() else None
+    if held is None and _claims.can_tell_holders():
+        return replace(item, kept="a job took it meanwhile")
+    try:
+        _claims.forget(item.path)
+    finally:
+        if held is not None:
+            _claims.release(held)
+    return replace(item, removed=True)
+
+
 # ---- deleting ---------------------------------------------------------------------------------
 def _remove(st: Store, item: Leftover) -> Leftover:
     """Delete one leftover that may go, checking again just before (a row may have appeared meanwhile)."""
     if item.what == _ORPHAN_ARRAY:
         return _remove_array(st, item)
+    if item.what.startswith(_STALE_CLAIMS):
+        return _remove_claims(item)
     again = next((x for x in scan(st) if x.path == item.path), None)
     if again is None or again.kept is not None:
         return again or item

@@ -14,8 +14,9 @@ catalog row (shape, data type, rows per chunk: the chunk bytes would be read as 
 numbers). ``repair=True`` puts such chunks back to pending too, and rewrites the metadata file from
 the catalog before the chunks are checked. Temporary ``*.partial`` files that killed writers left
 are listed (not damage: no read uses them) and deleted with ``repair=True``, and so are, when the
-whole store is checked, the files and folders that no catalog row names and the temporaries of
-interrupted ingests and saves, once their writer is gone (:mod:`store.leftovers`).
+whole store is checked, the files and folders that no catalog row names, the temporaries of
+interrupted ingests and saves, the lock folders (``claims/``) no process holds and the write probes of
+killed processes, once their writer is gone (:mod:`store.leftovers`).
 """
 
 from __future__ import annotations
