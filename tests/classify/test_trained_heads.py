@@ -249,7 +249,9 @@ def test_predictions_mark_the_cells_the_head_was_fitted_on(st: Store, a375_value
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Predictions on a head's own training cells are fitted values: marked, and a warning says how many."""
     write_embedding(st, "a375", a375_values)
-    st.ingest(ad.read_h5ad(example_data("A375"))[:50].copy(), name="later", label_key="response_PLX4720", study="later")
+    later = ad.read_h5ad(example_data("A375"))[:50].copy()
+    later.obs_names = [f"later-{c}" for c in later.obs_names]  # other cells (a copy of training cells is tested below)
+    st.ingest(later, name="later", label_key="response_PLX4720", study="later")
     write_embedding(st, "later", a375_values[:50])
     head_id = train_head(st, dataset="a375", model="pca-test", head="ridge")
     with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
@@ -260,6 +262,23 @@ def test_predictions_mark_the_cells_the_head_was_fitted_on(st: Store, a375_value
     with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
         new = predict(st, head_id, "later")
     assert not new["trained_on"].any() and "trained head" not in caplog.text
+
+
+def test_training_cells_ingested_again_under_another_name_are_marked_trained_on(
+        st: Store, a375_values: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    # 50 training cells of a375 ingested again as "copy" (same cell ids, same values; a subset is another
+    # dataset) were scored held-out: trained_on all False, no warning
+    adata = ad.read_h5ad(example_data("A375"))
+    write_embedding(st, "a375", a375_values)
+    head_id = train_head(st, dataset="a375", model="pca-test", head="ridge")
+    copy = adata[:50].copy()
+    copy.X[:10] = copy.X[:10] * 2 + 1  # 10 cells keep their ids but not their values: other cells (reused barcodes)
+    st.ingest(copy, name="copy", label_key="response_PLX4720", study="copy")
+    write_embedding(st, "copy", a375_values[:50])
+    with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
+        frame = predict(st, head_id, "copy")
+    assert frame["trained_on"].tolist() == [False] * 10 + [True] * 40
+    assert "40 of the 50 cells of copy have the cell id and the expression values of a cell that trained head" in caplog.text
 
 
 def test_a_head_whose_training_labels_changed_claims_none_of_its_cells_held_out(

@@ -971,8 +971,9 @@ def predict(
         resistant), ``response`` (the stored label, if any: of the label set the head was trained
         on where the dataset has it, else of its default), ``label_set`` (that label set's name),
         ``trained_on`` (True for the cells the head was fitted on, or whose labels tuned the
-        LoRA adapter of a ``lora:`` embedding: their predictions are not held-out; a warning says
-        how many).
+        LoRA adapter of a ``lora:`` embedding, or that are such a cell under another dataset name:
+        the same cell id and expression values; their predictions are not held-out; a warning
+        says how many).
 
     Raises
     ------
@@ -1001,6 +1002,12 @@ def predict(
     cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
     cells = cells.reset_index(drop=True)
     trained_on = _trained_on(st, record, embedding_id, cells)
+    copies = _copies_of_training_cells(st, record, ds.dataset_id, cells) & ~trained_on
+    if copies.any():
+        logger.warning("%d of the %d cells of %s have the cell id and the expression values of a cell that trained head "
+                       "%s in another dataset (the same cells ingested under another name): marked trained_on, their "
+                       "predictions are not held-out.", int(copies.sum()), len(cells), ds.name, trained.head_id)
+        trained_on = trained_on | copies
     frame = pd.DataFrame({
         "head_id": trained.head_id, "dataset_id": ds.dataset_id, "row": cells["row"].to_numpy(np.int32),
         "cell_id": cells["cell_id"].astype(str), "embedding_id": embedding_id, "proba": proba,
@@ -1047,6 +1054,76 @@ def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: 
                        "(scdm train-head) to predict them held-out.", record.head_id, record.n_train)
         return mask | in_category
     return mask | (cells["response"].notna().to_numpy(bool) & in_category)
+
+
+_COPY_BLOCK_ROWS = 1024
+"""Cells compared at a time when looking for copies of training cells (bounded memory on large datasets)."""
+
+
+def _copies_of_training_cells(st: Store, record: TrainedHeadRecord, dataset_id: str, cells: pd.DataFrame) -> np.ndarray:
+    """Which of a dataset's cells (in ``cells`` order) are a training cell of the head under another dataset name.
+
+    A copy has the cell id of a labelled training cell of another dataset and exactly its expression
+    values on the genes both datasets have (a subset or a re-save of one file is another dataset, so
+    its embedding id is not the head's). A cell id alone is no evidence: barcodes repeat across runs.
+    Only cells whose id matches are read, so a dataset that shares no cell id costs no read.
+    """
+    mask = np.zeros(len(cells), bool)
+    rows = st.embeddings()
+    rows = rows[rows["embedding_id"].isin(record.embedding_ids) & (rows["dataset_id"] != dataset_id)]
+    if rows.empty:
+        return mask
+    label_set = record.label_set if record.label_set and "," not in record.label_set else None
+    try:
+        train = _training_cells(st, rows, record.category_type, record.category, label_set)
+    except ScdmError:
+        return mask  # no labelled training cell there today: nothing to match
+    ids = cells["cell_id"].astype(str).to_numpy()
+    for other_id, group in train.groupby("dataset_id"):
+        where = pd.Index(group["cell_id"].astype(str)).get_indexer(ids)  # cell ids are unique within a dataset
+        here = np.flatnonzero(where >= 0)
+        if here.size:
+            there = group["row"].to_numpy(np.int64)[where[here]]
+            mask[here] = _same_expression(st, dataset_id, cells["row"].to_numpy(np.int64)[here], str(other_id), there)
+    return mask
+
+
+def _same_expression(st: Store, dataset_a: str, rows_a: np.ndarray, dataset_b: str, rows_b: np.ndarray) -> np.ndarray:
+    """Whether row ``rows_a[i]`` of one dataset holds exactly the values of ``rows_b[i]`` of another, gene by gene
+    (on the gene ids both have; an all-zero row there is no evidence and counts as different)."""
+    genes_a = pd.Index(st.genes(dataset_a)["gene_id"].astype(str))
+    genes_b = pd.Index(st.genes(dataset_b)["gene_id"].astype(str))
+    common = genes_a.intersection(genes_b)
+    same = np.zeros(len(rows_a), bool)
+    if common.empty:
+        return same
+    cols_a, cols_b = genes_a.get_indexer(common), genes_b.get_indexer(common)
+    try:
+        adata_a, adata_b = st.open_anndata(dataset_a), st.open_anndata(dataset_b)
+    except ScdmError as err:
+        logger.warning("could not compare the expression of %s and %s to find copies of training cells (%s): cells of "
+                       "one under another name are not marked trained_on", dataset_a, dataset_b, err)
+        return same
+    try:
+        for lo in range(0, len(rows_a), _COPY_BLOCK_ROWS):
+            hi = lo + _COPY_BLOCK_ROWS
+            xa = _expression_rows(adata_a, rows_a[lo:hi])[:, cols_a]
+            xb = _expression_rows(adata_b, rows_b[lo:hi])[:, cols_b]
+            same[lo:lo + xa.shape[0]] = ((xa != xb).getnnz(axis=1) == 0) & (xa.getnnz(axis=1) > 0)
+    finally:
+        for adata in (adata_a, adata_b):
+            if getattr(adata, "file", None) is not None:
+                adata.file.close()
+    return same
+
+
+def _expression_rows(adata: Any, rows: np.ndarray) -> Any:
+    """Rows of a backed AnnData's matrix in the order given, as canonical float32 CSR (backed reads need increasing rows)."""
+    from scdm.store.matrix import to_csr
+
+    order = np.argsort(rows, kind="stable")
+    block = to_csr(adata.X[rows[order]])
+    return block[np.argsort(order, kind="stable")]
 
 
 def _training_labels_changed(st: Store, record: TrainedHeadRecord) -> bool:
