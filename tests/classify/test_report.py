@@ -909,3 +909,25 @@ def test_the_runs_table_shows_the_pooled_scheme_used_not_only_the_one_asked(tmp_
     rows = _tables(out)["eval-runs"]
     column = _header(_tables(out), "eval-runs").index("Pooled scheme")
     assert [cells[column][1] for _, cells in rows[1:]] == ["auto → sample", "cell", "", "auto → sample"]
+
+
+def test_figures_whose_names_differ_only_in_unsafe_characters_or_case_keep_their_own_files(tmp_path: Path) -> None:
+    # radar figures of heads labelled "A/B" and "A-B" were both saved as radar_pooled_frozen_A-B.png (the
+    # second overwrote the first); "Mlp" and "mlp" share one file on a case-insensitive file system
+    from scdm.classify._plots import new_figure
+    from scdm.classify.report import _Context
+
+    ctx = _Context(st=None, out=tmp_path, fig_dir=tmp_path, filters=None, metrics=(), plot_metrics=(),  # type: ignore[arg-type]
+                   formats=("png",), dpi=10, progress=False)
+    heads = ["A/B", "A-B", "Mlp", "mlp", "mlp"]
+    for i, head in enumerate(heads):
+        fig = new_figure(1, 1)
+        fig.subplots().set_title(str(i))
+        ctx.save(fig, f"radar_pooled_frozen_{head}", caption=str(i))
+    stems = [f.stem for f in ctx.figures]
+    assert len({s.casefold() for s in stems}) == len(heads) == len(list(tmp_path.glob("*.png")))
+    assert [f.files[0].name for f in ctx.figures] == [f"{s}.png" for s in stems]
+    # names are the same in every report: a plain name unchanged, another one followed by a hash of its text
+    assert stems[3] == "radar_pooled_frozen_mlp" and stems[4] == "radar_pooled_frozen_mlp-2"
+    assert stems[:3] == ["radar_pooled_frozen_a-b-0730c465", "radar_pooled_frozen_a-b-fcf04d5b", "radar_pooled_frozen_mlp-70843ffc"]
+

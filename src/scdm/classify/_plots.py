@@ -9,6 +9,7 @@ backend or global state, and figures are freed as soon as they are saved.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -62,6 +63,19 @@ def wrap_label(text: str, width: int = 16, max_lines: int = 2) -> str:
 def safe_name(text: str) -> str:
     """A file-name-safe version of ``text``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
+
+
+def figure_stem(text: str) -> str:
+    """The file stem of the figure named ``text``: unique to ``text`` and the same in every report.
+
+    :func:`safe_name` alone maps several texts to one name (``A/B`` and ``A-B``; ``Mlp`` and ``mlp`` on a
+    case-insensitive file system), and the later figure overwrote the earlier. The stem is lower case;
+    where that or :func:`safe_name` changes the text, the start of a hash of the whole text follows.
+    """
+    stem = safe_name(text).lower()
+    if stem != text:
+        stem = f"{stem}-{hashlib.sha256(str(text).encode()).hexdigest()[:8]}"
+    return stem
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import itertools
 import json
 import logging
 import math
@@ -509,7 +510,10 @@ class _Context:
         return table
 
     def save(self, fig: Any, stem: str, caption: str) -> _Figure:
-        stem = _plots.safe_name(stem)
+        stem = _plots.figure_stem(stem)
+        taken = {f.stem.casefold() for f in self.figures}
+        if stem.casefold() in taken:  # the same name twice in one report: never overwrite the first
+            stem = next(f"{stem}-{n}" for n in itertools.count(2) if f"{stem}-{n}".casefold() not in taken)
         if self.bar is not None:
             self.bar.set_postfix_str(stem)
         files = _plots.save(fig, self.fig_dir, stem, formats=self.formats, dpi=self.dpi)
