@@ -478,15 +478,16 @@ def test_palette_gives_each_model_and_datasets_group_its_colour() -> None:
 
 def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_expected: int = 3,
                     space_id: str = "space1", model: str = "scgpt", flags: str | None = None,
-                    category: tuple[str, str] = ("all", "all")) -> None:
+                    category: tuple[str, str] = ("all", "all"), scenario: str = "pooled") -> None:
     """The folds of one (model, head, category) written straight into the evaluation tables (one per
     value), as a run interrupted after three of ``folds_expected`` folds would leave them. Another
     ``space_id`` adds a second model's results on the same split; another ``category`` (type, name)
     a result on a split of its own (``folds_expected`` folds, fixed by its first call)."""
     now = pd.Timestamp("2026-01-01")
     split_id = "split1" if category == ("all", "all") else f"split-{category[0]}-{category[1]}"
+    split_id += "-cross" if scenario == "cross" else ""
     common = {"run_id": "run1", "space_id": space_id, "model": model, "variant": "frozen", "split_id": split_id,
-              "scenario": "pooled", "category_type": category[0], "category": category[1], "scheme": "sample",
+              "scenario": scenario, "category_type": category[0], "category": category[1], "scheme": "sample",
               "head": "mlp", "datasets": "d1", "label_set": "Vorinostat", "n_folds": folds_expected, "seed": 0,
               "head_params": "{}"}
     tasks, results = [], []
@@ -931,3 +932,19 @@ def test_figures_whose_names_differ_only_in_unsafe_characters_or_case_keep_their
     assert stems[3] == "radar_pooled_frozen_mlp" and stems[4] == "radar_pooled_frozen_mlp-2"
     assert stems[:3] == ["radar_pooled_frozen_a-b-0730c465", "radar_pooled_frozen_a-b-fcf04d5b", "radar_pooled_frozen_mlp-70843ffc"]
 
+
+def test_the_cross_data_fold_figure_counts_held_out_studies_not_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the y axis of the cross-data per-fold figure said "F1 per fold": each value is the score on one held-out study
+    from scdm.classify import _plots
+
+    drawn: list = []
+    monkeypatch.setattr(_plots, "folds_figure", lambda *a, _draw=_plots.folds_figure, **k: drawn.append(_draw(*a, **k)) or drawn[-1])
+    st = Store(tmp_path / "store")
+    for scenario in ("pooled", "cross"):
+        for cancer in ("melanoma", "HNSCC"):
+            _insert_results(st, {"f1": [0.5, 0.7], "auroc": [0.6, 0.8]}, folds_expected=2, category=("cancer_type", cancer),
+                            scenario=scenario)
+    page = write_report(st, tmp_path / "r", projection="none", formats=["png"]).read_text()
+    labels = {fig.axes[0].get_ylabel() for fig in drawn}
+    assert labels == {"F1 per fold", "F1 per held-out study"}
+    assert "F1 per fold and per held-out study across cancer types" in page and "Per-fold F1" not in page

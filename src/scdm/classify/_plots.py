@@ -397,10 +397,11 @@ def bars_figure(board: pd.DataFrame, series: list[Series], *, scenarios: Sequenc
 # per-fold distribution across cancer types
 # --------------------------------------------------------------------------------------------
 def folds_figure(folds: pd.DataFrame, series: list[Series], *, heads: Sequence[str], metric: str, title: str,
-                 seed: int = 0) -> Figure:
+                 seed: int = 0, unit: str = "fold") -> Figure:
     """Box plots of per-fold ``metric`` across categories (x), one box per series, rows = heads.
 
-    ``folds`` columns: ``series``, ``head`` (display label), ``category``, ``fold``, ``value``.
+    ``folds`` columns: ``series``, ``head`` (display label), ``category``, ``fold``, ``value``. ``unit``
+    names what one value is scored on in the axis label (cross-data: a ``held-out study``).
     """
     cats = sorted(folds["category"].unique(), key=str)
     present = [s for s in series if (folds["series"] == s.label).any()]
@@ -440,7 +441,7 @@ def folds_figure(folds: pd.DataFrame, series: list[Series], *, heads: Sequence[s
                            ha="right" if rotate else "center", rotation_mode="anchor")
         ax.set_xlim(-0.6, len(cats) - 0.4)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} per fold")
+        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} per {unit}")
         ax.set_title(f"head: {head}")
         ax.grid(axis="y", linewidth=0.5, alpha=0.5)
         ax.set_axisbelow(True)

@@ -1132,12 +1132,13 @@ def _section_folds(ctx: _Context) -> Markup:
         sub = sub.rename(columns={"head": "head_name"}).rename(columns={"head_label": "head"})
         heads = sorted(sub["head"].unique())
         fig = _plots.folds_figure(sub, ctx.series(sub), heads=heads, metric=metric,
-                                  title=f"{scenario}: F1 per {unit} across cancer types")
+                                  title=f"{scenario}: F1 per {unit} across cancer types", unit=unit)
         n_null = int(sub["value"].isna().sum())
         caption = _parts().folds_caption(scenario, unit, n_null, _several_series(sub), picked, not_drawn)
         parts.append(_figure_html(ctx.save(fig, f"f1_by_cancer_type_{scenario}", caption)))
     parts.append(_sql_html(sql, "Data of these figures"))
-    return _section("folds", "Per-fold F1 across cancer types", Markup("").join(parts))
+    units = dict.fromkeys("held-out study" if s == "cross" else "fold" for s in _SCENARIO_ORDER if s in set(folds["scenario"]))
+    return _section("folds", f"F1 per {' and per '.join(units)} across cancer types", Markup("").join(parts))
 
 
 # ---- leaderboards per category type ---------------------------------------------------------
