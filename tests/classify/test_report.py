@@ -465,6 +465,20 @@ def test_a_space_evaluated_on_two_collections_is_drawn_once_and_said(tmp_path: P
     assert "scgpt on all: drawn on datasets d1,d2; not drawn: d1" in page
 
 
+def test_the_series_table_names_the_datasets_a_series_results_cover_not_all_its_space_embeds(tmp_path: Path) -> None:
+    """One space embeds d1 and d2 but was evaluated on d1 only: the series table (and figure_series.csv)
+    said "d1, d2" for the series, while its results cover d1 (scdm results: 48 cells, not 96)."""
+    st = _ingested(tmp_path / "store")
+    only_d1 = _write_embedding(st, "d1", "scgpt", 6, shift=1.0, seed=1)
+    _write_embedding(st, "d2", "scgpt", 6, shift=1.0, seed=2)
+    _evaluate(st, embeddings=[only_d1], heads=["ridge"], by=["all"], scenarios=["pooled"])
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"])
+    (row,) = [a for a, _ in _tables(out)["figure-series"][1:]]
+    assert (row["data-datasets"], row["data-space-datasets"]) == ("d1", "d1, d2")
+    table = pd.read_csv(out.parent / "tables" / "figure_series.csv")
+    assert table[["datasets", "space_datasets"]].values.tolist() == [["d1", "d1, d2"]]
+
+
 def test_palette_gives_each_model_and_datasets_group_its_colour() -> None:
     palette = Palette([("pca", "a375"), ("pca", "jhu006"), ("scgpt", "a375")])
     a = palette.add(("pca", "frozen", "s1"), "pca [a375]", group=("pca", "a375"))

@@ -36,7 +36,8 @@ seeds). Every (model, datasets) group has its own colour in every figure, so ``p
 A375 and ``pca`` fitted on another collection are two colours and two legend labels naming their
 datasets; the series of one group (LoRA variants, other spaces on the same datasets, other splits
 or label sets) are hatched / dashed. The page lists every series with its colour (table
-``figure-series``, also ``tables/figure_series.csv``).
+``figure-series``, also ``tables/figure_series.csv``): ``datasets`` are those its results cover,
+``space_datasets`` those of its colour group (a space embedding more datasets than were evaluated).
 
 Markup. This module prepares data; every tag of the page is in the autoescaped Jinja2 templates
 ``templates/report.html`` (the page) and ``templates/report_parts.html`` (sections, tables,
@@ -836,15 +837,19 @@ def _register_series(ctx: _Context) -> None:
     ctx.several_protocols = {tuple(str(v) for v in idx) for idx, n in counts.items() if n > 1}
     label_sets = results.groupby(["model", "variant", "space_id"])["label_set"].nunique()
     several_label_sets = {tuple(str(v) for v in idx) for idx, n in label_sets.items() if n > 1}
-    keys = sorted({ctx.series_key(row) for row in results.to_dict("records")},
-                  key=lambda k: (group[k[:3]], k[1] != "frozen", k[1], k[2], k[3], _natural(k[4])))
+    # a series covers the datasets of its own results, which may be fewer than its space embeds
+    covered: dict[SeriesKey, set[str]] = {}
+    for record in results.to_dict("records"):
+        names = [] if _missing(record["datasets"]) else [d for d in str(record["datasets"]).split(",") if d]
+        covered.setdefault(ctx.series_key(record), set()).update(names)
+    keys = sorted(covered, key=lambda k: (group[k[:3]], k[1] != "frozen", k[1], k[2], k[3], _natural(k[4])))
     for series_key in keys:
         space, label_set, protocol = series_key[:3], series_key[3], series_key[4]
         parts = [*space_parts[space], *([label_set or "no label set"] if space in several_label_sets else []),
                  *([protocol] if protocol else [])]
         series = ctx.palette.add(series_key, _label(space, parts), group=group[space], tuned=space[1] != "frozen")
-        ctx.series_rows.append(_series_row(series, space, datasets=group[space][1], label_set=label_set,
-                                           protocol=protocol))
+        ctx.series_rows.append(_series_row(series, space, datasets=", ".join(sorted(covered[series_key])),
+                                           space_datasets=group[space][1], label_set=label_set, protocol=protocol))
     # a space is drawn (projections, embedding cost) like its first series, or gets a style of its own
     for space in sorted(group, key=lambda k: (group[k], k[1] != "frozen", k[1], k[2])):
         first = next((s for k, s in ctx.palette.series.items() if k[:3] == space and len(k) == 5), None)
@@ -853,8 +858,8 @@ def _register_series(ctx: _Context) -> None:
             ctx.spaces[space] = replace(first, key=space, label=label)
         else:
             ctx.spaces[space] = ctx.palette.add(space, label, group=group[space], tuned=space[1] != "frozen")
-            ctx.series_rows.append(_series_row(ctx.spaces[space], space, datasets=group[space][1], label_set="",
-                                               protocol="(not evaluated)"))
+            ctx.series_rows.append(_series_row(ctx.spaces[space], space, datasets=group[space][1],
+                                               space_datasets=group[space][1], label_set="", protocol="(not evaluated)"))
     labels = [s.label for s in ctx.palette.series.values()]
     if len(set(labels)) != len(labels):  # cannot happen by construction; two series must never share a legend entry
         msg = f"report: two figure series got the same label: {sorted(labels)}"
@@ -879,10 +884,13 @@ def _label(space: SpaceKey, parts: Sequence[str]) -> str:
     return _base_label(space) + (f" [{' · '.join(parts)}]" if parts else "")
 
 
-def _series_row(series: Series, space: SpaceKey, *, datasets: str, label_set: str, protocol: str) -> dict[str, Any]:
+def _series_row(series: Series, space: SpaceKey, *, datasets: str, space_datasets: str, label_set: str,
+                protocol: str) -> dict[str, Any]:
+    """A row of the series table: ``datasets`` those the series' results cover, ``space_datasets`` those of
+    its colour group (what the space embeds and all its results cover)."""
     return {"label": series.label, "color": series.color, "hatch": series.hatch, "model": space[0],
-            "variant": space[1], "space_id": space[2], "datasets": datasets, "label_set": label_set,
-            "protocol": protocol}
+            "variant": space[1], "space_id": space[2], "datasets": datasets, "space_datasets": space_datasets,
+            "label_set": label_set, "protocol": protocol}
 
 
 def _short_variant(variant: str) -> str:
