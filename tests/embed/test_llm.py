@@ -235,3 +235,18 @@ def test_a_cell_expressing_no_gene_with_a_symbol_is_refused(ckpt, symbols, tmp_p
         embed(st, name, "llm", ckpt, batch_size=4, progress=False)
     kept = embed(st, name, "llm", ckpt, batch_size=4, progress=False, allow_empty_cells=True)
     assert np.isfinite(st.read_embedding(kept.embedding_id)).all()
+
+
+def test_sentences_longer_than_the_models_positions_are_refused(tmp_path, symbols) -> None:
+    # a 16-position LLaMA fed 30-gene sentences (31 tokens) returned vectors without a word: rotary
+    # positions past the trained ones raise nothing
+    folder = write_tiny_checkpoint(tmp_path / "short", genes=symbols[:-1], max_position_embeddings=16)
+    x = sp.csr_matrix(_counts(3, N_GENES - 1, seed=4).toarray() + 1)
+    adapter = _ready(folder, symbols[:-1], top_k=30)
+    with pytest.raises(InputDataError, match=r"rows 0, 1, 2\) take up to 31 tokens, more than the 16 positions.*top_k.*max_length=16"):
+        adapter.tokenize(x, np.arange(3))
+    cut = _ready(folder, symbols[:-1], top_k=30, max_length=16)
+    assert [len(c["input_ids"]) for c in cut.tokenize(x, np.arange(3))] == [16] * 3
+    assert len(_ready(folder, symbols[:-1], top_k=15).tokenize(x, np.arange(1))[0]["input_ids"]) == 16
+    with pytest.raises(InputDataError, match="max_length=17 is longer than the 16 positions"):
+        _ready(folder, symbols[:-1], max_length=17)

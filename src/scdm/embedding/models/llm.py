@@ -167,12 +167,27 @@ class LLMAdapter(Adapter):
 
         self._check_options()
         self.check_checkpoint()
+        positions = self.max_positions()
+        if self.max_length is not None and positions is not None and self.max_length > positions:
+            msg = (f"max_length={self.max_length} is longer than the {positions} positions this model was trained on "
+                   f"(max_position_embeddings in {str(self.checkpoint)!r}); use --param max_length={positions} or less.")
+            raise InputDataError(msg)
         tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
         pad = tokenizer.pad_token_id
         if pad is None:  # LLaMA-3 has no pad token; the value is masked out anyway
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id_ = int(pad)
         self.tokenizer_ = tokenizer
+
+    def max_positions(self) -> int | None:
+        """Token positions the model was trained on (``max_position_embeddings``, GPT-2's ``n_positions``); None if unstated."""
+        config = self._config()
+        for section in (config, config.get("text_config") or {}):
+            for key in ("max_position_embeddings", "n_positions"):
+                value = section.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+        return None
 
     def configure_precision(self, device: str | torch.device, precision: str) -> dict[str, Any]:
         """On CUDA the weights are bfloat16 whatever the autocast (an 8B model in float32 is 32 GB).
@@ -262,7 +277,29 @@ class LLMAdapter(Adapter):
         ]
         truncate = self.max_length is not None
         encoded = self.tokenizer_(texts, add_special_tokens=True, truncation=truncate, max_length=self.max_length)
-        return [{"input_ids": np.asarray(ids, dtype=np.int64)} for ids in encoded["input_ids"]]
+        cells = [{"input_ids": np.asarray(ids, dtype=np.int64)} for ids in encoded["input_ids"]]
+        self._check_within_positions(cells, rows)
+        return cells
+
+    def _check_within_positions(self, cells: list[dict[str, np.ndarray]], rows: np.ndarray) -> None:
+        """Refuse cell sentences longer than the model's positions.
+
+        A rotary model (LLaMA) reads positions past the ones it was trained on without an error and
+        returns vectors that look like any other; a GPT-2-style one fails with an index error.
+        """
+        positions = self.max_positions()
+        if positions is None:
+            return
+        lengths = np.array([len(c["input_ids"]) for c in cells], dtype=np.int64)
+        over = np.flatnonzero(lengths > positions)
+        if not over.size:
+            return
+        shown = ", ".join(str(int(r)) for r in np.asarray(rows)[over][:10])
+        msg = (f"The cell sentences of {over.size} cell(s) (rows {shown}{', ...' if over.size > 10 else ''}) take up to "
+               f"{int(lengths.max())} tokens, more than the {positions} positions this model was trained on, so their "
+               f"embeddings would not be the model's. Lower --param top_k (now {self.top_k}), or pass --param "
+               f"max_length={positions} to cut each sentence there (the lowest-ranked genes and the template's end are dropped).")
+        raise InputDataError(msg)
 
     def collate(self, cells: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         length = max(len(c["input_ids"]) for c in cells)
