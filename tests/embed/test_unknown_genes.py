@@ -4,6 +4,7 @@ models that would otherwise give it a constant non-zero vector (pooled special t
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -45,6 +46,10 @@ def test_cells_expressing_no_known_gene_are_refused_or_kept_when_allowed(model, 
         embed(st, name, model, checkpoint, batch_size=4, progress=False)
     kept = embed(st, name, model, checkpoint, batch_size=4, progress=False, allow_empty_cells=True)
     assert np.isfinite(st.read_embedding(kept.embedding_id)).all()
+    # kept, and counted: the audit said cells_without_expressed_genes 0 and zero_rows 0 for them, and no
+    # line warned, though Geneformer V2 gives both the vector of <cls><eos> alone
+    audit = json.loads(st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [kept.embedding_id])["audit"].iloc[0])
+    assert audit["cells_without_known_genes"] == 2 and audit["cells_without_expressed_genes"] == 0
 
 
 def test_stored_zeros_at_known_genes_do_not_count_as_expressed() -> None:

@@ -35,6 +35,7 @@ from scdm.embedding._adapter import (
     Adapter,
     GeneAudit,
     check_cells_expressed,
+    check_cells_known,
     check_embedded_rows,
     check_input_kind,
     get_adapter,
@@ -543,6 +544,7 @@ def embed(
     genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
     audit = adapter.prepare(genes, gene_id_kind=ds.gene_id_kind)
     require_matches(audit, model, min_genes=min_genes, min_fraction=min_gene_fraction)
+    n_unknown = count_cells_without_known_genes(st, ds.dataset_id, adapter) if allow_empty_cells else None
     chunk_rows = model_chunk_rows(chunk_rows, adapter.emb_dim, params, bool(getattr(adapter, "batch_dependent", False)))
     emb = st.create_embedding(ds.dataset_id, model=model, params=params, dim=adapter.emb_dim, checkpoint_hash=ckpt_hash,
                               chunk_rows=chunk_rows, **variant)
@@ -560,7 +562,7 @@ def embed(
             return {**out, "checkpoint": source.provenance()} if source is not None else out
 
         stats = finalize_with_repair(emb, run, missing, telemetry_of,
-                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s)})
+                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s, n_unknown)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
 
@@ -715,12 +717,39 @@ def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter
     return elsewhere
 
 
-def _empty_audit(n_empty: int | None, stats: dict[str, Any]) -> dict[str, Any]:
-    """What the audit records about cells without expressed genes (kept with allow_empty_cells)."""
+def _empty_audit(n_empty: int | None, stats: dict[str, Any], n_unknown: int | None = None) -> dict[str, Any]:
+    """What the audit records about cells without expressed genes, or without any the model knows (kept with allow_empty_cells)."""
     out: dict[str, Any] = {"zero_rows": int(stats.get("zero_rows", 0))}
     if n_empty is not None:
         out["cells_without_expressed_genes"] = n_empty
+    if n_unknown is not None:
+        out["cells_without_known_genes"] = n_unknown
     return out
+
+
+def count_cells_without_known_genes(st: Store, dataset: str, adapter: Adapter) -> int | None:
+    """Cells none of whose expressed genes ``adapter`` knows (cells expressing nothing included); None if it cannot tell.
+
+    Counted only when such cells are kept (``allow_empty_cells``): models with special tokens
+    (Geneformer V2's <cls>/<eos>, the LLM's template) give each of them one shared, non-zero vector
+    that no output check sees, so the audit must say how many there are. One pass over the matrix.
+    """
+    known = adapter.known_columns_
+    if known is None:
+        return None
+    adata = st.open_anndata(dataset, backed=True)
+    n = 0
+    try:
+        for lo, block in iter_row_blocks(adata):
+            rows = np.arange(lo, lo + block.shape[0])
+            n += check_cells_known(block, known, rows, adapter.name, allow_empty_cells=True)
+    finally:
+        if getattr(adata, "file", None) is not None:
+            adata.file.close()
+    if n:
+        logger.warning("%d cells express none of the genes %s knows; they are kept as the model embeds them (allow_empty_cells), "
+                       "recorded as cells_without_known_genes in the audit", n, adapter.name)
+    return n
 
 
 # ---- the baseline path -----------------------------------------------------------------------
