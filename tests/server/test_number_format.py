@@ -29,7 +29,7 @@ def page_functions(*names: str) -> str:
     text = SCRIPT.read_text()
     out = []
     for name in names:
-        start = re.search(rf"^function {name}\(", text, re.MULTILINE)
+        start = re.search(rf"^(?:async )?function {name}\(", text, re.MULTILINE)
         assert start is not None, name
         depth, at = 0, text.index("{", start.start())
         for at in range(at, len(text)):
@@ -56,6 +56,31 @@ def run_page(expression: str, prelude: str = "") -> object:
               f"\nconsole.log(JSON.stringify({expression}));")
     done = subprocess.run([node, "-e", source], capture_output=True, text=True, timeout=30, check=True)
     return json.loads(done.stdout)
+
+
+def run_page_loader(loader: str, answers: dict[str, object], form: list[tuple[str, str]], *, read: str,
+                    functions: tuple[str, ...] = (), constants: tuple[str, ...] = ()) -> object:
+    """The page's async ``loader(...)`` (e.g. ``loadLeaderboard()``) run by Node.js against ``answers``
+    (request path -> JSON body) with ``form`` as the filter form's fields; then ``read`` (an expression on
+    ``$``, the page's elements by id: ``textContent``, ``innerHTML``) evaluated and returned."""
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("Node.js is not installed: the page's script cannot run without a browser")
+    source = page_functions("esc", "fixedEven", "metricText", "fmt", "shown", "cell", "apiResponse", "api", "rowCount",
+                            "plural", "compare", "table", "showError", *functions)
+    source += "\n" + "\n".join(page_constant(c) for c in constants) + f"""
+const ROOT = "", ANSWERS = {json.dumps(answers)}, FORM = {json.dumps(form)}, els = {{}};
+const $ = (id) => els[id] || (els[id] = {{id, textContent: "", innerHTML: "", querySelectorAll: () => []}});
+async function fetch(url) {{
+  const body = ANSWERS[url];
+  if (body === undefined) throw new Error("unexpected request " + url);
+  return {{status: 200, ok: true, headers: {{get: (h) => h === "content-type" ? "application/json" : null}}, json: async () => body}};
+}}
+class FormData {{ constructor() {{ return FORM; }} }}
+{loader}.then(() => console.log(JSON.stringify({read})));
+"""
+    done = subprocess.run([node, "-e", source], capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_three_decimals_never_claim_a_whole_number_the_value_is_not() -> None:

@@ -423,10 +423,22 @@ class ModelSummary(BaseModel):
     evaluated: bool = Field(description="Whether the model has evaluation results.")
 
 
+class LeaderboardNotes(BaseModel):
+    """What `scdm results` prints on stderr under the same leaderboard, in its words."""
+
+    notes: list[str] = Field(description="The caveats that apply to these rows (each printed 'note: ...' by scdm results).")
+    left_out: list[str] = Field(description="Results known to be wrong now and left out of every leaderboard (printed "
+                                "'results: ...' by scdm results).")
+
+
 class ModelDetail(BaseModel):
     model: str
     embeddings: list[EmbeddingRow]
     leaderboard: list[LeaderboardRow] = Field(description="Results on category type all.")
+    notes: list[str] = Field(default_factory=list, description="The caveats `scdm results --model MODEL --by all` "
+                             "prints under these rows (every metric shown), in its words.")
+    left_out: list[str] = Field(default_factory=list, description="Results known to be wrong now and left out of "
+                                "these rows, as in GET /api/leaderboard/notes.")
     trained_heads: list[TrainedHeadRow]
 
 

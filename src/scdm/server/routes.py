@@ -29,7 +29,18 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from scdm.classify.results import LEADERBOARD_KEYS, POOLED_COLUMNS, leaderboard, pooled_names, stale_sql, unanswered_note_sql
+from scdm.classify.metrics import METRICS
+from scdm.classify.results import (
+    LEADERBOARD_KEYS,
+    POOLED_COLUMNS,
+    leaderboard,
+    leaderboard_notes,
+    pooled_names,
+    stale_notes,
+    stale_sql,
+    unanswered_note_sql,
+    with_signed_partner,
+)
 from scdm.server.config import SQL_TIMEOUT_ENV, ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
@@ -40,6 +51,7 @@ from scdm.server.models import (
     ErrorBody,
     Health,
     JobStatus,
+    LeaderboardNotes,
     LeaderboardRow,
     Limit,
     LoginForm,
@@ -52,6 +64,7 @@ from scdm.server.models import (
     PredictRequest,
     ReportFigures,
     ReportRequest,
+    ResultFilters,
     ResultRow,
     RunRow,
     SkippedRow,
@@ -284,6 +297,7 @@ def model(model: str, srv: Server) -> Response:
     if emb.empty and board.empty:
         raise HttpError(404, f"No model {model!r} in this store; GET /api/models lists them.")
     return typed(ModelDetail, {"model": model, "embeddings": records(emb), "leaderboard": records(board, _RESULT_JSON_COLUMNS),
+                               "notes": leaderboard_notes(board, METRICS), "left_out": stale_notes(srv.store),
                                "trained_heads": records(heads)})
 
 
@@ -294,17 +308,37 @@ def model(model: str, srv: Server) -> Response:
                         "Results of different splits, label sets or datasets are never averaged together. " + PAGING +
                         " A result's mean moves it while its evaluation adds folds.")
 def leaderboard_route(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
-    board = leaderboard(srv.store, metrics=_values(f.metric), models=f.model, heads=_values(f.head),
+    board = _filtered_board(srv, f, metrics=_values(f.metric))
+    page = _in_page_order(board).iloc[f.offset:f.offset + _cap(f.limit, srv.config.page_rows)]
+    response = typed(list[LeaderboardRow], records(page, _RESULT_JSON_COLUMNS))
+    response.headers[TOTAL_COUNT_HEADER] = str(len(board))
+    return response
+
+
+@router.get("/api/leaderboard/notes", response_model=LeaderboardNotes,
+            summary="The caveats `scdm results` prints under the same leaderboard",
+            description="For the filters of GET /api/leaderboard: the notes `scdm results` prints on stderr under "
+                        "the same rows (a transductive baseline, one-class test folds, incomplete results, test "
+                        "cells a prompting model left unanswered, an older gene table, ...), in its words, and "
+                        "the results it leaves out as known wrong now (fitted by an older scdm).")
+def leaderboard_notes_route(srv: Server, f: Annotated[ResultFilters, Query()]) -> Response:
+    # every metric, as scdm results reads them: the notes tell a one-class test fold (every metric NULL)
+    # from a metric undefined for another reason; the shown metrics pick the notes that concern them
+    board = _filtered_board(srv, f, metrics=None)
+    shown = with_signed_partner(_values(f.metric) or METRICS)
+    return typed(LeaderboardNotes, {"notes": leaderboard_notes(board, shown), "left_out": stale_notes(srv.store)})
+
+
+def _filtered_board(srv: ServerState, f: ResultFilters, metrics: list[str] | None) -> pd.DataFrame:
+    """The leaderboard of these metrics (None: all) under the filters of the leaderboard routes."""
+    board = leaderboard(srv.store, metrics=metrics, models=f.model, heads=_values(f.head),
                         scenarios=_values(f.scenario), category_types=_values(f.category_type), datasets=f.dataset,
                         label_sets=f.label_set)
     if f.scheme is not None:
         board = board[board["scheme"].isin(_values(f.scheme) or [])]
     if f.category is not None:
         board = board[board["category"].isin(f.category)]
-    page = _in_page_order(board).iloc[f.offset:f.offset + _cap(f.limit, srv.config.page_rows)]
-    response = typed(list[LeaderboardRow], records(page, _RESULT_JSON_COLUMNS))
-    response.headers[TOTAL_COUNT_HEADER] = str(len(board))
-    return response
+    return board
 
 
 def _in_page_order(board: pd.DataFrame) -> pd.DataFrame:

@@ -84,13 +84,21 @@ function show(tab) {
 // dataset (folds paired with another label set's) differ in them alone (scdm results names them the same way)
 const LEADERBOARD_COLUMNS = ["model", "variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme",
   "k", "seed", "split_id", "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete", "note"];
+// the caveats `scdm results` prints under the same rows (GET /api/leaderboard/notes), in its words, above the table:
+// numbers read without them mislead (a transductive baseline, one-class folds, an incomplete mean, unanswered cells)
+function notesHtml(r) {
+  const lines = r.left_out.map(t => "results: " + t).concat(r.notes.map(t => "note: " + t));
+  return lines.map(t => `<p class="note">${esc(t)}</p>`).join("");
+}
 async function loadLeaderboard(ev) {
   if (ev) ev.preventDefault();
   const q = new URLSearchParams([...new FormData($("lb-form"))].filter(([k, v]) => v));
-  $("lb-msg").textContent = "loading...";
+  $("lb-msg").textContent = "loading..."; $("lb-notes").innerHTML = "";
   try {
-    const {body: rows, headers} = await apiResponse("/api/leaderboard?" + q);
+    const [{body: rows, headers}, notes] = await Promise.all([apiResponse("/api/leaderboard?" + q),
+      api("/api/leaderboard/notes?" + q)]);
     $("lb-msg").textContent = rowCount(rows, headers);
+    $("lb-notes").innerHTML = notesHtml(notes);
     table($("lb-table"), rows, LEADERBOARD_COLUMNS);
   } catch (e) { showError($("lb-msg"), e); $("lb-table").innerHTML = ""; }  // e.g. a 422 naming the allowed values
 }
@@ -160,8 +168,9 @@ async function loadModel(name) {
   try {
     const m = await api("/api/models/" + encodeURIComponent(name));
     $("model-msg").textContent = ""; $("model-name").textContent = name;
-    const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
+    const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=mn class=notes></div><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
     table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "note", "params", "telemetry"]);
+    $("mn").innerHTML = notesHtml(m);
     table($("ml"), m.leaderboard, ["variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k",
       "seed", "split_id", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
     table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "created_at"]);
