@@ -296,6 +296,8 @@ class LeaderboardRow(_Row):
     datasets: str | None = Field(default=None, description="Comma-separated dataset names the result was fitted on.")
     label_set: str | None = None
     split_id: str | None = None
+    folds_from: str | None = Field(default=None, description="The label set whose pooled folds this split reuses "
+                                   "(evaluate --pair-folds-with; `scdm results` prints '(folds of <it>)'); null otherwise.")
     scenario: str
     scheme: str | None = None
     k: int | None = None

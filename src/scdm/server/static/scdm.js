@@ -81,9 +81,10 @@ function show(tab) {
   loaders[tab]();
 }
 // space_id and split_id are part of a result's identity: two pca spaces (other n_comps) or two partitions of one
-// dataset (folds paired with another label set's) differ in them alone (scdm results names them the same way)
+// dataset (folds paired with another label set's) differ in them alone (scdm results names them the same way);
+// folds_from names the label set whose folds a paired split reuses, as the CLI's "(folds of Gefitinib)"
 const LEADERBOARD_COLUMNS = ["model", "variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme",
-  "k", "seed", "split_id", "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete", "note"];
+  "k", "seed", "split_id", "folds_from", "category_type", "category", "metric", "mean", "sd", "n_folds", "n_null", "folds_done", "folds_expected", "complete", "note"];
 // the caveats `scdm results` prints under the same rows (GET /api/leaderboard/notes), in its words, above the table:
 // numbers read without them mislead (a transductive baseline, one-class folds, an incomplete mean, unanswered cells)
 function notesHtml(r) {
@@ -172,7 +173,7 @@ async function loadModel(name) {
     table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "note", "params", "telemetry"]);
     $("mn").innerHTML = notesHtml(m);
     table($("ml"), m.leaderboard, ["variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k",
-      "seed", "split_id", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
+      "seed", "split_id", "folds_from", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
     table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "created_at"]);
   } catch (e) { showError($("model-msg"), e); }
 }

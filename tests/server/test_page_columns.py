@@ -1,0 +1,69 @@
+"""The page's tables show what `scdm results` and `scdm ls` print to tell results and embeddings apart.
+
+The page's script runs under Node.js where it is installed (no browser), fed the server's answers.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from scdm.cli import main
+from scdm.store import Store
+from tests.jhu006 import jhu006_store
+from tests.server.test_number_format import run_page_loader
+
+
+@pytest.fixture(scope="module")
+def paired_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """JHU006's Vorinostat labels evaluated on their own folds and on Gefitinib's (pair_folds_with)."""
+    from scdm.classify.grid import evaluate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = jhu006_store(tmp_path_factory.mktemp("columns") / "store")
+        options: dict[str, Any] = {"heads": ["ridge"], "scenarios": ["pooled"], "by": ["all"], "folds": 3,
+                                   "split_scheme": "cell", "silent": True, "label_set": "Vorinostat"}
+        evaluate(st, **options)
+        evaluate(st, pair_folds_with="Gefitinib", **options)
+    return st.root
+
+
+@pytest.fixture(scope="module")
+def api(paired_store: Path) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    with TestClient(create_app(Store(paired_store), token=None), base_url="http://127.0.0.1:8000") as client:
+        yield client
+
+
+def html_table(text: str) -> list[dict[str, str]]:
+    """The rows of the page's table (``<th>`` names -> ``<td>`` text)."""
+    names = [html.unescape(re.sub(r"<[^>]+>", "", h)) for h in re.findall(r"<th[^>]*>(.*?)</th>", text)]
+    rows = re.findall(r"<tr>(.*?)</tr>", text.split("<tbody>", 1)[1])
+    return [dict(zip(names, (html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", r)), strict=True)) for r in rows]
+
+
+def test_the_leaderboard_tab_says_which_split_reuses_another_label_sets_folds(paired_store: Path, api: Any) -> None:
+    """Two Vorinostat rows differing only by split_id: the CLI prints '(folds of Gefitinib)' beside one."""
+    cli = CliRunner().invoke(main, ["--store", str(paired_store), "results", "--metric", "auroc"])
+    assert cli.exit_code == 0, cli.output
+    paired_prefix = re.search(r"(\w{8}) \(folds of Gefitinib\)", cli.stdout)
+    assert paired_prefix is not None, cli.stdout
+
+    answers = {path: api.get(path).json() for path in ("/api/leaderboard?metric=auroc", "/api/leaderboard/notes?metric=auroc")}
+    shown = run_page_loader("loadLeaderboard()", answers, [("metric", "auroc")], read="$('lb-table').innerHTML",
+                            functions=("notesHtml", "loadLeaderboard"), constants=("LEADERBOARD_COLUMNS",))
+    rows = html_table(str(shown))
+    assert len(rows) == 2
+    folds_from = {r["split_id"][:8]: r["folds_from"] for r in rows}
+    assert folds_from.pop(paired_prefix.group(1)) == "Gefitinib" and list(folds_from.values()) == [""]
