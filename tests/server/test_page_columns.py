@@ -6,6 +6,7 @@ The page's script runs under Node.js where it is installed (no browser), fed the
 from __future__ import annotations
 
 import html
+import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -23,8 +24,10 @@ from tests.server.test_number_format import run_page_loader
 
 @pytest.fixture(scope="module")
 def paired_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """JHU006's Vorinostat labels evaluated on their own folds and on Gefitinib's (pair_folds_with)."""
+    """JHU006's Vorinostat labels evaluated on their own folds and on Gefitinib's (pair_folds_with), and a
+    second pca space recorded as read from a checkpoint."""
     from scdm.classify.grid import evaluate
+    from scdm.embedding.runner import embed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -33,6 +36,11 @@ def paired_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    "split_scheme": "cell", "silent": True, "label_set": "Vorinostat"}
         evaluate(st, **options)
         evaluate(st, pair_folds_with="Gefitinib", **options)
+        embed(st, "JHU006", "pca", n_comps=6, progress=False)  # a second pca space of the same cells
+    # as a model embedding records the checkpoint it read (the embed runner writes telemetry.checkpoint)
+    with st.catalog.transaction() as con:
+        con.execute("UPDATE embeddings SET telemetry = json_merge_patch(coalesce(telemetry, '{}'), ?) WHERE dim = 6",
+                    ['{"checkpoint": {"hub_id": "lab/pca-ckpt", "commit": "0123abc"}}'])
     return st.root
 
 
@@ -67,3 +75,16 @@ def test_the_leaderboard_tab_says_which_split_reuses_another_label_sets_folds(pa
     assert len(rows) == 2
     folds_from = {r["split_id"][:8]: r["folds_from"] for r in rows}
     assert folds_from.pop(paired_prefix.group(1)) == "Gefitinib" and list(folds_from.values()) == [""]
+
+
+def test_a_models_page_ties_each_embedding_to_its_space_and_checkpoint_as_ls_does(paired_store: Path, api: Any) -> None:
+    """Two pca embeddings of JHU006 (10 and 6 components): the page named neither their space nor their checkpoint."""
+    ls = CliRunner().invoke(main, ["--store", str(paired_store), "ls", "--what", "embeddings", "--format", "json"])
+    assert ls.exit_code == 0, ls.output
+    expected = {e["embedding_id"]: (e["space_id"], e["checkpoint"]) for e in json.loads(ls.stdout)}
+    assert sorted(c for _, c in expected.values()) == ["", "lab/pca-ckpt@0123abc"]
+
+    shown = run_page_loader("loadModel('pca')", {"/api/models/pca": api.get("/api/models/pca").json()}, [],
+                            read="els['me'].innerHTML", functions=("notesHtml", "loadModel"))
+    rows = html_table(str(shown))
+    assert {r["embedding_id"]: (r["space_id"], r["checkpoint_source"]) for r in rows} == expected

@@ -282,6 +282,9 @@ class EmbeddingRow(_Row):
     chunks_done: int | None = None
     n_chunks: int | None = None
     params: JsonText = None
+    checkpoint_source: str | None = Field(default=None, description="Where the checkpoint of the run that completed it "
+                                          "came from (org/name@commit or the local folder, as `scdm ls` prints it); null "
+                                          "for baselines and embeddings made before scdm recorded it.")
     telemetry: JsonText = None
     note: str = Field(default="", description="'older gene table (<its>; this scdm: <current>)' where it was made with "
                       "another gene table than this scdm's (as `scdm ls` marks it), else empty.")

@@ -170,7 +170,10 @@ async function loadModel(name) {
     const m = await api("/api/models/" + encodeURIComponent(name));
     $("model-msg").textContent = ""; $("model-name").textContent = name;
     const d = $("model-detail"); d.innerHTML = "<h3>Embeddings</h3><div id=me></div><h3>Leaderboard (all cells)</h3><div id=mn class=notes></div><div id=ml></div><h3>Trained heads</h3><div id=mh></div>";
-    table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "dim", "status", "n_cells", "note", "params", "telemetry"]);
+    // space_id ties an embedding to its leaderboard rows; the checkpoint (org/name@commit or the folder) tells two
+    // embeddings of one model and dataset apart, as scdm ls prints them
+    table($("me"), m.embeddings, ["embedding_id", "dataset_name", "variant", "space_id", "checkpoint_source", "dim", "status",
+      "n_cells", "note", "params", "telemetry"]);
     $("mn").innerHTML = notesHtml(m);
     table($("ml"), m.leaderboard, ["variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k",
       "seed", "split_id", "folds_from", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
