@@ -9,6 +9,7 @@ all four of those caveats. The page's script runs under Node.js where it is inst
 from __future__ import annotations
 
 import html
+import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -127,7 +128,26 @@ def test_the_leaderboard_tab_shows_the_cli_notes_above_its_table(caveat_store: P
                f"/api/leaderboard/notes?{query}": api.get(f"/api/leaderboard/notes?{query}").json()}
     notes_html, msg = run_page_loader("loadLeaderboard()", answers, [("metric", "auroc"), ("model", "")],
                                       read="[$('lb-notes').innerHTML, $('lb-msg').textContent]",
-                                      functions=("notesHtml", "loadLeaderboard"), constants=("LEADERBOARD_COLUMNS",))
+                                      functions=("notesHtml", "withSignedPartner", "loadLeaderboard"), constants=("LEADERBOARD_COLUMNS",))
     lines = [html.unescape(re.sub(r"<[^>]+>", "", p)) for p in re.findall(r"<p[^>]*>.*?</p>", notes_html)]
     assert lines and lines == cli_notes(caveat_store, "--metric", "auroc")
     assert msg == "3 rows"  # the table loaded beside them, no error
+
+
+def test_the_page_shows_mcc_beside_ami_and_ari_as_the_cli_does(caveat_store: Path, api: Any) -> None:
+    """AMI scores an inverted classifier as high as a perfect one: scdm results --metric ami prints MCC beside it;
+    the page showed the AMI rows alone."""
+    from scdm.classify.results import with_signed_partner
+
+    asked = [["ami"], ["ari", "auroc"], ["auroc", "ami", "ari"], ["mcc", "ami"], ["auroc"], ["ami", "ami"]]
+    assert run_page_loader("Promise.resolve()", {}, [], read=f"{json.dumps(asked)}.map(withSignedPartner)",
+                           functions=("withSignedPartner",)) == [with_signed_partner(m) for m in asked]
+
+    query = urlencode({"metric": ",".join(with_signed_partner(["ami"]))})
+    answers = {f"/api/leaderboard{tail}?{query}": api.get(f"/api/leaderboard{tail}?{query}").json() for tail in ("", "/notes")}
+    shown = run_page_loader("loadLeaderboard()", answers, [("metric", "ami")], read="$('lb-table').innerHTML",
+                            functions=("notesHtml", "withSignedPartner", "loadLeaderboard"), constants=("LEADERBOARD_COLUMNS",))
+    metrics = set(re.findall(r"<td>(ami|mcc|auroc)</td>", str(shown)))
+    cli = CliRunner().invoke(main, ["--store", str(caveat_store), "results", "--metric", "ami", "--long", "--format", "json"])
+    assert cli.exit_code == 0, cli.output
+    assert metrics == {r["metric"] for r in json.loads(cli.stdout)} == {"ami", "mcc"}

@@ -70,7 +70,7 @@ def test_the_leaderboard_tab_says_which_split_reuses_another_label_sets_folds(pa
 
     answers = {path: api.get(path).json() for path in ("/api/leaderboard?metric=auroc", "/api/leaderboard/notes?metric=auroc")}
     shown = run_page_loader("loadLeaderboard()", answers, [("metric", "auroc")], read="$('lb-table').innerHTML",
-                            functions=("notesHtml", "loadLeaderboard"), constants=("LEADERBOARD_COLUMNS",))
+                            functions=("notesHtml", "withSignedPartner", "loadLeaderboard"), constants=("LEADERBOARD_COLUMNS",))
     rows = html_table(str(shown))
     assert len(rows) == 2
     folds_from = {r["split_id"][:8]: r["folds_from"] for r in rows}

@@ -91,9 +91,17 @@ function notesHtml(r) {
   const lines = r.left_out.map(t => "results: " + t).concat(r.notes.map(t => "note: " + t));
   return lines.map(t => `<p class="note">${esc(t)}</p>`).join("");
 }
+// AMI and ARI ignore which class is which (an inverted classifier scores as high as a perfect one): MCC, which is
+// signed, comes with them, as scdm results adds it (scdm.classify.results.with_signed_partner)
+function withSignedPartner(metrics) {
+  const out = [...new Set(metrics)], at = out.findIndex(m => m === "ami" || m === "ari");
+  if (at >= 0 && !out.includes("mcc")) out.splice(at, 0, "mcc");
+  return out;
+}
 async function loadLeaderboard(ev) {
   if (ev) ev.preventDefault();
   const q = new URLSearchParams([...new FormData($("lb-form"))].filter(([k, v]) => v));
+  if (q.get("metric")) q.set("metric", withSignedPartner(q.get("metric").split(",")).join(","));
   $("lb-msg").textContent = "loading..."; $("lb-notes").innerHTML = "";
   try {
     const [{body: rows, headers}, notes] = await Promise.all([apiResponse("/api/leaderboard?" + q),
