@@ -88,3 +88,18 @@ def test_a_models_page_ties_each_embedding_to_its_space_and_checkpoint_as_ls_doe
                             read="els['me'].innerHTML", functions=("notesHtml", "loadModel"))
     rows = html_table(str(shown))
     assert {r["embedding_id"]: (r["space_id"], r["checkpoint_source"]) for r in rows} == expected
+
+
+def test_the_predict_forms_heads_name_the_drug_they_learned(paired_store: Path, api: Any) -> None:
+    """Two ridge heads on the same pca embedding and category, one of Gefitinib's labels, one of Vorinostat's: the
+    head list read '<id> ridge on pca (all=all)' for both."""
+    from scdm.classify.trained_heads import train_head
+
+    st = Store(paired_store)
+    (embedding,) = st.embeddings().query("dim == 10")["embedding_id"]
+    learned = {train_head(st, [embedding], "all", "all", "ridge", label_set=drug): drug for drug in ("Gefitinib", "Vorinostat")}
+    answers = {path: api.get(path).json() for path in ("/api/heads", "/api/datasets")}
+    shown = run_page_loader("loadPredict()", answers, [], read="$('pred-head').innerHTML", functions=("headText", "loadPredict"))
+    options = {v: html.unescape(t) for v, t in re.findall(r'<option value="([^"]+)">(.*?)</option>', str(shown))}
+    for head_id, drug in learned.items():
+        assert options[head_id] == f"{head_id} ridge on pca (all=all): {drug} of JHU006"

@@ -221,10 +221,17 @@ async function runSql() {
 }
 $("sql-run").onclick = runSql;
 $("sql-text").onkeydown = (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); runSql(); } };
+// heads of one model and category trained on two drugs' labels (JHU006's Gefitinib and Vorinostat) differ in
+// their label set and training datasets alone: both are named, so the head predicts the drug the user means
+function headText(h) {
+  const on = Array.isArray(h.datasets) ? h.datasets.join(",") : h.datasets;
+  return `${h.head_id} ${h.head} on ${h.model}${h.variant && h.variant !== "frozen" ? " " + h.variant : ""} ` +
+    `(${h.category_type}=${h.category}): ${h.label_set || "default labels"} of ${on}`;
+}
 async function loadPredict() {
   try {
     const [heads, datasets] = await Promise.all([api("/api/heads"), api("/api/datasets")]);
-    $("pred-head").innerHTML = heads.map(h => `<option value="${esc(h.head_id)}">${esc(h.head_id)} ${esc(h.head)} on ${esc(h.model)} (${esc(h.category_type)}=${esc(h.category)})</option>`).join("");
+    $("pred-head").innerHTML = heads.map(h => `<option value="${esc(h.head_id)}">${esc(headText(h))}</option>`).join("");
     $("pred-dataset").innerHTML = datasets.map(d => `<option>${esc(d.name)}</option>`).join("");
     $("pred-submit").disabled = !heads.length || !datasets.length;
     if (!heads.length) $("pred-msg").textContent = "No trained heads yet: train one with `scdm train-head`.";
