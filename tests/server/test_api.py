@@ -445,7 +445,7 @@ def test_a_model_with_results_and_no_embedding_is_listed(tmp_path: Path) -> None
     st.insert_df("eval_results", pd.DataFrame([{**common, "metric": "auroc", "value": 0.7}]))
     with TestClient(create_app(st, token=TOKEN), base_url="http://127.0.0.1:8000",
                     headers={"Authorization": f"Bearer {TOKEN}"}) as small:
-        assert small.get("/api/models").json() == [{"model": "fake-llm", "n_embeddings": 0, "n_datasets": 0,
+        assert small.get("/api/models").json() == [{"model": "fake-llm", "n_embeddings": 0, "n_unfinished": 0, "n_datasets": 0,
                                                    "variants": ["prompt"], "evaluated": True}]
         assert small.get("/api/models/fake-llm").json()["leaderboard"][0]["mean"] == 0.7
 

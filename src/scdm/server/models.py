@@ -422,10 +422,12 @@ class PredictionRow(_Row):
 
 class ModelSummary(BaseModel):
     model: str
-    n_embeddings: int
-    n_datasets: int
+    n_embeddings: int = Field(description="Complete embeddings (as `scdm ls` lists them).")
+    n_unfinished: int = Field(description="Embeddings still being written, stopped or failed (`scdm ls --status`).")
+    n_datasets: int = Field(description="Datasets with a complete embedding.")
     variants: list[str]
-    evaluated: bool = Field(description="Whether the model has evaluation results.")
+    evaluated: bool = Field(description="Whether the model has results a leaderboard shows (results an older scdm "
+                            "fitted are left out: see GET /api/leaderboard/notes).")
 
 
 class LeaderboardNotes(BaseModel):

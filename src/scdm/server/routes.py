@@ -273,14 +273,18 @@ def embeddings(srv: Server, f: Annotated[EmbeddingFilters, Query()]) -> Response
 @router.get("/api/models", response_model=list[ModelSummary], summary="Models with embeddings or results")
 def models(srv: Server) -> Response:
     # a language model (scdm prompt) has results and no embedding: listed with its result variants
+    # an embedding counts once complete (as `scdm ls` lists it); one being written or stopped is counted apart
     frame = srv.store.query(
-        "WITH e AS (SELECT model, count(DISTINCT embedding_id) AS n_embeddings, count(DISTINCT dataset_id) AS n_datasets, "
+        "WITH e AS (SELECT model, count(DISTINCT embedding_id) FILTER (WHERE status = 'complete') AS n_embeddings, "
+        "           count(DISTINCT embedding_id) FILTER (WHERE status <> 'complete') AS n_unfinished, "
+        "           count(DISTINCT dataset_id) FILTER (WHERE status = 'complete') AS n_datasets, "
         "           list(DISTINCT variant ORDER BY variant) AS variants FROM embeddings GROUP BY model), "
         "r AS (SELECT model, list(DISTINCT variant ORDER BY variant) AS variants FROM eval_results GROUP BY model) "
-        "SELECT model, coalesce(e.n_embeddings, 0) AS n_embeddings, coalesce(e.n_datasets, 0) AS n_datasets, "
-        "       coalesce(e.variants, r.variants) AS variants "
+        "SELECT model, coalesce(e.n_embeddings, 0) AS n_embeddings, coalesce(e.n_unfinished, 0) AS n_unfinished, "
+        "       coalesce(e.n_datasets, 0) AS n_datasets, coalesce(e.variants, r.variants) AS variants "
         "FROM e FULL JOIN r USING (model) ORDER BY model")
-    evaluated = set(srv.store.query("SELECT DISTINCT model FROM eval_results")["model"])
+    # evaluated: it has results a leaderboard shows (an older scdm's, left out everywhere, do not count)
+    evaluated = set(srv.store.query(f"SELECT DISTINCT x.model FROM results x WHERE NOT {stale_sql(srv.store, 'x')}")["model"])
     out = records(frame)
     for row in out:
         row["evaluated"] = row["model"] in evaluated
