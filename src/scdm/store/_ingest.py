@@ -510,13 +510,76 @@ def resolve_gene_id_kind(gene_ids: np.ndarray, given: str | None) -> GeneIdKind:
 
 
 def gene_table_frame(gene_ids: np.ndarray, kind: GeneIdKind) -> pd.DataFrame:
-    """The ``genes`` rows of a dataset: id as given, plus symbol and Ensembl id from the shipped table."""
+    """The ``genes`` rows of a dataset: id as given, plus symbol and Ensembl id from the shipped table.
+
+    A GENCODE ``_PAR_Y`` copy of a gene that is also a column gets neither (see :func:`par_y_copies`):
+    mapped, it would be a second column of one gene for every reader of the genes table.
+    """
+    symbol = map_genes(gene_ids, src=kind, dst="symbol")
+    ensembl = map_genes(gene_ids, src=kind, dst="ensembl")
+    copies = list(par_y_copies(gene_ids))
+    symbol[copies] = None
+    ensembl[copies] = None
     return pd.DataFrame({
         "idx": np.arange(len(gene_ids), dtype=np.int32),
         "gene_id": gene_ids.astype(str),
-        "symbol": map_genes(gene_ids, src=kind, dst="symbol"),
-        "ensembl": map_genes(gene_ids, src=kind, dst="ensembl"),
+        "symbol": symbol,
+        "ensembl": ensembl,
     })
+
+
+PAR_Y_SUFFIX = "_PAR_Y"
+"""GENCODE names the chrY copy of a pseudoautosomal gene ``<its Ensembl id>_PAR_Y`` (e.g.
+``ENSG00000182378.14_PAR_Y`` beside ``ENSG00000182378.14``, both PLCXD1)."""
+
+
+def par_y_copies(gene_ids: np.ndarray) -> dict[int, int]:
+    """Columns that are a GENCODE ``_PAR_Y`` copy of a gene also in ``gene_ids``: copy column -> gene column.
+
+    Both read as one gene (the suffix is dropped with the version), so a model would see it twice.
+    A ``_PAR_Y`` id whose gene is not a column is simply that gene.
+    """
+    column = {str(g): i for i, g in enumerate(gene_ids)}
+    out: dict[int, int] = {}
+    for i, g in enumerate(map(str, gene_ids)):
+        if g.upper().endswith(PAR_Y_SUFFIX) and (gene := column.get(g[: -len(PAR_Y_SUFFIX)])) is not None:
+            out[i] = gene
+    return out
+
+
+def check_par_y_copies(adata: ad.AnnData, gene_ids: np.ndarray, name: str) -> str | None:
+    """Refuse ``_PAR_Y`` copies that hold values or come before their gene; the warning for the others (else None).
+
+    In GENCODE-based count matrices the copy is all zeros (reads of the pseudoautosomal region are
+    counted on chrX): such a copy changes no embedding, since every model skips zero values or sums
+    them in, provided the gene's own column comes first (scBERT, scFoundation and CellPLM read the first
+    column of a gene only). A copy holding values would be read twice (two tokens in scGPT and UCE,
+    summed in Geneformer) or not at all (the models that read the first column), so it is refused.
+    """
+    copies = par_y_copies(gene_ids)
+    if not copies:
+        return None
+    columns = np.fromiter(copies, dtype=np.int64)
+    nnz = np.zeros(columns.size, dtype=np.int64)
+    for _, block in iter_row_blocks(adata):
+        block.eliminate_zeros()
+        nnz += np.asarray((block[:, columns] != 0).sum(axis=0)).ravel()
+    holding = [str(gene_ids[c]) for c, n in zip(columns, nnz) if n]
+    before = [str(gene_ids[c]) for c in columns if c < copies[int(c)]]
+    n = columns.size
+    if holding or before:
+        what = (f"{len(holding)} of them hold values (e.g. {holding[0]!r})" if holding
+                else f"{len(before)} of them come before their gene's column (e.g. {before[0]!r})")
+        msg = (f"{n} gene ids are GENCODE {PAR_Y_SUFFIX} copies of genes also in the matrix (e.g. "
+               f"{str(gene_ids[columns[0]])!r} beside {str(gene_ids[copies[int(columns[0])]])!r}), which read as the same "
+               f"gene, and {what}: models would read that gene twice (scGPT, UCE, Geneformer) or only from the first "
+               f"column (scBERT, scFoundation, CellPLM). Add each copy into its gene's column and drop the copies, e.g. "
+               f"keep = ~adata.var_names.str.endswith('{PAR_Y_SUFFIX}'); adata = adata[:, keep].copy() after summing, "
+               "and ingest again.")
+        raise InputDataError(msg)
+    return (f"dataset {name!r}: {n} gene ids are GENCODE {PAR_Y_SUFFIX} copies of genes also in the matrix (e.g. "
+            f"{str(gene_ids[columns[0]])!r}) and hold only zeros, as in GENCODE-based count matrices; they are stored "
+            "without a symbol or Ensembl id (no reader of the genes table sees the gene twice) and change no embedding.")
 
 
 def normalise_response(values: pd.Series, *, positive: str | None = None, unknown_values: Sequence[str] = ()) -> pd.Series:

@@ -794,6 +794,7 @@ class Store:
         # an in-memory AnnData without a name is named after its content: two of them never collide
         name = default_study or f"dataset-{scan.content_hash[:8]}"
         _check_dataset_name(name)
+        par_y = _ingest.check_par_y_copies(adata, gene_ids, name)
         if default_study is None and opts.study_key is None and opts.study is None:
             cells["study"] = name
         if len(self.query("SELECT 1 FROM datasets WHERE name = ?", [name])):
@@ -830,6 +831,8 @@ class Store:
             warnings.warn(mixed, _ingest.IngestWarning, stacklevel=3)
         if (mouse := _ingest.mouse_symbols_message(gene_ids, kind, name)) is not None:
             warnings.warn(mouse, _ingest.IngestWarning, stacklevel=3)
+        if par_y is not None:
+            warnings.warn(par_y, _ingest.IngestWarning, stacklevel=3)
         if label_set is not None and opts.sample_key is None and opts.sample is None:
             _warn_label_confounders(adata, cells["response"], opts, name)
         return _replace(self.dataset(dataset_id), created=True, label_set=label_set.name if label_set else None,
