@@ -54,3 +54,14 @@ def test_a_par_y_id_without_its_gene_is_that_gene(st: Store) -> None:
     adata.X = sp.csr_matrix(np.asarray(adata.X.toarray()) + 1)
     st.ingest(adata, name="only_y", label_key="label")
     assert st.genes("only_y")["symbol"].notna().all()
+
+
+@pytest.mark.parametrize("given", [None, "ensembl"])
+def test_lower_case_ensembl_ids_are_refused_saying_to_upper_case_them(st: Store, given: str | None) -> None:
+    """They were detected as symbols and stored with no symbol or Ensembl id for any gene, without a word."""
+    adata = _ensembl_adata(1.0)
+    adata = adata[:, [i for i in range(adata.n_vars) if i != 5]].copy()
+    adata.var_names = [g.lower() for g in adata.var_names]
+    with pytest.raises(InputDataError, match=r"39 of the 39 gene ids are Ensembl ids written in lower case.*str\.upper"):
+        st.ingest(adata, name="lower", label_key="label", gene_id_kind=given)
+    assert st.query("SELECT count(*) AS n FROM datasets")["n"].iloc[0] == 0

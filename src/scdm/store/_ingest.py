@@ -500,6 +500,24 @@ def resolve_x_kind(given: str | None, detected: str) -> str:
     return kind
 
 
+def refuse_lower_case_ensembl(gene_ids: np.ndarray) -> None:
+    """Refuse Ensembl ids written in lower case (``ensg00000141510``).
+
+    Read as they are they are no Ensembl ids: the kind is detected as symbols (or, given as
+    ``ensembl``, they match no Ensembl id of the table or of a model), so no gene maps and no model
+    finds any, without a word at ingest.
+    """
+    ids = [str(g) for g in gene_ids]
+    if detect_gene_id_kind(ids) == "ensembl" or detect_gene_id_kind([g.upper() for g in ids]) != "ensembl":
+        return
+    lower = [g for g in ids if g != g.upper() and not ids_not_of_kind([g.upper()], "ensembl")]
+    msg = (f"{len(lower)} of the {len(ids)} gene ids are Ensembl ids written in lower case (e.g. "
+           f"{', '.join(map(repr, lower[:3]))}): scdm's gene table and every model spell them in capitals, so none "
+           "would map to a gene. Upper-case them (adata.var_names = adata.var_names.str.upper(), or the same on the "
+           f"{option('gene_key')} column) and ingest again.")
+    raise InputDataError(msg)
+
+
 def resolve_gene_id_kind(gene_ids: np.ndarray, given: str | None) -> GeneIdKind:
     if given is None:
         return detect_gene_id_kind(list(gene_ids))

@@ -794,6 +794,7 @@ class Store:
         # an in-memory AnnData without a name is named after its content: two of them never collide
         name = default_study or f"dataset-{scan.content_hash[:8]}"
         _check_dataset_name(name)
+        _ingest.refuse_lower_case_ensembl(gene_ids)
         par_y = _ingest.check_par_y_copies(adata, gene_ids, name)
         if default_study is None and opts.study_key is None and opts.study is None:
             cells["study"] = name
