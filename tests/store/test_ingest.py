@@ -444,3 +444,14 @@ def test_flags_in_a_column_named_for_resistance_need_positive(st, column, flags)
     assert st.datasets().empty
     st.ingest(adata, name="d", label_key=column, positive=str(flags[1]))
     assert st.cells("d")["response"].tolist() == [0, 1] * 3
+
+
+def test_a_label_set_read_again_with_other_unknown_values_is_refused_saying_so(st):
+    """The clash message named column, positive and drug (all the same), not the option that differed."""
+    adata = make_counts_adata()
+    adata.obs["label"] = adata.obs["label"].astype(object)
+    adata.obs.iloc[:3, adata.obs.columns.get_loc("label")] = "unclear"
+    st.ingest(adata, name="d", label_key="label", drug="X", unknown_values=["unclear"])
+    adata.obs.iloc[3, adata.obs.columns.get_loc("label")] = "n/a"
+    with pytest.raises(InputDataError, match=r"differs in --unknown-value \(\['unclear'\] stored, \['unclear', 'n/a'\] given\)"):
+        st.ingest(adata, name="d", label_key="label", drug="X", unknown_values=["unclear", "n/a"])

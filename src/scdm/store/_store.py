@@ -935,7 +935,9 @@ class Store:
         if clash:
             old = clash[0]
             msg = (f"Dataset {info.name!r} already has a label set {name!r} read from column {old.label_key!r} "
-                   f"(positive={old.positive!r}, drug={old.drug!r}). Name the new one with {option('label_set', 'NAME')}.")
+                   f"(positive={old.positive!r}, drug={old.drug!r}, unknown_values={list(old.unknown_values)!r}); "
+                   f"this one differs in {_label_source_difference(old, opts)}. Name the new one with "
+                   f"{option('label_set', 'NAME')}.")
             raise InputDataError(msg)
         ls = self._add_label_set(con, info.dataset_id, cells["response"], opts, is_default=not have)
         if not have:
@@ -1761,6 +1763,15 @@ def _kinds_in_use_message(info: DatasetInfo, kinds: dict[str, tuple[str, str]], 
             f"stored kinds and would no longer match it ({shown}{more}). Nothing was changed. Remove them "
             f"(`scdm rm --embedding ID`) and run this again, or start over: `scdm rm --dataset {info.name}` (its "
             "embeddings, splits and results go with it), then ingest the file with these options.")
+
+
+def _label_source_difference(old: labels.LabelSet, opts: _ingest.IngestOptions) -> str:
+    """Which reading options of a label set these options change, stored -> given (the name clash's cause)."""
+    pairs = {"label_key": (old.label_key, opts.label_key), "positive": (old.positive, opts.positive),
+             "unknown_values": (list(old.unknown_values), list(opts.unknown_values)), "drug": (old.drug, opts.drug)}
+    if opts.drug is None:
+        del pairs["drug"]  # no drug given matches the stored one (LabelSet.same_source)
+    return ", ".join(f"{option(key)} ({a!r} stored, {b!r} given)" for key, (a, b) in pairs.items() if a != b)
 
 
 def _gene_source(gene_key: str | None) -> str:
