@@ -117,6 +117,8 @@ def test_mlp_round_trips_through_safetensors(st: Store, a375_values: np.ndarray,
     np.testing.assert_allclose(copy.obs["scdm_proba"].to_numpy(), direct, rtol=1e-4, atol=1e-5)
     assert copy.uns["scdm_prediction"]["head_id"] == head_id
     assert set(copy.obs["scdm_label"].unique()) <= {0, 1}
+    stored = [c for c in copy.obs.columns if c.startswith("scdm_response_")]  # the store's labels, named as such
+    assert len(stored) == 1 and (copy.obs[stored[0]] == "sensitive").sum() == int(y.sum())
 
 
 def test_training_metrics_copied_from_evaluation_of_same_configuration(st: Store, a375_values: np.ndarray) -> None:

@@ -273,3 +273,29 @@ def test_a_query_past_its_time_limit_is_a_query_error_not_a_refusal(tmp_path):
     with pytest.raises(QueryError, match="ran longer than 0.05 s") as caught:
         st.sql("SELECT count(*) FROM range(10000000000) a", timeout_s=0.05)
     assert not isinstance(caught.value, ReadOnlyQueryError)
+
+
+def test_an_h5ad_export_carries_every_stored_label_set_and_says_where_the_file_differs(st, tmp_path, caplog):
+    """The export wrote the obs of the store's copy: a label set added later from another file was missing,
+    and after an update the file's changed label column sat there as if it were the stored labels."""
+    adata = make_counts_adata(n_cells=30)
+    adata.obs["drug_a"] = np.where(np.arange(30) % 2 == 0, "sensitive", "resistant")
+    st.ingest(adata, name="d", label_key="drug_a", drug="A")
+    other = adata.copy()  # the same cells, labelled for another drug in another file
+    other.obs["drug_b"] = np.where(np.arange(30) < 10, "sensitive", "resistant")
+    st.ingest(other, name="d", label_key="drug_b", drug="B")
+    relabelled = other.copy()  # drug_a changed in the file, the study too: --update takes the study, not drug_a
+    relabelled.obs["drug_a"] = "resistant"
+    relabelled.obs["study"] = "S9"
+    st.ingest(relabelled, name="d", study_key="study", update=True)
+    emb = st.create_embedding("d", model="pca", params={}, dim=2)
+    _fill(emb, np.zeros((30, 2), dtype=np.float32))
+    with caplog.at_level("WARNING", logger="scdm"):
+        st.export_embedding(emb.embedding_id, tmp_path / "e.h5ad")
+    back = ad.read_h5ad(tmp_path / "e.h5ad")
+    assert (back.obs["scdm_response_A"] == "sensitive").sum() == 15
+    assert (back.obs["scdm_response_B"] == "sensitive").sum() == 10
+    assert (back.obs["drug_a"] == "resistant").all()  # the file's column, kept as the file has it
+    assert '"file_column_differs":15' in back.uns["scdm_label_sets"]["scdm_response_A"].replace(" ", "")
+    assert "file_column_differs" not in back.uns["scdm_label_sets"]["scdm_response_B"]
+    assert "'drug_a' of the file differs from the stored label set 'A' in 15 of 30 cells" in caplog.text

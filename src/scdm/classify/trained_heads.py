@@ -1144,6 +1144,8 @@ def _write_out(st: Store, ds: Any, frame: pd.DataFrame, out: Path, trained: Trai
         frame.to_csv(out, index=False)
         return
     adata = st.open_anndata(ds.dataset_id, backed=False)
+    for note in st.add_stored_labels(adata, ds.dataset_id):  # the store's labels beside the file's columns
+        logger.warning("predictions of %s: %s", ds.name, note)
     adata.obs["scdm_proba"] = frame["proba"].to_numpy()
     adata.obs["scdm_label"] = frame["label"].to_numpy()
     adata.obs["scdm_trained_on"] = frame["trained_on"].to_numpy()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -1100,6 +1101,43 @@ class Store:
         names = self.query("SELECT dataset_id, name AS dataset FROM datasets")
         return names.merge(frame, on="dataset_id")
 
+    def add_stored_labels(self, adata: ad.AnnData, dataset: str) -> list[str]:
+        """Put each label set of ``dataset``, as the store holds it, into ``adata.obs`` (cells in dataset order).
+
+        Column ``scdm_response_<label set>`` holds ``sensitive``/``resistant`` (missing: unknown or
+        unlabelled); ``adata.uns['scdm_label_sets']`` maps each column to its label set (JSON: name,
+        label_key, positive, unknown_values, drug, default) and, where the obs column the labels were
+        read from now reads otherwise (a later ``update`` took the file's other columns but kept these
+        labels), how many cells differ. The file's own columns are the file's: without these, an
+        export of the store's copy showed them as the labels and lacked every label set added later.
+
+        Returns
+        -------
+        list of str
+            Warnings: one per label set whose source column in ``adata.obs`` differs from it.
+        """
+        ds = self.dataset(dataset)
+        have = labels.label_sets(self, ds.dataset_id)
+        described: dict[str, str] = {}
+        notes = []
+        for ls in have:
+            column = "scdm_response_" + re.sub(r"[^A-Za-z0-9_.-]", "_", ls.name)
+            ids = labels.cell_labels(self, [ls.label_set_id])
+            response = np.full(adata.n_obs, -1, dtype=np.int8)
+            response[ids["row"].to_numpy(dtype=np.int64)] = ids["response"].to_numpy(dtype=np.int8)
+            adata.obs[column] = pd.Categorical.from_codes(np.where(response < 0, -1, 1 - response),
+                                                         categories=["sensitive", "resistant"])
+            about: dict[str, Any] = {"label_set": ls.name, "label_key": ls.label_key, "positive": ls.positive,
+                                     "unknown_values": list(ls.unknown_values), "drug": ls.drug, "default": ls.is_default}
+            differ = _file_labels_differ(adata, ls, response)
+            if differ:
+                about["file_column_differs"] = differ
+                notes.append(f"obs column {ls.label_key!r} of the file differs from the stored label set {ls.name!r} "
+                             f"in {differ} of {adata.n_obs} cells; the store's labels are in {column!r}")
+            described[column] = _canonical_json(about)
+        adata.uns["scdm_label_sets"] = described
+        return notes
+
     def genes(self, dataset: str) -> pd.DataFrame:
         """The dataset's genes in matrix column order: gene_id, symbol, ensembl."""
         ds = self.dataset(dataset)
@@ -1579,6 +1617,8 @@ class Store:
             adata.obsm[key] = data
             adata.uns.setdefault("scdm", {})[key] = {"embedding_id": emb.embedding_id, "params": _canonical_json(emb.params),
                                                      **self._checkpoint_provenance(emb.embedding_id)}
+            for note in self.add_stored_labels(adata, emb.dataset_id):
+                logger.warning("export of %s: %s", self.dataset(emb.dataset_id).name, note)
             adata.write_h5ad(out)
         else:
             msg = f"Cannot export to {str(out)!r}: use a path ending in .npy or .h5ad."
@@ -1763,6 +1803,20 @@ def _kinds_in_use_message(info: DatasetInfo, kinds: dict[str, tuple[str, str]], 
             f"stored kinds and would no longer match it ({shown}{more}). Nothing was changed. Remove them "
             f"(`scdm rm --embedding ID`) and run this again, or start over: `scdm rm --dataset {info.name}` (its "
             "embeddings, splits and results go with it), then ingest the file with these options.")
+
+
+def _file_labels_differ(adata: ad.AnnData, ls: labels.LabelSet, stored: np.ndarray) -> int:
+    """Cells where ``adata.obs[ls.label_key]``, read with the label set's options, is not ``stored`` (-1 = none); 0 if no column."""
+    if ls.label_key is None or ls.label_key not in adata.obs.columns:
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read = _ingest.normalise_response(adata.obs[ls.label_key], positive=ls.positive, unknown_values=ls.unknown_values)
+    except InputDataError:
+        return adata.n_obs  # the column no longer reads as labels with these options: none of it is the store's
+    given = np.asarray(read.fillna(-1).to_numpy(dtype=np.int64), dtype=np.int8)
+    return int((given != stored).sum())
 
 
 def _label_source_difference(old: labels.LabelSet, opts: _ingest.IngestOptions) -> str:
