@@ -908,3 +908,15 @@ def test_the_help_grid_example_names_a_validation_dataset() -> None:
     grids = [e for e in examples if any(f"{opt} " in e and "," in e.split(f"{opt} ")[1].split()[0]
                                         for opt in ("--alpha", "--beta"))]
     assert grids and all("--validation " in e for e in grids)
+
+
+def test_a_gene_with_several_columns_is_read_from_its_first_and_a_warning_says_how_many() -> None:
+    """Two gene ids of one symbol: the first column was taken and the other left out without a word."""
+    from scdm.classify._transfer_data import column_index
+
+    symbols = np.asarray(["TP53", "EGFR", "tp53", "MYC", "TP53"], dtype=object)
+    with pytest.warns(TransferWarning, match=r"dataset 'x': 1 of the 2 genes used have several columns .*'TP53' "
+                      r"\(3 columns\).*2 columns are left out"):
+        cols = column_index(symbols, ["TP53", "MYC"], name="dataset 'x'")
+    assert cols.tolist() == [0, 3]
+

@@ -416,12 +416,28 @@ def shared_genes(symbol_lists: Sequence[np.ndarray], names: Sequence[str] | None
     return order
 
 
-def column_index(symbols: np.ndarray, genes: Sequence[str]) -> np.ndarray:
-    """Column of each of ``genes`` in a matrix whose columns have ``symbols`` (first occurrence, any case)."""
+def column_index(symbols: np.ndarray, genes: Sequence[str], *, name: str = "a matrix") -> np.ndarray:
+    """Column of each of ``genes`` in a matrix whose columns have ``symbols`` (first occurrence, any case).
+
+    A gene of ``genes`` with several columns (gene ids that map to one symbol) is read from its first
+    column only; a warning naming ``name`` says how many genes and columns that concerns, since the
+    others' values are left out.
+    """
     first: dict[str, int] = {}
+    n_columns: dict[str, int] = {}
     for i, s in enumerate(symbols):
-        if s and s.upper() not in first:
-            first[s.upper()] = i
+        if s:
+            key = s.upper()
+            first.setdefault(key, i)
+            n_columns[key] = n_columns.get(key, 0) + 1
+    several = [g for g in dict.fromkeys(g.upper() for g in genes) if n_columns.get(g, 0) > 1]
+    if several:
+        left_out = sum(n_columns[g] - 1 for g in several)
+        examples = ", ".join(f"{g!r} ({n_columns[g]} columns)" for g in several[:3])
+        warnings.warn(f"{name}: {len(several)} of the {len(genes)} genes used have several columns (gene ids that map to "
+                      f"one symbol, e.g. {examples}); only the first column of each is read, so {left_out} columns are "
+                      "left out. Sum or drop the duplicated columns and ingest again to choose yourself.",
+                      TransferWarning, stacklevel=3)
     return np.asarray([first[g.upper()] for g in genes], dtype=np.int64)
 
 
@@ -477,7 +493,7 @@ def read_store_expression(st: Store, dataset: str, genes: Sequence[str], *, bloc
     """
     info = st.dataset(dataset)
     table = st.genes(dataset)
-    cols = column_index(_store_symbols(table), genes)
+    cols = column_index(_store_symbols(table), genes, name=f"dataset {info.name!r}")
     adata = st.open_anndata(dataset, backed=True)
     try:
         # scaled values (negative: z-scores) are taken as they are; log1p is for non-negative ones

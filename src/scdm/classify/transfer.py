@@ -444,7 +444,7 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
     del target_all
     if kind == "bulk":
         how = bulk_kind(bulk.X, source_transform)
-        Xs = dense(log_normalize(bulk.X, how, columns=column_index(lists[0], features)))
+        Xs = dense(log_normalize(bulk.X, how, columns=column_index(lists[0], features, name="bulk source")))
         desc = {**bulk.description, "transform": how}
         dom = _Domains(Xs, bulk.y, Xt, features, desc["kind"], desc, cut=bulk.cut)
     else:
