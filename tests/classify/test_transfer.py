@@ -920,3 +920,19 @@ def test_a_gene_with_several_columns_is_read_from_its_first_and_a_warning_says_h
         cols = column_index(symbols, ["TP53", "MYC"], name="dataset 'x'")
     assert cols.tolist() == [0, 3]
 
+
+def test_a_store_source_records_its_cells_without_a_label(tmp_path: Path, collection: ad.AnnData) -> None:
+    """A bulk source recorded n_missing_response; a store source left its unlabelled cells out without a count."""
+    store = Store(tmp_path / "store")
+    for name, study in (("src", "GSE164897"), ("tgt", TARGET_STUDY)):
+        cells = collection[collection.obs["study"] == study].copy()
+        if name == "src":
+            response = cells.obs["response"].astype(str).to_numpy().copy()
+            response[:7] = "unknown"
+            cells.obs["response"] = response
+        store.ingest(cells, name=name, label_key="response", study=study)
+    n_src = store.dataset("src").n_cells
+    res = transfer(store, source="src", target="tgt", **{**FAST, "hidden": (16,), "latent_dim": 4})
+    run = transfer_run(store, res.run_id, complete=True)
+    assert run.source["n_missing_response"] == 7 and run.source["n_missing_response_per_dataset"] == [7]
+    assert run.source["n_cells"] == n_src - 7

@@ -413,6 +413,23 @@ def _contradiction(choice: _LabelChoice, drug: str) -> str:
     return f"{choice.describe()} (its default; it has no label set of {drug})"
 
 
+def _store_source_desc(st: Store, source: Sequence[str], labels: Sequence[np.ndarray]) -> dict[str, Any]:
+    """The ``source`` record of store datasets: which, and how many of their cells had no label (left out).
+
+    ``n_missing_response`` as a bulk source records its samples without a response: without it the
+    run did not say how many source cells it did not train on.
+    """
+    infos = [st.dataset(n) for n in source]
+    missing = [info.n_cells - y.size for info, y in zip(infos, labels)]
+    if sum(missing):
+        logger.info("transfer source: %d of the %d cells have no label in their label set and are left out (%s)",
+                    sum(missing), sum(info.n_cells for info in infos),
+                    ", ".join(f"{info.name} {m}" for info, m in zip(infos, missing)))
+    return {"kind": "store", "datasets": [info.dataset_id for info in infos], "names": list(source),
+            "n_cells": int(sum(y.size for y in labels)), "n_missing_response": int(sum(missing)),
+            "n_missing_response_per_dataset": [int(m) for m in missing]}
+
+
 def _labelled_rows(st: Store, name: str, label_set: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows and labels (int8) of the cells of ``name`` labelled in its label set ``label_set``."""
     cells = st.cells(name, label_set=label_set)
@@ -453,7 +470,7 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
             rows, y = _labelled_rows(st, name, chosen.source(name))
             blocks.append(dense(read_store_expression(st, name, features)[rows]))
             labels.append(y)
-        desc = {"kind": "store", "datasets": [st.dataset(n).dataset_id for n in source], "names": list(source)}
+        desc = _store_source_desc(st, source, labels)
         dom = _Domains(np.vstack(blocks), np.concatenate(labels), Xt, features, "store", desc)
     dom.source_desc["n_shared_genes"] = len(genes)
     if validation is not None and chosen.validation is not None:
@@ -493,7 +510,7 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
     if len(dims) != 1:
         msg = f"The source embeddings have different dims {sorted(dims)}; pick embeddings of one space (source_features)."
         raise InputDataError(msg)
-    desc = {"kind": "store", "datasets": [st.dataset(n).dataset_id for n in source], "names": list(source)}
+    desc = _store_source_desc(st, source, labels)
     dom = _Domains(np.vstack(blocks).astype(np.float32), np.concatenate(labels), Xt.astype(np.float32),
                    [f"dim_{i}" for i in range(Xt.shape[1])], "store", desc, source_features=ids[:len(source)])
     if validation is not None and chosen.validation is not None:
