@@ -15,7 +15,8 @@ Features
     * ``"expr"``: log-normalised expression (counts: ``normalize_total`` 1e4 + ``log1p``;
       normalised values that are not log-scale, above 50: ``log1p``, with a warning) on the
       genes shared by source and target, restricted to the target's ``n_hvg`` most variable
-      ones, MinMax-scaled to [0, 1] per domain as in the paper;
+      ones, MinMax-scaled to [0, 1] per domain as in the paper (the source scaler fitted on all its
+      labelled cells, the held-out validation part included, as scDEAL's code does);
     * an embedding id of the target dataset: its cached embedding (any model), with the source
       datasets' embeddings of the same space (or ``source_features``), MinMax-scaled per domain.
 
@@ -876,6 +877,11 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
                        "cell, most likely the same cells under another name: the kept epoch (and alpha/beta) is chosen "
                        "on cells the run trains on. Pass a validation dataset that holds none of the source's cells.",
                        run_id, shared, dom.Xv.shape[0])
+    # The source scaler is fitted on every labelled source cell, the held-out validation part included, as
+    # scDEAL does (scmodel.py and bulkmodel.py call MinMaxScaler().fit_transform on all labelled bulk samples
+    # before train_test_split): it reads features, never labels, and keeps our numbers those of the reference.
+    # The per-feature range of the validation cells thus shapes the training inputs (a transductive fit, like
+    # the target's).
     source_scaler, target_scaler = MinMax.fit(dom.Xs), MinMax.fit(dom.Xt)
     Xs, Xt = source_scaler.transform(dom.Xs), target_scaler.transform(dom.Xt)
     if validation is None:
