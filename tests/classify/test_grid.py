@@ -447,3 +447,42 @@ def test_the_same_cells_in_two_datasets_of_a_space_are_named(tmp_path: Path) -> 
     assert duplicate_cells(np.vstack([X, X[:2]]), np.array(list("aaaaaa"))) == {}  # within a dataset: not this check
     zeros = np.zeros((2, 3), np.float32)  # cells with nothing in a baseline's genes, in both datasets: no copy
     assert duplicate_cells(np.vstack([X, zeros, X[:1], zeros]), np.array(list("aaaaaabbb"))) == {"a": 1, "b": 1}
+
+
+def test_ridge_downdates_stay_exact_when_datasets_sit_far_apart(st: Store) -> None:
+    """Datasets of a space an offset apart (20 units against columns of spread 0.05): the Gram
+    statistics of each split and atom are summed about its own rows' mean, or their float32 sums lose
+    the spread to the offset. Before, one mean of the whole space was the shift of every split and
+    atom: here the melanoma folds' probabilities were 1.3e-3 from a RidgeHead fitted on the same
+    cells (3.4e-2 at D=256 with low-variance columns), and a split's numbers depended on which other
+    datasets shared the space."""
+    from scdm.classify.heads import get_head
+
+    rng = np.random.default_rng(3)
+    offsets = {"a375": 0.0, "jhu006": 20.0, "scc47": -20.0}
+    matrices = {}
+    for name, *_ in DATASETS:
+        cells = st.cells(name).sort_values("row")
+        y = cells["response"].to_numpy(dtype=float)
+        X = 0.05 * rng.standard_normal((len(cells), 12)) + offsets[name] * rng.uniform(0.5, 1.5, 12)
+        X[:, :2] += 0.05 * y[:, None]
+        matrices[name] = X.astype(np.float32)
+        emb = st.create_embedding(name, model="offset", params={"dim": 12}, dim=12)
+        for chunk in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(chunk)
+            emb.write_chunk(chunk, matrices[name][lo:hi])
+        emb.finalize()
+    run(st, heads=["ridge"], folds=3, by=["all", "cancer_type"])
+    names = dict(zip(st.datasets()["dataset_id"], st.datasets()["name"]))
+    tasks = st.query("SELECT task_id, split_id, fold FROM eval_tasks")
+    assert len(tasks) >= 10
+    gaps = {}
+    for task in tasks.itertuples():
+        split = load_split(st, task.split_id)
+        X = np.vstack([matrices[names[d]][r] for d, r in zip(split.cells["dataset_id"], split.cells["row"])])
+        y = split.cells["response"].to_numpy(int)
+        test = split.test_mask(task.fold)
+        expected = get_head("ridge").fit(X[~test], y[~test]).proba_sensitive(X[test])
+        got = st.query('SELECT proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"', [task.task_id])
+        gaps[f"{split.scenario} {split.category} fold {task.fold}"] = float(np.abs(got["proba"].to_numpy() - expected).max())
+    assert max(gaps.values()) < 2e-5, sorted(gaps.items(), key=lambda kv: -kv[1])

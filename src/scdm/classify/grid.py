@@ -272,7 +272,6 @@ def _ridge_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
     X = space.X
     if not tasks:
         return
-    shift = X[np.linspace(0, len(X) - 1, min(len(X), 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64).astype(np.float32)
     buffers = _Buffers(X.shape[1])
     by_params: dict[str, list[Task]] = {}
     for task in tasks:
@@ -283,9 +282,20 @@ def _ridge_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
         by_split: dict[str, list[Task]] = {}
         for task in group:
             by_split.setdefault(task.split.split_id, []).append(task)
-        atoms = _AtomStats(space, shift) if any(t.split.scenario == "cross" for t in group) else None
+        atoms = _AtomStats(space) if any(t.split.scenario == "cross" for t in group) else None
         for split_tasks in by_split.values():
-            yield from _ridge_split(space, split_tasks, head, shift, buffers, atoms)
+            yield from _ridge_split(space, split_tasks, head, buffers, atoms)
+
+
+def _rows_mean(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The shift Gram statistics of ``X[rows]`` are summed about: the mean of up to 4096 of the rows.
+
+    Each split and each atom is summed about its own rows' mean, never one mean of the whole space:
+    float32 sums about a point far from the rows (datasets of a space a batch offset apart) lose
+    their spread to the offset, and a split's numbers would depend on the other datasets pooled.
+    """
+    sample = rows[np.linspace(0, rows.size - 1, min(rows.size, 4096)).astype(np.int64)]
+    return X[sample].mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def _logreg_outcomes(space: Space, tasks: list[Task]) -> Iterator[Outcome]:
@@ -330,10 +340,12 @@ class _AtomStats:
     """Float32 Gram statistics per atom (dataset x study x categories) from one pass over the rows.
 
     A cross-data split's total is a sum of atoms and its held-out study is one or a few atoms, so
-    every cross-data fold of every category costs additions, not passes over the embeddings.
+    every cross-data fold of every category costs additions, not passes over the embeddings. Each
+    atom is summed about its own mean (:func:`_rows_mean`) and moved to a split's shift in float64
+    when added.
     """
 
-    def __init__(self, space: Space, shift: np.ndarray) -> None:
+    def __init__(self, space: Space) -> None:
         assert space.cells is not None and space.X is not None
         dim = space.X.shape[1]
         self.codes = space.cells[_ATOM_COLUMNS].astype(str).groupby(_ATOM_COLUMNS, sort=True).ngroup().to_numpy()
@@ -348,7 +360,7 @@ class _AtomStats:
         assert space.X is not None and space.y is not None
         for code in range(n_atoms):
             rows = np.flatnonzero(self.codes == code)
-            self.stats[code] = GramStats.from_rows(space.X, space.y, rows=rows, shift=shift,
+            self.stats[code] = GramStats.from_rows(space.X, space.y, rows=rows, shift=_rows_mean(space.X, rows),
                                                    out=np.empty((dim, dim), np.float32, order="F"))
         logger.info("ridge: Gram statistics of %d atoms in %.1f s", n_atoms, time.perf_counter() - t0)
 
@@ -362,13 +374,14 @@ class _AtomStats:
         return present
 
 
-def _ridge_split(space: Space, tasks: list[Task], head: RidgeHead, shift: np.ndarray, buffers: _Buffers,
+def _ridge_split(space: Space, tasks: list[Task], head: RidgeHead, buffers: _Buffers,
                  atoms: _AtomStats | None) -> Iterator[Outcome]:
     assert space.X is not None and space.y is not None
     split = tasks[0].split
     X, y = space.X, space.y
     dim = X.shape[1]
     pos = space.positions(split.cells)
+    shift = _rows_mean(X, pos)
     fold_of = split.cells["fold"].to_numpy(dtype=float, na_value=np.nan)
     t0 = time.perf_counter()
     total = GramStats.zeros(dim, shift, out=buffers.total)

@@ -297,13 +297,43 @@ class GramStats:
         return self._combine(other, -1.0)
 
     def iadd(self, other: GramStats) -> GramStats:
-        """In-place ``self += other`` (no new dim x dim matrix)."""
+        """In-place ``self += other`` (no new dim x dim matrix); ``other`` may be about another shift.
+
+        Stats of another shift are moved to this one in float64 (see :func:`_moved_sums`), so each
+        set of rows can be summed about its own mean, where its float32 sums keep their precision.
+        """
         self.sxx += other.sxx
-        self.sx += other.sx
-        self.sxy += other.sxy
+        sx, sxy, step = _moved_sums(other, self.shift)
+        if step is not None:
+            _move_gram(self.sxx, step, other.sx, other.n, sign=1.0)
+        self.sx += sx
+        self.sxy += sxy
         self.sy += other.sy
         self.n += other.n
         return self
+
+
+def _moved_sums(stats: GramStats, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``stats``' row and label-weighted sums about ``shift`` instead of its own shift, and the step
+    ``d = stats.shift - shift`` (None when the shifts are equal: nothing moves).
+
+    Rows about ``shift`` are ``(x - stats.shift) + d``: their sum gains ``n d``, their label-weighted
+    sum ``sy d``, and their Gram matrix ``d sx^T + sx d^T + n d d^T`` (:func:`_move_gram`).
+    """
+    if np.array_equal(stats.shift, shift):
+        return stats.sx, stats.sxy, None
+    step = stats.shift.astype(np.float64) - np.asarray(shift, np.float64)
+    return stats.sx + stats.n * step, stats.sxy + stats.sy * step, step
+
+
+def _move_gram(lower: np.ndarray, step: np.ndarray, sx: np.ndarray, n: float, *, sign: float) -> None:
+    """Add ``sign * (d sx^T + sx d^T + n d d^T)`` to the lower triangle of a float64 Fortran matrix, in place."""
+    if lower.dtype != np.float64 or not lower.flags.f_contiguous:
+        msg = "GramStats of another shift are added into float64 (Fortran-ordered) statistics only."
+        raise ValueError(msg)
+    out = scipy.linalg.blas.dsyr2(sign, step, np.asarray(sx, np.float64), a=lower, lower=1, overwrite_a=1)
+    out = scipy.linalg.blas.dsyr(sign * n, step, a=out, lower=1, overwrite_a=1)
+    assert np.shares_memory(out, lower)  # overwrite_a on a Fortran float64 matrix: updated in place
 
 
 def _shifted_blocks(X: np.ndarray, y: np.ndarray, shift: np.ndarray, rows: np.ndarray | None,
@@ -352,7 +382,8 @@ def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool | Lite
     alpha : float
     standardize : bool or "global", default "global"
     minus : GramStats, optional
-        Statistics of the held-out fold: the fit uses ``stats - minus`` (the fold downdate).
+        Statistics of the held-out fold: the fit uses ``stats - minus`` (the fold downdate). It may be
+        summed about another shift than ``stats`` (moved to it in float64).
     work : ndarray of shape (emb_dim, emb_dim), float64, Fortran order, optional
         Scratch matrix the solve overwrites; pass one to reuse across many solves (a fresh
         dim x dim allocation costs more than the subtraction itself).
@@ -362,11 +393,11 @@ def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool | Lite
     coef : ndarray of shape (emb_dim,)
     intercept : float
     """
+    step = None
     if minus is not None:
-        if not np.array_equal(stats.shift, minus.shift):
-            msg = "GramStats with different shifts cannot be combined; build them with the same shift."
-            raise InputDataError(msg)
-        n, sx, sy, sxy = stats.n - minus.n, stats.sx - minus.sx, stats.sy - minus.sy, stats.sxy - minus.sxy
+        # a held-out fold summed about its own mean (a cross-data atom) is moved to the total's shift in float64
+        minus_sx, minus_sxy, step = _moved_sums(minus, stats.shift)
+        n, sx, sy, sxy = stats.n - minus.n, stats.sx - minus_sx, stats.sy - minus.sy, stats.sxy - minus_sxy
     else:
         n, sx, sy, sxy = stats.n, stats.sx, stats.sy, stats.sxy
     if work is None or work.shape != stats.sxx.shape or not work.flags.f_contiguous:
@@ -381,6 +412,8 @@ def ridge_from_stats(stats: GramStats, alpha: float, *, standardize: bool | Lite
         """The penalised centred Gram matrix, written into ``work`` (lower triangle valid)."""
         if minus is not None:
             np.subtract(stats.sxx, minus.sxx, out=work)
+            if step is not None:
+                _move_gram(work, step, minus.sx, minus.n, sign=-1.0)
         else:
             np.copyto(work, stats.sxx)
         # ``work`` is Fortran-ordered with a valid lower triangle: BLAS/LAPACK update it in place.
