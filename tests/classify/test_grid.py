@@ -486,3 +486,13 @@ def test_ridge_downdates_stay_exact_when_datasets_sit_far_apart(st: Store) -> No
         got = st.query('SELECT proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"', [task.task_id])
         gaps[f"{split.scenario} {split.category} fold {task.fold}"] = float(np.abs(got["proba"].to_numpy() - expected).max())
     assert max(gaps.values()) < 2e-5, sorted(gaps.items(), key=lambda kv: -kv[1])
+
+
+def test_a_category_type_asked_twice_is_evaluated_once(st: Store) -> None:
+    """``--by all,cancer_type,all`` made every split of 'all' twice: the run fitted their tasks twice and
+    then failed on the catalog's primary key (a DuckDB ConstraintException), storing none of that batch."""
+    write_pca(st, "pca-joint", 4)
+    twice = run(st, heads=["majority", "ridge"], by=["all", "cancer_type", "all"])
+    once = run(st, heads=["majority", "ridge"], by=["all", "cancer_type"])
+    assert twice.n_done == twice.n_tasks == once.n_tasks == once.n_reused > 0
+    assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"].iloc[0] == once.n_tasks

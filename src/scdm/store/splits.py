@@ -641,7 +641,9 @@ def make_splits(
         Unknown scenario/category type/scheme, bad ``n_folds``, missing sample ids for the
         ``sample`` scheme, or a ``custom`` scenario without assignments.
     """
-    scenarios, by = list(scenarios), list(by)
+    # a category type or scenario named twice is built once: twice, its splits' tasks would be fitted twice
+    # and stored under one task id (the catalog's primary key refuses the second)
+    scenarios, by = list(dict.fromkeys(scenarios)), list(dict.fromkeys(by))
     for value, allowed, what in ((scenarios, SCENARIOS, "scenario"), (by, CATEGORY_TYPES, "category type")):
         unknown = [v for v in value if v not in allowed]
         if unknown:
