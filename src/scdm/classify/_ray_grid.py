@@ -64,6 +64,7 @@ from scdm.classify.tasks import (
     logreg_groups,
     logreg_split,
     one_math_thread,
+    runs_torch,
 )
 from scdm.store.errors import InputDataError
 
@@ -78,8 +79,6 @@ MAX_RETRIES = 3
 """Attempts Ray makes again when a batch's worker dies or the batch raises."""
 BATCHES_PER_CPU = 4
 """Target batches per cluster CPU: enough for load balance, few enough to amortise per-task costs."""
-TORCH_HEADS = ("mlp", "dann", "lora-mlp")
-"""Heads that run torch inside a fit (their thread count is pinned like BLAS's)."""
 SPLIT_HEADS = ("logreg",)
 """Heads whose folds are solved together (``tasks.logreg_groups``: every fold of the splits over the
 same cells): one Ray task holds exactly the group the local executor solves together, so the numbers
@@ -322,7 +321,7 @@ def _fit_batch(space: Space, items: list[_Item], crash: str | None, *splits: Spl
     tasks = [Task(item.task_id, space, by_id[item.split_id], item.fold, item.head, item.params, item.params_key)
              for item in items]
     differs = {item.task_id: why for item in items if (why := _identity_differs(item)) is not None}
-    with one_math_thread(torch_heads=any(item.head in TORCH_HEADS for item in items)):
+    with one_math_thread(torch_heads=any(runs_torch(item.head, item.params) for item in items)):
         if tasks[0].head in SPLIT_HEADS:  # the group's folds together, as the local executor does
             outcomes = list(logreg_split(space, tasks))
         else:

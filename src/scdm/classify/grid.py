@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import warnings
@@ -54,6 +53,7 @@ from scdm.classify.tasks import (
     logreg_groups,
     logreg_split,
     one_math_thread,
+    runs_torch,
 )
 from scdm.store import evaluation as records
 from scdm.store.errors import (
@@ -441,34 +441,6 @@ def _ridge_split(space: Space, tasks: list[Task], head: RidgeHead, buffers: _Buf
 # --------------------------------------------------------------------------------------------
 # parallel execution
 # --------------------------------------------------------------------------------------------
-class _Threads:
-    """Split the CPU between ``jobs`` parallel fits (BLAS and torch thread pools)."""
-
-    def __init__(self, jobs: int) -> None:
-        self.jobs = jobs
-        self.per_job = max(1, cpu_budget() // jobs)
-
-    def __enter__(self) -> _Threads:
-        from threadpoolctl import threadpool_limits
-
-        self.limits = threadpool_limits(limits=self.per_job) if self.jobs > 1 else None
-        self.torch_threads = None
-        if self.jobs > 1 and "torch" in sys.modules:
-            import torch
-
-            self.torch_threads = torch.get_num_threads()
-            torch.set_num_threads(self.per_job)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.limits is not None:
-            self.limits.unregister()
-        if self.torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(self.torch_threads)
-
-
 def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[Outcome]:
     if jobs == 1 or len(tasks) <= 1:
         for task in tasks:
@@ -477,10 +449,10 @@ def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[Outcome]:
     from joblib import Parallel, delayed
 
     # Threads share the embedding matrix (read once per process); the heavy parts of every head
-    # (BLAS, torch, LightGBM) release the GIL.
-    with _Threads(jobs):
-        parallel = Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")
-        yield from parallel(delayed(fit_task)(task) for task in tasks)
+    # (BLAS, torch, LightGBM) release the GIL. Each fit runs on the one math thread _math_threads set
+    # (as with jobs=1 and on Ray): cpu_budget() // jobs threads each gave other numbers on larger machines.
+    parallel = Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")
+    yield from parallel(delayed(fit_task)(task) for task in tasks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +637,7 @@ def evaluate(
             batched = [t for t in pending if t.head in _BATCHED_HEADS]
             others = [t for t in pending if t.head not in _BATCHED_HEADS]
             space_jobs = _space_jobs(space, jobs, len(others))
-            with warnings.catch_warnings(), _math_threads(space, space_jobs, torch_heads=any(t.head in ("mlp", "dann") for t in others)):
+            with warnings.catch_warnings(), _math_threads(space, space_jobs, torch_heads=any(runs_torch(t.head, t.params) for t in others)):
                 warnings.simplefilter("once")
                 # Ray: ridge stays here (shared Gram statistics); a split's logreg folds are one Ray task.
                 outcomes = (_chain(_batched_outcomes(space, batched), _run_tasks(others, space_jobs)) if pool is None

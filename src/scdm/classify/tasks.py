@@ -25,7 +25,8 @@ from scdm.store.errors import InputDataError
 from scdm.store.evaluation import SkippedTask, TaskKey, TaskOutcome
 from scdm.store.splits import Split
 
-__all__ = ["Space", "Task", "Outcome", "fit_task", "logreg_groups", "logreg_split", "one_math_thread", "same_cells_key"]
+__all__ = ["Space", "Task", "Outcome", "TORCH_HEADS", "fit_task", "logreg_groups", "logreg_split", "one_math_thread",
+           "runs_torch", "same_cells_key"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,15 @@ def predict_in_blocks(head: Any, X: np.ndarray, positions: np.ndarray) -> np.nda
         return np.asarray(head.proba_sensitive(X[positions]))
     return np.concatenate([np.asarray(head.proba_sensitive(X[positions[lo:lo + PREDICT_BLOCK_ROWS]]))
                            for lo in range(0, positions.size, PREDICT_BLOCK_ROWS)])
+
+
+TORCH_HEADS = ("mlp", "dann", "lora-mlp")
+"""Heads that run torch inside a fit (their torch thread count is pinned like BLAS's)."""
+
+
+def runs_torch(head: str, params: dict[str, Any]) -> bool:
+    """Whether a fit of ``head`` runs torch: a torch head, or a shuffled-label baseline of one."""
+    return head in TORCH_HEADS or (head == "shuffled-label" and params.get("base") in TORCH_HEADS)
 
 
 @contextlib.contextmanager
