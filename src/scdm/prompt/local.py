@@ -187,7 +187,7 @@ class HFBackend(Backend):
         if n > limit:
             msg = (f"A request of {n_cells} cells takes {n} tokens with its answer, more than the {limit} positions of "
                    f"{self.model!r}: past them the model does not read the prompt as it was trained to. Lower "
-                   "--cells-per-request, --shots or --top-k, or use a model with a longer context.")
+                   "--cells-per-request, --shots or --genes, or use a model with a longer context.")
             raise PromptRequestError(msg)
 
     def _p_sensitive(self, state: _CachedForward, context: str, special: bool) -> tuple[float, list[int]]:

@@ -423,7 +423,7 @@ class PredictionRow(_Row):
 class ModelSummary(BaseModel):
     model: str
     n_embeddings: int = Field(description="Complete embeddings (as `scdm ls` lists them).")
-    n_unfinished: int = Field(description="Embeddings still being written, stopped or failed (`scdm ls --status`).")
+    n_unfinished: int = Field(description="Embeddings still being written, stopped or failed (their status: `scdm ls --what embeddings`).")
     n_datasets: int = Field(description="Datasets with a complete embedding.")
     variants: list[str]
     evaluated: bool = Field(description="Whether the model has results a leaderboard shows (results an older scdm "
