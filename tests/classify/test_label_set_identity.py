@@ -10,7 +10,8 @@ import pytest
 from scdm.classify.grid import evaluate
 from scdm.classify.results import leaderboard
 from scdm.embedding.runner import embed, embed_baseline
-from scdm.store import Store
+from scdm.store import Store, _catalog
+from scdm.store.errors import StoreReadOnlyError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -144,6 +145,31 @@ def test_splits_named_with_the_whole_spaces_label_sets_before_schema_10_are_rena
     assert after[["datasets", "label_set", "mean", "n_folds"]].equals(board[["datasets", "label_set", "mean", "n_folds"]])
 
 
+def test_a_store_that_recorded_one_fit_per_task_as_migration_10_still_gets_its_splits_renamed(tmp_path):
+    """0011_one_fit_per_task shipped as 0010 before 0010_split_label_sets was put ahead of it: a store an
+    scdm of that time opened has (10, 'one_fit_per_task') recorded, and was taken as done with version 10
+    (8 of 30 splits of an A375/JHU006 store kept 'Gefitinib,PLX-4720', shown beside their refits)."""
+    st, kw = _a375_and_jhu006_in_one_space(tmp_path)
+    first = evaluate(st, **kw)
+    board = leaderboard(st, metrics=["auroc"]).sort_values(["datasets", "label_set"]).reset_index(drop=True)
+    for table in ("splits", "eval_tasks", "eval_results", "skipped_tasks"):  # as the code before schema 10 named them
+        st.execute(f"UPDATE {table} SET label_set = 'Gefitinib,PLX-4720' WHERE label_set IS NOT NULL")
+    st.execute("DELETE FROM migrations WHERE version >= 10")  # as that scdm recorded its migration 10
+    st.execute("INSERT INTO migrations VALUES (10, 'one_fit_per_task', now(), '0.1.0')")
+    with pytest.raises(StoreReadOnlyError, match="0010_split_label_sets"):
+        Store(tmp_path / "store", read_only=True)  # needs the migration it cannot apply
+    st = Store(tmp_path / "store")  # migrates
+    stored = st.query("SELECT datasets, label_set FROM splits").drop_duplicates()
+    assert dict(zip(stored["datasets"], stored["label_set"])) == {
+        "A375": "PLX-4720", "JHU006": "Gefitinib", "A375,JHU006": "Gefitinib,PLX-4720"}
+    recorded = st.query("SELECT version, name FROM migrations WHERE version >= 10 ORDER BY version")
+    assert list(recorded["name"])[:2] == ["split_label_sets", "one_fit_per_task"]
+    again = evaluate(st, **kw)
+    assert again.n_done == 0 and again.n_reused == first.n_done
+    after = leaderboard(st, metrics=["auroc"]).sort_values(["datasets", "label_set"]).reset_index(drop=True)
+    assert after[["datasets", "label_set", "mean", "n_folds"]].equals(board[["datasets", "label_set", "mean", "n_folds"]])
+
+
 def test_result_key_keeps_label_sets_that_share_a_partition_apart(tmp_path):
     st = Store(tmp_path / "store")
     jhu = DATA / "JHU006_HNSCC_Kinker2020.h5ad"
@@ -155,3 +181,14 @@ def test_result_key_keeps_label_sets_that_share_a_partition_apart(tmp_path):
     evaluate(st, label_set="AR-42", **kw)
     groups = st.sql("SELECT result_key, count(value) AS n FROM results WHERE metric = 'auroc' GROUP BY result_key")
     assert sorted(groups["n"]) == [3, 3]  # one key per label set, not n = 6
+
+
+def test_only_a_renumbered_migration_makes_the_later_ones_run_again():
+    """A version recorded under another name re-runs it and every later one (10 to 12 run twice safely);
+    a version merely missing runs alone, as before (0008 would fail on its existing tables)."""
+    shipped = {version: name for version, name, _ in _catalog._MIGRATIONS}
+    missing_7 = {v: n for v, n in shipped.items() if v != 7}
+    assert [v for v, _, _ in _catalog._pending_migrations(missing_7)] == [7]
+    old_10 = {**{v: n for v, n in shipped.items() if v < 10}, 10: "one_fit_per_task"}
+    assert [v for v, _, _ in _catalog._pending_migrations(old_10)] == [v for v in shipped if v >= 10]
+    assert _catalog._pending_migrations(shipped) == []

@@ -135,6 +135,25 @@ SCHEMA_VERSION: int = _MIGRATIONS[-1][0]
 """Newest catalog schema this scdm can read and write."""
 
 
+def _pending_migrations(done: dict[int, str]) -> list[tuple[int, str, str]]:
+    """The shipped migrations a catalog that recorded ``done`` (version -> name) still needs, in order.
+
+    A version is done only under its own name: 0011_one_fit_per_task was shipped as 0010 before
+    0010_split_label_sets was put ahead of it, so a store that an scdm of that time opened has
+    version 10 recorded and never got its splits renamed. From a version recorded under another
+    name on, every migration runs (again): a later one may depend on it (11 removes the copies of one
+    fit that 10's renaming makes alike), and 10 to 12 are written to run twice safely.
+    """
+    pending = []
+    renumbered = False
+    for version, name, sql in _MIGRATIONS:
+        recorded = done.get(version)
+        renumbered = renumbered or (recorded is not None and recorded != name)
+        if renumbered or recorded != name:
+            pending.append((version, name, sql))
+    return pending
+
+
 @contextlib.contextmanager
 def registered(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame) -> Iterator[None]:
     """``frame`` readable by SQL as ``name`` inside the block.
@@ -939,15 +958,13 @@ class Catalog:
                 "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name VARCHAR, "
                 "applied_at TIMESTAMP, scdm_version VARCHAR)"
             )
-            done = {r[0] for r in con.execute("SELECT version FROM migrations").fetchall()}
-            self._refuse_newer(con, done, scdm_version)
-            for version, name, sql in _MIGRATIONS:
-                if version in done:
-                    continue
+            done = dict(con.execute("SELECT version, name FROM migrations").fetchall())
+            self._refuse_newer(con, set(done), scdm_version)
+            for version, name, sql in _pending_migrations(done):
                 logger.debug("catalog %s: applying migration %04d_%s", self.path, version, name)
                 con.execute(sql)
                 con.execute(
-                    "INSERT INTO migrations VALUES (?, ?, now(), ?)", [version, name, scdm_version]
+                    "INSERT OR REPLACE INTO migrations VALUES (?, ?, now(), ?)", [version, name, scdm_version]
                 )
             con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
@@ -958,15 +975,17 @@ class Catalog:
         with self.connect(read_only=True) as con:
             self._refuse_macros(con)
             try:
-                done = {r[0] for r in con.execute("SELECT version FROM migrations").fetchall()}
+                done = dict(con.execute("SELECT version, name FROM migrations").fetchall())
             except duckdb.CatalogException:
-                done = set()
-            self._refuse_newer(con, done, scdm_version)
-        missing = [v for v, _, _ in _MIGRATIONS if v not in done]
-        if missing:
+                done = {}
+            self._refuse_newer(con, set(done), scdm_version)
+        pending = _pending_migrations(done)
+        if pending:
             store = self.path.parent
+            names = ", ".join(f"{version:04d}_{name}" for version, name, _ in pending)
             msg = (
-                f"The catalog {str(self.path)!r} has schema version {max(done, default=0)}; this scdm "
+                f"The catalog {str(self.path)!r} has schema version {max(done, default=0)} and lacks migration(s) "
+                f"{names}; this scdm "
                 f"({scdm_version}) needs version {SCHEMA_VERSION}, and a store opened read-only cannot be migrated. "
                 f"Open it once with write access (e.g. `scdm --store {str(store)} ls` as a user who may write it), "
                 "then read-only use works."
