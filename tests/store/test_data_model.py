@@ -174,7 +174,7 @@ def test_two_identical_evaluations_at_once_both_finish(tmp_path):
 
 
 # ---- migration -------------------------------------------------------------------------------
-def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path):
+def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path, monkeypatch):
     with tarfile.open(DATA / "stores" / "store_schema5.tar.gz") as tar:
         tar.extractall(tmp_path, filter="data")
     st = Store(tmp_path / "store_v5")
@@ -191,11 +191,20 @@ def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path):
     assert head["label_set"].tolist() == ["response_PLX4720"]
     assert len(st.query("SELECT * FROM results")) == len(st.query("SELECT * FROM eval_results"))
     # the old evaluation, rerun with the old head parameters (ridge's standardisation default changed
-    # since), finds every task done: split and task identities did not change
+    # since) and the old ridge revision (its grid fix since: revision 2), finds every task done: split and
+    # task identities did not change
+    from scdm.classify.heads import RidgeHead
+
     old_splits = set(st.query("SELECT split_id FROM splits")["split_id"])
+    with monkeypatch.context() as m:
+        m.setattr(RidgeHead, "revision", lambda self: 1)
+        summary = evaluate(st, heads=["ridge"], by=["all", "tissue"], folds=3, silent=True,
+                           head_params={"ridge": {"standardize": True}})
+    assert summary.n_done == 0 and summary.n_reused > 0
+    # this scdm's ridge fits them again (revision 2), on the same splits
     summary = evaluate(st, heads=["ridge"], by=["all", "tissue"], folds=3, silent=True,
                        head_params={"ridge": {"standardize": True}})
-    assert summary.n_done == 0 and summary.n_reused > 0
+    assert summary.n_done > 0 and summary.n_reused == 0
     assert set(st.query("SELECT split_id FROM splits")["split_id"]) == old_splits
 
 
