@@ -43,23 +43,18 @@ def test_answers_cut_at_the_token_limit_are_reported(marker_store, caplog) -> No
     assert summary.n_unanswered == 0 and "token limit" not in caplog.text
 
 
-class EveryOtherRefused(Backend):
-    """Refuses every second request it is sent; answers the others 'resistant' for every cell."""
+class EveryOtherRefused(TokenLimited):
+    """Refuses every second request it is sent; answers the others in full."""
 
-    kind, model = "test", "every-other-refused"
+    model = "every-other-refused"
 
     def __init__(self) -> None:
+        super().__init__(10_000)
         self.sent = 0
-
-    def decoding(self) -> dict[str, Any]:
-        return {}
 
     def send(self, messages: list[dict[str, Any]], n_cells: int) -> Reply:
         self.sent += 1
-        if self.sent % 2 == 0:
-            return Reply(text="I cannot help with that.", raw={})
-        return Reply(text=json.dumps({"cells": [{"cell": i, "response": "resistant"} for i in range(1, n_cells + 1)]}),
-                     raw={})
+        return Reply(text="I cannot help with that.", raw={}) if self.sent % 2 == 0 else super().send(messages, n_cells)
 
 
 def test_unreadable_answers_are_counted_per_ask_not_per_cell(marker_store) -> None:

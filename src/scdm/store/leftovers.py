@@ -194,10 +194,15 @@ def _temporaries(root: Path, now: float) -> Iterator[Leftover]:
 
 def _temp_kept(path: Path, now: float) -> str | None:
     """Why a temporary must stay (its writer may still write it), or None."""
-    named = _TEMP.match(path.name)
+    return _kept_by_writer(_TEMP.match(path.name), path, now, "that writes it")
+
+
+def _kept_by_writer(named: re.Match[str] | None, path: Path, now: float, role: str) -> str | None:
+    """Why a file named by its writer's host and pid must stay (that writer runs here, or, on another host
+    or unnamed, it is too recent to tell), or None."""
     if named and named["host"] == _host():
         pid = int(named["pid"])
-        return f"pid {pid} that writes it is running" if _alive(pid) else None
+        return f"pid {pid} {role} is running" if _alive(pid) else None
     return _too_recent(path, now, f"written by pid {named['pid']} on {named['host']}" if named else "its writer is not named")
 
 
@@ -282,11 +287,7 @@ def _write_probes(root: Path, now: float) -> Iterator[Leftover]:
 
 
 def _probe_kept(path: Path, now: float) -> str | None:
-    named = _PROBE.match(path.name)
-    if named and named["host"] == _host():
-        pid = int(named["pid"])
-        return f"pid {pid} that wrote it is running" if _alive(pid) else None
-    return _too_recent(path, now, f"written by pid {named['pid']} on {named['host']}" if named else "its writer is not named")
+    return _kept_by_writer(_PROBE.match(path.name), path, now, "that wrote it")
 
 
 def _remove_claims(item: Leftover) -> Leftover:
