@@ -6,6 +6,7 @@ transformer layer). Each test compares with the local executor bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from scdm.embedding.runner import embed
 from scdm.store import Store
 from scdm.store._store import ChunkRecord
 from scdm.store.errors import InputDataError, ScdmError
+from tests.embed.test_unknown_genes import unknown_only  # noqa: F401
 from tests.embed.toy_adapter import ToyAdapter, write_toy_checkpoint
 from tests.ray_fixtures import ray_local  # noqa: F401
 
@@ -65,6 +67,18 @@ class FlakyToyAdapter(ToyAdapter):
                     raise InputDataError(f"injected bad data at row {int(rows[0])}")
                 os._exit(1)
         return super().tokenize(x, rows)
+
+
+@register_adapter
+class ZeroPoolToyAdapter(ToyAdapter):
+    """The toy model returning all zeros for a cell without a known gene, as models that mean-pool with a clamped count do."""
+
+    name = "toy-zeropool"
+
+    def embed(self, batch):
+        out = super().embed(batch)
+        out[~batch["mask"].any(1)] = 0
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +257,57 @@ def test_missing_ray_names_the_extra(monkeypatch):
 def test_store_cli_and_runner_do_not_import_ray():
     code = "import sys, scdm.cli, scdm.store, scdm.embedding.runner, scdm.classify; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.fixture(scope="module")
+def empty_and_unknown_cells(request, tmp_path_factory) -> tuple[Path, list[str]]:
+    """unknown_only's 40 PC9 cells (0 and 1 express only genes the vocabulary lacks) with cell 5 expressing nothing."""
+    path, vocabulary = request.getfixturevalue("unknown_only")
+    adata = ad.read_h5ad(path)
+    x = adata.X.tolil()
+    x[5, :] = 0
+    adata.X = x.tocsr()
+    adata.X.eliminate_zeros()
+    out = tmp_path_factory.mktemp("empty") / "cells.h5ad"
+    adata.write_h5ad(out)
+    return out, vocabulary
+
+
+def _checkpoint(model: str, folder: Path, vocabulary: list[str]) -> Path:
+    if model == "toy-zeropool":
+        return write_toy_checkpoint(folder, vocabulary)
+    from scdm.embedding.models.geneformer import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(folder, genes=vocabulary, seed=1, version=2)
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize(("model", "expected"), [
+    # the toy model pools known genes only: cells 0, 1 and the empty cell 5 get all-zero vectors
+    ("toy-zeropool", {"zero_rows": 3, "cells_without_expressed_genes": 1}),
+    # Geneformer V2 gives them <cls><eos> alone: no zero row, but 3 cells without a known gene
+    ("geneformer", {"zero_rows": 0, "cells_without_expressed_genes": 1, "cells_without_known_genes": 3}),
+])
+def test_ray_records_and_warns_about_empty_cells_as_the_local_executor_does(model, expected, empty_and_unknown_cells, tmp_path, caplog):
+    # the Ray audit held the gene audit and token statistics only: no zero_rows, cells_without_expressed_genes
+    # or cells_without_known_genes, and no line warned about the all-zero vectors it stored
+    path, vocabulary = empty_and_unknown_cells
+    checkpoint = _checkpoint(model, tmp_path / "ckpt", vocabulary)
+    audits, telemetry, values, warnings = {}, {}, {}, {}
+    for executor in ("local", "ray"):
+        st = Store(tmp_path / f"store-{executor}")
+        name = st.ingest(path).name
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scdm.embedding"):
+            res = embed(st, name, model, checkpoint, batch_size=4, chunk_rows=16, executor=executor, progress=False, allow_empty_cells=True)
+        raw = st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [res.embedding_id])["audit"].iloc[0]
+        audits[executor], telemetry[executor] = json.loads(raw), res.telemetry
+        values[executor] = st.read_embedding(res.embedding_id)
+        warnings[executor] = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert audits["ray"] == audits["local"]
+    assert {k: audits["ray"].get(k) for k in expected} == expected
+    assert telemetry["ray"]["zero_rows"] == telemetry["local"]["zero_rows"] == expected["zero_rows"]
+    assert warnings["ray"] == warnings["local"]
+    assert any("cells got an all-zero" in w for w in warnings["ray"]) == (expected["zero_rows"] > 0)
+    assert any("express none of the genes" in w for w in warnings["ray"]) == ("cells_without_known_genes" in expected)
+    np.testing.assert_array_equal(values["ray"], values["local"])

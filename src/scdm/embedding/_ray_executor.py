@@ -53,13 +53,17 @@ from scdm.embedding.chunks import (
     ChunkTokens,
     EmbedResult,
     batches_by_length,
+    cells_without_known_genes,
     compile_model,
     embed_cells,
+    empty_audit,
     finalize_with_repair,
     model_chunk_rows,
     padding_stats,
     peak_rss,
     run_telemetry,
+    warn_cells_without_known_genes,
+    warn_zero_rows,
 )
 from scdm.store import ChunkRecord, ChunkTarget, Store
 from scdm.store.errors import InputDataError, ScdmError
@@ -213,6 +217,16 @@ class EmbedWorker:
             out["gpu"] = torch.cuda.get_device_name(0)
         return out
 
+    def count_cells_without_known_genes(self) -> int | None:
+        """One pass over the dataset file, as the local executor makes (see :func:`~scdm.embedding.chunks.cells_without_known_genes`)."""
+        import anndata as ad
+
+        adata = ad.read_h5ad(self.spec.dataset_path, backed="r")
+        try:
+            return cells_without_known_genes(adata, self.adapter.known_columns_, self.adapter.name)
+        finally:
+            adata.file.close()
+
     def _open(self, target: ChunkTarget) -> None:
         if self._target == target:
             return
@@ -285,6 +299,8 @@ class RayEmbedJob:
     checkpoint_source: dict[str, Any] | None = None
     """Where the checkpoint came from (``hub_id``/``revision``/``commit``, or ``path``), for the telemetry."""
     torch_compile: bool = False
+    cells_without_expressed_genes: int | None = None
+    """What :func:`~scdm.embedding.runner.count_empty_cells` found (None: not counted), for the audit."""
 
 
 @dataclass
@@ -336,8 +352,11 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
     n_actors = job.actors or _default_actors(ray, job.num_gpus_per_actor)
     actors = [new_actor() for _ in range(max(1, n_actors))]
     try:
-        info = _first_info(ray, actors)
+        info, first = _first_info(ray, actors)
         require_matches(info["audit"], adapter.name, min_genes=job.min_genes, min_fraction=job.min_gene_fraction)
+        # counted as the local executor counts it (the whole dataset, every run), by an actor: it has the model's genes
+        n_unknown = _count_unknown(ray, first) if job.allow_empty_cells else None
+        warn_cells_without_known_genes(n_unknown, adapter.name)
         chunk_rows = model_chunk_rows(job.chunk_rows, info["emb_dim"], job.params, not spec.sort)
         emb = st.create_embedding(ds.dataset_id, model=adapter.name, params=job.params, dim=info["emb_dim"],
                                   checkpoint_hash=job.checkpoint_hash, chunk_rows=chunk_rows, **job.variant)
@@ -353,12 +372,18 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
 
             def run(chunks: list[int], _finish: Any) -> dict[str, Any]:  # actors write the chunks: finalized after
                 tallies.append(_run(ray, emb, claims, actors, new_actor, chunks, job))
+                warn_zero_rows(tallies[-1].zero_rows, adapter.name)
                 return {"chunks": sum(t.chunks for t in tallies)}
 
             def telemetry_of(_: dict[str, Any]) -> dict[str, Any]:
                 return _ray_telemetry(_merged(tallies), info, job, len(actors), time.perf_counter() - t_start)
 
-            stats = finalize_with_repair(emb, run, missing, telemetry_of, lambda _: {**info["audit"].to_dict(), **_token_stats(_merged(tallies))})
+            def _audit_of(_: dict[str, Any]) -> dict[str, Any]:
+                merged = _merged(tallies)
+                return {**info["audit"].to_dict(), **_token_stats(merged),
+                        **empty_audit(job.cells_without_expressed_genes, merged.zero_rows, n_unknown)}
+
+            stats = finalize_with_repair(emb, run, missing, telemetry_of, _audit_of)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -401,19 +426,27 @@ def _default_actors(ray: Any, num_gpus_per_actor: float) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
-def _first_info(ray: Any, actors: list[Any]) -> dict[str, Any]:
-    """Info of the first actor that loaded the model (the others keep loading meanwhile)."""
+def _first_info(ray: Any, actors: list[Any]) -> tuple[dict[str, Any], Any]:
+    """Info of the first actor that loaded the model, and that actor (the others keep loading meanwhile)."""
     pending = {actor.info.remote(): actor for actor in actors}
     last_error: Exception | None = None
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        pending.pop(ready[0])
+        actor = pending.pop(ready[0])
         try:
-            return dict(ray.get(ready[0]))
+            return dict(ray.get(ready[0])), actor
         except ray.exceptions.RayError as err:
             last_error = err
     msg = f"No Ray actor could load the model: {_init_error_line(last_error)}"
     raise ScdmError(msg) from last_error
+
+
+def _count_unknown(ray: Any, actor: Any) -> int | None:
+    try:
+        return ray.get(actor.count_cells_without_known_genes.remote())
+    except ray.exceptions.RayError as err:
+        msg = f"The Ray actor counting the cells without any gene the model knows failed: {_cause(ray, err)}. Nothing was computed; rerun."
+        raise ScdmError(msg) from err
 
 
 def _init_error_line(err: Exception | None) -> str:
@@ -606,7 +639,7 @@ def _ray_telemetry(tally: _Tally, info: dict[str, Any], job: RayEmbedJob, n_acto
         "tokens_computed": tally.tokens_computed, "tokens_naive_padding": tally.tokens_naive,
         "padding_saved": 1 - tally.tokens_computed / tally.tokens_naive if tally.tokens_naive else 0.0,
         "final_batch_size": min(tally.batch_sizes) if tally.batch_sizes else job.batch_size,
-        "oom_backoffs": sum(tally.oom_backoffs.values()),
+        "oom_backoffs": sum(tally.oom_backoffs.values()), "zero_rows": tally.zero_rows,
     }
     # the driver holds no model and maybe no GPU: describe the actors' device, not this process's
     out = run_telemetry(stats, "cpu", job.precision, None, None, torch_compile=job.torch_compile)

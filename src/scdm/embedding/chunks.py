@@ -20,13 +20,14 @@ import numpy as np
 from scdm.embedding._adapter import Adapter, check_cells_expressed, check_cells_known, check_counts
 from scdm.store import ChunkWriter, Embedding, Store, default_chunk_rows
 from scdm.store.errors import EmbeddingIncompleteError, ScdmError
-from scdm.store.matrix import to_csr
+from scdm.store.matrix import iter_row_blocks, to_csr
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["EmbedResult", "ChunkTokens", "MODEL_CHUNK_ROWS_MAX", "autocast_context", "batches_by_length", "compile_model",
-           "embed_cells", "Finish", "finalize_with_repair", "model_chunk_rows", "padding_stats", "peak_rss", "run_telemetry"]
+__all__ = ["EmbedResult", "ChunkTokens", "MODEL_CHUNK_ROWS_MAX", "autocast_context", "batches_by_length", "cells_without_known_genes",
+           "compile_model", "embed_cells", "empty_audit", "Finish", "finalize_with_repair", "model_chunk_rows", "padding_stats", "peak_rss",
+           "run_telemetry", "warn_zero_rows"]
 
 logger = logging.getLogger("scdm.embedding.runner")
 
@@ -96,6 +97,47 @@ class ChunkTokens:
         check_cells_known(x, self.adapter.known_columns_, np.arange(lo, hi), self.adapter.name,
                           allow_empty_cells=self.allow_empty_cells)
         return chunk, self.adapter.tokenize(x, np.arange(lo, hi))
+
+
+def cells_without_known_genes(adata: Any, known_columns: np.ndarray | None, model: str) -> int | None:
+    """Cells of the (backed) ``adata`` none of whose expressed genes are in ``known_columns``; None if the model cannot tell.
+
+    Counted only when such cells are kept (``allow_empty_cells``): models with special tokens
+    (Geneformer V2's <cls>/<eos>, the LLM's template) give each of them one shared, non-zero vector
+    that no output check sees, so the audit must say how many there are. One pass over the matrix;
+    both executors call it, the Ray one on an actor (where the data is), and warn as it does.
+    """
+    if known_columns is None:
+        return None
+    n = 0
+    for lo, block in iter_row_blocks(adata):
+        rows = np.arange(lo, lo + block.shape[0])
+        n += check_cells_known(block, known_columns, rows, model, allow_empty_cells=True)
+    return n
+
+
+def warn_cells_without_known_genes(n: int | None, model: str) -> None:
+    if n:
+        logger.warning("%d cells express none of the genes %s knows; they are kept as the model embeds them (allow_empty_cells), "
+                       "recorded as cells_without_known_genes in the audit", n, model)
+
+
+def warn_zero_rows(n: int, model: str) -> None:
+    if n:
+        logger.warning("%d cells got an all-zero %s embedding (kept, as allow_empty_cells asked)", n, model)
+
+
+def empty_audit(n_empty: int | None, zero_rows: int, n_unknown: int | None = None) -> dict[str, Any]:
+    """What the audit records about cells without expressed genes, or without any the model knows (kept with allow_empty_cells).
+
+    The same keys from either executor: the same data embedded locally or on Ray has the same audit.
+    """
+    out: dict[str, Any] = {"zero_rows": int(zero_rows)}
+    if n_empty is not None:
+        out["cells_without_expressed_genes"] = n_empty
+    if n_unknown is not None:
+        out["cells_without_known_genes"] = n_unknown
+    return out
 
 
 MODEL_CHUNK_ROWS_MAX = 4096

@@ -35,7 +35,6 @@ from scdm.embedding._adapter import (
     Adapter,
     GeneAudit,
     check_cells_expressed,
-    check_cells_known,
     check_embedded_rows,
     check_input_kind,
     get_adapter,
@@ -47,12 +46,16 @@ from scdm.embedding.chunks import (
     EmbedResult,
     Finish,
     batches_by_length,
+    cells_without_known_genes,
     compile_model,
     embed_cells,
+    empty_audit,
     finalize_with_repair,
     model_chunk_rows,
     padding_stats,
     run_telemetry,
+    warn_cells_without_known_genes,
+    warn_zero_rows,
 )
 from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.store import Embedding, Store, open_store
@@ -530,6 +533,7 @@ def embed(
             min_gene_fraction=min_gene_fraction, num_gpus_per_actor=float(num_gpus_per_actor or 0), actors=actors,
             max_retries=max_retries, ray_address=ray_address, progress=progress, allow_empty_cells=allow_empty_cells,
             checkpoint_source=source.provenance() if source is not None else None, torch_compile=torch_compile,
+            cells_without_expressed_genes=n_empty,
         )
         return ray_exec.embed_on_ray(st, job)
 
@@ -562,7 +566,7 @@ def embed(
             return {**out, "checkpoint": source.provenance()} if source is not None else out
 
         stats = finalize_with_repair(emb, run, missing, telemetry_of,
-                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **_empty_audit(n_empty, s, n_unknown)})
+                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **empty_audit(n_empty, s.get("zero_rows", 0), n_unknown)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
 
@@ -655,8 +659,7 @@ def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, 
         raise
     finally:
         bar.close()
-    if tally.zero_rows:
-        logger.warning("%d cells got an all-zero %s embedding (kept, as allow_empty_cells asked)", tally.zero_rows, adapter.name)
+    warn_zero_rows(tally.zero_rows, adapter.name)
     return stats
 
 
@@ -717,38 +720,20 @@ def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter
     return elsewhere
 
 
-def _empty_audit(n_empty: int | None, stats: dict[str, Any], n_unknown: int | None = None) -> dict[str, Any]:
-    """What the audit records about cells without expressed genes, or without any the model knows (kept with allow_empty_cells)."""
-    out: dict[str, Any] = {"zero_rows": int(stats.get("zero_rows", 0))}
-    if n_empty is not None:
-        out["cells_without_expressed_genes"] = n_empty
-    if n_unknown is not None:
-        out["cells_without_known_genes"] = n_unknown
-    return out
-
-
 def count_cells_without_known_genes(st: Store, dataset: str, adapter: Adapter) -> int | None:
     """Cells none of whose expressed genes ``adapter`` knows (cells expressing nothing included); None if it cannot tell.
 
-    Counted only when such cells are kept (``allow_empty_cells``): models with special tokens
-    (Geneformer V2's <cls>/<eos>, the LLM's template) give each of them one shared, non-zero vector
-    that no output check sees, so the audit must say how many there are. One pass over the matrix.
+    See :func:`~scdm.embedding.chunks.cells_without_known_genes`; warns when there are any.
     """
-    known = adapter.known_columns_
-    if known is None:
+    if adapter.known_columns_ is None:
         return None
     adata = st.open_anndata(dataset, backed=True)
-    n = 0
     try:
-        for lo, block in iter_row_blocks(adata):
-            rows = np.arange(lo, lo + block.shape[0])
-            n += check_cells_known(block, known, rows, adapter.name, allow_empty_cells=True)
+        n = cells_without_known_genes(adata, adapter.known_columns_, adapter.name)
     finally:
         if getattr(adata, "file", None) is not None:
             adata.file.close()
-    if n:
-        logger.warning("%d cells express none of the genes %s knows; they are kept as the model embeds them (allow_empty_cells), "
-                       "recorded as cells_without_known_genes in the audit", n, adapter.name)
+    warn_cells_without_known_genes(n, adapter.name)
     return n
 
 
