@@ -311,3 +311,21 @@ def test_ray_records_and_warns_about_empty_cells_as_the_local_executor_does(mode
     assert any("cells got an all-zero" in w for w in warnings["ray"]) == (expected["zero_rows"] > 0)
     assert any("express none of the genes" in w for w in warnings["ray"]) == ("cells_without_known_genes" in expected)
     np.testing.assert_array_equal(values["ray"], values["local"])
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_audit_counts_the_all_zero_rows_of_chunks_a_resumed_run_kept(executor, empty_and_unknown_cells, tmp_path):
+    # cells 0, 1 and 5 (all in chunk 0) get all-zero vectors; chunk 2 is recomputed (a repair, a resume):
+    # the audit said zero_rows 0, the count of the one chunk that run computed, with 3 all-zero rows stored
+    path, vocabulary = empty_and_unknown_cells
+    checkpoint = write_toy_checkpoint(tmp_path / "ckpt", vocabulary)
+    st = Store(tmp_path / "store")
+    name = st.ingest(path).name
+    first = embed(st, name, "toy-zeropool", checkpoint, chunk_rows=16, progress=False, allow_empty_cells=True)
+    st.mark_chunks_pending(first.embedding_id, [2])
+    again = embed(st, name, "toy-zeropool", checkpoint, chunk_rows=16, executor=executor, progress=False, allow_empty_cells=True)
+    assert again.computed_chunks == 1 and again.telemetry["zero_rows"] == 0  # the telemetry describes the run
+    audit = json.loads(st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [first.embedding_id])["audit"].iloc[0])
+    stored = st.read_embedding(first.embedding_id)
+    assert audit["zero_rows"] == int((~stored.any(axis=1)).sum()) == 3  # the audit describes the stored embedding

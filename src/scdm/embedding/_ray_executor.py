@@ -64,6 +64,7 @@ from scdm.embedding.chunks import (
     run_telemetry,
     warn_cells_without_known_genes,
     warn_zero_rows,
+    zero_rows_of,
 )
 from scdm.store import ChunkRecord, ChunkTarget, Store
 from scdm.store.errors import InputDataError, ScdmError
@@ -310,6 +311,8 @@ class _Tally:
     cells: int = 0
     chunks: int = 0
     zero_rows: int = 0
+    zero_by_chunk: dict[int, int] = field(default_factory=dict)
+    """All-zero rows per chunk the actors computed (the audit counts the other chunks' from the array)."""
     failed: int = 0
     retried: int = 0
     actor_deaths: int = 0
@@ -381,7 +384,7 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
             def _audit_of(_: dict[str, Any]) -> dict[str, Any]:
                 merged = _merged(tallies)
                 return {**info["audit"].to_dict(), **_token_stats(merged),
-                        **empty_audit(job.cells_without_expressed_genes, merged.zero_rows, n_unknown)}
+                        **empty_audit(job.cells_without_expressed_genes, zero_rows_of(emb, merged.zero_by_chunk), n_unknown)}
 
             stats = finalize_with_repair(emb, run, missing, telemetry_of, _audit_of)
     finally:
@@ -400,6 +403,7 @@ def _merged(tallies: list[_Tally]) -> _Tally:
                      "compute_s", "write_s", "verify_s", "commit_s", "wall_s"):
             setattr(out, name, getattr(out, name) + getattr(t, name))
         out.lengths += t.lengths
+        out.zero_by_chunk.update(t.zero_by_chunk)
         out.batch_sizes += t.batch_sizes
         out.oom_backoffs.update(t.oom_backoffs)
         out.peak_gpu, out.peak_rss = max(out.peak_gpu, t.peak_gpu), max(out.peak_rss, t.peak_rss)
@@ -583,6 +587,7 @@ class _Dispatcher:
         t.cells += n
         t.chunks += 1
         t.zero_rows += int(report.get("zero_rows", 0))
+        t.zero_by_chunk[int(report["record"].chunk)] = int(report.get("zero_rows", 0))
         t.lengths.append(report["lengths"])
         t.tokens_computed += int(report["tokens_computed"])
         t.tokens_naive += int(report["tokens_naive"])

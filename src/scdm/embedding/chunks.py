@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbedResult", "ChunkTokens", "MODEL_CHUNK_ROWS_MAX", "autocast_context", "batches_by_length", "cells_without_known_genes",
            "compile_model", "embed_cells", "empty_audit", "Finish", "finalize_with_repair", "model_chunk_rows", "padding_stats", "peak_rss",
-           "run_telemetry", "warn_zero_rows"]
+           "run_telemetry", "warn_zero_rows", "zero_rows_of"]
 
 logger = logging.getLogger("scdm.embedding.runner")
 
@@ -125,6 +125,26 @@ def warn_cells_without_known_genes(n: int | None, model: str) -> None:
 def warn_zero_rows(n: int, model: str) -> None:
     if n:
         logger.warning("%d cells got an all-zero %s embedding (kept, as allow_empty_cells asked)", n, model)
+
+
+def zero_rows_of(emb: Embedding, computed: dict[int, int]) -> int:
+    """All-zero rows of the whole embedding: ``computed`` (chunk -> its all-zero rows) counted as this
+    process embedded them, every other chunk (an earlier, interrupted run's; another process's) read back.
+
+    The audit describes the stored embedding, not the last run: a resume that recomputed one chunk
+    recorded zero_rows 0 though the chunks it kept held all-zero vectors. Only chunks computed
+    elsewhere are read (verified reads, one chunk at a time), so a run that computed all costs nothing.
+    """
+    n = sum(computed.values())
+    for chunk in range(emb.n_chunks):
+        if chunk not in computed:
+            lo, hi = emb.chunk_bounds(chunk)
+            try:
+                block = emb.read(np.arange(lo, hi), allow_partial=True)
+            except ScdmError:
+                continue  # its data is gone: finalize refuses it, and the repair round computes it here
+            n += int((~block.any(axis=1)).sum())
+    return n
 
 
 def empty_audit(n_empty: int | None, zero_rows: int, n_unknown: int | None = None) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from scdm.embedding.chunks import (
     run_telemetry,
     warn_cells_without_known_genes,
     warn_zero_rows,
+    zero_rows_of,
 )
 from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.store import Embedding, Store, open_store
@@ -556,17 +557,20 @@ def embed(
     with emb.job() as job:  # `scdm rm` of this embedding is refused until the job ends
         missing = emb.missing_chunks()
         logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
+        zero_by_chunk: dict[int, int] = {}  # all-zero rows of each chunk this process computed (both rounds)
 
         def run(chunks: list[int], finish: Finish | None) -> dict[str, Any]:
             return _run_chunks(st, emb, job, adapter, chunks, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
-                               precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells, finish=finish)
+                               precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells, finish=finish,
+                               zero_by_chunk=zero_by_chunk)
 
         def telemetry_of(s: dict[str, Any]) -> dict[str, Any]:
             out = run_telemetry(s, dev, prec, load_s, adapter, torch_compile=torch_compile)
             return {**out, "checkpoint": source.provenance()} if source is not None else out
 
         stats = finalize_with_repair(emb, run, missing, telemetry_of,
-                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}), **empty_audit(n_empty, s.get("zero_rows", 0), n_unknown)})
+                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}),
+                                                **empty_audit(n_empty, zero_rows_of(emb, zero_by_chunk), n_unknown)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
 
@@ -625,10 +629,13 @@ class _Tally:
     zero_rows: int = 0
     lengths: list[int] = field(default_factory=list)
     workers: int = 0
+    zero_by_chunk: dict[int, int] = field(default_factory=dict)
+    """All-zero rows per chunk computed here (the audit counts the other chunks' from the array)."""
 
 
 def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, chunks: list[int], *, batch_size: int, device: str,
-                precision: str, workers: int | None, progress: bool, allow_empty_cells: bool = False, finish: Finish | None = None) -> dict[str, Any]:
+                precision: str, workers: int | None, progress: bool, allow_empty_cells: bool = False, finish: Finish | None = None,
+                zero_by_chunk: dict[int, int] | None = None) -> dict[str, Any]:
     """Compute ``chunks`` (those not claimed by other processes), then wait for and take over the rest.
 
     With ``finish``, the embedding is finalized through the writer (its last rows and the mark in one commit).
@@ -638,7 +645,7 @@ def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     state: dict[str, Any] = {"batch_size": batch_size}
-    tally = _Tally()
+    tally = _Tally(zero_by_chunk={} if zero_by_chunk is None else zero_by_chunk)
     t0 = time.perf_counter()
     total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks)
     bar = progress_bar(total=total_cells, desc=f"embed {adapter.name}", unit="cell", silent=not progress)
@@ -709,7 +716,8 @@ def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter
         c_tok, n_tok = padding_stats(lengths, batches)
         vectors = embed_cells(adapter, cells, batches, device, precision, state)
         lo, hi = emb.chunk_bounds(chunk)
-        tally.zero_rows += check_embedded_rows(vectors, np.arange(lo, hi), adapter.name, allow_empty_cells=allow_empty_cells)
+        tally.zero_by_chunk[chunk] = check_embedded_rows(vectors, np.arange(lo, hi), adapter.name, allow_empty_cells=allow_empty_cells)
+        tally.zero_rows += tally.zero_by_chunk[chunk]
         writer.write(chunk, vectors, seconds=time.perf_counter() - t_chunk)
         tally.computed, tally.naive = tally.computed + c_tok, tally.naive + n_tok
         tally.lengths.extend(lengths)
