@@ -329,3 +329,25 @@ def test_audit_counts_the_all_zero_rows_of_chunks_a_resumed_run_kept(executor, e
     audit = json.loads(st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [first.embedding_id])["audit"].iloc[0])
     stored = st.read_embedding(first.embedding_id)
     assert audit["zero_rows"] == int((~stored.any(axis=1)).sum()) == 3  # the audit describes the stored embedding
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_repair_round_counts_each_computed_chunk_once(tmp_path, pc9_counts_path, toy_ckpt, local_reference, monkeypatch):
+    # a chunk file gone between its commit and finalize: finalize refuses it and the chunk is computed again.
+    # The result said 11 chunks computed (the first round's 5 counted twice, then the repaired one), not 6.
+    from scdm.store._store import Embedding
+
+    finalize, gone = Embedding.finalize, []
+
+    def finalize_after_a_loss(self, **kwargs):
+        if not gone:
+            (self.path / "c" / "1" / "0").unlink()
+            gone.append(1)
+        return finalize(self, **kwargs)
+
+    monkeypatch.setattr(Embedding, "finalize", finalize_after_a_loss)
+    st = Store(tmp_path / "store")
+    ds = st.ingest(pc9_counts_path)
+    res = embed(st, ds.name, "toy-flaky", toy_ckpt, chunk_rows=CHUNK_ROWS, executor="ray", progress=False)
+    assert gone and res.computed_chunks == res.telemetry["chunks"] == 6
+    np.testing.assert_array_equal(st.read_embedding(res.embedding_id), local_reference[0])

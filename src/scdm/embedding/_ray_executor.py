@@ -376,7 +376,7 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
             def run(chunks: list[int], _finish: Any) -> dict[str, Any]:  # actors write the chunks: finalized after
                 tallies.append(_run(ray, emb, claims, actors, new_actor, chunks, job))
                 warn_zero_rows(tallies[-1].zero_rows, adapter.name)
-                return {"chunks": sum(t.chunks for t in tallies)}
+                return {"chunks": tallies[-1].chunks}  # this round's: finalize_with_repair sums the rounds
 
             def telemetry_of(_: dict[str, Any]) -> dict[str, Any]:
                 return _ray_telemetry(_merged(tallies), info, job, len(actors), time.perf_counter() - t_start)
