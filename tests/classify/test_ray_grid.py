@@ -220,3 +220,19 @@ def test_a_worker_that_would_fit_another_head_than_the_task_id_says_refuses() ->
     pinned = _ray_grid._resolved_params("mlp", {"profile": "fast"}, item.params_key)
     assert pinned["precision"] == key["precision"]
     assert _ray_grid._identity_differs(_ray_grid._Item("t", "s", 0, "mlp", pinned, item.params_key)) is None
+
+
+def test_warnings_of_the_fits_reach_the_driver_as_locally(st: Store) -> None:
+    # logreg stopping at max_iter warns that its scores may be off: locally the user saw it, while on Ray
+    # it went to the worker's log (a new local cluster and this fixture keep worker output off the driver)
+    from scdm.classify.heads import HeadConvergenceWarning
+
+    seen = {}
+    for executor in ("local", "ray"):
+        clear_results(st)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluate(st, heads=["logreg"], head_params={"logreg": {"max_iter": 1}}, folds=3, by=["all"], silent=True,
+                     executor=executor)
+        seen[executor] = {str(w.message) for w in caught if issubclass(w.category, HeadConvergenceWarning)}
+    assert seen["local"] and seen["ray"] == seen["local"]

@@ -38,7 +38,9 @@ embedding space to :class:`RayGrid`. The driver stays the only process that touc
   ends; the caller writes them in batches through the grid's ``_Writer`` (resume then skips
   finished tasks exactly as with the local executor). A batch whose worker dies or raises is
   retried by Ray (``max_retries``); only the successful attempt's results reach the driver, so a
-  task is recorded once. A head's own input error is recorded as a skipped task, as locally.
+  task is recorded once. A head's own input error is recorded as a skipped task, as locally. The
+  warnings a batch's fits raise (logreg stopping at ``max_iter``, ...) come back with its results
+  and are raised again on the driver, where a local run's fits raise them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -146,6 +149,8 @@ class _BatchResult:
     outcomes: list[tuple[str, np.ndarray | None, np.ndarray | None, float, float, int, str | None]]
     attempt: int
     seconds: float
+    warnings: tuple[tuple[type[Warning], str], ...] = ()
+    """The warnings the fits raised (category, message), once each: the driver raises them again."""
 
 
 class RayGrid:
@@ -252,6 +257,9 @@ class RayGrid:
 
     def _collect(self, result: _BatchResult, by_id: dict[str, Task], bar: Any) -> Iterator[Outcome]:
         stats = self.stats
+        for category, message in result.warnings:
+            # as a local fit's warning reaches the user (a worker's stderr may never reach the driver)
+            warnings.warn(message, category, stacklevel=2)
         stats.batches += 1
         stats.retried += result.attempt
         stats.worker_seconds += result.seconds
@@ -321,7 +329,9 @@ def _fit_batch(space: Space, items: list[_Item], crash: str | None, *splits: Spl
     tasks = [Task(item.task_id, space, by_id[item.split_id], item.fold, item.head, item.params, item.params_key)
              for item in items]
     differs = {item.task_id: why for item in items if (why := _identity_differs(item)) is not None}
-    with one_math_thread(torch_heads=any(runs_torch(item.head, item.params) for item in items)):
+    with one_math_thread(torch_heads=any(runs_torch(item.head, item.params) for item in items)), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         if tasks[0].head in SPLIT_HEADS:  # the group's folds together, as the local executor does
             outcomes = list(logreg_split(space, tasks))
         else:
@@ -329,7 +339,8 @@ def _fit_batch(space: Space, items: list[_Item], crash: str | None, *splits: Spl
                         else Outcome(task, None, None, 0.0, 0.0, 0, error=differs[task.task_id]) for task in tasks]
     results = [(out.task.task_id, out.proba, out.test_pos, out.fit_seconds, out.predict_seconds, out.n_train, out.error)
                for out in outcomes]
-    return _BatchResult(results, attempt, time.perf_counter() - t0)
+    raised = tuple(dict.fromkeys((w.category, str(w.message)) for w in caught))
+    return _BatchResult(results, attempt, time.perf_counter() - t0, raised)
 
 
 def _attempt_number() -> int:
