@@ -195,3 +195,11 @@ def test_dann_fits_with_a_target_and_any_two_labels() -> None:
         small("dann").fit(X, y)
     with pytest.raises(InputDataError, match=r"target must be a non-empty \(n_target, 6\)"):
         small("dann").fit(X, y, target=target[:, :4])
+
+
+def test_dann_refuses_one_target_cell_clearly_so_the_grid_skips_that_fold() -> None:
+    # a held-out fold of one cell made every target batch that one cell: batch normalisation raised a bare
+    # ValueError mid-fit ("Expected more than 1 value per channel"), which stopped the whole evaluation
+    X, y = planted(n=80)
+    with pytest.raises(InputDataError, match="at least 2 target cells"):
+        small("dann").fit(X, y, target=X[:1])

@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scdm.classify.head_base import torch_seeded
+from scdm.store.errors import InputDataError
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +386,7 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
     """
     from scdm.store.progress import progress_bar
 
+    _check_batchable(Xs.shape[0], Xt.shape[0] if adapt else None)
     with torch_seeded(cfg.seed):  # dropout draws from the global generator: the whole fit holds it
         gen = torch.Generator().manual_seed(cfg.seed)
         net = TransferNet(Xs.shape[1], Xt.shape[1], cfg)
@@ -404,6 +406,17 @@ def fit_transfer(Xs: np.ndarray, ys: np.ndarray, Xt: np.ndarray, clusters: np.nd
     net.adapted = adapt
     net.eval()
     return out
+
+
+def _check_batchable(n_source: int, n_target: int | None) -> None:
+    """Refuse a side of one cell: its every batch would be that cell, and batch normalisation cannot train
+    on one value per channel (torch raises a bare ValueError mid-fit)."""
+    sides = [("source training", n_source)] + ([("target", n_target)] if n_target is not None else [])
+    for side, n in sides:
+        if n < 2:
+            msg = (f"The transfer network needs at least 2 {side} cells to train (its layers normalise each batch); "
+                   f"got {n}. Give more cells, or a fold / dataset with more than one cell.")
+            raise InputDataError(msg)
 
 
 def _pretrain_autoencoders(net: TransferNet, xs: torch.Tensor, xt: torch.Tensor, cfg: TrainConfig,
