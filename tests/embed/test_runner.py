@@ -69,6 +69,8 @@ def test_rerun_is_a_noop_and_telemetry_is_recorded(st, pc9, toy_ckpt):
     assert again.computed_chunks == 0 and again.embedding_id == first.embedding_id
     row = st.query("SELECT telemetry, audit FROM embeddings WHERE embedding_id = ?", [first.embedding_id]).iloc[0]
     assert '"device":"cpu"' in row.telemetry and '"tokens_per_cell_max":400' in row.audit
+    # the executor is recorded for local runs too (Ray's telemetry says "ray"), so SQL can tell them apart
+    assert first.telemetry["executor"] == "local" and '"executor":"local"' in row.telemetry
 
 
 def test_seed_and_params_are_part_of_identity(st, pc9, toy_ckpt):

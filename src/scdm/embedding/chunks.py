@@ -375,8 +375,9 @@ def run_telemetry(stats: dict[str, Any], device: str, precision: str, load_s: fl
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    # "local" unless the Ray executor overwrites it: a query on telemetry->>'executor' finds both kinds
     out = {**stats, "device": device, "precision": precision, "torch_compile": torch_compile, "peak_rss_bytes": peak_rss(),
-           "host": platform.node(), "versions": versions}
+           "host": platform.node(), "versions": versions, "executor": "local"}
     if load_s is not None:
         out["load_s"] = load_s
     if adapter is not None:
