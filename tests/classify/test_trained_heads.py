@@ -348,3 +348,18 @@ def test_predictions_show_the_labels_of_the_label_set_the_head_learned(st: Store
     with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
         frame = predict(st, head_id, "other_only")
     assert (frame["label_set"] == "other").all() and "has no label set response_PLX4720" in caplog.text
+
+
+def test_training_metrics_of_a_head_with_another_threshold_hold_only_threshold_free_scores(
+        st: Store, a375_values: np.ndarray) -> None:
+    # the grid labels cells at 0.5: its recall (1.0 here) is not the recall of a head labelling at 0.9 (0.90)
+    write_embedding(st, "a375", a375_values)
+    evaluate(st, scenarios=["pooled"], by=["all"], heads=["logreg"], folds=3, silent=True)
+    strict = train_head(st, dataset="a375", model="pca-test", head="logreg", threshold=0.9)
+    usual = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    rows = trained_heads(st).set_index("head_id")
+    strict_metrics = {m["metric"]: m["mean"] for m in json.loads(rows.loc[strict, "train_metrics"])}
+    usual_metrics = {m["metric"]: m["mean"] for m in json.loads(rows.loc[usual, "train_metrics"])}
+    assert sorted(strict_metrics) == ["ap", "auroc"]
+    assert {"accuracy", "recall", "f1", "auroc"} <= set(usual_metrics)
+    assert strict_metrics["auroc"] == pytest.approx(usual_metrics["auroc"])

@@ -230,8 +230,14 @@ def _training_matrix(st: Store, rows: pd.DataFrame, cells: pd.DataFrame) -> np.n
     return X
 
 
+EVAL_THRESHOLD = 0.5
+"""The threshold the evaluation grid labels its test cells at (:func:`store.metrics.compute_metrics`' default)."""
+THRESHOLD_FREE_METRICS: tuple[str, ...] = ("auroc", "ap")
+"""Metrics of the probabilities alone: the same whatever threshold labels the cells."""
+
+
 def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str, category_type: str, category: str,
-                  head: str, params_key: str) -> list[dict[str, Any]]:
+                  head: str, params_key: str, threshold: float = EVAL_THRESHOLD) -> list[dict[str, Any]]:
     """Mean/sd over the folds of each stored split of exactly the training cells, per metric (empty if none).
 
     A split qualifies when it holds exactly ``cells`` with their labels (its ``cells_hash``: the
@@ -239,14 +245,16 @@ def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str,
     space, with the same head and parameters. Results are never pooled across splits: one entry
     per split and metric, naming the split (``split_id``, ``scenario``, ``scheme``, ``k`` folds,
     ``seed``); ``n_folds`` is the folds where the metric has a value (the n of the mean), as in
-    the leaderboard.
+    the leaderboard. The grid labels cells at :data:`EVAL_THRESHOLD`: for a head of another
+    threshold only the metrics that do not depend on it (:data:`THRESHOLD_FREE_METRICS`) describe it.
     """
+    metrics = "" if threshold == EVAL_THRESHOLD else f"AND list_contains({list(THRESHOLD_FREE_METRICS)}, r.metric)"
     frame = st.query(
         f"""SELECT r.split_id, r.scenario, r.scheme, s.n_folds AS k, s.seed, r.metric,
                   avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n_folds
            FROM eval_results r JOIN eval_tasks t USING (task_id) JOIN splits s ON s.split_id = r.split_id
            WHERE s.cells_hash = ? AND r.label_set = ? AND r.space_id = ? AND r.category_type = ? AND r.category = ?
-                 AND r.head = ? AND t.head_params = ? AND NOT {stale_sql(st, 'r')}
+                 AND r.head = ? AND t.head_params = ? AND NOT {stale_sql(st, 'r')} {metrics}
            GROUP BY r.split_id, r.scenario, r.scheme, s.n_folds, s.seed, r.metric
            ORDER BY r.scenario, r.scheme, k, s.seed NULLS FIRST, r.split_id, r.metric""",
         [cells_hash(cells), label_set, space_id, category_type, category, head, params_key],
@@ -756,7 +764,8 @@ def train_head(
         space with the same head and parameters, and per metric: ``split_id``, ``scenario``,
         ``scheme``, ``k`` (the split's folds), ``seed``, ``metric``, ``mean``, ``sd`` and ``n_folds``
         (folds with a value). Splits of other datasets, labels or fold counts are left out and
-        different splits are never averaged together.
+        different splits are never averaged together. The evaluation labels cells at 0.5: a head of
+        another ``threshold`` gets only its threshold-free scores (``auroc``, ``ap``).
 
     Raises
     ------
@@ -819,7 +828,7 @@ def train_head(
         set_head_artifact(st, head_id, artifact_format=artifact_format, path=relative,
                           file_hash=file_hash(st.root / relative), scdm_version=_version(), fit_seconds=fit_seconds)
         return head_id
-    metrics = _eval_metrics(st, space_id, cells, label_names, category_type, category, head, params_key)
+    metrics = _eval_metrics(st, space_id, cells, label_names, category_type, category, head, params_key, float(threshold))
     record = TrainedHeadRecord(
         head_id=head_id, head=head, head_params=params_key, space_id=space_id, model=str(first["model"]),
         variant=str(first["variant"]), checkpoint_hash=_optional(first["checkpoint_hash"]),
