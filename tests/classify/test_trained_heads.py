@@ -363,3 +363,21 @@ def test_training_metrics_of_a_head_with_another_threshold_hold_only_threshold_f
     assert sorted(strict_metrics) == ["ap", "auroc"]
     assert {"accuracy", "recall", "f1", "auroc"} <= set(usual_metrics)
     assert strict_metrics["auroc"] == pytest.approx(usual_metrics["auroc"])
+
+
+def test_predicting_a_dataset_with_far_fewer_model_known_genes_warns(st: Store, a375_values: np.ndarray,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # a 1000-gene panel embedded by a model trained on 10776 genes: every gene matched (fraction 1.0), the
+    # predictions of the same cells agreed with the full-gene ones on 65% of them (toy model, PC9) and nothing said so
+    st.ingest(JHU006, name="jhu006", label_key="response_Gefitinib", study="Kinker2020")
+    a375 = write_embedding(st, "a375", a375_values)
+    jhu = write_embedding(st, "jhu006", _scores(ad.read_h5ad(JHU006), 8))
+    st.embedding(a375).set_audit({"n_input_genes": 10776, "n_matched": 10776, "fraction_matched": 1.0})
+    head_id = train_head(st, [a375], head="logreg")
+    for n_matched, warned in ((9000, False), (1000, True)):
+        st.embedding(jhu).set_audit({"n_input_genes": n_matched, "n_matched": n_matched, "fraction_matched": 1.0})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scdm"):
+            predict(st, head_id, "jhu006")
+        assert ("jhu006 has 1000 genes the pca-test model knows" in caplog.text) is warned
+        assert ("at least 10776" in caplog.text) is warned

@@ -1002,6 +1002,7 @@ def predict(
         raise InputDataError(msg)
     trained = load_head(st, head_id, trust_pickle=trust_pickle)
     ds, embedding_id = _embedding_for(st, trained, dataset)
+    _warn_fewer_known_genes(st, trained, ds.name, embedding_id)
     X = st.read_embedding(embedding_id)
     # labelled from the probabilities as they are stored (REAL) and returned: a value just under the
     # threshold in float64 can round onto it in float32, and the stored label would contradict it
@@ -1034,6 +1035,38 @@ def predict(
     logger.info("predicted %d cells of %s with head %s (%d sensitive)", len(frame), ds.name, trained.head_id,
                 int(label.sum()))
     return frame
+
+
+KNOWN_GENES_WARN_RATIO = 0.5
+"""Warn when a predicted dataset has fewer than this share of the model-known genes of the head's least-covered training dataset."""
+
+
+def _known_genes(st: Store, embedding_ids: Sequence[str]) -> dict[str, int]:
+    """Genes of each embedding's dataset that its model knew (the gene audit's ``n_matched``; left out where not recorded)."""
+    frame = st.query("SELECT embedding_id, audit FROM embeddings WHERE list_contains(?, embedding_id)", [list(embedding_ids)])
+    audits = {str(e): json.loads(a) if isinstance(a, str) else {} for e, a in frame.itertuples(index=False, name=None)}
+    return {e: int(a["n_matched"]) for e, a in audits.items() if isinstance(a.get("n_matched"), int)}
+
+
+def _warn_fewer_known_genes(st: Store, trained: TrainedHead, dataset: str, embedding_id: str) -> None:
+    """Warn when the dataset's cells showed the model far fewer genes than the training cells did.
+
+    Its embedding is then made from a fraction of the genes the head learned from (a gene panel, or
+    gene ids the model mostly does not know): the vectors lie in the head's space but where the
+    training cells never were, and the predictions look like any others. The audit's
+    ``fraction_matched`` does not show it (1000 of a 1000-gene panel is 100%); the count does.
+    """
+    record = trained_head(st, trained.head_id)
+    known = _known_genes(st, [embedding_id, *record.embedding_ids])
+    trained_known = [known[e] for e in record.embedding_ids if e in known]
+    if embedding_id not in known or not trained_known or embedding_id in record.embedding_ids:
+        return
+    if known[embedding_id] < KNOWN_GENES_WARN_RATIO * min(trained_known):
+        logger.warning("dataset %s has %d genes the %s model knows, the training datasets of head %s at least %d: its "
+                       "embedding is made from a fraction of the genes the head learned from, so its predictions may "
+                       "not mean what they mean on the training data (see the audit column of scdm ls). Check them "
+                       "against labelled cells first, or train a head on datasets measuring the same genes.", dataset,
+                       known[embedding_id], trained.model, trained.head_id, min(trained_known))
 
 
 def _response_label_set(st: Store, record: TrainedHeadRecord, ds: Any) -> str | None:
