@@ -381,3 +381,22 @@ def test_predicting_a_dataset_with_far_fewer_model_known_genes_warns(st: Store, 
             predict(st, head_id, "jhu006")
         assert ("jhu006 has 1000 genes the pca-test model knows" in caplog.text) is warned
         assert ("at least 10776" in caplog.text) is warned
+
+
+def test_predicting_cells_with_an_all_zero_embedding_warns(st: Store, a375_values: np.ndarray,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    # cells kept by allow_empty_cells got an all-zero vector; the head labelled them all alike, silently
+    st.ingest(JHU006, name="jhu006", label_key="response_Gefitinib", study="Kinker2020")
+    a375 = write_embedding(st, "a375", a375_values)
+    values = _scores(ad.read_h5ad(JHU006), 8)
+    values[[3, 10, 11]] = 0.0
+    write_embedding(st, "jhu006", values)
+    head_id = train_head(st, [a375], head="logreg")
+    with caplog.at_level("WARNING", logger="scdm"):
+        frame = predict(st, head_id, "jhu006")
+    assert frame["proba"].iloc[[3, 10, 11]].nunique() == 1
+    assert f"3 of the {len(frame)} cells of jhu006 have an all-zero pca-test embedding" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scdm"):
+        predict(st, head_id, "a375")
+    assert "all-zero" not in caplog.text

@@ -1008,6 +1008,7 @@ def predict(
     # threshold in float64 can round onto it in float32, and the stored label would contradict it
     proba = np.asarray(trained.head.proba_sensitive(X), np.float32).astype(np.float64)
     label = (proba >= trained.threshold).astype(np.int8)
+    _warn_all_zero_rows(X, proba, ds.name, trained)
     record = trained_head(st, trained.head_id)
     cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
     cells = cells.reset_index(drop=True)
@@ -1067,6 +1068,18 @@ def _warn_fewer_known_genes(st: Store, trained: TrainedHead, dataset: str, embed
                        "not mean what they mean on the training data (see the audit column of scdm ls). Check them "
                        "against labelled cells first, or train a head on datasets measuring the same genes.", dataset,
                        known[embedding_id], trained.model, trained.head_id, min(trained_known))
+
+
+def _warn_all_zero_rows(X: np.ndarray, proba: np.ndarray, dataset: str, trained: TrainedHead) -> None:
+    """Warn about cells whose embedding is all zeros (kept by ``allow_empty_cells``): the model saw nothing of
+    them, so the head's answer for them is one number for no data, labelled like a real prediction."""
+    empty = ~X.any(axis=1)
+    if empty.any():
+        values = ", ".join(f"{p:.3f}" for p in np.unique(np.round(proba[empty], 3))[:3])
+        logger.warning("%d of the %d cells of %s have an all-zero %s embedding (the model saw none of their genes): "
+                       "head %s gives them all the probability %s and a label, which say nothing about those cells. "
+                       "Leave them out of any reading (their rows have all-zero vectors in the embedding).",
+                       int(empty.sum()), len(X), dataset, trained.model, trained.head_id, values)
 
 
 def _response_label_set(st: Store, record: TrainedHeadRecord, ds: Any) -> str | None:
