@@ -203,7 +203,9 @@ def echo_frame(frame: Any, fmt: str = "table", *, max_width: int = 60) -> None:
     if fmt == "csv":
         click.echo(frame.to_csv(index=False), nl=False)
     elif fmt == "json":
-        click.echo(frame.to_json(orient="records", date_format="iso", default_handler=str))
+        from scdm.classify.results import json_records
+
+        click.echo(json.dumps(json_records(frame), allow_nan=False))
     elif frame.empty:
         click.echo("(no rows)")
     else:
@@ -398,11 +400,10 @@ def _echo_sections(sections: dict[str, Any], fmt: str) -> None:
     if fmt == "csv" and len(sections) > 1:
         raise click.UsageError(f"--format csv prints one table, not {len(sections)}; choose one of them.")
     if fmt == "json":
-        import json
+        from scdm.classify.results import json_records
 
-        doc = {title.lower().replace(" ", "_"): json.loads(frame.to_json(orient="records", date_format="iso", default_handler=str))
-               for title, frame in sections.items()}
-        click.echo(json.dumps(doc if len(doc) > 1 else next(iter(doc.values())), indent=2))
+        doc = {title.lower().replace(" ", "_"): json_records(frame) for title, frame in sections.items()}
+        click.echo(json.dumps(doc if len(doc) > 1 else next(iter(doc.values())), indent=2, allow_nan=False))
         return
     for i, (title, frame) in enumerate(sections.items()):
         if fmt == "table":

@@ -198,3 +198,16 @@ def test_ingest_says_how_many_cells_each_class_and_unknown_hold(run, tmp_path):
     adata.write_h5ad(path)
     out = run("ingest", str(path), "--label-key", "resp").stdout
     assert "added label set 'resp' of pc9: 290 of 300 cells labelled (96 sensitive, 194 resistant), 10 unknown" in out
+
+
+def test_sql_json_writes_each_value_as_the_query_answered_it(run):
+    """pandas' to_json wrote a NULL inside a list as 0, one day as 86.4 seconds and 0.1 + 0.2 as 0.3."""
+    run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
+    query = ("SELECT [1, NULL] AS list, INTERVAL 1 DAY AS interval, 0.1::DOUBLE + 0.2::DOUBLE AS sum, "
+             "'nan'::DOUBLE AS nan, 'inf'::DOUBLE AS inf, 'a,\"b\"\nc' AS text")
+
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    (row,) = json.loads(run("sql", query, "--format", "json").stdout, parse_constant=refuse)
+    assert row == {"list": [1, None], "interval": "P1DT0H0M0S", "sum": 0.1 + 0.2, "nan": None, "inf": None, "text": 'a,"b"\nc'}

@@ -215,3 +215,31 @@ def test_two_spaces_of_one_model_are_told_apart_on_the_page_as_in_the_cli(tmp_pa
     assert {row[header.index("space_id")] for row in rows} == {r["space_id"] for r in board}
     printed = cli(st.root, "results", "--metric", "auroc")
     assert all(f"pca [{r['space_id'][:8]}]" in printed for r in board)
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_machine_output_carries_the_catalogs_floats_to_the_last_digit(joint_store: Path, api: Any) -> None:
+    """--format json, --format csv and the server answer each mean and sd exactly as the leaderboard computes it.
+
+    pandas' to_json rounded to 10 digits: an F1 mean of 0.9841269841269842 came out 0.9841269841 in JSON only.
+    """
+    from scdm.classify.results import leaderboard
+
+    keys = ["space_id", "datasets", "split_id", "category", "head", "metric"]
+    own = leaderboard(Store(joint_store, read_only=True)).set_index(keys).sort_index()
+    as_json = pd.DataFrame(_strict_json(cli(joint_store, "results", "--long", "--format", "json"))).set_index(keys).sort_index()
+    as_csv = pd.read_csv(io.StringIO(cli(joint_store, "results", "--long", "--format", "csv")), float_precision="round_trip",
+                         keep_default_na=False, na_values=[""]).set_index(keys).sort_index()
+    served = pd.DataFrame(_strict_json(api.get("/api/leaderboard?limit=100000").text)).set_index(keys).sort_index()
+    assert any(len(repr(v)) > 12 for v in own["mean"].dropna())  # digits past the 10th to lose
+    assert served.index.equals(own.index) and len(as_json) == len(as_csv) == 12  # the CLI's four default metrics
+    for other in (as_json, as_csv, served):
+        same = own.loc[other.index]
+        for column in ("mean", "sd", "n_folds"):  # NaN != NaN: compare them as None
+            assert [None if pd.isna(v) else v for v in other[column]] == [None if pd.isna(v) else v for v in same[column]]

@@ -7,12 +7,17 @@ test fold) are left out of the mean and counted in ``n_null``; they are never av
 
 from __future__ import annotations
 
+import datetime as _dt
+import decimal
 import json
 import logging
+import math
 import os
+import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import pandas as pd
 
 from scdm.classify.heads import HEADS, REVISION_NOTES, head_revision
@@ -29,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "leaderboard", "leaderboard_notes", "metric_text",
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "json_records", "leaderboard", "leaderboard_notes", "metric_text",
            "pooled_names", "split_labels", "unanswered_note_sql", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
@@ -41,6 +46,52 @@ parameters are never averaged together."""
 
 POOLED_COLUMNS: tuple[str, ...] = ("datasets", "label_set")
 """Result columns that join the names of a pooled result with commas: filtered exactly (:func:`pooled_names`)."""
+
+
+def json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table's rows as JSON-ready dicts, every value as stored: the one encoder of the CLI's and the server's JSON.
+
+    pandas' ``to_json`` rounds floats to 10 digits (an F1 of 0.9841269841269842 became 0.9841269841,
+    unequal to the CSV and the catalog), turned a NULL inside a list into 0 and an INTERVAL of one day
+    into 86.4 seconds. Here floats keep every digit (shortest repr), NaN and +-inf are null (JSON has
+    no such tokens), timestamps are ISO 8601 (with their offset when they have one), lists, structs
+    and maps are JSON arrays and objects with their NULLs null.
+    """
+    return [{str(k): _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def _json_value(value: Any) -> Any:  # noqa: PLR0911 - one case per kind of value a catalog query answers
+    if value is None or value is pd.NaT:
+        return None
+    if isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, np.ma.MaskedArray):  # a DuckDB list with NULLs in it
+        return [None if masked else _json_value(v) for v, masked in zip(value.data.tolist(), np.ma.getmaskarray(value).tolist())]
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return [_json_value(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return _json_value(value.item())
+    if isinstance(value, (int, float, decimal.Decimal)):
+        number = float(value) if isinstance(value, decimal.Decimal) else value
+        return number if isinstance(number, int) or math.isfinite(number) else None
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time, pd.Timedelta)):  # Timestamp is a datetime
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return pd.Timedelta(value).isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return None if _is_missing(value) else str(value)
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 NameT = TypeVar("NameT", bound=str)

@@ -33,6 +33,7 @@ from scdm.classify.metrics import METRICS
 from scdm.classify.results import (
     LEADERBOARD_KEYS,
     POOLED_COLUMNS,
+    json_records,
     leaderboard,
     leaderboard_notes,
     pooled_names,
@@ -149,8 +150,8 @@ _RESULT_JSON_COLUMNS = _JSON_COLUMNS - {"datasets"}
 
 
 def records(frame: pd.DataFrame, json_columns: set[str] = _JSON_COLUMNS) -> list[dict[str, Any]]:
-    """DataFrame rows as JSON-ready dicts: NaN -> null, timestamps ISO, JSON text columns parsed."""
-    out: list[dict[str, Any]] = json.loads(frame.to_json(orient="records", date_format="iso", default_handler=str))
+    """DataFrame rows as JSON-ready dicts (as the CLI's --format json writes them), JSON text columns parsed."""
+    out = json_records(frame)
     for row in out:
         for key in json_columns & row.keys():
             if isinstance(row[key], str):
