@@ -304,3 +304,20 @@ def test_names_that_would_read_as_several_in_result_rows_are_refused_or_joined_o
     assert st.datasets().empty  # refused before anything was written
     info = st.ingest(JHU006, name="JHU006", label_key="response_Gefitinib", drug="5-FU,Cisplatin")
     assert info.label_set == "5-FU+Cisplatin"
+
+
+def test_timestamps_duckdb_writes_are_utc_as_those_python_writes(tmp_path: Path) -> None:
+    """On a machine in Tokyo a dataset's created_at (DuckDB's now()) said 21:50 beside its run's 12:50 (UTC)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, pandas as pd; from scdm.store import Store; st = Store(sys.argv[1]); "
+            "st.ingest(sys.argv[2], name='JHU006', label_key='response_Gefitinib', drug='Gefitinib', study='Kinker2020'); "
+            "made = st.query('SELECT created_at FROM datasets')['created_at'].iloc[0]; "
+            "print((made - pd.Timestamp.now(tz='UTC').tz_localize(None)).total_seconds())")
+    env = {**os.environ, "TZ": "Asia/Tokyo", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store"), str(JHU006)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert abs(float(done.stdout.split()[-1])) < 600  # seconds: not the 9 hours of Tokyo's offset
