@@ -962,3 +962,19 @@ def test_the_cross_data_fold_figure_counts_held_out_studies_not_folds(tmp_path: 
     labels = {fig.axes[0].get_ylabel() for fig in drawn}
     assert labels == {"F1 per fold", "F1 per held-out study"}
     assert "F1 per fold and per held-out study across cancer types" in page and "Per-fold F1" not in page
+
+
+def test_counts_in_the_tables_are_written_as_integers(report: Path) -> None:
+    """A sum of BIGINT is a HUGEINT, which pandas reads as float: n_test read 66.0 and cells_embedded 108.0."""
+    import csv
+
+    columns = {"leaderboard_": ("n_test", "unanswered"), "scalability_embed": ("cells_embedded",)}
+    checked = 0
+    for path in sorted((report.parent / "tables").glob("*.csv")):
+        wanted = next((c for prefix, c in columns.items() if path.stem.startswith(prefix)), ())
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                for column in wanted:
+                    assert row[column] == "" or row[column].isdigit(), (path.name, column, row[column])
+                    checked += 1
+    assert checked > 0

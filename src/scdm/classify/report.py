@@ -193,7 +193,8 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
     if category_type is not None:
         conditions.append(f"r.category_type = {_lit(category_type)}")
     first = metrics[0]
-    unanswered, n_test = (f"sum(r.{c}) FILTER (WHERE r.metric = {_lit(first)})" for c in ("unanswered", "n_test"))
+    # ::BIGINT: a sum of BIGINT is a HUGEINT, which pandas reads as float (66.0 cells in tables/*.csv)
+    unanswered, n_test = (f"(sum(r.{c}) FILTER (WHERE r.metric = {_lit(first)}))::BIGINT" for c in ("unanswered", "n_test"))
     order = ("list_position(['pooled', 'cross', 'custom'], r.scenario), r.category_type, r.category"
              if scenario is None or category_type is None else "r.category")
     return (
@@ -228,7 +229,7 @@ def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
         "       avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n,\n"
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
-        "       sum(r.unanswered) AS unanswered, sum(r.n_test) AS n_test, any_value(r.folds_from) AS folds_from\n"
+        "       sum(r.unanswered)::BIGINT AS unanswered, sum(r.n_test)::BIGINT AS n_test, any_value(r.folds_from) AS folds_from\n"
         "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
         f"GROUP BY {_KEYS}, r.metric\n"
@@ -246,7 +247,7 @@ def _fold_values_sql(filters: _Filters, metric: str, category_type: str) -> str:
         f"SELECT {_KEYS}, r.fold, r.value,\n"
         f"       count(DISTINCT r.fold) OVER ({result}) AS folds_done, e.folds_expected,\n"
         f"       count(DISTINCT r.fold) OVER ({result}) >= coalesce(e.folds_expected, 0) AS complete,\n"
-        f"       sum(r.unanswered) OVER ({result}) AS unanswered, sum(r.n_test) OVER ({result}) AS n_test, r.folds_from\n"
+        f"       (sum(r.unanswered) OVER ({result}))::BIGINT AS unanswered, (sum(r.n_test) OVER ({result}))::BIGINT AS n_test, r.folds_from\n"
         "FROM r LEFT JOIN expected e ON e.split_id = r.split_id\n"
         f"{_where(conditions)}\n"
         "ORDER BY r.scenario, r.category, r.model, r.variant, r.space_id, r.datasets, r.label_set, r.k, r.seed,\n"
@@ -413,7 +414,7 @@ def _embed_cost_sql(filters: _Filters) -> str:
         "                                                          e.telemetry->'checkpoint'->>'path')))), ', ') AS checkpoint,\n"
         "       array_to_string(list_sort(list_distinct(list(e.checkpoint_hash))), ', ') AS checkpoint_hash,\n"
         f"       max({num('n_parameters')}) AS n_parameters,\n"
-        f"       sum({num('cells')}) AS cells_embedded,\n"
+        f"       sum({num('cells')})::BIGINT AS cells_embedded,\n"
         f"       sum({num('wall_s')}) AS embed_s,\n"
         f"       sum({num('cells')}) / nullif(sum({num('wall_s')}), 0) AS cells_per_s,\n"
         "       string_agg(DISTINCT coalesce(e.telemetry->>'gpu', e.telemetry->>'device'), ', '\n"
