@@ -211,3 +211,12 @@ def test_sql_json_writes_each_value_as_the_query_answered_it(run):
 
     (row,) = json.loads(run("sql", query, "--format", "json").stdout, parse_constant=refuse)
     assert row == {"list": [1, None], "interval": "P1DT0H0M0S", "sum": 0.1 + 0.2, "nan": None, "inf": None, "text": 'a,"b"\nc'}
+
+
+def test_sql_prints_a_sum_of_integers_as_an_integer(run):
+    """sum() of an integer column is a HUGEINT, which DuckDB hands pandas as float: 108.0 (108 with --max-rows)."""
+    run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
+    query = "SELECT sum(n_cells) AS cells, sum(n_cells) FILTER (WHERE false) AS none FROM datasets"
+    assert run("sql", query, "--format", "csv").stdout.splitlines() == ["cells,none", "108,"]
+    assert json.loads(run("sql", query, "--format", "json").stdout) == [{"cells": 108, "none": None}]
+    assert run("sql", query, "--format", "csv").stdout == run("sql", query, "--format", "csv", "--max-rows", "5").stdout

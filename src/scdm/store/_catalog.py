@@ -1088,10 +1088,30 @@ def _check_limits(max_rows: int | None, timeout_s: float | None) -> None:
 
 def _fetch(result: duckdb.DuckDBPyConnection, max_rows: int | None) -> pd.DataFrame:
     if max_rows is None:
-        return result.fetch_df()
+        return _whole_hugeints(result.fetch_df(), result.description or [])
     rows = result.fetchmany(int(max_rows))
     columns = [d[0] for d in result.description or []]
     return pd.DataFrame.from_records(rows, columns=columns)
+
+
+_EXACT_FLOAT_INT = 2**53
+"""Integers up to this size read back from a float64 exactly."""
+
+
+def _whole_hugeints(frame: pd.DataFrame, description: Sequence[Any]) -> pd.DataFrame:
+    """HUGEINT columns as integers: DuckDB hands them to pandas as float64.
+
+    ``sum()`` of an integer column is a HUGEINT: ``SELECT sum(n_cells) FROM datasets`` printed 66.0
+    (66 with ``--max-rows``, which reads Python ints). A column whose values are all exact whole
+    floats becomes nullable Int64; larger ones were already rounded by DuckDB and stay float.
+    """
+    if len(description) != frame.shape[1]:
+        return frame
+    for i, (_, kind, *_) in enumerate(description):  # by position: pandas renames a repeated column name
+        column = frame.iloc[:, i]
+        if str(kind) in ("HUGEINT", "UHUGEINT") and column.dtype.kind == "f" and (column.dropna().abs() <= _EXACT_FLOAT_INT).all():
+            frame.isetitem(i, column.astype("Int64"))
+    return frame
 
 
 def _run_with_timeout(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None, timeout_s: float) -> pd.DataFrame:
