@@ -201,7 +201,9 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def echo_frame(frame: Any, fmt: str = "table", *, max_width: int = 60) -> None:
     """Print a DataFrame to stdout as a table, CSV or JSON records."""
     if fmt == "csv":
-        click.echo(frame.to_csv(index=False), nl=False)
+        from scdm.classify.results import csv_ready
+
+        click.echo(csv_ready(frame).to_csv(index=False), nl=False)
     elif fmt == "json":
         from scdm.classify.results import json_records
 

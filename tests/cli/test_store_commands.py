@@ -220,3 +220,14 @@ def test_sql_prints_a_sum_of_integers_as_an_integer(run):
     assert run("sql", query, "--format", "csv").stdout.splitlines() == ["cells,none", "108,"]
     assert json.loads(run("sql", query, "--format", "json").stdout) == [{"cells": 108, "none": None}]
     assert run("sql", query, "--format", "csv").stdout == run("sql", query, "--format", "csv", "--max-rows", "5").stdout
+
+
+def test_sql_csv_writes_a_list_or_struct_as_json_a_reader_parses_back(run):
+    """pandas wrote DuckDB's [1.1, 2] as '[1.1 2. ]' and [1, NULL] as '[1 --]'."""
+    import csv
+    import io
+
+    run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
+    out = run("sql", "SELECT [1.1, 2] AS list, [1, NULL] AS holes, {'a': 1.5, 'b': 'x,y'} AS struct", "--format", "csv").stdout
+    (row,) = csv.DictReader(io.StringIO(out))
+    assert {k: json.loads(v) for k, v in row.items()} == {"list": [1.1, 2.0], "holes": [1, None], "struct": {"a": 1.5, "b": "x,y"}}

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "format_leaderboard", "json_records", "leaderboard", "leaderboard_notes", "metric_text",
+__all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "csv_ready", "format_leaderboard", "json_records", "leaderboard", "leaderboard_notes", "metric_text",
            "pooled_names", "split_labels", "unanswered_note_sql", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
@@ -58,6 +58,21 @@ def json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     and maps are JSON arrays and objects with their NULLs null.
     """
     return [{str(k): _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def csv_ready(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each list, struct or map cell as its JSON text, for ``to_csv``.
+
+    pandas writes such a cell as Python's repr: DuckDB's [1.1, 2] became ``[1.1 2. ]`` and [1, NULL]
+    ``[1 --]``, which no CSV reader parses back.
+    """
+    nested = (np.ndarray, list, tuple, dict)
+    out = frame.copy()
+    for i in range(out.shape[1]):
+        column = out.iloc[:, i]
+        if column.dtype == object and column.map(lambda v: isinstance(v, nested)).any():
+            out.isetitem(i, column.map(lambda v: json.dumps(_json_value(v), allow_nan=False) if isinstance(v, nested) else v))
+    return out
 
 
 def _json_value(value: Any) -> Any:  # noqa: PLR0911 - one case per kind of value a catalog query answers
