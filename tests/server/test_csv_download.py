@@ -69,3 +69,20 @@ def test_the_csv_download_quotes_formula_ids_and_the_json_keeps_them(client: Any
     assert pd.api.types.is_float_dtype(csv["proba"]) and csv["proba"].between(0, 1).all()
     rows = client.get("/api/predictions", params={"head_id": head_id, "dataset": "cells"}).json()
     assert [r["cell_id"] for r in sorted(rows, key=lambda r: r["row"])][:4] == HOSTILE_IDS  # machine-readable: as stored
+
+
+def test_the_csv_download_holds_the_probabilities_the_json_and_scdm_predict_hold(client: Any,
+                                                                                 store_with_predictions: tuple[Store, str],
+                                                                                 tmp_path: Any) -> None:
+    """The stored float32 proba was written in float32's short form: 0.9432321 in the CSV, 0.9432321190834045 elsewhere."""
+    from scdm.classify.trained_heads import predict
+
+    st, head_id = store_with_predictions
+    params = {"head_id": head_id, "dataset": "cells"}
+    csv = pd.read_csv(io.StringIO(client.get("/api/predictions.csv", params=params).text), float_precision="round_trip")
+    served = pd.DataFrame(client.get("/api/predictions", params=params).json())
+    predict(st, head_id, "cells", out=tmp_path / "p.csv")
+    written = pd.read_csv(tmp_path / "p.csv", float_precision="round_trip")
+    by_row = [f.set_index("row").sort_index()["proba"].tolist() for f in (csv, served, written)]
+    assert by_row[0] == by_row[1] == by_row[2]
+    assert any(len(repr(p)) > 12 for p in by_row[0])  # digits a float32 short form drops
