@@ -350,19 +350,53 @@ def test_predictions_show_the_labels_of_the_label_set_the_head_learned(st: Store
     assert (frame["label_set"] == "other").all() and "has no label set response_PLX4720" in caplog.text
 
 
-def test_training_metrics_of_a_head_with_another_threshold_hold_only_threshold_free_scores(
+def _fold_scores_at(st: Store, threshold: float) -> dict[str, list[float]]:
+    """Recall and accuracy of each stored fold, recomputed by hand from eval_predictions at ``threshold``."""
+    preds = st.query("SELECT task_id, y_true, proba FROM eval_predictions")
+    out: dict[str, list[float]] = {"recall": [], "accuracy": []}
+    for _, fold in preds.groupby("task_id"):
+        y = fold["y_true"].to_numpy()
+        label = fold["proba"].to_numpy(np.float32).astype(np.float64) >= threshold
+        out["recall"].append(float(label[y == 1].mean()))
+        out["accuracy"].append(float((label == y).mean()))
+    return out
+
+
+def test_training_metrics_of_a_head_with_another_threshold_are_recomputed_at_it_from_the_stored_predictions(
         st: Store, a375_values: np.ndarray) -> None:
-    # the grid labels cells at 0.5: its recall (1.0 here) is not the recall of a head labelling at 0.9 (0.90)
+    # the grid labels cells at 0.5: its recall (1.0 here) is not the recall of a head labelling at 0.9
     write_embedding(st, "a375", a375_values)
     evaluate(st, scenarios=["pooled"], by=["all"], heads=["logreg"], folds=3, silent=True)
     strict = train_head(st, dataset="a375", model="pca-test", head="logreg", threshold=0.9)
     usual = train_head(st, dataset="a375", model="pca-test", head="logreg")
     rows = trained_heads(st).set_index("head_id")
-    strict_metrics = {m["metric"]: m["mean"] for m in json.loads(rows.loc[strict, "train_metrics"])}
-    usual_metrics = {m["metric"]: m["mean"] for m in json.loads(rows.loc[usual, "train_metrics"])}
-    assert sorted(strict_metrics) == ["ap", "auroc"]
-    assert {"accuracy", "recall", "f1", "auroc"} <= set(usual_metrics)
-    assert strict_metrics["auroc"] == pytest.approx(usual_metrics["auroc"])
+    strict_metrics = {m["metric"]: m for m in json.loads(rows.loc[strict, "train_metrics"])}
+    usual_metrics = {m["metric"]: m for m in json.loads(rows.loc[usual, "train_metrics"])}
+    assert set(strict_metrics) == set(usual_metrics)
+    hand = _fold_scores_at(st, 0.9)
+    for metric in ("recall", "accuracy"):
+        entry = strict_metrics[metric]
+        assert entry["recomputed_at_threshold"] == 0.9 and entry["n_folds"] == 3
+        assert entry["mean"] - float(np.mean(hand[metric])) == 0
+        assert entry["sd"] - float(np.std(hand[metric], ddof=1)) == 0
+        assert "recomputed_at_threshold" not in usual_metrics[metric]
+    assert strict_metrics["recall"]["mean"] < usual_metrics["recall"]["mean"]
+    # threshold-free scores are the grid's own, unmarked
+    assert "recomputed_at_threshold" not in strict_metrics["auroc"]
+    assert strict_metrics["auroc"]["mean"] == usual_metrics["auroc"]["mean"]
+    # at 0.5 the recomputation gives the grid's stored scores: the same rule, the same folds
+    for metric in ("recall", "accuracy"):
+        assert usual_metrics[metric]["mean"] == pytest.approx(float(np.mean(_fold_scores_at(st, 0.5)[metric])), abs=1e-15)
+
+
+def test_training_metrics_of_a_head_with_another_threshold_without_stored_predictions_are_threshold_free(
+        st: Store, a375_values: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    write_embedding(st, "a375", a375_values)
+    evaluate(st, scenarios=["pooled"], by=["all"], heads=["logreg"], folds=3, silent=True, save_predictions=False)
+    strict = train_head(st, dataset="a375", model="pca-test", head="logreg", threshold=0.9)
+    metrics = {m["metric"] for m in json.loads(trained_heads(st).set_index("head_id").loc[strict, "train_metrics"])}
+    assert sorted(metrics) == ["ap", "auroc"]
+    assert "without per-cell predictions" in caplog.text and "--no-predictions" in caplog.text
 
 
 def test_predicting_a_dataset_with_far_fewer_model_known_genes_warns(st: Store, a375_values: np.ndarray,

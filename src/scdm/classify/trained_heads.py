@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from scdm.classify.heads import BaseHead, get_head
+from scdm.classify.metrics import METRICS, compute_metrics
 from scdm.classify.results import stale_sql
 from scdm.store.adapters import adapter_dir, tuned_training_rows
 from scdm.store.errors import EmbeddingNotFoundError, InputDataError, ScdmError
@@ -234,6 +235,8 @@ EVAL_THRESHOLD = 0.5
 """The threshold the evaluation grid labels its test cells at (:func:`store.metrics.compute_metrics`' default)."""
 THRESHOLD_FREE_METRICS: tuple[str, ...] = ("auroc", "ap")
 """Metrics of the probabilities alone: the same whatever threshold labels the cells."""
+RECOMPUTED_KEY = "recomputed_at_threshold"
+"""Key of a ``train_metrics`` entry recomputed from the grid's stored predictions at the head's threshold."""
 
 
 def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str, category_type: str, category: str,
@@ -246,21 +249,82 @@ def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str,
     per split and metric, naming the split (``split_id``, ``scenario``, ``scheme``, ``k`` folds,
     ``seed``); ``n_folds`` is the folds where the metric has a value (the n of the mean), as in
     the leaderboard. The grid labels cells at :data:`EVAL_THRESHOLD`: for a head of another
-    threshold only the metrics that do not depend on it (:data:`THRESHOLD_FREE_METRICS`) describe it.
+    threshold its stored scores are kept only for the metrics that do not depend on it
+    (:data:`THRESHOLD_FREE_METRICS`); the others are recomputed at the head's threshold from the
+    split's stored test predictions (:func:`_recomputed_metrics`) where every fold has them.
     """
+    where = (f"s.cells_hash = ? AND r.label_set = ? AND r.space_id = ? AND r.category_type = ? AND r.category = ? "
+             f"AND r.head = ? AND t.head_params = ? AND NOT {stale_sql(st, 'r')}")
+    args = [cells_hash(cells), label_set, space_id, category_type, category, head, params_key]
     metrics = "" if threshold == EVAL_THRESHOLD else f"AND list_contains({list(THRESHOLD_FREE_METRICS)}, r.metric)"
     frame = st.query(
         f"""SELECT r.split_id, r.scenario, r.scheme, s.n_folds AS k, s.seed, r.metric,
                   avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n_folds
            FROM eval_results r JOIN eval_tasks t USING (task_id) JOIN splits s ON s.split_id = r.split_id
-           WHERE s.cells_hash = ? AND r.label_set = ? AND r.space_id = ? AND r.category_type = ? AND r.category = ?
-                 AND r.head = ? AND t.head_params = ? AND NOT {stale_sql(st, 'r')} {metrics}
+           WHERE {where} {metrics}
            GROUP BY r.split_id, r.scenario, r.scheme, s.n_folds, s.seed, r.metric
            ORDER BY r.scenario, r.scheme, k, s.seed NULLS FIRST, r.split_id, r.metric""",
-        [cells_hash(cells), label_set, space_id, category_type, category, head, params_key],
+        args,
     )
     records = frame.astype(object).where(frame.notna(), None).to_dict("records")
-    return [{k: (int(v) if k in ("k", "seed", "n_folds") and v is not None else v) for k, v in r.items()} for r in records]
+    entries = [{k: (int(v) if k in ("k", "seed", "n_folds") and v is not None else v) for k, v in r.items()}
+               for r in records]
+    if threshold == EVAL_THRESHOLD or not entries:
+        return entries
+    entries += _recomputed_metrics(st, where, args, threshold)
+    return sorted(entries, key=lambda e: (e["scenario"], e["scheme"], e["k"], e["seed"] is not None, e["seed"] or 0,
+                                          e["split_id"], e["metric"]))
+
+
+def _recomputed_metrics(st: Store, where: str, args: list[Any], threshold: float) -> list[dict[str, Any]]:
+    """The threshold-dependent metrics of each qualifying split, recomputed per fold at ``threshold``.
+
+    Each fold's stored test predictions (``eval_predictions``, REAL probabilities as the grid
+    scored them) are labelled at the head's threshold and scored with :func:`compute_metrics`;
+    an entry is the mean/sd over the split's folds, marked with :data:`RECOMPUTED_KEY`. A split
+    with a fold evaluated without predictions (``scdm evaluate --no-predictions``) gets none: a
+    mean over some of its folds would not be the split's score.
+    """
+    tasks = st.query(
+        f"""SELECT DISTINCT r.task_id, r.split_id, r.scenario, r.scheme, s.n_folds AS k, s.seed, t.flags,
+                  EXISTS (SELECT 1 FROM eval_predictions p WHERE p.task_id = r.task_id) AS has_predictions
+           FROM eval_results r JOIN eval_tasks t USING (task_id) JOIN splits s ON s.split_id = r.split_id
+           WHERE {where} ORDER BY r.split_id, r.task_id""",
+        args,
+    )
+    dependent = [m for m in METRICS if m not in THRESHOLD_FREE_METRICS]
+    entries: list[dict[str, Any]] = []
+    for split_id, folds in tasks.groupby("split_id", sort=True):
+        if not folds["has_predictions"].all():
+            logger.warning("split %s was evaluated without per-cell predictions (scdm evaluate --no-predictions) in "
+                           "%d of its %d folds: the head's train_metrics hold only its threshold-free scores (%s) "
+                           "there, because the grid's other scores label cells at %s, not at the head's threshold %s. "
+                           "Run that `scdm evaluate` again without --no-predictions to have them recomputed.",
+                           split_id, int((~folds["has_predictions"].astype(bool)).sum()), len(folds),
+                           ", ".join(THRESHOLD_FREE_METRICS), EVAL_THRESHOLD, threshold)
+            continue
+        per_fold = [_fold_metrics_at(st, str(task_id), flags, threshold)
+                    for task_id, flags in zip(folds["task_id"], folds["flags"])]
+        first = folds.iloc[0]
+        seed = None if pd.isna(first["seed"]) else int(first["seed"])
+        for metric in dependent:
+            values = np.array([v[metric] for v in per_fold if v[metric] is not None], dtype=np.float64)
+            entries.append({
+                "split_id": str(split_id), "scenario": str(first["scenario"]), "scheme": str(first["scheme"]),
+                "k": int(first["k"]), "seed": seed, "metric": metric,
+                "mean": float(values.mean()) if values.size else None,
+                "sd": float(values.std(ddof=1)) if values.size > 1 else None,  # stddev_samp, as for the stored scores
+                "n_folds": int(values.size), RECOMPUTED_KEY: threshold,
+            })
+    return entries
+
+
+def _fold_metrics_at(st: Store, task_id: str, flags: Any, threshold: float) -> dict[str, float | None]:
+    """One fold's metrics from its stored test predictions, labelled at ``threshold``."""
+    preds = st.query('SELECT y_true, proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"', [task_id])
+    hard_only = isinstance(flags, str) and "no_scores" in flags.split(",")
+    proba = preds["proba"].to_numpy(np.float32).astype(np.float64)  # as the grid scored them (REAL)
+    return dict(compute_metrics(preds["y_true"].to_numpy(np.int8), proba, threshold=threshold, hard_only=hard_only).values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -764,8 +828,11 @@ def train_head(
         space with the same head and parameters, and per metric: ``split_id``, ``scenario``,
         ``scheme``, ``k`` (the split's folds), ``seed``, ``metric``, ``mean``, ``sd`` and ``n_folds``
         (folds with a value). Splits of other datasets, labels or fold counts are left out and
-        different splits are never averaged together. The evaluation labels cells at 0.5: a head of
-        another ``threshold`` gets only its threshold-free scores (``auroc``, ``ap``).
+        different splits are never averaged together. The evaluation labels cells at 0.5: for a head of
+        another ``threshold`` the threshold-dependent scores (accuracy, precision, recall, f1, mcc, ...)
+        are recomputed at that threshold from each fold's stored test predictions, over the same folds,
+        and marked ``recomputed_at_threshold``; a split evaluated with ``--no-predictions`` gives only
+        its threshold-free scores (``auroc``, ``ap``), and a warning says so.
 
     Raises
     ------

@@ -403,7 +403,10 @@ class TrainedHeadRow(_Row):
     train_metrics: JsonText = Field(default=None, description=(
         "Cross-validated scores of this head's configuration: one entry per split of exactly its training cells "
         "and labels and per metric (split_id, scenario, scheme, k folds, seed, metric, mean, sd, n_folds = folds "
-        "with a value); different splits are never averaged together. Null: no such evaluation in the store."))
+        "with a value); different splits are never averaged together. For a head whose threshold is not the "
+        "evaluation's 0.5, the threshold-dependent scores are recomputed at its threshold from the stored fold "
+        "predictions and carry recomputed_at_threshold (absent where the evaluation kept no predictions). "
+        "Null: no such evaluation in the store."))
     created_at: str | None = None
 
 
