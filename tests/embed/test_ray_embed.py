@@ -351,3 +351,49 @@ def test_a_repair_round_counts_each_computed_chunk_once(tmp_path, pc9_counts_pat
     res = embed(st, ds.name, "toy-flaky", toy_ckpt, chunk_rows=CHUNK_ROWS, executor="ray", progress=False)
     assert gone and res.computed_chunks == res.telemetry["chunks"] == 6
     np.testing.assert_array_equal(st.read_embedding(res.embedding_id), local_reference[0])
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize("kept", [1, 3])  # 3 of 3: every chunk committed, the run stopped before the mark complete
+def test_audit_token_statistics_describe_the_whole_embedding_after_a_resume(executor, kept, empty_and_unknown_cells, tmp_path,
+                                                                             monkeypatch):
+    # chunk 0 holds cells 0, 1 and 5, which show the model no gene (0 tokens): a resume that computed chunks 1-2
+    # recorded tokens_per_cell_min 1 and the median of 24 cells, and one that computed none recorded no statistics
+    from scdm.store._store import ChunkWriter
+
+    path, vocabulary = empty_and_unknown_cells
+    checkpoint = write_toy_checkpoint(tmp_path / "ckpt", vocabulary)
+    options = {"chunk_rows": 16, "progress": False, "allow_empty_cells": True}
+
+    def audit_of(st, embedding_id):
+        return json.loads(st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [embedding_id])["audit"].iloc[0])
+
+    clean = Store(tmp_path / "clean")
+    reference = embed(clean, clean.ingest(path).name, "toy-zeropool", checkpoint, **options)
+    expected = audit_of(clean, reference.embedding_id)
+    assert expected["tokens_per_cell_min"] == 0
+
+    st = Store(tmp_path / "store")
+    name = st.ingest(path).name
+    original, written = ChunkWriter.write, []
+
+    def stopping(self, chunk, block, **kw):
+        if len(written) == kept:
+            raise KeyboardInterrupt
+        written.append(chunk)
+        return original(self, chunk, block, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ChunkWriter, "write", stopping)
+        if kept == 3:  # all chunks written: stop in the finalize that follows
+            m.setattr("scdm.embedding.chunks.Finish.__call__", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            embed(st, name, "toy-zeropool", checkpoint, **options)
+    assert st.embeddings()["chunks_done"].item() == kept
+    resumed = embed(st, name, "toy-zeropool", checkpoint, executor=executor, **options)
+    assert resumed.embedding_id == reference.embedding_id and resumed.computed_chunks == 3 - kept
+    got = audit_of(st, resumed.embedding_id)
+    assert {k: v for k, v in got.items() if k.startswith("tokens_per_cell")} == {
+        k: v for k, v in expected.items() if k.startswith("tokens_per_cell")}
+    assert got == expected

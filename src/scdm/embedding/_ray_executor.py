@@ -58,10 +58,12 @@ from scdm.embedding.chunks import (
     embed_cells,
     empty_audit,
     finalize_with_repair,
+    length_counts,
     model_chunk_rows,
     padding_stats,
     peak_rss,
     run_telemetry,
+    token_stats_of,
     warn_cells_without_known_genes,
     warn_zero_rows,
     zero_rows_of,
@@ -261,7 +263,7 @@ class EmbedWorker:
         lo, hi = target.chunk_bounds(chunk)
         zero_rows = check_embedded_rows(vectors, np.arange(lo, hi), self.adapter.name, allow_empty_cells=self.spec.allow_empty_cells)
         t_write = time.perf_counter()
-        record = target.write(chunk, vectors, seconds=t_write - t0, array=self._array)
+        record = target.write(chunk, vectors, seconds=t_write - t0, array=self._array, token_lengths=length_counts(lengths))
         return {
             "record": record, "lengths": np.asarray(lengths, dtype=np.int32), "tokens_computed": computed,
             "tokens_naive": naive, "batch_size": self.state["batch_size"], "oom_backoffs": self.state.get("oom_backoffs", 0),
@@ -313,6 +315,8 @@ class _Tally:
     zero_rows: int = 0
     zero_by_chunk: dict[int, int] = field(default_factory=dict)
     """All-zero rows per chunk the actors computed (the audit counts the other chunks' from the array)."""
+    lengths_by_chunk: dict[int, dict[int, int]] = field(default_factory=dict)
+    """Cells per token length of each chunk the actors computed (the audit reads the other chunks' from the catalog)."""
     failed: int = 0
     retried: int = 0
     actor_deaths: int = 0
@@ -383,7 +387,7 @@ def embed_on_ray(st: Store, job: RayEmbedJob) -> EmbedResult:
 
             def _audit_of(_: dict[str, Any]) -> dict[str, Any]:
                 merged = _merged(tallies)
-                return {**info["audit"].to_dict(), **_token_stats(merged),
+                return {**info["audit"].to_dict(), **token_stats_of(emb, merged.lengths_by_chunk),
                         **empty_audit(job.cells_without_expressed_genes, zero_rows_of(emb, merged.zero_by_chunk), n_unknown)}
 
             stats = finalize_with_repair(emb, run, missing, telemetry_of, _audit_of)
@@ -404,18 +408,12 @@ def _merged(tallies: list[_Tally]) -> _Tally:
             setattr(out, name, getattr(out, name) + getattr(t, name))
         out.lengths += t.lengths
         out.zero_by_chunk.update(t.zero_by_chunk)
+        out.lengths_by_chunk.update(t.lengths_by_chunk)
         out.batch_sizes += t.batch_sizes
         out.oom_backoffs.update(t.oom_backoffs)
         out.peak_gpu, out.peak_rss = max(out.peak_gpu, t.peak_gpu), max(out.peak_rss, t.peak_rss)
         out.hosts |= t.hosts
     return out
-
-
-def _token_stats(tally: _Tally) -> dict[str, Any]:
-    if not tally.lengths:
-        return {}
-    arr = np.concatenate(tally.lengths)
-    return {"tokens_per_cell_median": float(np.median(arr)), "tokens_per_cell_min": int(arr.min()), "tokens_per_cell_max": int(arr.max())}
 
 
 def _dataset_path(st: Store, ds: DatasetInfo) -> Path:
@@ -589,6 +587,7 @@ class _Dispatcher:
         t.zero_rows += int(report.get("zero_rows", 0))
         t.zero_by_chunk[int(report["record"].chunk)] = int(report.get("zero_rows", 0))
         t.lengths.append(report["lengths"])
+        t.lengths_by_chunk[int(report["record"].chunk)] = length_counts(report["lengths"])
         t.tokens_computed += int(report["tokens_computed"])
         t.tokens_naive += int(report["tokens_naive"])
         t.batch_sizes.append(int(report["batch_size"]))

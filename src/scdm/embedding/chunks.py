@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbedResult", "ChunkTokens", "MODEL_CHUNK_ROWS_MAX", "autocast_context", "batches_by_length", "cells_without_known_genes",
            "compile_model", "embed_cells", "empty_audit", "Finish", "finalize_with_repair", "model_chunk_rows", "padding_stats", "peak_rss",
-           "run_telemetry", "warn_zero_rows", "zero_rows_of"]
+           "length_counts", "run_telemetry", "token_stats_of", "warn_zero_rows", "zero_rows_of"]
 
 logger = logging.getLogger("scdm.embedding.runner")
 
@@ -145,6 +145,36 @@ def zero_rows_of(emb: Embedding, computed: dict[int, int]) -> int:
                 continue  # its data is gone: finalize refuses it, and the repair round computes it here
             n += int((~block.any(axis=1)).sum())
     return n
+
+
+def length_counts(lengths: Sequence[int]) -> dict[int, int]:
+    """Cells per token length of one chunk (what its catalog row keeps for :func:`token_stats_of`)."""
+    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def token_stats_of(emb: Embedding, computed: dict[int, dict[int, int]]) -> dict[str, Any]:
+    """The audit's tokens_per_cell_* over the whole embedding: ``computed`` (chunk -> :func:`length_counts`)
+    as this process tokenised them, every other chunk's as its catalog row keeps them.
+
+    The audit describes the stored embedding, not the last run: a resume that recomputed one chunk
+    of three recorded the statistics of that chunk alone, and one that computed none recorded none.
+    Empty (no keys) when a chunk's lengths are unknown (written by an scdm that did not keep them):
+    statistics of part of the cells would read as the embedding's.
+    """
+    stored = emb.chunk_token_lengths() if len(computed) < emb.n_chunks else {}
+    total: dict[int, int] = {}
+    for chunk in range(emb.n_chunks):
+        counts = computed.get(chunk, stored.get(chunk))
+        if counts is None:
+            return {}  # no row (finalize refuses it; the repair round computes it) or kept without lengths
+        for length, n in counts.items():
+            total[length] = total.get(length, 0) + n
+    if not total:
+        return {}
+    lengths = np.fromiter(total, dtype=np.int64, count=len(total))
+    arr = np.repeat(lengths, [total[int(v)] for v in lengths])
+    return {"tokens_per_cell_median": float(np.median(arr)), "tokens_per_cell_min": int(arr.min()), "tokens_per_cell_max": int(arr.max())}
 
 
 def empty_audit(n_empty: int | None, zero_rows: int, n_unknown: int | None = None) -> dict[str, Any]:

@@ -51,9 +51,11 @@ from scdm.embedding.chunks import (
     embed_cells,
     empty_audit,
     finalize_with_repair,
+    length_counts,
     model_chunk_rows,
     padding_stats,
     run_telemetry,
+    token_stats_of,
     warn_cells_without_known_genes,
     warn_zero_rows,
     zero_rows_of,
@@ -558,18 +560,19 @@ def embed(
         missing = emb.missing_chunks()
         logger.info("%s on %s: %d cells, %d of %d chunks to compute, device %s, %s", model, ds.name, ds.n_cells, len(missing), emb.n_chunks, dev, prec)
         zero_by_chunk: dict[int, int] = {}  # all-zero rows of each chunk this process computed (both rounds)
+        lengths_by_chunk: dict[int, dict[int, int]] = {}  # cells per token length of each chunk this process computed
 
         def run(chunks: list[int], finish: Finish | None) -> dict[str, Any]:
             return _run_chunks(st, emb, job, adapter, chunks, batch_size=batch_size or _auto_batch_size(adapter, dev), device=dev,
                                precision=prec, workers=workers, progress=progress, allow_empty_cells=allow_empty_cells, finish=finish,
-                               zero_by_chunk=zero_by_chunk)
+                               zero_by_chunk=zero_by_chunk, lengths_by_chunk=lengths_by_chunk)
 
         def telemetry_of(s: dict[str, Any]) -> dict[str, Any]:
             out = run_telemetry(s, dev, prec, load_s, adapter, torch_compile=torch_compile)
             return {**out, "checkpoint": source.provenance()} if source is not None else out
 
         stats = finalize_with_repair(emb, run, missing, telemetry_of,
-                                     lambda s: {**audit.to_dict(), **s.get("token_stats", {}),
+                                     lambda s: {**audit.to_dict(), **token_stats_of(emb, lengths_by_chunk),
                                                 **empty_audit(n_empty, zero_rows_of(emb, zero_by_chunk), n_unknown)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
 
@@ -631,11 +634,13 @@ class _Tally:
     workers: int = 0
     zero_by_chunk: dict[int, int] = field(default_factory=dict)
     """All-zero rows per chunk computed here (the audit counts the other chunks' from the array)."""
+    lengths_by_chunk: dict[int, dict[int, int]] = field(default_factory=dict)
+    """Cells per token length of each chunk computed here (the audit reads the other chunks' from the catalog)."""
 
 
 def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, chunks: list[int], *, batch_size: int, device: str,
                 precision: str, workers: int | None, progress: bool, allow_empty_cells: bool = False, finish: Finish | None = None,
-                zero_by_chunk: dict[int, int] | None = None) -> dict[str, Any]:
+                zero_by_chunk: dict[int, int] | None = None, lengths_by_chunk: dict[int, dict[int, int]] | None = None) -> dict[str, Any]:
     """Compute ``chunks`` (those not claimed by other processes), then wait for and take over the rest.
 
     With ``finish``, the embedding is finalized through the writer (its last rows and the mark in one commit).
@@ -645,7 +650,8 @@ def _run_chunks(st: Store, emb: Embedding, job: EmbeddingJob, adapter: Adapter, 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     state: dict[str, Any] = {"batch_size": batch_size}
-    tally = _Tally(zero_by_chunk={} if zero_by_chunk is None else zero_by_chunk)
+    tally = _Tally(zero_by_chunk={} if zero_by_chunk is None else zero_by_chunk,
+                   lengths_by_chunk={} if lengths_by_chunk is None else lengths_by_chunk)
     t0 = time.perf_counter()
     total_cells = sum(emb.chunk_bounds(c)[1] - emb.chunk_bounds(c)[0] for c in chunks)
     bar = progress_bar(total=total_cells, desc=f"embed {adapter.name}", unit="cell", silent=not progress)
@@ -718,7 +724,8 @@ def _embed_pass(st: Store, emb: Embedding, adapter: Adapter, writer: ChunkWriter
         lo, hi = emb.chunk_bounds(chunk)
         tally.zero_by_chunk[chunk] = check_embedded_rows(vectors, np.arange(lo, hi), adapter.name, allow_empty_cells=allow_empty_cells)
         tally.zero_rows += tally.zero_by_chunk[chunk]
-        writer.write(chunk, vectors, seconds=time.perf_counter() - t_chunk)
+        tally.lengths_by_chunk[chunk] = length_counts(lengths)
+        writer.write(chunk, vectors, seconds=time.perf_counter() - t_chunk, token_lengths=tally.lengths_by_chunk[chunk])
         tally.computed, tally.naive = tally.computed + c_tok, tally.naive + n_tok
         tally.lengths.extend(lengths)
         tally.chunks += 1

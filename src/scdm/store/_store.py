@@ -82,6 +82,11 @@ def canonical_json(obj: Any) -> str:
     return _canonical_json(obj)
 
 
+def _token_lengths_json(counts: dict[int, int] | None) -> str | None:
+    """A chunk's cells per token length as its catalog row keeps them (lengths in ascending order)."""
+    return None if counts is None else json.dumps({str(int(k)): int(v) for k, v in sorted(counts.items())})
+
+
 def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -151,6 +156,8 @@ class ChunkRecord:
     """:func:`store._zarr.chunk_checksum` of the rows as stored."""
     seconds: float | None = None
     """Time spent computing the chunk (telemetry)."""
+    token_lengths: dict[int, int] | None = None
+    """Cells of the chunk per token length (the audit's tokens_per_cell_* sum them over all chunks); None when not tokenised."""
 
 
 @dataclass(frozen=True)
@@ -227,15 +234,16 @@ class ChunkTarget:
         except _zarr.NonFiniteError:
             raise self.non_finite_error(chunk) from None
 
-    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None, array: Any = None) -> ChunkRecord:
+    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None, array: Any = None,
+              token_lengths: dict[int, int] | None = None) -> ChunkRecord:
         """Write one chunk's rows to the array (not the catalog) and return the record to commit.
 
         ``array`` is an already open :func:`store._zarr.open_array` of this target (saves reopening it
-        for every chunk).
+        for every chunk). ``token_lengths``: cells per token length, kept in the chunk's row.
         """
         lo, block = self.checked_block(chunk, block)
         checksum = self.write_rows(chunk, lo, block, _zarr.RowWriter(self.location, array, self.spec))
-        return ChunkRecord(chunk, int(block.shape[0]), checksum, seconds)
+        return ChunkRecord(chunk, int(block.shape[0]), checksum, seconds, token_lengths)
 
     def stored_checksum(self, chunk: int) -> str | None:
         """Checksum of the chunk's rows as they are stored now (None when its chunk data is absent)."""
@@ -298,6 +306,14 @@ class Embedding:
             "SELECT chunk FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk", [self.embedding_id]
         )
         return frame["chunk"].astype(int).tolist()
+
+    def chunk_token_lengths(self) -> dict[int, dict[int, int] | None]:
+        """Committed chunk -> its cells per token length (None for a chunk written without them: baselines, older scdm)."""
+        frame = self.store.catalog.query(
+            "SELECT chunk, token_lengths FROM embedding_chunks WHERE embedding_id = ? ORDER BY chunk", [self.embedding_id]
+        )
+        return {int(c): None if not isinstance(raw, str) else {int(k): int(v) for k, v in json.loads(raw).items()}
+                for c, raw in zip(frame["chunk"], frame["token_lengths"], strict=True)}
 
     def missing_chunks(self) -> list[int]:
         """Chunks not yet committed, in order (a rerun writes exactly these)."""
@@ -371,7 +387,8 @@ class Embedding:
             if not fresh:
                 return []
             Catalog.insert_rows(con, "embedding_chunks", CHUNK_COLUMNS,
-                                [(self.embedding_id, r.chunk, r.n_rows, r.checksum, r.seconds) for r in fresh],
+                                [(self.embedding_id, r.chunk, r.n_rows, r.checksum, r.seconds, _token_lengths_json(r.token_lengths))
+                                 for r in fresh],
                                 verb="INSERT OR REPLACE", computed={"written_at": "now()"})
         for r in fresh:
             if r.chunk in have:
@@ -541,8 +558,10 @@ class ChunkWriter:
         # hashes and checks each piece as it is written (see _zarr.RowWriter): one pass over the rows
         return self._target.write_rows(chunk, lo, block, self._rows)
 
-    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None) -> None:
+    def write(self, chunk: int, block: np.ndarray, *, seconds: float | None = None, token_lengths: dict[int, int] | None = None) -> None:
         """Queue one chunk's rows for writing (atomic chunk file); its catalog row follows the write.
+
+        ``token_lengths``: cells of the chunk per token length (see :meth:`Embedding.chunk_token_lengths`).
 
         A block of the wrong shape is refused here; one holding NaN or inf when its write is
         collected (by a later call or on leaving the ``with`` block), with nothing of it written.
@@ -556,7 +575,7 @@ class ChunkWriter:
         while len(self._in_flight) >= self.max_in_flight:
             self._drain(wait=True, at_most=1)
         future = self._pool.submit(self._write_file, chunk, lo, block)
-        self._in_flight.append((future, [self.emb.embedding_id, chunk, block.shape[0], None, seconds]))
+        self._in_flight.append((future, [self.emb.embedding_id, chunk, block.shape[0], None, seconds, _token_lengths_json(token_lengths)]))
         self._drain(wait=False)
         if time.monotonic() - self._last_commit >= self.commit_every_s:
             self.commit()
@@ -1998,7 +2017,7 @@ class EmbeddingJob:
         return {int(c) for c in frame["chunk"].dropna()}
 
 
-CHUNK_COLUMNS = ("embedding_id", "chunk", "n_rows", "checksum", "seconds")
+CHUNK_COLUMNS = ("embedding_id", "chunk", "n_rows", "checksum", "seconds", "token_lengths")
 """Columns of an ``embedding_chunks`` row a writer supplies (``written_at`` is the commit time)."""
 
 
