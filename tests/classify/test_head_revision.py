@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from scdm.classify.grid import evaluate
@@ -101,3 +102,33 @@ def test_ridge_results_of_the_grid_before_its_per_split_mean_are_fitted_again(st
     run_id = ridge(st)
     assert st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [run_id]).iloc[0].tolist() == [3, 0]
     assert leaderboard(st, metrics=["auroc"])["folds_done"].tolist() == [3]
+
+
+def test_a_head_an_older_revision_fitted_is_listed_as_such(st: Store, monkeypatch) -> None:
+    # the revision was only hashed into the head id, so `trained_heads` and GET /api/heads listed a head an
+    # older revision fitted like a current one
+    from fastapi.testclient import TestClient
+
+    from scdm.classify.trained_heads import trained_heads
+    from scdm.server import create_app
+    from tests.server.conftest import TOKEN
+
+    with monkeypatch.context() as m:
+        m.setattr(LogRegHead, "revision", lambda self: 1, raising=False)
+        old = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    new = train_head(st, dataset="a375", model="pca-test", head="logreg")
+    unrecorded = train_head(st, dataset="a375", model="pca-test", head="ridge")
+    with st.catalog.transaction() as con:  # as an scdm before the revision column wrote it
+        con.execute("UPDATE trained_heads SET revision = NULL WHERE head_id = ?", [unrecorded])
+    listed = trained_heads(st).set_index("head_id")
+    assert listed.loc[old, "revision"] == 1 and listed.loc[new, "revision"] == 2
+    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg, now 2 (standardize='global'")
+    assert listed.loc[new, "revision_note"] == ""
+    assert listed.loc[unrecorded, "revision_note"].startswith("trained before scdm recorded head revisions; ridge is at "
+                                                              "revision 2 now")
+    with TestClient(create_app(st, token=TOKEN), base_url="http://127.0.0.1:8000",
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        api = {h["head_id"]: h for h in client.get("/api/heads").json()}
+    assert {k: (api[k]["revision"], api[k]["revision_note"]) for k in api} == {
+        k: (None if pd.isna(listed.loc[k, "revision"]) else int(listed.loc[k, "revision"]), listed.loc[k, "revision_note"])
+        for k in listed.index}

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from scdm.classify.heads import BaseHead, get_head
+from scdm.classify.heads import REVISION_NOTES, BaseHead, get_head, head_revision
 from scdm.classify.metrics import METRICS, compute_metrics
 from scdm.classify.results import stale_sql
 from scdm.store.adapters import adapter_dir, tuned_training_rows
@@ -85,6 +85,7 @@ __all__ = [
     "SpaceMismatchError",
     "TrainedHead",
     "head_state",
+    "with_revision_notes",
     "load_head",
     "load_head_artifact",
     "predict",
@@ -904,7 +905,7 @@ def train_head(
         category_type=category_type, category=category, n_train=int(len(y)), n_train_pos=int(y.sum()),
         threshold=float(threshold), train_metrics=json.dumps(metrics) if metrics else None, fit_seconds=fit_seconds,
         artifact_format=artifact_format, path=relative, file_hash=file_hash(st.root / relative),
-        scdm_version=_version(), label_set=label_names,
+        scdm_version=_version(), label_set=label_names, revision=estimator.revision(),
     )
     add_trained_head(st, record)
     logger.info("trained %s head %s on %d cells of %s=%s, label set %s (%s, space %s)", head, head_id, len(y),
@@ -1277,7 +1278,27 @@ def _write_out(st: Store, ds: Any, frame: pd.DataFrame, out: Path, trained: Trai
 
 
 def trained_heads(store: str | os.PathLike[str] | Store) -> pd.DataFrame:
-    """All trained heads (catalog rows), newest first."""
+    """All trained heads (catalog rows), newest first, with :func:`revision_notes`."""
     from scdm.store import open_store
 
-    return trained_head_table(open_store(store))
+    return with_revision_notes(trained_head_table(open_store(store)))
+
+
+def with_revision_notes(heads: pd.DataFrame) -> pd.DataFrame:
+    """Trained-head rows with ``revision_note``: empty for a head this scdm's revision of it fitted, else why
+    its numbers may differ from a head trained now (an older revision fitted it, with what that revision got
+    wrong; or it was trained before scdm recorded revisions, by a head that has been revised since)."""
+    notes = []
+    for row in heads.to_dict("records"):
+        current = head_revision(str(row["head"]), json.loads(row["head_params"]))
+        stored = row.get("revision")
+        if stored is None or pd.isna(stored):
+            notes.append("" if current == 1 else
+                         f"trained before scdm recorded head revisions; {row['head']} is at revision {current} now "
+                         f"({REVISION_NOTES.get((str(row['head']), current), 'its numbers changed')}): train it again to be sure")
+        elif int(stored) < current:
+            notes.append(f"fitted by revision {int(stored)} of {row['head']}, now {current} "
+                         f"({REVISION_NOTES.get((str(row['head']), current), 'its numbers changed')}): train it again")
+        else:
+            notes.append("")
+    return heads.assign(revision_note=notes)

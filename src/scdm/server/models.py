@@ -407,6 +407,11 @@ class TrainedHeadRow(_Row):
         "evaluation's 0.5, the threshold-dependent scores are recomputed at its threshold from the stored fold "
         "predictions and carry recomputed_at_threshold (absent where the evaluation kept no predictions). "
         "Null: no such evaluation in the store."))
+    revision: int | None = Field(default=None, description="The revision of its head that fitted it (null: trained "
+                                 "before scdm recorded it).")
+    revision_note: str = Field(default="", description="Empty for a head fitted by this scdm's revision of it; else "
+                               "why a head trained now may differ (an older revision fitted it, or its revision "
+                               "was not recorded and the head has been revised since).")
     created_at: str | None = None
 
 

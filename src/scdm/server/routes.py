@@ -42,6 +42,7 @@ from scdm.classify.results import (
     unanswered_note_sql,
     with_signed_partner,
 )
+from scdm.classify.trained_heads import with_revision_notes
 from scdm.server.config import SQL_TIMEOUT_ENV, ServerState, version
 from scdm.server.jobs import JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
@@ -439,7 +440,7 @@ def sql(body: SqlRequest, srv: Server) -> Response:
 
 @router.get("/api/heads", response_model=list[TrainedHeadRow], summary="Trained heads")
 def heads(srv: Server) -> Response:
-    return typed(list[TrainedHeadRow], records(trained_head_table(srv.store)))
+    return typed(list[TrainedHeadRow], records(with_revision_notes(trained_head_table(srv.store))))
 
 
 @router.get("/api/heads/{head_id}", response_model=TrainedHeadRow, summary="One trained head")

@@ -142,7 +142,7 @@ def _pending_migrations(done: dict[int, str]) -> list[tuple[int, str, str]]:
     0010_split_label_sets was put ahead of it, so a store that an scdm of that time opened has
     version 10 recorded and never got its splits renamed. From a version recorded under another
     name on, every migration runs (again): a later one may depend on it (11 removes the copies of one
-    fit that 10's renaming makes alike), and 10 to 13 are written to run twice safely.
+    fit that 10's renaming makes alike), and 10 to 14 are written to run twice safely.
     """
     pending = []
     renumbered = False

@@ -101,6 +101,8 @@ class TrainedHeadRecord:
     scdm_version: str | None
     label_set: str | None = None
     """Label set name(s) the head was trained with, comma-separated, sorted."""
+    revision: int | None = None
+    """The revision of its head that fitted it (None: trained before scdm recorded it)."""
     created_at: pd.Timestamp | None = None
     """Set by :func:`add_trained_head` when None."""
 
@@ -140,7 +142,7 @@ def _record(row: dict[str, Any]) -> TrainedHeadRecord:
         train_metrics=_text(row.get("train_metrics")), fit_seconds=_float(row.get("fit_seconds")),
         artifact_format=str(row["artifact_format"]), path=str(row["path"]), file_hash=str(row["file_hash"]),
         scdm_version=_text(row.get("scdm_version")), label_set=_text(row.get("label_set")),
-        created_at=row.get("created_at"),
+        revision=None if _text(row.get("revision")) is None else int(row["revision"]), created_at=row.get("created_at"),
     )
 
 
