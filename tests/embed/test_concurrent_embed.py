@@ -167,7 +167,7 @@ def test_the_old_rm_during_a_job_story_ends_with_a_correct_embedding(st, toy_ckp
     (emb.path / "c" / "5").mkdir(parents=True)
     (emb.path / "c" / "5" / "0").write_bytes(np.ones((ROWS, 16), np.float32).tobytes())
     for c in range(6):
-        st.catalog.execute("INSERT INTO embedding_chunks VALUES (?, ?, 40, 'crc32:00000000', NULL, now())", [emb.embedding_id, c])
+        st.catalog.execute("INSERT INTO embedding_chunks (embedding_id, chunk, n_rows, checksum, seconds, written_at) VALUES (?, ?, 40, 'crc32:00000000', NULL, now())", [emb.embedding_id, c])
     assert _rerun(st, toy_ckpt, emb.embedding_id).tobytes() == reference.tobytes()
 
 

@@ -189,7 +189,7 @@ def test_create_replaces_the_leftovers_of_a_raced_removal(st, monkeypatch):
     # what a writer racing an old `scdm rm` left: chunk files without zarr.json, orphan chunk rows
     (emb.path / "c" / "1").mkdir(parents=True)
     (emb.path / "c" / "1" / "0").write_bytes(b"\x00" * 16)
-    st.catalog.execute("INSERT INTO embedding_chunks VALUES (?, 1, 8, 'crc32:00000000', NULL, now())", [emb.embedding_id])
+    st.catalog.execute("INSERT INTO embedding_chunks (embedding_id, chunk, n_rows, checksum, seconds, written_at) VALUES (?, 1, 8, 'crc32:00000000', NULL, now())", [emb.embedding_id])
     again = _writer.open_embedding(str(st.root), "d")
     assert again.embedding_id == emb.embedding_id
     assert again.missing_chunks() == list(range(8))  # the orphan row counts for nothing
