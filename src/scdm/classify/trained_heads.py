@@ -1070,14 +1070,14 @@ def predict(
         raise InputDataError(msg)
     trained = load_head(st, head_id, trust_pickle=trust_pickle)
     ds, embedding_id = _embedding_for(st, trained, dataset)
-    _warn_fewer_known_genes(st, trained, ds.name, embedding_id)
+    record = trained_head(st, trained.head_id)
+    _warn_fewer_known_genes(st, trained, record, ds.name, embedding_id)
     X = st.read_embedding(embedding_id)
     # labelled from the probabilities as they are stored (REAL) and returned: a value just under the
     # threshold in float64 can round onto it in float32, and the stored label would contradict it
     proba = np.asarray(trained.head.proba_sensitive(X), np.float32).astype(np.float64)
     label = (proba >= trained.threshold).astype(np.int8)
     _warn_all_zero_rows(X, proba, ds.name, trained)
-    record = trained_head(st, trained.head_id)
     cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
     cells = cells.reset_index(drop=True)
     trained_on = _trained_on(st, record, embedding_id, cells)
@@ -1117,7 +1117,8 @@ def _known_genes(st: Store, embedding_ids: Sequence[str]) -> dict[str, int]:
     return {e: int(a["n_matched"]) for e, a in audits.items() if isinstance(a.get("n_matched"), int)}
 
 
-def _warn_fewer_known_genes(st: Store, trained: TrainedHead, dataset: str, embedding_id: str) -> None:
+def _warn_fewer_known_genes(st: Store, trained: TrainedHead, record: TrainedHeadRecord, dataset: str,
+                            embedding_id: str) -> None:
     """Warn when the dataset's cells showed the model far fewer genes than the training cells did.
 
     Its embedding is then made from a fraction of the genes the head learned from (a gene panel, or
@@ -1125,7 +1126,6 @@ def _warn_fewer_known_genes(st: Store, trained: TrainedHead, dataset: str, embed
     training cells never were, and the predictions look like any others. The audit's
     ``fraction_matched`` does not show it (1000 of a 1000-gene panel is 100%); the count does.
     """
-    record = trained_head(st, trained.head_id)
     known = _known_genes(st, [embedding_id, *record.embedding_ids])
     trained_known = [known[e] for e in record.embedding_ids if e in known]
     if embedding_id not in known or not trained_known or embedding_id in record.embedding_ids:
