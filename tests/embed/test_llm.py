@@ -250,3 +250,15 @@ def test_sentences_longer_than_the_models_positions_are_refused(tmp_path, symbol
     assert len(_ready(folder, symbols[:-1], top_k=15).tokenize(x, np.arange(1))[0]["input_ids"]) == 16
     with pytest.raises(InputDataError, match="max_length=17 is longer than the 16 positions"):
         _ready(folder, symbols[:-1], max_length=17)
+
+
+def test_a_previous_symbol_is_written_under_its_official_name(tmp_path) -> None:
+    """A matrix annotated before RACK1's rename calls it GNB2L1; the sentence dropped it (often a top gene)."""
+    folder = write_tiny_checkpoint(tmp_path, genes=["RACK1", "TP53", "GAPDH"])
+    adapter = _ready(folder, ["GNB2L1", "TP53", "GAPDH"], top_k=3)
+    assert list(adapter.column_symbols_) == ["RACK1", "TP53", "GAPDH"]
+    cells = adapter.tokenize(sp.csr_matrix(np.array([[9.0, 1.0, 3.0]], dtype=np.float32)), np.arange(1))
+    assert adapter.tokenizer_.decode(cells[0]["input_ids"], skip_special_tokens=True).split() == ["RACK1", "GAPDH", "TP53"]
+    # beside a column under the official name, the old name is not read as a second copy of the gene
+    both = _ready(folder, ["GNB2L1", "RACK1", "TP53"])
+    assert list(both.column_symbols_) == ["RACK1", "TP53"] and both.known_columns_.tolist() == [1, 2]

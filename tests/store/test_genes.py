@@ -45,3 +45,26 @@ def test_a_geneformer_vocabulary_with_the_other_ensembl_id_of_a_symbol_uses_the_
     adapter = GeneformerAdapter(checkpoint=write_tiny_checkpoint(tmp_path / "ckpt", genes=vocabulary))
     audit = adapter.prepare(genes, gene_id_kind="symbol")
     assert audit.n_matched == 4 and "ABCB11" not in audit.unmatched_examples
+
+
+def test_previous_symbols_of_a_real_matrix_map_to_their_genes() -> None:
+    """PC9 (Drop-seq, 2020) names RACK1 'GNB2L1' and H3-3B 'H3F3B': among its most expressed genes, they mapped
+    to nothing, so Geneformer, CellPLM and the llm read the cells without them."""
+    names = list(ad.read_h5ad(PC9, backed="r").var_names)
+    assert {"GNB2L1", "H3F3B", "ATP5E"} <= set(names) and "RACK1" not in names
+    ensembl = dict(zip(names, map_genes(names, src="symbol", dst="ensembl")))
+    assert ensembl["GNB2L1"] == "ENSG00000204628"  # RACK1
+    assert ensembl["H3F3B"] == "ENSG00000132475"  # H3-3B
+    assert map_genes(["GNB2L1", "gnb2l1"], src="symbol", dst="entrez").tolist() == ["10399", "10399"]
+
+
+def test_an_alias_never_takes_the_place_of_an_official_symbol_or_of_an_ambiguous_name() -> None:
+    # the official column is the gene: the alias column beside it maps to nothing, whatever their order
+    assert map_genes(["GNB2L1", "RACK1"], src="symbol", dst="entrez").tolist() == [None, "10399"]
+    assert map_genes(["RACK1", "GNB2L1"], src="symbol", dst="entrez").tolist() == ["10399", None]
+    # CD97 was the symbol of ADGRE5 and is an alias of ADGRE2 too: it names no one gene
+    assert map_genes(["CD97", "AC000036.4"], src="symbol", dst="entrez").tolist() == [None, None]
+    # COX1 is NCBI's symbol of MT-CO1 (renamed here) and an alias of PTGS1: still refused
+    assert map_genes(["COX1"], src="symbol", dst="ensembl")[0] is None
+    # symbols are not rewritten: a symbol-keyed model reads the dataset's own names, as its reference does
+    assert map_genes(["GNB2L1"], src="symbol", dst="symbol").tolist() == ["GNB2L1"]

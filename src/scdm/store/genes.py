@@ -5,6 +5,13 @@ The mapping table ships with the package (``store/_data/human_genes.tsv.gz``: NC
 mitochondrial genes renamed to their HGNC symbols (:data:`MITOCHONDRIAL_SYMBOLS`). Nothing is
 ever looked up on the network. Models that take Ensembl ids (Geneformer, CellPLM) and models that
 take HGNC symbols (scGPT, tGPT, UCE, scBERT, scFoundation) both go through :func:`map_genes`.
+
+Symbols are mapped to Entrez and Ensembl ids through their official symbol first, then through a
+previous symbol or alias that names one gene only (``store/_data/human_gene_aliases.tsv.gz``, from
+the same NCBI release): matrices annotated before a rename (``GNB2L1`` for RACK1, ``H3F3B`` for
+H3-3B) would otherwise lose some of their most expressed genes. Symbols are never rewritten into
+other symbols: a model keyed by symbols reads the dataset's own against its vocabulary, as its
+reference does.
 """
 
 from __future__ import annotations
@@ -40,12 +47,13 @@ GeneIdKind = Literal["symbol", "ensembl", "entrez"]
 GENE_ID_KINDS: tuple[str, ...] = ("symbol", "ensembl", "entrez")
 
 _TABLE_FILE = "human_genes.tsv.gz"
+_ALIAS_FILE = "human_gene_aliases.tsv.gz"
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _ENTREZ_RE = re.compile(r"^\d+$")
 
 
-def _table_bytes() -> bytes:
-    return resources.files("scdm.store").joinpath("_data").joinpath(_TABLE_FILE).read_bytes()
+def _table_bytes(name: str = _TABLE_FILE) -> bytes:
+    return resources.files("scdm.store").joinpath("_data").joinpath(name).read_bytes()
 
 
 @lru_cache(maxsize=1)
@@ -85,8 +93,9 @@ model knows (or, for ``COX1``, the alias of another gene, PTGS1)."""
 def gene_table_version() -> str:
     """Short content hash of the shipped table and of the corrections applied to it; part of every embedding's parameters."""
     corrections = "".join(f"{k}={v};" for k, v in sorted(MITOCHONDRIAL_SYMBOLS.items())).encode()
-    rules = b"symbol->ensembl prefers the model's vocabulary"  # map_genes(prefer=...): a rule that changes mappings
-    return hashlib.blake2b(_table_bytes() + corrections + rules, digest_size=6).hexdigest()
+    rules = (b"symbol->ensembl prefers the model's vocabulary"  # map_genes(prefer=...): a rule that changes mappings
+             b"; symbols not official resolve through a unique alias, the official column first")
+    return hashlib.blake2b(_table_bytes() + _table_bytes(_ALIAS_FILE) + corrections + rules, digest_size=6).hexdigest()
 
 
 def gene_table_note_sql(params: str) -> str:
@@ -210,6 +219,8 @@ def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKi
         names = strip_ensembl_version(names)
     if src == dst:
         return np.asarray(names, dtype=object)
+    if src == "symbol":
+        names = _official_symbols(names)
     mapping = _lookup(src, dst)
     if src == "symbol":
         out = [mapping.get(i, mapping.get(i.upper())) for i in names]
@@ -219,6 +230,43 @@ def map_genes(ids: Sequence[str] | np.ndarray, *, src: GeneIdKind, dst: GeneIdKi
         keys = [i if src != "symbol" or i in mapping else i.upper() for i in names]  # the key the lookup used
         out = _preferred(keys, out, _alternatives(src, dst), prefer)
     return np.asarray(out, dtype=object)
+
+
+@lru_cache(maxsize=1)
+def _alias_entrez() -> dict[str, str]:
+    """Entrez id of each previous symbol or alias that names one gene only, keyed upper-cased.
+
+    The shipped file holds only such aliases, and none that is (in any case) the official symbol
+    of a gene: an official symbol always means its own gene.
+    """
+    import gzip
+    import io
+
+    raw = gzip.decompress(_table_bytes(_ALIAS_FILE))
+    aliases = pd.read_csv(io.BytesIO(raw), sep="\t", dtype=str, keep_default_na=False)
+    return dict(zip(aliases["alias"].str.upper(), aliases["entrez"]))
+
+
+def _official_symbols(names: list[str]) -> list[str]:
+    """``names`` with each symbol the table does not know replaced by the official symbol of its alias.
+
+    Where the dataset also has a column under the official symbol, that column is the gene and the
+    alias column maps to nothing (``""``): two columns of one gene would otherwise be read as one
+    in a model-dependent way.
+    """
+    official = _lookup("symbol", "entrez")
+    unknown = [i for i, n in enumerate(names) if n not in official and n.upper() not in official]
+    if not unknown:
+        return names
+    aliases = _alias_entrez()
+    symbol_of = _lookup("entrez", "symbol")
+    present = {official.get(n, official.get(n.upper())) for n in names} - {None}
+    out = list(names)
+    for i in unknown:
+        entrez = aliases.get(names[i].upper())
+        if entrez is not None:
+            out[i] = "" if entrez in present else symbol_of[entrez]
+    return out
 
 
 def _preferred(keys: list[str], mapped: list[str | None], alternatives: dict[str, tuple[str, ...]],

@@ -14,8 +14,9 @@ downloaded::
     model.safetensors | model-0000x-of-0000n.safetensors + model.safetensors.index.json | pytorch_model*.bin
     tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
 
-Only genes whose symbol is in the shipped human gene table are written into sentences: the LLM
-knows genes by their official names, and other identifiers would spend tokens on noise. Ties keep the
+Only genes the shipped human gene table knows are written into sentences, under their official
+symbol (a previous symbol or alias resolved, see :mod:`scdm.store.genes`): the LLM knows genes by
+their official names, and other identifiers would spend tokens on noise. Ties keep the
 dataset's gene order (stable sort). Batches are padded on the right by default; ``padding_side="left"``
 gives the same embeddings (position ids are computed from the attention mask). With right padding the
 model runs without an attention mask: under causal attention a real token never sees the pads after
@@ -69,6 +70,17 @@ GENES_FIELD = "{genes}"
 DEFAULT_TEMPLATE = "{genes}"
 """The bare cell sentence; e.g. ``"Top expressed genes of this cell: {genes}."`` adds a prompt."""
 PADDING_SIDES = ("right", "left")
+
+
+def _official_symbols(names: Sequence[str]) -> list[str | None]:
+    """The official symbol of each dataset symbol (a previous symbol or alias resolved), None where unknown.
+
+    The sentence names genes as the literature does now, so ``GNB2L1`` in a matrix annotated before
+    its rename is written ``RACK1`` rather than dropped with the cell's most expressed genes.
+    """
+    known = map_genes(list(names), src="symbol", dst="entrez")
+    official = map_genes([k or "" for k in known], src="entrez", dst="symbol")
+    return [o if k is not None else None for o, k in zip(official, known)]
 
 
 def cell_sentence(symbols: Sequence[str], *, separator: str = " ", template: str = DEFAULT_TEMPLATE) -> str:
@@ -242,8 +254,7 @@ class LLMAdapter(Adapter):
         self._load_tokenizer()
         names = [str(g) for g in var_genes]
         if gene_id_kind == "symbol":
-            known = map_genes(names, src="symbol", dst="entrez")
-            symbols = [n if k is not None else None for n, k in zip(names, known)]
+            symbols = _official_symbols(names)
         else:
             symbols = list(map_genes(names, src=as_gene_id_kind(gene_id_kind), dst="symbol"))
         column_symbols = list(dict.fromkeys(s for s in symbols if s is not None))
@@ -403,7 +414,9 @@ def write_tiny_checkpoint(
     else:
         genes = [str(g) for g in genes]
         kind = detect_gene_id_kind(genes)
-        symbols = list(genes) if kind == "symbol" else [s for s in map_genes(genes, src=kind, dst="symbol") if s is not None]
+        symbols = ([*genes, *(s for s in _official_symbols(genes) if s is not None)] if kind == "symbol"
+                   else [s for s in map_genes(genes, src=kind, dst="symbol") if s is not None])
+        symbols = list(dict.fromkeys(symbols))
     write_tokenizer(folder, [*symbols, *extra_text])
     from tokenizers import Tokenizer
 
