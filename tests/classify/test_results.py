@@ -151,3 +151,28 @@ def test_evaluate_returns_the_results_of_lora_tuned_spaces(st: Store) -> None:
     (row,) = out.to_dict("records")  # was empty: the run's per-fold spaces never matched the tuning's row
     assert row["variant"] == "lora:tune1" and row["auroc_n"] == COMMON["folds"] and row["complete"]
     assert row["auroc"] == pytest.approx(scdm.results(st, models=["geneformer"])["auroc"].iloc[0])
+
+
+def test_a_held_out_study_left_out_as_one_class_is_named_under_the_board(tmp_path: Path) -> None:
+    """Cross-data on three studies of JHU006, one holding sensitive cells only: the row reads 2/2 (complete)
+    while its mean covers 2 of its k=3 held-out studies, and a note must say so (none did)."""
+    from scdm.classify.results import NOTES, leaderboard_notes
+    from scdm.embedding.runner import embed
+    from tests.jhu006 import JHU006
+
+    adata = ad.read_h5ad(JHU006)
+    third = adata.n_obs // 3
+    adata.obs["study"] = ["A"] * third + ["B"] * third + ["C"] * (adata.n_obs - 2 * third)
+    keep = (adata.obs["study"] != "C") | (adata.obs["response_Gefitinib"] == "sensitive")
+    adata = adata[keep.to_numpy()].copy()
+    st = Store(tmp_path / "store")
+    st.ingest(adata, name="jhu006_studies", label_key="response_Gefitinib", study_key="study")
+    embed(st, "jhu006_studies", "pca", n_comps=5, progress=False)
+    evaluate(st, **{**COMMON, "scenarios": ["cross"]})
+    board = leaderboard(st)
+    assert (board["k"] == 3).all() and (board["folds_expected"] == 2).all() and board["complete"].all()
+    assert NOTES["skipped_folds"] in leaderboard_notes(board, ["auroc"])
+    # a split whose every fold is scored gets no such note
+    pooled = tmp_path / "pooled"
+    evaluate(jhu006_store(pooled), **COMMON)
+    assert NOTES["skipped_folds"] not in leaderboard_notes(leaderboard(pooled), ["auroc"])

@@ -586,6 +586,10 @@ NOTES: dict[str, str] = {
                    "answered readably; the others are left out, so they are not on the same cells as the rows "
                    "beside them (a model that fails on hard cells looks better than it is). The report does not "
                    "mark them best."),
+    "skipped_folds": ("Rows with fewer folds than k leave out folds that cannot be scored (a held-out study holding one "
+                      "class, a fold without test cells or whose training cells hold one class): their means are over "
+                      "the folds they show, not all k, and are compared only with rows of the same split. "
+                      "`scdm sql \"SELECT * FROM split_folds WHERE status = 'skipped'\"` names each with its reason."),
     "no_predicted_positive": ("Precision is undefined on a fold where the head predicted no cell sensitive; its mean "
                               "is over the other folds (its own n)."),
 }
@@ -616,6 +620,8 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["transductive-dann"])
     if not board.empty and not board["complete"].all():
         notes.append(NOTES["incomplete"])
+    if _has_skipped_folds(board):
+        notes.append(NOTES["skipped_folds"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.startswith("older gene table").any():
         notes.append(NOTES["older-gene-table"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.contains("test cells unanswered").any():
@@ -633,6 +639,18 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
     if "precision" in metrics and (extra & metric.eq("precision")).any():
         notes.append(NOTES["no_predicted_positive"])
     return notes
+
+
+def _has_skipped_folds(board: pd.DataFrame) -> bool:
+    """Whether a row's split has folds that are not evaluated (``folds_expected`` below ``k``).
+
+    Such folds are not tasks, so the row reads complete (``3/3``) although its mean covers 3 of its k=4
+    held-out studies; without this note nothing under the table would say so.
+    """
+    if board.empty or not {"k", "folds_expected"} <= set(board.columns):
+        return False
+    expected = pd.to_numeric(board["folds_expected"], errors="coerce")
+    return bool((expected < pd.to_numeric(board["k"], errors="coerce")).any())
 
 
 def _one_class_folds(board: pd.DataFrame) -> pd.Series:
