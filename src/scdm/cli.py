@@ -382,7 +382,7 @@ def ls_command(obj: Ctx, what: str, fmt: str) -> None:
     sections: dict[str, Any] = {}
     if what in ("all", "datasets"):
         sections["Datasets"] = st.datasets()[["name", "dataset_id", "n_cells", "n_genes", "gene_id_kind", "x_kind",
-                                              "n_labelled", "n_sensitive"]]
+                                              "n_labelled", "n_sensitive", "label_set"]]  # the counts' label set
     if what in ("all", "labels"):
         sections["Label sets"] = st.label_sets()[["dataset", "name", "is_default", "label_key", "positive", "drug",
                                                   "n_labelled", "n_sensitive"]]

@@ -258,13 +258,25 @@ JsonText = dict[str, Any] | list[Any] | str | None
 """A JSON column of the catalog, parsed (its text when it does not parse)."""
 
 
+class LabelSetCounts(BaseModel):
+    name: str
+    drug: str | None = None
+    is_default: bool
+    n_labelled: int
+    n_sensitive: int
+
+
 class DatasetRow(_Row):
     dataset_id: str
     name: str
     n_cells: int
     n_genes: int | None = None
-    n_labelled: int | None = None
-    n_sensitive: int | None = None
+    n_labelled: int | None = Field(default=None, description="Labelled cells of the label set named in label_set.")
+    n_sensitive: int | None = Field(default=None, description="Sensitive cells of the label set named in label_set.")
+    label_set: str | None = Field(default=None, description="The dataset's default label set, which n_labelled and "
+                                  "n_sensitive count (null: unlabelled).")
+    label_sets: list[LabelSetCounts] = Field(default_factory=list, description="Every label set of the dataset with "
+                                             "its counts, the default first.")
     source_path: str | None = None
     created_at: str | None = None
 

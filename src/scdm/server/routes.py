@@ -258,7 +258,15 @@ def health(srv: Server) -> Health:
 # --------------------------------------------------------------------------------------------
 @router.get("/api/datasets", response_model=list[DatasetRow], summary="Datasets in the store")
 def datasets(srv: Server) -> Response:
-    return typed(list[DatasetRow], records(srv.store.datasets()))
+    # n_labelled/n_sensitive count the default label set only: name it, and give every label set's counts
+    rows = records(srv.store.datasets())
+    label_sets = srv.store.label_sets()
+    per_dataset: dict[str, list[dict[str, Any]]] = {}
+    for ls in records(label_sets[["dataset_id", "name", "drug", "is_default", "n_labelled", "n_sensitive"]]):
+        per_dataset.setdefault(ls.pop("dataset_id"), []).append(ls)
+    for row in rows:
+        row["label_sets"] = per_dataset.get(row["dataset_id"], [])
+    return typed(list[DatasetRow], rows)
 
 
 @router.get("/api/embeddings", response_model=list[EmbeddingRow],

@@ -1051,13 +1051,19 @@ class Store:
         return rel
 
     def datasets(self) -> pd.DataFrame:
-        """All datasets, with labelled-cell counts, newest last."""
+        """All datasets, with labelled-cell counts, newest last.
+
+        The counts are of the dataset's default label set, named in ``label_set`` (None: unlabelled);
+        :meth:`label_sets` counts every label set.
+        """
         return self.query(
             "SELECT d.dataset_id, d.name, d.n_cells, d.n_genes, d.gene_id_kind, d.x_kind, "
             # sum() of the TINYINT labels is a HUGEINT, which pandas reads as float (327.0 sensitive cells)
             "count(c.response) AS n_labelled, coalesce(sum(c.response), 0)::BIGINT AS n_sensitive, "
-            "d.source_path, d.created_at "
-            "FROM datasets d LEFT JOIN cells c USING (dataset_id) GROUP BY ALL ORDER BY d.created_at, d.name"
+            "l.name AS label_set, d.source_path, d.created_at "
+            "FROM datasets d LEFT JOIN cells c USING (dataset_id) "
+            "LEFT JOIN label_sets l ON l.dataset_id = d.dataset_id AND l.is_default "
+            "GROUP BY ALL ORDER BY d.created_at, d.name"
         )
 
     def dataset(self, name_or_id: str) -> DatasetInfo:
