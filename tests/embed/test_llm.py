@@ -262,3 +262,13 @@ def test_a_previous_symbol_is_written_under_its_official_name(tmp_path) -> None:
     # beside a column under the official name, the old name is not read as a second copy of the gene
     both = _ready(folder, ["GNB2L1", "RACK1", "TP53"])
     assert list(both.column_symbols_) == ["RACK1", "TP53"] and both.known_columns_.tolist() == [1, 2]
+
+
+def test_columns_of_one_symbol_are_reported(ckpt, symbols) -> None:
+    """Two columns of one symbol were summed into one gene of the sentence and counted twice in n_matched, with
+    nothing in the audit saying so (geneformer and tGPT report n_collapsed_duplicates)."""
+    adapter = LLMAdapter(ckpt)
+    audit = adapter.prepare([*symbols, symbols[0], symbols[3]], gene_id_kind="symbol")
+    assert audit.n_matched == N_GENES + 2 and audit.extra["n_symbols"] == N_GENES
+    assert audit.extra["n_collapsed_duplicates"] == 2
+    assert adapter.prepare(symbols, gene_id_kind="symbol").extra["n_collapsed_duplicates"] == 0

@@ -459,3 +459,15 @@ def test_non_integer_max_length_is_refused_not_truncated(folder: Path, max_lengt
     # max_length=1200.5 became 1200 silently (int())
     with pytest.raises(InputDataError, match="max_length"):
         ScGPTAdapter(checkpoint=folder, max_length=max_length)  # type: ignore[arg-type]
+
+
+def test_columns_of_one_vocabulary_gene_are_reported(tmp_path: Path) -> None:
+    """Two columns mapping to GENE0 were two tokens of GENE0 (as the reference) and counted twice in n_matched,
+    with nothing in the audit saying so (geneformer, scBERT, scFoundation report theirs)."""
+    write_tiny_checkpoint(tmp_path, genes=GENES)
+    adapter = ScGPTAdapter(checkpoint=tmp_path, seed=0)
+    audit = adapter.prepare([*GENES[:5], GENES[0]], gene_id_kind="symbol")
+    assert audit.n_matched == 6 and audit.extra["n_duplicate_columns_kept"] == 1
+    tokens = adapter.tokenize(sp.csr_matrix(np.ones((1, 6), dtype=np.float32)), np.arange(1))[0]["input_ids"]
+    assert len(tokens) == 1 + 6 and len(set(tokens[1:].tolist())) == 5  # <cls>, then GENE0 twice
+    assert adapter.prepare(GENES[:5], gene_id_kind="symbol").extra["n_duplicate_columns_kept"] == 0

@@ -536,3 +536,12 @@ def test_non_integer_sizes_are_refused_not_truncated(folder: Path, option: dict)
     # sample_size=1.5 became 1 silently (int()), and a string size was accepted
     with pytest.raises(InputDataError, match=next(iter(option))):
         UCEAdapter(checkpoint=folder, **option)
+
+
+def test_columns_of_one_gene_are_reported(tmp_path: Path) -> None:
+    """'gene1' and 'GENE1' match one gene (UCE upper-cases symbols): both were sampled as genes and counted in
+    n_matched, with nothing in the audit saying so (geneformer, scBERT, scFoundation report theirs)."""
+    write_tiny_checkpoint(tmp_path, genes=GENES)
+    audit = UCEAdapter(checkpoint=tmp_path).prepare(["gene1", "GENE1", "Gene2", "Other"], gene_id_kind="symbol")
+    assert audit.n_matched == 3 and audit.extra["n_duplicate_columns_kept"] == 1
+    assert UCEAdapter(checkpoint=tmp_path).prepare(["gene1", "Gene2"], gene_id_kind="symbol").extra["n_duplicate_columns_kept"] == 0

@@ -266,7 +266,8 @@ class LLMAdapter(Adapter):
             n_matched=int(used.sum()),
             unmatched_examples=tuple(n for n, u in zip(names, used) if not u)[:20],
             id_kind_used="symbol",
-            extra={"n_symbols": len(column_symbols)},
+            # columns of one symbol (two Ensembl ids of one gene) are summed into one gene of the sentence
+            extra={"n_symbols": len(column_symbols), "n_collapsed_duplicates": int(used.sum()) - len(column_symbols)},
         )
         require_matches(audit, self.name)
         self.aggregator_ = aggregation_matrix(column_of_gene, len(column_symbols))

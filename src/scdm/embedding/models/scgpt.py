@@ -461,14 +461,20 @@ class ScGPTAdapter(Adapter):
         specials = set(SPECIAL_TOKENS) | {self.model_args().get("pad_token", "<pad>")}
         ids = np.array([vocab[s] if s is not None and s in vocab and s not in specials else -1 for s in symbols], dtype=np.int64)
         unmatched = tuple(str(g) for g, i in zip(var_genes, ids) if i < 0)[:20]
+        # two columns of one vocabulary gene (two Ensembl ids of one symbol) are two tokens of that gene, as in
+        # the reference (it maps the columns one by one); n_matched counts both, so say how many repeat one
+        n_duplicates = int((ids >= 0).sum()) - len(np.unique(ids[ids >= 0]))
         audit = GeneAudit(
             n_input_genes=len(ids),
             n_matched=int((ids >= 0).sum()),
             unmatched_examples=unmatched,
             id_kind_used="symbol",
-            extra={"vocab_size": len(vocab)},
+            extra={"vocab_size": len(vocab), "n_duplicate_columns_kept": n_duplicates},
         )
         require_matches(audit, self.name)
+        if n_duplicates:
+            logger.info("scGPT: %d dataset columns repeat a vocabulary gene already matched; each is a token of its own "
+                        "(as in the reference).", n_duplicates)
         self._gene_ids = ids
         return audit
 

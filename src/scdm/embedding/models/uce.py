@@ -545,14 +545,21 @@ class UCEAdapter(Adapter):
         has_protein = found["token"].notna().to_numpy()
         matched = has_protein & found["chrom_code"].notna().to_numpy()
         unmatched = tuple(str(g) for g, m in zip(var_genes, matched) if not m)[:20]
+        # two columns of one protein-embedding gene (TP53 and tp53, two Ensembl ids of one symbol) are sampled
+        # as two genes, as in the reference; n_matched counts both, so say how many repeat one
+        n_duplicates = int(matched.sum()) - len(set(upper[matched]))
         audit = GeneAudit(
             n_input_genes=len(symbols),
             n_matched=int(matched.sum()),
             unmatched_examples=unmatched,
             id_kind_used="symbol",
-            extra={"species": self.species, "n_without_chromosome": int((has_protein & ~matched).sum())},
+            extra={"species": self.species, "n_without_chromosome": int((has_protein & ~matched).sum()),
+                   "n_duplicate_columns_kept": n_duplicates},
         )
         require_matches(audit, self.name)
+        if n_duplicates:
+            logger.info("UCE: %d dataset columns repeat a gene already matched; each is sampled as a gene of its own "
+                        "(as in the reference).", n_duplicates)
         self._genes = {
             "matched": matched,
             "token": np.where(matched, found["token"].fillna(-1).to_numpy(), -1).astype(np.int64),
