@@ -1045,9 +1045,11 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
 
 @main.command("prompt")
 @click.option("--dataset", "datasets", multiple=True, required=True, help="Dataset to prompt about (repeatable; several are pooled like one embedding space).")
-@click.option("--backend", type=click.Choice(["openai", "hf"]), default="openai", show_default=True,
-              help="openai: any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp, Ollama); hf: a local model folder.")
-@click.option("--base-url", help="Endpoint, e.g. http://localhost:11434/v1 (Ollama) or http://localhost:8000/v1 (vLLM). Default: OpenAI's.")
+@click.option("--backend", type=click.Choice(["openai", "ollama", "hf"]), default="openai", show_default=True,
+              help="openai: any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp); ollama: an Ollama server's own API "
+                   "(prompts longer than --num-ctx are refused, not cut); hf: a local model folder.")
+@click.option("--base-url", help="Endpoint, e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434 (--backend ollama). Default: OpenAI's.")
+@click.option("--num-ctx", type=click.IntRange(min=2), help="--backend ollama: context length to run the model with  [default: 8192]")
 @click.option("--model", "-m", help="Model name the endpoint serves (gpt-4o-mini, llama3.1:8b, ...); with --backend hf, the name shown in results.")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="Environment variable holding the API key (local endpoints need none).")
 @click.option("--checkpoint", "-c", type=click.Path(exists=True, file_okay=False), help="--backend hf: a local Hugging Face causal-LM folder.")
@@ -1084,8 +1086,8 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
 @output_options
 @pass_ctx
 @user_errors
-def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: str | None, model: str | None, api_key_env: str,
-                   checkpoint: str | None, device: str, shots: int, top_k: int, cells_per_request: int, template: str | None,
+def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: str | None, num_ctx: int | None,
+                   model: str | None, api_key_env: str, checkpoint: str | None, device: str, shots: int, top_k: int, cells_per_request: int, template: str | None,
                    scenario: tuple[str, ...], by: tuple[str, ...], category: str | None, folds: int, split_scheme: str, split_ids: tuple[str, ...],
                    seed: int, label_set: str | None, temperature: float, max_tokens: int, response_format: str,
                    logprobs: bool, top_logprobs: int, timeout_s: float, concurrency: int, rpm: float | None, retries: int,
@@ -1105,9 +1107,9 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
     \b
     Examples, against a local Ollama server (no API key needed):
       ollama pull llama3.1:8b                       # Ollama serves http://localhost:11434
-      scdm prompt --dataset a375 --base-url http://localhost:11434/v1 -m llama3.1:8b --by all --folds 5 --dry-run
-      scdm prompt --dataset a375 --base-url http://localhost:11434/v1 -m llama3.1:8b --by all --folds 5
-      scdm prompt --dataset a375 --base-url http://localhost:11434/v1 -m llama3.1:8b --by all --folds 5 --shots 4
+      scdm prompt --dataset a375 --backend ollama -m llama3.1:8b --by all --folds 5 --dry-run
+      scdm prompt --dataset a375 --backend ollama -m llama3.1:8b --by all --folds 5
+      scdm prompt --dataset a375 --backend ollama -m llama3.1:8b --by all --folds 5 --shots 4 --num-ctx 16384
       scdm results --head prompt-zero-shot
     \b
     vLLM (`vllm serve meta-llama/Meta-Llama-3-8B-Instruct`), OpenAI, a local model folder:
@@ -1123,7 +1125,7 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
         device=device, shots=shots, top_k=top_k, cells_per_request=cells_per_request, template=template,
         scenarios=_csv_list(scenario), by=_csv_list(by), category=category, folds=folds, split_scheme=split_scheme,
         seed=seed, label_set=label_set, split_ids=list(split_ids), temperature=temperature, max_tokens=max_tokens,
-        response_format=response_format, logprobs=logprobs, top_logprobs=top_logprobs, timeout_s=timeout_s,
+        response_format=response_format, logprobs=logprobs, top_logprobs=top_logprobs, timeout_s=timeout_s, num_ctx=num_ctx,
         concurrency=concurrency, rpm=rpm, retries=retries, max_requests=max_requests, dry_run=dry_run,
         show_prompts=show_prompts, silent=quiet)
     if dry_run:

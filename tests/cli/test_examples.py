@@ -44,7 +44,7 @@ NOT_RUN: dict[str, str] = {
                  "recording backend, and with Inductor when --run-slow)",
 }
 """Examples (by a piece of their text) that are parsed but not run here, and why."""
-RUN_ANYWAY = ("scdm prompt --dataset a375 --base-url http://localhost:11434/v1 -m llama3.1:8b --by all --folds 5 --dry-run",)
+RUN_ANYWAY = ("scdm prompt --dataset a375 --backend ollama -m llama3.1:8b --by all --folds 5 --dry-run",)
 """Matches of NOT_RUN that do run (a dry run sends nothing)."""
 
 

@@ -13,7 +13,7 @@ from scdm.store import Store, example_data
 def test_help_teaches_with_a_local_endpoint() -> None:
     out = CliRunner().invoke(main, ["prompt", "--help"])
     assert out.exit_code == 0
-    assert "--base-url http://localhost:11434/v1" in out.output and "--dry-run" in out.output
+    assert "--backend ollama -m llama3.1:8b" in out.output and "--num-ctx" in out.output and "--dry-run" in out.output
     assert "--no-logprobs" in out.output and "--max-requests" in out.output
 
 

@@ -14,7 +14,7 @@ imported inside the backends that need them.
 Example::
 
     import scdm.prompt
-    s = scdm.prompt.prompt("scdm-store", ["a375"], base_url="http://localhost:11434/v1", model="llama3.1:8b")
+    s = scdm.prompt.prompt("scdm-store", ["a375"], backend="ollama", model="llama3.1:8b")
     s.results
 """
 

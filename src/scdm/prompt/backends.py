@@ -9,7 +9,9 @@ Anything else raises :class:`PromptRequestError` with what to change.
 
 :class:`OpenAIBackend` uses the official ``openai`` client (imported when the backend is made), so
 the same code talks to OpenAI, vLLM (``vllm serve``), llama.cpp's server and Ollama
-(``http://localhost:11434/v1``). Decoding is deterministic by default: temperature 0 and a seed.
+(``http://localhost:11434/v1``; but Ollama cuts a prompt longer than its context silently there:
+:mod:`scdm.prompt.ollama` uses its own API and refuses such prompts). Decoding is deterministic by
+default: temperature 0 and a seed.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Backend:
     """What the runner needs from a language model."""
 
     kind: str = ""
-    """``openai`` or ``hf`` (part of every request's identity)."""
+    """``openai``, ``ollama`` or ``hf`` (part of every request's identity)."""
     model: str = ""
     checkpoint_hash: str | None = None
     endpoint: str | None = None

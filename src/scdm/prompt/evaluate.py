@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 
-from scdm.prompt.backends import Backend, OpenAIBackend
+from scdm.prompt.backends import Backend, OpenAIBackend, without_password
 from scdm.prompt.plan import CellTable, Plan, Unit, fold_test_cells, load_cells, plan_requests
 from scdm.prompt.runner import SendPolicy, SendReport, cut_short, load_answers, send_requests
 from scdm.prompt.sentences import DEFAULT_TOP_K
@@ -127,11 +128,27 @@ def head_name(shots: int) -> str:
 
 def make_backend(backend: str, *, model: str | None = None, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  checkpoint: str | os.PathLike[str] | None = None, device: str = "auto", **openai_options: Any) -> Backend:
-    """A backend by name: ``openai`` (any OpenAI-compatible endpoint) or ``hf`` (a local model folder)."""
+    """A backend by name: ``openai`` (any OpenAI-compatible endpoint), ``ollama`` (Ollama's own API, its
+    context length checked) or ``hf`` (a local model folder)."""
+    num_ctx = openai_options.pop("num_ctx", None)
+    if num_ctx is not None and backend != "ollama":
+        msg = "--num-ctx is for --backend ollama (an OpenAI-compatible endpoint takes no context length)."
+        raise InputDataError(msg)
+    if backend == "ollama":
+        if checkpoint is not None:
+            msg = "--checkpoint is for --backend hf; the ollama backend talks to --base-url with --model."
+            raise InputDataError(msg)
+        from scdm.prompt.ollama import DEFAULT_NUM_CTX, OllamaBackend
+
+        return OllamaBackend(model or "", base_url=base_url, num_ctx=num_ctx or DEFAULT_NUM_CTX, **openai_options)
     if backend == "openai":
         if checkpoint is not None:
             msg = "--checkpoint is for --backend hf; the openai backend talks to --base-url with --model."
             raise InputDataError(msg)
+        if base_url and urlsplit(base_url).port == 11434:
+            logger.warning("prompt: %s looks like Ollama's OpenAI-compatible route, which cuts a prompt longer than the "
+                           "model's context from its start without saying so; --backend ollama refuses such prompts.",
+                           without_password(base_url))
         return OpenAIBackend(model or "", base_url=base_url, api_key_env=api_key_env, **openai_options)
     if backend == "hf":
         if checkpoint is None:
@@ -140,7 +157,7 @@ def make_backend(backend: str, *, model: str | None = None, base_url: str | None
         from scdm.prompt.local import HFBackend
 
         return HFBackend(Path(checkpoint), model=model, device=device)
-    msg = f"backend={backend!r} is not one of 'openai', 'hf'."
+    msg = f"backend={backend!r} is not one of 'openai', 'ollama', 'hf'."
     raise InputDataError(msg)
 
 
@@ -290,6 +307,7 @@ def prompt(
     logprobs: bool = True,
     top_logprobs: int = 5,
     timeout_s: float = 120.0,
+    num_ctx: int | None = None,
     concurrency: int = 4,
     rpm: float | None = None,
     retries: int = 6,
@@ -307,9 +325,12 @@ def prompt(
     store : str, path or Store
     datasets : sequence of str
         Dataset names or ids; their labelled cells are pooled like one embedding space's.
-    backend : {"openai", "hf"} or Backend, default "openai"
-        ``openai``: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp,
-        Ollama) at ``base_url``; ``hf``: a local causal LM folder ``checkpoint``.
+    backend : {"openai", "ollama", "hf"} or Backend, default "openai"
+        ``openai``: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp) at
+        ``base_url``; ``ollama``: an Ollama server's own API at ``base_url`` (default
+        ``http://localhost:11434``), which refuses prompts longer than ``num_ctx`` instead of
+        cutting them silently as Ollama's OpenAI-compatible route does; ``hf``: a local causal LM
+        folder ``checkpoint``.
     model : str, optional
         The endpoint's model name (required for ``openai``); for ``hf`` the name shown in results.
     base_url, api_key_env : str
@@ -330,7 +351,10 @@ def prompt(
     split_ids : sequence of str, optional
         Use these stored splits instead of building them.
     temperature, max_tokens, response_format, logprobs, top_logprobs, timeout_s :
-        Decoding of the ``openai`` backend (see :class:`scdm.prompt.backends.OpenAIBackend`).
+        Decoding of the ``openai`` and ``ollama`` backends (see :class:`scdm.prompt.backends.OpenAIBackend`).
+    num_ctx : int, optional
+        ``ollama``: the context length to run the model with (default 8192; see
+        :class:`scdm.prompt.ollama.OllamaBackend`).
     concurrency, rpm, retries, backoff_s, max_requests :
         Sending (see :mod:`scdm.prompt.runner`): parallel requests, starts per minute, retries on
         429/5xx/timeouts with exponential back-off, and a budget of new requests for this call.
@@ -348,7 +372,7 @@ def prompt(
 
     Examples
     --------
-    >>> s = prompt("scdm-store", ["a375"], base_url="http://localhost:11434/v1", model="llama3.1:8b")  # doctest: +SKIP
+    >>> s = prompt("scdm-store", ["a375"], backend="ollama", model="llama3.1:8b")  # doctest: +SKIP
     >>> s.results.query("metric == 'f1'")  # doctest: +SKIP
     """
     from scdm.store import open_store
@@ -375,7 +399,8 @@ def prompt(
     owned = isinstance(backend, str)
     llm = make_backend(backend, model=model, base_url=base_url, api_key_env=api_key_env, checkpoint=checkpoint,
                        device=device, temperature=temperature, max_tokens=max_tokens, response_format=response_format,
-                       logprobs=logprobs, top_logprobs=top_logprobs, timeout_s=timeout_s) if isinstance(backend, str) \
+                       logprobs=logprobs, top_logprobs=top_logprobs, timeout_s=timeout_s,
+                       **({} if num_ctx is None else {"num_ctx": num_ctx})) if isinstance(backend, str) \
         else backend
     try:
         plan = plan_requests(splits, table, template=tmpl, backend=llm, top_k=top_k, cells_per_request=cells_per_request,

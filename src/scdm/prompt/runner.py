@@ -138,11 +138,12 @@ def record_of(backend: Backend, request: Request, reply: Reply, *, template_hash
 
 
 def _stored_tokens(response: Mapping[str, Any] | None) -> list[dict[str, Any]] | None:
-    """The token log-probabilities of a stored OpenAI-style response body (``choices[0].logprobs.content``)."""
+    """The token log-probabilities of a stored response body: OpenAI-style (``choices[0].logprobs.content``)
+    or Ollama's (``logprobs``, entries of the same form)."""
     try:
         tokens = response["choices"][0]["logprobs"]["content"]  # type: ignore[index]
     except (KeyError, IndexError, TypeError):
-        return None
+        tokens = response.get("logprobs") if isinstance(response, Mapping) and "choices" not in response else None
     return tokens if isinstance(tokens, list) and tokens else None
 
 
@@ -151,8 +152,8 @@ def cut_short(record: PromptRecord) -> bool:
     every cell had a readable answer: the rest of the answer was never written, not unreadable."""
     try:
         reason = record.response["choices"][0]["finish_reason"]  # type: ignore[index]
-    except (KeyError, IndexError, TypeError):
-        return False
+    except (KeyError, IndexError, TypeError):  # Ollama's own body says done_reason
+        reason = record.response.get("done_reason") if isinstance(record.response, Mapping) else None
     return reason == "length" and any(a.status != "ok" for a in record.answers)
 
 
