@@ -231,3 +231,18 @@ def test_sql_csv_writes_a_list_or_struct_as_json_a_reader_parses_back(run):
     out = run("sql", "SELECT [1.1, 2] AS list, [1, NULL] AS holes, {'a': 1.5, 'b': 'x,y'} AS struct", "--format", "csv").stdout
     (row,) = csv.DictReader(io.StringIO(out))
     assert {k: json.loads(v) for k, v in row.items()} == {"list": [1.1, 2.0], "holes": [1, None], "struct": {"a": 1.5, "b": "x,y"}}
+
+
+def test_non_finite_values_in_csv_and_json_are_as_the_readme_says(tmp_path) -> None:
+    """CSV keeps inf/-inf (pandas reads them back) and leaves NULL and NaN empty; JSON writes all four null."""
+    import io
+
+    import pandas as pd
+
+    store = str(tmp_path / "st")
+    query = "SELECT 'inf'::DOUBLE AS a, '-inf'::DOUBLE AS b, 'nan'::DOUBLE AS c, NULL::DOUBLE AS d, 1.5 AS e"
+    csv = CliRunner().invoke(main, ["--store", store, "sql", query, "--format", "csv"])
+    back = pd.read_csv(io.StringIO(csv.stdout)).iloc[0]
+    assert back["a"] == float("inf") and back["b"] == float("-inf") and pd.isna(back["c"]) and pd.isna(back["d"])
+    doc = json.loads(CliRunner().invoke(main, ["--store", store, "sql", query, "--format", "json"]).stdout)
+    assert doc == [{"a": None, "b": None, "c": None, "d": None, "e": 1.5}]
