@@ -81,3 +81,16 @@ def test_a_file_with_stored_zeros_at_known_genes_is_refused_not_embedded_as_cls_
     name = st.ingest(tmp_path / "stored_zeros.h5ad").name
     with pytest.raises(InputDataError, match=r"rows 1 \(1 in all\) express none of the genes the model knows"):
         embed(st, name, "geneformer", checkpoint, batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize(("model", "ckpt"), [("scgpt", {}), ("uce", {}), ("scfoundation", {})])
+def test_models_that_cannot_keep_such_cells_say_the_flag_does_not_apply(model, ckpt, unknown_only, tmp_path):
+    """scGPT, UCE and scFoundation have nothing to embed for such a cell; with --allow-empty-cells they refused it
+    with 'Remove empty cells before ingest', as if the flag had been ignored."""
+    path, vocabulary = unknown_only
+    module = importlib.import_module(f"scdm.embedding.models.{model}")
+    checkpoint = module.write_tiny_checkpoint(tmp_path / "ckpt", genes=vocabulary, **ckpt)
+    st = Store(tmp_path / "store")
+    name = st.ingest(path).name
+    with pytest.raises(InputDataError, match="row 0 .*--allow-empty-cells cannot keep it"):
+        embed(st, name, model, checkpoint, batch_size=4, progress=False, allow_empty_cells=True)

@@ -433,8 +433,9 @@ class ScFoundationAdapter(Adapter):
             if not total > 0:
                 msg = (
                     f"Cell at row {int(row)} has no counts in any of the {n_genes} scFoundation genes, so its "
-                    "total count (and S token) is undefined. Remove empty cells before ingest "
-                    "(e.g. scanpy.pp.filter_cells(adata, min_counts=1))."
+                    "total count (and S token) is undefined (--allow-empty-cells cannot keep it: scFoundation has no "
+                    "input for it). Remove such cells before ingest (e.g. keep the cells with counts in its gene panel; "
+                    "scanpy.pp.filter_cells(adata, min_counts=1) removes empty ones)."
                 )
                 raise InputDataError(msg)
             # float64 maths, then float32 as the reference's torch.tensor(list) does

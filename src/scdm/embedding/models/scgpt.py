@@ -498,7 +498,9 @@ class ScGPTAdapter(Adapter):
             if len(genes) == 0:
                 msg = (
                     f"Cell at row {int(row)} has no counts in any of the scGPT vocabulary genes, so it has "
-                    "nothing to embed. Remove empty cells before ingest (e.g. scanpy.pp.filter_cells(adata, min_genes=1))."
+                    "nothing to embed (--allow-empty-cells cannot keep it: scGPT would return its <cls> token alone, "
+                    "the same vector for every such cell). Remove such cells before ingest (e.g. keep the cells with "
+                    "counts in the vocabulary genes; scanpy.pp.filter_cells(adata, min_genes=1) removes empty ones)."
                 )
                 raise InputDataError(msg)
             genes, binned = self._bin_and_subsample(genes, vals, int(row))

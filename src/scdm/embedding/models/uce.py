@@ -588,7 +588,9 @@ class UCEAdapter(Adapter):
             if len(cols) == 0:
                 msg = (
                     f"Cell at row {int(row)} has no counts in any UCE gene of species {self.species!r}, so no "
-                    "genes can be sampled. Remove empty cells before ingest (e.g. scanpy.pp.filter_cells(adata, min_genes=1))."
+                    "genes can be sampled (--allow-empty-cells cannot keep it: UCE has no sentence to embed). Remove such "
+                    "cells before ingest (e.g. keep the cells with counts in UCE's genes; scanpy.pp.filter_cells(adata, "
+                    "min_genes=1) removes empty ones)."
                 )
                 raise InputDataError(msg)
             if self.reference_quirks:
