@@ -82,10 +82,12 @@ def reference_tokens(dense: np.ndarray, ensembl: list, folder: Path, input_size:
     mapping = {k: v for k, v in mapping.items() if v in token_dict}
     frame = pd.DataFrame(dense.astype(np.float64), columns=ensembl)
     totals = frame.sum(axis=1).to_numpy()[:, None]
-    in_dict = [g for g in ensembl if g in token_dict]
+    # sum_ensembl_ids: ids are mapped on both paths; the collapse path is taken when two ids share a
+    # target (scdm also sums the same id given twice, where the reference would emit its token twice)
+    in_map = [g for g in ensembl if g in mapping]
     collapsed = [mapping.get(str(g).upper()) if g is not None else None for g in ensembl]
-    if not (len(in_dict) == len(set(in_dict)) and len({g for g in collapsed if g in token_dict}) == len(set(in_dict))):
-        frame.columns = collapsed
+    frame.columns = collapsed
+    if len(set(in_map)) != len({mapping[g] for g in in_map}) or len(in_map) != len(set(in_map)):
         frame = frame.loc[:, [c is not None for c in frame.columns]]
         dups = [g for g, n in Counter(frame.columns).items() if n > 1]
         summed = pd.concat([frame.loc[:, frame.columns == g].sum(axis=1).rename(g) for g in dups], axis=1) if dups else None
@@ -236,11 +238,33 @@ def test_ensembl_versions_and_mapping_dict(tmp_path, symbols) -> None:
     adapter = GeneformerAdapter(folder)
     versioned = [f"{g}.7" for g in ensembl[:10]]
     audit = adapter.prepare([*versioned, "ENSG99999999998"], gene_id_kind="ensembl")
-    assert audit.n_matched == 11 and audit.extra["collapse_path"]
-    # reference quirk: collapsing would not add a vocabulary gene, so ids are used unchanged and
-    # the alias of a gene already present is dropped
+    # no two ids share a target: the reference's plain path, which maps the alias in place
+    assert audit.n_matched == 11 and not audit.extra["collapse_path"]
+    # the alias of a gene already present is summed into it, as the reference's collapse path does
     audit = adapter.prepare([*versioned, "ENSG99999999999"], gene_id_kind="ensembl")
-    assert audit.n_matched == 10 and not audit.extra["collapse_path"]
+    assert audit.n_matched == 11 and audit.extra["collapse_path"] and audit.extra["n_collapsed_duplicates"] == 1
+
+
+def test_alias_of_a_present_gene_is_summed_like_the_reference(tmp_path, symbols) -> None:
+    # an outdated id that the mapping dictionary sends onto a vocabulary gene the dataset also has:
+    # the reference sums their counts (scdm used to drop the alias's counts: 9 of 30 here)
+    ensembl = list(map_genes(symbols, src="symbol", dst="ensembl"))[:6]
+    folder = write_tiny_checkpoint(tmp_path, genes=ensembl)
+    with (folder / "ensembl_mapping_dict_gc30M.pkl").open("rb") as handle:
+        mapping = pickle.load(handle)
+    mapping["ENSG99999999999"] = ensembl[2]
+    with (folder / "ensembl_mapping_dict_gc30M.pkl").open("wb") as handle:
+        pickle.dump(mapping, handle)
+    dataset_ids = [*ensembl, "ENSG99999999999"]
+    adapter = GeneformerAdapter(folder)
+    audit = adapter.prepare(dataset_ids, gene_id_kind="ensembl")
+    assert audit.n_matched == 7 and audit.extra["collapse_path"]
+    x = sp.csr_matrix(np.array([[1, 2, 3, 4, 5, 6, 9], [0, 0, 1, 0, 0, 2, 40]], dtype=np.float32))
+    got = adapter.tokenize(x, np.arange(2))
+    expected = reference_tokens(x.toarray(), dataset_ids, folder, input_size=2048)
+    for cell, ref in zip(got, expected):
+        np.testing.assert_array_equal(cell["input_ids"], ref)
+    assert got[1]["input_ids"][0] == adapter.token_ids_[ensembl[2]]  # 1 + 40 counts: the top gene
 
 
 def test_legacy_pytorch_model_bin_gives_same_embeddings(tmp_path, symbols) -> None:
@@ -360,7 +384,10 @@ def test_dictionary_of_other_version_is_refused(tmp_path, symbols) -> None:
 
 def test_params_and_lora_targets(ckpt_v2, symbols) -> None:
     adapter = _ready(ckpt_v2, symbols)
-    assert adapter.params() == {"layer": -2, "pooling": "auto", "max_length": None}
+    params = adapter.params()
+    assert {k: params[k] for k in ("layer", "pooling", "max_length")} == {"layer": -2, "pooling": "auto", "max_length": None}
+    # embeddings made while an alias of a present gene was dropped have another identity
+    assert "aliases of present genes summed" in params["gene_collapse"]
     names = [n for n, _ in adapter.model.named_modules()]
     for target in GeneformerAdapter.lora_target_modules:
         assert any(n.endswith(target) for n in names), target

@@ -229,28 +229,26 @@ class GeneLayout:
 
 
 def reference_gene_layout(ensembl_ids: Sequence[str | None], token_ids: dict[str, int], mapping: dict[str, str]) -> GeneLayout:
-    """Reproduce the column layout of ``TranscriptomeTokenizer.tokenize_anndata``.
+    """Reproduce the column layout of ``TranscriptomeTokenizer.tokenize_anndata`` (V1/V2 release).
 
-    The reference uses the dataset's ids unchanged when they are unique and collapsing would not
-    change which vocabulary genes are present. Otherwise it maps every id through the mapping
-    dictionary (upper-cased), drops unmapped genes, keeps genes that occur once in dataset order and
-    appends each duplicated id (counts summed) in order of first occurrence. The order matters:
-    it decides how ``np.argsort`` breaks ties between equal normalised values.
+    The reference maps every id through the mapping dictionary (upper-cased) on both of its
+    paths and drops unmapped genes. It takes its collapse path when two dataset ids map onto one
+    vocabulary gene (``len(set(ids in the mapping)) != len(set(their targets))``): genes that
+    occur once keep dataset order and each shared id is appended (counts summed) in order of first
+    occurrence. The order matters: it decides how ``np.argsort`` breaks ties between equal
+    normalised values. One deliberate difference: the same id twice in the dataset is summed too
+    (the reference's other path would put its token into the cell twice).
     """
-    in_vocab = [g for g in ensembl_ids if g is not None and g in token_ids]
-    unique = len(in_vocab) == len(set(in_vocab))
+    in_mapping = [g for g in ensembl_ids if g is not None and g in mapping]
+    collapsed = len(set(in_mapping)) != len({mapping[g] for g in in_mapping})
     mapped = [mapping.get(g.upper()) if g is not None else None for g in ensembl_ids]
-    mapped_in_vocab = {g for g in mapped if g is not None and g in token_ids}
-    if unique and len(mapped_in_vocab) == len(set(in_vocab)):
-        names, collapsed = [g if (g is not None and g in token_ids) else None for g in ensembl_ids], False
-    else:
-        names, collapsed = [g if (g is not None and g in token_ids) else None for g in mapped], True
+    names = [g if (g is not None and g in token_ids) else None for g in mapped]
     counts = Counter(g for g in names if g is not None)
     duplicated = [g for g, n in counts.items() if n > 1]
     column_ids = [g for g in names if g is not None and counts[g] == 1] + duplicated
     column_index = {g: i for i, g in enumerate(column_ids)}
     column_of_gene = np.array([column_index[g] if g is not None else -1 for g in names], dtype=np.int64)
-    return GeneLayout(column_of_gene, column_ids, collapsed, len(duplicated))
+    return GeneLayout(column_of_gene, column_ids, collapsed or bool(duplicated), len(duplicated))
 
 
 def rank_value_encoding(
@@ -458,7 +456,9 @@ class GeneformerAdapter(Adapter):
         return int(self.config_["hidden_size"])
 
     def params(self) -> dict[str, Any]:
-        return {"layer": self.layer, "pooling": self.pooling, "max_length": self.max_length}
+        # part of the identity: embeddings made before aliases were summed (see reference_gene_layout) differ
+        return {"layer": self.layer, "pooling": self.pooling, "max_length": self.max_length,
+                "gene_collapse": "mapping dictionary on both paths (aliases of present genes summed)"}
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
