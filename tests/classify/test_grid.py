@@ -375,16 +375,16 @@ def test_the_seed_reaches_every_head_that_takes_one(st: Store) -> None:
     assert params["shuffled-label"] == json.loads(get_head("shuffled-label").params_key())
 
 
-def test_stored_metrics_are_those_of_the_stored_predictions(st: Store) -> None:
-    """Metrics are scored on the probabilities as stored (float32): recomputing them from eval_predictions gives them back."""
-    from scdm.classify.metrics import compute_metrics
-
+def _line_with_far_cells(st: Store) -> tuple[str, pd.DataFrame, np.ndarray]:
+    """A 1-D embedding of a375 equal to the label, except four test cells far out with their labels
+    interleaved (7.0 sensitive, 7.1 resistant, 7.2 sensitive, 7.3 resistant): a head that follows
+    the line gives them probabilities distinct in float64 and all 1.0 in float32.
+    Returns (embedding id, the custom split, the embedding value of each cell)."""
     cells = st.cells(["a375"]).sort_values("row").reset_index(drop=True)
     y = cells["response"].to_numpy(np.int64)
     x = y.astype(np.float32)  # training cells: the score is about the label
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     far = [pos[0], neg[0], pos[1], neg[1]]
-    # far out, labels interleaved: probabilities distinct in float64, all 1.0 once rounded to float32
     x[far] = [7.0, 7.1, 7.2, 7.3]
     emb = st.create_embedding("a375", model="line", params={"n_components": 1}, dim=1)
     for chunk in range(emb.n_chunks):
@@ -393,13 +393,59 @@ def test_stored_metrics_are_those_of_the_stored_predictions(st: Store) -> None:
     emb.finalize()
     custom = cells[["dataset_id", "row"]].copy()
     custom["fold"] = np.where(np.isin(np.arange(len(cells)), [*far, pos[2], neg[2]]), "test", "train")
-    run(st, embeddings=[emb.embedding_id], scenarios=["custom"], custom=custom, by=["all"], heads=["ridge"])
+    return emb.embedding_id, custom, x
+
+
+def test_stored_metrics_are_those_of_the_stored_predictions(st: Store) -> None:
+    """Metrics are scored on the probabilities as stored (float64): recomputing them from eval_predictions
+    gives them back, and the far cells are not tied (as REAL they were all 1.0)."""
+    from scdm.classify.metrics import compute_metrics
+
+    embedding_id, custom, _ = _line_with_far_cells(st)
+    run(st, embeddings=[embedding_id], scenarios=["custom"], custom=custom, by=["all"], heads=["ridge"])
     preds = st.query("SELECT y_true, proba FROM eval_predictions ORDER BY dataset_id, row")
-    assert (preds["proba"] == 1.0).sum() == 4  # the rounding ties them
+    assert preds["proba"].dtype == np.float64 and (preds["proba"] == 1.0).sum() == 0
+    assert (preds["proba"].astype(np.float32) == 1.0).sum() == 4  # what REAL made of them
     recomputed = compute_metrics(preds["y_true"].to_numpy(), preds["proba"].to_numpy())
     stored = st.query("SELECT metric, value FROM eval_results").set_index("metric")["value"]
     for metric in METRICS:
         assert stored[metric] == recomputed[metric], metric  # exactly, not approximately
+
+
+def test_an_overconfident_mlp_is_scored_on_its_float64_probabilities(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An mlp whose logits pass 16.6 had a float32 sigmoid of exactly 1.0 there, stored as REAL: its
+    sensitive and resistant far cells tied, and the stored AUROC was 5/9 where its own ranking gives 4/9."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from scdm.classify.heads import MLPHead
+    from scdm.classify.metrics import compute_metrics
+
+    fit_rows = MLPHead._fit_rows
+
+    def overconfident(self: MLPHead, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
+        fit_rows(self, X, rows, y)
+        # the fitted network replaced by logit = 4 x - 2: 26 to 27.2 on the far cells, +-2 on the others
+        line = torch.nn.Linear(1, 1)
+        with torch.no_grad():
+            line.weight.fill_(4.0)
+            line.bias.fill_(-2.0)
+        self.model_, self.output_ = torch.nn.Sequential(line), "logit"
+
+    monkeypatch.setattr(MLPHead, "_fit_rows", overconfident)
+    embedding_id, custom, x = _line_with_far_cells(st)
+    mlp = {"profile": "fast", "epochs": 1, "standardize": False, "precision": "fp32"}
+    run(st, embeddings=[embedding_id], scenarios=["custom"], custom=custom, by=["all"], heads=["mlp"],
+        head_params={"mlp": mlp})
+    preds = st.query('SELECT "row", y_true, proba FROM eval_predictions ORDER BY dataset_id, "row"')
+    logits = 4.0 * x[preds["row"].to_numpy()].astype(np.float64) - 2.0
+    y = preds["y_true"].to_numpy()
+    proba64 = 1.0 / (1.0 + np.exp(-logits))
+    np.testing.assert_allclose(preds["proba"], proba64, rtol=1e-12)
+    assert (proba64.astype(np.float32) == 1.0).sum() == 4  # float32 ties them
+    (stored,) = st.query("SELECT value FROM eval_results WHERE metric = 'auroc'")["value"]
+    assert stored == compute_metrics(y, proba64)["auroc"]  # was 5/9: the float32 ties
+    assert stored == pytest.approx(roc_auc_score(y, logits), abs=1e-12) == pytest.approx(4 / 9, abs=1e-12)
 
 
 def test_two_runs_at_once_each_count_the_tasks_they_own(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -208,6 +208,40 @@ def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path, monkeypatc
     assert set(st.query("SELECT split_id FROM splits")["split_id"]) == old_splits
 
 
+def test_migration_15_keeps_the_evaluation_probabilities_of_an_older_store_exactly(tmp_path):
+    """eval_predictions.proba was REAL: migration 15 makes it DOUBLE, old rows keep their float32 values
+    bit for bit (so their stored metrics are still those of their stored predictions), and it runs twice safely."""
+    import duckdb
+    import numpy as np
+
+    from scdm.store import _catalog
+    from scdm.store.metrics import METRICS, compute_metrics
+
+    with tarfile.open(DATA / "stores" / "store_schema5.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    catalog = tmp_path / "store_v5" / "catalog.duckdb"
+    order = 'SELECT task_id, y_true, proba FROM eval_predictions ORDER BY task_id, dataset_id, "row"'
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        assert con.execute("SELECT data_type FROM information_schema.columns WHERE table_name = 'eval_predictions' "
+                           "AND column_name = 'proba'").fetchone() == ("FLOAT",)
+        before = con.execute(order).df()
+    assert before["proba"].dtype == np.float32 and len(before) > 0
+    st = Store(tmp_path / "store_v5")
+    after = st.query(order)
+    assert after["proba"].dtype == np.float64
+    assert (after["proba"].to_numpy() == before["proba"].to_numpy(np.float64)).all()  # exactly
+    assert st.query("SELECT name FROM migrations WHERE version = 15")["name"].tolist() == ["eval_proba_double"]
+    stored = st.query("SELECT task_id, metric, value FROM eval_results").set_index(["task_id", "metric"])["value"]
+    for task_id, fold in after.groupby("task_id"):
+        recomputed = compute_metrics(fold["y_true"].to_numpy(), fold["proba"].to_numpy())
+        for metric in METRICS:
+            assert stored[(task_id, metric)] == recomputed[metric] or pd.isna(stored[(task_id, metric)]), metric
+    # a renumbered migration below it makes it run again on the DOUBLE column: nothing changes
+    ((sql,),) = [(q,) for v, _, q in _catalog._MIGRATIONS if v == 15]
+    st.execute(sql)
+    assert (st.query(order)["proba"].to_numpy() == after["proba"].to_numpy()).all()
+
+
 def test_label_set_ids_agree_between_sql_migration_and_python(tmp_path):
     from scdm.store.labels import label_set_id_of, labels_hash
 

@@ -1061,15 +1061,18 @@ class MLPHead(BaseHead):
         Xt, picked = torch.from_numpy(X), torch.from_numpy(rows)
         # Heads saved before ``output_`` existed had two outputs trained with softmax cross-entropy.
         kind = getattr(self, "output_", None) or ("softmax" if self.model_[-1].out_features == 2 else "logit")
-        out = []
+        blocks = []
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_):
             for start in range(0, picked.numel(), 8192):
-                logits = self.model_(self._batch(Xt, picked[start:start + 8192])).float()
-                if kind == "softmax":
-                    out.append(torch.softmax(logits, dim=1)[:, 1])
-                else:  # one output, or the paper's "sensitive" output of two independent sigmoids
-                    out.append(torch.sigmoid(logits[:, -1]))
-        return torch.cat(out).numpy() if out else np.zeros(0)
+                blocks.append(self.model_(self._batch(Xt, picked[start:start + 8192])).float())
+        if not blocks:
+            return np.zeros(0)
+        # the link in float64 (and outside autocast): a float32 sigmoid is exactly 1.0 past a logit of
+        # ~16.6, which tied an overconfident head's most sensitive cells and moved its AUROC (float64: ~36.7)
+        logits = torch.cat(blocks).double()
+        if kind == "softmax":
+            return torch.softmax(logits, dim=1)[:, 1].numpy()
+        return torch.sigmoid(logits[:, -1]).numpy()  # one output, or the paper's "sensitive" output of two sigmoids
 
 
 def _readable_in_place(X: np.ndarray) -> bool:

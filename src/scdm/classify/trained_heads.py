@@ -280,7 +280,7 @@ def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str,
 def _recomputed_metrics(st: Store, where: str, args: list[Any], threshold: float) -> list[dict[str, Any]]:
     """The threshold-dependent metrics of each qualifying split, recomputed per fold at ``threshold``.
 
-    Each fold's stored test predictions (``eval_predictions``, REAL probabilities as the grid
+    Each fold's stored test predictions (``eval_predictions``, probabilities as the grid
     scored them) are labelled at the head's threshold and scored with :func:`compute_metrics`;
     an entry is the mean/sd over the split's folds, marked with :data:`RECOMPUTED_KEY`. A split
     with a fold evaluated without predictions (``scdm evaluate --no-predictions``) gets none: a
@@ -324,7 +324,8 @@ def _fold_metrics_at(st: Store, task_id: str, flags: Any, threshold: float) -> d
     """One fold's metrics from its stored test predictions, labelled at ``threshold``."""
     preds = st.query('SELECT y_true, proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"', [task_id])
     hard_only = isinstance(flags, str) and "no_scores" in flags.split(",")
-    proba = preds["proba"].to_numpy(np.float32).astype(np.float64)  # as the grid scored them (REAL)
+    # as the grid scored them: DOUBLE (rows stored as REAL before migration 15 hold their float32 values)
+    proba = preds["proba"].to_numpy(np.float64)
     return dict(compute_metrics(preds["y_true"].to_numpy(np.int8), proba, threshold=threshold, hard_only=hard_only).values)
 
 

@@ -322,13 +322,15 @@ def _head_predictions(st: Store, card: LoraCard, head: Any, embeddings: dict[str
     """The tuned head's P(sensitive) for the test cells, from the stored tuned embeddings."""
     import torch
 
-    proba = np.empty(len(test), np.float32)
+    proba = np.empty(len(test), np.float64)
     for dataset_id, group in test.groupby("dataset_id", sort=True):
         x = st.read_embedding(embeddings[str(dataset_id)], rows=group["row"].to_numpy(np.int64))
         device = next(head.parameters()).device
         with torch.inference_mode():
-            p = torch.softmax(head(torch.from_numpy(x).to(device)).float(), dim=1)[:, 1]
-        proba[group.index.to_numpy()] = p.cpu().numpy()
+            logits = head(torch.from_numpy(x).to(device)).float().cpu()
+        # softmax in float64 on the CPU (MPS has no float64): in float32 every cell past a logit gap of
+        # ~16.6 reads exactly 1.0, tying them where eval_predictions and AUROC read them (as the mlp head)
+        proba[group.index.to_numpy()] = torch.softmax(logits.double(), dim=1)[:, 1].numpy()
     return proba
 
 

@@ -135,9 +135,9 @@ class TaskOutcome:
 
     def metrics(self) -> FoldMetrics:
         """The one scoring of a task (the same for every head and both stages)."""
-        # scored as eval_predictions stores them (REAL): rounding after scoring could tie two cells
-        # and move AUROC, so the metrics recomputed from the stored predictions would differ
-        stored = np.asarray(self.proba, dtype=np.float32).astype(np.float64)
+        # scored as eval_predictions stores them: in float64 (DOUBLE since migration 15), so the metrics
+        # recomputed from the stored predictions are these; float32 tied every cell past a logit of ~16.6
+        stored = np.asarray(self.proba, dtype=np.float64)
         return compute_metrics(self.y_true, stored, hard_only=self.hard_only)
 
 
@@ -194,7 +194,7 @@ def _task_rows(out: TaskOutcome, run_id: str, save_predictions: bool) -> tuple[d
     if save_predictions:
         preds = pd.DataFrame({"task_id": out.key.task_id, "dataset_id": np.asarray(out.dataset_ids, dtype=object),
                               "row": np.asarray(out.rows, dtype=np.int32), "y_true": np.asarray(out.y_true, dtype=np.int8),
-                              "proba": np.asarray(out.proba, dtype=np.float32)})
+                              "proba": np.asarray(out.proba, dtype=np.float64)})
     return task, results, preds
 
 

@@ -107,7 +107,7 @@ CREATE TABLE eval_results (
     PRIMARY KEY (task_id, metric)
 );
 
--- Per-cell test predictions of every task.
+-- Per-cell test predictions of every task (proba: DOUBLE since migration 15).
 CREATE TABLE eval_predictions (
     task_id     VARCHAR NOT NULL,
     dataset_id  VARCHAR NOT NULL,
