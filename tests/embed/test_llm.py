@@ -61,7 +61,7 @@ def reference_embedding(folder: Path, dense: np.ndarray, symbols: list[str], k: 
     out = []
     with torch.no_grad():
         for row in dense:
-            top = [symbols[j] for j in np.argsort(-row, kind="stable") if row[j] > 0][:k]
+            top = [s for _, s in sorted((-row[j], symbols[j]) for j in np.flatnonzero(row > 0))][:k]  # ties: by symbol
             text = template.replace("{genes}", " ".join(top))
             ids = tokenizer(text, return_tensors="pt")["input_ids"]
             out.append(model(ids).last_hidden_state[0].mean(dim=0))
@@ -110,7 +110,24 @@ def test_tokenize_deterministic_and_k_limits_genes(ckpt, symbols) -> None:
     for a, b in zip(first, adapter.tokenize(x, np.arange(3))):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     assert [len(c["input_ids"]) for c in first] == [1 + 5 + 4] * 3  # BOS + 5 genes + 4 separators
-    assert adapter.params() == {"top_k": 5, "separator": " , ", "template": "{genes}", "max_length": None}
+    assert adapter.params() == {"top_k": 5, "separator": " , ", "template": "{genes}", "max_length": None,
+                                "tie_break": "descending value, then official symbol"}
+
+
+def test_tied_genes_do_not_depend_on_the_datasets_column_order(ckpt, symbols) -> None:
+    # counts of 1 and 2 tie at the top-k cut; before, tied genes kept column order and the same cells
+    # in another column order (another study) got another sentence
+    x = sp.csr_matrix(np.minimum(_counts(5, N_GENES, seed=6).toarray(), 2))
+    shuffled = np.random.default_rng(1).permutation(N_GENES)
+    adapter, other = _ready(ckpt, symbols, top_k=20), _ready(ckpt, [symbols[j] for j in shuffled], top_k=20)
+    cells = adapter.tokenize(x, np.arange(5))
+    moved = other.tokenize(sp.csr_matrix(x[:, shuffled]), np.arange(5))
+    for a, b in zip(cells, moved):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    np.testing.assert_array_equal(_run(adapter, cells), _run(other, moved))
+    twos = [s for s in symbols if x[0, symbols.index(s)] == 2]
+    sentence = adapter.tokenizer_.decode(cells[0]["input_ids"][1:].tolist())
+    assert sentence.startswith(" ".join(sorted(twos)[:20]))  # the most expressed genes, by symbol
 
 
 def test_max_length_truncates(ckpt, symbols) -> None:

@@ -59,13 +59,15 @@ def _run(adapter: TGPTAdapter, cells: list[dict[str, np.ndarray]]) -> np.ndarray
 
 
 def reference_lines(dense: np.ndarray, symbols: list[str], vocab: set[str], n_genes: int) -> list[str]:
-    """Gene-ranking lines: vocabulary genes by expression, descending, ``-``/``.`` -> ``_``."""
+    """Gene-ranking lines: vocabulary genes by expression, descending, ``-``/``.`` -> ``_``.
+
+    The reference starts from ranking files and names no tie rule; ties here follow scdm's (the word).
+    """
     regex = re.compile(r"\-|\.")
     lines = []
     for row in dense:
-        order = [j for j in np.argsort(-row, kind="stable") if row[j] > 0]
-        words = [regex.sub("_", symbols[j]) for j in order]
-        lines.append(" ".join([w for w in words if w in vocab][:n_genes]))
+        ranked = sorted((-row[j], regex.sub("_", symbols[j])) for j in np.flatnonzero(row > 0))
+        lines.append(" ".join([w for _, w in ranked if w in vocab][:n_genes]))
     return lines
 
 
@@ -150,7 +152,24 @@ def test_max_length_128_variant(tmp_path, symbols) -> None:
     adapter = _ready(folder, symbols, max_length=80)
     cells = adapter.tokenize(sp.csr_matrix(_counts(3, N_GENES, seed=5).toarray() + 1), np.arange(3))  # every gene expressed
     assert [len(c["input_ids"]) for c in cells] == [80, 80, 80]
-    assert adapter.params() == {"max_length": 80}
+    assert adapter.params() == {"max_length": 80, "tie_break": "descending value, then vocabulary word"}
+
+
+def test_tied_genes_do_not_depend_on_the_datasets_column_order(ckpt, symbols) -> None:
+    # Drop-seq-like cells: most counts 1 or 2, so the 62-gene cut falls inside a tie; before, tied genes
+    # kept column order and the same cells in another column order (another study) got other tokens
+    x = sp.csr_matrix(np.minimum(_counts(6, N_GENES, seed=7).toarray(), 2))
+    shuffled = np.random.default_rng(0).permutation(N_GENES)
+    adapter, other = _ready(ckpt, symbols), _ready(ckpt, [symbols[j] for j in shuffled])
+    cells = adapter.tokenize(x, np.arange(6))
+    moved = other.tokenize(sp.csr_matrix(x[:, shuffled]), np.arange(6))
+    assert max(len(c["input_ids"]) for c in cells) == 64  # the cut is reached
+    for a, b in zip(cells, moved):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    np.testing.assert_array_equal(_run(adapter, cells), _run(other, moved))
+    words = adapter.tokenizer_.decode(cells[0]["input_ids"][1:-1].tolist()).split()
+    ones = [w for w, v in zip(words, sorted(x[0].data, reverse=True)) if v == 1]
+    assert ones == sorted(ones)  # genes of one count are listed by their vocabulary word
 
 
 def test_ensembl_input_is_mapped_to_symbols(ckpt, symbols) -> None:

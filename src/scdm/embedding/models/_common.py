@@ -62,16 +62,28 @@ def aggregation_matrix(column_of_gene: np.ndarray, n_columns: int) -> sp.csr_mat
     return sp.csr_matrix((ones, (used, column_of_gene[used])), shape=(column_of_gene.size, n_columns))
 
 
-def top_expressed(columns: sp.csr_matrix, n_top: int) -> list[np.ndarray]:
-    """Per cell, the column indices of its ``n_top`` highest non-zero values (ties: column order)."""
+def top_expressed(columns: sp.csr_matrix, n_top: int, names: np.ndarray) -> list[np.ndarray]:
+    """Per cell, the column indices of its ``n_top`` highest non-zero values, highest first.
+
+    Ties are broken by ``names`` (the word each column becomes in the model's input, one per column),
+    in ascending code-point order: never by the dataset's column order, which differs between studies
+    (alphabetical in one, genomic position in another) and would otherwise decide which tied genes
+    make the cut and in what order, so that one cell state got different tokens in two datasets.
+    """
     columns = columns.tocsr()
     columns.sort_indices()
     columns.eliminate_zeros()
+    names = np.asarray(names, dtype=object)
+    if names.shape != (columns.shape[1],):
+        msg = f"top_expressed needs one name per column: {columns.shape[1]} columns, {names.size} names."
+        raise ValueError(msg)
+    _, alphabetical = np.unique(names, return_inverse=True)
     out = []
     for i in range(columns.shape[0]):
         start, end = columns.indptr[i], columns.indptr[i + 1]
-        order = np.argsort(-columns.data[start:end], kind="stable")[:n_top]
-        out.append(columns.indices[start:end][order])
+        cols = columns.indices[start:end]
+        order = np.lexsort((alphabetical[cols], -columns.data[start:end]))[:n_top]
+        out.append(cols[order])
     return out
 
 

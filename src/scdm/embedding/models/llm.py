@@ -16,8 +16,10 @@ downloaded::
 
 Only genes the shipped human gene table knows are written into sentences, under their official
 symbol (a previous symbol or alias resolved, see :mod:`scdm.store.genes`): the LLM knows genes by
-their official names, and other identifiers would spend tokens on noise. Ties keep the
-dataset's gene order (stable sort). Batches are padded on the right by default; ``padding_side="left"``
+their official names, and other identifiers would spend tokens on noise. Genes of equal expression
+are ranked by that official symbol (which of them make the top-k and their order in the sentence),
+never by the dataset's column order, which differs between studies: the same cell gives the same
+sentence whatever the order of its columns, as the prompting stage's sentences do. Batches are padded on the right by default; ``padding_side="left"``
 gives the same embeddings (position ids are computed from the attention mask). With right padding the
 model runs without an attention mask: under causal attention a real token never sees the pads after
 it, so its output is the same (bit for bit on the CPU), and SDPA can use its causal flash kernel; the
@@ -70,6 +72,8 @@ GENES_FIELD = "{genes}"
 DEFAULT_TEMPLATE = "{genes}"
 """The bare cell sentence; e.g. ``"Top expressed genes of this cell: {genes}."`` adds a prompt."""
 PADDING_SIDES = ("right", "left")
+TIE_BREAK = "descending value, then official symbol"
+"""How genes of equal expression are ranked (recorded in ``params()``): never by the dataset's column order."""
 
 
 def _official_symbols(names: Sequence[str]) -> list[str | None]:
@@ -247,7 +251,9 @@ class LLMAdapter(Adapter):
         return int(config.get("text_config", {})["hidden_size"])
 
     def params(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "separator": self.separator, "template": self.template, "max_length": self.max_length}
+        # tie_break is part of the identity: embeddings made before broke ties by the dataset's column order
+        return {"top_k": self.top_k, "separator": self.separator, "template": self.template, "max_length": self.max_length,
+                "tie_break": TIE_BREAK}
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
@@ -285,7 +291,7 @@ class LLMAdapter(Adapter):
         columns = sp.csr_matrix(x, dtype=np.float64) @ self.aggregator_
         texts = [
             cell_sentence(list(self.column_symbols_[cols]), separator=self.separator, template=self.template)
-            for cols in top_expressed(columns, self.top_k)
+            for cols in top_expressed(columns, self.top_k, self.column_symbols_)
         ]
         truncate = self.max_length is not None
         encoded = self.tokenizer_(texts, add_special_tokens=True, truncation=truncate, max_length=self.max_length)

@@ -18,7 +18,12 @@ the mean of the last hidden state over the gene tokens, excluding ``</b>`` and `
 
 Choices the reference leaves open (it starts from pre-computed ranking files): genes missing from the
 vocabulary are dropped before ranking (rather than becoming ``<unk>``), genes with zero expression
-are never listed, and ties keep the dataset's gene order (stable sort). The ranking is invariant to
+are never listed, and genes of equal expression are ranked by their vocabulary word (``HLA_B`` before
+``HLA_C``), both for which of them make the 62 and for their order in the line. Ties are common (most
+counts of a Drop-seq cell are 1 or 2: on real PC9 counts 245 of 300 cells change their 62 genes when
+the columns are shuffled and tied genes follow column order), and the column order differs between
+datasets (alphabetical in one, genomic position in a 10x ``features.tsv``), so it must not decide
+them: the same cell gives the same tokens whatever its column order. The ranking is invariant to
 per-cell scaling, so raw counts and log-normalised values give the same tokens.
 """
 
@@ -64,6 +69,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SPECIAL_TOKENS = ("<pad>", "</b>", "</s>", "<unk>")
 """The reference tokenizer's specials, ids 0..3: pad, BOS, EOS, unknown."""
 _SYMBOL_PUNCTUATION = re.compile(r"[-.]")
+TIE_BREAK = "descending value, then vocabulary word"
+"""How genes of equal expression are ranked (recorded in ``params()``): never by the dataset's column order."""
 
 
 def vocabulary_word(symbol: str) -> str:
@@ -180,7 +187,8 @@ class TGPTAdapter(Adapter):
         return int(self._config()["n_embd"])
 
     def params(self) -> dict[str, Any]:
-        return {"max_length": self.max_length}
+        # part of the identity: embeddings made before broke ties by the dataset's column order
+        return {"max_length": self.max_length, "tie_break": TIE_BREAK}
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
@@ -212,7 +220,7 @@ class TGPTAdapter(Adapter):
             raise RuntimeError(msg)
         check_expression(x, self.name)
         columns = sp.csr_matrix(x, dtype=np.float64) @ self.aggregator_
-        top = top_expressed(columns, self.max_length - 2)
+        top = top_expressed(columns, self.max_length - 2, self.column_words_)
         lines = [" ".join(self.column_words_[cols]) for cols in top]
         n_empty = sum(1 for cols in top if cols.size == 0)
         if n_empty:
