@@ -190,6 +190,21 @@ def test_joint_baseline_shares_one_space_and_accepts_scaled_data(st, pc9):
     assert np.isfinite(_emb(st, solo)).all()
 
 
+def test_hvg_cut_inside_a_tie_of_z_scored_genes_is_said(st, pc9):
+    # the bundled A375 is z-scored per gene on its 108 cells: all 2873 genes have variance 1 +- 3e-6,
+    # so "the 2000 most variable" were picked by rounding noise, silently
+    a375 = st.ingest(example_data(), name="a375")
+    with pytest.warns(ScdmWarning, match=r"pca: 2873 of the 2873 shared genes have the same variance .* which 2000 of them .* "
+                                         r"decided by rounding.*--n-hvg 2873"):
+        embed_baseline(st, [a375.name], model="pca", n_comps=5, progress=False)
+    with warnings.catch_warnings():  # every gene kept: nothing left to rounding
+        warnings.simplefilter("error", ScdmWarning)
+        embed_baseline(st, [a375.name], model="pca", n_hvg=2873, n_comps=5, progress=False)
+    with warnings.catch_warnings():  # counts: variances differ, the top genes are the data's
+        warnings.simplefilter("error", ScdmWarning)
+        embed_baseline(st, [pc9.name], model="hvg", n_hvg=300, progress=False)
+
+
 def test_tokenising_in_worker_processes_gives_identical_results(tmp_path, pc9_counts_path, toy_ckpt):
     outs = []
     for workers in (0, 1):

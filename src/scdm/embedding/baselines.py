@@ -142,6 +142,30 @@ def _warn_if_scaled_with_unscaled(infos: Sequence[Any]) -> None:
         warnings.warn(msg, ScdmWarning, stacklevel=3)
 
 
+HVG_TIE_RTOL = 1e-5
+"""Variances this close (relative) are one value: a matrix z-scored per gene gives every gene 1 +- 3e-6 here."""
+
+
+def _warn_if_cut_is_a_tie(var: np.ndarray, ranked: np.ndarray, k: int, model: str) -> None:
+    """Say when the variance cut falls inside a tie, so that rounding noise picks the 'highly variable' genes.
+
+    A matrix z-scored per gene on these very cells (the bundled A375) gives every gene variance 1:
+    the top ``k`` are then not the most variable genes but whichever rounding put first.
+    """
+    if k >= len(ranked):
+        return
+    cut = var[ranked[k - 1]]
+    tied = np.abs(var - cut) <= HVG_TIE_RTOL * max(abs(float(cut)), 1e-12)
+    n_tied, left_out = int(tied.sum()), int(tied[ranked[k:]].sum())
+    if left_out == 0 or float(cut) == 0.0 or 10 * (n_tied - left_out) < k:
+        return  # constant genes carry nothing, and a few genes of one cell tying at the cut change nothing
+    msg = (f"{model}: {n_tied} of the {len(var)} shared genes have the same variance ({float(cut):.6g}) as the "
+           f"{k}th most variable one, so which {n_tied - left_out} of them are kept as highly variable genes is decided "
+           f"by rounding, not by the data (values z-scored per gene have variance 1 everywhere); pass --n-hvg {len(var)} "
+           f"(Python: n_hvg={len(var)}) to keep every gene")
+    warnings.warn(msg, ScdmWarning, stacklevel=3)
+
+
 def check_sizes(*, n_hvg: int, n_comps: int, target_sum: float) -> None:
     """Refuse baseline sizes out of range (before any data is read)."""
     for option, value in (("n_hvg", n_hvg), ("n_comps", n_comps)):
@@ -197,7 +221,9 @@ def fit_baseline(
     mean = total / n_cells
     var = np.maximum(total_sq / n_cells - mean**2, 0.0) * n_cells / (n_cells - 1)
     k = min(n_hvg, len(genes))
-    top = np.sort(np.argsort(-var, kind="stable")[:k])  # keep the shared gene order
+    ranked = np.argsort(-var, kind="stable")
+    _warn_if_cut_is_a_tie(var, ranked, k, model)
+    top = np.sort(ranked[:k])  # keep the shared gene order
     sel_genes = tuple(genes[i] for i in top)
     std = np.sqrt(var[top])
     std[std == 0] = 1.0
