@@ -936,3 +936,37 @@ def test_a_store_source_records_its_cells_without_a_label(tmp_path: Path, collec
     run = transfer_run(store, res.run_id, complete=True)
     assert run.source["n_missing_response"] == 7 and run.source["n_missing_response_per_dataset"] == [7]
     assert run.source["n_cells"] == n_src - 7
+
+
+def test_features_of_a_z_scored_target_are_its_most_variable_genes(tmp_path: Path) -> None:
+    # z-scored values: scanpy's seurat flavour takes expm1 of them as log data, and a gene of negative
+    # mean gets a NaN dispersion and is never kept, however variable (SCC47: kept genes of mean variance
+    # 1.07, left out those of 1.36)
+    rng = np.random.default_rng(0)
+    n, genes = 60, [f"G{i}" for i in range(40)]
+    x = rng.normal(0.0, 0.5, size=(n, 40))
+    x[:, :10] = rng.normal(-3.0, 1.5, size=(n, 10))  # the 10 most variable genes, all of negative mean
+    y = np.array(["sensitive", "resistant"] * (n // 2))
+    st = Store(tmp_path / "store")
+    for name in ("src", "tgt"):
+        st.ingest(ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame({"response": y}, index=[f"{name}{i}" for i in range(n)]),
+                             var=pd.DataFrame(index=genes)), name=name, label_key="response", study=name)
+    assert st.dataset("tgt").x_kind == "scaled"
+    res = transfer(st, source="src", target="tgt", **{**FAST, "n_hvg": 10})
+    kept = st.query("SELECT feature FROM transfer_features WHERE run_id = ? ORDER BY idx", [res.run_id])["feature"]
+    assert sorted(kept, key=lambda g: int(g[1:])) == genes[:10]
+
+
+def test_a_target_z_scored_on_its_own_cells_keeps_every_gene(tmp_path: Path) -> None:
+    # z-scored on these very cells, every gene has variance 1: no 10 are more variable than the rest
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 40))
+    x = (x - x.mean(0)) / x.std(0)
+    y = np.array(["sensitive", "resistant"] * 30)
+    st = Store(tmp_path / "store")
+    for name in ("src", "tgt"):
+        st.ingest(ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame({"response": y}, index=[f"{name}{i}" for i in range(60)]),
+                             var=pd.DataFrame(index=[f"G{i}" for i in range(40)])), name=name, label_key="response", study=name)
+    with pytest.warns(TransferWarning, match="40 of the 40 shared genes of the target have one variance"):
+        res = transfer(st, source="src", target="tgt", **{**FAST, "n_hvg": 10})
+    assert res.n_features == 40

@@ -541,15 +541,21 @@ def store_symbols(st: Store, dataset: str) -> np.ndarray:
     return _store_symbols(st.genes(dataset))
 
 
-def select_hvg(X: sp.csr_matrix, genes: Sequence[str], n_top: int | None) -> list[str]:
+def select_hvg(X: sp.csr_matrix, genes: Sequence[str], n_top: int | None, *, scaled: bool = False) -> list[str]:
     """The ``n_top`` most variable genes of the target (scanpy's ``seurat`` flavour on log data).
 
     ``None`` or ``n_top >= n_genes`` keeps every gene. Only the target's expression is used: no
-    label and no source value enters the choice.
+    label and no source value enters the choice. ``scaled`` (z-scored) values are ranked by their
+    variance: the ``seurat`` flavour takes ``expm1`` of its input as log data, and on z-scores its
+    dispersion is NaN wherever a gene's mean is negative (on SCC47 it kept genes of mean variance
+    1.07 and left out those of 1.36). When z-scoring gave every gene one variance, no ranking
+    exists and every gene is kept.
     """
     genes = list(genes)
     if n_top is None or n_top >= len(genes):
         return genes
+    if scaled:
+        return _top_variance_genes(X, genes, int(n_top))
     import anndata as ad
     import scanpy as sc
 
@@ -558,6 +564,27 @@ def select_hvg(X: sp.csr_matrix, genes: Sequence[str], n_top: int | None) -> lis
     sc.pp.highly_variable_genes(adata, n_top_genes=int(n_top), flavor="seurat")
     hv = adata.var["highly_variable"].to_numpy()
     return [g for g, keep in zip(genes, hv) if keep]
+
+
+VARIANCE_TIE_RTOL = 1e-5
+"""Variances this close (relative) are one value (a matrix z-scored per gene: 1 +- 3e-6 in float32)."""
+
+
+def _top_variance_genes(X: sp.csr_matrix, genes: list[str], n_top: int) -> list[str]:
+    """The ``n_top`` genes of largest variance, in gene order; every gene when the cut falls inside a tie."""
+    dense_x = sp.csr_matrix(X, dtype=np.float64).toarray()
+    var = dense_x.var(axis=0)
+    ranked = np.argsort(-var, kind="stable")
+    cut = var[ranked[n_top - 1]]
+    tied = np.abs(var - cut) <= VARIANCE_TIE_RTOL * max(abs(float(cut)), 1e-12)
+    if cut > 0 and 10 * int(tied[ranked[:n_top]].sum()) >= n_top and tied[ranked[n_top:]].any():
+        warnings.warn(f"{int(tied.sum())} of the {len(genes)} shared genes of the target have one variance ({float(cut):.6g}; "
+                      f"values z-scored per gene on these cells): no {n_top} of them are more variable than the others, so "
+                      "every gene is kept as a feature", TransferWarning, stacklevel=3)
+        return genes
+    keep = np.zeros(len(genes), dtype=bool)
+    keep[ranked[:n_top]] = True
+    return [g for g, k in zip(genes, keep) if k]
 
 
 @dataclass(frozen=True)

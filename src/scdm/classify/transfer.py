@@ -457,7 +457,7 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
     names += [f"validation {validation!r}"] * (validation is not None) + [f"target {target!r}"]
     genes = shared_genes([*lists, target_symbols], names)
     target_all = read_store_expression(st, target, genes)
-    features = select_hvg(target_all, genes, n_hvg)
+    features = select_hvg(target_all, genes, n_hvg, scaled=st.dataset(target).x_kind == "scaled")
     Xt = dense(target_all[:, column_index(np.asarray(genes, dtype=object), features)])
     del target_all
     if kind == "bulk":
