@@ -495,6 +495,27 @@ def test_the_same_cells_in_two_datasets_of_a_space_are_named(tmp_path: Path) -> 
     assert duplicate_cells(np.vstack([X, zeros, X[:1], zeros]), np.array(list("aaaaaabbb"))) == {"a": 1, "b": 1}
 
 
+def test_a_space_of_datasets_labelled_for_different_drugs_is_said(tmp_path: Path) -> None:
+    """JHU006 (Gefitinib) and SCC47 (Afatinib) in one joint PCA: every cross-data fold scored one drug with a
+    head trained on the other's labels, and only the joined label set names of the result row showed it."""
+    from scdm.classify.grid import MixedDrugsWarning
+    from scdm.embedding.runner import embed_baseline
+
+    st = Store(tmp_path / "store")
+    st.ingest(DATASETS[1][1], name="jhu006", label_key="response_Gefitinib", drug="Gefitinib", study="JHU006")
+    st.ingest(DATASETS[1][1], name="jhu006", label_key="response_Vorinostat", drug="Vorinostat")
+    st.ingest(DATASETS[2][1], name="scc47", label_key="response_Afatinib", drug="Afatinib", study="SCC47")
+    joint = [r.embedding_id for r in embed_baseline(st, ["jhu006", "scc47"], model="pca", n_comps=5, progress=False)]
+    alone = embed_baseline(st, ["jhu006"], model="pca", n_comps=5, progress=False)[0].embedding_id
+    options = {"heads": ["ridge"], "by": ["all"], "scenarios": ["cross"], "silent": True}
+    with pytest.warns(MixedDrugsWarning, match=r"different drugs \(jhu006: Gefitinib \(drug Gefitinib\); scc47: Afatinib "
+                                               r"\(drug Afatinib\)\).*cross-data fold scores a held-out study's drug"):
+        evaluate(st, joint, **options)
+    with warnings.catch_warnings():  # one drug: nothing to say
+        warnings.simplefilter("error", MixedDrugsWarning)
+        evaluate(st, [alone], label_set="Vorinostat", heads=["ridge"], by=["all"], folds=3, scenarios=["pooled"], silent=True)
+
+
 def test_ridge_downdates_stay_exact_when_datasets_sit_far_apart(st: Store) -> None:
     """Datasets of a space an offset apart (20 units against columns of spread 0.05): the Gram
     statistics of each split and atom are summed about its own rows' mean, or their float32 sums lose

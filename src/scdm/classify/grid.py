@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DuplicateCellsWarning", "EvalSummary", "Task", "duplicate_cells", "evaluate", "progress_bar"]
+__all__ = ["DuplicateCellsWarning", "EvalSummary", "MixedDrugsWarning", "Task", "duplicate_cells", "evaluate", "progress_bar"]
 
 _ATOM_COLUMNS = ["dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen"]
 _FLUSH_SECONDS = 5.0
@@ -190,6 +190,31 @@ def _load_matrix(st: Store, space: Space) -> None:
 
 class DuplicateCellsWarning(ScdmWarning):
     """Cells of two datasets of one space have identical embeddings: most likely the same cells ingested twice."""
+
+
+class MixedDrugsWarning(ScdmWarning):
+    """One space's datasets are labelled with responses to different drugs, and its folds pool them."""
+
+
+def _warn_mixed_drugs(st: Store, cells: pd.DataFrame, names: list[str]) -> None:
+    """Say when the label sets a space is evaluated on are responses to different drugs.
+
+    scDrugMap pools drugs within a category, so this is allowed; but a cross-data fold then scores a
+    held-out study's drug with a head trained on the other studies' drugs (A375 PLX-4720 held out,
+    trained on JHU006 Gefitinib and SCC47 Afatinib), which `scdm transfer` refuses, and nothing in the
+    result row said so beyond the joined label set names.
+    """
+    used = cells[["dataset_id", "label_set"]].drop_duplicates()
+    sets = st.label_sets(names)[["dataset_id", "dataset", "name", "drug"]].rename(columns={"name": "label_set"})
+    drugs = used.merge(sets, on=["dataset_id", "label_set"], how="left").dropna(subset=["drug"])
+    if drugs["drug"].nunique() < 2:
+        return
+    each = "; ".join(f"{r.dataset}: {r.label_set} (drug {r.drug})" for r in drugs.sort_values("dataset").itertuples())
+    warnings.warn(f"the datasets evaluated together in one space are labelled with responses to different drugs ({each}): "
+                  "their pooled folds mix drugs, and each cross-data fold scores a held-out study's drug with a head "
+                  "trained on the other studies' drugs (scDrugMap's protocol, but not a measure of one drug's "
+                  "response); to evaluate one drug, give --dataset only the datasets labelled for it (with --label-set)",
+                  MixedDrugsWarning, stacklevel=4)
 
 
 def duplicate_cells(X: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
@@ -854,6 +879,8 @@ def _labelled_cells(st: Store, space: Space, label_set: str | None, pair_folds_w
         msg = (f"No cell of {', '.join(names)} has a response label; ingest with label_key=<obs column> to "
                "evaluate it.")
         raise InputDataError(msg)
+    if warn:
+        _warn_mixed_drugs(st, labelled, names)
     labelled["row"] = labelled["row"].astype(np.int64)
     labelled["response"] = labelled["response"].astype(np.int8)
     return labelled.sort_values(["dataset_id", "row"]).reset_index(drop=True)
