@@ -259,6 +259,8 @@ def test_predictions_mark_the_cells_the_head_was_fitted_on(st: Store, a375_value
     with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
         own = predict(st, head_id, "a375", out=tmp_path / "own.csv")
     assert own["trained_on"].all() and "108 of the 108 cells of a375 trained head" in caplog.text
+    # the advice names a command that exists (there is no `scdm heads`)
+    assert f"scdm sql \"SELECT train_metrics FROM trained_heads WHERE head_id = '{head_id}'\"" in caplog.text
     assert pd.read_csv(tmp_path / "own.csv")["trained_on"].all()
     caplog.clear()
     with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):

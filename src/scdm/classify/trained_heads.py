@@ -1096,8 +1096,9 @@ def predict(
     if trained_on.any():
         logger.warning("%d of the %d cells of %s trained head %s (or the LoRA adapter of its embedding): their "
                        "predictions are fitted values, not held-out ones (column trained_on); a score on them is a "
-                       "training score. The head's cross-validated scores are its train_metrics (scdm heads).",
-                       int(trained_on.sum()), len(frame), ds.name, trained.head_id)
+                       "training score. The head's cross-validated scores are its train_metrics (scdm sql \"SELECT "
+                       "train_metrics FROM trained_heads WHERE head_id = '%s'\", or GET /api/heads).",
+                       int(trained_on.sum()), len(frame), ds.name, trained.head_id, trained.head_id)
     replace_predictions(st, Predictions(trained.head_id, ds.dataset_id, embedding_id, frame["row"].to_numpy(),
                                         frame["proba"].to_numpy(), frame["label"].to_numpy()))
     if out is not None:
