@@ -784,10 +784,26 @@ def test_the_split_table_lists_fold_counts_as_numbers() -> None:
     con.execute("CREATE TABLE splits AS SELECT 'cross' AS scenario, 'study' AS scheme, n AS n_folds, 0 AS seed, "
                 "'response' AS label_set, 'ok' AS status, 'tissue' AS category_type, 's' || n AS split_id "
                 "FROM (VALUES (15), (23), (4), (5), (4)) t(n)")
-    con.execute("CREATE TABLE eval_results AS SELECT split_id FROM splits")
-    con.execute("CREATE TABLE skipped_tasks AS SELECT split_id FROM splits WHERE false")
+    con.execute("CREATE TABLE eval_results AS SELECT split_id, label_set FROM splits")
+    con.execute("CREATE TABLE skipped_tasks AS SELECT split_id, label_set FROM splits WHERE false")
     (row,) = con.execute(_splits_sql(_Filters())).fetchall()
     assert row[2] == "4, 5, 15, 23"
+
+
+def test_the_split_table_lists_every_label_set_evaluated_on_a_shared_split() -> None:
+    """JHU006's AR-42 labels equal its Vorinostat labels, so both use the split Vorinostat made (which names
+    Vorinostat): the table listed 'Vorinostat' alone although AR-42 results were made on it."""
+    import duckdb
+
+    from scdm.classify.report import _Filters, _splits_sql
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE splits AS SELECT 'pooled' AS scenario, 'cell' AS scheme, 5 AS n_folds, 0 AS seed, "
+                "'Vorinostat' AS label_set, 'ok' AS status, 'all' AS category_type, 'b9e9' AS split_id")
+    con.execute("CREATE TABLE eval_results AS SELECT 'b9e9' AS split_id, x AS label_set FROM (VALUES ('Vorinostat'), ('AR-42')) t(x)")
+    con.execute("CREATE TABLE skipped_tasks AS SELECT split_id, label_set FROM eval_results WHERE false")
+    (row,) = con.execute(_splits_sql(_Filters())).fetchall()
+    assert row[4] == "AR-42; Vorinostat" and row[5] == 1
 
 
 def test_a_run_whose_process_is_gone_reads_as_stopped_not_running(tmp_path: Path) -> None:

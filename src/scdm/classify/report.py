@@ -363,20 +363,27 @@ def _runs_sql(filters: _Filters) -> str:
 
 
 def _splits_sql(filters: _Filters) -> str:
-    used = (f"  SELECT r.split_id FROM eval_results r {_where(filters.results())}\n"
-            f"  UNION SELECT s.split_id FROM skipped_tasks s {_where(filters.skipped())}\n").replace("\n  AND", " AND")
+    # a split belongs to its cells and labels, so two label sets with identical labels (JHU006's Vorinostat and
+    # AR-42) share one, which names the first: the label sets listed are those its results and skips were for
+    used = (f"  SELECT r.split_id, r.label_set FROM eval_results r {_where(filters.results())}\n"
+            f"  UNION SELECT s.split_id, s.label_set FROM skipped_tasks s {_where(filters.skipped())}\n").replace("\n  AND", " AND")
     return (
+        "WITH used AS (\n" + used + "),\n"
+        "labels AS (SELECT p.scenario, p.scheme,\n"
+        "                  string_agg(DISTINCT coalesce(u.label_set, p.label_set), '; '\n"
+        "                             ORDER BY coalesce(u.label_set, p.label_set)) AS label_sets\n"
+        "           FROM splits p JOIN used u ON u.split_id = p.split_id GROUP BY p.scenario, p.scheme)\n"
         "SELECT p.scenario, p.scheme,\n"
         "       array_to_string(list_sort(list_distinct(list(p.n_folds))), ', ') AS folds,\n"  # 4, 5, 15: as numbers
         "       array_to_string(list_sort(list_distinct(list(p.seed))), ', ') AS seed,\n"
-        "       string_agg(DISTINCT p.label_set, '; ' ORDER BY p.label_set) AS label_sets,\n"
+        "       any_value(l.label_sets) AS label_sets,\n"
         "       count(*) AS splits,\n"
         "       count(*) FILTER (WHERE p.status = 'skipped') AS skipped_splits,\n"
         "       string_agg(DISTINCT p.category_type, ', '\n"
         "                  ORDER BY list_position(['all', 'tissue', 'cancer_type', 'drug_type', 'regimen'], p.category_type),\n"
         "                           p.category_type) AS category_types\n"
-        "FROM splits p\n"
-        "WHERE p.split_id IN (\n" + used + ")\n"
+        "FROM splits p JOIN labels l ON l.scenario = p.scenario AND l.scheme = p.scheme\n"
+        "WHERE p.split_id IN (SELECT split_id FROM used)\n"
         "GROUP BY p.scenario, p.scheme\n"
         "ORDER BY list_position(['pooled', 'cross', 'custom'], p.scenario), p.scheme"
     )
