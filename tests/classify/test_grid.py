@@ -514,6 +514,15 @@ def test_a_space_of_datasets_labelled_for_different_drugs_is_said(tmp_path: Path
     with warnings.catch_warnings():  # one drug: nothing to say
         warnings.simplefilter("error", MixedDrugsWarning)
         evaluate(st, [alone], label_set="Vorinostat", heads=["ridge"], by=["all"], folds=3, scenarios=["pooled"], silent=True)
+    # a head trained on both learned the two drugs as one response, silently too
+    from scdm.classify.trained_heads import train_head
+
+    with pytest.warns(MixedDrugsWarning, match=r"training datasets are labelled with responses to different drugs \(jhu006: "
+                                               r"Gefitinib \(drug Gefitinib\); scc47: Afatinib \(drug Afatinib\)\)"):
+        train_head(st, joint, head="ridge")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedDrugsWarning)
+        train_head(st, [alone], head="ridge", label_set="Vorinostat")
 
 
 def test_ridge_downdates_stay_exact_when_datasets_sit_far_apart(st: Store) -> None:

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DuplicateCellsWarning", "EvalSummary", "MixedDrugsWarning", "Task", "duplicate_cells", "evaluate", "progress_bar"]
+__all__ = ["DuplicateCellsWarning", "EvalSummary", "MixedDrugsWarning", "mixed_drugs", "Task", "duplicate_cells", "evaluate", "progress_bar"]
 
 _ATOM_COLUMNS = ["dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen"]
 _FLUSH_SECONDS = 5.0
@@ -196,6 +196,16 @@ class MixedDrugsWarning(ScdmWarning):
     """One space's datasets are labelled with responses to different drugs, and its folds pool them."""
 
 
+def mixed_drugs(st: Store, cells: pd.DataFrame, names: list[str]) -> str | None:
+    """``'a375: PLX-4720 (drug PLX-4720); ...'`` when the label sets of ``cells`` are of different drugs, else None."""
+    used = cells[["dataset_id", "label_set"]].drop_duplicates()
+    sets = st.label_sets(names)[["dataset_id", "dataset", "name", "drug"]].rename(columns={"name": "label_set"})
+    drugs = used.merge(sets, on=["dataset_id", "label_set"], how="left").dropna(subset=["drug"])
+    if drugs["drug"].nunique() < 2:
+        return None
+    return "; ".join(f"{r.dataset}: {r.label_set} (drug {r.drug})" for r in drugs.sort_values("dataset").itertuples())
+
+
 def _warn_mixed_drugs(st: Store, cells: pd.DataFrame, names: list[str]) -> None:
     """Say when the label sets a space is evaluated on are responses to different drugs.
 
@@ -204,12 +214,9 @@ def _warn_mixed_drugs(st: Store, cells: pd.DataFrame, names: list[str]) -> None:
     trained on JHU006 Gefitinib and SCC47 Afatinib), which `scdm transfer` refuses, and nothing in the
     result row said so beyond the joined label set names.
     """
-    used = cells[["dataset_id", "label_set"]].drop_duplicates()
-    sets = st.label_sets(names)[["dataset_id", "dataset", "name", "drug"]].rename(columns={"name": "label_set"})
-    drugs = used.merge(sets, on=["dataset_id", "label_set"], how="left").dropna(subset=["drug"])
-    if drugs["drug"].nunique() < 2:
+    each = mixed_drugs(st, cells, names)
+    if each is None:
         return
-    each = "; ".join(f"{r.dataset}: {r.label_set} (drug {r.drug})" for r in drugs.sort_values("dataset").itertuples())
     warnings.warn(f"the datasets evaluated together in one space are labelled with responses to different drugs ({each}): "
                   "their pooled folds mix drugs, and each cross-data fold scores a held-out study's drug with a head "
                   "trained on the other studies' drugs (scDrugMap's protocol, but not a measure of one drug's "

@@ -42,6 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scdm.classify.grid import MixedDrugsWarning, mixed_drugs
 from scdm.classify.heads import REVISION_NOTES, BaseHead, get_head, head_revision
 from scdm.classify.metrics import METRICS, compute_metrics
 from scdm.classify.results import stale_sql
@@ -215,6 +217,11 @@ def _training_cells(st: Store, rows: pd.DataFrame, category_type: str, category:
         msg = (f"No cell of {', '.join(rows['dataset_name'])} has a response label{where}; ingest with "
                "label_key=<obs column> to train a head.")
         raise InputDataError(msg)
+    each = mixed_drugs(st, labelled, list(rows["dataset_name"]))
+    if each is not None:  # its probability would be of no one drug's response, and its predictions say one label set
+        warnings.warn(f"the training datasets are labelled with responses to different drugs ({each}): the head learns "
+                      "them as one response, of no single drug; train it on the datasets labelled for one drug "
+                      "(with --label-set)", MixedDrugsWarning, stacklevel=4)
     return labelled.sort_values(["dataset_id", "row"]).reset_index(drop=True)
 
 
