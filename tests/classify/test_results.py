@@ -176,3 +176,86 @@ def test_a_held_out_study_left_out_as_one_class_is_named_under_the_board(tmp_pat
     pooled = tmp_path / "pooled"
     evaluate(jhu006_store(pooled), **COMMON)
     assert NOTES["skipped_folds"] not in leaderboard_notes(leaderboard(pooled), ["auroc"])
+
+
+def test_a_result_of_datasets_labelled_for_different_drugs_is_noted_where_it_is_read(tmp_path: Path) -> None:
+    """A joint pca of A375 (PLX-4720), JHU006 (Gefitinib) and SCC47 (Afatinib): evaluate warned, but its rows
+    (the cross-data AUROC 0.904 of an end-to-end run) read in scdm results, the report and the server with no note."""
+    import json
+    import warnings
+
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from scdm.classify.grid import MixedDrugsWarning
+    from scdm.classify.report import write_report
+    from scdm.classify.results import NOTES, leaderboard_notes
+    from scdm.cli import main
+    from scdm.embedding.runner import embed_baseline
+    from scdm.server import create_app
+    from tests.jhu006 import JHU006
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    st = Store(tmp_path / "store")
+    st.ingest(example_data("A375"), name="a375", label_key="response_PLX4720", drug="PLX-4720", study="A375",
+              cancer_type="melanoma")
+    st.ingest(JHU006, name="jhu006", label_key="response_Gefitinib", drug="Gefitinib", study="JHU006", cancer_type="HNSCC")
+    st.ingest(JHU006, name="jhu006", label_key="response_Vorinostat", drug="Vorinostat")
+    st.ingest(data / "SCC47_HNSCC_Kinker2020.h5ad", name="scc47", label_key="response_Afatinib", drug="Afatinib",
+              study="SCC47", cancer_type="HNSCC")
+    made = embed_baseline(st, ["a375", "jhu006", "scc47"], model="pca", n_comps=5, progress=False)
+    joint = [r.embedding_id for r in made]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MixedDrugsWarning)
+        evaluate(st, joint, heads=["ridge"], by=["all", "cancer_type"], folds=3, scenarios=["pooled", "cross"], silent=True)
+    # one drug in the same space: JHU006 alone under Vorinostat
+    jhu006 = [r.embedding_id for r in made if r.dataset == "jhu006"]
+    evaluate(st, jhu006, label_set="Vorinostat", heads=["ridge"], by=["all"], folds=3,
+             scenarios=["pooled"], silent=True)
+    board = leaderboard(st, metrics=["auroc"])
+    notes = dict(zip(board["category"] + "/" + board["label_set"], board["note"]))
+    three = "labelled for different drugs (a375: PLX-4720, jhu006: Gefitinib, scc47: Afatinib)"
+    assert notes == {"all/Afatinib,Gefitinib,PLX-4720": three,  # pooled and cross
+                     "HNSCC/Afatinib,Gefitinib": "labelled for different drugs (jhu006: Gefitinib, scc47: Afatinib)",
+                     "melanoma/PLX-4720": "",  # A375's cells alone: one drug, though its space has three
+                     "all/Vorinostat": ""}
+    assert set(board.loc[board["category"] == "all", "scenario"]) == {"pooled", "cross"}
+    assert NOTES["mixed_drugs"] in leaderboard_notes(board, ["auroc"])
+    one_drug = leaderboard(st, metrics=["auroc"], label_sets=["Vorinostat"])
+    assert NOTES["mixed_drugs"] not in leaderboard_notes(one_drug, ["auroc"])
+    cli = CliRunner().invoke(main, ["--store", str(st.root), "results", "--dataset", "a375,jhu006,scc47", "--format", "json"])
+    assert cli.exit_code == 0 and {r["note"] for r in json.loads(cli.stdout)} == {three}
+    assert f"note: {NOTES['mixed_drugs']}" in cli.stderr
+    with TestClient(create_app(st, token="t" * 32), base_url="http://127.0.0.1:8000",
+                    headers={"Authorization": "Bearer " + "t" * 32}) as client:
+        notes = client.get("/api/leaderboard/notes", params={"dataset": "a375,jhu006,scc47"}).json()["notes"]
+        folds = client.get("/api/results", params={"dataset": "a375,jhu006,scc47", "metric": "auroc"}).json()
+    assert NOTES["mixed_drugs"] in notes and folds and {r["note"] for r in folds} == {three}
+    # the report reads its own SQL: the row is marked there too
+    out = write_report(st, tmp_path / "report", projection="none", formats=["png"], metrics=["auroc"])
+    page = out.read_text()
+    assert three in page
+
+
+def test_each_dataset_of_a_result_is_paired_with_the_label_set_it_was_evaluated_with(tmp_path: Path) -> None:
+    """The comma-joined label_set 'Gefitinib,shared' does not say which is whose: JHU006 has both names (its default
+    Gefitinib, and Vorinostat labels named 'shared'), SCC47 has 'shared' (drug Gefitinib here). Evaluated with the
+    defaults both are Gefitinib's (no note); with --label-set shared, JHU006 is Vorinostat's."""
+    import warnings
+
+    from scdm.embedding.runner import embed_baseline
+    from tests.jhu006 import JHU006
+
+    st = Store(tmp_path / "store")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st.ingest(JHU006, name="jhu006", label_key="response_Gefitinib", drug="Gefitinib", study="JHU006")
+        st.ingest(JHU006, name="jhu006", label_key="response_Vorinostat", drug="Vorinostat", label_set="shared")
+        st.ingest(Path(__file__).resolve().parents[1] / "data" / "SCC47_HNSCC_Kinker2020.h5ad", name="scc47",
+                  label_key="response_Afatinib", drug="Gefitinib", label_set="shared", study="SCC47")
+        ids = [r.embedding_id for r in embed_baseline(st, ["jhu006", "scc47"], model="pca", n_comps=5, progress=False)]
+        for label_set in (None, "shared"):
+            evaluate(st, ids, label_set=label_set, **COMMON)
+    board = leaderboard(st, metrics=["auroc"])
+    assert dict(zip(board["label_set"], board["note"])) == {
+        "Gefitinib,shared": "", "shared": "labelled for different drugs (jhu006: Vorinostat, scc47: Gefitinib)"}

@@ -73,6 +73,7 @@ from scdm.classify.results import LEADERBOARD_KEYS, metric_text, split_labels, s
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
 from scdm.store.genes import space_notes_sql
+from scdm.store.labels import mixed_drugs_sql
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -160,12 +161,14 @@ def _results_cte(filters: _Filters) -> str:
         "    -- the folds of one LoRA tuning (one adapter, a space of its own, per fold) form one result\n"
         "    SELECT x.* EXCLUDE (n_folds) REPLACE (coalesce('lora:' || a.tuning_id, x.variant) AS variant,\n"
         "                                       coalesce('lora:' || a.tuning_id, x.space_id) AS space_id),\n"
-        "           x.n_folds AS k, coalesce(n.note, '') AS note,  -- 'older gene table (...)': as scdm ls marks it\n"
+        "           x.n_folds AS k,  -- note: 'older gene table (...)', as scdm ls marks it; 'labelled for different drugs (...)'\n"
+        "           concat_ws('; ', nullif(n.note, ''), m.note) AS note,\n"
         f"           {records.unanswered_sql('t.flags')} AS unanswered,  -- test cells a prompting model left unanswered\n"
         "           json_extract_string(sp.definition, '$.folds_from') AS folds_from  -- pair_folds_with: whose partition\n"
         "    FROM results x LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id\n"
         "    LEFT JOIN splits sp ON sp.split_id = x.split_id\n"
         f"    LEFT JOIN {space_notes_sql()} n ON n.space_id = x.space_id\n"
+        f"    LEFT JOIN {mixed_drugs_sql()} m ON m.split_id = x.split_id AND m.label_set = x.label_set\n"
         "    LEFT JOIN eval_tasks t ON t.task_id = x.task_id\n"
         f"    WHERE NOT {filters.stale}  -- numbers known to be wrong now (an older head or answer parser)\n"
         ")"

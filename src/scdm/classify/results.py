@@ -25,6 +25,7 @@ from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
 from scdm.store.evaluation import unanswered_sql
 from scdm.store.genes import space_notes_sql
+from scdm.store.labels import mixed_drugs_sql
 from scdm.store.prompts import older_batching_note, older_parser_note, older_prompt_sql
 from scdm.store.splits import CATEGORY_TYPES, SCENARIOS, STORED_SCHEMES
 from scdm.store.verify import BASELINE_MODELS
@@ -194,8 +195,9 @@ def leaderboard(
         ``scdm evaluate`` again) and ``folds_from`` (the label set whose partition the pooled folds
         are, ``pair_folds_with``; NULL otherwise) and ``note`` (``'older gene table (...)'`` where the
         space's embeddings were made with another gene table than this scdm's, as ``scdm ls`` marks
-        them; ``'N of M test cells unanswered'`` where a prompting model gave no readable answer for
-        N test cells, which its metrics leave out; both joined by ``'; '``; else empty). Sorted by scenario, category type, category, metric and descending mean.
+        them; ``'labelled for different drugs (a375: PLX-4720, ...)'`` where the result's datasets are
+        labelled for more than one drug; ``'N of M test cells unanswered'`` where a prompting model gave
+        no readable answer for N test cells, which its metrics leave out; joined by ``'; '``; else empty). Sorted by scenario, category type, category, metric and descending mean.
     """
     from scdm.store import open_store
 
@@ -227,10 +229,12 @@ def leaderboard(
             -- each fold's LoRA variant is a space of its own: group the folds of one tuning setting
             SELECT x.* EXCLUDE (n_folds) REPLACE (COALESCE('lora:' || a.tuning_id, x.variant) AS variant,
                                                    COALESCE('lora:' || a.tuning_id, x.space_id) AS space_id),
-                   x.n_folds AS k, COALESCE(n.note, '') AS note, {unanswered_sql('t.flags')} AS unanswered
+                   x.n_folds AS k, concat_ws('; ', nullif(n.note, ''), m.note) AS note,
+                   {unanswered_sql('t.flags')} AS unanswered
             FROM results x
             LEFT JOIN adapters a ON x.variant = 'lora:' || a.adapter_id
             LEFT JOIN {space_notes_sql()} n ON n.space_id = x.space_id  -- an older gene table's space
+            LEFT JOIN {mixed_drugs_sql()} m ON m.split_id = x.split_id AND m.label_set = x.label_set  -- drugs pooled
             LEFT JOIN eval_tasks t ON t.task_id = x.task_id  -- test cells a prompting model left unanswered
             WHERE NOT {stale_sql(st, 'x')}  -- numbers known to be wrong now: left out, with a warning
         ),
@@ -590,6 +594,11 @@ NOTES: dict[str, str] = {
                       "class, a fold without test cells or whose training cells hold one class): their means are over "
                       "the folds they show, not all k, and are compared only with rows of the same split. "
                       "`scdm sql \"SELECT * FROM split_folds WHERE status = 'skipped'\"` names each with its reason."),
+    "mixed_drugs": ("Rows noted 'labelled for different drugs' pool datasets whose labels are responses to different "
+                    "drugs (scDrugMap pools them): a pooled fold mixes the drugs, and a cross-data fold scores a "
+                    "held-out study's drug with a head trained on the other studies' drugs, so the number measures no "
+                    "one drug's response. To measure one drug, evaluate only the datasets labelled for it (scdm "
+                    "evaluate --dataset ... --label-set ...)."),
     "no_predicted_positive": ("Precision is undefined on a fold where the head predicted no cell sensitive; its mean "
                               "is over the other folds (its own n)."),
 }
@@ -624,6 +633,8 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["skipped_folds"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.startswith("older gene table").any():
         notes.append(NOTES["older-gene-table"])
+    if not board.empty and "note" in board.columns and board["note"].fillna("").str.contains("labelled for different drugs").any():
+        notes.append(NOTES["mixed_drugs"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.contains("test cells unanswered").any():
         notes.append(NOTES["unanswered"])
     if board.empty:

@@ -80,6 +80,7 @@ from scdm.store.errors import QueryTimeoutError, ScdmError
 from scdm.store.evaluation import unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.heads import trained_head, trained_head_table, with_responses
+from scdm.store.labels import mixed_drugs_sql
 from scdm.store.transfer import transfer_runs_table
 from scdm.store.wording import spoken
 
@@ -374,11 +375,12 @@ def results(srv: Server, f: Annotated[PagedResultFilters, Query()]) -> Response:
             where.append(f"list_contains(?, {column})")
             args.append(pooled_names(values) if column in POOLED_COLUMNS else values)
     # note: 'older gene table (...)' on a space this scdm would not make, as the leaderboard and scdm ls mark it
+    # 'labelled for different drugs (...)' on a fold of datasets labelled for several drugs,
     # and 'N of M test cells unanswered' on a prompting task scored on the cells its model answered
     unanswered = unanswered_note_sql(unanswered_sql("t.flags"), "x.n_test")
-    matching = (f"SELECT x.*, concat_ws('; ', nullif(n.note, ''), {unanswered}) AS note FROM eval_results x "
+    matching = (f"SELECT x.*, concat_ws('; ', nullif(n.note, ''), m.note, {unanswered}) AS note FROM eval_results x "
                 f"LEFT JOIN {space_notes_sql()} n USING (space_id) LEFT JOIN (SELECT task_id, flags FROM eval_tasks) t "
-                "USING (task_id) WHERE " + " AND ".join(where))
+                f"USING (task_id) LEFT JOIN {mixed_drugs_sql()} m USING (split_id, label_set) WHERE " + " AND ".join(where))
     # (task_id, metric) is the table's key: the order is total, so the pages of one state of the store partition it
     order = "model, head, scenario, category_type, category, metric, fold, task_id"
     frame, total = _page_and_total(srv, matching, order, "task_id", args, _cap(f.limit, srv.config.page_rows), f.offset)

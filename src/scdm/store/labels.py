@@ -36,6 +36,7 @@ __all__ = [
     "label_sets",
     "resolve_label_sets",
     "label_set_name",
+    "mixed_drugs_sql",
 ]
 
 
@@ -148,6 +149,30 @@ def resolve_label_sets(st: Store, dataset_ids: Sequence[str], name: str | None =
             raise InputDataError(msg)
         out[dataset_id] = match[0]
     return out
+
+
+def mixed_drugs_sql() -> str:
+    """SQL subquery of ``split_id, label_set, note`` for each evaluated split and label set whose datasets
+    are labelled for different drugs; ``note`` is ``'labelled for different drugs (a375: PLX-4720, ...)'``.
+
+    A result's ``datasets`` and ``label_set`` join names with commas and do not say which label set was
+    each dataset's: the split's own datasets are read from its cell assignments, and each dataset's label
+    set is the one of the result's names it has, its default first, as evaluation picked it (several
+    names are each dataset's defaults; one name is every dataset's label set of that name).
+    """
+    return (
+        "(SELECT split_id, label_set, 'labelled for different drugs (' "
+        "|| string_agg(dataset || ': ' || drug, ', ' ORDER BY dataset) || ')' AS note "
+        "FROM (SELECT k.split_id, k.label_set, d.name AS dataset, l.drug, row_number() OVER "
+        "(PARTITION BY k.split_id, k.label_set, a.dataset_id ORDER BY l.is_default DESC, l.name) AS pick "
+        "FROM (SELECT DISTINCT split_id, label_set FROM eval_results WHERE label_set IS NOT NULL) k "
+        "JOIN (SELECT DISTINCT split_id, dataset_id FROM split_assignments "
+        "WHERE split_id IN (SELECT split_id FROM eval_results)) a USING (split_id) "
+        "JOIN label_sets l ON l.dataset_id = a.dataset_id AND list_contains(string_split(k.label_set, ','), l.name) "
+        "JOIN datasets d ON d.dataset_id = a.dataset_id) "
+        "WHERE pick = 1 AND drug IS NOT NULL "  # the label set evaluated; one of no known drug says nothing
+        "GROUP BY split_id, label_set HAVING count(DISTINCT drug) > 1)"
+    )
 
 
 def cell_labels(st: Store, label_set_ids: Sequence[str]) -> pd.DataFrame:
