@@ -264,11 +264,28 @@ def test_json_output_is_one_document(tmp_path):
 
 
 def test_ingest_warns_when_an_obs_column_splits_the_labels_without_sample_ids(tmp_path):
+    """A375's 'condition' is parental (every sensitive cell) or BRAFi_resistant (every resistant cell): the labels
+    restated, not a sample key. The warning advised --sample-key condition, with which --split-scheme sample skips
+    every fold ("training cells hold one class only"); a column of two samples per class is still advised."""
+    import anndata as ad
+
     from scdm.store.splits import SampleLeakageWarning
 
     st = Store(tmp_path / "store")
-    with pytest.warns(SampleLeakageWarning, match="obs column\\(s\\) 'condition'.*--sample-key condition"):
+    with pytest.warns(SampleLeakageWarning) as caught:
         st.ingest(example_data(), name="a375", label_key="response_PLX4720")
+    said = " ".join(str(w.message) for w in caught if issubclass(w.category, SampleLeakageWarning))
+    assert "--sample-key condition" not in said  # grouped by it, every fold is skipped
+    assert ("'condition' ('parental': every sensitive cell; 'BRAFi_resistant': every resistant cell) restate the labels"
+            in said) and "no sample key" in said
+    adata = ad.read_h5ad(example_data())
+    half = adata.obs.groupby("condition", observed=True).cumcount() % 2
+    adata.obs["culture"] = adata.obs["condition"].astype(str) + "_" + half.astype(str)  # two per class
+    with pytest.warns(SampleLeakageWarning) as caught:
+        Store(tmp_path / "store3").ingest(adata, name="a375", label_key="response_PLX4720")
+    said = " ".join(str(w.message) for w in caught if issubclass(w.category, SampleLeakageWarning))
+    assert "obs column(s) 'culture'. If these are samples or conditions, ingest with --sample-key culture" in said
+    assert "'condition' (" in said and "--sample-key condition" not in said
     st2 = Store(tmp_path / "store2")
     import warnings
 

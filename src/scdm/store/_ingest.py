@@ -765,6 +765,26 @@ def _obs_column(obs: pd.DataFrame, key: str, name: str) -> pd.Series:
     return obs[key]
 
 
+def restated_labels(obs: pd.DataFrame, response: pd.Series, columns: Sequence[str]) -> dict[str, str]:
+    """Of ``columns`` (each splitting the labels perfectly), those where a class is one value: column -> which values.
+
+    Such a column restates the labels (A375's ``condition``: parental = every sensitive cell, BRAFi_resistant =
+    every resistant cell) rather than naming samples: folds grouped by it hold out a whole class, so every
+    training fold holds one class and every fold is skipped.
+    """
+    y = pd.array(response, dtype="Int8")
+    known = np.asarray(~pd.isna(y), dtype=bool)
+    labels = np.asarray(y[known], dtype=np.int8)
+    out = {}
+    for col in columns:
+        frame = pd.DataFrame({"v": obs[col].to_numpy()[known], "y": labels}).dropna()
+        per_class = frame.groupby("y")["v"].unique()
+        if any(len(values) == 1 for values in per_class):
+            out[str(col)] = "; ".join(f"{', '.join(map(repr, map(str, values)))}: every {'sensitive' if cls == 1 else 'resistant'} "
+                                      "cell" for cls, values in sorted(per_class.items(), reverse=True))
+    return out
+
+
 def label_confounders(obs: pd.DataFrame, response: pd.Series, *, skip: Sequence[str] = ()) -> list[str]:
     """obs columns whose values split the labels perfectly (every value one class, both classes present).
 

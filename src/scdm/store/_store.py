@@ -1781,11 +1781,22 @@ def _warn_label_confounders(adata: ad.AnnData, response: pd.Series, opts: _inges
 
     skip = [opts.label_key] + [c for c in adata.obs.columns if str(c).startswith("response")]
     columns = _ingest.label_confounders(adata.obs, response, skip=skip)
-    if columns:
+    # a column with one value for a class restates the labels: grouping folds by it skips every fold
+    restated = _ingest.restated_labels(adata.obs, response, columns)
+    keys = [c for c in columns if c not in restated]
+    if keys:
         msg = (f"dataset {name!r}: the labels are constant within each value of obs column(s) "
-               f"{', '.join(map(repr, columns))}. If these are samples or conditions, ingest with "
-               f"{option('sample_key', columns[0])} and evaluate with --split-scheme sample: cell-level folds would put cells of "
+               f"{', '.join(map(repr, keys))}. If these are samples or conditions, ingest with "
+               f"{option('sample_key', keys[0])} and evaluate with --split-scheme sample: cell-level folds would put cells of "
                "one sample on both sides and a head could score by recognising samples.")
+        warnings.warn(msg, SampleLeakageWarning, stacklevel=3)
+    if restated:
+        each = "; ".join(f"{col!r} ({values})" for col, values in restated.items())
+        msg = (f"dataset {name!r}: obs column(s) {each} restate the labels: a class is one value, so they are no sample "
+               "key (folds grouped by one hold out a whole class, and every fold is skipped as its training cells hold "
+               "one class). If a class is one sample or culture, no fold of this dataset alone tells the response from "
+               "what else differs between them, and cell-level results can score that difference: evaluate it cross-data "
+               "(held out as a study), or ingest more samples per class with their sample ids as sample key.")
         warnings.warn(msg, SampleLeakageWarning, stacklevel=3)
 
 
