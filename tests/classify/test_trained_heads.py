@@ -89,8 +89,8 @@ def test_train_saves_artifact_and_catalog_row_and_predict_matches_direct_fit(st:
 
 def test_stored_labels_follow_the_stored_probabilities_at_the_threshold(st: Store, a375_values: np.ndarray,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # 0.5 - 1e-9 is below the threshold in float64 but is 0.5 once stored as REAL: the stored label
-    # must be the one the stored (and returned) probability gives
+    # 0.5 - 1e-9 is below the threshold in float64 but was 0.5 once stored as REAL (and labelled 1 from
+    # that): the stored label must be the one the stored (and returned) probability gives
     write_embedding(st, "a375", a375_values)
     head_id = train_head(st, dataset="a375", model="pca-test", head="ridge")
     below = np.full(108, 0.5 - 1e-9)
@@ -98,9 +98,33 @@ def test_stored_labels_follow_the_stored_probabilities_at_the_threshold(st: Stor
     monkeypatch.setattr(type(get_head("ridge")), "proba_sensitive", lambda self, X: below[: len(X)])
     frame = predict(st, head_id, "a375")
     assert frame["proba"].dtype == np.float64
-    assert (frame["label"] == (frame["proba"] >= 0.5)).all() and frame["label"].sum() == 54
+    assert (frame["label"] == (frame["proba"] >= 0.5)).all() and frame["label"].sum() == 0  # as REAL: 54
     stored = st.query("SELECT proba, label FROM predictions WHERE head_id = ? ORDER BY row", [head_id])
+    assert (stored["proba"].to_numpy() == below).all()
     assert (stored["label"] == (stored["proba"].astype(np.float64) >= 0.5)).all()
+
+
+def test_predict_returns_and_stores_the_float64_probabilities_float32_would_round_to_one(
+        st: Store, a375_values: np.ndarray, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Probabilities between 1 - 6e-8 and 1 (a logit past ~16.6) were rounded to float32 before labelling and
+    stored as REAL: all read 1.0, every cell was sensitive at a threshold of 1 - 1e-12, and the ranking was gone."""
+    write_embedding(st, "a375", a375_values)
+    threshold = 1.0 - 1e-12
+    head_id = train_head(st, dataset="a375", model="pca-test", head="ridge", threshold=threshold)
+    near_one = 1.0 - 10.0 ** -np.linspace(8.0, 15.0, 108)  # distinct in float64, all 1.0 in float32
+    assert (near_one.astype(np.float32) == 1.0).all() and len(np.unique(near_one)) == 108
+    monkeypatch.setattr(type(get_head("ridge")), "proba_sensitive", lambda self, X: near_one[: len(X)])
+    frame = predict(st, head_id, "a375", out=tmp_path / "pred.csv")
+    assert frame["proba"].dtype == np.float64
+    np.testing.assert_array_equal(frame["proba"].to_numpy(), near_one)
+    np.testing.assert_array_equal(frame["label"].to_numpy(), (near_one >= threshold).astype(np.int8))
+    assert 0 < frame["label"].sum() < 108  # all 108 from the float32 values
+    stored = st.query("SELECT proba, label FROM predictions WHERE head_id = ? ORDER BY row", [head_id])
+    assert stored["proba"].dtype == np.float64
+    np.testing.assert_array_equal(stored["proba"].to_numpy(), near_one)
+    np.testing.assert_array_equal(stored["label"].to_numpy(), (stored["proba"].to_numpy() >= threshold).astype(np.int8))
+    written = pd.read_csv(tmp_path / "pred.csv", float_precision="round_trip").sort_values("row")
+    np.testing.assert_array_equal(written["proba"].to_numpy(), near_one)
 
 
 def test_mlp_round_trips_through_safetensors(st: Store, a375_values: np.ndarray, tmp_path: Path) -> None:

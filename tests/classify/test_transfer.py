@@ -26,7 +26,7 @@ from scdm.classify.synth import synthesize
 from scdm.classify.transfer import attribution_table, critical_genes, transfer, transfer_latent
 from scdm.store import Store
 from scdm.store.errors import InputDataError
-from scdm.store.transfer import transfer_run
+from scdm.store.transfer import transfer_predictions, transfer_run
 
 torch.set_num_threads(1)
 # Leiden needs leidenalg/igraph; without them every run warns that it fell back to KMeans
@@ -377,9 +377,8 @@ def test_no_choice_reads_target_labels(st: Store, bulk: ad.AnnData, target_cells
 
 
 def test_stored_labels_and_metrics_follow_the_stored_probabilities(st: Store, bulk: ad.AnnData, monkeypatch) -> None:
-    """A float64 probability a hair under the threshold (0.5 - 1e-9) is stored as REAL 0.5: the label and the
-    metrics were computed from the float64 value (resistant), the stored probability reads sensitive, and
-    the metrics could not be recomputed from what is stored."""
+    """A float64 probability a hair under the threshold (0.5 - 1e-9) was stored as REAL 0.5 while the label and the
+    metrics came from the float64 value; it is stored as it is now (DOUBLE), and label, probability and metrics agree."""
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
     real = tm.predict_target
@@ -395,7 +394,7 @@ def test_stored_labels_and_metrics_follow_the_stored_probabilities(st: Store, bu
                    **{**SMALL, "pretrain_epochs": 1})
     preds = st.query('SELECT "row", proba, label FROM transfer_predictions WHERE run_id = ? ORDER BY "row"', [res.run_id])
     stored = preds["proba"].to_numpy(np.float64)
-    assert (stored[::3] == 0.5).all()
+    assert (stored[::3] == 0.5 - 1e-9).all() and (preds["label"].to_numpy()[::3] == 0).all()  # REAL made it 0.5
     np.testing.assert_array_equal(preds["label"].to_numpy(), (stored >= 0.5).astype(np.int8))
     np.testing.assert_array_equal(res.label, preds["label"].to_numpy())
     cells = st.cells("target")
@@ -407,6 +406,63 @@ def test_stored_labels_and_metrics_follow_the_stored_probabilities(st: Store, bu
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y, stored[rows] >= 0.5), abs=1e-12)
     assert metrics["f1"] == pytest.approx(f1_score(y, stored[rows] >= 0.5), abs=1e-12)
     assert metrics["auroc"] == pytest.approx(roc_auc_score(y, stored[rows]), abs=1e-12)
+
+
+class _Overconfident(torch.nn.Module):
+    """A fitted predictor made overconfident: logits (0, 26 + 9 tanh(d / 4)) for its own logit gap d, so every
+    target cell's gap is in (17, 35): past float32's last probability below 1 (~16.6), within float64's (~36.7)."""
+
+    def __init__(self, fitted: torch.nn.Module, seen: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.fitted, self.seen = fitted, seen
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        d = self.fitted(z)
+        gap = 26.0 + 9.0 * torch.tanh((d[:, 1] - d[:, 0]) / 4.0)
+        logits = torch.stack([torch.zeros_like(gap), gap], dim=1)
+        self.seen.append(logits.detach().clone())
+        return logits
+
+
+def test_an_overconfident_transfer_is_stored_and_scored_on_its_float64_probabilities(st: Store, bulk: ad.AnnData,
+                                                                                     monkeypatch) -> None:
+    """Target logit gaps past ~16.6 had a float32 softmax of exactly 1.0, stored as REAL: every cell tied, the
+    stored target AUROC was 0.5 and every label sensitive at any threshold below 1."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    real, seen = tm.fit_transfer, []
+
+    def overconfident(*args, **kw):
+        outcome = real(*args, **kw)
+        outcome.net.predictor = _Overconfident(outcome.net.predictor, seen)  # after the fit: only prediction sees it
+        return outcome
+
+    monkeypatch.setattr(tm, "fit_transfer", overconfident)  # transfer imports it when it runs
+    threshold = 1.0 / (1.0 + np.exp(-26.0))  # gap 26: about half the cells on either side; 1.0 in float32
+    res = transfer(st, source=bulk, target="target", drug="drugX", epochs=2, alpha=1.0, beta=0.1, seed=4,
+                   threshold=threshold, **{**SMALL, "pretrain_epochs": 1})
+    logits = torch.cat(seen).double()
+    proba64 = torch.softmax(logits, dim=1)[:, 1].numpy()
+    assert (proba64.astype(np.float32) == 1.0).all()  # what float32 made of every cell
+    preds = st.query('SELECT "row", proba, label FROM transfer_predictions WHERE run_id = ? ORDER BY "row"', [res.run_id])
+    stored = preds["proba"].to_numpy()
+    assert preds["proba"].dtype == np.float64
+    np.testing.assert_array_equal(stored, proba64)  # exactly: no rounding on the way
+    np.testing.assert_array_equal(res.proba, stored)
+    np.testing.assert_array_equal(transfer_predictions(st, res.run_id)["proba"].to_numpy(), stored)
+    labels = preds["label"].to_numpy()
+    np.testing.assert_array_equal(labels, (stored >= threshold).astype(np.int8))  # the stored rule, exactly
+    assert 0 < labels.sum() < len(labels)
+    cells = st.cells("target")
+    y = cells["response"].to_numpy(np.float64)
+    rows = cells["row"].to_numpy()[~np.isnan(y)]
+    y = y[~np.isnan(y)].astype(int)
+    metrics = dict(st.query("SELECT metric, value FROM transfer_metrics WHERE run_id = ?", [res.run_id])
+                   .itertuples(index=False, name=None))
+    auroc = roc_auc_score(y, stored[rows])
+    assert metrics["auroc"] == pytest.approx(auroc, abs=1e-12) and abs(auroc - 0.5) > 0.01  # REAL: 0.5 (all tied)
+    assert auroc == pytest.approx(roc_auc_score(y, (logits[:, 1] - logits[:, 0]).numpy()[rows]), abs=1e-12)
+    assert metrics["ap"] == pytest.approx(average_precision_score(y, stored[rows]), abs=1e-12)
 
 
 def test_hyper_parameter_grids_need_a_target_validation_set(st: Store, bulk: ad.AnnData) -> None:

@@ -86,3 +86,24 @@ def test_the_csv_download_holds_the_probabilities_the_json_and_scdm_predict_hold
     by_row = [f.set_index("row").sort_index()["proba"].tolist() for f in (csv, served, written)]
     assert by_row[0] == by_row[1] == by_row[2]
     assert any(len(repr(p)) > 12 for p in by_row[0])  # digits a float32 short form drops
+
+
+def test_the_csv_download_keeps_probabilities_float32_would_round_to_one(client: Any,
+                                                                         store_with_predictions: tuple[Store, str]) -> None:
+    """predictions.proba was REAL: 1 - 1e-9 and 1 - 1e-12 were both served as 1.0 in the CSV and the JSON."""
+    from scdm.classify.trained_heads import predict
+    from scdm.store.heads import Predictions, replace_predictions
+
+    st, head_id = store_with_predictions
+    stored = st.query('SELECT dataset_id, "row", embedding_id FROM predictions WHERE head_id = ? ORDER BY "row"', [head_id])
+    near_one = 1.0 - 10.0 ** -np.linspace(8.0, 15.0, len(stored))  # distinct in float64, all 1.0 in float32
+    replace_predictions(st, Predictions(head_id, stored["dataset_id"].iloc[0], stored["embedding_id"].iloc[0],
+                                        stored["row"].to_numpy(), near_one, np.ones(len(stored), np.int8)))
+    try:
+        params = {"head_id": head_id, "dataset": "cells"}
+        csv = pd.read_csv(io.StringIO(client.get("/api/predictions.csv", params=params).text), float_precision="round_trip")
+        served = pd.DataFrame(client.get("/api/predictions", params=params).json())
+        for frame in (csv, served):
+            np.testing.assert_array_equal(frame.sort_values("row")["proba"].to_numpy(), near_one)
+    finally:
+        predict(st, head_id, "cells")  # the module's other tests read the head's own predictions

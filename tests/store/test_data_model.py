@@ -242,6 +242,43 @@ def test_migration_15_keeps_the_evaluation_probabilities_of_an_older_store_exact
     assert (st.query(order)["proba"].to_numpy() == after["proba"].to_numpy()).all()
 
 
+def test_migration_16_keeps_the_transfer_and_head_probabilities_of_an_older_store_exactly(tmp_path):
+    """transfer_predictions.proba and predictions.proba were REAL: migration 16 makes them DOUBLE, old rows keep
+    their float32 values bit for bit (so their stored labels still follow them), and it runs twice safely."""
+    import duckdb
+    import numpy as np
+
+    from scdm.store import _catalog
+
+    with tarfile.open(DATA / "stores" / "store_schema5.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    catalog = tmp_path / "store_v5" / "catalog.duckdb"
+    # the fixture has head predictions but no transfer run: two rows as a schema-5 transfer wrote them
+    old_transfer = np.array([np.float32(0.7), np.float32(1 - 3e-8)], np.float32)
+    columns = "SELECT data_type FROM information_schema.columns WHERE table_name = ? AND column_name = 'proba'"
+    transfer_order = 'SELECT proba, label FROM transfer_predictions ORDER BY "row"'
+    head_order = 'SELECT p.proba, p.label, h.threshold FROM predictions p JOIN trained_heads h USING (head_id) ORDER BY p."row"'
+    with duckdb.connect(str(catalog)) as con:
+        assert [con.execute(columns, [t]).fetchone() for t in ("transfer_predictions", "predictions")] == [("FLOAT",)] * 2
+        for row, value in enumerate(old_transfer.tolist()):
+            con.execute("INSERT INTO transfer_predictions VALUES ('r1', 'd1', ?, ?, ?, 0)", [row, value, int(value >= 0.7)])
+        before = (con.execute(transfer_order).df(), con.execute(head_order).df())
+    assert before[0]["proba"].dtype == before[1]["proba"].dtype == np.float32 and len(before[1]) > 0
+    st = Store(tmp_path / "store_v5")
+    after = (st.query(transfer_order), st.query(head_order))
+    for old, new in zip(before, after, strict=True):
+        assert new["proba"].dtype == np.float64
+        assert (new["proba"].to_numpy() == old["proba"].to_numpy(np.float64)).all()  # exactly
+        assert (new["label"].to_numpy() == old["label"].to_numpy()).all()
+    assert after[0]["label"].tolist() == [0, 1]  # float32(0.7) < 0.7, as the old run labelled it
+    assert (after[1]["label"] == (after[1]["proba"] >= after[1]["threshold"])).all()
+    assert st.query("SELECT name FROM migrations WHERE version = 16")["name"].tolist() == ["prediction_proba_double"]
+    # a renumbered migration below it makes it run again on the DOUBLE columns: nothing changes
+    ((sql,),) = [(q,) for v, _, q in _catalog._MIGRATIONS if v == 16]
+    st.execute(sql)
+    assert all((st.query(q)["proba"] == a["proba"]).all() for q, a in zip((transfer_order, head_order), after, strict=True))
+
+
 def test_label_set_ids_agree_between_sql_migration_and_python(tmp_path):
     from scdm.store.labels import label_set_id_of, labels_hash
 

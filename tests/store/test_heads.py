@@ -64,6 +64,16 @@ def test_only_safe_artifact_formats_are_written(tmp_path: Path) -> None:
         "safetensors", "p/head.safetensors", "1", "2", 0.01)
 
 
+def test_predictions_keep_their_float64_probabilities(tmp_path: Path) -> None:
+    """predictions.proba was REAL: 1 - 1e-9 and 1 - 1e-12 were both stored as 1.0 beside labels 1 and 0."""
+    st = Store(tmp_path / "store")
+    proba = np.array([1 - 1e-9, 1 - 1e-12, 0.7, np.nextafter(0.5, 0)])
+    replace_predictions(st, Predictions("h1", "d1", "e1", np.arange(4), proba, (proba >= 1 - 1e-10).astype(np.int8)))
+    rows = st.query('SELECT proba, label FROM predictions ORDER BY "row"')
+    assert rows["proba"].dtype == np.float64
+    np.testing.assert_array_equal(rows["proba"].to_numpy(), proba)  # exactly
+
+
 def test_predictions_replace_the_heads_earlier_ones_on_that_dataset(tmp_path: Path) -> None:
     st = Store(tmp_path / "store")
     first = Predictions("h1", "d1", "e1", np.arange(5), np.linspace(0, 1, 5), np.array([0, 0, 1, 1, 1]))

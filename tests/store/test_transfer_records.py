@@ -193,3 +193,16 @@ def test_read_back_probabilities_give_the_stored_labels_at_a_float32_threshold(t
     preds = transfer_predictions(st, "run1")
     assert preds["proba"].dtype == np.float64
     np.testing.assert_array_equal((preds["proba"] >= 0.7).astype(np.int8), preds["label"])
+
+
+def test_transfer_predictions_keep_their_float64_probabilities(tmp_path) -> None:
+    """transfer_predictions.proba was REAL: 1 - 1e-9 and 1 - 1e-12 were both stored as 1.0 (tied in the AUROC),
+    and 0.5 - 1e-9 as 0.5 beside its label 0."""
+    st = Store(tmp_path / "store")
+    _start(st)
+    proba = np.array([1 - 1e-9, 1 - 1e-12, 0.5 - 1e-9, 0.2])
+    label = (proba >= 0.5).astype(np.int8)
+    complete_transfer_run(st, "run1", _result(), replace(_outputs(4), proba=proba, label=label, cluster=np.zeros(4)))
+    preds = transfer_predictions(st, "run1")
+    np.testing.assert_array_equal(preds["proba"].to_numpy(), proba)  # exactly
+    np.testing.assert_array_equal((preds["proba"] >= 0.5).astype(np.int8), preds["label"])

@@ -1052,8 +1052,8 @@ def predict(
     -------
     DataFrame
         One row per cell in dataset order: ``head_id``, ``dataset_id``, ``row``, ``cell_id``,
-        ``embedding_id``, ``proba`` (probability of sensitive), ``label`` (1 sensitive, 0
-        resistant), ``response`` (the stored label, if any: of the label set the head was trained
+        ``embedding_id``, ``proba`` (probability of sensitive, float64, as stored), ``label`` (1
+        sensitive, 0 resistant: ``proba >= threshold`` of the head), ``response`` (the stored label, if any: of the label set the head was trained
         on where the dataset has it, else of its default), ``label_set`` (that label set's name),
         ``trained_on`` (True for the cells the head was fitted on, or whose labels tuned the
         LoRA adapter of a ``lora:`` embedding, or that are such a cell under another dataset name:
@@ -1081,9 +1081,9 @@ def predict(
     record = trained_head(st, trained.head_id)
     _warn_fewer_known_genes(st, trained, record, ds.name, embedding_id)
     X = st.read_embedding(embedding_id)
-    # labelled from the probabilities as they are stored (REAL) and returned: a value just under the
-    # threshold in float64 can round onto it in float32, and the stored label would contradict it
-    proba = np.asarray(trained.head.proba_sensitive(X), np.float32).astype(np.float64)
+    # labelled from the probabilities exactly as they are stored (DOUBLE since migration 16) and returned,
+    # so the stored label is proba >= threshold; float32 (REAL) made every cell past a logit of ~16.6 read 1.0
+    proba = np.asarray(trained.head.proba_sensitive(X), np.float64)
     label = (proba >= trained.threshold).astype(np.int8)
     _warn_all_zero_rows(X, proba, ds.name, trained)
     cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")

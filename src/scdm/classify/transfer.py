@@ -902,10 +902,10 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
                                   progress=progress), run_cfg))
     outcome, cfg = min(fits, key=lambda f: (f[0].best_score if not math.isnan(f[0].best_score) else math.inf))
     proba, latent = predict_target(outcome.net, Xt)
-    # labels and metrics from the probabilities as transfer_predictions stores them (REAL): a value
-    # just under the threshold in float64 can round onto it in float32, and the stored label, the
-    # stored probability and the stored metrics would then disagree
-    proba = np.asarray(proba, np.float32).astype(np.float64)
+    # labels and metrics from the probabilities exactly as transfer_predictions stores them (DOUBLE since
+    # migration 16), so the stored label, probability and metrics agree; float32 (REAL) tied every cell
+    # past a logit gap of ~16.6 at 1.0 and moved the target AUROC/AP
+    proba = np.asarray(proba, np.float64)
     label = (proba >= threshold).astype(np.int8)
     # Target labels are read only now, after the model is fixed: they feed the metrics alone.
     metrics, flags = _target_metrics(st, target_info.name, labels.target, proba, threshold)
@@ -1175,7 +1175,8 @@ def critical_genes(
 
 
 REPRODUCE_ATOL = 1e-3
-"""Largest gap between the stored probabilities and those of the inputs read again (float32 rounding is ~1e-6)."""
+"""Largest gap between the stored probabilities and those of the inputs read again (the run's float32 network
+against its float64 copy here differ by ~1e-6)."""
 
 
 def _check_reproduces(net: Any, X: np.ndarray, stored: np.ndarray, target: str) -> None:

@@ -529,8 +529,8 @@ def predictions_csv(srv: Server, q: Annotated[PredictionCsvQuery, Query()]) -> R
     if frame.empty:
         raise HttpError(404, "No predictions of this head on this dataset; POST /api/jobs/predict first.")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"predictions_{q.dataset}_{q.head_id}.csv")
-    # the catalog's FLOAT proba: pandas writes a float32 in its short form (0.9432321), the JSON and
-    # `scdm predict --out` the same number as float64 (0.9432321190834045); one number, written one way
+    # every number as float64 (proba is DOUBLE since migration 16): pandas writes a float32 in its short
+    # form (0.9432321), the JSON and `scdm predict --out` the same number as float64 (0.9432321190834045)
     frame = frame.astype({c: "float64" for c in frame.columns if frame[c].dtype == "float32"})
     return Response(spreadsheet_safe(frame).to_csv(index=False), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -261,9 +261,9 @@ class Predictions:
     rows: np.ndarray
     """Cell rows in the dataset, shape (n,)."""
     proba: np.ndarray
-    """Probability of sensitive, shape (n,)."""
+    """Probability of sensitive, shape (n,); stored in float64 (DOUBLE since migration 16)."""
     label: np.ndarray
-    """1 sensitive, 0 resistant, shape (n,)."""
+    """1 sensitive, 0 resistant, shape (n,): ``proba >= threshold`` on the stored values."""
 
     def frame(self) -> pd.DataFrame:
         """The ``predictions`` rows (without ``created_at``)."""
@@ -273,7 +273,7 @@ class Predictions:
             raise InputDataError(msg)
         return pd.DataFrame({
             "head_id": self.head_id, "dataset_id": self.dataset_id, "row": np.asarray(self.rows, np.int32),
-            "embedding_id": self.embedding_id, "proba": np.asarray(self.proba, np.float32),
+            "embedding_id": self.embedding_id, "proba": np.asarray(self.proba, np.float64),
             "label": np.asarray(self.label, np.int8),
         })
 

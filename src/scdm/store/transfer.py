@@ -171,9 +171,9 @@ class TransferOutputs:
     dataset_id: str
     """The target dataset."""
     proba: np.ndarray
-    """Probability of sensitive of every target cell, in dataset row order, shape (n,)."""
+    """Probability of sensitive of every target cell, in dataset row order, shape (n,); stored in float64."""
     label: np.ndarray
-    """Predicted label (1 sensitive), shape (n,)."""
+    """Predicted label (1 sensitive), shape (n,): ``proba >= threshold`` on the stored values."""
     cluster: np.ndarray
     """Target cluster of every cell (the cluster regulariser's), shape (n,)."""
     history: Sequence[Mapping[str, Any]]
@@ -189,7 +189,7 @@ class TransferOutputs:
                    f"{len(self.label)} labels and {len(self.cluster)} clusters.")
             raise InputDataError(msg)
         return pd.DataFrame({"run_id": run_id, "dataset_id": self.dataset_id, "row": np.arange(n, dtype=np.int32),
-                             "proba": np.asarray(self.proba, np.float32), "label": np.asarray(self.label, np.int8),
+                             "proba": np.asarray(self.proba, np.float64), "label": np.asarray(self.label, np.int8),
                              "cluster": np.asarray(self.cluster, np.int32)})
 
     def history_frame(self, run_id: str) -> pd.DataFrame:
@@ -385,9 +385,10 @@ def transfer_runs_table(st: Store) -> pd.DataFrame:
 def transfer_predictions(st: Store, run_id: str) -> pd.DataFrame:
     """A run's per-cell predictions (``row``, ``proba``, ``label``, ``cluster``) in row order.
 
-    ``proba`` is stored as REAL and read back as float64, so that ``proba >= threshold`` (the run's
-    ``config.threshold``) gives the stored ``label``: numpy compares a float32 column with a Python
-    float in float32, which rounds a threshold such as 0.7 down onto a probability below it.
+    ``proba`` is float64 as stored (DOUBLE since migration 16; rows written before hold their float32
+    values), so that ``proba >= threshold`` (the run's ``config.threshold``) gives the stored ``label``:
+    numpy compares a float32 column with a Python float in float32, which rounds a threshold such as
+    0.7 down onto a probability below it.
     """
     frame = st.query('SELECT "row", proba, label, cluster FROM transfer_predictions WHERE run_id = ? ORDER BY "row"',
                      [run_id])

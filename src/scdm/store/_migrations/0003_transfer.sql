@@ -33,7 +33,8 @@ CREATE TABLE transfer_runs (
     error              VARCHAR
 );
 
--- Per-cell sensitivity of every target cell (labels, when the target has them, are in cells).
+-- Per-cell sensitivity of every target cell (labels, when the target has them, are in cells;
+-- proba: DOUBLE since migration 16).
 CREATE TABLE transfer_predictions (
     run_id      VARCHAR NOT NULL,
     dataset_id  VARCHAR NOT NULL,

@@ -30,7 +30,8 @@ CREATE TABLE trained_heads (
     created_at       TIMESTAMP NOT NULL
 );
 
--- Per-cell predictions of a trained head on a dataset (a new predict replaces the old rows).
+-- Per-cell predictions of a trained head on a dataset (a new predict replaces the old rows;
+-- proba: DOUBLE since migration 16).
 CREATE TABLE predictions (
     head_id       VARCHAR NOT NULL,
     dataset_id    VARCHAR NOT NULL,
