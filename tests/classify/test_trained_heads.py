@@ -460,3 +460,26 @@ def test_predicting_cells_with_an_all_zero_embedding_warns(st: Store, a375_value
     with caplog.at_level("WARNING", logger="scdm"):
         predict(st, head_id, "a375")
     assert "all-zero" not in caplog.text
+
+
+def test_a_head_on_an_older_gene_tables_space_says_no_new_embedding_can_enter_it(st: Store, a375_values: np.ndarray) -> None:
+    """A head trained by an older scdm (another gene table) refuses a dataset this scdm embedded, and says why.
+
+    The refusal said 'embed it with the exact parameters of the head's embeddings', which no embedding this scdm
+    makes can do: the gene table is part of every embedding's identity. It says to train the head again instead.
+    """
+    from scdm.store.genes import gene_table_version
+
+    write_embedding(st, "a375", a375_values, model="gf-test", params={"layer": -2, "gene_table": "0ld0ld0ld0ld"})
+    head_id = train_head(st, dataset="a375", model="gf-test", head="logreg")
+    cells = ad.read_h5ad(example_data("A375"))
+    cells.obs_names = [f"new_{c}" for c in cells.obs_names]
+    st.ingest(cells, name="new", study="GSE108383")
+    write_embedding(st, "new", a375_values, model="gf-test", params={"layer": -2, "gene_table": gene_table_version()})
+    with pytest.raises(SpaceMismatchError) as refused:
+        predict(st, head_id, "new")
+    text = str(refused.value)
+    assert f"gene table 0ld0ld0ld0ld (an older scdm); this scdm maps gene ids with gene table {gene_table_version()}" in text
+    assert "`scdm embed a375 new --model gf-test --checkpoint CHECKPOINT`" in text and "train the head again" in text
+    assert "exact parameters" not in text
+    assert not st.query("SELECT * FROM predictions").shape[0]  # nothing stored for the refused prediction

@@ -57,6 +57,7 @@ from scdm.classify.metrics import METRICS, compute_metrics
 from scdm.classify.results import stale_sql
 from scdm.store.adapters import adapter_dir, tuned_training_rows
 from scdm.store.errors import EmbeddingNotFoundError, InputDataError, ScdmError
+from scdm.store.genes import gene_table_version
 from scdm.store.heads import (
     HeadNotFoundError,
     Predictions,
@@ -983,6 +984,9 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
     joint = _joint_baseline_hint(st, trained, ds.name) if trained.model in BASELINE_MODELS else None
     if trained.variant.startswith("lora:"):  # `scdm embed` makes the frozen space, never this one
         joint = _tuned_space_hint(st, trained, ds.name)
+    older = _older_gene_table_hint(st, trained, ds.name)
+    if older is not None:  # no embedding this scdm makes can enter the head's space: the other hints would not work
+        joint = older
     if mine.empty:
         advice = joint or f"Embed it first: `scdm embed {ds.name} --model {trained.model}`."
         raise EmbeddingNotFoundError(f"Dataset {ds.name!r} has no embedding; head {trained.head_id} reads {expected}. {advice}")
@@ -995,6 +999,29 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
             "the head in that space, or embed it with the exact parameters of the head's embeddings.")
     msg = f"Dataset {ds.name!r} is embedded as {have}, but head {trained.head_id} expects {expected}. {hint}"
     raise SpaceMismatchError(msg)
+
+
+def _older_gene_table_hint(st: Store, trained: TrainedHead, dataset: str) -> str | None:
+    """Why a dataset cannot enter a head's space made with an older gene table, and what to do; None otherwise.
+
+    The gene table version is part of every embedding's identity: this scdm maps gene ids with its own table,
+    so embedding any dataset again (the head's training datasets included) makes a new space beside the head's.
+    """
+    record = trained_head(st, trained.head_id)
+    table = json.loads(record.embedding_params).get("gene_table")
+    if table is None or table == gene_table_version():
+        return None
+    names = " ".join(shlex.quote(n) for n in dict.fromkeys([*record.datasets, dataset]))
+    checkpoint = "" if trained.model in BASELINE_MODELS else " --checkpoint CHECKPOINT"
+    joint = " --joint" if trained.model in BASELINE_MODELS else ""
+    return (f"Head {record.head_id} was trained on {trained.model} embeddings made with gene table {table} (an older "
+            f"scdm); this scdm maps gene ids with gene table {gene_table_version()}, so no embedding it makes, of "
+            f"{dataset!r} or of the head's training datasets, is in the head's space. Embed the training datasets and "
+            f"{dataset!r} with this scdm (`scdm embed {names} --model {trained.model}{joint}{checkpoint}`, with the "
+            f"options they were embedded with), train the head again on the training datasets' new embeddings "
+            f"(`scdm train-head --embedding ID,... --head {record.head}`, ids from `scdm ls`, with the --by, --category, "
+            f"--param and --threshold of SELECT * FROM trained_heads WHERE head_id = '{record.head_id}') and predict "
+            f"with the new head.")
 
 
 def _tuned_space_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
