@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -246,3 +247,18 @@ def test_non_finite_values_in_csv_and_json_are_as_the_readme_says(tmp_path) -> N
     assert back["a"] == float("inf") and back["b"] == float("-inf") and pd.isna(back["c"]) and pd.isna(back["d"])
     doc = json.loads(CliRunner().invoke(main, ["--store", store, "sql", query, "--format", "json"]).stdout)
     assert doc == [{"a": None, "b": None, "c": None, "d": None, "e": 1.5}]
+
+
+def test_two_embeddings_of_one_model_name_the_one_of_an_older_gene_table(run, monkeypatch, tmp_path):
+    """After the gene table changed, --dataset/--model finds two embeddings: the refusal says which is the older."""
+    from scdm.embedding import runner
+
+    run("ingest", example_data(), "--label-key", "response_PLX4720", "--name", "a375")
+    with monkeypatch.context() as older_scdm:
+        older_scdm.setattr(runner, "gene_table_version", lambda: "0ld0ld0ld0ld")
+        run("embed", "a375", "--model", "pca", "--n-comps", "4", "-q")
+    run("embed", "a375", "--model", "pca", "--n-comps", "4", "-q")  # this scdm's table: a new embedding
+    refused = run("export", "--dataset", "a375", "--model", "pca", "--out", str(tmp_path / "a375.npy"), ok=False)
+    assert refused.exit_code != 0 and not (tmp_path / "a375.npy").exists()
+    assert re.search(r"2 pca \(frozen\) embeddings with different parameters \([0-9a-f]{16} \(older gene table "
+                     r"\(0ld0ld0ld0ld; this scdm: [0-9a-f]{12}\)\), [0-9a-f]{16}\); pass --embedding ID", refused.output)

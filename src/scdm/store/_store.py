@@ -1407,12 +1407,13 @@ class Store:
         if status:
             sql += " AND status = ?"
             args.append(status)
-        frame = self.query(sql + " ORDER BY created_at", args)
+        frame = self.query(sql.replace("SELECT *", f"SELECT *, {gene_table_note_sql('params')} AS gene_table_note", 1)
+                           + " ORDER BY created_at", args)
         if len(frame) != 1:
             if len(frame) == 0:
                 msg = f"No {status or ''} {model} ({variant}) embedding of dataset {ds.name!r}. Compute it with `scdm embed {ds.name} --model {model}`, or list what exists with `scdm ls`."
-            else:
-                ids = ", ".join(frame["embedding_id"])
+            else:  # one made by an older scdm's gene table is named as such: the other is the one this scdm makes
+                ids = ", ".join(i + (f" ({note})" if note else "") for i, note in zip(frame["embedding_id"], frame["gene_table_note"]))
                 msg = f"Dataset {ds.name!r} has {len(frame)} {model} ({variant}) embeddings with different parameters ({ids}); pass --embedding ID."
             raise EmbeddingNotFoundError(msg)
         return self._handle(frame.iloc[0])
