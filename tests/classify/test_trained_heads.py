@@ -483,3 +483,34 @@ def test_a_head_on_an_older_gene_tables_space_says_no_new_embedding_can_enter_it
     assert "`scdm embed a375 new --model gf-test --checkpoint CHECKPOINT`" in text and "train the head again" in text
     assert "exact parameters" not in text
     assert not st.query("SELECT * FROM predictions").shape[0]  # nothing stored for the refused prediction
+
+
+def test_heads_trained_on_an_older_gene_table_are_listed_as_such(st: Store, a375_values: np.ndarray, monkeypatch) -> None:
+    """trained_heads and every head listing of the API said nothing of a head an older scdm's gene table made the
+    space of (it predicts on no dataset this scdm embeds); GET /api/heads/{id} and a model's page also gave no
+    revision_note where GET /api/heads did."""
+    from fastapi.testclient import TestClient
+
+    from scdm.classify.heads import LogRegHead
+    from scdm.server import create_app
+    from scdm.store.genes import gene_table_version
+    from tests.server.conftest import TOKEN
+
+    write_embedding(st, "a375", a375_values, model="gf-test", params={"layer": -2, "gene_table": "0ld0ld0ld0ld"})
+    with monkeypatch.context() as older_scdm:
+        older_scdm.setattr(LogRegHead, "revision", lambda self: 1, raising=False)
+        old = train_head(st, dataset="a375", model="gf-test", head="logreg")
+    current = write_embedding(st, "a375", a375_values, model="gf-test", params={"layer": -2, "gene_table": gene_table_version()})
+    new = train_head(st, [current], head="ridge")
+    listed = trained_heads(st).set_index("head_id")
+    expected = f"older gene table (0ld0ld0ld0ld; this scdm: {gene_table_version()})"
+    assert listed.loc[old, "note"] == expected and listed.loc[new, "note"] == ""
+    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg")
+    with TestClient(create_app(st, token=TOKEN), base_url="http://127.0.0.1:8000",
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        every = {h["head_id"]: h for h in client.get("/api/heads").json()}
+        one = {h: client.get(f"/api/heads/{h}").json() for h in (old, new)}
+        page = {h["head_id"]: h for h in client.get("/api/models/gf-test").json()["trained_heads"]}
+    for answer in (every, one, page):
+        assert {h: (answer[h]["note"], answer[h]["revision_note"]) for h in (old, new)} == {
+            h: (listed.loc[h, "note"], listed.loc[h, "revision_note"]) for h in (old, new)}

@@ -424,6 +424,9 @@ class TrainedHeadRow(_Row):
     revision_note: str = Field(default="", description="Empty for a head fitted by this scdm's revision of it; else "
                                "why a head trained now may differ (an older revision fitted it, or its revision "
                                "was not recorded and the head has been revised since).")
+    note: str = Field(default="", description="'older gene table (<its>; this scdm: <current>)' where the head was "
+                      "trained on embeddings made with another gene table than this scdm's: it predicts only on "
+                      "embeddings of that table, and no dataset this scdm embeds is one; train it again. Else empty.")
     created_at: str | None = None
 
 

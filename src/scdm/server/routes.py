@@ -308,7 +308,7 @@ def model(model: str, srv: Server) -> Response:
     emb = srv.store.embeddings()
     emb = emb[emb["model"] == model]
     board = leaderboard(srv.store, models=[model], category_types=["all"])
-    heads = srv.store.query("SELECT * FROM trained_heads WHERE model = ? ORDER BY created_at DESC", [model])
+    heads = with_revision_notes(trained_head_table(srv.store, model=model))
     if emb.empty and board.empty:
         raise HttpError(404, f"No model {model!r} in this store; GET /api/models lists them.")
     return typed(ModelDetail, {"model": model, "embeddings": records(emb), "leaderboard": records(board, _RESULT_JSON_COLUMNS),
@@ -455,9 +455,10 @@ def heads(srv: Server) -> Response:
 
 @router.get("/api/heads/{head_id}", response_model=TrainedHeadRow, summary="One trained head")
 def head(head_id: str, srv: Server) -> Response:
-    frame = srv.store.query("SELECT * FROM trained_heads WHERE head_id = ?", [head_id])
+    frame = trained_head_table(srv.store, head_id=head_id)
     if frame.empty:
         raise HttpError(404, f"No trained head {head_id!r}; GET /api/heads lists them.")
+    frame = with_revision_notes(frame)
     return typed(TrainedHeadRow, records(frame)[0])
 
 

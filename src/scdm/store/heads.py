@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from scdm.store.errors import InputDataError, ScdmError
+from scdm.store.genes import gene_table_note_sql
 
 if TYPE_CHECKING:
     from scdm.store._store import Store
@@ -202,9 +203,14 @@ def has_trained_head(st: Store, head_id: str) -> bool:
     return bool(len(st.query("SELECT 1 FROM trained_heads WHERE head_id = ?", [head_id])))
 
 
-def trained_head_table(st: Store) -> pd.DataFrame:
-    """All trained heads (catalog rows), newest first."""
-    return st.query("SELECT * FROM trained_heads ORDER BY created_at DESC")
+def trained_head_table(st: Store, *, model: str | None = None, head_id: str | None = None) -> pd.DataFrame:
+    """All trained heads (catalog rows), newest first, or those of one model or one id; ``note`` is
+    ``'older gene table (...)'`` for a head trained on embeddings of another gene table than this scdm's
+    (no dataset this scdm embeds can enter its space), as ``scdm ls`` marks such embeddings."""
+    where = [(clause, value) for clause, value in (("model = ?", model), ("head_id = ?", head_id)) if value is not None]
+    sql = (f"SELECT *, {gene_table_note_sql('embedding_params')} AS note FROM trained_heads"
+           + (" WHERE " + " AND ".join(c for c, _ in where) if where else "") + " ORDER BY created_at DESC")
+    return st.query(sql, [v for _, v in where])
 
 
 def response_label_set(st: Store, head_label_set: str | None, dataset_id: str) -> LabelSet | None:
