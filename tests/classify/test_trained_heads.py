@@ -514,3 +514,21 @@ def test_heads_trained_on_an_older_gene_table_are_listed_as_such(st: Store, a375
     for answer in (every, one, page):
         assert {h: (answer[h]["note"], answer[h]["revision_note"]) for h in (old, new)} == {
             h: (listed.loc[h, "note"], listed.loc[h, "revision_note"]) for h in (old, new)}
+
+
+def test_a_tuned_head_on_an_older_gene_table_says_to_tune_again(st: Store, a375_values: np.ndarray) -> None:
+    """A LoRA head of an older gene table: embedding through its adapter with this scdm makes another space too."""
+    emb = st.create_embedding("a375", model="gf-test", params={"layer": -2, "gene_table": "0ld0ld0ld0ld"},
+                              dim=a375_values.shape[1], variant="lora:0123456789abcdef", adapter_hash="0123456789abcdef")
+    for chunk in range(emb.n_chunks):
+        lo, hi = emb.chunk_bounds(chunk)
+        emb.write_chunk(chunk, a375_values[lo:hi])
+    emb.finalize()
+    head_id = train_head(st, [emb.embedding_id], head="logreg")
+    cells = ad.read_h5ad(example_data("A375"))
+    cells.obs_names = [f"new_{c}" for c in cells.obs_names]
+    st.ingest(cells, name="new", study="GSE108383")
+    with pytest.raises(EmbeddingNotFoundError) as refused:
+        predict(st, head_id, "new")
+    assert "made with gene table 0ld0ld0ld0ld (an older scdm)" in str(refused.value)
+    assert "tuned by LoRA adapter 0123456789abcdef, also of the older table: tune again with `scdm finetune`" in str(refused.value)

@@ -1021,7 +1021,10 @@ def _older_gene_table_hint(st: Store, trained: TrainedHead, dataset: str) -> str
             f"options they were embedded with), train the head again on the training datasets' new embeddings "
             f"(`scdm train-head --embedding ID,... --head {record.head}`, ids from `scdm ls`, with the --by, --category, "
             f"--param and --threshold of SELECT * FROM trained_heads WHERE head_id = '{record.head_id}') and predict "
-            f"with the new head.")
+            f"with the new head."
+            + (f" Its embeddings were tuned by LoRA adapter {trained.variant.removeprefix('lora:')}, also of the older "
+               f"table: tune again with `scdm finetune` and embed through the new adapter (--lora) for a tuned head, "
+               f"or train it on the frozen embeddings." if trained.variant.startswith("lora:") else ""))
 
 
 def _tuned_space_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
