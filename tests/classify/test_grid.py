@@ -448,6 +448,42 @@ def test_an_overconfident_mlp_is_scored_on_its_float64_probabilities(st: Store, 
     assert stored == pytest.approx(roc_auc_score(y, logits), abs=1e-12) == pytest.approx(4 / 9, abs=1e-12)
 
 
+def test_an_mlp_result_its_float32_sigmoid_scored_is_fitted_again(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 link changed the mlp's numbers (5/9 -> 4/9 here) but not its task ids: an evaluate of the
+    upgraded scdm reused the result the float32 sigmoid had scored (5/9) and the leaderboard showed it."""
+    import torch
+
+    from scdm.classify.heads import MLPHead
+
+    fit_rows, score_rows = MLPHead._fit_rows, MLPHead._score_rows
+
+    def overconfident(self: MLPHead, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
+        fit_rows(self, X, rows, y)
+        line = torch.nn.Linear(1, 1)  # logit = 4 x - 2: 26 to 27.2 on the far cells
+        with torch.no_grad():
+            line.weight.fill_(4.0)
+            line.bias.fill_(-2.0)
+        self.model_, self.output_ = torch.nn.Sequential(line), "logit"
+
+    monkeypatch.setattr(MLPHead, "_fit_rows", overconfident)
+    embedding_id, custom, _ = _line_with_far_cells(st)
+    mlp = {"profile": "fast", "epochs": 1, "standardize": False, "precision": "fp32"}
+    kw = dict(embeddings=[embedding_id], scenarios=["custom"], custom=custom, by=["all"], heads=["mlp"],
+              head_params={"mlp": mlp})
+    with monkeypatch.context() as m:  # the scdm before the float64 link: its sigmoid in float32, its revision 1
+        m.setattr(MLPHead, "_score_rows", lambda self, X, rows: score_rows(self, X, rows).astype(np.float32))
+        m.setattr(MLPHead, "revision", lambda self: 1)
+        run(st, **kw)
+    (old,) = st.query("SELECT value FROM eval_results WHERE metric = 'auroc'")["value"]
+    assert old == pytest.approx(5 / 9)
+
+    summary = run(st, **kw)
+    assert (summary.n_done, summary.n_reused) == (1, 0)
+    (now,) = st.query("SELECT value FROM eval_results WHERE metric = 'auroc'")["value"]
+    assert now == pytest.approx(4 / 9, abs=1e-12)
+    assert leaderboard(st, metrics=["auroc"])["mean"].tolist() == [pytest.approx(4 / 9, abs=1e-12)]
+
+
 def test_two_runs_at_once_each_count_the_tasks_they_own(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two identical runs started together both fit every task; the first to store a task owns it and
     the other counts it as reused, so filtering by run shows what each run's counts say."""

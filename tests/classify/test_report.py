@@ -513,7 +513,7 @@ def _insert_results(st: Store, values: dict[str, list[float | None]], *, folds_e
         results += [{**task, "metric": m, "value": v[fold]} for m, v in values.items()]
     if st.query("SELECT 1 FROM eval_runs WHERE run_id = 'run1'").empty:
         st.insert_df("eval_runs", pd.DataFrame([{"run_id": "run1", "created_at": now, "status": "complete",
-                                                  "config": '{"split_scheme": "sample", "head_revisions": {"mlp": 2}}'}]))
+                                                  "config": '{"split_scheme": "sample", "head_revisions": {"mlp": 3}}'}]))
     st.insert_df("eval_tasks", pd.DataFrame(tasks))
     st.insert_df("eval_results", pd.DataFrame(results))
     if not st.query("SELECT 1 FROM split_folds WHERE split_id = ?", [split_id]).empty:
