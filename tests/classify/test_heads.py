@@ -490,3 +490,24 @@ def test_fit_rows_of_other_heads_and_of_read_only_matrices_fit_a_copy() -> None:
         mlp.predict_proba_rows(X, rows + 2)
     with pytest.raises(InputDataError, match="integer positions"):
         mlp.predict_proba_rows(X, rows.astype(float))
+
+
+def test_dann_probabilities_of_an_overconfident_net_are_not_tied() -> None:
+    """The dann head's softmax ran in float32: every cell past a logit gap of ~16.6 read exactly 1.0, so four
+    cells of gaps 26 to 27.2 tied where AUROC ranks them (as the mlp's sigmoid did before its float64 link)."""
+    import torch
+
+    from scdm.classify._transfer_model import TrainConfig, TransferNet, predict_target
+
+    net = TransferNet(1, 1, TrainConfig(hidden=(2,), latent_dim=1, predictor_hidden=()))
+    net.target_ae.encoder = torch.nn.Identity()  # the latent is the input itself
+    last = torch.nn.Linear(1, 2)
+    with torch.no_grad():  # logits (0, 4 x - 2): a gap of 26 to 27.2 on the four cells
+        last.weight.copy_(torch.tensor([[0.0], [4.0]]))
+        last.bias.copy_(torch.tensor([0.0, -2.0]))
+    net.predictor.net = torch.nn.Sequential(last)
+    X = np.array([[7.0], [7.1], [7.2], [7.3]], np.float32)
+    proba, _ = predict_target(net, X)
+    gap = 4.0 * X[:, 0].astype(np.float64) - 2.0
+    np.testing.assert_allclose(proba, 1.0 / (1.0 + np.exp(-gap)), rtol=1e-12)
+    assert len(np.unique(proba)) == 4 and get_head("dann").revision() == 2

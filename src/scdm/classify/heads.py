@@ -1104,6 +1104,7 @@ REVISION_NOTES: dict[tuple[str, int], str] = {
     ("mlp", 3): "its sigmoid ran in float32, exactly 1.0 past a logit of ~16.6, so an overconfident head's most "
                 "sensitive cells tied and AUROC/AP moved (a pooled melanoma fold: 0.696691 for 0.698529)",
     ("shuffled-label", 2): "its logreg or mlp base counted constant columns as scale 1 in the global scale",
+    ("dann", 2): "its softmax ran in float32, exactly 1.0 past a logit gap of ~16.6, tying its most confident cells",
     ("shuffled-label", 3): "its mlp base's sigmoid ran in float32, tying its most confident cells",
     ("ridge", 2): "the grid summed each split's float32 statistics about the whole space's mean, losing a "
                   "category's spread where datasets sit apart (up to 3e-2 in probability)",
