@@ -707,3 +707,20 @@ def test_a_tuned_head_names_the_way_a_new_dataset_gets_into_its_space(two_datase
     again = [scdm("--lora", how) for how in (res.variant, str(res.adapter_dir))]
     assert all(r.exit_code == 0 and "already in the store" in r.output for r in again)
     assert list(st.embeddings().query("dataset_name == 'unseen'")["variant"]) == ["frozen", res.variant]
+
+
+@pytest.mark.parametrize(("model", "trained_with"), [("tgpt", {"max_length": 64}),
+                                                     ("geneformer", {"layer": -2, "pooling": "auto", "max_length": None})])
+def test_an_adapter_of_an_older_tokenization_names_it_instead_of_asking_for_its_parameters(model, trained_with) -> None:
+    """tGPT's tie_break and Geneformer's gene_collapse joined params() (no option sets them): an adapter
+    fine-tuned before was refused with 'Use the same parameters', although the user passed the same ones."""
+    from scdm.embedding.lora_card import LoraCard
+
+    card = LoraCard(path=Path("adapter"), adapter_id="a1", tuning_id="t1", adapter_hash="h", model=model,
+                    checkpoint_hash="c", model_params={**trained_with, "seed": 0}, seed=0, split_id="s1", fold=0,
+                    scenario="pooled", category_type="all", category="all", lora={}, train={}, lora_modules=(), emb_dim=8)
+    adapter = get_adapter(model)(None, seed=0, **trained_with)
+    with pytest.raises(CheckpointError) as err:
+        card.check_base(adapter, "c")
+    assert "fine-tuned by an older scdm" in str(err.value) and "unrecorded then" in str(err.value)
+    assert "Use the same parameters" not in str(err.value) and "scdm finetune" in str(err.value)

@@ -74,6 +74,17 @@ def _files_hash(folder: Path) -> str:
     return total.hexdigest()
 
 
+def _fixed_params_changed(adapter: Adapter, params: dict[str, Any], trained: dict[str, Any]) -> list[str]:
+    """``'key: was X, now Y'`` for each differing parameter that no constructor argument sets (how the
+    model reads cells, recorded by ``params()``), which the user cannot pass to match the adapter."""
+    import inspect
+
+    settable = set(inspect.signature(type(adapter).__init__).parameters) | {"seed"}
+    return [f"{key}: {'unrecorded' if key not in trained else repr(trained[key])} then, {params.get(key)!r} now"
+            for key in sorted(set(params) | set(trained))
+            if key not in settable and canonical_json(params.get(key)) != canonical_json(trained.get(key))]
+
+
 @dataclass(frozen=True)
 class LoraCard:
     """What an adapter folder holds and what it was trained from (``scdm_adapter.json``)."""
@@ -118,10 +129,17 @@ class LoraCard:
                    "they were trained on. Pass that checkpoint, or fine-tune again on this one.")
             raise CheckpointError(msg)
         params = {**adapter.params(), "seed": adapter.seed}
-        if canonical_json(params) != canonical_json(self.model_params):
-            msg = (f"Adapter {self.adapter_id} was trained with {self.model} parameters {self.model_params}, but the model is "
-                   f"set up with {params}. Use the same parameters (they decide which layers exist and what is pooled).")
+        if canonical_json(params) == canonical_json(self.model_params):
+            return
+        fixed = _fixed_params_changed(adapter, params, self.model_params)
+        if fixed:  # no option sets them: an older scdm's model read cells otherwise (tie_break, gene_collapse)
+            msg = (f"Adapter {self.adapter_id} was fine-tuned by an older scdm, whose {self.model} made its input "
+                   f"otherwise ({'; '.join(fixed)}): its weights were tuned on other tokens, and no option brings that "
+                   "input back. Fine-tune it again with this scdm (scdm finetune), or embed without --lora.")
             raise CheckpointError(msg)
+        msg = (f"Adapter {self.adapter_id} was trained with {self.model} parameters {self.model_params}, but the model is "
+               f"set up with {params}. Use the same parameters (they decide which layers exist and what is pooled).")
+        raise CheckpointError(msg)
 
     def damage(self) -> str | None:
         """What is wrong with the folder's weight files (missing, or not the bytes the card hashed), or None."""
