@@ -994,3 +994,25 @@ def test_counts_in_the_tables_are_written_as_integers(report: Path) -> None:
                     assert row[column] == "" or row[column].isdigit(), (path.name, column, row[column])
                     checked += 1
     assert checked > 0
+
+
+def test_a_held_out_study_left_out_as_one_class_is_named_under_the_report_board(tmp_path: Path) -> None:
+    """Cross-data on three studies of JHU006, one holding sensitive cells only: the report's row read
+    'study, 3 held out ... 2/2' (complete) while its mean covers 2 of the 3 studies, and nothing on the page
+    said a study was left out (a skipped fold is no task, so the skipped-tasks section has none either)."""
+    from scdm.classify.results import NOTES
+    from scdm.embedding.runner import embed
+    from tests.jhu006 import JHU006
+
+    adata = ad.read_h5ad(JHU006)
+    third = adata.n_obs // 3
+    adata.obs["study"] = ["A"] * third + ["B"] * third + ["C"] * (adata.n_obs - 2 * third)
+    keep = (adata.obs["study"] != "C") | (adata.obs["response_Gefitinib"] == "sensitive")
+    st = Store(tmp_path / "store")
+    st.ingest(adata[keep.to_numpy()].copy(), name="jhu006_studies", label_key="response_Gefitinib", study_key="study")
+    embed(st, "jhu006_studies", "pca", n_comps=5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        evaluate(st, heads=["ridge"], by=["all"], folds=5, scenarios=["cross"], silent=True)
+    page = write_report(st, tmp_path / "report", projection="none", progress=False).read_text()
+    assert NOTES["skipped_folds"] in html.unescape(page)

@@ -69,7 +69,16 @@ from markupsafe import Markup
 from scdm.classify import _plots
 from scdm.classify._plots import CATEGORY_LABELS, METRIC_LABELS, Palette, Series
 from scdm.classify.metrics import METRICS
-from scdm.classify.results import LEADERBOARD_KEYS, metric_text, split_labels, stale_notes, stale_sql, unanswered_note_sql
+from scdm.classify.results import (
+    LEADERBOARD_KEYS,
+    NOTES,
+    has_skipped_folds,
+    metric_text,
+    split_labels,
+    stale_notes,
+    stale_sql,
+    unanswered_note_sql,
+)
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
 from scdm.store.genes import space_notes_sql
@@ -1230,7 +1239,10 @@ def _leaderboard_html(ctx: _Context, table: _Table, *, table_id: str, first: tup
                      "n_test": _int(r["n_test"])})
     scheme = ", ".join(sorted(frame["scheme"].astype(str).unique()))
     n_incomplete = int((~frame["complete"].astype(bool)).sum())
-    return _parts().leaderboard(table_id, headers, rows, scheme, n_incomplete, table.sql, table.slug)
+    # a skipped fold is no task: such a row reads complete (2/2) while its mean covers 2 of its k=3 held-out
+    # studies, so say so under the table, as `scdm results` and the page do (NOTES["skipped_folds"])
+    skipped = NOTES["skipped_folds"] if has_skipped_folds(frame) else ""
+    return _parts().leaderboard(table_id, headers, rows, scheme, n_incomplete, table.sql, table.slug, skipped)
 
 
 def _is_best(mean: Any, best: float | None) -> bool:

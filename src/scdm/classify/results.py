@@ -629,7 +629,7 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["transductive-dann"])
     if not board.empty and not board["complete"].all():
         notes.append(NOTES["incomplete"])
-    if _has_skipped_folds(board):
+    if has_skipped_folds(board):
         notes.append(NOTES["skipped_folds"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.startswith("older gene table").any():
         notes.append(NOTES["older-gene-table"])
@@ -652,7 +652,7 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
     return notes
 
 
-def _has_skipped_folds(board: pd.DataFrame) -> bool:
+def has_skipped_folds(board: pd.DataFrame) -> bool:
     """Whether a row's split has folds that are not evaluated (``folds_expected`` below ``k``).
 
     Such folds are not tasks, so the row reads complete (``3/3``) although its mean covers 3 of its k=4
