@@ -561,6 +561,29 @@ def test_a_space_of_datasets_labelled_for_different_drugs_is_said(tmp_path: Path
         train_head(st, [alone], head="ridge", label_set="Vorinostat")
 
 
+def test_one_drug_spelled_in_two_cases_is_not_called_different_drugs(tmp_path: Path) -> None:
+    """JHU006 split in two studies labelled 'Gefitinib' and 'gefitinib': evaluate and train-head warned of
+    'different drugs' and every result row was noted 'labelled for different drugs (a: Gefitinib, b: gefitinib)',
+    while scdm transfer (which the warning cites) reads drugs case-insensitively as one."""
+    from scdm.classify.grid import MixedDrugsWarning
+    from scdm.classify.trained_heads import train_head
+    from scdm.embedding.runner import embed_baseline
+
+    adata = ad.read_h5ad(DATASETS[1][1])
+    half = adata.n_obs // 2
+    st = Store(tmp_path / "store")
+    st.ingest(adata[:half].copy(), name="a", label_key="response_Gefitinib", drug="Gefitinib", study="A")
+    st.ingest(adata[half:].copy(), name="b", label_key="response_Gefitinib", drug="gefitinib", study="B")
+    joint = [r.embedding_id for r in embed_baseline(st, ["a", "b"], model="pca", n_comps=5, progress=False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedDrugsWarning)
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        evaluate(st, joint, heads=["ridge"], by=["all"], scenarios=["cross"], silent=True)
+        train_head(st, joint, head="ridge")
+    board = leaderboard(st, metrics=["auroc"])
+    assert len(board) == 1 and "different drugs" not in board["note"].iloc[0]
+
+
 def test_ridge_downdates_stay_exact_when_datasets_sit_far_apart(st: Store) -> None:
     """Datasets of a space an offset apart (20 units against columns of spread 0.05): the Gram
     statistics of each split and atom are summed about its own rows' mean, or their float32 sums lose

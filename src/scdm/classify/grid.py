@@ -201,7 +201,7 @@ def mixed_drugs(st: Store, cells: pd.DataFrame, names: list[str]) -> str | None:
     used = cells[["dataset_id", "label_set"]].drop_duplicates()
     sets = st.label_sets(names)[["dataset_id", "dataset", "name", "drug"]].rename(columns={"name": "label_set"})
     drugs = used.merge(sets, on=["dataset_id", "label_set"], how="left").dropna(subset=["drug"])
-    if drugs["drug"].nunique() < 2:
+    if drugs["drug"].str.casefold().nunique() < 2:  # one drug in two spellings is one drug, as transfer reads it
         return None
     return "; ".join(f"{r.dataset}: {r.label_set} (drug {r.drug})" for r in drugs.sort_values("dataset").itertuples())
 

@@ -171,7 +171,7 @@ def mixed_drugs_sql() -> str:
         "JOIN label_sets l ON l.dataset_id = a.dataset_id AND list_contains(string_split(k.label_set, ','), l.name) "
         "JOIN datasets d ON d.dataset_id = a.dataset_id) "
         "WHERE pick = 1 AND drug IS NOT NULL "  # the label set evaluated; one of no known drug says nothing
-        "GROUP BY split_id, label_set HAVING count(DISTINCT drug) > 1)"
+        "GROUP BY split_id, label_set HAVING count(DISTINCT lower(drug)) > 1)"  # 'PLX4720' and 'plx4720': one drug
     )
 
 
