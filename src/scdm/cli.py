@@ -1048,7 +1048,8 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
 @click.option("--backend", type=click.Choice(["openai", "ollama", "hf"]), default="openai", show_default=True,
               help="openai: any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp); ollama: an Ollama server's own API "
                    "(prompts longer than --num-ctx are refused, not cut); hf: a local model folder.")
-@click.option("--base-url", help="Endpoint, e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434 (--backend ollama). Default: OpenAI's.")
+@click.option("--base-url", help="Endpoint, e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434 (--backend ollama). "
+                   "Default: OpenAI's; with --backend ollama, http://localhost:11434.")
 @click.option("--num-ctx", type=click.IntRange(min=2), help="--backend ollama: context length to run the model with  [default: 8192]")
 @click.option("--model", "-m", help="Model name the endpoint serves (gpt-4o-mini, llama3.1:8b, ...); with --backend hf, the name shown in results.")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="Environment variable holding the API key (local endpoints need none).")

@@ -15,6 +15,8 @@ def test_help_teaches_with_a_local_endpoint() -> None:
     assert out.exit_code == 0
     assert "--backend ollama -m llama3.1:8b" in out.output and "--num-ctx" in out.output and "--dry-run" in out.output
     assert "--no-logprobs" in out.output and "--max-requests" in out.output
+    # the ollama backend's default server is Ollama's, not OpenAI's (as --help said of every backend)
+    assert "Default: OpenAI's; with --backend ollama, http://localhost:11434." in " ".join(out.output.split())
 
 
 def test_dry_run_then_run_on_real_data(tmp_path, llm) -> None:
