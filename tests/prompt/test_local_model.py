@@ -60,8 +60,8 @@ def test_local_model_end_to_end_records_p_sensitive(marker_store, tiny_llm) -> N
     assert m[m["metric"].isin(["auroc", "ap"])]["value"].notna().all()
     assert st.query("SELECT flags FROM eval_tasks")["flags"].isna().all()  # scores: no no_scores flag
     # every test cell is predicted with its own stored score (each cell is asked once, zero-shot)
-    assert sorted(np.round(st.query("SELECT proba FROM eval_predictions")["proba"], 5)) == sorted(
-        np.round(stored["p_sensitive"].astype(np.float32), 5))
+    # (as float64 since migration 15: the stored probability is the score itself)
+    assert sorted(st.query("SELECT proba FROM eval_predictions")["proba"]) == sorted(stored["p_sensitive"].astype(np.float64))
     # the scores equal a plain-transformers forward pass without the key/value cache, also for later cells
     first = requests.iloc[0]
     messages = json.loads(first["messages"])
