@@ -70,17 +70,24 @@ def test_a_head_trained_by_an_older_revision_is_not_reused(st: Store, monkeypatc
     assert train_head(st, dataset="a375", model="pca-test", head="logreg") != old
 
 
-def test_configurations_the_fix_did_not_change_keep_their_results(st: Store) -> None:
-    # per-column scaling never counted dead columns in a shared scale: revision 1, ids and results as stored
-    first = evaluate(st, heads=["logreg"], head_params={"logreg": {"standardize": True}}, scenarios=["pooled"],
-                     by=["all"], folds=3, seed=0)
-    with st.catalog.transaction() as con:
-        con.execute("UPDATE eval_runs SET config = json_object('heads', ['logreg'])")
-    assert leaderboard(st, metrics=["auroc"])["folds_done"].tolist() == [3]
-    again = evaluate(st, heads=["logreg"], head_params={"logreg": {"standardize": True}}, scenarios=["pooled"],
-                     by=["all"], folds=3, seed=0)
-    assert first.run_id != again.run_id
-    assert st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [again.run_id]).iloc[0].tolist() == [0, 3]
+@pytest.mark.parametrize(("head", "params", "previous"), [
+    ("logreg", {}, 2), ("logreg", {"standardize": True}, 1), ("ridge", {}, 2), ("lightgbm", {"n_estimators": 5}, 1),
+    ("shuffled-label", {"base": "ridge"}, 1), ("shuffled-label", {"base": "logreg"}, 2)])
+def test_results_scored_on_float32_probabilities_are_fitted_again(st: Store, monkeypatch, head, params, previous) -> None:
+    # migration 15 scores every head's probabilities in float64 (before: rounded to float32, which tied the most
+    # confident cells: a line with four far cells stored AUROC 5/9 for 4/9); only the mlp and dann revisions
+    # were raised, so the other heads' results of the float32 scoring were reused as current
+    from scdm.classify.heads import HEADS
+
+    def grid(store: Store) -> str:
+        return evaluate(store, heads=[head], head_params={head: params}, scenarios=["pooled"], by=["all"], folds=3,
+                        seed=0).run_id
+
+    with monkeypatch.context() as m:
+        m.setattr(HEADS[head], "revision", lambda self: previous, raising=False)
+        grid(st)
+    run_id = grid(st)
+    assert st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [run_id]).iloc[0].tolist() == [3, 0]
 
 
 def test_ridge_results_of_the_grid_before_its_per_split_mean_are_fitted_again(st: Store, monkeypatch, caplog) -> None:
@@ -98,7 +105,7 @@ def test_ridge_results_of_the_grid_before_its_per_split_mean_are_fitted_again(st
         con.execute("UPDATE eval_runs SET config = json_object('heads', ['ridge'])")
     with caplog.at_level("WARNING"):
         assert leaderboard(st).empty
-    assert "3 ridge tasks were fitted by an older scdm (the grid summed" in caplog.text
+    assert "3 ridge tasks were fitted by an older scdm (its probabilities were scored rounded to float32" in caplog.text
     run_id = ridge(st)
     assert st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [run_id]).iloc[0].tolist() == [3, 0]
     assert leaderboard(st, metrics=["auroc"])["folds_done"].tolist() == [3]
@@ -121,11 +128,12 @@ def test_a_head_an_older_revision_fitted_is_listed_as_such(st: Store, monkeypatc
     with st.catalog.transaction() as con:  # as an scdm before the revision column wrote it
         con.execute("UPDATE trained_heads SET revision = NULL WHERE head_id = ?", [unrecorded])
     listed = trained_heads(st).set_index("head_id")
-    assert listed.loc[old, "revision"] == 1 and listed.loc[new, "revision"] == 2
-    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg, now 2 (standardize='global'")
+    assert listed.loc[old, "revision"] == 1 and listed.loc[new, "revision"] == 3
+    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg, now 3 (its probabilities were scored")
+    assert "; and standardize='global' counted constant" in listed.loc[old, "revision_note"]
     assert listed.loc[new, "revision_note"] == ""
     assert listed.loc[unrecorded, "revision_note"].startswith("trained before scdm recorded head revisions; ridge is at "
-                                                              "revision 2 now")
+                                                              "revision 3 now")
     with TestClient(create_app(st, token=TOKEN), base_url="http://127.0.0.1:8000",
                     headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         api = {h["head_id"]: h for h in client.get("/api/heads").json()}

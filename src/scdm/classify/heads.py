@@ -182,11 +182,10 @@ class ShuffledLabelHead(BaseHead):
         return self.head_.predict_proba_rows(X, rows)
 
     def revision(self) -> int:
-        """Its base's (with the base's parameters), except a ridge base's: ridge's revision 2 fixed the
-        grid's batched folds, and this baseline fits its base one fold at a time (unchanged)."""
-        if self.base == "ridge":
-            return 1
-        return get_head(self.base, **(self.base_params or {})).revision()
+        """3, whatever its base: its probabilities are scored in float64 (before: rounded to float32, which
+        tied the most confident cells; its mlp base's sigmoid ran in float32). Revision 2 was its logreg or
+        mlp base's global scale (a ridge base, fitted one fold at a time, never needed ridge's own 2)."""
+        return 3
 
     def params_key(self) -> str:
         """Canonical JSON of the parameters, an mlp base's resolved as its own key resolves them.
@@ -502,9 +501,10 @@ class RidgeHead(BaseHead):
         self.standardize = standardize
 
     def revision(self) -> int:
-        """2: the grid sums each split's float32 statistics about that split's own mean (before: about the
-        whole space's mean, which lost a category's spread where datasets sit apart)."""
-        return 2
+        """3: its probabilities are scored and stored in float64 (before: rounded to float32, which tied
+        cells within 6e-8 of 1); 2: the grid sums each split's float32 statistics about that split's own
+        mean (before: about the whole space's mean, which lost a category's spread where datasets sit apart)."""
+        return 3
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
         shift = X[: min(len(X), 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -564,8 +564,10 @@ class LogRegHead(BaseHead):
               "standardize": [OneOf((True, False, "global"))], "warm_start": [IsType(bool)]}
 
     def revision(self) -> int:
-        """2: constant columns add 0 to the global scale (``standardize="global"``; before: scale 1)."""
-        return 2 if self.standardize == "global" else 1
+        """3: its probabilities are scored and stored in float64 (before: rounded to float32, exactly 1.0
+        past a logit of ~16.6, which tied its most confident cells), for every ``standardize``; 2: constant
+        columns add 0 to the global scale (``standardize="global"``; before: scale 1)."""
+        return 3
 
     def __init__(self, C: float = 1.0, *, max_iter: int = 200, tol: float = 1e-4,
                  standardize: bool | Literal["global"] = "global",
@@ -669,6 +671,11 @@ class LightGBMHead(BaseHead):
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             random_state=self.seed, n_jobs=self.n_jobs or -1, verbose=-1, deterministic=True,
         ).fit(X, y)
+
+    def revision(self) -> int:
+        """2: its probabilities are scored and stored in float64 (before: rounded to float32, which tied
+        cells within 6e-8 of 1)."""
+        return 2
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.model_.predict_proba(X))[:, 1]
@@ -1105,7 +1112,12 @@ REVISION_NOTES: dict[tuple[str, int], str] = {
                 "sensitive cells tied and AUROC/AP moved (a pooled melanoma fold: 0.696691 for 0.698529)",
     ("shuffled-label", 2): "its logreg or mlp base counted constant columns as scale 1 in the global scale",
     ("dann", 2): "its softmax ran in float32, exactly 1.0 past a logit gap of ~16.6, tying its most confident cells",
-    ("shuffled-label", 3): "its mlp base's sigmoid ran in float32, tying its most confident cells",
+    ("shuffled-label", 3): "its probabilities were scored rounded to float32 (its mlp base's sigmoid ran in float32), "
+                           "tying its most confident cells",
+    ("logreg", 3): "its probabilities were scored rounded to float32, exactly 1.0 past a logit of ~16.6, so its "
+                   "most confident cells tied and AUROC/AP moved",
+    ("ridge", 3): "its probabilities were scored rounded to float32, tying cells within 6e-8 of 1",
+    ("lightgbm", 2): "its probabilities were scored rounded to float32, tying cells within 6e-8 of 1",
     ("ridge", 2): "the grid summed each split's float32 statistics about the whole space's mean, losing a "
                   "category's spread where datasets sit apart (up to 3e-2 in probability)",
 }

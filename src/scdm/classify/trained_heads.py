@@ -1336,8 +1336,11 @@ def with_revision_notes(heads: pd.DataFrame) -> pd.DataFrame:
                          f"trained before scdm recorded head revisions; {row['head']} is at revision {current} now "
                          f"({REVISION_NOTES.get((str(row['head']), current), 'its numbers changed')}): train it again to be sure")
         elif int(stored) < current:
-            notes.append(f"fitted by revision {int(stored)} of {row['head']}, now {current} "
-                         f"({REVISION_NOTES.get((str(row['head']), current), 'its numbers changed')}): train it again")
+            # every fix since its revision, newest first: revision 1 of ridge missed two
+            fixes = [REVISION_NOTES[(str(row["head"]), r)] for r in range(current, int(stored), -1)
+                     if (str(row["head"]), r) in REVISION_NOTES] or ["its numbers changed"]
+            notes.append(f"fitted by revision {int(stored)} of {row['head']}, now {current} ({'; and '.join(fixes)}): "
+                         "train it again")
         else:
             notes.append("")
     return heads.assign(revision_note=notes)
