@@ -396,6 +396,26 @@ def _line_with_far_cells(st: Store) -> tuple[str, pd.DataFrame, np.ndarray]:
     return emb.embedding_id, custom, x
 
 
+def _force_overconfident_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mlp fit replaced by the line logit = 4 x - 2: 26 to 27.2 on the far cells of
+    :func:`_line_with_far_cells`, +-2 on the others."""
+    import torch
+
+    from scdm.classify.heads import MLPHead
+
+    fit_rows = MLPHead._fit_rows
+
+    def overconfident(self: MLPHead, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
+        fit_rows(self, X, rows, y)
+        line = torch.nn.Linear(1, 1)
+        with torch.no_grad():
+            line.weight.fill_(4.0)
+            line.bias.fill_(-2.0)
+        self.model_, self.output_ = torch.nn.Sequential(line), "logit"
+
+    monkeypatch.setattr(MLPHead, "_fit_rows", overconfident)
+
+
 def test_stored_metrics_are_those_of_the_stored_predictions(st: Store) -> None:
     """Metrics are scored on the probabilities as stored (float64): recomputing them from eval_predictions
     gives them back, and the far cells are not tied (as REAL they were all 1.0)."""
@@ -415,24 +435,11 @@ def test_stored_metrics_are_those_of_the_stored_predictions(st: Store) -> None:
 def test_an_overconfident_mlp_is_scored_on_its_float64_probabilities(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """An mlp whose logits pass 16.6 had a float32 sigmoid of exactly 1.0 there, stored as REAL: its
     sensitive and resistant far cells tied, and the stored AUROC was 5/9 where its own ranking gives 4/9."""
-    import torch
     from sklearn.metrics import roc_auc_score
 
-    from scdm.classify.heads import MLPHead
     from scdm.classify.metrics import compute_metrics
 
-    fit_rows = MLPHead._fit_rows
-
-    def overconfident(self: MLPHead, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
-        fit_rows(self, X, rows, y)
-        # the fitted network replaced by logit = 4 x - 2: 26 to 27.2 on the far cells, +-2 on the others
-        line = torch.nn.Linear(1, 1)
-        with torch.no_grad():
-            line.weight.fill_(4.0)
-            line.bias.fill_(-2.0)
-        self.model_, self.output_ = torch.nn.Sequential(line), "logit"
-
-    monkeypatch.setattr(MLPHead, "_fit_rows", overconfident)
+    _force_overconfident_mlp(monkeypatch)
     embedding_id, custom, x = _line_with_far_cells(st)
     mlp = {"profile": "fast", "epochs": 1, "standardize": False, "precision": "fp32"}
     run(st, embeddings=[embedding_id], scenarios=["custom"], custom=custom, by=["all"], heads=["mlp"],
@@ -451,21 +458,11 @@ def test_an_overconfident_mlp_is_scored_on_its_float64_probabilities(st: Store, 
 def test_an_mlp_result_its_float32_sigmoid_scored_is_fitted_again(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The float64 link changed the mlp's numbers (5/9 -> 4/9 here) but not its task ids: an evaluate of the
     upgraded scdm reused the result the float32 sigmoid had scored (5/9) and the leaderboard showed it."""
-    import torch
 
     from scdm.classify.heads import MLPHead
 
-    fit_rows, score_rows = MLPHead._fit_rows, MLPHead._score_rows
-
-    def overconfident(self: MLPHead, X: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
-        fit_rows(self, X, rows, y)
-        line = torch.nn.Linear(1, 1)  # logit = 4 x - 2: 26 to 27.2 on the far cells
-        with torch.no_grad():
-            line.weight.fill_(4.0)
-            line.bias.fill_(-2.0)
-        self.model_, self.output_ = torch.nn.Sequential(line), "logit"
-
-    monkeypatch.setattr(MLPHead, "_fit_rows", overconfident)
+    score_rows = MLPHead._score_rows
+    _force_overconfident_mlp(monkeypatch)
     embedding_id, custom, _ = _line_with_far_cells(st)
     mlp = {"profile": "fast", "epochs": 1, "standardize": False, "precision": "fp32"}
     kw = dict(embeddings=[embedding_id], scenarios=["custom"], custom=custom, by=["all"], heads=["mlp"],

@@ -397,12 +397,7 @@ def test_stored_labels_and_metrics_follow_the_stored_probabilities(st: Store, bu
     assert (stored[::3] == 0.5 - 1e-9).all() and (preds["label"].to_numpy()[::3] == 0).all()  # REAL made it 0.5
     np.testing.assert_array_equal(preds["label"].to_numpy(), (stored >= 0.5).astype(np.int8))
     np.testing.assert_array_equal(res.label, preds["label"].to_numpy())
-    cells = st.cells("target")
-    y = cells["response"].to_numpy(np.float64)
-    rows = cells["row"].to_numpy()[~np.isnan(y)]
-    y = y[~np.isnan(y)].astype(int)
-    metrics = dict(st.query("SELECT metric, value FROM transfer_metrics WHERE run_id = ?", [res.run_id])
-                   .itertuples(index=False, name=None))
+    rows, y, metrics = _target_truth_and_metrics(st, res.run_id)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y, stored[rows] >= 0.5), abs=1e-12)
     assert metrics["f1"] == pytest.approx(f1_score(y, stored[rows] >= 0.5), abs=1e-12)
     assert metrics["auroc"] == pytest.approx(roc_auc_score(y, stored[rows]), abs=1e-12)
@@ -453,12 +448,7 @@ def test_an_overconfident_transfer_is_stored_and_scored_on_its_float64_probabili
     labels = preds["label"].to_numpy()
     np.testing.assert_array_equal(labels, (stored >= threshold).astype(np.int8))  # the stored rule, exactly
     assert 0 < labels.sum() < len(labels)
-    cells = st.cells("target")
-    y = cells["response"].to_numpy(np.float64)
-    rows = cells["row"].to_numpy()[~np.isnan(y)]
-    y = y[~np.isnan(y)].astype(int)
-    metrics = dict(st.query("SELECT metric, value FROM transfer_metrics WHERE run_id = ?", [res.run_id])
-                   .itertuples(index=False, name=None))
+    rows, y, metrics = _target_truth_and_metrics(st, res.run_id)
     auroc = roc_auc_score(y, stored[rows])
     assert metrics["auroc"] == pytest.approx(auroc, abs=1e-12) and abs(auroc - 0.5) > 0.01  # REAL: 0.5 (all tied)
     assert auroc == pytest.approx(roc_auc_score(y, (logits[:, 1] - logits[:, 0]).numpy()[rows]), abs=1e-12)
@@ -488,6 +478,15 @@ def two_drugs(tmp_path_factory: pytest.TempPathFactory, collection: ad.AnnData) 
         store.ingest(cells, name=name, label_key="response", drug="drugA", study=study, sample_key="sample")
         store.ingest(cells, label_key="drugB", drug="drugB")
     return store
+
+
+def _target_truth_and_metrics(st: Store, run_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The labelled rows of dataset 'target', their labels, and the run's stored target metrics."""
+    cells = st.cells("target")
+    y = cells["response"].to_numpy(np.float64)
+    metrics = dict(st.query("SELECT metric, value FROM transfer_metrics WHERE run_id = ?", [run_id])
+                   .itertuples(index=False, name=None))
+    return cells["row"].to_numpy()[~np.isnan(y)], y[~np.isnan(y)].astype(int), metrics
 
 
 def _labelled(st: Store, name: str, label_set: str) -> tuple[np.ndarray, np.ndarray]:

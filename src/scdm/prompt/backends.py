@@ -113,6 +113,16 @@ def answer_schema() -> dict[str, Any]:
             "additionalProperties": False}
 
 
+def check_model_and_format(backend: str, model: str, what: str, response_format: str) -> None:
+    """Refuse a missing model name or an unknown response format, as every API backend does."""
+    if not model:
+        msg = f"--model is required with the {backend} backend: {what}."
+        raise InputDataError(msg)
+    if response_format not in RESPONSE_FORMATS:
+        msg = f"response_format={response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}."
+        raise InputDataError(msg)
+
+
 def without_password(url: str) -> str:
     """``url`` with the password of its user part masked (``http://user:***@host/v1``).
 
@@ -171,12 +181,7 @@ class OpenAIBackend(Backend):
                  api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0, seed: int | None = 0,
                  max_tokens: int = 512, response_format: str = "json_object", logprobs: bool = True,
                  top_logprobs: int = 5, timeout_s: float = 120.0) -> None:
-        if not model:
-            msg = "--model is required with the openai backend: the model name the endpoint serves (e.g. gpt-4o-mini)."
-            raise InputDataError(msg)
-        if response_format not in RESPONSE_FORMATS:
-            msg = f"response_format={response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}."
-            raise InputDataError(msg)
+        check_model_and_format("openai", model, "the model name the endpoint serves (e.g. gpt-4o-mini)", response_format)
         if not 0 <= top_logprobs <= 20:
             msg = f"top_logprobs={top_logprobs!r} must be between 0 and 20."
             raise InputDataError(msg)

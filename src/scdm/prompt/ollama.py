@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from scdm.prompt.backends import (
-    RESPONSE_FORMATS,
     Backend,
     PromptRequestError,
     Reply,
     TransientError,
     answer_schema,
+    check_model_and_format,
     without_password,
 )
 from scdm.store.errors import InputDataError
@@ -58,12 +58,7 @@ class OllamaBackend(Backend):
                  timeout_s: float = 120.0, transport: Any = None) -> None:
         import httpx
 
-        if not model:
-            msg = "--model is required with the ollama backend: the model name Ollama serves (e.g. llama3.1:8b)."
-            raise InputDataError(msg)
-        if response_format not in RESPONSE_FORMATS:
-            msg = f"response_format={response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}."
-            raise InputDataError(msg)
+        check_model_and_format("ollama", model, "the model name Ollama serves (e.g. llama3.1:8b)", response_format)
         if num_ctx <= max_tokens or max_tokens < 1 or timeout_s <= 0 or temperature < 0 or not 0 <= top_logprobs <= 20:
             msg = (f"num_ctx ({num_ctx}) must exceed max_tokens ({max_tokens}) >= 1, the timeout ({timeout_s}) be > 0, "
                    f"temperature ({temperature}) >= 0 and top_logprobs ({top_logprobs}) between 0 and 20.")
