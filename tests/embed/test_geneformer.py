@@ -250,8 +250,7 @@ def test_alias_of_a_present_gene_is_summed_like_the_reference(tmp_path, symbols)
     # the reference sums their counts (scdm used to drop the alias's counts: 9 of 30 here)
     ensembl = list(map_genes(symbols, src="symbol", dst="ensembl"))[:6]
     folder = write_tiny_checkpoint(tmp_path, genes=ensembl)
-    with (folder / "ensembl_mapping_dict_gc30M.pkl").open("rb") as handle:
-        mapping = pickle.load(handle)
+    mapping = load_gene_dictionary(folder / "ensembl_mapping_dict_gc30M.pkl")
     mapping["ENSG99999999999"] = ensembl[2]
     with (folder / "ensembl_mapping_dict_gc30M.pkl").open("wb") as handle:
         pickle.dump(mapping, handle)
