@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -208,16 +210,69 @@ def test_another_gene_key_is_other_content_and_the_name_clash_says_so(st, a375_p
 
 # ---- value kind: a few stray values in a count matrix -----------------------------------------
 
-@pytest.mark.parametrize(("value", "kind"), [(0.5, "normalized"), (-1.0, "scaled")])
-def test_a_few_stray_values_in_counts_warn_and_keep_the_detected_kind(st, value, kind):
+@pytest.mark.parametrize(("value", "kind", "advice"), [
+    (0.5, "normalized", "--x-kind counts"),
+    (-1.0, "scaled", r"1 of them is negative, which no count can be: .*correct those values"),  # --x-kind counts is refused
+])
+def test_a_few_stray_values_in_counts_warn_and_keep_the_detected_kind(st, value, kind, advice):
     from scdm.store._ingest import IngestWarning
 
     adata = make_counts_adata(sparse=False)
     adata.X[2, 3] = value
     with pytest.warns(IngestWarning, match=rf"1 of its \d+ stored values is not a non-negative integer \(e\.g\. cell "
-                                           rf"'cell2', gene '{adata.var_names[3]}': {value:g}\).*'{kind}'.*--x-kind counts"):
+                                           rf"'cell2', gene '{adata.var_names[3]}': {value:g}\).*'{kind}'.*{advice}"):
         ds = st.ingest(adata, name="stray")
     assert ds.x_kind == kind
+
+
+def _log_normalised(adata: ad.AnnData) -> ad.AnnData:
+    x = np.asarray(adata.X)
+    adata.X = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    return adata
+
+
+def _z_scored(adata: ad.AnnData) -> ad.AnnData:
+    x = np.asarray(adata.X)
+    adata.X = ((x - x.mean(axis=0)) / x.std(axis=0)).astype(np.float32)
+    return adata
+
+
+def _one_negative(adata: ad.AnnData) -> ad.AnnData:
+    adata.X[2, 3] = -1.0
+    return adata
+
+
+@pytest.mark.parametrize(("values", "given", "found"), [
+    (_log_normalised, "counts", r"(\d+) of the \1 stored values \(100\.0%\) are not whole numbers"),
+    (_z_scored, "counts", r"are negative"),
+    (_one_negative, "counts", r"1 of the \d+ stored values \(0\.\d%\) are negative \(e\.g\. cell 'cell2'.*: -1\)"),
+    (_z_scored, "normalized", r"are negative.*scGPT, tGPT and the llm"),
+])
+def test_a_given_value_kind_the_values_contradict_is_refused_and_nothing_is_written(st, values, given, found):
+    """--x-kind counts on log-normalised values was stored as counts: pca normalised and logged them again (other
+    numbers, no word), and on a negative value (z-scores, or the one stray the warning advised --x-kind counts for)
+    failed with numpy's 'array must not contain infs or NaNs'; --x-kind normalized let z-scores past the models'
+    refusal of scaled values."""
+    adata = values(make_counts_adata(sparse=False))
+    with pytest.raises(InputDataError, match=rf"--x-kind {given} does not fit these values.*{found}"):
+        st.ingest(adata, name="given", x_kind=given)
+    assert st.datasets().empty
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IngestWarning)  # the one stray negative value: tested above
+        stored = st.ingest(adata, name="given")  # detected: the stored kind cannot be rewritten to the wrong one either
+    with pytest.raises(InputDataError, match=rf"--x-kind {given} does not fit these values"):
+        st.ingest(adata, x_kind=given, update=True)
+    assert st.dataset("given").x_kind == stored.x_kind != given
+
+
+def test_a_given_value_kind_that_a_few_values_contradict_is_taken(st):
+    fraction = make_counts_adata(sparse=False)
+    fraction.X[0, 0] = 0.5  # a stray non-integer in counts: what --x-kind counts is for
+    assert st.ingest(fraction, name="counts", x_kind="counts").x_kind == "counts"
+    negative = _log_normalised(make_counts_adata(seed=1, sparse=False))
+    negative.X[0, 0] = -0.1  # one below zero in log-normalised values: not scaled
+    assert st.ingest(negative, name="normalised", x_kind="normalized").x_kind == "normalized"
+    assert st.ingest(make_counts_adata(seed=2), name="declared", x_kind="normalized").x_kind == "normalized"
 
 
 def test_no_stray_value_warning_for_normalised_data_or_a_given_kind(st, recwarn):

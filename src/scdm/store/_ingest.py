@@ -336,7 +336,9 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
 
     A matrix of non-negative integers but for a few values (at most
     :data:`STRAY_VALUE_FRACTION` of them) is still classed by those values; ``notes["stray_values"]``
-    records how many and the first one, for :func:`stray_values_message`.
+    records how many and the first one, for :func:`stray_values_message`. ``notes["negative_values"]``
+    and ``notes["fractional_values"]`` do the same for every negative and every non-integer value,
+    for :func:`check_given_x_kind`.
 
     Raises
     ------
@@ -353,6 +355,7 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
     integer = True
     nnz = 0
     stray = _StrayValues()
+    negatives, fractions = _StrayValues(), _StrayValues()  # what a given x_kind is checked against
     empty = _EmptyCells()
     for lo, block in iter_row_blocks(adata, block_rows):
         _check_finite(block, lo, gene_ids, cell_ids)
@@ -362,6 +365,8 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
         negative = negative or bool(below.any())
         integer = integer and not fraction.any()
         stray.add(block, lo, below | fraction)
+        negatives.add(block, lo, below)
+        fractions.add(block, lo, fraction)
         nnz += block.nnz
         h.update(np.diff(block.indptr).astype(np.int64).tobytes())
         h.update(block.indices.astype(np.int64).tobytes())
@@ -372,6 +377,9 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
         raise InputDataError(msg)
     kind = "scaled" if negative else ("counts" if integer else "normalized")
     notes: dict[str, Any] = {"stray_values": stray.note(gene_ids, cell_ids)} if 0 < stray.n <= STRAY_VALUE_FRACTION * nnz else {}
+    for key, found in (("negative_values", negatives), ("fractional_values", fractions)):
+        if found.n:
+            notes[key] = found.note(gene_ids, cell_ids)
     if empty.n:
         notes["empty_cells"] = {"n": empty.n, "cells": [str(cell_ids[r]) for r in empty.first]}
     return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz, notes)
@@ -440,11 +448,54 @@ def stray_values_message(scan: MatrixScan, name: str) -> str | None:
     if stray is None:
         return None
     verb = "is" if stray["n"] == 1 else "are"
-    return (f"dataset {name!r}: {stray['n']} of its {scan.nnz} stored values {verb} not a non-negative integer (e.g. cell "
+    head = (f"dataset {name!r}: {stray['n']} of its {scan.nnz} stored values {verb} not a non-negative integer (e.g. cell "
             f"{stray['cell']!r}, gene {stray['gene']!r}: {stray['value']:g}), all others are, so its values were "
-            f"classed as {scan.x_kind!r}, not counts, and pca/hvg take them as they are (no normalisation, no log). If "
-            f"they are counts with a few errors, {_again_with(option('x_kind', 'counts'))}; otherwise correct those "
-            "values in the data.")
+            f"classed as {scan.x_kind!r}, not counts, and pca/hvg take them as they are (no normalisation, no log). ")
+    negative = scan.notes.get("negative_values")
+    if negative is not None:  # no count is negative: taken as counts they make pca's log NaN and every count model refuses them
+        n = negative["n"]
+        return head + (f"{n} of them {'is' if n == 1 else 'are'} negative, which no count can be: if they are counts with "
+                       "a few errors, correct those values (e.g. adata.X[adata.X < 0] = 0 on a dense X) and ingest again.")
+    return head + (f"If they are counts with a few errors, {_again_with(option('x_kind', 'counts'))}; otherwise correct "
+                   "those values in the data.")
+
+
+def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
+    """Refuse a given value kind that the matrix's values contradict.
+
+    ``counts`` for a matrix with a negative value, or with more than :data:`STRAY_VALUE_FRACTION`
+    of its values not whole numbers (log-normalised, scaled): pca/hvg would normalise and log those
+    values again (a negative one to NaN), and every count model would read them as counts.
+    ``normalized`` for a matrix with more than that share negative (z-scored): the checks that keep
+    scaled values from the models that rank genes by expression would be passed by.
+    """
+    if given not in ("counts", "normalized"):
+        return
+    negative, fractional = scan.notes.get("negative_values"), scan.notes.get("fractional_values")
+    few = STRAY_VALUE_FRACTION * scan.nnz
+    if given == "counts" and negative is not None:
+        found, what = negative, "negative"
+    elif given == "counts" and fractional is not None and fractional["n"] > few:
+        found, what = fractional, "not whole numbers"
+    elif given == "normalized" and negative is not None and negative["n"] > few:
+        found, what = negative, "negative"
+    else:
+        return
+    detected = "" if scan.x_kind == given else f" (detected: {scan.x_kind!r})"
+    msg = (f"{option('x_kind', given)} does not fit these values{detected}: {found['n']} of the {scan.nnz} stored values "
+           f"({found['n'] / scan.nnz:.1%}) are {what} (e.g. cell {found['cell']!r}, gene {found['gene']!r}: "
+           f"{found['value']:g}). ")
+    if given == "counts":
+        msg += ("Taken as counts, pca and hvg would normalise and log them again (a negative value to NaN) and every "
+                "count model would read them as counts. Put the raw counts in X (e.g. adata.X = adata.layers['counts'] "
+                f"or adata.raw.X), or leave out {option('x_kind')} to have the kind detected.")
+        if what != "negative":
+            msg += " Estimated counts with fractions (e.g. from alevin or salmon) can be rounded first (adata.X = np.rint(adata.X))."
+    else:
+        msg += ("Values that are negative this often are scaled (z-scores): scGPT, tGPT and the llm rank genes by "
+                "expression and refuse scaled values, but would rank these deviations from the mean. Leave out "
+                f"{option('x_kind')} to have the kind detected, or give {option('x_kind', 'scaled')}.")
+    raise InputDataError(msg)
 
 
 def _again_with(setting: str) -> str:

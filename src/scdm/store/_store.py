@@ -807,6 +807,7 @@ class Store:
         default_study = name or (Path(source).stem if source else None)
         cells = _ingest.cell_table(adata, opts, default_study=default_study or "dataset")  # label problems surface before the long scan
         scan = _ingest.scan_matrix(adata, gene_ids, cell_ids)
+        _ingest.check_given_x_kind(opts.x_kind, scan)  # before anything is written, stored content or new
         existing = self.query("SELECT dataset_id FROM datasets WHERE content_hash = ?", [scan.content_hash])
         if len(existing):
             return self._ingest_again(self.dataset(str(existing["dataset_id"].iloc[0])), cells, opts, update=update,
