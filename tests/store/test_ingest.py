@@ -265,6 +265,25 @@ def test_a_given_value_kind_the_values_contradict_is_refused_and_nothing_is_writ
     assert st.dataset("given").x_kind == stored.x_kind != given
 
 
+def test_a_few_negative_values_in_normalised_data_warn_that_they_made_it_scaled(st):
+    """Log-normalised values with one value below zero were classed 'scaled' without a word: scGPT/tGPT/llm then
+    refused them, transfer picked the target's genes by variance (4 of 10 others than by dispersion on such data)
+    and prompts read the values as deviations from the mean."""
+    adata = _log_normalised(make_counts_adata(sparse=False))
+    adata.X[2, 3] = -0.01
+    with pytest.warns(IngestWarning, match=rf"'lognorm': 1 of its \d+ stored values is negative \(e\.g\. cell 'cell2', "
+                                           rf"gene '{adata.var_names[3]}': -0\.01\), all others are not, so its values "
+                                           r"were classed as 'scaled'.*--x-kind normalized --update"):
+        ds = st.ingest(adata, name="lognorm")
+    assert ds.x_kind == "scaled"
+    assert st.ingest(adata, x_kind="normalized", update=True).x_kind == "normalized"  # what the warning advises is taken
+
+
+def test_no_stray_negative_warning_for_z_scores(st, recwarn):
+    assert st.ingest(_z_scored(make_counts_adata(sparse=False)), name="z").x_kind == "scaled"
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+
+
 def test_a_given_value_kind_that_a_few_values_contradict_is_taken(st):
     fraction = make_counts_adata(sparse=False)
     fraction.X[0, 0] = 0.5  # a stray non-integer in counts: what --x-kind counts is for

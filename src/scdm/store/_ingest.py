@@ -443,10 +443,10 @@ def empty_cells_message(scan: MatrixScan, name: str) -> str | None:
 
 
 def stray_values_message(scan: MatrixScan, name: str) -> str | None:
-    """The warning for a count matrix that a few stray values made look normalised or scaled (else None)."""
+    """The warning for a count or normalised matrix that a few stray values made look normalised or scaled (else None)."""
     stray = scan.notes.get("stray_values")
     if stray is None:
-        return None
+        return _stray_negatives_message(scan, name)
     verb = "is" if stray["n"] == 1 else "are"
     head = (f"dataset {name!r}: {stray['n']} of its {scan.nnz} stored values {verb} not a non-negative integer (e.g. cell "
             f"{stray['cell']!r}, gene {stray['gene']!r}: {stray['value']:g}), all others are, so its values were "
@@ -458,6 +458,24 @@ def stray_values_message(scan: MatrixScan, name: str) -> str | None:
                        "a few errors, correct those values (e.g. adata.X[adata.X < 0] = 0 on a dense X) and ingest again.")
     return head + (f"If they are counts with a few errors, {_again_with(option('x_kind', 'counts'))}; otherwise correct "
                    "those values in the data.")
+
+
+def _stray_negatives_message(scan: MatrixScan, name: str) -> str | None:
+    """The warning for normalised values that a few negative ones (at most :data:`STRAY_VALUE_FRACTION`) made 'scaled'.
+
+    Taken as z-scores, scGPT, tGPT and the llm refuse them, transfer ranks the target's genes by variance
+    instead of by dispersion on log data, and prompts read them as deviations from the mean.
+    """
+    negative = scan.notes.get("negative_values")
+    if scan.x_kind != "scaled" or negative is None or negative["n"] > STRAY_VALUE_FRACTION * scan.nnz:
+        return None
+    n = negative["n"]
+    return (f"dataset {name!r}: {n} of its {scan.nnz} stored values {'is' if n == 1 else 'are'} negative (e.g. cell "
+            f"{negative['cell']!r}, gene {negative['gene']!r}: {negative['value']:g}), all others are not, so its values "
+            "were classed as 'scaled' (z-scores), although the rest look like normalised values: scGPT, tGPT and the llm "
+            "refuse scaled values, transfer ranks its genes by variance instead of by dispersion, and prompts read its "
+            f"values as deviations from the mean. If they are normalised values with a few errors, "
+            f"{_again_with(option('x_kind', 'normalized'))}; otherwise correct those values in the data.")
 
 
 def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
