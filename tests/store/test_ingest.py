@@ -284,6 +284,25 @@ def test_no_stray_negative_warning_for_z_scores(st, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
 
 
+def test_counts_with_fractions_warn_that_they_are_taken_as_they_are(st, recwarn):
+    """Counts with fractions (here counts x 0.7..1.0, as ambient-RNA correction leaves them) were classed 'normalized'
+    without a word, and pca/hvg took them as they are: no depth normalisation, no log."""
+    adata = make_counts_adata(sparse=False)
+    rng = np.random.default_rng(0)
+    depth = np.linspace(1.0, 4.0, adata.n_obs)[:, None]
+    adata.X = (rng.poisson(30.0 * depth, adata.shape) * rng.uniform(0.7, 1.0, adata.shape)).astype(np.float32)
+    with pytest.warns(IngestWarning, match=r"'fractional': its values are not whole numbers, so they were classed as "
+                                           r"'normalized', but they are neither logged \(the largest is \d+.*\) nor "
+                                           r"normalised per cell \(the cells' totals range from \d+.* to \d+.*\).*np\.rint"):
+        assert st.ingest(adata, name="fractional").x_kind == "normalized"
+    recwarn.clear()
+    x = np.asarray(adata.X)
+    adata.X = (x / x.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)  # normalised per cell, not logged: no warning
+    assert st.ingest(adata, name="cp10k").x_kind == "normalized"
+    assert st.ingest(_log_normalised(make_counts_adata(seed=1, sparse=False)), name="log").x_kind == "normalized"
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+
+
 def test_a_given_value_kind_that_a_few_values_contradict_is_taken(st):
     fraction = make_counts_adata(sparse=False)
     fraction.X[0, 0] = 0.5  # a stray non-integer in counts: what --x-kind counts is for

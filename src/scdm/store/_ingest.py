@@ -49,6 +49,14 @@ about: a matrix of two id kinds (Ensembl ids for some genes, symbols for others)
 and no model finds the genes of the other (a few spike-ins or unnamed genes stay below it)."""
 
 
+LOG_VALUE_MAX = 30.0
+"""A log-transformed expression value above this is not met in practice (ln(1 + 10^13)); a matrix of
+non-integers with larger values holds values on the count scale, not logged."""
+
+UNEQUAL_TOTALS = 2.0
+"""Cells' totals differing by more than this factor were not normalised to one total."""
+
+
 STRAY_VALUE_FRACTION = 0.01
 """Up to this share of a matrix's stored values not being non-negative integers is warned about as
 likely errors in a count matrix (a normalised or scaled matrix has far more such values)."""
@@ -357,10 +365,12 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
     stray = _StrayValues()
     negatives, fractions = _StrayValues(), _StrayValues()  # what a given x_kind is checked against
     empty = _EmptyCells()
+    totals = _CellTotals()
     for lo, block in iter_row_blocks(adata, block_rows):
         _check_finite(block, lo, gene_ids, cell_ids)
         block.eliminate_zeros()
         empty.add(block, lo)
+        totals.add(block)
         below, fraction = block.data < 0, block.data != np.round(block.data)
         negative = negative or bool(below.any())
         integer = integer and not fraction.any()
@@ -380,6 +390,8 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
     for key, found in (("negative_values", negatives), ("fractional_values", fractions)):
         if found.n:
             notes[key] = found.note(gene_ids, cell_ids)
+    if kind == "normalized" and totals.count_like():
+        notes["count_like"] = {"max": totals.max_value, "total_min": totals.low, "total_max": totals.high}
     if empty.n:
         notes["empty_cells"] = {"n": empty.n, "cells": [str(cell_ids[r]) for r in empty.first]}
     return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz, notes)
@@ -415,6 +427,26 @@ class _StrayValues:
         assert self.first is not None  # n > 0
         row, col, value = self.first
         return {"n": self.n, "cell": str(cell_ids[row]), "gene": str(gene_ids[col]), "value": value}
+
+
+@dataclass
+class _CellTotals:
+    """The largest value and the smallest and largest total of the cells that hold any."""
+
+    max_value: float = -np.inf
+    low: float = np.inf
+    high: float = -np.inf
+
+    def add(self, block: sp.csr_matrix) -> None:
+        if not block.nnz:
+            return
+        self.max_value = max(self.max_value, float(block.data.max()))
+        sums = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()[np.diff(block.indptr) > 0]
+        self.low, self.high = min(self.low, float(sums.min())), max(self.high, float(sums.max()))
+
+    def count_like(self) -> bool:
+        """Values on the count scale (not logged) whose cells were not normalised to one total."""
+        return self.max_value > LOG_VALUE_MAX and self.low > 0 and self.high > UNEQUAL_TOTALS * self.low
 
 
 @dataclass
@@ -458,6 +490,25 @@ def stray_values_message(scan: MatrixScan, name: str) -> str | None:
                        "a few errors, correct those values (e.g. adata.X[adata.X < 0] = 0 on a dense X) and ingest again.")
     return head + (f"If they are counts with a few errors, {_again_with(option('x_kind', 'counts'))}; otherwise correct "
                    "those values in the data.")
+
+
+def count_like_message(scan: MatrixScan, name: str) -> str | None:
+    """The warning for non-integer values that are neither logged nor normalised per cell (else None).
+
+    Counts with fractions (ambient-RNA corrected, EM-estimated by alevin or salmon) are classed as
+    normalised, and pca/hvg take normalised values as they are: the cells' sequencing depth and the
+    unlogged scale would then shape the embedding.
+    """
+    found = scan.notes.get("count_like")
+    if found is None:
+        return None
+    return (f"dataset {name!r}: its values are not whole numbers, so they were classed as 'normalized', but they are "
+            f"neither logged (the largest is {found['max']:g}; log-normalised values stay below {LOG_VALUE_MAX:g}) nor "
+            f"normalised per cell (the cells' totals range from {found['total_min']:g} to {found['total_max']:g}): counts "
+            "with fractions (ambient-RNA corrected, or estimated by alevin or salmon)? pca and hvg take normalised values "
+            "as they are, so each cell's depth and the unlogged scale shape the embedding, and the foundation models "
+            "refuse them. If they are counts, round them (adata.X = np.rint(adata.X)) and ingest that; if they are "
+            "normalised, log them (scanpy.pp.log1p) first.")
 
 
 def _stray_negatives_message(scan: MatrixScan, name: str) -> str | None:
