@@ -435,6 +435,19 @@ def test_symbols_written_like_mouse_genes_warn_that_they_are_read_as_human(st, r
     assert not [w for w in recwarn if "mouse" in str(w.message)]
 
 
+def test_symbols_a_spreadsheet_made_dates_warn_that_no_model_finds_them(st, recwarn):
+    """'1-Mar', '2-Sep' (MARCH1, SEPT2 read as dates by Excel) were stored as symbols of no gene without a word."""
+    adata = make_counts_adata()
+    adata.var_names = [*adata.var_names[:-4], "1-Mar", "2-Sep", "Sep-7", "APR-1"]  # APR-1: an alias of a gene
+    with pytest.warns(IngestWarning, match=r"'dates': 3 of its 40 gene ids are dates \(e\.g\. '1-Mar', '2-Sep', "
+                                           r"'Sep-7'\).*no model finds those genes.*Restore the symbols"):
+        st.ingest(adata, name="dates")
+    recwarn.clear()
+    adata.var_names = [*adata.var_names[:-4], "MARCHF1", "SEPTIN2", "SEPT7", "APR-1"]
+    st.ingest(adata, name="restored")
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+
+
 def test_a_study_column_with_gaps_is_refused_and_nothing_is_written(st):
     # cells without a study fell back to the dataset id as their study: cross-data then held
     # out those few cells as a study of their own (6 of SCC47's 120 cells scored as study

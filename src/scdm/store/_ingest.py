@@ -586,6 +586,31 @@ def mixed_gene_ids_message(gene_ids: np.ndarray, kind: GeneIdKind, name: str) ->
             f"column of symbols with {option('gene_key', 'COLUMN')}) and ingest again.")
 
 
+_EXCEL_DATE = re.compile(r"^(\d{1,2}-(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)|"
+                         r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)-\d{1,2})$", re.IGNORECASE)
+
+
+def excel_dates_message(gene_ids: np.ndarray, kind: GeneIdKind, name: str) -> str | None:
+    """The warning for symbols that a spreadsheet turned into dates (``1-Mar``, ``2-Sep``), else None.
+
+    Excel reads MARCH1, SEPT2 or DEC1 as dates and writes them back as ``1-Mar``, ``2-Sep``, ``1-Dec``;
+    such an id matches no gene, so no model reads those genes (SEPTIN2, SEPTIN7 and SEPTIN9 among them).
+    """
+    if kind != "symbol":
+        return None
+    dates = [str(g) for g in gene_ids if _EXCEL_DATE.match(str(g))]
+    if dates:  # a few aliases look like dates (APR-1, Oct-2) and do name a gene
+        dates = [g for g, entrez in zip(dates, map_genes(dates, src="symbol", dst="entrez")) if entrez is None]
+    if not dates:
+        return None
+    n = len(dates)
+    return (f"dataset {name!r}: {n} of its {len(gene_ids)} gene ids {'is a date' if n == 1 else 'are dates'} (e.g. "
+            f"{', '.join(map(repr, dates[:3]))}), as a spreadsheet program writes the symbols MARCH1, SEPT2 or DEC1 "
+            "(now MARCHF1, SEPTIN2, DELEC1) after reading them as dates: no model finds those genes, and their expression "
+            "is left out of every embedding. Restore the symbols from the source of the matrix (e.g. its genes.tsv) and "
+            "ingest again.")
+
+
 MOUSE_STYLE_FRACTION = 0.5
 """More than this share of a symbol dataset's genes written like mouse symbols (``Actb``) is warned about."""
 

@@ -853,6 +853,8 @@ class Store:
             warnings.warn(empty, _ingest.IngestWarning, stacklevel=3)
         if (mixed := _ingest.mixed_gene_ids_message(gene_ids, kind, name)) is not None:
             warnings.warn(mixed, _ingest.IngestWarning, stacklevel=3)
+        if (dates := _ingest.excel_dates_message(gene_ids, kind, name)) is not None:
+            warnings.warn(dates, _ingest.IngestWarning, stacklevel=3)
         if (mouse := _ingest.mouse_symbols_message(gene_ids, kind, name)) is not None:
             warnings.warn(mouse, _ingest.IngestWarning, stacklevel=3)
         if par_y is not None:
