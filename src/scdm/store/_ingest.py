@@ -49,8 +49,9 @@ about: a matrix of two id kinds (Ensembl ids for some genes, symbols for others)
 and no model finds the genes of the other (a few spike-ins or unnamed genes stay below it)."""
 
 
-LOG_VALUE_MAX = 30.0
-"""A log-transformed expression value above this is not met in practice (ln(1 + 10^13)); a matrix of
+LOG_VALUE_MAX = 50.0
+"""A log-transformed expression value above this is not met in practice (log1p of 1e4-normalised counts
+stays below 10; transfer takes log1p of normalised values above the same bound): a matrix of
 non-integers with larger values holds values on the count scale, not logged."""
 
 UNEQUAL_TOTALS = 2.0
@@ -390,8 +391,8 @@ def scan_matrix(adata: ad.AnnData, gene_ids: np.ndarray, cell_ids: np.ndarray, *
     for key, found in (("negative_values", negatives), ("fractional_values", fractions)):
         if found.n:
             notes[key] = found.note(gene_ids, cell_ids)
-    if kind == "normalized" and totals.count_like():
-        notes["count_like"] = {"max": totals.max_value, "total_min": totals.low, "total_max": totals.high}
+    if kind == "normalized" and totals.max_value > LOG_VALUE_MAX:
+        notes["unlogged"] = {"max": totals.max_value, "total_min": totals.low, "total_max": totals.high}
     if empty.n:
         notes["empty_cells"] = {"n": empty.n, "cells": [str(cell_ids[r]) for r in empty.first]}
     return MatrixScan(h.hexdigest(), kind, x_format_of(adata), adata.n_obs, adata.n_vars, nnz, notes)
@@ -444,9 +445,6 @@ class _CellTotals:
         sums = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()[np.diff(block.indptr) > 0]
         self.low, self.high = min(self.low, float(sums.min())), max(self.high, float(sums.max()))
 
-    def count_like(self) -> bool:
-        """Values on the count scale (not logged) whose cells were not normalised to one total."""
-        return self.max_value > LOG_VALUE_MAX and self.low > 0 and self.high > UNEQUAL_TOTALS * self.low
 
 
 @dataclass
@@ -492,23 +490,27 @@ def stray_values_message(scan: MatrixScan, name: str) -> str | None:
                    "those values in the data.")
 
 
-def count_like_message(scan: MatrixScan, name: str) -> str | None:
-    """The warning for non-integer values that are neither logged nor normalised per cell (else None).
+def unlogged_message(scan: MatrixScan, name: str) -> str | None:
+    """The warning for non-integer values that are not logged (else None), counts with fractions among them.
 
-    Counts with fractions (ambient-RNA corrected, EM-estimated by alevin or salmon) are classed as
-    normalised, and pca/hvg take normalised values as they are: the cells' sequencing depth and the
-    unlogged scale would then shape the embedding.
+    pca and hvg take normalised values as they are: unlogged, the few most expressed genes dominate
+    the embedding, and where the cells were not normalised to one total (counts with fractions:
+    ambient-RNA corrected, EM-estimated by alevin or salmon) so does each cell's depth.
     """
-    found = scan.notes.get("count_like")
+    found = scan.notes.get("unlogged")
     if found is None:
         return None
-    return (f"dataset {name!r}: its values are not whole numbers, so they were classed as 'normalized', but they are "
-            f"neither logged (the largest is {found['max']:g}; log-normalised values stay below {LOG_VALUE_MAX:g}) nor "
-            f"normalised per cell (the cells' totals range from {found['total_min']:g} to {found['total_max']:g}): counts "
-            "with fractions (ambient-RNA corrected, or estimated by alevin or salmon)? pca and hvg take normalised values "
-            "as they are, so each cell's depth and the unlogged scale shape the embedding, and the foundation models "
-            "refuse them. If they are counts, round them (adata.X = np.rint(adata.X)) and ingest that; if they are "
-            "normalised, log them (scanpy.pp.log1p) first.")
+    head = (f"dataset {name!r}: its values are not whole numbers, so they were classed as 'normalized', but they are not "
+            f"logged (the largest is {found['max']:g}; log-normalised values stay below {LOG_VALUE_MAX:g})")
+    if found["total_max"] > UNEQUAL_TOTALS * found["total_min"]:
+        return head + (f" nor normalised per cell (the cells' totals range from {found['total_min']:g} to "
+                       f"{found['total_max']:g}): counts with fractions (ambient-RNA corrected, or estimated by alevin or "
+                       "salmon)? pca and hvg take normalised values as they are, so each cell's depth and the unlogged "
+                       "scale shape the embedding, and the foundation models refuse them. If they are counts, round them "
+                       "(adata.X = np.rint(adata.X)) and ingest that; if they are normalised, log them "
+                       "(scanpy.pp.log1p) first.")
+    return head + (". pca and hvg take normalised values as they are, so the few most expressed genes dominate the "
+                   "embedding. Log them first (scanpy.pp.log1p(adata)) and ingest that.")
 
 
 def _stray_negatives_message(scan: MatrixScan, name: str) -> str | None:

@@ -847,8 +847,8 @@ class Store:
         logger.info("ingested %s: %d cells x %d genes (%s, %s ids)", name, scan.n_cells, scan.n_genes, x_kind, kind)
         if opts.x_kind is None and (stray := _ingest.stray_values_message(scan, name)) is not None:
             warnings.warn(stray, _ingest.IngestWarning, stacklevel=3)  # points at the ingest() call
-        if opts.x_kind is None and (count_like := _ingest.count_like_message(scan, name)) is not None:
-            warnings.warn(count_like, _ingest.IngestWarning, stacklevel=3)
+        if opts.x_kind is None and (unlogged := _ingest.unlogged_message(scan, name)) is not None:
+            warnings.warn(unlogged, _ingest.IngestWarning, stacklevel=3)
         if (empty := _ingest.empty_cells_message(scan, name)) is not None:
             warnings.warn(empty, _ingest.IngestWarning, stacklevel=3)
         if (mixed := _ingest.mixed_gene_ids_message(gene_ids, kind, name)) is not None:
