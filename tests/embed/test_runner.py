@@ -190,6 +190,16 @@ def test_joint_baseline_shares_one_space_and_accepts_scaled_data(st, pc9):
     assert np.isfinite(_emb(st, solo)).all()
 
 
+def test_a_dataset_given_twice_is_fitted_once(st, pc9):
+    # by name and by id (or a server upload equal to a training dataset): its cells weighed double in
+    # the fit, whose std and components moved (max |diff| 0.013), and the embedding became another
+    # space (fit_datasets listing the dataset twice) than the PCA fitted on the dataset once
+    (once,) = embed_baseline(st, [pc9.name], model="pca", n_hvg=300, n_comps=5, progress=False)
+    twice = embed_baseline(st, [pc9.name, pc9.dataset_id], model="pca", n_hvg=300, n_comps=5, progress=False)
+    assert [r.embedding_id for r in twice] == [once.embedding_id] * 2
+    assert len(st.embeddings()) == 1
+
+
 def test_hvg_cut_inside_a_tie_of_z_scored_genes_is_said(st, pc9):
     # the bundled A375 is z-scored per gene on its 108 cells: all 2873 genes have variance 1 +- 3e-6,
     # so "the 2000 most variable" were picked by rounding noise, silently

@@ -775,13 +775,19 @@ def embed_baseline(
     are fitted on their shared genes and all embeddings share one ``space_id``, so the CPU stage
     may pool them. Already complete embeddings whose chunks all match their checksums are returned
     without refitting; damaged chunks (see :func:`complete_and_intact`) are recomputed, and only those.
+    A dataset given more than once is fitted once; the result has one entry per dataset given.
     """
     check_embed_options(chunk_rows=chunk_rows, n_hvg=n_hvg, n_comps=n_comps if model == "pca" else None, target_sum=target_sum)
     st = open_store(store)
-    infos = [st.dataset(d) for d in datasets]
-    if not infos:
+    given = [st.dataset(d) for d in datasets]
+    if not given:
         msg = "No dataset given to embed."
         raise InputDataError(msg)
+    # a dataset named twice (by name and by id, or an upload equal to a training dataset) is fitted
+    # once: counted twice, its cells would weigh double in the fit, and the space would be another one
+    infos = list({i.dataset_id: i for i in given}.values())
+    if len(infos) < len(given):
+        logger.info("%s: %d dataset(s) given more than once are fitted once", model, len(given) - len(infos))
     fit_key = sorted(i.content_hash for i in infos)
     base_params = {"n_hvg_requested": n_hvg, "target_sum": target_sum, "normalized": normalized, "fit_datasets": fit_key, "gene_table": gene_table_version()}
     if model == "pca":
@@ -795,18 +801,18 @@ def embed_baseline(
     done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
             for f, i, ok in zip(found, infos, intact) if ok}
     if len(done) == len(infos):
-        return [done[i.dataset_id] for i in infos]
+        return [done[i.dataset_id] for i in given]
     t0 = time.perf_counter()
     in_fit_order = sorted(infos, key=lambda i: i.content_hash)  # the same fit for any order the datasets are given in
     fit = baselines.fit_baseline(st, [i.dataset_id for i in in_fit_order], model=model, n_hvg=n_hvg, n_comps=n_comps,
                                  target_sum=target_sum, normalized=normalized)
     fit_s = time.perf_counter() - t0
-    results = []
     _reset_peak_rss()
     for info in infos:
         # a joint fit is refitted for one damaged member; the intact ones are left as they are
-        results.append(done.get(info.dataset_id) or _write_baseline(st, info, fit, base_params, chunk_rows, fit_s, progress))
-    return results
+        if info.dataset_id not in done:
+            done[info.dataset_id] = _write_baseline(st, info, fit, base_params, chunk_rows, fit_s, progress)
+    return [done[i.dataset_id] for i in given]
 
 
 def _write_baseline(st: Store, info: Any, fit: baselines.BaselineFit, params: dict[str, Any], chunk_rows: int | None, fit_s: float, progress: bool) -> EmbedResult:
