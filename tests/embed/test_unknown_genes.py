@@ -52,6 +52,24 @@ def test_cells_expressing_no_known_gene_are_refused_or_kept_when_allowed(model, 
     assert audit["cells_without_known_genes"] == 2 and audit["cells_without_expressed_genes"] == 0
 
 
+def test_an_embedding_kept_with_allow_empty_cells_is_not_returned_to_a_run_without_it(unknown_only, tmp_path):
+    # allow_empty_cells is not part of the identity: a later run without it found the stored embedding
+    # and returned its 2 cells of <cls><eos> alone (one shared, non-zero vector) silently, where
+    # computing it refuses them
+    path, vocabulary = unknown_only
+    from scdm.embedding.models.geneformer import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", genes=vocabulary, seed=1, version=2)
+    st = Store(tmp_path / "store")
+    name = st.ingest(path).name
+    kept = embed(st, name, "geneformer", checkpoint, batch_size=4, progress=False, allow_empty_cells=True)
+    with pytest.raises(InputDataError, match=rf"embedding {kept.embedding_id} was made with allow_empty_cells .*\(2 cells express "
+                                             r"no gene the model knows\)\. Pass --allow-empty-cells"):
+        embed(st, name, "geneformer", checkpoint, batch_size=4, progress=False)
+    again = embed(st, name, "geneformer", checkpoint, batch_size=4, progress=False, allow_empty_cells=True)
+    assert (again.embedding_id, again.computed_chunks) == (kept.embedding_id, 0)
+
+
 def test_stored_zeros_at_known_genes_do_not_count_as_expressed() -> None:
     from scdm.embedding._adapter import check_cells_known
 

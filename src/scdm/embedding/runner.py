@@ -523,6 +523,8 @@ def embed(
     if existing is not None and complete_and_intact(st, existing):
         # the gene thresholds guard a stored embedding as they guard a new one (they are not part of its identity)
         _require_stored_matches(st, existing.embedding_id, model, min_genes=min_genes, min_fraction=min_gene_fraction)
+        if not allow_empty_cells:
+            _refuse_stored_empty_cells(st, existing.embedding_id, model)
         logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
         return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
     check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts,
@@ -600,6 +602,31 @@ def _require_stored_matches(st: Store, embedding_id: str, model: str, *, min_gen
     require_matches(GeneAudit(n_input_genes=int(audit["n_input_genes"]), n_matched=int(audit["n_matched"]),
                               unmatched_examples=tuple(audit.get("unmatched_examples") or ())),
                     model, min_genes=min_genes, min_fraction=min_fraction)
+
+
+EMPTY_CELL_WORDS = {"cells_without_expressed_genes": "cells express no gene", "cells_without_known_genes": "cells express no gene the model knows",
+                    "zero_rows": "cells have an all-zero vector"}
+"""Audit counts of cells a run keeps only with allow_empty_cells (otherwise it refuses them), in words."""
+
+
+def _refuse_stored_empty_cells(st: Store, embedding_id: str, model: str) -> None:
+    """Refuse a stored embedding whose audit counts cells kept with ``allow_empty_cells`` when this call does not allow them.
+
+    ``allow_empty_cells`` is not part of the identity, so a run without it found the embedding an
+    earlier run made with it and returned its fake cells (all zeros, or one shared vector) silently,
+    where computing it would have refused them.
+    """
+    frame = st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [embedding_id])
+    raw = frame["audit"].iloc[0] if len(frame) else None
+    audit = json.loads(raw) if isinstance(raw, str) else {}
+    counts = {key: int(audit.get(key) or 0) for key in EMPTY_CELL_WORDS}
+    if not any(counts.values()):
+        return
+    found = ", ".join(f"{n} {EMPTY_CELL_WORDS[key]}" for key, n in counts.items() if n)
+    msg = (f"The stored {model} embedding {embedding_id} was made with allow_empty_cells and keeps cells its embedding says "
+           f"nothing about ({found}). Pass --allow-empty-cells (allow_empty_cells=True) to use it as it is, or filter such "
+           "cells out (e.g. scanpy.pp.filter_cells(adata, min_genes=200)) and ingest again.")
+    raise InputDataError(msg)
 
 
 GPU_BATCH_FACTOR = 8
