@@ -265,6 +265,10 @@ def test_non_count_data_is_refused_unless_allowed(tmp_path):
     with pytest.warns(ScdmWarning, match="expects raw counts"):
         result = embed(st, "d", "toy-test", ckpt, progress=False, allow_non_counts=True)
     assert st.embedding(result.embedding_id).status == "complete"
+    # allow_non_counts is not part of the identity: a run without it was handed the stored embedding of
+    # the log1p values (computed_chunks 0), where computing it refuses them
+    with pytest.raises(InputDataError, match=r"expects raw counts.*holds normalized values.*--allow-non-counts"):
+        embed(st, "d", "toy-test", ckpt, progress=False)
 
 
 def test_cells_without_expressed_genes_are_refused_before_any_work(tmp_path):

@@ -519,6 +519,10 @@ def embed(
         lora.check_base(adapter, ckpt_hash)  # before loading: a mismatch fails fast
         params["lora"] = lora.embedding_params()
         variant = {"adapter_hash": lora.adapter_hash, "variant": lora.variant}
+    # before a stored embedding is returned too: allow_non_counts is not part of its identity, and one made
+    # with it from normalised values must not reach a run that did not ask for it
+    check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts,
+                     ranks_expression=getattr(adapter, "ranks_expression", False))
     existing = st.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=ckpt_hash, **variant)
     if existing is not None and complete_and_intact(st, existing):
         # the gene thresholds guard a stored embedding as they guard a new one (they are not part of its identity)
@@ -527,8 +531,6 @@ def embed(
             _refuse_stored_empty_cells(st, existing.embedding_id, model)
         logger.info("%s embedding of %s exists (%s); nothing to compute", model, ds.name, existing.embedding_id)
         return EmbedResult(existing.embedding_id, ds.name, model, existing.dim, existing.n_cells, 0, "complete")
-    check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts,
-                     ranks_expression=getattr(adapter, "ranks_expression", False))
     n_empty = count_empty_cells(st, ds.dataset_id, model, allow_empty_cells=allow_empty_cells)
     if ray_exec is not None:
         job = ray_exec.RayEmbedJob(
