@@ -548,6 +548,56 @@ def test_lora_rows_are_scored_by_the_shared_metrics(gf_store):
     assert not hasattr(ft, "_fold_metrics")  # no second implementation of the metrics
 
 
+def test_a_lora_head_an_older_scdm_scored_in_float32_is_scored_again_not_reused(gf_store, monkeypatch):
+    # 3b6c41f moved the lora-mlp softmax to float64 but kept its task ids: a fold an older scdm had scored in
+    # float32 (an overconfident tuned head: 13 of 19 test cells exactly 1.0, AUROC 0.845 for its own 0.917) was
+    # reused by `scdm finetune` (reused, same task id) and shown by the leaderboard as current
+    from scdm.classify.results import stale_notes
+
+    st, ckpt = gf_store
+    real_train = ft.train_lora
+
+    def overconfident(*args, **kwargs):
+        trained = real_train(*args, **kwargs)
+        with torch.no_grad():
+            trained.head[-1].weight.mul_(100)
+            trained.head[-1].bias.mul_(100)
+        return trained
+
+    def float32_softmax(store, card, head, embeddings, test):  # the older scdm's scoring
+        proba = np.empty(len(test), np.float32)
+        for dataset_id, group in test.groupby("dataset_id", sort=True):
+            x = store.read_embedding(embeddings[str(dataset_id)], rows=group["row"].to_numpy(np.int64))
+            with torch.inference_mode():
+                proba[group.index.to_numpy()] = torch.softmax(head(torch.from_numpy(x)).float(), dim=1)[:, 1].numpy()
+        return proba
+
+    monkeypatch.setattr(ft, "train_lora", overconfident)
+    monkeypatch.setattr(ft, "_head_predictions", float32_softmax)
+    monkeypatch.setattr(ft, "_REVISION", 1, raising=False)  # it recorded no revision: read as 1
+    (old,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    monkeypatch.undo()
+    n_tied = int((st.query("SELECT proba FROM eval_predictions")["proba"] == 1).sum())
+    assert n_tied >= 2  # tied at exactly 1.0
+    assert leaderboard(st, metrics=["auroc"], heads=[LORA_HEAD]).empty  # left out, and said so
+    assert any("lora-mlp tasks were fitted by an older scdm" in n and "scdm finetune" in n for n in stale_notes(st))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ft, "train_lora", no_training)  # the stored adapter's head is scored again
+    (now,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    assert now.reused and now.adapter_hash == old.adapter_hash and now.task_id != old.task_id
+    preds = st.query("SELECT y_true, proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, row", [now.task_id])
+    assert int((preds["proba"] == 1).sum()) < n_tied  # float64 ranks cells the float32 softmax tied
+    expected = compute_metrics(preds["y_true"].to_numpy(), preds["proba"].to_numpy()).values
+    assert now.metrics == pytest.approx(expected, nan_ok=True) and now.metrics["auroc"] != old.metrics["auroc"]
+    assert st.query("SELECT task_id FROM eval_tasks")["task_id"].tolist() == [now.task_id]  # the old one replaced
+    board = leaderboard(st, metrics=["auroc"], heads=[LORA_HEAD])
+    assert len(board) == 1 and board["n_folds"].iloc[0] == 1 and board["mean"].iloc[0] == pytest.approx(now.metrics["auroc"])
+    assert stale_notes(st) == []
+
+
 def test_split_pooled_over_two_datasets_gives_one_tuned_space(tmp_path, small):
     st = Store(tmp_path / "store")
     for name, part in (("first", small[:20]), ("second", small[20:])):

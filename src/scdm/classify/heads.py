@@ -69,6 +69,7 @@ from scdm.classify.head_base import (
     torch_seeded,
 )
 from scdm.store.errors import InputDataError
+from scdm.store.evaluation import OUTSIDE_GRID_REVISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -1120,15 +1121,18 @@ REVISION_NOTES: dict[tuple[str, int], str] = {
     ("lightgbm", 2): "its probabilities were scored rounded to float32, tying cells within 6e-8 of 1",
     ("ridge", 2): "the grid summed each split's float32 statistics about the whole space's mean, losing a "
                   "category's spread where datasets sit apart (up to 3e-2 in probability)",
+    ("lora-mlp", 2): "its softmax ran in float32, exactly 1.0 past a logit gap of ~16.6, so an overconfident tuned "
+                     "head's most sensitive cells tied and AUROC/AP moved",
 }
 """Why a head's revision was raised: what the results of the revision before it got wrong."""
 
 
 def head_revision(name: str, params: dict[str, Any]) -> int:
-    """:meth:`BaseHead.revision` of a head with these parameters (1 for names that are not grid heads,
-    such as prompting and LoRA tuning, and for parameters this scdm no longer takes)."""
+    """:meth:`BaseHead.revision` of a head with these parameters (for a head fitted outside the grid, such
+    as LoRA tuning's ``lora-mlp``, its :data:`store.evaluation.OUTSIDE_GRID_REVISIONS`; 1 for other names,
+    such as prompting, and for parameters this scdm no longer takes)."""
     if name not in HEADS:
-        return 1
+        return OUTSIDE_GRID_REVISIONS.get(name, 1)
     try:
         return get_head(name, **params).revision()
     except (InputDataError, TypeError):

@@ -23,7 +23,7 @@ import pandas as pd
 from scdm.classify.heads import HEADS, REVISION_NOTES, head_revision
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
-from scdm.store.evaluation import unanswered_sql
+from scdm.store.evaluation import OUTSIDE_GRID_REVISIONS, unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.labels import mixed_drugs_sql
 from scdm.store.prompts import older_batching_note, older_parser_note, older_prompt_sql
@@ -272,7 +272,7 @@ def _stored_revision(alias: str) -> str:
 def _current_revisions(st: Store) -> dict[tuple[str, str], int]:
     """(head, head_params) -> this scdm's revision of that head, for the stored configurations above 1."""
     stored = st.query("SELECT DISTINCT head, CAST(head_params AS VARCHAR) AS params FROM eval_tasks "
-                      "WHERE list_contains(?, head)", [list(HEADS)])
+                      "WHERE list_contains(?, head)", [[*HEADS, *OUTSIDE_GRID_REVISIONS]])
     out = {}
     for head, params in stored.itertuples(index=False, name=None):
         try:
@@ -319,8 +319,9 @@ def stale_notes(st: Store) -> list[str]:
     for head, n in old.itertuples(index=False, name=None):
         revision = max((r for (h, _), r in current.items() if h == head), default=1)
         why = REVISION_NOTES.get((head, revision), "its numbers changed since")
-        notes.append(f"{n} {head} tasks were fitted by an older scdm ({why}) and are left out; run the same "
-                     f"`scdm evaluate` again to fit them with this one.")
+        again = ("`scdm finetune` again to score the stored adapters' heads with this one (no training)"
+                 if head in OUTSIDE_GRID_REVISIONS else "`scdm evaluate` again to fit them with this one")
+        notes.append(f"{n} {head} tasks were fitted by an older scdm ({why}) and are left out; run the same {again}.")
     for note in (older_batching_note(st), older_parser_note(st)):
         if note is not None:
             notes.append(note)

@@ -95,6 +95,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _READ_BLOCK_ROWS = 4096
+_REVISION = records.OUTSIDE_GRID_REVISIONS[LORA_HEAD]
+"""The lora-mlp head's revision, part of its task ids: 2 scores the head's softmax in float64; the tasks
+an older scdm scored in float32 are scored again from the stored adapter (no training)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ def _task_key(st: Store, fold: _Fold, card: LoraCard, embeddings: dict[str, str]
     split = load_split(st, fold.split_id)
     names = dict(st.query("SELECT dataset_id, name FROM datasets").itertuples(index=False, name=None))
     return records.TaskKey(space_id, model, card.variant, tuple(sorted(embeddings.values())), split,
-                           split_datasets(split, names), fold.fold, LORA_HEAD, _head_params_key(card))
+                           split_datasets(split, names), fold.fold, LORA_HEAD, _head_params_key(card), _REVISION)
 
 
 def _write_results(st: Store, key: records.TaskKey, fold: _Fold, card: LoraCard, head: Any, embeddings: dict[str, str],
@@ -349,7 +352,9 @@ def _write_results(st: Store, key: records.TaskKey, fold: _Fold, card: LoraCard,
     proba = _head_predictions(st, card, head, embeddings, test)
     outcome = records.TaskOutcome(key, test["response"].to_numpy(np.int8), proba, test["dataset_id"].to_numpy(),
                                   test["row"].to_numpy(np.int64), len(train), fit_seconds, time.perf_counter() - t0)
-    records.record_tasks(st, [outcome], {"finetune": run_config}, scdm_version=_version(), seconds=fit_seconds)
+    # the revision, as the grid records its heads': a row of an earlier one is left out by the results
+    records.record_tasks(st, [outcome], {"finetune": run_config, "head_revisions": {LORA_HEAD: _REVISION}},
+                         scdm_version=_version(), seconds=fit_seconds)
 
 
 def _head_params_key(card: LoraCard) -> str:
@@ -532,6 +537,8 @@ def _head_results(job: _Job, fold: _Fold, card: LoraCard, embeddings: dict[str, 
         run_config = {"model": job.model, "checkpoint_hash": job.checkpoint_hash, "adapter_id": card.adapter_id,
                       "split_id": fold.split_id, "fold": fold.fold, **card.lora, **card.train}
         _write_results(st, key, fold, card, card.load_head(), embeddings, run_config, fit_seconds)
+    # the fold's result of an earlier revision (an older scdm's float32 softmax) is replaced, not kept beside it
+    records.forget_older_revisions(st, {LORA_HEAD: _REVISION})
     frame = records.task_results(st, [task_id])
     values = {m: (None if pd.isna(v) else float(v)) for m, v in zip(frame["metric"], frame["value"])}
     return task_id, {m: values.get(m) for m in METRICS}

@@ -52,9 +52,15 @@ __all__ = [
     "record_tasks",
     "forget_tasks",
     "forget_variant_tasks",
+    "OUTSIDE_GRID_REVISIONS",
 ]
 
 logger = logging.getLogger(__name__)
+
+OUTSIDE_GRID_REVISIONS: dict[str, int] = {"lora-mlp": 2}
+"""Revisions of heads fitted outside the evaluation grid (``scdm finetune``'s ``lora-mlp``), named here
+because both stages read them: finetune records and keys its tasks with it, the results leave out rows of
+an earlier one. 2: the softmax runs in float64 (before: float32, exactly 1.0 past a logit gap of ~16.6)."""
 
 
 def _now() -> pd.Timestamp:
