@@ -496,6 +496,29 @@ def test_missing_split_names_the_command_that_makes_it(tmp_path, small):
         finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
 
 
+def test_a_label_set_whose_split_is_stored_under_another_name_is_named(tmp_path, small):
+    # JHU006's Vorinostat and AR-42 label the same cells alike: `scdm evaluate --label-set AR-42` stores their
+    # split once, under the first name, so `scdm finetune --label-set AR-42` said the catalog held no split and
+    # advised the `scdm evaluate` command (without --label-set) that had already run: a dead end
+    adata = small.copy()
+    adata.obs["same"] = adata.obs["label"]
+    adata.obs["flipped"] = adata.obs["label"].map({"sensitive": "resistant", "resistant": "sensitive"})
+    st = Store(tmp_path / "store")
+    st.ingest(adata, name="planted", label_key="label", tissue_key="tissue", study_key="study")
+    for key in ("same", "flipped"):
+        st.ingest(adata, label_key=key)
+    save_splits(st, make_splits(st.cells(["planted"], label_set="label"), scenarios=["pooled"], by=["all"], n_folds=2))
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", small.var_names.tolist())
+    split_id = st.query("SELECT split_id FROM splits")["split_id"].iloc[0]
+    with pytest.raises(InputDataError, match=rf"Label set 'same' labels the cells of planted exactly as 'label' does.*"
+                                             rf"{split_id}.*--label-set label\)"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, label_set="same", **FAST)
+    # other labels: no split yet, and the command that makes it names the label set
+    with pytest.raises(InputDataError, match=r"no pooled split by all.*`scdm evaluate --dataset planted --scenario pooled "
+                                             r"--by all --label-set flipped`"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, label_set="flipped", **FAST)
+
+
 def test_missing_category_or_fold_lists_the_available_ones(gf_store):
     st, ckpt = gf_store
     with pytest.raises(InputDataError, match=r"Category 'liver' .* Available categories: lung, skin\."):

@@ -79,7 +79,7 @@ from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import gene_table_version
 from scdm.store.matrix import iter_row_blocks
 from scdm.store.metrics import METRICS
-from scdm.store.splits import CATEGORY_TYPES, find_splits, load_split, split_datasets
+from scdm.store.splits import CATEGORY_TYPES, find_splits, load_split, split_datasets, splits_of_same_labels
 
 __all__ = [
     "LORA_HEAD",
@@ -203,7 +203,8 @@ def _resolve_splits(st: Store, dataset_ids: list[str], names: list[str], *, scen
                     category: str | None, split_id: str | None, scheme: str | None,
                     label_set: str | None = None) -> pd.DataFrame:
     """The stored split of each requested category (one row per category)."""
-    create = (f"Create it with `scdm evaluate --dataset {' --dataset '.join(names)} --scenario {scenario} --by {by}` "
+    asked = "" if label_set is None else f" --label-set {label_set}"
+    create = (f"Create it with `scdm evaluate --dataset {' --dataset '.join(names)} --scenario {scenario} --by {by}{asked}` "
               "(it stores the splits every model shares), or scdm.classify.splits.save_splits().")
     if split_id is not None:
         frame = st.query("SELECT split_id FROM splits WHERE split_id = ?", [split_id])
@@ -211,6 +212,8 @@ def _resolve_splits(st: Store, dataset_ids: list[str], names: list[str], *, scen
             msg = f"No split {split_id!r} in the catalog. List them with `scdm sql \"SELECT * FROM splits\"`. {create}"
             raise InputDataError(msg)
     found = find_splits(st, dataset_ids, scenario=scenario, category_type=by, label_set=label_set)
+    if found.empty and label_set is not None:
+        _refuse_shared_partition(st, dataset_ids, names, scenario=scenario, by=by, label_set=label_set)
     if found.empty:
         msg = (f"The catalog holds no {scenario} split by {by} of the cells of {', '.join(names)}; fine-tuning trains on "
                f"a stored split's training cells so that every model is compared on the same cells. {create}")
@@ -243,6 +246,23 @@ def _resolve_splits(st: Store, dataset_ids: list[str], names: list[str], *, scen
             raise InputDataError(msg)
         rows.append(group.iloc[0])
     return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def _refuse_shared_partition(st: Store, dataset_ids: list[str], names: list[str], *, scenario: str, by: str,
+                             label_set: str) -> None:
+    """Name the label set whose stored split ``label_set``'s splits are: `scdm evaluate --label-set` stores a
+    label set with the same labels on the same cells (JHU006's Vorinostat and AR-42) under the first name
+    only, so advising it again would never make the split this call looks for."""
+    same = splits_of_same_labels(st, dataset_ids, scenario=scenario, category_type=by, label_set=label_set)
+    if same.empty:
+        return
+    stored = sorted({str(v) for v in same["label_set"].dropna()})
+    ids = ", ".join(same["split_id"])
+    msg = (f"Label set {label_set!r} labels the cells of {', '.join(names)} exactly as {' and '.join(map(repr, stored))} "
+           f"does, so their {scenario} splits by {by} are stored once, under that name ({ids}). Fine-tune with "
+           f"label_set={stored[0]!r} (--label-set {stored[0]}): the same cells, labels and folds; the tuned head's "
+           f"results are recorded under {stored[0]!r}.")
+    raise InputDataError(msg)
 
 
 def _resolve_folds(st: Store, split: pd.Series, fold: int | None, all_folds: bool) -> list[_Fold]:

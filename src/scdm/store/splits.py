@@ -86,6 +86,7 @@ __all__ = [
     "save_splits",
     "split_datasets",
     "find_splits",
+    "splits_of_same_labels",
     "ForgottenSplits",
     "shared_partitions",
     "stale_splits",
@@ -871,6 +872,30 @@ def find_splits(st: Store, dataset_ids: Sequence[str], *, scenario: str, categor
     keep = [set(ds) <= wanted and int(n) == counts.get(str(cat), -1)
             and (not isinstance(ls, str) or ls == _label_set_names(cells, ds))
             for ds, n, cat, ls in zip(frame["dataset_ids"], frame["n_cells"], frame["category"], frame["label_set"])]
+    return frame[keep].reset_index(drop=True)
+
+
+def splits_of_same_labels(st: Store, dataset_ids: Sequence[str], *, scenario: str, category_type: str,
+                          label_set: str) -> pd.DataFrame:
+    """Stored splits, under another label-set name, of exactly ``label_set``'s labelled cells and responses.
+
+    Label sets with identical responses on the same cells share one split, stored under the first
+    name (:func:`shared_partitions`), which :func:`find_splits` does not return for ``label_set``.
+    Same columns as :func:`find_splits`.
+    """
+    frame = st.query(
+        "SELECT s.*, list_sort(list(DISTINCT a.dataset_id)) AS dataset_ids "
+        "FROM splits s JOIN split_assignments a USING (split_id) "
+        "WHERE s.scenario = ? AND s.category_type = ? GROUP BY ALL ORDER BY s.category, s.created_at",
+        [scenario, category_type])
+    cells = st.cells(list(dataset_ids), label_set=label_set)
+    cells = cells[cells["response"].notna()]
+    cells = cells.assign(row=cells["row"].astype(np.int64), response=cells["response"].astype(np.int8))
+    wanted = set(dataset_ids)
+    keep = []
+    for ds, category, chash in zip(frame["dataset_ids"], frame["category"], frame["cells_hash"]):
+        sub = cells if category_type == "all" else cells[cells[category_type].astype(str) == str(category)]
+        keep.append(set(ds) <= wanted and not sub.empty and cells_hash(sub) == chash)
     return frame[keep].reset_index(drop=True)
 
 
