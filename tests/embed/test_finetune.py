@@ -538,6 +538,23 @@ def test_missing_category_or_fold_lists_the_available_ones(gf_store):
         finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, rank=0, **FAST)
 
 
+def test_a_skipped_category_is_left_out_not_refusing_the_others(tmp_path, small):
+    # `finetune --by tissue --all-folds` (every category) refused the whole run because one tissue's cells
+    # were all one class ('... is skipped ... Choose another category'), where the grid leaves that category out
+    adata = small.copy()
+    sensitive = np.flatnonzero(adata.obs["label"].to_numpy() == "sensitive")[:4]
+    adata.obs["tissue"] = adata.obs["tissue"].astype(str)
+    adata.obs.iloc[sensitive, adata.obs.columns.get_loc("tissue")] = "liver"
+    st = _store(tmp_path, adata, by=("tissue",), n_folds=2)
+    assert st.query("SELECT status FROM splits WHERE category = 'liver'")["status"].tolist() == ["skipped"]
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", small.var_names.tolist())
+    with pytest.warns(ScdmWarning, match=r"category 'liver' is skipped: .*Left out; the other categories are tuned"):
+        results = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", by="tissue", fold=0, **FAST)
+    assert [r.category for r in results] == ["lung", "skin"]
+    with pytest.raises(InputDataError, match=r"category 'liver' is skipped: .*Choose another category"):  # asked for
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", by="tissue", category="liver", fold=0, **FAST)
+
+
 def test_adapter_refuses_another_checkpoint_or_parameters(gf_store, tmp_path, small):
     st, ckpt = gf_store
     (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)

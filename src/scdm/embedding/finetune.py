@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ from scdm.store.adapters import (
     training_lock,
     write_adapter,
 )
-from scdm.store.errors import CheckpointError, InputDataError
+from scdm.store.errors import CheckpointError, InputDataError, ScdmWarning
 from scdm.store.genes import gene_table_version
 from scdm.store.matrix import iter_row_blocks
 from scdm.store.metrics import METRICS
@@ -265,6 +266,10 @@ def _refuse_shared_partition(st: Store, dataset_ids: list[str], names: list[str]
     raise InputDataError(msg)
 
 
+class _NotEvaluable(InputDataError):
+    """A category's split, or its fold asked for, is skipped or absent (another category may still be tuned)."""
+
+
 def _resolve_folds(st: Store, split: pd.Series, fold: int | None, all_folds: bool) -> list[_Fold]:
     folds = st.query("SELECT * FROM split_folds WHERE split_id = ? ORDER BY fold", [split["split_id"]])
     ok = folds[folds["status"] == "ok"]
@@ -272,7 +277,7 @@ def _resolve_folds(st: Store, split: pd.Series, fold: int | None, all_folds: boo
     if split["status"] != "ok":
         msg = (f"The {split['scenario']} split {split['split_id']} of category {split['category']!r} is skipped: "
                f"{split['reason']}. Choose another category.")
-        raise InputDataError(msg)
+        raise _NotEvaluable(msg)
     if all_folds:
         for r in folds[folds["status"] != "ok"].itertuples():
             logger.info("split %s fold %d skipped: %s", split["split_id"], int(r.fold), r.reason)
@@ -282,11 +287,11 @@ def _resolve_folds(st: Store, split: pd.Series, fold: int | None, all_folds: boo
         if fold not in {int(f) for f in folds["fold"]}:
             msg = (f"Fold {fold} does not exist in split {split['split_id']} ({split['category_type']}={split['category']!r}, "
                    f"{int(split['n_folds'])} folds). Available folds: {describe or '(none)'}.")
-            raise InputDataError(msg)
+            raise _NotEvaluable(msg)
         row = folds[folds["fold"] == fold].iloc[0]
         if row["status"] != "ok":
             msg = f"Fold {fold} of split {split['split_id']} is skipped: {row['reason']}. Available folds: {describe or '(none)'}."
-            raise InputDataError(msg)
+            raise _NotEvaluable(msg)
         chosen = [fold]
     stored = load_split(st, split["split_id"])
     cells = stored.cells
@@ -295,6 +300,27 @@ def _resolve_folds(st: Store, split: pd.Series, fold: int | None, all_folds: boo
                   category=split["category"], scheme=split["scheme"], fold=f, label=labels.get(f), cells=cells,
                   label_set=stored.label_set)
             for f in chosen]
+
+
+def _evaluable_folds(st: Store, splits: pd.DataFrame, fold: int | None, all_folds: bool) -> list[_Fold]:
+    """The folds to tune, category by category. Over several categories (--by without --category) one whose
+    split or fold is skipped (one class, no test cells) is left out with a warning, as the evaluation grid
+    leaves it out, instead of refusing the categories that can be tuned; alone, it is refused."""
+    folds: list[_Fold] = []
+    skipped: list[_NotEvaluable] = []
+    for _, split in splits.iterrows():
+        try:
+            folds += _resolve_folds(st, split, fold, all_folds)
+        except _NotEvaluable as err:
+            if len(splits) == 1:
+                raise
+            skipped.append(err)
+    if skipped and not folds:
+        raise skipped[0]
+    for refusal in skipped:
+        why = str(refusal).removesuffix(" Choose another category.")
+        warnings.warn(f"{why} Left out; the other categories are tuned.", ScdmWarning, stacklevel=3)
+    return folds
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,7 +734,7 @@ def finetune(
     dataset_ids = sorted({i.dataset_id for i in infos})
     splits = _resolve_splits(st, dataset_ids, [i.name for i in infos], scenario=scenario, by=by, category=category,
                              split_id=split_id, scheme=scheme, label_set=label_set)
-    folds = [f for _, split in splits.iterrows() for f in _resolve_folds(st, split, fold, all_folds)]
+    folds = _evaluable_folds(st, splits, fold, all_folds)
 
     with library_progress(progress):
         source = resolve_checkpoint(checkpoint, model, params=model_params)
