@@ -750,6 +750,20 @@ def test_transfer_refuses_a_target_embedding_tuned_on_target_cells(two_datasets_
         transfer(st, source="first", target="unseen", validation="second", features=unseen, **fast)
 
 
+def test_a_tuned_space_selected_without_every_dataset_of_its_split_is_left_out_and_named(two_datasets_tuned, caplog):
+    # `scdm evaluate --dataset first` selected first's tuned embedding only; its split pools second too, whose
+    # cells had no row in the space, and every head stopped on a bare KeyError of second's dataset id
+    from scdm.classify.grid import evaluate
+
+    st, _, res, tuned, _ = two_datasets_tuned
+    with caplog.at_level("WARNING", logger="scdm"):
+        summary = evaluate(st, [tuned["first"]], heads=["logreg"], folds=2, silent=True)
+    assert summary.spaces == () and summary.n_done == 0
+    assert f"also pools second, and their tuned embeddings {tuned['second']} are not selected" in caplog.text
+    both = evaluate(st, list(tuned.values()), heads=["logreg"], folds=2, silent=True)
+    assert both.n_done == 1
+
+
 def test_predict_marks_cells_that_tuned_the_embedding_as_not_held_out(two_datasets_tuned):
     # a head trained on the tuned embedding of `first` predicted `second` with trained_on all False,
     # although the adapter had trained on the labels of half of second's cells

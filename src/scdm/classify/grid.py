@@ -853,11 +853,33 @@ def _lora_cells(st: Store, space: Space, split: Split, label_set: str | None) ->
         logger.warning("%s tuned embeddings %s are left out: they were tuned on label set %s, not %r", space.model,
                        ",".join(space.embedding_ids), split.label_set, label_set)
         return None
+    if _split_datasets_unselected(st, space, split):
+        return None
     meta = st.cells(list(space.embeddings["dataset_name"])).drop(columns=["response", "label_set"])
     meta["row"] = meta["row"].astype(np.int64)
     cells = split.cells[["dataset_id", "row", "response"]].merge(meta, on=["dataset_id", "row"], how="left")
     cells["label_set"] = split.label_set
     return cells.sort_values(["dataset_id", "row"]).reset_index(drop=True)
+
+
+def _split_datasets_unselected(st: Store, space: Space, split: Split) -> bool:
+    """Whether the tuning split pools datasets whose tuned embeddings were not selected (say so, and which).
+
+    The tuned variant is evaluated on its split's fold, over every dataset of the split: with one of
+    them not selected (``scdm evaluate --dataset first`` of a split over first and second) its cells
+    have no row in the space, which the heads could not read (a bare KeyError of a dataset id).
+    """
+    missing = sorted(set(split.cells["dataset_id"].astype(str)) - set(space.embeddings["dataset_id"].astype(str)))
+    if not missing:
+        return False
+    names = st.query("SELECT name FROM datasets WHERE list_contains(?, dataset_id) ORDER BY name", [missing])["name"].tolist()
+    stored = st.query("SELECT embedding_id FROM embeddings WHERE space_id = ? AND list_contains(?, dataset_id) "
+                      "AND status = 'complete' ORDER BY embedding_id", [space.space_id, missing])["embedding_id"].tolist()
+    have = f"their tuned embeddings {', '.join(stored)}" if stored else "their tuned embeddings (none complete: run `scdm finetune` again)"
+    logger.warning("%s tuned embeddings %s are left out: their tuning split %s also pools %s, and %s are not selected; "
+                   "evaluate the tuned embeddings of every dataset of the split together (--embedding, or --dataset for each)",
+                   space.model, ",".join(space.embedding_ids), split.split_id, ", ".join(names), have)
+    return True
 
 
 def _warn_unpaired(cells: pd.DataFrame, pair: pd.DataFrame, label_set: str | None, pair_folds_with: str) -> None:
