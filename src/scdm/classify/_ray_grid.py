@@ -294,6 +294,11 @@ def _resolved_params(head: str, params: dict[str, Any], params_key: str) -> dict
         return params
     try:
         spelled = json.loads(params_key)
+        # JSON has no tuple: a tuple parameter (dann's hidden) comes back a list, which the head refuses
+        given = get_head(head, **params).get_params()
+        if isinstance(spelled, dict):
+            spelled = {k: tuple(v) if isinstance(v, list) and isinstance(given.get(k), tuple) else v
+                       for k, v in spelled.items()}
         same = get_head(head, **spelled).params_key() == params_key
     except (InputDataError, TypeError, ValueError):
         return params
