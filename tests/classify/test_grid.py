@@ -157,6 +157,30 @@ def test_a_split_evaluated_with_more_of_its_space_selected_is_reused_not_counted
     assert st.query("SELECT count(*) AS n FROM eval_tasks")["n"][0] == n_stored
 
 
+def test_the_same_fit_stored_without_predictions_under_another_id_is_fitted_again_for_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The HNSCC split (jhu006 + scc47) evaluated with --no-predictions, then with a375 selected too and
+    predictions asked: its 3 stored fits were reused under their other ids, and the run stored no prediction
+    of them (0 rows, no word said)."""
+    st = Store(tmp_path / "store")
+    for name, path, label, study, tissue, cancer, drug, regimen in DATASETS:
+        st.ingest(path, name=name, label_key=label, label_set="response", study=study, tissue=tissue,
+                  cancer_type=cancer, drug_type=drug, regimen=regimen)
+    ids = write_pca(st, "pca-joint", 8)
+    options = {"heads": ["logreg"], "by": ["cancer_type"], "scenarios": ["pooled"]}
+    first = run(st, embeddings=ids[1:], save_predictions=False, **options)
+    with caplog.at_level("WARNING", logger="scdm.classify.grid"):
+        both = run(st, **options)
+    assert f"{first.n_tasks} tasks were stored without test predictions" in caplog.text
+    assert (both.n_done, both.n_reused) == (both.n_tasks, 0)
+    tasks = st.query("SELECT task_id, category, n_test FROM eval_tasks")
+    assert len(tasks) == both.n_tasks and set(tasks["task_id"]) == set(both.results["task_id"])  # replaced, not doubled
+    stored = st.query("SELECT task_id, count(*) AS n FROM eval_predictions GROUP BY task_id")
+    assert dict(zip(stored["task_id"], stored["n"])) == dict(zip(tasks["task_id"], tasks["n_test"]))
+    board = leaderboard(st, metrics=["auroc"])
+    assert (board["n_folds"] <= board["k"]).all()
+
+
 def test_copies_of_one_fit_stored_before_schema_11_are_removed_by_its_migration(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stores written before runs reused the same fit hold it twice; migration 11 keeps the first copy."""

@@ -149,9 +149,10 @@ def _select_spaces(st: Store, embeddings: Sequence[str] | None) -> list[Space]:
     return spaces
 
 
-def _say_refitted_for_predictions(st: Store, pending: Sequence[Task]) -> None:
-    """Tasks stored by a run with ``--no-predictions`` are fitted again when predictions are asked for."""
-    again = len(records.finished_tasks(st, [t.task_id for t in pending]))
+def _say_refitted_for_predictions(st: Store, pending: Sequence[Task], replaces: dict[str, str]) -> None:
+    """Tasks stored by a run with ``--no-predictions`` (under their id, or the same fit under another:
+    ``replaces``) are fitted again when predictions are asked for."""
+    again = len(records.finished_tasks(st, [t.task_id for t in pending])) + sum(t.task_id in replaces for t in pending)
     if again:
         logger.warning("%d tasks were stored without test predictions (an earlier run with --no-predictions); fitting "
                        "them again to store their predictions (their metrics are replaced by the new fit's)", again)
@@ -654,10 +655,14 @@ def evaluate(
             # the same fit stored by a run that selected more or fewer of the space's datasets: reused, not fitted
             # again under this run's id and counted twice in its result's folds
             stored_as = records.same_fits(st, [t.key() for t in pending])
+            if save_predictions:  # a copy stored without predictions is fitted again, and replaced when stored
+                bare = set(stored_as.values()) - records.finished_tasks(st, list(set(stored_as.values())), with_predictions=True)
+                writer.replaces.update({p: s for p, s in stored_as.items() if s in bare})
+                stored_as = {p: s for p, s in stored_as.items() if s not in bare}
             pending = [t for t in pending if t.task_id not in stored_as]
             all_ids += [stored_as.get(t.task_id, t.task_id) for t in tasks]
             n_reused += len(tasks) - len(pending)
-            _say_refitted_for_predictions(st, pending)
+            _say_refitted_for_predictions(st, pending, writer.replaces)
             logger.info("space %s (%s, %d datasets, %d cells): %d tasks, %d already done, %d skipped",
                         space.space_id, space.model, len(space.embeddings), len(space.cells), len(tasks),
                         len(tasks) - len(pending), len(skipped))

@@ -231,8 +231,11 @@ def _keep_tasks(rows: _Rows, ids: set[str], skipped: list[dict[str, Any]] | None
                  skipped=rows.skipped if skipped is None else skipped)
 
 
-def _write(st: Store, rows: _Rows) -> tuple[int, int]:
+def _write(st: Store, rows: _Rows, replaces: dict[str, str] | None = None) -> tuple[int, int]:
     """One transaction: a task is stored whole or not at all, and once.
+
+    ``replaces``: task id -> the id of the same fit stored under another id without predictions
+    (:func:`same_fits`), deleted when the task is stored, so the fold is never stored twice.
 
     The first run to store a task owns it: another run that fitted the same task at the same time
     (two identical ``scdm evaluate`` at once) counts it as reused, so each run's ``n_done`` is the
@@ -240,6 +243,7 @@ def _write(st: Store, rows: _Rows) -> tuple[int, int]:
     Returns how many tasks were not stored, by reason: (their split was removed meanwhile, another
     run had stored them first).
     """
+    replaces = replaces or {}
     with st.catalog.transaction() as con:
         rows, dropped = _without_gone_splits(con, rows)
         ids = [t["task_id"] for t in rows.tasks]
@@ -251,7 +255,8 @@ def _write(st: Store, rows: _Rows) -> tuple[int, int]:
             rows = _keep_tasks(rows, set(ids) - stored)
         if rows.tasks:
             # rows of these tasks without their eval_tasks row (deleted by hand) are replaced, never doubled
-            delete_tasks(con, [t["task_id"] for t in rows.tasks])
+            written = [t["task_id"] for t in rows.tasks]
+            delete_tasks(con, written + [replaces[i] for i in written if i in replaces])
             if rows.predictions:
                 st.catalog.insert_df("eval_predictions", pd.concat(rows.predictions, ignore_index=True), con)
             st.catalog.insert_df("eval_results", pd.DataFrame(rows.results), con)
@@ -286,6 +291,8 @@ class ResultWriter:
         replaced, metadata rewritten, dataset removed); a rerun fits them on the new splits."""
         self.n_elsewhere = 0
         """Finished tasks not stored because another run stored them first (they count as reused)."""
+        self.replaces: dict[str, str] = {}
+        """Task id -> the same fit stored under another id without predictions, replaced when it is written."""
 
     def add(self, out: TaskOutcome) -> None:
         task, results, preds = _task_rows(out, self.run_id, self.save_predictions)
@@ -305,7 +312,7 @@ class ResultWriter:
 
     def flush(self) -> None:
         if self._rows:
-            dropped, elsewhere = _write(self.st, self._rows)
+            dropped, elsewhere = _write(self.st, self._rows, self.replaces)
             self.n_elsewhere += elsewhere
             if dropped:
                 logger.warning("%d finished tasks were not stored: the labels, metadata or dataset of their cells changed "
