@@ -846,7 +846,7 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
 @list_option("--embedding", "embedding_ids", help="Embedding ids to evaluate (repeatable or comma-separated). Default: every complete embedding.")
 @click.option("--dataset", "datasets", multiple=True, help="Evaluate the embeddings of this dataset (repeatable; with --model).")
 @list_option("--model", "models", help="Evaluate only embeddings of these models.")
-@list_option("--scenario", "scenario", default=("pooled", "cross"), help="pooled (k-fold within a category), cross (leave one study out), custom.")
+@list_option("--scenario", "scenario", default=("pooled", "cross"), help="pooled (k-fold within a category), cross (leave one study out); custom takes per-cell folds, from Python only (scdm.classify.grid.evaluate(custom=...)).")
 @list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types; every category of each is a task.")
 @list_option("--head", "heads", aliases=("--heads",), default=("mlp", "logreg"), help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label, dann (scDEAL domain adaptation: the "
                    "test fold's cells, unlabelled, are its target; meant for --scenario cross).")
@@ -904,6 +904,10 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
     head_list = _csv_list(heads)
     # --scenario is a free comma-separated list: the split builder rejects an unknown scenario.
     scenarios = cast("list[Scenario]", _csv_list(scenario))
+    if "custom" in scenarios:  # its per-cell folds have no option here; the split builder's message names a Python argument
+        raise click.UsageError("--scenario custom needs a test fold for every cell, which only the Python API takes: "
+                               "scdm.classify.grid.evaluate(store, scenarios=['custom'], custom=<DataFrame of dataset_id, "
+                               "row (or cell_id), fold>); from the command line, evaluate --scenario pooled or cross.")
     summary = run_evaluate(st, ids, scenarios=scenarios, by=_csv_list(by), heads=head_list, folds=folds,
                            split_scheme=split_scheme, seed=seed, label_set=label_set, pair_folds_with=pair_folds_with, jobs=jobs,
                            head_params={"mlp": {"profile": mlp_profile}} if "mlp" in head_list else None,

@@ -71,3 +71,11 @@ def test_results_name_a_filter_value_that_matches_no_result(store: Path) -> None
             f"results have: {dataset!r})") in result.stderr
     assert "--label-set 'Vorinostt' matches no result" in result.stderr and "--head" not in result.stderr
     assert "warning" not in CliRunner().invoke(main, ["--store", str(store), "results", "--dataset", dataset]).stderr
+
+
+def test_evaluate_scenario_custom_says_where_its_folds_are_given(store: Path) -> None:
+    # the command line has no option for per-cell folds: it printed the split builder's 'needs custom=<DataFrame>'
+    result = CliRunner().invoke(main, ["--store", str(store), "evaluate", "--scenario", "custom", "--head", "majority", "-q"])
+    assert result.exit_code == 2
+    assert "only the Python API takes" in result.output and "scenarios=['custom']" in result.output
+    assert Store(store).query("SELECT count(*) AS n FROM eval_runs")["n"][0] == 0
