@@ -191,6 +191,8 @@ def test_custom_assignments() -> None:
     assert split.cells["fold"].isna().sum() == len(cells) - 80
     with pytest.raises(InputDataError, match="integers >= 0 or 'train'/'test'"):
         make_splits(cells, scenarios=["custom"], custom=custom.assign(fold="x"))
+    with pytest.raises(InputDataError, match=r"found \[(0\.5, 1\.5|1\.5, 0\.5)\]"):  # fractional folds: it said 'found []'
+        make_splits(cells, scenarios=["custom"], custom=custom.assign(fold=np.where(cells["dataset_id"] == "d3", 0.5, 1.5)))
 
 
 def test_unlabelled_cells_are_left_out_and_bad_options_explained() -> None:

@@ -564,8 +564,9 @@ def _custom(cells: pd.DataFrame, by: Sequence[str], custom: pd.DataFrame) -> lis
         labels = {0: "test"}
     else:
         numeric = pd.to_numeric(raw, errors="coerce")
-        if numeric.isna().any() or (numeric < 0).any() or (numeric % 1 != 0).any():
-            bad = raw[numeric.isna() | (numeric < 0)].unique()[:5].tolist()
+        wrong = numeric.isna() | (numeric < 0) | (numeric % 1 != 0)
+        if wrong.any():
+            bad = raw[wrong].unique()[:5].tolist()  # fractions too: 'found []' named none of them
             msg = f"custom fold values must be integers >= 0 or 'train'/'test'; found {bad}."
             raise InputDataError(msg)
         uniq = sorted(numeric.astype(int).unique())
