@@ -144,3 +144,44 @@ def test_a_category_heads_row_lists_only_the_datasets_it_was_fitted_on(tmp_path:
     assert melanoma.datasets == ("a375",) and melanoma.label_set == "PLX-4720"
     both = trained_head(st, train_head(st, embeddings, head="ridge"))
     assert sorted(both.datasets) == ["a375", "jhu006"] and both.label_set == "Gefitinib,PLX-4720"
+
+
+def test_a_refusals_train_head_advice_keeps_the_heads_label_set(tmp_path: Path) -> None:
+    """A pca head of JHU006's Vorinostat labels refused a new dataset with a joint fit and `scdm train-head
+    --embedding ID,... --head logreg` (and --by, --category, --param, --threshold), but no --label-set: the head
+    that advice trains learns the default Gefitinib labels, the exact inverse (AUROC 0.0 on the new cells for the
+    Vorinostat head's 1.0). The advised command names the label set, and following it trains the Vorinostat head."""
+    import re
+    import shlex
+
+    from scdm.embedding.runner import embed_baseline
+    from scdm.store.errors import EmbeddingNotFoundError
+    from scdm.store.genes import gene_table_version
+
+    adata = ad.read_h5ad(JHU006)
+    st = Store(tmp_path / "store")
+    st.ingest(adata[:50].copy(), name="jhu", label_key="response_Gefitinib", drug="Gefitinib", study="a")
+    st.ingest(adata[:50].copy(), name="jhu", label_key="response_Vorinostat", drug="Vorinostat")
+    st.ingest(adata[50:].copy(), name="new", study="b")
+    (space,) = embed_baseline(st, ["jhu"], model="pca", n_comps=4, progress=False)
+    head_id = train_head(st, [space.embedding_id], head="logreg", label_set="Vorinostat")
+    with pytest.raises(EmbeddingNotFoundError) as refused:
+        predict(st, head_id, "new")
+    advised = re.search(r"\(`scdm train-head (.*?)`", str(refused.value))
+    assert advised is not None and advised.group(1) == "--embedding ID,... --head logreg --label-set Vorinostat"
+    embed = re.search(r"\(`scdm embed (.*?)`\)", str(refused.value))
+    assert embed is not None
+    joint = embed_baseline(st, shlex.split(embed.group(1))[:2], model="pca", n_comps=4, progress=False)
+    again = train_head(st, [joint[0].embedding_id], head="logreg", label_set="Vorinostat")
+    frame = predict(st, again, "new")
+    vorinostat = _sensitive(adata[50:], "response_Vorinostat")
+    assert (frame["label"].to_numpy() == vorinostat).mean() > 0.5  # the Gefitinib head's labels were the inverse
+    # the older-gene-table refusal gives the same train-head command
+    write_embedding(st, "jhu", _scores(adata[:50], 4), model="gf-test", params={"gene_table": "0ld0ld0ld0ld"})
+    old = train_head(st, dataset="jhu", model="gf-test", head="logreg", label_set="Vorinostat")
+    write_embedding(st, "new", _scores(adata[50:], 4), model="gf-test", params={"gene_table": gene_table_version()})
+    with pytest.raises(InputDataError, match=re.escape("--head logreg --label-set Vorinostat`")):
+        predict(st, old, "new")
+    gefitinib = train_head(st, [space.embedding_id], head="logreg")  # the default label set needs no option
+    with pytest.raises(InputDataError, match=re.escape("--head logreg`")):
+        predict(st, gefitinib, "new")

@@ -1019,7 +1019,8 @@ def _older_gene_table_hint(st: Store, trained: TrainedHead, dataset: str) -> str
             f"{dataset!r} or of the head's training datasets, is in the head's space. Embed the training datasets and "
             f"{dataset!r} with this scdm (`scdm embed {names} --model {trained.model}{joint}{checkpoint}`, with the "
             f"options they were embedded with), train the head again on the training datasets' new embeddings "
-            f"(`scdm train-head --embedding ID,... --head {record.head}`, ids from `scdm ls`, with the --by, --category, "
+            f"(`scdm train-head --embedding ID,... --head {record.head}{_label_set_option(st, record)}`, ids from "
+            f"`scdm ls`, with the --by, --category, "
             f"--param and --threshold of SELECT * FROM trained_heads WHERE head_id = '{record.head_id}') and predict "
             f"with the new head."
             + (f" Its embeddings were tuned by LoRA adapter {trained.variant.removeprefix('lora:')}, also of the older "
@@ -1038,6 +1039,16 @@ def _tuned_space_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
             f"or train a head on the frozen {trained.model} embeddings.")
 
 
+def _label_set_option(st: Store, record: TrainedHeadRecord) -> str:
+    """`` --label-set NAME`` where the head learned a label set that is not its datasets' default, else ''.
+
+    Without it the train-head a refusal advises fits the default labels: another drug's response
+    (JHU006's Gefitinib labels are the exact inverse of its Vorinostat ones).
+    """
+    chosen = requested_label_set(st, record)
+    return "" if chosen is None else f" --label-set {shlex.quote(chosen)}"
+
+
 def _joint_baseline_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
     """How a dataset gets into a baseline head's space: a joint fit with the head's training datasets, and the head again."""
     record = trained_head(st, trained.head_id)
@@ -1048,7 +1059,8 @@ def _joint_baseline_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
     command = " ".join([f"scdm embed {names} --model {trained.model} --joint", *options])
     return (f"A {trained.model} space is fitted on the datasets embedded together, so embedding {dataset!r} alone makes "
             f"another space. Embed it jointly with the head's training datasets (`{command}`), train the head again "
-            f"on their embeddings in that space (`scdm train-head --embedding ID,... --head {record.head}`, ids from "
+            f"on their embeddings in that space (`scdm train-head --embedding ID,... --head {record.head}"
+            f"{_label_set_option(st, record)}`, ids from "
             f"`scdm ls`, with the --by, --category, --param and --threshold of SELECT * FROM trained_heads WHERE "
             f"head_id = '{record.head_id}') and predict with the new head.")
 
