@@ -532,3 +532,33 @@ def test_a_tuned_head_on_an_older_gene_table_says_to_tune_again(st: Store, a375_
         predict(st, head_id, "new")
     assert "made with gene table 0ld0ld0ld0ld (an older scdm)" in str(refused.value)
     assert "tuned by LoRA adapter 0123456789abcdef, also of the older table: tune again with `scdm finetune`" in str(refused.value)
+
+
+def test_a_baseline_heads_refusal_keeps_the_value_handling_of_its_space(tmp_path: Path, pc9_counts_path: Path) -> None:
+    """A pca head fitted on counts used as they are (--normalized) was advised `scdm embed train new --model pca
+    --joint --n-comps 4 --n-hvg 2000`, which detects counts and normalises and log-transforms them: the head that
+    advice trains reads another preprocessing than the one it replaces (input 'normalize_total+log1p' for
+    'as-is'). The command keeps --normalized (or --counts)."""
+    import re
+    import shlex
+
+    from scdm.embedding.runner import embed_baseline
+
+    st = Store(tmp_path / "store")
+    cells = ad.read_h5ad(pc9_counts_path)[:, :300].copy()
+    cells.obs["response"] = np.where(np.arange(cells.n_obs) % 2 == 0, "sensitive", "resistant")
+    st.ingest(cells[:150].copy(), name="train", label_key="response", study="a")
+    st.ingest(cells[150:].copy(), name="new", study="b")
+    (space,) = embed_baseline(st, ["train"], model="pca", n_comps=4, normalized=True, progress=False)
+    head_id = train_head(st, [space.embedding_id], head="ridge")
+    with pytest.raises(EmbeddingNotFoundError) as refused:
+        predict(st, head_id, "new")
+    command = re.search(r"\(`scdm embed (.*?)`\)", str(refused.value))
+    assert command is not None and command.group(1) == "train new --model pca --joint --n-comps 4 --n-hvg 2000 --normalized"
+    words = shlex.split(command.group(1))
+    joint = embed_baseline(st, words[:2], model="pca", n_comps=4, normalized="--normalized" in words, progress=False)
+    assert st.embedding(joint[0].embedding_id).params["normalized"] is True
+    (cleared,) = embed_baseline(st, ["train"], model="pca", n_comps=4, normalized=False, progress=False)
+    head_id = train_head(st, [cleared.embedding_id], head="ridge")
+    with pytest.raises(SpaceMismatchError, match=re.escape("--n-hvg 2000 --counts`")):
+        predict(st, head_id, "new")

@@ -1055,6 +1055,8 @@ def _joint_baseline_hint(st: Store, trained: TrainedHead, dataset: str) -> str:
     params = json.loads(record.embedding_params)
     options = [f"--{key.replace('_', '-')} {params[f'{key}_requested']}" for key in ("n_comps", "n_hvg")
                if params.get(f"{key}_requested") is not None and (key != "n_comps" or trained.model == "pca")]
+    if params.get("normalized") is not None:  # without it the joint fit detects each dataset's value kind anew
+        options.append("--normalized" if params["normalized"] else "--counts")
     names = " ".join(shlex.quote(n) for n in dict.fromkeys([*record.datasets, dataset]))
     command = " ".join([f"scdm embed {names} --model {trained.model} --joint", *options])
     return (f"A {trained.model} space is fitted on the datasets embedded together, so embedding {dataset!r} alone makes "
