@@ -562,3 +562,30 @@ def test_a_baseline_heads_refusal_keeps_the_value_handling_of_its_space(tmp_path
     head_id = train_head(st, [cleared.embedding_id], head="ridge")
     with pytest.raises(SpaceMismatchError, match=re.escape("--n-hvg 2000 --counts`")):
         predict(st, head_id, "new")
+
+
+def test_an_interrupted_embedding_in_the_heads_space_is_named_with_how_to_finish_it(tmp_path: Path) -> None:
+    """A dataset whose embedding in the head's own space was interrupted (status pending) was refused with 'embedded
+    with the same model but other parameters, checkpoint or fit ... embed it jointly with the head's training
+    datasets and train the head in that space' (for a pca head: a joint fit and a new head), although its space is
+    the head's: finishing the embedding is all it needs. The refusal names it and the command that resumes it."""
+    st = Store(tmp_path / "store")
+    cells = ad.read_h5ad(example_data("A375"))
+    st.ingest(cells[:70].copy(), name="train", label_key="response_PLX4720", study="GSE108383")
+    st.ingest(cells[70:].copy(), name="new", study="GSE108383")
+    rng = np.random.default_rng(0)
+    hashes = sorted(st.dataset(n).content_hash for n in ("train", "new"))
+    for model, params in (("gf-test", {"layer": -2}),
+                          ("pca", {"fit_datasets": hashes, "n_comps_requested": 4, "n_hvg_requested": 2000})):
+        train = write_embedding(st, "train", rng.standard_normal((70, 4)).astype(np.float32), model=model, params=params)
+        head_id = train_head(st, [train], head="logreg")
+        new = st.create_embedding("new", model=model, params=params, dim=4, chunk_rows=16)
+        new.write_chunk(0, rng.standard_normal((16, 4)).astype(np.float32))  # interrupted after its first chunk
+        with pytest.raises(InputDataError) as refused:
+            predict(st, head_id, "new")
+        text = str(refused.value)
+        assert f"an embedding in head {head_id}'s space, {new.embedding_id}, but it is not complete" in text
+        assert "other parameters" not in text and "train the head" not in text
+        resume = "`scdm embed new --model gf-test` that started it again" if model == "gf-test" else \
+            "`scdm embed train new --model pca --joint --n-comps 4`"
+        assert resume in text

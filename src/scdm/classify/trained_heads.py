@@ -72,7 +72,7 @@ from scdm.store.heads import (
 )
 from scdm.store.leftovers import place_folder, temp_prefix
 from scdm.store.splits import cells_hash
-from scdm.store.verify import BASELINE_MODELS
+from scdm.store.verify import BASELINE_MODELS, repair_hint
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -979,6 +979,18 @@ def _embedding_for(st: Store, trained: TrainedHead, dataset: str) -> tuple[Any, 
     same = mine[(mine["space_id"] == trained.space_id) & (mine["status"] == "complete")]
     if len(same):
         return ds, str(same.sort_values("created_at")["embedding_id"].iloc[-1])
+    unfinished = mine[mine["space_id"] == trained.space_id]
+    if len(unfinished):  # the right space, interrupted: finishing it is the way in, not another fit or parameters
+        row = unfinished.sort_values("created_at").iloc[-1]
+        emb = st.embedding(str(row["embedding_id"]))
+        lora = f" --lora {trained.variant.removeprefix('lora:')}" if trained.variant.startswith("lora:") else ""
+        again = (f"`{repair_hint(st, emb)}`" if trained.model in BASELINE_MODELS else
+                 f"run the `scdm embed {shlex.quote(ds.name)} --model {trained.model}{lora}` that started it again, with "
+                 "the same checkpoint and parameters")
+        msg = (f"Dataset {ds.name!r} has an embedding in head {trained.head_id}'s space, {emb.embedding_id}, but it is "
+               f"not complete (status {row['status']}: an embedding that was interrupted); finish it, it resumes: "
+               f"{again}. Then predict again.")
+        raise InputDataError(msg)
     expected = f"{trained.model} ({trained.variant}, space {trained.space_id})"
     # a baseline's space is fitted on the datasets embedded together: the way in is a joint fit, not another dataset alone
     joint = _joint_baseline_hint(st, trained, ds.name) if trained.model in BASELINE_MODELS else None
