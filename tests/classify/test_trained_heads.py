@@ -589,3 +589,31 @@ def test_an_interrupted_embedding_in_the_heads_space_is_named_with_how_to_finish
         resume = "`scdm embed new --model gf-test` that started it again" if model == "gf-test" else \
             "`scdm embed train new --model pca --joint --n-comps 4`"
         assert resume in text
+
+
+def test_an_unlabelled_dataset_among_the_training_embeddings_is_predicted_held_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A head trained on every embedding of a joint pca, one of them an unlabelled dataset (its row lists only the
+    labelled one), read its training cells again with its label set, which the unlabelled dataset lacks: that read
+    as 'the labels changed since it was fitted', so all 38 cells of the unlabelled dataset, which the head never saw,
+    were marked trained_on (fitted values, not held-out), and copies of its training cells under another name were
+    no longer found. Only the datasets that held its training cells count, also once the other one gets labels."""
+    from scdm.embedding.runner import embed_baseline
+
+    st = Store(tmp_path / "store")
+    cells = ad.read_h5ad(example_data("A375"))
+    st.ingest(cells[:70].copy(), name="lab", label_key="response_PLX4720", study="GSE108383")
+    st.ingest(cells[70:].copy(), name="unl", study="other")
+    st.ingest(cells[:50].copy(), name="copy", study="again")  # 50 training cells under another name
+    spaces = embed_baseline(st, ["lab", "unl", "copy"], model="pca", n_comps=4, progress=False)
+    head_id = train_head(st, [s.embedding_id for s in spaces[:2]], head="logreg")
+    assert trained_heads(st).set_index("head_id").loc[head_id, "datasets"] == '["lab"]'
+    with caplog.at_level("WARNING", logger="scdm.classify.trained_heads"):
+        unlabelled = predict(st, head_id, "unl")
+        labelled = predict(st, head_id, "lab")
+        copy = predict(st, head_id, "copy")
+    assert unlabelled["trained_on"].sum() == 0
+    assert labelled["trained_on"].sum() == 70 and copy["trained_on"].sum() == 50
+    assert "changed since it was fitted" not in caplog.text
+    st.ingest(cells[70:].copy(), name="unl", label_key="response_PLX4720")  # labelled later: still never seen
+    assert predict(st, head_id, "unl")["trained_on"].sum() == 0

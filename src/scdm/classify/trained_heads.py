@@ -1230,7 +1230,7 @@ def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: 
     labelled cells of the head's category), or their labels tuned the LoRA adapter of the embedding."""
     tuned = tuned_training_rows(st, embedding_id)
     mask = np.zeros(len(cells), bool) if tuned is None else np.isin(cells["row"].to_numpy(np.int64), tuned)
-    if embedding_id not in record.embedding_ids:
+    if embedding_id not in set(_fitted_embeddings(st, record)["embedding_id"]):
         return mask
     in_category = np.ones(len(cells), bool)
     if record.category_type != "all":
@@ -1242,6 +1242,17 @@ def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: 
                        "(scdm train-head) to predict them held-out.", record.head_id, record.n_train)
         return mask | in_category
     return mask | (cells["response"].notna().to_numpy(bool) & in_category)
+
+
+def _fitted_embeddings(st: Store, record: TrainedHeadRecord) -> pd.DataFrame:
+    """Catalog rows of the head's training embeddings whose datasets held its training cells (``record.datasets``).
+
+    An embedding passed along without a label in the head's category or label set (an unlabelled
+    dataset of a joint space) trained nothing: its cells are held-out, and reading it with the head's
+    label set would refuse it (a dataset without that label set), which read as changed labels.
+    """
+    rows = st.embeddings()
+    return rows[rows["embedding_id"].isin(record.embedding_ids) & rows["dataset_name"].isin(record.datasets)]
 
 
 _COPY_BLOCK_ROWS = 1024
@@ -1257,8 +1268,8 @@ def _copies_of_training_cells(st: Store, record: TrainedHeadRecord, dataset_id: 
     Only cells whose id matches are read, so a dataset that shares no cell id costs no read.
     """
     mask = np.zeros(len(cells), bool)
-    rows = st.embeddings()
-    rows = rows[rows["embedding_id"].isin(record.embedding_ids) & (rows["dataset_id"] != dataset_id)]
+    rows = _fitted_embeddings(st, record)
+    rows = rows[rows["dataset_id"] != dataset_id]
     if rows.empty:
         return mask
     label_set = record.label_set if record.label_set and "," not in record.label_set else None
@@ -1316,8 +1327,7 @@ def _expression_rows(adata: Any, rows: np.ndarray) -> Any:
 
 def _training_labels_changed(st: Store, record: TrainedHeadRecord) -> bool:
     """Whether the head's training cells, read with today's labels, differ in number or positives from its fit."""
-    rows = st.embeddings()
-    rows = rows[rows["embedding_id"].isin(record.embedding_ids)]
+    rows = _fitted_embeddings(st, record)
     # one label set named for every dataset reads exactly those labels; several names were each dataset's default
     label_set = record.label_set if record.label_set and "," not in record.label_set else None
     try:
