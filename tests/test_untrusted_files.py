@@ -8,6 +8,9 @@ artifacts of a transfer run.
 
 from __future__ import annotations
 
+import io
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +90,49 @@ def test_planted_pickles_in_a_transfer_run_are_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
         critical_genes(st, result.run_id, max_cells=10, n_steps=4, plot=False)
     assert not marker.exists()
+
+
+def _plant_own_code(folder: Path, marker: Path, file: str) -> None:
+    """Make ``file`` (config.json or tokenizer_config.json) name a class of a Python file put into the folder."""
+    (folder / "planted.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast\n"
+        "class Config(LlamaConfig):\n    model_type = 'planted'\n"
+        "class Model(LlamaModel):\n    config_class = Config\n"
+        "class Tokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((folder / file).read_text())
+    if file == "config.json":  # a model type transformers does not know: only the folder's class could load it
+        config.update(model_type="planted", auto_map={"AutoConfig": "planted.Config", "AutoModel": "planted.Model",
+                                                      "AutoModelForCausalLM": "planted.Model"})
+    else:
+        config.update(tokenizer_class="PlantedTokenizer", auto_map={"AutoTokenizer": [None, "planted.Tokenizer"]})
+    (folder / file).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("loader", ["embed", "prompt"])
+def test_a_hugging_face_folder_naming_its_own_code_is_refused_without_asking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                              file: str, loader: str) -> None:
+    # Left to decide, transformers asks on the terminal whether to run the folder's code: a "y" ran it.
+    from scdm.embedding.models.llm import LLMAdapter, write_tiny_checkpoint
+    from scdm.prompt.local import HFBackend
+
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", genes=["TP53", "EGFR", "MYC"])
+    marker = tmp_path / "pwned"
+    _plant_own_code(folder, marker, file)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 5))
+    try:
+        if loader == "embed":
+            LLMAdapter(folder).load("cpu")
+        else:
+            backend = HFBackend(folder, device="cpu")
+            backend.tokenizer()
+            backend._load()
+    except Exception as err:  # noqa: BLE001 - checked below, once the marker is
+        refusal: Exception | None = err
+    else:
+        refusal = None
+    assert not marker.exists(), "the folder's own Python file ran"
+    assert isinstance(refusal, CheckpointError)
+    assert re.search(rf"asks to run Python code of its own .*{file}: Auto\w+ -> .*planted\..*never runs code from a model folder",
+                     str(refusal))

@@ -27,7 +27,7 @@ from typing import Any
 
 from scdm.prompt.backends import Backend, PromptRequestError, Reply
 from scdm.prompt.templates import LABELS
-from scdm.store.checkpoints import checkpoint_files
+from scdm.store.checkpoints import checkpoint_files, no_custom_code
 from scdm.store.errors import CheckpointError, InputDataError
 
 __all__ = ["HFBackend", "checkpoint_hash"]
@@ -99,7 +99,8 @@ class HFBackend(Backend):
             from transformers import AutoTokenizer
 
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+                with no_custom_code(self.folder, "its tokenizer"):
+                    self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as err:
                 msg = f"Cannot load the tokenizer of {str(self.folder)!r}: {err}"
                 raise CheckpointError(msg) from err
@@ -117,8 +118,9 @@ class HFBackend(Backend):
         # transformers 5 renamed torch_dtype; without it, weights load in the dtype they were saved in
         dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
-            loaded: Any = AutoModelForCausalLM.from_pretrained(self.folder, local_files_only=True, output_loading_info=True,
-                                                               **{dtype_arg: dtype})
+            with no_custom_code(self.folder, "the model"):
+                loaded: Any = AutoModelForCausalLM.from_pretrained(self.folder, local_files_only=True, output_loading_info=True,
+                                                                   trust_remote_code=False, **{dtype_arg: dtype})
         except (OSError, ValueError) as err:
             msg = f"Cannot load a causal language model from {str(self.folder)!r}: {err}"
             raise CheckpointError(msg) from err

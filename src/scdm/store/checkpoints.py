@@ -1,14 +1,23 @@
 """The files of a checkpoint folder that its content hash (part of every embedding's identity) covers.
 
-Shared by the embedding stage and the prompting arm, which hash the folders they load from.
+Shared by the embedding stage and the prompting arm, which hash the folders they load from, and
+which both refuse a folder that asks to run its own Python code (:func:`no_custom_code`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["checkpoint_files"]
+from scdm.store.errors import CheckpointError
+
+__all__ = ["checkpoint_files", "custom_code_entries", "no_custom_code"]
+
+_CONFIG_FILES = ("config.json", "tokenizer_config.json")
+"""Where a Hugging Face folder names classes of its own Python files (``auto_map``)."""
 
 
 def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
@@ -34,3 +43,47 @@ def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
     return files
+
+
+def custom_code_entries(folder: str | os.PathLike[str]) -> list[str]:
+    """``'config.json: AutoModel -> evil.Model'`` for each class a Hugging Face folder's ``auto_map`` names.
+
+    ``auto_map`` points ``AutoModel``/``AutoTokenizer`` at Python files in the folder itself; transformers
+    imports them only when told to trust them (``trust_remote_code``).
+    """
+    entries = []
+    for name in _CONFIG_FILES:
+        try:
+            config = json.loads((Path(folder) / name).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if isinstance(auto_map, dict):
+            entries += [f"{name}: {key} -> {value}" for key, value in auto_map.items()]
+    return entries
+
+
+@contextlib.contextmanager
+def no_custom_code(folder: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Around a ``from_pretrained(..., trust_remote_code=False)``: its refusal of the folder's own code as a CheckpointError.
+
+    Loaders pass ``trust_remote_code=False``: left unset, transformers asks on the terminal whether to
+    run a folder's own Python files (``auto_map`` naming a class it does not ship), and one "y" runs
+    them. transformers' refusal then tells the user to pass ``trust_remote_code=True``, which scdm
+    never does; this says what the folder asks for and what to do instead.
+
+    Raises
+    ------
+    CheckpointError
+        The folder needs code of its own to load.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        named = "; ".join(custom_code_entries(folder)) or "auto_map"
+        msg = (f"{str(folder)!r} asks to run Python code of its own to load {what} ({named}); scdm never runs code "
+               "from a model folder. Use the official model files, whose config.json model_type and "
+               "tokenizer_config.json tokenizer_class name classes transformers ships.")
+        raise CheckpointError(msg) from None

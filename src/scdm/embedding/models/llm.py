@@ -60,6 +60,7 @@ from scdm.embedding.models._common import (
     read_hf_config,
     top_expressed,
 )
+from scdm.store.checkpoints import no_custom_code
 from scdm.store.errors import CheckpointError, InputDataError
 from scdm.store.genes import as_gene_id_kind, detect_gene_id_kind, gene_table, map_genes
 
@@ -188,7 +189,9 @@ class LLMAdapter(Adapter):
             msg = (f"max_length={self.max_length} is longer than the {positions} positions this model was trained on "
                    f"(max_position_embeddings in {str(self.checkpoint)!r}); use --param max_length={positions} or less.")
             raise InputDataError(msg)
-        tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
+        assert self.checkpoint is not None
+        with no_custom_code(self.checkpoint, "its tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True, trust_remote_code=False)
         pad = tokenizer.pad_token_id
         if pad is None:  # LLaMA-3 has no pad token; the value is masked out anyway
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -221,14 +224,17 @@ class LLMAdapter(Adapter):
         from transformers import AutoModel
 
         self._load_tokenizer()
+        assert self.checkpoint is not None
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        with own_load_report(), readable_weights(self.checkpoint, "a Hugging Face language model"):
+        with own_load_report(), readable_weights(self.checkpoint, "a Hugging Face language model"), \
+                no_custom_code(self.checkpoint, "the model"):
             model, info = AutoModel.from_pretrained(
                 self.checkpoint,
                 attn_implementation="sdpa",
                 output_loading_info=True,
                 local_files_only=True,
+                trust_remote_code=False,
                 **dtype_argument(dtype),
             )
         if info["missing_keys"]:
