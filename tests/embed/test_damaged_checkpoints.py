@@ -98,3 +98,63 @@ def test_a_file_that_is_no_torch_file_is_damaged_not_unsafe(tmp_path: Path, cont
     with pytest.raises(CheckpointError, match=rf"Cannot read .*models\.ckpt.* as a torch file.*{detail}.*Re-download") as err:
         load()
     assert "weights_only=False" not in str(err.value) and "asks to unpickle" not in str(err.value)
+
+
+_CRAFT_AND_LOAD = """
+import pickle, sys
+import numpy as np
+from scdm.embedding._safe_load import load_pickle, _numpy_multiarray
+from scdm.store.errors import CheckpointError
+
+OBJECT = np.dtype("O")
+
+
+class ObjectFieldsWithoutTheirFlag:  # a V16 dtype whose state gives it two object fields and flags 0
+    def __reduce__(self):
+        return np.dtype, ("V16", False, True), (3, "|", None, ("a", "b"), {"a": (OBJECT, 0), "b": (OBJECT, 8)}, 16, 1, 0)
+
+
+class PointersFromTheFile:  # the file's 16 bytes copied in as the two fields' object pointers
+    def __reduce__(self):
+        return _numpy_multiarray().scalar, (ObjectFieldsWithoutTheirFlag(), b"AAAAAAAABBBBBBBB")
+
+
+class Followed:  # str() of the scalar follows the pointers
+    def __reduce__(self):
+        return str, (PointersFromTheFile(),)
+
+
+with open(sys.argv[1], "wb") as handle:
+    pickle.dump({"ENSG00000141510": Followed()}, handle, protocol=int(sys.argv[2]))
+try:
+    load_pickle(sys.argv[1], what="a Geneformer gene dictionary", source="the model's repository")
+except CheckpointError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("protocol", [3, 5])  # (protocol 2 names str __builtin__.str, refused anyway)
+def test_a_numpy_scalar_of_object_fields_is_refused_not_followed(tmp_path: Path, protocol: int) -> None:
+    # Before: numpy took the crafted dtype state, the scalar held 0x4141414141414141 as an object
+    # pointer and str() of it crashed the process (SIGSEGV): a separate process, so the crash is a failure here.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _CRAFT_AND_LOAD, str(tmp_path / "d.pkl"), str(protocol)],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, f"the load died with {done.returncode}: {done.stderr[-500:]}"
+    assert "Refusing to load" in done.stdout and "a numpy scalar of dtype" in done.stdout
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_plain_numpy_scalars_still_load(tmp_path: Path, protocol: int) -> None:
+    import numpy as np
+
+    values = {"a": np.int16(-2), "b": np.uint64(2**63), "c": np.float32(1.5), "d": np.float64(-0.25), "e": np.bool_(True),
+              "f": np.complex128(1 - 2j), "g": np.str_("TP53"), "h": np.bytes_(b"x"), "i": np.dtype(">i8").type(7)}
+    path = tmp_path / "d.pkl"
+    path.write_bytes(pickle.dumps(values, protocol=protocol))
+    loaded = load_pickle(path, what="a dictionary", source="anywhere")
+    assert {k: (type(v), v) for k, v in loaded.items()} == {k: (type(v), v) for k, v in values.items()}

@@ -52,11 +52,30 @@ def checkpoint_globals() -> list[Any]:
     return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtype_classes, argparse.Namespace]
 
 
+_PLAIN_KINDS = "biufcSU"
+"""numpy kinds of a plain scalar: booleans, integers, floats, complex numbers, bytes and strings."""
+
+
+def _plain_scalar(dtype: Any, data: Any) -> Any:
+    """numpy's ``scalar(dtype, bytes)`` for numbers and strings only, on a fresh copy of ``dtype``.
+
+    A pickle may rebuild a dtype's state (its BUILD opcode calls ``dtype.__setstate__``), and numpy
+    then takes the fields and flags it is given: a ``V16`` dtype given two object fields and no
+    object flag makes ``scalar`` copy the file's bytes in as object pointers, which ``str()`` of the
+    scalar (a call the pickle can make) follows to any address: a crash, or worse. So only plain
+    kinds are made, each from a dtype built again from its type string (nothing the file set on the
+    dtype object, now or by a later BUILD of it, reaches the scalar).
+    """
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _PLAIN_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"a numpy scalar of dtype {dtype!r}")
+    return _numpy_multiarray().scalar(np.dtype(dtype.str), data)
+
+
 def plain_data_globals() -> dict[tuple[str, str], Any]:
     """Globals a pickled dict of strings and numbers (numpy scalars included) refers to."""
     import _codecs
 
-    scalar = _numpy_multiarray().scalar
+    scalar = _plain_scalar
     # numpy scalars pickle as ``scalar(dtype, bytes)``; protocol 2 stores the bytes through
     # ``_codecs.encode``. numpy 1 writes ``numpy.core``, numpy 2 ``numpy._core``.
     return {
