@@ -104,6 +104,27 @@ def _checkpoint_source(telemetry: Any) -> str | None:
     return str(source["path"]) if source.get("path") else None
 
 
+_PLAIN_ID = re.compile(r"[0-9A-Za-z_-]+")
+
+
+def _foreign_array_path(embedding_id: str, array_path: str) -> bool:
+    """Whether a catalog row's array path is none scdm writes (``embeddings/<id>.zarr`` in the store, ``<arrays_url>/<id>.zarr``).
+
+    A shared catalog may be edited by anyone who may write it: a row naming ``../thesis`` or
+    ``/home/someone`` must not make scdm delete (or refill) that folder with the permissions of
+    whoever removes or repairs the embedding.
+    """
+    name = f"{embedding_id}.zarr"
+    if not _PLAIN_ID.fullmatch(embedding_id):
+        return True
+    if "://" in array_path:
+        from urllib.parse import urlparse
+
+        parts = urlparse(array_path).path.split("/")
+        return parts[-1] != name or ".." in parts
+    return array_path != f"{EMBEDDINGS_DIR}/{name}"
+
+
 def _short_hash(*parts: Any, n: int = 16) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
@@ -1252,8 +1273,12 @@ class Store:
                 self._forget_embedding(emb)
         if forgotten:
             logger.warning("dataset %r removed; %s", ds.name, forgotten.describe())
-        if ds.stored_path.startswith(DATASETS_DIR):
+        # only the store's own copy: a path edited into the catalog (datasets/../../x) names a file elsewhere
+        if _PLAIN_ID.fullmatch(ds.dataset_id) and ds.stored_path == self._copy_path(ds.dataset_id):
             (self.root / ds.stored_path).unlink(missing_ok=True)
+        elif ds.stored_path.startswith(DATASETS_DIR):
+            logger.warning("dataset %r: its catalog row names %r as the store's copy, which is not the copy scdm "
+                           "writes (%s); that file was left in place", ds.name, ds.stored_path, self._copy_path(ds.dataset_id))
         return ids
 
     # ---- embeddings --------------------------------------------------------------------------
@@ -1359,6 +1384,11 @@ class Store:
         with _claims.exclusive(self._claims_folder(emb.embedding_id), emb.embedding_id, wait_s=LOCK_RETRY_SECONDS, doing="repair"):
             if _array_whole(emb.location):  # another process renewed it meanwhile
                 return emb
+            if _foreign_array_path(emb.embedding_id, emb.array_path):
+                msg = (f"Embedding {emb.embedding_id}'s catalog row names the array {emb.array_path!r}, where scdm never "
+                       f"writes one ({EMBEDDINGS_DIR}/{emb.embedding_id}.zarr): someone edited the catalog. Nothing was "
+                       f"removed or written there. Remove the embedding (scdm rm --embedding {emb.embedding_id}) and embed again.")
+                raise StoreDamagedError(msg)
             logger.warning("the array of embedding %s at %s is gone or broken; starting it again from an empty array",
                            emb.embedding_id, emb.location)
             _zarr.remove_array(emb.location)
@@ -1616,7 +1646,11 @@ class Store:
     def _forget_embedding(self, emb: Embedding) -> None:
         """After its rows are deleted: drop an embedding's cache entries, array and lock folder."""
         self._complete = {k: v for k, v in self._complete.items() if v.embedding_id != emb.embedding_id}
-        _zarr.remove_array(emb.location)
+        if _foreign_array_path(emb.embedding_id, emb.array_path):
+            logger.warning("embedding %s: its catalog row names the array %r, where scdm never writes one (%s/%s.zarr); "
+                           "that folder was left in place", emb.embedding_id, emb.array_path, EMBEDDINGS_DIR, emb.embedding_id)
+        else:
+            _zarr.remove_array(emb.location)
         _claims.forget(self._claims_folder(emb.embedding_id))
 
     def _checkpoint_provenance(self, embedding_id: str) -> dict[str, str]:
