@@ -744,6 +744,10 @@ def report_file(relative: str, srv: Server) -> Response:
     path = (folder / (relative or "index.html")).resolve()
     if not path.is_relative_to(folder):
         raise HttpError(403, f"Path {relative!r} is outside the report folder.")
+    # a link placed in a shared store (artifacts/report -> /) would otherwise serve every file this server may read
+    if not folder.is_relative_to(srv.root.resolve()):
+        raise HttpError(403, f"The report folder {REPORT_DIR} links outside the store (to {str(folder)!r}); this server "
+                             "serves files inside the store only. Remove the link and write the report again (POST /api/report).")
     if not path.is_file():
         raise HttpError(404, f"No report file {relative!r}; generate the report with POST /api/report.")
     kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -1,0 +1,49 @@
+"""The report route serves files inside the store only, also when the report folder is a link.
+
+A store may be shared: anyone who may write it could replace ``artifacts/report`` by a link to
+``/`` or a home folder, and ``GET /report/<path>`` then served any file the server's user may read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from scdm.store import Store
+
+TOKEN = "report-links-token"
+
+
+def _client(store: Path) -> Any:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    app = create_app(Store(store), token=TOKEN)
+    return TestClient(app, base_url="http://127.0.0.1:8000", headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_a_report_folder_linked_outside_the_store_is_not_served(tmp_path: Path) -> None:
+    outside = tmp_path / "home"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    store = tmp_path / "store"
+    Store(store)
+    (store / "artifacts").mkdir(exist_ok=True)
+    os.symlink(outside, store / "artifacts" / "report")
+    with _client(store) as client:
+        answer = client.get("/report/id_rsa")
+    assert answer.status_code == 403 and "PRIVATE KEY" not in answer.text
+    assert "links outside the store" in answer.json()["error"]
+
+
+def test_a_report_folder_inside_the_store_is_served(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    Store(store)
+    (store / "artifacts" / "report").mkdir(parents=True)
+    (store / "artifacts" / "report" / "index.html").write_text("<p>report</p>")
+    os.symlink(store, tmp_path / "linked-store")  # the store itself reached through a link is fine
+    with _client(tmp_path / "linked-store") as client:
+        answer = client.get("/report/index.html")
+    assert answer.status_code == 200 and "report" in answer.text
