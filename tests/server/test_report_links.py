@@ -47,3 +47,18 @@ def test_a_report_folder_inside_the_store_is_served(tmp_path: Path) -> None:
     with _client(tmp_path / "linked-store") as client:
         answer = client.get("/report/index.html")
     assert answer.status_code == 200 and "report" in answer.text
+
+
+def test_no_report_is_written_into_a_folder_linked_outside_the_store(tmp_path: Path) -> None:
+    outside = tmp_path / "project"
+    (outside / "tables").mkdir(parents=True)
+    (outside / "figures").mkdir()
+    (outside / "tables" / "counts.csv").write_text("gene,n\nTP53,3\n")
+    store = tmp_path / "store"
+    Store(store)
+    (store / "artifacts").mkdir(exist_ok=True)
+    os.symlink(outside, store / "artifacts" / "report")
+    with _client(store) as client:
+        answer = client.post("/api/report", json={})
+    assert answer.status_code == 403 and "links outside the store" in answer.json()["error"]
+    assert (outside / "tables" / "counts.csv").read_text() == "gene,n\nTP53,3\n"

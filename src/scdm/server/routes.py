@@ -714,6 +714,7 @@ def _upload_job(srv: ServerState, job: JobHandle, path: Path, name: str, options
              summary="Write the HTML report into <store>/artifacts/report/ (a job)")
 def make_report(request: Request, srv: Server, body: ReportRequest | None = None) -> JobStatus:
     srv.store.check_writable("write the report into the store")  # the folder is in the store
+    _report_folder_in_store(srv)
     projection = (body or ReportRequest()).projection
     root = root_of(request)
 
@@ -737,6 +738,20 @@ def report_figures(request: Request, srv: Server) -> ReportFigures:
                          figures=[f"{root}/report/figures/{f}" for f in figures])
 
 
+def _report_folder_in_store(srv: ServerState) -> Path:
+    """The report folder, resolved; refused when it links outside the store.
+
+    A link placed in a shared store (``artifacts/report -> /``) would otherwise serve every file this
+    server may read, and a new report would delete the ``tables/*.csv`` of the folder it points to.
+    """
+    folder = (srv.root / REPORT_DIR).resolve()
+    if not folder.is_relative_to(srv.root.resolve()):
+        raise HttpError(403, f"The report folder {REPORT_DIR} links outside the store (to {str(folder)!r}); this server "
+                             "reads and writes files inside the store only. Remove the link, then write the report "
+                             "(POST /api/report).")
+    return folder
+
+
 @router.get("/report/{relative:path}", include_in_schema=False)
 def report_file(relative: str, srv: Server) -> Response:
     """A file of the report folder (never a path outside it); no script runs in any of them."""
@@ -744,10 +759,7 @@ def report_file(relative: str, srv: Server) -> Response:
     path = (folder / (relative or "index.html")).resolve()
     if not path.is_relative_to(folder):
         raise HttpError(403, f"Path {relative!r} is outside the report folder.")
-    # a link placed in a shared store (artifacts/report -> /) would otherwise serve every file this server may read
-    if not folder.is_relative_to(srv.root.resolve()):
-        raise HttpError(403, f"The report folder {REPORT_DIR} links outside the store (to {str(folder)!r}); this server "
-                             "serves files inside the store only. Remove the link and write the report again (POST /api/report).")
+    _report_folder_in_store(srv)
     if not path.is_file():
         raise HttpError(404, f"No report file {relative!r}; generate the report with POST /api/report.")
     kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
