@@ -73,3 +73,14 @@ def test_the_store_own_copies_and_arrays_are_still_removed(tmp_path: Path) -> No
     assert array.is_dir()
     st.remove_dataset("d")
     assert not array.exists() and not copy.exists()
+
+
+def test_an_embedding_whose_array_is_another_whole_array_is_not_written_there(tmp_path: Path) -> None:
+    st, embedding_id = _store_with_an_embedding(tmp_path)
+    other = tmp_path / "other.zarr"
+    (st.root / "embeddings" / f"{embedding_id}.zarr").rename(other)  # a whole array outside the store
+    before = (other / "zarr.json").read_bytes()
+    st = _edit(st, f"UPDATE embeddings SET array_path = '{other}', dim = 5")  # its metadata would be rewritten
+    with pytest.raises(StoreDamagedError, match="where scdm never writes one"):
+        st.create_embedding("d", model="toy", params={}, dim=4)
+    assert (other / "zarr.json").read_bytes() == before

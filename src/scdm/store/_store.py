@@ -125,6 +125,15 @@ def _foreign_array_path(embedding_id: str, array_path: str) -> bool:
     return array_path != f"{EMBEDDINGS_DIR}/{name}"
 
 
+def _refuse_foreign_array(emb: Embedding) -> None:
+    """Refuse to write to (or repair, or renew) an array at a path scdm never writes (:func:`_foreign_array_path`)."""
+    if _foreign_array_path(emb.embedding_id, emb.array_path):
+        msg = (f"Embedding {emb.embedding_id}'s catalog row names the array {emb.array_path!r}, where scdm never "
+               f"writes one ({EMBEDDINGS_DIR}/{emb.embedding_id}.zarr): someone edited the catalog. Nothing was "
+               f"removed or written there. Remove the embedding (scdm rm --embedding {emb.embedding_id}) and embed again.")
+        raise StoreDamagedError(msg)
+
+
 def _short_hash(*parts: Any, n: int = 16) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
@@ -1313,6 +1322,7 @@ class Store:
         found = self.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=checkpoint_hash,
                                    adapter_hash=adapter_hash, variant=variant, dtype=dtype)
         if found is not None:
+            _refuse_foreign_array(found)  # before anything is repaired, removed or written there
             if not _array_whole(found.location):
                 return self._renew_array(found, compressor)
             self._repair_metadata(found)  # a zarr.json edited since: rewritten from the catalog before anything is written
@@ -1384,11 +1394,6 @@ class Store:
         with _claims.exclusive(self._claims_folder(emb.embedding_id), emb.embedding_id, wait_s=LOCK_RETRY_SECONDS, doing="repair"):
             if _array_whole(emb.location):  # another process renewed it meanwhile
                 return emb
-            if _foreign_array_path(emb.embedding_id, emb.array_path):
-                msg = (f"Embedding {emb.embedding_id}'s catalog row names the array {emb.array_path!r}, where scdm never "
-                       f"writes one ({EMBEDDINGS_DIR}/{emb.embedding_id}.zarr): someone edited the catalog. Nothing was "
-                       f"removed or written there. Remove the embedding (scdm rm --embedding {emb.embedding_id}) and embed again.")
-                raise StoreDamagedError(msg)
             logger.warning("the array of embedding %s at %s is gone or broken; starting it again from an empty array",
                            emb.embedding_id, emb.location)
             _zarr.remove_array(emb.location)
