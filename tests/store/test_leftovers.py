@@ -252,3 +252,19 @@ def test_a_write_probe_left_by_a_killed_opener_goes_once_its_process_is_gone(st)
     _age(old)
     (item_mine, item_old) = sorted(st.verify(repair=True).leftovers, key=lambda x: x.path != mine)
     assert item_old.removed and not old.exists() and item_mine.kept
+
+
+@pytest.mark.parametrize("linked", ["artifacts/heads", "artifacts/adapters", "embeddings", "datasets"])
+def test_repair_deletes_nothing_in_a_store_folder_linked_outside_the_store(st: Store, tmp_path: Path, linked: str) -> None:
+    # a shared store's folder replaced by a link to someone's home: its folders looked like orphans there
+    home = tmp_path / "home"
+    kept = [_folder(home / "thesis"), _folder(home / "old.zarr"), home / "draft.h5ad"]
+    kept[-1].write_bytes(b"x" * 10)
+    for path in kept:
+        _age(path)
+    shutil.rmtree(st.root / linked, ignore_errors=True)
+    (st.root / linked).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(home, st.root / linked)
+    found = scan(st, remove=True)
+    assert all(path.exists() for path in kept)
+    assert found and all("links outside the store" in str(item.kept) and not item.removed for item in found)

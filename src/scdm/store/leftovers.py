@@ -173,9 +173,23 @@ def scan(st: Store, *, remove: bool = False, now: float | None = None) -> list[L
     arrays = list(_orphan_arrays(st))
     found = [*_temporaries(st.root, now), *_orphan_datasets(st, now), *arrays, *_orphan_artifacts(st, now),
              *_stale_claims(st.root, {a.path.stem for a in arrays}), *_write_probes(st.root, now)]
+    found = [_kept_outside(item, st.root) for item in found]
     if not remove:
         return found
     return [_remove(st, item) if item.kept is None else item for item in found]
+
+
+def _kept_outside(item: Leftover, root: Path) -> Leftover:
+    """Keep a leftover whose folder links outside the store: ``--repair`` deletes inside the store only.
+
+    A shared store's ``artifacts/heads`` (or any of its folders) replaced by a link to a home folder
+    would otherwise have every folder there deleted as a head without a catalog row.
+    """
+    where = item.path.parent.resolve()
+    if item.kept is not None or where.is_relative_to(root.resolve()):
+        return item
+    return replace(item, kept=f"its folder links outside the store (to {str(where)!r}); scdm verify --repair deletes "
+                              "only inside the store folder")
 
 
 # ---- temporaries ------------------------------------------------------------------------------
