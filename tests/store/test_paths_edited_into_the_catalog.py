@@ -84,3 +84,16 @@ def test_an_embedding_whose_array_is_another_whole_array_is_not_written_there(tm
     with pytest.raises(StoreDamagedError, match="where scdm never writes one"):
         st.create_embedding("d", model="toy", params={}, dim=4)
     assert (other / "zarr.json").read_bytes() == before
+
+
+def test_an_embedding_id_that_is_a_path_removes_no_folder_elsewhere(tmp_path: Path) -> None:
+    # its lock folder was claims/../../docs, every file of which removing the embedding deleted
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    st, _ = _store_with_an_embedding(tmp_path)
+    st = _edit(st, "DELETE FROM embedding_chunks; UPDATE embeddings SET embedding_id = '../../docs'")
+    with pytest.raises(StoreDamagedError, match=r"names an embedding '\.\./\.\./docs', an id scdm never makes.*Nothing was"):
+        st.remove_dataset("d")
+    assert sorted(p.name for p in docs.iterdir()) == ["notes.txt"]
+    assert st.query("SELECT count(*) FROM datasets").iloc[0, 0] == 1

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from scdm.store.errors import EmbeddingBusyError, ScdmError
+from scdm.store.errors import EmbeddingBusyError, ScdmError, StoreDamagedError
 
 try:
     import fcntl
@@ -66,7 +66,19 @@ _SEQ = itertools.count()
 
 
 def claims_folder(store_root: Path, embedding_id: str) -> Path:
-    """The lock folder of one embedding."""
+    """The lock folder of one embedding.
+
+    Raises
+    ------
+    StoreDamagedError
+        The id is no file name (``../../docs``): an edited catalog row, whose lock folder would be
+        a folder elsewhere, every file of which :func:`forget` deletes.
+    """
+    if embedding_id in ("", ".", "..") or Path(embedding_id).name != embedding_id or "\\" in embedding_id:
+        msg = (f"The catalog names an embedding {embedding_id!r}, an id scdm never makes (it is no plain file name): "
+               "someone edited the catalog. Nothing was locked, removed or written for it. Restore the catalog from a "
+               "backup, or delete that row with any DuckDB client.")
+        raise StoreDamagedError(msg)
     return Path(store_root) / CLAIMS_DIR / embedding_id
 
 
