@@ -34,3 +34,39 @@ def test_a_store_whose_catalog_holds_a_macro_is_refused(tmp_path: Path, read_onl
 def test_a_store_without_macros_opens(tmp_path: Path) -> None:
     Store(tmp_path / "store")
     assert Store(tmp_path / "store").sql("SELECT count(*) AS n FROM datasets").iloc[0, 0] == 0
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_store_whose_catalog_holds_a_view_scdm_never_creates_is_refused(tmp_path: Path, read_only: bool) -> None:
+    st = Store(tmp_path / "store")
+    with st.catalog.connect() as con:  # a table scdm reads, replaced by a view of someone's choosing
+        con.execute("ALTER TABLE datasets RENAME TO datasets_kept")
+        con.execute("CREATE VIEW datasets AS SELECT * FROM datasets_kept")
+    with pytest.raises(StoreFormatError, match=r"views that scdm never creates \(main\.datasets\).*DROP VIEW"):
+        Store(tmp_path / "store", read_only=read_only)
+
+
+def _redefine_results(store: Path) -> None:
+    with Store(store).catalog.connect() as con:  # every AUROC read through the view becomes 0.99
+        sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'results'").fetchone()[0]
+        con.execute(sql.replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1).replace("SELECT ", "SELECT 0.99 AS planted, ", 1))
+
+
+def test_a_results_view_edited_in_the_catalog_is_refused_read_only_and_restored_by_a_writable_open(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    Store(store)
+    _redefine_results(store)
+    with pytest.raises(StoreFormatError, match=r"defines the view\(s\) main\.results otherwise.*write access"):
+        Store(store, read_only=True)
+    columns = list(Store(store).sql("SELECT * FROM results LIMIT 0").columns)  # a writable open restores it
+    assert "planted" not in columns
+    Store(store, read_only=True)  # and the read-only open is fine again
+
+
+def test_a_results_view_worded_otherwise_by_another_duckdb_is_scdms_own() -> None:
+    from scdm.store._catalog import _expected_views, _same_view
+
+    expected = _expected_views()["main.results"]
+    reworded = expected.replace("CREATE VIEW", "create   view", 1).replace(" FROM ", "\n  FROM ")
+    assert reworded != expected and _same_view("main.results", reworded)
+    assert not _same_view("main.results", expected.replace("SELECT ", "SELECT 0.99 AS planted, ", 1))

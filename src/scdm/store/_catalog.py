@@ -51,6 +51,7 @@ import math
 import numbers
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -133,6 +134,43 @@ def _migrations() -> list[tuple[int, str, str]]:
 _MIGRATIONS = _migrations()  # read once, so one process never sees two schema versions
 SCHEMA_VERSION: int = _MIGRATIONS[-1][0]
 """Newest catalog schema this scdm can read and write."""
+
+
+def _migrated_memory_catalog() -> duckdb.DuckDBPyConnection:
+    """An in-memory catalog with every shipped migration applied, with no file or network access."""
+    con = duckdb.connect(config={"enable_external_access": False})
+    for _, _, sql in _MIGRATIONS:
+        con.execute(sql)
+    return con
+
+
+_VIEWS_SQL = ("SELECT schema_name || '.' || view_name, sql FROM duckdb_views() "
+              "WHERE database_name = current_database() AND NOT internal ORDER BY ALL")
+
+
+@functools.cache
+def _expected_views() -> dict[str, str]:
+    """``schema.view`` -> definition of every view the shipped migrations create, as this DuckDB writes it."""
+    with contextlib.closing(_migrated_memory_catalog()) as con:
+        return dict(con.execute(_VIEWS_SQL).fetchall())
+
+
+def _same_view(name: str, sql: str) -> bool:
+    """Whether a catalog's definition of scdm's view ``name`` is the migrations' own.
+
+    DuckDB writes a view's definition back from its parse tree, and versions word it differently;
+    so a definition that differs in text is defined again in an in-memory catalog by this DuckDB and
+    compared as it writes it (defining a view binds it but runs nothing).
+    """
+    expected = _expected_views()[name]
+    if sql == expected:
+        return True
+    with contextlib.closing(_migrated_memory_catalog()) as con:
+        try:
+            con.execute(re.sub(r"^\s*CREATE\s+(OR\s+REPLACE\s+)?VIEW", "CREATE OR REPLACE VIEW", sql, flags=re.I))
+        except duckdb.Error:
+            return False
+        return dict(con.execute(_VIEWS_SQL).fetchall()).get(name) == expected
 
 
 def _pending_migrations(done: dict[int, str]) -> list[tuple[int, str, str]]:
@@ -969,6 +1007,7 @@ class Catalog:
             return
         with self.transaction() as con:
             self._refuse_macros(con)  # first: the migrations' own statements call now()
+            self._refuse_foreign_views(con)
             con.execute(
                 "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name VARCHAR, "
                 "applied_at TIMESTAMP, scdm_version VARCHAR)"
@@ -981,6 +1020,7 @@ class Catalog:
                 con.execute(
                     "INSERT OR REPLACE INTO migrations VALUES (?, ?, now(), ?)", [version, name, scdm_version]
                 )
+            self._restore_edited_views(con)
             con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
@@ -989,6 +1029,7 @@ class Catalog:
         """For a read-only catalog: refuse one that is newer than this scdm or needs a migration."""
         with self.connect(read_only=True) as con:
             self._refuse_macros(con)
+            self._refuse_foreign_views(con)
             try:
                 done = dict(con.execute("SELECT version, name FROM migrations").fetchall())
             except duckdb.CatalogException:
@@ -1024,6 +1065,42 @@ class Catalog:
                    "read or written. Have the store's owner remove them (DROP MACRO ...) or restore the catalog "
                    "from a backup.")
             raise StoreFormatError(msg)
+
+    def _refuse_foreign_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Refuse a catalog holding views that scdm's migrations do not create; on a read-only one, also
+        a view of scdm's whose definition was changed (a writable open restores it, see
+        :meth:`_restore_edited_views`).
+
+        A view can stand in for a table scdm reads (drop ``datasets``, create a view of that name)
+        or redefine ``results``: a planted one would change the numbers every user of a shared store
+        is shown, and in write connections (which may read files) could read theirs.
+        """
+        expected = _expected_views()
+        found = dict(con.execute(_VIEWS_SQL).fetchall())
+        foreign = sorted(set(found) - set(expected))
+        if foreign:
+            msg = (f"The catalog {str(self.path)!r} holds views that scdm never creates ({', '.join(foreign)}): someone "
+                   "who may write this store added them, and a view named like a table scdm reads would replace its "
+                   "rows. Nothing was read or written. Have the store's owner remove them (DROP VIEW ...) or restore "
+                   "the catalog from a backup.")
+            raise StoreFormatError(msg)
+        edited = sorted(name for name, sql in found.items() if not _same_view(name, sql))
+        if edited and self.read_only:
+            msg = (f"The catalog {str(self.path)!r} defines the view(s) {', '.join(edited)} otherwise than this scdm "
+                   "does (edited by someone who may write the store, or written by another DuckDB version), so the "
+                   "results read through them could be other numbers. Nothing was read. Open the store once with "
+                   f"write access (e.g. `scdm --store {str(self.path.parent)} ls` as a user who may write it), which "
+                   "restores scdm's definitions.")
+            raise StoreFormatError(msg)
+
+    def _restore_edited_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Define scdm's views again where the catalog's definition differs from the migrations' own."""
+        found = dict(con.execute(_VIEWS_SQL).fetchall())
+        for name, sql in _expected_views().items():
+            if name in found and not _same_view(name, found[name]):
+                logger.warning("catalog %s: the view %s was defined otherwise than scdm defines it; restored "
+                               "scdm's definition", self.path, name)
+                con.execute(re.sub(r"^CREATE VIEW", "CREATE OR REPLACE VIEW", sql))
 
     def _refuse_newer(self, con: duckdb.DuckDBPyConnection, done: set[int], scdm_version: str) -> None:
         newest = max(done, default=0)
