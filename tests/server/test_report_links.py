@@ -62,3 +62,17 @@ def test_no_report_is_written_into_a_folder_linked_outside_the_store(tmp_path: P
         answer = client.post("/api/report", json={})
     assert answer.status_code == 403 and "links outside the store" in answer.json()["error"]
     assert (outside / "tables" / "counts.csv").read_text() == "gene,n\nTP53,3\n"
+
+
+def test_the_figures_of_a_report_folder_linked_outside_the_store_are_not_listed(tmp_path: Path) -> None:
+    outside = tmp_path / "home"
+    (outside / "figures").mkdir(parents=True)
+    (outside / "index.html").write_text("<p>someone's page</p>")
+    (outside / "figures" / "holiday-2026.png").write_bytes(b"")
+    store = tmp_path / "store"
+    Store(store)
+    (store / "artifacts").mkdir(exist_ok=True)
+    os.symlink(outside, store / "artifacts" / "report")
+    with _client(store) as client:
+        answer = client.get("/api/report/figures")
+    assert answer.status_code == 403 and "holiday" not in answer.text

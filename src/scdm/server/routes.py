@@ -730,6 +730,7 @@ def make_report(request: Request, srv: Server, body: ReportRequest | None = None
 
 @router.get("/api/report/figures", response_model=ReportFigures, summary="The report's page and figures, if it was written")
 def report_figures(request: Request, srv: Server) -> ReportFigures:
+    _report_folder_in_store(srv)  # a folder linked elsewhere would list the names of files outside the store
     folder = srv.root / REPORT_DIR
     root = root_of(request)
     generated = (folder / "index.html").is_file()
