@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scdm.embedding._safe_load import load_pickle
+from scdm.embedding._safe_load import load_pickle, load_torch_file
 from scdm.store.errors import CheckpointError
 
 
@@ -158,3 +158,16 @@ def test_plain_numpy_scalars_still_load(tmp_path: Path, protocol: int) -> None:
     path.write_bytes(pickle.dumps(values, protocol=protocol))
     loaded = load_pickle(path, what="a dictionary", source="anywhere")
     assert {k: (type(v), v) for k, v in loaded.items()} == {k: (type(v), v) for k, v in values.items()}
+
+
+def test_a_checkpoint_holding_a_numpy_object_array_is_refused_as_unsafe_not_called_damaged(tmp_path: Path) -> None:
+    # before: "it is truncated, damaged or not a torch.save file ... Re-download", for a whole file
+    # that torch refused because of the type it asks for (an object array), which no re-download mends
+    import numpy as np
+    import torch
+
+    path = tmp_path / "best_model.pt"
+    torch.save({"w": torch.zeros(2), "genes": np.array(["TP53", None], dtype=object)}, path)
+    with pytest.raises(CheckpointError, match=r"Refusing to load .*numpy\.dtypes\.ObjectDType.*save only its tensors") as err:
+        load_torch_file(path, what="scGPT's best_model.pt")
+    assert "damaged" not in str(err.value)

@@ -146,7 +146,8 @@ def load_pickle(path: str | Path, *, what: str, source: str,
         raise CheckpointError(msg) from None
 
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
+"""How torch names a refused type: a GLOBAL it may not import, or a class (a numpy object dtype) it may not build."""
 
 
 def damaged_torch_file(path: str | Path, err: BaseException, what: str) -> CheckpointError | None:
@@ -199,7 +200,7 @@ def load_torch_file(path: str | Path, *, what: str, mmap: bool = False) -> Any:
         if damaged is not None:  # not a refused type: bytes that are no pickle at all
             raise damaged from None
         found = _GLOBAL.search(str(err))
-        msg = (f"Refusing to load {str(path)!r}: it asks to unpickle {found.group(1) if found else err}, which {what} does not hold; "
+        msg = (f"Refusing to load {str(path)!r}: it asks to unpickle {(found.group(1) or found.group(2)) if found else err}, which {what} does not hold; "
                "loading it could run code stored in the file. Re-download the official file. If you made it yourself "
                "from a file you trust, save only its tensors again (a state_dict or dict of tensors) with torch.save.")
         raise CheckpointError(msg) from None
