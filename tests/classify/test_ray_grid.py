@@ -106,8 +106,9 @@ def test_resume_crosses_executors(st: Store, monkeypatch: pytest.MonkeyPatch) ->
     first = run(st)
     fresh = grid_tables(st)
     # A local run killed half-way: half of its tasks never reached the catalog. The reference is
-    # the local executor resuming it (logreg solves the pending folds of a split together, so a
-    # resumed split can differ from a fresh one in the last float bit; the executors must not).
+    # the local executor resuming it: logreg solves the pending folds of a split together in one
+    # float32 product whose rounding depends on its width, so a resumed split's log-odds can differ
+    # from a fresh one's (up to 1.2e-3 measured at 3000 x 200, AUROC 1e-5); the executors must not.
     lost = st.query("SELECT task_id FROM eval_tasks ORDER BY task_id")["task_id"].tolist()[::2]
     st.execute("DELETE FROM eval_tasks WHERE list_contains(?, task_id)", [lost])
     run(st)

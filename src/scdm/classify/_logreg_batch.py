@@ -11,7 +11,10 @@ scikit-learn: inputs standardised with the mean and sd of the fold's own trainin
 scaling), intercept unpenalised; its own L-BFGS history, its own backtracking line search, its own
 stopping rule (``max |gradient| <= tol``, scikit-learn's ``gtol``; or ``max_iter``). The objective is
 strictly convex, so each fold converges to the same optimum as its separate scikit-learn fit, to
-the tolerance (tested).
+the tolerance (tested). Only the rounding is shared: BLAS rounds a float32 column of the product
+differently with the product's width, so a fold solved with other folds, or alone (a resumed split,
+folds that stopped earlier), ends at a point as far from it as the tolerance allows (log-odds within
+about 1e-3 at 3000 x 200; AUROC within 1e-5).
 
 Standardisation costs nothing extra: with per-fold mean ``m_k`` and sd ``s_k`` the decision
 ``((x - m_k) / s_k) . w_k + b_k`` is ``(x - c) . (w_k / s_k) + beta_k`` on the centred rows (``c`` a
