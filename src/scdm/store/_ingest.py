@@ -498,7 +498,7 @@ def unlogged_message(scan: MatrixScan, name: str) -> str | None:
     ambient-RNA corrected, EM-estimated by alevin or salmon) so does each cell's depth.
     """
     found = scan.notes.get("unlogged")
-    if found is None:
+    if found is None or "stray_values" in scan.notes:  # counts but for a few stray values: that warning says so
         return None
     head = (f"dataset {name!r}: its values are not whole numbers, so they were classed as 'normalized', but they are not "
             f"logged (the largest is {found['max']:g}; log-normalised values stay below {LOG_VALUE_MAX:g})")
