@@ -265,6 +265,24 @@ def test_a_given_value_kind_the_values_contradict_is_refused_and_nothing_is_writ
     assert st.dataset("given").x_kind == stored.x_kind != given
 
 
+def test_a_stored_value_kind_the_values_contradict_warns_when_ingested_again(st):
+    """A store of an scdm before the --x-kind check holds log-normalised values as 'counts' (pca normalises and logs
+    them again); ingesting the file again without --x-kind kept that kind without a word, and the refusal of
+    --x-kind counts says to leave it out, which keeps it too."""
+    adata = _log_normalised(make_counts_adata(sparse=False))
+    st.ingest(adata, name="old")
+    with st.catalog.transaction() as con:  # as 7504fc1 stored --x-kind counts
+        con.execute("UPDATE datasets SET x_kind = 'counts' WHERE name = 'old'")
+    with pytest.warns(IngestWarning, match=r"'old' is stored with the value kind 'counts' \(given by an earlier ingest\), "
+                                           r"which its values contradict: (\d+) of the \1 stored values \(100\.0%\) are "
+                                           r"not whole numbers.*detected: 'normalized'.*--x-kind normalized --update"):
+        st.ingest(adata, label_key="label", label_set="again")
+    assert st.ingest(adata, x_kind="normalized", update=True).x_kind == "normalized"  # what the warning advises is taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IngestWarning)
+        st.ingest(adata)  # a stored kind the values fit: no warning
+
+
 def test_a_few_negative_values_in_normalised_data_warn_that_they_made_it_scaled(st):
     """Log-normalised values with one value below zero were classed 'scaled' without a word: scGPT/tGPT/llm then
     refused them, transfer picked the target's genes by variance (4 of 10 others than by dispersion on such data)

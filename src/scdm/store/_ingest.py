@@ -531,6 +531,37 @@ def _stray_negatives_message(scan: MatrixScan, name: str) -> str | None:
             f"{_again_with(option('x_kind', 'normalized'))}; otherwise correct those values in the data.")
 
 
+def _contradiction(kind: str | None, scan: MatrixScan) -> tuple[dict[str, Any], str] | None:
+    """The values that contradict a value kind (their note and what they are), else None; see :func:`check_given_x_kind`."""
+    negative, fractional = scan.notes.get("negative_values"), scan.notes.get("fractional_values")
+    few = STRAY_VALUE_FRACTION * scan.nnz
+    if kind == "counts" and negative is not None:
+        return negative, "negative"
+    if kind == "counts" and fractional is not None and fractional["n"] > few:
+        return fractional, "not whole numbers"
+    if kind == "normalized" and negative is not None and negative["n"] > few:
+        return negative, "negative"
+    return None
+
+
+def stored_x_kind_message(stored: str, scan: MatrixScan, name: str) -> str | None:
+    """The warning for a stored dataset whose value kind its values contradict (else None).
+
+    An scdm before :func:`check_given_x_kind` took any given kind, so a store may hold log-normalised
+    values as counts (pca normalises and logs them again) or z-scores as normalised values; ingesting
+    the file again without ``x_kind`` keeps the stored kind, so this is where the user hears of it.
+    """
+    contradiction = _contradiction(stored, scan)
+    if contradiction is None:
+        return None
+    found, what = contradiction
+    return (f"dataset {name!r} is stored with the value kind {stored!r} (given by an earlier ingest), which its values "
+            f"contradict: {found['n']} of the {scan.nnz} stored values ({found['n'] / scan.nnz:.1%}) are {what} (e.g. "
+            f"cell {found['cell']!r}, gene {found['gene']!r}: {found['value']:g}; detected: {scan.x_kind!r}). Every "
+            f"embedding reads them as {stored!r}: {_again_with(option('x_kind', scan.x_kind))} (refused while embeddings "
+            "made with the stored kind exist: they are named, to remove first).")
+
+
 def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     """Refuse a given value kind that the matrix's values contradict.
 
@@ -540,18 +571,10 @@ def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     ``normalized`` for a matrix with more than that share negative (z-scored): the checks that keep
     scaled values from the models that rank genes by expression would be passed by.
     """
-    if given not in ("counts", "normalized"):
+    contradiction = _contradiction(given, scan)
+    if contradiction is None:
         return
-    negative, fractional = scan.notes.get("negative_values"), scan.notes.get("fractional_values")
-    few = STRAY_VALUE_FRACTION * scan.nnz
-    if given == "counts" and negative is not None:
-        found, what = negative, "negative"
-    elif given == "counts" and fractional is not None and fractional["n"] > few:
-        found, what = fractional, "not whole numbers"
-    elif given == "normalized" and negative is not None and negative["n"] > few:
-        found, what = negative, "negative"
-    else:
-        return
+    found, what = contradiction
     detected = "" if scan.x_kind == given else f" (detected: {scan.x_kind!r})"
     msg = (f"{option('x_kind', given)} does not fit these values{detected}: {found['n']} of the {scan.nnz} stored values "
            f"({found['n'] / scan.nnz:.1%}) are {what} (e.g. cell {found['cell']!r}, gene {found['gene']!r}: "

@@ -840,8 +840,10 @@ class Store:
         _ingest.check_given_x_kind(opts.x_kind, scan)  # before anything is written, stored content or new
         existing = self.query("SELECT dataset_id FROM datasets WHERE content_hash = ?", [scan.content_hash])
         if len(existing):
-            return self._ingest_again(self.dataset(str(existing["dataset_id"].iloc[0])), cells, opts, update=update,
-                                      name=name, gene_ids=gene_ids, file=(adata, source))
+            held = self.dataset(str(existing["dataset_id"].iloc[0]))
+            if opts.x_kind is None and (wrong := _ingest.stored_x_kind_message(held.x_kind, scan, held.name)) is not None:
+                warnings.warn(wrong, _ingest.IngestWarning, stacklevel=3)  # an older scdm took the given kind unchecked
+            return self._ingest_again(held, cells, opts, update=update, name=name, gene_ids=gene_ids, file=(adata, source))
         # an in-memory AnnData without a name is named after its content: two of them never collide
         name = default_study or f"dataset-{scan.content_hash[:8]}"
         _check_dataset_name(name)
