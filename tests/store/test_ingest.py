@@ -342,6 +342,18 @@ def test_counts_with_one_stray_value_warn_once_and_not_as_counts_with_fractions(
     assert len(found) == 1 and "1 of its" in found[0] and "--x-kind counts" in found[0]
 
 
+def test_counts_with_fractions_above_any_log_value_are_taken_as_counts_when_given(st, pc9_counts_path, recwarn):
+    """The --x-kind check refused PC9 counts x uniform(0.7, 1.0) (as SoupX corrects them; largest value 364) given as
+    counts, which 7504fc1 took: only fractions that stay below any log value are log-normalised values."""
+    adata = ad.read_h5ad(pc9_counts_path)[:100].copy()
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.X.data *= np.random.default_rng(0).uniform(0.7, 1.0, adata.X.nnz).astype(np.float32)
+    assert st.ingest(adata, name="soupx", x_kind="counts").x_kind == "counts"
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+    with pytest.raises(InputDataError, match=r"not whole numbers.*exceeds 50.*np\.rint"):
+        st.ingest(_log_normalised(make_counts_adata(sparse=False)), name="logged", x_kind="counts")
+
+
 def test_a_given_value_kind_that_a_few_values_contradict_is_taken(st):
     fraction = make_counts_adata(sparse=False)
     fraction.X[0, 0] = 0.5  # a stray non-integer in counts: what --x-kind counts is for

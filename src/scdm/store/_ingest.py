@@ -537,7 +537,9 @@ def _contradiction(kind: str | None, scan: MatrixScan) -> tuple[dict[str, Any], 
     few = STRAY_VALUE_FRACTION * scan.nnz
     if kind == "counts" and negative is not None:
         return negative, "negative"
-    if kind == "counts" and fractional is not None and fractional["n"] > few:
+    # fractions above any log value ("unlogged") are estimated or corrected counts (alevin, SoupX): counts
+    # as the user says; below it they are log-normalised, which pca would normalise and log again
+    if kind == "counts" and fractional is not None and fractional["n"] > few and "unlogged" not in scan.notes:
         return fractional, "not whole numbers"
     if kind == "normalized" and negative is not None and negative["n"] > few:
         return negative, "negative"
@@ -566,8 +568,10 @@ def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     """Refuse a given value kind that the matrix's values contradict.
 
     ``counts`` for a matrix with a negative value, or with more than :data:`STRAY_VALUE_FRACTION`
-    of its values not whole numbers (log-normalised, scaled): pca/hvg would normalise and log those
-    values again (a negative one to NaN), and every count model would read them as counts.
+    of its values not whole numbers while none exceeds :data:`LOG_VALUE_MAX` (log-normalised): pca/hvg
+    would normalise and log those values again (a negative one to NaN), and every count model would
+    read them as counts. Counts with fractions above that (alevin's estimates, SoupX's corrected
+    counts) are taken as counts when the user says so.
     ``normalized`` for a matrix with more than that share negative (z-scored): the checks that keep
     scaled values from the models that rank genes by expression would be passed by.
     """
@@ -584,7 +588,8 @@ def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
                 "count model would read them as counts. Put the raw counts in X (e.g. adata.X = adata.layers['counts'] "
                 f"or adata.raw.X), or leave out {option('x_kind')} to have the kind detected.")
         if what != "negative":
-            msg += " Estimated counts with fractions (e.g. from alevin or salmon) can be rounded first (adata.X = np.rint(adata.X))."
+            msg += (f" Estimated counts with fractions (alevin, SoupX) are taken as counts once a value exceeds "
+                    f"{LOG_VALUE_MAX:g}; if these are such counts and stay below it, round them first (adata.X = np.rint(adata.X)).")
     else:
         msg += ("Values that are negative this often are scaled (z-scores): scGPT, tGPT and the llm rank genes by "
                 "expression and refuse scaled values, but would rank these deviations from the mean. Leave out "
