@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scdm.store.errors import GeneMappingError, InputDataError, ScdmWarning
+from scdm.store.matrix import LOG_VALUE_MAX
 
 if TYPE_CHECKING:
 
@@ -70,8 +71,8 @@ waterfall method. ``ic50`` and ``auc`` (GDSC's area under the viability curve): 
 _SENSITIVE_WHEN = {"ic50": "low", "auc": "low", "activity_area": "high"}
 _TARGET_SUM = 1e4
 _MIN_SHARED_GENES = 10
-LOG_SCALE_MAX = 50.0
-"""Normalised values above this are not log-scale (log1p of 1e4-normalised counts stays below 10): log1p is taken."""
+LOG_SCALE_MAX = LOG_VALUE_MAX
+"""Normalised values above this are not log-scale: log1p is taken (ingest's bound, one number for both)."""
 LOW_GENE_OVERLAP = 0.5
 """Fewer shared genes than this share of the smallest gene list is warned about (ids of another kind or species)."""
 _MAX_KMEANS_K = 10

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from scdm.store.errors import InputDataError, ScdmWarning
 from scdm.store.genes import GENE_ID_KINDS, GeneIdKind, as_gene_id_kind, detect_gene_id_kind, ids_not_of_kind, map_genes
-from scdm.store.matrix import SCAN_BLOCK_ROWS, iter_row_blocks, to_csr
+from scdm.store.matrix import LOG_VALUE_MAX, SCAN_BLOCK_ROWS, iter_row_blocks, to_csr
 from scdm.store.wording import input_file, offers, option
 
 if TYPE_CHECKING:
@@ -48,11 +48,6 @@ MIXED_GENE_ID_FRACTION = 0.1
 about: a matrix of two id kinds (Ensembl ids for some genes, symbols for others) is read as one kind,
 and no model finds the genes of the other (a few spike-ins or unnamed genes stay below it)."""
 
-
-LOG_VALUE_MAX = 50.0
-"""A log-transformed expression value above this is not met in practice (log1p of 1e4-normalised counts
-stays below 10; transfer takes log1p of normalised values above the same bound): a matrix of
-non-integers with larger values holds values on the count scale, not logged."""
 
 UNEQUAL_TOTALS = 2.0
 """Cells' totals differing by more than this factor were not normalised to one total."""

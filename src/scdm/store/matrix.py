@@ -16,10 +16,15 @@ from scdm.store.errors import InputDataError
 if TYPE_CHECKING:
     import anndata as ad
 
-__all__ = ["SCAN_BLOCK_ROWS", "iter_row_blocks", "to_csr"]
+__all__ = ["LOG_VALUE_MAX", "SCAN_BLOCK_ROWS", "iter_row_blocks", "to_csr"]
 
 SCAN_BLOCK_ROWS = 4096
 """Rows read at a time by default."""
+
+LOG_VALUE_MAX = 50.0
+"""A log-transformed expression value above this is not met in practice (log1p of 1e4-normalised counts
+stays below 10): non-integer values above it are on the count scale, not logged. Ingest warns of them
+(or takes them as counts when told so); transfer takes their log1p."""
 
 
 def iter_row_blocks(
