@@ -1427,7 +1427,7 @@ def train_head_command(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple
 @main.command()
 @click.option("--head", "head_id", required=True, help="Trained head id (see SELECT * FROM trained_heads).")
 @click.option("--dataset", required=True, help="Dataset embedded with the head's model/variant/space.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the predictions to a .csv, or an .h5ad copy with obs scdm_proba/scdm_label.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the predictions to a .csv, or an .h5ad copy with obs scdm_proba/scdm_label/scdm_trained_on.")
 @click.option("--trust-pickle", is_flag=True,
               help="Convert a head that an older scdm saved as a pickle (head.joblib / head.pt) to the safe format, "
                    "then predict. This UNPICKLES the file, which runs any code stored in it: use it only for a store "
@@ -1438,7 +1438,8 @@ def train_head_command(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple
 def predict(obj: Ctx, head_id: str, dataset: str, out: str | None, trust_pickle: bool, fmt: str) -> None:
     """Predict the drug response of every cell of a dataset with a trained head.
 
-    Probabilities and labels go to the catalog (SELECT * FROM predictions). A dataset embedded with
+    Probabilities, labels and trained_on (the cell trained the head: a fitted value, not a held-out
+    prediction) go to the catalog (SELECT * FROM predictions). A dataset embedded with
     another model, variant or space is refused with the command that embeds it correctly. Heads are
     read from files that cannot run code (NPZ/JSON, safetensors, LightGBM text).
 

@@ -124,7 +124,9 @@ def test_prediction_job_round_trip(server: Server) -> None:
     status, headers, body = server.request("GET", done["result"]["csv_url"])
     assert status == 200 and headers["content-type"].startswith("text/csv") and "attachment" in headers["content-disposition"]
     csv = pd.read_csv(io.BytesIO(body))
-    assert len(csv) == 108 and {"cell_id", "proba", "label", "response"} <= set(csv.columns)
+    assert len(csv) == 108 and {"cell_id", "proba", "label", "response", "trained_on"} <= set(csv.columns)
+    # the head was fitted on a375: every prediction is a fitted value, as scdm predict marks it (108 of 108)
+    assert csv["trained_on"].all() and all(r["trained_on"] for r in rows) and done["result"]["n_trained_on"] == 108
     status, err = server.json("POST", "/api/jobs/predict", {"head_id": "ffffffffffffffff", "dataset": "a375"})
     assert status == 404 and "ffffffffffffffff" in err["error"]
     status, err = server.json("POST", "/api/jobs/predict", {"head_id": server.info["head_id"], "dataset": "nope"})

@@ -423,12 +423,17 @@ def test_prediction_form_shows_results_and_csv(page: Callable[[str], None], driv
     assert text_of(driver, "pred-msg").startswith(f"108 cells, {sum(r['label'] for r in stored)} predicted sensitive")
     assert driver.find_element("id", "pred-progress").get_attribute("value") == "1"
     columns = header_texts(driver, "pred-table")
-    assert columns == ["cell_id", "proba", "label", "response", "label_set"]
+    assert columns == ["cell_id", "proba", "label", "response", "label_set", "trained_on"]
+    # the head was fitted on these 108 cells: the page says so, as scdm predict does, beside the numbers
+    assert "108 of them trained the head" in text_of(driver, "pred-msg")
+    notes = driver.find_elements("css selector", "#pred-notes .note")
+    assert any("108 of the 108 cells of a375 trained head" in n.text and n.is_displayed() for n in notes)
     shown = body_rows(driver, "pred-table")
     assert [r[0] for r in shown] == [r["cell_id"] for r in stored]
     assert [float(r[1]) for r in shown] == pytest.approx([r["proba"] for r in stored], abs=5e-4)
     assert [r[2] for r in shown] == [str(r["label"]) for r in stored]
     assert [r[4] for r in shown] == [r["label_set"] for r in stored]  # the drug the head learned
+    assert [r[5] for r in shown] == ["true"] * 108 and all(r["trained_on"] for r in stored)
 
     link = driver.find_element("id", "pred-csv")
     assert link.get_attribute("download") is not None and "/api/predictions.csv?" in link.get_attribute("href")

@@ -1099,7 +1099,8 @@ def predict(
         checkpoint and parameters).
     out : str or path, optional
         Also write the predictions to a ``.csv``, or to an ``.h5ad`` copy of the dataset with obs
-        columns ``scdm_proba`` and ``scdm_label`` (and the head id in ``uns["scdm"]``).
+        columns ``scdm_proba``, ``scdm_label`` and ``scdm_trained_on`` (and the head's ``head_id``,
+        ``model``, ``variant``, ``space_id`` and ``threshold`` in ``uns["scdm_prediction"]``).
     trust_pickle : bool, default False
         Convert a head pickled by an older scdm to the safe format first (see :func:`load_head`):
         this unpickles the file, which runs any code stored in it.
@@ -1114,7 +1115,9 @@ def predict(
         ``trained_on`` (True for the cells the head was fitted on, or whose labels tuned the
         LoRA adapter of a ``lora:`` embedding, or that are such a cell under another dataset name:
         the same cell id and expression values; their predictions are not held-out; a warning
-        says how many).
+        says how many). The catalog's ``predictions`` rows keep ``proba``, ``label`` and
+        ``trained_on``; ``attrs["notes"]`` holds the warnings logged about these predictions, in
+        their words (the server shows them beside the same numbers).
 
     Raises
     ------
@@ -1135,19 +1138,20 @@ def predict(
     trained = load_head(st, head_id, trust_pickle=trust_pickle)
     ds, embedding_id = _embedding_for(st, trained, dataset)
     record = trained_head(st, trained.head_id)
-    _warn_fewer_known_genes(st, trained, record, ds.name, embedding_id)
+    notes: list[str] = []
+    _warn_fewer_known_genes(st, trained, record, ds.name, embedding_id, notes)
     X = st.read_embedding(embedding_id)
     # labelled from the probabilities exactly as they are stored (DOUBLE since migration 16) and returned,
     # so the stored label is proba >= threshold; float32 (REAL) made every cell past a logit of ~16.6 read 1.0
     proba = np.asarray(trained.head.proba_sensitive(X), np.float64)
     label = (proba >= trained.threshold).astype(np.int8)
-    _warn_all_zero_rows(X, proba, ds.name, trained)
-    cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds)).sort_values("row")
+    _warn_all_zero_rows(X, proba, ds.name, trained, notes)
+    cells = st.cells([ds.dataset_id], label_set=_response_label_set(st, record, ds, notes)).sort_values("row")
     cells = cells.reset_index(drop=True)
-    trained_on = _trained_on(st, record, embedding_id, cells)
-    copies = _copies_of_training_cells(st, record, ds.dataset_id, cells) & ~trained_on
+    trained_on = _trained_on(st, record, embedding_id, cells, notes)
+    copies = _copies_of_training_cells(st, record, ds.dataset_id, cells, notes) & ~trained_on
     if copies.any():
-        logger.warning("%d of the %d cells of %s have the cell id and the expression values of a cell that trained head "
+        _note(notes, "%d of the %d cells of %s have the cell id and the expression values of a cell that trained head "
                        "%s in another dataset (the same cells ingested under another name): marked trained_on, their "
                        "predictions are not held-out.", int(copies.sum()), len(cells), ds.name, trained.head_id)
         trained_on = trained_on | copies
@@ -1157,18 +1161,26 @@ def predict(
         "label": label, "response": cells["response"], "label_set": cells["label_set"], "trained_on": trained_on,
     })
     if trained_on.any():
-        logger.warning("%d of the %d cells of %s trained head %s (or the LoRA adapter of its embedding): their "
+        _note(notes, "%d of the %d cells of %s trained head %s (or the LoRA adapter of its embedding): their "
                        "predictions are fitted values, not held-out ones (column trained_on); a score on them is a "
                        "training score. The head's cross-validated scores are its train_metrics (scdm sql \"SELECT "
                        "train_metrics FROM trained_heads WHERE head_id = '%s'\", or GET /api/heads).",
                        int(trained_on.sum()), len(frame), ds.name, trained.head_id, trained.head_id)
     replace_predictions(st, Predictions(trained.head_id, ds.dataset_id, embedding_id, frame["row"].to_numpy(),
-                                        frame["proba"].to_numpy(), frame["label"].to_numpy()))
+                                        frame["proba"].to_numpy(), frame["label"].to_numpy(), trained_on))
     if out is not None:
         _write_out(st, ds, frame, Path(out), trained)
     logger.info("predicted %d cells of %s with head %s (%d sensitive)", len(frame), ds.name, trained.head_id,
                 int(label.sum()))
+    frame.attrs["notes"] = notes
     return frame
+
+
+def _note(notes: list[str], msg: str, *args: Any) -> None:
+    """Log a warning about the predictions being made and keep its text: predict returns it with them, so
+    whoever shows the numbers elsewhere (the server's job, page) shows what qualifies them, in the same words."""
+    logger.warning(msg, *args)
+    notes.append(msg % args)
 
 
 KNOWN_GENES_WARN_RATIO = 0.5
@@ -1183,7 +1195,7 @@ def _known_genes(st: Store, embedding_ids: Sequence[str]) -> dict[str, int]:
 
 
 def _warn_fewer_known_genes(st: Store, trained: TrainedHead, record: TrainedHeadRecord, dataset: str,
-                            embedding_id: str) -> None:
+                            embedding_id: str, notes: list[str]) -> None:
     """Warn when the dataset's cells showed the model far fewer genes than the training cells did.
 
     Its embedding is then made from a fraction of the genes the head learned from (a gene panel, or
@@ -1196,36 +1208,37 @@ def _warn_fewer_known_genes(st: Store, trained: TrainedHead, record: TrainedHead
     if embedding_id not in known or not trained_known or embedding_id in record.embedding_ids:
         return
     if known[embedding_id] < KNOWN_GENES_WARN_RATIO * min(trained_known):
-        logger.warning("dataset %s has %d genes the %s model knows, the training datasets of head %s at least %d: its "
+        _note(notes, "dataset %s has %d genes the %s model knows, the training datasets of head %s at least %d: its "
                        "embedding is made from a fraction of the genes the head learned from, so its predictions may "
                        "not mean what they mean on the training data (see the audit column of scdm ls). Check them "
                        "against labelled cells first, or train a head on datasets measuring the same genes.", dataset,
                        known[embedding_id], trained.model, trained.head_id, min(trained_known))
 
 
-def _warn_all_zero_rows(X: np.ndarray, proba: np.ndarray, dataset: str, trained: TrainedHead) -> None:
+def _warn_all_zero_rows(X: np.ndarray, proba: np.ndarray, dataset: str, trained: TrainedHead, notes: list[str]) -> None:
     """Warn about cells whose embedding is all zeros (kept by ``allow_empty_cells``): the model saw nothing of
     them, so the head's answer for them is one number for no data, labelled like a real prediction."""
     empty = ~X.any(axis=1)
     if empty.any():
         values = ", ".join(f"{p:.3f}" for p in np.unique(np.round(proba[empty], 3))[:3])
-        logger.warning("%d of the %d cells of %s have an all-zero %s embedding (the model saw none of their genes): "
+        _note(notes, "%d of the %d cells of %s have an all-zero %s embedding (the model saw none of their genes): "
                        "head %s gives them all the probability %s and a label, which say nothing about those cells. "
                        "Leave them out of any reading (their rows have all-zero vectors in the embedding).",
                        int(empty.sum()), len(X), dataset, trained.model, trained.head_id, values)
 
 
-def _response_label_set(st: Store, record: TrainedHeadRecord, ds: Any) -> str | None:
+def _response_label_set(st: Store, record: TrainedHeadRecord, ds: Any, notes: list[str]) -> str | None:
     """The dataset's label set shown beside the predictions (:func:`store.heads.response_label_set`)."""
     ls = response_label_set(st, record.label_set, ds.dataset_id)
     if ls is not None and record.label_set and ls.name not in record.label_set.split(","):
-        logger.warning("dataset %s has no label set %s, the one head %s was trained on; the response column holds its "
+        _note(notes, "dataset %s has no label set %s, the one head %s was trained on; the response column holds its "
                        "default label set %s, which may be another drug's response", ds.name,
                        " or ".join(sorted(record.label_set.split(","))), record.head_id, ls.name)
     return None if ls is None else ls.name
 
 
-def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: pd.DataFrame) -> np.ndarray:
+def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: pd.DataFrame,
+                notes: list[str]) -> np.ndarray:
     """Which of a dataset's cells (in ``cells`` order) are not held-out: the head was fitted on them (its
     labelled cells of the head's category), or their labels tuned the LoRA adapter of the embedding."""
     tuned = tuned_training_rows(st, embedding_id)
@@ -1237,7 +1250,7 @@ def _trained_on(st: Store, record: TrainedHeadRecord, embedding_id: str, cells: 
         in_category = (cells[record.category_type].astype(str) == record.category).to_numpy(bool)
     if _training_labels_changed(st, record):
         # which cells were labelled at fit time is no longer known: none of the category is claimed held-out
-        logger.warning("the labels of head %s's training datasets changed since it was fitted (%d labelled training "
+        _note(notes, "the labels of head %s's training datasets changed since it was fitted (%d labelled training "
                        "cells then): every cell of its category in them is marked trained_on. Train the head again "
                        "(scdm train-head) to predict them held-out.", record.head_id, record.n_train)
         return mask | in_category
@@ -1259,7 +1272,8 @@ _COPY_BLOCK_ROWS = 1024
 """Cells compared at a time when looking for copies of training cells (bounded memory on large datasets)."""
 
 
-def _copies_of_training_cells(st: Store, record: TrainedHeadRecord, dataset_id: str, cells: pd.DataFrame) -> np.ndarray:
+def _copies_of_training_cells(st: Store, record: TrainedHeadRecord, dataset_id: str, cells: pd.DataFrame,
+                              notes: list[str]) -> np.ndarray:
     """Which of a dataset's cells (in ``cells`` order) are a training cell of the head under another dataset name.
 
     A copy has the cell id of a labelled training cell of another dataset and exactly its expression
@@ -1283,11 +1297,13 @@ def _copies_of_training_cells(st: Store, record: TrainedHeadRecord, dataset_id: 
         here = np.flatnonzero(where >= 0)
         if here.size:
             there = group["row"].to_numpy(np.int64)[where[here]]
-            mask[here] = _same_expression(st, dataset_id, cells["row"].to_numpy(np.int64)[here], str(other_id), there)
+            mask[here] = _same_expression(st, dataset_id, cells["row"].to_numpy(np.int64)[here], str(other_id), there,
+                                          notes)
     return mask
 
 
-def _same_expression(st: Store, dataset_a: str, rows_a: np.ndarray, dataset_b: str, rows_b: np.ndarray) -> np.ndarray:
+def _same_expression(st: Store, dataset_a: str, rows_a: np.ndarray, dataset_b: str, rows_b: np.ndarray,
+                     notes: list[str]) -> np.ndarray:
     """Whether row ``rows_a[i]`` of one dataset holds exactly the values of ``rows_b[i]`` of another, gene by gene
     (on the gene ids both have; an all-zero row there is no evidence and counts as different)."""
     genes_a = pd.Index(st.genes(dataset_a)["gene_id"].astype(str))
@@ -1300,7 +1316,7 @@ def _same_expression(st: Store, dataset_a: str, rows_a: np.ndarray, dataset_b: s
     try:
         adata_a, adata_b = st.open_anndata(dataset_a), st.open_anndata(dataset_b)
     except ScdmError as err:
-        logger.warning("could not compare the expression of %s and %s to find copies of training cells (%s): cells of "
+        _note(notes, "could not compare the expression of %s and %s to find copies of training cells (%s): cells of "
                        "one under another name are not marked trained_on", dataset_a, dataset_b, err)
         return same
     try:

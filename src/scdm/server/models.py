@@ -441,6 +441,11 @@ class PredictionRow(_Row):
                                  "label_set.")
     label_set: str | None = Field(default=None, description="The dataset's label set of the drug the head was trained "
                                   "on (else its default label set); None for an unlabelled dataset.")
+    trained_on: bool | None = Field(default=None, description="True for a cell that trained the head (it was fitted "
+                                    "on it, its label tuned the LoRA adapter of the embedding, or it is such a cell "
+                                    "under another dataset name): its prediction is a fitted value, not a held-out "
+                                    "one, and a score on it is a training score (as `scdm predict` marks it). Null: "
+                                    "predicted by an scdm that did not record it; predict again.")
 
 
 class ModelSummary(BaseModel):
@@ -489,7 +494,10 @@ class JobStatus(BaseModel):
     progress: float = Field(ge=0.0, le=1.0)
     position: int | None = Field(default=None, description="Place in the queue while queued (1: next to start).")
     message: str
-    result: dict[str, Any]
+    result: dict[str, Any] = Field(description="What the job made. A prediction (or an upload with head_id) adds "
+                                   "n_cells, n_sensitive, mean_proba, n_trained_on (cells that trained the head: "
+                                   "their predictions are fitted values, not held-out ones), notes (the warnings "
+                                   "`scdm predict` prints about these predictions, in its words) and csv_url.")
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

@@ -498,7 +498,7 @@ def _prediction_frame(srv: ServerState, head_id: str | None, dataset: str | None
         where.append("p.dataset_id = ?")
         args.append(srv.store.dataset(dataset).dataset_id)
     matching = ("SELECT p.head_id, d.name AS dataset, p.dataset_id, p.row, c.cell_id, p.proba, p.label, "
-                "p.embedding_id, p.created_at FROM predictions p JOIN datasets d USING (dataset_id) "
+                "p.trained_on, p.embedding_id, p.created_at FROM predictions p JOIN datasets d USING (dataset_id) "
                 "JOIN cells c ON c.dataset_id = p.dataset_id AND c.row = p.row" +
                 (" WHERE " + " AND ".join(where) if where else ""))
     order = 'head_id, dataset, "row"'  # (head_id, dataset_id, row) is the table's key; a dataset name is one dataset
@@ -509,7 +509,7 @@ def _prediction_frame(srv: ServerState, head_id: str | None, dataset: str | None
     # beside each cell the label of the drug the head learned, not the dataset's default drug's
     frame = with_responses(srv.store, frame)
     return frame[["head_id", "dataset", "dataset_id", "row", "cell_id", "proba", "label", "response", "label_set",
-                  "embedding_id", "created_at"]], total
+                  "trained_on", "embedding_id", "created_at"]], total
 
 
 @router.get("/api/predictions", response_model=list[PredictionRow], summary="Per-cell predictions of trained heads",
@@ -555,7 +555,8 @@ def submit_predict(body: PredictRequest, request: Request, srv: Server) -> JobSt
         head_id = str(frame["head_id"].iloc[0])
         job.update(stage="done", result={
             "head_id": head_id, "dataset": body.dataset, "n_cells": len(frame), "n_sensitive": int(frame["label"].sum()),
-            "mean_proba": float(frame["proba"].mean()), "csv_url": _csv_url(root, head_id, body.dataset)})
+            "mean_proba": float(frame["proba"].mean()), **_prediction_notes(frame),
+            "csv_url": _csv_url(root, head_id, body.dataset)})
 
     return job_status(srv.jobs.submit("predict", work), request)
 
@@ -568,6 +569,12 @@ def list_jobs(request: Request, srv: Server) -> list[JobStatus]:
 @router.get("/api/jobs/{job_id}", response_model=JobStatus, summary="State, progress and queue position of a job")
 def job(job_id: str, request: Request, srv: Server) -> JobStatus:
     return job_status(srv.jobs.get(job_id), request)
+
+
+def _prediction_notes(frame: pd.DataFrame) -> dict[str, Any]:
+    """What `scdm predict` says about these predictions beside its numbers: how many cells trained the head
+    (their predictions are fitted values, not held-out ones) and the warnings it printed, in its words."""
+    return {"n_trained_on": int(frame["trained_on"].sum()), "notes": list(frame.attrs.get("notes", []))}
 
 
 def _csv_url(root: str, head_id: str, dataset: str) -> str:
@@ -704,7 +711,7 @@ def _upload_job(srv: ServerState, job: JobHandle, path: Path, name: str, options
     frame = predict(srv.store, new_head, info.name)
     job.update(stage="done", result={**job.record.result, "head_id": new_head, "requested_head_id": row.head_id,
                                      "n_sensitive": int(frame["label"].sum()), "mean_proba": float(frame["proba"].mean()),
-                                     "csv_url": _csv_url(root, new_head, info.name)})
+                                     **_prediction_notes(frame), "csv_url": _csv_url(root, new_head, info.name)})
 
 
 # --------------------------------------------------------------------------------------------

@@ -270,6 +270,9 @@ class Predictions:
     """Probability of sensitive, shape (n,); stored in float64 (DOUBLE since migration 16)."""
     label: np.ndarray
     """1 sensitive, 0 resistant, shape (n,): ``proba >= threshold`` on the stored values."""
+    trained_on: np.ndarray | None = None
+    """Whether each cell trained the head (its prediction is a fitted value, not a held-out one), shape
+    (n,); None: not known (stored as NULL)."""
 
     def frame(self) -> pd.DataFrame:
         """The ``predictions`` rows (without ``created_at``)."""
@@ -277,10 +280,14 @@ class Predictions:
         if not len(self.proba) == len(self.label) == n:
             msg = f"Predictions need one proba and one label per row; got {n} rows, {len(self.proba)} probas, {len(self.label)} labels."
             raise InputDataError(msg)
+        trained_on = pd.array([pd.NA] * n if self.trained_on is None else np.asarray(self.trained_on, bool), "boolean")
+        if len(trained_on) != n:
+            msg = f"Predictions need one trained_on flag per row; got {n} rows, {len(trained_on)} flags."
+            raise InputDataError(msg)
         return pd.DataFrame({
             "head_id": self.head_id, "dataset_id": self.dataset_id, "row": np.asarray(self.rows, np.int32),
             "embedding_id": self.embedding_id, "proba": np.asarray(self.proba, np.float64),
-            "label": np.asarray(self.label, np.int8),
+            "label": np.asarray(self.label, np.int8), "trained_on": trained_on,
         })
 
 

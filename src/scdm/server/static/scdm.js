@@ -242,15 +242,19 @@ $("pred-form").onsubmit = async (ev) => {
   ev.preventDefault();
   const body = Object.fromEntries(new FormData($("pred-form")));
   const bar = $("pred-progress"); bar.hidden = false; bar.value = 0; $("pred-csv").hidden = true; $("pred-table").innerHTML = "";
+  $("pred-notes").innerHTML = "";
   $("pred-submit").disabled = true; $("pred-msg").textContent = "submitting...";
   try {
     const job = await api("/api/jobs/predict", Object.assign({body: JSON.stringify(body)}, JSON_POST));
     const j = await waitJob(job, j => { bar.value = j.progress; $("pred-msg").textContent = stageText(j); });
     if (j.state !== "done") throw new Error(j.message);
-    bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${metricText(j.result.mean_proba)})`;
+    bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${metricText(j.result.mean_proba)})` +
+      (j.result.n_trained_on ? `; ${j.result.n_trained_on} of them trained the head (column trained_on): fitted values, not held-out predictions` : "");
+    // the warnings scdm predict prints about these predictions, in its words: a training score read as held-out misleads
+    $("pred-notes").innerHTML = (j.result.notes || []).map(t => `<p class="note">note: ${esc(t)}</p>`).join("");
     $("pred-csv").href = j.result.csv_url; $("pred-csv").hidden = false;
     const rows = await api(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=200`);
-    table($("pred-table"), rows, ["cell_id", "proba", "label", "response", "label_set"]);
+    table($("pred-table"), rows, ["cell_id", "proba", "label", "response", "label_set", "trained_on"]);
   } catch (e) { showError($("pred-msg"), e); bar.hidden = true; } finally { $("pred-submit").disabled = false; }
 };
 loadLeaderboard();
