@@ -94,3 +94,24 @@ def test_predictions_stored_without_the_flag_are_served_as_unknown(trained: tupl
         assert {r["trained_on"] for r in rows} == {None}  # not recorded: neither held-out nor trained on
     finally:
         predict(st, head_id, "train")
+
+
+def test_predicting_with_a_head_an_older_revision_fitted_says_so(trained: tuple[Store, str, Any]) -> None:
+    """GET /api/heads marks a head fitted by an older revision ('train it again'); its predictions, through
+    `scdm predict` or the server's job, came with no word of it."""
+    from scdm.classify.trained_heads import predict, trained_heads
+
+    st, head_id, client = trained
+    with st.catalog.transaction() as con:  # as an scdm of logreg's revision 2 recorded it
+        con.execute("UPDATE trained_heads SET revision = 2 WHERE head_id = ?", [head_id])
+    try:
+        (revision_note,) = trained_heads(st).query("head_id == @head_id")["revision_note"]
+        assert revision_note.startswith("fitted by revision 2 of logreg, now 3")
+        cli = predict(st, head_id, "new")
+        job = _predict_job(client, head_id, "new")
+        for notes in (cli.attrs["notes"], job["result"]["notes"]):
+            (note,) = [n for n in notes if revision_note in n]
+            assert f"head {head_id}: " in note and "train-head --embedding" in note
+    finally:
+        with st.catalog.transaction() as con:
+            con.execute("UPDATE trained_heads SET revision = 3 WHERE head_id = ?", [head_id])

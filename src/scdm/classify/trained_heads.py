@@ -1139,6 +1139,7 @@ def predict(
     ds, embedding_id = _embedding_for(st, trained, dataset)
     record = trained_head(st, trained.head_id)
     notes: list[str] = []
+    _warn_older_revision(st, record, notes)
     _warn_fewer_known_genes(st, trained, record, ds.name, embedding_id, notes)
     X = st.read_embedding(embedding_id)
     # labelled from the probabilities exactly as they are stored (DOUBLE since migration 16) and returned,
@@ -1181,6 +1182,15 @@ def _note(notes: list[str], msg: str, *args: Any) -> None:
     whoever shows the numbers elsewhere (the server's job, page) shows what qualifies them, in the same words."""
     logger.warning(msg, *args)
     notes.append(msg % args)
+
+
+def _warn_older_revision(st: Store, record: TrainedHeadRecord, notes: list[str]) -> None:
+    """Warn when an older revision of the head fitted it (its ``revision_note``, as the head listings show it):
+    the leaderboard leaves such a revision's results out as known wrong, but its predictions look like any."""
+    (note,) = with_revision_notes(trained_head_table(st, head_id=record.head_id))["revision_note"]
+    if note:
+        _note(notes, "head %s: %s (%s); these predictions come from that fit, which may differ from a head this scdm trains.",
+              record.head_id, note, retrain_command(st, record))
 
 
 KNOWN_GENES_WARN_RATIO = 0.5
