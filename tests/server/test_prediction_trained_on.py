@@ -115,3 +115,28 @@ def test_predicting_with_a_head_an_older_revision_fitted_says_so(trained: tuple[
     finally:
         with st.catalog.transaction() as con:
             con.execute("UPDATE trained_heads SET revision = 3 WHERE head_id = ?", [head_id])
+
+
+def test_the_models_page_shows_why_a_trained_head_may_be_wrong_now(trained: tuple[Store, str, Any]) -> None:
+    """The Models tab listed a head fitted by an older revision like any other (GET /api/heads says 'train it again')."""
+    import html
+
+    from tests.server.test_number_format import run_page_loader
+    from tests.server.test_page_columns import html_table
+
+    st, head_id, client = trained
+    with st.catalog.transaction() as con:
+        con.execute("UPDATE trained_heads SET revision = 2 WHERE head_id = ?", [head_id])
+    try:
+        answer = client.get("/api/models/pca").json()
+        shown = run_page_loader("loadModel('pca')", {"/api/models/pca": answer}, [], read="els['mh'].innerHTML",
+                                functions=("notesHtml", "loadModel"))
+    finally:
+        with st.catalog.transaction() as con:
+            con.execute("UPDATE trained_heads SET revision = 3 WHERE head_id = ?", [head_id])
+    (row,) = html_table(str(shown))
+    (listed,) = answer["trained_heads"]
+    assert row["head_id"] == head_id and row["threshold"] == "0.500"
+    # the whole note is in the cell's title where the table cuts it
+    assert listed["revision_note"].startswith("fitted by revision 2 of logreg") and html.escape(listed["revision_note"]) in str(shown)
+    assert "note" in row

@@ -185,7 +185,10 @@ async function loadModel(name) {
     $("mn").innerHTML = notesHtml(m);
     table($("ml"), m.leaderboard, ["variant", "space_id", "datasets", "label_set", "head", "head_params", "scenario", "scheme", "k",
       "seed", "split_id", "folds_from", "metric", "mean", "sd", "n_folds", "folds_done", "folds_expected", "complete", "note"]);
-    table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "created_at"]);
+    // revision_note and note say why a head's predictions may be wrong now (an older revision fitted it; an older
+    // gene table), as GET /api/heads and scdm predict's warning say; threshold turns its probabilities into labels
+    table($("mh"), m.trained_heads, ["head_id", "head", "datasets", "label_set", "category_type", "category", "n_train", "threshold",
+      "revision_note", "note", "created_at"]);
   } catch (e) { showError($("model-msg"), e); }
 }
 // GET /api/runs answers oldest first; the tab lists newest first, times as stored (UTC, to the second)
