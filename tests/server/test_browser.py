@@ -446,6 +446,24 @@ def test_prediction_form_shows_results_and_csv(page: Callable[[str], None], driv
     assert len(frame) == 108 and list(frame["cell_id"]) == [r["cell_id"] for r in stored]
 
 
+def test_prediction_table_cut_to_its_first_rows_says_so(page: Callable[[str], None], driver: Any, site: Server) -> None:
+    # before: the table fetched 200 rows and said nothing, so sorting it by proba ranked the first 200 cells only
+    from selenium.webdriver.support.ui import Select
+
+    page("predict")
+    head_id = site.info["head_id"]
+    wait_for(driver, lambda d: d.find_elements("css selector", f'#pred-head option[value="{head_id}"]'), "the head list")
+    driver.execute_script("PRED_ROWS = 50;")  # a375 has 108 cells: the page's cut of 200, made smaller
+    Select(driver.find_element("id", "pred-head")).select_by_value(head_id)
+    Select(driver.find_element("id", "pred-dataset")).select_by_visible_text("a375")
+    driver.find_element("id", "pred-submit").click()
+    wait_for(driver, lambda d: d.find_element("id", "pred-csv").is_displayed() and body_rows(d, "pred-table"),
+             "the prediction table")
+    assert len(body_rows(driver, "pred-table")) == 50
+    notes = [n.text for n in driver.find_elements("css selector", "#pred-notes .note")]
+    assert any("first 50 of 108 cells" in n and "CSV holds all 108" in n for n in notes)
+
+
 def test_token_is_asked_for_and_accepted(driver: Any, site: Server, screenshots: Screenshots) -> None:
     driver.delete_all_cookies()
     driver.get(site.url)

@@ -241,6 +241,7 @@ async function loadPredict() {
     else if (!datasets.length) $("pred-msg").textContent = "No datasets yet: ingest one with `scdm ingest`.";
   } catch (e) { showError($("pred-msg"), e); }
 }
+let PRED_ROWS = 200;  // rows of the prediction table (the CSV holds every cell)
 $("pred-form").onsubmit = async (ev) => {
   ev.preventDefault();
   const body = Object.fromEntries(new FormData($("pred-form")));
@@ -256,7 +257,10 @@ $("pred-form").onsubmit = async (ev) => {
     // the warnings scdm predict prints about these predictions, in its words: a training score read as held-out misleads
     $("pred-notes").innerHTML = (j.result.notes || []).map(t => `<p class="note">note: ${esc(t)}</p>`).join("");
     $("pred-csv").href = j.result.csv_url; $("pred-csv").hidden = false;
-    const rows = await api(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=200`);
+    const {body: rows, headers} = await apiResponse(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=${PRED_ROWS}`);
+    // the table holds the first cells only: sorting it by proba ranks those, not the dataset
+    const total = Number(headers.get("X-Total-Count"));
+    if (total > rows.length) $("pred-notes").innerHTML += `<p class="note">The table shows the first ${rows.length} of ${plural(total, "cell")} (sorting orders these only); the CSV holds all ${total}.</p>`;
     table($("pred-table"), rows, ["cell_id", "proba", "label", "response", "label_set", "trained_on"]);
   } catch (e) { showError($("pred-msg"), e); bar.hidden = true; } finally { $("pred-submit").disabled = false; }
 };
