@@ -575,6 +575,21 @@ def test_adapter_refuses_another_checkpoint_or_parameters(gf_store, tmp_path, sm
         embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=res.adapter_dir)
 
 
+def test_a_changed_adapter_is_refused_not_answered_with_its_stored_embedding(gf_store):
+    # Tuned embeddings are looked up by the card's adapter hash, which the files were not checked against
+    # before the lookup: weights changed under the card got the embedding of the original weights back
+    # (same embedding id, computed_chunks 0), where computing one refuses them.
+    st, ckpt = gf_store
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=res.adapter_dir)  # stored: reused as it is
+    weights = Path(res.adapter_dir) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match=r"do not match their recorded hash .*Fine-tune again"):
+        embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=res.adapter_dir)
+    with pytest.raises(CheckpointError, match=r"do not match their recorded hash"):  # by its id too
+        embed(st, "planted", "geneformer", ckpt, progress=False, lora_dir=res.adapter_id)
+
+
 # ---- the LoRA head is scored by the same code as every head ---------------------------------------
 def test_lora_rows_are_scored_by_the_shared_metrics(gf_store):
     st, ckpt = gf_store

@@ -64,12 +64,13 @@ from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.store import Embedding, Store, open_store
 from scdm.store.adapters import adapter_dir, adapter_row
 from scdm.store.checkpoints import checkpoint_files
-from scdm.store.errors import InputDataError, ScdmError
+from scdm.store.errors import CheckpointError, InputDataError, ScdmError
 from scdm.store.genes import gene_table_version
 from scdm.store.matrix import iter_row_blocks
 from scdm.store.progress import progress_bar
 
 if TYPE_CHECKING:
+    from scdm.embedding.lora_card import LoraCard
     from scdm.store import ChunkWriter, EmbeddingJob
 
 __all__ = ["EmbedResult", "embed", "embed_baseline", "checkpoint_hash", "resolve_device", "resolve_precision", "batches_by_length", "complete_and_intact", "repair", "embed_command"]
@@ -517,6 +518,7 @@ def embed(
         lora_dir = lora_folder(st, lora_dir)  # an adapter id becomes its folder, for the Ray workers too
         lora = read_lora_card(lora_dir)
         lora.check_base(adapter, ckpt_hash)  # before loading: a mismatch fails fast
+        _refuse_changed_adapter(lora)  # before the lookup too: a stored embedding is the card's adapter, not these files
         params["lora"] = lora.embedding_params()
         variant = {"adapter_hash": lora.adapter_hash, "variant": lora.variant}
     # before a stored embedding is returned too: allow_non_counts is not part of its identity, and one made
@@ -592,6 +594,20 @@ def lora_folder(st: Store, adapter: str | os.PathLike[str]) -> Path:
     msg = (f"{str(adapter)!r} is neither a folder nor an adapter of this store. Give the adapter id that scdm finetune "
            "printed (see scdm sql \"SELECT adapter_id, model, split_id, fold, label_set FROM adapters\") or its folder.")
     raise InputDataError(msg)
+
+
+def _refuse_changed_adapter(lora: LoraCard) -> None:
+    """Refuse an adapter folder whose weight files are not the ones its card hashed (changed or damaged).
+
+    Its tuned embeddings are found by the card's adapter hash, so without this check a stored one (made
+    from the files the card describes) would be returned for other files, where computing refuses them.
+    """
+    problem = lora.damage()
+    if problem is not None:
+        msg = (f"{problem}: embeddings made with it would not be those of the adapter its card describes, and the ones "
+               f"stored under lora:{lora.adapter_id} were made from its original files. Fine-tune again (scdm finetune "
+               "trains a damaged adapter again), or restore the folder's files.")
+        raise CheckpointError(msg)
 
 
 def _require_stored_matches(st: Store, embedding_id: str, model: str, *, min_genes: int, min_fraction: float) -> None:
