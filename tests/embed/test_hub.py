@@ -219,6 +219,22 @@ def test_a_snapshot_without_a_required_file_names_it(cache, gf, network):
     assert network == []
 
 
+def test_links_to_missing_blobs_are_named_not_read_as_missing_files(cache, gf, tmp_path, pc9_counts_path, network):
+    # A snapshot copied out of the cache with `cp -r` keeps its relative links into blobs/ without the blobs:
+    # it was refused as "missing 'config.json'" (which `ls` shows there), and a link to nothing the loader
+    # globs (the optional mapping dictionary, a deleted blob) failed with a bare FileNotFoundError.
+    snapshot = lay_out_hub_cache(cache, REPO, gf)
+    copied = shutil.copytree(snapshot, tmp_path / "copied", symlinks=True)  # as `cp -r` copies it
+    st = Store(tmp_path / "st")
+    st.ingest(pc9_counts_path, name="pc9")
+    with pytest.raises(CheckpointError, match=r"links to files that do not exist: 'config.json' -> '\.\./.*blobs/.*`cp -rL`"):
+        embed(st, "pc9", "geneformer", copied, max_length=64, progress=False)
+    (snapshot / "ensembl_mapping_dict_gc30M.pkl").resolve().unlink()  # the cache lost one blob
+    with pytest.raises(CheckpointError, match=r"commit 0123456789ab.*'ensembl_mapping_dict_gc30M.pkl' -> .*download the model again"):
+        embed(st, "pc9", "geneformer", REPO, max_length=64, progress=False)
+    assert st.embeddings().empty and network == []
+
+
 def test_an_llm_repo_without_the_optional_tokenizer_files_resolves(cache, tmp_path, network):
     """Meta-Llama-3-8B has no added_tokens.json; many repos lack special_tokens_map.json or generation_config.json."""
     from scdm.embedding.models.llm import write_tiny_checkpoint as write_tiny_llm

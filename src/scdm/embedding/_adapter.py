@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import fnmatch
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from scdm.store.checkpoints import dangling_links
 from scdm.store.errors import (
     CheckpointError,
     GeneMappingError,
@@ -165,6 +168,7 @@ class Adapter(abc.ABC):
         if not self.checkpoint.is_dir():
             msg = f"Checkpoint folder {str(self.checkpoint)!r} does not exist or is not a folder."
             raise CheckpointError(msg)
+        self._refuse_dangling_links()
         for pattern in self.checkpoint_files:  # "a|b": either place will do
             if not any(any(self.checkpoint.glob(alternative)) for alternative in pattern.split("|")):
                 msg = (
@@ -172,6 +176,22 @@ class Adapter(abc.ABC):
                     f"a {self.name} checkpoint needs: {', '.join(self.checkpoint_files)}."
                 )
                 raise CheckpointError(msg)
+
+    def _refuse_dangling_links(self) -> None:
+        """Name the files the model reads that are links to nothing (before they read as missing or fail bare)."""
+        assert self.checkpoint is not None
+        patterns = [alt for pattern in (*(self.hub_patterns or self.checkpoint_files), *self.read_if_present)
+                    for alt in pattern.split("|")]
+        broken = [link for link in sorted(dangling_links(self.checkpoint))
+                  if not patterns or any(fnmatch.fnmatch(link.relative_to(self.checkpoint).as_posix(), p) for p in patterns)]
+        if broken:
+            shown = ", ".join(f"{link.relative_to(self.checkpoint).as_posix()!r} -> {os.readlink(link)!r}" for link in broken[:3])
+            more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+            msg = (f"Checkpoint folder {str(self.checkpoint)!r} holds links to files that do not exist: {shown}{more}. A "
+                   "snapshot folder copied out of the Hugging Face cache with `cp -r` keeps the cache's links without the "
+                   "blobs they point to: copy it again following the links (`cp -rL`), or pass the Hub id (org/name) or "
+                   "the snapshot folder in the cache; if the cache itself lost those blobs, download the model again.")
+            raise CheckpointError(msg)
 
     @abc.abstractmethod
     def load(self, device: str | torch.device = "cpu") -> None:

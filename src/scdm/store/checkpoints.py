@@ -14,7 +14,7 @@ from pathlib import Path
 
 from scdm.store.errors import CheckpointError
 
-__all__ = ["checkpoint_files", "custom_code_entries", "no_custom_code"]
+__all__ = ["checkpoint_files", "custom_code_entries", "dangling_links", "no_custom_code"]
 
 _CONFIG_FILES = ("config.json", "tokenizer_config.json")
 """Where a Hugging Face folder names classes of its own Python files (``auto_map``)."""
@@ -87,3 +87,24 @@ def no_custom_code(folder: str | os.PathLike[str], what: str) -> Iterator[None]:
                "from a model folder. Use the official model files, whose config.json model_type and "
                "tokenizer_config.json tokenizer_class name classes transformers ships.")
         raise CheckpointError(msg) from None
+
+
+def dangling_links(folder: str | os.PathLike[str]) -> list[Path]:
+    """The links under ``folder`` whose target does not exist, walked as :func:`checkpoint_files` walks it.
+
+    :func:`checkpoint_files` (and so the content hash) does not see them, and a loader reads them as
+    missing files, or fails on them with a bare ``FileNotFoundError``. A snapshot folder of the Hugging
+    Face cache holds relative links into its ``blobs/``: copied out with ``cp -r`` it keeps the links
+    without their targets, and a blob deleted from the cache leaves its link behind.
+    """
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / n for n in [*names, *dirs] if not n.startswith(".") and os.path.islink(Path(root) / n)
+                  and not (Path(root) / n).exists()]
+    return found
