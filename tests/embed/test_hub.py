@@ -200,6 +200,19 @@ def test_a_repo_missing_from_the_cache_offline_says_how_to_get_it(cache, gf, net
     assert network == []
 
 
+def test_offline_a_revision_the_cache_cannot_resolve_names_the_cached_commits(cache, gf, network):
+    # A short commit (as `git log --oneline` and the Hub's web page show it) of a cached snapshot, offline,
+    # was "not in the Hugging Face cache ... download it once with `hf download ... --revision 0123456`",
+    # although the cache holds that commit; and a cache filled by commit (no refs/main) said the same of org/name.
+    lay_out_hub_cache(cache, REPO, gf, refs=("v1",))
+    with pytest.raises(CheckpointError, match=rf"holds commit {COMMIT}, which '0123456' matches.*pass {REPO}@{COMMIT}\."):
+        resolve_checkpoint(f"{REPO}@{COMMIT[:7]}", "geneformer")
+    with pytest.raises(CheckpointError, match=rf"holds {REPO} at commit {COMMIT} \(v1\): pass {REPO}@<commit>"):
+        resolve_checkpoint(REPO, "geneformer")
+    assert resolve_checkpoint(f"{REPO}@{COMMIT}", "geneformer").commit == COMMIT  # as advised
+    assert network == []
+
+
 def test_a_path_that_is_neither_a_folder_nor_a_repo_id(cache, tmp_path):
     for asked in (str(tmp_path / "nope"), "./nope/gf", "a/b/c"):
         with pytest.raises(CheckpointError, match=r"No such folder .*org/name@revision"):

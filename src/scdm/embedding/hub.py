@@ -309,10 +309,26 @@ class _Fetch:
         if self.offline:
             return (f"{name} is not a local folder, and it is not in the Hugging Face cache at {self.cache_dir} and "
                     f"HF_HUB_OFFLINE=1: download it once with `{download}` on a machine with internet (into that cache, "
-                    "or set HF_HOME / HF_HUB_CACHE to where it is), or pass a local folder.")
+                    f"or set HF_HOME / HF_HUB_CACHE to where it is), or pass a local folder.{self._cached_commits()}")
         return (f"{name} is not a local folder, the Hugging Face Hub could not be reached, and it is not in the cache at "
                 f"{self.cache_dir}: check the connection, or download it with `{download}` where there is one, or pass a "
                 f"local folder. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+
+    def _cached_commits(self) -> str:
+        """What the cache holds of the repo when the revision asked for is not there (offline it cannot be looked up):
+        a commit the revision abbreviates, else the cached commits and the refs pointing to them; empty if none."""
+        repo = self.cache_dir / f"models--{self.repo_id.replace('/', '--')}"
+        commits = sorted(p.name for p in (repo / "snapshots").glob("*") if _COMMIT.fullmatch(p.name))
+        if not commits:
+            return ""
+        started = [c for c in commits if c.startswith(self.revision.lower())]
+        if len(started) == 1:
+            return (f" The cache holds commit {started[0]}, which {self.revision!r} matches; offline a commit is found "
+                    f"only by its 40 lower-case hex digits: pass {self.repo_id}@{started[0]}.")
+        refs = {c: sorted(r.relative_to(repo / "refs").as_posix() for r in (repo / "refs").rglob("*")
+                          if r.is_file() and r.read_text().strip() == c) for c in commits}
+        held = ", ".join(c + (f" ({', '.join(refs[c])})" if refs[c] else "") for c in commits)
+        return f" The cache holds {self.repo_id} at commit {held}: pass {self.repo_id}@<commit> to use one of them."
 
     def _check(self, resolved: ResolvedCheckpoint, *, only: Sequence[str] | None = None,
                ignore: Sequence[str] | None = None) -> None:
