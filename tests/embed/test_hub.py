@@ -397,6 +397,26 @@ def test_a_local_folder_counts_the_files_the_model_reads(gf, tmp_path):
     assert "pytorch_model.bin" in (resolve_checkpoint(cluttered, "geneformer").files or ())
 
 
+def test_the_dictionaries_counted_are_those_beside_the_token_dictionary(gf, tmp_path):
+    # The loader reads the median and mapping dictionaries from the token dictionary's folder (geneformer/ when the
+    # top level has none), but the hash took each from the first alternative holding one: with a mapping copied to the
+    # top level too, editing geneformer/'s mapping (the one read) kept the hash, and the stale embedding was reused.
+    from scdm.embedding.models.geneformer import locate_files
+
+    folder = shutil.copytree(gf, tmp_path / "gf")
+    (folder / "geneformer").mkdir()
+    for name in ("token_dictionary_gc30M.pkl", "gene_median_dictionary_gc30M.pkl", "ensembl_mapping_dict_gc30M.pkl"):
+        shutil.copy(folder / name, folder / "geneformer" / name)
+    for name in ("token_dictionary_gc30M.pkl", "gene_median_dictionary_gc30M.pkl"):
+        (folder / name).unlink()
+    read = locate_files(folder)
+    assert read.mapping_dictionary == folder / "geneformer" / "ensembl_mapping_dict_gc30M.pkl"
+    before = checkpoint_hash(resolve_checkpoint(folder, "geneformer"))
+    read.mapping_dictionary.write_bytes(read.mapping_dictionary.read_bytes() + b"\0")  # other bytes, same name
+    assert checkpoint_hash(resolve_checkpoint(folder, "geneformer")) != before
+    assert resolve_checkpoint(gf, "geneformer").files == tuple(sorted(p.name for p in gf.iterdir()))  # the usual layout: as before
+
+
 def test_a_note_in_the_checkpoint_folder_keeps_its_embedding(gf, cache, tmp_path, pc9_counts_path, network):
     folder = shutil.copytree(gf, tmp_path / "gf")
     lay_out_hub_cache(cache, REPO, gf)

@@ -315,7 +315,11 @@ class GeneformerAdapter(Adapter):
     # --checkpoint org/name: the weights in one format, and the optional mapping dictionary
     hub_patterns = (*checkpoint_files, "|".join(WEIGHT_FILES),
                     f"{MAPPING_DICT_PREFIX}*.pkl|{HUB_DICT_FOLDER}/{MAPPING_DICT_PREFIX}*.pkl")
-    read_if_present = PEFT_ADAPTER_FILES  # BertModel.from_pretrained applies a PEFT adapter saved beside the weights
+    # BertModel.from_pretrained applies a PEFT adapter saved beside the weights; and the median and mapping dictionaries
+    # are read from the token dictionary's folder (_dictionary_folder), not from the first alternative that holds one: a
+    # copy at the top level beside geneformer/'s three dictionaries would be counted in place of the one read
+    read_if_present = (*PEFT_ADAPTER_FILES, *(f"{folder}{prefix}*.pkl" for prefix in (MEDIAN_DICT_PREFIX, MAPPING_DICT_PREFIX)
+                                              for folder in ("", f"{HUB_DICT_FOLDER}/")))
     # peft matches by name suffix; "output.dense" covers attention.output.dense and the FFN output
     lora_target_modules = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
     default_batch_size = 16
