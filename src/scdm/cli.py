@@ -797,6 +797,9 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model parameter as in `scdm embed` (repeatable).")
+@click.option("--min-gene-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Refuse when fewer of the dataset's genes are in the model vocabulary (as scdm embed).")
+@click.option("--allow-non-counts", is_flag=True, help="Tune on normalised (non-integer) values with a model that expects raw counts (refused otherwise, as scdm embed).")
+@click.option("--allow-empty-cells", is_flag=True, help="Tune on cells with no expressed gene the model knows and keep their embeddings (refused otherwise, as scdm embed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @pass_ctx
 @user_errors
@@ -804,7 +807,8 @@ def finetune(obj: Ctx, model: str, checkpoint: str, datasets: tuple[str, ...], s
              fold: int | None, all_folds: bool, split_id: str | None, scheme: str | None, label_set: str | None, rank: int,
              alpha: float, dropout: float,
              target_modules: tuple[str, ...], epochs: int, lr: float, batch_size: int | None, precision: str,
-             gradient_checkpointing: bool, device: str, seed: int, params: tuple[str, ...], quiet: bool) -> None:
+             gradient_checkpointing: bool, device: str, seed: int, params: tuple[str, ...], min_gene_fraction: float,
+             allow_non_counts: bool, allow_empty_cells: bool, quiet: bool) -> None:
     """LoRA-fine-tune a foundation model on one split's training cells, then embed with it.
 
     Trains LoRA + the scDrugMap MLP head on the training cells of (split, fold) only (the split must
@@ -830,7 +834,8 @@ def finetune(obj: Ctx, model: str, checkpoint: str, datasets: tuple[str, ...], s
                            label_set=label_set, rank=rank,
                            alpha=alpha, dropout=dropout, target_modules=list(target_modules) or None, epochs=epochs, lr=lr,
                            batch_size=batch_size, precision=precision, gradient_checkpointing=gradient_checkpointing,
-                           seed=seed, device=device, progress=not quiet, **model_params)
+                           seed=seed, device=device, progress=not quiet, min_gene_fraction=min_gene_fraction,
+                           allow_non_counts=allow_non_counts, allow_empty_cells=allow_empty_cells, **model_params)
     for r in results:
         auroc = r.metrics.get("auroc")
         click.echo(f"{r.variant} ({r.category_type}={r.category}, fold {r.fold}): {r.n_train} train / {r.n_test} test cells, "

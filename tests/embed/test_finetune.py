@@ -30,7 +30,7 @@ from scdm.embedding.lora_card import make_card, save_adapter
 from scdm.embedding.lora_training import TrainSettings, train_lora
 from scdm.embedding.runner import checkpoint_hash, embed
 from scdm.store import Store
-from scdm.store.errors import CheckpointError, InputDataError, ScdmError, ScdmWarning
+from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError, ScdmError, ScdmWarning
 from scdm.store.genes import gene_table
 from tests.embed import toy_adapter
 
@@ -517,6 +517,60 @@ def test_a_label_set_whose_split_is_stored_under_another_name_is_named(tmp_path,
     with pytest.raises(InputDataError, match=r"no pooled split by all.*`scdm evaluate --dataset planted --scenario pooled "
                                              r"--by all --label-set flipped`"):
         finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, label_set="flipped", **FAST)
+
+
+def _bad_input(case: str) -> tuple[ad.AnnData, list[str]]:
+    """The planted data made into what `scdm embed --model geneformer` refuses, and the genes its checkpoint knows."""
+    adata = _planted(36, 80, 12)
+    genes, x = adata.var_names.tolist(), adata.X.toarray()
+    if case == "log1p":  # log-normalised values given to a model that expects raw counts
+        x = np.log1p(x)
+    elif case == "empty":  # a cell with no expressed gene
+        x[5] = 0
+    elif case == "unknown":  # a cell whose only expressed gene the model does not know
+        x[:, 60:] = 0
+        x[5] = 0
+        x[5, 70] = 3
+        genes = genes[:60]
+    adata.X = sp.csr_matrix(x.astype(np.float32))
+    return adata, genes
+
+
+@pytest.mark.parametrize(("case", "refusal"), [
+    ("log1p", r"geneformer expects raw counts, but dataset 'planted' holds normalized values.*--allow-non-counts"),
+    ("empty", r"cells at rows 5 \(1 in all\) express no gene at all.*--allow-empty-cells"),
+    ("unknown", r"cells at rows 5 \(1 in all\) express none of the genes the model knows.*--allow-empty-cells"),
+])
+def test_input_scdm_embed_refuses_is_refused_before_any_adapter_is_trained(tmp_path, case, refusal):
+    # finetune tokenised the training cells without the runner's checks: on log1p values, a cell expressing
+    # nothing or only genes the model does not know, it trained and stored an adapter (a row in `adapters`)
+    # and only the tuned embedding step that follows refused the data, with no flag to allow it
+    adata, genes = _bad_input(case)
+    st = _store(tmp_path, adata)
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", genes)
+    with pytest.raises(InputDataError, match=refusal):
+        embed(st, "planted", "geneformer", ckpt, progress=False)
+    with pytest.raises(InputDataError, match=refusal):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **FAST)
+    assert st.query("SELECT * FROM adapters").empty
+
+
+def test_finetune_takes_the_flags_of_scdm_embed(tmp_path):
+    adata, genes = _bad_input("unknown")  # 60 of 80 genes known, cell 5 expresses none of them
+    st = _store(tmp_path, adata)
+    ckpt = _checkpoint("geneformer", tmp_path / "gf", genes)
+    with pytest.raises(GeneMappingError, match=r"Only 60 of 80 genes \(75.0%\).*need at least 1 and 90%"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, min_gene_fraction=0.9, **FAST)
+    assert st.query("SELECT * FROM adapters").empty
+    (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, allow_empty_cells=True, **FAST)
+    audit = json.loads(st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [res.embedding_ids[0]])["audit"].iloc[0])
+    assert audit["cells_without_known_genes"] == 1
+
+    adata, genes = _bad_input("log1p")
+    st = _store(tmp_path / "log1p", adata)
+    with pytest.warns(ScdmWarning, match="expects raw counts; embedding the normalized values"):
+        (res,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, allow_non_counts=True, **FAST)
+    assert len(res.embedding_ids) == 1 and res.n_train + res.n_test == 36
 
 
 def test_missing_category_or_fold_lists_the_available_ones(gf_store):

@@ -48,7 +48,16 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from scdm.embedding._adapter import Adapter, check_counts, get_adapter, library_progress, require_matches
+from scdm.embedding._adapter import (
+    Adapter,
+    check_cells_expressed,
+    check_cells_known,
+    check_counts,
+    check_input_kind,
+    get_adapter,
+    library_progress,
+    require_matches,
+)
 from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.embedding.lora_card import (
     CARD_FILE,
@@ -326,36 +335,69 @@ def _evaluable_folds(st: Store, splits: pd.DataFrame, fold: int | None, all_fold
 # --------------------------------------------------------------------------------------------
 # tokenising the cells of a fold
 # --------------------------------------------------------------------------------------------
-def _tokenize_cells(st: Store, adapter: Adapter, frame: pd.DataFrame) -> list[dict[str, np.ndarray]]:
+@dataclass(frozen=True)
+class _InputChecks:
+    """The runner's input checks, with the same flags as ``scdm embed``: the adapter trains on no cell
+    the tuned embedding (made by the runner afterwards) would refuse."""
+
+    min_genes: int = 1
+    min_gene_fraction: float = 0.0
+    allow_non_counts: bool = False
+    allow_empty_cells: bool = False
+
+    def runner_options(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_datasets(st: Store, model: str, infos: Sequence[Any], checks: _InputChecks) -> None:
+    """Before any checkpoint is loaded: refuse a value kind the model cannot take and cells that express no
+    gene, in every dataset of the split, as ``scdm embed`` does (it embeds all their cells after training)."""
+    from scdm.embedding.runner import count_empty_cells
+
+    cls = get_adapter(model)
+    for ds in {i.dataset_id: i for i in infos}.values():
+        check_input_kind(model, cls.requires_counts, ds.x_kind, ds.name, allow_non_counts=checks.allow_non_counts,
+                         ranks_expression=getattr(cls, "ranks_expression", False))
+        count_empty_cells(st, ds.dataset_id, model, allow_empty_cells=checks.allow_empty_cells)
+
+
+def _check_block(adapter: Adapter, x: Any, rows: np.ndarray, checks: _InputChecks) -> None:
+    """The runner's per-chunk checks (:class:`scdm.embedding.chunks.ChunkTokens`) on a block of cells."""
+    if adapter.requires_counts:
+        check_counts(x, adapter.name)
+    check_cells_expressed(x, rows, adapter.name, allow_empty_cells=checks.allow_empty_cells)
+    check_cells_known(x, adapter.known_columns_, rows, adapter.name, allow_empty_cells=checks.allow_empty_cells)
+
+
+def _tokenize_cells(st: Store, adapter: Adapter, frame: pd.DataFrame, checks: _InputChecks) -> list[dict[str, np.ndarray]]:
     """Tokenise the cells (dataset_id, row) of ``frame`` through ``adapter``, in ``frame``'s order.
 
     ``prepare`` maps each dataset's genes, so the cells are tokenised dataset by dataset, in
     row blocks of the backed AnnData (memory grows with the tokens kept, not with the dataset).
+    The gene thresholds and the empty-cell checks are the runner's (``checks``); the value kind was
+    checked by :func:`_check_datasets`.
     """
     frame = frame.reset_index(drop=True)
     out: list[dict[str, np.ndarray] | None] = [None] * len(frame)
     for dataset_id, group in frame.groupby("dataset_id", sort=True):
         ds = st.dataset(str(dataset_id))
-        if (adapter.requires_counts or adapter.ranks_expression) and ds.x_kind == "scaled":
-            needs = "raw counts" if adapter.requires_counts else "counts or log-normalised values"
-            msg = (f"{adapter.name} needs {needs}, but dataset {ds.name!r} holds negative (scaled) values. Ingest the "
-                   "raw counts (e.g. adata.layers['counts'] saved as X) to fine-tune on it.")
-            raise InputDataError(msg)
         genes = st.genes(ds.dataset_id)["gene_id"].astype(str).tolist()
-        require_matches(adapter.prepare(genes, gene_id_kind=ds.gene_id_kind), adapter.name)
+        require_matches(adapter.prepare(genes, gene_id_kind=ds.gene_id_kind), adapter.name, min_genes=checks.min_genes,
+                        min_fraction=checks.min_gene_fraction)
         rows = group["row"].to_numpy(np.int64)
         where = group.index.to_numpy()  # positions in frame
         order = np.argsort(rows, kind="stable")
         rows, where = rows[order], where[order]
         adata = st.open_anndata(ds.dataset_id, backed=True)
         try:
-            for lo, block in iter_row_blocks(adata, _READ_BLOCK_ROWS, start=int(rows[0]), stop=int(rows[-1]) + 1):
+            # every cell is checked, the test cells too: the tuned model embeds them all after training,
+            # and the runner's refusal would come only once the adapter is trained and stored
+            for lo, block in iter_row_blocks(adata, _READ_BLOCK_ROWS):
+                _check_block(adapter, block, np.arange(lo, lo + block.shape[0]), checks)
                 sel = (rows >= lo) & (rows < lo + block.shape[0])
                 if not sel.any():
                     continue
                 x = block[rows[sel] - lo]
-                if adapter.requires_counts:
-                    check_counts(x, adapter.name)
                 for i, cell in zip(where[sel], adapter.tokenize(x, rows[sel])):
                     out[i] = cell
         finally:
@@ -435,6 +477,7 @@ class _Job:
     gradient_checkpointing: bool
     embed_batch_size: int | None
     progress: bool
+    checks: _InputChecks = field(default_factory=_InputChecks)
 
     def adapter(self) -> Adapter:
         return get_adapter(self.model)(checkpoint=self.checkpoint.path, seed=self.settings.seed, **self.model_params)
@@ -483,7 +526,7 @@ def _train_fold(job: _Job, fold: _Fold, adapter_id: str, tuning_id: str, folder:
     adapter = job.adapter()
     with library_progress(job.progress):
         adapter.load(job.device)
-    cells = _tokenize_cells(st, adapter, train)
+    cells = _tokenize_cells(st, adapter, train, job.checks)
     labels = train["response"].to_numpy(np.int64)
     if np.unique(labels).size < 2:
         msg = f"The training cells of fold {fold.fold} of split {fold.split_id} hold one class only; LoRA fine-tuning needs both."
@@ -568,7 +611,7 @@ def _embed_tuned(job: _Job, fold: _Fold, folder: Path) -> dict[str, str]:
     for dataset_id in sorted(fold.cells["dataset_id"].unique()):
         result = run_embed(job.st, str(dataset_id), job.model, job.checkpoint, batch_size=job.embed_batch_size,
                            device=job.device, precision=job.precision, seed=job.settings.seed, progress=job.progress,
-                           lora_dir=folder, **job.model_params)
+                           lora_dir=folder, **job.checks.runner_options(), **job.model_params)
         embeddings[str(dataset_id)] = result.embedding_id
     return embeddings
 
@@ -645,6 +688,10 @@ def finetune(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    min_genes: int = 1,
+    min_gene_fraction: float = 0.0,
+    allow_non_counts: bool = False,
+    allow_empty_cells: bool = False,
     **model_params: Any,
 ) -> list[FinetuneResult]:
     """LoRA-fine-tune ``model`` on the training cells of stored (split, fold)s; embed and score the tuned model.
@@ -690,6 +737,11 @@ def finetune(
         Seeds the adapter's tokenisation, LoRA/head initialisation, dropout and shuffling.
     device : str, default "auto"
     progress : bool, default True
+    min_genes, min_gene_fraction, allow_non_counts, allow_empty_cells
+        The input checks of :func:`scdm.embedding.runner.embed`, applied to the training cells before any
+        training and to every cell when the tuned model embeds the split's datasets: too few genes in the
+        vocabulary, normalised values for a model that expects raw counts, cells that express no gene (or
+        none the model knows) are refused unless allowed, as ``scdm embed`` refuses them.
     **model_params
         Adapter parameters (``layer``, ``pooling``, ``max_genes``, ...), as for ``scdm embed``.
 
@@ -722,10 +774,13 @@ def finetune(
     >>> finetune("scdm-store", model="geneformer", checkpoint="ckpt/gf-6L", dataset="a375",
     ...          scenario="pooled", by="all", fold=0)  # doctest: +SKIP
     """
-    from scdm.embedding.runner import checkpoint_hash, resolve_device, resolve_precision
+    from scdm.embedding.runner import check_embed_options, checkpoint_hash, resolve_device, resolve_precision
 
     st = open_store(store)
     _check_settings(rank, alpha, dropout, epochs, lr, weight_decay, batch_size, fold, all_folds, scenario, by)
+    check_embed_options(min_genes=min_genes, min_gene_fraction=min_gene_fraction)
+    checks = _InputChecks(min_genes=min_genes, min_gene_fraction=min_gene_fraction, allow_non_counts=allow_non_counts,
+                          allow_empty_cells=allow_empty_cells)
     names = [dataset] if isinstance(dataset, str) else list(dataset)
     if not names:
         msg = "No dataset given: pass dataset= (--dataset, repeatable) with the datasets the split covers."
@@ -735,6 +790,7 @@ def finetune(
     splits = _resolve_splits(st, dataset_ids, [i.name for i in infos], scenario=scenario, by=by, category=category,
                              split_id=split_id, scheme=scheme, label_set=label_set)
     folds = _evaluable_folds(st, splits, fold, all_folds)
+    _check_datasets(st, model, infos, checks)  # before the checkpoint is read: refused as scdm embed refuses them
 
     with library_progress(progress):
         source = resolve_checkpoint(checkpoint, model, params=model_params)
@@ -753,7 +809,8 @@ def finetune(
                          precision=prec, seed=seed)
     job = _Job(st=st, model=model, checkpoint=source, model_params=dict(model_params), settings=settings,
                checkpoint_hash=checkpoint_hash(source, cache_dir=st.root / ARTIFACTS_DIR), device=dev,
-               precision=prec, gradient_checkpointing=gradient_checkpointing, embed_batch_size=batch_size, progress=progress)
+               precision=prec, gradient_checkpointing=gradient_checkpointing, embed_batch_size=batch_size, progress=progress,
+               checks=checks)
     results = []
     for f in folds:
         logger.info("fine-tuning %s on split %s (%s %s=%s) fold %d", model, f.split_id, f.scenario, f.category_type, f.category, f.fold)
