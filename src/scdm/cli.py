@@ -533,7 +533,9 @@ def verify(obj: Ctx, embedding_ids: tuple[str, ...], repair: bool, quiet: bool) 
     transfer-run folders), temporaries of interrupted ingests and saves, lock folders (claims/) that
     no running job holds and write probes of killed processes. --repair deletes those whose writer
     is gone; a temporary of a running process, or anything changed within the last hour whose
-    writer cannot be asked, is left alone.
+    writer cannot be asked, is left alone. It also reports, with the `scdm ingest ... --update`
+    command that fixes each, datasets stored with an --x-kind that their values contradict (given
+    before ingest refused that); those make the exit status 1, --repair or not.
 
     \b
     Examples:
@@ -546,16 +548,20 @@ def verify(obj: Ctx, embedding_ids: tuple[str, ...], repair: bool, quiet: bool) 
     report = st.verify(list(embedding_ids) or None, repair=repair)
     for line in report.problems():  # damaged array metadata and bad chunks
         click.echo(f"BAD {line}")
+    for wrong in report.datasets:  # a value kind given at ingest that the values contradict (stored before ingest refused it)
+        click.echo(f"BAD {wrong.line()}")
     for item in report.leftovers:  # not damage: files nothing reads, deleted by --repair once their writer is gone
         click.echo(f"LEFTOVER {item.line()}")
     click.echo(report.summary())
     if report.ok:
         return
+    for wrong in report.datasets:  # the source file is needed: never rewritten here
+        click.echo(f"fix dataset {wrong.dataset} (values show {wrong.detected!r}): {wrong.fix}")
     if not repair:
         for check in report.damaged:
             click.echo(f"repair {check.embedding_id} ({check.model}, {check.dataset}): {check.repair}")
         raise click.exceptions.Exit(1)
-    if not _repair_damaged(st, report, progress=not quiet):
+    if not _repair_damaged(st, report, progress=not quiet) or report.datasets:
         raise click.exceptions.Exit(1)
 
 

@@ -233,3 +233,51 @@ def test_verify_reports_and_verify_repair_deletes_temporary_files_of_killed_writ
     assert "1 temporary file(s) left by interrupted writes (deleted)" in run("verify", "--repair").output
     assert not leftover.exists() and "temporary" not in run("verify").output
     assert Store(root).read_embedding(eid).tobytes() == clean.tobytes()
+
+
+def test_verify_reports_a_value_kind_given_before_ingest_checked_it_and_its_fix_command_clears_it(tmp_path, monkeypatch):
+    # log1p values ingested with --x-kind counts before ingest refused a given kind the values contradict:
+    # the store kept 'counts' (pca normalised and logged them again, count models took them as counts) and
+    # `scdm verify` said nothing about it
+    from scdm.store import _ingest
+
+    adata = make_counts_adata()
+    adata.X = adata.X.log1p()
+    path = tmp_path / "logged.h5ad"
+    adata.write_h5ad(path)
+    root = tmp_path / "store"
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(main, ["--store", str(root), *args], catch_exceptions=False)
+
+    with monkeypatch.context() as old_ingest:
+        old_ingest.setattr(_ingest, "check_given_x_kind", lambda given, scan: None)
+        assert run("ingest", str(path), "--name", "logged", "--x-kind", "counts").exit_code == 0
+    assert Store(root).dataset("logged").x_kind == "counts"
+    nnz = adata.X.nnz
+
+    result = run("verify")
+    assert result.exit_code == 1, result.output
+    assert (f"BAD dataset logged: stored with value kind 'counts', given at ingest, but --x-kind counts does not fit these "
+            f"values (detected: 'normalized'): {nnz} of the {nnz} stored values (100.0%) are not whole numbers") in result.output
+    (fix,) = [line for line in result.output.splitlines() if line.startswith("fix dataset logged (values show 'normalized'): ")]
+    command = fix.split(": ", 1)[1].split(" (or ", 1)[0]
+    assert command == f"scdm ingest {shlex.quote(str(path))} --name logged --x-kind normalized --update"
+    assert [w.dataset for w in Store(root).verify().datasets] == ["logged"]
+
+    result = run(*shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    assert Store(root).dataset("logged").x_kind == "normalized"
+    result = run("verify")
+    assert result.exit_code == 0 and "BAD" not in result.output, result.output
+
+
+def test_verify_leaves_a_given_kind_the_values_fit_alone(tmp_path):
+    st = Store(tmp_path / "store")
+    st.ingest(make_counts_adata(), name="counts", x_kind="counts")  # whole numbers given as counts: right
+    logged = make_counts_adata(seed=1)
+    logged.X = logged.X.log1p()
+    st.ingest(logged, name="logged", x_kind="normalized")
+    report = st.verify()
+    assert report.ok and report.datasets == ()

@@ -559,6 +559,18 @@ def stored_x_kind_message(stored: str, scan: MatrixScan, name: str) -> str | Non
             "made with the stored kind exist: they are named, to remove first).")
 
 
+def contradicted_x_kind(given: str | None, scan: MatrixScan) -> str | None:
+    """One sentence on the values that contradict a given value kind (see :func:`check_given_x_kind`), None if none do."""
+    contradiction = _contradiction(given, scan)
+    if contradiction is None:
+        return None
+    found, what = contradiction
+    detected = "" if scan.x_kind == given else f" (detected: {scan.x_kind!r})"
+    return (f"{option('x_kind', given)} does not fit these values{detected}: {found['n']} of the {scan.nnz} stored values "
+            f"({found['n'] / scan.nnz:.1%}) are {what} (e.g. cell {found['cell']!r}, gene {found['gene']!r}: "
+            f"{found['value']:g}).")
+
+
 def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     """Refuse a given value kind that the matrix's values contradict.
 
@@ -573,11 +585,8 @@ def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     contradiction = _contradiction(given, scan)
     if contradiction is None:
         return
-    found, what = contradiction
-    detected = "" if scan.x_kind == given else f" (detected: {scan.x_kind!r})"
-    msg = (f"{option('x_kind', given)} does not fit these values{detected}: {found['n']} of the {scan.nnz} stored values "
-           f"({found['n'] / scan.nnz:.1%}) are {what} (e.g. cell {found['cell']!r}, gene {found['gene']!r}: "
-           f"{found['value']:g}). ")
+    what = contradiction[1]
+    msg = f"{contradicted_x_kind(given, scan)} "
     if given == "counts":
         msg += ("Taken as counts, pca and hvg would normalise and log them again (a negative value to NaN) and every "
                 "count model would read them as counts. Put the raw counts in X (e.g. adata.X = adata.layers['counts'] "

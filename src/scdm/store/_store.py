@@ -1706,7 +1706,8 @@ class Store:
         judged in the catalog's layout). Temporary files of killed writes are listed apart (see
         :mod:`store.verify`); so are, when the whole store is checked, its leftovers: files and
         folders no catalog row names, and temporaries of interrupted ingests and saves (see
-        :mod:`store.leftovers`).
+        :mod:`store.leftovers`), and the datasets stored with a value kind, given at ingest, that their
+        values contradict (``report.datasets``, with the ``scdm ingest --update`` command that fixes each).
 
         Parameters
         ----------
@@ -1733,7 +1734,37 @@ class Store:
         checks = tuple(self._check_embedding(str(e), repair=repair) for e in ids)
         # the whole store is checked: also what interrupted or half-undone work left beside the catalog
         found = tuple(_leftovers.scan(self, remove=repair)) if embedding_ids is None else ()
-        return _verify.VerifyReport(checks, found)
+        kinds = self._wrong_value_kinds() if embedding_ids is None else ()
+        return _verify.VerifyReport(checks, found, kinds)
+
+    def _wrong_value_kinds(self) -> tuple[_verify.WrongValueKind, ...]:
+        """Datasets stored with a value kind given at ingest that their values contradict (ingest's own check).
+
+        Only a given kind can be wrong (a detected one is what the values show), so only those datasets
+        are read again, one pass over their matrix each.
+        """
+        found = []
+        for dataset_id in self.query("SELECT dataset_id FROM datasets ORDER BY created_at, name")["dataset_id"]:
+            info = self.dataset(str(dataset_id))
+            given = info.options.get("x_kind")
+            if given not in ("counts", "normalized") or given != info.x_kind:
+                continue
+            try:
+                adata = self.open_anndata(info.dataset_id, backed=True)
+            except ScdmError as err:  # a moved --no-copy source: not this check's to report
+                logger.warning("dataset %r: its value kind was not checked (%s)", info.name, err)
+                continue
+            try:
+                gene_ids = self.genes(info.dataset_id)["gene_id"].astype(str).to_numpy(object)
+                scan = _ingest.scan_matrix(adata, gene_ids, np.asarray(adata.obs_names.astype(str), dtype=object))
+            finally:
+                if getattr(adata, "file", None) is not None:
+                    adata.file.close()
+            problem = _ingest.contradicted_x_kind(given, scan)
+            if problem is not None:
+                fix = _verify.value_kind_fix(info.name, info.source_path, info.options.get("gene_key"), scan.x_kind)
+                found.append(_verify.WrongValueKind(info.name, given, scan.x_kind, problem, fix))
+        return tuple(found)
 
     def _check_embedding(self, embedding_id: str, *, repair: bool) -> _verify.EmbeddingCheck:
         emb, status = self._embedding_and_status(embedding_id)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from scdm.store._store import Embedding, Store
     from scdm.store.leftovers import Leftover
 
-__all__ = ["BadChunk", "EmbeddingCheck", "VerifyReport", "BASELINE_MODELS", "repair_hint"]
+__all__ = ["BadChunk", "EmbeddingCheck", "VerifyReport", "WrongValueKind", "BASELINE_MODELS", "repair_hint"]
 
 BASELINE_MODELS = ("pca", "hvg")
 """Models fitted from the data alone (no checkpoint): ``scdm verify --repair`` recomputes them."""
@@ -104,6 +104,31 @@ class EmbeddingCheck:
 
 
 @dataclass(frozen=True)
+class WrongValueKind:
+    """A stored dataset whose value kind, given at ingest, its values contradict.
+
+    Ingest refuses such a kind now (:func:`store._ingest.check_given_x_kind`); a dataset stored
+    before it did keeps it, and every reader believes it: pca/hvg normalise and log values stored as
+    counts again, the count models read them as counts, and scaled values stored as normalised pass
+    the refusal of the models that rank genes by expression.
+    """
+
+    dataset: str
+    """Dataset name."""
+    x_kind: str
+    """The stored (given) kind."""
+    detected: str
+    """The kind the values show."""
+    problem: str
+    """What contradicts it: how many values, and the first."""
+    fix: str
+    """The command that rewrites the kind."""
+
+    def line(self) -> str:
+        return f"dataset {self.dataset}: stored with value kind {self.x_kind!r}, given at ingest, but {self.problem}"
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """What :meth:`store.Store.verify` found, one :class:`EmbeddingCheck` per embedding."""
 
@@ -111,10 +136,12 @@ class VerifyReport:
     leftovers: tuple[Leftover, ...] = ()
     """Files and folders of the store that no catalog row names, and temporaries of interrupted writes
     (:mod:`store.leftovers`; only when the whole store is checked). Not damage: nothing reads them."""
+    datasets: tuple[WrongValueKind, ...] = ()
+    """Datasets whose given value kind their values contradict (only when the whole store is checked)."""
 
     @property
     def ok(self) -> bool:
-        return all(e.ok for e in self.embeddings)
+        return all(e.ok for e in self.embeddings) and not self.datasets
 
     @property
     def bad(self) -> list[BadChunk]:
@@ -137,12 +164,13 @@ class VerifyReport:
         """One sentence: how much was checked, what is bad, and what interrupted writes left behind."""
         chunks = sum(e.checked for e in self.embeddings)
         head = f"checked {len(self.embeddings)} embedding(s), {chunks} committed chunk(s)"
-        if self.ok:
-            return f"{head}: all match their checksums{self._leftover_note()}"
+        kinds = f"; {len(self.datasets)} dataset(s) stored with a value kind their values contradict" if self.datasets else ""
+        if all(e.ok for e in self.embeddings):
+            return f"{head}: all match their checksums{kinds}{self._leftover_note()}"
         found = [f"{len(self.bad)} bad chunk(s)"] if self.bad or not self._bad_metadata() else []
         if self._bad_metadata():
             found.append(f"{self._bad_metadata()} damaged array metadata file(s)")
-        return f"{head}: {' and '.join(found)} in {len(self.damaged)} embedding(s){self._leftover_note()}"
+        return f"{head}: {' and '.join(found)} in {len(self.damaged)} embedding(s){kinds}{self._leftover_note()}"
 
     def _bad_metadata(self) -> int:
         return sum(e.metadata is not None for e in self.embeddings)
@@ -173,6 +201,15 @@ class VerifyReport:
             parts.append(f"{len(kept)} left alone while their writer may be at work")
         total = describe_size(sum(x.size for x in self.leftovers))
         return f"; {len(self.leftovers)} leftover file(s) or folder(s) that nothing reads, {total} ({', '.join(parts)})"
+
+
+def value_kind_fix(name: str, source: str | None, gene_key: str | None, detected: str) -> str:
+    """The ``scdm ingest --update`` command that sets a stored dataset's value kind to the one its values show."""
+    args = ["scdm", "ingest", source or "FILE.h5ad", "--name", name, *(["--gene-key", gene_key] if gene_key else []),
+            "--x-kind", detected, "--update"]
+    note = "" if source else "  # FILE.h5ad: the file it was ingested from"
+    return (f"{shlex.join(args)}{note} (or ingest the raw counts as a new dataset; embeddings made with the old kind "
+            "must be removed first: the command names them)")
 
 
 def repair_hint(st: Store, emb: Embedding) -> str:
