@@ -1098,6 +1098,7 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
 @click.option("--show-prompts", type=click.IntRange(min=0), default=1, show_default=True, help="Prompts printed by --dry-run.")
 @click.option("--price-input", type=click.FloatRange(min=0), help="USD per million prompt tokens, for the dry run's cost estimate.")
 @click.option("--price-output", type=click.FloatRange(min=0), help="USD per million answer tokens, for the dry run's cost estimate.")
+@click.option("--allow-empty-cells", is_flag=True, help="Prompt labelled cells that list no gene (none expressed with a symbol) with an empty gene list (refused otherwise, as scdm embed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @output_options
 @pass_ctx
@@ -1108,7 +1109,7 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
                    seed: int, label_set: str | None, temperature: float, max_tokens: int, response_format: str,
                    logprobs: bool, top_logprobs: int, timeout_s: float, concurrency: int, rpm: float | None, retries: int,
                    max_requests: int | None, dry_run: bool, show_prompts: int, price_input: float | None,
-                   price_output: float | None, quiet: bool, fmt: str) -> None:
+                   price_output: float | None, allow_empty_cells: bool, quiet: bool, fmt: str) -> None:
     """Predict drug response by prompting a language model, scored like an embedding head.
 
     Each cell becomes its 10 most highly expressed genes (symbols); 10 cells of one data source
@@ -1143,7 +1144,7 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
         seed=seed, label_set=label_set, split_ids=list(split_ids), temperature=temperature, max_tokens=max_tokens,
         response_format=response_format, logprobs=logprobs, top_logprobs=top_logprobs, timeout_s=timeout_s, num_ctx=num_ctx,
         concurrency=concurrency, rpm=rpm, retries=retries, max_requests=max_requests, dry_run=dry_run,
-        show_prompts=show_prompts, silent=quiet)
+        show_prompts=show_prompts, silent=quiet, allow_empty_cells=allow_empty_cells)
     if dry_run:
         for i, text in enumerate(summary.prompts, 1):
             click.echo(f"--- prompt {i} of {summary.n_requests - summary.n_cached} to send ---")

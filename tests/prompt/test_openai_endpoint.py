@@ -296,3 +296,26 @@ def test_clear_errors(marker_store, llm, monkeypatch, tmp_path) -> None:
     with pytest.raises(InputDataError, match="needs a template with an \\{examples\\}"):
         run(marker_store, llm, shots=2, template=no_examples)
     assert llm.behaviour.bodies == []
+
+
+def test_a_cell_that_lists_no_gene_is_refused_unless_allowed(tmp_path, symbols, llm) -> None:
+    # a labelled cell with no expression was sent as an empty "Cell 5: " line and the model's answer for it
+    # (proba 0.1 from the fake server) was scored in eval_predictions and AUROC, where scdm embed refuses such cells
+    import scipy.sparse as sp
+
+    from tests.prompt.conftest import marker_adata
+
+    adata = marker_adata(symbols)
+    x = adata.X.toarray()
+    x[5] = 0
+    adata.X = sp.csr_matrix(x)
+    st = Store(tmp_path / "store")
+    with pytest.warns(UserWarning, match="no expression at all"):
+        st.ingest(adata, name="marker", label_key="response", study_key="study", sample_key="patient")
+    with pytest.raises(InputDataError, match=r"1 labelled cells express no gene with a symbol \(dataset 'marker' rows 5 "
+                                             r"\(1 in all\)\).*--allow-empty-cells"):
+        run(st, llm)
+    assert llm.behaviour.bodies == [] and answers(st).empty
+    summary = run(st, llm, allow_empty_cells=True)
+    assert summary.n_cells == 64
+    assert st.query('SELECT count(*) AS n FROM eval_predictions WHERE "row" = 5')["n"].iloc[0] == 1  # its test fold

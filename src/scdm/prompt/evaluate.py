@@ -317,6 +317,7 @@ def prompt(
     show_prompts: int = 1,
     silent: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    allow_empty_cells: bool = False,
 ) -> PromptSummary:
     """Predict drug response by prompting a language model, scored on the heads' splits.
 
@@ -365,6 +366,9 @@ def prompt(
         No progress bar.
     on_progress : callable, optional
         Called with the number of new answers each time they are stored.
+    allow_empty_cells : bool, default False
+        Prompt labelled cells that list no gene (none expressed with a symbol) with an empty gene list;
+        refused otherwise, naming them, as ``scdm embed`` refuses cells without a gene the model knows.
 
     Returns
     -------
@@ -390,7 +394,7 @@ def prompt(
         msg = f"--shots {shots} needs a template with an {{examples}} placeholder; {tmpl.name} has none."
         raise InputDataError(msg)
     ids = _dataset_ids(st, datasets)
-    table = load_cells(st, ids, label_set=label_set, top_k=top_k)
+    table = load_cells(st, ids, label_set=label_set, top_k=top_k, allow_empty_cells=allow_empty_cells)
     for name, note in table.notes.items():
         if "scaled" in note:
             logger.warning("prompt: %s: %s", name, note)

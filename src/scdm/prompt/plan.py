@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,8 @@ from scdm.store.errors import InputDataError
 from scdm.store.labels import resolve_label_sets
 from scdm.store.prompts import request_id_of
 from scdm.store.splits import Split
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -88,8 +91,14 @@ class CellTable:
         return None if value is None or value != value else str(value)
 
 
-def load_cells(st: Store, dataset_ids: Sequence[str], *, label_set: str | None, top_k: int) -> CellTable:
-    """Labelled cells of the datasets with their data-source text and top-k gene symbols."""
+def load_cells(st: Store, dataset_ids: Sequence[str], *, label_set: str | None, top_k: int,
+               allow_empty_cells: bool = False) -> CellTable:
+    """Labelled cells of the datasets with their data-source text and top-k gene symbols.
+
+    Cells that list no gene (no value above zero on a gene with a symbol) are refused unless
+    ``allow_empty_cells``, as ``scdm embed`` refuses cells that express no gene the model knows:
+    their prompt line would be empty, and the model's answer for it would be scored like any cell's.
+    """
     cells = st.cells(list(dataset_ids), label_set=label_set)
     cells = cells[cells["response"].notna()].copy()
     if cells.empty:
@@ -108,7 +117,31 @@ def load_cells(st: Store, dataset_ids: Sequence[str], *, label_set: str | None, 
         for row, listed in cell_gene_lists(st, info.dataset_id, group["row"].tolist(), top_k).items():
             genes[(str(dataset_id), row)] = tuple(listed)
     cells["genes"] = [genes[(d, r)] for d, r in zip(cells["dataset_id"], cells["row"])]
+    _check_cells_listed(st, cells, allow_empty_cells)
     return CellTable(frame=cells.sort_values(["dataset_id", "row"]).reset_index(drop=True), notes=notes)
+
+
+def _check_cells_listed(st: Store, cells: pd.DataFrame, allow_empty_cells: bool) -> None:
+    """Refuse (or, with ``allow_empty_cells``, warn of) labelled cells whose gene list is empty, naming their rows."""
+    empty = cells[[len(g) == 0 for g in cells["genes"]]]
+    if empty.empty:
+        return
+    where = "; ".join(f"dataset {st.dataset(str(d)).name!r} rows {_rows(g['row'].to_numpy())}"
+                      for d, g in empty.groupby("dataset_id", sort=True))
+    if allow_empty_cells:
+        logger.warning("prompt: %d labelled cells list no gene (%s); they are prompted with an empty gene list and scored "
+                       "(allow_empty_cells)", len(empty), where)
+        return
+    msg = (f"{len(empty)} labelled cells express no gene with a symbol ({where}), so their prompt would list no gene "
+           "and the model's answer for them, scored like any cell's, would say nothing about them. Filter such cells "
+           "out before ingesting (e.g. scanpy.pp.filter_cells(adata, min_genes=200)), or pass --allow-empty-cells "
+           "(allow_empty_cells=True) to prompt them as they are.")
+    raise InputDataError(msg)
+
+
+def _rows(rows: np.ndarray, n: int = 10) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:n])
+    return f"{shown}{', ...' if len(rows) > n else ''} ({len(rows)} in all)"
 
 
 @dataclass
