@@ -1290,6 +1290,7 @@ def _floats(value: str) -> list[float]:
 @click.option("--mask-rate", type=float, default=0.2, show_default=True, help="Masking probability (scDEAL: 0.2).")
 @click.option("--no-adapt", is_flag=True, help="Train the same predictor without domain adaptation (the baseline to compare with).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--allow-empty-cells", is_flag=True, help="Predict target cells that express none of the run's genes (refused otherwise, as scdm embed).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other transfer() argument, e.g. --param latent_dim=64.")
 @pass_ctx
 @user_errors
@@ -1297,7 +1298,8 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
              source_label_set: str | None, target_label_set: str | None, validation_label_set: str | None, features: str,
              source_features: tuple[str, ...], response: ResponseKind, balance: Balance, validation: str | None, alpha: str,
              beta: str, epochs: int, pretrain_epochs: int, lr: float, batch_size: int, n_hvg: int, cluster_method: ClusterMethod,
-             corruption: Corruption, mask_rate: float, no_adapt: bool, seed: int, params: tuple[str, ...]) -> None:
+             corruption: Corruption, mask_rate: float, no_adapt: bool, seed: int, allow_empty_cells: bool,
+             params: tuple[str, ...]) -> None:
     """Transfer drug response from a labelled source to single cells (scDEAL, built correctly).
 
     Denoising autoencoders for source and target, a predictor on the source latent, trained with
@@ -1326,7 +1328,8 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
                           validation=validation, alpha=alphas[0] if len(alphas) == 1 else alphas,
                           beta=betas[0] if len(betas) == 1 else betas, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
                           batch_size=batch_size, n_hvg=n_hvg or None, cluster_method=cluster_method, adapt=not no_adapt,
-                          corruption=corruption, mask_rate=mask_rate, seed=seed, **_parse_params(params))
+                          corruption=corruption, mask_rate=mask_rate, seed=seed, allow_empty_cells=allow_empty_cells,
+                          **_parse_params(params))
     click.echo(f"transfer run {result.run_id}: {len(result.proba)} target cells, {int(result.label.sum())} predicted sensitive "
                f"(epoch {result.selected_epoch} chosen on {result.selection}; alpha={result.alpha}, beta={result.beta})")
     click.echo("  " + _transfer_labels(result))

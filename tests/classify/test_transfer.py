@@ -809,7 +809,8 @@ def test_a_small_gene_overlap_is_warned_about_and_recorded(st: Store, bulk: ad.A
     renamed = bulk.copy()
     renamed.var_names = [g if i < 12 else f"NOTAGENE{i}" for i, g in enumerate(bulk.var_names)]
     with pytest.warns(TransferWarning, match=r"share only 12 genes \(by HGNC symbol, of bulk source 200, target 'target' 200 genes\)"):
-        res = transfer(st, source=renamed, target="target", drug="drugX", **FAST)
+        # 5 of the 272 target cells express none of the 12 genes: refused without allow_empty_cells
+        res = transfer(st, source=renamed, target="target", drug="drugX", allow_empty_cells=True, **FAST)
     assert res.n_features == 12 and transfer_run(st, res.run_id).source["n_shared_genes"] == 12
     import warnings
 
@@ -1039,3 +1040,22 @@ def test_column_variances_are_computed_a_block_at_a_time_and_equal_numpys() -> N
     for X in (dense, sp.csr_matrix(dense)):
         np.testing.assert_allclose(column_variances(X, block_bytes=8 * 50 * 4), expected, rtol=1e-12)  # 4 columns a block
         np.testing.assert_allclose(column_variances(X), expected, rtol=1e-12)
+
+
+def test_target_cells_that_express_none_of_the_genes_are_refused_unless_allowed(tmp_path, bulk, target_cells):
+    # two target cells with no expression got one and the same prediction (P(sensitive) 0.792, label 1), stored and
+    # scored in the run's AUROC and accuracy, where scdm embed refuses cells that express no gene the model knows
+    cells = target_cells.copy()
+    x = sp.csr_matrix(cells.X).toarray()
+    x[[3, 7]] = 0
+    cells.X = sp.csr_matrix(x)
+    store = Store(tmp_path / "store")
+    with pytest.warns(UserWarning, match="no expression at all"):
+        store.ingest(cells, name="target", label_key="response", study=TARGET_STUDY)
+    with pytest.raises(InputDataError, match=r"target cells at rows 3, 7 \(2 in all\) of dataset 'target' express none of "
+                                             r"the 200 genes.*--allow-empty-cells"):
+        transfer(store, source=bulk, target="target", drug="drugX", epochs=2, progress=False, **SMALL)
+    assert store.query("SELECT * FROM transfer_runs").empty
+    result = transfer(store, source=bulk, target="target", drug="drugX", epochs=2, progress=False, allow_empty_cells=True,
+                      **SMALL)
+    assert len(result.proba) == cells.n_obs

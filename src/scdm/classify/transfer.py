@@ -660,6 +660,7 @@ def transfer(
     threshold: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    allow_empty_cells: bool = False,
 ) -> TransferResult:
     """Train scDEAL from a labelled source to an unlabelled target dataset and store the predictions.
 
@@ -729,6 +730,9 @@ def transfer(
     seed : int, default 0
     progress : bool, default True
         A progress bar over the training epochs (stderr; terminal or Jupyter).
+    allow_empty_cells : bool, default False
+        With expression features, predict target cells that express none of the run's genes (refused
+        otherwise, naming them, as ``scdm embed`` refuses cells without a gene the model knows).
 
     Returns
     -------
@@ -768,6 +772,7 @@ def transfer(
     if features == "expr":
         dom = _expr_domains(st, kind, src, target_info.name, drug=drug, response=response, linear_r=linear_r,
                             source_transform=source_transform, n_hvg=n_hvg, validation=validation, chosen=labels)
+        _check_target_cells(dom.Xt, target_info.name, target_info.x_kind, allow_empty_cells)
     else:
         dom = _embedding_domains(st, kind, src, target_info.name, features, source_features, validation, labels)
     if labels.sources:
@@ -793,6 +798,29 @@ def transfer(
         fail_transfer_run(st, run_id, f"{type(err).__name__}: {err}")
         raise
     return result
+
+
+def _check_target_cells(Xt: np.ndarray, target: str, x_kind: str, allow_empty_cells: bool) -> None:
+    """Refuse target cells with no value on any of the run's genes unless ``allow_empty_cells``, as ``scdm embed``
+    refuses cells that express no gene the model knows: the network sees nothing of them, and its prediction for
+    them (one and the same for all) is stored and scored like any cell's. Scaled values are left alone (a zero
+    there is a value: the gene's mean)."""
+    if x_kind == "scaled":
+        return
+    empty = np.flatnonzero(~Xt.any(axis=1))
+    if not empty.size:
+        return
+    shown = ", ".join(str(int(r)) for r in empty[:10]) + (", ..." if empty.size > 10 else "")
+    if allow_empty_cells:
+        logger.warning("transfer: %d target cells of %s express none of the run's %d genes (rows %s); they are predicted "
+                       "as they are (allow_empty_cells)", empty.size, target, Xt.shape[1], shown)
+        return
+    msg = (f"The target cells at rows {shown} ({empty.size} in all) of dataset {target!r} express none of the "
+           f"{Xt.shape[1]} genes the run takes (shared with the source, then the target's highly variable ones), so the "
+           "network sees nothing of them and its prediction for them, scored like any cell's, would say nothing about "
+           "them. Filter such cells out before ingesting (e.g. scanpy.pp.filter_cells(adata, min_genes=200)), take more "
+           "genes (--n-hvg), or pass --allow-empty-cells (allow_empty_cells=True) to predict them as they are.")
+    raise InputDataError(msg)
 
 
 def _check_source_classes(ys: np.ndarray, labels: _RunLabels) -> None:
