@@ -576,7 +576,8 @@ def test_an_interrupted_embedding_in_the_heads_space_is_named_with_how_to_finish
     rng = np.random.default_rng(0)
     hashes = sorted(st.dataset(n).content_hash for n in ("train", "new"))
     for model, params in (("gf-test", {"layer": -2}),
-                          ("pca", {"fit_datasets": hashes, "n_comps_requested": 4, "n_hvg_requested": 2000})):
+                          ("pca", {"fit_datasets": hashes, "n_comps_requested": 4, "n_hvg_requested": 2000,
+                                   "gene_match": "gene"})):  # a joint fit of this scdm: `scdm embed --joint` resumes it
         train = write_embedding(st, "train", rng.standard_normal((70, 4)).astype(np.float32), model=model, params=params)
         head_id = train_head(st, [train], head="logreg")
         new = st.create_embedding("new", model=model, params=params, dim=4, chunk_rows=16)

@@ -1059,3 +1059,49 @@ def test_target_cells_that_express_none_of_the_genes_are_refused_unless_allowed(
     result = transfer(store, source=bulk, target="target", drug="drugX", epochs=2, progress=False, allow_empty_cells=True,
                       **SMALL)
     assert len(result.proba) == cells.n_obs
+
+
+def _previous_symbols(symbols: list[str], n: int) -> dict[str, str]:
+    """``n`` of ``symbols`` -> a previous symbol or alias of that gene that names it only (shipped alias table)."""
+    import gzip
+    import io
+    from importlib import resources
+
+    from scdm.store.genes import map_genes
+
+    raw = resources.files("scdm.store").joinpath("_data").joinpath("human_gene_aliases.tsv.gz").read_bytes()
+    aliases = pd.read_csv(io.BytesIO(gzip.decompress(raw)), sep="\t", dtype=str, keep_default_na=False)
+    alias_of = dict(zip(aliases["entrez"], aliases["alias"]))  # one alias per gene is enough
+    entrez = map_genes(symbols, src="symbol", dst="entrez")
+    out = {s: alias_of[e] for s, e in zip(symbols, entrez) if e in alias_of and alias_of[e].upper() not in symbols}
+    return dict(list(out.items())[:n])
+
+
+def test_outdated_symbols_and_ensembl_ids_are_matched_by_their_gene(collection: ad.AnnData, bulk: ad.AnnData,
+                                                                    tmp_path: Path) -> None:
+    """A source naming genes by their previous symbols (as PC9 does for 1,274 genes), or a target indexed by Ensembl
+    ids: the genes table maps both to the same genes, but transfer matched the stored symbols as spelled, so those
+    genes dropped out of the features without a word (here 195 of 200 genes kept)."""
+    from scdm.store.genes import map_genes
+
+    renamed = _previous_symbols(list(bulk.var_names), 5)
+    assert len(renamed) == 5
+    old_bulk = bulk.copy()
+    old_bulk.var_names = [renamed.get(g, g) for g in bulk.var_names]
+    st = Store(tmp_path / "store")
+    cells = collection[collection.obs["study"] == TARGET_STUDY].copy()
+    st.ingest(cells, name="target", label_key="response", study=TARGET_STUDY)
+    res = transfer(st, source=old_bulk, target="target", drug="drugX", **FAST)
+    assert res.n_features == 200 and res.feature_names == tuple(cells.var_names)  # the target's spelling
+    assert transfer_run(st, res.run_id).source["gene_match"] == "gene"
+
+    source = collection[collection.obs["study"] == "GSE108397"].copy()
+    source.var_names = [renamed.get(g, g) for g in source.var_names]
+    st.ingest(source, name="src", label_key="response", study="GSE108397")
+    ensembl = map_genes(list(cells.var_names), src="symbol", dst="ensembl")
+    by_id = cells[:, [e is not None for e in ensembl]].copy()
+    by_id.var_names = [e for e in ensembl if e is not None]
+    st.ingest(by_id, name="target_ens", label_key="response", study=TARGET_STUDY)
+    res = transfer(st, source="src", target="target_ens", **FAST)
+    assert res.n_features == by_id.n_vars == 200 and res.feature_names == tuple(cells.var_names)  # symbols, as before
+    assert transfer_run(st, res.run_id).source["n_shared_genes"] == by_id.n_vars

@@ -68,3 +68,17 @@ def test_an_alias_never_takes_the_place_of_an_official_symbol_or_of_an_ambiguous
     assert map_genes(["COX1"], src="symbol", dst="ensembl")[0] is None
     # symbols are not rewritten: a symbol-keyed model reads the dataset's own names, as its reference does
     assert map_genes(["GNB2L1"], src="symbol", dst="symbol").tolist() == ["GNB2L1"]
+
+
+def test_match_keys_name_one_gene_across_id_kinds_and_keep_different_genes_apart() -> None:
+    from scdm.store.genes import gene_match_keys
+
+    by_symbol = gene_match_keys(["AARS", "MEMO1", "ABCB11", "GPR75-ASB3", "ASB3", "c2orf15", "NOTAGENE"], "symbol").tolist()
+    by_ensembl = gene_match_keys(["ENSG00000090861.5", "ENSG00000162959", "ENSG00000276582", "ENSG00000073734",
+                                  "ENSG00000115239"], "ensembl").tolist()
+    assert by_symbol[0] == by_ensembl[0] == "entrez:16"  # AARS, the symbol of AARS1 before 2019
+    # MEMO1 is the official symbol of Entrez 7795 (no Ensembl id) and 51072: the one its Ensembl id is
+    assert by_symbol[1] == by_ensembl[1] == "entrez:51072"
+    assert by_symbol[2] == by_ensembl[2] == by_ensembl[3]  # ABCB11 on a patch and on the primary assembly
+    assert by_symbol[3] != by_symbol[4] == by_ensembl[4]  # a readthrough is not the gene whose Ensembl id it shares
+    assert by_symbol[5] == gene_match_keys(["C2ORF15"], "symbol")[0] and by_symbol[6] == "id:NOTAGENE"

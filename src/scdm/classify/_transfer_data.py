@@ -59,6 +59,9 @@ __all__ = [
     "shared_genes",
     "split_source",
     "store_symbols",
+    "store_gene_keys",
+    "gene_keys_of",
+    "spelled_as_target",
     "symbols_of",
     "waterfall_cutoff",
 ]
@@ -483,18 +486,20 @@ def bulk_kind(X: np.ndarray, transform: str) -> str:
     return "tpm" if X.max() > LOG_SCALE_MAX else "log"
 
 
-def read_store_expression(st: Store, dataset: str, genes: Sequence[str], *, block_rows: int = 8192) -> sp.csr_matrix:
+def read_store_expression(st: Store, dataset: str, genes: Sequence[str], *, block_rows: int = 8192,
+                          names: np.ndarray | None = None) -> sp.csr_matrix:
     """Log-normalised expression of a store dataset on ``genes`` (symbols), CSR (n_cells, n_genes).
 
     Counts get ``normalize_total`` + ``log1p``; normalised values are taken as they are when they
     are log-scale, and get ``log1p`` (with a warning) when some exceed :data:`LOG_SCALE_MAX`, as a
     TPM bulk source does: then every domain is log-scale, and the target's highly variable genes
     (scanpy's ``seurat`` flavour, which takes ``expm1`` of its input) do not overflow. The choice
-    looks at every gene of the dataset, so it does not depend on ``genes``.
+    looks at every gene of the dataset, so it does not depend on ``genes``. ``names``: the dataset's column names
+    ``genes`` are looked up in (:func:`spelled_as_target`); by default its stored symbols.
     """
     info = st.dataset(dataset)
-    table = st.genes(dataset)
-    cols = column_index(_store_symbols(table), genes, name=f"dataset {info.name!r}")
+    symbols = _store_symbols(st.genes(dataset)) if names is None else names
+    cols = column_index(symbols, genes, name=f"dataset {info.name!r}")
     adata = st.open_anndata(dataset, backed=True)
     try:
         # scaled values (negative: z-scores) are taken as they are; log1p is for non-negative ones
@@ -540,6 +545,35 @@ def _store_symbols(table: pd.DataFrame) -> np.ndarray:
 def store_symbols(st: Store, dataset: str) -> np.ndarray:
     """Symbols of a store dataset's genes, in matrix column order."""
     return _store_symbols(st.genes(dataset))
+
+
+def store_gene_keys(st: Store, dataset: str) -> np.ndarray:
+    """The gene each of a store dataset's columns resolves to (:func:`scdm.store.genes.stored_gene_keys`)."""
+    from scdm.store.genes import as_gene_id_kind, stored_gene_keys
+
+    return stored_gene_keys(st.genes(dataset), as_gene_id_kind(st.dataset(dataset).gene_id_kind))
+
+
+def gene_keys_of(gene_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """The gene each of a bulk source's gene ids (of any one kind) resolves to (:func:`scdm.store.genes.gene_match_keys`)."""
+    from scdm.store.genes import detect_gene_id_kind, gene_match_keys
+
+    ids = [str(g) for g in gene_ids]
+    return gene_match_keys(ids, detect_gene_id_kind(ids))
+
+
+def spelled_as_target(keys: np.ndarray, target_names: np.ndarray, target_keys: np.ndarray) -> np.ndarray:
+    """A domain's gene names with each gene the target also has written as the target writes it.
+
+    Genes are matched by the gene they resolve to, not by their spelling: an outdated symbol (``AARS``)
+    in one dataset and the Ensembl id of its gene (``AARS1``) in another are one gene. A gene the
+    target lacks gets its key as name (``entrez:...``/``id:...``), which no target name equals.
+    """
+    target_name: dict[str, str] = {}
+    for name, key in zip(target_names, target_keys):
+        if name:
+            target_name.setdefault(key, name)
+    return np.asarray([target_name.get(k, k) for k in keys], dtype=object)
 
 
 def select_hvg(X: sp.csr_matrix, genes: Sequence[str], n_top: int | None, *, scaled: bool = False) -> list[str]:

@@ -587,6 +587,10 @@ NOTES: dict[str, str] = {
     "older-gene-table": ("Rows noted 'older gene table' were computed on embeddings made with another gene table than "
                          "this scdm's (scdm ls marks them too): they stay valid for their space, but embedding the "
                          "datasets again makes a new space with results of its own beside them, not a replacement."),
+    "older-gene-matching": ("Rows noted 'older gene matching' were computed in a joint pca/hvg space fitted on the "
+                            "genes its datasets share by symbol as spelled: a gene renamed between them (AARS in one, "
+                            "AARS1 in another) was left out. Fitting them jointly again matches genes by the gene and "
+                            "makes a new space with results of its own beside them, not a replacement."),
     "unanswered": ("Rows noted 'test cells unanswered' are a prompting model's results scored on the cells it "
                    "answered readably; the others are left out, so they are not on the same cells as the rows "
                    "beside them (a model that fails on hard cells looks better than it is). The report does not "
@@ -634,6 +638,8 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["skipped_folds"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.startswith("older gene table").any():
         notes.append(NOTES["older-gene-table"])
+    if not board.empty and "note" in board.columns and board["note"].fillna("").str.contains("older gene matching").any():
+        notes.append(NOTES["older-gene-matching"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.contains("labelled for different drugs").any():
         notes.append(NOTES["mixed_drugs"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.contains("test cells unanswered").any():

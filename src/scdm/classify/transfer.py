@@ -43,6 +43,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -71,14 +72,16 @@ from scdm.classify._transfer_data import (
     cluster_cells,
     column_index,
     dense,
+    gene_keys_of,
     log_normalize,
     read_bulk,
     read_store_expression,
     select_hvg,
     shared_genes,
+    spelled_as_target,
     split_source,
+    store_gene_keys,
     store_symbols,
-    symbols_of,
     waterfall_cutoff,
 )
 from scdm.classify.metrics import METRICS, compute_metrics
@@ -88,6 +91,7 @@ from scdm.store.errors import (
     EmbeddingNotFoundError,
     InputDataError,
 )
+from scdm.store.genes import GENE_MATCH
 from scdm.store.labels import LabelSet, label_sets
 from scdm.store.transfer import (
     CriticalGenes,
@@ -445,18 +449,22 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
                   linear_r: float, source_transform: str, n_hvg: int | None, validation: str | None,
                   chosen: _RunLabels) -> _Domains:
     """Log-normalised expression of source, target (and target-validation) on shared HVGs."""
-    target_symbols = store_symbols(st, target)
+    # every domain's genes are named as the target names the gene they resolve to: matched by gene, not by
+    # spelling (an outdated symbol in one domain and the Ensembl id of its gene in another are one gene)
+    target_keys = store_gene_keys(st, target)
+    spelled = functools.partial(spelled_as_target, target_names=store_symbols(st, target), target_keys=target_keys)
+    target_symbols = spelled(target_keys)
     if kind == "bulk":
         bulk = read_bulk(source, drug=drug, response=response, linear_r=linear_r)
-        lists = [symbols_of(bulk.genes)]
+        lists = [spelled(gene_keys_of(bulk.genes))]
     else:
-        lists = [store_symbols(st, name) for name in source]
+        lists = [spelled(store_gene_keys(st, name)) for name in source]
     if validation is not None:
-        lists.append(store_symbols(st, validation))
+        lists.append(spelled(store_gene_keys(st, validation)))
     names = ["bulk source" if kind == "bulk" else f"source {n!r}" for n in ([None] if kind == "bulk" else source)]
     names += [f"validation {validation!r}"] * (validation is not None) + [f"target {target!r}"]
     genes = shared_genes([*lists, target_symbols], names)
-    target_all = read_store_expression(st, target, genes)
+    target_all = read_store_expression(st, target, genes, names=target_symbols)
     features = select_hvg(target_all, genes, n_hvg, scaled=st.dataset(target).x_kind == "scaled")
     Xt = dense(target_all[:, column_index(np.asarray(genes, dtype=object), features)])
     del target_all
@@ -467,16 +475,17 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
         dom = _Domains(Xs, bulk.y, Xt, features, desc["kind"], desc, cut=bulk.cut)
     else:
         blocks, labels = [], []
-        for name in source:
+        for name, spelling in zip(source, lists):
             rows, y = _labelled_rows(st, name, chosen.source(name))
-            blocks.append(dense(read_store_expression(st, name, features)[rows]))
+            blocks.append(dense(read_store_expression(st, name, features, names=spelling)[rows]))
             labels.append(y)
         desc = _store_source_desc(st, source, labels)
         dom = _Domains(np.vstack(blocks), np.concatenate(labels), Xt, features, "store", desc)
     dom.source_desc["n_shared_genes"] = len(genes)
+    dom.source_desc["gene_match"] = GENE_MATCH  # runs before it matched symbols as spelled, losing renamed genes
     if validation is not None and chosen.validation is not None:
         rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
-        dom.Xv = dense(read_store_expression(st, validation, features)[rows])
+        dom.Xv = dense(read_store_expression(st, validation, features, names=lists[-1])[rows])
     logger.info("transfer features: %d genes shared, %d kept (target HVGs)", len(genes), len(features))
     return dom
 

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from scdm.store import Store
 from scdm.store.errors import InputDataError, ScdmWarning
+from scdm.store.genes import GENE_MATCH, as_gene_id_kind, stored_gene_keys
 
 __all__ = ["BASELINES", "BaselineFit", "check_sizes", "fit_baseline", "preprocess_block"]
 
@@ -44,7 +45,7 @@ class BaselineFit:
 
     model: str
     genes: tuple[str, ...]
-    """Selected gene keys (symbols where known), in output order for ``hvg``."""
+    """Selected gene keys (:func:`gene_keys`), in output order for ``hvg``."""
     mean: np.ndarray
     """ndarray of shape (n_genes,): mean of the selected genes."""
     std: np.ndarray
@@ -77,16 +78,28 @@ def preprocess_block(x: sp.csr_matrix, *, as_is: bool, target_sum: float) -> sp.
     return out
 
 
-def gene_keys(st: Store, dataset: str) -> np.ndarray:
-    """A dataset's genes as symbols where the shipped table knows them, else as given."""
+def gene_keys(st: Store, dataset: str, gene_match: str | None = None) -> np.ndarray:
+    """A dataset's genes as the keys a fit matches them by.
+
+    ``gene_match=None`` (fits of one dataset, and joint fits made before :data:`GENE_MATCH`): the
+    stored symbol (the dataset's own for a symbol dataset), else the id as given. :data:`GENE_MATCH`:
+    the gene each id resolves to (:func:`scdm.store.genes.stored_gene_keys`), so that ``AARS`` in one dataset and
+    ``ENSG00000090861`` (``AARS1``) in another are one gene. A GENCODE ``_PAR_Y`` copy, which the
+    genes table maps to nothing, stays a key of its own.
+    """
     genes = st.genes(dataset)
-    keys = genes["symbol"].where(genes["symbol"].notna(), genes["gene_id"])
-    return keys.astype(str).to_numpy()
+    if gene_match is None:
+        keys = genes["symbol"].where(genes["symbol"].notna(), genes["gene_id"])
+        return keys.astype(str).to_numpy()
+    if gene_match != GENE_MATCH:
+        msg = f"Unknown gene matching {gene_match!r} of a baseline fit; this scdm knows {GENE_MATCH!r}. Update scdm."
+        raise InputDataError(msg)
+    return stored_gene_keys(genes, as_gene_id_kind(st.dataset(dataset).gene_id_kind)).astype(str)
 
 
-def shared_columns(st: Store, datasets: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
+def shared_columns(st: Store, datasets: Sequence[str], gene_match: str | None = None) -> tuple[list[str], list[np.ndarray]]:
     """Genes present in every dataset (first dataset's order) and each dataset's column indices."""
-    keys = [gene_keys(st, d) for d in datasets]
+    keys = [gene_keys(st, d, gene_match) for d in datasets]
     common = set(keys[0])
     for k in keys[1:]:
         common &= set(k)
@@ -186,6 +199,7 @@ def fit_baseline(
     n_comps: int = 50,
     target_sum: float = 1e4,
     normalized: bool | None = None,
+    gene_match: str | None = None,
 ) -> BaselineFit:
     """Fit ``pca`` or ``hvg`` on the cells of ``datasets`` (jointly, on their shared genes).
 
@@ -198,13 +212,16 @@ def fit_baseline(
     normalized
         None: detect from each dataset's value kind (raw counts are normalised, anything else used
         as is); True: use values as they are; False: treat them as counts.
+    gene_match
+        How the datasets' genes are matched (:func:`gene_keys`): :data:`GENE_MATCH` by the gene each
+        id resolves to (joint fits), None by the stored symbol (one dataset; older joint fits).
     """
     if model not in BASELINES:
         msg = f"Unknown baseline {model!r}; baselines: {', '.join(BASELINES)}."
         raise InputDataError(msg)
     check_sizes(n_hvg=n_hvg, n_comps=n_comps, target_sum=target_sum)
     infos = [st.dataset(d) for d in datasets]
-    genes, cols = shared_columns(st, [i.dataset_id for i in infos])
+    genes, cols = shared_columns(st, [i.dataset_id for i in infos], gene_match)
     as_is = [resolve_as_is(i.x_kind, normalized, i.name) for i in infos]
     _warn_if_scaled_with_unscaled(infos)
     n_cells = sum(i.n_cells for i in infos)

@@ -65,7 +65,7 @@ from scdm.store import Embedding, Store, open_store
 from scdm.store.adapters import adapter_dir, adapter_row
 from scdm.store.checkpoints import checkpoint_files
 from scdm.store.errors import CheckpointError, InputDataError, ScdmError
-from scdm.store.genes import gene_table_version
+from scdm.store.genes import GENE_MATCH, gene_table_version
 from scdm.store.matrix import iter_row_blocks
 from scdm.store.progress import progress_bar
 
@@ -813,6 +813,7 @@ def embed_baseline(
     normalized: bool | None = None,
     chunk_rows: int | None = None,
     progress: bool = True,
+    _symbol_match: bool = False,
 ) -> list[EmbedResult]:
     """Fit a ``pca``/``hvg`` baseline jointly on ``datasets`` and embed each of them.
 
@@ -821,6 +822,7 @@ def embed_baseline(
     may pool them. Already complete embeddings whose chunks all match their checksums are returned
     without refitting; damaged chunks (see :func:`complete_and_intact`) are recomputed, and only those.
     A dataset given more than once is fitted once; the result has one entry per dataset given.
+    ``_symbol_match`` is for :func:`repair` of a joint fit made before genes were matched by gene.
     """
     check_embed_options(chunk_rows=chunk_rows, n_hvg=n_hvg, n_comps=n_comps if model == "pca" else None, target_sum=target_sum)
     st = open_store(store)
@@ -841,6 +843,10 @@ def embed_baseline(
         # a joint hvg's columns follow the first fitted dataset's gene order: fitted in fit_datasets
         # order, whatever order the datasets are given in (ids made before this marker did not)
         base_params["gene_order"] = JOINT_GENE_ORDER
+    if len(infos) > 1 and not _symbol_match:
+        # genes matched by the gene they resolve to, not by the stored symbol: a new space, since joint
+        # fits made before this marker (which keep their ids and numbers) left renamed genes out
+        base_params["gene_match"] = GENE_MATCH
     found = [st.get_embedding(i.dataset_id, model=model, params=base_params) for i in infos]
     intact = [f is not None and complete_and_intact(st, f) for f in found]
     done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
@@ -850,7 +856,7 @@ def embed_baseline(
     t0 = time.perf_counter()
     in_fit_order = sorted(infos, key=lambda i: i.content_hash)  # the same fit for any order the datasets are given in
     fit = baselines.fit_baseline(st, [i.dataset_id for i in in_fit_order], model=model, n_hvg=n_hvg, n_comps=n_comps,
-                                 target_sum=target_sum, normalized=normalized)
+                                 target_sum=target_sum, normalized=normalized, gene_match=None if _symbol_match or len(infos) == 1 else GENE_MATCH)
     fit_s = time.perf_counter() - t0
     _reset_peak_rss()
     for info in infos:
@@ -862,7 +868,7 @@ def embed_baseline(
 
 def _write_baseline(st: Store, info: Any, fit: baselines.BaselineFit, params: dict[str, Any], chunk_rows: int | None, fit_s: float, progress: bool) -> EmbedResult:
     emb = st.create_embedding(info.dataset_id, model=fit.model, params=params, dim=fit.dim, chunk_rows=chunk_rows)
-    keys = baselines.gene_keys(st, info.dataset_id)
+    keys = baselines.gene_keys(st, info.dataset_id, params.get("gene_match"))
     first: dict[str, int] = {}
     for i, g in enumerate(keys):
         first.setdefault(g, i)
@@ -978,7 +984,8 @@ def repair(store: Store | str | os.PathLike[str] | None, embedding_id: str, *, p
     kwargs: dict[str, Any] = {"n_hvg": p["n_hvg_requested"], "target_sum": p["target_sum"], "normalized": p["normalized"]}
     if emb.model == "pca":
         kwargs["n_comps"] = p["n_comps_requested"]
-    results = embed_baseline(st, names, model=emb.model, chunk_rows=emb.chunk_rows, progress=progress, **kwargs)
+    results = embed_baseline(st, names, model=emb.model, chunk_rows=emb.chunk_rows, progress=progress,
+                             _symbol_match="gene_match" not in p, **kwargs)  # an older joint fit: refitted as it was made
     return next(r for r in results if r.embedding_id == emb.embedding_id)
 
 

@@ -36,6 +36,9 @@ __all__ = [
     "gene_table",
     "gene_table_version",
     "gene_table_note_sql",
+    "GENE_MATCH",
+    "gene_match_keys",
+    "stored_gene_keys",
     "space_notes_sql",
     "detect_gene_id_kind",
     "ids_not_of_kind",
@@ -98,9 +101,64 @@ def gene_table_version() -> str:
     return hashlib.blake2b(_table_bytes() + _table_bytes(_ALIAS_FILE) + corrections + rules, digest_size=6).hexdigest()
 
 
+GENE_MATCH = "gene"
+"""``params["gene_match"]`` of a joint pca/hvg fit that matches its datasets' genes by :func:`gene_match_keys`.
+Joint fits made before it matched the stored symbols as spelled, so a gene renamed between two datasets
+(``AARS`` in one, ``AARS1`` in the other) was left out of the shared genes; they keep their ids and are noted."""
+
+
+def gene_match_keys(gene_ids: Sequence[str] | np.ndarray, kind: GeneIdKind) -> np.ndarray:
+    """One key per gene id naming the gene it resolves to, for matching the genes of two datasets.
+
+    ``entrez:<id>`` where the shipped table resolves the id (a symbol through its official symbol,
+    else a previous symbol or alias naming one gene, as :func:`map_genes` does for every model),
+    else ``id:<the id upper-cased, without an Ensembl version>``. An outdated symbol (``AARS``) and
+    the Ensembl id of its gene (``ENSG00000090861``, ``AARS1``) are then one gene, and so are the
+    Ensembl ids of one gene on the primary assembly and on a patch, which a match on one of the
+    Ensembl ids would have kept apart.
+    """
+    names = [str(i) for i in gene_ids]
+    names = strip_ensembl_version(names) if kind == "ensembl" else names
+    entrez = map_genes(names, src=kind, dst="entrez")
+    if kind == "symbol":
+        # a symbol official for two genes (MEMO1: Entrez 7795 without an Ensembl id, 51072 with one) is the gene
+        # whose Ensembl id the models are given, so that it meets that Ensembl id in another dataset
+        pair = _entrez_of_symbol_and_ensembl()
+        ensembl = map_genes(names, src="symbol", dst="ensembl")
+        entrez = np.asarray([pair.get((n, g), pair.get((n.upper(), g), e)) if g else e
+                             for n, g, e in zip(names, ensembl, entrez)], dtype=object)
+    return np.asarray([f"entrez:{e}" if e else f"id:{n.upper()}" for e, n in zip(entrez, names)], dtype=object)
+
+
+@lru_cache(maxsize=1)
+def _entrez_of_symbol_and_ensembl() -> dict[tuple[str, str], str]:
+    """Entrez id of each (symbol, Ensembl id) row of the table, symbols also upper-cased (first row wins)."""
+    table = gene_table()
+    rows = table[table["ensembl"] != ""]
+    out: dict[tuple[str, str], str] = {}
+    for symbol, ensembl, entrez in zip(rows["symbol"], rows["ensembl"], rows["entrez"]):
+        out.setdefault((symbol, ensembl), entrez)
+    for symbol, ensembl, entrez in zip(rows["symbol"], rows["ensembl"], rows["entrez"]):
+        out.setdefault((symbol.upper(), ensembl), entrez)
+    return out
+
+
+def stored_gene_keys(genes: pd.DataFrame, kind: GeneIdKind) -> np.ndarray:
+    """:func:`gene_match_keys` of a dataset's ``genes`` rows (``gene_id``, ``symbol``, ``ensembl``).
+
+    A row the genes table maps to nothing although its id may resolve (a GENCODE ``_PAR_Y`` copy of a
+    gene that is also a column) keeps a key of its own: it is not a second column of that gene.
+    """
+    ids = genes["gene_id"].astype(str).to_numpy(dtype=object)
+    resolved = gene_match_keys(ids, kind)
+    unmapped = (genes["symbol"].isna() & genes["ensembl"].isna()).to_numpy()
+    return np.asarray([f"id:{i}" if u else k for i, u, k in zip(ids, unmapped, resolved)], dtype=object)
+
+
 def gene_table_note_sql(params: str) -> str:
     """SQL on an ``embeddings.params`` column: ``'older gene table (<its>; this scdm: <current>)'`` where the
-    embedding was made with another gene table than this scdm's, else ``''``.
+    embedding was made with another gene table than this scdm's, ``'older gene matching (...)'`` for a joint
+    pca/hvg fit made before :data:`GENE_MATCH`, else ``''``.
 
     Such an embedding stays valid for itself, but embedding its dataset again makes a new space
     beside it (a second ``pca`` row, a second result): the note says which one this scdm would not
@@ -109,8 +167,12 @@ def gene_table_note_sql(params: str) -> str:
     """
     current = gene_table_version()  # hex digits: safe inside a literal
     table = f"json_extract_string({params}, '$.gene_table')"
+    joint = f"json_array_length(json_extract({params}, '$.fit_datasets')) > 1"
     return (f"CASE WHEN {table} IS NOT NULL AND {table} <> '{current}' "
-            f"THEN 'older gene table (' || {table} || '; this scdm: {current})' ELSE '' END")
+            f"THEN 'older gene table (' || {table} || '; this scdm: {current})' "
+            f"WHEN {table} IS NOT NULL AND {joint} AND json_extract_string({params}, '$.gene_match') IS NULL "
+            "THEN 'older gene matching (a joint fit on the symbols as spelled: genes renamed between its datasets were "
+            "left out; this scdm matches them by gene)' ELSE '' END")
 
 
 def space_notes_sql() -> str:

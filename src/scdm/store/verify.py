@@ -220,6 +220,13 @@ def repair_hint(st: Store, emb: Embedding) -> str:
     not record, so ``scdm verify --repair`` prints their exact ``scdm embed`` command.
     """
     params = emb.params
+    if emb.model in BASELINE_MODELS and len(params.get("fit_datasets", ())) > 1 and "gene_match" not in params:
+        # `scdm embed --joint` now matches genes by gene: it would make a new space, not repair or resume this one
+        why = ("refits it as it was made, on the genes its datasets share by symbol; `scdm embed ... --joint` makes a "
+               "new space matching genes by gene")
+        if emb.status != "complete":  # interrupted: verify finds no damaged chunk to repair, the Python call resumes it
+            return f"scdm.embedding.runner.repair(STORE, {emb.embedding_id!r}) in Python ({why})"
+        return f"scdm verify --repair --embedding {emb.embedding_id}  ({why})"
     if emb.model in BASELINE_MODELS and "fit_datasets" in params:
         return _baseline_command(st, emb.model, params)
     if emb.variant != "frozen":
