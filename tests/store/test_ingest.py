@@ -612,3 +612,17 @@ def test_a_label_set_read_again_with_other_unknown_values_is_refused_saying_so(s
     adata.obs.iloc[3, adata.obs.columns.get_loc("label")] = "n/a"
     with pytest.raises(InputDataError, match=r"differs in --unknown-value \(\['unclear'\] stored, \['unclear', 'n/a'\] given\)"):
         st.ingest(adata, name="d", label_key="label", drug="X", unknown_values=["unclear", "n/a"])
+
+
+def test_gene_columns_of_one_ensembl_id_are_warned_about_with_their_count(st, recwarn):
+    """PC9 holds 'C2ORF15' and 'C2orf15' (and MCL1 beside ADAMTSL4-AS1, both ENSG00000143384 in the table): Geneformer
+    summed each pair into one gene and CellPLM read only the first column, without a word."""
+    adata = make_counts_adata(n_genes=12)
+    adata.var_names = [*adata.var_names[:8], "C2ORF15", "C2orf15", "MCL1", "ADAMTSL4-AS1"]
+    with pytest.warns(IngestWarning, match=r"'pairs': 4 gene columns map to 2 Ensembl ids that another column maps to as "
+                                           r"well \(e\.g\. 'C2ORF15' and 'C2orf15' -> ENSG00000273045; 'MCL1' and "
+                                           r"'ADAMTSL4-AS1' -> ENSG00000143384\).*Geneformer sums"):
+        st.ingest(adata, name="pairs")
+    recwarn.clear()
+    st.ingest(make_counts_adata(n_genes=12, seed=1), name="distinct")  # one column per Ensembl id: nothing to say
+    assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]

@@ -779,6 +779,27 @@ def check_par_y_copies(adata: ad.AnnData, gene_ids: np.ndarray, name: str) -> st
             "without a symbol or Ensembl id (no reader of the genes table sees the gene twice) and change no embedding.")
 
 
+def shared_ensembl_message(genes: pd.DataFrame, name: str) -> str | None:
+    """The warning for gene columns that map to an Ensembl id another column maps to as well (else None).
+
+    Symbols that differ in case only (PC9: ``C2ORF15`` and ``C2orf15``) or genes the table gives one
+    Ensembl id (``MCL1`` and ``ADAMTSL4-AS1``: ENSG00000143384) are one gene to the models keyed by
+    Ensembl ids: Geneformer sums their counts (its reference's collapse path) and CellPLM reads the
+    first column only, while the dataset holds them as different columns.
+    """
+    mapped = genes[genes["ensembl"].notna()]
+    shared = mapped[mapped["ensembl"].duplicated(keep=False)]
+    if shared.empty:
+        return None
+    examples = "; ".join(f"{' and '.join(map(repr, group['gene_id'].astype(str)))} -> {ensembl}"
+                         for ensembl, group in list(shared.groupby("ensembl", sort=False))[:3])
+    n_ids = shared["ensembl"].nunique()
+    return (f"dataset {name!r}: {len(shared)} gene columns map to {n_ids} Ensembl id{'s' * (n_ids > 1)} that another "
+            f"column maps to as well (e.g. {examples}): models keyed by Ensembl ids read each as one gene (Geneformer "
+            "sums the columns, CellPLM reads the first one only). Sum or drop the duplicated columns and ingest again "
+            "to choose yourself.")
+
+
 def normalise_response(values: pd.Series, *, positive: str | None = None, unknown_values: Sequence[str] = ()) -> pd.Series:
     """Map labels to 1 = sensitive, 0 = resistant, <NA> = unknown.
 

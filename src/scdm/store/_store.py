@@ -891,6 +891,8 @@ class Store:
             warnings.warn(mouse, _ingest.IngestWarning, stacklevel=3)
         if par_y is not None:
             warnings.warn(par_y, _ingest.IngestWarning, stacklevel=3)
+        if (shared := _ingest.shared_ensembl_message(genes, name)) is not None:
+            warnings.warn(shared, _ingest.IngestWarning, stacklevel=3)
         if label_set is not None and opts.sample_key is None and opts.sample is None:
             _warn_label_confounders(adata, cells["response"], opts, name)
         return _replace(self.dataset(dataset_id), created=True, label_set=label_set.name if label_set else None,
