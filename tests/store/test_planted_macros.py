@@ -70,3 +70,44 @@ def test_a_results_view_worded_otherwise_by_another_duckdb_is_scdms_own() -> Non
     reworded = expected.replace("CREATE VIEW", "create   view", 1).replace(" FROM ", "\n  FROM ")
     assert reworded != expected and _same_view("main.results", reworded)
     assert not _same_view("main.results", expected.replace("SELECT ", "SELECT 0.99 AS planted, ", 1))
+
+
+def _catalog_of_an_older_scdm(store: Path, schema: int) -> None:
+    """A catalog as an scdm of schema version ``schema`` left it: its migrations applied and recorded."""
+    import duckdb
+
+    from scdm.store._catalog import _MIGRATIONS
+
+    store.mkdir()
+    with duckdb.connect(str(store / "catalog.duckdb")) as con:
+        con.execute("CREATE TABLE migrations (version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP, "
+                    "scdm_version VARCHAR)")
+        for version, name, sql in _MIGRATIONS[:schema]:
+            con.execute(sql)
+            con.execute("INSERT INTO migrations VALUES (?, ?, now(), 'old')", [version, name])
+
+
+def test_an_older_scdms_results_view_read_only_is_the_pending_migration_not_an_edit(tmp_path: Path) -> None:
+    # schema 11 holds results as migration 6 defined it (migration 12 replaces it): the store of an
+    # older scdm, to be migrated, not a catalog someone edited
+    from scdm.store.errors import StoreReadOnlyError
+
+    _catalog_of_an_older_scdm(tmp_path / "store", 11)
+    with pytest.raises(StoreReadOnlyError, match=r"schema version 11 and lacks migration\(s\) 0012_result_key"):
+        Store(tmp_path / "store", read_only=True)
+    Store(tmp_path / "store")  # migrates it, with no word of an edited view
+    assert Store(tmp_path / "store", read_only=True).sql("SELECT count(*) AS n FROM results").iloc[0, 0] == 0
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_newer_scdms_view_is_refused_as_a_newer_catalog(tmp_path: Path, read_only: bool) -> None:
+    from scdm.store._catalog import SCHEMA_VERSION
+
+    _catalog_of_an_older_scdm(tmp_path / "store", SCHEMA_VERSION)
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "store" / "catalog.duckdb")) as con:  # what a later scdm's migration may do
+        con.execute("CREATE VIEW leaderboard AS SELECT * FROM results")
+        con.execute("INSERT INTO migrations VALUES (?, 'leaderboard', now(), '9.9')", [SCHEMA_VERSION + 1])
+    with pytest.raises(StoreFormatError, match=r"written by scdm 9\.9.*Upgrade scdm"):
+        Store(tmp_path / "store", read_only=read_only)

@@ -1007,13 +1007,16 @@ class Catalog:
             return
         with self.transaction() as con:
             self._refuse_macros(con)  # first: the migrations' own statements call now()
-            self._refuse_foreign_views(con)
+            has_migrations = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_catalog = current_database() "
+                "AND table_schema = 'main' AND table_name = 'migrations'").fetchall()[0][0]
+            done = dict(con.execute("SELECT version, name FROM migrations").fetchall()) if has_migrations else {}
+            self._refuse_newer(con, set(done), scdm_version)  # before the views: a newer scdm may define others
+            self._refuse_foreign_views(con, check_definitions=False)
             con.execute(
                 "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name VARCHAR, "
                 "applied_at TIMESTAMP, scdm_version VARCHAR)"
             )
-            done = dict(con.execute("SELECT version, name FROM migrations").fetchall())
-            self._refuse_newer(con, set(done), scdm_version)
             for version, name, sql in _pending_migrations(done):
                 logger.debug("catalog %s: applying migration %04d_%s", self.path, version, name)
                 con.execute(sql)
@@ -1029,13 +1032,15 @@ class Catalog:
         """For a read-only catalog: refuse one that is newer than this scdm or needs a migration."""
         with self.connect(read_only=True) as con:
             self._refuse_macros(con)
-            self._refuse_foreign_views(con)
             try:
                 done = dict(con.execute("SELECT version, name FROM migrations").fetchall())
             except duckdb.CatalogException:
                 done = {}
-            self._refuse_newer(con, set(done), scdm_version)
-        pending = _pending_migrations(done)
+            self._refuse_newer(con, set(done), scdm_version)  # before the views: a newer scdm may define others
+            pending = _pending_migrations(done)
+            # an older scdm's catalog holds its own (older) definition of a view a pending migration
+            # replaces (results before migration 12): that is the pending migration, refused below
+            self._refuse_foreign_views(con, check_definitions=not pending)
         if pending:
             store = self.path.parent
             names = ", ".join(f"{version:04d}_{name}" for version, name, _ in pending)
@@ -1066,10 +1071,10 @@ class Catalog:
                    "from a backup.")
             raise StoreFormatError(msg)
 
-    def _refuse_foreign_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Refuse a catalog holding views that scdm's migrations do not create; on a read-only one, also
-        a view of scdm's whose definition was changed (a writable open restores it, see
-        :meth:`_restore_edited_views`).
+    def _refuse_foreign_views(self, con: duckdb.DuckDBPyConnection, *, check_definitions: bool) -> None:
+        """Refuse a catalog holding views that scdm's migrations do not create; with ``check_definitions``
+        (a read-only catalog with every migration applied), also a view of scdm's whose definition was
+        changed (a writable open restores it, see :meth:`_restore_edited_views`).
 
         A view can stand in for a table scdm reads (drop ``datasets``, create a view of that name)
         or redefine ``results``: a planted one would change the numbers every user of a shared store
@@ -1084,8 +1089,10 @@ class Catalog:
                    "rows. Nothing was read or written. Have the store's owner remove them (DROP VIEW ...) or restore "
                    "the catalog from a backup.")
             raise StoreFormatError(msg)
+        if not check_definitions:
+            return
         edited = sorted(name for name, sql in found.items() if not _same_view(name, sql))
-        if edited and self.read_only:
+        if edited:
             msg = (f"The catalog {str(self.path)!r} defines the view(s) {', '.join(edited)} otherwise than this scdm "
                    "does (edited by someone who may write the store, or written by another DuckDB version), so the "
                    "results read through them could be other numbers. Nothing was read. Open the store once with "
