@@ -111,3 +111,23 @@ def test_a_newer_scdms_view_is_refused_as_a_newer_catalog(tmp_path: Path, read_o
         con.execute("INSERT INTO migrations VALUES (?, 'leaderboard', now(), '9.9')", [SCHEMA_VERSION + 1])
     with pytest.raises(StoreFormatError, match=r"written by scdm 9\.9.*Upgrade scdm"):
         Store(tmp_path / "store", read_only=read_only)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_table_put_in_place_of_the_results_view_is_refused(tmp_path: Path, read_only: bool) -> None:
+    store = tmp_path / "store"
+    with Store(store).catalog.connect() as con:  # results dropped, a table of that name given other rows
+        con.execute("DROP VIEW results")
+        con.execute("CREATE TABLE results AS SELECT * FROM eval_results")
+    with pytest.raises(StoreFormatError, match=r"holds the table\(s\) main\.results where scdm defines a view"):
+        Store(store, read_only=read_only)
+
+
+def test_a_dropped_results_view_is_refused_read_only_and_defined_again_by_a_writable_open(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with Store(store).catalog.connect() as con:
+        con.execute("DROP VIEW results")
+    with pytest.raises(StoreFormatError, match=r"main\.results otherwise.*write access"):
+        Store(store, read_only=True)
+    assert "result_key" in Store(store).sql("SELECT * FROM results LIMIT 0").columns
+    Store(store, read_only=True)

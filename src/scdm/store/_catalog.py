@@ -1091,7 +1091,8 @@ class Catalog:
             raise StoreFormatError(msg)
         if not check_definitions:
             return
-        edited = sorted(name for name, sql in found.items() if not _same_view(name, sql))
+        self._refuse_tables_in_place_of_views(con)
+        edited = sorted(name for name in expected if name not in found or not _same_view(name, found[name]))
         if edited:
             msg = (f"The catalog {str(self.path)!r} defines the view(s) {', '.join(edited)} otherwise than this scdm "
                    "does (edited by someone who may write the store, or written by another DuckDB version), so the "
@@ -1100,11 +1101,27 @@ class Catalog:
                    "restores scdm's definitions.")
             raise StoreFormatError(msg)
 
+    def _refuse_tables_in_place_of_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Refuse a catalog where a table stands in for one of scdm's views (``results`` dropped and a
+        table of that name made): its rows, whatever they hold, would be read as scdm's own."""
+        tables = {schema + "." + name for schema, name in con.execute(
+            "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
+        replaced = sorted(tables & set(_expected_views()))
+        if replaced:
+            msg = (f"The catalog {str(self.path)!r} holds the table(s) {', '.join(replaced)} where scdm defines a view: "
+                   "someone who may write this store replaced it, and its rows would be read as scdm's results. Nothing "
+                   "was read or written. Have the store's owner remove it (DROP TABLE ...; scdm's own rows are in "
+                   "eval_results) and open the store once with write access, which defines the view again, or restore "
+                   "the catalog from a backup.")
+            raise StoreFormatError(msg)
+
     def _restore_edited_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Define scdm's views again where the catalog's definition differs from the migrations' own."""
+        """Define scdm's views again where the catalog's definition differs from the migrations' own (or
+        the view was dropped)."""
+        self._refuse_tables_in_place_of_views(con)
         found = dict(con.execute(_VIEWS_SQL).fetchall())
         for name, sql in _expected_views().items():
-            if name in found and not _same_view(name, found[name]):
+            if name not in found or not _same_view(name, found[name]):
                 logger.warning("catalog %s: the view %s was defined otherwise than scdm defines it; restored "
                                "scdm's definition", self.path, name)
                 con.execute(re.sub(r"^CREATE VIEW", "CREATE OR REPLACE VIEW", sql))
