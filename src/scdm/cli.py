@@ -241,7 +241,7 @@ def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--regimen", help="The treatment every cell received, as scDrugMap's Regimen column names it: PLX-4720, erlotinib, vemurafenib + trametinib, CAR-T (not mono/combination)."),
         click.option("--gene-key", help="var column holding gene ids (default: var_names)."),
         click.option("--gene-id-kind", type=click.Choice(["symbol", "ensembl", "entrez"]), help="Override the detected gene id kind."),
-        click.option("--x-kind", type=click.Choice(["counts", "normalized", "scaled"]), help="Override the detected value kind of X (counts: whole numbers, normalized, scaled: z-scores); refused where the values contradict it (counts with a negative value, or more than 1% not whole numbers all below 50 as log values are; normalized with more than 1% negative)."),
+        click.option("--x-kind", type=click.Choice(["counts", "normalized", "scaled"]), help="Override the detected value kind of X (counts: whole numbers, normalized, scaled: z-scores); refused where the values contradict it (counts with a negative value, or more than 1% not whole numbers all below 50 as log values are or with one total per cell as normalised values have; normalized with more than 1% negative)."),
         click.option("--no-copy", is_flag=True, help="Refer to the file in place instead of keeping a copy in the store (the file must then stay put)."),
     ]
     for opt in reversed(options):

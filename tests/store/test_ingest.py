@@ -626,3 +626,14 @@ def test_gene_columns_of_one_ensembl_id_are_warned_about_with_their_count(st, re
     recwarn.clear()
     st.ingest(make_counts_adata(n_genes=12, seed=1), name="distinct")  # one column per Ensembl id: nothing to say
     assert not [w for w in recwarn if issubclass(w.category, IngestWarning)]
+
+
+def test_values_normalised_per_cell_are_refused_as_counts_when_given(st):
+    """1138715 took fractions above 50 given as counts as estimated counts, and so took CP10k values (every cell's total
+    1e4, largest value over 1,000) as counts without a word, which 3aca9dc refused: every cell then has one depth."""
+    adata = make_counts_adata(sparse=False)
+    x = np.asarray(adata.X)
+    adata.X = (x / x.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    with pytest.raises(InputDataError, match=r"not whole numbers and every cell's total is about the same \(10000 to "
+                                             r"10000\): values normalised per cell, not counts.*one total"):
+        st.ingest(adata, name="cp10k", x_kind="counts")

@@ -532,10 +532,16 @@ def _contradiction(kind: str | None, scan: MatrixScan) -> tuple[dict[str, Any], 
     few = STRAY_VALUE_FRACTION * scan.nnz
     if kind == "counts" and negative is not None:
         return negative, "negative"
-    # fractions above any log value ("unlogged") are estimated or corrected counts (alevin, SoupX): counts
-    # as the user says; below it they are log-normalised, which pca would normalise and log again
-    if kind == "counts" and fractional is not None and fractional["n"] > few and "unlogged" not in scan.notes:
-        return fractional, "not whole numbers"
+    # fractions above any log value ("unlogged") whose cells' totals differ are estimated or corrected counts
+    # (alevin, SoupX): counts as the user says; below it they are log-normalised, which pca would normalise
+    # and log again, and with one total per cell they are normalised (CP10k), every cell of one depth
+    unlogged = scan.notes.get("unlogged")
+    if kind == "counts" and fractional is not None and fractional["n"] > few:
+        if unlogged is None:
+            return fractional, "not whole numbers"
+        if unlogged["total_max"] <= UNEQUAL_TOTALS * unlogged["total_min"]:
+            return fractional, (f"not whole numbers and every cell's total is about the same ({unlogged['total_min']:g} "
+                                f"to {unlogged['total_max']:g}): values normalised per cell, not counts")
     if kind == "normalized" and negative is not None and negative["n"] > few:
         return negative, "negative"
     return None
@@ -577,8 +583,9 @@ def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     ``counts`` for a matrix with a negative value, or with more than :data:`STRAY_VALUE_FRACTION`
     of its values not whole numbers while none exceeds :data:`LOG_VALUE_MAX` (log-normalised): pca/hvg
     would normalise and log those values again (a negative one to NaN), and every count model would
-    read them as counts. Counts with fractions above that (alevin's estimates, SoupX's corrected
-    counts) are taken as counts when the user says so.
+    read them as counts; or while every cell's total is about the same (normalised per cell: each cell
+    would be read as of one depth). Counts with fractions above that and cells' totals that differ
+    (alevin's estimates, SoupX's corrected counts) are taken as counts when the user says so.
     ``normalized`` for a matrix with more than that share negative (z-scored): the checks that keep
     scaled values from the models that rank genes by expression would be passed by.
     """
@@ -588,10 +595,15 @@ def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     what = contradiction[1]
     msg = f"{contradicted_x_kind(given, scan)} "
     if given == "counts":
-        msg += ("Taken as counts, pca and hvg would normalise and log them again (a negative value to NaN) and every "
-                "count model would read them as counts. Put the raw counts in X (e.g. adata.X = adata.layers['counts'] "
+        msg += ("Taken as counts, every count model would read each cell's depth as that one total (scFoundation's "
+                "total-count token)" if what.endswith("not counts") else
+                "Taken as counts, pca and hvg would normalise and log them again (a negative value to NaN) and every "
+                "count model would read them as counts")
+        msg += (". Put the raw counts in X (e.g. adata.X = adata.layers['counts'] "
                 f"or adata.raw.X), or leave out {option('x_kind')} to have the kind detected.")
-        if what != "negative":
+        if what.endswith("not counts"):
+            msg += " If they are estimated counts of cells this alike in depth, round them first (adata.X = np.rint(adata.X))."
+        if what == "not whole numbers":
             msg += (f" Estimated counts with fractions (alevin, SoupX) are taken as counts once a value exceeds "
                     f"{LOG_VALUE_MAX:g}; if these are such counts and stay below it, round them first (adata.X = np.rint(adata.X)).")
     else:
