@@ -7,6 +7,7 @@ A store may be shared: anyone who may write it could replace ``artifacts/report`
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,23 @@ def test_the_figures_of_a_report_folder_linked_outside_the_store_are_not_listed(
     with _client(store) as client:
         answer = client.get("/api/report/figures")
     assert answer.status_code == 403 and "holiday" not in answer.text
+
+
+def test_no_report_is_written_into_a_tables_folder_linked_outside_the_store(tmp_path: Path) -> None:
+    # the report folder itself is in the store, its tables/ a link to a project folder
+    outside = tmp_path / "project"
+    outside.mkdir()
+    (outside / "counts.csv").write_text("gene,n\nTP53,3\n")
+    store = tmp_path / "store"
+    Store(store)
+    (store / "artifacts" / "report" / "figures").mkdir(parents=True)
+    os.symlink(outside, store / "artifacts" / "report" / "tables")
+    with _client(store) as client:
+        answer = client.post("/api/report", json={"projection": "none"})
+        if answer.status_code < 300:  # the old code ran the job: wait for it
+            for _ in range(200):
+                if client.get(answer.json()["status_url"]).json()["state"] not in ("queued", "running"):
+                    break
+                time.sleep(0.05)
+    assert answer.status_code == 403 and "artifacts/report/tables links outside the store" in answer.json()["error"]
+    assert (outside / "counts.csv").read_text() == "gene,n\nTP53,3\n"

@@ -753,10 +753,13 @@ def _report_folder_in_store(srv: ServerState) -> Path:
     server may read, and a new report would delete the ``tables/*.csv`` of the folder it points to.
     """
     folder = (srv.root / REPORT_DIR).resolve()
-    if not folder.is_relative_to(srv.root.resolve()):
-        raise HttpError(403, f"The report folder {REPORT_DIR} links outside the store (to {str(folder)!r}); this server "
-                             "reads and writes files inside the store only. Remove the link, then write the report "
-                             "(POST /api/report).")
+    # the report deletes tables/*.csv, *.sql and figures/ of its own: each of these folders linked elsewhere loses them
+    for name in (REPORT_DIR, f"{REPORT_DIR}/figures", f"{REPORT_DIR}/tables"):
+        target = (srv.root / name).resolve()
+        if not target.is_relative_to(srv.root.resolve()):
+            raise HttpError(403, f"The report folder {name} links outside the store (to {str(target)!r}); this server "
+                                 "reads and writes files inside the store only. Remove the link, then write the report "
+                                 "(POST /api/report).")
     return folder
 
 
