@@ -483,3 +483,18 @@ def test_the_official_geneformer_layout_with_dictionaries_in_the_package_folder(
     flat = embed(st, "pc9", "geneformer", gf, max_length=64, chunk_rows=128, progress=False)
     np.testing.assert_array_equal(st.read_embedding(by_hub.embedding_id), st.read_embedding(flat.embedding_id))
     assert network == []
+
+
+def test_a_link_to_nothing_that_the_loader_does_not_glob_is_no_refusal(tmp_path):
+    # UCE globs *.torch at the top of its folder; a dead link in a subfolder (old/) is never read, but
+    # fnmatch's '*' crossed the '/' and refused the folder as holding a link to a missing model file
+    from scdm.embedding.models.uce import UCEAdapter
+
+    (tmp_path / "old").mkdir()
+    os.symlink("../gone/33l.torch", tmp_path / "old" / "33l_8ep_1024t_1280.torch")
+    with pytest.raises(CheckpointError, match=r"missing") as refused:
+        UCEAdapter(tmp_path).check_checkpoint()  # the folder holds no model: refused for that
+    assert "links to files that do not exist" not in str(refused.value)
+    os.symlink("gone.torch", tmp_path / "33l_8ep_1024t_1280.torch")  # one the loader globs is still named
+    with pytest.raises(CheckpointError, match=r"links to files that do not exist: '33l_8ep_1024t_1280.torch'"):
+        UCEAdapter(tmp_path).check_checkpoint()

@@ -40,7 +40,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -106,6 +106,16 @@ class GeneAudit:
             "id_kind_used": self.id_kind_used,
             **self.extra,
         }
+
+
+def _globbed_by(relative: Path, pattern: str) -> bool:
+    """Whether ``Path.glob(pattern)`` in the checkpoint folder would name ``relative`` (were it there).
+
+    ``fnmatch`` alone lets ``*`` cross folders: ``*.torch`` would take ``old/x.torch``, which the
+    loader, globbing the top level, never reads.
+    """
+    parts = PurePosixPath(pattern).parts
+    return len(relative.parts) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(relative.parts, parts))
 
 
 class Adapter(abc.ABC):
@@ -183,7 +193,7 @@ class Adapter(abc.ABC):
         patterns = [alt for pattern in (*(self.hub_patterns or self.checkpoint_files), *self.read_if_present)
                     for alt in pattern.split("|")]
         broken = [link for link in sorted(dangling_links(self.checkpoint))
-                  if not patterns or any(fnmatch.fnmatch(link.relative_to(self.checkpoint).as_posix(), p) for p in patterns)]
+                  if not patterns or any(_globbed_by(link.relative_to(self.checkpoint), p) for p in patterns)]
         if broken:
             shown = ", ".join(f"{link.relative_to(self.checkpoint).as_posix()!r} -> {os.readlink(link)!r}" for link in broken[:3])
             more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
