@@ -255,7 +255,7 @@ def leaderboard(
         SELECT g.*, e.folds_expected, g.folds_done >= COALESCE(e.folds_expected, 0) AS complete,
                json_extract_string(s.definition, '$.folds_from') AS folds_from
         FROM g LEFT JOIN expected e USING (split_id) LEFT JOIN splits s USING (split_id)
-        ORDER BY scenario, category_type, category, metric, mean DESC NULLS LAST
+        ORDER BY g.scenario, g.category_type, g.category, g.metric, g.mean DESC NULLS LAST
     """
     for note in stale_notes(st):
         logger.warning("results: %s", note)
