@@ -25,14 +25,20 @@ def _client(store: Path) -> Any:
     return TestClient(app, base_url="http://127.0.0.1:8000", headers={"Authorization": f"Bearer {TOKEN}"})
 
 
-def test_a_report_folder_linked_outside_the_store_is_not_served(tmp_path: Path) -> None:
-    outside = tmp_path / "home"
-    outside.mkdir()
-    (outside / "id_rsa").write_text("PRIVATE KEY")
+def _store_whose_report_links_to(tmp_path: Path, outside: Path) -> Path:
+    """A store whose artifacts/report is a link to ``outside`` (as a shared store's writer could make it)."""
     store = tmp_path / "store"
     Store(store)
     (store / "artifacts").mkdir(exist_ok=True)
     os.symlink(outside, store / "artifacts" / "report")
+    return store
+
+
+def test_a_report_folder_linked_outside_the_store_is_not_served(tmp_path: Path) -> None:
+    outside = tmp_path / "home"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    store = _store_whose_report_links_to(tmp_path, outside)
     with _client(store) as client:
         answer = client.get("/report/id_rsa")
     assert answer.status_code == 403 and "PRIVATE KEY" not in answer.text
@@ -55,10 +61,7 @@ def test_no_report_is_written_into_a_folder_linked_outside_the_store(tmp_path: P
     (outside / "tables").mkdir(parents=True)
     (outside / "figures").mkdir()
     (outside / "tables" / "counts.csv").write_text("gene,n\nTP53,3\n")
-    store = tmp_path / "store"
-    Store(store)
-    (store / "artifacts").mkdir(exist_ok=True)
-    os.symlink(outside, store / "artifacts" / "report")
+    store = _store_whose_report_links_to(tmp_path, outside)
     with _client(store) as client:
         answer = client.post("/api/report", json={})
     assert answer.status_code == 403 and "links outside the store" in answer.json()["error"]
@@ -70,10 +73,7 @@ def test_the_figures_of_a_report_folder_linked_outside_the_store_are_not_listed(
     (outside / "figures").mkdir(parents=True)
     (outside / "index.html").write_text("<p>someone's page</p>")
     (outside / "figures" / "holiday-2026.png").write_bytes(b"")
-    store = tmp_path / "store"
-    Store(store)
-    (store / "artifacts").mkdir(exist_ok=True)
-    os.symlink(outside, store / "artifacts" / "report")
+    store = _store_whose_report_links_to(tmp_path, outside)
     with _client(store) as client:
         answer = client.get("/api/report/figures")
     assert answer.status_code == 403 and "holiday" not in answer.text

@@ -33,7 +33,15 @@ def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
     files downloaded twice would be two checkpoints), and a ``git clone`` of a model repo keeps
     every version's weights again under ``.git/``.
     """
-    files, seen = [], set()
+    files = []
+    for root, _, names in _walk(folder):
+        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
+    return files
+
+
+def _walk(folder: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` through linked sub-folders, each real folder once, hidden folders left out."""
+    seen = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
@@ -41,8 +49,7 @@ def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
-    return files
+        yield root, dirs, names
 
 
 def custom_code_entries(folder: str | os.PathLike[str]) -> list[str]:
@@ -97,14 +104,8 @@ def dangling_links(folder: str | os.PathLike[str]) -> list[Path]:
     Face cache holds relative links into its ``blobs/``: copied out with ``cp -r`` it keeps the links
     without their targets, and a blob deleted from the cache leaves its link behind.
     """
-    found, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs.clear()
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found = []
+    for root, dirs, names in _walk(folder):
         found += [Path(root) / n for n in [*names, *dirs] if not n.startswith(".") and os.path.islink(Path(root) / n)
                   and not (Path(root) / n).exists()]
     return found
