@@ -610,11 +610,16 @@ def _refuse_changed_adapter(lora: LoraCard) -> None:
         raise CheckpointError(msg)
 
 
-def _require_stored_matches(st: Store, embedding_id: str, model: str, *, min_genes: int, min_fraction: float) -> None:
-    """:func:`require_matches` on the gene audit a stored embedding recorded (none recorded: nothing to check)."""
+def _stored_audit(st: Store, embedding_id: str) -> dict[str, Any]:
+    """The input audit a stored embedding recorded ({} when none was)."""
     frame = st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [embedding_id])
     raw = frame["audit"].iloc[0] if len(frame) else None
-    audit = json.loads(raw) if isinstance(raw, str) else {}
+    return json.loads(raw) if isinstance(raw, str) else {}
+
+
+def _require_stored_matches(st: Store, embedding_id: str, model: str, *, min_genes: int, min_fraction: float) -> None:
+    """:func:`require_matches` on the gene audit a stored embedding recorded (none recorded: nothing to check)."""
+    audit = _stored_audit(st, embedding_id)
     if "n_input_genes" not in audit or "n_matched" not in audit:
         return
     require_matches(GeneAudit(n_input_genes=int(audit["n_input_genes"]), n_matched=int(audit["n_matched"]),
@@ -634,9 +639,7 @@ def _refuse_stored_empty_cells(st: Store, embedding_id: str, model: str) -> None
     earlier run made with it and returned its fake cells (all zeros, or one shared vector) silently,
     where computing it would have refused them.
     """
-    frame = st.query("SELECT audit FROM embeddings WHERE embedding_id = ?", [embedding_id])
-    raw = frame["audit"].iloc[0] if len(frame) else None
-    audit = json.loads(raw) if isinstance(raw, str) else {}
+    audit = _stored_audit(st, embedding_id)
     counts = {key: int(audit.get(key) or 0) for key in EMPTY_CELL_WORDS}
     if not any(counts.values()):
         return
@@ -843,10 +846,11 @@ def embed_baseline(
         # a joint hvg's columns follow the first fitted dataset's gene order: fitted in fit_datasets
         # order, whatever order the datasets are given in (ids made before this marker did not)
         base_params["gene_order"] = JOINT_GENE_ORDER
-    if len(infos) > 1 and not _symbol_match:
-        # genes matched by the gene they resolve to, not by the stored symbol: a new space, since joint
-        # fits made before this marker (which keep their ids and numbers) left renamed genes out
-        base_params["gene_match"] = GENE_MATCH
+    # a joint fit matches genes by the gene they resolve to, not by the stored symbol: a new space, since
+    # joint fits made before this marker (which keep their ids and numbers) left renamed genes out
+    gene_match = GENE_MATCH if len(infos) > 1 and not _symbol_match else None
+    if gene_match is not None:
+        base_params["gene_match"] = gene_match
     found = [st.get_embedding(i.dataset_id, model=model, params=base_params) for i in infos]
     intact = [f is not None and complete_and_intact(st, f) for f in found]
     done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
@@ -856,7 +860,7 @@ def embed_baseline(
     t0 = time.perf_counter()
     in_fit_order = sorted(infos, key=lambda i: i.content_hash)  # the same fit for any order the datasets are given in
     fit = baselines.fit_baseline(st, [i.dataset_id for i in in_fit_order], model=model, n_hvg=n_hvg, n_comps=n_comps,
-                                 target_sum=target_sum, normalized=normalized, gene_match=None if _symbol_match or len(infos) == 1 else GENE_MATCH)
+                                 target_sum=target_sum, normalized=normalized, gene_match=gene_match)
     fit_s = time.perf_counter() - t0
     _reset_peak_rss()
     for info in infos:

@@ -155,6 +155,11 @@ def _expected_views() -> dict[str, str]:
         return dict(con.execute(_VIEWS_SQL).fetchall())
 
 
+def _or_replace(view_sql: str) -> str:
+    """A ``CREATE VIEW`` statement as ``CREATE OR REPLACE VIEW`` (however it is worded)."""
+    return re.sub(r"^\s*CREATE\s+(OR\s+REPLACE\s+)?VIEW", "CREATE OR REPLACE VIEW", view_sql, flags=re.I)
+
+
 def _same_view(name: str, sql: str) -> bool:
     """Whether a catalog's definition of scdm's view ``name`` is the migrations' own.
 
@@ -167,7 +172,7 @@ def _same_view(name: str, sql: str) -> bool:
         return True
     with contextlib.closing(_migrated_memory_catalog()) as con:
         try:
-            con.execute(re.sub(r"^\s*CREATE\s+(OR\s+REPLACE\s+)?VIEW", "CREATE OR REPLACE VIEW", sql, flags=re.I))
+            con.execute(_or_replace(sql))
         except duckdb.Error:
             return False
         return dict(con.execute(_VIEWS_SQL).fetchall()).get(name) == expected
@@ -1124,7 +1129,7 @@ class Catalog:
             if name not in found or not _same_view(name, found[name]):
                 logger.warning("catalog %s: the view %s was defined otherwise than scdm defines it; restored "
                                "scdm's definition", self.path, name)
-                con.execute(re.sub(r"^CREATE VIEW", "CREATE OR REPLACE VIEW", sql))
+                con.execute(_or_replace(sql))
 
     def _refuse_newer(self, con: duckdb.DuckDBPyConnection, done: set[int], scdm_version: str) -> None:
         newest = max(done, default=0)

@@ -441,7 +441,6 @@ class _CellTotals:
         self.low, self.high = min(self.low, float(sums.min())), max(self.high, float(sums.max()))
 
 
-
 @dataclass
 class _EmptyCells:
     """Cells without a single non-zero value: how many, and the rows of the first three."""
@@ -557,12 +556,17 @@ def stored_x_kind_message(stored: str, scan: MatrixScan, name: str) -> str | Non
     contradiction = _contradiction(stored, scan)
     if contradiction is None:
         return None
-    found, what = contradiction
     return (f"dataset {name!r} is stored with the value kind {stored!r} (given by an earlier ingest), which its values "
-            f"contradict: {found['n']} of the {scan.nnz} stored values ({found['n'] / scan.nnz:.1%}) are {what} (e.g. "
-            f"cell {found['cell']!r}, gene {found['gene']!r}: {found['value']:g}; detected: {scan.x_kind!r}). Every "
+            f"contradict: {_contradiction_text(contradiction, scan)} (detected: {scan.x_kind!r}). Every "
             f"embedding reads them as {stored!r}: {_again_with(option('x_kind', scan.x_kind))} (refused while embeddings "
             "made with the stored kind exist: they are named, to remove first).")
+
+
+def _contradiction_text(contradiction: tuple[dict[str, Any], str], scan: MatrixScan) -> str:
+    """``'<n> of the <nnz> stored values (<share>) are <what> (e.g. cell ..., gene ...: <value>)'``."""
+    found, what = contradiction
+    return (f"{found['n']} of the {scan.nnz} stored values ({found['n'] / scan.nnz:.1%}) are {what} (e.g. cell "
+            f"{found['cell']!r}, gene {found['gene']!r}: {found['value']:g})")
 
 
 def contradicted_x_kind(given: str | None, scan: MatrixScan) -> str | None:
@@ -570,11 +574,8 @@ def contradicted_x_kind(given: str | None, scan: MatrixScan) -> str | None:
     contradiction = _contradiction(given, scan)
     if contradiction is None:
         return None
-    found, what = contradiction
     detected = "" if scan.x_kind == given else f" (detected: {scan.x_kind!r})"
-    return (f"{option('x_kind', given)} does not fit these values{detected}: {found['n']} of the {scan.nnz} stored values "
-            f"({found['n'] / scan.nnz:.1%}) are {what} (e.g. cell {found['cell']!r}, gene {found['gene']!r}: "
-            f"{found['value']:g}).")
+    return f"{option('x_kind', given)} does not fit these values{detected}: {_contradiction_text(contradiction, scan)}."
 
 
 def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
@@ -593,15 +594,16 @@ def check_given_x_kind(given: str | None, scan: MatrixScan) -> None:
     if contradiction is None:
         return
     what = contradiction[1]
+    per_cell = what.endswith("not counts")  # normalised to one total per cell
     msg = f"{contradicted_x_kind(given, scan)} "
     if given == "counts":
         msg += ("Taken as counts, every count model would read each cell's depth as that one total (scFoundation's "
-                "total-count token)" if what.endswith("not counts") else
+                "total-count token)" if per_cell else
                 "Taken as counts, pca and hvg would normalise and log them again (a negative value to NaN) and every "
                 "count model would read them as counts")
         msg += (". Put the raw counts in X (e.g. adata.X = adata.layers['counts'] "
                 f"or adata.raw.X), or leave out {option('x_kind')} to have the kind detected.")
-        if what.endswith("not counts"):
+        if per_cell:
             msg += " If they are estimated counts of cells this alike in depth, round them first (adata.X = np.rint(adata.X))."
         if what == "not whole numbers":
             msg += (f" Estimated counts with fractions (alevin, SoupX) are taken as counts once a value exceeds "
