@@ -97,7 +97,8 @@ def start_server(store: Path, *, token: str | None, extra: list[str] | None = No
     cmd = [sys.executable, "-m", "scdm", "--store", str(store), "serve", "--port", "0", *(extra or [])]
     if token:
         cmd += ["--token", token]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # this checkout's source first: an installed scdm (another checkout's, editable) must not answer instead
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     env.pop("SCDM_TOKEN", None)
     log = log or store.with_name(store.name + ".serve.log")
     with open(log, "wb") as err:

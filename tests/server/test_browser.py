@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import math
 import os
 import shutil
@@ -444,6 +445,37 @@ def test_prediction_form_shows_results_and_csv(page: Callable[[str], None], driv
     assert csv[0] == 200
     frame = pd.read_csv(io.StringIO(csv[1]))
     assert len(frame) == 108 and list(frame["cell_id"]) == [r["cell_id"] for r in stored]
+
+
+def test_jobs_tab_shows_an_uploads_warnings_as_scdm_ingest_prints_them(page: Callable[[str], None], driver: Any,
+                                                                      site: Server, tmp_path: Path) -> None:
+    from tests.server.test_job_warnings import unlogged_a375
+
+    file = unlogged_a375(tmp_path / "unlogged_page.h5ad")
+    status, _, body = site.request("POST", "/api/upload?filename=unlogged_page.h5ad&label_key=response_PLX4720",
+                                   file.read_bytes(), headers={"Content-Type": "application/octet-stream"})
+    assert status == 202, body
+    job = site.wait_job(json.loads(body)["job_id"])
+    assert job["state"] == "done" and any("are not logged" in w for w in job["warnings"]), job
+
+    page("jobs")
+    selector = f'#jobs-list .job[data-job="{job["job_id"]}"]'
+    wait_for(driver, lambda d: d.find_elements("css selector", selector), "the upload job")
+    shown = [n.text for n in driver.find_elements("css selector", f"{selector} .note")]
+    assert shown == job["warnings"]
+    assert "done" in driver.find_element("css selector", f"{selector} .state").text
+
+
+def test_jobs_tab_follows_a_running_job_until_it_ends(page: Callable[[str], None], driver: Any, site: Server) -> None:
+    # a job listed while it ran kept reading 'running' on the tab until the user thought of reloading it
+    status, job = site.json("POST", "/api/report", {"projection": "pca"})
+    assert status == 202
+    page("jobs")
+    state = f'#jobs-list .job[data-job="{job["job_id"]}"] .state'
+    first = wait_for(driver, lambda d: d.find_elements("css selector", state), "the report job")[0].text
+    assert first in ("queued", "running")
+    assert site.wait_job(job["job_id"], timeout=120)["state"] == "done"
+    wait_for(driver, lambda d: d.find_element("css selector", state).text == "done", "the job to read done")
 
 
 def test_prediction_table_cut_to_its_first_rows_says_so(page: Callable[[str], None], driver: Any, site: Server) -> None:

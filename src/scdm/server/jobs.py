@@ -7,11 +7,16 @@ exclusive ``flock`` (released by the kernel if a worker dies) and the rest wait 
 their position in the queue shown in their status. Each job's status is a small JSON file in the
 server's job folder (not in the store, which may be read-only), so every worker answers for every
 job. The folder belongs to one server run and is removed when it stops.
+
+A job's record also carries the warnings its work gave, as ``scdm`` prints them on the command
+line: scdm's warnings (``warning: ...``) and its logged warnings. They are told apart by the job
+running in the thread that gave them, so a job never shows another's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -23,13 +28,15 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from scdm.store.errors import ScdmError
+from scdm.store.errors import ScdmError, ScdmWarning
+from scdm.store.progress import warning_line
 
 try:  # POSIX: slots shared by the worker processes; elsewhere one process, threads only
     import fcntl
@@ -70,6 +77,8 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    """What the job warned of, each line as the ``scdm`` command doing the same work prints it."""
     position: int | None = None
     """1-based place in the queue while queued, else None (computed when read, never stored)."""
 
@@ -84,7 +93,7 @@ class JobHandle:
     def __init__(self, board: JobBoard, record: JobRecord) -> None:
         self._board = board
         self._record = record
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def job_id(self) -> str:
@@ -99,6 +108,12 @@ class JobHandle:
         with self._lock:
             self._record = replace(self._record, **changes)
             self._board.save(self._record)
+
+    def warn(self, line: str) -> None:
+        """Add a warning to the job's record (once: the command line prints each one once)."""
+        with self._lock:
+            if line not in self._record.warnings:
+                self.update(warnings=[*self._record.warnings, line])
 
 
 @dataclass
@@ -266,6 +281,15 @@ class JobBoard:
         handle = item.handle
         handle.update(state="running", stage="started", started_at=time.time())
         logger.info("job %s (%s) started", handle.job_id, handle.record.kind)
+        _capture_job_warnings()
+        running = _RUNNING.set(handle)
+        try:
+            self._work(item)
+        finally:
+            _RUNNING.reset(running)
+
+    def _work(self, item: _Queued) -> None:
+        handle = item.handle
         try:
             item.work(handle)
         except Exception as err:  # noqa: BLE001 - a job's failure is reported in its status, never raised
@@ -294,3 +318,67 @@ class JobBoard:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+# ---- each job's warnings ---------------------------------------------------------------------
+_RUNNING: contextvars.ContextVar[JobHandle | None] = contextvars.ContextVar("scdm_job", default=None)
+"""The job whose work runs in this thread (each job thread has its own context)."""
+
+
+class _JobLogHandler(logging.Handler):
+    """Adds scdm's logged warnings to the record of the job that logged them (the CLI prints the message alone)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job = _RUNNING.get()
+        if job is not None and record.name != __name__:  # "job ... failed" is the job's message already
+            job.warn(self.format(record))
+        if not _handled_elsewhere(record, self):
+            # this handler must not silence Python's last resort (stderr) in a process that configured no logging
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                last.handle(record)
+
+
+def _handled_elsewhere(record: logging.LogRecord, mine: logging.Handler) -> bool:
+    """Whether a handler other than ``mine`` takes ``record`` on its logger's way up."""
+    log: logging.Logger | None = logging.getLogger(record.name)
+    while log is not None:
+        if any(h is not mine for h in log.handlers):
+            return True
+        log = log.parent if log.propagate else None
+    return False
+
+
+_LOG_HANDLER = _JobLogHandler()
+
+
+def _capture_job_warnings() -> None:
+    """Route the warnings given in a job's thread to its record; the server's log still gets them.
+
+    Checked at every job's start rather than once: a ``warnings.catch_warnings`` block elsewhere in
+    the process puts back the ``showwarning`` it found, and the server runs in whatever state its
+    host (``scdm serve``, a test, a notebook) left. ``always``, as ``scdm`` commands do: Python's
+    default shows a warning once per code line and process, so a second job on the same data
+    would not get it.
+    """
+    if not getattr(warnings.showwarning, "_scdm_job", False):
+        previous = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+            job = _RUNNING.get()
+            if job is not None and issubclass(category, ScdmWarning):
+                job.warn(warning_line(message))
+            previous(message, category, filename, lineno, file, line)
+
+        show._scdm_job = True  # type: ignore[attr-defined]
+        warnings.showwarning = show
+    if warnings.filters[:1] != [("always", None, ScdmWarning, None, 0)]:
+        warnings.filterwarnings("always", category=ScdmWarning)
+    scdm_logger = logging.getLogger("scdm")
+    if _LOG_HANDLER not in scdm_logger.handlers:
+        scdm_logger.addHandler(_LOG_HANDLER)

@@ -498,6 +498,10 @@ class JobStatus(BaseModel):
                                    "n_cells, n_sensitive, mean_proba, n_trained_on (cells that trained the head: "
                                    "their predictions are fitted values, not held-out ones), notes (the warnings "
                                    "`scdm predict` prints about these predictions, in its words) and csv_url.")
+    warnings: list[str] = Field(default_factory=list, description=(
+        "What the job warned of so far, each line as the `scdm` command doing the same work prints it on stderr "
+        "(`warning: ...` lines and logged warnings: an upload's ingest, embedding and training warnings, a "
+        "prediction's notes). Only this job's: jobs running beside it keep their own."))
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from scdm.store.errors import ScdmWarning
 
-__all__ = ["no_progress", "plain_warnings", "progress_bar", "progress_enabled"]
+__all__ = ["no_progress", "plain_warnings", "progress_bar", "progress_enabled", "warning_line"]
 
 
 def _in_notebook() -> bool:
@@ -82,13 +82,18 @@ def plain_warnings(stream: TextIO | None = None) -> Iterator[None]:
         if not issubclass(category, ScdmWarning):
             previous(message, category, filename, lineno, file, line)
             return
-        text = " ".join(str(message).split())
+        text = warning_line(message)
         if text not in seen:
             seen.add(text)
-            print(f"warning: {text}", file=stream or sys.stderr, flush=True)
+            print(text, file=stream or sys.stderr, flush=True)
 
     show._scdm_plain = True  # type: ignore[attr-defined]
     with warnings.catch_warnings():
         warnings.simplefilter("always", ScdmWarning)  # our memory dedupes, across call sites
         warnings.showwarning = show
         yield
+
+
+def warning_line(message: Warning | str) -> str:
+    """An scdm warning as :func:`plain_warnings` prints it (the server's jobs record it in the same words)."""
+    return "warning: " + " ".join(str(message).split())

@@ -72,7 +72,7 @@ function table(el, rows, columns, raw) {
 }
 document.querySelectorAll("nav a").forEach(a => a.onclick = () => show(a.dataset.tab));
 const loaders = {leaderboard: () => {}, figures: () => loadFigures(), models: () => loadModels(), runs: () => loadRuns(),
-  sql: () => {}, predict: () => loadPredict()};
+  sql: () => {}, predict: () => loadPredict(), jobs: () => loadJobs()};
 function show(tab) {
   if (!(tab in loaders)) tab = "leaderboard";
   document.querySelectorAll("nav a").forEach(a => a.classList.toggle("on", a.dataset.tab === tab));
@@ -157,12 +157,38 @@ async function waitJob(job, onTick) {
     await new Promise(r => setTimeout(r, 300));
   }
 }
+// what a job warned of, as the scdm command doing the same work prints it (GET /api/jobs/{id}: warnings); lines
+// already shown as notes are not repeated
+function warningsHtml(j, shownAlready) {
+  return (j.warnings || []).filter(t => !(shownAlready || []).includes(t)).map(t => `<p class="note">${esc(t)}</p>`).join("");
+}
+function jobHtml(j) {
+  const when = new Date(j.created_at * 1000).toISOString().slice(0, 19).replace("T", " ");
+  const what = j.state === "queued" ? stageText(j) : j.message || j.stage;
+  const made = j.result && j.result.dataset ? ` (dataset ${esc(j.result.dataset)})` : "";
+  return `<div class="job" data-job="${esc(j.job_id)}"><strong>${esc(j.kind)} ${esc(j.job_id)}</strong> ${esc(when)} UTC: ` +
+    `<span class="state">${esc(j.state)}</span>${made}: ${esc(what)}<div class="notes">${warningsHtml(j)}</div></div>`;
+}
+let JOBS_TIMER = null;
+async function loadJobs() {
+  clearTimeout(JOBS_TIMER);
+  if (!$("jobs-list").innerHTML) $("jobs-msg").textContent = "loading...";
+  try {
+    const jobs = await api("/api/jobs");
+    $("jobs-msg").textContent = jobs.length ? plural(jobs.length, "job") : "No jobs in this server run yet.";
+    $("jobs-list").innerHTML = jobs.map(jobHtml).join("");
+    // a queued or running job is read again until it ends, while the tab is open: a state shown once would go stale
+    if (jobs.some(j => ["queued", "running"].includes(j.state)) && $("jobs").classList.contains("on")) JOBS_TIMER = setTimeout(loadJobs, 1000);
+  } catch (e) { showError($("jobs-msg"), e); $("jobs-list").innerHTML = ""; }
+}
+$("jobs-reload").onclick = () => loadJobs();
 $("fig-make").onclick = async () => {
   $("fig-make").disabled = true;
   try {
     const j = await waitJob(await api("/api/report", Object.assign({body: "{}"}, JSON_POST)), j => $("fig-msg").textContent = stageText(j));
     if (j.state !== "done") throw new Error(j.message);
-    $("fig-msg").textContent = "report ready"; await loadFigures();
+    $("fig-msg").textContent = "report ready"; $("fig-msg").insertAdjacentHTML("beforeend", `<span class="notes">${warningsHtml(j)}</span>`);
+    await loadFigures();
   } catch (e) { showError($("fig-msg"), e); } finally { $("fig-make").disabled = false; }
 };
 async function loadModels() {
@@ -255,7 +281,8 @@ $("pred-form").onsubmit = async (ev) => {
     bar.value = 1; $("pred-msg").textContent = `${plural(j.result.n_cells, "cell")}, ${j.result.n_sensitive} predicted sensitive (mean probability ${metricText(j.result.mean_proba)})` +
       (j.result.n_trained_on ? `; ${j.result.n_trained_on} of them trained the head (column trained_on): fitted values, not held-out predictions` : "");
     // the warnings scdm predict prints about these predictions, in its words: a training score read as held-out misleads
-    $("pred-notes").innerHTML = (j.result.notes || []).map(t => `<p class="note">note: ${esc(t)}</p>`).join("");
+    $("pred-notes").innerHTML = (j.result.notes || []).map(t => `<p class="note">note: ${esc(t)}</p>`).join("") +
+      warningsHtml(j, j.result.notes);
     $("pred-csv").href = j.result.csv_url; $("pred-csv").hidden = false;
     const {body: rows, headers} = await apiResponse(`/api/predictions?head_id=${encodeURIComponent(j.result.head_id)}&dataset=${encodeURIComponent(body.dataset)}&limit=${PRED_ROWS}`);
     // the table holds the first cells only: sorting it by proba ranks those, not the dataset
