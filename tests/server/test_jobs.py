@@ -172,3 +172,45 @@ def _answers(api: Any) -> bool:
         return all(api.request("GET", "/api/health")[0] == 200 for _ in range(4))
     except OSError:
         return False
+
+
+_DYING_WORKER = """
+import sys, threading, time
+from scdm.server.jobs import JobBoard
+board = JobBoard(sys.argv[1], max_jobs=1)
+board.submit("upload", lambda job: threading.Event().wait())   # runs until the process is killed
+board.submit("predict", lambda job: None)                      # queued behind it
+time.sleep(600)
+"""
+
+
+def test_a_job_of_a_worker_that_died_reads_failed_not_running_forever(tmp_path: Path) -> None:
+    # before: a worker killed (for memory, say) during an upload left it 'running' for good, and the job it had
+    # queued 'queued' at position 1 for good, ahead of every job the other workers queued after it
+    import os
+    import subprocess
+    import sys
+
+    from tests.server.conftest import ROOT
+
+    folder = tmp_path / "jobs"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    worker = subprocess.Popen([sys.executable, "-c", _DYING_WORKER, str(folder)], env=env)
+    try:
+        board = JobBoard(folder, max_jobs=1)
+        wait_until(lambda: [r.state for r in board.all()] == ["queued", "running"], "the other worker's two jobs", 60)
+        gate = threading.Event()
+        mine = board.submit("report", lambda job: gate.wait(30))
+        assert [r.state for r in board.all()] == ["queued", "queued", "running"]  # the other worker holds the slot
+        assert board.get(mine.job_id).position == 2
+    finally:
+        worker.kill()
+        worker.wait()
+    wait_until(lambda: board.get(mine.job_id).state == "running", "this worker's job to take the freed slot")
+    gate.set()
+    running, queued = sorted((r for r in board.all() if r.job_id != mine.job_id), key=lambda r: r.created_at)
+    assert (running.state, queued.state) == ("failed", "failed")
+    assert running.message.startswith(f"The server worker that ran this job (process {worker.pid}) stopped before")
+    assert queued.message.startswith(f"The server worker that queued this job (process {worker.pid}) stopped before")
+    assert running.finished_at is not None and running.active is False
+    wait_until(lambda: board.get(mine.job_id).state == "done", "this worker's job")

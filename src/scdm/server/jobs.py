@@ -6,7 +6,9 @@ all uvicorn workers of one ``scdm serve``: a job takes one of ``max_jobs`` slot 
 exclusive ``flock`` (released by the kernel if a worker dies) and the rest wait in FIFO order,
 their position in the queue shown in their status. Each job's status is a small JSON file in the
 server's job folder (not in the store, which may be read-only), so every worker answers for every
-job. The folder belongs to one server run and is removed when it stops.
+job. The folder belongs to one server run and is removed when it stops. Each worker holds a lock of
+its own there while it lives: a queued or running job of a worker that died (killed for memory,
+restarted) is answered as failed, not as running forever.
 
 A job's record also carries the warnings its work gave, as ``scdm`` prints them on the command
 line: scdm's warnings (``warning: ...``) and its logged warnings. They are told apart by the job
@@ -79,6 +81,8 @@ class JobRecord:
     finished_at: float | None = None
     warnings: list[str] = field(default_factory=list)
     """What the job warned of, each line as the ``scdm`` command doing the same work prints it."""
+    worker: str = ""
+    """The board (one per server worker process) that queued and runs the job: ``<pid>-<hex>``."""
     position: int | None = None
     """1-based place in the queue while queued, else None (computed when read, never stored)."""
 
@@ -145,7 +149,10 @@ class JobBoard:
         self.folder = Path(folder)
         (self.folder / "status").mkdir(parents=True, exist_ok=True)
         (self.folder / "slots").mkdir(exist_ok=True)
+        (self.folder / "workers").mkdir(exist_ok=True)
         self.max_jobs = max_jobs
+        self.worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._alive = self._hold_worker_lock()
         self._queue: queue.Queue[_Queued | None] = queue.Queue()
         self._local_slots = threading.Semaphore(max_jobs)
         self._closed = False
@@ -161,7 +168,7 @@ class JobBoard:
             msg = "The server is stopping; submit the job again once it is back."
             raise ScdmError(msg)
         self._forget_old()
-        record = JobRecord(job_id or new_job_id(), kind)
+        record = JobRecord(job_id or new_job_id(), kind, worker=self.worker)
         handle = JobHandle(self, record)
         self.save(record)
         self._queue.put(_Queued(handle, work, on_failure))
@@ -220,7 +227,36 @@ class JobBoard:
             data = json.loads(self._path(job_id).read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return JobRecord(**data)
+        record = JobRecord(**data)
+        if record.active and record.worker != self.worker and self._worker_died(record.worker):
+            # its thread died with its process: nothing will ever finish it, nor take it off the queue
+            record = replace(record, state="failed", finished_at=time.time(), message=(
+                f"The server worker that {'ran' if record.state == 'running' else 'queued'} this job (process "
+                f"{record.worker.split('-')[0]}) stopped before the job finished (killed, or restarted); submit it again."))
+            self.save(record)
+        return record
+
+    def _hold_worker_lock(self) -> Any:
+        """Lock this board's file for as long as the board lives (the kernel releases it when the process dies)."""
+        if fcntl is None:
+            return None
+        fh = open(self.folder / "workers" / f"{self.worker}.lock", "a+")  # noqa: SIM115 - held for the board's life
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        weakref.finalize(self, fh.close)
+        return fh
+
+    def _worker_died(self, worker: str) -> bool:
+        """Whether the board ``worker`` is gone: its lock file is free (False where it cannot be told)."""
+        path = self.folder / "workers" / f"{worker}.lock"
+        if fcntl is None or not re.fullmatch(r"[0-9]+-[0-9a-f]{8}", worker) or not path.is_file():
+            return False
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return True
 
     def _path(self, job_id: str) -> Path:
         return self.folder / "status" / f"{job_id}.json"
