@@ -89,7 +89,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["runs_table", "write_report"]
+__all__ = ["REPORT_STATE_FILE", "report_is_current", "results_state", "runs_table", "write_report"]
+
+REPORT_STATE_FILE = "report_state.json"
+"""Beside ``index.html``: the :func:`results_state` the report was written from."""
 
 Projection = Literal["auto", "umap", "pca", "none"]
 
@@ -659,6 +662,7 @@ def write_report(
 
     st = open_store(store)
     metric_list, plot_list = _check_metrics(metrics, "metrics"), _check_metrics(plot_metrics, "plot_metrics")
+    drawn_from = results_state(st)  # before reading: a result stored while the report is written makes it out of date
     left_out = stale_notes(st)
     for note in left_out:
         logger.warning("report: %s", note)
@@ -681,9 +685,32 @@ def write_report(
     if ctx.series_rows:
         pd.DataFrame(ctx.series_rows).to_csv(out / "tables" / "figure_series.csv", index=False)
     index = out / "index.html"
+    (out / REPORT_STATE_FILE).write_text(json.dumps({"results_state": drawn_from}))
     index.write_text(_page(title, st, body))
     logger.info("report: %s (%d figures, %d tables)", index, len(ctx.figures), len(ctx.tables))
     return index
+
+
+def results_state(st: Store) -> str:
+    """The results and embeddings a report draws, in one string that changes when any of them does.
+
+    A result added, fitted again with another value or removed (a re-ingest with other labels removes
+    the results made with the old ones) and an embedding completed each change it.
+    """
+    row = st.query("SELECT (SELECT count(*) FROM eval_results) AS n_results, "
+                   "(SELECT coalesce(bit_xor(hash(task_id, metric, value)), 0) FROM eval_results) AS results, "
+                   "(SELECT count(*) FROM embeddings WHERE status = 'complete') AS n_embeddings").iloc[0]
+    return f"{int(row['n_results'])}-{int(row['results']):016x}-{int(row['n_embeddings'])}"
+
+
+def report_is_current(st: Store, out_dir: str | os.PathLike[str]) -> bool | None:
+    """Whether the report in ``out_dir`` shows the store's results as they are now (None: a report that did not
+    record what it was drawn from, written by an older scdm, or no report)."""
+    try:
+        written = json.loads((Path(out_dir) / REPORT_STATE_FILE).read_text())["results_state"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return bool(written == results_state(st))
 
 
 _FIGURE_PREFIXES = ("overview_bars", "radar_", "f1_by_cancer_type_", "projection_", "scalability")
@@ -696,6 +723,7 @@ def _remove_earlier_outputs(out: Path) -> None:
     the old numbers beside figures and table files that are new or gone.
     """
     (out / "index.html").unlink(missing_ok=True)
+    (out / REPORT_STATE_FILE).unlink(missing_ok=True)
     for path in (out / "figures").iterdir():
         if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith(_FIGURE_PREFIXES):
             path.unlink()

@@ -513,3 +513,8 @@ class ReportFigures(BaseModel):
     index: str | None = Field(default=None, description="URL of the report page when it exists.")
     folder: str = Field(description="Where the server looks for the report.")
     figures: list[str] = Field(description="URLs of its figure files (PNG, SVG, PDF).")
+    current: bool | None = Field(default=None, description=(
+        "Whether the report shows the store's results as they are now: false once a result was added, fitted "
+        "again or removed (a re-ingest with other labels removes results) or an embedding completed after it was "
+        "written (POST /api/report writes it again); null where it cannot be told (no report, or one written by "
+        "an older scdm)."))

@@ -737,13 +737,16 @@ def make_report(request: Request, srv: Server, body: ReportRequest | None = None
 
 @router.get("/api/report/figures", response_model=ReportFigures, summary="The report's page and figures, if it was written")
 def report_figures(request: Request, srv: Server) -> ReportFigures:
+    from scdm.classify.report import report_is_current
+
     _report_folder_in_store(srv)  # a folder linked elsewhere would list the names of files outside the store
     folder = srv.root / REPORT_DIR
     root = root_of(request)
     generated = (folder / "index.html").is_file()
     figures = sorted(p.name for p in (folder / "figures").glob("*") if p.suffix in (".png", ".svg", ".pdf")) if generated else []
+    current = report_is_current(srv.store, folder) if generated else None
     return ReportFigures(generated=generated, index=f"{root}/report/index.html" if generated else None, folder=str(folder),
-                         figures=[f"{root}/report/figures/{f}" for f in figures])
+                         figures=[f"{root}/report/figures/{f}" for f in figures], current=current)
 
 
 def _report_folder_in_store(srv: ServerState) -> Path:

@@ -134,7 +134,11 @@ async function loadFigures() {
         "open the full report, or generate it again.</p>";
       return;
     }
-    $("fig-list").innerHTML = [...byName.values()].map(f => f.endsWith(".pdf")
+    // figures of a report written before the results changed read as today's: say so above them
+    const outdated = r.current === false ? `<p class="note">The store's results changed after this report was written ` +
+      `(results added, fitted again or removed, e.g. by a re-ingest with other labels): these figures show the earlier ` +
+      `ones. Generate the report again.</p>` : "";
+    $("fig-list").innerHTML = `<div class="notes">${outdated}</div>` + [...byName.values()].map(f => f.endsWith(".pdf")
       ? `<figure><a href="${esc(f)}" target="_blank">${esc(figureName(f))} (PDF)</a></figure>`
       : `<figure data-src="${esc(f)}"><img src="${esc(f)}" alt="${esc(figureName(f))}"><figcaption>${esc(figureName(f).replace(/_/g, " "))}</figcaption></figure>`).join("");
     $("fig-list").querySelectorAll("figure[data-src]").forEach(fig => fig.onclick = () => openFigure(fig.dataset.src, r.figures));

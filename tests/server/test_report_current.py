@@ -1,0 +1,58 @@
+"""The Figures tab says when the report it shows was drawn from results the store no longer holds.
+
+Before, a report written before a re-ingest with other labels (which removes the results made with
+the old labels) was served as the report of the store: figures of results that no longer exist,
+beside a leaderboard without them, and nothing said so.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+
+from scdm.store import Store, example_data
+from tests.server.conftest import build_store
+
+
+def _write_report(client: Any) -> None:
+    job = client.post("/api/report", json={"projection": "none"}).json()
+    deadline = time.monotonic() + 120
+    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = client.get(job["status_url"]).json()
+    assert job["state"] == "done", job
+
+
+def test_a_report_written_before_a_re_ingest_with_other_labels_reads_not_current(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    root = tmp_path / "store"
+    build_store(root)
+    st = Store(root)
+    with TestClient(create_app(st), base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/api/report/figures").json()["current"] is None  # no report yet
+        _write_report(client)
+        figures = client.get("/api/report/figures").json()
+        assert figures["generated"] and figures["figures"] and figures["current"] is True
+        n_before = len(client.get("/api/leaderboard").json())
+
+        adata = ad.read_h5ad(example_data("A375"))
+        labels = adata.obs["response_PLX4720"].astype(str).to_numpy().copy()
+        labels[:5] = np.where(labels[:5] == labels[0], labels[-1], labels[0])  # 5 cells change class
+        adata.obs["response_PLX4720"] = labels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            st.ingest(adata, name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
+                      cancer_type="melanoma", drug_type="targeted", regimen="PLX4720", update=True)
+        assert n_before and client.get("/api/leaderboard").json() == []  # the results of the old labels are gone
+        assert client.get("/api/report/figures").json()["current"] is False
+
+        _write_report(client)
+        assert client.get("/api/report/figures").json()["current"] is True
