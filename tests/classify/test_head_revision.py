@@ -140,3 +140,32 @@ def test_a_head_an_older_revision_fitted_is_listed_as_such(st: Store, monkeypatc
     assert {k: (api[k]["revision"], api[k]["revision_note"]) for k in api} == {
         k: (None if pd.isna(listed.loc[k, "revision"]) else int(listed.loc[k, "revision"]), listed.loc[k, "revision_note"])
         for k in listed.index}
+
+
+def test_the_results_view_keeps_an_interrupted_runs_new_revision_apart_from_the_older_folds(st: Store, monkeypatch) -> None:
+    # until a run of the new revision finishes, both revisions' folds are stored; the view's result_key
+    # left the revision out, so grouping by it averaged 3 old folds and 1 new one as n 4 of a 3-fold split
+    from scdm.store import evaluation
+
+    with monkeypatch.context() as m:
+        m.setattr(LogRegHead, "revision", lambda self: 1, raising=False)
+        run(st)
+    with st.catalog.transaction() as con:
+        con.execute("UPDATE eval_runs SET config = json_object('heads', ['logreg'])")
+    real_add, added = evaluation.ResultWriter.add, []
+
+    def add_one_then_interrupt(writer: evaluation.ResultWriter, out: evaluation.TaskOutcome) -> None:
+        if added:
+            raise KeyboardInterrupt  # Ctrl-C after the new revision's first fold
+        real_add(writer, out)
+        added.append(out)
+
+    monkeypatch.setattr(evaluation.ResultWriter, "add", add_one_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(st)
+    per_key = st.sql("SELECT count(value) AS n FROM results WHERE metric = 'auroc' GROUP BY result_key ORDER BY n")
+    assert per_key["n"].tolist() == [1, 3]  # each revision's folds under a key of their own
+    groups = st.sql("SELECT result_key, revision, count(value) AS n, count(DISTINCT fold) AS folds FROM results "
+                    "WHERE metric = 'auroc' GROUP BY result_key, revision ORDER BY revision")
+    assert groups[["revision", "n", "folds"]].to_numpy().tolist() == [[1, 3, 3], [3, 1, 1]]
+    assert groups["result_key"].nunique() == 2
