@@ -169,3 +169,9 @@ def test_the_results_view_keeps_an_interrupted_runs_new_revision_apart_from_the_
                     "WHERE metric = 'auroc' GROUP BY result_key, revision ORDER BY revision")
     assert groups[["revision", "n", "folds"]].to_numpy().tolist() == [[1, 3, 3], [3, 1, 1]]
     assert groups["result_key"].nunique() == 2
+    from tests.cli.test_words import _cookbook
+
+    per_cell = _cookbook()["per-cell test predictions joined with the cell metadata, per result"]
+    rows = st.sql(per_cell.replace("t.scenario = 'cross'", "t.scenario = 'pooled'"))  # this store has one study
+    fold_0 = st.query("SELECT n_test FROM split_folds WHERE fold = 0")["n_test"][0]
+    assert rows.groupby("revision")["n"].sum().to_dict() == {1: 108, 3: fold_0}  # each cell once per result
