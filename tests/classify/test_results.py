@@ -151,6 +151,17 @@ def test_evaluate_returns_the_results_of_lora_tuned_spaces(st: Store) -> None:
     (row,) = out.to_dict("records")  # was empty: the run's per-fold spaces never matched the tuning's row
     assert row["variant"] == "lora:tune1" and row["auroc_n"] == COMMON["folds"] and row["complete"]
     assert row["auroc"] == pytest.approx(scdm.results(st, models=["geneformer"])["auroc"].iloc[0])
+    from tests.cli.test_words import _cookbook
+
+    # the cookbook grouped by result_key, one per fold's space: each fold of the finished tuning read as 1/3 done
+    incomplete = st.sql(_cookbook()["incomplete results"])
+    assert incomplete.empty, incomplete
+    from scdm.store.evaluation import delete_tasks
+
+    with st.catalog.transaction() as con:  # one fold's task lost: the tuning is incomplete, once
+        delete_tasks(con, st.query("SELECT task_id FROM eval_tasks WHERE variant = 'lora:a0'")["task_id"].tolist())
+    incomplete = st.sql(_cookbook()["incomplete results"])
+    assert incomplete[["variant", "folds_done", "folds_expected"]].to_numpy().tolist() == [["lora:tune1", 4, 5]]
 
 
 def test_a_held_out_study_left_out_as_one_class_is_named_under_the_board(tmp_path: Path) -> None:
