@@ -60,6 +60,27 @@ def test_a_query_past_the_memory_limit_stops_with_a_clear_error(tmp_path: Path, 
     assert st.sql("SELECT count(*) AS n FROM datasets")["n"].item() == 0  # later reads are unharmed
 
 
+def test_an_answer_past_the_memory_limit_is_refused_not_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DuckDB does not count a streamed answer once it is Python values: 100 rows of 1 MB each were answered
+    # whole under a 64MB limit (the SQL console's row limit is 1000 rows, not bytes)
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    small = {**_catalog.READ_CONFIG, "memory_limit": "64MB", "max_temp_directory_size": "64MB"}
+    monkeypatch.setattr(_catalog, "READ_CONFIG", small)
+    monkeypatch.setattr(_catalog, "_DEFAULT_READ_KEY", _catalog._config_key(small))
+    st = Store(tmp_path / "small")
+    with pytest.raises(QueryError, match="answer needed more than the 64MB of memory"):
+        st.sql("SELECT repeat('x', 1000000) AS s FROM range(100)", max_rows=1000)
+    with TestClient(create_app(st), base_url="http://127.0.0.1:8000") as api:
+        answer: Any = api.post("/api/sql", json={"query": "SELECT repeat('x', 1000000) AS s FROM range(100)"})
+        assert answer.status_code == 400 and "answer needed more than the 64MB" in answer.json()["error"]
+        # an answer within the limit is whole, and so is a long one of small values
+        assert len(api.post("/api/sql", json={"query": "SELECT repeat('x', 1000000) AS s FROM range(20)"}).json()["rows"]) == 20
+    assert len(st.sql("SELECT * FROM range(100000000)", max_rows=5000)) == 5000
+
+
 def test_a_long_query_is_stopped_at_the_servers_time_limit(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 

@@ -1192,12 +1192,56 @@ def _check_limits(max_rows: int | None, timeout_s: float | None) -> None:
         raise InputDataError(msg)
 
 
+_FETCH_BATCH_ROWS = 16
+"""Rows of a row-limited answer read from DuckDB at a time, each batch measured before the next."""
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+               "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 def _fetch(result: duckdb.DuckDBPyConnection, max_rows: int | None) -> pd.DataFrame:
+    """The answer, at most ``max_rows`` rows of it; a row-limited answer larger than the read memory limit is refused.
+
+    DuckDB's memory limit does not count a streamed answer's values once they are Python objects:
+    ``SELECT repeat('x', 10000000) FROM range(150)`` answered 150 rows (1.5 GB) under a 300MB limit and
+    the process grew to 3.1 GB, which the server's SQL console (row-limited) could be made to repeat.
+    """
     if max_rows is None:
         return _whole_hugeints(result.fetch_df(), result.description or [])
-    rows = result.fetchmany(int(max_rows))
+    limit = _size_bytes(str(READ_CONFIG["memory_limit"]))
+    rows: list[tuple[Any, ...]] = []
+    size = 0
+    while len(rows) < max_rows:
+        batch = result.fetchmany(min(_FETCH_BATCH_ROWS, int(max_rows) - len(rows)))
+        if not batch:
+            break
+        size += sum(_value_bytes(v) for row in batch for v in row)
+        if limit is not None and size > limit:
+            msg = (f"The query's answer needed more than the {READ_CONFIG['memory_limit']} of memory that catalog reads "
+                   "may use and was stopped; select fewer or shorter values, or fewer rows.")
+            raise QueryError(msg)
+        rows += batch
     columns = [d[0] for d in result.description or []]
     return pd.DataFrame.from_records(rows, columns=columns)
+
+
+def _size_bytes(text: str) -> int | None:
+    """Bytes of a DuckDB size setting (``4GB``, ``512MB``, ``1.5GiB``); None for one this cannot read."""
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if found is None or found.group(2).lower() not in _SIZE_UNITS:
+        return None
+    return int(float(found.group(1)) * _SIZE_UNITS[found.group(2).lower()])
+
+
+def _value_bytes(value: Any) -> int:
+    """About the memory a fetched value holds: its characters or bytes, nested values counted through."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return 8 + sum(_value_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return 8 + sum(_value_bytes(k) + _value_bytes(v) for k, v in value.items())
+    return 8
 
 
 _EXACT_FLOAT_INT = 2**53
