@@ -12,5 +12,9 @@ SELECT r.task_id, r.run_id, r.space_id, r.model, r.variant, r.datasets, r.label_
        r.scenario, r.scheme, r.n_folds, r.seed, r.category_type, r.category, r.fold, r.head, r.head_params,
        r.revision, r.metric, r.value, r.n_train, r.n_test, r.fit_seconds,
        md5(concat_ws('|', r.space_id, r.split_id, r.label_set, r.head, r.head_params, nullif(r.revision, 1))) AS result_key
-FROM (SELECT x.*, coalesce(TRY_CAST(json_extract_string(e.config, '/head_revisions/' || x.head) AS INTEGER), 1) AS revision
-      FROM eval_results x LEFT JOIN eval_runs e USING (run_id)) r;
+FROM (SELECT x.*, coalesce(v.revision, 1) AS revision
+      FROM eval_results x LEFT JOIN (
+          -- per run and head: runs are few and their rows many, so each run's config is parsed once, not per row
+          SELECT DISTINCT run_id, head, TRY_CAST(json_extract_string(given, '/' || head) AS INTEGER) AS revision
+          FROM (SELECT run_id, json_extract(config, '$.head_revisions') AS given FROM eval_runs), unnest(json_keys(given)) AS h(head)
+      ) v ON v.run_id = x.run_id AND v.head = x.head) r;
