@@ -1290,7 +1290,8 @@ def _floats(value: str) -> list[float]:
 @click.option("--mask-rate", type=float, default=0.2, show_default=True, help="Masking probability (scDEAL: 0.2).")
 @click.option("--no-adapt", is_flag=True, help="Train the same predictor without domain adaptation (the baseline to compare with).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--allow-empty-cells", is_flag=True, help="Predict target cells that express none of the run's genes (refused otherwise, as scdm embed).")
+@click.option("--allow-empty-cells", is_flag=True, help="Use source samples, validation and target cells that express none of the run's genes "
+                   "(refused otherwise, as scdm embed).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other transfer() argument, e.g. --param latent_dim=64.")
 @pass_ctx
 @user_errors

@@ -4,6 +4,7 @@ gradients, and the whole run from a pseudo-bulk source to a shifted single-cell 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -1059,6 +1060,53 @@ def test_target_cells_that_express_none_of_the_genes_are_refused_unless_allowed(
     result = transfer(store, source=bulk, target="target", drug="drugX", epochs=2, progress=False, allow_empty_cells=True,
                       **SMALL)
     assert len(result.proba) == cells.n_obs
+
+
+def _with_empty_rows(cells: ad.AnnData, rows: list[int]) -> ad.AnnData:
+    out = cells.copy()
+    x = sp.csr_matrix(out.X).toarray()
+    x[rows] = 0
+    out.X = sp.csr_matrix(x) if sp.issparse(cells.X) else x
+    return out
+
+
+def test_bulk_samples_that_express_none_of_the_genes_are_refused_unless_allowed(st: Store, bulk: ad.AnnData,
+                                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Two all-zero bulk samples (of 341, both sensitive) were trained on with their labels, silently, where an
+    all-zero target cell was refused: the predictor learned to call 'no expression' sensitive."""
+    zeroed = _with_empty_rows(bulk, [2, 5])
+    names = list(bulk.obs_names[[2, 5]])
+    runs_before = len(st.query("SELECT run_id FROM transfer_runs"))
+    with pytest.raises(InputDataError, match=rf"The bulk source samples {names[0]}, {names[1]} \(2 of {bulk.n_obs}\) "
+                                             r"express none of the 200 genes.*source: the predictor is trained.*"
+                                             r"--allow-empty-cells"):
+        transfer(st, source=zeroed, target="target", drug="drugX", **FAST)
+    assert len(st.query("SELECT run_id FROM transfer_runs")) == runs_before  # refused before the run starts
+    with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
+        res = transfer(st, source=zeroed, target="target", drug="drugX", allow_empty_cells=True, **FAST)
+    assert f"kept the bulk source samples {names[0]}, {names[1]} (2 of {bulk.n_obs})" in caplog.text
+    assert res.n_source == bulk.n_obs
+
+
+def test_source_and_validation_cells_that_express_none_of_the_genes_are_refused_unless_allowed(
+        tmp_path: Path, collection: ad.AnnData, caplog: pytest.LogCaptureFixture) -> None:
+    """All-zero cells of a store source trained the predictor, and all-zero cells of the validation dataset counted in
+    the loss that chose the kept epoch, silently; one message now names both, with their datasets and rows."""
+    store = Store(tmp_path / "store")
+    for name, study, empty in (("src", "GSE164897", [1, 4]), ("val", "GSE108397", [0, 2, 9]), ("tgt", TARGET_STUDY, [])):
+        cells = _with_empty_rows(collection[collection.obs["study"] == study].copy(), empty)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*no expression at all")
+            store.ingest(cells, name=name, label_key="response", study=study)
+    with pytest.raises(InputDataError, match=r"The source cells at rows 1, 4 \(2 in all\) of dataset 'src' and the "
+                                             r"validation cells at rows 0, 2, 9 \(3 in all\) of dataset 'val' express "
+                                             r"none of the 200 genes.*validation: they count in the validation loss"):
+        transfer(store, source="src", target="tgt", validation="val", **FAST)
+    assert store.query("SELECT * FROM transfer_runs").empty
+    with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
+        transfer(store, source="src", target="tgt", validation="val", allow_empty_cells=True, **FAST)
+    assert "kept the source cells at rows 1, 4 (2 in all) of dataset 'src'" in caplog.text
+    assert "kept the validation cells at rows 0, 2, 9 (3 in all) of dataset 'val'" in caplog.text
 
 
 def _previous_symbols(symbols: list[str], n: int) -> dict[str, str]:

@@ -193,6 +193,18 @@ class TransferResult:
 # --------------------------------------------------------------------------------------------
 # domains
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Block:
+    """Consecutive rows of one domain's matrix that come from one dataset (or from the bulk source)."""
+
+    dataset: str | None
+    """Store dataset name; None for the bulk source."""
+    ids: np.ndarray
+    """Each row's dataset row, or bulk sample id."""
+    zeros_are_values: bool = False
+    """True where a row of zeros is still a profile (z-scored or log-ratio values)."""
+
+
 @dataclass
 class _Domains:
     """Features of both domains, unscaled, plus what the run records about them."""
@@ -207,6 +219,9 @@ class _Domains:
     source_features: list[str] | None = None
     Xv: np.ndarray | None = None
     yv: np.ndarray | None = None
+    source_blocks: list[_Block] = field(default_factory=list)
+    """Where the rows of ``Xs`` come from, in order (to name source samples without expression)."""
+    validation_block: _Block | None = None
 
 
 def _refuse_repeated_sources(given: Sequence[str], names: list[str]) -> None:
@@ -472,20 +487,23 @@ def _expr_domains(st: Store, kind: str, source: Any, target: str, *, drug: str |
         how = bulk_kind(bulk.X, source_transform)
         Xs = dense(log_normalize(bulk.X, how, columns=column_index(lists[0], features, name="bulk source")))
         desc = {**bulk.description, "transform": how}
-        dom = _Domains(Xs, bulk.y, Xt, features, desc["kind"], desc, cut=bulk.cut)
+        dom = _Domains(Xs, bulk.y, Xt, features, desc["kind"], desc, cut=bulk.cut,
+                       source_blocks=[_Block(None, bulk.sample_ids, how == "log" and bool((bulk.X < 0).any()))])
     else:
-        blocks, labels = [], []
+        blocks, labels, parts = [], [], []
         for name, spelling in zip(source, lists):
             rows, y = _labelled_rows(st, name, chosen.source(name))
             blocks.append(dense(read_store_expression(st, name, features, names=spelling)[rows]))
             labels.append(y)
+            parts.append(_Block(name, rows, st.dataset(name).x_kind == "scaled"))
         desc = _store_source_desc(st, source, labels)
-        dom = _Domains(np.vstack(blocks), np.concatenate(labels), Xt, features, "store", desc)
+        dom = _Domains(np.vstack(blocks), np.concatenate(labels), Xt, features, "store", desc, source_blocks=parts)
     dom.source_desc["n_shared_genes"] = len(genes)
     dom.source_desc["gene_match"] = GENE_MATCH  # runs before it matched symbols as spelled, losing renamed genes
     if validation is not None and chosen.validation is not None:
         rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
         dom.Xv = dense(read_store_expression(st, validation, features, names=lists[-1])[rows])
+        dom.validation_block = _Block(validation, rows, st.dataset(validation).x_kind == "scaled")
     logger.info("transfer features: %d genes shared, %d kept (target HVGs)", len(genes), len(features))
     return dom
 
@@ -740,8 +758,9 @@ def transfer(
     progress : bool, default True
         A progress bar over the training epochs (stderr; terminal or Jupyter).
     allow_empty_cells : bool, default False
-        With expression features, predict target cells that express none of the run's genes (refused
-        otherwise, naming them, as ``scdm embed`` refuses cells without a gene the model knows).
+        With expression features, use source samples, validation cells and target cells that express
+        none of the run's genes (refused otherwise, naming them, as ``scdm embed`` refuses cells without
+        a gene the model knows); a warning names those kept.
 
     Returns
     -------
@@ -781,7 +800,8 @@ def transfer(
     if features == "expr":
         dom = _expr_domains(st, kind, src, target_info.name, drug=drug, response=response, linear_r=linear_r,
                             source_transform=source_transform, n_hvg=n_hvg, validation=validation, chosen=labels)
-        _check_target_cells(dom.Xt, target_info.name, target_info.x_kind, allow_empty_cells)
+        _check_empty_cells(dom, _Block(target_info.name, np.arange(dom.Xt.shape[0]), target_info.x_kind == "scaled"),
+                           allow_empty_cells)
     else:
         dom = _embedding_domains(st, kind, src, target_info.name, features, source_features, validation, labels)
     if labels.sources:
@@ -809,26 +829,74 @@ def transfer(
     return result
 
 
-def _check_target_cells(Xt: np.ndarray, target: str, x_kind: str, allow_empty_cells: bool) -> None:
-    """Refuse target cells with no value on any of the run's genes unless ``allow_empty_cells``, as ``scdm embed``
-    refuses cells that express no gene the model knows: the network sees nothing of them, and its prediction for
-    them (one and the same for all) is stored and scored like any cell's. Scaled values are left alone (a zero
-    there is a value: the gene's mean)."""
-    if x_kind == "scaled":
+_EMPTY_CONSEQUENCE = {
+    "source": "the predictor is trained to give their labels to 'no expression'",
+    "validation": "they count in the validation loss that chooses the kept epoch (and alpha/beta)",
+    "target": "its prediction for them, one and the same for all, is stored and scored like any cell's",
+}
+
+
+@dataclass(frozen=True)
+class _EmptyRows:
+    """Rows of one block with no value on any of the run's genes."""
+
+    role: str
+    block: _Block
+    ids: np.ndarray
+    n_rows: int
+
+    def describe(self) -> str:
+        shown = ", ".join(str(i) for i in self.ids[:10]) + (", ..." if self.ids.size > 10 else "")
+        if self.block.dataset is None:
+            return f"the bulk source samples {shown} ({self.ids.size} of {self.n_rows})"
+        return f"the {self.role} cells at rows {shown} ({self.ids.size} in all) of dataset {self.block.dataset!r}"
+
+
+def _empty_rows(dom: _Domains, target: _Block) -> list[_EmptyRows]:
+    """The source, validation and target rows with no value on any of the run's genes, block by block.
+
+    Blocks whose zeros are values (z-scored or log-ratio expression) have none.
+    """
+    found = []
+    for role, X, blocks in (("source", dom.Xs, dom.source_blocks),
+                            ("validation", dom.Xv, [dom.validation_block] if dom.validation_block else []),
+                            ("target", dom.Xt, [target])):
+        lo = 0
+        for block in blocks:
+            assert X is not None
+            part = X[lo:lo + block.ids.size]
+            lo += block.ids.size
+            empty = np.flatnonzero(~part.any(axis=1))
+            if empty.size and not block.zeros_are_values:
+                found.append(_EmptyRows(role, block, block.ids[empty], part.shape[0]))
+    return found
+
+
+def _check_empty_cells(dom: _Domains, target: _Block, allow_empty_cells: bool) -> None:
+    """Refuse source, validation and target cells with no value on any of the run's genes unless
+    ``allow_empty_cells``, as ``scdm embed`` refuses cells that express no gene the model knows.
+
+    The network sees nothing of such a cell. An all-zero bulk sample trained the predictor with its label and an
+    all-zero validation cell counted in the choice of the kept epoch, silently, where the same target cell was refused.
+    """
+    found = _empty_rows(dom, target)
+    if not found:
         return
-    empty = np.flatnonzero(~Xt.any(axis=1))
-    if not empty.size:
-        return
-    shown = ", ".join(str(int(r)) for r in empty[:10]) + (", ..." if empty.size > 10 else "")
+    n_genes = dom.Xt.shape[1]
     if allow_empty_cells:
-        logger.warning("transfer: %d target cells of %s express none of the run's %d genes (rows %s); they are predicted "
-                       "as they are (allow_empty_cells)", empty.size, target, Xt.shape[1], shown)
+        for rows in found:
+            logger.warning("transfer: kept %s, which express none of the run's %d genes: %s (allow_empty_cells)",
+                           rows.describe(), n_genes, _EMPTY_CONSEQUENCE[rows.role])
         return
-    msg = (f"The target cells at rows {shown} ({empty.size} in all) of dataset {target!r} express none of the "
-           f"{Xt.shape[1]} genes the run takes (shared with the source, then the target's highly variable ones), so the "
-           "network sees nothing of them and its prediction for them, scored like any cell's, would say nothing about "
-           "them. Filter such cells out before ingesting (e.g. scanpy.pp.filter_cells(adata, min_genes=200)), take more "
-           "genes (--n-hvg), or pass --allow-empty-cells (allow_empty_cells=True) to predict them as they are.")
+    what = [rows.describe() for rows in found]
+    listed = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
+    roles = list(dict.fromkeys(rows.role for rows in found))
+    consequences = "; ".join(f"{role}: {_EMPTY_CONSEQUENCE[role]}" for role in roles)
+    msg = (f"{listed[0].upper()}{listed[1:]} express none of the {n_genes} genes the run takes (shared with the source, "
+           f"then the target's highly variable ones), so the network sees nothing of them ({consequences}). Filter such "
+           "cells out before ingesting (e.g. scanpy.pp.filter_cells(adata, min_genes=200)) and drop such samples from a "
+           "bulk source, take more genes (--n-hvg), or pass --allow-empty-cells (allow_empty_cells=True) to use them as "
+           "they are.")
     raise InputDataError(msg)
 
 
