@@ -527,6 +527,24 @@ def test_named_label_sets_are_read_and_give_the_run_its_drug(two_drugs: Store) -
     assert (default.drug, default.source_label_set, default.target_label_set) == ("drugA", "drugA", "drugA")
 
 
+def test_a_bulk_response_csv_of_one_drug_gives_the_run_its_drug(two_drugs: Store, bulk: ad.AnnData,
+                                                                 tmp_path: Path) -> None:
+    """A response CSV whose one column is drugB, without drug=...: the run trained on drugB's responses but recorded no
+    drug and scored its predictions against the target's default label set, drugA's: AUROC 0.606 stored, where
+    drugB's labels of those cells give 0.503."""
+    from sklearn.metrics import roc_auc_score
+
+    expr, resp = tmp_path / "expr.csv", tmp_path / "responses.csv"
+    pd.DataFrame(np.asarray(bulk.X), index=bulk.obs_names, columns=bulk.var_names).to_csv(expr)
+    pd.DataFrame({"drugB": bulk.obs["drugX"]}, index=bulk.obs_names).to_csv(resp)
+    res = transfer(two_drugs, source=(str(expr), str(resp)), target="tgt", **FAST)
+    assert (res.drug, res.target_label_set) == ("drugB", "drugB")
+    run = transfer_run(two_drugs, res.run_id, complete=True)
+    assert (run.drug, run.target_label_set, run.source["drug"]) == ("drugB", "drugB", "drugB")
+    rows_b, y_b = _labelled(two_drugs, "tgt", "drugB")
+    assert res.metrics["auroc"] == pytest.approx(roc_auc_score(y_b, res.proba[rows_b]))
+
+
 def test_label_sets_of_another_drug_are_refused(two_drugs: Store, bulk: ad.AnnData) -> None:
     st = two_drugs
     with pytest.raises(InputDataError, match=r"drug='drugC' contradicts.*source 'src'.*no label set of drugC"):

@@ -48,6 +48,7 @@ __all__ = [
     "WaterfallCut",
     "balance_classes",
     "binarize_response",
+    "bulk_drug",
     "bulk_kind",
     "cluster_cells",
     "column_index",
@@ -304,6 +305,21 @@ def read_bulk(source: Any, *, drug: str | None, response: ResponseKind = "auto",
     desc.update({"drug": drug, "response": response, "n_samples": int(keep.sum()),
                  "n_missing_response": int((~keep).sum())})
     return BulkData(X=X[keep], genes=genes, y=y, sample_ids=samples[keep], cut=cut, description=desc)
+
+
+def bulk_drug(source: Any, drug: str | None) -> str | None:
+    """The drug a bulk source's responses are of: ``drug``, else the only drug column of a response CSV (None: unknown).
+
+    A CSV pair without ``drug`` is read for its one response column; the run must know that drug before it picks the
+    target's label set to score against, or it scores one drug's predictions against another drug's labels.
+    """
+    if drug is not None or not isinstance(source, (tuple, list)) or len(source) != 2:
+        return drug
+    path = Path(source[1])
+    if not path.is_file():
+        return None  # read_bulk refuses it, naming the path
+    columns = pd.read_csv(path, index_col=0, nrows=0).columns
+    return str(columns[0]) if len(columns) == 1 else None
 
 
 def _read_csv_pair(pair: Sequence[Any], drug: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.Series, dict[str, Any]]:

@@ -68,6 +68,7 @@ from scdm.classify._transfer_data import (
     WaterfallCut,
     balance_classes,
     binarize_response,
+    bulk_drug,
     bulk_kind,
     cluster_cells,
     column_index,
@@ -702,7 +703,8 @@ def transfer(
     target : str
         Store dataset to predict (its labels, if any, are used only for the metrics).
     drug : str, optional
-        The response column of a bulk source; recorded with the run. With store datasets it picks
+        The response column of a bulk source (default: the only column of a response CSV, else
+        ``obs["response"]``); recorded with the run. With store datasets it picks
         each one's label set of this drug (by default), and label sets of another drug are refused.
     source_label_set, target_label_set, validation_label_set : str, optional
         The label set (``scdm ls --what labels``) read from every store source dataset (training
@@ -784,6 +786,8 @@ def transfer(
     kind, src = _resolve_source(st, source)
     if kind == "store":
         src, source_features = _in_dataset_order(st, src, source_features)
+    else:
+        drug = bulk_drug(src, drug)
     if kind == "store" and target_info.name in src:
         msg = f"The target {target_info.name!r} is also a source; transfer would train on the cells it evaluates."
         raise InputDataError(msg)
