@@ -693,6 +693,28 @@ def test_bulk_csv_with_ic50_is_binarised_by_the_waterfall(st: Store, bulk: ad.An
     assert row["source_kind"] == "bulk-csv" and json.loads(row["waterfall"])["method"] == "knee"
 
 
+def test_a_bulk_source_is_recorded_by_the_hash_of_its_content_and_labels(st: Store, bulk: ad.AnnData,
+                                                                        tmp_path: Path) -> None:
+    """A bulk source was recorded by its path only (an in-memory AnnData: path None): runs on different expression or
+    labels had the same source record, and a CSV changed since a run could not be told from the one it read."""
+    changed = bulk.copy()
+    x = np.asarray(changed.X).copy()
+    x[0, 0] += 1
+    changed.X = x
+    relabelled = bulk.copy()
+    relabelled.obs["drugX"] = np.roll(bulk.obs["drugX"].to_numpy(), 1)
+    expr, resp = tmp_path / "expr.csv", tmp_path / "responses.csv"
+    pd.DataFrame(np.asarray(bulk.X), index=bulk.obs_names, columns=bulk.var_names).to_csv(expr)
+    pd.DataFrame({"drugX": bulk.obs["drugX"]}, index=bulk.obs_names).to_csv(resp)
+    recorded = {}
+    for name, source in (("bulk", bulk), ("changed", changed), ("relabelled", relabelled), ("csv", (str(expr), str(resp)))):
+        run = transfer_run(st, transfer(st, source=source, target="target", drug="drugX", **FAST).run_id)
+        recorded[name] = (run.source["content_hash"], run.source["labels_hash"])
+    assert recorded["changed"][0] != recorded["bulk"][0] and recorded["changed"][1] == recorded["bulk"][1]
+    assert recorded["relabelled"][0] == recorded["bulk"][0] and recorded["relabelled"][1] != recorded["bulk"][1]
+    assert recorded["csv"] == recorded["bulk"]  # the same values, read from another format
+
+
 def test_transfer_on_cached_embeddings(tmp_path: Path, collection: ad.AnnData) -> None:
     store = Store(tmp_path / "store")
     studies = ["GSE164897", TARGET_STUDY]

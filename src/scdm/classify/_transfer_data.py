@@ -49,6 +49,7 @@ __all__ = [
     "balance_classes",
     "binarize_response",
     "bulk_drug",
+    "bulk_hashes",
     "bulk_kind",
     "cluster_cells",
     "column_index",
@@ -303,8 +304,27 @@ def read_bulk(source: Any, *, drug: str | None, response: ResponseKind = "auto",
         msg = "The bulk expression matrix holds NaN or inf values; impute or drop them before transfer."
         raise InputDataError(msg)
     desc.update({"drug": drug, "response": response, "n_samples": int(keep.sum()),
-                 "n_missing_response": int((~keep).sum())})
+                 "n_missing_response": int((~keep).sum()), **bulk_hashes(X[keep], genes, samples[keep], y)})
     return BulkData(X=X[keep], genes=genes, y=y, sample_ids=samples[keep], cut=cut, description=desc)
+
+
+def bulk_hashes(X: np.ndarray, genes: np.ndarray, samples: np.ndarray, y: np.ndarray) -> dict[str, str]:
+    """``content_hash`` (expression, gene ids, sample ids) and ``labels_hash`` (sample, label) of what a run reads.
+
+    A store source is recorded by dataset id and label set; without these a bulk source was recorded by its path
+    only (an AnnData passed in memory: by nothing), so two runs on different bulk data, or on a file changed since,
+    could not be told apart. The same values hash alike whether read from an AnnData or a CSV pair.
+    """
+    import hashlib
+
+    content = hashlib.blake2b(digest_size=16)
+    content.update(f"{X.shape[0]}x{X.shape[1]}".encode())
+    for part in (genes, samples):
+        content.update("\x1f".join(map(str, part)).encode() + b"\x1e")
+    content.update(np.ascontiguousarray(X, np.float64).tobytes())
+    labels = hashlib.blake2b(digest_size=16)
+    labels.update("\x1f".join(f"{s}:{int(v)}" for s, v in zip(samples, y)).encode())
+    return {"content_hash": content.hexdigest(), "labels_hash": labels.hexdigest()}
 
 
 def bulk_drug(source: Any, drug: str | None) -> str | None:
