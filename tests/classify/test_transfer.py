@@ -819,6 +819,22 @@ def test_bulk_csvs_that_cannot_be_matched_by_sample_are_refused(tmp_path: Path) 
         read_bulk(str(expr), drug="drugX")  # the CSV without its labels: was h5py's 'file signature not found'
 
 
+def test_bulk_responses_without_an_expression_row_are_warned_about_and_recorded(st: Store, bulk: ad.AnnData,
+                                                                              tmp_path: Path) -> None:
+    """Responses of cell lines the expression CSV spells otherwise ('Data3_S1_0' as 'data3-s1-0') or lacks were left
+    out silently: here 5 of the 341 responses, and the run said n_samples 336 and nothing of the others."""
+    expr, resp = tmp_path / "expr.csv", tmp_path / "responses.csv"
+    spelled = [n.lower().replace("_", "-") if i < 3 else n for i, n in enumerate(bulk.obs_names)]
+    pd.DataFrame(np.asarray(bulk.X), index=spelled, columns=bulk.var_names).iloc[:-2].to_csv(expr)
+    pd.DataFrame({"drugX": bulk.obs["drugX"]}, index=bulk.obs_names).to_csv(resp)
+    with pytest.warns(TransferWarning, match=r"5 of the 341 samples with a response to 'drugX' in responses.csv have no "
+                                             r"row in expr.csv.*3 of them match an expression row but for case or "
+                                             r"punctuation \(e.g. .*'Data3_S1_0' ~ 'data3-s1-0'"):
+        res = transfer(st, source=(str(expr), str(resp)), target="target", drug="drugX", **FAST)
+    source = transfer_run(st, res.run_id).source
+    assert (source["n_samples"], source["n_response_without_expression"]) == (336, 5)
+
+
 def test_a_one_class_store_source_is_refused(collection: ad.AnnData, tmp_path: Path) -> None:
     """Store sources whose labelled cells are all of one class: was trained on and scored as if it had learned."""
     st = Store(tmp_path / "store")

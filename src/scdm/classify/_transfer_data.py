@@ -374,14 +374,41 @@ def _read_csv_pair(pair: Sequence[Any], drug: str | None) -> tuple[np.ndarray, n
         msg = (f"No sample id of {expr_path.name} is in {resp_path.name} (e.g. {list(expr.index[:3])} vs "
                f"{list(resp.index[:3])}); the first column of both files must hold the same sample ids.")
         raise InputDataError(msg)
+    unmatched = _responses_without_expression(resp[drug], expr.index, expr_path.name, resp_path.name)
     expr = expr.loc[common]
     try:
         X = expr.to_numpy(np.float64)
     except ValueError as err:
         msg = f"{expr_path.name} holds non-numeric expression values ({err}); samples must be rows, genes columns."
         raise InputDataError(msg) from err
-    desc = {"kind": "bulk-csv", "expression": str(expr_path), "response_file": str(resp_path)}
+    desc = {"kind": "bulk-csv", "expression": str(expr_path), "response_file": str(resp_path),
+            "n_response_without_expression": unmatched}
     return X, np.asarray(expr.columns.astype(str), dtype=object), np.asarray(common, dtype=object), resp.loc[common, drug], desc
+
+
+def _match_key(sample: str) -> str:
+    return "".join(ch for ch in sample.casefold() if ch.isalnum())
+
+
+def _responses_without_expression(response: pd.Series, expressed: pd.Index, expr_name: str, resp_name: str) -> int:
+    """How many samples with a response have no expression row; a warning names them when there are any.
+
+    They were left out without a word: the run trained on fewer cell lines than the response file holds, and a
+    waterfall cutoff was computed on those left, not on every response to the drug.
+    """
+    measured = response.index[response.notna().to_numpy()]
+    missing = measured.difference(expressed, sort=False)
+    if missing.empty:
+        return 0
+    spelled = {_match_key(s): s for s in expressed}
+    near = [f"{s!r} ~ {spelled[_match_key(s)]!r}" for s in missing if _match_key(s) in spelled]
+    hint = (f"; {len(near)} of them match an expression row but for case or punctuation (e.g. {', '.join(near[:3])}): "
+            "spell the sample ids of both files alike" if near else "")
+    warnings.warn(f"{len(missing)} of the {len(measured)} samples with a response to {response.name!r} in {resp_name} have "
+                  f"no row in {expr_name} (e.g. {', '.join(map(repr, missing[:3]))}) and are left out: the run trains on "
+                  f"the other {len(measured) - len(missing)}, and a waterfall cutoff is computed on them alone{hint}.",
+                  TransferWarning, stacklevel=4)
+    return len(missing)
 
 
 def _read_bulk_anndata(source: Any, drug: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.Series, dict[str, Any]]:
