@@ -1034,6 +1034,22 @@ def test_a_gene_with_several_columns_is_read_from_its_first_and_a_warning_says_h
     assert cols.tolist() == [0, 3]
 
 
+def test_a_gene_repeated_in_a_bulk_csv_header_is_warned_about_as_in_an_anndata(st: Store, bulk: ad.AnnData,
+                                                                             tmp_path: Path) -> None:
+    """pandas read a second 'TP53'-style header as '<gene>.1', a gene no dataset has: it left the features without the
+    warning the same bulk given as an AnnData gets."""
+    genes = list(bulk.var_names)
+    expr, resp = tmp_path / "expr.csv", tmp_path / "responses.csv"
+    frame = pd.DataFrame(np.asarray(bulk.X), index=bulk.obs_names, columns=genes)
+    frame.insert(5, genes[0], frame[genes[1]].to_numpy(), allow_duplicates=True)  # gene 0 again, other values
+    frame.to_csv(expr)
+    pd.DataFrame({"drugX": bulk.obs["drugX"]}, index=bulk.obs_names).to_csv(resp)
+    with pytest.warns(TransferWarning, match=rf"bulk source: 1 of the 200 genes used have several columns .*"
+                                             rf"'{genes[0].upper()}' \(2 columns\)"):
+        res = transfer(st, source=(str(expr), str(resp)), target="target", drug="drugX", **FAST)
+    assert res.n_features == 200
+
+
 def test_a_store_source_records_its_cells_without_a_label(tmp_path: Path, collection: ad.AnnData) -> None:
     """A bulk source recorded n_missing_response; a store source left its unlabelled cells out without a count."""
     store = Store(tmp_path / "store")

@@ -352,6 +352,9 @@ def _read_csv_pair(pair: Sequence[Any], drug: str | None) -> tuple[np.ndarray, n
             msg = f"Bulk source file {str(path)!r} does not exist."
             raise InputDataError(msg)
     expr = pd.read_csv(expr_path, index_col=0)
+    # pandas renames a repeated header 'TP53' to 'TP53.1', a gene no dataset has: it dropped out of the shared genes
+    # without the warning the same columns of an AnnData get (column_index)
+    expr.columns = pd.read_csv(expr_path, header=None, nrows=1, index_col=0, dtype=str).iloc[0].to_numpy()
     resp = pd.read_csv(resp_path, index_col=0)
     if drug is None:
         if resp.shape[1] != 1:
