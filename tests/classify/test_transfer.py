@@ -545,6 +545,21 @@ def test_a_bulk_response_csv_of_one_drug_gives_the_run_its_drug(two_drugs: Store
     assert res.metrics["auroc"] == pytest.approx(roc_auc_score(y_b, res.proba[rows_b]))
 
 
+def test_a_bulk_source_of_no_named_drug_warns_which_drug_it_is_scored_against(two_drugs: Store,
+                                                                            bulk: ad.AnnData) -> None:
+    """A bulk AnnData with obs['response'] and no drug: the target's default label set (drugA's, of its two drugs) was
+    scored against without a word, whichever drug the bulk responses were to."""
+    unnamed = bulk.copy()
+    unnamed.obs = unnamed.obs.rename(columns={"drugX": "response"})
+    with pytest.warns(TransferWarning, match=r"bulk source names no drug .*target 'tgt': label set 'drugA', drug drugA "
+                                             r"\(its default label set\), as if the bulk responses were to drugA"):
+        res = transfer(two_drugs, source=unnamed, target="tgt", **FAST)
+    assert res.target_label_set == "drugA"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "The bulk source names no drug", TransferWarning)
+        transfer(two_drugs, source=unnamed, target="tgt", target_label_set="drugB", **FAST)  # named: no warning
+
+
 def test_label_sets_of_another_drug_are_refused(two_drugs: Store, bulk: ad.AnnData) -> None:
     st = two_drugs
     with pytest.raises(InputDataError, match=r"drug='drugC' contradicts.*source 'src'.*no label set of drugC"):

@@ -401,6 +401,20 @@ def _run_labels(st: Store, kind: str, sources: Any, target: str, validation: str
     return labels
 
 
+def _warn_of_scoring_another_drug(target: _LabelChoice | None) -> None:
+    """Warn when a bulk source of no named drug (its ``obs["response"]``) is scored against a label set of a drug.
+
+    The target's default label set was read whatever its drug: a target with label sets of two drugs was scored
+    against the first one's responses, silently, whichever drug the bulk responses were to.
+    """
+    if target is None or target.chosen_by == "given" or not target.label_set.drug:
+        return
+    warnings.warn(f"The bulk source names no drug (its responses are obs['response']), so its predictions are scored "
+                  f"against the {target.describe()} (its default label set), as if the bulk responses were to "
+                  f"{target.label_set.drug}. Put the responses in obs['<drug>'] and pass drug='<drug>' (--drug), or name "
+                  "the target's label set (target_label_set=..., --target-label-set).", TransferWarning, stacklevel=3)
+
+
 def _require(choice: _LabelChoice | None) -> _LabelChoice:
     assert choice is not None  # only an unlabelled target has no label set
     return choice
@@ -795,6 +809,8 @@ def transfer(
     labels = _run_labels(st, kind, src, target_info.name, validation, drug,
                          {"source": source_label_set, "target": target_label_set, "validation": validation_label_set})
     run_drug = drug or labels.source_drug()
+    if kind == "bulk" and drug is None:
+        _warn_of_scoring_another_drug(labels.target)
     grid = list(itertools.product(alphas, betas))
     if len(grid) > 1 and validation is None:
         msg = (f"alpha={alphas} and beta={betas} form a grid of {len(grid)} settings; choosing among them needs a "
