@@ -291,8 +291,8 @@ def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path) -> None:
 
 
 def test_one_model_and_selection(evaluated: Store, tmp_path: Path) -> None:
-    (tmp_path / "one" / "figures").mkdir(parents=True)
-    (tmp_path / "one" / "figures" / "radar_pooled_frozen_mlp.png").write_bytes(b"from an earlier report")
+    write_report(evaluated, tmp_path / "one", projection="pca", formats=["png", "svg"], progress=False)
+    (tmp_path / "one" / "figures" / "radar_pooled_frozen_mlp.png").write_bytes(b"the user's own figure")
     (tmp_path / "one" / "figures" / "notes.txt").write_text("the user's own file")
     out = write_report(evaluated, tmp_path / "one", models=["pca"], heads=["logreg"], projection="none",
                        formats=["png"])
@@ -303,7 +303,8 @@ def test_one_model_and_selection(evaluated: Store, tmp_path: Path) -> None:
     figures = sorted(p.name for p in (tmp_path / "one" / "figures").iterdir())
     assert "radar_pooled_frozen_logreg.png" in figures and not any(f.endswith(".svg") for f in figures)
     assert not any(f.startswith("projection_") for f in figures)
-    assert "radar_pooled_frozen_mlp.png" not in figures and "notes.txt" in figures  # stale figure removed only
+    # the earlier report's figures are gone, files it did not write stay
+    assert "radar_pooled_frozen_mlp.png" in figures and "notes.txt" in figures
 
 
 def test_empty_store_gives_a_page_saying_what_to_run(tmp_path: Path) -> None:

@@ -526,6 +526,11 @@ class _Context:
     """The progress bar over the sections (its postfix names the figure being drawn)."""
     left_out: list[str] = field(default_factory=list)
     """Why stored results are left out of every table and figure (an older head or answer parser)."""
+    outputs: _Outputs = field(init=False)
+    """The files written so far (the report's manifest)."""
+
+    def __post_init__(self) -> None:
+        self.outputs = _Outputs(self.out)
 
     def table(self, slug: str, sql: str) -> _Table:
         """Run ``sql`` through the read-only user interface (the same path as ``scdm sql``)."""
@@ -540,7 +545,10 @@ class _Context:
             stem = next(f"{stem}-{n}" for n in itertools.count(2) if f"{stem}-{n}".casefold() not in taken)
         if self.bar is not None:
             self.bar.set_postfix_str(stem)
+        self.outputs.claim(self.fig_dir / f"{stem}.{fmt}" for fmt in self.formats)
         files = _plots.save(fig, self.fig_dir, stem, formats=self.formats, dpi=self.dpi)
+        for path in files:
+            self.outputs.record(path)
         figure = _Figure(stem, caption, files)
         self.figures.append(figure)
         logger.info("report: wrote figure %s", stem)
@@ -616,8 +624,10 @@ def write_report(
     store : str, path or Store
     out_dir : str or path
         Folder to write into (created): ``index.html``, ``figures/`` (PNG + SVG) and ``tables/``
-        (each table as CSV plus the SQL that produces it). The figures and tables of an earlier
-        report in the same folder are removed first; other files are left alone.
+        (each table as CSV plus the SQL that produces it), and ``.scdm-report.json``, the list of
+        files written. The files an earlier report wrote into the same folder are removed first
+        (those it lists, where unchanged); other files are left alone, and a report that would
+        overwrite one of them stops with an error instead.
     run_id : str, optional
         Only results fitted by this evaluation run (``eval_runs.run_id``). Default: every run.
     models, heads : iterable of str, optional
@@ -650,8 +660,9 @@ def write_report(
     Raises
     ------
     InputDataError
-        On an unknown metric, projection or format, ``max_cells < 10``, or ``projection="umap"``
-        without umap-learn installed.
+        On an unknown metric, projection or format, ``max_cells < 10``, ``projection="umap"``
+        without umap-learn installed, or a file of ``out_dir`` that the report would overwrite
+        but did not write.
 
     Examples
     --------
@@ -677,16 +688,12 @@ def write_report(
                        stale_sql(st, "x"))
     ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi, progress=progress,
                    left_out=left_out)
-    with _plots.style():
-        body = _build_page(ctx, projection=projection, max_cells=max_cells, seed=seed)
-    for table in ctx.tables:
-        table.frame.to_csv(out / "tables" / f"{table.slug}.csv", index=False)
-        (out / "tables" / f"{table.slug}.sql").write_text(table.sql + ";\n")
-    if ctx.series_rows:
-        pd.DataFrame(ctx.series_rows).to_csv(out / "tables" / "figure_series.csv", index=False)
-    index = out / "index.html"
-    (out / REPORT_STATE_FILE).write_text(json.dumps({"results_state": drawn_from}))
-    index.write_text(_page(title, st, body))
+    try:
+        with _plots.style():
+            body = _build_page(ctx, projection=projection, max_cells=max_cells, seed=seed)
+        index = _write_tables_and_page(ctx, _page(title, st, body), drawn_from)
+    finally:  # also after an error: the next report removes what this one wrote so far
+        ctx.outputs.save_manifest()
     logger.info("report: %s (%d figures, %d tables)", index, len(ctx.figures), len(ctx.tables))
     return index
 
@@ -713,23 +720,133 @@ def report_is_current(st: Store, out_dir: str | os.PathLike[str]) -> bool | None
     return bool(written == results_state(st))
 
 
+def _write_tables_and_page(ctx: _Context, page: str, drawn_from: str) -> Path:
+    """Write ``tables/`` (CSV and SQL of each table), the state of the results the page was drawn from
+    (:data:`REPORT_STATE_FILE`) and then the page, refusing first if any would overwrite a file."""
+    tables = ctx.out / "tables"
+    files: list[tuple[Path, Callable[[Path], object]]] = []
+    for table in ctx.tables:
+        files += [(tables / f"{table.slug}.csv", functools.partial(_write_csv, table.frame)),
+                  (tables / f"{table.slug}.sql", functools.partial(Path.write_text, data=table.sql + ";\n"))]
+    if ctx.series_rows:
+        files.append((tables / "figure_series.csv", functools.partial(_write_csv, pd.DataFrame(ctx.series_rows))))
+    files.append((ctx.out / REPORT_STATE_FILE,
+                  functools.partial(Path.write_text, data=json.dumps({"results_state": drawn_from}))))
+    index = ctx.out / "index.html"
+    files.append((index, functools.partial(Path.write_text, data=page)))
+    ctx.outputs.claim([path for path, _ in files])
+    for path, write in files:
+        write(path)
+        ctx.outputs.record(path)
+    return index
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    frame.to_csv(path, index=False)
+
+
+MANIFEST = ".scdm-report.json"
+"""The files a report wrote into its folder (path relative to it -> sha256): the next report deletes
+exactly those still unchanged, and nothing else."""
+
+_REPORT_FILE = re.compile(r"index\.html|report_state\.json|tables/[^/]+\.(?:csv|sql)|figures/[^/]+\.(?:png|svg|pdf)")
+"""The names a report writes: a manifest entry of any other shape is never deleted."""
+
 _FIGURE_PREFIXES = ("overview_bars", "radar_", "f1_by_cancer_type_", "projection_", "scalability")
 
 
-def _remove_earlier_outputs(out: Path) -> None:
-    """Delete the page, figures and tables of an earlier report in ``out`` (and nothing else).
+@dataclass
+class _Outputs:
+    """The files this report writes into ``out``; it overwrites none it did not write itself."""
 
-    The page goes first and is written last: an interrupted report leaves no page whose tables are
-    the old numbers beside figures and table files that are new or gone.
+    out: Path
+    written: dict[str, str] = field(default_factory=dict)
+    """Path relative to ``out`` -> sha256 of the content written."""
+
+    def claim(self, paths: Iterable[Path]) -> None:
+        """Refuse before writing any of ``paths`` if one is taken (by a file an earlier report did not write, or
+        one changed since it did: :func:`_remove_earlier_outputs` left it alone)."""
+        taken = [p for p in paths if p.exists() or p.is_symlink()]
+        if taken:
+            names = ", ".join(str(p.relative_to(self.out)) for p in taken[:3]) + (" ..." if len(taken) > 3 else "")
+            msg = (f"The report folder {str(self.out)!r} holds {names}, which no earlier report wrote there "
+                   f"(or which changed since; see {MANIFEST}); the report would overwrite it, so it stops here and "
+                   "leaves it as it is. "
+                   "Move the file(s) out of the way, or write the report into another folder (scdm report --out).")
+            raise InputDataError(msg)
+
+    def record(self, path: Path) -> None:
+        self.written[path.relative_to(self.out).as_posix()] = _sha256(path)
+
+    def save_manifest(self) -> None:
+        path = self.out / MANIFEST
+        partial = path.with_name(path.name + ".tmp")
+        partial.write_text(json.dumps({"files": self.written}, indent=1, sort_keys=True) + "\n")
+        partial.replace(path)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_earlier_outputs(out: Path) -> None:
+    """Delete the page, figures and tables an earlier report wrote into ``out`` (and nothing else).
+
+    Only the files of its manifest whose content is still what it wrote: a user's own CSV in ``tables/``
+    (or in a folder ``tables/`` links to) stays, as does a report file the user edited since. The page
+    goes first and is written last: an interrupted report leaves no page whose tables are the old
+    numbers beside figures and table files that are new or gone.
     """
-    (out / "index.html").unlink(missing_ok=True)
-    (out / REPORT_STATE_FILE).unlink(missing_ok=True)
-    for path in (out / "figures").iterdir():
-        if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith(_FIGURE_PREFIXES):
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        _remove_older_report(out)
+        return
+    try:
+        files = json.loads(manifest.read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        files = {}  # a damaged manifest names nothing: every file left is claimed by the user
+    names = sorted((n for n in files if isinstance(n, str) and _REPORT_FILE.fullmatch(n)), key=lambda n: n != "index.html")
+    for name in names:
+        path = out / name
+        if path.is_file() and not path.is_symlink() and _sha256(path) == files[name]:
             path.unlink()
-    for path in (out / "tables").iterdir():
-        if path.suffix in (".csv", ".sql"):
-            path.unlink()
+    manifest.unlink()
+
+
+def _remove_older_report(out: Path) -> None:
+    """The outputs of a report written before reports kept a manifest (scdm's page is its ``index.html``).
+
+    Its figures and table files are recognised by name, in ``figures/`` and ``tables/`` folders of its
+    own only: one of them linked elsewhere is someone else's folder.
+    """
+    index = out / "index.html"
+    if not (index.is_file() and not index.is_symlink() and _is_report_page(index)):
+        return
+    index.unlink()
+    state = out / REPORT_STATE_FILE
+    if state.is_file() and not state.is_symlink():
+        state.unlink()
+    figures, tables = out / "figures", out / "tables"
+    if not figures.is_symlink():
+        for path in figures.iterdir():
+            if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith(_FIGURE_PREFIXES) and path.is_file():
+                path.unlink()
+    if not tables.is_symlink():
+        for path in tables.iterdir():
+            if path.suffix in (".csv", ".sql") and path.is_file():
+                path.unlink()
+
+
+def _is_report_page(path: Path) -> bool:
+    with path.open(errors="replace") as f:
+        head = f.read(1 << 16)
+    return "from the catalog alone (no embedding recomputed, no head refitted)" in head
 
 
 def _check_metrics(metrics: Iterable[str], name: str) -> tuple[str, ...]:

@@ -753,10 +753,11 @@ def _report_folder_in_store(srv: ServerState) -> Path:
     """The report folder, resolved; refused when it links outside the store.
 
     A link placed in a shared store (``artifacts/report -> /``) would otherwise serve every file this
-    server may read, and a new report would delete the ``tables/*.csv`` of the folder it points to.
+    server may read, and a new report would write its files into the folder it points to (it deletes
+    and overwrites none it did not write: :func:`scdm.classify.report.write_report` refuses).
     """
     folder = (srv.root / REPORT_DIR).resolve()
-    # the report deletes tables/*.csv, *.sql and figures/ of its own: each of these folders linked elsewhere loses them
+    # the report writes into tables/ and figures/ too: each of them linked elsewhere is a folder outside the store
     for name in (REPORT_DIR, f"{REPORT_DIR}/figures", f"{REPORT_DIR}/tables"):
         target = (srv.root / name).resolve()
         if not target.is_relative_to(srv.root.resolve()):
