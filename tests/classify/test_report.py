@@ -1017,3 +1017,25 @@ def test_a_held_out_study_left_out_as_one_class_is_named_under_the_report_board(
         evaluate(st, heads=["ridge"], by=["all"], folds=5, scenarios=["cross"], silent=True)
     page = write_report(st, tmp_path / "report", projection="none", progress=False).read_text()
     assert NOTES["skipped_folds"] in html.unescape(page)
+
+
+def test_the_split_table_counts_only_splits_of_results_on_the_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results of an older revision of a head are left out of every table and figure, but the split table
+    counted their splits: pooled 'cell' folds '3, 4' and 2 splits beside leaderboards of k=3 alone."""
+    from scdm.classify.heads import LogRegHead
+
+    st = _ingested(tmp_path / "store")
+    for i, (name, *_) in enumerate(DATASETS):
+        _write_embedding(st, name, "pca", 6, shift=1.0, seed=10 + i)
+    options = {"heads": ["logreg"], "by": ["all"], "scenarios": ["pooled"]}
+    with monkeypatch.context() as m:  # an older scdm: revision 1, no head_revisions in its run config
+        m.setattr(LogRegHead, "revision", lambda self: 1, raising=False)
+        _evaluate(st, folds=4, **options)
+    with st.catalog.transaction() as con:
+        con.execute("UPDATE eval_runs SET config = json_object('heads', ['logreg'])")
+    _evaluate(st, folds=3, **options)
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"], progress=False)
+    board = pd.read_csv(out.parent / "tables" / "leaderboard_all.csv")
+    assert board["k"].tolist() == [3]
+    splits = pd.read_csv(out.parent / "tables" / "split_schemes.csv", dtype={"folds": str})
+    assert splits[["scenario", "scheme", "folds", "splits"]].values.tolist() == [["pooled", "cell", "3", 1]]

@@ -138,6 +138,10 @@ class _Filters:
             out.append(f"{alias}.head IN ({', '.join(_lit(h) for h in self.heads)})")
         return out
 
+    def current(self) -> list[str]:
+        """Conditions on ``eval_results x``: the selection, less the results left out as known wrong (``stale``)."""
+        return [f"NOT {self.stale}", *self.results("x")]
+
     def skipped(self, alias: str = "s") -> list[str]:
         """Conditions on skipped_tasks (which has no model column: select its spaces)."""
         out = []
@@ -380,7 +384,7 @@ def _runs_sql(filters: _Filters) -> str:
 def _splits_sql(filters: _Filters) -> str:
     # a split belongs to its cells and labels, so two label sets with identical labels (JHU006's Vorinostat and
     # AR-42) share one, which names the first: the label sets listed are those its results and skips were for
-    used = (f"  SELECT r.split_id, r.label_set FROM eval_results r {_where(filters.results())}\n"
+    used = (f"  SELECT x.split_id, x.label_set FROM eval_results x {_where(filters.current())}\n"
             f"  UNION SELECT s.split_id, s.label_set FROM skipped_tasks s {_where(filters.skipped())}\n").replace("\n  AND", " AND")
     return (
         "WITH used AS (\n" + used + "),\n"
@@ -1098,8 +1102,8 @@ def _section_protocol(ctx: _Context) -> Markup:
     runs = ctx.table("eval_runs", _runs_sql(ctx.filters))
     _mark_stopped_runs(runs.frame)
     splits = ctx.table("split_schemes", _splits_sql(ctx.filters))
-    in_results = ctx.st.query("SELECT DISTINCT r.scheme FROM eval_results r " + _where(ctx.filters.results())
-                              + " ORDER BY r.scheme")["scheme"]
+    in_results = ctx.st.query("SELECT DISTINCT x.scheme FROM eval_results x " + _where(ctx.filters.current())
+                              + " ORDER BY x.scheme")["scheme"]
     schemes = [s for s in dict.fromkeys([*splits.frame["scheme"], *in_results]) if s in _SCHEMES]
     run_cols = [("run_id", "Run", None), ("created_at", "Started", _time), ("status", "Status", None),
                 ("split_scheme", "Pooled scheme", None), ("folds", "Folds", None), ("seed", "Seed", None),
@@ -1129,7 +1133,7 @@ def _one_class(ctx: _Context) -> dict[str, str]:
     the study or the dataset)."""
     from scdm.store.splits import pooled_one_class_studies
 
-    used = ctx.st.query(f"SELECT DISTINCT r.split_id FROM eval_results r {_where(ctx.filters.results())}")
+    used = ctx.st.query(f"SELECT DISTINCT x.split_id FROM eval_results x {_where(ctx.filters.current())}")
     return pooled_one_class_studies(ctx.st, list(used["split_id"]))
 
 
@@ -1316,8 +1320,8 @@ def _section_folds(ctx: _Context) -> Markup:
 
 # ---- leaderboards per category type ---------------------------------------------------------
 def _section_leaderboards(ctx: _Context) -> Markup:
-    combos = ctx.st.query("SELECT DISTINCT r.scenario, r.category_type FROM eval_results r "
-                          + _where(ctx.filters.results()))
+    combos = ctx.st.query("SELECT DISTINCT x.scenario, x.category_type FROM eval_results x "
+                          + _where(ctx.filters.current()))
     parts = [_parts().leaderboards_intro()]
     order = {s: i for i, s in enumerate(_SCENARIO_ORDER)}
     ct_order = {c: i for i, c in enumerate(_CATEGORY_ORDER)}
@@ -1614,7 +1618,7 @@ def _other_label_sets(ctx: _Context, item: _ProjectionInput) -> list[str]:
     ids = [str(d) for d in item.group["dataset_id"]]
     frame = ctx.st.query(
         "SELECT DISTINCT l.name FROM label_sets l WHERE list_contains(?, l.dataset_id) AND NOT l.is_default "
-        "AND l.name IN (SELECT DISTINCT r.label_set FROM eval_results r " + _where(ctx.filters.results()) + ") "
+        "AND l.name IN (SELECT DISTINCT x.label_set FROM eval_results x " + _where(ctx.filters.current()) + ") "
         "ORDER BY l.name", [ids])
     return [str(n) for n in frame["name"]]
 
