@@ -1039,3 +1039,22 @@ def test_the_split_table_counts_only_splits_of_results_on_the_page(tmp_path: Pat
     assert board["k"].tolist() == [3]
     splits = pd.read_csv(out.parent / "tables" / "split_schemes.csv", dtype={"folds": str})
     assert splits[["scenario", "scheme", "folds", "splits"]].values.tolist() == [["pooled", "cell", "3", 1]]
+
+
+def test_skipped_tasks_of_two_splits_are_two_rows_naming_their_split(tmp_path: Path) -> None:
+    """Sample-level folds with seeds 0 and 1 skip the same folds of a cancer type for the same reason: the
+    table merged them (8 rows for 13 skipped folds here; 10 for 17 with two spaces, each 'Spaces 2') and named
+    no split, so nobody could tell which protocol lost which fold."""
+    st = _ingested(tmp_path / "store")
+    for i, (name, *_) in enumerate(DATASETS):
+        _write_embedding(st, name, "pca", 6, shift=1.0, seed=10 + i)
+    for seed in (0, 1):
+        _evaluate(st, heads=["logreg"], by=["cancer_type"], scenarios=["pooled"], split_scheme="sample", seed=seed)
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"], progress=False)
+    skipped = st.query("SELECT DISTINCT s.split_id, s.fold, s.reason, p.seed FROM skipped_tasks s JOIN splits p USING (split_id)")
+    assert set(skipped["seed"]) == {0, 1}
+    table = pd.read_csv(out.parent / "tables" / "skipped_tasks.csv")
+    assert len(table) == len(skipped) and table["spaces"].tolist() == [1] * len(skipped)
+    rows = _tables(out)["skipped"]
+    split = _header(_tables(out), "skipped").index("Split")
+    assert {cells[split][1] for _, cells in rows[1:]} == {"sample k=3 seed 0", "sample k=3 seed 1"}

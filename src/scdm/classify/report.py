@@ -409,16 +409,22 @@ def _splits_sql(filters: _Filters) -> str:
 
 
 def _skipped_sql(filters: _Filters) -> str:
+    """One row per split, fold and reason: the skips of two splits (another k, seed or scheme) are two rows."""
     return (
-        "SELECT s.scenario, s.datasets, s.label_set, s.category_type, s.category, s.fold, f.label AS held_out, s.reason,\n"
+        "SELECT s.scenario, s.datasets, s.label_set, p.scheme, p.n_folds AS k, p.seed,\n"
+        "       json_extract_string(p.definition, '$.folds_from') AS folds_from,  -- pair_folds_with: whose partition\n"
+        "       s.category_type, s.category, s.fold, f.label AS held_out, s.reason,\n"
         "       count(DISTINCT s.space_id) AS spaces,\n"
-        "       string_agg(DISTINCT s.head, ', ' ORDER BY s.head) AS heads\n"
+        "       string_agg(DISTINCT s.head, ', ' ORDER BY s.head) AS heads, s.split_id\n"
         "FROM skipped_tasks s\n"
+        "JOIN splits p ON p.split_id = s.split_id\n"
         "LEFT JOIN split_folds f ON f.split_id = s.split_id AND f.fold = s.fold\n"
         f"{_where(filters.skipped())}\n"
-        "GROUP BY s.scenario, s.datasets, s.label_set, s.category_type, s.category, s.fold, f.label, s.reason\n"
+        "GROUP BY s.scenario, s.datasets, s.label_set, p.scheme, p.n_folds, p.seed, folds_from, s.category_type,\n"
+        "         s.category, s.fold, f.label, s.reason, s.split_id\n"
         "ORDER BY list_position(['pooled', 'cross', 'custom'], s.scenario), s.category_type, s.category,\n"
-        "         s.datasets, s.label_set, s.fold NULLS FIRST, s.reason"
+        "         s.datasets, s.label_set, p.scheme, p.n_folds, p.seed, folds_from NULLS FIRST, s.split_id,\n"
+        "         s.fold NULLS FIRST, s.reason"
     ).replace("\n\n", "\n")
 
 
@@ -1700,11 +1706,14 @@ def _section_skipped(ctx: _Context) -> Markup:
     if table.frame.empty:
         body = _parts().no_skipped(table.sql)
     else:
+        # the split in words, as the leaderboards name it (the CSV keeps the columns of the SQL)
+        split = [_protocol_text(r["scheme"], r["k"], r["seed"], r["folds_from"]) for r in table.frame.to_dict("records")]
         columns = [("scenario", "Scenario", None), ("datasets", "Datasets", None), ("label_set", "Label set", None),
-                   ("category_type", "Category type", None),
+                   ("split", "Split", None), ("category_type", "Category type", None),
                    ("category", "Category", None), ("fold", "Fold", _fold), ("held_out", "Held-out study", None),
                    ("reason", "Reason", None), ("spaces", "Spaces", _int), ("heads", "Heads", None)]
-        body = _parts().skipped_intro() + _html_table(table, columns, table_id="skipped")
+        shown = replace(table, frame=table.frame.assign(split=split))
+        body = _parts().skipped_intro() + _html_table(shown, columns, table_id="skipped")
     return _section("skipped", "Skipped tasks", body)
 
 
