@@ -1058,3 +1058,25 @@ def test_skipped_tasks_of_two_splits_are_two_rows_naming_their_split(tmp_path: P
     rows = _tables(out)["skipped"]
     split = _header(_tables(out), "skipped").index("Split")
     assert {cells[split][1] for _, cells in rows[1:]} == {"sample k=3 seed 0", "sample k=3 seed 1"}
+
+
+def test_bar_and_radar_axes_say_what_each_mean_is_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bars' y axis read 'F1' and a radar panel 'F1 by cancer type': a figure copied out of the page did not
+    say that a bar is a mean (± sd) over folds, or in cross-data over held-out studies."""
+    from scdm.classify import _plots
+
+    drawn: list = []
+    for name in ("bars_figure", "radar_figure", "scalability_figure"):
+        monkeypatch.setattr(_plots, name, lambda *a, _draw=getattr(_plots, name), **k: drawn.append(_draw(*a, **k)) or drawn[-1])
+    st = Store(tmp_path / "store")
+    for scenario in ("pooled", "cross"):
+        for category in (("all", "all"), ("cancer_type", "melanoma"), ("cancer_type", "HNSCC")):
+            _insert_results(st, {"f1": [0.5, 0.7], "auroc": [0.6, 0.8]}, folds_expected=2, category=category,
+                            scenario=scenario)
+    write_report(st, tmp_path / "r", projection="none", formats=["png"], plot_metrics=["f1"])
+    bars, pooled_radar, cross_radar = drawn[0], drawn[1][0], drawn[2][0]
+    assert [ax.get_ylabel() for ax in bars.axes] == ["F1: mean ± sd\nover folds", "F1: mean ± sd\nover held-out studies"]
+    assert pooled_radar.axes[0].get_title() == "mean F1 over folds by cancer type (bars: 2 categories)"
+    assert pooled_radar.axes[0].get_ylabel() == "F1: mean ± sd\nover folds"
+    assert cross_radar.axes[0].get_title() == "mean F1 over held-out studies by cancer type (bars: 2 categories)"
+    assert drawn[3].axes[-1].get_xlabel() == "mean head fit time per task (s, log scale)"

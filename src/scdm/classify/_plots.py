@@ -202,12 +202,13 @@ def style() -> Any:
 # radar (scDrugMap Fig. 2, 3, 6)
 # --------------------------------------------------------------------------------------------
 def radar_figure(board: pd.DataFrame, series: list[Series], *, metrics: Sequence[str], category_types: Sequence[str],
-                 title: str) -> tuple[Figure, list[str]]:
+                 title: str, over: str = "folds") -> tuple[Figure, list[str]]:
     """Radar panels (rows: metrics, columns: category types) of mean metric per category.
 
     ``board`` has columns ``series`` (the series label), ``category_type``, ``category``, ``metric``,
-    ``mean`` and ``sd``. A category type with fewer than 3 categories cannot make a radar and is
-    drawn as a bar chart instead; their names are returned (for the caption).
+    ``mean`` and ``sd``: means over ``over`` (``held-out studies`` in cross-data), as each panel says.
+    A category type with fewer than 3 categories cannot make a radar and is drawn as a bar chart
+    instead; their names are returned (for the caption).
     """
     n_cats = [board[board["category_type"] == ct]["category"].nunique() for ct in category_types]
     # Radars with many (long) axis labels get wider columns.
@@ -220,13 +221,13 @@ def radar_figure(board: pd.DataFrame, series: list[Series], *, metrics: Sequence
         for j, ct in enumerate(category_types):
             frame = board[(board["category_type"] == ct) & (board["metric"] == metric)]
             cats = sorted(board.loc[board["category_type"] == ct, "category"].unique(), key=str)
-            panel = f"{METRIC_LABELS.get(metric, metric)} by {CATEGORY_LABELS.get(ct, ct).lower()}"
+            panel = f"mean {METRIC_LABELS.get(metric, metric)} over {over} by {CATEGORY_LABELS.get(ct, ct).lower()}"
             if len(cats) >= 3:
                 ax = fig.add_subplot(grid[i, j], projection="polar")
                 _radar_panel(cast("PolarAxes", ax), frame, series, cats)
             else:
                 ax = fig.add_subplot(grid[i, j])
-                _bar_panel(ax, frame, series, cats, metric)
+                _bar_panel(ax, frame, series, cats, metric, over)
                 if i == 0:
                     fallbacks.append(f"{CATEGORY_LABELS.get(ct, ct).lower()} ({len(cats)} "
                                      f"categor{'y' if len(cats) == 1 else 'ies'})")
@@ -276,7 +277,7 @@ def _radar_panel(ax: PolarAxes, frame: pd.DataFrame, series: list[Series], cats:
     ax.grid(linewidth=0.5, alpha=0.6)
 
 
-def _bar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list[str], metric: str) -> None:
+def _bar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list[str], metric: str, over: str) -> None:
     present = [s for s in series if (frame["series"] == s.label).any()]
     width = min(0.8 / max(len(present), 1), 0.3)
     x = np.arange(len(cats))
@@ -289,9 +290,19 @@ def _bar_panel(ax: Axes, frame: pd.DataFrame, series: list[Series], cats: list[s
     ax.set_xticklabels([wrap_label(c, 14) for c in cats], fontsize=8)
     ax.set_xlim(-0.6, len(cats) - 0.4)
     ax.set_ylim(_bottom(frame), _top(frame))
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_ylabel(_mean_sd_label(metric, over))
     ax.grid(axis="y", linewidth=0.5, alpha=0.5)
     ax.set_axisbelow(True)
+
+
+def _mean_sd_label(metric: str, over: str) -> str:
+    """The axis of a bar of means with sd error bars: what is averaged, over what."""
+    return f"{METRIC_LABELS.get(metric, metric)}: mean ± sd\nover {over}"
+
+
+def over_what(scenario: str) -> str:
+    """What a mean of a scenario's result is over: its folds, or in cross-data its held-out studies."""
+    return "held-out studies" if scenario == "cross" else "folds"
 
 
 def _bottom(frame: pd.DataFrame) -> float:
@@ -384,7 +395,7 @@ def bars_figure(board: pd.DataFrame, series: list[Series], *, scenarios: Sequenc
             ax.set_xticklabels([wrap_label(h, 14) for h in heads])
             ax.set_xlim(-0.6, len(heads) - 0.4)
             ax.set_ylim(_bottom(frame), _top(frame))
-            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.set_ylabel(_mean_sd_label(metric, over_what(scenario)))
             ax.set_title(f"{scenario}: {METRIC_LABELS.get(metric, metric)}")
             ax.grid(axis="y", linewidth=0.5, alpha=0.5)
             ax.set_axisbelow(True)
@@ -597,7 +608,7 @@ def scalability_figure(embed: pd.DataFrame, fit: pd.DataFrame, embed_series: lis
         ax.set_yticklabels(heads)
         ax.invert_yaxis()
         _log_axis(ax, fit["fit_s"].to_numpy(float), "s")
-        ax.set_xlabel("head fit time per task (s, log scale)")
+        ax.set_xlabel("mean head fit time per task (s, log scale)")
         ax.set_title("classify")
         ax.grid(axis="x", linewidth=0.5, alpha=0.5, which="both")
         ax.set_axisbelow(True)

@@ -1281,7 +1281,7 @@ def _section_radars(ctx: _Context, board: pd.DataFrame) -> Markup:
                 types = [t for t in _RADAR_TYPES if t in set(panel["category_type"])]
                 title = f"{scenario} · {_strategy_text(strategy)} · head {head}"
                 fig, fallbacks = _plots.radar_figure(panel, ctx.series(panel), metrics=ctx.plot_metrics,
-                                                     category_types=types, title=title)
+                                                     category_types=types, title=title, over=_plots.over_what(scenario))
                 caption = _parts().radar_caption(scenario, _strategy_text(strategy), head, _metric_names(ctx.plot_metrics),
                                                  list(fallbacks), _several_series(panel), picked,
                                                  _n_text(panel, "point"), not_drawn)
