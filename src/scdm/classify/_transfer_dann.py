@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -101,18 +101,16 @@ class DANNHead(BaseHead):
         """2: its softmax runs in float64 (before: float32, exactly 1.0 past a logit gap of ~16.6)."""
         return 2
 
-    def params_key(self) -> str:
-        """Canonical JSON of the parameters, ``cluster_method="auto"`` spelled as the method it stands for here.
+    def _keyed_params(self) -> dict[str, Any]:
+        """The parameters, ``cluster_method="auto"`` spelled as the method it stands for here.
 
         ``auto`` is Leiden, Louvain or KMeans depending on the packages installed: results fitted
         with different target clusters are never one result (nor folds of one), as for the mlp's precision.
         """
-        import json
-
         params = self.get_params()
         if params["cluster_method"] == "auto":
             params["cluster_method"] = auto_cluster_method()
-        return json.dumps(params, sort_keys=True, default=str)
+        return params
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, target: np.ndarray | None = None) -> DANNHead:
         """Fit on labelled training cells ``X, y`` and unlabelled target-domain cells ``target``.

@@ -40,6 +40,7 @@ from scdm.classify.heads import (
     RidgeHead,
     get_head,
     head_revision,
+    respelled_params_key,
     ridge_from_stats,
     ridge_score_to_proba,
 )
@@ -70,7 +71,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DuplicateCellsWarning", "EvalSummary", "MixedDrugsWarning", "mixed_drugs", "Task", "duplicate_cells", "evaluate", "progress_bar"]
+__all__ = ["DuplicateCellsWarning", "EvalSummary", "MixedDrugsWarning", "mixed_drugs", "Task", "duplicate_cells", "evaluate", "progress_bar",
+           "respell_stored_params"]
 
 _ATOM_COLUMNS = ["dataset_id", "study", "tissue", "cancer_type", "drug_type", "regimen"]
 _FLUSH_SECONDS = 5.0
@@ -605,6 +607,7 @@ def evaluate(
 
         import_ray()  # a missing Ray is a clear error before any run is recorded
     scenarios, by = name_list(scenarios), name_list(by)
+    respell_stored_params(st)  # before planning: a fit an older scdm keyed {"C": 1} is this run's {"C": 1.0}
     spaces = _select_spaces(st, embeddings)
     revisions = {head: head_revision(head, head_params.get(head, {})) for head in heads}
     config = {"embeddings": [e for s in spaces for e in s.embedding_ids], "scenarios": scenarios, "by": by,
@@ -755,6 +758,26 @@ def _lora_split_kept(st: Store, space: Space) -> bool:
                    "the labels or metadata of its cells changed; fine-tune again (scdm finetune) on the new splits",
                    space.model, ",".join(space.embedding_ids), fold, split_id)
     return False
+
+
+def respell_stored_params(st: Store) -> int:
+    """Key the stored tasks of an older scdm with this one's spelling of their head parameters; returns how many.
+
+    Before parameters were spelled by the heads' rules (``BaseHead.canonical_params``), ``C=1`` and
+    ``C=1.0`` were stored as two results of one fit, and asking again in the other spelling fitted it
+    once more. The numbers are the same computation (an int where a float is meant), so the stored
+    fit is kept under the current spelling (:func:`store.evaluation.respell_head_params`), not fitted again.
+    """
+    spellings: dict[tuple[str, str], str] = {}
+    for head, stored in records.stored_head_params(st).itertuples(index=False):
+        new = respelled_params_key(str(head), str(stored))
+        if new != stored:
+            spellings[(str(head), str(stored))] = new
+    n = records.respell_head_params(st, spellings)
+    if n:
+        logger.info("%d stored tasks keyed by an older scdm's spelling of their head parameters now read %s", n,
+                    "; ".join(sorted(set(spellings.values()))))
+    return n
 
 
 def _seeded_head_params(heads: Sequence[str], head_params: dict[str, dict[str, Any]], seed: int) -> dict[str, dict[str, Any]]:

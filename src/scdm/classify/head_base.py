@@ -31,6 +31,8 @@ import abc
 import contextlib
 import inspect
 import json
+import math
+import numbers
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +57,7 @@ __all__ = [
     "OneOf",
     "Range",
     "Rule",
+    "canonical_value",
     "check_fitted",
     "column_moments",
     "torch_seeded",
@@ -139,6 +142,29 @@ NONE = IsType(type(None))
 """The rule that accepts ``None`` (a parameter left to a default resolved at fit time)."""
 
 
+def canonical_value(rules: list[Rule], value: Any) -> Any:
+    """``value`` spelled as the parameter's rules type it, so one setting has one key.
+
+    ``C=1`` and ``C=1.0`` fit the same head, but JSON keeps the int: without this they were two
+    task ids, two stored results and a refit. An int for a float-only parameter becomes a float, an
+    integral float (or a numpy integer) for an int-only one an int, a list for a tuple parameter a
+    tuple, a numpy bool a bool. Anything else is left as given for ``fit`` to accept or refuse
+    (``True`` is never ``1``: rules tell them apart).
+    """
+    kinds = {rule.kind for rule in rules if isinstance(rule, Range)}
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and kinds:
+        return float(value) if int not in kinds else int(value)
+    if isinstance(value, numbers.Real) and kinds and math.isfinite(float(value)):
+        if float in kinds:
+            return float(value)
+        return int(float(value)) if float(value).is_integer() else value
+    if isinstance(value, list) and any(isinstance(rule, IsType) and rule.kind is tuple for rule in rules):
+        return tuple(value)
+    return value
+
+
 def _unit_scores(scores: Any) -> np.ndarray:
     """A head's scores as float64 probabilities in [0, 1], one per cell."""
     return np.clip(np.asarray(scores, dtype=np.float64).ravel(), 0.0, 1.0)
@@ -191,12 +217,30 @@ class BaseHead(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
     def __sklearn_is_fitted__(self) -> bool:
         return any(k.endswith("_") and not k.startswith("_") for k in vars(self))
 
+    @classmethod
+    def canonical_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with each value spelled as the head's rules type it (:func:`canonical_value`).
+
+        Only the values given are respelled: no default is added, no name dropped.
+        """
+        return {key: canonical_value(cls._rules.get(key, []), value) for key, value in params.items()}
+
+    def _keyed_params(self) -> dict[str, Any]:
+        """The parameters a key spells: the constructor's, with settings resolved where a head resolves them."""
+        return self.get_params()
+
     def params_key(self) -> str:
         """Canonical JSON of the parameters: part of a grid task's identity.
 
-        ``get_head(name, **json.loads(head.params_key()))`` builds the same head.
+        ``get_head(name, **json.loads(head.params_key()))`` builds the same head. Values are spelled
+        by the head's rules (:meth:`canonical_params`): ``C=1`` and ``C=1.0`` are one key.
         """
-        return json.dumps(self.get_params(), sort_keys=True, default=str)
+        return json.dumps(self.canonical_params(self._keyed_params()), sort_keys=True, default=str)
+
+    def spelled_params_key(self) -> str:
+        """The key as scdm spelled it before :meth:`params_key` respelled values by the rules: the
+        parameters as given (``C=1`` gave ``{"C": 1}``). What an older store's rows were keyed with."""
+        return json.dumps(self._keyed_params(), sort_keys=True, default=str)
 
     def revision(self) -> int:
         """What this head computes with these parameters: raised (with a line in

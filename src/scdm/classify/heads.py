@@ -91,6 +91,7 @@ __all__ = [
     "column_moments",
     "get_head",
     "mlp_train_flops",
+    "respelled_params_key",
     "ridge_from_stats",
     "ridge_score_to_proba",
     "torch_seeded",
@@ -188,18 +189,25 @@ class ShuffledLabelHead(BaseHead):
         mlp base's global scale (a ridge base, fitted one fold at a time, never needed ridge's own 2)."""
         return 3
 
-    def params_key(self) -> str:
-        """Canonical JSON of the parameters, an mlp base's resolved as its own key resolves them.
+    def _keyed_params(self) -> dict[str, Any]:
+        """The parameters, an mlp base's resolved as its own key resolves them.
 
         Its profile's settings and the precision ``auto`` stands for on this machine: a bf16 and an
         fp32 fit of the baseline are never one result, as for the mlp head itself.
         """
-        import json
-
         params = self.get_params()
         if self.base == "mlp":
-            params["base_params"] = json.loads(get_head("mlp", **(self.base_params or {})).params_key())
-        return json.dumps(params, sort_keys=True, default=str)
+            params["base_params"] = HEADS["mlp"](**(self.base_params or {}))._keyed_params()
+        return params
+
+    @classmethod
+    def canonical_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters spelled by the rules, ``base_params`` by its base head's (``C=1`` of a logreg base too)."""
+        out = super().canonical_params(params)
+        base, base_params = out.get("base", "ridge"), out.get("base_params")
+        if isinstance(base, str) and base in HEADS and isinstance(base_params, dict):
+            out["base_params"] = HEADS[base].canonical_params(base_params)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -874,10 +882,8 @@ class MLPHead(BaseHead):
         constant columns add 0 to the global scale (``standardize="global"``; before: scale 1)."""
         return 3
 
-    def params_key(self) -> str:
-        """Canonical JSON of the parameters with the profile's settings filled in."""
-        import json
-
+    def _keyed_params(self) -> dict[str, Any]:
+        """The parameters with the profile's settings filled in."""
         params = self.get_params()
         if self.profile in MLP_PROFILES:
             settings = self.resolved()
@@ -885,7 +891,7 @@ class MLPHead(BaseHead):
             if params["precision"] == "auto":
                 # the precision the fit will use on this machine: bf16 and fp32 results are never one result
                 params["precision"] = "bf16" if bf16_supported() else "fp32"
-        return json.dumps(params, sort_keys=True, default=str)
+        return params
 
     def build_network(self, dim: int) -> Any:
         """The untrained network for ``dim`` input columns (its output count follows the profile's loss)."""
@@ -1172,4 +1178,23 @@ def get_head(name: str, **params: Any) -> BaseHead:
     if unknown:
         msg = f"Head '{name}' takes no parameter {', '.join(unknown)}; it takes {', '.join(cls.param_names()) or 'none'}."
         raise InputDataError(msg)
-    return cls(**params)
+    return cls(**cls.canonical_params(params))
+
+
+def respelled_params_key(name: str, stored: str) -> str:
+    """A stored ``head_params`` spelled as this scdm keys the same parameters (:meth:`BaseHead.canonical_params`).
+
+    Older scdm versions keyed parameters as given (``{"C": 1}`` beside ``{"C": 1.0}``); only the
+    spelling of the stored values changes, never which parameters are named. Text already spelled so,
+    a head this scdm does not know, or text that is not a JSON object, is returned as stored.
+    """
+    import json
+
+    try:
+        params = json.loads(stored)
+    except (TypeError, ValueError):
+        return stored
+    if name not in HEADS or not isinstance(params, dict):
+        return stored
+    respelled = json.dumps(HEADS[name].canonical_params(params), sort_keys=True, default=str)
+    return stored if respelled == json.dumps(params, sort_keys=True, default=str) else respelled

@@ -51,8 +51,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from scdm.classify.grid import MixedDrugsWarning, mixed_drugs
-from scdm.classify.heads import REVISION_NOTES, BaseHead, get_head, head_revision
+from scdm.classify.grid import MixedDrugsWarning, mixed_drugs, respell_stored_params
+from scdm.classify.heads import REVISION_NOTES, BaseHead, get_head, head_revision, respelled_params_key
 from scdm.classify.metrics import METRICS, compute_metrics
 from scdm.classify.results import stale_sql
 from scdm.store.adapters import adapter_dir, tuned_training_rows
@@ -68,6 +68,7 @@ from scdm.store.heads import (
     response_label_set,
     set_head_artifact,
     trained_head,
+    trained_head_params,
     trained_head_table,
 )
 from scdm.store.leftovers import place_folder, temp_prefix
@@ -880,11 +881,20 @@ def train_head(
     # the training cells and their labels are part of the identity: relabelled or re-annotated data
     # trains a head of its own instead of finding the one fitted on the old labels; so is the head's
     # revision (from 2): a head an older scdm fitted differently is not reused as this one's
-    identity: list[Any] = [space_id, embedding_ids, category_type, category, head, params_key, float(threshold),
-                           cells_hash(cells), label_names]
-    if estimator.revision() != 1:
-        identity.append({"revision": estimator.revision()})
-    head_id = _hash_text("trained-head", *identity)
+    cells_key = cells_hash(cells)
+
+    def identity(key: str) -> str:
+        parts: list[Any] = [space_id, embedding_ids, category_type, category, head, key, float(threshold), cells_key,
+                            label_names]
+        if estimator.revision() != 1:
+            parts.append({"revision": estimator.revision()})
+        return _hash_text("trained-head", *parts)
+
+    head_id = identity(params_key)
+    if not has_trained_head(st, head_id):
+        # an older scdm keyed the parameters as given ({"C": 1} where this one keys {"C": 1.0}): its head is this one
+        older = [identity(p) for p in trained_head_params(st, head) if respelled_params_key(head, p) == params_key]
+        head_id = next((h for h in older if has_trained_head(st, h)), head_id)
     exists = has_trained_head(st, head_id)
     if exists:
         try:
@@ -897,6 +907,7 @@ def train_head(
             return head_id
     X = _training_matrix(st, rows, cells)
     y = cells["response"].to_numpy(np.int64)
+    respell_stored_params(st)  # its evaluation's rows of an older scdm's spelling are found by params_key
     t0 = time.perf_counter()
     estimator.fit(X, y)
     fit_seconds = time.perf_counter() - t0

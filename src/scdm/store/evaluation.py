@@ -52,6 +52,8 @@ __all__ = [
     "record_tasks",
     "forget_tasks",
     "forget_variant_tasks",
+    "respell_head_params",
+    "stored_head_params",
     "OUTSIDE_GRID_REVISIONS",
 ]
 
@@ -530,6 +532,59 @@ def forget_older_revisions(st: Store, revisions: dict[str, int]) -> int:
         tasks = sorted({r[0] for r in con.execute(sql).fetchall()})
         delete_tasks(con, tasks)
     return len(tasks)
+
+
+def stored_head_params(st: Store) -> pd.DataFrame:
+    """Every (head, head_params) pair the stored tasks were keyed with, ``head_params`` as stored text."""
+    return st.query("SELECT DISTINCT head, CAST(head_params AS VARCHAR) AS head_params FROM eval_tasks ORDER BY ALL")
+
+
+def respell_head_params(st: Store, spellings: dict[tuple[str, str], str]) -> int:
+    """Key stored tasks with the current spelling of their head's parameters; returns how many tasks changed.
+
+    ``spellings``: (head, head_params as stored) -> the same parameters as this scdm spells them
+    (``{"C": 1}`` -> ``{"C": 1.0}``: one fit, two spellings). Task ids stay (the results found
+    through them are the same); the tasks' and their metrics' ``head_params`` change, so a rerun
+    finds the fit (:func:`same_fits`) instead of fitting it again and the results view shows one
+    result where it showed one per spelling. Where both spellings of one fit were stored, the first
+    one stored (with its predictions, if only one has them) stays and the others go, as migration 11
+    removed copies of one fit.
+    """
+    if not spellings:
+        return 0
+    frame = pd.DataFrame([{"head": head, "old": old, "new": new} for (head, old), new in spellings.items()])
+    with st.catalog.transaction() as con, registered(con, "_scdm_spellings", frame):
+        changed = sorted(r[0] for r in con.execute(
+            "SELECT t.task_id FROM eval_tasks t JOIN _scdm_spellings s "
+            "ON t.head = s.head AND CAST(t.head_params AS VARCHAR) = s.old").fetchall())
+        for table in ("eval_tasks", "eval_results"):
+            con.execute(f"UPDATE {table} SET head_params = s.new FROM _scdm_spellings s "
+                        f"WHERE {table}.head = s.head AND CAST({table}.head_params AS VARCHAR) = s.old")
+        delete_tasks(con, _later_copies(con, changed))
+    return len(changed)
+
+
+def _later_copies(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> list[str]:
+    """Tasks that are a second stored copy of one fit (same space, split, fold, head, parameters, label set and
+    revision) where one of ``task_ids`` is among the copies: all but the first stored, one with predictions first."""
+    if not task_ids:
+        return []
+    rows = con.execute(f"""
+        WITH t AS (
+            SELECT t.task_id, t.space_id, t.split_id, t.fold, t.head, CAST(t.head_params AS VARCHAR) AS params,
+                   coalesce(t.label_set, '') AS label_set, {_STORED_REVISION} AS revision, t.created_at,
+                   EXISTS (SELECT 1 FROM eval_predictions p WHERE p.task_id = t.task_id) AS predicted
+            FROM eval_tasks t LEFT JOIN eval_runs r USING (run_id)
+        ), ranked AS (
+            SELECT task_id, list_contains(?, task_id) AS respelled, row_number() OVER (
+                PARTITION BY space_id, split_id, fold, head, params, label_set, revision
+                ORDER BY predicted DESC, created_at, task_id) AS copy,
+                bool_or(list_contains(?, task_id)) OVER (
+                PARTITION BY space_id, split_id, fold, head, params, label_set, revision) AS touched
+            FROM t
+        )
+        SELECT task_id FROM ranked WHERE copy > 1 AND touched ORDER BY task_id""", [task_ids, task_ids]).fetchall()
+    return [r[0] for r in rows]
 
 
 def delete_tasks(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> None:

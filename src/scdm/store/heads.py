@@ -37,6 +37,7 @@ __all__ = [
     "add_trained_head",
     "has_trained_head",
     "replace_predictions",
+    "trained_head_params",
     "response_label_set",
     "with_responses",
     "set_head_artifact",
@@ -201,6 +202,12 @@ def trained_head(st: Store, head_id: str) -> TrainedHeadRecord:
 def has_trained_head(st: Store, head_id: str) -> bool:
     """Whether a trained head with exactly this id exists."""
     return bool(len(st.query("SELECT 1 FROM trained_heads WHERE head_id = ?", [head_id])))
+
+
+def trained_head_params(st: Store, head: str) -> list[str]:
+    """Every ``head_params`` text the trained heads of ``head`` were stored with (the key each id was hashed from)."""
+    return [str(p) for p in st.query("SELECT DISTINCT CAST(head_params AS VARCHAR) AS p FROM trained_heads "
+                                     "WHERE head = ? ORDER BY p", [head])["p"]]
 
 
 def trained_head_table(st: Store, *, model: str | None = None, head_id: str | None = None) -> pd.DataFrame:
