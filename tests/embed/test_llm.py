@@ -144,6 +144,15 @@ def test_ensembl_input_and_unknown_symbols(ckpt, symbols) -> None:
     assert audit.n_matched == N_GENES and set(audit.unmatched_examples) == {"NOT_A_GENE_1", "AC012345.1"}
 
 
+def test_sizes_given_as_numpy_ints_are_the_same_embedding_and_fractions_are_refused(ckpt) -> None:
+    # numpy.int64(5) was keyed "5" (a string): another embedding id for the same sentences; top_k=5.0 passed
+    # the options check and ended in a TypeError (slice indices) in the middle of the job
+    assert LLMAdapter(ckpt, top_k=np.int64(5), max_length=np.int64(64)).params() == LLMAdapter(ckpt, top_k=5, max_length=64).params()
+    for option in ({"top_k": 5.0}, {"top_k": "5"}, {"max_length": 64.5}, {"top_k": 0}):
+        with pytest.raises(InputDataError, match=rf"llm {next(iter(option))}=.* must be an integer >= 1"):
+            LLMAdapter(ckpt, **option)
+
+
 def test_bad_template_raises(ckpt) -> None:
     with pytest.raises(InputDataError, match="must contain '{genes}' exactly once"):
         LLMAdapter(ckpt, template="no genes here").load("cpu")

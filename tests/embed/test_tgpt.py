@@ -246,3 +246,10 @@ def test_a_scaled_dataset_is_refused_before_the_model_loads_and_leaves_no_embedd
     with pytest.raises(InputDataError, match="tgpt ranks each cell's genes by expression, but dataset 'jhu006' holds negative"):
         embed(st, "jhu006", "tgpt", folder, progress=False, device="cpu")
     assert st.embeddings().empty
+
+
+def test_max_length_given_as_a_numpy_int_is_the_same_embedding(ckpt) -> None:
+    # numpy.int64(80) was keyed "80" (a string): another embedding id for the same tokens
+    assert TGPTAdapter(ckpt, max_length=np.int64(80)).params() == TGPTAdapter(ckpt, max_length=80).params()
+    with pytest.raises(InputDataError, match=r"tgpt max_length=80.0 must be an integer >= 1"):
+        TGPTAdapter(ckpt, max_length=80.0)

@@ -58,6 +58,7 @@ from scdm.embedding.models._common import (
     dtype_argument,
     masked_mean,
     read_hf_config,
+    require_int_param,
     top_expressed,
 )
 from scdm.store.checkpoints import no_custom_code
@@ -140,10 +141,11 @@ class LLMAdapter(Adapter):
         padding_side: str = "right",
     ) -> None:
         super().__init__(checkpoint, seed=seed)
-        self.top_k = top_k
+        # ints whatever they are given as: params() keys the embedding, where numpy.int64(100) was "100", another id
+        self.top_k = require_int_param("llm", "top_k", top_k, minimum=1)
         self.separator = separator
         self.template = template
-        self.max_length = max_length
+        self.max_length = None if max_length is None else require_int_param("llm", "max_length", max_length, minimum=1)
         self.padding_side = padding_side
 
     # ---- checkpoint -----------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from scdm.embedding.models._common import (
     dtype_argument,
     masked_mean,
     read_hf_config,
+    require_int_param,
     top_expressed,
 )
 from scdm.store.errors import CheckpointError, InputDataError
@@ -107,7 +108,8 @@ class TGPTAdapter(Adapter):
 
     def __init__(self, checkpoint: str | Path | None = None, *, seed: int = 0, max_length: int = 64) -> None:
         super().__init__(checkpoint, seed=seed)
-        self.max_length = max_length
+        # an int whatever it is given as: params() keys the embedding, where numpy.int64(64) was "64", another id
+        self.max_length = require_int_param("tgpt", "max_length", max_length, minimum=1)
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def check_checkpoint(self) -> None:
