@@ -333,3 +333,23 @@ def test_a_one_class_group_tested_whole_in_one_fold_is_not_named() -> None:
     assert not [w for w in caught if issubclass(w.category, StudyLeakageWarning)]
     with pytest.warns(StudyLeakageWarning, match="der of study P: all 40 labelled cells resistant"):
         make_splits(cells, scenarios=["pooled"], by=["all"], scheme="cell", n_folds=4)
+
+
+@pytest.mark.parametrize("scheme", ["cell", "sample"])
+def test_a_numpy_int_seed_deals_the_folds_of_that_int(scheme) -> None:
+    # the folds were dealt from the seed's JSON: numpy.int64(1) is "1" there, another partition (and id) stored as seed 1
+    cells = make_cells()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleLeakageWarning)
+        plain = make_splits(cells, scenarios=["pooled"], by=["all"], seed=1, scheme=scheme, n_folds=4)
+        numpy = make_splits(cells, scenarios=["pooled"], by=["all"], seed=np.int64(1), scheme=scheme, n_folds=4)
+    assert [s.split_id for s in numpy] == [s.split_id for s in plain]
+    pd.testing.assert_frame_equal(numpy[0].cells, plain[0].cells)
+    assert numpy[0].seed == 1 and type(numpy[0].seed) is int
+
+
+@pytest.mark.parametrize("seed", [1.0, 1.5, True, -1, "1"])
+def test_a_seed_that_is_no_whole_number_is_refused(seed) -> None:
+    # 1.0 dealt other folds than 1, both stored as seed 1; -1 and 1.5 ended in numpy tracebacks
+    with pytest.raises(InputDataError, match=r"seed=.* must be an integer >= 0"):
+        make_splits(make_cells(), scenarios=["pooled"], seed=seed, scheme="cell")

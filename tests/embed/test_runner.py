@@ -81,6 +81,14 @@ def test_seed_and_params_are_part_of_identity(st, pc9, toy_ckpt):
     assert not np.allclose(_emb(st, a), _emb(st, b))
 
 
+@pytest.mark.filterwarnings("ignore:.*that another column maps to as well")
+def test_a_seed_given_as_a_numpy_int_is_the_same_embedding(st, pc9, toy_ckpt):
+    # numpy.int64(1) was keyed "1" (a string) beside 1: the same numbers computed again under a second id
+    a = embed(st, pc9.name, "toy-test", toy_ckpt, seed=1, max_genes=50, progress=False)
+    b = embed(st, pc9.name, "toy-test", toy_ckpt, seed=np.int64(1), max_genes=50, progress=False)
+    assert b.embedding_id == a.embedding_id and b.computed_chunks == 0
+
+
 def test_interrupted_run_resumes_to_bit_identical_result(tmp_path, pc9_counts_path, toy_ckpt, monkeypatch):
     clean = Store(tmp_path / "clean")
     clean.ingest(pc9_counts_path, name="d")
@@ -434,3 +442,32 @@ def test_scgpt_refuses_scaled_values(tmp_path, pc9_counts_path):
     with pytest.raises(InputDataError, match="negative"):
         embed(st, "scaled", "scgpt", ckpt, progress=False)
 
+
+
+@pytest.mark.filterwarnings("ignore:pca.*the same variance")
+def test_a_baselines_sizes_and_target_sum_are_one_embedding_in_any_spelling(st):
+    # target_sum=10000 keyed {"target_sum": 10000} beside the default 1e4's 10000.0, and a numpy int n_comps
+    # the string "5": three embeddings (and spaces) of one computation, each fitted again
+    a375 = st.ingest(example_data(), name="a375", gene_key="symbol")
+    (default,) = embed_baseline(st, [a375.name], model="pca", n_comps=5, progress=False)
+    (spelled,) = embed_baseline(st, [a375.name], model="pca", n_comps=np.int64(5), target_sum=10000, progress=False)
+    assert spelled.embedding_id == default.embedding_id and spelled.computed_chunks == 0
+    assert len(st.embeddings()) == 1
+
+
+@pytest.mark.filterwarnings("ignore:pca.*the same variance")
+def test_a_baseline_an_older_scdm_keyed_as_given_is_found_again(st, tmp_path):
+    a375 = st.ingest(example_data(), name="a375", gene_key="symbol")
+    other = Store(tmp_path / "other")
+    other.ingest(example_data(), name="a375", gene_key="symbol")
+    (made,) = embed_baseline(other, ["a375"], model="pca", n_comps=5, target_sum=10000, progress=False)
+    # the row and array as the older scdm wrote them: its params keyed target_sum as given, an int
+    params = {**other.embedding(made.embedding_id).params, "target_sum": 10000}
+    older = st.create_embedding(a375.name, model="pca", params=params, dim=made.dim)
+    values = other.read_embedding(made.embedding_id)
+    for chunk in range(older.n_chunks):
+        lo, hi = older.chunk_bounds(chunk)
+        older.write_chunk(chunk, values[lo:hi])
+    older.finalize()
+    (again,) = embed_baseline(st, [a375.name], model="pca", n_comps=5, target_sum=10000, progress=False)
+    assert again.embedding_id == older.embedding_id and again.computed_chunks == 0

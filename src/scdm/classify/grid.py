@@ -64,7 +64,7 @@ from scdm.store.errors import (
     ScdmError,
     ScdmWarning,
 )
-from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions
+from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions, split_seed
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -590,6 +590,7 @@ def evaluate(
     st = open_store(store)
     started = time.perf_counter()
     heads = list(dict.fromkeys(name_list(heads)))
+    seed = split_seed(seed)  # one int: it deals the folds and seeds the heads, whatever type it was given as
     head_params = _seeded_head_params(heads, dict(head_params or {}), seed)
     for head in heads:  # validate names and parameters before any work
         get_head(head, **head_params.get(head, {})).validate_params()

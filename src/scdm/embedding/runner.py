@@ -478,6 +478,8 @@ def embed(
     check_embed_options(batch_size=batch_size, chunk_rows=chunk_rows, seed=seed, workers=workers, min_genes=min_genes,
                         min_gene_fraction=min_gene_fraction, actors=actors, max_retries=max_retries,
                         num_gpus_per_actor=num_gpus_per_actor, **model_params)
+    # plain ints: both are keyed into the embedding id, where numpy.int64(1) was "1", another id for the same numbers
+    seed, batch_size = int(seed), None if batch_size is None else int(batch_size)
     st = open_store(store)
     if executor not in ("local", "ray"):
         msg = f"Unknown executor {executor!r}; use 'local' (this process) or 'ray' (a Ray cluster)."
@@ -839,9 +841,13 @@ def embed_baseline(
     if len(infos) < len(given):
         logger.info("%s: %d dataset(s) given more than once are fitted once", model, len(given) - len(infos))
     fit_key = sorted(i.content_hash for i in infos)
-    base_params = {"n_hvg_requested": n_hvg, "target_sum": target_sum, "normalized": normalized, "fit_datasets": fit_key, "gene_table": gene_table_version()}
+    # the sizes and target_sum spelled one way (int, float): target_sum=10000 is the default 1e4's embedding, and a
+    # numpy int (JSON: the string "50") is that int; the spelling as given finds what an older scdm stored under it
+    spelled = {"n_hvg_requested": n_hvg, "target_sum": target_sum, "n_comps_requested": n_comps}
+    base_params = {"n_hvg_requested": int(n_hvg), "target_sum": float(target_sum), "normalized": normalized,
+                   "fit_datasets": fit_key, "gene_table": gene_table_version()}
     if model == "pca":
-        base_params["n_comps_requested"] = n_comps
+        base_params["n_comps_requested"] = int(n_comps)
     elif len(infos) > 1:
         # a joint hvg's columns follow the first fitted dataset's gene order: fitted in fit_datasets
         # order, whatever order the datasets are given in (ids made before this marker did not)
@@ -851,7 +857,9 @@ def embed_baseline(
     gene_match = GENE_MATCH if len(infos) > 1 and not _symbol_match else None
     if gene_match is not None:
         base_params["gene_match"] = gene_match
-    found = [st.get_embedding(i.dataset_id, model=model, params=base_params) for i in infos]
+    as_given = {**base_params, **{k: v for k, v in spelled.items() if k in base_params}}
+    found = [st.get_embedding(i.dataset_id, model=model, params=base_params)
+             or st.get_embedding(i.dataset_id, model=model, params=as_given) for i in infos]
     intact = [f is not None and complete_and_intact(st, f) for f in found]
     done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
             for f, i, ok in zip(found, infos, intact) if ok}

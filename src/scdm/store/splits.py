@@ -84,6 +84,7 @@ __all__ = [
     "load_split",
     "make_splits",
     "save_splits",
+    "split_seed",
     "split_datasets",
     "find_splits",
     "splits_of_same_labels",
@@ -657,6 +658,7 @@ def make_splits(
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         msg = f"n_folds={n_folds!r} must be an integer >= 2."
         raise InputDataError(msg)
+    seed = split_seed(seed)
     if "custom" in scenarios and custom is None:
         msg = "The 'custom' scenario needs custom=<DataFrame with dataset_id, row (or cell_id), fold>."
         raise InputDataError(msg)
@@ -679,6 +681,24 @@ def make_splits(
         assert custom is not None  # checked above
         out += _custom(labelled, by, custom)
     return [replace(s, label_set=_label_set_names(labelled, s.cells["dataset_id"])) for s in out]
+
+
+def split_seed(seed: Any) -> int:
+    """``seed`` as the int every split is dealt and identified with, or a clear error.
+
+    The folds are dealt from a hash of the seed's JSON, so ``1``, ``1.0`` and ``numpy.int64(1)``
+    (spelled ``"1"``) dealt three different partitions, each stored as seed 1 under an id of its own.
+    An integer of any type is that integer; anything else (a fraction, a bool, a negative) is refused.
+
+    Raises
+    ------
+    InputDataError
+        ``seed`` is not an integer >= 0.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        msg = f"seed={seed!r} must be an integer >= 0 (it deals the pooled folds); pass a whole number such as 0."
+        raise InputDataError(msg)
+    return int(seed)
 
 
 def resolve_split_scheme(cells: pd.DataFrame, scheme: str, n_folds: int) -> Literal["cell", "sample"]:
