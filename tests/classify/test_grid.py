@@ -552,6 +552,40 @@ def test_the_same_cells_in_two_datasets_of_a_space_are_named(tmp_path: Path) -> 
     assert duplicate_cells(np.vstack([X, zeros, X[:1], zeros]), np.array(list("aaaaaabbb"))) == {"a": 1, "b": 1}
 
 
+@pytest.mark.filterwarnings("ignore:.*that another column maps to as well:UserWarning")
+def test_the_same_cells_at_other_rows_are_named_although_a_row_seeded_model_embeds_them_apart(
+        tmp_path: Path, pc9_counts_path: Path) -> None:
+    """UCE draws each cell's genes with a seed of its row, so a copy of a study at other rows (a reordered
+    subset under another study name) had no identical embedding and nothing was said, while a cross-data
+    fold trained on one copy and scored the other (PC9 with random labels: logreg AUROC 0.62 on the held-out
+    copy, 0.34 without the copies in training). The copies are found by cell id and expression values."""
+    from scdm.classify.grid import DuplicateCellsWarning
+    from scdm.embedding.models.uce import write_tiny_checkpoint
+    from scdm.embedding.runner import embed
+
+    pc9 = ad.read_h5ad(pc9_counts_path)[:90, :400].copy()
+    pc9.obs = pd.DataFrame(index=pc9.obs_names)
+    pc9.obs["response"] = np.where(np.arange(90) % 2 == 0, "sensitive", "resistant")
+    checkpoint = write_tiny_checkpoint(tmp_path / "uce", genes=list(pc9.var_names), seed=4)
+    st = Store(tmp_path / "store")
+    st.ingest(pc9[:60].copy(), name="full", label_key="response", positive="sensitive", study="PC9")
+    st.ingest(pc9[np.arange(59, 29, -1)].copy(), name="again", label_key="response", positive="sensitive", study="PC9-again")
+    reads_alike = pc9[60:90].copy()  # another run's cells under the same barcodes: a cell id alone is no copy
+    reads_alike.obs_names = pc9.obs_names[:30]
+    st.ingest(reads_alike, name="barcodes", label_key="response", positive="sensitive", study="PC9-other-run")
+    ids = {name: embed(st, name, "uce", checkpoint, device="cpu", progress=False, sample_size=16, allow_empty_cells=True).embedding_id
+           for name in ("full", "again", "barcodes")}
+    full, again = st.read_embedding(ids["full"]), st.read_embedding(ids["again"])
+    assert not (full[30:60][::-1] == again).all(axis=1).any()  # no copy has its original's vector
+    options = {"heads": ["ridge"], "by": ["all"], "scenarios": ["cross"], "silent": True}
+    with pytest.warns(DuplicateCellsWarning, match=r"cell id and expression values of a cell, in another dataset "
+                                                   r"\(30 of 'again', 30 of 'full'\).*same cells ingested twice"):
+        evaluate(st, embeddings=[ids["full"], ids["again"]], **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateCellsWarning)
+        evaluate(st, embeddings=[ids["full"], ids["barcodes"]], **options)
+
+
 def test_a_space_of_datasets_labelled_for_different_drugs_is_said(tmp_path: Path) -> None:
     """JHU006 (Gefitinib) and SCC47 (Afatinib) in one joint PCA: every cross-data fold scored one drug with a
     head trained on the other's labels, and only the joined label set names of the result row showed it."""

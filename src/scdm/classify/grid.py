@@ -64,6 +64,7 @@ from scdm.store.errors import (
     ScdmError,
     ScdmWarning,
 )
+from scdm.store.matrix import copied_cells
 from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions, split_seed
 
 if TYPE_CHECKING:
@@ -234,16 +235,20 @@ def duplicate_cells(X: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
     with equal keys are compared exactly, so the check costs one pass over the matrix. All-zero rows
     are left out: a baseline gives them to unrelated cells (no counts in its genes), not only to copies.
     """
-    n = X.shape[0]
-    if n < 2:
-        return {}
+    return _count_by_dataset(_identical_rows(X, dataset_of), dataset_of)
+
+
+def _identical_rows(X: np.ndarray, dataset_of: np.ndarray) -> np.ndarray:
+    """Which rows of ``X`` equal a row of another dataset exactly (see :func:`duplicate_cells`)."""
+    mask = np.zeros(X.shape[0], bool)
+    if X.shape[0] < 2:
+        return mask
     key, informative = row_keys(X)
     order = np.flatnonzero(informative)
     order = order[np.argsort(key[order], kind="stable")]
     n = order.size
     sorted_key = key[order]
     starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
-    out: dict[str, int] = {}
     for first, end in zip(starts, np.r_[starts[1:], n]):
         if end - first < 2:
             continue
@@ -252,20 +257,40 @@ def duplicate_cells(X: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
         for g in np.unique(group):
             members = idx[group.ravel() == g]
             if np.unique(dataset_of[members]).size > 1:
-                for dataset in dataset_of[members]:
-                    out[str(dataset)] = out.get(str(dataset), 0) + 1
-    return out
+                mask[members] = True
+    return mask
 
 
-def _warn_duplicate_cells(space: Space) -> None:
+def _count_by_dataset(mask: np.ndarray, dataset_of: np.ndarray) -> dict[str, int]:
+    datasets, counts = np.unique(dataset_of[mask].astype(str), return_counts=True)
+    return {str(d): int(n) for d, n in zip(datasets, counts)}
+
+
+def _copied_cells(st: Store, space: Space) -> np.ndarray:
+    """Cells of the space with the cell id and expression values of a cell of another of its datasets.
+
+    Identical embeddings miss copies a model embeds differently: UCE and scGPT draw each cell's genes
+    with a seed of its row, so a copy at another row (a subset, a reordered file) gets another vector.
+    """
+    assert space.cells is not None
+    try:
+        return copied_cells(st, space.cells)
+    except ScdmError as err:  # a dataset's file is gone: the embeddings are still evaluated
+        logger.info("space %s: copies of cells in other datasets looked for by embedding only (%s)", space.space_id, err)
+        return np.zeros(len(space.cells), bool)
+
+
+def _warn_duplicate_cells(st: Store, space: Space) -> None:
     """Warn when a space pools the same cells twice: a split can train on one copy and test the other."""
     assert space.X is not None and space.cells is not None
-    found = duplicate_cells(space.X, space.cells["dataset_id"].to_numpy())
+    dataset_of = space.cells["dataset_id"].to_numpy()
+    found = _count_by_dataset(_identical_rows(space.X, dataset_of) | _copied_cells(st, space), dataset_of)
     if not found:
         return
     names = dict(zip(space.embeddings["dataset_id"], space.embeddings["dataset_name"]))
     counts = ", ".join(f"{n} of {names.get(d, d)!r}" for d, n in sorted(found.items(), key=lambda kv: str(names.get(kv[0], kv[0]))))
-    msg = (f"{space.model} space {space.space_id}: cells with an identical embedding in another dataset ({counts}), most "
+    msg = (f"{space.model} space {space.space_id}: cells with an identical embedding, or the cell id and expression "
+           f"values of a cell, in another dataset ({counts}), most "
            "likely the same cells ingested twice. Folds can train on one copy and test the other (cross-data: a held-out "
            "study seen in training under another study name), which inflates every score. Evaluate one of the datasets "
            "only (--dataset), or ingest both copies with the same study and sample ids so that cross-data and "
@@ -673,7 +698,7 @@ def evaluate(
             if not pending:
                 continue
             _load_matrix(st, space)
-            _warn_duplicate_cells(space)
+            _warn_duplicate_cells(st, space)
             bar = progress_bar(len(pending), desc=f"evaluate {space.model}", silent=silent)
             batched = [t for t in pending if t.head in _BATCHED_HEADS]
             others = [t for t in pending if t.head not in _BATCHED_HEADS]

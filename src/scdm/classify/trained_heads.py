@@ -72,6 +72,7 @@ from scdm.store.heads import (
     trained_head_table,
 )
 from scdm.store.leftovers import place_folder, temp_prefix
+from scdm.store.matrix import same_expression
 from scdm.store.splits import cells_hash
 from scdm.store.verify import BASELINE_MODELS, repair_hint
 
@@ -1289,10 +1290,6 @@ def _fitted_embeddings(st: Store, record: TrainedHeadRecord) -> pd.DataFrame:
     return rows[rows["embedding_id"].isin(record.embedding_ids) & rows["dataset_name"].isin(record.datasets)]
 
 
-_COPY_BLOCK_ROWS = 1024
-"""Cells compared at a time when looking for copies of training cells (bounded memory on large datasets)."""
-
-
 def _copies_of_training_cells(st: Store, record: TrainedHeadRecord, dataset_id: str, cells: pd.DataFrame,
                               notes: list[str]) -> np.ndarray:
     """Which of a dataset's cells (in ``cells`` order) are a training cell of the head under another dataset name.
@@ -1325,41 +1322,14 @@ def _copies_of_training_cells(st: Store, record: TrainedHeadRecord, dataset_id: 
 
 def _same_expression(st: Store, dataset_a: str, rows_a: np.ndarray, dataset_b: str, rows_b: np.ndarray,
                      notes: list[str]) -> np.ndarray:
-    """Whether row ``rows_a[i]`` of one dataset holds exactly the values of ``rows_b[i]`` of another, gene by gene
-    (on the gene ids both have; an all-zero row there is no evidence and counts as different)."""
-    genes_a = pd.Index(st.genes(dataset_a)["gene_id"].astype(str))
-    genes_b = pd.Index(st.genes(dataset_b)["gene_id"].astype(str))
-    common = genes_a.intersection(genes_b)
-    same = np.zeros(len(rows_a), bool)
-    if common.empty:
-        return same
-    cols_a, cols_b = genes_a.get_indexer(common), genes_b.get_indexer(common)
+    """Whether row ``rows_a[i]`` of one dataset holds exactly the values of ``rows_b[i]`` of another
+    (:func:`store.matrix.same_expression`); none where a dataset's data cannot be read, with a note."""
     try:
-        adata_a, adata_b = st.open_anndata(dataset_a), st.open_anndata(dataset_b)
+        return same_expression(st, dataset_a, rows_a, dataset_b, rows_b)
     except ScdmError as err:
         _note(notes, "could not compare the expression of %s and %s to find copies of training cells (%s): cells of "
                        "one under another name are not marked trained_on", dataset_a, dataset_b, err)
-        return same
-    try:
-        for lo in range(0, len(rows_a), _COPY_BLOCK_ROWS):
-            hi = lo + _COPY_BLOCK_ROWS
-            xa = _expression_rows(adata_a, rows_a[lo:hi])[:, cols_a]
-            xb = _expression_rows(adata_b, rows_b[lo:hi])[:, cols_b]
-            same[lo:lo + xa.shape[0]] = ((xa != xb).getnnz(axis=1) == 0) & (xa.getnnz(axis=1) > 0)
-    finally:
-        for adata in (adata_a, adata_b):
-            if getattr(adata, "file", None) is not None:
-                adata.file.close()
-    return same
-
-
-def _expression_rows(adata: Any, rows: np.ndarray) -> Any:
-    """Rows of a backed AnnData's matrix in the order given, as canonical float32 CSR (backed reads need increasing rows)."""
-    from scdm.store.matrix import to_csr
-
-    order = np.argsort(rows, kind="stable")
-    block = to_csr(adata.X[rows[order]])
-    return block[np.argsort(order, kind="stable")]
+        return np.zeros(len(rows_a), bool)
 
 
 def _training_labels_changed(st: Store, record: TrainedHeadRecord) -> bool:

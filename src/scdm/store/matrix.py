@@ -1,6 +1,8 @@
 """Reading an expression matrix in row blocks, so memory stays bounded for large backed ``.h5ad`` files.
 
-Ingest scans a matrix this way; the embedding stage reads the cells it tokenises this way.
+Ingest scans a matrix this way; the embedding stage reads the cells it tokenises this way. The same
+reads tell whether two datasets hold the same cells (:func:`copied_cells`), which a split must not put
+on both of its sides.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from scdm.store.errors import InputDataError
 
 if TYPE_CHECKING:
     import anndata as ad
+    import pandas as pd
 
-__all__ = ["LOG_VALUE_MAX", "SCAN_BLOCK_ROWS", "iter_row_blocks", "to_csr"]
+    from scdm.store._store import Store
+
+__all__ = ["LOG_VALUE_MAX", "SCAN_BLOCK_ROWS", "copied_cells", "expression_rows", "iter_row_blocks", "same_expression",
+           "to_csr"]
 
 SCAN_BLOCK_ROWS = 4096
 """Rows read at a time by default."""
@@ -69,6 +75,91 @@ def to_csr(block: Any) -> sp.csr_matrix:
         out = out.copy()  # sum_duplicates works in place: never on the caller's (or AnnData's) arrays
         out.sum_duplicates()  # in the block's own dtype, as toarray() sums, before the float32 cast
     return out.astype(np.float32)  # always a copy (astype copies even when the dtype is float32)
+
+
+COMPARE_BLOCK_ROWS = 1024
+"""Cells compared at a time when looking for copies (bounded memory on large datasets)."""
+
+
+def expression_rows(adata: ad.AnnData, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows of a (backed) AnnData's matrix in the order given, as canonical float32 CSR (backed reads need increasing rows)."""
+    order = np.argsort(rows, kind="stable")
+    block = to_csr(adata.X[rows[order]])
+    return block[np.argsort(order, kind="stable")]
+
+
+def same_expression(st: Store, dataset_a: str, rows_a: np.ndarray, dataset_b: str, rows_b: np.ndarray) -> np.ndarray:
+    """Whether row ``rows_a[i]`` of one dataset holds exactly the values of ``rows_b[i]`` of another, gene by gene.
+
+    Compared on the gene ids both datasets have; an all-zero row there is no evidence and counts as
+    different. Raises the store's error when a dataset's file is gone.
+    """
+    genes_a = st.genes(dataset_a)["gene_id"].astype(str).tolist()
+    genes_b = st.genes(dataset_b)["gene_id"].astype(str).tolist()
+    position_b = {g: i for i, g in enumerate(genes_b)}
+    common = [(i, position_b[g]) for i, g in enumerate(genes_a) if g in position_b]
+    same = np.zeros(len(rows_a), bool)
+    if not common:
+        return same
+    cols_a, cols_b = (np.array(c, np.int64) for c in zip(*common))
+    adata_a = st.open_anndata(dataset_a)
+    try:
+        adata_b = st.open_anndata(dataset_b)
+    except BaseException:
+        _close(adata_a)
+        raise
+    try:
+        for lo in range(0, len(rows_a), COMPARE_BLOCK_ROWS):
+            hi = lo + COMPARE_BLOCK_ROWS
+            xa = expression_rows(adata_a, rows_a[lo:hi])[:, cols_a]
+            xb = expression_rows(adata_b, rows_b[lo:hi])[:, cols_b]
+            same[lo:lo + xa.shape[0]] = ((xa != xb).getnnz(axis=1) == 0) & (xa.getnnz(axis=1) > 0)
+    finally:
+        for adata in (adata_a, adata_b):
+            _close(adata)
+    return same
+
+
+def copied_cells(st: Store, cells: pd.DataFrame) -> np.ndarray:
+    """Which of ``cells`` (``dataset_id``, ``row``, ``cell_id``) are a cell of another dataset among them as well.
+
+    A copy has the cell id of a cell of another dataset and exactly its expression values (a study
+    ingested twice, a subset or a re-save of one file): whatever a model makes of it, a split that puts
+    one copy in training and the other in test scores a cell it trained on. A cell id alone is no
+    evidence (barcodes repeat across runs), so only cells whose id recurs are read.
+    """
+    mask = np.zeros(len(cells), bool)
+    ids = cells["cell_id"].astype(str).to_numpy()
+    recurring = np.flatnonzero(cells.assign(_id=ids).duplicated("_id", keep=False).to_numpy())
+    if recurring.size == 0:
+        return mask
+    datasets = cells["dataset_id"].astype(str).to_numpy()
+    rows = cells["row"].to_numpy(np.int64)
+    names = sorted(set(datasets[recurring]))
+    for i, first in enumerate(names):
+        here = recurring[datasets[recurring] == first]
+        for second in names[i + 1:]:
+            there = recurring[datasets[recurring] == second]
+            where = _positions(ids[there], ids[here])  # cell ids are unique within a dataset
+            pairs = np.flatnonzero(where >= 0)
+            if pairs.size == 0:
+                continue
+            a, b = here[pairs], there[where[pairs]]
+            same = same_expression(st, first, rows[a], second, rows[b])
+            mask[a[same]] = True
+            mask[b[same]] = True
+    return mask
+
+
+def _positions(index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Position of each of ``values`` in ``index`` (unique), -1 where absent."""
+    lookup = {v: i for i, v in enumerate(index)}
+    return np.array([lookup.get(v, -1) for v in values], np.int64)
+
+
+def _close(adata: ad.AnnData) -> None:
+    if getattr(adata, "file", None) is not None:
+        adata.file.close()
 
 
 def _check_sparse_structure(block: Any) -> None:
