@@ -807,15 +807,39 @@ def test_a_source_holding_the_target_cells_is_named(collection: ad.AnnData, tmp_
     st.ingest(cells[: cells.n_obs // 2].copy(), name="copy", label_key="response", study="copy", sample_key="sample")
     with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
         transfer(st, source="copy", target="tgt", **FAST)
-    assert f"{cells.n_obs // 2} of the {cells.n_obs} target cells have exactly the features of a labelled source" in caplog.text
+    assert f"{cells.n_obs // 2} of the {cells.n_obs} target cells have the features (or the cell id and expression values) of a labelled source" in caplog.text
     st.ingest(collection[collection.obs["study"] == "GSE164897"].copy(), name="other", label_key="response",
               study="GSE164897", sample_key="sample")
     caplog.clear()
     with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
         transfer(st, source="other", target="tgt", validation="copy", **FAST)
-    assert "have exactly the features of a cell of the validation dataset" in caplog.text
+    assert "(or the cell id and expression values) of a cell of the validation dataset" in caplog.text
     X = np.arange(12.0).reshape(4, 3)
     assert shared_cells(X[:2], X) == 2 and shared_cells(X[:2], X[2:]) == 0
+
+
+def test_a_source_holding_the_target_cells_at_other_rows_is_named_on_a_row_seeded_embedding(
+        collection: ad.AnnData, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On UCE embeddings (each cell's genes drawn with a seed of its row) half the target's cells ingested again in
+    reverse order as the source had no identical vector, and the run trained on them without a word."""
+    from scdm.embedding.models.uce import write_tiny_checkpoint
+    from scdm.embedding.runner import embed
+
+    st = Store(tmp_path / "store")
+    cells = collection[collection.obs["study"] == TARGET_STUDY].copy()
+    half = cells.n_obs // 2
+    st.ingest(cells, name="tgt", label_key="response", study=TARGET_STUDY, sample_key="sample")
+    st.ingest(cells[np.arange(half - 1, -1, -1)].copy(), name="copy", label_key="response", study="copy",
+              sample_key="sample")
+    checkpoint = write_tiny_checkpoint(tmp_path / "uce", genes=list(cells.var_names), seed=4)
+    ids = {name: embed(st, name, "uce", checkpoint, device="cpu", progress=False, sample_size=16,
+                       allow_empty_cells=True).embedding_id for name in ("tgt", "copy")}
+    target, source = st.read_embedding(ids["tgt"]), st.read_embedding(ids["copy"])
+    assert not (target[:half][::-1] == source).all(axis=1).any()  # no copy has its original's vector
+    with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
+        transfer(st, source="copy", target="tgt", features=ids["tgt"], **FAST)
+    assert (f"{half} of the {cells.n_obs} target cells have the features (or the cell id and expression values) of a "
+            "labelled source cell") in caplog.text
 
 
 def test_bulk_csvs_that_cannot_be_matched_by_sample_are_refused(tmp_path: Path) -> None:
@@ -1021,7 +1045,7 @@ def test_a_validation_dataset_holding_source_cells_is_named(two_drugs: Store, co
                      sample_key="sample")
     with caplog.at_level("WARNING", logger="scdm.classify.transfer"):
         transfer(two_drugs, source="src", target="tgt", validation="src_part", drug="drugA", **FAST)
-    assert "104 of the 104 validation cells have exactly the features of a labelled source cell" in caplog.text
+    assert "104 of the 104 validation cells have the features (or the cell id and expression values) of a labelled source cell" in caplog.text
 
 
 def test_the_help_grid_example_names_a_validation_dataset() -> None:

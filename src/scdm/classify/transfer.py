@@ -91,9 +91,11 @@ from scdm.store.errors import (
     EmbeddingIncompleteError,
     EmbeddingNotFoundError,
     InputDataError,
+    ScdmError,
 )
 from scdm.store.genes import GENE_MATCH
 from scdm.store.labels import LabelSet, label_sets
+from scdm.store.matrix import copied_cells
 from scdm.store.transfer import (
     CriticalGenes,
     TransferMetrics,
@@ -223,6 +225,10 @@ class _Domains:
     source_blocks: list[_Block] = field(default_factory=list)
     """Where the rows of ``Xs`` come from, in order (to name source samples without expression)."""
     validation_block: _Block | None = None
+    copies: dict[str, np.ndarray] = field(default_factory=dict)
+    """``target_of_source``, ``target_of_validation``, ``validation_of_source``: rows (of the target, or of the
+    validation cells) that are a cell of the other side under another dataset name, found by cell id and expression
+    values (:func:`_copies_by_cell`); absent where the rows are compared by their features only."""
 
 
 def _refuse_repeated_sources(given: Sequence[str], names: list[str]) -> None:
@@ -544,11 +550,12 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
     names = list(source) + ([validation] if validation is not None else [])
     ids = _source_embedding_ids(st, table, names, space, source_features, len(source))
     Xt = st.read_embedding(features)
-    blocks, labels = [], []
+    blocks, labels, sources = [], [], []
     for name, emb_id in zip(source, ids):
         rows, y = _labelled_rows(st, name, chosen.source(name))
         blocks.append(st.read_embedding(emb_id, rows))
         labels.append(y)
+        sources.append(_cells_at(st, name, rows))
     dims = {b.shape[1] for b in blocks}
     if len(dims) != 1:
         msg = f"The source embeddings have different dims {sorted(dims)}; pick embeddings of one space (source_features)."
@@ -556,12 +563,36 @@ def _embedding_domains(st: Store, kind: str, source: Any, target: str, features:
     desc = _store_source_desc(st, source, labels)
     dom = _Domains(np.vstack(blocks).astype(np.float32), np.concatenate(labels), Xt.astype(np.float32),
                    [f"dim_{i}" for i in range(Xt.shape[1])], "store", desc, source_features=ids[:len(source)])
+    targets = _cells_at(st, target, np.arange(Xt.shape[0]))
+    dom.copies["target_of_source"] = _copies_by_cell(st, pd.concat(sources), targets)
     if validation is not None and chosen.validation is not None:
         # the validation labels select the model: cells that tuned the embedding would flatter it
         _refuse_tuned_on_target(st, ids[-1], validation, role="validation")
         rows, dom.yv = _labelled_rows(st, validation, chosen.validation.label_set.name)
         dom.Xv = st.read_embedding(ids[-1], rows).astype(np.float32)
+        validating = _cells_at(st, validation, rows)
+        dom.copies["target_of_validation"] = _copies_by_cell(st, validating, targets)
+        dom.copies["validation_of_source"] = _copies_by_cell(st, pd.concat(sources), validating)
     return dom
+
+
+def _cells_at(st: Store, name: str, rows: np.ndarray) -> pd.DataFrame:
+    """``dataset_id``, ``row``, ``cell_id`` of rows ``rows`` of a store dataset."""
+    cells = st.cells(name).set_index("row", drop=False)
+    return cells.loc[rows, ["dataset_id", "row", "cell_id"]].reset_index(drop=True)
+
+
+def _copies_by_cell(st: Store, of: pd.DataFrame, cells: pd.DataFrame) -> np.ndarray:
+    """Which of ``cells`` are a cell of ``of`` under another dataset name (cell id and expression values).
+
+    An embedding misses the copies a model embeds apart: UCE and scGPT draw a cell's genes with a seed of
+    its row, so a copy at another row gets another vector.
+    """
+    try:
+        return copied_cells(st, pd.concat([of, cells], ignore_index=True))[len(of):]
+    except ScdmError as err:  # a dataset's file is gone: the features are still compared
+        logger.info("copies of cells looked for by their features only (%s)", err)
+        return np.zeros(len(cells), bool)
 
 
 def _refuse_tuned_on_target(st: Store, embedding_id: str, target: str, *, role: str = "target") -> None:
@@ -968,14 +999,30 @@ def _check_corruption(corruption: str, mask_rate: float, noise_std: float) -> No
 
 def shared_cells(source: np.ndarray, target: np.ndarray) -> int:
     """How many target rows equal a source row exactly (the same cells on both sides of a transfer)."""
+    return int(_shared_rows(source, target).sum())
+
+
+def _shared_rows(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Which target rows equal a source row exactly."""
+    shared = np.zeros(target.shape[0], bool)
     if source.shape[0] == 0 or target.shape[0] == 0 or source.shape[1] != target.shape[1]:
-        return 0
+        return shared
     (source_keys, _), (target_keys, informative) = row_keys(source), row_keys(target)
     candidates = np.flatnonzero(np.isin(target_keys, source_keys) & informative)  # all-zero rows: no evidence of a copy
     rows_of: dict[float, list[int]] = {}
     for i in np.flatnonzero(np.isin(source_keys, target_keys[candidates])):
         rows_of.setdefault(float(source_keys[i]), []).append(int(i))
-    return sum(any(np.array_equal(target[t], source[s]) for s in rows_of[float(target_keys[t])]) for t in candidates)
+    for t in candidates:
+        shared[t] = any(np.array_equal(target[t], source[s]) for s in rows_of[float(target_keys[t])])
+    return shared
+
+
+def _n_copies(dom: _Domains, kind: str, of: np.ndarray | None, rows: np.ndarray | None) -> int:
+    """Rows of ``rows`` equal to a row of ``of``, or a copy of one of its cells (``dom.copies[kind]``)."""
+    if of is None or rows is None:
+        return 0
+    shared = _shared_rows(of, rows)
+    return int((shared | dom.copies[kind]).sum()) if kind in dom.copies else int(shared.sum())
 
 
 def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid: list[tuple[float, float]],
@@ -984,21 +1031,24 @@ def _run(st: Store, run_id: str, dom: _Domains, target_info: Any, cfg: Any, grid
          started: float, progress: bool = False, *, labels: _RunLabels) -> TransferResult:
     from scdm.classify._transfer_model import Validation, encode_source, fit_transfer, predict_target
 
-    shared = shared_cells(dom.Xs, dom.Xt)
+    shared = _n_copies(dom, "target_of_source", dom.Xs, dom.Xt)
     if shared:
-        logger.warning("transfer %s: %d of the %d target cells have exactly the features of a labelled source cell, most "
+        logger.warning("transfer %s: %d of the %d target cells have the features (or the cell id and expression values) of a "
+                       "labelled source cell, most "
                        "likely the same cells in a source dataset under another name: the run trains on them with "
                        "their labels, so the target's metrics are inflated. Leave that dataset out of the sources.",
                        run_id, shared, dom.Xt.shape[0])
-    shared = shared_cells(dom.Xv, dom.Xt) if dom.Xv is not None else 0
+    shared = _n_copies(dom, "target_of_validation", dom.Xv, dom.Xt)
     if shared:
-        logger.warning("transfer %s: %d of the %d target cells have exactly the features of a cell of the validation "
+        logger.warning("transfer %s: %d of the %d target cells have the features (or the cell id and expression values) of a "
+                       "cell of the validation "
                        "dataset, most likely the same cells under another name: the kept epoch (and alpha/beta) is "
                        "chosen on the target's own labels. Pass another validation dataset.", run_id, shared,
                        dom.Xt.shape[0])
-    shared = shared_cells(dom.Xs, dom.Xv) if dom.Xv is not None else 0
+    shared = _n_copies(dom, "validation_of_source", dom.Xs, dom.Xv)
     if shared and dom.Xv is not None:
-        logger.warning("transfer %s: %d of the %d validation cells have exactly the features of a labelled source "
+        logger.warning("transfer %s: %d of the %d validation cells have the features (or the cell id and expression values) "
+                       "of a labelled source "
                        "cell, most likely the same cells under another name: the kept epoch (and alpha/beta) is chosen "
                        "on cells the run trains on. Pass a validation dataset that holds none of the source's cells.",
                        run_id, shared, dom.Xv.shape[0])
