@@ -56,3 +56,21 @@ def test_a_report_written_before_a_re_ingest_with_other_labels_reads_not_current
 
         _write_report(client)
         assert client.get("/api/report/figures").json()["current"] is True
+
+
+def test_an_embedding_swapped_for_another_changes_the_results_state(tmp_path: Path) -> None:
+    # one embedding removed and another completed leave as many embeddings: the report's embedding tables and
+    # projections differ all the same
+    from scdm.classify.report import results_state
+    from scdm.embedding.runner import embed_baseline
+
+    st = Store(tmp_path / "store")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st.ingest(example_data("A375"), name="a375", label_key="response_PLX4720", study="GSE108383", tissue="skin",
+                  cancer_type="melanoma", drug_type="targeted", regimen="PLX4720")
+    (first,) = embed_baseline(st, ["a375"], model="pca", n_comps=4, n_hvg=100, progress=False)
+    with_first = results_state(st)
+    st.remove_embedding(first.embedding_id)
+    embed_baseline(st, ["a375"], model="pca", n_comps=5, n_hvg=100, progress=False)
+    assert results_state(st) != with_first

@@ -714,10 +714,14 @@ def results_state(st: Store) -> str:
     A result added, fitted again with another value or removed (a re-ingest with other labels removes
     the results made with the old ones) and an embedding completed each change it.
     """
+    # the embeddings by id, not only their count: one removed and another completed draws other tables and projections
     row = st.query("SELECT (SELECT count(*) FROM eval_results) AS n_results, "
                    "(SELECT coalesce(bit_xor(hash(task_id, metric, value)), 0) FROM eval_results) AS results, "
-                   "(SELECT count(*) FROM embeddings WHERE status = 'complete') AS n_embeddings").iloc[0]
-    return f"{int(row['n_results'])}-{int(row['results']):016x}-{int(row['n_embeddings'])}"
+                   "(SELECT count(*) FROM embeddings WHERE status = 'complete') AS n_embeddings, "
+                   "(SELECT coalesce(bit_xor(hash(embedding_id)), 0) FROM embeddings WHERE status = 'complete') "
+                   "AS embeddings").iloc[0]
+    return (f"{int(row['n_results'])}-{int(row['results']):016x}-{int(row['n_embeddings'])}-"
+            f"{int(row['embeddings']):016x}")
 
 
 def report_is_current(st: Store, out_dir: str | os.PathLike[str]) -> bool | None:
