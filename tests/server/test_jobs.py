@@ -214,3 +214,21 @@ def test_a_job_of_a_worker_that_died_reads_failed_not_running_forever(tmp_path: 
     assert queued.message.startswith(f"The server worker that queued this job (process {worker.pid}) stopped before")
     assert running.finished_at is not None and running.active is False
     wait_until(lambda: board.get(mine.job_id).state == "done", "this worker's job")
+
+
+def test_a_job_finished_just_before_its_worker_stopped_reads_done_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # before: a reader that read 'running', then found the worker's lock free, saved 'failed' over the 'done' the worker
+    # had written in between (the job finished, the worker stopped: restarted, or the server stopping)
+    ran, reader = JobBoard(tmp_path / "jobs", max_jobs=1), JobBoard(tmp_path / "jobs", max_jobs=1)
+    gate = threading.Event()
+    job = ran.submit("upload", lambda job: gate.wait(30))
+    wait_until(lambda: reader.get(job.job_id).state == "running", "the job to start")
+
+    def finishes_then_stops(worker: str) -> bool:
+        gate.set()
+        wait_until(lambda: ran.get(job.job_id).state == "done", "the job to finish")
+        return True
+
+    monkeypatch.setattr(reader, "_worker_died", finishes_then_stops)
+    assert reader.get(job.job_id).state == "done"
+    assert ran.get(job.job_id).state == "done"

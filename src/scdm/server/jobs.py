@@ -223,18 +223,25 @@ class JobBoard:
         os.replace(tmp, path)
 
     def _load(self, job_id: str) -> JobRecord | None:
-        try:
-            data = json.loads(self._path(job_id).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        record = JobRecord(**data)
-        if record.active and record.worker != self.worker and self._worker_died(record.worker):
+        record = self._read_record(job_id)
+        if record is None or not record.active or record.worker == self.worker or not self._worker_died(record.worker):
+            return record
+        # read again: the worker may have finished the job after the first read and stopped before its lock was tried
+        record = self._read_record(job_id)
+        if record is not None and record.active:
             # its thread died with its process: nothing will ever finish it, nor take it off the queue
             record = replace(record, state="failed", finished_at=time.time(), message=(
                 f"The server worker that {'ran' if record.state == 'running' else 'queued'} this job (process "
                 f"{record.worker.split('-')[0]}) stopped before the job finished (killed, or restarted); submit it again."))
             self.save(record)
         return record
+
+    def _read_record(self, job_id: str) -> JobRecord | None:
+        try:
+            data = json.loads(self._path(job_id).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return JobRecord(**data)
 
     def _hold_worker_lock(self) -> Any:
         """Lock this board's file for as long as the board lives (the kernel releases it when the process dies)."""
