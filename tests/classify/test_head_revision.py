@@ -175,3 +175,22 @@ def test_the_results_view_keeps_an_interrupted_runs_new_revision_apart_from_the_
     rows = st.sql(per_cell.replace("t.scenario = 'cross'", "t.scenario = 'pooled'"))  # this store has one study
     fold_0 = st.query("SELECT n_test FROM split_folds WHERE fold = 0")["n_test"][0]
     assert rows.groupby("revision")["n"].sum().to_dict() == {1: 108, 3: fold_0}  # each cell once per result
+
+
+def test_a_newer_revisions_results_are_left_out_with_a_note_not_averaged_with_this_ones(st: Store, monkeypatch,
+                                                                                      caplog) -> None:
+    # a lab shares one store: a newer scdm (logreg one revision on) fitted the same tasks; this scdm
+    # averaged its 3 folds with the newer scdm's 3 as one result of n 6 over a 3-fold split
+    this = LogRegHead().revision()
+    with monkeypatch.context() as m:
+        m.setattr(LogRegHead, "revision", lambda self: this + 1, raising=False)
+        run(st)
+    with caplog.at_level("WARNING"):
+        assert leaderboard(st).empty
+    assert f"3 logreg tasks were fitted by a newer scdm (revision {this + 1} of logreg; this scdm has {this})" in caplog.text
+    run(st)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        board = leaderboard(st, metrics=["auroc"])
+    assert board["folds_done"].tolist() == [3] and board["n_folds"].tolist() == [3]
+    assert "newer scdm" in caplog.text  # still stored, still said to be left out

@@ -290,13 +290,22 @@ def older_revision_sql(st: Store, alias: str) -> str:
     return _revision_condition(_current_revisions(st), alias)
 
 
-def _revision_condition(current: dict[tuple[str, str], int], alias: str) -> str:
-    """SQL: a row ``alias`` whose run's revision of its head is below ``current`` (see :func:`older_revision_sql`)."""
-    if not current:
-        return "FALSE"
+def newer_revision_sql(st: Store, alias: str) -> str:
+    """SQL condition on a ``results`` row ``alias``: fitted by a later revision of its head than this scdm
+    knows (a newer scdm writing to a shared store). Its numbers come from code this scdm does not run, so
+    they are neither this revision's result nor averaged with it."""
+    return _revision_condition(_current_revisions(st), alias, "newer")
+
+
+def _revision_condition(current: dict[tuple[str, str], int], alias: str, which: str = "older") -> str:
+    """SQL: a row ``alias`` whose run's revision of its head is below (``older``) or above (``newer``)
+    ``current`` (see :func:`older_revision_sql`)."""
+    if which == "older" and not current:
+        return "FALSE"  # every stored configuration is at revision 1, the lowest
     cases = " ".join(f"WHEN {alias}.head = {_lit(head)} AND CAST({alias}.head_params AS VARCHAR) = {_lit(params)} "
                      f"THEN {revision}" for (head, params), revision in sorted(current.items()))
-    return f"({_stored_revision(alias)} < CASE {cases} ELSE 1 END)"
+    this_scdms = f"CASE {cases} ELSE 1 END" if cases else "1"
+    return f"({_stored_revision(alias)} {'<' if which == 'older' else '>'} {this_scdms})"
 
 
 def _lit(value: str) -> str:
@@ -307,7 +316,7 @@ def stale_sql(st: Store, alias: str) -> str:
     """SQL condition on a ``results`` row ``alias``: its numbers are known to be wrong now (an older
     scdm's head revision, prompting answers read by an older parser, or zero-shot requests an older scdm
     composed by the splits asked); readers leave them out."""
-    return f"({older_revision_sql(st, alias)} OR {older_prompt_sql(alias)})"
+    return f"({older_revision_sql(st, alias)} OR {newer_revision_sql(st, alias)} OR {older_prompt_sql(alias)})"
 
 
 def stale_notes(st: Store) -> list[str]:
@@ -322,10 +331,19 @@ def stale_notes(st: Store) -> list[str]:
         again = ("`scdm finetune` again to score the stored adapters' heads with this one (no training)"
                  if head in OUTSIDE_GRID_REVISIONS else "`scdm evaluate` again to fit them with this one")
         notes.append(f"{n} {head} tasks were fitted by an older scdm ({why}) and are left out; run the same {again}.")
+    notes.extend(_newer_revision_notes(st, current))
     for note in (older_batching_note(st), older_parser_note(st)):
         if note is not None:
             notes.append(note)
     return notes
+
+
+def _newer_revision_notes(st: Store, current: dict[tuple[str, str], int]) -> list[str]:
+    newer = st.query(f"SELECT x.head, max({_stored_revision('x')}) AS revision, count(DISTINCT x.task_id) AS n "
+                     f"FROM results x WHERE {_revision_condition(current, 'x', 'newer')} GROUP BY x.head ORDER BY x.head")
+    return [f"{n} {head} tasks were fitted by a newer scdm (revision {revision} of {head}; this scdm has "
+            f"{max((r for (h, _), r in current.items() if h == head), default=1)}) and are left out, not averaged "
+            f"with this scdm's; upgrade scdm to read them." for head, revision, n in newer.itertuples(index=False, name=None)]
 
 
 ROW_KEYS: tuple[str, ...] = ("model", "variant", "datasets", "label_set", "head", "scenario", "scheme", "k", "seed",
