@@ -194,3 +194,20 @@ def test_a_newer_revisions_results_are_left_out_with_a_note_not_averaged_with_th
         board = leaderboard(st, metrics=["auroc"])
     assert board["folds_done"].tolist() == [3] and board["n_folds"].tolist() == [3]
     assert "newer scdm" in caplog.text  # still stored, still said to be left out
+
+
+def test_a_result_has_the_same_identity_columns_under_any_filter(st: Store) -> None:
+    # the display name of a head carries its parameters only where the rows shown have several, so
+    # one result was 'logreg' in one export and 'logreg {"C": 1.0, ...}' in another: a join by name missed it
+    from scdm.classify.results import wide_leaderboard
+
+    first = run(st)
+    evaluate(st, heads=["logreg"], head_params={"logreg": {"C": 0.1}}, scenarios=["pooled"], by=["all"], folds=3, seed=0)
+    identity = ["space_id", "split_id", "label_set", "model_name", "head_name", "head_params", "revision"]
+    alone = wide_leaderboard(leaderboard(st, run_id=first, metrics=["auroc"]), metrics=["auroc"])
+    both = wide_leaderboard(leaderboard(st, metrics=["auroc"]), metrics=["auroc"])
+    assert len(alone) == 1 and len(both) == 2
+    assert alone["head"].iloc[0] not in set(both["head"])  # the display names differ between the filters
+    matched = both.merge(alone[identity], on=identity)
+    assert len(matched) == 1 and matched["auroc"].iloc[0] == alone["auroc"].iloc[0]
+    assert alone["revision"].iloc[0] == LogRegHead().revision() and alone["head_name"].iloc[0] == "logreg"

@@ -396,7 +396,9 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
     -------
     DataFrame
         :data:`ROW_KEYS`, ``split_id``, ``folds_done``, ``folds_expected``, ``complete``, ``note``
-        (``'older gene table (...)'`` or empty, see :func:`leaderboard`) and three numeric columns per metric (pandas reads them as numbers; NaN where undefined). The columns
+        (``'older gene table (...)'`` or empty, see :func:`leaderboard`), the stored identity
+        (``space_id``, ``model_name``, ``head_name``, ``head_params`` as JSON, the head's ``revision``:
+        the same for one result under any filter, unlike the display names ``model`` and ``head``) and three numeric columns per metric (pandas reads them as numbers; NaN where undefined). The columns
         are always these, with the same dtypes, even on an empty board or for a metric the board
         lacks (its columns are then NaN/NA).
 
@@ -410,7 +412,7 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
     frame = board[board["metric"].isin(metrics)]
     if frame.empty:
         return _empty_wide(metrics)
-    frame = _labelled(frame)
+    frame = _labelled(frame.assign(head_name=frame["head"], model_name=frame["model"]))
     frame["seed"] = frame["seed"].fillna(-1).astype(int)  # cross-data splits have no seed; NA cannot be an index key
     wide = frame.set_index([*keys, "metric"])[["mean", "sd", "n_folds"]].unstack("metric")
     out = pd.DataFrame(index=wide.index)
@@ -421,16 +423,21 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
         out[f"{m}_n"] = wide[("n_folds", m)].astype("Int64") if m in present else pd.array([pd.NA] * len(out), "Int64")
     if "note" not in frame.columns:  # a board not read by leaderboard()
         frame["note"] = ""
-    folds = frame.groupby(keys)[[*_FOLD_COLUMNS, "note"]].first()
+    folds = frame.groupby(keys)[[*_FOLD_COLUMNS, "note", *_IDENTITY_COLUMNS[:-1]]].first()
     out = out.join(folds).reset_index()
+    out["head_params"] = out["head_params"].astype(str)
+    out["revision"] = [head_revision(h, json.loads(p)) for h, p in zip(out["head_name"], out["head_params"])]
     out["seed"] = out["seed"].astype("Int64").where(out["seed"] >= 0)
     out["k"] = out["k"].astype(_WIDE_DTYPES["k"])  # the catalog's INTEGER reads as int32; an empty board says int64
     out["note"] = out["note"].fillna("")
-    return out[[*keys, *_FOLD_COLUMNS, "note", *_metric_columns(metrics)]]
+    return out[[*keys, *_FOLD_COLUMNS, "note", *_IDENTITY_COLUMNS, *_metric_columns(metrics)]]
 
 
+_IDENTITY_COLUMNS: tuple[str, ...] = ("space_id", "model_name", "head_name", "head_params", "revision")
+"""The result's identity as stored, the same whatever rows are shown beside it (``model`` and ``head``
+name a row apart from the rows shown with it only, so one result's names differ between filters)."""
 _FOLD_COLUMNS: tuple[str, ...] = ("folds_done", "folds_expected", "complete")
-_WIDE_DTYPES: dict[str, str] = {"k": "int64", "seed": "Int64", "folds_done": "int64", "folds_expected": "int64",
+_WIDE_DTYPES: dict[str, str] = {"revision": "int64", "k": "int64", "seed": "Int64", "folds_done": "int64", "folds_expected": "int64",
                                 "complete": "bool"}
 """Dtypes of the non-text columns of a wide leaderboard that are not metrics (an empty one gets them too)."""
 
@@ -450,7 +457,8 @@ def _metric_columns(metrics: Iterable[str]) -> list[str]:
 
 def _empty_wide(metrics: list[str]) -> pd.DataFrame:
     """A wide leaderboard without rows: the columns and dtypes of a non-empty one."""
-    columns = {c: pd.Series(dtype=_WIDE_DTYPES.get(c, "object")) for c in (*ROW_KEYS, "split_id", *_FOLD_COLUMNS, "note")}
+    columns = {c: pd.Series(dtype=_WIDE_DTYPES.get(c, "object")) for c in (*ROW_KEYS, "split_id", *_FOLD_COLUMNS, "note",
+                                                                     *_IDENTITY_COLUMNS)}
     for m in metrics:
         columns[m] = pd.Series(dtype="float64")
         columns[f"{m}_sd"] = pd.Series(dtype="float64")
