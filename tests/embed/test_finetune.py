@@ -399,6 +399,27 @@ def test_rerun_reuses_adapter_embeddings_and_results(gf_store, monkeypatch):
     assert other.adapter_id != first.adapter_id and other.embedding_ids != first.embedding_ids
 
 
+def test_a_seed_given_as_a_numpy_int_is_the_same_tuning(gf_store, monkeypatch):
+    # numpy.int64(0) was keyed "0" (a string) into the tuning id: the same adapter trained again under a second id
+    st, ckpt = gf_store
+    (first,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **{**FAST, "seed": 0})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ft, "train_lora", no_training)
+    (again,) = finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **{**FAST, "seed": np.int64(0)})
+    assert again.reused and again.adapter_id == first.adapter_id
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_seed_that_is_no_whole_number_is_refused_before_any_work(gf_store, seed):
+    st, ckpt = gf_store
+    with pytest.raises(InputDataError, match=r"seed=\) must be an integer >= 0"):
+        finetune(st, model="geneformer", checkpoint=ckpt, dataset="planted", fold=0, **{**FAST, "seed": seed})
+    assert st.query("SELECT count(*) AS n FROM adapters")["n"].iloc[0] == 0
+
+
 def test_retraining_a_lost_adapter_into_other_weights_replaces_its_results(gf_store, monkeypatch):
     # The adapter's folder is deleted and it trains again into other weights (GPU training is not
     # bit-reproducible): the old tuned space must not stay beside the new one under the same

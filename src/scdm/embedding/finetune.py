@@ -778,7 +778,8 @@ def finetune(
 
     st = open_store(store)
     _check_settings(rank, alpha, dropout, epochs, lr, weight_decay, batch_size, fold, all_folds, scenario, by)
-    check_embed_options(min_genes=min_genes, min_gene_fraction=min_gene_fraction)
+    check_embed_options(seed=seed, min_genes=min_genes, min_gene_fraction=min_gene_fraction)
+    seed = int(seed)  # keyed into the tuning id, where numpy.int64(0) was the string "0": another adapter of one tuning
     checks = _InputChecks(min_genes=min_genes, min_gene_fraction=min_gene_fraction, allow_non_counts=allow_non_counts,
                           allow_empty_cells=allow_empty_cells)
     names = [dataset] if isinstance(dataset, str) else list(dataset)
