@@ -159,6 +159,13 @@ def test_target_resolution_token(folder: Path, tgthighres: str, target) -> None:
         np.testing.assert_allclose(cell["values"][-2:], [target(total), np.log10(total)], rtol=1e-6)
 
 
+@pytest.mark.parametrize(("given", "key"), [("t4.0", "t4"), ("t04", "t4"), ("a1.50", "a1.5"), ("f2e0", "f2"), ("t4", "t4")])
+def test_tgthighres_spellings_of_one_target_are_one_embedding(folder: Path, given: str, key: str) -> None:
+    # 't4.0' and 't4' set the same T but were keyed apart: two embeddings (and spaces) of one computation
+    assert ScFoundationAdapter(checkpoint=folder, tgthighres=given).params()["tgthighres"] == key
+    assert ScFoundationAdapter(checkpoint=folder, tgthighres=given).params() == ScFoundationAdapter(checkpoint=folder, tgthighres=key).params()
+
+
 def test_bad_tgthighres_is_refused(folder: Path) -> None:
     with pytest.raises(InputDataError, match="tgthighres='x4'"):
         ScFoundationAdapter(checkpoint=folder, tgthighres="x4")

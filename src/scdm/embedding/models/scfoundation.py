@@ -375,7 +375,7 @@ class ScFoundationAdapter(Adapter):
     def params(self) -> dict[str, Any]:
         return {
             "sub_model": self.sub_model,
-            "tgthighres": self.tgthighres,
+            "tgthighres": _tgthighres_key(self.tgthighres),
             "pool_type": self.pool_type,
             "reference_quirks": self.reference_quirks,
             "tail_tokens": "kept when > 0, pooled by position (reference)" if self.reference_quirks else "T and S always kept",
@@ -492,6 +492,16 @@ class ScFoundationAdapter(Adapter):
         gene_max = hidden.masked_fill(~is_gene[..., None], float("-inf")).amax(dim=1)
         gene_mean = (hidden * is_gene[..., None]).sum(dim=1) / is_gene.sum(dim=1, keepdim=True)
         return torch.cat([source, target, gene_max, gene_mean], dim=1)
+
+
+def _tgthighres_key(tgthighres: str) -> str:
+    """``tgthighres`` spelled one way per target (``'t4.0'`` and ``'t04'`` are ``'t4'``): an embedding's identity.
+
+    The spellings set the same T, so keyed as given they were two embeddings (and spaces) of one computation;
+    ``'t4'``, the default, keeps its spelling and so its stored ids.
+    """
+    amount = float(tgthighres[1:])
+    return tgthighres[:1] + (str(int(amount)) if amount.is_integer() else repr(amount))
 
 
 def _parse_tgthighres(tgthighres: str) -> Any:
