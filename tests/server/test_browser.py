@@ -466,6 +466,14 @@ def test_jobs_tab_shows_an_uploads_warnings_as_scdm_ingest_prints_them(page: Cal
     assert "done" in driver.find_element("css selector", f"{selector} .state").text
 
 
+def _job_state(driver: Any, job_id: str) -> str | None:
+    """A job's state on the Jobs tab, read in one JS call: the tab redraws its list each second, so an element
+    found first and read after can be gone (a stale element reference)."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.textContent.trim() : null;",
+        f'#jobs-list .job[data-job="{job_id}"] .state')
+
+
 def test_jobs_tab_follows_a_running_job_until_it_ends(page: Callable[[str], None], driver: Any, site: Server) -> None:
     # a job listed while it ran kept reading 'running' on the tab until the user thought of reloading it
     # a report can end before a loaded machine has drawn the page: a job first seen done shows no following, so
@@ -474,14 +482,13 @@ def test_jobs_tab_follows_a_running_job_until_it_ends(page: Callable[[str], None
         status, job = site.json("POST", "/api/report", {"projection": "pca"})
         assert status == 202
         page("jobs")
-        state = f'#jobs-list .job[data-job="{job["job_id"]}"] .state'
-        first = wait_for(driver, lambda d: d.find_elements("css selector", state), "the report job")[0].text
+        first = wait_for(driver, lambda d: _job_state(d, job["job_id"]), "the report job")
         if first != "done":
             break
         assert site.wait_job(job["job_id"], timeout=120)["state"] == "done"
     assert first in ("queued", "running"), "three report jobs ended before the page listed them"
     assert site.wait_job(job["job_id"], timeout=120)["state"] == "done"
-    wait_for(driver, lambda d: d.find_element("css selector", state).text == "done", "the job to read done")
+    wait_for(driver, lambda d: _job_state(d, job["job_id"]) == "done", "the job to read done")
 
 
 def test_prediction_table_cut_to_its_first_rows_says_so(page: Callable[[str], None], driver: Any, site: Server) -> None:
