@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from scdm.store.errors import InputDataError
 
 if TYPE_CHECKING:
     import anndata as ad
-    import pandas as pd
 
     from scdm.store._store import Store
 
@@ -140,7 +140,7 @@ def copied_cells(st: Store, cells: pd.DataFrame) -> np.ndarray:
         here = recurring[datasets[recurring] == first]
         for second in names[i + 1:]:
             there = recurring[datasets[recurring] == second]
-            where = _positions(ids[there], ids[here])  # cell ids are unique within a dataset
+            where = pd.Index(ids[there]).get_indexer(ids[here])  # -1 where absent; cell ids are unique within a dataset
             pairs = np.flatnonzero(where >= 0)
             if pairs.size == 0:
                 continue
@@ -149,12 +149,6 @@ def copied_cells(st: Store, cells: pd.DataFrame) -> np.ndarray:
             mask[a[same]] = True
             mask[b[same]] = True
     return mask
-
-
-def _positions(index: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Position of each of ``values`` in ``index`` (unique), -1 where absent."""
-    lookup = {v: i for i, v in enumerate(index)}
-    return np.array([lookup.get(v, -1) for v in values], np.int64)
 
 
 def _close(adata: ad.AnnData) -> None:
