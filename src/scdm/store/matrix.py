@@ -7,6 +7,7 @@ on both of its sides.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +127,9 @@ def copied_cells(st: Store, cells: pd.DataFrame) -> np.ndarray:
     A copy has the cell id of a cell of another dataset and exactly its expression values (a study
     ingested twice, a subset or a re-save of one file): whatever a model makes of it, a split that puts
     one copy in training and the other in test scores a cell it trained on. A cell id alone is no
-    evidence (barcodes repeat across runs), so only cells whose id recurs are read.
+    evidence (barcodes repeat across runs), so only cells whose id recurs are read: each dataset's
+    once, to a digest of its values on the genes all of those datasets share, and only cells whose
+    id and digest match a cell of another dataset are compared value by value (:func:`same_expression`).
     """
     mask = np.zeros(len(cells), bool)
     ids = cells["cell_id"].astype(str).to_numpy()
@@ -135,20 +138,66 @@ def copied_cells(st: Store, cells: pd.DataFrame) -> np.ndarray:
         return mask
     datasets = cells["dataset_id"].astype(str).to_numpy()
     rows = cells["row"].to_numpy(np.int64)
-    names = sorted(set(datasets[recurring]))
-    for i, first in enumerate(names):
-        here = recurring[datasets[recurring] == first]
-        for second in names[i + 1:]:
-            there = recurring[datasets[recurring] == second]
-            where = pd.Index(ids[there]).get_indexer(ids[here])  # -1 where absent; cell ids are unique within a dataset
-            pairs = np.flatnonzero(where >= 0)
-            if pairs.size == 0:
-                continue
-            a, b = here[pairs], there[where[pairs]]
-            same = same_expression(st, first, rows[a], second, rows[b])
-            mask[a[same]] = True
-            mask[b[same]] = True
+    digests = _shared_gene_digests(st, datasets[recurring], rows[recurring])
+    candidates = _candidate_copies(pd.DataFrame({"cell": recurring, "cell_id": ids[recurring],
+                                                 "dataset_id": datasets[recurring], "digest": digests}))
+    for (first, second), pairs in candidates.groupby(["dataset_id_a", "dataset_id_b"], sort=True):
+        a, b = pairs["cell_a"].to_numpy(), pairs["cell_b"].to_numpy()
+        same = same_expression(st, str(first), rows[a], str(second), rows[b])
+        mask[a[same]] = True
+        mask[b[same]] = True
     return mask
+
+
+def _shared_gene_digests(st: Store, datasets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A digest per cell of its nonzero values on the genes every one of ``datasets`` has (b"" for none).
+
+    Equal expression on the genes two datasets share gives equal digests here (fewer genes), so a
+    digest that differs rules a copy out without opening both files for every pair of datasets,
+    which took 0.5 s a pair (1,225 pairs for 50 studies with recurring 10x barcodes).
+    """
+    names = sorted(set(datasets))
+    gene_ids = {name: st.genes(name)["gene_id"].astype(str).to_numpy() for name in names}
+    shared = sorted(set.intersection(*(set(g) for g in gene_ids.values())))
+    out = np.empty(len(datasets), dtype=object)
+    for name in names:
+        here = np.flatnonzero(datasets == name)
+        order = here[np.argsort(rows[here], kind="stable")]
+        cols = pd.Index(gene_ids[name]).get_indexer(shared)
+        adata = st.open_anndata(name)
+        try:
+            for lo in range(0, len(order), COMPARE_BLOCK_ROWS):
+                block = order[lo:lo + COMPARE_BLOCK_ROWS]
+                out[block] = _row_digests(expression_rows(adata, rows[block])[:, cols])
+        finally:
+            _close(adata)
+    return out
+
+
+def _row_digests(block: sp.csr_matrix) -> list[bytes]:
+    """The nonzero (gene position, value) pairs of each row as a 16-byte digest; b"" for an all-zero row."""
+    block = sp.csr_matrix(block)
+    block.eliminate_zeros()  # a stored zero (or -0.0) is no value: equal rows must give equal digests
+    block.sort_indices()
+    indices, data = block.indices.astype(np.int64), block.data.astype(np.float32)
+    found = []
+    for lo, hi in zip(block.indptr[:-1], block.indptr[1:]):
+        if hi == lo:
+            found.append(b"")
+        else:
+            found.append(hashlib.blake2b(indices[lo:hi].tobytes() + data[lo:hi].tobytes(), digest_size=16).digest())
+    return found
+
+
+def _candidate_copies(recurring: pd.DataFrame) -> pd.DataFrame:
+    """Pairs of cells of two datasets with one cell id and equal digests (or one all-zero on the shared genes).
+
+    An all-zero digest says nothing: the two datasets may share more genes than all of them do.
+    """
+    pairs = recurring.merge(recurring, on="cell_id", suffixes=("_a", "_b"))
+    pairs = pairs[pairs["dataset_id_a"] < pairs["dataset_id_b"]]
+    match = (pairs["digest_a"] == pairs["digest_b"]) | (pairs["digest_a"] == b"") | (pairs["digest_b"] == b"")
+    return pairs[match]
 
 
 def _close(adata: ad.AnnData) -> None:
