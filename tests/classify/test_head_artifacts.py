@@ -16,7 +16,6 @@ from scdm.classify.heads import get_head
 from scdm.classify.trained_heads import (
     HeadArtifactError,
     LegacyHeadError,
-    file_hash,
     load_head,
     load_head_artifact,
     predict,
@@ -25,6 +24,7 @@ from scdm.classify.trained_heads import (
     trained_heads,
 )
 from scdm.store import Store
+from scdm.store.hashing import file_blake2b
 from scdm.store.heads import set_head_artifact, trained_head
 from tests.untrusted import RunsCode
 
@@ -150,7 +150,7 @@ def test_trust_pickle_converts_a_legacy_head_once(legacy_store: Store) -> None:
                                        "--trust-pickle"])
     assert result.exit_code == 0, result.output
     record = trained_head(st, LEGACY_HEAD)
-    assert record.artifact_format == "json-npz" and file_hash(st.root / record.path) == record.file_hash
+    assert record.artifact_format == "json-npz" and file_blake2b(st.root / record.path) == record.file_hash
     frame = predict(st, LEGACY_HEAD, "a375")  # no trust needed any more
     np.testing.assert_allclose(frame["proba"].to_numpy(), old, rtol=1e-5, atol=1e-6)
     assert "UNPICKLES" in CliRunner().invoke(main, ["predict", "--help"]).output
@@ -162,7 +162,7 @@ def test_a_planted_pickle_in_a_legacy_head_never_runs(legacy_store: Store, tmp_p
     path = st.root / trained_head(st, LEGACY_HEAD).path
     path.write_bytes(pickle.dumps(RunsCode(pwned)))
     # an attacker who can write the store can also write the catalog's hash
-    st.catalog.execute("UPDATE trained_heads SET file_hash = ? WHERE head_id = ?", [file_hash(path), LEGACY_HEAD])
+    st.catalog.execute("UPDATE trained_heads SET file_hash = ? WHERE head_id = ?", [file_blake2b(path), LEGACY_HEAD])
     with pytest.raises(LegacyHeadError):
         predict(st, LEGACY_HEAD, "a375")
     with pytest.raises(LegacyHeadError):
@@ -192,7 +192,7 @@ def test_a_planted_pickle_in_a_safe_artifact_is_refused_without_running(legacy_s
     else:
         path.write_bytes(pickle.dumps(RunsCode(pwned)))
         fmt = "safetensors"
-    set_head_artifact(st, head_id, artifact_format=fmt, path=record.path, file_hash=file_hash(path), scdm_version="x")
+    set_head_artifact(st, head_id, artifact_format=fmt, path=record.path, file_hash=file_blake2b(path), scdm_version="x")
     with pytest.raises(HeadArtifactError, match="cannot be read as a"):
         predict(st, head_id, "a375")
     assert not pwned.exists()
@@ -231,7 +231,7 @@ def test_trust_pickle_converts_an_old_torch_mlp_head(legacy_store: Store) -> Non
     path.unlink()
     relative = str(old.relative_to(st.root))
     st.catalog.execute("UPDATE trained_heads SET artifact_format = 'torch', path = ?, file_hash = ? WHERE head_id = ?",
-                       [relative, file_hash(old), head_id])
+                       [relative, file_blake2b(old), head_id])
     with pytest.raises(LegacyHeadError, match="torch pickle"):
         load_head(st, head_id)
     loaded = load_head(st, head_id, trust_pickle=True)
@@ -258,4 +258,4 @@ def test_writing_an_artifact_keeps_an_identical_one_and_replaces_a_damaged_one(t
     assert _write_artifact(st, "h1", head) == (path, fmt) and folder.stat().st_ino == inode  # kept, not replaced
     (st.root / path).write_bytes(b"damaged")
     assert _write_artifact(st, "h1", head) == (path, fmt)
-    assert json.loads((folder / "head.json").read_text())["file_hash"] == file_hash(st.root / path)
+    assert json.loads((folder / "head.json").read_text())["file_hash"] == file_blake2b(st.root / path)

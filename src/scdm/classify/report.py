@@ -82,6 +82,7 @@ from scdm.classify.results import (
 from scdm.store import evaluation as records
 from scdm.store.errors import InputDataError
 from scdm.store.genes import space_notes_sql
+from scdm.store.hashing import file_sha256
 from scdm.store.labels import mixed_drugs_sql
 
 if TYPE_CHECKING:
@@ -790,23 +791,13 @@ class _Outputs:
             raise InputDataError(msg)
 
     def record(self, path: Path) -> None:
-        self.written[path.relative_to(self.out).as_posix()] = _sha256(path)
+        self.written[path.relative_to(self.out).as_posix()] = file_sha256(path)
 
     def save_manifest(self) -> None:
         path = self.out / MANIFEST
         partial = path.with_name(path.name + ".tmp")
         partial.write_text(json.dumps({"files": self.written}, indent=1, sort_keys=True) + "\n")
         partial.replace(path)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _remove_earlier_outputs(out: Path) -> None:
@@ -828,7 +819,7 @@ def _remove_earlier_outputs(out: Path) -> None:
     names = sorted((n for n in files if isinstance(n, str) and _REPORT_FILE.fullmatch(n)), key=lambda n: n != "index.html")
     for name in names:
         path = out / name
-        if path.is_file() and not path.is_symlink() and _sha256(path) == files[name]:
+        if path.is_file() and not path.is_symlink() and file_sha256(path) == files[name]:
             path.unlink()
     manifest.unlink()
 

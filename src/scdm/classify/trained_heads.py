@@ -58,6 +58,7 @@ from scdm.classify.results import stale_sql
 from scdm.store.adapters import adapter_dir, tuned_training_rows
 from scdm.store.errors import EmbeddingNotFoundError, InputDataError, ScdmError
 from scdm.store.genes import gene_table_version
+from scdm.store.hashing import file_blake2b
 from scdm.store.heads import (
     HeadNotFoundError,
     Predictions,
@@ -143,15 +144,6 @@ class TrainedHead:
 def _hash_text(*parts: Any) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def file_hash(path: str | os.PathLike[str]) -> str:
-    """blake2b (32 hex digits) of a file's bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _now() -> pd.Timestamp:
@@ -727,7 +719,7 @@ def _convert_legacy(st: Store, record: TrainedHeadRecord, head: BaseHead) -> Non
     """Save an unpickled legacy head in the safe format and point its catalog row at it."""
     relative, artifact_format = _write_artifact(st, record.head_id, head)
     set_head_artifact(st, record.head_id, artifact_format=artifact_format, path=relative,
-                      file_hash=file_hash(st.root / relative), scdm_version=_version())
+                      file_hash=file_blake2b(st.root / relative), scdm_version=_version())
     logger.warning("trained head %s: converted its %s pickle to %s", record.head_id, record.artifact_format, relative)
 
 
@@ -737,7 +729,7 @@ def _artifact_path(st: Store, record: TrainedHeadRecord) -> Path:
         msg = (f"The artifact of trained head {record.head_id} is missing ({str(path)!r}); train it again:\n  "
                f"{retrain_command(st, record)}")
         raise HeadArtifactError(msg)
-    found = file_hash(path)
+    found = file_blake2b(path)
     if found != record.file_hash:
         msg = (f"The artifact {str(path)!r} of trained head {record.head_id} has hash {found}, but the catalog "
                f"recorded {record.file_hash}: the file was changed or corrupted, so it is not loaded. "
@@ -915,7 +907,7 @@ def train_head(
     relative, artifact_format = _write_artifact(st, head_id, estimator)
     if exists:
         set_head_artifact(st, head_id, artifact_format=artifact_format, path=relative,
-                          file_hash=file_hash(st.root / relative), scdm_version=_version(), fit_seconds=fit_seconds)
+                          file_hash=file_blake2b(st.root / relative), scdm_version=_version(), fit_seconds=fit_seconds)
         return head_id
     metrics = _eval_metrics(st, space_id, cells, label_names, category_type, category, head, params_key, float(threshold))
     record = TrainedHeadRecord(
@@ -925,7 +917,7 @@ def train_head(
         embedding_ids=tuple(embedding_ids), datasets=trained_datasets,
         category_type=category_type, category=category, n_train=int(len(y)), n_train_pos=int(y.sum()),
         threshold=float(threshold), train_metrics=json.dumps(metrics) if metrics else None, fit_seconds=fit_seconds,
-        artifact_format=artifact_format, path=relative, file_hash=file_hash(st.root / relative),
+        artifact_format=artifact_format, path=relative, file_hash=file_blake2b(st.root / relative),
         scdm_version=_version(), label_set=label_names, revision=estimator.revision(),
     )
     add_trained_head(st, record)
@@ -958,7 +950,7 @@ def _write_artifact(st: Store, head_id: str, estimator: BaseHead) -> tuple[str, 
         name, artifact_format = save_head_artifact(estimator, tmp)
         _check_round_trip(estimator, load_head_artifact(tmp / name, artifact_format, estimator.name))
         card = {"head_id": head_id, "head": estimator.name, "params": json.loads(estimator.params_key()),
-                "format": artifact_format, "file": name, "file_hash": file_hash(tmp / name), "scdm_version": _version()}
+                "format": artifact_format, "file": name, "file_hash": file_blake2b(tmp / name), "scdm_version": _version()}
         (tmp / "head.json").write_text(json.dumps(card, indent=2) + "\n")
         # another run of the same head may have placed the same artifact first: kept (the same bytes); a
         # leftover of an interrupted run, or a damaged one, is replaced, never deleted under a reader
@@ -974,7 +966,7 @@ def _intact_artifact(folder: Path) -> str | None:
     """The file hash of the complete head artifact in ``folder`` (its file matches its card), or None."""
     try:
         card = json.loads((folder / "head.json").read_text())
-        found = file_hash(folder / str(card["file"]))
+        found = file_blake2b(folder / str(card["file"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return found if found == card["file_hash"] else None

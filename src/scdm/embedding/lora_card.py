@@ -10,7 +10,6 @@ model. Nothing here is unpickled: weights are safetensors, the card is JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from scdm.embedding.lora_training import (
 )
 from scdm.store import canonical_json
 from scdm.store.errors import CheckpointError
+from scdm.store.hashing import digests_hash, file_blake2b
 from scdm.store.leftovers import place_folder, temp_prefix
 
 if TYPE_CHECKING:
@@ -60,18 +60,11 @@ _CARD_FIELDS = frozenset({"adapter_id", "tuning_id", "adapter_hash", "model", "c
 
 def _files_hash(folder: Path) -> str:
     """blake2b over the adapter's weight files (names and contents); a missing file is an error."""
-    total = hashlib.blake2b(digest_size=16)
-    for name in _HASHED_FILES:
-        path = folder / name
-        if not path.is_file():
-            msg = f"Adapter folder {str(folder)!r} is missing {name!r}; it is not a complete scdm LoRA adapter."
-            raise CheckpointError(msg)
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        total.update(name.encode() + b"\x1f" + h.hexdigest().encode())
-    return total.hexdigest()
+    missing = [name for name in _HASHED_FILES if not (folder / name).is_file()]
+    if missing:
+        msg = f"Adapter folder {str(folder)!r} is missing {missing[0]!r}; it is not a complete scdm LoRA adapter."
+        raise CheckpointError(msg)
+    return digests_hash((name, file_blake2b(folder / name)) for name in _HASHED_FILES)
 
 
 def _fixed_params_changed(adapter: Adapter, params: dict[str, Any], trained: dict[str, Any]) -> list[str]:

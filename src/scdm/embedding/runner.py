@@ -15,7 +15,6 @@ of a process that died), so every chunk is computed once (see :class:`store.Embe
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -63,9 +62,10 @@ from scdm.embedding.chunks import (
 from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
 from scdm.store import Embedding, Store, open_store
 from scdm.store.adapters import adapter_dir, adapter_row
-from scdm.store.checkpoints import checkpoint_files
+from scdm.store.checkpoints import checkpoint_content_hash
 from scdm.store.errors import CheckpointError, InputDataError, ScdmError
 from scdm.store.genes import GENE_MATCH, gene_table_version
+from scdm.store.hashing import file_blake2b
 from scdm.store.matrix import iter_row_blocks
 from scdm.store.progress import progress_bar
 
@@ -201,7 +201,6 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
     if files is None and isinstance(folder, ResolvedCheckpoint):
         files = folder.files
     folder = Path(folder)
-    wanted = None if files is None else set(files)
     cache_file = (cache_dir / "checkpoint-hashes.json") if cache_dir else None
     cache: dict[str, str] = {}
     if cache_file and cache_file.exists():
@@ -210,18 +209,16 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
         except (OSError, ValueError):
             cache = {}
     known = len(cache)
-    total = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in checkpoint_files(folder) if wanted is None or p.relative_to(folder).as_posix() in wanted):
+
+    def cached_digest(path: Path) -> str:
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_dev}:{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
         digest = cache.get(key)
         if digest is None:
-            h = hashlib.blake2b(digest_size=16)
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-            digest = cache[key] = h.hexdigest()
-        total.update(str(path.relative_to(folder)).encode() + b"\x1f" + digest.encode())
+            digest = cache[key] = file_blake2b(path)
+        return digest
+
+    total = checkpoint_content_hash(folder, files=files, digest_of=cached_digest)
     if cache_file and len(cache) > known:
         # a temporary of its own: runs started together (one per GPU) write the cache at the same time
         tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -230,7 +227,7 @@ def checkpoint_hash(folder: str | os.PathLike[str], *, cache_dir: Path | None = 
             os.replace(tmp, cache_file)
         finally:
             tmp.unlink(missing_ok=True)
-    return total.hexdigest()
+    return total
 
 
 # ---- batching --------------------------------------------------------------------------------

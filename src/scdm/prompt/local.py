@@ -20,14 +20,13 @@ identity.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from scdm.prompt.backends import Backend, PromptRequestError, Reply
 from scdm.prompt.templates import LABELS
-from scdm.store.checkpoints import checkpoint_files, no_custom_code
+from scdm.store.checkpoints import checkpoint_content_hash, no_custom_code
 from scdm.store.errors import CheckpointError, InputDataError
 
 __all__ = ["HFBackend", "checkpoint_hash"]
@@ -39,16 +38,8 @@ ANSWER_VERSION = "json-cells-v1"
 
 
 def checkpoint_hash(folder: str | Path) -> str:
-    """Content hash of every file of a checkpoint folder (names and bytes)."""
-    folder = Path(folder)
-    total = hashlib.blake2b(digest_size=16)
-    for path in sorted(checkpoint_files(folder)):
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        total.update(str(path.relative_to(folder)).encode() + b"\x1f" + h.hexdigest().encode())
-    return total.hexdigest()
+    """Content hash of every file of a checkpoint folder (names and bytes), as the embedding stage hashes it."""
+    return checkpoint_content_hash(folder)
 
 
 class HFBackend(Backend):

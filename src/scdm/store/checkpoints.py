@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from scdm.store.errors import CheckpointError
+from scdm.store.hashing import digests_hash, file_blake2b
 
-__all__ = ["checkpoint_files", "custom_code_entries", "dangling_links", "no_custom_code"]
+__all__ = ["checkpoint_content_hash", "checkpoint_files", "custom_code_entries", "dangling_links", "no_custom_code"]
 
 _CONFIG_FILES = ("config.json", "tokenizer_config.json")
 """Where a Hugging Face folder names classes of its own Python files (``auto_map``)."""
@@ -37,6 +38,21 @@ def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
     for root, _, names in _walk(folder):
         files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
     return files
+
+
+def checkpoint_content_hash(folder: str | os.PathLike[str], *, files: Collection[str] | None = None,
+                            digest_of: Callable[[Path], str] = file_blake2b) -> str:
+    """Content hash of a checkpoint folder: each of its files' path (relative to ``folder``) and bytes.
+
+    The files are :func:`checkpoint_files`, in sorted order; ``files`` (relative posix paths) limits
+    them to those. ``digest_of`` gives a file's digest (:func:`scdm.store.hashing.file_blake2b`, or a
+    cached one of it): the embedding stage and the prompting arm hash a folder alike, and the digest
+    is part of every stored embedding's identity, so it never changes for the same files.
+    """
+    folder = Path(folder)
+    wanted = None if files is None else set(files)
+    paths = sorted(p for p in checkpoint_files(folder) if wanted is None or p.relative_to(folder).as_posix() in wanted)
+    return digests_hash((str(p.relative_to(folder)), digest_of(p)) for p in paths)
 
 
 def _walk(folder: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
