@@ -126,3 +126,52 @@ def test_the_files_a_model_reads_are_found_through_a_linked_folder(tmp_path: Pat
     before = checkpoint_hash(resolved)
     linked.write_bytes(b"B" * 64)
     assert checkpoint_hash(resolve_checkpoint(folder, "uce")) != before
+
+
+def _big_tree_holding(tmp_path: Path, n_dirs: int = 40, n_files: int = 100) -> tuple[Path, Path]:
+    """A tree of ``n_dirs * n_files`` files with a checkpoint folder deep inside it (as a home folder holds one)."""
+    big = tmp_path / "home"
+    for d in range(n_dirs):
+        (big / f"d{d}").mkdir(parents=True)
+        for f in range(n_files):
+            (big / f"d{d}" / f"f{f}.bin").write_bytes(b"x")
+    folder = big / "models" / "llm"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    return big, folder
+
+
+@pytest.mark.parametrize("hash_of", [checkpoint_hash, prompt_checkpoint_hash], ids=["embedding", "prompt"])
+def test_a_link_to_a_folder_holding_the_checkpoint_is_not_walked(tmp_path: Path, hash_of: Callable[[Path], str]) -> None:
+    """A link to ``/`` (here: to the big tree around the checkpoint) made the hash walk every file under it.
+
+    It is left out, with a warning that names it; the checkpoint hashes as it does without the link.
+    """
+    from scdm.store.checkpoints import checkpoint_files
+    from scdm.store.errors import CheckpointLinkWarning
+
+    big, folder = _big_tree_holding(tmp_path)
+    plain = hash_of(folder)
+    os.symlink(big, folder / "root")  # as `ln -s / root` would
+    os.symlink(tmp_path, folder / "sub_of_nothing")
+    with pytest.warns(CheckpointLinkWarning) as caught:
+        assert sorted(p.name for p in checkpoint_files(folder)) == ["config.json", "model.safetensors"]  # not its 4,000
+    assert sorted(str(w.message).split(" to ")[0].rsplit(" ", 1)[-1] for w in caught) == ["'root'", "'sub_of_nothing'"]
+    assert "a folder that holds the checkpoint folder itself" in str(caught[0].message)
+    with pytest.warns(CheckpointLinkWarning, match="holds a link 'root' to "):
+        assert hash_of(folder) == plain
+
+
+def test_a_link_out_to_a_folder_not_holding_the_checkpoint_is_still_walked(tmp_path: Path) -> None:
+    """The links left out are those to a folder around the checkpoint; a shared folder linked in still counts."""
+    import warnings
+
+    from scdm.store.checkpoints import checkpoint_files
+
+    big, folder = _big_tree_holding(tmp_path, n_dirs=2, n_files=3)
+    os.symlink(big / "d1", folder / "shared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(p.relative_to(folder).as_posix() for p in checkpoint_files(folder)) == [
+            "config.json", "model.safetensors", "shared/f0.bin", "shared/f1.bin", "shared/f2.bin"]

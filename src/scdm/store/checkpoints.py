@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import warnings
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
-from scdm.store.errors import CheckpointError
+from scdm.store.errors import CheckpointError, CheckpointLinkWarning
 from scdm.store.hashing import digests_hash, file_blake2b
 
 __all__ = ["checkpoint_content_hash", "checkpoint_files", "custom_code_entries", "dangling_links", "no_custom_code"]
@@ -27,7 +29,9 @@ def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
     A checkpoint folder may link a large shared folder in (UCE's ``protein_embeddings/``, a
     Geneformer ``geneformer/``): the loaders read through the link, so the hash must too
     (``Path.rglob`` does not descend into a linked folder). A folder reached twice (a link to one
-    of its parents) is walked once.
+    of its own sub-folders, or to itself) is walked once. A link to a folder that holds the checkpoint
+    folder (``ln -s / root``, a link to a parent) is not walked, with a :class:`CheckpointLinkWarning`
+    naming it: it made the hash read every file around the checkpoint (a 20,000-file tree: 8 s).
 
     Hidden folders are tools' bookkeeping that no loader reads: ``hf download --local-dir`` writes
     ``.cache/huggingface/download/*.metadata`` with the time of the download (counted, the same
@@ -56,7 +60,9 @@ def checkpoint_content_hash(folder: str | os.PathLike[str], *, files: Collection
 
 
 def _walk(folder: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk`` through linked sub-folders, each real folder once, hidden folders left out."""
+    """``os.walk`` through linked sub-folders, each real folder once, hidden folders left out, and links to a
+    folder that holds ``folder`` itself left out with a warning (:func:`_holds_the_checkpoint`)."""
+    top = os.path.realpath(folder)
     seen = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -64,8 +70,28 @@ def _walk(folder: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list
             dirs.clear()
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _holds_the_checkpoint(os.path.join(root, d), top, folder)]
         yield root, dirs, names
+
+
+def _holds_the_checkpoint(path: str, top: str, folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a link to a folder that holds the checkpoint folder (real path ``top``): ``/``, the
+    home folder, a parent. Walked, it would be the whole tree around the checkpoint (all of ``/``: hours,
+    and every file on the machine in its hash), none of which a loader reads as the checkpoint's own; it
+    is left out (warned of, naming the link). A link to the folder itself is walked once, as any folder
+    reached twice. A link to another folder (a shared ``protein_embeddings/``) is walked: loaders read
+    through it, so the hash must too."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    if target == top or not (top + os.sep).startswith(target.rstrip(os.sep) + os.sep):
+        return False
+    msg = (f"The checkpoint folder {os.fspath(folder)!r} holds a link {os.path.relpath(path, folder)!r} to {target!r}, a "
+           "folder that holds the checkpoint folder itself; scdm does not walk it (it would read the whole tree "
+           "around the checkpoint into its content hash), so no file under it is part of the checkpoint. Remove "
+           f"the link (rm {shlex.quote(path)}) if nothing reads through it.")
+    warnings.warn(msg, CheckpointLinkWarning, stacklevel=2)
+    return True
 
 
 def custom_code_entries(folder: str | os.PathLike[str]) -> list[str]:

@@ -28,6 +28,7 @@ __all__ = [
     "GeneMappingError",
     "UnknownModelError",
     "ScdmWarning",
+    "CheckpointLinkWarning",
 ]
 
 
@@ -155,3 +156,8 @@ class UnknownModelError(ScdmError, KeyError):
 
 class ScdmWarning(UserWarning):
     """Something scdm coerced or chose on the user's behalf."""
+
+
+class CheckpointLinkWarning(ScdmWarning):
+    """A checkpoint folder links a folder that holds it (``/``, a parent); scdm left the link out of the
+    checkpoint's files and content hash."""
