@@ -23,7 +23,7 @@ import pandas as pd
 from scdm.classify.heads import HEADS, REVISION_NOTES, head_revision
 from scdm.classify.metrics import METRICS
 from scdm.store.errors import InputDataError
-from scdm.store.evaluation import OUTSIDE_GRID_REVISIONS, unanswered_sql
+from scdm.store.evaluation import OUTSIDE_GRID_REVISIONS, stored_revision_sql, unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.labels import mixed_drugs_sql
 from scdm.store.prompts import older_batching_note, older_parser_note, older_prompt_sql
@@ -262,13 +262,6 @@ def leaderboard(
     return st.query(sql, args)
 
 
-def _stored_revision(alias: str) -> str:
-    """SQL: the revision of its head a ``results`` row was fitted with (its run config's ``head_revisions``;
-    1 for runs of an scdm that recorded none)."""
-    return (f"coalesce(TRY_CAST(json_extract_string((SELECT e.config FROM eval_runs e WHERE e.run_id = {alias}.run_id), "
-            f"'/head_revisions/' || {alias}.head) AS INTEGER), 1)")
-
-
 def _current_revisions(st: Store) -> dict[tuple[str, str], int]:
     """(head, head_params) -> this scdm's revision of that head, for the stored configurations above 1."""
     stored = st.query("SELECT DISTINCT head, CAST(head_params AS VARCHAR) AS params FROM eval_tasks "
@@ -285,27 +278,27 @@ def _current_revisions(st: Store) -> dict[tuple[str, str], int]:
 
 
 def older_revision_sql(st: Store, alias: str) -> str:
-    """SQL condition on a ``results`` row ``alias``: fitted by an earlier revision of its head (with its
+    """SQL condition on a ``results`` or ``eval_results`` row ``alias``: fitted by an earlier revision of its head (with its
     parameters) than this scdm's (:meth:`BaseHead.revision`)."""
     return _revision_condition(_current_revisions(st), alias)
 
 
 def newer_revision_sql(st: Store, alias: str) -> str:
-    """SQL condition on a ``results`` row ``alias``: fitted by a later revision of its head than this scdm
+    """SQL condition on a ``results`` or ``eval_results`` row ``alias``: fitted by a later revision of its head than this scdm
     knows (a newer scdm writing to a shared store). Its numbers come from code this scdm does not run, so
     they are neither this revision's result nor averaged with it."""
     return _revision_condition(_current_revisions(st), alias, "newer")
 
 
 def _revision_condition(current: dict[tuple[str, str], int], alias: str, which: str = "older") -> str:
-    """SQL: a row ``alias`` whose run's revision of its head is below (``older``) or above (``newer``)
-    ``current`` (see :func:`older_revision_sql`)."""
+    """SQL: a row ``alias`` whose run's revision of its head (:func:`scdm.store.evaluation.stored_revision_sql`) is
+    below (``older``) or above (``newer``) ``current`` (see :func:`older_revision_sql`)."""
     if which == "older" and not current:
         return "FALSE"  # every stored configuration is at revision 1, the lowest
     cases = " ".join(f"WHEN {alias}.head = {_lit(head)} AND CAST({alias}.head_params AS VARCHAR) = {_lit(params)} "
                      f"THEN {revision}" for (head, params), revision in sorted(current.items()))
     this_scdms = f"CASE {cases} ELSE 1 END" if cases else "1"
-    return f"({_stored_revision(alias)} {'<' if which == 'older' else '>'} {this_scdms})"
+    return f"({stored_revision_sql(alias)} {'<' if which == 'older' else '>'} {this_scdms})"
 
 
 def _lit(value: str) -> str:
@@ -313,7 +306,7 @@ def _lit(value: str) -> str:
 
 
 def stale_sql(st: Store, alias: str) -> str:
-    """SQL condition on a ``results`` row ``alias``: its numbers are known to be wrong now (an older
+    """SQL condition on a ``results`` or ``eval_results`` row ``alias``: its numbers are known to be wrong now (an older
     scdm's head revision, prompting answers read by an older parser, or zero-shot requests an older scdm
     composed by the splits asked); readers leave them out."""
     return f"({older_revision_sql(st, alias)} OR {newer_revision_sql(st, alias)} OR {older_prompt_sql(alias)})"
@@ -339,7 +332,7 @@ def stale_notes(st: Store) -> list[str]:
 
 
 def _newer_revision_notes(st: Store, current: dict[tuple[str, str], int]) -> list[str]:
-    newer = st.query(f"SELECT x.head, max({_stored_revision('x')}) AS revision, count(DISTINCT x.task_id) AS n "
+    newer = st.query(f"SELECT x.head, max(x.revision) AS revision, count(DISTINCT x.task_id) AS n "
                      f"FROM results x WHERE {_revision_condition(current, 'x', 'newer')} GROUP BY x.head ORDER BY x.head")
     return [f"{n} {head} tasks were fitted by a newer scdm (revision {revision} of {head}; this scdm has "
             f"{max((r for (h, _), r in current.items() if h == head), default=1)}) and are left out, not averaged "

@@ -54,6 +54,7 @@ __all__ = [
     "forget_variant_tasks",
     "respell_head_params",
     "stored_head_params",
+    "stored_revision_sql",
     "OUTSIDE_GRID_REVISIONS",
 ]
 
@@ -408,9 +409,17 @@ def _tasks_without_predictions(con: duckdb.DuckDBPyConnection, task_ids: set[str
     return set(task_ids) - with_rows
 
 
-_STORED_REVISION = "coalesce(TRY_CAST(json_extract_string(r.config, '/head_revisions/' || t.head) AS INTEGER), 1)"
-"""SQL: the revision of its head an ``eval_tasks`` row ``t`` was fitted with, from its run ``r``'s config
-(``head_revisions``; 1 for runs of an scdm that recorded none)."""
+def stored_revision_sql(alias: str) -> str:
+    """SQL: the revision of its head that fitted a row ``alias`` of ``eval_tasks``, ``eval_results`` or the
+    ``results`` view (a row with ``run_id`` and ``head``): its run's ``config.head_revisions``, 1 for a run of an
+    scdm that recorded none.
+
+    The one spelling of it outside the ``results`` view, whose ``revision`` column (migration 0018, which
+    parses each run's config once) is the same value: ``tests/store/test_stored_revision.py`` holds the two
+    to each other.
+    """
+    return (f"coalesce(TRY_CAST(json_extract_string((SELECT _run.config FROM eval_runs _run WHERE _run.run_id = {alias}.run_id), "
+            f"'/head_revisions/' || {alias}.head) AS INTEGER), 1)")
 
 
 def same_fits(st: Store, keys: Sequence[TaskKey]) -> dict[str, str]:
@@ -432,8 +441,8 @@ def same_fits(st: Store, keys: Sequence[TaskKey]) -> dict[str, str]:
     stored = st.query(
         "SELECT t.task_id AS stored, t.space_id, t.split_id, t.fold, t.head, CAST(t.head_params AS VARCHAR) AS head_params, "
         "coalesce(t.label_set, '') AS label_set, "
-        f"{_STORED_REVISION} AS revision "
-        "FROM eval_tasks t LEFT JOIN eval_runs r USING (run_id) "
+        f"{stored_revision_sql('t')} AS revision "
+        "FROM eval_tasks t "
         "WHERE list_contains(?, t.space_id) AND list_contains(?, t.split_id) ORDER BY t.task_id",
         [sorted(set(planned["space_id"])), sorted(set(planned["split_id"]))])
     if stored.empty:
@@ -519,8 +528,8 @@ def forget_older_revisions(st: Store, revisions: dict[str, int]) -> int:
     sql = f"""
         WITH t AS (
             SELECT t.task_id, t.space_id, t.split_id, t.fold, t.head, t.head_params, t.label_set,
-                   {_STORED_REVISION} >= c.revision AS current
-            FROM eval_tasks t JOIN _scdm_revisions c USING (head) LEFT JOIN eval_runs r USING (run_id)
+                   {stored_revision_sql('t')} >= c.revision AS current
+            FROM eval_tasks t JOIN _scdm_revisions c USING (head)
         )
         SELECT old.task_id FROM t old JOIN t new
           ON old.space_id = new.space_id AND old.split_id = new.split_id AND old.fold = new.fold
@@ -572,9 +581,9 @@ def _later_copies(con: duckdb.DuckDBPyConnection, task_ids: list[str]) -> list[s
     rows = con.execute(f"""
         WITH t AS (
             SELECT t.task_id, t.space_id, t.split_id, t.fold, t.head, CAST(t.head_params AS VARCHAR) AS params,
-                   coalesce(t.label_set, '') AS label_set, {_STORED_REVISION} AS revision, t.created_at,
+                   coalesce(t.label_set, '') AS label_set, {stored_revision_sql('t')} AS revision, t.created_at,
                    EXISTS (SELECT 1 FROM eval_predictions p WHERE p.task_id = t.task_id) AS predicted
-            FROM eval_tasks t LEFT JOIN eval_runs r USING (run_id)
+            FROM eval_tasks t
         ), ranked AS (
             SELECT task_id, list_contains(?, task_id) AS respelled, row_number() OVER (
                 PARTITION BY space_id, split_id, fold, head, params, label_set, revision
