@@ -11,11 +11,13 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from scdm.server.jobs import JobBoard, JobHandle
@@ -126,3 +128,105 @@ def _wait_board(board: JobBoard, job_id: str) -> Any:
     while (record := board.get(job_id)).active and time.monotonic() < deadline:
         time.sleep(0.02)
     return record
+
+
+# ---- jobs beside a block of scdm's code that silences or collects warnings -------------------
+# ``warnings.catch_warnings`` swaps the process-wide filters and showwarning (Python 3.11): while one
+# job's thread was inside such a block, a warning of the job running beside it was ignored (metrics,
+# splits) or recorded into the other job's list (the logreg fit), and that job read done without it.
+def _metrics_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    from sklearn import metrics as skm
+
+    from scdm.store.metrics import compute_metrics
+
+    real = skm.adjusted_mutual_info_score
+
+    def paused(*args: Any, **kwargs: Any) -> float:
+        inside()
+        return float(real(*args, **kwargs))
+
+    monkeypatch.setattr(skm, "adjusted_mutual_info_score", paused)
+    return lambda: compute_metrics(np.array([0, 1, 0, 1]), np.array([0.2, 0.8, 0.3, 0.6]))
+
+
+def _logreg_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    from sklearn.linear_model import LogisticRegression
+
+    from scdm.classify.heads import LogRegHead
+
+    real = LogisticRegression.fit
+
+    def paused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        inside()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", paused)
+    X, y = np.random.default_rng(0).normal(size=(20, 3)), np.array([0, 1] * 10)
+    return lambda: LogRegHead().fit(X, y) and None
+
+
+def _splits_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    import pandas as pd
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from scdm.store import splits
+
+    real = StratifiedGroupKFold.split
+
+    def paused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        inside()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StratifiedGroupKFold, "split", paused)
+    cells = pd.DataFrame({"study": ["s"] * 12, "sample": [f"p{i % 6}" for i in range(12)], "response": [0, 1] * 6})
+    return lambda: splits._sample_folds(cells, 3, 0) and None  # the grouped folds of split_scheme='sample'
+
+
+
+@pytest.mark.parametrize("block", [_metrics_block, _logreg_block, _splits_block], ids=["metrics", "logreg", "splits"])
+def test_a_job_keeps_its_warnings_while_the_job_beside_it_is_inside_a_quiet_block(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: Callable[..., Callable[[], None]]) -> None:
+    board = JobBoard(tmp_path / "jobs", max_jobs=2)
+    both_running = threading.Barrier(2, timeout=10)
+    inside, warned = threading.Event(), threading.Event()
+
+    def pause_inside() -> None:  # called inside the block, in the first job's thread only
+        if not inside.is_set():
+            inside.set()
+            assert warned.wait(10), "the second job never warned"
+
+    quiet = block(pause_inside, monkeypatch)
+
+    def first(job: JobHandle) -> None:
+        both_running.wait()
+        quiet()
+
+    def second(job: JobHandle) -> None:
+        both_running.wait()
+        assert inside.wait(10), "the first job never entered its block"
+        warnings.warn("second warned", ScdmWarning, stacklevel=1)
+        warned.set()
+
+    ids = [board.submit("report", first).job_id, board.submit("predict", second).job_id]
+    done = [_wait_board(board, job_id) for job_id in ids]
+    assert [j.state for j in done] == ["done", "done"], [j.message for j in done]
+    assert done[1].warnings == ["warning: second warned"]
+    assert done[0].warnings == []
+
+
+def test_a_job_gets_the_warnings_given_in_the_threads_its_work_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scdm.classify import _threads
+
+    monkeypatch.setattr(_threads, "cpu_budget", lambda: 2)  # map_solves runs its items in a pool of two threads
+    board = JobBoard(tmp_path / "jobs")
+
+    def solve(i: int) -> str:
+        warnings.warn(f"solve {i} warned", ScdmWarning, stacklevel=1)
+        _log.warning("solve %d logged", i)
+        return threading.current_thread().name
+
+    names: list[str] = []
+    job = _wait_board(board, board.submit("report", lambda job: names.extend(_threads.map_solves(solve, range(2)))).job_id)
+    assert job.state == "done", job.message
+    assert all(name.startswith("scdm-solve") for name in names), names
+    assert sorted(job.warnings) == ["solve 0 logged", "solve 1 logged", "warning: solve 0 warned", "warning: solve 1 warned"]

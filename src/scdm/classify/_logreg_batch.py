@@ -40,6 +40,7 @@ from scipy.special import expit
 
 from scdm.classify._threads import current_blas_threads, solve_threads
 from scdm.classify.heads import column_moments
+from scdm.store.warning_scopes import in_context
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -279,7 +280,7 @@ class _Problem:
                 free.append(buffer)
 
         assert self.workers is not None
-        return list(self.workers.map(one, self.groups))
+        return list(self.workers.map(in_context(one), self.groups))  # the caller's warning blocks and job cover the threads
 
     def _parts(self, active: np.ndarray, v32: np.ndarray, beta32: np.ndarray,
                n_k32: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import textwrap
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
+
+from scdm.store.warning_scopes import ignoring
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -536,8 +537,7 @@ def project(X: np.ndarray, *, method: str, seed: int) -> tuple[np.ndarray, str, 
         from sklearn.neighbors import NearestNeighbors
 
         knn_dists, knn_indices = NearestNeighbors(n_neighbors=n_neighbors).fit(reduced).kneighbors(reduced)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # umap warns that random_state disables parallelism
+        with ignoring():  # umap warns that random_state disables parallelism
             model = umap.UMAP(n_neighbors=n_neighbors, min_dist=0.3, random_state=seed, n_epochs=200,
                               precomputed_knn=(knn_indices, knn_dists))
             coords = model.fit_transform(reduced)

@@ -40,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from scdm.store.warning_scopes import in_context
+
 __all__ = [
     "GEMM_MIN_ENTRIES", "cgroup_cpu_quota", "cpu_budget", "current_blas_threads", "gemm_threads", "map_solves", "product_threads",
     "solve_threads",
@@ -154,4 +156,4 @@ def map_solves(fn: Callable[[T], R], items: Iterable[T], *, jobs: int = 1) -> li
         if width <= 1:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(max_workers=width, thread_name_prefix="scdm-solve") as pool:
-            return list(pool.map(fn, items))
+            return list(pool.map(in_context(fn), items))  # the caller's warning blocks and job cover the threads

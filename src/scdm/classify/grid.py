@@ -66,6 +66,7 @@ from scdm.store.errors import (
 )
 from scdm.store.matrix import copied_cells
 from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions, split_seed
+from scdm.store.warning_scopes import in_context, once_each
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -512,7 +513,8 @@ def _run_tasks(tasks: list[Task], jobs: int) -> Iterator[Outcome]:
     # (BLAS, torch, LightGBM) release the GIL. Each fit runs on the one math thread _math_threads set
     # (as with jobs=1 and on Ray): cpu_budget() // jobs threads each gave other numbers on larger machines.
     parallel = Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")
-    yield from parallel(delayed(fit_task)(task) for task in tasks)
+    # each fit in the caller's context: its warning blocks (once_each) and a server job's record cover the threads
+    yield from parallel(delayed(in_context(fit_task))(task) for task in tasks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,8 +705,7 @@ def evaluate(
             batched = [t for t in pending if t.head in _BATCHED_HEADS]
             others = [t for t in pending if t.head not in _BATCHED_HEADS]
             space_jobs = _space_jobs(space, jobs, len(others))
-            with warnings.catch_warnings(), _math_threads(space, space_jobs, torch_heads=any(runs_torch(t.head, t.params) for t in others)):
-                warnings.simplefilter("once")
+            with once_each(), _math_threads(space, space_jobs, torch_heads=any(runs_torch(t.head, t.params) for t in others)):
                 # Ray: ridge stays here (shared Gram statistics); a split's logreg folds are one Ray task.
                 outcomes = (_chain(_batched_outcomes(space, batched), _run_tasks(others, space_jobs)) if pool is None
                             else pool.outcomes(space, [t for t in pending if t.head != "ridge"], bar=bar,

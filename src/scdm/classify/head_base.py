@@ -47,6 +47,7 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import validate_data
 
 from scdm.store.errors import InputDataError, ScdmError, ScdmWarning
+from scdm.store.warning_scopes import in_context
 
 __all__ = [
     "NONE",
@@ -620,7 +621,7 @@ def column_moments(X: np.ndarray, masks: np.ndarray | None = None, *,
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=width, thread_name_prefix="scdm-moments") as pool:
-            parts = list(pool.map(sums, groups))
+            parts = list(pool.map(in_context(sums), groups))
     else:
         parts = [sums(group) for group in groups]
     s1 = np.zeros((weights.shape[1], dim))

@@ -70,6 +70,7 @@ from scdm.classify.head_base import (
 )
 from scdm.store.errors import InputDataError
 from scdm.store.evaluation import OUTSIDE_GRID_REVISIONS
+from scdm.store.warning_scopes import recording
 
 logger = logging.getLogger(__name__)
 
@@ -596,8 +597,9 @@ class LogRegHead(BaseHead):
             X = (X - mean) / scale
         previous = getattr(self, "model_", None) if self.warm_start else None
         model = previous or LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol, warm_start=self.warm_start)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
+        # every warning of the fit collected, not shown (each time: Python shows one once per code line), in this
+        # context only: a server job fitting beside this one keeps its own warnings
+        with recording() as caught:
             model.fit(X, y)
         self.model_ = model
         self._install(model.coef_[0], float(model.intercept_[0]), mean=mean, scale=scale,

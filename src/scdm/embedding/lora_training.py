@@ -27,6 +27,7 @@ import numpy as np
 
 from scdm.embedding._adapter import Adapter
 from scdm.store.errors import CheckpointError, ScdmError, ScdmWarning
+from scdm.store.warning_scopes import ignoring
 
 if TYPE_CHECKING:
     import torch
@@ -249,8 +250,7 @@ def _set_checkpointing(model: Any, model_name: str, on: bool) -> bool:
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """peft asks transformers 5 models for a deprecated property; that FutureWarning is not the user's to fix."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with ignoring(FutureWarning, message=".*is_gradient_checkpointing.*"):
         yield
 
 

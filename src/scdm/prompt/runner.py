@@ -30,6 +30,7 @@ from scdm.prompt.answers import label_scores, parse_answer
 from scdm.prompt.backends import Backend, PromptRequestError, Reply, TransientError
 from scdm.store.errors import InputDataError
 from scdm.store.prompts import ANSWER_PARSER_VERSION, PromptAnswer, PromptRecord, load_prompts, save_prompts
+from scdm.store.warning_scopes import in_context
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -278,7 +279,7 @@ def send_requests(st: Store, backend: Backend, requests: Sequence[Request], *, t
         def submit_next() -> None:
             request = next(queue, None)
             if request is not None:
-                running[pool.submit(_send_one, backend, request, policy, limiter, template_hash)] = request
+                running[pool.submit(in_context(_send_one), backend, request, policy, limiter, template_hash)] = request
 
         for _ in range(workers):
             submit_next()

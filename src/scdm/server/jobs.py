@@ -12,13 +12,16 @@ restarted) is answered as failed, not as running forever.
 
 A job's record also carries the warnings its work gave, as ``scdm`` prints them on the command
 line: scdm's warnings (``warning: ...``) and its logged warnings. They are told apart by the job
-running in the thread that gave them, so a job never shows another's.
+whose context gave them (its thread, and the threads its work starts through scdm's pools), so a
+job never shows another's; the blocks of scdm's own code that silence or collect warnings act in
+their job's context only (:mod:`scdm.store.warning_scopes`), never on a job running beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -39,6 +42,7 @@ from typing import Any
 
 from scdm.store.errors import ScdmError, ScdmWarning
 from scdm.store.progress import warning_line
+from scdm.store.warning_scopes import receiving
 
 try:  # POSIX: slots shared by the worker processes; elsewhere one process, threads only
     import fcntl
@@ -327,7 +331,8 @@ class JobBoard:
         _capture_job_warnings()
         running = _RUNNING.set(handle)
         try:
-            self._work(item)
+            with receiving(functools.partial(_job_warning, handle)):
+                self._work(item)
         finally:
             _RUNNING.reset(running)
 
@@ -399,27 +404,21 @@ def _handled_elsewhere(record: logging.LogRecord, mine: logging.Handler) -> bool
 _LOG_HANDLER = _JobLogHandler()
 
 
-def _capture_job_warnings() -> None:
-    """Route the warnings given in a job's thread to its record; the server's log still gets them.
+def _job_warning(job: JobHandle, shown: warnings.WarningMessage) -> None:
+    """The job's record gets the scdm warnings its work shows, in the words ``scdm`` prints them."""
+    if issubclass(shown.category, ScdmWarning):
+        job.warn(warning_line(shown.message))
 
-    Checked at every job's start rather than once: a ``warnings.catch_warnings`` block elsewhere in
-    the process puts back the ``showwarning`` it found, and the server runs in whatever state its
-    host (``scdm serve``, a test, a notebook) left. ``always``, as ``scdm`` commands do: Python's
+
+def _capture_job_warnings() -> None:
+    """Route the logged warnings of a job's work to its record (:func:`receiving` routes its warnings); the
+    server's log still gets them.
+
+    Checked at every job's start rather than once: the server runs in whatever state its host
+    (``scdm serve``, a test, a notebook) left. ``always``, as ``scdm`` commands do: Python's
     default shows a warning once per code line and process, so a second job on the same data
     would not get it.
     """
-    if not getattr(warnings.showwarning, "_scdm_job", False):
-        previous = warnings.showwarning
-
-        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                 file: Any = None, line: str | None = None) -> None:
-            job = _RUNNING.get()
-            if job is not None and issubclass(category, ScdmWarning):
-                job.warn(warning_line(message))
-            previous(message, category, filename, lineno, file, line)
-
-        show._scdm_job = True  # type: ignore[attr-defined]
-        warnings.showwarning = show
     if warnings.filters[:1] != [("always", None, ScdmWarning, None, 0)]:
         warnings.filterwarnings("always", category=ScdmWarning)
     scdm_logger = logging.getLogger("scdm")

@@ -51,6 +51,7 @@ from scdm.store.errors import (
     StoreReadOnlyError,
 )
 from scdm.store.genes import gene_table_note_sql
+from scdm.store.warning_scopes import ignoring, in_context
 from scdm.store.wording import offers, option
 
 if TYPE_CHECKING:
@@ -604,7 +605,7 @@ class ChunkWriter:
             raise _removed_error(self.emb.embedding_id, f"its array {self.emb.location} is gone")
         while len(self._in_flight) >= self.max_in_flight:
             self._drain(wait=True, at_most=1)
-        future = self._pool.submit(self._write_file, chunk, lo, block)
+        future = self._pool.submit(in_context(self._write_file), chunk, lo, block)
         self._in_flight.append((future, [self.emb.embedding_id, chunk, block.shape[0], None, seconds, _token_lengths_json(token_lengths)]))
         self._drain(wait=False)
         if time.monotonic() - self._last_commit >= self.commit_every_s:
@@ -1926,8 +1927,7 @@ def _file_labels_differ(adata: ad.AnnData, ls: labels.LabelSet, stored: np.ndarr
     if ls.label_key is None or ls.label_key not in adata.obs.columns:
         return 0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with ignoring():  # the ingest's own warnings about the column were given when it was stored
             read = _ingest.normalise_response(adata.obs[ls.label_key], positive=ls.positive, unknown_values=ls.unknown_values)
     except InputDataError:
         return adata.n_obs  # the column no longer reads as labels with these options: none of it is the store's

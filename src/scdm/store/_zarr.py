@@ -55,6 +55,7 @@ from scdm.store._constants import (
     VERSION_ATTR,
 )
 from scdm.store.errors import ArrayMetadataError, ChunkCorruptError, InputDataError, StoreFormatError
+from scdm.store.warning_scopes import in_context
 
 if TYPE_CHECKING:
     from zarr.codecs.blosc import CName
@@ -895,7 +896,7 @@ def _read_all(layout: _RawLayout, n_rows: int, dim: int, out_dtype: str, checksu
         for i in range(layout.n_chunks()):
             lo, hi = layout.bounds(i)
             expected = checksums.get(i) if checksums is not None else None
-            jobs.append(_readers().submit(_load_raw_chunk, layout, i, flat[lo * row_bytes:hi * row_bytes], expected,
+            jobs.append(_readers().submit(in_context(_load_raw_chunk), layout, i, flat[lo * row_bytes:hi * row_bytes], expected,
                                           trust_cache=True))
         for job in jobs:
             job.result()  # raises the first bad chunk's error: no data is returned

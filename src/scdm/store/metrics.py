@@ -10,13 +10,13 @@ averaged into a leaderboard as if the head had failed.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn import metrics as skm
 
 from scdm.store.errors import InputDataError
+from scdm.store.warning_scopes import ignoring
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, threshold: float =
         values["ap"] = _average_precision(y, p, n_pos)
     denom = float(tp + fp) * float(tp + fn) * float(tn + fp) * float(tn + fn)
     values["mcc"] = (tp * tn - fp * fn) / np.sqrt(denom) if denom > 0 else 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn warns on constant predictions; we flag instead
+    with ignoring():  # sklearn warns on constant predictions; we flag instead
         values["ami"] = float(skm.adjusted_mutual_info_score(y, pred))
         values["ari"] = float(skm.adjusted_rand_score(y, pred))
     if np.unique(pred).size == 1:

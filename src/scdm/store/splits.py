@@ -59,6 +59,7 @@ import pandas as pd
 
 from scdm.store.errors import InputDataError, ScdmWarning
 from scdm.store.evaluation import forget_tasks
+from scdm.store.warning_scopes import ignoring
 
 if TYPE_CHECKING:
     import duckdb
@@ -433,8 +434,7 @@ def _sample_folds(cells: pd.DataFrame, n_folds: int, seed: int) -> tuple[np.ndar
         logger.warning("split_scheme='sample': only %d samples, so %d folds instead of %d", n_groups, k, n_folds)
     folds = np.empty(len(cells), np.int64)
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny data
+    with ignoring(UserWarning):  # "least populated class" on tiny data
         for fold, (_, test) in enumerate(sgkf.split(np.zeros(len(cells)), cells[_strata_column(cells)].to_numpy(), groups)):
             folds[test] = fold
     return folds, k
