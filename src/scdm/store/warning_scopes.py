@@ -87,7 +87,8 @@ def _install(categories: tuple[type[Warning], ...]) -> None:
                 with contextlib.suppress(ValueError):
                     filters.remove(entry)
                 filters.insert(0, entry)
-        _forget_shown()
+        if categories:
+            _forget_shown()
 
 
 def _forget_shown() -> None:
