@@ -215,8 +215,9 @@ def test_upload_is_ingested_embedded_with_the_baseline_and_predicted(server: Ser
     assert done["state"] == "done", done
     result = done["result"]
     assert result["dataset"] == "newbatch" and result["n_cells"] == 50 and result["requested_head_id"] == server.info["head_id"]
-    assert (server.store / "uploads" / job["job_id"] / "batch.h5ad").is_file()
-    assert not list(server.store.glob("uploads/**/.*.part"))
+    # the store keeps its own copy of the data: the upload is removed when its job ends, done too
+    assert not (server.store / "uploads" / job["job_id"]).exists()
+    assert not list(server.store.glob(f"uploads/.{job['job_id']}.lock"))
     status, rows = server.json("GET", f"/api/predictions?head_id={result['head_id']}&dataset=newbatch")
     assert status == 200 and len(rows) == 50 and {r["cell_id"] for r in rows} == set(adata.obs_names)
     # the head retrained in the joint space saw the same training cells and settings

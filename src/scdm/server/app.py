@@ -26,8 +26,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scdm.server.config import ServerConfig, ServerState, version
-from scdm.server.jobs import JobBoard, JobNotFoundError
-from scdm.server.routes import router
+from scdm.server.jobs import JobBoard, JobNotFoundError, remove_abandoned_folders
+from scdm.server.routes import UPLOADS_DIR, router
 from scdm.server.security import Guard, SecurityPolicy, check_token, is_loopback
 from scdm.store import Store, open_store
 from scdm.store.errors import (
@@ -127,8 +127,13 @@ def create_app(store: str | os.PathLike[str] | Store | None = None, config: Serv
     """
     config = config or ServerConfig(**settings)
     policy = SecurityPolicy(config.token, bytes.fromhex(config.session_key), config.allowed_hosts, config.bind_host)
-    state = ServerState(store=open_store(store), config=config, jobs=JobBoard(config.jobs_dir, max_jobs=config.max_jobs),
-                        templates=_templates(), policy=policy)
+    st = open_store(store)
+    uploads = st.root.resolve() / UPLOADS_DIR
+    if not st.read_only:  # uploads of a server (worker) that stopped before their jobs ended
+        remove_abandoned_folders(uploads)
+    jobs = JobBoard(config.jobs_dir, max_jobs=config.max_jobs,
+                    on_dead=None if st.read_only else lambda record: remove_abandoned_folders(uploads, [record.job_id]))
+    state = ServerState(store=st, config=config, jobs=jobs, templates=_templates(), policy=policy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

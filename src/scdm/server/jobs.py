@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobBoard", "JobHandle", "JobRecord", "JobNotFoundError", "new_job_id"]
+__all__ = ["JobBoard", "JobFolder", "JobHandle", "JobRecord", "JobNotFoundError", "new_job_id", "remove_abandoned_folders"]
 
 ACTIVE_STATES = ("queued", "running")
 _SLOT_POLL_S = 0.1
@@ -141,9 +141,13 @@ class JobBoard:
         new temporary folder, removed when the board is garbage-collected.
     max_jobs : int, default 1
         Jobs running at once (across every process that shares ``folder``).
+    on_dead : callable, optional
+        Called with the record of a job found failed because its worker process died (it cleans up
+        what that job left: its ``on_failure`` died with the worker).
     """
 
-    def __init__(self, folder: str | os.PathLike[str] | None = None, *, max_jobs: int = 1) -> None:
+    def __init__(self, folder: str | os.PathLike[str] | None = None, *, max_jobs: int = 1,
+                 on_dead: Callable[[JobRecord], object] | None = None) -> None:
         if max_jobs < 1:
             msg = f"max_jobs={max_jobs} must be at least 1 (jobs running at once)."
             raise ValueError(msg)
@@ -155,6 +159,7 @@ class JobBoard:
         (self.folder / "slots").mkdir(exist_ok=True)
         (self.folder / "workers").mkdir(exist_ok=True)
         self.max_jobs = max_jobs
+        self._on_dead = on_dead
         self.worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._alive = self._hold_worker_lock()
         self._queue: queue.Queue[_Queued | None] = queue.Queue()
@@ -238,6 +243,11 @@ class JobBoard:
                 f"The server worker that {'ran' if record.state == 'running' else 'queued'} this job (process "
                 f"{record.worker.split('-')[0]}) stopped before the job finished (killed, or restarted); submit it again."))
             self.save(record)
+            if self._on_dead is not None:
+                try:
+                    self._on_dead(record)
+                except Exception:  # noqa: BLE001 - the job reads failed either way
+                    logger.exception("job %s: cleaning up after its dead worker failed", record.job_id)
         return record
 
     def _read_record(self, job_id: str) -> JobRecord | None:
@@ -424,3 +434,77 @@ def _capture_job_warnings() -> None:
     scdm_logger = logging.getLogger("scdm")
     if _LOG_HANDLER not in scdm_logger.handlers:
         scdm_logger.addHandler(_LOG_HANDLER)
+
+
+# ---- folders a job owns (an upload's file) ---------------------------------------------------
+class JobFolder:
+    """``<parent>/<job id>/``, held by this process under the lock ``<parent>/.<job id>.lock`` until :meth:`remove`.
+
+    The lock is taken before the folder exists and the kernel releases it when the process dies, so
+    :func:`remove_abandoned_folders` tells a running job's folder (locked) from a dead worker's (free).
+    """
+
+    def __init__(self, parent: str | os.PathLike[str], job_id: str) -> None:
+        if not _JOB_ID.match(job_id):
+            msg = f"Job id {job_id!r} is not one of this server's (12 hex digits)."
+            raise ValueError(msg)
+        self.path = Path(parent) / job_id
+        self._lock_path = Path(parent) / f".{job_id}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_exclusively(self._lock_path, wait=True)
+
+    def remove(self) -> None:
+        """Remove the folder and its lock (again: nothing)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock is not None:
+            self._lock_path.unlink(missing_ok=True)
+            self._lock.close()  # releases the lock
+            self._lock = None
+
+
+def remove_abandoned_folders(parent: str | os.PathLike[str], job_ids: list[str] | None = None) -> list[Path]:
+    """Remove the job folders under ``parent`` (those of ``job_ids`` only, when given) that no living process holds.
+
+    A job's folder outlives it when its worker process died (killed, restarted) before the job
+    ended; a folder that a running job holds (:class:`JobFolder`) is never removed. Returns the
+    removed folders. Without ``fcntl`` (Windows) nothing can be told apart and nothing is removed.
+    """
+    parent = Path(parent)
+    if fcntl is None or not parent.is_dir():
+        return []
+    names = job_ids if job_ids is not None else [p.name for p in parent.iterdir() if p.is_dir() and _JOB_ID.match(p.name)]
+    removed = []
+    for name in names:
+        folder, lock_path = parent / name, parent / f".{name}.lock"
+        if not _JOB_ID.match(name) or not folder.is_dir():
+            continue
+        lock = _lock_exclusively(lock_path, wait=False)
+        if lock is None:  # held: its job is running
+            continue
+        with lock:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+        removed.append(folder)
+        logger.info("removed %s: its job's server worker stopped before the job ended", folder)
+    return removed
+
+
+def _lock_exclusively(path: Path, *, wait: bool) -> Any:
+    """``path`` opened and locked (``flock``), re-opened while another process removed it meanwhile; None if it
+    is held (``wait=False``) or where files cannot be locked."""
+    if fcntl is None:
+        return None
+    while True:
+        fh = open(path, "a+")  # noqa: SIM115 - held by the caller
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            fh.close()
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fh
+        fh.close()  # the lock of a file another process removed after our open: lock the new one

@@ -44,7 +44,7 @@ from scdm.classify.results import (
 )
 from scdm.classify.trained_heads import with_revision_notes
 from scdm.server.config import SQL_TIMEOUT_ENV, ServerState, version
-from scdm.server.jobs import JobHandle, JobRecord, new_job_id
+from scdm.server.jobs import JobFolder, JobHandle, JobRecord, new_job_id
 from scdm.server.models import (
     UPLOAD_FIELDS,
     DatasetRow,
@@ -592,7 +592,9 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "description": "The .h5ad file
 @router.post("/api/upload", response_model=JobStatus, status_code=202, openapi_extra=_UPLOAD_BODY,
              summary="Upload an .h5ad, ingest it and, with head_id and a baseline model, embed and predict it",
              description="The body streams to a file under <store>/uploads/<job id>/ (size-limited), which is removed "
-                         "again when the job fails. The answer is the job; poll its status_url.")
+                         "when the job ends, whatever its state: the ingest keeps a copy of the data in the store (the "
+                         "dataset's stored_path), and its source_path records the uploaded file's path as provenance only. "
+                         "The answer is the job; poll its status_url.")
 async def upload(request: Request, srv: Server, q: Annotated[UploadQuery, Query()]) -> JobStatus | Response:
     srv.store.check_writable("ingest an upload")
     _check_upload_name(q.filename)
@@ -605,15 +607,30 @@ async def upload(request: Request, srv: Server, q: Annotated[UploadQuery, Query(
     if q.head_id:
         await run_in_threadpool(trained_head, srv.store, q.head_id)  # an unknown head is a 404 before the upload
     job_id = new_job_id()
-    folder = srv.root / UPLOADS_DIR / job_id
+    # held (locked) by this worker until the job ends: a folder whose worker died is told apart and removed
+    folder = JobFolder(srv.root / UPLOADS_DIR, job_id)
     try:
-        path = await _receive(request, folder, q.filename, length)
+        path = await _receive(request, folder.path, q.filename, length)
     except ClientDisconnect:  # nobody is left to answer; what was received is already removed
+        folder.remove()
         return _error(400, "The client disconnected during the upload.")
+    except BaseException:
+        folder.remove()
+        raise
     options = {option: getattr(q, field) for option, field in UPLOAD_FIELDS.items() if option != "name" and getattr(q, field)}
     root = root_of(request)
-    record = srv.jobs.submit("upload", lambda job: _upload_job(srv, job, path, name, options, q.head_id, root),
-                             on_failure=lambda: shutil.rmtree(folder, ignore_errors=True), job_id=job_id)
+
+    def work(job: JobHandle) -> None:
+        try:
+            _upload_job(srv, job, path, name, options, q.head_id, root)
+        finally:  # the store has its own copy (stored_path): the upload would be a second one, kept for nothing
+            folder.remove()
+
+    try:
+        record = srv.jobs.submit("upload", work, on_failure=folder.remove, job_id=job_id)
+    except BaseException:
+        folder.remove()
+        raise
     return job_status(record, request)
 
 
