@@ -90,11 +90,12 @@ def test_a_server_starting_removes_the_uploads_no_running_job_holds(tmp_path: Pa
     left = uploads / new_job_id()  # a worker killed mid-job, before its lock files existed or after
     left.mkdir(parents=True)
     (left / "x.h5ad").write_bytes(b"uploaded")
+    (uploads / f".{new_job_id()}.lock").touch()  # a lock left without its folder
     running = JobFolder(uploads, new_job_id())  # another server's job on this store, running
     running.path.mkdir()
     try:
         create_app(store)
-        assert sorted(p.name for p in uploads.iterdir() if p.is_dir()) == [running.path.name]
+        assert sorted(p.name for p in uploads.iterdir()) == [f".{running.path.name}.lock", running.path.name]
     finally:
         running.remove()
     assert list(uploads.iterdir()) == []

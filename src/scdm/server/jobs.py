@@ -486,6 +486,12 @@ def remove_abandoned_folders(parent: str | os.PathLike[str], job_ids: list[str] 
             lock_path.unlink(missing_ok=True)
         removed.append(folder)
         logger.info("removed %s: its job's server worker stopped before the job ended", folder)
+    if job_ids is None:  # locks left without their folder (a worker died between the two): a creator re-opens a removed one
+        for lock_path in parent.glob(".*.lock"):
+            name = lock_path.name[1:-len(".lock")]
+            if _JOB_ID.match(name) and not (parent / name).exists() and (lock := _lock_exclusively(lock_path, wait=False)):
+                with lock:
+                    lock_path.unlink(missing_ok=True)
     return removed
 
 
