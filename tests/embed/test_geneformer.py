@@ -7,6 +7,7 @@ import pickle
 from collections import Counter
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +20,8 @@ from scdm.embedding.models.geneformer import (
     load_gene_dictionary,
     write_tiny_checkpoint,
 )
+from scdm.embedding.runner import embed
+from scdm.store import Store
 from scdm.store.errors import CheckpointError, GeneMappingError, InputDataError
 from scdm.store.genes import gene_table, map_genes
 
@@ -493,3 +496,53 @@ def test_non_integer_layer_or_length_is_refused_with_a_message(ckpt_v1: Path, op
     with pytest.raises(InputDataError, match=next(iter(option))):
         adapter = GeneformerAdapter(ckpt_v1, **option)
         adapter.load("cpu")
+
+
+# ---- identity: one computation, one embedding ---------------------------------------------------
+
+
+def _store_of(tmp_path: Path, symbols: list[str], names: tuple[str, ...] = ("d",)) -> Store:
+    st = Store(tmp_path / "store")
+    for i, name in enumerate(names):
+        cells = pd.DataFrame(index=[f"{name}{j}" for j in range(12)])
+        st.ingest(ad.AnnData(X=_counts(12, N_GENES, seed=i), obs=cells, var=pd.DataFrame(index=symbols)), name=name)
+    return st
+
+
+@pytest.mark.parametrize(("version", "spelled"), [
+    (1, {"pooling": "mean"}), (2, {"pooling": "cls"}),
+    (2, {"layer": 1}),  # the default -2 on a 2-layer model: hidden_states[1]
+    (1, {"max_length": 2048}),  # the default None: the model's max_position_embeddings
+])
+def test_a_setting_spelled_as_what_it_resolves_to_is_the_same_embedding(
+        tmp_path: Path, ckpt_v1: Path, ckpt_v2: Path, symbols: list[str], version: int, spelled: dict) -> None:
+    # pooling='auto' resolves to 'mean' on V1 and 'cls' on V2, but was keyed as given: the same numbers were computed
+    # again under a second id and space (a second leaderboard row)
+    st = _store_of(tmp_path, symbols)
+    ckpt = ckpt_v1 if version == 1 else ckpt_v2
+    default = embed(st, "d", "geneformer", ckpt, progress=False)
+    explicit = embed(st, "d", "geneformer", ckpt, progress=False, **spelled)
+    assert explicit.embedding_id == default.embedding_id and explicit.computed_chunks == 0
+    assert len(st.query("SELECT embedding_id FROM embeddings")) == 1
+
+
+def test_new_embeddings_are_keyed_by_what_the_settings_resolve_to(tmp_path: Path, ckpt_v2: Path, symbols: list[str]) -> None:
+    st = _store_of(tmp_path, symbols)
+    params = st.embedding(embed(st, "d", "geneformer", ckpt_v2, progress=False).embedding_id).params
+    assert {k: params[k] for k in ("pooling", "layer", "max_length")} == {"pooling": "cls", "layer": 1, "max_length": 4096}
+
+
+@pytest.mark.parametrize("spelled", [{}, {"pooling": "cls", "layer": -2}, {"pooling": "cls", "layer": 1, "max_length": 4096}])
+def test_an_embedding_an_older_scdm_keyed_as_given_is_found_under_any_spelling(
+        tmp_path: Path, ckpt_v2: Path, symbols: list[str], monkeypatch: pytest.MonkeyPatch, spelled: dict) -> None:
+    st = _store_of(tmp_path, symbols, names=("d", "e"))
+    with monkeypatch.context() as older:  # an older scdm: every setting keyed as given ('auto', -2, None: the defaults)
+        older.setattr(GeneformerAdapter, "identity_spellings", lambda self: {})
+        stored = embed(st, "d", "geneformer", ckpt_v2, progress=False)
+    assert st.embedding(stored.embedding_id).params["pooling"] == "auto"
+    again = embed(st, "d", "geneformer", ckpt_v2, progress=False, **spelled)
+    assert again.embedding_id == stored.embedding_id and again.computed_chunks == 0  # found, not computed again
+    # another dataset joins the space its computation has in this store, not a second one beside it
+    other = st.embedding(embed(st, "e", "geneformer", ckpt_v2, progress=False, **spelled).embedding_id)
+    assert other.space_id == st.embedding(stored.embedding_id).space_id and other.params["pooling"] == "auto"
+    assert len(st.query("SELECT embedding_id FROM embeddings")) == 2

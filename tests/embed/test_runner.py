@@ -89,6 +89,18 @@ def test_a_seed_given_as_a_numpy_int_is_the_same_embedding(st, pc9, toy_ckpt):
     assert b.embedding_id == a.embedding_id and b.computed_chunks == 0
 
 
+@pytest.mark.filterwarnings("ignore:.*that another column maps to as well")
+def test_an_embedding_an_older_scdm_keyed_by_a_numpy_seed_is_found(st, pc9, toy_ckpt, monkeypatch):
+    from scdm.embedding import runner
+
+    with monkeypatch.context() as older:  # before 564c11b a numpy.int64(1) seed was keyed as the string "1"
+        older.setattr(runner, "identity_spellings", lambda adapter, params: {"seed": [str(params["seed"])]})
+        stored = embed(st, pc9.name, "toy-test", toy_ckpt, seed=np.int64(1), max_genes=50, progress=False)
+    assert st.embedding(stored.embedding_id).params["seed"] == "1"
+    again = embed(st, pc9.name, "toy-test", toy_ckpt, seed=1, max_genes=50, progress=False)
+    assert again.embedding_id == stored.embedding_id and again.computed_chunks == 0
+
+
 def test_interrupted_run_resumes_to_bit_identical_result(tmp_path, pc9_counts_path, toy_ckpt, monkeypatch):
     clean = Store(tmp_path / "clean")
     clean.ingest(pc9_counts_path, name="d")

@@ -246,6 +246,18 @@ class Adapter(abc.ABC):
     def params(self) -> dict[str, Any]:
         """The parameters that change the numbers (JSON-serialisable)."""
 
+    def identity_spellings(self) -> dict[str, list[Any]]:
+        """Settings of :meth:`params` that resolve on the checkpoint: each as ``[what it resolves to, *other spellings*]``.
+
+        The runner keys an embedding by :meth:`params` with each of these settings replaced by the
+        first value, so the spellings of one computation (Geneformer's ``pooling='auto'`` and
+        ``'cls'`` on a V2 checkpoint) are one embedding and one space. An older scdm keyed the
+        setting as given: the runner still finds what it stored under any of the other values
+        (:func:`scdm.embedding.runner.identity_candidates`). Empty, the default: every setting is
+        keyed as :meth:`params` gives it. May read the checkpoint's small files (not the weights).
+        """
+        return {}
+
     def n_parameters(self) -> int:
         """Parameters of the loaded model (0 before :meth:`load`)."""
         if self.model is None:

@@ -15,6 +15,7 @@ of a process that died), so every chunk is computed once (see :class:`store.Embe
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ from scdm.embedding.chunks import (
     zero_rows_of,
 )
 from scdm.embedding.hub import ResolvedCheckpoint, resolve_checkpoint
-from scdm.store import Embedding, Store, open_store
+from scdm.store import Embedding, Store, open_store, space_id_of
 from scdm.store.adapters import adapter_dir, adapter_row
 from scdm.store.checkpoints import checkpoint_content_hash
 from scdm.store.errors import CheckpointError, InputDataError, ScdmError
@@ -524,6 +525,9 @@ def embed(
     # with it from normalised values must not reach a run that did not ask for it
     check_input_kind(model, adapter.requires_counts, ds.x_kind, ds.name, allow_non_counts=allow_non_counts,
                      ranks_expression=getattr(adapter, "ranks_expression", False))
+    # one computation, one embedding: keyed by what its settings resolve to, or as a stored one of it is keyed
+    params = identity_key(st, [ds.dataset_id], model, identity_candidates(params, identity_spellings(adapter, params)),
+                          checkpoint_hash=ckpt_hash, **variant)
     existing = st.get_embedding(ds.dataset_id, model=model, params=params, checkpoint_hash=ckpt_hash, **variant)
     if existing is not None and complete_and_intact(st, existing):
         # the gene thresholds guard a stored embedding as they guard a new one (they are not part of its identity)
@@ -580,6 +584,48 @@ def embed(
                                      lambda s: {**audit.to_dict(), **token_stats_of(emb, lengths_by_chunk),
                                                 **empty_audit(n_empty, zero_rows_of(emb, zero_by_chunk), n_unknown)})
     return EmbedResult(emb.embedding_id, ds.name, model, emb.dim, emb.n_cells, stats["chunks"], "complete", stats["telemetry"])
+
+
+def identity_spellings(adapter: Adapter, params: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The settings of ``params`` with more than one spelling: each as ``[how it is keyed now, *how an older scdm keyed it*]``.
+
+    The adapter's settings that resolve on the checkpoint (:meth:`Adapter.identity_spellings`), and the seed
+    and batch size: before 564c11b a numpy int was keyed as its string (``"5"``), the same numbers under
+    another id.
+    """
+    spellings = {"seed": [params["seed"], str(params["seed"])]}
+    if "batch_size" in params:
+        spellings["batch_size"] = [params["batch_size"], str(params["batch_size"])]
+    return {**adapter.identity_spellings(), **spellings}
+
+
+def identity_candidates(params: Mapping[str, Any], spellings: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """``params`` with each setting of ``spellings`` spelled in every way it names, the first (canonical) one first."""
+    names = list(spellings)
+    out: dict[str, dict[str, Any]] = {}
+    for values in itertools.product(*(spellings[n] for n in names)):
+        spelled = {**params, **dict(zip(names, values))}
+        # once each, as keyed (JSON): 10000 and 10000.0, or 1 and True, are equal in Python but two keys
+        out.setdefault(json.dumps(spelled, sort_keys=True, default=str), spelled)
+    return list(out.values())
+
+
+def identity_key(st: Store, dataset_ids: Sequence[str], model: str, candidates: Sequence[dict[str, Any]], *,
+                 checkpoint_hash: str | None, adapter_hash: str | None = None, variant: str = "frozen") -> dict[str, Any]:
+    """The params to key the embeddings of ``dataset_ids`` by, among ``candidates`` (spellings of one computation).
+
+    The first candidate under which one of them is stored (complete or not): it keeps its key and id. Else the one
+    whose space the store holds for other datasets, under whichever spelling an older scdm keyed it: keyed
+    canonically beside them, one computation would be two spaces and two leaderboard rows. Else the first
+    (canonical) candidate.
+    """
+    for params in candidates:
+        if any(st.get_embedding(d, model=model, params=params, checkpoint_hash=checkpoint_hash, adapter_hash=adapter_hash,
+                                variant=variant) is not None for d in dataset_ids):
+            return params
+    spaces = [space_id_of(model, checkpoint_hash, adapter_hash, variant, params) for params in candidates]
+    held = set(st.query("SELECT DISTINCT space_id FROM embeddings WHERE list_contains(?, space_id)", [spaces])["space_id"])
+    return next((params for params, space in zip(candidates, spaces) if space in held), candidates[0])
 
 
 def lora_folder(st: Store, adapter: str | os.PathLike[str]) -> Path:

@@ -464,6 +464,19 @@ class GeneformerAdapter(Adapter):
         return {"layer": self.layer, "pooling": self.pooling, "max_length": self.max_length,
                 "gene_collapse": "mapping dictionary on both paths (aliases of present genes summed)"}
 
+    def identity_spellings(self) -> dict[str, list[Any]]:
+        # keyed as given, pooling='auto' and the pooling it resolves to (layer -2 and n_layers - 1, max_length None
+        # and max_position_embeddings) were two embeddings and spaces of one computation: each is keyed by what it
+        # resolves to, and the spellings an older scdm keyed it by (the defaults among them) are still found
+        if self.checkpoint is None:  # scdm embed's command rebuilt from a stored embedding: nothing to resolve on
+            return {}
+        self._load_dictionaries()
+        n_layers, max_positions = int(self.config_["num_hidden_layers"]), int(self.config_["max_position_embeddings"])
+        auto = "cls" if self.version_ == 2 else "mean"
+        return {"pooling": [self.pooling_, *(["auto"] if self.pooling_ == auto else [])],
+                "layer": [self.hidden_state_index_, self.hidden_state_index_ - n_layers - 1],
+                "max_length": [self.input_size_, *([None] if self.input_size_ == max_positions else [])]}
+
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, var_genes: Sequence[str], *, gene_id_kind: str) -> GeneAudit:
         self._load_dictionaries()
