@@ -483,3 +483,27 @@ def test_a_baseline_an_older_scdm_keyed_as_given_is_found_again(st, tmp_path):
     older.finalize()
     (again,) = embed_baseline(st, [a375.name], model="pca", n_comps=5, target_sum=10000, progress=False)
     assert again.embedding_id == older.embedding_id and again.computed_chunks == 0
+
+
+def test_a_baseline_told_what_its_values_are_is_the_embedding_of_the_default(st, tmp_path):
+    # normalized=None resolves on the dataset (scaled values here: used as they are, as normalized=True says), but was
+    # keyed as given: the same fit computed again under a second id and space
+    a375 = st.ingest(example_data(), name="a375", gene_key="symbol")
+    default = embed(st, a375.name, "hvg", n_hvg=50, progress=False)
+    told = embed(st, a375.name, "hvg", n_hvg=50, normalized=True, progress=False)
+    assert told.embedding_id == default.embedding_id and told.computed_chunks == 0
+    # keyed as the default (None: replayed onto an upload, each dataset's kind is detected), so stored ids stay
+    assert st.embedding(default.embedding_id).params["normalized"] is None
+    # an older scdm's embedding keyed True as given is found under either spelling, and keeps its id
+    other = Store(tmp_path / "other")
+    other.ingest(example_data(), name="a375", gene_key="symbol")
+    older = other.create_embedding("a375", model="hvg", params={**st.embedding(default.embedding_id).params, "normalized": True},
+                                   dim=default.dim)
+    values = st.read_embedding(default.embedding_id)
+    for chunk in range(older.n_chunks):
+        lo, hi = older.chunk_bounds(chunk)
+        older.write_chunk(chunk, values[lo:hi])
+    older.finalize()
+    for normalized in (None, True):
+        (again,) = embed_baseline(other, ["a375"], model="hvg", n_hvg=50, normalized=normalized, progress=False)
+        assert again.embedding_id == older.embedding_id and again.computed_chunks == 0

@@ -885,12 +885,19 @@ def embed_baseline(
         logger.info("%s: %d dataset(s) given more than once are fitted once", model, len(given) - len(infos))
     fit_key = sorted(i.content_hash for i in infos)
     # the sizes and target_sum spelled one way (int, float): target_sum=10000 is the default 1e4's embedding, and a
-    # numpy int (JSON: the string "50") is that int; the spelling as given finds what an older scdm stored under it
-    spelled = {"n_hvg_requested": n_hvg, "target_sum": target_sum, "n_comps_requested": n_comps}
+    # numpy int (JSON: the string "50") is that int; the spelling as given finds what an older scdm stored under it.
+    # normalized=True or False where the datasets' value kinds say the same is the default None's fit: keyed None, as
+    # the default (its params are replayed onto other datasets, a joint refit with an upload, where None detects each
+    # one's kind and a bool would force it), and what an older scdm keyed as given is found
+    detected = {baselines.resolve_as_is(i.x_kind, None, i.name) for i in infos}
+    spellings: dict[str, list[Any]] = {"n_hvg_requested": [int(n_hvg), n_hvg], "target_sum": [float(target_sum), target_sum],
+                                       "normalized": [None, *detected] if len(detected) == 1 and normalized in (None, *detected)
+                                       else [normalized]}
     base_params = {"n_hvg_requested": int(n_hvg), "target_sum": float(target_sum), "normalized": normalized,
                    "fit_datasets": fit_key, "gene_table": gene_table_version()}
     if model == "pca":
         base_params["n_comps_requested"] = int(n_comps)
+        spellings["n_comps_requested"] = [int(n_comps), n_comps]
     elif len(infos) > 1:
         # a joint hvg's columns follow the first fitted dataset's gene order: fitted in fit_datasets
         # order, whatever order the datasets are given in (ids made before this marker did not)
@@ -900,9 +907,10 @@ def embed_baseline(
     gene_match = GENE_MATCH if len(infos) > 1 and not _symbol_match else None
     if gene_match is not None:
         base_params["gene_match"] = gene_match
-    as_given = {**base_params, **{k: v for k, v in spelled.items() if k in base_params}}
-    found = [st.get_embedding(i.dataset_id, model=model, params=base_params)
-             or st.get_embedding(i.dataset_id, model=model, params=as_given) for i in infos]
+    # one key for every dataset of a joint fit: their embeddings are one space
+    base_params = identity_key(st, [i.dataset_id for i in infos], model, identity_candidates(base_params, spellings),
+                               checkpoint_hash=None)
+    found = [st.get_embedding(i.dataset_id, model=model, params=base_params) for i in infos]
     intact = [f is not None and complete_and_intact(st, f) for f in found]
     done = {i.dataset_id: EmbedResult(f.embedding_id, i.name, model, f.dim, f.n_cells, 0, "complete")  # type: ignore[union-attr]
             for f, i, ok in zip(found, infos, intact) if ok}
