@@ -563,6 +563,8 @@ def test_a_baseline_heads_refusal_keeps_the_value_handling_of_its_space(tmp_path
     # counts normalised, as the default does on counts: the default's space, whose refit detects each dataset's kind
     with pytest.raises(SpaceMismatchError, match=re.escape("--n-hvg 2000`")):
         predict(st, head_id, "new")
+    (scaled,) = embed_baseline(st, ["train"], model="pca", n_comps=4, normalized=True, target_sum=5000, progress=False)
+    assert scaled.embedding_id == space.embedding_id  # target_sum never met values used as they are
 
 
 def test_an_interrupted_embedding_in_the_heads_space_is_named_with_how_to_finish_it(tmp_path: Path) -> None:

@@ -507,3 +507,13 @@ def test_a_baseline_told_what_its_values_are_is_the_embedding_of_the_default(st,
     for normalized in (None, True):
         (again,) = embed_baseline(other, ["a375"], model="hvg", n_hvg=50, normalized=normalized, progress=False)
         assert again.embedding_id == older.embedding_id and again.computed_chunks == 0
+
+
+def test_a_target_sum_on_values_used_as_they_are_is_the_embedding_of_the_default(st):
+    # target_sum normalises counts; values used as they are (the example's scaled ones) never meet it, but it was keyed:
+    # target_sum=5000 was a second embedding and space of the default's fit
+    a375 = st.ingest(example_data(), name="a375", gene_key="symbol")
+    default = embed(st, a375.name, "pca", n_comps=5, progress=False)
+    other = embed(st, a375.name, "pca", n_comps=5, target_sum=5000, progress=False)
+    assert other.embedding_id == default.embedding_id and other.computed_chunks == 0
+    assert st.embedding(default.embedding_id).params["target_sum"] == 1e4

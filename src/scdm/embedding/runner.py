@@ -850,6 +850,10 @@ JOINT_GENE_ORDER = "fit_datasets"
 """A joint hvg fit's genes follow the gene order of the first dataset by content hash (``fit_datasets`` order)."""
 
 
+DEFAULT_TARGET_SUM = 1e4
+"""Counts per cell a baseline normalises to (``normalize_total``) before ``log1p``."""
+
+
 def embed_baseline(
     store: Store | str | os.PathLike[str] | None,
     datasets: Sequence[str],
@@ -857,7 +861,7 @@ def embed_baseline(
     model: str = "pca",
     n_hvg: int = 2000,
     n_comps: int = 50,
-    target_sum: float = 1e4,
+    target_sum: float = DEFAULT_TARGET_SUM,
     normalized: bool | None = None,
     chunk_rows: int | None = None,
     progress: bool = True,
@@ -889,8 +893,12 @@ def embed_baseline(
     # normalized=True or False where the datasets' value kinds say the same is the default None's fit: keyed None, as
     # the default (its params are replayed onto other datasets, a joint refit with an upload, where None detects each
     # one's kind and a bool would force it), and what an older scdm keyed as given is found
+    # target_sum normalises counts: where every dataset's values are used as they are it changes nothing, and is keyed
+    # as the default's (target_sum=5000 on log-normalised values was another embedding of the same fit)
     detected = {baselines.resolve_as_is(i.x_kind, None, i.name) for i in infos}
-    spellings: dict[str, list[Any]] = {"n_hvg_requested": [int(n_hvg), n_hvg], "target_sum": [float(target_sum), target_sum],
+    unused = all(baselines.resolve_as_is(i.x_kind, normalized, i.name) for i in infos)
+    spellings: dict[str, list[Any]] = {"n_hvg_requested": [int(n_hvg), n_hvg],
+                                       "target_sum": [*([DEFAULT_TARGET_SUM] if unused else []), float(target_sum), target_sum],
                                        "normalized": [None, *detected] if len(detected) == 1 and normalized in (None, *detected)
                                        else [normalized]}
     base_params = {"n_hvg_requested": int(n_hvg), "target_sum": float(target_sum), "normalized": normalized,
