@@ -715,3 +715,41 @@ def test_parallel_fits_run_on_one_math_thread_each_whatever_the_cpus(st: Store, 
     run(st, heads=["shuffled-label"], by=["all"], jobs=2,
         head_params={"shuffled-label": {"base": "mlp", "base_params": {"profile": "fast", "epochs": 1}}})
     assert seen == {(1, 1)}
+
+
+def test_ridge_scores_of_an_embedding_far_from_the_origin_are_those_of_a_float64_fit(st: Store) -> None:
+    """Columns at 1e4 with sd 0.5 (a foundation model's offset dimensions): the grid scored a fold's test
+    cells as float32 ``X @ coef``, whose terms near 1e4 x coef cancel to a score of size 1; its probabilities
+    were 1.1e-3 from scikit-learn's float64 ridge on the same training cells. They are summed in float64."""
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(5)
+    matrices = {}
+    for name, *_ in DATASETS:
+        cells = st.cells(name).sort_values("row")
+        y = cells["response"].to_numpy(dtype=float)
+        X = 1e4 + 0.5 * rng.standard_normal((len(cells), 16))
+        X[:, :3] += 0.3 * y[:, None]
+        matrices[name] = X.astype(np.float32)
+        emb = st.create_embedding(name, model="far", params={"dim": 16}, dim=16)
+        for chunk in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(chunk)
+            emb.write_chunk(chunk, matrices[name][lo:hi])
+        emb.finalize()
+    run(st, heads=["ridge"], folds=3, by=["all"], scenarios=["pooled"])
+    names = dict(zip(st.datasets()["dataset_id"], st.datasets()["name"]))
+    tasks = st.query("SELECT task_id, split_id, fold FROM eval_tasks")
+    assert len(tasks) == 3
+    gaps = []
+    for task in tasks.itertuples():
+        split = load_split(st, task.split_id)
+        X = np.vstack([matrices[names[d]][r] for d, r in zip(split.cells["dataset_id"], split.cells["row"])]).astype(float)
+        y = split.cells["response"].to_numpy(int)
+        test = split.test_mask(task.fold)
+        mean = X[~test].mean(axis=0)
+        rms = np.sqrt(np.mean(X[~test].var(axis=0)))
+        ref = Ridge(alpha=1.0).fit((X[~test] - mean) / rms, y[~test]).predict((X[test] - mean) / rms)
+        expected = 1.0 / (1.0 + np.exp(-4.0 * (ref - 0.5)))
+        got = st.query('SELECT proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"', [task.task_id])
+        gaps.append(float(np.abs(got["proba"].to_numpy() - expected).max()))
+    assert max(gaps) < 2e-5, gaps

@@ -105,7 +105,7 @@ def test_ridge_results_of_the_grid_before_its_per_split_mean_are_fitted_again(st
         con.execute("UPDATE eval_runs SET config = json_object('heads', ['ridge'])")
     with caplog.at_level("WARNING"):
         assert leaderboard(st).empty
-    assert "3 ridge tasks were fitted by an older scdm (its probabilities were scored rounded to float32" in caplog.text
+    assert "3 ridge tasks were fitted by an older scdm (X @ coef was summed in float32" in caplog.text
     run_id = ridge(st)
     assert st.query("SELECT n_done, n_reused FROM eval_runs WHERE run_id = ?", [run_id]).iloc[0].tolist() == [3, 0]
     assert leaderboard(st, metrics=["auroc"])["folds_done"].tolist() == [3]
@@ -128,12 +128,13 @@ def test_a_head_an_older_revision_fitted_is_listed_as_such(st: Store, monkeypatc
     with st.catalog.transaction() as con:  # as an scdm before the revision column wrote it
         con.execute("UPDATE trained_heads SET revision = NULL WHERE head_id = ?", [unrecorded])
     listed = trained_heads(st).set_index("head_id")
-    assert listed.loc[old, "revision"] == 1 and listed.loc[new, "revision"] == 3
-    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg, now 3 (its probabilities were scored")
+    assert listed.loc[old, "revision"] == 1 and listed.loc[new, "revision"] == 4
+    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg, now 4 (scikit-learn's lbfgs ran in float32")
+    assert "; and its probabilities were scored" in listed.loc[old, "revision_note"]
     assert "; and standardize='global' counted constant" in listed.loc[old, "revision_note"]
     assert listed.loc[new, "revision_note"] == ""
     assert listed.loc[unrecorded, "revision_note"].startswith("trained before scdm recorded head revisions; ridge is at "
-                                                              "revision 3 now")
+                                                              "revision 4 now")
     with TestClient(create_app(st, token=TOKEN), base_url="http://127.0.0.1:8000",
                     headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         api = {h["head_id"]: h for h in client.get("/api/heads").json()}
@@ -167,14 +168,14 @@ def test_the_results_view_keeps_an_interrupted_runs_new_revision_apart_from_the_
     assert per_key["n"].tolist() == [1, 3]  # each revision's folds under a key of their own
     groups = st.sql("SELECT result_key, revision, count(value) AS n, count(DISTINCT fold) AS folds FROM results "
                     "WHERE metric = 'auroc' GROUP BY result_key, revision ORDER BY revision")
-    assert groups[["revision", "n", "folds"]].to_numpy().tolist() == [[1, 3, 3], [3, 1, 1]]
+    assert groups[["revision", "n", "folds"]].to_numpy().tolist() == [[1, 3, 3], [4, 1, 1]]
     assert groups["result_key"].nunique() == 2
     from tests.cli.test_words import _cookbook
 
     per_cell = _cookbook()["per-cell test predictions joined with the cell metadata, per result"]
     rows = st.sql(per_cell.replace("t.scenario = 'cross'", "t.scenario = 'pooled'"))  # this store has one study
     fold_0 = st.query("SELECT n_test FROM split_folds WHERE fold = 0")["n_test"][0]
-    assert rows.groupby("revision")["n"].sum().to_dict() == {1: 108, 3: fold_0}  # each cell once per result
+    assert rows.groupby("revision")["n"].sum().to_dict() == {1: 108, 4: fold_0}  # each cell once per result
 
 
 def test_a_newer_revisions_results_are_left_out_with_a_note_not_averaged_with_this_ones(st: Store, monkeypatch,

@@ -18,6 +18,7 @@ from scdm.classify.heads import (
     MLPHead,
     NotFittedError,
     get_head,
+    linear_scores,
     mlp_batch_size,
     mlp_learning_rate,
     mlp_patience,
@@ -511,3 +512,74 @@ def test_dann_probabilities_of_an_overconfident_net_are_not_tied() -> None:
     gap = 4.0 * X[:, 0].astype(np.float64) - 2.0
     np.testing.assert_allclose(proba, 1.0 / (1.0 + np.exp(-gap)), rtol=1e-12)
     assert len(np.unique(proba)) == 4 and get_head("dann").revision() == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings far from the origin (foundation-model offsets, LLM massive activations), stored in float32
+# --------------------------------------------------------------------------------------------
+def far_embedding(kind: str, n: int = 2000, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 embeddings a linear model separates, with columns far from the origin.
+
+    ``offset``: every column near 300 with sd 0.5; ``far``: at 1e4 with sd 0.5; ``massive``: three
+    columns near 1e3 (sd 30) beside columns of size 1e-2.
+    """
+    rng = np.random.default_rng(seed)
+    Z = rng.standard_normal((n, dim))
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-1.5 * Z @ rng.standard_normal(dim) / np.sqrt(dim)))).astype(np.int64)
+    if kind == "offset":
+        X = 300.0 + rng.uniform(-50.0, 50.0, dim) + 0.5 * Z
+    elif kind == "far":
+        X = 1e4 + 0.5 * Z
+    else:
+        X = 1e-2 * Z
+        X[:, :3] = 1e3 + 30.0 * rng.standard_normal((n, 3))
+    return X.astype(np.float32), y
+
+
+def _reference_decision(model: Any, X: np.ndarray, y: np.ndarray, train: np.ndarray, standardize: Any) -> np.ndarray:
+    """scikit-learn in float64 on the head's documented inputs: the training rows centred on their mean and
+    scaled as ``standardize`` says (scale 1 for False: with an unpenalised intercept, the same objective)."""
+    X64 = X.astype(np.float64)
+    mean, sd = X64[train].mean(axis=0), X64[train].std(axis=0)
+    scale = np.sqrt(np.mean(sd**2)) if standardize == "global" else sd if standardize is True else 1.0
+    fitted = model.fit((X64[train] - mean) / scale, y[train])
+    return np.asarray((X64[~train] - mean) / scale @ fitted.coef_.ravel() + fitted.intercept_, np.float64)
+
+
+@pytest.mark.parametrize(("kind", "standardize"), [("offset", False), ("far", False), ("massive", "global")])
+def test_logreg_on_far_float32_embeddings_fits_as_scikit_learn_does_in_float64(kind: str, standardize: Any) -> None:
+    # float32 rows kept scikit-learn's lbfgs in float32: it stopped after 2 to 7 iterations, without a warning,
+    # far from the optimum (offset, standardize=False: AUROC 0.53 for 0.82; massive, global: 8 iterations for 21, AUROC 2e-2 off); and uncentred columns at 300
+    # coupled the intercept to every weight
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = far_embedding(kind, n=4000, dim=64, seed=2)
+    train = np.arange(y.size) < 3000
+    head = get_head("logreg", standardize=standardize).fit(X[train], y[train])
+    ref = _reference_decision(LogisticRegression(C=1.0, tol=1e-4, max_iter=200), X, y, train, standardize)  # the head's
+    got = head.decision_function(X[~train])
+    assert abs(roc_auc_score(y[~train], got) - roc_auc_score(y[~train], ref)) < 1e-3
+    assert np.abs(got - ref).max() < 1e-2 * ref.std()
+
+
+@pytest.mark.parametrize("standardize", ["global", True, False])
+def test_ridge_scores_far_embeddings_as_scikit_learn_does_in_float64(standardize: Any) -> None:
+    # X @ coef_ summed in float32: columns at 1e4 cancelled to 0.5% of the scores' spread (7 in 10,000 pairs reordered)
+    X, y = far_embedding("far")
+    train = np.arange(y.size) < 1500
+    head = get_head("ridge", alpha=1.0, standardize=standardize).fit(X[train], y[train])
+    ref = _reference_decision(Ridge(alpha=1.0), X, y, train, standardize)
+    got = head.decision_function(X[~train]) + 0.5
+    assert np.abs(got - ref).max() < 1e-4 * ref.std()
+
+
+def test_linear_scores_reads_only_the_rows_asked_and_never_writes_x() -> None:
+    X, _ = far_embedding("far", n=300, dim=5)
+    before = X.copy()
+    rows = np.array([7, 2, 250, 2])
+    coef, mean, scale = np.arange(1.0, 6.0), np.full(5, 1e4, np.float32), np.full(5, 0.5, np.float32)
+    got = linear_scores(X, coef, 0.25, rows=rows, mean=mean, scale=scale)
+    expected = (X[rows].astype(np.float64) - 1e4) / 0.5 @ coef + 0.25
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_array_equal(X, before)
+    np.testing.assert_array_equal(linear_scores(X, coef, 0.0, rows=np.array([], np.int64)), np.zeros(0))

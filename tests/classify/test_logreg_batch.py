@@ -247,3 +247,24 @@ def test_column_moments_of_rows_are_the_moments_of_their_copy(dtype):
         expected = column_moments(X[rows], *args, block_rows=512, threads=2)
         got = column_moments(X, *args, block_rows=512, threads=2, rows=rows)
         assert all(np.array_equal(a, b) for a, b in zip(got, expected))  # the same bits, no copy of the rows
+
+
+def test_unstandardised_problem_far_from_the_origin_reaches_the_optimum():
+    # standardize=False was solved in the embedding's own coordinates: columns at 1e4 with sd 0.5 coupled the
+    # intercept to every weight and L-BFGS stopped at the float precision floor, log-odds 0.5 sd from the
+    # optimum and 9% of pairs of cells reordered. It is solved about each fold's mean (the same objective).
+    rng = np.random.default_rng(0)
+    n, dim = 3000, 32
+    Z = rng.standard_normal((n, dim))
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-1.5 * Z @ rng.standard_normal(dim) / np.sqrt(dim)))).astype(np.int64)
+    X = (1e4 + 0.5 * Z).astype(np.float32)
+    train = (np.arange(n) % 3 != 0)[:, None]
+    fits = fit_logreg_folds(X, y, train, standardize=False, decisions=True)
+    X64 = X.astype(np.float64)
+    mean = X64[train[:, 0]].mean(axis=0)
+    reference = LogisticRegression(tol=1e-10, max_iter=10_000).fit(X64[train[:, 0]] - mean, y[train[:, 0]])
+    expected = (X64 - mean) @ reference.coef_[0] + reference.intercept_[0]
+    raw = X64 @ fits.coef[0] + fits.intercept[0]  # weights and intercept of the embedding as it is
+    assert np.abs(raw - expected).max() < 1e-2 * expected.std()
+    np.testing.assert_array_equal(fits.mean, 0)
+    np.testing.assert_allclose(fits.decision[:, 0], raw, atol=1e-4 * expected.std())

@@ -55,7 +55,7 @@ class FoldFits:
     """Solutions of one split's logistic regressions, one row per fold (model)."""
 
     mean: np.ndarray
-    """(K, D) float32: each fold's training mean (standardisation)."""
+    """(K, D) float32: each fold's training mean (standardisation; zeros for ``standardize=False``)."""
     scale: np.ndarray
     """(K, D) float32: each fold's training sd."""
     coef: np.ndarray
@@ -185,7 +185,12 @@ class _Problem:
                 rms = np.sqrt(np.mean(np.square(self.scale.astype(np.float64)), axis=1, keepdims=True))
                 self.scale = np.broadcast_to(np.where(rms > 1e-12, rms, 1.0), self.scale.shape).astype(np.float32)
         else:
-            self.mean = np.zeros((train.shape[1], dim), np.float32)
+            # standardize=False is solved about each fold's training mean too (scale 1): with an unpenalised
+            # intercept the same objective, but L-BFGS on the embedding's own coordinates couples the intercept
+            # to every weight through the columns' offsets (1e4 with sd 0.5: log-odds 0.5 sd from the optimum,
+            # 9% of pairs of cells reordered). fit_logreg_folds hands the intercept back uncentred.
+            with solve_threads():
+                self.mean, _ = column_moments(X, train, threads=threads)
             self.scale = np.ones((train.shape[1], dim), np.float32)
         # one shift for every fold, from the rows alone: a fold's numbers do not depend on its batch-mates
         self.shift = X[np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)].mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -358,13 +363,18 @@ def fit_logreg_folds(X: np.ndarray, y: np.ndarray, train: np.ndarray, *, rows: n
         searching = active[~accept]
         active = np.sort(np.concatenate([going, searching[folds.step[searching] >= _MIN_STEP]]))
     coef, intercept = folds.x[:, :dim].copy(), folds.x[:, dim].copy()
-    fits = FoldFits(mean=problem.mean, scale=problem.scale, coef=coef, intercept=intercept, n_iter=folds.n_iter,
-                    grad_max=folds.grad_max, converged=folds.converged)
+    decision, decision_seconds = None, 0.0
     if decisions:
         t0 = time.perf_counter()
-        fits.decision = problem.decisions(coef, intercept)
-        fits.decision_seconds = time.perf_counter() - t0
-    return fits
+        decision = problem.decisions(coef, intercept)
+        decision_seconds = time.perf_counter() - t0
+    mean, scale = problem.mean, problem.scale
+    if not standardize:  # solved about each fold's mean: weights on the embedding as it is, its own intercept
+        intercept = intercept - np.einsum("kd,kd->k", mean.astype(np.float64), coef)
+        mean = np.zeros_like(mean)
+    return FoldFits(mean=mean, scale=scale, coef=coef, intercept=intercept, n_iter=folds.n_iter,
+                    grad_max=folds.grad_max, converged=folds.converged, decision=decision,
+                    decision_seconds=decision_seconds)
 
 
 class _FoldStates:

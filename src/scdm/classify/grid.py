@@ -40,13 +40,13 @@ from scdm.classify.heads import (
     RidgeHead,
     get_head,
     head_revision,
+    linear_scores,
     respelled_params_key,
     ridge_from_stats,
     ridge_score_to_proba,
 )
 from scdm.classify.results import name_list
 from scdm.classify.tasks import (
-    PREDICT_BLOCK_ROWS,
     Outcome,
     Space,
     Task,
@@ -491,10 +491,8 @@ def _ridge_split(space: Space, tasks: list[Task], head: RidgeHead, buffers: _Buf
             continue
         coef, intercept = solved
         t2 = time.perf_counter()
-        coef32 = coef.astype(np.float32)
-        # block by block: no copy of the fold's test rows (each row's score is the same either way)
-        scores = [X[test_pos[lo:lo + PREDICT_BLOCK_ROWS]] @ coef32 + intercept for lo in range(0, test_pos.size, PREDICT_BLOCK_ROWS)]
-        proba = ridge_score_to_proba(np.concatenate(scores) if scores else np.zeros(0))
+        # in float64, block by block (no copy of the fold's test rows): the scores of RidgeHead.predict_proba
+        proba = ridge_score_to_proba(linear_scores(X, coef, intercept, rows=test_pos))
         t3 = time.perf_counter()
         yield Outcome(task, proba, test_pos, stats_seconds + solve_seconds, t3 - t2, int(pos.size - test_pos.size))
 
