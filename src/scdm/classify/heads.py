@@ -35,6 +35,12 @@ Input standardisation
     - ``False``: the embedding as it is (ridge and logreg still fit an unpenalised intercept; the
       mlp's ``paper`` profile, as scDrugMap's code).
 
+    Whatever the setting, ``logreg`` and ``ridge`` solve about the training mean (the same objective:
+    their intercept is unpenalised) and in float64, and score cells in float64
+    (:func:`linear_scores`): embeddings with columns far from the origin (a foundation model's
+    dimensions at 300 with sd 0.5, an LLM's massive activations near 1e3) give scikit-learn's
+    float64 numbers, with float32 storage too.
+
     The default was chosen by measurement (10-fold pooled AUROC on A375 and JHU006 pca and hvg and
     on the planted synthetic collection, pca and hvg: ``"global"`` was the best, or within 0.003
     of it, for all three heads on every one); foundation-model embeddings could not be measured
@@ -598,7 +604,10 @@ class LogRegHead(BaseHead):
     """L2 logistic regression (scikit-learn, lbfgs) on scaled embeddings.
 
     ``standardize`` (default ``"global"``) scales the inputs as described in the module
-    docstring; ``C`` is the inverse penalty on the scaled inputs.
+    docstring; ``C`` is the inverse penalty on the scaled inputs. scikit-learn is handed the training
+    rows in float64, centred on their mean (for ``standardize=False`` too; ``coef_``/``intercept_`` are
+    then of the embedding as it is): float32 rows would keep its lbfgs in float32, which stops far from
+    the optimum on embeddings far from the origin. That is a float64 copy of the training rows.
 
     The evaluation grid does not call :meth:`fit` fold by fold: it solves every fold of a split
     together (:func:`scdm.classify._logreg_batch.fit_logreg_folds`, the same objective and
