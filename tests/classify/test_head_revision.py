@@ -129,7 +129,7 @@ def test_a_head_an_older_revision_fitted_is_listed_as_such(st: Store, monkeypatc
         con.execute("UPDATE trained_heads SET revision = NULL WHERE head_id = ?", [unrecorded])
     listed = trained_heads(st).set_index("head_id")
     assert listed.loc[old, "revision"] == 1 and listed.loc[new, "revision"] == 4
-    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg, now 4 (scikit-learn's lbfgs ran in float32")
+    assert listed.loc[old, "revision_note"].startswith("fitted by revision 1 of logreg, now 4 (the lbfgs of scikit-learn ran in float32")
     assert "; and its probabilities were scored" in listed.loc[old, "revision_note"]
     assert "; and standardize='global' counted constant" in listed.loc[old, "revision_note"]
     assert listed.loc[new, "revision_note"] == ""

@@ -106,7 +106,7 @@ def test_predicting_with_a_head_an_older_revision_fitted_says_so(trained: tuple[
         con.execute("UPDATE trained_heads SET revision = 2 WHERE head_id = ?", [head_id])
     try:
         (revision_note,) = trained_heads(st).query("head_id == @head_id")["revision_note"]
-        assert revision_note.startswith("fitted by revision 2 of logreg, now 3")
+        assert revision_note.startswith("fitted by revision 2 of logreg, now 4")
         cli = predict(st, head_id, "new")
         job = _predict_job(client, head_id, "new")
         for notes in (cli.attrs["notes"], job["result"]["notes"]):
@@ -114,7 +114,7 @@ def test_predicting_with_a_head_an_older_revision_fitted_says_so(trained: tuple[
             assert f"head {head_id}: " in note and "train-head --embedding" in note
     finally:
         with st.catalog.transaction() as con:
-            con.execute("UPDATE trained_heads SET revision = 3 WHERE head_id = ?", [head_id])
+            con.execute("UPDATE trained_heads SET revision = 4 WHERE head_id = ?", [head_id])
 
 
 def test_the_models_page_shows_why_a_trained_head_may_be_wrong_now(trained: tuple[Store, str, Any]) -> None:
@@ -133,7 +133,7 @@ def test_the_models_page_shows_why_a_trained_head_may_be_wrong_now(trained: tupl
                                 functions=("notesHtml", "loadModel"))
     finally:
         with st.catalog.transaction() as con:
-            con.execute("UPDATE trained_heads SET revision = 3 WHERE head_id = ?", [head_id])
+            con.execute("UPDATE trained_heads SET revision = 4 WHERE head_id = ?", [head_id])
     (row,) = html_table(str(shown))
     (listed,) = answer["trained_heads"]
     assert row["head_id"] == head_id and row["threshold"] == "0.500"

@@ -185,7 +185,7 @@ def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path, monkeypatc
     from scdm.classify.heads import LogRegHead, RidgeHead
 
     # its logreg and ridge results were scored on float32 probabilities by revision 1 of both heads: this
-    # scdm (revision 3) leaves them out until they are fitted again ...
+    # scdm (revision 4) leaves them out until they are fitted again ...
     assert leaderboard(st, metrics=["auroc"]).empty
     with monkeypatch.context() as m:  # ... and they read as they were under the revisions that fitted them
         m.setattr(LogRegHead, "revision", lambda self: 1)
@@ -199,7 +199,7 @@ def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path, monkeypatc
     assert head["label_set"].tolist() == ["response_PLX4720"]
     assert len(st.query("SELECT * FROM results")) == len(st.query("SELECT * FROM eval_results"))
     # the old evaluation, rerun with the old head parameters (ridge's standardisation default changed
-    # since) and the old ridge revision (its grid and float64 fixes since: revision 3), finds every task
+    # since) and the old ridge revision (its grid and float64 fixes since: revision 4), finds every task
     # done: split and task identities did not change
     old_splits = set(st.query("SELECT split_id FROM splits")["split_id"])
     with monkeypatch.context() as m:
@@ -207,7 +207,7 @@ def test_a_store_of_the_previous_release_migrates_and_reads(tmp_path, monkeypatc
         summary = evaluate(st, heads=["ridge"], by=["all", "tissue"], folds=3, silent=True,
                            head_params={"ridge": {"standardize": True}})
     assert summary.n_done == 0 and summary.n_reused > 0
-    # this scdm's ridge fits them again (revision 3), on the same splits
+    # this scdm's ridge fits them again (revision 4), on the same splits
     summary = evaluate(st, heads=["ridge"], by=["all", "tissue"], folds=3, silent=True,
                        head_params={"ridge": {"standardize": True}})
     assert summary.n_done > 0 and summary.n_reused == 0

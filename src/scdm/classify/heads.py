@@ -1191,9 +1191,9 @@ REVISION_NOTES: dict[tuple[str, int], str] = {
                   "category's spread where datasets sit apart (up to 3e-2 in probability)",
     ("ridge", 4): "X @ coef was summed in float32, which cancels on embeddings far from the origin: scores of an "
                   "embedding 1e4 from it were off by 0.5% of their spread and 7 in 10,000 pairs of cells reordered",
-    ("logreg", 4): "scikit-learn's lbfgs ran in float32 on float32 rows and stopped, without a warning, far from the "
-                   "optimum on offset or massive-activation embeddings (2 iterations, AUROC 0.53 for 0.82); "
-                   "standardize=False was solved uncentred (the grid's log-odds 0.5 sd off on columns at 1e4)",
+    ("logreg", 4): "the lbfgs of scikit-learn ran in float32 on float32 rows and stopped, without a warning, far from "
+                   "the optimum on offset or massive-activation embeddings (2 iterations, AUROC 0.53 for 0.82); "
+                   "standardize=False was solved uncentred (log-odds of the grid 0.5 sd off on columns at 1e4)",
     ("shuffled-label", 4): "its ridge or logreg base scored in float32 and its logreg base was fitted on float32 rows",
     ("lora-mlp", 2): "its softmax ran in float32, exactly 1.0 past a logit gap of ~16.6, so an overconfident tuned "
                      "head's most sensitive cells tied and AUROC/AP moved",
