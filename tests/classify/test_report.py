@@ -785,8 +785,9 @@ def test_the_split_table_lists_fold_counts_as_numbers() -> None:
     con.execute("CREATE TABLE splits AS SELECT 'cross' AS scenario, 'study' AS scheme, n AS n_folds, 0 AS seed, "
                 "'response' AS label_set, 'ok' AS status, 'tissue' AS category_type, 's' || n AS split_id "
                 "FROM (VALUES (15), (23), (4), (5), (4)) t(n)")
-    con.execute("CREATE TABLE eval_results AS SELECT split_id, label_set FROM splits")
-    con.execute("CREATE TABLE skipped_tasks AS SELECT split_id, label_set FROM splits WHERE false")
+    con.execute("CREATE TABLE eval_results AS SELECT split_id, label_set, 'sp' AS space_id, 'ridge' AS head, 0 AS fold, "
+                "'{}' AS head_params FROM splits")
+    con.execute("CREATE TABLE skipped_tasks AS SELECT 'r' AS run_id, * EXCLUDE (head_params) FROM eval_results WHERE false")
     (row,) = con.execute(_splits_sql(_Filters())).fetchall()
     assert row[2] == "4, 5, 15, 23"
 
@@ -801,8 +802,9 @@ def test_the_split_table_lists_every_label_set_evaluated_on_a_shared_split() -> 
     con = duckdb.connect()
     con.execute("CREATE TABLE splits AS SELECT 'pooled' AS scenario, 'cell' AS scheme, 5 AS n_folds, 0 AS seed, "
                 "'Vorinostat' AS label_set, 'ok' AS status, 'all' AS category_type, 'b9e9' AS split_id")
-    con.execute("CREATE TABLE eval_results AS SELECT 'b9e9' AS split_id, x AS label_set FROM (VALUES ('Vorinostat'), ('AR-42')) t(x)")
-    con.execute("CREATE TABLE skipped_tasks AS SELECT split_id, label_set FROM eval_results WHERE false")
+    con.execute("CREATE TABLE eval_results AS SELECT 'b9e9' AS split_id, x AS label_set, 'sp' AS space_id, 'ridge' AS head, "
+                "0 AS fold, '{}' AS head_params FROM (VALUES ('Vorinostat'), ('AR-42')) t(x)")
+    con.execute("CREATE TABLE skipped_tasks AS SELECT 'r' AS run_id, * EXCLUDE (head_params) FROM eval_results WHERE false")
     (row,) = con.execute(_splits_sql(_Filters())).fetchall()
     assert row[4] == "AR-42; Vorinostat" and row[5] == 1
 
@@ -1080,3 +1082,56 @@ def test_bar_and_radar_axes_say_what_each_mean_is_over(tmp_path: Path, monkeypat
     assert pooled_radar.axes[0].get_ylabel() == "F1: mean ± sd\nover folds"
     assert cross_radar.axes[0].get_title() == "mean F1 over held-out studies by cancer type (bars: 2 categories)"
     assert drawn[3].axes[-1].get_xlabel() == "mean head fit time per task (s, log scale)"
+
+
+def _failing_fit(self, X, rows, y):  # noqa: ANN001, ANN202 - a head whose solver fails on every fold
+    raise InputDataError("the solver did not converge (a test's failing head)")
+
+
+def test_skips_a_later_run_fitted_are_not_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose head failed on every fold recorded 3 skipped tasks; the same command run again fitted them,
+    and the page showed their results beside a skipped-tasks table still listing all 3 as skipped."""
+    from scdm.classify.heads import ShuffledLabelHead
+
+    st = _ingested(tmp_path / "store")
+    for i, (name, *_) in enumerate(DATASETS):
+        _write_embedding(st, name, "pca", 6, shift=1.0, seed=10 + i)
+    options = {"heads": ["shuffled-label"], "by": ["all"], "scenarios": ["pooled"], "jobs": 1}
+    with monkeypatch.context() as m:
+        m.setattr(ShuffledLabelHead, "fit_rows", _failing_fit)
+        _evaluate(st, **options)
+    assert len(st.query("SELECT * FROM skipped_tasks WHERE reason LIKE '%did not converge%'")) == 3
+    _evaluate(st, **options)  # fits the 3 tasks
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"], progress=False)
+    board = pd.read_csv(out.parent / "tables" / "leaderboard_all.csv")
+    assert board["folds_done"].tolist() == [3]
+    assert pd.read_csv(out.parent / "tables" / "skipped_tasks.csv").empty
+    # a skip of another head's parameters is not superseded by these fits: still listed
+    with monkeypatch.context() as m:
+        m.setattr(ShuffledLabelHead, "fit_rows", _failing_fit)
+        _evaluate(st, **options, head_params={"shuffled-label": {"seed": 1}})
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"], progress=False)
+    skipped = pd.read_csv(out.parent / "tables" / "skipped_tasks.csv")
+    assert skipped["fold"].tolist() == [0, 1, 2] and skipped["reason"].str.contains("did not converge").all()
+
+
+def test_skips_of_an_older_head_revision_are_not_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipped tasks of a run of an older head revision (whose results the page leaves out) were listed beside
+    the results of this scdm's revision: 4 skipped folds of a 'cell k=4' split the page shows no result of."""
+    from scdm.classify.heads import ShuffledLabelHead
+
+    st = _ingested(tmp_path / "store")
+    for i, (name, *_) in enumerate(DATASETS):
+        _write_embedding(st, name, "pca", 6, shift=1.0, seed=10 + i)
+    options = {"heads": ["shuffled-label"], "by": ["all"], "scenarios": ["pooled"], "jobs": 1}
+    with monkeypatch.context() as m:  # an older scdm: revision 1, and its solver failed
+        m.setattr(ShuffledLabelHead, "revision", lambda self: 1)
+        m.setattr(ShuffledLabelHead, "fit_rows", _failing_fit)
+        _evaluate(st, folds=4, **options)
+    assert len(st.query("SELECT * FROM skipped_tasks")) == 4
+    _evaluate(st, folds=3, **options)
+    out = write_report(st, tmp_path / "r", projection="none", formats=["png"], metrics=["f1"], progress=False)
+    assert pd.read_csv(out.parent / "tables" / "leaderboard_all.csv")["k"].tolist() == [3]
+    assert pd.read_csv(out.parent / "tables" / "skipped_tasks.csv").empty
+    splits = pd.read_csv(out.parent / "tables" / "split_schemes.csv", dtype={"folds": str})
+    assert splits[["scheme", "folds", "splits"]].values.tolist() == [["cell", "3", 1]]

@@ -127,6 +127,8 @@ class _Filters:
     heads: tuple[str, ...] | None = None
     stale: str = "FALSE"
     """SQL condition on a ``results`` row ``x`` whose numbers are known to be wrong now (left out)."""
+    skip_heads: tuple[tuple[str, str, str | None, bool], ...] = ()
+    """(run_id, head, head_params key, stale) of each run and head with skipped tasks (:func:`_skip_heads`)."""
 
     def results(self, alias: str = "r") -> list[str]:
         """Conditions on eval_results, eval_tasks or the report's ``r`` (all have run_id, model, head)."""
@@ -144,7 +146,23 @@ class _Filters:
         return [f"NOT {self.stale}", *self.results("x")]
 
     def skipped(self, alias: str = "s") -> list[str]:
-        """Conditions on skipped_tasks (which has no model column: select its spaces)."""
+        """Conditions on skipped_tasks (which has no model column: select its spaces): the selection's skips
+        that explain a result missing from the page.
+
+        A skip whose run fitted its head at another revision than this scdm's explains nothing the page
+        shows (the page leaves that revision's results out), and one whose task a later run fitted (the same
+        space, split, fold, head and parameters; for a skipped split, any of its folds) is superseded: the
+        result is on the page. Needs the ``skip_heads`` CTE (:meth:`skip_heads_cte`).
+        """
+        # no `--` comments here: _splits_sql joins these conditions onto one line
+        same_params = (f"coalesce((SELECT h.head_params FROM skip_heads h WHERE h.run_id = {alias}.run_id "
+                       f"AND h.head = {alias}.head), CAST(x.head_params AS VARCHAR))")
+        explains = [f"NOT coalesce((SELECT h.stale FROM skip_heads h WHERE h.run_id = {alias}.run_id AND h.head = {alias}.head), "
+               "FALSE)",
+               f"NOT EXISTS (SELECT 1 FROM eval_results x WHERE x.space_id = {alias}.space_id AND x.split_id = {alias}.split_id"
+               f" AND x.head = {alias}.head AND ({alias}.fold IS NULL OR x.fold = {alias}.fold)"
+               f" AND CAST(x.head_params AS VARCHAR) = {same_params}"
+               + "".join(f" AND {c}" for c in self.current()) + ")"]
         out = []
         if self.run_id is not None:
             out.append(f"{alias}.run_id = {_lit(self.run_id)}")
@@ -153,7 +171,18 @@ class _Filters:
             out.append(f"{alias}.space_id IN (SELECT space_id FROM embeddings WHERE model IN ({models}))")
         if self.heads is not None:
             out.append(f"{alias}.head IN ({', '.join(_lit(h) for h in self.heads)})")
-        return out
+        return out + explains
+
+    def skip_heads_cte(self) -> str:
+        """``skip_heads``: each run and head with skipped tasks, the parameters the run asked for it and whether
+        the run fitted it at another revision than this scdm's (values computed by :func:`_skip_heads`)."""
+        rows = ", ".join(f"({_lit(run)}, {_lit(head)}, {'NULL' if params is None else _lit(params)}, {str(stale).upper()})"
+                         for run, head, params, stale in self.skip_heads)
+        values = (f"SELECT * FROM (VALUES {rows}) v(run_id, head, head_params, stale)" if rows else
+                  "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS head, NULL::VARCHAR AS head_params, NULL::BOOLEAN AS stale "
+                  "WHERE FALSE")
+        return ("skip_heads AS (  -- per run and head: the parameters it asked, and whether it fitted another revision "
+                "of the head\n    " + values + "\n)")
 
     def embeddings(self, alias: str = "e") -> list[str]:
         out = [f"{alias}.status = 'complete'"]
@@ -388,7 +417,7 @@ def _splits_sql(filters: _Filters) -> str:
     used = (f"  SELECT x.split_id, x.label_set FROM eval_results x {_where(filters.current())}\n"
             f"  UNION SELECT s.split_id, s.label_set FROM skipped_tasks s {_where(filters.skipped())}\n").replace("\n  AND", " AND")
     return (
-        "WITH used AS (\n" + used + "),\n"
+        f"WITH {filters.skip_heads_cte()},\nused AS (\n" + used + "),\n"
         "labels AS (SELECT p.scenario, p.scheme,\n"
         "                  string_agg(DISTINCT coalesce(u.label_set, p.label_set), '; '\n"
         "                             ORDER BY coalesce(u.label_set, p.label_set)) AS label_sets\n"
@@ -409,9 +438,42 @@ def _splits_sql(filters: _Filters) -> str:
     )
 
 
+def _skip_heads(st: Store) -> tuple[tuple[str, str, str | None, bool], ...]:
+    """(run_id, head, head_params key, stale) of every run and head with skipped tasks.
+
+    A skipped task has no row of its own for its head's parameters or revision: they are its run's
+    (config ``head_params`` and ``head_revisions``). ``stale``: the run fitted the head at another
+    revision than this scdm's for those parameters (as :func:`scdm.classify.results.stale_sql` judges a
+    result). The key is None where this scdm cannot build the head with them (a skip then matches a
+    fit of the same head with any parameters).
+    """
+    from scdm.classify.heads import HEADS, get_head, head_revision
+
+    runs = st.query("SELECT DISTINCT s.run_id, s.head, CAST(e.config->'head_params'->s.head AS VARCHAR) AS params,\n"
+                    "       coalesce(TRY_CAST(json_extract_string(e.config, '/head_revisions/' || s.head) AS INTEGER), 1) "
+                    "AS revision\n"
+                    "FROM skipped_tasks s LEFT JOIN eval_runs e USING (run_id) ORDER BY s.run_id, s.head")
+    out = []
+    for run_id, head, params_text, revision in runs.itertuples(index=False, name=None):
+        try:
+            params = json.loads(params_text) if isinstance(params_text, str) else {}
+        except ValueError:
+            params = {}
+        params = params if isinstance(params, dict) else {}
+        key = None
+        if head in HEADS:
+            with contextlib.suppress(InputDataError, TypeError, ValueError):
+                key = get_head(head, **params).params_key()
+        out.append((str(run_id), str(head), key, int(revision) != head_revision(str(head), params)))
+    return tuple(out)
+
+
 def _skipped_sql(filters: _Filters) -> str:
-    """One row per split, fold and reason: the skips of two splits (another k, seed or scheme) are two rows."""
+    """One row per split, fold and reason: the skips of two splits (another k, seed or scheme) are two rows.
+
+    Only the skips that explain a result missing from the page (:meth:`_Filters.skipped`)."""
     return (
+        f"WITH {filters.skip_heads_cte()}\n"
         "SELECT s.scenario, s.datasets, s.label_set, p.scheme, p.n_folds AS k, p.seed,\n"
         "       json_extract_string(p.definition, '$.folds_from') AS folds_from,  -- pair_folds_with: whose partition\n"
         "       s.category_type, s.category, s.fold, f.label AS held_out, s.reason,\n"
@@ -696,7 +758,7 @@ def write_report(
     (out / "tables").mkdir(exist_ok=True)
     _remove_earlier_outputs(out)
     filters = _Filters(run_id, None if models is None else tuple(models), None if heads is None else tuple(heads),
-                       stale_sql(st, "x"))
+                       stale_sql(st, "x"), _skip_heads(st))
     ctx = _Context(st, out, fig_dir, filters, metric_list, plot_list, format_list, dpi, progress=progress,
                    left_out=left_out)
     try:
