@@ -263,7 +263,7 @@ def test_every_table_is_what_scdm_sql_gives_for_its_sql(report: Path, evaluated:
         pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(result.stdout)), shown, check_dtype=False, obj=path.name)
 
 
-def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path) -> None:
+def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path, evaluated: Store) -> None:
     page = report.read_text()
     tables = _tables(report)
     # split scheme used, and the warning that goes with cell-level folds
@@ -282,11 +282,14 @@ def test_page_reports_protocol_skips_fallbacks_and_costs(report: Path) -> None:
     assert rows["geneformer"][5] == "96.0" and rows["geneformer"][8] == "3.00"
     assert rows["pca"][2] == "—" and rows["pca"][5] == "2,400.0"
     assert any(label.startswith("geneformer (lora:abcdef01") for label in rows)
-    # head fit time: one row per series, scenario, split and head, a number of seconds each
+    # head fit time: one row per series, scenario, split, head and the datasets its tasks trained on, seconds each
     fit = [[t for _, t in cells] for _, cells in tables["fit-time"][1:]]
-    assert len(fit) == 3 * 2 * 2  # 3 spaces x 2 heads x 2 scenarios
+    collections = evaluated.query("SELECT DISTINCT space_id, scenario, head, datasets FROM eval_tasks")
+    assert len(fit) == len(collections) == 3 * 2 * 7  # 3 spaces x 2 heads x (5 pooled + 2 cross collections)
     assert all(re.fullmatch(r"[0-9.e-]+", row[-1]) for row in fit)
     assert {row[4] for row in fit} == {"cell k=3 seed 0", "study"}
+    pooled_d1 = {row[6] for row in fit if row[1] == "d1" and row[3] == "pooled"}
+    assert pooled_d1 == {"cancer_type melanoma; tissue skin"}  # the categories of d1's cells, together
     assert "PCA, first two components" in page
 
 
@@ -1135,3 +1138,30 @@ def test_skips_of_an_older_head_revision_are_not_listed(tmp_path: Path, monkeypa
     assert pd.read_csv(out.parent / "tables" / "skipped_tasks.csv").empty
     splits = pd.read_csv(out.parent / "tables" / "split_schemes.csv", dtype={"folds": str})
     assert splits[["scheme", "folds", "splits"]].values.tolist() == [["cell", "3", 1]]
+
+
+def test_fit_time_is_per_dataset_collection_never_pooled_across_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One space evaluated on d1, then on d1 and d2 once d2 joined it: the fit-time table gave one row 'd1, d2',
+    6 tasks, 48 training cells, a mean over folds trained on 32 and on 64 cells; one row per collection now."""
+    st = _ingested(tmp_path / "store")
+    _write_embedding(st, "d1", "scgpt", 6, shift=1.0, seed=1)
+    _evaluate(st, heads=["ridge"], by=["all"], scenarios=["pooled"])
+    _write_embedding(st, "d2", "scgpt", 6, shift=1.0, seed=2)
+    _evaluate(st, heads=["ridge"], by=["all"], scenarios=["pooled"])
+    from scdm.classify import _plots
+
+    drawn: list = []
+    draw = _plots.scalability_figure
+    monkeypatch.setattr(_plots, "scalability_figure", lambda e, fit, *a, **k: drawn.append(fit) or draw(e, fit, *a, **k))
+    out = write_report(st, tmp_path / "r", projection="none", formats=["svg"], progress=False)
+    tables = _tables(out)
+    header = _header(tables, "fit-time")
+    rows = [dict(zip(header, (t for _, t in cells))) for _, cells in tables["fit-time"][1:]]
+    assert [(r["Datasets"], r["Tasks"], r["Train cells"]) for r in rows] == [("d1, d2", "3", "64"), ("d1", "3", "32")]
+    csv = pd.read_csv(out.parent / "tables" / "scalability_fit.csv")
+    fitted = st.query("SELECT datasets, avg(fit_seconds) AS fit_s FROM eval_tasks GROUP BY datasets ORDER BY datasets DESC")
+    assert csv["datasets"].tolist() == fitted["datasets"].tolist() == ["d1,d2", "d1"]
+    assert csv["fit_s"].tolist() == pytest.approx(fitted["fit_s"].tolist())
+    # the figure draws one bar per series and head: the larger collection (never the mean of both)
+    assert drawn[0]["fit_s"].tolist() == pytest.approx([fitted["fit_s"].iloc[0]])
+    assert "on each series' largest dataset collection" in html.unescape(out.read_text())

@@ -525,25 +525,30 @@ def _embed_cost_sql(filters: _Filters) -> str:
 
 
 def _fit_cost_sql(filters: _Filters) -> str:
-    """Mean fit time per task of each space, label set, split protocol and head (the categories together).
+    """Mean fit time per task of each space, label set, split protocol, head and dataset collection.
 
-    Cross-data splits have one fold per held-out study, so their k is not a choice: it is left out.
+    The collection is that of the tasks' cells (a category's split holds the cells of some datasets
+    only): a row never pools tasks trained on different datasets, such as a space evaluated on d1 and
+    again on d1 and d2 once d2 joined it. It pools the categories of its split protocol whose cells are
+    those datasets (``categories`` names them, ``tasks`` counts their folds). Cross-data splits have one
+    fold per held-out study, so their k is not a choice: it is left out.
     """
+    category = "CASE WHEN t.category_type = 'all' THEN 'all cells' ELSE t.category_type || ' ' || t.category END"
     return (
         f"{_results_cte(filters)},\n"
         "t AS (SELECT DISTINCT ON (r.task_id) * FROM r)  -- one row per task\n"
-        "SELECT t.model, t.variant, t.space_id,\n"
-        "       array_to_string(list_sort(list_distinct(flatten(list(string_split(t.datasets, ','))))), ',') AS datasets,\n"
+        "SELECT t.model, t.variant, t.space_id, t.datasets,\n"
         "       t.label_set, t.scenario, t.scheme, CASE WHEN t.scenario = 'cross' THEN NULL ELSE t.k END AS k, t.seed,\n"
         "       t.folds_from,\n"
         "       t.head, t.head_params,\n"
+        f"       string_agg(DISTINCT {category}, '; ' ORDER BY {category}) AS categories,\n"
         "       count(*) AS tasks, avg(t.n_train) AS n_train, avg(t.fit_seconds) AS fit_s\n"
         "FROM t\n"
         f"{_where(filters.results('t'))}\n"
-        "GROUP BY t.model, t.variant, t.space_id, t.label_set, t.scenario, t.scheme,\n"
+        "GROUP BY t.model, t.variant, t.space_id, t.datasets, t.label_set, t.scenario, t.scheme,\n"
         "         CASE WHEN t.scenario = 'cross' THEN NULL ELSE t.k END, t.seed, t.folds_from, t.head, t.head_params\n"
         "ORDER BY t.model, t.variant, t.space_id, t.label_set, list_position(['pooled', 'cross', 'custom'], t.scenario),\n"
-        "         t.scheme, k, t.seed, t.folds_from NULLS FIRST, t.head"
+        "         t.scheme, k, t.seed, t.folds_from NULLS FIRST, t.head, len(string_split(t.datasets, ',')) DESC, t.datasets"
     ).replace("\n\n", "\n")
 
 
@@ -1703,7 +1708,7 @@ def _section_scalability(ctx: _Context) -> Markup:
     has_embed = bool(e["cells_per_s"].notna().any()) if not e.empty else False
     # the figure shows one scenario, so that no bar averages fit times of different splits
     scenario = next((s for s in _SCENARIO_ORDER if not f.empty and s in set(f["scenario"])), None)
-    shown = f[f["scenario"] == scenario] if scenario is not None else f
+    shown = _one_collection_per_bar(f[f["scenario"] == scenario] if scenario is not None else f)
     has_fit = bool(shown["fit_s"].notna().any()) if not shown.empty else False
     if has_embed or has_fit:
         fit_plot = (shown.drop(columns="head").rename(columns={"head_label": "head"})[["series", "head", "fit_s"]]
@@ -1712,11 +1717,27 @@ def _section_scalability(ctx: _Context) -> Markup:
                                         ctx.series(shown) if not shown.empty else [], title="Computational cost")
         panels = [p for p, on in (("embedding throughput per embedding space (cells/s; the device is in the table)",
                                    has_embed),
-                                  (f"mean head fit time per task of the {scenario} scenario (all its categories; "
-                                   "the table has every scenario)", has_fit)) if on]
+                                  (f"mean head fit time per task of the {scenario} scenario on each series' largest "
+                                   "dataset collection (its categories together; the table has every collection and "
+                                   "scenario)", has_fit)) if on]
         caption = _parts().scalability_caption(panels)
         parts.append(_figure_html(ctx.save(fig, "scalability", caption)))
     return _section("scalability", "Computational scalability", Markup("").join(parts))
+
+
+def _one_collection_per_bar(fit: pd.DataFrame) -> pd.DataFrame:
+    """One fit-time row per (series, head) for the figure: its largest dataset collection.
+
+    The table has a row per collection (a category's split holds some datasets only; a space may have
+    been evaluated on several collections); a bar is one of them, the one covering the most datasets,
+    never an average of them.
+    """
+    if fit.empty:
+        return fit
+    f = fit.assign(_datasets=fit["datasets"].astype(object).where(fit["datasets"].notna(), ""))
+    f["_n"] = [len([d for d in str(x).split(",") if d]) for x in f["_datasets"]]
+    ranked = f.sort_values(["_n", "_datasets"], ascending=[False, True], kind="stable")
+    return ranked[~ranked.duplicated(["series", "head_label"])].sort_index().drop(columns=["_datasets", "_n"])
 
 
 def _checkpoint(row: dict[str, Any]) -> str:
@@ -1745,14 +1766,16 @@ def _embed_cost_table(e: pd.DataFrame, series: list[Series]) -> Markup:
 
 
 def _fit_cost_table(f: pd.DataFrame) -> Markup:
-    """One row per space, label set, scenario, split protocol and head: mean fit time per task."""
-    header = ["Series", "Datasets", "Label set", "Scenario", "Split", "Head", "Tasks", "Train cells", "Fit s/task"]
-    numeric = [False, False, False, False, False, False, True, True, True]
+    """One row per space, label set, scenario, split protocol, head and dataset collection: mean fit time per task
+    (the categories of that collection together, named)."""
+    header = ["Series", "Datasets", "Label set", "Scenario", "Split", "Head", "Categories", "Tasks", "Train cells",
+              "Fit s/task"]
+    numeric = [False, False, False, False, False, False, False, True, True, True]
     rows: list[tuple[list[tuple[str, str]], list[tuple[bool, str]]]] = []
     for r in f.to_dict("records"):
         cells = [r["series"], _text(r["datasets"]).replace(",", ", "), _text(r["label_set"]), r["scenario"],
-                 _protocol_text(r["scheme"], r["k"], r["seed"], r.get("folds_from")), r["head_label"], _int(r["tasks"]),
-                 _int(r["n_train"]), _seconds(r["fit_s"])]
+                 _protocol_text(r["scheme"], r["k"], r["seed"], r.get("folds_from")), r["head_label"],
+                 _text(r["categories"]), _int(r["tasks"]), _int(r["n_train"]), _seconds(r["fit_s"])]
         rows.append(([], list(zip(numeric, map(str, cells)))))
     return _parts().fit_cost_table(header, rows)
 
