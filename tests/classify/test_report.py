@@ -1165,3 +1165,44 @@ def test_fit_time_is_per_dataset_collection_never_pooled_across_them(tmp_path: P
     # the figure draws one bar per series and head: the larger collection (never the mean of both)
     assert drawn[0]["fit_s"].tolist() == pytest.approx([fitted["fit_s"].iloc[0]])
     assert "on each series' largest dataset collection" in html.unescape(out.read_text())
+
+
+LONG_HEAD = ('mlp {"batch_size": 128, "dropout": 0.1, "epochs": 50, "hidden": 256, "lr": 0.001, '
+             '"weight_decay": 0.0001}')
+
+
+def _inside_figure(fig, text) -> bool:  # noqa: ANN001 - a drawn matplotlib figure and one of its texts
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    box, frame = text.get_window_extent(), fig.bbox
+    return bool(box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1)
+
+
+def test_a_title_naming_a_head_with_many_parameters_stays_inside_its_figure() -> None:
+    """A head run with several parameter sets is named with its parameters: the radar's title
+    'pooled · frozen embeddings · head mlp {...6 parameters}' was 10.8 in wide on a 4 in figure, cut at both
+    edges, and so was the per-fold figure's 'head: mlp {...}'. Both are wrapped onto lines that fit."""
+    from scdm.classify import _plots
+
+    palette = Palette([("pca", "d1")])
+    series = palette.add(("pca", "frozen", "s1", "", ""), "pca", group=("pca", "d1"))
+    radar = pd.DataFrame({"series": "pca", "category_type": "cancer_type", "category": ["a", "b", "c"], "metric": "f1",
+                          "mean": [0.3, 0.2, 0.5], "sd": 0.1})
+    title = f"pooled · frozen embeddings · head {LONG_HEAD}"
+    with _plots.style():
+        fig, _ = _plots.radar_figure(radar, [series], metrics=["f1"], category_types=["cancer_type"], title=title)
+        assert fig.get_suptitle().replace("\n", " ") == title and _inside_figure(fig, fig._suptitle)
+        folds = pd.DataFrame({"series": "pca", "head": LONG_HEAD, "category": ["a", "b"], "fold": 0, "value": [0.5, 0.6]})
+        fig = _plots.folds_figure(folds, [series], heads=[LONG_HEAD], metric="f1", title="pooled: F1 per fold")
+        head_title = fig.axes[0].title
+        assert head_title.get_text().replace("\n", " ") == f"head: {LONG_HEAD}" and _inside_figure(fig, head_title)
+
+
+def test_fit_width_breaks_a_word_wider_than_the_line() -> None:
+    from scdm.classify._plots import fit_width
+
+    word = "x" * 200
+    lines = fit_width(f"head {word}", 2.0, 10).split("\n")
+    assert "".join(lines[1:]) == word and len(lines) > 2 and lines[0] == "head"
+    assert fit_width("short title", 4.0, 11) == "short title"

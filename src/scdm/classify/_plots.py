@@ -61,6 +61,46 @@ def wrap_label(text: str, width: int = 16, max_lines: int = 2) -> str:
     return "\n".join(lines)
 
 
+def fit_width(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped at spaces (a word too long for a line broken inside) onto lines at most ``width_in``
+    inches wide at ``fontsize`` points, measured with the font a title is drawn in.
+
+    A figure is saved at its own size (no tight bounding box), so a title wider than the figure is cut off
+    at its edges: the title of a head with several parameters (``mlp {"dropout": 0.1, ...}``) lost both ends.
+    """
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    measure, font = TextToPath(), FontProperties(size=fontsize)
+    limit = max(width_in, 0.5) * 72.0  # points
+
+    def fits(line: str) -> bool:
+        return bool(measure.get_text_width_height_descent(line, font, ismath=False)[0] <= limit)
+
+    lines: list[str] = []
+    for paragraph in str(text).split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if fits(candidate):
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            line = word
+            while not fits(line) and len(line) > 1:  # one word wider than the figure: break it
+                cut = next(n for n in range(len(line) - 1, 0, -1) if fits(line[:n]) or n == 1)
+                lines.append(line[:cut])
+                line = line[cut:]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _suptitle(fig: Figure, title: str, fontsize: float = 11) -> None:
+    """The figure's title, wrapped to stay inside it (the layout makes room for every line)."""
+    fig.suptitle(fit_width(title, fig.get_figwidth() - 0.3, fontsize), fontsize=fontsize)
+
+
 def safe_name(text: str) -> str:
     """A file-name-safe version of ``text``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
@@ -237,7 +277,7 @@ def radar_figure(board: pd.DataFrame, series: list[Series], *, metrics: Sequence
     # radar lines differ by line style, bars by hatch: a figure with both shows both in its legend
     kind = "line" if not fallbacks else "bar" if len(fallbacks) == len(category_types) else "both"
     _series_legend(fig, series, kind=kind)
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig, fallbacks
 
 
@@ -401,7 +441,7 @@ def bars_figure(board: pd.DataFrame, series: list[Series], *, scenarios: Sequenc
             ax.grid(axis="y", linewidth=0.5, alpha=0.5)
             ax.set_axisbelow(True)
     _series_legend(fig, series, kind="bar")
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -454,11 +494,12 @@ def folds_figure(folds: pd.DataFrame, series: list[Series], *, heads: Sequence[s
         ax.set_xlim(-0.6, len(cats) - 0.4)
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} per {unit}")
-        ax.set_title(f"head: {head}")
+        # the axes is the figure's width less its y axis labels (about 1 in)
+        ax.set_title(fit_width(f"head: {head}", fig.get_figwidth() - 1.0, 10), fontsize=10)
         ax.grid(axis="y", linewidth=0.5, alpha=0.5)
         ax.set_axisbelow(True)
     _series_legend(fig, present, kind="bar")
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -492,7 +533,7 @@ def projection_figure(coords: np.ndarray, cells: pd.DataFrame, *, panels: Sequen
         ax.set_xlabel(f"{axis_name} 1")
         ax.set_ylabel(f"{axis_name} 2")
         _category_legend(ax, labels, mapping)
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -613,5 +654,5 @@ def scalability_figure(embed: pd.DataFrame, fit: pd.DataFrame, embed_series: lis
         ax.grid(axis="x", linewidth=0.5, alpha=0.5, which="both")
         ax.set_axisbelow(True)
         _series_legend(fig, rows, kind="bar")
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
