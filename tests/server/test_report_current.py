@@ -74,3 +74,32 @@ def test_an_embedding_swapped_for_another_changes_the_results_state(tmp_path: Pa
     st.remove_embedding(first.embedding_id)
     embed_baseline(st, ["a375"], model="pca", n_comps=5, n_hvg=100, progress=False)
     assert results_state(st) != with_first
+
+
+def test_a_report_of_one_model_is_not_made_out_of_date_by_another_models_results(tmp_path: Path) -> None:
+    """A report written for pca alone (write_report(models=["pca"]), as `scdm report` is asked for one model)
+    read 'out of date' once hvg results were stored, though not a number on it changed; a pca result still
+    makes it out of date."""
+    from fastapi.testclient import TestClient
+
+    from scdm.classify.grid import evaluate
+    from scdm.classify.report import write_report
+    from scdm.embedding.runner import embed_baseline
+    from scdm.server import create_app
+    from scdm.server.routes import REPORT_DIR
+
+    root = tmp_path / "store"
+    build_store(root)
+    st = Store(root)
+    write_report(st, root / REPORT_DIR, models=["pca"], projection="none", formats=["png"], progress=False)
+    options = {"scenarios": ["pooled"], "by": ["all"], "folds": 3, "silent": True}
+    with TestClient(create_app(st), base_url="http://127.0.0.1:8000") as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert client.get("/api/report/figures").json()["current"] is True
+        (hvg,) = embed_baseline(st, ["a375"], model="hvg", n_hvg=50, progress=False)
+        evaluate(st, [hvg.embedding_id], heads=["ridge"], **options)
+        assert not st.query("SELECT * FROM eval_results WHERE model = 'hvg'").empty
+        assert client.get("/api/report/figures").json()["current"] is True
+        (pca,) = st.query("SELECT embedding_id FROM embeddings WHERE model = 'pca'")["embedding_id"]
+        evaluate(st, [pca], heads=["majority"], **options)
+        assert client.get("/api/report/figures").json()["current"] is False

@@ -514,7 +514,8 @@ class ReportFigures(BaseModel):
     folder: str = Field(description="Where the server looks for the report.")
     figures: list[str] = Field(description="URLs of its figure files (PNG, SVG, PDF).")
     current: bool | None = Field(default=None, description=(
-        "Whether the report shows the store's results as they are now: false once a result was added, fitted "
-        "again or removed (a re-ingest with other labels removes results) or an embedding completed after it was "
-        "written (POST /api/report writes it again); null where it cannot be told (no report, or one written by "
-        "an older scdm)."))
+        "Whether the report shows the store's results as they are now: false once a result it reads was added, "
+        "fitted again or removed (a re-ingest with other labels removes results) or an embedding it reads completed "
+        "after it was written (POST /api/report writes it again). A report written for some models, heads or one run "
+        "(write_report(models=..., heads=..., run_id=...)) reads only theirs: other models' results leave it current. "
+        "Null where it cannot be told (no report, or one written by an older scdm)."))
