@@ -1234,23 +1234,30 @@ def synth(scale: float, out: str, seed: int, n_genes: int, response_strength: fl
 
 @main.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for index.html and the figures.")
+@list_option("--model", "models", help="Only these models (their results and embeddings).")
+@list_option("--head", "heads", aliases=("--heads",), help="Only these heads.")
+@click.option("--run", "run_id", help="Only the results fitted by this evaluation run (eval_runs.run_id).")
 @pass_ctx
 @user_errors
-def report(obj: Ctx, out_dir: str) -> None:
+def report(obj: Ctx, out_dir: str, models: tuple[str, ...], heads: tuple[str, ...], run_id: str | None) -> None:
     """Write an HTML report with figures from the catalog alone (nothing is recomputed).
 
     Radar plots of F1/AUROC per model across categories, bars with sd over folds, per-fold
     distributions, UMAPs of each embedding, a scalability table, the leaderboards with the SQL
-    that reproduces them, the split scheme and skipped tasks.
+    that reproduces them, the split scheme and skipped tasks. A report of some models, heads or
+    one run reads out of date (scdm serve's Figures tab) only when their results change.
 
     \b
     Examples:
       scdm report --out report/          # then open report/index.html; tables/ holds each table as CSV and SQL
+      scdm report --out report-gf/ --model geneformer --head logreg,mlp
     """
     from scdm.classify.report import write_report
     from scdm.store.progress import progress_enabled
 
-    path = write_report(obj.store, out_dir, progress=progress_enabled())  # off under -q and SCDM_PROGRESS=0
+    _check_result_filters(obj.store, {"--model": ("model", models), "--head": ("head", heads)})
+    path = write_report(obj.store, out_dir, run_id=run_id, models=models or None, heads=heads or None,
+                        progress=progress_enabled())  # off under -q and SCDM_PROGRESS=0
     click.echo(f"wrote {path}")
 
 
