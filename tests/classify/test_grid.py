@@ -753,3 +753,22 @@ def test_ridge_scores_of_an_embedding_far_from_the_origin_are_those_of_a_float64
         got = st.query('SELECT proba FROM eval_predictions WHERE task_id = ? ORDER BY dataset_id, "row"', [task.task_id])
         gaps.append(float(np.abs(got["proba"].to_numpy() - expected).max()))
     assert max(gaps) < 2e-5, gaps
+
+
+def test_a_head_whose_fit_diverged_is_a_skipped_task_with_its_reason(tmp_path: Path) -> None:
+    """An mlp that diverges scores every test cell NaN: the whole `scdm evaluate` run failed on it ("proba must
+    be finite probabilities in [0, 1]; got values outside that range", naming neither the head nor NaN) and
+    the other heads' folds of the run were lost with it. Each such fold is now a skipped task that says why."""
+    from tests.jhu006 import jhu006_store
+
+    st = jhu006_store(tmp_path / "store")
+    diverging = {"lr": 1e6, "epochs": 3, "min_steps": 0, "standardize": False}
+    summary = evaluate(st, scenarios=["pooled"], by=["all"], heads=["mlp", "ridge"], folds=3, silent=True,
+                       head_params={"mlp": diverging})
+    assert st.query("SELECT status FROM eval_runs")["status"].tolist() == ["complete"]
+    skipped = st.query("SELECT head, fold, reason FROM skipped_tasks ORDER BY fold")
+    assert skipped["head"].tolist() == ["mlp"] * 3 and skipped["fold"].tolist() == [0, 1, 2]
+    assert skipped["reason"].str.contains("NaN").all() and skipped["reason"].str.contains("diverged").all()
+    board = leaderboard(st, metrics=["auroc"])
+    assert board["head"].tolist() == ["ridge"] and board["n_folds"].tolist() == [3]  # no mlp row, no NaN mean
+    assert summary.n_skipped == 3

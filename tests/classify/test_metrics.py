@@ -83,3 +83,9 @@ def test_closed_forms_equal_sklearn_on_random_folds_with_ties():
         assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred), abs=1e-12)
         assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
         assert m["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted", zero_division=0), abs=1e-12)
+
+
+def test_nan_scores_are_named_as_nan_not_as_out_of_range() -> None:
+    # a head whose fit diverged scores NaN: the message said "values outside that range", which NaN is not
+    with pytest.raises(InputDataError, match=r"NaN for 2 of 4 test cells"):
+        compute_metrics(np.array([0, 1, 0, 1]), np.array([0.1, np.nan, np.nan, 0.8]))

@@ -166,9 +166,20 @@ def canonical_value(rules: list[Rule], value: Any) -> Any:
     return value
 
 
-def _unit_scores(scores: Any) -> np.ndarray:
-    """A head's scores as float64 probabilities in [0, 1], one per cell."""
-    return np.clip(np.asarray(scores, dtype=np.float64).ravel(), 0.0, 1.0)
+def _unit_scores(scores: Any, head: str) -> np.ndarray:
+    """A head's scores as float64 probabilities in [0, 1], one per cell.
+
+    A NaN score is refused here, where the head is known: clipping keeps it, and every reader of the
+    scores (the metrics, ``proba >= threshold``) would either fail without naming the head or read it
+    as resistant.
+    """
+    p = np.asarray(scores, dtype=np.float64).ravel()
+    nan = np.isnan(p)
+    if nan.any():
+        msg = (f"Head {head!r} scored {int(nan.sum())} of {p.size} cells NaN: its fit diverged (its weights are "
+               "not finite). Fit it with a smaller learning rate or with standardized input (e.g. mlp lr, standardize).")
+        raise InputDataError(msg)
+    return np.clip(p, 0.0, 1.0)
 
 
 def check_fitted(head: BaseHead) -> None:
@@ -424,7 +435,7 @@ class BaseHead(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
 
     def _positive_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability of ``classes_[1]`` (label 1 for a one-class fit on it) of validated rows."""
-        return _unit_scores(self._predict_proba(X))
+        return _unit_scores(self._predict_proba(X), self.name or type(self).__name__)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, in ``classes_`` order.
@@ -502,7 +513,7 @@ class BaseHead(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
         _require_matrix(X)
         self._check_columns(X)
         rows = _checked_rows(rows, X.shape[0])
-        return _unit_scores(self._predict_proba_rows(X, rows))
+        return _unit_scores(self._predict_proba_rows(X, rows), self.name or type(self).__name__)
 
     def _predict_proba_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of ``X[rows]``; by default of a copy of those rows."""

@@ -77,6 +77,11 @@ def _check_inputs(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np
     if bad.any():
         msg = f"y_true must hold 0 (resistant) or 1 (sensitive); found {np.unique(y[bad])[:5].tolist()}."
         raise InputDataError(msg)
+    nan = np.isnan(p)
+    if nan.any():  # a head whose fit diverged: no number of the fold can be computed from it
+        msg = (f"proba holds NaN for {int(nan.sum())} of {p.size} test cells (a model whose fit diverged?); "
+               "metrics need a probability for every test cell.")
+        raise InputDataError(msg)
     if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
         msg = "proba must be finite probabilities in [0, 1]; got values outside that range."
         raise InputDataError(msg)
