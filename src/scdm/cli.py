@@ -1015,7 +1015,7 @@ def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, 
 def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: tuple[str, ...], scenarios: tuple[str, ...],
             category_types: tuple[str, ...], scheme: str | None, datasets: tuple[str, ...], label_sets: tuple[str, ...],
             long_format: bool, fmt: str) -> None:
-    """Print the leaderboard: mean +- sd over the folds of each result.
+    """Print the leaderboard: mean +- sd over the folds of each result (cross-data: over held-out studies).
 
     One row per result identity: embedding space (model), datasets, label set, split (scenario,
     scheme, k folds, seed, category) and head with its parameters. Nothing is averaged across

@@ -270,3 +270,16 @@ def test_each_dataset_of_a_result_is_paired_with_the_label_set_it_was_evaluated_
     board = leaderboard(st, metrics=["auroc"])
     assert dict(zip(board["label_set"], board["note"])) == {
         "Gefitinib,shared": "", "shared": "labelled for different drugs (jhu006: Vorinostat, scc47: Gefitinib)"}
+
+
+def test_cross_data_means_are_said_to_be_over_held_out_studies() -> None:
+    """A cross-data row's folds are held-out studies (one each, weighted alike): `scdm results` and the server
+    printed its mean, sd and n as "over folds" with nothing saying what a fold is there."""
+    from scdm.classify.results import NOTES, leaderboard_notes
+
+    def board(scenario: str) -> pd.DataFrame:
+        return pd.DataFrame({"model": "pca", "variant": "frozen-x", "space_id": "s1", "split_id": "p1", "head": "ridge",
+                             "head_params": "{}", "complete": True, "scenario": scenario, "metric": ["auroc"], "n_null": [0]})
+
+    assert NOTES["held_out_studies"] in leaderboard_notes(board("cross"), ["auroc"])
+    assert NOTES["held_out_studies"] not in leaderboard_notes(board("pooled"), ["auroc"])

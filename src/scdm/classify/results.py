@@ -623,6 +623,9 @@ NOTES: dict[str, str] = {
                     "held-out study's drug with a head trained on the other studies' drugs, so the number measures no "
                     "one drug's response. To measure one drug, evaluate only the datasets labelled for it (scdm "
                     "evaluate --dataset ... --label-set ...)."),
+    "held_out_studies": ("Cross-data rows (scheme study): each fold is one held-out study, so their mean ± sd is over "
+                         "held-out studies (each weighing the same whatever its cell count) and their n and folds count "
+                         "studies; it is not a score of the pooled test cells."),
     "no_predicted_positive": ("Precision is undefined on a fold where the head predicted no cell sensitive; its mean "
                               "is over the other folds (its own n)."),
 }
@@ -653,6 +656,8 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
         notes.append(NOTES["transductive-dann"])
     if not board.empty and not board["complete"].all():
         notes.append(NOTES["incomplete"])
+    if not board.empty and "scenario" in board.columns and board["scenario"].eq("cross").any():
+        notes.append(NOTES["held_out_studies"])
     if has_skipped_folds(board):
         notes.append(NOTES["skipped_folds"])
     if not board.empty and "note" in board.columns and board["note"].fillna("").str.startswith("older gene table").any():
