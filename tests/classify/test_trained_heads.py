@@ -621,3 +621,12 @@ def test_an_unlabelled_dataset_among_the_training_embeddings_is_predicted_held_o
     assert "changed since it was fitted" not in caplog.text
     st.ingest(cells[70:].copy(), name="unl", label_key="response_PLX4720")  # labelled later: still never seen
     assert predict(st, head_id, "unl")["trained_on"].sum() == 0
+
+
+def test_a_head_whose_fit_diverged_is_refused_with_why(st: Store, a375_values: np.ndarray) -> None:
+    """An mlp that diverged (NaN weights) was refused as "The saved mlp head predicts differently from the fitted
+    one (max |diff| nan); this is a bug in scdm, please report it": the reason and the fix were the user's."""
+    write_embedding(st, "a375", a375_values * 1e6)
+    with pytest.raises(InputDataError, match=r"Head 'mlp' scored \d+ of \d+ cells NaN: its fit diverged"):
+        train_head(st, dataset="a375", model="pca-test", head="mlp", lr=1e6, epochs=3, min_steps=0, standardize=False)
+    assert trained_heads(st).empty  # nothing saved
