@@ -458,6 +458,11 @@ class BaseHead(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
     def predict(self, X: Any) -> np.ndarray:
         """The more probable class of each cell (``classes_[1]`` where its probability exceeds 0.5).
 
+        A tie at exactly 0.5 (a majority head on a balanced fold scores every cell so) goes to
+        ``classes_[0]``, as scikit-learn's ``argmax`` of ``predict_proba``; the stored metrics and
+        ``scdm predict`` call a cell sensitive where ``proba >= threshold``. To reproduce them, use
+        ``head.proba_sensitive(X) >= threshold``.
+
         Parameters
         ----------
         X : array-like of shape (n_cells, emb_dim)
