@@ -67,6 +67,13 @@ def test_sql_refuses_writes_with_a_clean_error(run, query):
     assert out.exit_code == 1 and out.output.startswith("Error: ") and "Traceback" not in out.output
 
 
+@pytest.mark.parametrize("query", ["SELECT setseed(0.5)", "SELECT (0.5).setseed(), random()"])
+def test_sql_refuses_setseed_with_a_clean_error(run, query):
+    out = run("sql", query, ok=False)  # was answered (a NULL) on the read connection the process's reads share
+    assert out.exit_code == 1 and out.output.startswith("Error: setseed() is not allowed in a read query")
+    assert "Traceback" not in out.output
+
+
 @pytest.mark.parametrize(("option", "value"), [("--max-rows", "-1"), ("--max-rows", "0"), ("--timeout", "0"), ("--timeout", "-1")])
 def test_sql_refuses_a_row_or_time_limit_that_cannot_be_meant(run, option, value):
     out = run("sql", "SELECT 1 AS x", option, value, ok=False)  # was a TypeError traceback, or '(no rows)' with exit 0

@@ -133,3 +133,16 @@ def test_scdm_serve_reads_its_sql_time_limit_from_the_environment(tmp_path: Path
     result = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "serve"], env={"SCDM_SQL_TIMEOUT": "42.5"})
     assert result.exit_code == 0, result.output
     assert seen["sql_timeout_s"] == 42.5
+
+
+def test_the_console_refuses_setseed_which_would_change_the_read_connection(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    with TestClient(create_app(Store(tmp_path / "store")), base_url="http://127.0.0.1:8000") as api:
+        for query in ("SELECT setseed(0.5)", "SELECT * FROM query('SELECT setseed(0.5)')"):
+            answer: Any = api.post("/api/sql", json={"query": query})
+            assert answer.status_code == 403 and "is not allowed in a read query" in answer.json()["error"], query
+        assert "USING SAMPLE 10% (bernoulli, 42)" in api.post("/api/sql", json={"query": "SELECT setseed(0.5)"}).json()["error"]
+        assert api.post("/api/sql", json={"query": "SELECT count(*) AS n FROM datasets"}).json()["rows"] == [{"n": 0}]

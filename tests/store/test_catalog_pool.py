@@ -20,7 +20,7 @@ import pytest
 
 from scdm.store import _catalog
 from scdm.store._catalog import Catalog
-from scdm.store.errors import CatalogDamagedError
+from scdm.store.errors import CatalogDamagedError, ReadOnlyQueryError
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 20.0
@@ -248,3 +248,35 @@ def test_a_damaged_catalog_does_not_break_writes_to_another(tmp_path: Path) -> N
 def test_write_connections_take_no_settings(cat: Catalog) -> None:
     with pytest.raises(ValueError, match="read-only"), cat.connect(config={"threads": 1}):
         pass
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT setseed(0.5)", "SELECT main.setseed /* the seed */ (0.5)", 'SELECT "SetSeed"(0.5)', "SELECT (0.5).setseed()",
+    "SELECT setseed(0.5); SELECT random()", "EXPLAIN ANALYZE SELECT setseed(0.5)",
+    "SELECT * FROM query('SELECT setseed(0.5)')",  # SQL as text: the check cannot read it
+    "SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT setseed(0.5)'))",
+    "SELECT write_log('x')", "SELECT * FROM truncate_duckdb_logs()", "SELECT * FROM checkpoint()",
+    "SELECT * FROM enable_logging()",
+])
+def test_a_read_query_may_not_change_the_connections_state(cat: Catalog, query: str) -> None:
+    # setseed() was answered on a cursor of the pooled read connection, whose instance every read of the process shares
+    with pytest.raises(ReadOnlyQueryError, match=r"is not allowed in a read query: it "):
+        cat.read_only_query(query)
+
+
+def test_a_function_name_that_is_no_call_still_reads(cat: Catalog) -> None:
+    query = "SELECT 'setseed(0.5)' AS text, 1 AS setseed /* query( */, count(*) AS n FROM t USING SAMPLE 50% (bernoulli, 42)"
+    assert cat.read_only_query(query).columns.tolist() == ["text", "setseed", "n"]
+
+
+def test_every_side_effecting_function_is_refused_or_known_harmless() -> None:
+    """A DuckDB upgrade that brings a new function with side effects fails here until it is judged."""
+    harmless = {  # they draw a value or read state; they change none a later read sees
+        "random", "uuid", "uuidv4", "uuidv7", "gen_random_uuid", "current_query", "current_query_id",
+        "current_transaction_id", "current_connection_id", "currval", "error", "sleep_ms", "stats", "vector_type",
+    }
+    con = duckdb.connect()
+    side_effects = {name for (name,) in con.execute(
+        "SELECT DISTINCT function_name FROM duckdb_functions() WHERE has_side_effects").fetchall()}
+    assert "setseed" in side_effects  # the check below reads the flag DuckDB sets
+    assert side_effects - harmless - set(_catalog._STATE_CHANGING_FUNCTIONS) == set()

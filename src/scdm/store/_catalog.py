@@ -46,6 +46,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import math
 import numbers
@@ -1299,6 +1300,58 @@ def check_read_only(sql: str) -> None:
                 f"Only read queries are allowed here (SELECT, WITH ... SELECT, EXPLAIN of one); got a {kind} "
                 "statement. The catalog is changed only through scdm commands."
             )
+            raise ReadOnlyQueryError(msg)
+    _refuse_state_changing_calls(sql)
+
+
+_STATE_CHANGING_FUNCTIONS: dict[str, str] = {
+    "setseed": ("sets the seed of random() and of USING SAMPLE for the connection; for a repeatable sample give the "
+                "seed in the query: USING SAMPLE 10% (bernoulli, 42)"),
+    "nextval": "advances a sequence",
+    "setval": "sets a sequence",
+    "write_log": "writes to the database's log",
+    "truncate_duckdb_logs": "empties the database's log",
+    "checkpoint": "checkpoints the database",
+    "force_checkpoint": "checkpoints the database",
+    "add_grammar_extension": "changes the SQL parser of the database",
+    "remove_grammar_extension": "changes the SQL parser of the database",
+    "register_external_resource": "changes the database's registry of external resources",
+    "register_external_resource_type": "changes the database's registry of external resources",
+    "deregister_external_resource": "changes the database's registry of external resources",
+    "create_external_resource": "creates an external resource",
+    "destroy_external_resource": "destroys an external resource",
+    "query": "runs SQL given as text, which this check cannot read; write that query itself instead",
+    "json_execute_serialized_sql": "runs SQL given as text, which this check cannot read; write that query itself instead",
+}
+"""DuckDB functions a read query may not call, with what each does (installed DuckDB's ``duckdb_functions()``
+marks the scalar ones ``has_side_effects``; a test keeps this list in step with it). They change the state
+of the connection or of the database instance, which every read of this process shares (one pooled
+instance per catalog file), or they run SQL this check cannot read. In DuckDB 2.0.1 a seed set by
+setseed() stays with the cursor of its read, which the pool closes; refusing it does not rely on that."""
+
+_STATE_CHANGING_PREFIXES = ("enable_", "disable_")
+"""Functions named so (enable_logging, disable_profiling, enable_optimizer, ...) switch a setting on or off."""
+
+
+def _refuse_state_changing_calls(sql: str) -> None:
+    """Raise :class:`ReadOnlyQueryError` when ``sql`` calls a function that changes connection or database state.
+
+    A call is a name followed by ``(``, in any spelling DuckDB accepts: ``setseed(0.5)``,
+    ``main.setseed (0.5)``, ``"SetSeed"(0.5)`` and ``(0.5).setseed()``. Names inside string literals and
+    comments are not calls.
+    """
+    every = duckdb.tokenize(sql)
+    ends = [pos for pos, _ in every[1:]] + [len(sql)]
+    tokens = [(sql[pos:end].strip(), kind) for (pos, kind), end in zip(every, ends, strict=True)
+              if kind != duckdb.token_type.comment]
+    for (word, kind), (after, _) in itertools.pairwise(tokens):
+        if kind not in (duckdb.token_type.identifier, duckdb.token_type.keyword) or not after.startswith("("):
+            continue
+        name = word.strip('"').lower()
+        if name in _STATE_CHANGING_FUNCTIONS or name.startswith(_STATE_CHANGING_PREFIXES):
+            what = _STATE_CHANGING_FUNCTIONS.get(name, "switches a setting of the database on or off")
+            msg = (f"{word}() is not allowed in a read query: it {what}. Read queries (scdm sql, the server's SQL "
+                   "console) change nothing; the catalog is changed only through scdm commands.")
             raise ReadOnlyQueryError(msg)
 
 
