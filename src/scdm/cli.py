@@ -853,6 +853,10 @@ def _csv_list(value: str | tuple[str, ...] | list[str]) -> list[str]:
     return list(split_commas(click.get_current_context(), click.Argument(["value"]), value))
 
 
+_LEADERBOARD_METRICS = ("auroc", "ap", "f1", "accuracy")
+"""The metrics `scdm evaluate` prints and `scdm results` shows unless --metric is given."""
+
+
 @main.command()
 @list_option("--embedding", "embedding_ids", help="Embedding ids to evaluate (repeatable or comma-separated). Default: every complete embedding.")
 @click.option("--dataset", "datasets", multiple=True, help="Evaluate the embeddings of this dataset (repeatable; with --model).")
@@ -908,7 +912,7 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
       scdm evaluate --executor ray --ray-address auto        # fits on a running Ray cluster
     """
     from scdm.classify.grid import evaluate as run_evaluate
-    from scdm.classify.results import asked_results, format_leaderboard, leaderboard, wide_leaderboard
+    from scdm.classify.results import asked_results, format_leaderboard, leaderboard, leaderboard_notes, wide_leaderboard
 
     st = obj.store
     ids = list(embedding_ids) or _embedding_selection(st, datasets, models)
@@ -926,7 +930,11 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
                            ray_address=ray_address)
     # what this command asked for (fitted now or reused), not every result in the store
     board = asked_results(leaderboard(st, run_id=None), summary.results, st)
-    echo_frame(format_leaderboard(board) if fmt == "table" else wide_leaderboard(board), fmt)
+    shown = _LEADERBOARD_METRICS
+    echo_frame(format_leaderboard(board, metrics=shown) if fmt == "table" else wide_leaderboard(board, metrics=shown), fmt)
+    # the caveats `scdm results` prints under the same rows (a pca/hvg baseline fitted on the test cells too, ...)
+    for note in leaderboard_notes(board, shown):
+        click.echo(f"note: {note}", err=True)
 
 
 _MODEL_ONLY_OPTIONS = ("checkpoint", "batch_size", "device", "precision", "torch_compile", "layer", "pooling", "max_genes",
@@ -997,7 +1005,7 @@ def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, 
 
 
 @main.command()
-@list_option("--metric", "metrics", default=("auroc", "ap", "f1", "accuracy"), help="Metrics to show (columns).")
+@list_option("--metric", "metrics", default=_LEADERBOARD_METRICS, help="Metrics to show (columns).")
 @list_option("--model", "models", help="Only these models.")
 @list_option("--head", "heads", aliases=("--heads",), help="Only these heads.")
 @list_option("--scenario", "scenarios", help="Only these scenarios: pooled, cross, custom.")

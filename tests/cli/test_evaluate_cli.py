@@ -79,3 +79,27 @@ def test_evaluate_scenario_custom_says_where_its_folds_are_given(store: Path) ->
     assert result.exit_code == 2
     assert "only the Python API takes" in result.output and "scenarios=['custom']" in result.output
     assert Store(store).query("SELECT count(*) AS n FROM eval_runs")["n"][0] == 0
+
+
+def test_evaluate_notes_a_transductive_baseline_as_results_does(store: Path) -> None:
+    """`scdm results` noted that pca/hvg are fitted on every cell (test cells too); evaluate printed the same rows without it."""
+    import numpy as np
+
+    from scdm.classify.results import NOTES
+
+    note = f"note: {NOTES['transductive-baseline']}"
+    evaluated = CliRunner().invoke(main, ["--store", str(store), *EVALUATE, "--head", "ridge"])
+    assert evaluated.exit_code == 0 and note in evaluated.stderr and "note:" not in evaluated.stdout
+    results = CliRunner().invoke(main, ["--store", str(store), "results"])
+    assert note in results.stderr
+    # a space no baseline fitted: no such note
+    st = Store(store)
+    cells = st.cells(["JHU006"])
+    emb = st.create_embedding("JHU006", model="toy", params={"projection": 0}, dim=4)
+    X = np.random.default_rng(0).normal(size=(len(cells), 4)).astype(np.float32)
+    for chunk in range(emb.n_chunks):
+        lo, hi = emb.chunk_bounds(chunk)
+        emb.write_chunk(chunk, X[lo:hi])
+    emb.finalize(telemetry={})
+    toy = CliRunner().invoke(main, ["--store", str(store), *EVALUATE, "--head", "ridge", "--embedding", emb.embedding_id])
+    assert toy.exit_code == 0 and "toy" in toy.stdout and NOTES["transductive-baseline"] not in toy.stderr
