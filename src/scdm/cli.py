@@ -7,13 +7,14 @@ commands that need them, so ``scdm --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -218,6 +219,30 @@ def echo_frame(frame: Any, fmt: str = "table", *, max_width: int = 60) -> None:
         click.echo(shown.to_string(index=False))
 
 
+def echo_frames(parts: Iterable[Any], fmt: str) -> None:
+    """Print DataFrames of one answer (same columns) as one CSV or JSON document, each part as it comes.
+
+    The output equals :func:`echo_frame` of the parts joined, without holding them all.
+    """
+    if fmt == "csv":
+        from scdm.classify.results import csv_ready
+
+        for i, part in enumerate(parts):
+            click.echo(csv_ready(part).to_csv(index=False, header=i == 0), nl=False)
+    elif fmt == "json":
+        from scdm.classify.results import json_records
+
+        sep = "["
+        for part in parts:
+            for record in json_records(part):
+                click.echo(sep + json.dumps(record, allow_nan=False), nl=False)
+                sep = ", "
+        click.echo("[]" if sep == "[" else "]")
+    else:
+        msg = f"echo_frames writes csv or json, not {fmt!r}: a table's columns are as wide as all its rows"
+        raise ValueError(msg)
+
+
 def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options mapping AnnData columns to the catalog (shared by ingest and embed)."""
     options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
@@ -413,28 +438,52 @@ def _echo_sections(sections: dict[str, Any], fmt: str) -> None:
         echo_frame(frame, fmt)
 
 
+SQL_MAX_ROWS = 10_000
+"""Rows `scdm sql` prints unless told otherwise: a `SELECT * FROM cells` of a large store held every row in memory."""
+
+
 @main.command()
 @click.argument("query")
 @output_options
-@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Print at most this many rows.")
+@click.option("--max-rows", type=click.IntRange(min=0), default=SQL_MAX_ROWS, show_default=True,
+              help="Print at most this many rows (a note on stderr says when the answer has more); 0 prints every row, as --all.")
+@click.option("--all", "all_rows", is_flag=True,
+              help="Print every row. With --format csv or json the rows are written as they are read, in batches, so "
+                   "an export to a file does not hold the whole answer in memory; a table holds it all.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop the query after this many seconds.")
+              help="Stop the query after this many seconds (with --all: the whole export).")
 @pass_ctx
 @user_errors
-def sql(obj: Ctx, query: str, fmt: str, max_rows: int | None, timeout_s: float | None) -> None:
+def sql(obj: Ctx, query: str, fmt: str, max_rows: int, all_rows: bool, timeout_s: float | None) -> None:
     """Run a read-only SQL query on the catalog (DuckDB dialect).
 
-    Writes, COPY, ATTACH and file access are refused. Main tables: datasets, cells, genes,
-    label_sets, embeddings, embedding_chunks, splits, split_folds, eval_runs, eval_results (one row per
-    task x metric) and the view results (the same with the whole result identity), skipped_tasks,
-    eval_predictions, trained_heads, transfer_runs. `SHOW TABLES` lists them all.
+    Writes, COPY, ATTACH, file access and functions that change state (setseed) are refused. Main
+    tables: datasets, cells, genes, label_sets, embeddings, embedding_chunks, splits, split_folds,
+    eval_runs, eval_results (one row per task x metric) and the view results (the same with the whole
+    result identity), skipped_tasks, eval_predictions, trained_heads, transfer_runs. `SHOW TABLES`
+    lists them all. At most 10,000 rows are printed unless --max-rows or --all says otherwise.
 
     \b
     Examples:
       scdm sql "SELECT name, n_cells FROM datasets"
       scdm sql "SELECT model, status, dim FROM embeddings" --format csv
+      scdm sql "SELECT * FROM cells" --all --format csv > cells.csv    # every row, written in batches
     """
-    echo_frame(obj.store.sql(query, max_rows=max_rows, timeout_s=timeout_s), fmt, max_width=10_000)
+    st = obj.store
+    given = click.get_current_context().get_parameter_source("max_rows") is not click.core.ParameterSource.DEFAULT
+    if all_rows and given and max_rows:
+        raise click.UsageError(f"--all prints every row and --max-rows {max_rows} at most {max_rows}; give one of them.")
+    limit = None if all_rows or max_rows == 0 else max_rows
+    if limit is None and fmt in ("csv", "json"):
+        with contextlib.closing(st.sql_batches(query, timeout_s=timeout_s)) as parts:
+            echo_frames(parts, fmt)
+        return
+    # one row more than printed tells whether the answer was cut
+    frame = st.sql(query, max_rows=None if limit is None else limit + 1, timeout_s=timeout_s)
+    echo_frame(frame.head(limit) if limit is not None else frame, fmt, max_width=10_000)
+    if limit is not None and len(frame) > limit:
+        click.echo(f"note: printed the first {limit:,} rows; the answer has more. --max-rows N prints up to N, --all "
+                   "every row (--all --format csv > answer.csv writes them to a file in batches).", err=True)
 
 
 def _select_embedding(st: Any, embedding_id: str | None, dataset: str | None, model: str | None, variant: str, *, status: str | None = "complete") -> Any:
@@ -466,7 +515,7 @@ def export(obj: Ctx, embedding_id: str | None, dataset: str | None, model: str |
     click.echo(f"wrote {emb.n_cells} x {emb.dim} {emb.model} embedding to {path}")
     if Path(path).suffix == ".npy":  # a bare matrix: say where its row names are
         click.echo(f"  rows in dataset order, without cell ids; they are: scdm sql \"SELECT cell_id FROM cells WHERE "
-                   f"dataset_id = '{emb.dataset_id}' ORDER BY row\" (an .h5ad export carries them)")
+                   f"dataset_id = '{emb.dataset_id}' ORDER BY row\" --all --format csv (an .h5ad export carries them)")
 
 
 @main.command()

@@ -74,13 +74,64 @@ def test_sql_refuses_setseed_with_a_clean_error(run, query):
     assert "Traceback" not in out.output
 
 
-@pytest.mark.parametrize(("option", "value"), [("--max-rows", "-1"), ("--max-rows", "0"), ("--timeout", "0"), ("--timeout", "-1")])
+@pytest.mark.parametrize(("option", "value"), [("--max-rows", "-1"), ("--max-rows", "1.5"), ("--timeout", "0"), ("--timeout", "-1")])
 def test_sql_refuses_a_row_or_time_limit_that_cannot_be_meant(run, option, value):
     out = run("sql", "SELECT 1 AS x", option, value, ok=False)  # was a TypeError traceback, or '(no rows)' with exit 0
     assert out.exit_code == 2 and f"Invalid value for '{option}'" in out.output and "Traceback" not in out.output
     assert "x" in run("sql", "SELECT 1 AS x", option, "1").stdout
     out = run("sql", "SELECT 1 AS x", "--timeout", "nan", ok=False)
     assert out.exit_code == 1 and out.output.startswith("Error: ") and "time limit" in out.output
+
+
+def test_sql_prints_at_most_10000_rows_unless_told_and_says_when_it_cut(run):
+    """`scdm sql "SELECT * FROM predictions"` read the whole answer into memory (2M rows of a 200-character text
+    held 1.6 GB); it prints 10,000 rows, says on stderr that the answer has more, and how to get them."""
+    out = run("sql", "SELECT * FROM range(10001) AS t(i)", "--format", "csv")
+    assert out.stdout.splitlines() == ["i", *map(str, range(10_000))]
+    assert "note: printed the first 10,000 rows; the answer has more" in out.stderr and "--all" in out.stderr
+    assert "note" not in run("sql", "SELECT * FROM range(10000) AS t(i)", "--format", "csv").stderr  # all of it: no note
+    out = run("sql", "SELECT * FROM range(10) AS t(i)", "--max-rows", "3", "--format", "json")
+    assert json.loads(out.stdout) == [{"i": 0}, {"i": 1}, {"i": 2}] and "the first 3 rows" in out.stderr
+    for every in (["--all"], ["--max-rows", "0"]):
+        out = run("sql", "SELECT * FROM range(10001) AS t(i)", *every)
+        assert len(out.stdout.splitlines()) == 10_002 and out.stderr == ""
+    out = run("sql", "SELECT 1 AS x", "--all", "--max-rows", "5", ok=False)
+    assert out.exit_code == 2 and "--all prints every row and --max-rows 5" in out.output
+    assert "10000" in CliRunner().invoke(main, ["sql", "--help"]).output  # the default, in --help
+
+
+def test_sql_all_writes_csv_and_json_in_batches(run, monkeypatch):
+    from scdm.store import _catalog
+
+    held = []
+    real_fetch = _catalog._fetch
+
+    def fetch(result, max_rows):
+        frame = real_fetch(result, max_rows)
+        held.append(len(frame))
+        return frame
+
+    monkeypatch.setattr(_catalog, "_fetch", fetch)
+    query = "SELECT range AS i, CASE WHEN range % 7 = 0 THEN NULL ELSE range END AS holes FROM range(25000)"
+    whole = run("sql", query, "--format", "csv", "--max-rows", "25000").stdout
+    held.clear()
+    out = run("sql", query, "--all", "--format", "csv")
+    assert out.stdout == whole and out.stderr == "" and whole.splitlines()[1:3] == ["0,", "1,1"]
+    assert max(held) <= 10_000 and sum(held) == 25_000  # never the whole answer at once
+    assert json.loads(run("sql", query, "--all", "--format", "json").stdout) == json.loads(
+        run("sql", query, "--format", "json", "--max-rows", "25000").stdout)
+    assert run("sql", "SELECT 1 AS x WHERE false", "--all", "--format", "json").stdout == "[]\n"
+    assert run("sql", "SELECT 1 AS x WHERE false", "--all", "--format", "csv").stdout == "x\n"
+
+
+def test_sql_prints_an_integer_column_with_a_null_as_integers(run):
+    """Under a row limit (now the default) a column of 1 and NULL printed 1.0, in CSV and JSON alike."""
+    query = "SELECT * FROM (VALUES (1, 1.5::DECIMAL(4, 2), true), (NULL, NULL, NULL)) AS t(n, d, b)"
+    for rows in (["--max-rows", "5"], ["--all"]):
+        assert run("sql", query, "--format", "csv", *rows).stdout.splitlines() == ["n,d,b", "1,1.5,True", ",,"]
+        assert json.loads(run("sql", query, "--format", "json", *rows).stdout) == [
+            {"n": 1, "d": 1.5, "b": True}, {"n": None, "d": None, "b": None}]
+    assert run("sql", query, "--all").stdout == run("sql", query).stdout
 
 
 def test_sql_syntax_error_is_a_clean_error_with_the_parsers_message(run):

@@ -146,3 +146,14 @@ def test_the_console_refuses_setseed_which_would_change_the_read_connection(tmp_
             assert answer.status_code == 403 and "is not allowed in a read query" in answer.json()["error"], query
         assert "USING SAMPLE 10% (bernoulli, 42)" in api.post("/api/sql", json={"query": "SELECT setseed(0.5)"}).json()["error"]
         assert api.post("/api/sql", json={"query": "SELECT count(*) AS n FROM datasets"}).json()["rows"] == [{"n": 0}]
+
+
+def test_the_console_answers_an_integer_column_with_a_null_as_integers(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from scdm.server import create_app
+
+    with TestClient(create_app(Store(tmp_path / "store")), base_url="http://127.0.0.1:8000") as api:
+        answer: Any = api.post("/api/sql", json={"query": "SELECT * FROM (VALUES (1), (NULL)) AS t(n)"}).json()
+    assert answer["rows"] == [{"n": 1}, {"n": None}]  # was 1.0: pandas made the column float
+    assert isinstance(answer["rows"][0]["n"], int)

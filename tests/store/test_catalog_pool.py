@@ -280,3 +280,34 @@ def test_every_side_effecting_function_is_refused_or_known_harmless() -> None:
         "SELECT DISTINCT function_name FROM duckdb_functions() WHERE has_side_effects").fetchall()}
     assert "setseed" in side_effects  # the check below reads the flag DuckDB sets
     assert side_effects - harmless - set(_catalog._STATE_CHANGING_FUNCTIONS) == set()
+
+
+def test_read_only_batches_hand_over_the_answer_in_parts(cat: Catalog) -> None:
+    from scdm.store.errors import InputDataError, QueryTimeoutError
+
+    cat.execute("INSERT INTO t (i) SELECT range FROM range(5)")
+    parts = list(cat.read_only_batches("SELECT i FROM t ORDER BY i", batch_rows=2))
+    assert [p["i"].tolist() for p in parts] == [[0, 1], [2, 3], [4]]
+    (empty,) = cat.read_only_batches("SELECT i FROM t WHERE false", batch_rows=2)  # the columns, without rows
+    assert empty.columns.tolist() == ["i"] and empty.empty
+    with pytest.raises(InputDataError, match=r"row limit \(batch_rows\) must be a whole number >= 1; got 0"):
+        cat.read_only_batches("SELECT 1", batch_rows=0)  # at once, not at the first part
+    with pytest.raises(ReadOnlyQueryError):
+        cat.read_only_batches("SELECT setseed(0.5)")
+    parts = cat.read_only_batches("SELECT * FROM range(10)", batch_rows=2)
+    assert len(next(parts)) == 2
+    parts.close()  # the read connection is given back: a write here goes ahead
+    cat.execute("INSERT INTO t (i) VALUES (5)")
+    assert count(cat) == 6
+    with pytest.raises(QueryTimeoutError, match="longer than 0.3 s"):
+        list(cat.read_only_batches("SELECT count(*) FROM range(10000000000)", timeout_s=0.3))
+
+
+def test_a_row_limited_answer_has_the_types_of_the_whole_answer(cat: Catalog) -> None:
+    # pandas made an integer column holding a NULL float: 1.0 where the whole answer said 1
+    query = ("SELECT * FROM (VALUES (1, 2::BIGINT, true, 1.5::DECIMAL(4, 2), 7::HUGEINT, [1, NULL]), "
+             "(NULL, 3::BIGINT, NULL, NULL, NULL, NULL)) AS v(n, m, b, d, h, l)")
+    whole, limited = cat.read_only_query(query), cat.read_only_query(query, max_rows=5)
+    assert limited.dtypes.tolist() == whole.dtypes.tolist()
+    assert limited.drop(columns="l").astype(object).where(limited.notna(), None).values.tolist() == [
+        [1, 2, True, 1.5, 7], [None, 3, None, None, None]]

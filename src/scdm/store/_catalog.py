@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from scdm.store._constants import LOCK_RETRY_SECONDS
@@ -1150,7 +1151,8 @@ class Catalog:
 
         Only ``SELECT``/``EXPLAIN`` statements (``WITH ... SELECT`` included) are accepted; the
         connection itself is read-only and cannot reach files, so ``COPY ... TO``, ``ATTACH``,
-        ``INSTALL`` and writes fail twice over.
+        ``INSTALL`` and writes fail twice over. ``max_rows=None`` answers every row, held in memory
+        at once (:meth:`read_only_batches` hands a long answer over in parts).
 
         Raises
         ------
@@ -1163,29 +1165,73 @@ class Catalog:
         """
         _check_limits(max_rows, timeout_s)
         check_read_only(sql)
-        with self.connect(read_only=True) as con:  # READ_CONFIG: no file or network access, settings locked
-            try:
-                if timeout_s is None:
-                    return _fetch(con.execute(sql), max_rows)
-                return _run_with_timeout(con, sql, max_rows, timeout_s)
-            except duckdb.PermissionException as err:
-                msg = f"The query tried to reach files or settings, which the read-only SQL interface does not allow: {err}"
-                raise ReadOnlyQueryError(msg) from err
-            except duckdb.OutOfMemoryException as err:  # not a crash of the process: the limit held
-                msg = (f"The query needed more than the {READ_CONFIG['memory_limit']} of memory that catalog reads may "
-                       "use and was stopped; aggregate first, or add a LIMIT or a WHERE clause.")
-                raise QueryError(msg) from err
-            except duckdb.Error as err:
-                if _is_damage(err):
-                    raise self._damaged_error(err) from err
+        with self.connect(read_only=True) as con, self._answering(con, timeout_s):  # READ_CONFIG: no file access
+            return _fetch(con.execute(sql), max_rows)
+
+    def read_only_batches(self, sql: str, *, batch_rows: int = 10_000, timeout_s: float | None = None) -> Iterator[pd.DataFrame]:
+        """:meth:`read_only_query`'s whole answer in parts of at most ``batch_rows`` rows, read from DuckDB as asked.
+
+        The first part comes even when the answer is empty (it has the columns); parts have the same
+        columns and types. Only the part being read is held, so an export of a long answer does not
+        hold it all. The read connection stays borrowed until the iterator is exhausted or closed
+        (``contextlib.closing``); ``timeout_s`` counts from the query's start to its last part.
+
+        Raises
+        ------
+        InputDataError
+            At once, if ``batch_rows`` is not a whole number >= 1 or ``timeout_s`` not a finite number > 0.
+        QueryError, ReadOnlyQueryError
+            As :meth:`read_only_query` (a refused or unparsable query at once, others while reading).
+        """
+        _check_limits(batch_rows, timeout_s, rows_name="batch_rows")
+        check_read_only(sql)
+        return self._batches(sql, int(batch_rows), timeout_s)
+
+    def _batches(self, sql: str, batch_rows: int, timeout_s: float | None) -> Iterator[pd.DataFrame]:
+        with self.connect(read_only=True) as con, self._answering(con, timeout_s):
+            result = con.execute(sql)
+            while True:
+                part = _fetch(result, batch_rows)
+                yield part
+                if len(part) < batch_rows:
+                    return
+
+    @contextlib.contextmanager
+    def _answering(self, con: duckdb.DuckDBPyConnection, timeout_s: float | None) -> Iterator[None]:
+        """User SQL run on ``con`` within: stopped after ``timeout_s``, and DuckDB's errors said as scdm errors."""
+        timer = None if timeout_s is None else threading.Timer(timeout_s, con.interrupt)
+        if timer is not None:
+            timer.start()
+        try:
+            yield
+        except duckdb.InterruptException as err:
+            if timeout_s is None:
                 msg = f"The query failed: {err}"
                 raise QueryError(msg) from err
+            msg = f"The query ran longer than {timeout_s:g} s and was stopped; add a LIMIT or a WHERE clause."
+            raise QueryTimeoutError(msg, timeout_s) from err  # too slow, not refused: the server answers 400, not 403
+        except duckdb.PermissionException as err:
+            msg = f"The query tried to reach files or settings, which the read-only SQL interface does not allow: {err}"
+            raise ReadOnlyQueryError(msg) from err
+        except duckdb.OutOfMemoryException as err:  # not a crash of the process: the limit held
+            msg = (f"The query needed more than the {READ_CONFIG['memory_limit']} of memory that catalog reads may "
+                   "use and was stopped; aggregate first, or add a LIMIT or a WHERE clause.")
+            raise QueryError(msg) from err
+        except duckdb.Error as err:
+            if _is_damage(err):
+                raise self._damaged_error(err) from err
+            msg = f"The query failed: {err}"
+            raise QueryError(msg) from err
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
-def _check_limits(max_rows: int | None, timeout_s: float | None) -> None:
+def _check_limits(max_rows: int | None, timeout_s: float | None, *, rows_name: str = "max_rows") -> None:
     """Refuse a row limit or time limit that cannot be meant (``fetchmany(-1)`` is a TypeError, ``0`` an empty answer)."""
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1):
-        msg = f"The row limit (max_rows) must be a whole number >= 1, or None for every row; got {max_rows!r}."
+        every = ", or None for every row" if rows_name == "max_rows" else ""
+        msg = f"The row limit ({rows_name}) must be a whole number >= 1{every}; got {max_rows!r}."
         raise InputDataError(msg)
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real)
                                   or not math.isfinite(timeout_s) or timeout_s <= 0):
@@ -1222,8 +1268,37 @@ def _fetch(result: duckdb.DuckDBPyConnection, max_rows: int | None) -> pd.DataFr
                    "may use and was stopped; select fewer or shorter values, or fewer rows.")
             raise QueryError(msg)
         rows += batch
-    columns = [d[0] for d in result.description or []]
-    return pd.DataFrame.from_records(rows, columns=columns)
+    return _typed_frame(rows, result.description or [])
+
+
+_PANDAS_DTYPES = {"TINYINT": "Int8", "SMALLINT": "Int16", "INTEGER": "Int32", "BIGINT": "Int64", "UTINYINT": "UInt8",
+                  "USMALLINT": "UInt16", "UINTEGER": "UInt32", "UBIGINT": "UInt64", "BOOLEAN": "boolean", "FLOAT": "float32"}
+"""The pandas dtype DuckDB's own ``fetch_df`` gives a column of these types (nullable: NULLs stay NULL)."""
+_NUMPY_DTYPES = {"Int8": "int8", "Int16": "int16", "Int32": "int32", "Int64": "int64", "UInt8": "uint8", "UInt16": "uint16",
+                 "UInt32": "uint32", "UInt64": "uint64", "boolean": "bool"}
+"""The dtype ``fetch_df`` gives such a column without a NULL."""
+
+
+def _typed_frame(rows: list[tuple[Any, ...]], description: Sequence[Any]) -> pd.DataFrame:
+    """Fetched rows as a DataFrame whose columns have the types ``fetch_df`` gives the same answer.
+
+    pandas makes an integer column holding a NULL float: a row-limited answer printed 1.0 where the
+    whole answer printed 1, in the CLI's CSV and JSON and the server's console alike. DECIMAL is float
+    there too; HUGEINT is Int64 where its values fit (as :func:`_whole_hugeints` makes it), else exact
+    Python ints. Other types keep the Python values DuckDB fetched.
+    """
+    frame = pd.DataFrame.from_records(rows, columns=[d[0] for d in description])
+    for i, (_, kind, *_) in enumerate(description):  # by position: pandas renames a repeated column name
+        kind = str(kind)
+        values = [row[i] for row in rows]  # as fetched: the frame's column may already be float
+        dtype = _PANDAS_DTYPES.get(kind)
+        if re.fullmatch(r"DECIMAL\(\d+, ?\d+\)", kind):  # not DECIMAL(2,1)[], a list
+            frame.isetitem(i, pd.Series([np.nan if v is None else float(v) for v in values], index=frame.index, dtype="float64"))
+        elif kind in ("HUGEINT", "UHUGEINT") and all(v is None or -(2**63) <= v < 2**63 for v in values):
+            frame.isetitem(i, pd.array(values, dtype="Int64"))
+        elif dtype is not None:  # numpy's own type where no value is NULL, as fetch_df
+            frame.isetitem(i, pd.array(values, dtype=dtype if None in values else _NUMPY_DTYPES.get(dtype, dtype)))
+    return frame
 
 
 def _size_bytes(text: str) -> int | None:
@@ -1263,18 +1338,6 @@ def _whole_hugeints(frame: pd.DataFrame, description: Sequence[Any]) -> pd.DataF
         if str(kind) in ("HUGEINT", "UHUGEINT") and column.dtype.kind == "f" and (column.dropna().abs() <= _EXACT_FLOAT_INT).all():
             frame.isetitem(i, column.astype("Int64"))
     return frame
-
-
-def _run_with_timeout(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None, timeout_s: float) -> pd.DataFrame:
-    timer = threading.Timer(timeout_s, con.interrupt)
-    timer.start()
-    try:
-        return _fetch(con.execute(sql), max_rows)
-    except duckdb.InterruptException as err:
-        msg = f"The query ran longer than {timeout_s:g} s and was stopped; add a LIMIT or a WHERE clause."
-        raise QueryTimeoutError(msg, timeout_s) from err  # too slow, not refused: the server answers 400, not 403
-    finally:
-        timer.cancel()
 
 
 def check_read_only(sql: str) -> None:

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -774,8 +774,27 @@ class Store:
         self.catalog.insert_df(table, frame)
 
     def sql(self, query: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> pd.DataFrame:
-        """User-facing read-only SQL: writes, COPY, ATTACH and file access are refused."""
+        """User-facing read-only SQL: writes, COPY, ATTACH, file access and state-changing functions are refused.
+
+        ``max_rows=None`` (the default) answers every row, held in memory at once; give ``max_rows``
+        to bound it, or read a long answer in parts with :meth:`sql_batches`.
+        """
         return self.catalog.read_only_query(query, max_rows=max_rows, timeout_s=timeout_s)
+
+    def sql_batches(self, query: str, *, batch_rows: int = 10_000, timeout_s: float | None = None) -> Iterator[pd.DataFrame]:
+        """:meth:`sql`'s whole answer in DataFrames of at most ``batch_rows`` rows, each read when asked for.
+
+        Only one part is held at a time (``scdm sql --all --format csv`` writes them as they come).
+        The first part comes even for an empty answer (it has the columns). Exhaust the iterator or
+        close it (``contextlib.closing``) to give the read connection back.
+
+        Examples
+        --------
+        >>> with contextlib.closing(store.sql_batches("SELECT * FROM cells")) as parts:  # doctest: +SKIP
+        ...     for part in parts:
+        ...         part.to_csv(out, header=out.tell() == 0, index=False)
+        """
+        return self.catalog.read_only_batches(query, batch_rows=batch_rows, timeout_s=timeout_s)
 
     # ---- datasets ----------------------------------------------------------------------------
     def ingest(self, data: str | os.PathLike[str] | ad.AnnData, *, name: str | None = None, copy: bool = True,
