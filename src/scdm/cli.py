@@ -914,7 +914,8 @@ _LEADERBOARD_METRICS = ("auroc", "ap", "f1", "accuracy")
 @list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types; every category of each is a task.")
 @list_option("--head", "heads", aliases=("--heads",), default=("mlp", "logreg"), help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label, dann (scDEAL domain adaptation: the "
                    "test fold's cells, unlabelled, are its target; meant for --scenario cross).")
-@click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario (the paper: 10).")
+@click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario (the paper: 10); "
+              "cross-data folds are the studies (a warning says when no pooled split reads --folds).")
 @click.option("--split-scheme", type=click.Choice(["auto", "sample", "cell"]), default="auto", show_default=True,
               help="Pooled folds grouped by sample (no patient on both sides of a fold) or at cell level (the paper's, "
                    "which can leak sample identity). auto: sample when every cell has a sample id and there are at "
@@ -925,7 +926,8 @@ _LEADERBOARD_METRICS = ("auroc", "ap", "f1", "accuracy")
                    "under-trains small folds (10 steps on ~100 cells); fast: large batches, bf16 where available.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the pooled folds and of every head that takes one (mlp, lightgbm, shuffled-label and its "
-                   "base, dann); recorded in each head's parameters.")
+                   "base, dann); recorded in each head's parameters. A seed that neither reads (--scenario cross with "
+                   "logreg, ridge, majority) gives seed 0's results, and a warning says so.")
 @click.option("--label-set", help="Evaluate this label set of every dataset (default: each dataset's default; see `scdm ls --what labels`).")
 @click.option("--pair-folds-with", help="Pooled folds stratified by this other label set, so two drugs of the same cells share one partition (paired comparison).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
@@ -972,6 +974,13 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
         raise click.UsageError("--scenario custom needs a test fold for every cell, which only the Python API takes: "
                                "scdm.classify.grid.evaluate(store, scenarios=['custom'], custom=<DataFrame of dataset_id, "
                                "row (or cell_id), fold>); from the command line, evaluate --scenario pooled or cross.")
+    if _given("folds"):  # the library cannot tell a --folds typed from its default; the seed and scheme it checks itself
+        import warnings
+
+        from scdm.classify.grid import UnreadOptionWarning, unread_options
+
+        for unread in unread_options(scenarios, head_list, None, folds=folds):
+            warnings.warn(f"{unread}.", UnreadOptionWarning, stacklevel=1)
     summary = run_evaluate(st, ids, scenarios=scenarios, by=_csv_list(by), heads=head_list, folds=folds,
                            split_scheme=split_scheme, seed=seed, label_set=label_set, pair_folds_with=pair_folds_with, jobs=jobs,
                            head_params={"mlp": {"profile": mlp_profile}} if "mlp" in head_list else None,
@@ -990,6 +999,12 @@ _MODEL_ONLY_OPTIONS = ("checkpoint", "batch_size", "device", "precision", "torch
                        "seed", "params", "reference_quirks", "workers", "min_gene_fraction", "executor", "ray_address",
                        "num_gpus_per_actor", "actors", "max_retries", "allow_non_counts", "allow_empty_cells", "lora")
 """`scdm embed` options that only a foundation model reads: given to a baseline, they would be ignored."""
+
+
+def _given(name: str) -> bool:
+    """Whether the running command's option ``name`` was set (command line or environment), not left at its default."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (click.core.ParameterSource.DEFAULT, None)
 
 
 def _refuse_model_options(model: str) -> None:

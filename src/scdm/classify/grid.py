@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,6 +67,7 @@ from scdm.store.errors import (
 from scdm.store.matrix import copied_cells
 from scdm.store.splits import CATEGORY_TYPES, Split, load_split, make_splits, save_splits, shared_partitions, split_seed
 from scdm.store.warning_scopes import in_context, once_each
+from scdm.store.wording import option
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -199,6 +200,36 @@ class DuplicateCellsWarning(ScdmWarning):
 
 class MixedDrugsWarning(ScdmWarning):
     """One space's datasets are labelled with responses to different drugs, and its folds pool them."""
+
+
+class UnreadOptionWarning(ScdmWarning):
+    """An option was given that no split or head of the run reads: its results are those of the run without it."""
+
+
+def unread_options(scenarios: Iterable[str], heads: Iterable[str], head_params: Mapping[str, Mapping[str, Any]] | None,
+                   *, seed: int = 0, split_scheme: str = "auto", folds: int | None = None) -> list[str]:
+    """What of ``seed``, ``split_scheme`` and ``folds`` (None: not given) nothing of the run reads, one sentence each.
+
+    Only pooled splits are dealt with a seed, a number of folds and a scheme (cross-data folds are the
+    studies, custom ones given), and only some heads take a seed. Without them a second ``seed``
+    reproduces the first run's tasks and numbers, which must not read as a result over another seed.
+    """
+    scenarios, heads, head_params = list(scenarios), list(heads), dict(head_params or {})
+    if "pooled" in scenarios:
+        return []
+    dealt = (f"no pooled split is asked for (scenario {', '.join(scenarios) or 'none'}; cross-data folds are the "
+             "held-out studies)")
+    out = []
+    if folds is not None:
+        out.append(f"{option('folds', str(folds))} is ignored: {dealt}")
+    if split_scheme != "auto":
+        out.append(f"{option('split_scheme', str(split_scheme))} is ignored: {dealt}")
+    if seed != 0 and not any(_takes_seed(h) and "seed" not in head_params.get(h, {}) for h in heads):
+        takes = ", ".join(h for h in HEADS if _takes_seed(h))
+        out.append(f"{option('seed', str(seed))} changes nothing: {dealt}, and {', '.join(heads)} take{'s' if len(heads) == 1 else ''} no "
+                   "seed, so "
+                   f"these are the tasks and numbers of seed 0 (heads that take one: {takes})")
+    return out
 
 
 def mixed_drugs(st: Store, cells: pd.DataFrame, names: list[str]) -> str | None:
@@ -564,7 +595,8 @@ def evaluate(
         ``shuffled-label`` and its base, ``dann``), unless ``head_params`` gives that head its own
         ``seed``. The heads' seed is part of their parameters (and of every task's identity); the
         default 0 is their own default, so its tasks are the ones fitted before the seed reached
-        the heads.
+        the heads. Another seed that no pooled split and no head reads is named in an
+        :class:`UnreadOptionWarning` (so is a ``split_scheme`` without a pooled scenario).
     label_set : str, optional
         Name of the label set to evaluate (every dataset of a space must have one of that name;
         see :mod:`store.labels`). Default: each dataset's default label set. Results of different
@@ -616,6 +648,9 @@ def evaluate(
     started = time.perf_counter()
     heads = list(dict.fromkeys(name_list(heads)))
     seed = split_seed(seed)  # one int: it deals the folds and seeds the heads, whatever type it was given as
+    scenarios = name_list(scenarios)
+    for unread in unread_options(scenarios, heads, head_params, seed=seed, split_scheme=split_scheme):  # before seeding
+        warnings.warn(f"{unread}.", UnreadOptionWarning, stacklevel=2)
     head_params = _seeded_head_params(heads, dict(head_params or {}), seed)
     for head in heads:  # validate names and parameters before any work
         get_head(head, **head_params.get(head, {})).validate_params()
