@@ -735,8 +735,8 @@ def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy:
 @click.option("--workers", type=click.IntRange(min=0), help="Processes that tokenise the next chunks while the model runs (0: in this process). Default: 2 on CUDA (fewer with fewer spare CPUs), 0 on the CPU, where the model uses every core. The embedding is the same for any number.")
 @click.option("--min-gene-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Refuse when fewer of the dataset's genes are in the model vocabulary.")
 @click.option("--joint", is_flag=True, help="Baselines: fit one pca/hvg on all DATA together (shared genes) so their cells share one space.")
-@click.option("--n-hvg", type=click.IntRange(min=1), default=2000, show_default=True, help="Baselines: highly variable genes.")
-@click.option("--n-comps", type=click.IntRange(min=1), default=50, show_default=True, help="pca: principal components.")
+@click.option("--n-hvg", type=click.IntRange(min=1), default=2000, show_default=True, help="Baselines: highly variable genes (a foundation model ignores it, with a warning).")
+@click.option("--n-comps", type=click.IntRange(min=1), default=50, show_default=True, help="pca: principal components (a foundation model ignores it, with a warning).")
 @click.option("--normalized/--counts", "normalized", default=None, help="Baselines: treat X as already normalised (or as raw counts); detected when omitted.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: this process; ray: Ray actors (one model load each) write chunks, this process writes the catalog.")
 @click.option("--ray-address", help="Ray cluster: auto (the running cluster), ray://HOST:10001 (Ray client); omitted: start a local cluster.")
@@ -793,6 +793,7 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
         from scdm.embedding import get_adapter
 
         get_adapter(model)  # an unknown model is refused before DATA is ingested
+        _warn_baseline_options(model)
     else:
         _refuse_model_options(model)
     st = obj.store if arrays_url is None else Store(obj.store.root, arrays_url=arrays_url)
@@ -1023,6 +1024,22 @@ def _refuse_model_options(model: str) -> None:
     if given:
         flags = ", ".join(p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0] for p in given)
         logger.warning("%s is fitted from the data on the CPU and ignores %s (foundation-model options; %s)", model, flags, own)
+
+
+_BASELINE_ONLY_OPTIONS = ("n_hvg", "n_comps", "normalized")
+"""`scdm embed` options that only the baselines read (--joint is refused for the others on its own)."""
+
+
+def _warn_baseline_options(model: str) -> None:
+    """A foundation model given --n-comps, --n-hvg or --normalized/--counts: one warning line, as the baselines
+    get for the foundation-model options. They have defaults, so they were dropped without a word, while the
+    Python call (``embed(..., n_comps=20)``) refuses them: the embedding keeps the model's own width."""
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name in _BASELINE_ONLY_OPTIONS and _given(str(p.name))]
+    if given:
+        flags = ", ".join("/".join(o for o in (*p.opts, *p.secondary_opts) if o.startswith("--")) for p in given)
+        logger.warning("%s ignores %s: options of the pca/hvg baselines; its embedding has the model's own width and "
+                       "genes (see `scdm models`)", model, flags)
 
 
 def _check_choices(option: str, given: tuple[str, ...], allowed: tuple[str, ...]) -> None:

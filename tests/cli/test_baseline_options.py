@@ -26,3 +26,15 @@ def test_a_misspelt_baseline_parameter_is_a_clear_error(tmp_path):
     adata = ad.read_h5ad(example_data())
     with pytest.raises(InputDataError, match=r"pca takes the parameters n_comps.*not 'n_comp' \(did you mean 'n_comps'\?\)"):
         scdm.embed(adata, model="pca", store=tmp_path / "store", n_comp=10)
+
+
+@pytest.mark.parametrize(("given", "named"), [(["--n-comps", "20"], "--n-comps"), (["--n-hvg", "500", "--counts"],
+                                                                                    "--n-hvg, --normalized/--counts")])
+def test_baseline_options_given_to_a_foundation_model_are_named(tmp_path, given, named):
+    # `scdm embed pc9 --model geneformer --n-comps 20` dropped --n-comps without a word (embed(..., n_comps=20) refuses
+    # it in Python); it is named before any work, as a baseline names the foundation-model options
+    args = ["--store", str(tmp_path / "store"), "embed", "nosuch", "--model", "geneformer"]
+    out = CliRunner().invoke(main, [*args, *given])
+    assert f"geneformer ignores {named}: options of the pca/hvg baselines" in out.output
+    assert out.exit_code == 1 and "Dataset 'nosuch' is not in the store" in out.output  # the warning came first
+    assert "ignores" not in CliRunner().invoke(main, args).output
