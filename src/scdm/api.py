@@ -61,6 +61,7 @@ import difflib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scdm.store import Store
-from scdm.store.errors import InputDataError
+from scdm.store.errors import InputDataError, ScdmWarning
 from scdm.store.progress import plain_warnings
 
 if TYPE_CHECKING:
@@ -204,6 +205,10 @@ def _check_names(what: str, given: Mapping[str, Any], known: Sequence[str]) -> N
         raise InputDataError(msg)
 
 
+class ResultFilterWarning(ScdmWarning):
+    """A filter of :func:`results` names values no stored result has (the frame is empty for that reason)."""
+
+
 _RESULT_FILTERS = ("models", "heads", "scenarios", "category_types", "scheme", "datasets", "label_sets", "run_id")
 
 
@@ -328,16 +333,23 @@ def results(
         One row per (result, metric) with ``mean``, ``sd``, ``n_folds``, fold counts instead.
     **filters
         ``models``, ``heads``, ``scenarios``, ``category_types``, ``scheme``, ``datasets``,
-        ``label_sets``, ``run_id`` (see :func:`scdm.classify.results.leaderboard`).
+        ``label_sets``, ``run_id`` (see :func:`scdm.classify.results.leaderboard`). A ``models``,
+        ``heads``, ``datasets`` or ``label_sets`` value that no stored result has is named in a
+        warning with the values results do have, as ``scdm results`` does.
 
     Returns
     -------
     DataFrame
         Numeric columns (``<metric>``, ``<metric>_sd`` float; ``<metric>_n`` integer).
     """
-    from scdm.classify.results import leaderboard, name_list, wide_leaderboard
+    from scdm.classify.results import FILTER_COLUMNS, leaderboard, name_list, unmatched_filters, wide_leaderboard
 
     _check_names("results", filters, _RESULT_FILTERS)
     metric_list = name_list(metrics)
-    board = leaderboard(open_store(store), metrics=metric_list, **filters)
+    st = open_store(store)
+    board = leaderboard(st, metrics=metric_list, **filters)
+    # as `scdm results` warns: models=["PCA"] for pca must not read as a store without results
+    with plain_warnings():
+        for line in unmatched_filters(st, {key: (key, filters.get(key)) for key in FILTER_COLUMNS}):
+            warnings.warn(line, ResultFilterWarning, stacklevel=2)
     return board if long else wide_leaderboard(board, metrics=metric_list)

@@ -1051,24 +1051,11 @@ def _check_choices(option: str, given: tuple[str, ...], allowed: tuple[str, ...]
 
 
 def _check_result_filters(st: Any, filters: dict[str, tuple[str, tuple[str, ...]]]) -> None:
-    """Warn about filter values that no stored result has: a typo, or `JHU006` for `jhu006`, must not read as 'no rows'.
+    """Warn about filter values that no stored result has (see :func:`scdm.classify.results.unmatched_filters`)."""
+    from scdm.classify.results import unmatched_filters
 
-    ``filters``: option -> (column of eval_tasks, values given). The warning lists the values the
-    store's results do have (a model or head not evaluated yet is not an error: it warns the same).
-    """
-    from scdm.classify.results import POOLED_COLUMNS, pooled_names
-
-    for option, (column, values) in filters.items():
-        if not values:
-            continue
-        known = [str(v) for v in st.query(f"SELECT DISTINCT {column} AS v FROM eval_tasks WHERE {column} IS NOT NULL "
-                                          "ORDER BY v")["v"]]
-        asked = pooled_names(values) if column in POOLED_COLUMNS else list(values)  # 'b,a' is the stored 'a,b'
-        unknown = [v for v, key in zip(values, asked, strict=True) if key not in known]
-        if unknown:
-            choices = (", ".join(map(repr, known[:20])) + (", ..." if len(known) > 20 else "")) if known else "none yet"
-            click.echo(f"warning: {option} {', '.join(map(repr, unknown))} matches no result (names are exact and "
-                       f"case-sensitive; results have: {choices}).", err=True)
+    for line in unmatched_filters(st, filters):
+        click.echo(f"warning: {line}", err=True)
 
 
 def _embedding_selection(st: Any, datasets: tuple[str, ...], models: tuple[str, ...]) -> list[str] | None:
@@ -1135,8 +1122,8 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
     board = leaderboard(obj.store, metrics=None, models=models or None, heads=heads or None,
                         scenarios=scenarios or None, category_types=category_types or None, scheme=scheme,
                         datasets=datasets or None, label_sets=label_sets or None)
-    _check_result_filters(obj.store, {"--model": ("model", models), "--head": ("head", heads),
-                                      "--dataset": ("datasets", datasets), "--label-set": ("label_set", label_sets)})
+    _check_result_filters(obj.store, {"--model": ("models", models), "--head": ("heads", heads),
+                                      "--dataset": ("datasets", datasets), "--label-set": ("label_sets", label_sets)})
     if long_format:
         echo_frame(board[board["metric"].isin(shown)].reset_index(drop=True), fmt)
     elif fmt == "table":

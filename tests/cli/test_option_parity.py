@@ -76,3 +76,18 @@ def test_evaluate_names_folds_and_split_scheme_given_without_a_pooled_split(two_
     for args in (["--scenario", "cross"], ["--scenario", "pooled", "--folds", "3", "--split-scheme", "cell"]):
         quiet = CliRunner().invoke(main, [*base, *args])
         assert quiet.exit_code == 0 and "ignored" not in quiet.stderr, (args, quiet.stderr)
+
+
+def test_scdm_results_names_a_filter_value_no_result_has_as_the_command_does(two_studies: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import scdm
+
+    st = Store(two_studies)
+    grid_evaluate(st, scenarios=["cross"], by=["all"], heads=["majority"], silent=True)
+    capsys.readouterr()
+    assert scdm.results(st, models=["PCA"], heads="majority").empty  # was an empty frame and nothing else
+    assert "warning: models 'PCA' matches no result (names are exact and case-sensitive; results have: 'pca')" \
+        in capsys.readouterr().err
+    assert len(scdm.results(st, models="pca", heads="majority")) == 1 and "warning" not in capsys.readouterr().err
+    out = CliRunner().invoke(main, ["--store", str(two_studies), "results", "--model", "PCA"])
+    assert "warning: --model 'PCA' matches no result (names are exact and case-sensitive; results have: 'pca')" in out.stderr

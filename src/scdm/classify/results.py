@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["LEADERBOARD_KEYS", "NOTES", "POOLED_COLUMNS", "ROW_KEYS", "asked_results", "csv_ready", "format_leaderboard", "json_records", "leaderboard", "leaderboard_notes", "metric_text",
-           "pooled_names", "split_labels", "unanswered_note_sql", "wide_leaderboard", "with_signed_partner"]
+           "pooled_names", "split_labels", "unmatched_filters", "unanswered_note_sql", "wide_leaderboard", "with_signed_partner"]
 
 LEADERBOARD_KEYS: tuple[str, ...] = ("model", "variant", "space_id", "datasets", "label_set", "split_id", "scenario",
                                      "scheme", "k", "seed", "category_type", "category", "head", "head_params")
@@ -131,6 +131,34 @@ def pooled_names(values: str | Iterable[str]) -> list[str]:
     others, whose numbers are of other cells.
     """
     return [",".join(sorted(value.split(","))) for value in name_list(values)]
+
+
+FILTER_COLUMNS: dict[str, str] = {"models": "model", "heads": "head", "datasets": "datasets", "label_sets": "label_set"}
+"""Free-text filters of :func:`leaderboard` and the ``eval_tasks`` column each matches (the others take fixed choices)."""
+
+
+def unmatched_filters(st: Store, filters: Mapping[str, tuple[str, Iterable[str] | None]]) -> list[str]:
+    """One sentence per filter whose values no stored result has: a typo, or ``JHU006`` for ``jhu006``, must not
+    read as "no results" (the command line and ``scdm.results`` say it alike, each naming its own option).
+
+    ``filters``: the option as the caller spells it -> (a key of :data:`FILTER_COLUMNS`, the values given). The
+    sentence lists the values the store's results do have (a model or head not evaluated yet reads the same).
+    """
+    out = []
+    for label, (key, given) in filters.items():
+        values = name_list(given) if given is not None else []
+        if not values:
+            continue
+        column = FILTER_COLUMNS[key]
+        known = [str(v) for v in st.query(f"SELECT DISTINCT {column} AS v FROM eval_tasks WHERE {column} IS NOT NULL "
+                                          "ORDER BY v")["v"]]
+        asked = pooled_names(values) if column in POOLED_COLUMNS else values  # 'b,a' is the stored 'a,b'
+        unknown = [v for v, key_ in zip(values, asked, strict=True) if key_ not in known]
+        if unknown:
+            choices = (", ".join(map(repr, known[:20])) + (", ..." if len(known) > 20 else "")) if known else "none yet"
+            out.append(f"{label} {', '.join(map(repr, unknown))} matches no result (names are exact and case-sensitive; "
+                       f"results have: {choices}).")
+    return out
 
 
 def _check_filter(name: str, values: Iterable[str] | None, allowed: tuple[str, ...]) -> None:
