@@ -1152,11 +1152,11 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
 @click.option("--template", type=click.Path(exists=True, dir_okay=False), help="Prompt template file replacing the default (placeholders: {cells}, {source}, {examples}, {answer_format}, {n_cells}, {top_k}, {drug}).")
 @list_option("--scenario", "scenario", default=("pooled", "cross"), help="Splits as in `scdm evaluate` (same options give the same split ids).")
 @list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types (zero-shot: more cost nothing, each cell is asked once).")
-@click.option("--category", help="Only this category value of --by.")
+@click.option("--category", help="Only this category value of --by (with --split-id: refused unless every given split is of it).")
 @click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario.")
 @click.option("--split-scheme", type=click.Choice(["auto", "sample", "cell"]), default="auto", show_default=True,
               help="Pooled folds as in `scdm evaluate --split-scheme`.")
-@click.option("--split-id", "split_ids", multiple=True, help="Use this stored split (repeatable) instead of building splits.")
+@click.option("--split-id", "split_ids", multiple=True, help="Use this stored split (repeatable) instead of building splits: --scenario, --by, --folds and --split-scheme are then not read.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds, of the cells' order into requests and of the examples.")
 @click.option("--label-set", help="Label set to score against (default: each dataset's default).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True)

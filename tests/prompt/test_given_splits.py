@@ -46,3 +46,17 @@ def test_split_of_another_label_set_is_refused(tmp_path, symbols) -> None:
     summary = prompt(st, ["marker"], backend=AllSensitive(), split_ids=[split.split_id], label_set="A", shots=2,
                      silent=True)
     assert summary.n_tasks == 2
+
+
+def test_a_category_that_no_given_split_is_of_is_refused(tmp_path, symbols) -> None:
+    # `scdm prompt --split-id S --category X` dropped --category and scored split S (category 'all') as asked
+    st = Store(tmp_path / "store")
+    st.ingest(marker_adata(symbols), name="marker", label_key="response", study_key="study", sample_key="patient")
+    split = make_splits(st.cells(["marker"]), scenarios=["pooled"], by=["all"], n_folds=2)[0]
+    save_splits(st, [split])
+    with pytest.raises(InputDataError, match=rf"--category Melanoma does not select among given splits: {split.split_id} "
+                                             r"\(all=all\) is of another category"):
+        prompt(st, ["marker"], backend=AllSensitive(), split_ids=[split.split_id], category="Melanoma", silent=True)
+    assert st.query("SELECT count(*) AS n FROM prompt_requests")["n"][0] == 0
+    summary = prompt(st, ["marker"], backend=AllSensitive(), split_ids=[split.split_id], category="all", silent=True)
+    assert summary.n_tasks == 2

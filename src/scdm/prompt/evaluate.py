@@ -187,6 +187,12 @@ def _splits(st: Store, table: CellTable, *, split_ids: Sequence[str], scenarios:
             category: str | None, folds: int, split_scheme: str, seed: int, label_set: str | None) -> list[Split]:
     if split_ids:
         splits = [load_split(st, s) for s in split_ids]
+        other = [s for s in splits if category is not None and s.category != category]
+        if other:  # a stored split is scored as it is: --category would be dropped, and another category's numbers shown
+            named = ", ".join(f"{s.split_id} ({s.category_type}={s.category})" for s in other)
+            msg = (f"--category {category} does not select among given splits: {named} {'is' if len(other) == 1 else 'are'} "
+                   f"of another category. Drop --category, or pass --split-id of splits of category {category}.")
+            raise InputDataError(msg)
         known = dict(zip(zip(table.frame["dataset_id"].astype(str), table.frame["row"].astype(int)),
                          table.frame["response"].astype(int)))
         for split in splits:
