@@ -38,3 +38,22 @@ def test_baseline_options_given_to_a_foundation_model_are_named(tmp_path, given,
     assert f"geneformer ignores {named}: options of the pca/hvg baselines" in out.output
     assert out.exit_code == 1 and "Dataset 'nosuch' is not in the store" in out.output  # the warning came first
     assert "ignores" not in CliRunner().invoke(main, args).output
+
+
+def test_the_python_embed_of_a_baseline_refuses_an_adapter_and_names_unread_options(tmp_path, caplog):
+    # `scdm embed a375 --model pca --lora X` is refused and --seed named; runner.embed(..., "pca", lora_dir=X, seed=3)
+    # returned the frozen pca embedding without a word
+    from scdm.embedding.runner import embed
+    from scdm.store import Store
+
+    st = Store(tmp_path / "store")
+    st.ingest(example_data(), name="a375", label_key="response_PLX4720")
+    with pytest.raises(InputDataError, match="lora_dir applies to foundation models tuned by scdm finetune; pca has no adapter"):
+        embed(st, "a375", "pca", lora_dir=tmp_path, n_comps=5, n_hvg=300, progress=False)
+    with caplog.at_level("WARNING", logger="scdm.embedding"):
+        embed(st, "a375", "pca", seed=3, batch_size=8, n_comps=5, n_hvg=300, progress=False)
+    assert "pca is fitted from the data on the CPU and ignores batch_size, seed (foundation-model options)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scdm.embedding"):
+        embed(st, "a375", "pca", n_comps=5, n_hvg=300, progress=False)
+    assert "ignores" not in caplog.text

@@ -411,7 +411,8 @@ def embed(
         Dataset name or id in the store.
     model
         A registered model (``scdm models``); ``pca`` and ``hvg`` are dispatched to
-        :func:`embed_baseline`.
+        :func:`embed_baseline` (``lora_dir`` is then refused, and the other foundation-model
+        options given are named in a warning, as ``scdm embed`` does).
     checkpoint
         Local folder in the model's official format, or a Hugging Face model id ``org/name`` /
         ``org/name@revision`` (fetched into the Hugging Face cache; see :mod:`scdm.embedding.hub`).
@@ -487,6 +488,16 @@ def embed(
             logger.warning("%s needs no checkpoint; ignoring --checkpoint", model)
         if torch_compile:
             logger.warning("%s runs no neural network; ignoring torch_compile", model)
+        if lora_dir is not None:  # as `scdm embed --lora` refuses it: the frozen baseline must not pass for a tuned variant
+            msg = f"lora_dir applies to foundation models tuned by scdm finetune; {model} has no adapter. Drop lora_dir."
+            raise InputDataError(msg)
+        unread = [name for name, value, default in (
+            ("batch_size", batch_size, None), ("device", device, "auto"), ("precision", precision, "auto"), ("seed", seed, 0),
+            ("workers", workers, None), ("min_gene_fraction", min_gene_fraction, 0.0), ("allow_non_counts", allow_non_counts, False),
+            ("allow_empty_cells", allow_empty_cells, False)) if value != default]
+        if unread:  # as `scdm embed` names them: a seed sweep of pca would otherwise read as seed-stable
+            logger.warning("%s is fitted from the data on the CPU and ignores %s (foundation-model options)", model,
+                           ", ".join(unread))
         if executor == "ray":
             logger.info("%s is fitted in one pass on this machine; the ray executor applies to foundation models", model)
         return embed_baseline(st, [dataset], model=model, chunk_rows=chunk_rows, progress=progress, **model_params)[0]
