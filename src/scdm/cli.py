@@ -63,6 +63,31 @@ class AliasOption(click.Option):
             self.opts = shown
 
 
+class LibraryDefaultOption(click.Option):
+    """An option left None (the library picks) whose --help shows the library's default, read from its
+    constant when help is drawn: a copy in the help text drifted, and importing the constant when this
+    module loads would load its package for every command."""
+
+    def __init__(self, *args: Any, library_default: Callable[[], Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.library_default = library_default
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        # shown only: the value passed stays None, so the library's own default applies
+        default, shown = self.default, self.show_default
+        self.default, self.show_default = self.library_default(), True
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.default, self.show_default = default, shown
+
+
+def _ollama_num_ctx() -> int:
+    from scdm.prompt.ollama import DEFAULT_NUM_CTX
+
+    return DEFAULT_NUM_CTX
+
+
 RENAMED: dict[str, str] = {
     "--heads": "--head", "--scheme": "--split-scheme", "--category-type": "--by", "--cancer-key": "--cancer-type-key",
 }
@@ -702,6 +727,16 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _refuse_params_set_by_options(extra: dict[str, Any], settings: dict[str, Any], *, spelled: dict[str, str]) -> None:
+    """Refuse a --param KEY that the command already passes from an option of its own (a second keyword
+    argument was a Python TypeError traceback), naming that option. ``spelled``: options that are not
+    ``--`` + the key with dashes."""
+    taken = sorted(k for k in extra if k in settings)
+    if taken:
+        uses = "; ".join(f"--param {k}=... is set with {spelled.get(k, '--' + k.replace('_', '-'))}" for k in taken)
+        raise click.BadParameter(f"{uses}: use that option instead.", param_hint="--param")
+
+
 def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy: bool, options: dict[str, Any]) -> list[str]:
     """Dataset names for DATA arguments: .h5ad paths are ingested first."""
     names = []
@@ -915,7 +950,7 @@ _LEADERBOARD_METRICS = ("auroc", "ap", "f1", "accuracy")
 @list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types; every category of each is a task.")
 @list_option("--head", "heads", aliases=("--heads",), default=("mlp", "logreg"), help="Heads: mlp, logreg, lightgbm, ridge, majority, shuffled-label, dann (scDEAL domain adaptation: the "
                    "test fold's cells, unlabelled, are its target; meant for --scenario cross).")
-@click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario (the paper: 10); "
+@click.option("--folds", type=click.IntRange(min=2), default=10, show_default=True, help="Folds of the pooled scenario (the paper: 10); "
               "cross-data folds are the studies (a warning says when no pooled split reads --folds).")
 @click.option("--split-scheme", type=click.Choice(["auto", "sample", "cell"]), default="auto", show_default=True,
               help="Pooled folds grouped by sample (no patient on both sides of a fold) or at cell level (the paper's, "
@@ -924,13 +959,14 @@ _LEADERBOARD_METRICS = ("auroc", "ap", "f1", "accuracy")
 @click.option("--mlp-profile", type=click.Choice(["default", "paper", "fast"]), default="default", show_default=True,
               help="default: trains to convergence at every fold size (at least 500 optimiser steps, early stopping on "
                    "training cells); paper: scDrugMap's code (batch 128, 10 epochs, AdamW 1e-4, no scaling), which "
-                   "under-trains small folds (10 steps on ~100 cells); fast: large batches, bf16 where available.")
+                   "under-trains small folds (10 steps on ~100 cells); fast: large batches, bf16 where available. "
+                   "Read by --head mlp only (a warning says when no mlp head is asked for).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the pooled folds and of every head that takes one (mlp, lightgbm, shuffled-label and its "
                    "base, dann); recorded in each head's parameters. A seed that neither reads (--scenario cross with "
                    "logreg, ridge, majority) gives seed 0's results, and a warning says so.")
 @click.option("--label-set", help="Evaluate this label set of every dataset (default: each dataset's default; see `scdm ls --what labels`).")
-@click.option("--pair-folds-with", help="Pooled folds stratified by this other label set, so two drugs of the same cells share one partition (paired comparison).")
+@click.option("--pair-folds-with", help="Pooled folds stratified by this other label set, so two drugs of the same cells share one partition (paired comparison); pooled splits only (a warning says when none is asked for).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
               help="Head fits in parallel, one thread each. Default: per embedding space, one per CPU for a small "
                    "matrix (under 4M values; its fits run on one thread either way, so the results equal --jobs 1's), "
@@ -975,13 +1011,16 @@ def evaluate(obj: Ctx, embedding_ids: tuple[str, ...], datasets: tuple[str, ...]
         raise click.UsageError("--scenario custom needs a test fold for every cell, which only the Python API takes: "
                                "scdm.classify.grid.evaluate(store, scenarios=['custom'], custom=<DataFrame of dataset_id, "
                                "row (or cell_id), fold>); from the command line, evaluate --scenario pooled or cross.")
+    import warnings
+
+    from scdm.classify.grid import UnreadOptionWarning, unread_options
+
     if _given("folds"):  # the library cannot tell a --folds typed from its default; the seed and scheme it checks itself
-        import warnings
-
-        from scdm.classify.grid import UnreadOptionWarning, unread_options
-
         for unread in unread_options(scenarios, head_list, None, folds=folds):
             warnings.warn(f"{unread}.", UnreadOptionWarning, stacklevel=1)
+    if _given("mlp_profile") and "mlp" not in head_list:  # it reaches the mlp head only (head_params below)
+        warnings.warn(f"--mlp-profile {mlp_profile} is ignored: no mlp head is asked for (--head {','.join(head_list)}).",
+                      UnreadOptionWarning, stacklevel=1)
     summary = run_evaluate(st, ids, scenarios=scenarios, by=_csv_list(by), heads=head_list, folds=folds,
                            split_scheme=split_scheme, seed=seed, label_set=label_set, pair_folds_with=pair_folds_with, jobs=jobs,
                            head_params={"mlp": {"profile": mlp_profile}} if "mlp" in head_list else None,
@@ -1141,7 +1180,8 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
                    "(prompts longer than --num-ctx are refused, not cut); hf: a local model folder.")
 @click.option("--base-url", help="Endpoint, e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434 (--backend ollama). "
                    "Default: OpenAI's; with --backend ollama, http://localhost:11434.")
-@click.option("--num-ctx", type=click.IntRange(min=2), help="--backend ollama: context length to run the model with  [default: 8192]")
+@click.option("--num-ctx", type=click.IntRange(min=2), cls=LibraryDefaultOption, library_default=_ollama_num_ctx,
+              help="--backend ollama: context length to run the model with.")
 @click.option("--model", "-m", help="Model name the endpoint serves (gpt-4o-mini, llama3.1:8b, ...); with --backend hf, the name shown in results.")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="Environment variable holding the API key (local endpoints need none).")
 @click.option("--checkpoint", "-c", type=click.Path(exists=True, file_okay=False), help="--backend hf: a local Hugging Face causal-LM folder.")
@@ -1153,13 +1193,15 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
 @list_option("--scenario", "scenario", default=("pooled", "cross"), help="Splits as in `scdm evaluate` (same options give the same split ids).")
 @list_option("--by", default=("all", "tissue", "cancer_type", "drug_type", "regimen"), help="Category types (zero-shot: more cost nothing, each cell is asked once).")
 @click.option("--category", help="Only this category value of --by (with --split-id: refused unless every given split is of it).")
-@click.option("--folds", type=int, default=10, show_default=True, help="Folds of the pooled scenario.")
+@click.option("--folds", type=click.IntRange(min=2), default=10, show_default=True, help="Folds of the pooled scenario.")
 @click.option("--split-scheme", type=click.Choice(["auto", "sample", "cell"]), default="auto", show_default=True,
               help="Pooled folds as in `scdm evaluate --split-scheme`.")
 @click.option("--split-id", "split_ids", multiple=True, help="Use this stored split (repeatable) instead of building splits: --scenario, --by, --folds and --split-scheme are then not read.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds, of the cells' order into requests and of the examples.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the folds, of the cells' order into requests and of the examples.")
 @click.option("--label-set", help="Label set to score against (default: each dataset's default).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Sampling temperature of an endpoint. --backend hf decodes greedily: it refuses a temperature above 0 "
+                   "and warns of --max-tokens, --response-format, --logprobs/--no-logprobs and --top-logprobs, which it does not read.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Longest answer.")
 @click.option("--response-format", type=click.Choice(["json_object", "json_schema", "text"]), default="json_object", show_default=True,
               help="JSON mode, structured output (JSON schema), or free text read line by line.")
@@ -1212,6 +1254,8 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
     """
     from scdm.prompt import prompt as run_prompt
 
+    if backend == "hf":
+        _check_local_decoding(temperature)
     st = obj.store
     summary = run_prompt(
         st, list(datasets), backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, checkpoint=checkpoint,
@@ -1247,13 +1291,40 @@ def prompt_command(obj: Ctx, datasets: tuple[str, ...], backend: str, base_url: 
     echo_frame(format_leaderboard(board) if fmt == "table" else wide_leaderboard(board), fmt)
 
 
+_ENDPOINT_DECODING = ("max_tokens", "response_format", "logprobs", "top_logprobs")
+"""`scdm prompt` options an endpoint reads and --backend hf does not: it writes the JSON answer itself and
+scores each label from the two label words' next-token probabilities (--temperature: above 0 is refused, 0 is
+what it does)."""
+
+
+def _check_local_decoding(temperature: float) -> None:
+    """--backend hf: a temperature above 0 is refused (its answers would be greedy ones under a sampling
+    setting); the other endpoint decoding options given get one warning line naming them."""
+    if temperature > 0:
+        raise click.UsageError(f"--backend hf decodes greedily (the more likely label word per cell) and cannot "
+                               f"sample at --temperature {temperature:g}; drop --temperature, or sample from a served "
+                               "model with --backend openai or ollama.")
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name in _ENDPOINT_DECODING and _given(str(p.name))]
+    if given:
+        import warnings
+
+        from scdm.classify.grid import UnreadOptionWarning
+
+        flags = ", ".join((p.secondary_opts[0] if p.secondary_opts and ctx.params[str(p.name)] is False else p.opts[-1])
+                          for p in given)
+        warnings.warn(f"--backend hf ignores {flags}: it writes the JSON answer itself and scores P(sensitive) from the "
+                      "two label words' next-token probabilities, so AUROC/AP always have scores (these options are "
+                      "for --backend openai or ollama).", UnreadOptionWarning, stacklevel=1)
+
+
 # ---- the built-in default, synthetic data and the report ------------------------------------
 @main.command()
-@click.option("--cells", "n_cells", type=int, default=6000, show_default=True, help="Cells in the synthetic collection.")
-@click.option("--folds", type=int, default=5, show_default=True, help="Pooled folds.")
+@click.option("--cells", "n_cells", type=click.IntRange(min=1), default=6000, show_default=True, help="Cells in the synthetic collection.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Pooled folds.")
 @list_option("--head", "heads", aliases=("--heads",), default=("logreg", "ridge", "mlp"), help="Heads to evaluate.")
 @click.option("--report-dir", default="scdm-demo-report", show_default=True, type=click.Path(file_okay=False), help="Where the HTML report goes.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @output_options
 @pass_ctx
@@ -1361,21 +1432,21 @@ def _floats(value: str) -> list[float]:
 @click.option("--validation", help="Labelled validation dataset for model selection (neither the target nor a source).")
 @click.option("--alpha", default="1.0", show_default=True, help="MMD weight; several comma-separated values make a grid chosen on validation data.")
 @click.option("--beta", default="0.1", show_default=True, help="Cluster-regulariser weight; comma-separated values make a grid.")
-@click.option("--epochs", type=int, default=50, show_default=True)
-@click.option("--pretrain-epochs", type=int, default=20, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--pretrain-epochs", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--n-hvg", type=int, default=2000, show_default=True, help="Shared highly variable genes (0 = all shared genes).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--n-hvg", type=click.IntRange(min=0), default=2000, show_default=True, help="Shared highly variable genes (0 = all shared genes).")
 @click.option("--cluster-method", type=click.Choice(["auto", "leiden", "louvain", "kmeans"]), default="auto", show_default=True)
 @click.option("--corruption", type=click.Choice(["mask", "gaussian"]), default="mask", show_default=True,
               help="Denoising-autoencoder input corruption: scDEAL's binomial masking (each value zeroed with "
                    "probability --mask-rate) or Gaussian noise (--param noise_std=0.1).")
 @click.option("--mask-rate", type=float, default=0.2, show_default=True, help="Masking probability (scDEAL: 0.2).")
 @click.option("--no-adapt", is_flag=True, help="Train the same predictor without domain adaptation (the baseline to compare with).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--allow-empty-cells", is_flag=True, help="Use source samples, validation and target cells that express none of the run's genes "
                    "(refused otherwise, as scdm embed).")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other transfer() argument, e.g. --param latent_dim=64.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other transfer() argument, e.g. --param latent_dim=64 (one that an option above sets is refused: use the option).")
 @pass_ctx
 @user_errors
 def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str, drug: str | None,
@@ -1406,14 +1477,16 @@ def transfer(obj: Ctx, sources: tuple[str, ...], labels: str | None, target: str
     else:
         source = sources[0] if len(sources) == 1 else list(sources)
     alphas, betas = _floats(alpha), _floats(beta)
-    result = run_transfer(obj.store, source=source, target=target, drug=drug, source_label_set=source_label_set,
-                          target_label_set=target_label_set, validation_label_set=validation_label_set, features=features,
-                          source_features=list(source_features) or None, response=response, balance=balance,
-                          validation=validation, alpha=alphas[0] if len(alphas) == 1 else alphas,
-                          beta=betas[0] if len(betas) == 1 else betas, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
-                          batch_size=batch_size, n_hvg=n_hvg or None, cluster_method=cluster_method, adapt=not no_adapt,
-                          corruption=corruption, mask_rate=mask_rate, seed=seed, allow_empty_cells=allow_empty_cells,
-                          **_parse_params(params))
+    settings: dict[str, Any] = dict(
+        source=source, target=target, drug=drug, source_label_set=source_label_set, target_label_set=target_label_set,
+        validation_label_set=validation_label_set, features=features, source_features=list(source_features) or None,
+        response=response, balance=balance, validation=validation, alpha=alphas[0] if len(alphas) == 1 else alphas,
+        beta=betas[0] if len(betas) == 1 else betas, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
+        batch_size=batch_size, n_hvg=n_hvg or None, cluster_method=cluster_method, adapt=not no_adapt,
+        corruption=corruption, mask_rate=mask_rate, seed=seed, allow_empty_cells=allow_empty_cells)
+    extra = _parse_params(params)
+    _refuse_params_set_by_options(extra, settings, spelled={"adapt": "--no-adapt", "source": "--source (and --labels)"})
+    result = run_transfer(obj.store, **settings, **extra)
     click.echo(f"transfer run {result.run_id}: {len(result.proba)} target cells, {int(result.label.sum())} predicted sensitive "
                f"(epoch {result.selected_epoch} chosen on {result.selection}; alpha={result.alpha}, beta={result.beta})")
     click.echo("  " + _transfer_labels(result))
@@ -1443,8 +1516,8 @@ def _transfer_labels(result: Any) -> str:
 
 @main.command()
 @click.option("--run", "run_id", required=True, help="Transfer run id (printed by scdm transfer; see the transfer_runs table).")
-@click.option("--max-cells", type=int, default=5000, show_default=True, help="Target cells attributed (0 = all).")
-@click.option("--n-steps", type=int, default=64, show_default=True, help="Integrated-gradient steps.")
+@click.option("--max-cells", type=click.IntRange(min=0), default=5000, show_default=True, help="Target cells attributed (0 = all).")
+@click.option("--n-steps", type=click.IntRange(min=1), default=64, show_default=True, help="Integrated-gradient steps.")
 @click.option("--profile", type=click.Choice(["default", "paper"]), default="default", show_default=True,
               help="default: signed attributions, Benjamini-Hochberg; paper: scDEAL's absolute attributions, Bonferroni.")
 @click.option("--values", type=click.Choice(["signed", "abs"]), default=None,
@@ -1455,9 +1528,9 @@ def _transfer_labels(result: Any) -> str:
               help="Corrected p-value threshold of a critical gene (a fraction: 0.05, not 5).")
 @click.option("--pseudocount", type=float, default=0.1, show_default=True,
               help="Of the log2 fold change, in units of the mean absolute attribution.")
-@click.option("--top", type=int, default=20, show_default=True, help="Genes to print and plot per direction.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Genes to print and plot per direction.")
 @click.option("--no-plot", is_flag=True, help="Do not draw critical_genes.png (in the run's artifacts folder).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --max-cells subsample.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the --max-cells subsample.")
 @output_options
 @pass_ctx
 @user_errors

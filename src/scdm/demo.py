@@ -53,6 +53,18 @@ def _step(echo: Callable[[str], None], i: int, n: int, text: str) -> None:
     echo(f"[{i}/{n}] {text}")
 
 
+def _check_demo_sizes(n_cells: Any, folds: Any, seed: Any) -> None:
+    """Refuse, in one message, sizes the demo cannot run with (n_cells=0 read as a synthesis scale of 0.0)."""
+    from scdm.store.errors import InputDataError
+
+    problems = [f"{name}={value!r} (a whole number >= {low})" for name, value, low in
+                (("n_cells", n_cells, 1), ("folds", folds, 2), ("seed", seed, 0))
+                if isinstance(value, bool) or not isinstance(value, int) or value < low]
+    if problems:
+        msg = "Invalid demo settings: " + "; ".join(problems) + "."
+        raise InputDataError(msg)
+
+
 def _collection(st: Store, n_cells: int, seed: int, progress: bool) -> Path:
     from scdm.classify.synth import synthesize
 
@@ -97,6 +109,7 @@ def run_demo(
     from scdm.classify.results import format_leaderboard, leaderboard, leaderboard_notes
     from scdm.embedding.runner import embed, embed_baseline
 
+    _check_demo_sizes(n_cells, folds, seed)  # before minutes of synthesis and embedding, not at the first split
     t0 = time.perf_counter()
     st = open_store(store)
     n = 6 if report_dir is not None else 5

@@ -204,7 +204,7 @@ def test_unlabelled_cells_are_left_out_and_bad_options_explained() -> None:
     assert split.n_cells == len(cells) - 10
     with pytest.raises(InputDataError, match="Unknown category type"):
         make_splits(cells, by=["organ"], scheme="cell")
-    with pytest.raises(InputDataError, match="n_folds=1"):
+    with pytest.raises(InputDataError, match="--folds 1 must be an integer >= 2"):
         make_splits(cells, n_folds=1, scheme="cell")
 
 

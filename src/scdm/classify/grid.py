@@ -207,8 +207,10 @@ class UnreadOptionWarning(ScdmWarning):
 
 
 def unread_options(scenarios: Iterable[str], heads: Iterable[str], head_params: Mapping[str, Mapping[str, Any]] | None,
-                   *, seed: int = 0, split_scheme: str = "auto", folds: int | None = None) -> list[str]:
-    """What of ``seed``, ``split_scheme`` and ``folds`` (None: not given) nothing of the run reads, one sentence each.
+                   *, seed: int = 0, split_scheme: str = "auto", folds: int | None = None,
+                   pair_folds_with: str | None = None) -> list[str]:
+    """What of ``seed``, ``split_scheme``, ``folds`` (None: not given) and ``pair_folds_with`` nothing of the run
+    reads, one sentence each.
 
     Only pooled splits are dealt with a seed, a number of folds and a scheme (cross-data folds are the
     studies, custom ones given), and only some heads take a seed. Without them a second ``seed``
@@ -224,6 +226,8 @@ def unread_options(scenarios: Iterable[str], heads: Iterable[str], head_params: 
         out.append(f"{option('folds', str(folds))} is ignored: {dealt}")
     if split_scheme != "auto":
         out.append(f"{option('split_scheme', str(split_scheme))} is ignored: {dealt}")
+    if pair_folds_with is not None:  # it stratifies pooled folds only; the results would read as paired
+        out.append(f"{option('pair_folds_with', pair_folds_with)} is ignored: {dealt}")
     if seed != 0 and not any(_takes_seed(h) and "seed" not in head_params.get(h, {}) for h in heads):
         takes = ", ".join(h for h in HEADS if _takes_seed(h))
         out.append(f"{option('seed', str(seed))} changes nothing: {dealt}, and {', '.join(heads)} take{'s' if len(heads) == 1 else ''} no "
@@ -649,7 +653,8 @@ def evaluate(
     heads = list(dict.fromkeys(name_list(heads)))
     seed = split_seed(seed)  # one int: it deals the folds and seeds the heads, whatever type it was given as
     scenarios = name_list(scenarios)
-    for unread in unread_options(scenarios, heads, head_params, seed=seed, split_scheme=split_scheme):  # before seeding
+    for unread in unread_options(scenarios, heads, head_params, seed=seed, split_scheme=split_scheme,
+                                 pair_folds_with=pair_folds_with):  # before seeding
         warnings.warn(f"{unread}.", UnreadOptionWarning, stacklevel=2)
     head_params = _seeded_head_params(heads, dict(head_params or {}), seed)
     for head in heads:  # validate names and parameters before any work

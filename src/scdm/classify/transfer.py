@@ -657,7 +657,8 @@ def _number(value: Any) -> bool:
 def _check_params(epochs: int, pretrain_epochs: int, lr: float, batch_size: int, validation_fraction: float,
                   threshold: float, hidden: Sequence[int] = (1,), latent_dim: int = 1,
                   predictor_hidden: Sequence[int] = (1,), *, n_hvg: Any = None, dropout: Any = 0.0,
-                  rec_weight: Any = 1.0, n_clusters: Any = None, resolution: Any = 1.0, linear_r: Any = 0.5) -> None:
+                  rec_weight: Any = 1.0, n_clusters: Any = None, resolution: Any = 1.0, linear_r: Any = 0.5,
+                  seed: Any = 0) -> None:
     """Refuse every setting out of range before a run starts, in one message.
 
     n_hvg=0 kept 108 of 120 genes and rec_weight=-1 rewarded bad reconstructions, silently;
@@ -688,6 +689,8 @@ def _check_params(epochs: int, pretrain_epochs: int, lr: float, batch_size: int,
         problems.append(f"resolution={resolution!r} (a number > 0)")
     if not (_number(linear_r) and 0 < linear_r <= 1):
         problems.append(f"linear_r={linear_r!r} (a Pearson r in (0, 1])")
+    if not (_whole(seed) and seed >= 0):  # numpy's generators refuse a negative seed, after the data is read
+        problems.append(f"seed={seed!r} (a whole number >= 0)")
     if problems:
         msg = "Invalid transfer parameters: " + "; ".join(problems) + "."
         raise InputDataError(msg)
@@ -824,7 +827,7 @@ def transfer(
     st = open_store(store)
     _check_params(epochs, pretrain_epochs, lr, batch_size, validation_fraction, threshold, tuple(hidden), latent_dim,
                   tuple(predictor_hidden), n_hvg=n_hvg, dropout=dropout, rec_weight=rec_weight, n_clusters=n_clusters,
-                  resolution=resolution, linear_r=linear_r)
+                  resolution=resolution, linear_r=linear_r, seed=seed)
     _check_corruption(corruption, mask_rate, noise_std)
     alphas, betas = _as_list(alpha, "alpha"), _as_list(beta, "beta")
     target_info = st.dataset(target)
@@ -1310,6 +1313,12 @@ def critical_genes(
     settings = _gene_settings(profile, use_abs, correction, pseudocount)
     _check_thresholds(fdr, min_pts)
     _check_sampling(max_cells, n_steps)
+    if not (_whole(top) and top >= 1):  # a negative top cut rows off the end of the printed table (head(-2))
+        msg = f"top={top!r}: pass a whole number of genes >= 1 to plot per direction (default 20)."
+        raise InputDataError(msg)
+    if not (_whole(seed) and seed >= 0):
+        msg = f"seed={seed!r}: pass a whole number >= 0 (it draws the max_cells subsample)."
+        raise InputDataError(msg)
     run = transfer_run(st, run_id, complete=True)
     if run.features != "expr":
         msg = (f"Run {run_id} used embedding features ({run.features}); critical genes need expression inputs. "

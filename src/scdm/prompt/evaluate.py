@@ -394,6 +394,7 @@ def prompt(
     shots = _check_int("shots", shots, 0)
     top_k = _check_int("top_k", top_k, 1)
     cells_per_request = _check_int("cells_per_request", cells_per_request, 1)
+    seed = _check_int("seed", seed, 0)  # also orders cells into requests and draws examples, with or without split_ids
     policy = SendPolicy(concurrency=concurrency, rpm=rpm, retries=retries, backoff_s=backoff_s, max_requests=max_requests)
     tmpl = template if isinstance(template, Template) else load_template(template)
     if shots and "examples" not in tmpl.fields:

@@ -60,6 +60,7 @@ import pandas as pd
 from scdm.store.errors import InputDataError, ScdmWarning
 from scdm.store.evaluation import forget_tasks
 from scdm.store.warning_scopes import ignoring
+from scdm.store.wording import option
 
 if TYPE_CHECKING:
     import duckdb
@@ -656,7 +657,8 @@ def make_splits(
         msg = f"split_scheme={scheme!r} is not one of {', '.join(map(repr, SPLIT_SCHEMES))}."
         raise InputDataError(msg)
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
-        msg = f"n_folds={n_folds!r} must be an integer >= 2."
+        # in the caller's words (--folds on the command line), as grid's warnings about the same option
+        msg = f"{option('folds', repr(n_folds))} must be an integer >= 2 (folds of the pooled scenario)."
         raise InputDataError(msg)
     seed = split_seed(seed)
     if "custom" in scenarios and custom is None:
