@@ -84,6 +84,7 @@ from scdm.store.errors import InputDataError
 from scdm.store.genes import space_notes_sql
 from scdm.store.hashing import file_sha256
 from scdm.store.labels import mixed_drugs_sql
+from scdm.store.metrics import fold_summary_sql
 
 if TYPE_CHECKING:
     from scdm.store import Store
@@ -234,9 +235,8 @@ def _leaderboard_sql(filters: _Filters, metrics: Sequence[str], *, scenario: str
     """Mean, sd and n over folds of each metric, one row per result (the whole result identity)."""
     aggregates = []
     for m in metrics:
-        aggregates += [f"avg(r.value) FILTER (WHERE r.metric = {_lit(m)}) AS {m}_mean",
-                       f"stddev_samp(r.value) FILTER (WHERE r.metric = {_lit(m)}) AS {m}_sd",
-                       f"count(r.value) FILTER (WHERE r.metric = {_lit(m)}) AS {m}_n"]
+        aggregates.append(fold_summary_sql("r.value", where=f"r.metric = {_lit(m)}",
+                                           mean=f"{m}_mean", sd=f"{m}_sd", n=f"{m}_n"))
     conditions = [f"r.metric IN ({', '.join(_lit(m) for m in metrics)})", *filters.results()]
     if scenario is not None:
         conditions.append(f"r.scenario = {_lit(scenario)}")
@@ -276,7 +276,7 @@ def _figure_data_sql(filters: _Filters, metrics: Sequence[str]) -> str:
     return (
         f"{_results_cte(filters)},\n{_EXPECTED_CTE}\n"
         f"SELECT {_KEYS}, r.metric,\n"
-        "       avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n,\n"
+        f"       {fold_summary_sql('r.value')},\n"
         "       count(DISTINCT r.fold) AS folds_done, any_value(e.folds_expected) AS folds_expected,\n"
         "       count(DISTINCT r.fold) >= coalesce(any_value(e.folds_expected), 0) AS complete,\n"
         "       sum(r.unanswered)::BIGINT AS unanswered, sum(r.n_test)::BIGINT AS n_test, any_value(r.folds_from) AS folds_from\n"

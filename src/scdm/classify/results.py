@@ -26,6 +26,7 @@ from scdm.store.errors import InputDataError
 from scdm.store.evaluation import OUTSIDE_GRID_REVISIONS, stored_revision_sql, unanswered_sql
 from scdm.store.genes import space_notes_sql
 from scdm.store.labels import mixed_drugs_sql
+from scdm.store.metrics import fold_summary_sql
 from scdm.store.prompts import older_batching_note, older_parser_note, older_prompt_sql
 from scdm.store.splits import CATEGORY_TYPES, SCENARIOS, STORED_SCHEMES
 from scdm.store.verify import BASELINE_MODELS
@@ -271,8 +272,7 @@ def leaderboard(
         ),
         g AS (
             SELECT {keys}, r.metric,
-                   avg(r.value) AS mean, stddev_samp(r.value) AS sd,
-                   count(r.value) AS n_folds, count(*) - count(r.value) AS n_null,
+                   {fold_summary_sql('r.value', n='n_folds')}, count(*) - count(r.value) AS n_null,
                    sum(r.n_test)::BIGINT AS n_test,  -- a sum of BIGINT is a HUGEINT, which pandas reads as float
                    count(DISTINCT r.fold) AS folds_done,
                    concat_ws('; ', nullif(max(r.note), ''), {unanswered_note_sql('sum(r.unanswered)', 'sum(r.n_test)')}) AS note

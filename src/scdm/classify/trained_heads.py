@@ -74,6 +74,7 @@ from scdm.store.heads import (
 )
 from scdm.store.leftovers import place_folder, temp_prefix
 from scdm.store.matrix import same_expression
+from scdm.store.metrics import fold_summary, fold_summary_sql
 from scdm.store.splits import cells_hash
 from scdm.store.verify import BASELINE_MODELS, repair_hint
 
@@ -262,7 +263,7 @@ def _eval_metrics(st: Store, space_id: str, cells: pd.DataFrame, label_set: str,
     metrics = "" if threshold == EVAL_THRESHOLD else f"AND list_contains({list(THRESHOLD_FREE_METRICS)}, r.metric)"
     frame = st.query(
         f"""SELECT r.split_id, r.scenario, r.scheme, s.n_folds AS k, s.seed, r.metric,
-                  avg(r.value) AS mean, stddev_samp(r.value) AS sd, count(r.value) AS n_folds
+                  {fold_summary_sql('r.value', n='n_folds')}
            FROM eval_results r JOIN eval_tasks t USING (task_id) JOIN splits s ON s.split_id = r.split_id
            WHERE {where} {metrics}
            GROUP BY r.split_id, r.scenario, r.scheme, s.n_folds, s.seed, r.metric
@@ -311,13 +312,11 @@ def _recomputed_metrics(st: Store, where: str, args: list[Any], threshold: float
         first = folds.iloc[0]
         seed = None if pd.isna(first["seed"]) else int(first["seed"])
         for metric in dependent:
-            values = np.array([v[metric] for v in per_fold if v[metric] is not None], dtype=np.float64)
+            mean, sd, n = fold_summary(v[metric] for v in per_fold)
             entries.append({
                 "split_id": str(split_id), "scenario": str(first["scenario"]), "scheme": str(first["scheme"]),
                 "k": int(first["k"]), "seed": seed, "metric": metric,
-                "mean": float(values.mean()) if values.size else None,
-                "sd": float(values.std(ddof=1)) if values.size > 1 else None,  # stddev_samp, as for the stored scores
-                "n_folds": int(values.size), RECOMPUTED_KEY: threshold,
+                "mean": mean, "sd": sd, "n_folds": n, RECOMPUTED_KEY: threshold,  # as the stored scores' summary
             })
     return entries
 

@@ -10,6 +10,7 @@ averaged into a leaderboard as if the head had failed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ from scdm.store.warning_scopes import ignoring
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "FoldMetrics", "compute_metrics"]
+__all__ = ["METRICS", "FoldMetrics", "compute_metrics", "fold_summary", "fold_summary_sql"]
 
 METRICS: tuple[str, ...] = (
     "accuracy",
@@ -45,6 +46,32 @@ NO_PREDICTED_POSITIVE = "no_predicted_positive"
 NO_SCORES = "no_scores"
 """The predictions are hard labels (no probability): AUROC and AP are not computed from them."""
 CONSTANT_PREDICTION = "constant_prediction"
+
+
+def fold_summary_sql(value: str, *, where: str | None = None, mean: str = "mean", sd: str = "sd", n: str = "n") -> str:
+    """SQL select-list fragment: the mean, sd and n of a metric over the folds of a result (one owner for every reader).
+
+    ``value`` is the column of the fold values (``r.value``); ``where``, if given, is a condition the rows must meet
+    (an aggregate ``FILTER``, e.g. one metric of a wide row); ``mean``, ``sd`` and ``n`` name the three columns.
+    A fold whose metric is NULL (undefined there: :func:`compute_metrics`) is left out of all three: ``n`` counts the
+    folds with a value, and ``sd`` is the sample standard deviation (ddof 1), NULL for fewer than two. The numpy
+    twin is :func:`fold_summary`.
+    """
+    only = f" FILTER (WHERE {where})" if where else ""
+    return (f"avg({value}){only} AS {mean}, stddev_samp({value}){only} AS {sd}, "
+            f"count({value}){only} AS {n}")
+
+
+def fold_summary(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """``(mean, sd, n)`` of a metric's fold values, as :func:`fold_summary_sql` computes them in the catalog.
+
+    ``None`` (a fold where the metric is undefined; NULL in the catalog) and NaN (how pandas reads such a NULL) are
+    left out; ``sd`` is ddof 1 and ``None`` below two values, ``mean`` ``None`` without any.
+    """
+    kept = np.array([v for v in values if v is not None and not np.isnan(v)], dtype=np.float64)
+    mean = float(kept.mean()) if kept.size else None
+    sd = float(kept.std(ddof=1)) if kept.size > 1 else None
+    return mean, sd, int(kept.size)
 
 
 @dataclass(frozen=True)
