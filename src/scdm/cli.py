@@ -1135,7 +1135,9 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
     One row per result identity: embedding space (model), datasets, label set, split (scenario,
     scheme, k folds, seed, category) and head with its parameters. Nothing is averaged across
     those. A metric undefined on some folds shows its own n; rows with missing folds say
-    'incomplete' (run `scdm evaluate` again to finish them). --format csv/json give numeric
+    'incomplete' (run `scdm evaluate` again to finish them), or 'skipped' where the run recorded
+    why it could not fit them (a head that failed or diverged: the note under the table names the
+    reason and the skipped_tasks query; a rerun fails again). --format csv/json give numeric
     columns: <metric>, <metric>_sd, <metric>_n.
 
     \b

@@ -283,3 +283,33 @@ def test_cross_data_means_are_said_to_be_over_held_out_studies() -> None:
 
     assert NOTES["held_out_studies"] in leaderboard_notes(board("cross"), ["auroc"])
     assert NOTES["held_out_studies"] not in leaderboard_notes(board("pooled"), ["auroc"])
+
+
+def test_folds_skipped_because_the_head_failed_are_named_with_their_reason_not_sent_to_a_rerun(st: Store) -> None:
+    """A fold whose head diverged is a skipped_tasks row with its reason; running scdm evaluate again diverges again."""
+    from scdm.classify.results import NOTES, leaderboard_notes
+    from scdm.store.evaluation import delete_tasks
+
+    for label_set in ("Gefitinib", "Vorinostat"):
+        evaluate(st, label_set=label_set, **COMMON)
+    tasks = st.query("SELECT DISTINCT task_id, run_id, space_id, split_id, scenario, category_type, category, head, "
+                     "label_set, fold FROM eval_results WHERE fold = 3 ORDER BY label_set")
+    diverged = "head error: the fit diverged (loss NaN at step 40); " + "x" * 300  # a long traceback-like reason
+    gefitinib = tasks.iloc[0]
+    with st.catalog.transaction() as con:
+        delete_tasks(con, list(tasks["task_id"]))  # Vorinostat's fold 3 is missing without a reason (an interrupted run)
+        con.execute("INSERT INTO skipped_tasks (run_id, space_id, split_id, scenario, category_type, category, fold, head, "
+                    "label_set, reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    [gefitinib[c] for c in ("run_id", "space_id", "split_id", "scenario", "category_type", "category")]
+                    + [3, gefitinib["head"], "Gefitinib", diverged])
+    board = leaderboard(st, metrics=METRICS)
+    skipped_note = [n for n in leaderboard_notes(board[board["label_set"] == "Gefitinib"], METRICS) if "skipped" in n]
+    assert len(skipped_note) == 1, leaderboard_notes(board, METRICS)
+    assert "fit diverged (loss NaN at step 40)" in skipped_note[0] and "x" * 300 not in skipped_note[0]  # shortened
+    assert 'scdm sql "SELECT * FROM skipped_tasks' in skipped_note[0]
+    assert NOTES["incomplete"] not in leaderboard_notes(board[board["label_set"] == "Gefitinib"], METRICS)
+    text = format_leaderboard(board, metrics=METRICS).set_index("label_set")["folds"]
+    assert text["Gefitinib"] == "4/5 skipped" and text["Vorinostat"] == "4/5 incomplete"
+    # a fold missing without a skip row is still an interrupted run: finish it with scdm evaluate
+    assert NOTES["incomplete"] in leaderboard_notes(board[board["label_set"] == "Vorinostat"], METRICS)
+    assert not [n for n in leaderboard_notes(board[board["label_set"] == "Vorinostat"], METRICS) if "skipped_tasks" in n]

@@ -221,7 +221,9 @@ def leaderboard(
         ``n_null`` (folds where it is undefined), ``n_test`` (test cells, all folds),
         ``folds_done`` (folds with a result), ``folds_expected`` (evaluable folds of the split),
         ``complete`` (every evaluable fold has a result; an interrupted run is resumed by running
-        ``scdm evaluate`` again) and ``folds_from`` (the label set whose partition the pooled folds
+        ``scdm evaluate`` again), ``folds_skipped`` and ``skip_reason`` (evaluable folds missing because
+        their run recorded why it could not fit them in ``skipped_tasks``, e.g. a head that diverged, and
+        those reasons joined by ``' | '``; 0 and empty otherwise) and ``folds_from`` (the label set whose partition the pooled folds
         are, ``pair_folds_with``; NULL otherwise) and ``note`` (``'older gene table (...)'`` where the
         space's embeddings were made with another gene table than this scdm's, as ``scdm ls`` marks
         them; ``'labelled for different drugs (a375: PLX-4720, ...)'`` where the result's datasets are
@@ -274,15 +276,23 @@ def leaderboard(
             SELECT {keys}, r.metric,
                    {fold_summary_sql('r.value', n='n_folds')}, count(*) - count(r.value) AS n_null,
                    sum(r.n_test)::BIGINT AS n_test,  -- a sum of BIGINT is a HUGEINT, which pandas reads as float
-                   count(DISTINCT r.fold) AS folds_done,
+                   count(DISTINCT r.fold) AS folds_done, list(DISTINCT r.fold) AS done,
                    concat_ws('; ', nullif(max(r.note), ''), {unanswered_note_sql('sum(r.unanswered)', 'sum(r.n_test)')}) AS note
             FROM r
             WHERE {' AND '.join(where)}
             GROUP BY {keys}, r.metric
         )
-        SELECT g.*, e.folds_expected, g.folds_done >= COALESCE(e.folds_expected, 0) AS complete,
-               json_extract_string(s.definition, '$.folds_from') AS folds_from
+        SELECT g.* EXCLUDE (done), e.folds_expected, g.folds_done >= COALESCE(e.folds_expected, 0) AS complete,
+               json_extract_string(s.definition, '$.folds_from') AS folds_from,
+               coalesce(k.folds_skipped, 0) AS folds_skipped, coalesce(k.skip_reason, '') AS skip_reason
         FROM g LEFT JOIN expected e USING (split_id) LEFT JOIN splits s USING (split_id)
+        LEFT JOIN LATERAL (  -- evaluable folds missing because the run recorded why it could not fit them (the head failed)
+            SELECT count(DISTINCT k.fold) AS folds_skipped, string_agg(DISTINCT k.reason, ' | ' ORDER BY k.reason) AS skip_reason
+            FROM skipped_tasks k JOIN split_folds f ON f.split_id = k.split_id AND f.fold = k.fold AND f.status = 'ok'
+            WHERE k.split_id = g.split_id AND k.space_id = g.space_id AND k.head = g.head
+              AND k.category_type = g.category_type AND k.category = g.category
+              AND (k.label_set IS NULL OR k.label_set = g.label_set) AND NOT list_contains(g.done, k.fold)
+        ) k ON true
         ORDER BY g.scenario, g.category_type, g.category, g.metric, g.mean DESC NULLS LAST
     """
     for note in stale_notes(st):
@@ -428,11 +438,17 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
     InputDataError
         A metric that is not one of :data:`METRICS`.
     """
-    metrics = _known_metrics(metrics)
+    wide = _wide_with_skips(board, _known_metrics(metrics))
+    return wide.drop(columns="skipped") if "skipped" in wide.columns else wide
+
+
+def _wide_with_skips(board: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """:func:`wide_leaderboard`, with a ``skipped`` column (:func:`_skip_explained`) where the board has rows."""
     keys = [*ROW_KEYS, "split_id"]
     frame = board[board["metric"].isin(metrics)]
     if frame.empty:
         return _empty_wide(metrics)
+    frame = frame.assign(skipped=_skip_explained(frame))
     frame = _labelled(frame.assign(head_name=frame["head"], model_name=frame["model"]))
     frame["seed"] = frame["seed"].fillna(-1).astype(int)  # cross-data splits have no seed; NA cannot be an index key
     wide = frame.set_index([*keys, "metric"])[["mean", "sd", "n_folds"]].unstack("metric")
@@ -444,14 +460,24 @@ def wide_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc", 
         out[f"{m}_n"] = wide[("n_folds", m)].astype("Int64") if m in present else pd.array([pd.NA] * len(out), "Int64")
     if "note" not in frame.columns:  # a board not read by leaderboard()
         frame["note"] = ""
-    folds = frame.groupby(keys)[[*_FOLD_COLUMNS, "note", *_IDENTITY_COLUMNS[:-1]]].first()
+    folds = frame.groupby(keys)[[*_FOLD_COLUMNS, "note", *_IDENTITY_COLUMNS[:-1], "skipped"]].first()
     out = out.join(folds).reset_index()
     out["head_params"] = out["head_params"].astype(str)
     out["revision"] = [head_revision(h, json.loads(p)) for h, p in zip(out["head_name"], out["head_params"])]
     out["seed"] = out["seed"].astype("Int64").where(out["seed"] >= 0)
     out["k"] = out["k"].astype(_WIDE_DTYPES["k"])  # the catalog's INTEGER reads as int32; an empty board says int64
     out["note"] = out["note"].fillna("")
-    return out[[*keys, *_FOLD_COLUMNS, "note", *_IDENTITY_COLUMNS, *_metric_columns(metrics)]]
+    return out[[*keys, *_FOLD_COLUMNS, "note", *_IDENTITY_COLUMNS, *_metric_columns(metrics), "skipped"]]
+
+
+def _skip_explained(board: pd.DataFrame) -> pd.Series:
+    """Rows missing folds only where the run recorded why it could not fit them (``skipped_tasks``: the head
+    failed or diverged). Running ``scdm evaluate`` again fits them the same way, so they are not sent to a rerun."""
+    if board.empty or not {"folds_skipped", "folds_done", "folds_expected", "complete"} <= set(board.columns):
+        return pd.Series(False, index=board.index)
+    skipped = board["folds_skipped"].fillna(0).astype(int)
+    reach = board["folds_done"].astype(int) + skipped >= board["folds_expected"].fillna(0).astype(int)
+    return ~board["complete"].astype(bool) & skipped.gt(0) & reach
 
 
 _IDENTITY_COLUMNS: tuple[str, ...] = ("space_id", "model_name", "head_name", "head_params", "revision")
@@ -518,7 +544,8 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
 
     A metric defined on fewer folds than the result has (a test fold with one class has no AUROC)
     shows its own n, e.g. ``0.912 ± 0.040 (n=2)``. ``folds`` is ``done/expected``, marked
-    ``incomplete`` when folds are missing (resume with ``scdm evaluate``). Numbers are
+    ``incomplete`` when folds are missing (resume with ``scdm evaluate``), or ``skipped`` when each
+    missing fold is a ``skipped_tasks`` row with its reason (the head failed there; a rerun fails again). Numbers are
     :func:`metric_text` (``0.9996``, not ``1.000``). Where two results differ
     only by their split (folds paired with another label set's, or two partitions with the same
     scenario, scheme, k and seed), a ``split`` column names it on those rows (:func:`split_labels`).
@@ -537,8 +564,8 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
     DataFrame
         One row per result; ``n/a`` where every fold is undefined.
     """
-    metrics = list(metrics)
-    wide = wide_leaderboard(board, metrics=metrics)
+    metrics = _known_metrics(metrics)
+    wide = _wide_with_skips(board, metrics)
     metrics = [m for m in metrics if m in wide.columns]
     keys = [k for k in ROW_KEYS if k not in ("seed",)] + ["seed"]
     if wide.empty:
@@ -557,7 +584,8 @@ def format_leaderboard(board: pd.DataFrame, *, metrics: Iterable[str] = ("auroc"
     if labels.ne("").any():
         out["split"] = labels
     expected = wide["folds_expected"].fillna(wide["folds_done"]).astype(int)
-    out["folds"] = [f"{d}/{e}" + ("" if c else " incomplete") for d, e, c in zip(wide["folds_done"], expected, wide["complete"])]
+    out["folds"] = [f"{d}/{e}" + ("" if c else " skipped" if skip else " incomplete")
+                    for d, e, c, skip in zip(wide["folds_done"], expected, wide["complete"], wide["skipped"])]
     for m in metrics:
         out[m] = [text(row, m) for _, row in wide.iterrows()]
     if wide["note"].ne("").any():  # as scdm ls marks the embeddings of such a space
@@ -683,7 +711,11 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
     if not board.empty and "dann" in set(board["head"]):
         notes.append(NOTES["transductive-dann"])
     if not board.empty and not board["complete"].all():
-        notes.append(NOTES["incomplete"])
+        explained = _skip_explained(board)
+        if (~board["complete"].astype(bool) & ~explained).any():
+            notes.append(NOTES["incomplete"])
+        if explained.any():
+            notes.append(_skipped_note(board[explained]))
     if not board.empty and "scenario" in board.columns and board["scenario"].eq("cross").any():
         notes.append(NOTES["held_out_studies"])
     if has_skipped_folds(board):
@@ -709,6 +741,29 @@ def leaderboard_notes(board: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
     if "precision" in metrics and (extra & metric.eq("precision")).any():
         notes.append(NOTES["no_predicted_positive"])
     return notes
+
+
+_REASON_CHARS = 100
+"""A skip reason is shortened to this many characters in a note (a head's error can be a long message)."""
+
+
+def _skipped_note(rows: pd.DataFrame) -> str:
+    """The note under a board whose ``rows`` miss folds the run skipped with a recorded reason (:func:`_skip_explained`)."""
+    reasons: list[str] = []
+    for joined in rows["skip_reason"].fillna(""):
+        for reason in str(joined).split(" | "):
+            line = reason.strip().splitlines()[0] if reason.strip() else ""
+            short = line if len(line) <= _REASON_CHARS else line[:_REASON_CHARS - 1].rstrip() + "…"
+            if short and short not in reasons:
+                reasons.append(short)
+    more = f"; {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+    splits = sorted(set(rows["split_id"].astype(str))) if "split_id" in rows.columns else []
+    where = (f" WHERE list_contains([{', '.join(_lit(s) for s in splits)}], split_id)" if 0 < len(splits) <= 3
+             else " ORDER BY created_at DESC")
+    return ("Rows marked 'skipped' miss folds their run could not fit and recorded why: "
+            + "; ".join(reasons[:3]) + more + ". Running the same `scdm evaluate` again fits them the same way "
+            "(a diverged fit diverges again); their means cover only the folds done. "
+            f"`scdm sql \"SELECT * FROM skipped_tasks{where}\"` lists each with its full reason.")
 
 
 def has_skipped_folds(board: pd.DataFrame) -> bool:
