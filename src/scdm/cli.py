@@ -1404,7 +1404,7 @@ def report(obj: Ctx, out_dir: str, models: tuple[str, ...], heads: tuple[str, ..
     from scdm.classify.report import write_report
     from scdm.store.progress import progress_enabled
 
-    _check_result_filters(obj.store, {"--model": ("model", models), "--head": ("head", heads)})
+    _check_result_filters(obj.store, {"--model": ("models", models), "--head": ("heads", heads)})
     path = write_report(obj.store, out_dir, run_id=run_id, models=models or None, heads=heads or None,
                         progress=progress_enabled())  # off under -q and SCDM_PROGRESS=0
     click.echo(f"wrote {path}")

@@ -451,8 +451,7 @@ def _skip_heads(st: Store) -> tuple[tuple[str, str, str | None, bool], ...]:
     from scdm.classify.heads import HEADS, get_head, head_revision
 
     runs = st.query("SELECT DISTINCT s.run_id, s.head, CAST(e.config->'head_params'->s.head AS VARCHAR) AS params,\n"
-                    "       coalesce(TRY_CAST(json_extract_string(e.config, '/head_revisions/' || s.head) AS INTEGER), 1) "
-                    "AS revision\n"
+                    f"       {records.stored_revision_sql('s')} AS revision\n"
                     "FROM skipped_tasks s LEFT JOIN eval_runs e USING (run_id) ORDER BY s.run_id, s.head")
     out = []
     for run_id, head, params_text, revision in runs.itertuples(index=False, name=None):
