@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import anndata as ad
@@ -639,6 +640,20 @@ def test_one_drug_spelled_in_two_cases_is_not_called_different_drugs(tmp_path: P
     assert len(board) == 1 and "different drugs" not in board["note"].iloc[0]
 
 
+def _write_embeddings(st: Store, model: str, matrix_of: Callable[[str, np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    """A float32 embedding of each of DATASETS made by ``matrix_of(name, responses in row order)``, stored as ``model``."""
+    matrices = {}
+    for name, *_ in DATASETS:
+        y = st.cells(name).sort_values("row")["response"].to_numpy(dtype=float)
+        matrices[name] = matrix_of(name, y).astype(np.float32)
+        dim = matrices[name].shape[1]
+        emb = st.create_embedding(name, model=model, params={"dim": dim}, dim=dim)
+        for chunk in range(emb.n_chunks):
+            lo, hi = emb.chunk_bounds(chunk)
+            emb.write_chunk(chunk, matrices[name][lo:hi])
+        emb.finalize()
+    return matrices
+
 def test_ridge_downdates_stay_exact_when_datasets_sit_far_apart(st: Store) -> None:
     """Datasets of a space an offset apart (20 units against columns of spread 0.05): the Gram
     statistics of each split and atom are summed about its own rows' mean, or their float32 sums lose
@@ -650,18 +665,13 @@ def test_ridge_downdates_stay_exact_when_datasets_sit_far_apart(st: Store) -> No
 
     rng = np.random.default_rng(3)
     offsets = {"a375": 0.0, "jhu006": 20.0, "scc47": -20.0}
-    matrices = {}
-    for name, *_ in DATASETS:
-        cells = st.cells(name).sort_values("row")
-        y = cells["response"].to_numpy(dtype=float)
-        X = 0.05 * rng.standard_normal((len(cells), 12)) + offsets[name] * rng.uniform(0.5, 1.5, 12)
+
+    def offset(name: str, y: np.ndarray) -> np.ndarray:
+        X = 0.05 * rng.standard_normal((len(y), 12)) + offsets[name] * rng.uniform(0.5, 1.5, 12)
         X[:, :2] += 0.05 * y[:, None]
-        matrices[name] = X.astype(np.float32)
-        emb = st.create_embedding(name, model="offset", params={"dim": 12}, dim=12)
-        for chunk in range(emb.n_chunks):
-            lo, hi = emb.chunk_bounds(chunk)
-            emb.write_chunk(chunk, matrices[name][lo:hi])
-        emb.finalize()
+        return X
+
+    matrices = _write_embeddings(st, "offset", offset)
     run(st, heads=["ridge"], folds=3, by=["all", "cancer_type"])
     names = dict(zip(st.datasets()["dataset_id"], st.datasets()["name"]))
     tasks = st.query("SELECT task_id, split_id, fold FROM eval_tasks")
@@ -724,18 +734,13 @@ def test_ridge_scores_of_an_embedding_far_from_the_origin_are_those_of_a_float64
     from sklearn.linear_model import Ridge
 
     rng = np.random.default_rng(5)
-    matrices = {}
-    for name, *_ in DATASETS:
-        cells = st.cells(name).sort_values("row")
-        y = cells["response"].to_numpy(dtype=float)
-        X = 1e4 + 0.5 * rng.standard_normal((len(cells), 16))
+
+    def far(name: str, y: np.ndarray) -> np.ndarray:
+        X = 1e4 + 0.5 * rng.standard_normal((len(y), 16))
         X[:, :3] += 0.3 * y[:, None]
-        matrices[name] = X.astype(np.float32)
-        emb = st.create_embedding(name, model="far", params={"dim": 16}, dim=16)
-        for chunk in range(emb.n_chunks):
-            lo, hi = emb.chunk_bounds(chunk)
-            emb.write_chunk(chunk, matrices[name][lo:hi])
-        emb.finalize()
+        return X
+
+    matrices = _write_embeddings(st, "far", far)
     run(st, heads=["ridge"], folds=3, by=["all"], scenarios=["pooled"])
     names = dict(zip(st.datasets()["dataset_id"], st.datasets()["name"]))
     tasks = st.query("SELECT task_id, split_id, fold FROM eval_tasks")

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from scdm.server.jobs import JobBoard, JobHandle
 from scdm.store import Store, example_data
 from scdm.store.errors import ScdmWarning
+from tests.server.jobwait import finished
 
 _log = logging.getLogger("scdm.store.test_job_warnings")
 
@@ -46,14 +47,6 @@ def cli_stderr_lines(store: Path, file: Path, *args: str) -> list[str]:
     return result.stderr.splitlines()
 
 
-def wait(client: Any, job: dict[str, Any]) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-        job = client.get(job["status_url"]).json()
-    return job
-
-
 def test_an_upload_job_shows_the_warnings_scdm_ingest_prints_in_its_words(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
@@ -68,7 +61,7 @@ def test_an_upload_job_shows_the_warnings_scdm_ingest_prints_in_its_words(tmp_pa
         answer = client.post("/api/upload?filename=unlogged.h5ad&label_key=response_PLX4720", content=file.read_bytes(),
                              headers={"Content-Type": "application/octet-stream"})
         assert answer.status_code == 202, answer.text
-        job = wait(client, answer.json())
+        job = finished(client, answer.json())
         listed = {j["job_id"]: j for j in client.get("/api/jobs").json()}
 
     assert job["state"] == "done", job

@@ -8,7 +8,6 @@ such flag: a head predicting its own training cells read as 60 held-out predicti
 from __future__ import annotations
 
 import io
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 import scipy.sparse as sp
 
 from scdm.store import Store
+from tests.server.jobwait import finished
 
 
 def _adata(n: int, seed: int) -> ad.AnnData:
@@ -54,10 +54,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, s
 
 def _predict_job(client: Any, head_id: str, dataset: str) -> dict[str, Any]:
     job = client.post("/api/jobs/predict", json={"head_id": head_id, "dataset": dataset}).json()
-    deadline = time.monotonic() + 60
-    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-        job = client.get(job["status_url"]).json()
+    job = finished(client, job)
     assert job["state"] == "done", job
     return job
 

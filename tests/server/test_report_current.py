@@ -7,7 +7,6 @@ beside a leaderboard without them, and nothing said so.
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,12 @@ import numpy as np
 
 from scdm.store import Store, example_data
 from tests.server.conftest import build_store
+from tests.server.jobwait import finished
 
 
 def _write_report(client: Any) -> None:
     job = client.post("/api/report", json={"projection": "none"}).json()
-    deadline = time.monotonic() + 120
-    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.1)
-        job = client.get(job["status_url"]).json()
+    job = finished(client, job, timeout=120, poll=0.1)
     assert job["state"] == "done", job
 
 

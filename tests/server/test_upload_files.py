@@ -12,18 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from scdm.server.jobs import JobBoard, JobFolder, new_job_id, remove_abandoned_folders
 from scdm.store import Store, example_data
-
-
-def _wait(client: Any, job: dict[str, Any]) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-        job = client.get(job["status_url"]).json()
-    return job
+from tests.server.jobwait import finished
 
 
 def test_an_upload_is_removed_when_its_job_is_done_and_the_store_reads_its_own_copy(tmp_path: Path) -> None:
@@ -37,7 +29,7 @@ def test_an_upload_is_removed_when_its_job_is_done_and_the_store_reads_its_own_c
                              content=Path(example_data("A375")).read_bytes(),
                              headers={"Content-Type": "application/octet-stream"})
         assert answer.status_code == 202, answer.text
-        job = _wait(client, answer.json())
+        job = finished(client, answer.json())
     assert job["state"] == "done", job
     assert list((store.root / "uploads").iterdir()) == []  # neither the folder nor its lock
     info = store.dataset("a375")

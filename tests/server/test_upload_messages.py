@@ -9,7 +9,6 @@ server's own path of the file ('/srv/store/uploads/3f2a.../x.h5ad' is not an .h5
 from __future__ import annotations
 
 import re
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import fields
@@ -23,6 +22,7 @@ import pytest
 from scdm.store import Store, example_data
 from scdm.store._ingest import IngestOptions
 from scdm.store.wording import command_line_option, input_file, option, spoken
+from tests.server.jobwait import finished
 
 FLAG = re.compile(r"--[a-z]")
 
@@ -54,10 +54,7 @@ def _upload(upload_client: tuple[Any, Path], adata: ad.AnnData | bytes, query: s
                          headers={"Content-Type": "application/octet-stream"})
     assert answer.status_code == 202, answer.text
     job = answer.json()
-    deadline = time.monotonic() + 60
-    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-        job = client.get(job["status_url"]).json()
+    job = finished(client, job)
     return job
 
 
