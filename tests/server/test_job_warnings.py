@@ -127,18 +127,23 @@ def _wait_board(board: JobBoard, job_id: str) -> Any:
 # ``warnings.catch_warnings`` swaps the process-wide filters and showwarning (Python 3.11): while one
 # job's thread was inside such a block, a warning of the job running beside it was ignored (metrics,
 # splits) or recorded into the other job's list (the logreg fit), and that job read done without it.
+def _pause_first(owner: Any, name: str, inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``owner.name`` (a function or method) calls ``inside`` first: the job stops there, within scdm's block."""
+    real = getattr(owner, name)
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        inside()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, paused)
+
+
 def _metrics_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     from sklearn import metrics as skm
 
     from scdm.store.metrics import compute_metrics
 
-    real = skm.adjusted_mutual_info_score
-
-    def paused(*args: Any, **kwargs: Any) -> float:
-        inside()
-        return float(real(*args, **kwargs))
-
-    monkeypatch.setattr(skm, "adjusted_mutual_info_score", paused)
+    _pause_first(skm, "adjusted_mutual_info_score", inside, monkeypatch)
     return lambda: compute_metrics(np.array([0, 1, 0, 1]), np.array([0.2, 0.8, 0.3, 0.6]))
 
 
@@ -147,13 +152,7 @@ def _logreg_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -
 
     from scdm.classify.heads import LogRegHead
 
-    real = LogisticRegression.fit
-
-    def paused(self: Any, *args: Any, **kwargs: Any) -> Any:
-        inside()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(LogisticRegression, "fit", paused)
+    _pause_first(LogisticRegression, "fit", inside, monkeypatch)
     X, y = np.random.default_rng(0).normal(size=(20, 3)), np.array([0, 1] * 10)
     return lambda: LogRegHead().fit(X, y) and None
 
@@ -164,16 +163,9 @@ def _splits_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -
 
     from scdm.store import splits
 
-    real = StratifiedGroupKFold.split
-
-    def paused(self: Any, *args: Any, **kwargs: Any) -> Any:
-        inside()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(StratifiedGroupKFold, "split", paused)
+    _pause_first(StratifiedGroupKFold, "split", inside, monkeypatch)
     cells = pd.DataFrame({"study": ["s"] * 12, "sample": [f"p{i % 6}" for i in range(12)], "response": [0, 1] * 6})
     return lambda: splits._sample_folds(cells, 3, 0) and None  # the grouped folds of split_scheme='sample'
-
 
 
 @pytest.mark.parametrize("block", [_metrics_block, _logreg_block, _splits_block], ids=["metrics", "logreg", "splits"])
