@@ -16,9 +16,12 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import click
+
+if TYPE_CHECKING:
+    from scdm.classify.results import FilterKey
 
 logger = logging.getLogger("scdm")
 
@@ -1089,7 +1092,7 @@ def _check_choices(option: str, given: tuple[str, ...], allowed: tuple[str, ...]
                                  f"{', '.join(map(repr, allowed))}.", param_hint=f"'{option}'")
 
 
-def _check_result_filters(st: Any, filters: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+def _check_result_filters(st: Any, filters: dict[str, tuple[FilterKey, tuple[str, ...]]]) -> None:
     """Warn about filter values that no stored result has (see :func:`scdm.classify.results.unmatched_filters`)."""
     from scdm.classify.results import unmatched_filters
 

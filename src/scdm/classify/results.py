@@ -15,7 +15,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -134,11 +134,14 @@ def pooled_names(values: str | Iterable[str]) -> list[str]:
     return [",".join(sorted(value.split(","))) for value in name_list(values)]
 
 
-FILTER_COLUMNS: dict[str, str] = {"models": "model", "heads": "head", "datasets": "datasets", "label_sets": "label_set"}
+FilterKey = Literal["models", "heads", "datasets", "label_sets"]
+"""The free-text filters of :func:`leaderboard` (the keys of :data:`FILTER_COLUMNS`): typed, so a caller passing a column name fails mypy."""
+
+FILTER_COLUMNS: dict[FilterKey, str] = {"models": "model", "heads": "head", "datasets": "datasets", "label_sets": "label_set"}
 """Free-text filters of :func:`leaderboard` and the ``eval_tasks`` column each matches (the others take fixed choices)."""
 
 
-def unmatched_filters(st: Store, filters: Mapping[str, tuple[str, Iterable[str] | None]]) -> list[str]:
+def unmatched_filters(st: Store, filters: Mapping[str, tuple[FilterKey, Iterable[str] | None]]) -> list[str]:
     """One sentence per filter whose values no stored result has: a typo, or ``JHU006`` for ``jhu006``, must not
     read as "no results" (the command line and ``scdm.results`` say it alike, each naming its own option).
 
