@@ -17,9 +17,9 @@ from scdm.classify import _ray_grid
 from scdm.classify.grid import evaluate
 from scdm.classify.metrics import METRICS
 from scdm.store import Store
-from tests.ray_fixtures import ray_local  # noqa: F401
+from tests.ray_fixtures import RETRY_A_RAY_CRASH, ray_local  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), RETRY_A_RAY_CRASH]
 
 # name, study, tissue, cancer type: two studies per cancer type, so cross-data splits have folds
 DATASETS = [("d1", "S1", "lung", "NSCLC"), ("d2", "S2", "lung", "NSCLC"),

@@ -29,7 +29,9 @@ from scdm.store._store import ChunkRecord
 from scdm.store.errors import InputDataError, ScdmError
 from tests.embed.test_unknown_genes import unknown_only  # noqa: F401
 from tests.embed.toy_adapter import ToyAdapter, write_toy_checkpoint
-from tests.ray_fixtures import ray_local  # noqa: F401
+from tests.ray_fixtures import RETRY_A_RAY_CRASH, ray_local  # noqa: F401
+
+pytestmark = RETRY_A_RAY_CRASH
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK_ROWS = 64  # 300 cells -> 5 chunks
