@@ -138,15 +138,6 @@ def _pause_first(owner: Any, name: str, inside: Callable[[], None], monkeypatch:
     monkeypatch.setattr(owner, name, paused)
 
 
-def _metrics_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    from sklearn import metrics as skm
-
-    from scdm.store.metrics import compute_metrics
-
-    _pause_first(skm, "adjusted_mutual_info_score", inside, monkeypatch)
-    return lambda: compute_metrics(np.array([0, 1, 0, 1]), np.array([0.2, 0.8, 0.3, 0.6]))
-
-
 def _logreg_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     from sklearn.linear_model import LogisticRegression
 
@@ -168,7 +159,7 @@ def _splits_block(inside: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -
     return lambda: splits._sample_folds(cells, 3, 0) and None  # the grouped folds of split_scheme='sample'
 
 
-@pytest.mark.parametrize("block", [_metrics_block, _logreg_block, _splits_block], ids=["metrics", "logreg", "splits"])
+@pytest.mark.parametrize("block", [_logreg_block, _splits_block], ids=["logreg", "splits"])
 def test_a_job_keeps_its_warnings_while_the_job_beside_it_is_inside_a_quiet_block(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: Callable[..., Callable[[], None]]) -> None:
     board = JobBoard(tmp_path / "jobs", max_jobs=2)
