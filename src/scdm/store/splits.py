@@ -272,8 +272,7 @@ def one_class_studies(cells: pd.DataFrame, folds: np.ndarray | None = None) -> d
     dataset's study. One study alone is not flagged (its split is then one class, and skipped).
     ``folds`` (one per row of ``cells``): name only studies whose cells fall in two or more folds.
     """
-    groups = _one_class_groups(_fold_groups(cells, folds), spread=folds is not None)
-    return {who: f"all {n} labelled cells {_class_name(y)}" for who, (kind, y, n) in groups.items() if kind == "study"}
+    return _one_class_findings(cells, folds)[0]
 
 
 def one_class_datasets(cells: pd.DataFrame, folds: np.ndarray | None = None, *,
@@ -287,9 +286,18 @@ def one_class_datasets(cells: pd.DataFrame, folds: np.ndarray | None = None, *,
     response. ``folds``: name only datasets whose cells fall in two or more folds; ``names``:
     dataset_id -> name, for the message.
     """
+    return _one_class_findings(cells, folds, names)[1]
+
+
+def _one_class_findings(cells: pd.DataFrame, folds: np.ndarray | None,
+                        names: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """:func:`one_class_studies` and :func:`one_class_datasets` from one count of the cells (the grid asks
+    both of every pooled category)."""
     groups = _one_class_groups(_fold_groups(cells, folds, names), spread=folds is not None)
-    return {who: f"all {n} labelled cells {_class_name(y)}, the study's other class in its other datasets"
-            for who, (kind, y, n) in groups.items() if kind == "dataset"}
+    studies = {who: f"all {n} labelled cells {_class_name(y)}" for who, (kind, y, n) in groups.items() if kind == "study"}
+    datasets = {who: f"all {n} labelled cells {_class_name(y)}, the study's other class in its other datasets"
+                for who, (kind, y, n) in groups.items() if kind == "dataset"}
+    return studies, datasets
 
 
 def _fold_groups(cells: pd.DataFrame, folds: np.ndarray | None,
@@ -300,7 +308,7 @@ def _fold_groups(cells: pd.DataFrame, folds: np.ndarray | None,
     ids = labelled["dataset_id"].astype(str)
     frame = pd.DataFrame({
         "study": labelled["study"].astype(object).where(labelled["study"].notna(), labelled["dataset_id"]).astype(str),
-        "dataset": ids.map(lambda d: (names or {}).get(d, d)),
+        "dataset": ids.map(dict(names)).fillna(ids) if names else ids,
         "fold": np.zeros(len(labelled), np.int64) if folds is None else np.asarray(folds, np.int64)[keep],
         "response": labelled["response"].astype(np.int64)})
     out = frame.groupby(["study", "dataset", "fold"], sort=True)["response"].agg(n="size", lo="min", hi="max")
@@ -314,17 +322,37 @@ def _one_class_groups(groups: pd.DataFrame, *, spread: bool = True) -> dict[str,
     both sides of a fold (a group tested whole in one fold is never seen in training)."""
     out: dict[str, tuple[str, int, int]] = {}
     least = 2 if spread else 1
-    by_study = groups.groupby("study", sort=True).agg(n=("n", "sum"), lo=("lo", "min"), hi=("hi", "max"),
-                                                      folds=("fold", "nunique"))
-    if len(by_study) >= 2:
-        for study, row in by_study[(by_study["lo"] == by_study["hi"]) & (by_study["folds"] >= least)].iterrows():
-            out[str(study)] = ("study", int(row["lo"]), int(row["n"]))
-    inside = groups[groups["study"].isin(by_study.index[by_study["lo"] != by_study["hi"]])]
-    by_dataset = inside.groupby(["study", "dataset"], sort=True).agg(n=("n", "sum"), lo=("lo", "min"),
-                                                                    hi=("hi", "max"), folds=("fold", "nunique"))
-    for (study, dataset), row in by_dataset[(by_dataset["lo"] == by_dataset["hi"]) & (by_dataset["folds"] >= least)].iterrows():
-        out[f"{dataset} of study {study}"] = ("dataset", int(row["lo"]), int(row["n"]))
+    study = groups["study"].astype(str).to_numpy()
+    dataset = groups["dataset"].astype(str).to_numpy()
+    fold = groups["fold"].to_numpy(np.int64)
+    n, lo, hi = (groups[c].to_numpy(np.int64) for c in ("n", "lo", "hi"))
+    studies, by_study = np.unique(study, return_inverse=True)  # sorted, as the messages list them
+    s_n, s_lo, s_hi, s_folds = _group_counts(by_study, len(studies), n, lo, hi, fold)
+    if len(studies) >= 2:
+        for i in np.flatnonzero((s_lo == s_hi) & (s_folds >= least)):
+            out[str(studies[i])] = ("study", int(s_lo[i]), int(s_n[i]))
+    inside = (s_lo != s_hi)[by_study]  # rows of mixed studies
+    if inside.any():
+        datasets, by_dataset = np.unique(dataset, return_inverse=True)
+        # (study, dataset) codes in the order of the sorted pairs
+        pairs, by_pair = np.unique(by_study[inside] * len(datasets) + by_dataset[inside], return_inverse=True)
+        d_n, d_lo, d_hi, d_folds = _group_counts(by_pair, len(pairs), n[inside], lo[inside], hi[inside], fold[inside])
+        for i in np.flatnonzero((d_lo == d_hi) & (d_folds >= least)):
+            who, what = divmod(int(pairs[i]), len(datasets))
+            out[f"{datasets[what]} of study {studies[who]}"] = ("dataset", int(d_lo[i]), int(d_n[i]))
     return out
+
+
+def _group_counts(codes: np.ndarray, n_groups: int, n: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  fold: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group code: cells, lowest and highest response, and distinct folds."""
+    total = np.bincount(codes, weights=n, minlength=n_groups).astype(np.int64)
+    low = np.full(n_groups, np.iinfo(np.int64).max)
+    np.minimum.at(low, codes, lo)
+    high = np.full(n_groups, np.iinfo(np.int64).min)
+    np.maximum.at(high, codes, hi)
+    distinct = np.unique(np.stack([codes, fold], axis=1), axis=0)
+    return total, low, high, np.bincount(distinct[:, 0], minlength=n_groups)
 
 
 def pooled_one_class_studies(st: Store, split_ids: Sequence[str]) -> dict[str, str]:
@@ -524,9 +552,10 @@ def _pooled(cells: pd.DataFrame, by: Sequence[str], n_folds: int, scheme: str, s
             out.append(_make(definition, sub, base[mask], k, reason=_single_class_reason(sub)))
             if out[-1].reason is None:
                 place = "all" if ctype == "all" else f"{ctype} {category}"
-                for study, why in one_class_studies(sub, base[mask]).items():
+                found_studies, found_datasets = _one_class_findings(sub, base[mask], dataset_names)
+                for study, why in found_studies.items():
                     studies.setdefault(study, {})[place] = why
-                for dataset, why in one_class_datasets(sub, base[mask], names=dataset_names).items():
+                for dataset, why in found_datasets.items():
                     datasets.setdefault(dataset, {})[place] = why
     _warn_if_one_class_studies(studies, datasets)
     return out
