@@ -740,6 +740,23 @@ def _refuse_params_set_by_options(extra: dict[str, Any], settings: dict[str, Any
         raise click.BadParameter(f"{uses}: use that option instead.", param_hint="--param")
 
 
+_EMBED_OPTION_KEYWORDS = ("checkpoint", "batch_size", "device", "precision", "torch_compile", "seed", "chunk_rows",
+                          "workers", "min_gene_fraction", "n_hvg", "n_comps", "normalized", "executor", "ray_address",
+                          "num_gpus_per_actor", "actors", "max_retries", "lora_dir", "allow_non_counts",
+                          "allow_empty_cells", "progress")
+"""Keyword arguments that `scdm embed` always passes from an option of its own: --param cannot set them."""
+
+_EMBED_SPELLED = {"torch_compile": "--compile", "lora_dir": "--lora", "progress": "--quiet",
+                  "normalized": "--normalized/--counts", "reference_quirks": "--reference-quirks"}
+"""Options whose spelling is not ``--`` + the keyword with dashes (embed and finetune)."""
+
+_FINETUNE_OPTION_KEYWORDS = ("model", "checkpoint", "dataset", "scenario", "by", "category", "fold", "all_folds",
+                             "split_id", "scheme", "label_set", "rank", "alpha", "dropout", "target_modules", "epochs",
+                             "lr", "batch_size", "precision", "gradient_checkpointing", "seed", "device", "progress",
+                             "min_gene_fraction", "allow_non_counts", "allow_empty_cells")
+"""Keyword arguments that `scdm finetune` always passes from an option of its own."""
+
+
 def _resolve_datasets(st: Any, data: tuple[str, ...], name: str | None, no_copy: bool, options: dict[str, Any]) -> list[str]:
     """Dataset names for DATA arguments: .h5ad paths are ingested first."""
     names = []
@@ -821,8 +838,12 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
     from scdm.embedding.runner import embed as run_embed
     from scdm.store import Store
 
-    extra: dict[str, Any] = {k: v for k, v in {"layer": layer, "pooling": pooling, "max_genes": max_genes}.items() if v is not None}
-    extra.update(_parse_params(params))
+    # --layer/--pooling/--max-genes/--reference-quirks may come as --param too (scdm verify prints them so), not both
+    extra: dict[str, Any] = {k: v for k, v in {"layer": layer, "pooling": pooling, "max_genes": max_genes,
+                                               "reference_quirks": reference_quirks or None}.items() if v is not None}
+    from_params = _parse_params(params)
+    _refuse_params_set_by_options(from_params, {**dict.fromkeys(_EMBED_OPTION_KEYWORDS), **extra}, spelled=_EMBED_SPELLED)
+    extra.update(from_params)
     # sizes given as --param, too, are refused before DATA is ingested
     check_embed_options(batch_size=batch_size, chunk_rows=chunk_rows, seed=seed, workers=workers, min_gene_fraction=min_gene_fraction,
                         actors=actors, max_retries=max_retries, num_gpus_per_actor=num_gpus_per_actor, n_hvg=n_hvg, n_comps=n_comps,
@@ -842,8 +863,6 @@ def embed(obj: Ctx, data: tuple[str, ...], model: str, checkpoint: str | None, b
     else:
         if joint:
             raise click.UsageError("--joint applies to the baselines (pca, hvg) only; foundation-model embeddings already share one space.")
-        if reference_quirks:
-            extra["reference_quirks"] = True
         results = []
         for n in names:
             try:
@@ -922,6 +941,8 @@ def finetune(obj: Ctx, model: str, checkpoint: str, datasets: tuple[str, ...], s
     if (fold is None) == (not all_folds):
         raise click.UsageError("Give exactly one of --fold K and --all-folds.")
     model_params = _parse_params(params)
+    _refuse_params_set_by_options(model_params, dict.fromkeys(_FINETUNE_OPTION_KEYWORDS),
+                                  spelled={**_EMBED_SPELLED, "dataset": "--dataset", "scheme": "--split-scheme"})
     check_embed_options(batch_size=batch_size, seed=seed, **model_params)  # sizes given as --param, before any work
     results = run_finetune(obj.store, model=model, checkpoint=checkpoint, dataset=list(datasets), scenario=scenario, by=by,
                            category=category, fold=fold, all_folds=all_folds, split_id=split_id, scheme=scheme,

@@ -38,6 +38,42 @@ def test_transfer_refuses_a_param_its_own_option_sets(tmp_path: Path, param: str
     assert f"--param {key}=... is set with {option}" in err and "use that option instead" in err
 
 
+@pytest.mark.parametrize(("args", "param", "option"), [
+    (("embed", "x", "--model", "geneformer"), "batch_size=3", "--batch-size"),
+    (("embed", "x", "--model", "geneformer"), "device=cpu", "--device"),
+    (("embed", "x", "--model", "geneformer"), "lora_dir=/a", "--lora"),
+    (("embed", "x", "--model", "geneformer", "--layer", "-1"), "layer=-2", "--layer"),
+    (("embed", "x", "--model", "pca"), "n_comps=5", "--n-comps"),
+    (("finetune", "-m", "geneformer", "-c", "ck", "--dataset", "x", "--all-folds"), "epochs=1", "--epochs"),
+    (("finetune", "-m", "geneformer", "-c", "ck", "--dataset", "x", "--all-folds"), "scheme=cell", "--split-scheme"),
+])
+def test_embed_and_finetune_refuse_a_param_their_own_option_sets(tmp_path: Path, args: tuple[str, ...], param: str,
+                                                                  option: str) -> None:
+    # was a TypeError traceback ("got multiple values for keyword argument"), or the --param silently won
+    code, _, err = invoke(*args, "--param", param, store=tmp_path / "st")
+    assert code == 2, err
+    assert f"--param {param.split('=')[0]}=... is set with {option}" in err and "use that option instead" in err
+
+
+def test_an_embed_option_given_only_as_a_param_still_reaches_the_model(tmp_path: Path) -> None:
+    # scdm verify prints re-embed commands with --param max_genes=N; without --layer, --param layer=... is the way
+    code, _, err = invoke("embed", "x", "--model", "geneformer", "--param", "layer=-1", "--param", "max_genes=7",
+                          store=tmp_path / "st")
+    assert code != 0 and "is not in the store" in err and "--param" not in err, err
+
+
+def test_the_keywords_embed_and_finetune_guard_are_their_functions_arguments() -> None:
+    import inspect
+
+    from scdm import cli
+    from scdm.embedding.finetune import finetune
+    from scdm.embedding.runner import embed, embed_baseline
+
+    taken = set(inspect.signature(embed).parameters) | set(inspect.signature(embed_baseline).parameters)
+    assert set(cli._EMBED_OPTION_KEYWORDS) <= taken
+    assert set(cli._FINETUNE_OPTION_KEYWORDS) <= set(inspect.signature(finetune).parameters)
+
+
 TRANSFER = ("transfer", "--source", "a", "--target", "b")
 
 
