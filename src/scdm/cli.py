@@ -1233,8 +1233,8 @@ def results(obj: Ctx, metrics: tuple[str, ...], models: tuple[str, ...], heads: 
               help="JSON mode, structured output (JSON schema), or free text read line by line.")
 @click.option("--logprobs/--no-logprobs", default=True, show_default=True, help="Ask for token log-probabilities: P(sensitive), hence AUROC/AP (NULL without).")
 @click.option("--top-logprobs", type=click.IntRange(0, 20), default=5, show_default=True)
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True, help="Seconds per attempt.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True, help="Requests in flight.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True, help="Seconds per attempt (an endpoint's; --backend hf ignores it).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True, help="Requests in flight (an endpoint's; --backend hf answers one at a time).")
 @click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="At most this many request starts per minute.")
 @click.option("--retries", type=click.IntRange(min=0), default=6, show_default=True, help="Retries per request on HTTP 429/5xx and timeouts (exponential back-off).")
 @click.option("--max-requests", type=click.IntRange(min=0), help="Send at most this many new requests now (answered ones are free); run again to continue.")
@@ -1323,6 +1323,11 @@ scores each label from the two label words' next-token probabilities (--temperat
 what it does)."""
 
 
+_ENDPOINT_TRANSPORT = ("base_url", "api_key_env", "timeout_s", "concurrency")
+"""`scdm prompt` options of a served endpoint that --backend hf does not read: it runs the model in this
+process, one request at a time, with no connection to time out (--rpm and --retries still apply)."""
+
+
 def _check_local_decoding(temperature: float) -> None:
     """--backend hf: a temperature above 0 is refused (its answers would be greedy ones under a sampling
     setting); the other endpoint decoding options given get one warning line naming them."""
@@ -1342,6 +1347,15 @@ def _check_local_decoding(temperature: float) -> None:
         warnings.warn(f"--backend hf ignores {flags}: it writes the JSON answer itself and scores P(sensitive) from the "
                       "two label words' next-token probabilities, so AUROC/AP always have scores (these options are "
                       "for --backend openai or ollama).", UnreadOptionWarning, stacklevel=1)
+    served = [p for p in ctx.command.params if p.name in _ENDPOINT_TRANSPORT and _given(str(p.name))]
+    if served:
+        import warnings
+
+        from scdm.classify.grid import UnreadOptionWarning
+
+        warnings.warn(f"--backend hf ignores {', '.join(p.opts[-1] for p in served)}: it runs the model in this "
+                      "process, one request at a time, with no endpoint to reach or time out (these options are for "
+                      "--backend openai or ollama).", UnreadOptionWarning, stacklevel=1)
 
 
 # ---- the built-in default, synthetic data and the report ------------------------------------

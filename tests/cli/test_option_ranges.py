@@ -153,5 +153,8 @@ def test_prompt_hf_names_the_endpoint_options_it_ignores(tmp_path: Path) -> None
     assert code == 2 and "--backend hf decodes greedily" in err and "--temperature 0.7" in err, err
     _, _, err = invoke(*hf, "--max-tokens", "64", "--no-logprobs", "--response-format", "text", store=tmp_path / "st")
     assert "warning: --backend hf ignores --max-tokens, --response-format, --no-logprobs:" in err, err
+    _, _, err = invoke(*hf, "--timeout", "5", "--concurrency", "8", "--base-url", "http://h:8000/v1", "--rpm", "30",
+                       store=tmp_path / "st")
+    assert "warning: --backend hf ignores --base-url, --timeout, --concurrency: it runs the model in this process" in err, err
     _, _, err = invoke(*hf, store=tmp_path / "st")
     assert "ignores" not in err, err
