@@ -241,7 +241,10 @@ def test_migration_15_keeps_the_evaluation_probabilities_of_an_older_store_exact
     for task_id, fold in after.groupby("task_id"):
         recomputed = compute_metrics(fold["y_true"].to_numpy(), fold["proba"].to_numpy())
         for metric in METRICS:
-            assert stored[(task_id, metric)] == recomputed[metric] or pd.isna(stored[(task_id, metric)]), metric
+            value = stored[(task_id, metric)]
+            # this store's AMI came from sklearn; scdm's closed form (c6a64c7) sums the same terms in another order
+            same = value == pytest.approx(recomputed[metric], rel=1e-12, abs=1e-15) if metric == "ami" else value == recomputed[metric]
+            assert same or pd.isna(value), metric
     # a renumbered migration below it makes it run again on the DOUBLE column: nothing changes
     ((sql,),) = [(q,) for v, _, q in _catalog._MIGRATIONS if v == 15]
     st.execute(sql)
