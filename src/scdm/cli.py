@@ -1370,7 +1370,7 @@ def _check_local_decoding(temperature: float) -> None:
 @pass_ctx
 @user_errors
 def demo(obj: Ctx, n_cells: int, folds: int, heads: tuple[str, ...], report_dir: str, seed: int, quiet: bool, fmt: str) -> None:
-    """Run the whole pipeline on built-in data: no downloads, no checkpoints (1-2 minutes on 2 cores).
+    """Run the whole pipeline on built-in data: no downloads, no checkpoints (about 2 minutes on 2 cores).
 
     Generates a scDrugMap-shaped synthetic collection, ingests it with the bundled real A375 dataset,
     embeds with the pca/hvg baselines and a tiny random-weight Geneformer written on the fly,
